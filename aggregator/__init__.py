@@ -1,0 +1,1 @@
+"""The stateful core: DuckDB store, query and management API, and the `meterline` CLI."""

@@ -1,0 +1,1 @@
+"""The core's HTTP API: events, customers (and, later, meters and balances)."""

@@ -1,0 +1,112 @@
+"""`/v1/customers/`: create, get (by id or external id), list, update."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+from starlette.requests import Request
+from starlette.routing import Route
+
+from aggregator.api import params, shapes
+from aggregator.api.context import ApiContext
+from aggregator.errors import NotFound
+from aggregator.store import customers as sql
+from aggregator.store.events import subjects_first_timestamp
+from ingest.http.requests import json_body
+from ingest.http.responses import JSON
+from meters.customers import CustomerCreate, CustomerUpdate, parse_model
+from meters.events import now_us
+
+
+def shaped(
+    con: duckdb.DuckDBPyConnection, organization_id: str, rows: list[sql.CustomerRow]
+) -> list[dict[str, Any]]:
+    """Customers in output shape, with `first_user_event_at` from both of their ids."""
+    subjects = [f"id:{r.id}" for r in rows] + [
+        f"ext:{r.external_id}" for r in rows if r.external_id
+    ]
+    first = subjects_first_timestamp(con, organization_id, subjects)
+    out = []
+    for r in rows:
+        times = [t for t in (first.get(f"id:{r.id}"), first.get(f"ext:{r.external_id}")) if t]
+        out.append(shapes.customer(r, min(times) if times else None))
+    return out
+
+
+def _one(con: duckdb.DuckDBPyConnection, org: str, row: sql.CustomerRow | None) -> dict[str, Any]:
+    if row is None:
+        raise NotFound("Customer not found")
+    return shaped(con, org, [row])[0]
+
+
+def routes(ctx: ApiContext) -> list[Route]:
+    async def create(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(CustomerCreate, await json_body(request, ctx.max_body_bytes))
+        row = await ctx.store.write(sql.create_job(org, data, now_us()))
+        return JSON(await ctx.store.read(_one, org, row), status_code=201)
+
+    async def get(request: Request) -> JSON:
+        org = ctx.organization(request)
+        customer_id = request.path_params["id"]
+        return JSON(
+            await ctx.store.read(
+                lambda con: _one(con, org, sql.get_customer(con, org, customer_id))
+            )
+        )
+
+    async def get_external(request: Request) -> JSON:
+        org = ctx.organization(request)
+        external_id = request.path_params["external_id"]
+        return JSON(
+            await ctx.store.read(
+                lambda con: _one(con, org, sql.get_customer_by_external_id(con, org, external_id))
+            )
+        )
+
+    async def update(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(CustomerUpdate, await json_body(request, ctx.max_body_bytes))
+        if "external_id" in request.path_params:
+            found = await ctx.store.read(
+                sql.get_customer_by_external_id, org, request.path_params["external_id"]
+            )
+        else:
+            found = await ctx.store.read(sql.get_customer, org, request.path_params["id"])
+        if found is None:
+            raise NotFound("Customer not found")
+        row = await ctx.store.write(sql.update_job(org, found.id, data, now_us()))
+        return JSON(await ctx.store.read(_one, org, row))
+
+    async def list_(request: Request) -> JSON:
+        org = ctx.organization(request)
+        page, limit = params.page_and_limit(request)
+        sorting = params.sorting(request, sql.CUSTOMER_SORTS, "-created_at")
+        email = request.query_params.get("email")
+        query = request.query_params.get("query")
+        metadata = [(k, list(v)) for k, v in params.metadata(request)]
+
+        def run(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+            rows, total = sql.list_customers(
+                con,
+                org,
+                email=email,
+                query=query,
+                metadata=metadata,
+                sorting=sorting,
+                limit=limit,
+                offset=(page - 1) * limit,
+            )
+            return {"items": shaped(con, org, rows), "pagination": params.pagination(total, limit)}
+
+        return JSON(await ctx.store.read(run))
+
+    return [
+        Route("/v1/customers/", list_, methods=["GET"]),
+        Route("/v1/customers/", create, methods=["POST"]),
+        Route("/v1/customers/external/{external_id:path}", get_external, methods=["GET"]),
+        Route("/v1/customers/external/{external_id:path}", update, methods=["PATCH"]),
+        Route("/v1/customers/{id}", get, methods=["GET"]),
+        Route("/v1/customers/{id}", update, methods=["PATCH"]),
+    ]

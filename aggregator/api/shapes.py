@@ -1,0 +1,59 @@
+"""Output shapes, as polar-sdk's `UserEvent` and `CustomerIndividual`/`CustomerTeam` load them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aggregator.store.customers import CustomerRow
+from aggregator.store.events import EventRow
+from meters.events import us_to_datetime
+
+
+def iso(us: int | None) -> str | None:
+    if us is None:
+        return None
+    return us_to_datetime(us).isoformat().replace("+00:00", "Z")
+
+
+def customer(row: CustomerRow, first_event_us: int | None) -> dict[str, Any]:
+    tax_id = [row.tax_id, None] if row.tax_id is not None else None
+    return {
+        "id": row.id,
+        "created_at": iso(row.created_at_us),
+        "modified_at": iso(row.modified_at_us),
+        "metadata": row.metadata,
+        "external_id": row.external_id,
+        "email": row.email,
+        "email_verified": False,
+        "type": row.type,
+        "name": row.name,
+        "billing_name": row.name,
+        "billing_address": row.billing_address,
+        "tax_id": tax_id,
+        "locale": row.locale,
+        "organization_id": row.organization_id,
+        "default_payment_method_id": None,
+        "deleted_at": None,
+        "first_user_event_at": iso(first_event_us),
+        "avatar_url": None,
+    }
+
+
+def event(row: EventRow, organization_id: str, owner: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "timestamp": iso(row.timestamp_us),
+        "organization_id": organization_id,
+        "customer_id": row.customer_id or (owner["id"] if owner else None),
+        "customer": owner,
+        "external_customer_id": row.external_customer_id
+        or (owner["external_id"] if owner else None),
+        "member_id": None,
+        "external_member_id": row.external_member_id,
+        "child_count": row.child_count,
+        "parent_id": row.parent_id,
+        "label": row.name,
+        "name": row.name,
+        "source": row.source,
+        "metadata": row.metadata,
+    }

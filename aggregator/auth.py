@@ -1,0 +1,171 @@
+"""Organizations and their access tokens.
+
+Kept in a small SQLite file beside the DuckDB store, not in DuckDB: DuckDB allows one process per
+file, and `meterline token create|revoke` must work while the server runs. Tokens are stored only
+as HMAC-SHA256 hashes keyed by the data dir's secret; the token text is shown once. Lookups are
+cached for `cache_seconds`, so a revoked token stops working within that time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aggregator.errors import NotFound
+
+TOKEN_PREFIX = "mlt_oat_"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS organizations (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    organization_id TEXT NOT NULL REFERENCES organizations(id),
+    token_hash TEXT NOT NULL UNIQUE,
+    label TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Organization:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    id: str
+    organization: Organization
+    label: str
+    created_at: str
+    revoked_at: str | None
+
+
+def load_secret(data_dir: Path) -> bytes:
+    """The data dir's HMAC key, created (mode 0600) on first use."""
+    path = data_dir / "secret.key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+class TokenRegistry:
+    """Create, list, revoke and verify organization access tokens."""
+
+    def __init__(self, data_dir: Path, *, cache_seconds: float = 2.0) -> None:
+        self._secret = load_secret(data_dir)
+        self._db = sqlite3.connect(
+            data_dir / "auth.sqlite3", check_same_thread=False, isolation_level=None, timeout=10
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, Organization | None]] = {}
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _hash(self, token: str) -> str:
+        return hmac.new(self._secret, token.encode(), hashlib.sha256).hexdigest()
+
+    def organization(self, name: str) -> Organization:
+        """Get or create the organization called `name`."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, name FROM organizations WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                row = (str(uuid.uuid4()), name)
+                self._db.execute(
+                    "INSERT INTO organizations (id, name, created_at) VALUES (?, ?, ?)",
+                    (*row, _now()),
+                )
+        return Organization(*row)
+
+    def create_token(self, org: Organization, label: str, token: str | None = None) -> str:
+        """Register a token for `org` and return its text (the only time it is visible)."""
+        token = token or TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO tokens (id, organization_id, token_hash, label, created_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_hash) DO NOTHING",
+                (str(uuid.uuid4()), org.id, self._hash(token), label, _now()),
+            )
+        return token
+
+    def development_token(self, org: Organization) -> str | None:
+        """A token derived from the data dir's secret, so `meterline up` can print the same
+        one on every start without storing its text. None once it has been revoked."""
+        digest = hmac.new(self._secret, b"meterline development token", hashlib.sha256).digest()
+        token = TOKEN_PREFIX + "dev_" + base64.urlsafe_b64encode(digest[:24]).decode()
+        with self._lock:
+            row = self._db.execute(
+                "SELECT revoked_at FROM tokens WHERE token_hash = ?", (self._hash(token),)
+            ).fetchone()
+        if row is not None:
+            return None if row[0] else token
+        return self.create_token(org, "development (meterline up)", token)
+
+    def list_tokens(self) -> list[TokenInfo]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT t.id, o.id, o.name, t.label, t.created_at, t.revoked_at"
+                " FROM tokens t JOIN organizations o ON o.id = t.organization_id"
+                " ORDER BY t.created_at"
+            ).fetchall()
+        return [TokenInfo(r[0], Organization(r[1], r[2]), r[3], r[4], r[5]) for r in rows]
+
+    def revoke(self, token_id: str) -> None:
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (_now(), token_id),
+            )
+        if cursor.rowcount == 0:
+            raise NotFound(f"No active token with id {token_id}")
+
+    def authenticate(self, token: str) -> Organization | None:
+        """The organization owning `token`, or None if it is unknown or revoked."""
+        digest = self._hash(token)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        with self._lock:
+            row = self._db.execute(
+                "SELECT t.token_hash, o.id, o.name FROM tokens t"
+                " JOIN organizations o ON o.id = t.organization_id"
+                " WHERE t.token_hash = ? AND t.revoked_at IS NULL",
+                (digest,),
+            ).fetchone()
+        org = None
+        # The equality lookup above is on a keyed hash; the final check is constant time.
+        if row is not None and hmac.compare_digest(row[0], digest):
+            org = Organization(row[1], row[2])
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (now + self._cache_seconds, org)
+        return org
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()

@@ -1,0 +1,148 @@
+"""The `meterline` command: composes processes from settings given on the command line.
+
+meterline up [--host 127.0.0.1] [--port 8000] [--data-dir ./.meterline]
+meterline token create --data-dir DIR --org NAME [--label TEXT]
+meterline token list --data-dir DIR
+meterline token revoke --data-dir DIR TOKEN_ID
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import uvicorn
+
+from aggregator.app import CoreSettings, build_app
+from aggregator.auth import TokenRegistry
+from aggregator.errors import NotFound
+from aggregator.store import Store
+from ingest.http.app import IngestSettings
+from meters.events import EventRules
+
+DEFAULT_DATA_DIR = Path(".meterline")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meterline", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="serve the API with the embedded store")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    up.add_argument(
+        "--max-future-seconds",
+        type=float,
+        default=300,
+        help="how far in the future an event timestamp may be (client clock skew)",
+    )
+    up.add_argument("--log-level", default="info")
+
+    token = commands.add_parser("token", help="manage organization access tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="print a new token, alone on stdout")
+    create.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    create.add_argument("--org", required=True, help="organization name (created if needed)")
+    create.add_argument("--label", default="created with meterline token create")
+    listing = token_commands.add_parser("list", help="list tokens (never their text)")
+    listing.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    revoke = token_commands.add_parser("revoke", help="revoke a token by id")
+    revoke.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    revoke.add_argument("token_id")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "token":
+        return _token(args)
+    settings = CoreSettings(
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        ingest=IngestSettings(
+            rules=EventRules(max_future=timedelta(seconds=args.max_future_seconds))
+        ),
+    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings, log_level=args.log_level))
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    registry = TokenRegistry(args.data_dir)
+    try:
+        if args.token_command == "create":
+            org = registry.organization(args.org)
+            print(registry.create_token(org, args.label))
+        elif args.token_command == "list":
+            for info in registry.list_tokens():
+                state = f"revoked {info.revoked_at}" if info.revoked_at else "active"
+                print(
+                    f"{info.id}  {info.organization.name}  {info.label}  {info.created_at}  {state}"
+                )
+        else:
+            registry.revoke(args.token_id)
+            print(f"revoked {args.token_id}", file=sys.stderr)
+    except NotFound as exc:
+        print(f"meterline: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        registry.close()
+    return 0
+
+
+async def serve(settings: CoreSettings, *, log_level: str = "info") -> None:
+    """Run the embedded pipeline until SIGINT/SIGTERM; pending writes are drained on exit."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    registry = TokenRegistry(settings.data_dir, cache_seconds=settings.token_cache_seconds)
+    try:
+        async with Store(settings.database) as store:
+            org = registry.organization("default")
+            token = registry.development_token(org)
+            config = uvicorn.Config(
+                build_app(store, registry, settings),
+                host=settings.host,
+                port=settings.port,
+                log_level=log_level,
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=30,
+            )
+            server = uvicorn.Server(config)
+            banner = asyncio.create_task(_banner(server, settings, token))
+            await server.serve()
+            banner.cancel()
+    finally:
+        registry.close()
+
+
+async def _banner(server: uvicorn.Server, settings: CoreSettings, token: str | None) -> None:
+    while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+        await asyncio.sleep(0.05)
+    url = f"http://{settings.host}:{settings.port}"
+    lines = [f"meterline is serving {url} (data in {settings.data_dir})"]
+    if token:
+        lines += [
+            f"development token (organization 'default'): {token}",
+            "try:",
+            f"  curl -s {url}/v1/events/ingest -H 'Authorization: Bearer {token}'"
+            " -H 'Content-Type: application/json'"
+            ' -d \'{"events":[{"name":"api_call","external_customer_id":"cust_1",'
+            '"external_id":"first-event"}]}\'',
+        ]
+    else:
+        lines.append("the development token was revoked; create one: meterline token create")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

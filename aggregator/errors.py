@@ -1,0 +1,27 @@
+"""Errors of the aggregator (store, API, CLI).
+
+AggregatorError
+├── NotFound          a resource does not exist in the caller's organization
+├── Overloaded        the store cannot take more work now (retry later)
+└── StoreClosed       the store is shutting down
+"""
+
+from __future__ import annotations
+
+
+class AggregatorError(Exception):
+    """Root of every error raised by the `aggregator` package."""
+
+
+class NotFound(AggregatorError):
+    pass
+
+
+class Overloaded(AggregatorError):
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StoreClosed(AggregatorError):
+    pass

@@ -1,0 +1,104 @@
+"""The DuckDB store: one file, one writer thread, a few reader threads.
+
+This package is the only place with SQL. Writes are jobs run by `Writer` (group commit);
+reads run on per-thread cursors off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import duckdb
+
+from aggregator.store.events import SequenceCounter
+from aggregator.store.schema import migrate
+from aggregator.store.writer import Job, Writer
+
+T = TypeVar("T")
+
+__all__ = ["Store"]
+
+
+class Store:
+    """Owns the DuckDB file. Use as an async context manager; closing drains pending writes."""
+
+    def __init__(self, path: Path | str, *, readers: int = 4, memory_limit: str | None = None):
+        self.path = str(path)
+        self._readers = readers
+        self._memory_limit = memory_limit
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._writer: Writer | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self.seq: SequenceCounter | None = None
+
+    async def __aenter__(self) -> Self:
+        self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.close)
+
+    def open(self) -> None:
+        if self._con is not None:
+            raise RuntimeError("store already open")
+        config: dict[str, str | bool | int | float | list[str]] = {}
+        if self._memory_limit:
+            config["memory_limit"] = self._memory_limit
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._con = duckdb.connect(self.path, config=config)
+        # Set after connecting: the (built-in) ICU extension loads on first use.
+        self._con.execute("SET GLOBAL TimeZone = 'UTC'")
+        migrate(self._con)
+        self.seq = SequenceCounter.load(self._con)
+        self._writer = Writer(self._con.cursor())
+        self._writer.start()
+        self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="duckdb-reader")
+
+    def close(self) -> None:
+        if self._con is None:
+            return
+        assert self._writer is not None and self._pool is not None
+        self._writer.close()
+        self._pool.shutdown(wait=True)
+        for cursor in self._cursors:
+            cursor.close()
+        self._con.close()
+        self._con = None
+
+    @property
+    def writer(self) -> Writer:
+        assert self._writer is not None, "store is not open"
+        return self._writer
+
+    async def write(self, job: Job[T], weight: int = 1) -> T:
+        """Run `job` in the next group commit; returns after the commit."""
+        return await self.writer.submit(job, weight)
+
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn(cursor, *args, **kwargs)` on a reader thread."""
+        assert self._pool is not None, "store is not open"
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(self._cursor(), *args, **kwargs))
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cursor: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
+        if cursor is None:
+            assert self._con is not None
+            cursor = self._con.cursor()
+            self._cursors.append(cursor)
+            self._local.cursor = cursor
+        return cursor

@@ -1,0 +1,85 @@
+"""The DuckDB schema, created and migrated in numbered steps.
+
+Each step runs once, in order, inside a transaction, and is recorded in `schema_migrations`.
+Never edit a released step: add a new one.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: events, dedupe keys, parent links, customers.
+    """
+    CREATE TABLE events (
+        id UUID NOT NULL DEFAULT uuidv7(),
+        seq BIGINT NOT NULL,                 -- ingestion order, unique per store
+        organization_id UUID NOT NULL,
+        name VARCHAR NOT NULL,
+        source VARCHAR NOT NULL DEFAULT 'user',
+        timestamp TIMESTAMPTZ NOT NULL,      -- the client's time (charts, quantities)
+        ingested_at TIMESTAMPTZ NOT NULL,    -- the server's time (billing windows)
+        customer_id UUID,
+        external_customer_id VARCHAR,
+        external_member_id VARCHAR,
+        external_id VARCHAR,
+        parent_id VARCHAR,
+        metadata JSON NOT NULL,
+        cost_amount DECIMAL(17, 12)          -- _cost.amount in cents, exact
+    );
+    -- (organization_id, external_id) is unique forever: the first write wins.
+    CREATE TABLE event_keys (
+        organization_id UUID NOT NULL,
+        external_id VARCHAR NOT NULL,
+        PRIMARY KEY (organization_id, external_id)
+    );
+    -- Direct children per parent reference (an event id or an external_id).
+    CREATE TABLE event_children (
+        organization_id UUID NOT NULL,
+        parent_ref VARCHAR NOT NULL,
+        children BIGINT NOT NULL,
+        PRIMARY KEY (organization_id, parent_ref)
+    );
+    -- First event time per customer reference, kept up to date by ingest.
+    CREATE TABLE event_subjects (
+        organization_id UUID NOT NULL,
+        subject VARCHAR NOT NULL,            -- 'id:<customer uuid>' or 'ext:<external id>'
+        first_timestamp TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (organization_id, subject)
+    );
+    CREATE TABLE customers (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        type VARCHAR NOT NULL,
+        email VARCHAR,
+        name VARCHAR,
+        external_id VARCHAR,
+        billing_address JSON,
+        tax_id JSON,
+        locale VARCHAR,
+        metadata JSON NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        modified_at TIMESTAMPTZ
+    );
+    """,
+)
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> int:
+    """Apply the steps this database has not seen; return the resulting version."""
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    )
+    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+    current = int(row[0]) if row else 0
+    for version, step in enumerate(MIGRATIONS[current:], start=current + 1):
+        con.execute("BEGIN")
+        try:
+            con.execute(step)
+            con.execute("INSERT INTO schema_migrations (version) VALUES (?)", [version])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)

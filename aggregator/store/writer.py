@@ -1,0 +1,134 @@
+"""The single DuckDB writer: jobs from many requests committed together (group commit).
+
+DuckDB is built for bulk work, not many small transactions, and a commit costs an fsync. So
+every write goes through one thread that takes all jobs waiting in its queue, runs them in one
+transaction and commits once; each caller's future resolves only after that commit (no 2xx
+before durability).
+
+The contract for a job: it is a function of the connection that does all of its checks before
+its first write, and raises an *expected* error (`REJECTIONS`) only from those checks. A rejected
+job leaves nothing behind, so the rest of the group still commits. Any other error rolls the
+whole group back, and then every job is retried alone, so one failing job cannot fail others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import duckdb
+
+from aggregator.errors import AggregatorError, StoreClosed
+from meters.errors import MetersError
+
+T = TypeVar("T")
+Job = Callable[[duckdb.DuckDBPyConnection], T]
+REJECTIONS: tuple[type[Exception], ...] = (MetersError, AggregatorError)
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending(Generic[T]):
+    job: Job[T]
+    weight: int
+    future: concurrent.futures.Future[T] = field(default_factory=concurrent.futures.Future)
+
+
+class Writer:
+    """Runs write jobs on one connection in one thread, many jobs per transaction."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, *, max_group_weight: int = 50_000) -> None:
+        self._con = con
+        self._max_group_weight = max_group_weight
+        self._queue: queue.SimpleQueue[_Pending[Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="duckdb-writer", daemon=True)
+        self._closed = False
+        self.commits = 0
+        self.last_commit_seconds = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job[T], weight: int = 1) -> asyncio.Future[T]:
+        """Queue `job`; the returned future resolves after its transaction commits."""
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        pending: _Pending[T] = _Pending(job, weight)
+        self._queue.put(pending)
+        return asyncio.wrap_future(pending.future)
+
+    def close(self) -> None:
+        """Finish every queued job, then stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            group: list[_Pending[Any]] = [first]
+            weight = first.weight
+            while weight < self._max_group_weight:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                group.append(item)
+                weight += item.weight
+            # A caller that gave up (deadline passed) before its job started gets nothing
+            # written; once started, a job commits and its caller's retry is deduplicated.
+            group = [p for p in group if p.future.set_running_or_notify_cancel()]
+            if group:
+                self._commit_group(group)
+
+    def _commit_group(self, group: list[_Pending[Any]]) -> None:
+        started = time.perf_counter()
+        try:
+            results = self._run_in_transaction(group)
+        except Exception as exc:
+            if len(group) == 1:
+                log.exception("write job failed")
+                group[0].future.set_exception(exc)
+                return
+            log.warning("group of %d write jobs failed; retrying each alone", len(group))
+            for pending in group:
+                self._commit_group([pending])
+            return
+        self.commits += 1
+        self.last_commit_seconds = time.perf_counter() - started
+        for pending, (ok, value) in zip(group, results, strict=True):
+            if ok:
+                pending.future.set_result(value)
+            else:
+                pending.future.set_exception(value)
+
+    def _run_in_transaction(self, group: list[_Pending[Any]]) -> list[tuple[bool, Any]]:
+        con = self._con
+        con.execute("BEGIN TRANSACTION")
+        results: list[tuple[bool, Any]] = []
+        try:
+            for pending in group:
+                try:
+                    results.append((True, pending.job(con)))
+                except REJECTIONS as exc:
+                    results.append((False, exc))
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return results

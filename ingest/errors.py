@@ -1,0 +1,33 @@
+"""Errors of the ingest edge.
+
+IngestError
+├── BodyTooLarge        the request body is over the limit (413)
+└── PublishError        events could not be made durable
+    └── Unavailable     retriable: the store or broker is down or slow (503 + Retry-After)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class IngestError(Exception):
+    """Root of every error raised by the `ingest` package."""
+
+
+class BodyTooLarge(IngestError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request body exceeded the maximum allowed size of {limit} bytes.")
+        self.limit = limit
+
+
+class PublishError(IngestError):
+    retriable: ClassVar[bool] = False
+
+
+class Unavailable(PublishError):
+    retriable = True
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -1,0 +1,78 @@
+"""The one mapping from errors to HTTP responses, in Polar's shapes (polar-contract §5.2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ingest.errors import BodyTooLarge, Unavailable
+from meters.errors import ValidationFailed
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+class Unauthorized(Exception):
+    """No credentials were sent."""
+
+
+class InvalidToken(Exception):
+    """The bearer token is unknown, revoked or malformed."""
+
+
+def error(status: int, error_name: str, detail: Any, headers: dict[str, str] | None = None) -> JSON:
+    return JSON({"error": error_name, "detail": detail}, status_code=status, headers=headers)
+
+
+def validation_error(exc: ValidationFailed) -> JSON:
+    name = "PolarRequestValidationError" if exc.business else "RequestValidationError"
+    return error(422, name, [e.as_dict() for e in exc.errors])
+
+
+def unauthorized() -> JSON:
+    return error(
+        401, "Unauthorized", "Unauthorized", {"WWW-Authenticate": 'Bearer realm="meterline"'}
+    )
+
+
+def invalid_token() -> JSON:
+    return JSON(
+        {
+            "error": "invalid_token",
+            "error_description": "The access token provided is expired, revoked, malformed,"
+            " or invalid for other reasons.",
+        },
+        status_code=401,
+        headers={"WWW-Authenticate": 'Bearer realm="meterline", error="invalid_token"'},
+    )
+
+
+def unavailable(message: str, retry_after: int) -> JSON:
+    return error(503, "ServiceUnavailable", message, {"Retry-After": str(retry_after)})
+
+
+async def _handle(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ValidationFailed):
+        return validation_error(exc)
+    if isinstance(exc, Unauthorized):
+        return unauthorized()
+    if isinstance(exc, InvalidToken):
+        return invalid_token()
+    if isinstance(exc, BodyTooLarge):
+        return error(413, "RequestBodyTooLarge", str(exc))
+    if isinstance(exc, Unavailable):
+        return unavailable(str(exc), exc.retry_after)
+    raise exc
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    cls: _handle
+    for cls in (ValidationFailed, Unauthorized, InvalidToken, BodyTooLarge, Unavailable)
+}

@@ -1,0 +1,83 @@
+"""Customer input rules (Polar's `CustomerCreate` / `CustomerUpdate`, members aside)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    model_validator,
+)
+from pydantic import ValidationError as PydanticValidationError
+
+from meters.errors import FieldError, ValidationFailed
+
+M = TypeVar("M", bound=BaseModel)
+MetadataKey = Annotated[str, Field(min_length=1, max_length=40)]
+MetadataValue = (
+    Annotated[str, Field(min_length=1, max_length=500)] | StrictBool | StrictInt | StrictFloat
+)
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=50)]
+Email = Annotated[str, Field(max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
+ExternalId = Annotated[str, Field(min_length=1, max_length=512)]
+ShortText = Annotated[str, Field(max_length=256)]
+
+
+class Address(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    line1: ShortText | None = None
+    line2: ShortText | None = None
+    postal_code: ShortText | None = None
+    city: ShortText | None = None
+    state: ShortText | None = None
+    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")]
+
+
+class _CustomerFields(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    metadata: Metadata | None = None
+    name: ShortText | None = None
+    billing_address: Address | None = None
+    tax_id: ShortText | None = None
+    locale: Annotated[str, Field(max_length=35)] | None = None
+    email: Email | None = None
+    external_id: ExternalId | None = None
+
+
+class CustomerCreate(_CustomerFields):
+    type: Literal["individual", "team"] = "individual"
+    organization_id: None = Field(
+        default=None,
+        description="Must be absent: the organization comes from the access token.",
+    )
+    owner: None = Field(default=None, description="Members are not supported.")
+
+    @model_validator(mode="after")
+    def _email_for_individuals(self) -> CustomerCreate:
+        if self.type == "individual" and self.email is None:
+            raise ValueError("email is required for individual customers")
+        return self
+
+
+class CustomerUpdate(_CustomerFields):
+    type: Literal["individual", "team"] | None = None
+
+
+def parse_model(model: type[M], body: Any) -> M:
+    """Validate `body` against `model`; errors become ValidationFailed with `("body", ...)` locs."""
+    try:
+        return model.model_validate(body)
+    except PydanticValidationError as exc:
+        raise ValidationFailed(
+            [
+                FieldError(e["type"], ("body", *e["loc"]), e["msg"], e.get("input"))
+                for e in exc.errors(include_url=False)
+            ]
+        ) from None
