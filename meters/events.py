@@ -13,6 +13,7 @@ The validator is hand-written rather than a pydantic model: it is the hot path o
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -99,7 +100,9 @@ def parse_ingest_body(body: Any, *, now: int, rules: EventRules) -> list[Event]:
     latest = now + rules.max_future // _ONE_US
     events: list[Event] = []
     for i, item in enumerate(raw):
-        event = _event(item, ("body", "events", i), errors, now, latest, rules)
+        event = _fast_event(item, now, latest, rules) or _event(
+            item, ("body", "events", i), errors, now, latest, rules
+        )
         if event is not None:
             events.append(event)
         if len(errors) >= MAX_ERRORS:
@@ -115,6 +118,168 @@ _DICT_MSG = "Input should be a valid dictionary or object to extract fields from
 
 def _err(type_: str, loc: Loc, msg: str, value: Any) -> FieldError:
     return FieldError(type_, loc, msg, value)
+
+
+def _fast_event(item: Any, now: int, latest: int, rules: EventRules) -> Event | None:
+    """The common case, checked without building error locations: a valid event, or None.
+
+    None means "not sure": `_event` then re-checks the item and reports exact errors. Both
+    must produce the same Event for valid input (a property test holds them to it).
+    """
+    if type(item) is not dict or not EVENT_FIELDS.issuperset(item):
+        return None
+    max_id = rules.max_id_length
+    name = item.get("name")
+    if type(name) is not str or not 0 < len(name) <= rules.max_name_length or "\x00" in name:
+        return None
+    customer_id = item.get("customer_id")
+    external_customer_id = item.get("external_customer_id")
+    if customer_id is not None:
+        if external_customer_id is not None or type(customer_id) is not str:
+            return None
+        if _UUID4.fullmatch(customer_id) is None:
+            return None  # the slow path accepts other spellings and normalizes them
+    elif not _short(external_customer_id, max_id):
+        return None
+    external_id = item.get("external_id")
+    parent_id = item.get("parent_id")
+    member = item.get("external_member_id")
+    if (
+        (external_id is not None and not _short(external_id, max_id))
+        or (parent_id is not None and not _short(parent_id, max_id))
+        or (member is not None and not _short(member, max_id))
+        or item.get("organization_id") is not None
+        or item.get("member_id") is not None
+    ):
+        return None
+    ts = item.get("timestamp")
+    if ts is None:
+        timestamp = now
+    elif type(ts) is str:
+        try:
+            parsed = datetime.fromisoformat(ts)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            return None
+        timestamp = (parsed - EPOCH) // _ONE_US
+        if not _MIN_TS_US <= timestamp <= min(latest, _MAX_TS_US):
+            return None
+    else:
+        return None
+    metadata = item.get("metadata")
+    cost: str | None = None
+    if metadata is None:
+        metadata = {}
+    elif type(metadata) is not dict or len(metadata) > rules.max_metadata_keys:
+        return None
+    else:
+        max_key = rules.max_metadata_key_length
+        max_value = rules.max_metadata_string_length
+        special = False
+        for key, value in metadata.items():
+            if key == "_cost" or key == "_llm":
+                special = True
+                continue
+            if not 0 < len(key) <= max_key or "." in key or "\x00" in key:
+                return None
+            kind = type(value)
+            if kind is str:
+                if not 0 < len(value) <= max_value or "\x00" in value:
+                    return None
+            elif kind is float:
+                if not math.isfinite(value):
+                    return None
+            elif kind is not int and kind is not bool:
+                return None
+        if special:
+            metadata = dict(metadata)
+            if "_cost" in metadata:
+                parsed_cost = _fast_cost(metadata["_cost"])
+                if parsed_cost is None:
+                    return None
+                metadata["_cost"] = parsed_cost
+                cost = parsed_cost["amount"]
+            if "_llm" in metadata:
+                llm = _fast_llm(metadata["_llm"])
+                if llm is None:
+                    return None
+                metadata["_llm"] = llm
+    return Event(
+        name,
+        timestamp,
+        customer_id,
+        external_customer_id,
+        external_id,
+        parent_id,
+        member,
+        metadata,
+        cost,
+    )
+
+
+_UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def _short(value: Any, max_length: int) -> bool:
+    return type(value) is str and 0 < len(value) <= max_length and "\x00" not in value
+
+
+def _fast_cost(value: Any) -> dict[str, str] | None:
+    if type(value) is not dict or len(value) != 2 or value.get("currency") != "usd":
+        return None
+    amount = _plain_amount(value.get("amount"))
+    return None if amount is None else {"amount": amount, "currency": "usd"}
+
+
+_PLAIN_DECIMAL = re.compile(r"(-?)([0-9]{1,5})(?:\.([0-9]{0,12}))?")
+
+
+def _plain_amount(value: Any) -> str | None:
+    """`parse_cost_amount` for plain decimals ("0.0371", 12, 0.5), without Decimal's cost."""
+    kind = type(value)
+    if kind is str:
+        text = value
+    elif kind is float or kind is int:
+        text = repr(value)
+    else:
+        return None
+    match = _PLAIN_DECIMAL.fullmatch(text)
+    if match is None:
+        return None
+    sign, whole, fraction = match.groups()
+    whole = whole.lstrip("0") or "0"
+    fraction = (fraction or "").rstrip("0")
+    if whole == "0" and not fraction:
+        return "0"
+    return f"{sign}{whole}.{fraction}" if fraction else f"{sign}{whole}"
+
+
+def _fast_llm(value: Any) -> dict[str, Any] | None:
+    if type(value) is not dict or not _LLM_FIELDS.issuperset(value):
+        return None
+    vendor = value.get("vendor")
+    model = value.get("model")
+    prompt = value.get("prompt")
+    response = value.get("response")
+    if not (_short(vendor, 500) and _short(model, 500)):
+        return None
+    if (prompt is not None and (type(prompt) is not str or "\x00" in prompt)) or (
+        response is not None and (type(response) is not str or "\x00" in response)
+    ):
+        return None
+    out: dict[str, Any] = {"vendor": vendor, "model": model, "prompt": prompt, "response": response}
+    for key in _LLM_REQUIRED_INT:
+        tokens = value.get(key)
+        if type(tokens) is not int or tokens < 0:
+            return None
+        out[key] = tokens
+    cached = value.get("cached_input_tokens")
+    if cached is not None:
+        if type(cached) is not int or cached < 0:
+            return None
+        out["cached_input_tokens"] = cached
+    return out
 
 
 def _event(
@@ -445,14 +610,17 @@ def parse_cost_amount(value: Any, loc: Loc, errors: list[FieldError]) -> str | N
     if not number.is_finite():
         errors.append(_err("finite_number", loc, "Input should be a finite number", value))
         return None
-    normalized = number.normalize()
-    _, digits, exponent = normalized.as_tuple()
+    # Count places on the exact digits: normalize() would round to the context's precision
+    # (28 digits) and overflow on huge exponents.
+    sign, digits, exponent = number.as_tuple()
     assert isinstance(exponent, int)
-    places = max(0, -exponent)
-    whole = len(digits) + exponent
-    if number == 0:
+    kept = list(digits)
+    while len(kept) > 1 and kept[-1] == 0 and exponent < 0:
+        kept.pop()
+        exponent += 1
+    if not any(kept):
         return "0"
-    if places > 12:
+    if -exponent > 12:
         errors.append(
             _err(
                 "decimal_max_places",
@@ -462,7 +630,7 @@ def parse_cost_amount(value: Any, loc: Loc, errors: list[FieldError]) -> str | N
             )
         )
         return None
-    if max(whole, 0) > 5:
+    if len(kept) + exponent > 5:
         errors.append(
             _err(
                 "decimal_whole_digits",
@@ -473,7 +641,7 @@ def parse_cost_amount(value: Any, loc: Loc, errors: list[FieldError]) -> str | N
             )
         )
         return None
-    return format(normalized, "f")
+    return format(Decimal((sign, tuple(kept), exponent)), "f")
 
 
 def _llm(value: Any, loc: Loc, errors: list[FieldError]) -> dict[str, Any] | None:

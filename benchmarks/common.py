@@ -1,0 +1,59 @@
+"""Small helpers shared by benchmarks: metrics with targets, percentiles, /proc readings."""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+from collections.abc import Sequence
+from typing import Any
+
+# A metric is a plain dict so results stay trivially JSON-serializable.
+Metric = dict[str, Any]
+_OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def metric(
+    name: str, value: float, unit: str, op: str | None = None, target: float | None = None
+) -> Metric:
+    """One reported number; `met` is None when the metric has no target (informational)."""
+    if isinstance(value, float):
+        value = round(value, 3)
+    met = None if op is None or target is None else bool(_OPS[op](value, target))
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "target": None if op is None else {"op": op, "value": target},
+        "met": met,
+    }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation: p99 is a latency some request really had)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = min(len(ordered), max(1, math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time of a process (or one of its threads) from /proc."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as handle:
+        # Fields after the ")" closing the command name; utime and stime are fields 14 and 15.
+        fields = handle.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmHWM (peak resident set) and VmRSS of a process, in KiB."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(rest.split()[0])
+    return out
