@@ -19,7 +19,7 @@ from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.errors import NotFound
 from aggregator.store import Store
-from aggregator.store.events import ingest_job
+from aggregator.store.events import IngestJob
 from ingest.http.app import IngestSettings, ingest_routes
 from ingest.http.responses import EXCEPTION_HANDLERS, JSON, error
 from ingest.publish import PublishResult
@@ -49,7 +49,7 @@ class EmbeddedPublisher:
 
     async def publish(self, organization_id: str, events: Sequence[Event]) -> PublishResult:
         assert self._store.seq is not None
-        job = ingest_job(organization_id, events, now_us(), self._store.seq)
+        job = IngestJob(organization_id, events, now_us(), self._store.seq)
         result = await self._store.write(job, weight=max(1, len(events)))
         return PublishResult(result.inserted, result.duplicates)
 

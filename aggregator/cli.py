@@ -12,11 +12,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import uvicorn
+import uvloop
 
 from aggregator.app import CoreSettings, build_app
 from aggregator.auth import TokenRegistry
@@ -71,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings, log_level=args.log_level))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(settings, log_level=args.log_level))
     return 0
 
 
@@ -117,12 +120,24 @@ async def serve(settings: CoreSettings, *, log_level: str = "info") -> None:
                 lifespan="off",
                 timeout_graceful_shutdown=30,
             )
-            server = uvicorn.Server(config)
+            server = _Server(config)
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, server.handle_exit, signum, None)
             banner = asyncio.create_task(_banner(server, settings, token))
             await server.serve()
             banner.cancel()
     finally:
         registry.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a captured SIGTERM once it has shut down, which would end the process
+    before the store drains and closes; `serve` installs handlers of its own instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 async def _banner(server: uvicorn.Server, settings: CoreSettings, token: str | None) -> None:

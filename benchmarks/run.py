@@ -11,6 +11,7 @@ there (so results of benchmarks not rerun stay in the table).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -29,11 +30,13 @@ RESULTS = Path(__file__).parent / "results"
 BENCHMARKS: dict[str, ModuleType] = {
     "ingest_http": ingest_http,
 }
+PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx")
 _OPS = {">=": "≥", "<=": "≤", "==": "="}
 
 
 def machine() -> dict[str, Any]:
     """Enough context to tell whether two results are comparable."""
+    diff = _git("diff", "HEAD") or ""
     return {
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
@@ -43,10 +46,20 @@ def machine() -> dict[str, Any]:
         "duckdb": metadata.version("duckdb"),
         "platform": platform.platform(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "packages": {p: _version(p) for p in PACKAGES},
         "git_commit": _git("rev-parse", "HEAD"),
-        # Uncommitted changes make the commit alone an incomplete description of the code.
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # Uncommitted changes make the commit alone an incomplete description of the code;
+        # the hash of the diff tells two dirty trees apart.
+        "git_dirty": bool(diff),
+        "git_diff_sha1": hashlib.sha1(diff.encode()).hexdigest() if diff else None,
     }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _cpu_model() -> str | None:

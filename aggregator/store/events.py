@@ -11,6 +11,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from aggregator.store.writer import Batchable, Outcome
 from meters.errors import FieldError, ValidationFailed
 from meters.events import Event
 
@@ -34,95 +35,117 @@ class SequenceCounter:
 
     @classmethod
     def load(cls, con: duckdb.DuckDBPyConnection) -> SequenceCounter:
-        row = con.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()
-        return cls(int(row[0]) if row else 1)
+        # fetchall() closes the result: an open result set blocks DuckDB's checkpoints.
+        rows = con.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchall()
+        return cls(int(rows[0][0]))
 
 
-def ingest_job(
-    organization_id: str, events: Sequence[Event], ingested_at_us: int, seq: SequenceCounter
-) -> Any:
-    """A writer job storing `events` for the organization; see `writer.py` for the contract."""
+@dataclass(frozen=True, slots=True, eq=False)  # identity equality: jobs are dict keys
+class IngestJob(Batchable[IngestResult]):
+    """Store one request's validated events; many requests' jobs run as one batch."""
 
-    def job(con: duckdb.DuckDBPyConnection) -> IngestResult:
-        _check_customers(con, organization_id, events)
-        fresh = _dedupe(con, organization_id, events)
-        if fresh:
-            _insert(con, organization_id, fresh, ingested_at_us, seq)
-        return IngestResult(len(fresh), len(events) - len(fresh))
+    organization_id: str
+    events: Sequence[Event]
+    ingested_at_us: int
+    seq: SequenceCounter
 
-    return job
+    @classmethod
+    def run_batch(cls, con: duckdb.DuckDBPyConnection, jobs: list[IngestJob]) -> list[Outcome]:
+        rejections = _unknown_customers(con, jobs)
+        accepted = [job for job in jobs if job not in rejections]
+        fresh = _dedupe(con, accepted)
+        rows = [(job, event) for job in accepted for event in fresh[job]]
+        if rows:
+            _insert(con, rows, jobs[0].seq)
+        return [
+            (False, rejections[job])
+            if job in rejections
+            else (True, IngestResult(len(fresh[job]), len(job.events) - len(fresh[job])))
+            for job in jobs
+        ]
 
 
-def _check_customers(
-    con: duckdb.DuckDBPyConnection, organization_id: str, events: Sequence[Event]
-) -> None:
-    wanted = {e.customer_id for e in events if e.customer_id is not None}
+def _unknown_customers(
+    con: duckdb.DuckDBPyConnection, jobs: list[IngestJob]
+) -> dict[IngestJob, ValidationFailed]:
+    """Events naming a `customer_id` need that customer in their organization (Polar's rule)."""
+    wanted = {e.customer_id for job in jobs for e in job.events if e.customer_id is not None}
     if not wanted:
-        return
-    rows = con.execute(
-        "SELECT id::VARCHAR FROM customers WHERE organization_id = ?"
-        " AND id IN (SELECT unnest(?::UUID[]))",
-        [organization_id, sorted(wanted)],
-    ).fetchall()
-    missing = wanted - {r[0] for r in rows}
-    if missing:
-        raise ValidationFailed(
-            [
-                FieldError(
-                    "customer_id",
-                    ("body", "events", i, "customer_id"),
-                    "Customer not found.",
-                    e.customer_id,
-                )
-                for i, e in enumerate(events)
-                if e.customer_id in missing
-            ],
-            business=True,
+        return {}
+    known = set(
+        con.execute(
+            "SELECT organization_id::VARCHAR, id::VARCHAR FROM customers"
+            " WHERE id IN (SELECT unnest(?::UUID[]))",
+            [sorted(wanted)],
+        ).fetchall()
+    )
+    rejections: dict[IngestJob, ValidationFailed] = {}
+    for job in jobs:
+        errors = [
+            FieldError(
+                "customer_id",
+                ("body", "events", i, "customer_id"),
+                "Customer not found.",
+                e.customer_id,
+            )
+            for i, e in enumerate(job.events)
+            if e.customer_id is not None and (job.organization_id, e.customer_id) not in known
+        ]
+        if errors:
+            rejections[job] = ValidationFailed(errors, business=True)
+    return rejections
+
+
+def _dedupe(con: duckdb.DuckDBPyConnection, jobs: list[IngestJob]) -> dict[IngestJob, list[Event]]:
+    """Per job, the events to store: those without external_id, and the first occurrence (in
+    submission order) of each (organization, external_id) never stored before."""
+    first: dict[tuple[str, str], Event] = {}
+    for job in jobs:
+        for event in job.events:
+            if event.external_id is not None:
+                first.setdefault((job.organization_id, event.external_id), event)
+    new: set[tuple[str, str]] = set()
+    if first:
+        keys = pa.table(
+            {"organization_id": [k[0] for k in first], "external_id": [k[1] for k in first]}
         )
-
-
-def _dedupe(
-    con: duckdb.DuckDBPyConnection, organization_id: str, events: Sequence[Event]
-) -> list[Event]:
-    """Events to store: without external_id, or the first with an external_id never seen."""
-    first: dict[str, Event] = {}
-    for event in events:
-        if event.external_id is not None and event.external_id not in first:
-            first[event.external_id] = event
-    if not first:
-        return list(events)
-    con.register("_batch_keys", pa.table({"external_id": list(first)}))
-    try:
-        new = {
-            r[0]
-            for r in con.execute(
-                "INSERT INTO event_keys SELECT ?, external_id FROM _batch_keys"
-                " ON CONFLICT DO NOTHING RETURNING external_id",
-                [organization_id],
-            ).fetchall()
-        }
-    finally:
-        con.unregister("_batch_keys")
-    return [
-        e
-        for e in events
-        if e.external_id is None or (e.external_id in new and first[e.external_id] is e)
-    ]
+        con.register("_batch_keys", keys)
+        try:
+            new = set(
+                con.execute(
+                    "INSERT INTO event_keys SELECT organization_id::UUID, external_id"
+                    " FROM _batch_keys ON CONFLICT DO NOTHING"
+                    " RETURNING organization_id::VARCHAR, external_id"
+                ).fetchall()
+            )
+        finally:
+            con.unregister("_batch_keys")
+    return {
+        job: [
+            e
+            for e in job.events
+            if e.external_id is None
+            or (
+                (job.organization_id, e.external_id) in new
+                and first[(job.organization_id, e.external_id)] is e
+            )
+        ]
+        for job in jobs
+    }
 
 
 def _insert(
-    con: duckdb.DuckDBPyConnection,
-    organization_id: str,
-    events: list[Event],
-    ingested_at_us: int,
-    seq: SequenceCounter,
+    con: duckdb.DuckDBPyConnection, rows: list[tuple[IngestJob, Event]], seq: SequenceCounter
 ) -> None:
     dumps = orjson.dumps
+    events = [e for _, e in rows]
     table = pa.table(
         {
-            "seq": pa.array(seq.take(len(events)), pa.int64()),
+            "seq": pa.array(seq.take(len(rows)), pa.int64()),
+            "organization_id": [job.organization_id for job, _ in rows],
             "name": [e.name for e in events],
             "timestamp": pa.array([e.timestamp_us for e in events], _TS),
+            "ingested_at": pa.array([job.ingested_at_us for job, _ in rows], _TS),
             "customer_id": [e.customer_id for e in events],
             "external_customer_id": [e.external_customer_id for e in events],
             "external_member_id": [e.external_member_id for e in events],
@@ -138,45 +161,51 @@ def _insert(
             "INSERT INTO events (seq, organization_id, name, timestamp, ingested_at, customer_id,"
             " external_customer_id, external_member_id, external_id, parent_id, metadata,"
             " cost_amount)"
-            " SELECT seq, $org, name, timestamp, make_timestamptz($ingested), customer_id::UUID,"
+            " SELECT seq, organization_id::UUID, name, timestamp, ingested_at, customer_id::UUID,"
             " external_customer_id, external_member_id, external_id, parent_id, metadata,"
-            " cost_amount::DECIMAL(17, 12) FROM _batch_events",
-            {"org": organization_id, "ingested": ingested_at_us},
+            " cost_amount::DECIMAL(17, 12) FROM _batch_events"
         )
     finally:
         con.unregister("_batch_events")
-    _record_children(con, organization_id, events)
-    _record_subjects(con, organization_id, events)
+    _record_children(con, rows)
+    _record_subjects(con, rows)
 
 
-def _record_children(
-    con: duckdb.DuckDBPyConnection, organization_id: str, events: list[Event]
-) -> None:
-    counts: dict[str, int] = {}
-    for e in events:
+def _record_children(con: duckdb.DuckDBPyConnection, rows: list[tuple[IngestJob, Event]]) -> None:
+    counts: dict[tuple[str, str], int] = {}
+    for job, e in rows:
         if e.parent_id is not None:
-            counts[e.parent_id] = counts.get(e.parent_id, 0) + 1
+            key = (job.organization_id, e.parent_id)
+            counts[key] = counts.get(key, 0) + 1
     if counts:
         con.execute(
-            "INSERT INTO event_children SELECT $org, unnest($refs), unnest($counts)"
+            "INSERT INTO event_children SELECT unnest($orgs)::UUID, unnest($refs), unnest($counts)"
             " ON CONFLICT DO UPDATE SET children = children + excluded.children",
-            {"org": organization_id, "refs": list(counts), "counts": list(counts.values())},
+            {
+                "orgs": [k[0] for k in counts],
+                "refs": [k[1] for k in counts],
+                "counts": list(counts.values()),
+            },
         )
 
 
-def _record_subjects(
-    con: duckdb.DuckDBPyConnection, organization_id: str, events: list[Event]
-) -> None:
-    first: dict[str, int] = {}
-    for e in events:
-        key = f"id:{e.customer_id}" if e.customer_id else f"ext:{e.external_customer_id}"
+def _record_subjects(con: duckdb.DuckDBPyConnection, rows: list[tuple[IngestJob, Event]]) -> None:
+    first: dict[tuple[str, str], int] = {}
+    for job, e in rows:
+        subject = f"id:{e.customer_id}" if e.customer_id else f"ext:{e.external_customer_id}"
+        key = (job.organization_id, subject)
         if e.timestamp_us < first.get(key, e.timestamp_us + 1):
             first[key] = e.timestamp_us
     con.execute(
-        "INSERT INTO event_subjects SELECT $org, unnest($keys), make_timestamptz(unnest($ts))"
+        "INSERT INTO event_subjects"
+        " SELECT unnest($orgs)::UUID, unnest($subjects), make_timestamptz(unnest($ts))"
         " ON CONFLICT DO UPDATE"
         " SET first_timestamp = least(first_timestamp, excluded.first_timestamp)",
-        {"org": organization_id, "keys": list(first), "ts": list(first.values())},
+        {
+            "orgs": [k[0] for k in first],
+            "subjects": [k[1] for k in first],
+            "ts": list(first.values()),
+        },
     )
 
 

@@ -1,0 +1,127 @@
+"""The store's ingest: group-committed batches equal a sequential plain-Python model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.store import Store
+from aggregator.store.customers import create_job
+from aggregator.store.events import IngestJob, IngestResult
+from meters.customers import CustomerCreate
+from meters.errors import ValidationFailed
+from meters.events import Event, now_us
+
+ORGS = [str(uuid.uuid4()) for _ in range(2)]
+
+
+def _event(external_id: str | None, customer_id: str | None = None) -> Event:
+    return Event(
+        name="e",
+        timestamp_us=now_us(),
+        customer_id=customer_id,
+        external_customer_id=None if customer_id else "c",
+        external_id=external_id,
+        parent_id=None,
+        external_member_id=None,
+        metadata={},
+        cost_amount=None,
+    )
+
+
+requests = st.lists(
+    st.tuples(
+        st.sampled_from(ORGS),
+        st.lists(st.one_of(st.none(), st.sampled_from("abcdefgh")), max_size=8),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+async def _grouped(store: Store, jobs: list[IngestJob]) -> list[object]:
+    """Submit `jobs` while the writer is held, so that they all commit in one group."""
+    gate = threading.Event()
+    held = store.write(lambda con: gate.wait(10))
+    pending = [asyncio.ensure_future(store.write(job)) for job in jobs]
+    await asyncio.sleep(0)  # let every submission reach the writer's queue
+    commits = store.writer.commits
+    gate.set()
+    await held
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    assert store.writer.commits - commits <= 2  # the held job's group, then all of `jobs`
+    return list(results)
+
+
+def _model(batches: list[tuple[str, list[str | None]]]) -> list[tuple[int, int]]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for org, keys in batches:
+        inserted = 0
+        for key in keys:
+            if key is None or (org, key) not in seen:
+                inserted += 1
+                if key is not None:
+                    seen.add((org, key))
+        out.append((inserted, len(keys) - inserted))
+    return out
+
+
+@settings(max_examples=25)
+@given(batches=requests)
+def test_concurrent_batches_dedupe_like_sequential_processing(
+    tmp_path_factory: pytest.TempPathFactory, batches: list[tuple[str, list[str | None]]]
+) -> None:
+    path = tmp_path_factory.mktemp("store") / "m.duckdb"
+
+    async def run() -> tuple[list[IngestResult], int]:
+        async with Store(path) as store:
+            assert store.seq is not None
+            seq = store.seq
+            results = await _grouped(
+                store,
+                [IngestJob(org, [_event(k) for k in keys], now_us(), seq) for org, keys in batches],
+            )
+            total = await store.read(
+                lambda con: con.execute("SELECT count(*) FROM events").fetchall()[0][0]
+            )
+            return results, int(total)  # type: ignore[return-value]
+
+    results, total = asyncio.run(run())
+    expected = _model(batches)
+    assert [(r.inserted, r.duplicates) for r in results] == expected
+    assert total == sum(inserted for inserted, _ in expected)
+
+
+def test_a_rejected_request_does_not_affect_its_group(tmp_path: Path) -> None:
+    org = ORGS[0]
+
+    async def run() -> list[object]:
+        async with Store(tmp_path / "m.duckdb") as store:
+            assert store.seq is not None
+            seq = store.seq
+            customer = await store.write(create_job(org, CustomerCreate(email="a@b.io"), now_us()))
+            return await _grouped(
+                store,
+                [
+                    IngestJob(org, [_event("1")], now_us(), seq),
+                    IngestJob(org, [_event("2"), _event("3", str(uuid.uuid4()))], now_us(), seq),
+                    IngestJob(org, [_event("2", customer.id)], now_us(), seq),
+                    # The customer exists, but in another organization.
+                    IngestJob(ORGS[1], [_event("4", customer.id)], now_us(), seq),
+                ],
+            )
+
+    first, rejected, third, other_org = asyncio.run(run())
+    assert first == IngestResult(1, 0)
+    assert isinstance(rejected, ValidationFailed)
+    assert [e.loc for e in rejected.errors] == [("body", "events", 1, "customer_id")]
+    # "2" was not stored by the rejected request, so the third request inserts it.
+    assert third == IngestResult(1, 0)
+    assert isinstance(other_org, ValidationFailed)
