@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,12 @@ from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.errors import NotFound
 from aggregator.store import Store
+from aggregator.store.columns import from_ipc
 from aggregator.store.events import IngestJob
 from ingest.http.app import IngestSettings, ingest_routes
 from ingest.http.responses import EXCEPTION_HANDLERS, JSON, error
 from ingest.publish import PublishResult
-from meters.events import Event, now_us
+from ingest.validation import ValidationPool
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +42,20 @@ class CoreSettings:
 
 
 class EmbeddedPublisher:
-    """Publishes straight into the DuckDB store: durable once the group commit returns."""
+    """Validates (in the pool) and stores straight into DuckDB: durable once the group commit
+    that carries the request returns."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, validation: ValidationPool) -> None:
         self._store = store
+        self._validation = validation
 
-    async def publish(self, organization_id: str, events: Sequence[Event]) -> PublishResult:
+    async def publish(
+        self, organization_id: str, body: bytes, received_at_us: int
+    ) -> PublishResult:
+        events = from_ipc(await self._validation.validate(body, received_at_us))
         assert self._store.seq is not None
-        job = IngestJob(organization_id, events, now_us(), self._store.seq)
-        result = await self._store.write(job, weight=max(1, len(events)))
+        job = IngestJob(organization_id, events, received_at_us, self._store.seq)
+        result = await self._store.write(job, weight=max(1, events.num_rows))
         return PublishResult(result.inserted, result.duplicates)
 
 
@@ -73,7 +78,9 @@ async def _health(request: Request) -> JSON:
     return JSON({"status": "ok"})
 
 
-def build_app(store: Store, registry: TokenRegistry, settings: CoreSettings) -> Starlette:
+def build_app(
+    store: Store, registry: TokenRegistry, validation: ValidationPool, settings: CoreSettings
+) -> Starlette:
     def authenticate(token: str) -> str | None:
         org = registry.authenticate(token)
         return org.id if org else None
@@ -81,7 +88,7 @@ def build_app(store: Store, registry: TokenRegistry, settings: CoreSettings) -> 
     ctx = ApiContext(store, authenticate, settings.ingest.max_body_bytes)
     routes = [
         Route("/healthz", _health, methods=["GET"]),
-        *ingest_routes(EmbeddedPublisher(store), authenticate, settings.ingest),
+        *ingest_routes(EmbeddedPublisher(store, validation), authenticate, settings.ingest),
         *events.routes(ctx),
         *customers.routes(ctx),
     ]

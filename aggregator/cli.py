@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -25,7 +26,9 @@ from aggregator.app import CoreSettings, build_app
 from aggregator.auth import TokenRegistry
 from aggregator.errors import NotFound
 from aggregator.store import Store
+from aggregator.store.columns import to_ipc
 from ingest.http.app import IngestSettings
+from ingest.validation import ValidationPool
 from meters.events import EventRules
 
 DEFAULT_DATA_DIR = Path(".meterline")
@@ -44,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=300,
         help="how far in the future an event timestamp may be (client clock skew)",
+    )
+    up.add_argument(
+        "--validation-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes validating large ingest bodies (0: validate in the server process)",
     )
     up.add_argument("--log-level", default="info")
 
@@ -70,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         ingest=IngestSettings(
-            rules=EventRules(max_future=timedelta(seconds=args.max_future_seconds))
+            rules=EventRules(max_future=timedelta(seconds=args.max_future_seconds)),
+            validation_workers=args.validation_workers,
         ),
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -108,11 +118,16 @@ async def serve(settings: CoreSettings, *, log_level: str = "info") -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     registry = TokenRegistry(settings.data_dir, cache_seconds=settings.token_cache_seconds)
     try:
-        async with Store(settings.database) as store:
+        async with (
+            Store(settings.database) as store,
+            ValidationPool(
+                settings.ingest.rules, to_ipc, workers=settings.ingest.validation_workers
+            ) as validation,
+        ):
             org = registry.organization("default")
             token = registry.development_token(org)
             config = uvicorn.Config(
-                build_app(store, registry, settings),
+                build_app(store, registry, validation, settings),
                 host=settings.host,
                 port=settings.port,
                 log_level=log_level,

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import duckdb
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aggregator.store.writer import Batchable, Outcome
 from meters.errors import FieldError, ValidationFailed
-from meters.events import Event
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -42,10 +41,11 @@ class SequenceCounter:
 
 @dataclass(frozen=True, slots=True, eq=False)  # identity equality: jobs are dict keys
 class IngestJob(Batchable[IngestResult]):
-    """Store one request's validated events; many requests' jobs run as one batch."""
+    """Store one request's validated events (`columns.SCHEMA`); a group's jobs run as one
+    batch, with no per-event Python beyond deciding duplicates."""
 
     organization_id: str
-    events: Sequence[Event]
+    events: pa.Table
     ingested_at_us: int
     seq: SequenceCounter
 
@@ -53,108 +53,93 @@ class IngestJob(Batchable[IngestResult]):
     def run_batch(cls, con: duckdb.DuckDBPyConnection, jobs: list[IngestJob]) -> list[Outcome]:
         rejections = _unknown_customers(con, jobs)
         accepted = [job for job in jobs if job not in rejections]
-        fresh = _dedupe(con, accepted)
-        rows = [(job, event) for job in accepted for event in fresh[job]]
-        if rows:
-            _insert(con, rows, jobs[0].seq)
+        kept: dict[IngestJob, int] = {}
+        if accepted:
+            batch = pa.concat_tables([_with_context(job) for job in accepted])
+            batch = batch.append_column(
+                "seq", pa.array(jobs[0].seq.take(batch.num_rows), pa.int64())
+            )
+            keep = _fresh(con, batch)
+            _insert(con, batch.filter(keep))
+            offset = 0
+            for job in accepted:
+                rows = job.events.num_rows
+                kept[job] = pc.sum(pc.cast(keep.slice(offset, rows), pa.int64())).as_py() or 0
+                offset += rows
         return [
             (False, rejections[job])
             if job in rejections
-            else (True, IngestResult(len(fresh[job]), len(job.events) - len(fresh[job])))
+            else (True, IngestResult(kept[job], job.events.num_rows - kept[job]))
             for job in jobs
         ]
+
+
+def _with_context(job: IngestJob) -> pa.Table:
+    n = job.events.num_rows
+    table = job.events.append_column(
+        "organization_id", pa.array([job.organization_id] * n, pa.string())
+    )
+    return table.append_column("ingested_at", pa.array([job.ingested_at_us] * n, _TS))
 
 
 def _unknown_customers(
     con: duckdb.DuckDBPyConnection, jobs: list[IngestJob]
 ) -> dict[IngestJob, ValidationFailed]:
     """Events naming a `customer_id` need that customer in their organization (Polar's rule)."""
-    wanted = {e.customer_id for job in jobs for e in job.events if e.customer_id is not None}
-    if not wanted:
+    named = {job: job.events.column("customer_id") for job in jobs}
+    named = {job: column for job, column in named.items() if column.null_count < len(column)}
+    if not named:
         return {}
+    wanted = sorted({c for column in named.values() for c in column.to_pylist() if c})
     known = set(
         con.execute(
             "SELECT organization_id::VARCHAR, id::VARCHAR FROM customers"
             " WHERE id IN (SELECT unnest(?::UUID[]))",
-            [sorted(wanted)],
+            [wanted],
         ).fetchall()
     )
     rejections: dict[IngestJob, ValidationFailed] = {}
-    for job in jobs:
+    for job, column in named.items():
         errors = [
             FieldError(
-                "customer_id",
-                ("body", "events", i, "customer_id"),
-                "Customer not found.",
-                e.customer_id,
+                "customer_id", ("body", "events", i, "customer_id"), "Customer not found.", c
             )
-            for i, e in enumerate(job.events)
-            if e.customer_id is not None and (job.organization_id, e.customer_id) not in known
+            for i, c in enumerate(column.to_pylist())
+            if c is not None and (job.organization_id, c) not in known
         ]
         if errors:
             rejections[job] = ValidationFailed(errors, business=True)
     return rejections
 
 
-def _dedupe(con: duckdb.DuckDBPyConnection, jobs: list[IngestJob]) -> dict[IngestJob, list[Event]]:
-    """Per job, the events to store: those without external_id, and the first occurrence (in
-    submission order) of each (organization, external_id) never stored before."""
-    first: dict[tuple[str, str], Event] = {}
-    for job in jobs:
-        for event in job.events:
-            if event.external_id is not None:
-                first.setdefault((job.organization_id, event.external_id), event)
-    new: set[tuple[str, str]] = set()
-    if first:
-        keys = pa.table(
-            {"organization_id": [k[0] for k in first], "external_id": [k[1] for k in first]}
-        )
-        con.register("_batch_keys", keys)
-        try:
-            new = set(
-                con.execute(
-                    "INSERT INTO event_keys SELECT organization_id::UUID, external_id"
-                    " FROM _batch_keys ON CONFLICT DO NOTHING"
-                    " RETURNING organization_id::VARCHAR, external_id"
-                ).fetchall()
-            )
-        finally:
-            con.unregister("_batch_keys")
-    return {
-        job: [
-            e
-            for e in job.events
-            if e.external_id is None
-            or (
-                (job.organization_id, e.external_id) in new
-                and first[(job.organization_id, e.external_id)] is e
-            )
-        ]
-        for job in jobs
-    }
-
-
-def _insert(
-    con: duckdb.DuckDBPyConnection, rows: list[tuple[IngestJob, Event]], seq: SequenceCounter
-) -> None:
-    dumps = orjson.dumps
-    events = [e for _, e in rows]
-    table = pa.table(
-        {
-            "seq": pa.array(seq.take(len(rows)), pa.int64()),
-            "organization_id": [job.organization_id for job, _ in rows],
-            "name": [e.name for e in events],
-            "timestamp": pa.array([e.timestamp_us for e in events], _TS),
-            "ingested_at": pa.array([job.ingested_at_us for job, _ in rows], _TS),
-            "customer_id": [e.customer_id for e in events],
-            "external_customer_id": [e.external_customer_id for e in events],
-            "external_member_id": [e.external_member_id for e in events],
-            "external_id": [e.external_id for e in events],
-            "parent_id": [e.parent_id for e in events],
-            "metadata": [dumps(e.metadata).decode() for e in events],
-            "cost_amount": [e.cost_amount for e in events],
-        }
+def _fresh(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> pa.BooleanArray:
+    """Which rows of `batch` to store: those without external_id, and the first (lowest seq,
+    i.e. submission order) of each (organization, external_id) never stored before.
+    Vectorized: no per-event Python."""
+    keyed = batch.filter(pc.is_valid(batch.column("external_id")))
+    if keyed.num_rows == 0:
+        return pa.array([True] * batch.num_rows, pa.bool_())
+    firsts = keyed.group_by(["organization_id", "external_id"], use_threads=False).aggregate(
+        [("seq", "min")]
     )
+    con.register("_batch_keys", firsts)
+    try:
+        new = con.execute(
+            "INSERT INTO event_keys SELECT organization_id::UUID, external_id, seq_min"
+            " FROM _batch_keys ON CONFLICT DO NOTHING RETURNING seq"
+        ).fetchall()
+    finally:
+        con.unregister("_batch_keys")
+    stored = pa.array([row[0] for row in new], pa.int64())
+    return pc.or_(
+        pc.is_null(batch.column("external_id")),
+        pc.is_in(batch.column("seq"), value_set=stored),
+    )
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
+    if table.num_rows == 0:
+        return
     con.register("_batch_events", table)
     try:
         con.execute(
@@ -165,48 +150,23 @@ def _insert(
             " external_customer_id, external_member_id, external_id, parent_id, metadata,"
             " cost_amount::DECIMAL(17, 12) FROM _batch_events"
         )
+        if table.column("parent_id").null_count < table.num_rows:
+            con.execute(
+                "INSERT INTO event_children SELECT organization_id::UUID, parent_id, count(*)"
+                " FROM _batch_events WHERE parent_id IS NOT NULL GROUP BY ALL"
+                " ON CONFLICT DO UPDATE SET children = children + excluded.children"
+            )
+        # Subjects are spelled as the readers look them up: 'id:<uuid>' or 'ext:<external id>'.
+        con.execute(
+            "INSERT INTO event_subjects"
+            " SELECT organization_id::UUID,"
+            " CASE WHEN customer_id IS NOT NULL THEN 'id:' || customer_id"
+            " ELSE 'ext:' || external_customer_id END, min(timestamp)"
+            " FROM _batch_events GROUP BY ALL ON CONFLICT DO UPDATE"
+            " SET first_timestamp = least(first_timestamp, excluded.first_timestamp)"
+        )
     finally:
         con.unregister("_batch_events")
-    _record_children(con, rows)
-    _record_subjects(con, rows)
-
-
-def _record_children(con: duckdb.DuckDBPyConnection, rows: list[tuple[IngestJob, Event]]) -> None:
-    counts: dict[tuple[str, str], int] = {}
-    for job, e in rows:
-        if e.parent_id is not None:
-            key = (job.organization_id, e.parent_id)
-            counts[key] = counts.get(key, 0) + 1
-    if counts:
-        con.execute(
-            "INSERT INTO event_children SELECT unnest($orgs)::UUID, unnest($refs), unnest($counts)"
-            " ON CONFLICT DO UPDATE SET children = children + excluded.children",
-            {
-                "orgs": [k[0] for k in counts],
-                "refs": [k[1] for k in counts],
-                "counts": list(counts.values()),
-            },
-        )
-
-
-def _record_subjects(con: duckdb.DuckDBPyConnection, rows: list[tuple[IngestJob, Event]]) -> None:
-    first: dict[tuple[str, str], int] = {}
-    for job, e in rows:
-        subject = f"id:{e.customer_id}" if e.customer_id else f"ext:{e.external_customer_id}"
-        key = (job.organization_id, subject)
-        if e.timestamp_us < first.get(key, e.timestamp_us + 1):
-            first[key] = e.timestamp_us
-    con.execute(
-        "INSERT INTO event_subjects"
-        " SELECT unnest($orgs)::UUID, unnest($subjects), make_timestamptz(unnest($ts))"
-        " ON CONFLICT DO UPDATE"
-        " SET first_timestamp = least(first_timestamp, excluded.first_timestamp)",
-        {
-            "orgs": [k[0] for k in first],
-            "subjects": [k[1] for k in first],
-            "ts": list(first.values()),
-        },
-    )
 
 
 # ---- reads ---------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE event_keys (
         organization_id UUID NOT NULL,
         external_id VARCHAR NOT NULL,
+        seq BIGINT NOT NULL,                 -- the stored event's seq
         PRIMARY KEY (organization_id, external_id)
     );
     -- Direct children per parent reference (an event id or an external_id).

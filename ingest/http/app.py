@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from ingest.errors import Unavailable
-from ingest.http.requests import Authenticate, json_body, organization_of
+from ingest.http.requests import Authenticate, organization_of, read_body
 from ingest.http.responses import JSON
 from ingest.publish import Publisher
-from meters.events import EventRules, now_us, parse_ingest_body
+from meters.events import EventRules, now_us
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 
@@ -27,6 +27,8 @@ class IngestSettings:
     max_body_bytes: int = MAX_BODY_BYTES
     # Requests validated or publishing at once; past it, 503 instead of unbounded memory.
     max_inflight: int = 64
+    # Processes validating large bodies (0: validate on the event loop).
+    validation_workers: int = 2
     # How long a request may wait for durability before it gets 503 (and should retry).
     deadline_seconds: float = 5.0
 
@@ -43,11 +45,10 @@ def ingest_routes(
             raise Unavailable("Too many ingest requests in flight; retry shortly.", 1)
         inflight += 1
         try:
-            body = await json_body(request, settings.max_body_bytes)
-            events = parse_ingest_body(body, now=now_us(), rules=settings.rules)
+            body = await read_body(request, settings.max_body_bytes)
             try:
                 async with asyncio.timeout(settings.deadline_seconds):
-                    result = await publisher.publish(org, events)
+                    result = await publisher.publish(org, body, now_us())
             except TimeoutError:
                 raise Unavailable(
                     "Events were not confirmed durable in time; retry with the same"

@@ -31,8 +31,8 @@ def organization_of(request: Request, authenticate: Authenticate) -> str:
     return org
 
 
-async def json_body(request: Request, limit: int) -> Any:
-    """The decoded JSON body; 413 past `limit` bytes (checked before and while reading)."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body; 413 past `limit` bytes (checked before and while reading)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)
@@ -43,10 +43,19 @@ async def json_body(request: Request, limit: int) -> Any:
         if size > limit:
             raise BodyTooLarge(limit)
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_json(body: bytes) -> Any:
+    """Decode JSON; 422 (json_invalid) otherwise. orjson rejects NaN, Infinity and numbers
+    that overflow a double."""
     try:
-        # orjson rejects NaN, Infinity and numbers that overflow a double.
-        return orjson.loads(b"".join(chunks))
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ValidationFailed(
             [FieldError("json_invalid", ("body",), f"JSON decode error: {exc}", None)]
         ) from None
+
+
+async def json_body(request: Request, limit: int) -> Any:
+    return decode_json(await read_body(request, limit))

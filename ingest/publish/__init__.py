@@ -1,12 +1,9 @@
-"""Where validated events go: the port every publisher implements."""
+"""Where ingest bodies go once authenticated: the port every publisher implements."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
-
-from meters.events import Event
 
 __all__ = ["PublishResult", "Publisher"]
 
@@ -18,11 +15,15 @@ class PublishResult:
 
 
 class Publisher(Protocol):
-    async def publish(self, organization_id: str, events: Sequence[Event]) -> PublishResult:
-        """Make `events` durable; return only once they are (no 2xx before durability).
+    async def publish(
+        self, organization_id: str, body: bytes, received_at_us: int
+    ) -> PublishResult:
+        """Validate the raw `{"events": [...]}` body and make its events durable; return only
+        once they are (no 2xx before durability). `received_at_us` is the server's receive time:
+        the events' `ingested_at`, and the default of their `timestamp`.
 
         Raises:
-            ValidationFailed: a rule needing stored state failed (unknown customer, ...).
-            Unavailable: durability cannot be reached within the deadline; safe to retry.
+            ValidationFailed: the body or an event broke a rule; nothing was stored.
+            Unavailable: durability cannot be reached now; safe to retry.
         """
         ...

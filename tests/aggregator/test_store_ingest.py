@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.store import Store
+from aggregator.store.columns import to_table
 from aggregator.store.customers import create_job
 from aggregator.store.events import IngestJob, IngestResult
 from meters.customers import CustomerCreate
@@ -86,7 +87,10 @@ def test_concurrent_batches_dedupe_like_sequential_processing(
             seq = store.seq
             results = await _grouped(
                 store,
-                [IngestJob(org, [_event(k) for k in keys], now_us(), seq) for org, keys in batches],
+                [
+                    IngestJob(org, to_table([_event(k) for k in keys]), now_us(), seq)
+                    for org, keys in batches
+                ],
             )
             total = await store.read(
                 lambda con: con.execute("SELECT count(*) FROM events").fetchall()[0][0]
@@ -110,11 +114,13 @@ def test_a_rejected_request_does_not_affect_its_group(tmp_path: Path) -> None:
             return await _grouped(
                 store,
                 [
-                    IngestJob(org, [_event("1")], now_us(), seq),
-                    IngestJob(org, [_event("2"), _event("3", str(uuid.uuid4()))], now_us(), seq),
-                    IngestJob(org, [_event("2", customer.id)], now_us(), seq),
+                    IngestJob(org, to_table([_event("1")]), now_us(), seq),
+                    IngestJob(
+                        org, to_table([_event("2"), _event("3", str(uuid.uuid4()))]), now_us(), seq
+                    ),
+                    IngestJob(org, to_table([_event("2", customer.id)]), now_us(), seq),
                     # The customer exists, but in another organization.
-                    IngestJob(ORGS[1], [_event("4", customer.id)], now_us(), seq),
+                    IngestJob(ORGS[1], to_table([_event("4", customer.id)]), now_us(), seq),
                 ],
             )
 

@@ -1,0 +1,94 @@
+"""Validation of ingest bodies, off the event loop's process when bodies are large.
+
+JSON decoding and the rules cost a few microseconds per event of Python, holding the GIL. In the
+process that also owns DuckDB they would contend with the writer thread for that lock, so large
+bodies are validated in worker processes, which return the events already encoded for their
+destination (`encode`, e.g. Arrow IPC for the store). Small bodies are validated inline: a
+process round trip costs more than they do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from types import TracebackType
+from typing import Self
+
+from ingest.http.requests import decode_json
+from meters.errors import FieldError, ValidationFailed
+from meters.events import Event, EventRules, parse_ingest_body
+
+Encode = Callable[[Sequence[Event]], bytes]
+
+
+def validate_body(
+    body: bytes, received_at_us: int, rules: EventRules, encode: Encode
+) -> bytes | list[FieldError]:
+    """Decode and validate an ingest body; the encoded events, or every error found.
+
+    Errors are returned, not raised, so that they cross the process boundary as plain data.
+    """
+    try:
+        events = parse_ingest_body(decode_json(body), now=received_at_us, rules=rules)
+    except ValidationFailed as exc:
+        return exc.errors
+    return encode(events)
+
+
+class ValidationPool:
+    """Validates ingest bodies inline or in `workers` processes. An async context manager."""
+
+    def __init__(
+        self,
+        rules: EventRules,
+        encode: Encode,
+        *,
+        workers: int,
+        inline_below_bytes: int = 64 * 1024,
+    ) -> None:
+        self._rules = rules
+        self._encode = encode
+        self._workers = workers
+        self._inline_below = inline_below_bytes
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def __aenter__(self) -> Self:
+        if self._workers > 0:
+            # spawn: a fork would copy the parent's threads (DuckDB's among them) mid-flight.
+            self._pool = ProcessPoolExecutor(
+                self._workers, mp_context=multiprocessing.get_context("spawn")
+            )
+            loop = asyncio.get_running_loop()
+            # Start every worker now, not on the first request.
+            await asyncio.gather(
+                *(loop.run_in_executor(self._pool, _warm) for _ in range(self._workers))
+            )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._pool is not None:
+            await asyncio.to_thread(self._pool.shutdown, True, cancel_futures=True)
+            self._pool = None
+
+    async def validate(self, body: bytes, received_at_us: int) -> bytes:
+        """The encoded events of `body`. Raises ValidationFailed listing every error."""
+        job = partial(validate_body, body, received_at_us, self._rules, self._encode)
+        if self._pool is None or len(body) < self._inline_below:
+            result = job()
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, job)
+        if isinstance(result, list):
+            raise ValidationFailed(result)
+        return result
+
+
+def _warm() -> None:
+    return None
