@@ -1,0 +1,77 @@
+"""The validation pool: worker processes give exactly what inline validation gives."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.store.columns import from_ipc, to_ipc
+from ingest.validation import ValidationPool, validate_body
+from meters.errors import ValidationFailed
+from meters.events import EventRules
+from tests.strategies import NOW_US, valid_events
+
+RULES = EventRules()
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[asyncio.Runner]:
+    with asyncio.Runner() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def pool(runner: asyncio.Runner) -> Iterator[ValidationPool]:
+    # inline_below_bytes=0: every body goes to a worker process.
+    validation = ValidationPool(RULES, to_ipc, workers=2, inline_below_bytes=0)
+    runner.run(validation.__aenter__())
+    yield validation
+    runner.run(validation.__aexit__(None, None, None))
+
+
+def _outcome(pool: ValidationPool, runner: asyncio.Runner, body: bytes) -> Any:
+    try:
+        return from_ipc(runner.run(pool.validate(body, NOW_US))).to_pylist()
+    except ValidationFailed as exc:
+        return exc.errors
+
+
+def _inline(body: bytes) -> Any:
+    result = validate_body(body, NOW_US, RULES, to_ipc)
+    return result if isinstance(result, list) else from_ipc(result).to_pylist()
+
+
+@settings(max_examples=30)
+@given(
+    events=st.lists(valid_events(), max_size=5),
+    corrupt=st.sampled_from([None, "json", "name", "cost"]),
+)
+def test_worker_and_inline_validation_agree(
+    pool: ValidationPool, runner: asyncio.Runner, events: list[dict[str, Any]], corrupt: str | None
+) -> None:
+    if corrupt == "name" and events:
+        events[-1]["name"] = ""
+    elif corrupt == "cost" and events:
+        events[0]["metadata"] = {"_cost": {"amount": "1e1000000", "currency": "usd"}}
+    body = orjson.dumps({"events": events})
+    if corrupt == "json":
+        body = body[:-1]
+    assert _outcome(pool, runner, body) == _inline(body)
+
+
+def test_small_bodies_are_validated_inline(runner: asyncio.Runner) -> None:
+    async def run() -> bytes:
+        # workers=0: no processes at all.
+        async with ValidationPool(RULES, to_ipc, workers=0) as inline:
+            return await inline.validate(
+                b'{"events": [{"name": "a", "external_customer_id": "c"}]}', NOW_US
+            )
+
+    table = from_ipc(runner.run(run()))
+    assert table.column("name").to_pylist() == ["a"]
