@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -59,7 +62,10 @@ class ValidationPool:
         if self._workers > 0:
             # spawn: a fork would copy the parent's threads (DuckDB's among them) mid-flight.
             self._pool = ProcessPoolExecutor(
-                self._workers, mp_context=multiprocessing.get_context("spawn")
+                self._workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_exit_with_parent,
+                initargs=(os.getpid(),),
             )
             loop = asyncio.get_running_loop()
             # Start every worker now, not on the first request.
@@ -92,3 +98,15 @@ class ValidationPool:
 
 def _warm() -> None:
     return None
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: exit when the server dies, even by SIGKILL (which gives the pool no
+    chance to stop its workers); otherwise they would linger as orphans."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import MeterlineServer
+from tests.processes import MeterlineServer, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +82,19 @@ def test_graceful_restart_keeps_events_and_customers(tmp_path: Path) -> None:
         assert again.token == token  # the development token is stable across restarts
         assert client.get("/v1/events/").json()["pagination"]["total_count"] == 200
         assert client.get("/v1/customers/external/a").status_code == 200
+
+
+def test_validation_workers_exit_with_a_killed_server(tmp_path: Path) -> None:
+    server = MeterlineServer(tmp_path).start()
+    children = _children(server.pid)
+    assert children, "expected validation worker processes"
+    server.kill()
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        found.extend(int(c) for c in children)
+    return found
