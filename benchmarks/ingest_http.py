@@ -12,8 +12,9 @@ process builds all request bodies for a run with orjson *before* the run is time
 them with an asyncio httpx client. After a warm-up, each run sends a fixed number of batches
 (sized from the warm-up rate to last about RUN_SECONDS); events/s = events acknowledged /
 wall time from the first send to the last answer. Server CPU is read from /proc around each run,
-split into the main thread (the asyncio event loop: HTTP, JSON decode, validation) and all other
-threads (the DuckDB writer thread and DuckDB's own workers).
+split into the main thread (the asyncio event loop: HTTP), all other threads (the DuckDB writer
+thread and DuckDB's own workers) and the child processes (validation workers: JSON decoding and
+the event rules for large bodies).
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ class LoadGenerator:
     def run(self, tag: str, batches: int, seed: int) -> dict[str, Any]:
         self._conn.send(("prepare", tag, batches, seed))
         prepared = self._conn.recv()
-        total0, loop0 = self.server.cpu_seconds()
+        total0, loop0, workers0 = self.server.cpu_seconds()
         self._conn.send(("go",))
         stats: dict[str, Any] = self._conn.recv()
-        total1, loop1 = self.server.cpu_seconds()
+        total1, loop1, workers1 = self.server.cpu_seconds()
         rss = self.server.memory_kib()["VmRSS"]
         seconds = stats["seconds"]
         return {
@@ -77,6 +78,7 @@ class LoadGenerator:
             "server_cpu_cores": round((total1 - total0) / seconds, 2),
             "event_loop_cores": round((loop1 - loop0) / seconds, 2),
             "other_threads_cores": round((total1 - total0 - loop1 + loop0) / seconds, 2),
+            "validation_workers_cores": round((workers1 - workers0) / seconds, 2),
             "client_cpu_cores": round(stats["client_cpu_seconds"] / seconds, 2),
             # Resident memory after the run: shows growth with the amount stored.
             "server_rss_mib": round(rss / 1024, 1),
@@ -147,6 +149,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         metric("server peak RSS (VmHWM)", memory["VmHWM"] / 1024, "MiB"),
         metric("server CPU (median of runs)", _median(runs, "server_cpu_cores"), "cores"),
         metric("event loop thread CPU (median)", _median(runs, "event_loop_cores"), "cores"),
+        metric(
+            "validation workers CPU (median)", _median(runs, "validation_workers_cores"), "cores"
+        ),
         metric("load generator CPU (median)", _median(runs, "client_cpu_cores"), "cores"),
         metric("errors", errors, "requests", "==", 0),
         metric("acknowledged but not stored", lost, "events", "==", 0),

@@ -103,9 +103,17 @@ class Server:
         response.raise_for_status()
         return int(response.json()["pagination"]["total_count"])
 
-    def cpu_seconds(self) -> tuple[float, float]:
-        """CPU seconds of (the whole process, its main thread = the event loop)."""
-        return cpu_seconds(self.pid), cpu_seconds(self.pid, self.pid)
+    def cpu_seconds(self) -> tuple[float, float, float]:
+        """CPU seconds of (the server process, its main thread = the event loop, its child
+        processes = the validation workers)."""
+        children = sum(cpu_seconds(child) for child in self.children())
+        return cpu_seconds(self.pid), cpu_seconds(self.pid, self.pid), children
+
+    def children(self) -> list[int]:
+        found: list[int] = []
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            found.extend(int(c) for c in (task / "children").read_text().split())
+        return found
 
     def memory_kib(self) -> dict[str, int]:
         return memory_kib(self.pid)
