@@ -174,7 +174,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "server_memory_kib": memory,
             # The token dies with the temp data dir, but results are committed: redact it.
             "server_output_tail": [
-                line.replace(server.token, "<token>") for line in server.output[-20:]
+                line.replace(server.token or "<none>", "<token>") for line in server.output[-20:]
             ],
         },
     }

@@ -1,4 +1,4 @@
-"""Real meterline processes for tests: start, wait until serving, stop or kill."""
+"""Real meterline processes for tests and benchmarks: start, wait until serving, stop or kill."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 import httpx
 
@@ -24,16 +26,19 @@ def free_port() -> int:
 class MeterlineServer:
     """`meterline up` in a subprocess, on a free loopback port."""
 
-    def __init__(self, data_dir: Path, *extra_args: str) -> None:
+    def __init__(self, data_dir: Path, *extra_args: str, log_level: str = "warning") -> None:
         self.data_dir = data_dir
         self.extra_args = extra_args
+        self.log_level = log_level
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token: str | None = None
         self.output: list[str] = []
+        self.exit_code: int | None = None
+        self.stop_seconds: float | None = None
         self._proc: subprocess.Popen[str] | None = None
 
-    def start(self, timeout: float = 30.0) -> MeterlineServer:
+    def start(self, timeout: float = 60.0) -> Self:
         cmd = [
             sys.executable,
             "-m",
@@ -44,7 +49,7 @@ class MeterlineServer:
             "--data-dir",
             str(self.data_dir),
             "--log-level",
-            "warning",
+            self.log_level,
             *self.extra_args,
         ]
         self._proc = subprocess.Popen(
@@ -55,10 +60,11 @@ class MeterlineServer:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         ready = threading.Event()
+        # Keep draining the pipe for the whole run: a full pipe would block the server.
         threading.Thread(target=self._pump, args=(ready,), daemon=True).start()
-        if not ready.wait(timeout):
+        if not ready.wait(timeout) or self._proc.poll() is not None:
             self.kill()
-            raise RuntimeError("meterline did not start:\n" + "\n".join(self.output))
+            raise RuntimeError("meterline did not start:\n" + "\n".join(self.output[-40:]))
         return self
 
     def _pump(self, ready: threading.Event) -> None:
@@ -70,21 +76,32 @@ class MeterlineServer:
                 ready.set()
             elif "token was revoked" in line:
                 ready.set()
+        ready.set()  # the process ended: stop waiting
 
     @property
     def pid(self) -> int:
         assert self._proc is not None
         return self._proc.pid
 
+    def children(self) -> list[int]:
+        """Child processes (the validation workers)."""
+        found: list[int] = []
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            found.extend(int(c) for c in (task / "children").read_text().split())
+        return found
+
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token or self.token}"}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
-    def stop(self, timeout: float = 30.0) -> int:
+    def stop(self, timeout: float = 120.0) -> int:
         """SIGTERM and wait: a graceful shutdown drains pending writes."""
         assert self._proc is not None
+        started = time.perf_counter()
         self._proc.send_signal(signal.SIGTERM)
-        return self._proc.wait(timeout)
+        self.exit_code = self._proc.wait(timeout)
+        self.stop_seconds = time.perf_counter() - started
+        return self.exit_code
 
     def kill(self) -> None:
         """SIGKILL: no chance to flush anything not already durable."""
@@ -92,10 +109,15 @@ class MeterlineServer:
             self._proc.kill()
             self._proc.wait(10)
 
-    def __enter__(self) -> MeterlineServer:
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self._proc is not None and self._proc.poll() is None:
             try:
                 self.stop()

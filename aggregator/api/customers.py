@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import duckdb
@@ -47,23 +48,15 @@ def routes(ctx: ApiContext) -> list[Route]:
         row = await ctx.store.write(sql.create_job(org, data, now_us()))
         return JSON(await ctx.store.read(_one, org, row), status_code=201)
 
-    async def get(request: Request) -> JSON:
-        org = ctx.organization(request)
-        customer_id = request.path_params["id"]
-        return JSON(
-            await ctx.store.read(
-                lambda con: _one(con, org, sql.get_customer(con, org, customer_id))
-            )
-        )
+    def getter(
+        find: Callable[[duckdb.DuckDBPyConnection, str, str], sql.CustomerRow | None], param: str
+    ) -> Callable[[Request], Awaitable[JSON]]:
+        async def get(request: Request) -> JSON:
+            org = ctx.organization(request)
+            key = request.path_params[param]
+            return JSON(await ctx.store.read(lambda con: _one(con, org, find(con, org, key))))
 
-    async def get_external(request: Request) -> JSON:
-        org = ctx.organization(request)
-        external_id = request.path_params["external_id"]
-        return JSON(
-            await ctx.store.read(
-                lambda con: _one(con, org, sql.get_customer_by_external_id(con, org, external_id))
-            )
-        )
+        return get
 
     async def update(request: Request) -> JSON:
         org = ctx.organization(request)
@@ -105,8 +98,12 @@ def routes(ctx: ApiContext) -> list[Route]:
     return [
         Route("/v1/customers/", list_, methods=["GET"]),
         Route("/v1/customers/", create, methods=["POST"]),
-        Route("/v1/customers/external/{external_id:path}", get_external, methods=["GET"]),
+        Route(
+            "/v1/customers/external/{external_id:path}",
+            getter(sql.get_customer_by_external_id, "external_id"),
+            methods=["GET"],
+        ),
         Route("/v1/customers/external/{external_id:path}", update, methods=["PATCH"]),
-        Route("/v1/customers/{id}", get, methods=["GET"]),
+        Route("/v1/customers/{id}", getter(sql.get_customer, "id"), methods=["GET"]),
         Route("/v1/customers/{id}", update, methods=["PATCH"]),
     ]

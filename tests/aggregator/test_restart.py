@@ -86,15 +86,7 @@ def test_graceful_restart_keeps_events_and_customers(tmp_path: Path) -> None:
 
 def test_validation_workers_exit_with_a_killed_server(tmp_path: Path) -> None:
     server = MeterlineServer(tmp_path).start()
-    children = _children(server.pid)
+    children = server.children()
     assert children, "expected validation worker processes"
     server.kill()
     wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), timeout=10)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
-        found.extend(int(c) for c in children)
-    return found
