@@ -59,12 +59,11 @@ class IngestJob(Batchable[IngestResult]):
             batch = batch.append_column(
                 "seq", pa.array(jobs[0].seq.take(batch.num_rows), pa.int64())
             )
-            keep = _fresh(con, batch)
-            _insert(con, batch.filter(keep))
+            stored = _insert(con, batch)
             offset = 0
             for job in accepted:
                 rows = job.events.num_rows
-                kept[job] = pc.sum(pc.cast(keep.slice(offset, rows), pa.int64())).as_py() or 0
+                kept[job] = pc.sum(pc.cast(stored.slice(offset, rows), pa.int64())).as_py() or 0
                 offset += rows
         return [
             (False, rejections[job])
@@ -112,61 +111,78 @@ def _unknown_customers(
     return rejections
 
 
-def _fresh(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> pa.BooleanArray:
-    """Which rows of `batch` to store: those without external_id, and the first (lowest seq,
-    i.e. submission order) of each (organization, external_id) never stored before.
-    Vectorized: no per-event Python."""
+def _first_keyed(batch: pa.Table) -> pa.Table:
+    """The first (lowest seq: submission order) row of each (organization, external_id) in the
+    batch. Vectorized: no per-event Python."""
     keyed = batch.filter(pc.is_valid(batch.column("external_id")))
-    if keyed.num_rows == 0:
-        return pa.array([True] * batch.num_rows, pa.bool_())
     firsts = keyed.group_by(["organization_id", "external_id"], use_threads=False).aggregate(
         [("seq", "min")]
     )
-    con.register("_batch_keys", firsts)
-    try:
-        new = con.execute(
-            "INSERT INTO event_keys SELECT organization_id::UUID, external_id, seq_min"
-            " FROM _batch_keys ON CONFLICT DO NOTHING RETURNING seq"
-        ).fetchall()
-    finally:
-        con.unregister("_batch_keys")
-    stored = pa.array([row[0] for row in new], pa.int64())
-    return pc.or_(
+    return keyed.filter(pc.is_in(keyed.column("seq"), value_set=firsts.column("seq_min")))
+
+
+_INSERT_EVENTS = (
+    "INSERT INTO events (seq, organization_id, name, timestamp, ingested_at, customer_id,"
+    " external_customer_id, external_member_id, external_id, parent_id, metadata, cost_amount)"
+    " SELECT seq, organization_id::UUID, name, timestamp, ingested_at, customer_id::UUID,"
+    " external_customer_id, external_member_id, external_id, parent_id, metadata,"
+    " cost_amount::DECIMAL(17, 12) FROM _batch_events"
+)
+
+
+def _insert(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> pa.BooleanArray:
+    """Store the batch's new events; return which rows were stored. A row is a duplicate when
+    an earlier row of the batch, or a stored event, has its (organization, external_id)."""
+    unkeyed = batch.filter(pc.is_null(batch.column("external_id")))
+    keyed = _first_keyed(batch)
+    stored_seqs: list[int] = []
+    # Two statements: within one ON CONFLICT insert, DuckDB treats rows whose key is NULL as
+    # conflicting with each other (it drops all but one), so events without an external_id
+    # never go through ON CONFLICT.
+    if unkeyed.num_rows:
+        con.register("_batch_events", unkeyed)
+        try:
+            con.execute(_INSERT_EVENTS)
+        finally:
+            con.unregister("_batch_events")
+    if keyed.num_rows:
+        con.register("_batch_events", keyed)
+        try:
+            rows = con.execute(_INSERT_EVENTS + " ON CONFLICT DO NOTHING RETURNING seq").fetchall()
+        finally:
+            con.unregister("_batch_events")
+        stored_seqs = [row[0] for row in rows]
+    stored = pc.or_(
         pc.is_null(batch.column("external_id")),
-        pc.is_in(batch.column("seq"), value_set=stored),
+        pc.is_in(batch.column("seq"), value_set=pa.array(stored_seqs, pa.int64())),
     )
+    new = batch.filter(stored)
+    if new.num_rows:
+        con.register("_batch_new", new)
+        try:
+            _record_links(con, has_parents=new.column("parent_id").null_count < new.num_rows)
+        finally:
+            con.unregister("_batch_new")
+    return stored
 
 
-def _insert(con: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
-    if table.num_rows == 0:
-        return
-    con.register("_batch_events", table)
-    try:
+def _record_links(con: duckdb.DuckDBPyConnection, *, has_parents: bool) -> None:
+    """Parent child counts and customers' first event times, from the registered `_batch_new`."""
+    if has_parents:
         con.execute(
-            "INSERT INTO events (seq, organization_id, name, timestamp, ingested_at, customer_id,"
-            " external_customer_id, external_member_id, external_id, parent_id, metadata,"
-            " cost_amount)"
-            " SELECT seq, organization_id::UUID, name, timestamp, ingested_at, customer_id::UUID,"
-            " external_customer_id, external_member_id, external_id, parent_id, metadata,"
-            " cost_amount::DECIMAL(17, 12) FROM _batch_events"
+            "INSERT INTO event_children SELECT organization_id::UUID, parent_id, count(*)"
+            " FROM _batch_new WHERE parent_id IS NOT NULL GROUP BY ALL"
+            " ON CONFLICT DO UPDATE SET children = children + excluded.children"
         )
-        if table.column("parent_id").null_count < table.num_rows:
-            con.execute(
-                "INSERT INTO event_children SELECT organization_id::UUID, parent_id, count(*)"
-                " FROM _batch_events WHERE parent_id IS NOT NULL GROUP BY ALL"
-                " ON CONFLICT DO UPDATE SET children = children + excluded.children"
-            )
-        # Subjects are spelled as the readers look them up: 'id:<uuid>' or 'ext:<external id>'.
-        con.execute(
-            "INSERT INTO event_subjects"
-            " SELECT organization_id::UUID,"
-            " CASE WHEN customer_id IS NOT NULL THEN 'id:' || customer_id"
-            " ELSE 'ext:' || external_customer_id END, min(timestamp)"
-            " FROM _batch_events GROUP BY ALL ON CONFLICT DO UPDATE"
-            " SET first_timestamp = least(first_timestamp, excluded.first_timestamp)"
-        )
-    finally:
-        con.unregister("_batch_events")
+    # Subjects are spelled as the readers look them up: 'id:<uuid>' or 'ext:<external id>'.
+    con.execute(
+        "INSERT INTO event_subjects"
+        " SELECT organization_id::UUID,"
+        " CASE WHEN customer_id IS NOT NULL THEN 'id:' || customer_id"
+        " ELSE 'ext:' || external_customer_id END, min(timestamp)"
+        " FROM _batch_new GROUP BY ALL ON CONFLICT DO UPDATE"
+        " SET first_timestamp = least(first_timestamp, excluded.first_timestamp)"
+    )
 
 
 # ---- reads ---------------------------------------------------------------------------------

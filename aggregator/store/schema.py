@@ -9,7 +9,7 @@ from __future__ import annotations
 import duckdb
 
 MIGRATIONS: tuple[str, ...] = (
-    # 1: events, dedupe keys, parent links, customers.
+    # 1: events (deduplicated by external_id), parent links, customer first events, customers.
     """
     CREATE TABLE events (
         id UUID NOT NULL DEFAULT uuidv7(),
@@ -25,14 +25,9 @@ MIGRATIONS: tuple[str, ...] = (
         external_id VARCHAR,
         parent_id VARCHAR,
         metadata JSON NOT NULL,
-        cost_amount DECIMAL(17, 12)          -- _cost.amount in cents, exact
-    );
-    -- (organization_id, external_id) is unique forever: the first write wins.
-    CREATE TABLE event_keys (
-        organization_id UUID NOT NULL,
-        external_id VARCHAR NOT NULL,
-        seq BIGINT NOT NULL,                 -- the stored event's seq
-        PRIMARY KEY (organization_id, external_id)
+        cost_amount DECIMAL(17, 12),         -- _cost.amount in cents, exact
+        -- (organization_id, external_id) is unique forever: the first write wins.
+        UNIQUE (organization_id, external_id)
     );
     -- Direct children per parent reference (an event id or an external_id).
     CREATE TABLE event_children (

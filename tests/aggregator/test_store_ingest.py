@@ -131,3 +131,30 @@ def test_a_rejected_request_does_not_affect_its_group(tmp_path: Path) -> None:
     # "2" was not stored by the rejected request, so the third request inserts it.
     assert third == IngestResult(1, 0)
     assert isinstance(other_org, ValidationFailed)
+
+
+def test_events_without_external_id_are_never_duplicates(tmp_path: Path) -> None:
+    """DuckDB treats NULL keys inside one ON CONFLICT insert as conflicting; they must not be."""
+    org = ORGS[0]
+
+    async def run() -> tuple[list[object], int]:
+        async with Store(tmp_path / "m.duckdb") as store:
+            assert store.seq is not None
+            seq = store.seq
+            results = await _grouped(
+                store,
+                [
+                    IngestJob(
+                        org, to_table([_event(None), _event("k"), _event(None)]), now_us(), seq
+                    ),
+                    IngestJob(org, to_table([_event(None), _event("k")]), now_us(), seq),
+                ],
+            )
+            total = await store.read(
+                lambda con: con.execute("SELECT count(*) FROM events").fetchall()[0][0]
+            )
+            return results, int(total)
+
+    results, total = asyncio.run(run())
+    assert results == [IngestResult(3, 0), IngestResult(1, 1)]
+    assert total == 4
