@@ -10,12 +10,14 @@ process round trip costs more than they do.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from types import TracebackType
 from typing import Self
@@ -25,6 +27,7 @@ from meters.errors import FieldError, ValidationFailed
 from meters.events import Event, EventRules, parse_ingest_body
 
 Encode = Callable[[Sequence[Event]], bytes]
+log = logging.getLogger(__name__)
 
 
 def validate_body(
@@ -60,19 +63,22 @@ class ValidationPool:
 
     async def __aenter__(self) -> Self:
         if self._workers > 0:
-            # spawn: a fork would copy the parent's threads (DuckDB's among them) mid-flight.
-            self._pool = ProcessPoolExecutor(
-                self._workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_exit_with_parent,
-                initargs=(os.getpid(),),
-            )
+            self._pool = self._new_pool()
             loop = asyncio.get_running_loop()
             # Start every worker now, not on the first request.
             await asyncio.gather(
                 *(loop.run_in_executor(self._pool, _warm) for _ in range(self._workers))
             )
         return self
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn: a fork would copy the parent's threads (DuckDB's among them) mid-flight.
+        return ProcessPoolExecutor(
+            self._workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_exit_with_parent,
+            initargs=(os.getpid(),),
+        )
 
     async def __aexit__(
         self,
@@ -87,10 +93,20 @@ class ValidationPool:
     async def validate(self, body: bytes, received_at_us: int) -> bytes:
         """The encoded events of `body`. Raises ValidationFailed listing every error."""
         job = partial(validate_body, body, received_at_us, self._rules, self._encode)
-        if self._pool is None or len(body) < self._inline_below:
+        pool = self._pool
+        if pool is None or len(body) < self._inline_below:
             result = job()
         else:
-            result = await asyncio.get_running_loop().run_in_executor(self._pool, job)
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(pool, job)
+            except BrokenProcessPool:
+                # A worker died (killed, out of memory): the pool refuses all work from now on.
+                # Replace it, and validate this body here rather than fail the request.
+                log.error("a validation worker died; starting a new pool")
+                if self._pool is pool:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = self._new_pool()
+                result = job()
         if isinstance(result, list):
             raise ValidationFailed(result)
         return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
@@ -90,3 +92,18 @@ def test_validation_workers_exit_with_a_killed_server(tmp_path: Path) -> None:
     assert children, "expected validation worker processes"
     server.kill()
     wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), timeout=10)
+
+
+def test_a_killed_validation_worker_does_not_break_ingest(tmp_path: Path) -> None:
+    with MeterlineServer(tmp_path) as server, server.client() as client:
+        for pid in server.children():
+            os.kill(pid, signal.SIGKILL)
+        big = _batch("w", 0, size=1000)  # large enough to go to the workers
+        assert client.post("/v1/events/ingest", json=big).json() == {
+            "inserted": 1000,
+            "duplicates": 0,
+        }
+        # And the pool works again afterwards.
+        again = client.post("/v1/events/ingest", json=_batch("w", 1, size=1000)).json()
+        assert again == {"inserted": 1000, "duplicates": 0}
+        assert len(server.children()) >= 2
