@@ -22,7 +22,6 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -70,7 +69,6 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="duckdb-writer", daemon=True)
         self._closed = False
         self.commits = 0
-        self.last_commit_seconds = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -116,7 +114,6 @@ class Writer:
                 self._commit_group(group)
 
     def _commit_group(self, group: list[_Pending[Any]]) -> None:
-        started = time.perf_counter()
         try:
             results = self._run_in_transaction(group)
         except Exception as exc:
@@ -129,7 +126,6 @@ class Writer:
                 self._commit_group([pending])
             return
         self.commits += 1
-        self.last_commit_seconds = time.perf_counter() - started
         for pending, (ok, value) in zip(group, results, strict=True):
             if ok:
                 pending.future.set_result(value)
