@@ -1,0 +1,141 @@
+"""Meter aggregations (Polar's shape): what each event contributes, and the reference fold.
+
+- `count` counts the matching events.
+- `sum`, `avg`, `min`, `max` take the property's numeric value; an event whose property is not a
+  number (a boolean is not a number) is not in the meter at all (Polar's implicit filter).
+- `unique` counts distinct values of the property: strings, numbers (1 and 1.0 are the same
+  number) and booleans are distinct from each other; events whose property is missing or not
+  a scalar are in the meter but contribute no value.
+- `timestamp` as an aggregation property is the event time in epoch seconds (float).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from meters.filters import EventView, Path, parse_path
+
+UniqueKey = tuple[str, str | float | bool]
+
+
+def _checked(prop: str, *, numeric: bool) -> str:
+    path = parse_path(prop)
+    if numeric and path.column in ("name", "source"):
+        raise ValueError(f"'{prop}' is not numeric; sum, avg, min and max need a number")
+    return prop
+
+
+class CountAggregation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    func: Literal["count"]
+
+    def contribution(self, event: EventView) -> float | None:
+        return 1.0
+
+
+class PropertyAggregation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    func: Literal["sum", "max", "min", "avg"]
+    property: str
+
+    @field_validator("property")
+    @classmethod
+    def _numeric_property(cls, prop: str) -> str:
+        return _checked(prop, numeric=True)
+
+    _path: Path = PrivateAttr()
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._path = parse_path(self.property)
+
+    def resolved(self) -> Path:
+        return self._path
+
+    def contribution(self, event: EventView) -> float | None:
+        """The event's number, or None: then the event is not in the meter."""
+        return number(self._path, event)
+
+
+class UniqueAggregation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    func: Literal["unique"]
+    property: str
+
+    @field_validator("property")
+    @classmethod
+    def _safe_property(cls, prop: str) -> str:
+        return _checked(prop, numeric=False)
+
+    _path: Path = PrivateAttr()
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._path = parse_path(self.property)
+
+    def resolved(self) -> Path:
+        return self._path
+
+    def contribution(self, event: EventView) -> UniqueKey | None:
+        """The event's distinct-value key, or None when it has no scalar value."""
+        return unique_key(self._path, event)
+
+
+Aggregation = Annotated[
+    CountAggregation | PropertyAggregation | UniqueAggregation, Field(discriminator="func")
+]
+
+
+def number(path: Path, event: EventView) -> float | None:
+    if path.column == "timestamp":
+        return event.timestamp_us / 1_000_000
+    value = path.value(event)
+    kind = type(value)
+    if kind is int or kind is float:
+        result = float(value)
+        return result if math.isfinite(result) else None
+    return None
+
+
+def unique_key(path: Path, event: EventView) -> UniqueKey | None:
+    if path.column == "timestamp":
+        return ("n", event.timestamp_us / 1_000_000)
+    value = path.value(event)
+    kind = type(value)
+    if kind is str:
+        return ("s", value)
+    if kind is bool:
+        return ("b", value)
+    if kind is int or kind is float:
+        result = float(value)
+        return ("n", result + 0.0) if math.isfinite(result) else None  # -0.0 is 0.0
+    return None
+
+
+def fold(
+    aggregation: CountAggregation | PropertyAggregation | UniqueAggregation,
+    events: Iterable[EventView],
+) -> float:
+    """The reference result over the events (already filtered by the meter's filter).
+
+    An empty meter gives 0 (Polar's quantities coalesce to 0).
+    """
+    if isinstance(aggregation, CountAggregation):
+        return float(sum(1 for _ in events))
+    if isinstance(aggregation, UniqueAggregation):
+        keys: set[Any] = {aggregation.contribution(e) for e in events}
+        keys.discard(None)
+        return float(len(keys))
+    values = [v for v in (aggregation.contribution(e) for e in events) if v is not None]
+    if not values:
+        return 0.0
+    if aggregation.func == "sum":
+        return math.fsum(values)
+    if aggregation.func == "avg":
+        return math.fsum(values) / len(values)
+    return max(values) if aggregation.func == "max" else min(values)
