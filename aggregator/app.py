@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from aggregator.api import customers, events
+from aggregator.api import customers, events, meters
 from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.errors import NotFound
@@ -91,6 +91,7 @@ def build_app(
         *ingest_routes(EmbeddedPublisher(store, validation), authenticate, settings.ingest),
         *events.routes(ctx),
         *customers.routes(ctx),
+        *meters.routes(ctx),
     ]
     handlers: dict[Any, Any] = {
         **EXCEPTION_HANDLERS,

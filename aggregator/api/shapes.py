@@ -6,6 +6,7 @@ from typing import Any
 
 from aggregator.store.customers import CustomerRow
 from aggregator.store.events import EventRow
+from aggregator.store.meters import MeterRow
 from meters.events import us_to_datetime
 
 
@@ -56,4 +57,21 @@ def event(row: EventRow, organization_id: str, owner: dict[str, Any] | None) -> 
         "name": row.name,
         "source": row.source,
         "metadata": row.metadata,
+    }
+
+
+def meter(row: MeterRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "created_at": iso(row.created_at_us),
+        "modified_at": iso(row.modified_at_us),
+        "metadata": row.metadata,
+        "name": row.name,
+        "unit": row.unit,
+        "custom_label": row.custom_label,
+        "custom_multiplier": row.custom_multiplier,
+        "filter": row.filter.model_dump(mode="json"),
+        "aggregation": row.aggregation.model_dump(mode="json"),
+        "organization_id": row.organization_id,
+        "archived_at": iso(row.archived_at_us),
     }

@@ -58,6 +58,23 @@ MIGRATIONS: tuple[str, ...] = (
         modified_at TIMESTAMPTZ
     );
     """,
+    # 2: meters.
+    """
+    CREATE TABLE meters (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        name VARCHAR NOT NULL,
+        unit VARCHAR NOT NULL,
+        custom_label VARCHAR,
+        custom_multiplier BIGINT,
+        filter JSON NOT NULL,
+        aggregation JSON NOT NULL,
+        metadata JSON NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        modified_at TIMESTAMPTZ,
+        archived_at TIMESTAMPTZ
+    );
+    """,
 )
 
 

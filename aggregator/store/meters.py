@@ -1,0 +1,191 @@
+"""SQL for meter definitions: create, update (writer jobs) and reads."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import orjson
+from pydantic import TypeAdapter
+
+from aggregator.errors import NotFound
+from aggregator.store.events import json_path
+from meters.aggregations import Aggregation
+from meters.definitions import MeterCreate, MeterUpdate, check_unit
+from meters.errors import FieldError, ValidationFailed
+from meters.filters import Filter
+
+_AGGREGATION: TypeAdapter[Any] = TypeAdapter(Aggregation)
+_COLUMNS = (
+    "id::VARCHAR, organization_id::VARCHAR, name, unit, custom_label, custom_multiplier,"
+    " filter, aggregation, metadata, epoch_us(created_at), epoch_us(modified_at),"
+    " epoch_us(archived_at)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MeterRow:
+    id: str
+    organization_id: str
+    name: str
+    unit: str
+    custom_label: str | None
+    custom_multiplier: int | None
+    filter: Filter
+    aggregation: Any
+    metadata: dict[str, Any]
+    created_at_us: int
+    modified_at_us: int | None
+    archived_at_us: int | None
+
+
+def _row(r: tuple[Any, ...]) -> MeterRow:
+    return MeterRow(
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        r[4],
+        r[5],
+        Filter.model_validate_json(r[6]),
+        _AGGREGATION.validate_json(r[7]),
+        orjson.loads(r[8]),
+        r[9],
+        r[10],
+        r[11],
+    )
+
+
+def create_job(organization_id: str, data: MeterCreate, now_us: int) -> Any:
+    def job(con: duckdb.DuckDBPyConnection) -> MeterRow:
+        meter_id = str(uuid.uuid4())
+        con.execute(
+            "INSERT INTO meters (id, organization_id, name, unit, custom_label,"
+            " custom_multiplier, filter, aggregation, metadata, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, make_timestamptz(?))",
+            [
+                meter_id,
+                organization_id,
+                data.name,
+                data.unit,
+                data.custom_label,
+                data.custom_multiplier,
+                data.filter.model_dump_json(),
+                _AGGREGATION.dump_json(data.aggregation).decode(),
+                orjson.dumps(data.metadata).decode(),
+                now_us,
+            ],
+        )
+        return _found(con, organization_id, meter_id)
+
+    return job
+
+
+def update_job(organization_id: str, meter_id: str, data: MeterUpdate, now_us: int) -> Any:
+    def job(con: duckdb.DuckDBPyConnection) -> MeterRow:
+        current = _found(con, organization_id, meter_id)
+        changes = data.model_dump(exclude_unset=True)
+        unit = changes.get("unit") or current.unit
+        label = changes.get("custom_label", current.custom_label)
+        try:
+            check_unit(unit, label)
+        except ValueError as exc:
+            raise ValidationFailed(
+                [FieldError("value_error", ("body", "custom_label"), str(exc), label)]
+            ) from None
+        columns: dict[str, Any] = {}
+        for key in ("name", "unit", "custom_label", "custom_multiplier"):
+            if key in changes and (changes[key] is not None or key.startswith("custom_")):
+                columns[key] = changes[key]
+        if data.filter is not None:
+            columns["filter"] = data.filter.model_dump_json()
+        if data.aggregation is not None:
+            columns["aggregation"] = _AGGREGATION.dump_json(data.aggregation).decode()
+        if data.metadata is not None:
+            columns["metadata"] = orjson.dumps(data.metadata).decode()
+        archive = ""
+        if data.is_archived is not None and data.is_archived != (
+            current.archived_at_us is not None
+        ):
+            archive = ", archived_at = " + ("make_timestamptz(?)" if data.is_archived else "NULL")
+        if not columns and not archive:
+            return current
+        # Column names come from the model's fields above, never from the request.
+        assignments = "".join(f"{key} = ?, " for key in columns)
+        con.execute(
+            f"UPDATE meters SET {assignments}modified_at = make_timestamptz(?){archive}"
+            " WHERE organization_id = ? AND id = ?::UUID",
+            [
+                *columns.values(),
+                now_us,
+                *([now_us] if archive and data.is_archived else []),
+                organization_id,
+                meter_id,
+            ],
+        )
+        return _found(con, organization_id, meter_id)
+
+    return job
+
+
+def _found(con: duckdb.DuckDBPyConnection, organization_id: str, meter_id: str) -> MeterRow:
+    meter = get_meter(con, organization_id, meter_id)
+    if meter is None:
+        raise NotFound("Meter not found")
+    return meter
+
+
+def get_meter(
+    con: duckdb.DuckDBPyConnection, organization_id: str, meter_id: str
+) -> MeterRow | None:
+    try:
+        uuid.UUID(meter_id)
+    except ValueError:
+        return None
+    rows = con.execute(
+        f"SELECT {_COLUMNS} FROM meters WHERE organization_id = ? AND id = ?::UUID",
+        [organization_id, meter_id],
+    ).fetchall()
+    return _row(rows[0]) if rows else None
+
+
+_SORTS = {
+    "name": "name ASC, id ASC",
+    "-name": "name DESC, id DESC",
+    "created_at": "created_at ASC, id ASC",
+    "-created_at": "created_at DESC, id DESC",
+}
+METER_SORTS = frozenset(_SORTS)
+
+
+def list_meters(
+    con: duckdb.DuckDBPyConnection,
+    organization_id: str,
+    *,
+    query: str | None,
+    is_archived: bool | None,
+    metadata: list[tuple[str, list[str]]],
+    sorting: list[str],
+    limit: int,
+    offset: int,
+) -> tuple[list[MeterRow], int]:
+    clauses = ["organization_id = ?"]
+    params: list[Any] = [organization_id]
+    if query:
+        clauses.append("contains(lower(name), lower(?))")
+        params.append(query)
+    if is_archived is not None:
+        clauses.append("archived_at IS NOT NULL" if is_archived else "archived_at IS NULL")
+    for key, values in metadata:
+        clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
+        params.extend([json_path(key), values])
+    where = " AND ".join(clauses)
+    total = con.execute(f"SELECT count(*) FROM meters WHERE {where}", params).fetchall()[0][0]
+    order = ", ".join(_SORTS[s] for s in sorting)
+    rows = con.execute(
+        f"SELECT {_COLUMNS} FROM meters WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+        [*params, limit, offset],
+    ).fetchall()
+    return [_row(r) for r in rows], int(total)

@@ -1,0 +1,135 @@
+"""Meters through the official polar-sdk client: create, get, list, update, and 422s."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from polar.v2026_10 import Polar
+from polar.v2026_10.errors import HTTPValidationError, ResourceNotFound
+from polar.v2026_10.outputs import CountAggregation, PropertyAggregation
+
+from tests.aggregator.conftest import new_org_token
+from tests.processes import MeterlineServer
+
+
+@pytest.fixture
+def polar(server: MeterlineServer) -> Polar:
+    # A fresh organization per test: meter lists are then exactly what the test made.
+    token = new_org_token(server.data_dir, f"meters-{uuid.uuid4().hex}")
+    return Polar(token, base_url=server.url)
+
+
+LLM_FILTER = {
+    "conjunction": "and",
+    "clauses": [
+        {"property": "name", "operator": "eq", "value": "llm.completion"},
+        {
+            "conjunction": "or",
+            "clauses": [
+                {"property": "_llm.model", "operator": "like", "value": "gpt"},
+                {"property": "metadata.tier", "operator": "eq", "value": "pro"},
+            ],
+        },
+    ],
+}
+
+
+def test_create_get_list_update_archive(polar: Polar) -> None:
+    tokens = polar.meters.create(
+        name="LLM tokens",
+        filter=LLM_FILTER,
+        aggregation={"func": "sum", "property": "_llm.total_tokens"},
+        unit="token",
+        metadata={"team": "ai"},
+    )
+    assert isinstance(tokens.aggregation, PropertyAggregation)
+    assert tokens.aggregation.property == "_llm.total_tokens"
+    assert tokens.filter.clauses[0].value == "llm.completion"  # type: ignore[union-attr]
+    calls = polar.meters.create(
+        name="API calls",
+        filter={"conjunction": "and", "clauses": []},
+        aggregation={"func": "count"},
+    )
+    assert isinstance(calls.aggregation, CountAggregation)
+
+    assert polar.meters.get(tokens.id).name == "LLM tokens"
+    listed = polar.meters.list()
+    assert [m.name for m in listed.items] == ["API calls", "LLM tokens"]  # sorted by name
+    assert polar.meters.list(query="llm").pagination.total_count == 1
+    assert polar.meters.list(metadata={"team": "ai"}).items[0].id == tokens.id
+    page = polar.meters.list(limit=1, page=2, sorting=["-name"])
+    assert [m.name for m in page.items] == ["API calls"]
+    assert page.pagination.max_page == 2
+
+    renamed = polar.meters.update(
+        tokens.id, name="Tokens", unit="custom", custom_label="token", custom_multiplier=1000
+    )
+    assert (renamed.name, renamed.unit, renamed.custom_label) == ("Tokens", "custom", "token")
+    assert renamed.custom_multiplier == 1000
+    assert renamed.modified_at is not None
+
+    archived = polar.meters.update(calls.id, is_archived=True)
+    assert archived.archived_at is not None
+    assert [m.id for m in polar.meters.list(is_archived=False).items] == [tokens.id]
+    assert polar.meters.update(calls.id, is_archived=False).archived_at is None
+
+
+@pytest.mark.parametrize(
+    ("body", "loc_start"),
+    [
+        (
+            {
+                "filter": {
+                    "conjunction": "and",
+                    "clauses": [{"property": "a", "operator": "in", "value": 1}],
+                }
+            },
+            ["body", "filter"],
+        ),
+        (
+            {
+                "filter": {
+                    "conjunction": "and",
+                    "clauses": [
+                        {"property": "a'; DROP TABLE events; --.b\"", "operator": "eq", "value": 1}
+                    ],
+                }
+            },
+            ["body", "filter"],
+        ),
+        ({"aggregation": {"func": "sum"}}, ["body", "aggregation", "sum", "property"]),
+        (
+            {"aggregation": {"func": "avg", "property": "name"}},
+            ["body", "aggregation", "avg", "property"],
+        ),
+        ({"unit": "custom"}, ["body"]),
+        (
+            {
+                "filter": {
+                    "conjunction": "and",
+                    "clauses": [{"property": "a", "operator": "eq", "value": 1.5}],
+                }
+            },
+            ["body", "filter"],
+        ),
+    ],
+)
+def test_invalid_definitions_are_422_with_the_field_path(
+    polar: Polar, body: dict[str, object], loc_start: list[object]
+) -> None:
+    meter = {
+        "name": "bad meter",
+        "filter": {"conjunction": "and", "clauses": []},
+        "aggregation": {"func": "count"},
+        **body,
+    }
+    with pytest.raises(HTTPValidationError) as raised:
+        polar.meters.create(**meter)  # type: ignore[arg-type]
+    locs = [d.loc for d in raised.value.error.detail or []]
+    assert any(loc[: len(loc_start)] == loc_start for loc in locs), locs
+
+
+def test_unknown_meter_is_404(polar: Polar) -> None:
+    with pytest.raises(ResourceNotFound):
+        polar.meters.get(str(uuid.uuid4()))
