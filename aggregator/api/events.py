@@ -16,6 +16,8 @@ from aggregator.api.customers import shaped
 from aggregator.errors import NotFound
 from aggregator.store import customers as customer_sql
 from aggregator.store import events as sql
+from aggregator.store import meters as meter_sql
+from aggregator.store.meter_sql import meter_events_sql
 from ingest.http.responses import JSON
 
 SORTS = frozenset({"timestamp", "-timestamp"})
@@ -79,13 +81,20 @@ def routes(ctx: ApiContext) -> list[Route]:
             descending=order.startswith("-"),
         )
 
+        meter_id = request.query_params.get("meter_id")
+
         def run(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
             query = base
+            if meter_id is not None:
+                meter = meter_sql.get_meter(con, org, meter_id)
+                if meter is None:
+                    raise NotFound("Meter not found")
+                query = replace(query, meter=meter_events_sql(meter.filter, meter.aggregation))
             if customer_ids or external_ids:
                 ids, external = _resolve_customers(con, org, customer_ids, external_ids)
                 if not ids and not external:
                     return {"items": [], "pagination": params.pagination(0, limit)}
-                query = replace(base, customer_ids=ids, external_customer_ids=external)
+                query = replace(query, customer_ids=ids, external_customer_ids=external)
             rows, total = sql.list_events(con, org, query, limit=limit, offset=(page - 1) * limit)
             return {
                 "items": _shaped_events(con, org, rows),

@@ -219,6 +219,8 @@ class EventQuery:
     end_us: int | None = None
     metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
     parent_id: str | None = None
+    # A compiled meter: events its filter matches and its aggregation takes (SQL, params).
+    meter: tuple[str, list[Any]] | None = None
     descending: bool = True
 
 
@@ -247,6 +249,9 @@ def _where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
         # The key is bound as a JSON path (quoted member name), never spliced into SQL.
         clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
         params.extend([json_path(key), list(values)])
+    if q.meter is not None:
+        clauses.append(q.meter[0])
+        params.extend(q.meter[1])
     if q.parent_id is not None:
         clauses.append(
             "(parent_id = ? OR parent_id IN (SELECT external_id FROM events"

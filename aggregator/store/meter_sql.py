@@ -148,3 +148,15 @@ def aggregate_sql(aggregation: CountAggregation | PropertyAggregation | UniqueAg
     if isinstance(aggregation, UniqueAggregation):
         return "count(DISTINCT contribution)"
     return f"coalesce({aggregation.func}(contribution), 0)"
+
+
+def meter_events_sql(
+    meter_filter: Filter, aggregation: CountAggregation | PropertyAggregation | UniqueAggregation
+) -> SQL:
+    """Events that are in the meter: its filter matches, and for sum/avg/min/max the property
+    is a number (the aggregation's implicit filter)."""
+    where, params = filter_sql(meter_filter)
+    if not isinstance(aggregation, PropertyAggregation):
+        return where, params
+    value, value_params = contribution_sql(aggregation)
+    return f"({where} AND {value} IS NOT NULL)", [*params, *value_params]

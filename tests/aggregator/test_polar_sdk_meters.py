@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from polar.base import PolarClientError
 from polar.v2026_10 import Polar
 from polar.v2026_10.errors import HTTPValidationError, ResourceNotFound
 from polar.v2026_10.outputs import CountAggregation, PropertyAggregation
@@ -133,3 +134,49 @@ def test_invalid_definitions_are_422_with_the_field_path(
 def test_unknown_meter_is_404(polar: Polar) -> None:
     with pytest.raises(ResourceNotFound):
         polar.meters.get(str(uuid.uuid4()))
+
+
+def test_events_by_meter(polar: Polar) -> None:
+    tag = uuid.uuid4().hex
+    meter = polar.meters.create(
+        name="Tokens",
+        filter=LLM_FILTER,
+        aggregation={"func": "sum", "property": "_llm.total_tokens"},
+    )
+    llm = {"vendor": "openai", "input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+    polar.events.ingest(
+        events=[
+            {
+                "name": "llm.completion",
+                "external_customer_id": tag,
+                "external_id": f"{tag}-1",
+                "metadata": {"_llm": {**llm, "model": "gpt-4o"}},
+            },
+            {
+                "name": "llm.completion",
+                "external_customer_id": tag,
+                "external_id": f"{tag}-2",
+                "metadata": {"_llm": {**llm, "model": "claude"}, "tier": "pro"},
+            },
+            {
+                "name": "llm.completion",
+                "external_customer_id": tag,
+                "external_id": f"{tag}-3",
+                "metadata": {"_llm": {**llm, "model": "claude"}},
+            },
+            # Matches the filter, but has no number to sum: not in the meter.
+            {
+                "name": "llm.completion",
+                "external_customer_id": tag,
+                "external_id": f"{tag}-4",
+                "metadata": {"tier": "pro"},
+            },
+            {"name": "other", "external_customer_id": tag, "external_id": f"{tag}-5"},
+        ]
+    )
+    listed = polar.events.list(meter_id=meter.id, sorting=["timestamp"], limit=100)
+    ids = sorted(e.metadata.get("_llm").model for e in listed.items)  # type: ignore[union-attr]
+    assert ids == ["claude", "gpt-4o"]
+    with pytest.raises(PolarClientError) as raised:
+        polar.events.list(meter_id=str(uuid.uuid4()))
+    assert raised.value.status_code == 404
