@@ -10,7 +10,7 @@ import duckdb
 import orjson
 
 from aggregator.errors import NotFound
-from aggregator.store.events import json_path
+from aggregator.store.meter_sql import json_path
 from meters.customers import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
 
@@ -262,7 +262,7 @@ def list_customers(
         params.extend([query, query, query])
     for key, values in metadata:
         clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
-        params.extend([json_path(key), values])
+        params.extend([json_path((key,)), values])
     where = " AND ".join(clauses)
     total_row = con.execute(f"SELECT count(*) FROM customers WHERE {where}", params).fetchone()
     order = ", ".join(_SORTS[s] for s in sorting) or _SORTS["-created_at"]

@@ -11,6 +11,9 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aggregator.store import rollups
+from aggregator.store.meter_sql import json_path
+from aggregator.store.meters import meters_of
 from aggregator.store.writer import Batchable, Outcome
 from meters.errors import FieldError, ValidationFailed
 
@@ -78,7 +81,8 @@ def _with_context(job: IngestJob) -> pa.Table:
     table = job.events.append_column(
         "organization_id", pa.array([job.organization_id] * n, pa.string())
     )
-    return table.append_column("ingested_at", pa.array([job.ingested_at_us] * n, _TS))
+    table = table.append_column("ingested_at", pa.array([job.ingested_at_us] * n, _TS))
+    return table.append_column("source", pa.array(["user"] * n, pa.string()))
 
 
 def _unknown_customers(
@@ -161,6 +165,11 @@ def _insert(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> pa.BooleanArray:
         con.register("_batch_new", new)
         try:
             _record_links(con, has_parents=new.column("parent_id").null_count < new.num_rows)
+            organizations = [str(o) for o in pc.unique(new.column("organization_id")).to_pylist()]
+            for meter in meters_of(con, organizations):
+                rollups.apply(
+                    con, meter, "_batch_new", "organization_id = ?", [meter.organization_id]
+                )
         finally:
             con.unregister("_batch_new")
     return stored
@@ -248,7 +257,7 @@ def _where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
     for key, values in q.metadata:
         # The key is bound as a JSON path (quoted member name), never spliced into SQL.
         clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
-        params.extend([json_path(key), list(values)])
+        params.extend([json_path((key,)), list(values)])
     if q.meter is not None:
         clauses.append(q.meter[0])
         params.extend(q.meter[1])
@@ -259,10 +268,6 @@ def _where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
         )
         params.extend([q.parent_id, organization_id, q.parent_id])
     return " AND ".join(clauses), params
-
-
-def json_path(key: str) -> str:
-    return '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def list_events(

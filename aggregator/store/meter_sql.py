@@ -26,8 +26,9 @@ SQL = tuple[str, list[Any]]
 
 
 def json_path(keys: tuple[str, ...]) -> str:
-    # Segments never contain quotes or backslashes (parse_path rejects them).
-    return "$." + ".".join(f'"{key}"' for key in keys)
+    """A JSON path of quoted member names (bound as a parameter, never spliced into SQL)."""
+    quoted = (key.replace("\\", "\\\\").replace('"', '\\"') for key in keys)
+    return "$." + ".".join(f'"{key}"' for key in quoted)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,8 @@ import orjson
 from pydantic import TypeAdapter
 
 from aggregator.errors import NotFound
-from aggregator.store.events import json_path
+from aggregator.store import rollups
+from aggregator.store.meter_sql import json_path
 from meters.aggregations import Aggregation
 from meters.definitions import MeterCreate, MeterUpdate, check_unit
 from meters.errors import FieldError, ValidationFailed
@@ -21,7 +22,7 @@ _AGGREGATION: TypeAdapter[Any] = TypeAdapter(Aggregation)
 _COLUMNS = (
     "id::VARCHAR, organization_id::VARCHAR, name, unit, custom_label, custom_multiplier,"
     " filter, aggregation, metadata, epoch_us(created_at), epoch_us(modified_at),"
-    " epoch_us(archived_at)"
+    " epoch_us(archived_at), version, backfill_target, backfilled_to"
 )
 
 
@@ -39,6 +40,13 @@ class MeterRow:
     created_at_us: int
     modified_at_us: int | None
     archived_at_us: int | None
+    version: int
+    backfill_target: int
+    backfilled_to: int
+
+    @property
+    def backfilling(self) -> bool:
+        return self.backfilled_to < self.backfill_target
 
 
 def _row(r: tuple[Any, ...]) -> MeterRow:
@@ -55,6 +63,9 @@ def _row(r: tuple[Any, ...]) -> MeterRow:
         r[9],
         r[10],
         r[11],
+        r[12],
+        r[13],
+        r[14],
     )
 
 
@@ -63,8 +74,9 @@ def create_job(organization_id: str, data: MeterCreate, now_us: int) -> Any:
         meter_id = str(uuid.uuid4())
         con.execute(
             "INSERT INTO meters (id, organization_id, name, unit, custom_label,"
-            " custom_multiplier, filter, aggregation, metadata, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, make_timestamptz(?))",
+            " custom_multiplier, filter, aggregation, metadata, created_at, backfill_target)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, make_timestamptz(?),"
+            " (SELECT coalesce(max(seq), 0) FROM events))",
             [
                 meter_id,
                 organization_id,
@@ -105,27 +117,78 @@ def update_job(organization_id: str, meter_id: str, data: MeterUpdate, now_us: i
             columns["aggregation"] = _AGGREGATION.dump_json(data.aggregation).decode()
         if data.metadata is not None:
             columns["metadata"] = orjson.dumps(data.metadata).decode()
-        archive = ""
-        if data.is_archived is not None and data.is_archived != (
+        extra = ""
+        extra_params: list[Any] = []
+        archiving = data.is_archived is not None and data.is_archived != (
             current.archived_at_us is not None
-        ):
-            archive = ", archived_at = " + ("make_timestamptz(?)" if data.is_archived else "NULL")
-        if not columns and not archive:
+        )
+        if archiving:
+            extra = ", archived_at = " + ("make_timestamptz(?)" if data.is_archived else "NULL")
+            extra_params = [now_us] if data.is_archived else []
+        redefined = (data.filter is not None and data.filter != current.filter) or (
+            data.aggregation is not None and data.aggregation != current.aggregation
+        )
+        if redefined or (archiving and not data.is_archived):
+            # New semantics, or events missed while archived: rebuild the rollups from the
+            # stored events (backfill); live ingest keeps them current from now on.
+            _reset_rollups(con, meter_id)
+            extra += (
+                ", version = version + 1, backfilled_to = 0,"
+                " backfill_target = (SELECT coalesce(max(seq), 0) FROM events)"
+            )
+        if not columns and not extra:
             return current
         # Column names come from the model's fields above, never from the request.
         assignments = "".join(f"{key} = ?, " for key in columns)
         con.execute(
-            f"UPDATE meters SET {assignments}modified_at = make_timestamptz(?){archive}"
+            f"UPDATE meters SET {assignments}modified_at = make_timestamptz(?){extra}"
             " WHERE organization_id = ? AND id = ?::UUID",
-            [
-                *columns.values(),
-                now_us,
-                *([now_us] if archive and data.is_archived else []),
-                organization_id,
-                meter_id,
-            ],
+            [*columns.values(), now_us, *extra_params, organization_id, meter_id],
         )
         return _found(con, organization_id, meter_id)
+
+    return job
+
+
+def _reset_rollups(con: duckdb.DuckDBPyConnection, meter_id: str) -> None:
+    con.execute("DELETE FROM rollups WHERE meter_id = ?::UUID", [meter_id])
+    con.execute("DELETE FROM rollup_values WHERE meter_id = ?::UUID", [meter_id])
+
+
+def meters_of(con: duckdb.DuckDBPyConnection, organization_ids: list[str]) -> list[MeterRow]:
+    """The organizations' meters that are not archived (the ones ingest keeps current)."""
+    rows = con.execute(
+        f"SELECT {_COLUMNS} FROM meters WHERE archived_at IS NULL"
+        " AND organization_id IN (SELECT unnest(?::UUID[]))",
+        [organization_ids],
+    ).fetchall()
+    return [_row(r) for r in rows]
+
+
+def backfill_step_job(meter_id: str, version: int, chunk: int) -> Any:
+    """A writer job adding the next `chunk` of stored events (by seq) to the meter's rollups;
+    returns (done, target), or None when stale (the meter was redefined or archived since)."""
+
+    def job(con: duckdb.DuckDBPyConnection) -> tuple[int, int] | None:
+        rows = con.execute(f"SELECT {_COLUMNS} FROM meters WHERE id = ?::UUID", [meter_id])
+        found = rows.fetchall()
+        if not found:
+            return None
+        meter = _row(found[0])
+        if meter.version != version or meter.archived_at_us is not None:
+            return None
+        if not meter.backfilling:
+            return (meter.backfilled_to, meter.backfill_target)
+        high = min(meter.backfilled_to + chunk, meter.backfill_target)
+        rollups.apply(
+            con,
+            meter,
+            "events",
+            "organization_id = ?::UUID AND seq > ? AND seq <= ?",
+            [meter.organization_id, meter.backfilled_to, high],
+        )
+        con.execute("UPDATE meters SET backfilled_to = ? WHERE id = ?::UUID", [high, meter_id])
+        return (high, meter.backfill_target)
 
     return job
 
@@ -180,7 +243,7 @@ def list_meters(
         clauses.append("archived_at IS NOT NULL" if is_archived else "archived_at IS NULL")
     for key, values in metadata:
         clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
-        params.extend([json_path(key), values])
+        params.extend([json_path((key,)), values])
     where = " AND ".join(clauses)
     total = con.execute(f"SELECT count(*) FROM meters WHERE {where}", params).fetchall()[0][0]
     order = ", ".join(_SORTS[s] for s in sorting)

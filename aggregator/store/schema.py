@@ -58,7 +58,7 @@ MIGRATIONS: tuple[str, ...] = (
         modified_at TIMESTAMPTZ
     );
     """,
-    # 2: meters.
+    # 2: meters and their rollups.
     """
     CREATE TABLE meters (
         id UUID PRIMARY KEY,
@@ -72,7 +72,31 @@ MIGRATIONS: tuple[str, ...] = (
         metadata JSON NOT NULL,
         created_at TIMESTAMPTZ NOT NULL,
         modified_at TIMESTAMPTZ,
-        archived_at TIMESTAMPTZ
+        archived_at TIMESTAMPTZ,
+        version INTEGER NOT NULL DEFAULT 1,      -- bumped when filter or aggregation changes
+        backfill_target BIGINT NOT NULL,         -- events with seq <= target need backfill
+        backfilled_to BIGINT NOT NULL DEFAULT 0  -- ... and those up to here are done
+    );
+    -- Mergeable partial aggregates per meter, customer reference and 15-minute UTC bucket
+    -- (every IANA offset in use is a multiple of 15 minutes, so any timezone's hour, day,
+    -- week, month and year boundaries fall on bucket boundaries).
+    CREATE TABLE rollups (
+        meter_id UUID NOT NULL,
+        subject VARCHAR NOT NULL,                -- 'id:<customer uuid>' or 'ext:<external id>'
+        bucket TIMESTAMPTZ NOT NULL,
+        events BIGINT NOT NULL,
+        total DOUBLE NOT NULL,
+        low DOUBLE NOT NULL,
+        high DOUBLE NOT NULL,
+        PRIMARY KEY (meter_id, subject, bucket)
+    );
+    -- Exact distinct values for unique meters, per bucket.
+    CREATE TABLE rollup_values (
+        meter_id UUID NOT NULL,
+        subject VARCHAR NOT NULL,
+        bucket TIMESTAMPTZ NOT NULL,
+        value VARCHAR NOT NULL,
+        PRIMARY KEY (meter_id, subject, bucket, value)
     );
     """,
 )
