@@ -16,6 +16,7 @@ from starlette.routing import Route
 from aggregator.api import customers, events, meters
 from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
+from aggregator.backfill import Backfiller
 from aggregator.errors import NotFound
 from aggregator.store import Store
 from aggregator.store.columns import from_ipc
@@ -79,13 +80,17 @@ async def _health(request: Request) -> JSON:
 
 
 def build_app(
-    store: Store, registry: TokenRegistry, validation: ValidationPool, settings: CoreSettings
+    store: Store,
+    registry: TokenRegistry,
+    validation: ValidationPool,
+    backfiller: Backfiller,
+    settings: CoreSettings,
 ) -> Starlette:
     def authenticate(token: str) -> str | None:
         org = registry.authenticate(token)
         return org.id if org else None
 
-    ctx = ApiContext(store, authenticate, settings.ingest.max_body_bytes)
+    ctx = ApiContext(store, authenticate, settings.ingest.max_body_bytes, backfiller)
     routes = [
         Route("/healthz", _health, methods=["GET"]),
         *ingest_routes(EmbeddedPublisher(store, validation), authenticate, settings.ingest),

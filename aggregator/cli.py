@@ -24,6 +24,7 @@ import uvloop
 
 from aggregator.app import CoreSettings, build_app
 from aggregator.auth import TokenRegistry
+from aggregator.backfill import Backfiller
 from aggregator.errors import NotFound
 from aggregator.store import Store
 from aggregator.store.columns import to_ipc
@@ -123,11 +124,12 @@ async def serve(settings: CoreSettings, *, log_level: str = "info") -> None:
             ValidationPool(
                 settings.ingest.rules, to_ipc, workers=settings.ingest.validation_workers
             ) as validation,
+            Backfiller(store) as backfiller,
         ):
             org = registry.organization("default")
             token = registry.development_token(org)
             config = uvicorn.Config(
-                build_app(store, registry, validation, settings),
+                build_app(store, registry, validation, backfiller, settings),
                 host=settings.host,
                 port=settings.port,
                 log_level=log_level,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import replace
 from typing import Any
 
@@ -27,21 +26,13 @@ def _resolve_customers(
     con: duckdb.DuckDBPyConnection, org: str, ids: tuple[str, ...], external: tuple[str, ...]
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """A customer's events may carry its id or its external id: filter on both."""
-    valid_ids = [i for i in ids if _is_uuid(i)]
+    valid_ids = [i for i in ids if params.is_uuid(i)]
     if not valid_ids and not external:
         return (), ()
     found = customer_sql.customers_by_refs(con, org, valid_ids, list(external))
     all_ids = set(valid_ids) | {c.id for c in found}
     all_external = set(external) | {c.external_id for c in found if c.external_id}
     return tuple(sorted(all_ids)), tuple(sorted(all_external))
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
 
 
 def _shaped_events(
@@ -106,7 +97,7 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def get(request: Request) -> JSON:
         org = ctx.organization(request)
         event_id = request.path_params["id"]
-        if not _is_uuid(event_id):
+        if not params.is_uuid(event_id):
             raise NotFound("Event not found")
 
         def run(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:

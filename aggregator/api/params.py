@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta
 
 from starlette.requests import Request
@@ -10,6 +11,14 @@ from meters.errors import FieldError, ValidationFailed
 from meters.events import EPOCH
 
 MAX_LIMIT = 100
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _fail(name: str, type_: str, msg: str, value: object) -> ValidationFailed:

@@ -74,4 +74,11 @@ def meter(row: MeterRow) -> dict[str, Any]:
         "aggregation": row.aggregation.model_dump(mode="json"),
         "organization_id": row.organization_id,
         "archived_at": iso(row.archived_at_us),
+        # meterline's own: how far rollups are built from events stored before the meter's
+        # (re)definition. Quantities are complete once status is "done".
+        "backfill": {
+            "status": "running" if row.backfilling else "done",
+            "events_done": row.backfilled_to,
+            "events_total": row.backfill_target,
+        },
     }

@@ -117,7 +117,7 @@ def contribution_sql(
     """Per event: 1.0 for count; the number for sum/avg/min/max (NULL: not in the meter); the
     distinct-value key for unique (NULL: no value)."""
     if isinstance(aggregation, CountAggregation):
-        return "1.0", []
+        return "CAST(1 AS DOUBLE)", []
     path = aggregation.resolved()
     if path.column == "timestamp":
         seconds = "(epoch_us(timestamp) / 1000000)"

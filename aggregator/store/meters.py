@@ -165,6 +165,15 @@ def meters_of(con: duckdb.DuckDBPyConnection, organization_ids: list[str]) -> li
     return [_row(r) for r in rows]
 
 
+def pending_backfills(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
+    """(meter id, version) of every meter whose backfill is not finished."""
+    rows = con.execute(
+        "SELECT id::VARCHAR, version FROM meters"
+        " WHERE archived_at IS NULL AND backfilled_to < backfill_target"
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
 def backfill_step_job(meter_id: str, version: int, chunk: int) -> Any:
     """A writer job adding the next `chunk` of stored events (by seq) to the meter's rollups;
     returns (done, target), or None when stale (the meter was redefined or archived since)."""

@@ -180,3 +180,59 @@ def test_events_by_meter(polar: Polar) -> None:
     with pytest.raises(PolarClientError) as raised:
         polar.events.list(meter_id=str(uuid.uuid4()))
     assert raised.value.status_code == 404
+
+
+def test_quantities_through_the_sdk(polar: Polar) -> None:
+    """Polar's verified example (polar-contract §2.4), with meterline's semantics: every month
+    the range touches is a bucket, and the total is exactly the range."""
+    tag = uuid.uuid4().hex
+    meter = polar.meters.create(
+        name="Sum of v",
+        filter={
+            "conjunction": "and",
+            "clauses": [{"property": "name", "operator": "eq", "value": tag}],
+        },
+        aggregation={"func": "sum", "property": "v"},
+    )
+    moments = [
+        ("2024-12-20T00:00:00Z", 1000),
+        ("2025-01-02T00:00:00Z", 10),
+        ("2025-01-20T00:00:00Z", 20),
+        ("2025-01-31T23:30:00Z", 7),
+        ("2025-02-10T00:00:00Z", 30),
+    ]
+    polar.events.ingest(
+        events=[
+            {
+                "name": tag,
+                "external_customer_id": "c1" if i % 2 else "c2",
+                "external_id": f"{tag}-{i}",
+                "timestamp": ts,
+                "metadata": {"v": v},
+            }
+            for i, (ts, v) in enumerate(moments)
+        ]
+    )
+    window = {"start_timestamp": "2025-01-15T10:30:00Z", "end_timestamp": "2025-02-15T00:00:00Z"}
+    utc = polar.meters.quantities(meter.id, interval="month", **window)
+    assert [(q.timestamp, q.quantity) for q in utc.quantities] == [
+        ("2025-01-01T00:00:00+00:00", 37.0),
+        ("2025-02-01T00:00:00+00:00", 30.0),
+    ]
+    assert utc.total == 57.0
+    tokyo = polar.meters.quantities(meter.id, interval="month", timezone="Asia/Tokyo", **window)
+    assert [q.quantity for q in tokyo.quantities] == [30.0, 37.0]
+    assert tokyo.total == 57.0
+    one = polar.meters.quantities(meter.id, interval="month", external_customer_id="c1", **window)
+    assert [q.quantity for q in one.quantities] == [17.0, 0.0]  # 10 and 7 are c1's
+    per_customer = polar.meters.quantities(
+        meter.id, interval="month", customer_aggregation_function="max", **window
+    )
+    assert [q.quantity for q in per_customer.quantities] == [20.0, 30.0]  # c2: 20, 30
+    by_meta = polar.meters.quantities(meter.id, interval="month", metadata={"v": 20}, **window)
+    assert [q.quantity for q in by_meta.quantities] == [20.0, 0.0]
+
+    with pytest.raises(HTTPValidationError):  # hour interval over more than 7 days
+        polar.meters.quantities(meter.id, interval="hour", **window)
+    with pytest.raises(HTTPValidationError):
+        polar.meters.quantities(meter.id, interval="day", timezone="Mars/Olympus", **window)

@@ -1,0 +1,225 @@
+"""Quantities of a meter over periods and over an exact range, merged from partials.
+
+Whole 15-minute buckets come from the rollups; the parts of a range that do not fill a bucket
+(its edges), and any query filtering on event metadata, come from the stored events. Partials
+are merged per period (and per customer when asked), then reduced by the meter's aggregation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import duckdb
+
+from aggregator.store.meter_sql import contribution_sql, json_path, meter_events_sql
+from aggregator.store.meters import MeterRow
+from aggregator.store.rollups import SUBJECT
+from meters.aggregations import CountAggregation, UniqueAggregation
+from meters.events import EPOCH, us_to_datetime
+from meters.periods import Interval, boundaries
+
+BUCKET_US = 15 * 60 * 1_000_000
+# One customer however its events named it: a customer id, or the id of the customer
+# with that external id, else the external id itself.
+_CUSTOMER = (
+    "coalesce((SELECT 'id:' || c.id::VARCHAR FROM customers c WHERE c.organization_id = ?::UUID"
+    " AND subject = 'ext:' || c.external_id), subject)"
+)
+Key = tuple[int, str]  # (range index, customer or "")
+
+
+@dataclass(slots=True)
+class Partial:
+    events: int = 0
+    total: float = 0.0
+    low: float = math.inf
+    high: float = -math.inf
+    values: set[str] = field(default_factory=set)
+
+    def add(self, events: int, total: float, low: float, high: float) -> None:
+        self.events += events
+        self.total += total
+        self.low = min(self.low, low)
+        self.high = max(self.high, high)
+
+    def merge(self, other: Partial) -> None:
+        self.add(other.events, other.total, other.low, other.high)
+        self.values |= other.values
+
+    def result(self, meter: MeterRow) -> float:
+        aggregation = meter.aggregation
+        if isinstance(aggregation, CountAggregation):
+            return float(self.events)
+        if isinstance(aggregation, UniqueAggregation):
+            return float(len(self.values))
+        if self.events == 0:
+            return 0.0
+        return {
+            "sum": self.total,
+            "avg": self.total / self.events,
+            "min": self.low,
+            "max": self.high,
+        }[aggregation.func]
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which events count: the meter's, of these customer subjects, with this metadata."""
+
+    meter: MeterRow
+    subjects: tuple[str, ...] | None  # None: every customer
+    metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    by_customer: bool = False
+
+
+def _ranges_cte(ranges: Sequence[tuple[int, int, int]]) -> tuple[str, list[Any]]:
+    return (
+        "(SELECT unnest(?::INTEGER[]) AS idx, make_timestamptz(unnest(?::BIGINT[])) AS lo,"
+        " make_timestamptz(unnest(?::BIGINT[])) AS hi)",
+        [[r[0] for r in ranges], [r[1] for r in ranges], [r[2] for r in ranges]],
+    )
+
+
+def from_rollups(
+    con: duckdb.DuckDBPyConnection, scope: Scope, ranges: Sequence[tuple[int, int, int]]
+) -> dict[Key, Partial]:
+    """Partials of whole buckets: `ranges` are (index, lo, hi) with lo/hi on bucket bounds."""
+    meter = scope.meter
+    if not ranges:
+        return {}
+    cte, cte_params = _ranges_cte(ranges)
+    where = "r.meter_id = ?::UUID"
+    params: list[Any] = [meter.id]
+    if scope.subjects is not None:
+        where += " AND r.subject IN (SELECT unnest(?::VARCHAR[]))"
+        params.append(list(scope.subjects))
+    who, who_params = (_CUSTOMER, [meter.organization_id]) if scope.by_customer else ("''", [])
+    unique = isinstance(meter.aggregation, UniqueAggregation)
+    table = "rollup_values" if unique else "rollups"
+    measures = "value" if unique else "sum(events), sum(total), min(low), max(high)"
+    group = "GROUP BY ALL" if not unique else ""
+    distinct = "DISTINCT " if unique else ""
+    rows = con.execute(
+        f"SELECT {distinct}p.idx, {who}, {measures}"
+        f" FROM {table} r JOIN {cte} p ON r.bucket >= p.lo AND r.bucket < p.hi"
+        f" WHERE {where} {group}",
+        [*who_params, *cte_params, *params],
+    ).fetchall()
+    return _collect(rows, unique)
+
+
+def from_events(
+    con: duckdb.DuckDBPyConnection, scope: Scope, ranges: Sequence[tuple[int, int, int]]
+) -> dict[Key, Partial]:
+    """Partials straight from stored events: `ranges` are (index, lo, hi), hi exclusive."""
+    meter = scope.meter
+    if not ranges:
+        return {}
+    cte, cte_params = _ranges_cte(ranges)
+    in_meter, in_meter_params = meter_events_sql(meter.filter, meter.aggregation)
+    value, value_params = contribution_sql(meter.aggregation)
+    where = f"organization_id = ?::UUID AND {in_meter}"
+    params: list[Any] = [meter.organization_id, *in_meter_params]
+    if scope.subjects is not None:
+        where += f" AND {SUBJECT} IN (SELECT unnest(?::VARCHAR[]))"
+        params.append(list(scope.subjects))
+    for key, values in scope.metadata:
+        where += " AND json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))"
+        params.extend([json_path((key,)), list(values)])
+    who, who_params = (_CUSTOMER, [meter.organization_id]) if scope.by_customer else ("''", [])
+    unique = isinstance(meter.aggregation, UniqueAggregation)
+    measures = "v" if unique else "count(*), sum(v), min(v), max(v)"
+    group = "" if unique else "GROUP BY ALL"
+    distinct = "DISTINCT " if unique else ""
+    rows = con.execute(
+        f"SELECT {distinct}p.idx, {who}, {measures} FROM"
+        f" (SELECT {SUBJECT} AS subject, timestamp, {value} AS v FROM events WHERE {where}) e"
+        f" JOIN {cte} p ON e.timestamp >= p.lo AND e.timestamp < p.hi"
+        f" WHERE v IS NOT NULL {group}",
+        [*who_params, *value_params, *params, *cte_params],
+    ).fetchall()
+    return _collect(rows, unique)
+
+
+def _collect(rows: list[tuple[Any, ...]], unique: bool) -> dict[Key, Partial]:
+    partials: dict[Key, Partial] = {}
+    for row in rows:
+        partial = partials.setdefault((row[0], row[1]), Partial())
+        if unique:
+            partial.values.add(row[2])
+        else:
+            partial.add(row[2], row[3], row[4], row[5])
+    return partials
+
+
+def merge_into(target: dict[Key, Partial], source: dict[Key, Partial]) -> None:
+    for key, partial in source.items():
+        target.setdefault(key, Partial()).merge(partial)
+
+
+def exact_range(
+    con: duckdb.DuckDBPyConnection, scope: Scope, start_us: int, end_us: int
+) -> dict[Key, Partial]:
+    """Partials of exactly the events in [start, end] (index 0)."""
+    stop = end_us + 1  # inclusive end
+    if scope.metadata:
+        return from_events(con, scope, [(0, start_us, stop)])
+    first = -(-start_us // BUCKET_US) * BUCKET_US  # first whole bucket
+    last = (stop // BUCKET_US) * BUCKET_US  # end of the last whole bucket
+    if first >= last:
+        return from_events(con, scope, [(0, start_us, stop)])
+    partials = from_rollups(con, scope, [(0, first, last)])
+    edges = [(0, start_us, first), (0, last, stop)]
+    merge_into(partials, from_events(con, scope, [e for e in edges if e[1] < e[2]]))
+    return partials
+
+
+def reduce(partials: dict[Key, Partial], meter: MeterRow, index: int, across: str | None) -> float:
+    """The quantity of range `index`: the meter's aggregation, or with `across` set, the
+    per-customer quantities combined by that function (Polar's customer_aggregation_function).
+    """
+    mine = {key[1]: p for key, p in partials.items() if key[0] == index}
+    if across is None:
+        merged = Partial()
+        for partial in mine.values():
+            merged.merge(partial)
+        return merged.result(meter)
+    per_customer = [p.result(meter) for p in mine.values()]
+    if not per_customer:
+        return 0.0
+    if across == "count":
+        return float(len(per_customer))
+    if across == "sum":
+        return math.fsum(per_customer)
+    if across == "avg":
+        return math.fsum(per_customer) / len(per_customer)
+    if across == "unique":
+        return float(len(set(per_customer)))
+    return max(per_customer) if across == "max" else min(per_customer)
+
+
+def compute(
+    con: duckdb.DuckDBPyConnection,
+    scope: Scope,
+    start_us: int,
+    end_us: int,
+    interval: Interval,
+    tz: ZoneInfo,
+    across: str | None,
+) -> tuple[list[tuple[datetime, float]], float]:
+    """Quantities of the periods intersecting [start, end] and the total of exactly that range."""
+    periods = boundaries(us_to_datetime(start_us), us_to_datetime(end_us), interval, tz)
+    edges = [(p - EPOCH) // timedelta(microseconds=1) for p in periods]
+    ranges = [(i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+    source = from_events if scope.metadata else from_rollups
+    partials = source(con, scope, ranges)
+    total = exact_range(con, scope, start_us, end_us)
+    return (
+        [(periods[i], reduce(partials, scope.meter, i, across)) for i in range(len(ranges))],
+        reduce(total, scope.meter, 0, across),
+    )

@@ -1,0 +1,181 @@
+"""Quantities from rollups equal the reference fold over raw events, whatever the batching."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import TypeAdapter
+
+from aggregator.store import Store
+from aggregator.store.columns import to_table
+from aggregator.store.events import IngestJob
+from aggregator.store.meters import backfill_step_job, create_job
+from aggregator.store.quantities import Scope, compute
+from meters.aggregations import Aggregation, fold
+from meters.definitions import MeterCreate
+from meters.events import EPOCH, Event
+from meters.filters import EventView
+from meters.periods import boundaries
+
+ORG = "5f0d3a8e-1f64-4a39-9d6e-5b7c2a0f1e11"
+# Around the 2025 US DST start (March 9) and a month boundary.
+WINDOW = (
+    (datetime(2025, 2, 26, tzinfo=UTC) - EPOCH).total_seconds(),
+    (datetime(2025, 3, 12, tzinfo=UTC) - EPOCH).total_seconds(),
+)
+ZONES = ["UTC", "America/New_York", "Asia/Kolkata", "Asia/Kathmandu"]
+AGGREGATION: TypeAdapter[Any] = TypeAdapter(Aggregation)
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+moments = st.integers(_us(WINDOW[0]), _us(WINDOW[1]))
+
+
+@st.composite
+def event_lists(draw: st.DrawFn) -> list[Event]:
+    n = draw(st.integers(0, 30))
+    events = []
+    for i in range(n):
+        metadata: dict[str, Any] = {}
+        value = draw(st.one_of(st.none(), st.integers(-5, 50), st.sampled_from([0.5, "x", True])))
+        if value is not None:
+            metadata["v"] = value
+        events.append(
+            Event(
+                name=draw(st.sampled_from(["a", "b"])),
+                # Some events right on 15-minute bucket edges.
+                timestamp_us=draw(moments | moments.map(lambda m: m - m % (15 * 60 * 10**6))),
+                customer_id=None,
+                external_customer_id=draw(st.sampled_from(["c1", "c2"])),
+                external_id=f"e{i}",
+                parent_id=None,
+                external_member_id=None,
+                metadata=metadata,
+                cost_amount=None,
+            )
+        )
+    return events
+
+
+meter_definitions = st.fixed_dictionaries(
+    {
+        "filter": st.sampled_from(
+            [
+                {"conjunction": "and", "clauses": []},
+                {
+                    "conjunction": "and",
+                    "clauses": [{"property": "name", "operator": "eq", "value": "a"}],
+                },
+            ]
+        ),
+        "aggregation": st.one_of(
+            st.just({"func": "count"}),
+            st.sampled_from(["sum", "avg", "min", "max", "unique"]).map(
+                lambda f: {"func": f, "property": "v"}
+            ),
+        ),
+    }
+)
+
+
+def _view(event: Event) -> EventView:
+    return EventView(event.name, "user", event.timestamp_us, event.metadata)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    events=event_lists(),
+    definition=meter_definitions,
+    split=st.integers(0, 30),
+    batch_sizes=st.lists(st.integers(1, 7), min_size=1),
+    shuffle=st.randoms(use_true_random=False),
+    start=moments,
+    length=st.integers(0, 6 * 86_400 * 10**6),
+    interval=st.sampled_from(["hour", "day", "week", "month"]),
+    zone=st.sampled_from(ZONES),
+)
+def test_quantities_from_rollups_equal_the_fold_over_events(
+    tmp_path_factory: pytest.TempPathFactory,
+    events: list[Event],
+    definition: dict[str, Any],
+    split: int,
+    batch_sizes: list[int],
+    shuffle: Any,
+    start: int,
+    length: int,
+    interval: str,
+    zone: str,
+) -> None:
+    if interval == "hour":
+        length = min(length, 7 * 86_400 * 10**6)
+    end = start + length
+    order = list(events)
+    shuffle.shuffle(order)
+    before, after = order[:split], order[split:]
+    meter_create = MeterCreate.model_validate({"name": "meter", **definition})
+
+    async def run() -> tuple[list[tuple[datetime, float]], float]:
+        path = tmp_path_factory.mktemp("q") / "m.duckdb"
+        async with Store(path) as store:
+            assert store.seq is not None
+            await _ingest(store, before, batch_sizes)
+            meter = await store.write(create_job(ORG, meter_create, 0))
+            while True:  # the backfill, a small chunk per writer job
+                progress = await store.write(backfill_step_job(meter.id, meter.version, 7))
+                if progress is None or progress[0] >= progress[1]:
+                    break
+            await _ingest(store, after, batch_sizes)
+            scope = Scope(meter, None)
+            return await store.read(compute, scope, start, end, interval, ZoneInfo(zone), None)
+
+    periods, total = asyncio.run(run())
+
+    aggregation = meter_create.aggregation
+    matching = [_view(e) for e in events if meter_create.filter.matches(_view(e))]
+    edges = boundaries(
+        EPOCH + (start * _ONE_US),
+        EPOCH + (end * _ONE_US),
+        interval,
+        ZoneInfo(zone),  # type: ignore[arg-type]
+    )
+    assert [p for p, _ in periods] == edges[:-1]
+    for i, (_, quantity) in enumerate(periods):
+        lo = _to_us(edges[i])
+        hi = _to_us(edges[i + 1])
+        expected = fold(aggregation, [e for e in matching if lo <= e.timestamp_us < hi])
+        assert math.isclose(quantity, expected, rel_tol=1e-9, abs_tol=1e-9), (i, quantity, expected)
+    expected_total = fold(aggregation, [e for e in matching if start <= e.timestamp_us <= end])
+    assert math.isclose(total, expected_total, rel_tol=1e-9, abs_tol=1e-9)
+
+
+_ONE_US = timedelta(microseconds=1)
+
+
+def _to_us(moment: datetime) -> int:
+    return (moment - EPOCH) // _ONE_US
+
+
+async def _ingest(store: Store, events: list[Event], sizes: list[int]) -> None:
+    assert store.seq is not None
+    i = 0
+    k = 0
+    while i < len(events):
+        size = sizes[k % len(sizes)]
+        chunk = events[i : i + size]
+        await store.write(IngestJob(ORG, to_table(chunk), 0, store.seq))
+        i += size
+        k += 1
