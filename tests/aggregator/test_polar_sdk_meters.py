@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -236,3 +237,53 @@ def test_quantities_through_the_sdk(polar: Polar) -> None:
         polar.meters.quantities(meter.id, interval="hour", **window)
     with pytest.raises(HTTPValidationError):
         polar.meters.quantities(meter.id, interval="day", timezone="Mars/Olympus", **window)
+
+
+def test_a_new_meter_backfills_from_stored_events(polar: Polar) -> None:
+    tag = uuid.uuid4().hex
+    polar.events.ingest(
+        events=[
+            {
+                "name": tag,
+                "external_customer_id": "c",
+                "external_id": f"{tag}-{i}",
+                "timestamp": "2025-06-01T12:00:00Z",
+                "metadata": {"v": i},
+            }
+            for i in range(50)
+        ]
+    )
+    meter = polar.meters.create(
+        name="late meter",
+        filter={
+            "conjunction": "and",
+            "clauses": [{"property": "name", "operator": "eq", "value": tag}],
+        },
+        aggregation={"func": "sum", "property": "v"},
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        quantities = polar.meters.quantities(
+            meter.id,
+            start_timestamp="2025-06-01T00:00:00Z",
+            end_timestamp="2025-06-01T23:59:59Z",
+            interval="day",
+        )
+        if quantities.total == sum(range(50)):
+            break
+        time.sleep(0.1)
+    assert quantities.total == sum(range(50))
+    # Redefining it rebuilds the rollups with the new aggregation.
+    polar.meters.update(meter.id, aggregation={"func": "max", "property": "v"})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        quantities = polar.meters.quantities(
+            meter.id,
+            start_timestamp="2025-06-01T00:00:00Z",
+            end_timestamp="2025-06-01T23:59:59Z",
+            interval="day",
+        )
+        if quantities.total == 49:
+            break
+        time.sleep(0.1)
+    assert [q.quantity for q in quantities.quantities] == [49.0]
