@@ -11,6 +11,7 @@ import orjson
 
 from aggregator.errors import NotFound
 from aggregator.store.meter_sql import json_path
+from aggregator.store.rows import first_row
 from meters.customers import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
 
@@ -63,11 +64,12 @@ def _check_unique(
 ) -> None:
     errors: list[FieldError] = []
     if email is not None:
-        row = con.execute(
+        row = first_row(
+            con,
             "SELECT 1 FROM customers WHERE organization_id = ? AND lower(email) = lower(?)"
             " AND id IS DISTINCT FROM ?::UUID",
             [organization_id, email, exclude_id],
-        ).fetchone()
+        )
         if row:
             errors.append(
                 FieldError(
@@ -78,11 +80,12 @@ def _check_unique(
                 )
             )
     if external_id is not None:
-        row = con.execute(
+        row = first_row(
+            con,
             "SELECT 1 FROM customers WHERE organization_id = ? AND external_id = ?"
             " AND id IS DISTINCT FROM ?::UUID",
             [organization_id, external_id, exclude_id],
-        ).fetchone()
+        )
         if row:
             errors.append(
                 FieldError(
@@ -192,20 +195,22 @@ def get_customer(
         uuid.UUID(customer_id)
     except ValueError:
         return None
-    row = con.execute(
+    row = first_row(
+        con,
         f"SELECT {_COLUMNS} FROM customers WHERE organization_id = ? AND id = ?::UUID",
         [organization_id, customer_id],
-    ).fetchone()
+    )
     return _row(row) if row else None
 
 
 def get_customer_by_external_id(
     con: duckdb.DuckDBPyConnection, organization_id: str, external_id: str
 ) -> CustomerRow | None:
-    row = con.execute(
+    row = first_row(
+        con,
         f"SELECT {_COLUMNS} FROM customers WHERE organization_id = ? AND external_id = ?",
         [organization_id, external_id],
-    ).fetchone()
+    )
     return _row(row) if row else None
 
 
@@ -264,7 +269,7 @@ def list_customers(
         clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
         params.extend([json_path((key,)), values])
     where = " AND ".join(clauses)
-    total_row = con.execute(f"SELECT count(*) FROM customers WHERE {where}", params).fetchone()
+    total_row = first_row(con, f"SELECT count(*) FROM customers WHERE {where}", params)
     order = ", ".join(_SORTS[s] for s in sorting) or _SORTS["-created_at"]
     rows = con.execute(
         f"SELECT {_COLUMNS} FROM customers WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from aggregator.store import rollups
 from aggregator.store.meter_sql import json_path
 from aggregator.store.meters import meters_of
+from aggregator.store.rows import first_row
 from aggregator.store.writer import Batchable, Outcome
 from meters.errors import FieldError, ValidationFailed
 
@@ -279,8 +280,7 @@ def list_events(
     offset: int,
 ) -> tuple[list[EventRow], int]:
     where, params = _where(organization_id, query)
-    total_row = con.execute(f"SELECT count(*) FROM events WHERE {where}", params).fetchone()
-    total = int(total_row[0]) if total_row else 0
+    total = int(con.execute(f"SELECT count(*) FROM events WHERE {where}", params).fetchall()[0][0])
     order = "DESC" if query.descending else "ASC"
     rows = con.execute(
         f"SELECT {EVENT_COLUMNS} FROM events WHERE {where}"
@@ -293,10 +293,11 @@ def list_events(
 def get_event(
     con: duckdb.DuckDBPyConnection, organization_id: str, event_id: str
 ) -> EventRow | None:
-    row = con.execute(
+    row = first_row(
+        con,
         f"SELECT {EVENT_COLUMNS} FROM events WHERE organization_id = ? AND id = ?::UUID",
         [organization_id, event_id],
-    ).fetchone()
+    )
     if row is None:
         return None
     return _with_children(con, organization_id, [_row(row)])[0]

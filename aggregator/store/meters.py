@@ -13,6 +13,7 @@ from pydantic import TypeAdapter
 from aggregator.errors import NotFound
 from aggregator.store import rollups
 from aggregator.store.meter_sql import json_path
+from aggregator.store.rows import first_row
 from meters.aggregations import Aggregation
 from meters.definitions import MeterCreate, MeterUpdate, check_unit
 from meters.errors import FieldError, ValidationFailed
@@ -179,11 +180,10 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Any:
     returns (done, target), or None when stale (the meter was redefined or archived since)."""
 
     def job(con: duckdb.DuckDBPyConnection) -> tuple[int, int] | None:
-        rows = con.execute(f"SELECT {_COLUMNS} FROM meters WHERE id = ?::UUID", [meter_id])
-        found = rows.fetchall()
-        if not found:
+        row = first_row(con, f"SELECT {_COLUMNS} FROM meters WHERE id = ?::UUID", [meter_id])
+        if row is None:
             return None
-        meter = _row(found[0])
+        meter = _row(row)
         if meter.version != version or meter.archived_at_us is not None:
             return None
         if not meter.backfilling:
@@ -216,11 +216,12 @@ def get_meter(
         uuid.UUID(meter_id)
     except ValueError:
         return None
-    rows = con.execute(
+    row = first_row(
+        con,
         f"SELECT {_COLUMNS} FROM meters WHERE organization_id = ? AND id = ?::UUID",
         [organization_id, meter_id],
-    ).fetchall()
-    return _row(rows[0]) if rows else None
+    )
+    return _row(row) if row else None
 
 
 _SORTS = {

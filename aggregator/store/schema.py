@@ -108,8 +108,9 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
         "CREATE TABLE IF NOT EXISTS schema_migrations"
         " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
     )
-    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
-    current = int(row[0]) if row else 0
+    current = int(
+        con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchall()[0][0]
+    )
     for version, step in enumerate(MIGRATIONS[current:], start=current + 1):
         con.execute("BEGIN")
         try:

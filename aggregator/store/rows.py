@@ -1,0 +1,14 @@
+"""Reading single rows without leaving a result open (an open result blocks checkpoints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+
+
+def first_row(
+    con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None = None
+) -> tuple[Any, ...] | None:
+    rows = con.execute(query, params or []).fetchall()
+    return rows[0] if rows else None
