@@ -22,6 +22,7 @@ from __future__ import annotations
 import multiprocessing
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import duckdb
@@ -101,16 +102,35 @@ def stored_events(server: Server) -> int:
     return int(row[0]) if row else 0
 
 
+# Called with the running server before the warm-up, or with the stopped server (its database
+# file still there) after the runs; what it returns goes into the details.
+Hook = Callable[[Server], dict[str, Any]]
+
+
 def run(quick: bool = False) -> dict[str, Any]:
+    return measure(quick)
+
+
+def measure(
+    quick: bool,
+    *,
+    setup: Hook | None = None,
+    verify: Hook | None = None,
+    batches: int | None = None,
+) -> dict[str, Any]:
+    """The ingest_http benchmark; other benchmarks reuse it with hooks (e.g. to create meters
+    first) and a fixed number of batches per run (to compare like with like)."""
     plan = QUICK if quick else FULL
     with Server() as server:
+        prepared = setup(server) if setup else None
         load = LoadGenerator(server)
         try:
             warmup = load.run("warmup", plan["warmup_batches"], seed=0)
             _progress("warm-up", warmup)
-            # Size runs from the warm-up so each lasts about RUN_SECONDS on this machine.
-            wanted = round(warmup["events_per_s"] * RUN_SECONDS / BATCH_SIZE)
-            batches = max(plan["min_batches"], min(plan["max_batches"], wanted))
+            if batches is None:
+                # Size runs from the warm-up so each lasts about RUN_SECONDS on this machine.
+                wanted = round(warmup["events_per_s"] * RUN_SECONDS / BATCH_SIZE)
+                batches = max(plan["min_batches"], min(plan["max_batches"], wanted))
             runs = []
             for i in range(1, plan["runs"] + 1):
                 runs.append(load.run(f"run{i}", batches, seed=i))
@@ -127,6 +147,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         stored = stored_events(server)  # replays any WAL left behind: that is a restart's cost
         reopen_seconds = time.perf_counter() - reopen_started
         stop_seconds = server.stop_seconds
+        verified = verify(server) if verify else None
 
     acknowledged = warmup["events"] + sum(r["events"] for r in runs)
     latencies = [x for r in runs for x in r.pop("latencies")]
@@ -156,9 +177,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         metric("errors", errors, "requests", "==", 0),
         metric("acknowledged but not stored", lost, "events", "==", 0),
     ]
+    hooks = {"setup": prepared, "verify": verified}
     return {
         "metrics": metrics,
         "details": {
+            **{key: value for key, value in hooks.items() if value is not None},
             "mode": "quick" if quick else "full",
             "batch_size": BATCH_SIZE,
             "concurrency": CONCURRENCY,

@@ -24,11 +24,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import ingest_http
+from benchmarks import ingest_http, meters
 
 RESULTS = Path(__file__).parent / "results"
-BENCHMARKS: dict[str, ModuleType] = {
+# A module (its `run`) or a function; the hypothesis is the function's docstring, else its
+# module's.
+BENCHMARKS: dict[str, ModuleType | Callable[[bool], dict[str, Any]]] = {
     "ingest_http": ingest_http,
+    "ingest_http_meters": meters.ingest_http_meters,
+    "rollup_update": meters.rollup_update,
+    "quantities_10m": meters.quantities_10m,
 }
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx")
 _OPS = {">=": "≥", "<=": "≤", "==": "="}
@@ -89,9 +94,9 @@ def _git(*args: str) -> str | None:
 
 
 def run_one(name: str, quick: bool) -> dict[str, Any]:
-    module = BENCHMARKS[name]
-    bench: Callable[[bool], dict[str, Any]] = module.run
-    doc = (module.__doc__ or "").strip()
+    entry = BENCHMARKS[name]
+    bench: Callable[[bool], dict[str, Any]] = entry.run if isinstance(entry, ModuleType) else entry
+    doc = (bench.__doc__ or sys.modules[bench.__module__].__doc__ or "").strip()
     result = {
         "benchmark": name,
         "summary": doc.splitlines()[0] if doc else "",
