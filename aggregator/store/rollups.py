@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from aggregator.store.meter_sql import contribution_sql, meter_events_sql
+from aggregator.store.meter_sql import contribution_sql, filter_sql
 from meters.aggregations import UniqueAggregation
 
 if TYPE_CHECKING:
@@ -29,13 +29,16 @@ def apply(
     con: duckdb.DuckDBPyConnection, meter: MeterRow, source: str, where: str, params: list[Any]
 ) -> None:
     """Add the events of `source` selected by `where` (and the meter) to the meter's rollups."""
-    in_meter, in_meter_params = meter_events_sql(meter.filter, meter.aggregation)
+    # The filter alone (not meter_events_sql): the contribution, computed once in the
+    # materialized CTE, is NULL exactly when the aggregation's implicit filter excludes the
+    # event. Without MATERIALIZED, DuckDB re-evaluates the JSON expressions per use.
+    in_filter, in_filter_params = filter_sql(meter.filter)
     value, value_params = contribution_sql(meter.aggregation)
     rows = (
-        f"SELECT {SUBJECT} AS subject, {BUCKET} AS bucket, {value} AS v FROM {source}"
-        f" WHERE {where} AND {in_meter}"
+        f"WITH e AS MATERIALIZED (SELECT {SUBJECT} AS subject, {BUCKET} AS bucket, {value} AS v"
+        f" FROM {source} WHERE {where} AND {in_filter}) SELECT subject, bucket, v FROM e"
     )
-    rows_params = [*value_params, *params, *in_meter_params]
+    rows_params = [*value_params, *params, *in_filter_params]
     if isinstance(meter.aggregation, UniqueAggregation):
         con.execute(
             f"INSERT INTO rollup_values SELECT DISTINCT ?::UUID, subject, bucket, v FROM ({rows})"
