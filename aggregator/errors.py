@@ -17,11 +17,5 @@ class NotFound(AggregatorError):
     pass
 
 
-class Overloaded(AggregatorError):
-    def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 class StoreClosed(AggregatorError):
     pass

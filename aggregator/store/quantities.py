@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import duckdb
 
-from aggregator.store.meter_sql import contribution_sql, json_path, meter_events_sql
+from aggregator.store.meter_sql import contribution_sql, filter_sql, json_path
 from aggregator.store.meters import MeterRow
 from aggregator.store.rollups import SUBJECT
 from meters.aggregations import CountAggregation, UniqueAggregation
@@ -85,6 +85,17 @@ def _ranges_cte(ranges: Sequence[tuple[int, int, int]]) -> tuple[str, list[Any]]
     )
 
 
+def _shape(scope: Scope, sums: str, value: str) -> tuple[list[Any], bool, str, str]:
+    """What both readers select: (customer expression's params, unique?, the select list, the
+    GROUP BY). Unique meters select distinct values, the others aggregates."""
+    who, who_params = (
+        (_CUSTOMER, [scope.meter.organization_id]) if scope.by_customer else ("''", [])
+    )
+    if isinstance(scope.meter.aggregation, UniqueAggregation):
+        return who_params, True, f"DISTINCT p.idx, {who}, {value}", ""
+    return who_params, False, f"p.idx, {who}, {sums}", "GROUP BY ALL"
+
+
 def from_rollups(
     con: duckdb.DuckDBPyConnection, scope: Scope, ranges: Sequence[tuple[int, int, int]]
 ) -> dict[Key, Partial]:
@@ -98,15 +109,12 @@ def from_rollups(
     if scope.subjects is not None:
         where += " AND r.subject IN (SELECT unnest(?::VARCHAR[]))"
         params.append(list(scope.subjects))
-    who, who_params = (_CUSTOMER, [meter.organization_id]) if scope.by_customer else ("''", [])
-    unique = isinstance(meter.aggregation, UniqueAggregation)
+    who_params, unique, selected, group = _shape(
+        scope, "sum(events), sum(total), min(low), max(high)", "value"
+    )
     table = "rollup_values" if unique else "rollups"
-    measures = "value" if unique else "sum(events), sum(total), min(low), max(high)"
-    group = "GROUP BY ALL" if not unique else ""
-    distinct = "DISTINCT " if unique else ""
     rows = con.execute(
-        f"SELECT {distinct}p.idx, {who}, {measures}"
-        f" FROM {table} r JOIN {cte} p ON r.bucket >= p.lo AND r.bucket < p.hi"
+        f"SELECT {selected} FROM {table} r JOIN {cte} p ON r.bucket >= p.lo AND r.bucket < p.hi"
         f" WHERE {where} {group}",
         [*who_params, *cte_params, *params],
     ).fetchall()
@@ -121,23 +129,21 @@ def from_events(
     if not ranges:
         return {}
     cte, cte_params = _ranges_cte(ranges)
-    in_meter, in_meter_params = meter_events_sql(meter.filter, meter.aggregation)
+    # The filter alone: `v IS NOT NULL` below is the aggregation's implicit filter, so each
+    # event's value is computed once.
+    in_filter, in_filter_params = filter_sql(meter.filter)
     value, value_params = contribution_sql(meter.aggregation)
-    where = f"organization_id = ?::UUID AND {in_meter}"
-    params: list[Any] = [meter.organization_id, *in_meter_params]
+    where = f"organization_id = ?::UUID AND {in_filter}"
+    params: list[Any] = [meter.organization_id, *in_filter_params]
     if scope.subjects is not None:
         where += f" AND {SUBJECT} IN (SELECT unnest(?::VARCHAR[]))"
         params.append(list(scope.subjects))
     for key, values in scope.metadata:
         where += " AND json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))"
         params.extend([json_path((key,)), list(values)])
-    who, who_params = (_CUSTOMER, [meter.organization_id]) if scope.by_customer else ("''", [])
-    unique = isinstance(meter.aggregation, UniqueAggregation)
-    measures = "v" if unique else "count(*), sum(v), min(v), max(v)"
-    group = "" if unique else "GROUP BY ALL"
-    distinct = "DISTINCT " if unique else ""
+    who_params, unique, selected, group = _shape(scope, "count(*), sum(v), min(v), max(v)", "v")
     rows = con.execute(
-        f"SELECT {distinct}p.idx, {who}, {measures} FROM"
+        f"SELECT {selected} FROM"
         f" (SELECT {SUBJECT} AS subject, timestamp, {value} AS v FROM events WHERE {where}) e"
         f" JOIN {cte} p ON e.timestamp >= p.lo AND e.timestamp < p.hi"
         f" WHERE v IS NOT NULL {group}",
