@@ -53,7 +53,7 @@ class EmbeddedPublisher:
     async def publish(
         self, organization_id: str, body: bytes, received_at_us: int
     ) -> PublishResult:
-        events = from_ipc(await self._validation.validate(body, received_at_us))
+        events = from_ipc(await self._validation.validate(body, received_at_us, organization_id))
         assert self._store.seq is not None
         job = IngestJob(organization_id, events, received_at_us, self._store.seq)
         result = await self._store.write(job, weight=max(1, events.num_rows))

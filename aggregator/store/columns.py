@@ -48,8 +48,9 @@ def to_table(events: Sequence[Event]) -> pa.Table:
     )
 
 
-def to_ipc(events: Sequence[Event]) -> bytes:
-    """Encode validated events for the store (runs in validation workers)."""
+def to_ipc(events: Sequence[Event], organization_id: str, ingested_at_us: int) -> bytes:
+    """Encode validated events for the store (runs in validation workers); the organization
+    and ingest time travel with the store's job instead."""
     table = to_table(events)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, SCHEMA) as writer:

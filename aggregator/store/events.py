@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from aggregator.store import rollups
 from aggregator.store.meter_sql import json_path
-from aggregator.store.meters import meters_of
+from aggregator.store.meters import MeterRow, meters_of
 from aggregator.store.rows import first_row
 from aggregator.store.writer import Batchable, Outcome
 from meters.errors import FieldError, ValidationFailed
@@ -167,10 +167,11 @@ def _insert(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> pa.BooleanArray:
         try:
             _record_links(con, has_parents=new.column("parent_id").null_count < new.num_rows)
             organizations = [str(o) for o in pc.unique(new.column("organization_id")).to_pylist()]
+            by_organization: dict[str, list[MeterRow]] = {}
             for meter in meters_of(con, organizations):
-                rollups.apply(
-                    con, meter, "_batch_new", "organization_id = ?", [meter.organization_id]
-                )
+                by_organization.setdefault(meter.organization_id, []).append(meter)
+            for organization, meters in by_organization.items():
+                rollups.apply(con, meters, "_batch_new", "organization_id = ?", [organization])
         finally:
             con.unregister("_batch_new")
     return stored

@@ -31,32 +31,84 @@ def json_path(keys: tuple[str, ...]) -> str:
     return "$." + ".".join(f'"{key}"' for key in quoted)
 
 
+class Inline:
+    """Each metadata path read where it is used: `json_extract(metadata, path)`."""
+
+    def value(self, path: Path) -> SQL:
+        return "json_extract(metadata, ?)", [json_path(path.keys)]
+
+    def facet(self, sql: SQL) -> SQL:
+        return sql
+
+
+class Extracted:
+    """The metadata paths and per-path facets (kind, text, number, ...) a set of meters reads,
+    each computed once per row however many meters use it.
+
+    The statement projects `projection()` (the JSON values of all paths from one parse of the
+    document, column `_j`), then `facets()` over it, each in a materialized step below the
+    expressions built with this source.
+    """
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self._facets: list[str] = []
+
+    def value(self, path: Path) -> SQL:
+        p = json_path(path.keys)
+        if p not in self.paths:
+            self.paths.append(p)
+        return f"_j[{self.paths.index(p) + 1}]", []
+
+    def facet(self, sql: SQL) -> SQL:
+        text, params = sql
+        assert not params, "facets read `_j` only"
+        if text not in self._facets:
+            self._facets.append(text)
+        return f"_f{self._facets.index(text)}", []
+
+    def projection(self) -> SQL:
+        if not self.paths:
+            return "NULL AS _j", []
+        return "json_extract(metadata, ?::VARCHAR[]) AS _j", [self.paths]
+
+    def facets(self) -> str:
+        return ", ".join(f"{text} AS _f{i}" for i, text in enumerate(self._facets)) or "NULL AS _f"
+
+
+Source = Inline | Extracted
+INLINE = Inline()
+
+
 @dataclass(frozen=True, slots=True)
 class _Typed:
-    """SQL for one metadata path: its comparison kind ('str' | 'num' | 'bool' | NULL), its text
-    and its number, each with the bound parameters it needs."""
+    """SQL for one metadata path: its comparison kind ('str' | 'num' | 'bool' | NULL), its text,
+    its number and its boolean, each with the bound parameters it needs."""
 
     kind: SQL
     text: SQL
     number: SQL
+    boolean: SQL
 
 
-def _typed(path: Path) -> _Typed:
-    p = json_path(path.keys)
+def _typed(path: Path, source: Source) -> _Typed:
+    value, params = source.value(path)
     if path.keys == COST_AMOUNT:
         return _Typed(
-            ("CASE WHEN json_type(metadata, ?) = 'VARCHAR' THEN 'num' END", [p]),
+            source.facet((f"CASE WHEN json_type({value}) = 'VARCHAR' THEN 'num' END", params)),
             ("NULL", []),
-            ("TRY_CAST(json_extract_string(metadata, ?) AS DOUBLE)", [p]),
+            source.facet((f"TRY_CAST(json_extract_string({value}, '$') AS DOUBLE)", params)),
+            ("NULL", []),
         )
+    kind = (
+        f"CASE json_type({value}) WHEN 'VARCHAR' THEN 'str' WHEN 'BOOLEAN' THEN 'bool'"
+        " WHEN 'BIGINT' THEN 'num' WHEN 'UBIGINT' THEN 'num' WHEN 'DOUBLE' THEN 'num' END"
+    )
     return _Typed(
-        (
-            "CASE json_type(metadata, ?) WHEN 'VARCHAR' THEN 'str' WHEN 'BOOLEAN' THEN 'bool'"
-            " WHEN 'BIGINT' THEN 'num' WHEN 'UBIGINT' THEN 'num' WHEN 'DOUBLE' THEN 'num' END",
-            [p],
-        ),
-        ("json_extract_string(metadata, ?)", [p]),
-        ("TRY_CAST(json_extract(metadata, ?) AS DOUBLE)", [p]),
+        source.facet((kind, params)),
+        source.facet((f"json_extract_string({value}, '$')", params)),
+        source.facet((f"TRY_CAST({value} AS DOUBLE)", params)),
+        source.facet((f"TRY_CAST({value} AS BOOLEAN)", params)),
     )
 
 
@@ -65,7 +117,7 @@ def _when(typed: _Typed, kind: str, expr: SQL, *tail: Any) -> SQL:
     return f"({typed.kind[0]} = '{kind}' AND {expr[0]})", [*typed.kind[1], *expr[1], *tail]
 
 
-def clause_sql(clause: FilterClause) -> SQL:
+def clause_sql(clause: FilterClause, source: Source = INLINE) -> SQL:
     path = clause.resolved()
     value = clause.value
     value_kind = "bool" if type(value) is bool else "num" if type(value) is int else "str"
@@ -75,7 +127,7 @@ def clause_sql(clause: FilterClause) -> SQL:
             return f"({negate}contains({path.column}, ?))", [clause_text(value)]
         if path.column == "timestamp":
             return "FALSE", []
-        typed = _typed(path)
+        typed = _typed(path, source)
         text_sql, text_params = typed.text
         return _when(
             typed, "str", (f"{negate}contains({text_sql}, ?)", text_params), clause_text(value)
@@ -85,16 +137,15 @@ def clause_sql(clause: FilterClause) -> SQL:
         return (f"({path.column} {op} ?)", [value]) if value_kind == "str" else ("FALSE", [])
     if path.column == "timestamp":
         return (f"({_EPOCH_SECONDS} {op} ?)", [value]) if value_kind == "num" else ("FALSE", [])
-    typed = _typed(path)
+    typed = _typed(path, source)
     if value_kind == "str":
         return _when(typed, "str", (f"{typed.text[0]} {op} ?", typed.text[1]), value)
     if value_kind == "num":
         return _when(typed, "num", (f"{typed.number[0]} {op} ?", typed.number[1]), value)
-    boolean = f"TRY_CAST(json_extract(metadata, ?) AS BOOLEAN) {op} ?"
-    return _when(typed, "bool", (boolean, [json_path(path.keys)]), value)
+    return _when(typed, "bool", (f"{typed.boolean[0]} {op} ?", typed.boolean[1]), value)
 
 
-def filter_sql(meter_filter: Filter) -> SQL:
+def filter_sql(meter_filter: Filter, source: Source = INLINE) -> SQL:
     """A boolean expression true exactly for the events `meter_filter.matches`."""
     if not meter_filter.clauses:
         return "TRUE", []
@@ -102,7 +153,7 @@ def filter_sql(meter_filter: Filter) -> SQL:
     params: list[Any] = []
     for clause in meter_filter.clauses:
         sql, clause_params = (
-            filter_sql(clause) if isinstance(clause, Filter) else clause_sql(clause)
+            filter_sql(clause, source) if isinstance(clause, Filter) else clause_sql(clause, source)
         )
         # NULL (a missing property) must act as false inside any and/or nesting.
         parts.append(f"coalesce({sql}, FALSE)")
@@ -112,7 +163,7 @@ def filter_sql(meter_filter: Filter) -> SQL:
 
 
 def contribution_sql(
-    aggregation: CountAggregation | PropertyAggregation | UniqueAggregation,
+    aggregation: CountAggregation | PropertyAggregation | UniqueAggregation, source: Source = INLINE
 ) -> SQL:
     """Per event: 1.0 for count; the number for sum/avg/min/max (NULL: not in the meter); the
     distinct-value key for unique (NULL: no value)."""
@@ -126,7 +177,7 @@ def contribution_sql(
         return seconds, []
     if path.column is not None:  # name / source: only unique accepts them
         return f"('s:' || {path.column})", []
-    typed = _typed(path)
+    typed = _typed(path, source)
     number_sql, number_params = typed.number
     if isinstance(aggregation, PropertyAggregation):
         return (

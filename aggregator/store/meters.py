@@ -191,7 +191,7 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Any:
         high = min(meter.backfilled_to + chunk, meter.backfill_target)
         rollups.apply(
             con,
-            meter,
+            [meter],
             "events",
             "organization_id = ?::UUID AND seq > ? AND seq <= ?",
             [meter.organization_id, meter.backfilled_to, high],

@@ -168,6 +168,15 @@ def merge_into(target: dict[Key, Partial], source: dict[Key, Partial]) -> None:
         target.setdefault(key, Partial()).merge(partial)
 
 
+def _merged_by_customer(partials: dict[Key, Partial], indexes: range) -> dict[Key, Partial]:
+    """The partials of ranges `indexes` merged per customer, as range 0."""
+    merged: dict[Key, Partial] = {}
+    for (index, customer), partial in partials.items():
+        if index in indexes:
+            merged.setdefault((0, customer), Partial()).merge(partial)
+    return merged
+
+
 def exact_range(
     con: duckdb.DuckDBPyConnection, scope: Scope, start_us: int, end_us: int
 ) -> dict[Key, Partial]:
@@ -226,7 +235,16 @@ def compute(
     ranges = [(i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
     source = from_events if scope.metadata else from_rollups
     partials = source(con, scope, ranges)
-    total = exact_range(con, scope, start_us, end_us)
+    # The total reuses the periods that lie inside the range; only the rest is read again.
+    inside = [r for r in ranges if start_us <= r[1] and r[2] <= end_us + 1]
+    if inside:
+        total = _merged_by_customer(partials, range(inside[0][0], inside[-1][0] + 1))
+        if start_us < inside[0][1]:
+            merge_into(total, exact_range(con, scope, start_us, inside[0][1] - 1))
+        if inside[-1][2] <= end_us:
+            merge_into(total, exact_range(con, scope, inside[-1][2], end_us))
+    else:
+        total = exact_range(con, scope, start_us, end_us)
     return (
         [(periods[i], reduce(partials, scope.meter, i, across)) for i in range(len(ranges))],
         reduce(total, scope.meter, 0, across),

@@ -18,6 +18,7 @@ from meters.events import EventRules
 from tests.strategies import NOW_US, valid_events
 
 RULES = EventRules()
+ORG = "3f1c2a9e-0d5b-4e7a-9c61-2b8f4d7e6a10"
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +38,13 @@ def pool(runner: asyncio.Runner) -> Iterator[ValidationPool]:
 
 def _outcome(pool: ValidationPool, runner: asyncio.Runner, body: bytes) -> Any:
     try:
-        return from_ipc(runner.run(pool.validate(body, NOW_US))).to_pylist()
+        return from_ipc(runner.run(pool.validate(body, NOW_US, ORG))).to_pylist()
     except ValidationFailed as exc:
         return exc.errors
 
 
 def _inline(body: bytes) -> Any:
-    result = validate_body(body, NOW_US, RULES, to_ipc)
+    result = validate_body(body, ORG, NOW_US, RULES, to_ipc)
     return result if isinstance(result, list) else from_ipc(result).to_pylist()
 
 
@@ -70,7 +71,7 @@ def test_small_bodies_are_validated_inline(runner: asyncio.Runner) -> None:
         # workers=0: no processes at all.
         async with ValidationPool(RULES, to_ipc, workers=0) as inline:
             return await inline.validate(
-                b'{"events": [{"name": "a", "external_customer_id": "c"}]}', NOW_US
+                b'{"events": [{"name": "a", "external_customer_id": "c"}]}', NOW_US, ORG
             )
 
     table = from_ipc(runner.run(run()))
