@@ -26,12 +26,13 @@ from ingest.http.requests import decode_json
 from meters.errors import FieldError, ValidationFailed
 from meters.events import Event, EventRules, parse_ingest_body
 
-Encode = Callable[[Sequence[Event]], bytes]
+# (events, organization id, received-at) -> bytes for the destination.
+Encode = Callable[[Sequence[Event], str, int], bytes]
 log = logging.getLogger(__name__)
 
 
 def validate_body(
-    body: bytes, received_at_us: int, rules: EventRules, encode: Encode
+    body: bytes, organization_id: str, received_at_us: int, rules: EventRules, encode: Encode
 ) -> bytes | list[FieldError]:
     """Decode and validate an ingest body; the encoded events, or every error found.
 
@@ -41,7 +42,7 @@ def validate_body(
         events = parse_ingest_body(decode_json(body), now=received_at_us, rules=rules)
     except ValidationFailed as exc:
         return exc.errors
-    return encode(events)
+    return encode(events, organization_id, received_at_us)
 
 
 class ValidationPool:
@@ -90,9 +91,11 @@ class ValidationPool:
             await asyncio.to_thread(self._pool.shutdown, True, cancel_futures=True)
             self._pool = None
 
-    async def validate(self, body: bytes, received_at_us: int) -> bytes:
+    async def validate(self, body: bytes, received_at_us: int, organization_id: str) -> bytes:
         """The encoded events of `body`. Raises ValidationFailed listing every error."""
-        job = partial(validate_body, body, received_at_us, self._rules, self._encode)
+        job = partial(
+            validate_body, body, organization_id, received_at_us, self._rules, self._encode
+        )
         pool = self._pool
         if pool is None or len(body) < self._inline_below:
             result = job()
