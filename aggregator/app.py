@@ -10,20 +10,22 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from aggregator.api import customers, events, meters
 from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
+from aggregator.consumer import Consumer
 from aggregator.errors import NotFound
 from aggregator.store import Store
 from aggregator.store.columns import from_ipc
 from aggregator.store.events import IngestJob
 from ingest.http.app import IngestSettings, ingest_routes
+from ingest.http.requests import Authenticate
 from ingest.http.responses import EXCEPTION_HANDLERS, JSON, error
-from ingest.publish import PublishResult
+from ingest.publish import Publisher, PublishResult
 from ingest.validation import ValidationPool
 
 log = logging.getLogger(__name__)
@@ -79,29 +81,75 @@ async def _health(request: Request) -> JSON:
     return JSON({"status": "ok"})
 
 
-def build_app(
-    store: Store,
-    registry: TokenRegistry,
-    validation: ValidationPool,
-    backfiller: Backfiller,
-    settings: CoreSettings,
-) -> Starlette:
+def _authenticator(registry: TokenRegistry) -> Authenticate:
     def authenticate(token: str) -> str | None:
         org = registry.authenticate(token)
         return org.id if org else None
 
+    return authenticate
+
+
+def _metrics(consumer: Consumer | None) -> Route:
+    """Prometheus text: how far behind the consumer is and how long its commits take."""
+
+    async def metrics(request: Request) -> Response:
+        lines: list[str] = []
+        if consumer is not None:
+            lines.append("# TYPE meterline_consumer_lag_records gauge")
+            for partition, lag in sorted((await consumer.lag()).items()):
+                lines.append(f'meterline_consumer_lag_records{{partition="{partition}"}} {lag}')
+            lines += [
+                "# TYPE meterline_consumer_applied_events_total counter",
+                f"meterline_consumer_applied_events_total {consumer.applied}",
+                "# TYPE meterline_consumer_dead_lettered_total counter",
+                f"meterline_consumer_dead_lettered_total {consumer.dead_lettered}",
+                "# TYPE meterline_consumer_batch_commit_seconds summary",
+            ]
+            timings = sorted(consumer.commit_seconds)
+            for q in (0.5, 0.99):
+                value = timings[min(len(timings) - 1, int(q * len(timings)))] if timings else 0.0
+                lines.append(f'meterline_consumer_batch_commit_seconds{{quantile="{q}"}} {value}')
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    return Route("/metrics", metrics, methods=["GET"])
+
+
+_HANDLERS: dict[Any, Any] = {
+    **EXCEPTION_HANDLERS,
+    NotFound: _not_found,
+    HTTPException: _http_error,
+    Exception: _internal,
+}
+
+
+def build_app(
+    store: Store,
+    registry: TokenRegistry,
+    publisher: Publisher,
+    backfiller: Backfiller,
+    settings: CoreSettings,
+    consumer: Consumer | None = None,
+) -> Starlette:
+    """The core's API: ingest through `publisher`, and every query and management route."""
+    authenticate = _authenticator(registry)
     ctx = ApiContext(store, authenticate, settings.ingest.max_body_bytes, backfiller)
     routes = [
         Route("/healthz", _health, methods=["GET"]),
-        *ingest_routes(EmbeddedPublisher(store, validation), authenticate, settings.ingest),
+        _metrics(consumer),
+        *ingest_routes(publisher, authenticate, settings.ingest),
         *events.routes(ctx),
         *customers.routes(ctx),
         *meters.routes(ctx),
     ]
-    handlers: dict[Any, Any] = {
-        **EXCEPTION_HANDLERS,
-        NotFound: _not_found,
-        HTTPException: _http_error,
-        Exception: _internal,
-    }
-    return Starlette(routes=routes, exception_handlers=handlers)
+    return Starlette(routes=routes, exception_handlers=_HANDLERS)
+
+
+def build_edge_app(
+    registry: TokenRegistry, publisher: Publisher, settings: IngestSettings
+) -> Starlette:
+    """A stateless ingest edge: `POST /v1/events/ingest` into Kafka, nothing else."""
+    routes = [
+        Route("/healthz", _health, methods=["GET"]),
+        *ingest_routes(publisher, _authenticator(registry), settings),
+    ]
+    return Starlette(routes=routes, exception_handlers=_HANDLERS)

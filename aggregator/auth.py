@@ -80,6 +80,7 @@ class TokenRegistry:
         self._lock = threading.Lock()
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, Organization | None]] = {}
+        self._known: set[str] = set()
 
     def close(self) -> None:
         self._db.close()
@@ -142,6 +143,19 @@ class TokenRegistry:
             )
         if cursor.rowcount == 0:
             raise NotFound(f"No active token with id {token_id}")
+
+    def organization_exists(self, organization_id: str) -> bool:
+        """Whether the organization exists. Organizations are never deleted, so a yes is
+        remembered."""
+        if organization_id in self._known:
+            return True
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM organizations WHERE id = ?", (organization_id,)
+            ).fetchone()
+        if row is not None:
+            self._known.add(organization_id)
+        return row is not None
 
     def authenticate(self, token: str) -> Organization | None:
         """The organization owning `token`, or None if it is unknown or revoked."""

@@ -1,6 +1,8 @@
 """The `meterline` command: composes processes from settings given on the command line.
 
-meterline up [--host 127.0.0.1] [--port 8000] [--data-dir ./.meterline]
+meterline up [--host 127.0.0.1] [--port 8000] [--data-dir ./.meterline] [--kafka BOOTSTRAP]
+meterline core --kafka BOOTSTRAP [--port 8000] [--data-dir ./.meterline]
+meterline ingest --kafka BOOTSTRAP [--port 8001] [--data-dir ./.meterline]
 meterline token create --data-dir DIR --org NAME [--label TEXT]
 meterline token list --data-dir DIR
 meterline token revoke --data-dir DIR TOKEN_ID
@@ -21,41 +23,78 @@ from pathlib import Path
 
 import uvicorn
 import uvloop
+from starlette.applications import Starlette
 
-from aggregator.app import CoreSettings, build_app
+from aggregator.app import CoreSettings, EmbeddedPublisher, build_app, build_edge_app
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
+from aggregator.consumer import Consumer
 from aggregator.errors import NotFound
 from aggregator.store import Store
 from aggregator.store.columns import to_ipc
 from ingest.http.app import IngestSettings
+from ingest.publish import Publisher
+from ingest.publish.kafka import KafkaPublisher, KafkaSettings, encode_records
 from ingest.validation import ValidationPool
 from meters.events import EventRules
 
 DEFAULT_DATA_DIR = Path(".meterline")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meterline", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    up = commands.add_parser("up", help="serve the API with the embedded store")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    up.add_argument(
+def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument(
         "--max-future-seconds",
         type=float,
         default=300,
         help="how far in the future an event timestamp may be (client clock skew)",
     )
-    up.add_argument(
+    parser.add_argument(
         "--validation-workers",
         type=int,
         default=os.cpu_count() or 1,
         help="processes validating large ingest bodies (0: validate in the server process)",
     )
-    up.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="info")
+    kafka = parser.add_argument_group("Kafka")
+    kafka.add_argument(
+        "--kafka",
+        metavar="BOOTSTRAP",
+        required=kafka_required,
+        help="bootstrap servers (host:port[,host:port]); without it, the embedded store",
+    )
+    defaults = KafkaSettings("")
+    kafka.add_argument("--topic", default=defaults.topic)
+    kafka.add_argument("--dead-letter-topic", default=defaults.dead_letter_topic)
+    kafka.add_argument("--partitions", type=int, default=defaults.partitions)
+    kafka.add_argument("--replication-factor", type=int, default=defaults.replication_factor)
+    kafka.add_argument("--compression", choices=["gzip", "snappy", "lz4", "zstd"])
+    kafka.add_argument("--linger-ms", type=int, default=defaults.linger_ms)
+    kafka.add_argument("--consumer-group", default=defaults.consumer_group)
+    kafka.add_argument(
+        "--no-idempotence",
+        action="store_true",
+        help="turn the idempotent producer off (for brokers without it)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meterline", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _serving(
+        commands.add_parser("up", help="serve everything in one process (embedded by default)"),
+        kafka_required=False,
+    )
+    _serving(
+        commands.add_parser("core", help="the DuckDB owner: Kafka consumer and the full API"),
+        kafka_required=True,
+    )
+    _serving(
+        commands.add_parser("ingest", help="a stateless ingest edge publishing to Kafka"),
+        kafka_required=True,
+    )
 
     token = commands.add_parser("token", help="manage organization access tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
@@ -84,9 +123,27 @@ def main(argv: list[str] | None = None) -> int:
             validation_workers=args.validation_workers,
         ),
     )
+    kafka = None
+    if args.kafka:
+        kafka = KafkaSettings(
+            args.kafka,
+            topic=args.topic,
+            dead_letter_topic=args.dead_letter_topic,
+            partitions=args.partitions,
+            replication_factor=args.replication_factor,
+            compression=args.compression,
+            idempotence=not args.no_idempotence,
+            linger_ms=args.linger_ms,
+            consumer_group=args.consumer_group,
+        )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(settings, log_level=args.log_level))
+        if args.command == "ingest":
+            assert kafka is not None
+            runner.run(serve_edge(settings, kafka, log_level=args.log_level))
+        else:
+            banner = args.command == "up"
+            runner.run(serve(settings, kafka, log_level=args.log_level, banner=banner))
     return 0
 
 
@@ -114,38 +171,84 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-async def serve(settings: CoreSettings, *, log_level: str = "info") -> None:
-    """Run the embedded pipeline until SIGINT/SIGTERM; pending writes are drained on exit."""
+async def serve(
+    settings: CoreSettings,
+    kafka: KafkaSettings | None,
+    *,
+    log_level: str = "info",
+    banner: bool = True,
+) -> None:
+    """Run a core until SIGINT/SIGTERM: the API over the store, fed by ingest directly
+    (embedded) or by the Kafka consumer. Pending writes are drained on exit."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    registry = TokenRegistry(settings.data_dir, cache_seconds=settings.token_cache_seconds)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            store = await stack.enter_async_context(Store(settings.database))
+            encode = to_ipc if kafka is None else encode_records
+            validation = await stack.enter_async_context(
+                ValidationPool(
+                    settings.ingest.rules, encode, workers=settings.ingest.validation_workers
+                )
+            )
+            backfiller = await stack.enter_async_context(Backfiller(store))
+            consumer = None
+            publisher: Publisher = EmbeddedPublisher(store, validation)
+            if kafka is not None:
+                consumer = await stack.enter_async_context(
+                    Consumer(store, kafka, settings.ingest.rules, registry.organization_exists)
+                )
+                publisher = await stack.enter_async_context(KafkaPublisher(kafka, validation))
+            org = registry.organization("default")
+            token = registry.development_token(org) if banner else None
+            app = build_app(store, registry, publisher, backfiller, settings, consumer)
+            await _serve_http(app, settings, log_level, token if banner else _NO_BANNER)
+    finally:
+        registry.close()
+
+
+async def serve_edge(settings: CoreSettings, kafka: KafkaSettings, *, log_level: str) -> None:
+    """Run a stateless ingest edge until SIGINT/SIGTERM. It reads tokens from the data dir's
+    registry (shared with the core), and holds nothing else."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     registry = TokenRegistry(settings.data_dir, cache_seconds=settings.token_cache_seconds)
     try:
         async with (
-            Store(settings.database) as store,
             ValidationPool(
-                settings.ingest.rules, to_ipc, workers=settings.ingest.validation_workers
+                settings.ingest.rules,
+                encode_records,
+                workers=settings.ingest.validation_workers,
             ) as validation,
-            Backfiller(store) as backfiller,
+            KafkaPublisher(kafka, validation) as publisher,
         ):
-            org = registry.organization("default")
-            token = registry.development_token(org)
-            config = uvicorn.Config(
-                build_app(store, registry, validation, backfiller, settings),
-                host=settings.host,
-                port=settings.port,
-                log_level=log_level,
-                access_log=False,
-                lifespan="off",
-                timeout_graceful_shutdown=30,
-            )
-            server = _Server(config)
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, server.handle_exit, signum, None)
-            banner = asyncio.create_task(_banner(server, settings, token))
-            await server.serve()
-            banner.cancel()
+            app = build_edge_app(registry, publisher, settings.ingest)
+            await _serve_http(app, settings, log_level, _NO_BANNER)
     finally:
         registry.close()
+
+
+_NO_BANNER = "-"
+
+
+async def _serve_http(
+    app: Starlette, settings: CoreSettings, log_level: str, token: str | None
+) -> None:
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=30,
+    )
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, server.handle_exit, signum, None)
+    banner = asyncio.create_task(_banner(server, settings, token))
+    await server.serve()
+    banner.cancel()
 
 
 class _Server(uvicorn.Server):
@@ -162,7 +265,9 @@ async def _banner(server: uvicorn.Server, settings: CoreSettings, token: str | N
         await asyncio.sleep(0.05)
     url = f"http://{settings.host}:{settings.port}"
     lines = [f"meterline is serving {url} (data in {settings.data_dir})"]
-    if token:
+    if token == _NO_BANNER:
+        pass
+    elif token:
         lines += [
             f"development token (organization 'default'): {token}",
             "try:",

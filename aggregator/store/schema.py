@@ -99,6 +99,15 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (meter_id, subject, bucket, value)
     );
     """,
+    # 3: how far the consumer has applied each Kafka partition (written with the events).
+    """
+    CREATE TABLE kafka_offsets (
+        topic VARCHAR NOT NULL,
+        partition INTEGER NOT NULL,
+        next_offset BIGINT NOT NULL,
+        PRIMARY KEY (topic, partition)
+    );
+    """,
 )
 
 

@@ -1,0 +1,167 @@
+"""The Kafka record format of a usage event: what ingest edges write and the core reads.
+
+A record's value is one JSON object: the event's fields as `POST /v1/events/ingest` takes them
+(validated by the same rules), plus `organization_id` (required) and `ingested_at` (RFC 3339;
+optional, defaulting to the record's timestamp). Its key is `<organization_id>/<customer>`, so
+that one customer's events keep their order within a partition. Any producer may write records
+in this form; a record that breaks it is rejected with a reason (and dead-lettered by the core).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from meters.errors import ValidationFailed
+from meters.events import EPOCH, Event, EventRules, parse_ingest_body, us_to_datetime
+
+_ONE_US = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One decoded, validated record."""
+
+    organization_id: str
+    ingested_at_us: int
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Why a record cannot be applied (the dead-letter reason)."""
+
+    reason: str
+
+
+def record_key(organization_id: str, event: Event) -> bytes:
+    customer = (
+        f"id:{event.customer_id}" if event.customer_id else f"ext:{event.external_customer_id}"
+    )
+    return f"{organization_id}/{customer}".encode()
+
+
+def record_value(event: Event, organization_id: str, ingested_at_us: int) -> bytes:
+    """The record value of a validated event (its timestamp always explicit)."""
+    value: dict[str, Any] = {
+        "organization_id": organization_id,
+        "ingested_at": _iso(ingested_at_us),
+        "name": event.name,
+        "timestamp": _iso(event.timestamp_us),
+    }
+    for field in ("customer_id", "external_customer_id", "external_member_id"):
+        if (v := getattr(event, field)) is not None:
+            value[field] = v
+    if event.external_id is not None:
+        value["external_id"] = event.external_id
+    if event.parent_id is not None:
+        value["parent_id"] = event.parent_id
+    if event.metadata:
+        value["metadata"] = event.metadata
+    return orjson.dumps(value)
+
+
+def _iso(us: int) -> str:
+    return us_to_datetime(us).isoformat().replace("+00:00", "Z")
+
+
+def decode_records(
+    values: Sequence[bytes | None],
+    timestamps_ms: Sequence[int],
+    *,
+    now_us: int,
+    rules: EventRules,
+    max_bytes: int,
+) -> list[Record | Rejected]:
+    """Decode and validate record values; one result per value, in order.
+
+    All the valid events are validated in one pass; only when some fail is each failing
+    record's reason picked out of the errors.
+    """
+    results: list[Record | Rejected | None] = [None] * len(values)
+    items: list[dict[str, Any]] = []
+    heads: list[tuple[int, str, int]] = []  # (index in values, organization, ingested_at)
+    for i, (raw, ts_ms) in enumerate(zip(values, timestamps_ms, strict=True)):
+        head = _head(raw, ts_ms, max_bytes)
+        if isinstance(head, Rejected):
+            results[i] = head
+            continue
+        organization, ingested_at, item = head
+        if "timestamp" not in item:
+            item["timestamp"] = _iso(ingested_at)
+        items.append(item)
+        heads.append((i, organization, ingested_at))
+    while items:
+        try:
+            events = parse_ingest_body({"events": items}, now=now_us, rules=rules)
+        except ValidationFailed as exc:
+            bad: dict[int, str] = {}
+            for error in exc.errors:
+                position = error.loc[2] if len(error.loc) > 2 else 0
+                assert isinstance(position, int)
+                where = ".".join(str(part) for part in error.loc[3:]) or "event"
+                bad.setdefault(position, f"{where}: {error.msg}")
+            for position, reason in bad.items():
+                results[heads[position][0]] = Rejected(reason)
+            items = [item for p, item in enumerate(items) if p not in bad]
+            heads = [head for p, head in enumerate(heads) if p not in bad]
+            continue
+        for (i, organization, ingested_at), event in zip(heads, events, strict=True):
+            results[i] = Record(organization, ingested_at, event)
+        break
+    return [r for r in results if r is not None]
+
+
+def _head(
+    raw: bytes | None, timestamp_ms: int, max_bytes: int
+) -> tuple[str, int, dict[str, Any]] | Rejected:
+    """The record's organization, ingested_at and remaining event fields."""
+    if raw is None:
+        return Rejected("value: missing (tombstone)")
+    if len(raw) > max_bytes:
+        return Rejected(f"value: {len(raw)} bytes, over the {max_bytes}-byte limit")
+    try:
+        item = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return Rejected(f"value: not JSON ({exc})")
+    if not isinstance(item, dict):
+        return Rejected("value: not a JSON object")
+    organization = _uuid(item.pop("organization_id", None))
+    if organization is None:
+        return Rejected("organization_id: missing or not a UUID")
+    ingested = item.pop("ingested_at", None)
+    if ingested is None:
+        ingested_at = timestamp_ms * 1000
+    else:
+        parsed = _parse_time(ingested)
+        if parsed is None:
+            return Rejected("ingested_at: not an RFC 3339 timestamp with a timezone")
+        ingested_at = parsed
+    return organization, ingested_at, item
+
+
+def _uuid(value: Any) -> str | None:
+    """The canonical spelling of a UUID string, else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def _parse_time(value: Any) -> int | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return (parsed.astimezone(UTC) - EPOCH) // _ONE_US
