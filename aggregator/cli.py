@@ -57,6 +57,12 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool) -> None:
         default=os.cpu_count() or 1,
         help="processes validating large ingest bodies (0: validate in the server process)",
     )
+    parser.add_argument(
+        "--deadline-seconds",
+        type=float,
+        default=IngestSettings().deadline_seconds,
+        help="longest wait for durability before an ingest request gets 503",
+    )
     parser.add_argument("--log-level", default="info")
     kafka = parser.add_argument_group("Kafka")
     kafka.add_argument(
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         ingest=IngestSettings(
             rules=EventRules(max_future=timedelta(seconds=args.max_future_seconds)),
             validation_workers=args.validation_workers,
+            deadline_seconds=args.deadline_seconds,
         ),
     )
     kafka = None

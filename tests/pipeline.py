@@ -1,0 +1,190 @@
+"""A Kafka pipeline of real processes for tests: a Tansu broker, one core, N ingest edges on a
+shared data dir; plus the plain-Python oracle the tests compare quantities with."""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from tests.processes import Broker, MeterlineServer, wait_until
+
+# One sum meter the oracle folds: tokens per customer.
+TOKENS_METER = {
+    "name": "tokens",
+    "filter": {"conjunction": "and", "clauses": []},
+    "aggregation": {"func": "sum", "property": "tokens"},
+}
+
+
+def _wide() -> dict[str, str]:
+    """A window around now that every test event falls in (back-dated ones included)."""
+    now = datetime.now(UTC)
+    return {
+        "start_timestamp": (now - timedelta(days=90)).isoformat(),
+        "end_timestamp": (now + timedelta(days=1)).isoformat(),
+        "interval": "month",
+    }
+
+
+class Pipeline:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        edges: int = 1,
+        partitions: int = 3,
+        deadline_seconds: float = 5.0,
+        workers: int = 0,
+    ) -> None:
+        self.data_dir = data_dir
+        self.broker = Broker()
+        self._edges = edges
+        self._stack = ExitStack()
+        self.core: MeterlineServer | None = None
+        self.edges: list[MeterlineServer] = []
+        self.partitions = partitions
+        self.deadline_seconds = deadline_seconds
+        self.workers = workers
+
+    def args(self) -> tuple[str, ...]:
+        return (
+            "--kafka",
+            self.broker.bootstrap,
+            "--no-idempotence",  # Tansu has no idempotent producer
+            "--partitions",
+            str(self.partitions),
+            "--validation-workers",
+            str(self.workers),
+            "--deadline-seconds",
+            str(self.deadline_seconds),
+        )
+
+    def __enter__(self) -> Self:
+        self._stack.enter_context(self.broker)
+        self.core = self.new_core().start()
+        self._stack.callback(lambda: self.core and self.core.__exit__(None, None, None))
+        for _ in range(self._edges):
+            edge = MeterlineServer(self.data_dir, *self.args(), command="ingest")
+            self.edges.append(self._stack.enter_context(edge))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stack.close()
+
+    def new_core(self) -> MeterlineServer:
+        return MeterlineServer(self.data_dir, *self.args(), command="up")
+
+    def restart_core(self) -> None:
+        assert self.core is not None
+        self.core.kill()
+        self.core = self.new_core().start()
+
+    def token(self) -> str:
+        assert self.core is not None and self.core.token is not None
+        return self.core.token
+
+    def create_meter(self, definition: dict[str, Any] = TOKENS_METER) -> str:
+        assert self.core is not None
+        with self.core.client() as client:
+            response = client.post("/v1/meters/", json=definition)
+            assert response.status_code == 201, response.text
+            return str(response.json()["id"])
+
+    def stored_events(self) -> int:
+        assert self.core is not None
+        with self.core.client() as client:
+            response = client.get("/v1/events/", params={"limit": 1})
+            assert response.status_code == 200, response.text
+            return int(response.json()["pagination"]["total_count"])
+
+    def wait_for_events(self, count: int, timeout: float = 60.0) -> None:
+        wait_until(lambda: self.stored_events() >= count, timeout)
+        assert self.stored_events() == count
+
+    def quantity(self, meter_id: str, **params: Any) -> float:
+        assert self.core is not None
+        with self.core.client() as client:
+            response = client.get(
+                f"/v1/meters/{meter_id}/quantities",
+                params={**_wide(), **params},
+            )
+            assert response.status_code == 200, response.text
+            return float(response.json()["total"])
+
+
+class Oracle:
+    """The plain-Python model: the first event of each external_id counts, forever."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, dict[str, Any]] = {}
+
+    def add(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self.events.setdefault(event["external_id"], event)
+
+    def tokens_by_customer(self) -> dict[str, float]:
+        totals: dict[str, float] = defaultdict(float)
+        for event in self.events.values():
+            totals[event["external_customer_id"]] += event["metadata"]["tokens"]
+        return dict(totals)
+
+
+def usage_batches(seed: int, batches: int, size: int, tag: str) -> Iterator[list[dict[str, Any]]]:
+    """Batches of usage events over 5 customers; about 1 in 20 repeats an earlier external_id
+    of the same customer with other values (a buggy retry), which must not count. (Records are
+    keyed by customer, so one customer's events keep their order; "first write wins" across
+    customers depends on which partition the core reads first.)"""
+    rng = random.Random(seed)
+    sent: list[tuple[str, str]] = []
+    for b in range(batches):
+        batch = []
+        for i in range(size):
+            if sent and rng.random() < 0.05:
+                external_id, customer = rng.choice(sent)
+            else:
+                external_id, customer = f"{tag}-{b}-{i}", f"cust_{rng.randrange(5)}"
+                sent.append((external_id, customer))
+            batch.append(
+                {
+                    "name": "llm_call",
+                    "external_customer_id": customer,
+                    "external_id": external_id,
+                    "metadata": {"tokens": rng.randrange(1, 5000)},
+                }
+            )
+        yield batch
+
+
+def send_until_accepted(
+    client: httpx.Client, events: list[dict[str, Any]], give_up_after: float = 120.0
+) -> int:
+    """POST until a 2xx, as a client with retries does (same body, same external_ids); returns
+    how many attempts it took."""
+    deadline = time.monotonic() + give_up_after
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            response = client.post("/v1/events/ingest", json={"events": events})
+            if response.status_code == 200:
+                return attempts
+            assert response.status_code == 503, response.text
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("events were never accepted")
+        time.sleep(0.2)
