@@ -56,17 +56,28 @@ class LoadGenerator:
         self._proc.start()
         child.close()
 
-    def run(self, tag: str, batches: int, seed: int) -> dict[str, Any]:
+    def run(self, tag: str, batches: int, seed: int, rate: float | None = None) -> dict[str, Any]:
+        """Build `batches` bodies (untimed), then send them, as fast as answers come back or at
+        `rate` events/s."""
+        prepared = self.prepare(tag, batches, seed)
+        return self.go(prepared, rate)
+
+    def prepare(self, tag: str, batches: int, seed: int) -> dict[str, Any]:
         self._conn.send(("prepare", tag, batches, seed))
-        prepared = self._conn.recv()
+        prepared: dict[str, Any] = self._conn.recv()
+        return {**prepared, "batches": batches}
+
+    def go(self, prepared: dict[str, Any], rate: float | None = None) -> dict[str, Any]:
+        """Send the prepared bodies; blocks until the last answer."""
         total0, loop0, workers0 = self.server.cpu_seconds()
-        self._conn.send(("go",))
+        self._conn.send(("go", rate) if rate else ("go",))
         stats: dict[str, Any] = self._conn.recv()
         total1, loop1, workers1 = self.server.cpu_seconds()
         rss = self.server.memory_kib()["VmRSS"]
         seconds = stats["seconds"]
+        behind = stats["behind_schedule"]
         return {
-            "batches": batches,
+            "batches": prepared["batches"],
             "events": stats["inserted"],
             "seconds": round(seconds, 3),
             "events_per_s": round(stats["inserted"] / seconds, 1),
@@ -86,6 +97,15 @@ class LoadGenerator:
             "body_mb": round(prepared["bytes"] / 1e6, 1),
             "prepare_seconds": round(prepared["seconds"], 2),
             "latencies": stats["latencies"],
+            **(
+                {
+                    "rate_events_per_s": rate,
+                    "sent_late": len(behind),
+                    "behind_schedule_max_ms": round(max(behind, default=0.0) * 1000, 2),
+                }
+                if rate
+                else {}
+            ),
         }
 
     def close(self) -> None:

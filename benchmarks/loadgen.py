@@ -93,18 +93,38 @@ class RunStats:
     latencies: list[float] = field(default_factory=list)  # seconds, one per request
     seconds: float = 0.0
     client_cpu_seconds: float = 0.0
+    # Rate-limited runs only: how late requests left against their schedule (all 8 workers
+    # busy). Latencies are from the actual send; a large lag would mean the rate was not held.
+    behind_schedule: list[float] = field(default_factory=list)
 
 
 async def _drive(
-    url: str, token: str, bodies: list[bytes], batch_size: int, concurrency: int
+    url: str,
+    token: str,
+    bodies: list[bytes],
+    batch_size: int,
+    concurrency: int,
+    rate: float | None = None,
 ) -> RunStats:
+    """Send every body, `concurrency` requests in flight. With `rate` (events/s), body i leaves
+    no earlier than i * batch_size / rate seconds after the start (an open-loop schedule, so a
+    slow answer does not slow the offered load), else as fast as answers come back."""
     stats = RunStats()
-    pending = iter(bodies)  # shared by all workers: each body is sent exactly once
+    pending = enumerate(bodies)  # shared by all workers: each body is sent exactly once
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    interval = batch_size / rate if rate else 0.0
+    begin = 0.0
 
     async def worker(client: httpx.AsyncClient) -> None:
-        for body in pending:
+        for i, body in pending:
+            if rate:
+                due = begin + i * interval
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                else:
+                    stats.behind_schedule.append(-wait)
             started = time.perf_counter()
             try:
                 response = await client.post("/v1/events/ingest", content=body, headers=headers)
@@ -124,7 +144,7 @@ async def _drive(
 
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
         cpu = _cpu()
-        started = time.perf_counter()
+        started = begin = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         stats.seconds = time.perf_counter() - started
         stats.client_cpu_seconds = _cpu() - cpu
@@ -143,7 +163,8 @@ def _cpu() -> float:
 
 
 def serve(conn: Connection, url: str, token: str, batch_size: int, concurrency: int) -> None:
-    """The load generator process: `prepare` builds bodies (untimed), `go` sends them.
+    """The load generator process: `prepare` builds bodies (untimed), `go` sends them (at an
+    optional rate in events/s).
 
     Two steps so that the parent can read the server's CPU counters right around the timed part.
     """
@@ -156,7 +177,8 @@ def serve(conn: Connection, url: str, token: str, batch_size: int, concurrency: 
             bodies = make_bodies(tag, batches, batch_size, seed)
             conn.send({"seconds": time.perf_counter() - started, "bytes": sum(map(len, bodies))})
         elif command == "go":
-            stats = asyncio.run(_drive(url, token, bodies, batch_size, concurrency))
+            rate = args[0] if args else None
+            stats = asyncio.run(_drive(url, token, bodies, batch_size, concurrency, rate))
             bodies = []
             conn.send(asdict(stats))
         else:

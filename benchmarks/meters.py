@@ -320,9 +320,7 @@ def _batch_new(table: pa.Table, organization_id: str, first_seq: int) -> pa.Tabl
     return table.append_column("seq", pa.array(range(first_seq, first_seq + n), pa.int64()))
 
 
-def _apply_job(
-    batch: pa.Table, organization_id: str, timing: list[float]
-) -> Callable[[Con], None]:
+def _apply_job(batch: pa.Table, organization_id: str, timing: list[float]) -> Callable[[Con], None]:
     """What `events._insert` does for meters, on a registered batch: timed inside the job."""
 
     def job(con: Con) -> None:

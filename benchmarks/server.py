@@ -14,10 +14,20 @@ from tests.processes import MeterlineServer
 
 
 class Server(MeterlineServer):
-    """Starts on enter, SIGTERMs on exit; the data dir is removed afterwards."""
+    """Starts on enter, SIGTERMs on exit. Without `data_dir`, on a fresh temp data dir that is
+    removed afterwards; a given data dir (shared by a Kafka core and its edges) is left alone."""
 
-    def __init__(self, *, log_level: str = "warning") -> None:
-        super().__init__(Path(tempfile.mkdtemp(prefix="meterline-bench-")), log_level=log_level)
+    def __init__(
+        self,
+        *extra_args: str,
+        command: str = "up",
+        data_dir: Path | None = None,
+        log_level: str = "warning",
+    ) -> None:
+        self._owns_data_dir = data_dir is None
+        if data_dir is None:
+            data_dir = Path(tempfile.mkdtemp(prefix="meterline-bench-"))
+        super().__init__(data_dir, *extra_args, log_level=log_level, command=command)
 
     @property
     def database(self) -> Path:
@@ -52,4 +62,5 @@ class Server(MeterlineServer):
         try:
             super().__exit__(exc_type, exc, tb)
         finally:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+            if self._owns_data_dir:
+                shutil.rmtree(self.data_dir, ignore_errors=True)

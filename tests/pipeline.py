@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import random
 import time
-from datetime import UTC, datetime, timedelta
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
