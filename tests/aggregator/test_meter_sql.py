@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
-from aggregator.store.meter_sql import aggregate_sql, contribution_sql, filter_sql
+from aggregator.store.meter_sql import Extracted, aggregate_sql, contribution_sql, filter_sql
 from meters.aggregations import Aggregation, fold
 from meters.filters import EventView, Filter
 
@@ -170,6 +170,48 @@ def test_aggregation_fold_equals_compiled_sql(
     expected = fold(aggregation, [e for e in batch if meter_filter.matches(e)])
     actual = sql_aggregate(con, meter_filter, aggregation)
     assert math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-9), (actual, expected)
+
+
+@settings(max_examples=200)
+@given(
+    batch=st.lists(events(), max_size=12),
+    meters=st.lists(st.tuples(filters, aggregations), min_size=1, max_size=5),
+)
+def test_meters_sharing_extracted_paths_equal_the_fold(
+    con: duckdb.DuckDBPyConnection,
+    batch: list[EventView],
+    meters: list[tuple[dict[str, Any], dict[str, Any]]],
+) -> None:
+    """Rollups evaluate many meters over one parse per document (`Extracted`): each metadata
+    path and facet computed once, shared by every meter reading it. Each meter's value must
+    still be the fold of its events."""
+    _load(con, batch)
+    extracted = Extracted()
+    columns: list[str] = []
+    params: list[Any] = []
+    parsed = []
+    for raw_filter, raw_aggregation in meters:
+        meter_filter = Filter.model_validate(raw_filter)
+        aggregation = AGGREGATION.validate_python(raw_aggregation)
+        parsed.append((meter_filter, aggregation))
+        where, where_params = filter_sql(meter_filter, extracted)
+        value, value_params = contribution_sql(aggregation, extracted)
+        columns.append(f"CASE WHEN {where} THEN {value} END AS v{len(columns)}")
+        params += [*where_params, *value_params]
+    projection, projection_params = extracted.projection()
+    values = (
+        f"WITH r AS MATERIALIZED (SELECT name, source, timestamp, {projection} FROM events),"
+        f" f AS MATERIALIZED (SELECT *, {extracted.facets()} FROM r)"
+        f" SELECT {', '.join(columns)} FROM f"
+    )
+    for i, (meter_filter, aggregation) in enumerate(parsed):
+        rows = con.execute(
+            f"SELECT {aggregate_sql(aggregation)} FROM (SELECT v{i} AS contribution"
+            f" FROM ({values})) WHERE contribution IS NOT NULL",
+            [*projection_params, *params],
+        ).fetchall()
+        expected = fold(aggregation, [e for e in batch if meter_filter.matches(e)])
+        assert math.isclose(float(rows[0][0]), expected, rel_tol=1e-9, abs_tol=1e-9), i
 
 
 @pytest.mark.parametrize(

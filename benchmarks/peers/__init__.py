@@ -1,0 +1,1 @@
+"""Other tools doing meterline's job, run by the benchmarks for comparison."""
