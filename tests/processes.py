@@ -159,6 +159,12 @@ def token_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def new_org_token(data_dir: Path, org: str) -> str:
+    result = token_cli(data_dir, "create", "--org", org)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -6,8 +6,7 @@ import uuid
 
 import httpx
 
-from tests.aggregator.conftest import new_org_token
-from tests.processes import MeterlineServer, token_cli, wait_until
+from tests.processes import MeterlineServer, new_org_token, token_cli, wait_until
 
 
 def test_missing_and_bad_tokens_get_polars_401_shapes(server: MeterlineServer) -> None:

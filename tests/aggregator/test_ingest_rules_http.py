@@ -13,9 +13,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.aggregator.conftest import new_org_token
 from tests.meters.test_events import RULE_TABLE, batches
-from tests.processes import MeterlineServer
+from tests.processes import MeterlineServer, new_org_token
 
 # The future-timestamp rule is relative to the validator tests' fixed clock; over HTTP the
 # server's clock applies (covered in test_ingest_http.py).

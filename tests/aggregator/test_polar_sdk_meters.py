@@ -11,8 +11,7 @@ from polar.v2026_10 import Polar
 from polar.v2026_10.errors import HTTPValidationError, ResourceNotFound
 from polar.v2026_10.outputs import CountAggregation, PropertyAggregation
 
-from tests.aggregator.conftest import new_org_token
-from tests.processes import MeterlineServer, wait_until
+from tests.processes import MeterlineServer, new_org_token, wait_until
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from tests.pipeline import Oracle, Pipeline, send_until_accepted, usage_batches
+from tests.processes import new_org_token, token_cli, wait_until
 
 DEADLINE = 2.0
 SLACK = 1.5  # scheduling on a shared 2-core machine
@@ -82,3 +83,17 @@ def test_broker_killed_gets_503_in_time_and_the_edge_recovers(tmp_path: Path) ->
             pipeline.broker.start()
             for batch in batches[5:]:
                 send_until_accepted(client, batch, give_up_after=60)
+
+
+def test_tokens_work_on_the_edge_and_revocation_reaches_it(tmp_path: Path) -> None:
+    with Pipeline(tmp_path) as pipeline:
+        token = new_org_token(tmp_path, "edge-org")
+        body = {"events": [{"name": "a", "external_customer_id": "c", "external_id": "t-1"}]}
+        with pipeline.edges[0].client(token) as client:
+            assert client.post("/v1/events/ingest", json=body).status_code == 200
+            listed = token_cli(tmp_path, "list").stdout.splitlines()
+            (token_id,) = [line.split()[0] for line in listed if "edge-org" in line]
+            assert token_cli(tmp_path, "revoke", token_id).returncode == 0
+            revoked = time.monotonic()
+            wait_until(lambda: client.post("/v1/events/ingest", json=body).status_code == 401, 10)
+            assert time.monotonic() - revoked < 5
