@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from aggregator.api import customers, events, meters
+from aggregator.api import costs, customers, events, ledger, meters
 from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
@@ -140,6 +140,8 @@ def build_app(
         *events.routes(ctx),
         *customers.routes(ctx),
         *meters.routes(ctx),
+        *costs.routes(ctx),
+        *ledger.routes(ctx),
     ]
     return Starlette(routes=routes, exception_handlers=_HANDLERS)
 

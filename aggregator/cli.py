@@ -30,6 +30,7 @@ from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.consumer import Consumer
 from aggregator.errors import NotFound
+from aggregator.plans import PlanCycler
 from aggregator.store import Store
 from aggregator.store.columns import to_ipc
 from ingest.http.app import IngestSettings
@@ -199,6 +200,7 @@ async def serve(
                 )
             )
             backfiller = await stack.enter_async_context(Backfiller(store))
+            await stack.enter_async_context(PlanCycler(store))
             consumer = None
             publisher: Publisher = EmbeddedPublisher(store, validation)
             if kafka is not None:

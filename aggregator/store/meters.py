@@ -152,8 +152,11 @@ def update_job(organization_id: str, meter_id: str, data: MeterUpdate, now_us: i
 
 
 def _reset_rollups(con: duckdb.DuckDBPyConnection, meter_id: str) -> None:
-    con.execute("DELETE FROM rollups WHERE meter_id = ?::UUID", [meter_id])
-    con.execute("DELETE FROM rollup_values WHERE meter_id = ?::UUID", [meter_id])
+    """Forget what the meter aggregated (the backfill rebuilds it); its customers' credits
+    and resets stay."""
+    for table in ("rollups", "rollup_values", "ledger_usage", "ledger_usage_values"):
+        # Table names from this fixed list only.
+        con.execute(f"DELETE FROM {table} WHERE meter_id = ?::UUID", [meter_id])
 
 
 def meters_of(con: duckdb.DuckDBPyConnection, organization_ids: list[str]) -> list[MeterRow]:
@@ -193,8 +196,9 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Any:
             con,
             [meter],
             "events",
-            "organization_id = ?::UUID AND seq > ? AND seq <= ?",
+            "organization_id = ?::UUID AND seq > ? AND seq <= ? AND source = 'user'",
             [meter.organization_id, meter.backfilled_to, high],
+            backfill=True,
         )
         con.execute("UPDATE meters SET backfilled_to = ? WHERE id = ?::UUID", [high, meter_id])
         return (high, meter.backfill_target)

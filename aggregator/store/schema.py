@@ -108,6 +108,58 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (topic, partition)
     );
     """,
+    # 4: the credit ledger. A customer meter's window is the user events applied after its
+    # latest reset (seq order); usage is kept per customer reference, like rollups.
+    """
+    CREATE TABLE ledger_usage (
+        meter_id UUID NOT NULL,
+        subject VARCHAR NOT NULL,
+        events BIGINT NOT NULL,
+        total DOUBLE NOT NULL,
+        low DOUBLE NOT NULL,
+        high DOUBLE NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        modified_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (meter_id, subject)
+    );
+    CREATE TABLE ledger_usage_values (
+        meter_id UUID NOT NULL,
+        subject VARCHAR NOT NULL,
+        value VARCHAR NOT NULL,
+        PRIMARY KEY (meter_id, subject, value)
+    );
+    -- Credits as non-negative running sums since the latest reset: all of them, and those
+    -- granted with and without rollover (what a reset may carry over).
+    CREATE TABLE customer_meters (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        customer_id UUID NOT NULL,
+        meter_id UUID NOT NULL,
+        credited BIGINT NOT NULL DEFAULT 0,
+        credited_rollover BIGINT NOT NULL DEFAULT 0,
+        credited_plain BIGINT NOT NULL DEFAULT 0,
+        reset_seq BIGINT NOT NULL DEFAULT 0,
+        created_at TIMESTAMPTZ NOT NULL,
+        modified_at TIMESTAMPTZ NOT NULL,
+        UNIQUE (customer_id, meter_id)
+    );
+    CREATE TABLE credit_plans (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        external_id VARCHAR NOT NULL,
+        customer_id UUID NOT NULL,
+        meter_id UUID NOT NULL,
+        units BIGINT NOT NULL,
+        interval VARCHAR NOT NULL,
+        rollover BOOLEAN NOT NULL,
+        starts_at TIMESTAMPTZ NOT NULL,
+        cycles BIGINT NOT NULL DEFAULT 0,        -- boundaries processed so far
+        next_cycle_at TIMESTAMPTZ NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        deleted_at TIMESTAMPTZ,
+        UNIQUE (organization_id, external_id)
+    );
+    """,
 )
 
 

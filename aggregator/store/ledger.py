@@ -1,0 +1,540 @@
+"""SQL for the credit ledger: credits, resets and plan cycles (writer jobs), customer meters.
+
+Usage since each customer's latest reset is kept by ingest (`rollups.apply`, table
+`ledger_usage`); credits are running sums on the customer meter row. Every credit and reset is
+also a system event (`meter.credited`, `meter.reset`) whose external_id is derived from the
+caller's idempotency key, so replaying a call finds that event and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
+
+import duckdb
+import orjson
+
+from aggregator.store.customers import (
+    CustomerRow,
+    get_customer,
+    get_customer_by_external_id,
+)
+from aggregator.store.events import SequenceCounter
+from aggregator.store.meters import MeterRow, get_meter
+from aggregator.store.quantities import Partial
+from aggregator.store.rows import first_row
+from meters.errors import FieldError, ValidationFailed
+from meters.events import EPOCH, us_to_datetime
+from meters.ledger import CreditCreate, Credits, PlanCreate, ResetCreate, cycle_start
+
+Con = duckdb.DuckDBPyConnection
+
+
+def customer_meter_id(customer_id: str, meter_id: str) -> str:
+    """Stable id of a customer meter, whether or not it has a row yet (the SQL twin is
+    `_ID_SQL`)."""
+    return str(uuid.UUID(hashlib.md5(f"{customer_id}/{meter_id}".encode()).hexdigest()))
+
+
+_ID_SQL = "md5(p.customer_id::VARCHAR || '/' || p.meter_id::VARCHAR)::UUID"
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerMeter:
+    id: str
+    customer_id: str
+    meter_id: str
+    created_at_us: int
+    modified_at_us: int | None
+    consumed: float
+    credited: int
+
+    @property
+    def balance(self) -> float:
+        return self.credited - self.consumed
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The outcome of a credit or reset: the customer meter after it; `replayed` when the
+    idempotency key had been used (nothing changed)."""
+
+    customer_meter: CustomerMeter
+    replayed: bool
+
+
+# ---- writes ----------------------------------------------------------------------------------
+
+
+def credit_job(organization_id: str, data: CreditCreate, now_us: int, seq: SequenceCounter) -> Any:
+    def job(con: Con) -> Applied:
+        customer, meter = _resolve(con, organization_id, data)
+        key = f"meterline:credit:{data.external_id}"
+        applied = _credit(con, customer, meter, data.units, data.rollover, key, now_us, now_us, seq)
+        return Applied(customer_meter(con, customer, meter), replayed=not applied)
+
+    return job
+
+
+def reset_job(organization_id: str, data: ResetCreate, now_us: int, seq: SequenceCounter) -> Any:
+    def job(con: Con) -> Applied:
+        customer, meter = _resolve(con, organization_id, data)
+        key = f"meterline:reset:{data.external_id}"
+        applied = _reset(con, customer, meter, key, now_us, now_us, seq)
+        return Applied(customer_meter(con, customer, meter), replayed=not applied)
+
+    return job
+
+
+def _resolve(
+    con: Con, organization_id: str, data: CreditCreate | ResetCreate | PlanCreate
+) -> tuple[CustomerRow, MeterRow]:
+    """The request's customer and (non-archived) meter; 422 naming the field otherwise."""
+    errors = []
+    if data.customer_id is not None:
+        customer = get_customer(con, organization_id, str(data.customer_id))
+        field, value = "customer_id", str(data.customer_id)
+    else:
+        assert data.external_customer_id is not None
+        customer = get_customer_by_external_id(con, organization_id, data.external_customer_id)
+        field, value = "external_customer_id", data.external_customer_id
+    if customer is None:
+        errors.append(
+            FieldError("customer_not_found", ("body", field), "Customer not found.", value)
+        )
+    meter = get_meter(con, organization_id, str(data.meter_id))
+    if meter is None or meter.archived_at_us is not None:
+        errors.append(
+            FieldError(
+                "meter_not_found", ("body", "meter_id"), "Meter not found.", str(data.meter_id)
+            )
+        )
+    if errors:
+        raise ValidationFailed(errors, business=True)
+    assert customer is not None and meter is not None
+    return customer, meter
+
+
+def _system_event(
+    con: Con,
+    customer: CustomerRow,
+    name: str,
+    metadata: dict[str, Any],
+    key: str,
+    at_us: int,
+    now_us: int,
+    seq: SequenceCounter,
+) -> int | None:
+    """Store a system event; its seq, or None when `key` was used before (a replay)."""
+    number = seq.take(1)[0]
+    rows = con.execute(
+        "INSERT INTO events (seq, organization_id, name, source, timestamp, ingested_at,"
+        " customer_id, external_id, metadata) VALUES (?, ?::UUID, ?, 'system',"
+        " make_timestamptz(?), make_timestamptz(?), ?::UUID, ?, ?)"
+        " ON CONFLICT DO NOTHING RETURNING seq",
+        [
+            number,
+            customer.organization_id,
+            name,
+            at_us,
+            now_us,
+            customer.id,
+            key,
+            orjson.dumps(metadata).decode(),
+        ],
+    ).fetchall()
+    return number if rows else None
+
+
+def _credits(con: Con, customer: CustomerRow, meter: MeterRow, now_us: int) -> Credits:
+    """The customer meter's credits, creating its row if needed."""
+    con.execute(
+        "INSERT INTO customer_meters (id, organization_id, customer_id, meter_id, created_at,"
+        " modified_at) VALUES (?::UUID, ?::UUID, ?::UUID, ?::UUID, make_timestamptz(?),"
+        " make_timestamptz(?)) ON CONFLICT DO NOTHING",
+        [
+            customer_meter_id(customer.id, meter.id),
+            customer.organization_id,
+            customer.id,
+            meter.id,
+            now_us,
+            now_us,
+        ],
+    )
+    row = first_row(
+        con,
+        "SELECT credited, credited_rollover, credited_plain FROM customer_meters"
+        " WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
+        [customer.id, meter.id],
+    )
+    assert row is not None
+    return Credits(int(row[0]), int(row[1]), int(row[2]))
+
+
+def _store_credits(
+    con: Con,
+    customer: CustomerRow,
+    meter: MeterRow,
+    credits: Credits,
+    now_us: int,
+    reset_seq: int | None = None,
+) -> None:
+    con.execute(
+        "UPDATE customer_meters SET credited = ?, credited_rollover = ?, credited_plain = ?,"
+        " reset_seq = coalesce(?, reset_seq), modified_at = make_timestamptz(?)"
+        " WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
+        [
+            credits.credited,
+            credits.rollover,
+            credits.plain,
+            reset_seq,
+            now_us,
+            customer.id,
+            meter.id,
+        ],
+    )
+
+
+def _credit(
+    con: Con,
+    customer: CustomerRow,
+    meter: MeterRow,
+    units: int,
+    rollover: bool,
+    key: str,
+    at_us: int,
+    now_us: int,
+    seq: SequenceCounter,
+) -> bool:
+    metadata = {"meter_id": meter.id, "units": units, "rollover": rollover}
+    if _system_event(con, customer, "meter.credited", metadata, key, at_us, now_us, seq) is None:
+        return False
+    credits = _credits(con, customer, meter, now_us).add(units, rollover)
+    _store_credits(con, customer, meter, credits, now_us)
+    return True
+
+
+def _reset(
+    con: Con,
+    customer: CustomerRow,
+    meter: MeterRow,
+    key: str,
+    at_us: int,
+    now_us: int,
+    seq: SequenceCounter,
+) -> bool:
+    """Close the window: zero usage and credits, then credit what rolls over."""
+    number = _system_event(
+        con, customer, "meter.reset", {"meter_id": meter.id}, key, at_us, now_us, seq
+    )
+    if number is None:
+        return False
+    credits = _credits(con, customer, meter, now_us)
+    carried = credits.carried_over(_consumed(con, customer, meter))
+    subjects = _subjects(customer)
+    for table in ("ledger_usage", "ledger_usage_values"):
+        # Table names from this fixed list only.
+        con.execute(
+            f"DELETE FROM {table} WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",
+            [meter.id, subjects],
+        )
+    _store_credits(con, customer, meter, Credits(), now_us, reset_seq=number)
+    if carried > 0:
+        _credit(con, customer, meter, carried, True, f"{key}:rollover", at_us, now_us, seq)
+    return True
+
+
+# ---- credit plans ----------------------------------------------------------------------------
+
+_PLAN_COLUMNS = (
+    "id::VARCHAR, organization_id::VARCHAR, external_id, customer_id::VARCHAR,"
+    " meter_id::VARCHAR, units, interval, rollover, epoch_us(starts_at), cycles,"
+    " epoch_us(next_cycle_at), epoch_us(created_at), epoch_us(deleted_at)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRow:
+    id: str
+    organization_id: str
+    external_id: str
+    customer_id: str
+    meter_id: str
+    units: int
+    interval: Literal["month", "year"]
+    rollover: bool
+    starts_at_us: int
+    cycles: int
+    next_cycle_at_us: int
+    created_at_us: int
+    deleted_at_us: int | None
+
+
+def _plan(r: tuple[Any, ...]) -> PlanRow:
+    return PlanRow(*r)
+
+
+def plan_create_job(
+    organization_id: str, data: PlanCreate, now_us: int, seq: SequenceCounter
+) -> Any:
+    """Create a plan (or find the one made with the same external_id); returns (plan, created).
+    Cycles already due (a start in the past or now) are processed in the same transaction."""
+
+    def job(con: Con) -> tuple[PlanRow, bool]:
+        existing = first_row(
+            con,
+            f"SELECT {_PLAN_COLUMNS} FROM credit_plans"
+            " WHERE organization_id = ?::UUID AND external_id = ?",
+            [organization_id, data.external_id],
+        )
+        if existing is not None:
+            return _plan(existing), False
+        customer, meter = _resolve(con, organization_id, data)
+        starts = _us(data.starts_at) if data.starts_at else now_us
+        plan_id = str(uuid.uuid4())
+        con.execute(
+            "INSERT INTO credit_plans (id, organization_id, external_id, customer_id, meter_id,"
+            " units, interval, rollover, starts_at, next_cycle_at, created_at) VALUES"
+            " (?::UUID, ?::UUID, ?, ?::UUID, ?::UUID, ?, ?, ?, make_timestamptz(?),"
+            " make_timestamptz(?), make_timestamptz(?))",
+            [
+                plan_id,
+                organization_id,
+                data.external_id,
+                customer.id,
+                meter.id,
+                data.units,
+                data.interval,
+                data.rollover,
+                starts,
+                starts,
+                now_us,
+            ],
+        )
+        _cycle_plans(con, now_us, seq, plan_id)
+        plan = get_plan(con, organization_id, plan_id)
+        assert plan is not None
+        return plan, True
+
+    return job
+
+
+def plan_delete_job(organization_id: str, plan_id: str, now_us: int) -> Any:
+    """Stop a plan's future cycles; credits already granted stay. False if there is none."""
+
+    def job(con: Con) -> bool:
+        if get_plan(con, organization_id, plan_id) is None:
+            return False
+        con.execute(
+            "UPDATE credit_plans SET deleted_at = coalesce(deleted_at, make_timestamptz(?))"
+            " WHERE id = ?::UUID",
+            [now_us, plan_id],
+        )
+        return True
+
+    return job
+
+
+def cycle_due_job(now_us: int, seq: SequenceCounter) -> Any:
+    """Process every plan boundary at or before `now` (all organizations); returns how many.
+    Each boundary's reset and credit carry keys derived from (plan, cycle number), and the
+    plan's cycle count moves in the same transaction: a boundary is processed exactly once,
+    however late (a process that was down catches up on restart)."""
+
+    def job(con: Con) -> int:
+        return _cycle_plans(con, now_us, seq, None)
+
+    return job
+
+
+def _cycle_plans(con: Con, now_us: int, seq: SequenceCounter, plan_id: str | None) -> int:
+    where = "deleted_at IS NULL AND next_cycle_at <= make_timestamptz(?)"
+    params: list[Any] = [now_us]
+    if plan_id is not None:
+        where += " AND id = ?::UUID"
+        params.append(plan_id)
+    due = [
+        _plan(r)
+        for r in con.execute(
+            f"SELECT {_PLAN_COLUMNS} FROM credit_plans WHERE {where} ORDER BY next_cycle_at",
+            params,
+        ).fetchall()
+    ]
+    processed = 0
+    for plan in due:
+        customer = get_customer(con, plan.organization_id, plan.customer_id)
+        meter = get_meter(con, plan.organization_id, plan.meter_id)
+        if customer is None or meter is None or meter.archived_at_us is not None:
+            continue
+        starts = us_to_datetime(plan.starts_at_us)
+        n = plan.cycles
+        while _us(cycle_start(starts, plan.interval, n)) <= now_us:
+            at = _us(cycle_start(starts, plan.interval, n))
+            key = f"meterline:plan:{plan.id}:{n}"
+            _reset(con, customer, meter, f"{key}:reset", at, now_us, seq)
+            _credit(
+                con, customer, meter, plan.units, plan.rollover, f"{key}:credit", at, now_us, seq
+            )
+            n += 1
+        con.execute(
+            "UPDATE credit_plans SET cycles = ?, next_cycle_at = make_timestamptz(?)"
+            " WHERE id = ?::UUID",
+            [n, _us(cycle_start(starts, plan.interval, n)), plan.id],
+        )
+        processed += n - plan.cycles
+    return processed
+
+
+def _us(moment: datetime) -> int:
+    return (moment.astimezone(UTC) - EPOCH) // (us_to_datetime(1) - EPOCH)
+
+
+def get_plan(con: Con, organization_id: str, plan_id: str) -> PlanRow | None:
+    try:
+        uuid.UUID(plan_id)
+    except ValueError:
+        return None
+    row = first_row(
+        con,
+        f"SELECT {_PLAN_COLUMNS} FROM credit_plans"
+        " WHERE organization_id = ?::UUID AND id = ?::UUID",
+        [organization_id, plan_id],
+    )
+    return _plan(row) if row else None
+
+
+def list_plans(
+    con: Con, organization_id: str, customer_id: str | None, meter_id: str | None
+) -> list[PlanRow]:
+    where = "organization_id = ?::UUID AND deleted_at IS NULL"
+    params: list[Any] = [organization_id]
+    if customer_id is not None:
+        where += " AND customer_id = ?::UUID"
+        params.append(customer_id)
+    if meter_id is not None:
+        where += " AND meter_id = ?::UUID"
+        params.append(meter_id)
+    rows = con.execute(
+        f"SELECT {_PLAN_COLUMNS} FROM credit_plans WHERE {where} ORDER BY created_at", params
+    ).fetchall()
+    return [_plan(r) for r in rows]
+
+
+# ---- reads -----------------------------------------------------------------------------------
+
+
+def _subjects(customer: CustomerRow) -> list[str]:
+    """How events name the customer (as rollups and the ledger spell them)."""
+    return [f"id:{customer.id}"] + ([f"ext:{customer.external_id}"] if customer.external_id else [])
+
+
+def _consumed(con: Con, customer: CustomerRow, meter: MeterRow) -> float:
+    return _usage(con, meter, _subjects(customer))[0]
+
+
+def _usage(con: Con, meter: MeterRow, subjects: list[str]) -> tuple[float, int | None, int | None]:
+    """(consumed, first usage, last usage) of `subjects` in the meter's current windows."""
+    partial = Partial()
+    row = first_row(
+        con,
+        "SELECT sum(events), sum(total), min(low), max(high), epoch_us(min(created_at)),"
+        " epoch_us(max(modified_at)) FROM ledger_usage"
+        " WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",
+        [meter.id, subjects],
+    )
+    first = last = None
+    if row is not None and row[0] is not None:
+        partial.add(int(row[0]), float(row[1]), float(row[2]), float(row[3]))
+        first, last = row[4], row[5]
+    if partial.events == 0 and _is_unique(meter):
+        values = con.execute(
+            "SELECT DISTINCT value FROM ledger_usage_values"
+            " WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",
+            [meter.id, subjects],
+        ).fetchall()
+        partial.values = {v[0] for v in values}
+    return partial.result(meter), first, last
+
+
+def _is_unique(meter: MeterRow) -> bool:
+    return cast(str, meter.aggregation.func) == "unique"
+
+
+def customer_meter(con: Con, customer: CustomerRow, meter: MeterRow) -> CustomerMeter:
+    consumed, first, last = _usage(con, meter, _subjects(customer))
+    row = first_row(
+        con,
+        "SELECT credited, epoch_us(created_at), epoch_us(modified_at) FROM customer_meters"
+        " WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
+        [customer.id, meter.id],
+    )
+    credited = int(row[0]) if row else 0
+    created = min(t for t in (first, row[1] if row else None, meter.created_at_us) if t)
+    modified = max((t for t in (last, row[2] if row else None) if t), default=None)
+    return CustomerMeter(
+        customer_meter_id(customer.id, meter.id),
+        customer.id,
+        meter.id,
+        created,
+        modified,
+        consumed,
+        credited,
+    )
+
+
+def active_pairs(
+    con: Con,
+    organization_id: str,
+    *,
+    customer_ids: list[str] | None,
+    external_ids: list[str] | None,
+    meter_ids: list[str] | None,
+    id: str | None = None,
+    limit: int,
+    offset: int,
+    descending: bool = True,
+) -> tuple[list[tuple[str, str]], int]:
+    """(customer id, meter id) of the organization's customer meters — those with usage in
+    their window or a ledger row — newest first; and their count. Archived meters are left
+    out unless asked for by id."""
+    customer_where = ""
+    params: list[Any] = [organization_id]
+    if customer_ids is not None or external_ids is not None:
+        customer_where = (
+            " AND (c.id IN (SELECT unnest(?::UUID[]))"
+            " OR c.external_id IN (SELECT unnest(?::VARCHAR[])))"
+        )
+        params += [customer_ids or [], external_ids or []]
+    meter_where = (
+        " AND archived_at IS NULL"
+        if meter_ids is None
+        else (" AND id IN (SELECT unnest(?::UUID[]))")
+    )
+    meter_params: list[Any] = [organization_id] + ([meter_ids] if meter_ids is not None else [])
+    pair_where = "" if id is None else f" WHERE {_ID_SQL} = ?::UUID"
+    pairs = (
+        "WITH subj AS (SELECT c.id AS customer_id, s.subject FROM customers c,"
+        " unnest(['id:' || c.id::VARCHAR, 'ext:' || c.external_id]) s(subject)"
+        f" WHERE c.organization_id = ?::UUID AND s.subject IS NOT NULL{customer_where}),"
+        f" m AS (SELECT id FROM meters WHERE organization_id = ?::UUID{meter_where}),"
+        " used AS (SELECT u.meter_id, subj.customer_id, u.modified_at FROM ledger_usage u"
+        " JOIN subj USING (subject) WHERE u.meter_id IN (SELECT id FROM m)"
+        " UNION ALL SELECT v.meter_id, subj.customer_id, NULL FROM ledger_usage_values v"
+        " JOIN subj USING (subject) WHERE v.meter_id IN (SELECT id FROM m)"
+        " UNION ALL SELECT meter_id, customer_id, modified_at FROM customer_meters"
+        " WHERE meter_id IN (SELECT id FROM m) AND customer_id IN (SELECT customer_id FROM subj))"
+        " SELECT customer_id, meter_id, max(modified_at) AS modified FROM used p"
+        f"{pair_where} GROUP BY ALL"
+    )
+    pairs_params = [*params, *meter_params, *([id] if id is not None else [])]
+    count = first_row(con, f"SELECT count(*) FROM ({pairs})", pairs_params)
+    rows = con.execute(
+        f"SELECT customer_id::VARCHAR, meter_id::VARCHAR FROM ({pairs})"
+        f" ORDER BY modified {'DESC' if descending else 'ASC'} NULLS LAST, customer_id, meter_id"
+        " LIMIT ? OFFSET ?",
+        [*pairs_params, limit, offset],
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows], int(count[0]) if count else 0
