@@ -138,10 +138,10 @@ def build_app(
         _metrics(consumer),
         *ingest_routes(publisher, authenticate, settings.ingest),
         *events.routes(ctx),
+        *ledger.routes(ctx),
         *customers.routes(ctx),
         *meters.routes(ctx),
         *costs.routes(ctx),
-        *ledger.routes(ctx),
     ]
     return Starlette(routes=routes, exception_handlers=_HANDLERS)
 

@@ -299,7 +299,8 @@ def routes(ctx: ApiContext) -> list[Route]:
         Route("/v1/customer-meters/check", check, methods=["GET"]),
         Route("/v1/customer-meters/{id}", get_customer_meter, methods=["GET"]),
         Route("/v1/customers/{id}/state", state, methods=["GET"]),
-        Route("/v1/customers/external/{external_id}/state", state_external, methods=["GET"]),
+        # Before the customers' routes: their `external/{external_id:path}` would take it.
+        Route("/v1/customers/external/{external_id:path}/state", state_external, methods=["GET"]),
         Route("/v1/meter-credits/", credit, methods=["POST"]),
         Route("/v1/meter-resets/", reset, methods=["POST"]),
         Route("/v1/credit-plans/", create_plan, methods=["POST"]),

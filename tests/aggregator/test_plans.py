@@ -1,0 +1,84 @@
+"""Credit plan cycles across month ends, and a process down over two boundaries: the missed
+cycles run once at the next start, never twice."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from aggregator.plans import PlanCycler
+from aggregator.store import Store
+from aggregator.store.customers import create_job as create_customer
+from aggregator.store.ledger import get_plan, plan_create_job
+from aggregator.store.meters import create_job
+from meters.customers import CustomerCreate
+from meters.definitions import MeterCreate
+from meters.events import EPOCH
+from meters.ledger import PlanCreate
+
+ORG = "2d7e4b1a-9c3f-4e8b-a5d6-7f1e0c2b3a44"
+
+
+def _us(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def test_missed_boundaries_run_once_after_a_restart(tmp_path: Path) -> None:
+    asyncio.run(_scenario(tmp_path / "plans.duckdb"))
+
+
+async def _scenario(path: Path) -> None:
+    start = datetime(2025, 1, 31, tzinfo=UTC)
+    now = start
+    async with Store(path) as store:
+        assert store.seq is not None
+        customer = await store.write(
+            create_customer(ORG, CustomerCreate(email="p@example.com"), _us(now))
+        )
+        meter = await store.write(
+            create_job(
+                ORG,
+                MeterCreate.model_validate(
+                    {
+                        "name": "calls",
+                        "filter": {"conjunction": "and", "clauses": []},
+                        "aggregation": {"func": "count"},
+                    }
+                ),
+                _us(now),
+            )
+        )
+        plan, _ = await store.write(
+            plan_create_job(
+                ORG,
+                PlanCreate(
+                    customer_id=uuid.UUID(customer.id),
+                    meter_id=uuid.UUID(meter.id),
+                    units=10,
+                    interval="month",
+                    starts_at=start,
+                    external_id="monthly",
+                ),
+                _us(now),
+                store.seq,
+            )
+        )
+        assert plan.cycles == 1  # January 31st, at creation
+    # Down from February 1st to April 1st: February 28th and March 31st were missed.
+    now = datetime(2025, 4, 1, tzinfo=UTC)
+    for _ in range(2):  # the second start must find nothing left to do
+        async with Store(path) as store, PlanCycler(store, clock=lambda: _us(now)) as cycler:
+            assert await cycler.run_due() == 0  # entering already caught up
+            plan = await store.read(get_plan, ORG, plan.id)
+            assert plan is not None and plan.cycles == 3
+            assert plan.next_cycle_at_us == _us(datetime(2025, 4, 30, tzinfo=UTC))
+            rows = await store.read(
+                lambda con: con.execute(
+                    "SELECT name, epoch_us(timestamp) FROM events WHERE source = 'system'"
+                    " ORDER BY seq"
+                ).fetchall()
+            )
+    boundaries = [_us(datetime(2025, m, d, tzinfo=UTC)) for m, d in ((1, 31), (2, 28), (3, 31))]
+    assert rows == [(name, at) for at in boundaries for name in ("meter.reset", "meter.credited")]
