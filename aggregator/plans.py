@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Self
 
 from aggregator.store import Store
-from aggregator.store.ledger import cycle_due_job
+from aggregator.store.plans import cycle_due_job
 from meters.events import now_us
 
 log = logging.getLogger(__name__)

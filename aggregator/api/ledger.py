@@ -16,6 +16,7 @@ from aggregator.api.customers import shaped
 from aggregator.errors import NotFound
 from aggregator.store import customers as customer_sql
 from aggregator.store import ledger as sql
+from aggregator.store import plans as plan_sql
 from aggregator.store.meters import get_meter
 from ingest.http.requests import json_body
 from ingest.http.responses import JSON
@@ -89,7 +90,7 @@ def _state(con: Con, org: str, customer: customer_sql.CustomerRow | None) -> dic
     }
 
 
-def _plan(plan: sql.PlanRow) -> dict[str, Any]:
+def _plan(plan: plan_sql.PlanRow) -> dict[str, Any]:
     return {
         "id": plan.id,
         "external_id": plan.external_id,
@@ -268,19 +269,19 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         data = parse_model(PlanCreate, await json_body(request, ctx.max_body_bytes))
         assert store.seq is not None
-        plan, created = await store.write(sql.plan_create_job(org, data, now_us(), store.seq))
+        plan, created = await store.write(plan_sql.plan_create_job(org, data, now_us(), store.seq))
         return JSON(_plan(plan), status_code=201 if created else 200)
 
     async def list_plans(request: Request) -> JSON:
         org = ctx.organization(request)
         customer_id = _uuid_param(request, "customer_id")
         meter_id = _uuid_param(request, "meter_id")
-        plans = await store.read(sql.list_plans, org, customer_id, meter_id)
+        plans = await store.read(plan_sql.list_plans, org, customer_id, meter_id)
         return JSON({"items": [_plan(p) for p in plans]})
 
     async def get_plan(request: Request) -> JSON:
         org = ctx.organization(request)
-        plan = await store.read(sql.get_plan, org, request.path_params["id"])
+        plan = await store.read(plan_sql.get_plan, org, request.path_params["id"])
         if plan is None or plan.deleted_at_us is not None:
             raise NotFound("Credit plan not found")
         return JSON(_plan(plan))
@@ -289,7 +290,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         plan_id = request.path_params["id"]
         if not params.is_uuid(plan_id) or not await store.write(
-            sql.plan_delete_job(org, plan_id, now_us())
+            plan_sql.plan_delete_job(org, plan_id, now_us())
         ):
             raise NotFound("Credit plan not found")
         return Response(status_code=204)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import duckdb
 import orjson
@@ -27,8 +26,7 @@ from aggregator.store.meters import MeterRow, get_meter
 from aggregator.store.quantities import Partial
 from aggregator.store.rows import first_row
 from meters.errors import FieldError, ValidationFailed
-from meters.events import EPOCH, us_to_datetime
-from meters.ledger import CreditCreate, Credits, PlanCreate, ResetCreate, cycle_start
+from meters.ledger import CreditCreate, Credits, PlanCreate, ResetCreate
 
 Con = duckdb.DuckDBPyConnection
 
@@ -71,9 +69,9 @@ class Applied:
 
 def credit_job(organization_id: str, data: CreditCreate, now_us: int, seq: SequenceCounter) -> Any:
     def job(con: Con) -> Applied:
-        customer, meter = _resolve(con, organization_id, data)
+        customer, meter = resolve(con, organization_id, data)
         key = f"meterline:credit:{data.external_id}"
-        applied = _credit(con, customer, meter, data.units, data.rollover, key, now_us, now_us, seq)
+        applied = credit(con, customer, meter, data.units, data.rollover, key, now_us, now_us, seq)
         return Applied(customer_meter(con, customer, meter), replayed=not applied)
 
     return job
@@ -81,15 +79,15 @@ def credit_job(organization_id: str, data: CreditCreate, now_us: int, seq: Seque
 
 def reset_job(organization_id: str, data: ResetCreate, now_us: int, seq: SequenceCounter) -> Any:
     def job(con: Con) -> Applied:
-        customer, meter = _resolve(con, organization_id, data)
+        customer, meter = resolve(con, organization_id, data)
         key = f"meterline:reset:{data.external_id}"
-        applied = _reset(con, customer, meter, key, now_us, now_us, seq)
+        applied = reset(con, customer, meter, key, now_us, now_us, seq)
         return Applied(customer_meter(con, customer, meter), replayed=not applied)
 
     return job
 
 
-def _resolve(
+def resolve(
     con: Con, organization_id: str, data: CreditCreate | ResetCreate | PlanCreate
 ) -> tuple[CustomerRow, MeterRow]:
     """The request's customer and (non-archived) meter; 422 naming the field otherwise."""
@@ -198,7 +196,7 @@ def _store_credits(
     )
 
 
-def _credit(
+def credit(
     con: Con,
     customer: CustomerRow,
     meter: MeterRow,
@@ -217,7 +215,7 @@ def _credit(
     return True
 
 
-def _reset(
+def reset(
     con: Con,
     customer: CustomerRow,
     meter: MeterRow,
@@ -243,184 +241,8 @@ def _reset(
         )
     _store_credits(con, customer, meter, Credits(), now_us, reset_seq=number)
     if carried > 0:
-        _credit(con, customer, meter, carried, True, f"{key}:rollover", at_us, now_us, seq)
+        credit(con, customer, meter, carried, True, f"{key}:rollover", at_us, now_us, seq)
     return True
-
-
-# ---- credit plans ----------------------------------------------------------------------------
-
-_PLAN_COLUMNS = (
-    "id::VARCHAR, organization_id::VARCHAR, external_id, customer_id::VARCHAR,"
-    " meter_id::VARCHAR, units, interval, rollover, epoch_us(starts_at), cycles,"
-    " epoch_us(next_cycle_at), epoch_us(created_at), epoch_us(deleted_at)"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class PlanRow:
-    id: str
-    organization_id: str
-    external_id: str
-    customer_id: str
-    meter_id: str
-    units: int
-    interval: Literal["month", "year"]
-    rollover: bool
-    starts_at_us: int
-    cycles: int
-    next_cycle_at_us: int
-    created_at_us: int
-    deleted_at_us: int | None
-
-
-def _plan(r: tuple[Any, ...]) -> PlanRow:
-    return PlanRow(*r)
-
-
-def plan_create_job(
-    organization_id: str, data: PlanCreate, now_us: int, seq: SequenceCounter
-) -> Any:
-    """Create a plan (or find the one made with the same external_id); returns (plan, created).
-    Cycles already due (a start in the past or now) are processed in the same transaction."""
-
-    def job(con: Con) -> tuple[PlanRow, bool]:
-        existing = first_row(
-            con,
-            f"SELECT {_PLAN_COLUMNS} FROM credit_plans"
-            " WHERE organization_id = ?::UUID AND external_id = ?",
-            [organization_id, data.external_id],
-        )
-        if existing is not None:
-            return _plan(existing), False
-        customer, meter = _resolve(con, organization_id, data)
-        starts = _us(data.starts_at) if data.starts_at else now_us
-        plan_id = str(uuid.uuid4())
-        con.execute(
-            "INSERT INTO credit_plans (id, organization_id, external_id, customer_id, meter_id,"
-            " units, interval, rollover, starts_at, next_cycle_at, created_at) VALUES"
-            " (?::UUID, ?::UUID, ?, ?::UUID, ?::UUID, ?, ?, ?, make_timestamptz(?),"
-            " make_timestamptz(?), make_timestamptz(?))",
-            [
-                plan_id,
-                organization_id,
-                data.external_id,
-                customer.id,
-                meter.id,
-                data.units,
-                data.interval,
-                data.rollover,
-                starts,
-                starts,
-                now_us,
-            ],
-        )
-        _cycle_plans(con, now_us, seq, plan_id)
-        plan = get_plan(con, organization_id, plan_id)
-        assert plan is not None
-        return plan, True
-
-    return job
-
-
-def plan_delete_job(organization_id: str, plan_id: str, now_us: int) -> Any:
-    """Stop a plan's future cycles; credits already granted stay. False if there is none."""
-
-    def job(con: Con) -> bool:
-        if get_plan(con, organization_id, plan_id) is None:
-            return False
-        con.execute(
-            "UPDATE credit_plans SET deleted_at = coalesce(deleted_at, make_timestamptz(?))"
-            " WHERE id = ?::UUID",
-            [now_us, plan_id],
-        )
-        return True
-
-    return job
-
-
-def cycle_due_job(now_us: int, seq: SequenceCounter) -> Any:
-    """Process every plan boundary at or before `now` (all organizations); returns how many.
-    Each boundary's reset and credit carry keys derived from (plan, cycle number), and the
-    plan's cycle count moves in the same transaction: a boundary is processed exactly once,
-    however late (a process that was down catches up on restart)."""
-
-    def job(con: Con) -> int:
-        return _cycle_plans(con, now_us, seq, None)
-
-    return job
-
-
-def _cycle_plans(con: Con, now_us: int, seq: SequenceCounter, plan_id: str | None) -> int:
-    where = "deleted_at IS NULL AND next_cycle_at <= make_timestamptz(?)"
-    params: list[Any] = [now_us]
-    if plan_id is not None:
-        where += " AND id = ?::UUID"
-        params.append(plan_id)
-    due = [
-        _plan(r)
-        for r in con.execute(
-            f"SELECT {_PLAN_COLUMNS} FROM credit_plans WHERE {where} ORDER BY next_cycle_at",
-            params,
-        ).fetchall()
-    ]
-    processed = 0
-    for plan in due:
-        customer = get_customer(con, plan.organization_id, plan.customer_id)
-        meter = get_meter(con, plan.organization_id, plan.meter_id)
-        if customer is None or meter is None or meter.archived_at_us is not None:
-            continue
-        starts = us_to_datetime(plan.starts_at_us)
-        n = plan.cycles
-        while _us(cycle_start(starts, plan.interval, n)) <= now_us:
-            at = _us(cycle_start(starts, plan.interval, n))
-            key = f"meterline:plan:{plan.id}:{n}"
-            _reset(con, customer, meter, f"{key}:reset", at, now_us, seq)
-            _credit(
-                con, customer, meter, plan.units, plan.rollover, f"{key}:credit", at, now_us, seq
-            )
-            n += 1
-        con.execute(
-            "UPDATE credit_plans SET cycles = ?, next_cycle_at = make_timestamptz(?)"
-            " WHERE id = ?::UUID",
-            [n, _us(cycle_start(starts, plan.interval, n)), plan.id],
-        )
-        processed += n - plan.cycles
-    return processed
-
-
-def _us(moment: datetime) -> int:
-    return (moment.astimezone(UTC) - EPOCH) // (us_to_datetime(1) - EPOCH)
-
-
-def get_plan(con: Con, organization_id: str, plan_id: str) -> PlanRow | None:
-    try:
-        uuid.UUID(plan_id)
-    except ValueError:
-        return None
-    row = first_row(
-        con,
-        f"SELECT {_PLAN_COLUMNS} FROM credit_plans"
-        " WHERE organization_id = ?::UUID AND id = ?::UUID",
-        [organization_id, plan_id],
-    )
-    return _plan(row) if row else None
-
-
-def list_plans(
-    con: Con, organization_id: str, customer_id: str | None, meter_id: str | None
-) -> list[PlanRow]:
-    where = "organization_id = ?::UUID AND deleted_at IS NULL"
-    params: list[Any] = [organization_id]
-    if customer_id is not None:
-        where += " AND customer_id = ?::UUID"
-        params.append(customer_id)
-    if meter_id is not None:
-        where += " AND meter_id = ?::UUID"
-        params.append(meter_id)
-    rows = con.execute(
-        f"SELECT {_PLAN_COLUMNS} FROM credit_plans WHERE {where} ORDER BY created_at", params
-    ).fetchall()
-    return [_plan(r) for r in rows]
 
 
 # ---- reads -----------------------------------------------------------------------------------

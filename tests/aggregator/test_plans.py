@@ -11,8 +11,8 @@ from pathlib import Path
 from aggregator.plans import PlanCycler
 from aggregator.store import Store
 from aggregator.store.customers import create_job as create_customer
-from aggregator.store.ledger import get_plan, plan_create_job
 from aggregator.store.meters import create_job
+from aggregator.store.plans import get_plan, plan_create_job
 from meters.customers import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.events import EPOCH
