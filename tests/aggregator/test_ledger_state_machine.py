@@ -23,14 +23,9 @@ from aggregator.store import Store
 from aggregator.store.columns import to_table
 from aggregator.store.customers import create_job as create_customer
 from aggregator.store.events import IngestJob
-from aggregator.store.ledger import (
-    credit_job,
-    customer_meter,
-    cycle_due_job,
-    plan_create_job,
-    reset_job,
-)
+from aggregator.store.ledger import credit_job, customer_meter, reset_job
 from aggregator.store.meters import MeterRow, create_job, get_meter
+from aggregator.store.plans import cycle_due_job, plan_create_job
 from meters.customers import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.events import EPOCH, Event
