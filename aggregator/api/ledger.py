@@ -106,6 +106,29 @@ def _plan(plan: plan_sql.PlanRow) -> dict[str, Any]:
     }
 
 
+def check_balance(
+    con: Con,
+    org: str,
+    meter_id: str,
+    customer_id: str | None,
+    external_customer_id: str | None,
+    units: float,
+) -> dict[str, Any]:
+    """May the customer use `units` more of the meter? Point reads of one customer meter."""
+    meter = get_meter(con, org, meter_id)
+    cm = sql.check(con, meter, customer_id, external_customer_id) if meter else None
+    if cm is None:
+        raise NotFound("Customer or meter not found")
+    return {
+        "allowed": cm.balance - units >= 0,
+        "units": units,
+        "balance": cm.balance,
+        "balance_after": cm.balance - units,
+        "consumed_units": cm.consumed,
+        "credited_units": cm.credited,
+    }
+
+
 def _uuid_param(request: Request, name: str) -> str | None:
     value = request.query_params.get(name)
     if value is not None and not params.is_uuid(value):
@@ -182,8 +205,6 @@ def routes(ctx: ApiContext) -> list[Route]:
         return JSON(await store.read(run))
 
     async def check(request: Request) -> JSON:
-        """May the customer use `units` more of the meter? The cheapest ledger read: point
-        lookups of one customer meter."""
         org = ctx.organization(request)
         meter_id = _uuid_param(request, "meter_id")
         customer_id = _uuid_param(request, "customer_id")
@@ -202,26 +223,7 @@ def routes(ctx: ApiContext) -> list[Route]:
                 ]
             )
 
-        def run(con: Con) -> dict[str, Any]:
-            customer = (
-                customer_sql.get_customer(con, org, customer_id)
-                if customer_id
-                else customer_sql.get_customer_by_external_id(con, org, external or "")
-            )
-            meter = get_meter(con, org, meter_id)
-            if customer is None or meter is None:
-                raise NotFound("Customer or meter not found")
-            cm = sql.customer_meter(con, customer, meter)
-            return {
-                "allowed": cm.balance - units >= 0,
-                "units": units,
-                "balance": cm.balance,
-                "balance_after": cm.balance - units,
-                "consumed_units": cm.consumed,
-                "credited_units": cm.credited,
-            }
-
-        return JSON(await store.read(run))
+        return JSON(await store.read(check_balance, org, meter_id, customer_id, external, units))
 
     async def state(request: Request) -> JSON:
         org = ctx.organization(request)

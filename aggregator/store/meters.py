@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,13 @@ class MeterRow:
         return self.backfilled_to < self.backfill_target
 
 
+@functools.lru_cache(maxsize=4096)
+def _definition(filter_json: str, aggregation_json: str) -> tuple[Filter, Any]:
+    """Parsed definitions, cached: validating them costs ~1 ms, more than reading the row.
+    (Both are immutable models, safe to share.)"""
+    return Filter.model_validate_json(filter_json), _AGGREGATION.validate_json(aggregation_json)
+
+
 def _row(r: tuple[Any, ...]) -> MeterRow:
     return MeterRow(
         r[0],
@@ -58,8 +66,7 @@ def _row(r: tuple[Any, ...]) -> MeterRow:
         r[3],
         r[4],
         r[5],
-        Filter.model_validate_json(r[6]),
-        _AGGREGATION.validate_json(r[7]),
+        *_definition(r[6], r[7]),
         orjson.loads(r[8]),
         r[9],
         r[10],

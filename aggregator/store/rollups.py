@@ -34,6 +34,7 @@ def apply(
     params: list[Any],
     *,
     backfill: bool = False,
+    ledger: bool = True,
 ) -> None:
     """Add the events of `source` selected by `where` to the rollups of each of `meters`, and
     to their customers' ledger usage (the usage since each customer's latest reset).
@@ -42,7 +43,8 @@ def apply(
     each reads the events once, parses each metadata document once for every path the meters
     use, and the grouped rows feed both the rollups and the ledger. Live ingest applies events
     newer than any reset; a `backfill` (of stored events, one meter) skips, for the ledger, the
-    events a customer's reset has already closed.
+    events a customer's reset has already closed. `ledger=False` leaves the ledger alone (to
+    measure what it costs).
     """
     numbers = [m for m in meters if not isinstance(m.aggregation, UniqueAggregation)]
     uniques = [m for m in meters if isinstance(m.aggregation, UniqueAggregation)]
@@ -63,7 +65,7 @@ def apply(
             con.execute(
                 f"INSERT INTO rollups SELECT * FROM _deltas ON CONFLICT DO UPDATE SET {_MERGE}"
             )
-            if not backfill:
+            if ledger and not backfill:
                 con.execute(
                     "INSERT INTO ledger_usage SELECT meter_id, subject, sum(events), sum(total),"
                     " min(low), max(high), now(), now() FROM _deltas GROUP BY meter_id, subject"
@@ -71,7 +73,7 @@ def apply(
                 )
         finally:
             con.unregister("_deltas")
-        if backfill:
+        if ledger and backfill:
             _backfill_ledger(con, numbers, values, values_params)
     if uniques:
         values, values_params = _values(uniques, source, where, params)
@@ -92,10 +94,11 @@ def apply(
                 " FROM _distinct ON CONFLICT DO NOTHING"
             )
             after_reset = _AFTER_RESET if backfill else "TRUE"
-            con.execute(
-                "INSERT INTO ledger_usage_values SELECT DISTINCT meter_id, subject, value"
-                f" FROM _distinct u WHERE {after_reset} ON CONFLICT DO NOTHING"
-            )
+            if ledger:
+                con.execute(
+                    "INSERT INTO ledger_usage_values SELECT DISTINCT meter_id, subject, value"
+                    f" FROM _distinct u WHERE {after_reset} ON CONFLICT DO NOTHING"
+                )
         finally:
             con.unregister("_distinct")
 

@@ -1,0 +1,241 @@
+"""The credit ledger: balance checks at 100,000 customers, and what balances cost ingest.
+
+balance_check: a temp data dir with 100,000 customers (inserted with SQL), one sum meter, 1
+million events ingested through `IngestJob` (so ledger usage is kept live, as in production) and
+1,000 credit grants. Then `GET /v1/customer-meters/check` latency: in-process (`store.read` of
+the same function the route runs) for random customers, and over HTTP from a real
+`meterline up` on the same data dir, one request at a time. Target: p99 ≤ 5 ms.
+
+ledger_cost: the 10 meters of `benchmarks.meters` applied to realistic batches of 10,000
+events (as `rollup_update` does) with the ledger on and off, interleaved in one run: the
+ledger may cost at most 20% of the rollup throughput.
+
+Command: `.venv/bin/python -m benchmarks.run balance_check ledger_cost` (`--quick` for a smoke
+run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+import pyarrow as pa
+
+from aggregator.api.ledger import check_balance
+from aggregator.auth import TokenRegistry
+from aggregator.store import Store, rollups
+from aggregator.store.events import IngestJob
+from aggregator.store.ledger import credit_job
+from aggregator.store.meters import create_job, meters_of
+from benchmarks.common import metric, percentile
+from benchmarks.meters import ROLLUP_BATCH, _batch_new, create_meters, realistic_events
+from benchmarks.server import Server
+from meters.definitions import MeterCreate
+from meters.events import now_us
+from meters.ledger import CreditCreate
+
+Con = duckdb.DuckDBPyConnection
+TARGET_CHECK_P99_MS = 5.0
+MAX_LEDGER_COST = 0.20
+FULL = {"customers": 100_000, "events": 1_000_000, "credits": 1_000, "checks": 2_000, "http": 1_000}
+QUICK = {"customers": 5_000, "events": 50_000, "credits": 100, "checks": 200, "http": 100}
+BATCH = 10_000
+
+
+def _ms(values: list[float], q: float) -> float:
+    return round(percentile(values, q) * 1000, 3)
+
+
+def balance_check(quick: bool = False) -> dict[str, Any]:
+    """Balance checks answer in p99 ≤ 5 ms with 100,000 customers.
+
+    Hypothesis: `GET /v1/customer-meters/check` (point reads of one customer meter) stays under
+    5 ms at the 99th percentile over HTTP with 100,000 customers, each with usage.
+    """
+    plan = QUICK if quick else FULL
+    server = Server()  # owns the temp data dir; started after the in-process part
+    try:
+        registry = TokenRegistry(server.data_dir)
+        org = registry.organization("default").id  # the organization `meterline up` serves
+        registry.close()
+        details = asyncio.run(_in_process(server.database, org, plan))
+    except BaseException:
+        shutil.rmtree(server.data_dir, ignore_errors=True)
+        raise
+    with server:
+        details["http"] = _over_http(server, details, plan)
+    http = details["http"]
+    local = details["in_process"]
+    return {
+        "metrics": [
+            metric("customers", plan["customers"], "customers"),
+            metric("check p50 (HTTP)", http["p50_ms"], "ms"),
+            metric("check p99 (HTTP)", http["p99_ms"], "ms", "<=", TARGET_CHECK_P99_MS),
+            metric("check p50 (in-process)", local["p50_ms"], "ms"),
+            metric("check p99 (in-process)", local["p99_ms"], "ms"),
+        ],
+        "details": details,
+    }
+
+
+async def _in_process(path: Path, org: str, plan: dict[str, int]) -> dict[str, Any]:
+    async with Store(path) as store:
+        assert store.seq is not None
+        await store.write(
+            lambda con: con.execute(
+                "INSERT INTO customers (id, organization_id, type, email, external_id, metadata,"
+                " created_at) SELECT uuid(), ?::UUID, 'individual', 'c' || i || '@example.com',"
+                " 'cust_' || i, '{}', now() FROM range(?) t(i)",
+                [org, plan["customers"]],
+            )
+        )
+        meter = await store.write(
+            create_job(
+                org,
+                MeterCreate.model_validate(
+                    {
+                        "name": "tokens",
+                        "filter": {"conjunction": "and", "clauses": []},
+                        "aggregation": {"func": "sum", "property": "tokens"},
+                    }
+                ),
+                now_us(),
+            )
+        )
+        rng = random.Random(3)
+        started = time.perf_counter()
+        for b in range(plan["events"] // BATCH):
+            table = _usage_batch(rng, plan["customers"], b)
+            await store.write(IngestJob(org, table, now_us(), store.seq), weight=BATCH)
+        ingest_seconds = time.perf_counter() - started
+        for i in range(plan["credits"]):
+            data = CreditCreate(
+                external_customer_id=f"cust_{rng.randrange(plan['customers'])}",
+                meter_id=uuid.UUID(meter.id),
+                units=1000,
+                external_id=f"grant-{i}",
+            )
+            await store.write(credit_job(org, data, now_us(), store.seq))
+        await store.read(lambda con: con.execute("CHECKPOINT"))
+        timings = []
+        for _ in range(plan["checks"]):
+            customer = f"cust_{rng.randrange(plan['customers'])}"
+            started = time.perf_counter()
+            await store.read(check_balance, org, meter.id, None, customer, 10.0)
+            timings.append(time.perf_counter() - started)
+    return {
+        "organization_id": org,
+        "meter_id": meter.id,
+        "ingest_events_per_s": round(plan["events"] / ingest_seconds, 1),
+        "in_process": {
+            "checks": len(timings),
+            "p50_ms": _ms(timings, 50),
+            "p99_ms": _ms(timings, 99),
+        },
+    }
+
+
+def _usage_batch(rng: random.Random, customers: int, batch: int) -> pa.Table:
+    from aggregator.store.columns import to_table
+    from meters.events import Event
+
+    now = now_us()
+    return to_table(
+        [
+            Event(
+                name="use",
+                timestamp_us=now,
+                customer_id=None,
+                external_customer_id=f"cust_{rng.randrange(customers)}",
+                external_id=f"b{batch}-{i}",
+                parent_id=None,
+                external_member_id=None,
+                metadata={"tokens": rng.randrange(1, 1000)},
+                cost_amount=None,
+            )
+            for i in range(BATCH)
+        ]
+    )
+
+
+def _over_http(server: Server, details: dict[str, Any], plan: dict[str, int]) -> dict[str, Any]:
+    rng = random.Random(4)
+    timings = []
+    with httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}
+    ) as client:
+        for i in range(plan["http"] + 50):  # the first 50 warm up
+            params = {
+                "external_customer_id": f"cust_{rng.randrange(plan['customers'])}",
+                "meter_id": details["meter_id"],
+                "units": 10,
+            }
+            started = time.perf_counter()
+            response = client.get("/v1/customer-meters/check", params=params)
+            elapsed = time.perf_counter() - started
+            response.raise_for_status()
+            if i >= 50:
+                timings.append(elapsed)
+    return {"requests": len(timings), "p50_ms": _ms(timings, 50), "p99_ms": _ms(timings, 99)}
+
+
+def ledger_cost(quick: bool = False) -> dict[str, Any]:
+    """Keeping balances costs the rollups of 10 meters at most 20% of their throughput.
+
+    Hypothesis: applying batches of 10,000 events to 10 meters with the ledger on (usage since
+    each customer's reset) takes at most 1.2× the time with it off.
+    """
+    return asyncio.run(_ledger_cost(4 if quick else 30))
+
+
+async def _ledger_cost(batches: int) -> dict[str, Any]:
+    tables = realistic_events(4, ROLLUP_BATCH, seed=9, tag="ledger")
+    org = "3c9f1d2e-7a4b-4e5c-8d6f-0a1b2c3d4e5f"
+    seconds = {True: 0.0, False: 0.0}  # ledger on / off
+    with tempfile.TemporaryDirectory(prefix="meterline-bench-") as tmp:
+        async with Store(Path(tmp) / "ledger.duckdb") as store:
+            await create_meters(store, org)
+            for i in range(-2, batches):  # -2, -1: warm-up, untimed
+                batch = _batch_new(tables[i % len(tables)], org, 1 + (i + 2) * ROLLUP_BATCH)
+                for ledger in (True, False):
+                    elapsed = await store.write(_apply_job(batch, org, ledger))
+                    if i >= 0:
+                        seconds[ledger] += elapsed
+    events = batches * ROLLUP_BATCH
+    with_rate, without_rate = events / seconds[True], events / seconds[False]
+    cost = seconds[True] / seconds[False] - 1
+    return {
+        "metrics": [
+            metric("rollups + ledger, 10 meters", with_rate, "events/s"),
+            metric("rollups only, 10 meters", without_rate, "events/s"),
+            metric("ledger cost", cost * 100, "%", "<=", MAX_LEDGER_COST * 100),
+        ],
+        "details": {
+            "events": events,
+            "batch": ROLLUP_BATCH,
+            "seconds_with_ledger": round(seconds[True], 3),
+            "seconds_without_ledger": round(seconds[False], 3),
+        },
+    }
+
+
+def _apply_job(batch: pa.Table, org: str, ledger: bool) -> Any:
+    def job(con: Con) -> float:
+        con.register("_batch_new", batch)
+        try:
+            started = time.perf_counter()
+            meters = meters_of(con, [org])
+            rollups.apply(con, meters, "_batch_new", "organization_id = ?", [org], ledger=ledger)
+            return time.perf_counter() - started
+        finally:
+            con.unregister("_batch_new")
+
+    return job
