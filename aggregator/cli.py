@@ -205,7 +205,13 @@ async def serve(
             publisher: Publisher = EmbeddedPublisher(store, validation)
             if kafka is not None:
                 consumer = await stack.enter_async_context(
-                    Consumer(store, kafka, settings.ingest.rules, registry.organization_exists)
+                    Consumer(
+                        store,
+                        kafka,
+                        settings.ingest.rules,
+                        registry.organization_exists,
+                        validation,
+                    )
                 )
                 publisher = await stack.enter_async_context(KafkaPublisher(kafka, validation))
             org = registry.organization("default")

@@ -16,10 +16,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from aiokafka import (
     AIOKafkaConsumer,
     ConsumerRebalanceListener,
@@ -28,10 +30,11 @@ from aiokafka import (
 from aiokafka.structs import ConsumerRecord
 
 from aggregator.store import Store
-from aggregator.store.columns import to_table
+from aggregator.store.columns import from_ipc, to_table
 from aggregator.store.consumed import ConsumedBatch, stored_offsets
 from aggregator.store.events import known_customers
 from ingest.publish.kafka import KafkaSettings, ensure_topics, retrying
+from ingest.validation import ValidationPool
 from meters.events import EventRules, now_us
 from meters.records import Record, Rejected, decode_records
 
@@ -56,9 +59,11 @@ class Consumer:
         kafka: KafkaSettings,
         rules: EventRules,
         organization_exists: Callable[[str], bool],
+        workers: ValidationPool,
         settings: ConsumerSettings | None = None,
     ) -> None:
         self._store = store
+        self._workers = workers
         self._kafka = kafka
         self._rules = rules
         self._organization_exists = organization_exists
@@ -119,19 +124,28 @@ class Consumer:
     async def _run(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
+        # Pipelined: batch N+1 is fetched and decoded while batch N commits (DuckDB's writer
+        # works outside the GIL). If N fails, N+1 is dropped and both are read again.
+        writing: asyncio.Task[None] | None = None
         while True:
             fetched = await consumer.getmany(
                 timeout_ms=self._settings.poll_timeout_ms, max_records=self._settings.max_records
             )
-            if not fetched:
-                continue
             try:
-                await self._apply(fetched)
+                batch = await self._prepare(fetched) if fetched else None
+                if writing is not None:
+                    await writing
+                    writing = None
+                if batch is not None:
+                    writing = asyncio.create_task(self._commit(batch, fetched))
             except asyncio.CancelledError:
+                if writing is not None:
+                    writing.cancel()
                 raise
             except Exception:
-                # Nothing of the batch was committed: read it again from the stored offsets.
+                # Nothing after the last committed batch counts: read it again from there.
                 log.exception("applying a batch failed; retrying from the stored offsets")
+                writing = None
                 await asyncio.sleep(self._settings.retry_seconds)
                 await self.seek_to_stored(consumer.assignment())
 
@@ -144,56 +158,76 @@ class Consumer:
             else:
                 await self._consumer.seek_to_beginning(tp)
 
-    async def _apply(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+    async def _prepare(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> ConsumedBatch:
+        """Decode (in a worker process), dead-letter what cannot be applied, and build the
+        writer job; nothing is committed yet."""
         records = [r for batch in fetched.values() for r in batch]
-        decoded = decode_records(
-            [r.value for r in records],
-            [r.timestamp for r in records],
-            now_us=now_us(),
-            rules=self._rules,
-            max_bytes=self._settings.max_record_bytes,
+        ipc, rejected = await self._workers.run(
+            partial(
+                decode_batch,
+                [r.value for r in records],
+                [r.timestamp for r in records],
+                now_us(),
+                self._rules,
+                self._settings.max_record_bytes,
+            )
         )
-        dead: list[tuple[ConsumerRecord, str]] = []
-        good: list[tuple[ConsumerRecord, Record]] = []
-        for record, result in zip(records, decoded, strict=True):
-            if isinstance(result, Rejected):
-                dead.append((record, result.reason))
-            elif not self._organization_exists(result.organization_id):
-                dead.append((record, "organization_id: no such organization"))
-            else:
-                good.append((record, result))
-        # Events naming a customer_id need that customer (Polar's rule).
-        wanted = sorted({r.event.customer_id for _, r in good if r.event.customer_id})
-        if wanted:
-            known = await self._store.read(known_customers, wanted)
-            unknown = [
-                (record, r)
-                for record, r in good
-                if r.event.customer_id and (r.organization_id, r.event.customer_id) not in known
-            ]
-            dead += [(record, "customer_id: Customer not found.") for record, _ in unknown]
-            dropped = {id(record) for record, _ in unknown}
-            good = [pair for pair in good if id(pair[0]) not in dropped]
+        table = from_ipc(ipc)
+        dead = [(records[i], reason) for i, reason in rejected]
+        table, more = await self._known_only(table)
+        dead += [(records[i], reason) for i, reason in more]
         if dead:
             await self._dead_letter(dead)
-        offsets = {tp: batch[-1].offset + 1 for tp, batch in fetched.items()}
+        self.dead_lettered += len(dead)
         assert self._store.seq is not None
-        job = ConsumedBatch(
+        return ConsumedBatch(
             self._kafka.topic,
-            _table([r for _, r in good]),
-            {tp.partition: o for tp, o in offsets.items()},
+            table.drop_columns(["position"]),
+            {
+                tp.partition: (batch[0].offset, batch[-1].offset + 1)
+                for tp, batch in fetched.items()
+            },
             self._store.seq,
         )
+
+    async def _known_only(self, table: pa.Table) -> tuple[pa.Table, list[tuple[int, str]]]:
+        """The rows whose organization exists and whose customer_id, if any, names one of its
+        customers (Polar's rule); and (position, reason) of the others."""
+        organizations = table.column("organization_id")
+        unknown = [
+            o for o in pc.unique(organizations).to_pylist() if not self._organization_exists(str(o))
+        ]
+        bad = pc.is_in(organizations, value_set=pa.array(unknown, pa.string()))
+        reasons = pc.if_else(bad, "organization_id: no such organization", None)
+        customers = table.column("customer_id").to_pylist()
+        if any(customers):
+            known = await self._store.read(known_customers, sorted({c for c in customers if c}))
+            missing = [
+                c is not None and (o, c) not in known
+                for o, c in zip(organizations.to_pylist(), customers, strict=True)
+            ]
+            reasons = pc.if_else(
+                pc.and_(pa.array(missing), pc.invert(bad)),
+                "customer_id: Customer not found.",
+                reasons,
+            )
+        dead = pc.is_valid(reasons)
+        positions = [int(p or 0) for p in table.column("position").filter(dead).to_pylist()]
+        why = [str(r) for r in reasons.filter(dead).to_pylist()]
+        return table.filter(pc.invert(dead)), list(zip(positions, why, strict=True))
+
+    async def _commit(
+        self, batch: ConsumedBatch, fetched: dict[TopicPartition, list[ConsumerRecord]]
+    ) -> None:
         started = time.perf_counter()
-        await self._store.write(job, weight=max(1, len(good)))
+        await self._store.write(batch, weight=max(1, batch.events.num_rows))
         self.commit_seconds.append(time.perf_counter() - started)
-        self.applied += len(good)
-        self.dead_lettered += len(dead)
+        self.applied += batch.events.num_rows
         assert self._consumer is not None
-        try:  # for lag tools only: the offsets stored in DuckDB are the truth
-            await self._consumer.commit(offsets)
-        except Exception as exc:  # noqa: BLE001 - best effort by design
-            log.debug("Kafka offset commit failed: %s", exc)
+        offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
+        # For lag tools only (the offsets stored in DuckDB are the truth): not awaited.
+        commit = asyncio.ensure_future(self._consumer.commit(offsets))
+        commit.add_done_callback(_ignore_failure)
 
     async def _dead_letter(self, dead: list[tuple[ConsumerRecord, str]]) -> None:
         acks = []
@@ -233,9 +267,30 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._owner.seek_to_stored(assigned)
 
 
-def _table(records: list[Record]) -> pa.Table:
-    table = to_table([r.event for r in records])
+def decode_batch(
+    values: list[bytes | None],
+    timestamps_ms: list[int],
+    now: int,
+    rules: EventRules,
+    max_bytes: int,
+) -> tuple[bytes, list[tuple[int, str]]]:
+    """Records to store columns (Arrow IPC, with organization_id, ingested_at and the record's
+    position in the batch), and (position, reason) of the rejected ones. Runs in a worker."""
+    results = decode_records(values, timestamps_ms, now_us=now, rules=rules, max_bytes=max_bytes)
+    good = [(i, r) for i, r in enumerate(results) if isinstance(r, Record)]
+    rejected = [(i, r.reason) for i, r in enumerate(results) if isinstance(r, Rejected)]
+    table = to_table([r.event for _, r in good])
     table = table.append_column(
-        "organization_id", pa.array([r.organization_id for r in records], pa.string())
+        "organization_id", pa.array([r.organization_id for _, r in good], pa.string())
     )
-    return table.append_column("ingested_at", pa.array([r.ingested_at_us for r in records], _TS))
+    table = table.append_column("ingested_at", pa.array([r.ingested_at_us for _, r in good], _TS))
+    table = table.append_column("position", pa.array([i for i, _ in good], pa.int64()))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue()), rejected
+
+
+def _ignore_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("Kafka offset commit failed: %s", future.exception())

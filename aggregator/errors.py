@@ -2,7 +2,7 @@
 
 AggregatorError
 ├── NotFound          a resource does not exist in the caller's organization
-├── Overloaded        the store cannot take more work now (retry later)
+├── OffsetGap         a consumed batch does not start where the stored offsets end
 └── StoreClosed       the store is shutting down
 """
 
@@ -18,4 +18,8 @@ class NotFound(AggregatorError):
 
 
 class StoreClosed(AggregatorError):
+    pass
+
+
+class OffsetGap(AggregatorError):
     pass

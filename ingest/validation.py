@@ -20,12 +20,13 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from ingest.http.requests import decode_json
 from meters.errors import FieldError, ValidationFailed
 from meters.events import Event, EventRules, parse_ingest_body
 
+T = TypeVar("T")
 # (events, organization id, received-at) -> bytes for the destination.
 Encode = Callable[[Sequence[Event], str, int], bytes]
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def validate_body(
 
 
 class ValidationPool:
-    """Validates ingest bodies inline or in `workers` processes. An async context manager."""
+    """Validates ingest bodies inline or in `workers` processes (and runs other CPU-bound
+    decoding there: the consumer's records). An async context manager."""
 
     def __init__(
         self,
@@ -96,23 +98,26 @@ class ValidationPool:
         job = partial(
             validate_body, body, organization_id, received_at_us, self._rules, self._encode
         )
-        pool = self._pool
-        if pool is None or len(body) < self._inline_below:
-            result = job()
-        else:
-            try:
-                result = await asyncio.get_running_loop().run_in_executor(pool, job)
-            except BrokenProcessPool:
-                # A worker died (killed, out of memory): the pool refuses all work from now on.
-                # Replace it, and validate this body here rather than fail the request.
-                log.error("a validation worker died; starting a new pool")
-                if self._pool is pool:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = self._new_pool()
-                result = job()
+        result = job() if len(body) < self._inline_below else await self.run(job)
         if isinstance(result, list):
             raise ValidationFailed(result)
         return result
+
+    async def run(self, job: Callable[[], T]) -> T:
+        """`job()` in a worker process (it must pickle), or here when there are no workers."""
+        pool = self._pool
+        if pool is None:
+            return job()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, job)
+        except BrokenProcessPool:
+            # A worker died (killed, out of memory): the pool refuses all work from now on.
+            # Replace it, and run this job here rather than fail it.
+            log.error("a worker process died; starting a new pool")
+            if self._pool is pool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
+            return job()
 
 
 def _warm() -> None:

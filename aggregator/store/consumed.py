@@ -12,20 +12,32 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aggregator.errors import OffsetGap
 from aggregator.store.events import SequenceCounter, insert_new
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ConsumedBatch:
-    """A writer job: `events` (`columns.SCHEMA` plus organization_id and ingested_at) and the
-    next offset of each partition they were read from. Returns how many events were new."""
+    """A writer job: `events` (`columns.SCHEMA` plus organization_id and ingested_at) and, per
+    partition they were read from, (first offset, next offset). Returns how many events were new.
+
+    A batch must start where the stored offsets end: batches are written while the next is
+    being read, so if one fails, the next must not commit past it (it is rejected instead, and
+    the consumer reads both again).
+    """
 
     topic: str
     events: pa.Table
-    offsets: dict[int, int]
+    offsets: dict[int, tuple[int, int]]
     seq: SequenceCounter
 
     def __call__(self, con: duckdb.DuckDBPyConnection) -> int:
+        stored = stored_offsets(con, self.topic)
+        for partition, (first, _) in self.offsets.items():
+            if partition in stored and stored[partition] != first:
+                raise OffsetGap(
+                    f"{self.topic}[{partition}] starts at {first}, stored {stored[partition]}"
+                )
         inserted = 0
         n = self.events.num_rows
         if n:
@@ -36,7 +48,7 @@ class ConsumedBatch:
             con.executemany(
                 "INSERT INTO kafka_offsets VALUES (?, ?, ?)"
                 " ON CONFLICT DO UPDATE SET next_offset = excluded.next_offset",
-                [[self.topic, p, o] for p, o in self.offsets.items()],
+                [[self.topic, p, o] for p, (_, o) in self.offsets.items()],
             )
         return inserted
 
