@@ -13,12 +13,13 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from aggregator.api import costs, customers, events, ledger, meters
+from aggregator.api import costs, customers, events, forwarding, ledger, meters
 from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.consumer import Consumer
 from aggregator.errors import NotFound
+from aggregator.forwarder import Forwarder
 from aggregator.store import Store
 from aggregator.store.columns import from_ipc
 from aggregator.store.events import IngestJob
@@ -89,11 +90,23 @@ def _authenticator(registry: TokenRegistry) -> Authenticate:
     return authenticate
 
 
-def _metrics(consumer: Consumer | None) -> Route:
-    """Prometheus text: how far behind the consumer is and how long its commits take."""
+def _metrics(consumer: Consumer | None, forwarder: Forwarder | None) -> Route:
+    """Prometheus text: how far behind the consumer and the forwarder are, and how long the
+    consumer's commits take."""
 
     async def metrics(request: Request) -> Response:
         lines: list[str] = []
+        if forwarder is not None:
+            lines += [
+                "# TYPE meterline_forward_backlog_events gauge",
+                f"meterline_forward_backlog_events {await forwarder.backlog()}",
+                "# TYPE meterline_forward_sent_total counter",
+                f"meterline_forward_sent_total {forwarder.sent}",
+                "# TYPE meterline_forward_retried_total counter",
+                f"meterline_forward_retried_total {forwarder.retried}",
+                "# TYPE meterline_forward_quarantined_total counter",
+                f"meterline_forward_quarantined_total {forwarder.quarantined}",
+            ]
         if consumer is not None:
             lines.append("# TYPE meterline_consumer_lag_records gauge")
             for partition, lag in sorted((await consumer.lag()).items()):
@@ -129,19 +142,21 @@ def build_app(
     backfiller: Backfiller,
     settings: CoreSettings,
     consumer: Consumer | None = None,
+    forwarder: tuple[Forwarder, str] | None = None,
 ) -> Starlette:
     """The core's API: ingest through `publisher`, and every query and management route."""
     authenticate = _authenticator(registry)
     ctx = ApiContext(store, authenticate, settings.ingest.max_body_bytes, backfiller)
     routes = [
         Route("/healthz", _health, methods=["GET"]),
-        _metrics(consumer),
+        _metrics(consumer, forwarder[0] if forwarder else None),
         *ingest_routes(publisher, authenticate, settings.ingest),
         *events.routes(ctx),
         *ledger.routes(ctx),
         *customers.routes(ctx),
         *meters.routes(ctx),
         *costs.routes(ctx),
+        *forwarding.routes(ctx, *(forwarder or (None, None))),
     ]
     return Starlette(routes=routes, exception_handlers=_HANDLERS)
 

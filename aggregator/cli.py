@@ -30,6 +30,7 @@ from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.consumer import Consumer
 from aggregator.errors import NotFound
+from aggregator.forwarder import Forwarder, ForwarderSettings
 from aggregator.plans import PlanCycler
 from aggregator.store import Store
 from aggregator.store.columns import to_ipc
@@ -42,7 +43,18 @@ from meters.events import EventRules
 DEFAULT_DATA_DIR = Path(".meterline")
 
 
-def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool) -> None:
+def _upstream(upstream: argparse._ArgumentGroup) -> None:
+    upstream.add_argument("--upstream-url", help="a Polar-compatible API to forward events to")
+    upstream.add_argument("--upstream-token", help="the upstream organization's access token")
+    upstream.add_argument(
+        "--upstream-org", default="default", help="the local organization whose events go"
+    )
+    upstream.add_argument("--upstream-rate", type=float, default=500.0, help="requests/minute")
+    upstream.add_argument("--upstream-batch-events", type=int, default=1000)
+    upstream.add_argument("--upstream-timeout", type=float, default=10.0, help="seconds")
+
+
+def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: bool = True) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
@@ -65,6 +77,8 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool) -> None:
         help="longest wait for durability before an ingest request gets 503",
     )
     parser.add_argument("--log-level", default="info")
+    if core:
+        _upstream(parser.add_argument_group("forwarding upstream"))
     kafka = parser.add_argument_group("Kafka")
     kafka.add_argument(
         "--kafka",
@@ -101,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     _serving(
         commands.add_parser("ingest", help="a stateless ingest edge publishing to Kafka"),
         kafka_required=True,
+        core=False,
     )
 
     token = commands.add_parser("token", help="manage organization access tokens")
@@ -144,6 +159,19 @@ def main(argv: list[str] | None = None) -> int:
             linger_ms=args.linger_ms,
             consumer_group=args.consumer_group,
         )
+    forward = None
+    if getattr(args, "upstream_url", None):
+        if not args.upstream_token:
+            print("meterline: --upstream-url needs --upstream-token", file=sys.stderr)
+            return 2
+        forward = ForwarderSettings(
+            args.upstream_url,
+            args.upstream_token,
+            organization=args.upstream_org,
+            rate_per_minute=args.upstream_rate,
+            max_events=args.upstream_batch_events,
+            timeout_seconds=args.upstream_timeout,
+        )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if args.command == "ingest":
@@ -151,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.run(serve_edge(settings, kafka, log_level=args.log_level))
         else:
             banner = args.command == "up"
-            runner.run(serve(settings, kafka, log_level=args.log_level, banner=banner))
+            runner.run(serve(settings, kafka, forward, log_level=args.log_level, banner=banner))
     return 0
 
 
@@ -182,6 +210,7 @@ def _token(args: argparse.Namespace) -> int:
 async def serve(
     settings: CoreSettings,
     kafka: KafkaSettings | None,
+    forward: ForwarderSettings | None = None,
     *,
     log_level: str = "info",
     banner: bool = True,
@@ -214,9 +243,14 @@ async def serve(
                     )
                 )
                 publisher = await stack.enter_async_context(KafkaPublisher(kafka, validation))
+            forwarding = None
+            if forward is not None:
+                forwarded = registry.organization(forward.organization).id
+                forwarder = await stack.enter_async_context(Forwarder(store, forwarded, forward))
+                forwarding = (forwarder, forwarded)
             org = registry.organization("default")
             token = registry.development_token(org) if banner else None
-            app = build_app(store, registry, publisher, backfiller, settings, consumer)
+            app = build_app(store, registry, publisher, backfiller, settings, consumer, forwarding)
             await _serve_http(app, settings, log_level, token if banner else _NO_BANNER)
     finally:
         registry.close()

@@ -160,6 +160,23 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (organization_id, external_id)
     );
     """,
+    # 5: forwarding upstream. The events table is the outbox: a cursor per organization says
+    # how far (by seq) its user events were accepted upstream; refused ones are quarantined.
+    """
+    CREATE TABLE forward_cursors (
+        organization_id UUID PRIMARY KEY,
+        cursor BIGINT NOT NULL,
+        sent BIGINT NOT NULL,
+        modified_at TIMESTAMPTZ NOT NULL
+    );
+    CREATE TABLE forward_quarantine (
+        organization_id UUID NOT NULL,
+        seq BIGINT NOT NULL,
+        reason VARCHAR NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (organization_id, seq)
+    );
+    """,
 )
 
 

@@ -1,0 +1,127 @@
+"""SQL for forwarding: the events not yet accepted upstream, the cursor, the quarantine.
+
+The outbox is the events table itself (written in the transaction that applies them); a cursor
+per organization, moved only after the upstream accepted everything up to it, says what is left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import orjson
+
+from aggregator.store.rows import first_row
+from meters.events import us_to_datetime
+
+Con = duckdb.DuckDBPyConnection
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    seq: int
+    event: dict[str, Any]  # as the upstream's `/v1/events/ingest` takes it
+    size: int  # its JSON length, for the request size limit
+
+
+_SELECT = (
+    "SELECT e.seq, e.id::VARCHAR, e.name, epoch_us(e.timestamp), e.customer_id::VARCHAR,"
+    " coalesce(e.external_customer_id, c.external_id), e.external_id, e.external_member_id,"
+    " e.metadata FROM events e LEFT JOIN customers c ON c.id = e.customer_id"
+)
+
+
+def _pending(row: tuple[Any, ...]) -> Pending:
+    seq, event_id, name, timestamp_us, customer_id, external_customer_id = row[:6]
+    event: dict[str, Any] = {
+        "name": name,
+        "timestamp": us_to_datetime(timestamp_us).isoformat().replace("+00:00", "Z"),
+        # The upstream knows customers by external id: a local customer without one is known
+        # there by its local id.
+        "external_customer_id": external_customer_id or customer_id,
+        # Always an external_id, so that re-sending is safe.
+        "external_id": row[6] or f"meterline:{event_id}",
+    }
+    if row[7] is not None:
+        event["external_member_id"] = row[7]
+    metadata = orjson.loads(row[8])
+    if metadata:
+        event["metadata"] = metadata
+    return Pending(seq, event, len(orjson.dumps(event)))
+
+
+def cursor(con: Con, organization_id: str) -> int:
+    row = first_row(
+        con, "SELECT cursor FROM forward_cursors WHERE organization_id = ?::UUID", [organization_id]
+    )
+    return int(row[0]) if row else 0
+
+
+def pending(con: Con, organization_id: str, after: int, limit: int) -> list[Pending]:
+    """The organization's next user events after seq `after`, in seq order."""
+    rows = con.execute(
+        f"{_SELECT} WHERE e.organization_id = ?::UUID AND e.source = 'user' AND e.seq > ?"
+        " ORDER BY e.seq LIMIT ?",
+        [organization_id, after, limit],
+    ).fetchall()
+    return [_pending(r) for r in rows]
+
+
+def backlog(con: Con, organization_id: str) -> int:
+    """How many user events wait to be forwarded."""
+    row = first_row(
+        con,
+        "SELECT count(*) FROM events WHERE organization_id = ?::UUID AND source = 'user'"
+        " AND seq > coalesce((SELECT cursor FROM forward_cursors"
+        " WHERE organization_id = ?::UUID), 0)",
+        [organization_id, organization_id],
+    )
+    return int(row[0]) if row else 0
+
+
+def advance_job(organization_id: str, to: int, sent: int, now_us: int) -> Any:
+    """Everything up to seq `to` was accepted upstream (or quarantined)."""
+
+    def job(con: Con) -> None:
+        con.execute(
+            "INSERT INTO forward_cursors VALUES (?::UUID, ?, ?, make_timestamptz(?))"
+            " ON CONFLICT DO UPDATE SET cursor = greatest(cursor, excluded.cursor),"
+            " sent = sent + excluded.sent, modified_at = excluded.modified_at",
+            [organization_id, to, sent, now_us],
+        )
+
+    return job
+
+
+def quarantine_job(organization_id: str, refused: list[tuple[int, str]], now_us: int) -> Any:
+    def job(con: Con) -> None:
+        con.executemany(
+            "INSERT INTO forward_quarantine VALUES (?::UUID, ?, ?, make_timestamptz(?))"
+            " ON CONFLICT DO UPDATE SET reason = excluded.reason",
+            [[organization_id, seq, reason, now_us] for seq, reason in refused],
+        )
+
+    return job
+
+
+def release_job(organization_id: str, seq: int) -> Any:
+    """Out of quarantine (re-sent and accepted)."""
+
+    def job(con: Con) -> None:
+        con.execute(
+            "DELETE FROM forward_quarantine WHERE organization_id = ?::UUID AND seq = ?",
+            [organization_id, seq],
+        )
+
+    return job
+
+
+def quarantined(con: Con, organization_id: str) -> list[tuple[Pending, str]]:
+    rows = con.execute(
+        f"{_SELECT.replace('SELECT ', 'SELECT q.reason, ', 1)}"
+        " JOIN forward_quarantine q ON q.organization_id = e.organization_id AND q.seq = e.seq"
+        " WHERE e.organization_id = ?::UUID ORDER BY e.seq",
+        [organization_id],
+    ).fetchall()
+    return [(_pending(r[1:]), str(r[0])) for r in rows]

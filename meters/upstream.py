@@ -1,0 +1,121 @@
+"""The client of an upstream Polar-compatible `POST /v1/events/ingest` (Polar itself, or a
+central meterline), and what each answer means for the forwarder.
+
+Polar validates a batch all or nothing and names each bad event by its index in `loc`; it
+deduplicates on `external_id`, so re-sending a batch is always safe (every event carries one).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    inserted: int
+    duplicates: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    """Not stored (or not known to be): send the same batch again after `seconds` (Retry-After),
+    or after the forwarder's backoff when None."""
+
+    reason: str
+    seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A 422: the indexes of the events the upstream refused, with its reason. Empty when it
+    did not say which (the batch must then be split to find them)."""
+
+    reasons: dict[int, str]
+
+
+Outcome = Accepted | RetryLater | Rejected
+
+
+class UpstreamClient:
+    """An async context manager around one httpx client."""
+
+    def __init__(self, url: str, token: str, *, timeout_seconds: float = 10.0) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            timeout=timeout_seconds,
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._client.aclose()
+
+    async def send(self, events: list[dict[str, Any]]) -> Outcome:
+        body = orjson.dumps({"events": events})
+        try:
+            response = await self._client.post("/v1/events/ingest", content=body)
+        except httpx.TimeoutException:
+            # The upstream may have stored the batch: re-sending it is safe (external_ids).
+            return RetryLater("timeout")
+        except httpx.TransportError as exc:
+            return RetryLater(f"connection: {exc.__class__.__name__}")
+        return read_answer(response, len(events))
+
+
+def read_answer(response: httpx.Response, sent: int) -> Outcome:
+    status = response.status_code
+    if status == 200:
+        answer = orjson.loads(response.content)
+        accepted = Accepted(int(answer.get("inserted", 0)), int(answer.get("duplicates", 0)))
+        if accepted.inserted + accepted.duplicates != sent:
+            return RetryLater(f"upstream counted {accepted} of {sent} events")
+        return accepted
+    if status == 429 or status >= 500:
+        return RetryLater(f"HTTP {status}", retry_after(response.headers.get("retry-after")))
+    if status == 422:
+        return Rejected(_reasons(response))
+    # 401/403/404/413...: a configuration problem, not the events; keep them and retry.
+    return RetryLater(f"HTTP {status}: {response.text[:200]}")
+
+
+def _reasons(response: httpx.Response) -> dict[int, str]:
+    try:
+        detail = orjson.loads(response.content).get("detail", [])
+    except (orjson.JSONDecodeError, AttributeError):
+        return {}
+    reasons: dict[int, str] = {}
+    for error in detail if isinstance(detail, list) else []:
+        loc = error.get("loc", []) if isinstance(error, dict) else []
+        if len(loc) >= 3 and loc[:2] == ["body", "events"] and isinstance(loc[2], int):
+            field = ".".join(str(part) for part in loc[3:]) or "event"
+            reasons.setdefault(loc[2], f"{field}: {error.get('msg', 'invalid')}")
+    return reasons
+
+
+def retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds: delta-seconds or an HTTP-date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())
