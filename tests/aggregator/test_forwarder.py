@@ -1,0 +1,161 @@
+"""Forwarding to an upstream that is a second real meterline, through a loopback proxy that
+injects faults: every event lands upstream exactly once, the refused one is quarantined with the
+upstream's reason, Retry-After is honoured and the request rate never exceeds the limit."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import socket
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+
+from tests.processes import MeterlineServer, wait_until
+
+RATE = 300.0  # requests per minute: one every 0.2 s
+TIMEOUT = 1.0  # the edge's upstream timeout; a stall outlasts it
+
+
+class FaultProxy:
+    """Relays to `upstream`, but answers the ingest requests as `script` says, in order:
+    pass, 429 (Retry-After: 1, not relayed), 503 (not relayed), stall (relayed, then answered
+    after the client gave up), reset (relayed, then the connection dropped unanswered)."""
+
+    def __init__(self, upstream: str, script: list[str]) -> None:
+        self.upstream = upstream
+        self.script = collections.deque(script)
+        self.ingests: list[tuple[float, str]] = []  # (monotonic time, action)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+            def do_GET(self) -> None:
+                self._relay(b"")
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                action = proxy.script.popleft() if proxy.script else "pass"
+                proxy.ingests.append((time.monotonic(), action))
+                if action in ("429", "503"):
+                    self.send_response(int(action))
+                    self.send_header("Retry-After", "1")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if action == "reset":
+                    self._forward(body)
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                    )
+                    self.close_connection = True
+                    return
+                if action == "stall":
+                    response = self._forward(body)
+                    time.sleep(TIMEOUT * 2)
+                    self._answer(response)
+                    return
+                self._answer(self._forward(body))
+
+            def _forward(self, body: bytes) -> httpx.Response:
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                return httpx.request(
+                    self.command, proxy.upstream + self.path, content=body, headers=headers
+                )
+
+            def _relay(self, body: bytes) -> None:
+                self._answer(self._forward(body))
+
+            def _answer(self, response: httpx.Response) -> None:
+                try:
+                    self.send_response(response.status_code)
+                    for key in ("Content-Type", "Retry-After"):
+                        if key in response.headers:
+                            self.send_header(key, response.headers[key])
+                    self.send_header("Content-Length", str(len(response.content)))
+                    self.end_headers()
+                    self.wfile.write(response.content)
+                except OSError:
+                    pass  # the client gave up (the stall)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def _all_external_ids(central: MeterlineServer) -> collections.Counter[str]:
+    """Every external_id the central stored, read from its DuckDB file once it has stopped
+    (the API does not show external ids, as in Polar)."""
+    with duckdb.connect(str(central.data_dir / "meterline.duckdb"), read_only=True) as con:
+        rows = con.execute("SELECT external_id FROM events").fetchall()
+    return collections.Counter(r[0] for r in rows)
+
+
+def test_every_event_lands_once_through_faults(tmp_path: Path) -> None:
+    # The central refuses timestamps more than 1 s ahead; the edge takes up to 5 minutes: the
+    # one event dated 2 minutes ahead is valid here and refused there.
+    with MeterlineServer(tmp_path / "central", "--max-future-seconds", "1") as central:
+        proxy = FaultProxy(central.url, ["429", "503", "stall", "reset", "pass", "503"])
+        edge = MeterlineServer(
+            tmp_path / "edge",
+            "--upstream-url",
+            proxy.url,
+            "--upstream-token",
+            central.token or "",
+            "--upstream-rate",
+            str(RATE),
+            "--upstream-batch-events",
+            "40",
+            "--upstream-timeout",
+            str(TIMEOUT),
+        )
+        try:
+            with edge, edge.client() as client:
+                future = (datetime.now(UTC) + timedelta(minutes=2)).isoformat()
+                batches = [
+                    [
+                        {
+                            "name": "call",
+                            "external_customer_id": f"c{i % 3}",
+                            "external_id": f"b{b}-{i}",
+                        }
+                        for i in range(30)
+                    ]
+                    for b in range(5)
+                ]
+                batches[2][7]["timestamp"] = future
+                batches[3].append({"name": "call", "external_customer_id": "c9"})  # no id
+                for batch in batches:
+                    assert (
+                        client.post("/v1/events/ingest", json={"events": batch}).status_code == 200
+                    )
+                wait_until(lambda: client.get("/v1/forwarder/").json()["backlog"] == 0, 90)
+                status = client.get("/v1/forwarder/").json()
+                (quarantined,) = client.get("/v1/forwarder/quarantine").json()["items"]
+        finally:
+            proxy.close()
+    assert central.exit_code == 0
+    assert quarantined["event"]["external_id"] == "b2-7"
+    assert "timestamp" in quarantined["reason"]
+    assert status["quarantined"] == 1 and status["retried"] >= 5
+    landed = _all_external_ids(central)
+    expected = {f"b{b}-{i}" for b in range(5) for i in range(30)} - {"b2-7"}
+    assert set(landed) - expected == {next(k for k in landed if k.startswith("meterline:"))}
+    assert expected <= set(landed)
+    assert max(landed.values()) == 1, [k for k, n in landed.items() if n > 1]
+    times = [t for t, _ in proxy.ingests]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 60 / RATE * 0.9, gaps  # never faster than the rate
+    after_429 = [b - a for (a, act), (b, _) in itertools.pairwise(proxy.ingests) if act == "429"]
+    assert after_429 and min(after_429) >= 1.0  # Retry-After honoured
