@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import ingest_http, meters
+from benchmarks import ingest_http, kafka, ledger, meters
 
 RESULTS = Path(__file__).parent / "results"
 # A module (its `run`) or a function; the hypothesis is the function's docstring, else its
@@ -34,8 +34,13 @@ BENCHMARKS: dict[str, ModuleType | Callable[[bool], dict[str, Any]]] = {
     "ingest_http_meters": meters.ingest_http_meters,
     "rollup_update": meters.rollup_update,
     "quantities_10m": meters.quantities_10m,
+    "kafka_ingest_http": kafka.kafka_ingest_http,
+    "kafka_consume": kafka.kafka_consume,
+    "kafka_freshness": kafka.kafka_freshness,
+    "balance_check": ledger.balance_check,
+    "ledger_cost": ledger.ledger_cost,
 }
-PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx")
+PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
 _OPS = {">=": "≥", "<=": "≤", "==": "="}
 
 
