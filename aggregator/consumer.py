@@ -29,6 +29,7 @@ from aiokafka import (
 )
 from aiokafka.structs import ConsumerRecord
 
+from aggregator.errors import OffsetGap
 from aggregator.store import Store
 from aggregator.store.columns import from_ipc, to_table
 from aggregator.store.consumed import ConsumedBatch, stored_offsets
@@ -142,6 +143,12 @@ class Consumer:
                 if writing is not None:
                     writing.cancel()
                 raise
+            except OffsetGap as exc:
+                # Records fetched before a seek landed (at assignment, or after a failure):
+                # nothing was written; read on from the stored offsets.
+                log.info("re-reading from the stored offsets: %s", exc)
+                writing = None
+                await self.seek_to_stored(consumer.assignment())
             except Exception:
                 # Nothing after the last committed batch counts: read it again from there.
                 log.exception("applying a batch failed; retrying from the stored offsets")
