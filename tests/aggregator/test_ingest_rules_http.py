@@ -49,9 +49,13 @@ def test_each_broken_event_gets_422_at_its_loc_and_nothing_is_stored(
     rule = data.draw(st.sampled_from(RULES), label="rule")
     loc = ["body", "events", index, *rule.breaker(batch[index], data)]
     assume(_finite(batch))
+    try:
+        body = orjson.dumps({"events": batch})
+    except TypeError:  # an integer beyond 64 bits: no JSON client here sends one
+        assume(False)
     response = fresh_org.post(
         "/v1/events/ingest",
-        content=orjson.dumps({"events": batch}),
+        content=body,
         headers={"Content-Type": "application/json"},
     )
     assert response.status_code == 422, (rule.id, response.text)
