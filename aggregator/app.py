@@ -21,11 +21,11 @@ from aggregator.consumer import Consumer
 from aggregator.errors import NotFound
 from aggregator.forwarder import Forwarder
 from aggregator.store import Store
-from aggregator.store.columns import from_ipc
 from aggregator.store.events import IngestJob
 from ingest.http.app import IngestSettings, ingest_routes
 from ingest.http.requests import Authenticate
 from ingest.http.responses import EXCEPTION_HANDLERS, JSON, error
+from ingest.ipc import read_ipc
 from ingest.publish import Publisher, PublishResult
 from ingest.validation import ValidationPool
 
@@ -56,7 +56,7 @@ class EmbeddedPublisher:
     async def publish(
         self, organization_id: str, body: bytes, received_at_us: int
     ) -> PublishResult:
-        events = from_ipc(await self._validation.validate(body, received_at_us, organization_id))
+        events = read_ipc(await self._validation.validate(body, received_at_us, organization_id))
         assert self._store.seq is not None
         job = IngestJob(organization_id, events, received_at_us, self._store.seq)
         result = await self._store.write(job, weight=max(1, events.num_rows))

@@ -31,9 +31,10 @@ from aiokafka.structs import ConsumerRecord
 
 from aggregator.errors import OffsetGap
 from aggregator.store import Store
-from aggregator.store.columns import from_ipc, to_table
+from aggregator.store.columns import to_table
 from aggregator.store.consumed import ConsumedBatch, stored_offsets
 from aggregator.store.events import known_customers
+from ingest.ipc import read_ipc, write_ipc
 from ingest.publish.kafka import KafkaSettings, ensure_topics, retrying
 from ingest.validation import ValidationPool
 from meters.events import EventRules, now_us
@@ -179,7 +180,7 @@ class Consumer:
                 self._settings.max_record_bytes,
             )
         )
-        table = from_ipc(ipc)
+        table = read_ipc(ipc)
         dead = [(records[i], reason) for i, reason in rejected]
         table, more = await self._known_only(table)
         dead += [(records[i], reason) for i, reason in more]
@@ -292,10 +293,7 @@ def decode_batch(
     )
     table = table.append_column("ingested_at", pa.array([r.ingested_at_us for _, r in good], _TS))
     table = table.append_column("position", pa.array([i for i, _ in good], pa.int64()))
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue()), rejected
+    return write_ipc(table), rejected
 
 
 def _ignore_failure(future: asyncio.Future[Any]) -> None:

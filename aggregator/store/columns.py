@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import orjson
 import pyarrow as pa
 
+from ingest.ipc import write_ipc
 from meters.events import Event
 
 _STRING: pa.DataType = pa.string()
@@ -51,13 +52,4 @@ def to_table(events: Sequence[Event]) -> pa.Table:
 def to_ipc(events: Sequence[Event], organization_id: str, ingested_at_us: int) -> bytes:
     """Encode validated events for the store (runs in validation workers); the organization
     and ingest time travel with the store's job instead."""
-    table = to_table(events)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, SCHEMA) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue())
-
-
-def from_ipc(data: bytes) -> pa.Table:
-    with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
-        return reader.read_all()
+    return write_ipc(to_table(events))

@@ -23,6 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from ingest.errors import Unavailable
+from ingest.ipc import read_ipc, write_ipc
 from ingest.publish import PublishResult
 from ingest.validation import ValidationPool
 from meters.events import Event
@@ -114,10 +115,7 @@ def encode_records(events: Sequence[Event], organization_id: str, ingested_at_us
         ],
         schema=_FRAMES,
     )
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, _FRAMES) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue())
+    return write_ipc(table)
 
 
 def partition_of(key: bytes, partitions: int) -> int:
@@ -161,8 +159,7 @@ class KafkaPublisher:
         if producer is None:
             raise Unavailable("The publisher is not running.", 1)
         frames = await self._validation.validate(body, received_at_us, organization_id)
-        with pa.ipc.open_stream(pa.py_buffer(frames)) as reader:
-            table = reader.read_all()
+        table = read_ipc(frames)
         keys: list[Any] = table.column("key").to_pylist()
         values: list[Any] = table.column("value").to_pylist()
         # A repeat of an external_id inside one request is a duplicate, as in embedded mode;

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.store.columns import from_ipc, to_ipc
+from aggregator.store.columns import to_ipc
+from ingest.ipc import read_ipc
 from ingest.validation import ValidationPool, validate_body
 from meters.errors import ValidationFailed
 from meters.events import EventRules
@@ -38,14 +39,14 @@ def pool(runner: asyncio.Runner) -> Iterator[ValidationPool]:
 
 def _outcome(pool: ValidationPool, runner: asyncio.Runner, body: bytes) -> Any:
     try:
-        return from_ipc(runner.run(pool.validate(body, NOW_US, ORG))).to_pylist()
+        return read_ipc(runner.run(pool.validate(body, NOW_US, ORG))).to_pylist()
     except ValidationFailed as exc:
         return exc.errors
 
 
 def _inline(body: bytes) -> Any:
     result = validate_body(body, ORG, NOW_US, RULES, to_ipc)
-    return result if isinstance(result, list) else from_ipc(result).to_pylist()
+    return result if isinstance(result, list) else read_ipc(result).to_pylist()
 
 
 @settings(max_examples=30)
@@ -74,5 +75,5 @@ def test_small_bodies_are_validated_inline(runner: asyncio.Runner) -> None:
                 b'{"events": [{"name": "a", "external_customer_id": "c"}]}', NOW_US, ORG
             )
 
-    table = from_ipc(runner.run(run()))
+    table = read_ipc(runner.run(run()))
     assert table.column("name").to_pylist() == ["a"]

@@ -1,0 +1,17 @@
+"""Arrow tables as one IPC buffer: how worker processes hand decoded events back."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+def write_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue())
+
+
+def read_ipc(data: bytes) -> pa.Table:
+    with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
+        return reader.read_all()
