@@ -81,6 +81,11 @@ def now_us() -> int:
     return (datetime.now(UTC) - EPOCH) // _ONE_US
 
 
+def datetime_to_us(moment: datetime) -> int:
+    """A timezone-aware datetime as UTC microseconds since the epoch."""
+    return (moment - EPOCH) // _ONE_US
+
+
 def us_to_datetime(value: int) -> datetime:
     return EPOCH + timedelta(microseconds=value)
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import orjson
 
 from meters.errors import ValidationFailed
-from meters.events import EPOCH, Event, EventRules, parse_ingest_body, us_to_datetime
-
-_ONE_US = timedelta(microseconds=1)
+from meters.events import Event, EventRules, datetime_to_us, parse_ingest_body, us_to_datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,4 +162,4 @@ def _parse_time(value: Any) -> int | None:
         return None
     if parsed.tzinfo is None:
         return None
-    return (parsed.astimezone(UTC) - EPOCH) // _ONE_US
+    return datetime_to_us(parsed)

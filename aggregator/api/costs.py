@@ -7,7 +7,7 @@ canonical form of `_cost.amount` (`aggregator.store.costs.decimal_text`), never 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,7 +22,7 @@ from aggregator.store import costs as sql
 from aggregator.store.costs import GROUP_KEYS, CostQuery, decimal_text
 from ingest.http.responses import JSON
 from meters.errors import FieldError, ValidationFailed
-from meters.events import EPOCH, us_to_datetime
+from meters.events import datetime_to_us, us_to_datetime
 from meters.periods import MAX_DAYS, Interval, boundaries
 
 MAX_GROUPS = 1000
@@ -117,7 +117,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             start,
             end,
             group_by,
-            edges=tuple((b - EPOCH) // timedelta(microseconds=1) for b in bounds),
+            edges=tuple(datetime_to_us(b) for b in bounds),
             names=params.strings(request, "name"),
             customers_filtered=bool(ids or external),
             # Not a UUID: no customer has it, so it selects nothing (as in quantities).

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from starlette.requests import Request
 
 from meters.errors import FieldError, ValidationFailed
-from meters.events import EPOCH
+from meters.events import EPOCH, datetime_to_us
 
 MAX_LIMIT = 100
 
@@ -57,7 +57,7 @@ def timestamp(request: Request, name: str) -> int | None:
         raise _fail(name, "datetime_parsing", "Input should be a valid datetime", raw) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=EPOCH.tzinfo)
-    return (parsed - EPOCH) // timedelta(microseconds=1)
+    return datetime_to_us(parsed)
 
 
 def strings(request: Request, name: str) -> tuple[str, ...]:

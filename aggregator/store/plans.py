@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import duckdb
@@ -18,7 +17,7 @@ from aggregator.store.events import SequenceCounter
 from aggregator.store.ledger import credit, reset, resolve
 from aggregator.store.meters import get_meter
 from aggregator.store.rows import first_row
-from meters.events import EPOCH, us_to_datetime
+from meters.events import datetime_to_us, us_to_datetime
 from meters.ledger import PlanCreate, cycle_start
 
 Con = duckdb.DuckDBPyConnection
@@ -67,7 +66,7 @@ def plan_create_job(
         if existing is not None:
             return _plan(existing), False
         customer, meter = resolve(con, organization_id, data)
-        starts = _us(data.starts_at) if data.starts_at else now_us
+        starts = datetime_to_us(data.starts_at) if data.starts_at else now_us
         plan_id = str(uuid.uuid4())
         con.execute(
             "INSERT INTO credit_plans (id, organization_id, external_id, customer_id, meter_id,"
@@ -145,25 +144,22 @@ def _cycle_plans(con: Con, now_us: int, seq: SequenceCounter, plan_id: str | Non
             continue
         starts = us_to_datetime(plan.starts_at_us)
         n = plan.cycles
-        while _us(cycle_start(starts, plan.interval, n)) <= now_us:
-            at = _us(cycle_start(starts, plan.interval, n))
+        at = datetime_to_us(cycle_start(starts, plan.interval, n))
+        while at <= now_us:
             key = f"meterline:plan:{plan.id}:{n}"
             reset(con, customer, meter, f"{key}:reset", at, now_us, seq)
             credit(
                 con, customer, meter, plan.units, plan.rollover, f"{key}:credit", at, now_us, seq
             )
             n += 1
+            at = datetime_to_us(cycle_start(starts, plan.interval, n))
         con.execute(
             "UPDATE credit_plans SET cycles = ?, next_cycle_at = make_timestamptz(?)"
             " WHERE id = ?::UUID",
-            [n, _us(cycle_start(starts, plan.interval, n)), plan.id],
+            [n, at, plan.id],
         )
         processed += n - plan.cycles
     return processed
-
-
-def _us(moment: datetime) -> int:
-    return (moment.astimezone(UTC) - EPOCH) // (us_to_datetime(1) - EPOCH)
 
 
 def get_plan(con: Con, organization_id: str, plan_id: str) -> PlanRow | None:

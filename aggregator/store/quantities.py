@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -20,7 +20,7 @@ from aggregator.store.meter_sql import contribution_sql, filter_sql, json_path
 from aggregator.store.meters import MeterRow
 from aggregator.store.rollups import SUBJECT
 from meters.aggregations import CountAggregation, UniqueAggregation
-from meters.events import EPOCH, us_to_datetime
+from meters.events import datetime_to_us, us_to_datetime
 from meters.periods import Interval, boundaries
 
 BUCKET_US = 15 * 60 * 1_000_000
@@ -231,7 +231,7 @@ def compute(
 ) -> tuple[list[tuple[datetime, float]], float]:
     """Quantities of the periods intersecting [start, end] and the total of exactly that range."""
     periods = boundaries(us_to_datetime(start_us), us_to_datetime(end_us), interval, tz)
-    edges = [(p - EPOCH) // timedelta(microseconds=1) for p in periods]
+    edges = [datetime_to_us(p) for p in periods]
     ranges = [(i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
     source = from_events if scope.metadata else from_rollups
     partials = source(con, scope, ranges)
