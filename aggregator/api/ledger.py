@@ -35,9 +35,10 @@ def _customer_meters(con: Con, org: str, pairs: list[tuple[str, str]]) -> list[d
         c.id: c for c in customer_sql.customers_by_refs(con, org, [p[0] for p in pairs], [])
     }
     customer_shapes = dict(zip(customers, shaped(con, org, list(customers.values())), strict=True))
+    meters = {m: get_meter(con, org, m) for m in {meter_id for _, meter_id in pairs}}
     out = []
     for customer_id, meter_id in pairs:
-        meter = get_meter(con, org, meter_id)
+        meter = meters[meter_id]
         assert meter is not None
         cm = sql.customer_meter(con, customers[customer_id], meter)
         out.append(
@@ -115,10 +116,15 @@ def check_balance(
     units: float,
 ) -> dict[str, Any]:
     """May the customer use `units` more of the meter? Point reads of one customer meter."""
+    customer = (
+        customer_sql.get_customer(con, org, customer_id)
+        if customer_id
+        else customer_sql.get_customer_by_external_id(con, org, external_customer_id or "")
+    )
     meter = get_meter(con, org, meter_id)
-    cm = sql.check(con, meter, customer_id, external_customer_id) if meter else None
-    if cm is None:
+    if customer is None or meter is None:
         raise NotFound("Customer or meter not found")
+    cm = sql.customer_meter(con, customer, meter)
     return {
         "allowed": cm.balance - units >= 0,
         "units": units,
@@ -130,12 +136,8 @@ def check_balance(
 
 
 def _uuid_param(request: Request, name: str) -> str | None:
-    value = request.query_params.get(name)
-    if value is not None and not params.is_uuid(value):
-        raise ValidationFailed(
-            [FieldError("uuid_parsing", ("query", name), "Input should be a valid UUID", value)]
-        )
-    return value
+    values = params.uuids(request, name)
+    return values[0] if values else None
 
 
 def routes(ctx: ApiContext) -> list[Route]:
@@ -145,19 +147,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         page, limit = params.page_and_limit(request)
         sorting = params.sorting(request, SORTS, "-modified_at")
-        ids = params.strings(request, "customer_id")
-        for value in ids:
-            if not params.is_uuid(value):
-                raise ValidationFailed(
-                    [
-                        FieldError(
-                            "uuid_parsing",
-                            ("query", "customer_id"),
-                            "Input should be a valid UUID",
-                            value,
-                        )
-                    ]
-                )
+        ids = params.uuids(request, "customer_id")
         external = params.strings(request, "external_customer_id")
         raw_meters = params.strings(request, "meter_id")
         # Archived meters show only when asked for by id (Polar); a malformed id matches none.

@@ -64,6 +64,15 @@ def strings(request: Request, name: str) -> tuple[str, ...]:
     return tuple(request.query_params.getlist(name))
 
 
+def uuids(request: Request, name: str) -> tuple[str, ...]:
+    """Every value of a repeatable UUID parameter; a malformed one is a 422."""
+    values = strings(request, name)
+    for value in values:
+        if not is_uuid(value):
+            raise _fail(name, "uuid_parsing", "Input should be a valid UUID", value)
+    return values
+
+
 def metadata(request: Request) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """`metadata[key]=value` pairs (deepObject style), values of one key OR-ed."""
     found: dict[str, list[str]] = {}

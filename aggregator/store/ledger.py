@@ -360,35 +360,3 @@ def active_pairs(
         [*pairs_params, limit, offset],
     ).fetchall()
     return [(r[0], r[1]) for r in rows], int(count[0]) if count else 0
-
-
-def check(
-    con: Con,
-    meter: MeterRow,
-    customer_id: str | None,
-    external_customer_id: str | None,
-) -> CustomerMeter | None:
-    """One customer meter's balance (the balance check's hot path: a few point reads, each
-    cheaper alone than joined); None when there is no such customer."""
-    customer = (
-        get_customer(con, meter.organization_id, customer_id)
-        if customer_id
-        else get_customer_by_external_id(con, meter.organization_id, external_customer_id or "")
-    )
-    if customer is None:
-        return None
-    consumed, _, _ = _usage(con, meter, _subjects(customer))
-    row = first_row(
-        con,
-        "SELECT credited FROM customer_meters WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
-        [customer.id, meter.id],
-    )
-    return CustomerMeter(
-        customer_meter_id(customer.id, meter.id),
-        customer.id,
-        meter.id,
-        meter.created_at_us,
-        None,
-        consumed,
-        int(row[0]) if row else 0,
-    )
