@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 
 from starlette.requests import Request
 
+from aggregator.store.rows import is_uuid as is_uuid
 from meters.errors import FieldError, ValidationFailed
 from meters.events import EPOCH, datetime_to_us
 
 MAX_LIMIT = 100
-
-
-def is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
 
 
 def _fail(name: str, type_: str, msg: str, value: object) -> ValidationFailed:

@@ -11,7 +11,7 @@ import orjson
 
 from aggregator.errors import NotFound
 from aggregator.store.meter_sql import json_path
-from aggregator.store.rows import first_row
+from aggregator.store.rows import first_row, is_uuid
 from meters.customers import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
 
@@ -191,9 +191,7 @@ def update_job(organization_id: str, customer_id: str, data: CustomerUpdate, now
 def get_customer(
     con: duckdb.DuckDBPyConnection, organization_id: str, customer_id: str
 ) -> CustomerRow | None:
-    try:
-        uuid.UUID(customer_id)
-    except ValueError:
+    if not is_uuid(customer_id):
         return None
     row = first_row(
         con,

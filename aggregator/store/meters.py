@@ -14,7 +14,7 @@ from pydantic import TypeAdapter
 from aggregator.errors import NotFound
 from aggregator.store import rollups
 from aggregator.store.meter_sql import json_path
-from aggregator.store.rows import first_row
+from aggregator.store.rows import first_row, is_uuid
 from meters.aggregations import Aggregation
 from meters.definitions import MeterCreate, MeterUpdate, check_unit
 from meters.errors import FieldError, ValidationFailed
@@ -223,9 +223,7 @@ def _found(con: duckdb.DuckDBPyConnection, organization_id: str, meter_id: str) 
 def get_meter(
     con: duckdb.DuckDBPyConnection, organization_id: str, meter_id: str
 ) -> MeterRow | None:
-    try:
-        uuid.UUID(meter_id)
-    except ValueError:
+    if not is_uuid(meter_id):
         return None
     row = first_row(
         con,

@@ -16,7 +16,7 @@ from aggregator.store.customers import get_customer
 from aggregator.store.events import SequenceCounter
 from aggregator.store.ledger import credit, reset, resolve
 from aggregator.store.meters import get_meter
-from aggregator.store.rows import first_row
+from aggregator.store.rows import first_row, is_uuid
 from meters.events import datetime_to_us, us_to_datetime
 from meters.ledger import PlanCreate, cycle_start
 
@@ -163,9 +163,7 @@ def _cycle_plans(con: Con, now_us: int, seq: SequenceCounter, plan_id: str | Non
 
 
 def get_plan(con: Con, organization_id: str, plan_id: str) -> PlanRow | None:
-    try:
-        uuid.UUID(plan_id)
-    except ValueError:
+    if not is_uuid(plan_id):
         return None
     row = first_row(
         con,

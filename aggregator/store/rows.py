@@ -1,7 +1,9 @@
-"""Reading single rows without leaving a result open (an open result blocks checkpoints)."""
+"""Reading single rows without leaving a result open (an open result blocks checkpoints), and
+ids checked before they reach a UUID cast."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import duckdb
@@ -12,3 +14,11 @@ def first_row(
 ) -> tuple[Any, ...] | None:
     rows = con.execute(query, params or []).fetchall()
     return rows[0] if rows else None
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
