@@ -24,9 +24,7 @@ def shaped(
     con: duckdb.DuckDBPyConnection, organization_id: str, rows: list[sql.CustomerRow]
 ) -> list[dict[str, Any]]:
     """Customers in output shape, with `first_user_event_at` from both of their ids."""
-    subjects = [f"id:{r.id}" for r in rows] + [
-        f"ext:{r.external_id}" for r in rows if r.external_id
-    ]
+    subjects = [s for r in rows for s in sql.subjects(r)]
     first = subjects_first_timestamp(con, organization_id, subjects)
     out = []
     for r in rows:

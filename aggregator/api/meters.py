@@ -98,8 +98,7 @@ def _subjects(
     valid = [i for i in ids if params.is_uuid(i)]
     found = customer_sql.customers_by_refs(con, org, valid, list(external))
     subjects = {f"id:{i}" for i in valid} | {f"ext:{e}" for e in external}
-    subjects |= {f"id:{c.id}" for c in found}
-    subjects |= {f"ext:{c.external_id}" for c in found if c.external_id}
+    subjects |= {s for c in found for s in customer_sql.subjects(c)}
     return tuple(sorted(subjects))
 
 

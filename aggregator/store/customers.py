@@ -37,6 +37,12 @@ class CustomerRow:
     modified_at_us: int | None
 
 
+def subjects(customer: CustomerRow) -> list[str]:
+    """How events name the customer, as rollups, the ledger and first-event times spell it:
+    'id:<uuid>' and, when it has one, 'ext:<external id>'."""
+    return [f"id:{customer.id}"] + ([f"ext:{customer.external_id}"] if customer.external_id else [])
+
+
 def _row(r: tuple[Any, ...]) -> CustomerRow:
     return CustomerRow(
         r[0],

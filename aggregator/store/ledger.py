@@ -20,6 +20,7 @@ from aggregator.store.customers import (
     CustomerRow,
     get_customer,
     get_customer_by_external_id,
+    subjects,
 )
 from aggregator.store.events import SequenceCounter
 from aggregator.store.meters import MeterRow, get_meter
@@ -232,12 +233,12 @@ def reset(
         return False
     credits = _credits(con, customer, meter, now_us)
     carried = credits.carried_over(_consumed(con, customer, meter))
-    subjects = _subjects(customer)
+    names = subjects(customer)
     for table in ("ledger_usage", "ledger_usage_values"):
         # Table names from this fixed list only.
         con.execute(
             f"DELETE FROM {table} WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",
-            [meter.id, subjects],
+            [meter.id, names],
         )
     _store_credits(con, customer, meter, Credits(), now_us, reset_seq=number)
     if carried > 0:
@@ -248,13 +249,8 @@ def reset(
 # ---- reads -----------------------------------------------------------------------------------
 
 
-def _subjects(customer: CustomerRow) -> list[str]:
-    """How events name the customer (as rollups and the ledger spell them)."""
-    return [f"id:{customer.id}"] + ([f"ext:{customer.external_id}"] if customer.external_id else [])
-
-
 def _consumed(con: Con, customer: CustomerRow, meter: MeterRow) -> float:
-    return _usage(con, meter, _subjects(customer))[0]
+    return _usage(con, meter, subjects(customer))[0]
 
 
 def _usage(con: Con, meter: MeterRow, subjects: list[str]) -> tuple[float, int | None, int | None]:
@@ -286,7 +282,7 @@ def _is_unique(meter: MeterRow) -> bool:
 
 
 def customer_meter(con: Con, customer: CustomerRow, meter: MeterRow) -> CustomerMeter:
-    consumed, first, last = _usage(con, meter, _subjects(customer))
+    consumed, first, last = _usage(con, meter, subjects(customer))
     row = first_row(
         con,
         "SELECT credited, epoch_us(created_at), epoch_us(modified_at) FROM customer_meters"
