@@ -133,7 +133,7 @@ class Forwarder:
 
     async def resend(self, seq: int) -> str:
         """Send one quarantined event again; release it if the upstream takes it now."""
-        found = [p for p, _ in await self._store.read(sql.quarantined, self._org) if p.seq == seq]
+        found = [p for p, _ in await self._store.read(sql.quarantined, self._org, seq)]
         if not found:
             return "not quarantined"
         await self._pace()

@@ -117,11 +117,14 @@ def release_job(organization_id: str, seq: int) -> Any:
     return job
 
 
-def quarantined(con: Con, organization_id: str) -> list[tuple[Pending, str]]:
+def quarantined(
+    con: Con, organization_id: str, seq: int | None = None
+) -> list[tuple[Pending, str]]:
+    """The quarantined events with their reasons (only `seq`'s when given)."""
     rows = con.execute(
         f"{_SELECT.replace('SELECT ', 'SELECT q.reason, ', 1)}"
         " JOIN forward_quarantine q ON q.organization_id = e.organization_id AND q.seq = e.seq"
-        " WHERE e.organization_id = ?::UUID ORDER BY e.seq",
-        [organization_id],
+        " WHERE e.organization_id = ?::UUID AND (? IS NULL OR e.seq = ?) ORDER BY e.seq",
+        [organization_id, seq, seq],
     ).fetchall()
     return [(_pending(r[1:]), str(r[0])) for r in rows]

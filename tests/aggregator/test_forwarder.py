@@ -143,6 +143,11 @@ def test_every_event_lands_once_through_faults(tmp_path: Path) -> None:
                 wait_until(lambda: client.get("/v1/forwarder/").json()["backlog"] == 0, 90)
                 status = client.get("/v1/forwarder/").json()
                 (quarantined,) = client.get("/v1/forwarder/quarantine").json()["items"]
+                # Still two minutes ahead for the central: re-sending it is refused again.
+                resent = client.post(f"/v1/forwarder/quarantine/{quarantined['seq']}/resend")
+                assert resent.json()["result"].startswith("rejected: timestamp"), resent.text
+                assert len(client.get("/v1/forwarder/quarantine").json()["items"]) == 1
+                assert client.post("/v1/forwarder/quarantine/1/resend").status_code == 404
         finally:
             proxy.close()
     assert central.exit_code == 0
