@@ -105,7 +105,7 @@ def _metrics(consumer: Consumer | None, forwarder: Forwarder | None) -> Route:
                 "# TYPE meterline_forward_retried_total counter",
                 f"meterline_forward_retried_total {forwarder.retried}",
                 "# TYPE meterline_forward_quarantined_total counter",
-                f"meterline_forward_quarantined_total {forwarder.quarantined}",
+                f"meterline_forward_quarantined_total {forwarder.refused}",
             ]
         if consumer is not None:
             lines.append("# TYPE meterline_consumer_lag_records gauge")

@@ -25,11 +25,12 @@ import uvicorn
 import uvloop
 from starlette.applications import Starlette
 
+from aggregator import upstream_cli
 from aggregator.app import CoreSettings, EmbeddedPublisher, build_app, build_edge_app
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.consumer import Consumer
-from aggregator.errors import NotFound
+from aggregator.errors import NotFound, UsageError
 from aggregator.forwarder import Forwarder, ForwarderSettings
 from aggregator.plans import PlanCycler
 from aggregator.store import Store
@@ -41,17 +42,6 @@ from ingest.validation import ValidationPool
 from meters.events import EventRules
 
 DEFAULT_DATA_DIR = Path(".meterline")
-
-
-def _upstream(upstream: argparse._ArgumentGroup) -> None:
-    upstream.add_argument("--upstream-url", help="a Polar-compatible API to forward events to")
-    upstream.add_argument("--upstream-token", help="the upstream organization's access token")
-    upstream.add_argument(
-        "--upstream-org", default="default", help="the local organization whose events go"
-    )
-    upstream.add_argument("--upstream-rate", type=float, default=500.0, help="requests/minute")
-    upstream.add_argument("--upstream-batch-events", type=int, default=1000)
-    upstream.add_argument("--upstream-timeout", type=float, default=10.0, help="seconds")
 
 
 def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: bool = True) -> None:
@@ -78,7 +68,7 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
     )
     parser.add_argument("--log-level", default="info")
     if core:
-        _upstream(parser.add_argument_group("forwarding upstream"))
+        upstream_cli.arguments(parser.add_argument_group("forwarding upstream"))
     kafka = parser.add_argument_group("Kafka")
     kafka.add_argument(
         "--kafka",
@@ -159,19 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             linger_ms=args.linger_ms,
             consumer_group=args.consumer_group,
         )
-    forward = None
-    if getattr(args, "upstream_url", None):
-        if not args.upstream_token:
-            print("meterline: --upstream-url needs --upstream-token", file=sys.stderr)
-            return 2
-        forward = ForwarderSettings(
-            args.upstream_url,
-            args.upstream_token,
-            organization=args.upstream_org,
-            rate_per_minute=args.upstream_rate,
-            max_events=args.upstream_batch_events,
-            timeout_seconds=args.upstream_timeout,
-        )
+    try:
+        forward = upstream_cli.forwarder_settings(args)
+    except UsageError as exc:
+        print(f"meterline: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if args.command == "ingest":

@@ -3,7 +3,8 @@
 AggregatorError
 ├── NotFound          a resource does not exist in the caller's organization
 ├── OffsetGap         a consumed batch does not start where the stored offsets end
-└── StoreClosed       the store is shutting down
+├── StoreClosed       the store is shutting down
+└── UsageError        a command line that cannot work
 """
 
 from __future__ import annotations
@@ -23,3 +24,7 @@ class StoreClosed(AggregatorError):
 
 class OffsetGap(AggregatorError):
     pass
+
+
+class UsageError(AggregatorError):
+    """A command line that cannot work (missing or contradictory options)."""

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
+from aggregator.outboxes import Outbox, RawOutbox, RollupOutbox
 from aggregator.store import Store
-from aggregator.store import outbox as sql
-from meters.events import now_us
-from meters.upstream import Accepted, Rejected, RetryLater, UpstreamClient
+from aggregator.store.outbox import Pending
+from meters.upstream import Accepted, Pacer, Rejected, RetryLater, UpstreamClient, backoff
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +37,41 @@ class ForwarderSettings:
     timeout_seconds: float = 10.0
     idle_seconds: float = 0.5
     max_backoff_seconds: float = 30.0
+    mode: Literal["raw", "rollup"] = "raw"
+    rollup_minutes: int = 60  # the period of a rollup event (divides a day)
+    settle_seconds: float = 60.0  # a period is forwarded this long after it ends
+    stage_every_seconds: float = 60.0
+    # Local external customer id (or customer id) → the upstream's external_customer_id.
+    customer_map: Mapping[str, str] = field(default_factory=dict)
+
+    def outbox(self, store: Store, organization_id: str) -> Outbox:
+        if self.mode == "raw":
+            return RawOutbox(store, organization_id, self.customer_map)
+        return RollupOutbox(
+            store,
+            organization_id,
+            self.customer_map,
+            period_minutes=self.rollup_minutes,
+            settle_seconds=self.settle_seconds,
+            stage_every_seconds=self.stage_every_seconds,
+        )
 
 
 class Forwarder:
     """Runs in the background while open. An async context manager."""
 
     def __init__(self, store: Store, organization_id: str, settings: ForwarderSettings) -> None:
-        self._store = store
-        self._org = organization_id
+        self._outbox = settings.outbox(store, organization_id)
         self._settings = settings
+        self.mode = settings.mode
         self._client = UpstreamClient(
             settings.url, settings.token, timeout_seconds=settings.timeout_seconds
         )
         self._task: asyncio.Task[None] | None = None
-        self._next_request = 0.0
+        self._pacer = Pacer(settings.rate_per_minute)
         self.sent = 0
         self.retried = 0
-        self.quarantined = 0
+        self.refused = 0  # events quarantined since start
         self.last_error: str | None = None
 
     async def __aenter__(self) -> Self:
@@ -74,94 +91,79 @@ class Forwarder:
         await self._client.__aexit__(None, None, None)
 
     async def backlog(self) -> int:
-        return await self._store.read(sql.backlog, self._org)
+        return await self._outbox.backlog()
+
+    async def quarantined(self, seq: int | None = None) -> list[tuple[Pending, str]]:
+        return await self._outbox.quarantined(seq)
 
     async def _run(self) -> None:
         while True:
             try:
-                after = await self._store.read(sql.cursor, self._org)
-                batch = await self._store.read(
-                    sql.pending, self._org, after, self._settings.max_events
-                )
+                batch = await self._outbox.next(self._settings.max_events)
                 if not batch:
                     await asyncio.sleep(self._settings.idle_seconds)
                     continue
                 batch = _within(batch, self._settings.max_bytes)
-                await self._deliver(batch)
-                await self._store.write(
-                    sql.advance_job(self._org, batch[-1].seq, len(batch), now_us())
-                )
+                await self._outbox.done(batch, await self._deliver(batch))
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("forwarding failed; retrying")
                 await asyncio.sleep(self._settings.max_backoff_seconds)
 
-    async def _deliver(self, batch: list[sql.Pending]) -> None:
-        """Until the upstream holds every event of `batch` that it does not refuse."""
+    async def _deliver(self, batch: list[Pending]) -> list[Pending]:
+        """Until the upstream holds every event of `batch` that it does not refuse; those."""
         attempt = 0
         while batch:
-            await self._pace()
+            await self._pacer.wait()
             outcome = await self._client.send([p.event for p in batch])
             if isinstance(outcome, Accepted):
                 self.sent += len(batch)
-                return
+                return batch
             if isinstance(outcome, RetryLater):
                 self.retried += 1
                 self.last_error = outcome.reason
                 attempt += 1
                 await asyncio.sleep(
-                    outcome.seconds if outcome.seconds is not None else self._backoff(attempt)
+                    outcome.seconds
+                    if outcome.seconds is not None
+                    else backoff(attempt, self._settings.max_backoff_seconds)
                 )
                 continue
             assert isinstance(outcome, Rejected)
             if not outcome.reasons and len(batch) > 1:
                 # The upstream did not say which: find them half by half.
                 half = len(batch) // 2
-                await self._deliver(batch[:half])
-                await self._deliver(batch[half:])
-                return
+                return await self._deliver(batch[:half]) + await self._deliver(batch[half:])
             refused = outcome.reasons or {0: "rejected by the upstream (no detail)"}
             await self._quarantine([(batch[i].seq, reason) for i, reason in refused.items()])
             batch = [p for i, p in enumerate(batch) if i not in refused]
+        return batch
 
     async def _quarantine(self, refused: list[tuple[int, str]]) -> None:
         for seq, reason in refused:
             log.warning("upstream refused event seq %d: %s (quarantined)", seq, reason)
-        await self._store.write(sql.quarantine_job(self._org, refused, now_us()))
-        self.quarantined += len(refused)
+        await self._outbox.quarantine(refused)
+        self.refused += len(refused)
 
     async def resend(self, seq: int) -> str:
         """Send one quarantined event again; release it if the upstream takes it now."""
-        found = [p for p, _ in await self._store.read(sql.quarantined, self._org, seq)]
+        found = [p for p, _ in await self._outbox.quarantined(seq)]
         if not found:
             return "not quarantined"
-        await self._pace()
+        await self._pacer.wait()
         outcome = await self._client.send([found[0].event])
         if isinstance(outcome, Accepted):
-            await self._store.write(sql.release_job(self._org, seq))
+            await self._outbox.release(seq)
             return "accepted"
         if isinstance(outcome, Rejected):
             reason = outcome.reasons.get(0, "rejected by the upstream (no detail)")
-            await self._store.write(sql.quarantine_job(self._org, [(seq, reason)], now_us()))
+            await self._outbox.quarantine([(seq, reason)])
             return f"rejected: {reason}"
         return f"not sent: {outcome.reason}"
 
-    async def _pace(self) -> None:
-        """Evenly spaced requests: never more than `rate_per_minute` in any minute."""
-        spacing = 60.0 / self._settings.rate_per_minute
-        now = time.monotonic()
-        wait = self._next_request - now
-        if wait > 0:
-            await asyncio.sleep(wait)
-        self._next_request = max(now, self._next_request) + spacing
 
-    def _backoff(self, attempt: int) -> float:
-        # Full jitter: spreads out many forwarders retrying the same upstream.
-        return random.uniform(0, min(self._settings.max_backoff_seconds, 0.5 * 2**attempt))
-
-
-def _within(batch: list[sql.Pending], max_bytes: int) -> list[sql.Pending]:
+def _within(batch: list[Pending], max_bytes: int) -> list[Pending]:
     """The longest prefix of `batch` whose request fits in `max_bytes` (at least one event)."""
     total = 0
     for i, pending in enumerate(batch):

@@ -7,7 +7,9 @@ deduplicates on `external_id`, so re-sending a batch is always safe (every event
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import random
 import time
 from dataclasses import dataclass
 from types import TracebackType
@@ -119,3 +121,22 @@ def retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, moment.timestamp() - time.time())
+
+
+class Pacer:
+    """Evenly spaced requests: never more than `rate_per_minute` in any minute."""
+
+    def __init__(self, rate_per_minute: float) -> None:
+        self._spacing = 60.0 / rate_per_minute
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        now = time.monotonic()
+        if self._next > now:
+            await asyncio.sleep(self._next - now)
+        self._next = max(now, self._next) + self._spacing
+
+
+def backoff(attempt: int, cap: float) -> float:
+    """Full jitter: spreads out many clients retrying the same upstream."""
+    return random.uniform(0, min(cap, 0.5 * 2**attempt))

@@ -9,7 +9,6 @@ from starlette.routing import Route
 from aggregator.api.context import ApiContext
 from aggregator.errors import NotFound
 from aggregator.forwarder import Forwarder
-from aggregator.store import outbox as sql
 from ingest.http.responses import JSON
 
 
@@ -28,14 +27,14 @@ def routes(
                 "backlog": await running.backlog(),
                 "sent": running.sent,
                 "retried": running.retried,
-                "quarantined": running.quarantined,
+                "quarantined": running.refused,
+                "mode": running.mode,
                 "last_error": running.last_error,
             }
         )
 
     async def quarantine(request: Request) -> JSON:
-        mine(request)
-        rows = await ctx.store.read(sql.quarantined, organization_id)
+        rows = await mine(request).quarantined()
         return JSON(
             {"items": [{"seq": p.seq, "reason": reason, "event": p.event} for p, reason in rows]}
         )

@@ -177,6 +177,30 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (organization_id, seq)
     );
     """,
+    # 6: rollup-mode forwarding. Per meter, customer reference and period, the total the
+    # outbox already holds; each change is a new revision (an event with a deterministic
+    # external_id, frozen here before it is sent) carrying the difference.
+    """
+    CREATE TABLE forward_rollups (
+        organization_id UUID NOT NULL,
+        meter_id UUID NOT NULL,
+        subject VARCHAR NOT NULL,
+        period TIMESTAMPTZ NOT NULL,
+        units DOUBLE NOT NULL,
+        events BIGINT NOT NULL,
+        revision INTEGER NOT NULL,
+        PRIMARY KEY (organization_id, meter_id, subject, period)
+    );
+    CREATE TABLE forward_rollup_outbox (
+        organization_id UUID NOT NULL,
+        seq BIGINT NOT NULL,
+        event JSON NOT NULL,                 -- exactly what is sent, every time
+        created_at TIMESTAMPTZ NOT NULL,
+        sent_at TIMESTAMPTZ,
+        reason VARCHAR,                      -- set when the upstream refused it (quarantine)
+        PRIMARY KEY (organization_id, seq)
+    );
+    """,
 )
 
 

@@ -1,0 +1,201 @@
+"""SQL for rollup-mode forwarding: one event per meter, customer and period instead of raw events.
+
+Staging compares each settled period's rollup total with what the outbox already holds
+(`forward_rollups`) and freezes the difference as a new revision: an outbox row holding the
+exact event to send, whose external_id names the meter, period, revision and customer. Re-sends
+of a revision are byte-identical, so the upstream deduplicates them; an event arriving after
+its period was forwarded becomes the next revision instead of being lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import duckdb
+import orjson
+
+from aggregator.store.outbox import Pending
+from aggregator.store.rows import first_row
+from meters.events import us_to_datetime
+
+Con = duckdb.DuckDBPyConnection
+
+# Only count and sum meters can be pre-aggregated: their per-period results add up upstream.
+_DIFF = """
+WITH live AS (
+    SELECT id, name, aggregation->>'func' AS func FROM meters
+    WHERE organization_id = $org AND archived_at IS NULL AND backfilled_to >= backfill_target
+      AND aggregation->>'func' IN ('count', 'sum')
+), now_ AS (
+    SELECT r.meter_id, r.subject, time_bucket(to_minutes($minutes), r.bucket) AS period,
+           sum(r.events) AS events,
+           sum(CASE WHEN live.func = 'count' THEN r.events ELSE r.total END) AS units
+    FROM rollups r JOIN live ON live.id = r.meter_id
+    WHERE r.bucket < make_timestamptz($cutoff)
+    GROUP BY ALL
+), held AS (
+    SELECT f.* FROM forward_rollups f JOIN live ON live.id = f.meter_id
+    WHERE f.organization_id = $org
+)
+SELECT meter_id, subject, epoch_us(period), coalesce(now_.units, 0.0), coalesce(now_.events, 0),
+       coalesce(now_.units, 0.0) - coalesce(held.units, 0.0),
+       coalesce(now_.events, 0) - coalesce(held.events, 0),
+       coalesce(held.revision, 0) + 1
+FROM now_ FULL JOIN held USING (meter_id, subject, period)
+WHERE coalesce(now_.units, 0.0) <> coalesce(held.units, 0.0)
+   OR coalesce(now_.events, 0) <> coalesce(held.events, 0)
+ORDER BY period, meter_id, subject
+"""
+
+_CUSTOMERS = """
+SELECT s.subject, CASE WHEN starts_with(s.subject, 'ext:') THEN substr(s.subject, 5)
+                       ELSE coalesce(c.external_id, substr(s.subject, 4)) END
+FROM (SELECT unnest(?::VARCHAR[]) AS subject) s
+LEFT JOIN customers c ON 'id:' || c.id::VARCHAR = s.subject
+"""
+
+
+def external_id(meter_id: str, subject: str, period_us: int, revision: int) -> str:
+    """Deterministic: the same revision always carries the same id (and the same amount)."""
+    period = us_to_datetime(period_us).strftime("%Y%m%dT%H%M")
+    customer = hashlib.md5(subject.encode()).hexdigest()[:12]
+    return f"meterline:rollup:{meter_id}:{period}:{revision}:{customer}"
+
+
+def stage_job(
+    organization_id: str,
+    period_minutes: int,
+    cutoff_us: int,
+    customer_map: Mapping[str, str],
+    now_us: int,
+) -> Any:
+    """Freeze each settled period's change since the last revision into the outbox."""
+
+    def job(con: Con) -> int:
+        rows = con.execute(
+            _DIFF, {"org": organization_id, "minutes": period_minutes, "cutoff": cutoff_us}
+        ).fetchall()
+        if not rows:
+            return 0
+        customers = dict(con.execute(_CUSTOMERS, [sorted({r[1] for r in rows})]).fetchall())
+        names = dict(
+            con.execute(
+                "SELECT id::VARCHAR, name FROM meters WHERE id IN (SELECT unnest(?::UUID[]))",
+                [sorted({str(r[0]) for r in rows})],
+            ).fetchall()
+        )
+        first = first_row(
+            con,
+            "SELECT coalesce(max(seq), 0) FROM forward_rollup_outbox WHERE organization_id = ?",
+            [organization_id],
+        )
+        seq = int(first[0]) if first else 0
+        period_us = period_minutes * 60_000_000
+        outbox, held = [], []
+        for meter_id, subject, start_us, units, events, d_units, d_events, revision in rows:
+            meter = str(meter_id)
+            customer = customers[subject]
+            event = {
+                "name": names[meter],
+                "timestamp": _iso(start_us),
+                "external_customer_id": customer_map.get(customer, customer),
+                "external_id": external_id(meter, subject, start_us, revision),
+                "metadata": {
+                    "meter_id": meter,
+                    "units": _number(d_units),
+                    "events": d_events,
+                    "period_start": _iso(start_us),
+                    "period_end": _iso(start_us + period_us),
+                    "revision": revision,
+                },
+            }
+            seq += 1
+            outbox.append([organization_id, seq, orjson.dumps(event).decode(), now_us])
+            held.append([organization_id, meter, subject, start_us, units, events, revision])
+        con.executemany(
+            "INSERT INTO forward_rollup_outbox (organization_id, seq, event, created_at)"
+            " VALUES (?::UUID, ?, ?, make_timestamptz(?))",
+            outbox,
+        )
+        con.executemany(
+            "INSERT OR REPLACE INTO forward_rollups"
+            " VALUES (?::UUID, ?::UUID, ?, make_timestamptz(?), ?, ?, ?)",
+            held,
+        )
+        return len(outbox)
+
+    return job
+
+
+def _iso(us: int) -> str:
+    return us_to_datetime(us).isoformat().replace("+00:00", "Z")
+
+
+def _number(value: float) -> float | int:
+    return int(value) if value.is_integer() else value
+
+
+def _pending(row: tuple[Any, ...]) -> Pending:
+    return Pending(int(row[0]), orjson.loads(row[1]), len(row[1]))
+
+
+def pending(con: Con, organization_id: str, limit: int) -> list[Pending]:
+    rows = con.execute(
+        "SELECT seq, event FROM forward_rollup_outbox WHERE organization_id = ?::UUID"
+        " AND sent_at IS NULL AND reason IS NULL ORDER BY seq LIMIT ?",
+        [organization_id, limit],
+    ).fetchall()
+    return [_pending(r) for r in rows]
+
+
+def backlog(con: Con, organization_id: str) -> int:
+    row = first_row(
+        con,
+        "SELECT count(*) FROM forward_rollup_outbox WHERE organization_id = ?::UUID"
+        " AND sent_at IS NULL AND reason IS NULL",
+        [organization_id],
+    )
+    return int(row[0]) if row else 0
+
+
+def sent_job(organization_id: str, seqs: list[int], now_us: int) -> Any:
+    """Accepted upstream: sent, and out of quarantine if it was there."""
+
+    def job(con: Con) -> None:
+        con.execute(
+            "UPDATE forward_rollup_outbox SET sent_at = make_timestamptz(?), reason = NULL"
+            " WHERE organization_id = ?::UUID AND seq IN (SELECT unnest(?::BIGINT[]))",
+            [now_us, organization_id, seqs],
+        )
+        con.execute(
+            "INSERT INTO forward_cursors VALUES (?::UUID, 0, ?, make_timestamptz(?))"
+            " ON CONFLICT DO UPDATE SET sent = sent + excluded.sent,"
+            " modified_at = excluded.modified_at",
+            [organization_id, len(seqs), now_us],
+        )
+
+    return job
+
+
+def quarantine_job(organization_id: str, refused: list[tuple[int, str]], now_us: int) -> Any:
+    def job(con: Con) -> None:
+        con.executemany(
+            "UPDATE forward_rollup_outbox SET reason = ? WHERE organization_id = ?::UUID"
+            " AND seq = ?",
+            [[reason, organization_id, seq] for seq, reason in refused],
+        )
+
+    return job
+
+
+def quarantined(
+    con: Con, organization_id: str, seq: int | None = None
+) -> list[tuple[Pending, str]]:
+    rows = con.execute(
+        "SELECT seq, event, reason FROM forward_rollup_outbox WHERE organization_id = ?::UUID"
+        " AND sent_at IS NULL AND reason IS NOT NULL AND (? IS NULL OR seq = ?) ORDER BY seq",
+        [organization_id, seq, seq],
+    ).fetchall()
+    return [(_pending(r), str(r[2])) for r in rows]
