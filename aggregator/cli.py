@@ -6,6 +6,8 @@ meterline ingest --kafka BOOTSTRAP [--port 8001] [--data-dir ./.meterline]
 meterline token create --data-dir DIR --org NAME [--label TEXT]
 meterline token list --data-dir DIR
 meterline token revoke --data-dir DIR TOKEN_ID
+meterline reconcile --from T1 --to T2 --upstream-url URL [--repair] [--mode raw|rollup]
+meterline forwarder status|quarantine|resend SEQ
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
         core=False,
     )
 
+    upstream_cli.commands(commands)
     token = commands.add_parser("token", help="manage organization access tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     create = token_commands.add_parser("create", help="print a new token, alone on stdout")
@@ -126,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "token":
         return _token(args)
+    if args.command in ("reconcile", "forwarder"):
+        try:
+            return upstream_cli.run(args)
+        except UsageError as exc:
+            print(f"meterline: {exc}", file=sys.stderr)
+            return 2
     settings = CoreSettings(
         data_dir=args.data_dir,
         host=args.host,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
 
+from aggregator.errors import UsageError
 from aggregator.outboxes import Outbox, RawOutbox, RollupOutbox
 from aggregator.store import Store
 from aggregator.store.outbox import Pending
@@ -161,6 +162,24 @@ class Forwarder:
             await self._outbox.quarantine([(seq, reason)])
             return f"rejected: {reason}"
         return f"not sent: {outcome.reason}"
+
+    async def resend_events(self, event_ids: list[str]) -> dict[str, int]:
+        """Send these events again (raw mode; reconcile's repair). Safe: the upstream
+        deduplicates on their external_ids, which are the ones the outbox sends."""
+        if not isinstance(self._outbox, RawOutbox):
+            raise UsageError("rollup mode forwards no raw events to re-send")
+        found = await self._outbox.events(event_ids)
+        accepted, rest = 0, found
+        while rest:
+            batch = _within(rest[: self._settings.max_events], self._settings.max_bytes)
+            accepted += len(await self._deliver(batch))
+            rest = rest[len(batch) :]
+        return {
+            "requested": len(event_ids),
+            "found": len(found),
+            "accepted": accepted,
+            "refused": len(found) - accepted,
+        }
 
 
 def _within(batch: list[Pending], max_bytes: int) -> list[Pending]:

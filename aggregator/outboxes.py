@@ -47,6 +47,12 @@ class RawOutbox:
         batch = await self._store.read(raw_sql.pending, self._org, after, limit)
         return [self._mapped(p) for p in batch]
 
+    async def events(self, event_ids: list[str]) -> list[Pending]:
+        """These events as the upstream gets them (reconcile's repair re-sends them)."""
+        return [
+            self._mapped(p) for p in await self._store.read(raw_sql.by_ids, self._org, event_ids)
+        ]
+
     def _mapped(self, pending: Pending) -> Pending:
         local = pending.event["external_customer_id"]
         upstream = self._map.get(local)

@@ -1,15 +1,19 @@
-"""`/v1/forwarder/`: forwarding status, the quarantine, and re-sending a quarantined event
-(meterline-only). Only the forwarded organization's tokens see them."""
+"""`/v1/forwarder/`: forwarding status, the quarantine, re-sending a quarantined event, and
+re-sending given events (reconcile's repair). meterline-only; only the forwarded
+organization's tokens see them."""
 
 from __future__ import annotations
 
+import orjson
 from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api.context import ApiContext
-from aggregator.errors import NotFound
+from aggregator.errors import NotFound, UsageError
 from aggregator.forwarder import Forwarder
-from ingest.http.responses import JSON
+from aggregator.store.rows import is_uuid
+from ingest.http.responses import JSON, error
+from meters.errors import FieldError, ValidationFailed
 
 
 def routes(
@@ -50,8 +54,29 @@ def routes(
             raise NotFound("Not a quarantined event")
         return JSON({"seq": seq, "result": result})
 
+    async def resend_events(request: Request) -> JSON:
+        running = mine(request)
+        body = await request.body()
+        try:
+            ids = orjson.loads(body)["event_ids"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            ids = None
+        if not isinstance(ids, list) or not all(isinstance(i, str) and is_uuid(i) for i in ids):
+            raise ValidationFailed(
+                [
+                    FieldError(
+                        "list_type", ("body", "event_ids"), "Input should be a list of event ids"
+                    )
+                ]
+            )
+        try:
+            return JSON(await running.resend_events(ids))
+        except UsageError as exc:
+            return error(409, "Conflict", str(exc))
+
     return [
         Route("/v1/forwarder/", status, methods=["GET"]),
+        Route("/v1/forwarder/resend", resend_events, methods=["POST"]),
         Route("/v1/forwarder/quarantine", quarantine, methods=["GET"]),
         Route("/v1/forwarder/quarantine/{seq}/resend", resend, methods=["POST"]),
     ]

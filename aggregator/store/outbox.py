@@ -68,6 +68,16 @@ def pending(con: Con, organization_id: str, after: int, limit: int) -> list[Pend
     return [_pending(r) for r in rows]
 
 
+def by_ids(con: Con, organization_id: str, event_ids: list[str]) -> list[Pending]:
+    """The organization's user events with these ids (unknown ids are skipped), in seq order."""
+    rows = con.execute(
+        f"{_SELECT} WHERE e.organization_id = ?::UUID AND e.source = 'user'"
+        " AND e.id IN (SELECT unnest(?::UUID[])) ORDER BY e.seq",
+        [organization_id, event_ids],
+    ).fetchall()
+    return [_pending(r) for r in rows]
+
+
 def backlog(con: Con, organization_id: str) -> int:
     """How many user events wait to be forwarded."""
     row = first_row(

@@ -16,6 +16,7 @@ from typing import Any
 
 import duckdb
 import httpx
+import orjson
 
 from tests.processes import MeterlineServer, wait_until
 
@@ -26,7 +27,8 @@ TIMEOUT = 1.0  # the edge's upstream timeout; a stall outlasts it
 class FaultProxy:
     """Relays to `upstream`, but answers the ingest requests as `script` says, in order:
     pass, 429 (Retry-After: 1, not relayed), 503 (not relayed), stall (relayed, then answered
-    after the client gave up), reset (relayed, then the connection dropped unanswered)."""
+    after the client gave up), reset (relayed, then the connection dropped unanswered), lie
+    (answered 200, not relayed)."""
 
     def __init__(self, upstream: str, script: list[str]) -> None:
         self.upstream = upstream
@@ -50,6 +52,11 @@ class FaultProxy:
                     self.send_header("Retry-After", "1")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return
+                if action == "lie":  # acknowledged, never stored: a gap for reconcile
+                    count = len(orjson.loads(body)["events"])
+                    answer = orjson.dumps({"inserted": count, "duplicates": 0})
+                    self._answer(httpx.Response(200, content=answer))
                     return
                 if action == "reset":
                     self._forward(body)

@@ -1,0 +1,235 @@
+"""Reconciliation: does the upstream hold what this meterline forwarded over a time window?
+
+Each side's events are tallied into consumption per (upstream customer, meter, period) with the
+local meter definitions and the reference evaluator, so both sides are judged by one rule:
+
+- raw mode: both sides hold raw events; each is evaluated by every meter, and each side also
+  keeps a multiset of event fingerprints (name, time, customer, metadata: the API shows no
+  external_id), so the local events missing upstream can be named and re-sent.
+- rollup mode: the upstream holds one event per count/sum meter, customer and period (and per
+  later revision); their `units` add up to the upstream's consumption. Drift is repaired by an
+  event carrying the difference, whose external_id is derived from both amounts, so re-running
+  a repair before the upstream has applied it cannot count it twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from pydantic import TypeAdapter
+
+from meters.aggregations import Aggregation, CountAggregation, UniqueAggregation, UniqueKey
+from meters.events import datetime_to_us
+from meters.filters import EventView, Filter
+from meters.polar_api import iso
+
+_AGGREGATION: TypeAdapter[Any] = TypeAdapter(Aggregation)
+Key = tuple[str, str, int]  # (upstream customer, meter id, period start in µs; 0: the window)
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    id: str
+    name: str
+    filter: Filter
+    aggregation: Any  # one of meters.aggregations' models
+
+    @classmethod
+    def from_api(cls, item: dict[str, Any]) -> Meter:
+        return cls(
+            item["id"],
+            item["name"],
+            Filter.model_validate(item["filter"]),
+            _AGGREGATION.validate_python(item["aggregation"]),
+        )
+
+    @property
+    def func(self) -> str:
+        return str(self.aggregation.func)
+
+
+@dataclass(slots=True)
+class _Amount:
+    """A mergeable partial aggregate of one meter for one customer and period."""
+
+    events: int = 0
+    total: float = 0.0
+    low: float = math.inf
+    high: float = -math.inf
+    values: set[UniqueKey] = field(default_factory=set)
+
+    def add(self, value: float | UniqueKey | None) -> None:
+        self.events += 1
+        if isinstance(value, tuple):
+            self.values.add(value)
+        elif value is not None:
+            self.total += value
+            self.low = min(self.low, value)
+            self.high = max(self.high, value)
+
+    def result(self, func: str) -> float:
+        if func == "count":
+            return float(self.events)
+        if func == "unique":
+            return float(len(self.values))
+        if func == "sum" or not self.events:
+            return self.total
+        if func == "avg":
+            return self.total / self.events
+        return self.high if func == "max" else self.low
+
+
+def event_time_us(event: dict[str, Any]) -> int:
+    return datetime_to_us(datetime.fromisoformat(event["timestamp"]))
+
+
+def upstream_customer(event: dict[str, Any], customer_map: dict[str, str]) -> str:
+    """Who the upstream knows the event's customer as (the forwarder's own rule)."""
+    owner = event.get("customer") or {}
+    local = event.get("external_customer_id") or owner.get("external_id") or event["customer_id"]
+    return str(customer_map.get(local, local))
+
+
+class Tally:
+    """One side of the window: consumption per key, and (raw mode) event fingerprints."""
+
+    def __init__(
+        self, meters: list[Meter], customer_map: dict[str, str], period_us: int | None
+    ) -> None:
+        self._meters = meters
+        self._map = customer_map
+        self._period_us = period_us
+        self.amounts: dict[Key, _Amount] = collections.defaultdict(_Amount)
+        self.events = 0
+        self.fingerprints: collections.Counter[int] = collections.Counter()
+        self.ids: list[tuple[int, str]] = []  # (fingerprint, event id), local side only
+
+    def add_events(self, events: list[dict[str, Any]], *, keep_ids: bool = False) -> None:
+        """Raw events, evaluated by every meter (by count and sum meters in rollup mode)."""
+        for event in events:
+            if event.get("source", "user") != "user":
+                continue
+            self.events += 1
+            customer = upstream_customer(event, self._map)
+            at = event_time_us(event)
+            period = at // self._period_us * self._period_us if self._period_us else 0
+            view = EventView(event["name"], "user", at, event.get("metadata") or {})
+            for meter in self._meters:
+                if meter.filter.matches(view):
+                    value = meter.aggregation.contribution(view)
+                    if value is not None or isinstance(meter.aggregation, UniqueAggregation):
+                        self.amounts[customer, meter.id, period].add(value)
+            if self._period_us is None:
+                fingerprint = _fingerprint(event, customer, at)
+                self.fingerprints[fingerprint] += 1
+                if keep_ids:
+                    self.ids.append((fingerprint, event["id"]))
+
+    def add_rollups(self, events: list[dict[str, Any]]) -> None:
+        """Upstream rollup events: their units per customer, meter and period."""
+        known = {m.id for m in self._meters}
+        for event in events:
+            metadata = event.get("metadata") or {}
+            if metadata.get("meter_id") not in known or "period_start" not in metadata:
+                continue
+            self.events += 1
+            period = event_time_us({"timestamp": metadata["period_start"]})
+            key = (upstream_customer(event, self._map), metadata["meter_id"], period)
+            self.amounts[key].add(float(metadata["units"]))
+
+
+def _fingerprint(event: dict[str, Any], customer: str, at: int) -> int:
+    body = orjson.dumps(
+        [event["name"], at, customer, event.get("metadata") or {}], option=orjson.OPT_SORT_KEYS
+    )
+    return int.from_bytes(hashlib.blake2b(body, digest_size=8).digest(), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    customer: str
+    meter: Meter
+    period_us: int  # 0 when the window is one period (raw mode)
+    local: float
+    upstream: float
+
+    @property
+    def difference(self) -> float:
+        return self.local - self.upstream
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "customer": self.customer,
+            "meter_id": self.meter.id,
+            "meter": self.meter.name,
+            "period_start": iso(self.period_us) if self.period_us else None,
+            "local": self.local,
+            "upstream": self.upstream,
+            "difference": self.difference,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    compared: int  # (customer, meter, period) keys
+    drift: list[Drift]
+    missing: list[str]  # local event ids absent upstream (raw mode)
+    extra: int  # upstream events with no local counterpart (raw mode)
+
+
+def same(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def compare(meters: list[Meter], local: Tally, upstream: Tally, *, rollup: bool) -> Comparison:
+    by_id = {m.id: m for m in meters}
+    drift = []
+    keys = sorted(local.amounts.keys() | upstream.amounts.keys())
+    for key in keys:
+        meter = by_id[key[1]]
+        mine = local.amounts[key].result(meter.func) if key in local.amounts else 0.0
+        theirs = 0.0
+        if key in upstream.amounts:
+            theirs = upstream.amounts[key].result("sum" if rollup else meter.func)
+        if not same(mine, theirs):
+            drift.append(Drift(key[0], meter, key[2], mine, theirs))
+    remaining = collections.Counter(upstream.fingerprints)
+    missing = []
+    for fingerprint, event_id in local.ids:
+        if remaining[fingerprint] > 0:
+            remaining[fingerprint] -= 1
+        else:
+            missing.append(event_id)
+    return Comparison(len(keys), drift, missing, sum(remaining.values()))
+
+
+def repair_event(drift: Drift, period_minutes: int) -> dict[str, Any]:
+    """Rollup mode: the upstream event that brings its consumption to the local one."""
+    amounts = f"{drift.customer}|{drift.local!r}|{drift.upstream!r}"
+    digest = hashlib.md5(amounts.encode()).hexdigest()[:16]
+    period = datetime.fromisoformat(iso(drift.period_us)).strftime("%Y%m%dT%H%M")
+    units = drift.difference
+    return {
+        "name": drift.meter.name,
+        "timestamp": iso(drift.period_us),
+        "external_customer_id": drift.customer,
+        "external_id": f"meterline:repair:{drift.meter.id}:{period}:{digest}",
+        "metadata": {
+            "meter_id": drift.meter.id,
+            "units": int(units) if units.is_integer() else units,
+            "period_start": iso(drift.period_us),
+            "period_end": iso(drift.period_us + period_minutes * 60_000_000),
+            "repair": True,
+        },
+    }
+
+
+def rollup_meters(meters: list[Meter]) -> list[Meter]:
+    """The meters rollup mode forwards."""
+    return [m for m in meters if isinstance(m.aggregation, CountAggregation) or m.func == "sum"]
