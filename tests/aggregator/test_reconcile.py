@@ -127,3 +127,61 @@ def test_planted_gap_is_found_repaired_and_gone(tmp_path: Path) -> None:
 
 def _events(client: Any) -> list[dict[str, Any]]:
     return list(client.get("/v1/events/", params={"limit": 100}).json()["items"])
+
+
+def test_rollup_mode_gap_is_repaired_with_difference_events(tmp_path: Path) -> None:
+    with MeterlineServer(tmp_path / "central") as central:
+        proxy = FaultProxy(central.url, ["lie"])
+        edge = MeterlineServer(
+            tmp_path / "edge",
+            "--upstream-url",
+            proxy.url,
+            "--upstream-token",
+            central.token or "",
+            "--upstream-mode",
+            "rollup",
+            "--upstream-settle-seconds",
+            "0",
+            "--upstream-stage-seconds",
+            "0.5",
+            "--upstream-batch-events",
+            "2",
+        )
+        try:
+            with edge, edge.client() as client, central.client() as upstream:
+                units = {"conjunction": "and", "clauses": []}
+                meter = {"name": "tokens", "filter": units}
+                meter["aggregation"] = {"func": "sum", "property": "tokens"}
+                assert client.post("/v1/meters/", json=meter).status_code == 201
+                meter["aggregation"] = {"func": "sum", "property": "units"}  # rollup events
+                assert upstream.post("/v1/meters/", json=meter).status_code == 201
+                start = datetime.now(UTC) - timedelta(hours=5)
+                events = [
+                    {
+                        "name": "call",
+                        "external_customer_id": f"c{i % 2}",
+                        "external_id": f"r{i}",
+                        "timestamp": (start + timedelta(minutes=20 * i)).isoformat(),
+                        "metadata": {"tokens": 10 + i},
+                    }
+                    for i in range(8)
+                ]
+                assert client.post("/v1/events/ingest", json={"events": events}).status_code == 200
+
+                def forwarded() -> bool:
+                    status = client.get("/v1/forwarder/").json()
+                    return status["backlog"] == 0 and status["sent"] > 0
+
+                wait_until(forwarded, 60)
+                args = ("--mode", "rollup")
+                code, before, stderr = _reconcile(tmp_path, edge, central, *args)
+                assert code == 1, stderr
+                assert len(before["drift"]) == 2  # the first request's two periods were lost
+                assert all(d["upstream"] == 0 for d in before["drift"])
+                code, repaired, stderr = _reconcile(tmp_path, edge, central, *args, "--repair")
+                assert repaired["repair"]["accepted"] == 2, stderr
+                code, after, stderr = _reconcile(tmp_path, edge, central, *args)
+                assert code == 0 and not after["drift"], stderr
+                assert all(t["same"] for t in after["meter_totals"])
+        finally:
+            proxy.close()
