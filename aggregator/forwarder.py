@@ -1,7 +1,7 @@
-"""The forwarder: sends one organization's accepted events to an upstream `/v1/events/ingest`,
-never dropping or doubling one.
+"""The forwarder: sends one organization's accepted events (raw, or as per-period rollups; see
+aggregator.outboxes) to an upstream `/v1/events/ingest`, never dropping or doubling one.
 
-Events go in seq order (so in order per customer), in batches bounded by count and bytes, at
+The outbox's items go in its order (raw events in seq order, so in order per customer), in batches bounded by count and bytes, at
 most `rate_per_minute` requests per minute (evenly spaced). The cursor moves only after a 2xx
 that counts every event of the batch; anything else re-sends the same batch (the upstream
 deduplicates on external_id): after Retry-After on 429/503, after a jittered exponential

@@ -12,7 +12,7 @@ from typing import Any
 import duckdb
 import orjson
 
-from tests.aggregator.test_forwarder import FaultProxy
+from tests.faults import FaultProxy
 from tests.processes import MeterlineServer, wait_until
 
 ALL = {"conjunction": "and", "clauses": []}

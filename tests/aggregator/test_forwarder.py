@@ -6,99 +6,16 @@ from __future__ import annotations
 
 import collections
 import itertools
-import socket
-import threading
-import time
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import duckdb
-import httpx
-import orjson
 
+from tests.faults import FaultProxy
 from tests.processes import MeterlineServer, wait_until
 
 RATE = 300.0  # requests per minute: one every 0.2 s
 TIMEOUT = 1.0  # the edge's upstream timeout; a stall outlasts it
-
-
-class FaultProxy:
-    """Relays to `upstream`, but answers the ingest requests as `script` says, in order:
-    pass, 429 (Retry-After: 1, not relayed), 503 (not relayed), stall (relayed, then answered
-    after the client gave up), reset (relayed, then the connection dropped unanswered), lie
-    (answered 200, not relayed)."""
-
-    def __init__(self, upstream: str, script: list[str]) -> None:
-        self.upstream = upstream
-        self.script = collections.deque(script)
-        self.ingests: list[tuple[float, str]] = []  # (monotonic time, action)
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
-
-            def do_GET(self) -> None:
-                self._relay(b"")
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                action = proxy.script.popleft() if proxy.script else "pass"
-                proxy.ingests.append((time.monotonic(), action))
-                if action in ("429", "503"):
-                    self.send_response(int(action))
-                    self.send_header("Retry-After", "1")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                if action == "lie":  # acknowledged, never stored: a gap for reconcile
-                    count = len(orjson.loads(body)["events"])
-                    answer = orjson.dumps({"inserted": count, "duplicates": 0})
-                    self._answer(httpx.Response(200, content=answer))
-                    return
-                if action == "reset":
-                    self._forward(body)
-                    self.connection.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                    )
-                    self.close_connection = True
-                    return
-                if action == "stall":
-                    response = self._forward(body)
-                    time.sleep(TIMEOUT * 2)
-                    self._answer(response)
-                    return
-                self._answer(self._forward(body))
-
-            def _forward(self, body: bytes) -> httpx.Response:
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                return httpx.request(
-                    self.command, proxy.upstream + self.path, content=body, headers=headers
-                )
-
-            def _relay(self, body: bytes) -> None:
-                self._answer(self._forward(body))
-
-            def _answer(self, response: httpx.Response) -> None:
-                try:
-                    self.send_response(response.status_code)
-                    for key in ("Content-Type", "Retry-After"):
-                        if key in response.headers:
-                            self.send_header(key, response.headers[key])
-                    self.send_header("Content-Length", str(len(response.content)))
-                    self.end_headers()
-                    self.wfile.write(response.content)
-                except OSError:
-                    pass  # the client gave up (the stall)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
 
 
 def _all_external_ids(central: MeterlineServer) -> collections.Counter[str]:
