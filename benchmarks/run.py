@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import ingest_http, kafka, ledger, meters
+from benchmarks import forwarding, ingest_http, kafka, ledger, meters, sdk
 
 RESULTS = Path(__file__).parent / "results"
 # A module (its `run`) or a function; the hypothesis is the function's docstring, else its
@@ -39,6 +39,10 @@ BENCHMARKS: dict[str, ModuleType | Callable[[bool], dict[str, Any]]] = {
     "kafka_freshness": kafka.kafka_freshness,
     "balance_check": ledger.balance_check,
     "ledger_cost": ledger.ledger_cost,
+    "forward_throughput": forwarding.forward_throughput,
+    "reconcile_1m": forwarding.reconcile_1m,
+    "sdk_record": sdk.sdk_record,
+    "sdk_deliver": sdk.sdk_deliver,
 }
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
 _OPS = {">=": "≥", "<=": "≤", "==": "="}

@@ -1,9 +1,10 @@
-"""Errors of the ingest edge.
+"""Errors of the ingest package: the edge and the SDK.
 
 IngestError
 ├── BodyTooLarge        the request body is over the limit (413)
-└── PublishError        events could not be made durable
-    └── Unavailable     retriable: the store or broker is down or slow (503 + Retry-After)
+├── PublishError        events could not be made durable
+│   └── Unavailable     retriable: the store or broker is down or slow (503 + Retry-After)
+└── SDKError            the SDK's errors (tree in ingest/sdk/errors.py)
 """
 
 from __future__ import annotations

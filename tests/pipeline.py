@@ -97,6 +97,14 @@ class Pipeline:
         assert self.core is not None and self.core.token is not None
         return self.core.token
 
+    def organization_id(self) -> str:
+        """The id of the development token's organization (a new customer shows it)."""
+        assert self.core is not None
+        with self.core.client() as client:
+            response = client.post("/v1/customers/", json={"email": "probe@example.com"})
+            assert response.status_code == 201, response.text
+            return str(response.json()["organization_id"])
+
     def create_meter(self, definition: dict[str, Any] = TOKENS_METER) -> str:
         assert self.core is not None
         with self.core.client() as client:

@@ -74,7 +74,7 @@ def test_poison_records_are_dead_lettered_and_the_partition_moves_on(tmp_path: P
     with Pipeline(tmp_path, partitions=1) as pipeline:
         meter_id = pipeline.create_meter()
         assert pipeline.core is not None
-        org = _organization_id(pipeline)
+        org = pipeline.organization_id()
         good = {"organization_id": org, "name": "call", "external_customer_id": "c1"}
         poison: list[bytes | None] = [
             b"{not json",
@@ -129,14 +129,6 @@ def test_an_event_dated_30_days_ago_is_applied(tmp_path: Path) -> None:
             "interval": "day",
         }
         assert pipeline.quantity(meter_id, **window) == 42
-
-
-def _organization_id(pipeline: Pipeline) -> str:
-    assert pipeline.core is not None
-    with pipeline.core.client() as client:
-        response = client.post("/v1/customers/", json={"email": "probe@example.com"})
-        assert response.status_code == 201, response.text
-        return str(response.json()["organization_id"])
 
 
 async def _produce_and_read_dead_letters(
