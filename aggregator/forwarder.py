@@ -1,11 +1,12 @@
 """The forwarder: sends one organization's accepted events (raw, or as per-period rollups; see
 aggregator.outboxes) to an upstream `/v1/events/ingest`, never dropping or doubling one.
 
-The outbox's items go in its order (raw events in seq order, so in order per customer), in batches bounded by count and bytes, at
-most `rate_per_minute` requests per minute (evenly spaced). The cursor moves only after a 2xx
-that counts every event of the batch; anything else re-sends the same batch (the upstream
-deduplicates on external_id): after Retry-After on 429/503, after a jittered exponential
-backoff on other 5xx, timeouts and connection errors. A 422 quarantines exactly the events it
+The outbox's items go in its order (raw events in seq order, so in order per customer), in
+batches bounded by count and bytes, at most `rate_per_minute` requests per minute (evenly
+spaced). Nothing is marked sent before a 2xx that counts every event of the batch; anything
+else re-sends the same batch (the upstream deduplicates on external_id): after Retry-After on
+429/503, after a jittered exponential backoff on other 5xx, timeouts and connection errors. A
+422 quarantines exactly the events it
 names (split in halves when it names none) and the rest are sent again.
 """
 
