@@ -6,8 +6,8 @@ batches bounded by count and bytes, at most `rate_per_minute` requests per minut
 spaced). Nothing is marked sent before a 2xx that counts every event of the batch; anything
 else re-sends the same batch (the upstream deduplicates on external_id): after Retry-After on
 429/503, after a jittered exponential backoff on other 5xx, timeouts and connection errors. A
-422 quarantines exactly the events it
-names (split in halves when it names none) and the rest are sent again.
+422 quarantines exactly the events it names (split in halves when it names none) and the rest
+are sent again.
 """
 
 from __future__ import annotations
