@@ -1,0 +1,141 @@
+"""Kafka direct: batches as records on meterline's events topic, in the documented record
+schema (`meters.records`: the same key, value and partition as an ingest edge writes), acked by
+all in-sync replicas. For producers next to the broker that should not go through HTTP.
+
+The events are checked by the ingest rules first, so an event the core would dead-letter is
+reported to on_error as EventsRejected (a 422 with the same `loc`s) instead. What the rules
+cannot know here (an unknown customer_id) is dead-lettered by the core as for any producer.
+A batch sent again after a broker error keeps its external_ids: the core applies each once.
+
+    from ingest.sdk import Ingestion
+    from ingest.sdk.kafka import KafkaTransport
+
+    ingestion = Ingestion(transport=KafkaTransport("kafka:9092", organization_id=ORG_ID))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from typing import TypedDict, Unpack
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from ingest.publish.kafka import KafkaSettings, partition_of
+from ingest.sdk.delivery import Answer
+from ingest.sdk.errors import TransportError
+from meters.errors import ValidationFailed
+from meters.events import EventRules, now_us, parse_ingest_body
+from meters.records import record_key, record_value
+
+__all__ = ["AsyncKafkaTransport", "KafkaOptions", "KafkaTransport"]
+
+
+class KafkaOptions(TypedDict, total=False):
+    topic: str  # default "meterline.events"
+    idempotence: bool  # default True; off only for brokers without it (the test broker)
+    compression: str | None  # gzip, snappy, lz4 or zstd; default none
+    timeout: float  # for one batch to be acknowledged, s (default 10)
+    rules: EventRules  # the core's rules (default: EventRules())
+
+
+class AsyncKafkaTransport:
+    """Produces on the running event loop (the producer starts on the first send)."""
+
+    def __init__(
+        self, bootstrap: str, organization_id: str, **options: Unpack[KafkaOptions]
+    ) -> None:
+        self._options = options
+        self._bootstrap = bootstrap
+        self._organization_id = organization_id
+        self._settings = KafkaSettings(
+            bootstrap=bootstrap,
+            topic=options.get("topic", "meterline.events"),
+            idempotence=options.get("idempotence", True),
+            compression=options.get("compression"),
+        )
+        self._timeout = options.get("timeout", 10.0)
+        self._rules = options.get("rules") or EventRules()
+        self._producer: AIOKafkaProducer | None = None
+        self._partitions = 0
+        self._starting = asyncio.Lock()  # concurrent first sends start one producer
+
+    async def send(self, events: Sequence[bytes]) -> Answer:
+        received = now_us()
+        items = [orjson.loads(event) for event in events]
+        try:
+            parsed = parse_ingest_body({"events": items}, now=received, rules=self._rules)
+        except ValidationFailed as exc:
+            detail = [error.as_dict() for error in exc.errors]
+            return Answer(422, orjson.dumps({"error": "RequestValidationError", "detail": detail}))
+        organization = self._organization_id
+        try:
+            async with asyncio.timeout(self._timeout):
+                producer = await self._started()
+                acks = [
+                    await producer.send(
+                        self._settings.topic,
+                        value=record_value(event, organization, received),
+                        key=(key := record_key(organization, event)),
+                        partition=partition_of(key, self._partitions),
+                        timestamp_ms=received // 1000,
+                    )
+                    for event in parsed
+                ]
+                await asyncio.gather(*acks)
+        except (KafkaError, TimeoutError) as exc:
+            raise TransportError(f"Kafka: {type(exc).__name__}: {exc}") from exc
+        return Answer(200, orjson.dumps({"inserted": len(parsed), "duplicates": 0}))
+
+    async def _started(self) -> AIOKafkaProducer:
+        async with self._starting:
+            return self._producer or await self._start()
+
+    async def _start(self) -> AIOKafkaProducer:
+        producer = self._settings.producer()
+        try:
+            await producer.start()
+            found = await producer.partitions_for(self._settings.topic)
+            if not found:
+                raise KafkaError(f"topic {self._settings.topic} not found")
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer, self._partitions = producer, len(found)
+        return producer
+
+    async def aclose(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    def blocking(self) -> KafkaTransport:
+        return KafkaTransport(self._bootstrap, self._organization_id, **self._options)
+
+
+class KafkaTransport:
+    """The blocking form: an AsyncKafkaTransport on a private event loop thread."""
+
+    def __init__(
+        self, bootstrap: str, organization_id: str, **options: Unpack[KafkaOptions]
+    ) -> None:
+        self._inner = AsyncKafkaTransport(bootstrap, organization_id, **options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="meterline-sdk-kafka", daemon=True
+        )
+        self._thread.start()
+
+    def send(self, events: Sequence[bytes]) -> Answer:
+        return asyncio.run_coroutine_threadsafe(self._inner.send(events), self._loop).result()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._inner.aclose(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()

@@ -1,0 +1,254 @@
+"""LLMStrategy: one event per completion of an OpenAI-compatible client (the `openai` package,
+sync or async: `chat.completions.create`/`parse`, `responses.create`/`parse`, streaming
+included) or of Anthropic's (`messages.create`, streaming included), with its token counts.
+
+The clients are duck-typed (neither package is imported). The wrapper is a proxy for one
+customer: make one per request (it costs one small object); everything the proxy does not
+measure passes straight through to the client.
+
+The event's metadata is @polar-sh/ingestion's LLM payload, with `_llm` in snake_case:
+
+    {"vendor": "openai", "model": "gpt-4o-mini-2024-07-18", "inputTokens": 812,
+     "cachedInputTokens": 0, "outputTokens": 194, "totalTokens": 1006, "strategy": "LLM",
+     "_llm": {"vendor": "openai", "model": "gpt-4o-mini-2024-07-18", "input_tokens": 812,
+              "cached_input_tokens": 0, "output_tokens": 194, "total_tokens": 1006}}
+
+Input tokens include cached ones (OpenAI counts them so; for Anthropic, cache reads and cache
+writes are added to `input_tokens`); `cached_input_tokens` is the cache reads.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from ingest.sdk.strategies.base import AsyncObserved, BaseStrategy, Observed, Use
+
+__all__ = ["LLMStrategy"]
+
+C = TypeVar("C")
+# The calls measured, as attribute paths from the client.
+_CALLS = frozenset(
+    {
+        ("chat", "completions", "create"),
+        ("chat", "completions", "parse"),
+        ("responses", "create"),
+        ("responses", "parse"),
+        ("messages", "create"),
+    }
+)
+_PREFIXES = frozenset(path[:i] for path in _CALLS for i in range(1, len(path)))
+_RESPONSE_DONE = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+class LLMStrategy(BaseStrategy):
+    def wrap(
+        self,
+        client: C,
+        *,
+        customer_id: str | None = None,
+        external_customer_id: str | None = None,
+        vendor: str | None = None,
+        **metadata: Any,
+    ) -> C:
+        """`client`, measured for one customer. `vendor` defaults to the client's package
+        (`openai`, `anthropic`). Wrapping a wrapped client replaces the first wrapping."""
+        use = self.use(customer_id, external_customer_id, metadata)
+        while isinstance(client, _Resource):
+            client = client._target
+        vendor = vendor or type(client).__module__.partition(".")[0] or "openai"
+        return cast(C, _Resource(client, (), _Call(use, vendor)))
+
+
+@dataclass(frozen=True, slots=True)
+class _Usage:
+    model: str | None
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    cached_input_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    use: Use
+    vendor: str
+
+    def record(self, usage: _Usage | None, requested_model: str | None) -> None:
+        if usage is None:  # a server that reports no usage: nothing to count
+            return
+        model = usage.model or requested_model or "unknown"
+        llm = {
+            "vendor": self.vendor,
+            "model": model,
+            "input_tokens": usage.input_tokens,
+            "cached_input_tokens": usage.cached_input_tokens,
+            "output_tokens": usage.output_tokens,
+            "total_tokens": usage.total_tokens,
+        }
+        measured = {
+            "vendor": self.vendor,
+            "model": model,
+            "inputTokens": usage.input_tokens,
+            "cachedInputTokens": usage.cached_input_tokens,
+            "outputTokens": usage.output_tokens,
+            "totalTokens": usage.total_tokens,
+            "strategy": "LLM",
+            "_llm": llm,
+        }
+        self.use.record(measured)
+
+
+class _Resource:
+    """The client, or one of its resources (`chat`, `chat.completions`, ...), proxied."""
+
+    __slots__ = ("_call", "_path", "_target")
+
+    def __init__(self, target: Any, path: tuple[str, ...], call: _Call) -> None:
+        self._target = target
+        self._path = path
+        self._call = call
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        path = (*self._path, name)
+        if path in _CALLS:
+            return _measured(value, path, self._call)
+        if path in _PREFIXES:
+            return _Resource(value, path, self._call)
+        return value
+
+    def __repr__(self) -> str:
+        return f"<measured {self._target!r}>"
+
+
+def _int(value: Any) -> int:
+    return value if type(value) is int else 0
+
+
+def usage_of(response: Any) -> _Usage | None:
+    """Token counts of a chat completion, a Responses API response or an Anthropic message."""
+    usage = getattr(response, "usage", None)
+    if usage is None:
+        return None
+    model = getattr(response, "model", None)
+    model = model if isinstance(model, str) and model else None
+    if hasattr(usage, "prompt_tokens"):  # chat completions
+        prompt, completion = _int(usage.prompt_tokens), _int(getattr(usage, "completion_tokens", 0))
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = _int(getattr(details, "cached_tokens", 0))
+        total = _int(getattr(usage, "total_tokens", 0)) or prompt + completion
+        return _Usage(model, prompt, completion, total, cached)
+    if hasattr(usage, "cache_read_input_tokens"):  # Anthropic
+        return _anthropic(model, _anthropic_counts(usage))
+    # The Responses API.
+    inputs, outputs = (
+        _int(getattr(usage, "input_tokens", 0)),
+        _int(getattr(usage, "output_tokens", 0)),
+    )
+    details = getattr(usage, "input_tokens_details", None)
+    cached = _int(getattr(details, "cached_tokens", 0))
+    total = _int(getattr(usage, "total_tokens", 0)) or inputs + outputs
+    return _Usage(model, inputs, outputs, total, cached)
+
+
+_ANTHROPIC_COUNTS = (
+    "input_tokens",  # not cached
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "output_tokens",
+)
+
+
+def _anthropic_counts(usage: Any, counts: dict[str, int] | None = None) -> dict[str, int]:
+    """Anthropic's counts, over `counts`: a stream's `message_delta` repeats them
+    cumulatively, with null for those it does not update."""
+    counts = dict(counts or {})
+    for name in _ANTHROPIC_COUNTS:
+        value = getattr(usage, name, None)
+        if type(value) is int:
+            counts[name] = value
+    return counts
+
+
+def _anthropic(model: str | None, counts: dict[str, int]) -> _Usage:
+    cache_read = counts.get("cache_read_input_tokens", 0)
+    inputs = (
+        counts.get("input_tokens", 0) + counts.get("cache_creation_input_tokens", 0) + cache_read
+    )
+    outputs = counts.get("output_tokens", 0)
+    return _Usage(model, inputs, outputs, inputs + outputs, cache_read)
+
+
+class _Tally:
+    """A stream's usage, gathered from its chunks; recorded once, when the stream ends."""
+
+    def __init__(self, call: _Call, requested_model: str | None, hide_usage_chunk: bool) -> None:
+        self._call = call
+        self._requested = requested_model
+        self._hide = hide_usage_chunk
+        self._usage: _Usage | None = None
+        self._model: str | None = None  # Anthropic's, from message_start
+        self._counts: dict[str, int] | None = None  # Anthropic's
+        self._done = False
+
+    def observe(self, chunk: Any) -> bool:
+        """Take what `chunk` says about usage; False for the usage-only chunk the wrapper asked
+        for (`stream_options.include_usage`), which the caller never sees."""
+        kind = getattr(chunk, "type", None)
+        if kind == "message_start":  # Anthropic
+            message = getattr(chunk, "message", None)
+            model = getattr(message, "model", None)
+            self._model = model if isinstance(model, str) else None
+            self._counts = _anthropic_counts(getattr(message, "usage", None))
+        elif kind == "message_delta" and getattr(chunk, "usage", None) is not None:
+            self._counts = _anthropic_counts(chunk.usage, self._counts)
+        elif kind in _RESPONSE_DONE:  # the Responses API
+            self._usage = usage_of(getattr(chunk, "response", None)) or self._usage
+        elif kind is None and getattr(chunk, "usage", None) is not None:  # chat completions
+            self._usage = usage_of(chunk)
+            if self._hide and not getattr(chunk, "choices", None):
+                return False
+        return True
+
+    def finish(self) -> None:
+        if not self._done:
+            self._done = True
+            if self._counts is not None:
+                self._usage = _anthropic(self._model, self._counts)
+            self._call.record(self._usage, self._requested)
+
+
+def _measured(method: Callable[..., Any], path: tuple[str, ...], call: _Call) -> Callable[..., Any]:
+    def measured(*args: Any, **kwargs: Any) -> Any:
+        streaming = kwargs.get("stream") is True
+        hide = False
+        if streaming and path[0] == "chat":
+            # Chat streams report usage only when asked; ask, and hide the extra chunk from a
+            # caller who did not.
+            options = kwargs.get("stream_options")
+            options = dict(options) if isinstance(options, Mapping) else {}
+            if options.get("include_usage") is not True:
+                kwargs["stream_options"] = {**options, "include_usage": True}
+                hide = True
+        model = kwargs.get("model")
+        requested = model if isinstance(model, str) else None
+        result = method(*args, **kwargs)
+        if inspect.isawaitable(result):
+            return _after(result, streaming, _Tally(call, requested, hide))
+        if streaming:
+            return Observed(result, _Tally(call, requested, hide))
+        call.record(usage_of(result), requested)
+        return result
+
+    return measured
+
+
+async def _after(awaitable: Awaitable[Any], streaming: bool, tally: _Tally) -> Any:
+    result = await awaitable
+    if streaming:
+        return AsyncObserved(result, tally)
+    tally._call.record(usage_of(result), tally._requested)
+    return result

@@ -1,0 +1,95 @@
+"""Kafka direct: the SDK writes meterline's documented records (key, value, partition) to a real
+broker; a real core applies them, each external_id once, and events that break a rule are
+reported by the SDK instead of being dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from ingest.sdk import AsyncIngestion, EventsRejected, Ingestion
+from ingest.sdk.kafka import AsyncKafkaTransport, KafkaTransport
+from tests.ingest.sdk.conftest import Reports, stored
+from tests.pipeline import Pipeline
+
+pytestmark = pytest.mark.slow
+
+
+async def _first_record(bootstrap: str) -> tuple[bytes, dict[str, object]]:
+    consumer = AIOKafkaConsumer(
+        "meterline.events",
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                record = batch[0]
+                return record.key, orjson.loads(record.value)
+    finally:
+        await consumer.stop()
+    raise AssertionError("no record on the topic")
+
+
+def test_records_are_applied_once(tmp_path: Path):
+    customer = "kafka-c1"  # one customer: one key, one partition, so records stay in order
+    reports = Reports()
+    with Pipeline(tmp_path, partitions=3, edges=0) as pipeline:
+        assert pipeline.core is not None
+        org = pipeline.organization_id()
+        transport = KafkaTransport(pipeline.broker.bootstrap, org, idempotence=False)
+        with Ingestion(
+            transport=transport, max_batch_size=40, flush_interval=60, on_error=reports
+        ) as ingestion:
+            ids = []
+            for i in range(100):
+                ids.append(
+                    ingestion.ingest(
+                        {"name": "k", "external_customer_id": customer, "metadata": {"seq": i}}
+                    )
+                )
+                if i == 50:  # breaks a rule: reported here, never on the topic
+                    bad = {"name": "k", "external_customer_id": customer, "metadata": {"a.b": 1}}
+                    ingestion.ingest(bad)
+            assert ingestion.flush(30)
+            for i in range(10):  # a retry of an event already sent: the core applies it once
+                again = {"seq": i, "retry": True}
+                ingestion.ingest(
+                    {
+                        "name": "k",
+                        "external_customer_id": customer,
+                        "external_id": ids[i],
+                        "metadata": again,
+                    }
+                )
+            assert ingestion.flush(30)
+
+        async def more() -> None:
+            transport = AsyncKafkaTransport(pipeline.broker.bootstrap, org, idempotence=False)
+            async with AsyncIngestion(transport=transport, on_error=reports) as ingestion:
+                for i in range(100, 120):
+                    ingestion.ingest(
+                        {"name": "k", "external_customer_id": customer, "metadata": {"seq": i}}
+                    )
+
+        asyncio.run(more())
+        pipeline.wait_for_events(120)
+        key, value = asyncio.run(_first_record(pipeline.broker.bootstrap))
+        events = stored(pipeline.core, customer)
+    assert key == f"{org}/ext:{customer}".encode()
+    assert value["organization_id"] == org
+    assert {"ingested_at", "timestamp", "external_id", "name", "metadata"} <= set(value)
+    assert sorted(e["metadata"]["seq"] for e in events) == list(range(120))
+    assert not any(e["metadata"].get("retry") for e in events)  # the first write won
+    [rejected] = reports.errors
+    assert isinstance(rejected, EventsRejected)
+    assert rejected.errors is not None
+    assert rejected.errors[0][0]["loc"][3:] == ["metadata", "a.b"]
