@@ -27,13 +27,13 @@ ErrorCallback = Callable[[DeliveryError], None]
 class Options(TypedDict, total=False):
     """Keyword options of both clients (the first three keep polar-sdk's names)."""
 
-    max_batch_size: int  # events per request (default 1,000)
+    max_batch_size: int  # events per request (default 2,000)
     flush_interval: float  # the longest an event waits for its batch to fill, s (default 0.5)
     max_queue_size: int  # events recorded and not yet sent (default 100,000)
     max_batch_bytes: int  # request body limit (default 4 MiB; Polar and meterline take 10)
     on_full: Literal["block", "raise"]  # when the queue is full (default "raise")
     block_timeout: float  # with "block": how long to wait for room, s (default 5)
-    max_in_flight: int  # requests at once (default 4)
+    max_in_flight: int  # requests at once (default 8)
     max_attempts: int | None  # sends of one batch; None: until delivered or closed
     backoff_base: float  # the first retry's wait without Retry-After, then doubling (0.1 s)
     backoff_max: float  # the longest such wait (30 s)
@@ -70,13 +70,13 @@ class ClientBase(ABC):
     def __init__(
         self,
         *,
-        max_batch_size: int = 1000,
+        max_batch_size: int = 2000,
         flush_interval: float = 0.5,
         max_queue_size: int = 100_000,
         max_batch_bytes: int = 4 * 1024 * 1024,
         on_full: Literal["block", "raise"] = "raise",
         block_timeout: float = 5.0,
-        max_in_flight: int = 4,
+        max_in_flight: int = 8,
         max_attempts: int | None = None,
         backoff_base: float = 0.1,
         backoff_max: float = 30.0,
