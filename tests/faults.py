@@ -1,17 +1,23 @@
 """A loopback HTTP proxy that injects faults into ingest requests, for the clients that must
-deliver every event exactly once through them (the forwarder, the SDK)."""
+deliver every event exactly once through them (the forwarder, the SDK); and a forwarding pair
+of real meterlines with the proxy between them."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+
+from tests.processes import MeterlineServer
 
 
 class FaultProxy:
@@ -101,3 +107,32 @@ class FaultProxy:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+# Rollup mode that stages every half second and forwards periods as soon as they end.
+ROLLUPS_NOW = (
+    *("--upstream-mode", "rollup", "--upstream-settle-seconds", "0"),
+    *("--upstream-stage-seconds", "0.5"),
+)
+
+
+@contextlib.contextmanager
+def forwarding(
+    tmp_path: Path, script: list[str], *edge_args: str, central_args: tuple[str, ...] = ()
+) -> Iterator[tuple[MeterlineServer, FaultProxy, MeterlineServer]]:
+    """A central meterline, a FaultProxy before it running `script`, and an edge forwarding
+    to the central through the proxy; all started, and stopped on exit (the central last)."""
+    with MeterlineServer(tmp_path / "central", *central_args) as central:
+        proxy = FaultProxy(central.url, script)
+        try:
+            upstream = ("--upstream-url", proxy.url, "--upstream-token", central.token or "")
+            with MeterlineServer(tmp_path / "edge", *upstream, *edge_args) as edge:
+                yield central, proxy, edge
+        finally:
+            proxy.close()
+
+
+def forwarded(client: httpx.Client) -> bool:
+    """The edge's forwarder has sent something and has nothing left to send."""
+    status = client.get("/v1/forwarder/").json()
+    return bool(status["backlog"] == 0 and status["sent"] > 0)

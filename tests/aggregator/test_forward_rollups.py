@@ -12,7 +12,7 @@ from typing import Any
 import duckdb
 import orjson
 
-from tests.faults import FaultProxy
+from tests.faults import ROLLUPS_NOW, forwarded, forwarding
 from tests.processes import MeterlineServer, wait_until
 
 ALL = {"conjunction": "and", "clauses": []}
@@ -27,66 +27,47 @@ def _rollup_events(central: MeterlineServer) -> list[tuple[str, str, dict[str, A
 
 
 def test_rollups_add_up_upstream_once_each(tmp_path: Path) -> None:
-    with MeterlineServer(tmp_path / "central") as central:
-        proxy = FaultProxy(central.url, ["pass", "stall"])
-        edge = MeterlineServer(
-            tmp_path / "edge",
-            "--upstream-url",
-            proxy.url,
-            "--upstream-token",
-            central.token or "",
-            "--upstream-mode",
-            "rollup",
-            "--upstream-rollup-minutes",
-            "15",
-            "--upstream-settle-seconds",
-            "0",
-            "--upstream-stage-seconds",
-            "0.5",
-            "--upstream-batch-events",
-            "4",
-            "--upstream-timeout",
-            "1",
-        )
-        try:
-            with edge, edge.client() as client:
-                meters = {}
-                for name, aggregation in [
-                    ("calls", {"func": "count"}),
-                    ("tokens", {"func": "sum", "property": "tokens"}),
-                    ("peak", {"func": "max", "property": "tokens"}),  # not forwarded
-                ]:
-                    created = client.post(
-                        "/v1/meters/",
-                        json={"name": name, "filter": ALL, "aggregation": aggregation},
-                    )
-                    assert created.status_code == 201, created.text
-                    meters[name] = created.json()["id"]
-                base = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=3)
-                events = [
-                    {
-                        "name": "call",
-                        "external_customer_id": f"c{i % 3}",
-                        "external_id": f"e{i}",
-                        "timestamp": (base + timedelta(minutes=7 * i)).isoformat(),
-                        "metadata": {"tokens": i * 1.5},
-                    }
-                    for i in range(20)
-                ]
-                assert client.post("/v1/events/ingest", json={"events": events}).status_code == 200
+    with (
+        forwarding(
+            tmp_path,
+            ["pass", "stall"],
+            *ROLLUPS_NOW,
+            *("--upstream-rollup-minutes", "15", "--upstream-batch-events", "4"),
+            *("--upstream-timeout", "1"),
+        ) as (central, _, edge),
+        edge.client() as client,
+    ):
+        meters = {}
+        for name, aggregation in [
+            ("calls", {"func": "count"}),
+            ("tokens", {"func": "sum", "property": "tokens"}),
+            ("peak", {"func": "max", "property": "tokens"}),  # not forwarded
+        ]:
+            created = client.post(
+                "/v1/meters/",
+                json={"name": name, "filter": ALL, "aggregation": aggregation},
+            )
+            assert created.status_code == 201, created.text
+            meters[name] = created.json()["id"]
+        base = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=3)
+        events = [
+            {
+                "name": "call",
+                "external_customer_id": f"c{i % 3}",
+                "external_id": f"e{i}",
+                "timestamp": (base + timedelta(minutes=7 * i)).isoformat(),
+                "metadata": {"tokens": i * 1.5},
+            }
+            for i in range(20)
+        ]
+        assert client.post("/v1/events/ingest", json={"events": events}).status_code == 200
 
-                def forwarded() -> bool:
-                    status = client.get("/v1/forwarder/").json()
-                    return status["backlog"] == 0 and status["sent"] > 0
-
-                wait_until(forwarded, 60)
-                first = client.get("/v1/forwarder/").json()["sent"]
-                late = {**events[0], "external_id": "late", "metadata": {"tokens": 100}}
-                assert client.post("/v1/events/ingest", json={"events": [late]}).status_code == 200
-                wait_until(lambda: client.get("/v1/forwarder/").json()["sent"] == first + 2, 60)
-                assert client.get("/v1/forwarder/").json()["mode"] == "rollup"
-        finally:
-            proxy.close()
+        wait_until(lambda: forwarded(client), 60)
+        first = client.get("/v1/forwarder/").json()["sent"]
+        late = {**events[0], "external_id": "late", "metadata": {"tokens": 100}}
+        assert client.post("/v1/events/ingest", json={"events": [late]}).status_code == 200
+        wait_until(lambda: client.get("/v1/forwarder/").json()["sent"] == first + 2, 60)
+        assert client.get("/v1/forwarder/").json()["mode"] == "rollup"
     assert central.exit_code == 0
     landed = _rollup_events(central)
     ids = collections.Counter(external_id for external_id, _, _ in landed)

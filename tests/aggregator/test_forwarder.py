@@ -11,7 +11,7 @@ from pathlib import Path
 
 import duckdb
 
-from tests.faults import FaultProxy
+from tests.faults import forwarding
 from tests.processes import MeterlineServer, wait_until
 
 RATE = 300.0  # requests per minute: one every 0.2 s
@@ -29,51 +29,40 @@ def _all_external_ids(central: MeterlineServer) -> collections.Counter[str]:
 def test_every_event_lands_once_through_faults(tmp_path: Path) -> None:
     # The central refuses timestamps more than 1 s ahead; the edge takes up to 5 minutes: the
     # one event dated 2 minutes ahead is valid here and refused there.
-    with MeterlineServer(tmp_path / "central", "--max-future-seconds", "1") as central:
-        proxy = FaultProxy(central.url, ["429", "503", "stall", "reset", "pass", "503"])
-        edge = MeterlineServer(
-            tmp_path / "edge",
-            "--upstream-url",
-            proxy.url,
-            "--upstream-token",
-            central.token or "",
-            "--upstream-rate",
-            str(RATE),
-            "--upstream-batch-events",
-            "40",
-            "--upstream-timeout",
-            str(TIMEOUT),
-        )
-        try:
-            with edge, edge.client() as client:
-                future = (datetime.now(UTC) + timedelta(minutes=2)).isoformat()
-                batches = [
-                    [
-                        {
-                            "name": "call",
-                            "external_customer_id": f"c{i % 3}",
-                            "external_id": f"b{b}-{i}",
-                        }
-                        for i in range(30)
-                    ]
-                    for b in range(5)
-                ]
-                batches[2][7]["timestamp"] = future
-                batches[3].append({"name": "call", "external_customer_id": "c9"})  # no id
-                for batch in batches:
-                    assert (
-                        client.post("/v1/events/ingest", json={"events": batch}).status_code == 200
-                    )
-                wait_until(lambda: client.get("/v1/forwarder/").json()["backlog"] == 0, 90)
-                status = client.get("/v1/forwarder/").json()
-                (quarantined,) = client.get("/v1/forwarder/quarantine").json()["items"]
-                # Still two minutes ahead for the central: re-sending it is refused again.
-                resent = client.post(f"/v1/forwarder/quarantine/{quarantined['seq']}/resend")
-                assert resent.json()["result"].startswith("rejected: timestamp"), resent.text
-                assert len(client.get("/v1/forwarder/quarantine").json()["items"]) == 1
-                assert client.post("/v1/forwarder/quarantine/1/resend").status_code == 404
-        finally:
-            proxy.close()
+    with (
+        forwarding(
+            tmp_path,
+            ["429", "503", "stall", "reset", "pass", "503"],
+            *("--upstream-rate", str(RATE), "--upstream-batch-events", "40"),
+            *("--upstream-timeout", str(TIMEOUT)),
+            central_args=("--max-future-seconds", "1"),
+        ) as (central, proxy, edge),
+        edge.client() as client,
+    ):
+        future = (datetime.now(UTC) + timedelta(minutes=2)).isoformat()
+        batches = [
+            [
+                {
+                    "name": "call",
+                    "external_customer_id": f"c{i % 3}",
+                    "external_id": f"b{b}-{i}",
+                }
+                for i in range(30)
+            ]
+            for b in range(5)
+        ]
+        batches[2][7]["timestamp"] = future
+        batches[3].append({"name": "call", "external_customer_id": "c9"})  # no id
+        for batch in batches:
+            assert client.post("/v1/events/ingest", json={"events": batch}).status_code == 200
+        wait_until(lambda: client.get("/v1/forwarder/").json()["backlog"] == 0, 90)
+        status = client.get("/v1/forwarder/").json()
+        (quarantined,) = client.get("/v1/forwarder/quarantine").json()["items"]
+        # Still two minutes ahead for the central: re-sending it is refused again.
+        resent = client.post(f"/v1/forwarder/quarantine/{quarantined['seq']}/resend")
+        assert resent.json()["result"].startswith("rejected: timestamp"), resent.text
+        assert len(client.get("/v1/forwarder/quarantine").json()["items"]) == 1
+        assert client.post("/v1/forwarder/quarantine/1/resend").status_code == 404
     assert central.exit_code == 0
     assert quarantined["event"]["external_id"] == "b2-7"
     assert "timestamp" in quarantined["reason"]
