@@ -23,7 +23,8 @@ from aggregator.errors import UsageError
 from aggregator.outboxes import Outbox, RawOutbox, RollupOutbox
 from aggregator.store import Store
 from aggregator.store.outbox import Pending
-from meters.upstream import Accepted, Pacer, Rejected, RetryLater, UpstreamClient, backoff
+from meters.polar_api import PolarApi
+from meters.upstream import Accepted, Rejected, RetryLater, backoff
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,14 @@ class Forwarder:
         self._outbox = settings.outbox(store, organization_id)
         self._settings = settings
         self.mode = settings.mode
-        self._client = UpstreamClient(
-            settings.url, settings.token, timeout_seconds=settings.timeout_seconds
+        # The client spaces its requests evenly: never more than the rate in any minute.
+        self._client = PolarApi(
+            settings.url,
+            settings.token,
+            rate_per_minute=settings.rate_per_minute,
+            timeout_seconds=settings.timeout_seconds,
         )
         self._task: asyncio.Task[None] | None = None
-        self._pacer = Pacer(settings.rate_per_minute)
         self.sent = 0
         self.retried = 0
         self.refused = 0  # events quarantined since start
@@ -117,7 +121,6 @@ class Forwarder:
         """Until the upstream holds every event of `batch` that it does not refuse; those."""
         attempt = 0
         while batch:
-            await self._pacer.wait()
             outcome = await self._client.send([p.event for p in batch])
             if isinstance(outcome, Accepted):
                 self.sent += len(batch)
@@ -153,7 +156,6 @@ class Forwarder:
         found = [p for p, _ in await self._outbox.quarantined(seq)]
         if not found:
             return "not quarantined"
-        await self._pacer.wait()
         outcome = await self._client.send([found[0].event])
         if isinstance(outcome, Accepted):
             await self._outbox.release(seq)

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from meters.polar_api import PolarApi, iso
 from meters.reconcile import Comparison, Meter, Tally, compare, repair_event, rollup_meters, same
-from meters.upstream import Accepted, Pacer, Rejected, UpstreamClient, backoff
+from meters.upstream import Accepted, Rejected, backoff
 
 DRIFT_ROWS_SHOWN = 20
 
@@ -88,7 +88,7 @@ async def reconcile(settings: ReconcileSettings, console: Console) -> int:
         repaired = None
         if settings.repair and found:
             if rollup:
-                repaired = await _repair_rollups(settings, result)
+                repaired = await _repair_rollups(upstream, settings, result)
             else:
                 repaired = await _repair_raw(local, result.missing)
     report = {
@@ -144,27 +144,22 @@ async def _repair_raw(local: PolarApi, missing: list[str]) -> dict[str, int]:
     return done
 
 
-async def _repair_rollups(settings: ReconcileSettings, result: Comparison) -> dict[str, Any]:
+async def _repair_rollups(
+    upstream: PolarApi, settings: ReconcileSettings, result: Comparison
+) -> dict[str, Any]:
     events = [repair_event(d, settings.rollup_minutes) for d in result.drift if d.period_us]
-    pacer = Pacer(settings.rate_per_minute)
     accepted, refused = 0, []
-    async with UpstreamClient(
-        settings.upstream_url, settings.upstream_token, timeout_seconds=settings.timeout_seconds
-    ) as client:
-        for i in range(0, len(events), 1000):
-            batch = events[i : i + 1000]
-            for attempt in range(1, 9):
-                await pacer.wait()
-                outcome = await client.send(batch)
-                if isinstance(outcome, Accepted):
-                    accepted += len(batch)
-                    break
-                if isinstance(outcome, Rejected):
-                    refused += [
-                        {"event": batch[j], "reason": r} for j, r in outcome.reasons.items()
-                    ]
-                    break
-                await asyncio.sleep(outcome.seconds or backoff(attempt, 30.0))
+    for i in range(0, len(events), 1000):
+        batch = events[i : i + 1000]
+        for attempt in range(1, 9):
+            outcome = await upstream.send(batch)  # paced with the reads, at --rate
+            if isinstance(outcome, Accepted):
+                accepted += len(batch)
+                break
+            if isinstance(outcome, Rejected):
+                refused += [{"event": batch[j], "reason": r} for j, r in outcome.reasons.items()]
+                break
+            await asyncio.sleep(outcome.seconds or backoff(attempt, 30.0))
     return {"requested": len(events), "accepted": accepted, "refused": refused}
 
 

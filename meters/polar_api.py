@@ -1,5 +1,6 @@
-"""Reading a Polar-compatible API (Polar itself, or a meterline): paced GETs that ride out 429s
-and 5xx, page-by-page lists, and every event of a time window.
+"""The client of a Polar-compatible API (Polar itself, or a meterline): sending an ingest batch
+(one attempt, its answer classified for the sender), and reading: paced GETs that ride out
+429s and 5xx, page-by-page lists, and every event of a time window.
 
 Polar pages with an offset and at most 100 items, sorted by timestamp alone, so deep pages are
 slow and ties may move between requests. Events are therefore read by splitting the window in
@@ -21,7 +22,7 @@ import orjson
 
 from meters.errors import MetersError
 from meters.events import us_to_datetime
-from meters.upstream import Pacer, backoff, retry_after
+from meters.upstream import Outcome, Pacer, RetryLater, backoff, read_answer, retry_after
 
 PAGE = 100  # Polar's largest page
 PER_PIECE = 75  # aim below a page so that most pieces need one request
@@ -51,7 +52,7 @@ class PolarApi:
         self.url = url.rstrip("/")
         self._client = httpx.AsyncClient(
             base_url=self.url,
-            headers={"Authorization": f"Bearer {token}"},
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
             timeout=timeout_seconds,
         )
         self._pacer = Pacer(rate_per_minute) if rate_per_minute else None
@@ -68,6 +69,22 @@ class PolarApi:
         tb: TracebackType | None,
     ) -> None:
         await self._client.aclose()
+
+    async def send(self, events: list[dict[str, Any]]) -> Outcome:
+        """One `POST /v1/events/ingest`; re-sending is safe when every event has an
+        external_id (the upstream deduplicates on it)."""
+        if self._pacer is not None:
+            await self._pacer.wait()
+        self.requests += 1
+        body = orjson.dumps({"events": events})
+        try:
+            response = await self._client.post("/v1/events/ingest", content=body)
+        except httpx.TimeoutException:
+            # The upstream may have stored the batch: re-sending it is safe (external_ids).
+            return RetryLater("timeout")
+        except httpx.TransportError as exc:
+            return RetryLater(f"connection: {exc.__class__.__name__}")
+        return read_answer(response, len(events))
 
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """The JSON answer; retried after Retry-After or a backoff on 429, 5xx and I/O errors."""

@@ -1,5 +1,5 @@
-"""The client of an upstream Polar-compatible `POST /v1/events/ingest` (Polar itself, or a
-central meterline), and what each answer means for the forwarder.
+"""What an upstream Polar-compatible `POST /v1/events/ingest` (Polar itself, or a central
+meterline) answered, and what that means for the sender; pacing and backoff for its clients.
 
 Polar validates a batch all or nothing and names each bad event by its index in `loc`; it
 deduplicates on `external_id`, so re-sending a batch is always safe (every event carries one).
@@ -12,8 +12,6 @@ import email.utils
 import random
 import time
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
 
 import httpx
 import orjson
@@ -43,39 +41,6 @@ class Rejected:
 
 
 Outcome = Accepted | RetryLater | Rejected
-
-
-class UpstreamClient:
-    """An async context manager around one httpx client."""
-
-    def __init__(self, url: str, token: str, *, timeout_seconds: float = 10.0) -> None:
-        self._client = httpx.AsyncClient(
-            base_url=url.rstrip("/"),
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-            timeout=timeout_seconds,
-        )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._client.aclose()
-
-    async def send(self, events: list[dict[str, Any]]) -> Outcome:
-        body = orjson.dumps({"events": events})
-        try:
-            response = await self._client.post("/v1/events/ingest", content=body)
-        except httpx.TimeoutException:
-            # The upstream may have stored the batch: re-sending it is safe (external_ids).
-            return RetryLater("timeout")
-        except httpx.TransportError as exc:
-            return RetryLater(f"connection: {exc.__class__.__name__}")
-        return read_answer(response, len(events))
 
 
 def read_answer(response: httpx.Response, sent: int) -> Outcome:
