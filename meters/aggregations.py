@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
@@ -139,3 +140,50 @@ def fold(
     if aggregation.func == "avg":
         return math.fsum(values) / len(values)
     return max(values) if aggregation.func == "max" else min(values)
+
+
+@dataclass(slots=True)
+class Partial:
+    """A mergeable partial aggregate of a meter over some events: enough for every aggregation
+    (merging partials of disjoint events gives the partial of their union)."""
+
+    events: int = 0
+    total: float = 0.0
+    low: float = math.inf
+    high: float = -math.inf
+    values: set[Hashable] = field(default_factory=set)  # unique meters' distinct values
+
+    def add(self, events: int, total: float, low: float, high: float) -> None:
+        self.events += events
+        self.total += total
+        self.low = min(self.low, low)
+        self.high = max(self.high, high)
+
+    def add_event(self, contribution: float | UniqueKey | None) -> None:
+        """One event in the meter, with its `contribution()`."""
+        if isinstance(contribution, tuple):
+            self.events += 1
+            self.values.add(contribution)
+        elif contribution is None:
+            self.events += 1
+        else:
+            self.add(1, contribution, contribution, contribution)
+
+    def merge(self, other: Partial) -> None:
+        self.add(other.events, other.total, other.low, other.high)
+        self.values |= other.values
+
+    def result(self, func: str) -> float:
+        """The aggregation's result (0 for an empty meter, like Polar's quantities)."""
+        if func == "count":
+            return float(self.events)
+        if func == "unique":
+            return float(len(self.values))
+        if self.events == 0:
+            return 0.0
+        return {
+            "sum": self.total,
+            "avg": self.total / self.events,
+            "min": self.low,
+            "max": self.high,
+        }[func]

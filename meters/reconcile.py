@@ -17,14 +17,14 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
 from pydantic import TypeAdapter
 
-from meters.aggregations import Aggregation, CountAggregation, UniqueAggregation, UniqueKey
+from meters.aggregations import Aggregation, CountAggregation, Partial, UniqueAggregation
 from meters.events import datetime_to_us
 from meters.filters import EventView, Filter
 from meters.polar_api import iso
@@ -54,37 +54,6 @@ class Meter:
         return str(self.aggregation.func)
 
 
-@dataclass(slots=True)
-class _Amount:
-    """A mergeable partial aggregate of one meter for one customer and period."""
-
-    events: int = 0
-    total: float = 0.0
-    low: float = math.inf
-    high: float = -math.inf
-    values: set[UniqueKey] = field(default_factory=set)
-
-    def add(self, value: float | UniqueKey | None) -> None:
-        self.events += 1
-        if isinstance(value, tuple):
-            self.values.add(value)
-        elif value is not None:
-            self.total += value
-            self.low = min(self.low, value)
-            self.high = max(self.high, value)
-
-    def result(self, func: str) -> float:
-        if func == "count":
-            return float(self.events)
-        if func == "unique":
-            return float(len(self.values))
-        if func == "sum" or not self.events:
-            return self.total
-        if func == "avg":
-            return self.total / self.events
-        return self.high if func == "max" else self.low
-
-
 def event_time_us(event: dict[str, Any]) -> int:
     return datetime_to_us(datetime.fromisoformat(event["timestamp"]))
 
@@ -105,7 +74,7 @@ class Tally:
         self._meters = meters
         self._map = customer_map
         self._period_us = period_us
-        self.amounts: dict[Key, _Amount] = collections.defaultdict(_Amount)
+        self.amounts: dict[Key, Partial] = collections.defaultdict(Partial)
         self.events = 0
         self.fingerprints: collections.Counter[int] = collections.Counter()
         self.ids: list[tuple[int, str]] = []  # (fingerprint, event id), local side only
@@ -124,7 +93,7 @@ class Tally:
                 if meter.filter.matches(view):
                     value = meter.aggregation.contribution(view)
                     if value is not None or isinstance(meter.aggregation, UniqueAggregation):
-                        self.amounts[customer, meter.id, period].add(value)
+                        self.amounts[customer, meter.id, period].add_event(value)
             if self._period_us is None:
                 fingerprint = _fingerprint(event, customer, at)
                 self.fingerprints[fingerprint] += 1
@@ -141,7 +110,7 @@ class Tally:
             self.events += 1
             period = event_time_us({"timestamp": metadata["period_start"]})
             key = (upstream_customer(event, self._map), metadata["meter_id"], period)
-            self.amounts[key].add(float(metadata["units"]))
+            self.amounts[key].add_event(float(metadata["units"]))
 
 
 def _fingerprint(event: dict[str, Any], customer: str, at: int) -> int:

@@ -24,8 +24,8 @@ from aggregator.store.customers import (
 )
 from aggregator.store.events import SequenceCounter
 from aggregator.store.meters import MeterRow, get_meter
-from aggregator.store.quantities import Partial
 from aggregator.store.rows import first_row
+from meters.aggregations import Partial
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger import CreditCreate, Credits, PlanCreate, ResetCreate
 
@@ -274,7 +274,7 @@ def _usage(con: Con, meter: MeterRow, subjects: list[str]) -> tuple[float, int |
             [meter.id, subjects],
         ).fetchall()
         partial.values = {v[0] for v in values}
-    return partial.result(meter), first, last
+    return partial.result(meter.aggregation.func), first, last
 
 
 def _is_unique(meter: MeterRow) -> bool:

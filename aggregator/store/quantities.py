@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -19,7 +19,7 @@ import duckdb
 from aggregator.store.meter_sql import contribution_sql, filter_sql, json_path
 from aggregator.store.meters import MeterRow
 from aggregator.store.rollups import SUBJECT
-from meters.aggregations import CountAggregation, UniqueAggregation
+from meters.aggregations import Partial, UniqueAggregation
 from meters.events import datetime_to_us, us_to_datetime
 from meters.periods import Interval, boundaries
 
@@ -31,40 +31,6 @@ _CUSTOMER = (
     " AND subject = 'ext:' || c.external_id), subject)"
 )
 Key = tuple[int, str]  # (range index, customer or "")
-
-
-@dataclass(slots=True)
-class Partial:
-    events: int = 0
-    total: float = 0.0
-    low: float = math.inf
-    high: float = -math.inf
-    values: set[str] = field(default_factory=set)
-
-    def add(self, events: int, total: float, low: float, high: float) -> None:
-        self.events += events
-        self.total += total
-        self.low = min(self.low, low)
-        self.high = max(self.high, high)
-
-    def merge(self, other: Partial) -> None:
-        self.add(other.events, other.total, other.low, other.high)
-        self.values |= other.values
-
-    def result(self, meter: MeterRow) -> float:
-        aggregation = meter.aggregation
-        if isinstance(aggregation, CountAggregation):
-            return float(self.events)
-        if isinstance(aggregation, UniqueAggregation):
-            return float(len(self.values))
-        if self.events == 0:
-            return 0.0
-        return {
-            "sum": self.total,
-            "avg": self.total / self.events,
-            "min": self.low,
-            "max": self.high,
-        }[aggregation.func]
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +171,8 @@ def reduce(partials: dict[Key, Partial], meter: MeterRow, index: int, across: st
         merged = Partial()
         for partial in mine.values():
             merged.merge(partial)
-        return merged.result(meter)
-    per_customer = [p.result(meter) for p in mine.values()]
+        return merged.result(meter.aggregation.func)
+    per_customer = [p.result(meter.aggregation.func) for p in mine.values()]
     if not per_customer:
         return 0.0
     if across == "count":
