@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from meters.polar_api import PolarApi, iso
+from meters.events import us_to_iso
+from meters.polar_api import PolarApi
 from meters.reconcile import Comparison, Meter, Tally, compare, repair_event, rollup_meters, same
 from meters.upstream import Accepted, Rejected, backoff
 
@@ -92,7 +93,7 @@ async def reconcile(settings: ReconcileSettings, console: Console) -> int:
             else:
                 repaired = await _repair_raw(local, result.missing)
     report = {
-        "window": {"from": iso(start), "to": iso(end)},
+        "window": {"from": us_to_iso(start), "to": us_to_iso(end)},
         "mode": settings.mode,
         "local": {"url": settings.local_url, "events": mine.events},
         "upstream": {
@@ -119,7 +120,11 @@ async def _meter_totals(
     """Each meter's total over the window from both sides' own quantities (catches an upstream
     meter defined differently); meters matched by name."""
     theirs = {m["name"]: m["id"] async for m in upstream.items("/v1/meters/", {})}
-    window = {"start_timestamp": iso(start), "end_timestamp": iso(end - 1), "interval": "day"}
+    window = {
+        "start_timestamp": us_to_iso(start),
+        "end_timestamp": us_to_iso(end - 1),
+        "interval": "day",
+    }
     totals = []
     for meter in meters:
         if meter.name not in theirs:
@@ -180,7 +185,7 @@ def _print(console: Console, report: dict[str, Any], result: Comparison) -> None
         for column in ("customer", "meter", "period", "local", "upstream", "difference"):
             drift.add_column(column, justify="right" if column in ("local", "upstream") else "left")
         for d in result.drift[:DRIFT_ROWS_SHOWN]:
-            period = iso(d.period_us) if d.period_us else "window"
+            period = us_to_iso(d.period_us) if d.period_us else "window"
             drift.add_row(
                 d.customer, d.meter.name, period, f"{d.local:g}", f"{d.upstream:g}",
                 f"{d.difference:+g}",

@@ -90,6 +90,11 @@ def us_to_datetime(value: int) -> datetime:
     return EPOCH + timedelta(microseconds=value)
 
 
+def us_to_iso(value: int) -> str:
+    """UTC microseconds as ISO 8601 with a `Z` (how Polar writes times)."""
+    return us_to_datetime(value).isoformat().replace("+00:00", "Z")
+
+
 def parse_ingest_body(body: Any, *, now: int, rules: EventRules) -> list[Event]:
     """Validate a decoded ``{"events": [...]}`` body; raise ValidationFailed listing every error."""
     errors: list[FieldError] = []

@@ -21,7 +21,7 @@ import httpx
 import orjson
 
 from meters.errors import MetersError
-from meters.events import us_to_datetime
+from meters.events import us_to_iso
 from meters.upstream import Outcome, Pacer, RetryLater, backoff, read_answer, retry_after
 
 PAGE = 100  # Polar's largest page
@@ -31,10 +31,6 @@ MAX_PARTS = 1024  # bounds the requests spent on empty pieces when events cluste
 
 class ApiError(MetersError):
     """The API refused a read (authentication, a missing resource, a bad parameter)."""
-
-
-def iso(us: int) -> str:
-    return us_to_datetime(us).isoformat().replace("+00:00", "Z")
 
 
 class PolarApi:
@@ -149,8 +145,8 @@ class PolarApi:
 
     async def _events_page(self, low: int, high: int, page: int) -> Any:
         params = {
-            "start_timestamp": iso(low),
-            "end_timestamp": iso(high),
+            "start_timestamp": us_to_iso(low),
+            "end_timestamp": us_to_iso(high),
             "sorting": "timestamp",
             "page": page,
             "limit": PAGE,

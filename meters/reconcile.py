@@ -25,9 +25,8 @@ import orjson
 from pydantic import TypeAdapter
 
 from meters.aggregations import Aggregation, CountAggregation, Partial, UniqueAggregation
-from meters.events import datetime_to_us
+from meters.events import datetime_to_us, us_to_datetime, us_to_iso
 from meters.filters import EventView, Filter
-from meters.polar_api import iso
 
 _AGGREGATION: TypeAdapter[Any] = TypeAdapter(Aggregation)
 Key = tuple[str, str, int]  # (upstream customer, meter id, period start in µs; 0: the window)
@@ -137,7 +136,7 @@ class Drift:
             "customer": self.customer,
             "meter_id": self.meter.id,
             "meter": self.meter.name,
-            "period_start": iso(self.period_us) if self.period_us else None,
+            "period_start": us_to_iso(self.period_us) if self.period_us else None,
             "local": self.local,
             "upstream": self.upstream,
             "difference": self.difference,
@@ -182,18 +181,18 @@ def repair_event(drift: Drift, period_minutes: int) -> dict[str, Any]:
     """Rollup mode: the upstream event that brings its consumption to the local one."""
     amounts = f"{drift.customer}|{drift.local!r}|{drift.upstream!r}"
     digest = hashlib.md5(amounts.encode()).hexdigest()[:16]
-    period = datetime.fromisoformat(iso(drift.period_us)).strftime("%Y%m%dT%H%M")
+    period = us_to_datetime(drift.period_us).strftime("%Y%m%dT%H%M")
     units = drift.difference
     return {
         "name": drift.meter.name,
-        "timestamp": iso(drift.period_us),
+        "timestamp": us_to_iso(drift.period_us),
         "external_customer_id": drift.customer,
         "external_id": f"meterline:repair:{drift.meter.id}:{period}:{digest}",
         "metadata": {
             "meter_id": drift.meter.id,
             "units": int(units) if units.is_integer() else units,
-            "period_start": iso(drift.period_us),
-            "period_end": iso(drift.period_us + period_minutes * 60_000_000),
+            "period_start": us_to_iso(drift.period_us),
+            "period_end": us_to_iso(drift.period_us + period_minutes * 60_000_000),
             "repair": True,
         },
     }

@@ -18,7 +18,13 @@ from typing import Any
 import orjson
 
 from meters.errors import ValidationFailed
-from meters.events import Event, EventRules, datetime_to_us, parse_ingest_body, us_to_datetime
+from meters.events import (
+    Event,
+    EventRules,
+    datetime_to_us,
+    parse_ingest_body,
+    us_to_iso,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +54,9 @@ def record_value(event: Event, organization_id: str, ingested_at_us: int) -> byt
     """The record value of a validated event (its timestamp always explicit)."""
     value: dict[str, Any] = {
         "organization_id": organization_id,
-        "ingested_at": _iso(ingested_at_us),
+        "ingested_at": us_to_iso(ingested_at_us),
         "name": event.name,
-        "timestamp": _iso(event.timestamp_us),
+        "timestamp": us_to_iso(event.timestamp_us),
     }
     for field in ("customer_id", "external_customer_id", "external_member_id"):
         if (v := getattr(event, field)) is not None:
@@ -62,10 +68,6 @@ def record_value(event: Event, organization_id: str, ingested_at_us: int) -> byt
     if event.metadata:
         value["metadata"] = event.metadata
     return orjson.dumps(value)
-
-
-def _iso(us: int) -> str:
-    return us_to_datetime(us).isoformat().replace("+00:00", "Z")
 
 
 def decode_records(
@@ -91,7 +93,7 @@ def decode_records(
             continue
         organization, ingested_at, item = head
         if "timestamp" not in item:
-            item["timestamp"] = _iso(ingested_at)
+            item["timestamp"] = us_to_iso(ingested_at)
         items.append(item)
         heads.append((i, organization, ingested_at))
     while items:

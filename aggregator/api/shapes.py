@@ -7,13 +7,13 @@ from typing import Any
 from aggregator.store.customers import CustomerRow
 from aggregator.store.events import EventRow
 from aggregator.store.meters import MeterRow
-from meters.events import us_to_datetime
+from meters.events import us_to_iso
 
 
 def iso(us: int | None) -> str | None:
     if us is None:
         return None
-    return us_to_datetime(us).isoformat().replace("+00:00", "Z")
+    return us_to_iso(us)
 
 
 def customer(row: CustomerRow, first_event_us: int | None) -> dict[str, Any]:

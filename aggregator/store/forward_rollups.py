@@ -18,7 +18,7 @@ import orjson
 
 from aggregator.store.outbox import Pending
 from aggregator.store.rows import first_row
-from meters.events import us_to_datetime
+from meters.events import us_to_datetime, us_to_iso
 
 Con = duckdb.DuckDBPyConnection
 
@@ -99,15 +99,15 @@ def stage_job(
             customer = customers[subject]
             event = {
                 "name": names[meter],
-                "timestamp": _iso(start_us),
+                "timestamp": us_to_iso(start_us),
                 "external_customer_id": customer_map.get(customer, customer),
                 "external_id": external_id(meter, subject, start_us, revision),
                 "metadata": {
                     "meter_id": meter,
                     "units": _number(d_units),
                     "events": d_events,
-                    "period_start": _iso(start_us),
-                    "period_end": _iso(start_us + period_us),
+                    "period_start": us_to_iso(start_us),
+                    "period_end": us_to_iso(start_us + period_us),
                     "revision": revision,
                 },
             }
@@ -127,10 +127,6 @@ def stage_job(
         return len(outbox)
 
     return job
-
-
-def _iso(us: int) -> str:
-    return us_to_datetime(us).isoformat().replace("+00:00", "Z")
 
 
 def _number(value: float) -> float | int:

@@ -13,7 +13,7 @@ import duckdb
 import orjson
 
 from aggregator.store.rows import first_row
-from meters.events import us_to_datetime
+from meters.events import us_to_iso
 
 Con = duckdb.DuckDBPyConnection
 
@@ -36,7 +36,7 @@ def _pending(row: tuple[Any, ...]) -> Pending:
     seq, event_id, name, timestamp_us, customer_id, external_customer_id = row[:6]
     event: dict[str, Any] = {
         "name": name,
-        "timestamp": us_to_datetime(timestamp_us).isoformat().replace("+00:00", "Z"),
+        "timestamp": us_to_iso(timestamp_us),
         # The upstream knows customers by external id: a local customer without one is known
         # there by its local id.
         "external_customer_id": external_customer_id or customer_id,
