@@ -27,11 +27,7 @@ MAX_REQUEST_BYTES = 10 * 1024 * 1024
 
 def arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--upstream-url", help="a Polar-compatible API to forward events to")
-    group.add_argument(
-        "--upstream-token",
-        default=os.environ.get("METERLINE_UPSTREAM_TOKEN"),
-        help="the upstream organization's access token (or METERLINE_UPSTREAM_TOKEN)",
-    )
+    upstream_token(group)
     group.add_argument(
         "--upstream-org", default="default", help="the local organization whose events go"
     )
@@ -62,6 +58,14 @@ def arguments(group: argparse._ArgumentGroup) -> None:
         help="rollup mode: how often settled periods are looked for",
     )
     customer_map(group, "--upstream-customer-map")
+
+
+def upstream_token(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    group.add_argument(
+        "--upstream-token",
+        default=os.environ.get("METERLINE_UPSTREAM_TOKEN"),
+        help="the upstream organization's access token (or METERLINE_UPSTREAM_TOKEN)",
+    )
 
 
 def customer_map(group: argparse._ArgumentGroup | argparse.ArgumentParser, flag: str) -> None:
@@ -126,11 +130,7 @@ def commands(subparsers: Any) -> None:
     )
     _local(reconcile)
     reconcile.add_argument("--upstream-url", required=True)
-    reconcile.add_argument(
-        "--upstream-token",
-        default=os.environ.get("METERLINE_UPSTREAM_TOKEN"),
-        help="(or METERLINE_UPSTREAM_TOKEN)",
-    )
+    upstream_token(reconcile)
     reconcile.add_argument("--mode", choices=["raw", "rollup"], default="raw")
     reconcile.add_argument("--rollup-minutes", type=int, choices=ROLLUP_MINUTES, default=60)
     customer_map(reconcile, "--customer-map")
