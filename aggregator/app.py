@@ -18,7 +18,7 @@ from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.consumer import Consumer
-from aggregator.errors import NotFound
+from aggregator.errors import MeterFailed, NotFound
 from aggregator.forwarder import Forwarder
 from aggregator.store import Store
 from aggregator.store.events import IngestJob
@@ -39,6 +39,8 @@ class CoreSettings:
     port: int = 8000
     ingest: IngestSettings = field(default_factory=IngestSettings)
     token_cache_seconds: float = 2.0
+    # SIGTERM to exit, at most (see cli._stop).
+    drain_seconds: float = 30.0
 
     @property
     def database(self) -> Path:
@@ -65,6 +67,10 @@ class EmbeddedPublisher:
 
 async def _not_found(request: Request, exc: Exception) -> Response:
     return error(404, "ResourceNotFound", str(exc) or "Not found")
+
+
+async def _meter_failed(request: Request, exc: Exception) -> Response:
+    return error(409, "MeterFailed", str(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -130,6 +136,7 @@ def _metrics(consumer: Consumer | None, forwarder: Forwarder | None) -> Route:
 _HANDLERS: dict[Any, Any] = {
     **EXCEPTION_HANDLERS,
     NotFound: _not_found,
+    MeterFailed: _meter_failed,
     HTTPException: _http_error,
     Exception: _internal,
 }

@@ -2,13 +2,19 @@
 
 Each step is one writer job over the next chunk of events (by seq), so ingest interleaves
 with a long backfill instead of waiting for it; events ingested meanwhile are already rolled
-up live. Unfinished backfills resume when the process starts again.
+up live. A chunk is sized so that a step holds the writer about half its job bound. Unfinished
+backfills resume when the process starts again.
+
+A step that fails is retried with exponential backoff, logged when the backfill starts failing
+and when it recovers, not at every attempt. A meter DuckDB cannot evaluate is marked failed by
+the step itself (the writer's repair), which ends its backfill until it is redefined.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from types import TracebackType
 from typing import Self
 
@@ -22,9 +28,20 @@ class Backfiller:
     """Runs one backfill task per meter. An async context manager: exit cancels the tasks
     (their progress is committed step by step, so they resume on the next start)."""
 
-    def __init__(self, store: Store, *, chunk_events: int = 200_000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        chunk_events: int = 20_000,
+        max_chunk_events: int = 1_000_000,
+        retry_seconds: float = 1.0,
+        max_retry_seconds: float = 60.0,
+    ) -> None:
         self._store = store
         self._chunk = chunk_events
+        self._max_chunk = max_chunk_events
+        self._retry = retry_seconds
+        self._max_retry = max_retry_seconds
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     async def __aenter__(self) -> Self:
@@ -50,18 +67,36 @@ class Backfiller:
             self._tasks[key].add_done_callback(lambda _: self._tasks.pop(key, None))
 
     async def _run(self, meter_id: str, version: int) -> None:
+        chunk = self._chunk
+        # Half the writer's bound: the step's time includes waiting for the group before it.
+        target_seconds = self._store.writer.job_bound_seconds / 2
+        delay = 0.0
         while True:
+            started = time.perf_counter()
             try:
-                progress = await self._store.write(
-                    backfill_step_job(meter_id, version, self._chunk)
-                )
-            except Exception:
-                log.exception("backfill of meter %s failed; retrying", meter_id)
-                await asyncio.sleep(5)
+                progress = await self._store.write(backfill_step_job(meter_id, version, chunk))
+            except Exception as exc:  # noqa: BLE001 - every failure is retried, logged once
+                delay = min(self._max_retry, delay * 2 or self._retry)
+                if delay == self._retry:  # the first failure of a run of them
+                    log.warning(
+                        "backfill of meter %s failing; retrying with backoff up to %.0f s: %r",
+                        meter_id,
+                        self._max_retry,
+                        exc,
+                    )
+                await asyncio.sleep(delay)
                 continue
+            if delay:
+                log.info("backfill of meter %s recovered", meter_id)
+                delay = 0.0
+            elapsed = time.perf_counter() - started
             if progress is None:
-                return  # redefined, archived or deleted since: a newer backfill owns it
+                # Redefined, archived or deleted since (a newer backfill owns it), or failed.
+                log.info("backfill of meter %s (version %d) ended", meter_id, version)
+                return
             done, target = progress
             if done >= target:
                 log.info("backfill of meter %s done (%d events)", meter_id, target)
                 return
+            scaled = int(chunk * target_seconds / max(elapsed, 1e-3))
+            chunk = max(1_000, min(self._max_chunk, scaled, chunk * 2))

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -67,6 +68,13 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         type=float,
         default=IngestSettings().deadline_seconds,
         help="longest wait for durability before an ingest request gets 503",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=CoreSettings().drain_seconds,
+        help="after SIGTERM/SIGINT, the longest the process takes to exit: open requests get"
+        " half of it, then pending writes; past it the process exits at once",
     )
     parser.add_argument("--log-level", default="info")
     if core:
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=args.data_dir,
         host=args.host,
         port=args.port,
+        drain_seconds=args.drain_seconds,
         ingest=IngestSettings(
             rules=EventRules(max_future=timedelta(seconds=args.max_future_seconds)),
             validation_workers=args.validation_workers,
@@ -280,15 +289,37 @@ async def _serve_http(
         log_level=log_level,
         access_log=False,
         lifespan="off",
-        timeout_graceful_shutdown=30,
+        # Half the drain time for open requests; the rest for the store to close.
+        timeout_graceful_shutdown=max(1, int(settings.drain_seconds / 2)),
     )
     server = _Server(config)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, server.handle_exit, signum, None)
+        loop.add_signal_handler(signum, _stop, server, signum, settings.drain_seconds)
     banner = asyncio.create_task(_banner(server, settings, token))
     await server.serve()
     banner.cancel()
+
+
+def _stop(server: uvicorn.Server, signum: int, drain_seconds: float) -> None:
+    """Begin a graceful shutdown, and make sure the process is gone `drain_seconds` later
+    whatever is still running: nothing acknowledged is lost by exiting (every 2xx followed a
+    commit or a Kafka ack), and a job cut short was never acknowledged."""
+    if not server.should_exit:
+        watchdog = threading.Timer(drain_seconds, _exit_now, args=(drain_seconds,))
+        watchdog.daemon = True
+        watchdog.start()
+    server.handle_exit(signum, None)
+
+
+def _exit_now(drain_seconds: float) -> None:
+    logging.getLogger(__name__).error(
+        "still draining after %.1f s (--drain-seconds); exiting with work unfinished"
+        " (none of it was acknowledged)",
+        drain_seconds,
+    )
+    logging.shutdown()
+    os._exit(1)
 
 
 class _Server(uvicorn.Server):

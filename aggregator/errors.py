@@ -2,8 +2,11 @@
 
 AggregatorError
 ├── NotFound          a resource does not exist in the caller's organization
+├── MeterFailed       a meter that cannot be evaluated was asked for its events (409)
 ├── OffsetGap         a consumed batch does not start where the stored offsets end
 ├── StoreClosed       the store is shutting down
+├── Repairable        a write job's error the store repairs before running the job again
+│   └── MeterUnevaluable    DuckDB cannot evaluate a meter: it is marked failed
 └── UsageError        a command line that cannot work
 """
 
@@ -16,6 +19,10 @@ class AggregatorError(Exception):
 
 class NotFound(AggregatorError):
     pass
+
+
+class MeterFailed(AggregatorError):
+    """The meter is marked failed (it cannot be evaluated) until it is redefined."""
 
 
 class StoreClosed(AggregatorError):

@@ -1,8 +1,9 @@
 """Credit plans' cycles: a background task processing every due plan boundary.
 
-Each run is one writer job (`cycle_due_job`) that processes all boundaries up to now; it runs at
-start, so boundaries missed while the process was down are processed then, exactly once (the
-plan's cycle count moves with the credits in one transaction).
+Each run processes every boundary up to now in writer jobs of at most half the writer's job
+bound each (other writes go in between); it runs at start, so boundaries missed while the
+process was down are processed then, exactly once (the plan's cycle count moves with the
+credits in one transaction).
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ class PlanCycler:
     async def run_due(self) -> int:
         """Process every boundary at or before now; returns how many."""
         assert self._store.seq is not None
-        processed: int = await self._store.write(cycle_due_job(self._clock(), self._store.seq))
+        budget = self._store.writer.job_bound_seconds / 2
+        processed, more = 0, True
+        while more:
+            done, more = await self._store.write(
+                cycle_due_job(self._clock(), self._store.seq, budget)
+            )
+            processed += done
         if processed:
             log.info("credit plans: %d cycle(s) processed", processed)
         return processed

@@ -16,15 +16,15 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
-from meters.filters import EventView, Path, parse_path
+from meters.filters import EventView, Path, is_stored, parse_path
 
 UniqueKey = tuple[str, str | float | bool]
 
 
-def _checked(prop: str, *, numeric: bool) -> str:
-    path = parse_path(prop)
+def _checked(prop: str, info: ValidationInfo, *, numeric: bool) -> str:
+    path = parse_path(prop, stored=is_stored(info))
     if numeric and path.column in ("name", "source"):
         raise ValueError(f"'{prop}' is not numeric; sum, avg, min and max need a number")
     return prop
@@ -47,13 +47,13 @@ class PropertyAggregation(BaseModel):
 
     @field_validator("property")
     @classmethod
-    def _numeric_property(cls, prop: str) -> str:
-        return _checked(prop, numeric=True)
+    def _numeric_property(cls, prop: str, info: ValidationInfo) -> str:
+        return _checked(prop, info, numeric=True)
 
     _path: Path = PrivateAttr()
 
     def model_post_init(self, context: Any, /) -> None:
-        self._path = parse_path(self.property)
+        self._path = parse_path(self.property, stored=True)  # checked by its validator
 
     def resolved(self) -> Path:
         return self._path
@@ -71,13 +71,13 @@ class UniqueAggregation(BaseModel):
 
     @field_validator("property")
     @classmethod
-    def _safe_property(cls, prop: str) -> str:
-        return _checked(prop, numeric=False)
+    def _safe_property(cls, prop: str, info: ValidationInfo) -> str:
+        return _checked(prop, info, numeric=False)
 
     _path: Path = PrivateAttr()
 
     def model_post_init(self, context: Any, /) -> None:
-        self._path = parse_path(self.property)
+        self._path = parse_path(self.property, stored=True)  # checked by its validator
 
     def resolved(self) -> Path:
         return self._path

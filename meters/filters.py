@@ -19,6 +19,7 @@ the same filter agree on every event:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -29,6 +30,7 @@ from pydantic import (
     PrivateAttr,
     StrictBool,
     StrictInt,
+    ValidationInfo,
     field_validator,
 )
 
@@ -37,6 +39,11 @@ RESERVED = frozenset({"name", "source", "timestamp"})
 COST_AMOUNT = ("_cost", "amount")
 MAX_SEGMENT = 40
 MAX_DEPTH = 8
+MAX_PATH = 200
+# A segment is a plain key: Unicode letters and digits, `_`, and a few separators that mean
+# nothing to JSON paths. Wildcards (`*`), brackets, `$`, quotes and the like are refused: the
+# path is compiled to a DuckDB JSON path, where they would change its meaning or fail to bind.
+_SEGMENT = re.compile(r"[^\W][\w\-:/@+~% ]*", re.UNICODE)
 INT32 = (-(2**31), 2**31 - 1)
 
 Operator = Literal["eq", "ne", "gt", "gte", "lt", "lte", "like", "not_like"]
@@ -78,10 +85,14 @@ class Path:
         return current
 
 
-def parse_path(prop: str) -> Path:
-    """Resolve a property name; ValueError when it is not a safe path."""
+def parse_path(prop: str, *, stored: bool = False) -> Path:
+    """Resolve a property name; ValueError when it is not a safe path. `stored` accepts what
+    earlier versions accepted (a definition already stored must still load, and is then marked
+    failed if it cannot be evaluated)."""
     if prop in RESERVED:
         return Path(prop, ())
+    if len(prop) > MAX_PATH and not stored:
+        raise ValueError(f"a property path has at most {MAX_PATH} characters")
     rest = prop.removeprefix("metadata.") if prop.startswith("metadata.") else prop
     keys = tuple(rest.split("."))
     if len(keys) > MAX_DEPTH:
@@ -91,7 +102,22 @@ def parse_path(prop: str) -> Path:
             raise ValueError(f"each path segment has 1 to {MAX_SEGMENT} characters")
         if any(ord(c) < 32 or c in '"\\' for c in key):
             raise ValueError("path segments cannot contain control characters, quotes or '\\'")
+        if stored:
+            continue
+        if _SEGMENT.fullmatch(key) is None or key != key.strip():
+            raise ValueError(
+                f"path segment {key!r} may hold only letters, digits, '_' and '-:/@+~% '"
+                " (no wildcards or JSON path syntax), starting with a letter, digit or '_'"
+            )
     return Path(None, keys)
+
+
+# Validation context of definitions read back from the store (`parse_path(stored=True)`).
+STORED = {"stored": True}
+
+
+def is_stored(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("stored"))
 
 
 def _kind(value: Any) -> str | None:
@@ -122,8 +148,8 @@ class FilterClause(BaseModel):
 
     @field_validator("property")
     @classmethod
-    def _safe_property(cls, prop: str) -> str:
-        parse_path(prop)
+    def _safe_property(cls, prop: str, info: ValidationInfo) -> str:
+        parse_path(prop, stored=is_stored(info))
         return prop
 
     @field_validator("value")
@@ -136,7 +162,7 @@ class FilterClause(BaseModel):
     _path: Path = PrivateAttr()
 
     def model_post_init(self, context: Any, /) -> None:
-        self._path = parse_path(self.property)
+        self._path = parse_path(self.property, stored=True)  # checked by its validator
 
     def resolved(self) -> Path:
         return self._path

@@ -19,6 +19,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 from meters.customers import ExternalId
 
 INT32 = 2**31 - 1
+MAX_START_YEARS = 5
 Units = Annotated[int, Field(ge=-INT32, le=INT32)]
 
 
@@ -93,3 +94,15 @@ class PlanCreate(_CustomerRef):
     interval: Literal["month", "year"]
     rollover: bool = False
     starts_at: AwareDatetime | None = None  # default: now
+
+    def start_error(self, now: datetime) -> str | None:
+        """Why `starts_at` is refused at `now`, if it is. A start more than one interval in the
+        past would grant (and reset) every cycle since then in one go, and one far ahead is
+        most likely a typo; both are refused."""
+        if self.starts_at is None:
+            return None
+        if self.starts_at < cycle_start(now, self.interval, -1):
+            return f"starts_at may be at most one {self.interval} in the past"
+        if self.starts_at > cycle_start(now, "year", MAX_START_YEARS):
+            return f"starts_at may be at most {MAX_START_YEARS} years in the future"
+        return None

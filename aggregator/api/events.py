@@ -12,6 +12,7 @@ from starlette.routing import Route
 from aggregator.api import params, shapes
 from aggregator.api.context import ApiContext
 from aggregator.api.customers import shaped
+from aggregator.api.shapes import failed
 from aggregator.errors import NotFound
 from aggregator.store import customers as customer_sql
 from aggregator.store import events as sql
@@ -80,6 +81,7 @@ def routes(ctx: ApiContext) -> list[Route]:
                 meter = meter_sql.get_meter(con, org, meter_id)
                 if meter is None:
                     raise NotFound("Meter not found")
+                failed(meter)
                 query = replace(query, meter=meter_events_sql(meter.filter, meter.aggregation))
             if customer_ids or external_ids:
                 ids, external = _resolve_customers(con, org, customer_ids, external_ids)

@@ -11,6 +11,7 @@ from starlette.routing import Route
 
 from aggregator.api import params, shapes
 from aggregator.api.context import ApiContext
+from aggregator.api.shapes import failed
 from aggregator.errors import NotFound
 from aggregator.store import customers as customer_sql
 from aggregator.store import meters as sql
@@ -167,6 +168,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             meter = sql.get_meter(con, org, meter_id)
             if meter is None:
                 raise NotFound("Meter not found")
+            failed(meter)
             scope = Scope(meter, _subjects(con, org, ids, external), metadata, across is not None)
             periods, total = quantity_sql.compute(con, scope, start, end, interval, tz, across)
             return {

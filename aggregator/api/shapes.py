@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from aggregator.errors import MeterFailed
 from aggregator.store.customers import CustomerRow
 from aggregator.store.events import EventRow
 from aggregator.store.meters import MeterRow
@@ -60,6 +61,15 @@ def event(row: EventRow, organization_id: str, owner: dict[str, Any] | None) -> 
     }
 
 
+def failed(row: MeterRow) -> None:
+    """Refuse to read a failed meter's events (its SQL cannot run; its rollups are stale)."""
+    if row.failure is not None:
+        raise MeterFailed(
+            f"Meter {row.id} cannot be evaluated and is skipped until its filter or aggregation"
+            f" is changed (or it is archived and unarchived): {row.failure}"
+        )
+
+
 def meter(row: MeterRow) -> dict[str, Any]:
     return {
         "id": row.id,
@@ -81,4 +91,9 @@ def meter(row: MeterRow) -> dict[str, Any]:
             "events_done": row.backfilled_to,
             "events_total": row.backfill_target,
         },
+        # meterline's own: set when DuckDB cannot evaluate the meter (ingest skips it, its
+        # quantities answer 409); redefining or unarchiving it rebuilds it by backfill.
+        "failure": None
+        if row.failure is None
+        else {"reason": row.failure, "failed_at": iso(row.failed_at_us)},
     }

@@ -11,9 +11,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store import rollups
 from aggregator.store.meter_sql import json_path
-from aggregator.store.meters import MeterRow, meters_of
+from aggregator.store.meters import MeterRow, apply_isolated, meters_of
 from aggregator.store.rows import first_row
 from aggregator.store.writer import Batchable, Outcome
 from meters.errors import FieldError, ValidationFailed
@@ -180,7 +179,9 @@ def insert_new(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> pa.BooleanArr
             for meter in meters_of(con, organizations):
                 by_organization.setdefault(meter.organization_id, []).append(meter)
             for organization, meters in by_organization.items():
-                rollups.apply(con, meters, "_batch_new", "organization_id = ?", [organization])
+                apply_isolated(
+                    con, meters, "_batch_new", "organization_id = ?", [organization], data=new
+                )
         finally:
             con.unregister("_batch_new")
     return stored

@@ -3,29 +3,55 @@
 from __future__ import annotations
 
 import functools
+import logging
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import duckdb
 import orjson
+import pyarrow as pa
 from pydantic import TypeAdapter
 
 from aggregator.errors import NotFound
 from aggregator.store import rollups
 from aggregator.store.meter_sql import json_path
 from aggregator.store.rows import first_row, is_uuid
+from aggregator.store.writer import Repairable
 from meters.aggregations import Aggregation
 from meters.definitions import MeterCreate, MeterUpdate, check_unit
 from meters.errors import FieldError, ValidationFailed
-from meters.filters import Filter
+from meters.filters import STORED, Filter
 
 _AGGREGATION: TypeAdapter[Any] = TypeAdapter(Aggregation)
+log = logging.getLogger(__name__)
+# A failure counts only for the version it was found in: a redefinition starts afresh.
+_FAILURE = (
+    "(SELECT {} FROM meter_failures f WHERE f.meter_id = meters.id AND f.version = meters.version)"
+)
 _COLUMNS = (
     "id::VARCHAR, organization_id::VARCHAR, name, unit, custom_label, custom_multiplier,"
     " filter, aggregation, metadata, epoch_us(created_at), epoch_us(modified_at),"
-    " epoch_us(archived_at), version, backfill_target, backfilled_to"
+    " epoch_us(archived_at), version, backfill_target, backfilled_to, "
+    + _FAILURE.format("reason")
+    + ", "
+    + _FAILURE.format("epoch_us(failed_at)")
 )
+# Errors that a meter's definition (or the events it meets) causes every time: the meter is
+# marked failed. Others (out of memory, I/O, interrupts) fail the job as usual, to be retried.
+EVALUATION_ERRORS = (
+    duckdb.BinderException,
+    duckdb.ConversionException,
+    duckdb.InvalidInputException,
+    duckdb.InvalidTypeException,
+    duckdb.NotImplementedException,
+    duckdb.OutOfRangeException,
+    duckdb.ParserException,
+    duckdb.TypeMismatchException,
+)
+# Longest failure reason kept (DuckDB's messages can quote a whole statement).
+_MAX_REASON = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,17 +71,24 @@ class MeterRow:
     version: int
     backfill_target: int
     backfilled_to: int
+    # Why the meter cannot be evaluated (skipped by ingest until redefined), and since when.
+    failure: str | None = None
+    failed_at_us: int | None = None
 
     @property
     def backfilling(self) -> bool:
-        return self.backfilled_to < self.backfill_target
+        return self.failure is None and self.backfilled_to < self.backfill_target
 
 
 @functools.lru_cache(maxsize=4096)
 def _definition(filter_json: str, aggregation_json: str) -> tuple[Filter, Any]:
     """Parsed definitions, cached: validating them costs ~1 ms, more than reading the row.
-    (Both are immutable models, safe to share.)"""
-    return Filter.model_validate_json(filter_json), _AGGREGATION.validate_json(aggregation_json)
+    (Both are immutable models, safe to share.) Parsed as stored: a definition accepted by an
+    earlier version still loads; if it cannot be evaluated, the meter is marked failed."""
+    return (
+        Filter.model_validate_json(filter_json, context=STORED),
+        _AGGREGATION.validate_json(aggregation_json, context=STORED),
+    )
 
 
 def _row(r: tuple[Any, ...]) -> MeterRow:
@@ -74,6 +107,8 @@ def _row(r: tuple[Any, ...]) -> MeterRow:
         r[12],
         r[13],
         r[14],
+        r[15],
+        r[16],
     )
 
 
@@ -159,28 +194,130 @@ def update_job(organization_id: str, meter_id: str, data: MeterUpdate, now_us: i
 
 
 def _reset_rollups(con: duckdb.DuckDBPyConnection, meter_id: str) -> None:
-    """Forget what the meter aggregated (the backfill rebuilds it); its customers' credits
-    and resets stay."""
-    for table in ("rollups", "rollup_values", "ledger_usage", "ledger_usage_values"):
+    """Forget what the meter aggregated (the backfill rebuilds it), and why it failed; its
+    customers' credits and resets stay."""
+    for table in (
+        "rollups",
+        "rollup_values",
+        "ledger_usage",
+        "ledger_usage_values",
+        "meter_failures",
+    ):
         # Table names from this fixed list only.
         con.execute(f"DELETE FROM {table} WHERE meter_id = ?::UUID", [meter_id])
 
 
 def meters_of(con: duckdb.DuckDBPyConnection, organization_ids: list[str]) -> list[MeterRow]:
-    """The organizations' meters that are not archived (the ones ingest keeps current)."""
+    """The organizations' meters that ingest keeps current: not archived, not failed."""
     rows = con.execute(
         f"SELECT {_COLUMNS} FROM meters WHERE archived_at IS NULL"
         " AND organization_id IN (SELECT unnest(?::UUID[]))",
         [organization_ids],
     ).fetchall()
-    return [_row(r) for r in rows]
+    return [meter for meter in map(_row, rows) if meter.failure is None]
+
+
+def failed_meters(con: duckdb.DuckDBPyConnection) -> list[MeterRow]:
+    """Every meter skipped because it cannot be evaluated (for /metrics)."""
+    rows = con.execute(
+        f"SELECT {_COLUMNS} FROM meters WHERE archived_at IS NULL"
+        " AND id IN (SELECT meter_id FROM meter_failures)"
+    ).fetchall()
+    return [meter for meter in map(_row, rows) if meter.failure is not None]
+
+
+class MeterUnevaluable(Repairable):
+    """Evaluating `meters` over some events failed in DuckDB. The repair finds which of them
+    fail (each `probe`d alone in a transaction rolled back) and marks those failed, so that
+    the job, run again, commits its events without them."""
+
+    def __init__(
+        self,
+        meters: Sequence[MeterRow],
+        reason: str,
+        probe: Callable[[duckdb.DuckDBPyConnection, MeterRow], None],
+    ) -> None:
+        super().__init__(reason)
+        self.meters = list(meters)
+        self.reason = reason
+        self.probe = probe
+
+    def repair(self, con: duckdb.DuckDBPyConnection, now_us: int) -> bool:
+        failing: list[tuple[MeterRow, str]] = []
+        if len(self.meters) == 1:
+            failing.append((self.meters[0], self.reason))
+        else:
+            for meter in self.meters:
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    self.probe(con, meter)
+                except EVALUATION_ERRORS as exc:
+                    failing.append((meter, str(exc)))
+                finally:
+                    con.execute("ROLLBACK")
+        if not failing:
+            return False
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for meter, reason in failing:
+                log.error(
+                    "meter %s (organization %s) cannot be evaluated; ingest skips it until it"
+                    " is redefined: %s",
+                    meter.id,
+                    meter.organization_id,
+                    reason,
+                )
+                con.execute(
+                    "INSERT INTO meter_failures VALUES (?::UUID, ?, ?, make_timestamptz(?))"
+                    " ON CONFLICT DO UPDATE SET version = excluded.version,"
+                    " reason = excluded.reason, failed_at = excluded.failed_at",
+                    [meter.id, meter.version, reason[:_MAX_REASON], now_us],
+                )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return True
+
+
+def apply_isolated(
+    con: duckdb.DuckDBPyConnection,
+    meters: Sequence[MeterRow],
+    source: str,
+    where: str,
+    params: list[Any],
+    *,
+    data: pa.Table | None = None,
+    backfill: bool = False,
+) -> None:
+    """`rollups.apply`, raising MeterUnevaluable when DuckDB cannot evaluate the meters (the
+    writer then marks the failing ones and runs the job again without them). `data` is the
+    Arrow table registered as `source`, if it is one (the probes need it after the failed
+    transaction has let go of the registration)."""
+    try:
+        rollups.apply(con, meters, source, where, params, backfill=backfill)
+    except EVALUATION_ERRORS as exc:
+
+        def probe(probe_con: duckdb.DuckDBPyConnection, meter: MeterRow) -> None:
+            if data is None:
+                rollups.apply(probe_con, [meter], source, where, params, backfill=backfill)
+                return
+            probe_con.register(source, data)
+            try:
+                rollups.apply(probe_con, [meter], source, where, params, backfill=backfill)
+            finally:
+                probe_con.unregister(source)
+
+        raise MeterUnevaluable(meters, str(exc), probe) from exc
 
 
 def pending_backfills(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
     """(meter id, version) of every meter whose backfill is not finished."""
     rows = con.execute(
         "SELECT id::VARCHAR, version FROM meters"
-        " WHERE archived_at IS NULL AND backfilled_to < backfill_target"
+        " WHERE archived_at IS NULL AND backfilled_to < backfill_target AND "
+        + _FAILURE.format("reason")
+        + " IS NULL"
     ).fetchall()
     return [(r[0], r[1]) for r in rows]
 
@@ -194,12 +331,12 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Any:
         if row is None:
             return None
         meter = _row(row)
-        if meter.version != version or meter.archived_at_us is not None:
+        if meter.version != version or meter.archived_at_us is not None or meter.failure:
             return None
         if not meter.backfilling:
             return (meter.backfilled_to, meter.backfill_target)
         high = min(meter.backfilled_to + chunk, meter.backfill_target)
-        rollups.apply(
+        apply_isolated(
             con,
             [meter],
             "events",

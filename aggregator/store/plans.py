@@ -6,6 +6,7 @@ plan's cycle count moves in the same transaction, so each boundary is processed 
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from aggregator.store.events import SequenceCounter
 from aggregator.store.ledger import credit, reset, resolve
 from aggregator.store.meters import get_meter
 from aggregator.store.rows import first_row, is_uuid
+from meters.errors import FieldError, ValidationFailed
 from meters.events import datetime_to_us, us_to_datetime
 from meters.ledger import PlanCreate, cycle_start
 
@@ -65,6 +67,16 @@ def plan_create_job(
         )
         if existing is not None:
             return _plan(existing), False
+        refused = data.start_error(us_to_datetime(now_us))
+        if refused is not None:
+            assert data.starts_at is not None
+            raise ValidationFailed(
+                [
+                    FieldError(
+                        "value_error", ("body", "starts_at"), refused, data.starts_at.isoformat()
+                    )
+                ]
+            )
         customer, meter = resolve(con, organization_id, data)
         starts = datetime_to_us(data.starts_at) if data.starts_at else now_us
         plan_id = str(uuid.uuid4())
@@ -87,7 +99,8 @@ def plan_create_job(
                 now_us,
             ],
         )
-        _cycle_plans(con, now_us, seq, plan_id)
+        # At most two boundaries are due (the start is at most one interval back).
+        _cycle_plans(con, now_us, seq, plan_id, None)
         plan = get_plan(con, organization_id, plan_id)
         assert plan is not None
         return plan, True
@@ -111,19 +124,32 @@ def plan_delete_job(organization_id: str, plan_id: str, now_us: int) -> Any:
     return job
 
 
-def cycle_due_job(now_us: int, seq: SequenceCounter) -> Any:
-    """Process every plan boundary at or before `now` (all organizations); returns how many.
-    Each boundary's reset and credit carry keys derived from (plan, cycle number), and the
-    plan's cycle count moves in the same transaction: a boundary is processed exactly once,
-    however late (a process that was down catches up on restart)."""
+def cycle_due_job(now_us: int, seq: SequenceCounter, budget_seconds: float) -> Any:
+    """Process plan boundaries at or before `now` (all organizations, earliest first) for about
+    `budget_seconds` (at least one); returns (how many, whether more are due). Each
+    boundary's reset and credit carry keys derived from (plan, cycle number), and the plan's
+    cycle count moves in the same transaction: a boundary is processed exactly once, however
+    late (a process that was down catches up on restart, a job at a time)."""
 
-    def job(con: Con) -> int:
-        return _cycle_plans(con, now_us, seq, None)
+    def job(con: Con) -> tuple[int, bool]:
+        deadline = time.perf_counter() + budget_seconds
+        processed = _cycle_plans(con, now_us, seq, None, deadline)
+        more = first_row(
+            con,
+            "SELECT 1 FROM credit_plans WHERE deleted_at IS NULL"
+            " AND next_cycle_at <= make_timestamptz(?) LIMIT 1",
+            [now_us],
+        )
+        return processed, more is not None
 
     return job
 
 
-def _cycle_plans(con: Con, now_us: int, seq: SequenceCounter, plan_id: str | None) -> int:
+def _cycle_plans(
+    con: Con, now_us: int, seq: SequenceCounter, plan_id: str | None, deadline: float | None
+) -> int:
+    """Process the due boundaries (of one plan, or all) until `deadline` (perf_counter), if
+    any, has passed."""
     where = "deleted_at IS NULL AND next_cycle_at <= make_timestamptz(?)"
     params: list[Any] = [now_us]
     if plan_id is not None:
@@ -138,6 +164,8 @@ def _cycle_plans(con: Con, now_us: int, seq: SequenceCounter, plan_id: str | Non
     ]
     processed = 0
     for plan in due:
+        if deadline and processed and time.perf_counter() > deadline:
+            break
         customer = get_customer(con, plan.organization_id, plan.customer_id)
         meter = get_meter(con, plan.organization_id, plan.meter_id)
         if customer is None or meter is None or meter.archived_at_us is not None:
@@ -145,7 +173,8 @@ def _cycle_plans(con: Con, now_us: int, seq: SequenceCounter, plan_id: str | Non
         starts = us_to_datetime(plan.starts_at_us)
         n = plan.cycles
         at = datetime_to_us(cycle_start(starts, plan.interval, n))
-        while at <= now_us:
+        while at <= now_us and not (deadline and processed and time.perf_counter() > deadline):
+            processed += 1
             key = f"meterline:plan:{plan.id}:{n}"
             reset(con, customer, meter, f"{key}:reset", at, now_us, seq)
             credit(
@@ -158,7 +187,6 @@ def _cycle_plans(con: Con, now_us: int, seq: SequenceCounter, plan_id: str | Non
             " WHERE id = ?::UUID",
             [n, at, plan.id],
         )
-        processed += n - plan.cycles
     return processed
 
 

@@ -10,6 +10,15 @@ its first write, and raises an *expected* error (`REJECTIONS`) only from those c
 job leaves nothing behind, so the rest of the group still commits. Any other error rolls the
 whole group back, and then every job is retried alone, so one failing job cannot fail others.
 
+A job that fails with a `Repairable` error is repaired (outside any transaction) and run again,
+at most a few times: a meter that DuckDB cannot evaluate is marked failed and skipped, so the
+events that met it still commit.
+
+No group should hold the writer longer than `job_bound_seconds` (every other tenant's writes
+wait for it): groups are cut by weight to what the recent cost per unit of weight says fits in
+the bound, and long background work (backfill, plan cycles) comes in chunks sized to it. A
+group over the bound is counted (`over_bound`) and logged at most once a minute.
+
 A `Batchable` job is run together with its neighbours of the same class in one call, so that a
 group of many requests costs one set of statements instead of one set per request (statement
 overhead, not data volume, dominates small DuckDB writes).
@@ -22,6 +31,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -30,6 +40,7 @@ import duckdb
 
 from aggregator.errors import AggregatorError, StoreClosed
 from meters.errors import MetersError
+from meters.events import now_us
 
 T = TypeVar("T")
 REJECTIONS: tuple[type[Exception], ...] = (MetersError, AggregatorError)
@@ -48,8 +59,19 @@ class Batchable(Generic[T]):
         raise NotImplementedError
 
 
+class Repairable(AggregatorError):
+    """A job's error whose cause the store can repair, after which the job can run again."""
+
+    def repair(self, con: duckdb.DuckDBPyConnection, now_us: int) -> bool:
+        """Repair the cause, on `con` outside any transaction; False when it cannot."""
+        raise NotImplementedError
+
+
 Job = Callable[[duckdb.DuckDBPyConnection], T] | Batchable[T]
 log = logging.getLogger(__name__)
+# Repairs in a row before a job is failed (each repair marks at least one meter failed).
+MAX_REPAIRS = 8
+DEFAULT_JOB_BOUND_SECONDS = 0.25
 
 
 @dataclass(slots=True)
@@ -62,13 +84,25 @@ class _Pending(Generic[T]):
 class Writer:
     """Runs write jobs on one connection in one thread, many jobs per transaction."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, *, max_group_weight: int = 50_000) -> None:
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        *,
+        max_group_weight: int = 50_000,
+        job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS,
+    ) -> None:
         self._con = con
         self._max_group_weight = max_group_weight
+        self.job_bound_seconds = job_bound_seconds
+        # Seconds per unit of weight, smoothed: what caps a group's weight to the bound.
+        self._seconds_per_weight = 0.0
         self._queue: queue.SimpleQueue[_Pending[Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="duckdb-writer", daemon=True)
         self._closed = False
+        self._warned_at = 0.0
         self.commits = 0
+        self.over_bound = 0
+        self.longest_seconds = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -97,7 +131,8 @@ class Writer:
                 return
             group: list[_Pending[Any]] = [first]
             weight = first.weight
-            while weight < self._max_group_weight:
+            limit = self._group_weight_limit()
+            while weight < limit:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -111,19 +146,44 @@ class Writer:
             # written; once started, a job commits and its caller's retry is deduplicated.
             group = [p for p in group if p.future.set_running_or_notify_cancel()]
             if group:
+                started = time.perf_counter()
                 self._commit_group(group)
+                self._timed(sum(p.weight for p in group), time.perf_counter() - started)
 
-    def _commit_group(self, group: list[_Pending[Any]]) -> None:
+    def _group_weight_limit(self) -> int:
+        if self._seconds_per_weight <= 0:
+            return self._max_group_weight
+        fits = int(self.job_bound_seconds / self._seconds_per_weight)
+        return max(1, min(self._max_group_weight, fits))
+
+    def _timed(self, weight: int, seconds: float) -> None:
+        self.longest_seconds = max(self.longest_seconds, seconds)
+        if weight >= 100:  # small groups are all fixed cost: they say nothing per unit
+            per_weight = seconds / weight
+            previous = self._seconds_per_weight or per_weight
+            self._seconds_per_weight = 0.8 * previous + 0.2 * per_weight
+        if seconds > self.job_bound_seconds:
+            self.over_bound += 1
+            if time.monotonic() - self._warned_at > 60:
+                self._warned_at = time.monotonic()
+                log.warning(
+                    "a write group held the writer %.3f s (bound %.3f s, weight %d)",
+                    seconds,
+                    self.job_bound_seconds,
+                    weight,
+                )
+
+    def _commit_group(self, group: list[_Pending[Any]], repairs: int = 0) -> None:
         try:
             results = self._run_in_transaction(group)
-        except Exception as exc:
-            if len(group) == 1:
-                log.exception("write job failed")
-                group[0].future.set_exception(exc)
-                return
-            log.warning("group of %d write jobs failed; retrying each alone", len(group))
-            for pending in group:
-                self._commit_group([pending])
+        except Repairable as exc:
+            if repairs < MAX_REPAIRS and exc.repair(self._con, now_us()):
+                self._commit_group(group, repairs + 1)
+            else:
+                self._failed(group, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure goes to the callers' futures
+            self._failed(group, exc)
             return
         self.commits += 1
         for pending, (ok, value) in zip(group, results, strict=True):
@@ -131,6 +191,15 @@ class Writer:
                 pending.future.set_result(value)
             else:
                 pending.future.set_exception(value)
+
+    def _failed(self, group: list[_Pending[Any]], exc: Exception) -> None:
+        if len(group) == 1:
+            log.error("write job failed", exc_info=exc)
+            group[0].future.set_exception(exc)
+            return
+        log.warning("group of %d write jobs failed; retrying each alone", len(group))
+        for pending in group:
+            self._commit_group([pending])
 
     def _run_in_transaction(self, group: list[_Pending[Any]]) -> list[Outcome]:
         con = self._con
@@ -149,6 +218,8 @@ class Writer:
                     continue
                 try:
                     results.append((True, job(con)))
+                except Repairable:
+                    raise  # the whole group is repaired and run again
                 except REJECTIONS as exc:
                     results.append((False, exc))
                 i += 1

@@ -4,12 +4,14 @@ credits, resets, plans and balance check over HTTP."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 from polar.v2026_10 import Polar
 
+from meters.ledger import cycle_start
 from tests.processes import MeterlineServer, new_org_token
 
 
@@ -106,16 +108,23 @@ def test_plans_grant_at_each_boundary_and_bad_input_names_the_field(
     server: MeterlineServer, token: str, http: httpx.Client
 ) -> None:
     customer_id, meter_id = _setup(Polar(token, base_url=server.url))
+    # A month ago, less an hour: its first boundary is due at once, the next in an hour.
+    starts_at = cycle_start(datetime.now(UTC), "month", -1) + timedelta(hours=1)
     plan = {
         "customer_id": customer_id,
         "meter_id": meter_id,
         "units": 50,
         "interval": "month",
-        "starts_at": "2026-01-31T00:00:00Z",
+        "starts_at": starts_at.isoformat(),
         "external_id": "plan-1",
     }
+    # More than one interval back would grant (and reset) every cycle since in one go.
+    for long_ago in ("0001-01-01T00:00:00Z", (starts_at - timedelta(hours=2)).isoformat()):
+        refused = http.post("/v1/credit-plans/", json={**plan, "starts_at": long_ago})
+        assert refused.status_code == 422
+        assert refused.json()["detail"][0]["loc"] == ["body", "starts_at"]
     created = _post(http, "/v1/credit-plans/", plan, 201)
-    assert created["cycles"] >= 10  # every boundary since January, at once
+    assert created["cycles"] == 1
     assert _post(http, "/v1/credit-plans/", plan, 200)["id"] == created["id"]  # idempotent
     listed = http.get("/v1/credit-plans/", params={"customer_id": customer_id}).json()
     assert [p["id"] for p in listed["items"]] == [created["id"]]

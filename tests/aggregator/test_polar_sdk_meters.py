@@ -109,6 +109,28 @@ def test_create_get_list_update_archive(polar: Polar) -> None:
             ["body", "aggregation", "avg", "property"],
         ),
         ({"unit": "custom"}, ["body"]),
+        # JSON path syntax, which DuckDB would read as a wildcard or refuse to bind.
+        (
+            {
+                "filter": {
+                    "conjunction": "and",
+                    "clauses": [{"property": "*", "operator": "eq", "value": 1}],
+                }
+            },
+            ["body", "filter", "clauses", 0, "FilterClause", "property"],
+        ),
+        (
+            {"aggregation": {"func": "sum", "property": "_llm.*"}},
+            ["body", "aggregation", "sum", "property"],
+        ),
+        (
+            {"aggregation": {"func": "unique", "property": "a[0]"}},
+            ["body", "aggregation", "unique", "property"],
+        ),
+        (
+            {"aggregation": {"func": "max", "property": ".".join(["k" * 30] * 7)}},
+            ["body", "aggregation", "max", "property"],
+        ),
         (
             {
                 "filter": {
