@@ -18,10 +18,11 @@ from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.consumer import Consumer
-from aggregator.errors import MeterFailed, NotFound
+from aggregator.errors import MeterFailed, NotFound, QueryTimeout
 from aggregator.forwarder import Forwarder
 from aggregator.store import Store
 from aggregator.store.events import IngestJob
+from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS
 from ingest.http.app import IngestSettings, ingest_routes
 from ingest.http.requests import Authenticate
 from ingest.http.responses import EXCEPTION_HANDLERS, JSON, error
@@ -41,6 +42,9 @@ class CoreSettings:
     token_cache_seconds: float = 2.0
     # SIGTERM to exit, at most (see cli._stop).
     drain_seconds: float = 30.0
+    # The longest a write group or background chunk should hold the writer, and a read.
+    job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS
+    read_timeout_seconds: float = 30.0
 
     @property
     def database(self) -> Path:
@@ -71,6 +75,10 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 async def _meter_failed(request: Request, exc: Exception) -> Response:
     return error(409, "MeterFailed", str(exc))
+
+
+async def _query_timeout(request: Request, exc: Exception) -> Response:
+    return error(503, "QueryTimeout", str(exc), {"Retry-After": "5"})
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -137,6 +145,7 @@ _HANDLERS: dict[Any, Any] = {
     **EXCEPTION_HANDLERS,
     NotFound: _not_found,
     MeterFailed: _meter_failed,
+    QueryTimeout: _query_timeout,
     HTTPException: _http_error,
     Exception: _internal,
 }

@@ -2,8 +2,10 @@
 
 Each step is one writer job over the next chunk of events (by seq), so ingest interleaves
 with a long backfill instead of waiting for it; events ingested meanwhile are already rolled
-up live. A chunk is sized so that a step holds the writer about half its job bound. Unfinished
-backfills resume when the process starts again.
+up live. A chunk is sized so that a step holds the writer about half its job bound, and one
+step runs at a time whatever the number of meters backfilling (they take turns), so that many
+new meters cannot fill the writer's groups. Unfinished backfills resume when the process starts
+again.
 
 A step that fails is retried with exponential backoff, logged when the backfill starts failing
 and when it recovers, not at every attempt. A meter DuckDB cannot evaluate is marked failed by
@@ -43,6 +45,7 @@ class Backfiller:
         self._retry = retry_seconds
         self._max_retry = max_retry_seconds
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._turn = asyncio.Lock()  # FIFO: backfilling meters take turns
 
     async def __aenter__(self) -> Self:
         for meter_id, version in await self._store.read(pending_backfills):
@@ -72,9 +75,10 @@ class Backfiller:
         target_seconds = self._store.writer.job_bound_seconds / 2
         delay = 0.0
         while True:
-            started = time.perf_counter()
             try:
-                progress = await self._store.write(backfill_step_job(meter_id, version, chunk))
+                async with self._turn:
+                    started = time.perf_counter()
+                    progress = await self._store.write(backfill_step_job(meter_id, version, chunk))
             except Exception as exc:  # noqa: BLE001 - every failure is retried, logged once
                 delay = min(self._max_retry, delay * 2 or self._retry)
                 if delay == self._retry:  # the first failure of a run of them

@@ -78,6 +78,19 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
     )
     parser.add_argument("--log-level", default="info")
     if core:
+        store = parser.add_argument_group("store")
+        store.add_argument(
+            "--writer-job-bound-seconds",
+            type=float,
+            default=CoreSettings().job_bound_seconds,
+            help="longest a write group or background chunk should hold the DuckDB writer",
+        )
+        store.add_argument(
+            "--query-timeout-seconds",
+            type=float,
+            default=CoreSettings().read_timeout_seconds,
+            help="reads running longer are interrupted and answer 503",
+        )
         upstream_cli.arguments(parser.add_argument_group("forwarding upstream"))
     kafka = parser.add_argument_group("Kafka")
     kafka.add_argument(
@@ -143,11 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         except UsageError as exc:
             print(f"meterline: {exc}", file=sys.stderr)
             return 2
+    defaults = CoreSettings()
     settings = CoreSettings(
         data_dir=args.data_dir,
         host=args.host,
         port=args.port,
         drain_seconds=args.drain_seconds,
+        # Store settings: the ingest edge has no store, nor these options.
+        job_bound_seconds=getattr(args, "writer_job_bound_seconds", defaults.job_bound_seconds),
+        read_timeout_seconds=getattr(args, "query_timeout_seconds", defaults.read_timeout_seconds),
         ingest=IngestSettings(
             rules=EventRules(max_future=timedelta(seconds=args.max_future_seconds)),
             validation_workers=args.validation_workers,
@@ -221,7 +238,13 @@ async def serve(
     registry = TokenRegistry(settings.data_dir, cache_seconds=settings.token_cache_seconds)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            store = await stack.enter_async_context(Store(settings.database))
+            store = await stack.enter_async_context(
+                Store(
+                    settings.database,
+                    read_timeout_seconds=settings.read_timeout_seconds,
+                    job_bound_seconds=settings.job_bound_seconds,
+                )
+            )
             encode = to_ipc if kafka is None else encode_records
             validation = await stack.enter_async_context(
                 ValidationPool(

@@ -46,7 +46,10 @@ _TS = pa.timestamp("us", tz="UTC")
 
 @dataclass(frozen=True, slots=True)
 class ConsumerSettings:
-    max_records: int = 20_000  # per poll, i.e. per transaction at most
+    # Per poll, i.e. per transaction at most; fewer when that many would hold the writer past
+    # its job bound (measured from the batches committed so far).
+    max_records: int = 20_000
+    min_records: int = 500
     poll_timeout_ms: int = 50
     max_record_bytes: int = 1024 * 1024
     retry_seconds: float = 1.0  # after a failed batch, before reading it again
@@ -73,6 +76,7 @@ class Consumer:
         self._consumer: AIOKafkaConsumer | None = None
         self._dead_letters: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._records = self._settings.max_records
         self.applied = 0
         self.dead_lettered = 0
         self.commit_seconds: collections.deque[float] = collections.deque(maxlen=1000)
@@ -131,7 +135,7 @@ class Consumer:
         writing: asyncio.Task[None] | None = None
         while True:
             fetched = await consumer.getmany(
-                timeout_ms=self._settings.poll_timeout_ms, max_records=self._settings.max_records
+                timeout_ms=self._settings.poll_timeout_ms, max_records=self._records
             )
             try:
                 batch = await self._prepare(fetched) if fetched else None
@@ -229,13 +233,25 @@ class Consumer:
     ) -> None:
         started = time.perf_counter()
         await self._store.write(batch, weight=max(1, batch.events.num_rows))
-        self.commit_seconds.append(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.commit_seconds.append(seconds)
+        self._fit_to_bound(sum(len(r) for r in fetched.values()), seconds)
         self.applied += batch.events.num_rows
         assert self._consumer is not None
         offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
         # For lag tools only (the offsets stored in DuckDB are the truth): not awaited.
         commit = asyncio.ensure_future(self._consumer.commit(offsets))
         commit.add_done_callback(_ignore_failure)
+
+    def _fit_to_bound(self, records: int, seconds: float) -> None:
+        """Size the next polls so that a batch's commit fits in the writer's job bound."""
+        if records < self._settings.min_records:
+            return  # a small batch is mostly fixed cost: it says little per record
+        fits = int(records * self._store.writer.job_bound_seconds / max(seconds, 1e-3))
+        self._records = max(
+            self._settings.min_records,
+            min(self._settings.max_records, fits, 2 * self._records),
+        )
 
     async def _dead_letter(self, dead: list[tuple[ConsumerRecord, str]]) -> None:
         acks = []

@@ -4,6 +4,7 @@ AggregatorError
 ├── NotFound          a resource does not exist in the caller's organization
 ├── MeterFailed       a meter that cannot be evaluated was asked for its events (409)
 ├── OffsetGap         a consumed batch does not start where the stored offsets end
+├── QueryTimeout      a read ran past the store's read timeout and was interrupted (503)
 ├── StoreClosed       the store is shutting down
 ├── Repairable        a write job's error the store repairs before running the job again
 │   └── MeterUnevaluable    DuckDB cannot evaluate a meter: it is marked failed
@@ -31,6 +32,14 @@ class StoreClosed(AggregatorError):
 
 class OffsetGap(AggregatorError):
     pass
+
+
+class QueryTimeout(AggregatorError):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"The query ran longer than {seconds:g} s and was stopped; narrow its range or"
+            " filters, or retry later."
+        )
 
 
 class UsageError(AggregatorError):

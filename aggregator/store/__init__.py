@@ -1,7 +1,8 @@
 """The DuckDB store: one file, one writer thread, a few reader threads.
 
 This package is the only place with SQL. Writes are jobs run by `Writer` (group commit);
-reads run on per-thread cursors off the event loop.
+reads run on per-thread cursors off the event loop, each interrupted past `read_timeout_seconds`
+(one tenant's heavy query must not hold a reader thread that every tenant shares).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any, Self, TypeVar
 
 import duckdb
 
+from aggregator.errors import QueryTimeout
 from aggregator.store.events import SequenceCounter
 from aggregator.store.schema import migrate
-from aggregator.store.writer import Job, Writer
+from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS, Job, Writer
 
 T = TypeVar("T")
 
@@ -35,6 +37,8 @@ class Store:
         readers: int = 4,
         memory_limit: str | None = None,
         checkpoint_threshold: str = "256MB",
+        read_timeout_seconds: float = 30.0,
+        job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS,
     ):
         self.path = str(path)
         # DuckDB's default (16 MiB of WAL) checkpoints every ~40k events, each a stall of the
@@ -42,6 +46,8 @@ class Store:
         # at the price of a longer WAL replay after a crash.
         self._checkpoint_threshold = checkpoint_threshold
         self._readers = readers
+        self._read_timeout = read_timeout_seconds
+        self._job_bound = job_bound_seconds
         self._memory_limit = memory_limit
         self._con: duckdb.DuckDBPyConnection | None = None
         self._writer: Writer | None = None
@@ -77,7 +83,7 @@ class Store:
         self._con.execute("SET GLOBAL TimeZone = 'UTC'")
         migrate(self._con)
         self.seq = SequenceCounter.load(self._con)
-        self._writer = Writer(self._con.cursor())
+        self._writer = Writer(self._con.cursor(), job_bound_seconds=self._job_bound)
         self._writer.start()
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="duckdb-reader")
 
@@ -102,10 +108,29 @@ class Store:
         return await self.writer.submit(job, weight)
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `fn(cursor, *args, **kwargs)` on a reader thread."""
+        """Run `fn(cursor, *args, **kwargs)` on a reader thread; QueryTimeout past the read
+        timeout (the query is interrupted, and one still waiting for a thread never starts)."""
         assert self._pool is not None, "store is not open"
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(self._cursor(), *args, **kwargs))
+        running: list[duckdb.DuckDBPyConnection] = []
+        given_up = threading.Event()
+
+        def run() -> T:
+            if given_up.is_set():
+                raise QueryTimeout(self._read_timeout)
+            cursor = self._cursor()
+            running.append(cursor)
+            return fn(cursor, *args, **kwargs)
+
+        future = asyncio.get_running_loop().run_in_executor(self._pool, run)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._read_timeout)
+        except TimeoutError:
+            given_up.set()
+            if running:
+                running[0].interrupt()
+            # Retrieved, so that its (interrupted) outcome is not reported as never retrieved.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise QueryTimeout(self._read_timeout) from None
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         cursor: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
