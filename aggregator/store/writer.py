@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 # Repairs in a row before a job is failed (each repair marks at least one meter failed).
 MAX_REPAIRS = 8
 DEFAULT_JOB_BOUND_SECONDS = 0.25
+# A group's cost is mostly fixed below this weight (statements, commit): only larger groups
+# say what a unit of weight costs, and groups are never cut below it (ingest's throughput).
+MIN_CUT_WEIGHT = 10_000
 
 
 @dataclass(slots=True)
@@ -154,11 +157,11 @@ class Writer:
         if self._seconds_per_weight <= 0:
             return self._max_group_weight
         fits = int(self.job_bound_seconds / self._seconds_per_weight)
-        return max(1, min(self._max_group_weight, fits))
+        return max(min(MIN_CUT_WEIGHT, self._max_group_weight), min(self._max_group_weight, fits))
 
     def _timed(self, weight: int, seconds: float) -> None:
         self.longest_seconds = max(self.longest_seconds, seconds)
-        if weight >= 100:  # small groups are all fixed cost: they say nothing per unit
+        if weight >= MIN_CUT_WEIGHT:
             per_weight = seconds / weight
             previous = self._seconds_per_weight or per_weight
             self._seconds_per_weight = 0.8 * previous + 0.2 * per_weight
