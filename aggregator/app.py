@@ -10,9 +10,10 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
+from aggregator import metrics
 from aggregator.api import costs, customers, events, forwarding, ledger, meters
 from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
@@ -23,6 +24,7 @@ from aggregator.forwarder import Forwarder
 from aggregator.store import Store
 from aggregator.store.events import IngestJob
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS
+from ingest.http.admission import Admission
 from ingest.http.app import IngestSettings, ingest_routes
 from ingest.http.requests import Authenticate
 from ingest.http.responses import EXCEPTION_HANDLERS, JSON, error
@@ -45,6 +47,8 @@ class CoreSettings:
     # The longest a write group or background chunk should hold the writer, and a read.
     job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS
     read_timeout_seconds: float = 30.0
+    # Bearer token that `/metrics` requires (None: served to anyone who can reach the port).
+    metrics_token: str | None = None
 
     @property
     def database(self) -> Path:
@@ -104,43 +108,6 @@ def _authenticator(registry: TokenRegistry) -> Authenticate:
     return authenticate
 
 
-def _metrics(consumer: Consumer | None, forwarder: Forwarder | None) -> Route:
-    """Prometheus text: how far behind the consumer and the forwarder are, and how long the
-    consumer's commits take."""
-
-    async def metrics(request: Request) -> Response:
-        lines: list[str] = []
-        if forwarder is not None:
-            lines += [
-                "# TYPE meterline_forward_backlog_events gauge",
-                f"meterline_forward_backlog_events {await forwarder.backlog()}",
-                "# TYPE meterline_forward_sent_total counter",
-                f"meterline_forward_sent_total {forwarder.sent}",
-                "# TYPE meterline_forward_retried_total counter",
-                f"meterline_forward_retried_total {forwarder.retried}",
-                "# TYPE meterline_forward_quarantined_total counter",
-                f"meterline_forward_quarantined_total {forwarder.refused}",
-            ]
-        if consumer is not None:
-            lines.append("# TYPE meterline_consumer_lag_records gauge")
-            for partition, lag in sorted((await consumer.lag()).items()):
-                lines.append(f'meterline_consumer_lag_records{{partition="{partition}"}} {lag}')
-            lines += [
-                "# TYPE meterline_consumer_applied_events_total counter",
-                f"meterline_consumer_applied_events_total {consumer.applied}",
-                "# TYPE meterline_consumer_dead_lettered_total counter",
-                f"meterline_consumer_dead_lettered_total {consumer.dead_lettered}",
-                "# TYPE meterline_consumer_batch_commit_seconds summary",
-            ]
-            timings = sorted(consumer.commit_seconds)
-            for q in (0.5, 0.99):
-                value = timings[min(len(timings) - 1, int(q * len(timings)))] if timings else 0.0
-                lines.append(f'meterline_consumer_batch_commit_seconds{{quantile="{q}"}} {value}')
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
-
-    return Route("/metrics", metrics, methods=["GET"])
-
-
 _HANDLERS: dict[Any, Any] = {
     **EXCEPTION_HANDLERS,
     NotFound: _not_found,
@@ -162,11 +129,16 @@ def build_app(
 ) -> Starlette:
     """The core's API: ingest through `publisher`, and every query and management route."""
     authenticate = _authenticator(registry)
-    ctx = ApiContext(store, authenticate, settings.ingest.max_body_bytes, backfiller)
+    limits = settings.ingest.limits
+    ctx = ApiContext(
+        store, authenticate, settings.ingest.max_body_bytes, limits.body_timeout_seconds, backfiller
+    )
+    admission = Admission(limits)
+    sources = metrics.Sources(admission, store, consumer, forwarder[0] if forwarder else None)
     routes = [
         Route("/healthz", _health, methods=["GET"]),
-        _metrics(consumer, forwarder[0] if forwarder else None),
-        *ingest_routes(publisher, authenticate, settings.ingest),
+        metrics.route(sources, settings.metrics_token),
+        *ingest_routes(publisher, authenticate, settings.ingest, admission),
         *events.routes(ctx),
         *ledger.routes(ctx),
         *customers.routes(ctx),
@@ -178,11 +150,13 @@ def build_app(
 
 
 def build_edge_app(
-    registry: TokenRegistry, publisher: Publisher, settings: IngestSettings
+    registry: TokenRegistry, publisher: Publisher, settings: CoreSettings
 ) -> Starlette:
-    """A stateless ingest edge: `POST /v1/events/ingest` into Kafka, nothing else."""
+    """A stateless ingest edge: `POST /v1/events/ingest` into Kafka, and its own metrics."""
+    admission = Admission(settings.ingest.limits)
     routes = [
         Route("/healthz", _health, methods=["GET"]),
-        *ingest_routes(publisher, _authenticator(registry), settings),
+        metrics.route(metrics.Sources(admission), settings.metrics_token),
+        *ingest_routes(publisher, _authenticator(registry), settings.ingest, admission),
     ]
     return Starlette(routes=routes, exception_handlers=_HANDLERS)

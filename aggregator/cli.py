@@ -38,7 +38,9 @@ from aggregator.forwarder import Forwarder, ForwarderSettings
 from aggregator.plans import PlanCycler
 from aggregator.store import Store
 from aggregator.store.columns import to_ipc
+from ingest.http.admission import MIB, Limits, Rate
 from ingest.http.app import IngestSettings
+from ingest.http.protocol import with_header_timeout
 from ingest.publish import Publisher
 from ingest.publish.kafka import KafkaPublisher, KafkaSettings, encode_records
 from ingest.validation import ValidationPool
@@ -77,6 +79,13 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         " half of it, then pending writes; past it the process exits at once",
     )
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--metrics-token",
+        default=os.environ.get("METERLINE_METRICS_TOKEN"),
+        help="bearer token that GET /metrics requires (default: $METERLINE_METRICS_TOKEN;"
+        " unset: /metrics is open to whoever reaches the port)",
+    )
+    _limits(parser.add_argument_group("limits (per process)"))
     if core:
         store = parser.add_argument_group("store")
         store.add_argument(
@@ -111,6 +120,62 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         "--no-idempotence",
         action="store_true",
         help="turn the idempotent producer off (for brokers without it)",
+    )
+
+
+def _limits(group: argparse._ArgumentGroup) -> None:
+    limits = Limits()
+    for option, default, meaning in (
+        ("--header-timeout-seconds", limits.header_timeout_seconds, "request headers to arrive"),
+        ("--idle-timeout-seconds", limits.idle_timeout_seconds, "an idle keep-alive connection"),
+        ("--body-timeout-seconds", limits.body_timeout_seconds, "a request body to arrive (408)"),
+    ):
+        group.add_argument(option, type=float, default=default, help=f"longest wait for {meaning}")
+    group.add_argument(
+        "--max-buffered-mib",
+        type=float,
+        default=limits.max_buffered_bytes / MIB,
+        help="ingest body bytes held at once (503 past it)",
+    )
+    group.add_argument(
+        "--max-inflight",
+        type=int,
+        default=limits.max_inflight,
+        help="ingest requests validated or publishing at once (503 past it)",
+    )
+    group.add_argument(
+        "--organization-share",
+        type=float,
+        default=limits.organization_share,
+        help="fraction of the two above one organization may hold (429 past it)",
+    )
+    for who, rate in (("token", limits.token_rate), ("organization", limits.organization_rate)):
+        group.add_argument(
+            f"--{who}-requests-per-second",
+            type=float,
+            default=rate.requests,
+            help=f"ingest requests per second per {who} (429 past it)",
+        )
+        group.add_argument(
+            f"--{who}-events-per-second",
+            type=float,
+            default=rate.events,
+            help=f"ingested events per second per {who} (429 past it)",
+        )
+
+
+def _limits_of(args: argparse.Namespace) -> Limits:
+    return Limits(
+        header_timeout_seconds=args.header_timeout_seconds,
+        idle_timeout_seconds=args.idle_timeout_seconds,
+        body_timeout_seconds=args.body_timeout_seconds,
+        max_buffered_bytes=int(args.max_buffered_mib * MIB),
+        max_inflight=args.max_inflight,
+        organization_share=args.organization_share,
+        token_rate=Rate(args.token_requests_per_second, args.token_events_per_second),
+        organization_rate=Rate(
+            args.organization_requests_per_second, args.organization_events_per_second
+        ),
     )
 
 
@@ -162,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         drain_seconds=args.drain_seconds,
+        metrics_token=args.metrics_token or None,
         # Store settings: the ingest edge has no store, nor these options.
         job_bound_seconds=getattr(args, "writer_job_bound_seconds", defaults.job_bound_seconds),
         read_timeout_seconds=getattr(args, "query_timeout_seconds", defaults.read_timeout_seconds),
@@ -169,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             rules=EventRules(max_future=timedelta(seconds=args.max_future_seconds)),
             validation_workers=args.validation_workers,
             deadline_seconds=args.deadline_seconds,
+            limits=_limits_of(args),
         ),
     )
     kafka = None
@@ -293,7 +360,7 @@ async def serve_edge(settings: CoreSettings, kafka: KafkaSettings, *, log_level:
             ) as validation,
             KafkaPublisher(kafka, validation) as publisher,
         ):
-            app = build_edge_app(registry, publisher, settings.ingest)
+            app = build_edge_app(registry, publisher, settings)
             await _serve_http(app, settings, log_level, _NO_BANNER)
     finally:
         registry.close()
@@ -305,6 +372,7 @@ _NO_BANNER = "-"
 async def _serve_http(
     app: Starlette, settings: CoreSettings, log_level: str, token: str | None
 ) -> None:
+    limits = settings.ingest.limits
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -312,6 +380,8 @@ async def _serve_http(
         log_level=log_level,
         access_log=False,
         lifespan="off",
+        http=with_header_timeout(limits.header_timeout_seconds),
+        timeout_keep_alive=max(1, round(limits.idle_timeout_seconds)),
         # Half the drain time for open requests; the rest for the store to close.
         timeout_graceful_shutdown=max(1, int(settings.drain_seconds / 2)),
     )

@@ -2,6 +2,8 @@
 
 IngestError
 ├── BodyTooLarge        the request body is over the limit (413)
+├── BodyTimeout         the request body did not arrive in time (408)
+├── TooManyRequests     a rate limit or a tenant's share of capacity is used up (429)
 ├── PublishError        events could not be made durable
 │   └── Unavailable     retriable: the store or broker is down or slow (503 + Retry-After)
 └── SDKError            the SDK's errors (tree in ingest/sdk/errors.py)
@@ -20,6 +22,17 @@ class BodyTooLarge(IngestError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"Request body exceeded the maximum allowed size of {limit} bytes.")
         self.limit = limit
+
+
+class BodyTimeout(IngestError):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"The request body did not arrive within {seconds:g} seconds.")
+
+
+class TooManyRequests(IngestError):
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class PublishError(IngestError):

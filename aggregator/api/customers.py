@@ -14,7 +14,6 @@ from aggregator.api.context import ApiContext
 from aggregator.errors import NotFound
 from aggregator.store import customers as sql
 from aggregator.store.events import subjects_first_timestamp
-from ingest.http.requests import json_body
 from ingest.http.responses import JSON
 from meters.customers import CustomerCreate, CustomerUpdate, parse_model
 from meters.events import now_us
@@ -42,7 +41,7 @@ def _one(con: duckdb.DuckDBPyConnection, org: str, row: sql.CustomerRow | None) 
 def routes(ctx: ApiContext) -> list[Route]:
     async def create(request: Request) -> JSON:
         org = ctx.organization(request)
-        data = parse_model(CustomerCreate, await json_body(request, ctx.max_body_bytes))
+        data = parse_model(CustomerCreate, await ctx.json(request))
         row = await ctx.store.write(sql.create_job(org, data, now_us()))
         return JSON(await ctx.store.read(_one, org, row), status_code=201)
 
@@ -58,7 +57,7 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def update(request: Request) -> JSON:
         org = ctx.organization(request)
-        data = parse_model(CustomerUpdate, await json_body(request, ctx.max_body_bytes))
+        data = parse_model(CustomerUpdate, await ctx.json(request))
         if "external_id" in request.path_params:
             found = await ctx.store.read(
                 sql.get_customer_by_external_id, org, request.path_params["external_id"]

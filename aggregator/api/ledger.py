@@ -18,7 +18,6 @@ from aggregator.store import customers as customer_sql
 from aggregator.store import ledger as sql
 from aggregator.store import plans as plan_sql
 from aggregator.store.meters import get_meter
-from ingest.http.requests import json_body
 from ingest.http.responses import JSON
 from meters.customers import parse_model
 from meters.errors import FieldError, ValidationFailed
@@ -235,14 +234,14 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def credit(request: Request) -> JSON:
         org = ctx.organization(request)
-        data = parse_model(CreditCreate, await json_body(request, ctx.max_body_bytes))
+        data = parse_model(CreditCreate, await ctx.json(request))
         assert store.seq is not None
         applied = await store.write(sql.credit_job(org, data, now_us(), store.seq))
         return await _applied(org, applied)
 
     async def reset(request: Request) -> JSON:
         org = ctx.organization(request)
-        data = parse_model(ResetCreate, await json_body(request, ctx.max_body_bytes))
+        data = parse_model(ResetCreate, await ctx.json(request))
         assert store.seq is not None
         applied = await store.write(sql.reset_job(org, data, now_us(), store.seq))
         return await _applied(org, applied)
@@ -259,7 +258,7 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def create_plan(request: Request) -> JSON:
         org = ctx.organization(request)
-        data = parse_model(PlanCreate, await json_body(request, ctx.max_body_bytes))
+        data = parse_model(PlanCreate, await ctx.json(request))
         assert store.seq is not None
         plan, created = await store.write(plan_sql.plan_create_job(org, data, now_us(), store.seq))
         return JSON(_plan(plan), status_code=201 if created else 200)

@@ -17,7 +17,6 @@ from aggregator.store import customers as customer_sql
 from aggregator.store import meters as sql
 from aggregator.store import quantities as quantity_sql
 from aggregator.store.quantities import Scope
-from ingest.http.requests import json_body
 from ingest.http.responses import JSON
 from meters.customers import parse_model
 from meters.definitions import MeterCreate, MeterUpdate
@@ -106,7 +105,7 @@ def _subjects(
 def routes(ctx: ApiContext) -> list[Route]:
     async def create(request: Request) -> JSON:
         org = ctx.organization(request)
-        data = parse_model(MeterCreate, await json_body(request, ctx.max_body_bytes))
+        data = parse_model(MeterCreate, await ctx.json(request))
         row = await ctx.store.write(sql.create_job(org, data, now_us()))
         ctx.backfiller.start(row.id, row.version)
         return JSON(shapes.meter(row), status_code=201)
@@ -120,7 +119,7 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def update(request: Request) -> JSON:
         org = ctx.organization(request)
-        data = parse_model(MeterUpdate, await json_body(request, ctx.max_body_bytes))
+        data = parse_model(MeterUpdate, await ctx.json(request))
         meter_id = request.path_params["id"]
         if await ctx.store.read(sql.get_meter, org, meter_id) is None:
             raise NotFound("Meter not found")

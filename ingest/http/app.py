@@ -1,7 +1,8 @@
 """`POST /v1/events/ingest`: authenticate, validate the whole batch, publish, answer.
 
 Nothing is answered 2xx before the publisher says the events are durable. Under overload the
-endpoint sheds load with 503 + Retry-After instead of queueing without bound.
+endpoint sheds load with 503 + Retry-After instead of queueing without bound, and a tenant past
+its rate or its share of capacity gets 429 + Retry-After (`admission`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from ingest.errors import Unavailable
-from ingest.http.requests import Authenticate, organization_of, read_body
+from ingest.http.admission import Admission, Limits
+from ingest.http.requests import Authenticate, authenticated
 from ingest.http.responses import JSON
 from ingest.publish import Publisher
 from meters.events import EventRules, now_us
@@ -25,8 +27,8 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 class IngestSettings:
     rules: EventRules = field(default_factory=EventRules)
     max_body_bytes: int = MAX_BODY_BYTES
-    # Requests validated or publishing at once; past it, 503 instead of unbounded memory.
-    max_inflight: int = 64
+    # Rates, shares and deadlines that keep tenants from stopping each other.
+    limits: Limits = field(default_factory=Limits)
     # Processes validating large bodies (0: validate on the event loop).
     validation_workers: int = 2
     # How long a request may wait for durability before it gets 503 (and should retry).
@@ -34,29 +36,26 @@ class IngestSettings:
 
 
 def ingest_routes(
-    publisher: Publisher, authenticate: Authenticate, settings: IngestSettings
+    publisher: Publisher, authenticate: Authenticate, settings: IngestSettings, admission: Admission
 ) -> list[Route]:
-    inflight = 0
-
     async def ingest(request: Request) -> JSON:
-        nonlocal inflight
-        org = organization_of(request, authenticate)
-        if inflight >= settings.max_inflight:
-            raise Unavailable("Too many ingest requests in flight; retry shortly.", 1)
-        inflight += 1
+        token, org = authenticated(request, authenticate)
+        admission.check_rate(token, org)
+        body = await admission.read_body(request, org, settings.max_body_bytes)
         try:
-            body = await read_body(request, settings.max_body_bytes)
-            try:
-                async with asyncio.timeout(settings.deadline_seconds):
-                    result = await publisher.publish(org, body, now_us())
-            except TimeoutError:
-                raise Unavailable(
-                    "Events were not confirmed durable in time; retry with the same"
-                    " external_id values (retries are deduplicated).",
-                    1,
-                ) from None
+            async with admission.slot(org):
+                try:
+                    async with asyncio.timeout(settings.deadline_seconds):
+                        result = await publisher.publish(org, body.data, now_us())
+                except TimeoutError:
+                    raise Unavailable(
+                        "Events were not confirmed durable in time; retry with the same"
+                        " external_id values (retries are deduplicated).",
+                        1,
+                    ) from None
         finally:
-            inflight -= 1
+            body.release()
+        admission.charge_events(token, org, result.inserted + result.duplicates)
         return JSON({"inserted": result.inserted, "duplicates": result.duplicates})
 
     return [Route("/v1/events/ingest", ingest, methods=["POST"])]

@@ -1,14 +1,15 @@
-"""Reading requests: the bearer token and a size-limited JSON body."""
+"""Reading requests: the bearer token and a size- and time-limited JSON body."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 
-from ingest.errors import BodyTooLarge
+from ingest.errors import BodyTimeout, BodyTooLarge
 from ingest.http.responses import InvalidToken, Unauthorized
 from meters.errors import FieldError, ValidationFailed
 
@@ -18,6 +19,11 @@ Authenticate = Callable[[str], str | None]
 
 def organization_of(request: Request, authenticate: Authenticate) -> str:
     """The organization id of the request's bearer token (401 otherwise)."""
+    return authenticated(request, authenticate)[1]
+
+
+def authenticated(request: Request, authenticate: Authenticate) -> tuple[str, str]:
+    """The request's bearer token and its organization id (401 otherwise)."""
     header = request.headers.get("authorization")
     if not header:
         raise Unauthorized
@@ -28,21 +34,37 @@ def organization_of(request: Request, authenticate: Authenticate) -> str:
     org = authenticate(token)
     if org is None:
         raise InvalidToken
-    return org
+    return token, org
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body; 413 past `limit` bytes (checked before and while reading)."""
+async def read_body(
+    request: Request,
+    limit: int,
+    timeout_seconds: float,
+    grow: Callable[[int], None] | None = None,
+) -> bytes:
+    """The raw body: 413 past `limit` bytes (checked before and while reading), 408 when it
+    has not all arrived within `timeout_seconds`. `grow(size)` is told every size the body
+    reaches, the declared one first (to reserve memory for it, or refuse)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(limit)
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise BodyTooLarge(limit)
+        if grow is not None:
+            grow(int(declared))
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(limit)
+                if grow is not None:
+                    grow(size)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(timeout_seconds) from None
     return b"".join(chunks)
 
 
@@ -57,5 +79,5 @@ def decode_json(body: bytes) -> Any:
         ) from None
 
 
-async def json_body(request: Request, limit: int) -> Any:
-    return decode_json(await read_body(request, limit))
+async def json_body(request: Request, limit: int, timeout_seconds: float) -> Any:
+    return decode_json(await read_body(request, limit, timeout_seconds))

@@ -8,7 +8,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ingest.errors import BodyTooLarge, Unavailable
+from ingest.errors import BodyTimeout, BodyTooLarge, TooManyRequests, Unavailable
 from meters.errors import ValidationFailed
 
 
@@ -66,7 +66,13 @@ async def _handle(request: Request, exc: Exception) -> Response:
     if isinstance(exc, InvalidToken):
         return invalid_token()
     if isinstance(exc, BodyTooLarge):
-        return error(413, "RequestBodyTooLarge", str(exc))
+        # The rest of the body is not read: the connection cannot carry another request.
+        return error(413, "RequestBodyTooLarge", str(exc), {"Connection": "close"})
+    if isinstance(exc, BodyTimeout):
+        return error(408, "RequestTimeout", str(exc), {"Connection": "close"})
+    if isinstance(exc, TooManyRequests):
+        # Polar answers 429 with an empty body; the same status and header, and a reason.
+        return error(429, "TooManyRequests", str(exc), {"Retry-After": str(exc.retry_after)})
     if isinstance(exc, Unavailable):
         return unavailable(str(exc), exc.retry_after)
     raise exc
@@ -74,5 +80,13 @@ async def _handle(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     cls: _handle
-    for cls in (ValidationFailed, Unauthorized, InvalidToken, BodyTooLarge, Unavailable)
+    for cls in (
+        ValidationFailed,
+        Unauthorized,
+        InvalidToken,
+        BodyTooLarge,
+        BodyTimeout,
+        TooManyRequests,
+        Unavailable,
+    )
 }
