@@ -69,7 +69,9 @@ class EmbeddedPublisher:
         events = read_ipc(await self._validation.validate(body, received_at_us, organization_id))
         assert self._store.seq is not None
         job = IngestJob(organization_id, events, received_at_us, self._store.seq)
-        result = await self._store.write(job, weight=max(1, events.num_rows))
+        result = await self._store.write(
+            job, weight=max(1, events.num_rows), tenant=organization_id
+        )
         return PublishResult(result.inserted, result.duplicates)
 
 

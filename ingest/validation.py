@@ -30,6 +30,8 @@ T = TypeVar("T")
 # (events, organization id, received-at) -> bytes for the destination.
 Encode = Callable[[Sequence[Event], str, int], bytes]
 log = logging.getLogger(__name__)
+# Added to the workers' niceness (lower CPU priority than the server process).
+WORKER_NICENESS = 10
 
 
 def validate_body(
@@ -79,7 +81,7 @@ class ValidationPool:
         return ProcessPoolExecutor(
             self._workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_exit_with_parent,
+            initializer=_init_worker,
             initargs=(os.getpid(),),
         )
 
@@ -124,9 +126,10 @@ def _warm() -> None:
     return None
 
 
-def _exit_with_parent(parent: int) -> None:
+def _init_worker(parent: int) -> None:
     """Worker initializer: exit when the server dies, even by SIGKILL (which gives the pool no
-    chance to stop its workers); otherwise they would linger as orphans."""
+    chance to stop its workers, otherwise they would linger as orphans); run at a lower
+    priority than the server."""
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -134,3 +137,6 @@ def _exit_with_parent(parent: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    # Validation is bulk work for whoever sent the largest bodies; the server's event loop and
+    # writer serve every tenant, so on a busy machine they come first.
+    os.nice(WORKER_NICENESS)

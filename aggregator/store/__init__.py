@@ -103,9 +103,10 @@ class Store:
         assert self._writer is not None, "store is not open"
         return self._writer
 
-    async def write(self, job: Job[T], weight: int = 1) -> T:
-        """Run `job` in the next group commit; returns after the commit."""
-        return await self.writer.submit(job, weight)
+    async def write(self, job: Job[T], weight: int = 1, tenant: str | None = None) -> T:
+        """Run `job` in a group commit (`tenant`'s share of the writer); returns after the
+        commit."""
+        return await self.writer.submit(job, weight, tenant)
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(cursor, *args, **kwargs)` on a reader thread; QueryTimeout past the read

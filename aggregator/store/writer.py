@@ -19,6 +19,14 @@ wait for it): groups are cut by weight to what the recent cost per unit of weigh
 the bound, and long background work (backfill, plan cycles) comes in chunks sized to it. A
 group over the bound is counted (`over_bound`) and logged at most once a minute.
 
+When jobs of more than one tenant have waited within the last `FAIR_WINDOW_SECONDS`, the
+tenant that committed the most weight recently goes last: a group is formed from everyone else's
+jobs, and it gets one job per group while only its own jobs wait. So a tenant flooding the writer
+costs another tenant at most one of its jobs of waiting, not a queue of them (the flooder's peak
+rate falls while others write: that is the price of the share). A tenant's own jobs always commit
+in the order submitted; jobs without a tenant (background work, the Kafka consumer) are never
+held back.
+
 A `Batchable` job is run together with its neighbours of the same class in one call, so that a
 group of many requests costs one set of statements instead of one set per request (statement
 overhead, not data volume, dominates small DuckDB writes).
@@ -75,12 +83,15 @@ DEFAULT_JOB_BOUND_SECONDS = 0.25
 # A group's cost is mostly fixed below this weight (statements, commit): only larger groups
 # say what a unit of weight costs, and groups are never cut below it (ingest's throughput).
 MIN_CUT_WEIGHT = 10_000
+# A tenant counts as present this long after its last job; its recent weight halves over it.
+FAIR_WINDOW_SECONDS = 0.5
 
 
 @dataclass(slots=True)
 class _Pending(Generic[T]):
     job: Job[T]
     weight: int
+    tenant: str | None
     future: concurrent.futures.Future[T] = field(default_factory=concurrent.futures.Future)
 
 
@@ -97,6 +108,11 @@ class Writer:
         self._con = con
         self._max_group_weight = max_group_weight
         self.job_bound_seconds = job_bound_seconds
+        self._backlog: list[_Pending[Any]] = []
+        # Weight each tenant committed recently (decaying), and when each was last seen waiting.
+        self._recent: dict[str | None, float] = {}
+        self._seen: dict[str, float] = {}
+        self._decayed_at = time.monotonic()
         # Seconds per unit of weight, smoothed: what caps a group's weight to the bound.
         self._seconds_per_weight = 0.0
         self._queue: queue.SimpleQueue[_Pending[Any] | None] = queue.SimpleQueue()
@@ -110,11 +126,11 @@ class Writer:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: Job[T], weight: int = 1) -> asyncio.Future[T]:
+    def submit(self, job: Job[T], weight: int = 1, tenant: str | None = None) -> asyncio.Future[T]:
         """Queue `job`; the returned future resolves after its transaction commits."""
         if self._closed:
             raise StoreClosed("the store is closed")
-        pending: _Pending[T] = _Pending(job, weight)
+        pending: _Pending[T] = _Pending(job, weight, tenant)
         self._queue.put(pending)
         return asyncio.wrap_future(pending.future)
 
@@ -128,30 +144,60 @@ class Writer:
 
     def _run(self) -> None:
         stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                return
-            group: list[_Pending[Any]] = [first]
-            weight = first.weight
-            limit = self._group_weight_limit()
-            while weight < limit:
+        while not (stopping and not self._backlog):
+            if not self._backlog:
+                first = self._queue.get()
+                if first is None:
+                    return
+                self._backlog.append(first)
+            while not stopping:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
                     stopping = True
-                    break
-                group.append(item)
-                weight += item.weight
+                else:
+                    self._backlog.append(item)
             # A caller that gave up (deadline passed) before its job started gets nothing
             # written; once started, a job commits and its caller's retry is deduplicated.
-            group = [p for p in group if p.future.set_running_or_notify_cancel()]
+            group = [p for p in self._next_group() if p.future.set_running_or_notify_cancel()]
             if group:
                 started = time.perf_counter()
                 self._commit_group(group)
                 self._timed(sum(p.weight for p in group), time.perf_counter() - started)
+                for p in group:
+                    self._recent[p.tenant] = self._recent.get(p.tenant, 0.0) + p.weight
+
+    def _next_group(self) -> list[_Pending[Any]]:
+        """Take the next group off the backlog (see the module's note on fairness)."""
+        now = time.monotonic()
+        decay = 0.5 ** ((now - self._decayed_at) / FAIR_WINDOW_SECONDS)
+        self._decayed_at = now
+        self._recent = {t: w * decay for t, w in self._recent.items() if w * decay >= 1.0}
+        for p in self._backlog:
+            if p.tenant is not None:
+                self._seen[p.tenant] = now
+        self._seen = {t: at for t, at in self._seen.items() if now - at < FAIR_WINDOW_SECONDS}
+        limit = self._group_weight_limit()
+        candidates = self._backlog
+        if len(self._seen) > 1:
+            heaviest = max(self._seen, key=lambda t: self._recent.get(t, 0.0))
+            others = [p for p in self._backlog if p.tenant != heaviest]
+            if others:
+                candidates = others
+            else:
+                limit = 1
+        group: list[_Pending[Any]] = []
+        weight = 0
+        for pending in candidates:
+            if group and weight + pending.weight > limit:
+                break
+            group.append(pending)
+            weight += pending.weight
+        taken = {id(p) for p in group}
+        self._backlog = [p for p in self._backlog if id(p) not in taken]
+        return group
 
     def _group_weight_limit(self) -> int:
         if self._seconds_per_weight <= 0:
