@@ -28,6 +28,10 @@ _ONE_US = timedelta(microseconds=1)
 _MIN_TS_US = (datetime(1, 1, 2, tzinfo=UTC) - EPOCH) // _ONE_US
 _MAX_TS_US = (datetime(9999, 12, 30, tzinfo=UTC) - EPOCH) // _ONE_US
 MAX_ERRORS = 1000
+# Numbers in metadata and token counts: finite and within the 64-bit integer range, so that
+# byte counts and nanosecond timestamps fit and no sum of them can overflow to infinity.
+NUMBER_LIMIT = 2**63
+_BODY_FIELDS = frozenset({"events"})
 
 EVENT_FIELDS = frozenset(
     {
@@ -100,12 +104,15 @@ def parse_ingest_body(body: Any, *, now: int, rules: EventRules) -> list[Event]:
     errors: list[FieldError] = []
     if not isinstance(body, dict):
         raise ValidationFailed([_err("model_attributes_type", ("body",), _DICT_MSG, body)])
+    _extras(body, _BODY_FIELDS, ("body",), errors)
     raw = body.get("events", _MISSING)
     if raw is _MISSING:
-        raise ValidationFailed([_err("missing", ("body", "events"), "Field required", body)])
+        raise ValidationFailed(
+            [*errors, _err("missing", ("body", "events"), "Field required", body)]
+        )
     if not isinstance(raw, list):
         raise ValidationFailed(
-            [_err("list_type", ("body", "events"), "Input should be a valid list", raw)]
+            [*errors, _err("list_type", ("body", "events"), "Input should be a valid list", raw)]
         )
     latest = now + rules.max_future // _ONE_US
     events: list[Event] = []
@@ -197,10 +204,10 @@ def _fast_event(item: Any, now: int, latest: int, rules: EventRules) -> Event | 
             if kind is str:
                 if not 0 < len(value) <= max_value or "\x00" in value:
                     return None
-            elif kind is float:
-                if not math.isfinite(value):
+            elif kind is float or kind is int:
+                if not -NUMBER_LIMIT <= value < NUMBER_LIMIT:  # NaN fails too
                     return None
-            elif kind is not int and kind is not bool:
+            elif kind is not bool:
                 return None
         if special:
             metadata = dict(metadata)
@@ -281,12 +288,12 @@ def _fast_llm(value: Any) -> dict[str, Any] | None:
     out: dict[str, Any] = {"vendor": vendor, "model": model, "prompt": prompt, "response": response}
     for key in _LLM_REQUIRED_INT:
         tokens = value.get(key)
-        if type(tokens) is not int or tokens < 0:
+        if type(tokens) is not int or not 0 <= tokens < NUMBER_LIMIT:
             return None
         out[key] = tokens
     cached = value.get("cached_input_tokens")
     if cached is not None:
-        if type(cached) is not int or cached < 0:
+        if type(cached) is not int or not 0 <= cached < NUMBER_LIMIT:
             return None
         out["cached_input_tokens"] = cached
     return out
@@ -552,16 +559,25 @@ def _metadata_key_ok(key: str, loc: Loc, errors: list[FieldError], rules: EventR
     return True
 
 
+_RANGE_MSG = (
+    f"Input should be a number from -{NUMBER_LIMIT} to {NUMBER_LIMIT - 1} (the 64-bit integer"
+    " range)"
+)
+
+
 def _metadata_value_ok(value: Any, loc: Loc, errors: list[FieldError], rules: EventRules) -> bool:
     kind = type(value)
     if kind is str:
         return _string(value, loc, errors, 1, rules.max_metadata_string_length) is not None
-    if kind is bool or kind is int:
+    if kind is bool:
         return True
-    if kind is float:
-        if math.isfinite(value):
+    if kind is int or kind is float:
+        if -NUMBER_LIMIT <= value < NUMBER_LIMIT:
             return True
-        errors.append(_err("finite_number", loc, "Input should be a finite number", value))
+        if kind is float and not math.isfinite(value):
+            errors.append(_err("finite_number", loc, "Input should be a finite number", value))
+        else:
+            errors.append(_err("number_range", loc, _RANGE_MSG, value))
         return False
     errors.append(
         _err(
@@ -687,5 +703,8 @@ def _tokens(value: Any, loc: Loc, errors: list[FieldError]) -> int | None:
         errors.append(
             _err("greater_than_equal", loc, "Input should be greater than or equal to 0", value)
         )
+        return None
+    if value >= NUMBER_LIMIT:
+        errors.append(_err("less_than", loc, f"Input should be less than {NUMBER_LIMIT}", value))
         return None
     return value

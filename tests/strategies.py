@@ -137,8 +137,8 @@ def metadata_keys() -> st.SearchStrategy[str]:
 def metadata_values() -> st.SearchStrategy[str | int | float | bool]:
     return st.one_of(
         texts(1, MAX_METADATA_STRING_LENGTH),
-        st.integers(-(2**63), 2**64 - 1),
-        st.floats(allow_nan=False, allow_infinity=False),
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(-(2.0**63), 2.0**63, exclude_max=True),
         st.booleans(),
     )
 

@@ -62,3 +62,43 @@ def test_each_broken_event_gets_422_at_its_loc_and_nothing_is_stored(
     assert loc in [error["loc"] for error in response.json()["detail"]], rule.id
     stored = fresh_org.get("/v1/events/", params={"limit": 1}).json()
     assert stored["pagination"]["total_count"] == 0
+
+
+def test_numbers_beyond_int64_are_422_and_aggregates_stay_numbers(
+    fresh_org: httpx.Client,
+) -> None:
+    meter = fresh_org.post(
+        "/v1/meters/",
+        json={
+            "name": f"big {uuid.uuid4().hex}",
+            "filter": {
+                "conjunction": "and",
+                "clauses": [{"property": "name", "operator": "eq", "value": "big"}],
+            },
+            "aggregation": {"func": "sum", "property": "v"},
+        },
+    )
+    assert meter.status_code == 201, meter.text
+    customer = f"big-{uuid.uuid4().hex}"
+
+    def send(v: float) -> httpx.Response:
+        event = {"name": "big", "external_customer_id": customer, "metadata": {"v": v}}
+        return fresh_org.post("/v1/events/ingest", json={"events": [event, event]})
+
+    refused = send(1.7976931348623157e308)
+    assert refused.status_code == 422
+    assert [e["loc"] for e in refused.json()["detail"]] == [
+        ["body", "events", i, "metadata", "v"] for i in (0, 1)
+    ]
+    assert send(9.2e18).status_code == 200
+    quantities = fresh_org.get(
+        "/v1/meters/" + meter.json()["id"] + "/quantities",
+        params={
+            "start_timestamp": "2026-01-01T00:00:00Z",
+            "end_timestamp": "2027-12-31T00:00:00Z",
+            "interval": "year",
+            "external_customer_id": customer,
+        },
+    )
+    assert quantities.status_code == 200, quantities.text
+    assert quantities.json()["total"] == 2 * 9.2e18

@@ -547,6 +547,15 @@ RULE_TABLE = [
         ),
     ),
     Rule("metadata-value-nan-inf", _bad_metadata_value(_NAN_INF)),
+    Rule(
+        "metadata-value-beyond-int64",
+        _bad_metadata_value(
+            st.integers(2**63, 2**64 - 1)
+            | st.integers(-(2**64), -(2**63) - 1)
+            | st.floats(2.0**63, allow_infinity=False)
+            | st.floats(max_value=-(2.0**63) * 1.0000001, allow_infinity=False)
+        ),
+    ),
     Rule("metadata-value-nul", _bad_metadata_value(_with_nul())),
     # _cost
     Rule("cost-not-object", _cost_not_object),
@@ -576,6 +585,7 @@ RULE_TABLE = [
     Rule("llm-missing-total-tokens", _llm_missing_total),
     Rule("llm-tokens-not-int", _break_tokens(st.sampled_from([1.5, "3", True, False]))),
     Rule("llm-tokens-negative", _break_tokens(st.integers(max_value=-1))),
+    Rule("llm-tokens-beyond-int64", _break_tokens(st.integers(2**63, 2**64 - 1))),
     Rule("llm-extra-key", _llm_extra_key),
 ]
 
@@ -631,7 +641,31 @@ def test_body_must_be_an_object(body: Any) -> None:
 @given(st.dictionaries(texts(max_size=10).filter(lambda k: k != "events"), _JSON_LEAVES))
 def test_body_needs_events(body: dict[str, Any]) -> None:
     errors = errors_of(body)
-    assert [(e.type, e.loc) for e in errors] == [("missing", ("body", "events"))]
+    assert [(e.type, e.loc) for e in errors] == [
+        *(("extra_forbidden", ("body", key)) for key in body),
+        ("missing", ("body", "events")),
+    ]
+
+
+@given(
+    st.dictionaries(texts(max_size=10).filter(lambda k: k != "events"), _JSON_LEAVES, min_size=1)
+)
+def test_unknown_body_fields_are_rejected(extra: dict[str, Any]) -> None:
+    errors = errors_of({"events": [], **extra})
+    assert [(e.type, e.loc) for e in errors] == [
+        ("extra_forbidden", ("body", key)) for key in extra
+    ]
+
+
+def test_numbers_at_the_edges_of_the_int64_range() -> None:
+    edges = {"a": 2**63 - 1, "b": -(2**63), "c": 9.2e18, "d": -9.2e18, "e": 1e-300}
+    (event,) = parse([{"name": "n", "external_customer_id": "c", "metadata": edges}])
+    assert event.metadata == edges
+    too_big = {"v": 1.7976931348623157e308, "w": 2**63, "x": -(2**63) - 1, "y": 9.3e18}
+    errors = errors_of(
+        {"events": [{"name": "n", "external_customer_id": "c", "metadata": too_big}]}
+    )
+    assert [(e.type, e.loc[-1]) for e in errors] == [("number_range", k) for k in too_big]
 
 
 @given(_JSON_LEAVES | st.dictionaries(texts(max_size=5), _JSON_LEAVES, max_size=2))
