@@ -19,7 +19,7 @@ from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.consumer import Consumer
-from aggregator.errors import MeterFailed, NotFound, QueryTimeout
+from aggregator.errors import KeyReused, MeterFailed, NotFound, QueryTimeout
 from aggregator.forwarder import Forwarder
 from aggregator.store import Store
 from aggregator.store.events import IngestJob
@@ -83,6 +83,10 @@ async def _meter_failed(request: Request, exc: Exception) -> Response:
     return error(409, "MeterFailed", str(exc))
 
 
+async def _key_reused(request: Request, exc: Exception) -> Response:
+    return error(409, "IdempotencyKeyReused", str(exc))
+
+
 async def _query_timeout(request: Request, exc: Exception) -> Response:
     return error(503, "QueryTimeout", str(exc), {"Retry-After": "5"})
 
@@ -114,6 +118,7 @@ _HANDLERS: dict[Any, Any] = {
     **EXCEPTION_HANDLERS,
     NotFound: _not_found,
     MeterFailed: _meter_failed,
+    KeyReused: _key_reused,
     QueryTimeout: _query_timeout,
     HTTPException: _http_error,
     Exception: _internal,

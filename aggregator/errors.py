@@ -3,6 +3,7 @@
 AggregatorError
 ├── NotFound          a resource does not exist in the caller's organization
 ├── MeterFailed       a meter that cannot be evaluated was asked for its events (409)
+├── KeyReused         an idempotency key sent again with a different request (409)
 ├── OffsetGap         a consumed batch does not start where the stored offsets end
 ├── QueryTimeout      a read ran past the store's read timeout and was interrupted (503)
 ├── StoreClosed       the store is shutting down
@@ -24,6 +25,15 @@ class NotFound(AggregatorError):
 
 class MeterFailed(AggregatorError):
     """The meter is marked failed (it cannot be evaluated) until it is redefined."""
+
+
+class KeyReused(AggregatorError):
+    def __init__(self, operation: str, key: str) -> None:
+        super().__init__(
+            f"The external_id {key!r} was already used for a different {operation} request;"
+            " use a new external_id for a new request."
+        )
+        self.key = key
 
 
 class StoreClosed(AggregatorError):

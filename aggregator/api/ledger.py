@@ -251,8 +251,9 @@ def routes(ctx: ApiContext) -> list[Route]:
         body = await store.read(
             lambda con: _customer_meters(con, org, [(cm.customer_id, cm.meter_id)])[0]
         )
+        # The balance as the call left it (a replay answers what the first call did).
         return JSON(
-            {"customer_meter": body, "replayed": applied.replayed},
+            {"customer_meter": {**body, **_balance(cm)}, "replayed": applied.replayed},
             status_code=200 if applied.replayed else 201,
         )
 

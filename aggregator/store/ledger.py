@@ -2,20 +2,21 @@
 
 Usage since each customer's latest reset is kept by ingest (`rollups.apply`, table
 `ledger_usage`); credits are running sums on the customer meter row. Every credit and reset is
-also a system event (`meter.credited`, `meter.reset`) whose external_id is derived from the
-caller's idempotency key, so replaying a call finds that event and changes nothing.
+also a system event (`meter.credited`, `meter.reset`). The caller's idempotency key is kept in
+`idempotency`, with the customer meter it answered: replaying a call changes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 import duckdb
 import orjson
 
+from aggregator.store import idempotency
 from aggregator.store.customers import (
     CustomerRow,
     get_customer,
@@ -69,21 +70,43 @@ class Applied:
 
 
 def credit_job(organization_id: str, data: CreditCreate, now_us: int, seq: SequenceCounter) -> Any:
-    def job(con: Con) -> Applied:
-        customer, meter = resolve(con, organization_id, data)
-        key = f"meterline:credit:{data.external_id}"
-        applied = credit(con, customer, meter, data.units, data.rollover, key, now_us, now_us, seq)
-        return Applied(customer_meter(con, customer, meter), replayed=not applied)
+    def apply(con: Con, customer: CustomerRow, meter: MeterRow) -> None:
+        credit(con, customer, meter, data.units, data.rollover, now_us, now_us, seq)
 
-    return job
+    return _keyed_job(organization_id, "credit", data, now_us, apply)
 
 
 def reset_job(organization_id: str, data: ResetCreate, now_us: int, seq: SequenceCounter) -> Any:
+    def apply(con: Con, customer: CustomerRow, meter: MeterRow) -> None:
+        reset(con, customer, meter, now_us, now_us, seq)
+
+    return _keyed_job(organization_id, "reset", data, now_us, apply)
+
+
+def _keyed_job(
+    organization_id: str,
+    operation: idempotency.Operation,
+    data: CreditCreate | ResetCreate,
+    now_us: int,
+    apply: Any,
+) -> Any:
+    """`apply(con, customer, meter)` once per idempotency key; a replay answers the customer
+    meter as the first call left it."""
+    request = idempotency.digest(data)
+
     def job(con: Con) -> Applied:
+        used = idempotency.recall(con, organization_id, operation, data.external_id, request)
+        if used is not None and used.result is not None:
+            return Applied(CustomerMeter(**used.result), replayed=True)
         customer, meter = resolve(con, organization_id, data)
-        key = f"meterline:reset:{data.external_id}"
-        applied = reset(con, customer, meter, key, now_us, now_us, seq)
-        return Applied(customer_meter(con, customer, meter), replayed=not applied)
+        if used is not None:  # a key kept before answers were: the customer meter as it is
+            return Applied(customer_meter(con, customer, meter), replayed=True)
+        apply(con, customer, meter)
+        after = customer_meter(con, customer, meter)
+        idempotency.remember(
+            con, organization_id, operation, data.external_id, request, asdict(after), now_us
+        )
+        return Applied(after, replayed=False)
 
     return job
 
@@ -122,18 +145,16 @@ def _system_event(
     customer: CustomerRow,
     name: str,
     metadata: dict[str, Any],
-    key: str,
     at_us: int,
     now_us: int,
     seq: SequenceCounter,
-) -> int | None:
-    """Store a system event; its seq, or None when `key` was used before (a replay)."""
+) -> int:
+    """Store a system event; its seq."""
     number = seq.take(1)[0]
-    rows = con.execute(
+    con.execute(
         "INSERT INTO events (seq, organization_id, name, source, timestamp, ingested_at,"
-        " customer_id, external_id, metadata) VALUES (?, ?::UUID, ?, 'system',"
-        " make_timestamptz(?), make_timestamptz(?), ?::UUID, ?, ?)"
-        " ON CONFLICT DO NOTHING RETURNING seq",
+        " customer_id, metadata) VALUES (?, ?::UUID, ?, 'system', make_timestamptz(?),"
+        " make_timestamptz(?), ?::UUID, ?)",
         [
             number,
             customer.organization_id,
@@ -141,11 +162,10 @@ def _system_event(
             at_us,
             now_us,
             customer.id,
-            key,
             orjson.dumps(metadata).decode(),
         ],
-    ).fetchall()
-    return number if rows else None
+    )
+    return number
 
 
 def _credits(con: Con, customer: CustomerRow, meter: MeterRow, now_us: int) -> Credits:
@@ -203,34 +223,26 @@ def credit(
     meter: MeterRow,
     units: int,
     rollover: bool,
-    key: str,
     at_us: int,
     now_us: int,
     seq: SequenceCounter,
-) -> bool:
+) -> None:
     metadata = {"meter_id": meter.id, "units": units, "rollover": rollover}
-    if _system_event(con, customer, "meter.credited", metadata, key, at_us, now_us, seq) is None:
-        return False
+    _system_event(con, customer, "meter.credited", metadata, at_us, now_us, seq)
     credits = _credits(con, customer, meter, now_us).add(units, rollover)
     _store_credits(con, customer, meter, credits, now_us)
-    return True
 
 
 def reset(
     con: Con,
     customer: CustomerRow,
     meter: MeterRow,
-    key: str,
     at_us: int,
     now_us: int,
     seq: SequenceCounter,
-) -> bool:
+) -> None:
     """Close the window: zero usage and credits, then credit what rolls over."""
-    number = _system_event(
-        con, customer, "meter.reset", {"meter_id": meter.id}, key, at_us, now_us, seq
-    )
-    if number is None:
-        return False
+    number = _system_event(con, customer, "meter.reset", {"meter_id": meter.id}, at_us, now_us, seq)
     credits = _credits(con, customer, meter, now_us)
     carried = credits.carried_over(_consumed(con, customer, meter))
     names = subjects(customer)
@@ -242,8 +254,7 @@ def reset(
         )
     _store_credits(con, customer, meter, Credits(), now_us, reset_seq=number)
     if carried > 0:
-        credit(con, customer, meter, carried, True, f"{key}:rollover", at_us, now_us, seq)
-    return True
+        credit(con, customer, meter, carried, True, at_us, now_us, seq)
 
 
 # ---- reads -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import duckdb
 
+from aggregator.store import idempotency
 from aggregator.store.customers import get_customer
 from aggregator.store.events import SequenceCounter
 from aggregator.store.ledger import credit, reset, resolve
@@ -55,17 +56,20 @@ def _plan(r: tuple[Any, ...]) -> PlanRow:
 def plan_create_job(
     organization_id: str, data: PlanCreate, now_us: int, seq: SequenceCounter
 ) -> Any:
-    """Create a plan (or find the one made with the same external_id); returns (plan, created).
-    Cycles already due (a start in the past or now) are processed in the same transaction."""
+    """Create a plan (or find the one the same request made with this external_id); returns
+    (plan, created). Cycles already due (a start in the past or now) are processed in the same
+    transaction."""
+    request = idempotency.digest(data)
 
     def job(con: Con) -> tuple[PlanRow, bool]:
-        existing = first_row(
-            con,
-            f"SELECT {_PLAN_COLUMNS} FROM credit_plans"
-            " WHERE organization_id = ?::UUID AND external_id = ?",
-            [organization_id, data.external_id],
-        )
-        if existing is not None:
+        if idempotency.recall(con, organization_id, "plan", data.external_id, request) is not None:
+            existing = first_row(
+                con,
+                f"SELECT {_PLAN_COLUMNS} FROM credit_plans"
+                " WHERE organization_id = ?::UUID AND external_id = ?",
+                [organization_id, data.external_id],
+            )
+            assert existing is not None
             return _plan(existing), False
         refused = data.start_error(us_to_datetime(now_us))
         if refused is not None:
@@ -98,6 +102,9 @@ def plan_create_job(
                 starts,
                 now_us,
             ],
+        )
+        idempotency.remember(
+            con, organization_id, "plan", data.external_id, request, {"id": plan_id}, now_us
         )
         # At most two boundaries are due (the start is at most one interval back).
         _cycle_plans(con, now_us, seq, plan_id, None)
@@ -175,11 +182,9 @@ def _cycle_plans(
         at = datetime_to_us(cycle_start(starts, plan.interval, n))
         while at <= now_us and not (deadline and processed and time.perf_counter() > deadline):
             processed += 1
-            key = f"meterline:plan:{plan.id}:{n}"
-            reset(con, customer, meter, f"{key}:reset", at, now_us, seq)
-            credit(
-                con, customer, meter, plan.units, plan.rollover, f"{key}:credit", at, now_us, seq
-            )
+            # Once per cycle: `cycles` moves in the same transaction.
+            reset(con, customer, meter, at, now_us, seq)
+            credit(con, customer, meter, plan.units, plan.rollover, at, now_us, seq)
             n += 1
             at = datetime_to_us(cycle_start(starts, plan.interval, n))
         con.execute(

@@ -212,6 +212,34 @@ MIGRATIONS: tuple[str, ...] = (
         failed_at TIMESTAMPTZ NOT NULL
     );
     """,
+    # 8: idempotency keys of credits, resets and plans, out of the events' external_ids (where
+    # an event could take a credit's key). Keys used so far come along without a request
+    # digest (any request with them is a replay, as before); system events lose their
+    # external_id, so no event external_id stays reserved.
+    """
+    CREATE TABLE idempotency_keys (
+        organization_id UUID NOT NULL,
+        operation VARCHAR NOT NULL,          -- credit, reset, plan
+        key VARCHAR NOT NULL,
+        request VARCHAR,                     -- sha256 of the request that first used it
+        result JSON,                         -- what that request answered
+        created_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (organization_id, operation, key)
+    );
+    INSERT INTO idempotency_keys
+        SELECT organization_id, 'credit', substr(external_id, 18), NULL, NULL, min(ingested_at)
+        FROM events WHERE source = 'system' AND name = 'meter.credited'
+            AND starts_with(external_id, 'meterline:credit:')
+        GROUP BY ALL;
+    INSERT INTO idempotency_keys
+        SELECT organization_id, 'reset', substr(external_id, 17), NULL, NULL, min(ingested_at)
+        FROM events WHERE source = 'system' AND name = 'meter.reset'
+            AND starts_with(external_id, 'meterline:reset:')
+        GROUP BY ALL;
+    INSERT INTO idempotency_keys
+        SELECT organization_id, 'plan', external_id, NULL, NULL, created_at FROM credit_plans;
+    UPDATE events SET external_id = NULL WHERE source = 'system' AND external_id IS NOT NULL;
+    """,
 )
 
 

@@ -15,10 +15,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from aggregator.errors import KeyReused
 from aggregator.store import Store
 from aggregator.store.columns import to_table
 from aggregator.store.customers import create_job as create_customer
@@ -89,7 +91,8 @@ class LedgerMachine(RuleBasedStateMachine):
             self.meters[func] = self._write(create_job(ORG, definition, _us(self.clock)))
         self.model = {func: _Window() for func in METERS}
         self.event_ids: set[str] = set()
-        self.keys: set[tuple[str, str]] = set()  # (kind, key) used
+        # (kind, key) -> (the request that used it, the customer meter it answered)
+        self.keys: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.plan: tuple[str, int, bool] | None = None  # (meter, units, rollover)
         self.plan_cycles = 0
 
@@ -141,11 +144,7 @@ class LedgerMachine(RuleBasedStateMachine):
             external_id=key,
         )
         assert self.store.seq is not None
-        applied = self._write(credit_job(ORG, data, _us(self.clock), self.store.seq))
-        used = ("credit", key) in self.keys
-        assert applied.replayed == used
-        if not used:
-            self.keys.add(("credit", key))
+        if self._keyed("credit", key, data, credit_job(ORG, data, _us(self.clock), self.store.seq)):
             window = self.model[meter]
             window.credits = window.credits.add(units, rollover)
 
@@ -157,12 +156,24 @@ class LedgerMachine(RuleBasedStateMachine):
             external_id=key,
         )
         assert self.store.seq is not None
-        applied = self._write(reset_job(ORG, data, _us(self.clock), self.store.seq))
-        used = ("reset", key) in self.keys
-        assert applied.replayed == used
-        if not used:
-            self.keys.add(("reset", key))
+        if self._keyed("reset", key, data, reset_job(ORG, data, _us(self.clock), self.store.seq)):
             self._reset_model(meter)
+
+    def _keyed(self, kind: str, key: str, data: Any, job: Any) -> bool:
+        """Run a keyed job; True when it applied. A key used before answers what it answered
+        then if the request is the same, and is refused (changing nothing) if not."""
+        used = self.keys.get((kind, key))
+        if used is not None and used[0] != data:
+            with pytest.raises(KeyReused):
+                self._write(job)
+            return False
+        applied = self._write(job)
+        assert applied.replayed == (used is not None)
+        if used is not None:
+            assert applied.customer_meter == used[1]
+            return False
+        self.keys[(kind, key)] = (data, applied.customer_meter)
+        return True
 
     def _reset_model(self, meter: str) -> None:
         window = self.model[meter]

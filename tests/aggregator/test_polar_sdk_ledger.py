@@ -66,9 +66,13 @@ def test_polar_docs_example_through_the_sdk(
     assert [(m.meter_id, m.balance) for m in state.active_meters] == [(meter_id, -1)]
     external = polar.customers.get_state_external("ada")
     assert external.id == customer_id and external.active_meters[0].consumed_units == 11
-    # Replaying the grant changes nothing.
+    # Replaying the grant changes nothing and answers what the grant answered.
     replay = _post(http, "/v1/meter-credits/", grant, 200)
-    assert replay["replayed"] is True and replay["customer_meter"]["balance"] == -1
+    assert replay["replayed"] is True and replay["customer_meter"]["balance"] == 10
+    # The same key for another request is refused, naming the key.
+    refused = http.post("/v1/meter-credits/", json={**grant, "units": 11})
+    assert refused.status_code == 409 and "'g1'" in refused.json()["detail"], refused.text
+    assert polar.customer_meters.get(cm.id).balance == -1
 
 
 def test_reset_carries_over_rollover_credits_and_check_answers(
