@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from aggregator import metrics
-from aggregator.api import costs, customers, events, forwarding, ledger, meters
+from aggregator.api import costs, customers, events, forwarding, ledger, meters, shapes
 from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
@@ -31,6 +31,7 @@ from ingest.http.responses import EXCEPTION_HANDLERS, JSON, error
 from ingest.ipc import read_ipc
 from ingest.publish import Publisher, PublishResult
 from ingest.validation import ValidationPool
+from meters.events import now_us
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,42 @@ async def _health(request: Request) -> JSON:
     return JSON({"status": "ok"})
 
 
+# An offset reset keeps the core's health "degraded" this long: someone should look.
+RESET_NOTICE_US = 24 * 3600 * 1_000_000
+
+
+def _core_health(consumer: Consumer | None) -> Route:
+    """`ok`, or `degraded` (still 200: the core works) for a day after the events topic's log
+    lost offsets the core had stored, with the latest such reset."""
+
+    async def health(request: Request) -> JSON:
+        if consumer is None:
+            return JSON({"status": "ok"})
+        resets = await consumer.offset_resets()
+        last = resets[-1] if resets else None
+        recent = last is not None and now_us() - last.at_us < RESET_NOTICE_US
+        return JSON(
+            {
+                "status": "degraded" if recent else "ok",
+                "kafka": {
+                    "offset_resets": len(resets),
+                    "last_offset_reset": None
+                    if last is None
+                    else {
+                        "partition": last.partition,
+                        "stored_offset": last.stored,
+                        "log_start": last.start,
+                        "log_end": last.end,
+                        "vanished": last.vanished,
+                        "reset_at": shapes.iso(last.at_us),
+                    },
+                },
+            }
+        )
+
+    return Route("/healthz", health, methods=["GET"])
+
+
 def _authenticator(registry: TokenRegistry) -> Authenticate:
     def authenticate(token: str) -> str | None:
         org = registry.authenticate(token)
@@ -143,7 +180,7 @@ def build_app(
     admission = Admission(limits)
     sources = metrics.Sources(admission, store, consumer, forwarder[0] if forwarder else None)
     routes = [
-        Route("/healthz", _health, methods=["GET"]),
+        _core_health(consumer),
         metrics.route(sources, settings.metrics_token),
         *ingest_routes(publisher, authenticate, settings.ingest, admission),
         *events.routes(ctx),

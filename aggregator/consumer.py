@@ -6,6 +6,11 @@ seeks to the offsets stored in DuckDB (Kafka's committed offsets are written too
 only for lag tools). Records that cannot be applied go to the dead-letter topic, with the reason
 and their origin in headers, before their offsets advance: a partition is never blocked, and a
 crash between the two repeats the dead letter (at least once), never loses it.
+
+A stored offset the log no longer holds (the topic recreated, a broker that lost its log, a
+retention that deleted unread records) would otherwise skip every new record up to it. So the
+log's range is checked at assignment, about once a second and whenever the broker refuses a
+position; such a partition resumes from the log's start, loudly (`OffsetReset`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -27,12 +32,19 @@ from aiokafka import (
     ConsumerRebalanceListener,
     TopicPartition,
 )
+from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 from aiokafka.structs import ConsumerRecord
 
 from aggregator.errors import OffsetGap
 from aggregator.store import Store
 from aggregator.store.columns import to_table
-from aggregator.store.consumed import ConsumedBatch, stored_offsets
+from aggregator.store.consumed import (
+    ConsumedBatch,
+    OffsetReset,
+    Reset,
+    offset_resets,
+    stored_offsets,
+)
 from aggregator.store.events import known_customers
 from ingest.ipc import read_ipc, write_ipc
 from ingest.publish.kafka import KafkaSettings, ensure_topics, retrying
@@ -53,6 +65,10 @@ class ConsumerSettings:
     poll_timeout_ms: int = 50
     max_record_bytes: int = 1024 * 1024
     retry_seconds: float = 1.0  # after a failed batch, before reading it again
+    # How often the log's range is compared with the stored offsets. A log recreated and
+    # refilled past the stored offset between two checks is not noticed (the broker refuses
+    # nothing); a real Kafka broker refuses the position sooner.
+    log_check_seconds: float = 1.0
 
 
 class Consumer:
@@ -88,7 +104,9 @@ class Consumer:
             bootstrap_servers=kafka.bootstrap,
             group_id=kafka.consumer_group,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            # Positions always come from the store; one the log lacks is an error to handle
+            # (`_check_log`), never a silent jump.
+            auto_offset_reset="none",
             fetch_max_wait_ms=self._settings.poll_timeout_ms,
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
@@ -127,16 +145,43 @@ class Consumer:
                 lags[tp.partition] = max(0, high - await consumer.position(tp))
         return lags
 
+    async def offset_resets(self) -> list[Reset]:
+        """Every time a partition resumed from its log's start (see `_check_log`)."""
+        return await self._store.read(offset_resets, self._kafka.topic)
+
     async def _run(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
         # Pipelined: batch N+1 is fetched and decoded while batch N commits (DuckDB's writer
         # works outside the GIL). If N fails, N+1 is dropped and both are read again.
         writing: asyncio.Task[None] | None = None
+        checked_at = time.monotonic()
         while True:
-            fetched = await consumer.getmany(
-                timeout_ms=self._settings.poll_timeout_ms, max_records=self._records
-            )
+            refused: dict[TopicPartition, int] = {}
+            try:
+                fetched = await consumer.getmany(
+                    timeout_ms=self._settings.poll_timeout_ms, max_records=self._records
+                )
+            except OffsetOutOfRangeError as exc:
+                fetched, refused = {}, exc.args[0]
+            except NoOffsetForPartitionError:
+                # Fetched before the assignment's seek landed: seek now.
+                await self.seek_to_stored(consumer.assignment())
+                continue
+            if refused or time.monotonic() - checked_at >= self._settings.log_check_seconds:
+                if writing is not None:  # settle the stored offsets first
+                    failed = (await asyncio.gather(writing, return_exceptions=True))[0]
+                    writing = None
+                    if isinstance(failed, Exception):
+                        log.error(
+                            "applying a batch failed; retrying from the stored offsets: %r", failed
+                        )
+                        await self.seek_to_stored(consumer.assignment())
+                        continue
+                await self._check_log(refused)
+                checked_at = time.monotonic()
+                if refused:
+                    continue
             try:
                 batch = await self._prepare(fetched) if fetched else None
                 if writing is not None:
@@ -169,6 +214,46 @@ class Consumer:
                 self._consumer.seek(tp, stored[tp.partition])
             else:
                 await self._consumer.seek_to_beginning(tp)
+        await self._check_log()
+
+    async def _check_log(self, refused: Collection[TopicPartition] = ()) -> None:
+        """Resume from the log's start every assigned partition whose stored offset is outside
+        the log's [start, end], or whose position the broker refused (`refused`: the log
+        changed under it, even if it has grown past the stored offset since)."""
+        assert self._consumer is not None
+        consumer = self._consumer
+        partitions = list(consumer.assignment())
+        if not partitions:
+            return
+        stored = await self._store.read(stored_offsets, self._kafka.topic)
+        try:
+            starts = await consumer.beginning_offsets(partitions)
+            ends = await consumer.end_offsets(partitions)
+        except Exception as exc:  # noqa: BLE001 - a topic being recreated: check again later
+            log.warning("could not list the log's offsets: %r", exc)
+            return
+        for tp in partitions:
+            offset, start, end = stored.get(tp.partition), starts[tp], ends[tp]
+            if offset is None or (start <= offset <= end and tp not in refused):
+                continue
+            vanished = start - offset if offset < start else None
+            reset = Reset(tp.topic, tp.partition, offset, start, end, vanished, now_us())
+            if await self._store.write(OffsetReset(reset)) is None:
+                continue  # a batch moved the offset meanwhile: the next check decides
+            log.error(
+                "%s[%d]: the log no longer holds the stored offset %d (log: [%d, %d]); it was"
+                " truncated or recreated. Resuming from %d; %s",
+                tp.topic,
+                tp.partition,
+                offset,
+                start,
+                end,
+                start,
+                f"offsets {offset}..{start - 1} vanished unapplied ({vanished})"
+                if vanished
+                else "records the old log held past the stored offset, if any, are lost",
+            )
+            consumer.seek(tp, start)
 
     async def _prepare(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> ConsumedBatch:
         """Decode (in a worker process), dead-letter what cannot be applied, and build the

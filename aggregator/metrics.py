@@ -111,4 +111,19 @@ async def _consumer(consumer: Consumer) -> list[str]:
     for q in (0.5, 0.99):
         value = timings[min(len(timings) - 1, int(q * len(timings)))] if timings else 0.0
         lines.append(f'meterline_consumer_batch_commit_seconds{{quantile="{q}"}} {value}')
+    resets: dict[int, list[int]] = {}
+    for reset in await consumer.offset_resets():
+        counts = resets.setdefault(reset.partition, [0, 0])
+        counts[0] += 1
+        counts[1] += reset.vanished or 0
+    lines.append("# TYPE meterline_kafka_offset_resets_total counter")
+    lines += [
+        f'meterline_kafka_offset_resets_total{{partition="{p}"}} {n}'
+        for p, (n, _) in sorted(resets.items())
+    ]
+    lines.append("# TYPE meterline_kafka_offsets_vanished_total counter")
+    lines += [
+        f'meterline_kafka_offsets_vanished_total{{partition="{p}"}} {v}'
+        for p, (_, v) in sorted(resets.items())
+    ]
     return lines

@@ -240,6 +240,20 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT organization_id, 'plan', external_id, NULL, NULL, created_at FROM credit_plans;
     UPDATE events SET external_id = NULL WHERE source = 'system' AND external_id IS NOT NULL;
     """,
+    # 9: the events topic's log lost offsets the core had stored (a topic deleted and
+    # recreated, a broker that lost its log): each time the core resumed a partition from the
+    # log's start instead.
+    """
+    CREATE TABLE kafka_offset_resets (
+        topic VARCHAR NOT NULL,
+        partition INTEGER NOT NULL,
+        stored_offset BIGINT NOT NULL,       -- where the core was
+        log_start BIGINT NOT NULL,           -- the log it found: [start, end]
+        log_end BIGINT NOT NULL,
+        vanished BIGINT,                     -- offsets gone unapplied; NULL when unknown
+        reset_at TIMESTAMPTZ NOT NULL
+    );
+    """,
 )
 
 
