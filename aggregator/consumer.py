@@ -234,7 +234,11 @@ class Consumer:
             return
         for tp in partitions:
             offset, start, end = stored.get(tp.partition), starts[tp], ends[tp]
-            if offset is None or (start <= offset <= end and tp not in refused):
+            if offset is None:
+                if tp in refused:  # nothing applied yet: read whatever the log holds
+                    consumer.seek(tp, start)
+                continue
+            if start <= offset <= end and tp not in refused:
                 continue
             vanished = start - offset if offset < start else None
             reset = Reset(tp.topic, tp.partition, offset, start, end, vanished, now_us())
