@@ -238,6 +238,13 @@ class Consumer:
                 if tp in refused:  # nothing applied yet: read whatever the log holds
                     consumer.seek(tp, start)
                 continue
+            # The log's end: some brokers list the first offset of the last batch plus one
+            # (Tansu); the last fetch's high watermark is right. Past the end only once a
+            # fetch has said so.
+            high = consumer.highwater(tp)
+            if high is None and offset > end and tp not in refused:
+                continue
+            end = max(end, high or 0)
             if start <= offset <= end and tp not in refused:
                 continue
             vanished = start - offset if offset < start else None

@@ -41,13 +41,15 @@ async def _reset_job(tmp_path: Path) -> None:
         assert await store.read(offset_resets, TOPIC) == [truncated]
 
 
-def _batch(customer: str, size: int) -> list[dict[str, Any]]:
+def _batch(customer: str, size: int, keyed: bool = False) -> list[dict[str, Any]]:
+    """Without external_ids (`keyed`), a record applied twice counts twice; with them, a
+    client's retry of a request that was in fact published is safe."""
     return [
         {
             "name": "use",
             "external_customer_id": customer,
-            "external_id": f"{customer}-{i}",
             "metadata": {"tokens": 1 + i % 5},
+            **({"external_id": f"{customer}-{i}"} if keyed else {}),
         }
         for i in range(size)
     ]
@@ -86,13 +88,14 @@ def test_recreated_topic_under_load_loses_nothing_acknowledged_after(tmp_path: P
                 sent.append((batch, time.monotonic()))
             pipeline.wait_for_events(6000)
 
-            stop = threading.Event()
+            stop, recreated = threading.Event(), threading.Event()
 
             def load() -> None:
                 with pipeline.edges[0].client(pipeline.token()) as loader:
                     i = 0
                     while not stop.is_set():
-                        batch = _batch(f"during-{i}", 20)
+                        # Requests around the recreation may be retried: keyed.
+                        batch = _batch(f"during-{i}", 20, keyed=not recreated.is_set())
                         send_until_accepted(loader, batch)
                         sent.append((batch, time.monotonic()))
                         i += 1
@@ -103,6 +106,7 @@ def test_recreated_topic_under_load_loses_nothing_acknowledged_after(tmp_path: P
             time.sleep(1.0)
             asyncio.run(_recreate(pipeline.broker.bootstrap))
             recreated_at = time.monotonic()
+            recreated.set()
             time.sleep(3.0)
             stop.set()
             sender.join(60)
