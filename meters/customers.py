@@ -71,9 +71,11 @@ class CustomerUpdate(_CustomerFields):
 
 
 def parse_model(model: type[M], body: Any) -> M:
-    """Validate `body` against `model`; errors become ValidationFailed with `("body", ...)` locs."""
+    """Validate a decoded JSON `body` against `model`, strictly: a string is never a number or
+    a boolean, a number never a string (Polar coerces them). Ids and timestamps are strings,
+    read by `meters.wire`. Errors become ValidationFailed with `("body", ...)` locs."""
     try:
-        return model.model_validate(body)
+        return model.model_validate(body, strict=True)
     except PydanticValidationError as exc:
         raise ValidationFailed(
             [

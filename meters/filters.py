@@ -32,6 +32,7 @@ from pydantic import (
     StrictInt,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 RESERVED = frozenset({"name", "source", "timestamp"})
@@ -40,6 +41,9 @@ COST_AMOUNT = ("_cost", "amount")
 MAX_SEGMENT = 40
 MAX_DEPTH = 8
 MAX_PATH = 200
+# Clause groups nested in a filter, the filter itself counting as one (Polar sets no limit; a
+# stored definition is JSON, and deep ones could not be read back).
+MAX_NESTING = 10
 # A segment is a plain key: Unicode letters and digits, `_`, and a few separators that mean
 # nothing to JSON paths. Wildcards (`*`), brackets, `$`, quotes and the like are refused: the
 # path is compiled to a DuckDB JSON path, where they would change its meaning or fail to bind.
@@ -110,6 +114,22 @@ def parse_path(prop: str, *, stored: bool = False) -> Path:
                 " (no wildcards or JSON path syntax), starting with a letter, digit or '_'"
             )
     return Path(None, keys)
+
+
+def nesting(data: Any) -> int:
+    """How many levels of clause groups (objects with `clauses`) a raw filter has, counted
+    level by level up to one past MAX_NESTING."""
+    level, depth = [data], 0
+    while level and depth <= MAX_NESTING:
+        depth += 1
+        level = [
+            clause
+            for group in level
+            if isinstance(group, dict) and isinstance(group.get("clauses"), list)
+            for clause in group["clauses"]
+            if isinstance(clause, dict) and "clauses" in clause
+        ]
+    return depth
 
 
 # Validation context of definitions read back from the store (`parse_path(stored=True)`).
@@ -199,6 +219,14 @@ class Filter(BaseModel):
 
     conjunction: Literal["and", "or"]
     clauses: list[FilterClause | Filter] = Field(max_length=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shallow(cls, data: Any, info: ValidationInfo) -> Any:
+        # Checked on the raw input, before the groups are validated one level at a time.
+        if not is_stored(info) and nesting(data) > MAX_NESTING:
+            raise ValueError(f"a filter nests at most {MAX_NESTING} levels of clause groups")
+        return data
 
     def matches(self, event: EventView) -> bool:
         if not self.clauses:

@@ -12,11 +12,11 @@ import calendar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Literal
-from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from meters.customers import ExternalId
+from meters.wire import Id, Timestamp
 
 INT32 = 2**31 - 1
 MAX_START_YEARS = 5
@@ -57,9 +57,9 @@ def cycle_start(starts_at: datetime, interval: Literal["month", "year"], n: int)
 class _CustomerRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    customer_id: UUID | None = None
+    customer_id: Id | None = None
     external_customer_id: ExternalId | None = None
-    meter_id: UUID
+    meter_id: Id
     # The idempotency key: the same call with the same key changes nothing.
     external_id: ExternalId
 
@@ -93,7 +93,7 @@ class PlanCreate(_CustomerRef):
     units: Annotated[int, Field(gt=0, le=INT32)]
     interval: Literal["month", "year"]
     rollover: bool = False
-    starts_at: AwareDatetime | None = None  # default: now
+    starts_at: Timestamp | None = None  # default: now
 
     def start_error(self, now: datetime) -> str | None:
         """Why `starts_at` is refused at `now`, if it is. A start more than one interval in the

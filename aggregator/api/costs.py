@@ -6,7 +6,6 @@ canonical form of `_cost.amount` (`aggregator.store.costs.decimal_text`), never 
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
@@ -109,7 +108,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         group_by = _group_by(request)
         limit = params.integer(request, "limit", 100, 1, MAX_GROUPS)
         sort = _check_choice("sort", request.query_params.get("sort", "-cost"), SORTS)
-        ids = params.strings(request, "customer_id")
+        ids = params.ids(request, "customer_id")
         external = params.strings(request, "external_customer_id")
         bounds = _boundaries(start, end, interval, tz)
         query = CostQuery(
@@ -120,8 +119,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             edges=tuple(datetime_to_us(b) for b in bounds),
             names=params.strings(request, "name"),
             customers_filtered=bool(ids or external),
-            # Not a UUID: no customer has it, so it selects nothing (as in quantities).
-            customer_ids=tuple(str(uuid.UUID(i)) for i in ids if params.is_uuid(i)),
+            customer_ids=ids,
             external_customer_ids=external,
             limit=limit,
             ascending=sort == "cost",

@@ -46,24 +46,25 @@ def routes(ctx: ApiContext) -> list[Route]:
         return JSON(await ctx.store.read(_one, org, row), status_code=201)
 
     def getter(
-        find: Callable[[duckdb.DuckDBPyConnection, str, str], sql.CustomerRow | None], param: str
+        find: Callable[[duckdb.DuckDBPyConnection, str, str], sql.CustomerRow | None],
+        key_of: Callable[[Request], str],
     ) -> Callable[[Request], Awaitable[JSON]]:
         async def get(request: Request) -> JSON:
             org = ctx.organization(request)
-            key = request.path_params[param]
+            key = key_of(request)
             return JSON(await ctx.store.read(lambda con: _one(con, org, find(con, org, key))))
 
         return get
 
     async def update(request: Request) -> JSON:
         org = ctx.organization(request)
+        external_id = request.path_params.get("external_id")
+        customer_id = params.path_id(request) if external_id is None else None
         data = parse_model(CustomerUpdate, await ctx.json(request))
-        if "external_id" in request.path_params:
-            found = await ctx.store.read(
-                sql.get_customer_by_external_id, org, request.path_params["external_id"]
-            )
+        if customer_id is None:
+            found = await ctx.store.read(sql.get_customer_by_external_id, org, external_id)
         else:
-            found = await ctx.store.read(sql.get_customer, org, request.path_params["id"])
+            found = await ctx.store.read(sql.get_customer, org, customer_id)
         if found is None:
             raise NotFound("Customer not found")
         row = await ctx.store.write(sql.update_job(org, found.id, data, now_us()))
@@ -97,10 +98,10 @@ def routes(ctx: ApiContext) -> list[Route]:
         Route("/v1/customers/", create, methods=["POST"]),
         Route(
             "/v1/customers/external/{external_id:path}",
-            getter(sql.get_customer_by_external_id, "external_id"),
+            getter(sql.get_customer_by_external_id, lambda r: r.path_params["external_id"]),
             methods=["GET"],
         ),
         Route("/v1/customers/external/{external_id:path}", update, methods=["PATCH"]),
-        Route("/v1/customers/{id}", getter(sql.get_customer, "id"), methods=["GET"]),
+        Route("/v1/customers/{id}", getter(sql.get_customer, params.path_id), methods=["GET"]),
         Route("/v1/customers/{id}", update, methods=["PATCH"]),
     ]

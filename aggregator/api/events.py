@@ -27,11 +27,10 @@ def _resolve_customers(
     con: duckdb.DuckDBPyConnection, org: str, ids: tuple[str, ...], external: tuple[str, ...]
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """A customer's events may carry its id or its external id: filter on both."""
-    valid_ids = [i for i in ids if params.is_uuid(i)]
-    if not valid_ids and not external:
+    if not ids and not external:
         return (), ()
-    found = customer_sql.customers_by_refs(con, org, valid_ids, list(external))
-    all_ids = set(valid_ids) | {c.id for c in found}
+    found = customer_sql.customers_by_refs(con, org, list(ids), list(external))
+    all_ids = set(ids) | {c.id for c in found}
     all_external = set(external) | {c.external_id for c in found if c.external_id}
     return tuple(sorted(all_ids)), tuple(sorted(all_external))
 
@@ -62,7 +61,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         page, limit = params.page_and_limit(request)
         order = params.sorting(request, SORTS, "-timestamp")[0]
-        customer_ids = params.strings(request, "customer_id")
+        customer_ids = params.ids(request, "customer_id")
         external_ids = params.strings(request, "external_customer_id")
         base = sql.EventQuery(
             names=params.strings(request, "name"),
@@ -73,7 +72,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             descending=order.startswith("-"),
         )
 
-        meter_id = request.query_params.get("meter_id")
+        meter_id = params.one_id(request, "meter_id")
 
         def run(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
             query = base
@@ -98,9 +97,7 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def get(request: Request) -> JSON:
         org = ctx.organization(request)
-        event_id = request.path_params["id"]
-        if not params.is_uuid(event_id):
-            raise NotFound("Event not found")
+        event_id = params.path_id(request)
 
         def run(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
             row = sql.get_event(con, org, event_id)

@@ -11,9 +11,9 @@ from starlette.routing import Route
 from aggregator.api.context import ApiContext
 from aggregator.errors import NotFound, UsageError
 from aggregator.forwarder import Forwarder
-from aggregator.store.rows import is_uuid
 from ingest.http.responses import JSON, error
 from meters.errors import FieldError, ValidationFailed
+from meters.wire import canonical_id
 
 
 def routes(
@@ -58,10 +58,11 @@ def routes(
         running = mine(request)
         body = await request.body()
         try:
-            ids = orjson.loads(body)["event_ids"]
+            given = orjson.loads(body)["event_ids"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            ids = None
-        if not isinstance(ids, list) or not all(isinstance(i, str) and is_uuid(i) for i in ids):
+            given = None
+        ids = [canonical_id(i) for i in given if type(i) is str] if type(given) is list else []
+        if type(given) is not list or len(ids) != len(given) or None in ids:
             raise ValidationFailed(
                 [
                     FieldError(
@@ -70,7 +71,7 @@ def routes(
                 ]
             )
         try:
-            return JSON(await running.resend_events(ids))
+            return JSON(await running.resend_events([i for i in ids if i is not None]))
         except UsageError as exc:
             return error(409, "Conflict", str(exc))
 

@@ -26,6 +26,8 @@ from meters.ledger import CreditCreate, PlanCreate, ResetCreate
 
 Con = duckdb.DuckDBPyConnection
 SORTS = frozenset({"modified_at", "-modified_at"})
+# The largest integer a balance (a double) holds exactly.
+MAX_UNITS = 2**53 - 1
 
 
 def _customer_meters(con: Con, org: str, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -134,11 +136,6 @@ def check_balance(
     }
 
 
-def _uuid_param(request: Request, name: str) -> str | None:
-    values = params.uuids(request, name)
-    return values[0] if values else None
-
-
 def routes(ctx: ApiContext) -> list[Route]:
     store = ctx.store
 
@@ -146,11 +143,10 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         page, limit = params.page_and_limit(request)
         sorting = params.sorting(request, SORTS, "-modified_at")
-        ids = params.uuids(request, "customer_id")
+        ids = params.ids(request, "customer_id")
         external = params.strings(request, "external_customer_id")
-        raw_meters = params.strings(request, "meter_id")
-        # Archived meters show only when asked for by id (Polar); a malformed id matches none.
-        meter_ids = [m for m in raw_meters if params.is_uuid(m)] if raw_meters else None
+        # Archived meters show only when asked for by id (Polar).
+        meter_ids = list(params.ids(request, "meter_id")) or None
 
         def run(con: Con) -> dict[str, Any]:
             pairs, total = sql.active_pairs(
@@ -172,9 +168,7 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def get_customer_meter(request: Request) -> JSON:
         org = ctx.organization(request)
-        cm_id = request.path_params["id"]
-        if not params.is_uuid(cm_id):
-            raise NotFound("Customer meter not found")
+        cm_id = params.path_id(request)
 
         def run(con: Con) -> dict[str, Any]:
             pairs, _ = sql.active_pairs(
@@ -195,10 +189,10 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def check(request: Request) -> JSON:
         org = ctx.organization(request)
-        meter_id = _uuid_param(request, "meter_id")
-        customer_id = _uuid_param(request, "customer_id")
+        meter_id = params.one_id(request, "meter_id")
+        customer_id = params.one_id(request, "customer_id")
         external = request.query_params.get("external_customer_id")
-        units = float(params.integer(request, "units", 1, 0, None))
+        units = float(params.integer(request, "units", 1, 0, MAX_UNITS))
         if meter_id is None or (customer_id is None) == (external is None):
             raise ValidationFailed(
                 [
@@ -216,7 +210,7 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def state(request: Request) -> JSON:
         org = ctx.organization(request)
-        key = request.path_params["id"]
+        key = params.path_id(request)
         return JSON(
             await store.read(lambda con: _state(con, org, customer_sql.get_customer(con, org, key)))
         )
@@ -266,24 +260,22 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def list_plans(request: Request) -> JSON:
         org = ctx.organization(request)
-        customer_id = _uuid_param(request, "customer_id")
-        meter_id = _uuid_param(request, "meter_id")
+        customer_id = params.one_id(request, "customer_id")
+        meter_id = params.one_id(request, "meter_id")
         plans = await store.read(plan_sql.list_plans, org, customer_id, meter_id)
         return JSON({"items": [_plan(p) for p in plans]})
 
     async def get_plan(request: Request) -> JSON:
         org = ctx.organization(request)
-        plan = await store.read(plan_sql.get_plan, org, request.path_params["id"])
+        plan = await store.read(plan_sql.get_plan, org, params.path_id(request))
         if plan is None or plan.deleted_at_us is not None:
             raise NotFound("Credit plan not found")
         return JSON(_plan(plan))
 
     async def delete_plan(request: Request) -> Response:
         org = ctx.organization(request)
-        plan_id = request.path_params["id"]
-        if not params.is_uuid(plan_id) or not await store.write(
-            plan_sql.plan_delete_job(org, plan_id, now_us())
-        ):
+        plan_id = params.path_id(request)
+        if not await store.write(plan_sql.plan_delete_job(org, plan_id, now_us())):
             raise NotFound("Credit plan not found")
         return Response(status_code=204)
 

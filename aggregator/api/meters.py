@@ -24,18 +24,6 @@ from meters.errors import FieldError, ValidationFailed
 from meters.events import now_us
 from meters.periods import MAX_DAYS, Interval
 
-
-def _is_archived(request: Request) -> bool | None:
-    raw = request.query_params.get("is_archived")
-    if raw is None:
-        return None
-    if raw.lower() not in ("true", "false"):
-        raise ValidationFailed(
-            [FieldError("bool_parsing", ("query", "is_archived"), "Input should be a boolean", raw)]
-        )
-    return raw.lower() == "true"
-
-
 AGGREGATION_FUNCTIONS = frozenset({"count", "sum", "max", "min", "avg", "unique"})
 
 
@@ -95,9 +83,8 @@ def _subjects(
     """Customer filters as rollup subjects: every id and external id of each customer."""
     if not ids and not external:
         return None
-    valid = [i for i in ids if params.is_uuid(i)]
-    found = customer_sql.customers_by_refs(con, org, valid, list(external))
-    subjects = {f"id:{i}" for i in valid} | {f"ext:{e}" for e in external}
+    found = customer_sql.customers_by_refs(con, org, list(ids), list(external))
+    subjects = {f"id:{i}" for i in ids} | {f"ext:{e}" for e in external}
     subjects |= {s for c in found for s in customer_sql.subjects(c)}
     return tuple(sorted(subjects))
 
@@ -112,15 +99,15 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def get(request: Request) -> JSON:
         org = ctx.organization(request)
-        row = await ctx.store.read(sql.get_meter, org, request.path_params["id"])
+        row = await ctx.store.read(sql.get_meter, org, params.path_id(request))
         if row is None:
             raise NotFound("Meter not found")
         return JSON(shapes.meter(row))
 
     async def update(request: Request) -> JSON:
         org = ctx.organization(request)
+        meter_id = params.path_id(request)
         data = parse_model(MeterUpdate, await ctx.json(request))
-        meter_id = request.path_params["id"]
         if await ctx.store.read(sql.get_meter, org, meter_id) is None:
             raise NotFound("Meter not found")
         row = await ctx.store.write(sql.update_job(org, meter_id, data, now_us()))
@@ -133,7 +120,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         page, limit = params.page_and_limit(request)
         sorting = params.sorting(request, sql.METER_SORTS, "name")
         query = request.query_params.get("query")
-        archived = _is_archived(request)
+        archived = params.boolean(request, "is_archived")
         metadata = [(k, list(v)) for k, v in params.metadata(request)]
 
         def run(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
@@ -158,10 +145,10 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         start, end, interval, tz = _quantity_window(request)
         across = _choice(request, "customer_aggregation_function", AGGREGATION_FUNCTIONS, False)
-        ids = params.strings(request, "customer_id")
+        ids = params.ids(request, "customer_id")
         external = params.strings(request, "external_customer_id")
         metadata = params.metadata(request)
-        meter_id = request.path_params["id"]
+        meter_id = params.path_id(request)
 
         def run(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
             meter = sql.get_meter(con, org, meter_id)

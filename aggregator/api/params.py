@@ -1,16 +1,25 @@
-"""Query-string parsing with 422 errors that name the parameter (`["query", name]`)."""
+"""Query-string and path parsing with 422 errors that name the parameter (`["query", name]`,
+`["path", name]`). Ids are read as `meters.wire` spells them, and reach SQL canonical."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from starlette.requests import Request
 
-from aggregator.store.rows import is_uuid as is_uuid
 from meters.errors import FieldError, ValidationFailed
-from meters.events import EPOCH, datetime_to_us
+from meters.events import datetime_to_us
+from meters.wire import ID_MESSAGE, canonical_id
 
 MAX_LIMIT = 100
+# Offsets stay far inside DuckDB's BIGINT.
+MAX_PAGE = 2**31 - 1
+# Timestamps whose periods (up to a year, in any timezone) are dates of years 1..9999.
+MIN_TIMESTAMP = datetime(2, 1, 1, tzinfo=UTC)
+MAX_TIMESTAMP = datetime(9998, 12, 31, tzinfo=UTC)
+# Query booleans as FastAPI (pydantic) reads them, so as Polar does.
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
 
 
 def _fail(name: str, type_: str, msg: str, value: object) -> ValidationFailed:
@@ -35,11 +44,21 @@ def integer(request: Request, name: str, default: int, low: int, high: int | Non
 
 
 def page_and_limit(request: Request) -> tuple[int, int]:
-    return integer(request, "page", 1, 1, None), integer(request, "limit", 10, 1, MAX_LIMIT)
+    return integer(request, "page", 1, 1, MAX_PAGE), integer(request, "limit", 10, 1, MAX_LIMIT)
+
+
+def boolean(request: Request, name: str) -> bool | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    if raw.lower() not in _TRUE | _FALSE:
+        raise _fail(name, "bool_parsing", "Input should be a valid boolean", raw)
+    return raw.lower() in _TRUE
 
 
 def timestamp(request: Request, name: str) -> int | None:
-    """An ISO 8601 datetime parameter as UTC microseconds (naive values are read as UTC)."""
+    """An ISO 8601 datetime parameter as UTC microseconds (naive values are read as UTC),
+    between MIN_TIMESTAMP and MAX_TIMESTAMP."""
     raw = request.query_params.get(name)
     if raw is None:
         return None
@@ -48,7 +67,14 @@ def timestamp(request: Request, name: str) -> int | None:
     except ValueError:
         raise _fail(name, "datetime_parsing", "Input should be a valid datetime", raw) from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=EPOCH.tzinfo)
+        parsed = parsed.replace(tzinfo=UTC)
+    if not MIN_TIMESTAMP <= parsed <= MAX_TIMESTAMP:
+        raise _fail(
+            name,
+            "datetime_range",
+            f"Input should be between {MIN_TIMESTAMP.isoformat()} and {MAX_TIMESTAMP.isoformat()}",
+            raw,
+        )
     return datetime_to_us(parsed)
 
 
@@ -56,13 +82,29 @@ def strings(request: Request, name: str) -> tuple[str, ...]:
     return tuple(request.query_params.getlist(name))
 
 
-def uuids(request: Request, name: str) -> tuple[str, ...]:
-    """Every value of a repeatable UUID parameter; a malformed one is a 422."""
-    values = strings(request, name)
-    for value in values:
-        if not is_uuid(value):
-            raise _fail(name, "uuid_parsing", "Input should be a valid UUID", value)
-    return values
+def ids(request: Request, name: str) -> tuple[str, ...]:
+    """Every value of a repeatable id parameter, canonical; a malformed one is a 422."""
+    found = []
+    for value in strings(request, name):
+        canonical = canonical_id(value)
+        if canonical is None:
+            raise _fail(name, "uuid_parsing", ID_MESSAGE, value)
+        found.append(canonical)
+    return tuple(found)
+
+
+def one_id(request: Request, name: str) -> str | None:
+    found = ids(request, name)
+    return found[0] if found else None
+
+
+def path_id(request: Request, name: str = "id") -> str:
+    """An id path parameter, canonical; a malformed one is a 422 (Polar's, from FastAPI)."""
+    value = request.path_params[name]
+    canonical = canonical_id(value)
+    if canonical is None:
+        raise ValidationFailed([FieldError("uuid_parsing", ("path", name), ID_MESSAGE, value)])
+    return canonical
 
 
 def metadata(request: Request) -> tuple[tuple[str, tuple[str, ...]], ...]:

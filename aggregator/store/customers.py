@@ -10,7 +10,7 @@ import duckdb
 import orjson
 
 from aggregator.errors import NotFound
-from aggregator.store.meter_sql import json_path
+from aggregator.store.meter_sql import member_pointer
 from aggregator.store.rows import first_row, is_uuid
 from meters.customers import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
@@ -271,7 +271,7 @@ def list_customers(
         params.extend([query, query, query])
     for key, values in metadata:
         clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
-        params.extend([json_path((key,)), values])
+        params.extend([member_pointer(key), values])
     where = " AND ".join(clauses)
     total_row = first_row(con, f"SELECT count(*) FROM customers WHERE {where}", params)
     order = ", ".join(_SORTS[s] for s in sorting) or _SORTS["-created_at"]

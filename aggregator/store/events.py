@@ -11,7 +11,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store.meter_sql import json_path
+from aggregator.store.meter_sql import member_pointer
 from aggregator.store.meters import MeterRow, apply_isolated, meters_of
 from aggregator.store.rows import first_row
 from aggregator.store.writer import Batchable, Outcome
@@ -267,9 +267,9 @@ def _where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
         clauses.append("timestamp <= make_timestamptz(?)")
         params.append(q.end_us)
     for key, values in q.metadata:
-        # The key is bound as a JSON path (quoted member name), never spliced into SQL.
+        # The key is bound as a JSON pointer (any member name), never spliced into SQL.
         clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
-        params.extend([json_path((key,)), list(values)])
+        params.extend([member_pointer(key), list(values)])
     if q.meter is not None:
         clauses.append(q.meter[0])
         params.extend(q.meter[1])

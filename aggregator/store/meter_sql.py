@@ -31,6 +31,13 @@ def json_path(keys: tuple[str, ...]) -> str:
     return "$." + ".".join(f'"{key}"' for key in quoted)
 
 
+def member_pointer(key: str) -> str:
+    """A JSON pointer (RFC 6901) to the member `key` of a document, whatever the key's text: a
+    pointer has no wildcards, where a JSON path reads `$."*"` as one even quoted. For query
+    filters on metadata keys, which need not be valid property names."""
+    return "/" + key.replace("~", "~0").replace("/", "~1")
+
+
 class Inline:
     """Each metadata path read where it is used: `json_extract(metadata, path)`."""
 

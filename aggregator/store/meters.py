@@ -16,7 +16,7 @@ from pydantic import TypeAdapter
 
 from aggregator.errors import NotFound
 from aggregator.store import rollups
-from aggregator.store.meter_sql import json_path
+from aggregator.store.meter_sql import member_pointer
 from aggregator.store.rows import first_row, is_uuid
 from aggregator.store.writer import Repairable
 from meters.aggregations import Aggregation
@@ -399,7 +399,7 @@ def list_meters(
         clauses.append("archived_at IS NOT NULL" if is_archived else "archived_at IS NULL")
     for key, values in metadata:
         clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
-        params.extend([json_path((key,)), values])
+        params.extend([member_pointer(key), values])
     where = " AND ".join(clauses)
     total = con.execute(f"SELECT count(*) FROM meters WHERE {where}", params).fetchall()[0][0]
     order = ", ".join(_SORTS[s] for s in sorting)

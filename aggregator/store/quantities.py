@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import duckdb
 
-from aggregator.store.meter_sql import contribution_sql, filter_sql, json_path
+from aggregator.store.meter_sql import contribution_sql, filter_sql, member_pointer
 from aggregator.store.meters import MeterRow
 from aggregator.store.rollups import SUBJECT
 from meters.aggregations import Partial, UniqueAggregation
@@ -106,7 +106,7 @@ def from_events(
         params.append(list(scope.subjects))
     for key, values in scope.metadata:
         where += " AND json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))"
-        params.extend([json_path((key,)), list(values)])
+        params.extend([member_pointer(key), list(values)])
     who_params, unique, selected, group = _shape(scope, "count(*), sum(v), min(v), max(v)", "v")
     rows = con.execute(
         f"SELECT {selected} FROM"

@@ -3,10 +3,11 @@ ids checked before they reach a UUID cast."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import duckdb
+
+from meters.wire import is_canonical_id
 
 
 def first_row(
@@ -17,8 +18,6 @@ def first_row(
 
 
 def is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
+    """Whether `value` is an id in the one spelling the API passes down (`meters.wire`):
+    any other text is no stored row's id, and would fail a UUID cast."""
+    return is_canonical_id(value)

@@ -33,7 +33,20 @@ def error(status: int, error_name: str, detail: Any, headers: dict[str, str] | N
 
 def validation_error(exc: ValidationFailed) -> JSON:
     name = "PolarRequestValidationError" if exc.business else "RequestValidationError"
-    return error(422, name, [e.as_dict() for e in exc.errors])
+    detail = [e.as_dict() for e in exc.errors]
+    try:
+        return error(422, name, detail)
+    except orjson.JSONEncodeError:
+        # An input nested deeper than orjson encodes (255 levels) is not echoed back.
+        return error(422, name, [{**d, "input": _echoable(d["input"])} for d in detail])
+
+
+def _echoable(value: Any) -> Any:
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return None
+    return value
 
 
 def unauthorized() -> JSON:

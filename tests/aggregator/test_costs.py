@@ -140,7 +140,9 @@ def test_customers_group_by_entity_merging_ids_and_external_ids(client: httpx.Cl
     both = costs(client, customer_id=[bob, carol], external_customer_id="ghost")
     assert both["total"] == {"amount": "4.25", "currency": "usd", "events": 3}
     assert costs(client, customer_id=carol)["total"]["events"] == 0
-    assert costs(client, customer_id="not-a-uuid")["total"]["events"] == 0
+    malformed = client.get("/v1/costs/", params={**RANGE, "customer_id": "not-a-uuid"})
+    assert malformed.status_code == 422
+    assert malformed.json()["detail"][0]["loc"] == ["query", "customer_id"]
     upper = costs(client, customer_id=alice.upper())
     assert upper["total"]["amount"] == "3.75"
 
@@ -261,6 +263,12 @@ def test_top_customers_by_cost(client: httpx.Client) -> None:
         ({"limit": "1001"}, ["query", "limit"], "less_than_equal"),
         ({"limit": "ten"}, ["query", "limit"], "int_parsing"),
         ({"sort": "-amount"}, ["query", "sort"], "enum"),
+        ({"customer_id": "not-a-uuid"}, ["query", "customer_id"], "uuid_parsing"),
+        (
+            {"end_timestamp": "9999-12-31T23:00:00-05:00"},
+            ["query", "end_timestamp"],
+            "datetime_range",
+        ),
     ],
 )
 def test_bad_parameters_get_422_at_their_loc(

@@ -14,7 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
-from aggregator.store.meter_sql import Extracted, aggregate_sql, contribution_sql, filter_sql
+from aggregator.store.meter_sql import (
+    Extracted,
+    aggregate_sql,
+    contribution_sql,
+    filter_sql,
+    member_pointer,
+)
 from meters.aggregations import Aggregation, fold
 from meters.filters import EventView, Filter
 
@@ -227,3 +233,18 @@ def test_polar_docs_example(con: duckdb.DuckDBPyConnection, func: str, expected:
     assert fold(aggregation, batch) == expected
     _load(con, batch)
     assert sql_aggregate(con, everything, aggregation) == expected
+
+
+@given(
+    key=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=40),
+    other=st.sampled_from(["a", "*", "~", "/", "a/b", "~1", '"', "$"]),
+)
+def test_a_member_pointer_names_exactly_its_key(
+    con: duckdb.DuckDBPyConnection, key: str, other: str
+) -> None:
+    """Query filters on metadata take any key literally: `*`, `~`, `/`, quotes and `$` too."""
+    document = orjson.dumps({key: "hit", other: "miss"} if key != other else {key: "hit"})
+    found = con.execute(
+        "SELECT json_extract_string(?::JSON, ?)", [document.decode(), member_pointer(key)]
+    ).fetchall()
+    assert found == [("hit",)]

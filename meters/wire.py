@@ -1,0 +1,68 @@
+"""Values that requests carry as text, one definition for bodies, paths and query strings: ids
+and timestamps. Everything else in a JSON body is JSON's own type, strictly (`parse_model`).
+
+An id is a UUID spelled as Polar's API accepts it (pydantic's UUID type, which FastAPI applies
+to paths, queries and bodies alike), hex digits in either case:
+
+    6f1c2a3b-4c5d-4e6f-8a9b-0c1d2e3f4a5b          hyphenated
+    6f1c2a3b4c5d4e6f8a9b0c1d2e3f4a5b              32 hex digits
+    {6f1c2a3b-4c5d-4e6f-8a9b-0c1d2e3f4a5b}        braced
+    urn:uuid:6f1c2a3b-4c5d-4e6f-8a9b-0c1d2e3f4a5b URN
+
+and is read as its canonical spelling (lowercase, hyphenated), the only one that reaches SQL.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AwareDatetime, BeforeValidator
+from pydantic_core import PydanticCustomError
+
+_HYPHENATED = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_ID = re.compile(rf"{_HYPHENATED}|\{{{_HYPHENATED}\}}|urn:uuid:{_HYPHENATED}|[0-9a-fA-F]{{32}}")
+ID_MESSAGE = "Input should be a valid UUID (hyphenated, braced, urn:uuid: or 32 hex digits)"
+
+
+def canonical_id(text: str) -> str | None:
+    """`text` as a canonical id, or None when it is not a spelling of one."""
+    if _ID.fullmatch(text) is None:
+        return None
+    return str(uuid.UUID(text))
+
+
+def is_canonical_id(text: str) -> bool:
+    return canonical_id(text) == text
+
+
+def _id(value: Any) -> Any:
+    if isinstance(value, uuid.UUID):
+        return value
+    if type(value) is not str:
+        raise PydanticCustomError("uuid_type", "Input should be a UUID string")
+    canonical = canonical_id(value)
+    if canonical is None:
+        raise PydanticCustomError("uuid_parsing", ID_MESSAGE)
+    return uuid.UUID(canonical)
+
+
+def _timestamp(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value
+    if type(value) is not str:
+        raise PydanticCustomError("datetime_type", "Input should be an ISO 8601 datetime string")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise PydanticCustomError(
+            "datetime_parsing", "Input should be a valid ISO 8601 datetime"
+        ) from None
+
+
+# A UUID field of a request body: only a string with one of the spellings above.
+Id = Annotated[uuid.UUID, BeforeValidator(_id)]
+# A datetime field of a request body: only an ISO 8601 string with a UTC offset.
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_timestamp)]
