@@ -273,6 +273,18 @@ def test_a_deeper_filter_stored_by_earlier_versions_still_loads(tmp_path: Path) 
         assert quantities.status_code == 200 and quantities.json()["total"] == 1
 
 
+def test_a_refused_value_too_deep_to_echo_is_still_a_422(core: InProcessCore) -> None:
+    """422s echo the refused input; one nested deeper than the encoder goes is left out."""
+    deep = "[" * 300 + "]" * 300
+    for path, body, loc in (
+        ("/v1/events/ingest", f'{{"events": {deep}}}', ["body", "events", 0]),
+        ("/v1/customers/", f'{{"email": "d@b.co", "name": {deep}}}', ["body", "name"]),
+    ):
+        response = core.request("POST", path, content=body)
+        assert loc_of(response)[: len(loc)] == loc, response.text
+        assert response.json()["detail"][0]["input"] is None
+
+
 def test_a_json_string_is_never_a_number_or_a_boolean(
     core: InProcessCore, ids: dict[str, str]
 ) -> None:
