@@ -116,6 +116,7 @@ class Consumer:
             await retrying(self._consumer.start)
             await retrying(self._dead_letters.start)
         self._task = asyncio.create_task(self._run(), name="kafka-consumer")
+        self._task.add_done_callback(_report_stop)
         return self
 
     async def __aexit__(
@@ -406,6 +407,12 @@ def decode_batch(
     table = table.append_column("ingested_at", pa.array([r.ingested_at_us for _, r in good], _TS))
     table = table.append_column("position", pa.array([i for i, _ in good], pa.int64()))
     return write_ipc(table), rejected
+
+
+def _report_stop(task: asyncio.Task[None]) -> None:
+    """The consumer only stops when cancelled; anything else would stop metering silently."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the Kafka consumer stopped; no events are applied", exc_info=task.exception())
 
 
 def _ignore_failure(future: asyncio.Future[Any]) -> None:
