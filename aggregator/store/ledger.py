@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -88,7 +89,7 @@ def _keyed_job(
     operation: idempotency.Operation,
     data: CreditCreate | ResetCreate,
     now_us: int,
-    apply: Any,
+    apply: Callable[[Con, CustomerRow, MeterRow], None],
 ) -> Any:
     """`apply(con, customer, meter)` once per idempotency key; a replay answers the customer
     meter as the first call left it."""
