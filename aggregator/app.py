@@ -22,6 +22,7 @@ from aggregator.consumer import Consumer
 from aggregator.errors import KeyReused, MeterFailed, NotFound, QueryTimeout
 from aggregator.forwarder import Forwarder
 from aggregator.store import Store
+from aggregator.store.columns import to_ipc
 from aggregator.store.events import IngestJob
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS
 from ingest.http.admission import Admission
@@ -31,7 +32,7 @@ from ingest.http.responses import EXCEPTION_HANDLERS, JSON, error
 from ingest.ipc import read_ipc
 from ingest.publish import Publisher, PublishResult
 from ingest.validation import ValidationPool
-from meters.events import now_us
+from meters.times import now_us
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ class EmbeddedPublisher:
     async def publish(
         self, organization_id: str, body: bytes, received_at_us: int
     ) -> PublishResult:
-        events = read_ipc(await self._validation.validate(body, received_at_us, organization_id))
+        events = read_ipc(
+            await self._validation.validate(body, received_at_us, organization_id, to_ipc)
+        )
         assert self._store.seq is not None
         job = IngestJob(organization_id, events, received_at_us, self._store.seq)
         result = await self._store.write(

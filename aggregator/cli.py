@@ -37,13 +37,13 @@ from aggregator.errors import NotFound, UsageError
 from aggregator.forwarder import Forwarder, ForwarderSettings
 from aggregator.plans import PlanCycler
 from aggregator.store import Store
-from aggregator.store.columns import to_ipc
 from ingest.http.admission import MIB, Limits, Rate
 from ingest.http.app import IngestSettings
 from ingest.http.protocol import with_header_timeout
 from ingest.publish import Publisher
-from ingest.publish.kafka import KafkaPublisher, KafkaSettings, encode_records
+from ingest.publish.kafka import KafkaPublisher, KafkaSettings
 from ingest.validation import ValidationPool
+from meters.columnar import COMPRESSIONS
 from meters.events import EventRules
 
 DEFAULT_DATA_DIR = Path(".meterline")
@@ -113,7 +113,17 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
     kafka.add_argument("--dead-letter-topic", default=defaults.dead_letter_topic)
     kafka.add_argument("--partitions", type=int, default=defaults.partitions)
     kafka.add_argument("--replication-factor", type=int, default=defaults.replication_factor)
-    kafka.add_argument("--compression", choices=["gzip", "snappy", "lz4", "zstd"])
+    kafka.add_argument(
+        "--compression",
+        choices=["gzip", "snappy", "lz4", "zstd"],
+        help="compression of Kafka record batches (default none)",
+    )
+    kafka.add_argument(
+        "--record-compression",
+        choices=list(COMPRESSIONS),
+        default=defaults.record_compression,
+        help="compression of the columnar records' Arrow buffers",
+    )
     kafka.add_argument("--linger-ms", type=int, default=defaults.linger_ms)
     kafka.add_argument("--consumer-group", default=defaults.consumer_group)
     kafka.add_argument(
@@ -247,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             partitions=args.partitions,
             replication_factor=args.replication_factor,
             compression=args.compression,
+            record_compression=args.record_compression,
             idempotence=not args.no_idempotence,
             linger_ms=args.linger_ms,
             consumer_group=args.consumer_group,
@@ -312,11 +323,8 @@ async def serve(
                     job_bound_seconds=settings.job_bound_seconds,
                 )
             )
-            encode = to_ipc if kafka is None else encode_records
             validation = await stack.enter_async_context(
-                ValidationPool(
-                    settings.ingest.rules, encode, workers=settings.ingest.validation_workers
-                )
+                ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)
             )
             backfiller = await stack.enter_async_context(Backfiller(store))
             await stack.enter_async_context(PlanCycler(store))
@@ -354,9 +362,7 @@ async def serve_edge(settings: CoreSettings, kafka: KafkaSettings, *, log_level:
     try:
         async with (
             ValidationPool(
-                settings.ingest.rules,
-                encode_records,
-                workers=settings.ingest.validation_workers,
+                settings.ingest.rules, workers=settings.ingest.validation_workers
             ) as validation,
             KafkaPublisher(kafka, validation) as publisher,
         ):

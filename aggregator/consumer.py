@@ -35,9 +35,9 @@ from aiokafka import (
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 from aiokafka.structs import ConsumerRecord
 
+from aggregator.decode import DeadLetter, decode_batch, plain_times, row_record
 from aggregator.errors import OffsetGap
 from aggregator.store import Store
-from aggregator.store.columns import to_table
 from aggregator.store.consumed import (
     ConsumedBatch,
     OffsetReset,
@@ -46,22 +46,24 @@ from aggregator.store.consumed import (
     stored_offsets,
 )
 from aggregator.store.events import known_customers
-from ingest.ipc import read_ipc, write_ipc
+from ingest.ipc import read_ipc
 from ingest.publish.kafka import KafkaSettings, ensure_topics, retrying
 from ingest.validation import ValidationPool
-from meters.events import EventRules, now_us
-from meters.records import Record, Rejected, decode_records
+from meters.events import EventRules
+from meters.times import now_us
 
 log = logging.getLogger(__name__)
-_TS = pa.timestamp("us", tz="UTC")
 
 
 @dataclass(frozen=True, slots=True)
 class ConsumerSettings:
-    # Per poll, i.e. per transaction at most; fewer when that many would hold the writer past
-    # its job bound (measured from the batches committed so far).
-    max_records: int = 20_000
-    min_records: int = 500
+    # Events per poll, i.e. per transaction at most; fewer when that many would hold the
+    # writer past its job bound (measured from the batches committed so far). Polls ask for
+    # records: a columnar record holds many events, so the events per record seen so far
+    # convert one into the other, starting from `first_records`.
+    max_events: int = 20_000
+    min_events: int = 500
+    first_records: int = 16
     poll_timeout_ms: int = 50
     max_record_bytes: int = 1024 * 1024
     retry_seconds: float = 1.0  # after a failed batch, before reading it again
@@ -92,7 +94,8 @@ class Consumer:
         self._consumer: AIOKafkaConsumer | None = None
         self._dead_letters: Any = None
         self._task: asyncio.Task[None] | None = None
-        self._records = self._settings.max_records
+        self._records = self._settings.first_records
+        self._events = self._settings.min_events  # the target per poll
         self.applied = 0
         self.dead_lettered = 0
         self.commit_seconds: collections.deque[float] = collections.deque(maxlen=1000)
@@ -271,27 +274,27 @@ class Consumer:
         """Decode (in a worker process), dead-letter what cannot be applied, and build the
         writer job; nothing is committed yet."""
         records = [r for batch in fetched.values() for r in batch]
-        ipc, rejected = await self._workers.run(
+        ipc, dead = await self._workers.run(
             partial(
                 decode_batch,
                 [r.value for r in records],
                 [r.timestamp for r in records],
+                [list(r.headers) for r in records],
                 now_us(),
                 self._rules,
                 self._settings.max_record_bytes,
             )
         )
         table = read_ipc(ipc)
-        dead = [(records[i], reason) for i, reason in rejected]
         table, more = await self._known_only(table)
-        dead += [(records[i], reason) for i, reason in more]
+        dead += more
         if dead:
-            await self._dead_letter(dead)
+            await self._dead_letter([(records[d.position], d) for d in dead])
         self.dead_lettered += len(dead)
         assert self._store.seq is not None
         return ConsumedBatch(
             self._kafka.topic,
-            table.drop_columns(["position"]),
+            table.drop_columns(["position", "row"]),
             {
                 tp.partition: (batch[0].offset, batch[-1].offset + 1)
                 for tp, batch in fetched.items()
@@ -299,9 +302,9 @@ class Consumer:
             self._store.seq,
         )
 
-    async def _known_only(self, table: pa.Table) -> tuple[pa.Table, list[tuple[int, str]]]:
+    async def _known_only(self, table: pa.Table) -> tuple[pa.Table, list[DeadLetter]]:
         """The rows whose organization exists and whose customer_id, if any, names one of its
-        customers (Polar's rule); and (position, reason) of the others."""
+        customers (Polar's rule); and the others, as dead letters."""
         organizations = table.column("organization_id")
         unknown = [
             o for o in pc.unique(organizations).to_pylist() if not self._organization_exists(str(o))
@@ -321,9 +324,16 @@ class Consumer:
                 reasons,
             )
         dead = pc.is_valid(reasons)
-        positions = [int(p or 0) for p in table.column("position").filter(dead).to_pylist()]
-        why = [str(r) for r in reasons.filter(dead).to_pylist()]
-        return table.filter(pc.invert(dead)), list(zip(positions, why, strict=True))
+        if not pc.any(dead).as_py():
+            return table, []
+        rows = plain_times(table.filter(dead)).to_pylist()
+        letters = [
+            DeadLetter(row["position"], str(reason))
+            if row["row"] is None
+            else DeadLetter(row["position"], str(reason), row["row"], row_record(row))
+            for row, reason in zip(rows, reasons.filter(dead).to_pylist(), strict=True)
+        ]
+        return table.filter(pc.invert(dead)), letters
 
     async def _commit(
         self, batch: ConsumedBatch, fetched: dict[TopicPartition, list[ConsumerRecord]]
@@ -332,7 +342,7 @@ class Consumer:
         await self._store.write(batch, weight=max(1, batch.events.num_rows))
         seconds = time.perf_counter() - started
         self.commit_seconds.append(seconds)
-        self._fit_to_bound(sum(len(r) for r in fetched.values()), seconds)
+        self._fit_to_bound(sum(len(r) for r in fetched.values()), batch.events.num_rows, seconds)
         self.applied += batch.events.num_rows
         assert self._consumer is not None
         offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
@@ -340,41 +350,56 @@ class Consumer:
         commit = asyncio.ensure_future(self._consumer.commit(offsets))
         commit.add_done_callback(_ignore_failure)
 
-    def _fit_to_bound(self, records: int, seconds: float) -> None:
+    def _fit_to_bound(self, records: int, events: int, seconds: float) -> None:
         """Size the next polls so that a batch's commit fits in the writer's job bound."""
-        if records < self._settings.min_records:
-            return  # a small batch is mostly fixed cost: it says little per record
-        fits = int(records * self._store.writer.job_bound_seconds / max(seconds, 1e-3))
-        self._records = max(
-            self._settings.min_records,
-            min(self._settings.max_records, fits, 2 * self._records),
-        )
+        settings = self._settings
+        per_record = max(1.0, events / max(1, records))
+        if events >= settings.min_events:  # a small batch is mostly fixed cost: it says little
+            fits = int(events * self._store.writer.job_bound_seconds / max(seconds, 1e-3))
+            self._events = max(settings.min_events, min(settings.max_events, fits))
+        # At most doubling from one poll to the next.
+        self._records = max(1, min(int(self._events / per_record), 2 * self._records))
 
-    async def _dead_letter(self, dead: list[tuple[ConsumerRecord, str]]) -> None:
+    async def _dead_letter(self, dead: list[tuple[ConsumerRecord, DeadLetter]]) -> None:
         acks = []
-        for record, reason in dead:
-            log.warning(
-                "dead-lettering %s[%d]@%d: %s",
-                record.topic,
-                record.partition,
-                record.offset,
-                reason,
-            )
+        for record, letter in dead:
+            where = f"{record.topic}[{record.partition}]@{record.offset}"
+            if letter.row is not None:
+                where += f" row {letter.row}"
+            log.warning("dead-lettering %s: %s", where, letter.reason)
             headers = [
-                ("meterline.reason", reason.encode()),
+                ("meterline.reason", letter.reason.encode()),
                 ("meterline.topic", record.topic.encode()),
                 ("meterline.partition", str(record.partition).encode()),
                 ("meterline.offset", str(record.offset).encode()),
             ]
+            if letter.row is not None:
+                headers.append(("meterline.row", str(letter.row).encode()))
             acks.append(
                 await self._dead_letters.send(
                     self._kafka.dead_letter_topic,
-                    value=record.value,
+                    value=record.value if letter.value is None else letter.value,
                     key=record.key,
-                    headers=headers,
+                    headers=headers if letter.row is not None else headers + _origin(record),
                 )
             )
         await asyncio.gather(*acks)
+
+
+_DEAD_HEADERS = frozenset(
+    {
+        "meterline.reason",
+        "meterline.topic",
+        "meterline.partition",
+        "meterline.offset",
+        "meterline.row",
+    }
+)
+
+
+def _origin(record: ConsumerRecord) -> list[tuple[str, bytes]]:
+    """A whole record's own headers (a columnar record's say its format), kept beside ours."""
+    return [(name, value) for name, value in record.headers if name not in _DEAD_HEADERS]
 
 
 class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -386,27 +411,6 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self._owner.seek_to_stored(assigned)
-
-
-def decode_batch(
-    values: list[bytes | None],
-    timestamps_ms: list[int],
-    now: int,
-    rules: EventRules,
-    max_bytes: int,
-) -> tuple[bytes, list[tuple[int, str]]]:
-    """Records to store columns (Arrow IPC, with organization_id, ingested_at and the record's
-    position in the batch), and (position, reason) of the rejected ones. Runs in a worker."""
-    results = decode_records(values, timestamps_ms, now_us=now, rules=rules, max_bytes=max_bytes)
-    good = [(i, r) for i, r in enumerate(results) if isinstance(r, Record)]
-    rejected = [(i, r.reason) for i, r in enumerate(results) if isinstance(r, Rejected)]
-    table = to_table([r.event for _, r in good])
-    table = table.append_column(
-        "organization_id", pa.array([r.organization_id for _, r in good], pa.string())
-    )
-    table = table.append_column("ingested_at", pa.array([r.ingested_at_us for _, r in good], _TS))
-    table = table.append_column("position", pa.array([i for i, _ in good], pa.int64()))
-    return write_ipc(table), rejected
 
 
 def _report_stop(task: asyncio.Task[None]) -> None:

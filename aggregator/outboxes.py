@@ -15,7 +15,7 @@ from aggregator.store import Store
 from aggregator.store import forward_rollups as rollup_sql
 from aggregator.store import outbox as raw_sql
 from aggregator.store.outbox import Pending
-from meters.events import now_us
+from meters.times import now_us
 
 
 class Outbox(Protocol):

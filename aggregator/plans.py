@@ -16,7 +16,7 @@ from typing import Self
 
 from aggregator.store import Store
 from aggregator.store.plans import cycle_due_job
-from meters.events import now_us
+from meters.times import now_us
 
 log = logging.getLogger(__name__)
 

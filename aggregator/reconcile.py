@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from meters.events import us_to_iso
 from meters.polar_api import PolarApi
 from meters.reconcile import Comparison, Meter, Tally, compare, repair_event, rollup_meters, same
+from meters.times import us_to_iso
 from meters.upstream import Accepted, Rejected, backoff
 
 DRIFT_ROWS_SHOWN = 20

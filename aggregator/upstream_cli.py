@@ -19,7 +19,7 @@ from aggregator.errors import UsageError
 from aggregator.forwarder import ForwarderSettings
 from aggregator.reconcile import ReconcileSettings, reconcile
 from meters.errors import MetersError
-from meters.events import datetime_to_us
+from meters.times import datetime_to_us
 
 ROLLUP_MINUTES = (15, 30, 60, 120, 180, 240, 360, 480, 720, 1440)  # whole buckets dividing a day
 MAX_REQUEST_BYTES = 10 * 1024 * 1024

@@ -131,17 +131,29 @@ def run(quick: bool = False) -> dict[str, Any]:
     return measure(quick)
 
 
+def inline(quick: bool = False) -> dict[str, Any]:
+    """ingest_http with validation inline (`--validation-workers 0`): does the pool pay for
+    its copies?
+
+    Hypothesis: with compiled validation at about two JSON parses per event, validating in
+    the server process costs less than shipping each body to a worker process and its columns
+    back, so this run is at least as fast as ingest_http's (compare the two tables).
+    """
+    return measure(quick, server_args=("--validation-workers", "0"))
+
+
 def measure(
     quick: bool,
     *,
     setup: Hook | None = None,
     verify: Hook | None = None,
     batches: int | None = None,
+    server_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The ingest_http benchmark; other benchmarks reuse it with hooks (e.g. to create meters
-    first) and a fixed number of batches per run (to compare like with like)."""
+    first), a fixed number of batches per run (to compare like with like) and server flags."""
     plan = QUICK if quick else FULL
-    with Server() as server:
+    with Server(*server_args) as server:
         prepared = setup(server) if setup else None
         load = LoadGenerator(server)
         try:

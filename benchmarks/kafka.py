@@ -9,24 +9,26 @@ idempotent producer, so meterline runs with `--no-idempotence`. Topics have 6 pa
 kafka_ingest_http: HTTP → Kafka. One `meterline ingest` edge (token made with `meterline token
 create` in its data dir) takes ingest_http's load (the same load-generator process and bodies:
 batches of 1,000 realistic LLM events, 8 requests in flight; a warm-up sizes 10 s runs), and the
-number of records in the topic afterwards must equal the events acknowledged. Then one run at
-half the median rate, open-loop (a request every 1,000 / rate s), for request latency below
-saturation. Reference, same broker: raw aiokafka publishing the same kind of records, encoded
-before timing (`record_key`/`record_value` of validated loadgen events), as the edge does per
-request (grouped by partition, `create_batch`/`send_batch`, acks=all, 8 requests in flight), to
-a fresh topic. The ratio edge/raw is what HTTP, validation and the edge's process cost.
+events in the topic afterwards (the edge writes columnar records, many events each) must equal
+the events acknowledged. Then one run at half the median rate, open-loop (a request every
+1,000 / rate s), for request latency below saturation. Reference, same broker: raw aiokafka
+publishing the same events as one JSON record each (the previous edges' format and any
+producer's), encoded before timing (`record_key`/`record_value` of validated loadgen events),
+per request grouped by partition (`create_batch`/`send_batch`, acks=all, 8 requests in flight),
+to a fresh topic. The ratio edge/raw is what HTTP, validation and the edge's process cost, less
+what the columnar format saves; bytes per event in each topic are compared too.
 
-kafka_consume: Kafka → DuckDB. A topic is preloaded (untimed, raw aiokafka) with N records of
-validated loadgen events in meterline's record format; then, in this process, a `Store` on a
-temp file with the 10 meters of `benchmarks.meters.METERS` and the `Consumer` (the core's, same
-settings, decoding in a worker pool of one process per CPU as the core's) is timed from its
-partition assignment (the group join before it is reported apart) until the offsets stored
-with the events reach the topic's end; the rollups are then checked against the events
-(`check_rollups`). References, same records: DuckDB alone (the values as a JSON-lines
-file, one SQL computing the 10 meters per customer and 15-minute bucket, i.e. rollup grain, with
-`read_ndjson` and an explicit schema), and Quix Streams (`benchmarks/peers/quixstreams_meters.py`,
-the same 10 meters in tumbling 15-minute windows per key, own consumer group, subprocess) on the
-same topic after our consumer; its per-meter totals must equal meterline's.
+kafka_consume: Kafka → DuckDB. A topic is preloaded (untimed, raw aiokafka) with N validated loadgen
+events as edges write them (columnar records, one per partition per request); then, in this process,
+a `Store` on a temp file with the 10 meters of `benchmarks.meters.METERS` and the `Consumer` (the
+core's, same settings, decoding in a worker pool of one process per CPU as the core's) is timed from
+its partition assignment (the group join before it is reported apart) until the offsets stored with
+the events reach the topic's end; the rollups are then checked against the events (`check_rollups`).
+References, same records: DuckDB alone (the values as a JSON-lines file, one SQL computing the 10
+meters per customer and 15-minute bucket, i.e. rollup grain, with `read_ndjson` and an explicit
+schema), and Quix Streams (`benchmarks/peers/quixstreams_meters.py`, the same 10 meters in tumbling
+15-minute windows per key, own consumer group, subprocess) on a topic of the same events as JSON
+records, after our consumer; its per-meter totals must equal meterline's.
 
 kafka_freshness: broker, `meterline up --kafka` (the core: consumer + API) and one `meterline
 ingest` edge on a shared data dir. The load generator sends a steady background load through
@@ -59,7 +61,7 @@ from typing import Any
 import duckdb
 import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from aggregator.auth import TokenRegistry
@@ -71,10 +73,13 @@ from benchmarks.common import cpu_seconds, metric, percentile
 from benchmarks.ingest_http import BATCH_SIZE, CONCURRENCY, RUN_SECONDS, LoadGenerator
 from benchmarks.meters import METERS, check_rollups, create_meters
 from benchmarks.server import Server
-from ingest.publish.kafka import KafkaSettings, encode_records, partition_of
+from ingest.publish.kafka import KafkaSettings
 from ingest.validation import ValidationPool
-from meters.events import EventRules, now_us, parse_ingest_body
+from meters import columnar
+from meters.columnar import partition_of
+from meters.events import EventRules, parse_ingest_body, validate_body
 from meters.records import record_key, record_value
+from meters.times import now_us
 from tests.processes import Broker, token_cli
 
 ORG = "bench"
@@ -85,6 +90,8 @@ EVENTS_TOPIC = KafkaSettings("").topic
 # created with, so the benchmark's topics are created with it explicitly.
 TOPIC_CONFIGS = {"retention.ms": "-1"}
 Requests = list[list[tuple[bytes, bytes]]]  # per request body: (key, value) of each record
+# Per request body: (partition, value, headers) of each columnar record.
+ColumnarRequests = list[list[columnar.Record]]
 
 
 # ---- shared ---------------------------------------------------------------------------------
@@ -105,6 +112,65 @@ def encoded_records(organization_id: str, batches: int, seed: int, tag: str) -> 
             ]
         )
     return requests
+
+
+def columnar_requests(organization_id: str, batches: int, seed: int, tag: str) -> ColumnarRequests:
+    """Loadgen's request bodies as an edge publishes them: validated, then one columnar record
+    per partition (`meters.columnar`, the edge's default compression)."""
+    now = now_us()
+    rules = EventRules()
+    requests = []
+    for body in loadgen.make_bodies(tag, batches, BATCH_SIZE, seed):
+        table = validate_body(body, now=now, rules=rules)
+        encoded = columnar.encode(table, organization_id, now, partitions=PARTITIONS)
+        requests.append(encoded.records)
+    return requests
+
+
+async def produce_columnar(
+    producer: AIOKafkaProducer, topic: str, requests: ColumnarRequests
+) -> None:
+    """Publish each request's records as `KafkaPublisher.publish` does, CONCURRENCY requests
+    in flight."""
+    pending = iter(requests)
+
+    async def worker() -> None:
+        for records in pending:
+            timestamp_ms = time.time_ns() // 1_000_000
+            acks = [
+                await producer.send(
+                    topic,
+                    r.value,
+                    partition=r.partition,
+                    timestamp_ms=timestamp_ms,
+                    headers=r.headers,
+                )
+                for r in records
+            ]
+            await asyncio.gather(*acks)
+
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+
+
+async def topic_events(bootstrap: str, topic: str) -> dict[str, int]:
+    """Events in `topic` (a columnar record holds many, a JSON record one), its records, and
+    the bytes of their values, read from the start."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    found = {"events": 0, "records": 0, "value_bytes": 0}
+    try:
+        while fetched := await consumer.getmany(timeout_ms=2000, max_records=10_000):
+            for records in fetched.values():
+                for record in records:
+                    read = columnar.read(record.value, list(record.headers))
+                    found["events"] += 1 if isinstance(read, str) else read.events.num_rows
+                    found["records"] += 1
+                    found["value_bytes"] += len(record.value or b"")
+        return found
+    finally:
+        await consumer.stop()
 
 
 async def create_topics(bootstrap: str, names: list[str]) -> None:
@@ -163,34 +229,6 @@ def raw_producer(bootstrap: str) -> AIOKafkaProducer:
     """The edge's producer settings (acks=all, linger 5 ms, 1 MiB batches), without idempotence
     (Tansu lacks it)."""
     return KafkaSettings(bootstrap, idempotence=False).producer()
-
-
-async def topic_size(bootstrap: str, topic: str) -> dict[str, int]:
-    """Records in `topic` (offsets are contiguous here: no compaction, no transactions).
-
-    Tansu's end offset (ListOffsets "latest") is the base offset of a partition's last record
-    batch, not the offset after its last record, so the end is read instead: from that offset
-    to the last record. With a broker that reports the true end, nothing is read after it.
-    """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer.topics()  # fetches metadata for every topic
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        reported = await consumer.end_offsets(partitions)
-        consumer.assign(partitions)
-        ends = dict(reported)
-        for tp, offset in reported.items():
-            consumer.seek(tp, offset)
-        while fetched := await consumer.getmany(timeout_ms=1000):
-            for tp, records in fetched.items():
-                ends[tp] = max(ends[tp], records[-1].offset + 1)
-        return {
-            "records": sum(ends.values()),
-            "reported_end_offsets_sum": sum(reported.values()),
-        }
-    finally:
-        await consumer.stop()
 
 
 def broker_cpu(broker: Broker) -> float:
@@ -274,7 +312,7 @@ def kafka_ingest_http(quick: bool = False) -> dict[str, Any]:
             finally:
                 load.close()
             memory = edge.memory_kib()
-            in_topic = asyncio.run(topic_size(broker.bootstrap, EVENTS_TOPIC))
+            in_topic = asyncio.run(topic_events(broker.bootstrap, EVENTS_TOPIC))
             exit_code = edge.stop()
             output = [line.replace(token, "<token>") for line in edge.output[-20:]]
             print(f"   raw aiokafka: {batches} batches per run", flush=True)
@@ -312,10 +350,19 @@ def kafka_ingest_http(quick: bool = False) -> dict[str, Any]:
         metric("errors", errors, "requests", "==", 0),
         metric(
             "acknowledged but not in the topic",
-            acknowledged - in_topic["records"],
+            acknowledged - in_topic["events"],
             "events",
             "==",
             0,
+        ),
+        metric("edge: bytes per event in the topic", in_topic["value_bytes"] / acknowledged, "B"),
+        metric("raw JSON records: bytes per event", raw["record_value_bytes_avg"], "B"),
+        metric(
+            "edge / raw JSON bytes per event",
+            in_topic["value_bytes"] / acknowledged / raw["record_value_bytes_avg"],
+            "x",
+            "<=",
+            0.5,
         ),
     ]
     return {
@@ -330,9 +377,7 @@ def kafka_ingest_http(quick: bool = False) -> dict[str, Any]:
             "warmup": warmup,
             "half_load_run": half,
             "acknowledged_events": acknowledged,
-            "records_in_topic": in_topic["records"],
-            # Tansu's reported end offsets (see topic_size): short of the records in the topic.
-            "reported_end_offsets_sum": in_topic["reported_end_offsets_sum"],
+            "topic": in_topic,
             "raw_aiokafka": raw,
             "edge_exit_code": exit_code,
             "edge_stop_seconds": round(edge.stop_seconds or 0.0, 2),
@@ -421,6 +466,7 @@ TARGET_CONSUME_EVENTS_PER_S = 300_000
 CONSUME_FULL = {"events": 1_000_000, "duckdb_runs": 3, "timeout": 900.0}
 CONSUME_QUICK = {"events": 50_000, "duckdb_runs": 3, "timeout": 180.0}
 CONSUME_TOPIC = "bench.consume"
+PEER_TOPIC = "bench.consume.json"
 PEER = "benchmarks.peers.quixstreams_meters"
 
 # The 10 METERS per customer and 15-minute bucket (the rollups' grain), from the raw values.
@@ -479,7 +525,10 @@ def kafka_consume(quick: bool = False) -> dict[str, Any]:
     try:
         organization_id = registry.organization(ORG).id
         started = time.perf_counter()
+        # The same events twice: as an edge writes them (what the core is timed on) and as
+        # JSON records (the DuckDB reference's lines, and the topic Quix Streams reads).
         requests = encoded_records(organization_id, n // BATCH_SIZE, seed=7, tag="consume")
+        edge_requests = columnar_requests(organization_id, n // BATCH_SIZE, seed=7, tag="consume")
         encode_seconds = time.perf_counter() - started
         with Broker() as broker:
             settings = KafkaSettings(
@@ -490,9 +539,14 @@ def kafka_consume(quick: bool = False) -> dict[str, Any]:
                 consumer_group="meterline-bench",
             )
             started = time.perf_counter()
-            asyncio.run(_preload(settings, requests))
+            records = asyncio.run(_preload(settings, requests, edge_requests))
             preload_seconds = time.perf_counter() - started
-            print(f"   preloaded {n:,} records in {preload_seconds:.1f} s (untimed)", flush=True)
+            print(
+                f"   preloaded {n:,} events in {records:,} columnar records, and as JSON records"
+                f" for the peer, in {preload_seconds:.1f} s (untimed)",
+                flush=True,
+            )
+            del edge_requests
             # The DuckDB reference's input, written now so that the records need not stay in
             # memory while the consumer runs (a million tuples would lengthen its GC passes).
             ndjson = work / "records.ndjson"
@@ -502,11 +556,19 @@ def kafka_consume(quick: bool = False) -> dict[str, Any]:
             del requests
             database = work / "meterline.duckdb"
             ours = asyncio.run(
-                _consume(settings, database, registry, organization_id, n, broker, plan["timeout"])
+                _consume(
+                    settings,
+                    database,
+                    registry,
+                    organization_id,
+                    (n, records),
+                    broker,
+                    plan["timeout"],
+                )
             )
             checked = _check(database, organization_id)
             print("   -- Quix Streams peer", flush=True)
-            peer = run_peer(broker.bootstrap, CONSUME_TOPIC, n, work, plan["timeout"])
+            peer = run_peer(broker.bootstrap, PEER_TOPIC, n, work, plan["timeout"])
         print("   -- DuckDB alone", flush=True)
         reference = duckdb_reference(ndjson, n, plan["duckdb_runs"])
     finally:
@@ -534,7 +596,7 @@ def kafka_consume(quick: bool = False) -> dict[str, Any]:
             ours["events_per_s_with_group_join"],
             "events/s",
         ),
-        metric("records applied more than once", ours["applied_twice"], "records"),
+        metric("events applied more than once", ours["applied_twice"], "events"),
         metric("batch commit p50", _ms(commit, 50), "ms"),
         metric("batch commit p99", _ms(commit, 99), "ms"),
         metric("events per batch (mean)", ours["events_per_batch"], "events"),
@@ -542,7 +604,13 @@ def kafka_consume(quick: bool = False) -> dict[str, Any]:
         metric("broker CPU while consuming", ours["broker_cpu_cores"], "cores"),
         metric("meters disagreeing with events", checked["disagreeing"], "meters", "==", 0),
         metric("events not stored", n - checked["stored_events"], "events", "==", 0),
-        metric("records not applied", n - sum(ours["stored_offsets"].values()), "records", "==", 0),
+        metric(
+            "records not applied",
+            records - sum(ours["stored_offsets"].values()),
+            "records",
+            "==",
+            0,
+        ),
         metric("dead-lettered", ours["dead_lettered"], "records", "==", 0),
         metric("DuckDB alone, same JSON: events/s (median)", reference["events_per_s"], "events/s"),
         metric("consumer / DuckDB alone", ours_rate / reference["events_per_s"], "x"),
@@ -575,16 +643,24 @@ def kafka_consume(quick: bool = False) -> dict[str, Any]:
     }
 
 
-async def _preload(settings: KafkaSettings, requests: Requests) -> None:
-    # Both topics up front, with retention.ms (see TOPIC_CONFIGS); the consumer's own
+async def _preload(
+    settings: KafkaSettings, requests: Requests, edge_requests: ColumnarRequests
+) -> int:
+    """The edge's records to the consumer's topic, the JSON records to the peer's; the number
+    of records in the consumer's."""
+    # Every topic up front, with retention.ms (see TOPIC_CONFIGS); the consumer's own
     # ensure_topics then finds them.
-    await create_topics(settings.bootstrap, [settings.topic, settings.dead_letter_topic])
+    await create_topics(
+        settings.bootstrap, [settings.topic, settings.dead_letter_topic, PEER_TOPIC]
+    )
     producer = raw_producer(settings.bootstrap)
     await producer.start()
     try:
-        await produce(producer, settings.topic, requests)
+        await produce_columnar(producer, settings.topic, edge_requests)
+        await produce(producer, PEER_TOPIC, requests)
     finally:
         await producer.stop()
+    return sum(len(records) for records in edge_requests)
 
 
 async def _consume(
@@ -592,11 +668,12 @@ async def _consume(
     database: Path,
     registry: TokenRegistry,
     organization_id: str,
-    n: int,
+    sizes: tuple[int, int],
     broker: Broker,
     give_up_after: float,
 ) -> dict[str, Any]:
-    """Run the core's consumer over the preloaded topic until every record is applied.
+    """Run the core's consumer over the preloaded topic until every record is applied
+    (`sizes`: the events and the records in the topic).
 
     "Every record applied" is the stored offsets (committed with the events) reaching the
     topic's end, not `consumer.applied == n`: `applied` would also count records applied more
@@ -604,7 +681,8 @@ async def _consume(
     """
     # Decoding runs in worker processes, as in the core (`meterline up/core --kafka`: its
     # validation pool, one worker per CPU by default).
-    workers = ValidationPool(EventRules(), encode_records, workers=os.cpu_count() or 1)
+    n, records = sizes
+    workers = ValidationPool(EventRules(), workers=os.cpu_count() or 1)
     async with Store(database) as store, workers:
         await create_meters(store, organization_id)
         started = time.perf_counter()
@@ -621,27 +699,28 @@ async def _consume(
                     cpu, brokers = _consumer_cpu(broker), broker_cpu(broker)
                 if consumer.applied + consumer.dead_lettered >= n:
                     stored = await store.read(stored_offsets, settings.topic)
-                    if sum(stored.values()) >= n:
+                    if sum(stored.values()) >= records:
                         break
             done = time.perf_counter()
             cpu, brokers = _consumer_cpu(broker) - cpu, broker_cpu(broker) - brokers
             applied, dead = consumer.applied, consumer.dead_lettered
             commit_seconds = list(consumer.commit_seconds)
             stored = await store.read(stored_offsets, settings.topic)
-    complete = sum(stored.values()) >= n
+    complete = sum(stored.values()) >= records
     seconds = done - started
     assigned = assigned or started
     busy = done - assigned  # CPU shares are over this part, the group join left out
     rate = n / busy if complete else 0.0
     print(
-        f"   consumer: {n:,} records in {seconds:.2f} s, {busy:.2f} s after the assignment at"
-        f" {assigned - started:.2f} s = {rate:,.0f} events/s; applied {applied:,} in"
-        f" {len(commit_seconds)} batches, CPU {cpu / busy:.2f} cores, broker"
+        f"   consumer: {n:,} events ({records:,} records) in {seconds:.2f} s, {busy:.2f} s after"
+        f" the assignment at {assigned - started:.2f} s = {rate:,.0f} events/s; applied"
+        f" {applied:,} in {len(commit_seconds)} batches, CPU {cpu / busy:.2f} cores, broker"
         f" {brokers / busy:.2f} cores",
         flush=True,
     )
     return {
-        "records": n,
+        "events": n,
+        "records": records,
         "complete": complete,
         "seconds": round(seconds, 3),
         "assigned_at_seconds": round(assigned - started, 3),
@@ -651,7 +730,7 @@ async def _consume(
         # Records in more than one committed batch (`applied` counts each batch's records).
         # Before commit a73aad8 the rebalance listener's seek_to_beginning could run while
         # getmany already returned records from offset 0, and partitions were read again.
-        "applied_twice": applied - n,
+        "applied_twice": applied - n,  # events
         "dead_lettered": dead,
         "batches": len(commit_seconds),
         "events_per_batch": round(applied / max(1, len(commit_seconds)), 1),

@@ -39,8 +39,8 @@ from benchmarks.common import metric, percentile
 from benchmarks.meters import ROLLUP_BATCH, _batch_new, create_meters, realistic_events
 from benchmarks.server import Server
 from meters.definitions import MeterCreate
-from meters.events import now_us
 from meters.ledger import CreditCreate
+from meters.times import now_us
 
 Con = duckdb.DuckDBPyConnection
 TARGET_CHECK_P99_MS = 5.0
@@ -144,8 +144,7 @@ async def _in_process(path: Path, org: str, plan: dict[str, int]) -> dict[str, A
 
 
 def _usage_batch(rng: random.Random, customers: int, batch: int) -> pa.Table:
-    from aggregator.store.columns import to_table
-    from meters.events import Event
+    from meters.events import Event, to_table
 
     now = now_us()
     return to_table(

@@ -55,7 +55,6 @@ import pyarrow as pa
 
 from aggregator.auth import TokenRegistry
 from aggregator.store import Store, rollups
-from aggregator.store.columns import to_table
 from aggregator.store.events import IngestJob
 from aggregator.store.meter_sql import aggregate_sql, contribution_sql, meter_events_sql
 from aggregator.store.meters import MeterRow, backfill_step_job, create_job, meters_of
@@ -64,8 +63,9 @@ from benchmarks import ingest_http, loadgen
 from benchmarks.common import memory_kib, metric, percentile
 from benchmarks.server import Server
 from meters.definitions import MeterCreate
-from meters.events import EPOCH, EventRules, now_us, parse_ingest_body
+from meters.events import EventRules, parse_ingest_body, to_table
 from meters.periods import Interval
+from meters.times import EPOCH, now_us
 
 Con = duckdb.DuckDBPyConnection
 UTC_ZONE = ZoneInfo("UTC")

@@ -25,13 +25,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import forwarding, ingest_http, isolation, kafka, ledger, meters, sdk
+from benchmarks import forwarding, ingest_http, isolation, kafka, ledger, meters, sdk, validation
 
 RESULTS = Path(__file__).parent / "results"
 # A module (its `run`) or a function; the hypothesis is the function's docstring, else its
 # module's.
 BENCHMARKS: dict[str, ModuleType | Callable[[bool], dict[str, Any]]] = {
+    "validation": validation,
     "ingest_http": ingest_http,
+    "ingest_http_inline": ingest_http.inline,
     "ingest_http_meters": meters.ingest_http_meters,
     "rollup_update": meters.rollup_update,
     "quantities_10m": meters.quantities_10m,

@@ -1,10 +1,10 @@
 """Validation of ingest bodies, off the event loop's process when bodies are large.
 
-JSON decoding and the rules cost a few microseconds per event of Python, holding the GIL. In the
-process that also owns DuckDB they would contend with the writer thread for that lock, so large
-bodies are validated in worker processes, which return the events already encoded for their
-destination (`encode`, e.g. Arrow IPC for the store). Small bodies are validated inline: a
-process round trip costs more than they do.
+Decoding and checking cost about two JSON parses per event (`meters.events.validate_body`),
+holding the GIL. In the process that also owns DuckDB they would contend with the writer thread
+for that lock, so large bodies are validated in worker processes, which return the events already
+encoded for their destination (`encode`: Arrow IPC for the store, columnar records for Kafka).
+Small bodies are validated inline: a process round trip costs more than they do.
 """
 
 from __future__ import annotations
@@ -15,34 +15,37 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from types import TracebackType
 from typing import Self, TypeVar
 
-from ingest.http.requests import decode_json
+import pyarrow as pa
+
 from meters.errors import FieldError, ValidationFailed
-from meters.events import Event, EventRules, parse_ingest_body
+from meters.events import EventRules
+from meters.events import validate_body as validate_events
 
 T = TypeVar("T")
-# (events, organization id, received-at) -> bytes for the destination.
-Encode = Callable[[Sequence[Event], str, int], bytes]
+# (events as `meters.events.COLUMNS`, organization id, received-at) -> what the destination
+# takes; it must pickle (a module-level function, or a partial of one).
+Encode = Callable[[pa.Table, str, int], T]
 log = logging.getLogger(__name__)
 # Added to the workers' niceness (lower CPU priority than the server process).
 WORKER_NICENESS = 10
 
 
 def validate_body(
-    body: bytes, organization_id: str, received_at_us: int, rules: EventRules, encode: Encode
-) -> bytes | list[FieldError]:
+    body: bytes, organization_id: str, received_at_us: int, rules: EventRules, encode: Encode[T]
+) -> T | list[FieldError]:
     """Decode and validate an ingest body; the encoded events, or every error found.
 
     Errors are returned, not raised, so that they cross the process boundary as plain data.
     """
     try:
-        events = parse_ingest_body(decode_json(body), now=received_at_us, rules=rules)
+        events = validate_events(body, now=received_at_us, rules=rules)
     except ValidationFailed as exc:
         return exc.errors
     return encode(events, organization_id, received_at_us)
@@ -55,13 +58,11 @@ class ValidationPool:
     def __init__(
         self,
         rules: EventRules,
-        encode: Encode,
         *,
         workers: int,
         inline_below_bytes: int = 64 * 1024,
     ) -> None:
         self._rules = rules
-        self._encode = encode
         self._workers = workers
         self._inline_below = inline_below_bytes
         self._pool: ProcessPoolExecutor | None = None
@@ -95,11 +96,11 @@ class ValidationPool:
             await asyncio.to_thread(self._pool.shutdown, True, cancel_futures=True)
             self._pool = None
 
-    async def validate(self, body: bytes, received_at_us: int, organization_id: str) -> bytes:
+    async def validate(
+        self, body: bytes, received_at_us: int, organization_id: str, encode: Encode[T]
+    ) -> T:
         """The encoded events of `body`. Raises ValidationFailed listing every error."""
-        job = partial(
-            validate_body, body, organization_id, received_at_us, self._rules, self._encode
-        )
+        job = partial(validate_body, body, organization_id, received_at_us, self._rules, encode)
         result = job() if len(body) < self._inline_below else await self.run(job)
         if isinstance(result, list):
             raise ValidationFailed(result)

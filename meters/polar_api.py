@@ -21,7 +21,7 @@ import httpx
 import orjson
 
 from meters.errors import MetersError
-from meters.events import us_to_iso
+from meters.times import us_to_iso
 from meters.upstream import Outcome, Pacer, RetryLater, backoff, read_answer, retry_after
 
 PAGE = 100  # Polar's largest page

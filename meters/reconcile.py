@@ -25,8 +25,8 @@ import orjson
 from pydantic import TypeAdapter
 
 from meters.aggregations import Aggregation, CountAggregation, Partial, UniqueAggregation
-from meters.events import datetime_to_us, us_to_datetime, us_to_iso
 from meters.filters import EventView, Filter
+from meters.times import datetime_to_us, us_to_datetime, us_to_iso
 
 _AGGREGATION: TypeAdapter[Any] = TypeAdapter(Aggregation)
 Key = tuple[str, str, int]  # (upstream customer, meter id, period start in µs; 0: the window)

@@ -18,13 +18,9 @@ from typing import Any
 import orjson
 
 from meters.errors import ValidationFailed
-from meters.events import (
-    Event,
-    EventRules,
-    datetime_to_us,
-    parse_ingest_body,
-    us_to_iso,
-)
+from meters.events import Event, EventRules, parse_ingest_body
+from meters.events.schema import OPTIONAL_FIELDS
+from meters.times import datetime_to_us, us_to_iso
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +39,17 @@ class Rejected:
     reason: str
 
 
+def key_prefixes(organization_id: str) -> tuple[str, str]:
+    """What a record key is before the customer's `customer_id`, and before its
+    `external_customer_id`."""
+    return f"{organization_id}/id:", f"{organization_id}/ext:"
+
+
 def record_key(organization_id: str, event: Event) -> bytes:
-    customer = (
-        f"id:{event.customer_id}" if event.customer_id else f"ext:{event.external_customer_id}"
-    )
-    return f"{organization_id}/{customer}".encode()
+    by_id, by_external = key_prefixes(organization_id)
+    if event.customer_id:
+        return f"{by_id}{event.customer_id}".encode()
+    return f"{by_external}{event.external_customer_id}".encode()
 
 
 def record_value(event: Event, organization_id: str, ingested_at_us: int) -> bytes:
@@ -58,13 +60,9 @@ def record_value(event: Event, organization_id: str, ingested_at_us: int) -> byt
         "name": event.name,
         "timestamp": us_to_iso(event.timestamp_us),
     }
-    for field in ("customer_id", "external_customer_id", "external_member_id"):
+    for field in OPTIONAL_FIELDS:
         if (v := getattr(event, field)) is not None:
             value[field] = v
-    if event.external_id is not None:
-        value["external_id"] = event.external_id
-    if event.parent_id is not None:
-        value["parent_id"] = event.parent_id
     if event.metadata:
         value["metadata"] = event.metadata
     return orjson.dumps(value)

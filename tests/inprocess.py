@@ -18,7 +18,6 @@ from aggregator.app import CoreSettings, EmbeddedPublisher, build_app
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.store import Store
-from aggregator.store.columns import to_ipc
 from aggregator.store.meters import pending_backfills
 from ingest.validation import ValidationPool
 
@@ -42,7 +41,7 @@ class InProcessCore:
     async def _start(self) -> None:
         enter = self._stack.enter_async_context
         self.store = await enter(Store(self.settings.database))
-        validation = await enter(ValidationPool(self.settings.ingest.rules, to_ipc, workers=0))
+        validation = await enter(ValidationPool(self.settings.ingest.rules, workers=0))
         backfiller = await enter(Backfiller(self.store))
         publisher = EmbeddedPublisher(self.store, validation)
         self.app = build_app(self.store, self.registry, publisher, backfiller, self.settings)

@@ -21,8 +21,8 @@ from aggregator.store import costs as sql
 from aggregator.store.costs import GROUP_KEYS, CostQuery, decimal_text
 from ingest.http.responses import JSON
 from meters.errors import FieldError, ValidationFailed
-from meters.events import datetime_to_us, us_to_datetime
 from meters.periods import MAX_DAYS, Interval, boundaries
+from meters.times import datetime_to_us, us_to_datetime
 
 MAX_GROUPS = 1000
 SORTS = frozenset({"-cost", "cost"})

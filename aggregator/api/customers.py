@@ -16,7 +16,7 @@ from aggregator.store import customers as sql
 from aggregator.store.events import subjects_first_timestamp
 from ingest.http.responses import JSON
 from meters.customers import CustomerCreate, CustomerUpdate, parse_model
-from meters.events import now_us
+from meters.times import now_us
 
 
 def shaped(

@@ -21,8 +21,8 @@ from aggregator.store.meters import get_meter
 from ingest.http.responses import JSON
 from meters.customers import parse_model
 from meters.errors import FieldError, ValidationFailed
-from meters.events import now_us
 from meters.ledger import CreditCreate, PlanCreate, ResetCreate
+from meters.times import now_us
 
 Con = duckdb.DuckDBPyConnection
 SORTS = frozenset({"modified_at", "-modified_at"})

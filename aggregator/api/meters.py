@@ -21,8 +21,8 @@ from ingest.http.responses import JSON
 from meters.customers import parse_model
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.errors import FieldError, ValidationFailed
-from meters.events import now_us
 from meters.periods import MAX_DAYS, Interval
+from meters.times import now_us
 
 AGGREGATION_FUNCTIONS = frozenset({"count", "sum", "max", "min", "avg", "unique"})
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from starlette.requests import Request
 
 from meters.errors import FieldError, ValidationFailed
-from meters.events import datetime_to_us
+from meters.times import datetime_to_us
 from meters.wire import ID_MESSAGE, canonical_id
 
 MAX_LIMIT = 100

@@ -8,7 +8,7 @@ from aggregator.errors import MeterFailed
 from aggregator.store.customers import CustomerRow
 from aggregator.store.events import EventRow
 from aggregator.store.meters import MeterRow
-from meters.events import us_to_iso
+from meters.times import us_to_iso
 
 
 def iso(us: int | None) -> str | None:

@@ -1,4 +1,5 @@
-"""Validated events as Arrow columns: what validation workers hand to the store.
+"""Events as Arrow columns in the store's hands: how they reach the writer, and the checks that
+columnar Kafka records get again before they are applied.
 
 Arrow because DuckDB inserts it without per-value conversion, and because its IPC form crosses a
 process boundary as one buffer: the writer's process does no per-event Python to receive it.
@@ -6,50 +7,89 @@ process boundary as one buffer: the writer's process does no per-event Python to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
-import orjson
+import duckdb
 import pyarrow as pa
 
 from ingest.ipc import write_ipc
-from meters.events import Event
-
-_STRING: pa.DataType = pa.string()
-_TIMESTAMP: pa.DataType = pa.timestamp("us", tz="UTC")
-SCHEMA = pa.schema(
-    {
-        "name": _STRING,
-        "timestamp": _TIMESTAMP,
-        "customer_id": _STRING,
-        "external_customer_id": _STRING,
-        "external_member_id": _STRING,
-        "external_id": _STRING,
-        "parent_id": _STRING,
-        "metadata": _STRING,  # JSON text
-        "cost_amount": _STRING,  # canonical decimal string, cast to DECIMAL(17, 12)
-    }
-)
+from meters.events import EventRules
+from meters.events.schema import ID_FIELDS
+from meters.times import MAX_TS_US, MIN_TS_US, ONE_US
 
 
-def to_table(events: Sequence[Event]) -> pa.Table:
-    dumps = orjson.dumps
-    return pa.Table.from_arrays(
-        [
-            pa.array([e.name for e in events], _STRING),
-            pa.array([e.timestamp_us for e in events], _TIMESTAMP),
-            pa.array([e.customer_id for e in events], _STRING),
-            pa.array([e.external_customer_id for e in events], _STRING),
-            pa.array([e.external_member_id for e in events], _STRING),
-            pa.array([e.external_id for e in events], _STRING),
-            pa.array([e.parent_id for e in events], _STRING),
-            pa.array([dumps(e.metadata).decode() for e in events], _STRING),
-            pa.array([e.cost_amount for e in events], _STRING),
-        ],
-        schema=SCHEMA,
+def to_ipc(events: pa.Table, organization_id: str, ingested_at_us: int) -> bytes:
+    """Encode validated events for the store (runs in validation workers); the organization
+    and ingest time travel with the store's job instead."""
+    return write_ipc(events)
+
+
+def row_problems(events: pa.Table, now_us: int, rules: EventRules) -> pa.Array[Any]:
+    """Why each row of a columnar record breaks the event rules (null: it does not), checked
+    on whole columns. The edge checked every rule; this guards what the store relies on against
+    records written by anything else: every column's form and length, one customer id in
+    canonical form, the timestamp's range, metadata a JSON object with at most the allowed keys
+    in a form meter paths reach, `_cost` equal to cost_amount, `_llm` an object. Not checked
+    again (JSON per value costs more than all of this): the lengths and ranges of metadata
+    values and the fields of `_llm`."""
+    con = duckdb.connect(config={"threads": 1})
+    try:
+        con.register("batch", events)
+        reasons = con.sql(
+            _ROW_CHECKS,
+            params={
+                "name_max": rules.max_name_length,
+                "id_max": rules.max_id_length,
+                "keys_max": rules.max_metadata_keys,
+                "key_max": rules.max_metadata_key_length,
+                "min_us": MIN_TS_US,
+                "max_us": min(now_us + rules.max_future // ONE_US, MAX_TS_US),
+            },
+        ).to_arrow_table()
+    finally:
+        con.close()
+    problems: pa.Array[Any] = reasons.column("reason").combine_chunks()
+    return problems
+
+
+_UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+# What `meters.events` makes of an amount: no needless zeros, no "-0", ≤ 5 + 12 digits.
+_CANONICAL_AMOUNT = r"0|-?([1-9][0-9]{0,4}|0\.[0-9]{0,11}[1-9]|[1-9][0-9]{0,4}\.[0-9]{0,11}[1-9])"
+
+
+def _id_check(column: str) -> str:
+    return (
+        f"WHEN {column} IS NOT NULL AND (length({column}) NOT BETWEEN 1 AND $id_max"
+        f" OR contains({column}, chr(0))) THEN '{column}: empty, too long or holding a NUL'"
     )
 
 
-def to_ipc(events: Sequence[Event], organization_id: str, ingested_at_us: int) -> bytes:
-    """Encode validated events for the store (runs in validation workers); the organization
-    and ingest time travel with the store's job instead."""
-    return write_ipc(to_table(events))
+_ROW_CHECKS = f"""
+SELECT CASE
+    WHEN name IS NULL OR length(name) NOT BETWEEN 1 AND $name_max OR contains(name, chr(0))
+        THEN 'name: missing, empty, too long or holding a NUL'
+    WHEN (customer_id IS NULL) = (external_customer_id IS NULL)
+        THEN 'customer_id: set exactly one of customer_id and external_customer_id'
+    WHEN customer_id IS NOT NULL AND NOT regexp_full_match(customer_id, '{_UUID4}')
+        THEN 'customer_id: not a UUID4 in canonical (lower-case) form'
+    {" ".join(_id_check(c) for c in ID_FIELDS)}
+    WHEN timestamp IS NULL OR epoch_us(timestamp) NOT BETWEEN $min_us AND $max_us
+        THEN 'timestamp: missing, before year 1 or too far in the future'
+    WHEN cost_amount IS NOT NULL AND NOT regexp_full_match(cost_amount, '{_CANONICAL_AMOUNT}')
+        THEN 'cost_amount: not a canonical decimal of at most 5 whole and 12 decimal digits'
+    WHEN md IS NULL OR json_type(md) <> 'OBJECT' THEN 'metadata: not a JSON object'
+    WHEN len(keys) > $keys_max THEN 'metadata: too many keys'
+    WHEN NOT list_bool_and(list_transform(keys, lambda k: length(k) BETWEEN 1 AND $key_max
+            AND NOT contains(k, '.') AND NOT contains(k, chr(0))))
+        THEN 'metadata: a key is empty, too long or holds a "." or NUL'
+    WHEN cost IS DISTINCT FROM CASE WHEN cost_amount IS NOT NULL THEN
+            json_object('amount', cost_amount, 'currency', 'usd') END
+        THEN 'metadata._cost: not {{"amount": cost_amount, "currency": "usd"}}'
+    WHEN coalesce(json_type(llm), 'OBJECT') <> 'OBJECT' THEN 'metadata._llm: not an object'
+    END AS reason
+FROM (
+    SELECT *, json_keys(md) AS keys, json_extract(md, '$._cost') AS cost,
+           json_extract(md, '$._llm') AS llm
+    FROM (SELECT *, CASE WHEN json_valid(metadata) THEN metadata END AS md FROM batch)
+)
+"""

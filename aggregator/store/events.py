@@ -16,6 +16,7 @@ from aggregator.store.meters import MeterRow, apply_isolated, meters_of
 from aggregator.store.rows import first_row
 from aggregator.store.writer import Batchable, Outcome
 from meters.errors import FieldError, ValidationFailed
+from meters.events import COLUMNS
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -134,12 +135,12 @@ def _first_keyed(batch: pa.Table) -> pa.Table:
     return keyed.filter(pc.is_in(keyed.column("seq"), value_set=firsts.column("seq_min")))
 
 
+# The event's columns (`meters.events.COLUMNS`) as the table stores them.
+_CASTS = {"customer_id": "::UUID", "cost_amount": "::DECIMAL(17, 12)"}
 _INSERT_EVENTS = (
-    "INSERT INTO events (seq, organization_id, name, timestamp, ingested_at, customer_id,"
-    " external_customer_id, external_member_id, external_id, parent_id, metadata, cost_amount)"
-    " SELECT seq, organization_id::UUID, name, timestamp, ingested_at, customer_id::UUID,"
-    " external_customer_id, external_member_id, external_id, parent_id, metadata,"
-    " cost_amount::DECIMAL(17, 12) FROM _batch_events"
+    f"INSERT INTO events (seq, organization_id, ingested_at, {', '.join(COLUMNS.names)})"
+    " SELECT seq, organization_id::UUID, ingested_at,"
+    f" {', '.join(name + _CASTS.get(name, '') for name in COLUMNS.names)} FROM _batch_events"
 )
 
 

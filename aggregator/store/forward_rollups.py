@@ -18,7 +18,7 @@ import orjson
 
 from aggregator.store.outbox import Pending
 from aggregator.store.rows import first_row
-from meters.events import us_to_datetime, us_to_iso
+from meters.times import us_to_datetime, us_to_iso
 
 Con = duckdb.DuckDBPyConnection
 

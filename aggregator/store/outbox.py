@@ -13,7 +13,7 @@ import duckdb
 import orjson
 
 from aggregator.store.rows import first_row
-from meters.events import us_to_iso
+from meters.times import us_to_iso
 
 Con = duckdb.DuckDBPyConnection
 

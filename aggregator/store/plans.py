@@ -20,8 +20,8 @@ from aggregator.store.ledger import credit, reset, resolve
 from aggregator.store.meters import get_meter
 from aggregator.store.rows import first_row, is_uuid
 from meters.errors import FieldError, ValidationFailed
-from meters.events import datetime_to_us, us_to_datetime
 from meters.ledger import PlanCreate, cycle_start
+from meters.times import datetime_to_us, us_to_datetime
 
 Con = duckdb.DuckDBPyConnection
 

@@ -20,8 +20,8 @@ from aggregator.store.meter_sql import contribution_sql, filter_sql, member_poin
 from aggregator.store.meters import MeterRow
 from aggregator.store.rollups import SUBJECT
 from meters.aggregations import Partial, UniqueAggregation
-from meters.events import datetime_to_us, us_to_datetime
 from meters.periods import Interval, boundaries
+from meters.times import datetime_to_us, us_to_datetime
 
 BUCKET_US = 15 * 60 * 1_000_000
 # One customer however its events named it: a customer id, or the id of the customer

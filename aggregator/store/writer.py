@@ -48,7 +48,7 @@ import duckdb
 
 from aggregator.errors import AggregatorError, StoreClosed
 from meters.errors import MetersError
-from meters.events import now_us
+from meters.times import now_us
 
 T = TypeVar("T")
 REJECTIONS: tuple[type[Exception], ...] = (MetersError, AggregatorError)

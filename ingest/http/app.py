@@ -18,7 +18,8 @@ from ingest.http.admission import Admission, Limits
 from ingest.http.requests import Authenticate, authenticated
 from ingest.http.responses import JSON
 from ingest.publish import Publisher
-from meters.events import EventRules, now_us
+from meters.events import EventRules
+from meters.times import now_us
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 

@@ -6,12 +6,11 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 
 from ingest.errors import BodyTimeout, BodyTooLarge
 from ingest.http.responses import InvalidToken, Unauthorized
-from meters.errors import FieldError, ValidationFailed
+from meters.events import decode_json
 
 # Resolves a bearer token to its organization id, or None when unknown/revoked.
 Authenticate = Callable[[str], str | None]
@@ -66,17 +65,6 @@ async def read_body(
     except TimeoutError:
         raise BodyTimeout(timeout_seconds) from None
     return b"".join(chunks)
-
-
-def decode_json(body: bytes) -> Any:
-    """Decode JSON; 422 (json_invalid) otherwise. orjson rejects NaN, Infinity and numbers
-    that overflow a double."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationFailed(
-            [FieldError("json_invalid", ("body",), f"JSON decode error: {exc}", None)]
-        ) from None
 
 
 async def json_body(request: Request, limit: int, timeout_seconds: float) -> Any:

@@ -1,38 +1,30 @@
-"""The Kafka publisher: validated events as records (`meters.records`), acknowledged by all
-in-sync replicas before the request is answered.
+"""The Kafka publisher: a request's validated events as columnar records (`meters.columnar`,
+one per partition it touches), acknowledged by all in-sync replicas before it is answered.
 
-Validation workers encode each event's key, value and partition hash (`encode_records`), so the
-event loop only frames records into per-partition batches (aiokafka's batch API) and waits for
-their acknowledgements. Every wait is bounded by the ingest deadline (the route's timeout): a
-broker that is down or slow yields 503, never a hang.
+Validation workers encode the records, so the event loop only hands a few values to the
+producer and waits for their acknowledgements. Every wait is bounded by the ingest deadline
+(the route's timeout): a broker that is down or slow yields 503, never a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
-import pyarrow as pa
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from ingest.errors import Unavailable
-from ingest.ipc import read_ipc, write_ipc
 from ingest.publish import PublishResult
 from ingest.validation import ValidationPool
-from meters.events import Event
-from meters.records import record_key, record_value
+from meters import columnar
 
 log = logging.getLogger(__name__)
-_BINARY: pa.DataType = pa.binary()
-_STRING: pa.DataType = pa.string()
-_FRAMES = pa.schema([("key", _BINARY), ("value", _BINARY), ("external_id", _STRING)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +34,11 @@ class KafkaSettings:
     dead_letter_topic: str = "meterline.events.dead"
     partitions: int = 6
     replication_factor: int = 1
-    compression: str | None = None  # gzip, snappy, lz4 or zstd
+    compression: str | None = None  # of Kafka batches: gzip, snappy, lz4 or zstd
+    # Of the columnar records' Arrow buffers (zstd, lz4 or none); see the README's measurements.
+    record_compression: str = "zstd"
+    # A columnar record holds at most about this many bytes of uncompressed columns.
+    max_record_bytes: int = 1024 * 1024
     # Off only for brokers without it (the test broker); on, retries cannot duplicate records.
     idempotence: bool = True
     linger_ms: int = 5
@@ -104,25 +100,6 @@ async def retrying(start: Any) -> None:
             await asyncio.sleep(0.5)
 
 
-def encode_records(events: Sequence[Event], organization_id: str, ingested_at_us: int) -> bytes:
-    """The request's records, framed for the event loop (runs in validation workers)."""
-    keys = [record_key(organization_id, e) for e in events]
-    table = pa.Table.from_arrays(
-        [
-            pa.array(keys, pa.binary()),
-            pa.array([record_value(e, organization_id, ingested_at_us) for e in events]),
-            pa.array([e.external_id for e in events], pa.string()),
-        ],
-        schema=_FRAMES,
-    )
-    return write_ipc(table)
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """A stable partition per key: one customer's events stay in order on one partition."""
-    return zlib.crc32(key) % partitions
-
-
 class KafkaPublisher:
     """Publishes validated events to the events topic. An async context manager."""
 
@@ -158,31 +135,28 @@ class KafkaPublisher:
         producer = self._producer
         if producer is None:
             raise Unavailable("The publisher is not running.", 1)
-        frames = await self._validation.validate(body, received_at_us, organization_id)
-        table = read_ipc(frames)
-        keys: list[Any] = table.column("key").to_pylist()
-        values: list[Any] = table.column("value").to_pylist()
-        # A repeat of an external_id inside one request is a duplicate, as in embedded mode;
-        # repeats across requests are removed by the core.
-        seen: set[str] = set()
-        by_partition: dict[int, list[int]] = {}
-        for i, external_id in enumerate(table.column("external_id").to_pylist()):
-            if external_id is not None:
-                if external_id in seen:
-                    continue
-                seen.add(external_id)
-            by_partition.setdefault(partition_of(keys[i], self._partitions), []).append(i)
+        encode = partial(
+            columnar.encode,
+            partitions=self._partitions,
+            compression=self._settings.record_compression,
+            max_record_bytes=self._settings.max_record_bytes,
+        )
+        encoded = await self._validation.validate(body, received_at_us, organization_id, encode)
+        key = organization_id.encode()
         timestamp_ms = received_at_us // 1000
         acks: list[asyncio.Future[Any]] = []
         try:
-            for partition, rows in by_partition.items():
-                batch = producer.create_batch()
-                for i in rows:
-                    if batch.append(key=keys[i], value=values[i], timestamp=timestamp_ms) is None:
-                        acks.append(await self._send(producer, batch, partition))
-                        batch = producer.create_batch()
-                        batch.append(key=keys[i], value=values[i], timestamp=timestamp_ms)
-                acks.append(await self._send(producer, batch, partition))
+            for record in encoded.records:  # a loop: `acks` must hold what was sent if one fails
+                acks.append(  # noqa: PERF401
+                    await producer.send(
+                        self._settings.topic,
+                        record.value,
+                        key=key,
+                        partition=record.partition,
+                        timestamp_ms=timestamp_ms,
+                        headers=record.headers,
+                    )
+                )
             await asyncio.gather(*acks)
         except KafkaError as exc:
             raise Unavailable(
@@ -192,14 +166,5 @@ class KafkaPublisher:
             for ack in acks:  # a failed gather leaves the others unobserved
                 if ack.done() and not ack.cancelled():
                     ack.exception()
-        accepted = sum(len(rows) for rows in by_partition.values())
-        return PublishResult(accepted, table.num_rows - accepted)
-
-    async def _send(
-        self, producer: AIOKafkaProducer, batch: Any, partition: int
-    ) -> asyncio.Future[Any]:
-        batch.close()
-        future: asyncio.Future[Any] = await producer.send_batch(
-            batch, self._settings.topic, partition=partition
-        )
-        return future
+        accepted = sum(record.events for record in encoded.records)
+        return PublishResult(accepted, encoded.duplicates)

@@ -1,6 +1,7 @@
-"""Kafka direct: batches as records on meterline's events topic, in the documented record
-schema (`meters.records`: the same key, value and partition as an ingest edge writes), acked by
-all in-sync replicas. For producers next to the broker that should not go through HTTP.
+"""Kafka direct: batches as records on meterline's events topic, written as an ingest edge
+writes them (columnar records, `meters.columnar`: one per partition, same partitions), acked by
+all in-sync replicas. For producers next to the broker that should not go through HTTP;
+`records()` gives the same records to a producer of your own.
 
 The events are checked by the ingest rules first, so an event the core would dead-letter is
 reported to on_error as EventsRejected (a 422 with the same `loc`s) instead. What the rules
@@ -18,20 +19,44 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
-from typing import TypedDict, Unpack
+from typing import Any, TypedDict, Unpack
 
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from ingest.publish.kafka import KafkaSettings, partition_of
+from ingest.publish.kafka import KafkaSettings
 from ingest.sdk.delivery import Answer
 from ingest.sdk.errors import TransportError
+from meters import columnar
+from meters.columnar import Record
 from meters.errors import ValidationFailed
-from meters.events import EventRules, now_us, parse_ingest_body
-from meters.records import record_key, record_value
+from meters.events import EventRules, validate_body
+from meters.times import now_us
 
-__all__ = ["AsyncKafkaTransport", "KafkaOptions", "KafkaTransport"]
+__all__ = ["AsyncKafkaTransport", "KafkaOptions", "KafkaTransport", "Record", "records"]
+
+
+def records(
+    events: Sequence[dict[str, Any]] | bytes,
+    organization_id: str,
+    *,
+    partitions: int,
+    rules: EventRules | None = None,
+    compression: str = "zstd",
+    received_at_us: int | None = None,
+) -> tuple[list[Record], int]:
+    """The columnar records of `events` (dicts as `POST /v1/events/ingest` takes them, or that
+    JSON body as bytes) for a topic of `partitions` partitions, and how many events repeated
+    an external_id of the batch (not sent). Raises `ValidationFailed` (each error's `loc`)
+    when an event breaks a rule, as ingest answers 422."""
+    received = now_us() if received_at_us is None else received_at_us
+    body = events if isinstance(events, bytes) else orjson.dumps({"events": list(events)})
+    table = validate_body(body, now=received, rules=rules or EventRules())
+    encoded = columnar.encode(
+        table, organization_id, received, partitions=partitions, compression=compression
+    )
+    return encoded.records, encoded.duplicates
 
 
 class KafkaOptions(TypedDict, total=False):
@@ -65,30 +90,39 @@ class AsyncKafkaTransport:
 
     async def send(self, events: Sequence[bytes]) -> Answer:
         received = now_us()
-        items = [orjson.loads(event) for event in events]
-        try:
-            parsed = parse_ingest_body({"events": items}, now=received, rules=self._rules)
-        except ValidationFailed as exc:
-            detail = [error.as_dict() for error in exc.errors]
-            return Answer(422, orjson.dumps({"error": "RequestValidationError", "detail": detail}))
         organization = self._organization_id
+        body = b'{"events":[' + b",".join(events) + b"]}"
         try:
             async with asyncio.timeout(self._timeout):
                 producer = await self._started()
+                try:
+                    found, duplicates = records(
+                        body,
+                        organization,
+                        partitions=self._partitions,
+                        rules=self._rules,
+                        received_at_us=received,
+                    )
+                except ValidationFailed as exc:
+                    detail = [error.as_dict() for error in exc.errors]
+                    error = {"error": "RequestValidationError", "detail": detail}
+                    return Answer(422, orjson.dumps(error))
                 acks = [
                     await producer.send(
                         self._settings.topic,
-                        value=record_value(event, organization, received),
-                        key=(key := record_key(organization, event)),
-                        partition=partition_of(key, self._partitions),
+                        value=record.value,
+                        key=organization.encode(),
+                        partition=record.partition,
                         timestamp_ms=received // 1000,
+                        headers=record.headers,
                     )
-                    for event in parsed
+                    for record in found
                 ]
                 await asyncio.gather(*acks)
         except (KafkaError, TimeoutError) as exc:
             raise TransportError(f"Kafka: {type(exc).__name__}: {exc}") from exc
-        return Answer(200, orjson.dumps({"inserted": len(parsed), "duplicates": 0}))
+        sent = sum(record.events for record in found)
+        return Answer(200, orjson.dumps({"inserted": sent, "duplicates": duplicates}))
 
     async def _started(self) -> AIOKafkaProducer:
         async with self._starting:

@@ -11,9 +11,9 @@ import pytest
 
 from aggregator.errors import OffsetGap
 from aggregator.store import Store
-from aggregator.store.columns import to_table
 from aggregator.store.consumed import ConsumedBatch, stored_offsets
-from meters.events import Event, now_us
+from meters.events import Event, to_table
+from meters.times import now_us
 
 ORG = "4e1d2c3b-5a69-4f7e-8d0c-1b2a3c4d5e6f"
 

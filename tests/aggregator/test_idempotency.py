@@ -14,7 +14,6 @@ import pytest
 
 from aggregator.errors import KeyReused
 from aggregator.store import Store
-from aggregator.store.columns import to_table
 from aggregator.store.customers import create_job as create_customer
 from aggregator.store.events import IngestJob
 from aggregator.store.ledger import credit_job, reset_job
@@ -22,8 +21,9 @@ from aggregator.store.meters import create_job as create_meter
 from aggregator.store.plans import plan_create_job
 from meters.customers import CustomerCreate
 from meters.definitions import MeterCreate
-from meters.events import Event, now_us
+from meters.events import Event, to_table
 from meters.ledger import CreditCreate, PlanCreate, ResetCreate
+from meters.times import now_us
 
 ORG = str(uuid.uuid4())
 

@@ -6,15 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from meters import columnar
+from meters.events import COLUMNS, Event, EventRules, parse_ingest_body, to_table
+from meters.records import record_key, record_value
+from meters.times import now_us
 from tests.pipeline import Oracle, Pipeline, send_until_accepted, usage_batches
 
 
@@ -109,6 +117,131 @@ def test_poison_records_are_dead_lettered_and_the_partition_moves_on(tmp_path: P
         assert pipeline.quantity(meter_id) == 15
 
 
+def test_poison_columnar_records_go_whole_or_row_by_row(tmp_path: Path) -> None:
+    """A columnar record that cannot be read goes to the dead-letter topic whole; a row that
+    breaks a rule goes alone, as a JSON record, and the record's other rows apply."""
+    with Pipeline(tmp_path, partitions=1) as pipeline:
+        meter_id = pipeline.create_meter()
+        org = pipeline.organization_id()
+        now = now_us()
+
+        def rows(*tokens: int) -> pa.Table:
+            return to_table(
+                [
+                    Event(
+                        "call", now - 1000, None, "c1", f"col-{t}", None, None, {"tokens": t}, None
+                    )
+                    for t in tokens
+                ]
+            )
+
+        def record(events: pa.Table, organization: str = org) -> columnar.Record:
+            encoded = columnar.encode(events, organization, now, partitions=1)
+            assert len(encoded.records) == 1
+            return encoded.records[0]
+
+        one_bad_row = rows(1, 2, 3).to_pylist()
+        one_bad_row[1]["metadata"] = '{"a.b": 1}'
+        unknown_customer = rows(4).to_pylist()
+        unknown_customer[0].update(
+            external_customer_id=None, customer_id="5b0c3d34-2f0c-4d54-8d33-9a0c0b6f0d12"
+        )
+        truncated = record(rows(100))
+        other_schema = record(rows(100))
+        other_version = record(rows(100))
+        records = [
+            truncated,
+            other_schema,
+            other_version,
+            record(rows(100), "5b0c3d34-2f0c-4d54-8d33-9a0c0b6f0d11"),  # no such organization
+            record(pa.Table.from_pylist(one_bad_row, schema=COLUMNS)),
+            record(pa.Table.from_pylist(unknown_customer, schema=COLUMNS)),
+            record(rows(5, 6)),
+        ]
+        values: list[bytes | None] = [r.value for r in records]
+        headers = [r.headers for r in records]
+        values[0] = truncated.value[:-20]
+        values[1] = _other_schema()
+        headers[1] = [
+            (k, str(len(values[1] or b"")).encode() if k == columnar.H_SIZE else v)
+            for k, v in [*other_schema.headers]
+            if k != columnar.H_COMPRESSION
+        ] + [(columnar.H_COMPRESSION, b"none")]
+        headers[2] = [(k, b"2" if k == columnar.H_SCHEMA else v) for k, v in other_version.headers]
+        dead = asyncio.run(_produce_and_read_dead_letters(pipeline, values, 6, headers))
+        assert [offset for offset, _ in dead] == [0, 1, 2, 3, 4, 5]
+        reasons = [reason for _, reason in dead]
+        assert reasons[0].startswith("value: not a readable zstd Arrow IPC stream")
+        assert reasons[1].startswith("value: schema is not version 1's")
+        assert reasons[2].startswith("meterline.schema: version b'2'")
+        assert reasons[3] == "row 0: organization_id: no such organization"
+        assert reasons[4].startswith('row 1: metadata: a key is empty, too long or holds a "."')
+        assert reasons[5] == "row 0: customer_id: Customer not found."
+        pipeline.wait_for_events(4)
+        assert pipeline.quantity(meter_id) == 1 + 3 + 5 + 6
+
+
+def test_a_topic_of_json_records_then_columnar_records_applies_both(tmp_path: Path) -> None:
+    """An upgrade: the topic holds what the previous edges wrote (one JSON record per event,
+    `meters.records`) when edges that write columnar records start; the core applies both, the
+    older first, and an external_id sent in both formats counts once."""
+    with Pipeline(tmp_path, partitions=2) as pipeline:
+        meter_id = pipeline.create_meter()
+        org = pipeline.organization_id()
+        old = [
+            {
+                "name": "call",
+                "external_customer_id": f"c{i % 3}",
+                "external_id": f"e-{i}",
+                "metadata": {"tokens": i},
+            }
+            for i in range(1, 21)
+        ]
+        received = now_us()
+        parsed = parse_ingest_body({"events": old}, now=received, rules=EventRules())
+        asyncio.run(_produce_json(pipeline, org, parsed, received))
+        new = [
+            {
+                "name": "call",
+                "external_customer_id": f"c{i % 3}",
+                "external_id": f"e-{i}",
+                "metadata": {"tokens": i},
+            }
+            for i in range(15, 41)  # 15..20 repeat old external_ids
+        ]
+        with pipeline.edges[0].client(pipeline.token()) as client:
+            response = client.post("/v1/events/ingest", json={"events": new})
+            assert response.status_code == 200, response.text
+        pipeline.wait_for_events(40)
+        assert pipeline.quantity(meter_id) == sum(range(1, 41))
+
+
+async def _produce_json(
+    pipeline: Pipeline, organization_id: str, events: list[Event], received: int
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=pipeline.broker.bootstrap)
+    await producer.start()
+    try:
+        for event in events:
+            key = record_key(organization_id, event)
+            await producer.send_and_wait(
+                "meterline.events",
+                record_value(event, organization_id, received),
+                key=key,
+                partition=columnar.partition_of(key, 2),
+            )
+    finally:
+        await producer.stop()
+
+
+def _other_schema() -> bytes:
+    sink = pa.BufferOutputStream()
+    table = pa.table({"name": ["call"], "tokens": [1]})
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue())
+
+
 def test_an_event_dated_30_days_ago_is_applied(tmp_path: Path) -> None:
     with Pipeline(tmp_path) as pipeline:
         meter_id = pipeline.create_meter()
@@ -132,17 +265,27 @@ def test_an_event_dated_30_days_ago_is_applied(tmp_path: Path) -> None:
 
 
 async def _produce_and_read_dead_letters(
-    pipeline: Pipeline, values: list[bytes | None], expected: int
+    pipeline: Pipeline,
+    values: list[bytes | None],
+    expected: int,
+    headers: list[list[tuple[str, bytes]]] | None = None,
 ) -> list[tuple[int, str]]:
-    """Write `values` straight to the events topic (as any Kafka producer may), then read the
-    dead-letter topic: (original offset, reason) of each dead letter."""
+    """Write `values` (with `headers`) straight to the events topic (as any Kafka producer
+    may), then read the dead-letter topic: (original offset, reason) of each dead letter; a
+    columnar record's dead row reads (offset, "row N: reason")."""
     producer = AIOKafkaProducer(
         bootstrap_servers=pipeline.broker.bootstrap, max_request_size=8 * 1024 * 1024
     )
     await producer.start()
     try:
-        for value in values:
-            await producer.send_and_wait("meterline.events", value=value, key=b"k", partition=0)
+        for i, value in enumerate(values):
+            await producer.send_and_wait(
+                "meterline.events",
+                value=value,
+                key=b"k",
+                partition=0,
+                headers=headers[i] if headers else [],
+            )
     finally:
         await producer.stop()
     consumer = AIOKafkaConsumer(
@@ -159,7 +302,30 @@ async def _produce_and_read_dead_letters(
             for batch in (await consumer.getmany(timeout_ms=500)).values():
                 for record in batch:
                     headers = {k: v.decode() for k, v in record.headers}
-                    found.append((int(headers["meterline.offset"]), headers["meterline.reason"]))
+                    reason = headers["meterline.reason"]
+                    if "meterline.row" in headers:
+                        reason = f"row {headers['meterline.row']}: {reason}"
+                        assert orjson.loads(record.value)["name"]  # the row, as a JSON record
+                    found.append((int(headers["meterline.offset"]), reason))
     finally:
         await consumer.stop()
     return sorted(found)
+
+
+def test_the_readme_producers_work_as_written(tmp_path: Path) -> None:
+    """The README's two producer examples (a JSON record; columnar records through the SDK's
+    helper), run as pasted but for the broker address and the organization id."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Record formats", 1)[1].split("\n## ", 1)[0]
+    examples = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+    assert len(examples) == 2
+    with Pipeline(tmp_path, partitions=3) as pipeline:
+        org = pipeline.organization_id()
+        for example in examples:
+            code = example.replace("127.0.0.1:9092", pipeline.broker.bootstrap)
+            code = re.sub(r'ORG_ID = "[0-9a-f-]+"', f'ORG_ID = "{org}"', code)
+            done = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+            )
+            assert done.returncode == 0, done.stderr
+        pipeline.wait_for_events(1 + 1000)

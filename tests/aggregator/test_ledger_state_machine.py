@@ -22,7 +22,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from aggregator.errors import KeyReused
 from aggregator.store import Store
-from aggregator.store.columns import to_table
 from aggregator.store.customers import create_job as create_customer
 from aggregator.store.events import IngestJob
 from aggregator.store.ledger import credit_job, customer_meter, reset_job
@@ -30,8 +29,9 @@ from aggregator.store.meters import MeterRow, create_job, get_meter
 from aggregator.store.plans import cycle_due_job, plan_create_job
 from meters.customers import CustomerCreate
 from meters.definitions import MeterCreate
-from meters.events import EPOCH, Event
+from meters.events import Event, to_table
 from meters.ledger import CreditCreate, Credits, PlanCreate, ResetCreate, cycle_start
+from meters.times import EPOCH
 
 ORG = "8a3c1f0e-5b7d-4c2a-9e61-0f4b2d8c7a55"
 START = datetime(2025, 1, 31, tzinfo=UTC)  # a month end: plan cycles clamp to short months

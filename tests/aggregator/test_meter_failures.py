@@ -16,12 +16,12 @@ import pytest
 
 from aggregator.auth import TokenRegistry
 from aggregator.store import Store
-from aggregator.store.columns import to_table
 from aggregator.store.events import IngestJob
 from aggregator.store.meters import backfill_step_job, create_job, get_meter, update_job
 from aggregator.store.schema import migrate
 from meters.definitions import MeterCreate, MeterUpdate
-from meters.events import Event, now_us
+from meters.events import Event, to_table
+from meters.times import now_us
 from tests.pipeline import Pipeline
 from tests.processes import new_org_token, wait_until
 

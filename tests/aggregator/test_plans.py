@@ -15,8 +15,8 @@ from aggregator.store.meters import create_job
 from aggregator.store.plans import PlanRow, get_plan, plan_create_job
 from meters.customers import CustomerCreate
 from meters.definitions import MeterCreate
-from meters.events import EPOCH
 from meters.ledger import PlanCreate
+from meters.times import EPOCH
 
 ORG = "2d7e4b1a-9c3f-4e8b-a5d6-7f1e0c2b3a44"
 

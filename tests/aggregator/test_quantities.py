@@ -14,15 +14,15 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from aggregator.store import Store
-from aggregator.store.columns import to_table
 from aggregator.store.events import IngestJob
 from aggregator.store.meters import backfill_step_job, create_job
 from aggregator.store.quantities import Scope, compute
 from meters.aggregations import Aggregation, fold
 from meters.definitions import MeterCreate
-from meters.events import EPOCH, Event
+from meters.events import Event, to_table
 from meters.filters import EventView
 from meters.periods import boundaries
+from meters.times import EPOCH
 
 ORG = "5f0d3a8e-1f64-4a39-9d6e-5b7c2a0f1e11"
 # Around the 2025 US DST start (March 9) and a month boundary.

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.store import Store
-from aggregator.store.columns import to_table
 from aggregator.store.customers import create_job
 from aggregator.store.events import IngestJob, IngestResult
 from meters.customers import CustomerCreate
 from meters.errors import ValidationFailed
-from meters.events import Event, now_us
+from meters.events import Event, to_table
+from meters.times import now_us
 
 ORGS = [str(uuid.uuid4()) for _ in range(2)]
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from aggregator.backfill import Backfiller
 from aggregator.store import Store
-from aggregator.store.columns import to_table
 from aggregator.store.events import IngestJob
 from aggregator.store.meters import create_job, pending_backfills
 from meters.definitions import MeterCreate
-from meters.events import Event, now_us
+from meters.events import Event, to_table
+from meters.times import now_us
 
 ORG_A, ORG_B = str(uuid.uuid4()), str(uuid.uuid4())
 EVERYTHING = {"conjunction": "and", "clauses": []}

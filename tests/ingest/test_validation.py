@@ -31,7 +31,7 @@ def runner() -> Iterator[asyncio.Runner]:
 @pytest.fixture(scope="module")
 def pool(runner: asyncio.Runner) -> Iterator[ValidationPool]:
     # inline_below_bytes=0: every body goes to a worker process.
-    validation = ValidationPool(RULES, to_ipc, workers=2, inline_below_bytes=0)
+    validation = ValidationPool(RULES, workers=2, inline_below_bytes=0)
     runner.run(validation.__aenter__())
     yield validation
     runner.run(validation.__aexit__(None, None, None))
@@ -39,7 +39,7 @@ def pool(runner: asyncio.Runner) -> Iterator[ValidationPool]:
 
 def _outcome(pool: ValidationPool, runner: asyncio.Runner, body: bytes) -> Any:
     try:
-        return read_ipc(runner.run(pool.validate(body, NOW_US, ORG))).to_pylist()
+        return read_ipc(runner.run(pool.validate(body, NOW_US, ORG, to_ipc))).to_pylist()
     except ValidationFailed as exc:
         return exc.errors
 
@@ -70,9 +70,9 @@ def test_worker_and_inline_validation_agree(
 def test_small_bodies_are_validated_inline(runner: asyncio.Runner) -> None:
     async def run() -> bytes:
         # workers=0: no processes at all.
-        async with ValidationPool(RULES, to_ipc, workers=0) as inline:
+        async with ValidationPool(RULES, workers=0) as inline:
             return await inline.validate(
-                b'{"events": [{"name": "a", "external_customer_id": "c"}]}', NOW_US, ORG
+                b'{"events": [{"name": "a", "external_customer_id": "c"}]}', NOW_US, ORG, to_ipc
             )
 
     table = read_ipc(runner.run(run()))

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meters import events as events_module
 from meters.errors import FieldError, Loc, ValidationFailed
 from meters.events import EVENT_FIELDS, MAX_ERRORS, Event, EventRules, parse_ingest_body
 from tests.strategies import (
@@ -26,7 +25,6 @@ from tests.strategies import (
     NOW_US,
     ONE_US,
     RESERVED_METADATA_KEYS,
-    cost_amounts,
     format_offset,
     llms,
     metadata_keys,
@@ -803,77 +801,3 @@ def test_cost_amount_in_foreign_digits_is_canonical_or_rejected(
     assert event.cost_amount is not None
     assert _CANONICAL_DECIMAL.fullmatch(event.cost_amount), event.cost_amount
     assert Decimal(event.cost_amount) == value
-
-
-# --- The fast path must agree with the exact (error-reporting) path --------------------------
-
-_fast_event = events_module._fast_event
-
-
-def _both_paths(item: dict[str, Any]) -> tuple[Event | None, Event | None, list[FieldError]]:
-    errors: list[FieldError] = []
-    fast = _fast_event(copy.deepcopy(item), NOW_US, LATEST_ALLOWED_US, RULES)
-    slow = events_module._event(
-        copy.deepcopy(item), ("body", "events", 0), errors, NOW_US, LATEST_ALLOWED_US, RULES
-    )
-    return fast, slow, errors
-
-
-@st.composite
-def _amounts_any_spelling(draw: st.DrawFn) -> Any:
-    """Valid amounts, some in spellings only the exact path reads (" 12.5", "+5", "1E+2").
-
-    Foreign digits are left to test_cost_amount_in_foreign_digits_is_canonical_or_rejected.
-    """
-    amount = draw(cost_amounts())
-    if isinstance(amount, str) and draw(st.booleans()):
-        spell = draw(st.sampled_from(["padded", "plus", "exponent"]))
-        if spell == "padded":
-            return f" {amount}\t"
-        if spell == "plus":
-            return "+" + amount
-        return f"{Decimal(amount).normalize():E}"
-    return amount
-
-
-@st.composite
-def _events_any_spelling(draw: st.DrawFn) -> dict[str, Any]:
-    """Valid events, some spelled the way only the exact path accepts (upper-case UUID, ...)."""
-    event = draw(valid_events())
-    if isinstance(event.get("customer_id"), str) and draw(st.booleans()):
-        event["customer_id"] = draw(
-            st.sampled_from(
-                [
-                    event["customer_id"].upper(),
-                    "{" + event["customer_id"] + "}",
-                    "urn:uuid:" + event["customer_id"],
-                    event["customer_id"].replace("-", ""),
-                ]
-            )
-        )
-    if draw(st.booleans()):
-        metadata = event["metadata"] = dict(event.get("metadata") or {})
-        while len(metadata) >= RULES.max_metadata_keys:
-            metadata.pop(next(iter(metadata)))
-        metadata["_cost"] = {"amount": draw(_amounts_any_spelling()), "currency": "usd"}
-    return event
-
-
-@given(_events_any_spelling())
-def test_fast_path_agrees_with_exact_path_on_valid_events(item: dict[str, Any]) -> None:
-    fast, slow, errors = _both_paths(item)
-    assert not errors
-    assert slow is not None
-    if fast is not None:
-        assert fast == slow
-
-
-@pytest.mark.parametrize("rule", RULE_TABLE, ids=lambda rule: rule.id)
-@given(data=st.data())
-def test_fast_path_never_accepts_a_broken_event(rule: Rule, data: st.DataObject) -> None:
-    item = copy.deepcopy(data.draw(valid_events(), label="event"))
-    rule.breaker(item, data)
-    fast, slow, errors = _both_paths(item)
-    assert errors
-    assert slow is None
-    assert fast is None

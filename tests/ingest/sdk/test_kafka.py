@@ -1,5 +1,5 @@
-"""Kafka direct: the SDK writes meterline's documented records (key, value, partition) to a real
-broker; a real core applies them, each external_id once, and events that break a rule are
+"""Kafka direct: the SDK writes columnar records as an edge does (partition, headers, value) to a
+real broker; a real core applies them, each external_id once, and events that break a rule are
 reported by the SDK instead of being dead-lettered."""
 
 from __future__ import annotations
@@ -8,19 +8,19 @@ import asyncio
 import time
 from pathlib import Path
 
-import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
 from ingest.sdk import AsyncIngestion, EventsRejected, Ingestion
 from ingest.sdk.kafka import AsyncKafkaTransport, KafkaTransport
+from meters import columnar
 from tests.ingest.sdk.conftest import Reports, stored
 from tests.pipeline import Pipeline
 
 pytestmark = pytest.mark.slow
 
 
-async def _first_record(bootstrap: str) -> tuple[bytes, dict[str, object]]:
+async def _first_record(bootstrap: str) -> tuple[bytes, columnar.Columnar | str]:
     consumer = AIOKafkaConsumer(
         "meterline.events",
         bootstrap_servers=bootstrap,
@@ -33,7 +33,7 @@ async def _first_record(bootstrap: str) -> tuple[bytes, dict[str, object]]:
         while time.monotonic() < deadline:
             for batch in (await consumer.getmany(timeout_ms=500)).values():
                 record = batch[0]
-                return record.key, orjson.loads(record.value)
+                return record.key, columnar.read(record.value, list(record.headers))
     finally:
         await consumer.stop()
     raise AssertionError("no record on the topic")
@@ -84,9 +84,10 @@ def test_records_are_applied_once(tmp_path: Path):
         pipeline.wait_for_events(120)
         key, value = asyncio.run(_first_record(pipeline.broker.bootstrap))
         events = stored(pipeline.core, customer)
-    assert key == f"{org}/ext:{customer}".encode()
-    assert value["organization_id"] == org
-    assert {"ingested_at", "timestamp", "external_id", "name", "metadata"} <= set(value)
+    assert key == org.encode()
+    assert isinstance(value, columnar.Columnar), value
+    assert value.organization_id == org
+    assert value.events.column("external_customer_id").to_pylist()[0] == customer
     assert sorted(e["metadata"]["seq"] for e in events) == list(range(120))
     assert not any(e["metadata"].get("retry") for e in events)  # the first write won
     [rejected] = reports.errors

@@ -1,0 +1,57 @@
+"""Usage events: declared once (`schema`), checked by the exact validator (`exact`, the
+reference, which locates every error) and by the compiled one (`compiled`, the fast path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from meters.errors import FieldError, ValidationFailed
+from meters.events.compiled import validator
+from meters.events.exact import parse_ingest_body
+from meters.events.schema import (
+    COLUMNS,
+    EVENT_FIELDS,
+    MAX_ERRORS,
+    NUMBER_LIMIT,
+    Event,
+    EventRules,
+    to_table,
+)
+from meters.events.usage import parse_cost_amount
+
+__all__ = [
+    "COLUMNS",
+    "EVENT_FIELDS",
+    "MAX_ERRORS",
+    "NUMBER_LIMIT",
+    "Event",
+    "EventRules",
+    "decode_json",
+    "parse_cost_amount",
+    "parse_ingest_body",
+    "to_table",
+    "validate_body",
+]
+
+
+def validate_body(body: bytes, *, now: int, rules: EventRules) -> pa.Table:
+    """The events of a `{"events": [...]}` JSON body as `COLUMNS`; raises ValidationFailed
+    listing every error (`json_invalid` for a body that is not JSON)."""
+    columns = validator(rules)(body, now)
+    if columns is not None:
+        return columns
+    return to_table(parse_ingest_body(decode_json(body), now=now, rules=rules))
+
+
+def decode_json(body: bytes) -> Any:
+    """Decode JSON; 422 (json_invalid) otherwise. orjson rejects NaN, Infinity and numbers
+    that overflow a double."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationFailed(
+            [FieldError("json_invalid", ("body",), f"JSON decode error: {exc}", None)]
+        ) from None

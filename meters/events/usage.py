@@ -1,0 +1,164 @@
+"""The rules of the two structured metadata values: `_cost` (an exact amount in cents) and
+`_llm` (a model call's token counts)."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from meters.errors import FieldError, Loc
+from meters.events.checks import MISSING, err, extras, string
+from meters.events.schema import NUMBER_LIMIT
+
+COST_FIELDS = frozenset({"amount", "currency"})
+LLM_TOKENS = ("input_tokens", "output_tokens", "total_tokens")
+LLM_FIELDS = frozenset(
+    {"vendor", "model", "prompt", "response", "cached_input_tokens", *LLM_TOKENS}
+)
+LLM_STRING_LENGTH = 500  # vendor and model
+
+
+_PLAIN_DECIMAL = re.compile(r"(-?)([0-9]{1,5})(?:\.([0-9]{0,12}))?")
+
+
+def plain_amount(value: Any) -> str | None:
+    """`parse_cost_amount` for plain decimals ("0.0371", 12, 0.5), without Decimal's cost."""
+    kind = type(value)
+    if kind is str:
+        text = value
+    elif kind is float or kind is int:
+        text = repr(value)
+    else:
+        return None
+    match = _PLAIN_DECIMAL.fullmatch(text)
+    if match is None:
+        return None
+    sign, whole, fraction = match.groups()
+    whole = whole.lstrip("0") or "0"
+    fraction = (fraction or "").rstrip("0")
+    if whole == "0" and not fraction:
+        return "0"
+    return f"{sign}{whole}.{fraction}" if fraction else f"{sign}{whole}"
+
+
+def cost(value: Any, loc: Loc, errors: list[FieldError]) -> dict[str, str] | None:
+    if type(value) is not dict:
+        errors.append(err("dict_type", loc, "Input should be a valid dictionary", value))
+        return None
+    before = len(errors)
+    extras(value, COST_FIELDS, loc, errors)
+    amount = parse_cost_amount(value.get("amount", MISSING), (*loc, "amount"), errors)
+    currency = value.get("currency", MISSING)
+    if currency is MISSING:
+        errors.append(err("missing", (*loc, "currency"), "Field required", None))
+    elif currency != "usd":
+        errors.append(
+            err(
+                "currency",
+                (*loc, "currency"),
+                "Only 'usd' (lowercase) is supported",
+                currency,
+            )
+        )
+    if len(errors) != before or amount is None:
+        return None
+    return {"amount": amount, "currency": "usd"}
+
+
+def parse_cost_amount(value: Any, loc: Loc, errors: list[FieldError]) -> str | None:
+    """Parse a `_cost.amount` (cents) into its canonical decimal string: Decimal(17, 12)."""
+    if value is MISSING:
+        errors.append(err("missing", loc, "Field required", None))
+        return None
+    kind = type(value)
+    try:
+        if kind is int:
+            number = Decimal(value)
+        elif kind is float:
+            # repr() is the shortest text that round-trips: what the client most likely wrote.
+            number = Decimal(repr(value))
+        elif kind is str:
+            number = Decimal(value.strip())
+        else:
+            raise InvalidOperation
+    except InvalidOperation:
+        errors.append(err("decimal_parsing", loc, "Input should be a valid decimal", value))
+        return None
+    if not number.is_finite():
+        errors.append(err("finite_number", loc, "Input should be a finite number", value))
+        return None
+    # Count places on the exact digits: normalize() would round to the context's precision
+    # (28 digits) and overflow on huge exponents.
+    sign, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)
+    kept = list(digits)
+    while len(kept) > 1 and kept[-1] == 0 and exponent < 0:
+        kept.pop()
+        exponent += 1
+    if not any(kept):
+        return "0"
+    if -exponent > 12:
+        errors.append(
+            err(
+                "decimal_max_places",
+                loc,
+                "Decimal input should have no more than 12 decimal places",
+                value,
+            )
+        )
+        return None
+    if len(kept) + exponent > 5:
+        errors.append(
+            err(
+                "decimal_whole_digits",
+                loc,
+                "Decimal input should have no more than 5 digits before the decimal point "
+                "(amounts are in cents)",
+                value,
+            )
+        )
+        return None
+    return format(Decimal((sign, tuple(kept), exponent)), "f")
+
+
+def llm(value: Any, loc: Loc, errors: list[FieldError]) -> dict[str, Any] | None:
+    if type(value) is not dict:
+        errors.append(err("dict_type", loc, "Input should be a valid dictionary", value))
+        return None
+    before = len(errors)
+    extras(value, LLM_FIELDS, loc, errors)
+    out: dict[str, Any] = {
+        "vendor": string(
+            value.get("vendor", MISSING), (*loc, "vendor"), errors, 1, LLM_STRING_LENGTH
+        ),
+        "model": string(value.get("model", MISSING), (*loc, "model"), errors, 1, LLM_STRING_LENGTH),
+    }
+    for key in ("prompt", "response"):
+        text = value.get(key)
+        out[key] = None if text is None else string(text, (*loc, key), errors, 0, None)
+    for key in LLM_TOKENS:
+        out[key] = _tokens(value.get(key, MISSING), (*loc, key), errors)
+    if value.get("cached_input_tokens") is not None:
+        out["cached_input_tokens"] = _tokens(
+            value["cached_input_tokens"], (*loc, "cached_input_tokens"), errors
+        )
+    return None if len(errors) != before else out
+
+
+def _tokens(value: Any, loc: Loc, errors: list[FieldError]) -> int | None:
+    if value is MISSING:
+        errors.append(err("missing", loc, "Field required", None))
+        return None
+    if type(value) is not int:
+        errors.append(err("int_type", loc, "Input should be a valid integer", value))
+        return None
+    if value < 0:
+        errors.append(
+            err("greater_than_equal", loc, "Input should be greater than or equal to 0", value)
+        )
+        return None
+    if value >= NUMBER_LIMIT:
+        errors.append(err("less_than", loc, f"Input should be less than {NUMBER_LIMIT}", value))
+        return None
+    return value
