@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -17,29 +16,6 @@ LLM_FIELDS = frozenset(
     {"vendor", "model", "prompt", "response", "cached_input_tokens", *LLM_TOKENS}
 )
 LLM_STRING_LENGTH = 500  # vendor and model
-
-
-_PLAIN_DECIMAL = re.compile(r"(-?)([0-9]{1,5})(?:\.([0-9]{0,12}))?")
-
-
-def plain_amount(value: Any) -> str | None:
-    """`parse_cost_amount` for plain decimals ("0.0371", 12, 0.5), without Decimal's cost."""
-    kind = type(value)
-    if kind is str:
-        text = value
-    elif kind is float or kind is int:
-        text = repr(value)
-    else:
-        return None
-    match = _PLAIN_DECIMAL.fullmatch(text)
-    if match is None:
-        return None
-    sign, whole, fraction = match.groups()
-    whole = whole.lstrip("0") or "0"
-    fraction = (fraction or "").rstrip("0")
-    if whole == "0" and not fraction:
-        return "0"
-    return f"{sign}{whole}.{fraction}" if fraction else f"{sign}{whole}"
 
 
 def cost(value: Any, loc: Loc, errors: list[FieldError]) -> dict[str, str] | None:
