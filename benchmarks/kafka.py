@@ -539,10 +539,10 @@ def kafka_consume(quick: bool = False) -> dict[str, Any]:
                 consumer_group="meterline-bench",
             )
             started = time.perf_counter()
-            records = asyncio.run(_preload(settings, requests, edge_requests))
+            in_topic = asyncio.run(_preload(settings, requests, edge_requests))
             preload_seconds = time.perf_counter() - started
             print(
-                f"   preloaded {n:,} events in {records:,} columnar records, and as JSON records"
+                f"   preloaded {n:,} events in {in_topic:,} columnar records, and as JSON records"
                 f" for the peer, in {preload_seconds:.1f} s (untimed)",
                 flush=True,
             )
@@ -561,7 +561,7 @@ def kafka_consume(quick: bool = False) -> dict[str, Any]:
                     database,
                     registry,
                     organization_id,
-                    (n, records),
+                    (n, in_topic),
                     broker,
                     plan["timeout"],
                 )
@@ -606,7 +606,7 @@ def kafka_consume(quick: bool = False) -> dict[str, Any]:
         metric("events not stored", n - checked["stored_events"], "events", "==", 0),
         metric(
             "records not applied",
-            records - sum(ours["stored_offsets"].values()),
+            in_topic - sum(ours["stored_offsets"].values()),
             "records",
             "==",
             0,
