@@ -122,7 +122,7 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         "--record-compression",
         choices=list(COMPRESSIONS),
         default=defaults.record_compression,
-        help="compression of the columnar records' Arrow buffers",
+        help="compression of the edges' columnar records (whole value)",
     )
     kafka.add_argument("--linger-ms", type=int, default=defaults.linger_ms)
     kafka.add_argument("--consumer-group", default=defaults.consumer_group)

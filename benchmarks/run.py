@@ -55,7 +55,7 @@ _OPS = {">=": "≥", "<=": "≤", "==": "="}
 def machine() -> dict[str, Any]:
     """Enough context to tell whether two results are comparable."""
     # The results folder left out: a run of several benchmarks writes it as it goes.
-    diff = _git("diff", "HEAD", "--", ".", ":(exclude)benchmarks/results") or ""
+    diff = _git("diff", "HEAD", "--", ":(top)", ":(top,exclude)benchmarks/results") or ""
     return {
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
