@@ -366,8 +366,8 @@ async def _time_apply(
 
 
 def _rollup_rows(con: Con) -> dict[str, int]:
-    count = con.execute("SELECT count(*) FROM rollups").fetchall()[0][0]
-    values = con.execute("SELECT count(*) FROM rollup_values").fetchall()[0][0]
+    count = con.execute("SELECT count(*) FROM all_rollups").fetchall()[0][0]
+    values = con.execute("SELECT count(*) FROM all_rollup_values").fetchall()[0][0]
     return {"rollups": int(count), "rollup_values": int(values)}
 
 

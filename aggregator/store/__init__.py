@@ -18,6 +18,7 @@ from typing import Any, Self, TypeVar
 import duckdb
 
 from aggregator.errors import QueryTimeout
+from aggregator.store.compaction import compact
 from aggregator.store.events import SequenceCounter
 from aggregator.store.schema import migrate
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS, Job, Writer
@@ -39,6 +40,7 @@ class Store:
         checkpoint_threshold: str = "256MB",
         read_timeout_seconds: float = 30.0,
         job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS,
+        compact_seconds: float = 1.0,
     ):
         self.path = str(path)
         # DuckDB's default (16 MiB of WAL) checkpoints every ~40k events, each a stall of the
@@ -48,6 +50,9 @@ class Store:
         self._readers = readers
         self._read_timeout = read_timeout_seconds
         self._job_bound = job_bound_seconds
+        # How often appended deltas are folded into the keyed tables (`compaction`) while
+        # writes keep coming: fewer, larger folds cost less per event; reads merge the rest.
+        self._compact_seconds = compact_seconds
         self._memory_limit = memory_limit
         self._con: duckdb.DuckDBPyConnection | None = None
         self._writer: Writer | None = None
@@ -83,7 +88,12 @@ class Store:
         self._con.execute("SET GLOBAL TimeZone = 'UTC'")
         migrate(self._con)
         self.seq = SequenceCounter.load(self._con)
-        self._writer = Writer(self._con.cursor(), job_bound_seconds=self._job_bound)
+        self._writer = Writer(
+            self._con.cursor(),
+            job_bound_seconds=self._job_bound,
+            upkeep=compact,
+            upkeep_seconds=self._compact_seconds,
+        )
         self._writer.start()
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="duckdb-reader")
 

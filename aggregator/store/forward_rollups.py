@@ -32,7 +32,7 @@ WITH live AS (
     SELECT r.meter_id, r.subject, time_bucket(to_minutes($minutes), r.bucket) AS period,
            sum(r.events) AS events,
            sum(CASE WHEN live.func = 'count' THEN r.events ELSE r.total END) AS units
-    FROM rollups r JOIN live ON live.id = r.meter_id
+    FROM all_rollups r JOIN live ON live.id = r.meter_id
     WHERE r.bucket < make_timestamptz($cutoff)
     GROUP BY ALL
 ), held AS (

@@ -1,7 +1,8 @@
 """SQL for the credit ledger: credits, resets and plan cycles (writer jobs), customer meters.
 
-Usage since each customer's latest reset is kept by ingest (`rollups.apply`, table
-`ledger_usage`); credits are running sums on the customer meter row. Every credit and reset is
+Usage since each customer's latest reset is kept by ingest (`rollups.apply`, appended to
+`ledger_usage_deltas`, read through `all_ledger_usage`); credits are running sums on the
+customer meter row. Every credit and reset is
 also a system event (`meter.credited`, `meter.reset`). The caller's idempotency key is kept in
 `idempotency`, with the customer meter it answered: replaying a call changes nothing.
 """
@@ -18,6 +19,7 @@ import duckdb
 import orjson
 
 from aggregator.store import idempotency
+from aggregator.store.compaction import LEDGER_TABLES
 from aggregator.store.customers import (
     CustomerRow,
     get_customer,
@@ -247,7 +249,7 @@ def reset(
     credits = _credits(con, customer, meter, now_us)
     carried = credits.carried_over(_consumed(con, customer, meter))
     names = subjects(customer)
-    for table in ("ledger_usage", "ledger_usage_values"):
+    for table in LEDGER_TABLES:
         # Table names from this fixed list only.
         con.execute(
             f"DELETE FROM {table} WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",
@@ -271,7 +273,7 @@ def _usage(con: Con, meter: MeterRow, subjects: list[str]) -> tuple[float, int |
     row = first_row(
         con,
         "SELECT sum(events), sum(total), min(low), max(high), epoch_us(min(created_at)),"
-        " epoch_us(max(modified_at)) FROM ledger_usage"
+        " epoch_us(max(modified_at)) FROM all_ledger_usage"
         " WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",
         [meter.id, subjects],
     )
@@ -281,7 +283,7 @@ def _usage(con: Con, meter: MeterRow, subjects: list[str]) -> tuple[float, int |
         first, last = row[4], row[5]
     if partial.events == 0 and _is_unique(meter):
         values = con.execute(
-            "SELECT DISTINCT value FROM ledger_usage_values"
+            "SELECT DISTINCT value FROM all_ledger_usage_values"
             " WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",
             [meter.id, subjects],
         ).fetchall()
@@ -350,9 +352,9 @@ def active_pairs(
         " unnest(['id:' || c.id::VARCHAR, 'ext:' || c.external_id]) s(subject)"
         f" WHERE c.organization_id = ?::UUID AND s.subject IS NOT NULL{customer_where}),"
         f" m AS (SELECT id FROM meters WHERE organization_id = ?::UUID{meter_where}),"
-        " used AS (SELECT u.meter_id, subj.customer_id, u.modified_at FROM ledger_usage u"
+        " used AS (SELECT u.meter_id, subj.customer_id, u.modified_at FROM all_ledger_usage u"
         " JOIN subj USING (subject) WHERE u.meter_id IN (SELECT id FROM m)"
-        " UNION ALL SELECT v.meter_id, subj.customer_id, NULL FROM ledger_usage_values v"
+        " UNION ALL SELECT v.meter_id, subj.customer_id, NULL FROM all_ledger_usage_values v"
         " JOIN subj USING (subject) WHERE v.meter_id IN (SELECT id FROM m)"
         " UNION ALL SELECT meter_id, customer_id, modified_at FROM customer_meters"
         " WHERE meter_id IN (SELECT id FROM m) AND customer_id IN (SELECT customer_id FROM subj))"

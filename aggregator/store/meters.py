@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 
 from aggregator.errors import NotFound
 from aggregator.store import rollups
+from aggregator.store.compaction import LEDGER_TABLES, ROLLUP_TABLES
 from aggregator.store.meter_sql import member_pointer
 from aggregator.store.rows import first_row, is_uuid
 from aggregator.store.writer import Repairable
@@ -196,13 +197,7 @@ def update_job(organization_id: str, meter_id: str, data: MeterUpdate, now_us: i
 def _reset_rollups(con: duckdb.DuckDBPyConnection, meter_id: str) -> None:
     """Forget what the meter aggregated (the backfill rebuilds it), and why it failed; its
     customers' credits and resets stay."""
-    for table in (
-        "rollups",
-        "rollup_values",
-        "ledger_usage",
-        "ledger_usage_values",
-        "meter_failures",
-    ):
+    for table in (*ROLLUP_TABLES, *LEDGER_TABLES, "meter_failures"):
         # Table names from this fixed list only.
         con.execute(f"DELETE FROM {table} WHERE meter_id = ?::UUID", [meter_id])
 

@@ -78,7 +78,7 @@ def from_rollups(
     who_params, unique, selected, group = _shape(
         scope, "sum(events), sum(total), min(low), max(high)", "value"
     )
-    table = "rollup_values" if unique else "rollups"
+    table = "all_rollup_values" if unique else "all_rollups"
     rows = con.execute(
         f"SELECT {selected} FROM {table} r JOIN {cte} p ON r.bucket >= p.lo AND r.bucket < p.hi"
         f" WHERE {where} {group}",

@@ -3,7 +3,8 @@
 Per (meter, customer reference, 15-minute UTC bucket): the number of events in the meter, the
 sum, min and max of their contributions (count: 1 each) and, for unique meters, the set of
 distinct values. Any interval in any timezone is a union of buckets, so quantities merge rows
-instead of rescanning events.
+instead of rescanning events. Ingest appends deltas; readers read the `all_*` views (the keyed
+tables and their deltas, see `compaction`).
 """
 
 from __future__ import annotations
@@ -39,75 +40,104 @@ def apply(
     """Add the events of `source` selected by `where` to the rollups of each of `meters`, and
     to their customers' ledger usage (the usage since each customer's latest reset).
 
-    One statement for the number meters and one for the unique ones, whatever their count:
-    each reads the events once, parses each metadata document once for every path the meters
-    use, and the grouped rows feed both the rollups and the ledger. Live ingest applies events
-    newer than any reset; a `backfill` (of stored events, one meter) skips, for the ledger, the
-    events a customer's reset has already closed. `ledger=False` leaves the ledger alone (to
-    measure what it costs).
+    Every meter's contribution of every event is computed in one statement (each metadata
+    document parsed once for every path the meters use); the batch's partial aggregates per
+    meter, customer reference and bucket are then appended to the delta tables, which
+    `compaction` folds into the keyed tables later. Live ingest applies events newer than any
+    reset; a `backfill` (of stored events, one meter) skips, for the ledger, the events a
+    customer's reset has already closed. `ledger=False` leaves the ledger alone (to measure
+    what it costs).
     """
-    numbers = [m for m in meters if not isinstance(m.aggregation, UniqueAggregation)]
-    uniques = [m for m in meters if isinstance(m.aggregation, UniqueAggregation)]
-    if numbers:
-        values, values_params = _values(numbers, source, where, params)
-        parts = ", ".join(
-            f"{{'m': ?::UUID, 'n': count(v{i}), 't': sum(v{i}), 'l': min(v{i}), 'h': max(v{i})}}"
-            for i in range(len(numbers))
+    if not meters:
+        return
+    values, values_params = _values(meters, source, where, params)
+    con.register("_values", con.sql(values, params=values_params).to_arrow_table())
+    try:
+        numbers = [(i, m) for i, m in enumerate(meters) if not _is_unique(m)]
+        uniques = [(i, m) for i, m in enumerate(meters) if _is_unique(m)]
+        if numbers:
+            _apply_numbers(con, numbers, backfill=backfill, ledger=ledger)
+        if uniques:
+            _apply_uniques(con, uniques, backfill=backfill, ledger=ledger)
+    finally:
+        con.unregister("_values")
+
+
+def _is_unique(meter: MeterRow) -> bool:
+    return isinstance(meter.aggregation, UniqueAggregation)
+
+
+def _apply_numbers(
+    con: duckdb.DuckDBPyConnection,
+    meters: list[tuple[int, MeterRow]],
+    *,
+    backfill: bool,
+    ledger: bool,
+) -> None:
+    parts = ", ".join(
+        f"{{'m': ?::UUID, 'n': count(v{i}), 't': sum(v{i}), 'l': min(v{i}), 'h': max(v{i})}}"
+        for i, _ in meters
+    )
+    ids = [m.id for _, m in meters]
+    con.execute(
+        f"INSERT INTO rollup_deltas SELECT p.m, subject, bucket, p.n, p.t, p.l, p.h FROM"
+        f" (SELECT subject, bucket, unnest([{parts}]) AS p FROM _values GROUP BY subject, bucket)"
+        " WHERE p.n > 0",
+        ids,
+    )
+    if ledger and not backfill:
+        con.execute(
+            f"INSERT INTO ledger_usage_deltas SELECT p.m, subject, p.n, p.t, p.l, p.h, now(),"
+            f" now() FROM (SELECT subject, unnest([{parts}]) AS p FROM _values GROUP BY subject)"
+            " WHERE p.n > 0",
+            ids,
         )
-        deltas = con.sql(
-            f"SELECT p.m AS meter_id, subject, bucket, p.n AS events, p.t AS total, p.l AS low,"
-            f" p.h AS high FROM (SELECT subject, bucket, unnest([{parts}]) AS p FROM ({values})"
-            " GROUP BY subject, bucket) WHERE p.n > 0",
-            params=[*(m.id for m in numbers), *values_params],
-        ).to_arrow_table()
-        con.register("_deltas", deltas)
-        try:
-            con.execute(
-                f"INSERT INTO rollups SELECT * FROM _deltas ON CONFLICT DO UPDATE SET {_MERGE}"
-            )
-            if ledger and not backfill:
-                con.execute(
-                    "INSERT INTO ledger_usage SELECT meter_id, subject, sum(events), sum(total),"
-                    " min(low), max(high), now(), now() FROM _deltas GROUP BY meter_id, subject"
-                    f" ON CONFLICT DO UPDATE SET {_LEDGER_MERGE}"
-                )
-        finally:
-            con.unregister("_deltas")
-        if ledger and backfill:
-            _backfill_ledger(con, numbers, values, values_params)
-    if uniques:
-        values, values_params = _values(uniques, source, where, params)
-        parts = ", ".join(f"{{'m': ?::UUID, 'v': v{i}}}" for i in range(len(uniques)))
-        rows = (
-            f"SELECT p.m AS meter_id, subject, bucket, seq, p.v AS value FROM"
-            f" (SELECT subject, bucket, seq, unnest([{parts}]) AS p FROM ({values}))"
-            " WHERE p.v IS NOT NULL"
+    if ledger and backfill:
+        # Only the events after their customer's latest reset.
+        parts = ", ".join(f"{{'m': ?::UUID, 'v': v{i}}}" for i, _ in meters)
+        con.execute(
+            "INSERT INTO ledger_usage_deltas SELECT meter_id, subject, count(*), sum(v),"
+            " min(v), max(v), now(), now()"
+            f" FROM (SELECT p.m AS meter_id, subject, seq, p.v AS v FROM"
+            f" (SELECT subject, seq, unnest([{parts}]) AS p FROM _values)) u"
+            f" WHERE v IS NOT NULL AND {_AFTER_RESET} GROUP BY meter_id, subject",
+            ids,
         )
-        distinct = con.sql(
-            f"SELECT DISTINCT meter_id, subject, bucket, seq, value FROM ({rows})",
-            params=[*(m.id for m in uniques), *values_params],
-        ).to_arrow_table()
-        con.register("_distinct", distinct)
-        try:
-            con.execute(
-                "INSERT INTO rollup_values SELECT DISTINCT meter_id, subject, bucket, value"
-                " FROM _distinct ON CONFLICT DO NOTHING"
-            )
+
+
+def _apply_uniques(
+    con: duckdb.DuckDBPyConnection,
+    meters: list[tuple[int, MeterRow]],
+    *,
+    backfill: bool,
+    ledger: bool,
+) -> None:
+    parts = ", ".join(f"{{'m': ?::UUID, 'v': v{i}}}" for i, _ in meters)
+    rows = (
+        f"SELECT p.m AS meter_id, subject, bucket, seq, p.v AS value FROM"
+        f" (SELECT subject, bucket, seq, unnest([{parts}]) AS p FROM _values)"
+        " WHERE p.v IS NOT NULL"
+    )
+    distinct = con.sql(
+        f"SELECT DISTINCT meter_id, subject, bucket, seq, value FROM ({rows})",
+        params=[m.id for _, m in meters],
+    ).to_arrow_table()
+    con.register("_distinct", distinct)
+    try:
+        con.execute(
+            "INSERT INTO rollup_value_deltas SELECT DISTINCT meter_id, subject, bucket, value"
+            " FROM _distinct"
+        )
+        if ledger:
             after_reset = _AFTER_RESET if backfill else "TRUE"
-            if ledger:
-                con.execute(
-                    "INSERT INTO ledger_usage_values SELECT DISTINCT meter_id, subject, value"
-                    f" FROM _distinct u WHERE {after_reset} ON CONFLICT DO NOTHING"
-                )
-        finally:
-            con.unregister("_distinct")
+            con.execute(
+                "INSERT INTO ledger_usage_value_deltas SELECT DISTINCT meter_id, subject, value"
+                f" FROM _distinct u WHERE {after_reset}"
+            )
+    finally:
+        con.unregister("_distinct")
 
 
-_MERGE = (
-    "events = events + excluded.events, total = total + excluded.total,"
-    " low = least(low, excluded.low), high = greatest(high, excluded.high)"
-)
-_LEDGER_MERGE = f"{_MERGE}, modified_at = excluded.modified_at"
 # The customer references a reset has closed, with the seq of that reset: 'id:<customer>' and,
 # when the customer has one, 'ext:<its external id>'.
 RESETS = (
@@ -120,22 +150,6 @@ _AFTER_RESET = (
     f"u.seq > coalesce((SELECT max(r.reset_seq) FROM ({RESETS}) r"
     " WHERE r.meter_id = u.meter_id AND r.subject = u.subject), 0)"
 )
-
-
-def _backfill_ledger(
-    con: duckdb.DuckDBPyConnection, meters: Sequence[MeterRow], values: str, params: list[Any]
-) -> None:
-    """Ledger usage from stored events: only those after their customer's latest reset."""
-    parts = ", ".join(f"{{'m': ?::UUID, 'v': v{i}}}" for i in range(len(meters)))
-    con.execute(
-        "INSERT INTO ledger_usage SELECT meter_id, subject, count(*), sum(v), min(v), max(v),"
-        " now(), now()"
-        f" FROM (SELECT p.m AS meter_id, subject, seq, p.v AS v FROM"
-        f" (SELECT subject, seq, unnest([{parts}]) AS p FROM ({values}))) u"
-        f" WHERE v IS NOT NULL AND {_AFTER_RESET} GROUP BY meter_id, subject"
-        f" ON CONFLICT DO UPDATE SET {_LEDGER_MERGE}",
-        [*(m.id for m in meters), *params],
-    )
 
 
 def _values(

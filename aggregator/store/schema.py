@@ -254,6 +254,22 @@ MIGRATIONS: tuple[str, ...] = (
         reset_at TIMESTAMPTZ NOT NULL
     );
     """,
+    # 10: rollups and ledger usage as appended deltas (`store.compaction`): ingest appends each
+    # batch's partial aggregates to unindexed delta tables, compaction merges them into the
+    # keyed tables in its own transactions, and reads go through views over both.
+    """
+    CREATE TABLE rollup_deltas AS SELECT * FROM rollups LIMIT 0;
+    CREATE TABLE rollup_value_deltas AS SELECT * FROM rollup_values LIMIT 0;
+    CREATE TABLE ledger_usage_deltas AS SELECT * FROM ledger_usage LIMIT 0;
+    CREATE TABLE ledger_usage_value_deltas AS SELECT * FROM ledger_usage_values LIMIT 0;
+    CREATE VIEW all_rollups AS SELECT * FROM rollups UNION ALL SELECT * FROM rollup_deltas;
+    CREATE VIEW all_rollup_values AS
+        SELECT * FROM rollup_values UNION ALL SELECT * FROM rollup_value_deltas;
+    CREATE VIEW all_ledger_usage AS
+        SELECT * FROM ledger_usage UNION ALL SELECT * FROM ledger_usage_deltas;
+    CREATE VIEW all_ledger_usage_values AS
+        SELECT * FROM ledger_usage_values UNION ALL SELECT * FROM ledger_usage_value_deltas;
+    """,
 )
 
 

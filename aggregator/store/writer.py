@@ -27,6 +27,10 @@ rate falls while others write: that is the price of the share). A tenant's own j
 in the order submitted; jobs without a tenant (background work, the Kafka consumer) are never
 held back.
 
+The writer's own upkeep (`upkeep`: compacting appended deltas) runs between groups, in its own
+transaction, at most every `upkeep_seconds` while jobs keep coming, so that it never lengthens an
+ingest group and a failure in it fails no caller.
+
 A `Batchable` job is run together with its neighbours of the same class in one call, so that a
 group of many requests costs one set of statements instead of one set per request (statement
 overhead, not data volume, dominates small DuckDB writes).
@@ -104,8 +108,13 @@ class Writer:
         *,
         max_group_weight: int = 50_000,
         job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS,
+        upkeep: Callable[[duckdb.DuckDBPyConnection], object] | None = None,
+        upkeep_seconds: float = 1.0,
     ) -> None:
         self._con = con
+        self._upkeep = upkeep
+        self._upkeep_seconds = upkeep_seconds
+        self._upkeep_at = time.monotonic()
         self._max_group_weight = max_group_weight
         self.job_bound_seconds = job_bound_seconds
         self._backlog: list[_Pending[Any]] = []
@@ -168,6 +177,15 @@ class Writer:
                 self._timed(sum(p.weight for p in group), time.perf_counter() - started)
                 for p in group:
                     self._recent[p.tenant] = self._recent.get(p.tenant, 0.0) + p.weight
+            if self._upkeep and time.monotonic() - self._upkeep_at >= self._upkeep_seconds:
+                self._run_upkeep(self._upkeep)
+
+    def _run_upkeep(self, upkeep: Callable[[duckdb.DuckDBPyConnection], object]) -> None:
+        self._upkeep_at = time.monotonic()
+        try:
+            self._run_in_transaction([_Pending(upkeep, 0, None)])
+        except Exception:  # upkeep is retried next time; no caller waits for it
+            log.exception("writer upkeep failed")
 
     def _next_group(self) -> list[_Pending[Any]]:
         """Take the next group off the backlog (see the module's note on fairness)."""

@@ -1,8 +1,9 @@
 """The credit ledger against a plain-Python model, through any sequence of calls.
 
 Ingest (with duplicates), credits and revocations, resets with rollover, plan cycles on a
-moving clock and process restarts, in any order; after each step every customer meter must
-equal the model: balance = credited − consumed, credited never negative, and replaying a call
+moving clock, process restarts and compaction of the appended usage, in any order; after each
+step every customer meter must equal the model: balance = credited − consumed, credited never
+negative, and replaying a call
 with a used external_id changes nothing.
 """
 
@@ -22,6 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from aggregator.errors import KeyReused
 from aggregator.store import Store
+from aggregator.store.compaction import compact
 from aggregator.store.customers import create_job as create_customer
 from aggregator.store.events import IngestJob
 from aggregator.store.ledger import credit_job, customer_meter, reset_job
@@ -70,7 +72,8 @@ class LedgerMachine(RuleBasedStateMachine):
         super().__init__()
         self.runner = asyncio.Runner()
         self.tmp = tempfile.TemporaryDirectory(prefix="meterline-ledger-")
-        self.store = Store(Path(self.tmp.name) / "ledger.duckdb")
+        # Compaction only where the `compact` rule puts it.
+        self.store = Store(Path(self.tmp.name) / "ledger.duckdb", compact_seconds=3600)
         self.store.open()
         self.clock = START - timedelta(days=1)
         customer = self._write(
@@ -223,8 +226,14 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         self.store.close()
-        self.store = Store(self.store.path)
+        self.store = Store(self.store.path, compact_seconds=3600)
         self.store.open()
+
+    @rule()
+    def compact_usage(self) -> None:
+        """Fold the appended usage deltas into the keyed tables (at any point: restarts
+        happen between appends and compaction too)."""
+        self._write(compact)
 
     @invariant()
     def customer_meters_equal_the_model(self) -> None:

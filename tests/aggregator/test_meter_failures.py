@@ -78,7 +78,7 @@ def _total(store: Store, meter_id: str) -> float:
     con = store._cursor()
     return float(
         con.execute(
-            "SELECT coalesce(sum(total), 0) FROM rollups WHERE meter_id = ?::UUID", [meter_id]
+            "SELECT coalesce(sum(total), 0) FROM all_rollups WHERE meter_id = ?::UUID", [meter_id]
         ).fetchall()[0][0]
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from aggregator.store import Store
+from aggregator.store.compaction import compact
 from aggregator.store.events import IngestJob
 from aggregator.store.meters import backfill_step_job, create_job
 from aggregator.store.quantities import Scope, compute
@@ -107,6 +109,7 @@ def _view(event: Event) -> EventView:
     length=st.integers(0, 6 * 86_400 * 10**6),
     interval=st.sampled_from(["hour", "day", "week", "month"]),
     zone=st.sampled_from(ZONES),
+    compact_after=st.sets(st.integers(0, 12)),
 )
 def test_quantities_from_rollups_equal_the_fold_over_events(
     tmp_path_factory: pytest.TempPathFactory,
@@ -119,7 +122,10 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
     length: int,
     interval: str,
     zone: str,
+    compact_after: set[int],
 ) -> None:
+    """Also with the appended deltas compacted after any of the ingest and backfill steps
+    (`compact_after`, by step number): a reader merges the same partials either way."""
     if interval == "hour":
         length = min(length, 7 * 86_400 * 10**6)
     end = start + length
@@ -130,15 +136,23 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
 
     async def run() -> tuple[list[tuple[datetime, float]], float]:
         path = tmp_path_factory.mktemp("q") / "m.duckdb"
-        async with Store(path) as store:
+        async with Store(path, compact_seconds=3600) as store:
             assert store.seq is not None
-            await _ingest(store, before, batch_sizes)
+            steps = iter(range(10**6))
+
+            async def step(job: Any) -> Any:
+                result = await store.write(job)
+                if next(steps) in compact_after:
+                    await store.write(compact)
+                return result
+
+            await _ingest(step, store, before, batch_sizes)
             meter = await store.write(create_job(ORG, meter_create, 0))
             while True:  # the backfill, a small chunk per writer job
-                progress = await store.write(backfill_step_job(meter.id, meter.version, 7))
+                progress = await step(backfill_step_job(meter.id, meter.version, 7))
                 if progress is None or progress[0] >= progress[1]:
                     break
-            await _ingest(store, after, batch_sizes)
+            await _ingest(step, store, after, batch_sizes)
             scope = Scope(meter, None)
             return await store.read(compute, scope, start, end, interval, ZoneInfo(zone), None)
 
@@ -169,13 +183,15 @@ def _to_us(moment: datetime) -> int:
     return (moment - EPOCH) // _ONE_US
 
 
-async def _ingest(store: Store, events: list[Event], sizes: list[int]) -> None:
+async def _ingest(
+    write: Callable[[Any], Awaitable[Any]], store: Store, events: list[Event], sizes: list[int]
+) -> None:
     assert store.seq is not None
     i = 0
     k = 0
     while i < len(events):
         size = sizes[k % len(sizes)]
         chunk = events[i : i + size]
-        await store.write(IngestJob(ORG, to_table(chunk), 0, store.seq))
+        await write(IngestJob(ORG, to_table(chunk), 0, store.seq))
         i += size
         k += 1
