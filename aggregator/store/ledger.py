@@ -270,12 +270,14 @@ def _consumed(con: Con, customer: CustomerRow, meter: MeterRow) -> float:
 def _usage(con: Con, meter: MeterRow, subjects: list[str]) -> tuple[float, int | None, int | None]:
     """(consumed, first usage, last usage) of `subjects` in the meter's current windows."""
     partial = Partial()
+    # Equalities, not `IN (SELECT unnest(?))`: DuckDB then filters during the scan (3x faster
+    # at 100,000 customers).
+    which = " OR ".join("subject = ?" for _ in subjects) or "FALSE"
     row = first_row(
         con,
         "SELECT sum(events), sum(total), min(low), max(high), epoch_us(min(created_at)),"
-        " epoch_us(max(modified_at)) FROM all_ledger_usage"
-        " WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",
-        [meter.id, subjects],
+        f" epoch_us(max(modified_at)) FROM all_ledger_usage WHERE meter_id = ?::UUID AND ({which})",
+        [meter.id, *subjects],
     )
     first = last = None
     if row is not None and row[0] is not None:
@@ -284,8 +286,8 @@ def _usage(con: Con, meter: MeterRow, subjects: list[str]) -> tuple[float, int |
     if partial.events == 0 and _is_unique(meter):
         values = con.execute(
             "SELECT DISTINCT value FROM all_ledger_usage_values"
-            " WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",
-            [meter.id, subjects],
+            f" WHERE meter_id = ?::UUID AND ({which})",
+            [meter.id, *subjects],
         ).fetchall()
         partial.values = {v[0] for v in values}
     return partial.result(meter.aggregation.func), first, last
