@@ -270,6 +270,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE VIEW all_ledger_usage_values AS
         SELECT * FROM ledger_usage_values UNION ALL SELECT * FROM ledger_usage_value_deltas;
     """,
+    # 11: customers looked up by external id (every balance check, every ingest naming one)
+    # seek instead of scanning: DuckDB uses a single-column index for an equality.
+    """
+    CREATE INDEX customers_external_id ON customers (external_id);
+    """,
 )
 
 

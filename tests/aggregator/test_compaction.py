@@ -105,7 +105,7 @@ def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Pat
     con = duckdb.connect(str(path))
     keyed = con.execute("SELECT events, total, low, high FROM rollups").fetchall()
     assert keyed == [(3, 12.0, 3.0, 5.0)]
-    assert con.execute("SELECT max(version) FROM schema_migrations").fetchall() == [(10,)]
+    assert con.execute("SELECT max(version) FROM schema_migrations").fetchall() == [(11,)]
     con.close()
 
 
