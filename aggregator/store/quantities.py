@@ -8,7 +8,7 @@ are merged per period (and per customer when asked), then reduced by the meter's
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -147,19 +147,46 @@ def exact_range(
     con: duckdb.DuckDBPyConnection, scope: Scope, start_us: int, end_us: int
 ) -> dict[Key, Partial]:
     """Partials of exactly the events in [start, end] (index 0)."""
-    stop = end_us + 1  # inclusive end
-    if scope.metadata:
-        return from_events(con, scope, [(0, start_us, stop)])
-    first = -(-start_us // BUCKET_US) * BUCKET_US  # first whole bucket
-    last = (stop // BUCKET_US) * BUCKET_US  # end of the last whole bucket
-    if first >= last:
-        return from_events(con, scope, [(0, start_us, stop)])
-    partials = from_rollups(con, scope, [(0, first, last)])
-    # One query per edge: in a single query over both, DuckDB scans every event between them.
-    for edge in ((0, start_us, first), (0, last, stop)):
-        if edge[1] < edge[2]:
-            merge_into(partials, from_events(con, scope, [edge]))
+    whole, edges = _split(scope, 0, [(start_us, end_us)])
+    partials = _source(scope)(con, scope, whole)
+    _merge_edges(con, scope, partials, edges)
     return partials
+
+
+def _source(scope: Scope) -> Callable[..., dict[Key, Partial]]:
+    """Rollups hold no metadata: a scope filtering on it reads the events."""
+    return from_events if scope.metadata else from_rollups
+
+
+def _split(
+    scope: Scope, index: int, pieces: Sequence[tuple[int, int]]
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """The ranges (`index`, lo, hi) that together hold exactly the events of `pieces` ([start,
+    end] each): whole buckets, which the rollups can answer, and the edges, which only the
+    events can (a scope reading the events anyway takes each piece whole, in one query)."""
+    whole: list[tuple[int, int, int]] = []
+    edges: list[tuple[int, int, int]] = []
+    for start_us, end_us in pieces:
+        stop = end_us + 1  # inclusive end
+        first = -(-start_us // BUCKET_US) * BUCKET_US  # first whole bucket
+        last = (stop // BUCKET_US) * BUCKET_US  # end of the last whole bucket
+        if scope.metadata or first >= last:
+            edges.append((index, start_us, stop))
+            continue
+        whole.append((index, first, last))
+        edges += [e for e in ((index, start_us, first), (index, last, stop)) if e[1] < e[2]]
+    return whole, edges
+
+
+def _merge_edges(
+    con: duckdb.DuckDBPyConnection,
+    scope: Scope,
+    partials: dict[Key, Partial],
+    edges: list[tuple[int, int, int]],
+) -> None:
+    # One query per edge: in a single query over two, DuckDB scans every event between them.
+    for edge in edges:
+        merge_into(partials, from_events(con, scope, [edge]))
 
 
 def reduce(partials: dict[Key, Partial], meter: MeterRow, index: int, across: str | None) -> float:
@@ -197,20 +224,22 @@ def compute(
 ) -> tuple[list[tuple[datetime, float]], float]:
     """Quantities of the periods intersecting [start, end] and the total of exactly that range."""
     periods = boundaries(us_to_datetime(start_us), us_to_datetime(end_us), interval, tz)
-    edges = [datetime_to_us(p) for p in periods]
-    ranges = [(i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
-    source = from_events if scope.metadata else from_rollups
-    partials = source(con, scope, ranges)
-    # The total reuses the periods that lie inside the range; only the rest is read again.
+    bounds = [datetime_to_us(p) for p in periods]
+    ranges = [(i, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+    # The total reuses the periods that lie inside the range; the rest of it is read in the
+    # same query as the periods (its whole buckets, as range `rest`) and from the edges' events.
     inside = [r for r in ranges if start_us <= r[1] and r[2] <= end_us + 1]
+    pieces = [(start_us, end_us)]
     if inside:
-        total = _merged_by_customer(partials, range(inside[0][0], inside[-1][0] + 1))
-        if start_us < inside[0][1]:
-            merge_into(total, exact_range(con, scope, start_us, inside[0][1] - 1))
-        if inside[-1][2] <= end_us:
-            merge_into(total, exact_range(con, scope, inside[-1][2], end_us))
-    else:
-        total = exact_range(con, scope, start_us, end_us)
+        pieces = [(start_us, inside[0][1] - 1)] if start_us < inside[0][1] else []
+        pieces += [(inside[-1][2], end_us)] if inside[-1][2] <= end_us else []
+    rest = len(ranges)
+    whole, edges = _split(scope, rest, pieces)
+    partials = _source(scope)(con, scope, ranges + whole)
+    _merge_edges(con, scope, partials, edges)
+    total = _merged_by_customer(partials, range(rest, rest + 1))
+    if inside:
+        merge_into(total, _merged_by_customer(partials, range(inside[0][0], inside[-1][0] + 1)))
     return (
         [(periods[i], reduce(partials, scope.meter, i, across)) for i in range(len(ranges))],
         reduce(total, scope.meter, 0, across),

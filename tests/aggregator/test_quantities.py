@@ -52,6 +52,9 @@ def event_lists(draw: st.DrawFn) -> list[Event]:
         value = draw(st.one_of(st.none(), st.integers(-5, 50), st.sampled_from([0.5, "x", True])))
         if value is not None:
             metadata["v"] = value
+        tag = draw(st.sampled_from([None, "p", "q"]))
+        if tag is not None:
+            metadata["tag"] = tag
         events.append(
             Event(
                 name=draw(st.sampled_from(["a", "b"])),
@@ -110,6 +113,10 @@ def _view(event: Event) -> EventView:
     interval=st.sampled_from(["hour", "day", "week", "month"]),
     zone=st.sampled_from(ZONES),
     compact_after=st.sets(st.integers(0, 12)),
+    customer=st.sampled_from([None, "c1"]),
+    tag=st.sampled_from([None, "p"]),
+    near=st.tuples(st.integers(-1, 29), st.integers(-1, 29)),
+    offsets=st.tuples(st.integers(0, 2 * 3600 * 10**6), st.integers(0, 2 * 3600 * 10**6)),
 )
 def test_quantities_from_rollups_equal_the_fold_over_events(
     tmp_path_factory: pytest.TempPathFactory,
@@ -123,12 +130,25 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
     interval: str,
     zone: str,
     compact_after: set[int],
+    customer: str | None,
+    tag: str | None,
+    near: tuple[int, int],
+    offsets: tuple[int, int],
 ) -> None:
     """Also with the appended deltas compacted after any of the ingest and backfill steps
-    (`compact_after`, by step number): a reader merges the same partials either way."""
+    (`compact_after`, by step number): a reader merges the same partials either way. Scoped
+    to one customer, to a metadata value (read from the events, not the rollups), or both."""
     if interval == "hour":
         length = min(length, 7 * 86_400 * 10**6)
     end = start + length
+    # Ends close after / before an event (`near`: which one, -1 for none), so that the events
+    # in the parts of buckets at the range's edges matter.
+    if events and near[0] >= 0:
+        start = events[near[0] % len(events)].timestamp_us - offsets[0]
+    if events and near[1] >= 0:
+        end = max(start, events[near[1] % len(events)].timestamp_us + offsets[1])
+    if interval == "hour":
+        end = min(end, start + 7 * 86_400 * 10**6)
     order = list(events)
     shuffle.shuffle(order)
     before, after = order[:split], order[split:]
@@ -153,13 +173,23 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
                 if progress is None or progress[0] >= progress[1]:
                     break
             await _ingest(step, store, after, batch_sizes)
-            scope = Scope(meter, None)
+            scope = Scope(
+                meter,
+                None if customer is None else (f"ext:{customer}",),
+                () if tag is None else (("tag", (tag,)),),
+            )
             return await store.read(compute, scope, start, end, interval, ZoneInfo(zone), None)
 
     periods, total = asyncio.run(run())
 
     aggregation = meter_create.aggregation
-    matching = [_view(e) for e in events if meter_create.filter.matches(_view(e))]
+    matching = [
+        _view(e)
+        for e in events
+        if meter_create.filter.matches(_view(e))
+        and customer in (None, e.external_customer_id)
+        and tag in (None, e.metadata.get("tag"))
+    ]
     edges = boundaries(
         EPOCH + (start * _ONE_US),
         EPOCH + (end * _ONE_US),
