@@ -25,7 +25,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import forwarding, ingest_http, isolation, kafka, ledger, meters, sdk, validation
+from benchmarks import (
+    core,
+    forwarding,
+    ingest_http,
+    isolation,
+    kafka,
+    ledger,
+    meters,
+    sdk,
+    validation,
+)
 
 RESULTS = Path(__file__).parent / "results"
 # A module (its `run`) or a function; the hypothesis is the function's docstring, else its
@@ -36,6 +46,7 @@ BENCHMARKS: dict[str, ModuleType | Callable[[bool], dict[str, Any]]] = {
     "ingest_http_inline": ingest_http.inline,
     "ingest_http_meters": meters.ingest_http_meters,
     "rollup_update": meters.rollup_update,
+    "core_apply": core,
     "quantities_10m": meters.quantities_10m,
     "kafka_ingest_http": kafka.kafka_ingest_http,
     "kafka_consume": kafka.kafka_consume,
