@@ -15,6 +15,14 @@ def err(type_: str, loc: Loc, msg: str, value: Any) -> FieldError:
     return FieldError(type_, loc, msg, value)
 
 
+def is_dict(value: Any, loc: Loc, errors: list[FieldError]) -> bool:
+    """A JSON object where one is required (metadata, `_cost`, `_llm`); else an error."""
+    if type(value) is dict:
+        return True
+    errors.append(err("dict_type", loc, "Input should be a valid dictionary", value))
+    return False
+
+
 def extras(
     value: dict[str, Any], allowed: frozenset[str], loc: Loc, errors: list[FieldError]
 ) -> None:

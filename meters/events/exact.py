@@ -20,7 +20,7 @@ from typing import Any
 
 from meters.errors import FieldError, Loc, ValidationFailed
 from meters.events import usage
-from meters.events.checks import DICT_MSG, MISSING, err, extras, string
+from meters.events.checks import DICT_MSG, MISSING, err, extras, is_dict, string
 from meters.events.schema import (
     COST_KEY,
     EVENT_FIELDS,
@@ -221,8 +221,7 @@ def _timestamp(value: Any, loc: Loc, errors: list[FieldError], latest: int) -> i
 def _metadata(
     value: Any, loc: Loc, errors: list[FieldError], rules: EventRules
 ) -> tuple[dict[str, Any] | None, str | None]:
-    if type(value) is not dict:
-        errors.append(err("dict_type", loc, "Input should be a valid dictionary", value))
+    if not is_dict(value, loc, errors):
         return None, None
     if len(value) > rules.max_metadata_keys:
         errors.append(

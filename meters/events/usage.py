@@ -7,7 +7,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from meters.errors import FieldError, Loc
-from meters.events.checks import MISSING, err, extras, string
+from meters.events.checks import MISSING, err, extras, is_dict, string
 from meters.events.schema import NUMBER_LIMIT
 
 COST_FIELDS = frozenset({"amount", "currency"})
@@ -19,8 +19,7 @@ LLM_STRING_LENGTH = 500  # vendor and model
 
 
 def cost(value: Any, loc: Loc, errors: list[FieldError]) -> dict[str, str] | None:
-    if type(value) is not dict:
-        errors.append(err("dict_type", loc, "Input should be a valid dictionary", value))
+    if not is_dict(value, loc, errors):
         return None
     before = len(errors)
     extras(value, COST_FIELDS, loc, errors)
@@ -99,8 +98,7 @@ def parse_cost_amount(value: Any, loc: Loc, errors: list[FieldError]) -> str | N
 
 
 def llm(value: Any, loc: Loc, errors: list[FieldError]) -> dict[str, Any] | None:
-    if type(value) is not dict:
-        errors.append(err("dict_type", loc, "Input should be a valid dictionary", value))
+    if not is_dict(value, loc, errors):
         return None
     before = len(errors)
     extras(value, LLM_FIELDS, loc, errors)
