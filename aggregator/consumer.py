@@ -35,7 +35,7 @@ from aiokafka import (
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 from aiokafka.structs import ConsumerRecord
 
-from aggregator.decode import DeadLetter, decode_batch, plain_times, row_record
+from aggregator.decode import DeadLetter, dead_rows, decode_batch
 from aggregator.errors import OffsetGap
 from aggregator.store import Store
 from aggregator.store.consumed import (
@@ -326,14 +326,7 @@ class Consumer:
         dead = pc.is_valid(reasons)
         if not pc.any(dead).as_py():
             return table, []
-        rows = plain_times(table.filter(dead)).to_pylist()
-        letters = [
-            DeadLetter(row["position"], str(reason))
-            if row["row"] is None
-            else DeadLetter(row["position"], str(reason), row["row"], row_record(row))
-            for row, reason in zip(rows, reasons.filter(dead).to_pylist(), strict=True)
-        ]
-        return table.filter(pc.invert(dead)), letters
+        return table.filter(pc.invert(dead)), dead_rows(table.filter(dead), reasons.filter(dead))
 
     async def _commit(
         self, batch: ConsumedBatch, fetched: dict[TopicPartition, list[ConsumerRecord]]

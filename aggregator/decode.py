@@ -88,12 +88,22 @@ def decode_batch(
 def _located(position: int, read: columnar.Columnar) -> pa.Table:
     """A columnar record's events with their organization, ingest time, position and row."""
     rows = read.events.num_rows
-    table = read.events.append_column(
-        "organization_id", pa.array([read.organization_id] * rows, pa.string())
-    )
-    table = table.append_column("ingested_at", pa.array([read.ingested_at_us] * rows, TIMESTAMP))
-    table = table.append_column("position", pa.array([position] * rows, _INT64))
-    return table.append_column("row", pa.array(range(rows), _INT64))
+    table = _origin(read.events, [read.organization_id] * rows, [read.ingested_at_us] * rows)
+    return _placed(table, [position] * rows, list(range(rows)))
+
+
+def _origin(events: pa.Table, organization_ids: list[str], ingested_at_us: list[int]) -> pa.Table:
+    """`events` with each one's organization and ingest time."""
+    table = events.append_column("organization_id", pa.array(organization_ids, pa.string()))
+    return table.append_column("ingested_at", pa.array(ingested_at_us, TIMESTAMP))
+
+
+def _placed(events: pa.Table, positions: list[int], rows: list[int] | None = None) -> pa.Table:
+    """`events` with the position in the fetched batch of the record each came from, and its
+    row in that record (None: a JSON record, one event)."""
+    table = events.append_column("position", pa.array(positions, _INT64))
+    placed: list[int | None] = [None] * len(positions) if rows is None else list(rows)
+    return table.append_column("row", pa.array(placed, _INT64))
 
 
 def _checked(table: pa.Table, now: int, rules: EventRules) -> tuple[pa.Table, list[DeadLetter]]:
@@ -103,15 +113,18 @@ def _checked(table: pa.Table, now: int, rules: EventRules) -> tuple[pa.Table, li
     if problems.null_count == table.num_rows:
         return table, []
     bad = pc.is_valid(problems)
-    dead = [
-        DeadLetter(row["position"], str(reason), row["row"], row_record(row))
-        for row, reason in zip(
-            plain_times(table.filter(bad)).to_pylist(),
-            problems.filter(bad).to_pylist(),
-            strict=True,
-        )
+    return table.filter(pc.invert(bad)), dead_rows(table.filter(bad), problems.filter(bad))
+
+
+def dead_rows(rows: pa.Table, reasons: pa.Array[Any]) -> list[DeadLetter]:
+    """Dead letters for `rows` (store columns with `position` and `row`), one per reason: a
+    columnar record's row alone, sent as a JSON record; a JSON record whole."""
+    return [
+        DeadLetter(row["position"], str(reason))
+        if row["row"] is None
+        else DeadLetter(row["position"], str(reason), row["row"], _row_record(row))
+        for row, reason in zip(_plain_times(rows).to_pylist(), reasons.to_pylist(), strict=True)
     ]
-    return table.filter(pc.invert(bad)), dead
 
 
 def _json(
@@ -125,25 +138,21 @@ def _json(
     if all(v is not None and len(v) <= max_bytes for v in values):
         table = record_validator(rules)(values, timestamps_ms, now)  # type: ignore[arg-type]
         if table is not None:
-            table = table.append_column("position", pa.array(positions, _INT64))
-            return table.append_column("row", pa.array([None] * len(positions), _INT64)), []
+            return _placed(table, positions), []
     results = decode_records(values, timestamps_ms, now_us=now, rules=rules, max_bytes=max_bytes)
     good = [(positions[i], r) for i, r in enumerate(results) if isinstance(r, Record)]
     dead = [
         DeadLetter(positions[i], r.reason) for i, r in enumerate(results) if isinstance(r, Rejected)
     ]
-    table = to_table([r.event for _, r in good])
-    table = table.append_column(
-        "organization_id", pa.array([r.organization_id for _, r in good], pa.string())
+    table = _origin(
+        to_table([r.event for _, r in good]),
+        [r.organization_id for _, r in good],
+        [r.ingested_at_us for _, r in good],
     )
-    table = table.append_column(
-        "ingested_at", pa.array([r.ingested_at_us for _, r in good], TIMESTAMP)
-    )
-    table = table.append_column("position", pa.array([p for p, _ in good], _INT64))
-    return table.append_column("row", pa.array([None] * len(good), _INT64)), dead
+    return _placed(table, [p for p, _ in good]), dead
 
 
-def plain_times(rows: pa.Table) -> pa.Table:
+def _plain_times(rows: pa.Table) -> pa.Table:
     """Timestamps as integers: a bad row's may lie outside what Python's datetime holds."""
     for field in ("timestamp", "ingested_at"):
         at = rows.schema.get_field_index(field)
@@ -151,9 +160,9 @@ def plain_times(rows: pa.Table) -> pa.Table:
     return rows
 
 
-def row_record(row: dict[str, Any]) -> bytes:
-    """A row of the store's columns (timestamps as integers, `_plain`) as a JSON record: how
-    a dead row is sent."""
+def _row_record(row: dict[str, Any]) -> bytes:
+    """A row of the store's columns (timestamps as integers, `_plain_times`) as a JSON record:
+    how a dead row is sent."""
     value: dict[str, Any] = {"organization_id": row["organization_id"]}
     for field in ("ingested_at", "timestamp"):
         moment = row[field]
@@ -172,10 +181,4 @@ def row_record(row: dict[str, Any]) -> bytes:
 
 
 def _empty() -> pa.Table:
-    return (
-        to_table([])
-        .append_column("organization_id", pa.array([], pa.string()))
-        .append_column("ingested_at", pa.array([], TIMESTAMP))
-        .append_column("position", pa.array([], _INT64))
-        .append_column("row", pa.array([], _INT64))
-    )
+    return _placed(_origin(to_table([]), [], []), [])
