@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from ingest.ipc import write_ipc
 from meters.events import EventRules
-from meters.events.schema import ID_FIELDS
+from meters.events.schema import CANONICAL_UUID4, ID_FIELDS
 from meters.times import MAX_TS_US, MIN_TS_US, ONE_US
 
 
@@ -65,7 +65,6 @@ def _connection() -> duckdb.DuckDBPyConnection:
     return con
 
 
-_UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 # What `meters.events` makes of an amount: no needless zeros, no "-0", ≤ 5 + 12 digits.
 _CANONICAL_AMOUNT = r"0|-?([1-9][0-9]{0,4}|0\.[0-9]{0,11}[1-9]|[1-9][0-9]{0,4}\.[0-9]{0,11}[1-9])"
 
@@ -83,7 +82,7 @@ SELECT CASE
         THEN 'name: missing, empty, too long or holding a NUL'
     WHEN (customer_id IS NULL) = (external_customer_id IS NULL)
         THEN 'customer_id: set exactly one of customer_id and external_customer_id'
-    WHEN customer_id IS NOT NULL AND NOT regexp_full_match(customer_id, '{_UUID4}')
+    WHEN customer_id IS NOT NULL AND NOT regexp_full_match(customer_id, '{CANONICAL_UUID4}')
         THEN 'customer_id: not a UUID4 in canonical (lower-case) form'
     {" ".join(_id_check(c) for c in ID_FIELDS)}
     WHEN timestamp IS NULL OR epoch_us(timestamp) NOT BETWEEN $min_us AND $max_us

@@ -25,6 +25,7 @@ from msgspec import Meta, Struct
 from msgspec.structs import astuple
 
 from meters.events.schema import (
+    CANONICAL_UUID4,
     COLUMNS,
     COST_KEY,
     EVENT_FIELDS,
@@ -38,7 +39,6 @@ from meters.events.usage import LLM_STRING_LENGTH
 from meters.times import MAX_TS_US, MIN_TS_US, ONE_US
 
 # The one spelling of each the compiled path reads; others go to the exact validator.
-_UUID4 = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 _UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 _ISO_TIME = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
@@ -207,7 +207,7 @@ def _columns(
         return None
     if (
         customer.null_count < len(customer)
-        and not pc.all(pc.match_substring_regex(customer, _UUID4)).as_py()
+        and not pc.all(pc.match_substring_regex(customer, CANONICAL_UUID4)).as_py()
     ):
         return None
     timestamp = _timestamps(pa.array([e.timestamp for e in events], string), default_time, latest)

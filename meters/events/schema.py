@@ -64,6 +64,9 @@ EVENT_FIELDS = frozenset(
     {"name", "timestamp", "customer_id", "metadata", "organization_id", "member_id", *ID_FIELDS}
 )
 
+# A customer_id as validated events hold it: a UUID4 in canonical (lower-case) form.
+CANONICAL_UUID4 = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+
 _STRING: pa.DataType = pa.string()
 TIMESTAMP: pa.DataType = pa.timestamp("us", tz="UTC")
 COLUMNS = pa.schema(
