@@ -58,8 +58,8 @@ class CoreSettings:
 
 
 class EmbeddedPublisher:
-    """Validates (in the pool) and stores straight into DuckDB: durable once the group commit
-    that carries the request returns."""
+    """Validates (in the pool) and applies in the store: durable once the group commit that
+    logs the request returns (`store.ingest_log`)."""
 
     def __init__(self, store: Store, validation: ValidationPool) -> None:
         self._store = store
@@ -68,11 +68,9 @@ class EmbeddedPublisher:
     async def publish(
         self, organization_id: str, body: bytes, received_at_us: int
     ) -> PublishResult:
-        events = read_ipc(
-            await self._validation.validate(body, received_at_us, organization_id, to_ipc)
-        )
-        assert self._store.seq is not None
-        job = IngestJob(organization_id, events, received_at_us, self._store.seq)
+        logged = await self._validation.validate(body, received_at_us, organization_id, to_ipc)
+        events = read_ipc(logged)
+        job = IngestJob(organization_id, events, received_at_us, self._store.live, logged)
         result = await self._store.write(
             job, weight=max(1, events.num_rows), tenant=organization_id
         )

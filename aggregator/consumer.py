@@ -42,6 +42,7 @@ from aggregator.store.consumed import (
     ConsumedBatch,
     OffsetReset,
     Reset,
+    StartOffsets,
     offset_resets,
     stored_offsets,
 )
@@ -151,7 +152,7 @@ class Consumer:
 
     async def offset_resets(self) -> list[Reset]:
         """Every time a partition resumed from its log's start (see `_check_log`)."""
-        return await self._store.read(offset_resets, self._kafka.topic)
+        return await self._store.read_now(offset_resets, self._kafka.topic)
 
     async def _run(self) -> None:
         assert self._consumer is not None
@@ -212,12 +213,17 @@ class Consumer:
 
     async def seek_to_stored(self, partitions: Sequence[TopicPartition] | set[Any]) -> None:
         assert self._consumer is not None
-        stored = await self._store.read(stored_offsets, self._kafka.topic)
+        topic = self._kafka.topic
+        stored = await self._store.read(stored_offsets, topic)
+        missing = [tp for tp in partitions if tp.partition not in stored]
+        if missing:
+            starts = await self._consumer.beginning_offsets(missing)
+            job = StartOffsets(
+                topic, {tp.partition: o for tp, o in starts.items()}, self._store.live
+            )
+            stored.update(await self._store.write(job))
         for tp in partitions:
-            if tp.partition in stored:
-                self._consumer.seek(tp, stored[tp.partition])
-            else:
-                await self._consumer.seek_to_beginning(tp)
+            self._consumer.seek(tp, stored[tp.partition])
         await self._check_log()
 
     async def _check_log(self, refused: Collection[TopicPartition] = ()) -> None:
@@ -229,7 +235,7 @@ class Consumer:
         partitions = list(consumer.assignment())
         if not partitions:
             return
-        stored = await self._store.read(stored_offsets, self._kafka.topic)
+        stored = self._store.applied_offsets(self._kafka.topic)
         try:
             starts = await consumer.beginning_offsets(partitions)
             ends = await consumer.end_offsets(partitions)
@@ -253,7 +259,7 @@ class Consumer:
                 continue
             vanished = start - offset if offset < start else None
             reset = Reset(tp.topic, tp.partition, offset, start, end, vanished, now_us())
-            if await self._store.write(OffsetReset(reset)) is None:
+            if await self._store.write(OffsetReset(reset, self._store.live)) is None:
                 continue  # a batch moved the offset meanwhile: the next check decides
             log.error(
                 "%s[%d]: the log no longer holds the stored offset %d (log: [%d, %d]); it was"
@@ -291,7 +297,6 @@ class Consumer:
         if dead:
             await self._dead_letter([(records[d.position], d) for d in dead])
         self.dead_lettered += len(dead)
-        assert self._store.seq is not None
         return ConsumedBatch(
             self._kafka.topic,
             table.drop_columns(["position", "row"]),
@@ -299,7 +304,7 @@ class Consumer:
                 tp.partition: (batch[0].offset, batch[-1].offset + 1)
                 for tp, batch in fetched.items()
             },
-            self._store.seq,
+            self._store.live,
         )
 
     async def _known_only(self, table: pa.Table) -> tuple[pa.Table, list[DeadLetter]]:
@@ -313,7 +318,7 @@ class Consumer:
         reasons = pc.if_else(bad, "organization_id: no such organization", None)
         customers = table.column("customer_id").to_pylist()
         if any(customers):
-            known = await self._store.read(known_customers, sorted({c for c in customers if c}))
+            known = await self._store.read_now(known_customers, sorted({c for c in customers if c}))
             missing = [
                 c is not None and (o, c) not in known
                 for o, c in zip(organizations.to_pylist(), customers, strict=True)
@@ -323,7 +328,7 @@ class Consumer:
                 "customer_id: Customer not found.",
                 reasons,
             )
-        dead = pc.is_valid(reasons)
+        dead: pa.BooleanArray = pc.is_valid(reasons)  # type: ignore[assignment]
         if not pc.any(dead).as_py():
             return table, []
         return table.filter(pc.invert(dead)), dead_rows(table.filter(dead), reasons.filter(dead))

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Self
 
 from aggregator.store import Store
-from aggregator.store.plans import cycle_due_job
+from aggregator.store.plans import cycle_due_job, due
 from meters.times import now_us
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,12 @@ class PlanCycler:
 
     async def run_due(self) -> int:
         """Process every boundary at or before now; returns how many."""
-        assert self._store.seq is not None
         budget = self._store.writer.job_bound_seconds / 2
-        processed, more = 0, True
+        # A cycle job waits for applied events to be stored: only when one is due.
+        processed, more = 0, await self._store.read_now(due, self._clock())
         while more:
             done, more = await self._store.write(
-                cycle_due_job(self._clock(), self._store.seq, budget)
+                cycle_due_job(self._clock(), self._store.live, budget)
             )
             processed += done
         if processed:

@@ -31,12 +31,18 @@ import pyarrow as pa
 
 from aggregator.api.ledger import check_balance
 from aggregator.auth import TokenRegistry
-from aggregator.store import Store, rollups
+from aggregator.store import Store
 from aggregator.store.events import IngestJob
 from aggregator.store.ledger import credit_job
-from aggregator.store.meters import create_job, meters_of
+from aggregator.store.meters import create_job
 from benchmarks.common import metric, percentile
-from benchmarks.meters import ROLLUP_BATCH, _batch_new, create_meters, realistic_events
+from benchmarks.meters import (
+    ROLLUP_BATCH,
+    _batch_new,
+    apply_meters,
+    create_meters,
+    realistic_events,
+)
 from benchmarks.server import Server
 from meters.definitions import MeterCreate
 from meters.ledger import CreditCreate
@@ -88,7 +94,6 @@ def balance_check(quick: bool = False) -> dict[str, Any]:
 
 async def _in_process(path: Path, org: str, plan: dict[str, int]) -> dict[str, Any]:
     async with Store(path) as store:
-        assert store.seq is not None
         await store.write(
             lambda con: con.execute(
                 "INSERT INTO customers (id, organization_id, type, email, external_id, metadata,"
@@ -114,7 +119,7 @@ async def _in_process(path: Path, org: str, plan: dict[str, int]) -> dict[str, A
         started = time.perf_counter()
         for b in range(plan["events"] // BATCH):
             table = _usage_batch(rng, plan["customers"], b)
-            await store.write(IngestJob(org, table, now_us(), store.seq), weight=BATCH)
+            await store.write(IngestJob(org, table, now_us(), store.live), weight=BATCH)
         ingest_seconds = time.perf_counter() - started
         for i in range(plan["credits"]):
             data = CreditCreate(
@@ -123,13 +128,15 @@ async def _in_process(path: Path, org: str, plan: dict[str, int]) -> dict[str, A
                 units=1000,
                 external_id=f"grant-{i}",
             )
-            await store.write(credit_job(org, data, now_us(), store.seq))
+            await store.write(credit_job(org, data, now_us(), store.live))
         await store.read(lambda con: con.execute("CHECKPOINT"))
         timings = []
         for _ in range(plan["checks"]):
             customer = f"cust_{rng.randrange(plan['customers'])}"
             started = time.perf_counter()
-            await store.read(check_balance, org, meter.id, None, customer, 10.0)
+            await store.read_now(
+                check_balance, store.live.balances, org, meter.id, None, customer, 10.0
+            )
             timings.append(time.perf_counter() - started)
     return {
         "organization_id": org,
@@ -205,7 +212,7 @@ async def _ledger_cost(batches: int) -> dict[str, Any]:
             for i in range(-2, batches):  # -2, -1: warm-up, untimed
                 batch = _batch_new(tables[i % len(tables)], org, 1 + (i + 2) * ROLLUP_BATCH)
                 for ledger in (True, False):
-                    elapsed = await store.write(_apply_job(batch, org, ledger))
+                    elapsed = await store.write(_apply_job(store, batch, org, ledger))
                     if i >= 0:
                         seconds[ledger] += elapsed
     events = batches * ROLLUP_BATCH
@@ -226,15 +233,10 @@ async def _ledger_cost(batches: int) -> dict[str, Any]:
     }
 
 
-def _apply_job(batch: pa.Table, org: str, ledger: bool) -> Any:
+def _apply_job(store: Store, batch: pa.Table, org: str, ledger: bool) -> Any:
     def job(con: Con) -> float:
-        con.register("_batch_new", batch)
-        try:
-            started = time.perf_counter()
-            meters = meters_of(con, [org])
-            rollups.apply(con, meters, "_batch_new", "organization_id = ?", [org], ledger=ledger)
-            return time.perf_counter() - started
-        finally:
-            con.unregister("_batch_new")
+        started = time.perf_counter()
+        apply_meters(con, store, batch, org, ledger=ledger)
+        return time.perf_counter() - started
 
     return job

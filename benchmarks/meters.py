@@ -321,18 +321,39 @@ def _batch_new(table: pa.Table, organization_id: str, first_seq: int) -> pa.Tabl
     return table.append_column("seq", pa.array(range(first_seq, first_seq + n), pa.int64()))
 
 
-def _apply_job(batch: pa.Table, organization_id: str, timing: list[float]) -> Callable[[Con], None]:
-    """What `events._insert` does for meters, on a registered batch: timed inside the job."""
+def apply_meters(
+    con: Con, store: Store, batch: pa.Table, organization_id: str, *, ledger: bool = True
+) -> None:
+    """Everything ingest does for meters, wherever it runs: every meter's contribution and the
+    ledger's usage (the writer), the balances in memory (at commit), the deltas (the flusher)."""
+    meters = meters_of(con, [organization_id])
+    con.register("_batch_new", batch)
+    try:
+        evaluated = rollups.evaluate(
+            con,
+            meters,
+            "_batch_new",
+            "organization_id = ?",
+            [organization_id],
+            at_us=now_us(),
+            ledger=ledger,
+        )
+    finally:
+        con.unregister("_batch_new")
+    if ledger:
+        store.live.add_usage(evaluated)
+    rollups.store(con, [evaluated])
+
+
+def _apply_job(
+    store: Store, batch: pa.Table, organization_id: str, timing: list[float]
+) -> Callable[[Con], None]:
+    """`apply_meters` as a writer job, timed inside it."""
 
     def job(con: Con) -> None:
-        con.register("_batch_new", batch)
-        try:
-            started = time.perf_counter()
-            meters = meters_of(con, [organization_id])
-            rollups.apply(con, meters, "_batch_new", "organization_id = ?", [organization_id])
-            timing.append(time.perf_counter() - started)
-        finally:
-            con.unregister("_batch_new")
+        started = time.perf_counter()
+        apply_meters(con, store, batch, organization_id)
+        timing.append(time.perf_counter() - started)
 
     return job
 
@@ -342,13 +363,13 @@ async def _time_apply(
 ) -> dict[str, Any]:
     batches = [_batch_new(t, organization_id, 1 + i * t.num_rows) for i, t in enumerate(tables)]
     inside: list[float] = []
-    await store.write(_apply_job(batches[0], organization_id, []))  # warm-up, untimed
+    await store.write(_apply_job(store, batches[0], organization_id, []))  # warm-up, untimed
     walls: list[float] = []
     applied = 0
     while applied < events:
         batch = batches[len(walls) % len(batches)]
         started = time.perf_counter()
-        await store.write(_apply_job(batch, organization_id, inside))
+        await store.write(_apply_job(store, batch, organization_id, inside))
         walls.append(time.perf_counter() - started)
         applied += batch.num_rows
     apply_seconds = sum(inside)
@@ -384,8 +405,7 @@ async def _time_ingest(
         ids = pa.array([f"pass{i}-{j}" for j in range(table.num_rows)], pa.string())
         table = table.set_column(table.schema.get_field_index("external_id"), "external_id", ids)
         for key, store in (("with", metered), ("without", plain)):
-            assert store.seq is not None
-            job = IngestJob(organization_id, table, now_us(), store.seq)
+            job = IngestJob(organization_id, table, now_us(), store.live)
             started = time.perf_counter()
             result = await store.write(job, weight=table.num_rows)
             if i >= 0:
@@ -691,7 +711,9 @@ async def _backfill(store: Store, meter: MeterRow) -> dict[str, Any]:
     started = time.perf_counter()
     while True:
         step_started = time.perf_counter()
-        progress = await store.write(backfill_step_job(meter.id, meter.version, BACKFILL_CHUNK))
+        progress = await store.write(
+            backfill_step_job(meter.id, meter.version, BACKFILL_CHUNK, store.live)
+        )
         steps.append(time.perf_counter() - step_started)
         if progress is None:
             raise RuntimeError("backfill went stale")

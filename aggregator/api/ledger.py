@@ -17,6 +17,7 @@ from aggregator.errors import NotFound
 from aggregator.store import customers as customer_sql
 from aggregator.store import ledger as sql
 from aggregator.store import plans as plan_sql
+from aggregator.store.balances import Balances
 from aggregator.store.meters import get_meter
 from ingest.http.responses import JSON
 from meters.customers import parse_model
@@ -30,7 +31,9 @@ SORTS = frozenset({"modified_at", "-modified_at"})
 MAX_UNITS = 2**53 - 1
 
 
-def _customer_meters(con: Con, org: str, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+def _customer_meters(
+    con: Con, balances: Balances, org: str, pairs: list[tuple[str, str]]
+) -> list[dict[str, Any]]:
     """CustomerMeter shapes (customer and meter nested) for (customer id, meter id) pairs."""
     customers = {
         c.id: c for c in customer_sql.customers_by_refs(con, org, [p[0] for p in pairs], [])
@@ -41,7 +44,7 @@ def _customer_meters(con: Con, org: str, pairs: list[tuple[str, str]]) -> list[d
     for customer_id, meter_id in pairs:
         meter = meters[meter_id]
         assert meter is not None
-        cm = sql.customer_meter(con, customers[customer_id], meter)
+        cm = sql.held_customer_meter(balances, customers[customer_id], meter)
         out.append(
             {
                 **_balance(cm),
@@ -65,7 +68,9 @@ def _balance(cm: sql.CustomerMeter) -> dict[str, Any]:
     }
 
 
-def _state(con: Con, org: str, customer: customer_sql.CustomerRow | None) -> dict[str, Any]:
+def _state(
+    con: Con, balances: Balances, org: str, customer: customer_sql.CustomerRow | None
+) -> dict[str, Any]:
     """Polar's CustomerState: the customer, its active meters; no subscriptions or benefits
     (meterline has none)."""
     if customer is None:
@@ -83,7 +88,7 @@ def _state(con: Con, org: str, customer: customer_sql.CustomerRow | None) -> dic
     for _, meter_id in pairs:
         meter = get_meter(con, org, meter_id)
         assert meter is not None
-        meters.append(_balance(sql.customer_meter(con, customer, meter)))
+        meters.append(_balance(sql.held_customer_meter(balances, customer, meter)))
     return {
         **shaped(con, org, [customer])[0],
         "active_subscriptions": [],
@@ -110,13 +115,15 @@ def _plan(plan: plan_sql.PlanRow) -> dict[str, Any]:
 
 def check_balance(
     con: Con,
+    balances: Balances,
     org: str,
     meter_id: str,
     customer_id: str | None,
     external_customer_id: str | None,
     units: float,
 ) -> dict[str, Any]:
-    """May the customer use `units` more of the meter? Point reads of one customer meter."""
+    """May the customer use `units` more of the meter? The customer and the meter read, the
+    balance from memory."""
     customer = (
         customer_sql.get_customer(con, org, customer_id)
         if customer_id
@@ -125,7 +132,7 @@ def check_balance(
     meter = get_meter(con, org, meter_id)
     if customer is None or meter is None:
         raise NotFound("Customer or meter not found")
-    cm = sql.customer_meter(con, customer, meter)
+    cm = sql.held_customer_meter(balances, customer, meter)
     return {
         "allowed": cm.balance - units >= 0,
         "units": units,
@@ -138,6 +145,7 @@ def check_balance(
 
 def routes(ctx: ApiContext) -> list[Route]:
     store = ctx.store
+    balances = store.live.balances
 
     async def list_customer_meters(request: Request) -> JSON:
         org = ctx.organization(request)
@@ -160,7 +168,7 @@ def routes(ctx: ApiContext) -> list[Route]:
                 descending=sorting[0] == "-modified_at",
             )
             return {
-                "items": _customer_meters(con, org, pairs),
+                "items": _customer_meters(con, balances, org, pairs),
                 "pagination": params.pagination(total, limit),
             }
 
@@ -183,7 +191,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             )
             if not pairs:
                 raise NotFound("Customer meter not found")
-            return _customer_meters(con, org, pairs)[0]
+            return _customer_meters(con, balances, org, pairs)[0]
 
         return JSON(await store.read(run))
 
@@ -206,13 +214,19 @@ def routes(ctx: ApiContext) -> list[Route]:
                 ]
             )
 
-        return JSON(await store.read(check_balance, org, meter_id, customer_id, external, units))
+        return JSON(
+            await store.read_now(
+                check_balance, balances, org, meter_id, customer_id, external, units
+            )
+        )
 
     async def state(request: Request) -> JSON:
         org = ctx.organization(request)
         key = params.path_id(request)
         return JSON(
-            await store.read(lambda con: _state(con, org, customer_sql.get_customer(con, org, key)))
+            await store.read(
+                lambda con: _state(con, balances, org, customer_sql.get_customer(con, org, key))
+            )
         )
 
     async def state_external(request: Request) -> JSON:
@@ -221,7 +235,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         return JSON(
             await store.read(
                 lambda con: _state(
-                    con, org, customer_sql.get_customer_by_external_id(con, org, key)
+                    con, balances, org, customer_sql.get_customer_by_external_id(con, org, key)
                 )
             )
         )
@@ -229,21 +243,19 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def credit(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(CreditCreate, await ctx.json(request))
-        assert store.seq is not None
-        applied = await store.write(sql.credit_job(org, data, now_us(), store.seq))
+        applied = await store.write(sql.credit_job(org, data, now_us(), store.live))
         return await _applied(org, applied)
 
     async def reset(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(ResetCreate, await ctx.json(request))
-        assert store.seq is not None
-        applied = await store.write(sql.reset_job(org, data, now_us(), store.seq))
+        applied = await store.write(sql.reset_job(org, data, now_us(), store.live))
         return await _applied(org, applied)
 
     async def _applied(org: str, applied: sql.Applied) -> JSON:
         cm = applied.customer_meter
         body = await store.read(
-            lambda con: _customer_meters(con, org, [(cm.customer_id, cm.meter_id)])[0]
+            lambda con: _customer_meters(con, balances, org, [(cm.customer_id, cm.meter_id)])[0]
         )
         # The balance as the call left it (a replay answers what the first call did).
         return JSON(
@@ -254,20 +266,19 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def create_plan(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(PlanCreate, await ctx.json(request))
-        assert store.seq is not None
-        plan, created = await store.write(plan_sql.plan_create_job(org, data, now_us(), store.seq))
+        plan, created = await store.write(plan_sql.plan_create_job(org, data, now_us(), store.live))
         return JSON(_plan(plan), status_code=201 if created else 200)
 
     async def list_plans(request: Request) -> JSON:
         org = ctx.organization(request)
         customer_id = params.one_id(request, "customer_id")
         meter_id = params.one_id(request, "meter_id")
-        plans = await store.read(plan_sql.list_plans, org, customer_id, meter_id)
+        plans = await store.read_now(plan_sql.list_plans, org, customer_id, meter_id)
         return JSON({"items": [_plan(p) for p in plans]})
 
     async def get_plan(request: Request) -> JSON:
         org = ctx.organization(request)
-        plan = await store.read(plan_sql.get_plan, org, params.path_id(request))
+        plan = await store.read_now(plan_sql.get_plan, org, params.path_id(request))
         if plan is None or plan.deleted_at_us is not None:
             raise NotFound("Credit plan not found")
         return JSON(_plan(plan))

@@ -110,7 +110,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         data = parse_model(MeterUpdate, await ctx.json(request))
         if await ctx.store.read(sql.get_meter, org, meter_id) is None:
             raise NotFound("Meter not found")
-        row = await ctx.store.write(sql.update_job(org, meter_id, data, now_us()))
+        row = await ctx.store.write(sql.update_job(org, meter_id, data, now_us(), ctx.store.live))
         if row.backfilling:
             ctx.backfiller.start(row.id, row.version)
         return JSON(shapes.meter(row))

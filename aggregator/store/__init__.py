@@ -1,8 +1,14 @@
-"""The DuckDB store: one file, one writer thread, a few reader threads.
+"""The DuckDB store: one file, a writer thread, a flusher thread, a few reader threads, and the
+state it keeps in memory (`live`).
 
-This package is the only place with SQL. Writes are jobs run by `Writer` (group commit);
-reads run on per-thread cursors off the event loop, each interrupted past `read_timeout_seconds`
-(one tenant's heavy query must not hold a reader thread that every tenant shares).
+This package is the only place with SQL. Writes are jobs run by `Writer` (group commit); events
+are applied in memory at once and stored by the `Flusher` in large transactions (`memtable`).
+Reads run on per-thread cursors off the event loop, each interrupted past `read_timeout_seconds`
+(one tenant's heavy query must not hold a reader thread that every tenant shares); `read` first
+waits until every event applied so far is stored, `read_now` does not (for tables ingest does
+not defer), and balances and applied Kafka offsets are read from memory (`live`). (Whatever
+reads both the memtable and DuckDB reads the memtable first: a batch the flusher releases in
+between was committed before, so a fresh statement sees it.)
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ from typing import Any, Self, TypeVar
 import duckdb
 
 from aggregator.errors import QueryTimeout
-from aggregator.store.compaction import compact
-from aggregator.store.events import SequenceCounter
+from aggregator.store import ingest_log
+from aggregator.store.events import Replay
+from aggregator.store.flusher import Flusher
+from aggregator.store.live import Live, SequenceCounter
+from aggregator.store.memtable import ROW_GROUP, Memtable
 from aggregator.store.schema import migrate
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS, Job, Writer
 
@@ -37,16 +46,21 @@ class Store:
         *,
         readers: int = 4,
         memory_limit: str | None = None,
-        checkpoint_threshold: str = "256MB",
+        checkpoint_bytes: int = 16 * 1024 * 1024,
         read_timeout_seconds: float = 30.0,
         job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS,
         compact_seconds: float = 1.0,
+        flush_events: int = ROW_GROUP,
+        flush_seconds: float = 1.0,
+        max_pending_events: int = 4 * ROW_GROUP,
     ):
         self.path = str(path)
-        # DuckDB's default (16 MiB of WAL) checkpoints every ~40k events, each a stall of the
-        # writer; at 256 MiB the writer sustained 1.5x the events/s (benchmarks/README.md),
-        # at the price of a longer WAL replay after a crash.
-        self._checkpoint_threshold = checkpoint_threshold
+        # The flusher checkpoints once the WAL holds this much, between its own transactions:
+        # a checkpoint holds every commit while it runs, so none should fall on the ingest path.
+        self._checkpoint_bytes = checkpoint_bytes
+        self._flush_events = flush_events
+        self._flush_seconds = flush_seconds
+        self._max_pending = max_pending_events
         self._readers = readers
         self._read_timeout = read_timeout_seconds
         self._job_bound = job_bound_seconds
@@ -56,10 +70,11 @@ class Store:
         self._memory_limit = memory_limit
         self._con: duckdb.DuckDBPyConnection | None = None
         self._writer: Writer | None = None
+        self._flusher: Flusher | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
-        self.seq: SequenceCounter | None = None
+        self._live: Live | None = None
 
     async def __aenter__(self) -> Self:
         self.open()
@@ -77,36 +92,64 @@ class Store:
         if self._con is not None:
             raise RuntimeError("store already open")
         config: dict[str, str | bool | int | float | list[str]] = {
-            "checkpoint_threshold": self._checkpoint_threshold
+            # DuckDB's own checkpoints would fall on whichever commit crossed the threshold;
+            # the flusher runs them instead (`checkpoint_bytes`). This is a backstop only.
+            "checkpoint_threshold": "4GB"
         }
         if self._memory_limit:
             config["memory_limit"] = self._memory_limit
+        wal = None
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            wal = Path(self.path + ".wal")
         self._con = duckdb.connect(self.path, config=config)
         # Set after connecting: the (built-in) ICU extension loads on first use.
         self._con.execute("SET GLOBAL TimeZone = 'UTC'")
         migrate(self._con)
-        self.seq = SequenceCounter.load(self._con)
-        self._writer = Writer(
+        table = Memtable()
+        self._flusher = Flusher(
             self._con.cursor(),
-            job_bound_seconds=self._job_bound,
-            upkeep=compact,
-            upkeep_seconds=self._compact_seconds,
+            table,
+            wal=wal,
+            flush_events=self._flush_events,
+            flush_seconds=self._flush_seconds,
+            compact_seconds=self._compact_seconds,
+            checkpoint_bytes=self._checkpoint_bytes,
         )
+        live = self._live = Live(
+            SequenceCounter.load(self._con),
+            self._flusher,
+            table,
+            self._con.cursor(),
+            max_pending_events=self._max_pending,
+        )
+        live.load(self._con)
+        self._flusher.idle = live.dedupe.compact
+        self._flusher.start()
+        self._writer = Writer(self._con.cursor(), job_bound_seconds=self._job_bound, hooks=live)
+        # What the ingest log still holds was acknowledged but not stored: applied again,
+        # before any other job.
+        for logged in ingest_log.pending(self._con):
+            self._writer.run(Replay(logged, live))
         self._writer.start()
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="duckdb-reader")
 
     def close(self) -> None:
         if self._con is None:
             return
-        assert self._writer is not None and self._pool is not None
+        assert self._writer is not None and self._pool is not None and self._flusher is not None
         self._writer.close()
+        self._flusher.close()
         self._pool.shutdown(wait=True)
         for cursor in self._cursors:
             cursor.close()
         self._con.close()
         self._con = None
+
+    @property
+    def live(self) -> Live:
+        assert self._live is not None, "store is not open"
+        return self._live
 
     @property
     def writer(self) -> Writer:
@@ -119,8 +162,19 @@ class Store:
         return await self.writer.submit(job, weight, tenant)
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `fn(cursor, *args, **kwargs)` on a reader thread; QueryTimeout past the read
-        timeout (the query is interrupted, and one still waiting for a thread never starts)."""
+        """Run `fn(cursor, *args, **kwargs)` on a reader thread once every event applied so
+        far is stored; QueryTimeout past the read timeout (the query is interrupted, and one
+        still waiting for a thread never starts)."""
+        assert self._flusher is not None, "store is not open"
+        try:
+            await asyncio.wait_for(asyncio.shield(self._flusher.barrier()), self._read_timeout)
+        except TimeoutError:
+            raise QueryTimeout(self._read_timeout) from None
+        return await self.read_now(fn, *args, **kwargs)
+
+    async def read_now(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`read` without waiting for applied events to be stored: for what ingest never
+        defers (customers, meters, plans, offset resets) or may lag (forwarding)."""
         assert self._pool is not None, "store is not open"
         running: list[duckdb.DuckDBPyConnection] = []
         given_up = threading.Event()
@@ -142,6 +196,10 @@ class Store:
             # Retrieved, so that its (interrupted) outcome is not reported as never retrieved.
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise QueryTimeout(self._read_timeout) from None
+
+    def applied_offsets(self, topic: str) -> dict[int, int]:
+        """The next offset of each partition of `topic` as applied so far (stored or not)."""
+        return self.live.applied_offsets(topic)
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         cursor: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)

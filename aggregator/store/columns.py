@@ -13,16 +13,17 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from ingest.ipc import write_ipc
+from aggregator.store import ingest_log
 from meters.events import EventRules
 from meters.events.schema import CANONICAL_UUID4, ID_FIELDS
 from meters.times import MAX_TS_US, MIN_TS_US, ONE_US
 
 
 def to_ipc(events: pa.Table, organization_id: str, ingested_at_us: int) -> bytes:
-    """Encode validated events for the store (runs in validation workers); the organization
-    and ingest time travel with the store's job instead."""
-    return write_ipc(events)
+    """Encode validated events for the store (runs in validation workers), as the ingest log
+    keeps them (`ingest_log.encode`); the organization and ingest time travel with the store's
+    job instead."""
+    return ingest_log.encode(events)
 
 
 def row_problems(events: pa.Table, now_us: int, rules: EventRules) -> pa.Array[Any]:

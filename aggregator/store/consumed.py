@@ -1,7 +1,8 @@
 """Events consumed from Kafka, stored with the offsets they advance to in one transaction.
 
-Because the offsets commit with the events (and their rollups), a core killed at any point
-resumes exactly after the last applied batch: nothing is lost and nothing counted twice.
+Because the offsets are stored with the events (and their rollups), by the flush that stores
+them, a core killed at any point resumes exactly after the last stored batch: nothing is lost
+and nothing counted twice (what was applied in memory only is applied again).
 
 When the log no longer holds a stored offset (truncated, or the topic recreated), the partition
 resumes from the log's start (`OffsetReset`), recorded with what is known of what vanished.
@@ -10,51 +11,49 @@ resumes from the log's start (`OffsetReset`), recorded with what is known of wha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from aggregator.errors import OffsetGap
-from aggregator.store.events import SequenceCounter, insert_new
+from aggregator.store.ingest_log import with_source
+
+if TYPE_CHECKING:
+    from aggregator.store.live import Live
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ConsumedBatch:
-    """A writer job: `events` (`columns.SCHEMA` plus organization_id and ingested_at) and, per
-    partition they were read from, (first offset, next offset). Returns how many events were new.
+    """A writer job: apply `events` (`meters.events.COLUMNS` plus organization_id and
+    ingested_at) read, per partition, from (first offset) to (next offset). Returns how many
+    events were new. The offsets are stored with the events (`memtable.store`).
 
-    A batch must start where the stored offsets end: batches are written while the next is
-    being read, so if one fails, the next must not commit past it (it is rejected instead, and
+    A batch must start where the applied offsets end: batches are applied while the next is
+    being read, so if one fails, the next must not apply past it (it is rejected instead, and
     the consumer reads both again).
     """
 
     topic: str
     events: pa.Table
     offsets: dict[int, tuple[int, int]]
-    seq: SequenceCounter
+    live: Live
+    waits_for_pending: ClassVar[bool] = False
 
     def __call__(self, con: duckdb.DuckDBPyConnection) -> int:
-        stored = stored_offsets(con, self.topic)
+        applied = self.live.applied_offsets(self.topic)
         for partition, (first, _) in self.offsets.items():
-            if partition in stored and stored[partition] != first:
+            if partition in applied and applied[partition] != first:
                 raise OffsetGap(
-                    f"{self.topic}[{partition}] starts at {first}, stored {stored[partition]}"
+                    f"{self.topic}[{partition}] starts at {first}, applied {applied[partition]}"
                 )
-        inserted = 0
-        n = self.events.num_rows
-        if n:
-            batch = self.events.append_column("source", pa.array(["user"] * n, pa.string()))
-            batch = batch.append_column("seq", pa.array(self.seq.take(n), pa.int64()))
-            inserted = pc.sum(pc.cast(insert_new(con, batch), pa.int64())).as_py() or 0
-        if self.offsets:
-            con.executemany(
-                "INSERT INTO kafka_offsets VALUES (?, ?, ?)"
-                " ON CONFLICT DO UPDATE SET next_offset = excluded.next_offset",
-                [[self.topic, p, o] for p, (_, o) in self.offsets.items()],
-            )
-        return inserted
+        keep = self.live.new_rows(con, self.events)
+        new = with_source(self.events.filter(keep))
+        first = self.live.seq.reserve(new.num_rows)
+        new = new.append_column("seq", pa.array(range(first, first + new.num_rows), pa.int64()))
+        offsets = tuple((self.topic, p, o) for p, (_, o) in self.offsets.items())
+        self.live.apply(con, new, offsets=offsets)
+        return new.num_rows
 
 
 def stored_offsets(con: duckdb.DuckDBPyConnection, topic: str) -> dict[int, int]:
@@ -84,6 +83,7 @@ class OffsetReset:
     (nothing done)."""
 
     reset: Reset
+    live: Live
 
     def __call__(self, con: duckdb.DuckDBPyConnection) -> Reset | None:
         r = self.reset
@@ -97,7 +97,33 @@ class OffsetReset:
             "UPDATE kafka_offsets SET next_offset = ? WHERE topic = ? AND partition = ?",
             [r.start, r.topic, r.partition],
         )
+        self.live.set_offsets(r.topic, {r.partition: r.start})
         return r
+
+
+@dataclass(frozen=True, slots=True)
+class StartOffsets:
+    """A writer job: store where partitions with no stored offset start (their log's start).
+
+    Without it the first batch of such a partition could start anywhere: a fetch made before
+    the assignment's seek landed reads from the group's committed offset (written for lag
+    tools), and nothing would refuse it. With a stored offset every batch is checked."""
+
+    topic: str
+    starts: dict[int, int]
+    live: Live
+
+    def __call__(self, con: duckdb.DuckDBPyConnection) -> dict[int, int]:
+        """Returns the stored offset of each of the partitions (an existing one is kept)."""
+        stored = stored_offsets(con, self.topic)
+        new = {p: o for p, o in self.starts.items() if p not in stored}
+        if new:
+            con.executemany(
+                "INSERT INTO kafka_offsets VALUES (?, ?, ?)",
+                [[self.topic, p, o] for p, o in new.items()],
+            )
+            self.live.set_offsets(self.topic, new)
+        return {**{p: stored[p] for p in self.starts if p in stored}, **new}
 
 
 def offset_resets(con: duckdb.DuckDBPyConnection, topic: str) -> list[Reset]:

@@ -12,6 +12,7 @@ import orjson
 from aggregator.errors import NotFound
 from aggregator.store.meter_sql import member_pointer
 from aggregator.store.rows import first_row, is_uuid
+from aggregator.store.writer import independent
 from meters.customers import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
 
@@ -136,7 +137,7 @@ def create_job(organization_id: str, data: CustomerCreate, now_us: int) -> Any:
         assert found is not None
         return found
 
-    return job
+    return independent(job)
 
 
 def update_job(organization_id: str, customer_id: str, data: CustomerUpdate, now_us: int) -> Any:
@@ -191,7 +192,7 @@ def update_job(organization_id: str, customer_id: str, data: CustomerUpdate, now
         assert found is not None
         return found
 
-    return job
+    return independent(job)
 
 
 def get_customer(

@@ -1,24 +1,24 @@
-"""SQL for events: the batched insert with dedupe, and the reads behind `/v1/events`."""
+"""Events: applying ingest requests (`IngestJob`), and the reads behind `/v1/events`."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import duckdb
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aggregator.store import ingest_log
+from aggregator.store.ingest_log import with_origin
 from aggregator.store.meter_sql import member_pointer
-from aggregator.store.meters import MeterRow, apply_isolated, meters_of
 from aggregator.store.rows import first_row
 from aggregator.store.writer import Batchable, Outcome
 from meters.errors import FieldError, ValidationFailed
-from meters.events import COLUMNS
 
-_TS = pa.timestamp("us", tz="UTC")
+if TYPE_CHECKING:
+    from aggregator.store.live import Live
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,31 +27,19 @@ class IngestResult:
     duplicates: int
 
 
-class SequenceCounter:
-    """Ingestion order numbers; only the writer thread draws from it."""
-
-    def __init__(self, start: int) -> None:
-        self._next = itertools.count(start)
-
-    def take(self, n: int) -> list[int]:
-        return [next(self._next) for _ in range(n)]
-
-    @classmethod
-    def load(cls, con: duckdb.DuckDBPyConnection) -> SequenceCounter:
-        # fetchall() closes the result: an open result set blocks DuckDB's checkpoints.
-        rows = con.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchall()
-        return cls(int(rows[0][0]))
-
-
 @dataclass(frozen=True, slots=True, eq=False)  # identity equality: jobs are dict keys
 class IngestJob(Batchable[IngestResult]):
-    """Store one request's validated events (`columns.SCHEMA`); a group's jobs run as one
-    batch, with no per-event Python beyond deciding duplicates."""
+    """Apply one request's validated events (`meters.events.COLUMNS`); a group's jobs run as
+    one batch, with no per-event Python. Each request's new events are logged (`ingest_log`:
+    durable when the group commits) and applied (`Live.apply`); the flusher stores them later.
+    `body` is the events as `ingest_log.encode` writes them, if the caller has it already."""
 
     organization_id: str
     events: pa.Table
     ingested_at_us: int
-    seq: SequenceCounter
+    live: Live
+    body: bytes | None = None
+    waits_for_pending: ClassVar[bool] = False
 
     @classmethod
     def run_batch(cls, con: duckdb.DuckDBPyConnection, jobs: list[IngestJob]) -> list[Outcome]:
@@ -59,16 +47,38 @@ class IngestJob(Batchable[IngestResult]):
         accepted = [job for job in jobs if job not in rejections]
         kept: dict[IngestJob, int] = {}
         if accepted:
-            batch = pa.concat_tables([_with_context(job) for job in accepted])
-            batch = batch.append_column(
-                "seq", pa.array(jobs[0].seq.take(batch.num_rows), pa.int64())
+            live = accepted[0].live
+            batch = pa.concat_tables(
+                [with_origin(j.events, j.organization_id, j.ingested_at_us) for j in accepted]
             )
-            stored = insert_new(con, batch)
+            keep = live.new_rows(con, batch)
+            new = batch.filter(keep)
+            first = live.seq.reserve(new.num_rows)
+            new = new.append_column("seq", pa.array(range(first, first + new.num_rows), pa.int64()))
+            logged: list[ingest_log.Logged] = []
             offset = 0
             for job in accepted:
-                rows = job.events.num_rows
-                kept[job] = pc.sum(pc.cast(stored.slice(offset, rows), pa.int64())).as_py() or 0
-                offset += rows
+                mine = keep.slice(offset, job.events.num_rows)
+                kept[job] = mine.true_count
+                if kept[job]:
+                    dropped = pc.indices_nonzero(pc.invert(mine)).to_numpy().tolist()
+                    body = job.body or ingest_log.encode(job.events)
+                    logged.append(
+                        ingest_log.Logged(
+                            first,
+                            job.organization_id,
+                            job.ingested_at_us,
+                            first,
+                            first + kept[job] - 1,
+                            dropped,
+                            body,
+                        )
+                    )
+                first += kept[job]
+                offset += job.events.num_rows
+            if logged:
+                ingest_log.append(con, logged)
+            live.apply(con, new, log_id=logged[-1].id if logged else None)
         return [
             (False, rejections[job])
             if job in rejections
@@ -77,13 +87,16 @@ class IngestJob(Batchable[IngestResult]):
         ]
 
 
-def _with_context(job: IngestJob) -> pa.Table:
-    n = job.events.num_rows
-    table = job.events.append_column(
-        "organization_id", pa.array([job.organization_id] * n, pa.string())
-    )
-    table = table.append_column("ingested_at", pa.array([job.ingested_at_us] * n, _TS))
-    return table.append_column("source", pa.array(["user"] * n, pa.string()))
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A writer job: apply again, exactly as it was, what the ingest log holds (at open)."""
+
+    logged: ingest_log.Logged
+    live: Live
+    waits_for_pending: ClassVar[bool] = False
+
+    def __call__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.live.apply(con, self.logged.applied(), log_id=self.logged.id)
 
 
 def _unknown_customers(
@@ -123,88 +136,6 @@ def known_customers(
         [customer_ids],
     ).fetchall()
     return {(r[0], r[1]) for r in rows}
-
-
-def _first_keyed(batch: pa.Table) -> pa.Table:
-    """The first (lowest seq: submission order) row of each (organization, external_id) in the
-    batch. Vectorized: no per-event Python."""
-    keyed = batch.filter(pc.is_valid(batch.column("external_id")))
-    firsts = keyed.group_by(["organization_id", "external_id"], use_threads=False).aggregate(
-        [("seq", "min")]
-    )
-    return keyed.filter(pc.is_in(keyed.column("seq"), value_set=firsts.column("seq_min")))
-
-
-# The event's columns (`meters.events.COLUMNS`) as the table stores them.
-_CASTS = {"customer_id": "::UUID", "cost_amount": "::DECIMAL(17, 12)"}
-_INSERT_EVENTS = (
-    f"INSERT INTO events (seq, organization_id, ingested_at, {', '.join(COLUMNS.names)})"
-    " SELECT seq, organization_id::UUID, ingested_at,"
-    f" {', '.join(name + _CASTS.get(name, '') for name in COLUMNS.names)} FROM _batch_events"
-)
-
-
-def insert_new(con: duckdb.DuckDBPyConnection, batch: pa.Table) -> pa.BooleanArray:
-    """Store the batch's new events; return which rows were stored. A row is a duplicate when
-    an earlier row of the batch, or a stored event, has its (organization, external_id)."""
-    unkeyed = batch.filter(pc.is_null(batch.column("external_id")))
-    keyed = _first_keyed(batch)
-    stored_seqs: list[int] = []
-    # Two statements: within one ON CONFLICT insert, DuckDB treats rows whose key is NULL as
-    # conflicting with each other (it drops all but one), so events without an external_id
-    # never go through ON CONFLICT.
-    if unkeyed.num_rows:
-        con.register("_batch_events", unkeyed)
-        try:
-            con.execute(_INSERT_EVENTS)
-        finally:
-            con.unregister("_batch_events")
-    if keyed.num_rows:
-        con.register("_batch_events", keyed)
-        try:
-            rows = con.execute(_INSERT_EVENTS + " ON CONFLICT DO NOTHING RETURNING seq").fetchall()
-        finally:
-            con.unregister("_batch_events")
-        stored_seqs = [row[0] for row in rows]
-    stored = pc.or_(
-        pc.is_null(batch.column("external_id")),
-        pc.is_in(batch.column("seq"), value_set=pa.array(stored_seqs, pa.int64())),
-    )
-    new = batch.filter(stored)
-    if new.num_rows:
-        con.register("_batch_new", new)
-        try:
-            _record_links(con, has_parents=new.column("parent_id").null_count < new.num_rows)
-            organizations = [str(o) for o in pc.unique(new.column("organization_id")).to_pylist()]
-            by_organization: dict[str, list[MeterRow]] = {}
-            for meter in meters_of(con, organizations):
-                by_organization.setdefault(meter.organization_id, []).append(meter)
-            for organization, meters in by_organization.items():
-                apply_isolated(
-                    con, meters, "_batch_new", "organization_id = ?", [organization], data=new
-                )
-        finally:
-            con.unregister("_batch_new")
-    return stored
-
-
-def _record_links(con: duckdb.DuckDBPyConnection, *, has_parents: bool) -> None:
-    """Parent child counts and customers' first event times, from the registered `_batch_new`."""
-    if has_parents:
-        con.execute(
-            "INSERT INTO event_children SELECT organization_id::UUID, parent_id, count(*)"
-            " FROM _batch_new WHERE parent_id IS NOT NULL GROUP BY ALL"
-            " ON CONFLICT DO UPDATE SET children = children + excluded.children"
-        )
-    # Subjects are spelled as the readers look them up: 'id:<uuid>' or 'ext:<external id>'.
-    con.execute(
-        "INSERT INTO event_subjects"
-        " SELECT organization_id::UUID,"
-        " CASE WHEN customer_id IS NOT NULL THEN 'id:' || customer_id"
-        " ELSE 'ext:' || external_customer_id END, min(timestamp)"
-        " FROM _batch_new GROUP BY ALL ON CONFLICT DO UPDATE"
-        " SET first_timestamp = least(first_timestamp, excluded.first_timestamp)"
-    )
 
 
 # ---- reads ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import orjson
 
 from aggregator.store.outbox import Pending
 from aggregator.store.rows import first_row
+from aggregator.store.writer import independent
 from meters.times import us_to_datetime, us_to_iso
 
 Con = duckdb.DuckDBPyConnection
@@ -172,7 +173,7 @@ def sent_job(organization_id: str, seqs: list[int], now_us: int) -> Any:
             [organization_id, len(seqs), now_us],
         )
 
-    return job
+    return independent(job)
 
 
 def quarantine_job(organization_id: str, refused: list[tuple[int, str]], now_us: int) -> Any:
@@ -183,7 +184,7 @@ def quarantine_job(organization_id: str, refused: list[tuple[int, str]], now_us:
             [[reason, organization_id, seq] for seq, reason in refused],
         )
 
-    return job
+    return independent(job)
 
 
 def quarantined(

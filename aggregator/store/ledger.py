@@ -13,12 +13,13 @@ import hashlib
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import duckdb
 import orjson
 
 from aggregator.store import idempotency
+from aggregator.store.balances import Credits as HeldCredits
 from aggregator.store.compaction import LEDGER_TABLES
 from aggregator.store.customers import (
     CustomerRow,
@@ -26,10 +27,13 @@ from aggregator.store.customers import (
     get_customer_by_external_id,
     subjects,
 )
-from aggregator.store.events import SequenceCounter
 from aggregator.store.meters import MeterRow, get_meter
 from aggregator.store.rows import first_row
 from meters.aggregations import Partial
+
+if TYPE_CHECKING:
+    from aggregator.store.balances import Balances
+    from aggregator.store.live import Live
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger import CreditCreate, Credits, PlanCreate, ResetCreate
 
@@ -72,16 +76,16 @@ class Applied:
 # ---- writes ----------------------------------------------------------------------------------
 
 
-def credit_job(organization_id: str, data: CreditCreate, now_us: int, seq: SequenceCounter) -> Any:
+def credit_job(organization_id: str, data: CreditCreate, now_us: int, live: Live) -> Any:
     def apply(con: Con, customer: CustomerRow, meter: MeterRow) -> None:
-        credit(con, customer, meter, data.units, data.rollover, now_us, now_us, seq)
+        credit(con, customer, meter, data.units, data.rollover, now_us, now_us, live)
 
     return _keyed_job(organization_id, "credit", data, now_us, apply)
 
 
-def reset_job(organization_id: str, data: ResetCreate, now_us: int, seq: SequenceCounter) -> Any:
+def reset_job(organization_id: str, data: ResetCreate, now_us: int, live: Live) -> Any:
     def apply(con: Con, customer: CustomerRow, meter: MeterRow) -> None:
-        reset(con, customer, meter, now_us, now_us, seq)
+        reset(con, customer, meter, now_us, now_us, live)
 
     return _keyed_job(organization_id, "reset", data, now_us, apply)
 
@@ -150,10 +154,10 @@ def _system_event(
     metadata: dict[str, Any],
     at_us: int,
     now_us: int,
-    seq: SequenceCounter,
+    live: Live,
 ) -> int:
     """Store a system event; its seq."""
-    number = seq.take(1)[0]
+    number = live.seq.take(1)[0]
     con.execute(
         "INSERT INTO events (seq, organization_id, name, source, timestamp, ingested_at,"
         " customer_id, metadata) VALUES (?, ?::UUID, ?, 'system', make_timestamptz(?),"
@@ -198,6 +202,7 @@ def _credits(con: Con, customer: CustomerRow, meter: MeterRow, now_us: int) -> C
 
 def _store_credits(
     con: Con,
+    live: Live,
     customer: CustomerRow,
     meter: MeterRow,
     credits: Credits,
@@ -218,6 +223,15 @@ def _store_credits(
             meter.id,
         ],
     )
+    row = first_row(
+        con,
+        "SELECT credited, epoch_us(created_at), epoch_us(modified_at) FROM customer_meters"
+        " WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
+        [customer.id, meter.id],
+    )
+    assert row is not None
+    held = HeldCredits(int(row[0]), int(row[1]), int(row[2]))
+    live.stage(lambda: live.balances.set_credits(customer.id, meter.id, held))
 
 
 def credit(
@@ -228,12 +242,12 @@ def credit(
     rollover: bool,
     at_us: int,
     now_us: int,
-    seq: SequenceCounter,
+    live: Live,
 ) -> None:
     metadata = {"meter_id": meter.id, "units": units, "rollover": rollover}
-    _system_event(con, customer, "meter.credited", metadata, at_us, now_us, seq)
+    _system_event(con, customer, "meter.credited", metadata, at_us, now_us, live)
     credits = _credits(con, customer, meter, now_us).add(units, rollover)
-    _store_credits(con, customer, meter, credits, now_us)
+    _store_credits(con, live, customer, meter, credits, now_us)
 
 
 def reset(
@@ -242,10 +256,12 @@ def reset(
     meter: MeterRow,
     at_us: int,
     now_us: int,
-    seq: SequenceCounter,
+    live: Live,
 ) -> None:
     """Close the window: zero usage and credits, then credit what rolls over."""
-    number = _system_event(con, customer, "meter.reset", {"meter_id": meter.id}, at_us, now_us, seq)
+    number = _system_event(
+        con, customer, "meter.reset", {"meter_id": meter.id}, at_us, now_us, live
+    )
     credits = _credits(con, customer, meter, now_us)
     carried = credits.carried_over(_consumed(con, customer, meter))
     names = subjects(customer)
@@ -255,9 +271,10 @@ def reset(
             f"DELETE FROM {table} WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",
             [meter.id, names],
         )
-    _store_credits(con, customer, meter, Credits(), now_us, reset_seq=number)
+    live.stage(lambda: live.balances.clear(meter.id, names))
+    _store_credits(con, live, customer, meter, Credits(), now_us, reset_seq=number)
     if carried > 0:
-        credit(con, customer, meter, carried, True, at_us, now_us, seq)
+        credit(con, customer, meter, carried, True, at_us, now_us, live)
 
 
 # ---- reads -----------------------------------------------------------------------------------
@@ -308,6 +325,31 @@ def customer_meter(con: Con, customer: CustomerRow, meter: MeterRow) -> Customer
     credited = int(row[0]) if row else 0
     created = min(t for t in (first, row[1] if row else None, meter.created_at_us) if t)
     modified = max((t for t in (last, row[2] if row else None) if t), default=None)
+    return CustomerMeter(
+        customer_meter_id(customer.id, meter.id),
+        customer.id,
+        meter.id,
+        created,
+        modified,
+        consumed,
+        credited,
+    )
+
+
+def held_customer_meter(
+    balances: Balances, customer: CustomerRow, meter: MeterRow
+) -> CustomerMeter:
+    """`customer_meter`, from the balances in memory (no statement)."""
+    usage = balances.usage(meter.id, subjects(customer))
+    consumed = usage.partial.result(meter.aggregation.func)
+    held = balances.credits(customer.id, meter.id)
+    credited = held.credited if held else 0
+    created = min(
+        t for t in (usage.first_us, held.created_us if held else None, meter.created_at_us) if t
+    )
+    modified = max(
+        (t for t in (usage.last_us, held.modified_us if held else None) if t), default=None
+    )
     return CustomerMeter(
         customer_meter_id(customer.id, meter.id),
         customer.id,

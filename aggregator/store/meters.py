@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import orjson
@@ -24,6 +24,10 @@ from meters.aggregations import Aggregation
 from meters.definitions import MeterCreate, MeterUpdate, check_unit
 from meters.errors import FieldError, ValidationFailed
 from meters.filters import STORED, Filter
+from meters.times import now_us as clock_us
+
+if TYPE_CHECKING:
+    from aggregator.store.live import Live
 
 _AGGREGATION: TypeAdapter[Any] = TypeAdapter(Aggregation)
 log = logging.getLogger(__name__)
@@ -139,7 +143,9 @@ def create_job(organization_id: str, data: MeterCreate, now_us: int) -> Any:
     return job
 
 
-def update_job(organization_id: str, meter_id: str, data: MeterUpdate, now_us: int) -> Any:
+def update_job(
+    organization_id: str, meter_id: str, data: MeterUpdate, now_us: int, live: Live
+) -> Any:
     def job(con: duckdb.DuckDBPyConnection) -> MeterRow:
         current = _found(con, organization_id, meter_id)
         changes = data.model_dump(exclude_unset=True)
@@ -176,6 +182,7 @@ def update_job(organization_id: str, meter_id: str, data: MeterUpdate, now_us: i
             # New semantics, or events missed while archived: rebuild the rollups from the
             # stored events (backfill); live ingest keeps them current from now on.
             _reset_rollups(con, meter_id)
+            live.stage(lambda: live.balances.drop(meter_id))
             extra += (
                 ", version = version + 1, backfilled_to = 0,"
                 " backfill_target = (SELECT coalesce(max(seq), 0) FROM events)"
@@ -282,24 +289,29 @@ def apply_isolated(
     where: str,
     params: list[Any],
     *,
+    at_us: int,
     data: pa.Table | None = None,
     backfill: bool = False,
-) -> None:
-    """`rollups.apply`, raising MeterUnevaluable when DuckDB cannot evaluate the meters (the
+) -> rollups.Evaluated:
+    """`rollups.evaluate`, raising MeterUnevaluable when DuckDB cannot evaluate the meters (the
     writer then marks the failing ones and runs the job again without them). `data` is the
     Arrow table registered as `source`, if it is one (the probes need it after the failed
     transaction has let go of the registration)."""
+
+    def evaluate(con: duckdb.DuckDBPyConnection, meters: Sequence[MeterRow]) -> rollups.Evaluated:
+        return rollups.evaluate(con, meters, source, where, params, at_us=at_us, backfill=backfill)
+
     try:
-        rollups.apply(con, meters, source, where, params, backfill=backfill)
+        return evaluate(con, meters)
     except EVALUATION_ERRORS as exc:
 
         def probe(probe_con: duckdb.DuckDBPyConnection, meter: MeterRow) -> None:
             if data is None:
-                rollups.apply(probe_con, [meter], source, where, params, backfill=backfill)
+                evaluate(probe_con, [meter])
                 return
             probe_con.register(source, data)
             try:
-                rollups.apply(probe_con, [meter], source, where, params, backfill=backfill)
+                evaluate(probe_con, [meter])
             finally:
                 probe_con.unregister(source)
 
@@ -317,7 +329,7 @@ def pending_backfills(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
     return [(r[0], r[1]) for r in rows]
 
 
-def backfill_step_job(meter_id: str, version: int, chunk: int) -> Any:
+def backfill_step_job(meter_id: str, version: int, chunk: int, live: Live) -> Any:
     """A writer job adding the next `chunk` of stored events (by seq) to the meter's rollups;
     returns (done, target), or None when stale (the meter was redefined or archived since)."""
 
@@ -331,14 +343,17 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Any:
         if not meter.backfilling:
             return (meter.backfilled_to, meter.backfill_target)
         high = min(meter.backfilled_to + chunk, meter.backfill_target)
-        apply_isolated(
+        evaluated = apply_isolated(
             con,
             [meter],
             "events",
             "organization_id = ?::UUID AND seq > ? AND seq <= ? AND source = 'user'",
             [meter.organization_id, meter.backfilled_to, high],
+            at_us=clock_us(),
             backfill=True,
         )
+        rollups.store(con, [evaluated])
+        live.stage(lambda: live.add_usage(evaluated))
         con.execute("UPDATE meters SET backfilled_to = ? WHERE id = ?::UUID", [high, meter_id])
         return (high, meter.backfill_target)
 

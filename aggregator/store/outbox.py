@@ -13,6 +13,7 @@ import duckdb
 import orjson
 
 from aggregator.store.rows import first_row
+from aggregator.store.writer import independent
 from meters.times import us_to_iso
 
 Con = duckdb.DuckDBPyConnection
@@ -101,7 +102,7 @@ def advance_job(organization_id: str, to: int, sent: int, now_us: int) -> Any:
             [organization_id, to, sent, now_us],
         )
 
-    return job
+    return independent(job)
 
 
 def quarantine_job(organization_id: str, refused: list[tuple[int, str]], now_us: int) -> Any:
@@ -112,7 +113,7 @@ def quarantine_job(organization_id: str, refused: list[tuple[int, str]], now_us:
             [[organization_id, seq, reason, now_us] for seq, reason in refused],
         )
 
-    return job
+    return independent(job)
 
 
 def release_job(organization_id: str, seq: int) -> Any:
@@ -124,7 +125,7 @@ def release_job(organization_id: str, seq: int) -> Any:
             [organization_id, seq],
         )
 
-    return job
+    return independent(job)
 
 
 def quarantined(

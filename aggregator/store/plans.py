@@ -9,19 +9,22 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import duckdb
 
 from aggregator.store import idempotency
 from aggregator.store.customers import get_customer
-from aggregator.store.events import SequenceCounter
 from aggregator.store.ledger import credit, reset, resolve
 from aggregator.store.meters import get_meter
 from aggregator.store.rows import first_row, is_uuid
+from aggregator.store.writer import independent
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger import PlanCreate, cycle_start
 from meters.times import datetime_to_us, us_to_datetime
+
+if TYPE_CHECKING:
+    from aggregator.store.live import Live
 
 Con = duckdb.DuckDBPyConnection
 
@@ -53,9 +56,7 @@ def _plan(r: tuple[Any, ...]) -> PlanRow:
     return PlanRow(*r)
 
 
-def plan_create_job(
-    organization_id: str, data: PlanCreate, now_us: int, seq: SequenceCounter
-) -> Any:
+def plan_create_job(organization_id: str, data: PlanCreate, now_us: int, live: Live) -> Any:
     """Create a plan (or find the one the same request made with this external_id); returns
     (plan, created). Cycles already due (a start in the past or now) are processed in the same
     transaction."""
@@ -107,7 +108,7 @@ def plan_create_job(
             con, organization_id, "plan", data.external_id, request, {"id": plan_id}, now_us
         )
         # At most two boundaries are due (the start is at most one interval back).
-        _cycle_plans(con, now_us, seq, plan_id, None)
+        _cycle_plans(con, now_us, live, plan_id, None)
         plan = get_plan(con, organization_id, plan_id)
         assert plan is not None
         return plan, True
@@ -128,10 +129,21 @@ def plan_delete_job(organization_id: str, plan_id: str, now_us: int) -> Any:
         )
         return True
 
-    return job
+    return independent(job)
 
 
-def cycle_due_job(now_us: int, seq: SequenceCounter, budget_seconds: float) -> Any:
+def due(con: Con, now_us: int) -> bool:
+    """Whether any plan boundary is at or before `now` (a read: nothing ingest defers)."""
+    row = first_row(
+        con,
+        "SELECT 1 FROM credit_plans WHERE deleted_at IS NULL"
+        " AND next_cycle_at <= make_timestamptz(?) LIMIT 1",
+        [now_us],
+    )
+    return row is not None
+
+
+def cycle_due_job(now_us: int, live: Live, budget_seconds: float) -> Any:
     """Process plan boundaries at or before `now` (all organizations, earliest first) for about
     `budget_seconds` (at least one); returns (how many, whether more are due). Each
     boundary's reset and credit carry keys derived from (plan, cycle number), and the plan's
@@ -140,7 +152,7 @@ def cycle_due_job(now_us: int, seq: SequenceCounter, budget_seconds: float) -> A
 
     def job(con: Con) -> tuple[int, bool]:
         deadline = time.perf_counter() + budget_seconds
-        processed = _cycle_plans(con, now_us, seq, None, deadline)
+        processed = _cycle_plans(con, now_us, live, None, deadline)
         more = first_row(
             con,
             "SELECT 1 FROM credit_plans WHERE deleted_at IS NULL"
@@ -153,7 +165,7 @@ def cycle_due_job(now_us: int, seq: SequenceCounter, budget_seconds: float) -> A
 
 
 def _cycle_plans(
-    con: Con, now_us: int, seq: SequenceCounter, plan_id: str | None, deadline: float | None
+    con: Con, now_us: int, live: Live, plan_id: str | None, deadline: float | None
 ) -> int:
     """Process the due boundaries (of one plan, or all) until `deadline` (perf_counter), if
     any, has passed."""
@@ -183,8 +195,8 @@ def _cycle_plans(
         while at <= now_us and not (deadline and processed and time.perf_counter() > deadline):
             processed += 1
             # Once per cycle: `cycles` moves in the same transaction.
-            reset(con, customer, meter, at, now_us, seq)
-            credit(con, customer, meter, plan.units, plan.rollover, at, now_us, seq)
+            reset(con, customer, meter, at, now_us, live)
+            credit(con, customer, meter, plan.units, plan.rollover, at, now_us, live)
             n += 1
             at = datetime_to_us(cycle_start(starts, plan.interval, n))
         con.execute(

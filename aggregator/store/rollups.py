@@ -3,16 +3,24 @@
 Per (meter, customer reference, 15-minute UTC bucket): the number of events in the meter, the
 sum, min and max of their contributions (count: 1 each) and, for unique meters, the set of
 distinct values. Any interval in any timezone is a union of buckets, so quantities merge rows
-instead of rescanning events. Ingest appends deltas; readers read the `all_*` views (the keyed
+instead of rescanning events. Deltas are appended; readers read the `all_*` views (the keyed
 tables and their deltas, see `compaction`).
+
+Applying events is two steps. `evaluate` computes, in one statement, every meter's contribution
+of every event (each metadata document parsed once for every path the meters use), and from
+them the ledger's usage per customer reference (which the in-memory balances take at once).
+`store` appends a list of evaluated batches' partial aggregates to the delta tables, grouped
+across the batches: ingest stores them when the events are flushed, backfill at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import duckdb
+import pyarrow as pa
 
 from aggregator.store.meter_sql import Extracted, contribution_sql, filter_sql
 from meters.aggregations import UniqueAggregation
@@ -27,115 +35,197 @@ SUBJECT = (
 )
 
 
-def apply(
+@dataclass(frozen=True, slots=True)
+class Evaluated:
+    """One batch's contributions to one organization's `meters`, evaluated at `at_us`.
+
+    `values`: (subject, bucket, seq, v0 .. vN), vI meter I's contribution of the event (NULL:
+    not in the meter). `ledger`: per number meter and customer reference, (meter_id, subject,
+    events, total, low, high) of the events the ledger counts; `ledger_values`: per unique
+    meter, (meter_id, subject, value)."""
+
+    organization_id: str
+    meters: tuple[MeterRow, ...]
+    values: pa.Table
+    ledger: pa.Table
+    ledger_values: pa.Table
+    at_us: int
+
+    @property
+    def definitions(self) -> tuple[tuple[str, int], ...]:
+        """What the columns of `values` mean: (meter id, version) of v0 .. vN."""
+        return tuple((m.id, m.version) for m in self.meters)
+
+
+def evaluate(
     con: duckdb.DuckDBPyConnection,
     meters: Sequence[MeterRow],
     source: str,
     where: str,
     params: list[Any],
     *,
+    at_us: int,
     backfill: bool = False,
     ledger: bool = True,
-) -> None:
-    """Add the events of `source` selected by `where` to the rollups of each of `meters`, and
-    to their customers' ledger usage (the usage since each customer's latest reset).
-
-    Every meter's contribution of every event is computed in one statement (each metadata
-    document parsed once for every path the meters use); the batch's partial aggregates per
-    meter, customer reference and bucket are then appended to the delta tables, which
-    `compaction` folds into the keyed tables later. Live ingest applies events newer than any
-    reset; a `backfill` (of stored events, one meter) skips, for the ledger, the events a
-    customer's reset has already closed. `ledger=False` leaves the ledger alone (to measure
-    what it costs).
-    """
-    if not meters:
-        return
-    values, values_params = _values(meters, source, where, params)
-    con.register("_values", con.sql(values, params=values_params).to_arrow_table())
+) -> Evaluated:
+    """The contributions of the events of `source` selected by `where` to `meters` (of one
+    organization). Live ingest applies events newer than any reset; a `backfill` (of stored
+    events) leaves out of the ledger the events a customer's reset has already closed.
+    `ledger=False` leaves the ledger out (to measure what it costs)."""
+    values_sql, values_params = _values(meters, source, where, params)
+    values = con.sql(values_sql, params=values_params).to_arrow_table()
+    numbers = [(i, m) for i, m in enumerate(meters) if not _is_unique(m)]
+    uniques = [(i, m) for i, m in enumerate(meters) if _is_unique(m)]
+    con.register("_values", values)
     try:
-        numbers = [(i, m) for i, m in enumerate(meters) if not _is_unique(m)]
-        uniques = [(i, m) for i, m in enumerate(meters) if _is_unique(m)]
-        if numbers:
-            _apply_numbers(con, numbers, backfill=backfill, ledger=ledger)
-        if uniques:
-            _apply_uniques(con, uniques, backfill=backfill, ledger=ledger)
+        usage = _table(con, *_ledger_numbers(numbers if ledger else [], backfill))
+        usage_values = _table(con, *_ledger_uniques(uniques if ledger else [], backfill))
     finally:
         con.unregister("_values")
+    return Evaluated(
+        meters[0].organization_id if meters else "",
+        tuple(meters),
+        values,
+        usage,
+        usage_values,
+        at_us,
+    )
+
+
+def _table(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None) -> pa.Table:
+    table: pa.Table = con.sql(query, params=params).to_arrow_table()
+    return table
+
+
+def store(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
+    """Append the batches' partial aggregates to the rollup and ledger deltas, merged across
+    batches: each (meter, customer reference, bucket) once, however many batches had it."""
+    by_definition: dict[tuple[tuple[str, int], ...], list[Evaluated]] = {}
+    for batch in batches:
+        if batch.meters:
+            by_definition.setdefault(batch.definitions, []).append(batch)
+    for group in by_definition.values():
+        meters = group[0].meters
+        con.register("_values", pa.concat_tables([b.values for b in group]))
+        try:
+            _store_rollups(con, meters)
+        finally:
+            con.unregister("_values")
+    ledgers = [_timed(b.ledger, b.at_us) for b in batches if b.ledger.num_rows]
+    if ledgers:
+        con.register("_ledger", pa.concat_tables(ledgers))
+        try:
+            con.execute(
+                "INSERT INTO ledger_usage_deltas SELECT meter_id::UUID, subject, sum(events),"
+                " sum(total), min(low), max(high), make_timestamptz(min(at_us)),"
+                " make_timestamptz(max(at_us)) FROM _ledger GROUP BY ALL"
+            )
+        finally:
+            con.unregister("_ledger")
+    values = [b.ledger_values for b in batches if b.ledger_values.num_rows]
+    if values:
+        con.register("_ledger_values", pa.concat_tables(values))
+        try:
+            con.execute(
+                "INSERT INTO ledger_usage_value_deltas"
+                " SELECT DISTINCT meter_id::UUID, subject, value FROM _ledger_values"
+            )
+        finally:
+            con.unregister("_ledger_values")
+
+
+def _timed(table: pa.Table, at_us: int) -> pa.Table:
+    return table.append_column("at_us", pa.array([at_us] * table.num_rows, pa.int64()))
 
 
 def _is_unique(meter: MeterRow) -> bool:
     return isinstance(meter.aggregation, UniqueAggregation)
 
 
-def _apply_numbers(
-    con: duckdb.DuckDBPyConnection,
-    meters: list[tuple[int, MeterRow]],
-    *,
-    backfill: bool,
-    ledger: bool,
-) -> None:
+def _number_parts(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]:
     parts = ", ".join(
         f"{{'m': ?::UUID, 'n': count(v{i}), 't': sum(v{i}), 'l': min(v{i}), 'h': max(v{i})}}"
         for i, _ in meters
     )
-    ids = [m.id for _, m in meters]
-    con.execute(
-        f"INSERT INTO rollup_deltas SELECT p.m, subject, bucket, p.n, p.t, p.l, p.h FROM"
-        f" (SELECT subject, bucket, unnest([{parts}]) AS p FROM _values GROUP BY subject, bucket)"
-        " WHERE p.n > 0",
-        ids,
-    )
-    if ledger and not backfill:
+    return parts, [m.id for _, m in meters]
+
+
+def _value_parts(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]:
+    return ", ".join(f"{{'m': ?::UUID, 'v': v{i}}}" for i, _ in meters), [m.id for _, m in meters]
+
+
+def _store_rollups(con: duckdb.DuckDBPyConnection, meters: Sequence[MeterRow]) -> None:
+    """The registered `_values`' partial aggregates per meter, customer reference and bucket,
+    appended to the rollup deltas."""
+    numbers = [(i, m) for i, m in enumerate(meters) if not _is_unique(m)]
+    uniques = [(i, m) for i, m in enumerate(meters) if _is_unique(m)]
+    if numbers:
+        parts, ids = _number_parts(numbers)
         con.execute(
-            f"INSERT INTO ledger_usage_deltas SELECT p.m, subject, p.n, p.t, p.l, p.h, now(),"
-            f" now() FROM (SELECT subject, unnest([{parts}]) AS p FROM _values GROUP BY subject)"
+            f"INSERT INTO rollup_deltas SELECT p.m, subject, bucket, p.n, p.t, p.l, p.h FROM"
+            f" (SELECT subject, bucket, unnest([{parts}]) AS p FROM _values"
+            " GROUP BY subject, bucket) WHERE p.n > 0",
+            ids,
+        )
+    if uniques:
+        parts, ids = _value_parts(uniques)
+        con.execute(
+            "INSERT INTO rollup_value_deltas SELECT DISTINCT p.m, subject, bucket, p.v FROM"
+            f" (SELECT subject, bucket, unnest([{parts}]) AS p FROM _values) WHERE p.v IS NOT NULL",
+            ids,
+        )
+
+
+_NO_NUMBERS = (
+    "SELECT NULL::VARCHAR AS meter_id, NULL::VARCHAR AS subject, NULL::BIGINT AS events,"
+    " NULL::DOUBLE AS total, NULL::DOUBLE AS low, NULL::DOUBLE AS high LIMIT 0"
+)
+_NO_VALUES = (
+    "SELECT NULL::VARCHAR AS meter_id, NULL::VARCHAR AS subject, NULL::VARCHAR AS value LIMIT 0"
+)
+
+
+def _ledger_numbers(
+    meters: list[tuple[int, MeterRow]], backfill: bool
+) -> tuple[str, list[Any] | None]:
+    """(meter_id, subject, events, total, low, high) of the registered `_values`."""
+    if not meters:
+        return _NO_NUMBERS, None
+    if not backfill:
+        parts, ids = _number_parts(meters)
+        return (
+            "SELECT p.m::VARCHAR AS meter_id, subject, p.n AS events, p.t AS total,"
+            " p.l AS low, p.h AS high FROM"
+            f" (SELECT subject, unnest([{parts}]) AS p FROM _values GROUP BY subject)"
             " WHERE p.n > 0",
             ids,
         )
-    if ledger and backfill:
-        # Only the events after their customer's latest reset.
-        parts = ", ".join(f"{{'m': ?::UUID, 'v': v{i}}}" for i, _ in meters)
-        con.execute(
-            "INSERT INTO ledger_usage_deltas SELECT meter_id, subject, count(*), sum(v),"
-            " min(v), max(v), now(), now()"
-            f" FROM (SELECT p.m AS meter_id, subject, seq, p.v AS v FROM"
-            f" (SELECT subject, seq, unnest([{parts}]) AS p FROM _values)) u"
-            f" WHERE v IS NOT NULL AND {_AFTER_RESET} GROUP BY meter_id, subject",
-            ids,
-        )
-
-
-def _apply_uniques(
-    con: duckdb.DuckDBPyConnection,
-    meters: list[tuple[int, MeterRow]],
-    *,
-    backfill: bool,
-    ledger: bool,
-) -> None:
-    parts = ", ".join(f"{{'m': ?::UUID, 'v': v{i}}}" for i, _ in meters)
-    rows = (
-        f"SELECT p.m AS meter_id, subject, bucket, seq, p.v AS value FROM"
-        f" (SELECT subject, bucket, seq, unnest([{parts}]) AS p FROM _values)"
-        " WHERE p.v IS NOT NULL"
+    # Only the events after their customer's latest reset.
+    parts, ids = _value_parts(meters)
+    return (
+        "SELECT meter_id::VARCHAR AS meter_id, subject, count(*) AS events, sum(v) AS total,"
+        " min(v) AS low, max(v) AS high FROM (SELECT p.m AS meter_id, subject, seq, p.v AS v"
+        f" FROM (SELECT subject, seq, unnest([{parts}]) AS p FROM _values)) u"
+        f" WHERE v IS NOT NULL AND {_AFTER_RESET} GROUP BY meter_id, subject",
+        ids,
     )
-    distinct = con.sql(
-        f"SELECT DISTINCT meter_id, subject, bucket, seq, value FROM ({rows})",
-        params=[m.id for _, m in meters],
-    ).to_arrow_table()
-    con.register("_distinct", distinct)
-    try:
-        con.execute(
-            "INSERT INTO rollup_value_deltas SELECT DISTINCT meter_id, subject, bucket, value"
-            " FROM _distinct"
-        )
-        if ledger:
-            after_reset = _AFTER_RESET if backfill else "TRUE"
-            con.execute(
-                "INSERT INTO ledger_usage_value_deltas SELECT DISTINCT meter_id, subject, value"
-                f" FROM _distinct u WHERE {after_reset}"
-            )
-    finally:
-        con.unregister("_distinct")
+
+
+def _ledger_uniques(
+    meters: list[tuple[int, MeterRow]], backfill: bool
+) -> tuple[str, list[Any] | None]:
+    """(meter_id, subject, value), distinct, of the registered `_values`."""
+    if not meters:
+        return _NO_VALUES, None
+    parts, ids = _value_parts(meters)
+    after_reset = _AFTER_RESET if backfill else "TRUE"
+    return (
+        "SELECT DISTINCT meter_id::VARCHAR AS meter_id, subject, value FROM"
+        " (SELECT p.m AS meter_id, subject, seq, p.v AS value FROM"
+        f" (SELECT subject, seq, unnest([{parts}]) AS p FROM _values)) u"
+        f" WHERE value IS NOT NULL AND {after_reset}",
+        ids,
+    )
 
 
 # The customer references a reset has closed, with the seq of that reset: 'id:<customer>' and,

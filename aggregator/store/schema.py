@@ -275,6 +275,19 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX customers_external_id ON customers (external_id);
     """,
+    # 12: the ingest log (`store.ingest_log`): embedded ingest requests acknowledged but not yet
+    # stored, as compressed Arrow IPC; the flush that stores their events deletes them.
+    """
+    CREATE TABLE ingest_log (
+        id BIGINT NOT NULL,                  -- the first seq its new events took
+        organization_id VARCHAR NOT NULL,
+        ingested_at BIGINT NOT NULL,         -- epoch microseconds
+        first_seq BIGINT NOT NULL,
+        last_seq BIGINT NOT NULL,
+        duplicates BIGINT[] NOT NULL,        -- rows of `events` that were duplicates
+        events BLOB NOT NULL
+    );
+    """,
 )
 
 

@@ -27,9 +27,11 @@ rate falls while others write: that is the price of the share). A tenant's own j
 in the order submitted; jobs without a tenant (background work, the Kafka consumer) are never
 held back.
 
-The writer's own upkeep (`upkeep`: compacting appended deltas) runs between groups, in its own
-transaction, at most every `upkeep_seconds` while jobs keep coming, so that it never lengthens an
-ingest group and a failure in it fails no caller.
+The store's in-memory half takes part in every transaction (`Hooks`): a job stages its effects
+on memory, which the writer applies after COMMIT and drops on ROLLBACK. Jobs that apply events
+(`waits_for_pending = False`) only stage; every other job runs after the events applied so far
+are stored, with the flusher held off (`Hooks.hold`), in a group that no applying job precedes,
+so that it sees, and changes, DuckDB's whole truth in seq order.
 
 A `Batchable` job is run together with its neighbours of the same class in one call, so that a
 group of many requests costs one set of statements instead of one set per request (statement
@@ -45,8 +47,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import duckdb
 
@@ -80,6 +83,35 @@ class Repairable(AggregatorError):
 
 
 Job = Callable[[duckdb.DuckDBPyConnection], T] | Batchable[T]
+
+
+class Hooks(Protocol):
+    """The in-memory half of every transaction (`live.Live`)."""
+
+    def begin(self) -> None: ...
+    def commit(self) -> None: ...
+    def rollback(self) -> None: ...
+    def hold(self) -> AbstractContextManager[object]:
+        """Every applied event stored, and kept so, while a transaction of `waits_for_pending`
+        jobs runs."""
+        ...
+
+
+def waits_for_pending(job: Job[Any]) -> bool:
+    """Whether `job` must see every event applied before it stored (all jobs but those that
+    apply events or touch nothing events change say so with `waits_for_pending = False`)."""
+    return bool(getattr(job, "waits_for_pending", True))
+
+
+def independent(
+    job: Callable[[duckdb.DuckDBPyConnection], T],
+) -> Callable[[duckdb.DuckDBPyConnection], T]:
+    """Mark a job that neither reads nor writes what applied events change (customers, tokens,
+    forwarding cursors): it need not wait for them to be stored."""
+    job.waits_for_pending = False  # type: ignore[attr-defined]
+    return job
+
+
 log = logging.getLogger(__name__)
 # Repairs in a row before a job is failed (each repair marks at least one meter failed).
 MAX_REPAIRS = 8
@@ -108,13 +140,10 @@ class Writer:
         *,
         max_group_weight: int = 50_000,
         job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS,
-        upkeep: Callable[[duckdb.DuckDBPyConnection], object] | None = None,
-        upkeep_seconds: float = 1.0,
+        hooks: Hooks | None = None,
     ) -> None:
         self._con = con
-        self._upkeep = upkeep
-        self._upkeep_seconds = upkeep_seconds
-        self._upkeep_at = time.monotonic()
+        self._hooks = hooks
         self._max_group_weight = max_group_weight
         self.job_bound_seconds = job_bound_seconds
         self._backlog: list[_Pending[Any]] = []
@@ -134,6 +163,13 @@ class Writer:
 
     def start(self) -> None:
         self._thread.start()
+
+    def run(self, job: Job[T]) -> T:
+        """Run `job` in the calling thread, before `start` (at open)."""
+        assert not self._thread.is_alive()
+        pending: _Pending[T] = _Pending(job, 1, None)
+        self._commit_group([pending])
+        return pending.future.result()
 
     def submit(self, job: Job[T], weight: int = 1, tenant: str | None = None) -> asyncio.Future[T]:
         """Queue `job`; the returned future resolves after its transaction commits."""
@@ -177,15 +213,6 @@ class Writer:
                 self._timed(sum(p.weight for p in group), time.perf_counter() - started)
                 for p in group:
                     self._recent[p.tenant] = self._recent.get(p.tenant, 0.0) + p.weight
-            if self._upkeep and time.monotonic() - self._upkeep_at >= self._upkeep_seconds:
-                self._run_upkeep(self._upkeep)
-
-    def _run_upkeep(self, upkeep: Callable[[duckdb.DuckDBPyConnection], object]) -> None:
-        self._upkeep_at = time.monotonic()
-        try:
-            self._run_in_transaction([_Pending(upkeep, 0, None)])
-        except Exception:  # upkeep is retried next time; no caller waits for it
-            log.exception("writer upkeep failed")
 
     def _next_group(self) -> list[_Pending[Any]]:
         """Take the next group off the backlog (see the module's note on fairness)."""
@@ -209,7 +236,7 @@ class Writer:
         group: list[_Pending[Any]] = []
         weight = 0
         for pending in candidates:
-            if group and weight + pending.weight > limit:
+            if group and (weight + pending.weight > limit or self._barrier(pending.job)):
                 break
             group.append(pending)
             weight += pending.weight
@@ -268,9 +295,29 @@ class Writer:
         for pending in group:
             self._commit_group([pending])
 
+    def _barrier(self, job: Job[Any]) -> bool:
+        """Whether `job` must start a group of its own, after applied events are stored."""
+        return self._hooks is not None and waits_for_pending(job)
+
     def _run_in_transaction(self, group: list[_Pending[Any]]) -> list[Outcome]:
+        hooks = self._hooks
+        held = hooks.hold() if hooks and self._barrier(group[0].job) else nullcontext()
+        with held:
+            results = self._transaction(group)
+        if hooks:
+            # Outside `hold`: the effects may wait for the flusher (backpressure).
+            try:
+                hooks.commit()
+            except Exception:  # committed in DuckDB: the callers have their results
+                log.critical("applying a committed group's effects in memory failed", exc_info=True)
+        return results
+
+    def _transaction(self, group: list[_Pending[Any]]) -> list[Outcome]:
         con = self._con
+        hooks = self._hooks
         con.execute("BEGIN TRANSACTION")
+        if hooks:
+            hooks.begin()
         results: list[Outcome] = []
         try:
             i = 0
@@ -293,5 +340,7 @@ class Writer:
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
+            if hooks:
+                hooks.rollback()
             raise
         return results

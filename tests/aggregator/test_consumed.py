@@ -11,7 +11,7 @@ import pytest
 
 from aggregator.errors import OffsetGap
 from aggregator.store import Store
-from aggregator.store.consumed import ConsumedBatch, stored_offsets
+from aggregator.store.consumed import ConsumedBatch, StartOffsets, stored_offsets
 from meters.events import Event, to_table
 from meters.times import now_us
 
@@ -34,19 +34,39 @@ def _events(*external_ids: str) -> pa.Table:
 def test_batches_commit_in_sequence_only(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Store(tmp_path / "c.duckdb") as store:
-            assert store.seq is not None
-            first = ConsumedBatch("t", _events("a", "b"), {0: (0, 2)}, store.seq)
+            first = ConsumedBatch("t", _events("a", "b"), {0: (0, 2)}, store.live)
             assert await store.write(first) == 2
-            gap = ConsumedBatch("t", _events("d"), {0: (3, 4)}, store.seq)
+            gap = ConsumedBatch("t", _events("d"), {0: (3, 4)}, store.live)
             with pytest.raises(OffsetGap):
                 await store.write(gap)
             assert await store.read(stored_offsets, "t") == {0: 2}
-            again = ConsumedBatch("t", _events("b", "c"), {0: (2, 4), 1: (0, 1)}, store.seq)
+            again = ConsumedBatch("t", _events("b", "c"), {0: (2, 4), 1: (0, 1)}, store.live)
             assert await store.write(again) == 1  # "b" was applied before: a duplicate
             assert await store.read(stored_offsets, "t") == {0: 4, 1: 1}
             count = await store.read(
                 lambda con: con.execute("SELECT count(*) FROM events").fetchall()
             )
             assert count == [(3,)]
+
+    asyncio.run(scenario())
+
+
+def test_a_partition_starts_where_its_log_starts(tmp_path: Path) -> None:
+    """A partition with no stored offset gets its log's start stored at assignment, so a batch
+    fetched from anywhere else (a group's committed offset, read before the seek landed) is
+    refused, not applied with the records before it skipped."""
+
+    async def scenario() -> None:
+        async with Store(tmp_path / "c.duckdb") as store:
+            await store.write(ConsumedBatch("t", _events("a"), {0: (0, 1)}, store.live))
+            started = await store.write(StartOffsets("t", {0: 0, 1: 7}, store.live))
+            assert started == {0: 1, 1: 7}  # a stored offset is kept
+            assert store.applied_offsets("t") == {0: 1, 1: 7}
+            ahead = ConsumedBatch("t", _events("x"), {1: (32, 33)}, store.live)
+            with pytest.raises(OffsetGap):
+                await store.write(ahead)
+            at_start = ConsumedBatch("t", _events("y"), {1: (7, 8)}, store.live)
+            assert await store.write(at_start) == 1
+            assert await store.read(stored_offsets, "t") == {0: 1, 1: 8}
 
     asyncio.run(scenario())

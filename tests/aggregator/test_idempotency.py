@@ -62,8 +62,7 @@ async def _ingest(store: Store, external_id: str) -> int:
         metadata={"tokens": 1},
         cost_amount=None,
     )
-    assert store.seq is not None
-    result = await store.write(IngestJob(ORG, to_table([event]), now_us(), store.seq))
+    result = await store.write(IngestJob(ORG, to_table([event]), now_us(), store.live))
     return int(result.inserted)
 
 
@@ -74,17 +73,16 @@ def test_an_event_cannot_take_a_credits_key(tmp_path: Path) -> None:
 async def _event_first(tmp_path: Path) -> None:
     async with Store(tmp_path / "db.duckdb") as store:
         _, meter_id = await _setup(store)
-        assert store.seq is not None
         for key in ("meterline:credit:invoice-2026-12", "meterline:reset:r1"):
             assert await _ingest(store, key) == 1
         applied = await store.write(
-            credit_job(ORG, _credit(meter_id, "invoice-2026-12"), 1, store.seq)
+            credit_job(ORG, _credit(meter_id, "invoice-2026-12"), 1, store.live)
         )
         assert not applied.replayed and applied.customer_meter.credited == 10
         reset = ResetCreate(
             external_customer_id="acme", meter_id=uuid.UUID(meter_id), external_id="r1"
         )
-        assert not (await store.write(reset_job(ORG, reset, now_us(), store.seq))).replayed
+        assert not (await store.write(reset_job(ORG, reset, now_us(), store.live))).replayed
         # And no key takes an event's external_id: the ids credits once used are free too.
         assert await _ingest(store, "meterline:credit:other") == 1
 
@@ -96,18 +94,17 @@ def test_a_key_answers_its_first_request_and_refuses_others(tmp_path: Path) -> N
 async def _reuse(tmp_path: Path) -> None:
     async with Store(tmp_path / "db.duckdb") as store:
         customer_id, meter_id = await _setup(store)
-        assert store.seq is not None
-        first = await store.write(credit_job(ORG, _credit(meter_id, "k"), now_us(), store.seq))
+        first = await store.write(credit_job(ORG, _credit(meter_id, "k"), now_us(), store.live))
         await _ingest(store, "e1")
-        again = await store.write(credit_job(ORG, _credit(meter_id, "k"), now_us(), store.seq))
+        again = await store.write(credit_job(ORG, _credit(meter_id, "k"), now_us(), store.live))
         assert again.replayed and again.customer_meter == first.customer_meter
         with pytest.raises(KeyReused, match="'k'"):
-            await store.write(credit_job(ORG, _credit(meter_id, "k", 11), now_us(), store.seq))
+            await store.write(credit_job(ORG, _credit(meter_id, "k", 11), now_us(), store.live))
         # The same key is a different key for another operation.
         reset = ResetCreate(
             customer_id=uuid.UUID(customer_id), meter_id=uuid.UUID(meter_id), external_id="k"
         )
-        assert not (await store.write(reset_job(ORG, reset, now_us(), store.seq))).replayed
+        assert not (await store.write(reset_job(ORG, reset, now_us(), store.live))).replayed
         plan: dict[str, Any] = {
             "external_customer_id": "acme",
             "meter_id": meter_id,
@@ -116,17 +113,17 @@ async def _reuse(tmp_path: Path) -> None:
             "external_id": "k",
         }
         created, new = await store.write(
-            plan_create_job(ORG, PlanCreate.model_validate(plan), now_us(), store.seq)
+            plan_create_job(ORG, PlanCreate.model_validate(plan), now_us(), store.live)
         )
         assert new
         found, new = await store.write(
-            plan_create_job(ORG, PlanCreate.model_validate(plan), now_us(), store.seq)
+            plan_create_job(ORG, PlanCreate.model_validate(plan), now_us(), store.live)
         )
         assert not new and found.id == created.id
         with pytest.raises(KeyReused):
             await store.write(
                 plan_create_job(
-                    ORG, PlanCreate.model_validate({**plan, "units": 6}), now_us(), store.seq
+                    ORG, PlanCreate.model_validate({**plan, "units": 6}), now_us(), store.live
                 )
             )
 
@@ -152,6 +149,7 @@ def _as_previous_main_left_it(path: Path) -> None:
         con.execute(f"DROP VIEW all_{keyed}")
         con.execute(f"DROP TABLE {deltas}")
     con.execute("DROP INDEX customers_external_id")  # step 11
+    con.execute("DROP TABLE ingest_log")  # step 12
     con.execute("DELETE FROM schema_migrations WHERE version >= 8")
     for name, key in (
         ("meter.credited", "meterline:credit:old"),
@@ -169,12 +167,11 @@ async def _previous(tmp_path: Path) -> None:
     path = tmp_path / "db.duckdb"
     async with Store(path) as store:
         customer_id, meter_id = await _setup(store)
-        assert store.seq is not None
-        await store.write(credit_job(ORG, _credit(meter_id, "first"), now_us(), store.seq))
+        await store.write(credit_job(ORG, _credit(meter_id, "first"), now_us(), store.live))
         reset = ResetCreate(
             customer_id=uuid.UUID(customer_id), meter_id=uuid.UUID(meter_id), external_id="r"
         )
-        await store.write(reset_job(ORG, reset, now_us(), store.seq))
+        await store.write(reset_job(ORG, reset, now_us(), store.live))
         plan = PlanCreate(
             external_customer_id="acme",
             meter_id=uuid.UUID(meter_id),
@@ -182,20 +179,21 @@ async def _previous(tmp_path: Path) -> None:
             interval="month",
             external_id="plan",
         )
-        await store.write(plan_create_job(ORG, plan, now_us() - 1, store.seq))
+        await store.write(plan_create_job(ORG, plan, now_us() - 1, store.live))
     _as_previous_main_left_it(path)
     async with Store(path) as store:
-        assert store.seq is not None
-        old = await store.write(credit_job(ORG, _credit(meter_id, "old", 99), now_us(), store.seq))
+        old = await store.write(credit_job(ORG, _credit(meter_id, "old", 99), now_us(), store.live))
         assert old.replayed and old.customer_meter.credited == 5  # as it is now: plan's cycle
         reset = ResetCreate(
             customer_id=uuid.UUID(customer_id), meter_id=uuid.UUID(meter_id), external_id="old"
         )
-        assert (await store.write(reset_job(ORG, reset, now_us(), store.seq))).replayed
+        assert (await store.write(reset_job(ORG, reset, now_us(), store.live))).replayed
         other = plan.model_copy(update={"units": 6})  # kept without its request: a replay
-        _, new = await store.write(plan_create_job(ORG, other, now_us(), store.seq))
+        _, new = await store.write(plan_create_job(ORG, other, now_us(), store.live))
         assert not new
         # The system events' ids are free for events now.
         assert await _ingest(store, "meterline:credit:old") == 1
-        fresh = await store.write(credit_job(ORG, _credit(meter_id, "new", 7), now_us(), store.seq))
+        fresh = await store.write(
+            credit_job(ORG, _credit(meter_id, "new", 7), now_us(), store.live)
+        )
         assert not fresh.replayed and fresh.customer_meter.credited == 12

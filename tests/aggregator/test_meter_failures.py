@@ -54,8 +54,7 @@ def _events(n: int) -> list[Event]:
 
 
 def _ingest(store: Store, org: str, n: int) -> IngestJob:
-    assert store.seq is not None
-    return IngestJob(org, to_table(_events(n)), now_us(), store.seq)
+    return IngestJob(org, to_table(_events(n)), now_us(), store.live)
 
 
 async def _meter(store: Store, org: str, meter_filter: dict[str, object]) -> str:
@@ -74,17 +73,18 @@ async def _meter(store: Store, org: str, meter_filter: dict[str, object]) -> str
     return str(meter.id)
 
 
-def _total(store: Store, meter_id: str) -> float:
-    con = store._cursor()
-    return float(
-        con.execute(
+async def _total(store: Store, meter_id: str) -> float:
+    rows = await store.read(
+        lambda con: con.execute(
             "SELECT coalesce(sum(total), 0) FROM all_rollups WHERE meter_id = ?::UUID", [meter_id]
-        ).fetchall()[0][0]
+        ).fetchall()
     )
+    return float(rows[0][0])
 
 
-def _stored(store: Store) -> int:
-    return int(store._cursor().execute("SELECT count(*) FROM events").fetchall()[0][0])
+async def _stored(store: Store) -> int:
+    rows = await store.read(lambda con: con.execute("SELECT count(*) FROM events").fetchall())
+    return int(rows[0][0])
 
 
 @pytest.mark.parametrize("grouped", [False, True])
@@ -111,9 +111,9 @@ async def _poisoned(tmp_path: Path, grouped: bool) -> None:
         else:
             results = [await store.write(job) for job in jobs]
         assert [r.inserted for r in results] == [3, 4]
-        assert _stored(store) == 7
-        assert _total(store, good_a) == 6
-        assert _total(store, good_b) == 8
+        assert await _stored(store) == 7
+        assert await _total(store, good_a) == 6
+        assert await _total(store, good_b) == 8
         failed = await store.read(get_meter, ORG_A, poison)
         assert failed is not None
         assert failed.failure is not None
@@ -122,20 +122,20 @@ async def _poisoned(tmp_path: Path, grouped: bool) -> None:
 
         # Skipped from now on without another failure; the others keep counting.
         await store.write(_ingest(store, ORG_A, 1))
-        assert _total(store, good_a) == 8
-        assert _total(store, poison) == 0
+        assert await _total(store, good_a) == 8
+        assert await _total(store, poison) == 0
 
         # Redefined: a new version, no failure; its backfill rebuilds it from every event.
         fix = MeterUpdate.model_validate({"filter": EVERYTHING})
-        fixed = await store.write(update_job(ORG_A, poison, fix, now_us()))
+        fixed = await store.write(update_job(ORG_A, poison, fix, now_us(), store.live))
         assert fixed.failure is None
         assert fixed.backfilling
-        while (await store.write(backfill_step_job(poison, fixed.version, 2))) not in (
+        while (await store.write(backfill_step_job(poison, fixed.version, 2, store.live))) not in (
             None,
             (fixed.backfill_target, fixed.backfill_target),
         ):
             pass
-        assert _total(store, poison) == 8
+        assert await _total(store, poison) == 8
 
 
 def test_a_failed_backfill_marks_the_meter_and_stops(tmp_path: Path) -> None:
@@ -155,7 +155,9 @@ async def _failed_backfill(tmp_path: Path) -> None:
                 [orjson.dumps(POISON_FILTER).decode(), meter.id],
             )
         )
-        assert await store.write(backfill_step_job(meter.id, meter.version, 100)) is None
+        assert (
+            await store.write(backfill_step_job(meter.id, meter.version, 100, store.live)) is None
+        )
         failed = await store.read(get_meter, ORG_A, meter.id)
         assert failed is not None and failed.failure is not None
         assert not failed.backfilling

@@ -31,7 +31,6 @@ def test_missed_boundaries_run_once_after_a_restart(tmp_path: Path) -> None:
 
 async def _plan(store: Store, start: datetime, now: datetime) -> PlanRow:
     """A monthly plan of 10 credits on a count meter, created at `now`."""
-    assert store.seq is not None
     customer = await store.write(
         create_customer(ORG, CustomerCreate(email="p@example.com"), _us(now))
     )
@@ -60,7 +59,7 @@ async def _plan(store: Store, start: datetime, now: datetime) -> PlanRow:
                 external_id="monthly",
             ),
             _us(now),
-            store.seq,
+            store.live,
         )
     )
     assert isinstance(plan, PlanRow)

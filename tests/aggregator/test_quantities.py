@@ -157,7 +157,6 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
     async def run() -> tuple[list[tuple[datetime, float]], float]:
         path = tmp_path_factory.mktemp("q") / "m.duckdb"
         async with Store(path, compact_seconds=3600) as store:
-            assert store.seq is not None
             steps = iter(range(10**6))
 
             async def step(job: Any) -> Any:
@@ -169,7 +168,7 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
             await _ingest(step, store, before, batch_sizes)
             meter = await store.write(create_job(ORG, meter_create, 0))
             while True:  # the backfill, a small chunk per writer job
-                progress = await step(backfill_step_job(meter.id, meter.version, 7))
+                progress = await step(backfill_step_job(meter.id, meter.version, 7, store.live))
                 if progress is None or progress[0] >= progress[1]:
                     break
             await _ingest(step, store, after, batch_sizes)
@@ -216,12 +215,11 @@ def _to_us(moment: datetime) -> int:
 async def _ingest(
     write: Callable[[Any], Awaitable[Any]], store: Store, events: list[Event], sizes: list[int]
 ) -> None:
-    assert store.seq is not None
     i = 0
     k = 0
     while i < len(events):
         size = sizes[k % len(sizes)]
         chunk = events[i : i + size]
-        await write(IngestJob(ORG, to_table(chunk), 0, store.seq))
+        await write(IngestJob(ORG, to_table(chunk), 0, store.live))
         i += size
         k += 1

@@ -83,8 +83,7 @@ def test_concurrent_batches_dedupe_like_sequential_processing(
 
     async def run() -> tuple[list[IngestResult], int]:
         async with Store(path) as store:
-            assert store.seq is not None
-            seq = store.seq
+            seq = store.live
             results = await _grouped(
                 store,
                 [
@@ -108,8 +107,7 @@ def test_a_rejected_request_does_not_affect_its_group(tmp_path: Path) -> None:
 
     async def run() -> list[object]:
         async with Store(tmp_path / "m.duckdb") as store:
-            assert store.seq is not None
-            seq = store.seq
+            seq = store.live
             customer = await store.write(create_job(org, CustomerCreate(email="a@b.io"), now_us()))
             return await _grouped(
                 store,
@@ -139,8 +137,7 @@ def test_events_without_external_id_are_never_duplicates(tmp_path: Path) -> None
 
     async def run() -> tuple[list[object], int]:
         async with Store(tmp_path / "m.duckdb") as store:
-            assert store.seq is not None
-            seq = store.seq
+            seq = store.live
             results = await _grouped(
                 store,
                 [

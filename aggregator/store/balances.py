@@ -1,0 +1,235 @@
+"""Balances in memory: every customer meter's usage since its latest reset, and its credits.
+
+DuckDB holds the truth (`all_ledger_usage`, `customer_meters`); this holds the same, folded from
+every change the writer commits (ingest's usage as it is applied, backfill's, resets clearing
+it, credits), so that a balance is read without a statement: ingest's usage is visible here as
+soon as it is applied, before the events are flushed. Rebuilt from DuckDB at open.
+
+Layout: per organization, each customer reference (`id:<uuid>`, `ext:<external id>`) has a dense
+index; per meter, numpy arrays over those indexes hold the events, sum, min, max and first/last
+change times (48 bytes a customer reference a meter, `BYTES_PER_SLOT`), and unique meters a set
+of values per index. A batch's usage is folded in with a few vectorized operations per meter.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import duckdb
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from aggregator.store.arrays import Column, encoded, numpy
+from meters.aggregations import Partial
+
+BYTES_PER_SLOT = 48
+_NONE_US = np.iinfo(np.int64).max  # no first change yet (a minimum's identity)
+
+
+@dataclass(slots=True)
+class _Usage:
+    """One meter's usage per customer-reference index."""
+
+    organization_id: str
+    events: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    total: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    low: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    high: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    first_us: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    last_us: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    values: dict[int, set[str]] = field(default_factory=dict)  # unique meters
+
+    def fit(self, size: int) -> None:
+        """Room for indexes below `size` (doubling, so growth is amortized)."""
+        old = len(self.events)
+        if size <= old:
+            return
+        new = max(size, 2 * old, 64)
+        self.events = np.concatenate([self.events, np.zeros(new - old, np.int64)])
+        self.total = np.concatenate([self.total, np.zeros(new - old)])
+        self.low = np.concatenate([self.low, np.full(new - old, np.inf)])
+        self.high = np.concatenate([self.high, np.full(new - old, -np.inf)])
+        self.first_us = np.concatenate([self.first_us, np.full(new - old, _NONE_US)])
+        self.last_us = np.concatenate([self.last_us, np.zeros(new - old, np.int64)])
+
+    def clear(self, indexes: list[int]) -> None:
+        at = [i for i in indexes if i < len(self.events)]
+        self.events[at] = 0
+        self.total[at] = 0.0
+        self.low[at] = np.inf
+        self.high[at] = -np.inf
+        self.first_us[at] = _NONE_US
+        self.last_us[at] = 0
+        for i in indexes:
+            self.values.pop(i, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A customer meter's usage: merged over its references; times None without usage."""
+
+    partial: Partial
+    first_us: int | None
+    last_us: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Credits:
+    credited: int
+    created_us: int
+    modified_us: int
+
+
+class Balances:
+    """Written by the writer thread at commit; read from any thread."""
+
+    def __init__(self) -> None:
+        # Re-entrant: the writer holds it across one commit's effects (`Live.commit`), so a
+        # reader never sees half of them (a reset's cleared usage with its old credits).
+        self.lock = threading.RLock()
+        self._subjects: dict[str, dict[str, int]] = {}  # organization -> reference -> index
+        self._usage: dict[str, _Usage] = {}  # meter id -> its usage
+        self._credits: dict[tuple[str, str], Credits] = {}  # (customer id, meter id)
+
+    @property
+    def slots(self) -> int:
+        """Customer-reference slots held over all meters (what `BYTES_PER_SLOT` multiplies)."""
+        return sum(len(u.events) for u in self._usage.values())
+
+    def load(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Everything DuckDB holds (at open, before any write)."""
+        numbers = con.sql(
+            "SELECT m.organization_id::VARCHAR AS organization_id, u.meter_id::VARCHAR AS"
+            " meter_id, subject, sum(events) AS events, sum(total) AS total, min(low) AS low,"
+            " max(high) AS high, epoch_us(min(u.created_at)) AS first_us,"
+            " epoch_us(max(u.modified_at)) AS last_us"
+            " FROM all_ledger_usage u JOIN meters m ON m.id = u.meter_id GROUP BY ALL"
+        ).to_arrow_table()
+        values = con.sql(
+            "SELECT DISTINCT m.organization_id::VARCHAR AS organization_id,"
+            " v.meter_id::VARCHAR AS meter_id, subject, value"
+            " FROM all_ledger_usage_values v JOIN meters m ON m.id = v.meter_id"
+        ).to_arrow_table()
+        for org in set(numbers.column("organization_id").to_pylist()) | set(
+            values.column("organization_id").to_pylist()
+        ):
+            self.add(
+                org,
+                numbers.filter(pc.equal(numbers.column("organization_id"), org)),
+                values.filter(pc.equal(values.column("organization_id"), org)),
+            )
+        for customer, meter, credited, created, modified in con.execute(
+            "SELECT customer_id::VARCHAR, meter_id::VARCHAR, credited, epoch_us(created_at),"
+            " epoch_us(modified_at) FROM customer_meters"
+        ).fetchall():
+            self._credits[(customer, meter)] = Credits(credited, created, modified)
+
+    def add(self, organization_id: str, numbers: pa.Table, values: pa.Table) -> None:
+        """Fold in usage: `numbers` (meter_id, subject, events, total, low, high, first_us,
+        last_us), `values` (meter_id, subject, value) of unique meters."""
+        with self.lock:
+            index = self._subjects.setdefault(organization_id, {})
+            for meter_id, at, rows in _by_meter(numbers, index):
+                usage = self._meter(meter_id, organization_id)
+                usage.fit(int(at.max()) + 1)
+                np.add.at(usage.events, at, rows["events"])
+                np.add.at(usage.total, at, rows["total"])
+                np.minimum.at(usage.low, at, rows["low"])
+                np.maximum.at(usage.high, at, rows["high"])
+                np.minimum.at(usage.first_us, at, rows["first_us"])
+                np.maximum.at(usage.last_us, at, rows["last_us"])
+            if values.num_rows:
+                refs = _indexes(index, values.column("subject"))
+                meter_ids = cast(list[str], values.column("meter_id").to_pylist())
+                held = cast(list[str], values.column("value").to_pylist())
+                for meter_id, at, value in zip(meter_ids, refs.tolist(), held, strict=True):
+                    self._meter(meter_id, organization_id).values.setdefault(at, set()).add(value)
+
+    def _meter(self, meter_id: str, organization_id: str) -> _Usage:
+        usage = self._usage.get(meter_id)
+        if usage is None:
+            usage = self._usage[meter_id] = _Usage(organization_id)
+        return usage
+
+    def clear(self, meter_id: str, subjects: list[str]) -> None:
+        """A reset: the customer's usage of the meter starts again from nothing."""
+        with self.lock:
+            usage = self._usage.get(meter_id)
+            if usage is None:
+                return
+            index = self._subjects.get(usage.organization_id, {})
+            usage.clear([index[s] for s in subjects if s in index])
+
+    def drop(self, meter_id: str) -> None:
+        """A redefined meter: its usage is rebuilt by backfill."""
+        with self.lock:
+            self._usage.pop(meter_id, None)
+
+    def set_credits(self, customer_id: str, meter_id: str, credits: Credits) -> None:
+        with self.lock:
+            self._credits[(customer_id, meter_id)] = credits
+
+    def credits(self, customer_id: str, meter_id: str) -> Credits | None:
+        with self.lock:
+            return self._credits.get((customer_id, meter_id))
+
+    def usage(self, meter_id: str, subjects: list[str]) -> Usage:
+        partial = Partial()
+        first: int | None = None
+        last: int | None = None
+        with self.lock:
+            usage = self._usage.get(meter_id)
+            index = self._subjects.get(usage.organization_id, {}) if usage else {}
+            for subject in subjects:
+                i = index.get(subject)
+                if usage is None or i is None:
+                    continue
+                partial.values |= usage.values.get(i, set())
+                if i >= len(usage.events) or usage.events[i] == 0:
+                    continue
+                partial.add(
+                    int(usage.events[i]),
+                    float(usage.total[i]),
+                    float(usage.low[i]),
+                    float(usage.high[i]),
+                )
+                at_first, at_last = int(usage.first_us[i]), int(usage.last_us[i])
+                first = at_first if first is None else min(first, at_first)
+                last = at_last if last is None else max(last, at_last)
+        return Usage(partial, first, last)
+
+
+def _indexes(index: dict[str, int], subjects: Column) -> npt.NDArray[np.int64]:
+    """Each subject's dense index, new ones numbered as they come (one dictionary lookup per
+    distinct subject, not per row)."""
+    distinct, codes = encoded(subjects)
+    known = np.fromiter(
+        (index.setdefault(s, len(index)) for s in distinct), np.int64, len(distinct)
+    )
+    return known[codes]
+
+
+def _by_meter(
+    numbers: pa.Table, index: dict[str, int]
+) -> list[tuple[str, npt.NDArray[np.int64], dict[str, npt.NDArray[Any]]]]:
+    """`numbers`' rows per meter: (meter id, each row's subject index, numpy columns)."""
+    if not numbers.num_rows:
+        return []
+    refs = _indexes(index, numbers.column("subject"))
+    meters, codes = encoded(numbers.column("meter_id"))
+    columns = {
+        name: numpy(numbers.column(name), np.int64 if name in _INTS else np.float64)
+        for name in ("events", "total", "low", "high", "first_us", "last_us")
+    }
+    out = []
+    for code, meter_id in enumerate(meters):
+        rows = np.flatnonzero(codes == code)
+        out.append((meter_id, refs[rows], {k: v[rows] for k, v in columns.items()}))
+    return out
+
+
+_INTS = ("events", "first_us", "last_us")

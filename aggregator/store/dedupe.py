@@ -1,0 +1,240 @@
+"""Which events are new: every stored (organization, external_id), held as fingerprints.
+
+First write wins, forever (DESIGN 2). Asking DuckDB for every event would cost a unique index
+(maintained on every insert and rewritten by checkpoints) or a scan; instead each stored key is
+held here as a 64-bit fingerprint (DuckDB's `hash(organization_id, external_id)`) with the seq of
+its event: 16 bytes a key, in sorted numpy runs merged like an LSM tree (a run is merged into
+the one before it once it is at least half its size, so each key is rewritten O(log n) times).
+
+A fingerprint not held is a new key, for certain. A fingerprint held is only a candidate: the
+event with the held seq is read back (from the events not yet flushed, else from DuckDB, by seq,
+which the events table is ordered by) and the keys compared, so a collision can never drop an
+event. Only true duplicates and collisions pay for that read.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import duckdb
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from aggregator.store.arrays import Column, numpy
+
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+# (seq, organization_id, external_id) of the given seqs, from events not yet in DuckDB.
+Unflushed = Callable[[I64], pa.Table]
+# The fingerprint of a key, as SQL over columns `organization_id` (text) and `external_id`. The
+# organization is spelled as its UUID's canonical text on both sides (batches and the table).
+FINGERPRINT = "hash(organization_id::UUID::VARCHAR, external_id)"
+# Bytes held per stored key: the fingerprint and the seq.
+BYTES_PER_KEY = 16
+
+
+class Dedupe:
+    """The set of stored keys. Mutated by the writer thread only (`add`, at commit); `keys`
+    and the size are safe to read from anywhere."""
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[U64, I64]] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return sum(len(fps) for fps, _ in self._runs)
+
+    @property
+    def bytes(self) -> int:
+        return sum(fps.nbytes + seqs.nbytes for fps, seqs in self._runs)
+
+    def load(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Every key stored in the events table (at open)."""
+        table = con.sql(
+            f"SELECT {FINGERPRINT} AS fp, seq FROM events WHERE external_id IS NOT NULL"
+        ).to_arrow_table()
+        self._runs = []
+        self.add(_u64(table.column("fp")), _i64(table.column("seq")))
+        self.compact()
+
+    def add(self, fingerprints: U64, seqs: I64) -> None:
+        """Hold these keys (a new run; `compact` merges runs)."""
+        if not len(fingerprints):
+            return
+        order = np.argsort(fingerprints, kind="stable")
+        with self._lock:
+            self._runs = [*self._runs, (fingerprints[order], seqs[order])]
+
+    def compact(self) -> None:
+        """Merge runs until each is more than twice the size of the next (off the writer's
+        thread: a merge of large runs takes a while; runs added meanwhile stay as they are)."""
+        runs = self._runs
+        merged = list(runs)
+        while len(merged) > 1 and len(merged[-1][0]) * 2 >= len(merged[-2][0]):
+            merged[-2:] = [_merged(merged[-2], merged[-1])]
+        if len(merged) == len(runs):
+            return
+        with self._lock:
+            self._runs = merged + self._runs[len(runs) :]
+
+    def held(self, fingerprints: U64) -> tuple[I64, I64]:
+        """(position in `fingerprints`, stored seq) of every held entry with one of these
+        fingerprints (a fingerprint may be held more than once)."""
+        by_value = np.argsort(fingerprints)
+        ordered = fingerprints[by_value]  # sorted: each search below walks a run in order
+        positions: list[I64] = []
+        seqs: list[I64] = []
+        for run, run_seqs in self._runs:
+            wanted, order, at = ordered, by_value, np.searchsorted(run, ordered)
+            # A fingerprint may be held more than once: walk right while it repeats.
+            while len(at):
+                hits = np.flatnonzero(at < len(run))
+                hits = hits[run[at[hits]] == wanted[hits]]
+                positions.append(order[hits].astype(np.int64))
+                seqs.append(run_seqs[at[hits]])
+                wanted, order, at = wanted[hits], order[hits], at[hits] + 1
+        if not positions:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(positions), np.concatenate(seqs)
+
+
+def _merged(a: tuple[U64, I64], b: tuple[U64, I64]) -> tuple[U64, I64]:
+    """Two sorted runs as one (a merge by position: linear, unlike sorting again)."""
+    at = np.searchsorted(a[0], b[0], side="right") + np.arange(len(b[0]))
+    from_a = np.ones(len(a[0]) + len(b[0]), dtype=bool)
+    from_a[at] = False
+    fps = np.empty(len(from_a), np.uint64)
+    seqs = np.empty(len(from_a), np.int64)
+    fps[at], seqs[at] = b
+    fps[from_a], seqs[from_a] = a
+    return fps, seqs
+
+
+def new_rows(
+    con: duckdb.DuckDBPyConnection,
+    verify: duckdb.DuckDBPyConnection,
+    batch: pa.Table,
+    stores: list[Dedupe],
+    unflushed: Unflushed,
+) -> tuple[pa.BooleanArray, U64]:
+    """Which rows of `batch` (organization_id, external_id, in submission order) are new: no
+    external_id, or the first of its key in the batch and not stored. Also the fingerprints of
+    the batch's rows (0 where there is no external_id), to `add` the new ones.
+
+    `stores` are searched for held keys (the committed set, and keys staged by the transaction
+    in progress); candidates are read back from `unflushed` or, through `verify` (a cursor of
+    its own, so that it sees every flush committed so far), from DuckDB."""
+    n = batch.num_rows
+    keyed = pc.is_valid(batch.column("external_id"))
+    con.register("_dedupe_batch", batch.select(["organization_id", "external_id"]))
+    try:
+        keys = con.sql(
+            f"SELECT coalesce({FINGERPRINT}, 0::UBIGINT) AS fp,"
+            " organization_id::UUID::VARCHAR AS organization_id, external_id FROM _dedupe_batch"
+        ).to_arrow_table()
+    finally:
+        con.unregister("_dedupe_batch")
+    fps = _u64(keys.column("fp"))
+    first = _first_in_batch(keys)
+    keyed_rows = np.flatnonzero(_np_bool(keyed))
+    candidates = [store.held(fps[keyed_rows]) for store in stores]
+    positions = keyed_rows[np.concatenate([c[0] for c in candidates])]
+    stored = np.zeros(n, dtype=bool)
+    if len(positions):
+        seqs = np.concatenate([c[1] for c in candidates])
+        stored[_confirmed(verify, keys, positions, seqs, unflushed)] = True
+    keep = np.logical_or(~_np_bool(keyed), np.logical_and(first, ~stored))
+    return pa.array(keep, pa.bool_()), fps
+
+
+def fingerprints(con: duckdb.DuckDBPyConnection, keyed: pa.Table) -> tuple[U64, I64]:
+    """The fingerprints and seqs of `keyed` (organization_id, external_id, seq; every
+    external_id set), to `add`."""
+    if not keyed.num_rows:
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
+    con.register("_dedupe_keyed", keyed.select(["organization_id", "external_id"]))
+    try:
+        fps = con.sql(f"SELECT {FINGERPRINT} AS fp FROM _dedupe_keyed").to_arrow_table()
+    finally:
+        con.unregister("_dedupe_keyed")
+    return _u64(fps.column("fp")), _i64(keyed.column("seq"))
+
+
+def _first_in_batch(batch: pa.Table) -> npt.NDArray[np.bool_]:
+    """True for each keyed row that is the first of its (organization, external_id) in the
+    batch (exact: keys are compared, not fingerprints)."""
+    keys = pa.table(
+        {
+            "o": batch.column("organization_id"),
+            "e": batch.column("external_id"),
+            "i": pa.array(np.arange(batch.num_rows, dtype=np.int64)),
+        }
+    ).filter(pc.is_valid(batch.column("external_id")))
+    firsts = keys.group_by(["o", "e"], use_threads=False).aggregate([("i", "min")])
+    out = np.zeros(batch.num_rows, dtype=bool)
+    out[_i64(firsts.column("i_min"))] = True
+    return out
+
+
+def _confirmed(
+    verify: duckdb.DuckDBPyConnection,
+    batch: pa.Table,
+    positions: I64,
+    seqs: I64,
+    unflushed: Unflushed,
+) -> I64:
+    """The positions whose key (`batch`: canonical organization_id, external_id) is the key of
+    the event stored with the paired seq."""
+    wanted = np.unique(seqs)
+    found = unflushed(wanted)
+    missing = np.setdiff1d(wanted, _i64(found.column("seq")), assume_unique=True)
+    if len(missing):
+        rows = verify.execute(
+            "SELECT seq, organization_id::VARCHAR AS organization_id, external_id FROM events"
+            " WHERE seq IN (SELECT unnest(?::BIGINT[]))",
+            [missing.tolist()],
+        ).fetchall()
+        found = pa.concat_tables(
+            [
+                found.select(["seq", "organization_id", "external_id"]),
+                pa.table(
+                    {
+                        "seq": pa.array([r[0] for r in rows], pa.int64()),
+                        "organization_id": pa.array([r[1] for r in rows], pa.string()),
+                        "external_id": pa.array([r[2] for r in rows], pa.string()),
+                    }
+                ),
+            ]
+        )
+    stored = {
+        seq: (org, external_id)
+        for seq, org, external_id in zip(
+            found.column("seq").to_pylist(),
+            found.column("organization_id").to_pylist(),
+            found.column("external_id").to_pylist(),
+            strict=True,
+        )
+    }
+    at = pa.array(positions, pa.int64())
+    orgs = batch.column("organization_id").take(at).to_pylist()
+    ids = batch.column("external_id").take(at).to_pylist()
+    same = [
+        stored.get(int(seq)) == (org, external_id)
+        for seq, org, external_id in zip(seqs.tolist(), orgs, ids, strict=True)
+    ]
+    return positions[np.array(same, dtype=bool)] if same else positions[:0]
+
+
+def _u64(column: Column) -> U64:
+    return numpy(column, np.uint64)
+
+
+def _i64(column: Column) -> I64:
+    return numpy(column, np.int64)
+
+
+def _np_bool(column: Column) -> npt.NDArray[np.bool_]:
+    return numpy(column, np.bool_)

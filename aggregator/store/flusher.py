@@ -1,0 +1,198 @@
+"""The flusher: a thread of its own (with its own DuckDB cursor) that stores applied batches.
+
+It stores the memtable once it holds a row group of events (DuckDB then writes them straight to
+the file), once its oldest batch has waited `flush_seconds`, or at once when asked (`barrier`:
+a read that must see every applied event, a write that must come after them). Between flushes
+it compacts the appended deltas (`compaction`) every `compact_seconds`, runs `CHECKPOINT` once
+the WAL passes `checkpoint_bytes` (so that no commit of the ingest path ever pays for one), and
+runs `idle` (upkeep of the in-memory state, off the writer's thread).
+
+`exclusive` is held while it writes; a writer job that must not run beside it (any job but
+applying events) takes it, flushes what is left (`flush_all`) and keeps it until it commits.
+
+A flush that fails is retried every `retry_seconds` with the same batches (nothing is lost:
+they stay in the memtable, and in Kafka or the ingest log); barriers wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+
+from aggregator.store import memtable
+from aggregator.store.compaction import compact
+from aggregator.store.memtable import ROW_GROUP, Memtable
+
+log = logging.getLogger(__name__)
+
+
+class Flusher:
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        table: Memtable,
+        *,
+        wal: Path | None,
+        flush_events: int = ROW_GROUP,
+        flush_seconds: float = 1.0,
+        compact_seconds: float = 1.0,
+        checkpoint_bytes: int = 16 * 1024 * 1024,
+        retry_seconds: float = 1.0,
+        idle: Callable[[], object] = lambda: None,
+    ) -> None:
+        self._con = con
+        self._table = table
+        self._wal = wal
+        self.flush_events = flush_events
+        self.flush_seconds = flush_seconds
+        self._compact_seconds = compact_seconds
+        self._checkpoint_bytes = checkpoint_bytes
+        self._retry_seconds = retry_seconds
+        self.idle = idle
+        self.exclusive = threading.RLock()
+        self._wake = threading.Condition()
+        self._barriers: list[tuple[int, concurrent.futures.Future[None]]] = []
+        self._stopping = False
+        self._failed_at = 0.0
+        self._compacted_at = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="duckdb-flusher", daemon=True)
+        self.flushes = 0
+        self.flushed_events = 0
+        self.checkpoints = 0
+        self.longest_seconds = 0.0  # the longest time it held `exclusive`
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Store everything applied, then stop."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+        with self.exclusive:
+            self.flush_all()
+
+    def poke(self) -> None:
+        """Batches were added: check the thresholds."""
+        if self._table.events >= self.flush_events:
+            with self._wake:
+                self._wake.notify()
+
+    def barrier(self) -> asyncio.Future[None]:
+        """Resolves once every batch applied before the call is stored."""
+        mark = self._table.added
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if self._table.stored >= mark:
+            future.set_result(None)
+        else:
+            with self._wake:
+                self._barriers.append((mark, future))
+                self._wake.notify()
+        return asyncio.wrap_future(future)
+
+    def flush_all(self) -> None:
+        """Store every applied batch now (the caller holds `exclusive`); raises if it fails."""
+        entries = self._table.take()
+        if not entries:
+            return
+        started = time.perf_counter()
+        con = self._con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            memtable.store(con, entries)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        self._table.release(len(entries))
+        self.flushes += 1
+        self.flushed_events += sum(e.events.num_rows for e in entries)
+        log.debug(
+            "stored %d batches (%d events) in %.3f s",
+            len(entries),
+            sum(e.events.num_rows for e in entries),
+            time.perf_counter() - started,
+        )
+        self._settle_barriers()
+
+    def _settle_barriers(self) -> None:
+        with self._wake:
+            stored = self._table.stored
+            waiting = []
+            for mark, future in self._barriers:
+                if stored >= mark:
+                    future.set_result(None)
+                else:
+                    waiting.append((mark, future))
+            self._barriers = waiting
+
+    def _due(self) -> bool:
+        table = self._table
+        if table.stored >= table.added:
+            return False
+        if time.monotonic() - self._failed_at < self._retry_seconds:
+            return False
+        return bool(
+            self._barriers
+            or self._stopping
+            or table.events >= self.flush_events
+            or table.age() >= self.flush_seconds
+        )
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                if self._stopping:
+                    return
+                if not self._due():
+                    self._wake.wait(timeout=min(0.05, self.flush_seconds))
+                flush = self._due()
+            started = time.perf_counter()
+            with self.exclusive:
+                if flush:
+                    try:
+                        self.flush_all()
+                    except Exception:  # kept: retried with the same batches
+                        self._failed_at = time.monotonic()
+                        log.exception("storing applied events failed; retrying")
+                self._upkeep()
+                self.longest_seconds = max(self.longest_seconds, time.perf_counter() - started)
+            try:
+                self.idle()
+            except Exception:  # upkeep of memory: retried next time
+                log.exception("in-memory upkeep failed")
+
+    def _upkeep(self) -> None:
+        """Compaction and checkpoints, between flushes (the caller holds `exclusive`)."""
+        if time.monotonic() - self._compacted_at >= self._compact_seconds:
+            self._compacted_at = time.monotonic()
+            con = self._con
+            con.execute("BEGIN TRANSACTION")
+            try:
+                compact(con)
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                log.exception("compaction failed; retrying later")
+        if self._wal is not None and _size(self._wal) >= self._checkpoint_bytes:
+            try:
+                self._con.execute("CHECKPOINT")
+                self.checkpoints += 1
+            except duckdb.Error:  # another transaction is open: next time
+                log.debug("checkpoint skipped", exc_info=True)
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0

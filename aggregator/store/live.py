@@ -1,0 +1,207 @@
+"""The store's in-memory half: which keys are stored, the balances, the applied batches on their
+way to DuckDB, and the seqs.
+
+Writer jobs change it only through `stage`, inside their transaction: the writer runs the staged
+effects after COMMIT, in order, and drops them on ROLLBACK, so memory never holds what DuckDB (or
+the memtable, on its way there) will not. Jobs other than applying events run with every
+applied batch stored first and the flusher held off (`hold`): what they read and change in
+DuckDB is then the whole truth, in seq order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Callable, Iterator
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from aggregator.store import dedupe
+from aggregator.store.balances import Balances
+from aggregator.store.dedupe import Dedupe
+from aggregator.store.flusher import Flusher
+from aggregator.store.memtable import Applied, Memtable, keys_of
+from aggregator.store.meters import apply_isolated, meters_of
+from aggregator.store.rollups import Evaluated
+from meters.times import now_us
+
+Effect = Callable[[], object]
+
+
+class SequenceCounter:
+    """Ingestion order numbers; only the writer thread draws from it."""
+
+    def __init__(self, start: int) -> None:
+        self._next = itertools.count(start)
+
+    def take(self, n: int) -> list[int]:
+        return [next(self._next) for _ in range(n)]
+
+    def reserve(self, n: int) -> int:
+        """The first of `n` consecutive seqs."""
+        first = next(self._next)
+        if n > 1:
+            self._next = itertools.count(first + n)
+        return first
+
+    @classmethod
+    def load(cls, con: duckdb.DuckDBPyConnection) -> SequenceCounter:
+        # fetchall() closes the result: an open result set blocks DuckDB's checkpoints.
+        rows = con.execute(
+            "SELECT greatest((SELECT coalesce(max(seq), 0) FROM events),"
+            " (SELECT coalesce(max(last_seq), 0) FROM ingest_log)) + 1"
+        ).fetchall()
+        return cls(int(rows[0][0]))
+
+
+class Live:
+    def __init__(
+        self,
+        seq: SequenceCounter,
+        flusher: Flusher,
+        memtable: Memtable,
+        verify: duckdb.DuckDBPyConnection,
+        *,
+        max_pending_events: int,
+    ) -> None:
+        self.seq = seq
+        self.flusher = flusher
+        self.memtable = memtable
+        self.dedupe = Dedupe()
+        self.balances = Balances()
+        self._verify = verify
+        self._max_pending = max_pending_events
+        # The next offset applied per (topic, partition), stored or not: what a consumed batch
+        # must start at (memory, so that a flush in between cannot hide it from the check).
+        self._offsets: dict[tuple[str, int], int] = {}
+        self._staged: list[Effect] = []
+        self._staged_keys = Dedupe()
+        self._staged_entries: list[Applied] = []
+
+    def load(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.dedupe.load(con)
+        self.balances.load(con)
+        rows = con.execute("SELECT topic, partition, next_offset FROM kafka_offsets").fetchall()
+        self._offsets = {(str(t), int(p)): int(o) for t, p, o in rows}
+
+    # ---- the writer's transaction hooks (writer thread) -----------------------------------
+
+    def begin(self) -> None:
+        self._staged = []
+        self._staged_keys = Dedupe()
+        self._staged_entries = []
+
+    def commit(self) -> None:
+        staged, self._staged = self._staged, []
+        self._staged_keys = Dedupe()
+        self._staged_entries = []
+        with self.balances.lock:
+            for effect in staged:
+                effect()
+        self.flusher.poke()
+        # Backpressure: applying may not run further ahead of storing than this.
+        while self.memtable.events > self._max_pending:
+            self.flusher.poke()
+            time.sleep(0.002)
+
+    def rollback(self) -> None:
+        self.begin()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Every applied batch stored, and the flusher held off, for as long as this lasts."""
+        with self.flusher.exclusive:
+            self.flusher.flush_all()
+            yield
+
+    # ---- for jobs, inside their transaction (writer thread) -------------------------------
+
+    def stage(self, effect: Effect) -> None:
+        """Run `effect` once the transaction commits."""
+        self._staged.append(effect)
+
+    def new_rows(self, con: duckdb.DuckDBPyConnection, batch: pa.Table) -> pa.BooleanArray:
+        """Which rows of `batch` (organization_id, external_id, in order) are new events."""
+        keep, _ = dedupe.new_rows(
+            con, self._verify, batch, [self.dedupe, self._staged_keys], self._unflushed
+        )
+        return keep
+
+    def applied_offsets(self, topic: str) -> dict[int, int]:
+        """The next offset of each partition of `topic` as applied so far, stored or not (this
+        transaction's batches too, when called from the writer thread inside one)."""
+        offsets = {p: o for (t, p), o in self._offsets.items() if t == topic}
+        for entry in self._staged_entries:
+            offsets.update((p, o) for t, p, o in entry.offsets if t == topic)
+        return offsets
+
+    def set_offsets(self, topic: str, offsets: dict[int, int]) -> None:
+        """A job changed the stored offsets themselves (a reset, a partition's start): held
+        from its commit on."""
+
+        def held() -> None:
+            self._offsets.update(((topic, p), o) for p, o in offsets.items())
+
+        self.stage(held)
+
+    def _unflushed(self, seqs: np.ndarray) -> pa.Table:
+        return keys_of(self.memtable.take() + self._staged_entries, seqs)
+
+    def apply(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        events: pa.Table,
+        *,
+        offsets: tuple[tuple[str, int, int], ...] = (),
+        log_id: int | None = None,
+    ) -> None:
+        """Apply new `events` (`Applied.events`' columns): every meter of their organizations
+        evaluated now, the balances and the stored keys updated at commit, the batch queued to
+        be stored."""
+        at_us = now_us()
+        evaluated: list[Evaluated] = []
+        if events.num_rows:
+            con.register("_batch_new", events)
+            try:
+                for organization in map(
+                    str, pc.unique(events.column("organization_id")).to_pylist()
+                ):
+                    meters = meters_of(con, [organization])
+                    if meters:
+                        evaluated.append(
+                            apply_isolated(
+                                con,
+                                meters,
+                                "_batch_new",
+                                "organization_id = ?",
+                                [organization],
+                                data=events,
+                                at_us=at_us,
+                            )
+                        )
+            finally:
+                con.unregister("_batch_new")
+        entry = Applied(events, tuple(evaluated), offsets, log_id)
+        keyed = events.filter(pc.is_valid(events.column("external_id")))
+        fingerprints, seqs = dedupe.fingerprints(con, keyed)
+        self._staged_keys.add(fingerprints, seqs)
+        self._staged_entries.append(entry)
+        self.stage(lambda: self._applied(entry, fingerprints, seqs))
+
+    def _applied(self, entry: Applied, fingerprints: np.ndarray, seqs: np.ndarray) -> None:
+        self.dedupe.add(fingerprints, seqs)
+        self._offsets.update(((t, p), o) for t, p, o in entry.offsets)
+        for ev in entry.evaluated:
+            self.add_usage(ev)
+        self.memtable.add(entry)
+
+    def add_usage(self, evaluated: Evaluated) -> None:
+        """Fold a batch's ledger usage into the balances (at commit)."""
+        n = evaluated.ledger.num_rows
+        at = pa.array([evaluated.at_us] * n, pa.int64())
+        numbers = evaluated.ledger.append_column("first_us", at).append_column("last_us", at)
+        self.balances.add(evaluated.organization_id, numbers, evaluated.ledger_values)

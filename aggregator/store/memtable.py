@@ -1,0 +1,156 @@
+"""Applied events not yet stored in DuckDB, and the one transaction that stores them.
+
+Applying a batch (dedupe, seqs, every meter's contributions, the balances in memory) is cheap and
+happens as the batch arrives; storing it is not: DuckDB writes a transaction's rows through its
+WAL and compresses them again at the next checkpoint, which holds every other commit, unless a
+transaction appends at least a row group (122,880 rows) of one table, which DuckDB writes
+straight to the file, compressed, with nothing left for the checkpoint. So applied batches wait
+here and are stored together (`store`): their events, their rollup and ledger deltas merged
+across the batches, and where they came from (Kafka offsets, the ingest log's rows), in one
+transaction, exactly once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from aggregator.store import rollups
+from aggregator.store.rollups import Evaluated
+from meters.events import COLUMNS
+
+# Rows DuckDB puts in a row group: an append of at least this many goes straight to the file.
+ROW_GROUP = 122_880
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """One applied batch: its new `events` (as the events table takes them: `COLUMNS`,
+    organization_id, ingested_at, source, seq; in seq order), their meters' contributions, and what
+    storing them settles: Kafka offsets (topic, partition, next offset), the ingest log's rows
+    up to `log_id`."""
+
+    events: pa.Table
+    evaluated: tuple[Evaluated, ...] = ()
+    offsets: tuple[tuple[str, int, int], ...] = ()
+    log_id: int | None = None
+
+
+class Memtable:
+    """The applied batches in order. The writer thread adds (at commit); the flusher takes a
+    prefix, stores it and releases it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: list[Applied] = []
+        self._events = 0
+        self._oldest: float | None = None  # monotonic time of the first entry waiting
+        self.added = 0  # entries ever added (a mark for barriers)
+        self.stored = 0  # entries ever stored
+
+    @property
+    def events(self) -> int:
+        return self._events
+
+    def age(self) -> float:
+        oldest = self._oldest
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
+    def add(self, entry: Applied) -> None:
+        with self._lock:
+            self._entries.append(entry)
+            self._events += entry.events.num_rows
+            self.added += 1
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+
+    def take(self) -> list[Applied]:
+        with self._lock:
+            return list(self._entries)
+
+    def release(self, count: int) -> None:
+        """The first `count` entries are stored."""
+        with self._lock:
+            gone, self._entries = self._entries[:count], self._entries[count:]
+            self._events -= sum(e.events.num_rows for e in gone)
+            self.stored += count
+            self._oldest = time.monotonic() if self._entries else None
+
+
+def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> pa.Table:
+    wanted = pa.array(seqs, pa.int64())
+    found = [
+        e.events.select(["seq", "organization_id", "external_id"]).filter(
+            pc.is_in(e.events.column("seq"), value_set=wanted)
+        )
+        for e in entries
+        if e.events.num_rows
+    ]
+    found = [t for t in found if t.num_rows]
+    if not found:
+        return pa.table(
+            {
+                "seq": pa.array([], pa.int64()),
+                "organization_id": pa.array([], pa.string()),
+                "external_id": pa.array([], pa.string()),
+            }
+        )
+    return pa.concat_tables(found)
+
+
+# The event's columns (`meters.events.COLUMNS`) as the table stores them.
+_CASTS = {"customer_id": "::UUID", "cost_amount": "::DECIMAL(17, 12)"}
+_INSERT_EVENTS = (
+    f"INSERT INTO events (seq, organization_id, ingested_at, {', '.join(COLUMNS.names)})"
+    " SELECT seq, organization_id::UUID, ingested_at,"
+    f" {', '.join(name + _CASTS.get(name, '') for name in COLUMNS.names)} FROM _stored_events"
+)
+
+
+def store(con: duckdb.DuckDBPyConnection, entries: list[Applied]) -> None:
+    """Store `entries` (inside the caller's transaction)."""
+    tables = [e.events for e in entries if e.events.num_rows]
+    if tables:
+        # One contiguous table: DuckDB then appends it as whole row groups (see the module).
+        con.register("_stored_events", pa.concat_tables(tables).combine_chunks())
+        try:
+            con.execute(_INSERT_EVENTS)
+            _record_links(con)
+        finally:
+            con.unregister("_stored_events")
+    rollups.store(con, [ev for e in entries for ev in e.evaluated])
+    offsets = {(t, p): o for e in entries for t, p, o in e.offsets}
+    if offsets:
+        con.executemany(
+            "INSERT INTO kafka_offsets VALUES (?, ?, ?)"
+            " ON CONFLICT DO UPDATE SET next_offset = excluded.next_offset",
+            [[t, p, o] for (t, p), o in offsets.items()],
+        )
+    logged = [e.log_id for e in entries if e.log_id is not None]
+    if logged:
+        con.execute("DELETE FROM ingest_log WHERE id <= ?", [max(logged)])
+
+
+def _record_links(con: duckdb.DuckDBPyConnection) -> None:
+    """Parent child counts and customers' first event times, from `_stored_events`."""
+    con.execute(
+        "INSERT INTO event_children SELECT organization_id::UUID, parent_id, count(*)"
+        " FROM _stored_events WHERE parent_id IS NOT NULL GROUP BY ALL"
+        " ON CONFLICT DO UPDATE SET children = children + excluded.children"
+    )
+    # Subjects are spelled as the readers look them up: 'id:<uuid>' or 'ext:<external id>'.
+    con.execute(
+        "INSERT INTO event_subjects"
+        " SELECT organization_id::UUID,"
+        " CASE WHEN customer_id IS NOT NULL THEN 'id:' || customer_id"
+        " ELSE 'ext:' || external_customer_id END, min(timestamp)"
+        " FROM _stored_events GROUP BY ALL ON CONFLICT DO UPDATE"
+        " SET first_timestamp = least(first_timestamp, excluded.first_timestamp)"
+    )

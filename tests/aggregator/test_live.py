@@ -1,0 +1,176 @@
+"""The store's in-memory half against plain-Python models: which events are new (fingerprints
+that collide on purpose, flushes and restarts at any point), and the ingest log that makes an
+embedded request durable before its events are stored (a crash before the flush)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.store import Store, dedupe
+from aggregator.store.events import IngestJob
+from meters.events import Event, to_table
+from meters.times import now_us
+
+ORGS = [str(uuid.uuid4()) for _ in range(2)]
+# Three fingerprints for every key there is: nearly every key is a candidate, so each answer
+# depends on reading the held event back (from the memtable or from DuckDB) and comparing keys.
+COLLIDING = "(hash(organization_id::UUID::VARCHAR, external_id) % 3)::UBIGINT"
+
+
+def _event(external_id: str | None, tokens: int = 1) -> Event:
+    return Event(
+        name="e",
+        timestamp_us=now_us(),
+        customer_id=None,
+        external_customer_id="c",
+        external_id=external_id,
+        parent_id=None,
+        external_member_id=None,
+        metadata={"tokens": tokens},
+        cost_amount=None,
+    )
+
+
+steps = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("ingest"),
+            st.sampled_from(ORGS),
+            st.lists(st.one_of(st.none(), st.sampled_from("abcdefghij")), max_size=6),
+        ),
+        st.tuples(st.just("flush")),
+        st.tuples(st.just("restart")),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(steps=steps)
+def test_new_events_are_exact_whatever_the_fingerprints(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[object, ...]]
+) -> None:
+    path = tmp_path_factory.mktemp("live") / "m.duckdb"
+
+    async def run() -> tuple[list[tuple[int, int]], int]:
+        results = []
+        store = Store(path, flush_seconds=3600)
+        store.open()
+        try:
+            for step in steps:
+                if step[0] == "ingest":
+                    _, org, keys = step
+                    assert isinstance(org, str) and isinstance(keys, list)
+                    table = to_table([_event(k) for k in keys])
+                    result = await store.write(IngestJob(org, table, now_us(), store.live))
+                    results.append((result.inserted, result.duplicates))
+                elif step[0] == "flush":
+                    await store.read(lambda con: None)
+                else:
+                    store.close()
+                    store = Store(path, flush_seconds=3600)
+                    store.open()
+            count = await store.read(
+                lambda con: con.execute("SELECT count(*) FROM events").fetchall()[0][0]
+            )
+        finally:
+            store.close()
+        return results, int(count)
+
+    seen: set[tuple[str, str]] = set()
+    expected = []
+    for step in steps:
+        if step[0] != "ingest":
+            continue
+        _, org, keys = step
+        assert isinstance(org, str) and isinstance(keys, list)
+        inserted = 0
+        for key in keys:
+            if key is None or (org, key) not in seen:
+                inserted += 1
+                if key is not None:
+                    seen.add((org, key))
+        expected.append((inserted, len(keys) - inserted))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dedupe, "FINGERPRINT", COLLIDING)
+        results, count = asyncio.run(run())
+    assert results == expected
+    assert count == sum(inserted for inserted, _ in expected)
+
+
+# Applies three requests in a process of its own, then dies (SIGKILL) before any flush.
+_CRASHING = """
+import asyncio, os, signal, sys
+from aggregator.store import Store
+from aggregator.store.events import IngestJob
+from aggregator.store.meters import create_job
+from meters.definitions import MeterCreate
+from meters.events import to_table
+from meters.times import now_us
+from tests.aggregator.test_live import METER, _event
+
+async def main(path, org):
+    store = Store(path, flush_seconds=3600)
+    store.open()
+    meter = await store.write(create_job(org, MeterCreate.model_validate(METER), now_us()))
+    for i in range(3):
+        events = [_event(f"k{i}-{j}", tokens=j) for j in range(5)] + [_event(None, 100)]
+        result = await store.write(IngestJob(org, to_table(events), now_us(), store.live))
+        assert (result.inserted, result.duplicates) == (6, 0)
+    assert store.live.memtable.events == 18  # applied, acknowledged, not stored
+    print(meter.id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+METER = {
+    "name": "tokens",
+    "filter": {"conjunction": "and", "clauses": []},
+    "aggregation": {"func": "sum", "property": "tokens"},
+}
+
+
+def test_acknowledged_events_not_yet_stored_are_applied_again_after_a_crash(
+    tmp_path: Path,
+) -> None:
+    """A crash after the ingest log's commit and before the flush: the reopened store holds
+    exactly the acknowledged events, with the seqs they took, their meter's balance included,
+    and takes their external_ids for duplicates."""
+    org = ORGS[0]
+    path = tmp_path / "m.duckdb"
+    crashed = subprocess.run(
+        [sys.executable, "-c", _CRASHING, str(path), org],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    meter_id = crashed.stdout.strip()
+
+    async def reopened() -> None:
+        async with Store(path, flush_seconds=3600) as store:
+            stored = await store.read(
+                lambda con: con.execute("SELECT count(*), sum(seq) FROM events").fetchall()[0]
+            )
+            assert stored == (18, sum(range(1, 19)))  # the same seqs as before the crash
+            logged = await store.read(
+                lambda con: con.execute("SELECT count(*) FROM ingest_log").fetchall()[0][0]
+            )
+            assert logged == 0  # stored, so no longer logged
+            usage = store.live.balances.usage(meter_id, ["ext:c"])
+            assert usage.partial.total == 3 * (0 + 1 + 2 + 3 + 4 + 100)
+            again = [_event(f"k1-{j}") for j in range(5)]
+            result = await store.write(IngestJob(org, to_table(again), now_us(), store.live))
+            assert (result.inserted, result.duplicates) == (0, 5)
+
+    asyncio.run(reopened())
