@@ -124,7 +124,7 @@ class Store:
             max_pending_events=self._max_pending,
         )
         live.load(self._con)
-        self._flusher.idle = live.dedupe.compact
+        self._flusher.idle = live.compact
         self._flusher.start()
         self._writer = Writer(self._con.cursor(), job_bound_seconds=self._job_bound, hooks=live)
         # What the ingest log still holds was acknowledged but not stored: applied again,

@@ -1,7 +1,9 @@
-"""Arrow columns to numpy and back, in one spelling (the in-memory state is numpy)."""
+"""Arrow columns to numpy and back, in one spelling, and the sorted runs that the in-memory
+state keeps its sets in."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -10,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 Column = pa.ChunkedArray | pa.Array  # type: ignore[type-arg]
+I64 = npt.NDArray[np.int64]
 
 
 def numpy(column: Column, dtype: type[Any]) -> npt.NDArray[Any]:
@@ -18,8 +21,81 @@ def numpy(column: Column, dtype: type[Any]) -> npt.NDArray[Any]:
     return np.asarray(array.to_numpy(zero_copy_only=False), dtype=dtype)
 
 
-def encoded(column: Column) -> tuple[list[Any], npt.NDArray[np.int64]]:
+def encoded(column: Column) -> tuple[list[Any], I64]:
     """(the distinct values, each row's position among them)."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     dictionary: Any = pc.dictionary_encode(array)
     return dictionary.dictionary.to_pylist(), numpy(dictionary.indices, np.int64)
+
+
+def merged(
+    a: tuple[npt.NDArray[Any], ...], b: tuple[npt.NDArray[Any], ...]
+) -> tuple[npt.NDArray[Any], ...]:
+    """Two runs, each sorted by its first array (the others ride along), as one: a merge by
+    position, linear, unlike sorting again."""
+    at = np.searchsorted(a[0], b[0], side="right") + np.arange(len(b[0]))
+    from_a = np.ones(len(a[0]) + len(b[0]), dtype=bool)
+    from_a[at] = False
+    out = []
+    for x, y in zip(a, b, strict=True):
+        both = np.empty(len(from_a), x.dtype)
+        both[at] = y
+        both[from_a] = x
+        out.append(both)
+    return tuple(out)
+
+
+class Keys:
+    """A set of int64 keys, as sorted runs merged like an LSM tree: `add` appends a run,
+    `compact` (off the writer's thread) merges a run into the one before it once it is at
+    least half its size, so each key is rewritten O(log n) times. Ranges are read with a
+    binary search per run."""
+
+    def __init__(self) -> None:
+        self._runs: list[I64] = []
+        self._lock = threading.Lock()
+        self._version = 0  # bumped by `drop`: a merge computed before it is thrown away
+
+    @property
+    def nbytes(self) -> int:
+        return sum(run.nbytes for run in self._runs)
+
+    def add(self, keys: I64) -> None:
+        run = np.unique(keys)
+        if len(run):
+            with self._lock:
+                self._runs = [*self._runs, run]
+
+    def between(self, low: int, high: int) -> I64:
+        """Every key in [low, high), once."""
+        found = [run[np.searchsorted(run, low) : np.searchsorted(run, high)] for run in self._runs]
+        found = [f for f in found if len(f)]
+        if len(found) <= 1:
+            return found[0] if found else np.empty(0, np.int64)
+        return np.unique(np.concatenate(found))
+
+    def drop(self, low: int, high: int) -> None:
+        """Remove every key in [low, high)."""
+        with self._lock:
+            self._runs = [
+                np.concatenate(
+                    [run[: np.searchsorted(run, low)], run[np.searchsorted(run, high) :]]
+                )
+                for run in self._runs
+            ]
+            self._runs = [run for run in self._runs if len(run)]
+            self._version += 1
+
+    def compact(self) -> None:
+        runs, version = self._runs, self._version
+        merged_runs = list(runs)
+        while len(merged_runs) > 1 and len(merged_runs[-1]) * 2 >= len(merged_runs[-2]):
+            (both,) = merged((merged_runs[-2],), (merged_runs[-1],))
+            keep = np.ones(len(both), dtype=bool)
+            keep[1:] = both[1:] != both[:-1]
+            merged_runs[-2:] = [both[keep]]
+        if len(merged_runs) == len(runs):
+            return
+        with self._lock:
+            if self._version == version:  # else a drop came in between: merge next time
+                self._runs = merged_runs + self._runs[len(runs) :]

@@ -7,15 +7,17 @@ soon as it is applied, before the events are flushed. Rebuilt from DuckDB at ope
 
 Layout: per organization, each customer reference (`id:<uuid>`, `ext:<external id>`) has a dense
 index; per meter, numpy arrays over those indexes hold the events, sum, min, max and first/last
-change times (48 bytes a customer reference a meter, `BYTES_PER_SLOT`), and unique meters a set
-of values per index. A batch's usage is folded in with a few vectorized operations per meter.
+change times (48 bytes a customer reference a meter, `BYTES_PER_SLOT`). A unique meter holds its
+distinct values as a set of keys (reference index << 32 | value number; 8 bytes a key,
+`BYTES_PER_VALUE`) and a number per distinct value (a dictionary entry each). A batch's usage
+is folded in with a few vectorized operations per meter.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -23,11 +25,15 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store.arrays import Column, encoded, numpy
+from aggregator.store.arrays import Column, Keys, encoded, numpy
 from meters.aggregations import Partial
 
 BYTES_PER_SLOT = 48
+BYTES_PER_VALUE = 8
 _NONE_US = np.iinfo(np.int64).max  # no first change yet (a minimum's identity)
+_VALUE_BITS = 32  # a unique meter's values are numbered below 2**32
+_NUMBERS = ("events", "total", "low", "high", "first_us", "last_us")
+_INTS = ("events", "first_us", "last_us")
 
 
 @dataclass(slots=True)
@@ -41,7 +47,8 @@ class _Usage:
     high: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     first_us: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     last_us: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    values: dict[int, set[str]] = field(default_factory=dict)  # unique meters
+    values: Keys = field(default_factory=Keys)  # unique meters
+    numbers: dict[str, int] = field(default_factory=dict)  # unique meters: value -> number
 
     def fit(self, size: int) -> None:
         """Room for indexes below `size` (doubling, so growth is amortized)."""
@@ -56,6 +63,24 @@ class _Usage:
         self.first_us = np.concatenate([self.first_us, np.full(new - old, _NONE_US)])
         self.last_us = np.concatenate([self.last_us, np.zeros(new - old, np.int64)])
 
+    def add(self, at: npt.NDArray[np.int64], rows: dict[str, npt.NDArray[Any]]) -> None:
+        """Fold in usage rows, at most one per index (what `Balances.add` promises)."""
+        self.fit(int(at.max()) + 1)
+        self.events[at] += rows["events"]
+        self.total[at] += rows["total"]
+        self.low[at] = np.minimum(self.low[at], rows["low"])
+        self.high[at] = np.maximum(self.high[at], rows["high"])
+        self.first_us[at] = np.minimum(self.first_us[at], rows["first_us"])
+        self.last_us[at] = np.maximum(self.last_us[at], rows["last_us"])
+
+    def add_values(self, at: npt.NDArray[np.int64], values: Column) -> None:
+        distinct, codes = encoded(values)
+        numbers = self.numbers
+        known = np.fromiter(
+            (numbers.setdefault(v, len(numbers)) for v in distinct), np.int64, len(distinct)
+        )
+        self.values.add((at << _VALUE_BITS) | known[codes])
+
     def clear(self, indexes: list[int]) -> None:
         at = [i for i in indexes if i < len(self.events)]
         self.events[at] = 0
@@ -65,7 +90,7 @@ class _Usage:
         self.first_us[at] = _NONE_US
         self.last_us[at] = 0
         for i in indexes:
-            self.values.pop(i, None)
+            self.values.drop(i << _VALUE_BITS, (i + 1) << _VALUE_BITS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +125,11 @@ class Balances:
         """Customer-reference slots held over all meters (what `BYTES_PER_SLOT` multiplies)."""
         return sum(len(u.events) for u in self._usage.values())
 
+    @property
+    def values_bytes(self) -> int:
+        """Bytes of unique meters' value keys."""
+        return sum(u.values.nbytes for u in self._usage.values())
+
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
         """Everything DuckDB holds (at open, before any write)."""
         numbers = con.sql(
@@ -122,6 +152,7 @@ class Balances:
                 numbers.filter(pc.equal(numbers.column("organization_id"), org)),
                 values.filter(pc.equal(values.column("organization_id"), org)),
             )
+        self.compact()
         for customer, meter, credited, created, modified in con.execute(
             "SELECT customer_id::VARCHAR, meter_id::VARCHAR, credited, epoch_us(created_at),"
             " epoch_us(modified_at) FROM customer_meters"
@@ -130,24 +161,27 @@ class Balances:
 
     def add(self, organization_id: str, numbers: pa.Table, values: pa.Table) -> None:
         """Fold in usage: `numbers` (meter_id, subject, events, total, low, high, first_us,
-        last_us), `values` (meter_id, subject, value) of unique meters."""
+        last_us; at most one row per meter and subject), `values` (meter_id, subject, value)
+        of unique meters."""
         with self.lock:
             index = self._subjects.setdefault(organization_id, {})
-            for meter_id, at, rows in _by_meter(numbers, index):
-                usage = self._meter(meter_id, organization_id)
-                usage.fit(int(at.max()) + 1)
-                np.add.at(usage.events, at, rows["events"])
-                np.add.at(usage.total, at, rows["total"])
-                np.minimum.at(usage.low, at, rows["low"])
-                np.maximum.at(usage.high, at, rows["high"])
-                np.minimum.at(usage.first_us, at, rows["first_us"])
-                np.maximum.at(usage.last_us, at, rows["last_us"])
+            if numbers.num_rows:
+                columns = {
+                    name: numpy(numbers.column(name), np.int64 if name in _INTS else np.float64)
+                    for name in _NUMBERS
+                }
+                for meter_id, rows, at in _per_meter(numbers, index):
+                    usage = self._meter(meter_id, organization_id)
+                    usage.add(at, {name: column[rows] for name, column in columns.items()})
             if values.num_rows:
-                refs = _indexes(index, values.column("subject"))
-                meter_ids = cast(list[str], values.column("meter_id").to_pylist())
-                held = cast(list[str], values.column("value").to_pylist())
-                for meter_id, at, value in zip(meter_ids, refs.tolist(), held, strict=True):
-                    self._meter(meter_id, organization_id).values.setdefault(at, set()).add(value)
+                for meter_id, rows, at in _per_meter(values, index):
+                    usage = self._meter(meter_id, organization_id)
+                    usage.add_values(at, values.column("value").take(rows))
+
+    def compact(self) -> None:
+        """Merge unique meters' runs of value keys (off the writer's thread)."""
+        for usage in list(self._usage.values()):
+            usage.values.compact()
 
     def _meter(self, meter_id: str, organization_id: str) -> _Usage:
         usage = self._usage.get(meter_id)
@@ -188,7 +222,8 @@ class Balances:
                 i = index.get(subject)
                 if usage is None or i is None:
                     continue
-                partial.values |= usage.values.get(i, set())
+                keys = usage.values.between(i << _VALUE_BITS, (i + 1) << _VALUE_BITS)
+                partial.values.update((keys & ((1 << _VALUE_BITS) - 1)).tolist())
                 if i >= len(usage.events) or usage.events[i] == 0:
                     continue
                 partial.add(
@@ -203,6 +238,21 @@ class Balances:
         return Usage(partial, first, last)
 
 
+def _per_meter(
+    table: pa.Table, index: dict[str, int]
+) -> list[tuple[str, npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+    """`table`'s rows per meter: (meter id, the rows, each row's subject index)."""
+    refs = _indexes(index, table.column("subject"))
+    meters, codes = encoded(table.column("meter_id"))
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(meters) + 1))
+    out = []
+    for code, meter_id in enumerate(meters):
+        rows = order[bounds[code] : bounds[code + 1]]
+        out.append((meter_id, rows, refs[rows]))
+    return out
+
+
 def _indexes(index: dict[str, int], subjects: Column) -> npt.NDArray[np.int64]:
     """Each subject's dense index, new ones numbered as they come (one dictionary lookup per
     distinct subject, not per row)."""
@@ -211,25 +261,3 @@ def _indexes(index: dict[str, int], subjects: Column) -> npt.NDArray[np.int64]:
         (index.setdefault(s, len(index)) for s in distinct), np.int64, len(distinct)
     )
     return known[codes]
-
-
-def _by_meter(
-    numbers: pa.Table, index: dict[str, int]
-) -> list[tuple[str, npt.NDArray[np.int64], dict[str, npt.NDArray[Any]]]]:
-    """`numbers`' rows per meter: (meter id, each row's subject index, numpy columns)."""
-    if not numbers.num_rows:
-        return []
-    refs = _indexes(index, numbers.column("subject"))
-    meters, codes = encoded(numbers.column("meter_id"))
-    columns = {
-        name: numpy(numbers.column(name), np.int64 if name in _INTS else np.float64)
-        for name in ("events", "total", "low", "high", "first_us", "last_us")
-    }
-    out = []
-    for code, meter_id in enumerate(meters):
-        rows = np.flatnonzero(codes == code)
-        out.append((meter_id, refs[rows], {k: v[rows] for k, v in columns.items()}))
-    return out
-
-
-_INTS = ("events", "first_us", "last_us")

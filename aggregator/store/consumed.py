@@ -47,13 +47,10 @@ class ConsumedBatch:
                 raise OffsetGap(
                     f"{self.topic}[{partition}] starts at {first}, applied {applied[partition]}"
                 )
-        keep = self.live.new_rows(con, self.events)
-        new = with_source(self.events.filter(keep))
-        first = self.live.seq.reserve(new.num_rows)
-        new = new.append_column("seq", pa.array(range(first, first + new.num_rows), pa.int64()))
+        admitted = self.live.admit(con, with_source(self.events))
         offsets = tuple((self.topic, p, o) for p, (_, o) in self.offsets.items())
-        self.live.apply(con, new, offsets=offsets)
-        return new.num_rows
+        self.live.apply(con, admitted.events, fingerprints=admitted.fingerprints, offsets=offsets)
+        return admitted.events.num_rows
 
 
 def stored_offsets(con: duckdb.DuckDBPyConnection, topic: str) -> dict[int, int]:

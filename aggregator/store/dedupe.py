@@ -15,7 +15,9 @@ event. Only true duplicates and collisions pay for that read.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable
+from typing import cast
 
 import duckdb
 import numpy as np
@@ -23,12 +25,14 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aggregator.store import arrays
 from aggregator.store.arrays import Column, numpy
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
-# (seq, organization_id, external_id) of the given seqs, from events not yet in DuckDB.
-Unflushed = Callable[[I64], pa.Table]
+# {seq: (organization_id, external_id)} of those of the given seqs that are in events not yet
+# in DuckDB.
+Unflushed = Callable[[I64], dict[int, tuple[str, str]]]
 # The fingerprint of a key, as SQL over columns `organization_id` (text) and `external_id`. The
 # organization is spelled as its UUID's canonical text on both sides (batches and the table).
 FINGERPRINT = "hash(organization_id::UUID::VARCHAR, external_id)"
@@ -74,7 +78,7 @@ class Dedupe:
         runs = self._runs
         merged = list(runs)
         while len(merged) > 1 and len(merged[-1][0]) * 2 >= len(merged[-2][0]):
-            merged[-2:] = [_merged(merged[-2], merged[-1])]
+            merged[-2:] = [cast(tuple[U64, I64], arrays.merged(merged[-2], merged[-1]))]
         if len(merged) == len(runs):
             return
         with self._lock:
@@ -101,18 +105,6 @@ class Dedupe:
         return np.concatenate(positions), np.concatenate(seqs)
 
 
-def _merged(a: tuple[U64, I64], b: tuple[U64, I64]) -> tuple[U64, I64]:
-    """Two sorted runs as one (a merge by position: linear, unlike sorting again)."""
-    at = np.searchsorted(a[0], b[0], side="right") + np.arange(len(b[0]))
-    from_a = np.ones(len(a[0]) + len(b[0]), dtype=bool)
-    from_a[at] = False
-    fps = np.empty(len(from_a), np.uint64)
-    seqs = np.empty(len(from_a), np.int64)
-    fps[at], seqs[at] = b
-    fps[from_a], seqs[from_a] = a
-    return fps, seqs
-
-
 def new_rows(
     con: duckdb.DuckDBPyConnection,
     verify: duckdb.DuckDBPyConnection,
@@ -126,27 +118,29 @@ def new_rows(
 
     `stores` are searched for held keys (the committed set, and keys staged by the transaction
     in progress); candidates are read back from `unflushed` or, through `verify` (a cursor of
-    its own, so that it sees every flush committed so far), from DuckDB."""
+    its own, so that it sees every flush committed so far), from DuckDB. Keys are compared
+    exactly only where fingerprints meet (duplicates, and collisions)."""
     n = batch.num_rows
-    keyed = pc.is_valid(batch.column("external_id"))
     con.register("_dedupe_batch", batch.select(["organization_id", "external_id"]))
     try:
-        keys = con.sql(
-            f"SELECT coalesce({FINGERPRINT}, 0::UBIGINT) AS fp,"
-            " organization_id::UUID::VARCHAR AS organization_id, external_id FROM _dedupe_batch"
-        ).to_arrow_table()
+        fps = _u64(
+            con.sql(f"SELECT coalesce({FINGERPRINT}, 0::UBIGINT) AS fp FROM _dedupe_batch")
+            .to_arrow_table()
+            .column("fp")
+        )
     finally:
         con.unregister("_dedupe_batch")
-    fps = _u64(keys.column("fp"))
-    first = _first_in_batch(keys)
-    keyed_rows = np.flatnonzero(_np_bool(keyed))
+    keyed = _np_bool(pc.is_valid(batch.column("external_id")))
+    keyed_rows = np.flatnonzero(keyed)
+    keys = _Keys(batch)
+    first = _first_in_batch(keys, fps, keyed_rows)
     candidates = [store.held(fps[keyed_rows]) for store in stores]
     positions = keyed_rows[np.concatenate([c[0] for c in candidates])]
     stored = np.zeros(n, dtype=bool)
     if len(positions):
         seqs = np.concatenate([c[1] for c in candidates])
         stored[_confirmed(verify, keys, positions, seqs, unflushed)] = True
-    keep = np.logical_or(~_np_bool(keyed), np.logical_and(first, ~stored))
+    keep = np.logical_or(~keyed, np.logical_and(first, ~stored))
     return pa.array(keep, pa.bool_()), fps
 
 
@@ -163,69 +157,73 @@ def fingerprints(con: duckdb.DuckDBPyConnection, keyed: pa.Table) -> tuple[U64, 
     return _u64(fps.column("fp")), _i64(keyed.column("seq"))
 
 
-def _first_in_batch(batch: pa.Table) -> npt.NDArray[np.bool_]:
+class _Keys:
+    """A batch's exact keys, read only for the rows that need them: (organization as its
+    UUID's canonical text, external_id)."""
+
+    def __init__(self, batch: pa.Table) -> None:
+        self._batch = batch
+        self._canonical: dict[str, str] = {}
+
+    def of(self, rows: I64) -> list[tuple[str, str]]:
+        at = pa.array(rows, pa.int64())
+        orgs = cast(list[str], self._batch.column("organization_id").take(at).to_pylist())
+        ids = cast(list[str], self._batch.column("external_id").take(at).to_pylist())
+        return [(self.canonical(o), e) for o, e in zip(orgs, ids, strict=True)]
+
+    def canonical(self, organization_id: str) -> str:
+        found = self._canonical.get(organization_id)
+        if found is None:
+            found = self._canonical[organization_id] = str(uuid.UUID(organization_id))
+        return found
+
+
+def _first_in_batch(keys: _Keys, fps: U64, keyed_rows: I64) -> npt.NDArray[np.bool_]:
     """True for each keyed row that is the first of its (organization, external_id) in the
-    batch (exact: keys are compared, not fingerprints)."""
-    keys = pa.table(
-        {
-            "o": batch.column("organization_id"),
-            "e": batch.column("external_id"),
-            "i": pa.array(np.arange(batch.num_rows, dtype=np.int64)),
-        }
-    ).filter(pc.is_valid(batch.column("external_id")))
-    firsts = keys.group_by(["o", "e"], use_threads=False).aggregate([("i", "min")])
-    out = np.zeros(batch.num_rows, dtype=bool)
-    out[_i64(firsts.column("i_min"))] = True
-    return out
+    batch: by fingerprint, and where rows share one, by their keys."""
+    first = np.zeros(len(fps), dtype=bool)
+    order = keyed_rows[np.argsort(fps[keyed_rows], kind="stable")]  # stable: earliest first
+    ordered = fps[order]
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    first[order[starts]] = True
+    shared = ~starts
+    shared[:-1] |= ~starts[1:]  # every row of a fingerprint that more than one row has
+    rows = np.sort(order[shared])
+    if len(rows):
+        first[rows] = False
+        seen: set[tuple[str, str]] = set()
+        for row, key in zip(rows.tolist(), keys.of(rows), strict=True):
+            if key not in seen:
+                seen.add(key)
+                first[row] = True
+    return first
 
 
 def _confirmed(
     verify: duckdb.DuckDBPyConnection,
-    batch: pa.Table,
+    keys: _Keys,
     positions: I64,
     seqs: I64,
     unflushed: Unflushed,
 ) -> I64:
-    """The positions whose key (`batch`: canonical organization_id, external_id) is the key of
-    the event stored with the paired seq."""
+    """The positions whose key is the key of the event stored with the paired seq."""
     wanted = np.unique(seqs)
-    found = unflushed(wanted)
-    missing = np.setdiff1d(wanted, _i64(found.column("seq")), assume_unique=True)
-    if len(missing):
+    stored = unflushed(wanted)
+    missing = [seq for seq in wanted.tolist() if seq not in stored]
+    if missing:
         rows = verify.execute(
-            "SELECT seq, organization_id::VARCHAR AS organization_id, external_id FROM events"
+            "SELECT seq, organization_id::VARCHAR, external_id FROM events"
             " WHERE seq IN (SELECT unnest(?::BIGINT[]))",
-            [missing.tolist()],
+            [missing],
         ).fetchall()
-        found = pa.concat_tables(
-            [
-                found.select(["seq", "organization_id", "external_id"]),
-                pa.table(
-                    {
-                        "seq": pa.array([r[0] for r in rows], pa.int64()),
-                        "organization_id": pa.array([r[1] for r in rows], pa.string()),
-                        "external_id": pa.array([r[2] for r in rows], pa.string()),
-                    }
-                ),
-            ]
-        )
-    stored = {
-        seq: (org, external_id)
-        for seq, org, external_id in zip(
-            found.column("seq").to_pylist(),
-            found.column("organization_id").to_pylist(),
-            found.column("external_id").to_pylist(),
-            strict=True,
-        )
-    }
-    at = pa.array(positions, pa.int64())
-    orgs = batch.column("organization_id").take(at).to_pylist()
-    ids = batch.column("external_id").take(at).to_pylist()
+        stored.update((seq, (org, external_id)) for seq, org, external_id in rows)
     same = [
-        stored.get(int(seq)) == (org, external_id)
-        for seq, org, external_id in zip(seqs.tolist(), orgs, ids, strict=True)
+        (seq in stored and (keys.canonical(stored[seq][0]), stored[seq][1]) == key)
+        for seq, key in zip(seqs.tolist(), keys.of(positions), strict=True)
     ]
-    return positions[np.array(same, dtype=bool)] if same else positions[:0]
+    kept: I64 = positions[np.array(same, dtype=bool)]
+    return kept
 
 
 def _u64(column: Column) -> U64:

@@ -51,10 +51,9 @@ class IngestJob(Batchable[IngestResult]):
             batch = pa.concat_tables(
                 [with_origin(j.events, j.organization_id, j.ingested_at_us) for j in accepted]
             )
-            keep = live.new_rows(con, batch)
-            new = batch.filter(keep)
-            first = live.seq.reserve(new.num_rows)
-            new = new.append_column("seq", pa.array(range(first, first + new.num_rows), pa.int64()))
+            admitted = live.admit(con, batch)
+            keep = admitted.keep
+            first = admitted.first_seq
             logged: list[ingest_log.Logged] = []
             offset = 0
             for job in accepted:
@@ -78,7 +77,12 @@ class IngestJob(Batchable[IngestResult]):
                 offset += job.events.num_rows
             if logged:
                 ingest_log.append(con, logged)
-            live.apply(con, new, log_id=logged[-1].id if logged else None)
+            live.apply(
+                con,
+                admitted.events,
+                fingerprints=admitted.fingerprints,
+                log_id=logged[-1].id if logged else None,
+            )
         return [
             (False, rejections[job])
             if job in rejections

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import duckdb
 import numpy as np
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store import dedupe
+from aggregator.store.arrays import numpy
 from aggregator.store.balances import Balances
 from aggregator.store.dedupe import Dedupe
 from aggregator.store.flusher import Flusher
@@ -30,6 +32,17 @@ from aggregator.store.rollups import Evaluated
 from meters.times import now_us
 
 Effect = Callable[[], object]
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A batch's new events: `keep` (per row of the batch), the new rows with their seqs
+    (`events`, seqs from `first_seq` on), and the rows' fingerprints (0: no external_id)."""
+
+    keep: pa.BooleanArray
+    events: pa.Table
+    first_seq: int
+    fingerprints: dedupe.U64
 
 
 class SequenceCounter:
@@ -82,6 +95,11 @@ class Live:
         self._staged_keys = Dedupe()
         self._staged_entries: list[Applied] = []
 
+    def compact(self) -> None:
+        """Merge the sorted runs of the sets held (off the writer's thread)."""
+        self.dedupe.compact()
+        self.balances.compact()
+
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
         self.dedupe.load(con)
         self.balances.load(con)
@@ -124,12 +142,18 @@ class Live:
         """Run `effect` once the transaction commits."""
         self._staged.append(effect)
 
-    def new_rows(self, con: duckdb.DuckDBPyConnection, batch: pa.Table) -> pa.BooleanArray:
-        """Which rows of `batch` (organization_id, external_id, in order) are new events."""
-        keep, _ = dedupe.new_rows(
+    def admit(self, con: duckdb.DuckDBPyConnection, batch: pa.Table) -> Admitted:
+        """The new events of `batch` (`Applied.events`' columns but seq, in order), with the
+        seqs they take."""
+        keep, fingerprints = dedupe.new_rows(
             con, self._verify, batch, [self.dedupe, self._staged_keys], self._unflushed
         )
-        return keep
+        mask = numpy(keep, np.bool_)
+        new = batch if mask.all() else batch.filter(keep)
+        first = self.seq.reserve(new.num_rows)
+        seqs = np.arange(first, first + new.num_rows, dtype=np.int64)
+        events = new.append_column("seq", pa.array(seqs))
+        return Admitted(keep, events, first, fingerprints[mask])
 
     def applied_offsets(self, topic: str) -> dict[int, int]:
         """The next offset of each partition of `topic` as applied so far, stored or not (this
@@ -148,7 +172,7 @@ class Live:
 
         self.stage(held)
 
-    def _unflushed(self, seqs: np.ndarray) -> pa.Table:
+    def _unflushed(self, seqs: dedupe.I64) -> dict[int, tuple[str, str]]:
         return keys_of(self.memtable.take() + self._staged_entries, seqs)
 
     def apply(
@@ -156,12 +180,13 @@ class Live:
         con: duckdb.DuckDBPyConnection,
         events: pa.Table,
         *,
+        fingerprints: dedupe.U64 | None = None,
         offsets: tuple[tuple[str, int, int], ...] = (),
         log_id: int | None = None,
     ) -> None:
         """Apply new `events` (`Applied.events`' columns): every meter of their organizations
         evaluated now, the balances and the stored keys updated at commit, the batch queued to
-        be stored."""
+        be stored. `fingerprints` of the rows (`Admitted`'s), if known."""
         at_us = now_us()
         evaluated: list[Evaluated] = []
         if events.num_rows:
@@ -186,11 +211,15 @@ class Live:
             finally:
                 con.unregister("_batch_new")
         entry = Applied(events, tuple(evaluated), offsets, log_id)
-        keyed = events.filter(pc.is_valid(events.column("external_id")))
-        fingerprints, seqs = dedupe.fingerprints(con, keyed)
-        self._staged_keys.add(fingerprints, seqs)
+        keyed = pc.is_valid(events.column("external_id"))
+        if fingerprints is None:
+            held, seqs = dedupe.fingerprints(con, events.filter(keyed))
+        else:
+            mask = numpy(keyed, np.bool_)
+            held, seqs = fingerprints[mask], numpy(events.column("seq"), np.int64)[mask]
+        self._staged_keys.add(held, seqs)
         self._staged_entries.append(entry)
-        self.stage(lambda: self._applied(entry, fingerprints, seqs))
+        self.stage(lambda: self._applied(entry, held, seqs))
 
     def _applied(self, entry: Applied, fingerprints: np.ndarray, seqs: np.ndarray) -> None:
         self.dedupe.add(fingerprints, seqs)
@@ -202,6 +231,6 @@ class Live:
     def add_usage(self, evaluated: Evaluated) -> None:
         """Fold a batch's ledger usage into the balances (at commit)."""
         n = evaluated.ledger.num_rows
-        at = pa.array([evaluated.at_us] * n, pa.int64())
+        at = pa.array(np.full(n, evaluated.at_us, dtype=np.int64))
         numbers = evaluated.ledger.append_column("first_us", at).append_column("last_us", at)
         self.balances.add(evaluated.organization_id, numbers, evaluated.ledger_values)

@@ -20,7 +20,6 @@ import duckdb
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from aggregator.store import rollups
 from aggregator.store.rollups import Evaluated
@@ -64,6 +63,9 @@ class Memtable:
         return 0.0 if oldest is None else time.monotonic() - oldest
 
     def add(self, entry: Applied) -> None:
+        seqs = entry.events.column("seq")
+        n = entry.events.num_rows
+        assert not n or seqs[n - 1].as_py() - seqs[0].as_py() == n - 1, "seqs not consecutive"
         with self._lock:
             self._entries.append(entry)
             self._events += entry.events.num_rows
@@ -84,25 +86,33 @@ class Memtable:
             self._oldest = time.monotonic() if self._entries else None
 
 
-def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> pa.Table:
-    wanted = pa.array(seqs, pa.int64())
-    found = [
-        e.events.select(["seq", "organization_id", "external_id"]).filter(
-            pc.is_in(e.events.column("seq"), value_set=wanted)
+def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> dict[int, tuple[str, str]]:
+    """{seq: (organization_id, external_id)} of the events with these seqs among `entries`
+    (each entry's seqs are consecutive: a binary search finds the entry, the seq the row)."""
+    held = [e for e in entries if e.events.num_rows]
+    if not held:
+        return {}
+    firsts = np.array([e.events.column("seq")[0].as_py() for e in held], np.int64)
+    at = np.searchsorted(firsts, seqs, side="right") - 1
+    found: dict[int, tuple[str, str]] = {}
+    for i in np.unique(at[at >= 0]).tolist():
+        events = held[i].events
+        mine = seqs[at == i]
+        rows = mine - firsts[i]
+        mine, rows = mine[rows < events.num_rows], rows[rows < events.num_rows]
+        taken = events.select(["organization_id", "external_id"]).take(pa.array(rows))
+        found.update(
+            zip(
+                mine.tolist(),
+                zip(
+                    taken.column("organization_id").to_pylist(),
+                    taken.column("external_id").to_pylist(),
+                    strict=True,
+                ),
+                strict=True,
+            )
         )
-        for e in entries
-        if e.events.num_rows
-    ]
-    found = [t for t in found if t.num_rows]
-    if not found:
-        return pa.table(
-            {
-                "seq": pa.array([], pa.int64()),
-                "organization_id": pa.array([], pa.string()),
-                "external_id": pa.array([], pa.string()),
-            }
-        )
-    return pa.concat_tables(found)
+    return found
 
 
 # The event's columns (`meters.events.COLUMNS`) as the table stores them.
