@@ -18,6 +18,7 @@ from aggregator.store import customers as customer_sql
 from aggregator.store import ledger as sql
 from aggregator.store import plans as plan_sql
 from aggregator.store.balances import Balances
+from aggregator.store.live import Live
 from aggregator.store.meters import get_meter
 from ingest.http.responses import JSON
 from meters.customers import parse_model
@@ -115,24 +116,25 @@ def _plan(plan: plan_sql.PlanRow) -> dict[str, Any]:
 
 def check_balance(
     con: Con,
-    balances: Balances,
+    live: Live,
     org: str,
     meter_id: str,
     customer_id: str | None,
     external_customer_id: str | None,
     units: float,
 ) -> dict[str, Any]:
-    """May the customer use `units` more of the meter? The customer and the meter read, the
-    balance from memory."""
+    """May the customer use `units` more of the meter? From memory (`live`): DuckDB is read
+    only for a customer or meter not held yet."""
+    catalog = live.catalog
     customer = (
-        customer_sql.get_customer(con, org, customer_id)
+        catalog.customer(con, org, customer_id)
         if customer_id
-        else customer_sql.get_customer_by_external_id(con, org, external_customer_id or "")
+        else catalog.customer_by_external_id(con, org, external_customer_id or "")
     )
-    meter = get_meter(con, org, meter_id)
+    meter = catalog.meter(con, org, meter_id)
     if customer is None or meter is None:
         raise NotFound("Customer or meter not found")
-    cm = sql.held_customer_meter(balances, customer, meter)
+    cm = sql.held_customer_meter(live.balances, customer, meter)
     return {
         "allowed": cm.balance - units >= 0,
         "units": units,
@@ -216,7 +218,7 @@ def routes(ctx: ApiContext) -> list[Route]:
 
         return JSON(
             await store.read_now(
-                check_balance, balances, org, meter_id, customer_id, external, units
+                check_balance, store.live, org, meter_id, customer_id, external, units
             )
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 import orjson
@@ -38,7 +38,14 @@ class CustomerRow:
     modified_at_us: int | None
 
 
-def subjects(customer: CustomerRow) -> list[str]:
+class _Named(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def external_id(self) -> str | None: ...
+
+
+def subjects(customer: _Named) -> list[str]:
     """How events name the customer, as rollups, the ledger and first-event times spell it:
     'id:<uuid>' and, when it has one, 'ext:<external id>'."""
     return [f"id:{customer.id}"] + ([f"ext:{customer.external_id}"] if customer.external_id else [])

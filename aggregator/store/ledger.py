@@ -33,6 +33,7 @@ from meters.aggregations import Partial
 
 if TYPE_CHECKING:
     from aggregator.store.balances import Balances
+    from aggregator.store.catalog import CustomerKey
     from aggregator.store.live import Live
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger import CreditCreate, Credits, PlanCreate, ResetCreate
@@ -337,7 +338,7 @@ def customer_meter(con: Con, customer: CustomerRow, meter: MeterRow) -> Customer
 
 
 def held_customer_meter(
-    balances: Balances, customer: CustomerRow, meter: MeterRow
+    balances: Balances, customer: CustomerRow | CustomerKey, meter: MeterRow
 ) -> CustomerMeter:
     """`customer_meter`, from the balances in memory (no statement)."""
     usage = balances.usage(meter.id, subjects(customer))

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from aggregator.store import dedupe
 from aggregator.store.arrays import numpy
 from aggregator.store.balances import Balances
+from aggregator.store.catalog import Catalog
 from aggregator.store.dedupe import Dedupe
 from aggregator.store.flusher import Flusher
 from aggregator.store.memtable import Applied, Memtable, keys_of
@@ -86,6 +87,7 @@ class Live:
         self.memtable = memtable
         self.dedupe = Dedupe()
         self.balances = Balances()
+        self.catalog = Catalog()
         self._verify = verify
         self._max_pending = max_pending_events
         # The next offset applied per (topic, partition), stored or not: what a consumed batch
@@ -103,6 +105,7 @@ class Live:
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
         self.dedupe.load(con)
         self.balances.load(con)
+        self.catalog.load(con)
         rows = con.execute("SELECT topic, partition, next_offset FROM kafka_offsets").fetchall()
         self._offsets = {(str(t), int(p)): int(o) for t, p, o in rows}
 

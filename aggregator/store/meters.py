@@ -196,6 +196,7 @@ def update_job(
             " WHERE organization_id = ? AND id = ?::UUID",
             [*columns.values(), now_us, *extra_params, organization_id, meter_id],
         )
+        live.stage(lambda: live.catalog.forget_meter(meter_id))
         return _found(con, organization_id, meter_id)
 
     return job

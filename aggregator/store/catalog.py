@@ -1,0 +1,110 @@
+"""What a balance check reads besides the balances: its customer and its meter, held in memory
+(here every DuckDB statement costs 0.5–2 ms, more than the whole check may take).
+
+Customers are held as keys (id, organization, external id), loaded at open up to
+`max_customers` (the rest are cached as they are looked up, within the same bound). A held key
+stays right: a customer's id never changes and its external id is set at most once, so a
+customer without one is not held (it may get one). Meters are cached as they are looked up; a
+job that redefines a meter forgets it at commit (`forget_meter`). A miss reads DuckDB.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple
+
+import duckdb
+
+from aggregator.store.meters import MeterRow, get_meter
+
+# Measured: Python objects and dictionary entries of one held customer (see the README).
+BYTES_PER_CUSTOMER = 400
+
+
+class CustomerKey(NamedTuple):
+    id: str
+    organization_id: str
+    external_id: str | None
+
+
+class Catalog:
+    def __init__(self, max_customers: int = 1_000_000) -> None:
+        self._max = max_customers
+        self._lock = threading.Lock()
+        self._by_id: dict[str, CustomerKey] = {}
+        self._by_external_id: dict[tuple[str, str], CustomerKey] = {}
+        self._meters: dict[str, MeterRow] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def load(self, con: duckdb.DuckDBPyConnection) -> None:
+        rows = con.execute(
+            "SELECT id::VARCHAR, organization_id::VARCHAR, external_id FROM customers"
+            " WHERE external_id IS NOT NULL ORDER BY created_at DESC LIMIT ?",
+            [self._max],
+        ).fetchall()
+        organizations: dict[str, str] = {}  # one string per organization, not one per row
+        for customer_id, org, external_id in rows:
+            self._hold(CustomerKey(customer_id, organizations.setdefault(org, org), external_id))
+
+    def customer(
+        self, con: duckdb.DuckDBPyConnection, organization_id: str, customer_id: str
+    ) -> CustomerKey | None:
+        held = self._by_id.get(customer_id)
+        if held is not None:
+            return held if held.organization_id == organization_id else None
+        return self._read(
+            con,
+            "organization_id = ? AND id = TRY_CAST(? AS UUID)",
+            [organization_id, customer_id],
+        )
+
+    def customer_by_external_id(
+        self, con: duckdb.DuckDBPyConnection, organization_id: str, external_id: str
+    ) -> CustomerKey | None:
+        held = self._by_external_id.get((organization_id, external_id))
+        if held is not None:
+            return held
+        return self._read(
+            con, "organization_id = ? AND external_id = ?", [organization_id, external_id]
+        )
+
+    def meter(
+        self, con: duckdb.DuckDBPyConnection, organization_id: str, meter_id: str
+    ) -> MeterRow | None:
+        held = self._meters.get(meter_id)
+        if held is not None:
+            return held if held.organization_id == organization_id else None
+        found = get_meter(con, organization_id, meter_id)
+        if found is not None:
+            with self._lock:
+                self._meters[meter_id] = found
+        return found
+
+    def forget_meter(self, meter_id: str) -> None:
+        with self._lock:
+            self._meters.pop(meter_id, None)
+
+    def _read(
+        self, con: duckdb.DuckDBPyConnection, where: str, params: list[object]
+    ) -> CustomerKey | None:
+        rows = con.execute(
+            f"SELECT id::VARCHAR, organization_id::VARCHAR, external_id FROM customers"
+            f" WHERE {where}",
+            params,
+        ).fetchall()
+        if not rows:
+            return None
+        found = CustomerKey(*rows[0])
+        if found.external_id is not None:
+            self._hold(found)
+        return found
+
+    def _hold(self, customer: CustomerKey) -> None:
+        assert customer.external_id is not None
+        with self._lock:
+            if len(self._by_id) >= self._max and customer.id not in self._by_id:
+                return
+            self._by_id[customer.id] = customer
+            self._by_external_id[(customer.organization_id, customer.external_id)] = customer

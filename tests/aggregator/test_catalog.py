@@ -1,0 +1,121 @@
+"""The balance check reads its customer and meter from memory (`store.catalog`): what it holds
+must never answer differently from DuckDB, whatever changed since it was read."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aggregator.api.ledger import check_balance
+from aggregator.errors import NotFound
+from aggregator.store import Store
+from aggregator.store.customers import create_job as create_customer
+from aggregator.store.customers import update_job as update_customer
+from aggregator.store.events import IngestJob
+from aggregator.store.meters import backfill_step_job, create_job, update_job
+from meters.customers import CustomerCreate, CustomerUpdate
+from meters.definitions import MeterCreate, MeterUpdate
+from meters.events import Event, to_table
+from meters.times import now_us
+
+ORG = str(uuid.uuid4())
+OTHER_ORG = str(uuid.uuid4())
+
+
+def _use(tokens: int, *, customer_id: str | None = None, external: str | None = None) -> Event:
+    return Event(
+        name="use",
+        timestamp_us=now_us(),
+        customer_id=customer_id,
+        external_customer_id=external,
+        external_id=None,
+        parent_id=None,
+        external_member_id=None,
+        metadata={"tokens": tokens},
+        cost_amount=None,
+    )
+
+
+async def _check(store: Store, meter_id: str, **customer: str) -> dict[str, Any]:
+    return await store.read_now(
+        check_balance,
+        store.live,
+        ORG,
+        meter_id,
+        customer.get("customer_id"),
+        customer.get("external_customer_id"),
+        0.0,
+    )
+
+
+def test_the_check_follows_redefinitions_and_late_external_ids(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        path = tmp_path / "m.duckdb"
+        async with Store(path) as store:
+            meter = await store.write(
+                create_job(
+                    ORG,
+                    MeterCreate.model_validate(
+                        {
+                            "name": "tokens",
+                            "filter": {"conjunction": "and", "clauses": []},
+                            "aggregation": {"func": "sum", "property": "tokens"},
+                        }
+                    ),
+                    now_us(),
+                )
+            )
+            held = await store.write(
+                create_customer(ORG, CustomerCreate(email="a@b.io", external_id="acme"), now_us())
+            )
+            plain = await store.write(
+                create_customer(ORG, CustomerCreate(email="p@b.io"), now_us())
+            )
+        # Reopened: `acme` is held from the start; `plain` (no external id yet) is not.
+        async with Store(path) as store:
+            events = [_use(5, external="acme"), _use(7, external="acme"), _use(2, external="late")]
+            await store.write(IngestJob(ORG, to_table(events), now_us(), store.live))
+            await store.write(
+                IngestJob(ORG, to_table([_use(1, customer_id=plain.id)]), now_us(), store.live)
+            )
+            assert (await _check(store, meter.id, external_customer_id="acme"))[
+                "consumed_units"
+            ] == 12
+            assert (await _check(store, meter.id, customer_id=held.id))["consumed_units"] == 12
+            assert (await _check(store, meter.id, customer_id=plain.id))["consumed_units"] == 1
+
+            # Its external id, set after it was first checked, brings that usage in.
+            update = CustomerUpdate.model_validate({"external_id": "late"})
+            await store.write(update_customer(ORG, plain.id, update, now_us()))
+            assert (await _check(store, meter.id, customer_id=plain.id))["consumed_units"] == 3
+            assert (await _check(store, meter.id, external_customer_id="late"))[
+                "consumed_units"
+            ] == 3
+
+            # A redefinition: the check counts with the new aggregation once it is rebuilt.
+            redefine = MeterUpdate.model_validate(
+                {"aggregation": {"func": "max", "property": "tokens"}}
+            )
+            redefined = await store.write(update_job(ORG, meter.id, redefine, now_us(), store.live))
+            step = backfill_step_job(meter.id, redefined.version, 1000, store.live)
+            while (progress := await store.write(step)) and progress[0] < progress[1]:
+                pass
+            assert (await _check(store, meter.id, external_customer_id="acme"))[
+                "consumed_units"
+            ] == 7
+
+            # Another organization's ids are not found, held or not.
+            with pytest.raises(NotFound):
+                await store.read_now(
+                    check_balance, store.live, OTHER_ORG, meter.id, held.id, None, 0.0
+                )
+            with pytest.raises(NotFound):
+                await store.read_now(
+                    check_balance, store.live, OTHER_ORG, meter.id, None, "acme", 0.0
+                )
+
+    asyncio.run(scenario())
