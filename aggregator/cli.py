@@ -337,7 +337,6 @@ async def serve(
                         kafka,
                         settings.ingest.rules,
                         registry.organization_exists,
-                        validation,
                     )
                 )
                 publisher = await stack.enter_async_context(KafkaPublisher(kafka, validation))

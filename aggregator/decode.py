@@ -1,4 +1,4 @@
-"""Kafka records to store columns, in a worker process.
+"""Kafka records to store columns (in a thread of the core: Arrow, zstd and DuckDB work).
 
 Columnar records (`meters.columnar`, what edges write) are read as they are and checked again
 on whole columns; a record that cannot be read is rejected whole, a row that breaks a rule is

@@ -75,7 +75,6 @@ from benchmarks.ingest_http import BATCH_SIZE, CONCURRENCY, RUN_SECONDS, LoadGen
 from benchmarks.meters import METERS, check_rollups, create_meters
 from benchmarks.server import Server
 from ingest.publish.kafka import KafkaSettings
-from ingest.validation import ValidationPool
 from meters import columnar
 from meters.columnar import partition_of
 from meters.events import EventRules, parse_ingest_body, validate_body
@@ -680,16 +679,13 @@ async def _consume(
     topic's end, not `consumer.applied == n`: `applied` would also count records applied more
     than once (see `applied_twice`).
     """
-    # Decoding runs in worker processes, as in the core (`meterline up/core --kafka`: its
-    # validation pool, one worker per CPU by default).
     n, records = sizes
-    workers = ValidationPool(EventRules(), workers=os.cpu_count() or 1)
-    async with Store(database) as store, workers:
+    async with Store(database) as store:
         await create_meters(store, organization_id)
         started = time.perf_counter()
         assigned: float | None = None
         cpu = brokers = 0.0
-        consumer = Consumer(store, settings, EventRules(), registry.organization_exists, workers)
+        consumer = Consumer(store, settings, EventRules(), registry.organization_exists)
         async with consumer:
             while time.perf_counter() - started < give_up_after:
                 await asyncio.sleep(0.005)

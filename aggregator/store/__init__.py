@@ -51,7 +51,7 @@ class Store:
         job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS,
         compact_seconds: float = 1.0,
         flush_events: int = ROW_GROUP,
-        flush_seconds: float = 1.0,
+        flush_seconds: float = 5.0,
         max_pending_events: int = 4 * ROW_GROUP,
     ):
         self.path = str(path)
