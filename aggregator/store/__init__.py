@@ -27,8 +27,10 @@ from aggregator.errors import QueryTimeout
 from aggregator.store import ingest_log
 from aggregator.store.events import Replay
 from aggregator.store.flusher import Flusher
+from aggregator.store.ingest_log import IngestLog
 from aggregator.store.live import Live, SequenceCounter
 from aggregator.store.memtable import ROW_GROUP, Memtable
+from aggregator.store.recluster import Reclusterer, ReclusterSettings
 from aggregator.store.schema import migrate
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS, Job, Writer
 
@@ -53,6 +55,7 @@ class Store:
         flush_events: int = ROW_GROUP,
         flush_seconds: float = 5.0,
         max_pending_events: int = 4 * ROW_GROUP,
+        recluster: ReclusterSettings | None = None,
     ):
         self.path = str(path)
         # The flusher checkpoints once the WAL holds this much, between its own transactions:
@@ -61,6 +64,7 @@ class Store:
         self._flush_events = flush_events
         self._flush_seconds = flush_seconds
         self._max_pending = max_pending_events
+        self._recluster = recluster or ReclusterSettings()
         self._readers = readers
         self._read_timeout = read_timeout_seconds
         self._job_bound = job_bound_seconds
@@ -71,6 +75,8 @@ class Store:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._writer: Writer | None = None
         self._flusher: Flusher | None = None
+        self._reclusterer: Reclusterer | None = None
+        self._log = IngestLog(None)
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
@@ -106,10 +112,15 @@ class Store:
         # Set after connecting: the (built-in) ICU extension loads on first use.
         self._con.execute("SET GLOBAL TimeZone = 'UTC'")
         migrate(self._con)
+        log = self._log = IngestLog(None if wal is None else Path(self.path + ".ingest"))
+        # What the ingest log holds after the last stored request was acknowledged but not
+        # stored: applied again below, before any other job.
+        logged = log.open(ingest_log.stored_through(self._con))
         table = Memtable()
         self._flusher = Flusher(
             self._con.cursor(),
             table,
+            log,
             wal=wal,
             flush_events=self._flush_events,
             flush_seconds=self._flush_seconds,
@@ -117,20 +128,21 @@ class Store:
             checkpoint_bytes=self._checkpoint_bytes,
         )
         live = self._live = Live(
-            SequenceCounter.load(self._con),
+            SequenceCounter.load(self._con, logged),
             self._flusher,
             table,
+            log,
             self._con.cursor(),
             max_pending_events=self._max_pending,
         )
         live.load(self._con)
         self._flusher.idle = live.compact
         self._flusher.start()
+        self._reclusterer = Reclusterer(self._con.cursor(), self._recluster)
+        self._reclusterer.start()
         self._writer = Writer(self._con.cursor(), job_bound_seconds=self._job_bound, hooks=live)
-        # What the ingest log still holds was acknowledged but not stored: applied again,
-        # before any other job.
-        for logged in ingest_log.pending(self._con):
-            self._writer.run(Replay(logged, live))
+        for request in logged:
+            self._writer.run(Replay(request, live))
         self._writer.start()
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="duckdb-reader")
 
@@ -138,8 +150,11 @@ class Store:
         if self._con is None:
             return
         assert self._writer is not None and self._pool is not None and self._flusher is not None
+        assert self._reclusterer is not None
         self._writer.close()
+        self._reclusterer.close()
         self._flusher.close()
+        self._log.close()
         self._pool.shutdown(wait=True)
         for cursor in self._cursors:
             cursor.close()

@@ -1,12 +1,17 @@
-"""Compaction: appended deltas merged into the keyed rollup and ledger tables.
+"""Compaction: appended deltas merged into the tables readers merge them with.
 
 Ingest appends each batch's partial aggregates (per meter, customer reference and bucket) to
 unindexed delta tables: an append costs a fraction of an upsert into a keyed table, whose index
 every row must probe and update. Every partial state here is mergeable (counts and sums add,
-minima and maxima take the extreme, value sets unite), so a reader merging the keyed table with
-its deltas (the `all_*` views) gets the same answer before and after a compaction, and a
-compaction may run at any point: it folds the deltas into the keyed table and empties them in
-one transaction, each key touched once however many batches wrote it.
+minima and maxima take the extreme, value sets unite), so a reader merging a table with its
+deltas (the `all_*` views) gets the same answer before and after any merge, and a merge may run
+at any point, emptying the deltas it folds in the same transaction.
+
+The ledger's usage (one row per meter and customer reference) is folded into its keyed tables
+(`compact`, every second). Rollups, one row per meter, customer reference and 15-minute bucket,
+are rewritten instead (`recluster`): the table and its deltas merged and sorted by meter,
+customer and bucket, without an index, so that one customer's rows are a few row groups that
+DuckDB's zone maps find without reading the others (`store.recluster` decides when).
 """
 
 from __future__ import annotations
@@ -21,23 +26,11 @@ _MERGE = (
 # (keyed table, its deltas, the deltas merged per key, the upsert's conflict clause)
 _STEPS = (
     (
-        "rollups",
-        "rollup_deltas",
-        f"SELECT meter_id, subject, bucket, {_NUMBERS} FROM rollup_deltas GROUP BY ALL",
-        f"DO UPDATE SET {_MERGE}",
-    ),
-    (
         "ledger_usage",
         "ledger_usage_deltas",
         f"SELECT meter_id, subject, {_NUMBERS}, min(created_at), max(modified_at)"
         " FROM ledger_usage_deltas GROUP BY ALL",
         f"DO UPDATE SET {_MERGE}, modified_at = greatest(modified_at, excluded.modified_at)",
-    ),
-    (
-        "rollup_values",
-        "rollup_value_deltas",
-        "SELECT DISTINCT * FROM rollup_value_deltas",
-        "DO NOTHING",
     ),
     (
         "ledger_usage_values",
@@ -67,3 +60,48 @@ def compact(con: duckdb.DuckDBPyConnection) -> int:
             con.execute(f"DELETE FROM {deltas}")
             folded += rows
     return folded
+
+
+# Rollup tables rewritten by `recluster`: (table, its deltas, its columns, the merged rows).
+CLUSTERED = {
+    "rollups": (
+        "rollup_deltas",
+        "(meter_id UUID NOT NULL, subject VARCHAR NOT NULL, bucket TIMESTAMPTZ NOT NULL,"
+        " events BIGINT NOT NULL, total DOUBLE NOT NULL, low DOUBLE NOT NULL,"
+        " high DOUBLE NOT NULL)",
+        f"SELECT meter_id, subject, bucket, {_NUMBERS} FROM"
+        " (SELECT * FROM rollups UNION ALL SELECT * FROM rollup_deltas) GROUP BY ALL",
+    ),
+    "rollup_values": (
+        "rollup_value_deltas",
+        "(meter_id UUID NOT NULL, subject VARCHAR NOT NULL, bucket TIMESTAMPTZ NOT NULL,"
+        " value VARCHAR NOT NULL)",
+        "SELECT DISTINCT * FROM"
+        " (SELECT * FROM rollup_values UNION ALL SELECT * FROM rollup_value_deltas)",
+    ),
+}
+
+
+def recluster(con: duckdb.DuckDBPyConnection, table: str) -> int:
+    """Rewrite `table` with its deltas merged in, sorted by meter, customer and bucket, in a
+    transaction of its own (the caller is in none); return the rows written.
+
+    It deletes the rows it merged rather than only dropping the old table: a job that deleted
+    some of them meanwhile (a meter redefined) is then a write conflict, for one of the two to
+    run again, instead of rows coming back."""
+    deltas, columns, merged = CLUSTERED[table]
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f"CREATE TABLE {table}_next {columns}")
+        rows = con.execute(
+            f"INSERT INTO {table}_next {merged} ORDER BY meter_id, subject, bucket"
+        ).fetchall()
+        con.execute(f"DELETE FROM {table}")
+        con.execute(f"DELETE FROM {deltas}")
+        con.execute(f"DROP TABLE {table}")
+        con.execute(f"ALTER TABLE {table}_next RENAME TO {table}")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return int(rows[0][0])

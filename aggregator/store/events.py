@@ -75,8 +75,7 @@ class IngestJob(Batchable[IngestResult]):
                     )
                 first += kept[job]
                 offset += job.events.num_rows
-            if logged:
-                ingest_log.append(con, logged)
+            live.log_requests(logged)
             live.apply(
                 con,
                 admitted.events,

@@ -29,6 +29,7 @@ import duckdb
 
 from aggregator.store import memtable
 from aggregator.store.compaction import compact
+from aggregator.store.ingest_log import IngestLog
 from aggregator.store.memtable import ROW_GROUP, Memtable
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Flusher:
         self,
         con: duckdb.DuckDBPyConnection,
         table: Memtable,
+        log: IngestLog,
         *,
         wal: Path | None,
         flush_events: int = ROW_GROUP,
@@ -50,6 +52,7 @@ class Flusher:
     ) -> None:
         self._con = con
         self._table = table
+        self._log = log
         self._wal = wal
         self.flush_events = flush_events
         self.flush_seconds = flush_seconds
@@ -114,6 +117,9 @@ class Flusher:
             con.execute("ROLLBACK")
             raise
         self._table.release(len(entries))
+        logged = [e.log_id for e in entries if e.log_id is not None]
+        if logged:
+            self._log.stored(max(logged))
         self.flushes += 1
         self.flushed_events += sum(e.events.num_rows for e in entries)
         log.debug(

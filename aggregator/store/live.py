@@ -27,6 +27,7 @@ from aggregator.store.balances import Balances
 from aggregator.store.catalog import Catalog
 from aggregator.store.dedupe import Dedupe
 from aggregator.store.flusher import Flusher
+from aggregator.store.ingest_log import IngestLog, Logged
 from aggregator.store.memtable import Applied, Memtable, keys_of
 from aggregator.store.meters import apply_isolated, meters_of
 from aggregator.store.rollups import Evaluated
@@ -63,13 +64,11 @@ class SequenceCounter:
         return first
 
     @classmethod
-    def load(cls, con: duckdb.DuckDBPyConnection) -> SequenceCounter:
+    def load(cls, con: duckdb.DuckDBPyConnection, logged: list[Logged]) -> SequenceCounter:
+        """After every stored event's seq and every seq the ingest log's requests took."""
         # fetchall() closes the result: an open result set blocks DuckDB's checkpoints.
-        rows = con.execute(
-            "SELECT greatest((SELECT coalesce(max(seq), 0) FROM events),"
-            " (SELECT coalesce(max(last_seq), 0) FROM ingest_log)) + 1"
-        ).fetchall()
-        return cls(int(rows[0][0]))
+        rows = con.execute("SELECT coalesce(max(seq), 0) FROM events").fetchall()
+        return cls(max([int(rows[0][0]), *(r.last_seq for r in logged)]) + 1)
 
 
 class Live:
@@ -78,6 +77,7 @@ class Live:
         seq: SequenceCounter,
         flusher: Flusher,
         memtable: Memtable,
+        log: IngestLog,
         verify: duckdb.DuckDBPyConnection,
         *,
         max_pending_events: int,
@@ -85,6 +85,7 @@ class Live:
         self.seq = seq
         self.flusher = flusher
         self.memtable = memtable
+        self.log = log
         self.dedupe = Dedupe()
         self.balances = Balances()
         self.catalog = Catalog()
@@ -96,6 +97,8 @@ class Live:
         self._staged: list[Effect] = []
         self._staged_keys = Dedupe()
         self._staged_entries: list[Applied] = []
+        self._staged_log: list[Logged] = []
+        self._logged_at: tuple[int, int, int] | None = None  # where the log ended before
 
     def compact(self) -> None:
         """Merge the sorted runs of the sets held (off the writer's thread)."""
@@ -115,11 +118,20 @@ class Live:
         self._staged = []
         self._staged_keys = Dedupe()
         self._staged_entries = []
+        self._staged_log = []
+        self._logged_at = None
+
+    def prepare(self) -> None:
+        """Just before COMMIT: the transaction's ingest requests made durable (the log)."""
+        if self._staged_log:
+            self._logged_at = self.log.append(self._staged_log)
 
     def commit(self) -> None:
         staged, self._staged = self._staged, []
         self._staged_keys = Dedupe()
         self._staged_entries = []
+        self._staged_log = []
+        self._logged_at = None
         with self.balances.lock:
             for effect in staged:
                 effect()
@@ -130,6 +142,8 @@ class Live:
             time.sleep(0.002)
 
     def rollback(self) -> None:
+        if self._logged_at is not None:  # logged, then DuckDB's COMMIT failed
+            self.log.undo(self._logged_at)
         self.begin()
 
     @contextlib.contextmanager
@@ -144,6 +158,11 @@ class Live:
     def stage(self, effect: Effect) -> None:
         """Run `effect` once the transaction commits."""
         self._staged.append(effect)
+
+    def log_requests(self, requests: list[Logged]) -> None:
+        """Append accepted ingest requests to the ingest log when the transaction commits
+        (before it does: `prepare`)."""
+        self._staged_log += requests
 
     def admit(self, con: duckdb.DuckDBPyConnection, batch: pa.Table) -> Admitted:
         """The new events of `batch` (`Applied.events`' columns but seq, in order), with the

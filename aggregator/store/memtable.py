@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from aggregator.store import rollups
+from aggregator.store import ingest_log, rollups
 from aggregator.store.rollups import Evaluated
 from meters.events import COLUMNS
 
@@ -145,7 +145,7 @@ def store(con: duckdb.DuckDBPyConnection, entries: list[Applied]) -> None:
         )
     logged = [e.log_id for e in entries if e.log_id is not None]
     if logged:
-        con.execute("DELETE FROM ingest_log WHERE id <= ?", [max(logged)])
+        ingest_log.mark_stored(con, max(logged))
 
 
 def _record_links(con: duckdb.DuckDBPyConnection) -> None:

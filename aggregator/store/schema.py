@@ -275,18 +275,45 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX customers_external_id ON customers (external_id);
     """,
-    # 12: the ingest log (`store.ingest_log`): embedded ingest requests acknowledged but not yet
-    # stored, as compressed Arrow IPC; the flush that stores their events deletes them.
+    # 12: the ingest log (`store.ingest_log`, files beside the database) holds embedded ingest
+    # requests acknowledged before their events are stored; the flush that stores them records
+    # the last request they complete.
     """
-    CREATE TABLE ingest_log (
-        id BIGINT NOT NULL,                  -- the first seq its new events took
-        organization_id VARCHAR NOT NULL,
-        ingested_at BIGINT NOT NULL,         -- epoch microseconds
-        first_seq BIGINT NOT NULL,
-        last_seq BIGINT NOT NULL,
-        duplicates BIGINT[] NOT NULL,        -- rows of `events` that were duplicates
-        events BLOB NOT NULL
+    CREATE TABLE ingest_stored (through BIGINT NOT NULL);
+    INSERT INTO ingest_stored VALUES (0);
+    """,
+    # 13: rollups kept sorted by meter, customer and bucket, without a key (`store.compaction`:
+    # rewritten with their deltas now and then, so one customer's rows are found by zone maps).
+    """
+    CREATE TABLE rollups_sorted (
+        meter_id UUID NOT NULL,
+        subject VARCHAR NOT NULL,
+        bucket TIMESTAMPTZ NOT NULL,
+        events BIGINT NOT NULL,
+        total DOUBLE NOT NULL,
+        low DOUBLE NOT NULL,
+        high DOUBLE NOT NULL
     );
+    INSERT INTO rollups_sorted
+        SELECT meter_id, subject, bucket, sum(events), sum(total), min(low), max(high)
+        FROM (SELECT * FROM rollups UNION ALL SELECT * FROM rollup_deltas) GROUP BY ALL
+        ORDER BY meter_id, subject, bucket;
+    DELETE FROM rollup_deltas;
+    DROP TABLE rollups;
+    ALTER TABLE rollups_sorted RENAME TO rollups;
+    CREATE TABLE rollup_values_sorted (
+        meter_id UUID NOT NULL,
+        subject VARCHAR NOT NULL,
+        bucket TIMESTAMPTZ NOT NULL,
+        value VARCHAR NOT NULL
+    );
+    INSERT INTO rollup_values_sorted
+        SELECT DISTINCT * FROM
+            (SELECT * FROM rollup_values UNION ALL SELECT * FROM rollup_value_deltas)
+        ORDER BY meter_id, subject, bucket;
+    DELETE FROM rollup_value_deltas;
+    DROP TABLE rollup_values;
+    ALTER TABLE rollup_values_sorted RENAME TO rollup_values;
     """,
 )
 

@@ -89,6 +89,10 @@ class Hooks(Protocol):
     """The in-memory half of every transaction (`live.Live`)."""
 
     def begin(self) -> None: ...
+    def prepare(self) -> None:
+        """Just before COMMIT (an error rolls the transaction back)."""
+        ...
+
     def commit(self) -> None: ...
     def rollback(self) -> None: ...
     def hold(self) -> AbstractContextManager[object]:
@@ -115,6 +119,9 @@ def independent(
 log = logging.getLogger(__name__)
 # Repairs in a row before a job is failed (each repair marks at least one meter failed).
 MAX_REPAIRS = 8
+# Write conflicts in a row before a job is failed, and the pause before each new attempt.
+MAX_CONFLICTS = 20
+CONFLICT_PAUSE_SECONDS = 0.05
 DEFAULT_JOB_BOUND_SECONDS = 0.25
 # A group's cost is mostly fixed below this weight (statements, commit): only larger groups
 # say what a unit of weight costs, and groups are never cut below it (ingest's throughput).
@@ -267,12 +274,23 @@ class Writer:
                     weight,
                 )
 
-    def _commit_group(self, group: list[_Pending[Any]], repairs: int = 0) -> None:
+    def _commit_group(
+        self, group: list[_Pending[Any]], repairs: int = 0, conflicts: int = 0
+    ) -> None:
         try:
             results = self._run_in_transaction(group)
         except Repairable as exc:
             if repairs < MAX_REPAIRS and exc.repair(self._con, now_us()):
-                self._commit_group(group, repairs + 1)
+                self._commit_group(group, repairs + 1, conflicts)
+            else:
+                self._failed(group, exc)
+            return
+        except duckdb.TransactionException as exc:
+            # A write conflict with a background transaction (rollups being rewritten sorted):
+            # the other one has committed or will retry; run again on a fresh snapshot.
+            if conflicts < MAX_CONFLICTS:
+                time.sleep(CONFLICT_PAUSE_SECONDS)
+                self._commit_group(group, repairs, conflicts + 1)
             else:
                 self._failed(group, exc)
             return
@@ -337,6 +355,8 @@ class Writer:
                 except REJECTIONS as exc:
                     results.append((False, exc))
                 i += 1
+            if hooks:
+                hooks.prepare()
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")

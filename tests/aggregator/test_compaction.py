@@ -1,10 +1,11 @@
 """Appended rollup and ledger deltas: a data dir written before them opens and reads the same,
-and compaction changes no answer. (The property tests in test_quantities and
-test_ledger_state_machine compact at random points.)"""
+and neither compaction (the ledger's) nor rewriting the rollups sorted changes an answer. (The
+property tests in test_quantities and test_ledger_state_machine do both at random points.)"""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,15 +13,17 @@ from zoneinfo import ZoneInfo
 
 import duckdb
 import orjson
+import pytest
 
 from aggregator.store import Store
-from aggregator.store.compaction import compact
+from aggregator.store.compaction import compact, recluster
 from aggregator.store.customers import create_job as create_customer
 from aggregator.store.customers import get_customer_by_external_id
 from aggregator.store.events import IngestJob
 from aggregator.store.ledger import customer_meter
 from aggregator.store.meters import get_meter
 from aggregator.store.quantities import Scope, compute
+from aggregator.store.recluster import ReclusterSettings
 from aggregator.store.schema import MIGRATIONS, migrate
 from meters.customers import CustomerCreate
 from meters.events import Event, to_table
@@ -28,6 +31,7 @@ from meters.times import datetime_to_us
 
 ORG = str(uuid.uuid4())
 METER = str(uuid.uuid4())
+NEVER = ReclusterSettings(min_rows=10**12)
 DAY = datetime_to_us(datetime(2026, 3, 2, tzinfo=UTC))
 BUCKET = datetime_to_us(datetime(2026, 3, 2, 10, 15, tzinfo=UTC))
 
@@ -93,7 +97,8 @@ def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Pat
             )
             await store.write(IngestJob(ORG, to_table([event]), BUCKET, store.live))
             seen.append(await readings(store))
-            assert await store.write(compact) == 2  # one rollup delta, one ledger delta
+            assert await store.write(compact) == 1  # one ledger delta
+            assert await store.read_now(recluster, "rollups") == 1  # its two rows, merged
             seen.append(await readings(store))
             assert await store.write(compact) == 0
         async with Store(path) as store:  # reopened: the migration is not run twice
@@ -110,11 +115,11 @@ def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Pat
     con.close()
 
 
-def test_compaction_folds_each_key_once(tmp_path: Path) -> None:
-    """Many batches' deltas for one key become one keyed row holding their merge."""
+def test_a_rewrite_folds_each_key_once(tmp_path: Path) -> None:
+    """Many batches' deltas for one key become one row holding their merge."""
 
     async def run() -> list[tuple[int, float, float, float]]:
-        async with Store(tmp_path / "m.duckdb", compact_seconds=3600) as store:
+        async with Store(tmp_path / "m.duckdb", recluster=NEVER) as store:
             await store.write(
                 lambda con: con.execute(
                     "INSERT INTO rollup_deltas VALUES"
@@ -124,14 +129,14 @@ def test_compaction_folds_each_key_once(tmp_path: Path) -> None:
                     [METER] * 3,
                 )
             )
-            await store.write(compact)
+            await store.read_now(recluster, "rollups")
             await store.write(
                 lambda con: con.execute(
                     "INSERT INTO rollup_deltas VALUES (?, 's', make_timestamptz(0), 1, 9, 9, 9)",
                     [METER],
                 )
             )
-            await store.write(compact)
+            await store.read_now(recluster, "rollups")
             rows = await store.read(
                 lambda con: con.execute("SELECT events, total, low, high FROM rollups").fetchall()
             )
@@ -140,24 +145,99 @@ def test_compaction_folds_each_key_once(tmp_path: Path) -> None:
     assert asyncio.run(run()) == [(5, 17.0, -1.0, 9.0)]
 
 
-def test_the_flusher_compacts_in_the_background(tmp_path: Path) -> None:
-    async def run() -> int:
-        async with Store(tmp_path / "m.duckdb", compact_seconds=0) as store:
+def test_deltas_are_folded_in_the_background(tmp_path: Path) -> None:
+    """The flusher compacts the ledger's deltas; the reclusterer rewrites rollups with theirs,
+    sorted by meter, customer and bucket."""
+    eager = ReclusterSettings(min_rows=1, quiet_seconds=0, check_seconds=0.02)
+
+    async def run() -> tuple[int, list[tuple[str, int]]]:
+        async with Store(tmp_path / "m.duckdb", compact_seconds=0, recluster=eager) as store:
             await store.write(
                 lambda con: con.execute(
-                    "INSERT INTO rollup_deltas VALUES (?, 's', make_timestamptz(0), 1, 1, 1, 1)",
+                    "INSERT INTO rollup_deltas SELECT ?, 's' || (9 - i % 10), make_timestamptz(i),"
+                    " 1, 1, 1, 1 FROM range(30) t(i)",
+                    [METER],
+                ).execute(
+                    "INSERT INTO ledger_usage_deltas VALUES (?, 's', 1, 1, 1, 1, now(), now())",
                     [METER],
                 )
             )
             left = 1
-            for _ in range(100):  # the flusher compacts between its flushes, within ~50 ms
+            for _ in range(100):  # both run within ~50 ms
                 await asyncio.sleep(0.05)
                 rows = await store.read(
-                    lambda con: con.execute("SELECT count(*) FROM rollup_deltas").fetchall()
+                    lambda con: con.execute(
+                        "SELECT (SELECT count(*) FROM rollup_deltas)"
+                        " + (SELECT count(*) FROM ledger_usage_deltas)"
+                    ).fetchall()
                 )
                 left = int(rows[0][0])
                 if not left:
                     break
-            return left
+            order = await store.read(
+                lambda con: con.execute(
+                    "SELECT subject, epoch_us(bucket) FROM rollups"
+                ).fetchall()  # in storage order
+            )
+            return left, [(str(s), int(b)) for s, b in order]
+
+    left, order = asyncio.run(run())
+    assert left == 0
+    assert len(order) == 30 and order == sorted(order)
+
+
+class _Paused:
+    """A cursor that stops after the statement starting with `after`, until released."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, after: str) -> None:
+        self._con, self._after = con, after
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def execute(self, sql: str, *args: object) -> duckdb.DuckDBPyConnection:
+        result = self._con.execute(sql, *args)
+        if sql.startswith(self._after):
+            self.reached.set()
+            self.release.wait(10)
+        return result
+
+
+@pytest.mark.parametrize("pause_after", ["INSERT INTO rollups_next", "DELETE FROM rollup_deltas"])
+@pytest.mark.parametrize("deltas", [True, False])
+def test_a_meter_redefined_during_a_rewrite_keeps_none_of_its_rollups(
+    tmp_path: Path, pause_after: str, deltas: bool
+) -> None:
+    """A rewrite that read the rollups before a redefinition deleted the meter's must not
+    bring them back, whichever reaches its delete first: the later one conflicts, and runs
+    again (the writer's job) or later (the rewrite)."""
+
+    async def run() -> int:
+        async with Store(tmp_path / "m.duckdb", recluster=NEVER) as store:
+            add = (
+                "INSERT INTO rollup_deltas SELECT ?, 's' || i, make_timestamptz(i), 1, 1, 1, 1"
+                " FROM range(10) t(i)"
+            )
+            await store.write(lambda con: con.execute(add, [METER]))
+            await store.read_now(recluster, "rollups")
+            if deltas:
+                await store.write(lambda con: con.execute(add, [METER]))
+            paused = _Paused(store._con.cursor(), pause_after)  # type: ignore[union-attr]
+            rewrite = asyncio.get_running_loop().run_in_executor(None, recluster, paused, "rollups")
+            await asyncio.to_thread(paused.reached.wait, 10)
+            redefinition = asyncio.ensure_future(
+                store.write(
+                    lambda con: [
+                        con.execute(f"DELETE FROM {table} WHERE meter_id = ?", [METER])
+                        for table in ("rollups", "rollup_deltas")
+                    ]
+                )
+            )
+            await asyncio.sleep(0.2)
+            paused.release.set()
+            await asyncio.gather(rewrite, return_exceptions=True)
+            await redefinition
+            rows = await store.read(
+                lambda con: con.execute("SELECT count(*) FROM all_rollups").fetchall()
+            )
+            return int(rows[0][0])
 
     assert asyncio.run(run()) == 0

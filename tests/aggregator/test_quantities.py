@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from aggregator.store import Store
-from aggregator.store.compaction import compact
+from aggregator.store.compaction import CLUSTERED, compact, recluster
 from aggregator.store.events import IngestJob
 from aggregator.store.meters import backfill_step_job, create_job
 from aggregator.store.quantities import Scope, compute
+from aggregator.store.recluster import ReclusterSettings
 from meters.aggregations import Aggregation, fold
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
@@ -27,6 +28,7 @@ from meters.periods import boundaries
 from meters.times import EPOCH
 
 ORG = "5f0d3a8e-1f64-4a39-9d6e-5b7c2a0f1e11"
+NEVER = ReclusterSettings(min_rows=10**12)  # rollups rewritten only where the test says
 # Around the 2025 US DST start (March 9) and a month boundary.
 WINDOW = (
     (datetime(2025, 2, 26, tzinfo=UTC) - EPOCH).total_seconds(),
@@ -135,8 +137,9 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
     near: tuple[int, int],
     offsets: tuple[int, int],
 ) -> None:
-    """Also with the appended deltas compacted after any of the ingest and backfill steps
-    (`compact_after`, by step number): a reader merges the same partials either way. Scoped
+    """Also with the appended deltas compacted, and the rollups rewritten sorted, after any of
+    the ingest and backfill steps (`compact_after`, by step number): a reader merges the same
+    partials either way. Scoped
     to one customer, to a metadata value (read from the events, not the rollups), or both."""
     if interval == "hour":
         length = min(length, 7 * 86_400 * 10**6)
@@ -156,13 +159,15 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
 
     async def run() -> tuple[list[tuple[datetime, float]], float]:
         path = tmp_path_factory.mktemp("q") / "m.duckdb"
-        async with Store(path, compact_seconds=3600) as store:
+        async with Store(path, compact_seconds=3600, recluster=NEVER) as store:
             steps = iter(range(10**6))
 
             async def step(job: Any) -> Any:
                 result = await store.write(job)
                 if next(steps) in compact_after:
                     await store.write(compact)
+                    for table in CLUSTERED:
+                        await store.read(recluster, table)
                 return result
 
             await _ingest(step, store, before, batch_sizes)
