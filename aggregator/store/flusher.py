@@ -2,10 +2,11 @@
 
 It stores the memtable once it holds a row group of events (DuckDB then writes them straight to
 the file), once its oldest batch has waited `flush_seconds`, or at once when asked (`barrier`:
-a read that must see every applied event, a write that must come after them). Between flushes
-it compacts the appended deltas (`compaction`) every `compact_seconds`, runs `CHECKPOINT` once
-the WAL passes `checkpoint_bytes` (so that no commit of the ingest path ever pays for one), and
-runs `idle` (upkeep of the in-memory state, off the writer's thread).
+a read that must see every applied event, a write that must come after them); then the ingest
+log's segments it completed are deleted. Between flushes it folds the ledger's deltas
+(`compaction.compact`) every `compact_seconds`, runs `CHECKPOINT` once the WAL passes
+`checkpoint_bytes` (the ingest path writes nothing to DuckDB, so a checkpoint never holds it
+up), and runs `idle` (upkeep of the in-memory state, off the writer's thread).
 
 `exclusive` is held while it writes; a writer job that must not run beside it (any job but
 applying events) takes it, flushes what is left (`flush_all`) and keeps it until it commits.

@@ -6,7 +6,7 @@ WAL and compresses them again at the next checkpoint, which holds every other co
 transaction appends at least a row group (122,880 rows) of one table, which DuckDB writes
 straight to the file, compressed, with nothing left for the checkpoint. So applied batches wait
 here and are stored together (`store`): their events, their rollup and ledger deltas merged
-across the batches, and where they came from (Kafka offsets, the ingest log's rows), in one
+across the batches, and where they came from (Kafka offsets, the ingest log's mark), in one
 transaction, exactly once.
 """
 
@@ -33,7 +33,7 @@ ROW_GROUP = 122_880
 class Applied:
     """One applied batch: its new `events` (as the events table takes them: `COLUMNS`,
     organization_id, ingested_at, source, seq; in seq order), their meters' contributions, and what
-    storing them settles: Kafka offsets (topic, partition, next offset), the ingest log's rows
+    storing them settles: Kafka offsets (topic, partition, next offset), the ingest log's requests
     up to `log_id`."""
 
     events: pa.Table
