@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 
 from aggregator.store import arrays
 from aggregator.store.arrays import Column, numpy
+from aggregator.store.rows import registered
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -121,15 +122,12 @@ def new_rows(
     its own, so that it sees every flush committed so far), from DuckDB. Keys are compared
     exactly only where fingerprints meet (duplicates, and collisions)."""
     n = batch.num_rows
-    con.register("_dedupe_batch", batch.select(["organization_id", "external_id"]))
-    try:
+    with registered(con, "_dedupe_batch", batch.select(["organization_id", "external_id"])):
         fps = _u64(
             con.sql(f"SELECT coalesce({FINGERPRINT}, 0::UBIGINT) AS fp FROM _dedupe_batch")
             .to_arrow_table()
             .column("fp")
         )
-    finally:
-        con.unregister("_dedupe_batch")
     keyed = _np_bool(pc.is_valid(batch.column("external_id")))
     keyed_rows = np.flatnonzero(keyed)
     keys = _Keys(batch)
@@ -149,11 +147,8 @@ def fingerprints(con: duckdb.DuckDBPyConnection, keyed: pa.Table) -> tuple[U64, 
     external_id set), to `add`."""
     if not keyed.num_rows:
         return np.empty(0, np.uint64), np.empty(0, np.int64)
-    con.register("_dedupe_keyed", keyed.select(["organization_id", "external_id"]))
-    try:
+    with registered(con, "_dedupe_keyed", keyed.select(["organization_id", "external_id"])):
         fps = con.sql(f"SELECT {FINGERPRINT} AS fp FROM _dedupe_keyed").to_arrow_table()
-    finally:
-        con.unregister("_dedupe_keyed")
     return _u64(fps.column("fp")), _i64(keyed.column("seq"))
 
 

@@ -158,7 +158,7 @@ def _system_event(
     live: Live,
 ) -> int:
     """Store a system event; its seq."""
-    number = live.seq.take(1)[0]
+    number = live.seq.reserve(1)
     con.execute(
         "INSERT INTO events (seq, organization_id, name, source, timestamp, ingested_at,"
         " customer_id, metadata) VALUES (?, ?::UUID, ?, 'system', make_timestamptz(?),"
@@ -323,18 +323,8 @@ def customer_meter(con: Con, customer: CustomerRow, meter: MeterRow) -> Customer
         " WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
         [customer.id, meter.id],
     )
-    credited = int(row[0]) if row else 0
-    created = min(t for t in (first, row[1] if row else None, meter.created_at_us) if t)
-    modified = max((t for t in (last, row[2] if row else None) if t), default=None)
-    return CustomerMeter(
-        customer_meter_id(customer.id, meter.id),
-        customer.id,
-        meter.id,
-        created,
-        modified,
-        consumed,
-        credited,
-    )
+    credits = HeldCredits(int(row[0]), int(row[1]), int(row[2])) if row else None
+    return _assembled(customer.id, meter, consumed, first, last, credits)
 
 
 def held_customer_meter(
@@ -343,22 +333,34 @@ def held_customer_meter(
     """`customer_meter`, from the balances in memory (no statement)."""
     usage = balances.usage(meter.id, subjects(customer))
     consumed = usage.partial.result(meter.aggregation.func)
-    held = balances.credits(customer.id, meter.id)
-    credited = held.credited if held else 0
+    credits = balances.credits(customer.id, meter.id)
+    return _assembled(customer.id, meter, consumed, usage.first_us, usage.last_us, credits)
+
+
+def _assembled(
+    customer_id: str,
+    meter: MeterRow,
+    consumed: float,
+    first_us: int | None,
+    last_us: int | None,
+    credits: HeldCredits | None,
+) -> CustomerMeter:
+    """A customer meter from its usage (first and last change) and its credits row: created at
+    the earliest of the meter, the usage and the credits; modified at the latest change."""
     created = min(
-        t for t in (usage.first_us, held.created_us if held else None, meter.created_at_us) if t
+        t for t in (first_us, credits.created_us if credits else None, meter.created_at_us) if t
     )
     modified = max(
-        (t for t in (usage.last_us, held.modified_us if held else None) if t), default=None
+        (t for t in (last_us, credits.modified_us if credits else None) if t), default=None
     )
     return CustomerMeter(
-        customer_meter_id(customer.id, meter.id),
-        customer.id,
+        customer_meter_id(customer_id, meter.id),
+        customer_id,
         meter.id,
         created,
         modified,
         consumed,
-        credited,
+        credits.credited if credits else 0,
     )
 
 

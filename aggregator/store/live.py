@@ -11,7 +11,6 @@ DuckDB is then the whole truth, in seq order.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from aggregator.store.ingest_log import IngestLog, Logged
 from aggregator.store.memtable import Applied, Memtable, keys_of
 from aggregator.store.meters import apply_isolated, meters_of
 from aggregator.store.rollups import Evaluated
+from aggregator.store.rows import registered
 from meters.times import now_us
 
 Effect = Callable[[], object]
@@ -51,16 +51,11 @@ class SequenceCounter:
     """Ingestion order numbers; only the writer thread draws from it."""
 
     def __init__(self, start: int) -> None:
-        self._next = itertools.count(start)
-
-    def take(self, n: int) -> list[int]:
-        return [next(self._next) for _ in range(n)]
+        self._next = start
 
     def reserve(self, n: int) -> int:
         """The first of `n` consecutive seqs."""
-        first = next(self._next)
-        if n > 1:
-            self._next = itertools.count(first + n)
+        first, self._next = self._next, self._next + n
         return first
 
     @classmethod
@@ -211,27 +206,22 @@ class Live:
         be stored. `fingerprints` of the rows (`Admitted`'s), if known."""
         at_us = now_us()
         evaluated: list[Evaluated] = []
-        if events.num_rows:
-            con.register("_batch_new", events)
-            try:
-                for organization in map(
-                    str, pc.unique(events.column("organization_id")).to_pylist()
-                ):
-                    meters = meters_of(con, [organization])
-                    if meters:
-                        evaluated.append(
-                            apply_isolated(
-                                con,
-                                meters,
-                                "_batch_new",
-                                "organization_id = ?",
-                                [organization],
-                                data=events,
-                                at_us=at_us,
-                            )
+        organizations = pc.unique(events.column("organization_id")).to_pylist()
+        with registered(con, "_batch_new", events):
+            for organization in map(str, organizations):
+                meters = meters_of(con, [organization])
+                if meters:
+                    evaluated.append(
+                        apply_isolated(
+                            con,
+                            meters,
+                            "_batch_new",
+                            "organization_id = ?",
+                            [organization],
+                            data=events,
+                            at_us=at_us,
                         )
-            finally:
-                con.unregister("_batch_new")
+                    )
         entry = Applied(events, tuple(evaluated), offsets, log_id)
         keyed = pc.is_valid(events.column("external_id"))
         if fingerprints is None:

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from aggregator.store import ingest_log, rollups
 from aggregator.store.rollups import Evaluated
+from aggregator.store.rows import registered
 from meters.events import COLUMNS
 
 # Rows DuckDB puts in a row group: an append of at least this many goes straight to the file.
@@ -49,8 +50,8 @@ class Memtable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: list[Applied] = []
+        self._added_at: list[float] = []  # monotonic time each entry came
         self._events = 0
-        self._oldest: float | None = None  # monotonic time of the first entry waiting
         self.added = 0  # entries ever added (a mark for barriers)
         self.stored = 0  # entries ever stored
 
@@ -59,8 +60,9 @@ class Memtable:
         return self._events
 
     def age(self) -> float:
-        oldest = self._oldest
-        return 0.0 if oldest is None else time.monotonic() - oldest
+        """How long the oldest entry has waited."""
+        with self._lock:
+            return time.monotonic() - self._added_at[0] if self._added_at else 0.0
 
     def add(self, entry: Applied) -> None:
         seqs = entry.events.column("seq")
@@ -68,10 +70,9 @@ class Memtable:
         assert not n or seqs[n - 1].as_py() - seqs[0].as_py() == n - 1, "seqs not consecutive"
         with self._lock:
             self._entries.append(entry)
+            self._added_at.append(time.monotonic())
             self._events += entry.events.num_rows
             self.added += 1
-            if self._oldest is None:
-                self._oldest = time.monotonic()
 
     def take(self) -> list[Applied]:
         with self._lock:
@@ -81,9 +82,9 @@ class Memtable:
         """The first `count` entries are stored."""
         with self._lock:
             gone, self._entries = self._entries[:count], self._entries[count:]
+            self._added_at = self._added_at[count:]
             self._events -= sum(e.events.num_rows for e in gone)
             self.stored += count
-            self._oldest = time.monotonic() if self._entries else None
 
 
 def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> dict[int, tuple[str, str]]:
@@ -129,12 +130,9 @@ def store(con: duckdb.DuckDBPyConnection, entries: list[Applied]) -> None:
     tables = [e.events for e in entries if e.events.num_rows]
     if tables:
         # One contiguous table: DuckDB then appends it as whole row groups (see the module).
-        con.register("_stored_events", pa.concat_tables(tables).combine_chunks())
-        try:
+        with registered(con, "_stored_events", pa.concat_tables(tables).combine_chunks()):
             con.execute(_INSERT_EVENTS)
             _record_links(con)
-        finally:
-            con.unregister("_stored_events")
     rollups.store(con, [ev for e in entries for ev in e.evaluated])
     offsets = {(t, p): o for e in entries for t, p, o in e.offsets}
     if offsets:

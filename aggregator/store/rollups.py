@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from aggregator.store.meter_sql import Extracted, contribution_sql, filter_sql
+from aggregator.store.rows import registered
 from meters.aggregations import UniqueAggregation
 
 if TYPE_CHECKING:
@@ -76,12 +78,9 @@ def evaluate(
     values = con.sql(values_sql, params=values_params).to_arrow_table()
     numbers = [(i, m) for i, m in enumerate(meters) if not _is_unique(m)]
     uniques = [(i, m) for i, m in enumerate(meters) if _is_unique(m)]
-    con.register("_values", values)
-    try:
+    with registered(con, "_values", values):
         usage = _table(con, *_ledger_numbers(numbers if ledger else [], backfill))
         usage_values = _table(con, *_ledger_uniques(uniques if ledger else [], backfill))
-    finally:
-        con.unregister("_values")
     return Evaluated(
         meters[0].organization_id if meters else "",
         tuple(meters),
@@ -106,36 +105,27 @@ def store(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
             by_definition.setdefault(batch.definitions, []).append(batch)
     for group in by_definition.values():
         meters = group[0].meters
-        con.register("_values", pa.concat_tables([b.values for b in group]))
-        try:
+        with registered(con, "_values", pa.concat_tables([b.values for b in group])):
             _store_rollups(con, meters)
-        finally:
-            con.unregister("_values")
     ledgers = [_timed(b.ledger, b.at_us) for b in batches if b.ledger.num_rows]
     if ledgers:
-        con.register("_ledger", pa.concat_tables(ledgers))
-        try:
+        with registered(con, "_ledger", pa.concat_tables(ledgers)):
             con.execute(
                 "INSERT INTO ledger_usage_deltas SELECT meter_id::UUID, subject, sum(events),"
                 " sum(total), min(low), max(high), make_timestamptz(min(at_us)),"
                 " make_timestamptz(max(at_us)) FROM _ledger GROUP BY ALL"
             )
-        finally:
-            con.unregister("_ledger")
     values = [b.ledger_values for b in batches if b.ledger_values.num_rows]
     if values:
-        con.register("_ledger_values", pa.concat_tables(values))
-        try:
+        with registered(con, "_ledger_values", pa.concat_tables(values)):
             con.execute(
                 "INSERT INTO ledger_usage_value_deltas"
                 " SELECT DISTINCT meter_id::UUID, subject, value FROM _ledger_values"
             )
-        finally:
-            con.unregister("_ledger_values")
 
 
 def _timed(table: pa.Table, at_us: int) -> pa.Table:
-    return table.append_column("at_us", pa.array([at_us] * table.num_rows, pa.int64()))
+    return table.append_column("at_us", pa.array(np.full(table.num_rows, at_us, np.int64)))
 
 
 def _is_unique(meter: MeterRow) -> bool:

@@ -1,11 +1,15 @@
-"""Reading single rows without leaving a result open (an open result blocks checkpoints), and
-ids checked before they reach a UUID cast."""
+"""Reading single rows without leaving a result open (an open result blocks checkpoints), Arrow
+tables registered for the statements that read them, and ids checked before they reach a UUID
+cast."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from meters.wire import is_canonical_id
 
@@ -21,3 +25,13 @@ def is_uuid(value: str) -> bool:
     """Whether `value` is an id in the one spelling the API passes down (`meters.wire`):
     any other text is no stored row's id, and would fail a UUID cast."""
     return is_canonical_id(value)
+
+
+@contextlib.contextmanager
+def registered(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> Iterator[None]:
+    """`table` readable as `name` on `con` while the block runs."""
+    con.register(name, table)
+    try:
+        yield
+    finally:
+        con.unregister(name)

@@ -19,6 +19,7 @@ from aggregator.store import Store, dedupe
 from aggregator.store.events import IngestJob
 from meters.events import Event, to_table
 from meters.times import now_us
+from tests.aggregator.test_store_ingest import _model
 
 ORGS = [str(uuid.uuid4()) for _ in range(2)]
 # Three fingerprints for every key there is: nearly every key is a candidate, so each answer
@@ -87,20 +88,8 @@ def test_new_events_are_exact_whatever_the_fingerprints(
             store.close()
         return results, int(count)
 
-    seen: set[tuple[str, str]] = set()
-    expected = []
-    for step in steps:
-        if step[0] != "ingest":
-            continue
-        _, org, keys = step
-        assert isinstance(org, str) and isinstance(keys, list)
-        inserted = 0
-        for key in keys:
-            if key is None or (org, key) not in seen:
-                inserted += 1
-                if key is not None:
-                    seen.add((org, key))
-        expected.append((inserted, len(keys) - inserted))
+    requests = [(step[1], step[2]) for step in steps if step[0] == "ingest"]
+    expected = _model(requests)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dedupe, "FINGERPRINT", COLLIDING)
         results, count = asyncio.run(run())
