@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aggregator.store.meter_sql import Extracted, contribution_sql, filter_sql
 from aggregator.store.rows import registered
@@ -76,11 +77,14 @@ def evaluate(
     `ledger=False` leaves the ledger out (to measure what it costs)."""
     values_sql, values_params = _values(meters, source, where, params)
     values = con.sql(values_sql, params=values_params).to_arrow_table()
-    numbers = [(i, m) for i, m in enumerate(meters) if not _is_unique(m)]
-    uniques = [(i, m) for i, m in enumerate(meters) if _is_unique(m)]
-    with registered(con, "_values", values):
-        usage = _table(con, *_ledger_numbers(numbers if ledger else [], backfill))
-        usage_values = _table(con, *_ledger_uniques(uniques if ledger else [], backfill))
+    numbers = [(i, m) for i, m in enumerate(meters) if not _is_unique(m) and ledger]
+    uniques = [(i, m) for i, m in enumerate(meters) if _is_unique(m) and ledger]
+    if backfill:
+        with registered(con, "_values", values):
+            usage = _table(con, *_ledger_numbers(numbers)) if numbers else _EMPTY_NUMBERS
+            usage_values = _table(con, *_ledger_uniques(uniques)) if uniques else _EMPTY_VALUES
+    else:
+        usage, usage_values = _live_ledger(values, numbers, uniques)
     return Evaluated(
         meters[0].organization_id if meters else "",
         tuple(meters),
@@ -166,31 +170,9 @@ def _store_rollups(con: duckdb.DuckDBPyConnection, meters: Sequence[MeterRow]) -
         )
 
 
-_NO_NUMBERS = (
-    "SELECT NULL::VARCHAR AS meter_id, NULL::VARCHAR AS subject, NULL::BIGINT AS events,"
-    " NULL::DOUBLE AS total, NULL::DOUBLE AS low, NULL::DOUBLE AS high LIMIT 0"
-)
-_NO_VALUES = (
-    "SELECT NULL::VARCHAR AS meter_id, NULL::VARCHAR AS subject, NULL::VARCHAR AS value LIMIT 0"
-)
-
-
-def _ledger_numbers(
-    meters: list[tuple[int, MeterRow]], backfill: bool
-) -> tuple[str, list[Any] | None]:
-    """(meter_id, subject, events, total, low, high) of the registered `_values`."""
-    if not meters:
-        return _NO_NUMBERS, None
-    if not backfill:
-        parts, ids = _number_parts(meters)
-        return (
-            "SELECT p.m::VARCHAR AS meter_id, subject, p.n AS events, p.t AS total,"
-            " p.l AS low, p.h AS high FROM"
-            f" (SELECT subject, unnest([{parts}]) AS p FROM _values GROUP BY subject)"
-            " WHERE p.n > 0",
-            ids,
-        )
-    # Only the events after their customer's latest reset.
+def _ledger_numbers(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]:
+    """(meter_id, subject, events, total, low, high) of the registered `_values` (a
+    backfill's): only the events after their customer's latest reset."""
     parts, ids = _value_parts(meters)
     return (
         "SELECT meter_id::VARCHAR AS meter_id, subject, count(*) AS events, sum(v) AS total,"
@@ -201,21 +183,83 @@ def _ledger_numbers(
     )
 
 
-def _ledger_uniques(
-    meters: list[tuple[int, MeterRow]], backfill: bool
-) -> tuple[str, list[Any] | None]:
-    """(meter_id, subject, value), distinct, of the registered `_values`."""
-    if not meters:
-        return _NO_VALUES, None
+def _ledger_uniques(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]:
+    """(meter_id, subject, value), distinct, of the registered `_values` (a backfill's): only
+    the events after their customer's latest reset."""
     parts, ids = _value_parts(meters)
-    after_reset = _AFTER_RESET if backfill else "TRUE"
     return (
         "SELECT DISTINCT meter_id::VARCHAR AS meter_id, subject, value FROM"
         " (SELECT p.m AS meter_id, subject, seq, p.v AS value FROM"
         f" (SELECT subject, seq, unnest([{parts}]) AS p FROM _values)) u"
-        f" WHERE value IS NOT NULL AND {after_reset}",
+        f" WHERE value IS NOT NULL AND {_AFTER_RESET}",
         ids,
     )
+
+
+def _live_ledger(
+    values: pa.Table, numbers: list[tuple[int, MeterRow]], uniques: list[tuple[int, MeterRow]]
+) -> tuple[pa.Table, pa.Table]:
+    """`_ledger_numbers` and `_ledger_uniques` of live ingest, whose events all come after any
+    reset: one hash aggregation of `values` in Arrow (a third of the two statements' time)."""
+    parts = []
+    if numbers:
+        columns = [f"v{i}" for i, _ in numbers]
+        grouped = values.group_by("subject", use_threads=False).aggregate(
+            [(c, f) for c in columns for f in ("count", "sum", "min", "max")]
+        )
+        for (_, meter), column in zip(numbers, columns, strict=True):
+            events = grouped.column(f"{column}_count")
+            part = pa.table(
+                {
+                    "meter_id": pa.array([meter.id] * grouped.num_rows, pa.string()),
+                    "subject": grouped.column("subject"),
+                    "events": events,
+                    "total": grouped.column(f"{column}_sum"),
+                    "low": grouped.column(f"{column}_min"),
+                    "high": grouped.column(f"{column}_max"),
+                }
+            )
+            parts.append(part.filter(pc.greater(events, pa.scalar(0))))
+    distinct = []
+    for i, meter in uniques:
+        column = f"v{i}"
+        pairs = (
+            values.select(["subject", column])
+            .filter(pc.is_valid(values.column(column)))
+            .group_by(["subject", column], use_threads=False)
+            .aggregate([])
+        )
+        distinct.append(
+            pa.table(
+                {
+                    "meter_id": pa.array([meter.id] * pairs.num_rows, pa.string()),
+                    "subject": pairs.column("subject"),
+                    "value": pairs.column(column),
+                }
+            )
+        )
+    return (
+        pa.concat_tables(parts) if parts else _EMPTY_NUMBERS,
+        pa.concat_tables(distinct) if distinct else _EMPTY_VALUES,
+    )
+
+
+_NUMBER_FIELDS: list[pa.Field[Any]] = [
+    pa.field("meter_id", pa.string()),
+    pa.field("subject", pa.string()),
+    pa.field("events", pa.int64()),
+    pa.field("total", pa.float64()),
+    pa.field("low", pa.float64()),
+    pa.field("high", pa.float64()),
+]
+_EMPTY_NUMBERS = pa.schema(_NUMBER_FIELDS).empty_table()
+_EMPTY_VALUES = pa.schema(
+    [
+        pa.field("meter_id", pa.string()),
+        pa.field("subject", pa.string()),
+        pa.field("value", pa.string()),
+    ]
+).empty_table()
 
 
 # The customer references a reset has closed, with the seq of that reset: 'id:<customer>' and,
