@@ -620,6 +620,7 @@ async def _quantities_in_process(database: Path, org: str, plan: dict[str, int])
         meter = await store.write(create_job(org, MeterCreate.model_validate(METER), now_us()))
         details["meter_id"] = meter.id
         details["backfill"] = await _backfill(store, meter)
+        details["settle_seconds"] = await _settled(store)
         details["rss_mib_after_backfill"] = _rss_mib()
         details["rollup_rows"] = (await store.read(_rollup_rows))["rollups"]
         details["check"] = await store.read(check_rollups, org)
@@ -758,6 +759,19 @@ async def _backfill(store: Store, meter: MeterRow) -> dict[str, Any]:
         "first_step_ms": round(steps[0] * 1000, 1),
         "last_step_ms": round(steps[-1] * 1000, 1),
     }
+
+
+async def _settled(store: Store, quiet: float = 8.0, limit: float = 300.0) -> float:
+    """Wait until the rollups' background rewrites are done (none for `quiet` seconds): the
+    queries are timed on the store as it stays, not beside a rewrite of the backfill's rows.
+    Returns how long that took."""
+    started = time.perf_counter()
+    seen, since = store.reclusterer.rewrites, time.perf_counter()
+    while time.perf_counter() - since < quiet and time.perf_counter() - started < limit:
+        await asyncio.sleep(0.5)
+        if store.reclusterer.rewrites != seen:
+            seen, since = store.reclusterer.rewrites, time.perf_counter()
+    return round(time.perf_counter() - started, 1)
 
 
 async def _time_compute(

@@ -173,6 +173,11 @@ class Store:
         assert self._writer is not None, "store is not open"
         return self._writer
 
+    @property
+    def reclusterer(self) -> Reclusterer:
+        assert self._reclusterer is not None, "store is not open"
+        return self._reclusterer
+
     async def write(self, job: Job[T], weight: int = 1, tenant: str | None = None) -> T:
         """Run `job` in a group commit (`tenant`'s share of the writer); returns after the
         commit."""
