@@ -21,7 +21,7 @@ from aggregator.backfill import Backfiller
 from aggregator.consumer import Consumer
 from aggregator.errors import KeyReused, MeterFailed, NotFound, QueryTimeout
 from aggregator.forwarder import Forwarder
-from aggregator.store import Store
+from aggregator.store import Store, dedupe
 from aggregator.store.columns import to_ipc
 from aggregator.store.events import IngestJob
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS
@@ -49,6 +49,8 @@ class CoreSettings:
     # The longest a write group or background chunk should hold the writer, and a read.
     job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS
     read_timeout_seconds: float = 30.0
+    # Stored external ids held in memory (16 bytes each) before they spill to files.
+    dedupe_memory_keys: int = dedupe.MEMORY_KEYS
     # Bearer token that `/metrics` requires (None: served to anyone who can reach the port).
     metrics_token: str | None = None
 

@@ -100,6 +100,13 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             default=CoreSettings().read_timeout_seconds,
             help="reads running longer are interrupted and answer 503",
         )
+        store.add_argument(
+            "--dedupe-memory-keys",
+            type=int,
+            default=CoreSettings().dedupe_memory_keys,
+            help="stored external ids held in memory (16 bytes each); beyond, sorted runs of"
+            " them are searched memory-mapped from files beside the database",
+        )
         upstream_cli.arguments(parser.add_argument_group("forwarding upstream"))
     kafka = parser.add_argument_group("Kafka")
     kafka.add_argument(
@@ -241,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         # Store settings: the ingest edge has no store, nor these options.
         job_bound_seconds=getattr(args, "writer_job_bound_seconds", defaults.job_bound_seconds),
         read_timeout_seconds=getattr(args, "query_timeout_seconds", defaults.read_timeout_seconds),
+        dedupe_memory_keys=getattr(args, "dedupe_memory_keys", defaults.dedupe_memory_keys),
         ingest=IngestSettings(
             rules=EventRules(max_future=timedelta(seconds=args.max_future_seconds)),
             validation_workers=args.validation_workers,
@@ -321,6 +329,7 @@ async def serve(
                     settings.database,
                     read_timeout_seconds=settings.read_timeout_seconds,
                     job_bound_seconds=settings.job_bound_seconds,
+                    dedupe_memory_keys=settings.dedupe_memory_keys,
                 )
             )
             validation = await stack.enter_async_context(

@@ -1,5 +1,6 @@
 """The DuckDB store: one file, a writer thread, a flusher thread, a reclusterer thread, a few
-reader threads, the state it keeps in memory (`live`) and the ingest log beside the file.
+reader threads, the state it keeps in memory (`live`), and beside the file the ingest log and
+the stored keys that do not fit in memory (`dedupe`).
 
 This package is the only place with SQL. Writes are jobs run by `Writer` (group commit); events
 are applied in memory at once and stored by the `Flusher` in large transactions (`memtable`);
@@ -26,7 +27,7 @@ from typing import Any, Self, TypeVar
 import duckdb
 
 from aggregator.errors import QueryTimeout
-from aggregator.store import ingest_log
+from aggregator.store import dedupe, ingest_log
 from aggregator.store.events import Replay
 from aggregator.store.flusher import Flusher
 from aggregator.store.ingest_log import IngestLog
@@ -58,6 +59,7 @@ class Store:
         flush_seconds: float = 5.0,
         max_pending_events: int = 4 * ROW_GROUP,
         recluster: ReclusterSettings | None = None,
+        dedupe_memory_keys: int = dedupe.MEMORY_KEYS,
     ):
         self.path = str(path)
         # The flusher checkpoints once the WAL holds this much, between its own transactions:
@@ -67,6 +69,7 @@ class Store:
         self._flush_seconds = flush_seconds
         self._max_pending = max_pending_events
         self._recluster = recluster or ReclusterSettings()
+        self._dedupe_memory_keys = dedupe_memory_keys
         self._readers = readers
         self._read_timeout = read_timeout_seconds
         self._job_bound = job_bound_seconds
@@ -106,10 +109,11 @@ class Store:
         }
         if self._memory_limit:
             config["memory_limit"] = self._memory_limit
-        wal = None
+        wal = spill = None
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             wal = Path(self.path + ".wal")
+            spill = dedupe.Spill(Path(self.path + ".dedupe"), self._dedupe_memory_keys)
         self._con = duckdb.connect(self.path, config=config)
         # Set after connecting: the (built-in) ICU extension loads on first use.
         self._con.execute("SET GLOBAL TimeZone = 'UTC'")
@@ -136,6 +140,7 @@ class Store:
             log,
             self._con.cursor(),
             max_pending_events=self._max_pending,
+            spill=spill,
         )
         live.load(self._con)
         self._flusher.idle = live.compact
@@ -157,6 +162,7 @@ class Store:
         self._reclusterer.close()
         self._flusher.close()
         self._log.close()
+        self.live.close()
         self._pool.shutdown(wait=True)
         for cursor in self._cursors:
             cursor.close()

@@ -10,13 +10,21 @@ A fingerprint not held is a new key, for certain. A fingerprint held is only a c
 event with the held seq is read back (from the events not yet flushed, else from DuckDB, by seq,
 which the events table is ordered by) and the keys compared, so a collision can never drop an
 event. Only true duplicates and collisions pay for that read.
+
+Memory is bounded by `Spill`: a run that reaches its size is written to a file and searched
+memory-mapped (the page cache holds what lookups touch), and never merged again. The files are
+derived from the events table: emptied and rebuilt at every open.
 """
 
 from __future__ import annotations
 
+import itertools
+import shutil
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 import duckdb
@@ -39,31 +47,72 @@ Unflushed = Callable[[I64], dict[int, tuple[str, str]]]
 FINGERPRINT = "hash(organization_id::UUID::VARCHAR, external_id)"
 # Bytes held per stored key: the fingerprint and the seq.
 BYTES_PER_KEY = 16
+# Keys held in memory before runs spill to files (1 GiB).
+MEMORY_KEYS = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Spill:
+    """Runs of at least `keys` keys go to memory-mapped files in `directory`."""
+
+    directory: Path
+    keys: int
 
 
 class Dedupe:
     """The set of stored keys. Mutated by the writer thread only (`add`, at commit); `keys`
     and the size are safe to read from anywhere."""
 
-    def __init__(self) -> None:
+    def __init__(self, spill: Spill | None = None) -> None:
         self._runs: list[tuple[U64, I64]] = []
         self._lock = threading.Lock()
+        self._compacting = threading.Lock()  # one merge at a time: each replaces what it read
+        self._spill = spill
+        self._files = itertools.count()
 
     def __len__(self) -> int:
         return sum(len(fps) for fps, _ in self._runs)
 
     @property
     def bytes(self) -> int:
-        return sum(fps.nbytes + seqs.nbytes for fps, seqs in self._runs)
+        """Held in memory (spilled runs not counted)."""
+        return sum(fps.nbytes + seqs.nbytes for fps, seqs in self._runs if not _spilled(fps))
+
+    @property
+    def spilled_bytes(self) -> int:
+        return sum(fps.nbytes + seqs.nbytes for fps, seqs in self._runs if _spilled(fps))
 
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Every key stored in the events table (at open)."""
-        table = con.sql(
+        """Every key stored in the events table (at open), read in runs of the spill size."""
+        self.close()
+        if self._spill is not None:
+            self._spill.directory.mkdir(parents=True, exist_ok=True)
+        chunk = self._spill.keys if self._spill is not None else None
+        reader = con.sql(
             f"SELECT {FINGERPRINT} AS fp, seq FROM events WHERE external_id IS NOT NULL"
-        ).to_arrow_table()
-        self._runs = []
-        self.add(_u64(table.column("fp")), _i64(table.column("seq")))
-        self.compact()
+        ).to_arrow_reader(65_536)
+        batches: list[pa.RecordBatch] = []
+        rows = 0
+        for batch in reader:
+            batches.append(batch)
+            rows += batch.num_rows
+            if chunk is not None and rows >= chunk:
+                self._load_run(batches)
+                batches, rows = [], 0
+        self._load_run(batches)
+
+    def _load_run(self, batches: list[pa.RecordBatch]) -> None:
+        if batches:
+            table = pa.Table.from_batches(batches)
+            self.add(_u64(table.column("fp")), _i64(table.column("seq")))
+            self.compact()
+
+    def close(self) -> None:
+        """Drop every run and the spill files."""
+        with self._lock:
+            self._runs = []
+        if self._spill is not None:
+            shutil.rmtree(self._spill.directory, ignore_errors=True)
 
     def add(self, fingerprints: U64, seqs: I64) -> None:
         """Hold these keys (a new run; `compact` merges runs)."""
@@ -74,16 +123,40 @@ class Dedupe:
             self._runs = [*self._runs, (fingerprints[order], seqs[order])]
 
     def compact(self) -> None:
-        """Merge runs until each is more than twice the size of the next (off the writer's
-        thread: a merge of large runs takes a while; runs added meanwhile stay as they are)."""
+        """Merge runs in memory until each is more than twice the size of the next, and spill
+        those that reach the spill size (off the writer's thread: a merge of large runs takes
+        a while; runs added meanwhile stay as they are)."""
+        with self._compacting:
+            self._compact()
+
+    def _compact(self) -> None:
         runs = self._runs
         merged = list(runs)
-        while len(merged) > 1 and len(merged[-1][0]) * 2 >= len(merged[-2][0]):
+        while (
+            len(merged) > 1
+            and not _spilled(merged[-2][0])
+            and len(merged[-1][0]) * 2 >= len(merged[-2][0])
+        ):
             merged[-2:] = [cast(tuple[U64, I64], arrays.merged(merged[-2], merged[-1]))]
-        if len(merged) == len(runs):
-            return
-        with self._lock:
-            self._runs = merged + self._runs[len(runs) :]
+        changed = len(merged) != len(runs)
+        if self._spill is not None:
+            for i, (fps, seqs) in enumerate(merged):
+                if len(fps) >= self._spill.keys and not _spilled(fps):
+                    merged[i] = self._to_files(fps, seqs)
+                    changed = True
+        if changed:
+            with self._lock:
+                self._runs = merged + self._runs[len(runs) :]
+
+    def _to_files(self, fps: U64, seqs: I64) -> tuple[U64, I64]:
+        assert self._spill is not None
+        n = next(self._files)
+        mapped = []
+        for name, array in (("fp", fps), ("seq", seqs)):
+            path = self._spill.directory / f"{n}.{name}.npy"
+            np.save(path, array)
+            mapped.append(np.load(path, mmap_mode="r"))
+        return cast(U64, mapped[0]), cast(I64, mapped[1])
 
     def held(self, fingerprints: U64) -> tuple[I64, I64]:
         """(position in `fingerprints`, stored seq) of every held entry with one of these
@@ -219,6 +292,10 @@ def _confirmed(
     ]
     kept: I64 = positions[np.array(same, dtype=bool)]
     return kept
+
+
+def _spilled(array: U64) -> bool:
+    return isinstance(array, np.memmap)
 
 
 def _u64(column: Column) -> U64:

@@ -24,7 +24,7 @@ from aggregator.store import dedupe
 from aggregator.store.arrays import numpy
 from aggregator.store.balances import Balances
 from aggregator.store.catalog import Catalog
-from aggregator.store.dedupe import Dedupe
+from aggregator.store.dedupe import Dedupe, Spill
 from aggregator.store.flusher import Flusher
 from aggregator.store.ingest_log import IngestLog, Logged
 from aggregator.store.memtable import Applied, Memtable, keys_of
@@ -76,12 +76,13 @@ class Live:
         verify: duckdb.DuckDBPyConnection,
         *,
         max_pending_events: int,
+        spill: Spill | None = None,
     ) -> None:
         self.seq = seq
         self.flusher = flusher
         self.memtable = memtable
         self.log = log
-        self.dedupe = Dedupe()
+        self.dedupe = Dedupe(spill)
         self.balances = Balances()
         self.catalog = Catalog()
         self._verify = verify
@@ -99,6 +100,9 @@ class Live:
         """Merge the sorted runs of the sets held (off the writer's thread)."""
         self.dedupe.compact()
         self.balances.compact()
+
+    def close(self) -> None:
+        self.dedupe.close()
 
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
         self.dedupe.load(con)

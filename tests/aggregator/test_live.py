@@ -11,6 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,6 +50,7 @@ steps = st.lists(
             st.lists(st.one_of(st.none(), st.sampled_from("abcdefghij")), max_size=6),
         ),
         st.tuples(st.just("flush")),
+        st.tuples(st.just("compact")),
         st.tuples(st.just("restart")),
     ),
     min_size=1,
@@ -56,17 +58,23 @@ steps = st.lists(
 )
 
 
-@settings(max_examples=30, deadline=None)
-@given(steps=steps)
+@settings(max_examples=40, deadline=None)
+@given(steps=steps, memory_keys=st.sampled_from([dedupe.MEMORY_KEYS, 1, 4]))
 def test_new_events_are_exact_whatever_the_fingerprints(
-    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[object, ...]]
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[object, ...]], memory_keys: int
 ) -> None:
+    """Also with the stored keys spilled to files (a bound of 1 or 4 keys), compacted at any
+    point."""
     path = tmp_path_factory.mktemp("live") / "m.duckdb"
+
+    def opened() -> Store:
+        store = Store(path, flush_seconds=3600, dedupe_memory_keys=memory_keys)
+        store.open()
+        return store
 
     async def run() -> tuple[list[tuple[int, int]], int]:
         results = []
-        store = Store(path, flush_seconds=3600)
-        store.open()
+        store = opened()
         try:
             for step in steps:
                 if step[0] == "ingest":
@@ -77,10 +85,11 @@ def test_new_events_are_exact_whatever_the_fingerprints(
                     results.append((result.inserted, result.duplicates))
                 elif step[0] == "flush":
                     await store.read(lambda con: None)
+                elif step[0] == "compact":
+                    await asyncio.to_thread(store.live.compact)
                 else:
                     store.close()
-                    store = Store(path, flush_seconds=3600)
-                    store.open()
+                    store = opened()
             count = await store.read(
                 lambda con: con.execute("SELECT count(*) FROM events").fetchall()[0][0]
             )
@@ -95,6 +104,26 @@ def test_new_events_are_exact_whatever_the_fingerprints(
         results, count = asyncio.run(run())
     assert results == expected
     assert count == sum(inserted for inserted, _ in expected)
+
+
+def test_keys_past_the_memory_bound_are_found_in_files(tmp_path: Path) -> None:
+    spill = dedupe.Spill(tmp_path / "keys", keys=1_000)
+    spill.directory.mkdir()
+    keys = dedupe.Dedupe(spill)
+    rng = np.random.default_rng(5)
+    fps = rng.integers(0, 2**63, 10_000, dtype=np.uint64)
+    for seq in range(0, len(fps), 500):
+        keys.add(fps[seq : seq + 500], np.arange(seq, seq + 500, dtype=np.int64))
+        keys.compact()
+    assert len(keys) == len(fps)
+    assert keys.bytes < 2 * 1_000 * dedupe.BYTES_PER_KEY
+    assert keys.spilled_bytes >= 8_000 * dedupe.BYTES_PER_KEY
+    positions, seqs = keys.held(np.concatenate([fps, np.array([7], np.uint64)]))
+    assert sorted(zip(positions.tolist(), seqs.tolist(), strict=True)) == [
+        (i, i) for i in range(len(fps))
+    ]
+    keys.close()
+    assert not spill.directory.exists()
 
 
 # Applies three requests in a process of its own, then dies (SIGKILL) before any flush.
