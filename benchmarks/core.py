@@ -2,11 +2,12 @@
 
 An in-process `Store` with the 10 benchmark meters (count, sum, avg, min, max, unique among
 them) and the ledger; loadgen's LLM usage events over 10,000 customers (Zipf-like), batches of
-20,000 applied as `IngestJob`s (one transaction each, commit included), 1% of each batch
-repeating an external id of the batch before (duplicates the store must drop). The reference,
-in the same run: DuckDB alone inserting the same Arrow batches (the events' columns, no index,
-no meters) into a table of its own file, one commit per batch. Three runs of each, alternating;
-medians. CPU is the process's (DuckDB's threads included): events per core-second.
+20,000 applied as `IngestJob`s through the writer and timed until the flusher has stored them
+all, 1% of each batch repeating an external id of the batch before (duplicates the store must
+drop). The reference, in the same run: DuckDB alone inserting the same Arrow batches (the
+events' columns, no index, no meters) into a table of its own file, one commit per batch.
+Three runs of each, alternating; medians. CPU is the process's (DuckDB's threads included):
+events per core-second.
 
 Command: `python -m benchmarks.run core_apply`.
 """

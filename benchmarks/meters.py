@@ -1,6 +1,6 @@
 """Meters: HTTP ingest with live rollups, rollup update throughput, backfill and quantities.
 
-Three benchmarks, each runnable alone by name (`.venv/bin/python -m benchmarks.run NAME`, add
+Four benchmarks, each runnable alone by name (`.venv/bin/python -m benchmarks.run NAME`, add
 `--quick` for a smoke run). All use the same 10 meters (`METERS`: count, sum, avg, min, max and
 unique aggregations, filters on name, `_llm.model` and metadata) over loadgen's LLM usage events.
 
@@ -33,6 +33,7 @@ quantities latency in-process (`store.read(compute, ...)`): one customer, 31 dai
 every customer's monthly totals over the whole range; then the same over HTTP from a real
 `meterline up` on the same data dir (smaller samples). If the load takes longer than
 `LOAD_BUDGET_SECONDS`, it stops there and the results say how many events were loaded.
+quantities_1m is the same at 1 million events: the curve's other point.
 """
 
 from __future__ import annotations
@@ -543,7 +544,16 @@ def quantities_10m(quick: bool = False) -> dict[str, Any]:
     backfill completes, and quantities read from its rollups answer one customer's 31 daily
     buckets in ≤ 10 ms (p99) and every customer's monthly totals in ≤ 500 ms.
     """
-    plan = QUANTITIES_QUICK if quick else QUANTITIES_FULL
+    return _quantities(QUANTITIES_QUICK if quick else QUANTITIES_FULL)
+
+
+def quantities_1m(quick: bool = False) -> dict[str, Any]:
+    """quantities_10m at 1 million events (the same 10,000 customers and 60 days): the curve's
+    other point, to see what grows with the events stored."""
+    return _quantities(QUANTITIES_QUICK if quick else QUANTITIES_FULL | {"events": 1_000_000})
+
+
+def _quantities(plan: dict[str, int]) -> dict[str, Any]:
     server = Server()  # owns the temp data dir; started only after the in-process part
     try:
         registry = TokenRegistry(server.data_dir)

@@ -47,6 +47,7 @@ BENCHMARKS: dict[str, ModuleType | Callable[[bool], dict[str, Any]]] = {
     "ingest_http_meters": meters.ingest_http_meters,
     "rollup_update": meters.rollup_update,
     "core_apply": core,
+    "quantities_1m": meters.quantities_1m,
     "quantities_10m": meters.quantities_10m,
     "kafka_ingest_http": kafka.kafka_ingest_http,
     "kafka_consume": kafka.kafka_consume,
