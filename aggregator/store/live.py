@@ -28,7 +28,7 @@ from aggregator.store.dedupe import Dedupe, Spill
 from aggregator.store.flusher import Flusher
 from aggregator.store.ingest_log import IngestLog, Logged
 from aggregator.store.memtable import Applied, Memtable, keys_of
-from aggregator.store.meters import apply_isolated, meters_of
+from aggregator.store.meters import MeterRow, apply_isolated, meters_of
 from aggregator.store.rollups import Evaluated
 from aggregator.store.rows import registered
 from meters.times import now_us
@@ -95,6 +95,11 @@ class Live:
         self._staged_entries: list[Applied] = []
         self._staged_log: list[Logged] = []
         self._logged_at: tuple[int, int, int] | None = None  # where the log ended before
+        # Each organization's live meters, read once, dropped when a job that may change them
+        # runs (such a job starts a group of its own, under `hold`) or a transaction rolls back
+        # (a repair marks meters failed between the two): an ingest transaction then reads no
+        # DuckDB table, and so never waits out a checkpoint.
+        self._meters: dict[str, list[MeterRow]] = {}
 
     def compact(self) -> None:
         """Merge the sorted runs of the sets held (off the writer's thread)."""
@@ -141,6 +146,7 @@ class Live:
             time.sleep(0.002)
 
     def rollback(self) -> None:
+        self._meters.clear()
         if self._logged_at is not None:  # logged, then DuckDB's COMMIT failed
             self.log.undo(self._logged_at)
         self.begin()
@@ -148,6 +154,7 @@ class Live:
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """Every applied batch stored, and the flusher held off, for as long as this lasts."""
+        self._meters.clear()
         with self.flusher.exclusive:
             self.flusher.flush_all()
             yield
@@ -213,7 +220,9 @@ class Live:
         organizations = pc.unique(events.column("organization_id")).to_pylist()
         with registered(con, "_batch_new", events):
             for organization in map(str, organizations):
-                meters = meters_of(con, [organization])
+                meters = self._meters.get(organization)
+                if meters is None:
+                    meters = self._meters[organization] = meters_of(con, [organization])
                 if meters:
                     evaluated.append(
                         apply_isolated(

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from aggregator.store import Store, dedupe
 from aggregator.store.events import IngestJob
+from aggregator.store.meters import create_job, update_job
+from meters.definitions import MeterCreate, MeterUpdate
 from meters.events import Event, to_table
 from meters.times import now_us
 from tests.aggregator.test_store_ingest import _model
@@ -192,3 +194,56 @@ def test_acknowledged_events_not_yet_stored_are_applied_again_after_a_crash(
             assert (result.inserted, result.duplicates) == (0, 5)
 
     asyncio.run(reopened())
+
+
+def test_each_ingest_meters_with_the_meters_as_they_are_then(tmp_path: Path) -> None:
+    """The meters ingest evaluates are held between transactions: a meter created, archived or
+    redefined in between is seen by the next ingest."""
+    org = ORGS[0]
+
+    async def run() -> dict[str, tuple[int, float]]:
+        async with Store(tmp_path / "m.duckdb") as store:
+
+            async def ingest(key: str, tokens: int) -> None:
+                table = to_table([_event(key, tokens=tokens)])
+                await store.write(IngestJob(org, table, now_us(), store.live))
+
+            tokens = await store.write(create_job(org, MeterCreate.model_validate(METER), now_us()))
+            await ingest("a", 1)
+            events = await store.write(
+                create_job(
+                    org,
+                    MeterCreate.model_validate(
+                        {**METER, "name": "events", "aggregation": {"func": "count"}}
+                    ),
+                    now_us(),
+                )
+            )
+            await ingest("b", 2)
+            await store.write(
+                update_job(org, tokens.id, MeterUpdate(is_archived=True), now_us(), store.live)
+            )
+            await ingest("c", 4)
+            await store.write(
+                update_job(
+                    org,
+                    events.id,
+                    MeterUpdate.model_validate(
+                        {"aggregation": {"func": "sum", "property": "tokens"}}
+                    ),
+                    now_us(),
+                    store.live,
+                )
+            )
+            await ingest("d", 8)
+            rows = await store.read(
+                lambda con: con.execute(
+                    "SELECT meter_id::VARCHAR, sum(events), sum(total) FROM all_rollups GROUP BY 1"
+                ).fetchall()
+            )
+            names = {tokens.id: "tokens", events.id: "events"}
+            return {names[m]: (int(n), float(t)) for m, n, t in rows}
+
+    # tokens: the events before it was archived; events: redefined, so its rollups restart
+    # (the backfill would rebuild them from stored events) and hold the last one only.
+    assert asyncio.run(run()) == {"tokens": (2, 3.0), "events": (1, 8.0)}
