@@ -112,21 +112,21 @@ class Flusher:
         con = self._con
         con.execute("BEGIN TRANSACTION")
         try:
-            memtable.store(con, entries)
+            logged = memtable.store(con, entries)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
         self._table.release(len(entries))
-        logged = [e.log_id for e in entries if e.log_id is not None]
-        if logged:
-            self._log.stored(max(logged))
+        if logged is not None:
+            self._log.stored(logged)
+        events = sum(e.events.num_rows for e in entries)
         self.flushes += 1
-        self.flushed_events += sum(e.events.num_rows for e in entries)
+        self.flushed_events += events
         log.debug(
             "stored %d batches (%d events) in %.3f s",
             len(entries),
-            sum(e.events.num_rows for e in entries),
+            events,
             time.perf_counter() - started,
         )
         self._settle_barriers()

@@ -125,8 +125,9 @@ _INSERT_EVENTS = (
 )
 
 
-def store(con: duckdb.DuckDBPyConnection, entries: list[Applied]) -> None:
-    """Store `entries` (inside the caller's transaction)."""
+def store(con: duckdb.DuckDBPyConnection, entries: list[Applied]) -> int | None:
+    """Store `entries` (inside the caller's transaction); return the last ingest log request
+    they complete, if any."""
     tables = [e.events for e in entries if e.events.num_rows]
     if tables:
         # One contiguous table: DuckDB then appends it as whole row groups (see the module).
@@ -141,9 +142,10 @@ def store(con: duckdb.DuckDBPyConnection, entries: list[Applied]) -> None:
             " ON CONFLICT DO UPDATE SET next_offset = excluded.next_offset",
             [[t, p, o] for (t, p), o in offsets.items()],
         )
-    logged = [e.log_id for e in entries if e.log_id is not None]
-    if logged:
-        ingest_log.mark_stored(con, max(logged))
+    through = max((e.log_id for e in entries if e.log_id is not None), default=None)
+    if through is not None:
+        ingest_log.mark_stored(con, through)
+    return through
 
 
 def _record_links(con: duckdb.DuckDBPyConnection) -> None:
