@@ -1,11 +1,11 @@
-"""Composes the HTTP application of a core: ingest (embedded publisher) plus the query API."""
+"""Composes the HTTP application of a core: the edge's ingest routes (into whichever publisher
+the core runs) plus the query and management API, and the core's errors on the edge's map."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -22,16 +22,17 @@ from aggregator.consumer import Consumer
 from aggregator.errors import KeyReused, MeterFailed, NotFound, QueryTimeout
 from aggregator.forwarder import Forwarder
 from aggregator.store import Store, dedupe
-from aggregator.store.columns import to_ipc
-from aggregator.store.events import IngestJob
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS
-from ingest.http.admission import Admission
-from ingest.http.app import IngestSettings, ingest_routes
-from ingest.http.requests import Authenticate
-from ingest.http.responses import EXCEPTION_HANDLERS, JSON, error
-from ingest.ipc import read_ipc
-from ingest.publish import Publisher, PublishResult
-from ingest.validation import ValidationPool
+from ingest.http import (
+    JSON,
+    Admission,
+    ErrorMap,
+    IngestSettings,
+    error,
+    ingest_routes,
+    metrics_route,
+)
+from ingest.publish import Publisher
 from meters.times import now_us
 
 log = logging.getLogger(__name__)
@@ -59,42 +60,6 @@ class CoreSettings:
         return self.data_dir / "meterline.duckdb"
 
 
-class EmbeddedPublisher:
-    """Validates (in the pool) and applies in the store: durable once the group commit that
-    logs the request returns (`store.ingest_log`)."""
-
-    def __init__(self, store: Store, validation: ValidationPool) -> None:
-        self._store = store
-        self._validation = validation
-
-    async def publish(
-        self, organization_id: str, body: bytes, received_at_us: int
-    ) -> PublishResult:
-        logged = await self._validation.validate(body, received_at_us, organization_id, to_ipc)
-        events = read_ipc(logged)
-        job = IngestJob(organization_id, events, received_at_us, self._store.live, logged)
-        result = await self._store.write(
-            job, weight=max(1, events.num_rows), tenant=organization_id
-        )
-        return PublishResult(result.inserted, result.duplicates)
-
-
-async def _not_found(request: Request, exc: Exception) -> Response:
-    return error(404, "ResourceNotFound", str(exc) or "Not found")
-
-
-async def _meter_failed(request: Request, exc: Exception) -> Response:
-    return error(409, "MeterFailed", str(exc))
-
-
-async def _key_reused(request: Request, exc: Exception) -> Response:
-    return error(409, "IdempotencyKeyReused", str(exc))
-
-
-async def _query_timeout(request: Request, exc: Exception) -> Response:
-    return error(503, "QueryTimeout", str(exc), {"Retry-After": "5"})
-
-
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     names = {404: "ResourceNotFound", 405: "MethodNotAllowed"}
@@ -104,10 +69,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _internal(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error(500, "InternalServerError", "An internal error occurred.")
-
-
-async def _health(request: Request) -> JSON:
-    return JSON({"status": "ok"})
 
 
 # An offset reset keeps the core's health "degraded" this long: someone should look.
@@ -146,23 +107,15 @@ def _core_health(consumer: Consumer | None) -> Route:
     return Route("/healthz", health, methods=["GET"])
 
 
-def _authenticator(registry: TokenRegistry) -> Authenticate:
-    def authenticate(token: str) -> str | None:
-        org = registry.authenticate(token)
-        return org.id if org else None
-
-    return authenticate
-
-
-_HANDLERS: dict[Any, Any] = {
-    **EXCEPTION_HANDLERS,
-    NotFound: _not_found,
-    MeterFailed: _meter_failed,
-    KeyReused: _key_reused,
-    QueryTimeout: _query_timeout,
-    HTTPException: _http_error,
-    Exception: _internal,
-}
+def _errors() -> ErrorMap:
+    errors = ErrorMap()
+    errors.register(NotFound, 404, "ResourceNotFound", default_detail="Not found")
+    errors.register(MeterFailed, 409, "MeterFailed")
+    errors.register(KeyReused, 409, "IdempotencyKeyReused")
+    errors.register(QueryTimeout, 503, "QueryTimeout", headers={"Retry-After": "5"})
+    errors.register_handler(HTTPException, _http_error)
+    errors.register_handler(Exception, _internal)
+    return errors
 
 
 def build_app(
@@ -175,16 +128,16 @@ def build_app(
     forwarder: tuple[Forwarder, str] | None = None,
 ) -> Starlette:
     """The core's API: ingest through `publisher`, and every query and management route."""
-    authenticate = _authenticator(registry)
+    authenticate = registry.organization_id
     limits = settings.ingest.limits
     ctx = ApiContext(
         store, authenticate, settings.ingest.max_body_bytes, limits.body_timeout_seconds, backfiller
     )
     admission = Admission(limits)
-    sources = metrics.Sources(admission, store, consumer, forwarder[0] if forwarder else None)
+    sources = metrics.sources(store, consumer, forwarder[0] if forwarder else None)
     routes = [
         _core_health(consumer),
-        metrics.route(sources, settings.metrics_token),
+        metrics_route(admission, settings.metrics_token, sources),
         *ingest_routes(publisher, authenticate, settings.ingest, admission),
         *events.routes(ctx),
         *ledger.routes(ctx),
@@ -193,17 +146,4 @@ def build_app(
         *costs.routes(ctx),
         *forwarding.routes(ctx, *(forwarder or (None, None))),
     ]
-    return Starlette(routes=routes, exception_handlers=_HANDLERS)
-
-
-def build_edge_app(
-    registry: TokenRegistry, publisher: Publisher, settings: CoreSettings
-) -> Starlette:
-    """A stateless ingest edge: `POST /v1/events/ingest` into Kafka, and its own metrics."""
-    admission = Admission(settings.ingest.limits)
-    routes = [
-        Route("/healthz", _health, methods=["GET"]),
-        metrics.route(metrics.Sources(admission), settings.metrics_token),
-        *ingest_routes(publisher, _authenticator(registry), settings.ingest, admission),
-    ]
-    return Starlette(routes=routes, exception_handlers=_HANDLERS)
+    return Starlette(routes=routes, exception_handlers=_errors().handlers)

@@ -157,6 +157,11 @@ class TokenRegistry:
             self._known.add(organization_id)
         return row is not None
 
+    def organization_id(self, token: str) -> str | None:
+        """The id of the organization owning `token` (`ingest.http.Authenticate`)."""
+        org = self.authenticate(token)
+        return org.id if org else None
+
     def authenticate(self, token: str) -> Organization | None:
         """The organization owning `token`, or None if it is unknown or revoked."""
         digest = self._hash(token)

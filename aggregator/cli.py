@@ -29,17 +29,16 @@ import uvloop
 from starlette.applications import Starlette
 
 from aggregator import upstream_cli
-from aggregator.app import CoreSettings, EmbeddedPublisher, build_app, build_edge_app
+from aggregator.app import CoreSettings, build_app
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.consumer import Consumer
+from aggregator.embedded import EmbeddedPublisher
 from aggregator.errors import NotFound, UsageError
 from aggregator.forwarder import Forwarder, ForwarderSettings
 from aggregator.plans import PlanCycler
 from aggregator.store import Store
-from ingest.http.admission import MIB, Limits, Rate
-from ingest.http.app import IngestSettings
-from ingest.http.protocol import with_header_timeout
+from ingest.http import MIB, IngestSettings, Limits, Rate, edge_app, with_header_timeout
 from ingest.publish import Publisher
 from ingest.publish.kafka import KafkaPublisher, KafkaSettings
 from ingest.validation import ValidationPool
@@ -354,10 +353,9 @@ async def serve(
                 forwarded = registry.organization(forward.organization).id
                 forwarder = await stack.enter_async_context(Forwarder(store, forwarded, forward))
                 forwarding = (forwarder, forwarded)
-            org = registry.organization("default")
-            token = registry.development_token(org) if banner else None
             app = build_app(store, registry, publisher, backfiller, settings, consumer, forwarding)
-            await _serve_http(app, settings, log_level, token if banner else _NO_BANNER)
+            lines = _token_lines(registry, settings) if banner else []
+            await _serve_http(app, settings, log_level, lines)
     finally:
         registry.close()
 
@@ -374,18 +372,18 @@ async def serve_edge(settings: CoreSettings, kafka: KafkaSettings, *, log_level:
             ) as validation,
             KafkaPublisher(kafka, validation) as publisher,
         ):
-            app = build_edge_app(registry, publisher, settings)
-            await _serve_http(app, settings, log_level, _NO_BANNER)
+            app = edge_app(
+                publisher, registry.organization_id, settings.ingest, settings.metrics_token
+            )
+            await _serve_http(app, settings, log_level, [])
     finally:
         registry.close()
 
 
-_NO_BANNER = "-"
-
-
 async def _serve_http(
-    app: Starlette, settings: CoreSettings, log_level: str, token: str | None
+    app: Starlette, settings: CoreSettings, log_level: str, banner: list[str]
 ) -> None:
+    """Serve until a signal; once serving, print where, then the `banner` lines."""
     limits = settings.ingest.limits
     config = uvicorn.Config(
         app,
@@ -403,9 +401,9 @@ async def _serve_http(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _stop, server, signum, settings.drain_seconds)
-    banner = asyncio.create_task(_banner(server, settings, token))
+    printing = asyncio.create_task(_banner(server, settings, banner))
     await server.serve()
-    banner.cancel()
+    printing.cancel()
 
 
 def _stop(server: uvicorn.Server, signum: int, drain_seconds: float) -> None:
@@ -438,25 +436,29 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _banner(server: uvicorn.Server, settings: CoreSettings, token: str | None) -> None:
+async def _banner(server: uvicorn.Server, settings: CoreSettings, lines: list[str]) -> None:
     while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
         await asyncio.sleep(0.05)
     url = f"http://{settings.host}:{settings.port}"
-    lines = [f"meterline is serving {url} (data in {settings.data_dir})"]
-    if token == _NO_BANNER:
-        pass
-    elif token:
-        lines += [
-            f"development token (organization 'default'): {token}",
-            "try:",
-            f"  curl -s {url}/v1/events/ingest -H 'Authorization: Bearer {token}'"
-            " -H 'Content-Type: application/json'"
-            ' -d \'{"events":[{"name":"api_call","external_customer_id":"cust_1",'
-            '"external_id":"first-event"}]}\'',
-        ]
-    else:
-        lines.append("the development token was revoked; create one: meterline token create")
-    print("\n".join(lines), flush=True)
+    print(
+        "\n".join([f"meterline is serving {url} (data in {settings.data_dir})", *lines]), flush=True
+    )
+
+
+def _token_lines(registry: TokenRegistry, settings: CoreSettings) -> list[str]:
+    """The development token and a request to try with it (or how to make a new one)."""
+    token = registry.development_token(registry.organization("default"))
+    if not token:
+        return ["the development token was revoked; create one: meterline token create"]
+    url = f"http://{settings.host}:{settings.port}"
+    return [
+        f"development token (organization 'default'): {token}",
+        "try:",
+        f"  curl -s {url}/v1/events/ingest -H 'Authorization: Bearer {token}'"
+        " -H 'Content-Type: application/json'"
+        ' -d \'{"events":[{"name":"api_call","external_customer_id":"cust_1",'
+        '"external_id":"first-event"}]}\'',
+    ]
 
 
 if __name__ == "__main__":

@@ -49,9 +49,9 @@ from aggregator.store.consumed import (
     stored_offsets,
 )
 from aggregator.store.events import known_customers
-from ingest.ipc import read_ipc
 from ingest.publish.kafka import KafkaSettings, ensure_topics, retrying
 from meters.events import EventRules
+from meters.ipc import read_ipc
 from meters.times import now_us
 
 log = logging.getLogger(__name__)

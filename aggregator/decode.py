@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.columns import row_problems
-from ingest.ipc import write_ipc
 from meters import columnar
 from meters.events import COLUMNS, EventRules, to_table
 from meters.events.compiled import record_validator
 from meters.events.schema import OPTIONAL_FIELDS, TIMESTAMP
+from meters.ipc import write_ipc
 from meters.records import Record, Rejected, decode_records
 from meters.times import us_to_iso
 

@@ -1,68 +1,25 @@
-"""`GET /metrics` in Prometheus text: what each part of a process is holding back or refusing.
-Behind a bearer token when one is configured (the figures name organizations and meters)."""
+"""The core's part of `GET /metrics` (Prometheus text): what the store, the consumer and the
+forwarder are holding back or refusing."""
 
 from __future__ import annotations
 
-import hmac
-from dataclasses import dataclass
-
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from functools import partial
 
 from aggregator.consumer import Consumer
 from aggregator.forwarder import Forwarder
 from aggregator.store import Store
 from aggregator.store.meters import failed_meters
-from ingest.http.admission import Admission
-from ingest.http.responses import unauthorized
+from ingest.http import Source
 
 
-@dataclass(frozen=True, slots=True)
-class Sources:
-    admission: Admission
-    store: Store | None = None
-    consumer: Consumer | None = None
-    forwarder: Forwarder | None = None
-
-
-def route(sources: Sources, token: str | None) -> Route:
-    async def metrics(request: Request) -> Response:
-        if token is not None and not _authorized(request, token):
-            return unauthorized()
-        lines = _admission(sources.admission)
-        if sources.store is not None:
-            lines += await _store(sources.store)
-        if sources.forwarder is not None:
-            lines += await _forwarder(sources.forwarder)
-        if sources.consumer is not None:
-            lines += await _consumer(sources.consumer)
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
-
-    return Route("/metrics", metrics, methods=["GET"])
-
-
-def _authorized(request: Request, token: str) -> bool:
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)
-
-
-def _admission(admission: Admission) -> list[str]:
-    lines = [
-        "# TYPE meterline_ingest_inflight_requests gauge",
-        f"meterline_ingest_inflight_requests {admission.inflight}",
-        "# TYPE meterline_ingest_buffered_bytes gauge",
-        f"meterline_ingest_buffered_bytes {admission.buffered_bytes}",
-        "# HELP meterline_ingest_refused_total ingest requests refused by a limit (reason:"
-        " token_rate, organization_rate, organization_inflight, inflight, organization_bytes,"
-        " buffered_bytes, body_timeout)",
-        "# TYPE meterline_ingest_refused_total counter",
-    ]
-    for (reason, org), count in sorted(admission.refused.items()):
-        lines.append(
-            f'meterline_ingest_refused_total{{reason="{reason}",organization_id="{org}"}} {count}'
-        )
-    return lines
+def sources(store: Store, consumer: Consumer | None, forwarder: Forwarder | None) -> list[Source]:
+    """The core's figures, after the edge's (`ingest.http.metrics_route`)."""
+    found: list[Source] = [partial(_store, store)]
+    if forwarder is not None:
+        found.append(partial(_forwarder, forwarder))
+    if consumer is not None:
+        found.append(partial(_consumer, consumer))
+    return found
 
 
 async def _store(store: Store) -> list[str]:

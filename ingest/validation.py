@@ -29,16 +29,16 @@ from meters.events import EventRules
 from meters.events import validate_body as validate_events
 
 T = TypeVar("T")
-# (events as `meters.events.COLUMNS`, organization id, received-at) -> what the destination
-# takes; it must pickle (a module-level function, or a partial of one).
-Encode = Callable[[pa.Table, str, int], T]
+# Events as `meters.events.COLUMNS` -> what the destination takes; it must pickle (a class or
+# module-level function, or a partial of one).
+Encode = Callable[[pa.Table], T]
 log = logging.getLogger(__name__)
 # Added to the workers' niceness (lower CPU priority than the server process).
 WORKER_NICENESS = 10
 
 
 def validate_body(
-    body: bytes, organization_id: str, received_at_us: int, rules: EventRules, encode: Encode[T]
+    body: bytes, received_at_us: int, rules: EventRules, encode: Encode[T]
 ) -> T | list[FieldError]:
     """Decode and validate an ingest body; the encoded events, or every error found.
 
@@ -48,7 +48,7 @@ def validate_body(
         events = validate_events(body, now=received_at_us, rules=rules)
     except ValidationFailed as exc:
         return exc.errors
-    return encode(events, organization_id, received_at_us)
+    return encode(events)
 
 
 class ValidationPool:
@@ -96,11 +96,9 @@ class ValidationPool:
             await asyncio.to_thread(self._pool.shutdown, True, cancel_futures=True)
             self._pool = None
 
-    async def validate(
-        self, body: bytes, received_at_us: int, organization_id: str, encode: Encode[T]
-    ) -> T:
+    async def validate(self, body: bytes, received_at_us: int, encode: Encode[T]) -> T:
         """The encoded events of `body`. Raises ValidationFailed listing every error."""
-        job = partial(validate_body, body, organization_id, received_at_us, self._rules, encode)
+        job = partial(validate_body, body, received_at_us, self._rules, encode)
         result = job() if len(body) < self._inline_below else await self.run(job)
         if isinstance(result, list):
             raise ValidationFailed(result)

@@ -14,9 +14,10 @@ from typing import Any, Self, TypeVar
 
 import httpx
 
-from aggregator.app import CoreSettings, EmbeddedPublisher, build_app
+from aggregator.app import CoreSettings, build_app
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
+from aggregator.embedded import EmbeddedPublisher
 from aggregator.store import Store
 from aggregator.store.compaction import compact
 from aggregator.store.meters import pending_backfills

@@ -1,9 +1,5 @@
-"""Events as Arrow columns in the store's hands: how they reach the writer, and the checks that
-columnar Kafka records get again before they are applied.
-
-Arrow because DuckDB inserts it without per-value conversion, and because its IPC form crosses a
-process boundary as one buffer: the writer's process does no per-event Python to receive it.
-"""
+"""The checks that columnar Kafka records get again before they are applied: the store relies
+on what the edge checked, and such records may come from any producer."""
 
 from __future__ import annotations
 
@@ -13,17 +9,9 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from aggregator.store import ingest_log
 from meters.events import EventRules
 from meters.events.schema import CANONICAL_UUID4, ID_FIELDS
 from meters.times import MAX_TS_US, MIN_TS_US, ONE_US
-
-
-def to_ipc(events: pa.Table, organization_id: str, ingested_at_us: int) -> bytes:
-    """Encode validated events for the store (runs in validation workers), as the ingest log
-    keeps them (`ingest_log.encode`); the organization and ingest time travel with the store's
-    job instead."""
-    return ingest_log.encode(events)
 
 
 def row_problems(events: pa.Table, now_us: int, rules: EventRules) -> pa.Array[Any]:

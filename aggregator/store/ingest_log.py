@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.errors import AggregatorError
-from ingest.ipc import read_ipc, write_ipc
 from meters.events.schema import TIMESTAMP
+from meters.ipc import read_ipc, write_ipc
 
 _MAGIC = b"MLG1"
 _FRAME = struct.Struct("<4sIII")  # magic, header bytes, events bytes, CRC-32 of both
@@ -96,6 +96,31 @@ def with_source(events: pa.Table) -> pa.Table:
 
 def encode(events: pa.Table) -> bytes:
     return write_ipc(events, compression="zstd")
+
+
+class Encoded:
+    """Validated events as the log keeps them (`data`), encoded where they were validated (in a
+    worker process, or inline), and the table itself while still in that process: inline
+    validation does not decode what it just encoded. Pickles as `data` alone (the way back
+    from a worker)."""
+
+    __slots__ = ("_events", "data")
+
+    def __init__(self, events: pa.Table | None, data: bytes | None = None) -> None:
+        self._events = events
+        if data is None:
+            assert events is not None
+            data = encode(events)
+        self.data = data
+
+    def __reduce__(self) -> tuple[type[Encoded], tuple[None, bytes]]:
+        return Encoded, (None, self.data)
+
+    @property
+    def events(self) -> pa.Table:
+        if self._events is None:
+            self._events = read_ipc(self.data)
+        return self._events
 
 
 def stored_through(con: duckdb.DuckDBPyConnection) -> int:

@@ -1,4 +1,5 @@
-"""`POST /v1/events/ingest`: authenticate, validate the whole batch, publish, answer.
+"""`POST /v1/events/ingest`: authenticate, validate the whole batch, publish, answer; and the
+stateless edge app that serves it alone (the core mounts the same routes in its own app).
 
 Nothing is answered 2xx before the publisher says the events are durable. Under overload the
 endpoint sheds load with 503 + Retry-After instead of queueing without bound, and a tenant past
@@ -10,13 +11,15 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
 
 from ingest.errors import Unavailable
 from ingest.http.admission import Admission, Limits
+from ingest.http.metrics import metrics_route
 from ingest.http.requests import Authenticate, authenticated
-from ingest.http.responses import JSON
+from ingest.http.responses import JSON, ErrorMap
 from ingest.publish import Publisher
 from meters.events import EventRules
 from meters.times import now_us
@@ -60,3 +63,23 @@ def ingest_routes(
         return JSON({"inserted": result.inserted, "duplicates": result.duplicates})
 
     return [Route("/v1/events/ingest", ingest, methods=["POST"])]
+
+
+def edge_app(
+    publisher: Publisher,
+    authenticate: Authenticate,
+    settings: IngestSettings,
+    metrics_token: str | None,
+) -> Starlette:
+    """A stateless ingest edge: `POST /v1/events/ingest` into `publisher`, and its own metrics."""
+    admission = Admission(settings.limits)
+    routes = [
+        Route("/healthz", _health, methods=["GET"]),
+        metrics_route(admission, metrics_token),
+        *ingest_routes(publisher, authenticate, settings, admission),
+    ]
+    return Starlette(routes=routes, exception_handlers=ErrorMap().handlers)
+
+
+async def _health(request: Request) -> JSON:
+    return JSON({"status": "ok"})

@@ -1,7 +1,10 @@
-"""The one mapping from errors to HTTP responses, in Polar's shapes (polar-contract §5.2)."""
+"""The one mapping from errors to HTTP responses, in Polar's shapes (polar-contract §5.2): the
+edge's errors here, and what a process serving more routes (the core) registers on its
+`ErrorMap`."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -71,7 +74,53 @@ def unavailable(message: str, retry_after: int) -> JSON:
     return error(503, "ServiceUnavailable", message, {"Retry-After": str(retry_after)})
 
 
-async def _handle(request: Request, exc: Exception) -> Response:
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+class ErrorMap:
+    """Which exception is answered with which response (Starlette picks the handler of the
+    nearest class in the exception's MRO). Starts with the edge's errors."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[type[Exception], Handler] = dict.fromkeys(
+            (
+                ValidationFailed,
+                Unauthorized,
+                InvalidToken,
+                BodyTooLarge,
+                BodyTimeout,
+                TooManyRequests,
+                Unavailable,
+            ),
+            _edge_error,
+        )
+
+    def register(
+        self,
+        cls: type[Exception],
+        status: int,
+        error_name: str,
+        *,
+        default_detail: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer `cls` with `status` and `error_name`, the exception's text as the detail."""
+
+        async def handle(request: Request, exc: Exception) -> Response:
+            return error(status, error_name, str(exc) or default_detail, headers)
+
+        self._handlers[cls] = handle
+
+    def register_handler(self, cls: type[Exception], handler: Handler) -> None:
+        self._handlers[cls] = handler
+
+    @property
+    def handlers(self) -> dict[Any, Handler]:
+        """For `Starlette(exception_handlers=...)`."""
+        return dict(self._handlers)
+
+
+async def _edge_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, ValidationFailed):
         return validation_error(exc)
     if isinstance(exc, Unauthorized):
@@ -89,17 +138,3 @@ async def _handle(request: Request, exc: Exception) -> Response:
     if isinstance(exc, Unavailable):
         return unavailable(str(exc), exc.retry_after)
     raise exc
-
-
-EXCEPTION_HANDLERS: dict[Any, Any] = {
-    cls: _handle
-    for cls in (
-        ValidationFailed,
-        Unauthorized,
-        InvalidToken,
-        BodyTooLarge,
-        BodyTimeout,
-        TooManyRequests,
-        Unavailable,
-    )
-}

@@ -137,11 +137,13 @@ class KafkaPublisher:
             raise Unavailable("The publisher is not running.", 1)
         encode = partial(
             columnar.encode,
+            organization_id=organization_id,
+            ingested_at_us=received_at_us,
             partitions=self._partitions,
             compression=self._settings.record_compression,
             max_record_bytes=self._settings.max_record_bytes,
         )
-        encoded = await self._validation.validate(body, received_at_us, organization_id, encode)
+        encoded = await self._validation.validate(body, received_at_us, encode)
         key = organization_id.encode()
         timestamp_ms = received_at_us // 1000
         acks: list[asyncio.Future[Any]] = []

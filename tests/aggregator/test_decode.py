@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from aggregator.decode import decode_batch
 from aggregator.store.columns import row_problems
-from ingest.ipc import read_ipc
 from meters import columnar
 from meters.events import COLUMNS, EventRules, parse_ingest_body, validate_body
+from meters.ipc import read_ipc
 from meters.records import record_value
 from tests.strategies import NOW_US, valid_events
 

@@ -11,15 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.store.columns import to_ipc
-from ingest.ipc import read_ipc
 from ingest.validation import ValidationPool, validate_body
 from meters.errors import ValidationFailed
 from meters.events import EventRules
+from meters.ipc import read_ipc, write_ipc
 from tests.strategies import NOW_US, valid_events
 
 RULES = EventRules()
-ORG = "3f1c2a9e-0d5b-4e7a-9c61-2b8f4d7e6a10"
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +37,13 @@ def pool(runner: asyncio.Runner) -> Iterator[ValidationPool]:
 
 def _outcome(pool: ValidationPool, runner: asyncio.Runner, body: bytes) -> Any:
     try:
-        return read_ipc(runner.run(pool.validate(body, NOW_US, ORG, to_ipc))).to_pylist()
+        return read_ipc(runner.run(pool.validate(body, NOW_US, write_ipc))).to_pylist()
     except ValidationFailed as exc:
         return exc.errors
 
 
 def _inline(body: bytes) -> Any:
-    result = validate_body(body, ORG, NOW_US, RULES, to_ipc)
+    result = validate_body(body, NOW_US, RULES, write_ipc)
     return result if isinstance(result, list) else read_ipc(result).to_pylist()
 
 
@@ -72,7 +70,7 @@ def test_small_bodies_are_validated_inline(runner: asyncio.Runner) -> None:
         # workers=0: no processes at all.
         async with ValidationPool(RULES, workers=0) as inline:
             return await inline.validate(
-                b'{"events": [{"name": "a", "external_customer_id": "c"}]}', NOW_US, ORG, to_ipc
+                b'{"events": [{"name": "a", "external_customer_id": "c"}]}', NOW_US, write_ipc
             )
 
     table = read_ipc(runner.run(run()))

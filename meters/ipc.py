@@ -1,4 +1,5 @@
-"""Arrow tables as one IPC buffer: how worker processes hand decoded events back."""
+"""Arrow tables as one IPC buffer: how validated events cross a process boundary (validation
+workers to the core) and how the ingest log and Kafka records carry them."""
 
 from __future__ import annotations
 
