@@ -22,7 +22,7 @@ from meters.events import COLUMNS, EventRules, to_table
 from meters.events.compiled import record_validator
 from meters.events.schema import OPTIONAL_FIELDS, TIMESTAMP
 from meters.ipc import write_ipc
-from meters.records import Record, Rejected, decode_records
+from meters.records import Record, Undecodable, decode_records
 from meters.times import us_to_iso
 
 _INT64: pa.DataType = pa.int64()
@@ -142,7 +142,9 @@ def _json(
     results = decode_records(values, timestamps_ms, now_us=now, rules=rules, max_bytes=max_bytes)
     good = [(positions[i], r) for i, r in enumerate(results) if isinstance(r, Record)]
     dead = [
-        DeadLetter(positions[i], r.reason) for i, r in enumerate(results) if isinstance(r, Rejected)
+        DeadLetter(positions[i], r.reason)
+        for i, r in enumerate(results)
+        if isinstance(r, Undecodable)
     ]
     table = _origin(
         to_table([r.event for _, r in good]),

@@ -1,4 +1,7 @@
-"""The metering domain: events, validation rules and (later) meters, ledger and forwarding.
+"""The metering domain, and the wire formats every process shares: the event and its
+validators, meter filters and aggregations with their reference fold, customer and ledger
+rules, the Kafka record formats and Arrow IPC, the upstream (Polar) client and reconciliation.
 
-Pure Python: imports neither aiokafka nor an HTTP server, so every process shares one set of rules.
+Imports no other package of this project, no Kafka client, no HTTP server and no DuckDB
+(`meters/ruff.toml`), so the edge, the core and the SDK share one set of rules.
 """

@@ -21,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 from meters.filters import EventView, Path, is_stored, parse_path
 
 UniqueKey = tuple[str, str | float | bool]
+# Aggregations whose results over periods add up to the result over their union: only these
+# can be pre-summed per period and forwarded as such (rollup mode), counted upstream by `sum`.
+ADDITIVE = frozenset({"count", "sum"})
 
 
 def _checked(prop: str, info: ValidationInfo, *, numeric: bool) -> str:

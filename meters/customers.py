@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -13,11 +13,7 @@ from pydantic import (
     StrictInt,
     model_validator,
 )
-from pydantic import ValidationError as PydanticValidationError
 
-from meters.errors import FieldError, ValidationFailed
-
-M = TypeVar("M", bound=BaseModel)
 MetadataKey = Annotated[str, Field(min_length=1, max_length=40)]
 MetadataValue = (
     Annotated[str, Field(min_length=1, max_length=500)] | StrictBool | StrictInt | StrictFloat
@@ -68,18 +64,3 @@ class CustomerCreate(_CustomerFields):
 
 class CustomerUpdate(_CustomerFields):
     type: Literal["individual", "team"] | None = None
-
-
-def parse_model(model: type[M], body: Any) -> M:
-    """Validate a decoded JSON `body` against `model`, strictly: a string is never a number or
-    a boolean, a number never a string (Polar coerces them). Ids and timestamps are strings,
-    read by `meters.wire`. Errors become ValidationFailed with `("body", ...)` locs."""
-    try:
-        return model.model_validate(body, strict=True)
-    except PydanticValidationError as exc:
-        raise ValidationFailed(
-            [
-                FieldError(e["type"], ("body", *e["loc"]), e["msg"], e.get("input"))
-                for e in exc.errors(include_url=False)
-            ]
-        ) from None

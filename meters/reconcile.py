@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter
 
-from meters.aggregations import Aggregation, CountAggregation, Partial, UniqueAggregation
+from meters.aggregations import ADDITIVE, Aggregation, Partial, UniqueAggregation
 from meters.filters import EventView, Filter
 from meters.times import datetime_to_us, us_to_datetime, us_to_iso
 
@@ -200,4 +200,4 @@ def repair_event(drift: Drift, period_minutes: int) -> dict[str, Any]:
 
 def rollup_meters(meters: list[Meter]) -> list[Meter]:
     """The meters rollup mode forwards."""
-    return [m for m in meters if isinstance(m.aggregation, CountAggregation) or m.func == "sum"]
+    return [m for m in meters if m.func in ADDITIVE]

@@ -33,7 +33,7 @@ class Record:
 
 
 @dataclass(frozen=True, slots=True)
-class Rejected:
+class Undecodable:
     """Why a record cannot be applied (the dead-letter reason)."""
 
     reason: str
@@ -75,18 +75,18 @@ def decode_records(
     now_us: int,
     rules: EventRules,
     max_bytes: int,
-) -> list[Record | Rejected]:
+) -> list[Record | Undecodable]:
     """Decode and validate record values; one result per value, in order.
 
     All the valid events are validated in one pass; only when some fail is each failing
     record's reason picked out of the errors.
     """
-    results: list[Record | Rejected | None] = [None] * len(values)
+    results: list[Record | Undecodable | None] = [None] * len(values)
     items: list[dict[str, Any]] = []
     heads: list[tuple[int, str, int]] = []  # (index in values, organization, ingested_at)
     for i, (raw, ts_ms) in enumerate(zip(values, timestamps_ms, strict=True)):
         head = _head(raw, ts_ms, max_bytes)
-        if isinstance(head, Rejected):
+        if isinstance(head, Undecodable):
             results[i] = head
             continue
         organization, ingested_at, item = head
@@ -105,7 +105,7 @@ def decode_records(
                 where = ".".join(str(part) for part in error.loc[3:]) or "event"
                 bad.setdefault(position, f"{where}: {error.msg}")
             for position, reason in bad.items():
-                results[heads[position][0]] = Rejected(reason)
+                results[heads[position][0]] = Undecodable(reason)
             items = [item for p, item in enumerate(items) if p not in bad]
             heads = [head for p, head in enumerate(heads) if p not in bad]
             continue
@@ -117,28 +117,28 @@ def decode_records(
 
 def _head(
     raw: bytes | None, timestamp_ms: int, max_bytes: int
-) -> tuple[str, int, dict[str, Any]] | Rejected:
+) -> tuple[str, int, dict[str, Any]] | Undecodable:
     """The record's organization, ingested_at and remaining event fields."""
     if raw is None:
-        return Rejected("value: missing (tombstone)")
+        return Undecodable("value: missing (tombstone)")
     if len(raw) > max_bytes:
-        return Rejected(f"value: {len(raw)} bytes, over the {max_bytes}-byte limit")
+        return Undecodable(f"value: {len(raw)} bytes, over the {max_bytes}-byte limit")
     try:
         item = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return Rejected(f"value: not JSON ({exc})")
+        return Undecodable(f"value: not JSON ({exc})")
     if not isinstance(item, dict):
-        return Rejected("value: not a JSON object")
+        return Undecodable("value: not a JSON object")
     organization = _uuid(item.pop("organization_id", None))
     if organization is None:
-        return Rejected("organization_id: missing or not a UUID")
+        return Undecodable("organization_id: missing or not a UUID")
     ingested = item.pop("ingested_at", None)
     if ingested is None:
         ingested_at = timestamp_ms * 1000
     else:
         parsed = _parse_time(ingested)
         if parsed is None:
-            return Rejected("ingested_at: not an RFC 3339 timestamp with a timezone")
+            return Undecodable("ingested_at: not an RFC 3339 timestamp with a timezone")
         ingested_at = parsed
     return organization, ingested_at, item
 

@@ -17,11 +17,15 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from pydantic import AwareDatetime, BeforeValidator
+from pydantic import AwareDatetime, BaseModel, BeforeValidator
+from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticCustomError
 
+from meters.errors import FieldError, ValidationFailed
+
+M = TypeVar("M", bound=BaseModel)
 _HYPHENATED = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _ID = re.compile(rf"{_HYPHENATED}|\{{{_HYPHENATED}\}}|urn:uuid:{_HYPHENATED}|[0-9a-fA-F]{{32}}")
 ID_MESSAGE = "Input should be a valid UUID (hyphenated, braced, urn:uuid: or 32 hex digits)"
@@ -66,3 +70,18 @@ def _timestamp(value: Any) -> Any:
 Id = Annotated[uuid.UUID, BeforeValidator(_id)]
 # A datetime field of a request body: only an ISO 8601 string with a UTC offset.
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_timestamp)]
+
+
+def parse_model(model: type[M], body: Any) -> M:
+    """Validate a decoded JSON `body` against `model`, strictly: a string is never a number or
+    a boolean, a number never a string (Polar coerces them). Ids and timestamps are strings,
+    read by `meters.wire`. Errors become ValidationFailed with `("body", ...)` locs."""
+    try:
+        return model.model_validate(body, strict=True)
+    except PydanticValidationError as exc:
+        raise ValidationFailed(
+            [
+                FieldError(e["type"], ("body", *e["loc"]), e["msg"], e.get("input"))
+                for e in exc.errors(include_url=False)
+            ]
+        ) from None

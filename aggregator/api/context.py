@@ -9,7 +9,7 @@ from starlette.requests import Request
 
 from aggregator.backfill import Backfiller
 from aggregator.store import Store
-from ingest.http.requests import Authenticate, json_body, organization_of
+from ingest.http import Authenticate, json_body, organization_of
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from aggregator.api import params
 from aggregator.api.context import ApiContext
 from aggregator.store import costs as sql
 from aggregator.store.costs import GROUP_KEYS, CostQuery, decimal_text
-from ingest.http.responses import JSON
+from ingest.http import JSON
 from meters.errors import FieldError, ValidationFailed
 from meters.periods import MAX_DAYS, Interval, boundaries
 from meters.times import datetime_to_us, us_to_datetime

@@ -13,21 +13,24 @@ from aggregator.api import params, shapes
 from aggregator.api.context import ApiContext
 from aggregator.errors import NotFound
 from aggregator.store import customers as sql
+from aggregator.store import subjects
 from aggregator.store.events import subjects_first_timestamp
-from ingest.http.responses import JSON
-from meters.customers import CustomerCreate, CustomerUpdate, parse_model
+from ingest.http import JSON
+from meters.customers import CustomerCreate, CustomerUpdate
 from meters.times import now_us
+from meters.wire import parse_model
 
 
 def shaped(
     con: duckdb.DuckDBPyConnection, organization_id: str, rows: list[sql.CustomerRow]
 ) -> list[dict[str, Any]]:
     """Customers in output shape, with `first_user_event_at` from both of their ids."""
-    subjects = [s for r in rows for s in sql.subjects(r)]
-    first = subjects_first_timestamp(con, organization_id, subjects)
+    first = subjects_first_timestamp(
+        con, organization_id, [s for r in rows for s in subjects.of_customer(r)]
+    )
     out = []
     for r in rows:
-        times = [t for t in (first.get(f"id:{r.id}"), first.get(f"ext:{r.external_id}")) if t]
+        times = [t for t in map(first.get, subjects.of_customer(r)) if t]
         out.append(shapes.customer(r, min(times) if times else None))
     return out
 

@@ -18,7 +18,7 @@ from aggregator.store import customers as customer_sql
 from aggregator.store import events as sql
 from aggregator.store import meters as meter_sql
 from aggregator.store.meter_sql import meter_events_sql
-from ingest.http.responses import JSON
+from ingest.http import JSON
 
 SORTS = frozenset({"timestamp", "-timestamp"})
 

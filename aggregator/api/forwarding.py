@@ -11,7 +11,7 @@ from starlette.routing import Route
 from aggregator.api.context import ApiContext
 from aggregator.errors import NotFound, UsageError
 from aggregator.forwarder import Forwarder
-from ingest.http.responses import JSON, error
+from ingest.http import JSON, error
 from meters.errors import FieldError, ValidationFailed
 from meters.wire import canonical_id
 

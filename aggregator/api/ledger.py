@@ -20,11 +20,11 @@ from aggregator.store import plans as plan_sql
 from aggregator.store.balances import Balances
 from aggregator.store.live import Live
 from aggregator.store.meters import get_meter
-from ingest.http.responses import JSON
-from meters.customers import parse_model
+from ingest.http import JSON
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger import CreditCreate, PlanCreate, ResetCreate
 from meters.times import now_us
+from meters.wire import parse_model
 
 Con = duckdb.DuckDBPyConnection
 SORTS = frozenset({"modified_at", "-modified_at"})

@@ -16,13 +16,14 @@ from aggregator.errors import NotFound
 from aggregator.store import customers as customer_sql
 from aggregator.store import meters as sql
 from aggregator.store import quantities as quantity_sql
+from aggregator.store import subjects
 from aggregator.store.quantities import Scope
-from ingest.http.responses import JSON
-from meters.customers import parse_model
+from ingest.http import JSON
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.errors import FieldError, ValidationFailed
 from meters.periods import MAX_DAYS, Interval
 from meters.times import now_us
+from meters.wire import parse_model
 
 AGGREGATION_FUNCTIONS = frozenset({"count", "sum", "max", "min", "avg", "unique"})
 
@@ -84,9 +85,9 @@ def _subjects(
     if not ids and not external:
         return None
     found = customer_sql.customers_by_refs(con, org, list(ids), list(external))
-    subjects = {f"id:{i}" for i in ids} | {f"ext:{e}" for e in external}
-    subjects |= {s for c in found for s in customer_sql.subjects(c)}
-    return tuple(sorted(subjects))
+    names = {subjects.of_id(i) for i in ids} | {subjects.of_external(e) for e in external}
+    names |= {s for c in found for s in subjects.of_customer(c)}
+    return tuple(sorted(names))
 
 
 def routes(ctx: ApiContext) -> list[Route]:

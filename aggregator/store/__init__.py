@@ -2,10 +2,10 @@
 reader threads, the state it keeps in memory (`live`), and beside the file the ingest log and
 the stored keys that do not fit in memory (`dedupe`).
 
-This package is the only place with SQL. Writes are jobs run by `Writer` (group commit); events
-are applied in memory at once and stored by the `Flusher` in large transactions (`memtable`);
-embedded requests are durable before that in the `ingest_log`; rollups are rewritten sorted by
-the `Reclusterer`.
+This package is the only place with DuckDB SQL (tokens are kept apart, in SQLite: `auth`).
+Writes are jobs run by `Writer` (group commit); events are applied in memory at once and stored
+by the `Flusher` in large transactions (`memtable`); embedded requests are durable before that
+in the `ingest_log`; rollups are rewritten sorted by the `Reclusterer`.
 Reads run on per-thread cursors off the event loop, each interrupted past `read_timeout_seconds`
 (one tenant's heavy query must not hold a reader thread that every tenant shares); `read` first
 waits until every event applied so far is stored, `read_now` does not (for tables ingest does

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import duckdb
 import orjson
@@ -36,19 +36,6 @@ class CustomerRow:
     metadata: dict[str, Any]
     created_at_us: int
     modified_at_us: int | None
-
-
-class _Named(Protocol):
-    @property
-    def id(self) -> str: ...
-    @property
-    def external_id(self) -> str | None: ...
-
-
-def subjects(customer: _Named) -> list[str]:
-    """How events name the customer, as rollups, the ledger and first-event times spell it:
-    'id:<uuid>' and, when it has one, 'ext:<external id>'."""
-    return [f"id:{customer.id}"] + ([f"ext:{customer.external_id}"] if customer.external_id else [])
 
 
 def _row(r: tuple[Any, ...]) -> CustomerRow:

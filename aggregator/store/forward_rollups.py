@@ -16,19 +16,21 @@ from typing import Any
 import duckdb
 import orjson
 
+from aggregator.store import subjects
 from aggregator.store.outbox import Pending
 from aggregator.store.rows import first_row
 from aggregator.store.writer import independent
+from meters.aggregations import ADDITIVE
 from meters.times import us_to_datetime, us_to_iso
 
 Con = duckdb.DuckDBPyConnection
 
-# Only count and sum meters can be pre-aggregated: their per-period results add up upstream.
-_DIFF = """
+# Only additive meters are pre-summed (`meters.aggregations.ADDITIVE`).
+_DIFF = f"""
 WITH live AS (
     SELECT id, name, aggregation->>'func' AS func FROM meters
     WHERE organization_id = $org AND archived_at IS NULL AND backfilled_to >= backfill_target
-      AND aggregation->>'func' IN ('count', 'sum')
+      AND aggregation->>'func' IN ({", ".join(repr(f) for f in sorted(ADDITIVE))})
 ), now_ AS (
     SELECT r.meter_id, r.subject, time_bucket(to_minutes($minutes), r.bucket) AS period,
            sum(r.events) AS events,
@@ -50,11 +52,13 @@ WHERE coalesce(now_.units, 0.0) <> coalesce(held.units, 0.0)
 ORDER BY period, meter_id, subject
 """
 
-_CUSTOMERS = """
-SELECT s.subject, CASE WHEN starts_with(s.subject, 'ext:') THEN substr(s.subject, 5)
-                       ELSE coalesce(c.external_id, substr(s.subject, 4)) END
+_CUSTOMERS = f"""
+SELECT s.subject,
+       CASE WHEN starts_with(s.subject, '{subjects.EXTERNAL}')
+            THEN substr(s.subject, {len(subjects.EXTERNAL) + 1})
+            ELSE coalesce(c.external_id, substr(s.subject, {len(subjects.ID) + 1})) END
 FROM (SELECT unnest(?::VARCHAR[]) AS subject) s
-LEFT JOIN customers c ON 'id:' || c.id::VARCHAR = s.subject
+LEFT JOIN customers c ON {subjects.id_sql("c")} = s.subject
 """
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from aggregator.store import ingest_log, rollups
+from aggregator.store import ingest_log, rollups, subjects
 from aggregator.store.rollups import Evaluated
 from aggregator.store.rows import registered
 from meters.events import COLUMNS
@@ -155,12 +155,9 @@ def _record_links(con: duckdb.DuckDBPyConnection) -> None:
         " FROM _stored_events WHERE parent_id IS NOT NULL GROUP BY ALL"
         " ON CONFLICT DO UPDATE SET children = children + excluded.children"
     )
-    # Subjects are spelled as the readers look them up: 'id:<uuid>' or 'ext:<external id>'.
     con.execute(
         "INSERT INTO event_subjects"
-        " SELECT organization_id::UUID,"
-        " CASE WHEN customer_id IS NOT NULL THEN 'id:' || customer_id"
-        " ELSE 'ext:' || external_customer_id END, min(timestamp)"
+        f" SELECT organization_id::UUID, {subjects.OF_EVENT}, min(timestamp)"
         " FROM _stored_events GROUP BY ALL ON CONFLICT DO UPDATE"
         " SET first_timestamp = least(first_timestamp, excluded.first_timestamp)"
     )

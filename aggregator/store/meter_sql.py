@@ -15,7 +15,6 @@ from meters.aggregations import CountAggregation, PropertyAggregation, UniqueAgg
 from meters.filters import COST_AMOUNT, Filter, FilterClause, Path, clause_text
 
 _SQL_OPS = {"eq": "=", "ne": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
-_NUMBER_TYPES = "('BIGINT', 'UBIGINT', 'DOUBLE')"
 # Casts are TRY_CASTs: DuckDB may evaluate them on rows the kind check rules out.
 # Epoch seconds floored, in integer arithmetic (DuckDB's // truncates toward zero).
 _EPOCH_SECONDS = (

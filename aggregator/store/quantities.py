@@ -16,19 +16,19 @@ from zoneinfo import ZoneInfo
 
 import duckdb
 
+from aggregator.store import subjects
 from aggregator.store.meter_sql import contribution_sql, filter_sql, member_pointer
 from aggregator.store.meters import MeterRow
-from aggregator.store.rollups import SUBJECT
+from aggregator.store.rollups import BUCKET_US
 from meters.aggregations import Partial, UniqueAggregation
 from meters.periods import Interval, boundaries
 from meters.times import datetime_to_us, us_to_datetime
 
-BUCKET_US = 15 * 60 * 1_000_000
 # One customer however its events named it: a customer id, or the id of the customer
 # with that external id, else the external id itself.
 _CUSTOMER = (
-    "coalesce((SELECT 'id:' || c.id::VARCHAR FROM customers c WHERE c.organization_id = ?::UUID"
-    " AND subject = 'ext:' || c.external_id), subject)"
+    f"coalesce((SELECT {subjects.id_sql('c')} FROM customers c WHERE c.organization_id = ?::UUID"
+    f" AND subject = {subjects.external_sql('c')}), subject)"
 )
 Key = tuple[int, str]  # (range index, customer or "")
 
@@ -105,7 +105,7 @@ def from_events(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     )
     params: list[Any] = [meter.organization_id, *_span(ranges), *in_filter_params]
     if scope.subjects is not None:
-        where += f" AND {SUBJECT} IN (SELECT unnest(?::VARCHAR[]))"
+        where += f" AND {subjects.OF_EVENT} IN (SELECT unnest(?::VARCHAR[]))"
         params.append(list(scope.subjects))
     for key, values in scope.metadata:
         where += " AND json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))"
@@ -113,7 +113,8 @@ def from_events(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     who_params, _, selected, group = _shape(scope, "count(*), sum(v), min(v), max(v)", "v")
     return (
         f"SELECT {selected} FROM"
-        f" (SELECT {SUBJECT} AS subject, timestamp, {value} AS v FROM events WHERE {where}) e"
+        f" (SELECT {subjects.OF_EVENT} AS subject, timestamp, {value} AS v"
+        f" FROM events WHERE {where}) e"
         f" JOIN {cte} p ON e.timestamp >= p.lo AND e.timestamp < p.hi"
         f" WHERE v IS NOT NULL {group}",
         [*who_params, *value_params, *params, *cte_params],

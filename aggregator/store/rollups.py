@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aggregator.store import subjects
 from aggregator.store.meter_sql import Extracted, contribution_sql, filter_sql
 from aggregator.store.rows import registered
 from meters.aggregations import UniqueAggregation
@@ -31,11 +32,10 @@ from meters.aggregations import UniqueAggregation
 if TYPE_CHECKING:
     from aggregator.store.meters import MeterRow
 
-BUCKET = "time_bucket(INTERVAL 15 MINUTE, timestamp)"
-SUBJECT = (
-    "CASE WHEN customer_id IS NOT NULL THEN 'id:' || customer_id::VARCHAR"
-    " ELSE 'ext:' || external_customer_id END"
-)
+# Rollups sum events per 15 minutes: quantities read whole buckets from them, the rest from events.
+BUCKET_MINUTES = 15
+BUCKET_US = BUCKET_MINUTES * 60 * 1_000_000
+BUCKET = f"time_bucket(INTERVAL {BUCKET_MINUTES} MINUTE, timestamp)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,12 +262,11 @@ _EMPTY_VALUES = pa.schema(
 ).empty_table()
 
 
-# The customer references a reset has closed, with the seq of that reset: 'id:<customer>' and,
-# when the customer has one, 'ext:<its external id>'.
+# The subjects a reset has closed, with the seq of that reset.
 RESETS = (
     "SELECT cm.meter_id, s.subject, cm.reset_seq FROM customer_meters cm"
     " JOIN customers c ON c.id = cm.customer_id,"
-    " unnest(['id:' || c.id::VARCHAR, 'ext:' || c.external_id]) s(subject)"
+    f" unnest({subjects.of_customer_sql('c')}) s(subject)"
     " WHERE cm.reset_seq > 0 AND s.subject IS NOT NULL"
 )
 _AFTER_RESET = (
@@ -293,8 +292,8 @@ def _values(
     # Each step MATERIALIZED: otherwise DuckDB inlines the projections and evaluates the JSON
     # parse, and each facet, once per use.
     return (
-        f"WITH r AS MATERIALIZED (SELECT {SUBJECT} AS subject, {BUCKET} AS bucket, seq, name,"
-        f" source, timestamp, {projection} FROM {source} WHERE {where}),"
+        f"WITH r AS MATERIALIZED (SELECT {subjects.OF_EVENT} AS subject, {BUCKET} AS bucket,"
+        f" seq, name, source, timestamp, {projection} FROM {source} WHERE {where}),"
         f" f AS MATERIALIZED (SELECT *, {extracted.facets()} FROM r),"
         f" e AS MATERIALIZED (SELECT subject, bucket, seq, {', '.join(columns)} FROM f)"
         " SELECT * FROM e",

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from meters.customers import CustomerCreate, CustomerUpdate, parse_model
+from meters.customers import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
+from meters.wire import parse_model
 
 EMAIL = "ada@example.com"
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meters.events import EventRules, parse_ingest_body
-from meters.records import Record, Rejected, decode_records, record_key, record_value
+from meters.records import Record, Undecodable, decode_records, record_key, record_value
 from tests.strategies import NOW_US, valid_events
 
 ORG = "0b7f7c1e-4d0a-4a55-9d7e-2f2b6a1c9e01"
@@ -19,7 +19,7 @@ RULES = EventRules()
 TS_MS = NOW_US // 1000
 
 
-def _decode(values: list[bytes | None]) -> list[Record | Rejected]:
+def _decode(values: list[bytes | None]) -> list[Record | Undecodable]:
     return decode_records(
         values, [TS_MS] * len(values), now_us=NOW_US, rules=RULES, max_bytes=64 * 1024
     )
@@ -62,7 +62,7 @@ GOOD = {"organization_id": ORG, "name": "call", "external_customer_id": "c1"}
 def test_bad_records_are_rejected_with_the_field(value: bytes | None, reason: str) -> None:
     good = orjson.dumps({**GOOD, "external_id": "after"})
     decoded = _decode([value, good])
-    assert isinstance(decoded[0], Rejected), decoded[0]
+    assert isinstance(decoded[0], Undecodable), decoded[0]
     assert decoded[0].reason.startswith(reason) or reason in decoded[0].reason, decoded[0]
     # A bad record never takes its neighbours down with it.
     assert isinstance(decoded[1], Record) and decoded[1].event.external_id == "after"

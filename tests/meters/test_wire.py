@@ -13,9 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from meters.customers import parse_model
 from meters.errors import ValidationFailed
-from meters.wire import Id, Timestamp, canonical_id
+from meters.wire import Id, Timestamp, canonical_id, parse_model
 
 POLAR_UUID: TypeAdapter[uuid.UUID] = TypeAdapter(uuid.UUID)
 
