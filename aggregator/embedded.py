@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from aggregator.store import Store
 from aggregator.store.events import IngestJob
-from aggregator.store.ingest_log import Encoded
 from ingest.publish import PublishResult
 from ingest.validation import ValidationPool
+from meters.ipc import Encoded
 
 
 class EmbeddedPublisher:

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 
 from aggregator.errors import AggregatorError
 from meters.events.schema import TIMESTAMP
-from meters.ipc import read_ipc, write_ipc
+from meters.ipc import Encoded, read_ipc
 
 _MAGIC = b"MLG1"
 _FRAME = struct.Struct("<4sIII")  # magic, header bytes, events bytes, CRC-32 of both
@@ -95,32 +95,9 @@ def with_source(events: pa.Table) -> pa.Table:
 
 
 def encode(events: pa.Table) -> bytes:
-    return write_ipc(events, compression="zstd")
-
-
-class Encoded:
-    """Validated events as the log keeps them (`data`), encoded where they were validated (in a
-    worker process, or inline), and the table itself while still in that process: inline
-    validation does not decode what it just encoded. Pickles as `data` alone (the way back
-    from a worker)."""
-
-    __slots__ = ("_events", "data")
-
-    def __init__(self, events: pa.Table | None, data: bytes | None = None) -> None:
-        self._events = events
-        if data is None:
-            assert events is not None
-            data = encode(events)
-        self.data = data
-
-    def __reduce__(self) -> tuple[type[Encoded], tuple[None, bytes]]:
-        return Encoded, (None, self.data)
-
-    @property
-    def events(self) -> pa.Table:
-        if self._events is None:
-            self._events = read_ipc(self.data)
-        return self._events
+    """How the log keeps a request's events: what the edge's validation encodes for the
+    embedded publisher (`meters.ipc.Encoded`)."""
+    return Encoded(events).data
 
 
 def stored_through(con: duckdb.DuckDBPyConnection) -> int:

@@ -4,10 +4,8 @@ refused, an append whose transaction failed is undone, and stored segments are d
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from aggregator.store import ingest_log
@@ -99,15 +97,3 @@ def test_stored_segments_are_deleted_but_the_last(
     assert len(list(tmp_path.glob("*.log"))) == 1  # the one appended to stays
     log.close()
     assert _reopened(tmp_path, stored=7) == []
-
-
-def test_encoded_events_keep_their_table_in_process_and_travel_as_bytes() -> None:
-    """Inline validation hands the table on without decoding it again; what a worker sends
-    back is the encoded bytes alone, decoded once on arrival."""
-
-    table = pa.table({"name": ["a", "b"]})
-    encoded = ingest_log.Encoded(table)
-    assert encoded.events is table
-    back = pickle.loads(pickle.dumps(encoded))
-    assert back.data == encoded.data == ingest_log.encode(table)
-    assert back.events.equals(table)
