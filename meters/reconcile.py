@@ -180,7 +180,7 @@ def compare(meters: list[Meter], local: Tally, upstream: Tally, *, rollup: bool)
 def repair_event(drift: Drift, period_minutes: int) -> dict[str, Any]:
     """Rollup mode: the upstream event that brings its consumption to the local one."""
     amounts = f"{drift.customer}|{drift.local!r}|{drift.upstream!r}"
-    digest = hashlib.md5(amounts.encode()).hexdigest()[:16]
+    digest = hashlib.md5(amounts.encode(), usedforsecurity=False).hexdigest()[:16]
     period = us_to_datetime(drift.period_us).strftime("%Y%m%dT%H%M")
     units = drift.difference
     return {

@@ -65,7 +65,7 @@ LEFT JOIN customers c ON {subjects.id_sql("c")} = s.subject
 def external_id(meter_id: str, subject: str, period_us: int, revision: int) -> str:
     """Deterministic: the same revision always carries the same id (and the same amount)."""
     period = us_to_datetime(period_us).strftime("%Y%m%dT%H%M")
-    customer = hashlib.md5(subject.encode()).hexdigest()[:12]
+    customer = hashlib.md5(subject.encode(), usedforsecurity=False).hexdigest()[:12]
     return f"meterline:rollup:{meter_id}:{period}:{revision}:{customer}"
 
 

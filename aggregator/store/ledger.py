@@ -43,7 +43,11 @@ Con = duckdb.DuckDBPyConnection
 def customer_meter_id(customer_id: str, meter_id: str) -> str:
     """Stable id of a customer meter, whether or not it has a row yet (the SQL twin is
     `_ID_SQL`)."""
-    return str(uuid.UUID(hashlib.md5(f"{customer_id}/{meter_id}".encode()).hexdigest()))
+    return str(
+        uuid.UUID(
+            hashlib.md5(f"{customer_id}/{meter_id}".encode(), usedforsecurity=False).hexdigest()
+        )
+    )
 
 
 _ID_SQL = "md5(p.customer_id::VARCHAR || '/' || p.meter_id::VARCHAR)::UUID"
