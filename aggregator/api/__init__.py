@@ -1,1 +1,2 @@
-"""The core's HTTP API: events, customers (and, later, meters and balances)."""
+"""The core's HTTP API: each route authenticates, parses its request, calls one
+`aggregator.services` function and answers its rows in the resource's `shapes`."""

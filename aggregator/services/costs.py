@@ -9,11 +9,11 @@ from zoneinfo import ZoneInfo
 
 from aggregator.store import Store
 from aggregator.store import costs as sql
-from aggregator.store.costs import GROUP_KEYS, CostQuery
+from aggregator.store.costs import GROUP_KEYS, CostQuery, decimal_text
 from meters.periods import Interval, boundaries
 from meters.times import datetime_to_us, us_to_datetime
 
-__all__ = ["GROUP_KEYS", "CostGroup", "CostPeriod", "CostReport", "costs"]
+__all__ = ["GROUP_KEYS", "CostGroup", "CostPeriod", "CostReport", "costs", "decimal_text"]
 
 
 @dataclass(frozen=True, slots=True)

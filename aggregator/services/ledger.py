@@ -24,6 +24,7 @@ from meters.times import now_us
 __all__ = [
     "Applied",
     "BalanceCheck",
+    "CustomerMeter",
     "CustomerMeterView",
     "CustomerState",
     "check",

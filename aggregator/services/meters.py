@@ -23,6 +23,7 @@ from meters.times import now_us
 
 __all__ = [
     "METER_SORTS",
+    "MeterRow",
     "Quantities",
     "QuantityWindow",
     "create",

@@ -7,8 +7,7 @@ from typing import Literal, NotRequired
 
 from typing_extensions import TypedDict
 
-from aggregator.services.costs import CostGroup, CostPeriod, CostReport
-from aggregator.store.costs import decimal_text
+from aggregator.services.costs import CostGroup, CostPeriod, CostReport, decimal_text
 
 __all__ = ["CostsShape", "costs"]
 

@@ -11,9 +11,14 @@ from typing_extensions import TypedDict
 from aggregator.api.shapes.common import ListResource, iso, pagination
 from aggregator.api.shapes.customers import CustomerShape, customer
 from aggregator.api.shapes.meters import MeterShape, meter
-from aggregator.services.ledger import Applied, BalanceCheck, CustomerMeterView, CustomerState
+from aggregator.services.ledger import (
+    Applied,
+    BalanceCheck,
+    CustomerMeter,
+    CustomerMeterView,
+    CustomerState,
+)
 from aggregator.services.pages import Page
-from aggregator.store.ledger import CustomerMeter
 from meters.ledger import CreditCreate, ResetCreate
 
 __all__ = [

@@ -8,9 +8,8 @@ from typing import Any, Literal
 from typing_extensions import TypedDict
 
 from aggregator.api.shapes.common import ListResource, iso, pagination
-from aggregator.services.meters import Quantities
+from aggregator.services.meters import MeterRow, Quantities
 from aggregator.services.pages import Page
-from aggregator.store.meters import MeterRow
 from meters.definitions import MeterCreate, MeterUpdate
 
 __all__ = ["MeterCreate", "MeterShape", "MeterUpdate", "meter", "meters", "quantities"]

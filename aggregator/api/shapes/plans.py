@@ -7,7 +7,7 @@ from typing import Literal
 from typing_extensions import TypedDict
 
 from aggregator.api.shapes.common import iso
-from aggregator.store.plans import PlanRow
+from aggregator.services.plans import PlanRow
 from meters.ledger import PlanCreate
 
 __all__ = ["PlanCreate", "PlanListShape", "PlanShape", "plan", "plans"]
