@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aggregator.errors import NotFound
 
-TOKEN_PREFIX = "mlt_oat_"  # noqa: S105 - the prefix every token shows, not a secret
+TOKEN_PREFIX = "mlt_oat_"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS organizations (
     id TEXT PRIMARY KEY,

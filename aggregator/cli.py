@@ -289,10 +289,10 @@ def _token(args: argparse.Namespace) -> int:
     args.data_dir.mkdir(parents=True, exist_ok=True)
     registry = TokenRegistry(args.data_dir)
     try:
-        if args.token_command == "create":  # noqa: S105 - a subcommand's name
+        if args.token_command == "create":
             org = registry.organization(args.org)
             print(registry.create_token(org, args.label))
-        elif args.token_command == "list":  # noqa: S105 - a subcommand's name
+        elif args.token_command == "list":
             for info in registry.list_tokens():
                 state = f"revoked {info.revoked_at}" if info.revoked_at else "active"
                 print(

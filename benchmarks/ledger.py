@@ -29,8 +29,9 @@ import duckdb
 import httpx
 import pyarrow as pa
 
-from aggregator.api.ledger import check_balance
+from aggregator.api.shapes import ledger as ledger_shapes
 from aggregator.auth import TokenRegistry
+from aggregator.services.ledger import check
 from aggregator.store import Store
 from aggregator.store.events import IngestJob
 from aggregator.store.ledger import credit_job
@@ -137,7 +138,7 @@ async def _in_process(path: Path, org: str, plan: dict[str, int]) -> dict[str, A
         for _ in range(plan["checks"]):
             customer = f"cust_{rng.randrange(plan['customers'])}"
             started = time.perf_counter()
-            await store.read_now(check_balance, store.live, org, meter.id, None, customer, 10.0)
+            ledger_shapes.balance_check(await check(store, org, meter.id, None, customer, 10.0))
             timings.append(time.perf_counter() - started)
     return {
         "organization_id": org,

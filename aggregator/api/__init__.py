@@ -1,3 +1,2 @@
-"""The core's HTTP API in Polar's shapes: events, customers, meters and quantities, customer
-meters and the ledger, costs, forwarding. Routes parse the request, call a service and shape
-the answer (`shapes`); they hold no SQL (`aggregator/api/ruff.toml`)."""
+"""The core's HTTP API: each route authenticates, parses its request, calls one
+`aggregator.services` function and answers its rows in the resource's `shapes`."""

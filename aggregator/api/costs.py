@@ -1,28 +1,24 @@
 """`/v1/costs/`: what events cost (their `_cost.amount`, cents), in total, per group and period.
 
-A meterline extension (Polar has no such endpoint). Amounts are exact decimal strings in the
-canonical form of `_cost.amount` (`aggregator.store.costs.decimal_text`), never floats.
+A meterline extension (Polar has no such endpoint); its shapes are `shapes.costs`.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from decimal import Decimal
-from typing import Any, cast
+from typing import cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import duckdb
 from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api import params
 from aggregator.api.context import ApiContext
-from aggregator.store import costs as sql
-from aggregator.store.costs import GROUP_KEYS, CostQuery, decimal_text
+from aggregator.api.shapes import costs as shapes
+from aggregator.services import costs as service
+from aggregator.services.costs import GROUP_KEYS
 from ingest.http import JSON
 from meters.errors import FieldError, ValidationFailed
-from meters.periods import MAX_DAYS, Interval, boundaries
-from meters.times import datetime_to_us, us_to_datetime
+from meters.periods import MAX_DAYS, Interval
 
 MAX_GROUPS = 1000
 SORTS = frozenset({"-cost", "cost"})
@@ -90,17 +86,6 @@ def _group_by(request: Request) -> tuple[str, ...]:
     return tuple(g for g in GROUP_KEYS if g in chosen)
 
 
-def _boundaries(start: int, end: int, interval: Interval | None, tz: ZoneInfo) -> list[datetime]:
-    if interval is None:
-        return []
-    return boundaries(us_to_datetime(start), us_to_datetime(end), interval, tz)
-
-
-def _period(moment: datetime, found: tuple[Decimal, int] | None) -> dict[str, Any]:
-    amount, events = found or (Decimal(0), 0)
-    return {"timestamp": moment.isoformat(), "amount": decimal_text(amount), "events": events}
-
-
 def routes(ctx: ApiContext) -> list[Route]:
     async def costs(request: Request) -> JSON:
         org = ctx.organization(request)
@@ -108,48 +93,20 @@ def routes(ctx: ApiContext) -> list[Route]:
         group_by = _group_by(request)
         limit = params.integer(request, "limit", 100, 1, MAX_GROUPS)
         sort = _check_choice("sort", request.query_params.get("sort", "-cost"), SORTS)
-        ids = params.ids(request, "customer_id")
-        external = params.strings(request, "external_customer_id")
-        bounds = _boundaries(start, end, interval, tz)
-        query = CostQuery(
+        report = await service.costs(
+            ctx.store,
             org,
-            start,
-            end,
-            group_by,
-            edges=tuple(datetime_to_us(b) for b in bounds),
+            start_us=start,
+            end_us=end,
+            interval=interval,
+            tz=tz,
+            group_by=group_by,
+            customer_ids=params.ids(request, "customer_id"),
+            external_customer_ids=params.strings(request, "external_customer_id"),
             names=params.strings(request, "name"),
-            customers_filtered=bool(ids or external),
-            customer_ids=ids,
-            external_customer_ids=external,
             limit=limit,
             ascending=sort == "cost",
         )
-
-        def run(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
-            result = sql.compute(con, query)
-            groups = []
-            for group in result.groups:
-                shaped: dict[str, Any] = {
-                    "key": group.key,
-                    "amount": decimal_text(group.amount),
-                    "events": group.events,
-                }
-                if interval is not None:
-                    # Every period, the empty ones too: a dense series is what charts need.
-                    shaped["periods"] = [
-                        _period(moment, group.periods.get(i))
-                        for i, moment in enumerate(bounds[:-1])
-                    ]
-                groups.append(shaped)
-            return {
-                "total": {
-                    "amount": decimal_text(result.amount),
-                    "currency": "usd",
-                    "events": result.events,
-                },
-                "groups": groups,
-            }
-
-        return JSON(await ctx.store.read(run))
+        return JSON(shapes.costs(report))
 
     return [Route("/v1/costs/", costs, methods=["GET"])]

@@ -9,8 +9,10 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api.context import ApiContext
+from aggregator.api.shapes import forwarding as shapes
 from aggregator.errors import NotFound, UsageError
 from aggregator.forwarder import Forwarder
+from aggregator.services import forwarding as service
 from ingest.http import JSON, error
 from meters.errors import FieldError, ValidationFailed
 from meters.wire import canonical_id
@@ -25,23 +27,10 @@ def routes(
         return forwarder
 
     async def status(request: Request) -> JSON:
-        running = mine(request)
-        return JSON(
-            {
-                "backlog": await running.backlog(),
-                "sent": running.sent,
-                "retried": running.retried,
-                "quarantined": running.refused,
-                "mode": running.mode,
-                "last_error": running.last_error,
-            }
-        )
+        return JSON(shapes.status(await service.status(mine(request))))
 
     async def quarantine(request: Request) -> JSON:
-        rows = await mine(request).quarantined()
-        return JSON(
-            {"items": [{"seq": p.seq, "reason": reason, "event": p.event} for p, reason in rows]}
-        )
+        return JSON(shapes.quarantine(await service.quarantine(mine(request))))
 
     async def resend(request: Request) -> JSON:
         running = mine(request)
@@ -49,14 +38,12 @@ def routes(
             seq = int(request.path_params["seq"])
         except ValueError:
             raise NotFound("Not a quarantined event") from None
-        result = await running.resend(seq)
-        if result == "not quarantined":
-            raise NotFound("Not a quarantined event")
-        return JSON({"seq": seq, "result": result})
+        return JSON(shapes.resend(seq, await service.resend(running, seq)))
 
     async def resend_events(request: Request) -> JSON:
         running = mine(request)
         body = await request.body()
+        # A `shapes.forwarding.ResendEventsBody`, checked here: the 422 names its one field.
         try:
             given = orjson.loads(body)["event_ids"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
@@ -71,9 +58,10 @@ def routes(
                 ]
             )
         try:
-            return JSON(await running.resend_events([i for i in ids if i is not None]))
+            resent = await service.resend_events(running, [i for i in ids if i is not None])
         except UsageError as exc:
             return error(409, "Conflict", str(exc))
+        return JSON(shapes.resent(resent))
 
     return [
         Route("/v1/forwarder/", status, methods=["GET"]),

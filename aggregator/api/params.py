@@ -130,7 +130,3 @@ def sorting(request: Request, allowed: frozenset[str], default: str) -> list[str
                 value,
             )
     return values
-
-
-def pagination(total: int, limit: int) -> dict[str, int]:
-    return {"total_count": total, "max_page": -(-total // limit)}

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from aggregator.api.ledger import check_balance
+from aggregator.api.shapes.ledger import balance_check
 from aggregator.errors import NotFound
+from aggregator.services.ledger import check
 from aggregator.store import Store
 from aggregator.store.customers import create_job as create_customer
 from aggregator.store.customers import update_job as update_customer
@@ -41,14 +42,17 @@ def _use(tokens: int, *, customer_id: str | None = None, external: str | None = 
 
 
 async def _check(store: Store, meter_id: str, **customer: str) -> dict[str, Any]:
-    return await store.read_now(
-        check_balance,
-        store.live,
-        ORG,
-        meter_id,
-        customer.get("customer_id"),
-        customer.get("external_customer_id"),
-        0.0,
+    return dict(
+        balance_check(
+            await check(
+                store,
+                ORG,
+                meter_id,
+                customer.get("customer_id"),
+                customer.get("external_customer_id"),
+                0.0,
+            )
+        )
     )
 
 
@@ -110,12 +114,8 @@ def test_the_check_follows_redefinitions_and_late_external_ids(tmp_path: Path) -
 
             # Another organization's ids are not found, held or not.
             with pytest.raises(NotFound):
-                await store.read_now(
-                    check_balance, store.live, OTHER_ORG, meter.id, held.id, None, 0.0
-                )
+                await check(store, OTHER_ORG, meter.id, held.id, None, 0.0)
             with pytest.raises(NotFound):
-                await store.read_now(
-                    check_balance, store.live, OTHER_ORG, meter.id, None, "acme", 0.0
-                )
+                await check(store, OTHER_ORG, meter.id, None, "acme", 0.0)
 
     asyncio.run(scenario())
