@@ -14,15 +14,23 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from aggregator import metrics
-from aggregator.api import costs, customers, events, forwarding, ledger, meters, shapes
+from aggregator.api import (
+    cost_routes,
+    customer_routes,
+    event_routes,
+    forwarding_routes,
+    ledger_routes,
+    meter_routes,
+    shapes,
+)
 from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
-from aggregator.consumer import Consumer
 from aggregator.errors import KeyReused, MeterFailed, NotFound, QueryTimeout
-from aggregator.forwarder import Forwarder
+from aggregator.intake.consumer import Consumer
 from aggregator.store import Store, dedupe
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS
+from aggregator.upstream.forwarder import Forwarder
 from ingest.http import (
     JSON,
     Admission,
@@ -139,11 +147,11 @@ def build_app(
         _core_health(consumer),
         metrics_route(admission, settings.metrics_token, sources),
         *ingest_routes(publisher, authenticate, settings.ingest, admission),
-        *events.routes(ctx),
-        *ledger.routes(ctx),
-        *customers.routes(ctx),
-        *meters.routes(ctx),
-        *costs.routes(ctx),
-        *forwarding.routes(ctx, *(forwarder or (None, None))),
+        *event_routes.routes(ctx),
+        *ledger_routes.routes(ctx),
+        *customer_routes.routes(ctx),
+        *meter_routes.routes(ctx),
+        *cost_routes.routes(ctx),
+        *forwarding_routes.routes(ctx, *(forwarder or (None, None))),
     ]
     return Starlette(routes=routes, exception_handlers=_errors().handlers)

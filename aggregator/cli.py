@@ -28,16 +28,16 @@ import uvicorn
 import uvloop
 from starlette.applications import Starlette
 
-from aggregator import upstream_cli
 from aggregator.app import CoreSettings, build_app
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
-from aggregator.consumer import Consumer
-from aggregator.embedded import EmbeddedPublisher
 from aggregator.errors import NotFound, UsageError
-from aggregator.forwarder import Forwarder, ForwarderSettings
-from aggregator.plans import PlanCycler
+from aggregator.intake.consumer import Consumer
+from aggregator.intake.embedded import EmbeddedPublisher
+from aggregator.plan_cycler import PlanCycler
 from aggregator.store import Store
+from aggregator.upstream import cli as upstream_cli
+from aggregator.upstream.forwarder import Forwarder, ForwarderSettings
 from ingest.http import MIB, IngestSettings, Limits, Rate, edge_app, with_header_timeout
 from ingest.publish import Publisher
 from ingest.publish.kafka import KafkaPublisher, KafkaSettings

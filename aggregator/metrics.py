@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from functools import partial
 
-from aggregator.consumer import Consumer
-from aggregator.forwarder import Forwarder
+from aggregator.intake.consumer import Consumer
 from aggregator.store import Store
-from aggregator.store.meters import failed_meters
+from aggregator.store.meter_tables import failed_meters
+from aggregator.upstream.forwarder import Forwarder
 from ingest.http import Source
 
 

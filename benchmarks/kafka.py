@@ -66,7 +66,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from aggregator.auth import TokenRegistry
-from aggregator.consumer import Consumer
+from aggregator.intake.consumer import Consumer
 from aggregator.store import Store
 from aggregator.store.consumed import stored_offsets
 from benchmarks import loadgen

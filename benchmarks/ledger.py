@@ -29,13 +29,13 @@ import duckdb
 import httpx
 import pyarrow as pa
 
-from aggregator.api.shapes import ledger as ledger_shapes
+from aggregator.api import ledger_shapes
 from aggregator.auth import TokenRegistry
-from aggregator.services.ledger import check
+from aggregator.services.ledger_service import check
 from aggregator.store import Store
-from aggregator.store.events import IngestJob
-from aggregator.store.ledger import credit_job
-from aggregator.store.meters import create_job
+from aggregator.store.event_tables import IngestJob
+from aggregator.store.ledger_tables import credit_job
+from aggregator.store.meter_tables import create_job
 from benchmarks.common import metric, percentile
 from benchmarks.meters import (
     ROLLUP_BATCH,
@@ -46,7 +46,7 @@ from benchmarks.meters import (
 )
 from benchmarks.server import Server
 from meters.definitions import MeterCreate
-from meters.ledger import CreditCreate
+from meters.ledger_rules import CreditCreate
 from meters.times import now_us
 
 Con = duckdb.DuckDBPyConnection

@@ -58,9 +58,9 @@ from aggregator.auth import TokenRegistry
 from aggregator.store import Store, rollups
 from aggregator.store.balances import BYTES_PER_SLOT
 from aggregator.store.catalog import BYTES_PER_CUSTOMER
-from aggregator.store.events import IngestJob
+from aggregator.store.event_tables import IngestJob
 from aggregator.store.meter_sql import aggregate_sql, contribution_sql, meter_events_sql
-from aggregator.store.meters import MeterRow, backfill_step_job, create_job, meters_of
+from aggregator.store.meter_tables import MeterRow, backfill_step_job, create_job, meters_of
 from aggregator.store.quantities import Scope, compute, exact_range, reduce
 from benchmarks import ingest_http, loadgen
 from benchmarks.common import memory_kib, metric, percentile

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from meters.aggregations import Aggregation
-from meters.customers import Metadata
+from meters.customer_rules import Metadata
 from meters.filters import Filter
 
 Unit = Literal["scalar", "token", "custom"]

@@ -17,10 +17,10 @@ import httpx
 from aggregator.app import CoreSettings, build_app
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
-from aggregator.embedded import EmbeddedPublisher
+from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.store import Store
 from aggregator.store.compaction import compact
-from aggregator.store.meters import pending_backfills
+from aggregator.store.meter_tables import pending_backfills
 from ingest.validation import ValidationPool
 
 T = TypeVar("T")

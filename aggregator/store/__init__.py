@@ -28,7 +28,7 @@ import duckdb
 
 from aggregator.errors import QueryTimeout
 from aggregator.store import dedupe, ingest_log
-from aggregator.store.events import Replay
+from aggregator.store.event_tables import Replay
 from aggregator.store.flusher import Flusher
 from aggregator.store.ingest_log import IngestLog
 from aggregator.store.live import Live, SequenceCounter

@@ -28,7 +28,7 @@ from aggregator.store.dedupe import Dedupe, Spill
 from aggregator.store.flusher import Flusher
 from aggregator.store.ingest_log import IngestLog, Logged
 from aggregator.store.memtable import Applied, Memtable, keys_of
-from aggregator.store.meters import MeterRow, apply_isolated, meters_of
+from aggregator.store.meter_tables import MeterRow, apply_isolated, meters_of
 from aggregator.store.rollups import Evaluated
 from aggregator.store.rows import registered
 from meters.times import now_us

@@ -18,7 +18,7 @@ import duckdb
 
 from aggregator.store import subjects
 from aggregator.store.meter_sql import contribution_sql, filter_sql, member_pointer
-from aggregator.store.meters import MeterRow
+from aggregator.store.meter_tables import MeterRow
 from aggregator.store.rollups import BUCKET_US
 from meters.aggregations import Partial, UniqueAggregation
 from meters.periods import Interval, boundaries

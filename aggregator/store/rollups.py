@@ -30,7 +30,7 @@ from aggregator.store.rows import registered
 from meters.aggregations import UniqueAggregation
 
 if TYPE_CHECKING:
-    from aggregator.store.meters import MeterRow
+    from aggregator.store.meter_tables import MeterRow
 
 # Rollups sum events per 15 minutes: quantities read whole buckets from them, the rest from events.
 BUCKET_MINUTES = 15

@@ -17,15 +17,15 @@ import pytest
 
 from aggregator.store import Store
 from aggregator.store.compaction import compact, recluster
-from aggregator.store.customers import create_job as create_customer
-from aggregator.store.customers import get_customer_by_external_id
-from aggregator.store.events import IngestJob
-from aggregator.store.ledger import customer_meter
-from aggregator.store.meters import get_meter
+from aggregator.store.customer_tables import create_job as create_customer
+from aggregator.store.customer_tables import get_customer_by_external_id
+from aggregator.store.event_tables import IngestJob
+from aggregator.store.ledger_tables import customer_meter
+from aggregator.store.meter_tables import get_meter
 from aggregator.store.quantities import Scope, compute
 from aggregator.store.recluster import ReclusterSettings
 from aggregator.store.schema import MIGRATIONS, migrate
-from meters.customers import CustomerCreate
+from meters.customer_rules import CustomerCreate
 from meters.events import Event, to_table
 from meters.times import datetime_to_us
 

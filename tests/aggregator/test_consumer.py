@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from aggregator.consumer import _report_stop
+from aggregator.intake.consumer import _report_stop
 
 
 def test_a_consumer_that_dies_says_so_and_a_cancelled_one_does_not(
@@ -25,7 +25,7 @@ def test_a_consumer_that_dies_says_so_and_a_cancelled_one_does_not(
         assert not caplog.records
         _report_stop(died)
 
-    with caplog.at_level(logging.CRITICAL, logger="aggregator.consumer"):
+    with caplog.at_level(logging.CRITICAL, logger="aggregator.intake.consumer"):
         asyncio.run(run())
     assert [r.getMessage() for r in caplog.records] == [
         "the Kafka consumer stopped; no events are applied"

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.decode import decode_batch
-from aggregator.store.columns import row_problems
+from aggregator.intake.decode import decode_batch
+from aggregator.store.record_checks import row_problems
 from meters import columnar
 from meters.events import COLUMNS, EventRules, parse_ingest_body, validate_body
 from meters.ipc import read_ipc

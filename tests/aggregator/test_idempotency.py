@@ -15,15 +15,15 @@ import pytest
 from aggregator.errors import KeyReused
 from aggregator.store import Store
 from aggregator.store.compaction import compact
-from aggregator.store.customers import create_job as create_customer
-from aggregator.store.events import IngestJob
-from aggregator.store.ledger import credit_job, reset_job
-from aggregator.store.meters import create_job as create_meter
-from aggregator.store.plans import plan_create_job
-from meters.customers import CustomerCreate
+from aggregator.store.customer_tables import create_job as create_customer
+from aggregator.store.event_tables import IngestJob
+from aggregator.store.ledger_tables import credit_job, reset_job
+from aggregator.store.meter_tables import create_job as create_meter
+from aggregator.store.plan_tables import plan_create_job
+from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
-from meters.ledger import CreditCreate, PlanCreate, ResetCreate
+from meters.ledger_rules import CreditCreate, PlanCreate, ResetCreate
 from meters.times import now_us
 
 ORG = str(uuid.uuid4())

@@ -13,12 +13,12 @@ from typing import Any
 import duckdb
 import pytest
 
-from aggregator.services import customers, ledger
+from aggregator.services import customer_service, ledger_service
 from aggregator.store import Store
-from aggregator.store.meters import create_job
-from meters.customers import CustomerCreate
+from aggregator.store.meter_tables import create_job
+from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
-from meters.ledger import CreditCreate
+from meters.ledger_rules import CreditCreate
 from meters.times import now_us
 
 ORG = str(uuid.uuid4())
@@ -81,7 +81,7 @@ async def _add_meters(store: Store, customer_id: str, n: int) -> str:
             units=10,
             external_id=f"grant-{meter.id}",
         )
-        applied = await ledger.credit(store, ORG, data)
+        applied = await ledger_service.credit(store, ORG, data)
     assert applied is not None
     return applied.customer_meter.balance.id
 
@@ -91,14 +91,14 @@ def test_customer_meter_reads_do_not_grow_with_the_meters(
 ) -> None:
     async def scenario() -> None:
         async with Store(tmp_path / "m.duckdb") as store:
-            customer = await customers.create(
+            customer = await customer_service.create(
                 store, ORG, CustomerCreate(email="a@b.io", external_id="acme")
             )
             customer_id = customer.row.id
             counts = _count_statements(store, monkeypatch)
 
             async def measure(cm_id: str) -> dict[str, int]:
-                listed = ledger.list_customer_meters(
+                listed = ledger_service.list_customer_meters(
                     store,
                     ORG,
                     customer_ids=(),
@@ -110,17 +110,21 @@ def test_customer_meter_reads_do_not_grow_with_the_meters(
                 )
                 return {
                     "list": await _statements(counts, listed),
-                    "get": await _statements(counts, ledger.get_customer_meter(store, ORG, cm_id)),
-                    "state": await _statements(counts, ledger.state(store, ORG, customer_id)),
+                    "get": await _statements(
+                        counts, ledger_service.get_customer_meter(store, ORG, cm_id)
+                    ),
+                    "state": await _statements(
+                        counts, ledger_service.state(store, ORG, customer_id)
+                    ),
                     "state_external": await _statements(
-                        counts, ledger.state_by_external_id(store, ORG, "acme")
+                        counts, ledger_service.state_by_external_id(store, ORG, "acme")
                     ),
                 }
 
             one = await measure(await _add_meters(store, customer_id, 1))
             many = await measure(await _add_meters(store, customer_id, 7))
 
-            page = await ledger.list_customer_meters(
+            page = await ledger_service.list_customer_meters(
                 store,
                 ORG,
                 customer_ids=(),
@@ -130,7 +134,7 @@ def test_customer_meter_reads_do_not_grow_with_the_meters(
                 page=1,
                 limit=100,
             )
-            state = await ledger.state(store, ORG, customer_id)
+            state = await ledger_service.state(store, ORG, customer_id)
             assert page.total == len(page.items) == len(state.meters) == 8
             assert many == one
 

@@ -24,15 +24,20 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from aggregator.errors import KeyReused
 from aggregator.store import Store
 from aggregator.store.compaction import compact
-from aggregator.store.customers import create_job as create_customer
-from aggregator.store.events import IngestJob
-from aggregator.store.ledger import credit_job, customer_meter, held_customer_meter, reset_job
-from aggregator.store.meters import MeterRow, create_job, get_meter
-from aggregator.store.plans import cycle_due_job, plan_create_job
-from meters.customers import CustomerCreate
+from aggregator.store.customer_tables import create_job as create_customer
+from aggregator.store.event_tables import IngestJob
+from aggregator.store.ledger_tables import (
+    credit_job,
+    customer_meter,
+    held_customer_meter,
+    reset_job,
+)
+from aggregator.store.meter_tables import MeterRow, create_job, get_meter
+from aggregator.store.plan_tables import cycle_due_job, plan_create_job
+from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
-from meters.ledger import CreditCreate, Credits, PlanCreate, ResetCreate, cycle_start
+from meters.ledger_rules import CreditCreate, Credits, PlanCreate, ResetCreate, cycle_start
 from meters.times import EPOCH
 
 ORG = "8a3c1f0e-5b7d-4c2a-9e61-0f4b2d8c7a55"
@@ -235,7 +240,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @invariant()
     def customer_meters_equal_the_model(self) -> None:
         def read(con: Any) -> dict[str, Any]:
-            from aggregator.store.customers import get_customer
+            from aggregator.store.customer_tables import get_customer
 
             customer = get_customer(con, ORG, self.customer_id)
             assert customer is not None

@@ -16,8 +16,8 @@ import pytest
 
 from aggregator.auth import TokenRegistry
 from aggregator.store import Store
-from aggregator.store.events import IngestJob
-from aggregator.store.meters import backfill_step_job, create_job, get_meter, update_job
+from aggregator.store.event_tables import IngestJob
+from aggregator.store.meter_tables import backfill_step_job, create_job, get_meter, update_job
 from aggregator.store.schema import migrate
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.events import Event, to_table

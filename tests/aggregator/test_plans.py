@@ -8,14 +8,14 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from aggregator.plans import PlanCycler
+from aggregator.plan_cycler import PlanCycler
 from aggregator.store import Store
-from aggregator.store.customers import create_job as create_customer
-from aggregator.store.meters import create_job
-from aggregator.store.plans import PlanRow, get_plan, plan_create_job
-from meters.customers import CustomerCreate
+from aggregator.store.customer_tables import create_job as create_customer
+from aggregator.store.meter_tables import create_job
+from aggregator.store.plan_tables import PlanRow, get_plan, plan_create_job
+from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
-from meters.ledger import PlanCreate
+from meters.ledger_rules import PlanCreate
 from meters.times import EPOCH
 
 ORG = "2d7e4b1a-9c3f-4e8b-a5d6-7f1e0c2b3a44"

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from polar.v2026_10 import Polar
 
-from meters.ledger import cycle_start
+from meters.ledger_rules import cycle_start
 from tests.processes import MeterlineServer, new_org_token
 
 

@@ -16,8 +16,8 @@ from pydantic import TypeAdapter
 
 from aggregator.store import Store
 from aggregator.store.compaction import CLUSTERED, compact, recluster
-from aggregator.store.events import IngestJob
-from aggregator.store.meters import backfill_step_job, create_job
+from aggregator.store.event_tables import IngestJob
+from aggregator.store.meter_tables import backfill_step_job, create_job
 from aggregator.store.quantities import Scope, compute
 from aggregator.store.recluster import ReclusterSettings
 from meters.aggregations import Aggregation, fold

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.store import Store
-from aggregator.store.customers import create_job
-from aggregator.store.events import IngestJob, IngestResult
-from meters.customers import CustomerCreate
+from aggregator.store.customer_tables import create_job
+from aggregator.store.event_tables import IngestJob, IngestResult
+from meters.customer_rules import CustomerCreate
 from meters.errors import ValidationFailed
 from meters.events import Event, to_table
 from meters.times import now_us

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meters.ledger import Credits, cycle_start
+from meters.ledger_rules import Credits, cycle_start
 
 
 def test_polar_docs_grant_10_use_3_then_8() -> None:

@@ -1,0 +1,112 @@
+"""`/v1/costs/`: what events cost (their `_cost.amount`, cents), in total, per group and period.
+
+A meterline extension (Polar has no such endpoint); its shapes are `shapes.costs`.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from aggregator.api import cost_shapes as shapes
+from aggregator.api import params
+from aggregator.api.context import ApiContext
+from aggregator.services import cost_service as service
+from aggregator.services.cost_service import GROUP_KEYS
+from ingest.http import JSON
+from meters.errors import FieldError, ValidationFailed
+from meters.periods import MAX_DAYS, Interval
+
+MAX_GROUPS = 1000
+SORTS = frozenset({"-cost", "cost"})
+GROUPS = frozenset(GROUP_KEYS)
+_DAY_US = 86_400_000_000
+
+
+def _fail(name: str, type_: str, msg: str, value: object) -> ValidationFailed:
+    return ValidationFailed([FieldError(type_, ("query", name), msg, value)])
+
+
+def _check_choice(name: str, value: str, allowed: frozenset[str]) -> str:
+    if value not in allowed:
+        raise _fail(name, "enum", "Input should be one of: " + ", ".join(sorted(allowed)), value)
+    return value
+
+
+def _window(request: Request) -> tuple[int, int, Interval | None, ZoneInfo]:
+    """The range, the optional interval and the timezone. The range limits are the
+    quantities' per interval; without an interval, the widest of them (years': 3650 days)."""
+    start = params.timestamp(request, "start_timestamp")
+    end = params.timestamp(request, "end_timestamp")
+    for name, value in (("start_timestamp", start), ("end_timestamp", end)):
+        if value is None:
+            raise _fail(name, "missing", "Field required", None)
+    assert start is not None and end is not None
+    raw = request.query_params.get("interval")
+    interval = (
+        None if raw is None else cast(Interval, _check_choice("interval", raw, frozenset(MAX_DAYS)))
+    )
+    name = request.query_params.get("timezone", "UTC")
+    try:
+        tz = ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise _fail("timezone", "timezone", "Unknown IANA timezone", name) from None
+    if start > end:
+        raise _fail(
+            "end_timestamp",
+            "range",
+            "end_timestamp should not be before start_timestamp",
+            request.query_params["end_timestamp"],
+        )
+    if interval is not None and end - start > MAX_DAYS[interval] * _DAY_US:
+        raise _fail(
+            "interval",
+            "interval",
+            "The interval is too small for the given date range. Use a larger interval"
+            " or reduce the date range.",
+            interval,
+        )
+    if end - start > MAX_DAYS["year"] * _DAY_US:
+        raise _fail(
+            "end_timestamp",
+            "range",
+            f"The date range should span at most {MAX_DAYS['year']} days",
+            request.query_params["end_timestamp"],
+        )
+    return start, end, interval, tz
+
+
+def _group_by(request: Request) -> tuple[str, ...]:
+    """The requested groupings in a fixed order, each once: the keys, and the order of tied
+    groups, do not depend on how the query string lists them."""
+    chosen = {_check_choice("group_by", v, GROUPS) for v in params.strings(request, "group_by")}
+    return tuple(g for g in GROUP_KEYS if g in chosen)
+
+
+def routes(ctx: ApiContext) -> list[Route]:
+    async def costs(request: Request) -> JSON:
+        org = ctx.organization(request)
+        start, end, interval, tz = _window(request)
+        group_by = _group_by(request)
+        limit = params.integer(request, "limit", 100, 1, MAX_GROUPS)
+        sort = _check_choice("sort", request.query_params.get("sort", "-cost"), SORTS)
+        report = await service.costs(
+            ctx.store,
+            org,
+            start_us=start,
+            end_us=end,
+            interval=interval,
+            tz=tz,
+            group_by=group_by,
+            customer_ids=params.ids(request, "customer_id"),
+            external_customer_ids=params.strings(request, "external_customer_id"),
+            names=params.strings(request, "name"),
+            limit=limit,
+            ascending=sort == "cost",
+        )
+        return JSON(shapes.costs(report))
+
+    return [Route("/v1/costs/", costs, methods=["GET"])]

@@ -1,0 +1,64 @@
+"""`/v1/customers/`: create, get (by id or external id), list, update."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from aggregator.api import customer_shapes as shapes
+from aggregator.api import params
+from aggregator.api.context import ApiContext
+from aggregator.api.customer_shapes import CustomerCreate, CustomerUpdate
+from aggregator.services import customer_service as service
+from ingest.http import JSON
+from meters.wire import parse_model
+
+
+def routes(ctx: ApiContext) -> list[Route]:
+    async def create(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(CustomerCreate, await ctx.json(request))
+        return JSON(shapes.customer(await service.create(ctx.store, org, data)), status_code=201)
+
+    async def get(request: Request) -> JSON:
+        org = ctx.organization(request)
+        return JSON(shapes.customer(await service.get(ctx.store, org, params.path_id(request))))
+
+    async def get_external(request: Request) -> JSON:
+        org = ctx.organization(request)
+        external_id = request.path_params["external_id"]
+        return JSON(shapes.customer(await service.get_by_external_id(ctx.store, org, external_id)))
+
+    async def update(request: Request) -> JSON:
+        org = ctx.organization(request)
+        external_id = request.path_params.get("external_id")
+        customer_id = params.path_id(request) if external_id is None else None
+        data = parse_model(CustomerUpdate, await ctx.json(request))
+        found = await service.update(
+            ctx.store, org, data, customer_id=customer_id, external_id=external_id
+        )
+        return JSON(shapes.customer(found))
+
+    async def list_(request: Request) -> JSON:
+        org = ctx.organization(request)
+        page, limit = params.page_and_limit(request)
+        found = await service.list_(
+            ctx.store,
+            org,
+            sorting=params.sorting(request, service.CUSTOMER_SORTS, "-created_at"),
+            email=request.query_params.get("email"),
+            query=request.query_params.get("query"),
+            metadata=[(k, list(v)) for k, v in params.metadata(request)],
+            page=page,
+            limit=limit,
+        )
+        return JSON(shapes.customers(found, limit))
+
+    return [
+        Route("/v1/customers/", list_, methods=["GET"]),
+        Route("/v1/customers/", create, methods=["POST"]),
+        Route("/v1/customers/external/{external_id:path}", get_external, methods=["GET"]),
+        Route("/v1/customers/external/{external_id:path}", update, methods=["PATCH"]),
+        Route("/v1/customers/{id}", get, methods=["GET"]),
+        Route("/v1/customers/{id}", update, methods=["PATCH"]),
+    ]

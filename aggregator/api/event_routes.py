@@ -1,0 +1,53 @@
+"""`GET /v1/events/` and `GET /v1/events/{id}`."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from aggregator.api import event_shapes as shapes
+from aggregator.api import params
+from aggregator.api.context import ApiContext
+from aggregator.services import event_service as service
+from aggregator.services.event_service import EventQuery
+from ingest.http import JSON
+
+SORTS = frozenset({"timestamp", "-timestamp"})
+
+
+def routes(ctx: ApiContext) -> list[Route]:
+    async def list_(request: Request) -> JSON:
+        org = ctx.organization(request)
+        page, limit = params.page_and_limit(request)
+        order = params.sorting(request, SORTS, "-timestamp")[0]
+        customer_ids = params.ids(request, "customer_id")
+        external_ids = params.strings(request, "external_customer_id")
+        query = EventQuery(
+            names=params.strings(request, "name"),
+            start_us=params.timestamp(request, "start_timestamp"),
+            end_us=params.timestamp(request, "end_timestamp"),
+            metadata=params.metadata(request),
+            parent_id=request.query_params.get("parent_id"),
+            descending=order.startswith("-"),
+        )
+        found = await service.list_(
+            ctx.store,
+            org,
+            query,
+            meter_id=params.one_id(request, "meter_id"),
+            customer_ids=customer_ids,
+            external_customer_ids=external_ids,
+            page=page,
+            limit=limit,
+        )
+        return JSON(shapes.events(found, org, limit))
+
+    async def get(request: Request) -> JSON:
+        org = ctx.organization(request)
+        found = await service.get(ctx.store, org, params.path_id(request))
+        return JSON(shapes.event(found, org))
+
+    return [
+        Route("/v1/events/", list_, methods=["GET"]),
+        Route("/v1/events/{id}", get, methods=["GET"]),
+    ]

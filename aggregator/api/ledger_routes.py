@@ -1,0 +1,128 @@
+"""The credit ledger's API: customer meters and customer state (Polar's shapes), and
+meterline's own credits, resets, credit plans and balance check."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from aggregator.api import ledger_shapes as shapes
+from aggregator.api import params, plan_shapes
+from aggregator.api.context import ApiContext
+from aggregator.api.ledger_shapes import CreditCreate, ResetCreate
+from aggregator.api.plan_shapes import PlanCreate
+from aggregator.services import ledger_service as service
+from aggregator.services import plan_service as plan_service
+from ingest.http import JSON
+from meters.errors import FieldError, ValidationFailed
+from meters.wire import parse_model
+
+SORTS = frozenset({"modified_at", "-modified_at"})
+# The largest integer a balance (a double) holds exactly.
+MAX_UNITS = 2**53 - 1
+
+
+def routes(ctx: ApiContext) -> list[Route]:
+    store = ctx.store
+
+    async def list_customer_meters(request: Request) -> JSON:
+        org = ctx.organization(request)
+        page, limit = params.page_and_limit(request)
+        sorting = params.sorting(request, SORTS, "-modified_at")
+        found = await service.list_customer_meters(
+            store,
+            org,
+            customer_ids=params.ids(request, "customer_id"),
+            external_customer_ids=params.strings(request, "external_customer_id"),
+            # Archived meters show only when asked for by id (Polar).
+            meter_ids=list(params.ids(request, "meter_id")) or None,
+            descending=sorting[0] == "-modified_at",
+            page=page,
+            limit=limit,
+        )
+        return JSON(shapes.customer_meters(found, limit))
+
+    async def get_customer_meter(request: Request) -> JSON:
+        org = ctx.organization(request)
+        found = await service.get_customer_meter(store, org, params.path_id(request))
+        return JSON(shapes.customer_meter(found))
+
+    async def check(request: Request) -> JSON:
+        org = ctx.organization(request)
+        meter_id = params.one_id(request, "meter_id")
+        customer_id = params.one_id(request, "customer_id")
+        external = request.query_params.get("external_customer_id")
+        units = float(params.integer(request, "units", 1, 0, MAX_UNITS))
+        if meter_id is None or (customer_id is None) == (external is None):
+            raise ValidationFailed(
+                [
+                    FieldError(
+                        "missing",
+                        ("query", "meter_id" if meter_id is None else "customer_id"),
+                        "meter_id and exactly one of customer_id / external_customer_id"
+                        " are required",
+                        None,
+                    )
+                ]
+            )
+        found = await service.check(store, org, meter_id, customer_id, external, units)
+        return JSON(shapes.balance_check(found))
+
+    async def state(request: Request) -> JSON:
+        org = ctx.organization(request)
+        return JSON(shapes.state(await service.state(store, org, params.path_id(request))))
+
+    async def state_external(request: Request) -> JSON:
+        org = ctx.organization(request)
+        external_id = request.path_params["external_id"]
+        return JSON(shapes.state(await service.state_by_external_id(store, org, external_id)))
+
+    def applied(done: service.Applied) -> JSON:
+        return JSON(shapes.applied(done), status_code=200 if done.replayed else 201)
+
+    async def credit(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(CreditCreate, await ctx.json(request))
+        return applied(await service.credit(store, org, data))
+
+    async def reset(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(ResetCreate, await ctx.json(request))
+        return applied(await service.reset(store, org, data))
+
+    async def create_plan(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(PlanCreate, await ctx.json(request))
+        plan, created = await plan_service.create(store, org, data)
+        return JSON(plan_shapes.plan(plan), status_code=201 if created else 200)
+
+    async def list_plans(request: Request) -> JSON:
+        org = ctx.organization(request)
+        customer_id = params.one_id(request, "customer_id")
+        meter_id = params.one_id(request, "meter_id")
+        return JSON(plan_shapes.plans(await plan_service.list_(store, org, customer_id, meter_id)))
+
+    async def get_plan(request: Request) -> JSON:
+        org = ctx.organization(request)
+        return JSON(plan_shapes.plan(await plan_service.get(store, org, params.path_id(request))))
+
+    async def delete_plan(request: Request) -> Response:
+        org = ctx.organization(request)
+        await plan_service.delete(store, org, params.path_id(request))
+        return Response(status_code=204)
+
+    return [
+        Route("/v1/customer-meters/", list_customer_meters, methods=["GET"]),
+        Route("/v1/customer-meters/check", check, methods=["GET"]),
+        Route("/v1/customer-meters/{id}", get_customer_meter, methods=["GET"]),
+        Route("/v1/customers/{id}/state", state, methods=["GET"]),
+        # Before the customers' routes: their `external/{external_id:path}` would take it.
+        Route("/v1/customers/external/{external_id:path}/state", state_external, methods=["GET"]),
+        Route("/v1/meter-credits/", credit, methods=["POST"]),
+        Route("/v1/meter-resets/", reset, methods=["POST"]),
+        Route("/v1/credit-plans/", create_plan, methods=["POST"]),
+        Route("/v1/credit-plans/", list_plans, methods=["GET"]),
+        Route("/v1/credit-plans/{id}", get_plan, methods=["GET"]),
+        Route("/v1/credit-plans/{id}", delete_plan, methods=["DELETE"]),
+    ]

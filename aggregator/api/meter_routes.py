@@ -1,0 +1,130 @@
+"""`/v1/meters/`: create, get, list, update (rename, labels, filter, aggregation, archive)."""
+
+from __future__ import annotations
+
+from typing import cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from aggregator.api import meter_shapes as shapes
+from aggregator.api import params
+from aggregator.api.context import ApiContext
+from aggregator.api.meter_shapes import MeterCreate, MeterUpdate
+from aggregator.services import meter_service as service
+from aggregator.services.meter_service import QuantityWindow
+from ingest.http import JSON
+from meters.errors import FieldError, ValidationFailed
+from meters.periods import MAX_DAYS, Interval
+from meters.wire import parse_model
+
+AGGREGATION_FUNCTIONS = frozenset({"count", "sum", "max", "min", "avg", "unique"})
+
+
+def _choice(request: Request, name: str, allowed: frozenset[str], required: bool) -> str | None:
+    raw = request.query_params.get(name)
+    if raw is None and not required:
+        return None
+    if raw not in allowed:
+        raise ValidationFailed(
+            [
+                FieldError(
+                    "missing" if raw is None else "enum",
+                    ("query", name),
+                    "Field required"
+                    if raw is None
+                    else "Input should be one of: " + ", ".join(sorted(allowed)),
+                    raw,
+                )
+            ]
+        )
+    return raw
+
+
+def _quantity_window(request: Request) -> QuantityWindow:
+    start = params.timestamp(request, "start_timestamp")
+    end = params.timestamp(request, "end_timestamp")
+    for name, value in (("start_timestamp", start), ("end_timestamp", end)):
+        if value is None:
+            raise ValidationFailed([FieldError("missing", ("query", name), "Field required", None)])
+    assert start is not None and end is not None
+    interval = cast(Interval, _choice(request, "interval", frozenset(MAX_DAYS), True))
+    name = request.query_params.get("timezone", "UTC")
+    try:
+        tz = ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValidationFailed(
+            [FieldError("timezone", ("query", "timezone"), "Unknown IANA timezone", name)]
+        ) from None
+    if start > end or (end - start) > MAX_DAYS[interval] * 86_400_000_000:
+        raise ValidationFailed(
+            [
+                FieldError(
+                    "interval",
+                    ("query", "interval"),
+                    "The interval is too small for the given date range. Use a larger interval"
+                    " or reduce the date range.",
+                    interval,
+                )
+            ]
+        )
+    return QuantityWindow(start, end, interval, tz)
+
+
+def routes(ctx: ApiContext) -> list[Route]:
+    async def create(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(MeterCreate, await ctx.json(request))
+        row = await service.create(ctx.store, ctx.backfiller, org, data)
+        return JSON(shapes.meter(row), status_code=201)
+
+    async def get(request: Request) -> JSON:
+        org = ctx.organization(request)
+        return JSON(shapes.meter(await service.get(ctx.store, org, params.path_id(request))))
+
+    async def update(request: Request) -> JSON:
+        org = ctx.organization(request)
+        meter_id = params.path_id(request)
+        data = parse_model(MeterUpdate, await ctx.json(request))
+        row = await service.update(ctx.store, ctx.backfiller, org, meter_id, data)
+        return JSON(shapes.meter(row))
+
+    async def list_(request: Request) -> JSON:
+        org = ctx.organization(request)
+        page, limit = params.page_and_limit(request)
+        found = await service.list_(
+            ctx.store,
+            org,
+            sorting=params.sorting(request, service.METER_SORTS, "name"),
+            query=request.query_params.get("query"),
+            is_archived=params.boolean(request, "is_archived"),
+            metadata=[(k, list(v)) for k, v in params.metadata(request)],
+            page=page,
+            limit=limit,
+        )
+        return JSON(shapes.meters(found, limit))
+
+    async def quantities(request: Request) -> JSON:
+        org = ctx.organization(request)
+        window = _quantity_window(request)
+        across = _choice(request, "customer_aggregation_function", AGGREGATION_FUNCTIONS, False)
+        found = await service.quantities(
+            ctx.store,
+            org,
+            customer_ids=params.ids(request, "customer_id"),
+            external_customer_ids=params.strings(request, "external_customer_id"),
+            metadata=params.metadata(request),
+            meter_id=params.path_id(request),
+            window=window,
+            across=across,
+        )
+        return JSON(shapes.quantities(found))
+
+    return [
+        Route("/v1/meters/{id}/quantities", quantities, methods=["GET"]),
+        Route("/v1/meters/", list_, methods=["GET"]),
+        Route("/v1/meters/", create, methods=["POST"]),
+        Route("/v1/meters/{id}", get, methods=["GET"]),
+        Route("/v1/meters/{id}", update, methods=["PATCH"]),
+    ]

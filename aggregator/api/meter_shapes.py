@@ -1,0 +1,93 @@
+"""Meters as polar-sdk's `Meter` loads them (plus meterline's `backfill` and `failure`), and
+their quantities; created from `MeterCreate`, updated from `MeterUpdate`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from typing_extensions import TypedDict
+
+from aggregator.api.shapes import ListResource, iso, pagination
+from aggregator.services.meter_service import MeterRow, Quantities
+from aggregator.services.pages import Page
+from meters.definitions import MeterCreate, MeterUpdate
+
+__all__ = ["MeterCreate", "MeterShape", "MeterUpdate", "meter", "meters", "quantities"]
+
+
+class BackfillShape(TypedDict):
+    status: Literal["running", "done"]
+    events_done: int
+    events_total: int
+
+
+class FailureShape(TypedDict):
+    reason: str
+    failed_at: str | None
+
+
+class MeterShape(TypedDict):
+    id: str
+    created_at: str
+    modified_at: str | None
+    metadata: dict[str, Any]
+    name: str
+    unit: str
+    custom_label: str | None
+    custom_multiplier: int | None
+    filter: dict[str, Any]
+    aggregation: dict[str, Any]
+    organization_id: str
+    archived_at: str | None
+    # meterline's own: how far rollups are built from events stored before the meter's
+    # (re)definition. Quantities are complete once status is "done".
+    backfill: BackfillShape
+    # meterline's own: set when DuckDB cannot evaluate the meter (ingest skips it, its
+    # quantities answer 409); redefining or unarchiving it rebuilds it by backfill.
+    failure: FailureShape | None
+
+
+class QuantityShape(TypedDict):
+    timestamp: str
+    quantity: float
+
+
+class QuantitiesShape(TypedDict):
+    quantities: list[QuantityShape]
+    total: float
+
+
+def meter(row: MeterRow) -> MeterShape:
+    return {
+        "id": row.id,
+        "created_at": iso(row.created_at_us),
+        "modified_at": iso(row.modified_at_us),
+        "metadata": row.metadata,
+        "name": row.name,
+        "unit": row.unit,
+        "custom_label": row.custom_label,
+        "custom_multiplier": row.custom_multiplier,
+        "filter": row.filter.model_dump(mode="json"),
+        "aggregation": row.aggregation.model_dump(mode="json"),
+        "organization_id": row.organization_id,
+        "archived_at": iso(row.archived_at_us),
+        "backfill": {
+            "status": "running" if row.backfilling else "done",
+            "events_done": row.backfilled_to,
+            "events_total": row.backfill_target,
+        },
+        "failure": None
+        if row.failure is None
+        else {"reason": row.failure, "failed_at": iso(row.failed_at_us)},
+    }
+
+
+def meters(page: Page[MeterRow], limit: int) -> ListResource[MeterShape]:
+    return {"items": [meter(r) for r in page.items], "pagination": pagination(page.total, limit)}
+
+
+def quantities(found: Quantities) -> QuantitiesShape:
+    return {
+        "quantities": [{"timestamp": t.isoformat(), "quantity": q} for t, q in found.periods],
+        "total": found.total,
+    }

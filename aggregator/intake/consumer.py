@@ -1,0 +1,433 @@
+"""The consumer core: applies the events topic to the store, exactly once in effect.
+
+Each poll becomes one writer job holding the decoded events and the partitions' next offsets
+(`ConsumedBatch`), so events, rollups and offsets commit together; on assignment the consumer
+seeks to the offsets stored in DuckDB (Kafka's committed offsets are written too, afterwards,
+only for lag tools). Records that cannot be applied go to the dead-letter topic, with the reason
+and their origin in headers, before their offsets advance: a partition is never blocked, and a
+crash between the two repeats the dead letter (at least once), never loses it.
+
+A stored offset the log no longer holds (the topic recreated, a broker that lost its log, a
+retention that deleted unread records) would otherwise skip every new record up to it. So the
+log's range is checked at assignment, about once a second and whenever the broker refuses a
+position; such a partition resumes from the log's start, loudly (`OffsetReset`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from types import TracebackType
+from typing import Any, Self
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from aiokafka import (
+    AIOKafkaConsumer,
+    ConsumerRebalanceListener,
+    TopicPartition,
+)
+from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
+from aiokafka.structs import ConsumerRecord
+
+from aggregator.errors import OffsetGap
+from aggregator.intake.decode import DeadLetter, dead_rows, decode_batch
+from aggregator.store import Store
+from aggregator.store.consumed import (
+    ConsumedBatch,
+    OffsetReset,
+    Reset,
+    StartOffsets,
+    offset_resets,
+    stored_offsets,
+)
+from aggregator.store.event_tables import known_customers
+from ingest.publish.kafka import KafkaSettings, ensure_topics, retrying
+from meters.events import EventRules
+from meters.ipc import read_ipc
+from meters.times import now_us
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSettings:
+    # Events per poll, i.e. per transaction at most; fewer when that many would hold the
+    # writer past its job bound (measured from the batches committed so far). Polls ask for
+    # records: a columnar record holds many events, so the events per record seen so far
+    # convert one into the other, starting from `first_records`.
+    max_events: int = 20_000
+    min_events: int = 500
+    first_records: int = 16
+    poll_timeout_ms: int = 50
+    max_record_bytes: int = 1024 * 1024
+    retry_seconds: float = 1.0  # after a failed batch, before reading it again
+    # How often the log's range is compared with the stored offsets. A log recreated and
+    # refilled past the stored offset between two checks is not noticed (the broker refuses
+    # nothing); a real Kafka broker refuses the position sooner.
+    log_check_seconds: float = 1.0
+
+
+class Consumer:
+    """Runs in the background while open. An async context manager."""
+
+    def __init__(
+        self,
+        store: Store,
+        kafka: KafkaSettings,
+        rules: EventRules,
+        organization_exists: Callable[[str], bool],
+        settings: ConsumerSettings | None = None,
+    ) -> None:
+        self._store = store
+        # Decoding is Arrow, zstd and DuckDB, mostly outside the GIL: a thread of its own, at
+        # niceness +10 like the validation workers, so that on a shared machine the edges and
+        # the writer go first (measured: un-niced, the core took the CPU an edge beside it
+        # needed, and 50,000 events/s offered became ~38,000 accepted), without the worker
+        # process's pickling and hop.
+        self._decoder = ThreadPoolExecutor(1, "kafka-decode", initializer=_lower_priority)
+        self._kafka = kafka
+        self._rules = rules
+        self._organization_exists = organization_exists
+        self._settings = settings or ConsumerSettings()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._dead_letters: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._records = self._settings.first_records
+        self._events = self._settings.min_events  # the target per poll
+        self.applied = 0
+        self.dead_lettered = 0
+        self.commit_seconds: collections.deque[float] = collections.deque(maxlen=1000)
+
+    async def __aenter__(self) -> Self:
+        kafka = self._kafka
+        await ensure_topics(kafka)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=kafka.bootstrap,
+            group_id=kafka.consumer_group,
+            enable_auto_commit=False,
+            # Positions always come from the store; one the log lacks is an error to handle
+            # (`_check_log`), never a silent jump.
+            auto_offset_reset="none",
+            fetch_max_wait_ms=self._settings.poll_timeout_ms,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        self._consumer.subscribe([kafka.topic], listener=_SeekToStored(self))
+        self._dead_letters = kafka.producer(linger_ms=0)
+        async with asyncio.timeout(kafka.start_timeout_seconds):
+            await retrying(self._consumer.start)
+            await retrying(self._dead_letters.start)
+        self._task = asyncio.create_task(self._run(), name="kafka-consumer")
+        self._task.add_done_callback(_report_stop)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._dead_letters is not None:
+            await self._dead_letters.stop()
+        self._decoder.shutdown(wait=True, cancel_futures=True)
+
+    async def lag(self) -> dict[int, int]:
+        """Records not yet applied, per assigned partition (high watermark as of the last
+        fetch)."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        lags = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is not None:
+                lags[tp.partition] = max(0, high - await consumer.position(tp))
+        return lags
+
+    async def offset_resets(self) -> list[Reset]:
+        """Every time a partition resumed from its log's start (see `_check_log`)."""
+        return await self._store.read_now(offset_resets, self._kafka.topic)
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        # Pipelined: batch N+1 is fetched and decoded while batch N commits (DuckDB's writer
+        # works outside the GIL). If N fails, N+1 is dropped and both are read again.
+        writing: asyncio.Task[None] | None = None
+        checked_at = time.monotonic()
+        while True:
+            refused: dict[TopicPartition, int] = {}
+            try:
+                fetched = await consumer.getmany(
+                    timeout_ms=self._settings.poll_timeout_ms, max_records=self._records
+                )
+            except OffsetOutOfRangeError as exc:
+                fetched, refused = {}, exc.args[0]
+            except NoOffsetForPartitionError:
+                # Fetched before the assignment's seek landed: seek now.
+                await self.seek_to_stored(consumer.assignment())
+                continue
+            if refused or time.monotonic() - checked_at >= self._settings.log_check_seconds:
+                if writing is not None:  # settle the stored offsets first
+                    failed = (await asyncio.gather(writing, return_exceptions=True))[0]
+                    writing = None
+                    if isinstance(failed, Exception):
+                        log.error(
+                            "applying a batch failed; retrying from the stored offsets: %r", failed
+                        )
+                        await self.seek_to_stored(consumer.assignment())
+                        continue
+                await self._check_log(refused)
+                checked_at = time.monotonic()
+                if refused:
+                    continue
+            try:
+                batch = await self._prepare(fetched) if fetched else None
+                if writing is not None:
+                    await writing
+                    writing = None
+                if batch is not None:
+                    writing = asyncio.create_task(self._commit(batch, fetched))
+            except asyncio.CancelledError:
+                if writing is not None:
+                    writing.cancel()
+                raise
+            except OffsetGap as exc:
+                # Records fetched before a seek landed (at assignment, or after a failure):
+                # nothing was written; read on from the stored offsets.
+                log.info("re-reading from the stored offsets: %s", exc)
+                writing = None
+                await self.seek_to_stored(consumer.assignment())
+            except Exception:
+                # Nothing after the last committed batch counts: read it again from there.
+                log.exception("applying a batch failed; retrying from the stored offsets")
+                writing = None
+                await asyncio.sleep(self._settings.retry_seconds)
+                await self.seek_to_stored(consumer.assignment())
+
+    async def seek_to_stored(self, partitions: Sequence[TopicPartition] | set[Any]) -> None:
+        assert self._consumer is not None
+        topic = self._kafka.topic
+        stored = await self._store.read(stored_offsets, topic)
+        missing = [tp for tp in partitions if tp.partition not in stored]
+        if missing:
+            starts = await self._consumer.beginning_offsets(missing)
+            job = StartOffsets(
+                topic, {tp.partition: o for tp, o in starts.items()}, self._store.live
+            )
+            stored.update(await self._store.write(job))
+        for tp in partitions:
+            self._consumer.seek(tp, stored[tp.partition])
+        await self._check_log()
+
+    async def _check_log(self, refused: Collection[TopicPartition] = ()) -> None:
+        """Resume from the log's start every assigned partition whose stored offset is outside
+        the log's [start, end], or whose position the broker refused (`refused`: the log
+        changed under it, even if it has grown past the stored offset since)."""
+        assert self._consumer is not None
+        consumer = self._consumer
+        partitions = list(consumer.assignment())
+        if not partitions:
+            return
+        stored = self._store.applied_offsets(self._kafka.topic)
+        try:
+            starts = await consumer.beginning_offsets(partitions)
+            ends = await consumer.end_offsets(partitions)
+        except Exception as exc:  # noqa: BLE001 - a topic being recreated: check again later
+            log.warning("could not list the log's offsets: %r", exc)
+            return
+        for tp in partitions:
+            offset, start, end = stored.get(tp.partition), starts[tp], ends[tp]
+            if offset is None:
+                if tp in refused:  # nothing applied yet: read whatever the log holds
+                    consumer.seek(tp, start)
+                continue
+            # The log's end: some brokers list the first offset of the last batch plus one
+            # (Tansu); the last fetch's high watermark is right. Past the end only once a
+            # fetch has said so.
+            high = consumer.highwater(tp)
+            if high is None and offset > end and tp not in refused:
+                continue
+            end = max(end, high or 0)
+            if start <= offset <= end and tp not in refused:
+                continue
+            vanished = start - offset if offset < start else None
+            reset = Reset(tp.topic, tp.partition, offset, start, end, vanished, now_us())
+            if await self._store.write(OffsetReset(reset, self._store.live)) is None:
+                continue  # a batch moved the offset meanwhile: the next check decides
+            log.error(
+                "%s[%d]: the log no longer holds the stored offset %d (log: [%d, %d]); it was"
+                " truncated or recreated. Resuming from %d; %s",
+                tp.topic,
+                tp.partition,
+                offset,
+                start,
+                end,
+                start,
+                f"offsets {offset}..{start - 1} vanished unapplied ({vanished})"
+                if vanished
+                else "records the old log held past the stored offset, if any, are lost",
+            )
+            consumer.seek(tp, start)
+
+    async def _prepare(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> ConsumedBatch:
+        """Decode (in a worker process), dead-letter what cannot be applied, and build the
+        writer job; nothing is committed yet."""
+        records = [r for batch in fetched.values() for r in batch]
+        ipc, dead = await asyncio.get_running_loop().run_in_executor(
+            self._decoder,
+            partial(
+                decode_batch,
+                [r.value for r in records],
+                [r.timestamp for r in records],
+                [list(r.headers) for r in records],
+                now_us(),
+                self._rules,
+                self._settings.max_record_bytes,
+            ),
+        )
+        table = read_ipc(ipc)
+        table, more = await self._known_only(table)
+        dead += more
+        if dead:
+            await self._dead_letter([(records[d.position], d) for d in dead])
+        self.dead_lettered += len(dead)
+        return ConsumedBatch(
+            self._kafka.topic,
+            table.drop_columns(["position", "row"]),
+            {
+                tp.partition: (batch[0].offset, batch[-1].offset + 1)
+                for tp, batch in fetched.items()
+            },
+            self._store.live,
+        )
+
+    async def _known_only(self, table: pa.Table) -> tuple[pa.Table, list[DeadLetter]]:
+        """The rows whose organization exists and whose customer_id, if any, names one of its
+        customers (Polar's rule); and the others, as dead letters."""
+        organizations = table.column("organization_id")
+        unknown = [
+            o for o in pc.unique(organizations).to_pylist() if not self._organization_exists(str(o))
+        ]
+        bad = pc.is_in(organizations, value_set=pa.array(unknown, pa.string()))
+        reasons = pc.if_else(bad, "organization_id: no such organization", None)
+        customers = table.column("customer_id").to_pylist()
+        if any(customers):
+            known = await self._store.read_now(known_customers, sorted({c for c in customers if c}))
+            missing = [
+                c is not None and (o, c) not in known
+                for o, c in zip(organizations.to_pylist(), customers, strict=True)
+            ]
+            reasons = pc.if_else(
+                pc.and_(pa.array(missing), pc.invert(bad)),
+                "customer_id: Customer not found.",
+                reasons,
+            )
+        dead: pa.BooleanArray = pc.is_valid(reasons)  # type: ignore[assignment]
+        if not pc.any(dead).as_py():
+            return table, []
+        return table.filter(pc.invert(dead)), dead_rows(table.filter(dead), reasons.filter(dead))
+
+    async def _commit(
+        self, batch: ConsumedBatch, fetched: dict[TopicPartition, list[ConsumerRecord]]
+    ) -> None:
+        started = time.perf_counter()
+        await self._store.write(batch, weight=max(1, batch.events.num_rows))
+        seconds = time.perf_counter() - started
+        self.commit_seconds.append(seconds)
+        self._fit_to_bound(sum(len(r) for r in fetched.values()), batch.events.num_rows, seconds)
+        self.applied += batch.events.num_rows
+        assert self._consumer is not None
+        offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
+        # For lag tools only (the offsets stored in DuckDB are the truth): not awaited.
+        commit = asyncio.ensure_future(self._consumer.commit(offsets))
+        commit.add_done_callback(_ignore_failure)
+
+    def _fit_to_bound(self, records: int, events: int, seconds: float) -> None:
+        """Size the next polls so that a batch's commit fits in the writer's job bound."""
+        settings = self._settings
+        per_record = max(1.0, events / max(1, records))
+        if events >= settings.min_events:  # a small batch is mostly fixed cost: it says little
+            fits = int(events * self._store.writer.job_bound_seconds / max(seconds, 1e-3))
+            self._events = max(settings.min_events, min(settings.max_events, fits))
+        # At most doubling from one poll to the next.
+        self._records = max(1, min(int(self._events / per_record), 2 * self._records))
+
+    async def _dead_letter(self, dead: list[tuple[ConsumerRecord, DeadLetter]]) -> None:
+        acks = []
+        for record, letter in dead:
+            where = f"{record.topic}[{record.partition}]@{record.offset}"
+            if letter.row is not None:
+                where += f" row {letter.row}"
+            log.warning("dead-lettering %s: %s", where, letter.reason)
+            headers = [
+                ("meterline.reason", letter.reason.encode()),
+                ("meterline.topic", record.topic.encode()),
+                ("meterline.partition", str(record.partition).encode()),
+                ("meterline.offset", str(record.offset).encode()),
+            ]
+            if letter.row is not None:
+                headers.append(("meterline.row", str(letter.row).encode()))
+            acks.append(
+                await self._dead_letters.send(
+                    self._kafka.dead_letter_topic,
+                    value=record.value if letter.value is None else letter.value,
+                    key=record.key,
+                    headers=headers if letter.row is not None else headers + _origin(record),
+                )
+            )
+        await asyncio.gather(*acks)
+
+
+_DEAD_HEADERS = frozenset(
+    {
+        "meterline.reason",
+        "meterline.topic",
+        "meterline.partition",
+        "meterline.offset",
+        "meterline.row",
+    }
+)
+
+
+def _origin(record: ConsumerRecord) -> list[tuple[str, bytes]]:
+    """A whole record's own headers (a columnar record's say its format), kept beside ours."""
+    return [(name, value) for name, value in record.headers if name not in _DEAD_HEADERS]
+
+
+class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: Consumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._owner.seek_to_stored(assigned)
+
+
+def _lower_priority() -> None:
+    os.setpriority(os.PRIO_PROCESS, 0, 10)  # on Linux, this thread only
+
+
+def _report_stop(task: asyncio.Task[None]) -> None:
+    """The consumer only stops when cancelled; anything else would stop metering silently."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the Kafka consumer stopped; no events are applied", exc_info=task.exception())
+
+
+def _ignore_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("Kafka offset commit failed: %s", future.exception())

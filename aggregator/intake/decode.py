@@ -1,0 +1,186 @@
+"""Kafka records to store columns (in a thread of the core: Arrow, zstd and DuckDB work).
+
+Columnar records (`meters.columnar`, what edges write) are read as they are and checked again
+on whole columns; a record that cannot be read is rejected whole, a row that breaks a rule is
+rejected alone. JSON records (`meters.records`, one event each, what any producer may write) go
+through the compiled validator together, and only when one of them fails through the exact
+validator, which names each bad record's reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from aggregator.store.record_checks import row_problems
+from meters import columnar
+from meters.events import COLUMNS, EventRules, to_table
+from meters.events.compiled import record_validator
+from meters.events.schema import OPTIONAL_FIELDS, TIMESTAMP
+from meters.ipc import write_ipc
+from meters.records import Record, Undecodable, decode_records
+from meters.times import us_to_iso
+
+_INT64: pa.DataType = pa.int64()
+# How far past the record size limit a columnar record's stream may expand when decompressed.
+_EXPANSION = 16
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """What cannot be applied: the record at `position` of the fetched batch, or only its row
+    `row` (a columnar record's), which is then sent as a JSON record (`value`)."""
+
+    position: int
+    reason: str
+    row: int | None = None
+    value: bytes | None = None
+
+
+def decode_batch(
+    values: list[bytes | None],
+    timestamps_ms: list[int],
+    headers: list[columnar.Headers],
+    now: int,
+    rules: EventRules,
+    max_bytes: int,
+) -> tuple[bytes, list[DeadLetter]]:
+    """Records to store columns (Arrow IPC: `COLUMNS`, organization_id, ingested_at, and the
+    `position` and `row` each came from, in log order), and what cannot be applied."""
+    dead: list[DeadLetter] = []
+    tables: list[pa.Table] = []
+    readable: list[pa.Table] = []
+    json_positions = []
+    for i, record_headers in enumerate(headers):
+        if not columnar.is_columnar(record_headers):
+            json_positions.append(i)
+            continue
+        # Edges write streams of about 1 MiB (`KafkaSettings.max_record_bytes`).
+        read = columnar.read(values[i], record_headers, _EXPANSION * max_bytes)
+        if isinstance(read, str):
+            dead.append(DeadLetter(i, read))
+        else:
+            readable.append(_located(i, read))
+    if readable:
+        table, rejected = _checked(pa.concat_tables(readable), now, rules)
+        tables.append(table)
+        dead += rejected
+    if json_positions:
+        table, rejected = _json(
+            json_positions,
+            [values[i] for i in json_positions],
+            [timestamps_ms[i] for i in json_positions],
+            now,
+            rules,
+            max_bytes,
+        )
+        tables.append(table)
+        dead += rejected
+    events = pa.concat_tables(tables) if tables else _empty()
+    events = events.sort_by([("position", "ascending"), ("row", "ascending")])
+    return write_ipc(events), sorted(dead, key=lambda d: (d.position, d.row or 0))
+
+
+def _located(position: int, read: columnar.Columnar) -> pa.Table:
+    """A columnar record's events with their organization, ingest time, position and row."""
+    rows = read.events.num_rows
+    table = _origin(read.events, [read.organization_id] * rows, [read.ingested_at_us] * rows)
+    return _placed(table, [position] * rows, list(range(rows)))
+
+
+def _origin(events: pa.Table, organization_ids: list[str], ingested_at_us: list[int]) -> pa.Table:
+    """`events` with each one's organization and ingest time."""
+    table = events.append_column("organization_id", pa.array(organization_ids, pa.string()))
+    return table.append_column("ingested_at", pa.array(ingested_at_us, TIMESTAMP))
+
+
+def _placed(events: pa.Table, positions: list[int], rows: list[int] | None = None) -> pa.Table:
+    """`events` with the position in the fetched batch of the record each came from, and its
+    row in that record (None: a JSON record, one event)."""
+    table = events.append_column("position", pa.array(positions, _INT64))
+    placed: list[int | None] = [None] * len(positions) if rows is None else list(rows)
+    return table.append_column("row", pa.array(placed, _INT64))
+
+
+def _checked(table: pa.Table, now: int, rules: EventRules) -> tuple[pa.Table, list[DeadLetter]]:
+    """The rows of columnar records that pass `row_problems`, and the others as dead letters
+    (each its row as a JSON record)."""
+    problems = row_problems(table.select(COLUMNS.names), now, rules)
+    if problems.null_count == table.num_rows:
+        return table, []
+    bad = pc.is_valid(problems)
+    return table.filter(pc.invert(bad)), dead_rows(table.filter(bad), problems.filter(bad))
+
+
+def dead_rows(rows: pa.Table, reasons: pa.Array[Any]) -> list[DeadLetter]:
+    """Dead letters for `rows` (store columns with `position` and `row`), one per reason: a
+    columnar record's row alone, sent as a JSON record; a JSON record whole."""
+    return [
+        DeadLetter(row["position"], str(reason))
+        if row["row"] is None
+        else DeadLetter(row["position"], str(reason), row["row"], _row_record(row))
+        for row, reason in zip(_plain_times(rows).to_pylist(), reasons.to_pylist(), strict=True)
+    ]
+
+
+def _json(
+    positions: list[int],
+    values: list[bytes | None],
+    timestamps_ms: list[int],
+    now: int,
+    rules: EventRules,
+    max_bytes: int,
+) -> tuple[pa.Table, list[DeadLetter]]:
+    if all(v is not None and len(v) <= max_bytes for v in values):
+        table = record_validator(rules)(values, timestamps_ms, now)  # type: ignore[arg-type]
+        if table is not None:
+            return _placed(table, positions), []
+    results = decode_records(values, timestamps_ms, now_us=now, rules=rules, max_bytes=max_bytes)
+    good = [(positions[i], r) for i, r in enumerate(results) if isinstance(r, Record)]
+    dead = [
+        DeadLetter(positions[i], r.reason)
+        for i, r in enumerate(results)
+        if isinstance(r, Undecodable)
+    ]
+    table = _origin(
+        to_table([r.event for _, r in good]),
+        [r.organization_id for _, r in good],
+        [r.ingested_at_us for _, r in good],
+    )
+    return _placed(table, [p for p, _ in good]), dead
+
+
+def _plain_times(rows: pa.Table) -> pa.Table:
+    """Timestamps as integers: a bad row's may lie outside what Python's datetime holds."""
+    for field in ("timestamp", "ingested_at"):
+        at = rows.schema.get_field_index(field)
+        rows = rows.set_column(at, field, rows.column(field).cast(_INT64))
+    return rows
+
+
+def _row_record(row: dict[str, Any]) -> bytes:
+    """A row of the store's columns (timestamps as integers, `_plain_times`) as a JSON record:
+    how a dead row is sent."""
+    value: dict[str, Any] = {"organization_id": row["organization_id"]}
+    for field in ("ingested_at", "timestamp"):
+        moment = row[field]
+        try:
+            value[field] = us_to_iso(moment)
+        except (OverflowError, TypeError):
+            value[field] = moment  # as it came: the reason says what is wrong
+    for field in ("name", *OPTIONAL_FIELDS):
+        if row.get(field) is not None:
+            value[field] = row[field]
+    try:
+        value["metadata"] = orjson.loads(row["metadata"])
+    except (orjson.JSONDecodeError, TypeError):
+        value["metadata"] = row["metadata"]  # as it came: the reason says what is wrong
+    return orjson.dumps(value)
+
+
+def _empty() -> pa.Table:
+    return _placed(_origin(to_table([]), [], []), [])

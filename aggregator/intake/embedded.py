@@ -1,0 +1,29 @@
+"""The embedded publisher: the ingest edge's `Publisher` in the core's own process, where a
+request is durable once the store's group commit logs it (`store.ingest_log`), no broker."""
+
+from __future__ import annotations
+
+from aggregator.store import Store
+from aggregator.store.event_tables import IngestJob
+from ingest.publish import PublishResult
+from ingest.validation import ValidationPool
+from meters.ipc import Encoded
+
+
+class EmbeddedPublisher:
+    """Validates (in the pool, or inline for small bodies) and applies in the store."""
+
+    def __init__(self, store: Store, validation: ValidationPool) -> None:
+        self._store = store
+        self._validation = validation
+
+    async def publish(
+        self, organization_id: str, body: bytes, received_at_us: int
+    ) -> PublishResult:
+        encoded = await self._validation.validate(body, received_at_us, Encoded)
+        events = encoded.events
+        job = IngestJob(organization_id, events, received_at_us, self._store.live, encoded.data)
+        result = await self._store.write(
+            job, weight=max(1, events.num_rows), tenant=organization_id
+        )
+        return PublishResult(result.inserted, result.duplicates)

@@ -1,0 +1,116 @@
+"""Customers: create, get (by id or external id), list, update; each with the time of its first
+event, which the API answers with."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import duckdb
+
+from aggregator.errors import NotFound
+from aggregator.services.pages import Page, offset
+from aggregator.store import Store, subjects
+from aggregator.store import customer_tables as sql
+from aggregator.store.customer_tables import CUSTOMER_SORTS, CustomerRow
+from aggregator.store.event_tables import subjects_first_timestamp
+from meters.customer_rules import CustomerCreate, CustomerUpdate
+from meters.times import now_us
+
+__all__ = ["CUSTOMER_SORTS", "Customer", "create", "get", "get_by_external_id", "list_", "update"]
+
+Con = duckdb.DuckDBPyConnection
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    row: CustomerRow
+    # The earliest event naming either of its ids (None: it has none).
+    first_event_us: int | None
+
+
+def with_first_events(
+    con: Con, organization_id: str, rows: Sequence[CustomerRow]
+) -> list[Customer]:
+    """The customers with their first event's time, from both of their ids (one statement)."""
+    names = [s for r in rows for s in subjects.of_customer(r)]
+    first = subjects_first_timestamp(con, organization_id, names)
+    out = []
+    for r in rows:
+        times = [t for t in map(first.get, subjects.of_customer(r)) if t]
+        out.append(Customer(r, min(times) if times else None))
+    return out
+
+
+def _one(con: Con, organization_id: str, row: CustomerRow | None) -> Customer:
+    if row is None:
+        raise NotFound("Customer not found")
+    return with_first_events(con, organization_id, [row])[0]
+
+
+async def create(store: Store, organization_id: str, data: CustomerCreate) -> Customer:
+    row = await store.write(sql.create_job(organization_id, data, now_us()))
+    return await store.read(_one, organization_id, row)
+
+
+async def get(store: Store, organization_id: str, customer_id: str) -> Customer:
+    return await store.read(
+        lambda con: _one(con, organization_id, sql.get_customer(con, organization_id, customer_id))
+    )
+
+
+async def get_by_external_id(store: Store, organization_id: str, external_id: str) -> Customer:
+    return await store.read(
+        lambda con: _one(
+            con,
+            organization_id,
+            sql.get_customer_by_external_id(con, organization_id, external_id),
+        )
+    )
+
+
+async def update(
+    store: Store,
+    organization_id: str,
+    data: CustomerUpdate,
+    *,
+    customer_id: str | None = None,
+    external_id: str | None = None,
+) -> Customer:
+    """Update the customer named by `external_id` if given, else by `customer_id`."""
+    if external_id is not None:
+        found = await store.read(sql.get_customer_by_external_id, organization_id, external_id)
+    else:
+        assert customer_id is not None
+        found = await store.read(sql.get_customer, organization_id, customer_id)
+    if found is None:
+        raise NotFound("Customer not found")
+    row = await store.write(sql.update_job(organization_id, found.id, data, now_us()))
+    return await store.read(_one, organization_id, row)
+
+
+async def list_(
+    store: Store,
+    organization_id: str,
+    *,
+    email: str | None,
+    query: str | None,
+    metadata: list[tuple[str, list[str]]],
+    sorting: list[str],
+    page: int,
+    limit: int,
+) -> Page[Customer]:
+    def run(con: Con) -> Page[Customer]:
+        rows, total = sql.list_customers(
+            con,
+            organization_id,
+            email=email,
+            query=query,
+            metadata=metadata,
+            sorting=sorting,
+            limit=limit,
+            offset=offset(page, limit),
+        )
+        return Page(with_first_events(con, organization_id, rows), total)
+
+    return await store.read(run)

@@ -1,0 +1,108 @@
+"""Events: list (filtered by customer, meter, name, time, metadata, parent) and get, each with
+the customer it names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import duckdb
+
+from aggregator.errors import NotFound
+from aggregator.services.customer_service import Customer, with_first_events
+from aggregator.services.meter_service import evaluable, found
+from aggregator.services.pages import Page, offset
+from aggregator.store import Store
+from aggregator.store import customer_tables as customer_sql
+from aggregator.store import event_tables as sql
+from aggregator.store import meter_tables as meter_sql
+from aggregator.store.event_tables import EventQuery, EventRow
+from aggregator.store.meter_sql import meter_events_sql
+
+__all__ = ["Event", "EventQuery", "get", "list_"]
+
+Con = duckdb.DuckDBPyConnection
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    row: EventRow
+    customer: Customer | None  # the customer its id or external id names, if any
+
+
+def _resolve_customers(
+    con: Con, organization_id: str, ids: tuple[str, ...], external: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A customer's events may carry its id or its external id: filter on both."""
+    if not ids and not external:
+        return (), ()
+    customers = customer_sql.customers_by_refs(con, organization_id, list(ids), list(external))
+    all_ids = set(ids) | {c.id for c in customers}
+    all_external = set(external) | {c.external_id for c in customers if c.external_id}
+    return tuple(sorted(all_ids)), tuple(sorted(all_external))
+
+
+def _with_customers(con: Con, organization_id: str, rows: list[EventRow]) -> list[Event]:
+    """The events with their customers (one read of customers, one of their first events)."""
+    owners = with_first_events(
+        con,
+        organization_id,
+        customer_sql.customers_by_refs(
+            con,
+            organization_id,
+            sorted({r.customer_id for r in rows if r.customer_id}),
+            sorted({r.external_customer_id for r in rows if r.external_customer_id}),
+        ),
+    )
+    by_id = {o.row.id: o for o in owners}
+    by_external = {o.row.external_id: o for o in owners if o.row.external_id}
+    return [
+        Event(
+            r,
+            by_id.get(r.customer_id or "") or by_external.get(r.external_customer_id or ""),
+        )
+        for r in rows
+    ]
+
+
+async def list_(
+    store: Store,
+    organization_id: str,
+    query: EventQuery,
+    *,
+    meter_id: str | None,
+    customer_ids: tuple[str, ...],
+    external_customer_ids: tuple[str, ...],
+    page: int,
+    limit: int,
+) -> Page[Event]:
+    """Events matching `query`, those the meter counts (if given), of the customers named (if
+    any, by either of their ids)."""
+
+    def run(con: Con) -> Page[Event]:
+        q = query
+        if meter_id is not None:
+            meter = evaluable(found(meter_sql.get_meter(con, organization_id, meter_id)))
+            q = replace(q, meter=meter_events_sql(meter.filter, meter.aggregation))
+        if customer_ids or external_customer_ids:
+            ids, external = _resolve_customers(
+                con, organization_id, customer_ids, external_customer_ids
+            )
+            if not ids and not external:
+                return Page([], 0)
+            q = replace(q, customer_ids=ids, external_customer_ids=external)
+        rows, total = sql.list_events(
+            con, organization_id, q, limit=limit, offset=offset(page, limit)
+        )
+        return Page(_with_customers(con, organization_id, rows), total)
+
+    return await store.read(run)
+
+
+async def get(store: Store, organization_id: str, event_id: str) -> Event:
+    def run(con: Con) -> Event:
+        row = sql.get_event(con, organization_id, event_id)
+        if row is None:
+            raise NotFound("Event not found")
+        return _with_customers(con, organization_id, [row])[0]
+
+    return await store.read(run)

@@ -1,0 +1,264 @@
+"""The credit ledger: customer meters (list, get, a customer's state), credits and resets, and
+the balance check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import duckdb
+
+from aggregator.errors import NotFound
+from aggregator.services.customer_service import Customer, with_first_events
+from aggregator.services.pages import Page, offset
+from aggregator.store import Store
+from aggregator.store import customer_tables as customer_sql
+from aggregator.store import ledger_tables as sql
+from aggregator.store.balances import Balances
+from aggregator.store.customer_tables import CustomerRow
+from aggregator.store.ledger_tables import CustomerMeter
+from aggregator.store.live import Live
+from aggregator.store.meter_tables import MeterRow, meters_by_ids
+from meters.ledger_rules import CreditCreate, ResetCreate
+from meters.times import now_us
+
+__all__ = [
+    "Applied",
+    "BalanceCheck",
+    "CustomerMeter",
+    "CustomerMeterView",
+    "CustomerState",
+    "check",
+    "credit",
+    "get_customer_meter",
+    "list_customer_meters",
+    "reset",
+    "state",
+    "state_by_external_id",
+]
+
+Con = duckdb.DuckDBPyConnection
+# Customer meters a customer's state lists, at most.
+STATE_METERS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerMeterView:
+    """A customer meter with its customer and its meter."""
+
+    balance: CustomerMeter
+    customer: Customer
+    meter: MeterRow
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerState:
+    """A customer and the balances of its active meters."""
+
+    customer: Customer
+    meters: list[CustomerMeter]
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A credit's or reset's customer meter, with its balance as the call left it; `replayed`
+    when the idempotency key had been used (nothing changed)."""
+
+    customer_meter: CustomerMeterView
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceCheck:
+    """Whether the customer may use `units` more of the meter."""
+
+    units: float
+    balance: CustomerMeter
+
+    @property
+    def allowed(self) -> bool:
+        return self.balance.balance - self.units >= 0
+
+    @property
+    def balance_after(self) -> float:
+        return self.balance.balance - self.units
+
+
+def _meters(con: Con, organization_id: str, meter_ids: list[str]) -> dict[str, MeterRow]:
+    """The meters of customer meters found (they exist: their ids come from the same read)."""
+    meters = meters_by_ids(con, organization_id, meter_ids)
+    assert all(m in meters for m in meter_ids)
+    return meters
+
+
+def _views(
+    con: Con, balances: Balances, organization_id: str, pairs: list[tuple[str, str]]
+) -> list[CustomerMeterView]:
+    """The customer meters of (customer id, meter id) pairs: one read of their customers, one
+    of the customers' first events, one of their meters; balances from memory."""
+    rows = customer_sql.customers_by_refs(con, organization_id, [p[0] for p in pairs], [])
+    customers = {c.row.id: c for c in with_first_events(con, organization_id, rows)}
+    meters = _meters(con, organization_id, [meter_id for _, meter_id in pairs])
+    out = []
+    for customer_id, meter_id in pairs:
+        customer, meter = customers[customer_id], meters[meter_id]
+        held = sql.held_customer_meter(balances, customer.row, meter)
+        out.append(CustomerMeterView(held, customer, meter))
+    return out
+
+
+async def list_customer_meters(
+    store: Store,
+    organization_id: str,
+    *,
+    customer_ids: tuple[str, ...],
+    external_customer_ids: tuple[str, ...],
+    meter_ids: list[str] | None,
+    descending: bool,
+    page: int,
+    limit: int,
+) -> Page[CustomerMeterView]:
+    """The active customer meters of the customers named (all if none) and of the meters named
+    (all unarchived ones if None: archived meters show only when asked for by id)."""
+    named = bool(customer_ids or external_customer_ids)
+    balances = store.live.balances
+
+    def run(con: Con) -> Page[CustomerMeterView]:
+        pairs, total = sql.active_pairs(
+            con,
+            organization_id,
+            customer_ids=list(customer_ids) if named else None,
+            external_ids=list(external_customer_ids) if named else None,
+            meter_ids=meter_ids,
+            limit=limit,
+            offset=offset(page, limit),
+            descending=descending,
+        )
+        return Page(_views(con, balances, organization_id, pairs), total)
+
+    return await store.read(run)
+
+
+async def get_customer_meter(
+    store: Store, organization_id: str, customer_meter_id: str
+) -> CustomerMeterView:
+    balances = store.live.balances
+
+    def run(con: Con) -> CustomerMeterView:
+        pairs, _ = sql.active_pairs(
+            con,
+            organization_id,
+            customer_ids=None,
+            external_ids=None,
+            meter_ids=None,
+            id=customer_meter_id,
+            limit=1,
+            offset=0,
+        )
+        if not pairs:
+            raise NotFound("Customer meter not found")
+        return _views(con, balances, organization_id, pairs)[0]
+
+    return await store.read(run)
+
+
+def _state(
+    con: Con, balances: Balances, organization_id: str, customer: CustomerRow | None
+) -> CustomerState:
+    if customer is None:
+        raise NotFound("Customer not found")
+    pairs, _ = sql.active_pairs(
+        con,
+        organization_id,
+        customer_ids=[customer.id],
+        external_ids=None,
+        meter_ids=None,
+        limit=STATE_METERS,
+        offset=0,
+    )
+    meters = _meters(con, organization_id, [meter_id for _, meter_id in pairs])
+    return CustomerState(
+        with_first_events(con, organization_id, [customer])[0],
+        [sql.held_customer_meter(balances, customer, meters[meter_id]) for _, meter_id in pairs],
+    )
+
+
+async def state(store: Store, organization_id: str, customer_id: str) -> CustomerState:
+    balances = store.live.balances
+    return await store.read(
+        lambda con: _state(
+            con,
+            balances,
+            organization_id,
+            customer_sql.get_customer(con, organization_id, customer_id),
+        )
+    )
+
+
+async def state_by_external_id(
+    store: Store, organization_id: str, external_id: str
+) -> CustomerState:
+    balances = store.live.balances
+    return await store.read(
+        lambda con: _state(
+            con,
+            balances,
+            organization_id,
+            customer_sql.get_customer_by_external_id(con, organization_id, external_id),
+        )
+    )
+
+
+async def _applied(store: Store, organization_id: str, applied: sql.Applied) -> Applied:
+    cm = applied.customer_meter
+    pair = (cm.customer_id, cm.meter_id)
+    view = (
+        await store.read(lambda con: _views(con, store.live.balances, organization_id, [pair]))
+    )[0]
+    # The balance as the call left it (a replay answers what the first call did).
+    return Applied(replace(view, balance=cm), applied.replayed)
+
+
+async def credit(store: Store, organization_id: str, data: CreditCreate) -> Applied:
+    applied = await store.write(sql.credit_job(organization_id, data, now_us(), store.live))
+    return await _applied(store, organization_id, applied)
+
+
+async def reset(store: Store, organization_id: str, data: ResetCreate) -> Applied:
+    applied = await store.write(sql.reset_job(organization_id, data, now_us(), store.live))
+    return await _applied(store, organization_id, applied)
+
+
+def _check(
+    con: Con,
+    live: Live,
+    organization_id: str,
+    meter_id: str,
+    customer_id: str | None,
+    external_customer_id: str | None,
+    units: float,
+) -> BalanceCheck:
+    catalog = live.catalog
+    customer = (
+        catalog.customer(con, organization_id, customer_id)
+        if customer_id
+        else catalog.customer_by_external_id(con, organization_id, external_customer_id or "")
+    )
+    meter = catalog.meter(con, organization_id, meter_id)
+    if customer is None or meter is None:
+        raise NotFound("Customer or meter not found")
+    return BalanceCheck(units, sql.held_customer_meter(live.balances, customer, meter))
+
+
+async def check(
+    store: Store,
+    organization_id: str,
+    meter_id: str,
+    customer_id: str | None,
+    external_customer_id: str | None,
+    units: float,
+) -> BalanceCheck:
+    """May the customer use `units` more of the meter? From memory (`live`): DuckDB is read
+    only for a customer or meter not held yet."""
+    return await store.read_now(
+        _check, store.live, organization_id, meter_id, customer_id, external_customer_id, units
+    )

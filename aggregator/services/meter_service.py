@@ -1,0 +1,158 @@
+"""Meters: create, get, list, update (each redefinition starts a backfill), and quantities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import duckdb
+
+from aggregator.backfill import Backfiller
+from aggregator.errors import MeterFailed, NotFound
+from aggregator.services.pages import Page, offset
+from aggregator.store import Store, subjects
+from aggregator.store import customer_tables as customer_sql
+from aggregator.store import meter_tables as sql
+from aggregator.store import quantities as quantity_sql
+from aggregator.store.meter_tables import METER_SORTS, MeterRow
+from aggregator.store.quantities import Scope
+from meters.definitions import MeterCreate, MeterUpdate
+from meters.periods import Interval
+from meters.times import now_us
+
+__all__ = [
+    "METER_SORTS",
+    "MeterRow",
+    "Quantities",
+    "QuantityWindow",
+    "create",
+    "evaluable",
+    "get",
+    "list_",
+    "quantities",
+    "update",
+]
+
+Con = duckdb.DuckDBPyConnection
+
+
+@dataclass(frozen=True, slots=True)
+class QuantityWindow:
+    """The periods asked for: [start, end] (UTC microseconds) cut by `interval` in `tz`."""
+
+    start_us: int
+    end_us: int
+    interval: Interval
+    tz: ZoneInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Quantities:
+    periods: list[tuple[datetime, float]]  # (period start, quantity)
+    total: float
+
+
+def evaluable(row: MeterRow) -> MeterRow:
+    """Refuse to read a failed meter's events (its SQL cannot run; its rollups are stale)."""
+    if row.failure is not None:
+        raise MeterFailed(
+            f"Meter {row.id} cannot be evaluated and is skipped until its filter or aggregation"
+            f" is changed (or it is archived and unarchived): {row.failure}"
+        )
+    return row
+
+
+def found(row: MeterRow | None) -> MeterRow:
+    if row is None:
+        raise NotFound("Meter not found")
+    return row
+
+
+async def create(
+    store: Store, backfiller: Backfiller, organization_id: str, data: MeterCreate
+) -> MeterRow:
+    row: MeterRow = await store.write(sql.create_job(organization_id, data, now_us()))
+    backfiller.start(row.id, row.version)
+    return row
+
+
+async def get(store: Store, organization_id: str, meter_id: str) -> MeterRow:
+    return found(await store.read(sql.get_meter, organization_id, meter_id))
+
+
+async def update(
+    store: Store, backfiller: Backfiller, organization_id: str, meter_id: str, data: MeterUpdate
+) -> MeterRow:
+    found(await store.read(sql.get_meter, organization_id, meter_id))
+    row: MeterRow = await store.write(
+        sql.update_job(organization_id, meter_id, data, now_us(), store.live)
+    )
+    if row.backfilling:
+        backfiller.start(row.id, row.version)
+    return row
+
+
+async def list_(
+    store: Store,
+    organization_id: str,
+    *,
+    query: str | None,
+    is_archived: bool | None,
+    metadata: list[tuple[str, list[str]]],
+    sorting: list[str],
+    page: int,
+    limit: int,
+) -> Page[MeterRow]:
+    def run(con: Con) -> Page[MeterRow]:
+        rows, total = sql.list_meters(
+            con,
+            organization_id,
+            query=query,
+            is_archived=is_archived,
+            metadata=metadata,
+            sorting=sorting,
+            limit=limit,
+            offset=offset(page, limit),
+        )
+        return Page(rows, total)
+
+    return await store.read(run)
+
+
+def _subjects(
+    con: Con, organization_id: str, ids: tuple[str, ...], external: tuple[str, ...]
+) -> tuple[str, ...] | None:
+    """Customer filters as rollup subjects: every id and external id of each customer."""
+    if not ids and not external:
+        return None
+    customers = customer_sql.customers_by_refs(con, organization_id, list(ids), list(external))
+    names = {subjects.of_id(i) for i in ids} | {subjects.of_external(e) for e in external}
+    names |= {s for c in customers for s in subjects.of_customer(c)}
+    return tuple(sorted(names))
+
+
+async def quantities(
+    store: Store,
+    organization_id: str,
+    meter_id: str,
+    window: QuantityWindow,
+    *,
+    customer_ids: tuple[str, ...],
+    external_customer_ids: tuple[str, ...],
+    metadata: tuple[tuple[str, tuple[str, ...]], ...],
+    across: str | None,
+) -> Quantities:
+    """The meter's quantity per period of `window` and over all of it, for the customers
+    named (all if none), aggregated `across` them if given."""
+
+    def run(con: Con) -> Quantities:
+        meter = evaluable(found(sql.get_meter(con, organization_id, meter_id)))
+        subjects = _subjects(con, organization_id, customer_ids, external_customer_ids)
+        scope = Scope(meter, subjects, metadata, across is not None)
+        periods, total = quantity_sql.compute(
+            con, scope, window.start_us, window.end_us, window.interval, window.tz, across
+        )
+        return Quantities(periods, total)
+
+    return await store.read(run)

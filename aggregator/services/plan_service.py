@@ -1,0 +1,39 @@
+"""Credit plans: create (or find the one the same request made), list, get, delete."""
+
+from __future__ import annotations
+
+from aggregator.errors import NotFound
+from aggregator.store import Store
+from aggregator.store import plan_tables as sql
+from aggregator.store.plan_tables import PlanRow
+from meters.ledger_rules import PlanCreate
+from meters.times import now_us
+
+__all__ = ["PlanRow", "create", "delete", "get", "list_"]
+
+
+async def create(store: Store, organization_id: str, data: PlanCreate) -> tuple[PlanRow, bool]:
+    """The plan, and whether this call created it (False: an earlier one with its external
+    id did)."""
+    plan, created = await store.write(
+        sql.plan_create_job(organization_id, data, now_us(), store.live)
+    )
+    return plan, created
+
+
+async def list_(
+    store: Store, organization_id: str, customer_id: str | None, meter_id: str | None
+) -> list[PlanRow]:
+    return await store.read_now(sql.list_plans, organization_id, customer_id, meter_id)
+
+
+async def get(store: Store, organization_id: str, plan_id: str) -> PlanRow:
+    plan = await store.read_now(sql.get_plan, organization_id, plan_id)
+    if plan is None or plan.deleted_at_us is not None:
+        raise NotFound("Credit plan not found")
+    return plan
+
+
+async def delete(store: Store, organization_id: str, plan_id: str) -> None:
+    if not await store.write(sql.plan_delete_job(organization_id, plan_id, now_us())):
+        raise NotFound("Credit plan not found")

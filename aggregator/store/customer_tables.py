@@ -1,0 +1,277 @@
+"""SQL for customers: create, update (writer jobs) and reads."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import orjson
+
+from aggregator.errors import NotFound
+from aggregator.store.meter_sql import member_pointer
+from aggregator.store.rows import first_row, is_uuid
+from aggregator.store.writer import independent
+from meters.customer_rules import CustomerCreate, CustomerUpdate
+from meters.errors import FieldError, ValidationFailed
+
+_COLUMNS = (
+    "id::VARCHAR, organization_id::VARCHAR, type, email, name, external_id, billing_address,"
+    " tax_id, locale, metadata, epoch_us(created_at), epoch_us(modified_at)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerRow:
+    id: str
+    organization_id: str
+    type: str
+    email: str | None
+    name: str | None
+    external_id: str | None
+    billing_address: dict[str, Any] | None
+    tax_id: str | None
+    locale: str | None
+    metadata: dict[str, Any]
+    created_at_us: int
+    modified_at_us: int | None
+
+
+def _row(r: tuple[Any, ...]) -> CustomerRow:
+    return CustomerRow(
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        r[4],
+        r[5],
+        orjson.loads(r[6]) if r[6] is not None else None,
+        orjson.loads(r[7]) if r[7] is not None else None,
+        r[8],
+        orjson.loads(r[9]),
+        r[10],
+        r[11],
+    )
+
+
+def _check_unique(
+    con: duckdb.DuckDBPyConnection,
+    organization_id: str,
+    *,
+    email: str | None,
+    external_id: str | None,
+    exclude_id: str | None = None,
+) -> None:
+    errors: list[FieldError] = []
+    if email is not None:
+        row = first_row(
+            con,
+            "SELECT 1 FROM customers WHERE organization_id = ? AND lower(email) = lower(?)"
+            " AND id IS DISTINCT FROM ?::UUID",
+            [organization_id, email, exclude_id],
+        )
+        if row:
+            errors.append(
+                FieldError(
+                    "value_error",
+                    ("body", "email"),
+                    "A customer with this email address already exists.",
+                    email,
+                )
+            )
+    if external_id is not None:
+        row = first_row(
+            con,
+            "SELECT 1 FROM customers WHERE organization_id = ? AND external_id = ?"
+            " AND id IS DISTINCT FROM ?::UUID",
+            [organization_id, external_id, exclude_id],
+        )
+        if row:
+            errors.append(
+                FieldError(
+                    "value_error",
+                    ("body", "external_id"),
+                    "A customer with this external ID already exists.",
+                    external_id,
+                )
+            )
+    if errors:
+        raise ValidationFailed(errors, business=True)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def create_job(organization_id: str, data: CustomerCreate, now_us: int) -> Any:
+    def job(con: duckdb.DuckDBPyConnection) -> CustomerRow:
+        _check_unique(con, organization_id, email=data.email, external_id=data.external_id)
+        customer_id = str(uuid.uuid4())
+        address = data.billing_address.model_dump() if data.billing_address else None
+        con.execute(
+            "INSERT INTO customers (id, organization_id, type, email, name, external_id,"
+            " billing_address, tax_id, locale, metadata, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, make_timestamptz(?))",
+            [
+                customer_id,
+                organization_id,
+                data.type,
+                data.email,
+                data.name,
+                data.external_id,
+                _json(address),
+                _json(data.tax_id),
+                data.locale,
+                _json(data.metadata or {}),
+                now_us,
+            ],
+        )
+        found = get_customer(con, organization_id, customer_id)
+        assert found is not None
+        return found
+
+    return independent(job)
+
+
+def update_job(organization_id: str, customer_id: str, data: CustomerUpdate, now_us: int) -> Any:
+    def job(con: duckdb.DuckDBPyConnection) -> CustomerRow:
+        current = get_customer(con, organization_id, customer_id)
+        if current is None:
+            raise NotFound("Customer not found")
+        changes = data.model_dump(exclude_unset=True)
+        errors: list[FieldError] = []
+        if "external_id" in changes and current.external_id not in (None, changes["external_id"]):
+            errors.append(
+                FieldError(
+                    "value_error",
+                    ("body", "external_id"),
+                    "Customer external ID cannot be updated once set.",
+                    changes["external_id"],
+                )
+            )
+        if changes.get("type") == "individual" and current.type == "team":
+            errors.append(
+                FieldError(
+                    "value_error",
+                    ("body", "type"),
+                    "A team customer cannot be downgraded to individual.",
+                    "individual",
+                )
+            )
+        if "email" in changes and changes["email"] is None and current.type == "individual":
+            errors.append(FieldError("value_error", ("body", "email"), "Email is required.", None))
+        if errors:
+            raise ValidationFailed(errors, business=True)
+        _check_unique(
+            con,
+            organization_id,
+            email=changes.get("email"),
+            external_id=changes.get("external_id"),
+            exclude_id=customer_id,
+        )
+        if not changes:
+            return current
+        for key in ("billing_address", "tax_id", "metadata"):
+            if key in changes:
+                changes[key] = _json(changes[key] if key != "metadata" else changes[key] or {})
+        # Column names come from the pydantic model's fields, never from the request.
+        assignments = ", ".join(f"{key} = ?" for key in changes)
+        con.execute(
+            f"UPDATE customers SET {assignments}, modified_at = make_timestamptz(?)"
+            " WHERE organization_id = ? AND id = ?::UUID",
+            [*changes.values(), now_us, organization_id, customer_id],
+        )
+        found = get_customer(con, organization_id, customer_id)
+        assert found is not None
+        return found
+
+    return independent(job)
+
+
+def get_customer(
+    con: duckdb.DuckDBPyConnection, organization_id: str, customer_id: str
+) -> CustomerRow | None:
+    if not is_uuid(customer_id):
+        return None
+    row = first_row(
+        con,
+        f"SELECT {_COLUMNS} FROM customers WHERE organization_id = ? AND id = ?::UUID",
+        [organization_id, customer_id],
+    )
+    return _row(row) if row else None
+
+
+def get_customer_by_external_id(
+    con: duckdb.DuckDBPyConnection, organization_id: str, external_id: str
+) -> CustomerRow | None:
+    row = first_row(
+        con,
+        f"SELECT {_COLUMNS} FROM customers WHERE organization_id = ? AND external_id = ?",
+        [organization_id, external_id],
+    )
+    return _row(row) if row else None
+
+
+def customers_by_refs(
+    con: duckdb.DuckDBPyConnection,
+    organization_id: str,
+    ids: list[str],
+    external_ids: list[str],
+) -> list[CustomerRow]:
+    """Customers matching any of the given ids or external ids."""
+    if not ids and not external_ids:
+        return []
+    rows = con.execute(
+        f"SELECT {_COLUMNS} FROM customers WHERE organization_id = ? AND"
+        " (id IN (SELECT unnest(?::UUID[])) OR external_id IN (SELECT unnest(?::VARCHAR[])))",
+        [organization_id, ids, external_ids],
+    ).fetchall()
+    return [_row(r) for r in rows]
+
+
+_SORTS = {
+    "created_at": "created_at ASC, id ASC",
+    "-created_at": "created_at DESC, id DESC",
+    "email": "email ASC NULLS LAST, id ASC",
+    "-email": "email DESC NULLS LAST, id DESC",
+    "name": "name ASC NULLS LAST, id ASC",
+    "-name": "name DESC NULLS LAST, id DESC",
+}
+CUSTOMER_SORTS = frozenset(_SORTS)
+
+
+def list_customers(
+    con: duckdb.DuckDBPyConnection,
+    organization_id: str,
+    *,
+    email: str | None,
+    query: str | None,
+    metadata: list[tuple[str, list[str]]],
+    sorting: list[str],
+    limit: int,
+    offset: int,
+) -> tuple[list[CustomerRow], int]:
+    clauses = ["organization_id = ?"]
+    params: list[Any] = [organization_id]
+    if email is not None:
+        clauses.append("lower(email) = lower(?)")
+        params.append(email)
+    if query:
+        clauses.append(
+            "(contains(lower(coalesce(email, '')), lower($q)) OR"
+            " contains(lower(coalesce(name, '')), lower($q)) OR"
+            " contains(lower(coalesce(external_id, '')), lower($q)))".replace("$q", "?")
+        )
+        params.extend([query, query, query])
+    for key, values in metadata:
+        clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
+        params.extend([member_pointer(key), values])
+    where = " AND ".join(clauses)
+    total_row = first_row(con, f"SELECT count(*) FROM customers WHERE {where}", params)
+    order = ", ".join(_SORTS[s] for s in sorting) or _SORTS["-created_at"]
+    rows = con.execute(
+        f"SELECT {_COLUMNS} FROM customers WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+        [*params, limit, offset],
+    ).fetchall()
+    return [_row(r) for r in rows], int(total_row[0]) if total_row else 0

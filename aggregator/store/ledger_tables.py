@@ -1,0 +1,423 @@
+"""SQL for the credit ledger: credits, resets and plan cycles (writer jobs), customer meters.
+
+Usage since each customer's latest reset is kept by ingest (`rollups.apply`, appended to
+`ledger_usage_deltas`, read through `all_ledger_usage`); credits are running sums on the
+customer meter row. Every credit and reset is
+also a system event (`meter.credited`, `meter.reset`). The caller's idempotency key is kept in
+`idempotency`, with the customer meter it answered: replaying a call changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import duckdb
+import orjson
+
+from aggregator.store import idempotency, subjects
+from aggregator.store.balances import Credits as HeldCredits
+from aggregator.store.compaction import LEDGER_TABLES
+from aggregator.store.customer_tables import (
+    CustomerRow,
+    get_customer,
+    get_customer_by_external_id,
+)
+from aggregator.store.meter_tables import MeterRow, get_meter
+from aggregator.store.rows import first_row
+from meters.aggregations import Partial
+
+if TYPE_CHECKING:
+    from aggregator.store.balances import Balances
+    from aggregator.store.catalog import CustomerKey
+    from aggregator.store.live import Live
+from meters.errors import FieldError, ValidationFailed
+from meters.ledger_rules import CreditCreate, Credits, PlanCreate, ResetCreate
+
+Con = duckdb.DuckDBPyConnection
+
+
+def customer_meter_id(customer_id: str, meter_id: str) -> str:
+    """Stable id of a customer meter, whether or not it has a row yet (the SQL twin is
+    `_ID_SQL`)."""
+    return str(
+        uuid.UUID(
+            hashlib.md5(f"{customer_id}/{meter_id}".encode(), usedforsecurity=False).hexdigest()
+        )
+    )
+
+
+_ID_SQL = "md5(p.customer_id::VARCHAR || '/' || p.meter_id::VARCHAR)::UUID"
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerMeter:
+    id: str
+    customer_id: str
+    meter_id: str
+    created_at_us: int
+    modified_at_us: int | None
+    consumed: float
+    credited: int
+
+    @property
+    def balance(self) -> float:
+        return self.credited - self.consumed
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The outcome of a credit or reset: the customer meter after it; `replayed` when the
+    idempotency key had been used (nothing changed)."""
+
+    customer_meter: CustomerMeter
+    replayed: bool
+
+
+# ---- writes ----------------------------------------------------------------------------------
+
+
+def credit_job(organization_id: str, data: CreditCreate, now_us: int, live: Live) -> Any:
+    def apply(con: Con, customer: CustomerRow, meter: MeterRow) -> None:
+        credit(con, customer, meter, data.units, data.rollover, now_us, now_us, live)
+
+    return _keyed_job(organization_id, "credit", data, now_us, apply)
+
+
+def reset_job(organization_id: str, data: ResetCreate, now_us: int, live: Live) -> Any:
+    def apply(con: Con, customer: CustomerRow, meter: MeterRow) -> None:
+        reset(con, customer, meter, now_us, now_us, live)
+
+    return _keyed_job(organization_id, "reset", data, now_us, apply)
+
+
+def _keyed_job(
+    organization_id: str,
+    operation: idempotency.Operation,
+    data: CreditCreate | ResetCreate,
+    now_us: int,
+    apply: Callable[[Con, CustomerRow, MeterRow], None],
+) -> Any:
+    """`apply(con, customer, meter)` once per idempotency key; a replay answers the customer
+    meter as the first call left it."""
+    request = idempotency.digest(data)
+
+    def job(con: Con) -> Applied:
+        used = idempotency.recall(con, organization_id, operation, data.external_id, request)
+        if used is not None and used.result is not None:
+            return Applied(CustomerMeter(**used.result), replayed=True)
+        customer, meter = resolve(con, organization_id, data)
+        if used is not None:  # a key kept before answers were: the customer meter as it is
+            return Applied(customer_meter(con, customer, meter), replayed=True)
+        apply(con, customer, meter)
+        after = customer_meter(con, customer, meter)
+        idempotency.remember(
+            con, organization_id, operation, data.external_id, request, asdict(after), now_us
+        )
+        return Applied(after, replayed=False)
+
+    return job
+
+
+def resolve(
+    con: Con, organization_id: str, data: CreditCreate | ResetCreate | PlanCreate
+) -> tuple[CustomerRow, MeterRow]:
+    """The request's customer and (non-archived) meter; 422 naming the field otherwise."""
+    errors = []
+    if data.customer_id is not None:
+        customer = get_customer(con, organization_id, str(data.customer_id))
+        field, value = "customer_id", str(data.customer_id)
+    else:
+        assert data.external_customer_id is not None
+        customer = get_customer_by_external_id(con, organization_id, data.external_customer_id)
+        field, value = "external_customer_id", data.external_customer_id
+    if customer is None:
+        errors.append(
+            FieldError("customer_not_found", ("body", field), "Customer not found.", value)
+        )
+    meter = get_meter(con, organization_id, str(data.meter_id))
+    if meter is None or meter.archived_at_us is not None:
+        errors.append(
+            FieldError(
+                "meter_not_found", ("body", "meter_id"), "Meter not found.", str(data.meter_id)
+            )
+        )
+    if errors:
+        raise ValidationFailed(errors, business=True)
+    assert customer is not None and meter is not None
+    return customer, meter
+
+
+def _system_event(
+    con: Con,
+    customer: CustomerRow,
+    name: str,
+    metadata: dict[str, Any],
+    at_us: int,
+    now_us: int,
+    live: Live,
+) -> int:
+    """Store a system event; its seq."""
+    number = live.seq.reserve(1)
+    con.execute(
+        "INSERT INTO events (seq, organization_id, name, source, timestamp, ingested_at,"
+        " customer_id, metadata) VALUES (?, ?::UUID, ?, 'system', make_timestamptz(?),"
+        " make_timestamptz(?), ?::UUID, ?)",
+        [
+            number,
+            customer.organization_id,
+            name,
+            at_us,
+            now_us,
+            customer.id,
+            orjson.dumps(metadata).decode(),
+        ],
+    )
+    return number
+
+
+def _credits(con: Con, customer: CustomerRow, meter: MeterRow, now_us: int) -> Credits:
+    """The customer meter's credits, creating its row if needed."""
+    con.execute(
+        "INSERT INTO customer_meters (id, organization_id, customer_id, meter_id, created_at,"
+        " modified_at) VALUES (?::UUID, ?::UUID, ?::UUID, ?::UUID, make_timestamptz(?),"
+        " make_timestamptz(?)) ON CONFLICT DO NOTHING",
+        [
+            customer_meter_id(customer.id, meter.id),
+            customer.organization_id,
+            customer.id,
+            meter.id,
+            now_us,
+            now_us,
+        ],
+    )
+    row = first_row(
+        con,
+        "SELECT credited, credited_rollover, credited_plain FROM customer_meters"
+        " WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
+        [customer.id, meter.id],
+    )
+    assert row is not None
+    return Credits(int(row[0]), int(row[1]), int(row[2]))
+
+
+def _store_credits(
+    con: Con,
+    live: Live,
+    customer: CustomerRow,
+    meter: MeterRow,
+    credits: Credits,
+    now_us: int,
+    reset_seq: int | None = None,
+) -> None:
+    con.execute(
+        "UPDATE customer_meters SET credited = ?, credited_rollover = ?, credited_plain = ?,"
+        " reset_seq = coalesce(?, reset_seq), modified_at = make_timestamptz(?)"
+        " WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
+        [
+            credits.credited,
+            credits.rollover,
+            credits.plain,
+            reset_seq,
+            now_us,
+            customer.id,
+            meter.id,
+        ],
+    )
+    row = first_row(
+        con,
+        "SELECT credited, epoch_us(created_at), epoch_us(modified_at) FROM customer_meters"
+        " WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
+        [customer.id, meter.id],
+    )
+    assert row is not None
+    held = HeldCredits(int(row[0]), int(row[1]), int(row[2]))
+    live.stage(lambda: live.balances.set_credits(customer.id, meter.id, held))
+
+
+def credit(
+    con: Con,
+    customer: CustomerRow,
+    meter: MeterRow,
+    units: int,
+    rollover: bool,
+    at_us: int,
+    now_us: int,
+    live: Live,
+) -> None:
+    metadata = {"meter_id": meter.id, "units": units, "rollover": rollover}
+    _system_event(con, customer, "meter.credited", metadata, at_us, now_us, live)
+    credits = _credits(con, customer, meter, now_us).add(units, rollover)
+    _store_credits(con, live, customer, meter, credits, now_us)
+
+
+def reset(
+    con: Con,
+    customer: CustomerRow,
+    meter: MeterRow,
+    at_us: int,
+    now_us: int,
+    live: Live,
+) -> None:
+    """Close the window: zero usage and credits, then credit what rolls over."""
+    number = _system_event(
+        con, customer, "meter.reset", {"meter_id": meter.id}, at_us, now_us, live
+    )
+    credits = _credits(con, customer, meter, now_us)
+    carried = credits.carried_over(_consumed(con, customer, meter))
+    names = subjects.of_customer(customer)
+    for table in LEDGER_TABLES:
+        # Table names from this fixed list only.
+        con.execute(
+            f"DELETE FROM {table} WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",
+            [meter.id, names],
+        )
+    live.stage(lambda: live.balances.clear(meter.id, names))
+    _store_credits(con, live, customer, meter, Credits(), now_us, reset_seq=number)
+    if carried > 0:
+        credit(con, customer, meter, carried, True, at_us, now_us, live)
+
+
+# ---- reads -----------------------------------------------------------------------------------
+
+
+def _consumed(con: Con, customer: CustomerRow, meter: MeterRow) -> float:
+    return _usage(con, meter, subjects.of_customer(customer))[0]
+
+
+def _usage(con: Con, meter: MeterRow, names: list[str]) -> tuple[float, int | None, int | None]:
+    """(consumed, first usage, last usage) of the subjects `names` in the meter's current
+    windows."""
+    partial = Partial()
+    # Equalities, not `IN (SELECT unnest(?))`: DuckDB then filters during the scan (3x faster
+    # at 100,000 customers).
+    which = " OR ".join("subject = ?" for _ in names) or "FALSE"
+    row = first_row(
+        con,
+        "SELECT sum(events), sum(total), min(low), max(high), epoch_us(min(created_at)),"
+        f" epoch_us(max(modified_at)) FROM all_ledger_usage WHERE meter_id = ?::UUID AND ({which})",
+        [meter.id, *names],
+    )
+    first = last = None
+    if row is not None and row[0] is not None:
+        partial.add(int(row[0]), float(row[1]), float(row[2]), float(row[3]))
+        first, last = row[4], row[5]
+    if partial.events == 0 and _is_unique(meter):
+        values = con.execute(
+            "SELECT DISTINCT value FROM all_ledger_usage_values"
+            f" WHERE meter_id = ?::UUID AND ({which})",
+            [meter.id, *names],
+        ).fetchall()
+        partial.values = {v[0] for v in values}
+    return partial.result(meter.aggregation.func), first, last
+
+
+def _is_unique(meter: MeterRow) -> bool:
+    return cast(str, meter.aggregation.func) == "unique"
+
+
+def customer_meter(con: Con, customer: CustomerRow, meter: MeterRow) -> CustomerMeter:
+    consumed, first, last = _usage(con, meter, subjects.of_customer(customer))
+    row = first_row(
+        con,
+        "SELECT credited, epoch_us(created_at), epoch_us(modified_at) FROM customer_meters"
+        " WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
+        [customer.id, meter.id],
+    )
+    credits = HeldCredits(int(row[0]), int(row[1]), int(row[2])) if row else None
+    return _assembled(customer.id, meter, consumed, first, last, credits)
+
+
+def held_customer_meter(
+    balances: Balances, customer: CustomerRow | CustomerKey, meter: MeterRow
+) -> CustomerMeter:
+    """`customer_meter`, from the balances in memory (no statement)."""
+    usage = balances.usage(meter.id, subjects.of_customer(customer))
+    consumed = usage.partial.result(meter.aggregation.func)
+    credits = balances.credits(customer.id, meter.id)
+    return _assembled(customer.id, meter, consumed, usage.first_us, usage.last_us, credits)
+
+
+def _assembled(
+    customer_id: str,
+    meter: MeterRow,
+    consumed: float,
+    first_us: int | None,
+    last_us: int | None,
+    credits: HeldCredits | None,
+) -> CustomerMeter:
+    """A customer meter from its usage (first and last change) and its credits row: created at
+    the earliest of the meter, the usage and the credits; modified at the latest change."""
+    created = min(
+        t for t in (first_us, credits.created_us if credits else None, meter.created_at_us) if t
+    )
+    modified = max(
+        (t for t in (last_us, credits.modified_us if credits else None) if t), default=None
+    )
+    return CustomerMeter(
+        customer_meter_id(customer_id, meter.id),
+        customer_id,
+        meter.id,
+        created,
+        modified,
+        consumed,
+        credits.credited if credits else 0,
+    )
+
+
+def active_pairs(
+    con: Con,
+    organization_id: str,
+    *,
+    customer_ids: list[str] | None,
+    external_ids: list[str] | None,
+    meter_ids: list[str] | None,
+    id: str | None = None,
+    limit: int,
+    offset: int,
+    descending: bool = True,
+) -> tuple[list[tuple[str, str]], int]:
+    """(customer id, meter id) of the organization's customer meters — those with usage in
+    their window or a ledger row — newest first; and their count. Archived meters are left
+    out unless asked for by id."""
+    customer_where = ""
+    params: list[Any] = [organization_id]
+    if customer_ids is not None or external_ids is not None:
+        customer_where = (
+            " AND (c.id IN (SELECT unnest(?::UUID[]))"
+            " OR c.external_id IN (SELECT unnest(?::VARCHAR[])))"
+        )
+        params += [customer_ids or [], external_ids or []]
+    meter_where = (
+        " AND archived_at IS NULL"
+        if meter_ids is None
+        else (" AND id IN (SELECT unnest(?::UUID[]))")
+    )
+    meter_params: list[Any] = [organization_id] + ([meter_ids] if meter_ids is not None else [])
+    pair_where = "" if id is None else f" WHERE {_ID_SQL} = ?::UUID"
+    pairs = (
+        "WITH subj AS (SELECT c.id AS customer_id, s.subject FROM customers c,"
+        f" unnest({subjects.of_customer_sql('c')}) s(subject)"
+        f" WHERE c.organization_id = ?::UUID AND s.subject IS NOT NULL{customer_where}),"
+        f" m AS (SELECT id FROM meters WHERE organization_id = ?::UUID{meter_where}),"
+        " used AS (SELECT u.meter_id, subj.customer_id, u.modified_at FROM all_ledger_usage u"
+        " JOIN subj USING (subject) WHERE u.meter_id IN (SELECT id FROM m)"
+        " UNION ALL SELECT v.meter_id, subj.customer_id, NULL FROM all_ledger_usage_values v"
+        " JOIN subj USING (subject) WHERE v.meter_id IN (SELECT id FROM m)"
+        " UNION ALL SELECT meter_id, customer_id, modified_at FROM customer_meters"
+        " WHERE meter_id IN (SELECT id FROM m) AND customer_id IN (SELECT customer_id FROM subj))"
+        " SELECT customer_id, meter_id, max(modified_at) AS modified FROM used p"
+        f"{pair_where} GROUP BY ALL"
+    )
+    pairs_params = [*params, *meter_params, *([id] if id is not None else [])]
+    count = first_row(con, f"SELECT count(*) FROM ({pairs})", pairs_params)
+    rows = con.execute(
+        f"SELECT customer_id::VARCHAR, meter_id::VARCHAR FROM ({pairs})"
+        f" ORDER BY modified {'DESC' if descending else 'ASC'} NULLS LAST, customer_id, meter_id"
+        " LIMIT ? OFFSET ?",
+        [*pairs_params, limit, offset],
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows], int(count[0]) if count else 0

@@ -1,0 +1,236 @@
+"""SQL for credit plans: recurring credits, cycled at each month or year boundary.
+
+A cycle is a reset followed by the period's credit, both keyed by (plan, cycle number); the
+plan's cycle count moves in the same transaction, so each boundary is processed exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import duckdb
+
+from aggregator.store import idempotency
+from aggregator.store.customer_tables import get_customer
+from aggregator.store.ledger_tables import credit, reset, resolve
+from aggregator.store.meter_tables import get_meter
+from aggregator.store.rows import first_row, is_uuid
+from aggregator.store.writer import independent
+from meters.errors import FieldError, ValidationFailed
+from meters.ledger_rules import PlanCreate, cycle_start
+from meters.times import datetime_to_us, us_to_datetime
+
+if TYPE_CHECKING:
+    from aggregator.store.live import Live
+
+Con = duckdb.DuckDBPyConnection
+
+_PLAN_COLUMNS = (
+    "id::VARCHAR, organization_id::VARCHAR, external_id, customer_id::VARCHAR,"
+    " meter_id::VARCHAR, units, interval, rollover, epoch_us(starts_at), cycles,"
+    " epoch_us(next_cycle_at), epoch_us(created_at), epoch_us(deleted_at)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRow:
+    id: str
+    organization_id: str
+    external_id: str
+    customer_id: str
+    meter_id: str
+    units: int
+    interval: Literal["month", "year"]
+    rollover: bool
+    starts_at_us: int
+    cycles: int
+    next_cycle_at_us: int
+    created_at_us: int
+    deleted_at_us: int | None
+
+
+def _plan(r: tuple[Any, ...]) -> PlanRow:
+    return PlanRow(*r)
+
+
+def plan_create_job(organization_id: str, data: PlanCreate, now_us: int, live: Live) -> Any:
+    """Create a plan (or find the one the same request made with this external_id); returns
+    (plan, created). Cycles already due (a start in the past or now) are processed in the same
+    transaction."""
+    request = idempotency.digest(data)
+
+    def job(con: Con) -> tuple[PlanRow, bool]:
+        if idempotency.recall(con, organization_id, "plan", data.external_id, request) is not None:
+            existing = first_row(
+                con,
+                f"SELECT {_PLAN_COLUMNS} FROM credit_plans"
+                " WHERE organization_id = ?::UUID AND external_id = ?",
+                [organization_id, data.external_id],
+            )
+            assert existing is not None
+            return _plan(existing), False
+        refused = data.start_error(us_to_datetime(now_us))
+        if refused is not None:
+            assert data.starts_at is not None
+            raise ValidationFailed(
+                [
+                    FieldError(
+                        "value_error", ("body", "starts_at"), refused, data.starts_at.isoformat()
+                    )
+                ]
+            )
+        customer, meter = resolve(con, organization_id, data)
+        starts = datetime_to_us(data.starts_at) if data.starts_at else now_us
+        plan_id = str(uuid.uuid4())
+        con.execute(
+            "INSERT INTO credit_plans (id, organization_id, external_id, customer_id, meter_id,"
+            " units, interval, rollover, starts_at, next_cycle_at, created_at) VALUES"
+            " (?::UUID, ?::UUID, ?, ?::UUID, ?::UUID, ?, ?, ?, make_timestamptz(?),"
+            " make_timestamptz(?), make_timestamptz(?))",
+            [
+                plan_id,
+                organization_id,
+                data.external_id,
+                customer.id,
+                meter.id,
+                data.units,
+                data.interval,
+                data.rollover,
+                starts,
+                starts,
+                now_us,
+            ],
+        )
+        idempotency.remember(
+            con, organization_id, "plan", data.external_id, request, {"id": plan_id}, now_us
+        )
+        # At most two boundaries are due (the start is at most one interval back).
+        _cycle_plans(con, now_us, live, plan_id, None)
+        plan = get_plan(con, organization_id, plan_id)
+        assert plan is not None
+        return plan, True
+
+    return job
+
+
+def plan_delete_job(organization_id: str, plan_id: str, now_us: int) -> Any:
+    """Stop a plan's future cycles; credits already granted stay. False if there is none."""
+
+    def job(con: Con) -> bool:
+        if get_plan(con, organization_id, plan_id) is None:
+            return False
+        con.execute(
+            "UPDATE credit_plans SET deleted_at = coalesce(deleted_at, make_timestamptz(?))"
+            " WHERE id = ?::UUID",
+            [now_us, plan_id],
+        )
+        return True
+
+    return independent(job)
+
+
+def due(con: Con, now_us: int) -> bool:
+    """Whether any plan boundary is at or before `now` (a read: nothing ingest defers)."""
+    row = first_row(
+        con,
+        "SELECT 1 FROM credit_plans WHERE deleted_at IS NULL"
+        " AND next_cycle_at <= make_timestamptz(?) LIMIT 1",
+        [now_us],
+    )
+    return row is not None
+
+
+def cycle_due_job(now_us: int, live: Live, budget_seconds: float) -> Any:
+    """Process plan boundaries at or before `now` (all organizations, earliest first) for about
+    `budget_seconds` (at least one); returns (how many, whether more are due). Each
+    boundary's reset and credit carry keys derived from (plan, cycle number), and the plan's
+    cycle count moves in the same transaction: a boundary is processed exactly once, however
+    late (a process that was down catches up on restart, a job at a time)."""
+
+    def job(con: Con) -> tuple[int, bool]:
+        deadline = time.perf_counter() + budget_seconds
+        processed = _cycle_plans(con, now_us, live, None, deadline)
+        more = first_row(
+            con,
+            "SELECT 1 FROM credit_plans WHERE deleted_at IS NULL"
+            " AND next_cycle_at <= make_timestamptz(?) LIMIT 1",
+            [now_us],
+        )
+        return processed, more is not None
+
+    return job
+
+
+def _cycle_plans(
+    con: Con, now_us: int, live: Live, plan_id: str | None, deadline: float | None
+) -> int:
+    """Process the due boundaries (of one plan, or all) until `deadline` (perf_counter), if
+    any, has passed."""
+    where = "deleted_at IS NULL AND next_cycle_at <= make_timestamptz(?)"
+    params: list[Any] = [now_us]
+    if plan_id is not None:
+        where += " AND id = ?::UUID"
+        params.append(plan_id)
+    due = [
+        _plan(r)
+        for r in con.execute(
+            f"SELECT {_PLAN_COLUMNS} FROM credit_plans WHERE {where} ORDER BY next_cycle_at",
+            params,
+        ).fetchall()
+    ]
+    processed = 0
+    for plan in due:
+        if deadline and processed and time.perf_counter() > deadline:
+            break
+        customer = get_customer(con, plan.organization_id, plan.customer_id)
+        meter = get_meter(con, plan.organization_id, plan.meter_id)
+        if customer is None or meter is None or meter.archived_at_us is not None:
+            continue
+        starts = us_to_datetime(plan.starts_at_us)
+        n = plan.cycles
+        at = datetime_to_us(cycle_start(starts, plan.interval, n))
+        while at <= now_us and not (deadline and processed and time.perf_counter() > deadline):
+            processed += 1
+            # Once per cycle: `cycles` moves in the same transaction.
+            reset(con, customer, meter, at, now_us, live)
+            credit(con, customer, meter, plan.units, plan.rollover, at, now_us, live)
+            n += 1
+            at = datetime_to_us(cycle_start(starts, plan.interval, n))
+        con.execute(
+            "UPDATE credit_plans SET cycles = ?, next_cycle_at = make_timestamptz(?)"
+            " WHERE id = ?::UUID",
+            [n, at, plan.id],
+        )
+    return processed
+
+
+def get_plan(con: Con, organization_id: str, plan_id: str) -> PlanRow | None:
+    if not is_uuid(plan_id):
+        return None
+    row = first_row(
+        con,
+        f"SELECT {_PLAN_COLUMNS} FROM credit_plans"
+        " WHERE organization_id = ?::UUID AND id = ?::UUID",
+        [organization_id, plan_id],
+    )
+    return _plan(row) if row else None
+
+
+def list_plans(
+    con: Con, organization_id: str, customer_id: str | None, meter_id: str | None
+) -> list[PlanRow]:
+    where = "organization_id = ?::UUID AND deleted_at IS NULL"
+    params: list[Any] = [organization_id]
+    if customer_id is not None:
+        where += " AND customer_id = ?::UUID"
+        params.append(customer_id)
+    if meter_id is not None:
+        where += " AND meter_id = ?::UUID"
+        params.append(meter_id)
+    rows = con.execute(
+        f"SELECT {_PLAN_COLUMNS} FROM credit_plans WHERE {where} ORDER BY created_at", params
+    ).fetchall()
+    return [_plan(r) for r in rows]

@@ -1,0 +1,195 @@
+"""The forwarder: sends one organization's accepted events (raw, or as per-period rollups; see
+aggregator.upstream.outboxes) to an upstream `/v1/events/ingest`, never dropping or doubling one.
+
+The outbox's items go in its order (raw events in seq order, so in order per customer), in
+batches bounded by count and bytes, at most `rate_per_minute` requests per minute (evenly
+spaced). Nothing is marked sent before a 2xx that counts every event of the batch; anything
+else re-sends the same batch (the upstream deduplicates on external_id): after Retry-After on
+429/503, after a jittered exponential backoff on other 5xx, timeouts and connection errors. A
+422 quarantines exactly the events it names (split in halves when it names none) and the rest
+are sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal, Self
+
+from aggregator.errors import UsageError
+from aggregator.store import Store
+from aggregator.store.outbox import Pending
+from aggregator.upstream.outboxes import Outbox, RawOutbox, RollupOutbox
+from meters.polar_api import PolarApi
+from meters.upstream import Accepted, Rejected, RetryLater, backoff
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwarderSettings:
+    url: str
+    token: str
+    organization: str = "default"  # whose events go upstream (the token is that org's there)
+    rate_per_minute: float = 500.0
+    max_events: int = 1000
+    max_bytes: int = 9 * 1024 * 1024  # under the upstream's 10 MiB, leaving room for framing
+    timeout_seconds: float = 10.0
+    idle_seconds: float = 0.5
+    max_backoff_seconds: float = 30.0
+    mode: Literal["raw", "rollup"] = "raw"
+    rollup_minutes: int = 60  # the period of a rollup event (divides a day)
+    settle_seconds: float = 60.0  # a period is forwarded this long after it ends
+    stage_every_seconds: float = 60.0
+    # Local external customer id (or customer id) → the upstream's external_customer_id.
+    customer_map: Mapping[str, str] = field(default_factory=dict)
+
+    def outbox(self, store: Store, organization_id: str) -> Outbox:
+        if self.mode == "raw":
+            return RawOutbox(store, organization_id, self.customer_map)
+        return RollupOutbox(
+            store,
+            organization_id,
+            self.customer_map,
+            period_minutes=self.rollup_minutes,
+            settle_seconds=self.settle_seconds,
+            stage_every_seconds=self.stage_every_seconds,
+        )
+
+
+class Forwarder:
+    """Runs in the background while open. An async context manager."""
+
+    def __init__(self, store: Store, organization_id: str, settings: ForwarderSettings) -> None:
+        self._outbox = settings.outbox(store, organization_id)
+        self._settings = settings
+        self.mode = settings.mode
+        # The client spaces its requests evenly: never more than the rate in any minute.
+        self._client = PolarApi(
+            settings.url,
+            settings.token,
+            rate_per_minute=settings.rate_per_minute,
+            timeout_seconds=settings.timeout_seconds,
+        )
+        self._task: asyncio.Task[None] | None = None
+        self.sent = 0
+        self.retried = 0
+        self.refused = 0  # events quarantined since start
+        self.last_error: str | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run(), name="forwarder")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # In-flight requests are abandoned: the batch is re-sent on the next start.
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._client.__aexit__(None, None, None)
+
+    async def backlog(self) -> int:
+        return await self._outbox.backlog()
+
+    async def quarantined(self, seq: int | None = None) -> list[tuple[Pending, str]]:
+        return await self._outbox.quarantined(seq)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                batch = await self._outbox.next(self._settings.max_events)
+                if not batch:
+                    await asyncio.sleep(self._settings.idle_seconds)
+                    continue
+                batch = _within(batch, self._settings.max_bytes)
+                await self._outbox.done(batch, await self._deliver(batch))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("forwarding failed; retrying")
+                await asyncio.sleep(self._settings.max_backoff_seconds)
+
+    async def _deliver(self, batch: list[Pending]) -> list[Pending]:
+        """Until the upstream holds every event of `batch` that it does not refuse; those."""
+        attempt = 0
+        while batch:
+            outcome = await self._client.send([p.event for p in batch])
+            if isinstance(outcome, Accepted):
+                self.sent += len(batch)
+                return batch
+            if isinstance(outcome, RetryLater):
+                self.retried += 1
+                self.last_error = outcome.reason
+                attempt += 1
+                await asyncio.sleep(
+                    outcome.seconds
+                    if outcome.seconds is not None
+                    else backoff(attempt, self._settings.max_backoff_seconds)
+                )
+                continue
+            assert isinstance(outcome, Rejected)
+            if not outcome.reasons and len(batch) > 1:
+                # The upstream did not say which: find them half by half.
+                half = len(batch) // 2
+                return await self._deliver(batch[:half]) + await self._deliver(batch[half:])
+            refused = outcome.reasons or {0: "rejected by the upstream (no detail)"}
+            await self._quarantine([(batch[i].seq, reason) for i, reason in refused.items()])
+            batch = [p for i, p in enumerate(batch) if i not in refused]
+        return batch
+
+    async def _quarantine(self, refused: list[tuple[int, str]]) -> None:
+        for seq, reason in refused:
+            log.warning("upstream refused event seq %d: %s (quarantined)", seq, reason)
+        await self._outbox.quarantine(refused)
+        self.refused += len(refused)
+
+    async def resend(self, seq: int) -> str:
+        """Send one quarantined event again; release it if the upstream takes it now."""
+        found = [p for p, _ in await self._outbox.quarantined(seq)]
+        if not found:
+            return "not quarantined"
+        outcome = await self._client.send([found[0].event])
+        if isinstance(outcome, Accepted):
+            await self._outbox.release(seq)
+            return "accepted"
+        if isinstance(outcome, Rejected):
+            reason = outcome.reasons.get(0, "rejected by the upstream (no detail)")
+            await self._outbox.quarantine([(seq, reason)])
+            return f"rejected: {reason}"
+        return f"not sent: {outcome.reason}"
+
+    async def resend_events(self, event_ids: list[str]) -> dict[str, int]:
+        """Send these events again (raw mode; reconcile's repair). Safe: the upstream
+        deduplicates on their external_ids, which are the ones the outbox sends."""
+        if not isinstance(self._outbox, RawOutbox):
+            raise UsageError("rollup mode forwards no raw events to re-send")
+        found = await self._outbox.events(event_ids)
+        accepted, rest = 0, found
+        while rest:
+            batch = _within(rest[: self._settings.max_events], self._settings.max_bytes)
+            accepted += len(await self._deliver(batch))
+            rest = rest[len(batch) :]
+        return {
+            "requested": len(event_ids),
+            "found": len(found),
+            "accepted": accepted,
+            "refused": len(found) - accepted,
+        }
+
+
+def _within(batch: list[Pending], max_bytes: int) -> list[Pending]:
+    """The longest prefix of `batch` whose request fits in `max_bytes` (at least one event)."""
+    total = 0
+    for i, pending in enumerate(batch):
+        total += pending.size + 1
+        if total > max_bytes and i > 0:
+            return batch[:i]
+    return batch
