@@ -78,9 +78,7 @@ class Backfiller:
             try:
                 async with self._turn:
                     started = time.perf_counter()
-                    progress = await self._store.write(
-                        backfill_step_job(meter_id, version, chunk, self._store.live)
-                    )
+                    progress = await self._store.write(backfill_step_job(meter_id, version, chunk))
             except Exception as exc:  # noqa: BLE001 - every failure is retried, logged once
                 delay = min(self._max_retry, delay * 2 or self._retry)
                 if delay == self._retry:  # the first failure of a run of them

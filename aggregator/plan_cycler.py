@@ -53,9 +53,7 @@ class PlanCycler:
         # A cycle job waits for applied events to be stored: only when one is due.
         processed, more = 0, await self._store.read_now(due, self._clock())
         while more:
-            done, more = await self._store.write(
-                cycle_due_job(self._clock(), self._store.live, budget)
-            )
+            done, more = await self._store.write(cycle_due_job(self._clock(), budget))
             processed += done
         if processed:
             log.info("credit plans: %d cycle(s) processed", processed)

@@ -135,9 +135,7 @@ async def _meterline(batches: list[pa.Table]) -> dict[str, float]:
             duplicates = 0
             cpu, started = time.process_time(), time.perf_counter()
             for batch in batches:
-                result = await store.write(
-                    IngestJob(ORG, batch, now_us(), store.live), weight=batch.num_rows
-                )
+                result = await store.write(IngestJob(ORG, batch, now_us()), weight=batch.num_rows)
                 duplicates += result.duplicates
             await store.read(lambda con: None)  # until every applied event is stored
             seconds = time.perf_counter() - started

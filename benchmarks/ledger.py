@@ -36,6 +36,7 @@ from aggregator.store import Store
 from aggregator.store.event_tables import IngestJob
 from aggregator.store.ledger_tables import credit_job
 from aggregator.store.meter_tables import create_job
+from aggregator.store.writer import Job, Tx
 from benchmarks.common import metric, percentile
 from benchmarks.meters import (
     ROLLUP_BATCH,
@@ -120,7 +121,7 @@ async def _in_process(path: Path, org: str, plan: dict[str, int]) -> dict[str, A
         started = time.perf_counter()
         for b in range(plan["events"] // BATCH):
             table = _usage_batch(rng, plan["customers"], b)
-            await store.write(IngestJob(org, table, now_us(), store.live), weight=BATCH)
+            await store.write(IngestJob(org, table, now_us()), weight=BATCH)
         await store.read(lambda con: None)  # until every event is stored
         ingest_seconds = time.perf_counter() - started
         for i in range(plan["credits"]):
@@ -130,7 +131,7 @@ async def _in_process(path: Path, org: str, plan: dict[str, int]) -> dict[str, A
                 units=1000,
                 external_id=f"grant-{i}",
             )
-            await store.write(credit_job(org, data, now_us(), store.live))
+            await store.write(credit_job(org, data, now_us()))
     # Reopened, as a core that restarts with this data: customers are held from the start
     # (the first check of a customer created since reads DuckDB once, ~1 ms more).
     async with Store(path) as store:
@@ -235,8 +236,9 @@ async def _ledger_cost(batches: int) -> dict[str, Any]:
     }
 
 
-def _apply_job(store: Store, batch: pa.Table, org: str, ledger: bool) -> Any:
-    def job(con: Con) -> float:
+def _apply_job(store: Store, batch: pa.Table, org: str, ledger: bool) -> Job[float]:
+    def job(tx: Tx) -> float:
+        con = tx.con
         started = time.perf_counter()
         apply_meters(con, store, batch, org, ledger=ledger)
         return time.perf_counter() - started

@@ -44,7 +44,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -62,6 +61,7 @@ from aggregator.store.event_tables import IngestJob
 from aggregator.store.meter_sql import aggregate_sql, contribution_sql, meter_events_sql
 from aggregator.store.meter_tables import MeterRow, backfill_step_job, create_job, meters_of
 from aggregator.store.quantities import Scope, compute, exact_range, reduce
+from aggregator.store.writer import Job, Tx
 from benchmarks import ingest_http, loadgen
 from benchmarks.common import memory_kib, metric, percentile
 from benchmarks.server import Server
@@ -350,10 +350,12 @@ def apply_meters(
 
 def _apply_job(
     store: Store, batch: pa.Table, organization_id: str, timing: list[float]
-) -> Callable[[Con], None]:
+) -> Job[None]:
     """`apply_meters` as a writer job, timed inside it."""
 
-    def job(con: Con) -> None:
+    def job(tx: Tx) -> None:
+
+        con = tx.con
         started = time.perf_counter()
         apply_meters(con, store, batch, organization_id)
         timing.append(time.perf_counter() - started)
@@ -408,7 +410,7 @@ async def _time_ingest(
         ids = pa.array([f"pass{i}-{j}" for j in range(table.num_rows)], pa.string())
         table = table.set_column(table.schema.get_field_index("external_id"), "external_id", ids)
         for key, store in (("with", metered), ("without", plain)):
-            job = IngestJob(organization_id, table, now_us(), store.live)
+            job = IngestJob(organization_id, table, now_us())
             started = time.perf_counter()
             result = await store.write(job, weight=table.num_rows)
             if i >= 0:
@@ -697,8 +699,9 @@ def _held(store: Store) -> dict[str, Any]:
     }
 
 
-def _sql_job(sql: str, params: dict[str, Any] | None = None) -> Callable[[Con], None]:
-    def job(con: Con) -> None:
+def _sql_job(sql: str, params: dict[str, Any] | None = None) -> Job[None]:
+    def job(tx: Tx) -> None:
+        con = tx.con
         con.execute(sql, params or {})
 
     return job
@@ -747,9 +750,7 @@ async def _backfill(store: Store, meter: MeterRow) -> dict[str, Any]:
     started = time.perf_counter()
     while True:
         step_started = time.perf_counter()
-        progress = await store.write(
-            backfill_step_job(meter.id, meter.version, BACKFILL_CHUNK, store.live)
-        )
+        progress = await store.write(backfill_step_job(meter.id, meter.version, BACKFILL_CHUNK))
         steps.append(time.perf_counter() - step_started)
         if progress is None:
             raise RuntimeError("backfill went stale")

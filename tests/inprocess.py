@@ -86,7 +86,7 @@ class InProcessCore:
         """Rows in every table: what a request that is refused must leave unchanged. Appended
         deltas are compacted first, so that the writer's own compaction between groups does
         not count as a change."""
-        self.run(self.store.write(compact))
+        self.run(self.store.write(lambda tx: compact(tx.con)))
 
         def count(con: Any) -> dict[str, int]:
             tables = [

@@ -224,9 +224,7 @@ class Consumer:
         missing = [tp for tp in partitions if tp.partition not in stored]
         if missing:
             starts = await self._consumer.beginning_offsets(missing)
-            job = StartOffsets(
-                topic, {tp.partition: o for tp, o in starts.items()}, self._store.live
-            )
+            job = StartOffsets(topic, {tp.partition: o for tp, o in starts.items()})
             stored.update(await self._store.write(job))
         for tp in partitions:
             self._consumer.seek(tp, stored[tp.partition])
@@ -265,7 +263,7 @@ class Consumer:
                 continue
             vanished = start - offset if offset < start else None
             reset = Reset(tp.topic, tp.partition, offset, start, end, vanished, now_us())
-            if await self._store.write(OffsetReset(reset, self._store.live)) is None:
+            if await self._store.write(OffsetReset(reset)) is None:
                 continue  # a batch moved the offset meanwhile: the next check decides
             log.error(
                 "%s[%d]: the log no longer holds the stored offset %d (log: [%d, %d]); it was"
@@ -311,7 +309,6 @@ class Consumer:
                 tp.partition: (batch[0].offset, batch[-1].offset + 1)
                 for tp, batch in fetched.items()
             },
-            self._store.live,
         )
 
     async def _known_only(self, table: pa.Table) -> tuple[pa.Table, list[DeadLetter]]:

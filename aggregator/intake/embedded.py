@@ -22,7 +22,7 @@ class EmbeddedPublisher:
     ) -> PublishResult:
         encoded = await self._validation.validate(body, received_at_us, Encoded)
         events = encoded.events
-        job = IngestJob(organization_id, events, received_at_us, self._store.live, encoded.data)
+        job = IngestJob(organization_id, events, received_at_us, encoded.data)
         result = await self._store.write(
             job, weight=max(1, events.num_rows), tenant=organization_id
         )

@@ -219,12 +219,12 @@ async def _applied(store: Store, organization_id: str, applied: sql.Applied) -> 
 
 
 async def credit(store: Store, organization_id: str, data: CreditCreate) -> Applied:
-    applied = await store.write(sql.credit_job(organization_id, data, now_us(), store.live))
+    applied = await store.write(sql.credit_job(organization_id, data, now_us()))
     return await _applied(store, organization_id, applied)
 
 
 async def reset(store: Store, organization_id: str, data: ResetCreate) -> Applied:
-    applied = await store.write(sql.reset_job(organization_id, data, now_us(), store.live))
+    applied = await store.write(sql.reset_job(organization_id, data, now_us()))
     return await _applied(store, organization_id, applied)
 
 

@@ -85,9 +85,7 @@ async def update(
     store: Store, backfiller: Backfiller, organization_id: str, meter_id: str, data: MeterUpdate
 ) -> MeterRow:
     found(await store.read(sql.get_meter, organization_id, meter_id))
-    row: MeterRow = await store.write(
-        sql.update_job(organization_id, meter_id, data, now_us(), store.live)
-    )
+    row: MeterRow = await store.write(sql.update_job(organization_id, meter_id, data, now_us()))
     if row.backfilling:
         backfiller.start(row.id, row.version)
     return row

@@ -15,9 +15,7 @@ __all__ = ["PlanRow", "create", "delete", "get", "list_"]
 async def create(store: Store, organization_id: str, data: PlanCreate) -> tuple[PlanRow, bool]:
     """The plan, and whether this call created it (False: an earlier one with its external
     id did)."""
-    plan, created = await store.write(
-        sql.plan_create_job(organization_id, data, now_us(), store.live)
-    )
+    plan, created = await store.write(sql.plan_create_job(organization_id, data, now_us()))
     return plan, created
 
 

@@ -149,7 +149,7 @@ class Store:
         self._reclusterer.start()
         self._writer = Writer(self._con.cursor(), job_bound_seconds=self._job_bound, hooks=live)
         for request in logged:
-            self._writer.run(Replay(request, live))
+            self._writer.run(Replay(request))
         self._writer.start()
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="duckdb-reader")
 

@@ -18,9 +18,10 @@ import pyarrow as pa
 
 from aggregator.errors import OffsetGap
 from aggregator.store.ingest_log import with_source
+from aggregator.store.writer import Tx
 
 if TYPE_CHECKING:
-    from aggregator.store.live import Live
+    pass
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -37,19 +38,19 @@ class ConsumedBatch:
     topic: str
     events: pa.Table
     offsets: dict[int, tuple[int, int]]
-    live: Live
     waits_for_pending: ClassVar[bool] = False
 
-    def __call__(self, con: duckdb.DuckDBPyConnection) -> int:
-        applied = self.live.applied_offsets(self.topic)
+    def __call__(self, tx: Tx) -> int:
+        con, live = tx.con, tx.live
+        applied = live.applied_offsets(self.topic)
         for partition, (first, _) in self.offsets.items():
             if partition in applied and applied[partition] != first:
                 raise OffsetGap(
                     f"{self.topic}[{partition}] starts at {first}, applied {applied[partition]}"
                 )
-        admitted = self.live.admit(con, with_source(self.events))
+        admitted = live.admit(con, with_source(self.events))
         offsets = tuple((self.topic, p, o) for p, (_, o) in self.offsets.items())
-        self.live.apply(con, admitted.events, fingerprints=admitted.fingerprints, offsets=offsets)
+        live.apply(con, admitted.events, fingerprints=admitted.fingerprints, offsets=offsets)
         return admitted.events.num_rows
 
 
@@ -80,9 +81,9 @@ class OffsetReset:
     (nothing done)."""
 
     reset: Reset
-    live: Live
 
-    def __call__(self, con: duckdb.DuckDBPyConnection) -> Reset | None:
+    def __call__(self, tx: Tx) -> Reset | None:
+        con = tx.con
         r = self.reset
         if stored_offsets(con, r.topic).get(r.partition) != r.stored:
             return None
@@ -94,7 +95,7 @@ class OffsetReset:
             "UPDATE kafka_offsets SET next_offset = ? WHERE topic = ? AND partition = ?",
             [r.start, r.topic, r.partition],
         )
-        self.live.set_offsets(r.topic, {r.partition: r.start})
+        tx.live.set_offsets(r.topic, {r.partition: r.start})
         return r
 
 
@@ -108,10 +109,10 @@ class StartOffsets:
 
     topic: str
     starts: dict[int, int]
-    live: Live
 
-    def __call__(self, con: duckdb.DuckDBPyConnection) -> dict[int, int]:
+    def __call__(self, tx: Tx) -> dict[int, int]:
         """Returns the stored offset of each of the partitions (an existing one is kept)."""
+        con = tx.con
         stored = stored_offsets(con, self.topic)
         new = {p: o for p, o in self.starts.items() if p not in stored}
         if new:
@@ -119,7 +120,7 @@ class StartOffsets:
                 "INSERT INTO kafka_offsets VALUES (?, ?, ?)",
                 [[self.topic, p, o] for p, o in new.items()],
             )
-            self.live.set_offsets(self.topic, new)
+            tx.live.set_offsets(self.topic, new)
         return {**{p: stored[p] for p in self.starts if p in stored}, **new}
 
 

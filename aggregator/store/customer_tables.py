@@ -12,7 +12,7 @@ import orjson
 from aggregator.errors import NotFound
 from aggregator.store.meter_sql import member_pointer
 from aggregator.store.rows import first_row, is_uuid
-from aggregator.store.writer import independent
+from aggregator.store.writer import Job, Tx, independent
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
 
@@ -104,8 +104,9 @@ def _json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
-def create_job(organization_id: str, data: CustomerCreate, now_us: int) -> Any:
-    def job(con: duckdb.DuckDBPyConnection) -> CustomerRow:
+def create_job(organization_id: str, data: CustomerCreate, now_us: int) -> Job[CustomerRow]:
+    def job(tx: Tx) -> CustomerRow:
+        con = tx.con
         _check_unique(con, organization_id, email=data.email, external_id=data.external_id)
         customer_id = str(uuid.uuid4())
         address = data.billing_address.model_dump() if data.billing_address else None
@@ -134,8 +135,11 @@ def create_job(organization_id: str, data: CustomerCreate, now_us: int) -> Any:
     return independent(job)
 
 
-def update_job(organization_id: str, customer_id: str, data: CustomerUpdate, now_us: int) -> Any:
-    def job(con: duckdb.DuckDBPyConnection) -> CustomerRow:
+def update_job(
+    organization_id: str, customer_id: str, data: CustomerUpdate, now_us: int
+) -> Job[CustomerRow]:
+    def job(tx: Tx) -> CustomerRow:
+        con = tx.con
         current = get_customer(con, organization_id, customer_id)
         if current is None:
             raise NotFound("Customer not found")

@@ -14,11 +14,11 @@ from aggregator.store import ingest_log
 from aggregator.store.ingest_log import with_origin
 from aggregator.store.meter_sql import member_pointer
 from aggregator.store.rows import first_row
-from aggregator.store.writer import Batchable, Outcome
+from aggregator.store.writer import Batchable, Outcome, Tx
 from meters.errors import FieldError, ValidationFailed
 
 if TYPE_CHECKING:
-    from aggregator.store.live import Live
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +37,16 @@ class IngestJob(Batchable[IngestResult]):
     organization_id: str
     events: pa.Table
     ingested_at_us: int
-    live: Live
     body: bytes | None = None
     waits_for_pending: ClassVar[bool] = False
 
     @classmethod
-    def run_batch(cls, con: duckdb.DuckDBPyConnection, jobs: list[IngestJob]) -> list[Outcome]:
+    def run_batch(cls, tx: Tx, jobs: list[IngestJob]) -> list[Outcome]:
+        con, live = tx.con, tx.live
         rejections = _unknown_customers(con, jobs)
         accepted = [job for job in jobs if job not in rejections]
         kept: dict[IngestJob, int] = {}
         if accepted:
-            live = accepted[0].live
             batch = pa.concat_tables(
                 [with_origin(j.events, j.organization_id, j.ingested_at_us) for j in accepted]
             )
@@ -95,11 +94,10 @@ class Replay:
     """A writer job: apply again, exactly as it was, what the ingest log holds (at open)."""
 
     logged: ingest_log.Logged
-    live: Live
     waits_for_pending: ClassVar[bool] = False
 
-    def __call__(self, con: duckdb.DuckDBPyConnection) -> None:
-        self.live.apply(con, self.logged.applied(), log_id=self.logged.id)
+    def __call__(self, tx: Tx) -> None:
+        tx.live.apply(tx.con, self.logged.applied(), log_id=self.logged.id)
 
 
 def _unknown_customers(

@@ -19,7 +19,7 @@ import orjson
 from aggregator.store import subjects
 from aggregator.store.outbox import Pending
 from aggregator.store.rows import first_row
-from aggregator.store.writer import independent
+from aggregator.store.writer import Job, Tx, independent
 from meters.aggregations import ADDITIVE
 from meters.times import us_to_datetime, us_to_iso
 
@@ -75,10 +75,11 @@ def stage_job(
     cutoff_us: int,
     customer_map: Mapping[str, str],
     now_us: int,
-) -> Any:
+) -> Job[int]:
     """Freeze each settled period's change since the last revision into the outbox."""
 
-    def job(con: Con) -> int:
+    def job(tx: Tx) -> int:
+        con = tx.con
         rows = con.execute(
             _DIFF, {"org": organization_id, "minutes": period_minutes, "cutoff": cutoff_us}
         ).fetchall()
@@ -161,10 +162,11 @@ def backlog(con: Con, organization_id: str) -> int:
     return int(row[0]) if row else 0
 
 
-def sent_job(organization_id: str, seqs: list[int], now_us: int) -> Any:
+def sent_job(organization_id: str, seqs: list[int], now_us: int) -> Job[None]:
     """Accepted upstream: sent, and out of quarantine if it was there."""
 
-    def job(con: Con) -> None:
+    def job(tx: Tx) -> None:
+        con = tx.con
         con.execute(
             "UPDATE forward_rollup_outbox SET sent_at = make_timestamptz(?), reason = NULL"
             " WHERE organization_id = ?::UUID AND seq IN (SELECT unnest(?::BIGINT[]))",
@@ -180,8 +182,9 @@ def sent_job(organization_id: str, seqs: list[int], now_us: int) -> Any:
     return independent(job)
 
 
-def quarantine_job(organization_id: str, refused: list[tuple[int, str]], now_us: int) -> Any:
-    def job(con: Con) -> None:
+def quarantine_job(organization_id: str, refused: list[tuple[int, str]], now_us: int) -> Job[None]:
+    def job(tx: Tx) -> None:
+        con = tx.con
         con.executemany(
             "UPDATE forward_rollup_outbox SET reason = ? WHERE organization_id = ?::UUID"
             " AND seq = ?",

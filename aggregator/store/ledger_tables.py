@@ -28,6 +28,7 @@ from aggregator.store.customer_tables import (
 )
 from aggregator.store.meter_tables import MeterRow, get_meter
 from aggregator.store.rows import first_row
+from aggregator.store.writer import Job, Tx
 from meters.aggregations import Partial
 
 if TYPE_CHECKING:
@@ -80,16 +81,16 @@ class Applied:
 # ---- writes ----------------------------------------------------------------------------------
 
 
-def credit_job(organization_id: str, data: CreditCreate, now_us: int, live: Live) -> Any:
-    def apply(con: Con, customer: CustomerRow, meter: MeterRow) -> None:
-        credit(con, customer, meter, data.units, data.rollover, now_us, now_us, live)
+def credit_job(organization_id: str, data: CreditCreate, now_us: int) -> Job[Applied]:
+    def apply(tx: Tx, customer: CustomerRow, meter: MeterRow) -> None:
+        credit(tx.con, customer, meter, data.units, data.rollover, now_us, now_us, tx.live)
 
     return _keyed_job(organization_id, "credit", data, now_us, apply)
 
 
-def reset_job(organization_id: str, data: ResetCreate, now_us: int, live: Live) -> Any:
-    def apply(con: Con, customer: CustomerRow, meter: MeterRow) -> None:
-        reset(con, customer, meter, now_us, now_us, live)
+def reset_job(organization_id: str, data: ResetCreate, now_us: int) -> Job[Applied]:
+    def apply(tx: Tx, customer: CustomerRow, meter: MeterRow) -> None:
+        reset(tx.con, customer, meter, now_us, now_us, tx.live)
 
     return _keyed_job(organization_id, "reset", data, now_us, apply)
 
@@ -99,20 +100,21 @@ def _keyed_job(
     operation: idempotency.Operation,
     data: CreditCreate | ResetCreate,
     now_us: int,
-    apply: Callable[[Con, CustomerRow, MeterRow], None],
-) -> Any:
-    """`apply(con, customer, meter)` once per idempotency key; a replay answers the customer
+    apply: Callable[[Tx, CustomerRow, MeterRow], None],
+) -> Job[Applied]:
+    """`apply(tx, customer, meter)` once per idempotency key; a replay answers the customer
     meter as the first call left it."""
     request = idempotency.digest(data)
 
-    def job(con: Con) -> Applied:
+    def job(tx: Tx) -> Applied:
+        con = tx.con
         used = idempotency.recall(con, organization_id, operation, data.external_id, request)
         if used is not None and used.result is not None:
             return Applied(CustomerMeter(**used.result), replayed=True)
         customer, meter = resolve(con, organization_id, data)
         if used is not None:  # a key kept before answers were: the customer meter as it is
             return Applied(customer_meter(con, customer, meter), replayed=True)
-        apply(con, customer, meter)
+        apply(tx, customer, meter)
         after = customer_meter(con, customer, meter)
         idempotency.remember(
             con, organization_id, operation, data.external_id, request, asdict(after), now_us

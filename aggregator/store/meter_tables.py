@@ -19,15 +19,20 @@ from aggregator.store import rollups
 from aggregator.store.compaction import LEDGER_TABLES, ROLLUP_TABLES
 from aggregator.store.meter_sql import member_pointer
 from aggregator.store.rows import first_row, is_uuid
-from aggregator.store.writer import Repairable
-from meters.aggregations import Aggregation
+from aggregator.store.writer import Job, Repairable, Tx
+from meters.aggregations import (
+    Aggregation,
+    CountAggregation,
+    PropertyAggregation,
+    UniqueAggregation,
+)
 from meters.definitions import MeterCreate, MeterUpdate, check_unit
 from meters.errors import FieldError, ValidationFailed
 from meters.filters import STORED, Filter
 from meters.times import now_us as clock_us
 
 if TYPE_CHECKING:
-    from aggregator.store.live import Live
+    pass
 
 _AGGREGATION: TypeAdapter[Any] = TypeAdapter(Aggregation)
 log = logging.getLogger(__name__)
@@ -68,7 +73,7 @@ class MeterRow:
     custom_label: str | None
     custom_multiplier: int | None
     filter: Filter
-    aggregation: Any
+    aggregation: CountAggregation | PropertyAggregation | UniqueAggregation
     metadata: dict[str, Any]
     created_at_us: int
     modified_at_us: int | None
@@ -86,7 +91,9 @@ class MeterRow:
 
 
 @functools.lru_cache(maxsize=4096)
-def _definition(filter_json: str, aggregation_json: str) -> tuple[Filter, Any]:
+def _definition(
+    filter_json: str, aggregation_json: str
+) -> tuple[Filter, CountAggregation | PropertyAggregation | UniqueAggregation]:
     """Parsed definitions, cached: validating them costs ~1 ms, more than reading the row.
     (Both are immutable models, safe to share.) Parsed as stored: a definition accepted by an
     earlier version still loads; if it cannot be evaluated, the meter is marked failed."""
@@ -117,8 +124,9 @@ def _row(r: tuple[Any, ...]) -> MeterRow:
     )
 
 
-def create_job(organization_id: str, data: MeterCreate, now_us: int) -> Any:
-    def job(con: duckdb.DuckDBPyConnection) -> MeterRow:
+def create_job(organization_id: str, data: MeterCreate, now_us: int) -> Job[MeterRow]:
+    def job(tx: Tx) -> MeterRow:
+        con = tx.con
         meter_id = str(uuid.uuid4())
         con.execute(
             "INSERT INTO meters (id, organization_id, name, unit, custom_label,"
@@ -144,9 +152,10 @@ def create_job(organization_id: str, data: MeterCreate, now_us: int) -> Any:
 
 
 def update_job(
-    organization_id: str, meter_id: str, data: MeterUpdate, now_us: int, live: Live
-) -> Any:
-    def job(con: duckdb.DuckDBPyConnection) -> MeterRow:
+    organization_id: str, meter_id: str, data: MeterUpdate, now_us: int
+) -> Job[MeterRow]:
+    def job(tx: Tx) -> MeterRow:
+        con = tx.con
         current = _found(con, organization_id, meter_id)
         changes = data.model_dump(exclude_unset=True)
         unit = changes.get("unit") or current.unit
@@ -182,7 +191,7 @@ def update_job(
             # New semantics, or events missed while archived: rebuild the rollups from the
             # stored events (backfill); live ingest keeps them current from now on.
             _reset_rollups(con, meter_id)
-            live.stage(lambda: live.balances.drop(meter_id))
+            tx.live.stage(lambda: tx.live.balances.drop(meter_id))
             extra += (
                 ", version = version + 1, backfilled_to = 0,"
                 " backfill_target = (SELECT coalesce(max(seq), 0) FROM events)"
@@ -196,7 +205,7 @@ def update_job(
             " WHERE organization_id = ? AND id = ?::UUID",
             [*columns.values(), now_us, *extra_params, organization_id, meter_id],
         )
-        live.stage(lambda: live.catalog.forget_meter(meter_id))
+        tx.live.stage(lambda: tx.live.catalog.forget_meter(meter_id))
         return _found(con, organization_id, meter_id)
 
     return job
@@ -330,11 +339,12 @@ def pending_backfills(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
     return [(r[0], r[1]) for r in rows]
 
 
-def backfill_step_job(meter_id: str, version: int, chunk: int, live: Live) -> Any:
+def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int, int] | None]:
     """A writer job adding the next `chunk` of stored events (by seq) to the meter's rollups;
     returns (done, target), or None when stale (the meter was redefined or archived since)."""
 
-    def job(con: duckdb.DuckDBPyConnection) -> tuple[int, int] | None:
+    def job(tx: Tx) -> tuple[int, int] | None:
+        con = tx.con
         row = first_row(con, f"SELECT {_COLUMNS} FROM meters WHERE id = ?::UUID", [meter_id])
         if row is None:
             return None
@@ -354,7 +364,7 @@ def backfill_step_job(meter_id: str, version: int, chunk: int, live: Live) -> An
             backfill=True,
         )
         rollups.store(con, [evaluated])
-        live.stage(lambda: live.add_usage(evaluated))
+        tx.live.stage(lambda: tx.live.add_usage(evaluated))
         con.execute("UPDATE meters SET backfilled_to = ? WHERE id = ?::UUID", [high, meter_id])
         return (high, meter.backfill_target)
 

@@ -13,7 +13,7 @@ import duckdb
 import orjson
 
 from aggregator.store.rows import first_row
-from aggregator.store.writer import independent
+from aggregator.store.writer import Job, Tx, independent
 from meters.times import us_to_iso
 
 Con = duckdb.DuckDBPyConnection
@@ -91,10 +91,11 @@ def backlog(con: Con, organization_id: str) -> int:
     return int(row[0]) if row else 0
 
 
-def advance_job(organization_id: str, to: int, sent: int, now_us: int) -> Any:
+def advance_job(organization_id: str, to: int, sent: int, now_us: int) -> Job[None]:
     """Everything up to seq `to` was accepted upstream (or quarantined)."""
 
-    def job(con: Con) -> None:
+    def job(tx: Tx) -> None:
+        con = tx.con
         con.execute(
             "INSERT INTO forward_cursors VALUES (?::UUID, ?, ?, make_timestamptz(?))"
             " ON CONFLICT DO UPDATE SET cursor = greatest(cursor, excluded.cursor),"
@@ -105,8 +106,9 @@ def advance_job(organization_id: str, to: int, sent: int, now_us: int) -> Any:
     return independent(job)
 
 
-def quarantine_job(organization_id: str, refused: list[tuple[int, str]], now_us: int) -> Any:
-    def job(con: Con) -> None:
+def quarantine_job(organization_id: str, refused: list[tuple[int, str]], now_us: int) -> Job[None]:
+    def job(tx: Tx) -> None:
+        con = tx.con
         con.executemany(
             "INSERT INTO forward_quarantine VALUES (?::UUID, ?, ?, make_timestamptz(?))"
             " ON CONFLICT DO UPDATE SET reason = excluded.reason",
@@ -116,10 +118,11 @@ def quarantine_job(organization_id: str, refused: list[tuple[int, str]], now_us:
     return independent(job)
 
 
-def release_job(organization_id: str, seq: int) -> Any:
+def release_job(organization_id: str, seq: int) -> Job[None]:
     """Out of quarantine (re-sent and accepted)."""
 
-    def job(con: Con) -> None:
+    def job(tx: Tx) -> None:
+        con = tx.con
         con.execute(
             "DELETE FROM forward_quarantine WHERE organization_id = ?::UUID AND seq = ?",
             [organization_id, seq],

@@ -18,7 +18,7 @@ from aggregator.store.customer_tables import get_customer
 from aggregator.store.ledger_tables import credit, reset, resolve
 from aggregator.store.meter_tables import get_meter
 from aggregator.store.rows import first_row, is_uuid
-from aggregator.store.writer import independent
+from aggregator.store.writer import Job, Tx, independent
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import PlanCreate, cycle_start
 from meters.times import datetime_to_us, us_to_datetime
@@ -56,13 +56,16 @@ def _plan(r: tuple[Any, ...]) -> PlanRow:
     return PlanRow(*r)
 
 
-def plan_create_job(organization_id: str, data: PlanCreate, now_us: int, live: Live) -> Any:
+def plan_create_job(
+    organization_id: str, data: PlanCreate, now_us: int
+) -> Job[tuple[PlanRow, bool]]:
     """Create a plan (or find the one the same request made with this external_id); returns
     (plan, created). Cycles already due (a start in the past or now) are processed in the same
     transaction."""
     request = idempotency.digest(data)
 
-    def job(con: Con) -> tuple[PlanRow, bool]:
+    def job(tx: Tx) -> tuple[PlanRow, bool]:
+        con = tx.con
         if idempotency.recall(con, organization_id, "plan", data.external_id, request) is not None:
             existing = first_row(
                 con,
@@ -108,7 +111,7 @@ def plan_create_job(organization_id: str, data: PlanCreate, now_us: int, live: L
             con, organization_id, "plan", data.external_id, request, {"id": plan_id}, now_us
         )
         # At most two boundaries are due (the start is at most one interval back).
-        _cycle_plans(con, now_us, live, plan_id, None)
+        _cycle_plans(con, now_us, tx.live, plan_id, None)
         plan = get_plan(con, organization_id, plan_id)
         assert plan is not None
         return plan, True
@@ -116,10 +119,11 @@ def plan_create_job(organization_id: str, data: PlanCreate, now_us: int, live: L
     return job
 
 
-def plan_delete_job(organization_id: str, plan_id: str, now_us: int) -> Any:
+def plan_delete_job(organization_id: str, plan_id: str, now_us: int) -> Job[bool]:
     """Stop a plan's future cycles; credits already granted stay. False if there is none."""
 
-    def job(con: Con) -> bool:
+    def job(tx: Tx) -> bool:
+        con = tx.con
         if get_plan(con, organization_id, plan_id) is None:
             return False
         con.execute(
@@ -143,16 +147,17 @@ def due(con: Con, now_us: int) -> bool:
     return row is not None
 
 
-def cycle_due_job(now_us: int, live: Live, budget_seconds: float) -> Any:
+def cycle_due_job(now_us: int, budget_seconds: float) -> Job[tuple[int, bool]]:
     """Process plan boundaries at or before `now` (all organizations, earliest first) for about
     `budget_seconds` (at least one); returns (how many, whether more are due). Each
     boundary's reset and credit carry keys derived from (plan, cycle number), and the plan's
     cycle count moves in the same transaction: a boundary is processed exactly once, however
     late (a process that was down catches up on restart, a job at a time)."""
 
-    def job(con: Con) -> tuple[int, bool]:
+    def job(tx: Tx) -> tuple[int, bool]:
+        con = tx.con
         deadline = time.perf_counter() + budget_seconds
-        processed = _cycle_plans(con, now_us, live, None, deadline)
+        processed = _cycle_plans(con, now_us, tx.live, None, deadline)
         more = first_row(
             con,
             "SELECT 1 FROM credit_plans WHERE deleted_at IS NULL"

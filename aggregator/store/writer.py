@@ -5,10 +5,12 @@ every write goes through one thread that takes all jobs waiting in its queue, ru
 transaction and commits once; each caller's future resolves only after that commit (no 2xx
 before durability).
 
-The contract for a job: it is a function of the connection that does all of its checks before
-its first write, and raises an *expected* error (`REJECTIONS`) only from those checks. A rejected
-job leaves nothing behind, so the rest of the group still commits. Any other error rolls the
-whole group back, and then every job is retried alone, so one failing job cannot fail others.
+The contract for a job: it is a function of a `Tx` (the writer's connection inside the group's
+transaction, and the store's in-memory half, both owned by the store and handed over by it:
+callers never pass them) that does all of its checks before its first write, and raises an
+*expected* error (`REJECTIONS`) only from those checks. A rejected job leaves nothing behind,
+so the rest of the group still commits. Any other error rolls the whole group back, and then
+every job is retried alone, so one failing job cannot fail others.
 
 A job that fails with a `Repairable` error is repaired (outside any transaction) and run again,
 at most a few times: a meter that DuckDB cannot evaluate is marked failed and skipped, so the
@@ -49,7 +51,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import duckdb
 
@@ -57,10 +59,27 @@ from aggregator.errors import AggregatorError, StoreClosed
 from meters.errors import MetersError
 from meters.times import now_us
 
+if TYPE_CHECKING:
+    from aggregator.store.live import Live
+
 T = TypeVar("T")
 REJECTIONS: tuple[type[Exception], ...] = (MetersError, AggregatorError)
 # (True, result) or (False, rejection) for each job.
 Outcome = tuple[bool, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Tx:
+    """What the writer hands every job."""
+
+    con: duckdb.DuckDBPyConnection
+    _live: Live | None
+
+    @property
+    def live(self) -> Live:
+        """The store's in-memory half: a job stages its effects on it (`Live.stage`)."""
+        assert self._live is not None, "a writer without the store's memory (its own tests)"
+        return self._live
 
 
 class Batchable(Generic[T]):
@@ -68,7 +87,7 @@ class Batchable(Generic[T]):
     outcome's value is a `T`."""
 
     @classmethod
-    def run_batch(cls, con: duckdb.DuckDBPyConnection, jobs: list[Any]) -> list[Outcome]:
+    def run_batch(cls, tx: Tx, jobs: list[Any]) -> list[Outcome]:
         """Run `jobs` (all of this class), returning one outcome per job, in order. Rejections
         are decided before the first write, as for any job."""
         raise NotImplementedError
@@ -82,7 +101,7 @@ class Repairable(AggregatorError):
         raise NotImplementedError
 
 
-Job = Callable[[duckdb.DuckDBPyConnection], T] | Batchable[T]
+Job = Callable[[Tx], T] | Batchable[T]
 
 
 class Hooks(Protocol):
@@ -107,9 +126,7 @@ def waits_for_pending(job: Job[Any]) -> bool:
     return bool(getattr(job, "waits_for_pending", True))
 
 
-def independent(
-    job: Callable[[duckdb.DuckDBPyConnection], T],
-) -> Callable[[duckdb.DuckDBPyConnection], T]:
+def independent(job: Callable[[Tx], T]) -> Callable[[Tx], T]:
     """Mark a job that neither reads nor writes what applied events change (customers, tokens,
     forwarding cursors): it need not wait for them to be stored."""
     job.waits_for_pending = False  # type: ignore[attr-defined]
@@ -147,10 +164,11 @@ class Writer:
         *,
         max_group_weight: int = 50_000,
         job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS,
-        hooks: Hooks | None = None,
+        hooks: Live | None = None,
     ) -> None:
         self._con = con
-        self._hooks = hooks
+        self._hooks: Hooks | None = hooks
+        self._tx = Tx(con, hooks)
         self._max_group_weight = max_group_weight
         self.job_bound_seconds = job_bound_seconds
         self._backlog: list[_Pending[Any]] = []
@@ -345,11 +363,11 @@ class Writer:
                     end = i + 1
                     while end < len(group) and type(group[end].job) is type(job):
                         end += 1
-                    results.extend(type(job).run_batch(con, [p.job for p in group[i:end]]))
+                    results.extend(type(job).run_batch(self._tx, [p.job for p in group[i:end]]))
                     i = end
                     continue
                 try:
-                    results.append((True, job(con)))
+                    results.append((True, job(self._tx)))
                 except Repairable:
                     raise  # the whole group is repaired and run again
                 except REJECTIONS as exc:

@@ -254,7 +254,7 @@ def test_a_deeper_filter_stored_by_earlier_versions_still_loads(tmp_path: Path) 
         meter_id = core.request("POST", "/v1/meters/", content=meter).json()["id"]
         core.run(
             core.store.write(
-                lambda con: con.execute(
+                lambda tx: tx.con.execute(
                     "UPDATE meters SET filter = ? WHERE id = ?::UUID", [_nested(99), meter_id]
                 )
             )

@@ -82,10 +82,8 @@ def test_the_check_follows_redefinitions_and_late_external_ids(tmp_path: Path) -
         # Reopened: `acme` is held from the start; `plain` (no external id yet) is not.
         async with Store(path) as store:
             events = [_use(5, external="acme"), _use(7, external="acme"), _use(2, external="late")]
-            await store.write(IngestJob(ORG, to_table(events), now_us(), store.live))
-            await store.write(
-                IngestJob(ORG, to_table([_use(1, customer_id=plain.id)]), now_us(), store.live)
-            )
+            await store.write(IngestJob(ORG, to_table(events), now_us()))
+            await store.write(IngestJob(ORG, to_table([_use(1, customer_id=plain.id)]), now_us()))
             assert (await _check(store, meter.id, external_customer_id="acme"))[
                 "consumed_units"
             ] == 12
@@ -104,8 +102,8 @@ def test_the_check_follows_redefinitions_and_late_external_ids(tmp_path: Path) -
             redefine = MeterUpdate.model_validate(
                 {"aggregation": {"func": "max", "property": "tokens"}}
             )
-            redefined = await store.write(update_job(ORG, meter.id, redefine, now_us(), store.live))
-            step = backfill_step_job(meter.id, redefined.version, 1000, store.live)
+            redefined = await store.write(update_job(ORG, meter.id, redefine, now_us()))
+            step = backfill_step_job(meter.id, redefined.version, 1000)
             while (progress := await store.write(step)) and progress[0] < progress[1]:
                 pass
             assert (await _check(store, meter.id, external_customer_id="acme"))[

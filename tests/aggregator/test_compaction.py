@@ -95,12 +95,12 @@ def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Pat
                 metadata={"tokens": 5},
                 cost_amount=None,
             )
-            await store.write(IngestJob(ORG, to_table([event]), BUCKET, store.live))
+            await store.write(IngestJob(ORG, to_table([event]), BUCKET))
             seen.append(await readings(store))
-            assert await store.write(compact) == 1  # one ledger delta
+            assert await store.write(lambda tx: compact(tx.con)) == 1  # one ledger delta
             assert await store.read_now(recluster, "rollups") == 1  # its two rows, merged
             seen.append(await readings(store))
-            assert await store.write(compact) == 0
+            assert await store.write(lambda tx: compact(tx.con)) == 0
         async with Store(path) as store:  # reopened: the migration is not run twice
             seen.append(await readings(store))
         return seen
@@ -121,7 +121,7 @@ def test_a_rewrite_folds_each_key_once(tmp_path: Path) -> None:
     async def run() -> list[tuple[int, float, float, float]]:
         async with Store(tmp_path / "m.duckdb", recluster=NEVER) as store:
             await store.write(
-                lambda con: con.execute(
+                lambda tx: tx.con.execute(
                     "INSERT INTO rollup_deltas VALUES"
                     " (?, 's', make_timestamptz(0), 1, 2, 2, 2),"
                     " (?, 's', make_timestamptz(0), 2, 5, -1, 4),"
@@ -131,7 +131,7 @@ def test_a_rewrite_folds_each_key_once(tmp_path: Path) -> None:
             )
             await store.read_now(recluster, "rollups")
             await store.write(
-                lambda con: con.execute(
+                lambda tx: tx.con.execute(
                     "INSERT INTO rollup_deltas VALUES (?, 's', make_timestamptz(0), 1, 9, 9, 9)",
                     [METER],
                 )
@@ -153,7 +153,7 @@ def test_deltas_are_folded_in_the_background(tmp_path: Path) -> None:
     async def run() -> tuple[int, list[tuple[str, int]]]:
         async with Store(tmp_path / "m.duckdb", compact_seconds=0, recluster=eager) as store:
             await store.write(
-                lambda con: con.execute(
+                lambda tx: tx.con.execute(
                     "INSERT INTO rollup_deltas SELECT ?, 's' || (9 - i % 10), make_timestamptz(i),"
                     " 1, 1, 1, 1 FROM range(30) t(i)",
                     [METER],
@@ -216,17 +216,17 @@ def test_a_meter_redefined_during_a_rewrite_keeps_none_of_its_rollups(
                 "INSERT INTO rollup_deltas SELECT ?, 's' || i, make_timestamptz(i), 1, 1, 1, 1"
                 " FROM range(10) t(i)"
             )
-            await store.write(lambda con: con.execute(add, [METER]))
+            await store.write(lambda tx: tx.con.execute(add, [METER]))
             await store.read_now(recluster, "rollups")
             if deltas:
-                await store.write(lambda con: con.execute(add, [METER]))
+                await store.write(lambda tx: tx.con.execute(add, [METER]))
             paused = _Paused(store._con.cursor(), pause_after)  # type: ignore[union-attr]
             rewrite = asyncio.get_running_loop().run_in_executor(None, recluster, paused, "rollups")
             await asyncio.to_thread(paused.reached.wait, 10)
             redefinition = asyncio.ensure_future(
                 store.write(
-                    lambda con: [
-                        con.execute(f"DELETE FROM {table} WHERE meter_id = ?", [METER])
+                    lambda tx: [
+                        tx.con.execute(f"DELETE FROM {table} WHERE meter_id = ?", [METER])
                         for table in ("rollups", "rollup_deltas")
                     ]
                 )

@@ -62,7 +62,7 @@ async def _ingest(store: Store, external_id: str) -> int:
         metadata={"tokens": 1},
         cost_amount=None,
     )
-    result = await store.write(IngestJob(ORG, to_table([event]), now_us(), store.live))
+    result = await store.write(IngestJob(ORG, to_table([event]), now_us()))
     return int(result.inserted)
 
 
@@ -75,14 +75,12 @@ async def _event_first(tmp_path: Path) -> None:
         _, meter_id = await _setup(store)
         for key in ("meterline:credit:invoice-2026-12", "meterline:reset:r1"):
             assert await _ingest(store, key) == 1
-        applied = await store.write(
-            credit_job(ORG, _credit(meter_id, "invoice-2026-12"), 1, store.live)
-        )
+        applied = await store.write(credit_job(ORG, _credit(meter_id, "invoice-2026-12"), 1))
         assert not applied.replayed and applied.customer_meter.credited == 10
         reset = ResetCreate(
             external_customer_id="acme", meter_id=uuid.UUID(meter_id), external_id="r1"
         )
-        assert not (await store.write(reset_job(ORG, reset, now_us(), store.live))).replayed
+        assert not (await store.write(reset_job(ORG, reset, now_us()))).replayed
         # And no key takes an event's external_id: the ids credits once used are free too.
         assert await _ingest(store, "meterline:credit:other") == 1
 
@@ -94,17 +92,17 @@ def test_a_key_answers_its_first_request_and_refuses_others(tmp_path: Path) -> N
 async def _reuse(tmp_path: Path) -> None:
     async with Store(tmp_path / "db.duckdb") as store:
         customer_id, meter_id = await _setup(store)
-        first = await store.write(credit_job(ORG, _credit(meter_id, "k"), now_us(), store.live))
+        first = await store.write(credit_job(ORG, _credit(meter_id, "k"), now_us()))
         await _ingest(store, "e1")
-        again = await store.write(credit_job(ORG, _credit(meter_id, "k"), now_us(), store.live))
+        again = await store.write(credit_job(ORG, _credit(meter_id, "k"), now_us()))
         assert again.replayed and again.customer_meter == first.customer_meter
         with pytest.raises(KeyReused, match="'k'"):
-            await store.write(credit_job(ORG, _credit(meter_id, "k", 11), now_us(), store.live))
+            await store.write(credit_job(ORG, _credit(meter_id, "k", 11), now_us()))
         # The same key is a different key for another operation.
         reset = ResetCreate(
             customer_id=uuid.UUID(customer_id), meter_id=uuid.UUID(meter_id), external_id="k"
         )
-        assert not (await store.write(reset_job(ORG, reset, now_us(), store.live))).replayed
+        assert not (await store.write(reset_job(ORG, reset, now_us()))).replayed
         plan: dict[str, Any] = {
             "external_customer_id": "acme",
             "meter_id": meter_id,
@@ -113,18 +111,16 @@ async def _reuse(tmp_path: Path) -> None:
             "external_id": "k",
         }
         created, new = await store.write(
-            plan_create_job(ORG, PlanCreate.model_validate(plan), now_us(), store.live)
+            plan_create_job(ORG, PlanCreate.model_validate(plan), now_us())
         )
         assert new
         found, new = await store.write(
-            plan_create_job(ORG, PlanCreate.model_validate(plan), now_us(), store.live)
+            plan_create_job(ORG, PlanCreate.model_validate(plan), now_us())
         )
         assert not new and found.id == created.id
         with pytest.raises(KeyReused):
             await store.write(
-                plan_create_job(
-                    ORG, PlanCreate.model_validate({**plan, "units": 6}), now_us(), store.live
-                )
+                plan_create_job(ORG, PlanCreate.model_validate({**plan, "units": 6}), now_us())
             )
 
 
@@ -167,11 +163,11 @@ async def _previous(tmp_path: Path) -> None:
     path = tmp_path / "db.duckdb"
     async with Store(path) as store:
         customer_id, meter_id = await _setup(store)
-        await store.write(credit_job(ORG, _credit(meter_id, "first"), now_us(), store.live))
+        await store.write(credit_job(ORG, _credit(meter_id, "first"), now_us()))
         reset = ResetCreate(
             customer_id=uuid.UUID(customer_id), meter_id=uuid.UUID(meter_id), external_id="r"
         )
-        await store.write(reset_job(ORG, reset, now_us(), store.live))
+        await store.write(reset_job(ORG, reset, now_us()))
         plan = PlanCreate(
             external_customer_id="acme",
             meter_id=uuid.UUID(meter_id),
@@ -179,21 +175,19 @@ async def _previous(tmp_path: Path) -> None:
             interval="month",
             external_id="plan",
         )
-        await store.write(plan_create_job(ORG, plan, now_us() - 1, store.live))
+        await store.write(plan_create_job(ORG, plan, now_us() - 1))
     _as_previous_main_left_it(path)
     async with Store(path) as store:
-        old = await store.write(credit_job(ORG, _credit(meter_id, "old", 99), now_us(), store.live))
+        old = await store.write(credit_job(ORG, _credit(meter_id, "old", 99), now_us()))
         assert old.replayed and old.customer_meter.credited == 5  # as it is now: plan's cycle
         reset = ResetCreate(
             customer_id=uuid.UUID(customer_id), meter_id=uuid.UUID(meter_id), external_id="old"
         )
-        assert (await store.write(reset_job(ORG, reset, now_us(), store.live))).replayed
+        assert (await store.write(reset_job(ORG, reset, now_us()))).replayed
         other = plan.model_copy(update={"units": 6})  # kept without its request: a replay
-        _, new = await store.write(plan_create_job(ORG, other, now_us(), store.live))
+        _, new = await store.write(plan_create_job(ORG, other, now_us()))
         assert not new
         # The system events' ids are free for events now.
         assert await _ingest(store, "meterline:credit:old") == 1
-        fresh = await store.write(
-            credit_job(ORG, _credit(meter_id, "new", 7), now_us(), store.live)
-        )
+        fresh = await store.write(credit_job(ORG, _credit(meter_id, "new", 7), now_us()))
         assert not fresh.replayed and fresh.customer_meter.credited == 12

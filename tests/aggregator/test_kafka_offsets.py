@@ -30,14 +30,14 @@ def test_a_reset_applies_only_to_the_offset_it_saw(tmp_path: Path) -> None:
 async def _reset_job(tmp_path: Path) -> None:
     async with Store(tmp_path / "db.duckdb") as store:
         await store.write(
-            lambda con: con.execute("INSERT INTO kafka_offsets VALUES (?, 0, 5000)", [TOPIC])
+            lambda tx: tx.con.execute("INSERT INTO kafka_offsets VALUES (?, 0, 5000)", [TOPIC])
         )
         stale = Reset(TOPIC, 0, 4000, 0, 120, None, 1)
         # The offset moved: nothing done.
-        assert await store.write(OffsetReset(stale, store.live)) is None
+        assert await store.write(OffsetReset(stale)) is None
         assert await store.read(stored_offsets, TOPIC) == {0: 5000}
         truncated = Reset(TOPIC, 0, 5000, 5200, 9000, 200, 2)
-        assert await store.write(OffsetReset(truncated, store.live)) == truncated
+        assert await store.write(OffsetReset(truncated)) == truncated
         assert await store.read(stored_offsets, TOPIC) == {0: 5200}
         assert store.applied_offsets(TOPIC) == {0: 5200}  # and the consumer's check follows
         assert await store.read(offset_resets, TOPIC) == [truncated]

@@ -129,7 +129,7 @@ class LedgerMachine(RuleBasedStateMachine):
             metadata={"tokens": tokens},
             cost_amount=None,
         )
-        self._write(IngestJob(ORG, to_table([event]), _us(self.clock), self.store.live))
+        self._write(IngestJob(ORG, to_table([event]), _us(self.clock)))
         if external_id is None or external_id not in self.event_ids:
             for window in self.model.values():
                 window.values.append(tokens)
@@ -150,9 +150,7 @@ class LedgerMachine(RuleBasedStateMachine):
             rollover=rollover,
             external_id=key,
         )
-        if self._keyed(
-            "credit", key, data, credit_job(ORG, data, _us(self.clock), self.store.live)
-        ):
+        if self._keyed("credit", key, data, credit_job(ORG, data, _us(self.clock))):
             window = self.model[meter]
             window.credits = window.credits.add(units, rollover)
 
@@ -163,7 +161,7 @@ class LedgerMachine(RuleBasedStateMachine):
             meter_id=uuid.UUID(self.meters[meter].id),
             external_id=key,
         )
-        if self._keyed("reset", key, data, reset_job(ORG, data, _us(self.clock), self.store.live)):
+        if self._keyed("reset", key, data, reset_job(ORG, data, _us(self.clock))):
             self._reset_model(meter)
 
     def _keyed(self, kind: str, key: str, data: Any, job: Any) -> bool:
@@ -203,7 +201,7 @@ class LedgerMachine(RuleBasedStateMachine):
             starts_at=START,
             external_id="plan",
         )
-        self._write(plan_create_job(ORG, data, _us(self.clock), self.store.live))
+        self._write(plan_create_job(ORG, data, _us(self.clock)))
         self.plan = (meter, units, rollover)
         self._cycle_model()
 
@@ -212,7 +210,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.clock += timedelta(days=days)
         more = True
         while more:  # boundaries come a bounded job at a time
-            _, more = self._write(cycle_due_job(_us(self.clock), self.store.live, 0.25))
+            _, more = self._write(cycle_due_job(_us(self.clock), 0.25))
         self._cycle_model()
 
     def _cycle_model(self) -> None:
@@ -235,7 +233,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def compact_usage(self) -> None:
         """Fold the appended usage deltas into the keyed tables (at any point: restarts
         happen between appends and compaction too)."""
-        self._write(compact)
+        self._write(lambda tx: compact(tx.con))
 
     @invariant()
     def customer_meters_equal_the_model(self) -> None:

@@ -83,7 +83,7 @@ def test_new_events_are_exact_whatever_the_fingerprints(
                     _, org, keys = step
                     assert isinstance(org, str) and isinstance(keys, list)
                     table = to_table([_event(k) for k in keys])
-                    result = await store.write(IngestJob(org, table, now_us(), store.live))
+                    result = await store.write(IngestJob(org, table, now_us()))
                     results.append((result.inserted, result.duplicates))
                 elif step[0] == "flush":
                     await store.read(lambda con: None)
@@ -145,7 +145,7 @@ async def main(path, org):
     meter = await store.write(create_job(org, MeterCreate.model_validate(METER), now_us()))
     for i in range(3):
         events = [_event(f"k{i}-{j}", tokens=j) for j in range(5)] + [_event(None, 100)]
-        result = await store.write(IngestJob(org, to_table(events), now_us(), store.live))
+        result = await store.write(IngestJob(org, to_table(events), now_us()))
         assert (result.inserted, result.duplicates) == (6, 0)
     assert store.live.memtable.events == 18  # applied, acknowledged, not stored
     print(meter.id, flush=True)
@@ -190,7 +190,7 @@ def test_acknowledged_events_not_yet_stored_are_applied_again_after_a_crash(
             usage = store.live.balances.usage(meter_id, ["ext:c"])
             assert usage.partial.total == 3 * (0 + 1 + 2 + 3 + 4 + 100)
             again = [_event(f"k1-{j}") for j in range(5)]
-            result = await store.write(IngestJob(org, to_table(again), now_us(), store.live))
+            result = await store.write(IngestJob(org, to_table(again), now_us()))
             assert (result.inserted, result.duplicates) == (0, 5)
 
     asyncio.run(reopened())
@@ -206,7 +206,7 @@ def test_each_ingest_meters_with_the_meters_as_they_are_then(tmp_path: Path) -> 
 
             async def ingest(key: str, tokens: int) -> None:
                 table = to_table([_event(key, tokens=tokens)])
-                await store.write(IngestJob(org, table, now_us(), store.live))
+                await store.write(IngestJob(org, table, now_us()))
 
             tokens = await store.write(create_job(org, MeterCreate.model_validate(METER), now_us()))
             await ingest("a", 1)
@@ -220,9 +220,7 @@ def test_each_ingest_meters_with_the_meters_as_they_are_then(tmp_path: Path) -> 
                 )
             )
             await ingest("b", 2)
-            await store.write(
-                update_job(org, tokens.id, MeterUpdate(is_archived=True), now_us(), store.live)
-            )
+            await store.write(update_job(org, tokens.id, MeterUpdate(is_archived=True), now_us()))
             await ingest("c", 4)
             await store.write(
                 update_job(
@@ -232,7 +230,6 @@ def test_each_ingest_meters_with_the_meters_as_they_are_then(tmp_path: Path) -> 
                         {"aggregation": {"func": "sum", "property": "tokens"}}
                     ),
                     now_us(),
-                    store.live,
                 )
             )
             await ingest("d", 8)

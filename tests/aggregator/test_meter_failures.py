@@ -54,7 +54,7 @@ def _events(n: int) -> list[Event]:
 
 
 def _ingest(store: Store, org: str, n: int) -> IngestJob:
-    return IngestJob(org, to_table(_events(n)), now_us(), store.live)
+    return IngestJob(org, to_table(_events(n)), now_us())
 
 
 async def _meter(store: Store, org: str, meter_filter: dict[str, object]) -> str:
@@ -65,7 +65,7 @@ async def _meter(store: Store, org: str, meter_filter: dict[str, object]) -> str
     if meter_filter is not EVERYTHING:
         # Planted as stored by an earlier version: the API refuses it today.
         await store.write(
-            lambda con: con.execute(
+            lambda tx: tx.con.execute(
                 "UPDATE meters SET filter = ? WHERE id = ?::UUID",
                 [orjson.dumps(meter_filter).decode(), meter.id],
             )
@@ -102,7 +102,7 @@ async def _poisoned(tmp_path: Path, grouped: bool) -> None:
         jobs = [_ingest(store, ORG_A, 3), _ingest(store, ORG_B, 4)]
         if grouped:
             gate = threading.Event()
-            held = store.write(lambda con: gate.wait(10))
+            held = store.write(lambda tx: gate.wait(10))
             pending = [asyncio.ensure_future(store.write(job)) for job in jobs]
             await asyncio.sleep(0)
             gate.set()
@@ -127,10 +127,10 @@ async def _poisoned(tmp_path: Path, grouped: bool) -> None:
 
         # Redefined: a new version, no failure; its backfill rebuilds it from every event.
         fix = MeterUpdate.model_validate({"filter": EVERYTHING})
-        fixed = await store.write(update_job(ORG_A, poison, fix, now_us(), store.live))
+        fixed = await store.write(update_job(ORG_A, poison, fix, now_us()))
         assert fixed.failure is None
         assert fixed.backfilling
-        while (await store.write(backfill_step_job(poison, fixed.version, 2, store.live))) not in (
+        while (await store.write(backfill_step_job(poison, fixed.version, 2))) not in (
             None,
             (fixed.backfill_target, fixed.backfill_target),
         ):
@@ -150,14 +150,12 @@ async def _failed_backfill(tmp_path: Path) -> None:
         )
         meter = await store.write(create_job(ORG_A, data, now_us()))
         await store.write(
-            lambda con: con.execute(
+            lambda tx: tx.con.execute(
                 "UPDATE meters SET filter = ? WHERE id = ?::UUID",
                 [orjson.dumps(POISON_FILTER).decode(), meter.id],
             )
         )
-        assert (
-            await store.write(backfill_step_job(meter.id, meter.version, 100, store.live)) is None
-        )
+        assert await store.write(backfill_step_job(meter.id, meter.version, 100)) is None
         failed = await store.read(get_meter, ORG_A, meter.id)
         assert failed is not None and failed.failure is not None
         assert not failed.backfilling

@@ -59,7 +59,6 @@ async def _plan(store: Store, start: datetime, now: datetime) -> PlanRow:
                 external_id="monthly",
             ),
             _us(now),
-            store.live,
         )
     )
     assert isinstance(plan, PlanRow)

@@ -165,7 +165,7 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
             async def step(job: Any) -> Any:
                 result = await store.write(job)
                 if next(steps) in compact_after:
-                    await store.write(compact)
+                    await store.write(lambda tx: compact(tx.con))
                     for table in CLUSTERED:
                         await store.read(recluster, table)
                 return result
@@ -173,7 +173,7 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
             await _ingest(step, store, before, batch_sizes)
             meter = await store.write(create_job(ORG, meter_create, 0))
             while True:  # the backfill, a small chunk per writer job
-                progress = await step(backfill_step_job(meter.id, meter.version, 7, store.live))
+                progress = await step(backfill_step_job(meter.id, meter.version, 7))
                 if progress is None or progress[0] >= progress[1]:
                     break
             await _ingest(step, store, after, batch_sizes)
@@ -225,6 +225,6 @@ async def _ingest(
     while i < len(events):
         size = sizes[k % len(sizes)]
         chunk = events[i : i + size]
-        await write(IngestJob(ORG, to_table(chunk), 0, store.live))
+        await write(IngestJob(ORG, to_table(chunk), 0))
         i += size
         k += 1

@@ -49,7 +49,7 @@ requests = st.lists(
 async def _grouped(store: Store, jobs: list[IngestJob]) -> list[object]:
     """Submit `jobs` while the writer is held, so that they all commit in one group."""
     gate = threading.Event()
-    held = store.write(lambda con: gate.wait(10))
+    held = store.write(lambda tx: gate.wait(10))
     pending = [asyncio.ensure_future(store.write(job)) for job in jobs]
     await asyncio.sleep(0)  # let every submission reach the writer's queue
     commits = store.writer.commits
@@ -83,11 +83,10 @@ def test_concurrent_batches_dedupe_like_sequential_processing(
 
     async def run() -> tuple[list[IngestResult], int]:
         async with Store(path) as store:
-            seq = store.live
             results = await _grouped(
                 store,
                 [
-                    IngestJob(org, to_table([_event(k) for k in keys]), now_us(), seq)
+                    IngestJob(org, to_table([_event(k) for k in keys]), now_us())
                     for org, keys in batches
                 ],
             )
@@ -107,18 +106,17 @@ def test_a_rejected_request_does_not_affect_its_group(tmp_path: Path) -> None:
 
     async def run() -> list[object]:
         async with Store(tmp_path / "m.duckdb") as store:
-            seq = store.live
             customer = await store.write(create_job(org, CustomerCreate(email="a@b.io"), now_us()))
             return await _grouped(
                 store,
                 [
-                    IngestJob(org, to_table([_event("1")]), now_us(), seq),
+                    IngestJob(org, to_table([_event("1")]), now_us()),
                     IngestJob(
-                        org, to_table([_event("2"), _event("3", str(uuid.uuid4()))]), now_us(), seq
+                        org, to_table([_event("2"), _event("3", str(uuid.uuid4()))]), now_us()
                     ),
-                    IngestJob(org, to_table([_event("2", customer.id)]), now_us(), seq),
+                    IngestJob(org, to_table([_event("2", customer.id)]), now_us()),
                     # The customer exists, but in another organization.
-                    IngestJob(ORGS[1], to_table([_event("4", customer.id)]), now_us(), seq),
+                    IngestJob(ORGS[1], to_table([_event("4", customer.id)]), now_us()),
                 ],
             )
 
@@ -137,14 +135,11 @@ def test_events_without_external_id_are_never_duplicates(tmp_path: Path) -> None
 
     async def run() -> tuple[list[object], int]:
         async with Store(tmp_path / "m.duckdb") as store:
-            seq = store.live
             results = await _grouped(
                 store,
                 [
-                    IngestJob(
-                        org, to_table([_event(None), _event("k"), _event(None)]), now_us(), seq
-                    ),
-                    IngestJob(org, to_table([_event(None), _event("k")]), now_us(), seq),
+                    IngestJob(org, to_table([_event(None), _event("k"), _event(None)]), now_us()),
+                    IngestJob(org, to_table([_event(None), _event("k")]), now_us()),
                 ],
             )
             total = await store.read(

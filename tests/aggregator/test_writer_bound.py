@@ -51,7 +51,7 @@ async def _backfills(tmp_path: Path) -> None:
     async with Store(tmp_path / "db.duckdb") as store:
         for start in range(0, 100_000, 50_000):
             table = to_table(_events(50_000, start))
-            await store.write(IngestJob(ORG_A, table, now_us(), store.live))
+            await store.write(IngestJob(ORG_A, table, now_us()))
         store.writer.job_bound_seconds = 0.1
         store.writer.longest_seconds = 0.0
         async with Backfiller(store) as backfiller:
@@ -64,7 +64,7 @@ async def _backfills(tmp_path: Path) -> None:
             waits = []
             while await store.read(pending_backfills):
                 started = time.perf_counter()
-                await store.write(IngestJob(ORG_B, to_table(_events(1, 0)), now_us(), store.live))
+                await store.write(IngestJob(ORG_B, to_table(_events(1, 0)), now_us()))
                 waits.append(time.perf_counter() - started)
                 await asyncio.sleep(0.01)
         assert len(waits) > 5  # the backfills took many steps

@@ -11,7 +11,7 @@ import duckdb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.store.writer import Writer
+from aggregator.store.writer import Tx, Writer
 
 Submission = tuple[str | None, int]  # (tenant, weight)
 
@@ -26,12 +26,12 @@ async def _submit(gate_tenant: str | None, submissions: list[Submission]) -> tup
     ran: list[int] = []
     started, release = threading.Event(), threading.Event()
 
-    def gate(con: duckdb.DuckDBPyConnection) -> None:
+    def gate(tx: Tx) -> None:
         started.set()
         release.wait(10)
 
-    def job(i: int) -> Callable[[duckdb.DuckDBPyConnection], None]:
-        return lambda con: ran.append(i)
+    def job(i: int) -> Callable[[Tx], None]:
+        return lambda tx: ran.append(i)
 
     writer = Writer(duckdb.connect(), max_group_weight=5_000)
     writer.start()
