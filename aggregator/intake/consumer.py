@@ -48,7 +48,7 @@ from aggregator.store.consumed import (
     offset_resets,
     stored_offsets,
 )
-from aggregator.store.event_tables import known_customers
+from aggregator.store.event_tables import missing_customers
 from ingest.publish.kafka import KafkaSettings, ensure_topics, retrying
 from meters.events import EventRules
 from meters.ipc import read_ipc
@@ -322,11 +322,8 @@ class Consumer:
         reasons = pc.if_else(bad, "organization_id: no such organization", None)
         customers = table.column("customer_id").to_pylist()
         if any(customers):
-            known = await self._store.read_now(known_customers, sorted({c for c in customers if c}))
-            missing = [
-                c is not None and (o, c) not in known
-                for o, c in zip(organizations.to_pylist(), customers, strict=True)
-            ]
+            rows = list(zip(organizations.to_pylist(), customers, strict=True))
+            missing = await self._store.read_now(missing_customers, rows)
             reasons = pc.if_else(
                 pc.and_(pa.array(missing), pc.invert(bad)),
                 "customer_id: Customer not found.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -103,40 +104,42 @@ class Replay:
 def _unknown_customers(
     con: duckdb.DuckDBPyConnection, jobs: list[IngestJob]
 ) -> dict[IngestJob, ValidationFailed]:
-    """Events naming a `customer_id` need that customer in their organization (Polar's rule)."""
-    named = {job: job.events.column("customer_id") for job in jobs}
-    named = {job: column for job, column in named.items() if column.null_count < len(column)}
-    if not named:
-        return {}
-    known = known_customers(
-        con, sorted({c for column in named.values() for c in column.to_pylist() if c})
-    )
+    """The requests with events breaking the customer rule (`missing_customers`)."""
+    named = {job: job.events.column("customer_id").to_pylist() for job in jobs}
+    named = {job: ids for job, ids in named.items() if any(ids)}
+    rows = [(job.organization_id, c) for job, ids in named.items() for c in ids]
+    missing = iter(missing_customers(con, rows))
     rejections: dict[IngestJob, ValidationFailed] = {}
-    for job, column in named.items():
+    for job, ids in named.items():
         errors = [
             FieldError(
                 "customer_id", ("body", "events", i, "customer_id"), "Customer not found.", c
             )
-            for i, c in enumerate(column.to_pylist())
-            if c is not None and (job.organization_id, c) not in known
+            for i, c in enumerate(ids)
+            if next(missing)
         ]
         if errors:
             rejections[job] = ValidationFailed(errors, business=True)
     return rejections
 
 
-def known_customers(
-    con: duckdb.DuckDBPyConnection, customer_ids: list[str]
-) -> set[tuple[str, str]]:
-    """(organization id, customer id) of those of `customer_ids` that exist."""
-    if not customer_ids:
-        return set()
-    rows = con.execute(
-        "SELECT organization_id::VARCHAR, id::VARCHAR FROM customers"
-        " WHERE id IN (SELECT unnest(?::UUID[]))",
-        [customer_ids],
-    ).fetchall()
-    return {(r[0], r[1]) for r in rows}
+def missing_customers(
+    con: duckdb.DuckDBPyConnection, rows: Sequence[tuple[str, str | None]]
+) -> list[bool]:
+    """For each (organization id, customer id) of an event, whether it breaks the rule that an
+    event naming a `customer_id` needs that customer in its organization (Polar's). One rule
+    for the embedded path (checked in the write transaction) and the consumer's (checked
+    before it, so that the rows it dead-letters are sent before their offsets commit)."""
+    ids = sorted({c for _, c in rows if c})
+    known: set[tuple[str, str]] = set()
+    if ids:
+        found = con.execute(
+            "SELECT organization_id::VARCHAR, id::VARCHAR FROM customers"
+            " WHERE id IN (SELECT unnest(?::UUID[]))",
+            [ids],
+        ).fetchall()
+        known = {(r[0], r[1]) for r in found}
+    return [c is not None and (o, c) not in known for o, c in rows]
 
 
 # ---- reads ---------------------------------------------------------------------------------
