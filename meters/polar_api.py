@@ -34,7 +34,8 @@ class ApiError(MetersError):
 
 
 class PolarApi:
-    """An async context manager around one httpx client."""
+    """An async context manager around one httpx client, opened on entry and closed on exit.
+    `transport` replaces the network (tests: `httpx.MockTransport`, `httpx.ASGITransport`)."""
 
     def __init__(
         self,
@@ -44,18 +45,26 @@ class PolarApi:
         rate_per_minute: float | None = None,
         timeout_seconds: float = 30.0,
         attempts: int = 8,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        self._client = httpx.AsyncClient(
-            base_url=self.url,
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-            timeout=timeout_seconds,
-        )
+        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self._timeout = timeout_seconds
+        self._transport = transport
+        self._open: httpx.AsyncClient | None = None
         self._pacer = Pacer(rate_per_minute) if rate_per_minute else None
         self._attempts = attempts
         self.requests = 0
 
     async def __aenter__(self) -> Self:
+        if self._open is not None:
+            raise RuntimeError("PolarApi is already open")
+        self._open = httpx.AsyncClient(
+            base_url=self.url,
+            headers=self._headers,
+            timeout=self._timeout,
+            transport=self._transport,
+        )
         return self
 
     async def __aexit__(
@@ -64,7 +73,15 @@ class PolarApi:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._client.aclose()
+        client, self._open = self._open, None
+        if client is not None:
+            await client.aclose()
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        if self._open is None:
+            raise RuntimeError("PolarApi is used outside `async with`")
+        return self._open
 
     async def send(self, events: list[dict[str, Any]]) -> Outcome:
         """One `POST /v1/events/ingest`; re-sending is safe when every event has an

@@ -13,11 +13,14 @@ are sent again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
+
+import httpx
 
 from aggregator.errors import UsageError
 from aggregator.store import Store
@@ -63,7 +66,14 @@ class ForwarderSettings:
 class Forwarder:
     """Runs in the background while open. An async context manager."""
 
-    def __init__(self, store: Store, organization_id: str, settings: ForwarderSettings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        organization_id: str,
+        settings: ForwarderSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self._outbox = settings.outbox(store, organization_id)
         self._settings = settings
         self.mode = settings.mode
@@ -73,7 +83,9 @@ class Forwarder:
             settings.token,
             rate_per_minute=settings.rate_per_minute,
             timeout_seconds=settings.timeout_seconds,
+            transport=transport,
         )
+        self._stack = contextlib.AsyncExitStack()
         self._task: asyncio.Task[None] | None = None
         self.sent = 0
         self.retried = 0
@@ -81,7 +93,10 @@ class Forwarder:
         self.last_error: str | None = None
 
     async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._run(), name="forwarder")
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self._client)
+            self._task = asyncio.create_task(self._run(), name="forwarder")
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -94,7 +109,7 @@ class Forwarder:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._client.__aexit__(None, None, None)
+        await self._stack.aclose()
 
     async def backlog(self) -> int:
         return await self._outbox.backlog()
