@@ -39,8 +39,9 @@ from aggregator.store import Store
 from aggregator.upstream import cli as upstream_cli
 from aggregator.upstream.forwarder import Forwarder, ForwarderSettings
 from ingest.http import MIB, IngestSettings, Limits, Rate, edge_app, with_header_timeout
+from ingest.kafka import KafkaSettings
 from ingest.publish import Publisher
-from ingest.publish.kafka import KafkaPublisher, KafkaSettings
+from ingest.publish.kafka import KafkaPublisher
 from ingest.validation import ValidationPool
 from meters.columnar import COMPRESSIONS
 from meters.events import EventRules

@@ -74,7 +74,7 @@ from benchmarks.common import cpu_seconds, metric, percentile
 from benchmarks.ingest_http import BATCH_SIZE, CONCURRENCY, RUN_SECONDS, LoadGenerator
 from benchmarks.meters import METERS, check_rollups, create_meters
 from benchmarks.server import Server
-from ingest.publish.kafka import KafkaSettings
+from ingest.kafka import KafkaSettings
 from meters import columnar
 from meters.columnar import partition_of
 from meters.events import EventRules, parse_ingest_body, validate_body

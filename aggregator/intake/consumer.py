@@ -1,16 +1,31 @@
 """The consumer core: applies the events topic to the store, exactly once in effect.
 
-Each poll becomes one writer job holding the decoded events and the partitions' next offsets
-(`ConsumedBatch`), so events, rollups and offsets commit together; on assignment the consumer
-seeks to the offsets stored in DuckDB (Kafka's committed offsets are written too, afterwards,
-only for lag tools). Records that cannot be applied go to the dead-letter topic, with the reason
-and their origin in headers, before their offsets advance: a partition is never blocked, and a
-crash between the two repeats the dead letter (at least once), never loses it.
+The checkpoint protocol. The offsets stored in DuckDB are the only truth about what has been
+applied; the code below names each step where it takes it.
 
-A stored offset the log no longer holds (the topic recreated, a broker that lost its log, a
-retention that deleted unread records) would otherwise skip every new record up to it. So the
-log's range is checked at assignment, about once a second and whenever the broker refuses a
-position; such a partition resumes from the log's start, loudly (`OffsetReset`).
+1. Assign: for each assigned partition read its stored offset; one with none first stores its
+   log's start (`StartOffsets`), so that a batch from any other position is refused. Seek
+   there. (`seek_to_stored`)
+2. Check the log: at assignment, about once a second, and whenever the broker refuses a
+   position, a stored offset outside the log's [start, end] (the topic recreated, a broker that
+   lost its log, retention that deleted unread records) would skip every record up to it; such
+   a partition resumes from the log's start, recorded and logged loudly (`OffsetReset`).
+   (`_check_log`)
+3. Fetch and decode a batch (in the decoding thread). Records that cannot be applied
+   (undecodable, or naming an organization or customer that does not exist) are sent to the
+   dead-letter topic, with the reason and their origin in headers, and acknowledged before
+   anything else: a partition is never blocked, and a crash after this step repeats the dead
+   letter (at least once), never loses it. (`_prepare`, `_dead_letter`)
+4. Apply: one writer job (`ConsumedBatch`) applies the batch in memory and commits; it refuses a
+   batch that does not start where the applied offsets end (`OffsetGap`). The next batch is
+   fetched and decoded (step 3) while this one commits. (`_commit`)
+5. Store: the flusher stores applied events with their partitions' next offsets in one DuckDB
+   transaction (`memtable.store`). This is the checkpoint: after a crash, step 1 resumes from
+   it, and events applied in memory but not yet stored are read again.
+6. Report: Kafka's group offsets are committed after step 4, for lag tools only (never read
+   back). Those still in flight at shutdown are awaited within the stop bound.
+7. On a failure in step 3 or 4: settle the batch in flight, seek back to the stored offsets
+   (step 1) and read again. Nothing after the last committed batch counts.
 """
 
 from __future__ import annotations
@@ -49,7 +64,7 @@ from aggregator.store.consumed import (
     stored_offsets,
 )
 from aggregator.store.event_tables import missing_customers
-from ingest.publish.kafka import KafkaSettings, ensure_topics, retrying
+from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from meters.events import EventRules
 from meters.ipc import read_ipc
 from meters.times import now_us
@@ -100,6 +115,7 @@ class Consumer:
         self._consumer: AIOKafkaConsumer | None = None
         self._dead_letters: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._reports: set[asyncio.Future[Any]] = set()  # step 6, in flight
         self._records = self._settings.first_records
         self._events = self._settings.min_events  # the target per poll
         self.applied = 0
@@ -121,9 +137,14 @@ class Consumer:
         )
         self._consumer.subscribe([kafka.topic], listener=_SeekToStored(self))
         self._dead_letters = kafka.producer(linger_ms=0)
-        async with asyncio.timeout(kafka.start_timeout_seconds):
-            await retrying(self._consumer.start)
-            await retrying(self._dead_letters.start)
+        try:
+            async with asyncio.timeout(kafka.start_timeout_seconds):
+                await retrying(self._consumer.start)
+                await retrying(self._dead_letters.start)
+        except BaseException:
+            # Started halfway (or not at all): stop what runs, then fail.
+            await self._stop_clients()
+            raise
         self._task = asyncio.create_task(self._run(), name="kafka-consumer")
         self._task.add_done_callback(_report_stop)
         return self
@@ -137,10 +158,16 @@ class Consumer:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._reports:  # step 6: the group offsets still in flight
+            await asyncio.wait(self._reports, timeout=self._kafka.stop_timeout_seconds)
+        await self._stop_clients()
+
+    async def _stop_clients(self) -> None:
+        bound = self._kafka.stop_timeout_seconds
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_within(self._consumer.stop, bound, "consumer")
         if self._dead_letters is not None:
-            await self._dead_letters.stop()
+            await stop_within(self._dead_letters.stop, bound, "dead-letter producer")
         self._decoder.shutdown(wait=True, cancel_futures=True)
 
     async def lag(self) -> dict[int, int]:
@@ -176,9 +203,10 @@ class Consumer:
             except OffsetOutOfRangeError as exc:
                 fetched, refused = {}, exc.args[0]
             except NoOffsetForPartitionError:
-                # Fetched before the assignment's seek landed: seek now.
+                # Fetched before the assignment's seek landed: seek now (step 1).
                 await self.seek_to_stored(consumer.assignment())
                 continue
+            # Step 2, after the batch in flight has settled the stored offsets.
             if refused or time.monotonic() - checked_at >= self._settings.log_check_seconds:
                 if writing is not None:  # settle the stored offsets first
                     failed = (await asyncio.gather(writing, return_exceptions=True))[0]
@@ -194,30 +222,35 @@ class Consumer:
                 if refused:
                     continue
             try:
-                batch = await self._prepare(fetched) if fetched else None
+                batch = await self._prepare(fetched) if fetched else None  # step 3
                 if writing is not None:
                     await writing
                     writing = None
                 if batch is not None:
-                    writing = asyncio.create_task(self._commit(batch, fetched))
+                    writing = asyncio.create_task(self._commit(batch, fetched))  # step 4
             except asyncio.CancelledError:
+                # Stopping: the batch in flight commits or fails in the writer either way;
+                # wait for it (bounded) so that the store closes after it.
                 if writing is not None:
-                    writing.cancel()
+                    await asyncio.wait([writing], timeout=self._kafka.stop_timeout_seconds)
                 raise
             except OffsetGap as exc:
-                # Records fetched before a seek landed (at assignment, or after a failure):
-                # nothing was written; read on from the stored offsets.
+                # Step 7. Records fetched before a seek landed (at assignment, or after a
+                # failure): nothing was written; read on from the stored offsets.
                 log.info("re-reading from the stored offsets: %s", exc)
+                await _settled(writing)
                 writing = None
                 await self.seek_to_stored(consumer.assignment())
             except Exception:
-                # Nothing after the last committed batch counts: read it again from there.
+                # Step 7: nothing after the last committed batch counts; read again from there.
                 log.exception("applying a batch failed; retrying from the stored offsets")
+                await _settled(writing)
                 writing = None
                 await asyncio.sleep(self._settings.retry_seconds)
                 await self.seek_to_stored(consumer.assignment())
 
     async def seek_to_stored(self, partitions: Sequence[TopicPartition] | set[Any]) -> None:
+        """Step 1, then step 2."""
         assert self._consumer is not None
         topic = self._kafka.topic
         stored = await self._store.read(stored_offsets, topic)
@@ -345,9 +378,16 @@ class Consumer:
         self.applied += batch.events.num_rows
         assert self._consumer is not None
         offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
-        # For lag tools only (the offsets stored in DuckDB are the truth): not awaited.
-        commit = asyncio.ensure_future(self._consumer.commit(offsets))
-        commit.add_done_callback(_ignore_failure)
+        # Step 6, for lag tools only (the offsets stored in DuckDB are the truth): not awaited
+        # here, but at shutdown.
+        report = asyncio.ensure_future(self._consumer.commit(offsets))
+        self._reports.add(report)
+        report.add_done_callback(self._reported)
+
+    def _reported(self, report: asyncio.Future[Any]) -> None:
+        self._reports.discard(report)
+        if not report.cancelled() and report.exception() is not None:
+            log.debug("Kafka offset commit failed: %s", report.exception())
 
     def _fit_to_bound(self, records: int, events: int, seconds: float) -> None:
         """Size the next polls so that a batch's commit fits in the writer's job bound."""
@@ -360,29 +400,32 @@ class Consumer:
         self._records = max(1, min(int(self._events / per_record), 2 * self._records))
 
     async def _dead_letter(self, dead: list[tuple[ConsumerRecord, DeadLetter]]) -> None:
-        acks = []
-        for record, letter in dead:
-            where = f"{record.topic}[{record.partition}]@{record.offset}"
-            if letter.row is not None:
-                where += f" row {letter.row}"
-            log.warning("dead-lettering %s: %s", where, letter.reason)
-            headers = [
-                ("meterline.reason", letter.reason.encode()),
-                ("meterline.topic", record.topic.encode()),
-                ("meterline.partition", str(record.partition).encode()),
-                ("meterline.offset", str(record.offset).encode()),
-            ]
-            if letter.row is not None:
-                headers.append(("meterline.row", str(letter.row).encode()))
-            acks.append(
-                await self._dead_letters.send(
-                    self._kafka.dead_letter_topic,
-                    value=record.value if letter.value is None else letter.value,
-                    key=record.key,
-                    headers=headers if letter.row is not None else headers + _origin(record),
+        """Step 3's dead letters, acknowledged within `send_timeout_seconds`; past it the
+        batch is read again (step 7)."""
+        async with asyncio.timeout(self._kafka.send_timeout_seconds):
+            acks = []
+            for record, letter in dead:
+                where = f"{record.topic}[{record.partition}]@{record.offset}"
+                if letter.row is not None:
+                    where += f" row {letter.row}"
+                log.warning("dead-lettering %s: %s", where, letter.reason)
+                headers = [
+                    ("meterline.reason", letter.reason.encode()),
+                    ("meterline.topic", record.topic.encode()),
+                    ("meterline.partition", str(record.partition).encode()),
+                    ("meterline.offset", str(record.offset).encode()),
+                ]
+                if letter.row is not None:
+                    headers.append(("meterline.row", str(letter.row).encode()))
+                acks.append(
+                    await self._dead_letters.send(
+                        self._kafka.dead_letter_topic,
+                        value=record.value if letter.value is None else letter.value,
+                        key=record.key,
+                        headers=headers if letter.row is not None else headers + _origin(record),
+                    )
                 )
-            )
-        await asyncio.gather(*acks)
+            await asyncio.gather(*acks)
 
 
 _DEAD_HEADERS = frozenset(
@@ -422,6 +465,7 @@ def _report_stop(task: asyncio.Task[None]) -> None:
         log.critical("the Kafka consumer stopped; no events are applied", exc_info=task.exception())
 
 
-def _ignore_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.debug("Kafka offset commit failed: %s", future.exception())
+async def _settled(writing: asyncio.Task[None] | None) -> None:
+    """Wait for a batch in flight to commit or fail (step 7 reads again after it either way)."""
+    if writing is not None:
+        await asyncio.gather(writing, return_exceptions=True)

@@ -10,94 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError
 
 from ingest.errors import Unavailable
+from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from ingest.publish import PublishResult
 from ingest.validation import ValidationPool
 from meters import columnar
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class KafkaSettings:
-    bootstrap: str
-    topic: str = "meterline.events"
-    dead_letter_topic: str = "meterline.events.dead"
-    partitions: int = 6
-    replication_factor: int = 1
-    compression: str | None = None  # of Kafka batches: gzip, snappy, lz4 or zstd
-    # Of the columnar records, whole (zstd, lz4 or none); see the README's measurements.
-    record_compression: str = "zstd"
-    # A columnar record holds at most about this many bytes of uncompressed columns.
-    max_record_bytes: int = 1024 * 1024
-    # Off only for brokers without it (the test broker); on, retries cannot duplicate records.
-    idempotence: bool = True
-    linger_ms: int = 5
-    max_batch_bytes: int = 1024 * 1024
-    max_request_bytes: int = 8 * 1024 * 1024
-    start_timeout_seconds: float = 30.0
-    consumer_group: str = "meterline-core"
-
-    def producer(self, **overrides: Any) -> AIOKafkaProducer:
-        options: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap,
-            "acks": "all",
-            "enable_idempotence": self.idempotence,
-            "compression_type": self.compression,
-            "linger_ms": self.linger_ms,
-            "max_batch_size": self.max_batch_bytes,
-            "max_request_size": self.max_request_bytes,
-        }
-        return AIOKafkaProducer(**(options | overrides))
-
-
-async def ensure_topics(settings: KafkaSettings) -> None:
-    """Create the event and dead-letter topics if missing; verify their partition counts."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
-    async with asyncio.timeout(settings.start_timeout_seconds):
-        await retrying(admin.start)
-    try:
-        wanted = [settings.topic, settings.dead_letter_topic]
-        try:
-            await admin.create_topics(
-                [
-                    NewTopic(name, settings.partitions, settings.replication_factor)
-                    for name in wanted
-                ]
-            )
-        except TopicAlreadyExistsError:
-            pass
-        for description in await admin.describe_topics(wanted):
-            count = len(description.get("partitions", []))
-            if description["topic"] == settings.topic and count != settings.partitions:
-                log.warning(
-                    "topic %s has %d partitions, not the configured %d; using it as it is",
-                    settings.topic,
-                    count,
-                    settings.partitions,
-                )
-    finally:
-        await admin.close()
-
-
-async def retrying(start: Any) -> None:
-    """Call `start` until the broker answers (the caller bounds the wait)."""
-    while True:
-        try:
-            await start()
-            return
-        except KafkaError as exc:
-            log.warning("Kafka not reachable yet (%s); retrying", exc)
-            await asyncio.sleep(0.5)
 
 
 class KafkaPublisher:
@@ -112,9 +38,14 @@ class KafkaPublisher:
     async def __aenter__(self) -> Self:
         await ensure_topics(self._settings)
         producer = self._settings.producer()
-        async with asyncio.timeout(self._settings.start_timeout_seconds):
-            await retrying(producer.start)
-            found = await producer.partitions_for(self._settings.topic)
+        try:
+            async with asyncio.timeout(self._settings.start_timeout_seconds):
+                await retrying(producer.start)
+                found = await producer.partitions_for(self._settings.topic)
+        except BaseException:
+            # Started halfway (or not at all): stop what runs, then fail.
+            await stop_within(producer.stop, self._settings.stop_timeout_seconds, "producer")
+            raise
         self._partitions = len(found)
         self._producer = producer
         return self
@@ -125,9 +56,10 @@ class KafkaPublisher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._producer is not None:
-            await self._producer.stop()  # flushes what is still buffered
-            self._producer = None
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            # Flushes what is still buffered; nothing unacknowledged was answered 2xx.
+            await stop_within(producer.stop, self._settings.stop_timeout_seconds, "producer")
 
     async def publish(
         self, organization_id: str, body: bytes, received_at_us: int

@@ -25,7 +25,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from ingest.publish.kafka import KafkaSettings
+from ingest.kafka import KafkaSettings, stop_within
 from ingest.sdk.delivery import Answer
 from ingest.sdk.errors import TransportError
 from meters import columnar
@@ -136,15 +136,15 @@ class AsyncKafkaTransport:
             if not found:
                 raise KafkaError(f"topic {self._settings.topic} not found")
         except BaseException:
-            await producer.stop()
+            await stop_within(producer.stop, self._settings.stop_timeout_seconds, "producer")
             raise
         self._producer, self._partitions = producer, len(found)
         return producer
 
     async def aclose(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await stop_within(producer.stop, self._settings.stop_timeout_seconds, "producer")
 
     def blocking(self) -> KafkaTransport:
         return KafkaTransport(self._bootstrap, self._organization_id, **self._options)

@@ -1,0 +1,106 @@
+"""The one Kafka module: settings, the topics (created if missing), waiting for a broker, and
+stopping clients within a bound. The edge's publisher, the SDK's producer and the core's
+consumer all take them from here. (Which partition a record goes to is `meters.columnar`'s.)"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    bootstrap: str
+    topic: str = "meterline.events"
+    dead_letter_topic: str = "meterline.events.dead"
+    partitions: int = 6
+    replication_factor: int = 1
+    compression: str | None = None  # of Kafka batches: gzip, snappy, lz4 or zstd
+    # Of the columnar records, whole (zstd, lz4 or none); see the README's measurements.
+    record_compression: str = "zstd"
+    # A columnar record holds at most about this many bytes of uncompressed columns.
+    max_record_bytes: int = 1024 * 1024
+    # Off only for brokers without it (the test broker); on, retries cannot duplicate records.
+    idempotence: bool = True
+    linger_ms: int = 5
+    max_batch_bytes: int = 1024 * 1024
+    max_request_bytes: int = 8 * 1024 * 1024
+    start_timeout_seconds: float = 30.0
+    # Stopping a client (flushing, leaving the group), and sending dead letters, at most.
+    stop_timeout_seconds: float = 10.0
+    send_timeout_seconds: float = 30.0
+    consumer_group: str = "meterline-core"
+
+    def producer(self, **overrides: Any) -> AIOKafkaProducer:
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap,
+            "acks": "all",
+            "enable_idempotence": self.idempotence,
+            "compression_type": self.compression,
+            "linger_ms": self.linger_ms,
+            "max_batch_size": self.max_batch_bytes,
+            "max_request_size": self.max_request_bytes,
+        }
+        return AIOKafkaProducer(**(options | overrides))
+
+
+async def ensure_topics(settings: KafkaSettings) -> None:
+    """Create the event and dead-letter topics if missing; verify their partition counts."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    wanted = [settings.topic, settings.dead_letter_topic]
+    try:
+        async with asyncio.timeout(settings.start_timeout_seconds):
+            await retrying(admin.start)
+            try:
+                await admin.create_topics(
+                    [
+                        NewTopic(name, settings.partitions, settings.replication_factor)
+                        for name in wanted
+                    ]
+                )
+            except TopicAlreadyExistsError:
+                pass
+            described = await admin.describe_topics(wanted)
+    finally:
+        await stop_within(admin.close, settings.stop_timeout_seconds, "admin client")
+    for description in described:
+        count = len(description.get("partitions", []))
+        if description["topic"] == settings.topic and count != settings.partitions:
+            log.warning(
+                "topic %s has %d partitions, not the configured %d; using it as it is",
+                settings.topic,
+                count,
+                settings.partitions,
+            )
+
+
+async def retrying(start: Any) -> None:
+    """Call `start` until the broker answers (the caller bounds the wait)."""
+    while True:
+        try:
+            await start()
+            return
+        except KafkaError as exc:
+            log.warning("Kafka not reachable yet (%s); retrying", exc)
+            await asyncio.sleep(0.5)
+
+
+async def stop_within(stop: Callable[[], Awaitable[Any]], seconds: float, what: str) -> None:
+    """`stop()`, abandoned (and logged) if it takes longer than `seconds` or fails: a client
+    that cannot leave cleanly must not hold up the process's exit."""
+    try:
+        async with asyncio.timeout(seconds):
+            await stop()
+    except TimeoutError:
+        log.error("stopping the Kafka %s took over %.1f s; abandoned", what, seconds)
+    except Exception:
+        log.exception("stopping the Kafka %s failed; abandoned", what)

@@ -1,0 +1,66 @@
+"""The consumer's Kafka lifetime on its failure paths: a start that fails halfway stops what
+it started; dead letters not acknowledged in time fail the batch (read again, never committed
+without them)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from aggregator.intake import consumer as consumer_module
+from aggregator.intake.consumer import Consumer
+from aggregator.intake.decode import DeadLetter
+from ingest.kafka import KafkaSettings
+from meters.events import EventRules
+from tests.kafka_clients import BOUND, Client, no_topics, settings
+
+
+def _consumer(monkeypatch: pytest.MonkeyPatch, kafka: Client, dead: Client) -> Consumer:
+    monkeypatch.setattr(consumer_module, "ensure_topics", no_topics)
+    monkeypatch.setattr(consumer_module, "AIOKafkaConsumer", lambda **options: kafka)
+    monkeypatch.setattr(KafkaSettings, "producer", lambda self, **o: dead)
+    store: Any = None  # not reached before the consumer runs
+    return Consumer(store, settings(), EventRules(), lambda org: True)
+
+
+def test_a_consumer_whose_start_fails_halfway_stops_what_it_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kafka, dead = Client(), Client(fail="start")
+    consumer = _consumer(monkeypatch, kafka, dead)
+
+    async def run() -> None:
+        async with consumer:
+            pass
+
+    with pytest.raises(RuntimeError, match="refused"):
+        asyncio.run(run())
+    assert kafka.calls == ["subscribe", "start", "stop"]
+    assert dead.calls == ["start", "stop"]
+    assert consumer._decoder._shutdown  # the decoding thread is gone too
+
+
+def test_dead_letters_not_acknowledged_in_time_fail_the_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the bound the batch is read again (checkpoint step 7), never committed without
+    its dead letters."""
+    dead = Client(hang="send")
+    consumer = _consumer(monkeypatch, Client(), dead)
+    consumer._dead_letters = dead
+    record: Any = type(
+        "Record", (), {"topic": "t", "partition": 0, "offset": 3, "key": b"k", "value": b"{"}
+    )()
+    record.headers = []
+
+    async def run() -> None:
+        await consumer._dead_letter([(record, DeadLetter(0, "value: not JSON"))])
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        asyncio.run(run())
+    assert time.monotonic() - started < BOUND + 1.0
+    assert dead.calls == ["send"]
