@@ -1,1 +1,3 @@
-"""The stateful core: DuckDB store, query and management API, and the `meterline` CLI."""
+"""The stateful core: how events come in (`intake`), the DuckDB store (`store`), the use cases
+(`services`) and the HTTP API over them (`api`), what goes upstream (`upstream`), and the
+`meterline` CLI. See ARCHITECTURE.md."""
