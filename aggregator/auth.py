@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aggregator.errors import NotFound
 
-TOKEN_PREFIX = "mlt_oat_"
+TOKEN_PREFIX = "mlt_oat_"  # noqa: S105 - not a secret
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS organizations (
     id TEXT PRIMARY KEY,

@@ -28,20 +28,20 @@ import uvicorn
 import uvloop
 from starlette.applications import Starlette
 
-from aggregator.app import CoreSettings, build_app
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
+from aggregator.core_app import CoreSettings, build_app
 from aggregator.errors import NotFound, UsageError
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.plan_cycler import PlanCycler
 from aggregator.store import Store
-from aggregator.upstream import cli as upstream_cli
+from aggregator.upstream import command_line as upstream_cli
 from aggregator.upstream.forwarder import Forwarder, ForwarderSettings
 from ingest.http import MIB, IngestSettings, Limits, Rate, edge_app, with_header_timeout
 from ingest.kafka import KafkaSettings
 from ingest.publish import Publisher
-from ingest.publish.kafka import KafkaPublisher
+from ingest.publish.kafka_publisher import KafkaPublisher
 from ingest.validation import ValidationPool
 from meters.columnar import COMPRESSIONS
 from meters.events import EventRules
@@ -290,10 +290,10 @@ def _token(args: argparse.Namespace) -> int:
     args.data_dir.mkdir(parents=True, exist_ok=True)
     registry = TokenRegistry(args.data_dir)
     try:
-        if args.token_command == "create":
+        if args.token_command == "create":  # noqa: S105 - not a secret
             org = registry.organization(args.org)
             print(registry.create_token(org, args.label))
-        elif args.token_command == "list":
+        elif args.token_command == "list":  # noqa: S105 - not a secret
             for info in registry.list_tokens():
                 state = f"revoked {info.revoked_at}" if info.revoked_at else "active"
                 print(

@@ -104,4 +104,4 @@ class Pacer:
 
 def backoff(attempt: int, cap: float) -> float:
     """Full jitter: spreads out many clients retrying the same upstream."""
-    return random.uniform(0, min(cap, 0.5 * 2**attempt))
+    return random.uniform(0, min(cap, 0.5 * 2**attempt))  # noqa: S311 - jitter, not a secret

@@ -14,9 +14,9 @@ from typing import Any, Self, TypeVar
 
 import httpx
 
-from aggregator.app import CoreSettings, build_app
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
+from aggregator.core_app import CoreSettings, build_app
 from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.store import Store
 from aggregator.store.compaction import compact

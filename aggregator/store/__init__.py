@@ -33,8 +33,8 @@ from aggregator.store.flusher import Flusher
 from aggregator.store.ingest_log import IngestLog
 from aggregator.store.live import Live, SequenceCounter
 from aggregator.store.memtable import ROW_GROUP, Memtable
+from aggregator.store.migrations import migrate
 from aggregator.store.recluster import Reclusterer, ReclusterSettings
-from aggregator.store.schema import migrate
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS, Job, Writer
 
 T = TypeVar("T")

@@ -90,7 +90,7 @@ class Catalog:
         self, con: duckdb.DuckDBPyConnection, where: str, params: list[object]
     ) -> CustomerKey | None:
         rows = con.execute(
-            f"SELECT id::VARCHAR, organization_id::VARCHAR, external_id FROM customers"
+            f"SELECT id::VARCHAR, organization_id::VARCHAR, external_id FROM customers"  # noqa: S608 - fixed text, values bound
             f" WHERE {where}",
             params,
         ).fetchall()

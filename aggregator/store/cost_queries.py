@@ -104,7 +104,7 @@ def _events(query: CostQuery, keys: list[str]) -> tuple[str, list[Any]]:
     selected = "".join(f"{_COLUMNS[k]} AS {k}, " for k in keys)
     joins = _CUSTOMER_JOINS if query.by_customer else ""
     return (
-        f"SELECT {selected}ev.cost_amount AS amount, ev.timestamp FROM events ev{joins}"
+        f"SELECT {selected}ev.cost_amount AS amount, ev.timestamp FROM events ev{joins}"  # noqa: S608 - fixed text, values bound
         f" WHERE {where}",
         params,
     )
@@ -137,12 +137,12 @@ def compute(con: duckdb.DuckDBPyConnection, query: CostQuery) -> Costs:
     # Per (group, period) first; a group is the sum of its periods. Without keys, `g` is a
     # plain aggregate: exactly one row, even over no events.
     ctes.append(
-        f"per AS (SELECT {key_list}{period} AS idx, sum(e.amount) AS amount, count(*) AS events"
+        f"per AS (SELECT {key_list}{period} AS idx, sum(e.amount) AS amount, count(*) AS events"  # noqa: S608 - fixed text, values bound
         f" FROM {source} GROUP BY ALL)"
     )
     group_clause = f"GROUP BY {', '.join(keys)}" if keys else ""
     ctes.append(
-        f"g AS (SELECT {key_list}coalesce(sum(amount), 0) AS amount,"
+        f"g AS (SELECT {key_list}coalesce(sum(amount), 0) AS amount,"  # noqa: S608 - fixed text, values bound
         " coalesce(sum(events), 0)::BIGINT AS events,"
         f" list({{'idx': idx, 'amount': amount, 'events': events}}) AS periods FROM per"
         f" {group_clause})"
@@ -151,7 +151,7 @@ def compute(con: duckdb.DuckDBPyConnection, query: CostQuery) -> Costs:
     # Ties are broken by the key, so the top N is the same on every call.
     order = ", ".join([f"amount {direction}", *(f"{k} ASC NULLS LAST" for k in keys)])
     rows = con.execute(
-        f"WITH {', '.join(ctes)} SELECT {key_list}amount, events, periods,"
+        f"WITH {', '.join(ctes)} SELECT {key_list}amount, events, periods,"  # noqa: S608 - fixed text, values bound
         " sum(amount) OVER () AS total, sum(events) OVER ()::BIGINT AS total_events"
         f" FROM g ORDER BY {order} LIMIT ?",
         [*params, query.limit],

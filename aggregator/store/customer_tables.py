@@ -182,7 +182,7 @@ def update_job(
         # Column names come from the pydantic model's fields, never from the request.
         assignments = ", ".join(f"{key} = ?" for key in changes)
         con.execute(
-            f"UPDATE customers SET {assignments}, modified_at = make_timestamptz(?)"
+            f"UPDATE customers SET {assignments}, modified_at = make_timestamptz(?)"  # noqa: S608 - fixed text, values bound
             " WHERE organization_id = ? AND id = ?::UUID",
             [*changes.values(), now_us, organization_id, customer_id],
         )
@@ -200,7 +200,7 @@ def get_customer(
         return None
     row = first_row(
         con,
-        f"SELECT {_COLUMNS} FROM customers WHERE organization_id = ? AND id = ?::UUID",
+        f"SELECT {_COLUMNS} FROM customers WHERE organization_id = ? AND id = ?::UUID",  # noqa: S608 - fixed text, values bound
         [organization_id, customer_id],
     )
     return _row(row) if row else None
@@ -211,7 +211,7 @@ def get_customer_by_external_id(
 ) -> CustomerRow | None:
     row = first_row(
         con,
-        f"SELECT {_COLUMNS} FROM customers WHERE organization_id = ? AND external_id = ?",
+        f"SELECT {_COLUMNS} FROM customers WHERE organization_id = ? AND external_id = ?",  # noqa: S608 - fixed text, values bound
         [organization_id, external_id],
     )
     return _row(row) if row else None
@@ -227,7 +227,7 @@ def customers_by_refs(
     if not ids and not external_ids:
         return []
     rows = con.execute(
-        f"SELECT {_COLUMNS} FROM customers WHERE organization_id = ? AND"
+        f"SELECT {_COLUMNS} FROM customers WHERE organization_id = ? AND"  # noqa: S608 - fixed text, values bound
         " (id IN (SELECT unnest(?::UUID[])) OR external_id IN (SELECT unnest(?::VARCHAR[])))",
         [organization_id, ids, external_ids],
     ).fetchall()
@@ -272,10 +272,10 @@ def list_customers(
         clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
         params.extend([member_pointer(key), values])
     where = " AND ".join(clauses)
-    total_row = first_row(con, f"SELECT count(*) FROM customers WHERE {where}", params)
+    total_row = first_row(con, f"SELECT count(*) FROM customers WHERE {where}", params)  # noqa: S608 - fixed text, values bound
     order = ", ".join(_SORTS[s] for s in sorting) or _SORTS["-created_at"]
     rows = con.execute(
-        f"SELECT {_COLUMNS} FROM customers WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+        f"SELECT {_COLUMNS} FROM customers WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",  # noqa: S608 - fixed text, values bound
         [*params, limit, offset],
     ).fetchall()
     return [_row(r) for r in rows], int(total_row[0]) if total_row else 0

@@ -89,7 +89,7 @@ class Dedupe:
             self._spill.directory.mkdir(parents=True, exist_ok=True)
         chunk = self._spill.keys if self._spill is not None else None
         reader = con.sql(
-            f"SELECT {FINGERPRINT} AS fp, seq FROM events WHERE external_id IS NOT NULL"
+            f"SELECT {FINGERPRINT} AS fp, seq FROM events WHERE external_id IS NOT NULL"  # noqa: S608 - fixed text, values bound
         ).to_arrow_reader(65_536)
         batches: list[pa.RecordBatch] = []
         rows = 0
@@ -197,7 +197,7 @@ def new_rows(
     n = batch.num_rows
     with registered(con, "_dedupe_batch", batch.select(["organization_id", "external_id"])):
         fps = _u64(
-            con.sql(f"SELECT coalesce({FINGERPRINT}, 0::UBIGINT) AS fp FROM _dedupe_batch")
+            con.sql(f"SELECT coalesce({FINGERPRINT}, 0::UBIGINT) AS fp FROM _dedupe_batch")  # noqa: S608 - fixed text, values bound
             .to_arrow_table()
             .column("fp")
         )
@@ -221,7 +221,7 @@ def fingerprints(con: duckdb.DuckDBPyConnection, keyed: pa.Table) -> tuple[U64, 
     if not keyed.num_rows:
         return np.empty(0, np.uint64), np.empty(0, np.int64)
     with registered(con, "_dedupe_keyed", keyed.select(["organization_id", "external_id"])):
-        fps = con.sql(f"SELECT {FINGERPRINT} AS fp FROM _dedupe_keyed").to_arrow_table()
+        fps = con.sql(f"SELECT {FINGERPRINT} AS fp FROM _dedupe_keyed").to_arrow_table()  # noqa: S608 - fixed text, values bound
     return _u64(fps.column("fp")), _i64(keyed.column("seq"))
 
 

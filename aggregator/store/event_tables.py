@@ -227,10 +227,10 @@ def list_events(
     offset: int,
 ) -> tuple[list[EventRow], int]:
     where, params = _where(organization_id, query)
-    total = int(con.execute(f"SELECT count(*) FROM events WHERE {where}", params).fetchall()[0][0])
+    total = int(con.execute(f"SELECT count(*) FROM events WHERE {where}", params).fetchall()[0][0])  # noqa: S608 - fixed text, values bound
     order = "DESC" if query.descending else "ASC"
     rows = con.execute(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE {where}"
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE {where}"  # noqa: S608 - fixed text, values bound
         f" ORDER BY timestamp {order}, seq {order} LIMIT ? OFFSET ?",
         [*params, limit, offset],
     ).fetchall()
@@ -242,7 +242,7 @@ def get_event(
 ) -> EventRow | None:
     row = first_row(
         con,
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE organization_id = ? AND id = ?::UUID",
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE organization_id = ? AND id = ?::UUID",  # noqa: S608 - fixed text, values bound
         [organization_id, event_id],
     )
     if row is None:

@@ -274,7 +274,7 @@ def reset(
     for table in LEDGER_TABLES:
         # Table names from this fixed list only.
         con.execute(
-            f"DELETE FROM {table} WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",
+            f"DELETE FROM {table} WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",  # noqa: S608 - fixed text, values bound
             [meter.id, names],
         )
     live.stage(lambda: live.balances.clear(meter.id, names))
@@ -299,7 +299,7 @@ def _usage(con: Con, meter: MeterRow, names: list[str]) -> tuple[float, int | No
     which = " OR ".join("subject = ?" for _ in names) or "FALSE"
     row = first_row(
         con,
-        "SELECT sum(events), sum(total), min(low), max(high), epoch_us(min(created_at)),"
+        "SELECT sum(events), sum(total), min(low), max(high), epoch_us(min(created_at)),"  # noqa: S608 - fixed text, values bound
         f" epoch_us(max(modified_at)) FROM all_ledger_usage WHERE meter_id = ?::UUID AND ({which})",
         [meter.id, *names],
     )
@@ -309,7 +309,7 @@ def _usage(con: Con, meter: MeterRow, names: list[str]) -> tuple[float, int | No
         first, last = row[4], row[5]
     if partial.events == 0 and _is_unique(meter):
         values = con.execute(
-            "SELECT DISTINCT value FROM all_ledger_usage_values"
+            "SELECT DISTINCT value FROM all_ledger_usage_values"  # noqa: S608 - fixed text, values bound
             f" WHERE meter_id = ?::UUID AND ({which})",
             [meter.id, *names],
         ).fetchall()
@@ -401,7 +401,7 @@ def active_pairs(
     meter_params: list[Any] = [organization_id] + ([meter_ids] if meter_ids is not None else [])
     pair_where = "" if id is None else f" WHERE {_ID_SQL} = ?::UUID"
     pairs = (
-        "WITH subj AS (SELECT c.id AS customer_id, s.subject FROM customers c,"
+        "WITH subj AS (SELECT c.id AS customer_id, s.subject FROM customers c,"  # noqa: S608 - fixed text, values bound
         f" unnest({subjects.of_customer_sql('c')}) s(subject)"
         f" WHERE c.organization_id = ?::UUID AND s.subject IS NOT NULL{customer_where}),"
         f" m AS (SELECT id FROM meters WHERE organization_id = ?::UUID{meter_where}),"
@@ -415,9 +415,9 @@ def active_pairs(
         f"{pair_where} GROUP BY ALL"
     )
     pairs_params = [*params, *meter_params, *([id] if id is not None else [])]
-    count = first_row(con, f"SELECT count(*) FROM ({pairs})", pairs_params)
+    count = first_row(con, f"SELECT count(*) FROM ({pairs})", pairs_params)  # noqa: S608 - fixed text, values bound
     rows = con.execute(
-        f"SELECT customer_id::VARCHAR, meter_id::VARCHAR FROM ({pairs})"
+        f"SELECT customer_id::VARCHAR, meter_id::VARCHAR FROM ({pairs})"  # noqa: S608 - fixed text, values bound
         f" ORDER BY modified {'DESC' if descending else 'ASC'} NULLS LAST, customer_id, meter_id"
         " LIMIT ? OFFSET ?",
         [*pairs_params, limit, offset],

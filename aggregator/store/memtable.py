@@ -119,7 +119,7 @@ def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> dict[int, tu
 # The event's columns (`meters.events.COLUMNS`) as the table stores them.
 _CASTS = {"customer_id": "::UUID", "cost_amount": "::DECIMAL(17, 12)"}
 _INSERT_EVENTS = (
-    f"INSERT INTO events (seq, organization_id, ingested_at, {', '.join(COLUMNS.names)})"
+    f"INSERT INTO events (seq, organization_id, ingested_at, {', '.join(COLUMNS.names)})"  # noqa: S608 - fixed text, values bound
     " SELECT seq, organization_id::UUID, ingested_at,"
     f" {', '.join(name + _CASTS.get(name, '') for name in COLUMNS.names)} FROM _stored_events"
 )
@@ -156,7 +156,7 @@ def _record_links(con: duckdb.DuckDBPyConnection) -> None:
         " ON CONFLICT DO UPDATE SET children = children + excluded.children"
     )
     con.execute(
-        "INSERT INTO event_subjects"
+        "INSERT INTO event_subjects"  # noqa: S608 - fixed text, values bound
         f" SELECT organization_id::UUID, {subjects.OF_EVENT}, min(timestamp)"
         " FROM _stored_events GROUP BY ALL ON CONFLICT DO UPDATE"
         " SET first_timestamp = least(first_timestamp, excluded.first_timestamp)"

@@ -201,7 +201,7 @@ def update_job(
         # Column names come from the model's fields above, never from the request.
         assignments = "".join(f"{key} = ?, " for key in columns)
         con.execute(
-            f"UPDATE meters SET {assignments}modified_at = make_timestamptz(?){extra}"
+            f"UPDATE meters SET {assignments}modified_at = make_timestamptz(?){extra}"  # noqa: S608 - fixed text, values bound
             " WHERE organization_id = ? AND id = ?::UUID",
             [*columns.values(), now_us, *extra_params, organization_id, meter_id],
         )
@@ -216,13 +216,13 @@ def _reset_rollups(con: duckdb.DuckDBPyConnection, meter_id: str) -> None:
     customers' credits and resets stay."""
     for table in (*ROLLUP_TABLES, *LEDGER_TABLES, "meter_failures"):
         # Table names from this fixed list only.
-        con.execute(f"DELETE FROM {table} WHERE meter_id = ?::UUID", [meter_id])
+        con.execute(f"DELETE FROM {table} WHERE meter_id = ?::UUID", [meter_id])  # noqa: S608 - fixed text, values bound
 
 
 def meters_of(con: duckdb.DuckDBPyConnection, organization_ids: list[str]) -> list[MeterRow]:
     """The organizations' meters that ingest keeps current: not archived, not failed."""
     rows = con.execute(
-        f"SELECT {_COLUMNS} FROM meters WHERE archived_at IS NULL"
+        f"SELECT {_COLUMNS} FROM meters WHERE archived_at IS NULL"  # noqa: S608 - fixed text, values bound
         " AND organization_id IN (SELECT unnest(?::UUID[]))",
         [organization_ids],
     ).fetchall()
@@ -232,7 +232,7 @@ def meters_of(con: duckdb.DuckDBPyConnection, organization_ids: list[str]) -> li
 def failed_meters(con: duckdb.DuckDBPyConnection) -> list[MeterRow]:
     """Every meter skipped because it cannot be evaluated (for /metrics)."""
     rows = con.execute(
-        f"SELECT {_COLUMNS} FROM meters WHERE archived_at IS NULL"
+        f"SELECT {_COLUMNS} FROM meters WHERE archived_at IS NULL"  # noqa: S608 - fixed text, values bound
         " AND id IN (SELECT meter_id FROM meter_failures)"
     ).fetchall()
     return [meter for meter in map(_row, rows) if meter.failure is not None]
@@ -331,7 +331,7 @@ def apply_isolated(
 def pending_backfills(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
     """(meter id, version) of every meter whose backfill is not finished."""
     rows = con.execute(
-        "SELECT id::VARCHAR, version FROM meters"
+        "SELECT id::VARCHAR, version FROM meters"  # noqa: S608 - fixed text, values bound
         " WHERE archived_at IS NULL AND backfilled_to < backfill_target AND "
         + _FAILURE.format("reason")
         + " IS NULL"
@@ -345,7 +345,7 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int,
 
     def job(tx: Tx) -> tuple[int, int] | None:
         con = tx.con
-        row = first_row(con, f"SELECT {_COLUMNS} FROM meters WHERE id = ?::UUID", [meter_id])
+        row = first_row(con, f"SELECT {_COLUMNS} FROM meters WHERE id = ?::UUID", [meter_id])  # noqa: S608 - fixed text, values bound
         if row is None:
             return None
         meter = _row(row)
@@ -385,7 +385,7 @@ def get_meter(
         return None
     row = first_row(
         con,
-        f"SELECT {_COLUMNS} FROM meters WHERE organization_id = ? AND id = ?::UUID",
+        f"SELECT {_COLUMNS} FROM meters WHERE organization_id = ? AND id = ?::UUID",  # noqa: S608 - fixed text, values bound
         [organization_id, meter_id],
     )
     return _row(row) if row else None
@@ -400,7 +400,7 @@ def meters_by_ids(
     if not wanted:
         return {}
     rows = con.execute(
-        f"SELECT {_COLUMNS} FROM meters WHERE organization_id = ?"
+        f"SELECT {_COLUMNS} FROM meters WHERE organization_id = ?"  # noqa: S608 - fixed text, values bound
         " AND id IN (SELECT unnest(?::UUID[]))",
         [organization_id, wanted],
     ).fetchall()
@@ -438,10 +438,10 @@ def list_meters(
         clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
         params.extend([member_pointer(key), values])
     where = " AND ".join(clauses)
-    total = con.execute(f"SELECT count(*) FROM meters WHERE {where}", params).fetchall()[0][0]
+    total = con.execute(f"SELECT count(*) FROM meters WHERE {where}", params).fetchall()[0][0]  # noqa: S608 - fixed text, values bound
     order = ", ".join(_SORTS[s] for s in sorting)
     rows = con.execute(
-        f"SELECT {_COLUMNS} FROM meters WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+        f"SELECT {_COLUMNS} FROM meters WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",  # noqa: S608 - fixed text, values bound
         [*params, limit, offset],
     ).fetchall()
     return [_row(r) for r in rows], int(total)

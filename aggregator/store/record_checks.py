@@ -93,4 +93,4 @@ FROM (
            json_extract(md, '$._llm') AS llm
     FROM (SELECT *, CASE WHEN json_valid(metadata) THEN metadata END AS md FROM batch)
 )
-"""
+"""  # noqa: S608 - fixed text, values bound

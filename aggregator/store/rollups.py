@@ -156,7 +156,7 @@ def _store_rollups(con: duckdb.DuckDBPyConnection, meters: Sequence[MeterRow]) -
     if numbers:
         parts, ids = _number_parts(numbers)
         con.execute(
-            f"INSERT INTO rollup_deltas SELECT p.m, subject, bucket, p.n, p.t, p.l, p.h FROM"
+            f"INSERT INTO rollup_deltas SELECT p.m, subject, bucket, p.n, p.t, p.l, p.h FROM"  # noqa: S608 - fixed text, values bound
             f" (SELECT subject, bucket, unnest([{parts}]) AS p FROM _values"
             " GROUP BY subject, bucket) WHERE p.n > 0",
             ids,
@@ -164,7 +164,7 @@ def _store_rollups(con: duckdb.DuckDBPyConnection, meters: Sequence[MeterRow]) -
     if uniques:
         parts, ids = _value_parts(uniques)
         con.execute(
-            "INSERT INTO rollup_value_deltas SELECT DISTINCT p.m, subject, bucket, p.v FROM"
+            "INSERT INTO rollup_value_deltas SELECT DISTINCT p.m, subject, bucket, p.v FROM"  # noqa: S608 - fixed text, values bound
             f" (SELECT subject, bucket, unnest([{parts}]) AS p FROM _values) WHERE p.v IS NOT NULL",
             ids,
         )
@@ -175,7 +175,7 @@ def _ledger_numbers(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]
     backfill's): only the events after their customer's latest reset."""
     parts, ids = _value_parts(meters)
     return (
-        "SELECT meter_id::VARCHAR AS meter_id, subject, count(*) AS events, sum(v) AS total,"
+        "SELECT meter_id::VARCHAR AS meter_id, subject, count(*) AS events, sum(v) AS total,"  # noqa: S608 - fixed text, values bound
         " min(v) AS low, max(v) AS high FROM (SELECT p.m AS meter_id, subject, seq, p.v AS v"
         f" FROM (SELECT subject, seq, unnest([{parts}]) AS p FROM _values)) u"
         f" WHERE v IS NOT NULL AND {_AFTER_RESET} GROUP BY meter_id, subject",
@@ -188,7 +188,7 @@ def _ledger_uniques(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]
     the events after their customer's latest reset."""
     parts, ids = _value_parts(meters)
     return (
-        "SELECT DISTINCT meter_id::VARCHAR AS meter_id, subject, value FROM"
+        "SELECT DISTINCT meter_id::VARCHAR AS meter_id, subject, value FROM"  # noqa: S608 - fixed text, values bound
         " (SELECT p.m AS meter_id, subject, seq, p.v AS value FROM"
         f" (SELECT subject, seq, unnest([{parts}]) AS p FROM _values)) u"
         f" WHERE value IS NOT NULL AND {_AFTER_RESET}",
@@ -264,13 +264,13 @@ _EMPTY_VALUES = pa.schema(
 
 # The subjects a reset has closed, with the seq of that reset.
 RESETS = (
-    "SELECT cm.meter_id, s.subject, cm.reset_seq FROM customer_meters cm"
+    "SELECT cm.meter_id, s.subject, cm.reset_seq FROM customer_meters cm"  # noqa: S608 - fixed text, values bound
     " JOIN customers c ON c.id = cm.customer_id,"
     f" unnest({subjects.of_customer_sql('c')}) s(subject)"
     " WHERE cm.reset_seq > 0 AND s.subject IS NOT NULL"
 )
 _AFTER_RESET = (
-    f"u.seq > coalesce((SELECT max(r.reset_seq) FROM ({RESETS}) r"
+    f"u.seq > coalesce((SELECT max(r.reset_seq) FROM ({RESETS}) r"  # noqa: S608 - fixed text, values bound
     " WHERE r.meter_id = u.meter_id AND r.subject = u.subject), 0)"
 )
 
@@ -292,7 +292,7 @@ def _values(
     # Each step MATERIALIZED: otherwise DuckDB inlines the projections and evaluates the JSON
     # parse, and each facet, once per use.
     return (
-        f"WITH r AS MATERIALIZED (SELECT {subjects.OF_EVENT} AS subject, {BUCKET} AS bucket,"
+        f"WITH r AS MATERIALIZED (SELECT {subjects.OF_EVENT} AS subject, {BUCKET} AS bucket,"  # noqa: S608 - fixed text, values bound
         f" seq, name, source, timestamp, {projection} FROM {source} WHERE {where}),"
         f" f AS MATERIALIZED (SELECT *, {extracted.facets()} FROM r),"
         f" e AS MATERIALIZED (SELECT subject, bucket, seq, {', '.join(columns)} FROM f)"

@@ -15,7 +15,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from meters.polar_api import PolarApi
-from meters.reconcile import Comparison, Meter, Tally, compare, repair_event, rollup_meters, same
+from meters.reconcile_rules import (
+    Comparison,
+    Meter,
+    Tally,
+    compare,
+    repair_event,
+    rollup_meters,
+    same,
+)
 from meters.times import us_to_iso
 from meters.upstream import Accepted, Rejected, backoff
 

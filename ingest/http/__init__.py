@@ -3,7 +3,7 @@ error map, authenticated requests with bounded bodies, admission and metrics. Th
 these names from here, never from the modules behind them."""
 
 from ingest.http.admission import MIB, Admission, Limits, Rate
-from ingest.http.app import IngestSettings, edge_app, ingest_routes
+from ingest.http.edge import IngestSettings, edge_app, ingest_routes
 from ingest.http.metrics import Source, metrics_route
 from ingest.http.protocol import with_header_timeout
 from ingest.http.requests import Authenticate, json_body, organization_of

@@ -49,7 +49,7 @@ class RetryPolicy:
     def backoff(self, attempt: int) -> float:
         """Exponential, with jitter so that many clients do not retry in step."""
         ceiling = min(self.backoff_max, self.backoff_base * 2.0 ** min(attempt - 1, 30))
-        return ceiling * (0.5 + random.random() / 2)
+        return ceiling * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not a secret
 
 
 @dataclass(slots=True)

@@ -22,9 +22,9 @@ from aggregator.store.customer_tables import get_customer_by_external_id
 from aggregator.store.event_tables import IngestJob
 from aggregator.store.ledger_tables import customer_meter
 from aggregator.store.meter_tables import get_meter
+from aggregator.store.migrations import MIGRATIONS, migrate
 from aggregator.store.quantities import Scope, compute
 from aggregator.store.recluster import ReclusterSettings
-from aggregator.store.schema import MIGRATIONS, migrate
 from meters.customer_rules import CustomerCreate
 from meters.events import Event, to_table
 from meters.times import datetime_to_us

@@ -18,7 +18,7 @@ from aggregator.auth import TokenRegistry
 from aggregator.store import Store
 from aggregator.store.event_tables import IngestJob
 from aggregator.store.meter_tables import backfill_step_job, create_job, get_meter, update_job
-from aggregator.store.schema import migrate
+from aggregator.store.migrations import migrate
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.events import Event, to_table
 from meters.times import now_us

@@ -14,8 +14,8 @@ import pytest
 from aiokafka.errors import KafkaError
 
 from ingest.kafka import KafkaSettings, stop_within
-from ingest.publish import kafka as publisher_module
-from ingest.publish.kafka import KafkaPublisher
+from ingest.publish import kafka_publisher as publisher_module
+from ingest.publish.kafka_publisher import KafkaPublisher
 from ingest.validation import ValidationPool
 from meters.events import EventRules
 from tests.kafka_clients import BOUND, Client, no_topics, settings

@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meters.reconcile import Meter, Tally, compare
+from meters.reconcile_rules import Meter, Tally, compare
 
 METERS = [
     Meter.from_api(

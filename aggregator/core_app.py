@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from aggregator import metrics
+from aggregator import core_metrics
 from aggregator.api import (
     cost_routes,
     customer_routes,
@@ -142,7 +142,7 @@ def build_app(
         store, authenticate, settings.ingest.max_body_bytes, limits.body_timeout_seconds, backfiller
     )
     admission = Admission(limits)
-    sources = metrics.sources(store, consumer, forwarder[0] if forwarder else None)
+    sources = core_metrics.sources(store, consumer, forwarder[0] if forwarder else None)
     routes = [
         _core_health(consumer),
         metrics_route(admission, settings.metrics_token, sources),
