@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -21,6 +22,13 @@ MetadataValue = (
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=50)]
 Email = Annotated[str, Field(max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
 ExternalId = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+def _empty_is_none(value: Any) -> Any:
+    """Polar reads an empty external_id as none (its `EmptyStrToNoneValidator`)."""
+    return None if value == "" else value
+
+
 ShortText = Annotated[str, Field(max_length=256)]
 
 
@@ -44,7 +52,7 @@ class _CustomerFields(BaseModel):
     tax_id: ShortText | None = None
     locale: Annotated[str, Field(max_length=35)] | None = None
     email: Email | None = None
-    external_id: ExternalId | None = None
+    external_id: Annotated[ExternalId | None, BeforeValidator(_empty_is_none)] = None
 
 
 class CustomerCreate(_CustomerFields):

@@ -164,6 +164,16 @@ def test_customers_create_get_external_list_update(polar: Polar) -> None:
     assert raised.value.error.detail[0].loc == ["body", "events", 0, "customer_id"]
 
 
+def test_an_empty_external_id_is_none_as_in_polar(polar: Polar) -> None:
+    tag = uuid.uuid4().hex
+    created = polar.customers.create(email=f"{tag}@example.com", external_id="")
+    assert created.external_id is None
+    updated = polar.customers.update(created.id, external_id="")
+    assert updated.external_id is None
+    # Still settable once, as a customer created without one.
+    assert polar.customers.update(created.id, external_id=tag).external_id == tag
+
+
 def test_customer_uniqueness_and_not_found(polar: Polar) -> None:
     tag = uuid.uuid4().hex
     polar.customers.create(email=f"{tag}@example.com", external_id=tag)

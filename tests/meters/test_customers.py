@@ -110,3 +110,12 @@ def test_update_needs_no_email() -> None:
     assert parse_model(CustomerUpdate, {"name": "Ada"}).email is None
     errors = errors_of({"organization_id": None}, CustomerUpdate)
     assert [(e.type, e.loc) for e in errors] == [("extra_forbidden", ("body", "organization_id"))]
+
+
+def test_an_empty_external_id_means_none_as_in_polar() -> None:
+    created = parse_model(CustomerCreate, {"email": EMAIL, "external_id": ""})
+    assert created.external_id is None
+    updated = parse_model(CustomerUpdate, {"external_id": ""})
+    assert updated.model_dump(exclude_unset=True) == {"external_id": None}
+    with pytest.raises(ValidationFailed):
+        parse_model(CustomerCreate, {"email": EMAIL, "external_id": 0})
