@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
-from meters.filters import EventView, Path, is_stored, parse_path
+from meters.filters import EventView, Path, canonical_property, is_stored, parse_path
 
 UniqueKey = tuple[str, str | float | bool]
 # Aggregations whose results over periods add up to the result over their union: only these
@@ -30,7 +30,7 @@ def _checked(prop: str, info: ValidationInfo, *, numeric: bool) -> str:
     path = parse_path(prop, stored=is_stored(info))
     if numeric and path.column in ("name", "source"):
         raise ValueError(f"'{prop}' is not numeric; sum, avg, min and max need a number")
-    return prop
+    return canonical_property(prop)
 
 
 class CountAggregation(BaseModel):

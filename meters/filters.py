@@ -12,7 +12,9 @@ the same filter agree on every event:
 - Properties: `name`, `source` (strings), `timestamp` (integer epoch seconds, floored), or a
   metadata path. `_cost.amount` is a number (stored as an exact decimal string). A
   `metadata.` prefix is optional and always means metadata (`metadata.name` is the metadata
-  key "name"); dotted paths reach into `_cost` and `_llm` (`_llm.total_tokens`).
+  key "name"); dotted paths reach into `_cost` and `_llm` (`_llm.total_tokens`). A property
+  is kept in its shortest spelling (`canonical_property`): `metadata.x` is stored and returned
+  as `x`, as Polar does, unless the prefix is what makes it metadata (`metadata.name`).
 - An empty `clauses` list matches every event.
 """
 
@@ -116,6 +118,16 @@ def parse_path(prop: str, *, stored: bool = False) -> Path:
     return Path(None, keys)
 
 
+def canonical_property(prop: str) -> str:
+    """`prop` without a `metadata.` prefix it does not need: the same path (`parse_path`) in
+    Polar's spelling. Kept where it matters: before a top-level name (`metadata.name` is the
+    metadata key, `name` the event's name) or another `metadata.` (the key "metadata")."""
+    rest = prop.removeprefix("metadata.")
+    if rest == prop or rest in RESERVED or rest.startswith("metadata."):
+        return prop
+    return rest
+
+
 def nesting(data: Any) -> int:
     """How many levels of clause groups (objects with `clauses`) a raw filter has, counted
     level by level up to one past MAX_NESTING."""
@@ -170,7 +182,7 @@ class FilterClause(BaseModel):
     @classmethod
     def _safe_property(cls, prop: str, info: ValidationInfo) -> str:
         parse_path(prop, stored=is_stored(info))
-        return prop
+        return canonical_property(prop)
 
     @field_validator("value")
     @classmethod

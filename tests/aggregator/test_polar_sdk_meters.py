@@ -157,6 +157,23 @@ def test_invalid_definitions_are_422_with_the_field_path(
     assert any(loc[: len(loc_start)] == loc_start for loc in locs), locs
 
 
+def test_a_metadata_prefix_is_stripped_as_polar_strips_it(polar: Polar) -> None:
+    """`metadata.x` comes back as `x`; `metadata.name` stays (it is not the event's name)."""
+    clauses = [
+        {"property": "metadata.tier", "operator": "eq", "value": "pro"},
+        {"property": "metadata.name", "operator": "eq", "value": "x"},
+    ]
+    meter = polar.meters.create(
+        name="Tokens",
+        filter={"conjunction": "and", "clauses": clauses},
+        aggregation={"func": "sum", "property": "metadata.tokens"},
+    )
+    got = polar.meters.get(meter.id)
+    assert [c.property for c in got.filter.clauses] == ["tier", "metadata.name"]  # type: ignore[union-attr]
+    assert isinstance(got.aggregation, PropertyAggregation)
+    assert got.aggregation.property == "tokens"
+
+
 def test_unknown_meter_is_404(polar: Polar) -> None:
     with pytest.raises(ResourceNotFound):
         polar.meters.get(str(uuid.uuid4()))

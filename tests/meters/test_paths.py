@@ -9,7 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.store.meter_sql import Extracted, filter_sql
-from meters.filters import MAX_DEPTH, MAX_SEGMENT, Filter, parse_path
+from meters.aggregations import PropertyAggregation
+from meters.filters import (
+    MAX_DEPTH,
+    MAX_SEGMENT,
+    Filter,
+    FilterClause,
+    canonical_property,
+    parse_path,
+)
 
 # Letters and digits of any script, and the separators a segment may hold.
 SEGMENT_TEXT = st.characters(categories=("L", "Nd")) | st.sampled_from("_-:/@+~% ")
@@ -54,3 +62,33 @@ def test_json_path_syntax_is_refused(prop: str) -> None:
 
 def test_paths_stored_by_earlier_versions_still_load() -> None:
     assert parse_path("*", stored=True).keys == ("*",)
+
+
+@given(
+    prefix=st.sampled_from(["", "metadata.", "metadata.metadata."]),
+    keys=st.lists(
+        st.sampled_from(["name", "source", "timestamp", "metadata", "tier", "_llm", "x"]),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_a_property_is_kept_in_its_shortest_spelling_of_the_same_path(
+    prefix: str, keys: list[str]
+) -> None:
+    """Polar strips `metadata.`; meterline does too wherever the path stays the same."""
+    prop = prefix + ".".join(keys)
+    canonical = canonical_property(prop)
+    assert parse_path(canonical) == parse_path(prop)
+    assert canonical_property(canonical) == canonical
+    assert len(canonical) <= len(prop)
+
+
+def test_metadata_prefixes_are_stripped_as_polar_strips_them_but_not_from_top_level_names() -> None:
+    clause = {"operator": "eq", "value": "pro"}
+    assert FilterClause.model_validate({"property": "metadata.tier", **clause}).property == "tier"
+    assert FilterClause.model_validate({"property": "metadata.name", **clause}).property == (
+        "metadata.name"
+    )
+    summed = PropertyAggregation.model_validate({"func": "sum", "property": "metadata.tokens"})
+    assert summed.property == "tokens"
+    assert summed.resolved() == parse_path("metadata.tokens")
