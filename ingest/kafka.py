@@ -95,12 +95,16 @@ async def retrying(start: Any) -> None:
 
 
 async def stop_within(stop: Callable[[], Awaitable[Any]], seconds: float, what: str) -> None:
-    """`stop()`, abandoned (and logged) if it takes longer than `seconds` or fails: a client
-    that cannot leave cleanly must not hold up the process's exit."""
+    """`stop()`, no longer waited for (and logged) if it takes longer than `seconds` or fails: a
+    client that cannot leave cleanly must not hold up its owner. Past the bound it is left to
+    finish in the background rather than cancelled: aiokafka marks a client closed as its stop
+    begins, so a stop cut short would leave its tasks and connections behind for good."""
+    stopping = asyncio.ensure_future(stop())
     try:
-        async with asyncio.timeout(seconds):
-            await stop()
+        await asyncio.wait_for(asyncio.shield(stopping), seconds)
     except TimeoutError:
-        log.error("stopping the Kafka %s took over %.1f s; abandoned", what, seconds)
+        log.error(
+            "stopping the Kafka %s took over %.1f s; left to finish on its own", what, seconds
+        )
     except Exception:
         log.exception("stopping the Kafka %s failed; abandoned", what)
