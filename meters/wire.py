@@ -72,16 +72,16 @@ Id = Annotated[uuid.UUID, BeforeValidator(_id)]
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_timestamp)]
 
 
-def parse_model(model: type[M], body: Any) -> M:
+def parse_model(model: type[M], body: Any, loc: tuple[str, ...] = ("body",)) -> M:
     """Validate a decoded JSON `body` against `model`, strictly: a string is never a number or
     a boolean, a number never a string (Polar coerces them). Ids and timestamps are strings,
-    read by `meters.wire`. Errors become ValidationFailed with `("body", ...)` locs."""
+    read by `meters.wire`. Errors become ValidationFailed with locs under `loc`."""
     try:
         return model.model_validate(body, strict=True)
     except PydanticValidationError as exc:
         raise ValidationFailed(
             [
-                FieldError(e["type"], ("body", *e["loc"]), e["msg"], e.get("input"))
+                FieldError(e["type"], (*loc, *e["loc"]), e["msg"], e.get("input"))
                 for e in exc.errors(include_url=False)
             ]
         ) from None

@@ -35,6 +35,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             org,
             query,
             meter_id=params.one_id(request, "meter_id"),
+            matching=params.meter_filter(request, "filter"),
             customer_ids=customer_ids,
             external_customer_ids=external_ids,
             page=page,

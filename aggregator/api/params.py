@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import orjson
 from starlette.requests import Request
 
 from meters.errors import FieldError, ValidationFailed
+from meters.filters import Filter
 from meters.times import datetime_to_us
-from meters.wire import ID_MESSAGE, canonical_id
+from meters.wire import ID_MESSAGE, canonical_id, parse_model
 
 MAX_LIMIT = 100
 # Offsets stay far inside DuckDB's BIGINT.
@@ -41,6 +43,18 @@ def integer(request: Request, name: str, default: int, low: int, high: int | Non
     if high is not None and value > high:
         raise _fail(name, "less_than_equal", f"Input should be less than or equal to {high}", raw)
     return value
+
+
+def meter_filter(request: Request, name: str) -> Filter | None:
+    """A JSON-encoded meter filter, validated as a meter's own (Polar's `events.list(filter=)`)."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        decoded = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _fail(name, "json_invalid", "Input should be a JSON-encoded filter", raw) from None
+    return parse_model(Filter, decoded, ("query", name))
 
 
 def page_and_limit(request: Request) -> tuple[int, int]:

@@ -16,7 +16,8 @@ from aggregator.store import customer_tables as customer_sql
 from aggregator.store import event_tables as sql
 from aggregator.store import meter_tables as meter_sql
 from aggregator.store.event_tables import EventQuery, EventRow
-from aggregator.store.meter_sql import meter_events_sql
+from aggregator.store.meter_sql import filter_sql, meter_events_sql
+from meters.filters import Filter
 
 __all__ = ["Event", "EventQuery", "get", "list_"]
 
@@ -70,19 +71,23 @@ async def list_(
     query: EventQuery,
     *,
     meter_id: str | None,
+    matching: Filter | None,
     customer_ids: tuple[str, ...],
     external_customer_ids: tuple[str, ...],
     page: int,
     limit: int,
 ) -> Page[Event]:
-    """Events matching `query`, those the meter counts (if given), of the customers named (if
-    any, by either of their ids)."""
+    """Events matching `query`, those the meter counts (if given), those `matching` matches (if
+    given), of the customers named (if any, by either of their ids)."""
 
     def run(con: Con) -> Page[Event]:
         q = query
+        if matching is not None:
+            q = replace(q, conditions=(*q.conditions, filter_sql(matching)))
         if meter_id is not None:
             meter = evaluable(found(meter_sql.get_meter(con, organization_id, meter_id)))
-            q = replace(q, meter=meter_events_sql(meter.filter, meter.aggregation))
+            counted = meter_events_sql(meter.filter, meter.aggregation)
+            q = replace(q, conditions=(*q.conditions, counted))
         if customer_ids or external_customer_ids:
             ids, external = _resolve_customers(
                 con, organization_id, customer_ids, external_customer_ids

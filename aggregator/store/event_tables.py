@@ -176,8 +176,9 @@ class EventQuery:
     end_us: int | None = None
     metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
     parent_id: str | None = None
-    # A compiled meter: events its filter matches and its aggregation takes (SQL, params).
-    meter: tuple[str, list[Any]] | None = None
+    # Compiled conditions (SQL, params), all of which an event meets: a meter's (its filter
+    # matches and its aggregation takes the event), a query's `filter`.
+    conditions: tuple[tuple[str, list[Any]], ...] = ()
     descending: bool = True
 
 
@@ -206,9 +207,9 @@ def _where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
         # The key is bound as a JSON pointer (any member name), never spliced into SQL.
         clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
         params.extend([member_pointer(key), list(values)])
-    if q.meter is not None:
-        clauses.append(q.meter[0])
-        params.extend(q.meter[1])
+    for condition, condition_params in q.conditions:
+        clauses.append(condition)
+        params.extend(condition_params)
     if q.parent_id is not None:
         clauses.append(
             "(parent_id = ? OR parent_id IN (SELECT external_id FROM events"
