@@ -32,7 +32,8 @@ class MeterCreate(BaseModel):
 
     @model_validator(mode="after")
     def _custom_unit(self) -> MeterCreate:
-        check_unit(self.unit, self.custom_label)
+        for _, message in unit_errors(self.unit, self.custom_label, self.custom_multiplier):
+            raise ValueError(message)
         return self
 
 
@@ -49,7 +50,21 @@ class MeterUpdate(BaseModel):
     is_archived: bool | None = None
 
 
-def check_unit(unit: str, custom_label: str | None) -> None:
-    """A custom unit needs its label (Polar's rule)."""
-    if unit == "custom" and not custom_label:
-        raise ValueError("custom_label is required when unit is 'custom'")
+def unit_errors(
+    unit: str, custom_label: str | None, custom_multiplier: int | None
+) -> list[tuple[str, str]]:
+    """(field, message) for each of Polar's unit rules a meter breaks: a custom unit needs its
+    label, and only a custom unit has a label or a multiplier (Polar checks the label alone)."""
+    if unit == "custom":
+        if custom_label is None:
+            return [("custom_label", "custom_label is required when unit is 'custom'.")]
+        return []
+    only = "custom_label and custom_multiplier are only allowed when unit is 'custom'."
+    return [
+        (name, only)
+        for name, value in (
+            ("custom_label", custom_label),
+            ("custom_multiplier", custom_multiplier),
+        )
+        if value is not None
+    ]

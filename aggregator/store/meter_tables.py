@@ -26,7 +26,7 @@ from meters.aggregations import (
     PropertyAggregation,
     UniqueAggregation,
 )
-from meters.definitions import MeterCreate, MeterUpdate, check_unit
+from meters.definitions import MeterCreate, MeterUpdate, unit_errors
 from meters.errors import FieldError, ValidationFailed
 from meters.filters import STORED, Filter
 from meters.times import now_us as clock_us
@@ -151,21 +151,32 @@ def create_job(organization_id: str, data: MeterCreate, now_us: int) -> Job[Mete
     return job
 
 
+def _unit_changes(changes: dict[str, Any], current: MeterRow) -> dict[str, Any]:
+    """`changes`, with a unit made non-custom dropping the label and multiplier it leaves
+    unset; 422 unless the meter they make keeps Polar's unit rules. A patch that leaves the
+    unit fields alone is not checked (meters stored before the rules keep working)."""
+    fields = ("unit", "custom_label", "custom_multiplier")
+    if not any(f in changes for f in fields):
+        return changes
+    unit = changes.get("unit") or current.unit
+    if unit != "custom":
+        changes = {"custom_label": None, "custom_multiplier": None, **changes}
+    merged = {f: changes.get(f, getattr(current, f)) for f in fields[1:]}
+    errors = unit_errors(unit, merged["custom_label"], merged["custom_multiplier"])
+    if errors:
+        raise ValidationFailed(
+            [FieldError("value_error", ("body", f), m, merged[f]) for f, m in errors]
+        )
+    return changes
+
+
 def update_job(
     organization_id: str, meter_id: str, data: MeterUpdate, now_us: int
 ) -> Job[MeterRow]:
     def job(tx: Tx) -> MeterRow:
         con = tx.con
         current = _found(con, organization_id, meter_id)
-        changes = data.model_dump(exclude_unset=True)
-        unit = changes.get("unit") or current.unit
-        label = changes.get("custom_label", current.custom_label)
-        try:
-            check_unit(unit, label)
-        except ValueError as exc:
-            raise ValidationFailed(
-                [FieldError("value_error", ("body", "custom_label"), str(exc), label)]
-            ) from None
+        changes = _unit_changes(data.model_dump(exclude_unset=True), current)
         columns: dict[str, Any] = {}
         for key in ("name", "unit", "custom_label", "custom_multiplier"):
             if key in changes and (changes[key] is not None or key.startswith("custom_")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import httpx
 import pytest
@@ -321,3 +322,38 @@ def _day_total_once_backfilled(polar: Polar, raw: httpx.Client, meter_id: str) -
         end_timestamp="2025-06-01T23:59:59Z",
         interval="day",
     ).total
+
+
+def test_unit_rules_on_create_and_patch(polar: Polar) -> None:
+    """A custom unit needs a label; only a custom unit has a label or a multiplier. A patch is
+    checked on the meter it makes, and leaving `custom` drops the label and multiplier."""
+    definition: dict[str, Any] = {
+        "filter": {"conjunction": "and", "clauses": []},
+        "aggregation": {"func": "count"},
+    }
+    for extra in ({"custom_label": "request"}, {"custom_multiplier": 1000}):
+        with pytest.raises(HTTPValidationError):
+            polar.meters.create(name="Requests", unit="token", **definition, **extra)
+    meter = polar.meters.create(name="Requests", **definition)
+    assert (meter.unit, meter.custom_label, meter.custom_multiplier) == ("scalar", None, None)
+
+    def refused(**patch: Any) -> list[list[Any]]:
+        with pytest.raises(HTTPValidationError) as raised:
+            polar.meters.update(meter.id, **patch)
+        return [d.loc for d in raised.value.error.detail or []]
+
+    assert refused(unit="custom") == [["body", "custom_label"]]
+    assert refused(custom_multiplier=1000) == [["body", "custom_multiplier"]]
+    custom = polar.meters.update(meter.id, unit="custom", custom_label="request")
+    assert (custom.unit, custom.custom_label, custom.custom_multiplier) == (
+        "custom",
+        "request",
+        None,
+    )
+    scaled = polar.meters.update(meter.id, custom_multiplier=1000, name="Requests (k)")
+    assert (scaled.custom_label, scaled.custom_multiplier) == ("request", 1000)
+    assert refused(custom_label=None) == [["body", "custom_label"]]
+    tokens = polar.meters.update(meter.id, unit="token")
+    assert (tokens.unit, tokens.custom_label, tokens.custom_multiplier) == ("token", None, None)
+    assert refused(unit="token", custom_label="request") == [["body", "custom_label"]]
+    assert polar.meters.get(meter.id).unit == "token"
