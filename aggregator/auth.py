@@ -144,6 +144,14 @@ class TokenRegistry:
         if cursor.rowcount == 0:
             raise NotFound(f"No active token with id {token_id}")
 
+    def with_created_at(self, organization_id: str) -> tuple[Organization, str] | None:
+        """The organization and when it was created (ISO 8601), or None if there is none."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, name, created_at FROM organizations WHERE id = ?", (organization_id,)
+            ).fetchone()
+        return None if row is None else (Organization(row[0], row[1]), str(row[2]))
+
     def organization_exists(self, organization_id: str) -> bool:
         """Whether the organization exists. Organizations are never deleted, so a yes is
         remembered."""

@@ -21,6 +21,7 @@ from aggregator.api import (
     forwarding_routes,
     ledger_routes,
     meter_routes,
+    organization_routes,
     shapes,
 )
 from aggregator.api.context import ApiContext
@@ -152,6 +153,7 @@ def build_app(
         *customer_routes.routes(ctx),
         *meter_routes.routes(ctx),
         *cost_routes.routes(ctx),
+        *organization_routes.routes(ctx, registry.with_created_at),
         *forwarding_routes.routes(ctx, *(forwarder or (None, None))),
     ]
     return Starlette(routes=routes, exception_handlers=_errors().handlers)
