@@ -18,12 +18,13 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aggregator.errors import NotFound
 
 TOKEN_PREFIX = "mlt_oat_"  # noqa: S105 - not a secret
+CUSTOMER_TOKEN_PREFIX = "mlt_cst_"  # noqa: S105 - not a secret
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS organizations (
     id TEXT PRIMARY KEY,
@@ -37,6 +38,16 @@ CREATE TABLE IF NOT EXISTS tokens (
     label TEXT NOT NULL,
     created_at TEXT NOT NULL,
     revoked_at TEXT
+);
+-- Customer sessions (Polar's): a token that reads one customer's portal, until it expires.
+CREATE TABLE IF NOT EXISTS customer_sessions (
+    id TEXT PRIMARY KEY,
+    organization_id TEXT NOT NULL REFERENCES organizations(id),
+    customer_id TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    return_url TEXT,
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL
 );
 """
 
@@ -54,6 +65,16 @@ class TokenInfo:
     label: str
     created_at: str
     revoked_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerSession:
+    id: str
+    organization_id: str
+    customer_id: str
+    return_url: str | None
+    created_at: datetime
+    expires_at: datetime
 
 
 def load_secret(data_dir: Path) -> bytes:
@@ -192,6 +213,65 @@ class TokenRegistry:
             self._cache.clear()
         self._cache[digest] = (now + self._cache_seconds, org)
         return org
+
+    def create_customer_session(
+        self,
+        organization_id: str,
+        customer_id: str,
+        return_url: str | None,
+        now: datetime,
+        lifetime: timedelta,
+    ) -> tuple[str, CustomerSession]:
+        """A new session of the customer, and its token text (the only time it is visible).
+        Expired sessions are deleted here, so the table holds only live ones."""
+        token = CUSTOMER_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        found = CustomerSession(
+            str(uuid.uuid4()), organization_id, customer_id, return_url, now, now + lifetime
+        )
+        with self._lock:
+            self._db.execute("DELETE FROM customer_sessions WHERE expires_at <= ?", (_iso(now),))
+            self._db.execute(
+                "INSERT INTO customer_sessions (id, organization_id, customer_id, token_hash,"
+                " return_url, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    found.id,
+                    organization_id,
+                    customer_id,
+                    self._hash(token),
+                    return_url,
+                    _iso(found.created_at),
+                    _iso(found.expires_at),
+                ),
+            )
+        return token, found
+
+    def customer_session(self, token: str, now: datetime) -> CustomerSession | None:
+        """The unexpired customer session of `token`, or None. Not cached: a session's end
+        is exact, and portal reads are few."""
+        if not token.startswith(CUSTOMER_TOKEN_PREFIX):
+            return None
+        digest = self._hash(token)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT token_hash, id, organization_id, customer_id, return_url, created_at,"
+                " expires_at FROM customer_sessions WHERE token_hash = ? AND expires_at > ?",
+                (digest, _iso(now)),
+            ).fetchone()
+        if row is None or not hmac.compare_digest(row[0], digest):
+            return None
+        return CustomerSession(
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            datetime.fromisoformat(row[5]),
+            datetime.fromisoformat(row[6]),
+        )
+
+
+def _iso(moment: datetime) -> str:
+    # Fixed width, UTC: the text compares as the time does.
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 
 
 def _now() -> str:

@@ -107,6 +107,13 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             help="stored external ids held in memory (16 bytes each); beyond, sorted runs of"
             " them are searched memory-mapped from files beside the database",
         )
+        parser.add_argument(
+            "--customer-session-seconds",
+            type=float,
+            default=CoreSettings().customer_session_seconds,
+            help="how long a customer session token (POST /v1/customer-sessions/) reads the"
+            " customer portal",
+        )
         upstream_cli.arguments(parser.add_argument_group("forwarding upstream"))
     kafka = parser.add_argument_group("Kafka")
     kafka.add_argument(
@@ -249,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         job_bound_seconds=getattr(args, "writer_job_bound_seconds", defaults.job_bound_seconds),
         read_timeout_seconds=getattr(args, "query_timeout_seconds", defaults.read_timeout_seconds),
         dedupe_memory_keys=getattr(args, "dedupe_memory_keys", defaults.dedupe_memory_keys),
+        customer_session_seconds=getattr(
+            args, "customer_session_seconds", defaults.customer_session_seconds
+        ),
         ingest=IngestSettings(
             rules=EventRules(max_future=timedelta(seconds=args.max_future_seconds)),
             validation_workers=args.validation_workers,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -16,6 +17,7 @@ from starlette.routing import Route
 from aggregator import core_metrics
 from aggregator.api import (
     cost_routes,
+    customer_portal_routes,
     customer_routes,
     event_routes,
     forwarding_routes,
@@ -61,6 +63,8 @@ class CoreSettings:
     read_timeout_seconds: float = 30.0
     # Stored external ids held in memory (16 bytes each) before they spill to files.
     dedupe_memory_keys: int = dedupe.MEMORY_KEYS
+    # How long a customer session token lasts (Polar's: an hour).
+    customer_session_seconds: float = 3600.0
     # Bearer token that `/metrics` requires (None: served to anyone who can reach the port).
     metrics_token: str | None = None
 
@@ -154,6 +158,9 @@ def build_app(
         *meter_routes.routes(ctx),
         *cost_routes.routes(ctx),
         *organization_routes.routes(ctx, registry.with_created_at),
+        *customer_portal_routes.routes(
+            ctx, registry, timedelta(seconds=settings.customer_session_seconds)
+        ),
         *forwarding_routes.routes(ctx, *(forwarder or (None, None))),
     ]
     return Starlette(routes=routes, exception_handlers=_errors().handlers)

@@ -138,6 +138,32 @@ async def list_customer_meters(
     return await store.read(run)
 
 
+# More meters than an organization has: all of one customer's customer meters in one page.
+_ALL = 2**31 - 1
+
+
+async def customer_meters_of(
+    store: Store, organization_id: str, customer_id: str, meter_ids: list[str] | None
+) -> list[CustomerMeterView]:
+    """All active customer meters of one customer (the customer portal's, which sorts and
+    pages them itself: a customer has at most one per meter)."""
+    balances = store.live.balances
+
+    def run(con: Con) -> list[CustomerMeterView]:
+        pairs, _ = sql.active_pairs(
+            con,
+            organization_id,
+            customer_ids=[customer_id],
+            external_ids=[],
+            meter_ids=meter_ids,
+            limit=_ALL,
+            offset=0,
+        )
+        return _views(con, balances, organization_id, pairs)
+
+    return await store.read(run)
+
+
 async def get_customer_meter(
     store: Store, organization_id: str, customer_meter_id: str
 ) -> CustomerMeterView:

@@ -6,7 +6,7 @@ from ingest.http.admission import MIB, Admission, Limits, Rate
 from ingest.http.edge import IngestSettings, edge_app, ingest_routes
 from ingest.http.metrics import Source, metrics_route
 from ingest.http.protocol import with_header_timeout
-from ingest.http.requests import Authenticate, json_body, organization_of
+from ingest.http.requests import Authenticate, bearer_subject, json_body, organization_of
 from ingest.http.responses import JSON, ErrorMap, error
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Limits",
     "Rate",
     "Source",
+    "bearer_subject",
     "edge_app",
     "error",
     "ingest_routes",

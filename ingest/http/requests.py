@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
@@ -14,6 +14,7 @@ from meters.events import decode_json
 
 # Resolves a bearer token to its organization id, or None when unknown/revoked.
 Authenticate = Callable[[str], str | None]
+T = TypeVar("T")
 
 
 def organization_of(request: Request, authenticate: Authenticate) -> str:
@@ -21,8 +22,14 @@ def organization_of(request: Request, authenticate: Authenticate) -> str:
     return authenticated(request, authenticate)[1]
 
 
-def authenticated(request: Request, authenticate: Authenticate) -> tuple[str, str]:
-    """The request's bearer token and its organization id (401 otherwise)."""
+def bearer_subject(request: Request, authenticate: Callable[[str], T | None]) -> T:
+    """Whom the request's bearer token names, as `authenticate` resolves it (401 otherwise):
+    for kinds of token other than an organization's (customer sessions)."""
+    return authenticated(request, authenticate)[1]
+
+
+def authenticated(request: Request, authenticate: Callable[[str], T | None]) -> tuple[str, T]:
+    """The request's bearer token and whom it names (401 otherwise)."""
     header = request.headers.get("authorization")
     if not header:
         raise Unauthorized

@@ -1,0 +1,122 @@
+"""Customer sessions and the customer portal's usage view (Polar's).
+
+An organization token creates a session for one of its customers (`POST
+/v1/customer-sessions/`); the session's token reads that customer's meters, balances and
+credits under `/v1/customer-portal/`, and nothing else, until it expires. Neither kind of
+token is accepted where the other is expected: organization routes resolve organization
+tokens only, and these routes customer session tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from aggregator.api import customer_portal_shapes as shapes
+from aggregator.api import params
+from aggregator.api.context import ApiContext
+from aggregator.api.customer_portal_shapes import CustomerSessionCreate
+from aggregator.api.customer_shapes import customer as customer_shape
+from aggregator.auth import CustomerSession, TokenRegistry
+from aggregator.errors import NotFound
+from aggregator.services import customer_service, ledger_service
+from aggregator.services.customer_service import Customer
+from aggregator.services.ledger_service import CustomerMeterView
+from aggregator.store import Store
+from ingest.http import JSON, bearer_subject
+from meters.errors import FieldError, ValidationFailed
+from meters.wire import parse_model
+
+_SORT_KEYS: dict[str, Callable[[CustomerMeterView], Any]] = {
+    "created_at": lambda v: v.balance.created_at_us,
+    "modified_at": lambda v: v.balance.modified_at_us or 0,
+    "meter_id": lambda v: v.balance.meter_id,
+    "meter_name": lambda v: v.meter.name,
+    "consumed_units": lambda v: v.balance.consumed,
+    "credited_units": lambda v: v.balance.credited,
+    "balance": lambda v: v.balance.balance,
+}
+SORTS = frozenset({*_SORT_KEYS, *(f"-{k}" for k in _SORT_KEYS)})
+
+
+def _sorted(views: list[CustomerMeterView], sorting: list[str]) -> list[CustomerMeterView]:
+    # Stable sorts applied last criterion first: the first criterion decides first.
+    out = sorted(views, key=lambda v: v.balance.id)
+    for criterion in reversed(sorting):
+        key = _SORT_KEYS[criterion.lstrip("-")]
+        out.sort(key=key, reverse=criterion.startswith("-"))
+    return out
+
+
+def routes(ctx: ApiContext, registry: TokenRegistry, lifetime: timedelta) -> list[Route]:
+    store = ctx.store
+
+    def session_of(request: Request) -> CustomerSession:
+        return bearer_subject(request, lambda token: registry.customer_session(token, _now()))
+
+    async def create_session(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(CustomerSessionCreate, await ctx.json(request))
+        customer = await _customer(store, org, data)
+        token, found = registry.create_customer_session(
+            org, customer.row.id, data.return_url, _now(), lifetime
+        )
+        # The portal's usage view, as an API (meterline serves no portal page).
+        portal_url = str(request.url_for("portal_meters"))
+        shape = shapes.customer_session(found, token, portal_url, customer_shape(customer))
+        return JSON(shape, status_code=201)
+
+    async def list_meters(request: Request) -> JSON:
+        session = session_of(request)
+        page, limit = params.page_and_limit(request)
+        sorting = params.sorting(request, SORTS, "-modified_at")
+        meter_ids = list(params.ids(request, "meter_id")) or None
+        query = (request.query_params.get("query") or "").lower()
+        views = await ledger_service.customer_meters_of(
+            store, session.organization_id, session.customer_id, meter_ids
+        )
+        views = _sorted([v for v in views if query in v.meter.name.lower()], sorting)
+        start = (page - 1) * limit
+        return JSON(shapes.portal_customer_meters(views[start : start + limit], len(views), limit))
+
+    async def get_meter(request: Request) -> JSON:
+        session = session_of(request)
+        wanted = params.path_id(request)
+        views = await ledger_service.customer_meters_of(
+            store, session.organization_id, session.customer_id, None
+        )
+        for view in views:
+            if view.balance.id == wanted:
+                return JSON(shapes.portal_customer_meter(view))
+        raise NotFound("Customer meter not found")
+
+    return [
+        Route("/v1/customer-sessions/", create_session, methods=["POST"]),
+        Route("/v1/customer-portal/meters/", list_meters, methods=["GET"], name="portal_meters"),
+        Route("/v1/customer-portal/meters/{id}", get_meter, methods=["GET"]),
+    ]
+
+
+async def _customer(store: Store, organization_id: str, data: CustomerSessionCreate) -> Customer:
+    """The customer the session is for; one that does not exist is a 422 (Polar's)."""
+    try:
+        if data.customer_id is not None:
+            return await customer_service.get(store, organization_id, str(data.customer_id))
+        assert data.external_customer_id is not None
+        return await customer_service.get_by_external_id(
+            store, organization_id, data.external_customer_id
+        )
+    except NotFound:
+        field = "customer_id" if data.customer_id is not None else "external_customer_id"
+        value = data.customer_id or data.external_customer_id
+        raise ValidationFailed(
+            [FieldError("value_error", ("body", field), "Customer does not exist.", str(value))]
+        ) from None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
