@@ -27,7 +27,7 @@ from aggregator.services import customer_service, ledger_service
 from aggregator.services.customer_service import Customer
 from aggregator.services.ledger_service import CustomerMeterView
 from aggregator.store import Store
-from ingest.http import JSON, bearer_subject
+from ingest.http import JSON, InvalidToken, bearer_subject
 from meters.errors import FieldError, ValidationFailed
 from meters.wire import parse_model
 
@@ -55,8 +55,14 @@ def _sorted(views: list[CustomerMeterView], sorting: list[str]) -> list[Customer
 def routes(ctx: ApiContext, registry: TokenRegistry, lifetime: timedelta) -> list[Route]:
     store = ctx.store
 
-    def session_of(request: Request) -> CustomerSession:
-        return bearer_subject(request, lambda token: registry.customer_session(token, _now()))
+    async def session_of(request: Request) -> CustomerSession:
+        """The request's unexpired customer session, of a customer not deleted (401 else)."""
+        session = bearer_subject(request, lambda token: registry.customer_session(token, _now()))
+        try:
+            await customer_service.get(store, session.organization_id, session.customer_id)
+        except NotFound:
+            raise InvalidToken from None
+        return session
 
     async def create_session(request: Request) -> JSON:
         org = ctx.organization(request)
@@ -71,7 +77,7 @@ def routes(ctx: ApiContext, registry: TokenRegistry, lifetime: timedelta) -> lis
         return JSON(shape, status_code=201)
 
     async def list_meters(request: Request) -> JSON:
-        session = session_of(request)
+        session = await session_of(request)
         page, limit = params.page_and_limit(request)
         sorting = params.sorting(request, SORTS, "-modified_at")
         meter_ids = list(params.ids(request, "meter_id")) or None
@@ -84,7 +90,7 @@ def routes(ctx: ApiContext, registry: TokenRegistry, lifetime: timedelta) -> lis
         return JSON(shapes.portal_customer_meters(views[start : start + limit], len(views), limit))
 
     async def get_meter(request: Request) -> JSON:
-        session = session_of(request)
+        session = await session_of(request)
         wanted = params.path_id(request)
         views = await ledger_service.customer_meters_of(
             store, session.organization_id, session.customer_id, None

@@ -1,8 +1,11 @@
-"""`/v1/customers/`: create, get (by id or external id), list, update."""
+"""`/v1/customers/`: create, get (by id or external id), list, update, delete, export (CSV)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from aggregator.api import customer_shapes as shapes
@@ -54,11 +57,41 @@ def routes(ctx: ApiContext) -> list[Route]:
         )
         return JSON(shapes.customers(found, limit))
 
+    async def delete(request: Request) -> Response:
+        org = ctx.organization(request)
+        external_id = request.path_params.get("external_id")
+        customer_id = params.path_id(request) if external_id is None else None
+        await service.delete(
+            ctx.store,
+            org,
+            customer_id=customer_id,
+            external_id=external_id,
+            anonymize=params.boolean(request, "anonymize") or False,
+        )
+        return Response(status_code=204)
+
+    async def export(request: Request) -> StreamingResponse:
+        org = ctx.organization(request)
+
+        async def lines() -> AsyncIterator[str]:
+            yield shapes.csv_lines([shapes.CSV_HEADER])
+            async for rows in service.export(ctx.store, org):
+                yield shapes.csv_lines(rows)
+
+        return StreamingResponse(
+            lines(),
+            media_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="meterline-customers.csv"'},
+        )
+
     return [
+        Route("/v1/customers/export", export, methods=["GET"]),
         Route("/v1/customers/", list_, methods=["GET"]),
         Route("/v1/customers/", create, methods=["POST"]),
         Route("/v1/customers/external/{external_id:path}", get_external, methods=["GET"]),
         Route("/v1/customers/external/{external_id:path}", update, methods=["PATCH"]),
+        Route("/v1/customers/external/{external_id:path}", delete, methods=["DELETE"]),
         Route("/v1/customers/{id}", get, methods=["GET"]),
         Route("/v1/customers/{id}", update, methods=["PATCH"]),
+        Route("/v1/customers/{id}", delete, methods=["DELETE"]),
     ]

@@ -3,16 +3,29 @@
 
 from __future__ import annotations
 
+import csv
+import io
+from collections.abc import Iterable
 from typing import Any
 
+import orjson
 from typing_extensions import TypedDict
 
 from aggregator.api.shapes import ListResource, iso, pagination
 from aggregator.services.customer_service import Customer
 from aggregator.services.pages import Page
+from aggregator.store.customer_tables import CustomerRow
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 
-__all__ = ["CustomerCreate", "CustomerShape", "CustomerUpdate", "customer", "customers"]
+__all__ = [
+    "CSV_HEADER",
+    "CustomerCreate",
+    "CustomerShape",
+    "CustomerUpdate",
+    "csv_lines",
+    "customer",
+    "customers",
+]
 
 
 class CustomerShape(TypedDict):
@@ -62,3 +75,46 @@ def customer(c: Customer) -> CustomerShape:
 
 def customers(page: Page[Customer], limit: int) -> ListResource[CustomerShape]:
     return {"items": [customer(c) for c in page.items], "pagination": pagination(page.total, limit)}
+
+
+# Polar's export columns, in its order.
+CSV_HEADER = (
+    "ID",
+    "External ID",
+    "Created At",
+    "Email",
+    "Name",
+    "Tax ID",
+    "Billing Address Line 1",
+    "Billing Address Line 2",
+    "Billing Address City",
+    "Billing Address State",
+    "Billing Address Zip",
+    "Billing Address Country",
+    "Metadata",
+)
+_ADDRESS = ("line1", "line2", "city", "state", "postal_code", "country")
+
+
+def csv_lines(rows: Iterable[tuple[Any, ...] | CustomerRow]) -> str:
+    """CSV text (Excel dialect, as Polar writes it) of a header tuple or customers."""
+    out = io.StringIO()
+    writer = csv.writer(out, dialect="excel")
+    for row in rows:
+        if not isinstance(row, CustomerRow):
+            writer.writerow(row)
+            continue
+        address = row.billing_address or {}
+        writer.writerow(
+            (
+                row.id,
+                row.external_id,
+                iso(row.created_at_us),
+                row.email,
+                row.name,
+                row.tax_id,
+                *(address.get(k) for k in _ADDRESS),
+                orjson.dumps(row.metadata).decode() if row.metadata else None,
+            )
+        )
+    return out.getvalue()

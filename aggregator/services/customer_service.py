@@ -1,9 +1,9 @@
-"""Customers: create, get (by id or external id), list, update; each with the time of its first
-event, which the API answers with."""
+"""Customers: create, get (by id or external id), list, update, delete, export; each with the
+time of its first event, which the API answers with."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import duckdb
@@ -12,12 +12,23 @@ from aggregator.errors import NotFound
 from aggregator.services.pages import Page, offset
 from aggregator.store import Store, subjects
 from aggregator.store import customer_tables as sql
+from aggregator.store.customer_deletion import delete_job
 from aggregator.store.customer_tables import CUSTOMER_SORTS, CustomerRow
 from aggregator.store.event_tables import subjects_first_timestamp
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.times import now_us
 
-__all__ = ["CUSTOMER_SORTS", "Customer", "create", "get", "get_by_external_id", "list_", "update"]
+__all__ = [
+    "CUSTOMER_SORTS",
+    "Customer",
+    "create",
+    "delete",
+    "export",
+    "get",
+    "get_by_external_id",
+    "list_",
+    "update",
+]
 
 Con = duckdb.DuckDBPyConnection
 
@@ -69,6 +80,20 @@ async def get_by_external_id(store: Store, organization_id: str, external_id: st
     )
 
 
+async def _find(
+    store: Store, organization_id: str, customer_id: str | None, external_id: str | None
+) -> CustomerRow:
+    """The customer named by `external_id` if given, else by `customer_id` (404 if none)."""
+    if external_id is not None:
+        found = await store.read(sql.get_customer_by_external_id, organization_id, external_id)
+    else:
+        assert customer_id is not None
+        found = await store.read(sql.get_customer, organization_id, customer_id)
+    if found is None:
+        raise NotFound("Customer not found")
+    return found
+
+
 async def update(
     store: Store,
     organization_id: str,
@@ -78,13 +103,7 @@ async def update(
     external_id: str | None = None,
 ) -> Customer:
     """Update the customer named by `external_id` if given, else by `customer_id`."""
-    if external_id is not None:
-        found = await store.read(sql.get_customer_by_external_id, organization_id, external_id)
-    else:
-        assert customer_id is not None
-        found = await store.read(sql.get_customer, organization_id, customer_id)
-    if found is None:
-        raise NotFound("Customer not found")
+    found = await _find(store, organization_id, customer_id, external_id)
     row = await store.write(sql.update_job(organization_id, found.id, data, now_us()))
     return await store.read(_one, organization_id, row)
 
@@ -114,3 +133,32 @@ async def list_(
         return Page(with_first_events(con, organization_id, rows), total)
 
     return await store.read(run)
+
+
+async def delete(
+    store: Store,
+    organization_id: str,
+    *,
+    customer_id: str | None = None,
+    external_id: str | None = None,
+    anonymize: bool = False,
+) -> None:
+    """Delete the customer named by `external_id` if given, else by `customer_id`
+    (`store.customer_deletion` says what stays and what goes)."""
+    found = await _find(store, organization_id, customer_id, external_id)
+    await store.write(delete_job(organization_id, found.id, anonymize, now_us()))
+
+
+EXPORT_PAGE = 1000
+
+
+async def export(store: Store, organization_id: str) -> AsyncIterator[list[CustomerRow]]:
+    """Every customer of the organization, oldest first, a page per read."""
+    after: tuple[int, str] | None = None
+    while True:
+        rows = await store.read(sql.customers_after, organization_id, after, EXPORT_PAGE)
+        if rows:
+            yield rows
+        if len(rows) < EXPORT_PAGE:
+            return
+        after = (rows[-1].created_at_us, rows[-1].id)

@@ -207,6 +207,17 @@ class Balances:
         with self.lock:
             self._credits[(customer_id, meter_id)] = credits
 
+    def forget_customer(self, organization_id: str, customer_id: str, subjects: list[str]) -> None:
+        """A deleted customer: its usage of every meter and its credits go."""
+        with self.lock:
+            index = self._subjects.get(organization_id, {})
+            at = [index[s] for s in subjects if s in index]
+            for usage in self._usage.values():
+                if usage.organization_id == organization_id:
+                    usage.clear(at)
+            for key in [k for k in self._credits if k[0] == customer_id]:
+                del self._credits[key]
+
     def credits(self, customer_id: str, meter_id: str) -> Credits | None:
         with self.lock:
             return self._credits.get((customer_id, meter_id))

@@ -5,7 +5,8 @@ Customers are held as keys (id, organization, external id), loaded at open up to
 `max_customers` (the rest are cached as they are looked up, within the same bound). A held key
 stays right: a customer's id never changes and its external id is set at most once, so a
 customer without one is not held (it may get one). Meters are cached as they are looked up; a
-job that redefines a meter forgets it at commit (`forget_meter`). A miss reads DuckDB.
+job that redefines a meter forgets it at commit (`forget_meter`), one that deletes a customer
+forgets the customer (`forget_customer`). A miss reads DuckDB.
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ class Catalog:
             with self._lock:
                 self._meters[meter_id] = found
         return found
+
+    def forget_customer(self, customer_id: str) -> None:
+        with self._lock:
+            held = self._by_id.pop(customer_id, None)
+            if held is not None and held.external_id is not None:
+                self._by_external_id.pop((held.organization_id, held.external_id), None)
 
     def forget_meter(self, meter_id: str) -> None:
         with self._lock:

@@ -279,3 +279,23 @@ def list_customers(
         [*params, limit, offset],
     ).fetchall()
     return [_row(r) for r in rows], int(total_row[0]) if total_row else 0
+
+
+def customers_after(
+    con: duckdb.DuckDBPyConnection,
+    organization_id: str,
+    after: tuple[int, str] | None,
+    limit: int,
+) -> list[CustomerRow]:
+    """Up to `limit` customers after (created_at µs, id) `after`, oldest first: an export
+    reads all of them in pages that stay correct while customers are created."""
+    where = "organization_id = ?"
+    params: list[Any] = [organization_id]
+    if after is not None:
+        where += " AND (created_at, id) > (make_timestamptz(?), ?::UUID)"
+        params += [*after]
+    rows = con.execute(
+        f"SELECT {_COLUMNS} FROM customers WHERE {where} ORDER BY created_at, id LIMIT ?",  # noqa: S608 - fixed text, values bound
+        [*params, limit],
+    ).fetchall()
+    return [_row(r) for r in rows]

@@ -58,7 +58,9 @@ SELECT s.subject,
             THEN substr(s.subject, {len(subjects.EXTERNAL) + 1})
             ELSE coalesce(c.external_id, substr(s.subject, {len(subjects.ID) + 1})) END
 FROM (SELECT unnest(?::VARCHAR[]) AS subject) s
-LEFT JOIN customers c ON {subjects.id_sql("c")} = s.subject
+LEFT JOIN (SELECT id, external_id FROM customers
+           UNION ALL SELECT id, external_id FROM deleted_customers) c
+       ON {subjects.id_sql("c")} = s.subject
 """  # noqa: S608 - fixed text, values bound
 
 

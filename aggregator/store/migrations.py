@@ -315,6 +315,26 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE rollup_values;
     ALTER TABLE rollup_values_sorted RENAME TO rollup_values;
     """,
+    # 14: deleted customers (Polar's soft deletion), out of `customers`: every read of
+    # customers, and their email and external id uniqueness, then leave them out unchanged.
+    """
+    CREATE TABLE deleted_customers (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        type VARCHAR NOT NULL,
+        email VARCHAR,
+        name VARCHAR,
+        external_id VARCHAR,                 -- released for reuse, kept here for support
+        billing_address JSON,
+        tax_id JSON,
+        locale VARCHAR,
+        metadata JSON NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        modified_at TIMESTAMPTZ,
+        deleted_at TIMESTAMPTZ NOT NULL,
+        anonymized BOOLEAN NOT NULL
+    );
+    """,
 )
 
 

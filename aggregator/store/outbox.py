@@ -29,7 +29,10 @@ class Pending:
 _SELECT = (
     "SELECT e.seq, e.id::VARCHAR, e.name, epoch_us(e.timestamp), e.customer_id::VARCHAR,"
     " coalesce(e.external_customer_id, c.external_id), e.external_id, e.external_member_id,"
-    " e.metadata FROM events e LEFT JOIN customers c ON c.id = e.customer_id"
+    " e.metadata FROM events e LEFT JOIN"
+    # A deleted customer's events still go upstream under the external id it had.
+    " (SELECT id, external_id FROM customers UNION ALL SELECT id, external_id"
+    " FROM deleted_customers) c ON c.id = e.customer_id"
 )
 
 

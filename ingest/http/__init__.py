@@ -7,7 +7,7 @@ from ingest.http.edge import IngestSettings, edge_app, ingest_routes
 from ingest.http.metrics import Source, metrics_route
 from ingest.http.protocol import with_header_timeout
 from ingest.http.requests import Authenticate, bearer_subject, json_body, organization_of
-from ingest.http.responses import JSON, ErrorMap, error
+from ingest.http.responses import JSON, ErrorMap, InvalidToken, error
 
 __all__ = [
     "JSON",
@@ -16,6 +16,7 @@ __all__ = [
     "Authenticate",
     "ErrorMap",
     "IngestSettings",
+    "InvalidToken",
     "Limits",
     "Rate",
     "Source",
