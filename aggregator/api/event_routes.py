@@ -13,6 +13,8 @@ from aggregator.services.event_service import EventQuery
 from ingest.http import JSON
 
 SORTS = frozenset({"timestamp", "-timestamp"})
+# Polar's bound on `depth`.
+MAX_DEPTH = 5
 
 
 def routes(ctx: ApiContext) -> list[Route]:
@@ -28,6 +30,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             end_us=params.timestamp(request, "end_timestamp"),
             metadata=params.metadata(request),
             parent_id=request.query_params.get("parent_id"),
+            depth=params.optional_integer(request, "depth", 0, MAX_DEPTH),
             descending=order.startswith("-"),
         )
         found = await service.list_(

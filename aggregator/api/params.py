@@ -28,6 +28,12 @@ def _fail(name: str, type_: str, msg: str, value: object) -> ValidationFailed:
     return ValidationFailed([FieldError(type_, ("query", name), msg, value)])
 
 
+def optional_integer(request: Request, name: str, low: int, high: int | None) -> int | None:
+    if request.query_params.get(name) is None:
+        return None
+    return integer(request, name, low, low, high)
+
+
 def integer(request: Request, name: str, default: int, low: int, high: int | None) -> int:
     raw = request.query_params.get(name)
     if raw is None:

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from aggregator.store import ingest_log
 from aggregator.store.ingest_log import with_origin
 from aggregator.store.meter_sql import member_pointer
-from aggregator.store.rows import first_row
+from aggregator.store.rows import first_row, is_uuid
 from aggregator.store.writer import Batchable, Outcome, Tx
 from meters.errors import FieldError, ValidationFailed
 
@@ -157,6 +157,8 @@ class EventRow:
     customer_id: str | None
     external_customer_id: str | None
     external_member_id: str | None
+    # The parent's event id once an event with the id or external id the child named exists
+    # (the stored column keeps the reference as sent); None before, or without a parent.
     parent_id: str | None
     name: str
     source: str
@@ -176,6 +178,9 @@ class EventQuery:
     end_us: int | None = None
     metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
     parent_id: str | None = None
+    # Roots (no parent) and their descendants down to this depth; with `parent_id`, that
+    # event's descendants down to it. A child whose parent has not arrived is in neither.
+    depth: int | None = None
     # Compiled conditions (SQL, params), all of which an event meets: a meter's (its filter
     # matches and its aggregation takes the event), a query's `filter`.
     conditions: tuple[tuple[str, list[Any]], ...] = ()
@@ -210,13 +215,43 @@ def _where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
     for condition, condition_params in q.conditions:
         clauses.append(condition)
         params.extend(condition_params)
-    if q.parent_id is not None:
+    if q.depth is not None:
+        tree, tree_params = _tree_sql(organization_id, q.parent_id, q.depth)
+        clauses.append(f"id IN ({tree})")
+        params.extend(tree_params)
+    elif q.parent_id is not None:
         clauses.append(
             "(parent_id = ? OR parent_id IN (SELECT external_id FROM events"
             " WHERE organization_id = ? AND id::VARCHAR = ? AND external_id IS NOT NULL))"
         )
         params.extend([q.parent_id, organization_id, q.parent_id])
     return " AND ".join(clauses), params
+
+
+def _tree_sql(organization_id: str, anchor: str | None, depth: int) -> tuple[str, list[Any]]:
+    """Ids of the roots and their descendants down to `depth` levels (or of `anchor`'s
+    descendants, 1 to `depth` levels below it). A child names its parent by id or external id
+    (the stored `parent_id` column): each level joins on both of its members' references.
+    The level bound also ends any cycle of references."""
+    if anchor is None:
+        start = (
+            "SELECT id, external_id, 0 FROM events WHERE organization_id = ? AND parent_id IS NULL"
+        )
+        start_params: list[Any] = [organization_id]
+    else:
+        start = (
+            "SELECT id, external_id, 0 FROM events WHERE organization_id = ?"
+            " AND (id::VARCHAR = ? OR external_id = ?)"
+        )
+        start_params = [organization_id, anchor, anchor]
+    sql = (
+        f"WITH RECURSIVE tree(id, external_id, level) AS ({start}"  # noqa: S608 - fixed text, values bound
+        " UNION SELECT e.id, e.external_id, r.level + 1 FROM events e JOIN"
+        " (SELECT unnest([t.id::VARCHAR, t.external_id]) AS ref, t.level FROM tree t"
+        " WHERE t.level < ?) r ON e.parent_id = r.ref WHERE e.organization_id = ?)"
+        " SELECT id FROM tree WHERE level >= ?"
+    )
+    return sql, [*start_params, depth, organization_id, 0 if anchor is None else 1]
 
 
 def list_events(
@@ -258,6 +293,8 @@ def _row(r: tuple[Any, ...]) -> EventRow:
 def _with_children(
     con: duckdb.DuckDBPyConnection, organization_id: str, rows: list[EventRow]
 ) -> list[EventRow]:
+    """The rows with their direct children counted (children name a parent by either id) and
+    their parent references resolved to event ids."""
     refs = {r.id for r in rows} | {r.external_id for r in rows if r.external_id is not None}
     if not refs:
         return rows
@@ -268,10 +305,40 @@ def _with_children(
             [organization_id, sorted(refs)],
         ).fetchall()
     )
+    parents = _parents(con, organization_id, {r.parent_id for r in rows if r.parent_id})
     return [
-        replace(r, child_count=counts.get(r.id, 0) + counts.get(r.external_id or "", 0))
+        replace(
+            r,
+            parent_id=parents.get(r.parent_id) if r.parent_id else None,
+            child_count=counts.get(r.id, 0) + counts.get(r.external_id or "", 0),
+        )
         for r in rows
     ]
+
+
+def _parents(
+    con: duckdb.DuckDBPyConnection, organization_id: str, refs: set[str]
+) -> dict[str, str]:
+    """The event id each reference names: the event with that external id, else the event
+    with that id (Polar's order)."""
+    if not refs:
+        return {}
+    found = con.execute(
+        "SELECT external_id, id::VARCHAR FROM events WHERE organization_id = ?"
+        " AND external_id IN (SELECT unnest(?::VARCHAR[]))",
+        [organization_id, sorted(refs)],
+    ).fetchall()
+    by_external = {r[0]: r[1] for r in found}
+    ids = sorted(ref for ref in refs - by_external.keys() if is_uuid(ref))
+    by_id = {}
+    if ids:
+        rows = con.execute(
+            "SELECT id::VARCHAR FROM events WHERE organization_id = ?"
+            " AND id IN (SELECT unnest(?::UUID[]))",
+            [organization_id, ids],
+        ).fetchall()
+        by_id = {r[0]: r[0] for r in rows}
+    return {**by_id, **by_external}
 
 
 def subjects_first_timestamp(

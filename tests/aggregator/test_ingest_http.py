@@ -83,7 +83,7 @@ def test_server_time_defaults_and_parent_links(server: MeterlineServer) -> None:
         assert root["child_count"] == 2
         children = client.get("/v1/events/", params={"parent_id": root["id"]}).json()
         assert children["pagination"]["total_count"] == 2
-        assert {c["parent_id"] for c in children["items"]} == {f"{tag}-root"}
+        assert {c["parent_id"] for c in children["items"]} == {root["id"]}
 
 
 def test_pagination_limits(server: MeterlineServer) -> None:

@@ -13,6 +13,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -21,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from meters import columnar
 from meters.events import COLUMNS, Event, EventRules, parse_ingest_body, to_table
-from meters.records import record_key, record_value
+from meters.records import key_prefixes, record_key, record_value
 from meters.times import now_us
 from tests.pipeline import Oracle, Pipeline, send_until_accepted, usage_batches
 
@@ -329,3 +330,40 @@ def test_the_readme_producers_work_as_written(tmp_path: Path) -> None:
             )
             assert done.returncode == 0, done.stderr
         pipeline.wait_for_events(1 + 1000)
+
+
+def test_a_child_on_another_partition_before_its_parent_resolves(tmp_path: Path) -> None:
+    """Kafka mode: the child's record is applied first, from another partition than its
+    parent's; the parent link resolves when the parent is applied."""
+    with Pipeline(tmp_path) as pipeline:
+        org = pipeline.organization_id()
+        prefix = key_prefixes(org)[1]
+
+        def partition(customer: str) -> int:
+            return columnar.partition_of(f"{prefix}{customer}".encode(), pipeline.partitions)
+
+        customers = [f"c{i}" for i in range(20)]
+        child_customer = customers[0]
+        parent_customer = next(c for c in customers if partition(c) != partition(child_customer))
+        assert pipeline.core is not None
+        with pipeline.edges[0].client(pipeline.token()) as edge, pipeline.core.client() as core:
+
+            def send(event: dict[str, str]) -> None:
+                response = edge.post("/v1/events/ingest", json={"events": [event]})
+                assert response.status_code == 200, response.text
+
+            def listed(name: str) -> dict[str, Any]:
+                items = core.get("/v1/events/", params={"name": name}).json()["items"]
+                assert len(items) == 1
+                return dict(items[0])
+
+            send({"name": "child", "external_customer_id": child_customer, "parent_id": "p1"})
+            pipeline.wait_for_events(1)
+            assert listed("child")["parent_id"] is None
+            send({"name": "parent", "external_customer_id": parent_customer, "external_id": "p1"})
+            pipeline.wait_for_events(2)
+            parent = listed("parent")
+            assert listed("child")["parent_id"] == parent["id"]
+            assert parent["child_count"] == 1
+            roots = core.get("/v1/events/", params={"depth": 0}).json()["items"]
+            assert [e["name"] for e in roots] == ["parent"]
