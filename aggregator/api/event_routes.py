@@ -11,10 +11,23 @@ from aggregator.api.context import ApiContext
 from aggregator.services import event_service as service
 from aggregator.services.event_service import EventQuery
 from ingest.http import JSON
+from meters.errors import FieldError, ValidationFailed
 
 SORTS = frozenset({"timestamp", "-timestamp"})
+SOURCES = frozenset({"user", "system"})
+# Polar's shortest `query`.
+MIN_QUERY = 3
 # Polar's bound on `depth`.
 MAX_DEPTH = 5
+
+
+def _search_text(request: Request) -> str | None:
+    text = request.query_params.get("query")
+    if text is not None and len(text) < MIN_QUERY:
+        raise ValidationFailed(
+            [FieldError("query", ("query", "query"), "Query must be at least 3 characters.", text)]
+        )
+    return text
 
 
 def routes(ctx: ApiContext) -> list[Route]:
@@ -31,6 +44,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             metadata=params.metadata(request),
             parent_id=request.query_params.get("parent_id"),
             depth=params.optional_integer(request, "depth", 0, MAX_DEPTH),
+            sources=params.choices(request, "source", SOURCES),
             descending=order.startswith("-"),
         )
         found = await service.list_(
@@ -39,6 +53,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             query,
             meter_id=params.one_id(request, "meter_id"),
             matching=params.meter_filter(request, "filter"),
+            text=_search_text(request),
             customer_ids=customer_ids,
             external_customer_ids=external_ids,
             page=page,

@@ -139,14 +139,16 @@ def metadata(request: Request) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple((k, tuple(v)) for k, v in found.items())
 
 
-def sorting(request: Request, allowed: frozenset[str], default: str) -> list[str]:
-    values = request.query_params.getlist("sorting") or [default]
+def choices(request: Request, name: str, allowed: frozenset[str]) -> tuple[str, ...]:
+    """Every value of a repeatable parameter, each one of `allowed` (a 422 otherwise)."""
+    values = strings(request, name)
     for value in values:
         if value not in allowed:
             raise _fail(
-                "sorting",
-                "enum",
-                "Input should be one of: " + ", ".join(sorted(allowed)),
-                value,
+                name, "enum", "Input should be one of: " + ", ".join(sorted(allowed)), value
             )
     return values
+
+
+def sorting(request: Request, allowed: frozenset[str], default: str) -> list[str]:
+    return list(choices(request, "sorting", allowed)) or [default]

@@ -72,16 +72,21 @@ async def list_(
     *,
     meter_id: str | None,
     matching: Filter | None,
+    text: str | None,
     customer_ids: tuple[str, ...],
     external_customer_ids: tuple[str, ...],
     page: int,
     limit: int,
 ) -> Page[Event]:
     """Events matching `query`, those the meter counts (if given), those `matching` matches (if
+    given), those with `text` in their name, source or metadata or of a customer it matches (if
     given), of the customers named (if any, by either of their ids)."""
 
     def run(con: Con) -> Page[Event]:
         q = query
+        if text is not None:
+            found_ids, found_external = customer_sql.matching_text(con, organization_id, text)
+            q = replace(q, search=(text, tuple(found_ids), tuple(found_external)))
         if matching is not None:
             q = replace(q, conditions=(*q.conditions, filter_sql(matching)))
         if meter_id is not None:

@@ -299,3 +299,18 @@ def customers_after(
         [*params, limit],
     ).fetchall()
     return [_row(r) for r in rows]
+
+
+def matching_text(
+    con: duckdb.DuckDBPyConnection, organization_id: str, text: str
+) -> tuple[list[str], list[str]]:
+    """Ids and external ids of the customers whose id, external id, name or email contains
+    `text` (case-insensitively): Polar's customer match of an event search."""
+    rows = con.execute(
+        "SELECT id::VARCHAR, external_id FROM customers WHERE organization_id = ? AND"
+        " (contains(id::VARCHAR, lower(?)) OR contains(lower(coalesce(external_id, '')), lower(?))"
+        " OR contains(lower(coalesce(name, '')), lower(?))"
+        " OR contains(lower(coalesce(email, '')), lower(?)))",
+        [organization_id, text, text, text, text],
+    ).fetchall()
+    return [r[0] for r in rows], [r[1] for r in rows if r[1] is not None]

@@ -181,6 +181,10 @@ class EventQuery:
     # Roots (no parent) and their descendants down to this depth; with `parent_id`, that
     # event's descendants down to it. A child whose parent has not arrived is in neither.
     depth: int | None = None
+    sources: tuple[str, ...] = ()
+    # Polar's `query`: text in the name, source or metadata, or a customer it matched (ids,
+    # external ids).
+    search: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None
     # Compiled conditions (SQL, params), all of which an event meets: a meter's (its filter
     # matches and its aggregation takes the event), a query's `filter`.
     conditions: tuple[tuple[str, list[Any]], ...] = ()
@@ -212,6 +216,18 @@ def _where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
         # The key is bound as a JSON pointer (any member name), never spliced into SQL.
         clauses.append("json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))")
         params.extend([member_pointer(key), list(values)])
+    if q.sources:
+        clauses.append("source IN (SELECT unnest(?::VARCHAR[]))")
+        params.append(list(q.sources))
+    if q.search is not None:
+        text, ids, external = q.search
+        clauses.append(
+            "(contains(lower(name), lower(?)) OR contains(lower(source), lower(?))"
+            " OR contains(lower(metadata::VARCHAR), lower(?))"
+            " OR customer_id IN (SELECT unnest(?::UUID[]))"
+            " OR external_customer_id IN (SELECT unnest(?::VARCHAR[])))"
+        )
+        params.extend([text, text, text, list(ids), list(external)])
     for condition, condition_params in q.conditions:
         clauses.append(condition)
         params.extend(condition_params)

@@ -123,3 +123,39 @@ def test_an_invalid_filter_is_422_naming_the_parameter(
     with pytest.raises(HTTPValidationError) as raised:
         polar.events.list(filter=text)
     assert (loc, type_) in [(d.loc, d.type) for d in raised.value.error.detail or []]
+
+
+def test_source_and_query(server: MeterlineServer) -> None:
+    """`source` selects user or system events; `query` (3+ characters) finds text in the name,
+    source or metadata, or events of customers whose email, name or ids contain it."""
+    token = new_org_token(server.data_dir, f"query-{uuid.uuid4().hex}")
+    polar = Polar(token, base_url=server.url)
+    ada = polar.customers.create(email="ada.lovelace@example.com", external_id="c-1")
+    meter = polar.meters.create(
+        name="Tokens",
+        filter={"conjunction": "and", "clauses": []},
+        aggregation={"func": "count"},
+    )
+    polar.events.ingest(
+        events=[
+            {"name": "llm.call", "external_customer_id": "c-1", "metadata": {"m": "x"}},
+            {"name": "upload", "external_customer_id": "c-2", "metadata": {"file": "Report.PDF"}},
+            {"name": "upload", "external_customer_id": "c-2"},
+        ]
+    )
+    grant = {"customer_id": ada.id, "meter_id": meter.id, "units": 1, "external_id": "g"}
+    assert server.client(token).post("/v1/meter-credits/", json=grant).status_code == 201
+
+    def names(**params: Any) -> list[str]:
+        return sorted(e.name for e in polar.events.list(limit=100, **params).items)
+
+    assert names(source="system") == ["meter.credited"]
+    assert names(source=["user"]) == ["llm.call", "upload", "upload"]
+    assert names(query="LLM.") == ["llm.call"]
+    assert names(query="report.pdf") == ["upload"]  # metadata text
+    assert names(query="lovelace", source="user") == ["llm.call"]  # the customer's email
+    assert names(query="system") == ["meter.credited"]  # the source
+    for bad in ({"query": "ab"}, {"source": "robot"}):
+        with pytest.raises(HTTPValidationError) as raised:
+            polar.events.list(**bad)  # type: ignore[arg-type]
+        assert [d.loc for d in raised.value.error.detail or []] == [["query", *bad]]
