@@ -1,6 +1,6 @@
-"""customers.delete / delete_external / export through polar-sdk: what a deletion keeps (events,
-quantities) and drops (the customer, its customer meters, balance and sessions), and Polar's
-CSV export."""
+"""customers.delete / delete_external / export / list(active) through polar-sdk: what a deletion
+keeps (events, quantities) and drops (the customer, its customer meters, balance and sessions),
+Polar's CSV export, and `active` without subscriptions."""
 
 from __future__ import annotations
 
@@ -122,3 +122,10 @@ def test_export_is_polars_csv_of_this_organization_only(server: MeterlineServer)
     assert (ada[6], ada[8], ada[11]) == ("1 St James's Sq", "London", "GB")
     assert ada[12] == '{"plan":"pro","seats":3}'
     assert by_email["bob@example.com"][1] == "" and by_email["bob@example.com"][12] == ""
+
+
+def test_active_customers_are_those_with_a_subscription_so_none(server: MeterlineServer) -> None:
+    polar, _ = _org(server)
+    ada = polar.customers.create(email="ada@example.com")
+    assert polar.customers.list(active=True).items == []
+    assert [c.id for c in polar.customers.list(active=False).items] == [ada.id]
