@@ -4,6 +4,7 @@ failed (and skipped) and every other meter, of this organization or another, is 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ import orjson
 import pytest
 
 from aggregator.auth import TokenRegistry
-from aggregator.store import Store
+from aggregator.store import Store, meter_sql
 from aggregator.store.event_tables import IngestJob
 from aggregator.store.meter_tables import backfill_step_job, create_job, get_meter, update_job
 from aggregator.store.migrations import migrate
@@ -28,12 +29,38 @@ from tests.processes import new_org_token, wait_until
 ORG_A, ORG_B = str(uuid.uuid4()), str(uuid.uuid4())
 TOKENS = {"func": "sum", "property": "tokens"}
 EVERYTHING = {"conjunction": "and", "clauses": []}
-# What earlier versions accepted and stored: DuckDB refuses a wildcard in a multi-path JSON
-# extract ("Binder Error: Cannot have wildcards in JSON path ...").
+# What earlier versions accepted and stored. DuckDB 1.x refused it ("Cannot have wildcards in
+# JSON path ..."); DuckDB 2 reads the quoted `$."*"` as a plain member, so no stored definition
+# is known to be refused today. The tests therefore make DuckDB refuse this one path for real
+# (`refused_path`): the machinery under test (mark, skip, rebuild) is the one a future refusal
+# would meet.
 POISON_FILTER = {
     "conjunction": "and",
     "clauses": [{"property": "*", "operator": "eq", "value": 1}],
 }
+# An empty member name, which every DuckDB version refuses to bind ("JSON path error").
+_REFUSED = '$.""'
+_HOOK = f"""\
+from aggregator.store import meter_sql
+
+_compile = meter_sql.json_path
+meter_sql.json_path = lambda keys: {_REFUSED!r} if keys == ("*",) else _compile(keys)
+"""
+
+
+@pytest.fixture
+def refused_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The poisoned meter's path compiles to one DuckDB refuses, in this process and in the
+    processes it starts (a `sitecustomize` on their PYTHONPATH)."""
+    compile_path = meter_sql.json_path
+    monkeypatch.setattr(
+        meter_sql, "json_path", lambda keys: _REFUSED if keys == ("*",) else compile_path(keys)
+    )
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOOK)
+    paths = [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
 
 
 def _events(n: int) -> list[Event]:
@@ -87,6 +114,7 @@ async def _stored(store: Store) -> int:
     return int(rows[0][0])
 
 
+@pytest.mark.usefixtures("refused_path")
 @pytest.mark.parametrize("grouped", [False, True])
 def test_a_poisoned_meter_is_marked_failed_and_the_batch_commits(
     tmp_path: Path, grouped: bool
@@ -117,7 +145,7 @@ async def _poisoned(tmp_path: Path, grouped: bool) -> None:
         failed = await store.read(get_meter, ORG_A, poison)
         assert failed is not None
         assert failed.failure is not None
-        assert "wildcard" in failed.failure.lower()
+        assert "json path" in failed.failure.lower()
         assert failed.failed_at_us is not None
 
         # Skipped from now on without another failure; the others keep counting.
@@ -138,6 +166,7 @@ async def _poisoned(tmp_path: Path, grouped: bool) -> None:
         assert await _total(store, poison) == 8
 
 
+@pytest.mark.usefixtures("refused_path")
 def test_a_failed_backfill_marks_the_meter_and_stops(tmp_path: Path) -> None:
     asyncio.run(_failed_backfill(tmp_path))
 
@@ -179,6 +208,7 @@ def _previous_main_data_dir(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("refused_path")
 def test_kafka_core_applies_every_organization_past_a_poisoned_meter(tmp_path: Path) -> None:
     registry = TokenRegistry(tmp_path)
     org_a, org_b = registry.organization("a").id, registry.organization("b").id
@@ -209,7 +239,7 @@ def test_kafka_core_applies_every_organization_past_a_poisoned_meter(tmp_path: P
                 wait_until(lambda c=client, m=meter_id, e=expected: _total_of(c, m) == e, 60)
         with core.client(token_a) as client:
             failure = client.get(f"/v1/meters/{poison}").json()["failure"]
-            assert failure is not None and "wildcard" in failure["reason"].lower()
+            assert failure is not None and "json path" in failure["reason"].lower()
             refused = client.get(f"/v1/meters/{poison}/quantities", params=_window())
             assert refused.status_code == 409, refused.text
             # Fixed: a new version, rebuilt by backfill from every stored event.
