@@ -20,6 +20,7 @@ from aggregator.api import (
     customer_portal_routes,
     customer_routes,
     event_routes,
+    event_type_routes,
     forwarding_routes,
     ledger_routes,
     meter_routes,
@@ -152,6 +153,7 @@ def build_app(
         _core_health(consumer),
         metrics_route(admission, settings.metrics_token, sources),
         *ingest_routes(publisher, authenticate, settings.ingest, admission),
+        *event_type_routes.routes(ctx),  # before /v1/events/{id}, which would take "names"
         *event_routes.routes(ctx),
         *ledger_routes.routes(ctx),
         *customer_routes.routes(ctx),

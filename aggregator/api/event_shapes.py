@@ -46,7 +46,7 @@ def event(e: Event, organization_id: str) -> EventShape:
         "external_member_id": row.external_member_id,
         "child_count": row.child_count,
         "parent_id": row.parent_id,
-        "label": row.name,
+        "label": e.label,
         "name": row.name,
         "source": row.source,
         "metadata": row.metadata,

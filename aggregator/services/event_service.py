@@ -11,15 +11,16 @@ from aggregator.errors import NotFound
 from aggregator.services.customer_service import Customer, with_first_events
 from aggregator.services.meter_service import evaluable, found
 from aggregator.services.pages import Page, offset
-from aggregator.store import Store
+from aggregator.store import Store, event_type_tables
 from aggregator.store import customer_tables as customer_sql
 from aggregator.store import event_tables as sql
 from aggregator.store import meter_tables as meter_sql
 from aggregator.store.event_tables import EventQuery, EventRow
 from aggregator.store.meter_sql import filter_sql, meter_events_sql
+from meters.event_types import label
 from meters.filters import Filter
 
-__all__ = ["Event", "EventQuery", "get", "list_"]
+__all__ = ["Event", "EventQuery", "get", "list_", "resolve_customers"]
 
 Con = duckdb.DuckDBPyConnection
 
@@ -28,9 +29,10 @@ Con = duckdb.DuckDBPyConnection
 class Event:
     row: EventRow
     customer: Customer | None  # the customer its id or external id names, if any
+    label: str  # its event type's (`meters.event_types.label`)
 
 
-def _resolve_customers(
+def resolve_customers(
     con: Con, organization_id: str, ids: tuple[str, ...], external: tuple[str, ...]
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """A customer's events may carry its id or its external id: filter on both."""
@@ -43,7 +45,8 @@ def _resolve_customers(
 
 
 def _with_customers(con: Con, organization_id: str, rows: list[EventRow]) -> list[Event]:
-    """The events with their customers (one read of customers, one of their first events)."""
+    """The events with their customers (one read of customers, one of their first events) and
+    labels (one read of event types)."""
     owners = with_first_events(
         con,
         organization_id,
@@ -56,13 +59,21 @@ def _with_customers(con: Con, organization_id: str, rows: list[EventRow]) -> lis
     )
     by_id = {o.row.id: o for o in owners}
     by_external = {o.row.external_id: o for o in owners if o.row.external_id}
+    types = event_type_tables.stored_types(
+        con, organization_id, [r.name for r in rows if r.source == "user"]
+    )
     return [
         Event(
             r,
             by_id.get(r.customer_id or "") or by_external.get(r.external_customer_id or ""),
+            label(r.name, r.source, r.metadata, _label_of(types.get(r.name))),
         )
         for r in rows
     ]
+
+
+def _label_of(row: event_type_tables.EventTypeRow | None) -> tuple[str, str | None] | None:
+    return None if row is None else (row.label, row.label_property_selector)
 
 
 async def list_(
@@ -94,7 +105,7 @@ async def list_(
             counted = meter_events_sql(meter.filter, meter.aggregation)
             q = replace(q, conditions=(*q.conditions, counted))
         if customer_ids or external_customer_ids:
-            ids, external = _resolve_customers(
+            ids, external = resolve_customers(
                 con, organization_id, customer_ids, external_customer_ids
             )
             if not ids and not external:

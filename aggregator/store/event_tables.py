@@ -191,7 +191,8 @@ class EventQuery:
     descending: bool = True
 
 
-def _where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
+def where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
+    """The condition on `events` rows that `q` selects, with its parameters."""
     clauses = ["organization_id = ?"]
     params: list[Any] = [organization_id]
     subject: list[str] = []
@@ -278,11 +279,13 @@ def list_events(
     limit: int,
     offset: int,
 ) -> tuple[list[EventRow], int]:
-    where, params = _where(organization_id, query)
-    total = int(con.execute(f"SELECT count(*) FROM events WHERE {where}", params).fetchall()[0][0])  # noqa: S608 - fixed text, values bound
+    where_sql, params = where(organization_id, query)
+    total = int(
+        con.execute(f"SELECT count(*) FROM events WHERE {where_sql}", params).fetchall()[0][0]  # noqa: S608 - fixed text, values bound
+    )
     order = "DESC" if query.descending else "ASC"
     rows = con.execute(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE {where}"  # noqa: S608 - fixed text, values bound
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE {where_sql}"  # noqa: S608 - fixed text, values bound
         f" ORDER BY timestamp {order}, seq {order} LIMIT ? OFFSET ?",
         [*params, limit, offset],
     ).fetchall()

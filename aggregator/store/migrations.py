@@ -335,6 +335,20 @@ MIGRATIONS: tuple[str, ...] = (
         anonymized BOOLEAN NOT NULL
     );
     """,
+    # 15: labels of event types (`store.event_type_tables`). An event name is an event type from
+    # its first event on, with an id derived from it; only a label set through the API is kept.
+    """
+    CREATE TABLE event_types (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        name VARCHAR NOT NULL,
+        label VARCHAR NOT NULL,
+        label_property_selector VARCHAR,
+        created_at TIMESTAMPTZ NOT NULL,     -- its first event's ingestion
+        modified_at TIMESTAMPTZ NOT NULL,
+        UNIQUE (organization_id, name)
+    );
+    """,
 )
 
 

@@ -147,6 +147,7 @@ def _as_previous_main_left_it(path: Path) -> None:
     con.execute("DROP INDEX customers_external_id")  # step 11
     con.execute("DROP TABLE ingest_stored")  # step 12
     con.execute("DROP TABLE deleted_customers")  # step 14
+    con.execute("DROP TABLE event_types")  # step 15
     con.execute("DELETE FROM schema_migrations WHERE version >= 8")
     for name, key in (
         ("meter.credited", "meterline:credit:old"),

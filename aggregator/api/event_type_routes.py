@@ -1,0 +1,73 @@
+"""`GET /v1/events/names`, `GET /v1/event-types/` and `PATCH /v1/event-types/{id}`."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from aggregator.api import event_type_shapes as shapes
+from aggregator.api import params
+from aggregator.api.context import ApiContext
+from aggregator.api.event_routes import SOURCES
+from aggregator.services import event_type_service as service
+from aggregator.services.event_type_service import NAME_SORTS, TYPE_SORTS, EventTypeQuery
+from aggregator.services.pages import Page
+from aggregator.store.event_tables import EventQuery
+from ingest.http import JSON
+from meters.event_types import EventTypeUpdate
+from meters.wire import parse_model
+
+
+def _signed(names: frozenset[str]) -> frozenset[str]:
+    return names | {f"-{n}" for n in names}
+
+
+def routes(ctx: ApiContext) -> list[Route]:
+    async def listed(
+        request: Request, events: EventQuery, sorts: frozenset[str], in_label: bool
+    ) -> tuple[str, Page[service.EventType], int]:
+        org = ctx.organization(request)
+        page, limit = params.page_and_limit(request)
+        query = EventTypeQuery(
+            events,
+            text=request.query_params.get("query"),
+            text_in_label=in_label,
+            sorting=tuple(params.sorting(request, _signed(sorts), "-last_seen")),
+        )
+        found = await service.list_(
+            ctx.store,
+            org,
+            query,
+            customer_ids=params.ids(request, "customer_id"),
+            external_customer_ids=params.strings(request, "external_customer_id"),
+            page=page,
+            limit=limit,
+        )
+        return org, found, limit
+
+    async def names(request: Request) -> JSON:
+        events = EventQuery(sources=params.choices(request, "source", SOURCES))
+        _, found, limit = await listed(request, events, NAME_SORTS, in_label=False)
+        return JSON(shapes.names(found, limit))
+
+    async def list_(request: Request) -> JSON:
+        roots = params.boolean(request, "root_events")
+        events = EventQuery(
+            sources=params.choices(request, "source", SOURCES),
+            parent_id=request.query_params.get("parent_id"),
+            conditions=(("parent_id IS NULL", []),) if roots else (),
+        )
+        org, found, limit = await listed(request, events, TYPE_SORTS, in_label=True)
+        return JSON(shapes.event_types(found, org, limit))
+
+    async def update(request: Request) -> JSON:
+        org = ctx.organization(request)
+        type_id = params.path_id(request)
+        data = parse_model(EventTypeUpdate, await ctx.json(request))
+        return JSON(shapes.event_type(await service.update(ctx.store, org, type_id, data), org))
+
+    return [
+        Route("/v1/events/names", names, methods=["GET"]),
+        Route("/v1/event-types/", list_, methods=["GET"]),
+        Route("/v1/event-types/{id}", update, methods=["PATCH"]),
+    ]
