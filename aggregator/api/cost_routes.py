@@ -6,7 +6,7 @@ A meterline extension (Polar has no such endpoint); its shapes are `shapes.costs
 from __future__ import annotations
 
 from typing import cast
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from starlette.requests import Request
 from starlette.routing import Route
@@ -49,22 +49,18 @@ def _window(request: Request) -> tuple[int, int, Interval | None, ZoneInfo]:
     interval = (
         None if raw is None else cast(Interval, _check_choice("interval", raw, frozenset(MAX_DAYS)))
     )
-    name = request.query_params.get("timezone", "UTC")
-    try:
-        tz = ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise _fail("timezone", "timezone", "Unknown IANA timezone", name) from None
+    tz = params.timezone(request)
     if start > end:
         raise _fail(
             "end_timestamp",
-            "range",
+            "value_error",
             "end_timestamp should not be before start_timestamp",
             request.query_params["end_timestamp"],
         )
     if interval is not None and end - start > MAX_DAYS[interval] * _DAY_US:
         raise _fail(
             "interval",
-            "interval",
+            "value_error",
             "The interval is too small for the given date range. Use a larger interval"
             " or reduce the date range.",
             interval,
@@ -72,7 +68,7 @@ def _window(request: Request) -> tuple[int, int, Interval | None, ZoneInfo]:
     if end - start > MAX_DAYS["year"] * _DAY_US:
         raise _fail(
             "end_timestamp",
-            "range",
+            "value_error",
             f"The date range should span at most {MAX_DAYS['year']} days",
             request.query_params["end_timestamp"],
         )

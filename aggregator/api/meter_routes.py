@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import cast
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from starlette.requests import Request
 from starlette.routing import Route
@@ -50,18 +49,12 @@ def _quantity_window(request: Request) -> QuantityWindow:
             raise ValidationFailed([FieldError("missing", ("query", name), "Field required", None)])
     assert start is not None and end is not None
     interval = cast(Interval, _choice(request, "interval", frozenset(MAX_DAYS), True))
-    name = request.query_params.get("timezone", "UTC")
-    try:
-        tz = ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValidationFailed(
-            [FieldError("timezone", ("query", "timezone"), "Unknown IANA timezone", name)]
-        ) from None
+    tz = params.timezone(request)
     if start > end or (end - start) > MAX_DAYS[interval] * 86_400_000_000:
         raise ValidationFailed(
             [
                 FieldError(
-                    "interval",
+                    "value_error",
                     ("query", "interval"),
                     "The interval is too small for the given date range. Use a larger interval"
                     " or reduce the date range.",

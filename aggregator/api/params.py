@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 from starlette.requests import Request
@@ -34,7 +35,7 @@ def optional_integer(request: Request, name: str, low: int, high: int | None) ->
     return integer(request, name, low, low, high)
 
 
-def integer(request: Request, name: str, default: int, low: int, high: int | None) -> int:
+def integer(request: Request, name: str, default: int, low: int | None, high: int | None) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
@@ -42,7 +43,7 @@ def integer(request: Request, name: str, default: int, low: int, high: int | Non
         value = int(raw)
     except ValueError:
         raise _fail(name, "int_parsing", "Input should be a valid integer", raw) from None
-    if value < low:
+    if low is not None and value < low:
         raise _fail(
             name, "greater_than_equal", f"Input should be greater than or equal to {low}", raw
         )
@@ -64,7 +65,25 @@ def meter_filter(request: Request, name: str) -> Filter | None:
 
 
 def page_and_limit(request: Request) -> tuple[int, int]:
-    return integer(request, "page", 1, 1, MAX_PAGE), integer(request, "limit", 10, 1, MAX_LIMIT)
+    """Polar's paging: both above 0 (`greater_than`), and a larger `limit` read as MAX_LIMIT."""
+    page, limit = (integer(request, n, d, None, None) for n, d in (("page", 1), ("limit", 10)))
+    for name, value in (("page", page), ("limit", limit)):
+        if value < 1:
+            raise _fail(name, "greater_than", "Input should be greater than 0", value)
+    if page > MAX_PAGE:
+        raise _fail(
+            "page", "less_than_equal", f"Input should be less than or equal to {MAX_PAGE}", page
+        )
+    return page, min(limit, MAX_LIMIT)
+
+
+def timezone(request: Request) -> ZoneInfo:
+    """The `timezone` parameter (IANA name, default UTC); Polar's error for an unknown one."""
+    name = request.query_params.get("timezone", "UTC")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise _fail("timezone", "TimeZoneName", "Invalid timezone name.", name) from None
 
 
 def boolean(request: Request, name: str) -> bool | None:
@@ -85,7 +104,9 @@ def timestamp(request: Request, name: str) -> int | None:
     try:
         parsed = datetime.fromisoformat(raw.replace(" ", "+"))
     except ValueError:
-        raise _fail(name, "datetime_parsing", "Input should be a valid datetime", raw) from None
+        raise _fail(
+            name, "datetime_from_date_parsing", "Input should be a valid datetime", raw
+        ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     if not MIN_TIMESTAMP <= parsed <= MAX_TIMESTAMP:

@@ -9,6 +9,8 @@ from meters.errors import FieldError, Loc
 # A field that is absent (as opposed to null).
 MISSING: Any = object()
 DICT_MSG = "Input should be a valid dictionary or object to extract fields from"
+# Polar refuses NUL characters in every field (its `Schema`), with pydantic's value_error.
+NUL_MSG = "Value error, This value contains invalid characters"
 
 
 def err(type_: str, loc: Loc, msg: str, value: Any) -> FieldError:
@@ -63,6 +65,6 @@ def string(
         )
         return None
     if "\x00" in value:
-        errors.append(err("string_null_byte", loc, "String should not contain NUL bytes", value))
+        errors.append(err("value_error", loc, NUL_MSG, value))
         return None
     return value

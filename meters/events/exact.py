@@ -176,13 +176,23 @@ def _customer(
     return str(parsed), None
 
 
+# Pydantic's (so Polar's) rule for epoch numbers: beyond this many seconds, they are milliseconds
+# (what JavaScript's Date.now() sends).
+_EPOCH_MS_ABOVE = 2e10
+
+
 def _timestamp(value: Any, loc: Loc, errors: list[FieldError], latest: int) -> int | None:
     if type(value) is str:
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
             errors.append(
-                err("datetime_parsing", loc, "Input should be a valid ISO 8601 datetime", value)
+                err(
+                    "datetime_from_date_parsing",
+                    loc,
+                    "Input should be a valid ISO 8601 datetime",
+                    value,
+                )
             )
             return None
         if parsed.tzinfo is None:
@@ -192,25 +202,39 @@ def _timestamp(value: Any, loc: Loc, errors: list[FieldError], latest: int) -> i
             result = (parsed - EPOCH) // ONE_US
         except OverflowError:
             result = MAX_TS_US + 1
-    elif type(value) is int or type(value) is float:
-        if not math.isfinite(value) or abs(value) > 1e13:
+        if not MIN_TS_US <= result <= MAX_TS_US:
             errors.append(err("datetime_range", loc, "Timestamp is out of range", value))
             return None
-        result = round(value * 1_000_000)
+    elif type(value) is int or type(value) is float:
+        scale = 1_000 if abs(value) > _EPOCH_MS_ABOVE else 1_000_000
+        if not math.isfinite(value):
+            result = MAX_TS_US + 1
+        else:
+            # Whole and fraction apart: a float product this large would round away microseconds.
+            whole = math.floor(value)
+            result = whole * scale + round((value - whole) * scale)
+        if not MIN_TS_US <= result <= MAX_TS_US:
+            errors.append(
+                err(
+                    "datetime_parsing",
+                    loc,
+                    "Input should be a valid datetime: epoch seconds (or milliseconds, beyond"
+                    f" {_EPOCH_MS_ABOVE:.0e}) within the years 1 to 9999",
+                    value,
+                )
+            )
+            return None
     else:
         errors.append(
             err("datetime_type", loc, "Input should be a valid datetime or epoch seconds", value)
         )
         return None
-    if not MIN_TS_US <= result <= MAX_TS_US:
-        errors.append(err("datetime_range", loc, "Timestamp is out of range", value))
-        return None
     if result > latest:
         errors.append(
             err(
-                "timestamp_future",
+                "value_error",
                 loc,
-                "Timestamp must be in the past (or within the allowed clock skew).",
+                "Value error, Timestamp must be in the past (or within the allowed clock skew).",
                 value,
             )
         )
@@ -297,12 +321,8 @@ def _metadata_value_ok(value: Any, loc: Loc, errors: list[FieldError], rules: Ev
         else:
             errors.append(err("number_range", loc, _RANGE_MSG, value))
         return False
+    # Polar's first error for a value none of its union's members takes.
     errors.append(
-        err(
-            "metadata_value",
-            loc,
-            "Input should be a valid string, integer, number or boolean",
-            value,
-        )
+        err("string_type", loc, "Input should be a valid string, integer, number or boolean", value)
     )
     return False

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -27,12 +28,17 @@ def cost(value: Any, loc: Loc, errors: list[FieldError]) -> dict[str, str] | Non
     currency = value.get("currency", MISSING)
     if currency is MISSING:
         errors.append(err("missing", (*loc, "currency"), "Field required", None))
+    elif type(currency) is not str:
+        errors.append(
+            err("string_type", (*loc, "currency"), "Input should be a valid string", currency)
+        )
     elif currency != "usd":
+        # Polar's type; Polar matches the pattern anywhere in the text, meterline the whole text.
         errors.append(
             err(
-                "currency",
+                "string_pattern_mismatch",
                 (*loc, "currency"),
-                "Only 'usd' (lowercase) is supported",
+                "String should match pattern 'usd' (exactly 'usd', lowercase)",
                 currency,
             )
         )
@@ -56,7 +62,10 @@ def parse_cost_amount(value: Any, loc: Loc, errors: list[FieldError]) -> str | N
         elif kind is str:
             number = Decimal(value.strip())
         else:
-            raise InvalidOperation
+            errors.append(
+                err("decimal_type", loc, "Decimal input should be a number or a string", value)
+            )
+            return None
     except InvalidOperation:
         errors.append(err("decimal_parsing", loc, "Input should be a valid decimal", value))
         return None
@@ -125,7 +134,7 @@ def _tokens(value: Any, loc: Loc, errors: list[FieldError]) -> int | None:
         errors.append(err("missing", loc, "Field required", None))
         return None
     if type(value) is not int:
-        errors.append(err("int_type", loc, "Input should be a valid integer", value))
+        errors.append(_not_an_integer(value, loc))
         return None
     if value < 0:
         errors.append(
@@ -136,3 +145,23 @@ def _tokens(value: Any, loc: Loc, errors: list[FieldError]) -> int | None:
         errors.append(err("less_than", loc, f"Input should be less than {NUMBER_LIMIT}", value))
         return None
     return value
+
+
+def _not_an_integer(value: Any, loc: Loc) -> FieldError:
+    """Polar's type where Polar refuses the value too; `int_type` where only meterline does
+    (Polar coerces `"3"`, `3.0` and `true`)."""
+    if type(value) is float and math.isfinite(value) and not value.is_integer():
+        return err(
+            "int_from_float",
+            loc,
+            "Input should be a valid integer, got a number with a fractional part",
+            value,
+        )
+    if type(value) is str and not value.strip().lstrip("+-").isdigit():
+        return err(
+            "int_parsing",
+            loc,
+            "Input should be a valid integer, unable to parse string as an integer",
+            value,
+        )
+    return err("int_type", loc, "Input should be a valid integer", value)
