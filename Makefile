@@ -21,6 +21,13 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(VENV)/.installed $@
 
+# Polar's own ingestion strategies under Node, for the SDK's compatibility test.
+NODE_PROJECT := tests/ingest/sdk/polar_ingestion
+$(NODE_PROJECT)/node_modules/.installed: $(NODE_PROJECT)/package.json $(NODE_PROJECT)/package-lock.json
+	command -v npm >/dev/null || (apt-get update -q && apt-get install -y -q nodejs npm)
+	cd $(NODE_PROJECT) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 up: $(VENV)/.installed
 	$(BIN)/meterline up --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
 
@@ -31,7 +38,7 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
-unit: $(VENV)/.installed-test
+unit: $(VENV)/.installed-test $(NODE_PROJECT)/node_modules/.installed
 	$(BIN)/pytest
 
 test: lint typecheck unit
@@ -40,4 +47,4 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache $(NODE_PROJECT)/node_modules

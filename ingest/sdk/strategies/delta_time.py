@@ -1,8 +1,10 @@
 """DeltaTimeStrategy: time spent, measured by a context manager, a decorator or start/stop,
-with a pluggable clock (default `time.perf_counter`: seconds). One event per measurement,
-recorded when it ends (also when the measured code raised: the time was spent):
+with a pluggable clock. The default clock counts milliseconds, as @polar-sh/ingestion's
+documented `performance.now()` does, so a meter summing `deltaTime` reads the same from both.
+One event per measurement, recorded when it ends (also when the measured code raised: the time
+was spent):
 
-    {"deltaTime": 0.4182, "strategy": "DeltaTime"}     # in the clock's unit
+    {"deltaTime": 418.2, "strategy": "DeltaTime"}     # in the clock's unit
 """
 
 from __future__ import annotations
@@ -22,12 +24,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 Clock = Callable[[], float]
 
 
+def milliseconds() -> float:
+    """A monotonic clock in milliseconds (JavaScript's `performance.now()` unit)."""
+    return time.perf_counter_ns() / 1_000_000
+
+
 class DeltaTimeStrategy(BaseStrategy):
-    _clock: Clock = time.perf_counter
+    # Not bound as a method: a staticmethod object is read through the class as the function.
+    _clock: Clock = staticmethod(milliseconds)
 
     def clock(self, clock: Clock) -> Self:
-        """Measure with `clock` (e.g. `time.monotonic`, `time.process_time`, a fake clock in
-        tests); `deltaTime` is in its unit. Returns the strategy (chainable)."""
+        """Measure with `clock` (e.g. `time.perf_counter` for seconds, `time.process_time`, a
+        fake clock in tests); `deltaTime` is in its unit. Returns the strategy (chainable)."""
         self._clock = clock
         return self
 

@@ -6,15 +6,27 @@ The clients are duck-typed (neither package is imported). The wrapper is a proxy
 customer: make one per request (it costs one small object); everything the proxy does not
 measure passes straight through to the client.
 
-The event's metadata is @polar-sh/ingestion's LLM payload, with `_llm` in snake_case:
+The event's metadata is @polar-sh/ingestion's LLM payload, field for field (its `_llm` as Polar's
+server takes it, in snake_case), plus what Polar's leaves out:
 
-    {"vendor": "openai", "model": "gpt-4o-mini-2024-07-18", "inputTokens": 812,
-     "cachedInputTokens": 0, "outputTokens": 194, "totalTokens": 1006, "strategy": "LLM",
-     "_llm": {"vendor": "openai", "model": "gpt-4o-mini-2024-07-18", "input_tokens": 812,
-              "cached_input_tokens": 0, "output_tokens": 194, "total_tokens": 1006}}
+    {"vendor": "anthropic.messages", "model": "claude-haiku-4-5", "inputTokens": 27,
+     "cachedInputTokens": 3072, "outputTokens": 41, "totalTokens": 68, "strategy": "LLM",
+     "_llm": {"vendor": "anthropic.messages", "model": "claude-haiku-4-5", "input_tokens": 27,
+              "cached_input_tokens": 3072, "output_tokens": 41, "total_tokens": 68},
+     "responseModel": "claude-haiku-4-5-20251001",
+     "cacheCreationInputTokens": 1200, "cacheCreation1hInputTokens": 0}
 
-Input tokens include cached ones (OpenAI counts them so; for Anthropic, cache reads and cache
-writes are added to `input_tokens`); `cached_input_tokens` is the cache reads.
+As Polar's: `vendor` names the API (`openai.chat`, `openai.responses`, `anthropic.messages`),
+`model` is the model asked for, and the tokens are the vendor's own counts: OpenAI's input
+tokens include the cached ones; Anthropic's do not (cache reads are `cachedInputTokens`, cache
+writes are left out of input and total). Added: `responseModel`, the model the response names,
+and for Anthropic the cache writes (`cacheCreationInputTokens`, of which
+`cacheCreation1hInputTokens` went to the 1-hour cache, priced apart), so that cache use can be
+billed.
+
+A stream is recorded when it ends, also when it ends early: the usage it has reported by then
+(Anthropic reports input tokens when a message starts, so a stream cut short still records them;
+OpenAI reports usage only at the end, so such a stream records nothing).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from ingest.sdk.strategies.base import AsyncObserved, BaseStrategy, Observed, Use
@@ -53,13 +66,14 @@ class LLMStrategy(BaseStrategy):
         vendor: str | None = None,
         **metadata: Any,
     ) -> C:
-        """`client`, measured for one customer. `vendor` defaults to the client's package
-        (`openai`, `anthropic`). Wrapping a wrapped client replaces the first wrapping."""
+        """`client`, measured for one customer. `vendor` defaults to the client's package and
+        the API called (`openai.chat`, `openai.responses`, `anthropic.messages`); a `vendor`
+        given is sent as it is. Wrapping a wrapped client replaces the first wrapping."""
         use = self.use(customer_id, external_customer_id, metadata)
         while isinstance(client, _Resource):
             client = client._target
-        vendor = vendor or type(client).__module__.partition(".")[0] or "openai"
-        return cast(C, _Resource(client, (), _Call(use, vendor)))
+        package = type(client).__module__.partition(".")[0] or "openai"
+        return cast(C, _Resource(client, (), _Call(use, vendor, package)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,27 +83,32 @@ class _Usage:
     output_tokens: int
     total_tokens: int
     cached_input_tokens: int
+    # Anthropic's cache writes (all, and those to the 1-hour cache); None for other vendors.
+    cache_writes: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class _Call:
     use: Use
-    vendor: str
+    vendor: str | None  # as the caller gave it
+    package: str
 
-    def record(self, usage: _Usage | None, requested_model: str | None) -> None:
+    def record(self, requested_model: str | None, api: str, usage: _Usage | None) -> None:
         if usage is None:  # a server that reports no usage: nothing to count
             return
-        model = usage.model or requested_model or "unknown"
+        # As @polar-sh/ingestion names it: the package, then the API (the call's first name).
+        vendor = self.vendor or f"{self.package}.{api}"
+        model = requested_model or usage.model or "unknown"
         llm = {
-            "vendor": self.vendor,
+            "vendor": vendor,
             "model": model,
             "input_tokens": usage.input_tokens,
             "cached_input_tokens": usage.cached_input_tokens,
             "output_tokens": usage.output_tokens,
             "total_tokens": usage.total_tokens,
         }
-        measured = {
-            "vendor": self.vendor,
+        measured: dict[str, Any] = {
+            "vendor": vendor,
             "model": model,
             "inputTokens": usage.input_tokens,
             "cachedInputTokens": usage.cached_input_tokens,
@@ -98,6 +117,12 @@ class _Call:
             "strategy": "LLM",
             "_llm": llm,
         }
+        if usage.model is not None:
+            measured["responseModel"] = usage.model
+        if usage.cache_writes is not None:
+            writes, writes_1h = usage.cache_writes
+            measured["cacheCreationInputTokens"] = writes
+            measured["cacheCreation1hInputTokens"] = writes_1h
         self.use.record(measured)
 
 
@@ -160,6 +185,7 @@ _ANTHROPIC_COUNTS = (
     "cache_read_input_tokens",
     "output_tokens",
 )
+_WRITES_1H = "ephemeral_1h_input_tokens"
 
 
 def _anthropic_counts(usage: Any, counts: dict[str, int] | None = None) -> dict[str, int]:
@@ -170,24 +196,30 @@ def _anthropic_counts(usage: Any, counts: dict[str, int] | None = None) -> dict[
         value = getattr(usage, name, None)
         if type(value) is int:
             counts[name] = value
+    value = getattr(getattr(usage, "cache_creation", None), _WRITES_1H, None)
+    if type(value) is int:
+        counts[_WRITES_1H] = value
     return counts
 
 
 def _anthropic(model: str | None, counts: dict[str, int]) -> _Usage:
-    cache_read = counts.get("cache_read_input_tokens", 0)
-    inputs = (
-        counts.get("input_tokens", 0) + counts.get("cache_creation_input_tokens", 0) + cache_read
+    """Polar's reading of Anthropic's counts (ai-sdk's): input and total leave the cache out."""
+    inputs, outputs = counts.get("input_tokens", 0), counts.get("output_tokens", 0)
+    writes = (counts.get("cache_creation_input_tokens", 0), counts.get(_WRITES_1H, 0))
+    return _Usage(
+        model, inputs, outputs, inputs + outputs, counts.get("cache_read_input_tokens", 0), writes
     )
-    outputs = counts.get("output_tokens", 0)
-    return _Usage(model, inputs, outputs, inputs + outputs, cache_read)
+
+
+# The record of one call: the usage it reported, or None.
+Record = Callable[["_Usage | None"], None]
 
 
 class _Tally:
     """A stream's usage, gathered from its chunks; recorded once, when the stream ends."""
 
-    def __init__(self, call: _Call, requested_model: str | None, hide_usage_chunk: bool) -> None:
-        self._call = call
-        self._requested = requested_model
+    def __init__(self, record: Record, hide_usage_chunk: bool) -> None:
+        self.record = record
         self._hide = hide_usage_chunk
         self._usage: _Usage | None = None
         self._model: str | None = None  # Anthropic's, from message_start
@@ -218,7 +250,7 @@ class _Tally:
             self._done = True
             if self._counts is not None:
                 self._usage = _anthropic(self._model, self._counts)
-            self._call.record(self._usage, self._requested)
+            self.record(self._usage)
 
 
 def _measured(method: Callable[..., Any], path: tuple[str, ...], call: _Call) -> Callable[..., Any]:
@@ -234,13 +266,13 @@ def _measured(method: Callable[..., Any], path: tuple[str, ...], call: _Call) ->
                 kwargs["stream_options"] = {**options, "include_usage": True}
                 hide = True
         model = kwargs.get("model")
-        requested = model if isinstance(model, str) else None
+        record = partial(call.record, model if isinstance(model, str) else None, path[0])
         result = method(*args, **kwargs)
         if inspect.isawaitable(result):
-            return _after(result, streaming, _Tally(call, requested, hide))
+            return _after(result, streaming, _Tally(record, hide))
         if streaming:
-            return Observed(result, _Tally(call, requested, hide))
-        call.record(usage_of(result), requested)
+            return Observed(result, _Tally(record, hide))
+        record(usage_of(result))
         return result
 
     return measured
@@ -250,5 +282,5 @@ async def _after(awaitable: Awaitable[Any], streaming: bool, tally: _Tally) -> A
     result = await awaitable
     if streaming:
         return AsyncObserved(result, tally)
-    tally._call.record(usage_of(result), tally._requested)
+    tally.record(usage_of(result))
     return result

@@ -1,23 +1,43 @@
-"""What the SDK tests share: one real `meterline up` for the session, and reading back what it
-stored for a customer."""
+"""What the SDK tests share: one real `meterline up` for the session, the recorded LLM endpoint
+and a local S3 server, and reading back what meterline stored for a customer."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from moto.server import ThreadedMotoServer
 
 from ingest.sdk import DeliveryError
-from tests.processes import MeterlineServer
+from tests.ingest.sdk.llm_server import RecordedLLM
+from tests.processes import MeterlineServer, free_port
 
 
 @pytest.fixture(scope="session")
 def meterline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeterlineServer]:
     with MeterlineServer(tmp_path_factory.mktemp("sdk"), "--validation-workers", "0") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def llm() -> Iterator[RecordedLLM]:
+    endpoint = RecordedLLM()
+    yield endpoint
+    endpoint.close()
+
+
+@pytest.fixture(scope="session")
+def s3_url() -> Iterator[str]:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
@@ -20,7 +19,6 @@ import boto3
 import botocore.exceptions
 import openai
 import pytest
-from moto.server import ThreadedMotoServer
 from pydantic_ai import Agent
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
@@ -35,27 +33,10 @@ from ingest.sdk.strategies import (
 )
 from tests.ingest.sdk.conftest import Reports, stored
 from tests.ingest.sdk.llm_server import RecordedLLM
-from tests.processes import MeterlineServer, free_port
+from tests.processes import MeterlineServer
 
 pytestmark = pytest.mark.slow
 ANTHROPIC_MODEL = "claude-haiku-4-5-20251001"
-
-
-@pytest.fixture(scope="module")
-def llm() -> Iterator[RecordedLLM]:
-    endpoint = RecordedLLM()
-    yield endpoint
-    endpoint.close()
-
-
-@pytest.fixture(scope="module")
-def s3_url() -> Iterator[str]:
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture
@@ -102,13 +83,27 @@ def llm_payload(
     }
 
 
-CHAT = llm_payload("openai", "gpt-4o-mini-2024-07-18", 812, 512, 194)
-CHAT_STREAM = llm_payload("openai", "gpt-4o-mini-2024-07-18", 41, 0, 7)
-RESPONSES = llm_payload("openai", "gpt-4.1-mini-2025-04-14", 1320, 1024, 58)
-RESPONSES_STREAM = llm_payload("openai", "gpt-4.1-mini-2025-04-14", 230, 0, 12)
-# Anthropic: input = uncached + cache writes + cache reads.
-MESSAGES = llm_payload("anthropic", ANTHROPIC_MODEL, 27 + 1200 + 3072, 3072, 41)
-MESSAGES_STREAM = llm_payload("anthropic", ANTHROPIC_MODEL, 19 + 2048, 2048, 9)
+# As @polar-sh/ingestion: the API as vendor, the model asked for, the vendor's own token counts
+# (Anthropic's input leaves the cache out); plus the model the response names and cache writes.
+CHAT = llm_payload(
+    "openai.chat", "gpt-4o-mini", 812, 512, 194, responseModel="gpt-4o-mini-2024-07-18"
+)
+CHAT_STREAM = llm_payload(
+    "openai.chat", "gpt-4o-mini", 41, 0, 7, responseModel="gpt-4o-mini-2024-07-18"
+)
+RESPONSES = llm_payload(
+    "openai.responses", "gpt-4.1-mini", 1320, 1024, 58, responseModel="gpt-4.1-mini-2025-04-14"
+)
+RESPONSES_STREAM = llm_payload(
+    "openai.responses", "gpt-4.1-mini", 230, 0, 12, responseModel="gpt-4.1-mini-2025-04-14"
+)
+ANTHROPIC = {"responseModel": ANTHROPIC_MODEL, "cacheCreation1hInputTokens": 0}
+MESSAGES = llm_payload(
+    "anthropic.messages", ANTHROPIC_MODEL, 27, 3072, 41, cacheCreationInputTokens=1200, **ANTHROPIC
+)
+MESSAGES_STREAM = llm_payload(
+    "anthropic.messages", ANTHROPIC_MODEL, 19, 2048, 9, cacheCreationInputTokens=0, **ANTHROPIC
+)
 ASK = [{"role": "user", "content": "What is usage-based billing?"}]
 
 
