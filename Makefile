@@ -39,7 +39,7 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 unit: $(VENV)/.installed-test $(NODE_PROJECT)/node_modules/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3 --dist loadfile  # three workers: most tests wait on real processes
 
 test: lint typecheck unit
 
