@@ -22,6 +22,7 @@ from aggregator.api import (
     event_routes,
     event_type_routes,
     forwarding_routes,
+    hold_routes,
     ledger_routes,
     meter_routes,
     organization_routes,
@@ -30,7 +31,7 @@ from aggregator.api import (
 from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
-from aggregator.errors import KeyReused, MeterFailed, NotFound, QueryTimeout
+from aggregator.errors import InsufficientBalance, KeyReused, MeterFailed, NotFound, QueryTimeout
 from aggregator.intake.consumer import Consumer
 from aggregator.store import Store, dedupe
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS
@@ -126,6 +127,7 @@ def _errors() -> ErrorMap:
     errors.register(NotFound, 404, "ResourceNotFound", default_detail="Not found")
     errors.register(MeterFailed, 409, "MeterFailed")
     errors.register(KeyReused, 409, "IdempotencyKeyReused")
+    errors.register(InsufficientBalance, 409, "insufficient_balance")
     errors.register(QueryTimeout, 503, "QueryTimeout", headers={"Retry-After": "5"})
     errors.register_handler(HTTPException, _http_error)
     errors.register_handler(Exception, _internal)
@@ -156,6 +158,7 @@ def build_app(
         *event_type_routes.routes(ctx),  # before /v1/events/{id}, which would take "names"
         *event_routes.routes(ctx),
         *ledger_routes.routes(ctx),
+        *hold_routes.routes(ctx),
         *customer_routes.routes(ctx),
         *meter_routes.routes(ctx),
         *cost_routes.routes(ctx),

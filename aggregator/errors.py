@@ -4,6 +4,7 @@ AggregatorError
 ├── NotFound          a resource does not exist in the caller's organization
 ├── MeterFailed       a meter that cannot be evaluated was asked for its events (409)
 ├── KeyReused         an idempotency key sent again with a different request (409)
+├── InsufficientBalance  a hold asked for more than the balance left available (409)
 ├── OffsetGap         a consumed batch does not start where the stored offsets end
 ├── QueryTimeout      a read ran past the store's read timeout and was interrupted (503)
 ├── StoreClosed       the store is shutting down
@@ -34,6 +35,16 @@ class KeyReused(AggregatorError):
             " use a new external_id for a new request."
         )
         self.key = key
+
+
+class InsufficientBalance(AggregatorError):
+    def __init__(self, units: float, available: float) -> None:
+        super().__init__(
+            f"The customer meter has {available:g} units available (balance less active"
+            f" holds); the hold asked for {units:g}."
+        )
+        self.units = units
+        self.available = available
 
 
 class StoreClosed(AggregatorError):

@@ -106,3 +106,20 @@ class PlanCreate(_CustomerRef):
         if self.starts_at > cycle_start(now, "year", MAX_START_YEARS):
             return f"starts_at may be at most {MAX_START_YEARS} years in the future"
         return None
+
+
+# Holds (reserve, then settle or release): how long one may last, and the meters they apply to.
+HOLD_SECONDS_DEFAULT = 300
+HOLD_SECONDS_MAX = 86_400
+# Only meters whose consumption adds up: a hold reserves units that a usage event then consumes.
+HOLDABLE = frozenset({"count", "sum"})
+# The largest integer a balance (a double) holds exactly.
+MAX_UNITS = 2**53 - 1
+
+
+class HoldCreate(_CustomerRef):
+    """Reserve `units` of a customer meter's balance until the usage event with the same
+    `external_id` (customer and meter) settles it, it is released, or it expires."""
+
+    units: Annotated[float, Field(gt=0, le=MAX_UNITS, allow_inf_nan=False)]
+    expires_in_seconds: Annotated[int, Field(ge=1, le=HOLD_SECONDS_MAX)] = HOLD_SECONDS_DEFAULT

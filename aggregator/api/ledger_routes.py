@@ -16,11 +16,10 @@ from aggregator.services import ledger_service as service
 from aggregator.services import plan_service as plan_service
 from ingest.http import JSON
 from meters.errors import FieldError, ValidationFailed
+from meters.ledger_rules import MAX_UNITS
 from meters.wire import parse_model
 
 SORTS = frozenset({"modified_at", "-modified_at"})
-# The largest integer a balance (a double) holds exactly.
-MAX_UNITS = 2**53 - 1
 
 
 def routes(ctx: ApiContext) -> list[Route]:

@@ -47,6 +47,8 @@ class BalanceShape(TypedDict):
     consumed_units: float
     credited_units: int
     balance: float
+    held_units: float  # reserved by active holds (meterline's)
+    available: float  # balance less held_units: what a new hold may reserve
 
 
 class CustomerMeterShape(BalanceShape):
@@ -74,6 +76,7 @@ class BalanceCheckShape(TypedDict):
     balance_after: float
     consumed_units: float
     credited_units: int
+    held_units: float
 
 
 def balance(cm: CustomerMeter) -> BalanceShape:
@@ -85,6 +88,8 @@ def balance(cm: CustomerMeter) -> BalanceShape:
         "consumed_units": cm.consumed,
         "credited_units": cm.credited,
         "balance": cm.balance,
+        "held_units": cm.held,
+        "available": cm.available,
     }
 
 
@@ -126,4 +131,5 @@ def balance_check(check: BalanceCheck) -> BalanceCheckShape:
         "balance_after": check.balance_after,
         "consumed_units": cm.consumed,
         "credited_units": cm.credited,
+        "held_units": cm.held,
     }

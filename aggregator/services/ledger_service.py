@@ -12,6 +12,7 @@ from aggregator.services.customer_service import Customer, with_first_events
 from aggregator.services.pages import Page, offset
 from aggregator.store import Store
 from aggregator.store import customer_tables as customer_sql
+from aggregator.store import hold_tables as hold_sql
 from aggregator.store import ledger_tables as sql
 from aggregator.store.balances import Balances
 from aggregator.store.customer_tables import CustomerRow
@@ -34,6 +35,7 @@ __all__ = [
     "reset",
     "state",
     "state_by_external_id",
+    "view",
 ]
 
 Con = duckdb.DuckDBPyConnection
@@ -76,11 +78,12 @@ class BalanceCheck:
 
     @property
     def allowed(self) -> bool:
-        return self.balance.balance - self.units >= 0
+        return self.balance_after >= 0
 
     @property
     def balance_after(self) -> float:
-        return self.balance.balance - self.units
+        """The balance after `units` more, less what active holds reserve."""
+        return self.balance.available - self.units
 
 
 def _meters(con: Con, organization_id: str, meter_ids: list[str]) -> dict[str, MeterRow]:
@@ -98,11 +101,13 @@ def _views(
     rows = customer_sql.customers_by_refs(con, organization_id, [p[0] for p in pairs], [])
     customers = {c.row.id: c for c in with_first_events(con, organization_id, rows)}
     meters = _meters(con, organization_id, [meter_id for _, meter_id in pairs])
+    holds = hold_sql.held_by_pair(con, pairs, now_us())
     out = []
     for customer_id, meter_id in pairs:
         customer, meter = customers[customer_id], meters[meter_id]
-        held = sql.held_customer_meter(balances, customer.row, meter)
-        out.append(CustomerMeterView(held, customer, meter))
+        balance = sql.held_customer_meter(balances, customer.row, meter)
+        held = holds.get((customer_id, meter_id), 0.0)
+        out.append(CustomerMeterView(replace(balance, held=held), customer, meter))
     return out
 
 
@@ -202,9 +207,16 @@ def _state(
         offset=0,
     )
     meters = _meters(con, organization_id, [meter_id for _, meter_id in pairs])
+    holds = hold_sql.held_by_pair(con, pairs, now_us())
     return CustomerState(
         with_first_events(con, organization_id, [customer])[0],
-        [sql.held_customer_meter(balances, customer, meters[meter_id]) for _, meter_id in pairs],
+        [
+            replace(
+                sql.held_customer_meter(balances, customer, meters[meter_id]),
+                held=holds.get((customer.id, meter_id), 0.0),
+            )
+            for _, meter_id in pairs
+        ],
     )
 
 
@@ -234,14 +246,20 @@ async def state_by_external_id(
     )
 
 
+async def view(
+    store: Store, organization_id: str, customer_id: str, meter_id: str
+) -> CustomerMeterView:
+    """One customer meter, with its customer and meter, as it is now."""
+    pair = (customer_id, meter_id)
+    views = await store.read(lambda con: _views(con, store.live.balances, organization_id, [pair]))
+    return views[0]
+
+
 async def _applied(store: Store, organization_id: str, applied: sql.Applied) -> Applied:
     cm = applied.customer_meter
-    pair = (cm.customer_id, cm.meter_id)
-    view = (
-        await store.read(lambda con: _views(con, store.live.balances, organization_id, [pair]))
-    )[0]
+    found = await view(store, organization_id, cm.customer_id, cm.meter_id)
     # The balance as the call left it (a replay answers what the first call did).
-    return Applied(replace(view, balance=cm), applied.replayed)
+    return Applied(replace(found, balance=replace(cm, held=found.balance.held)), applied.replayed)
 
 
 async def credit(store: Store, organization_id: str, data: CreditCreate) -> Applied:
@@ -272,7 +290,9 @@ def _check(
     meter = catalog.meter(con, organization_id, meter_id)
     if customer is None or meter is None:
         raise NotFound("Customer or meter not found")
-    return BalanceCheck(units, sql.held_customer_meter(live.balances, customer, meter))
+    balance = sql.held_customer_meter(live.balances, customer, meter)
+    held = hold_sql.held(con, customer.id, meter.id, now_us())
+    return BalanceCheck(units, replace(balance, held=held))
 
 
 async def check(
@@ -283,8 +303,9 @@ async def check(
     external_customer_id: str | None,
     units: float,
 ) -> BalanceCheck:
-    """May the customer use `units` more of the meter? From memory (`live`): DuckDB is read
-    only for a customer or meter not held yet."""
+    """May the customer use `units` more of the meter, after what active holds reserve? The
+    balance from memory (`live`); DuckDB is read for the holds and for a customer or meter not
+    held in memory yet."""
     return await store.read_now(
         _check, store.live, organization_id, meter_id, customer_id, external_customer_id, units
     )

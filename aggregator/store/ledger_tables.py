@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from aggregator.store.catalog import CustomerKey
     from aggregator.store.live import Live
 from meters.errors import FieldError, ValidationFailed
-from meters.ledger_rules import CreditCreate, Credits, PlanCreate, ResetCreate
+from meters.ledger_rules import CreditCreate, Credits, HoldCreate, PlanCreate, ResetCreate
 
 Con = duckdb.DuckDBPyConnection
 
@@ -63,10 +63,16 @@ class CustomerMeter:
     modified_at_us: int | None
     consumed: float
     credited: int
+    held: float = 0.0  # reserved by active holds (`hold_tables`), where the reader asked
 
     @property
     def balance(self) -> float:
         return self.credited - self.consumed
+
+    @property
+    def available(self) -> float:
+        """What a new hold may still reserve."""
+        return self.balance - self.held
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +131,7 @@ def _keyed_job(
 
 
 def resolve(
-    con: Con, organization_id: str, data: CreditCreate | ResetCreate | PlanCreate
+    con: Con, organization_id: str, data: CreditCreate | ResetCreate | PlanCreate | HoldCreate
 ) -> tuple[CustomerRow, MeterRow]:
     """The request's customer and (non-archived) meter; 422 naming the field otherwise."""
     errors = []

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store import dedupe
+from aggregator.store import dedupe, hold_tables
 from aggregator.store.arrays import numpy
 from aggregator.store.balances import Balances
 from aggregator.store.catalog import Catalog
@@ -85,6 +85,8 @@ class Live:
         self.dedupe = Dedupe(spill)
         self.balances = Balances()
         self.catalog = Catalog()
+        # External ids of holds that may be active, per organization (`hold_tables`).
+        self.hold_keys: dict[str, set[str]] = {}
         self._verify = verify
         self._max_pending = max_pending_events
         # The next offset applied per (topic, partition), stored or not: what a consumed batch
@@ -113,6 +115,7 @@ class Live:
         self.dedupe.load(con)
         self.balances.load(con)
         self.catalog.load(con)
+        self.hold_keys = hold_tables.active_keys(con, now_us())
         rows = con.execute("SELECT topic, partition, next_offset FROM kafka_offsets").fetchall()
         self._offsets = {(str(t), int(p)): int(o) for t, p, o in rows}
 
@@ -235,6 +238,8 @@ class Live:
                             at_us=at_us,
                         )
                     )
+            orgs = {o: self._meters[o] for o in map(str, organizations) if self._meters.get(o)}
+            hold_tables.settle(con, self, "_batch_new", events, orgs, at_us)
         entry = Applied(events, tuple(evaluated), offsets, log_id)
         keyed = pc.is_valid(events.column("external_id"))
         if fingerprints is None:

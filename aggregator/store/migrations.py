@@ -349,6 +349,24 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (organization_id, name)
     );
     """,
+    # 16: holds (`store.hold_tables`): units of a customer meter's balance reserved until the
+    # usage event with the same external_id settles them, a release, or expiry. The
+    # external_id is the hold's idempotency key too (`idempotency_keys`, operation 'hold').
+    """
+    CREATE TABLE meter_holds (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        meter_id UUID NOT NULL,
+        customer_id UUID NOT NULL,
+        customer_external_id VARCHAR,        -- the customer's, when held: events name either
+        external_id VARCHAR NOT NULL,
+        units DOUBLE NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL,
+        status VARCHAR NOT NULL,             -- active, settled, released (expired: past expires_at)
+        ended_at TIMESTAMPTZ                 -- settled or released at
+    );
+    """,
 )
 
 

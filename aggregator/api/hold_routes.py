@@ -1,0 +1,55 @@
+"""Holds (meterline's own): reserve units of a customer meter's balance before spending them,
+so that concurrent requests cannot together overdraw it. The usage event with the hold's
+`external_id` settles it; `DELETE` releases it; it expires on its own."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from aggregator.api import hold_shapes as shapes
+from aggregator.api import params
+from aggregator.api.context import ApiContext
+from aggregator.api.hold_shapes import HoldCreate
+from aggregator.services import hold_service as service
+from ingest.http import JSON
+from meters.wire import parse_model
+
+
+def routes(ctx: ApiContext) -> list[Route]:
+    store = ctx.store
+
+    async def create(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(HoldCreate, await ctx.json(request))
+        found, created = await service.create(store, org, data)
+        return JSON(shapes.with_meter(found), status_code=201 if created else 200)
+
+    async def list_(request: Request) -> JSON:
+        org = ctx.organization(request)
+        page, limit = params.page_and_limit(request)
+        found = await service.list_(
+            store,
+            org,
+            customer_id=params.one_id(request, "customer_id"),
+            meter_id=params.one_id(request, "meter_id"),
+            active=params.boolean(request, "active"),
+            page=page,
+            limit=limit,
+        )
+        return JSON(shapes.holds(found, limit))
+
+    async def get(request: Request) -> JSON:
+        org = ctx.organization(request)
+        return JSON(shapes.with_meter(await service.get(store, org, params.path_id(request))))
+
+    async def release(request: Request) -> JSON:
+        org = ctx.organization(request)
+        return JSON(shapes.with_meter(await service.release(store, org, params.path_id(request))))
+
+    return [
+        Route("/v1/meter-holds/", create, methods=["POST"]),
+        Route("/v1/meter-holds/", list_, methods=["GET"]),
+        Route("/v1/meter-holds/{id}", get, methods=["GET"]),
+        Route("/v1/meter-holds/{id}", release, methods=["DELETE"]),
+    ]

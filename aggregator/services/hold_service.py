@@ -1,0 +1,78 @@
+"""Holds: reserve units of a customer meter's balance (decided in the writer), list, get and
+release them. A usage event with the hold's external_id settles it (`store.hold_tables`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aggregator.errors import NotFound
+from aggregator.services import ledger_service
+from aggregator.services.ledger_service import CustomerMeterView
+from aggregator.services.pages import Page, offset
+from aggregator.store import Store
+from aggregator.store import hold_tables as sql
+from aggregator.store.hold_tables import HoldRow
+from meters.ledger_rules import HoldCreate
+from meters.times import now_us
+
+__all__ = ["Hold", "HoldRow", "create", "get", "list_", "release"]
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A hold, its status when read, and its customer meter (`held_units` and `available`
+    as of the read)."""
+
+    row: HoldRow
+    status: sql.Status
+    customer_meter: CustomerMeterView
+
+
+async def _hold(store: Store, organization_id: str, row: HoldRow, now: int) -> Hold:
+    view = await ledger_service.view(store, organization_id, row.customer_id, row.meter_id)
+    return Hold(row, row.status(now), view)
+
+
+async def create(store: Store, organization_id: str, data: HoldCreate) -> tuple[Hold, bool]:
+    """The hold, and whether this call made it (False: an earlier call with its external_id
+    did). InsufficientBalance when the balance less active holds is below `units`."""
+    now = now_us()
+    created = await store.write(sql.create_job(organization_id, data, now))
+    return await _hold(store, organization_id, created.hold, now), not created.replayed
+
+
+async def list_(
+    store: Store,
+    organization_id: str,
+    *,
+    customer_id: str | None,
+    meter_id: str | None,
+    active: bool | None,
+    page: int,
+    limit: int,
+) -> Page[tuple[HoldRow, sql.Status]]:
+    now = now_us()
+    rows, total = await store.read_now(
+        sql.list_holds,
+        organization_id,
+        customer_id=customer_id,
+        meter_id=meter_id,
+        active_at_us=now if active else None,
+        limit=limit,
+        offset=offset(page, limit),
+    )
+    return Page([(r, r.status(now)) for r in rows], total)
+
+
+async def get(store: Store, organization_id: str, hold_id: str) -> Hold:
+    row = await store.read_now(sql.get_hold, organization_id, hold_id)
+    if row is None:
+        raise NotFound("Hold not found")
+    return await _hold(store, organization_id, row, now_us())
+
+
+async def release(store: Store, organization_id: str, hold_id: str) -> Hold:
+    """End an active hold; one that has ended already is answered as it is."""
+    now = now_us()
+    row = await store.write(sql.release_job(organization_id, hold_id, now))
+    return await _hold(store, organization_id, row, now)
