@@ -14,7 +14,7 @@ from ingest.sdk.batching import BODY_OVERHEAD, Buffer
 from ingest.sdk.delivery import RetryPolicy, Step
 from ingest.sdk.errors import DeliveryError, EventsRejected, QueueFull
 from ingest.sdk.recording import Recorder
-from ingest.sdk.transports import POLAR_SERVERS
+from ingest.sdk.transports import POLAR_SERVERS, Token, http_endpoint
 
 if TYPE_CHECKING:
     from ingest.sdk.strategies.base import BaseStrategy
@@ -129,6 +129,12 @@ class ClientBase(ABC):
                 failed=self._failed,
                 retries=self._retries,
             )
+
+    @property
+    def http_endpoint(self) -> tuple[str, Token] | None:
+        """The base URL and token of the server this client sends to over HTTP (None when it
+        sends another way, as to Kafka)."""
+        return http_endpoint(getattr(self, "_transport", None))
 
     @property
     def id_prefix(self) -> str:

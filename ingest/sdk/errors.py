@@ -7,6 +7,8 @@ IngestError
     ├── ClientClosed        ingest() after close()
     ├── InvalidCost         a cost function returned an amount `_cost` cannot carry
     ├── TransportError      a send got no answer (connection, timeout, broker); retried
+    ├── HoldFailed          a hold (`LLMStrategy.reserve`) could not be made: the call is not made
+    │   └── InsufficientBalance   refused: the balance less active holds is below the units
     └── DeliveryError       what `on_error` receives: events that will not be sent again
         ├── EventsRejected  the server refused them (422), each with its errors; never retried
         ├── DeliveryFailed  an answer no retry can fix (401, 403, 404, ...) or max_attempts used up
@@ -31,6 +33,8 @@ __all__ = [
     "DeliveryError",
     "DeliveryFailed",
     "EventsRejected",
+    "HoldFailed",
+    "InsufficientBalance",
     "InvalidCost",
     "InvalidEvent",
     "NotRecorded",
@@ -56,6 +60,20 @@ class QueueFull(SDKError, queue.Full):
 
 class ClientClosed(SDKError):
     pass
+
+
+class HoldFailed(SDKError):
+    """A hold could not be made (no answer, or an answer other than 201/200): the measured call
+    was not made. `status` is the server's answer, None when there was none."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class InsufficientBalance(HoldFailed):
+    """The server refused the hold (409 insufficient_balance): the customer meter's balance,
+    less its active holds, is below the units asked for. The call was not made."""
 
 
 class InvalidCost(SDKError, ValueError):

@@ -38,6 +38,13 @@ class AsyncTransport(Protocol):
         ...
 
 
+def http_endpoint(transport: object) -> tuple[str, Token] | None:
+    """The base URL and token of an HTTP transport's server (None for any other transport)."""
+    if isinstance(transport, _HTTP):
+        return transport.base_url, transport.access_token
+    return None
+
+
 def body_of(events: Sequence[bytes]) -> bytes:
     return b'{"events":[' + b",".join(events) + b"]}"
 

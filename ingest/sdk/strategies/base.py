@@ -61,7 +61,11 @@ class BaseStrategy:
         return Use(self, customer_fields(customer_id, external_customer_id), metadata)
 
     def record(
-        self, customer: Mapping[str, str], measured: Mapping[str, Any], metadata: Mapping[str, Any]
+        self,
+        customer: Mapping[str, str],
+        measured: Mapping[str, Any],
+        metadata: Mapping[str, Any],
+        external_id: str | None = None,
     ) -> str | None:
         """Record one event; its external_id, or None when it could not be recorded (queue
         full, client closed, a cost function that raised or returned an invalid amount: the
@@ -69,6 +73,8 @@ class BaseStrategy:
         call it measures."""
         event_metadata = {**measured, **self._metadata, **metadata}
         event: dict[str, Any] = {"name": self.event_name, **customer, "metadata": event_metadata}
+        if external_id is not None:  # a hold's, which this event settles
+            event["external_id"] = external_id
         try:
             if self._cost is not None:
                 event_metadata["_cost"] = cost_metadata(self._cost(event_metadata))
@@ -84,8 +90,8 @@ class Use:
     customer: dict[str, str]
     metadata: dict[str, Any]
 
-    def record(self, measured: Mapping[str, Any]) -> str | None:
-        return self.strategy.record(self.customer, measured, self.metadata)
+    def record(self, measured: Mapping[str, Any], external_id: str | None = None) -> str | None:
+        return self.strategy.record(self.customer, measured, self.metadata, external_id)
 
 
 class Observer(Protocol):

@@ -27,6 +27,9 @@ billed.
 A stream is recorded when it ends, also when it ends early: the usage it has reported by then
 (Anthropic reports input tokens when a message starts, so a stream cut short still records them;
 OpenAI reports usage only at the end, so such a stream records nothing).
+
+With `reserve()`, each call first holds units of a meter on meterline (`ingest.sdk.holds`) and
+its event carries the hold's external_id, which settles it.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, Self, TypeVar, cast
 
+from ingest.sdk.holds import Hold, Reserve, Units, output_cap
 from ingest.sdk.strategies.base import AsyncObserved, BaseStrategy, Observed, Use
+from ingest.sdk.transports import Token
 
 __all__ = ["LLMStrategy"]
 
@@ -57,6 +62,33 @@ _RESPONSE_DONE = frozenset({"response.completed", "response.incomplete", "respon
 
 
 class LLMStrategy(BaseStrategy):
+    _reserve: Reserve | None = None
+
+    def reserve(
+        self,
+        meter_id: str,
+        units: Units = output_cap,
+        *,
+        expires_in_seconds: int = 300,
+        base_url: str | None = None,
+        token: Token = None,
+        timeout: float = 10.0,
+    ) -> Self:
+        """Hold units of the customer's `meter_id` on meterline before each measured call (the
+        call's output cap by default, or `units(call_kwargs)`): when meterline refuses,
+        InsufficientBalance is raised and the model is not called. The call's usage event
+        carries the hold's external_id, which settles the hold; a call that fails releases
+        it. `base_url` and `token` default to the ingestion client's (over HTTP). Returns the
+        strategy (chainable)."""
+        endpoint = self._ingestion.http_endpoint
+        if base_url is None and endpoint is None:
+            raise ValueError("reserve() needs base_url (the client does not send over HTTP)")
+        if base_url is None and endpoint is not None:
+            base_url, token = endpoint[0], token or endpoint[1]
+        assert base_url is not None
+        self._reserve = Reserve(meter_id, units, expires_in_seconds, base_url, token, timeout)
+        return self
+
     def wrap(
         self,
         client: C,
@@ -93,7 +125,14 @@ class _Call:
     vendor: str | None  # as the caller gave it
     package: str
 
-    def record(self, requested_model: str | None, api: str, usage: _Usage | None) -> None:
+    def hold(self, kwargs: Mapping[str, Any]) -> Hold | None:
+        """The hold the call with `kwargs` makes, when the strategy reserves."""
+        reserve = cast(LLMStrategy, self.use.strategy)._reserve
+        return None if reserve is None else reserve.hold(self.use.customer, kwargs)
+
+    def record(
+        self, requested_model: str | None, api: str, hold: str | None, usage: _Usage | None
+    ) -> None:
         if usage is None:  # a server that reports no usage: nothing to count
             return
         # As @polar-sh/ingestion names it: the package, then the API (the call's first name).
@@ -123,7 +162,7 @@ class _Call:
             writes, writes_1h = usage.cache_writes
             measured["cacheCreationInputTokens"] = writes
             measured["cacheCreation1hInputTokens"] = writes_1h
-        self.use.record(measured)
+        self.use.record(measured, hold)
 
 
 class _Resource:
@@ -266,12 +305,26 @@ def _measured(method: Callable[..., Any], path: tuple[str, ...], call: _Call) ->
                 kwargs["stream_options"] = {**options, "include_usage": True}
                 hide = True
         model = kwargs.get("model")
-        record = partial(call.record, model if isinstance(model, str) else None, path[0])
-        result = method(*args, **kwargs)
+        hold = call.hold(kwargs)
+        external_id = None if hold is None else hold.external_id
+        record = partial(
+            call.record, model if isinstance(model, str) else None, path[0], external_id
+        )
+        tally = _Tally(record, hide)
+        if hold is not None and inspect.iscoroutinefunction(inspect.unwrap(method)):
+            return _held(hold, lambda: method(*args, **kwargs), streaming, tally)
+        if hold is not None:
+            hold.make()  # raises when refused: the model is not called
+        try:
+            result = method(*args, **kwargs)
+        except BaseException:
+            if hold is not None:
+                hold.release()
+            raise
         if inspect.isawaitable(result):
-            return _after(result, streaming, _Tally(record, hide))
+            return _after(result, streaming, tally)
         if streaming:
-            return Observed(result, _Tally(record, hide))
+            return Observed(result, tally)
         record(usage_of(result))
         return result
 
@@ -284,3 +337,15 @@ async def _after(awaitable: Awaitable[Any], streaming: bool, tally: _Tally) -> A
         return AsyncObserved(result, tally)
     tally.record(usage_of(result))
     return result
+
+
+async def _held(
+    hold: Hold, call: Callable[[], Awaitable[Any]], streaming: bool, tally: _Tally
+) -> Any:
+    """An async call after its hold (made without blocking the event loop)."""
+    await hold.amake()
+    try:
+        return await _after(call(), streaming, tally)
+    except BaseException:
+        await hold.arelease()
+        raise
