@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
-from aggregator.core_app import CoreSettings, build_app
+from aggregator.core_app import CoreSettings, alert_payload, build_app
 from aggregator.errors import NotFound, UsageError
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.embedded import EmbeddedPublisher
@@ -38,6 +38,7 @@ from aggregator.plan_cycler import PlanCycler
 from aggregator.store import Store
 from aggregator.upstream import command_line as upstream_cli
 from aggregator.upstream.forwarder import Forwarder, ForwarderSettings
+from aggregator.upstream.webhook_sender import WebhookSender, WebhookSettings
 from ingest.http import MIB, IngestSettings, Limits, Rate, edge_app, with_header_timeout
 from ingest.kafka import KafkaSettings
 from ingest.publish import Publisher
@@ -115,6 +116,25 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             " customer portal",
         )
         upstream_cli.arguments(parser.add_argument_group("forwarding upstream"))
+        hooks = parser.add_argument_group("webhooks")
+        defaults_hooks = WebhookSettings()
+        hooks.add_argument(
+            "--allow-private-webhooks",
+            action="store_true",
+            help="let webhook endpoints be private or loopback addresses (refused otherwise)",
+        )
+        hooks.add_argument(
+            "--webhook-retention-days",
+            type=float,
+            default=defaults_hooks.retention_days,
+            help="how long delivered webhook events and delivery logs are kept",
+        )
+        hooks.add_argument(
+            "--webhook-disable-after-seconds",
+            type=float,
+            default=defaults_hooks.disable_after_seconds,
+            help="an endpoint whose deliveries all fail for this long is disabled",
+        )
     kafka = parser.add_argument_group("Kafka")
     kafka.add_argument(
         "--kafka",
@@ -259,6 +279,15 @@ def main(argv: list[str] | None = None) -> int:
         customer_session_seconds=getattr(
             args, "customer_session_seconds", defaults.customer_session_seconds
         ),
+        webhooks=WebhookSettings(
+            allow_private=getattr(args, "allow_private_webhooks", False),
+            retention_days=getattr(
+                args, "webhook_retention_days", defaults.webhooks.retention_days
+            ),
+            disable_after_seconds=getattr(
+                args, "webhook_disable_after_seconds", defaults.webhooks.disable_after_seconds
+            ),
+        ),
         ingest=IngestSettings(
             rules=EventRules(max_future=timedelta(seconds=args.max_future_seconds)),
             validation_workers=args.validation_workers,
@@ -340,6 +369,7 @@ async def serve(
                     read_timeout_seconds=settings.read_timeout_seconds,
                     job_bound_seconds=settings.job_bound_seconds,
                     dedupe_memory_keys=settings.dedupe_memory_keys,
+                    alert_payload=alert_payload,
                 )
             )
             validation = await stack.enter_async_context(
@@ -347,6 +377,7 @@ async def serve(
             )
             backfiller = await stack.enter_async_context(Backfiller(store))
             await stack.enter_async_context(PlanCycler(store))
+            await stack.enter_async_context(WebhookSender(store, settings.webhooks))
             consumer = None
             publisher: Publisher = EmbeddedPublisher(store, validation)
             if kafka is not None:

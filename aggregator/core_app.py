@@ -4,10 +4,12 @@ the core runs) plus the query and management API, and the core's errors on the e
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import duckdb
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -16,6 +18,8 @@ from starlette.routing import Route
 
 from aggregator import core_metrics
 from aggregator.api import (
+    alert_routes,
+    alert_shapes,
     cost_routes,
     customer_portal_routes,
     customer_routes,
@@ -24,18 +28,25 @@ from aggregator.api import (
     forwarding_routes,
     hold_routes,
     ledger_routes,
+    ledger_shapes,
     meter_routes,
     organization_routes,
     shapes,
+    webhook_routes,
 )
 from aggregator.api.context import ApiContext
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.errors import InsufficientBalance, KeyReused, MeterFailed, NotFound, QueryTimeout
 from aggregator.intake.consumer import Consumer
+from aggregator.services import ledger_service
 from aggregator.store import Store, dedupe
+from aggregator.store.alert_tables import AlertRow
+from aggregator.store.balances import Balances
+from aggregator.store.meter_tables import MeterRow
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS
 from aggregator.upstream.forwarder import Forwarder
+from aggregator.upstream.webhook_sender import WebhookSettings
 from ingest.http import (
     JSON,
     Admission,
@@ -69,6 +80,7 @@ class CoreSettings:
     customer_session_seconds: float = 3600.0
     # Bearer token that `/metrics` requires (None: served to anyone who can reach the port).
     metrics_token: str | None = None
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     @property
     def database(self) -> Path:
@@ -134,6 +146,26 @@ def _errors() -> ErrorMap:
     return errors
 
 
+def alert_payload(
+    con: duckdb.DuckDBPyConnection,
+    balances: Balances,
+    alert: AlertRow,
+    customer_id: str,
+    meter: MeterRow,
+    consumed: float,
+    credited: int,
+) -> dict[str, Any]:
+    """A `meter.alert` event's data (`alert_tables.Payload`): the alert, and Polar's
+    CustomerMeter as the change that fired it left it (built inside that change's
+    transaction)."""
+    view = ledger_service.view_on(con, balances, alert.organization_id, customer_id, meter.id)
+    balance = replace(view.balance, consumed=consumed, credited=credited)
+    return {
+        "alert": alert_shapes.alert(alert),
+        "customer_meter": ledger_shapes.customer_meter(replace(view, balance=balance)),
+    }
+
+
 def build_app(
     store: Store,
     registry: TokenRegistry,
@@ -159,6 +191,8 @@ def build_app(
         *event_routes.routes(ctx),
         *ledger_routes.routes(ctx),
         *hold_routes.routes(ctx),
+        *alert_routes.routes(ctx),
+        *webhook_routes.routes(ctx, settings.webhooks.allow_private),
         *customer_routes.routes(ctx),
         *meter_routes.routes(ctx),
         *cost_routes.routes(ctx),

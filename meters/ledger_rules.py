@@ -123,3 +123,42 @@ class HoldCreate(_CustomerRef):
 
     units: Annotated[float, Field(gt=0, le=MAX_UNITS, allow_inf_nan=False)]
     expires_in_seconds: Annotated[int, Field(ge=1, le=HOLD_SECONDS_MAX)] = HOLD_SECONDS_DEFAULT
+
+
+# Threshold alerts: a customer meter crossing `threshold` (edge-triggered).
+AlertMetric = Literal["consumed_units", "balance"]
+AlertOperator = Literal["gte", "lte"]
+
+
+class AlertCreate(BaseModel):
+    """An alert on one customer's meter, or on every customer's (no customer given)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    meter_id: Id
+    customer_id: Id | None = None
+    external_customer_id: ExternalId | None = None
+    metric: AlertMetric
+    operator: AlertOperator
+    threshold: Annotated[float, Field(allow_inf_nan=False, ge=-MAX_UNITS, le=MAX_UNITS)]
+    external_id: ExternalId  # the idempotency key (its own key space)
+
+    @model_validator(mode="after")
+    def _at_most_one_customer(self) -> AlertCreate:
+        if self.customer_id is not None and self.external_customer_id is not None:
+            raise ValueError("set at most one of customer_id and external_customer_id")
+        return self
+
+
+def alert_holds(operator: AlertOperator, threshold: float, value: float) -> bool:
+    return value >= threshold if operator == "gte" else value <= threshold
+
+
+def alert_fires(
+    operator: AlertOperator, threshold: float, before: float | None, after: float
+) -> bool:
+    """Whether a change of the value from `before` to `after` fires the alert: it crosses into
+    the condition. `before` None: the alert is armed whatever the value was (a reset)."""
+    return alert_holds(operator, threshold, after) and (
+        before is None or not alert_holds(operator, threshold, before)
+    )

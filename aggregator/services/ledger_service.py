@@ -36,6 +36,7 @@ __all__ = [
     "state",
     "state_by_external_id",
     "view",
+    "view_on",
 ]
 
 Con = duckdb.DuckDBPyConnection
@@ -244,6 +245,13 @@ async def state_by_external_id(
             customer_sql.get_customer_by_external_id(con, organization_id, external_id),
         )
     )
+
+
+def view_on(
+    con: Con, balances: Balances, organization_id: str, customer_id: str, meter_id: str
+) -> CustomerMeterView:
+    """`view`, on a connection the caller holds (the writer's, inside its transaction)."""
+    return _views(con, balances, organization_id, [(customer_id, meter_id)])[0]
 
 
 async def view(

@@ -27,7 +27,7 @@ from typing import Any, Self, TypeVar
 import duckdb
 
 from aggregator.errors import QueryTimeout
-from aggregator.store import dedupe, ingest_log
+from aggregator.store import alert_tables, dedupe, ingest_log
 from aggregator.store.event_tables import Replay
 from aggregator.store.flusher import Flusher
 from aggregator.store.ingest_log import IngestLog
@@ -60,8 +60,12 @@ class Store:
         max_pending_events: int = 4 * ROW_GROUP,
         recluster: ReclusterSettings | None = None,
         dedupe_memory_keys: int = dedupe.MEMORY_KEYS,
+        alert_payload: alert_tables.Payload = alert_tables.basic_payload,
     ):
         self.path = str(path)
+        # How a `meter.alert` webhook event's data is made (the composition gives the API's
+        # shapes), needed from the start: replaying the ingest log can fire alerts.
+        self._alert_payload = alert_payload
         # The flusher checkpoints once the WAL holds this much, between its own transactions:
         # a checkpoint holds every commit while it runs, so none should fall on the ingest path.
         self._checkpoint_bytes = checkpoint_bytes
@@ -142,6 +146,7 @@ class Store:
             max_pending_events=self._max_pending,
             spill=spill,
         )
+        live.alert_payload = self._alert_payload
         live.load(self._con)
         self._flusher.idle = live.compact
         self._flusher.start()

@@ -16,6 +16,7 @@ is folded in with a few vectorized operations per meter.
 from __future__ import annotations
 
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,6 +222,14 @@ class Balances:
     def credits(self, customer_id: str, meter_id: str) -> Credits | None:
         with self.lock:
             return self._credits.get((customer_id, meter_id))
+
+    def value_keys(self, meter_id: str, values: list[str]) -> list[Hashable]:
+        """Unique values as `usage` keys them in `Partial.values` (their number), a value not
+        held yet as itself: so a batch's values merge with `usage`'s as a set union."""
+        with self.lock:
+            usage = self._usage.get(meter_id)
+            numbers = usage.numbers if usage is not None else {}
+            return [numbers.get(v, v) for v in values]
 
     def usage(self, meter_id: str, subjects: list[str]) -> Usage:
         partial = Partial()

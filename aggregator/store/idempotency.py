@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from aggregator.errors import KeyReused
 from aggregator.store.rows import first_row
 
-Operation = Literal["credit", "reset", "plan", "hold"]
+Operation = Literal["credit", "reset", "plan", "hold", "alert"]
 
 
 @dataclass(frozen=True, slots=True)

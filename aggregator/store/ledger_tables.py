@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import duckdb
 import orjson
 
-from aggregator.store import idempotency, subjects
+from aggregator.store import alert_tables, idempotency, subjects
 from aggregator.store.balances import Credits as HeldCredits
 from aggregator.store.compaction import LEDGER_TABLES
 from aggregator.store.customer_tables import (
@@ -260,6 +260,9 @@ def credit(
     _system_event(con, customer, "meter.credited", metadata, at_us, now_us, live)
     credits = _credits(con, customer, meter, now_us).add(units, rollover)
     _store_credits(con, live, customer, meter, credits, now_us)
+    before = alert_tables.value(live, customer, meter)
+    after = alert_tables.Value(before.usage, credits.credited)
+    alert_tables.on_ledger_change(con, live, customer, meter, before, after, now_us)
 
 
 def reset(
@@ -285,6 +288,9 @@ def reset(
         )
     live.stage(lambda: live.balances.clear(meter.id, names))
     _store_credits(con, live, customer, meter, Credits(), now_us, reset_seq=number)
+    # A reset re-arms the meter's alerts: the value before it counts as outside them.
+    after = alert_tables.Value(Partial(), 0)
+    alert_tables.on_ledger_change(con, live, customer, meter, None, after, now_us)
     if carried > 0:
         credit(con, customer, meter, carried, True, at_us, now_us, live)
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store import dedupe, hold_tables
+from aggregator.store import alert_tables, dedupe, hold_tables
 from aggregator.store.arrays import numpy
 from aggregator.store.balances import Balances
 from aggregator.store.catalog import Catalog
@@ -87,6 +87,13 @@ class Live:
         self.catalog = Catalog()
         # External ids of holds that may be active, per organization (`hold_tables`).
         self.hold_keys: dict[str, set[str]] = {}
+        # Wakes the webhook sender once a transaction that wrote webhook events commits.
+        self.notify_webhooks: Effect = lambda: None
+        # Alerts per organization (read when first needed), the customer meters this
+        # transaction changed as it left them, and how a `meter.alert` event's data is made.
+        self.alerts: dict[str, list[alert_tables.AlertRow]] = {}
+        self.alert_values: dict[tuple[str, str], alert_tables.Value] = {}
+        self.alert_payload: alert_tables.Payload = alert_tables.basic_payload
         self._verify = verify
         self._max_pending = max_pending_events
         # The next offset applied per (topic, partition), stored or not: what a consumed batch
@@ -122,6 +129,7 @@ class Live:
     # ---- the writer's transaction hooks (writer thread) -----------------------------------
 
     def begin(self) -> None:
+        self.alert_values = {}
         self._staged = []
         self._staged_keys = Dedupe()
         self._staged_entries = []
@@ -150,6 +158,7 @@ class Live:
 
     def rollback(self) -> None:
         self._meters.clear()
+        self.alerts.clear()
         if self._logged_at is not None:  # logged, then DuckDB's COMMIT failed
             self.log.undo(self._logged_at)
         self.begin()
@@ -240,6 +249,10 @@ class Live:
                     )
             orgs = {o: self._meters[o] for o in map(str, organizations) if self._meters.get(o)}
             hold_tables.settle(con, self, "_batch_new", events, orgs, at_us)
+        if evaluated:
+            batch = pc.min(events.column("seq")).as_py()
+            for ev in evaluated:
+                alert_tables.on_usage(con, self, ev, batch)
         entry = Applied(events, tuple(evaluated), offsets, log_id)
         keyed = pc.is_valid(events.column("external_id"))
         if fingerprints is None:

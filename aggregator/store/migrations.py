@@ -367,6 +367,69 @@ MIGRATIONS: tuple[str, ...] = (
         ended_at TIMESTAMPTZ                 -- settled or released at
     );
     """,
+    # 17: webhooks (`store.webhook_tables`): endpoints, the events written in the transaction
+    # that caused them, an outbox row per event and endpoint until delivered or given up, and
+    # a row per delivery attempt.
+    """
+    CREATE TABLE webhook_endpoints (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        url VARCHAR NOT NULL,
+        name VARCHAR,
+        format VARCHAR NOT NULL,
+        secret VARCHAR NOT NULL,
+        events VARCHAR[] NOT NULL,
+        enabled BOOLEAN NOT NULL,
+        disabled_reason VARCHAR,             -- why meterline disabled it
+        failing_since TIMESTAMPTZ,           -- its first failure since its last success
+        created_at TIMESTAMPTZ NOT NULL,
+        modified_at TIMESTAMPTZ,
+        deleted_at TIMESTAMPTZ
+    );
+    CREATE TABLE webhook_events (
+        id UUID PRIMARY KEY,                 -- the webhook-id of every delivery of it
+        organization_id UUID NOT NULL,
+        type VARCHAR NOT NULL,
+        payload VARCHAR NOT NULL,            -- the body, exactly as signed and sent
+        created_at TIMESTAMPTZ NOT NULL
+    );
+    CREATE TABLE webhook_outbox (
+        event_id UUID NOT NULL,
+        endpoint_id UUID NOT NULL,
+        attempts INTEGER NOT NULL,
+        next_at TIMESTAMPTZ NOT NULL,
+        state VARCHAR NOT NULL,              -- pending, delivered, failed (given up, disabled)
+        ended_at TIMESTAMPTZ
+    );
+    CREATE TABLE webhook_deliveries (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        event_id UUID NOT NULL,
+        endpoint_id UUID NOT NULL,
+        attempt INTEGER NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        succeeded BOOLEAN NOT NULL,
+        http_code INTEGER,
+        response VARCHAR,                    -- the response's first KiB, or the error
+        latency_ms DOUBLE NOT NULL
+    );
+    """,
+    # 18: threshold alerts (`store.alert_tables`): a customer meter crossing a threshold sends
+    # a `meter.alert` webhook event, written in the transaction of the change that crossed.
+    """
+    CREATE TABLE meter_alerts (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        meter_id UUID NOT NULL,
+        customer_id UUID,                    -- NULL: every customer of the meter
+        metric VARCHAR NOT NULL,             -- consumed_units, balance
+        operator VARCHAR NOT NULL,           -- gte, lte
+        threshold DOUBLE NOT NULL,
+        external_id VARCHAR NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        deleted_at TIMESTAMPTZ
+    );
+    """,
 )
 
 

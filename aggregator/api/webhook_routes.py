@@ -1,0 +1,90 @@
+"""Polar's webhook API, so that polar-sdk's `webhooks.*` methods work: endpoints, deliveries,
+redelivering an event."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from aggregator.api import params
+from aggregator.api import webhook_shapes as shapes
+from aggregator.api.context import ApiContext
+from aggregator.api.webhook_shapes import EndpointCreate, EndpointUpdate
+from aggregator.services import webhook_service as service
+from ingest.http import JSON
+from meters.webhook_rules import EVENT_TYPES
+from meters.wire import parse_model
+
+CODE_CLASSES = frozenset({"2xx", "3xx", "4xx", "5xx"})
+
+
+def routes(ctx: ApiContext, allow_private: bool) -> list[Route]:
+    store = ctx.store
+
+    async def create(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(EndpointCreate, await ctx.json(request))
+        created = await service.create(store, org, data, allow_private)
+        return JSON(shapes.endpoint(created), status_code=201)
+
+    async def list_(request: Request) -> JSON:
+        org = ctx.organization(request)
+        page, limit = params.page_and_limit(request)
+        return JSON(shapes.endpoints(await service.list_(store, org, page, limit), limit))
+
+    async def get(request: Request) -> JSON:
+        org = ctx.organization(request)
+        return JSON(shapes.endpoint(await service.get(store, org, params.path_id(request))))
+
+    async def update(request: Request) -> JSON:
+        org = ctx.organization(request)
+        endpoint_id = params.path_id(request)
+        data = parse_model(EndpointUpdate, await ctx.json(request))
+        updated = await service.update(store, org, endpoint_id, data, allow_private)
+        return JSON(shapes.endpoint(updated))
+
+    async def delete(request: Request) -> Response:
+        org = ctx.organization(request)
+        await service.delete(store, org, params.path_id(request))
+        return Response(status_code=204)
+
+    async def reset_secret(request: Request) -> JSON:
+        org = ctx.organization(request)
+        return JSON(
+            shapes.endpoint(await service.reset_secret(store, org, params.path_id(request)))
+        )
+
+    async def deliveries(request: Request) -> JSON:
+        org = ctx.organization(request)
+        page, limit = params.page_and_limit(request)
+        code_class = params.choices(request, "http_code_class", CODE_CLASSES)
+        found = await service.deliveries(
+            store,
+            org,
+            endpoint_ids=list(params.ids(request, "endpoint_id")),
+            event_types=list(params.choices(request, "event_type", frozenset(EVENT_TYPES))),
+            succeeded=params.boolean(request, "succeeded"),
+            http_code_class=code_class[0] if code_class else None,
+            start_us=params.timestamp(request, "start_timestamp"),
+            end_us=params.timestamp(request, "end_timestamp"),
+            page=page,
+            limit=limit,
+        )
+        return JSON(shapes.deliveries(found, limit))
+
+    async def redeliver(request: Request) -> Response:
+        org = ctx.organization(request)
+        await service.redeliver(store, org, params.path_id(request))
+        return Response(status_code=202)
+
+    return [
+        Route("/v1/webhooks/endpoints", create, methods=["POST"]),
+        Route("/v1/webhooks/endpoints", list_, methods=["GET"]),
+        Route("/v1/webhooks/endpoints/{id}", get, methods=["GET"]),
+        Route("/v1/webhooks/endpoints/{id}", update, methods=["PATCH"]),
+        Route("/v1/webhooks/endpoints/{id}", delete, methods=["DELETE"]),
+        Route("/v1/webhooks/endpoints/{id}/secret", reset_secret, methods=["PATCH"]),
+        Route("/v1/webhooks/deliveries", deliveries, methods=["GET"]),
+        Route("/v1/webhooks/events/{id}/redeliver", redeliver, methods=["POST"]),
+    ]

@@ -1,0 +1,37 @@
+"""Threshold alerts: create (or find the one the same request made), list, get, delete."""
+
+from __future__ import annotations
+
+from aggregator.errors import NotFound
+from aggregator.services.pages import Page, offset
+from aggregator.store import Store
+from aggregator.store import alert_tables as sql
+from aggregator.store.alert_tables import AlertRow
+from meters.ledger_rules import AlertCreate
+from meters.times import now_us
+
+__all__ = ["AlertRow", "create", "delete", "get", "list_"]
+
+
+async def create(store: Store, organization_id: str, data: AlertCreate) -> tuple[AlertRow, bool]:
+    return await store.write(sql.create_job(organization_id, data, now_us()))
+
+
+async def list_(
+    store: Store, organization_id: str, meter_id: str | None, page: int, limit: int
+) -> Page[AlertRow]:
+    rows, total = await store.read_now(
+        sql.list_alerts, organization_id, meter_id, limit, offset(page, limit)
+    )
+    return Page(rows, total)
+
+
+async def get(store: Store, organization_id: str, alert_id: str) -> AlertRow:
+    found = await store.read_now(sql.get_alert, organization_id, alert_id)
+    if found is None:
+        raise NotFound("Alert not found")
+    return found
+
+
+async def delete(store: Store, organization_id: str, alert_id: str) -> None:
+    await store.write(sql.delete_job(organization_id, alert_id, now_us()))

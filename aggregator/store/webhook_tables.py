@@ -1,0 +1,525 @@
+"""SQL for webhooks: endpoints, the events (a durable outbox) and their delivery attempts.
+
+`enqueue` writes an event, and an outbox row for each enabled endpoint subscribed to its type,
+in the transaction of the change that caused it, and wakes the sender when it commits
+(`Live.notify_webhooks`). The sender (`upstream.webhook_sender`) reads due rows and records
+each attempt with `attempted_job`: success ends the row; failure schedules the next attempt
+(`webhook_rules.retry_after_seconds`) until `RETRY_SECONDS` after the event, and an endpoint
+failing for longer than its settings allow is disabled with the reason.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import orjson
+
+from aggregator.errors import NotFound
+from aggregator.store.rows import first_row
+from aggregator.store.writer import Job, Tx, independent
+from meters.times import us_to_iso
+from meters.webhook_rules import (
+    RETRY_SECONDS,
+    EndpointCreate,
+    EndpointUpdate,
+    new_secret,
+    retry_after_seconds,
+)
+
+if TYPE_CHECKING:
+    from aggregator.store.live import Live
+
+Con = duckdb.DuckDBPyConnection
+_US = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRow:
+    id: str
+    organization_id: str
+    url: str
+    name: str | None
+    format: str
+    secret: str
+    events: list[str]
+    enabled: bool
+    disabled_reason: str | None
+    created_at_us: int
+    modified_at_us: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    id: str
+    organization_id: str
+    type: str
+    payload: str
+    created_at_us: int
+    last_http_code: int | None
+    succeeded: bool | None  # None: not delivered to every endpoint yet, nor given up
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    id: str
+    endpoint_id: str
+    attempt: int
+    created_at_us: int
+    succeeded: bool
+    http_code: int | None
+    response: str | None
+    latency_ms: float
+    event: EventRow
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """An outbox row to attempt now: the event's body, where, and with which secret."""
+
+    event_id: str
+    endpoint_id: str
+    organization_id: str
+    url: str
+    secret: str
+    payload: str
+    attempts: int
+    created_at_us: int
+
+
+_ENDPOINT = (
+    "id::VARCHAR, organization_id::VARCHAR, url, name, format, secret, events, enabled,"
+    " disabled_reason, epoch_us(created_at), epoch_us(modified_at)"
+)
+
+
+def _endpoint(r: tuple[Any, ...]) -> EndpointRow:
+    return EndpointRow(
+        r[0], r[1], r[2], r[3], r[4], r[5], list(r[6]), bool(r[7]), r[8], int(r[9]), r[10]
+    )
+
+
+# ---- endpoints ----------------------------------------------------------------------------
+
+
+def create_endpoint_job(
+    organization_id: str, data: EndpointCreate, now_us: int
+) -> Job[EndpointRow]:
+    @independent
+    def job(tx: Tx) -> EndpointRow:
+        endpoint_id = str(uuid.uuid4())
+        tx.con.execute(
+            "INSERT INTO webhook_endpoints VALUES (?::UUID, ?::UUID, ?, ?, ?, ?, ?, true, NULL,"
+            " NULL, make_timestamptz(?), NULL, NULL)",
+            [
+                endpoint_id,
+                organization_id,
+                data.url,
+                data.name,
+                data.format,
+                new_secret(),
+                list(dict.fromkeys(data.events)),
+                now_us,
+            ],
+        )
+        return _found(tx.con, organization_id, endpoint_id)
+
+    return job
+
+
+def update_endpoint_job(
+    organization_id: str, endpoint_id: str, data: EndpointUpdate, now_us: int
+) -> Job[EndpointRow]:
+    changes = data.model_dump(exclude_unset=True, exclude={"api_version"})
+    if "events" in changes:
+        changes["events"] = list(dict.fromkeys(changes["events"]))
+    if changes.get("enabled") is True:  # re-enabled: meterline's reason and count start over
+        changes |= {"disabled_reason": None, "failing_since": None}
+
+    @independent
+    def job(tx: Tx) -> EndpointRow:
+        _found(tx.con, organization_id, endpoint_id)
+        names = [n for n in changes if changes[n] is not None or n in _NULLABLE]
+        if names:
+            assignments = ", ".join(f"{n} = ?" for n in names)
+            tx.con.execute(
+                f"UPDATE webhook_endpoints SET {assignments},"  # noqa: S608 (model field names)
+                " modified_at = make_timestamptz(?) WHERE id = ?::UUID",
+                [*(changes[n] for n in names), now_us, endpoint_id],
+            )
+        return _found(tx.con, organization_id, endpoint_id)
+
+    return job
+
+
+_NULLABLE = frozenset({"name", "disabled_reason", "failing_since"})
+
+
+def reset_secret_job(organization_id: str, endpoint_id: str, now_us: int) -> Job[EndpointRow]:
+    @independent
+    def job(tx: Tx) -> EndpointRow:
+        _found(tx.con, organization_id, endpoint_id)
+        tx.con.execute(
+            "UPDATE webhook_endpoints SET secret = ?, modified_at = make_timestamptz(?)"
+            " WHERE id = ?::UUID",
+            [new_secret(), now_us, endpoint_id],
+        )
+        return _found(tx.con, organization_id, endpoint_id)
+
+    return job
+
+
+def delete_endpoint_job(organization_id: str, endpoint_id: str, now_us: int) -> Job[None]:
+    """Soft: its delivery log stays readable; what it had pending is dropped."""
+
+    @independent
+    def job(tx: Tx) -> None:
+        _found(tx.con, organization_id, endpoint_id)
+        tx.con.execute(
+            "UPDATE webhook_endpoints SET deleted_at = make_timestamptz(?), enabled = false"
+            " WHERE id = ?::UUID",
+            [now_us, endpoint_id],
+        )
+        _end_pending(tx.con, endpoint_id, now_us)
+
+    return job
+
+
+def _end_pending(con: Con, endpoint_id: str, now_us: int) -> None:
+    con.execute(
+        "UPDATE webhook_outbox SET state = 'failed', ended_at = make_timestamptz(?)"
+        " WHERE endpoint_id = ?::UUID AND state = 'pending'",
+        [now_us, endpoint_id],
+    )
+
+
+def _found(con: Con, organization_id: str, endpoint_id: str) -> EndpointRow:
+    found = get_endpoint(con, organization_id, endpoint_id)
+    if found is None:
+        raise NotFound("Webhook endpoint not found")
+    return found
+
+
+def get_endpoint(con: Con, organization_id: str, endpoint_id: str) -> EndpointRow | None:
+    row = first_row(
+        con,
+        f"SELECT {_ENDPOINT} FROM webhook_endpoints WHERE organization_id = ?::UUID"  # noqa: S608
+        " AND id = TRY_CAST(? AS UUID) AND deleted_at IS NULL",
+        [organization_id, endpoint_id],
+    )
+    return None if row is None else _endpoint(row)
+
+
+def list_endpoints(
+    con: Con, organization_id: str, limit: int, offset: int
+) -> tuple[list[EndpointRow], int]:
+    where = "organization_id = ?::UUID AND deleted_at IS NULL"
+    total = con.execute(
+        f"SELECT count(*) FROM webhook_endpoints WHERE {where}",  # noqa: S608 (constant)
+        [organization_id],
+    ).fetchall()[0][0]
+    rows = con.execute(
+        f"SELECT {_ENDPOINT} FROM webhook_endpoints WHERE {where}"  # noqa: S608 (constants)
+        " ORDER BY created_at, id LIMIT ? OFFSET ?",
+        [organization_id, limit, offset],
+    ).fetchall()
+    return [_endpoint(r) for r in rows], int(total)
+
+
+# ---- events -------------------------------------------------------------------------------
+
+
+def enqueue(
+    con: Con,
+    live: Live,
+    organization_id: str,
+    type_: str,
+    data: Callable[[], Any],
+    now_us: int,
+    event_id: str | None = None,
+) -> str | None:
+    """Write a `type_` event with `data()` for the organization's enabled endpoints that take
+    it, in the caller's transaction (on `con`); its id, or None when no endpoint takes it or
+    an event with `event_id` exists already (a change applied again)."""
+    endpoints = [
+        str(r[0])
+        for r in con.execute(
+            "SELECT id FROM webhook_endpoints WHERE organization_id = ?::UUID AND enabled"
+            " AND deleted_at IS NULL AND list_contains(events, ?)",
+            [organization_id, type_],
+        ).fetchall()
+    ]
+    if not endpoints:
+        return None
+    if event_id is not None and first_row(
+        con, "SELECT 1 FROM webhook_events WHERE id = ?::UUID", [event_id]
+    ):
+        return None
+    event_id = event_id or str(uuid.uuid4())
+    payload = orjson.dumps({"type": type_, "timestamp": us_to_iso(now_us), "data": data()})
+    con.execute(
+        "INSERT INTO webhook_events VALUES (?::UUID, ?::UUID, ?, ?, make_timestamptz(?))",
+        [event_id, organization_id, type_, payload.decode(), now_us],
+    )
+    _outbox(con, event_id, endpoints, now_us)
+    live.stage(live.notify_webhooks)
+    return event_id
+
+
+def _outbox(con: Con, event_id: str, endpoints: list[str], now_us: int) -> None:
+    con.execute(
+        "INSERT INTO webhook_outbox SELECT ?::UUID, e::UUID, 0, make_timestamptz(?), 'pending',"
+        " NULL FROM unnest(?::VARCHAR[]) AS t(e)",
+        [event_id, now_us, endpoints],
+    )
+
+
+def redeliver_job(organization_id: str, event_id: str, now_us: int) -> Job[None]:
+    """Send the event again to its organization's enabled endpoints that take its type: a
+    new outbox row each, the same webhook-id."""
+
+    @independent
+    def job(tx: Tx) -> None:
+        row = first_row(
+            tx.con,
+            "SELECT type FROM webhook_events WHERE organization_id = ?::UUID"
+            " AND id = TRY_CAST(? AS UUID)",
+            [organization_id, event_id],
+        )
+        if row is None:
+            raise NotFound("Webhook event not found")
+        endpoints = [
+            str(r[0])
+            for r in tx.con.execute(
+                "SELECT id FROM webhook_endpoints WHERE organization_id = ?::UUID AND enabled"
+                " AND deleted_at IS NULL AND list_contains(events, ?)",
+                [organization_id, row[0]],
+            ).fetchall()
+        ]
+        tx.con.execute(  # a row still pending for an endpoint is attempted now, not twice
+            "UPDATE webhook_outbox SET next_at = make_timestamptz(?)"
+            " WHERE event_id = ?::UUID AND state = 'pending'",
+            [now_us, event_id],
+        )
+        pending = {
+            str(r[0])
+            for r in tx.con.execute(
+                "SELECT endpoint_id FROM webhook_outbox WHERE event_id = ?::UUID"
+                " AND state = 'pending'",
+                [event_id],
+            ).fetchall()
+        }
+        fresh = [e for e in endpoints if e not in pending]
+        if fresh:
+            _outbox(tx.con, event_id, fresh, now_us)
+        tx.live.stage(tx.live.notify_webhooks)
+
+    return job
+
+
+# ---- the sender's --------------------------------------------------------------------------
+
+
+def due(con: Con, now_us: int, limit: int) -> list[Due]:
+    rows = con.execute(
+        "SELECT o.event_id::VARCHAR, o.endpoint_id::VARCHAR, e.organization_id::VARCHAR, p.url,"
+        " p.secret, e.payload, o.attempts, epoch_us(e.created_at)"
+        " FROM webhook_outbox o JOIN webhook_events e ON e.id = o.event_id"
+        " JOIN webhook_endpoints p ON p.id = o.endpoint_id"
+        " WHERE o.state = 'pending' AND o.next_at <= make_timestamptz(?) AND p.enabled"
+        " ORDER BY o.next_at LIMIT ?",
+        [now_us, limit],
+    ).fetchall()
+    return [Due(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), int(r[7])) for r in rows]
+
+
+def next_due_us(con: Con) -> int | None:
+    """When the earliest pending row is due (None: nothing pending)."""
+    row = first_row(
+        con,
+        "SELECT epoch_us(min(o.next_at)) FROM webhook_outbox o JOIN webhook_endpoints p"
+        " ON p.id = o.endpoint_id WHERE o.state = 'pending' AND p.enabled",
+        [],
+    )
+    return None if row is None or row[0] is None else int(row[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one delivery attempt got."""
+
+    due: Due
+    at_us: int
+    succeeded: bool
+    http_code: int | None
+    response: str | None
+    latency_ms: float
+
+
+def attempted_job(attempt: Attempt, disable_after_seconds: float) -> Job[None]:
+    """Log an attempt; end its outbox row on success, else schedule the next one (or give up
+    `RETRY_SECONDS` after the event); disable an endpoint failing for longer than
+    `disable_after_seconds` since its last success."""
+
+    @independent
+    def job(tx: Tx) -> None:
+        con, d, now = tx.con, attempt.due, attempt.at_us
+        con.execute(
+            "INSERT INTO webhook_deliveries VALUES (?::UUID, ?::UUID, ?::UUID, ?::UUID, ?,"
+            " make_timestamptz(?), ?, ?, ?, ?)",
+            [
+                str(uuid.uuid4()),
+                d.organization_id,
+                d.event_id,
+                d.endpoint_id,
+                d.attempts + 1,
+                now,
+                attempt.succeeded,
+                attempt.http_code,
+                attempt.response,
+                attempt.latency_ms,
+            ],
+        )
+        if attempt.succeeded:
+            _end_row(con, d, "state = 'delivered', ended_at = make_timestamptz(?)", now)
+            con.execute(
+                "UPDATE webhook_endpoints SET failing_since = NULL WHERE id = ?::UUID",
+                [d.endpoint_id],
+            )
+            return
+        if now - d.created_at_us >= RETRY_SECONDS * _US:
+            _end_row(con, d, "state = 'failed', ended_at = make_timestamptz(?)", now)
+        else:
+            wait_us = int(retry_after_seconds(d.attempts + 1) * _US)
+            _end_row(con, d, "next_at = make_timestamptz(?)", now + wait_us)
+        con.execute(
+            "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since,"
+            " make_timestamptz(?)) WHERE id = ?::UUID",
+            [now, d.endpoint_id],
+        )
+        failing = first_row(
+            con,
+            "SELECT epoch_us(failing_since) FROM webhook_endpoints WHERE id = ?::UUID AND enabled",
+            [d.endpoint_id],
+        )
+        if failing is not None and now - int(failing[0]) >= disable_after_seconds * _US:
+            reason = (
+                f"Disabled by meterline at {us_to_iso(now)}: every delivery failed since"
+                f" {us_to_iso(int(failing[0]))}; the last one: "
+                + (f"HTTP {attempt.http_code}" if attempt.http_code else (attempt.response or ""))
+            )
+            con.execute(
+                "UPDATE webhook_endpoints SET enabled = false, disabled_reason = ?,"
+                " modified_at = make_timestamptz(?) WHERE id = ?::UUID",
+                [reason[:1000], now, d.endpoint_id],
+            )
+            _end_pending(con, d.endpoint_id, now)
+
+    return job
+
+
+def _end_row(con: Con, d: Due, assignment: str, value: int) -> None:
+    """Count the attempt on `d`'s outbox row and apply `assignment` (one parameter)."""
+    con.execute(
+        f"UPDATE webhook_outbox SET attempts = attempts + 1, {assignment}"  # noqa: S608 (constant)
+        " WHERE event_id = ?::UUID AND endpoint_id = ?::UUID AND state = 'pending'",
+        [value, d.event_id, d.endpoint_id],
+    )
+
+
+def prune_job(before_us: int) -> Job[int]:
+    """Delete delivery attempts, ended outbox rows and events with nothing pending, older than
+    `before_us`; how many attempts were deleted."""
+
+    @independent
+    def job(tx: Tx) -> int:
+        con = tx.con
+        deleted = con.execute(
+            "DELETE FROM webhook_deliveries WHERE created_at < make_timestamptz(?)", [before_us]
+        ).fetchall()[0][0]
+        con.execute(
+            "DELETE FROM webhook_outbox WHERE state <> 'pending'"
+            " AND ended_at < make_timestamptz(?)",
+            [before_us],
+        )
+        con.execute(
+            "DELETE FROM webhook_events e WHERE created_at < make_timestamptz(?) AND NOT EXISTS"
+            " (SELECT 1 FROM webhook_outbox o WHERE o.event_id = e.id)",
+            [before_us],
+        )
+        return int(deleted)
+
+    return job
+
+
+# ---- reads --------------------------------------------------------------------------------
+
+
+_EVENT = (
+    "e.id::VARCHAR, e.organization_id::VARCHAR, e.type, e.payload, epoch_us(e.created_at),"
+    " (SELECT d.http_code FROM webhook_deliveries d WHERE d.event_id = e.id"
+    " ORDER BY d.created_at DESC LIMIT 1),"
+    " (SELECT CASE WHEN bool_or(o.state = 'pending') THEN NULL"
+    " ELSE bool_and(o.state = 'delivered') END FROM webhook_outbox o WHERE o.event_id = e.id)"
+)
+
+
+def _event(r: tuple[Any, ...]) -> EventRow:
+    return EventRow(r[0], r[1], r[2], r[3], int(r[4]), r[5], r[6])
+
+
+def list_deliveries(
+    con: Con,
+    organization_id: str,
+    *,
+    endpoint_ids: list[str],
+    event_types: list[str],
+    succeeded: bool | None,
+    http_code_class: str | None,
+    start_us: int | None,
+    end_us: int | None,
+    limit: int,
+    offset: int,
+) -> tuple[list[DeliveryRow], int]:
+    where = ["d.organization_id = ?::UUID"]
+    params: list[Any] = [organization_id]
+    if endpoint_ids:
+        where.append("d.endpoint_id::VARCHAR IN (SELECT unnest(?::VARCHAR[]))")
+        params.append(endpoint_ids)
+    if event_types:
+        where.append("e.type IN (SELECT unnest(?::VARCHAR[]))")
+        params.append(event_types)
+    if succeeded is not None:
+        where.append("d.succeeded = ?")
+        params.append(succeeded)
+    if http_code_class is not None:
+        where.append("d.http_code // 100 = ?")
+        params.append(int(http_code_class[0]))
+    if start_us is not None:
+        where.append("d.created_at >= make_timestamptz(?)")
+        params.append(start_us)
+    if end_us is not None:
+        where.append("d.created_at <= make_timestamptz(?)")
+        params.append(end_us)
+    condition = " AND ".join(where)
+    source = "webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id"
+    total = con.execute(
+        f"SELECT count(*) FROM {source} WHERE {condition}",  # noqa: S608 (constants)
+        params,
+    ).fetchall()[0][0]
+    rows = con.execute(
+        "SELECT d.id::VARCHAR, d.endpoint_id::VARCHAR, d.attempt, epoch_us(d.created_at),"  # noqa: S608
+        f" d.succeeded, d.http_code, d.response, d.latency_ms, {_EVENT} FROM {source}"
+        f" WHERE {condition} ORDER BY d.created_at DESC, d.id LIMIT ? OFFSET ?",
+        [*params, limit, offset],
+    ).fetchall()
+    deliveries = [
+        DeliveryRow(
+            r[0], r[1], int(r[2]), int(r[3]), bool(r[4]), r[5], r[6], float(r[7]), _event(r[8:])
+        )
+        for r in rows
+    ]
+    return deliveries, int(total)

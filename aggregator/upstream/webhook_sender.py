@@ -1,0 +1,213 @@
+"""Delivers webhook events from the outbox (`store.webhook_tables`), apart from ingest.
+
+A commit that wrote events wakes the sender; otherwise it looks again when the next retry is
+due (at most every few seconds). Each due (event, endpoint) row is one POST, signed as Polar
+signs (Standard Webhooks: `webhook-id` is the event's id on every attempt), with a timeout;
+at most `per_endpoint` are in flight per endpoint and `concurrency` in all, so a slow or dead
+receiver holds only its own rows back, and ingest never waits for any of it. Each attempt is
+logged by a small writer job that also schedules the retry or ends the row. Private and
+loopback targets are refused unless allowed (checked again at every attempt: DNS can change).
+Delivered rows and logs older than the retention are pruned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+from urllib.parse import urlsplit
+
+import httpx
+
+from aggregator.store import Store
+from aggregator.store.webhook_tables import Attempt, Due, attempted_job, due, next_due_us, prune_job
+from meters.times import now_us
+from meters.webhook_rules import RESPONSE_EXCERPT_BYTES, signature
+
+log = logging.getLogger(__name__)
+USER_AGENT = "meterline-webhooks/0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    allow_private: bool = False  # tests, and receivers on the same network, on purpose
+    retention_days: float = 30.0
+    disable_after_seconds: float = 24 * 3600.0  # failing this long since the last success
+    timeout_seconds: float = 10.0
+    concurrency: int = 32
+    per_endpoint: int = 4
+    idle_poll_seconds: float = 5.0
+    prune_every_seconds: float = 3600.0
+
+
+async def private_refusal(url: str) -> str | None:
+    """Why `url` may not be a webhook target without `--allow-private-webhooks`: it does not
+    resolve, or resolves to an address that is not globally routable (private, loopback,
+    link-local, reserved). None: it may."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port)
+    except OSError as exc:
+        return f"{host} does not resolve: {exc}"
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0])
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        if not (mapped or ip).is_global:
+            return (
+                f"{host} resolves to {ip}, which is not a public address (private or loopback"
+                " targets need the server's --allow-private-webhooks)"
+            )
+    return None
+
+
+class WebhookSender:
+    """An async context manager: the delivery loop runs while it is entered."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: WebhookSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._inflight: set[tuple[str, str]] = set()
+        self._per_endpoint: Counter[str] = Counter()
+        # When each row's latest attempt was recorded: a read of due rows begun before that
+        # may still see the row as due, and must not send it again.
+        self._recorded: dict[tuple[str, str], float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pruned_at = 0.0
+
+    async def __aenter__(self) -> Self:
+        self._client = httpx.AsyncClient(
+            timeout=self._settings.timeout_seconds,
+            transport=self._transport,
+            follow_redirects=False,  # a redirect could lead anywhere: it is an answer, not a hop
+        )
+        loop = asyncio.get_running_loop()
+        self._store.live.notify_webhooks = lambda: loop.call_soon_threadsafe(self._wake.set)
+        self._loop_task = asyncio.create_task(self._run(), name="webhooks")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._store.live.notify_webhooks = lambda: None
+        tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        # Bounded: a delivery cut off here was not logged, and is attempted again at start.
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("webhook deliveries failed; retrying")
+                await asyncio.sleep(1)
+
+    async def _round(self) -> None:
+        self._wake.clear()
+        settings = self._settings
+        room = settings.concurrency - len(self._inflight)
+        if room > 0:
+            began = time.monotonic()
+            rows = await self._store.read_now(due, now_us(), room + len(self._inflight))
+            self._recorded = {k: t for k, t in self._recorded.items() if began - t < 60}
+            for row in rows:
+                key = (row.event_id, row.endpoint_id)
+                if (
+                    key in self._inflight
+                    or self._recorded.get(key, -1.0) >= began
+                    or self._per_endpoint[row.endpoint_id] >= settings.per_endpoint
+                ):
+                    continue
+                if len(self._inflight) >= settings.concurrency:
+                    break
+                self._start(row)
+        if time.monotonic() - self._pruned_at >= settings.prune_every_seconds:
+            self._pruned_at = time.monotonic()
+            before = now_us() - int(settings.retention_days * 86_400 * 1_000_000)
+            pruned = await self._store.write(prune_job(before))
+            if pruned:
+                log.info("webhooks: %d delivery attempt(s) past the retention pruned", pruned)
+        wait = settings.idle_poll_seconds
+        if not self._inflight:
+            next_us = await self._store.read_now(next_due_us)
+            if next_us is not None:
+                wait = min(wait, max(0.0, (next_us - now_us()) / 1_000_000))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), wait)
+
+    def _start(self, row: Due) -> None:
+        key = (row.event_id, row.endpoint_id)
+        self._inflight.add(key)
+        self._per_endpoint[row.endpoint_id] += 1
+        task = asyncio.create_task(self._deliver(row))
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._tasks.discard(finished)
+            self._recorded[key] = time.monotonic()
+            self._inflight.discard(key)
+            self._per_endpoint[row.endpoint_id] -= 1
+            if not finished.cancelled() and finished.exception() is not None:
+                log.error("webhook delivery failed", exc_info=finished.exception())
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    async def _deliver(self, row: Due) -> None:
+        assert self._client is not None
+        started = time.perf_counter()
+        code: int | None = None
+        refused = None if self._settings.allow_private else await private_refusal(row.url)
+        if refused is not None:
+            answer = f"Not sent: {refused}"
+        else:
+            timestamp = int(time.time())
+            body = row.payload.encode()
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": USER_AGENT,
+                "webhook-id": row.event_id,
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": signature(row.secret, row.event_id, timestamp, body),
+            }
+            try:
+                response = await self._client.post(row.url, content=body, headers=headers)
+                code = response.status_code
+                answer = response.text[:RESPONSE_EXCERPT_BYTES]
+            except httpx.HTTPError as exc:
+                answer = f"{type(exc).__name__}: {exc}"[:RESPONSE_EXCERPT_BYTES]
+        attempt = Attempt(
+            row,
+            now_us(),
+            code is not None and 200 <= code < 300,
+            code,
+            answer,
+            (time.perf_counter() - started) * 1000,
+        )
+        await self._store.write(attempted_job(attempt, self._settings.disable_after_seconds))
