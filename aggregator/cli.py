@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
-from aggregator.core_app import CoreSettings, alert_payload, build_app
+from aggregator.core_app import CoreSettings, alert_payload, build_app, state_payload
 from aggregator.errors import NotFound, UsageError
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.embedded import EmbeddedPublisher
@@ -128,6 +128,12 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             type=float,
             default=defaults_hooks.retention_days,
             help="how long delivered webhook events and delivery logs are kept",
+        )
+        hooks.add_argument(
+            "--state-changed-seconds",
+            type=float,
+            default=defaults_hooks.state_changed_seconds,
+            help="at most one customer.state_changed per customer per this many seconds",
         )
         hooks.add_argument(
             "--webhook-disable-after-seconds",
@@ -287,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
             disable_after_seconds=getattr(
                 args, "webhook_disable_after_seconds", defaults.webhooks.disable_after_seconds
             ),
+            state_changed_seconds=getattr(
+                args, "state_changed_seconds", defaults.webhooks.state_changed_seconds
+            ),
         ),
         ingest=IngestSettings(
             rules=EventRules(max_future=timedelta(seconds=args.max_future_seconds)),
@@ -377,7 +386,9 @@ async def serve(
             )
             backfiller = await stack.enter_async_context(Backfiller(store))
             await stack.enter_async_context(PlanCycler(store))
-            await stack.enter_async_context(WebhookSender(store, settings.webhooks))
+            await stack.enter_async_context(
+                WebhookSender(store, settings.webhooks, state_payload=state_payload)
+            )
             consumer = None
             publisher: Publisher = EmbeddedPublisher(store, validation)
             if kafka is not None:

@@ -166,6 +166,15 @@ def alert_payload(
     }
 
 
+def state_payload(
+    con: duckdb.DuckDBPyConnection, balances: Balances, organization_id: str, customer_id: str
+) -> dict[str, Any] | None:
+    """A customer.state_changed event's data (`webhook_tables.StatePayload`): Polar's
+    CustomerState as it is now; None for a customer deleted since."""
+    found = ledger_service.state_on(con, balances, organization_id, customer_id)
+    return None if found is None else dict(ledger_shapes.state(found))
+
+
 def build_app(
     store: Store,
     registry: TokenRegistry,

@@ -35,6 +35,7 @@ __all__ = [
     "reset",
     "state",
     "state_by_external_id",
+    "state_on",
     "view",
     "view_on",
 ]
@@ -219,6 +220,15 @@ def _state(
             for _, meter_id in pairs
         ],
     )
+
+
+def state_on(
+    con: Con, balances: Balances, organization_id: str, customer_id: str
+) -> CustomerState | None:
+    """A customer's state on a connection the caller holds (the writer's); None if it is
+    gone."""
+    customer = customer_sql.get_customer(con, organization_id, customer_id)
+    return None if customer is None else _state(con, balances, organization_id, customer)
 
 
 async def state(store: Store, organization_id: str, customer_id: str) -> CustomerState:

@@ -254,7 +254,7 @@ def on_usage(con: Con, live: Live, evaluated: Evaluated, batch: int) -> None:
         if unique and rows:
             keys = iter(_value_keys(live, rows))
         for row in rows:
-            customer = _customer_of(con, live, org, row["subject"])
+            customer = live.catalog.customer_of_subject(con, org, row["subject"])
             if customer is None:  # an external id no customer has: no customer meter
                 continue
             customers[customer.id] = customer
@@ -282,13 +282,6 @@ def _rows_of(table: pa.Table, meter_ids: set[str]) -> list[dict[str, Any]]:
     if table.num_rows == 0:
         return []
     return [r for r in table.to_pylist() if str(r["meter_id"]) in meter_ids]
-
-
-def _customer_of(con: Con, live: Live, org: str, subject: str) -> CustomerKey | None:
-    kind, _, ref = subject.partition(":")
-    if kind == "id":
-        return live.catalog.customer(con, org, ref)
-    return live.catalog.customer_by_external_id(con, org, ref)
 
 
 def _merged(usage: Partial, delta: Partial) -> Partial:

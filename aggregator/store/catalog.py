@@ -71,6 +71,15 @@ class Catalog:
             con, "organization_id = ? AND external_id = ?", [organization_id, external_id]
         )
 
+    def customer_of_subject(
+        self, con: duckdb.DuckDBPyConnection, organization_id: str, subject: str
+    ) -> CustomerKey | None:
+        """The customer a customer reference (`subjects`: `id:…` or `ext:…`) names, if any."""
+        kind, _, ref = subject.partition(":")
+        if kind == "id":
+            return self.customer(con, organization_id, ref)
+        return self.customer_by_external_id(con, organization_id, ref)
+
     def meter(
         self, con: duckdb.DuckDBPyConnection, organization_id: str, meter_id: str
     ) -> MeterRow | None:

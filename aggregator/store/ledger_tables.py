@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import duckdb
 import orjson
 
-from aggregator.store import alert_tables, idempotency, subjects
+from aggregator.store import alert_tables, idempotency, subjects, webhook_tables
 from aggregator.store.balances import Credits as HeldCredits
 from aggregator.store.compaction import LEDGER_TABLES
 from aggregator.store.customer_tables import (
@@ -263,6 +263,7 @@ def credit(
     before = alert_tables.value(live, customer, meter)
     after = alert_tables.Value(before.usage, credits.credited)
     alert_tables.on_ledger_change(con, live, customer, meter, before, after, now_us)
+    webhook_tables.mark_state_changed(con, live, customer.organization_id, [customer.id], now_us)
 
 
 def reset(
@@ -291,6 +292,7 @@ def reset(
     # A reset re-arms the meter's alerts: the value before it counts as outside them.
     after = alert_tables.Value(Partial(), 0)
     alert_tables.on_ledger_change(con, live, customer, meter, None, after, now_us)
+    webhook_tables.mark_state_changed(con, live, customer.organization_id, [customer.id], now_us)
     if carried > 0:
         credit(con, customer, meter, carried, True, at_us, now_us, live)
 

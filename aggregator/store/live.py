@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store import alert_tables, dedupe, hold_tables
+from aggregator.store import alert_tables, dedupe, hold_tables, webhook_tables
 from aggregator.store.arrays import numpy
 from aggregator.store.balances import Balances
 from aggregator.store.catalog import Catalog
@@ -94,6 +94,8 @@ class Live:
         self.alerts: dict[str, list[alert_tables.AlertRow]] = {}
         self.alert_values: dict[tuple[str, str], alert_tables.Value] = {}
         self.alert_payload: alert_tables.Payload = alert_tables.basic_payload
+        # Whether an organization has an endpoint for customer.state_changed (`webhook_tables`).
+        self.state_subscribers: dict[str, bool] = {}
         self._verify = verify
         self._max_pending = max_pending_events
         # The next offset applied per (topic, partition), stored or not: what a consumed batch
@@ -159,6 +161,7 @@ class Live:
     def rollback(self) -> None:
         self._meters.clear()
         self.alerts.clear()
+        self.state_subscribers.clear()
         if self._logged_at is not None:  # logged, then DuckDB's COMMIT failed
             self.log.undo(self._logged_at)
         self.begin()
@@ -253,6 +256,7 @@ class Live:
             batch = pc.min(events.column("seq")).as_py()
             for ev in evaluated:
                 alert_tables.on_usage(con, self, ev, batch)
+                self._state_changed(con, ev, at_us)
         entry = Applied(events, tuple(evaluated), offsets, log_id)
         keyed = pc.is_valid(events.column("external_id"))
         if fingerprints is None:
@@ -263,6 +267,17 @@ class Live:
         self._staged_keys.add(held, seqs)
         self._staged_entries.append(entry)
         self.stage(lambda: self._applied(entry, held, seqs))
+
+    def _state_changed(self, con: duckdb.DuckDBPyConnection, ev: Evaluated, at_us: int) -> None:
+        """Mark the customers whose meters the batch changed (customer.state_changed)."""
+        org = ev.organization_id
+        if not webhook_tables.subscribes(con, self, org):
+            return
+        names = set(ev.ledger.column("subject").to_pylist())
+        names |= set(ev.ledger_values.column("subject").to_pylist())
+        found = (self.catalog.customer_of_subject(con, org, str(n)) for n in names)
+        customers = sorted({c.id for c in found if c is not None})
+        webhook_tables.mark_state_changed(con, self, org, customers, at_us)
 
     def _applied(self, entry: Applied, fingerprints: np.ndarray, seqs: np.ndarray) -> None:
         self.dedupe.add(fingerprints, seqs)

@@ -413,6 +413,18 @@ MIGRATIONS: tuple[str, ...] = (
         response VARCHAR,                    -- the response's first KiB, or the error
         latency_ms DOUBLE NOT NULL
     );
+    -- Customers whose state changed since their last customer.state_changed event (marked in
+    -- the change's transaction), and when each was last sent one (coalescing).
+    CREATE TABLE webhook_state_changes (
+        organization_id UUID NOT NULL,
+        customer_id UUID NOT NULL,
+        since TIMESTAMPTZ NOT NULL
+    );
+    CREATE TABLE webhook_state_sent (
+        organization_id UUID NOT NULL,
+        customer_id UUID NOT NULL,
+        sent_at TIMESTAMPTZ NOT NULL
+    );
     """,
     # 18: threshold alerts (`store.alert_tables`): a customer meter crossing a threshold sends
     # a `meter.alert` webhook event, written in the transaction of the change that crossed.

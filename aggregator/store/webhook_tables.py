@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -23,6 +24,7 @@ from aggregator.store.rows import first_row
 from aggregator.store.writer import Job, Tx, independent
 from meters.times import us_to_iso
 from meters.webhook_rules import (
+    API_VERSION,
     RETRY_SECONDS,
     EndpointCreate,
     EndpointUpdate,
@@ -31,6 +33,7 @@ from meters.webhook_rules import (
 )
 
 if TYPE_CHECKING:
+    from aggregator.store.balances import Balances
     from aggregator.store.live import Live
 
 Con = duckdb.DuckDBPyConnection
@@ -125,6 +128,7 @@ def create_endpoint_job(
                 now_us,
             ],
         )
+        tx.live.state_subscribers.pop(organization_id, None)
         return _found(tx.con, organization_id, endpoint_id)
 
     return job
@@ -150,6 +154,7 @@ def update_endpoint_job(
                 " modified_at = make_timestamptz(?) WHERE id = ?::UUID",
                 [*(changes[n] for n in names), now_us, endpoint_id],
             )
+        tx.live.state_subscribers.pop(organization_id, None)
         return _found(tx.con, organization_id, endpoint_id)
 
     return job
@@ -184,6 +189,7 @@ def delete_endpoint_job(organization_id: str, endpoint_id: str, now_us: int) -> 
             [now_us, endpoint_id],
         )
         _end_pending(tx.con, endpoint_id, now_us)
+        tx.live.state_subscribers.pop(organization_id, None)
 
     return job
 
@@ -259,7 +265,8 @@ def enqueue(
     ):
         return None
     event_id = event_id or str(uuid.uuid4())
-    payload = orjson.dumps({"type": type_, "timestamp": us_to_iso(now_us), "data": data()})
+    body = {"type": type_, "timestamp": us_to_iso(now_us), "api_version": API_VERSION}
+    payload = orjson.dumps({**body, "data": data()})
     con.execute(
         "INSERT INTO webhook_events VALUES (?::UUID, ?::UUID, ?, ?, make_timestamptz(?))",
         [event_id, organization_id, type_, payload.decode(), now_us],
@@ -267,6 +274,91 @@ def enqueue(
     _outbox(con, event_id, endpoints, now_us)
     live.stage(live.notify_webhooks)
     return event_id
+
+
+# ---- customer.state_changed: marked with the change, sent coalesced ------------------------
+
+STATE_CHANGED = "customer.state_changed"
+
+
+def subscribes(con: Con, live: Live, organization_id: str) -> bool:
+    """Whether an enabled endpoint of the organization takes customer.state_changed (held in
+    memory, dropped by every change to the organization's endpoints)."""
+    held = live.state_subscribers.get(organization_id)
+    if held is None:
+        row = first_row(
+            con,
+            "SELECT count(*) FROM webhook_endpoints WHERE organization_id = ?::UUID AND enabled"
+            " AND deleted_at IS NULL AND list_contains(events, ?)",
+            [organization_id, STATE_CHANGED],
+        )
+        held = live.state_subscribers[organization_id] = bool(row and row[0])
+    return held
+
+
+def mark_state_changed(
+    con: Con, live: Live, organization_id: str, customer_ids: list[str], now_us: int
+) -> None:
+    """Note, in the change's transaction, that these customers' state changed."""
+    if not customer_ids or not subscribes(con, live, organization_id):
+        return
+    con.execute(
+        "INSERT INTO webhook_state_changes SELECT ?::UUID, c::UUID, make_timestamptz(?)"
+        " FROM (SELECT DISTINCT unnest(?::VARCHAR[]) AS c) t WHERE NOT EXISTS (SELECT 1 FROM"
+        " webhook_state_changes s WHERE s.organization_id = ?::UUID AND s.customer_id = c::UUID)",
+        [organization_id, now_us, customer_ids, organization_id],
+    )
+
+
+# The data of a customer.state_changed event: Polar's CustomerState, given by the composition.
+StatePayload = Callable[[Con, "Balances", str, str], Any]
+
+
+def state_changes_pending(con: Con) -> bool:
+    return first_row(con, "SELECT 1 FROM webhook_state_changes LIMIT 1", []) is not None
+
+
+def state_changes_job(
+    interval_seconds: float, payload: StatePayload, now_us: int, limit: int = 500
+) -> Job[int]:
+    """Send customer.state_changed for marked customers not sent one in the last
+    `interval_seconds`; how many were sent."""
+
+    @independent
+    def job(tx: Tx) -> int:
+        con, live = tx.con, tx.live
+        due_rows = con.execute(
+            "SELECT c.organization_id::VARCHAR, c.customer_id::VARCHAR FROM webhook_state_changes c"
+            " LEFT JOIN webhook_state_sent s ON s.organization_id = c.organization_id"
+            " AND s.customer_id = c.customer_id"
+            " WHERE s.sent_at IS NULL OR s.sent_at <= make_timestamptz(?) ORDER BY c.since LIMIT ?",
+            [now_us - int(interval_seconds * _US), limit],
+        ).fetchall()
+        for org, customer_id in due_rows:
+            con.execute(
+                "DELETE FROM webhook_state_changes WHERE organization_id = ?::UUID"
+                " AND customer_id = ?::UUID",
+                [org, customer_id],
+            )
+            con.execute(
+                "DELETE FROM webhook_state_sent WHERE organization_id = ?::UUID"
+                " AND customer_id = ?::UUID",
+                [org, customer_id],
+            )
+            con.execute(
+                "INSERT INTO webhook_state_sent VALUES (?::UUID, ?::UUID, make_timestamptz(?))",
+                [org, customer_id, now_us],
+            )
+            data = payload(con, live.balances, org, customer_id)
+            if data is not None:  # None: the customer is gone
+                enqueue(con, live, org, STATE_CHANGED, partial(_given, data), now_us)
+        return len(due_rows)
+
+    return job
+
+
+def _given(data: Any) -> Any:
+    return data
 
 
 def _outbox(con: Con, event_id: str, endpoints: list[str], now_us: int) -> None:
@@ -417,6 +509,7 @@ def attempted_job(attempt: Attempt, disable_after_seconds: float) -> Job[None]:
                 [reason[:1000], now, d.endpoint_id],
             )
             _end_pending(con, d.endpoint_id, now)
+            tx.live.state_subscribers.pop(d.organization_id, None)
 
     return job
 

@@ -26,7 +26,17 @@ from urllib.parse import urlsplit
 import httpx
 
 from aggregator.store import Store
-from aggregator.store.webhook_tables import Attempt, Due, attempted_job, due, next_due_us, prune_job
+from aggregator.store.webhook_tables import (
+    Attempt,
+    Due,
+    StatePayload,
+    attempted_job,
+    due,
+    next_due_us,
+    prune_job,
+    state_changes_job,
+    state_changes_pending,
+)
 from meters.times import now_us
 from meters.webhook_rules import RESPONSE_EXCERPT_BYTES, signature
 
@@ -44,6 +54,8 @@ class WebhookSettings:
     per_endpoint: int = 4
     idle_poll_seconds: float = 5.0
     prune_every_seconds: float = 3600.0
+    # At most one customer.state_changed per customer per this many seconds.
+    state_changed_seconds: float = 5.0
 
 
 async def private_refusal(url: str) -> str | None:
@@ -76,10 +88,13 @@ class WebhookSender:
         store: Store,
         settings: WebhookSettings,
         *,
+        state_payload: StatePayload | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
+        self._state_payload = state_payload
+        self._states_at = 0.0
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._wake = asyncio.Event()
@@ -154,12 +169,29 @@ class WebhookSender:
             if pruned:
                 log.info("webhooks: %d delivery attempt(s) past the retention pruned", pruned)
         wait = settings.idle_poll_seconds
+        if self._state_payload is not None:
+            wait = min(wait, await self._state_changes())
         if not self._inflight:
             next_us = await self._store.read_now(next_due_us)
             if next_us is not None:
                 wait = min(wait, max(0.0, (next_us - now_us()) / 1_000_000))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _state_changes(self) -> float:
+        """Send the customer.state_changed events due (a writer job, when any customer is
+        marked); the seconds until the next look."""
+        every = min(1.0, self._settings.state_changed_seconds)
+        if time.monotonic() - self._states_at < every:
+            return every - (time.monotonic() - self._states_at)
+        self._states_at = time.monotonic()
+        if await self._store.read_now(state_changes_pending):
+            assert self._state_payload is not None
+            job = state_changes_job(
+                self._settings.state_changed_seconds, self._state_payload, now_us()
+            )
+            await self._store.write(job)
+        return every
 
     def _start(self, row: Due) -> None:
         key = (row.event_id, row.endpoint_id)

@@ -18,10 +18,13 @@ import pytest
 import standardwebhooks
 from polar.base import deserialize
 from polar.v2026_10 import Polar
+from polar.v2026_10 import webhooks as polar_webhooks
 from polar.v2026_10.outputs import CustomerMeter
+from polar.v2026_10.webhooks import WebhookCustomerStateChangedPayload
 from polar.webhooks import validate_event
 
 from tests.aggregator.webhook_receiver import Receiver
+from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer, new_org_token, wait_until
 
 pytestmark = pytest.mark.slow
@@ -259,3 +262,59 @@ def test_bad_alerts_are_422_naming_the_field(
     refused = org.alert(**change)
     assert refused.status_code == 422, refused.text
     assert refused.json()["detail"][0]["loc"] == loc
+
+
+class _HookedPipeline(Pipeline):
+    def new_core(self) -> MeterlineServer:
+        return MeterlineServer(self.data_dir, *self.args(), PRIVATE, command="up")
+
+
+def test_kafka_mode_the_core_fires_alerts(tmp_path: Path) -> None:
+    """Usage through an edge and the topic: the consumer's transaction fires the alert."""
+    with Receiver() as receiver, _HookedPipeline(tmp_path) as pipeline:
+        assert pipeline.core is not None
+        org = Org(pipeline.core, receiver.url)
+        org.alert(threshold=10)
+        with pipeline.edges[0].client(org.token) as edge:
+            for tokens in (4, 7, 2):
+                event = {
+                    "name": "use",
+                    "external_customer_id": "ada",
+                    "metadata": {"tokens": tokens},
+                }
+                sent = edge.post("/v1/events/ingest", json={"events": [event]})
+                assert sent.status_code == 200, sent.text
+        wait_until(lambda: len(receiver.received) >= 1, 30)
+        time.sleep(0.5)
+        [delivery] = receiver.received
+    assert json.loads(delivery.body)["data"]["customer_meter"]["consumed_units"] == 11
+
+
+def test_customer_state_changed_is_polars_and_coalesced(hooked: MeterlineServer) -> None:
+    """Polar's payload (polar-sdk's typed check loads it), at most one per customer per 5 s."""
+    with Receiver() as receiver:
+        org = Org(hooked, receiver.url)
+        endpoint = org.http.post(
+            "/v1/webhooks/endpoints",
+            json={"url": receiver.url, "format": "raw", "events": ["customer.state_changed"]},
+        ).json()
+        grant = {"external_customer_id": "ada", "meter_id": org.meter, "units": 100}
+        assert (
+            org.http.post("/v1/meter-credits/", json={**grant, "external_id": "g"}).status_code
+            == 201
+        )
+        for tokens in (1, 2, 3):
+            org.use(tokens)
+        wait_until(lambda: len(receiver.received) >= 1, 10)
+        first = receiver.received[0]
+        time.sleep(1.5)
+        assert len(receiver.received) == 1  # the changes after it wait for the interval
+        org.use(4)
+        wait_until(lambda: len(receiver.received) >= 2, 10)
+        second = receiver.received[1]
+    assert second.at - first.at >= 4.5
+    payload = polar_webhooks.validate_event(second.body, second.headers, endpoint["secret"])
+    assert isinstance(payload, WebhookCustomerStateChangedPayload)
+    [meter] = payload.data.active_meters
+    assert (meter.consumed_units, meter.credited_units, meter.balance) == (10, 100, 90)
+    assert payload.data.external_id == "ada"
