@@ -41,9 +41,8 @@ from aggregator.errors import InsufficientBalance, KeyReused, MeterFailed, NotFo
 from aggregator.intake.consumer import Consumer
 from aggregator.services import ledger_service
 from aggregator.store import Store, dedupe
-from aggregator.store.alert_tables import AlertRow
+from aggregator.store.alert_tables import Firing
 from aggregator.store.balances import Balances
-from aggregator.store.meter_tables import MeterRow
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS
 from aggregator.upstream.forwarder import Forwarder
 from aggregator.upstream.webhook_sender import WebhookSettings
@@ -147,23 +146,25 @@ def _errors() -> ErrorMap:
 
 
 def alert_payload(
-    con: duckdb.DuckDBPyConnection,
-    balances: Balances,
-    alert: AlertRow,
-    customer_id: str,
-    meter: MeterRow,
-    consumed: float,
-    credited: int,
-) -> dict[str, Any]:
-    """A `meter.alert` event's data (`alert_tables.Payload`): the alert, and Polar's
-    CustomerMeter as the change that fired it left it (built inside that change's
-    transaction)."""
-    view = ledger_service.view_on(con, balances, alert.organization_id, customer_id, meter.id)
-    balance = replace(view.balance, consumed=consumed, credited=credited)
-    return {
-        "alert": alert_shapes.alert(alert),
-        "customer_meter": ledger_shapes.customer_meter(replace(view, balance=balance)),
-    }
+    con: duckdb.DuckDBPyConnection, balances: Balances, fired: list[Firing]
+) -> list[dict[str, Any]]:
+    """`meter.alert` events' data (`alert_tables.Payload`): each alert, and Polar's
+    CustomerMeter as the change that fired it left it (made inside that change's transaction,
+    for all of a change's firings at once)."""
+    pairs = list(dict.fromkeys((f.customer_id, f.meter.id) for f in fired))
+    views = ledger_service.views_on(con, balances, fired[0].alert.organization_id, pairs)
+    by_pair = dict(zip(pairs, views, strict=True))
+    data = []
+    for f in fired:
+        view = by_pair[(f.customer_id, f.meter.id)]
+        balance = replace(view.balance, consumed=f.consumed, credited=f.credited)
+        data.append(
+            {
+                "alert": alert_shapes.alert(f.alert),
+                "customer_meter": ledger_shapes.customer_meter(replace(view, balance=balance)),
+            }
+        )
+    return data
 
 
 def state_payload(

@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from benchmarks import (
+    alerts,
     core,
     forwarding,
     ingest_http,
@@ -53,6 +54,7 @@ BENCHMARKS: dict[str, ModuleType | Callable[[bool], dict[str, Any]]] = {
     "kafka_consume": kafka.kafka_consume,
     "kafka_freshness": kafka.kafka_freshness,
     "balance_check": ledger.balance_check,
+    "alert_latency": alerts.alert_latency,
     "ledger_cost": ledger.ledger_cost,
     "forward_throughput": forwarding.forward_throughput,
     "reconcile_1m": forwarding.reconcile_1m,

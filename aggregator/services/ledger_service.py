@@ -37,7 +37,7 @@ __all__ = [
     "state_by_external_id",
     "state_on",
     "view",
-    "view_on",
+    "views_on",
 ]
 
 Con = duckdb.DuckDBPyConnection
@@ -257,11 +257,12 @@ async def state_by_external_id(
     )
 
 
-def view_on(
-    con: Con, balances: Balances, organization_id: str, customer_id: str, meter_id: str
-) -> CustomerMeterView:
-    """`view`, on a connection the caller holds (the writer's, inside its transaction)."""
-    return _views(con, balances, organization_id, [(customer_id, meter_id)])[0]
+def views_on(
+    con: Con, balances: Balances, organization_id: str, pairs: list[tuple[str, str]]
+) -> list[CustomerMeterView]:
+    """The customer meters of (customer id, meter id) `pairs`, on a connection the caller
+    holds (the writer's, inside its transaction), in a fixed number of statements."""
+    return _views(con, balances, organization_id, pairs)
 
 
 async def view(

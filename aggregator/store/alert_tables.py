@@ -16,11 +16,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aggregator.errors import NotFound
 from aggregator.store import idempotency, subjects, webhook_tables
@@ -68,7 +68,7 @@ class Value:
 
 # What a `meter.alert` event's `data` is made of: the alert, the customer meter (Polar's
 # CustomerMeter with the values after the change). Set by the composition (the API's shapes).
-Payload = Callable[[Con, "Balances", AlertRow, str, MeterRow, float, int], dict[str, Any]]
+Payload = Callable[[Con, "Balances", list["Firing"]], list[dict[str, Any]]]
 
 _COLUMNS = (
     "id::VARCHAR, organization_id::VARCHAR, meter_id::VARCHAR, customer_id::VARCHAR, metric,"
@@ -219,7 +219,18 @@ def list_alerts(
     return [_row(r) for r in rows], int(total)
 
 
-def _alerts_of(con: Con, live: Live, organization_id: str) -> list[AlertRow]:
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """An organization's alerts, as evaluation looks them up: per meter, and which customer
+    references each meter's per-customer alerts watch (a meter with an alert for every
+    customer watches all)."""
+
+    by_meter: dict[str, list[AlertRow]]
+    everyone: frozenset[str]  # meters with an alert for every customer
+    subjects: dict[str, pa.Array[Any]]  # meter -> the watched customers' references
+
+
+def _watch(con: Con, live: Live, organization_id: str) -> Watch:
     held = live.alerts.get(organization_id)
     if held is None:
         rows = con.execute(
@@ -227,7 +238,23 @@ def _alerts_of(con: Con, live: Live, organization_id: str) -> list[AlertRow]:
             " AND deleted_at IS NULL",
             [organization_id],
         ).fetchall()
-        held = live.alerts[organization_id] = [_row(r) for r in rows]
+        by_meter: dict[str, list[AlertRow]] = {}
+        watched: dict[str, set[str]] = {}
+        for alert in map(_row, rows):
+            by_meter.setdefault(alert.meter_id, []).append(alert)
+            if alert.customer_id is None:
+                continue
+            customer = live.catalog.customer(con, organization_id, alert.customer_id)
+            if customer is not None:
+                watched.setdefault(alert.meter_id, set()).update(subjects.of_customer(customer))
+        everyone = frozenset(
+            m for m, alerts in by_meter.items() if any(a.customer_id is None for a in alerts)
+        )
+        held = live.alerts[organization_id] = Watch(
+            by_meter,
+            everyone,
+            {m: pa.array(sorted(refs), pa.string()) for m, refs in watched.items()},
+        )
     return held
 
 
@@ -239,35 +266,51 @@ def on_usage(con: Con, live: Live, evaluated: Evaluated, batch: int) -> None:
     `batch` (its first seq) names each event fired: the ingest log's replay of the batch at
     start then writes none twice."""
     org = evaluated.organization_id
-    alerts = _alerts_of(con, live, org)
-    if not alerts:
-        return
-    watched = {a.meter_id for a in alerts}
-    meters = {m.id: m for m in evaluated.meters if m.id in watched}
+    watch = _watch(con, live, org)
+    meters = {m.id: m for m in evaluated.meters if m.id in watch.by_meter}
     if not meters:
         return
     deltas: dict[tuple[str, str], Partial] = {}
     customers: dict[str, CustomerKey] = {}
-    for table in (evaluated.ledger, evaluated.ledger_values):
-        unique = table is evaluated.ledger_values
-        rows = _rows_of(table, set(meters))
-        if unique and rows:
-            keys = iter(_value_keys(live, rows))
-        for row in rows:
-            customer = live.catalog.customer_of_subject(con, org, row["subject"])
-            if customer is None:  # an external id no customer has: no customer meter
-                continue
-            customers[customer.id] = customer
-            delta = deltas.setdefault((row["meter_id"], customer.id), Partial())
-            if unique:
-                delta.values.add(next(keys))
-            else:
-                delta.add(row["events"], row["total"], row["low"], row["high"])
+    tables = [(evaluated.ledger, False), (evaluated.ledger_values, True)]
+    rows = [
+        (row, unique)
+        for table, unique in tables
+        for meter_id in meters
+        for row in _watched_rows(table, meter_id, watch)
+    ]
+    named = live.catalog.customers_of_subjects(con, org, sorted({r["subject"] for r, _ in rows}))
+    unique_rows = [row for row, unique in rows if unique]
+    keys = iter(_value_keys(live, unique_rows))
+    for row, unique in rows:
+        customer = named.get(row["subject"])
+        key = next(keys) if unique else None
+        if customer is None:  # an external id no customer has: no customer meter
+            continue
+        customers[customer.id] = customer
+        delta = deltas.setdefault((row["meter_id"], customer.id), Partial())
+        if unique:
+            delta.values.add(key)
+        else:
+            delta.add(row["events"], row["total"], row["low"], row["high"])
+    fired: list[Firing] = []
     for (meter_id, customer_id), delta in deltas.items():
         meter = meters[meter_id]
         before = value(live, customers[customer_id], meter)
         after = Value(_merged(before.usage, delta), before.credited)
-        _changed(con, live, alerts, customer_id, meter, before, after, evaluated.at_us, batch)
+        fired += _changed(live, watch, customer_id, meter, before, after, batch)
+    _send(con, live, org, fired, evaluated.at_us)
+
+
+def _watched_rows(table: pa.Table, meter_id: str, watch: Watch) -> list[dict[str, Any]]:
+    """The rows of `table` for `meter_id` whose customer reference an alert watches."""
+    if table.num_rows == 0:
+        return []
+    mask = pc.equal(table.column("meter_id"), pa.scalar(meter_id, pa.string()))
+    if meter_id not in watch.everyone:
+        refs = watch.subjects.get(meter_id, pa.array([], pa.string()))
+        mask = pc.and_(mask, pc.is_in(table.column("subject"), value_set=refs))
+    return list(table.filter(mask).to_pylist())
 
 
 def _value_keys(live: Live, rows: list[dict[str, Any]]) -> list[Hashable]:
@@ -276,12 +319,6 @@ def _value_keys(live: Live, rows: list[dict[str, Any]]) -> list[Hashable]:
     for row in rows:
         keys += live.balances.value_keys(str(row["meter_id"]), [row["value"]])
     return keys
-
-
-def _rows_of(table: pa.Table, meter_ids: set[str]) -> list[dict[str, Any]]:
-    if table.num_rows == 0:
-        return []
-    return [r for r in table.to_pylist() if str(r["meter_id"]) in meter_ids]
 
 
 def _merged(usage: Partial, delta: Partial) -> Partial:
@@ -311,71 +348,81 @@ def on_ledger_change(
 ) -> None:
     """Evaluate the alerts on a credit's or reset's change (`before` None: a reset, which
     re-arms them)."""
-    alerts = _alerts_of(con, live, customer.organization_id)
-    _changed(con, live, alerts, customer.id, meter, before, after, at_us)
+    watch = _watch(con, live, customer.organization_id)
+    fired = _changed(live, watch, customer.id, meter, before, after)
+    _send(con, live, customer.organization_id, fired, at_us)
+
+
+@dataclass(frozen=True, slots=True)
+class Firing:
+    """An alert a change fired, with the customer meter's values after the change."""
+
+    alert: AlertRow
+    customer_id: str
+    meter: MeterRow
+    consumed: float
+    credited: int
+    event_id: str | None  # set for changes that can be applied again (replayed ingest)
 
 
 def _changed(
-    con: Con,
     live: Live,
-    alerts: list[AlertRow],
+    watch: Watch,
     customer_id: str,
     meter: MeterRow,
     before: Value | None,
     after: Value,
-    at_us: int,
     batch: int | None = None,
-) -> None:
+) -> list[Firing]:
     live.alert_values[(meter.id, customer_id)] = after
     func = meter.aggregation.func
-    for alert in alerts:
-        if alert.meter_id != meter.id or alert.customer_id not in (None, customer_id):
+    fired = []
+    for alert in watch.by_meter.get(meter.id, []):
+        if alert.customer_id not in (None, customer_id):
             continue
         old = None if before is None else before.of(alert.metric, func)
         if alert_fires(alert.operator, alert.threshold, old, after.of(alert.metric, func)):
-            consumed = after.usage.result(func)
             event_id = (
                 None
                 if batch is None
                 else str(uuid.uuid5(uuid.NAMESPACE_URL, f"{alert.id}/{customer_id}/{batch}"))
             )
-            webhook_tables.enqueue(
-                con,
-                live,
-                alert.organization_id,
-                "meter.alert",
-                partial(
-                    live.alert_payload,
-                    con,
-                    live.balances,
-                    alert,
-                    customer_id,
-                    meter,
-                    consumed,
-                    after.credited,
-                ),
-                at_us,
-                event_id,
+            fired.append(
+                Firing(
+                    alert, customer_id, meter, after.usage.result(func), after.credited, event_id
+                )
             )
+    return fired
 
 
-def basic_payload(
-    con: Con,
-    balances: Balances,
-    alert: AlertRow,
-    customer_id: str,
-    meter: MeterRow,
-    consumed: float,
-    credited: int,
-) -> dict[str, Any]:
-    """A `meter.alert`'s data without the API's shapes (the store alone, as in its tests)."""
-    return {
-        "alert": {"id": alert.id, "external_id": alert.external_id},
-        "customer_meter": {
-            "customer_id": customer_id,
-            "meter_id": meter.id,
-            "consumed_units": consumed,
-            "credited_units": credited,
-            "balance": credited - consumed,
-        },
-    }
+def _send(con: Con, live: Live, organization_id: str, fired: list[Firing], at_us: int) -> None:
+    """Write the events of what fired, with their data made in one go (a batch may fire for
+    many customers at once)."""
+    if not fired:
+        return
+    data = live.alert_payload(con, live.balances, fired)
+    webhook_tables.enqueue_many(
+        con,
+        live,
+        organization_id,
+        "meter.alert",
+        [(f.event_id, d) for f, d in zip(fired, data, strict=True)],
+        at_us,
+    )
+
+
+def basic_payload(con: Con, balances: Balances, fired: list[Firing]) -> list[dict[str, Any]]:
+    """`meter.alert` events' data without the API's shapes (the store alone, as in its tests)."""
+    return [
+        {
+            "alert": {"id": f.alert.id, "external_id": f.alert.external_id},
+            "customer_meter": {
+                "customer_id": f.customer_id,
+                "meter_id": f.meter.id,
+                "consumed_units": f.consumed,
+                "credited_units": f.credited,
+                "balance": f.credited - f.consumed,
+            },
+        }
+        for f in fired
+    ]

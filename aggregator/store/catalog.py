@@ -71,14 +71,40 @@ class Catalog:
             con, "organization_id = ? AND external_id = ?", [organization_id, external_id]
         )
 
-    def customer_of_subject(
-        self, con: duckdb.DuckDBPyConnection, organization_id: str, subject: str
-    ) -> CustomerKey | None:
-        """The customer a customer reference (`subjects`: `id:…` or `ext:…`) names, if any."""
-        kind, _, ref = subject.partition(":")
-        if kind == "id":
-            return self.customer(con, organization_id, ref)
-        return self.customer_by_external_id(con, organization_id, ref)
+    def customers_of_subjects(
+        self, con: duckdb.DuckDBPyConnection, organization_id: str, subjects: list[str]
+    ) -> dict[str, CustomerKey]:
+        """The customers that customer references (`subjects`: `id:…`, `ext:…`) name, those
+        not held in memory read in one statement; references no customer has are left out."""
+        found: dict[str, CustomerKey] = {}
+        missing: list[str] = []
+        for subject in subjects:
+            kind, _, ref = subject.partition(":")
+            held = (
+                self._by_id.get(ref)
+                if kind == "id"
+                else self._by_external_id.get((organization_id, ref))
+            )
+            if held is not None and held.organization_id == organization_id:
+                found[subject] = held
+            else:
+                missing.append(subject)
+        if missing:
+            rows = con.execute(
+                "SELECT id::VARCHAR, organization_id::VARCHAR, external_id FROM customers"
+                " WHERE organization_id = ?::UUID AND ('id:' || id::VARCHAR IN"
+                " (SELECT unnest(?::VARCHAR[])) OR 'ext:' || external_id IN"
+                " (SELECT unnest(?::VARCHAR[])))",
+                [organization_id, missing, missing],
+            ).fetchall()
+            for row in rows:
+                customer = CustomerKey(*row)
+                if customer.external_id is not None:
+                    self._hold(customer)
+                for subject in (f"id:{customer.id}", f"ext:{customer.external_id}"):
+                    if subject in missing:
+                        found[subject] = customer
+        return found
 
     def meter(
         self, con: duckdb.DuckDBPyConnection, organization_id: str, meter_id: str

@@ -91,7 +91,7 @@ class Live:
         self.notify_webhooks: Effect = lambda: None
         # Alerts per organization (read when first needed), the customer meters this
         # transaction changed as it left them, and how a `meter.alert` event's data is made.
-        self.alerts: dict[str, list[alert_tables.AlertRow]] = {}
+        self.alerts: dict[str, alert_tables.Watch] = {}
         self.alert_values: dict[tuple[str, str], alert_tables.Value] = {}
         self.alert_payload: alert_tables.Payload = alert_tables.basic_payload
         # Whether an organization has an endpoint for customer.state_changed (`webhook_tables`).
@@ -275,8 +275,8 @@ class Live:
             return
         names = set(ev.ledger.column("subject").to_pylist())
         names |= set(ev.ledger_values.column("subject").to_pylist())
-        found = (self.catalog.customer_of_subject(con, org, str(n)) for n in names)
-        customers = sorted({c.id for c in found if c is not None})
+        found = self.catalog.customers_of_subjects(con, org, sorted(map(str, names)))
+        customers = sorted({c.id for c in found.values()})
         webhook_tables.mark_state_changed(con, self, org, customers, at_us)
 
     def _applied(self, entry: Applied, fingerprints: np.ndarray, seqs: np.ndarray) -> None:

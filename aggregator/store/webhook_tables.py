@@ -13,7 +13,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -238,18 +237,18 @@ def list_endpoints(
 # ---- events -------------------------------------------------------------------------------
 
 
-def enqueue(
+def enqueue_many(
     con: Con,
     live: Live,
     organization_id: str,
     type_: str,
-    data: Callable[[], Any],
+    items: list[tuple[str | None, Any]],
     now_us: int,
-    event_id: str | None = None,
-) -> str | None:
-    """Write a `type_` event with `data()` for the organization's enabled endpoints that take
-    it, in the caller's transaction (on `con`); its id, or None when no endpoint takes it or
-    an event with `event_id` exists already (a change applied again)."""
+) -> int:
+    """Write `type_` events, one per (event id or None, data) of `items`, for the
+    organization's enabled endpoints that take the type, in the caller's transaction (on
+    `con`), in a fixed number of statements; an event whose id exists already (a change applied
+    again) is left out. How many were written."""
     endpoints = [
         str(r[0])
         for r in con.execute(
@@ -258,22 +257,41 @@ def enqueue(
             [organization_id, type_],
         ).fetchall()
     ]
-    if not endpoints:
-        return None
-    if event_id is not None and first_row(
-        con, "SELECT 1 FROM webhook_events WHERE id = ?::UUID", [event_id]
-    ):
-        return None
-    event_id = event_id or str(uuid.uuid4())
-    body = {"type": type_, "timestamp": us_to_iso(now_us), "api_version": API_VERSION}
-    payload = orjson.dumps({**body, "data": data()})
-    con.execute(
-        "INSERT INTO webhook_events VALUES (?::UUID, ?::UUID, ?, ?, make_timestamptz(?))",
-        [event_id, organization_id, type_, payload.decode(), now_us],
+    if not endpoints or not items:
+        return 0
+    given = [i for i, _ in items if i is not None]
+    existing = (
+        {
+            str(r[0])
+            for r in con.execute(
+                "SELECT id FROM webhook_events WHERE id IN (SELECT unnest(?::UUID[]))", [given]
+            ).fetchall()
+        }
+        if given
+        else set()
     )
-    _outbox(con, event_id, endpoints, now_us)
+    base = {"type": type_, "timestamp": us_to_iso(now_us), "api_version": API_VERSION}
+    ids: list[str] = []
+    payloads: list[str] = []
+    for event_id, data in items:
+        if event_id in existing:
+            continue
+        ids.append(event_id or str(uuid.uuid4()))
+        payloads.append(orjson.dumps({**base, "data": data}).decode())
+    if not ids:
+        return 0
+    con.execute(
+        "INSERT INTO webhook_events SELECT i::UUID, ?::UUID, ?, p, make_timestamptz(?)"
+        " FROM (SELECT unnest(?::VARCHAR[]) AS i, unnest(?::VARCHAR[]) AS p)",
+        [organization_id, type_, now_us, ids, payloads],
+    )
+    con.execute(
+        "INSERT INTO webhook_outbox SELECT i::UUID, e::UUID, 0, make_timestamptz(?), 'pending',"
+        " NULL FROM unnest(?::VARCHAR[]) AS a(i), unnest(?::VARCHAR[]) AS b(e)",
+        [now_us, ids, endpoints],
+    )
     live.stage(live.notify_webhooks)
-    return event_id
+    return len(ids)
 
 
 # ---- customer.state_changed: marked with the change, sent coalesced ------------------------
@@ -351,14 +369,10 @@ def state_changes_job(
             )
             data = payload(con, live.balances, org, customer_id)
             if data is not None:  # None: the customer is gone
-                enqueue(con, live, org, STATE_CHANGED, partial(_given, data), now_us)
+                enqueue_many(con, live, org, STATE_CHANGED, [(None, data)], now_us)
         return len(due_rows)
 
     return job
-
-
-def _given(data: Any) -> Any:
-    return data
 
 
 def _outbox(con: Con, event_id: str, endpoints: list[str], now_us: int) -> None:
@@ -451,67 +465,73 @@ class Attempt:
     latency_ms: float
 
 
-def attempted_job(attempt: Attempt, disable_after_seconds: float) -> Job[None]:
-    """Log an attempt; end its outbox row on success, else schedule the next one (or give up
-    `RETRY_SECONDS` after the event); disable an endpoint failing for longer than
-    `disable_after_seconds` since its last success."""
+def attempted_job(attempts: list[Attempt], disable_after_seconds: float) -> Job[None]:
+    """Log attempts (one transaction for many: deliveries come in bursts); end each outbox row
+    on success, else schedule the next attempt (or give up `RETRY_SECONDS` after the event);
+    disable an endpoint failing for longer than `disable_after_seconds` since its last
+    success."""
 
     @independent
     def job(tx: Tx) -> None:
-        con, d, now = tx.con, attempt.due, attempt.at_us
-        con.execute(
-            "INSERT INTO webhook_deliveries VALUES (?::UUID, ?::UUID, ?::UUID, ?::UUID, ?,"
-            " make_timestamptz(?), ?, ?, ?, ?)",
-            [
-                str(uuid.uuid4()),
-                d.organization_id,
-                d.event_id,
-                d.endpoint_id,
-                d.attempts + 1,
-                now,
-                attempt.succeeded,
-                attempt.http_code,
-                attempt.response,
-                attempt.latency_ms,
-            ],
-        )
-        if attempt.succeeded:
-            _end_row(con, d, "state = 'delivered', ended_at = make_timestamptz(?)", now)
-            con.execute(
-                "UPDATE webhook_endpoints SET failing_since = NULL WHERE id = ?::UUID",
-                [d.endpoint_id],
-            )
-            return
-        if now - d.created_at_us >= RETRY_SECONDS * _US:
-            _end_row(con, d, "state = 'failed', ended_at = make_timestamptz(?)", now)
-        else:
-            wait_us = int(retry_after_seconds(d.attempts + 1) * _US)
-            _end_row(con, d, "next_at = make_timestamptz(?)", now + wait_us)
-        con.execute(
-            "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since,"
-            " make_timestamptz(?)) WHERE id = ?::UUID",
-            [now, d.endpoint_id],
-        )
-        failing = first_row(
-            con,
-            "SELECT epoch_us(failing_since) FROM webhook_endpoints WHERE id = ?::UUID AND enabled",
-            [d.endpoint_id],
-        )
-        if failing is not None and now - int(failing[0]) >= disable_after_seconds * _US:
-            reason = (
-                f"Disabled by meterline at {us_to_iso(now)}: every delivery failed since"
-                f" {us_to_iso(int(failing[0]))}; the last one: "
-                + (f"HTTP {attempt.http_code}" if attempt.http_code else (attempt.response or ""))
-            )
-            con.execute(
-                "UPDATE webhook_endpoints SET enabled = false, disabled_reason = ?,"
-                " modified_at = make_timestamptz(?) WHERE id = ?::UUID",
-                [reason[:1000], now, d.endpoint_id],
-            )
-            _end_pending(con, d.endpoint_id, now)
-            tx.live.state_subscribers.pop(d.organization_id, None)
+        for attempt in attempts:
+            _attempted(tx, attempt, disable_after_seconds)
 
     return job
+
+
+def _attempted(tx: Tx, attempt: Attempt, disable_after_seconds: float) -> None:
+    con, d, now = tx.con, attempt.due, attempt.at_us
+    con.execute(
+        "INSERT INTO webhook_deliveries VALUES (?::UUID, ?::UUID, ?::UUID, ?::UUID, ?,"
+        " make_timestamptz(?), ?, ?, ?, ?)",
+        [
+            str(uuid.uuid4()),
+            d.organization_id,
+            d.event_id,
+            d.endpoint_id,
+            d.attempts + 1,
+            now,
+            attempt.succeeded,
+            attempt.http_code,
+            attempt.response,
+            attempt.latency_ms,
+        ],
+    )
+    if attempt.succeeded:
+        _end_row(con, d, "state = 'delivered', ended_at = make_timestamptz(?)", now)
+        con.execute(
+            "UPDATE webhook_endpoints SET failing_since = NULL WHERE id = ?::UUID",
+            [d.endpoint_id],
+        )
+        return
+    if now - d.created_at_us >= RETRY_SECONDS * _US:
+        _end_row(con, d, "state = 'failed', ended_at = make_timestamptz(?)", now)
+    else:
+        wait_us = int(retry_after_seconds(d.attempts + 1) * _US)
+        _end_row(con, d, "next_at = make_timestamptz(?)", now + wait_us)
+    con.execute(
+        "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since,"
+        " make_timestamptz(?)) WHERE id = ?::UUID",
+        [now, d.endpoint_id],
+    )
+    failing = first_row(
+        con,
+        "SELECT epoch_us(failing_since) FROM webhook_endpoints WHERE id = ?::UUID AND enabled",
+        [d.endpoint_id],
+    )
+    if failing is not None and now - int(failing[0]) >= disable_after_seconds * _US:
+        reason = (
+            f"Disabled by meterline at {us_to_iso(now)}: every delivery failed since"
+            f" {us_to_iso(int(failing[0]))}; the last one: "
+            + (f"HTTP {attempt.http_code}" if attempt.http_code else (attempt.response or ""))
+        )
+        con.execute(
+            "UPDATE webhook_endpoints SET enabled = false, disabled_reason = ?,"
+            " modified_at = make_timestamptz(?) WHERE id = ?::UUID",
+            [reason[:1000], now, d.endpoint_id],
+        )
+        _end_pending(con, d.endpoint_id, now)
+        tx.live.state_subscribers.pop(d.organization_id, None)
 
 
 def _end_row(con: Con, d: Due, assignment: str, value: int) -> None:

@@ -51,7 +51,7 @@ class WebhookSettings:
     disable_after_seconds: float = 24 * 3600.0  # failing this long since the last success
     timeout_seconds: float = 10.0
     concurrency: int = 32
-    per_endpoint: int = 4
+    per_endpoint: int = 8
     idle_poll_seconds: float = 5.0
     prune_every_seconds: float = 3600.0
     # At most one customer.state_changed per customer per this many seconds.
@@ -99,11 +99,15 @@ class WebhookSender:
         self._client: httpx.AsyncClient | None = None
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        # Rows being sent or sent and not yet recorded (never read as due again meanwhile),
+        # and the requests open now, per endpoint: recording waits for the writer, sending not.
         self._inflight: set[tuple[str, str]] = set()
-        self._per_endpoint: Counter[str] = Counter()
+        self._sending: Counter[str] = Counter()
         # When each row's latest attempt was recorded: a read of due rows begun before that
         # may still see the row as due, and must not send it again.
         self._recorded: dict[tuple[str, str], float] = {}
+        self._attempts: list[Attempt] = []
+        self._recording: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pruned_at = 0.0
 
@@ -146,7 +150,7 @@ class WebhookSender:
     async def _round(self) -> None:
         self._wake.clear()
         settings = self._settings
-        room = settings.concurrency - len(self._inflight)
+        room = settings.concurrency - sum(self._sending.values())
         if room > 0:
             began = time.monotonic()
             rows = await self._store.read_now(due, now_us(), room + len(self._inflight))
@@ -156,10 +160,10 @@ class WebhookSender:
                 if (
                     key in self._inflight
                     or self._recorded.get(key, -1.0) >= began
-                    or self._per_endpoint[row.endpoint_id] >= settings.per_endpoint
+                    or self._sending[row.endpoint_id] >= settings.per_endpoint
                 ):
                     continue
-                if len(self._inflight) >= settings.concurrency:
+                if sum(self._sending.values()) >= settings.concurrency:
                     break
                 self._start(row)
         if time.monotonic() - self._pruned_at >= settings.prune_every_seconds:
@@ -196,7 +200,7 @@ class WebhookSender:
     def _start(self, row: Due) -> None:
         key = (row.event_id, row.endpoint_id)
         self._inflight.add(key)
-        self._per_endpoint[row.endpoint_id] += 1
+        self._sending[row.endpoint_id] += 1
         task = asyncio.create_task(self._deliver(row))
         self._tasks.add(task)
 
@@ -204,7 +208,6 @@ class WebhookSender:
             self._tasks.discard(finished)
             self._recorded[key] = time.monotonic()
             self._inflight.discard(key)
-            self._per_endpoint[row.endpoint_id] -= 1
             if not finished.cancelled() and finished.exception() is not None:
                 log.error("webhook delivery failed", exc_info=finished.exception())
             self._wake.set()
@@ -212,6 +215,14 @@ class WebhookSender:
         task.add_done_callback(done)
 
     async def _deliver(self, row: Due) -> None:
+        try:
+            attempt = await self._send(row)
+        finally:
+            self._sending[row.endpoint_id] -= 1  # room for the next request at once
+            self._wake.set()
+        await self._record(attempt)
+
+    async def _send(self, row: Due) -> Attempt:
         assert self._client is not None
         started = time.perf_counter()
         code: int | None = None
@@ -234,7 +245,7 @@ class WebhookSender:
                 answer = response.text[:RESPONSE_EXCERPT_BYTES]
             except httpx.HTTPError as exc:
                 answer = f"{type(exc).__name__}: {exc}"[:RESPONSE_EXCERPT_BYTES]
-        attempt = Attempt(
+        return Attempt(
             row,
             now_us(),
             code is not None and 200 <= code < 300,
@@ -242,4 +253,16 @@ class WebhookSender:
             answer,
             (time.perf_counter() - started) * 1000,
         )
-        await self._store.write(attempted_job(attempt, self._settings.disable_after_seconds))
+
+    async def _record(self, attempt: Attempt) -> None:
+        """Record `attempt` with the others finished about now, in one writer job: returns once
+        it is committed."""
+        self._attempts.append(attempt)
+        if self._recording is None:
+            self._recording = asyncio.ensure_future(self._record_batch())
+        await asyncio.shield(self._recording)
+
+    async def _record_batch(self) -> None:
+        await asyncio.sleep(0.005)  # the deliveries finishing with this one join it
+        batch, self._attempts, self._recording = self._attempts, [], None
+        await self._store.write(attempted_job(batch, self._settings.disable_after_seconds))

@@ -287,7 +287,8 @@ def test_kafka_mode_the_core_fires_alerts(tmp_path: Path) -> None:
         wait_until(lambda: len(receiver.received) >= 1, 30)
         time.sleep(0.5)
         [delivery] = receiver.received
-    assert json.loads(delivery.body)["data"]["customer_meter"]["consumed_units"] == 11
+    # The change that crossed: the consumed batch holding the 7 (it may hold the 2 as well).
+    assert json.loads(delivery.body)["data"]["customer_meter"]["consumed_units"] in (11, 13)
 
 
 def test_customer_state_changed_is_polars_and_coalesced(hooked: MeterlineServer) -> None:
