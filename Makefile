@@ -39,7 +39,9 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 unit: $(VENV)/.installed-test $(NODE_PROJECT)/node_modules/.installed
-	$(BIN)/pytest -n 3 --dist loadfile  # three workers: most tests wait on real processes
+	# Three workers (most tests wait on real processes); then, alone, those that measure time.
+	$(BIN)/pytest -n 3 --dist loadfile -m "not serial"
+	$(BIN)/pytest -m serial
 
 test: lint typecheck unit
 

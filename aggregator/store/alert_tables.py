@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from aggregator.errors import NotFound
 from aggregator.store import idempotency, subjects, webhook_tables
 from aggregator.store.catalog import CustomerKey
-from aggregator.store.customer_tables import CustomerRow, get_customer, get_customer_by_external_id
+from aggregator.store.customer_tables import CustomerRow, find_customer
 from aggregator.store.meter_tables import MeterRow, get_meter
 from aggregator.store.rollups import Evaluated
 from aggregator.store.rows import first_row
@@ -145,20 +145,13 @@ def create_job(organization_id: str, data: AlertCreate, now_us: int) -> Job[tupl
 
 def _customer(con: Con, organization_id: str, data: AlertCreate) -> str | None:
     if data.customer_id is None and data.external_customer_id is None:
-        return None
-    customer: CustomerRow | None
-    if data.customer_id is not None:
-        customer = get_customer(con, organization_id, str(data.customer_id))
-        field, value = "customer_id", str(data.customer_id)
-    else:
-        assert data.external_customer_id is not None
-        customer = get_customer_by_external_id(con, organization_id, data.external_customer_id)
-        field, value = "external_customer_id", data.external_customer_id
-    if customer is None:
-        raise ValidationFailed(
-            [FieldError("customer_not_found", ("body", field), "Customer not found.", value)],
-            business=True,
-        )
+        return None  # every customer of the meter
+    customer, missing = find_customer(
+        con, organization_id, data.customer_id, data.external_customer_id
+    )
+    if missing is not None:
+        raise ValidationFailed([missing], business=True)
+    assert customer is not None
     return customer.id
 
 

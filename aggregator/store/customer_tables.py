@@ -314,3 +314,23 @@ def matching_text(
         [organization_id, text, text, text, text],
     ).fetchall()
     return [r[0] for r in rows], [r[1] for r in rows if r[1] is not None]
+
+
+def find_customer(
+    con: duckdb.DuckDBPyConnection,
+    organization_id: str,
+    customer_id: uuid.UUID | None,
+    external_customer_id: str | None,
+) -> tuple[CustomerRow | None, FieldError | None]:
+    """The customer a request names by id or external id, or the error (a 422's) naming the
+    field."""
+    if customer_id is not None:
+        customer = get_customer(con, organization_id, str(customer_id))
+        field, value = "customer_id", str(customer_id)
+    else:
+        assert external_customer_id is not None
+        customer = get_customer_by_external_id(con, organization_id, external_customer_id)
+        field, value = "external_customer_id", external_customer_id
+    if customer is None:
+        return None, FieldError("customer_not_found", ("body", field), "Customer not found.", value)
+    return customer, None

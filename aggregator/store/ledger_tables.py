@@ -21,11 +21,7 @@ import orjson
 from aggregator.store import alert_tables, idempotency, subjects, webhook_tables
 from aggregator.store.balances import Credits as HeldCredits
 from aggregator.store.compaction import LEDGER_TABLES
-from aggregator.store.customer_tables import (
-    CustomerRow,
-    get_customer,
-    get_customer_by_external_id,
-)
+from aggregator.store.customer_tables import CustomerRow, find_customer
 from aggregator.store.meter_tables import MeterRow, get_meter
 from aggregator.store.rows import first_row
 from aggregator.store.writer import Job, Tx
@@ -135,17 +131,11 @@ def resolve(
 ) -> tuple[CustomerRow, MeterRow]:
     """The request's customer and (non-archived) meter; 422 naming the field otherwise."""
     errors = []
-    if data.customer_id is not None:
-        customer = get_customer(con, organization_id, str(data.customer_id))
-        field, value = "customer_id", str(data.customer_id)
-    else:
-        assert data.external_customer_id is not None
-        customer = get_customer_by_external_id(con, organization_id, data.external_customer_id)
-        field, value = "external_customer_id", data.external_customer_id
-    if customer is None:
-        errors.append(
-            FieldError("customer_not_found", ("body", field), "Customer not found.", value)
-        )
+    customer, missing = find_customer(
+        con, organization_id, data.customer_id, data.external_customer_id
+    )
+    if missing is not None:
+        errors.append(missing)
     meter = get_meter(con, organization_id, str(data.meter_id))
     if meter is None or meter.archived_at_us is not None:
         errors.append(

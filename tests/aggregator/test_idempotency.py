@@ -148,6 +148,10 @@ def _as_previous_main_left_it(path: Path) -> None:
     con.execute("DROP TABLE ingest_stored")  # step 12
     con.execute("DROP TABLE deleted_customers")  # step 14
     con.execute("DROP TABLE event_types")  # step 15
+    con.execute("DROP TABLE meter_holds")  # step 16
+    for table in ("endpoints", "events", "outbox", "deliveries", "state_changes", "state_sent"):
+        con.execute(f"DROP TABLE webhook_{table}")  # step 17
+    con.execute("DROP TABLE meter_alerts")  # step 18
     con.execute("DELETE FROM schema_migrations WHERE version >= 8")
     for name, key in (
         ("meter.credited", "meterline:credit:old"),

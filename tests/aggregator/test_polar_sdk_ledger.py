@@ -102,6 +102,7 @@ def test_reset_carries_over_rollover_credits_and_check_answers(
         "balance_after": -5,
         "consumed_units": 0,
         "credited_units": 20,
+        "held_units": 0,
     }
     events = http.get("/v1/events/", params={"customer_id": customer_id, "limit": 100}).json()
     names = sorted(e["name"] for e in events["items"] if e["source"] == "system")

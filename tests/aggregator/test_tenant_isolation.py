@@ -12,11 +12,15 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from aggregator.auth import TokenRegistry
 from benchmarks.common import memory_kib
 from tests import tenants
 from tests.processes import MeterlineServer
+
+# They starve a server on purpose and compare latencies: alone, not beside other tests.
+pytestmark = pytest.mark.serial
 
 # A flood from one client host over a 1 Gbit/s link (a loopback flood also spends this
 # machine's cores on the attacker's own client; see benchmarks/isolation.py for it).

@@ -319,3 +319,26 @@ def test_customer_state_changed_is_polars_and_coalesced(hooked: MeterlineServer)
     [meter] = payload.data.active_meters
     assert (meter.consumed_units, meter.credited_units, meter.balance) == (10, 100, 90)
     assert payload.data.external_id == "ada"
+
+
+def test_a_slow_receiver_does_not_slow_ingest(hooked: MeterlineServer) -> None:
+    """A receiver taking 3 s per delivery: ingest answers as fast as without it meanwhile."""
+    with Receiver(delay_seconds=3.0) as receiver:
+        org = Org(hooked, receiver.url)
+        for i in range(5):  # five customers, five alerts: deliveries pile up at the receiver
+            assert (
+                org.http.post(
+                    "/v1/customers/", json={"email": f"s{i}@example.com", "external_id": f"s{i}"}
+                ).status_code
+                == 201
+            )
+        org.alert(threshold=1)
+        took = []
+        for i in range(20):
+            event = {"name": "use", "external_customer_id": f"s{i % 5}", "metadata": {"tokens": 1}}
+            started = time.perf_counter()
+            sent = org.http.post("/v1/events/ingest", json={"events": [event]})
+            took.append(time.perf_counter() - started)
+            assert sent.status_code == 200
+        assert max(took) < 1.0, took
+        wait_until(lambda: len(receiver.received) >= 5, 20)

@@ -20,7 +20,10 @@ class Received:
 
 
 class Receiver:
-    def __init__(self, port: int | None = None, answers: list[int] | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, answers: list[int] | None = None, delay_seconds: float = 0
+    ) -> None:
+        self.delay_seconds = delay_seconds
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.answers = list(answers or [])
@@ -39,6 +42,7 @@ class Receiver:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(receiver.delay_seconds)  # a slow receiver
                 with receiver._lock:
                     receiver.received.append(Received(dict(self.headers), body, time.time()))
                     status = receiver.answers.pop(0) if receiver.answers else 200
