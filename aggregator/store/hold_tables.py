@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import duckdb
 import pyarrow as pa
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from aggregator.store.live import Live
 
 Con = duckdb.DuckDBPyConnection
+Stored = Literal["active", "settled", "released"]
 Status = Literal["active", "settled", "released", "expired"]
 _US = 1_000_000
 
@@ -50,14 +51,13 @@ class HoldRow:
     units: float
     created_at_us: int
     expires_at_us: int
-    stored_status: str
+    stored_status: Stored
     ended_at_us: int | None
 
     def status(self, now_us: int) -> Status:
         if self.stored_status == "active" and self.expires_at_us <= now_us:
             return "expired"
-        assert self.stored_status in ("active", "settled", "released")
-        return self.stored_status  # type: ignore[return-value]
+        return self.stored_status
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +80,8 @@ _ACTIVE = "status = 'active' AND expires_at > make_timestamptz(?)"
 
 
 def _row(r: tuple[Any, ...]) -> HoldRow:
-    return HoldRow(r[0], r[1], r[2], r[3], r[4], float(r[5]), int(r[6]), int(r[7]), r[8], r[9])
+    stored = cast(Stored, r[8])
+    return HoldRow(r[0], r[1], r[2], r[3], r[4], float(r[5]), int(r[6]), int(r[7]), stored, r[9])
 
 
 def create_job(organization_id: str, data: HoldCreate, now_us: int) -> Job[Created]:
@@ -168,13 +169,9 @@ def release_job(organization_id: str, hold_id: str, now_us: int) -> Job[HoldRow]
             [now_us, hold_id],
         )
         _forget(tx.live, organization_id, [hold.external_id])
-        return HoldRow(**{**_fields(hold), "stored_status": "released", "ended_at_us": now_us})
+        return replace(hold, stored_status="released", ended_at_us=now_us)
 
     return job
-
-
-def _fields(hold: HoldRow) -> dict[str, Any]:
-    return {name: getattr(hold, name) for name in HoldRow.__slots__}
 
 
 def _forget(live: Live, organization_id: str, external_ids: Iterable[str]) -> None:
