@@ -11,7 +11,7 @@ import secrets
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 # What meterline sends: a customer meter crossing an alert's threshold, and Polar's event for a
 # customer whose state (meters, balances) changed.
@@ -33,7 +33,9 @@ def _http_url(value: str) -> str:
     return value
 
 
-Url = Annotated[str, Field(min_length=1, max_length=2048)]
+Url = Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(_http_url)]
+Name = Annotated[str, Field(max_length=256)]
+ApiVersion = Literal["2026-04", "2026-10"]
 Events = Annotated[list[EventType], Field(min_length=1, max_length=len(EVENT_TYPES))]
 
 
@@ -43,16 +45,11 @@ class EndpointCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: Url
-    name: Annotated[str, Field(max_length=256)] | None = None
+    name: Name | None = None
     format: Literal["raw"]
     events: Events
-    api_version: Literal["2026-04", "2026-10"] | None = None
+    api_version: ApiVersion | None = None
     organization_id: None = None  # a token has one organization
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        return _http_url(value)
 
 
 class EndpointUpdate(BaseModel):
@@ -61,16 +58,11 @@ class EndpointUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: Url | None = None
-    name: Annotated[str, Field(max_length=256)] | None = None
+    name: Name | None = None
     format: Literal["raw"] | None = None
     events: Events | None = None
-    api_version: Literal["2026-04", "2026-10"] | None = None
+    api_version: ApiVersion | None = None
     enabled: bool | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
-        return None if value is None else _http_url(value)
 
 
 def new_secret() -> str:

@@ -249,14 +249,7 @@ def enqueue_many(
     organization's enabled endpoints that take the type, in the caller's transaction (on
     `con`), in a fixed number of statements; an event whose id exists already (a change applied
     again) is left out. How many were written."""
-    endpoints = [
-        str(r[0])
-        for r in con.execute(
-            "SELECT id FROM webhook_endpoints WHERE organization_id = ?::UUID AND enabled"
-            " AND deleted_at IS NULL AND list_contains(events, ?)",
-            [organization_id, type_],
-        ).fetchall()
-    ]
+    endpoints = _taking(con, organization_id, type_)
     if not endpoints or not items:
         return 0
     given = [i for i, _ in items if i is not None]
@@ -285,11 +278,7 @@ def enqueue_many(
         " FROM (SELECT unnest(?::VARCHAR[]) AS i, unnest(?::VARCHAR[]) AS p)",
         [organization_id, type_, now_us, ids, payloads],
     )
-    con.execute(
-        "INSERT INTO webhook_outbox SELECT i::UUID, e::UUID, 0, make_timestamptz(?), 'pending',"
-        " NULL FROM unnest(?::VARCHAR[]) AS a(i), unnest(?::VARCHAR[]) AS b(e)",
-        [now_us, ids, endpoints],
-    )
+    _outbox(con, ids, endpoints, now_us)
     live.stage(live.notify_webhooks)
     return len(ids)
 
@@ -304,13 +293,9 @@ def subscribes(con: Con, live: Live, organization_id: str) -> bool:
     memory, dropped by every change to the organization's endpoints)."""
     held = live.state_subscribers.get(organization_id)
     if held is None:
-        row = first_row(
-            con,
-            "SELECT count(*) FROM webhook_endpoints WHERE organization_id = ?::UUID AND enabled"
-            " AND deleted_at IS NULL AND list_contains(events, ?)",
-            [organization_id, STATE_CHANGED],
+        held = live.state_subscribers[organization_id] = bool(
+            _taking(con, organization_id, STATE_CHANGED)
         )
-        held = live.state_subscribers[organization_id] = bool(row and row[0])
     return held
 
 
@@ -375,11 +360,22 @@ def state_changes_job(
     return job
 
 
-def _outbox(con: Con, event_id: str, endpoints: list[str], now_us: int) -> None:
+def _taking(con: Con, organization_id: str, type_: str) -> list[str]:
+    """The organization's enabled endpoints that take events of `type_`."""
+    rows = con.execute(
+        "SELECT id FROM webhook_endpoints WHERE organization_id = ?::UUID AND enabled"
+        " AND deleted_at IS NULL AND list_contains(events, ?)",
+        [organization_id, type_],
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def _outbox(con: Con, event_ids: list[str], endpoints: list[str], now_us: int) -> None:
+    """An outbox row, due now, for each of the events at each of the endpoints."""
     con.execute(
-        "INSERT INTO webhook_outbox SELECT ?::UUID, e::UUID, 0, make_timestamptz(?), 'pending',"
-        " NULL FROM unnest(?::VARCHAR[]) AS t(e)",
-        [event_id, now_us, endpoints],
+        "INSERT INTO webhook_outbox SELECT i::UUID, e::UUID, 0, make_timestamptz(?), 'pending',"
+        " NULL FROM unnest(?::VARCHAR[]) AS a(i), unnest(?::VARCHAR[]) AS b(e)",
+        [now_us, event_ids, endpoints],
     )
 
 
@@ -397,14 +393,7 @@ def redeliver_job(organization_id: str, event_id: str, now_us: int) -> Job[None]
         )
         if row is None:
             raise NotFound("Webhook event not found")
-        endpoints = [
-            str(r[0])
-            for r in tx.con.execute(
-                "SELECT id FROM webhook_endpoints WHERE organization_id = ?::UUID AND enabled"
-                " AND deleted_at IS NULL AND list_contains(events, ?)",
-                [organization_id, row[0]],
-            ).fetchall()
-        ]
+        endpoints = _taking(tx.con, organization_id, row[0])
         tx.con.execute(  # a row still pending for an endpoint is attempted now, not twice
             "UPDATE webhook_outbox SET next_at = make_timestamptz(?)"
             " WHERE event_id = ?::UUID AND state = 'pending'",
@@ -420,7 +409,7 @@ def redeliver_job(organization_id: str, event_id: str, now_us: int) -> Job[None]
         }
         fresh = [e for e in endpoints if e not in pending]
         if fresh:
-            _outbox(tx.con, event_id, fresh, now_us)
+            _outbox(tx.con, [event_id], fresh, now_us)
         tx.live.stage(tx.live.notify_webhooks)
 
     return job
