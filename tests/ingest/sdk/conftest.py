@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
@@ -38,6 +39,18 @@ def s3_url() -> Iterator[str]:
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_url: str) -> Any:
+    """A plain boto3 S3 client of the local S3 server."""
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_url,
+        aws_access_key_id="k",
+        aws_secret_access_key="s",
+        region_name="us-east-1",
+    )
 
 
 @pytest.fixture

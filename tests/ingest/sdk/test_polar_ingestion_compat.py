@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
-import boto3
 import openai
 import pytest
 
@@ -129,14 +128,7 @@ def _meterline_llm(ingestion: Ingestion, llm: RecordedLLM) -> None:
     assert [e.type for e in cut] == ["message_start", "content_block_start"]
 
 
-def _meterline_s3(ingestion: Ingestion, s3_url: str) -> None:
-    raw = boto3.client(
-        "s3",
-        endpoint_url=s3_url,
-        aws_access_key_id="k",
-        aws_secret_access_key="s",
-        region_name="us-east-1",
-    )
+def _meterline_s3(ingestion: Ingestion, raw: Any) -> None:
     raw.create_bucket(Bucket="meterline")
     strategy = ingestion.strategy(S3Strategy, "s3.upload")
 
@@ -196,10 +188,12 @@ def _meterline_streams_and_time(ingestion: Ingestion) -> None:
 
 
 @pytest.fixture(scope="module")
-def meterline(capture: Capture, llm: RecordedLLM, s3_url: str) -> dict[str, list[dict[str, Any]]]:
+def meterline(
+    capture: Capture, llm: RecordedLLM, s3_client: Any
+) -> dict[str, list[dict[str, Any]]]:
     with Ingestion("token", base_url=capture.url, flush_interval=60) as ingestion:
         _meterline_llm(ingestion, llm)
-        _meterline_s3(ingestion, s3_url)
+        _meterline_s3(ingestion, s3_client)
         _meterline_streams_and_time(ingestion)
         assert ingestion.flush(10)
     return capture.metadata("meterline")

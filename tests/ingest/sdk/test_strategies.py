@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
-import boto3
 import botocore.exceptions
 import openai
 import pytest
@@ -257,15 +256,9 @@ def test_pydantic_ai_agent_run(
 
 
 def test_s3_uploads(
-    meterline: MeterlineServer, s3_url: str, ingestion: Ingestion, customer: str, tmp_path: Path
+    meterline: MeterlineServer, s3_client: Any, ingestion: Ingestion, customer: str, tmp_path: Path
 ):
-    raw = boto3.client(
-        "s3",
-        endpoint_url=s3_url,
-        aws_access_key_id="k",
-        aws_secret_access_key="s",
-        region_name="us-east-1",
-    )
+    raw = s3_client
     raw.create_bucket(Bucket="media")
     strategy = ingestion.strategy(S3Strategy, "s3.upload")
     s3 = strategy.wrap(raw, external_customer_id=customer, step=0)
