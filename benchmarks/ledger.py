@@ -97,7 +97,7 @@ def balance_check(quick: bool = False) -> dict[str, Any]:
 async def _in_process(path: Path, org: str, plan: dict[str, int]) -> dict[str, Any]:
     async with Store(path) as store:
         await store.write(
-            lambda con: con.execute(
+            lambda tx: tx.con.execute(
                 "INSERT INTO customers (id, organization_id, type, email, external_id, metadata,"
                 " created_at) SELECT uuid(), ?::UUID, 'individual', 'c' || i || '@example.com',"
                 " 'cust_' || i, '{}', now() FROM range(?) t(i)",
