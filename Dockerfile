@@ -1,6 +1,8 @@
 # meterline: one image for every role (`up`, `core`, `ingest`, `token`).
 #   docker build -t meterline .
 #   docker run -p 8000:8000 -v meterline-data:/data meterline
+# It prints no token; once it has started, create one with:
+#   docker run --rm -v meterline-data:/data meterline meterline token create --data-dir /data --org acme
 # The Kafka deployment (core, two ingest edges, a load balancer) is deploy/docker-compose.yml.
 
 FROM python:3.11-slim AS build
@@ -37,4 +39,4 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status != 200)"]
 # SIGTERM (docker stop) lets in-flight requests finish and drains pending writes.
 STOPSIGNAL SIGTERM
-CMD ["meterline", "up", "--host", "0.0.0.0", "--data-dir", "/data"]
+CMD ["meterline", "up", "--host", "0.0.0.0", "--data-dir", "/data", "--no-dev-token"]

@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA_DIR ?= .meterline
 
-.PHONY: up test lint typecheck unit bench clean
+.PHONY: up test lint typecheck unit bench clean system-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,15 +38,23 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
-unit: $(VENV)/.installed-test $(NODE_PROJECT)/node_modules/.installed
+# From apt, when missing: Debian's chromium for the console's browser tests (playwright drives
+# it; no browser download) and curl for the README's commands (tests/test_readme.py).
+system-tools:
+	command -v chromium >/dev/null && command -v curl >/dev/null \
+		|| (apt-get update -q && apt-get install -y -q chromium curl)
+
+unit: $(VENV)/.installed-test $(NODE_PROJECT)/node_modules/.installed system-tools
 	# Three workers (most tests wait on real processes); then, alone, those that measure time.
 	$(BIN)/pytest -n 3 --dist loadfile -m "not serial"
 	$(BIN)/pytest -m serial
 
 test: lint typecheck unit
 
+# Every benchmark, or `make bench BENCH="name ..."`; QUICK=1 for smoke runs (results kept apart,
+# never replacing the committed ones). It says first about how long the run will take.
 bench: $(VENV)/.installed-test
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(BENCH) $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache $(NODE_PROJECT)/node_modules

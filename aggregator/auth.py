@@ -25,6 +25,7 @@ from aggregator.errors import NotFound
 
 TOKEN_PREFIX = "mlt_oat_"  # noqa: S105 - not a secret
 CUSTOMER_TOKEN_PREFIX = "mlt_cst_"  # noqa: S105 - not a secret
+SECRET_FILE = "secret.key"  # noqa: S105 - a file name
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS organizations (
     id TEXT PRIMARY KEY,
@@ -79,7 +80,7 @@ class CustomerSession:
 
 def load_secret(data_dir: Path) -> bytes:
     """The data dir's HMAC key, created (mode 0600) on first use."""
-    path = data_dir / "secret.key"
+    path = data_dir / SECRET_FILE
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -137,15 +138,24 @@ class TokenRegistry:
     def development_token(self, org: Organization) -> str | None:
         """A token derived from the data dir's secret, so `meterline up` can print the same
         one on every start without storing its text. None once it has been revoked."""
+        token, row = self._development_row()
+        if row is not None:
+            return None if row[0] else token
+        return self.create_token(org, "development (meterline up)", token)
+
+    def development_token_active(self) -> bool:
+        """Whether a development token was created and not revoked (never creates one)."""
+        row = self._development_row()[1]
+        return row is not None and row[0] is None
+
+    def _development_row(self) -> tuple[str, tuple[str | None] | None]:
         digest = hmac.new(self._secret, b"meterline development token", hashlib.sha256).digest()
         token = TOKEN_PREFIX + "dev_" + base64.urlsafe_b64encode(digest[:24]).decode()
         with self._lock:
             row = self._db.execute(
                 "SELECT revoked_at FROM tokens WHERE token_hash = ?", (self._hash(token),)
             ).fetchone()
-        if row is not None:
-            return None if row[0] else token
-        return self.create_token(org, "development (meterline up)", token)
+        return token, row
 
     def list_tokens(self) -> list[TokenInfo]:
         with self._lock:

@@ -100,7 +100,7 @@ class Backfiller:
                 return
             done, target = progress
             if done >= target:
-                log.info("backfill of meter %s done (%d events)", meter_id, target)
+                log.info("backfill of meter %s done", meter_id)
                 return
             scaled = int(chunk * target_seconds / max(elapsed, 1e-3))
             chunk = max(1_000, min(self._max_chunk, scaled, chunk * 2))

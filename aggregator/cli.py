@@ -3,11 +3,12 @@
 meterline up [--host 127.0.0.1] [--port 8000] [--data-dir ./.meterline] [--kafka BOOTSTRAP]
 meterline core --kafka BOOTSTRAP [--port 8000] [--data-dir ./.meterline]
 meterline ingest --kafka BOOTSTRAP [--port 8001] [--data-dir ./.meterline]
-meterline token create --data-dir DIR --org NAME [--label TEXT]
-meterline token list --data-dir DIR
-meterline token revoke --data-dir DIR TOKEN_ID
+meterline token create|list|revoke [--data-dir DIR] ...
+meterline meters wait [METER_ID ...]
 meterline reconcile --from T1 --to T2 --upstream-url URL [--repair] [--mode raw|rollup]
 meterline forwarder status|quarantine|resend SEQ
+
+Exit status: 0 done, 1 the work found a problem (drift, a failed meter), 2 could not run.
 """
 
 from __future__ import annotations
@@ -17,24 +18,29 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from pathlib import Path
 
+import duckdb
 import uvicorn
 import uvloop
 from starlette.applications import Starlette
 
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
+from aggregator.commands import meters as meter_commands
+from aggregator.commands import tokens as token_commands
+from aggregator.commands.common import HelpFormatter, command, data_dir_option, version
 from aggregator.core_app import CoreSettings, alert_payload, build_app, state_payload
-from aggregator.errors import NotFound, UsageError
+from aggregator.errors import UsageError
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.plan_cycler import PlanCycler
+from aggregator.services.live_feed import LiveFeed
 from aggregator.store import Store
 from aggregator.upstream import command_line as upstream_cli
 from aggregator.upstream.forwarder import Forwarder, ForwarderSettings
@@ -47,13 +53,13 @@ from ingest.validation import ValidationPool
 from meters.columnar import COMPRESSIONS
 from meters.events import EventRules
 
-DEFAULT_DATA_DIR = Path(".meterline")
-
 
 def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: bool = True) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    data_dir_option(parser)
     parser.add_argument(
         "--max-future-seconds",
         type=float,
@@ -64,7 +70,8 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         "--validation-workers",
         type=int,
         default=os.cpu_count() or 1,
-        help="processes validating large ingest bodies (0: validate in the server process)",
+        help="processes validating large ingest bodies (0: validate in the server process;"
+        " default: one per CPU)",
     )
     parser.add_argument(
         "--deadline-seconds",
@@ -79,7 +86,12 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         help="after SIGTERM/SIGINT, the longest the process takes to exit: open requests get"
         " half of it, then pending writes; past it the process exits at once",
     )
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="least severe log messages shown",
+    )
     parser.add_argument(
         "--metrics-token",
         default=os.environ.get("METERLINE_METRICS_TOKEN"),
@@ -115,6 +127,13 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             help="how long a customer session token (POST /v1/customer-sessions/) reads the"
             " customer portal",
         )
+        parser.add_argument(
+            "--stream-heartbeat-seconds",
+            type=float,
+            default=CoreSettings().stream_heartbeat_seconds,
+            help="seconds without an event before GET /v1/customer-meters/stream sends a"
+            " heartbeat (keep it below the idle timeouts of proxies in front)",
+        )
         upstream_cli.arguments(parser.add_argument_group("forwarding upstream"))
         hooks = parser.add_argument_group("webhooks")
         defaults_hooks = WebhookSettings()
@@ -149,14 +168,25 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         help="bootstrap servers (host:port[,host:port]); without it, the embedded store",
     )
     defaults = KafkaSettings("")
-    kafka.add_argument("--topic", default=defaults.topic)
-    kafka.add_argument("--dead-letter-topic", default=defaults.dead_letter_topic)
-    kafka.add_argument("--partitions", type=int, default=defaults.partitions)
-    kafka.add_argument("--replication-factor", type=int, default=defaults.replication_factor)
+    kafka.add_argument("--topic", default=defaults.topic, help="the events topic")
+    kafka.add_argument(
+        "--dead-letter-topic",
+        default=defaults.dead_letter_topic,
+        help="where records the core cannot decode or apply go",
+    )
+    kafka.add_argument(
+        "--partitions", type=int, default=defaults.partitions, help="partitions of a new topic"
+    )
+    kafka.add_argument(
+        "--replication-factor",
+        type=int,
+        default=defaults.replication_factor,
+        help="replicas of a new topic",
+    )
     kafka.add_argument(
         "--compression",
         choices=["gzip", "snappy", "lz4", "zstd"],
-        help="compression of Kafka record batches (default none)",
+        help="compression of Kafka record batches (default: none)",
     )
     kafka.add_argument(
         "--record-compression",
@@ -164,8 +194,15 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         default=defaults.record_compression,
         help="compression of the edges' columnar records (whole value)",
     )
-    kafka.add_argument("--linger-ms", type=int, default=defaults.linger_ms)
-    kafka.add_argument("--consumer-group", default=defaults.consumer_group)
+    kafka.add_argument(
+        "--linger-ms",
+        type=int,
+        default=defaults.linger_ms,
+        help="how long the producer waits to fill a batch",
+    )
+    kafka.add_argument(
+        "--consumer-group", default=defaults.consumer_group, help="the core's consumer group"
+    )
     kafka.add_argument(
         "--no-idempotence",
         action="store_true",
@@ -230,47 +267,53 @@ def _limits_of(args: argparse.Namespace) -> Limits:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meterline", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="meterline",
+        description=__doc__.split("\n")[0],
+        epilog="Exit status: 0 done, 1 the work found a problem, 2 could not run.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"meterline {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    _serving(
-        commands.add_parser("up", help="serve everything in one process (embedded by default)"),
-        kafka_required=False,
+    up = command(commands, "up", "serve everything in one process (embedded by default)")
+    _serving(up, kafka_required=False)
+    up.add_argument(
+        "--dev-token",
+        action=argparse.BooleanOptionalAction,
+        help="print the development token of organization 'default' once serving, creating it"
+        " if needed (default: only when --host is a loopback address)",
     )
     _serving(
-        commands.add_parser("core", help="the DuckDB owner: Kafka consumer and the full API"),
+        command(commands, "core", "the DuckDB owner: Kafka consumer and the full API"),
         kafka_required=True,
     )
     _serving(
-        commands.add_parser("ingest", help="a stateless ingest edge publishing to Kafka"),
+        command(commands, "ingest", "a stateless ingest edge publishing to Kafka"),
         kafka_required=True,
         core=False,
     )
-
+    token_commands.commands(commands)
+    meter_commands.commands(commands)
     upstream_cli.commands(commands)
-    token = commands.add_parser("token", help="manage organization access tokens")
-    token_commands = token.add_subparsers(dest="token_command", required=True)
-    create = token_commands.add_parser("create", help="print a new token, alone on stdout")
-    create.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    create.add_argument("--org", required=True, help="organization name (created if needed)")
-    create.add_argument("--label", default="created with meterline token create")
-    listing = token_commands.add_parser("list", help="list tokens (never their text)")
-    listing.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    revoke = token_commands.add_parser("revoke", help="revoke a token by id")
-    revoke.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    revoke.add_argument("token_id")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "token":
-        return _token(args)
-    if args.command in ("reconcile", "forwarder"):
-        try:
+    try:
+        if args.command == "token":
+            return token_commands.run(args)
+        if args.command == "meters":
+            return meter_commands.run(args)
+        if args.command in ("reconcile", "forwarder"):
             return upstream_cli.run(args)
-        except UsageError as exc:
-            print(f"meterline: {exc}", file=sys.stderr)
-            return 2
+        return _serve_command(args)
+    except UsageError as exc:
+        print(f"meterline: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve_command(args: argparse.Namespace) -> int:
     defaults = CoreSettings()
     settings = CoreSettings(
         data_dir=args.data_dir,
@@ -284,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         dedupe_memory_keys=getattr(args, "dedupe_memory_keys", defaults.dedupe_memory_keys),
         customer_session_seconds=getattr(
             args, "customer_session_seconds", defaults.customer_session_seconds
+        ),
+        stream_heartbeat_seconds=getattr(
+            args, "stream_heartbeat_seconds", defaults.stream_heartbeat_seconds
         ),
         webhooks=WebhookSettings(
             allow_private=getattr(args, "allow_private_webhooks", False),
@@ -318,44 +364,46 @@ def main(argv: list[str] | None = None) -> int:
             linger_ms=args.linger_ms,
             consumer_group=args.consumer_group,
         )
+    forward = upstream_cli.forwarder_settings(args)
     try:
-        forward = upstream_cli.forwarder_settings(args)
-    except UsageError as exc:
-        print(f"meterline: {exc}", file=sys.stderr)
-        return 2
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create the data dir {settings.data_dir} ({exc.strerror}): pass a writable"
+            " --data-dir (or METERLINE_DATA_DIR)"
+        ) from None
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if args.command == "ingest":
             assert kafka is not None
             runner.run(serve_edge(settings, kafka, log_level=args.log_level))
-        else:
-            banner = args.command == "up"
-            runner.run(serve(settings, kafka, forward, log_level=args.log_level, banner=banner))
-    return 0
-
-
-def _token(args: argparse.Namespace) -> int:
-    args.data_dir.mkdir(parents=True, exist_ok=True)
-    registry = TokenRegistry(args.data_dir)
-    try:
-        if args.token_command == "create":  # noqa: S105 - not a secret
-            org = registry.organization(args.org)
-            print(registry.create_token(org, args.label))
-        elif args.token_command == "list":  # noqa: S105 - not a secret
-            for info in registry.list_tokens():
-                state = f"revoked {info.revoked_at}" if info.revoked_at else "active"
-                print(
-                    f"{info.id}  {info.organization.name}  {info.label}  {info.created_at}  {state}"
+            return 0
+        try:
+            runner.run(
+                serve(
+                    settings,
+                    kafka,
+                    forward,
+                    log_level=args.log_level,
+                    banner=args.command == "up",
+                    dev_token=getattr(args, "dev_token", None),
                 )
-        else:
-            registry.revoke(args.token_id)
-            print(f"revoked {args.token_id}", file=sys.stderr)
-    except NotFound as exc:
-        print(f"meterline: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        registry.close()
+            )
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc):
+                raise
+            raise UsageError(_locked(settings, str(exc))) from None
     return 0
+
+
+def _locked(settings: CoreSettings, error: str) -> str:
+    """One line for a data dir whose DuckDB file another process holds (DuckDB names it)."""
+    holder = re.search(r"\(PID (\d+)\)", error)
+    who = f"process {holder.group(1)}" if holder else "another process"
+    return (
+        f"the data dir {settings.data_dir} is in use: {who} holds {settings.database}"
+        " (another meterline on it?); stop that process, or pass another --data-dir"
+    )
 
 
 async def serve(
@@ -365,9 +413,11 @@ async def serve(
     *,
     log_level: str = "info",
     banner: bool = True,
+    dev_token: bool | None = None,
 ) -> None:
     """Run a core until SIGINT/SIGTERM: the API over the store, fed by ingest directly
-    (embedded) or by the Kafka consumer. Pending writes are drained on exit."""
+    (embedded) or by the Kafka consumer. Pending writes are drained on exit. The `banner`
+    says how to get a token: the development token if `dev_token` (None: on loopback only)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     registry = TokenRegistry(settings.data_dir, cache_seconds=settings.token_cache_seconds)
     try:
@@ -406,9 +456,18 @@ async def serve(
                 forwarded = registry.organization(forward.organization).id
                 forwarder = await stack.enter_async_context(Forwarder(store, forwarded, forward))
                 forwarding = (forwarder, forwarded)
-            app = build_app(store, registry, publisher, backfiller, settings, consumer, forwarding)
-            lines = _token_lines(registry, settings) if banner else []
-            await _serve_http(app, settings, log_level, lines)
+            feed = await stack.enter_async_context(
+                LiveFeed(store, settings.stream_heartbeat_seconds)
+            )
+            app = build_app(
+                store, registry, publisher, backfiller, settings, consumer, forwarding, feed, kafka
+            )
+            url = f"http://{settings.host}:{settings.port}"
+            lines = [f"console: {url}/ (log in with a token); API reference: {url}/docs"]
+            if banner:
+                lines += token_commands.banner_lines(registry, settings, dev_token)
+            # Open streams end as shutdown begins: uvicorn would wait for them.
+            await _serve_http(app, settings, log_level, lines, on_stop=feed.close)
     finally:
         registry.close()
 
@@ -434,9 +493,14 @@ async def serve_edge(settings: CoreSettings, kafka: KafkaSettings, *, log_level:
 
 
 async def _serve_http(
-    app: Starlette, settings: CoreSettings, log_level: str, banner: list[str]
+    app: Starlette,
+    settings: CoreSettings,
+    log_level: str,
+    banner: list[str],
+    on_stop: Callable[[], None] = lambda: None,
 ) -> None:
-    """Serve until a signal; once serving, print where, then the `banner` lines."""
+    """Serve until a signal (which calls `on_stop` first); once serving, print where, then the
+    `banner` lines."""
     limits = settings.ingest.limits
     config = uvicorn.Config(
         app,
@@ -453,16 +517,19 @@ async def _serve_http(
     server = _Server(config)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, _stop, server, signum, settings.drain_seconds)
+        loop.add_signal_handler(signum, _stop, server, signum, settings.drain_seconds, on_stop)
     printing = asyncio.create_task(_banner(server, settings, banner))
     await server.serve()
     printing.cancel()
 
 
-def _stop(server: uvicorn.Server, signum: int, drain_seconds: float) -> None:
+def _stop(
+    server: uvicorn.Server, signum: int, drain_seconds: float, on_stop: Callable[[], None]
+) -> None:
     """Begin a graceful shutdown, and make sure the process is gone `drain_seconds` later
     whatever is still running: nothing acknowledged is lost by exiting (every 2xx followed a
     commit or a Kafka ack), and a job cut short was never acknowledged."""
+    on_stop()
     if not server.should_exit:
         watchdog = threading.Timer(drain_seconds, _exit_now, args=(drain_seconds,))
         watchdog.daemon = True
@@ -496,22 +563,6 @@ async def _banner(server: uvicorn.Server, settings: CoreSettings, lines: list[st
     print(
         "\n".join([f"meterline is serving {url} (data in {settings.data_dir})", *lines]), flush=True
     )
-
-
-def _token_lines(registry: TokenRegistry, settings: CoreSettings) -> list[str]:
-    """The development token and a request to try with it (or how to make a new one)."""
-    token = registry.development_token(registry.organization("default"))
-    if not token:
-        return ["the development token was revoked; create one: meterline token create"]
-    url = f"http://{settings.host}:{settings.port}"
-    return [
-        f"development token (organization 'default'): {token}",
-        "try:",
-        f"  curl -s {url}/v1/events/ingest -H 'Authorization: Bearer {token}'"
-        " -H 'Content-Type: application/json'"
-        ' -d \'{"events":[{"name":"api_call","external_customer_id":"cust_1",'
-        '"external_id":"first-event"}]}\'',
-    ]
 
 
 if __name__ == "__main__":

@@ -23,23 +23,30 @@ from aggregator.api import (
     cost_routes,
     customer_portal_routes,
     customer_routes,
+    dead_letter_routes,
     event_routes,
     event_type_routes,
     forwarding_routes,
     hold_routes,
     ledger_routes,
     ledger_shapes,
+    live_routes,
     meter_routes,
+    openapi_routes,
     organization_routes,
     shapes,
     webhook_routes,
 )
 from aggregator.api.context import ApiContext
+from aggregator.api.openapi_routes import HealthShape
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
+from aggregator.commands.common import version
+from aggregator.console import routes as console_routes
 from aggregator.errors import InsufficientBalance, KeyReused, MeterFailed, NotFound, QueryTimeout
 from aggregator.intake.consumer import Consumer
 from aggregator.services import ledger_service
+from aggregator.services.live_feed import LiveFeed
 from aggregator.store import Store, dedupe
 from aggregator.store.alert_tables import Firing
 from aggregator.store.balances import Balances
@@ -51,10 +58,13 @@ from ingest.http import (
     Admission,
     ErrorMap,
     IngestSettings,
+    Responses,
+    count_responses,
     error,
     ingest_routes,
     metrics_route,
 )
+from ingest.kafka import KafkaSettings
 from ingest.publish import Publisher
 from meters.times import now_us
 
@@ -80,6 +90,9 @@ class CoreSettings:
     # Bearer token that `/metrics` requires (None: served to anyone who can reach the port).
     metrics_token: str | None = None
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    # Seconds without an event before GET /v1/customer-meters/stream sends a heartbeat comment
+    # (below the idle timeouts of the proxies in front).
+    stream_heartbeat_seconds: float = 15.0
 
     @property
     def database(self) -> Path:
@@ -107,28 +120,27 @@ def _core_health(consumer: Consumer | None) -> Route:
 
     async def health(request: Request) -> JSON:
         if consumer is None:
-            return JSON({"status": "ok"})
+            return JSON(HealthShape(status="ok"))
         resets = await consumer.offset_resets()
         last = resets[-1] if resets else None
         recent = last is not None and now_us() - last.at_us < RESET_NOTICE_US
-        return JSON(
-            {
-                "status": "degraded" if recent else "ok",
-                "kafka": {
-                    "offset_resets": len(resets),
-                    "last_offset_reset": None
-                    if last is None
-                    else {
-                        "partition": last.partition,
-                        "stored_offset": last.stored,
-                        "log_start": last.start,
-                        "log_end": last.end,
-                        "vanished": last.vanished,
-                        "reset_at": shapes.iso(last.at_us),
-                    },
+        found: HealthShape = {
+            "status": "degraded" if recent else "ok",
+            "kafka": {
+                "offset_resets": len(resets),
+                "last_offset_reset": None
+                if last is None
+                else {
+                    "partition": last.partition,
+                    "stored_offset": last.stored,
+                    "log_start": last.start,
+                    "log_end": last.end,
+                    "vanished": last.vanished,
+                    "reset_at": shapes.iso(last.at_us),
                 },
-            }
-        )
+            },
+        }
+        return JSON(found)
 
     return Route("/healthz", health, methods=["GET"])
 
@@ -184,21 +196,30 @@ def build_app(
     settings: CoreSettings,
     consumer: Consumer | None = None,
     forwarder: tuple[Forwarder, str] | None = None,
+    feed: LiveFeed | None = None,
+    kafka: KafkaSettings | None = None,
 ) -> Starlette:
-    """The core's API: ingest through `publisher`, and every query and management route."""
+    """The core's API: ingest through `publisher`, and every query and management route; the
+    live stream with a `feed`, dead letters with `kafka` (Kafka mode)."""
     authenticate = registry.organization_id
     limits = settings.ingest.limits
     ctx = ApiContext(
         store, authenticate, settings.ingest.max_body_bytes, limits.body_timeout_seconds, backfiller
     )
     admission = Admission(limits)
+    responses = Responses()
     sources = core_metrics.sources(store, consumer, forwarder[0] if forwarder else None)
     routes = [
-        _core_health(consumer),
-        metrics_route(admission, settings.metrics_token, sources),
-        *ingest_routes(publisher, authenticate, settings.ingest, admission),
+        *openapi_routes.declare_edge(
+            [
+                _core_health(consumer),
+                metrics_route(admission, settings.metrics_token, sources, responses),
+                *ingest_routes(publisher, authenticate, settings.ingest, admission),
+            ]
+        ),
         *event_type_routes.routes(ctx),  # before /v1/events/{id}, which would take "names"
         *event_routes.routes(ctx),
+        *live_routes.routes(ctx, feed),  # before /v1/customer-meters/{id}
         *ledger_routes.routes(ctx),
         *hold_routes.routes(ctx),
         *alert_routes.routes(ctx),
@@ -211,5 +232,12 @@ def build_app(
             ctx, registry, timedelta(seconds=settings.customer_session_seconds)
         ),
         *forwarding_routes.routes(ctx, *(forwarder or (None, None))),
+        *dead_letter_routes.routes(ctx, kafka),
+        *console_routes.routes(),
+        *openapi_routes.routes(version()),
     ]
-    return Starlette(routes=routes, exception_handlers=_errors().handlers)
+    return Starlette(
+        routes=routes,
+        exception_handlers=_errors().handlers,
+        middleware=[count_responses(responses)],
+    )

@@ -1,5 +1,5 @@
-"""The core's part of `GET /metrics` (Prometheus text): what the store, the consumer and the
-forwarder are holding back or refusing."""
+"""The core's part of `GET /metrics` (Prometheus text): what the store, the consumer, the
+forwarder and the webhook sender are holding back or refusing."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from functools import partial
 from aggregator.intake.consumer import Consumer
 from aggregator.store import Store
 from aggregator.store.meter_tables import failed_meters
+from aggregator.store.webhook_tables import failures
 from aggregator.upstream.forwarder import Forwarder
 from ingest.http import Source
 
 
 def sources(store: Store, consumer: Consumer | None, forwarder: Forwarder | None) -> list[Source]:
     """The core's figures, after the edge's (`ingest.http.metrics_route`)."""
-    found: list[Source] = [partial(_store, store)]
+    found: list[Source] = [partial(_store, store), partial(_webhooks, store)]
     if forwarder is not None:
         found.append(partial(_forwarder, forwarder))
     if consumer is not None:
@@ -37,6 +38,31 @@ async def _store(store: Store) -> list[str]:
         f'meterline_meter_failed{{organization_id="{m.organization_id}",meter_id="{m.id}"}} 1'
         for m in failed
     )
+    return lines
+
+
+# Gauges of what is failing now (read from the store, so they hold across restarts).
+_WEBHOOK_GAUGES = (
+    (
+        "failing_endpoints",
+        "enabled webhook endpoints whose deliveries fail since their last success",
+    ),
+    ("disabled_endpoints", "webhook endpoints meterline disabled after failing too long"),
+    ("retrying_deliveries", "webhook deliveries waiting for a retry after a failed attempt"),
+)
+
+
+async def _webhooks(store: Store) -> list[str]:
+    found = await store.read_now(failures)
+    lines = []
+    for i, (name, text) in enumerate(_WEBHOOK_GAUGES, start=1):
+        lines += [
+            f"# HELP meterline_webhook_{name} {text}",
+            f"# TYPE meterline_webhook_{name} gauge",
+        ]
+        lines.extend(
+            f'meterline_webhook_{name}{{organization_id="{row[0]}"}} {row[i]}' for row in found
+        )
     return lines
 
 

@@ -249,7 +249,7 @@ def kafka_args(broker: Broker) -> tuple[str, ...]:
 
 def create_token(data_dir: Path) -> tuple[str, str]:
     """A token for organization ORG in the data dir's registry, and the organization's id."""
-    done = token_cli(data_dir, "create", "--org", ORG, "--label", "benchmark")
+    done = token_cli(data_dir, "create", "--org", ORG, "--label", "benchmark", "--init")
     if done.returncode != 0:
         raise RuntimeError(f"meterline token create failed: {done.stderr}")
     registry = TokenRegistry(data_dir)

@@ -1,12 +1,14 @@
 """Run benchmarks, store each result as JSON and regenerate the results table.
 
-    python -m benchmarks.run [names...] [--quick]
+    python -m benchmarks.run [names...] [--quick] [--estimate]
 
 Each benchmark is a function `run(quick) -> {"metrics": [...], "details": {...}}` registered in
 BENCHMARKS; its module docstring states the hypothesis and the command. Results go to
 benchmarks/results/<name>.json, and benchmarks/results/README.md is rebuilt from every JSON file
 there (so results of benchmarks not rerun stay in the table). `--quick` results go to
-benchmarks/results/quick/ (not committed) and leave the table alone.
+benchmarks/results/quick/ (not committed) and leave the table alone. Before starting, the run
+says about how long it will take: each benchmark's last recorded duration (`seconds` in its
+result), else the one declared in BENCHMARKS.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ import os
 import platform
 import subprocess
 import sys
+import time
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
+from rich.console import Console
+
+from aggregator.commands.progress import Progress
 from benchmarks import (
     alerts,
     core,
@@ -33,34 +40,48 @@ from benchmarks import (
     isolation,
     kafka,
     ledger,
+    live_stream,
     meters,
     sdk,
     validation,
 )
 
 RESULTS = Path(__file__).parent / "results"
-# A module (its `run`) or a function; the hypothesis is the function's docstring, else its
-# module's.
-BENCHMARKS: dict[str, ModuleType | Callable[[bool], dict[str, Any]]] = {
-    "validation": validation,
-    "ingest_http": ingest_http,
-    "ingest_http_inline": ingest_http.inline,
-    "ingest_http_meters": meters.ingest_http_meters,
-    "rollup_update": meters.rollup_update,
-    "core_apply": core,
-    "quantities_1m": meters.quantities_1m,
-    "quantities_10m": meters.quantities_10m,
-    "kafka_ingest_http": kafka.kafka_ingest_http,
-    "kafka_consume": kafka.kafka_consume,
-    "kafka_freshness": kafka.kafka_freshness,
-    "balance_check": ledger.balance_check,
-    "alert_latency": alerts.alert_latency,
-    "ledger_cost": ledger.ledger_cost,
-    "forward_throughput": forwarding.forward_throughput,
-    "reconcile_1m": forwarding.reconcile_1m,
-    "sdk_record": sdk.sdk_record,
-    "sdk_deliver": sdk.sdk_deliver,
-    "isolation": isolation,
+
+
+class Benchmark(NamedTuple):
+    # A module (its `run`) or a function; the hypothesis is the function's docstring, else its
+    # module's.
+    entry: ModuleType | Callable[[bool], dict[str, Any]]
+    # About how long a full and a quick run take on a 2-core machine, in seconds: the estimate
+    # until the benchmark has a result that records its own duration. Full: the time between
+    # the starts of consecutive benchmarks in the committed runs, or the benchmark's own timed
+    # phases; quick: measured.
+    full_seconds: int
+    quick_seconds: int
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "validation": Benchmark(validation, 10, 2),
+    "ingest_http": Benchmark(ingest_http, 90, 7),
+    "ingest_http_inline": Benchmark(ingest_http.inline, 90, 6),
+    "ingest_http_meters": Benchmark(meters.ingest_http_meters, 240, 17),
+    "rollup_update": Benchmark(meters.rollup_update, 20, 7),
+    "core_apply": Benchmark(core, 50, 6),
+    "quantities_1m": Benchmark(meters.quantities_1m, 40, 18),
+    "quantities_10m": Benchmark(meters.quantities_10m, 110, 18),
+    "kafka_ingest_http": Benchmark(kafka.kafka_ingest_http, 220, 16),
+    "kafka_consume": Benchmark(kafka.kafka_consume, 140, 17),
+    "kafka_freshness": Benchmark(kafka.kafka_freshness, 200, 24),
+    "balance_check": Benchmark(ledger.balance_check, 45, 10),
+    "alert_latency": Benchmark(alerts.alert_latency, 90, 25),
+    "live_stream_latency": Benchmark(live_stream.live_stream_latency, 70, 30),
+    "ledger_cost": Benchmark(ledger.ledger_cost, 30, 6),
+    "forward_throughput": Benchmark(forwarding.forward_throughput, 90, 45),
+    "reconcile_1m": Benchmark(forwarding.reconcile_1m, 660, 120),
+    "sdk_record": Benchmark(sdk.sdk_record, 45, 25),
+    "sdk_deliver": Benchmark(sdk.sdk_deliver, 175, 35),
+    "isolation": Benchmark(isolation, 120, 25),
 }
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
 _OPS = {">=": "≥", "<=": "≤", "==": "="}
@@ -121,10 +142,35 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip()
 
 
-def run_one(name: str, quick: bool) -> dict[str, Any]:
-    entry = BENCHMARKS[name]
+def result_path(results: Path, name: str, quick: bool) -> Path:
+    """Where a run's result goes. A quick run is a smoke test: it never replaces a full run's
+    result, nor enters the table (which is built from `results`/*.json only)."""
+    return results / "quick" / f"{name}.json" if quick else results / f"{name}.json"
+
+
+def estimate(results: Path, name: str, quick: bool) -> float:
+    """Seconds the benchmark is expected to take: as long as its last run of the same mode took,
+    else as long as declared."""
+    try:
+        recorded = json.loads(result_path(results, name, quick).read_text()).get("seconds")
+    except (OSError, ValueError):
+        recorded = None
+    declared = BENCHMARKS[name]
+    return float(recorded or (declared.quick_seconds if quick else declared.full_seconds))
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def run_one(name: str, quick: bool, results: Path = RESULTS) -> dict[str, Any]:
+    entry = BENCHMARKS[name].entry
     bench: Callable[[bool], dict[str, Any]] = entry.run if isinstance(entry, ModuleType) else entry
     doc = (bench.__doc__ or sys.modules[bench.__module__].__doc__ or "").strip()
+    started = time.perf_counter()
     result = {
         "benchmark": name,
         "summary": doc.splitlines()[0] if doc else "",
@@ -132,10 +178,9 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
         "machine": machine(),
         **bench(quick),
     }
-    # A quick run is a smoke test: it never replaces a full run's results or enters the table.
-    folder = RESULTS / "quick" if quick else RESULTS
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.json"
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    path = result_path(results, name, quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
@@ -186,10 +231,10 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table() -> Path:
-    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
-    path = RESULTS / "README.md"
-    path.write_text(table(results))
+def write_table(results: Path = RESULTS) -> Path:
+    found = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    path = results / "README.md"
+    path.write_text(table(found))
     return path
 
 
@@ -197,22 +242,51 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("names", nargs="*", metavar="name", help=f"any of {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true", help="short smoke-test runs")
+    parser.add_argument(
+        "--estimate", action="store_true", help="say how long each would take, and run none"
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
-    for name in args.names or list(BENCHMARKS):
-        print(f"== {name}{' (quick)' if args.quick else ''}", flush=True)
-        result = run_one(name, args.quick)
-        for m in result["metrics"]:
-            print(
-                f"   {m['name']}: {fmt(m['value'])} {m['unit']}"
-                + ("" if m["met"] is None else ("  [met]" if m["met"] else "  [NOT MET]"))
-            )
+    names = args.names or list(BENCHMARKS)
+    seconds = {n: estimate(args.results, n, args.quick) for n in names}
+    if args.estimate:
+        for name, took in seconds.items():
+            print(f"{name}: about {duration(took)}")
+    mode = "quick runs" if args.quick else "full runs"
+    print(f"{len(names)} benchmark(s), {mode}: about {duration(sum(seconds.values()))}", flush=True)
+    if args.estimate:
+        return 0
+    failed = []
+    # A bar on a terminal (what the benchmarks print goes above it), plain lines otherwise.
+    with Progress(Console()) as progress:
+        finished = progress.task("benchmarks", total=len(names))
+        quick = " (quick)" if args.quick else ""
+        for i, name in enumerate(names, start=1):
+            about = f"about {duration(seconds[name])} ({i}/{len(names)})"
+            print(f"== {name}{quick}, {about}", flush=True)
+            try:
+                result = run_one(name, args.quick, args.results)
+            except Exception:
+                # One broken benchmark does not cost the others' results.
+                traceback.print_exc()
+                failed.append(name)
+            else:
+                print(f"   took {duration(result['seconds'])}")
+                for m in result["metrics"]:
+                    print(
+                        f"   {m['name']}: {fmt(m['value'])} {m['unit']}"
+                        + ("" if m["met"] is None else ("  [met]" if m["met"] else "  [NOT MET]"))
+                    )
+            finished.advance()
     if not args.quick:
-        print(f"table: {write_table()}")
+        print(f"table: {write_table(args.results)}")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
     # Targets are reported, not enforced: a missed target is a finding, not a crash.
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -95,10 +95,10 @@ class MeterlineServer:
             self.output.append(line.rstrip())
             if self.echo:
                 print(f"[{self.command} {self.port}] {line.rstrip()}", flush=True)
-            if "development token" in line:
+            if line.startswith("development token"):
                 self.token = line.split()[-1]
                 ready.set()
-            elif "token was revoked" in line:
+            elif "token create" in line:  # no development token: the hint to create one
                 ready.set()
         ready.set()  # the process ended: stop waiting
 

@@ -8,12 +8,31 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from aggregator.api import alert_shapes as shapes
+from aggregator.api import openapi as oa
 from aggregator.api import params
-from aggregator.api.alert_shapes import AlertCreate
+from aggregator.api.alert_shapes import AlertCreate, AlertShape
 from aggregator.api.context import ApiContext
+from aggregator.api.openapi import ApiRoute, Operation
+from aggregator.api.shapes import ListResource
 from aggregator.services import alert_service as service
 from ingest.http import JSON
 from meters.wire import parse_model
+
+TAG = "alerts"
+CREATE = Operation(
+    "Create a threshold alert",
+    TAG,
+    {201: AlertShape, 200: AlertShape},
+    body=AlertCreate,
+    errors=(409,),
+    description=oa.IDEMPOTENT,
+)
+LIST = Operation(
+    "List alerts",
+    TAG,
+    {200: ListResource[AlertShape]},
+    query=(*oa.page_and_limit(), oa.query("meter_id", oa.ID)),
+)
 
 
 def routes(ctx: ApiContext) -> list[Route]:
@@ -41,8 +60,15 @@ def routes(ctx: ApiContext) -> list[Route]:
         return Response(status_code=204)
 
     return [
-        Route("/v1/meter-alerts/", create, methods=["POST"]),
-        Route("/v1/meter-alerts/", list_, methods=["GET"]),
-        Route("/v1/meter-alerts/{id}", get, methods=["GET"]),
-        Route("/v1/meter-alerts/{id}", delete, methods=["DELETE"]),
+        ApiRoute("/v1/meter-alerts/", create, "POST", CREATE),
+        ApiRoute("/v1/meter-alerts/", list_, "GET", LIST),
+        ApiRoute(
+            "/v1/meter-alerts/{id}", get, "GET", Operation("Get an alert", TAG, {200: AlertShape})
+        ),
+        ApiRoute(
+            "/v1/meter-alerts/{id}",
+            delete,
+            "DELETE",
+            Operation("Delete an alert", TAG, {204: None}),
+        ),
     ]

@@ -12,8 +12,11 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api import cost_shapes as shapes
+from aggregator.api import openapi as oa
 from aggregator.api import params
 from aggregator.api.context import ApiContext
+from aggregator.api.cost_shapes import CostsShape
+from aggregator.api.openapi import ApiRoute, Operation
 from aggregator.services import cost_service as service
 from aggregator.services.cost_service import GROUP_KEYS
 from ingest.http import JSON
@@ -82,6 +85,24 @@ def _group_by(request: Request) -> tuple[str, ...]:
     return tuple(g for g in GROUP_KEYS if g in chosen)
 
 
+COSTS = Operation(
+    "What events cost, in total, per group and period",
+    "costs",
+    {200: CostsShape},
+    query=(
+        *oa.window(required=True),
+        oa.query("interval", oa.choice(MAX_DAYS), "a series per group"),
+        oa.timezone(),
+        oa.repeated("group_by", oa.choice(GROUP_KEYS)),
+        *oa.customers(),
+        oa.repeated("name", oa.STRING),
+        oa.query("limit", oa.integer(1, MAX_GROUPS, 100), "groups"),
+        oa.query("sort", oa.choice(SORTS, "-cost")),
+    ),
+    description="The `_cost.amount` (cents) of every event that has one, exactly.",
+)
+
+
 def routes(ctx: ApiContext) -> list[Route]:
     async def costs(request: Request) -> JSON:
         org = ctx.organization(request)
@@ -105,4 +126,4 @@ def routes(ctx: ApiContext) -> list[Route]:
         )
         return JSON(shapes.costs(report))
 
-    return [Route("/v1/costs/", costs, methods=["GET"])]
+    return [ApiRoute("/v1/costs/", costs, "GET", COSTS)]

@@ -17,10 +17,17 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api import customer_portal_shapes as shapes
+from aggregator.api import openapi as oa
 from aggregator.api import params
 from aggregator.api.context import ApiContext
-from aggregator.api.customer_portal_shapes import CustomerSessionCreate
+from aggregator.api.customer_portal_shapes import (
+    CustomerSessionCreate,
+    CustomerSessionShape,
+    PortalCustomerMeterShape,
+)
 from aggregator.api.customer_shapes import customer as customer_shape
+from aggregator.api.openapi import ApiRoute, Operation
+from aggregator.api.shapes import ListResource
 from aggregator.auth import CustomerSession, TokenRegistry
 from aggregator.errors import NotFound
 from aggregator.services import customer_service, ledger_service
@@ -41,6 +48,33 @@ _SORT_KEYS: dict[str, Callable[[CustomerMeterView], Any]] = {
     "balance": lambda v: v.balance.balance,
 }
 SORTS = frozenset({*_SORT_KEYS, *(f"-{k}" for k in _SORT_KEYS)})
+
+
+TAG = "customer-portal"
+CREATE_SESSION = Operation(
+    "Create a customer session (a token for the customer portal's routes)",
+    TAG,
+    {201: CustomerSessionShape},
+    body=CustomerSessionCreate,
+)
+LIST_METERS = Operation(
+    "List the session's customer's meters",
+    TAG,
+    {200: ListResource[PortalCustomerMeterShape]},
+    query=(
+        *oa.page_and_limit(),
+        oa.sorting(SORTS, "-modified_at"),
+        oa.repeated("meter_id", oa.ID),
+        oa.query("query", oa.STRING, "text in the meter's name, any case"),
+    ),
+    security="customer",
+)
+GET_METER = Operation(
+    "Get one of the session's customer's meters",
+    TAG,
+    {200: PortalCustomerMeterShape},
+    security="customer",
+)
 
 
 def _sorted(views: list[CustomerMeterView], sorting: list[str]) -> list[CustomerMeterView]:
@@ -71,8 +105,9 @@ def routes(ctx: ApiContext, registry: TokenRegistry, lifetime: timedelta) -> lis
         token, found = registry.create_customer_session(
             org, customer.row.id, data.return_url, _now(), lifetime
         )
-        # The portal's usage view, as an API (meterline serves no portal page).
-        portal_url = str(request.url_for("portal_meters"))
+        # The console's usage page (aggregator/console), which reads the token from the
+        # fragment: browsers never send a fragment, so the token stays out of logs.
+        portal_url = f"{str(request.base_url).rstrip('/')}/portal#token={token}"
         shape = shapes.customer_session(found, token, portal_url, customer_shape(customer))
         return JSON(shape, status_code=201)
 
@@ -101,9 +136,9 @@ def routes(ctx: ApiContext, registry: TokenRegistry, lifetime: timedelta) -> lis
         raise NotFound("Customer meter not found")
 
     return [
-        Route("/v1/customer-sessions/", create_session, methods=["POST"]),
-        Route("/v1/customer-portal/meters/", list_meters, methods=["GET"], name="portal_meters"),
-        Route("/v1/customer-portal/meters/{id}", get_meter, methods=["GET"]),
+        ApiRoute("/v1/customer-sessions/", create_session, "POST", CREATE_SESSION),
+        ApiRoute("/v1/customer-portal/meters/", list_meters, "GET", LIST_METERS),
+        ApiRoute("/v1/customer-portal/meters/{id}", get_meter, "GET", GET_METER),
     ]
 
 

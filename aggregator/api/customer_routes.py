@@ -9,13 +9,43 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from aggregator.api import customer_shapes as shapes
+from aggregator.api import openapi as oa
 from aggregator.api import params
 from aggregator.api.context import ApiContext
-from aggregator.api.customer_shapes import CustomerCreate, CustomerUpdate
+from aggregator.api.customer_shapes import CustomerCreate, CustomerShape, CustomerUpdate
+from aggregator.api.openapi import ApiRoute, Operation
+from aggregator.api.shapes import ListResource
 from aggregator.services import customer_service as service
 from aggregator.services.pages import Page
 from ingest.http import JSON
 from meters.wire import parse_model
+
+TAG = "customers"
+LIST = Operation(
+    "List customers",
+    TAG,
+    {200: ListResource[CustomerShape]},
+    query=(
+        *oa.page_and_limit(),
+        oa.query("active", oa.BOOLEAN, "with a live subscription: none here, so true lists none"),
+        oa.sorting(service.CUSTOMER_SORTS, "-created_at"),
+        oa.query("email", oa.STRING),
+        oa.query("query", oa.STRING, "text in the name, email or external id"),
+        oa.metadata(),
+    ),
+)
+CREATE = Operation("Create a customer", TAG, {201: CustomerShape}, body=CustomerCreate)
+EXPORT = Operation(
+    "Export the customers as CSV", TAG, {200: oa.Text("text/csv")}, description="Polar's columns"
+)
+GET = Operation("Get a customer", TAG, {200: CustomerShape})
+UPDATE = Operation("Update a customer", TAG, {200: CustomerShape}, body=CustomerUpdate)
+DELETE = Operation(
+    "Delete a customer",
+    TAG,
+    {204: None},
+    query=(oa.query("anonymize", oa.BOOLEAN, "also drop the email, billing address and name"),),
+)
 
 
 def routes(ctx: ApiContext) -> list[Route]:
@@ -88,14 +118,15 @@ def routes(ctx: ApiContext) -> list[Route]:
             headers={"Content-Disposition": 'attachment; filename="meterline-customers.csv"'},
         )
 
+    external = "/v1/customers/external/{external_id:path}"
     return [
-        Route("/v1/customers/export", export, methods=["GET"]),
-        Route("/v1/customers/", list_, methods=["GET"]),
-        Route("/v1/customers/", create, methods=["POST"]),
-        Route("/v1/customers/external/{external_id:path}", get_external, methods=["GET"]),
-        Route("/v1/customers/external/{external_id:path}", update, methods=["PATCH"]),
-        Route("/v1/customers/external/{external_id:path}", delete, methods=["DELETE"]),
-        Route("/v1/customers/{id}", get, methods=["GET"]),
-        Route("/v1/customers/{id}", update, methods=["PATCH"]),
-        Route("/v1/customers/{id}", delete, methods=["DELETE"]),
+        ApiRoute("/v1/customers/export", export, "GET", EXPORT),
+        ApiRoute("/v1/customers/", list_, "GET", LIST),
+        ApiRoute("/v1/customers/", create, "POST", CREATE),
+        ApiRoute(external, get_external, "GET", GET.by_external_id()),
+        ApiRoute(external, update, "PATCH", UPDATE.by_external_id()),
+        ApiRoute(external, delete, "DELETE", DELETE.by_external_id()),
+        ApiRoute("/v1/customers/{id}", get, "GET", GET),
+        ApiRoute("/v1/customers/{id}", update, "PATCH", UPDATE),
+        ApiRoute("/v1/customers/{id}", delete, "DELETE", DELETE),
     ]

@@ -6,8 +6,12 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api import event_shapes as shapes
+from aggregator.api import openapi as oa
 from aggregator.api import params
 from aggregator.api.context import ApiContext
+from aggregator.api.event_shapes import EventShape
+from aggregator.api.openapi import ApiRoute, Operation
+from aggregator.api.shapes import ListResource
 from aggregator.services import event_service as service
 from aggregator.services.event_service import EventQuery
 from ingest.http import JSON
@@ -28,6 +32,34 @@ def _search_text(request: Request) -> str | None:
             [FieldError("query", ("query", "query"), "Query must be at least 3 characters.", text)]
         )
     return text
+
+
+TAG = "events"
+LIST = Operation(
+    "List events",
+    TAG,
+    {200: ListResource[EventShape]},
+    query=(
+        *oa.page_and_limit(),
+        oa.sorting(SORTS, "-timestamp"),
+        *oa.customers(),
+        oa.repeated("name", oa.STRING),
+        *oa.window(required=False),
+        oa.metadata(),
+        oa.query("filter", oa.STRING, "a JSON-encoded meter filter (`Filter`)"),
+        oa.query("meter_id", oa.ID, "the events the meter takes"),
+        oa.query("parent_id", oa.STRING, "with depth: its descendants; else its children"),
+        oa.query("depth", oa.integer(0, MAX_DEPTH), "roots and descendants to this depth"),
+        oa.repeated("source", oa.choice(SOURCES)),
+        oa.query(
+            "query",
+            {"type": "string", "minLength": MIN_QUERY},
+            "text in the name, source or metadata, or of the customer",
+        ),
+    ),
+    errors=(404, 409),
+    description="404 for an unknown meter_id; 409 for a meter marked failed.",
+)
 
 
 def routes(ctx: ApiContext) -> list[Route]:
@@ -67,6 +99,6 @@ def routes(ctx: ApiContext) -> list[Route]:
         return JSON(shapes.event(found, org))
 
     return [
-        Route("/v1/events/", list_, methods=["GET"]),
-        Route("/v1/events/{id}", get, methods=["GET"]),
+        ApiRoute("/v1/events/", list_, "GET", LIST),
+        ApiRoute("/v1/events/{id}", get, "GET", Operation("Get an event", TAG, {200: EventShape})),
     ]

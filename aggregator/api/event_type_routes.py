@@ -6,9 +6,17 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api import event_type_shapes as shapes
+from aggregator.api import openapi as oa
 from aggregator.api import params
 from aggregator.api.context import ApiContext
 from aggregator.api.event_routes import SOURCES
+from aggregator.api.event_type_shapes import (
+    EventNameShape,
+    EventTypeShape,
+    EventTypeWithStatsShape,
+)
+from aggregator.api.openapi import ApiRoute, Operation, Param
+from aggregator.api.shapes import ListResource
 from aggregator.services import event_type_service as service
 from aggregator.services.event_type_service import NAME_SORTS, TYPE_SORTS, EventTypeQuery
 from aggregator.services.pages import Page
@@ -20,6 +28,42 @@ from meters.wire import parse_model
 
 def _signed(names: frozenset[str]) -> frozenset[str]:
     return names | {f"-{n}" for n in names}
+
+
+def _query(sorts: frozenset[str], text: str) -> tuple[Param, ...]:
+    """What both lists read (`listed`)."""
+    return (
+        *oa.page_and_limit(),
+        oa.sorting(_signed(sorts), "-last_seen"),
+        *oa.customers(),
+        oa.repeated("source", oa.choice(SOURCES)),
+        oa.query("query", oa.STRING, text),
+    )
+
+
+TAG = "event-types"
+NAMES = Operation(
+    "List event names, with their figures",
+    "events",
+    {200: ListResource[EventNameShape]},
+    query=_query(NAME_SORTS, "text in the name, any case"),
+)
+LIST = Operation(
+    "List event types, with their figures",
+    TAG,
+    {200: ListResource[EventTypeWithStatsShape]},
+    query=(
+        *_query(TYPE_SORTS, "text in the name or label"),
+        oa.query("root_events", oa.BOOLEAN, "only events without a parent"),
+        oa.query("parent_id", oa.STRING, "the children of one event (event id or external id)"),
+    ),
+)
+UPDATE = Operation(
+    "Set how an event type's events are labelled",
+    TAG,
+    {200: EventTypeShape},
+    body=EventTypeUpdate,
+)
 
 
 def routes(ctx: ApiContext) -> list[Route]:
@@ -67,7 +111,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         return JSON(shapes.event_type(await service.update(ctx.store, org, type_id, data), org))
 
     return [
-        Route("/v1/events/names", names, methods=["GET"]),
-        Route("/v1/event-types/", list_, methods=["GET"]),
-        Route("/v1/event-types/{id}", update, methods=["PATCH"]),
+        ApiRoute("/v1/events/names", names, "GET", NAMES),
+        ApiRoute("/v1/event-types/", list_, "GET", LIST),
+        ApiRoute("/v1/event-types/{id}", update, "PATCH", UPDATE),
     ]

@@ -10,12 +10,35 @@ from starlette.routing import Route
 
 from aggregator.api import forwarding_shapes as shapes
 from aggregator.api.context import ApiContext
+from aggregator.api.forwarding_shapes import (
+    QuarantineShape,
+    ResendEventsBody,
+    ResendShape,
+    ResentShape,
+    StatusShape,
+)
+from aggregator.api.openapi import ApiRoute, Operation
 from aggregator.errors import NotFound, UsageError
 from aggregator.services import forwarding_service as service
 from aggregator.upstream.forwarder import Forwarder
 from ingest.http import JSON, error
 from meters.errors import FieldError, ValidationFailed
 from meters.wire import canonical_id
+
+TAG = "forwarder"
+NOT_FORWARDED = "404 unless the token's organization is the one forwarded upstream."
+RESEND = Operation(
+    "Send given events upstream again (reconcile's repair)",
+    TAG,
+    {200: ResentShape},
+    body=ResendEventsBody,
+    errors=(404, 409),
+    description=f"{NOT_FORWARDED} 409 in rollup mode, which forwards no raw events.",
+)
+
+
+def _operation(summary: str, shape: type[StatusShape | QuarantineShape | ResendShape]) -> Operation:
+    return Operation(summary, TAG, {200: shape}, errors=(404,), description=NOT_FORWARDED)
 
 
 def routes(
@@ -64,8 +87,18 @@ def routes(
         return JSON(shapes.resent(resent))
 
     return [
-        Route("/v1/forwarder/", status, methods=["GET"]),
-        Route("/v1/forwarder/resend", resend_events, methods=["POST"]),
-        Route("/v1/forwarder/quarantine", quarantine, methods=["GET"]),
-        Route("/v1/forwarder/quarantine/{seq}/resend", resend, methods=["POST"]),
+        ApiRoute("/v1/forwarder/", status, "GET", _operation("Forwarding status", StatusShape)),
+        ApiRoute("/v1/forwarder/resend", resend_events, "POST", RESEND),
+        ApiRoute(
+            "/v1/forwarder/quarantine",
+            quarantine,
+            "GET",
+            _operation("Events the upstream refused", QuarantineShape),
+        ),
+        ApiRoute(
+            "/v1/forwarder/quarantine/{seq}/resend",
+            resend,
+            "POST",
+            _operation("Send a quarantined event again", ResendShape),
+        ),
     ]

@@ -8,12 +8,36 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api import hold_shapes as shapes
+from aggregator.api import openapi as oa
 from aggregator.api import params
 from aggregator.api.context import ApiContext
-from aggregator.api.hold_shapes import HoldCreate
+from aggregator.api.hold_shapes import HoldCreate, HoldShape, HoldWithMeterShape
+from aggregator.api.openapi import ApiRoute, Operation
+from aggregator.api.shapes import ListResource
 from aggregator.services import hold_service as service
 from ingest.http import JSON
 from meters.wire import parse_model
+
+TAG = "holds"
+CREATE = Operation(
+    "Hold units of a balance",
+    TAG,
+    {201: HoldWithMeterShape, 200: HoldWithMeterShape},
+    body=HoldCreate,
+    errors=(409,),
+    description=f"409 also when the balance less active holds is below `units`. {oa.IDEMPOTENT}",
+)
+LIST = Operation(
+    "List holds",
+    TAG,
+    {200: ListResource[HoldShape]},
+    query=(
+        *oa.page_and_limit(),
+        oa.query("customer_id", oa.ID),
+        oa.query("meter_id", oa.ID),
+        oa.query("active", oa.BOOLEAN),
+    ),
+)
 
 
 def routes(ctx: ApiContext) -> list[Route]:
@@ -48,8 +72,18 @@ def routes(ctx: ApiContext) -> list[Route]:
         return JSON(shapes.with_meter(await service.release(store, org, params.path_id(request))))
 
     return [
-        Route("/v1/meter-holds/", create, methods=["POST"]),
-        Route("/v1/meter-holds/", list_, methods=["GET"]),
-        Route("/v1/meter-holds/{id}", get, methods=["GET"]),
-        Route("/v1/meter-holds/{id}", release, methods=["DELETE"]),
+        ApiRoute("/v1/meter-holds/", create, "POST", CREATE),
+        ApiRoute("/v1/meter-holds/", list_, "GET", LIST),
+        ApiRoute(
+            "/v1/meter-holds/{id}",
+            get,
+            "GET",
+            Operation("Get a hold", TAG, {200: HoldWithMeterShape}),
+        ),
+        ApiRoute(
+            "/v1/meter-holds/{id}",
+            release,
+            "DELETE",
+            Operation("Release a hold", TAG, {200: HoldWithMeterShape}),
+        ),
     ]

@@ -8,10 +8,20 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from aggregator.api import ledger_shapes as shapes
+from aggregator.api import openapi as oa
 from aggregator.api import params, plan_shapes
 from aggregator.api.context import ApiContext
-from aggregator.api.ledger_shapes import CreditCreate, ResetCreate
-from aggregator.api.plan_shapes import PlanCreate
+from aggregator.api.ledger_shapes import (
+    AppliedShape,
+    BalanceCheckShape,
+    CreditCreate,
+    CustomerMeterShape,
+    CustomerStateShape,
+    ResetCreate,
+)
+from aggregator.api.openapi import ApiRoute, Operation
+from aggregator.api.plan_shapes import PlanCreate, PlanListShape, PlanShape
+from aggregator.api.shapes import ListResource
 from aggregator.services import ledger_service as service
 from aggregator.services import plan_service as plan_service
 from ingest.http import JSON
@@ -20,6 +30,39 @@ from meters.ledger_rules import MAX_UNITS
 from meters.wire import parse_model
 
 SORTS = frozenset({"modified_at", "-modified_at"})
+TAG = "customer-meters"
+CREDITS = "credits"
+LIST = Operation(
+    "List customer meters",
+    TAG,
+    {200: ListResource[CustomerMeterShape]},
+    query=(
+        *oa.page_and_limit(),
+        oa.sorting(SORTS, "-modified_at"),
+        *oa.customers(),
+        oa.repeated("meter_id", oa.ID),
+    ),
+)
+CHECK = Operation(
+    "Check a balance: may the customer spend these units?",
+    TAG,
+    {200: BalanceCheckShape},
+    query=(
+        oa.query("meter_id", oa.ID, required=True),
+        oa.query("customer_id", oa.ID, "this or external_customer_id"),
+        oa.query("external_customer_id", oa.STRING),
+        oa.query("units", oa.integer(0, MAX_UNITS, 1)),
+    ),
+    errors=(404,),
+)
+STATE = Operation("Get a customer's state (active meters)", "customers", {200: CustomerStateShape})
+
+
+def _applied(summary: str, body: type[CreditCreate | ResetCreate]) -> Operation:
+    responses = {201: AppliedShape, 200: AppliedShape}
+    return Operation(
+        summary, CREDITS, responses, body=body, errors=(409,), description=oa.IDEMPOTENT
+    )
 
 
 def routes(ctx: ApiContext) -> list[Route]:
@@ -112,16 +155,60 @@ def routes(ctx: ApiContext) -> list[Route]:
         return Response(status_code=204)
 
     return [
-        Route("/v1/customer-meters/", list_customer_meters, methods=["GET"]),
-        Route("/v1/customer-meters/check", check, methods=["GET"]),
-        Route("/v1/customer-meters/{id}", get_customer_meter, methods=["GET"]),
-        Route("/v1/customers/{id}/state", state, methods=["GET"]),
+        ApiRoute("/v1/customer-meters/", list_customer_meters, "GET", LIST),
+        ApiRoute("/v1/customer-meters/check", check, "GET", CHECK),
+        ApiRoute(
+            "/v1/customer-meters/{id}",
+            get_customer_meter,
+            "GET",
+            Operation("Get a customer meter", TAG, {200: CustomerMeterShape}),
+        ),
+        ApiRoute("/v1/customers/{id}/state", state, "GET", STATE),
         # Before the customers' routes: their `external/{external_id:path}` would take it.
-        Route("/v1/customers/external/{external_id:path}/state", state_external, methods=["GET"]),
-        Route("/v1/meter-credits/", credit, methods=["POST"]),
-        Route("/v1/meter-resets/", reset, methods=["POST"]),
-        Route("/v1/credit-plans/", create_plan, methods=["POST"]),
-        Route("/v1/credit-plans/", list_plans, methods=["GET"]),
-        Route("/v1/credit-plans/{id}", get_plan, methods=["GET"]),
-        Route("/v1/credit-plans/{id}", delete_plan, methods=["DELETE"]),
+        ApiRoute(
+            "/v1/customers/external/{external_id:path}/state",
+            state_external,
+            "GET",
+            STATE.by_external_id(),
+        ),
+        ApiRoute("/v1/meter-credits/", credit, "POST", _applied("Credit units", CreditCreate)),
+        ApiRoute(
+            "/v1/meter-resets/", reset, "POST", _applied("Reset a balance to zero", ResetCreate)
+        ),
+        ApiRoute(
+            "/v1/credit-plans/",
+            create_plan,
+            "POST",
+            Operation(
+                "Create a credit plan (units every period)",
+                CREDITS,
+                {201: PlanShape, 200: PlanShape},
+                body=PlanCreate,
+                errors=(409,),
+                description=oa.IDEMPOTENT,
+            ),
+        ),
+        ApiRoute(
+            "/v1/credit-plans/",
+            list_plans,
+            "GET",
+            Operation(
+                "List credit plans",
+                CREDITS,
+                {200: PlanListShape},
+                query=(oa.query("customer_id", oa.ID), oa.query("meter_id", oa.ID)),
+            ),
+        ),
+        ApiRoute(
+            "/v1/credit-plans/{id}",
+            get_plan,
+            "GET",
+            Operation("Get a credit plan", CREDITS, {200: PlanShape}),
+        ),
+        ApiRoute(
+            "/v1/credit-plans/{id}",
+            delete_plan,
+            "DELETE",
+            Operation("Delete a credit plan", CREDITS, {204: None}),
+        ),
     ]

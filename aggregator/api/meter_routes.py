@@ -8,9 +8,12 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api import meter_shapes as shapes
+from aggregator.api import openapi as oa
 from aggregator.api import params
 from aggregator.api.context import ApiContext
-from aggregator.api.meter_shapes import MeterCreate, MeterUpdate
+from aggregator.api.meter_shapes import MeterCreate, MeterShape, MeterUpdate, QuantitiesShape
+from aggregator.api.openapi import ApiRoute, Operation
+from aggregator.api.shapes import ListResource
 from aggregator.services import meter_service as service
 from aggregator.services.meter_service import QuantityWindow
 from ingest.http import JSON
@@ -65,6 +68,36 @@ def _quantity_window(request: Request) -> QuantityWindow:
     return QuantityWindow(start, end, interval, tz)
 
 
+TAG = "meters"
+LIST = Operation(
+    "List meters",
+    TAG,
+    {200: ListResource[MeterShape]},
+    query=(
+        *oa.page_and_limit(),
+        oa.sorting(service.METER_SORTS, "name"),
+        oa.query("query", oa.STRING, "text in the name"),
+        oa.query("is_archived", oa.BOOLEAN),
+        oa.metadata(),
+    ),
+)
+QUANTITIES = Operation(
+    "A meter's quantities per period",
+    TAG,
+    {200: QuantitiesShape},
+    query=(
+        *oa.window(required=True),
+        oa.query("interval", oa.choice(MAX_DAYS), required=True),
+        oa.timezone(),
+        *oa.customers(),
+        oa.metadata(),
+        oa.query("customer_aggregation_function", oa.choice(AGGREGATION_FUNCTIONS)),
+    ),
+    errors=(409,),
+    description="409 for a meter marked failed (it cannot be evaluated) until it is redefined.",
+)
+
+
 def routes(ctx: ApiContext) -> list[Route]:
     async def create(request: Request) -> JSON:
         org = ctx.organization(request)
@@ -115,9 +148,24 @@ def routes(ctx: ApiContext) -> list[Route]:
         return JSON(shapes.quantities(found))
 
     return [
-        Route("/v1/meters/{id}/quantities", quantities, methods=["GET"]),
-        Route("/v1/meters/", list_, methods=["GET"]),
-        Route("/v1/meters/", create, methods=["POST"]),
-        Route("/v1/meters/{id}", get, methods=["GET"]),
-        Route("/v1/meters/{id}", update, methods=["PATCH"]),
+        ApiRoute("/v1/meters/{id}/quantities", quantities, "GET", QUANTITIES),
+        ApiRoute("/v1/meters/", list_, "GET", LIST),
+        ApiRoute(
+            "/v1/meters/",
+            create,
+            "POST",
+            Operation("Create a meter", TAG, {201: MeterShape}, body=MeterCreate),
+        ),
+        ApiRoute("/v1/meters/{id}", get, "GET", Operation("Get a meter", TAG, {200: MeterShape})),
+        ApiRoute(
+            "/v1/meters/{id}",
+            update,
+            "PATCH",
+            Operation(
+                "Update a meter: rename, relabel, redefine, archive",
+                TAG,
+                {200: MeterShape},
+                body=MeterUpdate,
+            ),
+        ),
     ]

@@ -17,6 +17,7 @@ __all__ = ["MeterCreate", "MeterShape", "MeterUpdate", "meter", "meters", "quant
 
 class BackfillShape(TypedDict):
     status: Literal["running", "done"]
+    # The organization's events stored before the (re)definition, and those rolled up so far.
     events_done: int
     events_total: int
 
@@ -73,8 +74,8 @@ def meter(row: MeterRow) -> MeterShape:
         "archived_at": iso(row.archived_at_us),
         "backfill": {
             "status": "running" if row.backfilling else "done",
-            "events_done": row.backfilled_to,
-            "events_total": row.backfill_target,
+            "events_done": row.backfilled_events,
+            "events_total": row.backfill_events,
         },
         "failure": None
         if row.failure is None

@@ -11,6 +11,7 @@ from starlette.routing import Route
 from aggregator.api import organization_shapes as shapes
 from aggregator.api import params
 from aggregator.api.context import ApiContext
+from aggregator.api.openapi import ApiRoute, Operation
 from aggregator.auth import Organization
 from aggregator.errors import NotFound
 from ingest.http import JSON
@@ -26,4 +27,7 @@ def routes(ctx: ApiContext, describe: Describe) -> list[Route]:
             raise NotFound("Organization not found")
         return JSON(shapes.organization(*found))
 
-    return [Route("/v1/organizations/{id}", get, methods=["GET"])]
+    operation = Operation(
+        "Get the token's organization", "organizations", {200: shapes.Organization}
+    )
+    return [ApiRoute("/v1/organizations/{id}", get, "GET", operation)]

@@ -7,16 +7,40 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from aggregator.api import openapi as oa
 from aggregator.api import params
 from aggregator.api import webhook_shapes as shapes
 from aggregator.api.context import ApiContext
-from aggregator.api.webhook_shapes import EndpointCreate, EndpointUpdate
+from aggregator.api.openapi import ApiRoute, Operation
+from aggregator.api.shapes import ListResource
+from aggregator.api.webhook_shapes import (
+    DeliveryShape,
+    EndpointCreate,
+    EndpointShape,
+    EndpointUpdate,
+)
 from aggregator.services import webhook_service as service
 from ingest.http import JSON
 from meters.webhook_rules import EVENT_TYPES
 from meters.wire import parse_model
 
 CODE_CLASSES = frozenset({"2xx", "3xx", "4xx", "5xx"})
+
+
+TAG = "webhooks"
+DELIVERIES = Operation(
+    "List webhook deliveries",
+    TAG,
+    {200: ListResource[DeliveryShape]},
+    query=(
+        *oa.page_and_limit(),
+        oa.repeated("endpoint_id", oa.ID),
+        oa.repeated("event_type", oa.choice(EVENT_TYPES)),
+        oa.query("succeeded", oa.BOOLEAN),
+        oa.query("http_code_class", oa.choice(CODE_CLASSES)),
+        *oa.window(required=False),
+    ),
+)
 
 
 def routes(ctx: ApiContext, allow_private: bool) -> list[Route]:
@@ -78,13 +102,48 @@ def routes(ctx: ApiContext, allow_private: bool) -> list[Route]:
         await service.redeliver(store, org, params.path_id(request))
         return Response(status_code=202)
 
+    endpoint = "/v1/webhooks/endpoints/{id}"
     return [
-        Route("/v1/webhooks/endpoints", create, methods=["POST"]),
-        Route("/v1/webhooks/endpoints", list_, methods=["GET"]),
-        Route("/v1/webhooks/endpoints/{id}", get, methods=["GET"]),
-        Route("/v1/webhooks/endpoints/{id}", update, methods=["PATCH"]),
-        Route("/v1/webhooks/endpoints/{id}", delete, methods=["DELETE"]),
-        Route("/v1/webhooks/endpoints/{id}/secret", reset_secret, methods=["PATCH"]),
-        Route("/v1/webhooks/deliveries", deliveries, methods=["GET"]),
-        Route("/v1/webhooks/events/{id}/redeliver", redeliver, methods=["POST"]),
+        ApiRoute(
+            "/v1/webhooks/endpoints",
+            create,
+            "POST",
+            Operation("Create a webhook endpoint", TAG, {201: EndpointShape}, body=EndpointCreate),
+        ),
+        ApiRoute(
+            "/v1/webhooks/endpoints",
+            list_,
+            "GET",
+            Operation(
+                "List webhook endpoints",
+                TAG,
+                {200: ListResource[EndpointShape]},
+                query=oa.page_and_limit(),
+            ),
+        ),
+        ApiRoute(
+            endpoint, get, "GET", Operation("Get a webhook endpoint", TAG, {200: EndpointShape})
+        ),
+        ApiRoute(
+            endpoint,
+            update,
+            "PATCH",
+            Operation("Update a webhook endpoint", TAG, {200: EndpointShape}, body=EndpointUpdate),
+        ),
+        ApiRoute(
+            endpoint, delete, "DELETE", Operation("Delete a webhook endpoint", TAG, {204: None})
+        ),
+        ApiRoute(
+            f"{endpoint}/secret",
+            reset_secret,
+            "PATCH",
+            Operation("Reset a webhook endpoint's secret", TAG, {200: EndpointShape}),
+        ),
+        ApiRoute("/v1/webhooks/deliveries", deliveries, "GET", DELIVERIES),
+        ApiRoute(
+            "/v1/webhooks/events/{id}/redeliver",
+            redeliver,
+            "POST",
+            Operation("Deliver a webhook event again", TAG, {202: None}),
+        ),
     ]

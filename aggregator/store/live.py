@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store import alert_tables, dedupe, hold_tables, webhook_tables
+from aggregator.store import alert_tables, dedupe, hold_tables, subjects, webhook_tables
 from aggregator.store.arrays import numpy
 from aggregator.store.balances import Balances
 from aggregator.store.catalog import Catalog
@@ -34,6 +35,19 @@ from aggregator.store.rows import registered
 from meters.times import now_us
 
 Effect = Callable[[], object]
+# Per organization, the customer meters a commit changed: (meter id, customer reference).
+Changed = dict[str, set[tuple[str, str]]]
+
+
+class Changes(Protocol):
+    """Who is told, right after each commit, which customer meters it changed (the live
+    stream's feed). Both are called on the writer thread, so both must be quick."""
+
+    def watched(self) -> Collection[str]:
+        """The organizations someone listens to now (changes of others are not gathered)."""
+        ...
+
+    def changed(self, changes: Changed) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +110,10 @@ class Live:
         self.alert_payload: alert_tables.Payload = alert_tables.basic_payload
         # Whether an organization has an endpoint for customer.state_changed (`webhook_tables`).
         self.state_subscribers: dict[str, bool] = {}
+        # Told what each commit changed in customer meters, when someone listens (`Changes`).
+        self.changes: Changes | None = None
+        self._changed: Changed = {}
+        self._meter_organizations: dict[str, str] = {}  # a meter's never changes
         self._verify = verify
         self._max_pending = max_pending_events
         # The next offset applied per (topic, partition), stored or not: what a consumed batch
@@ -132,6 +150,7 @@ class Live:
 
     def begin(self) -> None:
         self.alert_values = {}
+        self._changed = {}
         self._staged = []
         self._staged_keys = Dedupe()
         self._staged_entries = []
@@ -153,6 +172,7 @@ class Live:
             for effect in staged:
                 effect()
         self.flusher.poke()
+        self._announce()
         # Backpressure: applying may not run further ahead of storing than this.
         while self.memtable.events > self._max_pending:
             self.flusher.poke()
@@ -292,3 +312,42 @@ class Live:
         at = pa.array(np.full(n, evaluated.at_us, dtype=np.int64))
         numbers = evaluated.ledger.append_column("first_us", at).append_column("last_us", at)
         self.balances.add(evaluated.organization_id, numbers, evaluated.ledger_values)
+        org = evaluated.organization_id
+        if self.changes is not None and org in self.changes.watched():
+            pairs = self._changed.setdefault(org, set())
+            for table in (evaluated.ledger, evaluated.ledger_values):
+                meters, names = table.column("meter_id"), table.column("subject")
+                pairs.update(
+                    zip(map(str, meters.to_pylist()), map(str, names.to_pylist()), strict=True)
+                )
+
+    def _announce(self) -> None:
+        """Tell `changes` what this commit changed: usage as it was folded in (`add_usage`),
+        credits and resets from `alert_values`, where each records its customer meter
+        (`alert_tables`), keyed by meter and customer id without the organization."""
+        changes = self.changes
+        if changes is None:
+            return
+        watched = changes.watched()
+        if watched and self.alert_values:
+            orgs = self._organizations_of({meter for meter, _ in self.alert_values})
+            for meter, customer in self.alert_values:
+                org = orgs.get(meter)
+                if org is not None and org in watched:
+                    self._changed.setdefault(org, set()).add((meter, subjects.of_id(customer)))
+        if self._changed:
+            changed, self._changed = self._changed, {}
+            changes.changed(changed)
+
+    def _organizations_of(self, meters: set[str]) -> dict[str, str]:
+        known = self._meter_organizations
+        missing = sorted(meters - known.keys())
+        if missing:
+            known.update(
+                self._verify.execute(
+                    "SELECT id::VARCHAR, organization_id::VARCHAR FROM meters"
+                    " WHERE id IN (SELECT unnest(?::UUID[]))",
+                    [missing],
+                ).fetchall()
+            )
+        return known

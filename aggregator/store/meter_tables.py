@@ -43,7 +43,8 @@ _FAILURE = (
 _COLUMNS = (
     "id::VARCHAR, organization_id::VARCHAR, name, unit, custom_label, custom_multiplier,"
     " filter, aggregation, metadata, epoch_us(created_at), epoch_us(modified_at),"
-    " epoch_us(archived_at), version, backfill_target, backfilled_to, "
+    " epoch_us(archived_at), version, backfill_target, backfilled_to, backfill_events,"
+    " backfilled_events, "
     + _FAILURE.format("reason")
     + ", "
     + _FAILURE.format("epoch_us(failed_at)")
@@ -62,6 +63,10 @@ EVALUATION_ERRORS = (
 )
 # Longest failure reason kept (DuckDB's messages can quote a whole statement).
 _MAX_REASON = 500
+# What a (re)definition's backfill will read: the organization's stored user events.
+_EVENTS_TO_BACKFILL = (
+    "(SELECT count(*) FROM events e WHERE e.organization_id = {} AND e.source = 'user')"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +84,10 @@ class MeterRow:
     modified_at_us: int | None
     archived_at_us: int | None
     version: int
-    backfill_target: int
+    backfill_target: int  # seq bounds: what the backfill steps through
     backfilled_to: int
+    backfill_events: int  # the same progress in the organization's events (what users see)
+    backfilled_events: int
     # Why the meter cannot be evaluated (skipped by ingest until redefined), and since when.
     failure: str | None = None
     failed_at_us: int | None = None
@@ -121,6 +128,8 @@ def _row(r: tuple[Any, ...]) -> MeterRow:
         r[14],
         r[15],
         r[16],
+        r[17],
+        r[18],
     )
 
 
@@ -129,10 +138,12 @@ def create_job(organization_id: str, data: MeterCreate, now_us: int) -> Job[Mete
         con = tx.con
         meter_id = str(uuid.uuid4())
         con.execute(
-            "INSERT INTO meters (id, organization_id, name, unit, custom_label,"
-            " custom_multiplier, filter, aggregation, metadata, created_at, backfill_target)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, make_timestamptz(?),"
-            " (SELECT coalesce(max(seq), 0) FROM events))",
+            "INSERT INTO meters (id, organization_id, name, unit, custom_label,"  # noqa: S608 - fixed text, values bound
+            " custom_multiplier, filter, aggregation, metadata, created_at, backfill_target,"
+            " backfill_events) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, make_timestamptz(?),"
+            " (SELECT coalesce(max(seq), 0) FROM events), "
+            + _EVENTS_TO_BACKFILL.format("?::UUID")
+            + ")",
             [
                 meter_id,
                 organization_id,
@@ -144,6 +155,7 @@ def create_job(organization_id: str, data: MeterCreate, now_us: int) -> Job[Mete
                 _AGGREGATION.dump_json(data.aggregation).decode(),
                 orjson.dumps(data.metadata).decode(),
                 now_us,
+                organization_id,
             ],
         )
         return _found(con, organization_id, meter_id)
@@ -204,8 +216,9 @@ def update_job(
             _reset_rollups(con, meter_id)
             tx.live.stage(lambda: tx.live.balances.drop(meter_id))
             extra += (
-                ", version = version + 1, backfilled_to = 0,"
-                " backfill_target = (SELECT coalesce(max(seq), 0) FROM events)"
+                ", version = version + 1, backfilled_to = 0, backfilled_events = 0,"  # noqa: S608 - fixed text
+                " backfill_target = (SELECT coalesce(max(seq), 0) FROM events),"
+                " backfill_events = " + _EVENTS_TO_BACKFILL.format("meters.organization_id")
             )
         if not columns and not extra:
             return current
@@ -376,7 +389,12 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int,
         )
         rollups.store(con, [evaluated])
         tx.live.stage(lambda: tx.live.add_usage(evaluated))
-        con.execute("UPDATE meters SET backfilled_to = ? WHERE id = ?::UUID", [high, meter_id])
+        con.execute(
+            "UPDATE meters SET backfilled_to = ?, backfilled_events = backfilled_events + ?"
+            " WHERE id = ?::UUID",
+            # One row per event of the chunk, in the meter or not: the events read.
+            [high, evaluated.values.num_rows, meter_id],
+        )
         return (high, meter.backfill_target)
 
     return job

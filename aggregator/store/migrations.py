@@ -442,6 +442,18 @@ MIGRATIONS: tuple[str, ...] = (
         deleted_at TIMESTAMPTZ
     );
     """,
+    # 19: a backfill's progress in events, as the API shows it (the seq bounds above stay its
+    # mechanics: a seq range holds other organizations' events too). Meters stored before
+    # count theirs once here.
+    """
+    ALTER TABLE meters ADD COLUMN backfill_events BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE meters ADD COLUMN backfilled_events BIGINT NOT NULL DEFAULT 0;
+    UPDATE meters SET
+        backfill_events = (SELECT count(*) FROM events e WHERE e.organization_id
+            = meters.organization_id AND e.source = 'user' AND e.seq <= meters.backfill_target),
+        backfilled_events = (SELECT count(*) FROM events e WHERE e.organization_id
+            = meters.organization_id AND e.source = 'user' AND e.seq <= meters.backfilled_to);
+    """,
 )
 
 

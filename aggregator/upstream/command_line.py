@@ -7,14 +7,15 @@ import argparse
 import asyncio
 import os
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 from rich.console import Console
 
+from aggregator.commands import server_client
+from aggregator.commands.common import command, server_options
 from aggregator.errors import UsageError
 from aggregator.upstream.forwarder import ForwarderSettings
 from aggregator.upstream.reconcile import ReconcileSettings, reconcile
@@ -23,21 +24,38 @@ from meters.times import datetime_to_us
 
 ROLLUP_MINUTES = (15, 30, 60, 120, 180, 240, 360, 480, 720, 1440)  # whole buckets dividing a day
 MAX_REQUEST_BYTES = 10 * 1024 * 1024
+MODES = {"raw": "every event as it is", "rollup": "one pre-aggregated event per period"}
+FORWARDED = "the forwarded organization's token"  # what --token is, in --help
+MOMENT_HELP = (
+    "`today` or `yesterday` (00:00 UTC), `now`, a date (2026-11-01: 00:00 UTC) or an ISO 8601"
+    " time (2026-11-01T12:00:00+05:30; UTC when it names no offset)"
+)
 
 
 def arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--upstream-url", help="a Polar-compatible API to forward events to")
+    group.add_argument(
+        "--upstream-url", help="a Polar-compatible API to forward events to (default: none)"
+    )
     upstream_token(group)
     group.add_argument(
         "--upstream-org", default="default", help="the local organization whose events go"
     )
-    group.add_argument("--upstream-mode", choices=["raw", "rollup"], default="raw")
-    group.add_argument("--upstream-rate", type=float, default=500.0, help="requests/minute")
-    group.add_argument("--upstream-batch-events", type=int, default=1000)
     group.add_argument(
-        "--upstream-batch-bytes", type=int, default=9 * 1024 * 1024, help="at most 10 MiB"
+        "--upstream-mode", choices=list(MODES), default="raw", help=_modes("what is forwarded")
     )
-    group.add_argument("--upstream-timeout", type=float, default=10.0, help="seconds")
+    group.add_argument("--upstream-rate", type=float, default=500.0, help="requests/minute")
+    group.add_argument(
+        "--upstream-batch-events", type=int, default=1000, help="events per request at most"
+    )
+    group.add_argument(
+        "--upstream-batch-bytes",
+        type=int,
+        default=9 * 1024 * 1024,
+        help="bytes per request at most (10 MiB or less)",
+    )
+    group.add_argument(
+        "--upstream-timeout", type=float, default=10.0, help="seconds per request at most"
+    )
     group.add_argument(
         "--upstream-rollup-minutes",
         type=int,
@@ -64,7 +82,7 @@ def upstream_token(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> 
     group.add_argument(
         "--upstream-token",
         default=os.environ.get("METERLINE_UPSTREAM_TOKEN"),
-        help="the upstream organization's access token (or METERLINE_UPSTREAM_TOKEN)",
+        help="the upstream organization's access token (default: $METERLINE_UPSTREAM_TOKEN)",
     )
 
 
@@ -73,7 +91,8 @@ def customer_map(group: argparse._ArgumentGroup | argparse.ArgumentParser, flag:
         flag,
         type=Path,
         metavar="JSON_FILE",
-        help='{"local external customer id (or customer id)": "upstream external id", ...}',
+        help='{"local external customer id (or customer id)": "upstream external id", ...}'
+        " (default: none, the same ids)",
     )
 
 
@@ -116,63 +135,103 @@ def forwarder_settings(args: argparse.Namespace) -> ForwarderSettings | None:
     )
 
 
+def _modes(what: str) -> str:
+    return f"{what}: " + "; ".join(f"{mode}, {meaning}" for mode, meaning in MODES.items())
+
+
 def commands(subparsers: Any) -> None:
-    reconcile = subparsers.add_parser(
+    reconcile = command(
+        subparsers,
         "reconcile",
-        help="compare a window of local consumption with the upstream's (exit 1 on drift)",
+        "compare a window of local consumption with the upstream's (exit 1 on drift)",
     )
-    reconcile.add_argument("--from", dest="start", required=True, type=_moment, metavar="T1")
-    reconcile.add_argument("--to", dest="end", required=True, type=_moment, metavar="T2")
+    reconcile.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        type=_moment,
+        metavar="T1",
+        help=f"the window's start, included: {MOMENT_HELP}",
+    )
+    reconcile.add_argument(
+        "--to",
+        dest="end",
+        required=True,
+        type=_moment,
+        metavar="T2",
+        help="the window's end, excluded, as T1 (`--from yesterday --to today`: yesterday)",
+    )
     reconcile.add_argument(
         "--repair",
         action="store_true",
         help="re-send what the upstream lacks (safe: it deduplicates on external_id)",
     )
-    _local(reconcile)
-    reconcile.add_argument("--upstream-url", required=True)
+    server_options(reconcile, FORWARDED)
+    reconcile.add_argument(
+        "--upstream-url", required=True, help="the Polar-compatible API forwarded to"
+    )
     upstream_token(reconcile)
-    reconcile.add_argument("--mode", choices=["raw", "rollup"], default="raw")
-    reconcile.add_argument("--rollup-minutes", type=int, choices=ROLLUP_MINUTES, default=60)
+    reconcile.add_argument(
+        "--mode", choices=list(MODES), default="raw", help=_modes("how the forwarder sends")
+    )
+    reconcile.add_argument(
+        "--rollup-minutes",
+        type=int,
+        choices=ROLLUP_MINUTES,
+        default=60,
+        help="rollup mode: the forwarder's --upstream-rollup-minutes",
+    )
     customer_map(reconcile, "--customer-map")
-    reconcile.add_argument("--report", type=Path, default=Path("reconcile-report.json"))
+    reconcile.add_argument(
+        "--report",
+        type=Path,
+        default=Path("reconcile-report.json"),
+        help="where the JSON report is written",
+    )
     reconcile.add_argument(
         "--rate", type=float, default=500.0, help="upstream requests/minute (reads and repairs)"
     )
-    reconcile.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-
-    forwarder = subparsers.add_parser("forwarder", help="a running server's forwarder")
-    actions = forwarder.add_subparsers(dest="forwarder_command", required=True)
-    _local(actions.add_parser("status", help="backlog, sent, retried, quarantined"))
-    _local(actions.add_parser("quarantine", help="the refused events with the reasons"))
-    resend = actions.add_parser("resend", help="send a quarantined event again")
-    _local(resend)
-    resend.add_argument("seq", type=int)
-
-
-def _local(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the local meterline")
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("METERLINE_TOKEN"),
-        help="the forwarded organization's token (or METERLINE_TOKEN)",
+    reconcile.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds per request (an upstream that does not answer the first fails the run)",
     )
+
+    forwarder = command(subparsers, "forwarder", "a running server's forwarder")
+    actions = forwarder.add_subparsers(dest="forwarder_command", required=True)
+    server_options(command(actions, "status", "backlog, sent, retried, quarantined"), FORWARDED)
+    server_options(command(actions, "quarantine", "the refused events with the reasons"), FORWARDED)
+    resend = command(actions, "resend", "send a quarantined event again")
+    server_options(resend, FORWARDED)
+    resend.add_argument("seq", type=int, help="the event's seq (from `forwarder quarantine`)")
 
 
 def _moment(text: str) -> datetime:
-    """An ISO 8601 date or time; UTC when it names no offset."""
-    moment = datetime.fromisoformat(text)
+    """A day's start (`today`, `yesterday`, a date), `now` or an ISO 8601 time; UTC unless
+    it names an offset."""
+    now = datetime.now(UTC)
+    days = {"today": 0, "yesterday": 1}
+    if text in days:
+        return datetime.combine(now.date() - timedelta(days=days[text]), time(), UTC)
+    if text == "now":
+        return now
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of: {MOMENT_HELP}") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.token:
-        raise UsageError("--token (or METERLINE_TOKEN) is needed")
+    local = server_client.local(args.url, args.token, getattr(args, "timeout", 120.0))
     if args.command == "forwarder":
-        return _forwarder(args)
-    if not args.upstream_token:
-        raise UsageError("--upstream-token (or METERLINE_UPSTREAM_TOKEN) is needed")
+        return _forwarder(args, local)
     if args.end <= args.start:
         raise UsageError("--to must be after --from")
+    upstream = server_client.upstream(args.upstream_url, args.upstream_token, args.timeout)
+    for endpoint in (local, upstream):  # fail at once, not after retries, if one is not there
+        endpoint.request("GET", "/v1/meters/", params={"limit": 1})
     settings = ReconcileSettings(
         local_url=args.url,
         local_token=args.token,
@@ -195,22 +254,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _forwarder(args: argparse.Namespace) -> int:
+def _forwarder(args: argparse.Namespace, local: server_client.Endpoint) -> int:
     paths = {
         "status": ("GET", "/v1/forwarder/"),
         "quarantine": ("GET", "/v1/forwarder/quarantine"),
         "resend": ("POST", f"/v1/forwarder/quarantine/{getattr(args, 'seq', 0)}/resend"),
     }
-    method, path = paths[args.forwarder_command]
-    try:
-        response = httpx.request(
-            method,
-            args.url.rstrip("/") + path,
-            headers={"Authorization": f"Bearer {args.token}"},
-            timeout=120,
-        )
-    except httpx.HTTPError as exc:
-        print(f"meterline forwarder: {exc}", file=sys.stderr)
-        return 2
+    response = local.request(*paths[args.forwarder_command])
     print(orjson.dumps(response.json(), option=orjson.OPT_INDENT_2).decode())
     return 0 if response.is_success else 1

@@ -11,9 +11,11 @@ from typing import Any
 
 import orjson
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
+from aggregator.commands.common import plural
+from aggregator.commands.progress import Progress
 from meters.polar_api import PolarApi
 from meters.reconcile_rules import (
     Comparison,
@@ -70,29 +72,28 @@ async def reconcile(settings: ReconcileSettings, console: Console) -> int:
             meters = rollup_meters(meters)
         mine = Tally(meters, settings.customer_map, period_us)
         theirs = Tally(meters, settings.customer_map, period_us)
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=not console.is_terminal,
-        ) as progress:
+        with Progress(console) as progress:
 
             async def scan(api: PolarApi, tally: Tally, label: str, local_side: bool) -> None:
-                task = progress.add_task(f"{label} events", total=None)
-                async for page in api.events(start, end, lambda n: progress.update(task, total=n)):
+                task = progress.task(f"{label} events")
+                async for page in api.events(start, end, lambda n: task.update(total=n)):
                     if rollup and not local_side:
                         tally.add_rollups(page)
                     else:
                         tally.add_events(page, keep_ids=local_side and not rollup)
-                    progress.advance(task, len(page))
+                    task.advance(len(page))
 
             await asyncio.gather(
                 scan(local, mine, "local", True), scan(upstream, theirs, "upstream", False)
             )
         result = compare(meters, mine, theirs, rollup=rollup)
-        totals = await _meter_totals(local, upstream, meters, start, end)
+        totals, absent = await _meter_totals(local, upstream, meters, start, end)
+        if absent:
+            console.print(
+                f"[yellow]warning[/yellow]: {plural(len(absent), 'meter')} not upstream (by"
+                f" name), so not compared: {escape(', '.join(absent))}",
+                highlight=False,
+            )
         found = bool(result.drift or result.missing or any(not t["same"] for t in totals))
         repaired = None
         if settings.repair and found:
@@ -115,34 +116,37 @@ async def reconcile(settings: ReconcileSettings, console: Console) -> int:
         "missing_upstream": {"count": len(result.missing), "event_ids": result.missing[:1000]},
         "extra_upstream": result.extra,
         "meter_totals": totals,
+        "meters_missing_upstream": absent,
         "repair": repaired,
     }
     settings.report.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    _print(console, report, result)
+    _print(console, report, result, settings.report)
     return 1 if found else 0
 
 
 async def _meter_totals(
     local: PolarApi, upstream: PolarApi, meters: list[Meter], start: int, end: int
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Each meter's total over the window from both sides' own quantities (catches an upstream
-    meter defined differently); meters matched by name."""
+    meter defined differently), meters matched by name; and the names of those upstream has
+    not."""
     theirs = {m["name"]: m["id"] async for m in upstream.items("/v1/meters/", {})}
     window = {
         "start_timestamp": us_to_iso(start),
         "end_timestamp": us_to_iso(end - 1),
         "interval": "day",
     }
-    totals = []
+    totals, absent = [], []
     for meter in meters:
         if meter.name not in theirs:
+            absent.append(meter.name)
             continue
         path = "/v1/meters/{}/quantities"
         mine = await local.request("GET", path.format(meter.id), params=window)
         other = await upstream.request("GET", path.format(theirs[meter.name]), params=window)
         a, b = float(mine["total"]), float(other["total"])
         totals.append({"meter": meter.name, "local": a, "upstream": b, "same": same(a, b)})
-    return totals
+    return totals, absent
 
 
 async def _repair_raw(local: PolarApi, missing: list[str]) -> dict[str, int]:
@@ -176,7 +180,7 @@ async def _repair_rollups(
     return {"requested": len(events), "accepted": accepted, "refused": refused}
 
 
-def _print(console: Console, report: dict[str, Any], result: Comparison) -> None:
+def _print(console: Console, report: dict[str, Any], result: Comparison, path: Path) -> None:
     summary = Table(title=f"reconcile {report['window']['from']} → {report['window']['to']}")
     summary.add_column("")
     summary.add_column("local", justify="right")
@@ -200,10 +204,12 @@ def _print(console: Console, report: dict[str, Any], result: Comparison) -> None
             )  # fmt: skip
         console.print(drift)
     console.print(
-        f"missing upstream: {len(result.missing)} events; upstream only: {result.extra} events;"
-        f" {result.compared} customer×meter amounts compared"
+        f"missing upstream: {plural(len(result.missing), 'event')}; upstream only:"
+        f" {plural(result.extra, 'event')};"
+        f" {plural(result.compared, 'customer×meter amount')} compared",
+        highlight=False,
     )
     if report["repair"] is not None:
         console.print(f"repair: {report['repair']}")
     verdict = "[red]DRIFT[/red]" if report["drift_found"] else "[green]no drift[/green]"
-    console.print(f"{verdict} — report written")
+    console.print(f"{verdict} — report written to {escape(str(path.resolve()))}", highlight=False)

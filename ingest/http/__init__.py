@@ -3,24 +3,49 @@ error map, authenticated requests with bounded bodies, admission and metrics. Th
 these names from here, never from the modules behind them."""
 
 from ingest.http.admission import MIB, Admission, Limits, Rate
-from ingest.http.edge import IngestSettings, edge_app, ingest_routes
-from ingest.http.metrics import Source, metrics_route
+from ingest.http.edge import (
+    IngestBody,
+    IngestEvent,
+    IngestResult,
+    IngestSettings,
+    edge_app,
+    ingest_routes,
+)
+from ingest.http.metrics import Responses, Source, count_responses, metrics_route
 from ingest.http.protocol import with_header_timeout
 from ingest.http.requests import Authenticate, bearer_subject, json_body, organization_of
-from ingest.http.responses import JSON, ErrorMap, InvalidToken, error
+from ingest.http.responses import (
+    JSON,
+    ErrorBody,
+    ErrorMap,
+    FieldErrorBody,
+    InvalidToken,
+    InvalidTokenBody,
+    ValidationErrorBody,
+    error,
+)
 
 __all__ = [
     "JSON",
     "MIB",
     "Admission",
     "Authenticate",
+    "ErrorBody",
     "ErrorMap",
+    "FieldErrorBody",
+    "IngestBody",
+    "IngestEvent",
+    "IngestResult",
     "IngestSettings",
     "InvalidToken",
+    "InvalidTokenBody",
     "Limits",
     "Rate",
+    "Responses",
     "Source",
+    "ValidationErrorBody",
     "bearer_subject",
+    "count_responses",
     "edge_app",
     "error",
     "ingest_routes",

@@ -104,6 +104,9 @@ class Admission:
         self.buffered_bytes = 0
         # (reason, organization id) -> requests refused for it.
         self.refused: Counter[tuple[str, str]] = Counter()
+        # Events accepted (charged), all organizations together: a series per organization
+        # would grow with the tenants.
+        self.accepted_events = 0
         self._trim = _Trimmer()
 
     def _buckets(self, token: str, organization: str) -> list[tuple[str, _Bucket, _Bucket]]:
@@ -135,6 +138,8 @@ class Admission:
                 )
 
     def charge_events(self, token: str, organization: str, count: int) -> None:
+        """Charge a request's accepted events to the token's and organization's budgets."""
+        self.accepted_events += count
         for _, _, events in self._buckets(token, organization):
             events.charge(count)
 

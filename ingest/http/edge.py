@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any, Required
 
+from pydantic import ConfigDict, with_config
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
+from typing_extensions import TypedDict
 
 from ingest.errors import Unavailable
 from ingest.http.admission import Admission, Limits
-from ingest.http.metrics import metrics_route
+from ingest.http.metrics import Responses, count_responses, metrics_route
 from ingest.http.requests import Authenticate, authenticated
 from ingest.http.responses import JSON, ErrorMap
 from ingest.publish import Publisher
@@ -25,6 +28,36 @@ from meters.events import EventRules
 from meters.times import now_us
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
+
+
+@with_config(ConfigDict(use_attribute_docstrings=True))
+class IngestEvent(TypedDict, total=False):
+    """An event as the endpoint takes it (Polar's `EventCreate`). `meters.events` validates it;
+    its limits are the deployment's `EventRules`. `organization_id` and `member_id` are
+    refused, with a reason. A null is an absent field."""
+
+    name: Required[str]
+    timestamp: str | int | float | None
+    """ISO 8601 with an offset, or epoch seconds (milliseconds above 2e10); default: now."""
+    customer_id: str | None
+    """A UUID4: set it or external_customer_id, not both."""
+    external_customer_id: str | None
+    external_id: str | None
+    """The idempotency key: an event whose external_id is stored is a duplicate."""
+    parent_id: str | None
+    """The parent's event id or external_id."""
+    external_member_id: str | None
+    metadata: dict[str, str | int | float | bool | dict[str, Any]] | None
+    """Flat values; `_cost` ({amount, currency}) and `_llm` (token counts) are objects."""
+
+
+class IngestBody(TypedDict):
+    events: list[IngestEvent]
+
+
+class IngestResult(TypedDict):
+    inserted: int
+    duplicates: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +93,7 @@ def ingest_routes(
         finally:
             body.release()
         admission.charge_events(token, org, result.inserted + result.duplicates)
-        return JSON({"inserted": result.inserted, "duplicates": result.duplicates})
+        return JSON(IngestResult(inserted=result.inserted, duplicates=result.duplicates))
 
     return [Route("/v1/events/ingest", ingest, methods=["POST"])]
 
@@ -73,12 +106,17 @@ def edge_app(
 ) -> Starlette:
     """A stateless ingest edge: `POST /v1/events/ingest` into `publisher`, and its own metrics."""
     admission = Admission(settings.limits)
+    responses = Responses()
     routes = [
         Route("/healthz", _health, methods=["GET"]),
-        metrics_route(admission, metrics_token),
+        metrics_route(admission, metrics_token, responses=responses),
         *ingest_routes(publisher, authenticate, settings, admission),
     ]
-    return Starlette(routes=routes, exception_handlers=ErrorMap().handlers)
+    return Starlette(
+        routes=routes,
+        exception_handlers=ErrorMap().handlers,
+        middleware=[count_responses(responses)],
+    )
 
 
 async def _health(request: Request) -> JSON:

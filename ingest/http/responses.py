@@ -5,11 +5,12 @@ edge's errors here, and what a process serving more routes (the core) registers 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from typing_extensions import TypedDict
 
 from ingest.errors import BodyTimeout, BodyTooLarge, TooManyRequests, Unavailable
 from meters.errors import ValidationFailed
@@ -30,8 +31,40 @@ class InvalidToken(Exception):
     """The bearer token is unknown, revoked or malformed."""
 
 
+class ErrorBody(TypedDict):
+    """Every error's body but a 422's and a bad token's: `error` names it, `detail` says why."""
+
+    error: str
+    detail: str
+
+
+class FieldErrorBody(TypedDict):
+    """One refused input, in pydantic's shape (`meters.errors.FieldError.as_dict`)."""
+
+    type: str
+    loc: list[str | int]
+    msg: str
+    input: Any
+
+
+class ValidationErrorBody(TypedDict):
+    """A 422's body: every refused input. Polar names errors found against stored state (an
+    unknown customer, ...) PolarRequestValidationError."""
+
+    error: Literal["RequestValidationError", "PolarRequestValidationError"]
+    detail: list[FieldErrorBody]
+
+
+class InvalidTokenBody(TypedDict):
+    """A 401's body when a token was sent but is unknown, revoked, expired or malformed."""
+
+    error: Literal["invalid_token"]
+    error_description: str
+
+
 def error(status: int, error_name: str, detail: Any, headers: dict[str, str] | None = None) -> JSON:
-    return JSON({"error": error_name, "detail": detail}, status_code=status, headers=headers)
+    body: ErrorBody = {"error": error_name, "detail": detail}
+    return JSON(body, status_code=status, headers=headers)
 
 
 def validation_error(exc: ValidationFailed) -> JSON:
@@ -59,12 +92,13 @@ def unauthorized() -> JSON:
 
 
 def invalid_token() -> JSON:
+    body: InvalidTokenBody = {
+        "error": "invalid_token",
+        "error_description": "The access token provided is expired, revoked, malformed,"
+        " or invalid for other reasons.",
+    }
     return JSON(
-        {
-            "error": "invalid_token",
-            "error_description": "The access token provided is expired, revoked, malformed,"
-            " or invalid for other reasons.",
-        },
+        body,
         status_code=401,
         headers={"WWW-Authenticate": 'Bearer realm="meterline", error="invalid_token"'},
     )

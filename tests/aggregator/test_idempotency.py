@@ -152,6 +152,8 @@ def _as_previous_main_left_it(path: Path) -> None:
     for table in ("endpoints", "events", "outbox", "deliveries", "state_changes", "state_sent"):
         con.execute(f"DROP TABLE webhook_{table}")  # step 17
     con.execute("DROP TABLE meter_alerts")  # step 18
+    for column in ("backfill_events", "backfilled_events"):
+        con.execute(f"ALTER TABLE meters DROP COLUMN {column}")  # step 19
     con.execute("DELETE FROM schema_migrations WHERE version >= 8")
     for name, key in (
         ("meter.credited", "meterline:credit:old"),

@@ -1,0 +1,108 @@
+"""`GET /openapi.json`, the OpenAPI document of the routes the app serves (built on first
+request, from `request.app`'s routes), and `GET /docs`, a page that renders it (`docs.html`:
+no script or style from elsewhere). Also the declarations of the routes the core takes from
+the edge (`/v1/events/ingest`, `/metrics`) and of `/healthz`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from typing import Literal, NotRequired
+
+import orjson
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+from typing_extensions import TypedDict
+
+from aggregator.api import openapi
+from aggregator.api.openapi import Operation, Text
+from aggregator.api.openapi_document import openapi_document
+from ingest.http import IngestBody, IngestResult
+
+TITLE = "meterline"
+DESCRIPTION = (
+    "Self-hosted usage metering with a Polar-compatible API. Every route takes"
+    " `Authorization: Bearer <organization access token>` unless it says otherwise."
+)
+
+
+class OffsetResetShape(TypedDict):
+    partition: int
+    stored_offset: int
+    log_start: int
+    log_end: int
+    vanished: int | None  # None: the log was recreated
+    reset_at: str
+
+
+class KafkaHealthShape(TypedDict):
+    offset_resets: int
+    last_offset_reset: OffsetResetShape | None
+
+
+class HealthShape(TypedDict):
+    """What `/healthz` answers (core_app's `_core_health`; an edge's is `{"status": "ok"}`):
+    "degraded" for a day after the events topic lost offsets the core had stored."""
+
+    status: Literal["ok", "degraded"]
+    kafka: NotRequired[KafkaHealthShape]  # Kafka mode
+
+
+_EDGE: dict[tuple[str, str], Operation] = {
+    ("POST", "/v1/events/ingest"): Operation(
+        "Ingest events",
+        "events",
+        {200: IngestResult},
+        body=IngestBody,
+        errors=(429,),
+        description="All or nothing: every error of the batch is a 422 located at"
+        ' `["body", "events", i, …]`. Answered once the events are durable; an event whose'
+        " `external_id` is stored counts as a duplicate. 503 + Retry-After when overloaded.",
+    ),
+    ("GET", "/metrics"): Operation(
+        "Prometheus metrics",
+        "system",
+        {200: Text("text/plain")},
+        security="metrics",
+        description="Behind `--metrics-token` when the server has one.",
+    ),
+    ("GET", "/healthz"): Operation("Liveness", "system", {200: HealthShape}, security="none"),
+}
+
+
+def declare_edge(routes: Sequence[Route]) -> list[Route]:
+    """The edge's routes and `/healthz`, declared; any other route as it is."""
+    found: list[Route] = []
+    for route in routes:
+        method = ",".join(sorted(set(route.methods or ()) - {"HEAD"}))
+        operation = _EDGE.get((method, route.path))
+        found.append(route if operation is None else openapi.declared(route, operation))
+    return found
+
+
+def routes(version: str) -> list[Route]:
+    page = resources.files(__package__).joinpath("docs.html").read_bytes()
+    built: list[bytes] = []
+
+    async def document(request: Request) -> Response:
+        if not built:
+            # Once per app, off the event loop: every shape's schema takes a moment.
+            found = await run_in_threadpool(
+                openapi_document,
+                request.app.routes,
+                title=TITLE,
+                version=version,
+                description=DESCRIPTION,
+            )
+            built.append(orjson.dumps(found))
+        return Response(built[0], media_type="application/json")
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(page)
+
+    return [
+        Route("/openapi.json", document, methods=["GET"], include_in_schema=False),
+        Route("/docs", docs, methods=["GET"], include_in_schema=False),
+    ]

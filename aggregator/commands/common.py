@@ -1,0 +1,78 @@
+"""What every `meterline` command shares: help that names each option's default, the options
+read from the environment (METERLINE_DATA_DIR, METERLINE_URL, METERLINE_TOKEN), and wording."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA_DIR = Path(".meterline")
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: …)" to an option's help unless the help names its default already
+    (options read from the environment do, so that --help never shows a token's value) or it
+    has none to name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False
+        if "default:" in text or nothing or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action) or text
+
+
+def command(subparsers: Any, name: str, summary: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows `summary` and each option's default."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name, help=summary, description=summary, formatter_class=HelpFormatter, **kwargs
+    )
+    return parser
+
+
+def version() -> str:
+    try:
+        return metadata.version("meterline")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def data_dir_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("METERLINE_DATA_DIR") or DEFAULT_DATA_DIR),
+        help=f"the server's data directory (default: $METERLINE_DATA_DIR, else {DEFAULT_DATA_DIR})",
+    )
+
+
+def server_options(parser: argparse.ArgumentParser, token_help: str) -> None:
+    """--url and --token of a running meterline that the command asks."""
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("METERLINE_URL") or DEFAULT_URL,
+        help=f"the running meterline (default: $METERLINE_URL, else {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("METERLINE_TOKEN"),
+        help=f"{token_help} (default: $METERLINE_TOKEN)",
+    )
+
+
+def program() -> str:
+    """How to name this command in a hint the user can paste: the path it was started by
+    (`.venv/bin/meterline` works without activating the venv), else `meterline`."""
+    started = sys.argv[0] if sys.argv else ""
+    return shlex.quote(started) if Path(started).name == "meterline" else "meterline"
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """`1 event`, `2 events`, `1,000 events`."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"

@@ -1,0 +1,124 @@
+"""`meterline token create|list|revoke`, and the development token that `meterline up` prints.
+
+Tokens are hashed with the data dir's secret, so a token created in a directory that holds no
+meterline data (a mistyped --data-dir) would come with a new secret that no server knows: the
+commands refuse such a directory unless `--init` asks for a new one. The development token is
+printed only when the server listens on loopback (or with --dev-token): a production server
+never shows a live token in its output."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from aggregator.auth import SECRET_FILE, TokenRegistry
+from aggregator.commands.common import command, data_dir_option, program
+from aggregator.core_app import CoreSettings
+from aggregator.errors import NotFound, UsageError
+
+
+def commands(subparsers: Any) -> None:
+    token = command(subparsers, "token", "manage organization access tokens")
+    actions = token.add_subparsers(dest="token_command", required=True)
+    create = command(actions, "create", "print a new token, alone on stdout")
+    data_dir_option(create)
+    create.add_argument("--org", required=True, help="organization name (created if needed)")
+    create.add_argument(
+        "--label",
+        default="created with meterline token create",
+        help="what the token is for (shown by `token list`)",
+    )
+    create.add_argument(
+        "--init",
+        action="store_true",
+        help="start a new data dir if --data-dir holds no meterline data yet (a server"
+        " started on it later accepts the token)",
+    )
+    listing = command(actions, "list", "list tokens (never their text)")
+    data_dir_option(listing)
+    revoke = command(actions, "revoke", "revoke a token by id")
+    data_dir_option(revoke)
+    revoke.add_argument("token_id", help="the token's id (first column of `token list`)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not (getattr(args, "init", False) or holds_data(args.data_dir)):
+        where = shlex.quote(str(args.data_dir))
+        raise UsageError(
+            f"{args.data_dir} holds no meterline data (no {SECRET_FILE}, no"
+            f" {CoreSettings(data_dir=args.data_dir).database.name}): a token made here would"
+            " work on no server. Pass your server's data dir with --data-dir (or"
+            f" METERLINE_DATA_DIR), or start a server on this one first ({program()} up"
+            f" --data-dir {where}); `token create --init` starts a new data dir here instead"
+        )
+    registry = TokenRegistry(args.data_dir)
+    try:
+        if args.token_command == "create":  # noqa: S105 - not a secret
+            print(registry.create_token(registry.organization(args.org), args.label))
+        elif args.token_command == "list":  # noqa: S105 - not a secret
+            for info in registry.list_tokens():
+                state = f"revoked {info.revoked_at}" if info.revoked_at else "active"
+                print(
+                    f"{info.id}  {info.organization.name}  {info.label}  {info.created_at}  {state}"
+                )
+        else:
+            registry.revoke(args.token_id)
+            print(f"revoked {args.token_id}", file=sys.stderr)
+    except NotFound as exc:
+        print(f"meterline: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        registry.close()
+    return 0
+
+
+def holds_data(data_dir: Path) -> bool:
+    """Whether a server has run on `data_dir` (or `token create --init` started it)."""
+    return (data_dir / SECRET_FILE).exists() or CoreSettings(data_dir=data_dir).database.exists()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost may resolve to anything
+        return False
+
+
+def banner_lines(
+    registry: TokenRegistry, settings: CoreSettings, dev_token: bool | None
+) -> list[str]:
+    """The development token and a request to try with it, or how to create a token."""
+    create = (
+        f"{program()} token create --data-dir {shlex.quote(str(settings.data_dir))} --org default"
+    )
+    if dev_token is None and not is_loopback(settings.host):
+        why = f"--host {settings.host} is not a loopback address"
+    elif dev_token is False:
+        why = "--no-dev-token"
+    else:
+        token = registry.development_token(registry.organization("default"))
+        if not token:
+            return [f"the development token was revoked; create a token with: {create}"]
+        url = f"http://{settings.host}:{settings.port}"
+        return [
+            f"development token (organization 'default'): {token}",
+            "try:",
+            f"  curl -s {url}/v1/events/ingest -H 'Authorization: Bearer {token}'"
+            " -H 'Content-Type: application/json'"
+            ' -d \'{"events":[{"name":"api_call","external_customer_id":"cust_1",'
+            '"external_id":"first-event"}]}\'',
+        ]
+    lines = [f"no development token ({why}); create a token with: {create}"]
+    if registry.development_token_active():
+        lines.append(
+            "the development token of an earlier start still works: revoke it with"
+            f" `{program()} token revoke` (its id is in `token list`) if others can reach this"
+            " server"
+        )
+    return lines
