@@ -39,10 +39,11 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 # From apt, when missing: Debian's chromium for the console's browser tests (playwright drives
-# it; no browser download) and curl for the README's commands (tests/test_readme.py).
+# it; no browser download), curl for the README's commands (tests/test_readme.py) and kcat for its
+# producer example (tests/ingest/test_producer_examples.py).
 system-tools:
-	command -v chromium >/dev/null && command -v curl >/dev/null \
-		|| (apt-get update -q && apt-get install -y -q chromium curl)
+	command -v chromium >/dev/null && command -v curl >/dev/null && command -v kcat >/dev/null \
+		|| (apt-get update -q && apt-get install -y -q chromium curl kcat)
 
 unit: $(VENV)/.installed-test $(NODE_PROJECT)/node_modules/.installed system-tools
 	# Three workers (most tests wait on real processes); then, alone, those that measure time.

@@ -69,6 +69,14 @@ class TokenInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class OrganizationInfo:
+    organization: Organization
+    created_at: str
+    active_tokens: int
+    revoked_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class CustomerSession:
     id: str
     organization_id: str
@@ -165,6 +173,18 @@ class TokenRegistry:
                 " ORDER BY t.created_at"
             ).fetchall()
         return [TokenInfo(r[0], Organization(r[1], r[2]), r[3], r[4], r[5]) for r in rows]
+
+    def list_organizations(self) -> list[OrganizationInfo]:
+        """Every organization, oldest first, with how many of its tokens are active and
+        revoked (never creates one, unlike `organization`)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT o.id, o.name, o.created_at, count(t.id) - count(t.revoked_at),"
+                " count(t.revoked_at) FROM organizations o"
+                " LEFT JOIN tokens t ON t.organization_id = o.id"
+                " GROUP BY o.id, o.name, o.created_at ORDER BY o.created_at, o.name"
+            ).fetchall()
+        return [OrganizationInfo(Organization(r[0], r[1]), r[2], r[3], r[4]) for r in rows]
 
     def revoke(self, token_id: str) -> None:
         with self._lock:

@@ -4,6 +4,8 @@ meterline up [--host 127.0.0.1] [--port 8000] [--data-dir ./.meterline] [--kafka
 meterline core --kafka BOOTSTRAP [--port 8000] [--data-dir ./.meterline]
 meterline ingest --kafka BOOTSTRAP [--port 8001] [--data-dir ./.meterline]
 meterline token create|list|revoke [--data-dir DIR] ...
+meterline org list|show NAME [--data-dir DIR]
+meterline schema record
 meterline meters wait [METER_ID ...]
 meterline reconcile --from T1 --to T2 --upstream-url URL [--repair] [--mode raw|rollup]
 meterline forwarder status|quarantine|resend SEQ
@@ -32,7 +34,10 @@ from starlette.applications import Starlette
 
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
+from aggregator.commands import dead_letters as dead_letter_commands
 from aggregator.commands import meters as meter_commands
+from aggregator.commands import orgs as org_commands
+from aggregator.commands import schema as schema_commands
 from aggregator.commands import tokens as token_commands
 from aggregator.commands.common import HelpFormatter, command, data_dir_option, version
 from aggregator.core_app import CoreSettings, alert_payload, build_app, state_payload
@@ -294,7 +299,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     token_commands.commands(commands)
     meter_commands.commands(commands)
+    org_commands.commands(commands)
+    schema_commands.commands(commands)
     upstream_cli.commands(commands)
+    dead_letter_commands.commands(commands)
     return parser
 
 
@@ -305,8 +313,14 @@ def main(argv: list[str] | None = None) -> int:
             return token_commands.run(args)
         if args.command == "meters":
             return meter_commands.run(args)
+        if args.command == "org":
+            return org_commands.run(args)
+        if args.command == "schema":
+            return schema_commands.run(args)
         if args.command in ("reconcile", "forwarder"):
             return upstream_cli.run(args)
+        if args.command == "dead-letters":
+            return dead_letter_commands.run(args)
         return _serve_command(args)
     except UsageError as exc:
         print(f"meterline: {exc}", file=sys.stderr)

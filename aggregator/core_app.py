@@ -38,6 +38,7 @@ from aggregator.api import (
     webhook_routes,
 )
 from aggregator.api.context import ApiContext
+from aggregator.api.openapi import Operation, declared
 from aggregator.api.openapi_routes import HealthShape
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
@@ -55,7 +56,9 @@ from aggregator.upstream.forwarder import Forwarder
 from aggregator.upstream.webhook_sender import WebhookSettings
 from ingest.http import (
     JSON,
+    OPENMETER_PATH,
     Admission,
+    CloudEvent,
     ErrorMap,
     IngestSettings,
     Responses,
@@ -145,6 +148,23 @@ def _core_health(consumer: Consumer | None) -> Route:
     return Route("/healthz", health, methods=["GET"])
 
 
+_OPENMETER_INGEST = Operation(
+    "Ingest CloudEvents (OpenMeter's path)",
+    "events",
+    {204: None},
+    body=CloudEvent | list[CloudEvent],
+    errors=(429,),
+    description="OpenMeter's ingest: one CloudEvent (`application/cloudevents+json`, or"
+    " `application/json`) or an array (`application/cloudevents-batch+json`, or"
+    " `application/json`), applied as `POST /v1/events/ingest` applies events; 204 once durable."
+    ' A 422 is located at the attribute: `["body", i, "subject"]` (one event: `["body", …]`).',
+)
+
+
+def _openmeter_declared(routes: list[Route]) -> list[Route]:
+    return [declared(r, _OPENMETER_INGEST) if r.path == OPENMETER_PATH else r for r in routes]
+
+
 def _errors() -> ErrorMap:
     errors = ErrorMap()
     errors.register(NotFound, 404, "ResourceNotFound", default_detail="Not found")
@@ -214,7 +234,9 @@ def build_app(
             [
                 _core_health(consumer),
                 metrics_route(admission, settings.metrics_token, sources, responses),
-                *ingest_routes(publisher, authenticate, settings.ingest, admission),
+                *_openmeter_declared(
+                    ingest_routes(publisher, authenticate, settings.ingest, admission)
+                ),
             ]
         ),
         *event_type_routes.routes(ctx),  # before /v1/events/{id}, which would take "names"
@@ -232,7 +254,7 @@ def build_app(
             ctx, registry, timedelta(seconds=settings.customer_session_seconds)
         ),
         *forwarding_routes.routes(ctx, *(forwarder or (None, None))),
-        *dead_letter_routes.routes(ctx, kafka),
+        *dead_letter_routes.routes(ctx, kafka, consumer.organizations if consumer else None),
         *console_routes.routes(),
         *openapi_routes.routes(version()),
     ]

@@ -88,8 +88,9 @@ async def _consumer(consumer: Consumer) -> list[str]:
         f"meterline_consumer_applied_events_total {consumer.applied}",
         "# TYPE meterline_consumer_dead_lettered_total counter",
         f"meterline_consumer_dead_lettered_total {consumer.dead_lettered}",
-        "# TYPE meterline_consumer_batch_commit_seconds summary",
     ]
+    lines += _per_organization(consumer)
+    lines.append("# TYPE meterline_consumer_batch_commit_seconds summary")
     timings = sorted(consumer.commit_seconds)
     for q in (0.5, 0.99):
         value = timings[min(len(timings) - 1, int(q * len(timings)))] if timings else 0.0
@@ -110,3 +111,45 @@ async def _consumer(consumer: Consumer) -> list[str]:
         for p, (_, v) in sorted(resets.items())
     ]
     return lines
+
+
+def _per_organization(consumer: Consumer) -> list[str]:
+    """Per producer's organization (an operator's endpoint: ids as labels are fine here); dead
+    letters that name no existing organization under organization_id="". The latest reason of
+    each, as an info-style gauge whose value is when (ms since the epoch)."""
+    counts = sorted(consumer.organizations.items())
+    prefix = "meterline_consumer_organization"
+    lines = [
+        "# HELP meterline_consumer_organization_applied_events_total events applied, per"
+        " organization (duplicates included)",
+        "# TYPE meterline_consumer_organization_applied_events_total counter",
+    ]
+    lines += [
+        f'{prefix}_applied_events_total{{organization_id="{o}"}} {c.applied}' for o, c in counts
+    ]
+    lines += [
+        "# HELP meterline_consumer_organization_dead_lettered_total records or rows"
+        " dead-lettered, per organization",
+        "# TYPE meterline_consumer_organization_dead_lettered_total counter",
+    ]
+    lines += [
+        f'{prefix}_dead_lettered_total{{organization_id="{o}"}} {c.dead_lettered}'
+        for o, c in counts
+    ]
+    lines += [
+        "# HELP meterline_consumer_last_dead_letter_timestamp_ms the latest dead letter's"
+        " reason, per organization",
+        "# TYPE meterline_consumer_last_dead_letter_timestamp_ms gauge",
+    ]
+    lines += [
+        f'meterline_consumer_last_dead_letter_timestamp_ms{{organization_id="{o}",'
+        f'reason="{_label(c.reasons[-1][1])}"}} {c.reasons[-1][0]}'
+        for o, c in counts
+        if c.reasons
+    ]
+    return lines
+
+
+def _label(text: str) -> str:
+    """A Prometheus label value: backslash, quote and newline escaped."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -75,6 +75,10 @@ def test_every_shell_block_runs_as_written(tmp_path: Path) -> None:
     assert commands == ["make up", "make test"], first.code
     assert rest, "no shell blocks after the first"
 
+    # Install (or bring up to date) the repository's own .venv first, as `make up` would: in
+    # the scratch checkout below make must find it current, or it would reinstall meterline
+    # from the scratch's symlinks and leave the venv pointing at a deleted folder.
+    subprocess.run(["make", "--silent", ".venv/.installed"], cwd=ROOT, check=True)
     # A scratch checkout: the repository's files (and its installed .venv), no data dir.
     for entry in ROOT.iterdir():
         if not entry.name.startswith((".meterline", ".git", ".pytest_cache", ".mypy_cache")):

@@ -4,6 +4,8 @@ so (`"kafka": false`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from starlette.requests import Request
 from starlette.routing import Route
 
@@ -17,11 +19,17 @@ from ingest.http import JSON
 from ingest.kafka import KafkaSettings
 
 
-def routes(ctx: ApiContext, kafka: KafkaSettings | None) -> list[Route]:
+def routes(
+    ctx: ApiContext,
+    kafka: KafkaSettings | None,
+    counts: Mapping[str, service.OrganizationCounts] | None = None,
+) -> list[Route]:
+    """`counts`: the consumer's per organization, when this process consumes the topic."""
+
     async def recent(request: Request) -> JSON:
         org = ctx.organization(request)
         limit = params.integer(request, "limit", 50, 1, params.MAX_LIMIT)
-        return JSON(shapes.dead_letters(await service.recent(kafka, org, limit)))
+        return JSON(shapes.dead_letters(await service.recent(kafka, org, limit, counts)))
 
     return [
         ApiRoute(

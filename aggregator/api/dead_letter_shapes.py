@@ -8,7 +8,7 @@ from typing import Literal
 from typing_extensions import TypedDict
 
 from aggregator.api.shapes import iso
-from aggregator.services.dead_letter_service import DeadLetter, DeadLetters
+from aggregator.services.dead_letter_service import DeadLetter, DeadLetters, OrganizationCounts
 
 __all__ = ["DeadLetterShape", "DeadLettersShape", "dead_letters"]
 
@@ -39,10 +39,24 @@ class DeadLetterShape(TypedDict):
     value_truncated: bool
 
 
+class ReasonShape(TypedDict):
+    timestamp: str  # when the core refused it
+    reason: str
+
+
+class CountsShape(TypedDict):
+    """The organization's records since the core started (meterline-only)."""
+
+    applied: int  # events applied (duplicates of stored ones included: they change nothing)
+    dead_lettered: int
+    latest_reasons: list[ReasonShape]  # newest first, a few at most
+
+
 class DeadLettersShape(TypedDict):
     kafka: bool  # false: the embedded pipeline has no dead letters
     items: list[DeadLetterShape]
     complete: bool  # false: older records were not read; some of yours may be among them
+    counts: CountsShape | None  # null: this process consumes no topic
 
 
 def dead_letter(d: DeadLetter) -> DeadLetterShape:
@@ -76,4 +90,15 @@ def dead_letters(found: DeadLetters) -> DeadLettersShape:
         "kafka": found.kafka,
         "items": [dead_letter(d) for d in found.letters],
         "complete": found.complete,
+        "counts": None if found.counts is None else counts(found.counts),
+    }
+
+
+def counts(c: OrganizationCounts) -> CountsShape:
+    return {
+        "applied": c.applied,
+        "dead_lettered": c.dead_lettered,
+        "latest_reasons": [
+            {"timestamp": iso(ms * 1000), "reason": reason} for ms, reason in reversed(c.reasons)
+        ],
     }

@@ -59,7 +59,9 @@ _EDGE: dict[tuple[str, str], Operation] = {
         errors=(429,),
         description="All or nothing: every error of the batch is a 422 located at"
         ' `["body", "events", i, …]`. Answered once the events are durable; an event whose'
-        " `external_id` is stored counts as a duplicate. 503 + Retry-After when overloaded.",
+        " `external_id` is stored counts as a duplicate. 503 + Retry-After when overloaded."
+        " Also takes CloudEvents 1.0: `application/cloudevents+json` (one) or"
+        " `application/cloudevents-batch+json` (an array), errors located at the attribute.",
     ),
     ("GET", "/metrics"): Operation(
         "Prometheus metrics",

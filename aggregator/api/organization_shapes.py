@@ -12,6 +12,7 @@ import re
 
 from typing_extensions import TypedDict
 
+from aggregator.api.shapes import ListResource, pagination
 from aggregator.auth import Organization as Known
 
 EMAILS = (
@@ -128,3 +129,11 @@ def organization(known: Known, created_at: str) -> Organization:
         "payout_account_id": None,
         "capabilities": {c: c == "api_access" for c in CAPABILITIES},
     }
+
+
+def organizations(
+    known: Known, created_at: str, matches: bool, page: int, limit: int
+) -> ListResource[Organization]:
+    """A page of the token's organizations: its own, if it `matches` the filter."""
+    items = [organization(known, created_at)] if matches and page == 1 else []
+    return {"items": items, "pagination": pagination(int(matches), limit)}

@@ -37,7 +37,7 @@ import os
 import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
@@ -53,6 +53,7 @@ from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 from aiokafka.structs import ConsumerRecord
 
 from aggregator.errors import OffsetGap
+from aggregator.intake.dead_letters import HEADERS, organization_of
 from aggregator.intake.decode import DeadLetter, dead_rows, decode_batch
 from aggregator.store import Store
 from aggregator.store.consumed import (
@@ -65,6 +66,7 @@ from aggregator.store.consumed import (
 )
 from aggregator.store.event_tables import missing_customers
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from meters.columnar import H_ORGANIZATION
 from meters.events import EventRules
 from meters.ipc import read_ipc
 from meters.times import now_us
@@ -88,6 +90,23 @@ class ConsumerSettings:
     # refilled past the stored offset between two checks is not noticed (the broker refuses
     # nothing); a real Kafka broker refuses the position sooner.
     log_check_seconds: float = 1.0
+
+
+# Latest dead-letter reasons kept per organization (memory is bounded by the organizations).
+REASONS_KEPT = 5
+
+
+@dataclass(slots=True)
+class OrganizationCounts:
+    """One organization's records since the core started: events handed to the writer
+    (`applied`: duplicates of stored events included, they change nothing) and dead letters,
+    with the latest reasons as (time in ms, reason), newest last."""
+
+    applied: int = 0
+    dead_lettered: int = 0
+    reasons: collections.deque[tuple[int, str]] = field(
+        default_factory=lambda: collections.deque(maxlen=REASONS_KEPT)
+    )
 
 
 class Consumer:
@@ -120,6 +139,10 @@ class Consumer:
         self._events = self._settings.min_events  # the target per poll
         self.applied = 0
         self.dead_lettered = 0
+        # Per existing organization; dead letters naming none (or an unknown one) under "".
+        self.organizations: collections.defaultdict[str, OrganizationCounts] = (
+            collections.defaultdict(OrganizationCounts)
+        )
         self.commit_seconds: collections.deque[float] = collections.deque(maxlen=1000)
 
     async def __aenter__(self) -> Self:
@@ -376,6 +399,12 @@ class Consumer:
         self.commit_seconds.append(seconds)
         self._fit_to_bound(sum(len(r) for r in fetched.values()), batch.events.num_rows, seconds)
         self.applied += batch.events.num_rows
+        # Per batch, not per row: a few organizations per batch at most.
+        per = pc.value_counts(batch.events.column("organization_id"))
+        for organization, count in zip(
+            per.field("values").to_pylist(), per.field("counts").to_pylist(), strict=True
+        ):
+            self.organizations[str(organization)].applied += int(count or 0)
         assert self._consumer is not None
         offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
         # Step 6, for lag tools only (the offsets stored in DuckDB are the truth): not awaited
@@ -402,6 +431,7 @@ class Consumer:
     async def _dead_letter(self, dead: list[tuple[ConsumerRecord, DeadLetter]]) -> None:
         """Step 3's dead letters, acknowledged within `send_timeout_seconds`; past it the
         batch is read again (step 7)."""
+        sent: list[tuple[ConsumerRecord, bytes | None, str]] = []
         async with asyncio.timeout(self._kafka.send_timeout_seconds):
             acks = []
             for record, letter in dead:
@@ -417,31 +447,33 @@ class Consumer:
                 ]
                 if letter.row is not None:
                     headers.append(("meterline.row", str(letter.row).encode()))
+                value = record.value if letter.value is None else letter.value
+                sent.append((record, value, letter.reason))
                 acks.append(
                     await self._dead_letters.send(
                         self._kafka.dead_letter_topic,
-                        value=record.value if letter.value is None else letter.value,
+                        value=value,
                         key=record.key,
                         headers=headers if letter.row is not None else headers + _origin(record),
                     )
                 )
             await asyncio.gather(*acks)
+        for record, value, reason in sent:  # once acknowledged: a batch read again recounts
+            self._count_dead(record, value, reason)
 
-
-_DEAD_HEADERS = frozenset(
-    {
-        "meterline.reason",
-        "meterline.topic",
-        "meterline.partition",
-        "meterline.offset",
-        "meterline.row",
-    }
-)
+    def _count_dead(self, record: ConsumerRecord, value: bytes | None, reason: str) -> None:
+        """Dead letters are few: counted one by one, under the organization the dead-letter
+        reader would show them to (an unknown one is no label: garbage must not add any)."""
+        claimed = organization_of(record.key, value, dict(record.headers).get(H_ORGANIZATION))
+        owner = claimed if claimed is not None and self._organization_exists(claimed) else ""
+        counts = self.organizations[owner]
+        counts.dead_lettered += 1
+        counts.reasons.append((now_us() // 1000, reason))
 
 
 def _origin(record: ConsumerRecord) -> list[tuple[str, bytes]]:
     """A whole record's own headers (a columnar record's say its format), kept beside ours."""
-    return [(name, value) for name, value in record.headers if name not in _DEAD_HEADERS]
+    return [(name, value) for name, value in record.headers if name not in HEADERS]
 
 
 class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -31,13 +31,23 @@ from aggregator.errors import QueryTimeout
 from ingest.kafka import KafkaSettings, stop_within
 from meters.columnar import H_ORGANIZATION
 
-__all__ = ["DeadLetter", "Scan", "read_recent"]
+__all__ = [
+    "HEADERS",
+    "DeadLetter",
+    "Scan",
+    "organization_of",
+    "read_at",
+    "read_recent",
+    "replay",
+]
 
 SCAN = 5_000
 TIMEOUT_SECONDS = 5.0
 _REASON, _TOPIC, _PARTITION, _OFFSET, _ROW = (
     f"meterline.{name}" for name in ("reason", "topic", "partition", "offset", "row")
 )
+# The headers the consumer adds to a dead letter; the rest are the refused record's own.
+HEADERS = frozenset((_REASON, _TOPIC, _PARTITION, _OFFSET, _ROW))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +81,7 @@ async def read_recent(
     """The newest `scan` dead letters at most. QueryTimeout when the broker does not answer
     within `timeout_seconds`."""
     deadline = time.monotonic() + timeout_seconds
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        request_timeout_ms=max(1000, int(timeout_seconds * 1000)),
-    )
+    consumer = _reader(kafka, timeout_seconds)
     try:
         async with asyncio.timeout(timeout_seconds):
             await consumer.start()
@@ -86,6 +91,67 @@ async def read_recent(
         raise QueryTimeout(timeout_seconds) from None
     finally:
         await stop_within(consumer.stop, kafka.stop_timeout_seconds, "dead-letter reader")
+
+
+async def read_at(
+    kafka: KafkaSettings, partition: int, offset: int, *, timeout_seconds: float = TIMEOUT_SECONDS
+) -> DeadLetter | None:
+    """The dead letter at `partition`@`offset`, or None when the topic holds none there."""
+    consumer = _reader(kafka, timeout_seconds)
+    tp = TopicPartition(kafka.dead_letter_topic, partition)
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            await consumer.start()
+            await consumer.topics()
+            if partition not in (consumer.partitions_for_topic(tp.topic) or ()):
+                return None
+            consumer.assign([tp])
+            if not (await consumer.beginning_offsets([tp]))[tp] <= offset:
+                return None
+            if offset >= (await consumer.end_offsets([tp]))[tp]:
+                return None
+            consumer.seek(tp, offset)
+            while True:
+                for record in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                    return _letter(record) if record.offset == offset else None
+    except (TimeoutError, KafkaError):
+        raise QueryTimeout(timeout_seconds) from None
+    finally:
+        await stop_within(consumer.stop, kafka.stop_timeout_seconds, "dead-letter reader")
+
+
+async def replay(kafka: KafkaSettings, letters: list[tuple[DeadLetter, bytes | None]]) -> None:
+    """Publish each letter's record again to the events topic, with `value` (the letter's own
+    or a corrected one) and the record's own headers, to the partition it came from (where its
+    customer's other events are); acknowledged, in order. The core's dedupe by external_id
+    makes a record applied twice count once."""
+    producer = kafka.producer(linger_ms=0)
+    try:
+        async with asyncio.timeout(kafka.start_timeout_seconds):
+            await producer.start()
+            partitions = await producer.partitions_for(kafka.topic)
+        for letter, value in letters:
+            headers = [(n, v) for n, v in letter.headers if n not in HEADERS]
+            origin = letter.origin_partition
+            await producer.send_and_wait(
+                kafka.topic,
+                value,
+                key=letter.key,
+                headers=headers,
+                partition=origin if origin in partitions else None,
+            )
+    finally:
+        await stop_within(producer.stop, kafka.stop_timeout_seconds, "replay producer")
+
+
+def _reader(kafka: KafkaSettings, timeout_seconds: float) -> AIOKafkaConsumer:
+    """A consumer outside any group (it commits nothing)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        request_timeout_ms=max(1000, int(timeout_seconds * 1000)),
+    )
 
 
 async def _read(consumer: AIOKafkaConsumer, topic: str, scan: int, deadline: float) -> Scan:
@@ -135,14 +201,14 @@ def _letter(record: ConsumerRecord) -> DeadLetter:
         _number(named.get(_PARTITION)),
         _number(named.get(_OFFSET)),
         _number(named.get(_ROW)),
-        _organization(record.key, record.value, named.get(H_ORGANIZATION)),
+        organization_of(record.key, record.value, named.get(H_ORGANIZATION)),
         record.key,
         record.value,
         headers,
     )
 
 
-def _organization(key: bytes | None, value: bytes | None, header: bytes | None) -> str | None:
+def organization_of(key: bytes | None, value: bytes | None, header: bytes | None) -> str | None:
     """The organization every place that names one agrees on (see the module's note)."""
     claims = [] if header is None else [_uuid(header)]
     prefix = _uuid(key.partition(b"/")[0]) if key else None

@@ -4,12 +4,13 @@ Columnar records (`meters.columnar`, what edges write) are read as they are and 
 on whole columns; a record that cannot be read is rejected whole, a row that breaks a rule is
 rejected alone. JSON records (`meters.records`, one event each, what any producer may write) go
 through the compiled validator together, and only when one of them fails through the exact
-validator, which names each bad record's reason.
+validator, which names each bad record's reason. CloudEvent records (`meters.events.cloudevents`,
+structured or binary mode) become JSON records first; their reasons name the attribute.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -18,7 +19,7 @@ import pyarrow.compute as pc
 
 from aggregator.store.record_checks import row_problems
 from meters import columnar
-from meters.events import COLUMNS, EventRules, to_table
+from meters.events import COLUMNS, EventRules, cloudevents, to_table
 from meters.events.compiled import record_validator
 from meters.events.schema import OPTIONAL_FIELDS, TIMESTAMP
 from meters.ipc import write_ipc
@@ -55,9 +56,20 @@ def decode_batch(
     tables: list[pa.Table] = []
     readable: list[pa.Table] = []
     json_positions = []
+    json_values: list[bytes | None] = []
+    cloud_positions: set[int] = set()
     for i, record_headers in enumerate(headers):
         if not columnar.is_columnar(record_headers):
+            value = values[i]
+            if cloudevents.is_record(record_headers, value):
+                converted = cloudevents.record_value(record_headers, value)
+                if isinstance(converted, str):
+                    dead.append(DeadLetter(i, converted))
+                    continue
+                value = converted
+                cloud_positions.add(i)
             json_positions.append(i)
+            json_values.append(value)
             continue
         # Edges write streams of about 1 MiB (`KafkaSettings.max_record_bytes`).
         read = columnar.read(values[i], record_headers, _EXPANSION * max_bytes)
@@ -72,14 +84,19 @@ def decode_batch(
     if json_positions:
         table, rejected = _json(
             json_positions,
-            [values[i] for i in json_positions],
+            json_values,
             [timestamps_ms[i] for i in json_positions],
             now,
             rules,
             max_bytes,
         )
         tables.append(table)
-        dead += rejected
+        dead += [
+            replace(d, reason=cloudevents.record_reason(d.reason))
+            if d.position in cloud_positions
+            else d
+            for d in rejected
+        ]
     events = pa.concat_tables(tables) if tables else _empty()
     events = events.sort_by([("position", "ascending"), ("row", "ascending")])
     return write_ipc(events), sorted(dead, key=lambda d: (d.position, d.row or 0))

@@ -3,6 +3,7 @@ error map, authenticated requests with bounded bodies, admission and metrics. Th
 these names from here, never from the modules behind them."""
 
 from ingest.http.admission import MIB, Admission, Limits, Rate
+from ingest.http.cloudevents import OPENMETER_PATH, CloudEvent
 from ingest.http.edge import (
     IngestBody,
     IngestEvent,
@@ -28,8 +29,10 @@ from ingest.http.responses import (
 __all__ = [
     "JSON",
     "MIB",
+    "OPENMETER_PATH",
     "Admission",
     "Authenticate",
+    "CloudEvent",
     "ErrorBody",
     "ErrorMap",
     "FieldErrorBody",

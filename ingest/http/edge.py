@@ -1,5 +1,6 @@
-"""`POST /v1/events/ingest`: authenticate, validate the whole batch, publish, answer; and the
-stateless edge app that serves it alone (the core mounts the same routes in its own app).
+"""`POST /v1/events/ingest` (and OpenMeter's `POST /api/v1/events`, CloudEvents): authenticate,
+validate the whole batch, publish, answer; and the stateless edge app that serves them alone
+(the core mounts the same routes in its own app).
 
 Nothing is answered 2xx before the publisher says the events are durable. Under overload the
 endpoint sheds load with 503 + Retry-After instead of queueing without bound, and a tenant past
@@ -15,15 +16,18 @@ from typing import Any, Required
 from pydantic import ConfigDict, with_config
 from starlette.applications import Starlette
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 from typing_extensions import TypedDict
 
 from ingest.errors import Unavailable
 from ingest.http.admission import Admission, Limits
+from ingest.http.cloudevents import CLOUDEVENTS_MEDIA, OPENMETER_PATH, CloudEventsBody
 from ingest.http.metrics import Responses, count_responses, metrics_route
 from ingest.http.requests import Authenticate, authenticated
 from ingest.http.responses import JSON, ErrorMap
 from ingest.publish import Publisher
+from meters.errors import ValidationFailed
 from meters.events import EventRules
 from meters.times import now_us
 
@@ -75,15 +79,23 @@ class IngestSettings:
 def ingest_routes(
     publisher: Publisher, authenticate: Authenticate, settings: IngestSettings, admission: Admission
 ) -> list[Route]:
-    async def ingest(request: Request) -> JSON:
+    """`POST /v1/events/ingest` (meterline's JSON, or CloudEvents by Content-Type) and
+    OpenMeter's `POST /api/v1/events` (CloudEvents only, 204)."""
+
+    async def publish(request: Request, cloudevents: CloudEventsBody | None) -> IngestResult:
         token, org = authenticated(request, authenticate)
         admission.check_rate(token, org)
         body = await admission.read_body(request, org, settings.max_body_bytes)
         try:
+            data = body.data if cloudevents is None else cloudevents.convert(body.data)
             async with admission.slot(org):
                 try:
                     async with asyncio.timeout(settings.deadline_seconds):
-                        result = await publisher.publish(org, body.data, now_us())
+                        result = await publisher.publish(org, data, now_us())
+                except ValidationFailed as exc:
+                    if cloudevents is None:
+                        raise
+                    raise cloudevents.relocate(exc) from None
                 except TimeoutError:
                     raise Unavailable(
                         "Events were not confirmed durable in time; retry with the same"
@@ -93,9 +105,23 @@ def ingest_routes(
         finally:
             body.release()
         admission.charge_events(token, org, result.inserted + result.duplicates)
-        return JSON(IngestResult(inserted=result.inserted, duplicates=result.duplicates))
+        return IngestResult(inserted=result.inserted, duplicates=result.duplicates)
 
-    return [Route("/v1/events/ingest", ingest, methods=["POST"])]
+    async def ingest(request: Request) -> JSON:
+        # Content-Type first: the JSON path takes no other step than before.
+        media = request.headers.get("content-type", "")
+        if media.startswith(CLOUDEVENTS_MEDIA):
+            return JSON(await publish(request, CloudEventsBody(media)))
+        return JSON(await publish(request, None))
+
+    async def openmeter(request: Request) -> Response:
+        await publish(request, CloudEventsBody(request.headers.get("content-type", "")))
+        return Response(status_code=204)
+
+    return [
+        Route("/v1/events/ingest", ingest, methods=["POST"]),
+        Route(OPENMETER_PATH, openmeter, methods=["POST"]),
+    ]
 
 
 def edge_app(
@@ -104,7 +130,7 @@ def edge_app(
     settings: IngestSettings,
     metrics_token: str | None,
 ) -> Starlette:
-    """A stateless ingest edge: `POST /v1/events/ingest` into `publisher`, and its own metrics."""
+    """A stateless ingest edge: the ingest routes into `publisher`, and its own metrics."""
     admission = Admission(settings.limits)
     responses = Responses()
     routes = [

@@ -17,6 +17,9 @@ LLM_FIELDS = frozenset(
     {"vendor", "model", "prompt", "response", "cached_input_tokens", *LLM_TOKENS}
 )
 LLM_STRING_LENGTH = 500  # vendor and model
+# `_cost.amount` fits DECIMAL(17, 12): cents, at most 5 whole digits and 12 decimal places.
+COST_PLACES = 12
+COST_WHOLE_DIGITS = 5
 
 
 def cost(value: Any, loc: Loc, errors: list[FieldError]) -> dict[str, str] | None:
@@ -82,23 +85,23 @@ def parse_cost_amount(value: Any, loc: Loc, errors: list[FieldError]) -> str | N
         exponent += 1
     if not any(kept):
         return "0"
-    if -exponent > 12:
+    if -exponent > COST_PLACES:
         errors.append(
             err(
                 "decimal_max_places",
                 loc,
-                "Decimal input should have no more than 12 decimal places",
+                f"Decimal input should have no more than {COST_PLACES} decimal places",
                 value,
             )
         )
         return None
-    if len(kept) + exponent > 5:
+    if len(kept) + exponent > COST_WHOLE_DIGITS:
         errors.append(
             err(
                 "decimal_whole_digits",
                 loc,
-                "Decimal input should have no more than 5 digits before the decimal point "
-                "(amounts are in cents)",
+                f"Decimal input should have no more than {COST_WHOLE_DIGITS} digits before the"
+                " decimal point (amounts are in cents)",
                 value,
             )
         )

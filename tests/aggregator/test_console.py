@@ -314,6 +314,10 @@ def test_dead_letters_show_the_organizations_own(page: Page, world: World) -> No
     text = _visit(page, world, "#/dead-letters")
     assert "customer_id: Customer not found." in text and "own-poison" in text
     assert "rival-poison" not in text
+    # The consumer's counts are the organization's own: the rival's dead letter is not among them.
+    assert page.inner_text("dd[data-fact=dead_lettered]") == "1"
+    assert int(page.inner_text("dd[data-fact=applied]").replace(",", "")) > 0
+    assert "customer_id: Customer not found." in page.inner_text("dd[data-fact=latest_reasons]")
     _shot(page, "dead-letters")
 
 

@@ -172,6 +172,8 @@ def _seed(check: Checked) -> dict[str, str]:
     events = [{"name": "call", "external_customer_id": "c1", "metadata": {"tokens": 3}}]
     check("POST", "/v1/events/ingest", 200, json={"events": events})
     check("POST", "/v1/events/ingest", 422, json={"events": [{"name": ""}]})
+    cloudevent = {"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "c1"}
+    check("POST", "/api/v1/events", 204, json=cloudevent)
     ref = {"meter_id": meter["id"], "customer_id": customer["id"]}
     check("POST", "/v1/meter-resets/", 201, json={**ref, "external_id": "r1"})
     credit = {**ref, "external_id": "k1", "units": 100}

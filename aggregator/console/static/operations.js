@@ -91,8 +91,19 @@ export async function deadLetters(ctx) {
   if (!found.kafka) {
     return [title, message("Dead letters exist in Kafka mode only: this server runs the embedded pipeline, which refuses bad events at ingest with a 422.", "info")];
   }
+  // Counted by the consumer since the core started (null: this process consumes no topic).
+  const counts = found.counts;
   return [
     title,
+    counts
+      ? h(
+          "dl",
+          { class: "facts" },
+          [["applied", counts.applied], ["dead_lettered", counts.dead_lettered]].map(([k, v]) => [h("dt", { text: k.replace("_", "-") }), h("dd", { dataset: { fact: k }, text: fmt.number(v) })]),
+          h("dt", { text: "latest reasons" }),
+          h("dd", { dataset: { fact: "latest_reasons" }, class: "error-text" }, counts.latest_reasons.length ? counts.latest_reasons.map((r) => h("div", { text: `${fmt.time(r.timestamp)}: ${r.reason}` })) : "none"),
+        )
+      : null,
     found.complete ? null : message("Only the newest records of the dead-letter topic were read: older dead letters may exist.", "info"),
     table(
       [

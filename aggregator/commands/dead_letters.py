@@ -1,0 +1,194 @@
+"""`meterline dead-letters list|show|replay`: read the dead-letter topic (Kafka mode) and publish
+chosen records to the events topic again once their cause is fixed (the customer created, or a
+corrected value from --value-file). The core dedupes by external_id, so replaying a record
+twice applies it once; a record without one is replayed only with --allow-duplicates. Exit
+status: 0 done, 1 nothing matched, 2 could not run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from aggregator.commands.common import command, plural
+from aggregator.errors import QueryTimeout, UsageError
+from aggregator.intake.dead_letters import SCAN, DeadLetter, read_at, read_recent, replay
+from ingest.kafka import KafkaSettings
+
+SHOWN_BYTES = 120  # of a value in `list`
+
+
+def commands(subparsers: Any) -> None:
+    group = command(subparsers, "dead-letters", "read and replay the dead-letter topic (Kafka)")
+    actions = group.add_subparsers(dest="dead_letters_command", required=True)
+    listing = command(actions, "list", "the newest dead letters, newest first")
+    _kafka_options(listing)
+    _filters(listing)
+    show = command(actions, "show", "one dead letter: its headers, then its value on stdout")
+    _kafka_options(show)
+    show.add_argument("where", metavar="PARTITION:OFFSET", help="as `list` prints it")
+    again = command(
+        actions,
+        "replay",
+        "publish dead letters' records to the events topic again (safe twice: deduplicated"
+        " by external_id)",
+    )
+    _kafka_options(again)
+    again.add_argument(
+        "where",
+        nargs="*",
+        metavar="PARTITION:OFFSET",
+        help="the dead letters to replay (default: those the filters match)",
+    )
+    _filters(again)
+    again.add_argument(
+        "--value-file",
+        type=Path,
+        help="publish this file's bytes instead of the record's value (one dead letter only)",
+    )
+    again.add_argument(
+        "--allow-duplicates",
+        action="store_true",
+        help="replay JSON records without external_id too (applied again if they were before)",
+    )
+
+
+def _kafka_options(parser: argparse.ArgumentParser) -> None:
+    defaults = KafkaSettings("")
+    parser.add_argument(
+        "--kafka",
+        metavar="BOOTSTRAP",
+        default=os.environ.get("METERLINE_KAFKA"),
+        help="bootstrap servers (default: $METERLINE_KAFKA)",
+    )
+    parser.add_argument("--topic", default=defaults.topic, help="the events topic")
+    parser.add_argument(
+        "--dead-letter-topic", default=defaults.dead_letter_topic, help="the dead-letter topic"
+    )
+    parser.add_argument(
+        "--no-idempotence",
+        action="store_true",
+        help="turn the idempotent producer off (for brokers without it)",
+    )
+
+
+def _filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--organization", help="only this organization's (its id)")
+    parser.add_argument("--reason", help="only those whose reason contains this text")
+    parser.add_argument("--limit", type=int, default=50, help="at most this many")
+    parser.add_argument(
+        "--scan", type=int, default=SCAN, help="read at most this many of the newest records"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except QueryTimeout as exc:
+        print(f"meterline: the broker at {args.kafka} did not answer: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not args.kafka:
+        raise UsageError("pass the broker with --kafka BOOTSTRAP (or METERLINE_KAFKA)")
+    kafka = KafkaSettings(
+        args.kafka,
+        topic=args.topic,
+        dead_letter_topic=args.dead_letter_topic,
+        idempotence=not args.no_idempotence,
+    )
+    if args.dead_letters_command == "list":
+        letters = asyncio.run(_matching(kafka, args))
+        for letter in letters:
+            print(_line(letter))
+        print(f"{plural(len(letters), 'dead letter')}", file=sys.stderr)
+        return 0 if letters else 1
+    if args.dead_letters_command == "show":
+        found = asyncio.run(read_at(kafka, *_where(args.where)))
+        if found is None:
+            print(f"meterline: no dead letter at {args.where}", file=sys.stderr)
+            return 1
+        for name, value in found.headers:
+            print(f"{name}: {value.decode(errors='replace')}", file=sys.stderr)
+        sys.stdout.buffer.write((found.value or b"") + b"\n")
+        return 0
+    return _replay(kafka, args)
+
+
+def _replay(kafka: KafkaSettings, args: argparse.Namespace) -> int:
+    if args.where:
+        found = [asyncio.run(read_at(kafka, *_where(w))) for w in args.where]
+        missing = [w for w, letter in zip(args.where, found, strict=True) if letter is None]
+        if missing:
+            print(f"meterline: no dead letter at {', '.join(missing)}", file=sys.stderr)
+            return 1
+        letters = [letter for letter in found if letter is not None]
+    elif args.organization or args.reason:
+        letters = asyncio.run(_matching(kafka, args))
+    else:
+        raise UsageError("name the dead letters (PARTITION:OFFSET) or filter them")
+    if args.value_file is not None and len(letters) != 1:
+        raise UsageError("--value-file replaces one record's value: name one dead letter")
+    value = None if args.value_file is None else args.value_file.read_bytes()
+    chosen = [(letter, letter.value if value is None else value) for letter in letters]
+    unkeyed = [c for c in chosen if not args.allow_duplicates and not _keyed(c[1])]
+    for letter, _ in unkeyed:
+        print(
+            f"meterline: {letter.partition}:{letter.offset} not replayed: no external_id"
+            " (--allow-duplicates replays it anyway)",
+            file=sys.stderr,
+        )
+    chosen = [c for c in chosen if c not in unkeyed]
+    if not chosen:
+        return 1
+    asyncio.run(replay(kafka, chosen))
+    print(f"replayed {plural(len(chosen), 'record')} to {kafka.topic}", file=sys.stderr)
+    return 0
+
+
+async def _matching(kafka: KafkaSettings, args: argparse.Namespace) -> list[DeadLetter]:
+    scan = await read_recent(kafka, scan=args.scan)
+    found = [
+        d
+        for d in scan.letters
+        if (args.organization is None or d.organization_id == args.organization)
+        and (args.reason is None or args.reason in d.reason)
+    ]
+    if not scan.complete:
+        print("meterline: only the newest records were read (see --scan)", file=sys.stderr)
+    return found[: args.limit]
+
+
+def _where(text: str) -> tuple[int, int]:
+    partition, _, offset = text.partition(":")
+    try:
+        return int(partition), int(offset)
+    except ValueError:
+        raise UsageError(f"{text!r}: expected PARTITION:OFFSET, as `list` prints it") from None
+
+
+def _keyed(value: bytes | None) -> bool:
+    """Whether the core can dedupe the record: a JSON event with an external_id. Other
+    records (a columnar one, whole) are replayed as they are."""
+    try:
+        event = orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        return True  # not JSON: the core dead-letters it again, it applies nothing
+    return not isinstance(event, dict) or bool(event.get("external_id"))
+
+
+def _line(d: DeadLetter) -> str:
+    at = datetime.fromtimestamp(d.timestamp_ms / 1000, UTC).isoformat(timespec="seconds")
+    origin = f"{d.origin_topic}[{d.origin_partition}]@{d.origin_offset}"
+    if d.origin_row is not None:
+        origin += f" row {d.origin_row}"
+    value = (d.value or b"")[:SHOWN_BYTES].decode(errors="replace")
+    owner = d.organization_id or "-"
+    return f"{d.partition}:{d.offset}  {at}  {owner}  {origin}  {d.reason}  {value}"

@@ -1,0 +1,67 @@
+"""deploy/kafka/acls.sh, run with a stand-in for kafka-acls.sh that records each call (Kafka
+cannot run here): the topics and group it names are meterline's defaults, only the edges, the
+core and the named trusted producers may write the events topic, and only the core reads it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+from ingest.kafka import KafkaSettings
+
+SCRIPT = Path(__file__).parents[2] / "deploy" / "kafka" / "acls.sh"
+EDGE, CORE = "User:meterline-edge", "User:meterline-core"
+
+
+def _grants(tmp_path: Path, trusted: str) -> dict[tuple[str, str], set[str]]:
+    """(resource kind, name) → principals, per operation: {("topic", T): {"Write:User:x"}}."""
+    calls = tmp_path / "calls"
+    stub = tmp_path / "kafka-acls.sh"
+    stub.write_text('#!/bin/sh\nprintf "%s\\037" "$@" >> "$CALLS"\necho >> "$CALLS"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "KAFKA_ACLS": str(stub), "CALLS": str(calls)}
+    env["TRUSTED_PRODUCERS"] = trusted
+    subprocess.run(["sh", str(SCRIPT)], env=env, check=True, timeout=30)
+    grants: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for line in calls.read_text().splitlines():
+        args = line.rstrip("\x1f").split("\x1f")
+        assert "--add" in args and args[args.index("--bootstrap-server") + 1]
+        principal = args[args.index("--allow-principal") + 1]
+        operations = [args[i + 1] for i, a in enumerate(args) if a == "--operation"]
+        if "--cluster" in args:
+            resource = ("cluster", "")
+        else:
+            kind = next(a for a in args if a in ("--topic", "--group"))
+            resource = (kind.removeprefix("--"), args[args.index(kind) + 1])
+        grants[resource] |= {f"{op}:{principal}" for op in operations}
+    return grants
+
+
+def _who(grants: set[str], operation: str) -> set[str]:
+    return {g.split(":", 1)[1] for g in grants if g.startswith(f"{operation}:")}
+
+
+def test_the_names_are_meterlines_defaults_and_writers_are_only_the_trusted(
+    tmp_path: Path,
+) -> None:
+    defaults = KafkaSettings("")
+    grants = _grants(tmp_path, "User:billing User:loader")
+    assert set(grants) == {
+        ("topic", defaults.topic),
+        ("topic", defaults.dead_letter_topic),
+        ("group", defaults.consumer_group),
+        ("cluster", ""),
+    }
+    events = grants[("topic", defaults.topic)]
+    assert _who(events, "Write") == {EDGE, CORE, "User:billing", "User:loader"}
+    assert _who(events, "Read") == {CORE}
+    assert _who(grants[("group", defaults.consumer_group)], "Read") == {CORE}
+    dead = grants[("topic", defaults.dead_letter_topic)]
+    assert _who(dead, "Write") == _who(dead, "Read") == {CORE}
+
+
+def test_without_trusted_producers_only_the_edges_and_core_write(tmp_path: Path) -> None:
+    events = _grants(tmp_path, "")[("topic", KafkaSettings("").topic)]
+    assert _who(events, "Write") == {EDGE, CORE}
