@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from tests.processes import Broker, MeterlineServer, wait_until
 
@@ -196,3 +197,46 @@ def send_until_accepted(
         if time.monotonic() > deadline:
             raise AssertionError("events were never accepted")
         time.sleep(0.2)
+
+
+Headers = list[tuple[str, bytes]]
+
+
+async def produce_raw(bootstrap: str, records: list[tuple[Headers, bytes | None]]) -> list[int]:
+    """Write records straight to partition 0 of the events topic, as any Kafka producer may;
+    their offsets."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=8 * 1024 * 1024)
+    await producer.start()
+    try:
+        sent = [
+            await producer.send_and_wait(
+                "meterline.events", value, key=b"k", partition=0, headers=headers
+            )
+            for headers, value in records
+        ]
+        return [s.offset for s in sent]
+    finally:
+        await producer.stop()
+
+
+async def dead_letters(
+    bootstrap: str, expected: int, wait_seconds: float = 60.0
+) -> list[tuple[dict[str, str], bytes]]:
+    """The dead-letter topic's records (headers, value), once `expected` are there (or after
+    `wait_seconds`: the caller's assertion then says what is missing)."""
+    consumer = AIOKafkaConsumer(
+        "meterline.events.dead",
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    found: list[tuple[dict[str, str], bytes]] = []
+    try:
+        deadline = time.monotonic() + wait_seconds
+        while len(found) < expected and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                found += [({k: v.decode() for k, v in r.headers}, r.value) for r in batch]
+    finally:
+        await consumer.stop()
+    return found

@@ -13,27 +13,10 @@ import orjson
 from cloudevents.core.bindings import http
 from cloudevents.core.v1.event import CloudEvent
 
+from tests.openmeter_examples import API_CALL, PROMPT
 from tests.processes import MeterlineServer
 
-# OpenMeter's documented examples (its quickstart's API call, its Python client's prompt), as
-# data; each test gives them its own subject, so that tests share the session's server.
-API_CALL: dict[str, Any] = {
-    "specversion": "1.0",
-    "type": "api-calls",
-    "id": "00001",
-    "time": "2023-01-01T00:00:00.001Z",
-    "source": "service-0",
-    "subject": "customer-1",
-    "data": {"duration_ms": "1", "method": "GET", "path": "/hello"},
-}
-PROMPT: dict[str, Any] = {
-    "specversion": "1.0",
-    "type": "prompt",
-    "id": "prompt-1",
-    "source": "my-app",
-    "subject": "customer-1",
-    "data": {"tokens": 100, "model": "gpt-4o", "type": "input"},
-}
+# Each test gives the examples its own subject, so that tests share the session's server.
 WINDOW = {
     "start_timestamp": "2022-12-01T00:00:00Z",
     "end_timestamp": (datetime.now(UTC) + timedelta(days=1)).isoformat(),

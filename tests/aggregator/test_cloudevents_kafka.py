@@ -6,17 +6,15 @@ to a real broker: structured mode (with and without its content-type header) and
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from cloudevents.core.bindings import kafka
 from cloudevents.core.v1.event import CloudEvent
 
-from tests.pipeline import Pipeline
+from tests.pipeline import Pipeline, dead_letters, produce_raw
 
 SUBJECT = "customer-1"
 DURATION_METER = {
@@ -55,30 +53,9 @@ def _record(message: kafka.KafkaMessage, *, headers: bool = True) -> tuple[list[
 async def _produce_and_read_dead(
     bootstrap: str, records: list[tuple[list[Any], bytes]], expected: int
 ) -> list[tuple[int, str]]:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for headers, value in records:
-            await producer.send_and_wait(
-                "meterline.events", value, key=b"k", partition=0, headers=headers
-            )
-    finally:
-        await producer.stop()
-    consumer = AIOKafkaConsumer(
-        "meterline.events.dead", bootstrap_servers=bootstrap, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    found: list[tuple[int, str]] = []
-    try:
-        deadline = time.monotonic() + 60
-        while len(found) < expected and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                for record in batch:
-                    header = {k: v.decode() for k, v in record.headers}
-                    found.append((int(header["meterline.offset"]), header["meterline.reason"]))
-    finally:
-        await consumer.stop()
-    return sorted(found)
+    await produce_raw(bootstrap, records)
+    found = await dead_letters(bootstrap, expected)
+    return sorted((int(h["meterline.offset"]), h["meterline.reason"]) for h, _ in found)
 
 
 def test_structured_and_binary_records_are_applied_and_bad_ones_dead_lettered(

@@ -18,13 +18,21 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from meters import columnar
 from meters.events import COLUMNS, Event, EventRules, parse_ingest_body, to_table
 from meters.records import key_prefixes, record_key, record_value
 from meters.times import now_us
-from tests.pipeline import Oracle, Pipeline, send_until_accepted, usage_batches
+from tests.pipeline import (
+    Headers,
+    Oracle,
+    Pipeline,
+    dead_letters,
+    produce_raw,
+    send_until_accepted,
+    usage_batches,
+)
 
 
 def _assert_matches_fold(pipeline: Pipeline, meter_id: str, oracle: Oracle) -> None:
@@ -269,47 +277,20 @@ async def _produce_and_read_dead_letters(
     pipeline: Pipeline,
     values: list[bytes | None],
     expected: int,
-    headers: list[list[tuple[str, bytes]]] | None = None,
+    headers: list[Headers] | None = None,
 ) -> list[tuple[int, str]]:
-    """Write `values` (with `headers`) straight to the events topic (as any Kafka producer
-    may), then read the dead-letter topic: (original offset, reason) of each dead letter; a
-    columnar record's dead row reads (offset, "row N: reason")."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=pipeline.broker.bootstrap, max_request_size=8 * 1024 * 1024
-    )
-    await producer.start()
-    try:
-        for i, value in enumerate(values):
-            await producer.send_and_wait(
-                "meterline.events",
-                value=value,
-                key=b"k",
-                partition=0,
-                headers=headers[i] if headers else [],
-            )
-    finally:
-        await producer.stop()
-    consumer = AIOKafkaConsumer(
-        "meterline.events.dead",
-        bootstrap_servers=pipeline.broker.bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    found: list[tuple[int, str]] = []
-    try:
-        deadline = time.monotonic() + 60
-        while len(found) < expected and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                for record in batch:
-                    headers = {k: v.decode() for k, v in record.headers}
-                    reason = headers["meterline.reason"]
-                    if "meterline.row" in headers:
-                        reason = f"row {headers['meterline.row']}: {reason}"
-                        assert orjson.loads(record.value)["name"]  # the row, as a JSON record
-                    found.append((int(headers["meterline.offset"]), reason))
-    finally:
-        await consumer.stop()
+    """Write `values` (with `headers`) straight to the events topic, then read the dead-letter
+    topic: (original offset, reason) of each dead letter; a columnar record's dead row reads
+    (offset, "row N: reason")."""
+    bootstrap = pipeline.broker.bootstrap
+    await produce_raw(bootstrap, [(headers[i] if headers else [], v) for i, v in enumerate(values)])
+    found = []
+    for header, value in await dead_letters(bootstrap, expected):
+        reason = header["meterline.reason"]
+        if "meterline.row" in header:
+            reason = f"row {header['meterline.row']}: {reason}"
+            assert orjson.loads(value)["name"]  # the row, as a JSON record
+        found.append((int(header["meterline.offset"]), reason))
     return sorted(found)
 
 

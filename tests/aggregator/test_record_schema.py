@@ -17,7 +17,6 @@ from typing import Any
 import jsonschema
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +24,7 @@ from meters.events import EventRules
 from meters.events.json_schema import record_schema
 from meters.records import Record, decode_records
 from meters.times import now_us
-from tests.pipeline import Pipeline
+from tests.pipeline import Pipeline, dead_letters, produce_raw
 from tests.processes import new_org_token, wait_until
 
 SCHEMA = record_schema(EventRules())
@@ -247,7 +246,8 @@ def test_rejected_records_are_dead_lettered_and_accepted_ones_applied(
             bound = _bind(record, org, customer)
             bound.setdefault("external_id", f"e{i}")  # distinct: none is a duplicate
             records.append((bound, mark))
-        offsets = asyncio.run(_produce([orjson.dumps(r) for r, _ in records], pipeline))
+        values = [([], orjson.dumps(r)) for r, _ in records]
+        offsets = asyncio.run(produce_raw(pipeline.broker.bootstrap, values))
         expected_dead = {
             offset: (record, mark)
             for offset, (record, mark) in zip(offsets, records, strict=True)
@@ -277,36 +277,11 @@ def test_rejected_records_are_dead_lettered_and_accepted_ones_applied(
             assert mark is not None and reason.startswith(RUNTIME[mark]), (record, reason)
 
 
-async def _produce(values: list[bytes], pipeline: Pipeline) -> list[int]:
-    producer = AIOKafkaProducer(bootstrap_servers=pipeline.broker.bootstrap)
-    await producer.start()
-    try:
-        sent = [await producer.send("meterline.events", v, key=b"k", partition=0) for v in values]
-        return [(await s).offset for s in sent]
-    finally:
-        await producer.stop()
-
-
 async def _dead_letters(pipeline: Pipeline, since: int) -> dict[int, str]:
     """The dead-letter reasons by original offset, of records at `since` or later."""
-    consumer = AIOKafkaConsumer(
-        "meterline.events.dead",
-        bootstrap_servers=pipeline.broker.bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    found: dict[int, str] = {}
-    try:
-        for _ in range(4):
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                for record in batch:
-                    headers = {k: v.decode() for k, v in record.headers}
-                    if int(headers["meterline.offset"]) >= since:
-                        found[int(headers["meterline.offset"])] = headers["meterline.reason"]
-    finally:
-        await consumer.stop()
-    return found
+    found = await dead_letters(pipeline.broker.bootstrap, expected=1 << 30, wait_seconds=2.0)
+    offsets = [(int(h["meterline.offset"]), h["meterline.reason"]) for h, _ in found]
+    return {offset: reason for offset, reason in offsets if offset >= since}
 
 
 def test_the_command_prints_the_schema() -> None:

@@ -23,19 +23,10 @@ from meters.events.cloudevents import (
     record_value,
     relocated,
 )
+from tests.openmeter_examples import API_CALL
 
 ORG = "3f1c2a9e-0d5b-4e7a-9c61-2b8f4d7e6a10"
 NOW = 1_700_000_000_000_000
-# OpenMeter's quickstart event, as its docs send it.
-API_CALL: dict[str, Any] = {
-    "specversion": "1.0",
-    "type": "api-calls",
-    "id": "00001",
-    "time": "2023-01-01T00:00:00.001Z",
-    "source": "service-0",
-    "subject": "customer-1",
-    "data": {"duration_ms": "1", "method": "GET", "path": "/hello"},
-}
 
 
 def _locs(exc: pytest.ExceptionInfo[ValidationFailed]) -> list[tuple[str | int, ...]]:
