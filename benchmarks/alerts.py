@@ -19,17 +19,15 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import threading
 import time
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 
 from benchmarks.common import metric, percentile
 from benchmarks.server import Server
-from tests.processes import free_port
+from tests.aggregator.webhook_receiver import Receiver
 
 RATE = 50_000  # events per second
 BATCH = 1_000
@@ -41,37 +39,7 @@ QUICK = {"seconds": 3}
 TARGET_P99_S = 1.0
 
 
-class _Receiver:
-    def __init__(self) -> None:
-        self.arrivals: list[tuple[float, dict[str, Any]]] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                arrived = time.time()
-                with receiver._lock:
-                    receiver.arrivals.append((arrived, json.loads(body)))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.port = free_port()
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def _setup(http: httpx.Client, receiver: _Receiver | None, thresholds: list[int]) -> None:
+def _setup(http: httpx.Client, receiver: Receiver | None, thresholds: list[int]) -> None:
     meter = http.post(
         "/v1/meters/",
         json={
@@ -86,7 +54,7 @@ def _setup(http: httpx.Client, receiver: _Receiver | None, thresholds: list[int]
     http.post(
         "/v1/webhooks/endpoints",
         json={
-            "url": f"http://127.0.0.1:{receiver.port}/hook",
+            "url": receiver.url,
             "format": "raw",
             "events": ["meter.alert"],
         },
@@ -159,7 +127,7 @@ def _run(quick: bool, alerts: bool) -> dict[str, Any]:
     rng = random.Random(11)
     # Crossing times spread over the run (between 5 % and 90 % of it).
     thresholds = [max(1, int(per_customer * rng.uniform(0.05, 0.9))) for _ in range(ALERTED)]
-    receiver = _Receiver() if alerts else None
+    receiver = Receiver().start() if alerts else None
     try:
         with Server("--allow-private-webhooks") as server:
             assert server.token is not None
@@ -169,12 +137,12 @@ def _run(quick: bool, alerts: bool) -> dict[str, Any]:
             crossed = sum(1 for i, t in enumerate(thresholds) if load["sent"].get(f"c{i}", 0) >= t)
             if receiver is not None:
                 deadline = time.monotonic() + 30
-                while len(receiver.arrivals) < crossed and time.monotonic() < deadline:
+                while len(receiver.received) < crossed and time.monotonic() < deadline:
                     time.sleep(0.1)
                 time.sleep(1)  # any extra (duplicate) delivery would arrive by now
     finally:
         if receiver is not None:
-            receiver.close()
+            receiver.stop()
     result: dict[str, Any] = {
         "events": load["events"],
         "seconds": round(load["seconds"], 3),
@@ -184,12 +152,12 @@ def _run(quick: bool, alerts: bool) -> dict[str, Any]:
     if receiver is not None:
         latencies = []
         customers = []
-        for arrived, event in receiver.arrivals:
-            changed = _epoch(event["timestamp"])
-            latencies.append(arrived - changed)
+        for arrival in receiver.received:
+            event = json.loads(arrival.body)
+            latencies.append(arrival.at - _epoch(event["timestamp"]))
             customers.append(event["data"]["customer_meter"]["customer"]["external_id"])
         result |= {
-            "alerts_delivered": len(receiver.arrivals),
+            "alerts_delivered": len(receiver.received),
             "distinct_customers_alerted": len(set(customers)),
             "latency_p50_s": percentile(latencies, 50),
             "latency_p99_s": percentile(latencies, 99),
