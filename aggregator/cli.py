@@ -39,7 +39,13 @@ from aggregator.commands import meters as meter_commands
 from aggregator.commands import orgs as org_commands
 from aggregator.commands import schema as schema_commands
 from aggregator.commands import tokens as token_commands
-from aggregator.commands.common import HelpFormatter, command, data_dir_option, version
+from aggregator.commands.common import (
+    HelpFormatter,
+    command,
+    data_dir_option,
+    topic_options,
+    version,
+)
 from aggregator.core_app import CoreSettings, alert_payload, build_app, state_payload
 from aggregator.errors import UsageError
 from aggregator.intake.consumer import Consumer
@@ -173,12 +179,7 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         help="bootstrap servers (host:port[,host:port]); without it, the embedded store",
     )
     defaults = KafkaSettings("")
-    kafka.add_argument("--topic", default=defaults.topic, help="the events topic")
-    kafka.add_argument(
-        "--dead-letter-topic",
-        default=defaults.dead_letter_topic,
-        help="where records the core cannot decode or apply go",
-    )
+    topic_options(kafka)
     kafka.add_argument(
         "--partitions", type=int, default=defaults.partitions, help="partitions of a new topic"
     )
@@ -207,11 +208,6 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
     )
     kafka.add_argument(
         "--consumer-group", default=defaults.consumer_group, help="the core's consumer group"
-    )
-    kafka.add_argument(
-        "--no-idempotence",
-        action="store_true",
-        help="turn the idempotent producer off (for brokers without it)",
     )
 
 

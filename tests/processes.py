@@ -149,14 +149,19 @@ class MeterlineServer:
                 self.kill()
 
 
-def token_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def data_dir_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`meterline ARGS --data-dir DATA_DIR` (a command reading the data dir: token, org)."""
     return subprocess.run(
-        [sys.executable, "-m", "aggregator.cli", "token", *args, "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "aggregator.cli", *args, "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
         check=False,
         timeout=60,
     )
+
+
+def token_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return data_dir_cli(data_dir, "token", *args)
 
 
 def new_org_token(data_dir: Path, org: str) -> str:

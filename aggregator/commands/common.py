@@ -11,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ingest.kafka import KafkaSettings
+
 DEFAULT_DATA_DIR = Path(".meterline")
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -76,3 +78,19 @@ def program() -> str:
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """`1 event`, `2 events`, `1,000 events`."""
     return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def topic_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The topics, and the producer's idempotence, of every command that talks to Kafka."""
+    defaults = KafkaSettings("")
+    parser.add_argument("--topic", default=defaults.topic, help="the events topic")
+    parser.add_argument(
+        "--dead-letter-topic",
+        default=defaults.dead_letter_topic,
+        help="where records the core cannot decode or apply go",
+    )
+    parser.add_argument(
+        "--no-idempotence",
+        action="store_true",
+        help="turn the idempotent producer off (for brokers without it)",
+    )

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from aggregator.commands.common import command, plural
+from aggregator.commands.common import command, plural, topic_options
 from aggregator.errors import QueryTimeout, UsageError
 from aggregator.intake.dead_letters import SCAN, DeadLetter, read_at, read_recent, replay
 from ingest.kafka import KafkaSettings
@@ -60,22 +60,13 @@ def commands(subparsers: Any) -> None:
 
 
 def _kafka_options(parser: argparse.ArgumentParser) -> None:
-    defaults = KafkaSettings("")
     parser.add_argument(
         "--kafka",
         metavar="BOOTSTRAP",
         default=os.environ.get("METERLINE_KAFKA"),
         help="bootstrap servers (default: $METERLINE_KAFKA)",
     )
-    parser.add_argument("--topic", default=defaults.topic, help="the events topic")
-    parser.add_argument(
-        "--dead-letter-topic", default=defaults.dead_letter_topic, help="the dead-letter topic"
-    )
-    parser.add_argument(
-        "--no-idempotence",
-        action="store_true",
-        help="turn the idempotent producer off (for brokers without it)",
-    )
+    topic_options(parser)
 
 
 def _filters(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,6 @@ organization only."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import httpx
 import pytest
 from polar.v2026_10 import Polar
 
-from tests.processes import MeterlineServer, new_org_token, token_cli
+from tests.processes import MeterlineServer, data_dir_cli, new_org_token, token_cli
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +23,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeterlineServer
 
 
 def _org(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aggregator.cli", "org", *args, "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    return data_dir_cli(data_dir, "org", *args)
 
 
 def test_the_api_lists_the_tokens_own_organization_only(server: MeterlineServer) -> None:
