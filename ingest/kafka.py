@@ -39,6 +39,9 @@ class KafkaSettings:
     stop_timeout_seconds: float = 10.0
     send_timeout_seconds: float = 30.0
     consumer_group: str = "meterline-core"
+    # How long the group waits for a silent member (a core killed, paused or cut off) before
+    # its partitions go to another; a killed core restarted sooner waits out the rest of it.
+    session_timeout_seconds: float = 10.0
 
     def producer(self, **overrides: Any) -> AIOKafkaProducer:
         options: dict[str, Any] = {
@@ -101,7 +104,8 @@ async def stop_within(stop: Callable[[], Awaitable[Any]], seconds: float, what: 
     begins, so a stop cut short would leave its tasks and connections behind for good."""
     stopping = asyncio.ensure_future(stop())
     try:
-        await asyncio.wait_for(asyncio.shield(stopping), seconds)
+        async with asyncio.timeout(seconds):
+            await asyncio.shield(stopping)
     except TimeoutError:
         log.error(
             "stopping the Kafka %s took over %.1f s; left to finish on its own", what, seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -9,6 +10,9 @@ ONE_US = timedelta(microseconds=1)
 # Timestamps DuckDB and every client can represent: years 1..9999.
 MIN_TS_US = (datetime(1, 1, 2, tzinfo=UTC) - EPOCH) // ONE_US
 MAX_TS_US = (datetime(9999, 12, 30, tzinfo=UTC) - EPOCH) // ONE_US
+# When something that has not happened yet last happened, on `time.monotonic()`'s scale: that
+# clock counts from the machine's boot, so 0.0 may be less than any interval ago.
+NEVER = -math.inf
 
 
 def now_us() -> int:

@@ -10,11 +10,14 @@ few readable lines instead of a redrawn bar.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
 from rich import progress as bar
 from rich.console import Console
+
+from meters.times import NEVER
 
 # Plain lines: one per task at most this often, and whenever a task completes.
 PLAIN_EVERY_SECONDS = 10.0
@@ -23,9 +26,16 @@ PLAIN_EVERY_SECONDS = 10.0
 class Progress:
     """A context manager holding tasks; on a terminal (`console.is_terminal`) they are bars."""
 
-    def __init__(self, console: Console, *, every_seconds: float = PLAIN_EVERY_SECONDS) -> None:
+    def __init__(
+        self,
+        console: Console,
+        *,
+        every_seconds: float = PLAIN_EVERY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.console = console
         self.every_seconds = every_seconds
+        self.clock = clock
         self.bars = (
             bar.Progress(
                 bar.TextColumn("{task.description}"),
@@ -72,7 +82,7 @@ class Task:
             None if progress.bars is None else progress.bars.add_task(description, total=total)
         )
         self._said: str | None = None
-        self._said_at = 0.0
+        self._said_at = NEVER
 
     def advance(self, amount: int = 1) -> None:
         self.update(completed=self.completed + amount)
@@ -85,7 +95,7 @@ class Task:
             bars.update(self._id, completed=self.completed, total=self.total)
             return
         done = self.total is not None and self.completed >= self.total
-        if done or time.monotonic() - self._said_at >= self._progress.every_seconds:
+        if done or self._progress.clock() - self._said_at >= self._progress.every_seconds:
             self.line()
 
     def line(self) -> None:
@@ -96,4 +106,4 @@ class Task:
             text += f" of {self.total:,} ({percent}%)"
         if text != self._said:
             self._progress.console.print(text, markup=False, highlight=False)
-            self._said, self._said_at = text, time.monotonic()
+            self._said, self._said_at = text, self._progress.clock()

@@ -200,7 +200,8 @@ class Store:
         still waiting for a thread never starts)."""
         assert self._flusher is not None, "store is not open"
         try:
-            await asyncio.wait_for(asyncio.shield(self._flusher.barrier()), self._read_timeout)
+            async with asyncio.timeout(self._read_timeout):
+                await asyncio.shield(self._flusher.barrier())
         except TimeoutError:
             raise QueryTimeout(self._read_timeout) from None
         return await self.read_now(fn, *args, **kwargs)
@@ -221,7 +222,10 @@ class Store:
 
         future = asyncio.get_running_loop().run_in_executor(self._pool, run)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self._read_timeout)
+            # Not `wait_for`: on 3.11 it returns an answer that meets a cancellation, and the
+            # cancelled task would run on.
+            async with asyncio.timeout(self._read_timeout):
+                return await asyncio.shield(future)
         except TimeoutError:
             given_up.set()
             if running:

@@ -32,6 +32,7 @@ from aggregator.store import memtable
 from aggregator.store.compaction import compact
 from aggregator.store.ingest_log import IngestLog
 from aggregator.store.memtable import ROW_GROUP, Memtable
+from meters.times import NEVER
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Flusher:
         self._wake = threading.Condition()
         self._barriers: list[tuple[int, concurrent.futures.Future[None]]] = []
         self._stopping = False
-        self._failed_at = 0.0
+        self._failed_at = NEVER
         self._compacted_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="duckdb-flusher", daemon=True)
         self.flushes = 0

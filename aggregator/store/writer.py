@@ -57,7 +57,7 @@ import duckdb
 
 from aggregator.errors import AggregatorError, StoreClosed
 from meters.errors import MetersError
-from meters.times import now_us
+from meters.times import NEVER, now_us
 
 if TYPE_CHECKING:
     from aggregator.store.live import Live
@@ -181,7 +181,7 @@ class Writer:
         self._queue: queue.SimpleQueue[_Pending[Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="duckdb-writer", daemon=True)
         self._closed = False
-        self._warned_at = 0.0
+        self._warned_at = NEVER
         self.commits = 0
         self.over_bound = 0
         self.longest_seconds = 0.0

@@ -37,7 +37,7 @@ from aggregator.store.webhook_tables import (
     state_changes_job,
     state_changes_pending,
 )
-from meters.times import now_us
+from meters.times import NEVER, now_us
 from meters.webhook_rules import RESPONSE_EXCERPT_BYTES, signature
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class WebhookSender:
         self._store = store
         self._settings = settings
         self._state_payload = state_payload
-        self._states_at = 0.0
+        self._states_at = NEVER
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._wake = asyncio.Event()
@@ -109,7 +109,7 @@ class WebhookSender:
         self._attempts: list[Attempt] = []
         self._recording: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pruned_at = 0.0
+        self._pruned_at = NEVER
 
     async def __aenter__(self) -> Self:
         self._client = httpx.AsyncClient(
@@ -133,7 +133,8 @@ class WebhookSender:
         for task in tasks:
             task.cancel()
         # Bounded: a delivery cut off here was not logged, and is attempted again at start.
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        async with asyncio.timeout(10):
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
 
@@ -180,7 +181,8 @@ class WebhookSender:
             if next_us is not None:
                 wait = min(wait, max(0.0, (next_us - now_us()) / 1_000_000))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), wait)
+            async with asyncio.timeout(wait):
+                await self._wake.wait()
 
     async def _state_changes(self) -> float:
         """Send the customer.state_changed events due (a writer job, when any customer is
