@@ -6,19 +6,24 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA_DIR ?= .meterline
 
-.PHONY: up test lint typecheck unit bench clean system-tools
+.PHONY: up test test-fast lint typecheck unit screenshots bench clean system-tools
 
+# uv installs in seconds what pip takes minutes over; pip stays the fallback (a machine whose
+# index or proxy only pip is configured for).
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip uv
+
+INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python -e $(1) \
+	|| $(BIN)/pip install --quiet -e $(1)
 
 # Stamp files so the install reruns only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(call INSTALL,.)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(call INSTALL,'.[test]')
 	touch $(VENV)/.installed $@
 
 # Polar's own ingestion strategies under Node, for the SDK's compatibility test.
@@ -45,12 +50,26 @@ system-tools:
 	command -v chromium >/dev/null && command -v curl >/dev/null && command -v kcat >/dev/null \
 		|| (apt-get update -q && apt-get install -y -q chromium curl kcat)
 
-unit: $(VENV)/.installed-test $(NODE_PROJECT)/node_modules/.installed system-tools
-	# Three workers (most tests wait on real processes); then, alone, those that measure time.
+TEST_TOOLS := $(VENV)/.installed-test $(NODE_PROJECT)/node_modules/.installed system-tools
+
+# Lint, types, the tests on three workers, then alone those that measure time, then a look at
+# the checkout: every phase runs whatever the one before it said, and the last line sums them
+# (tests/phases.py).
+test: $(TEST_TOOLS)
+	$(BIN)/python -m tests.phases
+
+# The edit-run loop: the tests that need no process of their own, on three workers.
+test-fast: $(TEST_TOOLS)
+	$(BIN)/pytest -n 3 --dist loadfile -m "not slow and not serial"
+
+unit: $(TEST_TOOLS)
 	$(BIN)/pytest -n 3 --dist loadfile -m "not serial"
 	$(BIN)/pytest -m serial
 
-test: lint typecheck unit
+# The console's screenshots that the README shows, taken anew (the tests take them into a
+# scratch folder otherwise).
+screenshots: $(TEST_TOOLS)
+	METERLINE_SCREENSHOTS=$(CURDIR)/docs/screenshots $(BIN)/pytest tests/aggregator/console
 
 # Every benchmark, or `make bench BENCH="name ..."`; QUICK=1 for smoke runs (results kept apart,
 # never replacing the committed ones). It says first about how long the run will take.

@@ -22,9 +22,11 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 
 import duckdb
@@ -209,6 +211,13 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
     kafka.add_argument(
         "--consumer-group", default=defaults.consumer_group, help="the core's consumer group"
     )
+    kafka.add_argument(
+        "--consumer-session-timeout-seconds",
+        type=float,
+        default=defaults.session_timeout_seconds,
+        help="how long the consumer group waits for a silent core before moving its partitions"
+        " (a killed core restarted sooner waits out the rest)",
+    )
 
 
 def _limits(group: argparse._ArgumentGroup) -> None:
@@ -267,6 +276,19 @@ def _limits_of(args: argparse.Namespace) -> Limits:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """Where a server listens and what stops it. A process listens on `--host`/`--port` and
+    stops on SIGINT/SIGTERM (`PROCESS`); a program that runs meterline inside itself (the
+    tests, in a thread) hands it bound sockets and an event to set, as signals are not its."""
+
+    sockets: list[socket.socket] | None = None
+    stop: asyncio.Event | None = None
+
+
+PROCESS = Listening()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meterline",
@@ -302,8 +324,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as `main` reads it (argparse exits 2 on a bad one)."""
+    return _parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(argv)
     try:
         if args.command == "token":
             return token_commands.run(args)
@@ -323,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _serve_command(args: argparse.Namespace) -> int:
+def settings_of(
+    args: argparse.Namespace,
+) -> tuple[CoreSettings, KafkaSettings | None, ForwarderSettings | None]:
+    """What `up`, `core` and `ingest` run with, from their parsed arguments."""
     defaults = CoreSettings()
     settings = CoreSettings(
         data_dir=args.data_dir,
@@ -373,8 +403,13 @@ def _serve_command(args: argparse.Namespace) -> int:
             idempotence=not args.no_idempotence,
             linger_ms=args.linger_ms,
             consumer_group=args.consumer_group,
+            session_timeout_seconds=args.consumer_session_timeout_seconds,
         )
-    forward = upstream_cli.forwarder_settings(args)
+    return settings, kafka, upstream_cli.forwarder_settings(args)
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    settings, kafka, forward = settings_of(args)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -424,8 +459,9 @@ async def serve(
     log_level: str = "info",
     banner: bool = True,
     dev_token: bool | None = None,
+    listening: Listening = PROCESS,
 ) -> None:
-    """Run a core until SIGINT/SIGTERM: the API over the store, fed by ingest directly
+    """Run a core until stopped (`listening`): the API over the store, fed by ingest directly
     (embedded) or by the Kafka consumer. Pending writes are drained on exit. The `banner`
     says how to get a token: the development token if `dev_token` (None: on loopback only)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -477,14 +513,20 @@ async def serve(
             if banner:
                 lines += token_commands.banner_lines(registry, settings, dev_token)
             # Open streams end as shutdown begins: uvicorn would wait for them.
-            await _serve_http(app, settings, log_level, lines, on_stop=feed.close)
+            await _serve_http(app, settings, log_level, lines, listening, on_stop=feed.close)
     finally:
         registry.close()
 
 
-async def serve_edge(settings: CoreSettings, kafka: KafkaSettings, *, log_level: str) -> None:
-    """Run a stateless ingest edge until SIGINT/SIGTERM. It reads tokens from the data dir's
-    registry (shared with the core), and holds nothing else."""
+async def serve_edge(
+    settings: CoreSettings,
+    kafka: KafkaSettings,
+    *,
+    log_level: str,
+    listening: Listening = PROCESS,
+) -> None:
+    """Run a stateless ingest edge until stopped (`listening`). It reads tokens from the data
+    dir's registry (shared with the core), and holds nothing else."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     registry = TokenRegistry(settings.data_dir, cache_seconds=settings.token_cache_seconds)
     try:
@@ -497,7 +539,7 @@ async def serve_edge(settings: CoreSettings, kafka: KafkaSettings, *, log_level:
             app = edge_app(
                 publisher, registry.organization_id, settings.ingest, settings.metrics_token
             )
-            await _serve_http(app, settings, log_level, [])
+            await _serve_http(app, settings, log_level, [], listening)
     finally:
         registry.close()
 
@@ -507,9 +549,10 @@ async def _serve_http(
     settings: CoreSettings,
     log_level: str,
     banner: list[str],
+    listening: Listening,
     on_stop: Callable[[], None] = lambda: None,
 ) -> None:
-    """Serve until a signal (which calls `on_stop` first); once serving, print where, then the
+    """Serve until stopped (which calls `on_stop` first); once serving, print where, then the
     `banner` lines."""
     limits = settings.ingest.limits
     config = uvicorn.Config(
@@ -525,12 +568,26 @@ async def _serve_http(
         timeout_graceful_shutdown=max(1, int(settings.drain_seconds / 2)),
     )
     server = _Server(config)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, _stop, server, signum, settings.drain_seconds, on_stop)
+    if listening.stop is None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, _stop, server, signum, settings.drain_seconds, on_stop)
+    else:
+        stopping = asyncio.create_task(_stop_on(listening.stop, server, on_stop))
     printing = asyncio.create_task(_banner(server, settings, banner))
-    await server.serve()
+    await server.serve(sockets=listening.sockets)
     printing.cancel()
+    if listening.stop is not None:
+        stopping.cancel()
+
+
+async def _stop_on(
+    event: asyncio.Event, server: uvicorn.Server, on_stop: Callable[[], None]
+) -> None:
+    """A graceful shutdown once `event` is set (no watchdog: the process is not ours to end)."""
+    await event.wait()
+    on_stop()
+    server.should_exit = True
 
 
 def _stop(

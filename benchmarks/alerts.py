@@ -27,7 +27,7 @@ import httpx
 
 from benchmarks.common import metric, percentile
 from benchmarks.server import Server
-from tests.aggregator.webhook_receiver import Receiver
+from tests.aggregator.upstream.webhook_receiver import Receiver
 
 RATE = 50_000  # events per second
 BATCH = 1_000

@@ -28,7 +28,7 @@ from typing import Any
 from benchmarks.alerts import _load  # the same load as alert_latency, for comparable figures
 from benchmarks.common import metric, percentile
 from benchmarks.server import Server
-from tests.aggregator.test_live_stream import EventStream
+from tests.aggregator.api.test_live_stream import EventStream
 
 FULL = {"seconds": 20}
 QUICK = {"seconds": 4}

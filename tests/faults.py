@@ -1,6 +1,6 @@
 """A loopback HTTP proxy that injects faults into ingest requests, for the clients that must
 deliver every event exactly once through them (the forwarder, the SDK); and a forwarding pair
-of real meterlines with the proxy between them."""
+of real meterlines (in threads of the test process) with the proxy between them."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.processes import MeterlineServer
+from tests.inprocess import ServedCore
+from tests.processes import Server
 
 
 class FaultProxy:
@@ -119,14 +120,14 @@ ROLLUPS_NOW = (
 @contextlib.contextmanager
 def forwarding(
     tmp_path: Path, script: list[str], *edge_args: str, central_args: tuple[str, ...] = ()
-) -> Iterator[tuple[MeterlineServer, FaultProxy, MeterlineServer]]:
+) -> Iterator[tuple[Server, FaultProxy, Server]]:
     """A central meterline, a FaultProxy before it running `script`, and an edge forwarding
     to the central through the proxy; all started, and stopped on exit (the central last)."""
-    with MeterlineServer(tmp_path / "central", *central_args) as central:
+    with ServedCore(tmp_path / "central", *central_args) as central:
         proxy = FaultProxy(central.url, script)
         try:
             upstream = ("--upstream-url", proxy.url, "--upstream-token", central.token or "")
-            with MeterlineServer(tmp_path / "edge", *upstream, *edge_args) as edge:
+            with ServedCore(tmp_path / "edge", *upstream, *edge_args) as edge:
                 yield central, proxy, edge
         finally:
             proxy.close()

@@ -1,19 +1,32 @@
-"""A core's HTTP app in this process, for API tests that send many requests: `build_app` over a
-real DuckDB file with the embedded publisher, served through httpx's ASGI transport (no socket,
-no server), on one event loop kept for the app's lifetime."""
+"""meterline inside the test process, where a new interpreter is not the point:
+
+- `InProcessCore`: a core's HTTP app for API tests that send many requests: `build_app` over a
+  real DuckDB file with the embedded publisher, served through httpx's ASGI transport (no
+  socket, no server), on one event loop kept for the app's lifetime.
+- `ServedCore`: `meterline up` (or `core`) as the command composes it (`cli.serve`), served by
+  uvicorn from a thread on a real loopback socket: what a client of the command sees, without
+  the second or two of a new interpreter. Kills and restarts need processes
+  (`tests.processes.MeterlineServer`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import socket
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import httpx
+import uvloop
 
+from aggregator import cli
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.core_app import CoreSettings, build_app
@@ -100,3 +113,118 @@ class InProcessCore:
             return {name: n for name, n in con.execute(union).fetchall()}
 
         return self.run(self.store.read(count))
+
+
+class ServedCore:
+    """A context manager, answering as `tests.processes.MeterlineServer` does (`url`, `token`:
+    the development token, `client()`, `stop()`), with the server in a thread of this process.
+    Validation runs inline unless `extra_args` say `--validation-workers N`: the workers'
+    processes are what a thread saves, and the rules are the same either way."""
+
+    def __init__(self, data_dir: Path, *extra_args: str, command: str = "up") -> None:
+        self.data_dir = data_dir
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = int(self._socket.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._args = cli.parse(
+            [
+                command,
+                *("--data-dir", str(data_dir), "--port", str(self.port)),
+                *("--validation-workers", "0", *extra_args),
+            ]
+        )
+        self.token: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"meterline-{self.port}")
+        self.stop_seconds: float | None = None
+        self.exit_code: int | None = None  # 0 once stopped cleanly, as the command exits
+
+    def start(self, timeout: float = 60.0) -> Self:
+        if self._args.command == "up":
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            registry = TokenRegistry(self.data_dir)
+            try:
+                self.token = registry.development_token(registry.organization("default"))
+            finally:
+                registry.close()
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._serving():
+            if self._failed is not None or not self._thread.is_alive():
+                raise RuntimeError("meterline did not start") from self._failed
+            assert time.monotonic() < deadline, "meterline did not answer /healthz in time"
+            time.sleep(0.02)
+        return self
+
+    def _serving(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def _run(self) -> None:
+        settings, kafka, forward = cli.settings_of(self._args)
+        try:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                self._loop = runner.get_loop()
+                self._stop = asyncio.Event()
+                listening = cli.Listening([self._socket], self._stop)
+                if self._args.command == "ingest":
+                    assert kafka is not None
+                    served = cli.serve_edge(
+                        settings, kafka, log_level="warning", listening=listening
+                    )
+                else:
+                    served = cli.serve(
+                        settings,
+                        kafka,
+                        forward,
+                        log_level="warning",
+                        banner=False,
+                        listening=listening,
+                    )
+                runner.run(served)
+        except BaseException as exc:  # noqa: BLE001 - reported by start() and stop()
+            self._failed = exc
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """A graceful shutdown, as SIGTERM gives the command: pending writes are drained."""
+        started = time.perf_counter()
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+        self.stop_seconds = time.perf_counter() - started
+        self._socket.close()
+        assert not self._thread.is_alive(), "meterline did not stop in time:\n" + self._stuck()
+        if self._failed is not None:
+            raise RuntimeError("meterline failed") from self._failed
+        self.exit_code = 0
+
+    def _stuck(self) -> str:
+        """Where the server's thread and its tasks are (what a hang needs to be found)."""
+        frame = sys._current_frames().get(self._thread.ident or 0)
+        lines = ["thread:", *traceback.format_stack(frame)] if frame else []
+        if self._loop is not None:
+            for task in asyncio.all_tasks(self._loop):
+                shown = io.StringIO()
+                task.print_stack(file=shown)
+                lines.append(shown.getvalue())
+        return "".join(lines)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -16,7 +16,8 @@ from typing import Any, Self
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from tests.processes import Broker, MeterlineServer, wait_until
+from tests.inprocess import ServedCore
+from tests.processes import Broker, MeterlineServer, Server, wait_until
 
 # One sum meter the oracle folds: tokens per customer.
 TOKENS_METER = {
@@ -37,6 +38,10 @@ def _wide() -> dict[str, str]:
 
 
 class Pipeline:
+    """A broker, a core and `edges` ingest edges on one data dir. The core and the edges are
+    served from threads of the test process, or, with `processes`, are real processes: for
+    tests that kill them or time their answers (a thread shares the test's interpreter)."""
+
     def __init__(
         self,
         data_dir: Path,
@@ -45,16 +50,20 @@ class Pipeline:
         partitions: int = 3,
         deadline_seconds: float = 5.0,
         workers: int = 0,
+        processes: bool = False,
+        core_args: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
         self.broker = Broker()
         self._edges = edges
         self._stack = ExitStack()
-        self.core: MeterlineServer | None = None
-        self.edges: list[MeterlineServer] = []
+        self.core: Server | None = None
+        self.edges: list[Server] = []
         self.partitions = partitions
         self.deadline_seconds = deadline_seconds
         self.workers = workers
+        self.processes = processes
+        self.core_args = core_args
 
     def args(self) -> tuple[str, ...]:
         return (
@@ -67,15 +76,17 @@ class Pipeline:
             str(self.workers),
             "--deadline-seconds",
             str(self.deadline_seconds),
+            # A killed core's successor waits this long for the group to let the dead one go.
+            "--consumer-session-timeout-seconds",
+            "4",
         )
 
     def __enter__(self) -> Self:
         self._stack.enter_context(self.broker)
-        self.core = self.new_core().start()
+        self.core = self._server("up", *self.core_args).start()
         self._stack.callback(lambda: self.core and self.core.__exit__(None, None, None))
         for _ in range(self._edges):
-            edge = MeterlineServer(self.data_dir, *self.args(), command="ingest")
-            self.edges.append(self._stack.enter_context(edge))
+            self.edges.append(self._stack.enter_context(self._server("ingest")))
         return self
 
     def __exit__(
@@ -86,13 +97,16 @@ class Pipeline:
     ) -> None:
         self._stack.close()
 
-    def new_core(self) -> MeterlineServer:
-        return MeterlineServer(self.data_dir, *self.args(), command="up")
+    def _server(self, command: str, *extra: str) -> MeterlineServer | ServedCore:
+        if self.processes:
+            return MeterlineServer(self.data_dir, *self.args(), *extra, command=command)
+        return ServedCore(self.data_dir, *self.args(), *extra, command=command)
 
     def restart_core(self) -> None:
-        assert self.core is not None
+        """SIGKILL the core, then start a new process on the same data dir (`processes`)."""
+        assert isinstance(self.core, MeterlineServer), "a core in a thread cannot be killed"
         self.core.kill()
-        self.core = self.new_core().start()
+        self.core = self._server("up", *self.core_args).start()
 
     def token(self) -> str:
         assert self.core is not None and self.core.token is not None

@@ -12,9 +12,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 import httpx
+
+from aggregator.auth import TokenRegistry
+
+
+class Server(Protocol):
+    """What a client's tests use of a running meterline: a process (`MeterlineServer`) or a
+    thread (`tests.inprocess.ServedCore`)."""
+
+    data_dir: Path
+    url: str
+    token: str | None
+
+    def client(self, token: str | None = None) -> httpx.Client: ...
 
 
 def free_port() -> int:
@@ -24,7 +37,11 @@ def free_port() -> int:
 
 
 class MeterlineServer:
-    """`meterline up` (or `core`, `ingest`) in a subprocess, on a free loopback port."""
+    """`meterline up` (or `core`, `ingest`) in a subprocess, on a free loopback port.
+
+    Validation runs in the server process unless `validation_workers` says otherwise: each
+    worker is one more interpreter to start (a second of CPU), and only the tests of the
+    workers themselves need them."""
 
     def __init__(
         self,
@@ -32,10 +49,11 @@ class MeterlineServer:
         *extra_args: str,
         log_level: str = "warning",
         command: str = "up",
+        validation_workers: int = 0,
     ) -> None:
         self.command = command
         self.data_dir = data_dir
-        self.extra_args = extra_args
+        self.extra_args = ("--validation-workers", str(validation_workers), *extra_args)
         self.log_level = log_level
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -165,9 +183,13 @@ def token_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def new_org_token(data_dir: Path, org: str) -> str:
-    result = token_cli(data_dir, "create", "--org", org)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    """A new token of the organization `org` (created if needed), made as `meterline token
+    create` makes it, without an interpreter of its own (`test_cli` runs the command)."""
+    registry = TokenRegistry(data_dir)
+    try:
+        return registry.create_token(registry.organization(org), "tests")
+    finally:
+        registry.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -3,10 +3,14 @@
 Every event drawn from `valid_events()` passes `meters.events.parse_ingest_body` with the default
 `EventRules` for any `now` at or after `LATEST` (timestamps are always in the past).
 Events are plain JSON-shaped dicts, exactly what a client would send.
+
+The functions returning strategies are cached: hypothesis validates a strategy object the first
+time it draws from it, which costs more than drawing, so each is built once.
 """
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -52,23 +56,28 @@ def to_us(moment: datetime) -> int:
     return (moment - EPOCH) // ONE_US
 
 
+@functools.cache
 def texts(min_size: int = 0, max_size: int | None = None) -> st.SearchStrategy[str]:
     return st.text(TEXT, min_size=min_size, max_size=max_size)
 
 
+@functools.cache
 def names() -> st.SearchStrategy[str]:
     return texts(1, MAX_NAME_LENGTH)
 
 
+@functools.cache
 def customer_ids() -> st.SearchStrategy[str]:
     return st.uuids(version=4).map(str)
 
 
+@functools.cache
 def ids() -> st.SearchStrategy[str]:
     """external_customer_id, external_id, parent_id, external_member_id."""
     return texts(1, MAX_ID_LENGTH)
 
 
+@functools.cache
 def offsets() -> st.SearchStrategy[timedelta]:
     return st.one_of(
         st.sampled_from(_COMMON_OFFSETS),
@@ -84,19 +93,24 @@ def format_offset(offset: timedelta, *, zulu: bool = True) -> str:
     return f"{sign}{hours:02d}:{minutes:02d}"
 
 
+@functools.cache
+def _local_datetimes(
+    earliest: datetime, latest: datetime, offset: timedelta
+) -> st.SearchStrategy[datetime]:
+    zone = timezone(offset)
+    return st.datetimes(
+        min_value=earliest.astimezone(zone).replace(tzinfo=None),
+        max_value=latest.astimezone(zone).replace(tzinfo=None),
+    )
+
+
 @st.composite
 def iso_timestamps(
     draw: st.DrawFn, earliest: datetime = EARLIEST, latest: datetime = LATEST
 ) -> str:
     """ISO-8601 strings with an offset (``Z``, ``+05:30``, ``-04:00``...) within the bounds."""
     offset = draw(offsets())
-    zone = timezone(offset)
-    local = draw(
-        st.datetimes(
-            min_value=earliest.astimezone(zone).replace(tzinfo=None),
-            max_value=latest.astimezone(zone).replace(tzinfo=None),
-        )
-    )
+    local = draw(_local_datetimes(earliest, latest, offset))
     sep = draw(st.sampled_from(["T", " "]))
     date = f"{local.year:04d}-{local.month:02d}-{local.day:02d}"
     hh_mm = f"{local.hour:02d}:{local.minute:02d}"
@@ -112,6 +126,7 @@ def iso_timestamps(
     return f"{date}{sep}{time}{format_offset(offset, zulu=draw(st.booleans()))}"
 
 
+@functools.cache
 def epoch_seconds(
     earliest: datetime = EARLIEST, latest: datetime = LATEST
 ) -> st.SearchStrategy[int | float]:
@@ -122,18 +137,21 @@ def epoch_seconds(
     return st.one_of(ints, floats)
 
 
+@functools.cache
 def timestamps(
     earliest: datetime = EARLIEST, latest: datetime = LATEST
 ) -> st.SearchStrategy[str | int | float]:
     return st.one_of(iso_timestamps(earliest, latest), epoch_seconds(earliest, latest))
 
 
+@functools.cache
 def metadata_keys() -> st.SearchStrategy[str]:
     return st.text(KEY_TEXT, min_size=1, max_size=MAX_METADATA_KEY_LENGTH).filter(
         lambda key: key not in RESERVED_METADATA_KEYS
     )
 
 
+@functools.cache
 def metadata_values() -> st.SearchStrategy[str | int | float | bool]:
     return st.one_of(
         texts(1, MAX_METADATA_STRING_LENGTH),
@@ -170,13 +188,17 @@ def cost_amounts(draw: st.DrawFn) -> str | int | float:
     return format(value, "f")
 
 
+@functools.cache
 def costs() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({"amount": cost_amounts(), "currency": st.just("usd")})
 
 
+_TOKENS = st.integers(0, 10**7)
+
+
 @st.composite
 def llms(draw: st.DrawFn) -> dict[str, Any]:
-    tokens = st.integers(0, 10**7)
+    tokens = _TOKENS
     input_tokens, output_tokens = draw(tokens), draw(tokens)
     llm: dict[str, Any] = {
         "vendor": draw(texts(1, 40)),
@@ -193,6 +215,11 @@ def llms(draw: st.DrawFn) -> dict[str, Any]:
     return llm
 
 
+@functools.cache
+def _plain_metadata(max_size: int) -> st.SearchStrategy[dict[str, Any]]:
+    return st.dictionaries(metadata_keys(), metadata_values(), max_size=max_size)
+
+
 @st.composite
 def metadata(draw: st.DrawFn, max_keys: int = MAX_METADATA_KEYS) -> dict[str, Any]:
     """Up to `max_keys` keys, `_cost` and `_llm` (each optional) at random positions."""
@@ -201,15 +228,14 @@ def metadata(draw: st.DrawFn, max_keys: int = MAX_METADATA_KEYS) -> dict[str, An
         special["_cost"] = draw(costs())
     if draw(st.booleans()):
         special["_llm"] = draw(llms())
-    plain = draw(
-        st.dictionaries(metadata_keys(), metadata_values(), max_size=max_keys - len(special))
-    )
+    plain = draw(_plain_metadata(max_keys - len(special)))
     items = list(plain.items())
     for key, value in special.items():
         items.insert(draw(st.integers(0, len(items))), (key, value))
     return dict(items)
 
 
+@functools.cache
 def valid_events(
     stamps: st.SearchStrategy[Any] | None = None,
 ) -> st.SearchStrategy[dict[str, Any]]:

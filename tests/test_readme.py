@@ -18,12 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import wait_until
+from tests.processes import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-# What `make up` serves, as the README's commands name it.
-URL = "http://127.0.0.1:8000"
+# Where `make up` serves, as the README's commands name it: the test serves on a free port
+# instead (a `make up` of the reader's own may hold this one) and runs the blocks with it.
+README_ADDRESS = "127.0.0.1:8000"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
 MARK = "@@readme-block@@"
 
@@ -84,8 +85,11 @@ def test_every_shell_block_runs_as_written(tmp_path: Path) -> None:
         if not entry.name.startswith((".meterline", ".git", ".pytest_cache", ".mypy_cache")):
             (tmp_path / entry.name).symlink_to(entry)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("METERLINE_", "MAKE"))}
-    with _make_up(tmp_path, env) as banner:
+    address = f"127.0.0.1:{free_port()}"
+    env["METERLINE_URL"] = f"http://{address}"  # what commands reach without --url
+    with _make_up(tmp_path, env, address) as banner:
         script = "".join(f"printf '\\n{MARK}\\n'\n{block.code}" for block in rest)
+        script = script.replace(README_ADDRESS, address)
         done = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", script],
             cwd=tmp_path,
@@ -112,10 +116,11 @@ def test_every_shell_block_runs_as_written(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _make_up(cwd: Path, env: dict[str, str]) -> Iterator[Callable[[], str]]:
-    """`make up` in `cwd` until the block ends; yields a reader of what it has printed."""
+def _make_up(cwd: Path, env: dict[str, str], address: str) -> Iterator[Callable[[], str]]:
+    """`make up` in `cwd` on `address` until the block ends; yields a reader of what it has
+    printed."""
     proc = subprocess.Popen(
-        ["make", "up"],
+        ["make", "up", f"PORT={address.rsplit(':', 1)[1]}"],
         cwd=cwd,
         env={**env, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
@@ -130,7 +135,7 @@ def _make_up(cwd: Path, env: dict[str, str]) -> Iterator[Callable[[], str]]:
     def serving() -> bool:
         assert proc.poll() is None, "make up exited:\n" + "".join(lines[-40:])
         try:
-            return httpx.get(f"{URL}/healthz", timeout=2).status_code == 200
+            return httpx.get(f"http://{address}/healthz", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
 

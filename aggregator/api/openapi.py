@@ -4,7 +4,7 @@ per status: the same TypedDicts and pydantic models the route builds and parses)
 `openapi_document` turns an app's declared routes into the document.
 
 A route that is not API is a plain `Route(..., include_in_schema=False)`; any other route
-without a declaration is missing from the document, which tests/aggregator/test_openapi.py
+without a declaration is missing from the document, which tests/aggregator/api/test_openapi.py
 catches. Query parameters are declared with the helpers below, one per reader in `params`.
 """
 

@@ -157,6 +157,8 @@ class Consumer:
             auto_offset_reset="none",
             fetch_max_wait_ms=self._settings.poll_timeout_ms,
             max_partition_fetch_bytes=8 * 1024 * 1024,
+            session_timeout_ms=round(kafka.session_timeout_seconds * 1000),
+            heartbeat_interval_ms=round(kafka.session_timeout_seconds * 1000 / 3),
         )
         self._consumer.subscribe([kafka.topic], listener=_SeekToStored(self))
         self._dead_letters = kafka.producer(linger_ms=0)

@@ -8,6 +8,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from aggregator.plan_cycler import PlanCycler
 from aggregator.store import Store
 from aggregator.store.customer_tables import create_job as create_customer
@@ -89,6 +91,7 @@ async def _scenario(path: Path) -> None:
     assert rows == [(name, at) for at in boundaries for name in ("meter.reset", "meter.credited")]
 
 
+@pytest.mark.slow
 def test_a_long_downtime_is_caught_up_in_jobs_of_bounded_time(tmp_path: Path) -> None:
     asyncio.run(_ten_years_later(tmp_path / "plans.duckdb"))
 

@@ -87,7 +87,7 @@ def test_graceful_restart_keeps_events_and_customers(tmp_path: Path) -> None:
 
 
 def test_validation_workers_exit_with_a_killed_server(tmp_path: Path) -> None:
-    server = MeterlineServer(tmp_path).start()
+    server = MeterlineServer(tmp_path, validation_workers=2).start()
     children = server.children()
     assert children, "expected validation worker processes"
     server.kill()
@@ -95,7 +95,10 @@ def test_validation_workers_exit_with_a_killed_server(tmp_path: Path) -> None:
 
 
 def test_a_killed_validation_worker_does_not_break_ingest(tmp_path: Path) -> None:
-    with MeterlineServer(tmp_path) as server, server.client() as client:
+    with (
+        MeterlineServer(tmp_path, validation_workers=2) as server,
+        server.client() as client,
+    ):
         for pid in server.children():
             os.kill(pid, signal.SIGKILL)
         big = _batch("w", 0, size=1000)  # large enough to go to the workers

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from benchmarks.run import BENCHMARKS, duration
 
@@ -50,6 +51,7 @@ def test_the_estimate_comes_first(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_a_quick_run_never_touches_the_committed_results(tmp_path: Path) -> None:
     results = tmp_path / "results"
     shutil.copytree(RESULTS, results, ignore=shutil.ignore_patterns("quick"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import Broker, MeterlineServer, free_port, new_org_token, wait_until
+from tests.processes import Broker, MeterlineServer, Server, free_port, new_org_token, wait_until
 
 pytestmark = pytest.mark.slow
 DEPLOY = Path(__file__).parents[2] / "deploy"
@@ -23,14 +23,14 @@ METRIC_NAME = re.compile(r"\bmeterline_[a-zA-Z0-9_]+")
 
 
 class Running:
-    def __init__(self, core: MeterlineServer, edge: MeterlineServer, token: str) -> None:
+    def __init__(self, core: Server, edge: Server, token: str) -> None:
         self.core, self.edge, self.token = core, edge, token
 
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     data = tmp_path_factory.mktemp("monitoring")
-    kafka = ("--no-idempotence", "--partitions", "1", "--validation-workers", "0")
+    kafka = ("--no-idempotence", "--partitions", "1")
     common = ("--metrics-token", METRICS_TOKEN, *kafka)
     # Nothing listens upstream: the forwarder keeps a backlog, which is what is shown.
     upstream = ("--upstream-url", f"http://127.0.0.1:{free_port()}", "--upstream-token", "t")
@@ -45,7 +45,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             yield Running(core, edge, new_org_token(data, "acme"))
 
 
-def _metrics(server: MeterlineServer) -> str:
+def _metrics(server: Server) -> str:
     response = httpx.get(
         f"{server.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
     )
@@ -106,9 +106,7 @@ def test_a_failing_webhook_endpoint_is_counted(running: Running) -> None:
     assert _sample(_metrics(running.core), retrying) == 1
 
 
-def _organization_id(
-    server: MeterlineServer, token: str, email: str, external_id: str | None = None
-) -> str:
+def _organization_id(server: Server, token: str, email: str, external_id: str | None = None) -> str:
     """The token's organization, as a new customer shows it."""
     with server.client(token) as client:
         created = client.post("/v1/customers/", json={"email": email, "external_id": external_id})

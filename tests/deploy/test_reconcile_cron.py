@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from tests.faults import forwarded, forwarding
-from tests.processes import MeterlineServer, free_port, wait_until
+from tests.processes import Server, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 DEPLOY = Path(__file__).parents[2] / "deploy"
@@ -43,7 +43,7 @@ def crontab() -> tuple[dict[str, str], str, str]:
 class Install:
     """The cron job's places, moved under `root`."""
 
-    def __init__(self, root: Path, local: MeterlineServer, upstream: MeterlineServer) -> None:
+    def __init__(self, root: Path, local: Server, upstream: Server) -> None:
         prefix = root / "opt" / "meterline"
         prefix.mkdir(parents=True)
         (prefix / "deploy").symlink_to(DEPLOY)
@@ -79,9 +79,8 @@ class Install:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
     """A local meterline holding yesterday's events, all forwarded to the upstream."""
-    inline = ("--validation-workers", "0")  # fewer processes to start
     root = tmp_path_factory.mktemp("cron")
-    with forwarding(root, [], *inline, central_args=inline) as (upstream, _, local):
+    with forwarding(root, []) as (upstream, _, local):
         noon = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
         events = [
             {
@@ -99,7 +98,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any
 
 
 def test_the_cron_line_reconciles_yesterday_on_a_fresh_install(
-    tmp_path: Path, servers: tuple[MeterlineServer, MeterlineServer]
+    tmp_path: Path, servers: tuple[Server, Server]
 ) -> None:
     install = Install(tmp_path, *servers)
     assert not install.reports.parent.exists()
@@ -118,7 +117,7 @@ def test_the_cron_line_reconciles_yesterday_on_a_fresh_install(
 
 
 def test_a_failing_run_prints_its_log_for_cron_to_mail(
-    tmp_path: Path, servers: tuple[MeterlineServer, MeterlineServer]
+    tmp_path: Path, servers: tuple[Server, Server]
 ) -> None:
     install = Install(tmp_path, *servers)
     closed = f"http://127.0.0.1:{free_port()}"

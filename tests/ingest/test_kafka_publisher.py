@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.pipeline import Oracle, Pipeline, send_until_accepted, usage_batches
 from tests.processes import new_org_token, token_cli, wait_until
+
+pytestmark = pytest.mark.slow
 
 DEADLINE = 2.0
 SLACK = 1.5  # scheduling on a shared 2-core machine
@@ -39,7 +42,7 @@ def _fire(
 
 
 def test_broker_paused_gets_503_in_time_and_retries_make_totals_exact(tmp_path: Path) -> None:
-    with Pipeline(tmp_path, deadline_seconds=DEADLINE) as pipeline:
+    with Pipeline(tmp_path, deadline_seconds=DEADLINE, processes=True) as pipeline:
         meter_id = pipeline.create_meter()
         batches = list(usage_batches(seed=5, batches=400, size=100, tag="pause"))
         answers: list[tuple[int, float]] = []
@@ -70,7 +73,7 @@ def test_broker_paused_gets_503_in_time_and_retries_make_totals_exact(tmp_path: 
 
 
 def test_broker_killed_gets_503_in_time_and_the_edge_recovers(tmp_path: Path) -> None:
-    with Pipeline(tmp_path, deadline_seconds=DEADLINE) as pipeline:
+    with Pipeline(tmp_path, deadline_seconds=DEADLINE, processes=True) as pipeline:
         batches = list(usage_batches(seed=6, batches=20, size=100, tag="kill"))
         answers: list[tuple[int, float]] = []
         with pipeline.edges[0].client(pipeline.token()) as client:
@@ -86,7 +89,7 @@ def test_broker_killed_gets_503_in_time_and_the_edge_recovers(tmp_path: Path) ->
 
 
 def test_tokens_work_on_the_edge_and_revocation_reaches_it(tmp_path: Path) -> None:
-    with Pipeline(tmp_path) as pipeline:
+    with Pipeline(tmp_path, processes=True) as pipeline:
         token = new_org_token(tmp_path, "edge-org")
         body = {"events": [{"name": "a", "external_customer_id": "c", "external_id": "t-1"}]}
         with pipeline.edges[0].client(token) as client:

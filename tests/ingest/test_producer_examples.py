@@ -18,6 +18,8 @@ import pytest
 from tests.pipeline import Pipeline
 from tests.processes import wait_until
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "docs" / "producers"
 PER_RUN = 60.0  # tokens each example sends: 10 + 20 + 30

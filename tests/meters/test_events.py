@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 import uuid
@@ -51,6 +52,7 @@ def errors_of(body: Any, *, now: int = NOW_US) -> list[FieldError]:
     return info.value.errors
 
 
+@functools.cache  # built once: see tests/strategies.py
 def batches(min_size: int = 0, max_size: int = 6) -> st.SearchStrategy[list[dict[str, Any]]]:
     return st.lists(valid_events(), min_size=min_size, max_size=max_size)
 

@@ -1,5 +1,6 @@
-"""What the SDK tests share: one real `meterline up` for the session, the recorded LLM endpoint
-and a local S3 server, and reading back what meterline stored for a customer."""
+"""What the SDK tests share: one real `meterline up` for the session (in a thread), the
+recorded LLM endpoint and a local S3 server, and reading back what meterline stored for a
+customer."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from moto.server import ThreadedMotoServer
 
 from ingest.sdk import DeliveryError
 from tests.ingest.sdk.llm_server import RecordedLLM
-from tests.processes import MeterlineServer, free_port
+from tests.inprocess import ServedCore
+from tests.processes import Server, free_port
 
 
 @pytest.fixture(scope="session")
-def meterline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeterlineServer]:
-    with MeterlineServer(tmp_path_factory.mktemp("sdk"), "--validation-workers", "0") as server:
+def meterline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedCore]:
+    with ServedCore(tmp_path_factory.mktemp("sdk")) as server:
         yield server
 
 
@@ -59,7 +61,7 @@ def customer() -> str:
     return f"sdk-{uuid.uuid4().hex[:12]}"
 
 
-def stored(server: MeterlineServer, external_customer_id: str) -> list[dict[str, Any]]:
+def stored(server: Server | ServedCore, external_customer_id: str) -> list[dict[str, Any]]:
     """Every event meterline stored for the customer, oldest first."""
     events: list[dict[str, Any]] = []
     with server.client() as client:

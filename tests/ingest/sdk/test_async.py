@@ -11,7 +11,7 @@ import pytest
 from ingest.sdk import AsyncIngestion, EventsRejected, QueueFull, SDKError, Undelivered
 from tests.faults import FaultProxy
 from tests.ingest.sdk.conftest import Reports, stored
-from tests.processes import MeterlineServer, free_port, wait_until
+from tests.processes import Server, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def event(customer: str, seq: int, **metadata: object) -> dict[str, object]:
     }
 
 
-def test_events_arrive_once_and_bad_ones_are_reported(meterline: MeterlineServer, customer: str):
+def test_events_arrive_once_and_bad_ones_are_reported(meterline: Server, customer: str):
     reports = Reports()
     proxy = FaultProxy(meterline.url, ["503", "reset"], retry_after="0")
 
@@ -54,7 +54,7 @@ def test_events_arrive_once_and_bad_ones_are_reported(meterline: MeterlineServer
     assert [e["metadata"]["seq"] for e in rejected.events] == [60]
 
 
-def test_aingest_waits_for_room_and_ingest_does_not(meterline: MeterlineServer, customer: str):
+def test_aingest_waits_for_room_and_ingest_does_not(meterline: Server, customer: str):
     proxy = FaultProxy(meterline.url, ["stall"], stall_seconds=0.5)
 
     async def main() -> None:

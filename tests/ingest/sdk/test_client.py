@@ -26,7 +26,7 @@ from ingest.sdk import (
 )
 from tests.faults import FaultProxy
 from tests.ingest.sdk.conftest import Reports, stored
-from tests.processes import MeterlineServer, free_port, wait_until
+from tests.processes import Server, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +35,11 @@ def event(customer: str, seq: int, **extra: object) -> dict[str, object]:
     return {"name": "api_call", "external_customer_id": customer, "metadata": {"seq": seq}} | extra
 
 
-def seqs(server: MeterlineServer, customer: str) -> list[int]:
+def seqs(server: Server, customer: str) -> list[int]:
     return sorted(e["metadata"]["seq"] for e in stored(server, customer))
 
 
-def test_events_arrive_once_with_their_record_time(meterline: MeterlineServer, customer: str):
+def test_events_arrive_once_with_their_record_time(meterline: Server, customer: str):
     reports = Reports()
     with Ingestion(
         meterline.token, base_url=meterline.url, flush_interval=30, on_error=reports
@@ -65,7 +65,7 @@ def test_events_arrive_once_with_their_record_time(meterline: MeterlineServer, c
     assert ingestion.stats().delivered == 6
 
 
-def test_batches_are_cut_by_count_bytes_and_linger(meterline: MeterlineServer, customer: str):
+def test_batches_are_cut_by_count_bytes_and_linger(meterline: Server, customer: str):
     proxy = FaultProxy(meterline.url, [])
     try:
         with Ingestion(
@@ -101,7 +101,7 @@ def test_batches_are_cut_by_count_bytes_and_linger(meterline: MeterlineServer, c
 
 
 def test_a_full_queue_raises_or_blocks_and_ingest_never_waits_for_the_network(
-    meterline: MeterlineServer, customer: str
+    meterline: Server, customer: str
 ):
     # Every request stalls for 0.6 s (a slow server): the one sender is busy, the queue fills.
     proxy = FaultProxy(meterline.url, ["stall"] * 30, stall_seconds=0.6)
@@ -149,7 +149,7 @@ def test_a_full_queue_raises_or_blocks_and_ingest_never_waits_for_the_network(
     assert seqs(meterline, customer) == [*range(10), *range(100, 110), *range(200, 211)]
 
 
-def test_retries_honour_retry_after_and_count_once(meterline: MeterlineServer, customer: str):
+def test_retries_honour_retry_after_and_count_once(meterline: Server, customer: str):
     proxy = FaultProxy(meterline.url, ["503", "429", "500", "reset"], retry_after="1")
     try:
         with Ingestion(meterline.token, base_url=proxy.url, flush_interval=0) as ingestion:
@@ -165,7 +165,7 @@ def test_retries_honour_retry_after_and_count_once(meterline: MeterlineServer, c
     assert seqs(meterline, customer) == list(range(20))  # the reset one arrived, once
 
 
-def test_a_422_drops_only_the_events_it_names(meterline: MeterlineServer, customer: str):
+def test_a_422_drops_only_the_events_it_names(meterline: Server, customer: str):
     reports = Reports()
     proxy = FaultProxy(meterline.url, [])
     bad = {
@@ -194,7 +194,7 @@ def test_a_422_drops_only_the_events_it_names(meterline: MeterlineServer, custom
     assert seqs(meterline, customer) == [0, 1, 2, 4, 5, 6, 8, 9]
 
 
-def test_a_body_over_the_server_limit_is_split(meterline: MeterlineServer, customer: str):
+def test_a_body_over_the_server_limit_is_split(meterline: Server, customer: str):
     # ~12 MiB in one batch: meterline answers 413 (10 MiB), the client sends halves.
     pad = {f"k{j}": "y" * 500 for j in range(9)}
     proxy = FaultProxy(meterline.url, [])
@@ -218,7 +218,7 @@ def test_a_body_over_the_server_limit_is_split(meterline: MeterlineServer, custo
         assert client.get("/v1/events/", params=params).json()["pagination"]["total_count"] == 2700
 
 
-def test_what_no_retry_can_fix_is_reported(meterline: MeterlineServer, customer: str):
+def test_what_no_retry_can_fix_is_reported(meterline: Server, customer: str):
     reports = Reports()
     proxy = FaultProxy(meterline.url, [])
     try:
@@ -294,7 +294,7 @@ asyncio.run(main())  # the loop ends with the async client's events still queued
 """
 
 
-def test_events_are_delivered_at_interpreter_exit(meterline: MeterlineServer, customer: str):
+def test_events_are_delivered_at_interpreter_exit(meterline: Server, customer: str):
     done = subprocess.run(
         [sys.executable, "-c", EXIT_SCRIPT, meterline.url, meterline.token or "", customer],
         capture_output=True,

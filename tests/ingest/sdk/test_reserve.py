@@ -14,7 +14,7 @@ import pytest
 from ingest.sdk import HoldFailed, Ingestion, InsufficientBalance
 from ingest.sdk.strategies import LLMStrategy
 from tests.ingest.sdk.llm_server import RecordedLLM
-from tests.processes import MeterlineServer
+from tests.processes import Server
 
 pytestmark = pytest.mark.slow
 ASK = [{"role": "user", "content": "What is usage-based billing?"}]
@@ -23,7 +23,7 @@ ASK = [{"role": "user", "content": "What is usage-based billing?"}]
 class Ledger:
     """A meter summing `_llm.total_tokens` of `llm` events, and a customer credited `units`."""
 
-    def __init__(self, server: MeterlineServer, customer: str, units: int) -> None:
+    def __init__(self, server: Server, customer: str, units: int) -> None:
         self.http = server.client()
         self.customer = customer
         clause = {"property": "name", "operator": "eq", "value": "llm"}
@@ -55,7 +55,7 @@ class Ledger:
 
 
 def test_a_call_holds_then_its_usage_settles_the_hold(
-    meterline: MeterlineServer, llm: RecordedLLM, customer: str
+    meterline: Server, llm: RecordedLLM, customer: str
 ) -> None:
     ledger = Ledger(meterline, customer, 2000)
     with Ingestion(meterline.token, base_url=meterline.url, flush_interval=60) as ingestion:
@@ -74,7 +74,7 @@ def test_a_call_holds_then_its_usage_settles_the_hold(
 
 
 def test_a_refused_hold_never_calls_the_model(
-    meterline: MeterlineServer, llm: RecordedLLM, customer: str
+    meterline: Server, llm: RecordedLLM, customer: str
 ) -> None:
     ledger = Ledger(meterline, customer, 100)
     with Ingestion(meterline.token, base_url=meterline.url, flush_interval=60) as ingestion:
@@ -96,7 +96,7 @@ def test_a_refused_hold_never_calls_the_model(
 
 
 def test_async_calls_hold_and_a_failed_call_releases(
-    meterline: MeterlineServer, llm: RecordedLLM, customer: str
+    meterline: Server, llm: RecordedLLM, customer: str
 ) -> None:
     ledger = Ledger(meterline, customer, 5000)
     with Ingestion(meterline.token, base_url=meterline.url, flush_interval=60) as ingestion:

@@ -32,19 +32,19 @@ from ingest.sdk.strategies import (
 )
 from tests.ingest.sdk.conftest import Reports, stored
 from tests.ingest.sdk.llm_server import RecordedLLM
-from tests.processes import MeterlineServer
+from tests.processes import Server
 
 pytestmark = pytest.mark.slow
 ANTHROPIC_MODEL = "claude-haiku-4-5-20251001"
 
 
 @pytest.fixture
-def ingestion(meterline: MeterlineServer) -> Iterator[Ingestion]:
+def ingestion(meterline: Server) -> Iterator[Ingestion]:
     with Ingestion(meterline.token, base_url=meterline.url, flush_interval=60) as client:
         yield client
 
 
-def metadata_by_step(server: MeterlineServer, customer: str) -> list[dict[str, Any]]:
+def metadata_by_step(server: Server, customer: str) -> list[dict[str, Any]]:
     """The stored metadata of the customer's events, ordered by their `step` (and without it)."""
     events = stored(server, customer)
     for e in events:
@@ -107,7 +107,7 @@ ASK = [{"role": "user", "content": "What is usage-based billing?"}]
 
 
 def test_llm_openai_sync_with_streams(
-    meterline: MeterlineServer, llm: RecordedLLM, ingestion: Ingestion, customer: str
+    meterline: Server, llm: RecordedLLM, ingestion: Ingestion, customer: str
 ):
     strategy = ingestion.strategy(LLMStrategy, "llm", app="demo")
     client = strategy.wrap(
@@ -137,9 +137,7 @@ def test_llm_openai_sync_with_streams(
     )
 
 
-def test_llm_openai_async(
-    meterline: MeterlineServer, llm: RecordedLLM, ingestion: Ingestion, customer: str
-):
+def test_llm_openai_async(meterline: Server, llm: RecordedLLM, ingestion: Ingestion, customer: str):
     strategy = ingestion.strategy(LLMStrategy, "llm")
 
     async def main() -> None:
@@ -166,9 +164,7 @@ def test_llm_openai_async(
     assert metadata_by_step(meterline, customer) == [CHAT, CHAT_STREAM, RESPONSES_STREAM]
 
 
-def test_llm_anthropic(
-    meterline: MeterlineServer, llm: RecordedLLM, ingestion: Ingestion, customer: str
-):
+def test_llm_anthropic(meterline: Server, llm: RecordedLLM, ingestion: Ingestion, customer: str):
     strategy = ingestion.strategy(LLMStrategy, "llm")
     sync = anthropic.Anthropic(api_key="k", base_url=llm.url)
     client = strategy.wrap(sync, external_customer_id=customer, step=0)
@@ -197,9 +193,7 @@ def test_llm_anthropic(
     assert metadata_by_step(meterline, customer) == [MESSAGES, MESSAGES_STREAM, MESSAGES_STREAM]
 
 
-def test_llm_cost_and_what_a_failing_cost_does(
-    meterline: MeterlineServer, llm: RecordedLLM, customer: str
-):
+def test_llm_cost_and_what_a_failing_cost_does(meterline: Server, llm: RecordedLLM, customer: str):
     reports = Reports()
     with Ingestion(
         meterline.token, base_url=meterline.url, flush_interval=60, on_error=reports
@@ -226,7 +220,7 @@ def test_llm_cost_and_what_a_failing_cost_does(
 
 
 def test_pydantic_ai_agent_run(
-    meterline: MeterlineServer, llm: RecordedLLM, ingestion: Ingestion, customer: str
+    meterline: Server, llm: RecordedLLM, ingestion: Ingestion, customer: str
 ):
     model = OpenAIChatModel(
         "gpt-4o-mini", provider=OpenAIProvider(base_url=f"{llm.url}/v1", api_key="k")
@@ -256,7 +250,7 @@ def test_pydantic_ai_agent_run(
 
 
 def test_s3_uploads(
-    meterline: MeterlineServer, s3_client: Any, ingestion: Ingestion, customer: str, tmp_path: Path
+    meterline: Server, s3_client: Any, ingestion: Ingestion, customer: str, tmp_path: Path
 ):
     raw = s3_client
     raw.create_bucket(Bucket="media")
@@ -320,7 +314,7 @@ def test_s3_uploads(
     assert stored(meterline, "someone else") == []
 
 
-def test_streams(meterline: MeterlineServer, ingestion: Ingestion, customer: str):
+def test_streams(meterline: Server, ingestion: Ingestion, customer: str):
     strategy = ingestion.strategy(StreamStrategy, "stream.bytes")
 
     def wrap(stream: Any, step: int) -> Any:
@@ -351,7 +345,7 @@ def test_streams(meterline: MeterlineServer, ingestion: Ingestion, customer: str
     ]
 
 
-def test_delta_time(meterline: MeterlineServer, ingestion: Ingestion, customer: str):
+def test_delta_time(meterline: Server, ingestion: Ingestion, customer: str):
     ticks = iter([10.0, 10.5, 20.0, 21.25, 30.0, 33.0, 40.0, 40.125, 50.0, 50.75])
     timer = ingestion.strategy(DeltaTimeStrategy, "compute").clock(lambda: next(ticks))
     with timer.measure(external_customer_id=customer, step=0):

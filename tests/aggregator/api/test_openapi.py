@@ -1,0 +1,278 @@
+"""`GET /openapi.json` is a valid OpenAPI 3.1 document of exactly the routes `build_app` serves
+(in process, on a real store), and every operation's real answers have a status it declares and
+a body its schema for that status accepts, objects closed (a key the shape does not declare
+fails); `/docs` renders the document with nothing fetched from elsewhere."""
+
+from __future__ import annotations
+
+import copy
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import OpenAPIV31SpecValidator, validate
+from starlette.schemas import BaseSchemaGenerator
+
+from aggregator.upstream.webhook_sender import WebhookSettings
+from ingest.http import IngestEvent, IngestSettings, edge_app
+from meters.events import EVENT_FIELDS
+from tests.inprocess import InProcessCore
+
+NOW = datetime.now(UTC)
+WINDOW = {
+    "start_timestamp": (NOW - timedelta(days=10)).isoformat(),
+    "end_timestamp": (NOW + timedelta(days=1)).isoformat(),
+    "interval": "day",
+}
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessCore]:
+    running = InProcessCore(tmp_path_factory.mktemp("openapi"))
+    # A webhook endpoint on loopback, without resolving a name (no sender runs here).
+    running.settings = replace(running.settings, webhooks=WebhookSettings(allow_private=True))
+    with running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def doc(core: InProcessCore) -> dict[str, Any]:
+    response = core.request("GET", "/openapi.json")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    document: dict[str, Any] = response.json()
+    return document
+
+
+def endpoints(routes: Any) -> set[tuple[str, str]]:
+    """(method, path) of every route in the schema, as Starlette lists them (mounts included,
+    converters dropped, HEAD left out)."""
+    return {(e.http_method, e.path) for e in BaseSchemaGenerator().get_endpoints(routes)}
+
+
+def operations(doc: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(method, path) for path, item in doc["paths"].items() for method in item}
+
+
+@pytest.mark.slow
+def test_the_document_is_valid_openapi_3_1(doc: dict[str, Any]) -> None:
+    assert doc["openapi"].startswith("3.1.")
+    validate(doc, cls=OpenAPIV31SpecValidator)
+
+
+def test_every_route_served_is_documented_and_every_operation_is_served(
+    core: InProcessCore, doc: dict[str, Any]
+) -> None:
+    served, documented = endpoints(core.app.routes), operations(doc)
+    assert served - documented == set(), "served without a declaration (openapi.ApiRoute)"
+    assert documented - served == set(), "documented but not served"
+    # Pages about the API are not part of it.
+    assert {("get", "/openapi.json"), ("get", "/docs")}.isdisjoint(served)
+
+
+def test_the_ingest_edge_serves_a_subset_of_the_operations(doc: dict[str, Any]) -> None:
+    # Only the routes are read: neither the publisher nor the token check is ever called.
+    app = edge_app(None, lambda token: None, IngestSettings(), None)  # type: ignore[arg-type]
+    assert endpoints(app.routes) <= operations(doc)
+
+
+def test_the_ingested_event_shape_has_the_validators_fields() -> None:
+    refused = {"organization_id", "member_id"}  # accepted only to be refused with a reason
+    assert set(IngestEvent.__annotations__) == EVENT_FIELDS - refused
+
+
+def test_the_docs_page_renders_the_document_from_the_page_alone(core: InProcessCore) -> None:
+    response = core.request("GET", "/docs")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert 'fetch("openapi.json")' in page
+    assert re.search(r"https?://|src=|@import", page) is None, "loads something from elsewhere"
+
+
+def _closed(schema: Any) -> Any:
+    """`schema` with every object that lists its properties refusing any other."""
+    if isinstance(schema, dict):
+        found = {k: _closed(v) for k, v in schema.items()}
+        if "properties" in found:
+            found.setdefault("additionalProperties", False)
+        return found
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
+
+
+class Checked:
+    """Requests to the core, each answer held to the document: a declared status, and a body
+    that status's schema accepts. Remembers which operations were called."""
+
+    def __init__(self, core: InProcessCore, doc: dict[str, Any]) -> None:
+        self.core = core
+        self.doc = doc
+        self.components = _closed(copy.deepcopy(doc["components"]))
+        self.called: set[tuple[str, str]] = set()
+
+    def __call__(
+        self,
+        method: str,
+        template: str,
+        expect: int,
+        path: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        response = self.core.request(method, template.format(**(path or {})), **kwargs)
+        assert response.status_code == expect, (method, template, response.text)
+        declared = self.doc["paths"][template][method.lower()]["responses"].get(str(expect))
+        assert declared is not None, f"{method} {template}: {expect} is not declared"
+        self.called.add((method.lower(), template))
+        if "$ref" in declared:
+            declared = self.doc["components"]["responses"][declared["$ref"].split("/")[-1]]
+        return self._body(response, declared.get("content", {}))
+
+    def _body(self, response: httpx.Response, content: dict[str, Any]) -> Any:
+        if not content:
+            assert response.content == b""
+            return None
+        ((media_type, spec),) = content.items()
+        assert response.headers["content-type"].startswith(media_type)
+        if media_type != "application/json":
+            return response.text
+        body = response.json()
+        schema = {**spec["schema"], "components": self.components}
+        Draft202012Validator(schema).validate(body)
+        return body
+
+
+def test_every_operation_answers_as_documented(core: InProcessCore, doc: dict[str, Any]) -> None:
+    check = Checked(core, doc)
+    ids = _seed(check)
+    _read_everything(check, doc, ids)
+    _write_and_refuse(check, ids)
+    assert check.called == operations(doc)
+
+
+def _seed(check: Checked) -> dict[str, str]:
+    """One of everything a path can name, each created through its documented operation."""
+    meter = check(
+        "POST",
+        "/v1/meters/",
+        201,
+        json={
+            "name": "calls",
+            "filter": {"conjunction": "and", "clauses": []},
+            "aggregation": {"func": "sum", "property": "tokens"},
+        },
+    )
+    customer = check("POST", "/v1/customers/", 201, json={"email": "a@b.co", "external_id": "c1"})
+    events = [{"name": "call", "external_customer_id": "c1", "metadata": {"tokens": 3}}]
+    check("POST", "/v1/events/ingest", 200, json={"events": events})
+    check("POST", "/v1/events/ingest", 422, json={"events": [{"name": ""}]})
+    cloudevent = {"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "c1"}
+    check("POST", "/api/v1/events", 204, json=cloudevent)
+    ref = {"meter_id": meter["id"], "customer_id": customer["id"]}
+    check("POST", "/v1/meter-resets/", 201, json={**ref, "external_id": "r1"})
+    credit = {**ref, "external_id": "k1", "units": 100}
+    applied = check("POST", "/v1/meter-credits/", 201, json=credit)
+    assert check("POST", "/v1/meter-credits/", 200, json=credit)["replayed"]
+    check("POST", "/v1/meter-credits/", 409, json={**credit, "units": 5})
+    plan = {**ref, "external_id": "p1", "units": 10, "interval": "month"}
+    hold = {**ref, "external_id": "h1", "units": 1}
+    check("POST", "/v1/meter-holds/", 409, json={**hold, "external_id": "h2", "units": 10**6})
+    alert = {**ref, "external_id": "a1", "metric": "balance", "operator": "lte", "threshold": 0}
+    endpoint = {"url": "http://127.0.0.1:9/hook", "format": "raw", "events": ["meter.alert"]}
+    session = {"customer_id": customer["id"]}
+    core = check.core
+    core.settle()
+    types = core.request("GET", "/v1/event-types/").json()["items"]
+    return {
+        "meter": meter["id"],
+        "customer": customer["id"],
+        "organization": meter["organization_id"],
+        "customer_meter": applied["customer_meter"]["id"],
+        "event": core.request("GET", "/v1/events/").json()["items"][0]["id"],
+        "event_type": next(t["id"] for t in types if t["name"] == "call"),
+        "plan": check("POST", "/v1/credit-plans/", 201, json=plan)["id"],
+        "hold": check("POST", "/v1/meter-holds/", 201, json=hold)["id"],
+        "alert": check("POST", "/v1/meter-alerts/", 201, json=alert)["id"],
+        "endpoint": check("POST", "/v1/webhooks/endpoints", 201, json=endpoint)["id"],
+        "session": check("POST", "/v1/customer-sessions/", 201, json=session)["token"],
+        "unknown": str(uuid.uuid4()),
+    }
+
+
+# Which stored thing a path's `{id}` names, by the path's start (the first that matches).
+NAMED = [
+    ("/v1/customer-portal/meters/", "customer_meter"),
+    ("/v1/customer-meters/", "customer_meter"),
+    ("/v1/customers/", "customer"),
+    ("/v1/meters/", "meter"),
+    ("/v1/events/", "event"),
+    ("/v1/event-types/", "event_type"),
+    ("/v1/credit-plans/", "plan"),
+    ("/v1/meter-holds/", "hold"),
+    ("/v1/meter-alerts/", "alert"),
+    ("/v1/webhooks/endpoints/", "endpoint"),
+    ("/v1/webhooks/events/", "unknown"),
+    ("/v1/organizations/", "organization"),
+]
+
+
+def _path(template: str, ids: dict[str, str]) -> dict[str, str]:
+    named = next((ids[kind] for start, kind in NAMED if template.startswith(start)), "")
+    return {"id": named, "external_id": "c1", "seq": "1"}
+
+
+def _read_everything(check: Checked, doc: dict[str, Any], ids: dict[str, str]) -> None:
+    """Every GET operation, with its required parameters and the seeded ids."""
+    values = {**WINDOW, "meter_id": ids["meter"]}
+    for template, item in doc["paths"].items():
+        if "get" not in item:
+            continue
+        operation = item["get"]
+        query = {
+            p["name"]: values[p["name"]]
+            for p in operation.get("parameters", ())
+            if p["in"] == "query" and p.get("required")
+        }
+        if template == "/v1/customer-meters/check":
+            query["customer_id"] = ids["customer"]
+        portal = operation["security"] == [{"customer_session": []}]
+        headers = {"Authorization": f"Bearer {ids['session']}"} if portal else {}
+        # This organization's events are not forwarded; an app built without a live feed
+        # serves no stream (one would never end).
+        streams = "text/event-stream" in operation["responses"]["200"].get("content", {})
+        expect = 404 if template.startswith("/v1/forwarder/") or streams else 200
+        check("GET", template, expect, _path(template, ids), params=query, headers=headers)
+
+
+def _write_and_refuse(check: Checked, ids: dict[str, str]) -> None:
+    """The other writes, and the refusals every route shares."""
+    one = {"id": ids["unknown"]}
+    check("GET", "/v1/meters/{id}", 404, one)
+    check("GET", "/v1/meters/", 422, params={"limit": 0})
+    check("GET", "/v1/meters/", 401, headers={"Authorization": "Bearer nope"})
+    check("GET", "/v1/meters/", 401, headers={"Authorization": ""})
+    check("GET", "/v1/customer-portal/meters/", 401)  # an organization's token
+    check("PATCH", "/v1/meters/{id}", 200, {"id": ids["meter"]}, json={"name": "calls 2"})
+    check("PATCH", "/v1/customers/{id}", 200, {"id": ids["customer"]}, json={"name": "Ada"})
+    check("PATCH", "/v1/customers/external/{external_id}", 200, {"external_id": "c1"}, json={})
+    check("PATCH", "/v1/event-types/{id}", 200, {"id": ids["event_type"]}, json={"label": "Call"})
+    endpoint = {"id": ids["endpoint"]}
+    check("PATCH", "/v1/webhooks/endpoints/{id}", 200, endpoint, json={"name": "hook"})
+    check("PATCH", "/v1/webhooks/endpoints/{id}/secret", 200, endpoint)
+    check("POST", "/v1/webhooks/events/{id}/redeliver", 404, one)
+    check("POST", "/v1/forwarder/resend", 404, json={"event_ids": []})
+    check("POST", "/v1/forwarder/quarantine/{seq}/resend", 404, {"seq": "1"})
+    check("DELETE", "/v1/meter-holds/{id}", 200, {"id": ids["hold"]})
+    check("DELETE", "/v1/meter-alerts/{id}", 204, {"id": ids["alert"]})
+    check("DELETE", "/v1/credit-plans/{id}", 204, {"id": ids["plan"]})
+    check("DELETE", "/v1/webhooks/endpoints/{id}", 204, endpoint)
+    check("POST", "/v1/customers/", 201, json={"email": "b@b.co", "external_id": "c2"})
+    check("DELETE", "/v1/customers/external/{external_id}", 204, {"external_id": "c2"})
+    check("DELETE", "/v1/customers/{id}", 204, {"id": ids["customer"]})

@@ -1,0 +1,94 @@
+"""`meterline dead-letters list|show|replay` against a real broker and a Kafka-mode core: a
+record refused for an unknown customer is listed, shown, and replayed with a corrected value;
+replayed twice, it is applied once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from tests.pipeline import Pipeline
+from tests.processes import wait_until
+
+pytestmark = pytest.mark.slow
+
+APPLIED = "meterline_consumer_organization_applied_events_total"
+
+
+def _cli(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aggregator.cli", "dead-letters", *args],
+        env={**os.environ, "METERLINE_KAFKA": pipeline.broker.bootstrap},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _applied(pipeline: Pipeline, organization_id: str) -> int:
+    assert pipeline.core is not None
+    text = httpx.get(f"{pipeline.core.url}/metrics", timeout=10).text
+    found = re.search(rf'^{APPLIED}{{organization_id="{organization_id}"}} (\d+)$', text, re.M)
+    return int(found.group(1)) if found else 0
+
+
+async def _produce(bootstrap: str, value: dict[str, object]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait("meterline.events", json.dumps(value).encode())
+    finally:
+        await producer.stop()
+
+
+def test_list_show_and_replay_twice_applies_once(tmp_path: Path) -> None:
+    with Pipeline(tmp_path, edges=0) as pipeline:
+        org = pipeline.organization_id()
+        meter = pipeline.create_meter()
+        refused = {
+            "organization_id": org,
+            "name": "api_call",
+            "customer_id": "5b0c3d34-2f0c-4d54-8d33-9a0c0b6f0d12",  # no such customer
+            "external_id": "replayed-1",
+            "metadata": {"tokens": 7},
+        }
+        asyncio.run(_produce(pipeline.broker.bootstrap, refused))
+        wait_until(lambda: _cli(pipeline, "list", "--organization", org).returncode == 0, 30)
+        listed = _cli(pipeline, "list", "--organization", org, "--reason", "Customer not found")
+        assert listed.returncode == 0, listed.stderr
+        (line,) = listed.stdout.splitlines()
+        where = line.split()[0]
+        assert org in line and "customer_id: Customer not found." in line
+        assert _cli(pipeline, "list", "--reason", "no such reason").returncode == 1
+
+        shown = _cli(pipeline, "show", where)
+        assert json.loads(shown.stdout) == refused
+        assert "meterline.reason: customer_id: Customer not found." in shown.stderr
+
+        fixed = {**refused, "external_customer_id": "cust_1"}
+        del fixed["customer_id"]
+        (tmp_path / "fixed.json").write_text(json.dumps(fixed))
+        before = _applied(pipeline, org)
+        for n in (1, 2):  # twice: deduplicated by external_id at the core
+            done = _cli(
+                pipeline,
+                "replay",
+                where,
+                "--value-file",
+                str(tmp_path / "fixed.json"),
+                "--no-idempotence",
+            )
+            assert done.returncode == 0, done.stderr
+            wait_until(lambda n=n: _applied(pipeline, org) == before + n, 30)
+        assert pipeline.quantity(meter) == 7
+        assert pipeline.stored_events() == 1

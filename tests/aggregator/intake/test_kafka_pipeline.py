@@ -1,0 +1,351 @@
+"""The Kafka pipeline end to end, with real processes: Tansu broker, ingest edges, core.
+
+The oracle is a plain-Python fold over the events sent (`tests.pipeline.Oracle`)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from meters import columnar
+from meters.events import COLUMNS, Event, EventRules, parse_ingest_body, to_table
+from meters.records import key_prefixes, record_key, record_value
+from meters.times import now_us
+from tests.pipeline import (
+    Headers,
+    Oracle,
+    Pipeline,
+    dead_letters,
+    produce_raw,
+    send_until_accepted,
+    usage_batches,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _assert_matches_fold(pipeline: Pipeline, meter_id: str, oracle: Oracle) -> None:
+    pipeline.wait_for_events(len(oracle.events))
+    expected = oracle.tokens_by_customer()
+    for customer, tokens in expected.items():
+        assert pipeline.quantity(meter_id, external_customer_id=customer) == tokens, customer
+    assert pipeline.quantity(meter_id) == sum(expected.values())
+
+
+def test_events_through_two_edges_equal_the_fold(tmp_path: Path) -> None:
+    with Pipeline(tmp_path, edges=2, workers=1) as pipeline:
+        meter_id = pipeline.create_meter()
+        oracle = Oracle()
+        clients = [edge.client(pipeline.token()) for edge in pipeline.edges]
+        for i, batch in enumerate(usage_batches(seed=11, batches=20, size=200, tag="two")):
+            response = clients[i % 2].post("/v1/events/ingest", json={"events": batch})
+            assert response.status_code == 200, response.text
+            oracle.add(batch)
+        for client in clients:
+            client.close()
+        _assert_matches_fold(pipeline, meter_id, oracle)
+
+
+@pytest.mark.parametrize("seed", [101, 202, 303])
+def test_core_killed_at_random_points_loses_and_doubles_nothing(tmp_path: Path, seed: int) -> None:
+    print(f"seed {seed}")  # the kill times follow from it
+    rng = random.Random(seed)
+    with Pipeline(tmp_path, edges=1, processes=True) as pipeline:
+        meter_id = pipeline.create_meter()
+        oracle = Oracle()
+        batches = list(usage_batches(seed=seed, batches=40, size=250, tag=f"kill{seed}"))
+        done = threading.Event()
+
+        def load() -> None:
+            with pipeline.edges[0].client(pipeline.token()) as client:
+                for batch in batches:
+                    send_until_accepted(client, batch)
+                    oracle.add(batch)
+                    time.sleep(0.02)
+            done.set()
+
+        sender = threading.Thread(target=load)
+        sender.start()
+        kills = 0
+        while not done.is_set() and kills < 3:
+            time.sleep(rng.uniform(0.3, 1.5))
+            pipeline.restart_core()  # SIGKILL, then a new process on the same data dir
+            kills += 1
+        sender.join(120)
+        assert done.is_set() and kills >= 1
+        _assert_matches_fold(pipeline, meter_id, oracle)
+
+
+def test_poison_records_are_dead_lettered_and_the_partition_moves_on(tmp_path: Path) -> None:
+    with Pipeline(tmp_path, partitions=1) as pipeline:
+        meter_id = pipeline.create_meter()
+        assert pipeline.core is not None
+        org = pipeline.organization_id()
+        good = {"organization_id": org, "name": "call", "external_customer_id": "c1"}
+        poison: list[bytes | None] = [
+            b"{not json",
+            b"[]",
+            orjson.dumps({**good, "organization_id": "5b0c3d34-2f0c-4d54-8d33-9a0c0b6f0d11"}),
+            orjson.dumps({**good, "name": ""}),
+            orjson.dumps(
+                {
+                    "organization_id": org,
+                    "name": "call",
+                    "customer_id": "5b0c3d34-2f0c-4d54-8d33-9a0c0b6f0d12",
+                }
+            ),
+            orjson.dumps({**good, "metadata": {"tokens": 1, "pad": "x" * 2_000_000}}),
+            None,
+        ]
+        valid = [
+            orjson.dumps({**good, "external_id": f"ok-{i}", "metadata": {"tokens": i}})
+            for i in range(1, 6)
+        ]
+        dead = asyncio.run(_produce_and_read_dead_letters(pipeline, [*poison, *valid], 7))
+        assert [d[0] for d in dead] == list(range(7))  # each poison record, by offset
+        reasons = [d[1] for d in dead]
+        assert reasons[0].startswith("value: not JSON")
+        assert reasons[1] == "value: not a JSON object"
+        assert reasons[2] == "organization_id: no such organization"
+        assert reasons[3].startswith("name:")
+        assert reasons[4] == "customer_id: Customer not found."
+        assert "byte limit" in reasons[5]
+        assert reasons[6].startswith("value: missing")
+        pipeline.wait_for_events(5)
+        assert pipeline.quantity(meter_id) == 15
+
+
+def test_poison_columnar_records_go_whole_or_row_by_row(tmp_path: Path) -> None:
+    """A columnar record that cannot be read goes to the dead-letter topic whole; a row that
+    breaks a rule goes alone, as a JSON record, and the record's other rows apply."""
+    with Pipeline(tmp_path, partitions=1) as pipeline:
+        meter_id = pipeline.create_meter()
+        org = pipeline.organization_id()
+        now = now_us()
+
+        def rows(*tokens: int) -> pa.Table:
+            return to_table(
+                [
+                    Event(
+                        "call", now - 1000, None, "c1", f"col-{t}", None, None, {"tokens": t}, None
+                    )
+                    for t in tokens
+                ]
+            )
+
+        def record(events: pa.Table, organization: str = org) -> columnar.Record:
+            encoded = columnar.encode(events, organization, now, partitions=1)
+            assert len(encoded.records) == 1
+            return encoded.records[0]
+
+        one_bad_row = rows(1, 2, 3).to_pylist()
+        one_bad_row[1]["metadata"] = '{"a.b": 1}'
+        unknown_customer = rows(4).to_pylist()
+        unknown_customer[0].update(
+            external_customer_id=None, customer_id="5b0c3d34-2f0c-4d54-8d33-9a0c0b6f0d12"
+        )
+        truncated = record(rows(100))
+        other_schema = record(rows(100))
+        other_version = record(rows(100))
+        records = [
+            truncated,
+            other_schema,
+            other_version,
+            record(rows(100), "5b0c3d34-2f0c-4d54-8d33-9a0c0b6f0d11"),  # no such organization
+            record(pa.Table.from_pylist(one_bad_row, schema=COLUMNS)),
+            record(pa.Table.from_pylist(unknown_customer, schema=COLUMNS)),
+            record(rows(5, 6)),
+        ]
+        values: list[bytes | None] = [r.value for r in records]
+        headers = [r.headers for r in records]
+        values[0] = truncated.value[:-20]
+        values[1] = _other_schema()
+        headers[1] = [
+            (k, str(len(values[1] or b"")).encode() if k == columnar.H_SIZE else v)
+            for k, v in [*other_schema.headers]
+            if k != columnar.H_COMPRESSION
+        ] + [(columnar.H_COMPRESSION, b"none")]
+        headers[2] = [(k, b"2" if k == columnar.H_SCHEMA else v) for k, v in other_version.headers]
+        dead = asyncio.run(_produce_and_read_dead_letters(pipeline, values, 6, headers))
+        assert [offset for offset, _ in dead] == [0, 1, 2, 3, 4, 5]
+        reasons = [reason for _, reason in dead]
+        assert reasons[0].startswith("value: not a readable zstd Arrow IPC stream")
+        assert reasons[1].startswith("value: schema is not version 1's")
+        assert reasons[2].startswith("meterline.schema: version b'2'")
+        assert reasons[3] == "row 0: organization_id: no such organization"
+        assert reasons[4].startswith('row 1: metadata: a key is empty, too long or holds a "."')
+        assert reasons[5] == "row 0: customer_id: Customer not found."
+        pipeline.wait_for_events(4)
+        assert pipeline.quantity(meter_id) == 1 + 3 + 5 + 6
+
+
+def test_a_topic_of_json_records_then_columnar_records_applies_both(tmp_path: Path) -> None:
+    """An upgrade: the topic holds what the previous edges wrote (one JSON record per event,
+    `meters.records`) when edges that write columnar records start; the core applies both, the
+    older first, and an external_id sent in both formats counts once."""
+    with Pipeline(tmp_path, partitions=2) as pipeline:
+        meter_id = pipeline.create_meter()
+        org = pipeline.organization_id()
+        old = [
+            {
+                "name": "call",
+                "external_customer_id": f"c{i % 3}",
+                "external_id": f"e-{i}",
+                "metadata": {"tokens": i},
+            }
+            for i in range(1, 21)
+        ]
+        received = now_us()
+        parsed = parse_ingest_body({"events": old}, now=received, rules=EventRules())
+        asyncio.run(_produce_json(pipeline, org, parsed, received))
+        new = [
+            {
+                "name": "call",
+                "external_customer_id": f"c{i % 3}",
+                "external_id": f"e-{i}",
+                "metadata": {"tokens": i},
+            }
+            for i in range(15, 41)  # 15..20 repeat old external_ids
+        ]
+        with pipeline.edges[0].client(pipeline.token()) as client:
+            response = client.post("/v1/events/ingest", json={"events": new})
+            assert response.status_code == 200, response.text
+        pipeline.wait_for_events(40)
+        assert pipeline.quantity(meter_id) == sum(range(1, 41))
+
+
+async def _produce_json(
+    pipeline: Pipeline, organization_id: str, events: list[Event], received: int
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=pipeline.broker.bootstrap)
+    await producer.start()
+    try:
+        for event in events:
+            key = record_key(organization_id, event)
+            await producer.send_and_wait(
+                "meterline.events",
+                record_value(event, organization_id, received),
+                key=key,
+                partition=columnar.partition_of(key, 2),
+            )
+    finally:
+        await producer.stop()
+
+
+def _other_schema() -> bytes:
+    sink = pa.BufferOutputStream()
+    table = pa.table({"name": ["call"], "tokens": [1]})
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue())
+
+
+def test_an_event_dated_30_days_ago_is_applied(tmp_path: Path) -> None:
+    with Pipeline(tmp_path) as pipeline:
+        meter_id = pipeline.create_meter()
+        day = (datetime.now(UTC) - timedelta(days=30)).replace(hour=12, minute=0, second=0)
+        event = {
+            "name": "late",
+            "external_customer_id": "c1",
+            "external_id": "late-1",
+            "timestamp": day.isoformat(),
+            "metadata": {"tokens": 42},
+        }
+        with pipeline.edges[0].client(pipeline.token()) as client:
+            assert client.post("/v1/events/ingest", json={"events": [event]}).status_code == 200
+        pipeline.wait_for_events(1)
+        window = {
+            "start_timestamp": day.replace(hour=0).isoformat(),
+            "end_timestamp": day.replace(hour=23, minute=59).isoformat(),
+            "interval": "day",
+        }
+        assert pipeline.quantity(meter_id, **window) == 42
+
+
+async def _produce_and_read_dead_letters(
+    pipeline: Pipeline,
+    values: list[bytes | None],
+    expected: int,
+    headers: list[Headers] | None = None,
+) -> list[tuple[int, str]]:
+    """Write `values` (with `headers`) straight to the events topic, then read the dead-letter
+    topic: (original offset, reason) of each dead letter; a columnar record's dead row reads
+    (offset, "row N: reason")."""
+    bootstrap = pipeline.broker.bootstrap
+    await produce_raw(bootstrap, [(headers[i] if headers else [], v) for i, v in enumerate(values)])
+    found = []
+    for header, value in await dead_letters(bootstrap, expected):
+        reason = header["meterline.reason"]
+        if "meterline.row" in header:
+            reason = f"row {header['meterline.row']}: {reason}"
+            assert orjson.loads(value)["name"]  # the row, as a JSON record
+        found.append((int(header["meterline.offset"]), reason))
+    return sorted(found)
+
+
+def test_the_readme_columnar_producer_works_as_written(tmp_path: Path) -> None:
+    """The README's columnar producer (the SDK's helper), run as pasted but for the broker
+    address and the organization id. Its JSON producers are run from the files it shows, by
+    tests/ingest/test_producer_examples.py."""
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    section = readme.split("### Record formats", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+    (example,) = [block for block in blocks if "from ingest.sdk.kafka import records" in block]
+    with Pipeline(tmp_path, partitions=3) as pipeline:
+        code = example.replace("127.0.0.1:9092", pipeline.broker.bootstrap)
+        code = re.sub(r'ORG_ID = "[0-9a-f-]+"', f'ORG_ID = "{pipeline.organization_id()}"', code)
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        pipeline.wait_for_events(1000)
+
+
+def test_a_child_on_another_partition_before_its_parent_resolves(tmp_path: Path) -> None:
+    """Kafka mode: the child's record is applied first, from another partition than its
+    parent's; the parent link resolves when the parent is applied."""
+    with Pipeline(tmp_path) as pipeline:
+        org = pipeline.organization_id()
+        prefix = key_prefixes(org)[1]
+
+        def partition(customer: str) -> int:
+            return columnar.partition_of(f"{prefix}{customer}".encode(), pipeline.partitions)
+
+        customers = [f"c{i}" for i in range(20)]
+        child_customer = customers[0]
+        parent_customer = next(c for c in customers if partition(c) != partition(child_customer))
+        assert pipeline.core is not None
+        with pipeline.edges[0].client(pipeline.token()) as edge, pipeline.core.client() as core:
+
+            def send(event: dict[str, str]) -> None:
+                response = edge.post("/v1/events/ingest", json={"events": [event]})
+                assert response.status_code == 200, response.text
+
+            def listed(name: str) -> dict[str, Any]:
+                items = core.get("/v1/events/", params={"name": name}).json()["items"]
+                assert len(items) == 1
+                return dict(items[0])
+
+            send({"name": "child", "external_customer_id": child_customer, "parent_id": "p1"})
+            pipeline.wait_for_events(1)
+            assert listed("child")["parent_id"] is None
+            send({"name": "parent", "external_customer_id": parent_customer, "external_id": "p1"})
+            pipeline.wait_for_events(2)
+            parent = listed("parent")
+            assert listed("child")["parent_id"] == parent["id"]
+            assert parent["child_count"] == 1
+            roots = core.get("/v1/events/", params={"depth": 0}).json()["items"]
+            assert [e["name"] for e in roots] == ["parent"]

@@ -1,0 +1,340 @@
+"""Webhooks and threshold alerts through real processes and a real local receiver: polar-sdk
+manages endpoints; a crossing fires one `meter.alert`, written with the batch that crossed and
+verified by polar-sdk's and the standardwebhooks library's signature checks; retries keep the
+webhook-id; a delivery pending at kill -9 is made after restart; an endpoint failing too long
+is disabled; the SSRF guard."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import standardwebhooks
+from polar.base import deserialize
+from polar.v2026_10 import Polar
+from polar.v2026_10 import webhooks as polar_webhooks
+from polar.v2026_10.outputs import CustomerMeter
+from polar.v2026_10.webhooks import WebhookCustomerStateChangedPayload
+from polar.webhooks import validate_event
+
+from tests.aggregator.upstream.webhook_receiver import Receiver
+from tests.inprocess import ServedCore
+from tests.pipeline import Pipeline
+from tests.processes import MeterlineServer, Server, new_org_token, wait_until
+
+pytestmark = pytest.mark.slow
+PRIVATE = "--allow-private-webhooks"
+
+
+@pytest.fixture(scope="module")
+def hooked(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with ServedCore(tmp_path_factory.mktemp("webhooks"), PRIVATE) as running:
+        yield running
+
+
+class Org:
+    """A fresh organization with a sum meter over `use` events' `tokens`, a customer `ada`, and
+    a webhook endpoint at `url` for `meter.alert`."""
+
+    def __init__(self, server: Server, url: str) -> None:
+        self.token = new_org_token(server.data_dir, f"hooks-{uuid.uuid4().hex}")
+        self.http = server.client(self.token)
+        clause = {"property": "name", "operator": "eq", "value": "use"}
+        meter = self.http.post(
+            "/v1/meters/",
+            json={
+                "name": "tokens",
+                "filter": {"conjunction": "and", "clauses": [clause]},
+                "aggregation": {"func": "sum", "property": "tokens"},
+            },
+        )
+        assert meter.status_code == 201, meter.text
+        self.meter = meter.json()["id"]
+        customer = self.http.post(
+            "/v1/customers/", json={"email": "a@example.com", "external_id": "ada"}
+        )
+        assert customer.status_code == 201, customer.text
+        self.customer = customer.json()["id"]
+        endpoint = self.http.post(
+            "/v1/webhooks/endpoints", json={"url": url, "format": "raw", "events": ["meter.alert"]}
+        )
+        assert endpoint.status_code == 201, endpoint.text
+        self.endpoint = endpoint.json()
+
+    def alert(self, **fields: Any) -> httpx.Response:
+        body = {
+            "meter_id": self.meter,
+            "metric": "consumed_units",
+            "operator": "gte",
+            "threshold": 10,
+            "external_id": "a1",
+        }
+        return self.http.post("/v1/meter-alerts/", json={**body, **fields})
+
+    def use(self, tokens: float) -> None:
+        event = {"name": "use", "external_customer_id": "ada", "metadata": {"tokens": tokens}}
+        sent = self.http.post("/v1/events/ingest", json={"events": [event]})
+        assert sent.status_code == 200, sent.text
+
+    def deliveries(self) -> list[dict[str, Any]]:
+        found = self.http.get("/v1/webhooks/deliveries", params={"limit": 100})
+        assert found.status_code == 200, found.text
+        return list(found.json()["items"])
+
+
+def test_polar_sdk_manages_endpoints(hooked: Server) -> None:
+    polar = Polar(new_org_token(hooked.data_dir, f"sdk-{uuid.uuid4().hex}"), base_url=hooked.url)
+    created = polar.webhooks.create_webhook_endpoint(
+        url="https://example.com/hook", format="raw", events=["customer.state_changed"]
+    )
+    assert created.enabled and created.secret.startswith("mlt_whs_")
+    assert polar.webhooks.get_webhook_endpoint(created.id).url == "https://example.com/hook"
+    assert [e.id for e in polar.webhooks.list_webhook_endpoints().items] == [created.id]
+    updated = polar.webhooks.update_webhook_endpoint(
+        created.id, url="https://example.com/other", name="billing"
+    )
+    assert (updated.url, updated.name) == ("https://example.com/other", "billing")
+    reset = polar.webhooks.reset_webhook_endpoint_secret(created.id)
+    assert reset.secret != created.secret
+    assert polar.webhooks.list_webhook_deliveries().items == []
+    polar.webhooks.delete_webhook_endpoint(created.id)
+    assert polar.webhooks.list_webhook_endpoints().items == []
+
+
+def test_an_alert_fires_once_per_crossing_and_verifies(hooked: Server) -> None:
+    with Receiver() as receiver:
+        org = Org(hooked, receiver.url)
+        created = org.alert()
+        assert created.status_code == 201, created.text
+        assert org.alert().status_code == 200  # the same request again
+        assert org.alert(threshold=11).status_code == 409  # the key, another request
+        org.use(5)
+        org.use(6)  # 11: crosses 10
+        org.use(3)  # 14: past it, no new crossing
+        wait_until(lambda: len(receiver.received) >= 1, 10)
+        time.sleep(0.5)
+        [delivery] = receiver.received
+    secret = org.endpoint["secret"]
+    loaded = validate_event(
+        delivery.body, delivery.headers, secret, frozenset({"meter.alert"}), lambda d: d
+    )
+    signed = standardwebhooks.Webhook(base64.b64encode(secret.encode()).decode())
+    assert signed.verify(delivery.body, delivery.headers) == loaded
+    assert loaded["type"] == "meter.alert"
+    assert loaded["data"]["alert"]["id"] == created.json()["id"]
+    customer_meter = deserialize(loaded["data"]["customer_meter"], CustomerMeter)
+    assert (customer_meter.consumed_units, customer_meter.customer.id) == (11, org.customer)
+    [logged] = org.deliveries()
+    assert logged["succeeded"] and logged["http_code"] == 200 and logged["attempt"] == 1
+    assert logged["webhook_event"]["id"] == delivery.headers["webhook-id"]
+
+
+def test_alerts_rearm_when_crossing_back_and_on_reset(hooked: Server) -> None:
+    with Receiver() as receiver:
+        org = Org(hooked, receiver.url)
+        grant = {"external_customer_id": "ada", "meter_id": org.meter, "units": 10}
+        assert (
+            org.http.post("/v1/meter-credits/", json={**grant, "external_id": "g"}).status_code
+            == 201
+        )
+        alert = org.alert(metric="balance", operator="lte", threshold=0).json()
+        org.use(12)  # balance -2: fires
+        org.use(-4)  # balance 2: re-armed
+        org.use(3)  # balance -1: fires again
+        reset = {"external_customer_id": "ada", "meter_id": org.meter, "external_id": "r"}
+        assert org.http.post("/v1/meter-resets/", json=reset).status_code == 201  # 0: fires
+        wait_until(lambda: len(receiver.received) >= 3, 10)
+        time.sleep(0.5)
+        balances = [
+            json.loads(r.body)["data"]["customer_meter"]["balance"] for r in receiver.received
+        ]
+        assert sorted(balances) == [-2, -1, 0]
+        assert org.http.delete(f"/v1/meter-alerts/{alert['id']}").status_code == 204
+        org.use(50)
+        time.sleep(1)
+        assert len(receiver.received) == 3  # deleted: no more
+
+
+def test_a_failed_delivery_is_retried_with_the_same_webhook_id(hooked: Server) -> None:
+    with Receiver(answers=[500]) as receiver:
+        org = Org(hooked, receiver.url)
+        org.alert()
+        org.use(10)
+        wait_until(lambda: len(receiver.received) >= 2, 20)  # the first retry: after ~5 s
+        first, second = receiver.received[:2]
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert first.body == second.body
+    attempts = sorted((d["attempt"], d["succeeded"], d["http_code"]) for d in org.deliveries())
+    assert attempts == [(1, False, 500), (2, True, 200)]
+    event_id = first.headers["webhook-id"]
+    # Redelivered on request: the same id again.
+    assert org.http.post(f"/v1/webhooks/events/{event_id}/redeliver").status_code == 202
+
+
+def test_redeliver_sends_the_event_again(hooked: Server) -> None:
+    with Receiver() as receiver:
+        org = Org(hooked, receiver.url)
+        org.alert()
+        org.use(10)
+        wait_until(lambda: len(receiver.received) == 1, 10)
+        event_id = receiver.received[0].headers["webhook-id"]
+        assert org.http.post(f"/v1/webhooks/events/{event_id}/redeliver").status_code == 202
+        wait_until(lambda: len(receiver.received) == 2, 10)
+        assert receiver.received[1].headers["webhook-id"] == event_id
+    missing = org.http.post(f"/v1/webhooks/events/{uuid.uuid4()}/redeliver")
+    assert missing.status_code == 404
+
+
+def test_a_delivery_pending_at_kill_9_is_made_after_restart(tmp_path: Path) -> None:
+    receiver = Receiver()  # not listening yet: the first attempt fails
+    with MeterlineServer(tmp_path, PRIVATE) as server:
+        org = Org(server, receiver.url)
+        org.alert()
+        org.use(10)
+        wait_until(lambda: len(org.deliveries()) >= 1, 10)
+        server.kill()
+        with receiver:
+            server.start()
+            wait_until(lambda: len(receiver.received) >= 1, 30)
+            org.http = server.client(org.token)
+            logged = org.deliveries()
+    assert [d["succeeded"] for d in sorted(logged, key=lambda d: d["attempt"])] == [False, True]
+    assert logged[0]["webhook_event"]["id"] == receiver.received[0].headers["webhook-id"]
+
+
+def test_an_endpoint_failing_too_long_is_disabled(tmp_path: Path) -> None:
+    with (
+        Receiver(answers=[503] * 10) as receiver,
+        ServedCore(tmp_path, PRIVATE, "--webhook-disable-after-seconds", "1") as server,
+    ):
+        org = Org(server, receiver.url)
+        org.alert()
+        org.use(10)
+
+        def disabled() -> bool:
+            found = org.http.get(f"/v1/webhooks/endpoints/{org.endpoint['id']}").json()
+            return not found["enabled"]
+
+        wait_until(disabled, 30)
+        found = org.http.get(f"/v1/webhooks/endpoints/{org.endpoint['id']}").json()
+        assert "HTTP 503" in found["disabled_reason"]
+        enabled = org.http.patch(
+            f"/v1/webhooks/endpoints/{org.endpoint['id']}", json={"enabled": True}
+        )
+        assert enabled.json()["enabled"] and enabled.json()["disabled_reason"] is None
+
+
+def test_private_targets_are_refused_without_the_flag(server: Server) -> None:
+    http = server.client(new_org_token(server.data_dir, f"ssrf-{uuid.uuid4().hex}"))
+    for url in (
+        "http://127.0.0.1:9/hook",
+        "http://10.0.0.1/x",
+        "http://[::1]/x",
+        "ftp://example.com/",
+    ):
+        refused = http.post(
+            "/v1/webhooks/endpoints", json={"url": url, "format": "raw", "events": ["meter.alert"]}
+        )
+        assert refused.status_code == 422, (url, refused.text)
+        assert refused.json()["detail"][0]["loc"] == ["body", "url"]
+
+
+@pytest.mark.parametrize(
+    ("change", "loc"),
+    [
+        ({"metric": "credits"}, ["body", "metric"]),
+        ({"operator": "gt"}, ["body", "operator"]),
+        ({"threshold": "10"}, ["body", "threshold"]),
+        ({"meter_id": str(uuid.uuid4())}, ["body", "meter_id"]),
+        ({"external_customer_id": "nobody"}, ["body", "external_customer_id"]),
+        ({"external_id": ""}, ["body", "external_id"]),
+    ],
+)
+def test_bad_alerts_are_422_naming_the_field(
+    hooked: Server, change: dict[str, Any], loc: list[str]
+) -> None:
+    org = Org(hooked, "http://127.0.0.1:9/unused")
+    refused = org.alert(**change)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["loc"] == loc
+
+
+def test_kafka_mode_the_core_fires_alerts(tmp_path: Path) -> None:
+    """Usage through an edge and the topic: the consumer's transaction fires the alert."""
+    with Receiver() as receiver, Pipeline(tmp_path, core_args=(PRIVATE,)) as pipeline:
+        assert pipeline.core is not None
+        org = Org(pipeline.core, receiver.url)
+        org.alert(threshold=10)
+        with pipeline.edges[0].client(org.token) as edge:
+            for tokens in (4, 7, 2):
+                event = {
+                    "name": "use",
+                    "external_customer_id": "ada",
+                    "metadata": {"tokens": tokens},
+                }
+                sent = edge.post("/v1/events/ingest", json={"events": [event]})
+                assert sent.status_code == 200, sent.text
+        wait_until(lambda: len(receiver.received) >= 1, 30)
+        time.sleep(0.5)
+        [delivery] = receiver.received
+    # The change that crossed: the consumed batch holding the 7 (it may hold the 2 as well).
+    assert json.loads(delivery.body)["data"]["customer_meter"]["consumed_units"] in (11, 13)
+
+
+def test_customer_state_changed_is_polars_and_coalesced(hooked: Server) -> None:
+    """Polar's payload (polar-sdk's typed check loads it), at most one per customer per 5 s."""
+    with Receiver() as receiver:
+        org = Org(hooked, receiver.url)
+        endpoint = org.http.post(
+            "/v1/webhooks/endpoints",
+            json={"url": receiver.url, "format": "raw", "events": ["customer.state_changed"]},
+        ).json()
+        grant = {"external_customer_id": "ada", "meter_id": org.meter, "units": 100}
+        assert (
+            org.http.post("/v1/meter-credits/", json={**grant, "external_id": "g"}).status_code
+            == 201
+        )
+        for tokens in (1, 2, 3):
+            org.use(tokens)
+        wait_until(lambda: len(receiver.received) >= 1, 10)
+        first = receiver.received[0]
+        time.sleep(1.5)
+        assert len(receiver.received) == 1  # the changes after it wait for the interval
+        org.use(4)
+        wait_until(lambda: len(receiver.received) >= 2, 10)
+        second = receiver.received[1]
+    assert second.at - first.at >= 4.5
+    payload = polar_webhooks.validate_event(second.body, second.headers, endpoint["secret"])
+    assert isinstance(payload, WebhookCustomerStateChangedPayload)
+    [meter] = payload.data.active_meters
+    assert (meter.consumed_units, meter.credited_units, meter.balance) == (10, 100, 90)
+    assert payload.data.external_id == "ada"
+
+
+def test_a_slow_receiver_does_not_slow_ingest(hooked: Server) -> None:
+    """A receiver taking 3 s per delivery: ingest answers as fast as without it meanwhile."""
+    with Receiver(delay_seconds=3.0) as receiver:
+        org = Org(hooked, receiver.url)
+        for i in range(5):  # five customers, five alerts: deliveries pile up at the receiver
+            assert (
+                org.http.post(
+                    "/v1/customers/", json={"email": f"s{i}@example.com", "external_id": f"s{i}"}
+                ).status_code
+                == 201
+            )
+        org.alert(threshold=1)
+        took = []
+        for i in range(20):
+            event = {"name": "use", "external_customer_id": f"s{i % 5}", "metadata": {"tokens": 1}}
+            started = time.perf_counter()
+            sent = org.http.post("/v1/events/ingest", json={"events": [event]})
+            took.append(time.perf_counter() - started)
+            assert sent.status_code == 200
+        assert max(took) < 1.0, took
+        wait_until(lambda: len(receiver.received) >= 5, 20)
