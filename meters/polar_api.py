@@ -21,6 +21,14 @@ import httpx
 import orjson
 
 from meters.errors import MetersError
+from meters.http_answers import (
+    ANSWER_BYTES,
+    AnswerTooLarge,
+    UnreadableAnswer,
+    excerpt,
+    keep_secrets_out_of_logs,
+    read_whole,
+)
 from meters.times import us_to_iso
 from meters.upstream import Outcome, Pacer, RetryLater, backoff, read_answer, retry_after
 
@@ -35,7 +43,9 @@ class ApiError(MetersError):
 
 class PolarApi:
     """An async context manager around one httpx client, opened on entry and closed on exit.
-    `transport` replaces the network (tests: `httpx.MockTransport`, `httpx.ASGITransport`)."""
+    `transport` replaces the network (tests: `httpx.MockTransport`, `httpx.ASGITransport`).
+    An answer is read whole up to `answer_bytes` (decoded), an error's first 500 bytes only:
+    a larger answer is an ApiError (`send`: RetryLater), never read further."""
 
     def __init__(
         self,
@@ -45,9 +55,11 @@ class PolarApi:
         rate_per_minute: float | None = None,
         timeout_seconds: float = 30.0,
         attempts: int = 8,
+        answer_bytes: int = ANSWER_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self._answer_bytes = answer_bytes
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self._timeout = timeout_seconds
         self._transport = transport
@@ -59,6 +71,7 @@ class PolarApi:
     async def __aenter__(self) -> Self:
         if self._open is not None:
             raise RuntimeError("PolarApi is already open")
+        keep_secrets_out_of_logs()
         self._open = httpx.AsyncClient(
             base_url=self.url,
             headers=self._headers,
@@ -91,13 +104,16 @@ class PolarApi:
         self.requests += 1
         body = orjson.dumps({"events": events})
         try:
-            response = await self._client.post("/v1/events/ingest", content=body)
+            async with self._client.stream("POST", "/v1/events/ingest", content=body) as response:
+                answer = await read_whole(response, self._answer_bytes)
         except httpx.TimeoutException:
             # The upstream may have stored the batch: re-sending it is safe (external_ids).
             return RetryLater("timeout")
         except httpx.TransportError as exc:
             return RetryLater(f"connection: {exc.__class__.__name__}")
-        return read_answer(response, len(events))
+        except (AnswerTooLarge, UnreadableAnswer) as exc:
+            return RetryLater(f"HTTP {response.status_code}, {exc}")
+        return read_answer(response, answer, len(events))
 
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """The JSON answer; retried after Retry-After or a backoff on 429, 5xx and I/O errors."""
@@ -107,13 +123,18 @@ class PolarApi:
             self.requests += 1
             wait: float | None = None
             try:
-                response = await self._client.request(method, path, **kwargs)
+                async with self._client.stream(method, path, **kwargs) as response:
+                    if response.status_code < 300:
+                        return orjson.loads(await read_whole(response, self._answer_bytes))
+                    said = await excerpt(response, 500)
             except httpx.TransportError as exc:
                 problem = f"{exc.__class__.__name__} from {self.url}{path}"
+            except (AnswerTooLarge, UnreadableAnswer) as exc:
+                raise ApiError(
+                    f"HTTP {response.status_code} from {self.url}{path}: {exc}"
+                ) from None
             else:
-                if response.status_code < 300:
-                    return orjson.loads(response.content)
-                problem = f"HTTP {response.status_code} from {self.url}{path}: {response.text}"
+                problem = f"HTTP {response.status_code} from {self.url}{path}: {said}"
                 if response.status_code != 429 and response.status_code < 500:
                     raise ApiError(problem[:500])
                 wait = retry_after(response.headers.get("retry-after"))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import httpx
 import orjson
 
+from meters.http_answers import as_text
+
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
@@ -43,10 +45,11 @@ class Rejected:
 Outcome = Accepted | RetryLater | Rejected
 
 
-def read_answer(response: httpx.Response, sent: int) -> Outcome:
+def read_answer(response: httpx.Response, body: bytes, sent: int) -> Outcome:
+    """What the `response` to a batch of `sent` events means; `body` is its (bounded) body."""
     status = response.status_code
     if status == 200:
-        answer = orjson.loads(response.content)
+        answer = orjson.loads(body)
         accepted = Accepted(int(answer.get("inserted", 0)), int(answer.get("duplicates", 0)))
         if accepted.inserted + accepted.duplicates != sent:
             return RetryLater(f"upstream counted {accepted} of {sent} events")
@@ -54,14 +57,14 @@ def read_answer(response: httpx.Response, sent: int) -> Outcome:
     if status == 429 or status >= 500:
         return RetryLater(f"HTTP {status}", retry_after(response.headers.get("retry-after")))
     if status == 422:
-        return Rejected(_reasons(response))
+        return Rejected(_reasons(body))
     # 401/403/404/413...: a configuration problem, not the events; keep them and retry.
-    return RetryLater(f"HTTP {status}: {response.text[:200]}")
+    return RetryLater(f"HTTP {status}: {as_text(response, body[:200], complete=False)}")
 
 
-def _reasons(response: httpx.Response) -> dict[int, str]:
+def _reasons(body: bytes) -> dict[int, str]:
     try:
-        detail = orjson.loads(response.content).get("detail", [])
+        detail = orjson.loads(body).get("detail", [])
     except (orjson.JSONDecodeError, AttributeError):
         return {}
     reasons: dict[int, str] = {}

@@ -1,14 +1,18 @@
 """A loopback HTTP proxy that injects faults into ingest requests, for the clients that must
-deliver every event exactly once through them (the forwarder, the SDK); and a forwarding pair
-of real meterlines (in threads of the test process) with the proxy between them."""
+deliver every event exactly once through them (the forwarder, the SDK); a forwarding pair of
+real meterlines (in threads of the test process) with the proxy between them; and a hostile
+answer (`gzip_bomb`)."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import socket
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -137,3 +141,21 @@ def forwarded(client: httpx.Client) -> bool:
     """The edge's forwarder has sent something and has nothing left to send."""
     status = client.get("/v1/forwarder/").json()
     return bool(status["backlog"] == 0 and status["sent"] > 0)
+
+
+@functools.cache
+def gzip_bomb(inflated_mib: int) -> bytes:
+    """A gzip body of about a thousandth of its size that inflates to `inflated_mib` MiB of
+    `a`. Made without compressing them all: after a full flush, deflate writes each further
+    MiB the same, so one written MiB is repeated (the trailer's CRC is computed)."""
+    mib = b"a" * (1 << 20)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    first = deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH)
+    again = deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(inflated_mib):
+        crc = zlib.crc32(mib, crc)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    trailer = struct.pack("<II", crc, (inflated_mib << 20) & 0xFFFFFFFF)
+    body = first + again * (inflated_mib - 1) + deflate.flush(zlib.Z_FINISH)
+    return header + body + trailer

@@ -1,6 +1,7 @@
 """The command line's requests to a running meterline (or a Polar-compatible upstream): an
 address that cannot be reached, or a token it refuses, ends the command with a UsageError
-that names the URL and says what to do, instead of a traceback or a retry loop."""
+that names the URL and says what to do, instead of a traceback or a retry loop. An answer is
+read up to `meters.http_answers.ANSWER_BYTES` (decoded), and no further."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from typing import Any
 import httpx
 
 from aggregator.errors import UsageError
+from meters.http_answers import (
+    AnswerTooLarge,
+    UnreadableAnswer,
+    keep_secrets_out_of_logs,
+    read_whole_sync,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,22 +30,36 @@ class Endpoint:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """The response to one request; 401 and an unreachable URL raise UsageError."""
         url = self.url.rstrip("/") + path
+        keep_secrets_out_of_logs()
         try:
-            response = httpx.request(
+            with httpx.stream(
                 method,
                 url,
                 headers={"Authorization": f"Bearer {self.token}"},
                 timeout=self.timeout_seconds,
                 **kwargs,
-            )
+            ) as streamed:
+                body = read_whole_sync(streamed)
         except httpx.TransportError as exc:
             reason = str(exc) or exc.__class__.__name__
             raise UsageError(
                 f"cannot reach {self.url} ({reason}); {self.unreachable_hint}"
             ) from None
-        if response.status_code == 401:
+        except (AnswerTooLarge, UnreadableAnswer) as exc:
+            raise UsageError(
+                f"{self.url} answered {path} with HTTP {streamed.status_code}: {exc}"
+            ) from None
+        if streamed.status_code == 401:
             raise UsageError(f"{self.url} refused the token (HTTP 401); {self.refused_hint}")
-        return response
+        # The answer as read (decoded, within the bound), for the callers' .json() and .text.
+        headers = [
+            (name, value)
+            for name, value in streamed.headers.multi_items()
+            if name not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            streamed.status_code, headers=headers, content=body, request=streamed.request
+        )
 
 
 def local(url: str, token: str | None, timeout_seconds: float = 30.0) -> Endpoint:

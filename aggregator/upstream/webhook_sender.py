@@ -6,22 +6,21 @@ signs (Standard Webhooks: `webhook-id` is the event's id on every attempt), with
 at most `per_endpoint` are in flight per endpoint and `concurrency` in all, so a slow or dead
 receiver holds only its own rows back, and ingest never waits for any of it. Each attempt is
 logged by a small writer job that also schedules the retry or ends the row. Private and
-loopback targets are refused unless allowed (checked again at every attempt: DNS can change).
-Delivered rows and logs older than the retention are pruned.
+loopback targets are refused unless allowed (`targets`: checked where each attempt connects,
+on the addresses it connects to). Of an answer, only the excerpt kept is read; an attempt
+ends within the timeout. Delivered rows and logs older than the retention are pruned.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -37,6 +36,9 @@ from aggregator.store.webhook_tables import (
     state_changes_job,
     state_changes_pending,
 )
+from aggregator.upstream import targets
+from aggregator.upstream.targets import PublicTransport, TargetRefused
+from meters.http_answers import excerpt, keep_secrets_out_of_logs
 from meters.times import NEVER, now_us
 from meters.webhook_rules import RESPONSE_EXCERPT_BYTES, signature
 
@@ -49,7 +51,7 @@ class WebhookSettings:
     allow_private: bool = False  # tests, and receivers on the same network, on purpose
     retention_days: float = 30.0
     disable_after_seconds: float = 24 * 3600.0  # failing this long since the last success
-    timeout_seconds: float = 10.0
+    timeout_seconds: float = 10.0  # a whole attempt: connecting, sending, the answer's excerpt
     concurrency: int = 32
     per_endpoint: int = 8
     idle_poll_seconds: float = 5.0
@@ -59,25 +61,9 @@ class WebhookSettings:
 
 
 async def private_refusal(url: str) -> str | None:
-    """Why `url` may not be a webhook target without `--allow-private-webhooks`: it does not
-    resolve, or resolves to an address that is not globally routable (private, loopback,
-    link-local, reserved). None: it may."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port)
-    except OSError as exc:
-        return f"{host} does not resolve: {exc}"
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-        if not (mapped or ip).is_global:
-            return (
-                f"{host} resolves to {ip}, which is not a public address (private or loopback"
-                " targets need the server's --allow-private-webhooks)"
-            )
-    return None
+    """Why `url` may not be a webhook target without `--allow-private-webhooks` (see
+    `targets`); None: it may, as of now (the sender checks again as it connects)."""
+    return await targets.private_refusal(url)
 
 
 class WebhookSender:
@@ -112,10 +98,15 @@ class WebhookSender:
         self._pruned_at = NEVER
 
     async def __aenter__(self) -> Self:
+        keep_secrets_out_of_logs()  # webhook URLs may carry user-info and query secrets
+        guarded = not self._settings.allow_private
         self._client = httpx.AsyncClient(
             timeout=self._settings.timeout_seconds,
-            transport=self._transport,
+            transport=self._transport or (PublicTransport() if guarded else None),
             follow_redirects=False,  # a redirect could lead anywhere: it is an answer, not a hop
+            # Guarded: no proxy from the environment (it would connect in the guard's place),
+            # and never ~/.netrc's credentials to a receiver.
+            trust_env=not guarded,
         )
         loop = asyncio.get_running_loop()
         self._store.live.notify_webhooks = lambda: loop.call_soon_threadsafe(self._wake.set)
@@ -228,25 +219,30 @@ class WebhookSender:
         assert self._client is not None
         started = time.perf_counter()
         code: int | None = None
-        refused = None if self._settings.allow_private else await private_refusal(row.url)
-        if refused is not None:
-            answer = f"Not sent: {refused}"
-        else:
-            timestamp = int(time.time())
-            body = row.payload.encode()
-            headers = {
-                "Content-Type": "application/json",
-                "User-Agent": USER_AGENT,
-                "webhook-id": row.event_id,
-                "webhook-timestamp": str(timestamp),
-                "webhook-signature": signature(row.secret, row.event_id, timestamp, body),
-            }
-            try:
-                response = await self._client.post(row.url, content=body, headers=headers)
+        timestamp = int(time.time())
+        body = row.payload.encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "webhook-id": row.event_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": signature(row.secret, row.event_id, timestamp, body),
+        }
+        timeout = self._settings.timeout_seconds
+        try:
+            async with (
+                asyncio.timeout(timeout),
+                self._client.stream("POST", row.url, content=body, headers=headers) as response,
+            ):
                 code = response.status_code
-                answer = response.text[:RESPONSE_EXCERPT_BYTES]
-            except httpx.HTTPError as exc:
-                answer = f"{type(exc).__name__}: {exc}"[:RESPONSE_EXCERPT_BYTES]
+                # Only what is kept is read (a receiver's answer may be a gzip bomb).
+                answer = await excerpt(response, RESPONSE_EXCERPT_BYTES)
+        except TargetRefused as exc:  # the guard, as the connection was about to be made
+            answer = f"Not sent: {exc}"[:RESPONSE_EXCERPT_BYTES]
+        except TimeoutError:
+            answer = f"Timeout: the attempt took over {timeout:g} s"
+        except httpx.HTTPError as exc:
+            answer = f"{type(exc).__name__}: {exc}"[:RESPONSE_EXCERPT_BYTES]
         return Attempt(
             row,
             now_us(),

@@ -2,12 +2,15 @@
 manages endpoints; a crossing fires one `meter.alert`, written with the batch that crossed and
 verified by polar-sdk's and the standardwebhooks library's signature checks; retries keep the
 webhook-id; a delivery pending at kill -9 is made after restart; an endpoint failing too long
-is disabled; the SSRF guard."""
+is disabled; the SSRF guard; an answer read only as far as it is kept; URLs' secrets kept
+out of the log."""
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +27,7 @@ from polar.v2026_10.webhooks import WebhookCustomerStateChangedPayload
 from polar.webhooks import validate_event
 
 from tests.aggregator.upstream.webhook_receiver import Receiver
+from tests.faults import gzip_bomb
 from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer, Server, new_org_token, wait_until
@@ -237,6 +241,11 @@ def test_private_targets_are_refused_without_the_flag(server: Server) -> None:
         "http://10.0.0.1/x",
         "http://[::1]/x",
         "ftp://example.com/",
+        # IPv4 behind IPv6 (compatible, NAT64, 6to4) and multicast (test_webhook_targets).
+        "http://[::127.0.0.1]/x",
+        "http://[64:ff9b::7f00:1]/x",
+        "http://[2002:7f00:1::]/x",
+        "http://224.0.0.1/x",
     ):
         refused = http.post(
             "/v1/webhooks/endpoints", json={"url": url, "format": "raw", "events": ["meter.alert"]}
@@ -338,3 +347,50 @@ def test_a_slow_receiver_does_not_slow_ingest(hooked: Server) -> None:
             assert sent.status_code == 200
         assert max(took) < 1.0, took
         wait_until(lambda: len(receiver.received) >= 5, 20)
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory so far (Linux: VmHWM)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"VmHWM:\s+(\d+) kB", status)
+    assert found is not None
+    return int(found[1]) / 1024
+
+
+def test_a_gzip_bomb_answer_is_read_only_as_far_as_kept(tmp_path: Path) -> None:
+    """A receiver answering 1 MiB of gzip that inflates to 1 GiB: the sender reads the first
+    KiB it keeps, so the server's peak memory does not move (reading the whole answer took
+    it from 169 MiB to 3,278 MiB, measured before the fix)."""
+    gzipped = {"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+    with (
+        Receiver(body=gzip_bomb(1024), headers=gzipped) as receiver,
+        MeterlineServer(tmp_path, PRIVATE) as server,
+    ):
+        org = Org(server, receiver.url)
+        org.alert()
+        before = _peak_rss_mib(server.pid)
+        org.use(10)
+        wait_until(lambda: len(org.deliveries()) >= 1, 30)
+        after = _peak_rss_mib(server.pid)
+        [delivery] = org.deliveries()
+    assert after - before < 64, f"peak RSS {before:.0f} MiB before the delivery, {after:.0f} after"
+    assert (delivery["succeeded"], delivery["response"]) == (True, "a" * 1024)
+
+
+def test_webhook_urls_reach_the_log_without_their_secrets(
+    hooked: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """httpx logs each request's URL at INFO: user-info and query values are left out."""
+    caplog.set_level(logging.INFO, logger="httpx")
+    with Receiver() as receiver:
+        secret_url = receiver.url.replace("http://", "http://hook-user:pa55word@") + "?token=t0k3n"
+        org = Org(hooked, secret_url)
+        org.alert()
+        org.use(10)
+        wait_until(lambda: len(receiver.received) >= 1, 10)
+        wait_until(lambda: any(r.name == "httpx" for r in caplog.records), 10)
+    headers = {k.lower(): v for k, v in receiver.received[0].headers.items()}
+    assert headers["authorization"].startswith("Basic ")  # the user-info is still sent
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "pa55word" not in logged and "t0k3n" not in logged and "hook-user" not in logged
+    assert f"{receiver.url}?token=…" in logged

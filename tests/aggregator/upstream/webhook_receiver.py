@@ -1,5 +1,6 @@
 """A local webhook receiver for the tests: keeps every request (headers and body) and answers
-with the status codes it is given, in turn (then 200)."""
+with the status codes it is given, in turn (then 200), and with the body and headers it is
+given (a hostile receiver's), if any."""
 
 from __future__ import annotations
 
@@ -21,9 +22,16 @@ class Received:
 
 class Receiver:
     def __init__(
-        self, port: int | None = None, answers: list[int] | None = None, delay_seconds: float = 0
+        self,
+        port: int | None = None,
+        answers: list[int] | None = None,
+        delay_seconds: float = 0,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.delay_seconds = delay_seconds
+        self.body = body
+        self.headers = headers or {}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.answers = list(answers or [])
@@ -47,10 +55,18 @@ class Receiver:
                     receiver.received.append(Received(dict(self.headers), body, time.time()))
                     status = receiver.answers.pop(0) if receiver.answers else 200
                 answer = b"thanks" if status < 300 else b"receiver failed"
+                answer = answer if receiver.body is None else receiver.body
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(answer)))
+                for name, value in receiver.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(answer)
+                try:
+                    self.wfile.write(answer)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the sender read what it keeps of a long answer, and left
+                # A body of its own may be read in part: the connection is not used again.
+                self.close_connection = receiver.body is not None
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
