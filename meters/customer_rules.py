@@ -15,6 +15,8 @@ from pydantic import (
     model_validator,
 )
 
+from meters.wire import Patch
+
 MetadataKey = Annotated[str, Field(min_length=1, max_length=40)]
 MetadataValue = (
     Annotated[str, Field(min_length=1, max_length=500)] | StrictBool | StrictInt | StrictFloat
@@ -70,5 +72,10 @@ class CustomerCreate(_CustomerFields):
         return self
 
 
-class CustomerUpdate(_CustomerFields):
+class CustomerUpdate(_CustomerFields, Patch):
+    """Null empties `name`, `tax_id`, `locale`, `email` (a team's) and an unset `external_id`
+    (`store.customer_tables` refuses the rest); `type`, `metadata` and `billing_address` are
+    never null (Polar: a 422 for the last two)."""
+
+    NULL_CLEARS = frozenset({"name", "tax_id", "locale", "email", "external_id"})
     type: Literal["individual", "team"] | None = None

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from meters.aggregations import Aggregation
 from meters.customer_rules import Metadata
 from meters.filters import Filter
+from meters.wire import Patch
 
 Unit = Literal["scalar", "token", "custom"]
 Name = Annotated[str, Field(min_length=3, max_length=256)]
@@ -32,13 +33,22 @@ class MeterCreate(BaseModel):
 
     @model_validator(mode="after")
     def _custom_unit(self) -> MeterCreate:
+        # Polar's MeterCreate requires a custom unit's label; its MeterUpdate has no unit rule,
+        # so a PATCH may leave a custom unit without one (Polar then stores it so).
+        if self.unit == "custom" and self.custom_label is None:
+            raise ValueError("custom_label is required when unit is 'custom'.")
         for _, message in unit_errors(self.unit, self.custom_label, self.custom_multiplier):
             raise ValueError(message)
         return self
 
 
-class MeterUpdate(BaseModel):
+class MeterUpdate(Patch):
+    """Null empties the custom unit's label and multiplier; Polar reads a null filter,
+    aggregation or is_archived as left out; any other null is a 422."""
+
     model_config = ConfigDict(extra="forbid")
+    NULL_CLEARS = frozenset({"custom_label", "custom_multiplier"})
+    NULL_IGNORED = frozenset({"filter", "aggregation", "is_archived"})
 
     name: Name | None = None
     filter: Filter | None = None
@@ -53,11 +63,9 @@ class MeterUpdate(BaseModel):
 def unit_errors(
     unit: str, custom_label: str | None, custom_multiplier: int | None
 ) -> list[tuple[str, str]]:
-    """(field, message) for each of Polar's unit rules a meter breaks: a custom unit needs its
-    label, and only a custom unit has a label or a multiplier (Polar checks the label alone)."""
+    """(field, message) for each unit rule a meter, created or patched, breaks: only a custom
+    unit has a label or a multiplier (Polar checks the label alone, and on creation only)."""
     if unit == "custom":
-        if custom_label is None:
-            return [("custom_label", "custom_label is required when unit is 'custom'.")]
         return []
     only = "custom_label and custom_multiplier are only allowed when unit is 'custom'."
     return [

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from meters.wire import Patch
 
 # Polar's labels (`polar.event.system.SYSTEM_EVENT_LABELS`) of the system events meterline
 # writes.
 SYSTEM_LABELS = {"meter.credited": "Meter Credited", "meter.reset": "Meter Reset"}
 
 
-class EventTypeUpdate(BaseModel):
-    """`PATCH /v1/event-types/{id}`, with Polar's bounds and stripping."""
+class EventTypeUpdate(Patch):
+    """`PATCH /v1/event-types/{id}`, with Polar's bounds and stripping (a null selector
+    empties it)."""
 
     model_config = ConfigDict(extra="forbid")
+    NULL_CLEARS = frozenset({"label_property_selector"})
 
     label: str = Field(min_length=1, max_length=128)
     label_property_selector: str | None = Field(default=None, min_length=1, max_length=256)

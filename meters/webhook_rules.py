@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from meters.wire import Patch
+
 # What meterline sends: a customer meter crossing an alert's threshold, and Polar's event for a
 # customer whose state (meters, balances) changed.
 EVENT_TYPES = ("meter.alert", "customer.state_changed")
@@ -52,10 +54,13 @@ class EndpointCreate(BaseModel):
     organization_id: None = None  # a token has one organization
 
 
-class EndpointUpdate(BaseModel):
-    """Polar's `WebhookEndpointUpdate`; re-enabling clears meterline's reason for disabling."""
+class EndpointUpdate(Patch):
+    """Polar's `WebhookEndpointUpdate`; re-enabling clears meterline's reason for disabling.
+    Null reads as the field left out, as Polar reads it, except `name`'s: it empties it."""
 
     model_config = ConfigDict(extra="forbid")
+    NULL_CLEARS = frozenset({"name"})
+    NULL_IGNORED = frozenset({"url", "format", "events", "api_version", "enabled"})
 
     url: Url | None = None
     name: Name | None = None

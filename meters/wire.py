@@ -17,9 +17,17 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, Self, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticCustomError
 
@@ -85,3 +93,48 @@ def parse_model(model: type[M], body: Any, loc: tuple[str, ...] = ("body",)) -> 
                 for e in exc.errors(include_url=False)
             ]
         ) from None
+
+
+def _null_where_allowed(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """A `Patch`'s JSON Schema: null only for the fields that take it."""
+    takes_null = model.nullable() if issubclass(model, Patch) else frozenset()
+    for name, field in schema.get("properties", {}).items():
+        options = field.get("anyOf")
+        if name in takes_null or not options or {"type": "null"} not in options:
+            continue
+        rest = [o for o in options if o != {"type": "null"}]
+        del field["anyOf"]
+        field.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
+        if "default" in field and field["default"] is None:
+            del field["default"]  # left out, it keeps its value
+
+
+class Patch(BaseModel):
+    """A PATCH body: a field left out keeps its value. Null is refused (422 naming the field)
+    unless the model lists the field in `NULL_CLEARS` (null empties it) or `NULL_IGNORED`
+    (null reads as the field left out, as Polar reads it there). Every PATCH route's body is
+    one (tests/aggregator/api/test_patch_bodies.py sends null for every field)."""
+
+    model_config = ConfigDict(json_schema_extra=_null_where_allowed)
+    NULL_CLEARS: ClassVar[frozenset[str]] = frozenset()
+    NULL_IGNORED: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def nullable(cls) -> frozenset[str]:
+        return cls.NULL_CLEARS | cls.NULL_IGNORED
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_null(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name not in cls.nullable():
+            raise PydanticCustomError(
+                "null_not_allowed", "Input should not be null (leave the field out to keep it)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _null_as_left_out(self) -> Self:
+        for name in self.NULL_IGNORED:
+            if getattr(self, name) is None:
+                self.model_fields_set.discard(name)
+        return self

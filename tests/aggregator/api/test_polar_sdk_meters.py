@@ -324,8 +324,9 @@ def _day_total_once_backfilled(polar: Polar, raw: httpx.Client, meter_id: str) -
 
 
 def test_unit_rules_on_create_and_patch(polar: Polar) -> None:
-    """A custom unit needs a label; only a custom unit has a label or a multiplier. A patch is
-    checked on the meter it makes, and leaving `custom` drops the label and multiplier."""
+    """A custom unit is created with a label; only a custom unit has a label or a multiplier.
+    A patch is checked on the meter it makes (but may leave a custom unit without a label, as
+    in Polar), and leaving `custom` drops the label and multiplier."""
     definition: dict[str, Any] = {
         "filter": {"conjunction": "and", "clauses": []},
         "aggregation": {"func": "count"},
@@ -341,7 +342,6 @@ def test_unit_rules_on_create_and_patch(polar: Polar) -> None:
             polar.meters.update(meter.id, **patch)
         return [d.loc for d in raised.value.error.detail or []]
 
-    assert refused(unit="custom") == [["body", "custom_label"]]
     assert refused(custom_multiplier=1000) == [["body", "custom_multiplier"]]
     custom = polar.meters.update(meter.id, unit="custom", custom_label="request")
     assert (custom.unit, custom.custom_label, custom.custom_multiplier) == (
@@ -351,8 +351,31 @@ def test_unit_rules_on_create_and_patch(polar: Polar) -> None:
     )
     scaled = polar.meters.update(meter.id, custom_multiplier=1000, name="Requests (k)")
     assert (scaled.custom_label, scaled.custom_multiplier) == ("request", 1000)
-    assert refused(custom_label=None) == [["body", "custom_label"]]
+    unlabelled = polar.meters.update(meter.id, custom_label=None)
+    assert (unlabelled.unit, unlabelled.custom_label) == ("custom", None)
     tokens = polar.meters.update(meter.id, unit="token")
     assert (tokens.unit, tokens.custom_label, tokens.custom_multiplier) == ("token", None, None)
     assert refused(unit="token", custom_label="request") == [["body", "custom_label"]]
     assert polar.meters.get(meter.id).unit == "token"
+
+
+def test_a_patch_to_a_custom_unit_needs_no_label_as_in_polar(server: Server, token: str) -> None:
+    """Polar's MeterUpdate has no unit rule (its MeterCreate has): `{"unit": "custom"}` alone
+    answers 200, and the meter is stored as Polar stores it, a custom unit without a label."""
+    http = server.client(token)
+    definition = {"filter": {"conjunction": "and", "clauses": []}, "aggregation": {"func": "count"}}
+    created = http.post("/v1/meters/", json={"name": "Requests", **definition})
+    assert created.status_code == 201, created.text
+    meter_id = created.json()["id"]
+    patched = http.patch(f"/v1/meters/{meter_id}", json={"unit": "custom"})
+    assert patched.status_code == 200, patched.text
+    stored = http.get(f"/v1/meters/{meter_id}").json()
+    for found in (patched.json(), stored):
+        assert (found["unit"], found["custom_label"], found["custom_multiplier"]) == (
+            "custom",
+            None,
+            None,
+        )
+    # Creating one still needs the label (Polar's MeterCreate).
+    unlabelled = http.post("/v1/meters/", json={"name": "More", "unit": "custom", **definition})
+    assert unlabelled.status_code == 422, unlabelled.text
