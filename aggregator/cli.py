@@ -434,11 +434,34 @@ def _serve_command(args: argparse.Namespace) -> int:
                     dev_token=getattr(args, "dev_token", None),
                 )
             )
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc):
+        except duckdb.Error as exc:
+            unopenable = _unopenable(settings, exc)
+            if unopenable is None:
                 raise
-            raise UsageError(_locked(settings, str(exc))) from None
+            raise UsageError(unopenable) from None
     return 0
+
+
+def _unopenable(settings: CoreSettings, exc: duckdb.Error) -> str | None:
+    """One line for a DuckDB file that cannot be opened as it is: held by another process, or
+    damaged (its write-ahead log, or the file itself). None: another error."""
+    error = str(exc)
+    if isinstance(exc, duckdb.IOException) and "lock" in error:
+        return _locked(settings, error)
+    said = error.splitlines()[0] if error else type(exc).__name__
+    wal = f"{settings.database}.wal"
+    if "WAL" in error:
+        return (
+            f"the write-ahead log {wal} of the database is damaged ({said}); restore the data"
+            f" dir from a backup, or move {wal} aside to open the database as of its last"
+            " checkpoint (losing what was written after it)"
+        )
+    if "not a valid DuckDB database file" in error:
+        return (
+            f"{settings.database} is damaged or not a meterline database ({said}); restore the"
+            " data dir from a backup, or pass another --data-dir"
+        )
+    return None
 
 
 def _locked(settings: CoreSettings, error: str) -> str:

@@ -68,9 +68,8 @@ UPDATE = Operation(
 
 def routes(ctx: ApiContext) -> list[Route]:
     async def listed(
-        request: Request, events: EventQuery, sorts: frozenset[str], in_label: bool
-    ) -> tuple[str, Page[service.EventType], int]:
-        org = ctx.organization(request)
+        request: Request, org: str, events: EventQuery, sorts: frozenset[str], in_label: bool
+    ) -> tuple[Page[service.EventType], int]:
         page, limit = params.page_and_limit(request)
         query = EventTypeQuery(
             events,
@@ -87,21 +86,23 @@ def routes(ctx: ApiContext) -> list[Route]:
             page=page,
             limit=limit,
         )
-        return org, found, limit
+        return found, limit
 
     async def names(request: Request) -> JSON:
+        org = ctx.organization(request)  # before the query is read: no token is a 401
         events = EventQuery(sources=params.choices(request, "source", SOURCES))
-        _, found, limit = await listed(request, events, NAME_SORTS, in_label=False)
+        found, limit = await listed(request, org, events, NAME_SORTS, in_label=False)
         return JSON(shapes.names(found, limit))
 
     async def list_(request: Request) -> JSON:
+        org = ctx.organization(request)
         roots = params.boolean(request, "root_events")
         events = EventQuery(
             sources=params.choices(request, "source", SOURCES),
             parent_id=request.query_params.get("parent_id"),
             conditions=(("parent_id IS NULL", []),) if roots else (),
         )
-        org, found, limit = await listed(request, events, TYPE_SORTS, in_label=True)
+        found, limit = await listed(request, org, events, TYPE_SORTS, in_label=True)
         return JSON(shapes.event_types(found, org, limit))
 
     async def update(request: Request) -> JSON:

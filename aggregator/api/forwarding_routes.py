@@ -45,7 +45,9 @@ def routes(
     ctx: ApiContext, forwarder: Forwarder | None, organization_id: str | None
 ) -> list[Route]:
     def mine(request: Request) -> Forwarder:
-        if forwarder is None or ctx.organization(request) != organization_id:
+        # Authenticated first, as every route is: no token is a 401, forwarding on or not.
+        organization = ctx.organization(request)
+        if forwarder is None or organization != organization_id:
             raise NotFound("This organization's events are not forwarded")
         return forwarder
 

@@ -49,9 +49,9 @@ def routes(ctx: ApiContext, describe: Describe) -> list[Route]:
         return found
 
     async def listed(request: Request) -> JSON:
+        known, created_at = own(request)  # before the query is read: no token is a 401
         page, limit = params.page_and_limit(request)
         params.sorting(request, SORTS, "created_at")
-        known, created_at = own(request)
         slug = request.query_params.get("slug")
         matches = slug is None or slug == shapes.slug(known.name)
         return JSON(shapes.organizations(known, created_at, matches, page, limit))

@@ -1,13 +1,19 @@
-"""Tokens, 401 shapes, and organizations that cannot see or touch each other's data."""
+"""Tokens, 401 shapes (every /v1 route, before anything else is read), and organizations
+that cannot see or touch each other's data."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
+from starlette.routing import Route
 
+from aggregator.api.openapi import ApiRoute
+from tests.inprocess import InProcessCore
 from tests.processes import Server, new_org_token, token_cli, wait_until
 
 
@@ -22,6 +28,35 @@ def test_missing_and_bad_tokens_get_polars_401_shapes(server: Server) -> None:
             response = anonymous.get("/v1/events/", headers={"Authorization": header})
             assert response.status_code == 401, header
             assert response.json()["error"] == "invalid_token"
+
+
+def test_every_v1_route_answers_401_without_a_token(tmp_path: Path) -> None:
+    """Whatever else the request gets wrong (its query, its body), and whether or not the
+    route's feature is on (forwarding is off here): the missing token is what is answered."""
+    hostile = (
+        "page=0&limit=x&sorting=zzz&source=bogus&root_events=maybe&is_archived=maybe"
+        "&start_timestamp=nope&end_timestamp=nope&interval=aeon&timezone=Mars&units=x"
+        "&customer_id=nope&meter_id=nope&group_by=bogus&sort=bogus"
+    )
+    with InProcessCore(tmp_path) as core:
+        routes = [r for r in core.app.routes if isinstance(r, Route) and r.path.startswith("/v1")]
+        assert len(routes) > 25
+
+        async def anonymous(method: str, path: str) -> httpx.Response:
+            transport = httpx.ASGITransport(app=core.app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://m") as client:
+                body = b"{" if method in ("POST", "PATCH") else None
+                return await client.request(method, f"{path}?{hostile}", content=body)
+
+        answered = []
+        for route in routes:
+            if isinstance(route, ApiRoute) and route.operation.security == "none":
+                continue
+            path = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), route.path)
+            for method in sorted(set(route.methods or ()) - {"HEAD"}):
+                response = core.run(anonymous(method, path))
+                answered.append((method, route.path, response.status_code, response.text[:80]))
+        assert [a for a in answered if a[2] != 401] == []
 
 
 def test_organizations_are_isolated(server: Server) -> None:

@@ -1,11 +1,14 @@
 """`GET /openapi.json` is a valid OpenAPI 3.1 document of exactly the routes `build_app` serves
 (in process, on a real store), and every operation's real answers have a status it declares and
 a body its schema for that status accepts, objects closed (a key the shape does not declare
-fails); `/docs` renders the document with nothing fetched from elsewhere."""
+fails); `/docs` renders the document with nothing fetched from elsewhere, and its policy runs
+no other script."""
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import re
 import uuid
 from collections.abc import Iterator
@@ -94,6 +97,23 @@ def test_the_docs_page_renders_the_document_from_the_page_alone(core: InProcessC
     page = response.text
     assert 'fetch("openapi.json")' in page
     assert re.search(r"https?://|src=|@import", page) is None, "loads something from elsewhere"
+
+
+def test_the_docs_page_runs_only_its_own_script_and_style(core: InProcessCore) -> None:
+    """Its Content-Security-Policy names the page's inline script and style by hash (nothing
+    else inline runs, nothing loads from elsewhere) and lets it fetch openapi.json."""
+    response = core.request("GET", "/docs")
+    policy = dict(
+        (d.split()[0], d.split()[1:])
+        for d in response.headers["content-security-policy"].split(";")
+    )
+    for tag in ("script", "style"):
+        [block] = re.findall(rf"<{tag}>(.*?)</{tag}>", response.text, re.DOTALL)
+        digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
+        assert policy[f"{tag}-src"] == [f"'sha256-{digest}'"], tag
+    assert policy["default-src"] == ["'none'"] and policy["connect-src"] == ["'self'"]
+    assert policy["frame-ancestors"] == ["'none'"] and "unsafe" not in str(policy)
+    assert response.headers["x-content-type-options"] == "nosniff"
 
 
 def _closed(schema: Any) -> Any:

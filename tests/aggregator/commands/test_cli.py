@@ -1,7 +1,8 @@
 """The `meterline` command as its users meet it: help that names every option's default, the
 environment variables, errors that name what was tried, token commands that refuse a data dir
-without meterline data, the development token only on loopback, a locked data dir, waiting for a
-backfill (in events), and reconcile's date words, warnings, report path and fast failure.
+without meterline data, the development token only on loopback, a locked data dir, a damaged
+write-ahead log, waiting for a backfill (in events), and reconcile's date words, warnings,
+report path and fast failure.
 
 Most run `aggregator.cli.main` in this process against the session's real server (`server`)."""
 
@@ -145,6 +146,36 @@ def test_a_second_server_on_a_locked_data_dir_says_so_in_one_line(
     assert err.count("\n") == 1, err
     assert str(server.data_dir) in err and f"process {server.pid}" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_damaged_write_ahead_log_says_so_in_one_line(tmp_path: Path) -> None:
+    """`meterline up` on a data dir whose DuckDB WAL is damaged (garbage written over the middle
+    of its one large entry, which DuckDB's checksum catches) exits 2 with one line naming the
+    file and what to do, not a traceback."""
+    database = tmp_path / "meterline.duckdb"
+    con = duckdb.connect(str(database))
+    migrate(con)
+    con.execute("CHECKPOINT")
+    con.execute("PRAGMA disable_checkpoint_on_shutdown")
+    con.execute("CREATE TABLE filler AS SELECT repeat('x', 100000) AS text")
+    con.close()
+    wal = tmp_path / "meterline.duckdb.wal"
+    damaged = bytearray(wal.read_bytes())
+    middle = len(damaged) // 2
+    damaged[middle : middle + 64] = b"garbage!" * 8
+    wal.write_bytes(damaged)
+    args = ["up", "--data-dir", str(tmp_path), "--port", str(free_port()), "--log-level", "warning"]
+    done = subprocess.run(
+        [sys.executable, "-m", "aggregator.cli", *args, "--validation-workers", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(wal) in done.stderr and "backup" in done.stderr and "aside" in done.stderr
 
 
 def test_an_unreachable_url_is_named_with_what_to_do(
