@@ -5,6 +5,7 @@ meterline core --kafka BOOTSTRAP [--port 8000] [--data-dir ./.meterline]
 meterline ingest --kafka BOOTSTRAP [--port 8001] [--data-dir ./.meterline]
 meterline token create|list|revoke [--data-dir DIR] ...
 meterline org list|show NAME [--data-dir DIR]
+meterline ingest-log check|repair [--data-dir DIR]
 meterline schema record
 meterline meters wait [METER_ID ...]
 meterline reconcile --from T1 --to T2 --upstream-url URL [--repair] [--mode raw|rollup]
@@ -37,6 +38,7 @@ from starlette.applications import Starlette
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.commands import dead_letters as dead_letter_commands
+from aggregator.commands import ingest_log as ingest_log_commands
 from aggregator.commands import meters as meter_commands
 from aggregator.commands import orgs as org_commands
 from aggregator.commands import schema as schema_commands
@@ -45,6 +47,7 @@ from aggregator.commands.common import (
     HelpFormatter,
     command,
     data_dir_option,
+    program,
     topic_options,
     version,
 )
@@ -55,6 +58,7 @@ from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.plan_cycler import PlanCycler
 from aggregator.services.live_feed import LiveFeed
 from aggregator.store import Store
+from aggregator.store.ingest_log import LogCorrupt
 from aggregator.upstream import command_line as upstream_cli
 from aggregator.upstream.forwarder import Forwarder, ForwarderSettings
 from aggregator.upstream.webhook_sender import WebhookSender, WebhookSettings
@@ -321,6 +325,7 @@ def _parser() -> argparse.ArgumentParser:
     schema_commands.commands(commands)
     upstream_cli.commands(commands)
     dead_letter_commands.commands(commands)
+    ingest_log_commands.commands(commands)
     return parser
 
 
@@ -344,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             return upstream_cli.run(args)
         if args.command == "dead-letters":
             return dead_letter_commands.run(args)
+        if args.command == "ingest-log":
+            return ingest_log_commands.run(args)
         return _serve_command(args)
     except UsageError as exc:
         print(f"meterline: {exc}", file=sys.stderr)
@@ -439,6 +446,8 @@ def _serve_command(args: argparse.Namespace) -> int:
             if unopenable is None:
                 raise
             raise UsageError(unopenable) from None
+        except LogCorrupt as exc:
+            raise UsageError(_damaged(settings, exc)) from None
     return 0
 
 
@@ -471,6 +480,15 @@ def _locked(settings: CoreSettings, error: str) -> str:
     return (
         f"the data dir {settings.data_dir} is in use: {who} holds {settings.database}"
         " (another meterline on it?); stop that process, or pass another --data-dir"
+    )
+
+
+def _damaged(settings: CoreSettings, error: LogCorrupt) -> str:
+    """One line for an ingest log that cannot give back what it acknowledged."""
+    check = f"{program()} ingest-log check --data-dir {settings.data_dir}"
+    return (
+        f"{error}; `{check}` says what is lost, and `ingest-log repair` moves the damaged tail"
+        " aside (kept, not deleted) so that the server starts without it"
     )
 
 

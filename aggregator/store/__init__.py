@@ -124,8 +124,17 @@ class Store:
         migrate(self._con)
         log = self._log = IngestLog(None if wal is None else Path(self.path + ".ingest"))
         # What the ingest log holds after the last stored request was acknowledged but not
-        # stored: applied again below, before any other job.
-        logged = log.open(ingest_log.stored_through(self._con))
+        # stored: applied again below, before any other job. A log that cannot give it all
+        # back is refused (`ingest_log.LogCorrupt`), and the store with it.
+        stored, witnessed = ingest_log.stored_marks(self._con)
+        try:
+            logged = log.open(stored, witnessed)
+        except BaseException:
+            self._con.close()
+            self._con = None
+            raise
+        if log.witnessed and not witnessed:
+            ingest_log.mark_witnessed(self._con)
         table = Memtable()
         self._flusher = Flusher(
             self._con.cursor(),

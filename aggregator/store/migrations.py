@@ -454,6 +454,12 @@ MIGRATIONS: tuple[str, ...] = (
         backfilled_events = (SELECT count(*) FROM events e WHERE e.organization_id
             = meters.organization_id AND e.source = 'user' AND e.seq <= meters.backfilled_to);
     """,
+    # 20: whether the ingest log has a witness of how far it was acknowledged (its
+    # `acknowledged` file, `store.ingest_log`): once it has, a log without one is missing, not
+    # new. Logs from before get one at their next open.
+    """
+    ALTER TABLE ingest_stored ADD COLUMN witnessed BOOLEAN NOT NULL DEFAULT false;
+    """,
 )
 
 

@@ -1,0 +1,119 @@
+"""`meterline ingest-log check|repair`, and a server refusing a damaged ingest log: one line
+naming the file and the byte, exit status 2, nothing changed; the repair moves the damaged tail
+aside, says what is lost, and the server starts."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aggregator import cli
+from aggregator.core_app import CoreSettings
+from aggregator.store.ingest_log import WITNESS
+from tests.aggregator.store.test_ingest_log_store import (
+    crashed_store,
+    log_files,
+    log_records,
+    stored_events,
+)
+from tests.processes import MeterlineServer, free_port
+
+
+def _damaged(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, int]:
+    """A data dir whose server acknowledged 5, 4, 3 and 2 events (the first 5 stored) before a
+    crash, and whose log then had a byte flipped in the request of 3: the segment and the
+    byte it starts at."""
+    database = CoreSettings(data_dir=data_dir).database
+    crashed_store(database, [5, 4, 3, 2], stored=1, monkeypatch=monkeypatch)
+    segment, records = log_records(database)
+    _, at = records[2]
+    data = bytearray(segment.read_bytes())
+    data[at + 40] ^= 0x04
+    segment.write_bytes(bytes(data))
+    return segment, at
+
+
+def test_check_says_what_is_lost_and_repair_moves_it_aside_so_the_store_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    segment, at = _damaged(tmp_path, monkeypatch)
+    database = CoreSettings(data_dir=tmp_path).database
+    original = segment.read_bytes()
+    before = log_files(database)
+
+    assert cli.main(["ingest-log", "check", "--data-dir", str(tmp_path)]) == 1
+    said = capsys.readouterr().out
+    assert f"damaged: {segment} at byte {at}:" in said
+    # The request of 2 reads back after the damage; the 3 events' bytes do not.
+    assert "a repair loses at most 5 acknowledged events (2 in 1 request" in said
+    assert "ingest-log repair --data-dir" in said
+    assert log_files(database) == before  # a check changes nothing
+
+    assert cli.main(["ingest-log", "repair", "--data-dir", str(tmp_path)]) == 0
+    said = capsys.readouterr().out
+    assert "lost: at most 5 acknowledged events" in said
+    assert "1 acknowledged request (4 events) not yet stored" in said
+    (aside,) = (segment.parent / "damaged").iterdir()
+    assert (aside / segment.name).read_bytes() == original  # kept as it was
+    assert (aside / WITNESS).exists() and "at byte" in (aside / "repair.txt").read_text()
+    assert segment.read_bytes() == original[:at]  # what read back before the damage
+
+    assert stored_events(database) == 5 + 4  # stored, and applied again from the log
+    assert cli.main(["ingest-log", "check", "--data-dir", str(tmp_path)]) == 0
+    assert "reads back whole" in capsys.readouterr().out
+    assert cli.main(["ingest-log", "repair", "--data-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("nothing to repair")
+
+
+def test_the_commands_refuse_a_dir_without_a_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["ingest-log", "check", "--data-dir", str(tmp_path / "typo")]) == 2
+    assert "holds no meterline database" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_server_on_a_damaged_log_exits_2_in_one_line_and_starts_once_repaired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    segment, at = _damaged(tmp_path, monkeypatch)
+    database = CoreSettings(data_dir=tmp_path).database
+    before = log_files(database)
+    command = [sys.executable, "-m", "aggregator.cli", "up", "--data-dir", str(tmp_path)]
+    port = ["--port", str(free_port()), "--validation-workers", "0", "--log-level", "warning"]
+    try:
+        refused = subprocess.run(
+            [*command, *port], capture_output=True, text=True, timeout=60, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server started on a damaged ingest log")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert f"{segment} at byte {at}" in refused.stderr
+    assert "ingest-log check --data-dir" in refused.stderr and "Traceback" not in refused.stderr
+    assert log_files(database) == before  # nothing truncated
+
+    repaired = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aggregator.cli",
+            "ingest-log",
+            "repair",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert repaired.returncode == 0, repaired.stderr
+    assert re.search(r"lost: at most 5 acknowledged events", repaired.stdout), repaired.stdout
+    with MeterlineServer(tmp_path):
+        pass  # it serves (it printed its banner)
+    assert stored_events(database) == 5 + 4
