@@ -57,8 +57,9 @@ from aggregator.intake.consumer import Consumer
 from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.plan_cycler import PlanCycler
 from aggregator.services.live_feed import LiveFeed
-from aggregator.store import Store
+from aggregator.store import Store, quotas
 from aggregator.store.ingest_log import LogCorrupt
+from aggregator.store.quotas import TenantLimits
 from aggregator.upstream import command_line as upstream_cli
 from aggregator.upstream.forwarder import Forwarder, ForwarderSettings
 from aggregator.upstream.webhook_sender import WebhookSender, WebhookSettings
@@ -151,6 +152,7 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             help="seconds without an event before GET /v1/customer-meters/stream sends a"
             " heartbeat (keep it below the idle timeouts of proxies in front)",
         )
+        _quotas(parser.add_argument_group("per organization (409 LimitReached past each)"))
         upstream_cli.arguments(parser.add_argument_group("forwarding upstream"))
         hooks = parser.add_argument_group("webhooks")
         defaults_hooks = WebhookSettings()
@@ -357,6 +359,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _quotas(group: argparse._ArgumentGroup) -> None:
+    defaults = TenantLimits()
+    for counted in (quotas.METERS, quotas.ALERTS, quotas.ENDPOINTS, quotas.STREAMS):
+        group.add_argument(
+            counted.flag,
+            type=int,
+            dest=f"quota_{counted.field}",
+            default=getattr(defaults, counted.field),
+            help=f"{counted.what} one organization may hold",
+        )
+
+
 def settings_of(
     args: argparse.Namespace,
 ) -> tuple[CoreSettings, KafkaSettings | None, ForwarderSettings | None]:
@@ -377,6 +391,12 @@ def settings_of(
         ),
         stream_heartbeat_seconds=getattr(
             args, "stream_heartbeat_seconds", defaults.stream_heartbeat_seconds
+        ),
+        quotas=TenantLimits(
+            **{
+                field: getattr(args, f"quota_{field}", getattr(defaults.quotas, field))
+                for field in ("meters", "alerts", "webhook_endpoints", "streams")
+            }
         ),
         webhooks=WebhookSettings(
             allow_private=getattr(args, "allow_private_webhooks", False),
@@ -544,7 +564,7 @@ async def serve(
                 forwarder = await stack.enter_async_context(Forwarder(store, forwarded, forward))
                 forwarding = (forwarder, forwarded)
             feed = await stack.enter_async_context(
-                LiveFeed(store, settings.stream_heartbeat_seconds)
+                LiveFeed(store, settings.stream_heartbeat_seconds, limits=settings.quotas)
             )
             app = build_app(
                 store, registry, publisher, backfiller, settings, consumer, forwarding, feed, kafka

@@ -39,18 +39,27 @@ from aggregator.api import (
 )
 from aggregator.api.context import ApiContext
 from aggregator.api.openapi import Operation, declared
-from aggregator.api.openapi_routes import HealthShape
+from aggregator.api.openapi_routes import HealthShape, StorageHealthShape
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.commands.common import version
 from aggregator.console import routes as console_routes
-from aggregator.errors import InsufficientBalance, KeyReused, MeterFailed, NotFound, QueryTimeout
+from aggregator.errors import (
+    InsufficientBalance,
+    KeyReused,
+    LimitReached,
+    MeterFailed,
+    NotFound,
+    QueryTimeout,
+    StorageFull,
+)
 from aggregator.intake.consumer import Consumer
 from aggregator.services import ledger_service
 from aggregator.services.live_feed import LiveFeed
-from aggregator.store import Store, dedupe
+from aggregator.store import Store, dedupe, disk
 from aggregator.store.alert_tables import Firing
 from aggregator.store.balances import Balances
+from aggregator.store.quotas import TenantLimits
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS
 from aggregator.upstream.forwarder import Forwarder
 from aggregator.upstream.webhook_sender import WebhookSettings
@@ -96,6 +105,8 @@ class CoreSettings:
     # Seconds without an event before GET /v1/customer-meters/stream sends a heartbeat comment
     # (below the idle timeouts of the proxies in front).
     stream_heartbeat_seconds: float = 15.0
+    # How many of what a tenant can multiply one organization may hold.
+    quotas: TenantLimits = field(default_factory=TenantLimits)
 
     @property
     def database(self) -> Path:
@@ -109,6 +120,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal(request: Request, exc: Exception) -> Response:
+    if disk.full(exc):  # outside the store's writes: the token registry, the ingest log
+        log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
+        return error(503, "StorageFull", str(StorageFull(str(exc))), {"Retry-After": "30"})
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error(500, "InternalServerError", "An internal error occurred.")
 
@@ -117,30 +131,36 @@ async def _internal(request: Request, exc: Exception) -> Response:
 RESET_NOTICE_US = 24 * 3600 * 1_000_000
 
 
-def _core_health(consumer: Consumer | None) -> Route:
-    """`ok`, or `degraded` (still 200: the core works) for a day after the events topic's log
-    lost offsets the core had stored, with the latest such reset."""
+def _core_health(store: Store, consumer: Consumer | None) -> Route:
+    """`ok`, or `degraded` (still 200: reads work) while writes find the disk full, and for a
+    day after the events topic's log lost offsets the core had stored, with the latest such
+    reset."""
 
     async def health(request: Request) -> JSON:
+        failure = store.disk.failure
+        storage: StorageHealthShape = {
+            "free_bytes": store.disk.free_bytes(),
+            "full_since": None if failure is None else shapes.iso(failure.at_us),
+            "reason": None if failure is None else failure.reason,
+        }
+        found: HealthShape = {"status": "ok" if failure is None else "degraded", "storage": storage}
         if consumer is None:
-            return JSON(HealthShape(status="ok"))
+            return JSON(found)
         resets = await consumer.offset_resets()
         last = resets[-1] if resets else None
-        recent = last is not None and now_us() - last.at_us < RESET_NOTICE_US
-        found: HealthShape = {
-            "status": "degraded" if recent else "ok",
-            "kafka": {
-                "offset_resets": len(resets),
-                "last_offset_reset": None
-                if last is None
-                else {
-                    "partition": last.partition,
-                    "stored_offset": last.stored,
-                    "log_start": last.start,
-                    "log_end": last.end,
-                    "vanished": last.vanished,
-                    "reset_at": shapes.iso(last.at_us),
-                },
+        if last is not None and now_us() - last.at_us < RESET_NOTICE_US:
+            found["status"] = "degraded"
+        found["kafka"] = {
+            "offset_resets": len(resets),
+            "last_offset_reset": None
+            if last is None
+            else {
+                "partition": last.partition,
+                "stored_offset": last.stored,
+                "log_start": last.start,
+                "log_end": last.end,
+                "vanished": last.vanished,
+                "reset_at": shapes.iso(last.at_us),
             },
         }
         return JSON(found)
@@ -171,7 +191,9 @@ def _errors() -> ErrorMap:
     errors.register(MeterFailed, 409, "MeterFailed")
     errors.register(KeyReused, 409, "IdempotencyKeyReused")
     errors.register(InsufficientBalance, 409, "insufficient_balance")
+    errors.register(LimitReached, 409, "LimitReached")
     errors.register(QueryTimeout, 503, "QueryTimeout", headers={"Retry-After": "5"})
+    errors.register(StorageFull, 503, "StorageFull", headers={"Retry-After": "30"})
     errors.register_handler(HTTPException, _http_error)
     errors.register_handler(Exception, _internal)
     return errors
@@ -224,7 +246,12 @@ def build_app(
     authenticate = registry.organization_id
     limits = settings.ingest.limits
     ctx = ApiContext(
-        store, authenticate, settings.ingest.max_body_bytes, limits.body_timeout_seconds, backfiller
+        store,
+        authenticate,
+        settings.ingest.max_body_bytes,
+        limits.body_timeout_seconds,
+        backfiller,
+        settings.quotas,
     )
     admission = Admission(limits)
     responses = Responses()
@@ -232,7 +259,7 @@ def build_app(
     routes = [
         *openapi_routes.declare_edge(
             [
-                _core_health(consumer),
+                _core_health(store, consumer),
                 metrics_route(admission, settings.metrics_token, sources, responses),
                 *_openmeter_declared(
                     ingest_routes(publisher, authenticate, settings.ingest, admission)

@@ -47,6 +47,26 @@ class InsufficientBalance(AggregatorError):
         self.available = available
 
 
+class LimitReached(AggregatorError):
+    """An organization holds as many of something as one may (`store.quotas`)."""
+
+    def __init__(self, what: str, limit: int, flag: str, remedy: str) -> None:
+        super().__init__(
+            f"The organization already has {limit} {what}, the most one may have (the server's"
+            f" {flag}); {remedy}."
+        )
+        self.what = what
+        self.limit = limit
+
+
+class StorageFull(AggregatorError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"The server's disk is full ({reason}); nothing of this request was stored."
+            " Retry once space is freed."
+        )
+
+
 class StoreClosed(AggregatorError):
     pass
 

@@ -41,6 +41,7 @@ from benchmarks import (
     kafka,
     ledger,
     live_stream,
+    meter_heavy,
     meters,
     sdk,
     validation,
@@ -82,6 +83,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "sdk_record": Benchmark(sdk.sdk_record, 45, 25),
     "sdk_deliver": Benchmark(sdk.sdk_deliver, 175, 35),
     "isolation": Benchmark(isolation, 120, 25),
+    "meter_heavy": Benchmark(meter_heavy, 300, 60),
 }
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
 _OPS = {">=": "≥", "<=": "≤", "==": "="}

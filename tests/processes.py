@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
@@ -50,8 +50,10 @@ class MeterlineServer:
         log_level: str = "warning",
         command: str = "up",
         validation_workers: int = 0,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.command = command
+        self.prefix = tuple(prefix)  # runs the command (`nsenter ...`: another mount namespace)
         self.data_dir = data_dir
         self.extra_args = ("--validation-workers", str(validation_workers), *extra_args)
         self.log_level = log_level
@@ -66,6 +68,7 @@ class MeterlineServer:
 
     def start(self, timeout: float = 60.0) -> Self:
         cmd = [
+            *self.prefix,
             sys.executable,
             "-m",
             "aggregator.cli",

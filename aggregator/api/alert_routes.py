@@ -41,7 +41,7 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def create(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(AlertCreate, await ctx.json(request))
-        found, created = await service.create(store, org, data)
+        found, created = await service.create(store, org, data, ctx.limits)
         return JSON(shapes.alert(found), status_code=201 if created else 200)
 
     async def list_(request: Request) -> JSON:

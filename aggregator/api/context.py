@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from aggregator.backfill import Backfiller
 from aggregator.store import Store
+from aggregator.store.quotas import TenantLimits
 from ingest.http import Authenticate, json_body, organization_of
 
 
@@ -19,6 +20,7 @@ class ApiContext:
     max_body_bytes: int
     body_timeout_seconds: float
     backfiller: Backfiller
+    limits: TenantLimits
 
     def organization(self, request: Request) -> str:
         return organization_of(request, self.authenticate)

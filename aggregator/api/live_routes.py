@@ -41,6 +41,7 @@ def routes(ctx: ApiContext, feed: LiveFeed | None) -> list[Route]:
         org = ctx.organization(request)
         if feed is None:
             raise NotFound("This process serves no live stream")
+        feed.admit(org)
         meter_ids = params.ids(request, "meter_id")
         refs = await service.customer_refs(
             store,

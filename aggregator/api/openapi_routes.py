@@ -46,11 +46,19 @@ class KafkaHealthShape(TypedDict):
     last_offset_reset: OffsetResetShape | None
 
 
+class StorageHealthShape(TypedDict):
+    free_bytes: int  # on the data dir's filesystem
+    full_since: str | None  # the latest write that found the disk full, until one succeeds
+    reason: str | None
+
+
 class HealthShape(TypedDict):
     """What `/healthz` answers (core_app's `_core_health`; an edge's is `{"status": "ok"}`):
-    "degraded" for a day after the events topic lost offsets the core had stored."""
+    "degraded" while writes find the disk full, and for a day after the events topic lost
+    offsets the core had stored."""
 
     status: Literal["ok", "degraded"]
+    storage: NotRequired[StorageHealthShape]  # a core's
     kafka: NotRequired[KafkaHealthShape]  # Kafka mode
 
 

@@ -17,6 +17,8 @@ from meters.wire import ID_MESSAGE, canonical_id, parse_model
 MAX_LIMIT = 100
 # Offsets stay far inside DuckDB's BIGINT.
 MAX_PAGE = 2**31 - 1
+# Values of one repeatable parameter (customer_id, meter_id, ...): each widens the query.
+MAX_REPEATED = 100
 # Timestamps whose periods (up to a year, in any timezone) are dates of years 1..9999.
 MIN_TIMESTAMP = datetime(2, 1, 1, tzinfo=UTC)
 MAX_TIMESTAMP = datetime(9998, 12, 31, tzinfo=UTC)
@@ -120,7 +122,13 @@ def timestamp(request: Request, name: str) -> int | None:
 
 
 def strings(request: Request, name: str) -> tuple[str, ...]:
-    return tuple(request.query_params.getlist(name))
+    """Every value of a repeatable parameter: at most MAX_REPEATED (a 422 naming it)."""
+    values = tuple(request.query_params.getlist(name))
+    if len(values) > MAX_REPEATED:
+        raise _fail(
+            name, "too_long", f"At most {MAX_REPEATED} values of {name} in one request", len(values)
+        )
+    return values
 
 
 def ids(request: Request, name: str) -> tuple[str, ...]:

@@ -49,7 +49,7 @@ def routes(ctx: ApiContext, allow_private: bool) -> list[Route]:
     async def create(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(EndpointCreate, await ctx.json(request))
-        created = await service.create(store, org, data, allow_private)
+        created = await service.create(store, org, data, allow_private, ctx.limits)
         return JSON(shapes.endpoint(created), status_code=201)
 
     async def list_(request: Request) -> JSON:

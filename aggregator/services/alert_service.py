@@ -7,14 +7,17 @@ from aggregator.services.pages import Page, offset
 from aggregator.store import Store
 from aggregator.store import alert_tables as sql
 from aggregator.store.alert_tables import AlertRow
+from aggregator.store.quotas import TenantLimits
 from meters.ledger_rules import AlertCreate
 from meters.times import now_us
 
 __all__ = ["AlertRow", "create", "delete", "get", "list_"]
 
 
-async def create(store: Store, organization_id: str, data: AlertCreate) -> tuple[AlertRow, bool]:
-    return await store.write(sql.create_job(organization_id, data, now_us()))
+async def create(
+    store: Store, organization_id: str, data: AlertCreate, limits: TenantLimits
+) -> tuple[AlertRow, bool]:
+    return await store.write(sql.create_job(organization_id, data, now_us(), limits))
 
 
 async def list_(

@@ -21,11 +21,12 @@ from typing import Self
 
 import duckdb
 
-from aggregator.store import Store, subjects
+from aggregator.store import Store, quotas, subjects
 from aggregator.store.customer_tables import customers_by_refs
 from aggregator.store.hold_tables import held_by_pair
 from aggregator.store.ledger_tables import CustomerMeter, held_customer_meter
 from aggregator.store.live import Changed
+from aggregator.store.quotas import TenantLimits
 from meters.times import now_us
 
 __all__ = [
@@ -104,11 +105,16 @@ class LiveFeed:
     """An async context manager: attached to the store's commits while open."""
 
     def __init__(
-        self, store: Store, heartbeat_seconds: float, max_pending: int = MAX_PENDING
+        self,
+        store: Store,
+        heartbeat_seconds: float,
+        max_pending: int = MAX_PENDING,
+        limits: TenantLimits | None = None,
     ) -> None:
         self._store = store
         self.heartbeat_seconds = heartbeat_seconds
         self._max_pending = max_pending
+        self._limits = limits or TenantLimits()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscriptions: dict[str, set[Subscription]] = {}
         # Replaced, never changed in place: the writer thread reads it.
@@ -154,12 +160,21 @@ class LiveFeed:
 
     # ---- the streams' side (event loop) ---------------------------------------------------
 
+    def admit(self, organization_id: str) -> None:
+        """LimitReached when the organization holds as many streams as it may: checked before
+        a stream's answer begins (`subscribe` ends at once one that gets past it in a race)."""
+        if self._full(organization_id):
+            raise quotas.STREAMS.refused(self._limits)
+
+    def _full(self, organization_id: str) -> bool:
+        return len(self._subscriptions.get(organization_id, ())) >= self._limits.streams
+
     @contextlib.contextmanager
     def subscribe(
         self, organization_id: str, meter_ids: Collection[str], refs: frozenset[str] | None
     ) -> Iterator[Subscription]:
         subscription = Subscription(frozenset(meter_ids), refs, self._max_pending)
-        if self._closed:
+        if self._closed or self._full(organization_id):
             subscription.end()
         held = self._subscriptions.setdefault(organization_id, set())
         held.add(subscription)

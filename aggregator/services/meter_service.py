@@ -17,6 +17,7 @@ from aggregator.store import meter_tables as sql
 from aggregator.store import quantities as quantity_sql
 from aggregator.store.meter_tables import METER_SORTS, MeterRow
 from aggregator.store.quantities import Scope
+from aggregator.store.quotas import TenantLimits
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.periods import Interval
 from meters.times import now_us
@@ -70,9 +71,13 @@ def found(row: MeterRow | None) -> MeterRow:
 
 
 async def create(
-    store: Store, backfiller: Backfiller, organization_id: str, data: MeterCreate
+    store: Store,
+    backfiller: Backfiller,
+    organization_id: str,
+    data: MeterCreate,
+    limits: TenantLimits,
 ) -> MeterRow:
-    row: MeterRow = await store.write(sql.create_job(organization_id, data, now_us()))
+    row: MeterRow = await store.write(sql.create_job(organization_id, data, now_us(), limits))
     backfiller.start(row.id, row.version)
     return row
 
@@ -82,10 +87,16 @@ async def get(store: Store, organization_id: str, meter_id: str) -> MeterRow:
 
 
 async def update(
-    store: Store, backfiller: Backfiller, organization_id: str, meter_id: str, data: MeterUpdate
+    store: Store,
+    backfiller: Backfiller,
+    organization_id: str,
+    meter_id: str,
+    data: MeterUpdate,
+    limits: TenantLimits,
 ) -> MeterRow:
     found(await store.read(sql.get_meter, organization_id, meter_id))
-    row: MeterRow = await store.write(sql.update_job(organization_id, meter_id, data, now_us()))
+    job = sql.update_job(organization_id, meter_id, data, now_us(), limits)
+    row: MeterRow = await store.write(job)
     if row.backfilling:
         backfiller.start(row.id, row.version)
     return row

@@ -7,6 +7,7 @@ from aggregator.errors import NotFound
 from aggregator.services.pages import Page, offset
 from aggregator.store import Store
 from aggregator.store import webhook_tables as sql
+from aggregator.store.quotas import TenantLimits
 from aggregator.store.webhook_tables import DeliveryRow, EndpointRow
 from aggregator.upstream.webhook_sender import private_refusal
 from meters.errors import FieldError, ValidationFailed
@@ -36,10 +37,14 @@ async def _check_target(url: str, allow_private: bool) -> None:
 
 
 async def create(
-    store: Store, organization_id: str, data: EndpointCreate, allow_private: bool
+    store: Store,
+    organization_id: str,
+    data: EndpointCreate,
+    allow_private: bool,
+    limits: TenantLimits,
 ) -> EndpointRow:
     await _check_target(data.url, allow_private)
-    return await store.write(sql.create_endpoint_job(organization_id, data, now_us()))
+    return await store.write(sql.create_endpoint_job(organization_id, data, now_us(), limits))
 
 
 async def update(

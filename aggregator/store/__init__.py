@@ -26,8 +26,9 @@ from typing import Any, Self, TypeVar
 
 import duckdb
 
-from aggregator.errors import QueryTimeout
-from aggregator.store import alert_tables, dedupe, ingest_log
+from aggregator.errors import QueryTimeout, StorageFull
+from aggregator.store import alert_tables, dedupe, disk, ingest_log
+from aggregator.store.disk import DiskHealth
 from aggregator.store.event_tables import Replay
 from aggregator.store.flusher import Flusher
 from aggregator.store.ingest_log import IngestLog
@@ -35,7 +36,7 @@ from aggregator.store.live import Live, SequenceCounter
 from aggregator.store.memtable import ROW_GROUP, Memtable
 from aggregator.store.migrations import migrate
 from aggregator.store.recluster import Reclusterer, ReclusterSettings
-from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS, Job, Writer
+from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS, REJECTIONS, Job, Writer
 
 T = TypeVar("T")
 
@@ -63,6 +64,7 @@ class Store:
         alert_payload: alert_tables.Payload = alert_tables.basic_payload,
     ):
         self.path = str(path)
+        self.disk = DiskHealth(Path(self.path).parent)
         # How a `meter.alert` webhook event's data is made (the composition gives the API's
         # shapes), needed from the start: replaying the ingest log can fire alerts.
         self._alert_payload = alert_payload
@@ -145,6 +147,7 @@ class Store:
             flush_seconds=self._flush_seconds,
             compact_seconds=self._compact_seconds,
             checkpoint_bytes=self._checkpoint_bytes,
+            disk=self.disk,
         )
         live = self._live = Live(
             SequenceCounter.load(self._con, logged),
@@ -201,7 +204,17 @@ class Store:
     async def write(self, job: Job[T], weight: int = 1, tenant: str | None = None) -> T:
         """Run `job` in a group commit (`tenant`'s share of the writer); returns after the
         commit."""
-        return await self.writer.submit(job, weight, tenant)
+        try:
+            result = await self.writer.submit(job, weight, tenant)
+        except REJECTIONS:
+            raise
+        except Exception as exc:
+            if not disk.full(exc):
+                raise
+            self.disk.failed(exc)
+            raise StorageFull(str(exc).splitlines()[0]) from exc
+        self.disk.succeeded()
+        return result
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(cursor, *args, **kwargs)` on a reader thread once every event applied so

@@ -23,10 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.errors import NotFound
-from aggregator.store import idempotency, subjects, webhook_tables
+from aggregator.store import idempotency, quotas, subjects, webhook_tables
 from aggregator.store.catalog import CustomerKey
 from aggregator.store.customer_tables import CustomerRow, find_customer
 from aggregator.store.meter_tables import MeterRow, get_meter
+from aggregator.store.quotas import TenantLimits
 from aggregator.store.rollups import Evaluated
 from aggregator.store.rows import first_row
 from aggregator.store.writer import Job, Tx
@@ -83,7 +84,12 @@ def _row(r: tuple[Any, ...]) -> AlertRow:
 # ---- the API's --------------------------------------------------------------------------------
 
 
-def create_job(organization_id: str, data: AlertCreate, now_us: int) -> Job[tuple[AlertRow, bool]]:
+_ALERTS = "SELECT count(*) FROM meter_alerts WHERE organization_id = ?::UUID AND deleted_at IS NULL"
+
+
+def create_job(
+    organization_id: str, data: AlertCreate, now_us: int, limits: TenantLimits = quotas.DEFAULTS
+) -> Job[tuple[AlertRow, bool]]:
     """The alert, and whether this call made it (False: its external_id made it before)."""
     request = idempotency.digest(data)
 
@@ -94,6 +100,7 @@ def create_job(organization_id: str, data: AlertCreate, now_us: int) -> Job[tupl
             found = _by_external_id(con, organization_id, data.external_id)
             assert found is not None
             return found, False
+        quotas.check(con, limits, quotas.ALERTS, _ALERTS, [organization_id])
         customer_id = _customer(con, organization_id, data)
         meter = get_meter(con, organization_id, str(data.meter_id))
         if meter is None or meter.archived_at_us is not None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import duckdb
 
+from aggregator.store.rows import transaction
+
 _NUMBERS = "sum(events), sum(total), min(low), max(high)"
 _MERGE = (
     "events = events + excluded.events, total = total + excluded.total,"
@@ -90,8 +92,7 @@ def recluster(con: duckdb.DuckDBPyConnection, table: str) -> int:
     some of them meanwhile (a meter redefined) is then a write conflict, for one of the two to
     run again, instead of rows coming back."""
     deltas, columns, merged = CLUSTERED[table]
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(f"CREATE TABLE {table}_next {columns}")
         rows = con.execute(
             f"INSERT INTO {table}_next {merged} ORDER BY meter_id, subject, bucket"
@@ -100,8 +101,4 @@ def recluster(con: duckdb.DuckDBPyConnection, table: str) -> int:
         con.execute(f"DELETE FROM {deltas}")  # noqa: S608 - fixed text, values bound
         con.execute(f"DROP TABLE {table}")
         con.execute(f"ALTER TABLE {table}_next RENAME TO {table}")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return int(rows[0][0])

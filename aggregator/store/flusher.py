@@ -28,10 +28,12 @@ from pathlib import Path
 
 import duckdb
 
-from aggregator.store import memtable
+from aggregator.store import disk, memtable
 from aggregator.store.compaction import compact
+from aggregator.store.disk import DiskHealth
 from aggregator.store.ingest_log import IngestLog
 from aggregator.store.memtable import ROW_GROUP, Memtable
+from aggregator.store.rows import transaction
 from meters.times import NEVER
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,10 @@ class Flusher:
         checkpoint_bytes: int = 16 * 1024 * 1024,
         retry_seconds: float = 1.0,
         idle: Callable[[], object] = lambda: None,
+        disk: DiskHealth | None = None,
     ) -> None:
         self._con = con
+        self._disk = disk
         self._table = table
         self._log = log
         self._wal = wal
@@ -67,6 +71,7 @@ class Flusher:
         self._barriers: list[tuple[int, concurrent.futures.Future[None]]] = []
         self._stopping = False
         self._failed_at = NEVER
+        self._full_logged_at = NEVER
         self._compacted_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="duckdb-flusher", daemon=True)
         self.flushes = 0
@@ -111,13 +116,8 @@ class Flusher:
             return
         started = time.perf_counter()
         con = self._con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             logged = memtable.store(con, entries)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         self._table.release(len(entries))
         if logged is not None:
             self._log.stored(logged)
@@ -156,6 +156,17 @@ class Flusher:
             or table.age() >= self.flush_seconds
         )
 
+    def _failed(self, exc: Exception) -> None:
+        """Count a failed flush; a full disk is logged once a minute, not at every retry."""
+        self._failed_at = time.monotonic()
+        if disk.full(exc):
+            if self._disk is not None:
+                self._disk.failed(exc)
+            if self._failed_at - self._full_logged_at < 60:
+                return
+            self._full_logged_at = self._failed_at
+        log.error("storing applied events failed; retrying", exc_info=exc)
+
     def _run(self) -> None:
         while True:
             with self._wake:
@@ -169,9 +180,11 @@ class Flusher:
                 if flush:
                     try:
                         self.flush_all()
-                    except Exception:  # kept: retried with the same batches
-                        self._failed_at = time.monotonic()
-                        log.exception("storing applied events failed; retrying")
+                    except Exception as exc:  # noqa: BLE001 - logged; retried with the same batches
+                        self._failed(exc)
+                    else:
+                        if self._disk is not None:
+                            self._disk.succeeded()
                 self._upkeep()
                 self.longest_seconds = max(self.longest_seconds, time.perf_counter() - started)
             try:
@@ -184,12 +197,10 @@ class Flusher:
         if time.monotonic() - self._compacted_at >= self._compact_seconds:
             self._compacted_at = time.monotonic()
             con = self._con
-            con.execute("BEGIN TRANSACTION")
             try:
-                compact(con)
-                con.execute("COMMIT")
+                with transaction(con):
+                    compact(con)
             except Exception:
-                con.execute("ROLLBACK")
                 log.exception("compaction failed; retrying later")
         if self._wal is not None and _size(self._wal) >= self._checkpoint_bytes:
             try:

@@ -435,7 +435,7 @@ class IngestLog:
             data = b"".join(r.encode() for r in records)
             last = (records[-1].id, records[-1].last_seq)
             try:
-                os.write(self._file, data)
+                write_all(self._file, data)
                 os.fsync(self._file)
                 # The witness after the bytes it witnesses are durable, before the answer.
                 self._witness.write(mark_of(self._segments, self._size + len(data), last))
@@ -532,8 +532,8 @@ class Witness:
             new = path.with_name(path.name + ".new")
             fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.pwrite(fd, _encode_witness(0, mark), _WITNESS_SLOTS[0])
-                os.pwrite(fd, _encode_witness(0, mark), _WITNESS_SLOTS[1])
+                write_all(fd, _encode_witness(0, mark), _WITNESS_SLOTS[0])
+                write_all(fd, _encode_witness(0, mark), _WITNESS_SLOTS[1])
                 os.fsync(fd)
             except BaseException:
                 os.close(fd)
@@ -550,7 +550,7 @@ class Witness:
         # Counted first: a write that failed halfway is overwritten by the next, in the other
         # slot with a higher count.
         self._counter += 1
-        os.pwrite(self._fd, _encode_witness(self._counter, mark), _WITNESS_SLOTS[self._counter % 2])
+        write_all(self._fd, _encode_witness(self._counter, mark), _WITNESS_SLOTS[self._counter % 2])
         os.fdatasync(self._fd)
         self.mark = mark
 
@@ -604,7 +604,7 @@ def write_seal(segment: Path, size: int) -> None:
     new = segment.with_suffix(".sealed.new")
     fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, body + struct.pack("<I", zlib.crc32(body)))
+        write_all(fd, body + struct.pack("<I", zlib.crc32(body)))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -662,6 +662,19 @@ def resync(data: bytes, at: int) -> int | None:
             return at
         at = data.find(_MAGIC, at + 1)
     return None
+
+
+def write_all(fd: int, data: bytes, offset: int | None = None) -> None:
+    """All of `data`, or an OSError: a write that finds the disk nearly full writes part of it
+    and says how much (no error), and the rest must then fail loudly, not go unwritten."""
+    view = memoryview(data)
+    while view:
+        if offset is None:
+            written = os.write(fd, view)
+        else:
+            written = os.pwrite(fd, view, offset)
+            offset += written
+        view = view[written:]
 
 
 def fsync_directory(directory: Path) -> None:

@@ -35,6 +35,7 @@ from aggregator.store.ingest_log import (
     seal_path,
     stored_marks,
     survey,
+    write_all,
 )
 
 ASIDE = "damaged"  # where a repair moves what it does not keep, in the log's directory
@@ -258,7 +259,7 @@ def _replace_with_prefix(path: Path, size: int) -> None:
         data = old.read(size)
     fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

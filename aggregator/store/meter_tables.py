@@ -15,10 +15,11 @@ import pyarrow as pa
 from pydantic import TypeAdapter
 
 from aggregator.errors import NotFound
-from aggregator.store import rollups
+from aggregator.store import quotas, rollups
 from aggregator.store.compaction import LEDGER_TABLES, ROLLUP_TABLES
 from aggregator.store.meter_sql import member_pointer
-from aggregator.store.rows import first_row, is_uuid
+from aggregator.store.quotas import TenantLimits
+from aggregator.store.rows import first_row, is_uuid, rollback, transaction
 from aggregator.store.writer import Job, Repairable, Tx
 from meters.aggregations import (
     Aggregation,
@@ -133,9 +134,17 @@ def _row(r: tuple[Any, ...]) -> MeterRow:
     )
 
 
-def create_job(organization_id: str, data: MeterCreate, now_us: int) -> Job[MeterRow]:
+_ACTIVE_METERS = (
+    "SELECT count(*) FROM meters WHERE organization_id = ?::UUID AND archived_at IS NULL"
+)
+
+
+def create_job(
+    organization_id: str, data: MeterCreate, now_us: int, limits: TenantLimits = quotas.DEFAULTS
+) -> Job[MeterRow]:
     def job(tx: Tx) -> MeterRow:
         con = tx.con
+        quotas.check(con, limits, quotas.METERS, _ACTIVE_METERS, [organization_id])
         meter_id = str(uuid.uuid4())
         con.execute(
             "INSERT INTO meters (id, organization_id, name, unit, custom_label,"  # noqa: S608 - fixed text, values bound
@@ -183,7 +192,11 @@ def _unit_changes(changes: dict[str, Any], current: MeterRow) -> dict[str, Any]:
 
 
 def update_job(
-    organization_id: str, meter_id: str, data: MeterUpdate, now_us: int
+    organization_id: str,
+    meter_id: str,
+    data: MeterUpdate,
+    now_us: int,
+    limits: TenantLimits = quotas.DEFAULTS,
 ) -> Job[MeterRow]:
     def job(tx: Tx) -> MeterRow:
         con = tx.con
@@ -205,6 +218,8 @@ def update_job(
             current.archived_at_us is not None
         )
         if archiving:
+            if not data.is_archived:
+                quotas.check(con, limits, quotas.METERS, _ACTIVE_METERS, [organization_id])
             extra = ", archived_at = " + ("make_timestamptz(?)" if data.is_archived else "NULL")
             extra_params = [now_us] if data.is_archived else []
         redefined = (data.filter is not None and data.filter != current.filter) or (
@@ -290,11 +305,10 @@ class MeterUnevaluable(Repairable):
                 except EVALUATION_ERRORS as exc:
                     failing.append((meter, str(exc)))
                 finally:
-                    con.execute("ROLLBACK")
+                    rollback(con)
         if not failing:
             return False
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             for meter, reason in failing:
                 log.error(
                     "meter %s (organization %s) cannot be evaluated; ingest skips it until it"
@@ -309,10 +323,6 @@ class MeterUnevaluable(Repairable):
                     " reason = excluded.reason, failed_at = excluded.failed_at",
                     [meter.id, meter.version, reason[:_MAX_REASON], now_us],
                 )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         return True
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import duckdb
 
+from aggregator.store.rows import transaction
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: events (deduplicated by external_id), parent links, customer first events, customers.
     """
@@ -475,12 +477,7 @@ def migrate(con: duckdb.DuckDBPyConnection, until: int | None = None) -> int:
     )
     steps = MIGRATIONS[:until] if until is not None else MIGRATIONS
     for version, step in enumerate(steps[current:], start=current + 1):
-        con.execute("BEGIN")
-        try:
+        with transaction(con):
             con.execute(step)
             con.execute("INSERT INTO schema_migrations (version) VALUES (?)", [version])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     return len(steps)

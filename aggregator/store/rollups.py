@@ -37,6 +37,10 @@ BUCKET_MINUTES = 15
 BUCKET_US = BUCKET_MINUTES * 60 * 1_000_000
 BUCKET = f"time_bucket(INTERVAL {BUCKET_MINUTES} MINUTE, timestamp)"
 
+# Meters per statement: DuckDB dies (SIGFPE) on one statement of some thousands of aggregates
+# (5,000 meters' four each did), and a statement's planning time grows with its columns.
+METERS_PER_STATEMENT = 100
+
 
 @dataclass(frozen=True, slots=True)
 class Evaluated:
@@ -75,8 +79,7 @@ def evaluate(
     organization). Live ingest applies events newer than any reset; a `backfill` (of stored
     events) leaves out of the ledger the events a customer's reset has already closed.
     `ledger=False` leaves the ledger out (to measure what it costs)."""
-    values_sql, values_params = _values(meters, source, where, params)
-    values = con.sql(values_sql, params=values_params).to_arrow_table()
+    values = _evaluated(con, meters, source, where, params)
     numbers = [(i, m) for i, m in enumerate(meters) if not _is_unique(m) and ledger]
     uniques = [(i, m) for i, m in enumerate(meters) if _is_unique(m) and ledger]
     if backfill:
@@ -93,6 +96,31 @@ def evaluate(
         usage_values,
         at_us,
     )
+
+
+def _evaluated(
+    con: duckdb.DuckDBPyConnection,
+    meters: Sequence[MeterRow],
+    source: str,
+    where: str,
+    params: list[Any],
+) -> pa.Table:
+    """`_values` of every meter, one statement per `METERS_PER_STATEMENT` of them, their
+    columns joined side by side (each ordered by seq, so their rows line up)."""
+    if len(meters) <= METERS_PER_STATEMENT:
+        return _table(con, *_values(meters, source, where, params))
+    values: pa.Table | None = None
+    for first in range(0, len(meters), METERS_PER_STATEMENT):
+        chunk = meters[first : first + METERS_PER_STATEMENT]
+        query, query_params = _values(chunk, source, where, params, first=first)
+        part = _table(con, query + " ORDER BY seq", query_params)
+        if values is None:
+            values = part
+            continue
+        for name in part.column_names[len(_KEYS) :]:
+            values = values.append_column(name, part.column(name))
+    assert values is not None
+    return values
 
 
 def _table(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None) -> pa.Table:
@@ -150,9 +178,15 @@ def _value_parts(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]:
 
 def _store_rollups(con: duckdb.DuckDBPyConnection, meters: Sequence[MeterRow]) -> None:
     """The registered `_values`' partial aggregates per meter, customer reference and bucket,
-    appended to the rollup deltas."""
-    numbers = [(i, m) for i, m in enumerate(meters) if not _is_unique(m)]
-    uniques = [(i, m) for i, m in enumerate(meters) if _is_unique(m)]
+    appended to the rollup deltas: one pair of statements per `METERS_PER_STATEMENT`."""
+    indexed = list(enumerate(meters))
+    for first in range(0, len(indexed), METERS_PER_STATEMENT):
+        _store_chunk(con, indexed[first : first + METERS_PER_STATEMENT])
+
+
+def _store_chunk(con: duckdb.DuckDBPyConnection, meters: list[tuple[int, MeterRow]]) -> None:
+    numbers = [(i, m) for i, m in meters if not _is_unique(m)]
+    uniques = [(i, m) for i, m in meters if _is_unique(m)]
     if numbers:
         parts, ids = _number_parts(numbers)
         con.execute(
@@ -275,18 +309,22 @@ _AFTER_RESET = (
 )
 
 
+_KEYS = ("subject", "bucket", "seq")
+
+
 def _values(
-    meters: Sequence[MeterRow], source: str, where: str, params: list[Any]
+    meters: Sequence[MeterRow], source: str, where: str, params: list[Any], *, first: int = 0
 ) -> tuple[str, list[Any]]:
     """A query of (subject, bucket, seq, v0 .. vN): vI is meter I's contribution of the event, NULL
-    when the event is not in the meter (its filter, or the aggregation's implicit one)."""
+    when the event is not in the meter (its filter, or the aggregation's implicit one). The
+    columns are numbered from `first` (a chunk of a longer list of meters)."""
     extracted = Extracted()
     columns: list[str] = []
     columns_params: list[Any] = []
     for i, meter in enumerate(meters):
         in_filter, in_filter_params = filter_sql(meter.filter, extracted)
         value, value_params = contribution_sql(meter.aggregation, extracted)
-        columns.append(f"CASE WHEN {in_filter} THEN {value} END AS v{i}")
+        columns.append(f"CASE WHEN {in_filter} THEN {value} END AS v{first + i}")
         columns_params += [*in_filter_params, *value_params]
     projection, projection_params = extracted.projection()
     # Each step MATERIALIZED: otherwise DuckDB inlines the projections and evaluates the JSON

@@ -1,6 +1,6 @@
 """Reading single rows without leaving a result open (an open result blocks checkpoints), Arrow
-tables registered for the statements that read them, and ids checked before they reach a UUID
-cast."""
+tables registered for the statements that read them, ids checked before they reach a UUID
+cast, and transactions that end cleanly whatever failed."""
 
 from __future__ import annotations
 
@@ -35,3 +35,22 @@ def registered(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> It
         yield
     finally:
         con.unregister(name)
+
+
+@contextlib.contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """BEGIN; COMMIT once the block ends, ROLLBACK (`rollback`) if it raises."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        rollback(con)
+        raise
+
+
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """ROLLBACK after a failure. A COMMIT that failed (a full disk) has already ended the
+    transaction, and the error of a second ROLLBACK would hide the one that says why."""
+    with contextlib.suppress(duckdb.TransactionException):
+        con.execute("ROLLBACK")

@@ -19,6 +19,8 @@ import duckdb
 import orjson
 
 from aggregator.errors import NotFound
+from aggregator.store import quotas
+from aggregator.store.quotas import TenantLimits
 from aggregator.store.rows import first_row
 from aggregator.store.writer import Job, Tx, independent
 from meters.times import us_to_iso
@@ -107,11 +109,17 @@ def _endpoint(r: tuple[Any, ...]) -> EndpointRow:
 # ---- endpoints ----------------------------------------------------------------------------
 
 
+_ENDPOINTS = (
+    "SELECT count(*) FROM webhook_endpoints WHERE organization_id = ?::UUID AND deleted_at IS NULL"
+)
+
+
 def create_endpoint_job(
-    organization_id: str, data: EndpointCreate, now_us: int
+    organization_id: str, data: EndpointCreate, now_us: int, limits: TenantLimits = quotas.DEFAULTS
 ) -> Job[EndpointRow]:
     @independent
     def job(tx: Tx) -> EndpointRow:
+        quotas.check(tx.con, limits, quotas.ENDPOINTS, _ENDPOINTS, [organization_id])
         endpoint_id = str(uuid.uuid4())
         tx.con.execute(
             "INSERT INTO webhook_endpoints VALUES (?::UUID, ?::UUID, ?, ?, ?, ?, ?, true, NULL,"

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import duckdb
 
 from aggregator.errors import AggregatorError, StoreClosed
+from aggregator.store.rows import rollback
 from meters.errors import MetersError
 from meters.times import NEVER, now_us
 
@@ -377,7 +378,7 @@ class Writer:
                 hooks.prepare()
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            rollback(con)
             if hooks:
                 hooks.rollback()
             raise

@@ -1,0 +1,96 @@
+"""Rollups are evaluated and stored `METERS_PER_STATEMENT` meters per statement (DuckDB dies on
+one statement of thousands of aggregates): what is stored must not depend on where the meters
+are cut, and an organization with many meters must not bring the server down."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.store import Store, rollups
+from aggregator.store.event_tables import IngestJob
+from aggregator.store.meter_tables import create_job
+from aggregator.store.quotas import TenantLimits
+from meters.definitions import MeterCreate
+from meters.events import Event, to_table
+from meters.filters import EventView
+from meters.times import now_us
+from tests.aggregator.store.test_meter_sql import aggregations, events, filters
+
+ORG = str(uuid.uuid4())
+UNLIMITED = TenantLimits(meters=10**6)
+STORED = (
+    "SELECT meter_id, subject, bucket, sum(events), sum(total), min(low), max(high)"
+    " FROM (SELECT * FROM rollups UNION ALL SELECT * FROM rollup_deltas) GROUP BY ALL ORDER BY ALL",
+    "SELECT DISTINCT * FROM (SELECT * FROM rollup_values UNION ALL"
+    " SELECT * FROM rollup_value_deltas) ORDER BY ALL",
+)
+
+
+def _event(view: EventView, customer: int) -> Event:
+    return Event(
+        name=view.name,
+        timestamp_us=now_us(),
+        customer_id=None,
+        external_customer_id=f"c{customer}",
+        external_id=None,
+        parent_id=None,
+        external_member_id=None,
+        metadata={k: v for k, v in view.metadata.items() if not k.startswith("_")},
+        cost_amount=None,
+    )
+
+
+async def _stored(
+    path: Path, meters: list[MeterCreate], batch: list[Event]
+) -> tuple[list[Any], list[Any]]:
+    async with Store(path) as store:
+        for meter in meters:
+            await store.write(create_job(ORG, meter, now_us(), UNLIMITED))
+        await store.write(IngestJob(ORG, to_table(batch), now_us()))
+
+        def read(con: Any) -> tuple[list[Any], list[Any]]:
+            numbers, values = (con.execute(q).fetchall() for q in STORED)
+            # Meter ids differ between the two stores: compare by name.
+            order = {
+                r[0]: i
+                for i, r in enumerate(con.execute("SELECT id FROM meters ORDER BY name").fetchall())
+            }
+            return (
+                sorted((order[r[0]], *r[1:]) for r in numbers),
+                sorted((order[r[0]], *r[1:]) for r in values),
+            )
+
+        return await store.read(read)
+
+
+@pytest.mark.slow
+@settings(max_examples=10, deadline=None)
+@given(
+    definitions=st.lists(st.tuples(filters, aggregations), min_size=1, max_size=7),
+    views=st.lists(st.tuples(events(), st.integers(0, 2)), min_size=1, max_size=10),
+    per_statement=st.integers(1, 3),
+)
+def test_rollups_do_not_depend_on_how_meters_are_cut_into_statements(
+    tmp_path_factory: pytest.TempPathFactory,
+    definitions: list[tuple[dict[str, Any], dict[str, Any]]],
+    views: list[tuple[EventView, int]],
+    per_statement: int,
+) -> None:
+    meters = [
+        MeterCreate.model_validate({"name": f"meter {i}", "filter": f, "aggregation": a})
+        for i, (f, a) in enumerate(definitions)
+    ]
+    batch = [_event(view, customer) for view, customer in views]
+    folder = tmp_path_factory.mktemp("rollups")
+    whole = asyncio.run(_stored(folder / "whole.duckdb", meters, batch))
+    with mock.patch.object(rollups, "METERS_PER_STATEMENT", per_statement):
+        cut = asyncio.run(_stored(folder / "cut.duckdb", meters, batch))
+    assert cut == whole
