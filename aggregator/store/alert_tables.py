@@ -2,10 +2,18 @@
 
 An alert fires when a change takes a customer meter's value (consumed units or balance) into
 its condition (`ledger_rules.alert_fires`): a `meter.alert` webhook event is written
-(`webhook_tables.enqueue`) in the same transaction. The value before a change is the one in
-memory (`Balances`), or this transaction's own, kept in `Live.alert_values` by every change
-the transaction makes (ingested usage, credits, resets), so a group of jobs sees each change
-in order. A reset re-arms: the value before it counts as outside the condition.
+(`webhook_tables.enqueue_many`) in the same transaction. A change is one ingested event (in
+seq order, however many a transaction applies), a credit or a reset. The value before a change
+is the one in memory (`Balances`), or this transaction's own, kept in `Live.alert_values` by
+every change the transaction makes, so a group of jobs sees each change in order. A reset
+re-arms: the value before it counts as outside the condition.
+
+What fires, and the event's id (`firing_id`, the webhook-id receivers dedupe by), depend on the
+changes only, never on how they were grouped into transactions: an event is named by its place
+in its customer meter's window (the reset that opened it, and how many events the window
+counts up to it), a credit or reset by the seq of its system event. Applying the same events
+again (the ingest log's replay at start, a partition read again after a crash) fires the same
+alerts under the same ids, which the webhook outbox holds once.
 
 Organizations' alerts are held in memory (`Live.alerts`, dropped whenever one is created or
 deleted), so a batch of an organization without alerts costs nothing more.
@@ -14,16 +22,19 @@ deleted), so a batch of an organization without alerts costs nothing more.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import duckdb
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.errors import NotFound
 from aggregator.store import idempotency, quotas, subjects, webhook_tables
+from aggregator.store.arrays import encoded, numpy
 from aggregator.store.catalog import CustomerKey
 from aggregator.store.customer_tables import CustomerRow, find_customer
 from aggregator.store.meter_tables import MeterRow, get_meter
@@ -33,7 +44,13 @@ from aggregator.store.rows import first_row
 from aggregator.store.writer import Job, Tx
 from meters.aggregations import Partial
 from meters.errors import FieldError, ValidationFailed
-from meters.ledger_rules import AlertCreate, AlertMetric, AlertOperator, alert_fires
+from meters.ledger_rules import (
+    AlertCreate,
+    AlertMetric,
+    AlertOperator,
+    alert_fires,
+    alert_holds,
+)
 
 if TYPE_CHECKING:
     from aggregator.store.balances import Balances
@@ -260,71 +277,203 @@ def _watch(con: Con, live: Live, organization_id: str) -> Watch:
 
 # ---- evaluation ------------------------------------------------------------------------------
 
+# A customer meter's events in a batch, in order: their numbers, or a unique meter's values.
+Contributions = npt.NDArray[np.float64] | list[str]
 
-def on_usage(con: Con, live: Live, evaluated: Evaluated, batch: int) -> None:
-    """Evaluate the organization's alerts on the customer meters a batch's usage changed.
-    `batch` (its first seq) names each event fired: the ingest log's replay of the batch at
-    start then writes none twice."""
+# The namespace of `meter.alert` events' ids (`firing_id`).
+_FIRINGS = uuid.uuid5(uuid.NAMESPACE_URL, "meterline:meter.alert")
+
+
+def firing_id(alert: AlertRow, meter: MeterRow, customer_id: str, cause: str) -> str:
+    """The id (the webhook-id of every delivery) of the `meter.alert` event that `cause` fired
+    on a customer meter: the same whenever the same change is applied again."""
+    key = f"{alert.id}/{meter.id}/{meter.version}/{customer_id}/{cause}"
+    return str(uuid.uuid5(_FIRINGS, key))
+
+
+def on_usage(con: Con, live: Live, evaluated: Evaluated) -> None:
+    """Evaluate the organization's alerts on the customer meters a batch's usage changed, event
+    by event in seq order: an alert fires at the event that takes the value into its condition,
+    and is named by that event's place in the customer meter's window (`_crossings`). How
+    events are grouped into transactions then changes neither what fires nor its id: replaying
+    the ingest log at start (a request at a time) or reading a partition again writes nothing
+    twice."""
     org = evaluated.organization_id
     watch = _watch(con, live, org)
-    meters = {m.id: m for m in evaluated.meters if m.id in watch.by_meter}
-    if not meters:
-        return
-    deltas: dict[tuple[str, str], Partial] = {}
-    customers: dict[str, CustomerKey] = {}
-    tables = [(evaluated.ledger, False), (evaluated.ledger_values, True)]
-    rows = [
-        (row, unique)
-        for table, unique in tables
-        for meter_id in meters
-        for row in _watched_rows(table, meter_id, watch)
+    values = evaluated.values
+    watched = [
+        (meter, rows)
+        for i, meter in enumerate(evaluated.meters)
+        if meter.id in watch.by_meter
+        and (rows := _watched_events(values, f"v{i}", meter.id, watch)).num_rows
     ]
-    named = live.catalog.customers_of_subjects(con, org, sorted({r["subject"] for r, _ in rows}))
-    unique_rows = [row for row, unique in rows if unique]
-    keys = iter(_value_keys(live, unique_rows))
-    for row, unique in rows:
-        customer = named.get(row["subject"])
-        key = next(keys) if unique else None
-        if customer is None:  # an external id no customer has: no customer meter
-            continue
-        customers[customer.id] = customer
-        delta = deltas.setdefault((row["meter_id"], customer.id), Partial())
-        if unique:
-            delta.values.add(key)
-        else:
-            delta.add(row["events"], row["total"], row["low"], row["high"])
-    fired: list[Firing] = []
-    for (meter_id, customer_id), delta in deltas.items():
-        meter = meters[meter_id]
-        before = value(live, customers[customer_id], meter)
-        after = Value(_merged(before.usage, delta), before.credited)
-        fired += _changed(live, watch, customer_id, meter, before, after, batch)
-    _send(con, live, org, fired, evaluated.at_us)
+    if not watched:
+        return
+    names = sorted({str(s) for _, rows in watched for s in pc.unique(rows["subject"]).to_pylist()})
+    named = live.catalog.customers_of_subjects(con, org, names)
+    crossed: list[_Crossing] = []
+    for meter, rows in watched:
+        unique = meter.aggregation.func == "unique"
+        for customer, contributions in _per_customer(rows, named, unique):
+            crossed += _crossings(live, watch, customer, meter, contributions)
+    if crossed:
+        windows = _windows(con, {(c.customer_id, c.meter.id) for c in crossed})
+        fired = [
+            c.firing(f"usage/{windows.get((c.customer_id, c.meter.id), 0)}/{c.place}")
+            for c in crossed
+        ]
+        _send(con, live, org, fired, evaluated.at_us)
 
 
-def _watched_rows(table: pa.Table, meter_id: str, watch: Watch) -> list[dict[str, Any]]:
-    """The rows of `table` for `meter_id` whose customer reference an alert watches."""
-    if table.num_rows == 0:
-        return []
-    mask = pc.equal(table.column("meter_id"), pa.scalar(meter_id, pa.string()))
+def _watched_events(values: pa.Table, column: str, meter_id: str, watch: Watch) -> pa.Table:
+    """(subject, seq, contribution) of the events in the meter (`column` of `values`) whose
+    customer reference an alert watches."""
+    mask = pc.is_valid(values[column])
     if meter_id not in watch.everyone:
         refs = watch.subjects.get(meter_id, pa.array([], pa.string()))
-        mask = pc.and_(mask, pc.is_in(table.column("subject"), value_set=refs))
-    return list(table.filter(mask).to_pylist())
+        mask = pc.and_(mask, pc.is_in(values["subject"], value_set=refs))
+    return values.select(["subject", "seq", column]).filter(mask)
 
 
-def _value_keys(live: Live, rows: list[dict[str, Any]]) -> list[Hashable]:
-    """Each row's value keyed as the balances key it (per meter)."""
-    keys: list[Hashable] = []
-    for row in rows:
-        keys += live.balances.value_keys(str(row["meter_id"]), [row["value"]])
-    return keys
+def _per_customer(
+    rows: pa.Table, named: dict[str, CustomerKey], unique: bool
+) -> list[tuple[CustomerKey, Contributions]]:
+    """Each customer's contributions in `rows` (`_watched_events`), in seq order (a customer
+    meter counts the events of all the customer's references): numbers, or a unique meter's
+    values."""
+    names, at = encoded(rows["subject"])
+    customers = sorted({named[s] for s in names if s in named})
+    if not customers:
+        return []
+    index = {c.id: i for i, c in enumerate(customers)}
+    owner = np.array([index[named[s].id] if s in named else -1 for s in names], np.int64)[at]
+    order = np.lexsort((numpy(rows["seq"], np.int64), owner))
+    order = order[owner[order] >= 0]  # an external id no customer has: no customer meter
+    ends = np.cumsum(np.bincount(owner[order], minlength=len(customers))).tolist()
+    column = rows.column(2)
+    contributions: Contributions = (
+        list(map(str, column.take(order).to_pylist()))
+        if unique
+        else numpy(column, np.float64)[order]
+    )
+    return [
+        (customer, contributions[start:end])
+        for customer, start, end in zip(customers, [0, *ends[:-1]], ends, strict=True)
+    ]
 
 
-def _merged(usage: Partial, delta: Partial) -> Partial:
-    merged = Partial(usage.events, usage.total, usage.low, usage.high, set(usage.values))
-    merged.merge(delta)
-    return merged
+@dataclass(frozen=True, slots=True)
+class _Crossing:
+    """An alert's condition entered at the event `place`d so in its customer meter's window
+    (the number of events it counts by then; a unique meter's: of distinct values)."""
+
+    alert: AlertRow
+    customer_id: str
+    meter: MeterRow
+    consumed: float
+    credited: int
+    place: int
+
+    def firing(self, cause: str) -> Firing:
+        event_id = firing_id(self.alert, self.meter, self.customer_id, cause)
+        return Firing(
+            self.alert, self.customer_id, self.meter, self.consumed, self.credited, event_id
+        )
+
+
+def _crossings(
+    live: Live,
+    watch: Watch,
+    customer: CustomerKey,
+    meter: MeterRow,
+    contributions: Contributions,
+) -> list[_Crossing]:
+    """The alerts that a customer meter's events (their `contributions`, in order) fire, each
+    at the event that enters its condition. The place of an event in the window is stable:
+    whatever the grouping, the events before it in the window are the same, and held (in
+    `Balances`, in DuckDB) or applied before it."""
+    customer_id = customer.id
+    before = value(live, customer, meter)
+    func = meter.aggregation.func
+    if isinstance(contributions, list):
+        consumed, places, usage = _running_unique(live, meter, before.usage, contributions)
+    else:
+        consumed, places, usage = _running_numbers(func, before.usage, contributions)
+    live.alert_values[(meter.id, customer_id)] = Value(usage, before.credited)
+    start = before.usage.result(func)
+    crossed: list[tuple[int, int, _Crossing]] = []
+    for n, alert in enumerate(watch.by_meter.get(meter.id, [])):
+        if alert.customer_id not in (None, customer_id):
+            continue
+        balance = alert.metric == "balance"
+        holds = _holding(alert, before.credited - consumed if balance else consumed)
+        if not holds.any():
+            continue
+        entered = holds.copy()
+        entered[1:] &= ~holds[:-1]
+        entered[0] &= not alert_holds(
+            alert.operator, alert.threshold, before.credited - start if balance else start
+        )
+        for at in np.flatnonzero(entered).tolist():
+            crossing = _Crossing(
+                alert, customer_id, meter, float(consumed[at]), before.credited, int(places[at])
+            )
+            crossed.append((at, n, crossing))
+    return [c for _, _, c in sorted(crossed, key=lambda c: (c[0], c[1]))]
+
+
+def _holding(alert: AlertRow, values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """`alert_holds` of each of `values`, at once (its comparison works on arrays)."""
+    held: Any = alert_holds(alert.operator, alert.threshold, values)  # type: ignore[arg-type]
+    return np.asarray(held, np.bool_)
+
+
+def _running_numbers(
+    func: str, usage: Partial, c: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], Partial]:
+    """The value after each event (`Partial.result`), the number of events by then, and the
+    usage after them all."""
+    events = usage.events + np.arange(1, len(c) + 1, dtype=np.int64)
+    if func == "count":
+        values = events.astype(np.float64)
+    elif func in ("sum", "avg"):
+        totals = usage.total + np.cumsum(c)
+        values = totals if func == "sum" else totals / events
+    elif func == "min":
+        values = np.minimum(usage.low, np.minimum.accumulate(c))
+    else:
+        values = np.maximum(usage.high, np.maximum.accumulate(c))
+    after = Partial(usage.events, usage.total, usage.low, usage.high, set(usage.values))
+    after.add(len(c), float(c.sum()), float(c.min()), float(c.max()))
+    return values, events, after
+
+
+def _running_unique(
+    live: Live, meter: MeterRow, usage: Partial, contributions: list[str]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], Partial]:
+    """`_running_numbers` of a unique meter: the number of distinct values after each event
+    is its value and its place."""
+    seen = set(usage.values)
+    counts = []
+    for key in live.balances.value_keys(meter.id, contributions):
+        seen.add(key)
+        counts.append(len(seen))
+    after = Partial(usage.events, usage.total, usage.low, usage.high, seen)
+    places = np.array(counts, np.int64)
+    return places.astype(np.float64), places, after
+
+
+def _windows(con: Con, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Which window each (customer, meter) is in: the seq of its latest reset (none: 0)."""
+    customers = sorted({c for c, _ in pairs})
+    meters = sorted({m for _, m in pairs})
+    rows = con.execute(
+        "SELECT customer_id::VARCHAR, meter_id::VARCHAR, reset_seq FROM customer_meters"
+        " WHERE customer_id IN (SELECT unnest(?::UUID[]))"
+        " AND meter_id IN (SELECT unnest(?::UUID[]))",
+        [customers, meters],
+    ).fetchall()
+    return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
 
 
 def value(live: Live, customer: CustomerKey | CustomerRow, meter: MeterRow) -> Value:
@@ -345,59 +494,42 @@ def on_ledger_change(
     before: Value | None,
     after: Value,
     at_us: int,
+    seq: int,
 ) -> None:
     """Evaluate the alerts on a credit's or reset's change (`before` None: a reset, which
-    re-arms them)."""
+    re-arms them), whose system event took `seq` (what names the events it fires)."""
     watch = _watch(con, live, customer.organization_id)
-    fired = _changed(live, watch, customer.id, meter, before, after)
+    live.alert_values[(meter.id, customer.id)] = after
+    func = meter.aggregation.func
+    fired = []
+    for alert in watch.by_meter.get(meter.id, []):
+        if alert.customer_id not in (None, customer.id):
+            continue
+        old = None if before is None else before.of(alert.metric, func)
+        if alert_fires(alert.operator, alert.threshold, old, after.of(alert.metric, func)):
+            event_id = firing_id(alert, meter, customer.id, f"change/{seq}")
+            consumed = after.usage.result(func)
+            fired.append(Firing(alert, customer.id, meter, consumed, after.credited, event_id))
     _send(con, live, customer.organization_id, fired, at_us)
 
 
 @dataclass(frozen=True, slots=True)
 class Firing:
-    """An alert a change fired, with the customer meter's values after the change."""
+    """An alert a change fired, with the customer meter's values after the change, and the id
+    of its event (`firing_id`)."""
 
     alert: AlertRow
     customer_id: str
     meter: MeterRow
     consumed: float
     credited: int
-    event_id: str | None  # set for changes that can be applied again (replayed ingest)
-
-
-def _changed(
-    live: Live,
-    watch: Watch,
-    customer_id: str,
-    meter: MeterRow,
-    before: Value | None,
-    after: Value,
-    batch: int | None = None,
-) -> list[Firing]:
-    live.alert_values[(meter.id, customer_id)] = after
-    func = meter.aggregation.func
-    fired = []
-    for alert in watch.by_meter.get(meter.id, []):
-        if alert.customer_id not in (None, customer_id):
-            continue
-        old = None if before is None else before.of(alert.metric, func)
-        if alert_fires(alert.operator, alert.threshold, old, after.of(alert.metric, func)):
-            event_id = (
-                None
-                if batch is None
-                else str(uuid.uuid5(uuid.NAMESPACE_URL, f"{alert.id}/{customer_id}/{batch}"))
-            )
-            fired.append(
-                Firing(
-                    alert, customer_id, meter, after.usage.result(func), after.credited, event_id
-                )
-            )
-    return fired
+    event_id: str
 
 
 def _send(con: Con, live: Live, organization_id: str, fired: list[Firing], at_us: int) -> None:
     """Write the events of what fired, with their data made in one go (a batch may fire for
-    many customers at once)."""
+    many customers at once); one whose id exists already (its change applied again) is left
+    out (`webhook_tables.enqueue_many`)."""
     if not fired:
         return
     data = live.alert_payload(con, live.balances, fired)

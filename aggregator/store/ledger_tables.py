@@ -247,12 +247,12 @@ def credit(
     live: Live,
 ) -> None:
     metadata = {"meter_id": meter.id, "units": units, "rollover": rollover}
-    _system_event(con, customer, "meter.credited", metadata, at_us, now_us, live)
+    number = _system_event(con, customer, "meter.credited", metadata, at_us, now_us, live)
     credits = _credits(con, customer, meter, now_us).add(units, rollover)
     _store_credits(con, live, customer, meter, credits, now_us)
     before = alert_tables.value(live, customer, meter)
     after = alert_tables.Value(before.usage, credits.credited)
-    alert_tables.on_ledger_change(con, live, customer, meter, before, after, now_us)
+    alert_tables.on_ledger_change(con, live, customer, meter, before, after, now_us, number)
     webhook_tables.mark_state_changed(con, live, customer.organization_id, [customer.id], now_us)
 
 
@@ -281,7 +281,7 @@ def reset(
     _store_credits(con, live, customer, meter, Credits(), now_us, reset_seq=number)
     # A reset re-arms the meter's alerts: the value before it counts as outside them.
     after = alert_tables.Value(Partial(), 0)
-    alert_tables.on_ledger_change(con, live, customer, meter, None, after, now_us)
+    alert_tables.on_ledger_change(con, live, customer, meter, None, after, now_us, number)
     webhook_tables.mark_state_changed(con, live, customer.organization_id, [customer.id], now_us)
     if carried > 0:
         credit(con, customer, meter, carried, True, at_us, now_us, live)

@@ -272,11 +272,9 @@ class Live:
                     )
             orgs = {o: self._meters[o] for o in map(str, organizations) if self._meters.get(o)}
             hold_tables.settle(con, self, "_batch_new", events, orgs, at_us)
-        if evaluated:
-            batch = pc.min(events.column("seq")).as_py()
-            for ev in evaluated:
-                alert_tables.on_usage(con, self, ev, batch)
-                self._state_changed(con, ev, at_us)
+        for ev in evaluated:
+            alert_tables.on_usage(con, self, ev)
+            self._state_changed(con, ev, at_us)
         entry = Applied(events, tuple(evaluated), offsets, log_id)
         keyed = pc.is_valid(events.column("external_id"))
         if fingerprints is None:

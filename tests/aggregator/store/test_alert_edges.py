@@ -1,7 +1,8 @@
 """Alerts are edge-triggered: against a plain model, over random sequences of usage requests
 (several events each) and resets, the `meter.alert` events a real store writes are exactly the
-model's firings, in order: crossings in, firings out. A request is applied at once, so the
-model crosses per request: what one commit changes, not each event inside it."""
+model's firings, change by change: crossings in, firings out. An alert is decided per event,
+however many a commit applies, so the model crosses per event; the events one request fires
+share a commit (compared as a set)."""
 
 from __future__ import annotations
 
@@ -42,19 +43,21 @@ steps = st.lists(
 )
 
 
-def model(sequence: list[Any]) -> list[tuple[int, float]]:
-    """(alert index, consumed) of each firing, in order."""
-    fired: list[tuple[int, float]] = []
+def model(sequence: list[Any]) -> list[list[tuple[int, float]]]:
+    """(alert index, consumed) of each firing, per step that fired any, in order."""
+    fired: list[list[tuple[int, float]]] = []
     consumed, credited = 0.0, CREDITS
     for step in sequence:
-        changes: list[tuple[float | None, float, float]] = []  # (before, after) per metric
+        changes: list[tuple[float | None, float, float]] = []  # (before, after) per event
         if step == "reset":
             consumed, credited = 0.0, 0
             changes.append((None, 0.0, 0.0))
         else:
-            before = consumed
-            consumed += sum(step)
-            changes.append((before, consumed, credited))
+            for tokens in step:
+                before = consumed
+                consumed += tokens
+                changes.append((before, consumed, credited))
+        firings = []
         for before, after, credit in changes:
             for i, (metric, operator, threshold) in enumerate(ALERTS):
                 value = after if metric == "consumed_units" else credit - after
@@ -62,11 +65,13 @@ def model(sequence: list[Any]) -> list[tuple[int, float]]:
                 if before is not None:
                     old = before if metric == "consumed_units" else credit - before
                 if alert_fires(operator, threshold, old, value):
-                    fired.append((i, after))
+                    firings.append((i, after))
+        if firings:
+            fired.append(sorted(firings))
     return fired
 
 
-async def run(path: Path, sequence: list[Any]) -> list[tuple[int, float]]:
+async def run(path: Path, sequence: list[Any]) -> list[list[tuple[int, float]]]:
     async with Store(path) as store:
         now = now_us()
         meter = await store.write(
@@ -129,13 +134,13 @@ async def run(path: Path, sequence: list[Any]) -> list[tuple[int, float]]:
                 "SELECT epoch_us(created_at), payload FROM webhook_events"
             ).fetchall()
         )
-    fired = []
+    fired: dict[int, list[tuple[int, float]]] = {}
     for at, payload in rows:
         data = json.loads(payload)["data"]
         index = ids.index(data["alert"]["id"])
-        fired.append((at, index, data["customer_meter"]["consumed_units"]))
-    # In the order of the changes; the alerts one change fires, in the alerts' order.
-    return [(index, consumed) for _, index, consumed in sorted(fired)]
+        fired.setdefault(at, []).append((index, data["customer_meter"]["consumed_units"]))
+    # In the order of the commits (one per step); what one commit fired, as a set.
+    return [sorted(fired[at]) for at in sorted(fired)]
 
 
 @pytest.mark.slow
