@@ -83,7 +83,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "sdk_record": Benchmark(sdk.sdk_record, 45, 25),
     "sdk_deliver": Benchmark(sdk.sdk_deliver, 175, 35),
     "isolation": Benchmark(isolation, 120, 25),
-    "meter_heavy": Benchmark(meter_heavy, 300, 60),
+    "meter_heavy": Benchmark(meter_heavy, 540, 60),
 }
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
 _OPS = {">=": "≥", "<=": "≤", "==": "="}

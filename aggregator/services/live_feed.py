@@ -114,7 +114,7 @@ class LiveFeed:
         self._store = store
         self.heartbeat_seconds = heartbeat_seconds
         self._max_pending = max_pending
-        self._limits = limits or TenantLimits()
+        self._limits = limits or quotas.DEFAULTS
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscriptions: dict[str, set[Subscription]] = {}
         # Replaced, never changed in place: the writer thread reads it.
