@@ -50,7 +50,9 @@ def fresh_boot() -> list[str]:
     """The command prefix that runs a command as on a machine booted `UPTIME_SECONDS` ago, or
     [] where no time namespace can be made here."""
     uptime = float(Path("/proc/uptime").read_text().split()[0])
-    offset = str(round(UPTIME_SECONDS - uptime))
+    # A namespace's offsets count from the host's clocks, not from the namespace it is made in:
+    # inside one already (CI run under `unshare --time`), add the offset in force.
+    offset = str(round(UPTIME_SECONDS - uptime + boottime_offset()))
     for prefix in (
         ["unshare", "--fork", "--time"],
         ["unshare", "--fork", "--user", "--map-root-user", "--time"],
@@ -64,6 +66,19 @@ def fresh_boot() -> list[str]:
         if done.returncode == 0 and float(done.stdout) < UPTIME_SECONDS + 60:
             return command
     return []
+
+
+def boottime_offset() -> float:
+    """The boot clock's offset of the time namespace this process runs in (0 outside one)."""
+    try:
+        lines = Path("/proc/self/timens_offsets").read_text().splitlines()
+    except OSError:
+        return 0.0
+    for line in lines:
+        name, seconds, nanoseconds = line.split()
+        if name == "boottime":
+            return int(seconds) + int(nanoseconds) / 1e9
+    return 0.0
 
 
 def scratch() -> str | None:
