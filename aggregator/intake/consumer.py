@@ -65,6 +65,8 @@ from aggregator.store.consumed import (
     stored_offsets,
 )
 from aggregator.store.event_tables import missing_customers
+from aggregator.store.ingest_log import with_source
+from aggregator.store.rollups import Prepared
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from meters.columnar import H_ORGANIZATION
 from meters.events import EventRules
@@ -360,14 +362,24 @@ class Consumer:
         if dead:
             await self._dead_letter([(records[d.position], d) for d in dead])
         self.dead_lettered += len(dead)
+        events = table.drop_columns(["position", "row"])
         return ConsumedBatch(
             self._kafka.topic,
-            table.drop_columns(["position", "row"]),
+            events,
             {
                 tp.partition: (batch[0].offset, batch[-1].offset + 1)
                 for tp, batch in fetched.items()
             },
+            await self._evaluated(events),
         )
+
+    async def _evaluated(self, events: pa.Table) -> dict[str, Prepared]:
+        """Each organization's events evaluated for its meters before the writer takes them,
+        while the batch before commits."""
+        origin = with_source(events)
+        organizations = list(map(str, pc.unique(events.column("organization_id")).to_pylist()))
+        prepared = await asyncio.gather(*(self._store.prepare(o, origin) for o in organizations))
+        return {o: p for o, p in zip(organizations, prepared, strict=True) if p is not None}
 
     async def _known_only(self, table: pa.Table) -> tuple[pa.Table, list[DeadLetter]]:
         """The rows whose organization exists and whose customer_id, if any, names one of its

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from aggregator.store import Store
 from aggregator.store.event_tables import IngestJob
+from aggregator.store.ingest_log import with_origin
 from ingest.publish import PublishResult
 from ingest.validation import ValidationPool
 from meters.ipc import Encoded
@@ -22,7 +23,9 @@ class EmbeddedPublisher:
     ) -> PublishResult:
         encoded = await self._validation.validate(body, received_at_us, Encoded)
         events = encoded.events
-        job = IngestJob(organization_id, events, received_at_us, encoded.data)
+        origin = with_origin(events, organization_id, received_at_us)
+        prepared = await self._store.prepare(organization_id, origin)
+        job = IngestJob(organization_id, events, received_at_us, encoded.data, prepared)
         result = await self._store.write(
             job, weight=max(1, events.num_rows), tenant=organization_id
         )

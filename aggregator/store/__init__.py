@@ -25,20 +25,30 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import duckdb
+import pyarrow as pa
 
 from aggregator.errors import QueryTimeout, StorageFull
-from aggregator.store import alert_tables, dedupe, disk, ingest_log
+from aggregator.store import alert_tables, dedupe, disk, ingest_log, rollups
 from aggregator.store.disk import DiskHealth
 from aggregator.store.event_tables import Replay
 from aggregator.store.flusher import Flusher
+from aggregator.store.gates import Gates
 from aggregator.store.ingest_log import IngestLog
 from aggregator.store.live import Live, SequenceCounter
 from aggregator.store.memtable import ROW_GROUP, Memtable
+from aggregator.store.meter_tables import EVALUATION_ERRORS, meters_of
 from aggregator.store.migrations import migrate
 from aggregator.store.recluster import Reclusterer, ReclusterSettings
+from aggregator.store.rollups import Prepared
 from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS, REJECTIONS, Job, Writer
 
 T = TypeVar("T")
+# Organizations with more meters than this have their events evaluated before the writer takes
+# them (`Store.prepare`). Measured on 2 cores: 200 meters cost a 100-event request 35 ms of
+# evaluation, 10 meters 5 ms, most of it planning the statement, which the group commit pays
+# once for all of an organization's requests in the group; evaluating each request of a
+# 10-meter organization apart cost embedded ingest about a fifth of its throughput.
+PREPARED_METERS = 20
 
 __all__ = ["Store"]
 
@@ -51,6 +61,8 @@ class Store:
         path: Path | str,
         *,
         readers: int = 4,
+        evaluators: int = 2,
+        prepared_meters: int = PREPARED_METERS,
         memory_limit: str | None = None,
         checkpoint_bytes: int = 16 * 1024 * 1024,
         read_timeout_seconds: float = 30.0,
@@ -89,6 +101,10 @@ class Store:
         self._reclusterer: Reclusterer | None = None
         self._log = IngestLog(None)
         self._pool: ThreadPoolExecutor | None = None
+        self._evaluator_threads = evaluators
+        self._prepared_meters = max(0, prepared_meters)
+        self._evaluators: ThreadPoolExecutor | None = None
+        self._gates = Gates()
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._live: Live | None = None
@@ -169,6 +185,9 @@ class Store:
             self._writer.run(Replay(request))
         self._writer.start()
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="duckdb-reader")
+        self._evaluators = ThreadPoolExecutor(
+            self._evaluator_threads, thread_name_prefix="duckdb-evaluator"
+        )
 
     def close(self) -> None:
         if self._con is None:
@@ -181,6 +200,8 @@ class Store:
         self._log.close()
         self.live.close()
         self._pool.shutdown(wait=True)
+        if self._evaluators is not None:
+            self._evaluators.shutdown(wait=True)
         for cursor in self._cursors:
             cursor.close()
         self._con.close()
@@ -255,6 +276,45 @@ class Store:
             # Retrieved, so that its (interrupted) outcome is not reported as never retrieved.
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise QueryTimeout(self._read_timeout) from None
+
+    async def prepare(self, organization_id: str, events: pa.Table) -> Prepared | None:
+        """The organization's events among `events` (with their origin:
+        `ingest_log.with_origin`) evaluated for its meters on an evaluator thread, before the
+        writer takes them (`IngestJob`'s and `ConsumedBatch`'s `prepared`): what an
+        organization's meters cost is then not paid inside the group commit that every
+        organization waits for. One request of an organization at a time,
+        so that one with many meters keeps at most one evaluator busy. None when it has at
+        most `prepared_meters` meters (evaluated in the group commit, one statement for all its
+        requests of the group, they cost the others less than a statement per request costs the
+        machine), or when they cannot be evaluated here (the writer evaluates them then, and
+        marks a meter that fails)."""
+        known = self.live.known_meters(organization_id)
+        if known is not None and len(known) <= self._prepared_meters:
+            return None
+        assert self._evaluators is not None, "store is not open"
+        loop = asyncio.get_running_loop()
+        release = await self._gates.acquire(organization_id)
+        try:
+            future = loop.run_in_executor(self._evaluators, self._prepare, organization_id, events)
+        except BaseException:
+            release()
+            raise
+        # The organization's next request waits for this evaluation to end, even when this
+        # one's caller gives up first.
+        future.add_done_callback(lambda _: release())
+        return await future
+
+    def _prepare(self, organization_id: str, events: pa.Table) -> Prepared | None:
+        cursor = self._cursor()
+        meters = self.live.known_meters(organization_id)
+        if meters is None:
+            meters = meters_of(cursor, [organization_id])
+        if len(meters) <= self._prepared_meters:
+            return None
+        try:
+            return rollups.prepare(cursor, meters, events)
+        except EVALUATION_ERRORS:
+            return None
 
     def applied_offsets(self, topic: str) -> dict[int, int]:
         """The next offset of each partition of `topic` as applied so far (stored or not)."""

@@ -10,7 +10,8 @@ resumes from the log's start (`OffsetReset`), recorded with what is known of wha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import duckdb
@@ -18,6 +19,7 @@ import pyarrow as pa
 
 from aggregator.errors import OffsetGap
 from aggregator.store.ingest_log import with_source
+from aggregator.store.rollups import Prepared
 from aggregator.store.writer import Tx
 
 if TYPE_CHECKING:
@@ -38,6 +40,8 @@ class ConsumedBatch:
     topic: str
     events: pa.Table
     offsets: dict[int, tuple[int, int]]
+    # Per organization, its events evaluated before the writer took the job (`Store.prepare`).
+    prepared: Mapping[str, Prepared] = field(default_factory=dict)
     waits_for_pending: ClassVar[bool] = False
 
     def __call__(self, tx: Tx) -> int:
@@ -50,7 +54,14 @@ class ConsumedBatch:
                 )
         admitted = live.admit(con, with_source(self.events))
         offsets = tuple((self.topic, p, o) for p, (_, o) in self.offsets.items())
-        live.apply(con, admitted.events, fingerprints=admitted.fingerprints, offsets=offsets)
+        seqs = admitted.seqs()
+        live.apply(
+            con,
+            admitted.events,
+            fingerprints=admitted.fingerprints,
+            offsets=offsets,
+            prepared={o: p.placed(seqs) for o, p in self.prepared.items()},
+        )
         return admitted.events.num_rows
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import duckdb
+import numpy as np
+import numpy.typing as npt
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,6 +16,7 @@ import pyarrow.compute as pc
 from aggregator.store import ingest_log
 from aggregator.store.ingest_log import with_origin
 from aggregator.store.meter_sql import member_pointer
+from aggregator.store.rollups import Prepared
 from aggregator.store.rows import first_row, is_uuid
 from aggregator.store.writer import Batchable, Outcome, Tx
 from meters.errors import FieldError, ValidationFailed
@@ -39,6 +42,9 @@ class IngestJob(Batchable[IngestResult]):
     events: pa.Table
     ingested_at_us: int
     body: bytes | None = None
+    # Its events evaluated for the organization's meters before the writer took the job
+    # (`Store.prepare`): the writer then only checks that the meters are still those.
+    prepared: Prepared | None = None
     waits_for_pending: ClassVar[bool] = False
 
     @classmethod
@@ -81,6 +87,7 @@ class IngestJob(Batchable[IngestResult]):
                 admitted.events,
                 fingerprints=admitted.fingerprints,
                 log_id=logged[-1].id if logged else None,
+                prepared=_placed(accepted, admitted.seqs()),
             )
         return [
             (False, rejections[job])
@@ -88,6 +95,24 @@ class IngestJob(Batchable[IngestResult]):
             else (True, IngestResult(kept[job], job.events.num_rows - kept[job]))
             for job in jobs
         ]
+
+
+def _placed(jobs: list[IngestJob], seqs: npt.NDArray[np.int64]) -> dict[str, Prepared]:
+    """Per organization, its jobs' prepared contributions with the seqs their events took
+    (`seqs`: per row of the jobs' events, in order), where every job of it has them."""
+    parts: dict[str, list[Prepared | None]] = {}
+    offset = 0
+    for job in jobs:
+        n = job.events.num_rows
+        mine = job.prepared and job.prepared.placed(seqs[offset : offset + n])
+        parts.setdefault(job.organization_id, []).append(mine)
+        offset += n
+    placed = {}
+    for organization, found in parts.items():
+        ready = [p for p in found if p is not None]
+        if len(ready) == len(found) and (joined := Prepared.joined(ready)) is not None:
+            placed[organization] = joined
+    return placed
 
 
 @dataclass(frozen=True, slots=True)

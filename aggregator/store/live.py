@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store import alert_tables, dedupe, hold_tables, subjects, webhook_tables
+from aggregator.store import alert_tables, dedupe, hold_tables, rollups, subjects, webhook_tables
 from aggregator.store.arrays import numpy
 from aggregator.store.balances import Balances
 from aggregator.store.catalog import Catalog
@@ -30,7 +30,7 @@ from aggregator.store.flusher import Flusher
 from aggregator.store.ingest_log import IngestLog, Logged
 from aggregator.store.memtable import Applied, Memtable, keys_of
 from aggregator.store.meter_tables import MeterRow, apply_isolated, meters_of
-from aggregator.store.rollups import Evaluated
+from aggregator.store.rollups import Evaluated, Prepared
 from aggregator.store.rows import registered
 from meters.times import now_us
 
@@ -59,6 +59,13 @@ class Admitted:
     events: pa.Table
     first_seq: int
     fingerprints: dedupe.U64
+
+    def seqs(self) -> dedupe.I64:
+        """The seq each row of the batch took, -1 where it was left out."""
+        kept = numpy(self.keep, np.bool_)
+        seqs = np.full(len(kept), -1, np.int64)
+        seqs[kept] = np.arange(self.first_seq, self.first_seq + int(kept.sum()), dtype=np.int64)
+        return seqs
 
 
 class SequenceCounter:
@@ -137,6 +144,11 @@ class Live:
 
     def close(self) -> None:
         self.dedupe.close()
+
+    def known_meters(self, organization_id: str) -> list[MeterRow] | None:
+        """The organization's meters as the next transaction applying its events would read
+        them, if read already (from any thread: to evaluate events before the writer)."""
+        return self._meters.get(organization_id)
 
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
         self.dedupe.load(con)
@@ -246,10 +258,12 @@ class Live:
         fingerprints: dedupe.U64 | None = None,
         offsets: tuple[tuple[str, int, int], ...] = (),
         log_id: int | None = None,
+        prepared: Mapping[str, Prepared] | None = None,
     ) -> None:
         """Apply new `events` (`Applied.events`' columns): every meter of their organizations
-        evaluated now, the balances and the stored keys updated at commit, the batch queued to
-        be stored. `fingerprints` of the rows (`Admitted`'s), if known."""
+        evaluated now (or before, where `prepared` has an organization's events evaluated for
+        its meters as they are), the balances and the stored keys updated at commit, the batch
+        queued to be stored. `fingerprints` of the rows (`Admitted`'s), if known."""
         at_us = now_us()
         evaluated: list[Evaluated] = []
         organizations = pc.unique(events.column("organization_id")).to_pylist()
@@ -258,18 +272,24 @@ class Live:
                 meters = self._meters.get(organization)
                 if meters is None:
                     meters = self._meters[organization] = meters_of(con, [organization])
-                if meters:
-                    evaluated.append(
-                        apply_isolated(
-                            con,
-                            meters,
-                            "_batch_new",
-                            "organization_id = ?",
-                            [organization],
-                            data=events,
-                            at_us=at_us,
-                        )
+                if not meters:
+                    continue
+                ready = (prepared or {}).get(organization)
+                values = None if ready is None else ready.columns_for(meters)
+                if values is not None:
+                    evaluated.append(rollups.evaluated(meters, values, at_us=at_us))
+                    continue
+                evaluated.append(
+                    apply_isolated(
+                        con,
+                        meters,
+                        "_batch_new",
+                        "organization_id = ?",
+                        [organization],
+                        data=events,
+                        at_us=at_us,
                     )
+                )
             orgs = {o: self._meters[o] for o in map(str, organizations) if self._meters.get(o)}
             hold_tables.settle(con, self, "_batch_new", events, orgs, at_us)
         for ev in evaluated:

@@ -6,11 +6,16 @@ distinct values. Any interval in any timezone is a union of buckets, so quantiti
 instead of rescanning events. Deltas are appended; readers read the `all_*` views (the keyed
 tables and their deltas, see `compaction`).
 
-Applying events is two steps. `evaluate` computes, in one statement, every meter's contribution
-of every event (each metadata document parsed once for every path the meters use), and from
-them the ledger's usage per customer reference (which the in-memory balances take at once).
-`store` appends a list of evaluated batches' partial aggregates to the delta tables, grouped
-across the batches: ingest stores them when the events are flushed, backfill at once.
+Applying events is two steps. `evaluate` computes, in one statement per `METERS_PER_STATEMENT`
+meters, every meter's contribution of every event (each metadata document parsed once for every
+path the meters use), and from them the ledger's usage per customer reference (which the
+in-memory balances take at once). Ingest evaluates a request's events before the writer takes
+them (`prepare`; the writer checks that the meters are still those, `Prepared.columns_for`), so
+that an organization's many meters cost the group commit that every organization waits for no
+more than its few values. `store` appends a list of evaluated batches' partial aggregates to
+the delta tables, grouped across the batches: ingest stores them when the events are flushed,
+backfill at once. Past the evaluation, contributions travel as rows (`_long`: meter, customer
+reference, bucket, value), so that no statement's text grows with the number of meters.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store import subjects
+from aggregator.store.arrays import numpy
 from aggregator.store.meter_sql import Extracted, contribution_sql, filter_sql
 from aggregator.store.rows import registered
 from meters.aggregations import UniqueAggregation
@@ -37,8 +44,9 @@ BUCKET_MINUTES = 15
 BUCKET_US = BUCKET_MINUTES * 60 * 1_000_000
 BUCKET = f"time_bucket(INTERVAL {BUCKET_MINUTES} MINUTE, timestamp)"
 
-# Meters per statement: DuckDB dies (SIGFPE) on one statement of some thousands of aggregates
-# (5,000 meters' four each did), and a statement's planning time grows with its columns.
+# Meters per evaluating statement: DuckDB dies (SIGFPE) on one statement of some thousands of
+# aggregates (5,000 meters' four each did), and a statement's planning time grows with its
+# columns.
 METERS_PER_STATEMENT = 100
 
 
@@ -80,14 +88,13 @@ def evaluate(
     events) leaves out of the ledger the events a customer's reset has already closed.
     `ledger=False` leaves the ledger out (to measure what it costs)."""
     values = _evaluated(con, meters, source, where, params)
-    numbers = [(i, m) for i, m in enumerate(meters) if not _is_unique(m) and ledger]
-    uniques = [(i, m) for i, m in enumerate(meters) if _is_unique(m) and ledger]
-    if backfill:
-        with registered(con, "_values", values):
-            usage = _table(con, *_ledger_numbers(numbers)) if numbers else _EMPTY_NUMBERS
-            usage_values = _table(con, *_ledger_uniques(uniques)) if uniques else _EMPTY_VALUES
-    else:
-        usage, usage_values = _live_ledger(values, numbers, uniques)
+    numbers = _numbers(meters) if ledger else []
+    uniques = _uniques(meters) if ledger else []
+    if not backfill:
+        return evaluated(meters, values, at_us=at_us, ledger=ledger)
+    with registered(con, "_values", values):
+        usage = _table(con, *_ledger_numbers(numbers)) if numbers else _EMPTY_NUMBERS
+        usage_values = _table(con, *_ledger_uniques(uniques)) if uniques else _EMPTY_VALUES
     return Evaluated(
         meters[0].organization_id if meters else "",
         tuple(meters),
@@ -96,6 +103,83 @@ def evaluate(
         usage_values,
         at_us,
     )
+
+
+def evaluated(
+    meters: Sequence[MeterRow], values: pa.Table, *, at_us: int, ledger: bool = True
+) -> Evaluated:
+    """Live ingest's `Evaluated` of contributions `values` already computed (`evaluate`, or
+    `prepare` before the writer): the ledger's usage added, in Arrow."""
+    usage, usage_values = (
+        _live_ledger(values, _numbers(meters), _uniques(meters))
+        if ledger
+        else (_EMPTY_NUMBERS, _EMPTY_VALUES)
+    )
+    return Evaluated(
+        meters[0].organization_id if meters else "",
+        tuple(meters),
+        values,
+        usage,
+        usage_values,
+        at_us,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One request's events evaluated for its organization's meters before the writer takes
+    them (`prepare`), so that the cost of many meters is paid outside the group commit that
+    every organization waits for. `values` is `Evaluated.values` with `seq` the event's row
+    in the request; `definitions` what its columns mean."""
+
+    definitions: tuple[tuple[str, int], ...]
+    values: pa.Table
+
+    def placed(self, seqs: npt.NDArray[np.int64]) -> Prepared:
+        """The values of the rows admitted, with the seqs they took: `seqs[row]`, -1 for a
+        row left out (a duplicate)."""
+        taken = seqs[numpy(self.values.column("seq"), np.int64)]
+        kept = taken >= 0
+        values = self.values if kept.all() else self.values.filter(pa.array(kept))
+        index = values.column_names.index("seq")
+        return Prepared(
+            self.definitions, values.set_column(index, "seq", pa.array(taken[kept], pa.int64()))
+        )
+
+    @staticmethod
+    def joined(parts: Sequence[Prepared]) -> Prepared | None:
+        """Placed parts of one organization's events in seq order as one, or None unless they
+        were evaluated for the same meters."""
+        if any(p.definitions != parts[0].definitions for p in parts):
+            return None
+        return Prepared(parts[0].definitions, pa.concat_tables([p.values for p in parts]))
+
+    def columns_for(self, meters: Sequence[MeterRow]) -> pa.Table | None:
+        """`values` with its columns in the order of `meters` (v0 .. vN), or None when the
+        meters are not the ones it was evaluated for (one changed in between)."""
+        place = {definition: i for i, definition in enumerate(self.definitions)}
+        wanted = [place.get((m.id, m.version)) for m in meters]
+        if len(meters) != len(place) or None in wanted:
+            return None
+        return pa.table(
+            {
+                **{key: self.values.column(key) for key in _KEYS},
+                **{f"v{i}": self.values.column(f"v{j}") for i, j in enumerate(wanted)},
+            }
+        )
+
+
+def prepare(
+    con: duckdb.DuckDBPyConnection, meters: Sequence[MeterRow], events: pa.Table
+) -> Prepared:
+    """The events of `events` (as `Live.apply` takes them, but without seqs) of the meters'
+    organization evaluated for `meters`, each event's `seq` its row in `events`."""
+    rows = events.append_column("seq", pa.array(np.arange(events.num_rows, dtype=np.int64)))
+    with registered(con, "_prepared", rows):
+        values = _evaluated(
+            con, meters, "_prepared", "organization_id = ?", [meters[0].organization_id]
+        )
+    return Prepared(tuple((m.id, m.version) for m in meters), values)
 
 
 def _evaluated(
@@ -130,15 +214,27 @@ def _table(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None)
 
 def store(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
     """Append the batches' partial aggregates to the rollup and ledger deltas, merged across
-    batches: each (meter, customer reference, bucket) once, however many batches had it."""
-    by_definition: dict[tuple[tuple[str, int], ...], list[Evaluated]] = {}
-    for batch in batches:
-        if batch.meters:
-            by_definition.setdefault(batch.definitions, []).append(batch)
-    for group in by_definition.values():
-        meters = group[0].meters
-        with registered(con, "_values", pa.concat_tables([b.values for b in group])):
-            _store_rollups(con, meters)
+    batches: each (meter, customer reference, bucket) once, however many batches had it.
+
+    The contributions are turned into rows (meter, customer reference, bucket, value) first, so
+    that each statement's text is the same whatever the meters: its cost grows with the values
+    stored, not with how many meters an organization defines."""
+    numbers = [_long(b.values, _numbers(b.meters), _ROLLUP_KEYS) for b in batches]
+    numbers = [t for t in numbers if t.num_rows]
+    if numbers:
+        with registered(con, "_rollup_numbers", pa.concat_tables(numbers)):
+            con.execute(
+                "INSERT INTO rollup_deltas SELECT meter_id::UUID, subject, bucket, count(*),"
+                " sum(v), min(v), max(v) FROM _rollup_numbers GROUP BY meter_id, subject, bucket"
+            )
+    uniques = [_long(b.values, _uniques(b.meters), _ROLLUP_KEYS) for b in batches]
+    uniques = [t for t in uniques if t.num_rows]
+    if uniques:
+        with registered(con, "_rollup_values", pa.concat_tables(uniques)):
+            con.execute(
+                "INSERT INTO rollup_value_deltas"
+                " SELECT DISTINCT meter_id::UUID, subject, bucket, v FROM _rollup_values"
+            )
     ledgers = [_timed(b.ledger, b.at_us) for b in batches if b.ledger.num_rows]
     if ledgers:
         with registered(con, "_ledger", pa.concat_tables(ledgers)):
@@ -156,6 +252,53 @@ def store(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
             )
 
 
+_ROLLUP_KEYS = ("subject", "bucket")
+_LEDGER_KEYS = ("subject",)
+
+
+def _numbers(meters: Sequence[MeterRow]) -> list[tuple[int, MeterRow]]:
+    return [(i, m) for i, m in enumerate(meters) if not _is_unique(m)]
+
+
+def _uniques(meters: Sequence[MeterRow]) -> list[tuple[int, MeterRow]]:
+    return [(i, m) for i, m in enumerate(meters) if _is_unique(m)]
+
+
+def _long(values: pa.Table, meters: list[tuple[int, MeterRow]], keys: Sequence[str]) -> pa.Table:
+    """The contributions of `values` to `meters` (all numbers or all uniques) as rows: the
+    `keys` columns, `meter_id` (a dictionary over the meters' ids) and `v`, one row per event
+    and meter the event is in, in the order of the meters, then of `values`."""
+    n = values.num_rows
+    if not meters or not n:
+        return _long_schema(keys, unique=bool(meters) and _is_unique(meters[0][1])).empty_table()
+    unique = _is_unique(meters[0][1])
+    kind = pa.string() if unique else pa.float64()
+    contributions = pa.concat_arrays(
+        [values.column(f"v{i}").combine_chunks().cast(kind) for i, _ in meters]
+    )
+    present = numpy(pc.is_valid(contributions), np.bool_)
+    rows = np.tile(np.arange(n, dtype=np.int64), len(meters))[present]
+    which = np.repeat(np.arange(len(meters), dtype=np.int32), n)[present]
+    ids = pa.DictionaryArray.from_arrays(
+        pa.array(which, pa.int32()), pa.array([m.id for _, m in meters], pa.string())
+    )
+    columns = values.select(list(keys)).take(pa.array(rows))
+    return columns.append_column("meter_id", ids).append_column(
+        "v", contributions.filter(pa.array(present))
+    )
+
+
+def _long_schema(keys: Sequence[str], *, unique: bool) -> pa.Schema:
+    types = {"subject": pa.string(), "bucket": pa.timestamp("us", tz="UTC")}
+    return pa.schema(
+        [
+            *(pa.field(k, types[k]) for k in keys),
+            pa.field("meter_id", pa.dictionary(pa.int32(), pa.string())),
+            pa.field("v", pa.string() if unique else pa.float64()),
+        ]
+    )
+
+
 def _timed(table: pa.Table, at_us: int) -> pa.Table:
     return table.append_column("at_us", pa.array(np.full(table.num_rows, at_us, np.int64)))
 
@@ -164,44 +307,8 @@ def _is_unique(meter: MeterRow) -> bool:
     return isinstance(meter.aggregation, UniqueAggregation)
 
 
-def _number_parts(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]:
-    parts = ", ".join(
-        f"{{'m': ?::UUID, 'n': count(v{i}), 't': sum(v{i}), 'l': min(v{i}), 'h': max(v{i})}}"
-        for i, _ in meters
-    )
-    return parts, [m.id for _, m in meters]
-
-
 def _value_parts(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]:
     return ", ".join(f"{{'m': ?::UUID, 'v': v{i}}}" for i, _ in meters), [m.id for _, m in meters]
-
-
-def _store_rollups(con: duckdb.DuckDBPyConnection, meters: Sequence[MeterRow]) -> None:
-    """The registered `_values`' partial aggregates per meter, customer reference and bucket,
-    appended to the rollup deltas: one pair of statements per `METERS_PER_STATEMENT`."""
-    indexed = list(enumerate(meters))
-    for first in range(0, len(indexed), METERS_PER_STATEMENT):
-        _store_chunk(con, indexed[first : first + METERS_PER_STATEMENT])
-
-
-def _store_chunk(con: duckdb.DuckDBPyConnection, meters: list[tuple[int, MeterRow]]) -> None:
-    numbers = [(i, m) for i, m in meters if not _is_unique(m)]
-    uniques = [(i, m) for i, m in meters if _is_unique(m)]
-    if numbers:
-        parts, ids = _number_parts(numbers)
-        con.execute(
-            f"INSERT INTO rollup_deltas SELECT p.m, subject, bucket, p.n, p.t, p.l, p.h FROM"  # noqa: S608 - fixed text, values bound
-            f" (SELECT subject, bucket, unnest([{parts}]) AS p FROM _values"
-            " GROUP BY subject, bucket) WHERE p.n > 0",
-            ids,
-        )
-    if uniques:
-        parts, ids = _value_parts(uniques)
-        con.execute(
-            "INSERT INTO rollup_value_deltas SELECT DISTINCT p.m, subject, bucket, p.v FROM"  # noqa: S608 - fixed text, values bound
-            f" (SELECT subject, bucket, unnest([{parts}]) AS p FROM _values) WHERE p.v IS NOT NULL",
-            ids,
-        )
 
 
 def _ledger_numbers(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]:
@@ -234,48 +341,41 @@ def _live_ledger(
     values: pa.Table, numbers: list[tuple[int, MeterRow]], uniques: list[tuple[int, MeterRow]]
 ) -> tuple[pa.Table, pa.Table]:
     """`_ledger_numbers` and `_ledger_uniques` of live ingest, whose events all come after any
-    reset: one hash aggregation of `values` in Arrow (a third of the two statements' time)."""
-    parts = []
+    reset: one hash aggregation of the contributions as rows (`_long`) each, in Arrow."""
+    usage = _EMPTY_NUMBERS
     if numbers:
-        columns = [f"v{i}" for i, _ in numbers]
-        grouped = values.group_by("subject", use_threads=False).aggregate(
-            [(c, f) for c in columns for f in ("count", "sum", "min", "max")]
+        grouped = (
+            _long(values, numbers, _LEDGER_KEYS)
+            .group_by(["meter_id", "subject"], use_threads=False)
+            .aggregate([("v", "count"), ("v", "sum"), ("v", "min"), ("v", "max")])
         )
-        for (_, meter), column in zip(numbers, columns, strict=True):
-            events = grouped.column(f"{column}_count")
-            part = pa.table(
-                {
-                    "meter_id": pa.array([meter.id] * grouped.num_rows, pa.string()),
-                    "subject": grouped.column("subject"),
-                    "events": events,
-                    "total": grouped.column(f"{column}_sum"),
-                    "low": grouped.column(f"{column}_min"),
-                    "high": grouped.column(f"{column}_max"),
-                }
-            )
-            parts.append(part.filter(pc.greater(events, pa.scalar(0))))
-    distinct = []
-    for i, meter in uniques:
-        column = f"v{i}"
+        usage = pa.table(
+            {
+                "meter_id": grouped.column("meter_id").cast(pa.string()),
+                "subject": grouped.column("subject"),
+                "events": grouped.column("v_count"),
+                "total": grouped.column("v_sum"),
+                "low": grouped.column("v_min"),
+                "high": grouped.column("v_max"),
+            },
+            schema=_EMPTY_NUMBERS.schema,
+        )
+    distinct = _EMPTY_VALUES
+    if uniques:
         pairs = (
-            values.select(["subject", column])
-            .filter(pc.is_valid(values.column(column)))
-            .group_by(["subject", column], use_threads=False)
+            _long(values, uniques, _LEDGER_KEYS)
+            .group_by(["meter_id", "subject", "v"], use_threads=False)
             .aggregate([])
         )
-        distinct.append(
-            pa.table(
-                {
-                    "meter_id": pa.array([meter.id] * pairs.num_rows, pa.string()),
-                    "subject": pairs.column("subject"),
-                    "value": pairs.column(column),
-                }
-            )
+        distinct = pa.table(
+            {
+                "meter_id": pairs.column("meter_id").cast(pa.string()),
+                "subject": pairs.column("subject"),
+                "value": pairs.column("v"),
+            },
+            schema=_EMPTY_VALUES.schema,
         )
-    return (
-        pa.concat_tables(parts) if parts else _EMPTY_NUMBERS,
-        pa.concat_tables(distinct) if distinct else _EMPTY_VALUES,
-    )
+    return usage, distinct
 
 
 _NUMBER_FIELDS: list[pa.Field[Any]] = [

@@ -4,7 +4,6 @@ crashes the server nor its restart."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,13 +13,9 @@ import httpx
 import pytest
 
 from aggregator.auth import TokenRegistry
-from aggregator.store import Store
-from aggregator.store.meter_tables import create_job
-from aggregator.store.writer import Tx
-from meters.definitions import MeterCreate
-from meters.times import now_us
 from tests.inprocess import ServedCore
 from tests.processes import MeterlineServer
+from tests.tenants import many_meters
 
 ALL = {"conjunction": "and", "clauses": []}
 
@@ -113,27 +108,6 @@ def test_streams_past_the_limit_are_refused_and_another_organization_is_not(
             assert theirs.status_code == 200
 
 
-async def _many_meters(database: Path, organization_id: str, count: int) -> list[str]:
-    """`count` meters: one made as the API makes it, the others copies of its row (making each
-    through the API's job would take a minute)."""
-    first = MeterCreate.model_validate(_meter("meter 0"))
-    async with Store(database) as store:
-        made = await store.write(create_job(organization_id, first, now_us()))
-
-        def copies(tx: Tx) -> list[str]:
-            tx.con.execute(
-                "INSERT INTO meters SELECT m.* REPLACE (uuid() AS id, 'meter ' || range AS name)"
-                " FROM meters m, range(1, ?)",
-                [count],
-            )
-            rows = tx.con.execute("SELECT id::VARCHAR FROM meters ORDER BY name").fetchall()
-            return [r[0] for r in rows]
-
-        ids: list[str] = await store.write(copies)
-    assert made.id in ids and len(ids) == count
-    return ids
-
-
 @pytest.mark.slow
 def test_an_organization_of_5000_meters_crashes_neither_the_server_nor_its_restart(
     tmp_path: Path,
@@ -142,15 +116,16 @@ def test_an_organization_of_5000_meters_crashes_neither_the_server_nor_its_resta
     replay of the ingest log at restart would each take the process down with it."""
     data = tmp_path / "data"
     data.mkdir()
-    registry = TokenRegistry(data)
-    try:
-        organization_id = registry.organization("default").id
-    finally:
-        registry.close()
-    meters = asyncio.run(_many_meters(data / "meterline.duckdb", organization_id, 5000))
+    meters = many_meters(data, "default", 5000)
+    assert len(meters) == 5000
     timestamp = datetime.now(UTC).isoformat()
     events = [
-        {"name": "e", "external_customer_id": "c", "timestamp": timestamp, "metadata": {"n": 2}}
+        {
+            "name": "e",
+            "external_customer_id": "c",
+            "timestamp": timestamp,
+            "metadata": {"tokens": 2},
+        }
         for _ in range(100)
     ]
     today = {

@@ -1,6 +1,5 @@
-"""Rollups are evaluated and stored `METERS_PER_STATEMENT` meters per statement (DuckDB dies on
-one statement of thousands of aggregates): what is stored must not depend on where the meters
-are cut, and an organization with many meters must not bring the server down."""
+"""Meters are evaluated `METERS_PER_STATEMENT` to a statement (DuckDB dies on one statement of
+thousands of aggregates): what is stored must not depend on where the meters are cut."""
 
 from __future__ import annotations
 
