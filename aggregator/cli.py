@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quotas(group: argparse._ArgumentGroup) -> None:
     defaults = TenantLimits()
-    for counted in (quotas.METERS, quotas.ALERTS, quotas.ENDPOINTS, quotas.STREAMS):
+    for counted in quotas.ALL:
         group.add_argument(
             counted.flag,
             type=int,
@@ -395,7 +395,7 @@ def settings_of(
         quotas=TenantLimits(
             **{
                 field: getattr(args, f"quota_{field}", getattr(defaults.quotas, field))
-                for field in ("meters", "alerts", "webhook_endpoints", "streams")
+                for field in (counted.field for counted in quotas.ALL)
             }
         ),
         webhooks=WebhookSettings(

@@ -25,7 +25,11 @@ CREATE = Operation(
     {201: HoldWithMeterShape, 200: HoldWithMeterShape},
     body=HoldCreate,
     errors=(409,),
-    description=f"409 also when the balance less active holds is below `units`. {oa.IDEMPOTENT}",
+    description=(
+        "409 also when the balance less active holds is below `units`, and `LimitReached`"
+        " when the organization holds `--max-active-holds-per-organization` active holds."
+        f" {oa.IDEMPOTENT}"
+    ),
 )
 LIST = Operation(
     "List holds",
@@ -46,7 +50,7 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def create(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(HoldCreate, await ctx.json(request))
-        found, created = await service.create(store, org, data)
+        found, created = await service.create(store, org, data, ctx.limits)
         return JSON(shapes.with_meter(found), status_code=201 if created else 200)
 
     async def list_(request: Request) -> JSON:

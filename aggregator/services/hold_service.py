@@ -12,6 +12,7 @@ from aggregator.services.pages import Page, offset
 from aggregator.store import Store
 from aggregator.store import hold_tables as sql
 from aggregator.store.hold_tables import HoldRow
+from aggregator.store.quotas import TenantLimits
 from meters.ledger_rules import HoldCreate
 from meters.times import now_us
 
@@ -33,11 +34,14 @@ async def _hold(store: Store, organization_id: str, row: HoldRow, now: int) -> H
     return Hold(row, row.status(now), view)
 
 
-async def create(store: Store, organization_id: str, data: HoldCreate) -> tuple[Hold, bool]:
+async def create(
+    store: Store, organization_id: str, data: HoldCreate, limits: TenantLimits
+) -> tuple[Hold, bool]:
     """The hold, and whether this call made it (False: an earlier call with its external_id
-    did). InsufficientBalance when the balance less active holds is below `units`."""
+    did). InsufficientBalance when the balance less active holds is below `units`;
+    LimitReached when the organization holds as many active holds as `limits` allow."""
     now = now_us()
-    created = await store.write(sql.create_job(organization_id, data, now))
+    created = await store.write(sql.create_job(organization_id, data, now, limits))
     return await _hold(store, organization_id, created.hold, now), not created.replayed
 
 

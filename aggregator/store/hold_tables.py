@@ -23,10 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.errors import InsufficientBalance, NotFound
-from aggregator.store import idempotency
+from aggregator.store import idempotency, quotas
 from aggregator.store.ledger_tables import CustomerMeter, held_customer_meter, resolve
 from aggregator.store.meter_sql import meter_events_sql
 from aggregator.store.meter_tables import MeterRow
+from aggregator.store.quotas import TenantLimits
 from aggregator.store.rows import first_row
 from aggregator.store.writer import Job, Tx, independent
 from meters.errors import FieldError, ValidationFailed
@@ -77,6 +78,7 @@ _COLUMNS = (
 )
 # Active: neither ended nor past its expiry.
 _ACTIVE = "status = 'active' AND expires_at > make_timestamptz(?)"
+_HOLDS = f"SELECT count(*) FROM meter_holds WHERE organization_id = ?::UUID AND {_ACTIVE}"  # noqa: S608 - fixed text, values bound
 
 
 def _row(r: tuple[Any, ...]) -> HoldRow:
@@ -84,7 +86,9 @@ def _row(r: tuple[Any, ...]) -> HoldRow:
     return HoldRow(r[0], r[1], r[2], r[3], r[4], float(r[5]), int(r[6]), int(r[7]), stored, r[9])
 
 
-def create_job(organization_id: str, data: HoldCreate, now_us: int) -> Job[Created]:
+def create_job(
+    organization_id: str, data: HoldCreate, now_us: int, limits: TenantLimits = quotas.DEFAULTS
+) -> Job[Created]:
     request = idempotency.digest(data)
 
     # Independent: the balance is read from memory (every applied event in it), and no stored
@@ -112,6 +116,7 @@ def create_job(organization_id: str, data: HoldCreate, now_us: int) -> Job[Creat
             hold = _by_external_id(con, organization_id, data.external_id)
             assert hold is not None
             return Created(hold, balance, held(con, customer.id, meter.id, now_us), True)
+        quotas.check(con, limits, quotas.HOLDS, _HOLDS, [organization_id, now_us])
         holding = held(con, customer.id, meter.id, now_us)
         available = balance.balance - holding
         if available < data.units:

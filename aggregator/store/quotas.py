@@ -21,6 +21,8 @@ class TenantLimits:
     alerts: int = 1000
     webhook_endpoints: int = 25
     streams: int = 20
+    # Each active hold is read by every balance check and settled by events naming it.
+    holds: int = 10_000
 
 
 DEFAULTS = TenantLimits()
@@ -50,6 +52,14 @@ ENDPOINTS = Counted(
 STREAMS = Counted(
     "open live streams", "streams", "--max-streams-per-organization", "close one first"
 )
+HOLDS = Counted(
+    "active holds",
+    "holds",
+    "--max-active-holds-per-organization",
+    "release one, or let one settle or expire, first",
+)
+# Every limit, in the order the command line lists them.
+ALL = (METERS, ALERTS, ENDPOINTS, STREAMS, HOLDS)
 
 
 def check(

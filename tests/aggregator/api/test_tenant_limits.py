@@ -29,6 +29,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedCore]:
     args = (
         *("--max-meters-per-organization", "2", "--max-alerts-per-organization", "1"),
         *("--max-webhook-endpoints-per-organization", "1", "--max-streams-per-organization", "2"),
+        *("--max-active-holds-per-organization", "2"),
         "--allow-private-webhooks",
     )
     with ServedCore(tmp_path_factory.mktemp("limited"), *args) as core:
@@ -84,6 +85,35 @@ def test_alerts_and_webhook_endpoints_past_the_limit_are_refused(limited: Served
         deleted = client.delete(f"/v1/webhooks/endpoints/{made.json()['id']}")
         assert deleted.status_code == 204
         assert client.post("/v1/webhooks/endpoints", json=endpoint).status_code == 201
+
+
+def test_active_holds_past_the_limit_are_refused_and_a_release_makes_room(
+    limited: ServedCore,
+) -> None:
+    registry = TokenRegistry(limited.data_dir)
+    try:
+        token = registry.create_token(registry.organization("holding"), "tests")
+    finally:
+        registry.close()
+    with limited.client(token) as client:
+        meter = client.post("/v1/meters/", json=_meter("held meter")).json()["id"]
+        customer = {"email": "ada@example.com", "external_id": "ada"}
+        assert client.post("/v1/customers/", json=customer).status_code == 201
+        grant = {"external_customer_id": "ada", "meter_id": meter, "units": 10}
+        credit = client.post("/v1/meter-credits/", json={**grant, "external_id": "grant"})
+        assert credit.status_code == 201, credit.text
+
+        def hold(key: str) -> httpx.Response:
+            body = {"meter_id": meter, "external_customer_id": "ada", "units": 1}
+            return client.post("/v1/meter-holds/", json={**body, "external_id": key})
+
+        first, second = hold("h1"), hold("h2")
+        assert (first.status_code, second.status_code) == (201, 201)
+        _refused(hold("h3"), "--max-active-holds-per-organization")
+        assert hold("h1").status_code == 200  # the same request again: its stored answer
+        released = client.delete(f"/v1/meter-holds/{first.json()['id']}")
+        assert released.status_code == 200, released.text
+        assert hold("h3").status_code == 201
 
 
 def test_streams_past_the_limit_are_refused_and_another_organization_is_not(
