@@ -66,10 +66,17 @@ class Evaluated:
     ledger_values: pa.Table
     at_us: int
 
-    @property
-    def definitions(self) -> tuple[tuple[str, int], ...]:
-        """What the columns of `values` mean: (meter id, version) of v0 .. vN."""
-        return tuple((m.id, m.version) for m in self.meters)
+    @classmethod
+    def of(
+        cls,
+        meters: Sequence[MeterRow],
+        values: pa.Table,
+        ledger: pa.Table,
+        ledger_values: pa.Table,
+        at_us: int,
+    ) -> Evaluated:
+        organization_id = meters[0].organization_id if meters else ""
+        return cls(organization_id, tuple(meters), values, ledger, ledger_values, at_us)
 
 
 def evaluate(
@@ -88,21 +95,14 @@ def evaluate(
     events) leaves out of the ledger the events a customer's reset has already closed.
     `ledger=False` leaves the ledger out (to measure what it costs)."""
     values = _evaluated(con, meters, source, where, params)
-    numbers = _numbers(meters) if ledger else []
-    uniques = _uniques(meters) if ledger else []
     if not backfill:
         return evaluated(meters, values, at_us=at_us, ledger=ledger)
+    numbers = _numbers(meters) if ledger else []
+    uniques = _uniques(meters) if ledger else []
     with registered(con, "_values", values):
         usage = _table(con, *_ledger_numbers(numbers)) if numbers else _EMPTY_NUMBERS
         usage_values = _table(con, *_ledger_uniques(uniques)) if uniques else _EMPTY_VALUES
-    return Evaluated(
-        meters[0].organization_id if meters else "",
-        tuple(meters),
-        values,
-        usage,
-        usage_values,
-        at_us,
-    )
+    return Evaluated.of(meters, values, usage, usage_values, at_us)
 
 
 def evaluated(
@@ -110,18 +110,10 @@ def evaluated(
 ) -> Evaluated:
     """Live ingest's `Evaluated` of contributions `values` already computed (`evaluate`, or
     `prepare` before the writer): the ledger's usage added, in Arrow."""
-    usage, usage_values = (
-        _live_ledger(values, _numbers(meters), _uniques(meters))
-        if ledger
-        else (_EMPTY_NUMBERS, _EMPTY_VALUES)
-    )
-    return Evaluated(
-        meters[0].organization_id if meters else "",
-        tuple(meters),
-        values,
-        usage,
-        usage_values,
-        at_us,
+    if not ledger:
+        return Evaluated.of(meters, values, _EMPTY_NUMBERS, _EMPTY_VALUES, at_us)
+    return Evaluated.of(
+        meters, values, *_live_ledger(values, _numbers(meters), _uniques(meters)), at_us
     )
 
 
