@@ -43,6 +43,17 @@ function tableRow(columns, row, key) {
   );
 }
 
+// `draw(current)` for each call, where `current()` says whether no later call has begun since:
+// a draw checks it before it shows anything, so that when a control changes twice quickly the
+// answer that arrives last cannot replace the one asked for last.
+export function lastWins(draw) {
+  let latest = 0;
+  return () => {
+    const mine = ++latest;
+    return draw(() => mine === latest);
+  };
+}
+
 export function section(title, ...children) {
   return h("section", {}, h("h2", { text: title }), ...children);
 }

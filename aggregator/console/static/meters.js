@@ -1,6 +1,6 @@
 // Meters: the list with a create form, and one meter's definition, backfill and usage chart.
 import { barChart } from "./chart.js";
-import { LOCAL_ZONE, fmt, h, link, message, section, table } from "./dom.js";
+import { LOCAL_ZONE, fmt, h, lastWins, link, message, section, table } from "./dom.js";
 
 const FUNCS = ["count", "sum", "avg", "min", "max", "unique"];
 const RANGES = { hour: 48 * 3600e3, day: 30 * 86400e3 }; // what each interval's chart spans
@@ -111,7 +111,7 @@ export async function usage(ctx, meter, { customerId, extra } = {}) {
   const interval = h("select", { name: "interval", "aria-label": "Interval" }, ["day", "hour"].map((v) => h("option", { value: v, text: `by ${v}` })));
   const zone = h("input", { name: "timezone", value: LOCAL_ZONE, "aria-label": "Timezone", size: 18 });
   const area = h("div", { class: "chart-area" });
-  const draw = async () => {
+  const draw = lastWins(async (current) => {
     const end = new Date();
     const start = new Date(end - RANGES[interval.value]);
     const params = {
@@ -125,6 +125,7 @@ export async function usage(ctx, meter, { customerId, extra } = {}) {
       const found = await ctx.call(`/v1/meters/${meter.id}/quantities`, { params });
       const labels = found.quantities.map((q) => label(q.timestamp, interval.value, zone.value));
       const more = extra ? await extra(params, found.quantities.map((q) => q.timestamp)) : { series: [], marks: [] };
+      if (!current()) return;
       area.replaceChildren(
         barChart({
           labels,
@@ -134,9 +135,9 @@ export async function usage(ctx, meter, { customerId, extra } = {}) {
         }),
       );
     } catch (error) {
-      if (!ctx.signal.aborted) area.replaceChildren(message(error.message));
+      if (!ctx.signal.aborted && current()) area.replaceChildren(message(error.message));
     }
-  };
+  });
   interval.addEventListener("change", draw);
   zone.addEventListener("change", draw);
   await draw();

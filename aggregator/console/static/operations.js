@@ -2,7 +2,7 @@
 // (Kafka mode), alerts and webhook deliveries.
 import { ApiError } from "./api.js";
 import { barChart } from "./chart.js";
-import { fill, fmt, h, link, message, section, table } from "./dom.js";
+import { fill, fmt, h, lastWins, link, message, section, table } from "./dom.js";
 
 const DAYS_30 = 30 * 86400e3;
 
@@ -14,12 +14,13 @@ function costKey(key) {
 export async function costs(ctx) {
   const by = h("select", { name: "group_by", "aria-label": "Group by" }, ["customer", "model"].map((v) => h("option", { value: v, text: `by ${v}` })));
   const area = h("div");
-  const draw = async () => {
+  const draw = lastWins(async (current) => {
     const end = new Date();
     const params = { start_timestamp: new Date(end - DAYS_30).toISOString(), end_timestamp: end.toISOString(), limit: 20 };
     params.group_by = by.value === "model" ? ["vendor", "model"] : "customer";
     const found = await ctx.call("/v1/costs/", { params });
     const groups = found.groups;
+    if (!current()) return;
     fill(
       area,
       h("p", { text: `Total ${found.total.amount} cents over ${fmt.number(found.total.events)} events in the last 30 days.` }),
@@ -36,7 +37,7 @@ export async function costs(ctx) {
         { empty: "No event with a cost (_cost) in the last 30 days." },
       ),
     );
-  };
+  });
   by.addEventListener("change", () => draw().catch((error) => area.replaceChildren(message(error.message))));
   await draw();
   return [h("h1", { text: "Costs" }), h("div", { class: "controls" }, by), area];

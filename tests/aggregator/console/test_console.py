@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page, Route, sync_playwright
 
 from tests.processes import Broker, MeterlineServer, Server, free_port, new_org_token, wait_until
 
@@ -228,13 +228,28 @@ def test_a_meter_made_in_the_console_charts_usage_ingested_through_the_api(
     more = [_event("alice", 0.2, tokens=1000), _event("amy", 0.1, tokens=1)]
     world.a.post("/v1/events/ingest", json={"events": more}).raise_for_status()
     wait_until(lambda: _total(world, meter_id) == 4721, timeout=30)  # seeded + 1,001
-    page.select_option("select[name=interval]", "hour")  # each change redraws
+    # Each change redraws; the hourly answer is held until the daily chart is drawn, so it
+    # arrives last and must not replace the chart asked for last.
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:
+        held.append(route)
+
+    page.route("**/quantities?*interval=hour*", hold)
+    page.select_option("select[name=interval]", "hour")
     page.select_option("select[name=interval]", "day")
+    page.wait_for_selector("figcaption:has-text('by day in')")
     page.wait_for_selector("figcaption:has-text('total 4,721')")
+    assert len(held) == 1
+    with page.expect_response(lambda r: "interval=hour" in r.url):
+        held[0].continue_()
+    page.unroute("**/quantities?*interval=hour*")
+    page.wait_for_timeout(200)  # what the late answer would draw
+    assert page.inner_text("figcaption").count("by day in") == 1
     heights = page.eval_on_selector_all(
         "svg rect.bar", "bars => bars.map(b => +b.getAttribute('height'))"
     )
-    assert len(heights) >= 30 and sum(h > 0 for h in heights) >= 8
+    assert 30 <= len(heights) <= 32 and sum(h > 0 for h in heights) >= 8
     page.wait_for_selector("#backfill:has-text('done')")  # followed without a reload
     _shot(page, world, "meter")
     _visit(page, world, "#/meters")
