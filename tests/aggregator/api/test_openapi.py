@@ -9,11 +9,14 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import json
+import os
 import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -137,6 +140,7 @@ class Checked:
         self.doc = doc
         self.components = _closed(copy.deepcopy(doc["components"]))
         self.called: set[tuple[str, str]] = set()
+        self.answers = Answers()
 
     def __call__(
         self,
@@ -148,6 +152,7 @@ class Checked:
     ) -> Any:
         response = self.core.request(method, template.format(**(path or {})), **kwargs)
         assert response.status_code == expect, (method, template, response.text)
+        self.answers.add(method, template, response)
         declared = self.doc["paths"][template][method.lower()]["responses"].get(str(expect))
         assert declared is not None, f"{method} {template}: {expect} is not declared"
         self.called.add((method.lower(), template))
@@ -169,12 +174,69 @@ class Checked:
         return body
 
 
-def test_every_operation_answers_as_documented(core: InProcessCore, doc: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def swept(core: InProcessCore, doc: dict[str, Any]) -> Checked:
+    """Every operation called, each answer held to the document."""
     check = Checked(core, doc)
+    for page in ("/openapi.json", "/docs"):
+        check.answers.add("GET", page, core.request("GET", page))
     ids = _seed(check)
     _read_everything(check, doc, ids)
     _write_and_refuse(check, ids)
-    assert check.called == operations(doc)
+    return check
+
+
+def test_every_operation_answers_as_documented(swept: Checked, doc: dict[str, Any]) -> None:
+    assert swept.called == operations(doc)
+
+
+def test_every_answer_is_the_one_recorded(swept: Checked) -> None:
+    """The sweep's answers, byte for byte but for ids, times and secrets, are those recorded in
+    `route_answers.json`: a change to how the code is laid out changes no answer. An intended
+    change of an answer is recorded anew with `METERLINE_RECORD_ANSWERS=1` and reviewed in the
+    diff."""
+    if os.environ.get(RECORD_ANSWERS):
+        RECORDED.write_text(json.dumps(swept.answers.recorded, indent=1) + "\n")
+    recorded = json.loads(RECORDED.read_text())
+    for i, (answer, expected) in enumerate(zip(swept.answers.recorded, recorded, strict=False)):
+        assert answer == expected, f"answer {i}"
+    assert len(swept.answers.recorded) == len(recorded)
+
+
+RECORDED = Path(__file__).with_name("route_answers.json")
+RECORD_ANSWERS = "METERLINE_RECORD_ANSWERS"
+# What differs from run to run: ids, times, secrets; each id is numbered by first appearance.
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_VOLATILE = [
+    (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?"), "<time>"),
+    (re.compile(r"mlt_[a-z]+_[A-Za-z0-9_-]+"), "<token>"),
+    (re.compile(r"whsec_[A-Za-z0-9+/=_-]+"), "<secret>"),
+]
+# Answers whose bodies hold figures of the process (counters, free bytes): status only.
+_STATUS_ONLY = {"/metrics", "/healthz"}
+# Longer bodies are recorded as their digest.
+_LONGEST_RECORDED = 4096
+
+
+class Answers:
+    """Each answer as (call, status, body), normalized (`_VOLATILE`, ids numbered)."""
+
+    def __init__(self) -> None:
+        self.recorded: list[list[Any]] = []
+        self._ids: dict[str, str] = {}
+
+    def add(self, method: str, template: str, response: httpx.Response) -> None:
+        body = "" if template in _STATUS_ONLY else self._normalized(response.text)
+        if len(body) > _LONGEST_RECORDED:
+            body = f"sha256:{hashlib.sha256(body.encode()).hexdigest()} ({len(body)} bytes)"
+        self.recorded.append([f"{method} {template}", response.status_code, body])
+
+    def _normalized(self, text: str) -> str:
+        for pattern, placeholder in _VOLATILE:
+            text = pattern.sub(placeholder, text)
+        return _UUID.sub(
+            lambda m: self._ids.setdefault(m.group(), f"<id {len(self._ids) + 1}>"), text
+        )
 
 
 def _seed(check: Checked) -> dict[str, str]:
