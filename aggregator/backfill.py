@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Self
 
 from aggregator.store import Store
-from aggregator.store.meter_tables import backfill_step_job, pending_backfills
+from aggregator.store.tables.meter_tables import backfill_step_job, pending_backfills
 
 log = logging.getLogger(__name__)
 

@@ -56,11 +56,12 @@ from aggregator.errors import (
 from aggregator.intake.consumer import Consumer
 from aggregator.services import ledger_service
 from aggregator.services.live_feed import LiveFeed
-from aggregator.store import Store, dedupe, disk
-from aggregator.store.alert_tables import Firing
-from aggregator.store.balances import Balances
-from aggregator.store.quotas import TenantLimits
-from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS
+from aggregator.store import Store
+from aggregator.store.machinery import dedupe, disk
+from aggregator.store.machinery.balances import Balances
+from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS
+from aggregator.store.tables.alert_tables import Firing
+from aggregator.store.tables.quotas import TenantLimits
 from aggregator.upstream.forwarder import Forwarder
 from aggregator.upstream.webhook_sender import WebhookSettings
 from ingest.http import (

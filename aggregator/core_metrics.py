@@ -7,8 +7,8 @@ from functools import partial
 
 from aggregator.intake.consumer import Consumer
 from aggregator.store import Store
-from aggregator.store.meter_tables import failed_meters
-from aggregator.store.webhook_tables import failures
+from aggregator.store.tables.meter_tables import failed_meters
+from aggregator.store.tables.webhook_tables import failures
 from aggregator.upstream.forwarder import Forwarder
 from ingest.http import Source
 

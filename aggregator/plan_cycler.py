@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Self
 
 from aggregator.store import Store
-from aggregator.store.plan_tables import cycle_due_job, due
+from aggregator.store.tables.plan_tables import cycle_due_job, due
 from meters.times import now_us
 
 log = logging.getLogger(__name__)

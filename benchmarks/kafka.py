@@ -68,7 +68,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aggregator.auth import TokenRegistry
 from aggregator.intake.consumer import Consumer
 from aggregator.store import Store
-from aggregator.store.consumed import stored_offsets
+from aggregator.store.apply.consumed import stored_offsets
 from benchmarks import loadgen
 from benchmarks.common import cpu_seconds, metric, percentile
 from benchmarks.ingest_http import BATCH_SIZE, CONCURRENCY, RUN_SECONDS, LoadGenerator

@@ -33,10 +33,10 @@ from aggregator.api import ledger_shapes
 from aggregator.auth import TokenRegistry
 from aggregator.services.ledger_service import check
 from aggregator.store import Store
-from aggregator.store.event_tables import IngestJob
-from aggregator.store.ledger_tables import credit_job
-from aggregator.store.meter_tables import create_job
-from aggregator.store.writer import Job, Tx
+from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.tables.event_tables import IngestJob
+from aggregator.store.tables.ledger_tables import credit_job
+from aggregator.store.tables.meter_tables import create_job
 from benchmarks.common import metric, percentile
 from benchmarks.meters import (
     ROLLUP_BATCH,

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from aggregator.store.record_checks import row_problems
+from aggregator.store.tables.record_checks import row_problems
 from benchmarks import loadgen
 from benchmarks.common import metric
 from meters import columnar

@@ -32,8 +32,8 @@ from aggregator.backfill import Backfiller
 from aggregator.core_app import CoreSettings, build_app
 from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.store import Store
-from aggregator.store.compaction import compact
-from aggregator.store.meter_tables import pending_backfills
+from aggregator.store.machinery.compaction import compact
+from aggregator.store.tables.meter_tables import pending_backfills
 from ingest.validation import ValidationPool
 
 T = TypeVar("T")

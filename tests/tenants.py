@@ -23,8 +23,8 @@ import orjson
 
 from aggregator.auth import TokenRegistry
 from aggregator.store import Store
-from aggregator.store.meter_tables import create_job
-from aggregator.store.writer import Tx
+from aggregator.store.machinery.writer import Tx
+from aggregator.store.tables.meter_tables import create_job
 from meters.definitions import MeterCreate
 from meters.times import now_us
 from tests.processes import new_org_token

@@ -9,7 +9,7 @@ from starlette.requests import Request
 
 from aggregator.backfill import Backfiller
 from aggregator.store import Store
-from aggregator.store.quotas import TenantLimits
+from aggregator.store.tables.quotas import TenantLimits
 from ingest.http import Authenticate, json_body, organization_of
 
 

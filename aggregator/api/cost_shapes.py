@@ -1,5 +1,5 @@
 """Costs (meterline's own): amounts are exact decimal strings in the canonical form of
-`_cost.amount` (`aggregator.store.cost_queries.decimal_text`), never floats."""
+`_cost.amount` (`aggregator.store.tables.cost_queries.decimal_text`), never floats."""
 
 from __future__ import annotations
 

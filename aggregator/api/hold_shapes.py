@@ -8,7 +8,7 @@ from aggregator.api.ledger_shapes import CustomerMeterShape, customer_meter
 from aggregator.api.shapes import ListResource, iso, pagination
 from aggregator.services.hold_service import Hold, HoldRow
 from aggregator.services.pages import Page
-from aggregator.store.hold_tables import Status
+from aggregator.store.tables.hold_tables import Status
 from meters.ledger_rules import HoldCreate
 
 __all__ = ["HoldCreate", "HoldShape", "HoldWithMeterShape", "hold", "holds", "with_meter"]

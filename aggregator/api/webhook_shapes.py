@@ -9,7 +9,7 @@ from typing_extensions import TypedDict
 from aggregator.api.shapes import ListResource, iso, pagination
 from aggregator.services.pages import Page
 from aggregator.services.webhook_service import DeliveryRow, EndpointRow
-from aggregator.store.webhook_tables import EventRow
+from aggregator.store.tables.webhook_tables import EventRow
 from meters.webhook_rules import API_VERSION, EndpointCreate, EndpointUpdate
 
 __all__ = [

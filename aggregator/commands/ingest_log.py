@@ -17,8 +17,8 @@ import duckdb
 from aggregator.commands.common import command, data_dir_option, plural, program
 from aggregator.core_app import CoreSettings
 from aggregator.errors import UsageError
-from aggregator.store import ingest_log_repair
-from aggregator.store.ingest_log_repair import Checked
+from aggregator.store.machinery import ingest_log_repair
+from aggregator.store.machinery.ingest_log_repair import Checked
 
 
 def commands(subparsers: Any) -> None:

@@ -56,7 +56,7 @@ from aggregator.errors import OffsetGap
 from aggregator.intake.dead_letters import HEADERS, organization_of
 from aggregator.intake.decode import DeadLetter, dead_rows, decode_batch
 from aggregator.store import Store
-from aggregator.store.consumed import (
+from aggregator.store.apply.consumed import (
     ConsumedBatch,
     OffsetReset,
     Reset,
@@ -64,9 +64,9 @@ from aggregator.store.consumed import (
     offset_resets,
     stored_offsets,
 )
-from aggregator.store.event_tables import missing_customers
-from aggregator.store.ingest_log import with_source
-from aggregator.store.rollups import Prepared
+from aggregator.store.machinery.ingest_log import with_source
+from aggregator.store.machinery.rollups import Prepared
+from aggregator.store.tables.event_tables import missing_customers
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from meters.columnar import H_ORGANIZATION
 from meters.events import EventRules

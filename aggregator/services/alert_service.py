@@ -5,9 +5,9 @@ from __future__ import annotations
 from aggregator.errors import NotFound
 from aggregator.services.pages import Page, offset
 from aggregator.store import Store
-from aggregator.store import alert_tables as sql
-from aggregator.store.alert_tables import AlertRow
-from aggregator.store.quotas import TenantLimits
+from aggregator.store.tables import alert_tables as sql
+from aggregator.store.tables.alert_tables import AlertRow
+from aggregator.store.tables.quotas import TenantLimits
 from meters.ledger_rules import AlertCreate
 from meters.times import now_us
 

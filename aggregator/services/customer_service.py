@@ -10,11 +10,12 @@ import duckdb
 
 from aggregator.errors import NotFound
 from aggregator.services.pages import Page, offset
-from aggregator.store import Store, subjects
-from aggregator.store import customer_tables as sql
-from aggregator.store.customer_deletion import delete_job
-from aggregator.store.customer_tables import CUSTOMER_SORTS, CustomerRow
-from aggregator.store.event_tables import subjects_first_timestamp
+from aggregator.store import Store
+from aggregator.store.base import subjects
+from aggregator.store.tables import customer_tables as sql
+from aggregator.store.tables.customer_deletion import delete_job
+from aggregator.store.tables.customer_tables import CUSTOMER_SORTS, CustomerRow
+from aggregator.store.tables.event_tables import subjects_first_timestamp
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.times import now_us
 

@@ -11,12 +11,13 @@ from aggregator.errors import NotFound
 from aggregator.services.customer_service import Customer, with_first_events
 from aggregator.services.meter_service import evaluable, found
 from aggregator.services.pages import Page, offset
-from aggregator.store import Store, event_type_tables
-from aggregator.store import customer_tables as customer_sql
-from aggregator.store import event_tables as sql
-from aggregator.store import meter_tables as meter_sql
-from aggregator.store.event_tables import EventQuery, EventRow
-from aggregator.store.meter_sql import filter_sql, meter_events_sql
+from aggregator.store import Store
+from aggregator.store.base.meter_sql import filter_sql, meter_events_sql
+from aggregator.store.tables import customer_tables as customer_sql
+from aggregator.store.tables import event_tables as sql
+from aggregator.store.tables import event_type_tables
+from aggregator.store.tables import meter_tables as meter_sql
+from aggregator.store.tables.event_tables import EventQuery, EventRow
 from meters.event_types import label
 from meters.filters import Filter
 

@@ -12,8 +12,8 @@ from aggregator.errors import NotFound
 from aggregator.services.event_service import resolve_customers
 from aggregator.services.pages import Page, offset
 from aggregator.store import Store
-from aggregator.store.event_tables import EventQuery
-from aggregator.store.event_type_tables import (
+from aggregator.store.tables.event_tables import EventQuery
+from aggregator.store.tables.event_type_tables import (
     EventTypeRow,
     NameStats,
     name_stats,

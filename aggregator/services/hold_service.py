@@ -10,9 +10,9 @@ from aggregator.services import ledger_service
 from aggregator.services.ledger_service import CustomerMeterView
 from aggregator.services.pages import Page, offset
 from aggregator.store import Store
-from aggregator.store import hold_tables as sql
-from aggregator.store.hold_tables import HoldRow
-from aggregator.store.quotas import TenantLimits
+from aggregator.store.tables import hold_tables as sql
+from aggregator.store.tables.hold_tables import HoldRow
+from aggregator.store.tables.quotas import TenantLimits
 from meters.ledger_rules import HoldCreate
 from meters.times import now_us
 

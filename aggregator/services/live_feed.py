@@ -21,12 +21,14 @@ from typing import Self
 
 import duckdb
 
-from aggregator.store import Store, quotas, subjects
-from aggregator.store.customer_tables import customers_by_refs
-from aggregator.store.hold_tables import held_by_pair
-from aggregator.store.ledger_tables import CustomerMeter, held_customer_meter
-from aggregator.store.live import Changed
-from aggregator.store.quotas import TenantLimits
+from aggregator.store import Store
+from aggregator.store.base import subjects
+from aggregator.store.machinery.live import Changed
+from aggregator.store.tables import quotas
+from aggregator.store.tables.customer_tables import customers_by_refs
+from aggregator.store.tables.hold_tables import held_by_pair
+from aggregator.store.tables.ledger_tables import CustomerMeter, held_customer_meter
+from aggregator.store.tables.quotas import TenantLimits
 from meters.times import now_us
 
 __all__ = [

@@ -11,13 +11,14 @@ import duckdb
 from aggregator.backfill import Backfiller
 from aggregator.errors import MeterFailed, NotFound
 from aggregator.services.pages import Page, offset
-from aggregator.store import Store, subjects
-from aggregator.store import customer_tables as customer_sql
-from aggregator.store import meter_tables as sql
-from aggregator.store import quantities as quantity_sql
-from aggregator.store.meter_tables import METER_SORTS, MeterRow
-from aggregator.store.quantities import Scope
-from aggregator.store.quotas import TenantLimits
+from aggregator.store import Store
+from aggregator.store.base import subjects
+from aggregator.store.tables import customer_tables as customer_sql
+from aggregator.store.tables import meter_tables as sql
+from aggregator.store.tables import quantities as quantity_sql
+from aggregator.store.tables.meter_tables import METER_SORTS, MeterRow
+from aggregator.store.tables.quantities import Scope
+from aggregator.store.tables.quotas import TenantLimits
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.periods import Interval
 from meters.times import now_us

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aggregator.errors import NotFound
 from aggregator.store import Store
-from aggregator.store import plan_tables as sql
-from aggregator.store.plan_tables import PlanRow
+from aggregator.store.tables import plan_tables as sql
+from aggregator.store.tables.plan_tables import PlanRow
 from meters.ledger_rules import PlanCreate
 from meters.times import now_us
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from aggregator.errors import NotFound
 from aggregator.services.pages import Page, offset
 from aggregator.store import Store
-from aggregator.store import webhook_tables as sql
-from aggregator.store.quotas import TenantLimits
-from aggregator.store.webhook_tables import DeliveryRow, EndpointRow
+from aggregator.store.tables import webhook_tables as sql
+from aggregator.store.tables.quotas import TenantLimits
+from aggregator.store.tables.webhook_tables import DeliveryRow, EndpointRow
 from aggregator.upstream.webhook_sender import private_refusal
 from meters.errors import FieldError, ValidationFailed
 from meters.times import now_us

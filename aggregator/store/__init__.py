@@ -28,19 +28,20 @@ import duckdb
 import pyarrow as pa
 
 from aggregator.errors import QueryTimeout, StorageFull
-from aggregator.store import alert_tables, dedupe, disk, ingest_log, rollups
-from aggregator.store.disk import DiskHealth
-from aggregator.store.event_tables import Replay
-from aggregator.store.flusher import Flusher
-from aggregator.store.gates import Gates
-from aggregator.store.ingest_log import IngestLog
-from aggregator.store.live import Live, SequenceCounter
-from aggregator.store.memtable import ROW_GROUP, Memtable
-from aggregator.store.meter_tables import EVALUATION_ERRORS, meters_of
-from aggregator.store.migrations import migrate
-from aggregator.store.recluster import Reclusterer, ReclusterSettings
-from aggregator.store.rollups import Prepared
-from aggregator.store.writer import DEFAULT_JOB_BOUND_SECONDS, REJECTIONS, Job, Writer
+from aggregator.store.machinery import dedupe, disk, ingest_log, rollups
+from aggregator.store.machinery.disk import DiskHealth
+from aggregator.store.machinery.flusher import Flusher
+from aggregator.store.machinery.gates import Gates
+from aggregator.store.machinery.ingest_log import IngestLog
+from aggregator.store.machinery.live import Live, SequenceCounter
+from aggregator.store.machinery.memtable import ROW_GROUP, Memtable
+from aggregator.store.machinery.migrations import migrate
+from aggregator.store.machinery.recluster import Reclusterer, ReclusterSettings
+from aggregator.store.machinery.rollups import Prepared
+from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS, REJECTIONS, Job, Writer
+from aggregator.store.tables import alert_tables
+from aggregator.store.tables.event_tables import Replay
+from aggregator.store.tables.meter_tables import EVALUATION_ERRORS, meters_of
 
 T = TypeVar("T")
 # Organizations with more meters than this have their events evaluated before the writer takes

@@ -24,7 +24,7 @@ import httpx
 
 from aggregator.errors import UsageError
 from aggregator.store import Store
-from aggregator.store.outbox import Pending
+from aggregator.store.tables.outbox import Pending
 from aggregator.upstream.outboxes import Outbox, RawOutbox, RollupOutbox
 from meters.polar_api import PolarApi
 from meters.upstream import Accepted, Rejected, RetryLater, backoff

@@ -25,7 +25,7 @@ from typing import Self
 import httpx
 
 from aggregator.store import Store
-from aggregator.store.webhook_tables import (
+from aggregator.store.tables.webhook_tables import (
     Attempt,
     Due,
     StatePayload,

@@ -12,9 +12,9 @@ import pytest
 
 from aggregator.plan_cycler import PlanCycler
 from aggregator.store import Store
-from aggregator.store.customer_tables import create_job as create_customer
-from aggregator.store.meter_tables import create_job
-from aggregator.store.plan_tables import PlanRow, get_plan, plan_create_job
+from aggregator.store.tables.customer_tables import create_job as create_customer
+from aggregator.store.tables.meter_tables import create_job
+from aggregator.store.tables.plan_tables import PlanRow, get_plan, plan_create_job
 from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.ledger_rules import PlanCreate

@@ -15,7 +15,7 @@ import duckdb
 import httpx
 import pytest
 
-from aggregator.store.migrations import migrate
+from aggregator.store.machinery.migrations import migrate
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer, Server, new_org_token
 

@@ -13,7 +13,7 @@ import pytest
 
 from aggregator import cli
 from aggregator.core_app import CoreSettings
-from aggregator.store.ingest_log import WITNESS
+from aggregator.store.machinery.ingest_log import WITNESS
 from tests.aggregator.store.test_ingest_log_store import (
     crashed_store,
     log_files,

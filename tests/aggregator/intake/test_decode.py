@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.intake.decode import decode_batch
-from aggregator.store.record_checks import row_problems
+from aggregator.store.tables.record_checks import row_problems
 from meters import columnar
 from meters.events import COLUMNS, EventRules, parse_ingest_body, validate_body
 from meters.ipc import read_ipc

@@ -16,7 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from aggregator.store import Store
-from aggregator.store.consumed import OffsetReset, Reset, offset_resets, stored_offsets
+from aggregator.store.apply.consumed import OffsetReset, Reset, offset_resets, stored_offsets
 from tests.pipeline import Pipeline, send_until_accepted
 from tests.processes import wait_until
 

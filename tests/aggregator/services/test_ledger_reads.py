@@ -15,7 +15,7 @@ import pytest
 
 from aggregator.services import customer_service, ledger_service
 from aggregator.store import Store
-from aggregator.store.meter_tables import create_job
+from aggregator.store.tables.meter_tables import create_job
 from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.ledger_rules import CreditCreate

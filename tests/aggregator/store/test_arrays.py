@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.store.arrays import Keys, merged
+from aggregator.store.base.arrays import Keys, merged
 
 keys = st.lists(st.integers(0, 60), max_size=12)
 steps = st.lists(

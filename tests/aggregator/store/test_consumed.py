@@ -11,7 +11,7 @@ import pytest
 
 from aggregator.errors import OffsetGap
 from aggregator.store import Store
-from aggregator.store.consumed import ConsumedBatch, StartOffsets, stored_offsets
+from aggregator.store.apply.consumed import ConsumedBatch, StartOffsets, stored_offsets
 from meters.events import Event, to_table
 from meters.times import now_us
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import duckdb
 
 from aggregator.store import Store
-from aggregator.store.event_tables import EventQuery, list_events
-from aggregator.store.migrations import migrate
+from aggregator.store.machinery.migrations import migrate
+from aggregator.store.tables.event_tables import EventQuery, list_events
 
 ORG = str(uuid.uuid4())
 

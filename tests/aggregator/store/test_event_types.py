@@ -13,9 +13,9 @@ import duckdb
 from aggregator.services import event_type_service
 from aggregator.services.event_type_service import EventTypeQuery
 from aggregator.store import Store
-from aggregator.store.event_tables import EventQuery
-from aggregator.store.event_type_tables import type_id
-from aggregator.store.migrations import migrate
+from aggregator.store.machinery.migrations import migrate
+from aggregator.store.tables.event_tables import EventQuery
+from aggregator.store.tables.event_type_tables import type_id
 from meters.event_types import EventTypeUpdate, label
 
 ORG = str(uuid.uuid4())

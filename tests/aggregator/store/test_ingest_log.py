@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.store import ingest_log
-from aggregator.store.ingest_log import IngestLog, LogCorrupt, Logged
+from aggregator.store.machinery import ingest_log
+from aggregator.store.machinery.ingest_log import IngestLog, LogCorrupt, Logged
 
 
 def _request(first: int, n: int = 3) -> Logged:

@@ -14,10 +14,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from aggregator.store import Store, ingest_log
-from aggregator.store.event_tables import IngestJob
-from aggregator.store.ingest_log import LogCorrupt, Logged, read_frames
-from aggregator.store.migrations import migrate
+from aggregator.store import Store
+from aggregator.store.machinery import ingest_log
+from aggregator.store.machinery.ingest_log import LogCorrupt, Logged, read_frames
+from aggregator.store.machinery.migrations import migrate
+from aggregator.store.tables.event_tables import IngestJob
 from meters.events import Event, to_table
 from meters.times import now_us
 from tests.aggregator.store.test_ingest_log import previous_frame

@@ -23,17 +23,17 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from aggregator.errors import KeyReused
 from aggregator.store import Store
-from aggregator.store.compaction import compact
-from aggregator.store.customer_tables import create_job as create_customer
-from aggregator.store.event_tables import IngestJob
-from aggregator.store.ledger_tables import (
+from aggregator.store.machinery.compaction import compact
+from aggregator.store.tables.customer_tables import create_job as create_customer
+from aggregator.store.tables.event_tables import IngestJob
+from aggregator.store.tables.ledger_tables import (
     credit_job,
     customer_meter,
     held_customer_meter,
     reset_job,
 )
-from aggregator.store.meter_tables import MeterRow, create_job, meters_by_ids
-from aggregator.store.plan_tables import cycle_due_job, plan_create_job
+from aggregator.store.tables.meter_tables import MeterRow, create_job, meters_by_ids
+from aggregator.store.tables.plan_tables import cycle_due_job, plan_create_job
 from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
@@ -238,7 +238,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @invariant()
     def customer_meters_equal_the_model(self) -> None:
         def read(con: Any) -> dict[str, Any]:
-            from aggregator.store.customer_tables import get_customer
+            from aggregator.store.tables.customer_tables import get_customer
 
             customer = get_customer(con, ORG, self.customer_id)
             assert customer is not None

@@ -16,9 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.store import Store, dedupe
-from aggregator.store.event_tables import IngestJob
-from aggregator.store.meter_tables import create_job, update_job
+from aggregator.store import Store
+from aggregator.store.machinery import dedupe
+from aggregator.store.tables.event_tables import IngestJob
+from aggregator.store.tables.meter_tables import create_job, update_job
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.events import Event, to_table
 from meters.times import now_us
@@ -133,8 +134,8 @@ def test_keys_past_the_memory_bound_are_found_in_files(tmp_path: Path) -> None:
 _CRASHING = """
 import asyncio, os, signal, sys
 from aggregator.store import Store
-from aggregator.store.event_tables import IngestJob
-from aggregator.store.meter_tables import create_job
+from aggregator.store.tables.event_tables import IngestJob
+from aggregator.store.tables.meter_tables import create_job
 from meters.definitions import MeterCreate
 from meters.events import to_table
 from meters.times import now_us

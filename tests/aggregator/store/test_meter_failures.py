@@ -16,10 +16,16 @@ import orjson
 import pytest
 
 from aggregator.auth import TokenRegistry
-from aggregator.store import Store, meter_sql
-from aggregator.store.event_tables import IngestJob
-from aggregator.store.meter_tables import backfill_step_job, create_job, get_meter, update_job
-from aggregator.store.migrations import migrate
+from aggregator.store import Store
+from aggregator.store.base import meter_sql
+from aggregator.store.machinery.migrations import migrate
+from aggregator.store.tables.event_tables import IngestJob
+from aggregator.store.tables.meter_tables import (
+    backfill_step_job,
+    create_job,
+    get_meter,
+    update_job,
+)
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.events import Event, to_table
 from meters.times import now_us
@@ -41,7 +47,7 @@ POISON_FILTER = {
 # An empty member name, which every DuckDB version refuses to bind ("JSON path error").
 _REFUSED = '$.""'
 _HOOK = f"""\
-from aggregator.store import meter_sql
+from aggregator.store.base import meter_sql
 
 _compile = meter_sql.json_path
 meter_sql.json_path = lambda keys: {_REFUSED!r} if keys == ("*",) else _compile(keys)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
-from aggregator.store.meter_sql import (
+from aggregator.store.base.meter_sql import (
     Extracted,
     aggregate_sql,
     contribution_sql,

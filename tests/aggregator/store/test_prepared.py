@@ -18,11 +18,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.store import Store, rollups
-from aggregator.store.event_tables import IngestJob
-from aggregator.store.ingest_log import with_origin
-from aggregator.store.meter_tables import create_job
-from aggregator.store.quotas import TenantLimits
+from aggregator.store import Store
+from aggregator.store.machinery import rollups
+from aggregator.store.machinery.ingest_log import with_origin
+from aggregator.store.tables.event_tables import IngestJob
+from aggregator.store.tables.meter_tables import create_job
+from aggregator.store.tables.quotas import TenantLimits
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.filters import EventView

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 from aggregator.store import Store
-from aggregator.store import webhook_tables as sql
+from aggregator.store.tables import webhook_tables as sql
 from meters.times import now_us
 from meters.webhook_rules import EndpointCreate
 

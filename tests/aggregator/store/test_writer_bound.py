@@ -12,8 +12,8 @@ import pytest
 
 from aggregator.backfill import Backfiller
 from aggregator.store import Store
-from aggregator.store.event_tables import IngestJob
-from aggregator.store.meter_tables import create_job, pending_backfills
+from aggregator.store.tables.event_tables import IngestJob
+from aggregator.store.tables.meter_tables import create_job, pending_backfills
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.times import now_us

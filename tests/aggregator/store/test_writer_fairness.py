@@ -11,7 +11,7 @@ import duckdb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.store.writer import Tx, Writer
+from aggregator.store.machinery.writer import Tx, Writer
 
 Submission = tuple[str | None, int]  # (tenant, weight)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from aggregator.store.compaction import CLUSTERED, recluster
+from aggregator.store.machinery.compaction import CLUSTERED, recluster
 
 log = logging.getLogger(__name__)
 

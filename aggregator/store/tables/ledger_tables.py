@@ -18,19 +18,20 @@ from typing import TYPE_CHECKING, Any, cast
 import duckdb
 import orjson
 
-from aggregator.store import alert_tables, idempotency, subjects, webhook_tables
-from aggregator.store.balances import Credits as HeldCredits
-from aggregator.store.compaction import LEDGER_TABLES
-from aggregator.store.customer_tables import CustomerRow, find_customer
-from aggregator.store.meter_tables import MeterRow, get_meter
-from aggregator.store.rows import first_row
-from aggregator.store.writer import Job, Tx
+from aggregator.store.base import subjects
+from aggregator.store.base.rows import first_row
+from aggregator.store.machinery.balances import Credits as HeldCredits
+from aggregator.store.machinery.compaction import LEDGER_TABLES
+from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.tables import alert_tables, idempotency, webhook_tables
+from aggregator.store.tables.customer_tables import CustomerRow, find_customer
+from aggregator.store.tables.meter_tables import MeterRow, get_meter
 from meters.aggregations import Partial
 
 if TYPE_CHECKING:
-    from aggregator.store.balances import Balances
-    from aggregator.store.catalog import CustomerKey
-    from aggregator.store.live import Live
+    from aggregator.store.machinery.balances import Balances
+    from aggregator.store.machinery.catalog import CustomerKey
+    from aggregator.store.machinery.live import Live
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import CreditCreate, Credits, HoldCreate, PlanCreate, ResetCreate
 

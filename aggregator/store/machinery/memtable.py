@@ -21,9 +21,10 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from aggregator.store import ingest_log, rollups, subjects
-from aggregator.store.rollups import Evaluated
-from aggregator.store.rows import registered
+from aggregator.store.base import subjects
+from aggregator.store.base.rows import registered
+from aggregator.store.machinery import ingest_log, rollups
+from aggregator.store.machinery.rollups import Evaluated
 from meters.events import COLUMNS
 
 # Rows DuckDB puts in a row group: an append of at least this many goes straight to the file.

@@ -23,18 +23,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.errors import InsufficientBalance, NotFound
-from aggregator.store import idempotency, quotas
-from aggregator.store.ledger_tables import CustomerMeter, held_customer_meter, resolve
-from aggregator.store.meter_sql import meter_events_sql
-from aggregator.store.meter_tables import MeterRow
-from aggregator.store.quotas import TenantLimits
-from aggregator.store.rows import first_row
-from aggregator.store.writer import Job, Tx, independent
+from aggregator.store.base.meter_sql import meter_events_sql
+from aggregator.store.base.rows import first_row
+from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.tables import idempotency, quotas
+from aggregator.store.tables.ledger_tables import CustomerMeter, held_customer_meter, resolve
+from aggregator.store.tables.meter_tables import MeterRow
+from aggregator.store.tables.quotas import TenantLimits
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import HOLDABLE, HoldCreate
 
 if TYPE_CHECKING:
-    from aggregator.store.live import Live
+    from aggregator.store.machinery.live import Live
 
 Con = duckdb.DuckDBPyConnection
 Stored = Literal["active", "settled", "released"]

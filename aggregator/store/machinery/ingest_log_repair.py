@@ -21,7 +21,7 @@ from pathlib import Path
 
 import duckdb
 
-from aggregator.store.ingest_log import (
+from aggregator.store.machinery.ingest_log import (
     WITNESS,
     Damage,
     Logged,

@@ -33,15 +33,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.errors import NotFound
-from aggregator.store import idempotency, quotas, subjects, webhook_tables
-from aggregator.store.arrays import encoded, numpy
-from aggregator.store.catalog import CustomerKey
-from aggregator.store.customer_tables import CustomerRow, find_customer
-from aggregator.store.meter_tables import MeterRow, get_meter
-from aggregator.store.quotas import TenantLimits
-from aggregator.store.rollups import Evaluated
-from aggregator.store.rows import first_row
-from aggregator.store.writer import Job, Tx
+from aggregator.store.base import subjects
+from aggregator.store.base.arrays import encoded, numpy
+from aggregator.store.base.rows import first_row
+from aggregator.store.machinery.catalog import CustomerKey
+from aggregator.store.machinery.rollups import Evaluated
+from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.tables import idempotency, quotas, webhook_tables
+from aggregator.store.tables.customer_tables import CustomerRow, find_customer
+from aggregator.store.tables.meter_tables import MeterRow, get_meter
+from aggregator.store.tables.quotas import TenantLimits
 from meters.aggregations import Partial
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import (
@@ -53,8 +54,8 @@ from meters.ledger_rules import (
 )
 
 if TYPE_CHECKING:
-    from aggregator.store.balances import Balances
-    from aggregator.store.live import Live
+    from aggregator.store.machinery.balances import Balances
+    from aggregator.store.machinery.live import Live
 
 Con = duckdb.DuckDBPyConnection
 

@@ -21,17 +21,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store import alert_tables, dedupe, hold_tables, rollups, subjects, webhook_tables
-from aggregator.store.arrays import numpy
-from aggregator.store.balances import Balances
-from aggregator.store.catalog import Catalog
-from aggregator.store.dedupe import Dedupe, Spill
-from aggregator.store.flusher import Flusher
-from aggregator.store.ingest_log import IngestLog, Logged
-from aggregator.store.memtable import Applied, Memtable, keys_of
-from aggregator.store.meter_tables import MeterRow, apply_isolated, meters_of
-from aggregator.store.rollups import Evaluated, Prepared
-from aggregator.store.rows import registered
+from aggregator.store.base import subjects
+from aggregator.store.base.arrays import numpy
+from aggregator.store.base.rows import registered
+from aggregator.store.machinery import dedupe, rollups
+from aggregator.store.machinery.balances import Balances
+from aggregator.store.machinery.catalog import Catalog
+from aggregator.store.machinery.dedupe import Dedupe, Spill
+from aggregator.store.machinery.flusher import Flusher
+from aggregator.store.machinery.ingest_log import IngestLog, Logged
+from aggregator.store.machinery.memtable import Applied, Memtable, keys_of
+from aggregator.store.machinery.rollups import Evaluated, Prepared
+from aggregator.store.tables import alert_tables, hold_tables, webhook_tables
+from aggregator.store.tables.meter_tables import MeterRow, apply_isolated, meters_of
 from meters.times import now_us
 
 Effect = Callable[[], object]

@@ -13,10 +13,10 @@ one naming its former external id counts for whichever customer takes that id ne
 from __future__ import annotations
 
 from aggregator.errors import NotFound
-from aggregator.store import subjects
-from aggregator.store.compaction import LEDGER_TABLES
-from aggregator.store.customer_tables import CustomerRow, get_customer
-from aggregator.store.writer import Job, Tx
+from aggregator.store.base import subjects
+from aggregator.store.machinery.compaction import LEDGER_TABLES
+from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.tables.customer_tables import CustomerRow, get_customer
 
 _KEPT = "id, organization_id, type, {email}, {name}, external_id, {address}, tax_id, locale"
 

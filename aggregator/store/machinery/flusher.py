@@ -28,12 +28,12 @@ from pathlib import Path
 
 import duckdb
 
-from aggregator.store import disk, memtable
-from aggregator.store.compaction import compact
-from aggregator.store.disk import DiskHealth
-from aggregator.store.ingest_log import IngestLog
-from aggregator.store.memtable import ROW_GROUP, Memtable
-from aggregator.store.rows import transaction
+from aggregator.store.base.rows import transaction
+from aggregator.store.machinery import disk, memtable
+from aggregator.store.machinery.compaction import compact
+from aggregator.store.machinery.disk import DiskHealth
+from aggregator.store.machinery.ingest_log import IngestLog
+from aggregator.store.machinery.memtable import ROW_GROUP, Memtable
 from meters.times import NEVER
 
 log = logging.getLogger(__name__)

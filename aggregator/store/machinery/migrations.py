@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import duckdb
 
-from aggregator.store.rows import transaction
+from aggregator.store.base.rows import transaction
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: events (deduplicated by external_id), parent links, customer first events, customers.

@@ -19,10 +19,10 @@ import duckdb
 import orjson
 
 from aggregator.errors import NotFound
-from aggregator.store import quotas
-from aggregator.store.quotas import TenantLimits
-from aggregator.store.rows import first_row
-from aggregator.store.writer import Job, Tx, independent
+from aggregator.store.base.rows import first_row
+from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.tables import quotas
+from aggregator.store.tables.quotas import TenantLimits
 from meters.times import us_to_iso
 from meters.webhook_rules import (
     API_VERSION,
@@ -34,8 +34,8 @@ from meters.webhook_rules import (
 )
 
 if TYPE_CHECKING:
-    from aggregator.store.balances import Balances
-    from aggregator.store.live import Live
+    from aggregator.store.machinery.balances import Balances
+    from aggregator.store.machinery.live import Live
 
 Con = duckdb.DuckDBPyConnection
 _US = 1_000_000

@@ -56,12 +56,12 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import duckdb
 
 from aggregator.errors import AggregatorError, StoreClosed
-from aggregator.store.rows import rollback
+from aggregator.store.base.rows import rollback
 from meters.errors import MetersError
 from meters.times import NEVER, now_us
 
 if TYPE_CHECKING:
-    from aggregator.store.live import Live
+    from aggregator.store.machinery.live import Live
 
 T = TypeVar("T")
 REJECTIONS: tuple[type[Exception], ...] = (MetersError, AggregatorError)

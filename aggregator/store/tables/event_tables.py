@@ -13,12 +13,12 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store import ingest_log
-from aggregator.store.ingest_log import with_origin
-from aggregator.store.meter_sql import member_pointer
-from aggregator.store.rollups import Prepared
-from aggregator.store.rows import first_row, is_uuid
-from aggregator.store.writer import Batchable, Outcome, Tx
+from aggregator.store.base.meter_sql import member_pointer
+from aggregator.store.base.rows import first_row, is_uuid
+from aggregator.store.machinery import ingest_log
+from aggregator.store.machinery.ingest_log import with_origin
+from aggregator.store.machinery.rollups import Prepared
+from aggregator.store.machinery.writer import Batchable, Outcome, Tx
 from meters.errors import FieldError, ValidationFailed
 
 if TYPE_CHECKING:

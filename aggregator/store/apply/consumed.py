@@ -18,9 +18,9 @@ import duckdb
 import pyarrow as pa
 
 from aggregator.errors import OffsetGap
-from aggregator.store.ingest_log import with_source
-from aggregator.store.rollups import Prepared
-from aggregator.store.writer import Tx
+from aggregator.store.machinery.ingest_log import with_source
+from aggregator.store.machinery.rollups import Prepared
+from aggregator.store.machinery.writer import Tx
 
 if TYPE_CHECKING:
     pass

@@ -30,14 +30,14 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store import subjects
-from aggregator.store.arrays import numpy
-from aggregator.store.meter_sql import Extracted, contribution_sql, filter_sql
-from aggregator.store.rows import registered
+from aggregator.store.base import subjects
+from aggregator.store.base.arrays import numpy
+from aggregator.store.base.meter_sql import Extracted, contribution_sql, filter_sql
+from aggregator.store.base.rows import registered
 from meters.aggregations import UniqueAggregation
 
 if TYPE_CHECKING:
-    from aggregator.store.meter_tables import MeterRow
+    from aggregator.store.tables.meter_tables import MeterRow
 
 # Rollups sum events per 15 minutes: quantities read whole buckets from them, the rest from events.
 BUCKET_MINUTES = 15

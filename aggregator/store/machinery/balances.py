@@ -26,7 +26,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store.arrays import Column, Keys, encoded, numpy
+from aggregator.store.base.arrays import Column, Keys, encoded, numpy
 from meters.aggregations import Partial
 
 BYTES_PER_SLOT = 48

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import duckdb
 
-from aggregator.store.rows import transaction
+from aggregator.store.base.rows import transaction
 
 _NUMBERS = "sum(events), sum(total), min(low), max(high)"
 _MERGE = (

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import duckdb
 
-from aggregator.store.event_tables import EventQuery, where
-from aggregator.store.writer import Job, Tx, independent
+from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.tables.event_tables import EventQuery, where
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,10 +16,10 @@ from typing import Any
 import duckdb
 import orjson
 
-from aggregator.store import subjects
-from aggregator.store.outbox import Pending
-from aggregator.store.rows import first_row
-from aggregator.store.writer import Job, Tx, independent
+from aggregator.store.base import subjects
+from aggregator.store.base.rows import first_row
+from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.tables.outbox import Pending
 from meters.aggregations import ADDITIVE
 from meters.times import us_to_datetime, us_to_iso
 

@@ -12,8 +12,8 @@ from typing import Any
 import duckdb
 import orjson
 
-from aggregator.store.rows import first_row
-from aggregator.store.writer import Job, Tx, independent
+from aggregator.store.base.rows import first_row
+from aggregator.store.machinery.writer import Job, Tx, independent
 from meters.times import us_to_iso
 
 Con = duckdb.DuckDBPyConnection

@@ -15,12 +15,13 @@ import pyarrow as pa
 from pydantic import TypeAdapter
 
 from aggregator.errors import NotFound
-from aggregator.store import quotas, rollups
-from aggregator.store.compaction import LEDGER_TABLES, ROLLUP_TABLES
-from aggregator.store.meter_sql import member_pointer
-from aggregator.store.quotas import TenantLimits
-from aggregator.store.rows import first_row, is_uuid, rollback, transaction
-from aggregator.store.writer import Job, Repairable, Tx
+from aggregator.store.base.meter_sql import member_pointer
+from aggregator.store.base.rows import first_row, is_uuid, rollback, transaction
+from aggregator.store.machinery import rollups
+from aggregator.store.machinery.compaction import LEDGER_TABLES, ROLLUP_TABLES
+from aggregator.store.machinery.writer import Job, Repairable, Tx
+from aggregator.store.tables import quotas
+from aggregator.store.tables.quotas import TenantLimits
 from meters.aggregations import (
     Aggregation,
     CountAggregation,

@@ -17,7 +17,7 @@ import orjson
 from pydantic import BaseModel
 
 from aggregator.errors import KeyReused
-from aggregator.store.rows import first_row
+from aggregator.store.base.rows import first_row
 
 Operation = Literal["credit", "reset", "plan", "hold", "alert"]
 

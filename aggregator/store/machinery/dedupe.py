@@ -33,9 +33,9 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store import arrays
-from aggregator.store.arrays import Column, numpy
-from aggregator.store.rows import registered
+from aggregator.store.base import arrays
+from aggregator.store.base.arrays import Column, numpy
+from aggregator.store.base.rows import registered
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]

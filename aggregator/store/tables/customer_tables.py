@@ -10,9 +10,9 @@ import duckdb
 import orjson
 
 from aggregator.errors import NotFound
-from aggregator.store.meter_sql import member_pointer
-from aggregator.store.rows import first_row, is_uuid
-from aggregator.store.writer import Job, Tx, independent
+from aggregator.store.base.meter_sql import member_pointer
+from aggregator.store.base.rows import first_row, is_uuid
+from aggregator.store.machinery.writer import Job, Tx, independent
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
 
