@@ -29,7 +29,7 @@ import orjson
 import pyarrow as pa
 
 from aggregator.store import Store
-from aggregator.store.tables.event_tables import IngestJob
+from aggregator.store.apply.ingest import IngestJob
 from benchmarks.common import metric
 from benchmarks.loadgen import make_event
 from benchmarks.meters import create_meters

@@ -64,9 +64,9 @@ from aggregator.store.apply.consumed import (
     offset_resets,
     stored_offsets,
 )
+from aggregator.store.apply.ingest import missing_customers
 from aggregator.store.machinery.ingest_log import with_source
 from aggregator.store.machinery.rollups import Prepared
-from aggregator.store.tables.event_tables import missing_customers
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from meters.columnar import H_ORGANIZATION
 from meters.events import EventRules
@@ -344,6 +344,7 @@ class Consumer:
         """Decode (in a worker process), dead-letter what cannot be applied, and build the
         writer job; nothing is committed yet."""
         records = [r for batch in fetched.values() for r in batch]
+        read_at_us = now_us()
         ipc, dead = await asyncio.get_running_loop().run_in_executor(
             self._decoder,
             partial(
@@ -351,7 +352,7 @@ class Consumer:
                 [r.value for r in records],
                 [r.timestamp for r in records],
                 [list(r.headers) for r in records],
-                now_us(),
+                read_at_us,
                 self._rules,
                 self._settings.max_record_bytes,
             ),
@@ -370,6 +371,7 @@ class Consumer:
                 tp.partition: (batch[0].offset, batch[-1].offset + 1)
                 for tp, batch in fetched.items()
             },
+            read_at_us,
             await self._evaluated(events),
         )
 

@@ -12,11 +12,11 @@ from aggregator.services.customer_service import Customer, with_first_events
 from aggregator.services.meter_service import evaluable, found
 from aggregator.services.pages import Page, offset
 from aggregator.store import Store
+from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.base.meter_sql import filter_sql, meter_events_sql
 from aggregator.store.tables import customer_tables as customer_sql
 from aggregator.store.tables import event_tables as sql
 from aggregator.store.tables import event_type_tables
-from aggregator.store.tables import meter_tables as meter_sql
 from aggregator.store.tables.event_tables import EventQuery, EventRow
 from meters.event_types import label
 from meters.filters import Filter
@@ -102,7 +102,7 @@ async def list_(
         if matching is not None:
             q = replace(q, conditions=(*q.conditions, filter_sql(matching)))
         if meter_id is not None:
-            meter = evaluable(found(meter_sql.get_meter(con, organization_id, meter_id)))
+            meter = evaluable(found(get_meter(con, organization_id, meter_id)))
             counted = meter_events_sql(meter.filter, meter.aggregation)
             q = replace(q, conditions=(*q.conditions, counted))
         if customer_ids or external_customer_ids:

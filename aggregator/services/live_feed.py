@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Self
@@ -122,10 +122,11 @@ class LiveFeed:
         # Replaced, never changed in place: the writer thread reads it.
         self._watched: frozenset[str] = frozenset()
         self._closed = False
+        self._detach: Callable[[], None] = lambda: None
 
     async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
-        self._store.live.changes = self
+        self._detach = self._store.listeners.attach_changes(self)
         return self
 
     async def __aexit__(
@@ -134,7 +135,7 @@ class LiveFeed:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._store.live.changes = None
+        self._detach()
         self.close()
 
     def close(self) -> None:

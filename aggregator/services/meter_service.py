@@ -13,10 +13,11 @@ from aggregator.errors import MeterFailed, NotFound
 from aggregator.services.pages import Page, offset
 from aggregator.store import Store
 from aggregator.store.base import subjects
+from aggregator.store.base.meter_rows import MeterRow, get_meter
 from aggregator.store.tables import customer_tables as customer_sql
 from aggregator.store.tables import meter_tables as sql
 from aggregator.store.tables import quantities as quantity_sql
-from aggregator.store.tables.meter_tables import METER_SORTS, MeterRow
+from aggregator.store.tables.meter_tables import METER_SORTS
 from aggregator.store.tables.quantities import Scope
 from aggregator.store.tables.quotas import TenantLimits
 from meters.definitions import MeterCreate, MeterUpdate
@@ -84,7 +85,7 @@ async def create(
 
 
 async def get(store: Store, organization_id: str, meter_id: str) -> MeterRow:
-    return found(await store.read(sql.get_meter, organization_id, meter_id))
+    return found(await store.read(get_meter, organization_id, meter_id))
 
 
 async def update(
@@ -95,7 +96,7 @@ async def update(
     data: MeterUpdate,
     limits: TenantLimits,
 ) -> MeterRow:
-    found(await store.read(sql.get_meter, organization_id, meter_id))
+    found(await store.read(get_meter, organization_id, meter_id))
     job = sql.update_job(organization_id, meter_id, data, now_us(), limits)
     row: MeterRow = await store.write(job)
     if row.backfilling:
@@ -157,7 +158,7 @@ async def quantities(
     named (all if none), aggregated `across` them if given."""
 
     def run(con: Con) -> Quantities:
-        meter = evaluable(found(sql.get_meter(con, organization_id, meter_id)))
+        meter = evaluable(found(get_meter(con, organization_id, meter_id)))
         subjects = _subjects(con, organization_id, customer_ids, external_customer_ids)
         scope = Scope(meter, subjects, metadata, across is not None)
         periods, total = quantity_sql.compute(

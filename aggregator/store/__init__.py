@@ -28,8 +28,13 @@ import duckdb
 import pyarrow as pa
 
 from aggregator.errors import QueryTimeout, StorageFull
+from aggregator.store.apply.batch import Meters
+from aggregator.store.apply.ingest import Replay
+from aggregator.store.base.meter_rows import meters_of
+from aggregator.store.listeners import Listeners
 from aggregator.store.machinery import dedupe, disk, ingest_log, rollups
 from aggregator.store.machinery.disk import DiskHealth
+from aggregator.store.machinery.evaluation import EVALUATION_ERRORS
 from aggregator.store.machinery.flusher import Flusher
 from aggregator.store.machinery.gates import Gates
 from aggregator.store.machinery.ingest_log import IngestLog
@@ -39,9 +44,10 @@ from aggregator.store.machinery.migrations import migrate
 from aggregator.store.machinery.recluster import Reclusterer, ReclusterSettings
 from aggregator.store.machinery.rollups import Prepared
 from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS, REJECTIONS, Job, Writer
-from aggregator.store.tables import alert_tables
-from aggregator.store.tables.event_tables import Replay
-from aggregator.store.tables.meter_tables import EVALUATION_ERRORS, meters_of
+from aggregator.store.tables.alert_tables import Alerts, Payload, basic_payload
+from aggregator.store.tables.hold_tables import HoldKeys
+from aggregator.store.tables.webhook_tables import StateSubscribers
+from meters.times import now_us
 
 T = TypeVar("T")
 # Organizations with more meters than this have their events evaluated before the writer takes
@@ -74,7 +80,7 @@ class Store:
         max_pending_events: int = 4 * ROW_GROUP,
         recluster: ReclusterSettings | None = None,
         dedupe_memory_keys: int = dedupe.MEMORY_KEYS,
-        alert_payload: alert_tables.Payload = alert_tables.basic_payload,
+        alert_payload: Payload = basic_payload,
     ):
         self.path = str(path)
         self.disk = DiskHealth(Path(self.path).parent)
@@ -109,6 +115,8 @@ class Store:
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._live: Live | None = None
+        # Told what each commit changed, and that webhooks are due (`Listeners`).
+        self.listeners = Listeners()
 
     async def __aenter__(self) -> Self:
         self.open()
@@ -166,17 +174,20 @@ class Store:
             checkpoint_bytes=self._checkpoint_bytes,
             disk=self.disk,
         )
+        holds = HoldKeys()
         live = self._live = Live(
             SequenceCounter.load(self._con, logged),
             self._flusher,
             table,
             log,
             self._con.cursor(),
+            notices=self.listeners,
+            features=(Meters(), holds, Alerts(self._alert_payload), StateSubscribers()),
             max_pending_events=self._max_pending,
             spill=spill,
         )
-        live.alert_payload = self._alert_payload
         live.load(self._con)
+        holds.load(self._con, now_us())
         self._flusher.idle = live.compact
         self._flusher.start()
         self._reclusterer = Reclusterer(self._con.cursor(), self._recluster)
@@ -289,7 +300,7 @@ class Store:
         requests of the group, they cost the others less than a statement per request costs the
         machine), or when they cannot be evaluated here (the writer evaluates them then, and
         marks a meter that fails)."""
-        known = self.live.known_meters(organization_id)
+        known = self.live.feature(Meters).known(organization_id)
         if known is not None and len(known) <= self._prepared_meters:
             return None
         assert self._evaluators is not None, "store is not open"
@@ -307,7 +318,7 @@ class Store:
 
     def _prepare(self, organization_id: str, events: pa.Table) -> Prepared | None:
         cursor = self._cursor()
-        meters = self.live.known_meters(organization_id)
+        meters = self.live.feature(Meters).known(organization_id)
         if meters is None:
             meters = meters_of(cursor, [organization_id])
         if len(meters) <= self._prepared_meters:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -96,6 +97,7 @@ class WebhookSender:
         self._recording: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pruned_at = NEVER
+        self._detach: Callable[[], None] = lambda: None
 
     async def __aenter__(self) -> Self:
         keep_secrets_out_of_logs()  # webhook URLs may carry user-info and query secrets
@@ -109,7 +111,11 @@ class WebhookSender:
             trust_env=not guarded,
         )
         loop = asyncio.get_running_loop()
-        self._store.live.notify_webhooks = lambda: loop.call_soon_threadsafe(self._wake.set)
+
+        def due() -> None:
+            loop.call_soon_threadsafe(self._wake.set)
+
+        self._detach = self._store.listeners.attach_webhooks(due)
         self._loop_task = asyncio.create_task(self._run(), name="webhooks")
         return self
 
@@ -119,7 +125,7 @@ class WebhookSender:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._store.live.notify_webhooks = lambda: None
+        self._detach()
         tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()

@@ -18,6 +18,7 @@ import duckdb
 import pyarrow as pa
 
 from aggregator.errors import OffsetGap
+from aggregator.store.apply.batch import apply_batch
 from aggregator.store.machinery.ingest_log import with_source
 from aggregator.store.machinery.rollups import Prepared
 from aggregator.store.machinery.writer import Tx
@@ -40,6 +41,8 @@ class ConsumedBatch:
     topic: str
     events: pa.Table
     offsets: dict[int, tuple[int, int]]
+    # When the consumer read the batch: the time it is applied at (the ledger's, alerts').
+    read_at_us: int
     # Per organization, its events evaluated before the writer took the job (`Store.prepare`).
     prepared: Mapping[str, Prepared] = field(default_factory=dict)
     waits_for_pending: ClassVar[bool] = False
@@ -55,9 +58,10 @@ class ConsumedBatch:
         admitted = live.admit(con, with_source(self.events))
         offsets = tuple((self.topic, p, o) for p, (_, o) in self.offsets.items())
         seqs = admitted.seqs()
-        live.apply(
-            con,
+        apply_batch(
+            tx,
             admitted.events,
+            at_us=self.read_at_us,
             fingerprints=admitted.fingerprints,
             offsets=offsets,
             prepared={o: p.placed(seqs) for o, p in self.prepared.items()},

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import duckdb
 
-from aggregator.store.tables.meter_tables import MeterRow, get_meter
+from aggregator.store.base.meter_rows import MeterRow, get_meter
 
 # Measured: Python objects and dictionary entries of one held customer (see the README).
 BYTES_PER_CUSTOMER = 400

@@ -1,55 +1,87 @@
 """The store's in-memory half: which keys are stored, the balances, the applied batches on their
-way to DuckDB, and the seqs.
+way to DuckDB, the seqs, and the features' own state (`Feature`).
 
-Writer jobs change it only through `stage`, inside their transaction: the writer runs the staged
-effects after COMMIT, in order, and drops them on ROLLBACK, so memory never holds what DuckDB (or
-the memtable, on its way there) will not. Jobs other than applying events run with every
-applied batch stored first and the flusher held off (`hold`): what they read and change in
-DuckDB is then the whole truth, in seq order.
+Every writer transaction goes through one status (`Status`), each step checking it:
+
+1. `begin` (IDLE -> OPEN): the features are told; nothing is staged.
+2. Jobs run (OPEN): they change memory only through `stage` (an effect run after COMMIT),
+   `log_requests` and `queue` (an applied batch), and read the state as it was before the
+   transaction plus what the transaction itself recorded.
+3. `prepare` (OPEN -> PREPARED): the transaction's ingest requests are appended to the log and
+   made durable, just before DuckDB's COMMIT.
+4. `commit` (PREPARED -> IDLE), after DuckDB's COMMIT: the staged effects run, in order (the
+   balances, the stored keys, the memtable), and the notices are sent.
+   Or `rollback` (OPEN or PREPARED -> IDLE): what was staged is dropped, the log's append is
+   undone, and the features forget what they read, so memory never holds what DuckDB (or the
+   memtable, on its way there) will not.
+
+Jobs other than applying events run with every applied batch stored first and the flusher held
+off (`hold`): what they read and change in DuckDB is then the whole truth, in seq order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store.base import subjects
 from aggregator.store.base.arrays import numpy
-from aggregator.store.base.rows import registered
-from aggregator.store.machinery import dedupe, rollups
+from aggregator.store.machinery import dedupe
 from aggregator.store.machinery.balances import Balances
 from aggregator.store.machinery.catalog import Catalog
 from aggregator.store.machinery.dedupe import Dedupe, Spill
 from aggregator.store.machinery.flusher import Flusher
 from aggregator.store.machinery.ingest_log import IngestLog, Logged
 from aggregator.store.machinery.memtable import Applied, Memtable, keys_of
-from aggregator.store.machinery.rollups import Evaluated, Prepared
-from aggregator.store.tables import alert_tables, hold_tables, webhook_tables
-from aggregator.store.tables.meter_tables import MeterRow, apply_isolated, meters_of
-from meters.times import now_us
+from aggregator.store.machinery.rollups import Evaluated
 
 Effect = Callable[[], object]
 # Per organization, the customer meters a commit changed: (meter id, customer reference).
 Changed = dict[str, set[tuple[str, str]]]
+F = TypeVar("F", bound="Feature")
 
 
-class Changes(Protocol):
-    """Who is told, right after each commit, which customer meters it changed (the live
-    stream's feed). Both are called on the writer thread, so both must be quick."""
+class Notices(Protocol):
+    """What the store tells the rest of the process right after each commit, on the writer
+    thread (each must be quick): which customer meters it changed, for the organizations
+    someone `watched` (the live stream), and that webhook events are due (the sender)."""
 
-    def watched(self) -> Collection[str]:
-        """The organizations someone listens to now (changes of others are not gathered)."""
-        ...
-
+    def watched(self) -> Collection[str]: ...
     def changed(self, changes: Changed) -> None: ...
+    def webhooks_due(self) -> None: ...
+
+
+class Feature:
+    """State a feature keeps in memory beside the store (what it read once and keeps, what a
+    transaction recorded), told how each transaction goes. Registered with `Live` at
+    construction and found by its class (`Live.feature`); the defaults do nothing."""
+
+    def begin(self) -> None:
+        """A transaction starts."""
+
+    def rollback(self) -> None:
+        """The transaction rolled back: forget what it read or recorded."""
+
+    def exclusive(self) -> None:
+        """A job that may change any table runs next (under `Live.hold`)."""
+
+
+class Status(enum.Enum):
+    IDLE = "idle"
+    OPEN = "open"
+    PREPARED = "prepared"
+
+
+class TransactionError(AssertionError):
+    """A step taken in a status that does not allow it: a bug, never a rejection."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +130,8 @@ class Live:
         log: IngestLog,
         verify: duckdb.DuckDBPyConnection,
         *,
+        notices: Notices,
+        features: Sequence[Feature] = (),
         max_pending_events: int,
         spill: Spill | None = None,
     ) -> None:
@@ -108,36 +142,27 @@ class Live:
         self.dedupe = Dedupe(spill)
         self.balances = Balances()
         self.catalog = Catalog()
-        # External ids of holds that may be active, per organization (`hold_tables`).
-        self.hold_keys: dict[str, set[str]] = {}
-        # Wakes the webhook sender once a transaction that wrote webhook events commits.
-        self.notify_webhooks: Effect = lambda: None
-        # Alerts per organization (read when first needed), the customer meters this
-        # transaction changed as it left them, and how a `meter.alert` event's data is made.
-        self.alerts: dict[str, alert_tables.Watch] = {}
-        self.alert_values: dict[tuple[str, str], alert_tables.Value] = {}
-        self.alert_payload: alert_tables.Payload = alert_tables.basic_payload
-        # Whether an organization has an endpoint for customer.state_changed (`webhook_tables`).
-        self.state_subscribers: dict[str, bool] = {}
-        # Told what each commit changed in customer meters, when someone listens (`Changes`).
-        self.changes: Changes | None = None
+        self._notices = notices
+        self._features: dict[type[Feature], Feature] = {type(f): f for f in features}
         self._changed: Changed = {}
-        self._meter_organizations: dict[str, str] = {}  # a meter's never changes
         self._verify = verify
         self._max_pending = max_pending_events
         # The next offset applied per (topic, partition), stored or not: what a consumed batch
         # must start at (memory, so that a flush in between cannot hide it from the check).
         self._offsets: dict[tuple[str, int], int] = {}
+        self._status = Status.IDLE
         self._staged: list[Effect] = []
         self._staged_keys = Dedupe()
         self._staged_entries: list[Applied] = []
         self._staged_log: list[Logged] = []
         self._logged_at: tuple[int, int, int] | None = None  # where the log ended before
-        # Each organization's live meters, read once, dropped when a job that may change them
-        # runs (such a job starts a group of its own, under `hold`) or a transaction rolls back
-        # (a repair marks meters failed between the two): an ingest transaction then reads no
-        # DuckDB table, and so never waits out a checkpoint.
-        self._meters: dict[str, list[MeterRow]] = {}
+        self._applied_through = 0  # the last seq applied: each batch's come after it
+
+    def feature(self, kind: type[F]) -> F:
+        """The registered state of a feature (`Feature`), by its class."""
+        found = self._features[kind]
+        assert isinstance(found, kind)
+        return found
 
     def compact(self) -> None:
         """Merge the sorted runs of the sets held (off the writer's thread)."""
@@ -147,41 +172,45 @@ class Live:
     def close(self) -> None:
         self.dedupe.close()
 
-    def known_meters(self, organization_id: str) -> list[MeterRow] | None:
-        """The organization's meters as the next transaction applying its events would read
-        them, if read already (from any thread: to evaluate events before the writer)."""
-        return self._meters.get(organization_id)
-
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
         self.dedupe.load(con)
         self.balances.load(con)
         self.catalog.load(con)
-        self.hold_keys = hold_tables.active_keys(con, now_us())
         rows = con.execute("SELECT topic, partition, next_offset FROM kafka_offsets").fetchall()
         self._offsets = {(str(t), int(p)): int(o) for t, p, o in rows}
+        # Stored events' seqs (the ingest log's requests not yet stored are applied again).
+        stored = con.execute("SELECT coalesce(max(seq), 0) FROM events").fetchall()
+        self._applied_through = int(stored[0][0])
 
-    # ---- the writer's transaction hooks (writer thread) -----------------------------------
+    # ---- the writer's transaction steps (writer thread) -----------------------------------
+
+    def _expect(self, *allowed: Status) -> None:
+        if self._status not in allowed:
+            raise TransactionError(f"{self._status.value}, not {[s.value for s in allowed]}")
 
     def begin(self) -> None:
-        self.alert_values = {}
+        """Step 1."""
+        self._expect(Status.IDLE)
+        self._status = Status.OPEN
+        self._reset()
         self._changed = {}
-        self._staged = []
-        self._staged_keys = Dedupe()
-        self._staged_entries = []
-        self._staged_log = []
-        self._logged_at = None
+        for feature in self._features.values():
+            feature.begin()
 
     def prepare(self) -> None:
-        """Just before COMMIT: the transaction's ingest requests made durable (the log)."""
+        """Step 3: just before COMMIT, the transaction's ingest requests made durable (the
+        log)."""
+        self._expect(Status.OPEN)
         if self._staged_log:
             self._logged_at = self.log.append(self._staged_log)
+        self._status = Status.PREPARED
 
     def commit(self) -> None:
-        staged, self._staged = self._staged, []
-        self._staged_keys = Dedupe()
-        self._staged_entries = []
-        self._staged_log = []
-        self._logged_at = None
+        """Step 4, after DuckDB's COMMIT."""
+        self._expect(Status.PREPARED)
+        staged = self._staged
+        self._reset()
+        self._status = Status.IDLE
         with self.balances.lock:
             for effect in staged:
                 effect()
@@ -193,17 +222,28 @@ class Live:
             time.sleep(0.002)
 
     def rollback(self) -> None:
-        self._meters.clear()
-        self.alerts.clear()
-        self.state_subscribers.clear()
+        """Step 4, when DuckDB's COMMIT (or anything before it) failed."""
+        self._expect(Status.OPEN, Status.PREPARED)
         if self._logged_at is not None:  # logged, then DuckDB's COMMIT failed
             self.log.undo(self._logged_at)
-        self.begin()
+        self._reset()
+        self._changed = {}
+        self._status = Status.IDLE
+        for feature in self._features.values():
+            feature.rollback()
+
+    def _reset(self) -> None:
+        self._staged = []
+        self._staged_keys = Dedupe()
+        self._staged_entries = []
+        self._staged_log = []
+        self._logged_at = None
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """Every applied batch stored, and the flusher held off, for as long as this lasts."""
-        self._meters.clear()
+        for feature in self._features.values():
+            feature.exclusive()
         with self.flusher.exclusive:
             self.flusher.flush_all()
             yield
@@ -212,16 +252,23 @@ class Live:
 
     def stage(self, effect: Effect) -> None:
         """Run `effect` once the transaction commits."""
+        self._expect(Status.OPEN)
         self._staged.append(effect)
+
+    def webhooks_due(self) -> None:
+        """The transaction wrote webhook events: the sender is told once it commits."""
+        self.stage(self._notices.webhooks_due)
 
     def log_requests(self, requests: list[Logged]) -> None:
         """Append accepted ingest requests to the ingest log when the transaction commits
         (before it does: `prepare`)."""
+        self._expect(Status.OPEN)
         self._staged_log += requests
 
     def admit(self, con: duckdb.DuckDBPyConnection, batch: pa.Table) -> Admitted:
         """The new events of `batch` (`Applied.events`' columns but seq, in order), with the
         seqs they take."""
+        self._expect(Status.OPEN)
         keep, fingerprints = dedupe.new_rows(
             con, self._verify, batch, [self.dedupe, self._staged_keys], self._unflushed
         )
@@ -252,51 +299,21 @@ class Live:
     def _unflushed(self, seqs: dedupe.I64) -> dict[int, tuple[str, str]]:
         return keys_of(self.memtable.take() + self._staged_entries, seqs)
 
-    def apply(
+    def queue(
         self,
         con: duckdb.DuckDBPyConnection,
         events: pa.Table,
+        evaluated: Sequence[Evaluated],
         *,
         fingerprints: dedupe.U64 | None = None,
         offsets: tuple[tuple[str, int, int], ...] = (),
         log_id: int | None = None,
-        prepared: Mapping[str, Prepared] | None = None,
     ) -> None:
-        """Apply new `events` (`Applied.events`' columns): every meter of their organizations
-        evaluated now (or before, where `prepared` has an organization's events evaluated for
-        its meters as they are), the balances and the stored keys updated at commit, the batch
-        queued to be stored. `fingerprints` of the rows (`Admitted`'s), if known."""
-        at_us = now_us()
-        evaluated: list[Evaluated] = []
-        organizations = pc.unique(events.column("organization_id")).to_pylist()
-        with registered(con, "_batch_new", events):
-            for organization in map(str, organizations):
-                meters = self._meters.get(organization)
-                if meters is None:
-                    meters = self._meters[organization] = meters_of(con, [organization])
-                if not meters:
-                    continue
-                ready = (prepared or {}).get(organization)
-                values = None if ready is None else ready.columns_for(meters)
-                if values is not None:
-                    evaluated.append(rollups.evaluated(meters, values, at_us=at_us))
-                    continue
-                evaluated.append(
-                    apply_isolated(
-                        con,
-                        meters,
-                        "_batch_new",
-                        "organization_id = ?",
-                        [organization],
-                        data=events,
-                        at_us=at_us,
-                    )
-                )
-            orgs = {o: self._meters[o] for o in map(str, organizations) if self._meters.get(o)}
-            hold_tables.settle(con, self, "_batch_new", events, orgs, at_us)
-        for ev in evaluated:
-            alert_tables.on_usage(con, self, ev)
-            self._state_changed(con, ev, at_us)
+        """An applied batch of new `events` (`Applied.events`' columns) with its meters'
+        contributions: its keys held at once for this transaction's later batches, and at
+        commit the balances, the stored keys and the memtable take it. `fingerprints` of the
+        rows (`Admitted`'s), if known."""
+        self._expect(Status.OPEN)
         entry = Applied(events, tuple(evaluated), offsets, log_id)
         keyed = pc.is_valid(events.column("external_id"))
         if fingerprints is None:
@@ -308,18 +325,15 @@ class Live:
         self._staged_entries.append(entry)
         self.stage(lambda: self._applied(entry, held, seqs))
 
-    def _state_changed(self, con: duckdb.DuckDBPyConnection, ev: Evaluated, at_us: int) -> None:
-        """Mark the customers whose meters the batch changed (customer.state_changed)."""
-        org = ev.organization_id
-        if not webhook_tables.subscribes(con, self, org):
-            return
-        names = set(ev.ledger.column("subject").to_pylist())
-        names |= set(ev.ledger_values.column("subject").to_pylist())
-        found = self.catalog.customers_of_subjects(con, org, sorted(map(str, names)))
-        customers = sorted({c.id for c in found.values()})
-        webhook_tables.mark_state_changed(con, self, org, customers, at_us)
-
     def _applied(self, entry: Applied, fingerprints: np.ndarray, seqs: np.ndarray) -> None:
+        if entry.events.num_rows:
+            # A batch is applied once: its seqs were drawn after every batch applied before.
+            first = int(entry.events.column("seq")[0].as_py())
+            assert first > self._applied_through, f"seq {first} applied again"
+            self._applied_through = first + entry.events.num_rows - 1
+        for topic, partition, offset in entry.offsets:
+            # ... and a partition's offsets only move forward.
+            assert offset >= self._offsets.get((topic, partition), 0), (topic, partition)
         self.dedupe.add(fingerprints, seqs)
         self._offsets.update(((t, p), o) for t, p, o in entry.offsets)
         for ev in entry.evaluated:
@@ -333,7 +347,7 @@ class Live:
         numbers = evaluated.ledger.append_column("first_us", at).append_column("last_us", at)
         self.balances.add(evaluated.organization_id, numbers, evaluated.ledger_values)
         org = evaluated.organization_id
-        if self.changes is not None and org in self.changes.watched():
+        if org in self._notices.watched():
             pairs = self._changed.setdefault(org, set())
             for table in (evaluated.ledger, evaluated.ledger_values):
                 meters, names = table.column("meter_id"), table.column("subject")
@@ -341,33 +355,16 @@ class Live:
                     zip(map(str, meters.to_pylist()), map(str, names.to_pylist()), strict=True)
                 )
 
+    def changed(self, organization_id: str, meter_id: str, subject: str) -> None:
+        """A customer meter this transaction changed other than by usage (a credit, a reset):
+        announced with the commit to those watching its organization."""
+        self._expect(Status.OPEN)
+        if organization_id in self._notices.watched():
+            self._changed.setdefault(organization_id, set()).add((meter_id, subject))
+
     def _announce(self) -> None:
-        """Tell `changes` what this commit changed: usage as it was folded in (`add_usage`),
-        credits and resets from `alert_values`, where each records its customer meter
-        (`alert_tables`), keyed by meter and customer id without the organization."""
-        changes = self.changes
-        if changes is None:
-            return
-        watched = changes.watched()
-        if watched and self.alert_values:
-            orgs = self._organizations_of({meter for meter, _ in self.alert_values})
-            for meter, customer in self.alert_values:
-                org = orgs.get(meter)
-                if org is not None and org in watched:
-                    self._changed.setdefault(org, set()).add((meter, subjects.of_id(customer)))
+        """Tell the notices what this commit changed: usage as it was folded in (`add_usage`),
+        and the changes jobs recorded (`changed`)."""
         if self._changed:
             changed, self._changed = self._changed, {}
-            changes.changed(changed)
-
-    def _organizations_of(self, meters: set[str]) -> dict[str, str]:
-        known = self._meter_organizations
-        missing = sorted(meters - known.keys())
-        if missing:
-            known.update(
-                self._verify.execute(
-                    "SELECT id::VARCHAR, organization_id::VARCHAR FROM meters"
-                    " WHERE id IN (SELECT unnest(?::UUID[]))",
-                    [missing],
-                ).fetchall()
-            )
-        return known
+            self._notices.changed(changed)

@@ -37,7 +37,7 @@ from aggregator.store.base.rows import registered
 from meters.aggregations import UniqueAggregation
 
 if TYPE_CHECKING:
-    from aggregator.store.tables.meter_tables import MeterRow
+    from aggregator.store.base.meter_rows import MeterRow
 
 # Rollups sum events per 15 minutes: quantities read whole buckets from them, the rest from events.
 BUCKET_MINUTES = 15

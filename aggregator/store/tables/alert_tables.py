@@ -4,7 +4,7 @@ An alert fires when a change takes a customer meter's value (consumed units or b
 its condition (`ledger_rules.alert_fires`): a `meter.alert` webhook event is written
 (`webhook_tables.enqueue_many`) in the same transaction. A change is one ingested event (in
 seq order, however many a transaction applies), a credit or a reset. The value before a change
-is the one in memory (`Balances`), or this transaction's own, kept in `Live.alert_values` by
+is the one in memory (`Balances`), or this transaction's own, kept in `Alerts.values` by
 every change the transaction makes, so a group of jobs sees each change in order. A reset
 re-arms: the value before it counts as outside the condition.
 
@@ -15,7 +15,7 @@ counts up to it), a credit or reset by the seq of its system event. Applying the
 again (the ingest log's replay at start, a partition read again after a crash) fires the same
 alerts under the same ids, which the webhook outbox holds once.
 
-Organizations' alerts are held in memory (`Live.alerts`, dropped whenever one is created or
+Organizations' alerts are held in memory (`Alerts.watches`, dropped whenever one is created or
 deleted), so a batch of an organization without alerts costs nothing more.
 """
 
@@ -35,13 +35,14 @@ import pyarrow.compute as pc
 from aggregator.errors import NotFound
 from aggregator.store.base import subjects
 from aggregator.store.base.arrays import encoded, numpy
+from aggregator.store.base.meter_rows import MeterRow, get_meter
 from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.catalog import CustomerKey
+from aggregator.store.machinery.live import Feature, Live
 from aggregator.store.machinery.rollups import Evaluated
 from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables import idempotency, quotas, webhook_tables
 from aggregator.store.tables.customer_tables import CustomerRow, find_customer
-from aggregator.store.tables.meter_tables import MeterRow, get_meter
 from aggregator.store.tables.quotas import TenantLimits
 from meters.aggregations import Partial
 from meters.errors import FieldError, ValidationFailed
@@ -55,7 +56,6 @@ from meters.ledger_rules import (
 
 if TYPE_CHECKING:
     from aggregator.store.machinery.balances import Balances
-    from aggregator.store.machinery.live import Live
 
 Con = duckdb.DuckDBPyConnection
 
@@ -194,7 +194,7 @@ def delete_job(organization_id: str, alert_id: str, now_us: int) -> Job[None]:
 
 
 def _forget_alerts(live: Live, organization_id: str) -> None:
-    live.alerts.pop(organization_id, None)  # read again by the next change (this one's too)
+    live.feature(Alerts).watches.pop(organization_id, None)  # read again when next needed
 
 
 def get_alert(con: Con, organization_id: str, alert_id: str) -> AlertRow | None:
@@ -249,7 +249,8 @@ class Watch:
 
 
 def _watch(con: Con, live: Live, organization_id: str) -> Watch:
-    held = live.alerts.get(organization_id)
+    watches = live.feature(Alerts).watches
+    held = watches.get(organization_id)
     if held is None:
         rows = con.execute(
             f"SELECT {_COLUMNS} FROM meter_alerts WHERE organization_id = ?::UUID"  # noqa: S608
@@ -268,7 +269,7 @@ def _watch(con: Con, live: Live, organization_id: str) -> Watch:
         everyone = frozenset(
             m for m, alerts in by_meter.items() if any(a.customer_id is None for a in alerts)
         )
-        held = live.alerts[organization_id] = Watch(
+        held = watches[organization_id] = Watch(
             by_meter,
             everyone,
             {m: pa.array(sorted(refs), pa.string()) for m, refs in watched.items()},
@@ -400,7 +401,7 @@ def _crossings(
         consumed, places, usage = _running_unique(live, meter, before.usage, contributions)
     else:
         consumed, places, usage = _running_numbers(func, before.usage, contributions)
-    live.alert_values[(meter.id, customer_id)] = Value(usage, before.credited)
+    _record(live, customer_id, meter, Value(usage, before.credited))
     start = before.usage.result(func)
     crossed: list[tuple[int, int, _Crossing]] = []
     for n, alert in enumerate(watch.by_meter.get(meter.id, [])):
@@ -477,9 +478,16 @@ def _windows(con: Con, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int
     return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
 
 
+def _record(live: Live, customer_id: str, meter: MeterRow, after: Value) -> None:
+    """A customer meter as this transaction leaves it: what the next change in the same
+    transaction starts from, and announced to those watching its organization."""
+    live.feature(Alerts).values[(meter.id, customer_id)] = after
+    live.changed(meter.organization_id, meter.id, subjects.of_id(customer_id))
+
+
 def value(live: Live, customer: CustomerKey | CustomerRow, meter: MeterRow) -> Value:
     """The customer meter as this transaction has it so far."""
-    held = live.alert_values.get((meter.id, customer.id))
+    held = live.feature(Alerts).values.get((meter.id, customer.id))
     if held is not None:
         return held
     usage = live.balances.usage(meter.id, subjects.of_customer(customer)).partial
@@ -500,7 +508,7 @@ def on_ledger_change(
     """Evaluate the alerts on a credit's or reset's change (`before` None: a reset, which
     re-arms them), whose system event took `seq` (what names the events it fires)."""
     watch = _watch(con, live, customer.organization_id)
-    live.alert_values[(meter.id, customer.id)] = after
+    _record(live, customer.id, meter, after)
     func = meter.aggregation.func
     fired = []
     for alert in watch.by_meter.get(meter.id, []):
@@ -533,7 +541,7 @@ def _send(con: Con, live: Live, organization_id: str, fired: list[Firing], at_us
     out (`webhook_tables.enqueue_many`)."""
     if not fired:
         return
-    data = live.alert_payload(con, live.balances, fired)
+    data = live.feature(Alerts).payload(con, live.balances, fired)
     webhook_tables.enqueue_many(
         con,
         live,
@@ -559,3 +567,23 @@ def basic_payload(con: Con, balances: Balances, fired: list[Firing]) -> list[dic
         }
         for f in fired
     ]
+
+
+class Alerts(Feature):
+    """What alerts keep in memory: each organization's alerts as evaluation looks them up
+    (`watches`: read when first needed, dropped by a change to them and by a rollback), each
+    customer meter as the transaction has left it so far (`values`, what `value` reads), and
+    how a `meter.alert` event's data is made (`payload`: the composition gives the API's
+    shapes, `basic_payload` otherwise)."""
+
+    def __init__(self, payload: Payload = basic_payload) -> None:
+        self.payload = payload
+        self.watches: dict[str, Watch] = {}
+        self.values: dict[tuple[str, str], Value] = {}
+
+    def begin(self) -> None:
+        self.values = {}
+
+    def rollback(self) -> None:
+        self.watches.clear()
+        self.values = {}

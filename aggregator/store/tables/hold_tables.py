@@ -6,7 +6,7 @@ when the usage event with the same `external_id`, customer and meter is applied 
 that event's transaction: its consumption replaces the hold), when it is released, or when it
 expires (`expires_at` passed: nothing is written, every read takes the time into account).
 
-`Live.hold_keys` holds, per organization, the external ids of holds that may be active: a
+`HoldKeys` holds, per organization, the external ids of holds that may be active: a
 superset (a key is added when a hold's job runs, removed when its end commits), so that
 ingest looks for holds to settle only in batches naming one.
 """
@@ -16,25 +16,23 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.errors import InsufficientBalance, NotFound
+from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.base.meter_sql import meter_events_sql
 from aggregator.store.base.rows import first_row
+from aggregator.store.machinery.live import Feature, Live
 from aggregator.store.machinery.writer import Job, Tx, independent
 from aggregator.store.tables import idempotency, quotas
 from aggregator.store.tables.ledger_tables import CustomerMeter, held_customer_meter, resolve
-from aggregator.store.tables.meter_tables import MeterRow
 from aggregator.store.tables.quotas import TenantLimits
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import HOLDABLE, HoldCreate
-
-if TYPE_CHECKING:
-    from aggregator.store.machinery.live import Live
 
 Con = duckdb.DuckDBPyConnection
 Stored = Literal["active", "settled", "released"]
@@ -152,7 +150,7 @@ def create_job(
             con, organization_id, "hold", data.external_id, request, hold.id, now_us
         )
         # Now, not at commit: an event in this same transaction may settle it (a superset).
-        tx.live.hold_keys.setdefault(organization_id, set()).add(hold.external_id)
+        tx.live.feature(HoldKeys).add(organization_id, hold.external_id)
         return Created(hold, balance, holding + hold.units, False)
 
     return job
@@ -181,13 +179,8 @@ def release_job(organization_id: str, hold_id: str, now_us: int) -> Job[HoldRow]
 
 def _forget(live: Live, organization_id: str, external_ids: Iterable[str]) -> None:
     ended = list(external_ids)
-
-    def forget() -> None:
-        keys = live.hold_keys.get(organization_id)
-        if keys is not None:
-            keys.difference_update(ended)
-
-    live.stage(forget)
+    keys = live.feature(HoldKeys)
+    live.stage(lambda: keys.forget(organization_id, ended))
 
 
 def get_hold(con: Con, organization_id: str, hold_id: str) -> HoldRow | None:
@@ -269,15 +262,31 @@ def held_by_pair(
     return {(str(c), str(m)): float(units) for c, m, units in rows}
 
 
-def active_keys(con: Con, now_us: int) -> dict[str, set[str]]:
-    """The external ids of active holds, per organization (`Live.hold_keys` at open)."""
-    keys: dict[str, set[str]] = {}
-    for org, external_id in con.execute(
-        f"SELECT organization_id::VARCHAR, external_id FROM meter_holds WHERE {_ACTIVE}",  # noqa: S608
-        [now_us],
-    ).fetchall():
-        keys.setdefault(str(org), set()).add(str(external_id))
-    return keys
+class HoldKeys(Feature):
+    """The external ids of holds that may be active, per organization, so that applying events
+    looks for holds to settle only where an event names one: read at open (`load`), grown by
+    each hold as it is made, shrunk as holds end (at commit). A superset is harmless."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, set[str]] = {}
+
+    def load(self, con: Con, now_us: int) -> None:
+        keys: dict[str, set[str]] = {}
+        for org, external_id in con.execute(
+            f"SELECT organization_id::VARCHAR, external_id FROM meter_holds WHERE {_ACTIVE}",  # noqa: S608
+            [now_us],
+        ).fetchall():
+            keys.setdefault(str(org), set()).add(str(external_id))
+        self._keys = keys
+
+    def of(self, organization_id: str) -> set[str]:
+        return self._keys.get(organization_id, set())
+
+    def add(self, organization_id: str, external_id: str) -> None:
+        self._keys.setdefault(organization_id, set()).add(external_id)
+
+    def forget(self, organization_id: str, external_ids: list[str]) -> None:
+        self._keys.get(organization_id, set()).difference_update(external_ids)
 
 
 def settle(
@@ -291,7 +300,8 @@ def settle(
     """End the active holds that the new `events` (registered as `source`) settle: same
     organization, external_id and customer, and the event is in the hold's meter. Runs in the
     events' transaction, so their consumption replaces the holds at once."""
-    organizations = [org for org in meters if live.hold_keys.get(org)]
+    held = live.feature(HoldKeys)
+    organizations = [org for org in meters if held.of(org)]
     if not organizations:
         return
     named = pc.is_valid(events.column("external_id"))
@@ -300,7 +310,7 @@ def settle(
     external_ids = events.filter(named).column("external_id")
     candidates: list[tuple[str, str, str]] = []  # organization, meter, external id
     for org in organizations:
-        keys = pa.array(sorted(live.hold_keys[org]), pa.string())
+        keys = pa.array(sorted(held.of(org)), pa.string())
         if not pc.any(pc.is_in(external_ids, value_set=keys)).as_py():
             continue
         candidates += con.execute(

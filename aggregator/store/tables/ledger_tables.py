@@ -19,13 +19,13 @@ import duckdb
 import orjson
 
 from aggregator.store.base import subjects
+from aggregator.store.base.meter_rows import MeterRow, get_meter
 from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.balances import Credits as HeldCredits
 from aggregator.store.machinery.compaction import LEDGER_TABLES
 from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables import alert_tables, idempotency, webhook_tables
 from aggregator.store.tables.customer_tables import CustomerRow, find_customer
-from aggregator.store.tables.meter_tables import MeterRow, get_meter
 from meters.aggregations import Partial
 
 if TYPE_CHECKING:

@@ -2,35 +2,36 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import duckdb
 import orjson
-import pyarrow as pa
 from pydantic import TypeAdapter
 
 from aggregator.errors import NotFound
+from aggregator.store.base.meter_rows import (
+    COLUMNS,
+    FAILURE,
+    MeterRow,
+    get_meter,
+    meter_row,
+)
 from aggregator.store.base.meter_sql import member_pointer
-from aggregator.store.base.rows import first_row, is_uuid, rollback, transaction
+from aggregator.store.base.rows import first_row, is_uuid
 from aggregator.store.machinery import rollups
 from aggregator.store.machinery.compaction import LEDGER_TABLES, ROLLUP_TABLES
-from aggregator.store.machinery.writer import Job, Repairable, Tx
+from aggregator.store.machinery.evaluation import apply_isolated
+from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables import quotas
 from aggregator.store.tables.quotas import TenantLimits
 from meters.aggregations import (
     Aggregation,
-    CountAggregation,
-    PropertyAggregation,
-    UniqueAggregation,
 )
 from meters.definitions import MeterCreate, MeterUpdate, unit_errors
 from meters.errors import FieldError, ValidationFailed
-from meters.filters import STORED, Filter
 from meters.times import now_us as clock_us
 
 if TYPE_CHECKING:
@@ -38,101 +39,10 @@ if TYPE_CHECKING:
 
 _AGGREGATION: TypeAdapter[Any] = TypeAdapter(Aggregation)
 log = logging.getLogger(__name__)
-# A failure counts only for the version it was found in: a redefinition starts afresh.
-_FAILURE = (
-    "(SELECT {} FROM meter_failures f WHERE f.meter_id = meters.id AND f.version = meters.version)"
-)
-_COLUMNS = (
-    "id::VARCHAR, organization_id::VARCHAR, name, unit, custom_label, custom_multiplier,"
-    " filter, aggregation, metadata, epoch_us(created_at), epoch_us(modified_at),"
-    " epoch_us(archived_at), version, backfill_target, backfilled_to, backfill_events,"
-    " backfilled_events, "
-    + _FAILURE.format("reason")
-    + ", "
-    + _FAILURE.format("epoch_us(failed_at)")
-)
-# Errors that a meter's definition (or the events it meets) causes every time: the meter is
-# marked failed. Others (out of memory, I/O, interrupts) fail the job as usual, to be retried.
-EVALUATION_ERRORS = (
-    duckdb.BinderException,
-    duckdb.ConversionException,
-    duckdb.InvalidInputException,
-    duckdb.InvalidTypeException,
-    duckdb.NotImplementedException,
-    duckdb.OutOfRangeException,
-    duckdb.ParserException,
-    duckdb.TypeMismatchException,
-)
-# Longest failure reason kept (DuckDB's messages can quote a whole statement).
-_MAX_REASON = 500
 # What a (re)definition's backfill will read: the organization's stored user events.
 _EVENTS_TO_BACKFILL = (
     "(SELECT count(*) FROM events e WHERE e.organization_id = {} AND e.source = 'user')"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class MeterRow:
-    id: str
-    organization_id: str
-    name: str
-    unit: str
-    custom_label: str | None
-    custom_multiplier: int | None
-    filter: Filter
-    aggregation: CountAggregation | PropertyAggregation | UniqueAggregation
-    metadata: dict[str, Any]
-    created_at_us: int
-    modified_at_us: int | None
-    archived_at_us: int | None
-    version: int
-    backfill_target: int  # seq bounds: what the backfill steps through
-    backfilled_to: int
-    backfill_events: int  # the same progress in the organization's events (what users see)
-    backfilled_events: int
-    # Why the meter cannot be evaluated (skipped by ingest until redefined), and since when.
-    failure: str | None = None
-    failed_at_us: int | None = None
-
-    @property
-    def backfilling(self) -> bool:
-        return self.failure is None and self.backfilled_to < self.backfill_target
-
-
-@functools.lru_cache(maxsize=4096)
-def _definition(
-    filter_json: str, aggregation_json: str
-) -> tuple[Filter, CountAggregation | PropertyAggregation | UniqueAggregation]:
-    """Parsed definitions, cached: validating them costs ~1 ms, more than reading the row.
-    (Both are immutable models, safe to share.) Parsed as stored: a definition accepted by an
-    earlier version still loads; if it cannot be evaluated, the meter is marked failed."""
-    return (
-        Filter.model_validate_json(filter_json, context=STORED),
-        _AGGREGATION.validate_json(aggregation_json, context=STORED),
-    )
-
-
-def _row(r: tuple[Any, ...]) -> MeterRow:
-    return MeterRow(
-        r[0],
-        r[1],
-        r[2],
-        r[3],
-        r[4],
-        r[5],
-        *_definition(r[6], r[7]),
-        orjson.loads(r[8]),
-        r[9],
-        r[10],
-        r[11],
-        r[12],
-        r[13],
-        r[14],
-        r[15],
-        r[16],
-        r[17],
-        r[18],
-    )
 
 
 _ACTIVE_METERS = (
@@ -259,108 +169,13 @@ def _reset_rollups(con: duckdb.DuckDBPyConnection, meter_id: str) -> None:
         con.execute(f"DELETE FROM {table} WHERE meter_id = ?::UUID", [meter_id])  # noqa: S608 - fixed text, values bound
 
 
-def meters_of(con: duckdb.DuckDBPyConnection, organization_ids: list[str]) -> list[MeterRow]:
-    """The organizations' meters that ingest keeps current: not archived, not failed."""
-    rows = con.execute(
-        f"SELECT {_COLUMNS} FROM meters WHERE archived_at IS NULL"  # noqa: S608 - fixed text, values bound
-        " AND organization_id IN (SELECT unnest(?::UUID[]))",
-        [organization_ids],
-    ).fetchall()
-    return [meter for meter in map(_row, rows) if meter.failure is None]
-
-
 def failed_meters(con: duckdb.DuckDBPyConnection) -> list[MeterRow]:
     """Every meter skipped because it cannot be evaluated (for /metrics)."""
     rows = con.execute(
-        f"SELECT {_COLUMNS} FROM meters WHERE archived_at IS NULL"  # noqa: S608 - fixed text, values bound
+        f"SELECT {COLUMNS} FROM meters WHERE archived_at IS NULL"  # noqa: S608 - fixed text, values bound
         " AND id IN (SELECT meter_id FROM meter_failures)"
     ).fetchall()
-    return [meter for meter in map(_row, rows) if meter.failure is not None]
-
-
-class MeterUnevaluable(Repairable):
-    """Evaluating `meters` over some events failed in DuckDB. The repair finds which of them
-    fail (each `probe`d alone in a transaction rolled back) and marks those failed, so that
-    the job, run again, commits its events without them."""
-
-    def __init__(
-        self,
-        meters: Sequence[MeterRow],
-        reason: str,
-        probe: Callable[[duckdb.DuckDBPyConnection, MeterRow], None],
-    ) -> None:
-        super().__init__(reason)
-        self.meters = list(meters)
-        self.reason = reason
-        self.probe = probe
-
-    def repair(self, con: duckdb.DuckDBPyConnection, now_us: int) -> bool:
-        failing: list[tuple[MeterRow, str]] = []
-        if len(self.meters) == 1:
-            failing.append((self.meters[0], self.reason))
-        else:
-            for meter in self.meters:
-                con.execute("BEGIN TRANSACTION")
-                try:
-                    self.probe(con, meter)
-                except EVALUATION_ERRORS as exc:
-                    failing.append((meter, str(exc)))
-                finally:
-                    rollback(con)
-        if not failing:
-            return False
-        with transaction(con):
-            for meter, reason in failing:
-                log.error(
-                    "meter %s (organization %s) cannot be evaluated; ingest skips it until it"
-                    " is redefined: %s",
-                    meter.id,
-                    meter.organization_id,
-                    reason,
-                )
-                con.execute(
-                    "INSERT INTO meter_failures VALUES (?::UUID, ?, ?, make_timestamptz(?))"
-                    " ON CONFLICT DO UPDATE SET version = excluded.version,"
-                    " reason = excluded.reason, failed_at = excluded.failed_at",
-                    [meter.id, meter.version, reason[:_MAX_REASON], now_us],
-                )
-        return True
-
-
-def apply_isolated(
-    con: duckdb.DuckDBPyConnection,
-    meters: Sequence[MeterRow],
-    source: str,
-    where: str,
-    params: list[Any],
-    *,
-    at_us: int,
-    data: pa.Table | None = None,
-    backfill: bool = False,
-) -> rollups.Evaluated:
-    """`rollups.evaluate`, raising MeterUnevaluable when DuckDB cannot evaluate the meters (the
-    writer then marks the failing ones and runs the job again without them). `data` is the
-    Arrow table registered as `source`, if it is one (the probes need it after the failed
-    transaction has let go of the registration)."""
-
-    def evaluate(con: duckdb.DuckDBPyConnection, meters: Sequence[MeterRow]) -> rollups.Evaluated:
-        return rollups.evaluate(con, meters, source, where, params, at_us=at_us, backfill=backfill)
-
-    try:
-        return evaluate(con, meters)
-    except EVALUATION_ERRORS as exc:
-
-        def probe(probe_con: duckdb.DuckDBPyConnection, meter: MeterRow) -> None:
-            if data is None:
-                evaluate(probe_con, [meter])
-                return
-            probe_con.register(source, data)
-            try:
-                evaluate(probe_con, [meter])
-            finally:
-                probe_con.unregister(source)
-
-        raise MeterUnevaluable(meters, str(exc), probe) from exc
+    return [meter for meter in map(meter_row, rows) if meter.failure is not None]
 
 
 def pending_backfills(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
@@ -368,7 +183,7 @@ def pending_backfills(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
     rows = con.execute(
         "SELECT id::VARCHAR, version FROM meters"  # noqa: S608 - fixed text, values bound
         " WHERE archived_at IS NULL AND backfilled_to < backfill_target AND "
-        + _FAILURE.format("reason")
+        + FAILURE.format("reason")
         + " IS NULL"
     ).fetchall()
     return [(r[0], r[1]) for r in rows]
@@ -380,10 +195,10 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int,
 
     def job(tx: Tx) -> tuple[int, int] | None:
         con = tx.con
-        row = first_row(con, f"SELECT {_COLUMNS} FROM meters WHERE id = ?::UUID", [meter_id])  # noqa: S608 - fixed text, values bound
+        row = first_row(con, f"SELECT {COLUMNS} FROM meters WHERE id = ?::UUID", [meter_id])  # noqa: S608 - fixed text, values bound
         if row is None:
             return None
-        meter = _row(row)
+        meter = meter_row(row)
         if meter.version != version or meter.archived_at_us is not None or meter.failure:
             return None
         if not meter.backfilling:
@@ -418,19 +233,6 @@ def _found(con: duckdb.DuckDBPyConnection, organization_id: str, meter_id: str) 
     return meter
 
 
-def get_meter(
-    con: duckdb.DuckDBPyConnection, organization_id: str, meter_id: str
-) -> MeterRow | None:
-    if not is_uuid(meter_id):
-        return None
-    row = first_row(
-        con,
-        f"SELECT {_COLUMNS} FROM meters WHERE organization_id = ? AND id = ?::UUID",  # noqa: S608 - fixed text, values bound
-        [organization_id, meter_id],
-    )
-    return _row(row) if row else None
-
-
 def meters_by_ids(
     con: duckdb.DuckDBPyConnection, organization_id: str, meter_ids: Sequence[str]
 ) -> dict[str, MeterRow]:
@@ -440,11 +242,11 @@ def meters_by_ids(
     if not wanted:
         return {}
     rows = con.execute(
-        f"SELECT {_COLUMNS} FROM meters WHERE organization_id = ?"  # noqa: S608 - fixed text, values bound
+        f"SELECT {COLUMNS} FROM meters WHERE organization_id = ?"  # noqa: S608 - fixed text, values bound
         " AND id IN (SELECT unnest(?::UUID[]))",
         [organization_id, wanted],
     ).fetchall()
-    return {meter.id: meter for meter in map(_row, rows)}
+    return {meter.id: meter for meter in map(meter_row, rows)}
 
 
 _SORTS = {
@@ -481,7 +283,7 @@ def list_meters(
     total = con.execute(f"SELECT count(*) FROM meters WHERE {where}", params).fetchall()[0][0]  # noqa: S608 - fixed text, values bound
     order = ", ".join(_SORTS[s] for s in sorting)
     rows = con.execute(
-        f"SELECT {_COLUMNS} FROM meters WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",  # noqa: S608 - fixed text, values bound
+        f"SELECT {COLUMNS} FROM meters WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",  # noqa: S608 - fixed text, values bound
         [*params, limit, offset],
     ).fetchall()
-    return [_row(r) for r in rows], int(total)
+    return [meter_row(r) for r in rows], int(total)

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import duckdb
 
+from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.base.rows import first_row, is_uuid
 from aggregator.store.machinery.writer import Job, Tx, independent
 from aggregator.store.tables import idempotency
 from aggregator.store.tables.customer_tables import get_customer
 from aggregator.store.tables.ledger_tables import credit, reset, resolve
-from aggregator.store.tables.meter_tables import get_meter
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import PlanCreate, cycle_start
 from meters.times import datetime_to_us, us_to_datetime

@@ -17,9 +17,9 @@ from zoneinfo import ZoneInfo
 import duckdb
 
 from aggregator.store.base import subjects
+from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.base.meter_sql import contribution_sql, filter_sql, member_pointer
 from aggregator.store.machinery.rollups import BUCKET_US
-from aggregator.store.tables.meter_tables import MeterRow
 from meters.aggregations import Partial, UniqueAggregation
 from meters.periods import Interval, boundaries
 from meters.times import datetime_to_us, us_to_datetime

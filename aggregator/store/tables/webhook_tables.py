@@ -2,7 +2,7 @@
 
 `enqueue` writes an event, and an outbox row for each enabled endpoint subscribed to its type,
 in the transaction of the change that caused it, and wakes the sender when it commits
-(`Live.notify_webhooks`). The sender (`upstream.webhook_sender`) reads due rows and records
+(`Live.webhooks_due`). The sender (`upstream.webhook_sender`) reads due rows and records
 each attempt with `attempted_job`: success ends the row; failure schedules the next attempt
 (`webhook_rules.retry_after_seconds`) until `RETRY_SECONDS` after the event, and an endpoint
 failing for longer than its settings allow is disabled with the reason.
@@ -20,6 +20,7 @@ import orjson
 
 from aggregator.errors import NotFound
 from aggregator.store.base.rows import first_row
+from aggregator.store.machinery.live import Feature, Live
 from aggregator.store.machinery.writer import Job, Tx, independent
 from aggregator.store.tables import quotas
 from aggregator.store.tables.quotas import TenantLimits
@@ -35,7 +36,6 @@ from meters.webhook_rules import (
 
 if TYPE_CHECKING:
     from aggregator.store.machinery.balances import Balances
-    from aggregator.store.machinery.live import Live
 
 Con = duckdb.DuckDBPyConnection
 _US = 1_000_000
@@ -135,7 +135,7 @@ def create_endpoint_job(
                 now_us,
             ],
         )
-        tx.live.state_subscribers.pop(organization_id, None)
+        tx.live.feature(StateSubscribers).forget(organization_id)
         return _found(tx.con, organization_id, endpoint_id)
 
     return job
@@ -161,7 +161,7 @@ def update_endpoint_job(
                 " modified_at = make_timestamptz(?) WHERE id = ?::UUID",
                 [*(changes[n] for n in names), now_us, endpoint_id],
             )
-        tx.live.state_subscribers.pop(organization_id, None)
+        tx.live.feature(StateSubscribers).forget(organization_id)
         return _found(tx.con, organization_id, endpoint_id)
 
     return job
@@ -196,7 +196,7 @@ def delete_endpoint_job(organization_id: str, endpoint_id: str, now_us: int) -> 
             [now_us, endpoint_id],
         )
         _end_pending(tx.con, endpoint_id, now_us)
-        tx.live.state_subscribers.pop(organization_id, None)
+        tx.live.feature(StateSubscribers).forget(organization_id)
 
     return job
 
@@ -287,7 +287,7 @@ def enqueue_many(
         [organization_id, type_, now_us, ids, payloads],
     )
     _outbox(con, ids, endpoints, now_us)
-    live.stage(live.notify_webhooks)
+    live.webhooks_due()
     return len(ids)
 
 
@@ -299,12 +299,28 @@ STATE_CHANGED = "customer.state_changed"
 def subscribes(con: Con, live: Live, organization_id: str) -> bool:
     """Whether an enabled endpoint of the organization takes customer.state_changed (held in
     memory, dropped by every change to the organization's endpoints)."""
-    held = live.state_subscribers.get(organization_id)
-    if held is None:
-        held = live.state_subscribers[organization_id] = bool(
-            _taking(con, organization_id, STATE_CHANGED)
-        )
-    return held
+    return live.feature(StateSubscribers).of(con, organization_id)
+
+
+class StateSubscribers(Feature):
+    """Whether each organization has an enabled endpoint taking customer.state_changed: read
+    when first needed, dropped by every change to the organization's endpoints (`forget`)
+    and by a rollback."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, bool] = {}
+
+    def of(self, con: Con, organization_id: str) -> bool:
+        held = self._held.get(organization_id)
+        if held is None:
+            held = self._held[organization_id] = bool(_taking(con, organization_id, STATE_CHANGED))
+        return held
+
+    def forget(self, organization_id: str) -> None:
+        self._held.pop(organization_id, None)
+
+    def rollback(self) -> None:
+        self._held.clear()
 
 
 def mark_state_changed(
@@ -418,7 +434,7 @@ def redeliver_job(organization_id: str, event_id: str, now_us: int) -> Job[None]
         fresh = [e for e in endpoints if e not in pending]
         if fresh:
             _outbox(tx.con, [event_id], fresh, now_us)
-        tx.live.stage(tx.live.notify_webhooks)
+        tx.live.webhooks_due()
 
     return job
 
@@ -543,7 +559,7 @@ def _attempted(tx: Tx, attempt: Attempt, disable_after_seconds: float) -> None:
             [reason[:1000], now, d.endpoint_id],
         )
         _end_pending(con, d.endpoint_id, now)
-        tx.live.state_subscribers.pop(d.organization_id, None)
+        tx.live.feature(StateSubscribers).forget(d.organization_id)
 
 
 def _end_row(con: Con, d: Due, assignment: str, value: int) -> None:

@@ -33,8 +33,9 @@ from aggregator.commands.progress import Progress
 from aggregator.commands.tokens import banner_lines
 from aggregator.core_app import CoreSettings
 from aggregator.store import Store
+from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.machinery.migrations import migrate
-from aggregator.store.tables.meter_tables import backfill_step_job, get_meter
+from aggregator.store.tables.meter_tables import backfill_step_job
 from tests.processes import MeterlineServer, Server, free_port, new_org_token
 
 EVERYTHING = {"conjunction": "and", "clauses": []}

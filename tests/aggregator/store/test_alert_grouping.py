@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator.store import Store
+from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.machinery.writer import Tx, independent
 from aggregator.store.tables import alert_tables, webhook_tables
 from aggregator.store.tables.customer_tables import create_job as create_customer
-from aggregator.store.tables.event_tables import IngestJob
 from aggregator.store.tables.ledger_tables import credit_job, reset_job
 from aggregator.store.tables.meter_tables import create_job as create_meter
 from meters.aggregations import Partial

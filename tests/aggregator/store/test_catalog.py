@@ -14,9 +14,9 @@ from aggregator.api.ledger_shapes import balance_check
 from aggregator.errors import NotFound
 from aggregator.services.ledger_service import check
 from aggregator.store import Store
+from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import update_job as update_customer
-from aggregator.store.tables.event_tables import IngestJob
 from aggregator.store.tables.meter_tables import backfill_step_job, create_job, update_job
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.definitions import MeterCreate, MeterUpdate

@@ -16,14 +16,14 @@ import orjson
 import pytest
 
 from aggregator.store import Store
+from aggregator.store.apply.ingest import IngestJob
+from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.machinery.compaction import compact, recluster
 from aggregator.store.machinery.migrations import MIGRATIONS, migrate
 from aggregator.store.machinery.recluster import ReclusterSettings
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer_by_external_id
-from aggregator.store.tables.event_tables import IngestJob
 from aggregator.store.tables.ledger_tables import customer_meter
-from aggregator.store.tables.meter_tables import get_meter
 from aggregator.store.tables.quantities import Scope, compute
 from meters.customer_rules import CustomerCreate
 from meters.events import Event, to_table

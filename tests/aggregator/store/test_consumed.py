@@ -34,13 +34,13 @@ def _events(*external_ids: str) -> pa.Table:
 def test_batches_commit_in_sequence_only(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Store(tmp_path / "c.duckdb") as store:
-            first = ConsumedBatch("t", _events("a", "b"), {0: (0, 2)})
+            first = ConsumedBatch("t", _events("a", "b"), {0: (0, 2)}, now_us())
             assert await store.write(first) == 2
-            gap = ConsumedBatch("t", _events("d"), {0: (3, 4)})
+            gap = ConsumedBatch("t", _events("d"), {0: (3, 4)}, now_us())
             with pytest.raises(OffsetGap):
                 await store.write(gap)
             assert await store.read(stored_offsets, "t") == {0: 2}
-            again = ConsumedBatch("t", _events("b", "c"), {0: (2, 4), 1: (0, 1)})
+            again = ConsumedBatch("t", _events("b", "c"), {0: (2, 4), 1: (0, 1)}, now_us())
             assert await store.write(again) == 1  # "b" was applied before: a duplicate
             assert await store.read(stored_offsets, "t") == {0: 4, 1: 1}
             count = await store.read(
@@ -58,14 +58,14 @@ def test_a_partition_starts_where_its_log_starts(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with Store(tmp_path / "c.duckdb") as store:
-            await store.write(ConsumedBatch("t", _events("a"), {0: (0, 1)}))
+            await store.write(ConsumedBatch("t", _events("a"), {0: (0, 1)}, now_us()))
             started = await store.write(StartOffsets("t", {0: 0, 1: 7}))
             assert started == {0: 1, 1: 7}  # a stored offset is kept
             assert store.applied_offsets("t") == {0: 1, 1: 7}
-            ahead = ConsumedBatch("t", _events("x"), {1: (32, 33)})
+            ahead = ConsumedBatch("t", _events("x"), {1: (32, 33)}, now_us())
             with pytest.raises(OffsetGap):
                 await store.write(ahead)
-            at_start = ConsumedBatch("t", _events("y"), {1: (7, 8)})
+            at_start = ConsumedBatch("t", _events("y"), {1: (7, 8)}, now_us())
             assert await store.write(at_start) == 1
             assert await store.read(stored_offsets, "t") == {0: 1, 1: 8}
 

@@ -12,12 +12,12 @@ import duckdb
 import orjson
 
 from aggregator.store import Store
+from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.machinery.migrations import MIGRATIONS, migrate
 from aggregator.store.tables.customer_deletion import delete_job
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import customers_after, get_customer_by_external_id
 from aggregator.store.tables.ledger_tables import customer_meter
-from aggregator.store.tables.meter_tables import get_meter
 from aggregator.store.tables.outbox import pending
 from meters.customer_rules import CustomerCreate
 

@@ -15,10 +15,10 @@ import duckdb
 import pytest
 
 from aggregator.store import Store
+from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.machinery import ingest_log
 from aggregator.store.machinery.ingest_log import LogCorrupt, Logged, read_frames
 from aggregator.store.machinery.migrations import migrate
-from aggregator.store.tables.event_tables import IngestJob
 from meters.events import Event, to_table
 from meters.times import now_us
 from tests.aggregator.store.test_ingest_log import previous_frame

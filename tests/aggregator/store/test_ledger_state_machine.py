@@ -23,16 +23,17 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from aggregator.errors import KeyReused
 from aggregator.store import Store
+from aggregator.store.apply.ingest import IngestJob
+from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.tables.customer_tables import create_job as create_customer
-from aggregator.store.tables.event_tables import IngestJob
 from aggregator.store.tables.ledger_tables import (
     credit_job,
     customer_meter,
     held_customer_meter,
     reset_job,
 )
-from aggregator.store.tables.meter_tables import MeterRow, create_job, meters_by_ids
+from aggregator.store.tables.meter_tables import create_job, meters_by_ids
 from aggregator.store.tables.plan_tables import cycle_due_job, plan_create_job
 from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate

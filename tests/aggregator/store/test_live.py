@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.store import Store
+from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.machinery import dedupe
-from aggregator.store.tables.event_tables import IngestJob
 from aggregator.store.tables.meter_tables import create_job, update_job
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.events import Event, to_table
@@ -134,7 +134,7 @@ def test_keys_past_the_memory_bound_are_found_in_files(tmp_path: Path) -> None:
 _CRASHING = """
 import asyncio, os, signal, sys
 from aggregator.store import Store
-from aggregator.store.tables.event_tables import IngestJob
+from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.tables.meter_tables import create_job
 from meters.definitions import MeterCreate
 from meters.events import to_table

@@ -17,15 +17,11 @@ import pytest
 
 from aggregator.auth import TokenRegistry
 from aggregator.store import Store
+from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base import meter_sql
+from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.machinery.migrations import migrate
-from aggregator.store.tables.event_tables import IngestJob
-from aggregator.store.tables.meter_tables import (
-    backfill_step_job,
-    create_job,
-    get_meter,
-    update_job,
-)
+from aggregator.store.tables.meter_tables import backfill_step_job, create_job, update_job
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.events import Event, to_table
 from meters.times import now_us

@@ -19,9 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.store import Store
+from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.machinery import rollups
 from aggregator.store.machinery.ingest_log import with_origin
-from aggregator.store.tables.event_tables import IngestJob
 from aggregator.store.tables.meter_tables import create_job
 from aggregator.store.tables.quotas import TenantLimits
 from meters.definitions import MeterCreate

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from aggregator.store import Store
+from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.machinery.compaction import CLUSTERED, compact, recluster
 from aggregator.store.machinery.recluster import ReclusterSettings
-from aggregator.store.tables.event_tables import IngestJob
 from aggregator.store.tables.meter_tables import backfill_step_job, create_job
 from aggregator.store.tables.quantities import Scope, compute
 from meters.aggregations import Aggregation, fold

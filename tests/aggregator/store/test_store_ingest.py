@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.store import Store
+from aggregator.store.apply.ingest import IngestJob, IngestResult
 from aggregator.store.tables.customer_tables import create_job
-from aggregator.store.tables.event_tables import IngestJob, IngestResult
 from meters.customer_rules import CustomerCreate
 from meters.errors import ValidationFailed
 from meters.events import Event, to_table

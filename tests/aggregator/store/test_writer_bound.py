@@ -12,7 +12,7 @@ import pytest
 
 from aggregator.backfill import Backfiller
 from aggregator.store import Store
-from aggregator.store.tables.event_tables import IngestJob
+from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.tables.meter_tables import create_job, pending_backfills
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.store import Store
-from aggregator.store.tables.event_tables import IngestJob
+from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.tables.outbox import pending
 from meters.events import EventRules, parse_ingest_body, to_table
 from meters.times import now_us
