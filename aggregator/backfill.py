@@ -20,8 +20,8 @@ import time
 from types import TracebackType
 from typing import Self
 
-from aggregator.store import Store
-from aggregator.store.tables.meter_tables import backfill_step_job, pending_backfills
+from aggregator.store import Store, backfill_step_job, pending_backfills
+from meters.times import now_us
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ class Backfiller:
             try:
                 async with self._turn:
                     started = time.perf_counter()
-                    progress = await self._store.write(backfill_step_job(meter_id, version, chunk))
+                    step = backfill_step_job(meter_id, version, chunk, now_us())
+                    progress = await self._store.write(step)
             except Exception as exc:  # noqa: BLE001 - every failure is retried, logged once
                 delay = min(self._max_retry, delay * 2 or self._retry)
                 if delay == self._retry:  # the first failure of a run of them

@@ -57,10 +57,7 @@ from aggregator.intake.consumer import Consumer
 from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.plan_cycler import PlanCycler
 from aggregator.services.live_feed import LiveFeed
-from aggregator.store import Store
-from aggregator.store.machinery.ingest_log import LogCorrupt
-from aggregator.store.tables import quotas
-from aggregator.store.tables.quotas import TenantLimits
+from aggregator.store import LogCorrupt, Store, TenantLimits, quotas
 from aggregator.upstream import command_line as upstream_cli
 from aggregator.upstream.forwarder import Forwarder, ForwarderSettings
 from aggregator.upstream.webhook_sender import WebhookSender, WebhookSettings

@@ -56,12 +56,15 @@ from aggregator.errors import (
 from aggregator.intake.consumer import Consumer
 from aggregator.services import ledger_service
 from aggregator.services.live_feed import LiveFeed
-from aggregator.store import Store
-from aggregator.store.machinery import dedupe, disk
-from aggregator.store.machinery.balances import Balances
-from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS
-from aggregator.store.tables.alert_tables import Firing
-from aggregator.store.tables.quotas import TenantLimits
+from aggregator.store import (
+    DEDUPE_MEMORY_KEYS,
+    DEFAULT_JOB_BOUND_SECONDS,
+    Balances,
+    Firing,
+    Store,
+    TenantLimits,
+    disk_full,
+)
 from aggregator.upstream.forwarder import Forwarder
 from aggregator.upstream.webhook_sender import WebhookSettings
 from ingest.http import (
@@ -97,7 +100,7 @@ class CoreSettings:
     job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS
     read_timeout_seconds: float = 30.0
     # Stored external ids held in memory (16 bytes each) before they spill to files.
-    dedupe_memory_keys: int = dedupe.MEMORY_KEYS
+    dedupe_memory_keys: int = DEDUPE_MEMORY_KEYS
     # How long a customer session token lasts (Polar's: an hour).
     customer_session_seconds: float = 3600.0
     # Bearer token that `/metrics` requires (None: served to anyone who can reach the port).
@@ -121,7 +124,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal(request: Request, exc: Exception) -> Response:
-    if disk.full(exc):  # outside the store's writes: the token registry, the ingest log
+    if disk_full(exc):  # outside the store's writes: the token registry, the ingest log
         log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
         return error(503, "StorageFull", str(StorageFull(str(exc))), {"Retry-After": "30"})
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)

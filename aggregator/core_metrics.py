@@ -6,9 +6,7 @@ from __future__ import annotations
 from functools import partial
 
 from aggregator.intake.consumer import Consumer
-from aggregator.store import Store
-from aggregator.store.tables.meter_tables import failed_meters
-from aggregator.store.tables.webhook_tables import failures
+from aggregator.store import Store, failed_meters, failures
 from aggregator.upstream.forwarder import Forwarder
 from ingest.http import Source
 

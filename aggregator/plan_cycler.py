@@ -14,8 +14,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
-from aggregator.store import Store
-from aggregator.store.tables.plan_tables import cycle_due_job, due
+from aggregator.store import Store, cycle_due_job, plan_tables
 from meters.times import now_us
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ class PlanCycler:
         """Process every boundary at or before now; returns how many."""
         budget = self._store.writer.job_bound_seconds / 2
         # A cycle job waits for applied events to be stored: only when one is due.
-        processed, more = 0, await self._store.read_now(due, self._clock())
+        processed, more = 0, await self._store.read_now(plan_tables.due, self._clock())
         while more:
             done, more = await self._store.write(cycle_due_job(self._clock(), budget))
             processed += done

@@ -115,6 +115,7 @@ async def _in_process(path: Path, org: str, plan: dict[str, int]) -> dict[str, A
                     }
                 ),
                 now_us(),
+                meter_id=str(uuid.uuid4()),
             )
         )
         rng = random.Random(3)

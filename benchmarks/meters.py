@@ -44,6 +44,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,11 @@ def _from_events(con: Con, meter: MeterRow) -> float:
 
 async def create_meters(store: Store, organization_id: str) -> list[MeterRow]:
     return [
-        await store.write(create_job(organization_id, MeterCreate.model_validate(m), now_us()))
+        await store.write(
+            create_job(
+                organization_id, MeterCreate.model_validate(m), now_us(), meter_id=str(uuid.uuid4())
+            )
+        )
         for m in METERS
     ]
 
@@ -631,7 +636,9 @@ async def _quantities_in_process(database: Path, org: str, plan: dict[str, int])
         details["load"] = load = await _load(store, org, plan)
         details["file_mib_after_load"] = _file_mib(database)
         details["rss_mib_after_load"] = _rss_mib()
-        meter = await store.write(create_job(org, MeterCreate.model_validate(METER), now_us()))
+        meter = await store.write(
+            create_job(org, MeterCreate.model_validate(METER), now_us(), meter_id=str(uuid.uuid4()))
+        )
         details["meter_id"] = meter.id
         details["backfill"] = await _backfill(store, meter)
         details["settle_seconds"] = await _settled(store)
@@ -752,7 +759,9 @@ async def _backfill(store: Store, meter: MeterRow) -> dict[str, Any]:
     started = time.perf_counter()
     while True:
         step_started = time.perf_counter()
-        progress = await store.write(backfill_step_job(meter.id, meter.version, BACKFILL_CHUNK))
+        progress = await store.write(
+            backfill_step_job(meter.id, meter.version, BACKFILL_CHUNK, now_us())
+        )
         steps.append(time.perf_counter() - step_started)
         if progress is None:
             raise RuntimeError("backfill went stale")

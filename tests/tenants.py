@@ -12,6 +12,7 @@ import asyncio
 import multiprocessing
 import statistics
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -76,7 +77,9 @@ def many_meters(data_dir: Path, organization: str, count: int) -> list[str]:
 
     async def made() -> list[str]:
         async with Store(data_dir / "meterline.duckdb") as store:
-            await store.write(create_job(organization_id, first, now_us()))
+            await store.write(
+                create_job(organization_id, first, now_us(), meter_id=str(uuid.uuid4()))
+            )
             ids: list[str] = await store.write(copies)
             return ids
 

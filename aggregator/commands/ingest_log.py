@@ -17,8 +17,7 @@ import duckdb
 from aggregator.commands.common import command, data_dir_option, plural, program
 from aggregator.core_app import CoreSettings
 from aggregator.errors import UsageError
-from aggregator.store.machinery import ingest_log_repair
-from aggregator.store.machinery.ingest_log_repair import Checked
+from aggregator.store import ingest_log_repair
 
 
 def commands(subparsers: Any) -> None:
@@ -67,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(checked: Checked, args: argparse.Namespace) -> int:
+def _report(checked: ingest_log_repair.Checked, args: argparse.Namespace) -> int:
     if checked.damage is None:
         print(_whole(checked))
         return 0
@@ -81,7 +80,7 @@ def _report(checked: Checked, args: argparse.Namespace) -> int:
     return 1
 
 
-def _whole(checked: Checked) -> str:
+def _whole(checked: ingest_log_repair.Checked) -> str:
     said = f"the ingest log reads back whole: {_pending(checked)} to apply at the next start"
     if checked.cut is not None:
         path, cut = checked.cut
@@ -92,6 +91,6 @@ def _whole(checked: Checked) -> str:
     return said
 
 
-def _pending(checked: Checked) -> str:
+def _pending(checked: ingest_log_repair.Checked) -> str:
     requests = plural(checked.pending, "acknowledged request")
     return f"{requests} ({plural(checked.pending_events, 'event')}) not yet stored"

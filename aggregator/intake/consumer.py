@@ -55,18 +55,18 @@ from aiokafka.structs import ConsumerRecord
 from aggregator.errors import OffsetGap
 from aggregator.intake.dead_letters import HEADERS, organization_of
 from aggregator.intake.decode import DeadLetter, dead_rows, decode_batch
-from aggregator.store import Store
-from aggregator.store.apply.consumed import (
+from aggregator.store import (
     ConsumedBatch,
     OffsetReset,
+    Prepared,
     Reset,
     StartOffsets,
+    Store,
+    missing_customers,
     offset_resets,
     stored_offsets,
+    with_source,
 )
-from aggregator.store.apply.ingest import missing_customers
-from aggregator.store.machinery.ingest_log import with_source
-from aggregator.store.machinery.rollups import Prepared
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from meters.columnar import H_ORGANIZATION
 from meters.events import EventRules

@@ -17,7 +17,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.store.tables.record_checks import row_problems
+from aggregator.store import row_problems
 from meters import columnar
 from meters.events import COLUMNS, EventRules, cloudevents, to_table
 from meters.events.compiled import record_validator

@@ -3,9 +3,7 @@ request is durable once the store's group commit logs it (`store.ingest_log`), n
 
 from __future__ import annotations
 
-from aggregator.store import Store
-from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.machinery.ingest_log import with_origin
+from aggregator.store import IngestJob, Store, with_origin
 from ingest.publish import PublishResult
 from ingest.validation import ValidationPool
 from meters.ipc import Encoded

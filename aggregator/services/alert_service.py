@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+
 from aggregator.errors import NotFound
 from aggregator.services.pages import Page, offset
-from aggregator.store import Store
-from aggregator.store.tables import alert_tables as sql
-from aggregator.store.tables.alert_tables import AlertRow
-from aggregator.store.tables.quotas import TenantLimits
+from aggregator.store import AlertRow, Store, TenantLimits
+from aggregator.store import alert_tables as sql
 from meters.ledger_rules import AlertCreate
 from meters.times import now_us
 
@@ -17,7 +17,9 @@ __all__ = ["AlertRow", "create", "delete", "get", "list_"]
 async def create(
     store: Store, organization_id: str, data: AlertCreate, limits: TenantLimits
 ) -> tuple[AlertRow, bool]:
-    return await store.write(sql.create_job(organization_id, data, now_us(), limits))
+    return await store.write(
+        sql.create_job(organization_id, data, now_us(), limits, alert_id=str(uuid.uuid4()))
+    )
 
 
 async def list_(

@@ -7,9 +7,8 @@ from datetime import datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from aggregator.store import Store
-from aggregator.store.tables import cost_queries as sql
-from aggregator.store.tables.cost_queries import GROUP_KEYS, CostQuery, decimal_text
+from aggregator.store import GROUP_KEYS, CostQuery, Store, decimal_text
+from aggregator.store import cost_queries as sql
 from meters.periods import Interval, boundaries
 from meters.times import datetime_to_us, us_to_datetime
 

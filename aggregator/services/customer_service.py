@@ -3,6 +3,7 @@ time of its first event, which the API answers with."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -10,12 +11,15 @@ import duckdb
 
 from aggregator.errors import NotFound
 from aggregator.services.pages import Page, offset
-from aggregator.store import Store
-from aggregator.store.base import subjects
-from aggregator.store.tables import customer_tables as sql
-from aggregator.store.tables.customer_deletion import delete_job
-from aggregator.store.tables.customer_tables import CUSTOMER_SORTS, CustomerRow
-from aggregator.store.tables.event_tables import subjects_first_timestamp
+from aggregator.store import (
+    CUSTOMER_SORTS,
+    CustomerRow,
+    Store,
+    customer_deletion,
+    subjects,
+    subjects_first_timestamp,
+)
+from aggregator.store import customer_tables as sql
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.times import now_us
 
@@ -61,7 +65,9 @@ def _one(con: Con, organization_id: str, row: CustomerRow | None) -> Customer:
 
 
 async def create(store: Store, organization_id: str, data: CustomerCreate) -> Customer:
-    row = await store.write(sql.create_job(organization_id, data, now_us()))
+    row = await store.write(
+        sql.create_job(organization_id, data, now_us(), customer_id=str(uuid.uuid4()))
+    )
     return await store.read(_one, organization_id, row)
 
 
@@ -147,7 +153,7 @@ async def delete(
     """Delete the customer named by `external_id` if given, else by `customer_id`
     (`store.customer_deletion` says what stays and what goes)."""
     found = await _find(store, organization_id, customer_id, external_id)
-    await store.write(delete_job(organization_id, found.id, anonymize, now_us()))
+    await store.write(customer_deletion.delete_job(organization_id, found.id, anonymize, now_us()))
 
 
 EXPORT_PAGE = 1000

@@ -11,13 +11,16 @@ from aggregator.errors import NotFound
 from aggregator.services.customer_service import Customer, with_first_events
 from aggregator.services.meter_service import evaluable, found
 from aggregator.services.pages import Page, offset
-from aggregator.store import Store
-from aggregator.store.base.meter_rows import get_meter
-from aggregator.store.base.meter_sql import filter_sql, meter_events_sql
-from aggregator.store.tables import customer_tables as customer_sql
-from aggregator.store.tables import event_tables as sql
-from aggregator.store.tables import event_type_tables
-from aggregator.store.tables.event_tables import EventQuery, EventRow
+from aggregator.store import (
+    EventQuery,
+    Store,
+    event_type_tables,
+    filter_sql,
+    get_meter,
+    meter_events_sql,
+)
+from aggregator.store import customer_tables as customer_sql
+from aggregator.store import event_tables as sql
 from meters.event_types import label
 from meters.filters import Filter
 
@@ -28,7 +31,7 @@ Con = duckdb.DuckDBPyConnection
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    row: EventRow
+    row: sql.EventRow
     customer: Customer | None  # the customer its id or external id names, if any
     label: str  # its event type's (`meters.event_types.label`)
 
@@ -45,7 +48,7 @@ def resolve_customers(
     return tuple(sorted(all_ids)), tuple(sorted(all_external))
 
 
-def _with_customers(con: Con, organization_id: str, rows: list[EventRow]) -> list[Event]:
+def _with_customers(con: Con, organization_id: str, rows: list[sql.EventRow]) -> list[Event]:
     """The events with their customers (one read of customers, one of their first events) and
     labels (one read of event types)."""
     owners = with_first_events(

@@ -11,11 +11,11 @@ import duckdb
 from aggregator.errors import NotFound
 from aggregator.services.event_service import resolve_customers
 from aggregator.services.pages import Page, offset
-from aggregator.store import Store
-from aggregator.store.tables.event_tables import EventQuery
-from aggregator.store.tables.event_type_tables import (
+from aggregator.store import (
+    EventQuery,
     EventTypeRow,
     NameStats,
+    Store,
     name_stats,
     set_label_job,
     stored_types,

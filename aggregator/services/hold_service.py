@@ -3,16 +3,15 @@ release them. A usage event with the hold's external_id settles it (`store.hold_
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 from aggregator.errors import NotFound
 from aggregator.services import ledger_service
 from aggregator.services.ledger_service import CustomerMeterView
 from aggregator.services.pages import Page, offset
-from aggregator.store import Store
-from aggregator.store.tables import hold_tables as sql
-from aggregator.store.tables.hold_tables import HoldRow
-from aggregator.store.tables.quotas import TenantLimits
+from aggregator.store import HoldRow, Store, TenantLimits
+from aggregator.store import hold_tables as sql
 from meters.ledger_rules import HoldCreate
 from meters.times import now_us
 
@@ -41,7 +40,9 @@ async def create(
     did). InsufficientBalance when the balance less active holds is below `units`;
     LimitReached when the organization holds as many active holds as `limits` allow."""
     now = now_us()
-    created = await store.write(sql.create_job(organization_id, data, now, limits))
+    created = await store.write(
+        sql.create_job(organization_id, data, now, limits, hold_id=str(uuid.uuid4()))
+    )
     return await _hold(store, organization_id, created.hold, now), not created.replayed
 
 

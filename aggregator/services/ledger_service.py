@@ -10,16 +10,18 @@ import duckdb
 from aggregator.errors import NotFound
 from aggregator.services.customer_service import Customer, with_first_events
 from aggregator.services.pages import Page, offset
-from aggregator.store import Store
-from aggregator.store.base.meter_rows import MeterRow
-from aggregator.store.machinery.balances import Balances
-from aggregator.store.machinery.live import Live
-from aggregator.store.tables import customer_tables as customer_sql
-from aggregator.store.tables import hold_tables as hold_sql
-from aggregator.store.tables import ledger_tables as sql
-from aggregator.store.tables.customer_tables import CustomerRow
-from aggregator.store.tables.ledger_tables import CustomerMeter
-from aggregator.store.tables.meter_tables import meters_by_ids
+from aggregator.store import (
+    Balances,
+    CustomerMeter,
+    CustomerRow,
+    Live,
+    MeterRow,
+    Store,
+    meters_by_ids,
+)
+from aggregator.store import customer_tables as customer_sql
+from aggregator.store import hold_tables as hold_sql
+from aggregator.store import ledger_tables as sql
 from meters.ledger_rules import CreditCreate, ResetCreate
 from meters.times import now_us
 

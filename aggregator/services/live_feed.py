@@ -21,14 +21,17 @@ from typing import Self
 
 import duckdb
 
-from aggregator.store import Store
-from aggregator.store.base import subjects
-from aggregator.store.machinery.live import Changed
-from aggregator.store.tables import quotas
-from aggregator.store.tables.customer_tables import customers_by_refs
-from aggregator.store.tables.hold_tables import held_by_pair
-from aggregator.store.tables.ledger_tables import CustomerMeter, held_customer_meter
-from aggregator.store.tables.quotas import TenantLimits
+from aggregator.store import (
+    Changed,
+    CustomerMeter,
+    Store,
+    TenantLimits,
+    customers_by_refs,
+    held_by_pair,
+    held_customer_meter,
+    quotas,
+    subjects,
+)
 from meters.times import now_us
 
 __all__ = [

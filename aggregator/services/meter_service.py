@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -11,15 +12,10 @@ import duckdb
 from aggregator.backfill import Backfiller
 from aggregator.errors import MeterFailed, NotFound
 from aggregator.services.pages import Page, offset
-from aggregator.store import Store
-from aggregator.store.base import subjects
-from aggregator.store.base.meter_rows import MeterRow, get_meter
-from aggregator.store.tables import customer_tables as customer_sql
-from aggregator.store.tables import meter_tables as sql
-from aggregator.store.tables import quantities as quantity_sql
-from aggregator.store.tables.meter_tables import METER_SORTS
-from aggregator.store.tables.quantities import Scope
-from aggregator.store.tables.quotas import TenantLimits
+from aggregator.store import METER_SORTS, MeterRow, Scope, Store, TenantLimits, get_meter, subjects
+from aggregator.store import customer_tables as customer_sql
+from aggregator.store import meter_tables as sql
+from aggregator.store import quantities as quantity_sql
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.periods import Interval
 from meters.times import now_us
@@ -79,7 +75,9 @@ async def create(
     data: MeterCreate,
     limits: TenantLimits,
 ) -> MeterRow:
-    row: MeterRow = await store.write(sql.create_job(organization_id, data, now_us(), limits))
+    row: MeterRow = await store.write(
+        sql.create_job(organization_id, data, now_us(), limits, meter_id=str(uuid.uuid4()))
+    )
     backfiller.start(row.id, row.version)
     return row
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
+
 from aggregator.errors import NotFound
-from aggregator.store import Store
-from aggregator.store.tables import plan_tables as sql
-from aggregator.store.tables.plan_tables import PlanRow
+from aggregator.store import PlanRow, Store
+from aggregator.store import plan_tables as sql
 from meters.ledger_rules import PlanCreate
 from meters.times import now_us
 
@@ -15,7 +16,9 @@ __all__ = ["PlanRow", "create", "delete", "get", "list_"]
 async def create(store: Store, organization_id: str, data: PlanCreate) -> tuple[PlanRow, bool]:
     """The plan, and whether this call created it (False: an earlier one with its external
     id did)."""
-    plan, created = await store.write(sql.plan_create_job(organization_id, data, now_us()))
+    plan, created = await store.write(
+        sql.plan_create_job(organization_id, data, now_us(), plan_id=str(uuid.uuid4()))
+    )
     return plan, created
 
 

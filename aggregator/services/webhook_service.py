@@ -3,16 +3,16 @@ and redelivering an event. Targets are checked against the SSRF guard when set."
 
 from __future__ import annotations
 
+import uuid
+
 from aggregator.errors import NotFound
 from aggregator.services.pages import Page, offset
-from aggregator.store import Store
-from aggregator.store.tables import webhook_tables as sql
-from aggregator.store.tables.quotas import TenantLimits
-from aggregator.store.tables.webhook_tables import DeliveryRow, EndpointRow
+from aggregator.store import DeliveryRow, EndpointRow, Store, TenantLimits
+from aggregator.store import webhook_tables as sql
 from aggregator.upstream.webhook_sender import private_refusal
 from meters.errors import FieldError, ValidationFailed
 from meters.times import now_us
-from meters.webhook_rules import EndpointCreate, EndpointUpdate
+from meters.webhook_rules import EndpointCreate, EndpointUpdate, new_secret
 
 __all__ = [
     "DeliveryRow",
@@ -44,7 +44,16 @@ async def create(
     limits: TenantLimits,
 ) -> EndpointRow:
     await _check_target(data.url, allow_private)
-    return await store.write(sql.create_endpoint_job(organization_id, data, now_us(), limits))
+    return await store.write(
+        sql.create_endpoint_job(
+            organization_id,
+            data,
+            now_us(),
+            limits,
+            endpoint_id=str(uuid.uuid4()),
+            secret=new_secret(),
+        )
+    )
 
 
 async def update(
@@ -74,7 +83,9 @@ async def delete(store: Store, organization_id: str, endpoint_id: str) -> None:
 
 
 async def reset_secret(store: Store, organization_id: str, endpoint_id: str) -> EndpointRow:
-    return await store.write(sql.reset_secret_job(organization_id, endpoint_id, now_us()))
+    return await store.write(
+        sql.reset_secret_job(organization_id, endpoint_id, now_us(), secret=new_secret())
+    )
 
 
 async def redeliver(store: Store, organization_id: str, event_id: str) -> None:

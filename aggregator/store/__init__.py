@@ -29,24 +29,91 @@ import pyarrow as pa
 
 from aggregator.errors import QueryTimeout, StorageFull
 from aggregator.store.apply.batch import Meters
-from aggregator.store.apply.ingest import Replay
-from aggregator.store.base.meter_rows import meters_of
-from aggregator.store.listeners import Listeners
-from aggregator.store.machinery import dedupe, disk, ingest_log, rollups
+from aggregator.store.apply.consumed import (
+    ConsumedBatch,
+    OffsetReset,
+    Reset,
+    StartOffsets,
+    offset_resets,
+    stored_offsets,
+)
+from aggregator.store.apply.ingest import IngestJob, Replay, missing_customers
+from aggregator.store.base import subjects
+from aggregator.store.base.meter_rows import MeterRow, get_meter, meters_of
+from aggregator.store.base.meter_sql import filter_sql, meter_events_sql
+from aggregator.store.listeners import Changes, Listeners
+from aggregator.store.machinery import dedupe, disk, ingest_log, ingest_log_repair, rollups
+from aggregator.store.machinery.balances import Balances
+from aggregator.store.machinery.dedupe import MEMORY_KEYS as DEDUPE_MEMORY_KEYS
 from aggregator.store.machinery.disk import DiskHealth
+from aggregator.store.machinery.disk import full as disk_full
 from aggregator.store.machinery.evaluation import EVALUATION_ERRORS
 from aggregator.store.machinery.flusher import Flusher
 from aggregator.store.machinery.gates import Gates
-from aggregator.store.machinery.ingest_log import IngestLog
-from aggregator.store.machinery.live import Live, SequenceCounter
+from aggregator.store.machinery.ingest_log import IngestLog, LogCorrupt, with_origin, with_source
+from aggregator.store.machinery.live import Changed, Live, SequenceCounter
 from aggregator.store.machinery.memtable import ROW_GROUP, Memtable
 from aggregator.store.machinery.migrations import migrate
 from aggregator.store.machinery.recluster import Reclusterer, ReclusterSettings
 from aggregator.store.machinery.rollups import Prepared
 from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS, REJECTIONS, Job, Writer
-from aggregator.store.tables.alert_tables import Alerts, Payload, basic_payload
-from aggregator.store.tables.hold_tables import HoldKeys
-from aggregator.store.tables.webhook_tables import StateSubscribers
+from aggregator.store.tables import (
+    alert_tables,
+    cost_queries,
+    customer_deletion,
+    customer_tables,
+    event_tables,
+    event_type_tables,
+    forward_rollups,
+    hold_tables,
+    ledger_tables,
+    meter_tables,
+    outbox,
+    plan_tables,
+    quantities,
+    quotas,
+    webhook_tables,
+)
+from aggregator.store.tables.alert_tables import AlertRow, Alerts, Firing, Payload, basic_payload
+from aggregator.store.tables.cost_queries import GROUP_KEYS, CostQuery, decimal_text
+from aggregator.store.tables.customer_tables import CUSTOMER_SORTS, CustomerRow, customers_by_refs
+from aggregator.store.tables.event_tables import EventQuery, subjects_first_timestamp
+from aggregator.store.tables.event_type_tables import (
+    EventTypeRow,
+    NameStats,
+    name_stats,
+    set_label_job,
+    stored_types,
+    type_id,
+)
+from aggregator.store.tables.hold_tables import HoldKeys, HoldRow, held_by_pair
+from aggregator.store.tables.ledger_tables import CustomerMeter, held_customer_meter
+from aggregator.store.tables.meter_tables import (
+    METER_SORTS,
+    backfill_step_job,
+    failed_meters,
+    meters_by_ids,
+    pending_backfills,
+)
+from aggregator.store.tables.outbox import Pending
+from aggregator.store.tables.plan_tables import PlanRow, cycle_due_job
+from aggregator.store.tables.quantities import Scope
+from aggregator.store.tables.quotas import TenantLimits
+from aggregator.store.tables.record_checks import row_problems
+from aggregator.store.tables.webhook_tables import (
+    Attempt,
+    DeliveryRow,
+    Due,
+    EndpointRow,
+    StatePayload,
+    StateSubscribers,
+    attempted_job,
+    failures,
+    next_due_us,
+    prune_job,
+    state_changes_job,
+    state_changes_pending,
+)
 from meters.times import now_us
 
 T = TypeVar("T")
@@ -57,7 +124,95 @@ T = TypeVar("T")
 # 10-meter organization apart cost embedded ingest about a fifth of its throughput.
 PREPARED_METERS = 20
 
-__all__ = ["Store"]
+# The store's public face: what the rest of the core uses (the services' reads and jobs,
+# the row types they return, the intake's jobs), each table module as a namespace of the
+# names in its `__all__`. Nothing outside the store imports its rooms (`aggregator/ruff.toml`).
+__all__ = [
+    "CUSTOMER_SORTS",
+    "DEDUPE_MEMORY_KEYS",
+    "DEFAULT_JOB_BOUND_SECONDS",
+    "GROUP_KEYS",
+    "METER_SORTS",
+    "AlertRow",
+    "Attempt",
+    "Balances",
+    "Changed",
+    "Changes",
+    "ConsumedBatch",
+    "CostQuery",
+    "CustomerMeter",
+    "CustomerRow",
+    "DeliveryRow",
+    "Due",
+    "EndpointRow",
+    "EventQuery",
+    "EventTypeRow",
+    "Firing",
+    "HoldRow",
+    "IngestJob",
+    "Listeners",
+    "Live",
+    "LogCorrupt",
+    "MeterRow",
+    "NameStats",
+    "OffsetReset",
+    "Pending",
+    "PlanRow",
+    "Prepared",
+    "Reset",
+    "Scope",
+    "StartOffsets",
+    "StatePayload",
+    "Store",
+    "TenantLimits",
+    "alert_tables",
+    "attempted_job",
+    "backfill_step_job",
+    "cost_queries",
+    "customer_deletion",
+    "customer_tables",
+    "customers_by_refs",
+    "cycle_due_job",
+    "decimal_text",
+    "disk_full",
+    "event_tables",
+    "event_type_tables",
+    "failed_meters",
+    "failures",
+    "filter_sql",
+    "forward_rollups",
+    "get_meter",
+    "held_by_pair",
+    "held_customer_meter",
+    "hold_tables",
+    "ingest_log_repair",
+    "ledger_tables",
+    "meter_events_sql",
+    "meter_tables",
+    "meters_by_ids",
+    "missing_customers",
+    "name_stats",
+    "next_due_us",
+    "offset_resets",
+    "outbox",
+    "pending_backfills",
+    "plan_tables",
+    "prune_job",
+    "quantities",
+    "quotas",
+    "row_problems",
+    "set_label_job",
+    "state_changes_job",
+    "state_changes_pending",
+    "stored_offsets",
+    "stored_types",
+    "subjects",
+    "subjects_first_timestamp",
+    "type_id",
+    "webhook_tables",
+    "with_origin",
+    "with_source",
+]
 
 
 class Store:

@@ -23,8 +23,7 @@ from typing import Literal, Self
 import httpx
 
 from aggregator.errors import UsageError
-from aggregator.store import Store
-from aggregator.store.tables.outbox import Pending
+from aggregator.store import Pending, Store
 from aggregator.upstream.outboxes import Outbox, RawOutbox, RollupOutbox
 from meters.polar_api import PolarApi
 from meters.upstream import Accepted, Rejected, RetryLater, backoff

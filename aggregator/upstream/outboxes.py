@@ -11,10 +11,9 @@ from typing import Protocol
 
 import orjson
 
-from aggregator.store import Store
-from aggregator.store.tables import forward_rollups as rollup_sql
-from aggregator.store.tables import outbox as raw_sql
-from aggregator.store.tables.outbox import Pending
+from aggregator.store import Pending, Store
+from aggregator.store import forward_rollups as rollup_sql
+from aggregator.store import outbox as raw_sql
 from meters.times import now_us
 
 

@@ -25,17 +25,17 @@ from typing import Self
 
 import httpx
 
-from aggregator.store import Store
-from aggregator.store.tables.webhook_tables import (
+from aggregator.store import (
     Attempt,
     Due,
     StatePayload,
+    Store,
     attempted_job,
-    due,
     next_due_us,
     prune_job,
     state_changes_job,
     state_changes_pending,
+    webhook_tables,
 )
 from aggregator.upstream import targets
 from aggregator.upstream.targets import PublicTransport, TargetRefused
@@ -112,10 +112,10 @@ class WebhookSender:
         )
         loop = asyncio.get_running_loop()
 
-        def due() -> None:
+        def wake() -> None:
             loop.call_soon_threadsafe(self._wake.set)
 
-        self._detach = self._store.listeners.attach_webhooks(due)
+        self._detach = self._store.listeners.attach_webhooks(wake)
         self._loop_task = asyncio.create_task(self._run(), name="webhooks")
         return self
 
@@ -151,7 +151,9 @@ class WebhookSender:
         room = settings.concurrency - sum(self._sending.values())
         if room > 0:
             began = time.monotonic()
-            rows = await self._store.read_now(due, now_us(), room + len(self._inflight))
+            rows = await self._store.read_now(
+                webhook_tables.due, now_us(), room + len(self._inflight)
+            )
             self._recorded = {k: t for k, t in self._recorded.items() if began - t < 60}
             for row in rows:
                 key = (row.event_id, row.endpoint_id)

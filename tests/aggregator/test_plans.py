@@ -34,7 +34,9 @@ def test_missed_boundaries_run_once_after_a_restart(tmp_path: Path) -> None:
 async def _plan(store: Store, start: datetime, now: datetime) -> PlanRow:
     """A monthly plan of 10 credits on a count meter, created at `now`."""
     customer = await store.write(
-        create_customer(ORG, CustomerCreate(email="p@example.com"), _us(now))
+        create_customer(
+            ORG, CustomerCreate(email="p@example.com"), _us(now), customer_id=str(uuid.uuid4())
+        )
     )
     meter = await store.write(
         create_job(
@@ -47,6 +49,7 @@ async def _plan(store: Store, start: datetime, now: datetime) -> PlanRow:
                 }
             ),
             _us(now),
+            meter_id=str(uuid.uuid4()),
         )
     )
     plan, _ = await store.write(
@@ -61,6 +64,7 @@ async def _plan(store: Store, start: datetime, now: datetime) -> PlanRow:
                 external_id="monthly",
             ),
             _us(now),
+            plan_id=str(uuid.uuid4()),
         )
     )
     assert isinstance(plan, PlanRow)

@@ -26,6 +26,15 @@ from aggregator.store.machinery.writer import Tx
 if TYPE_CHECKING:
     pass
 
+__all__ = [
+    "ConsumedBatch",
+    "OffsetReset",
+    "Reset",
+    "StartOffsets",
+    "offset_resets",
+    "stored_offsets",
+]
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ConsumedBatch:

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
+__all__ = [
+    "of_customer",
+    "of_external",
+    "of_id",
+]
+
 ID = "id:"
 EXTERNAL = "ext:"
 

@@ -38,6 +38,13 @@ from aggregator.store.machinery.ingest_log import (
     write_all,
 )
 
+__all__ = [
+    "Checked",
+    "check",
+    "describe",
+    "repair",
+]
+
 ASIDE = "damaged"  # where a repair moves what it does not keep, in the log's directory
 
 

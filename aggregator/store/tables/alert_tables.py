@@ -57,6 +57,15 @@ from meters.ledger_rules import (
 if TYPE_CHECKING:
     from aggregator.store.machinery.balances import Balances
 
+__all__ = [
+    "AlertRow",
+    "Firing",
+    "create_job",
+    "delete_job",
+    "get_alert",
+    "list_alerts",
+]
+
 Con = duckdb.DuckDBPyConnection
 
 
@@ -106,7 +115,12 @@ _ALERTS = "SELECT count(*) FROM meter_alerts WHERE organization_id = ?::UUID AND
 
 
 def create_job(
-    organization_id: str, data: AlertCreate, now_us: int, limits: TenantLimits = quotas.DEFAULTS
+    organization_id: str,
+    data: AlertCreate,
+    now_us: int,
+    limits: TenantLimits = quotas.DEFAULTS,
+    *,
+    alert_id: str,
 ) -> Job[tuple[AlertRow, bool]]:
     """The alert, and whether this call made it (False: its external_id made it before)."""
     request = idempotency.digest(data)
@@ -134,7 +148,7 @@ def create_job(
                 business=True,
             )
         alert = AlertRow(
-            str(uuid.uuid4()),
+            alert_id,
             organization_id,
             meter.id,
             customer_id,

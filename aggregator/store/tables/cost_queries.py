@@ -15,6 +15,13 @@ from typing import Any
 
 import duckdb
 
+__all__ = [
+    "GROUP_KEYS",
+    "CostQuery",
+    "compute",
+    "decimal_text",
+]
+
 # The key columns of each `group_by` value, in response order. A customer is both its ids.
 GROUP_KEYS: dict[str, tuple[str, ...]] = {
     "customer": ("customer_id", "external_customer_id"),

@@ -18,6 +18,10 @@ from aggregator.store.machinery.compaction import LEDGER_TABLES
 from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables.customer_tables import CustomerRow, get_customer
 
+__all__ = [
+    "delete_job",
+]
+
 _KEPT = "id, organization_id, type, {email}, {name}, external_id, {address}, tax_id, locale"
 
 

@@ -16,6 +16,19 @@ from aggregator.store.machinery.writer import Job, Tx, independent
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
 
+__all__ = [
+    "CUSTOMER_SORTS",
+    "CustomerRow",
+    "create_job",
+    "customers_after",
+    "customers_by_refs",
+    "get_customer",
+    "get_customer_by_external_id",
+    "list_customers",
+    "matching_text",
+    "update_job",
+]
+
 _COLUMNS = (
     "id::VARCHAR, organization_id::VARCHAR, type, email, name, external_id, billing_address,"
     " tax_id, locale, metadata, epoch_us(created_at), epoch_us(modified_at)"
@@ -104,11 +117,12 @@ def _json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
-def create_job(organization_id: str, data: CustomerCreate, now_us: int) -> Job[CustomerRow]:
+def create_job(
+    organization_id: str, data: CustomerCreate, now_us: int, *, customer_id: str
+) -> Job[CustomerRow]:
     def job(tx: Tx) -> CustomerRow:
         con = tx.con
         _check_unique(con, organization_id, email=data.email, external_id=data.external_id)
-        customer_id = str(uuid.uuid4())
         address = data.billing_address.model_dump() if data.billing_address else None
         con.execute(
             "INSERT INTO customers (id, organization_id, type, email, name, external_id,"

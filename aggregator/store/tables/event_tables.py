@@ -14,6 +14,14 @@ from aggregator.store.base.rows import first_row, is_uuid
 if TYPE_CHECKING:
     pass
 
+__all__ = [
+    "EventQuery",
+    "EventRow",
+    "get_event",
+    "list_events",
+    "subjects_first_timestamp",
+]
+
 
 # ---- reads ---------------------------------------------------------------------------------
 

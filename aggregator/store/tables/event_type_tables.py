@@ -17,6 +17,15 @@ import duckdb
 from aggregator.store.machinery.writer import Job, Tx, independent
 from aggregator.store.tables.event_tables import EventQuery, where
 
+__all__ = [
+    "EventTypeRow",
+    "NameStats",
+    "name_stats",
+    "set_label_job",
+    "stored_types",
+    "type_id",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class NameStats:

@@ -23,6 +23,15 @@ from aggregator.store.tables.outbox import Pending
 from meters.aggregations import ADDITIVE
 from meters.times import us_to_datetime, us_to_iso
 
+__all__ = [
+    "backlog",
+    "pending",
+    "quarantine_job",
+    "quarantined",
+    "sent_job",
+    "stage_job",
+]
+
 Con = duckdb.DuckDBPyConnection
 
 # Only additive meters are pre-summed (`meters.aggregations.ADDITIVE`).

@@ -13,7 +13,6 @@ ingest looks for holds to settle only in batches naming one.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
@@ -33,6 +32,17 @@ from aggregator.store.tables.ledger_tables import CustomerMeter, held_customer_m
 from aggregator.store.tables.quotas import TenantLimits
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import HOLDABLE, HoldCreate
+
+__all__ = [
+    "HoldRow",
+    "Status",
+    "create_job",
+    "get_hold",
+    "held",
+    "held_by_pair",
+    "list_holds",
+    "release_job",
+]
 
 Con = duckdb.DuckDBPyConnection
 Stored = Literal["active", "settled", "released"]
@@ -85,7 +95,12 @@ def _row(r: tuple[Any, ...]) -> HoldRow:
 
 
 def create_job(
-    organization_id: str, data: HoldCreate, now_us: int, limits: TenantLimits = quotas.DEFAULTS
+    organization_id: str,
+    data: HoldCreate,
+    now_us: int,
+    limits: TenantLimits = quotas.DEFAULTS,
+    *,
+    hold_id: str,
 ) -> Job[Created]:
     request = idempotency.digest(data)
 
@@ -120,7 +135,7 @@ def create_job(
         if available < data.units:
             raise InsufficientBalance(data.units, available)
         hold = HoldRow(
-            str(uuid.uuid4()),
+            hold_id,
             organization_id,
             meter.id,
             customer.id,

@@ -35,6 +35,15 @@ if TYPE_CHECKING:
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import CreditCreate, Credits, HoldCreate, PlanCreate, ResetCreate
 
+__all__ = [
+    "Applied",
+    "CustomerMeter",
+    "active_pairs",
+    "credit_job",
+    "held_customer_meter",
+    "reset_job",
+]
+
 Con = duckdb.DuckDBPyConnection
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +31,20 @@ from meters.aggregations import (
 )
 from meters.definitions import MeterCreate, MeterUpdate, unit_errors
 from meters.errors import FieldError, ValidationFailed
-from meters.times import now_us as clock_us
 
 if TYPE_CHECKING:
     pass
+
+__all__ = [
+    "METER_SORTS",
+    "backfill_step_job",
+    "create_job",
+    "failed_meters",
+    "list_meters",
+    "meters_by_ids",
+    "pending_backfills",
+    "update_job",
+]
 
 _AGGREGATION: TypeAdapter[Any] = TypeAdapter(Aggregation)
 log = logging.getLogger(__name__)
@@ -51,12 +60,16 @@ _ACTIVE_METERS = (
 
 
 def create_job(
-    organization_id: str, data: MeterCreate, now_us: int, limits: TenantLimits = quotas.DEFAULTS
+    organization_id: str,
+    data: MeterCreate,
+    now_us: int,
+    limits: TenantLimits = quotas.DEFAULTS,
+    *,
+    meter_id: str,
 ) -> Job[MeterRow]:
     def job(tx: Tx) -> MeterRow:
         con = tx.con
         quotas.check(con, limits, quotas.METERS, _ACTIVE_METERS, [organization_id])
-        meter_id = str(uuid.uuid4())
         con.execute(
             "INSERT INTO meters (id, organization_id, name, unit, custom_label,"  # noqa: S608 - fixed text, values bound
             " custom_multiplier, filter, aggregation, metadata, created_at, backfill_target,"
@@ -189,9 +202,12 @@ def pending_backfills(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
     return [(r[0], r[1]) for r in rows]
 
 
-def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int, int] | None]:
-    """A writer job adding the next `chunk` of stored events (by seq) to the meter's rollups;
-    returns (done, target), or None when stale (the meter was redefined or archived since)."""
+def backfill_step_job(
+    meter_id: str, version: int, chunk: int, now_us: int
+) -> Job[tuple[int, int] | None]:
+    """A writer job adding the next `chunk` of stored events (by seq) to the meter's rollups,
+    their ledger usage applied at `now_us`; returns (done, target), or None when stale (the
+    meter was redefined or archived since)."""
 
     def job(tx: Tx) -> tuple[int, int] | None:
         con = tx.con
@@ -210,7 +226,7 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int,
             "events",
             "organization_id = ?::UUID AND seq > ? AND seq <= ? AND source = 'user'",
             [meter.organization_id, meter.backfilled_to, high],
-            at_us=clock_us(),
+            at_us=now_us,
             backfill=True,
         )
         rollups.store(con, [evaluated])

@@ -16,6 +16,18 @@ from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.writer import Job, Tx, independent
 from meters.times import us_to_iso
 
+__all__ = [
+    "Pending",
+    "advance_job",
+    "backlog",
+    "by_ids",
+    "cursor",
+    "pending",
+    "quarantine_job",
+    "quarantined",
+    "release_job",
+]
+
 Con = duckdb.DuckDBPyConnection
 
 

@@ -7,7 +7,6 @@ plan's cycle count moves in the same transaction, so each boundary is processed 
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,6 +24,16 @@ from meters.times import datetime_to_us, us_to_datetime
 
 if TYPE_CHECKING:
     from aggregator.store.machinery.live import Live
+
+__all__ = [
+    "PlanRow",
+    "cycle_due_job",
+    "due",
+    "get_plan",
+    "list_plans",
+    "plan_create_job",
+    "plan_delete_job",
+]
 
 Con = duckdb.DuckDBPyConnection
 
@@ -57,7 +66,7 @@ def _plan(r: tuple[Any, ...]) -> PlanRow:
 
 
 def plan_create_job(
-    organization_id: str, data: PlanCreate, now_us: int
+    organization_id: str, data: PlanCreate, now_us: int, *, plan_id: str
 ) -> Job[tuple[PlanRow, bool]]:
     """Create a plan (or find the one the same request made with this external_id); returns
     (plan, created). Cycles already due (a start in the past or now) are processed in the same
@@ -87,7 +96,6 @@ def plan_create_job(
             )
         customer, meter = resolve(con, organization_id, data)
         starts = datetime_to_us(data.starts_at) if data.starts_at else now_us
-        plan_id = str(uuid.uuid4())
         con.execute(
             "INSERT INTO credit_plans (id, organization_id, external_id, customer_id, meter_id,"
             " units, interval, rollover, starts_at, next_cycle_at, created_at) VALUES"

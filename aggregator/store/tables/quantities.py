@@ -24,6 +24,11 @@ from meters.aggregations import Partial, UniqueAggregation
 from meters.periods import Interval, boundaries
 from meters.times import datetime_to_us, us_to_datetime
 
+__all__ = [
+    "Scope",
+    "compute",
+]
+
 # One customer however its events named it: a customer id, or the id of the customer
 # with that external id, else the external id itself.
 _CUSTOMER = (

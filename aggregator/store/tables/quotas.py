@@ -13,6 +13,13 @@ import duckdb
 
 from aggregator.errors import LimitReached
 
+__all__ = [
+    "ALL",
+    "DEFAULTS",
+    "STREAMS",
+    "TenantLimits",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class TenantLimits:

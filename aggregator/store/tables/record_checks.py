@@ -13,6 +13,10 @@ from meters.events import EventRules
 from meters.events.schema import CANONICAL_UUID4, ID_FIELDS
 from meters.times import MAX_TS_US, MIN_TS_US, ONE_US
 
+__all__ = [
+    "row_problems",
+]
+
 
 def row_problems(events: pa.Table, now_us: int, rules: EventRules) -> pa.Array[Any]:
     """Why each row of a columnar record breaks the event rules (null: it does not), checked

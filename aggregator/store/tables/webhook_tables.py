@@ -10,7 +10,6 @@ failing for longer than its settings allow is disabled with the reason.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ import duckdb
 import orjson
 
 from aggregator.errors import NotFound
+from aggregator.store.base.ids import derived_id
 from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.live import Feature, Live
 from aggregator.store.machinery.writer import Job, Tx, independent
@@ -30,12 +30,35 @@ from meters.webhook_rules import (
     RETRY_SECONDS,
     EndpointCreate,
     EndpointUpdate,
-    new_secret,
     retry_after_seconds,
 )
 
 if TYPE_CHECKING:
     from aggregator.store.machinery.balances import Balances
+
+__all__ = [
+    "Attempt",
+    "DeliveryRow",
+    "Due",
+    "EndpointRow",
+    "EventRow",
+    "StatePayload",
+    "attempted_job",
+    "create_endpoint_job",
+    "delete_endpoint_job",
+    "due",
+    "failures",
+    "get_endpoint",
+    "list_deliveries",
+    "list_endpoints",
+    "next_due_us",
+    "prune_job",
+    "redeliver_job",
+    "reset_secret_job",
+    "state_changes_job",
+    "state_changes_pending",
+    "update_endpoint_job",
+]
 
 Con = duckdb.DuckDBPyConnection
 _US = 1_000_000
@@ -115,12 +138,17 @@ _ENDPOINTS = (
 
 
 def create_endpoint_job(
-    organization_id: str, data: EndpointCreate, now_us: int, limits: TenantLimits = quotas.DEFAULTS
+    organization_id: str,
+    data: EndpointCreate,
+    now_us: int,
+    limits: TenantLimits = quotas.DEFAULTS,
+    *,
+    endpoint_id: str,
+    secret: str,
 ) -> Job[EndpointRow]:
     @independent
     def job(tx: Tx) -> EndpointRow:
         quotas.check(tx.con, limits, quotas.ENDPOINTS, _ENDPOINTS, [organization_id])
-        endpoint_id = str(uuid.uuid4())
         tx.con.execute(
             "INSERT INTO webhook_endpoints VALUES (?::UUID, ?::UUID, ?, ?, ?, ?, ?, true, NULL,"
             " NULL, make_timestamptz(?), NULL, NULL)",
@@ -130,7 +158,7 @@ def create_endpoint_job(
                 data.url,
                 data.name,
                 data.format,
-                new_secret(),
+                secret,
                 list(dict.fromkeys(data.events)),
                 now_us,
             ],
@@ -170,14 +198,16 @@ def update_endpoint_job(
 _NULLABLE = frozenset({"name", "disabled_reason", "failing_since"})
 
 
-def reset_secret_job(organization_id: str, endpoint_id: str, now_us: int) -> Job[EndpointRow]:
+def reset_secret_job(
+    organization_id: str, endpoint_id: str, now_us: int, *, secret: str
+) -> Job[EndpointRow]:
     @independent
     def job(tx: Tx) -> EndpointRow:
         _found(tx.con, organization_id, endpoint_id)
         tx.con.execute(
             "UPDATE webhook_endpoints SET secret = ?, modified_at = make_timestamptz(?)"
             " WHERE id = ?::UUID",
-            [new_secret(), now_us, endpoint_id],
+            [secret, now_us, endpoint_id],
         )
         return _found(tx.con, organization_id, endpoint_id)
 
@@ -250,34 +280,30 @@ def enqueue_many(
     live: Live,
     organization_id: str,
     type_: str,
-    items: list[tuple[str | None, Any]],
+    items: list[tuple[str, Any]],
     now_us: int,
 ) -> int:
-    """Write `type_` events, one per (event id or None, data) of `items`, for the
+    """Write `type_` events, one per (event id, data) of `items`, for the
     organization's enabled endpoints that take the type, in the caller's transaction (on
     `con`), in a fixed number of statements; an event whose id exists already (a change applied
     again) is left out. How many were written."""
     endpoints = _taking(con, organization_id, type_)
     if not endpoints or not items:
         return 0
-    given = [i for i, _ in items if i is not None]
-    existing = (
-        {
-            str(r[0])
-            for r in con.execute(
-                "SELECT id FROM webhook_events WHERE id IN (SELECT unnest(?::UUID[]))", [given]
-            ).fetchall()
-        }
-        if given
-        else set()
-    )
+    given = [i for i, _ in items]
+    existing = {
+        str(r[0])
+        for r in con.execute(
+            "SELECT id FROM webhook_events WHERE id IN (SELECT unnest(?::UUID[]))", [given]
+        ).fetchall()
+    }
     base = {"type": type_, "timestamp": us_to_iso(now_us), "api_version": API_VERSION}
     ids: list[str] = []
     payloads: list[str] = []
     for event_id, data in items:
         if event_id in existing:
             continue
-        ids.append(event_id or str(uuid.uuid4()))
+        ids.append(event_id)
         payloads.append(orjson.dumps({**base, "data": data}).decode())
     if not ids:
         return 0
@@ -378,7 +404,8 @@ def state_changes_job(
             )
             data = payload(con, live.balances, org, customer_id)
             if data is not None:  # None: the customer is gone
-                enqueue_many(con, live, org, STATE_CHANGED, [(None, data)], now_us)
+                event_id = derived_id(STATE_CHANGED, org, customer_id, str(now_us))
+                enqueue_many(con, live, org, STATE_CHANGED, [(event_id, data)], now_us)
         return len(due_rows)
 
     return job
@@ -513,7 +540,8 @@ def _attempted(tx: Tx, attempt: Attempt, disable_after_seconds: float) -> None:
         "INSERT INTO webhook_deliveries VALUES (?::UUID, ?::UUID, ?::UUID, ?::UUID, ?,"
         " make_timestamptz(?), ?, ?, ?, ?)",
         [
-            str(uuid.uuid4()),
+            # A redelivery starts its attempts again: the attempt's time tells them apart.
+            derived_id("delivery", d.event_id, d.endpoint_id, str(d.attempts + 1), str(now)),
             d.organization_id,
             d.event_id,
             d.endpoint_id,

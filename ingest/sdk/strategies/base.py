@@ -8,15 +8,22 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import Any, Protocol, Self
 
 from ingest.sdk.cost import CostValue, cost_metadata
-from ingest.sdk.errors import NotRecorded
-
-if TYPE_CHECKING:
-    from ingest.sdk.core import ClientBase
+from ingest.sdk.errors import DeliveryError, NotRecorded
+from ingest.sdk.transports import Token
 
 CostFunction = Callable[[dict[str, Any]], CostValue]
+
+
+class Ingestion(Protocol):
+    """What a strategy asks of the client that made it (`core.ClientBase`)."""
+
+    def ingest(self, event: Mapping[str, Any]) -> str: ...
+    def report(self, error: DeliveryError) -> None: ...
+    @property
+    def http_endpoint(self) -> tuple[str, Token] | None: ...
 
 
 def customer_fields(customer_id: str | None, external_customer_id: str | None) -> dict[str, str]:
@@ -39,7 +46,7 @@ class BaseStrategy:
     def __init__(
         self,
         event_name: str,
-        ingestion: ClientBase,
+        ingestion: Ingestion,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
         self.event_name = event_name

@@ -73,6 +73,7 @@ async def _add_meters(store: Store, customer_id: str, n: int) -> str:
                     }
                 ),
                 now_us(),
+                meter_id=str(uuid.uuid4()),
             )
         )
         data = CreditCreate(

@@ -28,7 +28,7 @@ from meters.definitions import MeterCreate
 from meters.events import EventRules, parse_ingest_body, to_table
 from meters.ledger_rules import AlertCreate, CreditCreate, ResetCreate, alert_fires
 from meters.times import now_us
-from meters.webhook_rules import EndpointCreate
+from meters.webhook_rules import EndpointCreate, new_secret
 
 ORG = str(uuid.uuid4())
 CREDITS = 20
@@ -86,16 +86,24 @@ async def run(path: Path, sequence: list[Any]) -> list[list[tuple[int, float]]]:
                     }
                 ),
                 now,
+                meter_id=str(uuid.uuid4()),
             )
         )
         customer = await store.write(
-            create_customer(ORG, CustomerCreate(email="a@example.com", external_id="ada"), now)
+            create_customer(
+                ORG,
+                CustomerCreate(email="a@example.com", external_id="ada"),
+                now,
+                customer_id=str(uuid.uuid4()),
+            )
         )
         await store.write(
             webhook_tables.create_endpoint_job(
                 ORG,
                 EndpointCreate(url="https://example.com/h", format="raw", events=["meter.alert"]),
                 now,
+                endpoint_id=str(uuid.uuid4()),
+                secret=new_secret(),
             )
         )
         ref = {"customer_id": customer.id, "meter_id": meter.id}
@@ -115,6 +123,7 @@ async def run(path: Path, sequence: list[Any]) -> list[list[tuple[int, float]]]:
                         external_id=f"a{i}",
                     ),
                     now_us(),
+                    alert_id=str(uuid.uuid4()),
                 )
             )
             ids.append(alert.id)

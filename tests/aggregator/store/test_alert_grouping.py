@@ -39,7 +39,7 @@ from meters.ledger_rules import (
     alert_fires,
 )
 from meters.times import now_us
-from meters.webhook_rules import EndpointCreate
+from meters.webhook_rules import EndpointCreate, new_secret
 
 ORG = str(uuid.uuid4())
 CREDITS = 20
@@ -128,11 +128,20 @@ async def _template(path: Path) -> dict[str, Any]:
                 else {"func": func, "property": "tokens"},
             }
             meters.append(
-                await store.write(create_meter(ORG, MeterCreate.model_validate(definition), now))
+                await store.write(
+                    create_meter(
+                        ORG, MeterCreate.model_validate(definition), now, meter_id=str(uuid.uuid4())
+                    )
+                )
             )
         customers = [
             await store.write(
-                create_customer(ORG, CustomerCreate(email=f"{n}@example.com", external_id=n), now)
+                create_customer(
+                    ORG,
+                    CustomerCreate(email=f"{n}@example.com", external_id=n),
+                    now,
+                    customer_id=str(uuid.uuid4()),
+                )
             )
             for n in CUSTOMERS
         ]
@@ -141,6 +150,8 @@ async def _template(path: Path) -> dict[str, Any]:
                 ORG,
                 EndpointCreate(url="https://example.com/h", format="raw", events=["meter.alert"]),
                 now,
+                endpoint_id=str(uuid.uuid4()),
+                secret=new_secret(),
             )
         )
         alerts = []
@@ -163,6 +174,7 @@ async def _template(path: Path) -> dict[str, Any]:
                             external_id=f"a{m.id}-{i}",
                         ),
                         now_us(),
+                        alert_id=str(uuid.uuid4()),
                     )
                 )
                 alerts.append(alert.id)

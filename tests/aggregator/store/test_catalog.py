@@ -71,13 +71,21 @@ def test_the_check_follows_redefinitions_and_late_external_ids(tmp_path: Path) -
                         }
                     ),
                     now_us(),
+                    meter_id=str(uuid.uuid4()),
                 )
             )
             held = await store.write(
-                create_customer(ORG, CustomerCreate(email="a@b.io", external_id="acme"), now_us())
+                create_customer(
+                    ORG,
+                    CustomerCreate(email="a@b.io", external_id="acme"),
+                    now_us(),
+                    customer_id=str(uuid.uuid4()),
+                )
             )
             plain = await store.write(
-                create_customer(ORG, CustomerCreate(email="p@b.io"), now_us())
+                create_customer(
+                    ORG, CustomerCreate(email="p@b.io"), now_us(), customer_id=str(uuid.uuid4())
+                )
             )
         # Reopened: `acme` is held from the start; `plain` (no external id yet) is not.
         async with Store(path) as store:
@@ -103,7 +111,7 @@ def test_the_check_follows_redefinitions_and_late_external_ids(tmp_path: Path) -
                 {"aggregation": {"func": "max", "property": "tokens"}}
             )
             redefined = await store.write(update_job(ORG, meter.id, redefine, now_us()))
-            step = backfill_step_job(meter.id, redefined.version, 1000)
+            step = backfill_step_job(meter.id, redefined.version, 1000, now_us())
             while (progress := await store.write(step)) and progress[0] < progress[1]:
                 pass
             assert (await _check(store, meter.id, external_customer_id="acme"))[

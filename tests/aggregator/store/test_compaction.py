@@ -81,7 +81,12 @@ def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Pat
         seen = []
         async with Store(path, compact_seconds=3600) as store:
             await store.write(
-                create_customer(ORG, CustomerCreate(email="a@example.com", external_id="acme"), 0)
+                create_customer(
+                    ORG,
+                    CustomerCreate(email="a@example.com", external_id="acme"),
+                    0,
+                    customer_id=str(uuid.uuid4()),
+                )
             )
             seen.append(await readings(store))
             event = Event(

@@ -92,7 +92,7 @@ def test_a_previous_data_dir_deletes_a_customer_and_its_ledger_only(tmp_path: Pa
             await store.write(delete_job(ORG, CUSTOMER, True, 10**15))
             seen.append(await store.read(balance))
             created = CustomerCreate(email="a@example.com", external_id="acme")
-            await store.write(create_customer(ORG, created, 10**15))
+            await store.write(create_customer(ORG, created, 10**15, customer_id=str(uuid.uuid4())))
             seen.append(await store.read(balance))
         async with Store(path) as store:  # what was held in memory agrees with the tables
             seen.append(await store.read(balance))
@@ -124,7 +124,9 @@ def test_export_pages_read_every_customer_once(tmp_path: Path) -> None:
             for i in range(7):
                 data = CustomerCreate(email=f"c{i}@example.com", external_id=f"c{i}")
                 # Equal creation times: the id breaks the tie, and no page repeats or skips.
-                await store.write(create_customer(ORG, data, 10**15 + i // 3))
+                await store.write(
+                    create_customer(ORG, data, 10**15 + i // 3, customer_id=str(uuid.uuid4()))
+                )
             seen: list[str] = []
             after = None
             while True:

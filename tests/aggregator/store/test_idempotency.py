@@ -31,7 +31,12 @@ ORG = str(uuid.uuid4())
 
 async def _setup(store: Store) -> tuple[str, str]:
     customer = await store.write(
-        create_customer(ORG, CustomerCreate(email="a@example.com", external_id="acme"), now_us())
+        create_customer(
+            ORG,
+            CustomerCreate(email="a@example.com", external_id="acme"),
+            now_us(),
+            customer_id=str(uuid.uuid4()),
+        )
     )
     definition = MeterCreate.model_validate(
         {
@@ -40,7 +45,7 @@ async def _setup(store: Store) -> tuple[str, str]:
             "aggregation": {"func": "sum", "property": "tokens"},
         }
     )
-    meter = await store.write(create_meter(ORG, definition, now_us()))
+    meter = await store.write(create_meter(ORG, definition, now_us(), meter_id=str(uuid.uuid4())))
     return customer.id, meter.id
 
 
@@ -111,16 +116,25 @@ async def _reuse(tmp_path: Path) -> None:
             "external_id": "k",
         }
         created, new = await store.write(
-            plan_create_job(ORG, PlanCreate.model_validate(plan), now_us())
+            plan_create_job(
+                ORG, PlanCreate.model_validate(plan), now_us(), plan_id=str(uuid.uuid4())
+            )
         )
         assert new
         found, new = await store.write(
-            plan_create_job(ORG, PlanCreate.model_validate(plan), now_us())
+            plan_create_job(
+                ORG, PlanCreate.model_validate(plan), now_us(), plan_id=str(uuid.uuid4())
+            )
         )
         assert not new and found.id == created.id
         with pytest.raises(KeyReused):
             await store.write(
-                plan_create_job(ORG, PlanCreate.model_validate({**plan, "units": 6}), now_us())
+                plan_create_job(
+                    ORG,
+                    PlanCreate.model_validate({**plan, "units": 6}),
+                    now_us(),
+                    plan_id=str(uuid.uuid4()),
+                )
             )
 
 
@@ -183,7 +197,7 @@ async def _previous(tmp_path: Path) -> None:
             interval="month",
             external_id="plan",
         )
-        await store.write(plan_create_job(ORG, plan, now_us() - 1))
+        await store.write(plan_create_job(ORG, plan, now_us() - 1, plan_id=str(uuid.uuid4())))
     _as_previous_main_left_it(path)
     async with Store(path) as store:
         old = await store.write(credit_job(ORG, _credit(meter_id, "old", 99), now_us()))
@@ -193,7 +207,7 @@ async def _previous(tmp_path: Path) -> None:
         )
         assert (await store.write(reset_job(ORG, reset, now_us()))).replayed
         other = plan.model_copy(update={"units": 6})  # kept without its request: a replay
-        _, new = await store.write(plan_create_job(ORG, other, now_us()))
+        _, new = await store.write(plan_create_job(ORG, other, now_us(), plan_id=str(uuid.uuid4())))
         assert not new
         # The system events' ids are free for events now.
         assert await _ingest(store, "meterline:credit:old") == 1

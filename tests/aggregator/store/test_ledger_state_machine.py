@@ -84,7 +84,10 @@ class LedgerMachine(RuleBasedStateMachine):
         self.clock = START - timedelta(days=1)
         customer = self._write(
             create_customer(
-                ORG, CustomerCreate(email="a@example.com", external_id="acme"), _us(self.clock)
+                ORG,
+                CustomerCreate(email="a@example.com", external_id="acme"),
+                _us(self.clock),
+                customer_id=str(uuid.uuid4()),
             )
         )
         self.customer_id: str = customer.id
@@ -97,7 +100,9 @@ class LedgerMachine(RuleBasedStateMachine):
                     "aggregation": aggregation,
                 }
             )
-            self.meters[func] = self._write(create_job(ORG, definition, _us(self.clock)))
+            self.meters[func] = self._write(
+                create_job(ORG, definition, _us(self.clock), meter_id=str(uuid.uuid4()))
+            )
         self.model = {func: _Window() for func in METERS}
         self.event_ids: set[str] = set()
         # (kind, key) -> (the request that used it, the customer meter it answered)
@@ -202,7 +207,7 @@ class LedgerMachine(RuleBasedStateMachine):
             starts_at=START,
             external_id="plan",
         )
-        self._write(plan_create_job(ORG, data, _us(self.clock)))
+        self._write(plan_create_job(ORG, data, _us(self.clock), plan_id=str(uuid.uuid4())))
         self.plan = (meter, units, rollover)
         self._cycle_model()
 

@@ -132,7 +132,7 @@ def test_keys_past_the_memory_bound_are_found_in_files(tmp_path: Path) -> None:
 
 # Applies three requests in a process of its own, then dies (SIGKILL) before any flush.
 _CRASHING = """
-import asyncio, os, signal, sys
+import asyncio, os, signal, sys, uuid
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.tables.meter_tables import create_job
@@ -144,7 +144,9 @@ from tests.aggregator.store.test_live import METER, _event
 async def main(path, org):
     store = Store(path, flush_seconds=3600)
     store.open()
-    meter = await store.write(create_job(org, MeterCreate.model_validate(METER), now_us()))
+    meter = await store.write(
+        create_job(org, MeterCreate.model_validate(METER), now_us(), meter_id=str(uuid.uuid4()))
+    )
     for i in range(3):
         events = [_event(f"k{i}-{j}", tokens=j) for j in range(5)] + [_event(None, 100)]
         result = await store.write(IngestJob(org, to_table(events), now_us()))
@@ -210,7 +212,11 @@ def test_each_ingest_meters_with_the_meters_as_they_are_then(tmp_path: Path) -> 
                 table = to_table([_event(key, tokens=tokens)])
                 await store.write(IngestJob(org, table, now_us()))
 
-            tokens = await store.write(create_job(org, MeterCreate.model_validate(METER), now_us()))
+            tokens = await store.write(
+                create_job(
+                    org, MeterCreate.model_validate(METER), now_us(), meter_id=str(uuid.uuid4())
+                )
+            )
             await ingest("a", 1)
             events = await store.write(
                 create_job(
@@ -219,6 +225,7 @@ def test_each_ingest_meters_with_the_meters_as_they_are_then(tmp_path: Path) -> 
                         {**METER, "name": "events", "aggregation": {"func": "count"}}
                     ),
                     now_us(),
+                    meter_id=str(uuid.uuid4()),
                 )
             )
             await ingest("b", 2)

@@ -90,7 +90,7 @@ async def _meter(store: Store, org: str, meter_filter: dict[str, object]) -> str
     data = MeterCreate.model_validate(
         {"name": "m-good", "filter": EVERYTHING, "aggregation": TOKENS}
     )
-    meter = await store.write(create_job(org, data, now_us()))
+    meter = await store.write(create_job(org, data, now_us(), meter_id=str(uuid.uuid4())))
     if meter_filter is not EVERYTHING:
         # Planted as stored by an earlier version: the API refuses it today.
         await store.write(
@@ -160,7 +160,7 @@ async def _poisoned(tmp_path: Path, grouped: bool) -> None:
         fixed = await store.write(update_job(ORG_A, poison, fix, now_us()))
         assert fixed.failure is None
         assert fixed.backfilling
-        while (await store.write(backfill_step_job(poison, fixed.version, 2))) not in (
+        while (await store.write(backfill_step_job(poison, fixed.version, 2, now_us()))) not in (
             None,
             (fixed.backfill_target, fixed.backfill_target),
         ):
@@ -179,14 +179,14 @@ async def _failed_backfill(tmp_path: Path) -> None:
         data = MeterCreate.model_validate(
             {"name": "m-late", "filter": EVERYTHING, "aggregation": TOKENS}
         )
-        meter = await store.write(create_job(ORG_A, data, now_us()))
+        meter = await store.write(create_job(ORG_A, data, now_us(), meter_id=str(uuid.uuid4())))
         await store.write(
             lambda tx: tx.con.execute(
                 "UPDATE meters SET filter = ? WHERE id = ?::UUID",
                 [orjson.dumps(POISON_FILTER).decode(), meter.id],
             )
         )
-        assert await store.write(backfill_step_job(meter.id, meter.version, 100)) is None
+        assert await store.write(backfill_step_job(meter.id, meter.version, 100, now_us())) is None
         failed = await store.read(get_meter, ORG_A, meter.id)
         assert failed is not None and failed.failure is not None
         assert not failed.backfilling

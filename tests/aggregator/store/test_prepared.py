@@ -80,7 +80,9 @@ async def _applied(
     counted = _WriterEvaluations()
     async with Store(path, prepared_meters=0) as store:
         for meter in meters:
-            await store.write(create_job(ORG, meter, now_us(), UNLIMITED))
+            await store.write(
+                create_job(ORG, meter, now_us(), UNLIMITED, meter_id=str(uuid.uuid4()))
+            )
 
         async def job(events: Request) -> IngestJob:
             at = now_us()
@@ -94,7 +96,9 @@ async def _applied(
             await asyncio.gather(*(store.write(j, weight=10, tenant=ORG) for j in first))
             evaluations = counted.count
             last = [await job(r) for r in requests[half:]]
-            await store.write(create_job(ORG, late, now_us(), UNLIMITED))
+            await store.write(
+                create_job(ORG, late, now_us(), UNLIMITED, meter_id=str(uuid.uuid4()))
+            )
             for j in last:
                 await store.write(j, weight=10, tenant=ORG)
 

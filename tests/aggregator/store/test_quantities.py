@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,7 +26,7 @@ from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.filters import EventView
 from meters.periods import boundaries
-from meters.times import EPOCH
+from meters.times import EPOCH, now_us
 
 ORG = "5f0d3a8e-1f64-4a39-9d6e-5b7c2a0f1e11"
 NEVER = ReclusterSettings(min_rows=10**12)  # rollups rewritten only where the test says
@@ -172,9 +173,9 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
                 return result
 
             await _ingest(step, store, before, batch_sizes)
-            meter = await store.write(create_job(ORG, meter_create, 0))
+            meter = await store.write(create_job(ORG, meter_create, 0, meter_id=str(uuid.uuid4())))
             while True:  # the backfill, a small chunk per writer job
-                progress = await step(backfill_step_job(meter.id, meter.version, 7))
+                progress = await step(backfill_step_job(meter.id, meter.version, 7, now_us()))
                 if progress is None or progress[0] >= progress[1]:
                     break
             await _ingest(step, store, after, batch_sizes)

@@ -53,7 +53,9 @@ async def _stored(
 ) -> tuple[list[Any], list[Any]]:
     async with Store(path) as store:
         for meter in meters:
-            await store.write(create_job(ORG, meter, now_us(), UNLIMITED))
+            await store.write(
+                create_job(ORG, meter, now_us(), UNLIMITED, meter_id=str(uuid.uuid4()))
+            )
         await store.write(IngestJob(ORG, to_table(batch), now_us()))
 
         def read(con: Any) -> tuple[list[Any], list[Any]]:

@@ -113,7 +113,11 @@ def test_a_rejected_request_does_not_affect_its_group(tmp_path: Path) -> None:
 
     async def run() -> list[object]:
         async with Store(tmp_path / "m.duckdb") as store:
-            customer = await store.write(create_job(org, CustomerCreate(email="a@b.io"), now_us()))
+            customer = await store.write(
+                create_job(
+                    org, CustomerCreate(email="a@b.io"), now_us(), customer_id=str(uuid.uuid4())
+                )
+            )
             return await _grouped(
                 store,
                 [

@@ -10,7 +10,7 @@ from pathlib import Path
 from aggregator.store import Store
 from aggregator.store.tables import webhook_tables as sql
 from meters.times import now_us
-from meters.webhook_rules import EndpointCreate
+from meters.webhook_rules import EndpointCreate, new_secret
 
 ORG = str(uuid.uuid4())
 DAY_US = 86_400 * 1_000_000
@@ -26,6 +26,8 @@ def test_prune_keeps_pending_and_recent(tmp_path: Path) -> None:
                         url="https://example.com/h", format="raw", events=["meter.alert"]
                     ),
                     now_us(),
+                    endpoint_id=str(uuid.uuid4()),
+                    secret=new_secret(),
                 )
             )
             now = now_us()

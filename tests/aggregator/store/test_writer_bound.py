@@ -62,7 +62,9 @@ async def _backfills(tmp_path: Path) -> None:
                 data = MeterCreate.model_validate(
                     {"name": f"meter {i}", "filter": EVERYTHING, "aggregation": aggregation}
                 )
-                meter = await store.write(create_job(ORG_A, data, now_us()))
+                meter = await store.write(
+                    create_job(ORG_A, data, now_us(), meter_id=str(uuid.uuid4()))
+                )
                 backfiller.start(meter.id, meter.version)
             waits = []
             while await store.read(pending_backfills):
