@@ -41,7 +41,7 @@ from aggregator.store.apply.ingest import IngestJob, Replay, missing_customers
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow, get_meter, meters_of
 from aggregator.store.base.meter_sql import filter_sql, meter_events_sql
-from aggregator.store.listeners import Changes, Listeners
+from aggregator.store.listeners import Listeners
 from aggregator.store.machinery import dedupe, disk, ingest_log, ingest_log_repair, rollups
 from aggregator.store.machinery.balances import Balances
 from aggregator.store.machinery.dedupe import MEMORY_KEYS as DEDUPE_MEMORY_KEYS
@@ -137,7 +137,6 @@ __all__ = [
     "Attempt",
     "Balances",
     "Changed",
-    "Changes",
     "ConsumedBatch",
     "CostQuery",
     "CustomerMeter",
@@ -150,7 +149,6 @@ __all__ = [
     "Firing",
     "HoldRow",
     "IngestJob",
-    "Listeners",
     "Live",
     "LogCorrupt",
     "MeterRow",
