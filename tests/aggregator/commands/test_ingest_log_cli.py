@@ -14,7 +14,7 @@ import pytest
 from aggregator import cli
 from aggregator.core_app import CoreSettings
 from aggregator.store.machinery.ingest_log import WITNESS
-from tests.aggregator.store.test_ingest_log_store import (
+from tests.aggregator.store.machinery.test_ingest_log_store import (
     crashed_store,
     log_files,
     log_records,

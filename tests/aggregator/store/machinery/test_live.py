@@ -23,7 +23,7 @@ from aggregator.store.tables.meter_tables import create_job, update_job
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.events import Event, to_table
 from meters.times import now_us
-from tests.aggregator.store.test_store_ingest import _model
+from tests.aggregator.store.apply.test_store_ingest import _model
 
 ORGS = [str(uuid.uuid4()) for _ in range(2)]
 # Three fingerprints for every key there is: nearly every key is a candidate, so each answer
@@ -139,7 +139,7 @@ from aggregator.store.tables.meter_tables import create_job
 from meters.definitions import MeterCreate
 from meters.events import to_table
 from meters.times import now_us
-from tests.aggregator.store.test_live import METER, _event
+from tests.aggregator.store.machinery.test_live import METER, _event
 
 async def main(path, org):
     store = Store(path, flush_seconds=3600)

@@ -21,7 +21,7 @@ from aggregator.store.machinery.ingest_log import LogCorrupt, Logged, read_frame
 from aggregator.store.machinery.migrations import migrate
 from meters.events import Event, to_table
 from meters.times import now_us
-from tests.aggregator.store.test_ingest_log import previous_frame
+from tests.aggregator.store.machinery.test_ingest_log import previous_frame
 
 ORG = str(uuid.uuid4())
 

@@ -22,7 +22,7 @@ from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.filters import EventView
 from meters.times import now_us
-from tests.aggregator.store.test_meter_sql import aggregations, events, filters
+from tests.aggregator.store.base.test_meter_sql import aggregations, events, filters
 
 ORG = str(uuid.uuid4())
 UNLIMITED = TenantLimits(meters=10**6)
