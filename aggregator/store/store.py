@@ -1,0 +1,342 @@
+"""The store: one DuckDB file, a writer thread, a flusher thread, a reclusterer thread, a few
+reader threads, the state it keeps in memory (`live`), and beside the file the ingest log and
+the stored keys that do not fit in memory (`dedupe`).
+
+The store is the only place with DuckDB SQL (tokens are kept apart, in SQLite: `auth`).
+Writes are jobs run by `Writer` (group commit); events are applied in memory at once and stored
+by the `Flusher` in large transactions (`memtable`); embedded requests are durable before that
+in the `ingest_log`; rollups are rewritten sorted by the `Reclusterer`.
+Reads run on per-thread cursors off the event loop, each interrupted past `read_timeout_seconds`
+(one tenant's heavy query must not hold a reader thread that every tenant shares); `read` first
+waits until every event applied so far is stored, `read_now` does not (for tables ingest does
+not defer), and balances and applied Kafka offsets are read from memory (`live`). (Whatever
+reads both the memtable and DuckDB reads the memtable first: a batch the flusher releases in
+between was committed before, so a fresh statement sees it.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import duckdb
+import pyarrow as pa
+
+from aggregator.errors import QueryTimeout, StorageFull
+from aggregator.store.apply.batch import Meters
+from aggregator.store.apply.ingest import Replay
+from aggregator.store.base.meter_rows import meters_of
+from aggregator.store.listeners import Listeners
+from aggregator.store.machinery import dedupe, disk, ingest_log, rollups
+from aggregator.store.machinery.disk import DiskHealth
+from aggregator.store.machinery.evaluation import EVALUATION_ERRORS
+from aggregator.store.machinery.flusher import Flusher
+from aggregator.store.machinery.gates import Gates
+from aggregator.store.machinery.ingest_log import IngestLog
+from aggregator.store.machinery.live import Live, SequenceCounter
+from aggregator.store.machinery.memtable import ROW_GROUP, Memtable
+from aggregator.store.machinery.migrations import migrate
+from aggregator.store.machinery.recluster import Reclusterer, ReclusterSettings
+from aggregator.store.machinery.rollups import Prepared
+from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS, REJECTIONS, Job, Writer
+from aggregator.store.tables.alert_tables import Alerts, Payload, basic_payload
+from aggregator.store.tables.hold_tables import HoldKeys
+from aggregator.store.tables.webhook_tables import (
+    StateSubscribers,
+)
+from meters.times import now_us
+
+T = TypeVar("T")
+# Organizations with more meters than this have their events evaluated before the writer takes
+# them (`Store.prepare`). Measured on 2 cores: 200 meters cost a 100-event request 35 ms of
+# evaluation, 10 meters 5 ms, most of it planning the statement, which the group commit pays
+# once for all of an organization's requests in the group; evaluating each request of a
+# 10-meter organization apart cost embedded ingest about a fifth of its throughput.
+PREPARED_METERS = 20
+
+
+class Store:
+    """Owns the DuckDB file. Use as an async context manager; closing drains pending writes."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        readers: int = 4,
+        evaluators: int = 2,
+        prepared_meters: int = PREPARED_METERS,
+        memory_limit: str | None = None,
+        checkpoint_bytes: int = 16 * 1024 * 1024,
+        read_timeout_seconds: float = 30.0,
+        job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS,
+        compact_seconds: float = 1.0,
+        flush_events: int = ROW_GROUP,
+        flush_seconds: float = 5.0,
+        max_pending_events: int = 4 * ROW_GROUP,
+        recluster: ReclusterSettings | None = None,
+        dedupe_memory_keys: int = dedupe.MEMORY_KEYS,
+        alert_payload: Payload = basic_payload,
+    ):
+        self.path = str(path)
+        self.disk = DiskHealth(Path(self.path).parent)
+        # How a `meter.alert` webhook event's data is made (the composition gives the API's
+        # shapes), needed from the start: replaying the ingest log can fire alerts.
+        self._alert_payload = alert_payload
+        # The flusher checkpoints once the WAL holds this much, between its own transactions:
+        # a checkpoint holds every commit while it runs, so none should fall on the ingest path.
+        self._checkpoint_bytes = checkpoint_bytes
+        self._flush_events = flush_events
+        self._flush_seconds = flush_seconds
+        self._max_pending = max_pending_events
+        self._recluster = recluster or ReclusterSettings()
+        self._dedupe_memory_keys = dedupe_memory_keys
+        self._readers = readers
+        self._read_timeout = read_timeout_seconds
+        self._job_bound = job_bound_seconds
+        # How often appended deltas are folded into the keyed tables (`compaction`) while
+        # writes keep coming: fewer, larger folds cost less per event; reads merge the rest.
+        self._compact_seconds = compact_seconds
+        self._memory_limit = memory_limit
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._writer: Writer | None = None
+        self._flusher: Flusher | None = None
+        self._reclusterer: Reclusterer | None = None
+        self._log = IngestLog(None)
+        self._pool: ThreadPoolExecutor | None = None
+        self._evaluator_threads = evaluators
+        self._prepared_meters = max(0, prepared_meters)
+        self._evaluators: ThreadPoolExecutor | None = None
+        self._gates = Gates()
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._live: Live | None = None
+        # Told what each commit changed, and that webhooks are due (`Listeners`).
+        self.listeners = Listeners()
+
+    async def __aenter__(self) -> Self:
+        self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.close)
+
+    def open(self) -> None:
+        if self._con is not None:
+            raise RuntimeError("store already open")
+        config: dict[str, str | bool | int | float | list[str]] = {
+            # DuckDB's own checkpoints would fall on whichever commit crossed the threshold;
+            # the flusher runs them instead (`checkpoint_bytes`). This is a backstop only.
+            "checkpoint_threshold": "4GB"
+        }
+        if self._memory_limit:
+            config["memory_limit"] = self._memory_limit
+        wal = spill = None
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            wal = Path(self.path + ".wal")
+            spill = dedupe.Spill(Path(self.path + ".dedupe"), self._dedupe_memory_keys)
+        self._con = duckdb.connect(self.path, config=config)
+        # Set after connecting: the (built-in) ICU extension loads on first use.
+        self._con.execute("SET GLOBAL TimeZone = 'UTC'")
+        migrate(self._con)
+        log = self._log = IngestLog(None if wal is None else Path(self.path + ".ingest"))
+        # What the ingest log holds after the last stored request was acknowledged but not
+        # stored: applied again below, before any other job. A log that cannot give it all
+        # back is refused (`ingest_log.LogCorrupt`), and the store with it.
+        stored, witnessed = ingest_log.stored_marks(self._con)
+        try:
+            logged = log.open(stored, witnessed)
+        except BaseException:
+            self._con.close()
+            self._con = None
+            raise
+        if log.witnessed and not witnessed:
+            ingest_log.mark_witnessed(self._con)
+        table = Memtable()
+        self._flusher = Flusher(
+            self._con.cursor(),
+            table,
+            log,
+            wal=wal,
+            flush_events=self._flush_events,
+            flush_seconds=self._flush_seconds,
+            compact_seconds=self._compact_seconds,
+            checkpoint_bytes=self._checkpoint_bytes,
+            disk=self.disk,
+        )
+        holds = HoldKeys()
+        live = self._live = Live(
+            SequenceCounter.load(self._con, logged),
+            self._flusher,
+            table,
+            log,
+            self._con.cursor(),
+            notices=self.listeners,
+            features=(Meters(), holds, Alerts(self._alert_payload), StateSubscribers()),
+            max_pending_events=self._max_pending,
+            spill=spill,
+        )
+        live.load(self._con)
+        holds.load(self._con, now_us())
+        self._flusher.idle = live.compact
+        self._flusher.start()
+        self._reclusterer = Reclusterer(self._con.cursor(), self._recluster)
+        self._reclusterer.start()
+        self._writer = Writer(self._con.cursor(), job_bound_seconds=self._job_bound, hooks=live)
+        for request in logged:
+            self._writer.run(Replay(request))
+        self._writer.start()
+        self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="duckdb-reader")
+        self._evaluators = ThreadPoolExecutor(
+            self._evaluator_threads, thread_name_prefix="duckdb-evaluator"
+        )
+
+    def close(self) -> None:
+        if self._con is None:
+            return
+        assert self._writer is not None and self._pool is not None and self._flusher is not None
+        assert self._reclusterer is not None
+        self._writer.close()
+        self._reclusterer.close()
+        self._flusher.close()
+        self._log.close()
+        self.live.close()
+        self._pool.shutdown(wait=True)
+        if self._evaluators is not None:
+            self._evaluators.shutdown(wait=True)
+        for cursor in self._cursors:
+            cursor.close()
+        self._con.close()
+        self._con = None
+
+    @property
+    def live(self) -> Live:
+        assert self._live is not None, "store is not open"
+        return self._live
+
+    @property
+    def writer(self) -> Writer:
+        assert self._writer is not None, "store is not open"
+        return self._writer
+
+    @property
+    def reclusterer(self) -> Reclusterer:
+        assert self._reclusterer is not None, "store is not open"
+        return self._reclusterer
+
+    async def write(self, job: Job[T], weight: int = 1, tenant: str | None = None) -> T:
+        """Run `job` in a group commit (`tenant`'s share of the writer); returns after the
+        commit."""
+        try:
+            result = await self.writer.submit(job, weight, tenant)
+        except REJECTIONS:
+            raise
+        except Exception as exc:
+            if not disk.full(exc):
+                raise
+            self.disk.failed(exc)
+            raise StorageFull(str(exc).splitlines()[0]) from exc
+        self.disk.succeeded()
+        return result
+
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn(cursor, *args, **kwargs)` on a reader thread once every event applied so
+        far is stored; QueryTimeout past the read timeout (the query is interrupted, and one
+        still waiting for a thread never starts)."""
+        assert self._flusher is not None, "store is not open"
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                await asyncio.shield(self._flusher.barrier())
+        except TimeoutError:
+            raise QueryTimeout(self._read_timeout) from None
+        return await self.read_now(fn, *args, **kwargs)
+
+    async def read_now(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`read` without waiting for applied events to be stored: for what ingest never
+        defers (customers, meters, plans, offset resets) or may lag (forwarding)."""
+        assert self._pool is not None, "store is not open"
+        running: list[duckdb.DuckDBPyConnection] = []
+        given_up = threading.Event()
+
+        def run() -> T:
+            if given_up.is_set():
+                raise QueryTimeout(self._read_timeout)
+            cursor = self._cursor()
+            running.append(cursor)
+            return fn(cursor, *args, **kwargs)
+
+        future = asyncio.get_running_loop().run_in_executor(self._pool, run)
+        try:
+            # Not `wait_for`: on 3.11 it returns an answer that meets a cancellation, and the
+            # cancelled task would run on.
+            async with asyncio.timeout(self._read_timeout):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            given_up.set()
+            if running:
+                running[0].interrupt()
+            # Retrieved, so that its (interrupted) outcome is not reported as never retrieved.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise QueryTimeout(self._read_timeout) from None
+
+    async def prepare(self, organization_id: str, events: pa.Table) -> Prepared | None:
+        """The organization's events among `events` (with their origin:
+        `ingest_log.with_origin`) evaluated for its meters on an evaluator thread, before the
+        writer takes them (`IngestJob`'s and `ConsumedBatch`'s `prepared`): what an
+        organization's meters cost is then not paid inside the group commit that every
+        organization waits for. One request of an organization at a time,
+        so that one with many meters keeps at most one evaluator busy. None when it has at
+        most `prepared_meters` meters (evaluated in the group commit, one statement for all its
+        requests of the group, they cost the others less than a statement per request costs the
+        machine), or when they cannot be evaluated here (the writer evaluates them then, and
+        marks a meter that fails)."""
+        known = self.live.feature(Meters).known(organization_id)
+        if known is not None and len(known) <= self._prepared_meters:
+            return None
+        assert self._evaluators is not None, "store is not open"
+        loop = asyncio.get_running_loop()
+        release = await self._gates.acquire(organization_id)
+        try:
+            future = loop.run_in_executor(self._evaluators, self._prepare, organization_id, events)
+        except BaseException:
+            release()
+            raise
+        # The organization's next request waits for this evaluation to end, even when this
+        # one's caller gives up first.
+        future.add_done_callback(lambda _: release())
+        return await future
+
+    def _prepare(self, organization_id: str, events: pa.Table) -> Prepared | None:
+        cursor = self._cursor()
+        meters = self.live.feature(Meters).known(organization_id)
+        if meters is None:
+            meters = meters_of(cursor, [organization_id])
+        if len(meters) <= self._prepared_meters:
+            return None
+        try:
+            return rollups.prepare(cursor, meters, events)
+        except EVALUATION_ERRORS:
+            return None
+
+    def applied_offsets(self, topic: str) -> dict[int, int]:
+        """The next offset of each partition of `topic` as applied so far (stored or not)."""
+        return self.live.applied_offsets(topic)
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cursor: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
+        if cursor is None:
+            assert self._con is not None
+            cursor = self._con.cursor()
+            self._cursors.append(cursor)
+            self._local.cursor = cursor
+        return cursor
