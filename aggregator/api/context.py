@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 
 from aggregator.backfill import Backfiller
-from aggregator.store import Store, TenantLimits
+from aggregator.services import Store, TenantLimits
 from ingest.http import Authenticate, json_body, organization_of
 
 

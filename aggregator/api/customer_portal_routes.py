@@ -30,10 +30,9 @@ from aggregator.api.openapi import ApiRoute, Operation
 from aggregator.api.shapes import ListResource
 from aggregator.auth import CustomerSession, TokenRegistry
 from aggregator.errors import NotFound
-from aggregator.services import customer_service, ledger_service
+from aggregator.services import Store, customer_service, ledger_service
 from aggregator.services.customer_service import Customer
 from aggregator.services.ledger_service import CustomerMeterView
-from aggregator.store import Store
 from ingest.http import JSON, InvalidToken, bearer_subject
 from meters.errors import FieldError, ValidationFailed
 from meters.wire import parse_model

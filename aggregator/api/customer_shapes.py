@@ -12,9 +12,8 @@ import orjson
 from typing_extensions import TypedDict
 
 from aggregator.api.shapes import ListResource, iso, pagination
-from aggregator.services.customer_service import Customer
+from aggregator.services.customer_service import Customer, CustomerRow
 from aggregator.services.pages import Page
-from aggregator.store import CustomerRow
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 
 __all__ = [

@@ -18,9 +18,9 @@ from aggregator.api.event_type_shapes import (
 from aggregator.api.openapi import ApiRoute, Operation, Param
 from aggregator.api.shapes import ListResource
 from aggregator.services import event_type_service as service
+from aggregator.services.event_service import EventQuery
 from aggregator.services.event_type_service import NAME_SORTS, TYPE_SORTS, EventTypeQuery
 from aggregator.services.pages import Page
-from aggregator.store import EventQuery
 from ingest.http import JSON
 from meters.event_types import EventTypeUpdate
 from meters.wire import parse_model

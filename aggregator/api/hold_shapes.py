@@ -6,9 +6,8 @@ from typing_extensions import TypedDict
 
 from aggregator.api.ledger_shapes import CustomerMeterShape, customer_meter
 from aggregator.api.shapes import ListResource, iso, pagination
-from aggregator.services.hold_service import Hold, HoldRow
+from aggregator.services.hold_service import Hold, HoldRow, Status
 from aggregator.services.pages import Page
-from aggregator.store import hold_tables
 from meters.ledger_rules import HoldCreate
 
 __all__ = ["HoldCreate", "HoldShape", "HoldWithMeterShape", "hold", "holds", "with_meter"]
@@ -20,7 +19,7 @@ class HoldShape(TypedDict):
     customer_id: str
     meter_id: str
     units: float
-    status: hold_tables.Status  # active, settled (by the usage event), released or expired
+    status: Status  # active, settled (by the usage event), released or expired
     created_at: str
     expires_at: str
     ended_at: str | None  # settled or released at
@@ -30,7 +29,7 @@ class HoldWithMeterShape(HoldShape):
     customer_meter: CustomerMeterShape
 
 
-def hold(row: HoldRow, status: hold_tables.Status) -> HoldShape:
+def hold(row: HoldRow, status: Status) -> HoldShape:
     return {
         "id": row.id,
         "external_id": row.external_id,
@@ -48,7 +47,7 @@ def with_meter(found: Hold) -> HoldWithMeterShape:
     return {**hold(found.row, found.status), "customer_meter": customer_meter(found.customer_meter)}
 
 
-def holds(page: Page[tuple[HoldRow, hold_tables.Status]], limit: int) -> ListResource[HoldShape]:
+def holds(page: Page[tuple[HoldRow, Status]], limit: int) -> ListResource[HoldShape]:
     return {
         "items": [hold(r, s) for r, s in page.items],
         "pagination": pagination(page.total, limit),

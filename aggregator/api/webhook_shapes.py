@@ -8,8 +8,7 @@ from typing_extensions import TypedDict
 
 from aggregator.api.shapes import ListResource, iso, pagination
 from aggregator.services.pages import Page
-from aggregator.services.webhook_service import DeliveryRow, EndpointRow
-from aggregator.store import webhook_tables
+from aggregator.services.webhook_service import DeliveryRow, EndpointRow, WebhookEvent
 from meters.webhook_rules import API_VERSION, EndpointCreate, EndpointUpdate
 
 __all__ = [
@@ -88,7 +87,7 @@ def endpoints(page: Page[EndpointRow], limit: int) -> ListResource[EndpointShape
     return {"items": [endpoint(r) for r in page.items], "pagination": pagination(page.total, limit)}
 
 
-def event(row: webhook_tables.EventRow) -> EventShape:
+def event(row: WebhookEvent) -> EventShape:
     return {
         "id": row.id,
         "created_at": iso(row.created_at_us),

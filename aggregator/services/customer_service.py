@@ -26,6 +26,7 @@ from meters.times import now_us
 __all__ = [
     "CUSTOMER_SORTS",
     "Customer",
+    "CustomerRow",
     "create",
     "delete",
     "export",

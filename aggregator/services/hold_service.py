@@ -15,7 +15,9 @@ from aggregator.store import hold_tables as sql
 from meters.ledger_rules import HoldCreate
 from meters.times import now_us
 
-__all__ = ["Hold", "HoldRow", "create", "get", "list_", "release"]
+__all__ = ["Hold", "HoldRow", "Status", "create", "get", "list_", "release"]
+
+Status = sql.Status  # active, settled (by the usage event), released or expired
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +26,7 @@ class Hold:
     as of the read)."""
 
     row: HoldRow
-    status: sql.Status
+    status: Status
     customer_meter: CustomerMeterView
 
 
@@ -55,7 +57,7 @@ async def list_(
     active: bool | None,
     page: int,
     limit: int,
-) -> Page[tuple[HoldRow, sql.Status]]:
+) -> Page[tuple[HoldRow, Status]]:
     now = now_us()
     rows, total = await store.read_now(
         sql.list_holds,

@@ -17,6 +17,7 @@ from meters.webhook_rules import EndpointCreate, EndpointUpdate, new_secret
 __all__ = [
     "DeliveryRow",
     "EndpointRow",
+    "WebhookEvent",
     "create",
     "delete",
     "deliveries",
@@ -26,6 +27,8 @@ __all__ = [
     "reset_secret",
     "update",
 ]
+
+WebhookEvent = sql.EventRow  # an event as a delivery carries it
 
 
 async def _check_target(url: str, allow_private: bool) -> None:
