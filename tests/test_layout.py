@@ -6,6 +6,7 @@ through its public face only, and of each table module only the names in its `__
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -161,3 +162,13 @@ def test_every_public_name_of_the_store_has_a_caller() -> None:
         if not module.startswith(STORE):
             used |= {name for imported, name, _ in _imports(path) if imported == STORE and name}
     assert set(aggregator.store.__all__) - used == set()
+
+
+def test_every_file_the_architecture_page_names_exists() -> None:
+    """ARCHITECTURE.md names files by their path within a package (`store/tables/x.py`) or
+    alone (`writer`): each `….py` it names is a file of the project."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    files = {p.relative_to(ROOT).as_posix() for p in ROOT.glob("**/*.py") if ".venv" not in p.parts}
+    named = set(re.findall(r"`([\w./-]+\.py)`", text))
+    missing = [n for n in sorted(named) if not any(f == n or f.endswith("/" + n) for f in files)]
+    assert missing == []
