@@ -1,7 +1,7 @@
 """Meter filters (Polar's shape) and their reference evaluation, `Filter.matches`.
 
-One semantics, type-strict (DESIGN decision 5), so that this evaluator and the SQL compiled from
-the same filter agree on every event:
+One semantics, type-strict (docs/internals/decisions.md, decision 5), so that this evaluator and the
+SQL compiled from the same filter agree on every event:
 
 - A string compares only with a string, a number (integer or float, never a boolean) only with a
   number, a boolean only with a boolean; any other pairing does not match.

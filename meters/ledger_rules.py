@@ -1,4 +1,5 @@
-"""The credit ledger's rules (Polar's customer meters, DESIGN decision 8), free of storage.
+"""The credit ledger's rules (Polar's customer meters, docs/internals/decisions.md, decision 8),
+free of storage.
 
 A customer meter's window is the customer's user events applied after its latest reset.
 consumed = the meter's aggregation over the window; credited = running sum of the credits in

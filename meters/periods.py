@@ -1,9 +1,9 @@
 """Quantity periods: hour/day/week/month/year in an IANA timezone, as UTC instants.
 
-The periods returned are those that intersect [start, end] (DESIGN decision 7), each as its
-start; the last boundary is where the last period ends. Hours step in absolute time from the
-local hour (so half- and quarter-hour offsets keep their alignment); days and longer step on
-the local calendar, so DST days last 23 or 25 hours.
+The periods returned are those that intersect [start, end] (docs/internals/decisions.md, decision
+7), each as its start; the last boundary is where the last period ends. Hours step in absolute time
+from the local hour (so half- and quarter-hour offsets keep their alignment); days and longer step
+on the local calendar, so DST days last 23 or 25 hours.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 Interval = Literal["hour", "day", "week", "month", "year"]
-# Polar's range limits per interval, in days (polar-contract §2.4).
+# Polar's range limits per interval, in days (docs/internals/decisions.md, §2.4).
 MAX_DAYS: dict[str, int] = {"hour": 7, "day": 366, "week": 371, "month": 1460, "year": 3650}
 
 

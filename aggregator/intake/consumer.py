@@ -341,7 +341,7 @@ class Consumer:
             consumer.seek(tp, start)
 
     async def _prepare(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> ConsumedBatch:
-        """Decode (in a worker process), dead-letter what cannot be applied, and build the
+        """Decode (in the decoding thread), dead-letter what cannot be applied, and build the
         writer job; nothing is committed yet."""
         records = [r for batch in fetched.values() for r in batch]
         read_at_us = now_us()

@@ -1,5 +1,5 @@
-"""The one mapping from errors to HTTP responses, in Polar's shapes (polar-contract §5.2): the
-edge's errors here, and what a process serving more routes (the core) registers on its
+"""The one mapping from errors to HTTP responses, in Polar's shapes (docs/internals/decisions.md,
+§5.2): the edge's errors here, and what a process serving more routes (the core) registers on its
 `ErrorMap`."""
 
 from __future__ import annotations

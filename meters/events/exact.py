@@ -1,6 +1,6 @@
 """The exact validator: every rule, every error with its location.
 
-Polar's rules (polar-contract §1.2–1.4), stricter where Polar is sloppy (DESIGN decision 4):
+Polar's rules (docs/internals/decisions.md, §1.2–1.4), stricter where Polar is sloppy (decision 4):
 both customer ids at once, NaN/Inf, empty strings used as keys, metadata keys that meter paths
 cannot reach, unknown fields and currencies other than exactly ``usd`` are rejected instead of
 silently dropped or accepted. Validation is all-or-nothing: every error of the batch is collected

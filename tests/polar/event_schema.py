@@ -1,4 +1,4 @@
-"""Polar's ingest body as the project's contract reference records it (`polar-contract.md`
+"""Polar's ingest body as the project's contract reference records it (docs/internals/decisions.md,
 §1.2–1.4: the field types and constraints of Polar's `EventsIngest`, its metadata value union,
 and its refusal of NUL characters in any string), declared here with pydantic so that a test can
 ask what Polar answers for a body. FastAPI validates the decoded JSON body in Python (lax)

@@ -1,10 +1,11 @@
 """Which events are new: every stored (organization, external_id), held as fingerprints.
 
-First write wins, forever (DESIGN 2). Asking DuckDB for every event would cost a unique index
-(maintained on every insert and rewritten by checkpoints) or a scan; instead each stored key is
-held here as a 64-bit fingerprint (DuckDB's `hash(organization_id, external_id)`) with the seq of
-its event: 16 bytes a key, in sorted numpy runs merged like an LSM tree (a run is merged into
-the one before it once it is at least half its size, so each key is rewritten O(log n) times).
+First write wins, forever (docs/internals/decisions.md, decision 2). Asking DuckDB for every event
+would cost a unique index (maintained on every insert and rewritten by checkpoints) or a scan;
+instead each stored key is held here as a 64-bit fingerprint (DuckDB's `hash(organization_id,
+external_id)`) with the seq of its event: 16 bytes a key, in sorted numpy runs merged like an LSM
+tree (a run is merged into the one before it once it is at least half its size, so each key is
+rewritten O(log n) times).
 
 A fingerprint not held is a new key, for certain. A fingerprint held is only a candidate: the
 event with the held seq is read back (from the events not yet flushed, else from DuckDB, by seq,

@@ -1,12 +1,12 @@
 """The ingest log: what makes an embedded ingest request durable before its events are stored.
 
 Embedded mode has no Kafka to replay from, and a request is answered only once it is durable
-(DESIGN 1). Storing its events in a transaction of their own would cost their full size in
-DuckDB's WAL and again at the next checkpoint, and a commit that writes anything waits for a
-running checkpoint. So each accepted request is appended instead to files beside the database
-(`<database>.ingest/`, one segment after another), fsynced before the request is answered: its
-events as the validator gave them (Arrow IPC, zstd: ~50 bytes an event), which of them were
-duplicates, and the seqs the others took. The flush that stores the events records, in its own
+(docs/internals/decisions.md, decision 1). Storing its events in a transaction of their own would
+cost their full size in DuckDB's WAL and again at the next checkpoint, and a commit that writes
+anything waits for a running checkpoint. So each accepted request is appended instead to files
+beside the database (`<database>.ingest/`, one segment after another), fsynced before the request is
+answered: its events as the validator gave them (Arrow IPC, zstd: ~50 bytes an event), which of them
+were duplicates, and the seqs the others took. The flush that stores the events records, in its own
 transaction, the last request they complete (`ingest_stored`); segments wholly before it are
 deleted. At open, what the log holds after that mark is applied again exactly as it was.
 

@@ -1,7 +1,8 @@
 """SQL for forwarding: the events not yet accepted upstream, the cursor, the quarantine.
 
-The outbox is the events table itself (written in the transaction that applies them); a cursor
-per organization, moved only after the upstream accepted everything up to it, says what is left.
+The outbox is the events table itself (written by the flusher's transaction that stores them,
+with the offsets or the ingest log's mark they settle); a cursor per organization, moved only
+after the upstream accepted everything up to it, says what is left.
 """
 
 from __future__ import annotations

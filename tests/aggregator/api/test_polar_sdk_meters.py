@@ -228,8 +228,8 @@ def test_events_by_meter(polar: Polar) -> None:
 
 
 def test_quantities_through_the_sdk(polar: Polar) -> None:
-    """Polar's verified example (polar-contract §2.4), with meterline's semantics: every month
-    the range touches is a bucket, and the total is exactly the range."""
+    """Polar's verified example (docs/internals/decisions.md, §2.4), with meterline's semantics:
+    every month the range touches is a bucket, and the total is exactly the range."""
     tag = uuid.uuid4().hex
     meter = polar.meters.create(
         name="Sum of v",
