@@ -172,6 +172,7 @@ class Store:
             flush_seconds=self._flush_seconds,
             compact_seconds=self._compact_seconds,
             checkpoint_bytes=self._checkpoint_bytes,
+            idle=self._compact_memory,
             disk=self.disk,
         )
         holds = HoldKeys()
@@ -188,7 +189,6 @@ class Store:
         )
         live.load(self._con)
         holds.load(self._con, now_us())
-        self._flusher.idle = live.compact
         self._flusher.start()
         self._reclusterer = Reclusterer(self._con.cursor(), self._recluster)
         self._reclusterer.start()
@@ -218,6 +218,11 @@ class Store:
             cursor.close()
         self._con.close()
         self._con = None
+
+    def _compact_memory(self) -> None:
+        """The flusher's idle work: merge the runs of the sets held in memory."""
+        if self._live is not None:
+            self._live.compact()
 
     @property
     def live(self) -> Live:

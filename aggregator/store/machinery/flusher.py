@@ -65,7 +65,7 @@ class Flusher:
         self._compact_seconds = compact_seconds
         self._checkpoint_bytes = checkpoint_bytes
         self._retry_seconds = retry_seconds
-        self.idle = idle
+        self._idle = idle
         self.exclusive = threading.RLock()
         self._wake = threading.Condition()
         self._barriers: list[tuple[int, concurrent.futures.Future[None]]] = []
@@ -188,7 +188,7 @@ class Flusher:
                 self._upkeep()
                 self.longest_seconds = max(self.longest_seconds, time.perf_counter() - started)
             try:
-                self.idle()
+                self._idle()
             except Exception:  # upkeep of memory: retried next time
                 log.exception("in-memory upkeep failed")
 
