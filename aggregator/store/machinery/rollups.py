@@ -333,9 +333,11 @@ def _live_ledger(
     values: pa.Table, numbers: list[tuple[int, MeterRow]], uniques: list[tuple[int, MeterRow]]
 ) -> tuple[pa.Table, pa.Table]:
     """`_ledger_numbers` and `_ledger_uniques` of live ingest, whose events all come after any
-    reset: one hash aggregation of the contributions as rows (`_long`) each, in Arrow."""
+    reset: one hash aggregation each, in Arrow."""
     usage = _EMPTY_NUMBERS
-    if numbers:
+    if 0 < len(numbers) <= WIDE_METERS:
+        usage = _wide_usage(values, numbers)
+    elif numbers:
         grouped = (
             _long(values, numbers, _LEDGER_KEYS)
             .group_by(["meter_id", "subject"], use_threads=False)
@@ -368,6 +370,37 @@ def _live_ledger(
             schema=_EMPTY_VALUES.schema,
         )
     return usage, distinct
+
+
+# Up to this many number meters, the ledger's usage is aggregated over the batch's rows, four
+# aggregates a meter (half the time of aggregating the contributions as rows at 10 meters);
+# past it, over the contributions as rows, whose cost does not grow with the meters' columns
+# (a fifth of the time at 200 meters).
+WIDE_METERS = 32
+
+
+def _wide_usage(values: pa.Table, numbers: list[tuple[int, MeterRow]]) -> pa.Table:
+    """`_live_ledger`'s usage of a few number meters: one aggregation of `values` by subject."""
+    columns = [f"v{i}" for i, _ in numbers]
+    grouped = values.group_by("subject", use_threads=False).aggregate(
+        [(c, f) for c in columns for f in ("count", "sum", "min", "max")]
+    )
+    parts = []
+    for (_, meter), column in zip(numbers, columns, strict=True):
+        events = grouped.column(f"{column}_count")
+        part = pa.table(
+            {
+                "meter_id": pa.array([meter.id] * grouped.num_rows, pa.string()),
+                "subject": grouped.column("subject"),
+                "events": events,
+                "total": grouped.column(f"{column}_sum").cast(pa.float64()),
+                "low": grouped.column(f"{column}_min").cast(pa.float64()),
+                "high": grouped.column(f"{column}_max").cast(pa.float64()),
+            },
+            schema=_EMPTY_NUMBERS.schema,
+        )
+        parts.append(part.filter(pc.greater(events, pa.scalar(0))))
+    return pa.concat_tables(parts)
 
 
 _NUMBER_FIELDS: list[pa.Field[Any]] = [
