@@ -61,7 +61,7 @@ from aggregator.store import LogCorrupt, Store, TenantLimits, quotas
 from aggregator.upstream import command_line as upstream_cli
 from aggregator.upstream.forwarder import Forwarder, ForwarderSettings
 from aggregator.upstream.webhook_sender import WebhookSender, WebhookSettings
-from ingest.http import MIB, IngestSettings, Limits, Rate, edge_app, with_header_timeout
+from ingest.http import MIB, Front, Gate, IngestSettings, Limits, Rate, edge_app, http_protocol
 from ingest.kafka import KafkaSettings
 from ingest.publish import Publisher
 from ingest.publish.kafka_publisher import KafkaPublisher
@@ -564,15 +564,28 @@ async def serve(
             feed = await stack.enter_async_context(
                 LiveFeed(store, settings.stream_heartbeat_seconds, limits=settings.quotas)
             )
+            front = Front.of(settings.ingest.limits)
             app = build_app(
-                store, registry, publisher, backfiller, settings, consumer, forwarding, feed, kafka
+                store,
+                registry,
+                publisher,
+                backfiller,
+                settings,
+                consumer,
+                forwarding,
+                feed,
+                kafka,
+                front,
             )
             url = f"http://{settings.host}:{settings.port}"
             lines = [f"console: {url}/ (log in with a token); API reference: {url}/docs"]
             if banner:
                 lines += token_commands.banner_lines(registry, settings, dev_token)
             # Open streams end as shutdown begins: uvicorn would wait for them.
-            await _serve_http(app, settings, log_level, lines, listening, on_stop=feed.close)
+            gate = front.gate(registry.organization_id)
+            await _serve_http(
+                app, settings, log_level, lines, listening, gate=gate, on_stop=feed.close
+            )
     finally:
         registry.close()
 
@@ -595,10 +608,12 @@ async def serve_edge(
             ) as validation,
             KafkaPublisher(kafka, validation) as publisher,
         ):
-            app = edge_app(
-                publisher, registry.organization_id, settings.ingest, settings.metrics_token
+            front = Front.of(settings.ingest.limits)
+            authenticate = registry.organization_id
+            app = edge_app(publisher, authenticate, settings.ingest, settings.metrics_token, front)
+            await _serve_http(
+                app, settings, log_level, [], listening, gate=front.gate(authenticate)
             )
-            await _serve_http(app, settings, log_level, [], listening)
     finally:
         registry.close()
 
@@ -609,6 +624,8 @@ async def _serve_http(
     log_level: str,
     banner: list[str],
     listening: Listening,
+    *,
+    gate: Gate | None = None,
     on_stop: Callable[[], None] = lambda: None,
 ) -> None:
     """Serve until stopped (which calls `on_stop` first); once serving, print where, then the
@@ -621,7 +638,7 @@ async def _serve_http(
         log_level=log_level,
         access_log=False,
         lifespan="off",
-        http=with_header_timeout(limits.header_timeout_seconds),
+        http=http_protocol(limits.header_timeout_seconds, gate),
         timeout_keep_alive=max(1, round(limits.idle_timeout_seconds)),
         # Half the drain time for open requests; the rest for the store to close.
         timeout_graceful_shutdown=max(1, int(settings.drain_seconds / 2)),

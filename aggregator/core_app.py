@@ -70,11 +70,10 @@ from aggregator.upstream.webhook_sender import WebhookSettings
 from ingest.http import (
     JSON,
     OPENMETER_PATH,
-    Admission,
     CloudEvent,
     ErrorMap,
+    Front,
     IngestSettings,
-    Responses,
     count_responses,
     error,
     ingest_routes,
@@ -244,6 +243,7 @@ def build_app(
     forwarder: tuple[Forwarder, str] | None = None,
     feed: LiveFeed | None = None,
     kafka: KafkaSettings | None = None,
+    front: Front | None = None,
 ) -> Starlette:
     """The core's API: ingest through `publisher`, and every query and management route; the
     live stream with a `feed`, dead letters with `kafka` (Kafka mode)."""
@@ -257,8 +257,8 @@ def build_app(
         backfiller,
         settings.quotas,
     )
-    admission = Admission(limits)
-    responses = Responses()
+    front = front or Front.of(limits)
+    admission, responses = front.admission, front.responses
     sources = core_metrics.sources(store, consumer, forwarder[0] if forwarder else None)
     routes = [
         *openapi_routes.declare_edge(

@@ -96,7 +96,7 @@ def ingest_request(url: str, token: str, body: bytes, content_length: int | None
     return head.encode() + body
 
 
-async def _connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
     return await asyncio.open_connection(parts.hostname, parts.port, limit=1 << 20)
@@ -125,7 +125,7 @@ async def _flood(
         nonlocal sent
         while time.monotonic() < stop_at:
             try:
-                reader, writer = await _connect(url)
+                reader, writer = await connect(url)
                 while time.monotonic() < stop_at:
                     if link_bytes_per_second:
                         sent += len(request)
@@ -160,7 +160,7 @@ async def _slow_bodies(
     statuses: Counter[int] = Counter()
 
     async def one() -> None:
-        reader, writer = await _connect(url)
+        reader, writer = await connect(url)
         writer.write(ingest_request(url, token, b"", content_length=declared))
         answer = asyncio.ensure_future(read_response(reader))
         stop_at = time.monotonic() + seconds
@@ -186,7 +186,7 @@ async def _silent(url: str, sockets: int, seconds: float, partial: bytes) -> int
     how many the server closed within `seconds`."""
 
     async def one() -> bool:
-        reader, writer = await _connect(url)
+        reader, writer = await connect(url)
         writer.write(partial)
         try:
             async with asyncio.timeout(seconds):
@@ -210,7 +210,7 @@ def big_bodies(url: str, token: str, bodies: int, size_mib: float) -> dict[int, 
         statuses: Counter[int] = Counter()
 
         async def one(i: int) -> None:
-            reader, writer = await _connect(url)
+            reader, writer = await connect(url)
             writer.write(ingest_request(url, token, body.replace(b"big-", f"b{i}-".encode())))
             try:
                 statuses[(await read_response(reader))[0]] += 1
@@ -265,7 +265,7 @@ async def _steady(
     counter = iter(range(total))
 
     async def one(lane: int) -> None:
-        reader, writer = await _connect(url)
+        reader, writer = await connect(url)
         for i in counter:
             due = started + i / rate
             await asyncio.sleep(max(0.0, due - time.monotonic()))
@@ -280,7 +280,7 @@ async def _steady(
             statuses[status] += 1
             if headers.get("connection") == "close":
                 writer.close()
-                reader, writer = await _connect(url)
+                reader, writer = await connect(url)
         writer.close()
 
     await asyncio.gather(*(one(lane) for lane in range(connections)))

@@ -5,6 +5,7 @@ these names from here, never from the modules behind them."""
 from ingest.http.admission import MIB, Admission, Limits, Rate
 from ingest.http.cloudevents import OPENMETER_PATH, CloudEvent
 from ingest.http.edge import (
+    Front,
     IngestBody,
     IngestEvent,
     IngestResult,
@@ -13,7 +14,7 @@ from ingest.http.edge import (
     ingest_routes,
 )
 from ingest.http.metrics import Responses, Source, count_responses, metrics_route
-from ingest.http.protocol import with_header_timeout
+from ingest.http.protocol import Gate, http_protocol
 from ingest.http.requests import Authenticate, bearer_subject, json_body, organization_of
 from ingest.http.responses import (
     JSON,
@@ -36,6 +37,8 @@ __all__ = [
     "ErrorBody",
     "ErrorMap",
     "FieldErrorBody",
+    "Front",
+    "Gate",
     "IngestBody",
     "IngestEvent",
     "IngestResult",
@@ -51,9 +54,9 @@ __all__ = [
     "count_responses",
     "edge_app",
     "error",
+    "http_protocol",
     "ingest_routes",
     "json_body",
     "metrics_route",
     "organization_of",
-    "with_header_timeout",
 ]

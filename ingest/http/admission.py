@@ -1,7 +1,9 @@
 """Who may use ingest capacity, and how much: so that one tenant's flood, slow uploads or big
 bodies never stop another tenant's ingest.
 
-A request passes, in order:
+A request passes, in order (each check but the events' also made from its headers alone, before
+its body is read: `refusal`, which the HTTP protocol asks, so that a flood's refused requests
+cost their headers only):
 1. the rate limits of its token and of its organization: requests per second, and events per
    second (charged once the body is validated, so a request may overdraw; the next ones wait
    until the bucket refills) → 429 + Retry-After;
@@ -67,14 +69,23 @@ class _Bucket:
         self._at = time.monotonic()
 
     def _refill(self, now: float) -> None:
-        self._level = min(self._rate, self._level + (now - self._at) * self._rate)
-        self._at = now
+        # `now` may precede the bucket's start: read before a new token's bucket was made.
+        elapsed = max(0.0, now - self._at)
+        self._level = min(self._rate, self._level + elapsed * self._rate)
+        self._at = max(self._at, now)
 
     def wait(self, now: float, amount: float) -> float:
         """Seconds until `amount` may be taken: 0 means taken now."""
         self._refill(now)
         if self._level >= amount or self._level >= self._rate:
             self._level -= amount
+            return 0.0
+        return (amount - self._level) / self._rate
+
+    def peek(self, now: float, amount: float) -> float:
+        """`wait` without taking."""
+        self._refill(now)
+        if self._level >= amount or self._level >= self._rate:
             return 0.0
         return (amount - self._level) / self._rate
 
@@ -136,6 +147,38 @@ class Admission:
                     f"The {kind}'s ingest rate limit was exceeded; retry after the delay given.",
                     math.ceil(wait),
                 )
+
+    def refusal(
+        self, token: str, organization: str, content_length: int | None
+    ) -> TooManyRequests | Unavailable | None:
+        """What a request of `token` would be refused for now, judged from its headers before
+        its body is read, taking nothing (the request, if let in, takes its share as usual):
+        the rate limits, its organization's share of in-flight requests and of buffered bytes
+        (its declared length), and the whole in-flight budget."""
+        now = time.monotonic()
+        for kind, requests, events in self._buckets(token, organization):
+            wait = events.overdrawn(now) or requests.peek(now, 1)
+            if wait:
+                self._refuse(f"{kind}_rate", organization)
+                return TooManyRequests(
+                    f"The {kind}'s ingest rate limit was exceeded; retry after the delay given.",
+                    math.ceil(wait),
+                )
+        if self._inflight[organization] >= self._org_slots:
+            self._refuse("organization_inflight", organization)
+            return TooManyRequests(
+                "The organization has too many ingest requests in flight; retry shortly.", 1
+            )
+        if content_length and self._buffered[organization] + content_length > self._org_bytes:
+            self._refuse("organization_bytes", organization)
+            return TooManyRequests(
+                "The organization's share of the buffered ingest bodies is taken; retry shortly.",
+                1,
+            )
+        if self.inflight >= self.limits.max_inflight:
+            self._refuse("inflight", organization)
+            return Unavailable("Too many ingest requests in flight; retry shortly.", 1)
+        return None
 
     def charge_events(self, token: str, organization: str, count: int) -> None:
         """Charge a request's accepted events to the token's and organization's budgets."""

@@ -24,8 +24,9 @@ from ingest.errors import Unavailable
 from ingest.http.admission import Admission, Limits
 from ingest.http.cloudevents import CLOUDEVENTS_MEDIA, OPENMETER_PATH, CloudEventsBody
 from ingest.http.metrics import Responses, count_responses, metrics_route
+from ingest.http.protocol import Gate
 from ingest.http.requests import Authenticate, authenticated
-from ingest.http.responses import JSON, ErrorMap
+from ingest.http.responses import JSON, ErrorMap, raw_closing, refused
 from ingest.publish import Publisher
 from meters.errors import ValidationFailed
 from meters.events import EventRules
@@ -124,15 +125,61 @@ def ingest_routes(
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Front:
+    """What a process's HTTP application and its protocol share: who may use ingest capacity
+    (`admission`) and the count of responses per status (`responses`, for /metrics), so that a
+    request the protocol answers from its headers (`gate`) is counted and limited as the
+    application would."""
+
+    admission: Admission
+    responses: Responses = field(default_factory=Responses)
+
+    @classmethod
+    def of(cls, limits: Limits) -> Front:
+        return cls(Admission(limits))
+
+    def gate(self, authenticate: Authenticate) -> Gate:
+        """For the protocol (`http_protocol`): an ingest request that admission refuses from its
+        headers (its token's or organization's rate, its organization's share of in-flight
+        requests or of buffered bytes, the whole in-flight budget) is answered 429 or 503 and
+        its connection closed, before its body is read. Anything else, a missing or unknown
+        token included, goes to the application, which answers as before."""
+        admission, responses = self.admission, self.responses
+        paths = {b"/v1/events/ingest", OPENMETER_PATH.encode()}
+
+        def gate(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+            if method != b"POST" or path not in paths:
+                return None
+            found = dict(headers)
+            scheme, _, token = found.get(b"authorization", b"").decode("latin-1").partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                return None
+            org = authenticate(token)
+            if org is None:
+                return None
+            length = found.get(b"content-length", b"")
+            refusal = admission.refusal(token, org, int(length) if length.isdigit() else None)
+            if refusal is None:
+                return None
+            answer = refused(refusal)
+            responses[answer.status_code] += 1
+            return raw_closing(answer)
+
+        return gate
+
+
 def edge_app(
     publisher: Publisher,
     authenticate: Authenticate,
     settings: IngestSettings,
     metrics_token: str | None,
+    front: Front | None = None,
 ) -> Starlette:
     """A stateless ingest edge: the ingest routes into `publisher`, and its own metrics."""
-    admission = Admission(settings.limits)
-    responses = Responses()
+    front = front or Front.of(settings.limits)
+    admission, responses = front.admission, front.responses
     routes = [
         Route("/healthz", _health, methods=["GET"]),
         metrics_route(admission, metrics_token, responses=responses),

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any, Literal
 
 import orjson
@@ -166,9 +167,25 @@ async def _edge_error(request: Request, exc: Exception) -> Response:
         return error(413, "RequestBodyTooLarge", str(exc), {"Connection": "close"})
     if isinstance(exc, BodyTimeout):
         return error(408, "RequestTimeout", str(exc), {"Connection": "close"})
-    if isinstance(exc, TooManyRequests):
-        # Polar answers 429 with an empty body; the same status and header, and a reason.
-        return error(429, "TooManyRequests", str(exc), {"Retry-After": str(exc.retry_after)})
-    if isinstance(exc, Unavailable):
-        return unavailable(str(exc), exc.retry_after)
+    if isinstance(exc, TooManyRequests | Unavailable):
+        return refused(exc)
     raise exc
+
+
+def refused(exc: TooManyRequests | Unavailable) -> JSON:
+    """A request refused for capacity: 429 (its tenant's limit) or 503 (everyone's), with
+    Retry-After. Polar answers 429 with an empty body; the same status and header, and a
+    reason."""
+    if isinstance(exc, TooManyRequests):
+        return error(429, "TooManyRequests", str(exc), {"Retry-After": str(exc.retry_after)})
+    return unavailable(str(exc), exc.retry_after)
+
+
+def raw_closing(response: Response) -> bytes:
+    """`response` as HTTP/1.1 bytes, closing the connection after it (for the protocol's gate,
+    which answers before the application runs)."""
+    status = HTTPStatus(response.status_code)
+    lines = [f"HTTP/1.1 {status.value} {status.phrase}".encode()]
+    lines += [name + b": " + value for name, value in response.raw_headers]
+    lines.append(b"connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + bytes(response.body)

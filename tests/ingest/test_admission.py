@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from contextlib import AsyncExitStack
 
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.errors import TooManyRequests, Unavailable
+from ingest.http import Front
 from ingest.http.admission import Admission, Limits, Rate
 
 
@@ -95,3 +97,50 @@ def test_byte_budgets_hold_whatever_the_order(ops: list[tuple[str, int, bool]]) 
         for size in sizes:
             admission.unreserve(org, size)
     assert admission.buffered_bytes == 0
+
+
+def test_a_refusal_judged_from_headers_takes_nothing() -> None:
+    """`refusal` refuses what `check_rate` would, and leaves the buckets as they were."""
+    admission = _admission(token_rate=Rate(requests=2, events=1e9))
+    for _ in range(5):
+        assert admission.refusal("t", "org", None) is None
+    admission.check_rate("t", "org")
+    admission.check_rate("t", "org")
+    refused = admission.refusal("t", "org", None)
+    assert isinstance(refused, TooManyRequests) and "token" in str(refused)
+    assert admission.refusal("u", "org", None) is None  # another token: its own bucket
+
+
+def test_a_refusal_counts_the_organizations_shares() -> None:
+    async def go() -> None:
+        admission = _admission(max_inflight=8, organization_share=0.5, max_buffered_bytes=1000)
+        assert admission.refusal("t", "a", 600) is not None  # past a's 500 bytes
+        assert admission.refusal("t", "a", 400) is None
+        async with AsyncExitStack() as stack:
+            await _hold_slots(admission, "a", 4, stack)
+            assert isinstance(admission.refusal("t", "a", None), TooManyRequests)
+            await _hold_slots(admission, "b", 4, stack)
+            assert isinstance(admission.refusal("t", "c", None), Unavailable)
+        assert admission.refusal("t", "a", None) is None
+
+    asyncio.run(go())
+
+
+def test_the_gate_answers_an_ingest_request_over_its_share_and_lets_the_rest_through() -> None:
+    front = Front.of(Limits(token_rate=Rate(requests=1, events=1e9)))
+    gate = front.gate({"good": "org"}.get)
+    headers = [(b"authorization", b"Bearer good"), (b"content-length", b"10")]
+    front.admission.check_rate("good", "org")  # the one request a second, taken
+    answer = gate(b"POST", b"/v1/events/ingest", headers)
+    assert answer is not None
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+    assert b"\r\nconnection: close" in head and b"\r\nretry-after: 1" in head
+    assert json.loads(body)["error"] == "TooManyRequests"
+    assert front.responses[429] == 1
+    assert gate(b"POST", b"/api/v1/events", headers) is not None  # OpenMeter's path too
+    # Other routes, other methods, a missing or unknown token: the application answers.
+    assert gate(b"GET", b"/v1/events/ingest", headers) is None
+    assert gate(b"POST", b"/v1/meters/", headers) is None
+    assert gate(b"POST", b"/v1/events/ingest", [(b"content-length", b"10")]) is None
+    assert gate(b"POST", b"/v1/events/ingest", [(b"authorization", b"Bearer bad")]) is None

@@ -4,6 +4,7 @@ crashes the server nor its restart."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from aggregator.auth import TokenRegistry
+from tests import tenants
 from tests.inprocess import ServedCore
 from tests.processes import MeterlineServer
 from tests.tenants import many_meters
@@ -188,3 +190,32 @@ def test_a_repeatable_parameter_takes_at_most_100_values(limited: ServedCore) ->
             error = answer.json()["detail"][0]
             assert (error["type"], error["loc"]) == ("too_long", ["query", name])
             assert client.get("/v1/events/", params={name: values[:100]}).status_code == 200
+
+
+def test_a_request_over_its_rate_is_answered_from_its_headers_and_its_body_never_read(
+    tmp_path: Path,
+) -> None:
+    """The protocol's gate: a request its tenant's limits refuse is answered once its headers
+    arrive, and its connection closed; the body it declared is never waited for."""
+
+    async def go(url: str, token: str) -> tuple[int, int, dict[str, str], bytes]:
+        body = tenants.events_body("gate", 1)
+        reader, writer = await tenants.connect(url)
+        writer.write(tenants.ingest_request(url, token, body))
+        first = await tenants.read_response(reader)
+        writer.close()
+        reader, writer = await tenants.connect(url)
+        # 200,000 bytes declared, 10 sent: only the headers are there to judge.
+        writer.write(tenants.ingest_request(url, token, body[:10], content_length=200_000))
+        async with asyncio.timeout(5):
+            status, headers, _ = await tenants.read_response(reader)
+            rest = await reader.read()  # b"": the server closed the connection
+        writer.close()
+        return first[0], status, headers, rest
+
+    with ServedCore(tmp_path, "--token-requests-per-second", "1") as core:
+        assert core.token is not None
+        first, status, headers, rest = asyncio.run(go(core.url, core.token))
+    assert first == 200
+    assert status == 429 and headers.get("connection") == "close", headers
+    assert rest == b""
