@@ -313,7 +313,7 @@ def _check(
     if customer is None or meter is None:
         raise NotFound("Customer or meter not found")
     balance = sql.held_customer_meter(live.balances, customer, meter)
-    held = hold_sql.held(con, customer.id, meter.id, now_us())
+    held = hold_sql.held_in_memory(live, customer.id, meter.id, now_us())
     return BalanceCheck(units, replace(balance, held=held))
 
 
@@ -326,7 +326,7 @@ async def check(
     units: float,
 ) -> BalanceCheck:
     """May the customer use `units` more of the meter, after what active holds reserve? The
-    balance from memory (`live`); DuckDB is read for the holds and for a customer or meter not
+    balance and the holds from memory (`live`); DuckDB is read only for a customer or meter not
     held in memory yet."""
     return await store.read_now(
         _check, store.live, organization_id, meter_id, customer_id, external_customer_id, units

@@ -13,6 +13,7 @@ ingest looks for holds to settle only in batches naming one.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
@@ -40,6 +41,7 @@ __all__ = [
     "get_hold",
     "held",
     "held_by_pair",
+    "held_in_memory",
     "list_holds",
     "release_job",
 ]
@@ -165,7 +167,9 @@ def create_job(
             con, organization_id, "hold", data.external_id, request, hold.id, now_us
         )
         # Now, not at commit: an event in this same transaction may settle it (a superset).
-        tx.live.feature(HoldKeys).add(organization_id, hold.external_id)
+        holds = tx.live.feature(HoldKeys)
+        holds.add(organization_id, hold.external_id)
+        tx.live.stage(lambda: holds.made(hold))
         return Created(hold, balance, holding + hold.units, False)
 
     return job
@@ -256,8 +260,15 @@ def list_holds(
     return [_row(r) for r in rows], total
 
 
+def held_in_memory(live: Live, customer_id: str, meter_id: str, now_us: int) -> float:
+    """The units the customer meter's committed active holds reserve, from memory (a balance
+    check's read, on any thread)."""
+    return live.feature(HoldKeys).held(customer_id, meter_id, now_us)
+
+
 def held(con: Con, customer_id: str, meter_id: str, now_us: int) -> float:
-    """The units the customer meter's active holds reserve."""
+    """The units the customer meter's active holds reserve (in a writer job: its own
+    transaction's holds included)."""
     return held_by_pair(con, [(customer_id, meter_id)], now_us).get((customer_id, meter_id), 0.0)
 
 
@@ -278,21 +289,36 @@ def held_by_pair(
 
 
 class HoldKeys(Feature):
-    """The external ids of holds that may be active, per organization, so that applying events
-    looks for holds to settle only where an event names one: read at open (`load`), grown by
-    each hold as it is made, shrunk as holds end (at commit). A superset is harmless."""
+    """The holds that may be active, in memory:
+
+    - per organization, their external ids, so that applying events looks for holds to settle
+      only where an event names one: grown by each hold as it is made (in its transaction: an
+      event of the same transaction may settle it), shrunk as holds end (at commit); a superset
+      is harmless;
+    - per customer meter, each committed hold's units and expiry, so that a balance check reads
+      what holds reserve without a statement (`held`): added and removed at commit.
+
+    Read at open (`load`); at most `TenantLimits.holds` active holds per organization."""
 
     def __init__(self) -> None:
         self._keys: dict[str, set[str]] = {}
+        self._lock = threading.Lock()  # readers' threads read `_units` as the writer changes it
+        # (customer id, meter id) -> external id -> (units, expires at); and where each is.
+        self._units: dict[tuple[str, str], dict[str, tuple[float, int]]] = {}
+        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
 
     def load(self, con: Con, now_us: int) -> None:
-        keys: dict[str, set[str]] = {}
-        for org, external_id in con.execute(
-            f"SELECT organization_id::VARCHAR, external_id FROM meter_holds WHERE {_ACTIVE}",  # noqa: S608
+        rows = con.execute(
+            "SELECT organization_id::VARCHAR, external_id, customer_id::VARCHAR,"  # noqa: S608
+            f" meter_id::VARCHAR, units, epoch_us(expires_at) FROM meter_holds WHERE {_ACTIVE}",
             [now_us],
-        ).fetchall():
-            keys.setdefault(str(org), set()).add(str(external_id))
-        self._keys = keys
+        ).fetchall()
+        self._keys = {}
+        for org, external_id, customer_id, meter_id, units, expires_us in rows:
+            self.add(str(org), str(external_id))
+            self._hold(
+                str(org), str(external_id), str(customer_id), str(meter_id), units, expires_us
+            )
 
     def of(self, organization_id: str) -> set[str]:
         return self._keys.get(organization_id, set())
@@ -300,8 +326,49 @@ class HoldKeys(Feature):
     def add(self, organization_id: str, external_id: str) -> None:
         self._keys.setdefault(organization_id, set()).add(external_id)
 
+    def made(self, hold: HoldRow) -> None:
+        """A hold committed (an effect staged by its job)."""
+        self._hold(
+            hold.organization_id,
+            hold.external_id,
+            hold.customer_id,
+            hold.meter_id,
+            hold.units,
+            hold.expires_at_us,
+        )
+
+    def _hold(
+        self,
+        organization_id: str,
+        external_id: str,
+        customer_id: str,
+        meter_id: str,
+        units: float,
+        expires_us: int,
+    ) -> None:
+        pair = (customer_id, meter_id)
+        with self._lock:
+            self._units.setdefault(pair, {})[external_id] = (float(units), int(expires_us))
+            self._pairs[(organization_id, external_id)] = pair
+
     def forget(self, organization_id: str, external_ids: list[str]) -> None:
+        """Holds ended (released or settled; at commit)."""
         self._keys.get(organization_id, set()).difference_update(external_ids)
+        with self._lock:
+            for external_id in external_ids:
+                pair = self._pairs.pop((organization_id, external_id), None)
+                held = self._units.get(pair) if pair is not None else None
+                if held is not None:
+                    held.pop(external_id, None)
+                    if not held:
+                        del self._units[pair]  # type: ignore[arg-type]
+
+    def held(self, customer_id: str, meter_id: str, now_us: int) -> float:
+        """The units the customer meter's committed holds reserve at `now_us` (an expired one
+        reserves nothing: expiry writes nothing)."""
+        with self._lock:
+            held = self._units.get((customer_id, meter_id))
+            return sum(u for u, expires in held.values() if expires > now_us) if held else 0.0
 
 
 def settle(
