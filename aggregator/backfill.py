@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
-from aggregator.store import Store, backfill_step_job, pending_backfills
+from aggregator.store import Outcome, Store, backfill_step_job, pending_backfills
+from meters.commands import Command
 from meters.times import now_us
 
 log = logging.getLogger(__name__)
@@ -46,10 +48,14 @@ class Backfiller:
         self._max_retry = max_retry_seconds
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._turn = asyncio.Lock()  # FIFO: backfilling meters take turns
+        self._detach: Callable[[], None] = lambda: None
 
     async def __aenter__(self) -> Self:
         for meter_id, version in await self._store.read(pending_backfills):
             self.start(meter_id, version)
+        # A meter made or redefined by a write record, however it came (this core's API, or
+        # the control topic written by another).
+        self._detach = self._store.listeners.attach_applied(self._on_applied)
         return self
 
     async def __aexit__(
@@ -58,9 +64,16 @@ class Backfiller:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._detach()
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    def _on_applied(self, command: Command, outcome: Outcome) -> None:
+        ok, row = outcome
+        made = command.kind == "meter.create"
+        if ok and (made or (command.kind == "meter.update" and row.backfilling)):
+            self.start(row.id, row.version)
 
     def start(self, meter_id: str, version: int) -> None:
         """Backfill `meter_id` at definition `version`; a running older one stops by itself."""

@@ -54,6 +54,7 @@ from aggregator.commands.common import (
 from aggregator.core_app import CoreSettings, alert_payload, build_app, state_payload
 from aggregator.errors import UsageError
 from aggregator.intake.consumer import Consumer
+from aggregator.intake.control import ControlApplier, ControlTopic
 from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.plan_cycler import PlanCycler
 from aggregator.services.live_feed import LiveFeed
@@ -527,6 +528,11 @@ async def serve(
     registry = TokenRegistry(settings.data_dir, cache_seconds=settings.token_cache_seconds)
     try:
         async with contextlib.AsyncExitStack() as stack:
+            # Kafka mode: every API write is a record on the control topic, which this core
+            # applies (`intake.control`); embedded, the store applies it at once.
+            control = None
+            if kafka is not None:
+                control = await stack.enter_async_context(ControlTopic(kafka))
             store = await stack.enter_async_context(
                 Store(
                     settings.database,
@@ -534,8 +540,13 @@ async def serve(
                     job_bound_seconds=settings.job_bound_seconds,
                     dedupe_memory_keys=settings.dedupe_memory_keys,
                     alert_payload=alert_payload,
+                    commands=control,
                 )
             )
+            if kafka is not None and control is not None:
+                await stack.enter_async_context(
+                    ControlApplier(store, kafka, control, registry.organization_exists)
+                )
             validation = await stack.enter_async_context(
                 ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)
             )

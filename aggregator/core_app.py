@@ -20,6 +20,7 @@ from aggregator import core_metrics
 from aggregator.api import (
     alert_routes,
     alert_shapes,
+    cluster_routes,
     cost_routes,
     customer_portal_routes,
     customer_routes,
@@ -50,8 +51,10 @@ from aggregator.errors import (
     LimitReached,
     MeterFailed,
     NotFound,
+    OutcomeUnreadable,
     QueryTimeout,
     StorageFull,
+    WriteTimeout,
 )
 from aggregator.intake.consumer import Consumer
 from aggregator.services import ledger_service
@@ -193,6 +196,8 @@ def _errors() -> ErrorMap:
     errors.register(NotFound, 404, "ResourceNotFound", default_detail="Not found")
     errors.register(MeterFailed, 409, "MeterFailed")
     errors.register(KeyReused, 409, "IdempotencyKeyReused")
+    errors.register(OutcomeUnreadable, 409, "OutcomeUnreadable")
+    errors.register(WriteTimeout, 504, "WriteTimeout")
     errors.register(InsufficientBalance, 409, "insufficient_balance")
     errors.register(LimitReached, 409, "LimitReached")
     errors.register(QueryTimeout, 503, "QueryTimeout", headers={"Retry-After": "5"})
@@ -286,6 +291,7 @@ def build_app(
         ),
         *forwarding_routes.routes(ctx, *(forwarder or (None, None))),
         *dead_letter_routes.routes(ctx, kafka, consumer.organizations if consumer else None),
+        *cluster_routes.routes(ctx, kafka),
         *console_routes.routes(),
         *openapi_routes.routes(version()),
     ]

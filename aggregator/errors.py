@@ -4,6 +4,8 @@ AggregatorError
 ├── NotFound          a resource does not exist in the caller's organization
 ├── MeterFailed       a meter that cannot be evaluated was asked for its events (409)
 ├── KeyReused         an idempotency key sent again with a different request (409)
+├── OutcomeUnreadable a write applied before whose stored answer no longer reads back (409)
+├── WriteTimeout      a write record appended but not applied within the answer bound (504)
 ├── InsufficientBalance  a hold asked for more than the balance left available (409)
 ├── OffsetGap         a consumed batch does not start where the stored offsets end
 ├── QueryTimeout      a read ran past the store's read timeout and was interrupted (503)
@@ -29,12 +31,29 @@ class MeterFailed(AggregatorError):
 
 
 class KeyReused(AggregatorError):
-    def __init__(self, operation: str, key: str) -> None:
+    def __init__(self, operation: str, key: str, field: str = "external_id") -> None:
         super().__init__(
-            f"The external_id {key!r} was already used for a different {operation} request;"
-            " use a new external_id for a new request."
+            f"The {field} {key!r} was already used for a different {operation} request;"
+            f" use a new {field} for a new request."
         )
         self.key = key
+
+
+class OutcomeUnreadable(AggregatorError):
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            f"The request {request_id!r} was applied, but its answer was stored by an earlier"
+            " version and cannot be read back; use a new Idempotency-Key for a new request."
+        )
+
+
+class WriteTimeout(AggregatorError):
+    def __init__(self, request_id: str, seconds: float) -> None:
+        super().__init__(
+            f"The write was logged but not applied within {seconds:g} s; it will be. Send it"
+            f" again with the header Idempotency-Key: {request_id} to get its answer."
+        )
+        self.request_id = request_id
 
 
 class InsufficientBalance(AggregatorError):

@@ -23,6 +23,7 @@ import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -149,11 +150,12 @@ def measure(
     verify: Hook | None = None,
     batches: int | None = None,
     server_args: tuple[str, ...] = (),
+    checkout: Path | None = None,
 ) -> dict[str, Any]:
     """The ingest_http benchmark; other benchmarks reuse it with hooks (e.g. to create meters
     first), a fixed number of batches per run (to compare like with like) and server flags."""
     plan = QUICK if quick else FULL
-    with Server(*server_args) as server:
+    with Server(*server_args, checkout=checkout) as server:
         prepared = setup(server) if setup else None
         load = LoadGenerator(server)
         try:

@@ -34,6 +34,7 @@ from rich.console import Console
 from aggregator.commands.progress import Progress
 from benchmarks import (
     alerts,
+    api_writes,
     core,
     forwarding,
     ingest_http,
@@ -84,6 +85,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "sdk_deliver": Benchmark(sdk.sdk_deliver, 175, 35),
     "isolation": Benchmark(isolation, 120, 25),
     "meter_heavy": Benchmark(meter_heavy, 540, 60),
+    "api_writes": Benchmark(api_writes, 420, 60),
 }
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
 _OPS = {">=": "≥", "<=": "≤", "==": "="}

@@ -43,6 +43,11 @@ class KafkaSettings:
     # its partitions go to another; a killed core restarted sooner waits out the rest of it.
     session_timeout_seconds: float = 10.0
 
+    @property
+    def control_topic(self) -> str:
+        """Where every API write is a record (`meters.commands`): one partition, one order."""
+        return f"{self.topic}.control"
+
     def producer(self, **overrides: Any) -> AIOKafkaProducer:
         options: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap,
@@ -57,21 +62,24 @@ class KafkaSettings:
 
 
 async def ensure_topics(settings: KafkaSettings) -> None:
-    """Create the event and dead-letter topics if missing; verify their partition counts."""
+    """Create the event, dead-letter and control topics if missing; verify their partition
+    counts. Topics made by earlier versions (events and dead letters only) gain the control
+    topic."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
-    wanted = [settings.topic, settings.dead_letter_topic]
+    partitions = {
+        settings.topic: settings.partitions,
+        settings.dead_letter_topic: settings.partitions,
+        settings.control_topic: 1,
+    }
+    wanted = list(partitions)
     try:
         async with asyncio.timeout(settings.start_timeout_seconds):
             await retrying(admin.start)
-            try:
-                await admin.create_topics(
-                    [
-                        NewTopic(name, settings.partitions, settings.replication_factor)
-                        for name in wanted
-                    ]
-                )
-            except TopicAlreadyExistsError:
-                pass
+            for name, count in partitions.items():  # apart: one that exists fails no other
+                try:
+                    await admin.create_topics([NewTopic(name, count, settings.replication_factor)])
+                except TopicAlreadyExistsError:
+                    pass
             described = await admin.describe_topics(wanted)
     finally:
         await stop_within(admin.close, settings.stop_timeout_seconds, "admin client")

@@ -41,7 +41,9 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def create(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(AlertCreate, await ctx.json(request))
-        found, created = await service.create(store, org, data, ctx.limits)
+        found, created = await service.create(
+            store, org, data, ctx.limits, request_id=ctx.request_id(request)
+        )
         return JSON(shapes.alert(found), status_code=201 if created else 200)
 
     async def list_(request: Request) -> JSON:
@@ -56,7 +58,9 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def delete(request: Request) -> Response:
         org = ctx.organization(request)
-        await service.delete(store, org, params.path_id(request))
+        await service.delete(
+            store, org, params.path_id(request), request_id=ctx.request_id(request)
+        )
         return Response(status_code=204)
 
     return [

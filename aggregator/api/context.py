@@ -10,6 +10,7 @@ from starlette.requests import Request
 from aggregator.backfill import Backfiller
 from aggregator.services import Store, TenantLimits
 from ingest.http import Authenticate, json_body, organization_of
+from meters.commands import check_request_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,13 @@ class ApiContext:
 
     def organization(self, request: Request) -> str:
         return organization_of(request, self.authenticate)
+
+    @staticmethod
+    def request_id(request: Request) -> str | None:
+        """The client's `Idempotency-Key`: a write sent again with it is applied once, and
+        answered as it was the first time (for a day)."""
+        key = request.headers.get("idempotency-key")
+        return None if key is None else check_request_id(key)
 
     async def json(self, request: Request) -> Any:
         """The request's JSON body, within the size and time limits of ingest bodies."""

@@ -52,7 +52,12 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def create(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(CustomerCreate, await ctx.json(request))
-        return JSON(shapes.customer(await service.create(ctx.store, org, data)), status_code=201)
+        return JSON(
+            shapes.customer(
+                await service.create(ctx.store, org, data, request_id=ctx.request_id(request))
+            ),
+            status_code=201,
+        )
 
     async def get(request: Request) -> JSON:
         org = ctx.organization(request)
@@ -69,7 +74,12 @@ def routes(ctx: ApiContext) -> list[Route]:
         customer_id = params.path_id(request) if external_id is None else None
         data = parse_model(CustomerUpdate, await ctx.json(request))
         found = await service.update(
-            ctx.store, org, data, customer_id=customer_id, external_id=external_id
+            ctx.store,
+            org,
+            data,
+            customer_id=customer_id,
+            external_id=external_id,
+            request_id=ctx.request_id(request),
         )
         return JSON(shapes.customer(found))
 
@@ -101,6 +111,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             customer_id=customer_id,
             external_id=external_id,
             anonymize=params.boolean(request, "anonymize") or False,
+            request_id=ctx.request_id(request),
         )
         return Response(status_code=204)
 

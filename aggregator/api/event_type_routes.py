@@ -109,7 +109,14 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         type_id = params.path_id(request)
         data = parse_model(EventTypeUpdate, await ctx.json(request))
-        return JSON(shapes.event_type(await service.update(ctx.store, org, type_id, data), org))
+        return JSON(
+            shapes.event_type(
+                await service.update(
+                    ctx.store, org, type_id, data, request_id=ctx.request_id(request)
+                ),
+                org,
+            )
+        )
 
     return [
         ApiRoute("/v1/events/names", names, "GET", NAMES),

@@ -50,7 +50,9 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def create(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(HoldCreate, await ctx.json(request))
-        found, created = await service.create(store, org, data, ctx.limits)
+        found, created = await service.create(
+            store, org, data, ctx.limits, request_id=ctx.request_id(request)
+        )
         return JSON(shapes.with_meter(found), status_code=201 if created else 200)
 
     async def list_(request: Request) -> JSON:
@@ -73,7 +75,13 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def release(request: Request) -> JSON:
         org = ctx.organization(request)
-        return JSON(shapes.with_meter(await service.release(store, org, params.path_id(request))))
+        return JSON(
+            shapes.with_meter(
+                await service.release(
+                    store, org, params.path_id(request), request_id=ctx.request_id(request)
+                )
+            )
+        )
 
     return [
         ApiRoute("/v1/meter-holds/", create, "POST", CREATE),

@@ -126,17 +126,19 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def credit(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(CreditCreate, await ctx.json(request))
-        return applied(await service.credit(store, org, data))
+        return applied(await service.credit(store, org, data, request_id=ctx.request_id(request)))
 
     async def reset(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(ResetCreate, await ctx.json(request))
-        return applied(await service.reset(store, org, data))
+        return applied(await service.reset(store, org, data, request_id=ctx.request_id(request)))
 
     async def create_plan(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(PlanCreate, await ctx.json(request))
-        plan, created = await plan_service.create(store, org, data)
+        plan, created = await plan_service.create(
+            store, org, data, request_id=ctx.request_id(request)
+        )
         return JSON(plan_shapes.plan(plan), status_code=201 if created else 200)
 
     async def list_plans(request: Request) -> JSON:
@@ -151,7 +153,9 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def delete_plan(request: Request) -> Response:
         org = ctx.organization(request)
-        await plan_service.delete(store, org, params.path_id(request))
+        await plan_service.delete(
+            store, org, params.path_id(request), request_id=ctx.request_id(request)
+        )
         return Response(status_code=204)
 
     return [

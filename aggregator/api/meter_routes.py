@@ -102,7 +102,9 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def create(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(MeterCreate, await ctx.json(request))
-        row = await service.create(ctx.store, ctx.backfiller, org, data, ctx.limits)
+        row = await service.create(
+            ctx.store, org, data, ctx.limits, request_id=ctx.request_id(request)
+        )
         return JSON(shapes.meter(row), status_code=201)
 
     async def get(request: Request) -> JSON:
@@ -113,7 +115,14 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         meter_id = params.path_id(request)
         data = parse_model(MeterUpdate, await ctx.json(request))
-        row = await service.update(ctx.store, ctx.backfiller, org, meter_id, data, ctx.limits)
+        row = await service.update(
+            ctx.store,
+            org,
+            meter_id,
+            data,
+            ctx.limits,
+            request_id=ctx.request_id(request),
+        )
         return JSON(shapes.meter(row))
 
     async def list_(request: Request) -> JSON:

@@ -49,7 +49,9 @@ def routes(ctx: ApiContext, allow_private: bool) -> list[Route]:
     async def create(request: Request) -> JSON:
         org = ctx.organization(request)
         data = parse_model(EndpointCreate, await ctx.json(request))
-        created = await service.create(store, org, data, allow_private, ctx.limits)
+        created = await service.create(
+            store, org, data, allow_private, ctx.limits, request_id=ctx.request_id(request)
+        )
         return JSON(shapes.endpoint(created), status_code=201)
 
     async def list_(request: Request) -> JSON:
@@ -65,18 +67,26 @@ def routes(ctx: ApiContext, allow_private: bool) -> list[Route]:
         org = ctx.organization(request)
         endpoint_id = params.path_id(request)
         data = parse_model(EndpointUpdate, await ctx.json(request))
-        updated = await service.update(store, org, endpoint_id, data, allow_private)
+        updated = await service.update(
+            store, org, endpoint_id, data, allow_private, request_id=ctx.request_id(request)
+        )
         return JSON(shapes.endpoint(updated))
 
     async def delete(request: Request) -> Response:
         org = ctx.organization(request)
-        await service.delete(store, org, params.path_id(request))
+        await service.delete(
+            store, org, params.path_id(request), request_id=ctx.request_id(request)
+        )
         return Response(status_code=204)
 
     async def reset_secret(request: Request) -> JSON:
         org = ctx.organization(request)
         return JSON(
-            shapes.endpoint(await service.reset_secret(store, org, params.path_id(request)))
+            shapes.endpoint(
+                await service.reset_secret(
+                    store, org, params.path_id(request), request_id=ctx.request_id(request)
+                )
+            )
         )
 
     async def deliveries(request: Request) -> JSON:
@@ -99,7 +109,9 @@ def routes(ctx: ApiContext, allow_private: bool) -> list[Route]:
 
     async def redeliver(request: Request) -> Response:
         org = ctx.organization(request)
-        await service.redeliver(store, org, params.path_id(request))
+        await service.redeliver(
+            store, org, params.path_id(request), request_id=ctx.request_id(request)
+        )
         return Response(status_code=202)
 
     endpoint = "/v1/webhooks/endpoints/{id}"

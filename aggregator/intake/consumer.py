@@ -42,6 +42,7 @@ from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from aiokafka import (
@@ -363,7 +364,7 @@ class Consumer:
         if dead:
             await self._dead_letter([(records[d.position], d) for d in dead])
         self.dead_lettered += len(dead)
-        events = table.drop_columns(["position", "row"])
+        events = _with_origin(table, records)
         return ConsumedBatch(
             self._kafka.topic,
             events,
@@ -505,6 +506,20 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
 
 def _lower_priority() -> None:
     os.setpriority(os.PRIO_PROCESS, 0, 10)  # on Linux, this thread only
+
+
+def _with_origin(table: pa.Table, records: list[ConsumerRecord[Any, Any]]) -> pa.Table:
+    """The decoded events, with the partition, offset and row each was read from in place of
+    their position in the fetch (the origin their ids are derived from: `memtable.ORIGIN`)."""
+    positions = table.column("position").to_numpy()
+    partitions = np.fromiter((r.partition for r in records), np.int32, len(records))
+    offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
+    # A JSON record is one event: row 0.
+    rows = pa.array(np.nan_to_num(table.column("row").to_numpy(zero_copy_only=False)), pa.int32())
+    table = table.drop_columns(["position", "row"])
+    table = table.append_column("origin_partition", pa.array(partitions[positions]))
+    table = table.append_column("origin_offset", pa.array(offsets[positions]))
+    return table.append_column("origin_row", rows)
 
 
 def _report_stop(task: asyncio.Task[None]) -> None:

@@ -6,20 +6,33 @@ import uuid
 
 from aggregator.errors import NotFound
 from aggregator.services.pages import Page, offset
+from aggregator.services.writes import record
 from aggregator.store import AlertRow, Store, TenantLimits
 from aggregator.store import alert_tables as sql
 from meters.ledger_rules import AlertCreate
-from meters.times import now_us
 
 __all__ = ["AlertRow", "create", "delete", "get", "list_"]
 
 
 async def create(
-    store: Store, organization_id: str, data: AlertCreate, limits: TenantLimits
+    store: Store,
+    organization_id: str,
+    data: AlertCreate,
+    limits: TenantLimits,
+    *,
+    request_id: str | None = None,
 ) -> tuple[AlertRow, bool]:
-    return await store.write(
-        sql.create_job(organization_id, data, now_us(), limits, alert_id=str(uuid.uuid4()))
+    alert_id = str(uuid.uuid4())
+    written: tuple[AlertRow, bool] = await store.submit(
+        record(
+            "alert.create",
+            organization_id,
+            request_id,
+            {"limits": limits, "alert_id": alert_id},
+            data=data,
+        )
     )
+    return written
 
 
 async def list_(
@@ -38,5 +51,7 @@ async def get(store: Store, organization_id: str, alert_id: str) -> AlertRow:
     return found
 
 
-async def delete(store: Store, organization_id: str, alert_id: str) -> None:
-    await store.write(sql.delete_job(organization_id, alert_id, now_us()))
+async def delete(
+    store: Store, organization_id: str, alert_id: str, *, request_id: str | None = None
+) -> None:
+    await store.submit(record("alert.delete", organization_id, request_id, alert_id=alert_id))

@@ -11,17 +11,16 @@ import duckdb
 
 from aggregator.errors import NotFound
 from aggregator.services.pages import Page, offset
+from aggregator.services.writes import record
 from aggregator.store import (
     CUSTOMER_SORTS,
     CustomerRow,
     Store,
-    customer_deletion,
     subjects,
     subjects_first_timestamp,
 )
 from aggregator.store import customer_tables as sql
 from meters.customer_rules import CustomerCreate, CustomerUpdate
-from meters.times import now_us
 
 __all__ = [
     "CUSTOMER_SORTS",
@@ -65,9 +64,14 @@ def _one(con: Con, organization_id: str, row: CustomerRow | None) -> Customer:
     return with_first_events(con, organization_id, [row])[0]
 
 
-async def create(store: Store, organization_id: str, data: CustomerCreate) -> Customer:
-    row = await store.write(
-        sql.create_job(organization_id, data, now_us(), customer_id=str(uuid.uuid4()))
+async def create(
+    store: Store, organization_id: str, data: CustomerCreate, *, request_id: str | None = None
+) -> Customer:
+    customer_id = str(uuid.uuid4())
+    row = await store.submit(
+        record(
+            "customer.create", organization_id, request_id, {"customer_id": customer_id}, data=data
+        )
     )
     return await store.read(_one, organization_id, row)
 
@@ -88,20 +92,6 @@ async def get_by_external_id(store: Store, organization_id: str, external_id: st
     )
 
 
-async def _find(
-    store: Store, organization_id: str, customer_id: str | None, external_id: str | None
-) -> CustomerRow:
-    """The customer named by `external_id` if given, else by `customer_id` (404 if none)."""
-    if external_id is not None:
-        found = await store.read(sql.get_customer_by_external_id, organization_id, external_id)
-    else:
-        assert customer_id is not None
-        found = await store.read(sql.get_customer, organization_id, customer_id)
-    if found is None:
-        raise NotFound("Customer not found")
-    return found
-
-
 async def update(
     store: Store,
     organization_id: str,
@@ -109,10 +99,13 @@ async def update(
     *,
     customer_id: str | None = None,
     external_id: str | None = None,
+    request_id: str | None = None,
 ) -> Customer:
     """Update the customer named by `external_id` if given, else by `customer_id`."""
-    found = await _find(store, organization_id, customer_id, external_id)
-    row = await store.write(sql.update_job(organization_id, found.id, data, now_us()))
+    named: dict[str, str | None] = {"customer_id": customer_id, "external_id": external_id}
+    row = await store.submit(
+        record("customer.update", organization_id, request_id, **named, data=data)
+    )
     return await store.read(_one, organization_id, row)
 
 
@@ -150,11 +143,14 @@ async def delete(
     customer_id: str | None = None,
     external_id: str | None = None,
     anonymize: bool = False,
+    request_id: str | None = None,
 ) -> None:
     """Delete the customer named by `external_id` if given, else by `customer_id`
     (`store.customer_deletion` says what stays and what goes)."""
-    found = await _find(store, organization_id, customer_id, external_id)
-    await store.write(customer_deletion.delete_job(organization_id, found.id, anonymize, now_us()))
+    named: dict[str, str | None] = {"customer_id": customer_id, "external_id": external_id}
+    await store.submit(
+        record("customer.delete", organization_id, request_id, **named, anonymize=anonymize)
+    )
 
 
 EXPORT_PAGE = 1000

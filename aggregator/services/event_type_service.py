@@ -11,18 +11,17 @@ import duckdb
 from aggregator.errors import NotFound
 from aggregator.services.event_service import resolve_customers
 from aggregator.services.pages import Page, offset
+from aggregator.services.writes import record
 from aggregator.store import (
     EventQuery,
     EventTypeRow,
     NameStats,
     Store,
     name_stats,
-    set_label_job,
     stored_types,
     type_id,
 )
 from meters.event_types import EventTypeUpdate, type_label
-from meters.times import now_us
 
 __all__ = ["NAME_SORTS", "TYPE_SORTS", "EventType", "EventTypeQuery", "list_", "update"]
 
@@ -112,7 +111,12 @@ async def list_(
 
 
 async def update(
-    store: Store, organization_id: str, event_type_id: str, data: EventTypeUpdate
+    store: Store,
+    organization_id: str,
+    event_type_id: str,
+    data: EventTypeUpdate,
+    *,
+    request_id: str | None = None,
 ) -> EventType:
     """Set the label of the user event type with this id (a 404 if no user event has it)."""
 
@@ -125,7 +129,15 @@ async def update(
     stats = await store.read(find)
     if stats is None:
         raise NotFound("Event type not found")
-    row = await store.write(
-        set_label_job(organization_id, stats, data.label, data.label_property_selector, now_us())
+    row = await store.submit(
+        record(
+            "event_type.label",
+            organization_id,
+            request_id,
+            name=stats.name,
+            first_ingested_us=stats.first_ingested_us,
+            label=data.label,
+            selector=data.label_property_selector,
+        )
     )
     return _typed(organization_id, stats, row)

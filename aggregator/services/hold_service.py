@@ -10,6 +10,7 @@ from aggregator.errors import NotFound
 from aggregator.services import ledger_service
 from aggregator.services.ledger_service import CustomerMeterView
 from aggregator.services.pages import Page, offset
+from aggregator.services.writes import record
 from aggregator.store import HoldRow, Store, TenantLimits
 from aggregator.store import hold_tables as sql
 from meters.ledger_rules import HoldCreate
@@ -36,16 +37,26 @@ async def _hold(store: Store, organization_id: str, row: HoldRow, now: int) -> H
 
 
 async def create(
-    store: Store, organization_id: str, data: HoldCreate, limits: TenantLimits
+    store: Store,
+    organization_id: str,
+    data: HoldCreate,
+    limits: TenantLimits,
+    *,
+    request_id: str | None = None,
 ) -> tuple[Hold, bool]:
     """The hold, and whether this call made it (False: an earlier call with its external_id
     did). InsufficientBalance when the balance less active holds is below `units`;
     LimitReached when the organization holds as many active holds as `limits` allow."""
-    now = now_us()
-    created = await store.write(
-        sql.create_job(organization_id, data, now, limits, hold_id=str(uuid.uuid4()))
+    hold_id = str(uuid.uuid4())
+    write = record(
+        "hold.create",
+        organization_id,
+        request_id,
+        {"limits": limits, "hold_id": hold_id},
+        data=data,
     )
-    return await _hold(store, organization_id, created.hold, now), not created.replayed
+    created = await store.submit(write)
+    return await _hold(store, organization_id, created.hold, write.at_us), not created.replayed
 
 
 async def list_(
@@ -78,8 +89,10 @@ async def get(store: Store, organization_id: str, hold_id: str) -> Hold:
     return await _hold(store, organization_id, row, now_us())
 
 
-async def release(store: Store, organization_id: str, hold_id: str) -> Hold:
+async def release(
+    store: Store, organization_id: str, hold_id: str, *, request_id: str | None = None
+) -> Hold:
     """End an active hold; one that has ended already is answered as it is."""
-    now = now_us()
-    row = await store.write(sql.release_job(organization_id, hold_id, now))
-    return await _hold(store, organization_id, row, now)
+    write = record("hold.release", organization_id, request_id, hold_id=hold_id)
+    row = await store.submit(write)
+    return await _hold(store, organization_id, row, write.at_us)

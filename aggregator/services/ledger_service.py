@@ -10,6 +10,7 @@ import duckdb
 from aggregator.errors import NotFound
 from aggregator.services.customer_service import Customer, with_first_events
 from aggregator.services.pages import Page, offset
+from aggregator.services.writes import record
 from aggregator.store import (
     Balances,
     CustomerMeter,
@@ -284,13 +285,17 @@ async def _applied(store: Store, organization_id: str, applied: sql.Applied) -> 
     return Applied(replace(found, balance=replace(cm, held=found.balance.held)), applied.replayed)
 
 
-async def credit(store: Store, organization_id: str, data: CreditCreate) -> Applied:
-    applied = await store.write(sql.credit_job(organization_id, data, now_us()))
+async def credit(
+    store: Store, organization_id: str, data: CreditCreate, *, request_id: str | None = None
+) -> Applied:
+    applied = await store.submit(record("ledger.credit", organization_id, request_id, data=data))
     return await _applied(store, organization_id, applied)
 
 
-async def reset(store: Store, organization_id: str, data: ResetCreate) -> Applied:
-    applied = await store.write(sql.reset_job(organization_id, data, now_us()))
+async def reset(
+    store: Store, organization_id: str, data: ResetCreate, *, request_id: str | None = None
+) -> Applied:
+    applied = await store.submit(record("ledger.reset", organization_id, request_id, data=data))
     return await _applied(store, organization_id, applied)
 
 

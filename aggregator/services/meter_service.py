@@ -9,16 +9,15 @@ from zoneinfo import ZoneInfo
 
 import duckdb
 
-from aggregator.backfill import Backfiller
 from aggregator.errors import MeterFailed, NotFound
 from aggregator.services.pages import Page, offset
+from aggregator.services.writes import record
 from aggregator.store import METER_SORTS, MeterRow, Scope, Store, TenantLimits, get_meter, subjects
 from aggregator.store import customer_tables as customer_sql
 from aggregator.store import meter_tables as sql
 from aggregator.store import quantities as quantity_sql
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.periods import Interval
-from meters.times import now_us
 
 __all__ = [
     "METER_SORTS",
@@ -70,15 +69,22 @@ def found(row: MeterRow | None) -> MeterRow:
 
 async def create(
     store: Store,
-    backfiller: Backfiller,
     organization_id: str,
     data: MeterCreate,
     limits: TenantLimits,
+    *,
+    request_id: str | None = None,
 ) -> MeterRow:
-    row: MeterRow = await store.write(
-        sql.create_job(organization_id, data, now_us(), limits, meter_id=str(uuid.uuid4()))
+    meter_id = str(uuid.uuid4())
+    row: MeterRow = await store.submit(
+        record(
+            "meter.create",
+            organization_id,
+            request_id,
+            {"limits": limits, "meter_id": meter_id},
+            data=data,
+        )
     )
-    backfiller.start(row.id, row.version)
     return row
 
 
@@ -88,17 +94,24 @@ async def get(store: Store, organization_id: str, meter_id: str) -> MeterRow:
 
 async def update(
     store: Store,
-    backfiller: Backfiller,
     organization_id: str,
     meter_id: str,
     data: MeterUpdate,
     limits: TenantLimits,
+    *,
+    request_id: str | None = None,
 ) -> MeterRow:
     found(await store.read(get_meter, organization_id, meter_id))
-    job = sql.update_job(organization_id, meter_id, data, now_us(), limits)
-    row: MeterRow = await store.write(job)
-    if row.backfilling:
-        backfiller.start(row.id, row.version)
+    row: MeterRow = await store.submit(
+        record(
+            "meter.update",
+            organization_id,
+            request_id,
+            {"limits": limits},
+            meter_id=meter_id,
+            data=data,
+        )
+    )
     return row
 
 

@@ -5,19 +5,22 @@ from __future__ import annotations
 import uuid
 
 from aggregator.errors import NotFound
+from aggregator.services.writes import record
 from aggregator.store import PlanRow, Store
 from aggregator.store import plan_tables as sql
 from meters.ledger_rules import PlanCreate
-from meters.times import now_us
 
 __all__ = ["PlanRow", "create", "delete", "get", "list_"]
 
 
-async def create(store: Store, organization_id: str, data: PlanCreate) -> tuple[PlanRow, bool]:
+async def create(
+    store: Store, organization_id: str, data: PlanCreate, *, request_id: str | None = None
+) -> tuple[PlanRow, bool]:
     """The plan, and whether this call created it (False: an earlier one with its external
     id did)."""
-    plan, created = await store.write(
-        sql.plan_create_job(organization_id, data, now_us(), plan_id=str(uuid.uuid4()))
+    plan_id = str(uuid.uuid4())
+    plan, created = await store.submit(
+        record("plan.create", organization_id, request_id, {"plan_id": plan_id}, data=data)
     )
     return plan, created
 
@@ -35,6 +38,8 @@ async def get(store: Store, organization_id: str, plan_id: str) -> PlanRow:
     return plan
 
 
-async def delete(store: Store, organization_id: str, plan_id: str) -> None:
-    if not await store.write(sql.plan_delete_job(organization_id, plan_id, now_us())):
+async def delete(
+    store: Store, organization_id: str, plan_id: str, *, request_id: str | None = None
+) -> None:
+    if not await store.submit(record("plan.delete", organization_id, request_id, plan_id=plan_id)):
         raise NotFound("Credit plan not found")

@@ -7,11 +7,11 @@ import uuid
 
 from aggregator.errors import NotFound
 from aggregator.services.pages import Page, offset
+from aggregator.services.writes import record
 from aggregator.store import DeliveryRow, EndpointRow, Store, TenantLimits
 from aggregator.store import webhook_tables as sql
 from aggregator.upstream.webhook_sender import private_refusal
 from meters.errors import FieldError, ValidationFailed
-from meters.times import now_us
 from meters.webhook_rules import EndpointCreate, EndpointUpdate, new_secret
 
 __all__ = [
@@ -45,26 +45,37 @@ async def create(
     data: EndpointCreate,
     allow_private: bool,
     limits: TenantLimits,
+    *,
+    request_id: str | None = None,
 ) -> EndpointRow:
     await _check_target(data.url, allow_private)
-    return await store.write(
-        sql.create_endpoint_job(
+    written: EndpointRow = await store.submit(
+        record(
+            "webhook.create",
             organization_id,
-            data,
-            now_us(),
-            limits,
-            endpoint_id=str(uuid.uuid4()),
-            secret=new_secret(),
+            request_id,
+            {"limits": limits, "endpoint_id": str(uuid.uuid4()), "secret": new_secret()},
+            data=data,
         )
     )
+    return written
 
 
 async def update(
-    store: Store, organization_id: str, endpoint_id: str, data: EndpointUpdate, allow_private: bool
+    store: Store,
+    organization_id: str,
+    endpoint_id: str,
+    data: EndpointUpdate,
+    allow_private: bool,
+    *,
+    request_id: str | None = None,
 ) -> EndpointRow:
     if data.url is not None:
         await _check_target(data.url, allow_private)
-    return await store.write(sql.update_endpoint_job(organization_id, endpoint_id, data, now_us()))
+    written: EndpointRow = await store.submit(
+        record("webhook.update", organization_id, request_id, endpoint_id=endpoint_id, data=data)
+    )
+    return written
 
 
 async def get(store: Store, organization_id: str, endpoint_id: str) -> EndpointRow:
@@ -81,18 +92,33 @@ async def list_(store: Store, organization_id: str, page: int, limit: int) -> Pa
     return Page(rows, total)
 
 
-async def delete(store: Store, organization_id: str, endpoint_id: str) -> None:
-    await store.write(sql.delete_endpoint_job(organization_id, endpoint_id, now_us()))
-
-
-async def reset_secret(store: Store, organization_id: str, endpoint_id: str) -> EndpointRow:
-    return await store.write(
-        sql.reset_secret_job(organization_id, endpoint_id, now_us(), secret=new_secret())
+async def delete(
+    store: Store, organization_id: str, endpoint_id: str, *, request_id: str | None = None
+) -> None:
+    await store.submit(
+        record("webhook.delete", organization_id, request_id, endpoint_id=endpoint_id)
     )
 
 
-async def redeliver(store: Store, organization_id: str, event_id: str) -> None:
-    await store.write(sql.redeliver_job(organization_id, event_id, now_us()))
+async def reset_secret(
+    store: Store, organization_id: str, endpoint_id: str, *, request_id: str | None = None
+) -> EndpointRow:
+    written: EndpointRow = await store.submit(
+        record(
+            "webhook.reset_secret",
+            organization_id,
+            request_id,
+            {"secret": new_secret()},
+            endpoint_id=endpoint_id,
+        )
+    )
+    return written
+
+
+async def redeliver(
+    store: Store, organization_id: str, event_id: str, *, request_id: str | None = None
+) -> None:
+    await store.submit(record("webhook.redeliver", organization_id, request_id, event_id=event_id))
 
 
 async def deliveries(

@@ -25,12 +25,11 @@ from aggregator.store.machinery.disk import full as disk_full
 from aggregator.store.machinery.ingest_log import LogCorrupt, with_origin, with_source
 from aggregator.store.machinery.live import Changed, Live
 from aggregator.store.machinery.rollups import Prepared
-from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS
+from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS, Outcome
 from aggregator.store.store import Store
 from aggregator.store.tables import (
     alert_tables,
     cost_queries,
-    customer_deletion,
     customer_tables,
     event_tables,
     event_type_tables,
@@ -45,14 +44,15 @@ from aggregator.store.tables import (
     webhook_tables,
 )
 from aggregator.store.tables.alert_tables import AlertRow, Firing
+from aggregator.store.tables.command_outcomes import advance_control_job, control_offset
 from aggregator.store.tables.cost_queries import GROUP_KEYS, CostQuery, decimal_text
 from aggregator.store.tables.customer_tables import CUSTOMER_SORTS, CustomerRow, customers_by_refs
+from aggregator.store.tables.digest import logical_rows
 from aggregator.store.tables.event_tables import EventQuery, subjects_first_timestamp
 from aggregator.store.tables.event_type_tables import (
     EventTypeRow,
     NameStats,
     name_stats,
-    set_label_job,
     stored_types,
     type_id,
 )
@@ -114,6 +114,7 @@ __all__ = [
     "MeterRow",
     "NameStats",
     "OffsetReset",
+    "Outcome",
     "Pending",
     "PlanRow",
     "Prepared",
@@ -123,11 +124,12 @@ __all__ = [
     "StatePayload",
     "Store",
     "TenantLimits",
+    "advance_control_job",
     "alert_tables",
     "attempted_job",
     "backfill_step_job",
+    "control_offset",
     "cost_queries",
-    "customer_deletion",
     "customer_tables",
     "customers_by_refs",
     "cycle_due_job",
@@ -145,6 +147,7 @@ __all__ = [
     "hold_tables",
     "ingest_log_repair",
     "ledger_tables",
+    "logical_rows",
     "meter_events_sql",
     "meter_tables",
     "meters_by_ids",
@@ -159,7 +162,6 @@ __all__ = [
     "quantities",
     "quotas",
     "row_problems",
-    "set_label_job",
     "state_changes_job",
     "state_changes_pending",
     "stored_offsets",

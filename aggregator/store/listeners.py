@@ -1,4 +1,5 @@
-"""Who the store tells what each commit changed, and that webhook events are due: the
+"""Who the store tells what each commit changed, that webhook events are due, and which write
+records it applied (with their outcomes): the
 composition's listeners attach themselves while they run (`Store.listeners`), rather than
 setting the store's fields."""
 
@@ -8,6 +9,12 @@ from collections.abc import Callable, Collection
 from typing import Protocol
 
 from aggregator.store.machinery.live import Changed
+from aggregator.store.machinery.writer import Outcome
+from meters.commands import Command
+
+# Told each write record applied, on the event loop, after its commit (every record, however
+# it came: the API of this core, or the control topic).
+Applied = Callable[[Command, Outcome], None]
 
 
 class Changes(Protocol):
@@ -28,6 +35,7 @@ class Listeners:
     def __init__(self) -> None:
         self._changes: tuple[Changes, ...] = ()
         self._webhooks: tuple[Callable[[], None], ...] = ()
+        self._applied: tuple[Applied, ...] = ()
 
     def attach_changes(self, listener: Changes) -> Callable[[], None]:
         """Tell `listener` what each commit changes, until the returned function is called."""
@@ -47,6 +55,19 @@ class Listeners:
             self._webhooks = tuple(w for w in self._webhooks if w is not due)
 
         return detach
+
+    def attach_applied(self, listener: Applied) -> Callable[[], None]:
+        """Tell `listener` each write record applied, until the returned function is called."""
+        self._applied = (*self._applied, listener)
+
+        def detach() -> None:
+            self._applied = tuple(a for a in self._applied if a is not listener)
+
+        return detach
+
+    def applied(self, command: Command, outcome: Outcome) -> None:
+        for listener in self._applied:
+            listener(command, outcome)
 
     def watched(self) -> Collection[str]:
         listeners = self._changes

@@ -22,13 +22,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import duckdb
 import pyarrow as pa
 
 from aggregator.errors import QueryTimeout, StorageFull
 from aggregator.store.apply.batch import Meters
+from aggregator.store.apply.commands import applied_job
 from aggregator.store.apply.ingest import Replay
 from aggregator.store.base.meter_rows import meters_of
 from aggregator.store.listeners import Listeners
@@ -43,12 +44,19 @@ from aggregator.store.machinery.memtable import ROW_GROUP, Memtable
 from aggregator.store.machinery.migrations import migrate
 from aggregator.store.machinery.recluster import Reclusterer, ReclusterSettings
 from aggregator.store.machinery.rollups import Prepared
-from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS, REJECTIONS, Job, Writer
+from aggregator.store.machinery.writer import (
+    DEFAULT_JOB_BOUND_SECONDS,
+    REJECTIONS,
+    Job,
+    Outcome,
+    Writer,
+)
 from aggregator.store.tables.alert_tables import Alerts, Payload, basic_payload
 from aggregator.store.tables.hold_tables import HoldKeys
 from aggregator.store.tables.webhook_tables import (
     StateSubscribers,
 )
+from meters.commands import Command
 from meters.times import now_us
 
 T = TypeVar("T")
@@ -58,6 +66,13 @@ T = TypeVar("T")
 # once for all of an organization's requests in the group; evaluating each request of a
 # 10-meter organization apart cost embedded ingest about a fifth of its throughput.
 PREPARED_METERS = 20
+
+
+class CommandLog(Protocol):
+    """Where write records go when they are not applied in this process at once (Kafka mode:
+    the control topic, which this core reads and applies); answers once applied."""
+
+    async def append(self, command: Command) -> Outcome: ...
 
 
 class Store:
@@ -81,6 +96,7 @@ class Store:
         recluster: ReclusterSettings | None = None,
         dedupe_memory_keys: int = dedupe.MEMORY_KEYS,
         alert_payload: Payload = basic_payload,
+        commands: CommandLog | None = None,
     ):
         self.path = str(path)
         self.disk = DiskHealth(Path(self.path).parent)
@@ -117,6 +133,7 @@ class Store:
         self._live: Live | None = None
         # Told what each commit changed, and that webhooks are due (`Listeners`).
         self.listeners = Listeners()
+        self._commands = commands
 
     async def __aenter__(self) -> Self:
         self.open()
@@ -253,6 +270,28 @@ class Store:
             raise StorageFull(str(exc).splitlines()[0]) from exc
         self.disk.succeeded()
         return result
+
+    async def submit(self, command: Command) -> Any:
+        """Apply a write record (`apply.commands`) here, or through the log the store was
+        given, which applies it the same way; the write's result, or its rejection raised."""
+        if self._commands is None:
+            ok, value = await self.apply(command)
+        else:
+            ok, value = await self._commands.append(command)
+        if not ok:
+            raise value
+        return value
+
+    async def apply(self, command: Command) -> Outcome:
+        """Apply a write record once per request id: its outcome (the stored one, if applied
+        before)."""
+        try:
+            job = applied_job(command)
+        except REJECTIONS as exc:  # a record no job can be made of: refused, nothing stored
+            return False, exc
+        outcome = await self.write(job, tenant=command.organization_id)
+        self.listeners.applied(command, outcome)
+        return outcome
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(cursor, *args, **kwargs)` on a reader thread once every event applied so

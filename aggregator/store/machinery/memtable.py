@@ -119,17 +119,43 @@ def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> dict[int, tu
 
 # The event's columns (`meters.events.COLUMNS`) as the table stores them.
 _CASTS = {"customer_id": "::UUID", "cost_amount": "::DECIMAL(17, 12)"}
-_INSERT_EVENTS = (
-    f"INSERT INTO events (seq, organization_id, ingested_at, {', '.join(COLUMNS.names)})"  # noqa: S608 - fixed text, values bound
-    " SELECT seq, organization_id::UUID, ingested_at,"
-    f" {', '.join(name + _CASTS.get(name, '') for name in COLUMNS.names)} FROM _stored_events"
+# Where each event was read from: a Kafka partition, the record's offset and the row in it
+# (consumed batches carry them, `ORIGIN`); null for events of the ingest log, whose seq is theirs
+# for good (a replay gives each the seq it had).
+ORIGIN = pa.schema(
+    [("origin_partition", pa.int32()), ("origin_offset", pa.int64()), ("origin_row", pa.int32())]
 )
+# An event's id is derived from where it was read, so that every core that applies the same
+# records gives it the same id: a version 7 UUID whose time is its ingest time (ids sort by
+# it), then the partition (12 bits; 4095 for the ingest log), the offset (44 bits; the seq for
+# the ingest log) and the row (18 bits).
+_ID = (
+    "printf('%08x-%04x-%04x-%04x-%012x', ms >> 16, ms & 65535, 28672 + part,"
+    " 32768 + (place >> 48), place & 281474976710655)::UUID"
+)
+_INSERT_EVENTS = (
+    f"INSERT INTO events (id, seq, organization_id, ingested_at, {', '.join(COLUMNS.names)})"  # noqa: S608 - fixed text, values bound
+    f" SELECT {_ID}, seq, organization_id::UUID, ingested_at,"
+    f" {', '.join(name + _CASTS.get(name, '') for name in COLUMNS.names)} FROM ("
+    " SELECT *, epoch_ms(ingested_at)::UBIGINT AS ms,"
+    " coalesce(origin_partition, 4095)::UBIGINT & 4095 AS part,"
+    " ((coalesce(origin_offset, seq)::UBIGINT & 17592186044415) << 18)"
+    " | (coalesce(origin_row, 0)::UBIGINT & 262143) AS place FROM _stored_events)"
+)
+
+
+def _with_origin(events: pa.Table) -> pa.Table:
+    """`events` with the `ORIGIN` columns (null where it has none), so that batches concatenate."""
+    for column in ORIGIN:
+        if column.name not in events.column_names:
+            events = events.append_column(column, pa.nulls(events.num_rows, column.type))
+    return events
 
 
 def store(con: duckdb.DuckDBPyConnection, entries: list[Applied]) -> int | None:
     """Store `entries` (inside the caller's transaction); return the last ingest log request
     they complete, if any."""
-    tables = [e.events for e in entries if e.events.num_rows]
+    tables = [_with_origin(e.events) for e in entries if e.events.num_rows]
     if tables:
         # One contiguous table: DuckDB then appends it as whole row groups (see the module).
         with registered(con, "_stored_events", pa.concat_tables(tables).combine_chunks()):

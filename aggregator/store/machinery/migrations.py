@@ -462,6 +462,26 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE ingest_stored ADD COLUMN witnessed BOOLEAN NOT NULL DEFAULT false;
     """,
+    # 21: every API write is a record (`meters.commands`): what each answered, kept a day by
+    # request id (`store.tables.command_outcomes`), and how far the control topic's records
+    # are applied (Kafka mode), moved in the transaction of the writes they carry.
+    """
+    CREATE TABLE command_outcomes (
+        organization_id UUID NOT NULL,
+        request_id VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        request VARCHAR NOT NULL,            -- sha256 of the record's kind and arguments
+        outcome JSON NOT NULL,               -- the answer, or the rejection
+        at_us BIGINT NOT NULL,               -- the record's time: kept a day after it
+        PRIMARY KEY (organization_id, request_id)
+    );
+    CREATE TABLE control_offsets (
+        topic VARCHAR NOT NULL,
+        partition INTEGER NOT NULL,
+        next_offset BIGINT NOT NULL,
+        PRIMARY KEY (topic, partition)
+    );
+    """,
 )
 
 

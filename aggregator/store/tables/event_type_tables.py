@@ -92,22 +92,24 @@ def stored_types(
 
 def set_label_job(
     organization_id: str,
-    stats: NameStats,
+    name: str,
+    first_ingested_us: int,
     label: str,
     selector: str | None,
     now_us: int,
 ) -> Job[EventTypeRow]:
-    """Store the label of the user event type `stats` describes (created at its first event)."""
+    """Store the label of the user event type `name` (created at its first event, ingested at
+    `first_ingested_us`)."""
 
     def job(tx: Tx) -> EventTypeRow:
-        id_ = type_id(organization_id, stats.name)
+        id_ = type_id(organization_id, name)
         tx.con.execute(
             "INSERT INTO event_types VALUES (?::UUID, ?::UUID, ?, ?, ?, make_timestamptz(?),"
             " make_timestamptz(?)) ON CONFLICT (id) DO UPDATE SET label = excluded.label,"
             " label_property_selector = excluded.label_property_selector,"
             " modified_at = excluded.modified_at",
-            [id_, organization_id, stats.name, label, selector, stats.first_ingested_us, now_us],
+            [id_, organization_id, name, label, selector, first_ingested_us, now_us],
         )
-        return stored_types(tx.con, organization_id, [stats.name])[stats.name]
+        return stored_types(tx.con, organization_id, [name])[name]
 
     return independent(job)

@@ -19,6 +19,7 @@ import duckdb
 import orjson
 
 from aggregator.store.base import subjects
+from aggregator.store.base.ids import derived_id
 from aggregator.store.base.meter_rows import MeterRow, get_meter
 from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.balances import Credits as HeldCredits
@@ -95,14 +96,15 @@ class Applied:
 
 def credit_job(organization_id: str, data: CreditCreate, now_us: int) -> Job[Applied]:
     def apply(tx: Tx, customer: CustomerRow, meter: MeterRow) -> None:
-        credit(tx.con, customer, meter, data.units, data.rollover, now_us, now_us, tx.live)
+        key = f"credit:{data.external_id}"
+        credit(tx.con, customer, meter, data.units, data.rollover, now_us, now_us, tx.live, key)
 
     return _keyed_job(organization_id, "credit", data, now_us, apply)
 
 
 def reset_job(organization_id: str, data: ResetCreate, now_us: int) -> Job[Applied]:
     def apply(tx: Tx, customer: CustomerRow, meter: MeterRow) -> None:
-        reset(tx.con, customer, meter, now_us, now_us, tx.live)
+        reset(tx.con, customer, meter, now_us, now_us, tx.live, f"reset:{data.external_id}")
 
     return _keyed_job(organization_id, "reset", data, now_us, apply)
 
@@ -167,14 +169,17 @@ def _system_event(
     at_us: int,
     now_us: int,
     live: Live,
+    key: str,
 ) -> int:
-    """Store a system event; its seq."""
+    """Store a system event; its seq. Its id is derived from `key`, which names the write that
+    made it (the same on every core that applies that write)."""
     number = live.seq.reserve(1)
     con.execute(
-        "INSERT INTO events (seq, organization_id, name, source, timestamp, ingested_at,"
-        " customer_id, metadata) VALUES (?, ?::UUID, ?, 'system', make_timestamptz(?),"
+        "INSERT INTO events (id, seq, organization_id, name, source, timestamp, ingested_at,"
+        " customer_id, metadata) VALUES (?::UUID, ?, ?::UUID, ?, 'system', make_timestamptz(?),"
         " make_timestamptz(?), ?::UUID, ?)",
         [
+            derived_id("system-event", customer.organization_id, key, name),
             number,
             customer.organization_id,
             name,
@@ -255,9 +260,11 @@ def credit(
     at_us: int,
     now_us: int,
     live: Live,
+    key: str,
 ) -> None:
+    """`key` names the write (the credit's idempotency key, a plan's cycle)."""
     metadata = {"meter_id": meter.id, "units": units, "rollover": rollover}
-    number = _system_event(con, customer, "meter.credited", metadata, at_us, now_us, live)
+    number = _system_event(con, customer, "meter.credited", metadata, at_us, now_us, live, key)
     credits = _credits(con, customer, meter, now_us).add(units, rollover)
     _store_credits(con, live, customer, meter, credits, now_us)
     before = alert_tables.value(live, customer, meter)
@@ -273,10 +280,12 @@ def reset(
     at_us: int,
     now_us: int,
     live: Live,
+    key: str,
 ) -> None:
-    """Close the window: zero usage and credits, then credit what rolls over."""
+    """Close the window: zero usage and credits, then credit what rolls over. `key` names the
+    write (the reset's idempotency key, a plan's cycle)."""
     number = _system_event(
-        con, customer, "meter.reset", {"meter_id": meter.id}, at_us, now_us, live
+        con, customer, "meter.reset", {"meter_id": meter.id}, at_us, now_us, live, key
     )
     credits = _credits(con, customer, meter, now_us)
     carried = credits.carried_over(_consumed(con, customer, meter))
@@ -294,7 +303,7 @@ def reset(
     alert_tables.on_ledger_change(con, live, customer, meter, None, after, now_us, number)
     webhook_tables.mark_state_changed(con, live, customer.organization_id, [customer.id], now_us)
     if carried > 0:
-        credit(con, customer, meter, carried, True, at_us, now_us, live)
+        credit(con, customer, meter, carried, True, at_us, now_us, live, f"{key}:rollover")
 
 
 # ---- reads -----------------------------------------------------------------------------------

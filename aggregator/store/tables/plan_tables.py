@@ -208,8 +208,9 @@ def _cycle_plans(
         while at <= now_us and not (deadline and processed and time.perf_counter() > deadline):
             processed += 1
             # Once per cycle: `cycles` moves in the same transaction.
-            reset(con, customer, meter, at, now_us, live)
-            credit(con, customer, meter, plan.units, plan.rollover, at, now_us, live)
+            key = f"plan:{plan.id}:{n}"
+            reset(con, customer, meter, at, now_us, live, key)
+            credit(con, customer, meter, plan.units, plan.rollover, at, now_us, live, key)
             n += 1
             at = datetime_to_us(cycle_start(starts, plan.interval, n))
         con.execute(

@@ -168,6 +168,8 @@ def _as_previous_main_left_it(path: Path) -> None:
     con.execute("DROP TABLE meter_alerts")  # step 18
     for column in ("backfill_events", "backfilled_events"):
         con.execute(f"ALTER TABLE meters DROP COLUMN {column}")  # step 19
+    con.execute("DROP TABLE command_outcomes")  # step 21
+    con.execute("DROP TABLE control_offsets")
     con.execute("DELETE FROM schema_migrations WHERE version >= 8")
     for name, key in (
         ("meter.credited", "meterline:credit:old"),

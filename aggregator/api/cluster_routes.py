@@ -1,0 +1,34 @@
+"""`GET /v1/cluster/digest`: the digest of the organization's state, which two cores that
+applied the same records answer alike. meterline-only."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from aggregator.api import cluster_shapes as shapes
+from aggregator.api.context import ApiContext
+from aggregator.api.openapi import ApiRoute, Operation
+from aggregator.services import cluster_service as service
+from ingest.http import JSON
+from ingest.kafka import KafkaSettings
+
+
+def routes(ctx: ApiContext, kafka: KafkaSettings | None) -> list[Route]:
+    async def digest(request: Request) -> JSON:
+        org = ctx.organization(request)
+        return JSON(shapes.digest(await service.digest(ctx.store, org, kafka)))
+
+    return [
+        ApiRoute(
+            "/v1/cluster/digest",
+            digest,
+            "GET",
+            Operation(
+                "The digest of the organization's state",
+                "cluster",
+                {200: shapes.DigestShape},
+                errors=(503,),
+            ),
+        )
+    ]

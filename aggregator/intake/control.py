@@ -1,0 +1,213 @@
+"""Kafka mode's write path: every API write a record on the control topic, applied by the core.
+
+The protocol (each step is named where the code takes it):
+
+1. Append: an API write becomes a record (`meters.commands`), produced to the control topic
+   (`<topic>.control`, one partition, keyed by organization), and its request waits for the
+   outcome (`ControlTopic.append`). Past `answer_seconds` it is answered 504 with its request
+   id: the record is logged and will be applied; sent again with that id, it answers then.
+2. Read: the core reads the control topic from the offset stored in its database
+   (`control_offsets`; the log's start when none), without a consumer group: one core applies it.
+3. Apply: the records of a fetch are handed to the writer in offset order (one organization's
+   writes commit in that order), each applied once per request id with its outcome stored in
+   its transaction (`store.apply.commands`). A record that does not decode, or names an
+   organization that does not exist, is logged and skipped: it never blocks the topic.
+4. Store the position: once the fetch's writes have committed, the next offset. A crash between
+   steps 3 and 4 reads those records again: their stored outcomes answer, nothing is applied
+   twice. A write that failed for any reason but a rejection (the disk, a closing store) is read
+   again from there after a pause.
+5. Answer: each outcome settles this core's requests waiting with that request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from aggregator.errors import WriteTimeout
+from aggregator.store import Outcome, Store, advance_control_job, control_offset
+from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from meters.commands import Command, decode, encode
+from meters.errors import MetersError
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 1.0
+MAX_RECORDS = 500  # per fetch: the writes of one fetch are in the writer at once
+
+
+class ControlTopic:
+    """The `CommandLog` of a core in Kafka mode (step 1 and step 5). An async context manager."""
+
+    def __init__(self, kafka: KafkaSettings, answer_seconds: float = 30.0) -> None:
+        self._kafka = kafka
+        self._answer_seconds = answer_seconds
+        self._producer: Any = None
+        self._waiting: collections.defaultdict[tuple[str, str], list[asyncio.Future[Outcome]]]
+        self._waiting = collections.defaultdict(list)
+
+    async def __aenter__(self) -> Self:
+        await ensure_topics(self._kafka)
+        self._producer = self._kafka.producer(linger_ms=0)
+        try:
+            async with asyncio.timeout(self._kafka.start_timeout_seconds):
+                await retrying(self._producer.start)
+        except BaseException:
+            await stop_within(self._producer.stop, self._kafka.stop_timeout_seconds, "producer")
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await stop_within(self._producer.stop, self._kafka.stop_timeout_seconds, "producer")
+
+    async def append(self, command: Command) -> Outcome:
+        key = (command.organization_id, command.request_id)
+        answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiting[key].append(answer)
+        try:
+            async with asyncio.timeout(self._answer_seconds):
+                await self._producer.send_and_wait(
+                    self._kafka.control_topic,
+                    encode(command),
+                    key=command.organization_id.encode(),
+                )
+                return await answer
+        except TimeoutError:
+            raise WriteTimeout(command.request_id, self._answer_seconds) from None
+        finally:
+            waiting = self._waiting.get(key)
+            if waiting is not None and answer in waiting:
+                waiting.remove(answer)
+                if not waiting:
+                    del self._waiting[key]
+
+    def settle(self, command: Command, outcome: Outcome) -> None:
+        """Step 5."""
+        for answer in self._waiting.pop((command.organization_id, command.request_id), []):
+            if not answer.done():
+                answer.set_result(outcome)
+
+
+class ControlApplier:
+    """Reads the control topic and applies it (steps 2 to 4). An async context manager."""
+
+    def __init__(
+        self,
+        store: Store,
+        kafka: KafkaSettings,
+        control: ControlTopic,
+        organization_exists: Callable[[str], bool],
+    ) -> None:
+        self._store = store
+        self._kafka = kafka
+        self._control = control
+        self._organization_exists = organization_exists
+        self._partition = TopicPartition(kafka.control_topic, 0)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.applied = 0
+        self.skipped = 0
+
+    async def __aenter__(self) -> Self:
+        kafka = self._kafka
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=kafka.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=50,
+        )
+        try:
+            async with asyncio.timeout(kafka.start_timeout_seconds):
+                await retrying(self._consumer.start)
+            self._consumer.assign([self._partition])
+            await self._seek_to_stored()
+        except BaseException:
+            await stop_within(self._consumer.stop, kafka.stop_timeout_seconds, "control consumer")
+            raise
+        self._task = asyncio.create_task(self._run(), name="control-applier")
+        self._task.add_done_callback(_report_stop)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await stop_within(
+                self._consumer.stop, self._kafka.stop_timeout_seconds, "control consumer"
+            )
+
+    async def _seek_to_stored(self) -> None:
+        """Step 2."""
+        assert self._consumer is not None
+        stored = await self._store.read_now(control_offset, self._kafka.control_topic, 0)
+        if stored is None:
+            await self._consumer.seek_to_beginning(self._partition)
+        else:
+            self._consumer.seek(self._partition, stored)
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        while True:
+            fetched = await self._consumer.getmany(timeout_ms=100, max_records=MAX_RECORDS)
+            records = fetched.get(self._partition, [])
+            if not records:
+                continue
+            try:
+                await self._apply(records)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("applying write records failed; reading them again")
+                await asyncio.sleep(RETRY_SECONDS)
+                await self._seek_to_stored()
+
+    async def _apply(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        commands: list[Command] = []
+        for record in records:
+            try:
+                command = decode(record.value or b"")
+            except MetersError as exc:
+                self._skip(record, f"undecodable: {exc}")
+                continue
+            if not self._organization_exists(command.organization_id):
+                self._skip(record, f"unknown organization {command.organization_id}")
+                continue
+            commands.append(command)
+        # Step 3: all handed to the writer before the first await, in offset order.
+        applying = [asyncio.ensure_future(self._store.apply(c)) for c in commands]
+        outcomes = await asyncio.gather(*applying, return_exceptions=True)
+        for command, outcome in zip(commands, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                raise outcome  # step 4: read again from the stored position
+            self._control.settle(command, outcome)  # step 5
+            self.applied += 1
+        next_offset = records[-1].offset + 1
+        await self._store.write(advance_control_job(self._kafka.control_topic, 0, next_offset))
+
+    def _skip(self, record: ConsumerRecord[bytes, bytes], why: str) -> None:
+        self.skipped += 1
+        log.error("control topic offset %d skipped: %s", record.offset, why)
+
+
+def _report_stop(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the control applier stopped; API writes are not applied")

@@ -1,0 +1,174 @@
+"""Applying write records (`meters.commands`): each kind of record and the job that applies it.
+
+`applied_job` is the one door for every API write, in embedded and Kafka mode alike:
+
+1. Read the record's kind; one this version does not know is refused (a 422 naming `kind`).
+2. In the write's transaction, look up the request id's stored outcome: found, it is the
+   answer, and nothing else happens (the same id with another request is a 409).
+3. Otherwise build the job from the record's arguments alone (its time is `at_us`, its ids and
+   secrets are the ones drawn when the record was made) and run it; a rejection is an outcome
+   too (a resend is refused the same way, whatever happened since).
+4. Store the outcome with the write, in the same transaction (`command_outcomes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aggregator.errors import NotFound
+from aggregator.store.machinery.writer import (
+    REJECTIONS,
+    Batchable,
+    Job,
+    Outcome,
+    Tx,
+    waits_for_pending,
+)
+from aggregator.store.tables import (
+    alert_tables,
+    command_outcomes,
+    customer_deletion,
+    customer_tables,
+    event_type_tables,
+    hold_tables,
+    ledger_tables,
+    meter_tables,
+    plan_tables,
+    webhook_tables,
+)
+from aggregator.store.tables.quotas import TenantLimits
+from meters.commands import Command
+from meters.customer_rules import CustomerCreate, CustomerUpdate
+from meters.definitions import MeterCreate, MeterUpdate
+from meters.errors import FieldError, ValidationFailed
+from meters.ledger_rules import AlertCreate, CreditCreate, HoldCreate, PlanCreate, ResetCreate
+from meters.webhook_rules import EndpointCreate, EndpointUpdate
+
+__all__ = ["KINDS", "applied_job"]
+
+Args = Mapping[str, Any]
+# A kind's job from (organization id, the record's time, its arguments).
+Make = Callable[[str, int, Args], Job[Any]]
+
+
+def _limits(a: Args) -> TenantLimits:
+    return TenantLimits(**a["limits"])
+
+
+def _named_customer(o: str, a: Args, make: Callable[[str], Job[Any]]) -> Job[Any]:
+    """`make`'s job for the customer the record names as the client did (by `external_id` if
+    given, else `customer_id`), found in the write's transaction: a resend of a delete finds
+    its outcome, not a customer that is gone."""
+    probe = make(o)  # only to read whether its job waits for pending events
+
+    def job(tx: Tx) -> Any:
+        external_id = a.get("external_id")
+        if external_id is not None:
+            found = customer_tables.get_customer_by_external_id(tx.con, o, external_id)
+        else:
+            found = customer_tables.get_customer(tx.con, o, a["customer_id"])
+        if found is None:
+            raise NotFound("Customer not found")
+        inner = make(found.id)
+        assert not isinstance(inner, Batchable)
+        return inner(tx)
+
+    job.waits_for_pending = waits_for_pending(probe)  # type: ignore[attr-defined]
+    return job
+
+
+KINDS: dict[str, Make] = {
+    "customer.create": lambda o, t, a: customer_tables.create_job(
+        o, CustomerCreate.model_validate(a["data"]), t, customer_id=a["customer_id"]
+    ),
+    "customer.update": lambda o, t, a: _named_customer(
+        o,
+        a,
+        lambda c: customer_tables.update_job(o, c, CustomerUpdate.model_validate(a["data"]), t),
+    ),
+    "customer.delete": lambda o, t, a: _named_customer(
+        o, a, lambda c: customer_deletion.delete_job(o, c, a["anonymize"], t)
+    ),
+    "meter.create": lambda o, t, a: meter_tables.create_job(
+        o, MeterCreate.model_validate(a["data"]), t, _limits(a), meter_id=a["meter_id"]
+    ),
+    "meter.update": lambda o, t, a: meter_tables.update_job(
+        o, a["meter_id"], MeterUpdate.model_validate(a["data"]), t, _limits(a)
+    ),
+    "ledger.credit": lambda o, t, a: ledger_tables.credit_job(
+        o, CreditCreate.model_validate(a["data"]), t
+    ),
+    "ledger.reset": lambda o, t, a: ledger_tables.reset_job(
+        o, ResetCreate.model_validate(a["data"]), t
+    ),
+    "plan.create": lambda o, t, a: plan_tables.plan_create_job(
+        o, PlanCreate.model_validate(a["data"]), t, plan_id=a["plan_id"]
+    ),
+    "plan.delete": lambda o, t, a: plan_tables.plan_delete_job(o, a["plan_id"], t),
+    "hold.create": lambda o, t, a: hold_tables.create_job(
+        o, HoldCreate.model_validate(a["data"]), t, _limits(a), hold_id=a["hold_id"]
+    ),
+    "hold.release": lambda o, t, a: hold_tables.release_job(o, a["hold_id"], t),
+    "alert.create": lambda o, t, a: alert_tables.create_job(
+        o, AlertCreate.model_validate(a["data"]), t, _limits(a), alert_id=a["alert_id"]
+    ),
+    "alert.delete": lambda o, t, a: alert_tables.delete_job(o, a["alert_id"], t),
+    "event_type.label": lambda o, t, a: event_type_tables.set_label_job(
+        o, a["name"], a["first_ingested_us"], a["label"], a["selector"], t
+    ),
+    "webhook.create": lambda o, t, a: webhook_tables.create_endpoint_job(
+        o,
+        EndpointCreate.model_validate(a["data"]),
+        t,
+        _limits(a),
+        endpoint_id=a["endpoint_id"],
+        secret=a["secret"],
+    ),
+    "webhook.update": lambda o, t, a: webhook_tables.update_endpoint_job(
+        o, a["endpoint_id"], EndpointUpdate.model_validate(a["data"]), t
+    ),
+    "webhook.delete": lambda o, t, a: webhook_tables.delete_endpoint_job(o, a["endpoint_id"], t),
+    "webhook.reset_secret": lambda o, t, a: webhook_tables.reset_secret_job(
+        o, a["endpoint_id"], t, secret=a["secret"]
+    ),
+    "webhook.redeliver": lambda o, t, a: webhook_tables.redeliver_job(o, a["event_id"], t),
+}
+
+
+def applied_job(command: Command) -> Job[Outcome]:
+    """The job that applies `command` once per request id (the protocol above); its result is
+    the outcome, which `Store.submit` turns back into a value or a raised rejection."""
+    make = KINDS.get(command.kind)  # step 1
+    if make is None:
+        raise ValidationFailed(
+            [FieldError("value_error", ("kind",), f"unknown write kind {command.kind!r}")]
+        )
+    org, request_id = command.organization_id, command.request_id
+    request = command_outcomes.digest(command.kind, command.args)
+    try:
+        inner = make(org, command.at_us, {**command.args, **command.drawn})
+    except (KeyError, TypeError, ValueError) as exc:  # arguments a record of its kind lacks
+        raise ValidationFailed(
+            [FieldError("value_error", ("args",), f"{command.kind}: bad arguments ({exc!r})")]
+        ) from None
+
+    if isinstance(inner, Batchable):  # none of the API's writes is
+        raise TypeError(f"{command.kind} makes a batchable job")
+    call: Callable[[Tx], Any] = inner
+
+    def job(tx: Tx) -> Outcome:
+        stored = command_outcomes.recall(tx.con, org, request_id, request)  # step 2
+        if stored is not None:
+            return stored
+        try:
+            outcome: Outcome = (True, call(tx))  # step 3
+        except REJECTIONS as exc:
+            outcome = (False, exc)
+        command_outcomes.remember(  # step 4
+            tx.con, org, request_id, command.kind, request, outcome, command.at_us
+        )
+        return outcome
+
+    job.waits_for_pending = waits_for_pending(inner)  # type: ignore[attr-defined]
+    return job

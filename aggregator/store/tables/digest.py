@@ -1,0 +1,48 @@
+"""An organization's logical state, in a fixed order, for its digest (`GET /v1/cluster/digest`).
+
+Two cores that applied the same records hold the same logical state; the digest says whether
+they do. It covers what a client can read (events, customers, meters, the customer meters'
+ledgers, plans, holds, alerts, webhook endpoints, event types, the ledger's idempotency keys)
+and leaves out what says how a core got there, not what it holds:
+
+- seqs (`events.seq`, `customer_meters.reset_seq`, the meters' backfill bounds): positions in one
+  core's order of applying, of which another core's may differ until the journal fixes one;
+- backfill progress, which a core's background work moves at its own pace;
+- what the webhook sender learnt from receivers (`webhook_endpoints.enabled`, `disabled_reason`,
+  `failing_since`): one core sends, and the others will hear it as records (the next issue).
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+__all__ = ["TABLES", "logical_rows"]
+
+# Each table's columns left out (see above); every other column counts.
+TABLES: dict[str, tuple[str, ...]] = {
+    "events": ("seq",),
+    "customers": (),
+    "deleted_customers": (),
+    "meters": ("backfill_target", "backfilled_to", "backfill_events", "backfilled_events"),
+    "customer_meters": ("reset_seq",),
+    "credit_plans": (),
+    "meter_holds": (),
+    "meter_alerts": (),
+    "webhook_endpoints": ("enabled", "disabled_reason", "failing_since"),
+    "event_types": (),
+    "idempotency_keys": (),
+}
+
+
+def logical_rows(
+    con: duckdb.DuckDBPyConnection, organization_id: str
+) -> dict[str, list[tuple[object, ...]]]:
+    """Each table's rows of the organization, sorted by every column, without those left out."""
+    out = {}
+    for table, left_out in TABLES.items():
+        exclude = f" EXCLUDE ({', '.join(left_out)})" if left_out else ""
+        out[table] = con.execute(
+            f"SELECT *{exclude} FROM {table} WHERE organization_id = ?::UUID ORDER BY ALL",  # noqa: S608 - names from TABLES
+            [organization_id],
+        ).fetchall()
+    return out
