@@ -127,7 +127,10 @@ class ControlApplier:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=50,
+            # How long a fetch waits for records (Tansu waits it out whatever arrives): what an
+            # API write waits for its record once produced. Measured on loopback: 50 ms gave a
+            # customer create 27.5 ms (p50), 10 ms 10.5 ms, for 0.024 more cores while idle.
+            fetch_max_wait_ms=10,
         )
         try:
             async with asyncio.timeout(kafka.start_timeout_seconds):
