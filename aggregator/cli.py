@@ -35,7 +35,7 @@ import uvicorn
 import uvloop
 from starlette.applications import Starlette
 
-from aggregator.auth import TokenRegistry
+from aggregator.auth import TokenRegistry, load_secret
 from aggregator.backfill import Backfiller
 from aggregator.commands import dead_letters as dead_letter_commands
 from aggregator.commands import ingest_log as ingest_log_commands
@@ -56,6 +56,7 @@ from aggregator.errors import UsageError
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.control import ControlApplier, ControlTopic
 from aggregator.intake.embedded import EmbeddedPublisher
+from aggregator.intake.sealed import Sealer
 from aggregator.plan_cycler import PlanCycler
 from aggregator.services.live_feed import LiveFeed
 from aggregator.store import LogCorrupt, Store, TenantLimits, quotas
@@ -532,7 +533,8 @@ async def serve(
             # applies (`intake.control`); embedded, the store applies it at once.
             control = None
             if kafka is not None:
-                control = await stack.enter_async_context(ControlTopic(kafka))
+                sealer = Sealer(load_secret(settings.data_dir))
+                control = await stack.enter_async_context(ControlTopic(kafka, sealer))
             store = await stack.enter_async_context(
                 Store(
                     settings.database,

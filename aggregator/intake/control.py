@@ -3,9 +3,10 @@
 The protocol (each step is named where the code takes it):
 
 1. Append: an API write becomes a record (`meters.commands`), produced to the control topic
-   (`<topic>.control`, one partition, keyed by organization), and its request waits for the
-   outcome (`ControlTopic.append`). Past `answer_seconds` it is answered 504 with its request
-   id: the record is logged and will be applied; sent again with that id, it answers then.
+   (`<topic>.control`, one partition, keyed by organization), its secrets sealed (`sealed`),
+   and its request waits for the outcome (`ControlTopic.append`). Past `answer_seconds` it is
+   answered 504 with its request id: the record is logged and will be applied; sent again with
+   that id, it answers then.
 2. Read: the core reads the control topic from the offset stored in its database
    (`control_offsets`; the log's start when none), without a consumer group: one core applies it.
 3. Apply: the records of a fetch are handed to the writer in offset order (one organization's
@@ -32,6 +33,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from aggregator.errors import WriteTimeout
+from aggregator.intake.sealed import Sealer, Unsealable
 from aggregator.store import Outcome, Store, advance_control_job, control_offset
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from meters.commands import Command, decode, encode
@@ -46,8 +48,9 @@ MAX_RECORDS = 500  # per fetch: the writes of one fetch are in the writer at onc
 class ControlTopic:
     """The `CommandLog` of a core in Kafka mode (step 1 and step 5). An async context manager."""
 
-    def __init__(self, kafka: KafkaSettings, answer_seconds: float = 30.0) -> None:
+    def __init__(self, kafka: KafkaSettings, sealer: Sealer, answer_seconds: float = 30.0) -> None:
         self._kafka = kafka
+        self._sealer = sealer
         self._answer_seconds = answer_seconds
         self._producer: Any = None
         self._waiting: collections.defaultdict[tuple[str, str], list[asyncio.Future[Outcome]]]
@@ -80,7 +83,7 @@ class ControlTopic:
             async with asyncio.timeout(self._answer_seconds):
                 await self._producer.send_and_wait(
                     self._kafka.control_topic,
-                    encode(command),
+                    encode(self._sealer.seal(command)),
                     key=command.organization_id.encode(),
                 )
                 return await answer
@@ -92,6 +95,10 @@ class ControlTopic:
                 waiting.remove(answer)
                 if not waiting:
                     del self._waiting[key]
+
+    def read(self, value: bytes) -> Command:
+        """A record of the topic as written by `append` (MetersError, Unsealable)."""
+        return self._sealer.open(decode(value))
 
     def settle(self, command: Command, outcome: Outcome) -> None:
         """Step 5."""
@@ -187,8 +194,8 @@ class ControlApplier:
         commands: list[Command] = []
         for record in records:
             try:
-                command = decode(record.value or b"")
-            except MetersError as exc:
+                command = self._control.read(record.value or b"")
+            except (MetersError, Unsealable) as exc:
                 self._skip(record, f"undecodable: {exc}")
                 continue
             if not self._organization_exists(command.organization_id):

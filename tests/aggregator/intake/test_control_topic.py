@@ -22,6 +22,7 @@ import duckdb
 import httpx
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from aggregator.auth import TokenRegistry
@@ -56,6 +57,7 @@ class Workload:
         self.meters: list[str] = []
         self.customers: list[str] = []  # made through the API, without external ids
         self.batch = 0
+        self.endpoints = 0
 
     def step(self, core: httpx.Client, edge: httpx.Client) -> None:
         rng = self.rng
@@ -110,6 +112,7 @@ class Workload:
             url = f"http://127.0.0.1:9/{rng.random()}"
             body = {"url": url, "format": "raw", "events": ["meter.alert"]}
             _ok(core.post("/v1/webhooks/endpoints", json=body), 201)
+            self.endpoints += 1
         else:
             self.batch += 1
             events = [
@@ -177,6 +180,18 @@ def _caught_up(client: httpx.Client, target: dict[str, Any]) -> bool:
     )
 
 
+async def _control_records(bootstrap: str) -> list[bytes]:
+    consumer = AIOKafkaConsumer(
+        "meterline.events.control", bootstrap_servers=bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        fetched = await consumer.getmany(timeout_ms=2000)
+        return [r.value or b"" for batch in fetched.values() for r in batch]
+    finally:
+        await consumer.stop()
+
+
 def _second_core(pipeline: Pipeline, data_dir: Path) -> ServedCore:
     """A core on the same topics from an empty data dir. Organizations and tokens are not
     records yet: the first core's token file is copied."""
@@ -215,6 +230,10 @@ def test_a_core_from_an_empty_data_dir_holds_the_same_state(
         assert pipeline.core is not None
         with pipeline.core.client(pipeline.token()) as client:
             first, reads = _settled(client)
+        # Webhook secrets travel sealed.
+        records = asyncio.run(_control_records(pipeline.broker.bootstrap))
+        assert any(b'"webhook.create"' in r for r in records) == bool(workload.endpoints)
+        assert not any(b"whsec_" in r for r in records)
         pipeline.core.stop()
         with (
             _second_core(pipeline, tmp_path / "second") as second,
