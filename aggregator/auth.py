@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from aggregator.errors import NotFound
+from aggregator.errors import NotFound, UsageError
 
 TOKEN_PREFIX = "mlt_oat_"  # noqa: S105 - not a secret
 CUSTOMER_TOKEN_PREFIX = "mlt_cst_"  # noqa: S105 - not a secret
@@ -97,6 +97,35 @@ def load_secret(data_dir: Path) -> bytes:
     return path.read_bytes()
 
 
+def token_hash(secret: bytes, token: str) -> str:
+    """How a token is kept and compared: keyed with the cluster secret (`load_secret`)."""
+    return hmac.new(secret, token.encode(), hashlib.sha256).hexdigest()
+
+
+def read_secret(path: Path) -> bytes:
+    """An existing cluster secret (`secret.key`); UsageError naming the file if there is none:
+    a process that only checks tokens must never make a new one."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(
+            f"{path} does not exist: copy the core's {SECRET_FILE} there (the cluster secret"
+            " that tokens are hashed with)"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    """A token as kept and as its records carry it: never its text."""
+
+    id: str
+    organization_id: str
+    token_hash: str
+    label: str
+    created_at: str
+    revoked_at: str | None
+
+
 class TokenRegistry:
     """Create, list, revoke and verify organization access tokens."""
 
@@ -116,7 +145,45 @@ class TokenRegistry:
         self._db.close()
 
     def _hash(self, token: str) -> str:
-        return hmac.new(self._secret, token.encode(), hashlib.sha256).hexdigest()
+        return token_hash(self._secret, token)
+
+    def snapshot(self) -> tuple[list[tuple[Organization, str]], list[TokenRow]]:
+        """Every organization (with its creation time) and every token, as stored."""
+        with self._lock:
+            orgs = self._db.execute("SELECT id, name, created_at FROM organizations").fetchall()
+            tokens = self._db.execute(
+                "SELECT id, organization_id, token_hash, label, created_at, revoked_at FROM tokens"
+            ).fetchall()
+        return [(Organization(r[0], r[1]), r[2]) for r in orgs], [TokenRow(*r) for r in tokens]
+
+    def keep(
+        self,
+        orgs: list[tuple[Organization, str]],
+        tokens: list[TokenRow],
+        revoked: list[tuple[str, str]],
+    ) -> None:
+        """Store organizations, tokens and revocations (token id, when) made elsewhere (the
+        control topic's records); what is here already is left as it is."""
+        with self._lock:
+            for org, created_at in orgs:
+                self._db.execute(
+                    "INSERT INTO organizations (id, name, created_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (org.id, org.name, created_at),
+                )
+            for t in tokens:
+                self._db.execute(
+                    "INSERT INTO tokens (id, organization_id, token_hash, label, created_at,"
+                    " revoked_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
+                    " revoked_at = coalesce(tokens.revoked_at, excluded.revoked_at)",
+                    (t.id, t.organization_id, t.token_hash, t.label, t.created_at, t.revoked_at),
+                )
+            for token_id, at in revoked:
+                self._db.execute(
+                    "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                    (at, token_id),
+                )
+        self._cache.clear()
 
     def organization(self, name: str) -> Organization:
         """Get or create the organization called `name`."""

@@ -29,13 +29,14 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 import duckdb
 import uvicorn
 import uvloop
 from starlette.applications import Starlette
 
-from aggregator.auth import TokenRegistry, load_secret
+from aggregator.auth import SECRET_FILE, TokenRegistry, load_secret, read_secret
 from aggregator.backfill import Backfiller
 from aggregator.commands import dead_letters as dead_letter_commands
 from aggregator.commands import ingest_log as ingest_log_commands
@@ -57,6 +58,7 @@ from aggregator.intake.consumer import Consumer
 from aggregator.intake.control import ControlApplier, ControlTopic
 from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.intake.sealed import Sealer
+from aggregator.intake.token_records import TokenExporter, TokenView, keep_record
 from aggregator.plan_cycler import PlanCycler
 from aggregator.services.live_feed import LiveFeed
 from aggregator.store import LogCorrupt, Store, TenantLimits, quotas
@@ -531,9 +533,10 @@ async def serve(
         async with contextlib.AsyncExitStack() as stack:
             # Kafka mode: every API write is a record on the control topic, which this core
             # applies (`intake.control`); embedded, the store applies it at once.
-            control = None
+            control = exporter = None
+            secret = load_secret(settings.data_dir)
+            sealer = Sealer(secret)
             if kafka is not None:
-                sealer = Sealer(load_secret(settings.data_dir))
                 control = await stack.enter_async_context(ControlTopic(kafka, sealer))
             store = await stack.enter_async_context(
                 Store(
@@ -546,8 +549,14 @@ async def serve(
                 )
             )
             if kafka is not None and control is not None:
+                keep = partial(keep_record, registry)
                 await stack.enter_async_context(
-                    ControlApplier(store, kafka, control, registry.organization_exists)
+                    ControlApplier(store, kafka, control, registry.organization_exists, keep)
+                )
+                # Organizations and tokens reach the edges through the control topic.
+                view = await stack.enter_async_context(TokenView(kafka, sealer, secret))
+                exporter = await stack.enter_async_context(
+                    TokenExporter(registry, view, kafka, sealer)
                 )
             validation = await stack.enter_async_context(
                 ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)
@@ -594,6 +603,8 @@ async def serve(
             lines = [f"console: {url}/ (log in with a token); API reference: {url}/docs"]
             if banner:
                 lines += token_commands.banner_lines(registry, settings, dev_token)
+            if exporter is not None:  # the development token too, before edges are told
+                await exporter.sync()
             # Open streams end as shutdown begins: uvicorn would wait for them.
             gate = front.gate(registry.organization_id)
             await _serve_http(
@@ -610,25 +621,21 @@ async def serve_edge(
     log_level: str,
     listening: Listening = PROCESS,
 ) -> None:
-    """Run a stateless ingest edge until stopped (`listening`). It reads tokens from the data
-    dir's registry (shared with the core), and holds nothing else."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    registry = TokenRegistry(settings.data_dir, cache_seconds=settings.token_cache_seconds)
-    try:
-        async with (
-            ValidationPool(
-                settings.ingest.rules, workers=settings.ingest.validation_workers
-            ) as validation,
-            KafkaPublisher(kafka, validation) as publisher,
-        ):
-            front = Front.of(settings.ingest.limits)
-            authenticate = registry.organization_id
-            app = edge_app(publisher, authenticate, settings.ingest, settings.metrics_token, front)
-            await _serve_http(
-                app, settings, log_level, [], listening, gate=front.gate(authenticate)
-            )
-    finally:
-        registry.close()
+    """Run a stateless ingest edge until stopped (`listening`). It reads tokens from the control
+    topic (`intake.token_records`), checked with the cluster secret (the data dir's
+    `secret.key`, a copy of the core's), and holds nothing else."""
+    secret = read_secret(settings.data_dir / SECRET_FILE)
+    async with (
+        TokenView(kafka, Sealer(secret), secret) as view,
+        ValidationPool(
+            settings.ingest.rules, workers=settings.ingest.validation_workers
+        ) as validation,
+        KafkaPublisher(kafka, validation) as publisher,
+    ):
+        front = Front.of(settings.ingest.limits)
+        authenticate = view.organization_id
+        app = edge_app(publisher, authenticate, settings.ingest, settings.metrics_token, front)
+        await _serve_http(app, settings, log_level, [], listening, gate=front.gate(authenticate))
 
 
 async def _serve_http(

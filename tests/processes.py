@@ -195,6 +195,18 @@ def new_org_token(data_dir: Path, org: str) -> str:
         registry.close()
 
 
+def edge_token(edge: Server, token: str, timeout: float = 15.0) -> str:
+    """`token` once `edge` accepts it: an edge takes tokens from the control topic, where the
+    core publishes those of its data dir within about a second."""
+
+    def accepted() -> bool:
+        with edge.client(token) as client:
+            return client.post("/v1/events/ingest", json={"events": []}).status_code != 401
+
+    wait_until(accepted, timeout)
+    return token
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -9,16 +9,36 @@ never shows a live token in its output."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
+import secrets
 import shlex
 import sys
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aggregator.auth import SECRET_FILE, TokenRegistry
-from aggregator.commands.common import command, data_dir_option, program
+from aggregator.auth import (
+    SECRET_FILE,
+    TOKEN_PREFIX,
+    Organization,
+    TokenRegistry,
+    TokenRow,
+    read_secret,
+    token_hash,
+)
+from aggregator.commands.common import command, data_dir_option, program, topic_options
 from aggregator.core_app import CoreSettings
 from aggregator.errors import NotFound, UsageError
+from aggregator.intake.sealed import Sealer
+from aggregator.intake.token_records import (
+    TokenView,
+    organization_record,
+    publish,
+    token_record,
+)
+from ingest.kafka import KafkaSettings
 
 
 def commands(subparsers: Any) -> None:
@@ -32,6 +52,13 @@ def commands(subparsers: Any) -> None:
         default="created with meterline token create",
         help="what the token is for (shown by `token list`)",
     )
+    create.add_argument(
+        "--kafka",
+        metavar="BOOTSTRAP",
+        help="publish the token on the cluster's control topic instead (edges and cores read it"
+        " there); --data-dir then only gives the cluster secret, secret.key",
+    )
+    topic_options(create)
     create.add_argument(
         "--init",
         action="store_true",
@@ -55,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
             f" METERLINE_DATA_DIR), or start a server on this one first ({program()} up"
             f" --data-dir {where}); `token create --init` starts a new data dir here instead"
         )
+    if args.token_command == "create" and args.kafka:  # noqa: S105 - not a secret
+        print(asyncio.run(_create_on_topic(args)))
+        return 0
     registry = TokenRegistry(args.data_dir)
     try:
         if args.token_command == "create":  # noqa: S105 - not a secret
@@ -74,6 +104,26 @@ def run(args: argparse.Namespace) -> int:
     finally:
         registry.close()
     return 0
+
+
+async def _create_on_topic(args: argparse.Namespace) -> str:
+    """A new token of organization `--org` (made if the topic has none of that name),
+    published on the control topic (`intake.token_records`); its text."""
+    secret = read_secret(args.data_dir / SECRET_FILE)
+    sealer = Sealer(secret)
+    kafka = KafkaSettings(args.kafka, topic=args.topic, idempotence=not args.no_idempotence)
+    async with TokenView(kafka, sealer, secret) as view:
+        org = view.organization_named(args.org)
+    now = datetime.now(UTC).isoformat()
+    records = []
+    if org is None:
+        org = Organization(str(uuid.uuid4()), args.org)
+        records.append(organization_record(org, now))
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = TokenRow(str(uuid.uuid4()), org.id, token_hash(secret, token), args.label, now, None)
+    records.append(token_record(row))
+    await publish(kafka, sealer, records)
+    return token
 
 
 def holds_data(data_dir: Path) -> bool:

@@ -12,7 +12,8 @@ The protocol (each step is named where the code takes it):
 3. Apply: the records of a fetch are handed to the writer in offset order (one organization's
    writes commit in that order), each applied once per request id with its outcome stored in
    its transaction (`store.apply.commands`). A record that does not decode, or names an
-   organization that does not exist, is logged and skipped: it never blocks the topic.
+   organization that does not exist, is logged and skipped: it never blocks the topic. Records
+   of organizations and tokens are kept in the token registry (`token_records`).
 4. Store the position: once the fetch's writes have committed, the next offset. A crash between
    steps 3 and 4 reads those records again: their stored outcomes answer, nothing is applied
    twice. A write that failed for any reason but a rejection (the disk, a closing store) is read
@@ -33,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from aggregator.errors import WriteTimeout
+from aggregator.intake import token_records
 from aggregator.intake.sealed import Sealer, Unsealable
 from aggregator.store import Outcome, Store, advance_control_job, control_offset
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
@@ -116,11 +118,14 @@ class ControlApplier:
         kafka: KafkaSettings,
         control: ControlTopic,
         organization_exists: Callable[[str], bool],
+        tokens: Callable[[Command], None],
     ) -> None:
+        """`tokens` keeps the records of organizations and tokens (`token_records`)."""
         self._store = store
         self._kafka = kafka
         self._control = control
         self._organization_exists = organization_exists
+        self._tokens = tokens
         self._partition = TopicPartition(kafka.control_topic, 0)
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -197,6 +202,9 @@ class ControlApplier:
                 command = self._control.read(record.value or b"")
             except (MetersError, Unsealable) as exc:
                 self._skip(record, f"undecodable: {exc}")
+                continue
+            if command.kind in token_records.KINDS:  # kept, not applied
+                self._tokens(command)
                 continue
             if not self._organization_exists(command.organization_id):
                 self._skip(record, f"unknown organization {command.organization_id}")

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from aggregator.errors import AggregatorError
 from meters.commands import Command
 
-# The `drawn` values that are secrets.
-SECRET_VALUES = ("secret",)
+# The `drawn` values that are secrets: webhook secrets, token hashes.
+SECRET_VALUES = ("secret", "token_hash")
 _NONCE_BYTES = 12
 
 

@@ -13,7 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import Broker, MeterlineServer, Server, free_port, new_org_token, wait_until
+from tests.processes import (
+    Broker,
+    MeterlineServer,
+    Server,
+    edge_token,
+    free_port,
+    new_org_token,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 DEPLOY = Path(__file__).parents[2] / "deploy"
@@ -42,7 +50,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             MeterlineServer(data, *bootstrap, *common, command="ingest") as edge,
         ):
             # The forwarded organization, made by the core at its start.
-            yield Running(core, edge, new_org_token(data, "acme"))
+            yield Running(core, edge, edge_token(edge, new_org_token(data, "acme")))
 
 
 def _metrics(server: Server) -> str:
@@ -85,7 +93,7 @@ def test_accepted_events_and_refusals_are_counted(running: Running) -> None:
 
 def test_a_failing_webhook_endpoint_is_counted(running: Running) -> None:
     # An organization of its own: no other customer's state changes reach its endpoint.
-    token = new_org_token(running.core.data_dir, "hooks")
+    token = edge_token(running.edge, new_org_token(running.core.data_dir, "hooks"))
     org = _organization_id(running.core, token, "hooked@example.com", "hooked")
     nobody = f"http://127.0.0.1:{free_port()}/hook"
     with running.core.client(token) as client:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.pipeline import Oracle, Pipeline, send_until_accepted, usage_batches
-from tests.processes import new_org_token, token_cli, wait_until
+from tests.processes import edge_token, new_org_token, token_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ def test_broker_killed_gets_503_in_time_and_the_edge_recovers(tmp_path: Path) ->
 
 def test_tokens_work_on_the_edge_and_revocation_reaches_it(tmp_path: Path) -> None:
     with Pipeline(tmp_path, processes=True) as pipeline:
-        token = new_org_token(tmp_path, "edge-org")
+        token = edge_token(pipeline.edges[0], new_org_token(tmp_path, "edge-org"))
         body = {"events": [{"name": "a", "external_customer_id": "c", "external_id": "t-1"}]}
         with pipeline.edges[0].client(token) as client:
             assert client.post("/v1/events/ingest", json=body).status_code == 200

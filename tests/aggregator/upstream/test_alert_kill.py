@@ -20,7 +20,7 @@ import pytest
 
 from tests.aggregator.upstream.webhook_receiver import Receiver
 from tests.pipeline import Pipeline
-from tests.processes import MeterlineServer, Server, new_org_token, wait_until
+from tests.processes import MeterlineServer, Server, edge_token, new_org_token, wait_until
 
 pytestmark = pytest.mark.slow
 PRIVATE = "--allow-private-webhooks"
@@ -130,7 +130,7 @@ def test_each_alert_reaches_the_receiver_under_one_webhook_id_across_kill_9(
     tmp_path: Path, mode: Callable[[Path], contextlib.AbstractContextManager[Running]]
 ) -> None:
     with Receiver() as receiver, mode(tmp_path) as running:
-        token = new_org_token(tmp_path, f"kill-{uuid.uuid4().hex}")
+        token = edge_token(running.ingest(), new_org_token(tmp_path, f"kill-{uuid.uuid4().hex}"))
         _set_up(running.core(), token, receiver.url)
         started = time.monotonic()
         asyncio.run(_use(running.ingest().url, token, events=5))  # crosses the first threshold

@@ -30,7 +30,7 @@ from tests.aggregator.upstream.webhook_receiver import Receiver
 from tests.faults import gzip_bomb
 from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline
-from tests.processes import MeterlineServer, Server, new_org_token, wait_until
+from tests.processes import MeterlineServer, Server, edge_token, new_org_token, wait_until
 
 pytestmark = pytest.mark.slow
 PRIVATE = "--allow-private-webhooks"
@@ -280,7 +280,7 @@ def test_kafka_mode_the_core_fires_alerts(tmp_path: Path) -> None:
         assert pipeline.core is not None
         org = Org(pipeline.core, receiver.url)
         org.alert(threshold=10)
-        with pipeline.edges[0].client(org.token) as edge:
+        with pipeline.edges[0].client(edge_token(pipeline.edges[0], org.token)) as edge:
             for tokens in (4, 7, 2):
                 event = {
                     "name": "use",

@@ -1,0 +1,239 @@
+"""Organizations and tokens as records on the control topic: edges authenticate from the topic,
+not from the core's volume.
+
+1. Records: an organization (`auth.organization`: id, name, creation time), a token
+   (`auth.token`: id, organization, label, creation time, and its hash, sealed: `sealed`), a
+   revocation (`auth.revoke`). Never a token's text: a token is checked by hashing it with the
+   cluster secret (`auth.token_hash`), which every process that checks tokens holds as a file.
+2. Publish: the core publishes whatever its registry (`auth.sqlite3`) holds that the topic lacks
+   (`TokenExporter`): before it serves, then every `sync_seconds`, so a token made with
+   `meterline token create` on the core's data dir, or revoked there, reaches the topic within
+   about that. `meterline token create --kafka` publishes straight to the topic (`publish`).
+3. Follow: a process that checks tokens reads the topic's token records from its start and keeps
+   them in memory (`TokenView`), once caught up with the end it found at start before it serves.
+4. Keep: the core stores token records into its registry (`keep_record`), so a token made on
+   the topic works on its API too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from aggregator.auth import Organization, TokenRegistry, TokenRow, token_hash
+from aggregator.intake.sealed import Sealer, Unsealable
+from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from meters.commands import Command, command, decode, encode
+from meters.errors import MetersError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auth.organization", "auth.token", "auth.revoke")
+
+
+def organization_record(org: Organization, created_at: str) -> Command:
+    args = {"name": org.name, "created_at": created_at}
+    return command("auth.organization", org.id, f"organization:{org.id}", 0, {}, **args)
+
+
+def token_record(token: TokenRow) -> Command:
+    args = {"token_id": token.id, "label": token.label, "created_at": token.created_at}
+    drawn = {"token_hash": token.token_hash}
+    return command("auth.token", token.organization_id, f"token:{token.id}", 0, drawn, **args)
+
+
+def revoke_record(token: TokenRow) -> Command:
+    args = {"token_id": token.id, "revoked_at": token.revoked_at}
+    return command("auth.revoke", token.organization_id, f"revoke:{token.id}", 0, {}, **args)
+
+
+class TokenView:
+    """The organizations and tokens the control topic holds (step 3). An async context
+    manager: entered, it has read the topic up to the end it found."""
+
+    def __init__(self, kafka: KafkaSettings, sealer: Sealer, secret: bytes) -> None:
+        self._kafka = kafka
+        self._sealer = sealer
+        self._secret = secret
+        self.organizations: dict[str, tuple[Organization, str]] = {}
+        self.tokens: dict[str, TokenRow] = {}
+        self._by_hash: dict[str, str] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        kafka = self._kafka
+        await ensure_topics(kafka)
+        partition = TopicPartition(kafka.control_topic, 0)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=kafka.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=100,
+        )
+        try:
+            async with asyncio.timeout(kafka.start_timeout_seconds):
+                await retrying(self._consumer.start)
+                self._consumer.assign([partition])
+                await self._consumer.seek_to_beginning(partition)
+                end = (await self._consumer.end_offsets([partition]))[partition]
+                while await self._consumer.position(partition) < end:
+                    self._take(await self._consumer.getmany(partition, timeout_ms=200))
+        except BaseException:
+            await stop_within(self._consumer.stop, kafka.stop_timeout_seconds, "token view")
+            raise
+        self._task = asyncio.create_task(self._follow(), name="token-view")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await stop_within(self._consumer.stop, self._kafka.stop_timeout_seconds, "token view")
+
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        while True:
+            self._take(await self._consumer.getmany(timeout_ms=1000))
+
+    def _take(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        for records in fetched.values():
+            for record in records:
+                try:
+                    found = self._sealer.open(decode(record.value or b""))
+                except (MetersError, Unsealable) as exc:
+                    log.error("control topic offset %d: %s", record.offset, exc)
+                    continue
+                if found.kind in KINDS:
+                    self.add(found)
+
+    def add(self, record: Command) -> None:
+        a, org_id = record.args, record.organization_id
+        if record.kind == "auth.organization":
+            self.organizations.setdefault(
+                org_id, (Organization(org_id, a["name"]), a["created_at"])
+            )
+        elif record.kind == "auth.token":
+            row = TokenRow(
+                a["token_id"], org_id, record.drawn["token_hash"], a["label"], a["created_at"], None
+            )
+            self.tokens.setdefault(row.id, row)
+            self._by_hash[row.token_hash] = row.id
+        elif record.kind == "auth.revoke" and a["token_id"] in self.tokens:
+            row = self.tokens[a["token_id"]]
+            if row.revoked_at is None:
+                self.tokens[row.id] = replace(row, revoked_at=a["revoked_at"])
+
+    def organization_id(self, token: str) -> str | None:
+        """The organization owning `token`, active (`ingest.http.Authenticate`)."""
+        digest = token_hash(self._secret, token)
+        row = self.tokens.get(self._by_hash.get(digest, ""))
+        if row is None or row.revoked_at is not None:
+            return None
+        return row.organization_id if hmac.compare_digest(row.token_hash, digest) else None
+
+    def organization_named(self, name: str) -> Organization | None:
+        return next((o for o, _ in self.organizations.values() if o.name == name), None)
+
+
+async def publish(kafka: KafkaSettings, sealer: Sealer, records: Iterable[Command]) -> None:
+    """Produce `records` to the control topic (acknowledged by the broker on return)."""
+    producer = kafka.producer(linger_ms=0)
+    async with asyncio.timeout(kafka.start_timeout_seconds):
+        await retrying(producer.start)
+    try:
+        for record in records:
+            key = record.organization_id.encode()
+            await producer.send_and_wait(kafka.control_topic, encode(sealer.seal(record)), key=key)
+    finally:
+        await stop_within(producer.stop, kafka.stop_timeout_seconds, "producer")
+
+
+class TokenExporter:
+    """The core's registry onto the control topic (step 2). An async context manager."""
+
+    def __init__(
+        self,
+        registry: TokenRegistry,
+        view: TokenView,
+        kafka: KafkaSettings,
+        sealer: Sealer,
+        sync_seconds: float = 1.0,
+    ) -> None:
+        self._registry = registry
+        self._view = view
+        self._kafka = kafka
+        self._sealer = sealer
+        self._sync_seconds = sync_seconds
+        self._sent: dict[str, float] = {}  # request ids published and not yet seen back
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.sync()
+        self._task = asyncio.create_task(self._run(), name="token-exporter")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._sync_seconds)
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("publishing tokens to the control topic failed; trying again")
+
+    async def sync(self) -> None:
+        """Publish what the registry holds and the topic lacks (a record sent is sent again
+        only if it has not come back within a minute)."""
+        orgs, tokens = self._registry.snapshot()
+        view = self._view
+        missing = [organization_record(o, at) for o, at in orgs if o.id not in view.organizations]
+        for row in tokens:
+            seen = view.tokens.get(row.id)
+            if seen is None:
+                missing.append(token_record(row))
+            if row.revoked_at is not None and (seen is None or seen.revoked_at is None):
+                missing.append(revoke_record(row))
+        now = time.monotonic()
+        due = [r for r in missing if self._sent.get(r.request_id, 0.0) < now - 60]
+        if due:
+            await publish(self._kafka, self._sealer, due)
+            self._sent.update((r.request_id, now) for r in due)
+
+
+def keep_record(registry: TokenRegistry, record: Command) -> None:
+    """Step 4: a token record, into the core's registry."""
+    a, org_id = record.args, record.organization_id
+    if record.kind == "auth.organization":
+        registry.keep([(Organization(org_id, a["name"]), a["created_at"])], [], [])
+    elif record.kind == "auth.token":
+        token = TokenRow(
+            a["token_id"], org_id, record.drawn["token_hash"], a["label"], a["created_at"], None
+        )
+        registry.keep([], [token], [])
+    elif record.kind == "auth.revoke":
+        registry.keep([], [], [(a["token_id"], a["revoked_at"])])

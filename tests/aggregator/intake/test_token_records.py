@@ -1,0 +1,81 @@
+"""Organizations and tokens reach edges through the control topic, not the core's volume: an
+edge whose data dir holds only the cluster secret accepts the core's tokens, tokens published
+with `meterline token create --kafka`, and stops accepting revoked ones within seconds."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.processes import (
+    Broker,
+    MeterlineServer,
+    data_dir_cli,
+    new_org_token,
+    token_cli,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+BODY = {"events": [{"name": "call", "external_customer_id": "ada", "external_id": "e1"}]}
+
+
+def _ingests(edge: MeterlineServer, token: str) -> int:
+    with edge.client(token) as client:
+        return client.post("/v1/events/ingest", json=BODY).status_code
+
+
+def _secret_only(core: Path, where: Path) -> Path:
+    where.mkdir()
+    shutil.copy(core / "secret.key", where / "secret.key")
+    return where
+
+
+def test_an_edge_without_the_cores_volume_takes_tokens_from_the_control_topic(
+    tmp_path: Path,
+) -> None:
+    core_dir = tmp_path / "core"
+    with Broker() as broker:
+        kafka = ("--kafka", broker.bootstrap, "--no-idempotence", "--partitions", "3")
+        with MeterlineServer(core_dir, *kafka) as core:
+            edge_dir = _secret_only(core_dir, tmp_path / "edge")
+            with MeterlineServer(edge_dir, *kafka, command="ingest") as edge:
+                assert sorted(p.name for p in edge_dir.iterdir()) == ["secret.key"]
+                # The development token: published before the core served.
+                assert core.token is not None
+                assert _ingests(edge, core.token) == 200
+                assert _ingests(edge, "mlt_oat_unknown") == 401
+                # A token published on the topic by the command line: the edge and the core
+                # take it.
+                cli_dir = _secret_only(core_dir, tmp_path / "cli")
+                made = data_dir_cli(
+                    cli_dir, "token", "create", *kafka[:3], "--org", "acme", "--label", "ci"
+                )
+                assert made.returncode == 0, made.stderr
+                token = made.stdout.strip()
+                wait_until(lambda: _ingests(edge, token) == 200, 15)
+                with httpx.Client(base_url=core.url) as client:
+                    auth = {"Authorization": f"Bearer {token}"}
+                    wait_until(
+                        lambda: client.get("/v1/customers/", headers=auth).status_code == 200
+                    )
+                listed = token_cli(core_dir, "list").stdout.splitlines()
+                (token_id,) = [line.split()[0] for line in listed if " acme " in line]
+                # Revoked on the core's data dir: the edge refuses it within seconds.
+                assert token_cli(core_dir, "revoke", token_id).returncode == 0
+                wait_until(lambda: _ingests(edge, token) == 401, 15)
+                # A token made on the core's data dir reaches the edge.
+                other = new_org_token(core_dir, "beta")
+                wait_until(lambda: _ingests(edge, other) == 200, 15)
+
+
+def test_an_edge_without_the_cluster_secret_says_what_it_needs(tmp_path: Path) -> None:
+    with Broker() as broker:
+        kafka = ("--kafka", broker.bootstrap, "--no-idempotence")
+        edge = MeterlineServer(tmp_path, *kafka, command="ingest")
+        with pytest.raises(RuntimeError, match=r"secret\.key does not exist"):
+            edge.start(timeout=30)
