@@ -114,6 +114,22 @@ def read_secret(path: Path) -> bytes:
         ) from None
 
 
+def cluster_secret(data_dir: Path, secret_file: Path | None, *, create: bool) -> bytes:
+    """The cluster secret: `secret_file` if given (a data dir with a secret.key of its own must
+    hold the same: tokens are hashed with it), else the data dir's secret.key (made if `create`,
+    else UsageError)."""
+    kept = data_dir / SECRET_FILE
+    if secret_file is None:
+        return load_secret(data_dir) if create else read_secret(kept)
+    secret = read_secret(secret_file)
+    if kept.exists() and kept.read_bytes() != secret:
+        raise UsageError(
+            f"{secret_file} is not the {kept} this data dir's tokens are hashed with: make the"
+            f" secret file a copy of it, or pass no --secret-file"
+        )
+    return secret
+
+
 @dataclass(frozen=True, slots=True)
 class TokenRow:
     """A token as kept and as its records carry it: never its text."""
@@ -129,8 +145,11 @@ class TokenRow:
 class TokenRegistry:
     """Create, list, revoke and verify organization access tokens."""
 
-    def __init__(self, data_dir: Path, *, cache_seconds: float = 2.0) -> None:
-        self._secret = load_secret(data_dir)
+    def __init__(
+        self, data_dir: Path, *, cache_seconds: float = 2.0, secret: bytes | None = None
+    ) -> None:
+        """`secret`: the cluster secret, when not the data dir's (`cluster_secret`)."""
+        self._secret = load_secret(data_dir) if secret is None else secret
         self._db = sqlite3.connect(
             data_dir / "auth.sqlite3", check_same_thread=False, isolation_level=None, timeout=10
         )

@@ -30,13 +30,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 
 import duckdb
 import uvicorn
 import uvloop
 from starlette.applications import Starlette
 
-from aggregator.auth import SECRET_FILE, TokenRegistry, load_secret, read_secret
+from aggregator.auth import TokenRegistry, cluster_secret
 from aggregator.backfill import Backfiller
 from aggregator.commands import dead_letters as dead_letter_commands
 from aggregator.commands import ingest_log as ingest_log_commands
@@ -80,6 +81,14 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
     )
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     data_dir_option(parser)
+    parser.add_argument(
+        "--secret-file",
+        type=Path,
+        default=os.environ.get("METERLINE_SECRET_FILE") or None,
+        help="the cluster secret that tokens are hashed and records sealed with (default:"
+        " $METERLINE_SECRET_FILE, else the data dir's secret.key); every core and edge of a"
+        " cluster needs the same",
+    )
     parser.add_argument(
         "--max-future-seconds",
         type=float,
@@ -380,6 +389,7 @@ def settings_of(
     defaults = CoreSettings()
     settings = CoreSettings(
         data_dir=args.data_dir,
+        secret_file=args.secret_file,
         host=args.host,
         port=args.port,
         drain_seconds=args.drain_seconds,
@@ -528,13 +538,15 @@ async def serve(
     (embedded) or by the Kafka consumer. Pending writes are drained on exit. The `banner`
     says how to get a token: the development token if `dev_token` (None: on loopback only)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    registry = TokenRegistry(settings.data_dir, cache_seconds=settings.token_cache_seconds)
+    secret = cluster_secret(settings.data_dir, settings.secret_file, create=True)
+    registry = TokenRegistry(
+        settings.data_dir, cache_seconds=settings.token_cache_seconds, secret=secret
+    )
     try:
         async with contextlib.AsyncExitStack() as stack:
             # Kafka mode: every API write is a record on the control topic, which this core
             # applies (`intake.control`); embedded, the store applies it at once.
             control = exporter = None
-            secret = load_secret(settings.data_dir)
             sealer = Sealer(secret)
             if kafka is not None:
                 control = await stack.enter_async_context(ControlTopic(kafka, sealer))
@@ -624,7 +636,7 @@ async def serve_edge(
     """Run a stateless ingest edge until stopped (`listening`). It reads tokens from the control
     topic (`intake.token_records`), checked with the cluster secret (the data dir's
     `secret.key`, a copy of the core's), and holds nothing else."""
-    secret = read_secret(settings.data_dir / SECRET_FILE)
+    secret = cluster_secret(settings.data_dir, settings.secret_file, create=False)
     async with (
         TokenView(kafka, Sealer(secret), secret) as view,
         ValidationPool(

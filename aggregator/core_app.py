@@ -92,6 +92,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class CoreSettings:
     data_dir: Path = Path(".meterline")
+    # The cluster secret, when not the data dir's secret.key (`auth.cluster_secret`).
+    secret_file: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     ingest: IngestSettings = field(default_factory=IngestSettings)

@@ -42,13 +42,21 @@ def test_every_kind_the_deployment_needs() -> None:
     assert BY_KIND["Service", core["serviceName"]]["spec"]["clusterIP"] == "None"
 
 
-def test_the_edges_mount_the_cores_claim() -> None:
-    core = BY_KIND["StatefulSet", "meterline-core"]
-    template = core["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+def test_the_core_and_the_edges_share_the_cluster_secret_and_no_volume() -> None:
+    """Edges read tokens from the control topic: they mount no claim of the core's (which a
+    ReadWriteOnce volume would tie to the core's node), only the cluster secret, which the core
+    mounts too, each passing it as --secret-file."""
+    core = BY_KIND["StatefulSet", "meterline-core"]["spec"]["template"]["spec"]
     edge = BY_KIND["Deployment", "meterline-ingest"]["spec"]["template"]["spec"]
-    claims = [v["persistentVolumeClaim"]["claimName"] for v in edge["volumes"]]
-    # A StatefulSet names its pod's claim <template>-<statefulset>-<ordinal>.
-    assert claims == [f"{template}-{core['metadata']['name']}-0"]
+    assert "affinity" not in edge
+    for pod in (core, edge):
+        assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        (secret,) = [v for v in pod["volumes"] if "secret" in v]
+        assert "secret.key" in _keys(BY_KIND["Secret", secret["secret"]["secretName"]])
+        (container,) = pod["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == secret["name"]]
+        args = container["args"]
+        assert args[args.index("--secret-file") + 1] == f"{mount['mountPath']}/secret.key"
 
 
 @pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w["metadata"]["name"])

@@ -73,6 +73,28 @@ def test_an_edge_without_the_cores_volume_takes_tokens_from_the_control_topic(
                 wait_until(lambda: _ingests(edge, other) == 200, 15)
 
 
+def test_the_cluster_secret_as_a_file_of_its_own(tmp_path: Path) -> None:
+    """`--secret-file`: a core on a data dir with another secret.key refuses to start (its
+    tokens are hashed with that one); an edge takes tokens with the file alone."""
+    core_dir = tmp_path / "core"
+    with Broker() as broker:
+        kafka = ("--kafka", broker.bootstrap, "--no-idempotence", "--partitions", "3")
+        with MeterlineServer(core_dir, *kafka) as core:
+            assert core.token is not None
+        secret = tmp_path / "cluster.key"
+        secret.write_bytes(b"another secret")
+        refused = MeterlineServer(core_dir, *kafka, "--secret-file", str(secret))
+        with pytest.raises(RuntimeError, match=r"is not the .*secret\.key this data dir"):
+            refused.start(timeout=30)
+        shutil.copy(core_dir / "secret.key", secret)
+        edge_args = (*kafka, "--secret-file", str(secret))
+        with (
+            MeterlineServer(core_dir, *kafka, "--secret-file", str(secret)),
+            MeterlineServer(tmp_path / "edge", *edge_args, command="ingest") as edge,
+        ):
+            assert _ingests(edge, core.token) == 200
+
+
 def test_an_edge_without_the_cluster_secret_says_what_it_needs(tmp_path: Path) -> None:
     with Broker() as broker:
         kafka = ("--kafka", broker.bootstrap, "--no-idempotence")
