@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -47,6 +47,16 @@ class KafkaSettings:
     def control_topic(self) -> str:
         """Where every API write is a record (`meters.commands`): one partition, one order."""
         return f"{self.topic}.control"
+
+    def reader(self, **overrides: Any) -> AIOKafkaConsumer:
+        """A consumer outside any group, whose positions its owner sets (assign and seek)."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap,
+            "group_id": None,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+        }
+        return AIOKafkaConsumer(**(options | overrides))
 
     def producer(self, **overrides: Any) -> AIOKafkaProducer:
         options: dict[str, Any] = {

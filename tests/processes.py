@@ -121,7 +121,10 @@ class MeterlineServer:
                 ready.set()
             elif "token create" in line:  # no development token: the hint to create one
                 ready.set()
-        ready.set()  # the process ended: stop waiting
+        # The process closed its output: reap it first, so that start() sees it ended (its
+        # exit can trail the pipe's end).
+        self._proc.wait()
+        ready.set()
 
     @property
     def pid(self) -> int:

@@ -73,13 +73,7 @@ class TokenView:
         kafka = self._kafka
         await ensure_topics(kafka)
         partition = TopicPartition(kafka.control_topic, 0)
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=100,
-        )
+        self._consumer = kafka.reader(fetch_max_wait_ms=100)
         try:
             async with asyncio.timeout(kafka.start_timeout_seconds):
                 await retrying(self._consumer.start)
