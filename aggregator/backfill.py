@@ -23,7 +23,6 @@ from typing import Self
 
 from aggregator.store import Outcome, Store, backfill_step_job, pending_backfills
 from meters.commands import Command
-from meters.times import now_us
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ class Backfiller:
             try:
                 async with self._turn:
                     started = time.perf_counter()
-                    step = backfill_step_job(meter_id, version, chunk, now_us())
+                    step = backfill_step_job(meter_id, version, chunk)
                     progress = await self._store.write(step)
             except Exception as exc:  # noqa: BLE001 - every failure is retried, logged once
                 delay = min(self._max_retry, delay * 2 or self._retry)

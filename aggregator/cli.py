@@ -58,6 +58,7 @@ from aggregator.errors import UsageError
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.control import ControlApplier, ControlTopic
 from aggregator.intake.embedded import EmbeddedPublisher
+from aggregator.intake.journal import Journal
 from aggregator.intake.sealed import Sealer
 from aggregator.intake.token_records import TokenExporter, TokenView, keep_record
 from aggregator.plan_cycler import PlanCycler
@@ -560,10 +561,16 @@ async def serve(
                     commands=control,
                 )
             )
+            journal = None
             if kafka is not None and control is not None:
+                # One order for the control topic and the events topic: the journal's, which
+                # opens for appends once both follow it (`start`, below).
+                journal = await stack.enter_async_context(Journal(store, kafka))
                 keep = partial(keep_record, registry)
                 await stack.enter_async_context(
-                    ControlApplier(store, kafka, control, registry.organization_exists, keep)
+                    ControlApplier(
+                        store, kafka, control, registry.organization_exists, keep, journal
+                    )
                 )
                 # Organizations and tokens reach the edges through the control topic.
                 view = await stack.enter_async_context(TokenView(kafka, sealer, secret))
@@ -581,14 +588,17 @@ async def serve(
             consumer = None
             publisher: Publisher = EmbeddedPublisher(store, validation)
             if kafka is not None:
+                assert journal is not None
                 consumer = await stack.enter_async_context(
                     Consumer(
                         store,
                         kafka,
                         settings.ingest.rules,
                         registry.organization_exists,
+                        journal,
                     )
                 )
+                await journal.start()
                 publisher = await stack.enter_async_context(KafkaPublisher(kafka, validation))
             forwarding = None
             if forward is not None:

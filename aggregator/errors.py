@@ -94,6 +94,11 @@ class OffsetGap(AggregatorError):
     pass
 
 
+class JournalLost(AggregatorError):
+    """The journal topic ends before the position this data dir applied (recreated or
+    truncated): its order for what comes next is unknown here."""
+
+
 class QueryTimeout(AggregatorError):
     def __init__(self, seconds: float) -> None:
         super().__init__(

@@ -67,6 +67,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from aggregator.auth import TokenRegistry
 from aggregator.intake.consumer import Consumer
+from aggregator.intake.journal import Journal
 from aggregator.store import Store
 from aggregator.store.apply.consumed import stored_offsets
 from benchmarks import loadgen
@@ -685,8 +686,10 @@ async def _consume(
         started = time.perf_counter()
         assigned: float | None = None
         cpu = brokers = 0.0
-        consumer = Consumer(store, settings, EventRules(), registry.organization_exists)
-        async with consumer:
+        journal = Journal(store, settings)
+        consumer = Consumer(store, settings, EventRules(), registry.organization_exists, journal)
+        async with journal, consumer:
+            await journal.start()
             while time.perf_counter() - started < give_up_after:
                 await asyncio.sleep(0.005)
                 # Partitions are assigned and fetched from once lag() knows a high watermark:

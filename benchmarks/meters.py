@@ -759,9 +759,7 @@ async def _backfill(store: Store, meter: MeterRow) -> dict[str, Any]:
     started = time.perf_counter()
     while True:
         step_started = time.perf_counter()
-        progress = await store.write(
-            backfill_step_job(meter.id, meter.version, BACKFILL_CHUNK, now_us())
-        )
+        progress = await store.write(backfill_step_job(meter.id, meter.version, BACKFILL_CHUNK))
         steps.append(time.perf_counter() - step_started)
         if progress is None:
             raise RuntimeError("backfill went stale")

@@ -48,6 +48,11 @@ class KafkaSettings:
         """Where every API write is a record (`meters.commands`): one partition, one order."""
         return f"{self.topic}.control"
 
+    @property
+    def journal_topic(self) -> str:
+        """The order every core applies the other topics in (`aggregator.intake.journal`)."""
+        return f"{self.topic}.journal"
+
     def reader(self, **overrides: Any) -> AIOKafkaConsumer:
         """A consumer outside any group, whose positions its owner sets (assign and seek)."""
         options: dict[str, Any] = {
@@ -72,14 +77,14 @@ class KafkaSettings:
 
 
 async def ensure_topics(settings: KafkaSettings) -> None:
-    """Create the event, dead-letter and control topics if missing; verify their partition
-    counts. Topics made by earlier versions (events and dead letters only) gain the control
-    topic."""
+    """Create the event, dead-letter, control and journal topics if missing; verify their
+    partition counts. Topics made by earlier versions gain the ones they lack."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
     partitions = {
         settings.topic: settings.partitions,
         settings.dead_letter_topic: settings.partitions,
         settings.control_topic: 1,
+        settings.journal_topic: 1,
     }
     wanted = list(partitions)
     try:

@@ -19,8 +19,10 @@ class DigestShape(TypedDict):
 
     digest: str  # SHA-256 of the organization's sorted logical state, hex
     tables: dict[str, TableShape]  # what the digest covers, table by table
-    # What the answering core had applied (Kafka mode; empty and null embedded): the events
-    # topic's next offset per partition, and the control topic's.
+    # What the answering core had applied (Kafka mode; empty and null embedded): the journal's
+    # next offset (two cores at the same one answer the same digest), the events topic's per
+    # partition, and the control topic's.
+    journal_offset: int | None
     events_offsets: dict[str, int]
     control_offset: int | None
 
@@ -29,6 +31,7 @@ def digest(d: Digest) -> DigestShape:
     return {
         "digest": d.sha256,
         "tables": {t: {"rows": n, "sha256": h} for t, (n, h) in d.tables.items()},
+        "journal_offset": d.journal_offset,
         "events_offsets": {str(p): o for p, o in sorted(d.events_offsets.items())},
         "control_offset": d.control_offset,
     }

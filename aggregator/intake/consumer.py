@@ -16,12 +16,15 @@ applied; the code below names each step where it takes it.
    dead-letter topic, with the reason and their origin in headers, and acknowledged before
    anything else: a partition is never blocked, and a crash after this step repeats the dead
    letter (at least once), never loses it. (`_prepare`, `_dead_letter`)
-4. Apply: one writer job (`ConsumedBatch`) applies the batch in memory and commits; it refuses a
-   batch that does not start where the applied offsets end (`OffsetGap`). The next batch is
-   fetched and decoded (step 3) while this one commits. (`_commit`)
-5. Store: the flusher stores applied events with their partitions' next offsets in one DuckDB
-   transaction (`memtable.store`). This is the checkpoint: after a crash, step 1 resumes from
-   it, and events applied in memory but not yet stored are read again.
+4. Apply: the batch's entry (its ranges, dead rows and time) is appended to the journal, and
+   one writer job (`ConsumedBatch`) applies the batch in memory and commits, in the journal's
+   order (`journal`); the journal and the job refuse a batch that does not start where the
+   applied offsets end (`OffsetGap`). The next batch is fetched and decoded (step 3) while this
+   one commits. (`_commit`; other cores apply the entry through `replay`)
+5. Store: the flusher stores applied events with their partitions' next offsets and the
+   journal's position in one DuckDB transaction (`memtable.store`). This is the checkpoint:
+   after a crash, step 1 resumes from it, and events applied in memory but not yet stored are
+   read again.
 6. Report: Kafka's group offsets are committed after step 4, for lag tools only (never read
    back). Those still in flight at shutdown are awaited within the stop bound.
 7. On a failure in step 3 or 4: settle the batch in flight, seek back to the stored offsets
@@ -35,9 +38,9 @@ import collections
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
@@ -56,9 +59,11 @@ from aiokafka.structs import ConsumerRecord
 from aggregator.errors import OffsetGap
 from aggregator.intake.dead_letters import HEADERS, organization_of
 from aggregator.intake.decode import DeadLetter, dead_rows, decode_batch
+from aggregator.intake.journal import Entry, Journal
 from aggregator.store import (
     ConsumedBatch,
     OffsetReset,
+    Positions,
     Prepared,
     Reset,
     StartOffsets,
@@ -121,9 +126,11 @@ class Consumer:
         kafka: KafkaSettings,
         rules: EventRules,
         organization_exists: Callable[[str], bool],
+        journal: Journal,
         settings: ConsumerSettings | None = None,
     ) -> None:
         self._store = store
+        self._journal = journal
         # Decoding is Arrow, zstd and DuckDB, mostly outside the GIL: a thread of its own, at
         # niceness +10 like the validation workers, so that on a shared machine the edges and
         # the writer go first (measured: un-niced, the core took the CPU an edge beside it
@@ -164,6 +171,7 @@ class Consumer:
             heartbeat_interval_ms=round(kafka.session_timeout_seconds * 1000 / 3),
         )
         self._consumer.subscribe([kafka.topic], listener=_SeekToStored(self))
+        self._journal.follow(kafka.topic, self)
         self._dead_letters = kafka.producer(linger_ms=0)
         try:
             async with asyncio.timeout(kafka.start_timeout_seconds):
@@ -324,7 +332,10 @@ class Consumer:
                 continue
             vanished = start - offset if offset < start else None
             reset = Reset(tp.topic, tp.partition, offset, start, end, vanished, now_us())
-            if await self._store.write(OffsetReset(reset)) is None:
+            resets = ((tp.partition, offset, start, end, vanished),)
+            entry = Entry(tp.topic, (), reset.at_us, resets=resets)
+            done = await self._journal.append(entry, partial(self._queue_reset, reset))
+            if done is None:
                 continue  # a batch moved the offset meanwhile: the next check decides
             log.error(
                 "%s[%d]: the log no longer holds the stored offset %d (log: [%d, %d]); it was"
@@ -341,11 +352,38 @@ class Consumer:
             )
             consumer.seek(tp, start)
 
-    async def _prepare(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> ConsumedBatch:
+    def _queue_reset(self, reset: Reset, positions: Positions) -> Awaitable[Reset | None]:
+        return self._store.queued(OffsetReset(reset, positions))
+
+    async def _prepare(
+        self, fetched: dict[TopicPartition, list[ConsumerRecord]]
+    ) -> tuple[ConsumedBatch, Entry]:
         """Decode (in the decoding thread), dead-letter what cannot be applied, and build the
-        writer job; nothing is committed yet."""
+        writer job and its journal entry; nothing is committed yet."""
         records = [r for batch in fetched.values() for r in batch]
         read_at_us = now_us()
+        table, dead = await self._decoded(records, read_at_us)
+        table, more = await self._known_only(table)
+        dead += more
+        if dead:
+            await self._dead_letter([(records[d.position], d) for d in dead])
+        self.dead_lettered += len(dead)
+        offsets = {
+            tp.partition: (batch[0].offset, batch[-1].offset + 1) for tp, batch in fetched.items()
+        }
+        entry = Entry(
+            self._kafka.topic,
+            tuple((p, first, end) for p, (first, end) in offsets.items()),
+            read_at_us,
+            dead=tuple(
+                (records[d.position].partition, records[d.position].offset, d.row) for d in dead
+            ),
+        )
+        return await self._batch(table, records, offsets, read_at_us), entry
+
+    async def _decoded(
+        self, records: list[ConsumerRecord], at_us: int
+    ) -> tuple[pa.Table, list[DeadLetter]]:
         ipc, dead = await asyncio.get_running_loop().run_in_executor(
             self._decoder,
             partial(
@@ -353,28 +391,41 @@ class Consumer:
                 [r.value for r in records],
                 [r.timestamp for r in records],
                 [list(r.headers) for r in records],
-                read_at_us,
+                at_us,
                 self._rules,
                 self._settings.max_record_bytes,
             ),
         )
-        table = read_ipc(ipc)
-        table, more = await self._known_only(table)
-        dead += more
-        if dead:
-            await self._dead_letter([(records[d.position], d) for d in dead])
-        self.dead_lettered += len(dead)
+        return read_ipc(ipc), dead
+
+    async def _batch(
+        self,
+        table: pa.Table,
+        records: list[ConsumerRecord],
+        offsets: dict[int, tuple[int, int]],
+        at_us: int,
+    ) -> ConsumedBatch:
         events = _with_origin(table, records)
-        return ConsumedBatch(
-            self._kafka.topic,
-            events,
-            {
-                tp.partition: (batch[0].offset, batch[-1].offset + 1)
-                for tp, batch in fetched.items()
-            },
-            read_at_us,
-            await self._evaluated(events),
-        )
+        evaluated = await self._evaluated(events)
+        return ConsumedBatch(self._kafka.topic, events, offsets, at_us, evaluated)
+
+    async def replay(
+        self, entry: Entry, records: list[ConsumerRecord], positions: Positions
+    ) -> None:
+        """A journal entry's group (`Follower`): its records decoded at its time, less the rows
+        its core dead-lettered (sent then, not again); or the partitions it resumes from their
+        log's start."""
+        for partition, stored, start, end, vanished in entry.resets:
+            reset = Reset(entry.topic, partition, stored, start, end, vanished, entry.at_us)
+            await self._store.queued(OffsetReset(reset, positions))
+        if not entry.ranges:
+            return
+        table, _ = await self._decoded(records, entry.at_us)
+        if entry.dead:
+            table = _without(table, records, entry.dead)
+        offsets = {p: (first, end) for p, first, end in entry.ranges}
+        batch = await self._batch(table, records, offsets, entry.at_us)
+        await self._store.queued(replace(batch, positions=positions), max(1, table.num_rows))
 
     async def _evaluated(self, events: pa.Table) -> dict[str, Prepared]:
         """Each organization's events evaluated for its meters before the writer takes them,
@@ -408,10 +459,16 @@ class Consumer:
         return table.filter(pc.invert(dead)), dead_rows(table.filter(dead), reasons.filter(dead))
 
     async def _commit(
-        self, batch: ConsumedBatch, fetched: dict[TopicPartition, list[ConsumerRecord]]
+        self,
+        prepared: tuple[ConsumedBatch, Entry],
+        fetched: dict[TopicPartition, list[ConsumerRecord]],
     ) -> None:
+        batch, entry = prepared
         started = time.perf_counter()
-        await self._store.write(batch, weight=max(1, batch.events.num_rows))
+        weight = max(1, batch.events.num_rows)
+        await self._journal.append(
+            entry, lambda positions: self._store.queued(replace(batch, positions=positions), weight)
+        )
         seconds = time.perf_counter() - started
         self.commit_seconds.append(seconds)
         self._fit_to_bound(sum(len(r) for r in fetched.values()), batch.events.num_rows, seconds)
@@ -520,6 +577,22 @@ def _with_origin(table: pa.Table, records: list[ConsumerRecord[Any, Any]]) -> pa
     table = table.append_column("origin_partition", pa.array(partitions[positions]))
     table = table.append_column("origin_offset", pa.array(offsets[positions]))
     return table.append_column("origin_row", rows)
+
+
+def _without(
+    table: pa.Table, records: list[ConsumerRecord], dead: tuple[tuple[int, int, int | None], ...]
+) -> pa.Table:
+    """`table` (decoded from `records`, with their positions) less the `dead` rows: (partition,
+    offset, row; None for every row of the record)."""
+    rows, whole = set(dead), {(p, o) for p, o, r in dead if r is None}
+    where = [(r.partition, r.offset) for r in records]
+    positions: list[Any] = table.column("position").to_pylist()
+    in_record: list[int | None] = table.column("row").to_pylist()
+    keep = [
+        where[i] not in whole and (*where[i], row or 0) not in rows
+        for i, row in zip(positions, in_record, strict=True)
+    ]
+    return table.filter(pa.array(keep, pa.bool_()))
 
 
 def _report_stop(task: asyncio.Task[None]) -> None:

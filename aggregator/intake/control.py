@@ -9,15 +9,16 @@ The protocol (each step is named where the code takes it):
    that id, it answers then.
 2. Read: the core reads the control topic from the offset stored in its database
    (`control_offsets`; the log's start when none), without a consumer group: one core applies it.
-3. Apply: the records of a fetch are handed to the writer in offset order (one organization's
-   writes commit in that order), each applied once per request id with its outcome stored in
-   its transaction (`store.apply.commands`). A record that does not decode, or names an
-   organization that does not exist, is logged and skipped: it never blocks the topic. Records
-   of organizations and tokens are kept in the token registry (`token_records`).
-4. Store the position: once the fetch's writes have committed, the next offset. A crash between
-   steps 3 and 4 reads those records again: their stored outcomes answer, nothing is applied
-   twice. A write that failed for any reason but a rejection (the disk, a closing store) is read
-   again from there after a pause.
+3. Apply: a fetch's records are one group: its journal entry is appended (`journal`), then
+   one writer job applies them in offset order, each once per request id with its outcome
+   stored (`store.apply.commands`). A record that does not decode, or names an organization
+   that does not exist, is logged and skipped: it never blocks the topic. Records of
+   organizations and tokens are kept in the token registry (`token_records`).
+4. Store the position: the next offset, and the journal's, in the group's transaction. A core
+   killed before they are stored applies the group again from the journal: the stored outcomes
+   answer, nothing is applied twice. A group that failed for any reason but a rejection (the
+   disk, a closing store) is applied again by the journal's catch-up, and the topic read again
+   from the stored offset after a pause.
 5. Answer: each outcome settles this core's requests waiting with that request id.
 """
 
@@ -26,20 +27,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from aggregator.errors import WriteTimeout
+from aggregator.errors import OffsetGap, WriteTimeout
 from aggregator.intake import token_records
+from aggregator.intake.journal import Entry, Journal
 from aggregator.intake.sealed import Sealer, Unsealable
-from aggregator.store import Outcome, Store, advance_control_job, control_offset
+from aggregator.store import Outcome, Positions, Store, advance_control_job, control_offset
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from meters.commands import Command, decode, encode
 from meters.errors import MetersError
+from meters.times import now_us
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +123,11 @@ class ControlApplier:
         control: ControlTopic,
         organization_exists: Callable[[str], bool],
         tokens: Callable[[Command], None],
+        journal: Journal,
     ) -> None:
         """`tokens` keeps the records of organizations and tokens (`token_records`)."""
         self._store = store
+        self._journal = journal
         self._kafka = kafka
         self._control = control
         self._organization_exists = organization_exists
@@ -145,6 +151,7 @@ class ControlApplier:
                 await retrying(self._consumer.start)
             self._consumer.assign([self._partition])
             await self._seek_to_stored()
+            self._journal.follow(kafka.control_topic, self)
         except BaseException:
             await stop_within(self._consumer.stop, kafka.stop_timeout_seconds, "control consumer")
             raise
@@ -182,16 +189,34 @@ class ControlApplier:
             records = fetched.get(self._partition, [])
             if not records:
                 continue
+            entry = Entry(
+                self._kafka.control_topic,
+                ((0, records[0].offset, records[-1].offset + 1),),
+                now_us(),
+            )
             try:
-                await self._apply(records)
+                await self._journal.append(entry, partial(self._apply, records))
             except asyncio.CancelledError:
                 raise
+            except OffsetGap as exc:  # read before a catch-up applied them
+                log.info("re-reading write records from the stored position: %s", exc)
+                await self._seek_to_stored()
             except Exception:
                 log.exception("applying write records failed; reading them again")
                 await asyncio.sleep(RETRY_SECONDS)
                 await self._seek_to_stored()
 
-    async def _apply(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+    async def replay(
+        self, entry: Entry, records: list[ConsumerRecord[bytes, bytes]], positions: Positions
+    ) -> None:
+        """A journal entry's group (`journal.Follower`)."""
+        await self._apply(records, positions)
+
+    def _apply(
+        self, records: list[ConsumerRecord[bytes, bytes]], positions: Positions
+    ) -> Awaitable[None]:
+        """Steps 3 to 5 for one group: its job is queued when this returns (the journal's
+        order); the answers once it has committed."""
         commands: list[Command] = []
         for record in records:
             try:
@@ -206,16 +231,16 @@ class ControlApplier:
                 self._skip(record, f"unknown organization {command.organization_id}")
                 continue
             commands.append(command)
-        # Step 3: all handed to the writer before the first await, in offset order.
-        applying = [asyncio.ensure_future(self._store.apply(c)) for c in commands]
-        outcomes = await asyncio.gather(*applying, return_exceptions=True)
-        for command, outcome in zip(commands, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                raise outcome  # step 4: read again from the stored position
-            self._control.settle(command, outcome)  # step 5
-            self.applied += 1
-        next_offset = records[-1].offset + 1
-        await self._store.write(advance_control_job(self._kafka.control_topic, 0, next_offset))
+        # Steps 3 and 4: one job, in offset order.
+        advance = advance_control_job(self._kafka.control_topic, 0, records[-1].offset + 1)
+        applying = self._store.queued_commands(commands, [advance], positions)
+
+        async def answered() -> None:
+            for command, outcome in zip(commands, await applying, strict=True):
+                self._control.settle(command, outcome)  # step 5
+                self.applied += 1
+
+        return answered()
 
     def _skip(self, record: ConsumerRecord[bytes, bytes], why: str) -> None:
         self.skipped += 1

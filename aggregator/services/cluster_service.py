@@ -25,8 +25,9 @@ class Digest:
     sha256: str
     # Per table, and `customer_meter_figures`: (rows, SHA-256), which says where two differ.
     tables: dict[str, tuple[int, str]]
-    # What this core had applied when it answered (Kafka mode): the events topic's next offset
-    # per partition, and the control topic's.
+    # What this core had applied when it answered (Kafka mode): the journal's next offset, the
+    # events topic's per partition, and the control topic's.
+    journal_offset: int | None
     events_offsets: dict[int, int]
     control_offset: int | None
 
@@ -56,6 +57,7 @@ async def digest(store: Store, organization_id: str, kafka: KafkaSettings | None
         whole = hashlib.sha256(orjson.dumps(tables)).hexdigest()
         control = None if kafka is None else control_offset(con, kafka.control_topic, 0)
         events = {} if kafka is None else store.applied_offsets(kafka.topic)
-        return Digest(whole, tables, events, control)
+        journal = None if kafka is None else store.applied_offsets(kafka.journal_topic).get(0)
+        return Digest(whole, tables, journal, events, control)
 
     return await store.read(run)

@@ -26,7 +26,7 @@ from aggregator.store.machinery.ingest_log import LogCorrupt, with_origin, with_
 from aggregator.store.machinery.live import Changed, Live
 from aggregator.store.machinery.rollups import Prepared
 from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS, Outcome
-from aggregator.store.store import Store
+from aggregator.store.store import Positions, Store
 from aggregator.store.tables import (
     alert_tables,
     cost_queries,
@@ -117,6 +117,7 @@ __all__ = [
     "Outcome",
     "Pending",
     "PlanRow",
+    "Positions",
     "Prepared",
     "Reset",
     "Scope",

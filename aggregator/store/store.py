@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from aggregator.errors import QueryTimeout, StorageFull
 from aggregator.store.apply.batch import Meters
-from aggregator.store.apply.commands import applied_job
+from aggregator.store.apply.commands import applied_group, applied_job
 from aggregator.store.apply.ingest import Replay
 from aggregator.store.base.meter_rows import meters_of
 from aggregator.store.listeners import Listeners
@@ -60,6 +60,8 @@ from meters.commands import Command
 from meters.times import now_us
 
 T = TypeVar("T")
+# (topic, partition, next offset): positions in the log stored with what they cover.
+Positions = tuple[tuple[str, int, int], ...]
 # Organizations with more meters than this have their events evaluated before the writer takes
 # them (`Store.prepare`). Measured on 2 cores: 200 meters cost a 100-event request 35 ms of
 # evaluation, 10 meters 5 ms, most of it planning the statement, which the group commit pays
@@ -259,8 +261,41 @@ class Store:
     async def write(self, job: Job[T], weight: int = 1, tenant: str | None = None) -> T:
         """Run `job` in a group commit (`tenant`'s share of the writer); returns after the
         commit."""
+        return await self._committed(self.writer.submit(job, weight, tenant))
+
+    def queued(self, job: Job[T], weight: int = 1) -> Awaitable[T]:
+        """`write`, but `job` is in the writer's queue when this returns, behind every job
+        queued before it and in no tenant's share: the journal's order is the writer's."""
+        return self._committed(self.writer.submit(job, weight, None))
+
+    def queued_commands(
+        self, commands: Sequence[Command], after: Sequence[Job[Any]], positions: Positions
+    ) -> Awaitable[list[Outcome]]:
+        """A journal group of write records (`applied_group`), queued as `queued` does; each
+        record's outcome, in order. A record no job can be made of is refused, nothing
+        stored."""
+        outcomes: list[Outcome | None] = []
+        jobs: list[Job[Outcome]] = []
+        for command in commands:
+            try:
+                jobs.append(applied_job(command))
+                outcomes.append(None)
+            except REJECTIONS as exc:
+                outcomes.append((False, exc))
+        group = self.queued(applied_group(jobs, after, positions), max(1, len(jobs)))
+
+        async def answered() -> list[Outcome]:
+            applied = iter(await group)
+            done = [outcome or next(applied) for outcome in outcomes]
+            for command, outcome in zip(commands, done, strict=True):
+                self.listeners.applied(command, outcome)
+            return done
+
+        return answered()
+
+    async def _committed(self, submitted: Awaitable[T]) -> T:
         try:
-            result = await self.writer.submit(job, weight, tenant)
+            result = await submitted
         except REJECTIONS:
             raise
         except Exception as exc:

@@ -21,7 +21,8 @@
 #   BOOTSTRAP=kafka:9093 ADMIN_CONFIG=admin.properties \
 #     TRUSTED_PRODUCERS="User:billing-exporter User:batch-loader" sh deploy/kafka/acls.sh
 # The names below are meterline's defaults (`--topic`, `--dead-letter-topic`,
-# `--consumer-group`); pass the same values if the core runs with others.
+# `--consumer-group`; the control and journal topics are named after the events topic); pass
+# the same values if the core runs with others.
 set -eu
 
 BOOTSTRAP="${BOOTSTRAP:-kafka:9092}"
@@ -29,6 +30,8 @@ ADMIN_CONFIG="${ADMIN_CONFIG:-admin.properties}"
 KAFKA_ACLS="${KAFKA_ACLS:-/opt/kafka/bin/kafka-acls.sh}"
 TOPIC="${TOPIC:-meterline.events}"
 DEAD_LETTER_TOPIC="${DEAD_LETTER_TOPIC:-meterline.events.dead}"
+CONTROL_TOPIC="$TOPIC.control"
+JOURNAL_TOPIC="$TOPIC.journal"
 CONSUMER_GROUP="${CONSUMER_GROUP:-meterline-core}"
 EDGE_PRINCIPAL="${EDGE_PRINCIPAL:-User:meterline-edge}"
 CORE_PRINCIPAL="${CORE_PRINCIPAL:-User:meterline-core}"
@@ -39,13 +42,18 @@ acl() {
     "$KAFKA_ACLS" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add "$@"
 }
 
-# Edges and the core create both topics at start if missing (with the configured partitions),
-# and publish to the events topic (the core publishes its own ingest endpoint's events).
+# Edges and the core create the topics at start if missing (with the configured partitions),
+# publish to the events topic (the core publishes its own ingest endpoint's events), and read
+# organizations and tokens from the control topic.
 for principal in "$EDGE_PRINCIPAL" "$CORE_PRINCIPAL"; do
     acl --allow-principal "$principal" --operation Create --operation Describe \
         --operation Write --topic "$TOPIC"
     acl --allow-principal "$principal" --operation Create --operation Describe \
         --topic "$DEAD_LETTER_TOPIC"
+    acl --allow-principal "$principal" --operation Create --operation Describe \
+        --operation Read --topic "$CONTROL_TOPIC"
+    acl --allow-principal "$principal" --operation Create --operation Describe \
+        --topic "$JOURNAL_TOPIC"
     # The idempotent producer (on unless --no-idempotence).
     acl --allow-principal "$principal" --operation IdempotentWrite --cluster
 done
@@ -56,6 +64,11 @@ acl --allow-principal "$CORE_PRINCIPAL" --operation Read --topic "$TOPIC"
 acl --allow-principal "$CORE_PRINCIPAL" --operation Read --group "$CONSUMER_GROUP"
 acl --allow-principal "$CORE_PRINCIPAL" --operation Write --operation Read \
     --topic "$DEAD_LETTER_TOPIC"
+# ... and the one writer of API write records (`meterline token create --kafka` runs as it) and
+# of the journal, which it reads back at start.
+acl --allow-principal "$CORE_PRINCIPAL" --operation Write --topic "$CONTROL_TOPIC"
+acl --allow-principal "$CORE_PRINCIPAL" --operation Write --operation Read \
+    --topic "$JOURNAL_TOPIC"
 
 # Trusted producers: write the events topic, nothing else (they do not create topics).
 for principal in $TRUSTED_PRODUCERS; do

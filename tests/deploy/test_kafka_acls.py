@@ -51,6 +51,8 @@ def test_the_names_are_meterlines_defaults_and_writers_are_only_the_trusted(
     assert set(grants) == {
         ("topic", defaults.topic),
         ("topic", defaults.dead_letter_topic),
+        ("topic", defaults.control_topic),
+        ("topic", defaults.journal_topic),
         ("group", defaults.consumer_group),
         ("cluster", ""),
     }
@@ -60,6 +62,12 @@ def test_the_names_are_meterlines_defaults_and_writers_are_only_the_trusted(
     assert _who(grants[("group", defaults.consumer_group)], "Read") == {CORE}
     dead = grants[("topic", defaults.dead_letter_topic)]
     assert _who(dead, "Write") == _who(dead, "Read") == {CORE}
+    control = grants[("topic", defaults.control_topic)]
+    assert (_who(control, "Write"), _who(control, "Read")) == ({CORE}, {EDGE, CORE})
+    journal = grants[("topic", defaults.journal_topic)]
+    assert _who(journal, "Write") == _who(journal, "Read") == {CORE}
+    for topic in (defaults.control_topic, defaults.journal_topic):
+        assert _who(grants[("topic", topic)], "Create") == {EDGE, CORE}  # made by whoever starts
 
 
 def test_without_trusted_producers_only_the_edges_and_core_write(tmp_path: Path) -> None:

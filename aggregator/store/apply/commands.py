@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aggregator.errors import NotFound
@@ -22,6 +22,7 @@ from aggregator.store.machinery.writer import (
     Batchable,
     Job,
     Outcome,
+    Repairable,
     Tx,
     waits_for_pending,
 )
@@ -45,7 +46,7 @@ from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import AlertCreate, CreditCreate, HoldCreate, PlanCreate, ResetCreate
 from meters.webhook_rules import EndpointCreate, EndpointUpdate
 
-__all__ = ["KINDS", "applied_job"]
+__all__ = ["KINDS", "applied_group", "applied_job"]
 
 Args = Mapping[str, Any]
 # A kind's job from (organization id, the record's time, its arguments).
@@ -171,4 +172,37 @@ def applied_job(command: Command) -> Job[Outcome]:
         return outcome
 
     job.waits_for_pending = waits_for_pending(inner)  # type: ignore[attr-defined]
+    return job
+
+
+def applied_group(
+    jobs: Sequence[Job[Outcome]],
+    after: Sequence[Job[Any]],
+    positions: tuple[tuple[str, int, int], ...],
+) -> Job[list[Outcome]]:
+    """One job for a journal group of writes (`intake.journal`): `jobs` (`applied_job`'s) in
+    order, each one's rejection its outcome; then `after` (the control topic's position); then
+    `positions` held in memory and stored with the events before them (`Live.advance`). All in
+    one transaction: a group is applied whole or not at all, and a core killed before its
+    positions are stored applies it again (the stored outcomes answer)."""
+    calls: list[Callable[[Tx], Any]] = []
+    for inner in (*jobs, *after):
+        assert not isinstance(inner, Batchable)
+        calls.append(inner)
+
+    def job(tx: Tx) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for call in calls[: len(jobs)]:
+            try:
+                outcomes.append(call(tx))
+            except Repairable:
+                raise  # the whole group is repaired and run again
+            except REJECTIONS as exc:  # decided before the job's first write
+                outcomes.append((False, exc))
+        for call in calls[len(jobs) :]:
+            call(tx)
+        tx.live.advance(positions)
+        return outcomes
+
+    job.waits_for_pending = any(map(waits_for_pending, (*jobs, *after)))  # type: ignore[attr-defined]
     return job

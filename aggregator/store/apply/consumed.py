@@ -54,6 +54,8 @@ class ConsumedBatch:
     read_at_us: int
     # Per organization, its events evaluated before the writer took the job (`Store.prepare`).
     prepared: Mapping[str, Prepared] = field(default_factory=dict)
+    # Further (topic, partition, next offset) stored with the events: the journal's position.
+    positions: tuple[tuple[str, int, int], ...] = ()
     waits_for_pending: ClassVar[bool] = False
 
     def __call__(self, tx: Tx) -> int:
@@ -66,6 +68,7 @@ class ConsumedBatch:
                 )
         admitted = live.admit(con, with_source(self.events))
         offsets = tuple((self.topic, p, o) for p, (_, o) in self.offsets.items())
+        offsets += self.positions
         seqs = admitted.seqs()
         apply_batch(
             tx,
@@ -105,12 +108,15 @@ class OffsetReset:
     (nothing done)."""
 
     reset: Reset
+    # Further (topic, partition, next offset) stored with it: the journal's position.
+    positions: tuple[tuple[str, int, int], ...] = ()
 
     def __call__(self, tx: Tx) -> Reset | None:
         con = tx.con
         r = self.reset
         if stored_offsets(con, r.topic).get(r.partition) != r.stored:
             return None
+        tx.live.advance(self.positions)
         con.execute(
             "INSERT INTO kafka_offset_resets VALUES (?, ?, ?, ?, ?, ?, make_timestamptz(?))",
             [r.topic, r.partition, r.stored, r.start, r.end, r.vanished, r.at_us],

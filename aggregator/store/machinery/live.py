@@ -325,6 +325,16 @@ class Live:
         self._staged_entries.append(entry)
         self.stage(lambda: self._applied(entry, held, seqs))
 
+    def advance(self, offsets: tuple[tuple[str, int, int], ...]) -> None:
+        """Positions that no events come with (the journal's, after a group of API writes):
+        stored with the events applied before them, by the same flush, so that a position
+        stored never runs ahead of what is stored."""
+        self._expect(Status.OPEN)
+        entry = Applied(pa.table({"seq": pa.array([], pa.int64())}), (), offsets)
+        self._staged_entries.append(entry)
+        none = np.empty(0, np.uint64), np.empty(0, np.int64)
+        self.stage(lambda: self._applied(entry, *none))
+
     def _applied(self, entry: Applied, fingerprints: np.ndarray, seqs: np.ndarray) -> None:
         if entry.events.num_rows:
             # A batch is applied once: its seqs were drawn after every batch applied before.

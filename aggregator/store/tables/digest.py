@@ -5,9 +5,9 @@ they do. It covers what a client can read (events, customers, meters, the custom
 ledgers, plans, holds, alerts, webhook endpoints, event types, the ledger's idempotency keys)
 and leaves out what says how a core got there, not what it holds:
 
-- seqs (`events.seq`, `customer_meters.reset_seq`, the meters' backfill bounds): positions in one
-  core's order of applying, of which another core's may differ until the journal fixes one;
-- backfill progress, which a core's background work moves at its own pace;
+- backfill progress (`meters.backfilled_to`, `backfilled_events`), which a core's background
+  work moves at its own pace (where a backfill ends, `backfill_target`, and seqs are the
+  journal's order, and count);
 - what the webhook sender learnt from receivers (`webhook_endpoints.enabled`, `disabled_reason`,
   `failing_since`): one core sends, and the others will hear it as records (the next issue).
 """
@@ -20,11 +20,11 @@ __all__ = ["TABLES", "logical_rows"]
 
 # Each table's columns left out (see above); every other column counts.
 TABLES: dict[str, tuple[str, ...]] = {
-    "events": ("seq",),
+    "events": (),
     "customers": (),
     "deleted_customers": (),
-    "meters": ("backfill_target", "backfilled_to", "backfill_events", "backfilled_events"),
-    "customer_meters": ("reset_seq",),
+    "meters": ("backfilled_to", "backfilled_events"),
+    "customer_meters": (),
     "credit_plans": (),
     "meter_holds": (),
     "meter_alerts": (),

@@ -202,12 +202,11 @@ def pending_backfills(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
     return [(r[0], r[1]) for r in rows]
 
 
-def backfill_step_job(
-    meter_id: str, version: int, chunk: int, now_us: int
-) -> Job[tuple[int, int] | None]:
+def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int, int] | None]:
     """A writer job adding the next `chunk` of stored events (by seq) to the meter's rollups,
-    their ledger usage applied at `now_us`; returns (done, target), or None when stale (the
-    meter was redefined or archived since)."""
+    their ledger usage applied at the time of the meter's definition (the write that asked for
+    the backfill: the same on every core, whenever its background work gets there); returns
+    (done, target), or None when stale (the meter was redefined or archived since)."""
 
     def job(tx: Tx) -> tuple[int, int] | None:
         con = tx.con
@@ -226,7 +225,7 @@ def backfill_step_job(
             "events",
             "organization_id = ?::UUID AND seq > ? AND seq <= ? AND source = 'user'",
             [meter.organization_id, meter.backfilled_to, high],
-            at_us=now_us,
+            at_us=meter.modified_at_us or meter.created_at_us,
             backfill=True,
         )
         rollups.store(con, [evaluated])

@@ -36,7 +36,6 @@ from aggregator.store import Store
 from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.machinery.migrations import migrate
 from aggregator.store.tables.meter_tables import backfill_step_job
-from meters.times import now_us
 from tests.processes import MeterlineServer, Server, free_port, new_org_token
 
 EVERYTHING = {"conjunction": "and", "clauses": []}
@@ -328,7 +327,7 @@ def test_a_data_dir_from_before_event_counts_shows_backfill_in_events(tmp_path: 
                 return row.backfilled_events, row.backfill_events
 
             seen = [await progress(done), await progress(halfway)]
-            while await store.write(backfill_step_job(halfway, 1, 4, now_us())) != (30, 30):
+            while await store.write(backfill_step_job(halfway, 1, 4)) != (30, 30):
                 pass
             return [*seen, await progress(halfway)]
 

@@ -23,7 +23,8 @@ def _consumer(monkeypatch: pytest.MonkeyPatch, kafka: Client, dead: Client) -> C
     monkeypatch.setattr(consumer_module, "AIOKafkaConsumer", lambda **options: kafka)
     monkeypatch.setattr(KafkaSettings, "producer", lambda self, **o: dead)
     store: Any = None  # not reached before the consumer runs
-    return Consumer(store, settings(), EventRules(), lambda org: True)
+    journal: Any = type("Journal", (), {"follow": lambda self, topic, follower: None})()
+    return Consumer(store, settings(), EventRules(), lambda org: True, journal)
 
 
 def test_a_consumer_whose_start_fails_halfway_stops_what_it_started(

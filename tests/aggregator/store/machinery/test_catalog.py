@@ -111,7 +111,7 @@ def test_the_check_follows_redefinitions_and_late_external_ids(tmp_path: Path) -
                 {"aggregation": {"func": "max", "property": "tokens"}}
             )
             redefined = await store.write(update_job(ORG, meter.id, redefine, now_us()))
-            step = backfill_step_job(meter.id, redefined.version, 1000, now_us())
+            step = backfill_step_job(meter.id, redefined.version, 1000)
             while (progress := await store.write(step)) and progress[0] < progress[1]:
                 pass
             assert (await _check(store, meter.id, external_customer_id="acme"))[

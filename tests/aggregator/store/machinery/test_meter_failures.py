@@ -160,7 +160,7 @@ async def _poisoned(tmp_path: Path, grouped: bool) -> None:
         fixed = await store.write(update_job(ORG_A, poison, fix, now_us()))
         assert fixed.failure is None
         assert fixed.backfilling
-        while (await store.write(backfill_step_job(poison, fixed.version, 2, now_us()))) not in (
+        while (await store.write(backfill_step_job(poison, fixed.version, 2))) not in (
             None,
             (fixed.backfill_target, fixed.backfill_target),
         ):
@@ -186,7 +186,7 @@ async def _failed_backfill(tmp_path: Path) -> None:
                 [orjson.dumps(POISON_FILTER).decode(), meter.id],
             )
         )
-        assert await store.write(backfill_step_job(meter.id, meter.version, 100, now_us())) is None
+        assert await store.write(backfill_step_job(meter.id, meter.version, 100)) is None
         failed = await store.read(get_meter, ORG_A, meter.id)
         assert failed is not None and failed.failure is not None
         assert not failed.backfilling

@@ -26,7 +26,7 @@ from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.filters import EventView
 from meters.periods import boundaries
-from meters.times import EPOCH, now_us
+from meters.times import EPOCH
 
 ORG = "5f0d3a8e-1f64-4a39-9d6e-5b7c2a0f1e11"
 NEVER = ReclusterSettings(min_rows=10**12)  # rollups rewritten only where the test says
@@ -175,7 +175,7 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
             await _ingest(step, store, before, batch_sizes)
             meter = await store.write(create_job(ORG, meter_create, 0, meter_id=str(uuid.uuid4())))
             while True:  # the backfill, a small chunk per writer job
-                progress = await step(backfill_step_job(meter.id, meter.version, 7, now_us()))
+                progress = await step(backfill_step_job(meter.id, meter.version, 7))
                 if progress is None or progress[0] >= progress[1]:
                     break
             await _ingest(step, store, after, batch_sizes)

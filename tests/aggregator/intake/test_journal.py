@@ -1,0 +1,143 @@
+"""The journal (`aggregator.intake.journal`): entries appended in one order are applied in that
+order by a core that catches up from an empty store; stale epochs, entries that are not entries
+and groups that do not chain are skipped or refused; a group that failed to apply is applied
+again from the journal before the next append."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from aggregator.errors import JournalLost, OffsetGap
+from aggregator.intake.journal import Entry, Journal, Records, decode, encode
+from aggregator.store import Positions, Store
+from ingest.kafka import KafkaSettings
+from tests.processes import Broker
+
+pytestmark = pytest.mark.slow
+
+
+def test_an_entry_reads_back_as_written_and_nothing_else_reads_as_one() -> None:
+    entry = Entry("t", ((2, 5, 9), (0, 1, 3)), 1_700_000_000_000_000, 4, ((2, 6, None), (0, 1, 3)))
+    assert decode(encode(entry)) == entry
+    for value in (b"{}", b'{"v": 2}', b'{"v": 1, "topic": "t"}', b"[]"):
+        with pytest.raises(ValueError, match="journal entry"):
+            decode(value)
+
+
+@dataclass
+class Recorder:
+    """A follower (`journal.Follower`) that stores each group's position and notes what it
+    was given; `fail` makes the next group's job fail once."""
+
+    store: Store
+    seen: list[tuple[tuple[tuple[int, int, int], ...], list[int], int]] = field(
+        default_factory=list
+    )
+    fail: bool = False
+
+    def queue(self, entry: Entry, records: Records, positions: Positions) -> Any:
+        expected = self.store.applied_offsets("meterline.events").get(0)
+        first = entry.ranges[0][1]
+        if expected is not None and first != expected:
+            raise OffsetGap(f"starts at {first}, applied {expected}")
+        failing, self.fail = self.fail, False
+
+        def job(tx: Any) -> None:
+            if failing:
+                raise OSError("the disk")
+            ranges = tuple(("meterline.events", p, n) for p, _, n in entry.ranges)
+            tx.live.advance(ranges + positions)
+
+        self.seen.append((entry.ranges, [r.offset for r in records], entry.epoch))
+        return self.store.queued(job)
+
+    async def replay(self, entry: Entry, records: Records, positions: Positions) -> None:
+        await self.queue(entry, records, positions)
+
+
+async def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value, partition=0)
+    finally:
+        await producer.stop()
+
+
+def test_a_core_from_an_empty_store_applies_the_journal_in_its_order(tmp_path: Path) -> None:
+    with Broker() as broker:
+        asyncio.run(
+            _scenario(tmp_path, KafkaSettings(broker.bootstrap, partitions=1, idempotence=False))
+        )
+
+
+async def _scenario(tmp_path: Path, kafka: KafkaSettings) -> None:
+    async with Store(tmp_path / "first.duckdb") as store, Journal(store, kafka) as journal:
+        first = Recorder(store)
+        journal.follow(kafka.topic, first)
+        await journal.start()
+        assert journal.epoch == 1
+        await _produce(kafka.bootstrap, kafka.topic, [b"a", b"b", b"c", b"d", b"e"])
+
+        def group(first_offset: int, end: int) -> Entry:
+            return Entry(kafka.topic, ((0, first_offset, end),), 1_000 + first_offset)
+
+        async def append(entry: Entry) -> None:
+            await journal.append(entry, lambda positions: first.queue(entry, [], positions))
+
+        await append(group(0, 2))
+        # A group that does not start where the last one ended is refused before it is appended
+        # (and the next append catches up first: a new epoch).
+        with pytest.raises(OffsetGap):
+            await append(group(3, 4))
+        # A group whose job fails: appended, not applied; the next append applies it first.
+        first.fail = True
+        with pytest.raises(OSError, match="the disk"):
+            await append(group(2, 3))
+        assert journal.position() == 1
+        await append(group(3, 5))
+        assert [ranges for ranges, _, _ in first.seen] == [
+            ((0, 0, 2),),
+            ((0, 2, 3),),
+            ((0, 2, 3),),  # again, from the journal
+            ((0, 3, 5),),
+        ]
+        assert journal.position() == 3  # three entries applied
+        assert journal.epoch == 3  # each catch-up draws a new epoch
+
+    # Not entries, and an entry of an older epoch (a writer replaced since): skipped by all.
+    stale = encode(Entry(kafka.topic, ((0, 5, 6),), 9, epoch=1))
+    await _produce(kafka.bootstrap, kafka.journal_topic, [b"not an entry", stale])
+
+    async with Store(tmp_path / "second.duckdb") as store, Journal(store, kafka) as journal:
+        second = Recorder(store)
+        journal.follow(kafka.topic, second)
+        await journal.start()
+        assert second.seen == [
+            (((0, 0, 2),), [0, 1], 1),
+            (((0, 2, 3),), [2], 2),
+            (((0, 3, 5),), [3, 4], 3),
+        ]
+        assert journal.position() == 3  # what is skipped is read again by the next catch-up
+        assert (journal.replayed, journal.skipped) == (3, 2)
+        assert journal.epoch == 4
+
+    # A data dir that applied more of the journal than the topic holds (recreated): refused.
+    async with Store(tmp_path / "third.duckdb") as store, Journal(store, kafka) as journal:
+        await store.queued(_advance(((kafka.journal_topic, 0, 100),)))
+        with pytest.raises(JournalLost, match="recreated or truncated"):
+            await journal.start()
+
+
+def _advance(positions: Positions) -> Any:
+    def job(tx: Any) -> None:
+        tx.live.advance(positions)
+
+    return job
