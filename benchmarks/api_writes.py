@@ -2,7 +2,8 @@
 
 Hypothesis: making every API write a record costs an embedded write one more row (its outcome,
 in the same transaction: well under a millisecond); in Kafka mode a write is a produce to the
-control topic and a fetch back before it is applied (a few milliseconds on loopback); ingest,
+control topic, a fetch back and its group's journal entry before it is applied (a few
+milliseconds each on loopback); ingest,
 whose path only gains derived event ids, keeps at least 0.9 of the previous main's throughput.
 
 The previous main is a git worktree of `PREVIOUS` (or `METERLINE_BENCH_PREVIOUS`), run by this
