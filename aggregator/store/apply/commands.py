@@ -201,7 +201,7 @@ def applied_group(
                 outcomes.append((False, exc))
         for call in calls[len(jobs) :]:
             call(tx)
-        tx.live.advance(positions)
+        tx.live.advance(tx.con, positions)
         return outcomes
 
     job.waits_for_pending = any(map(waits_for_pending, (*jobs, *after)))  # type: ignore[attr-defined]

@@ -116,7 +116,7 @@ class OffsetReset:
         r = self.reset
         if stored_offsets(con, r.topic).get(r.partition) != r.stored:
             return None
-        tx.live.advance(self.positions)
+        tx.live.advance(tx.con, self.positions)
         con.execute(
             "INSERT INTO kafka_offset_resets VALUES (?, ?, ?, ?, ?, ?, make_timestamptz(?))",
             [r.topic, r.partition, r.stored, r.start, r.end, r.vanished, r.at_us],

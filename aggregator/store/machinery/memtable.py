@@ -162,17 +162,24 @@ def store(con: duckdb.DuckDBPyConnection, entries: list[Applied]) -> int | None:
             con.execute(_INSERT_EVENTS)
             _record_links(con)
     rollups.store(con, [ev for e in entries for ev in e.evaluated])
-    offsets = {(t, p): o for e in entries for t, p, o in e.offsets}
-    if offsets:
-        con.executemany(
-            "INSERT INTO kafka_offsets VALUES (?, ?, ?)"
-            " ON CONFLICT DO UPDATE SET next_offset = excluded.next_offset",
-            [[t, p, o] for (t, p), o in offsets.items()],
-        )
+    store_offsets(con, tuple((t, p, o) for e in entries for t, p, o in e.offsets))
     through = max((e.log_id for e in entries if e.log_id is not None), default=None)
     if through is not None:
         ingest_log.mark_stored(con, through)
     return through
+
+
+def store_offsets(
+    con: duckdb.DuckDBPyConnection, offsets: tuple[tuple[str, int, int], ...]
+) -> None:
+    """(topic, partition, next offset) as stored positions; of one partition's, the last."""
+    last = {(t, p): o for t, p, o in offsets}
+    if last:
+        con.executemany(
+            "INSERT INTO kafka_offsets VALUES (?, ?, ?)"
+            " ON CONFLICT DO UPDATE SET next_offset = excluded.next_offset",
+            [[t, p, o] for (t, p), o in last.items()],
+        )
 
 
 def _record_links(con: duckdb.DuckDBPyConnection) -> None:

@@ -52,7 +52,7 @@ class Recorder:
             if failing:
                 raise OSError("the disk")
             ranges = tuple(("meterline.events", p, n) for p, _, n in entry.ranges)
-            tx.live.advance(ranges + positions)
+            tx.live.advance(tx.con, ranges + positions)
 
         self.seen.append((entry.ranges, [r.offset for r in records], entry.epoch))
         return self.store.queued(job)
@@ -138,6 +138,6 @@ async def _scenario(tmp_path: Path, kafka: KafkaSettings) -> None:
 
 def _advance(positions: Positions) -> Any:
     def job(tx: Any) -> None:
-        tx.live.advance(positions)
+        tx.live.advance(tx.con, positions)
 
     return job
