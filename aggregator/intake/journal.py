@@ -24,10 +24,10 @@ applies groups in the journal's order. The protocol:
    that fails to apply (the disk, a closing store), or whose entry may or may not have been
    appended (no acknowledgement), marks the journal behind: the next append catches up first
    (step 1), which applies what the journal holds, that group included if it was appended.
-5. Each group's job stores the journal position after its entry with what it applied, in one
-   transaction (events: by the flush that stores them). A core killed anywhere resumes at step 1
-   from the last group stored; groups of writes applied after it are applied again, and their
-   stored outcomes answer.
+5. Each group's job stores the journal position after its entry with what it applied, never
+   ahead of what is stored (`Live.advance`; events: by the flush that stores them). A core
+   killed anywhere resumes at step 1 from the last group stored; groups of writes applied after
+   it are applied again, and their stored outcomes answer.
 """
 
 from __future__ import annotations
@@ -240,7 +240,25 @@ class Journal:
         assert self._reader is not None and self._ranges is not None
         if self._inflight:
             await asyncio.wait(self._inflight)
-        reader, tp = self._reader, self._partition
+        self._reader.resume(self._partition)
+        try:
+            await self._read_to_end(self._reader, self._partition)
+        finally:
+            # Idle between catch-ups: an assigned partition is fetched in the background.
+            self._reader.pause(self._partition)
+            self._ranges.release()
+        self._epoch += 1
+        self._behind = False
+        if self.replayed or self.skipped:
+            log.info(
+                "journal: at %s, %d groups applied, %d skipped; epoch %d",
+                self.position(),
+                self.replayed,
+                self.skipped,
+                self._epoch,
+            )
+
+    async def _read_to_end(self, reader: AIOKafkaConsumer, tp: TopicPartition) -> None:
         beginning = (await reader.beginning_offsets([tp]))[tp]
         end = (await reader.end_offsets([tp]))[tp]
         start = self.position()
@@ -266,16 +284,6 @@ class Journal:
             fetched = await reader.getmany(tp, timeout_ms=100)
             for record in fetched.get(tp, []):
                 await self._replay(record)
-        self._epoch += 1
-        self._behind = False
-        if self.replayed or self.skipped:
-            log.info(
-                "journal: at %s, %d groups applied, %d skipped; epoch %d",
-                self.position(),
-                self.replayed,
-                self.skipped,
-                self._epoch,
-            )
 
     async def _read_one(self, tp: TopicPartition) -> ConsumerRecord[bytes, bytes]:
         assert self._reader is not None
@@ -322,6 +330,12 @@ class _Ranges:
         self.consumer = consumer
         self._buffers: dict[TopicPartition, Records] = {}
         self._from: dict[TopicPartition, int] = {}  # records from here on are buffered or next
+
+    def release(self) -> None:
+        """Read nothing until the next `read` (between catch-ups)."""
+        self.consumer.assign([])
+        self._buffers.clear()
+        self._from.clear()
 
     async def read(self, topic: str, ranges: tuple[tuple[int, int, int], ...]) -> Records:
         records: Records = []

@@ -330,9 +330,9 @@ class Live:
     ) -> None:
         """Positions that no events come with (the journal's, after a group of API writes), so
         stored that a position stored never runs ahead of what is stored: in this transaction
-        when every event applied before it is stored (a memtable entry would cost the next
-        write that waits for pending events a flush: measured, +10-20 ms a Kafka-mode API
-        write), else with those events, by the same flush."""
+        when every event applied before it is stored (a memtable entry would make the next
+        write that waits for pending events flush first), else with those events, by the same
+        flush."""
         self._expect(Status.OPEN)
         if self.memtable.added == self.memtable.stored and not self._staged_entries:
             store_offsets(con, offsets)
