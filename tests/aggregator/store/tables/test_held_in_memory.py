@@ -27,7 +27,6 @@ from meters.ledger_rules import CreditCreate, HoldCreate
 from meters.times import now_us
 
 ORG = str(uuid.uuid4())
-NOW = now_us()
 HOUR = 3600 * 1_000_000
 # (what, hold number): make (with units), release, settle (its usage event), or read late
 # (an hour on: every hold has expired by then).
@@ -37,12 +36,12 @@ OPS = st.lists(
 )
 
 
-async def _setup(store: Store) -> tuple[str, str]:
+async def _setup(store: Store, now: int) -> tuple[str, str]:
     customer = await store.write(
         create_customer(
             ORG,
             CustomerCreate(email="a@example.com", external_id="acme"),
-            NOW,
+            now,
             customer_id=str(uuid.uuid4()),
         )
     )
@@ -56,21 +55,21 @@ async def _setup(store: Store) -> tuple[str, str]:
                     "aggregation": {"func": "sum", "property": "tokens"},
                 }
             ),
-            NOW,
+            now,
             meter_id=str(uuid.uuid4()),
         )
     )
     credit = CreditCreate(
         external_customer_id="acme", meter_id=uuid.UUID(meter.id), units=1000, external_id="c"
     )
-    await store.write(credit_job(ORG, credit, NOW))
+    await store.write(credit_job(ORG, credit, now))
     return customer.id, meter.id
 
 
-def _usage(key: str) -> IngestJob:
+def _usage(key: str, now: int) -> IngestJob:
     event = Event(
         name="use",
-        timestamp_us=NOW,
+        timestamp_us=now,
         customer_id=None,
         external_customer_id="acme",
         external_id=key,
@@ -79,14 +78,17 @@ def _usage(key: str) -> IngestJob:
         metadata={"tokens": 1},
         cost_amount=None,
     )
-    return IngestJob(ORG, to_table([event]), NOW)
+    return IngestJob(ORG, to_table([event]), now)
 
 
 async def _run(path: Path, ops: list[tuple[str, int]]) -> list[tuple[float, float]]:
     """(memory, stored) after the operations, an hour later, and after reopening."""
+    # The time of this example, not of the module's import: a store that reads the clock
+    # (expiry) would see holds made at import time expired on a suite longer than they last.
+    now = now_us()
     seen = []
     async with Store(path) as store:
-        customer_id, meter_id = await _setup(store)
+        customer_id, meter_id = await _setup(store, now)
         made: dict[int, str] = {}
         jobs: list[Any] = []
         for what, n in ops:
@@ -99,11 +101,11 @@ async def _run(path: Path, ops: list[tuple[str, int]]) -> list[tuple[float, floa
                     external_id=key,
                     expires_in_seconds=600,
                 )
-                jobs.append(create_hold(ORG, hold, NOW, hold_id=str(uuid.uuid4())))
+                jobs.append(create_hold(ORG, hold, now, hold_id=str(uuid.uuid4())))
             elif what == "settle":
-                jobs.append(_usage(key))
+                jobs.append(_usage(key, now))
             elif n in made:
-                jobs.append(release_job(ORG, made[n], NOW))
+                jobs.append(release_job(ORG, made[n], now))
             # Two at a time in one group commit, where the writer groups them.
             if len(jobs) == 2:
                 done = await asyncio.gather(*(store.write(j) for j in jobs), return_exceptions=True)
@@ -118,10 +120,10 @@ async def _run(path: Path, ops: list[tuple[str, int]]) -> list[tuple[float, floa
             memory = held_in_memory(store.live, customer_id, meter_id, at)
             return memory, held(con, customer_id, meter_id, at)
 
-        seen.append(await store.read(both, NOW))
-        seen.append(await store.read(both, NOW + HOUR))
+        seen.append(await store.read(both, now))
+        seen.append(await store.read(both, now + HOUR))
     async with Store(path) as store:
-        seen.append(await store.read(both, NOW))
+        seen.append(await store.read(both, now))
     return seen
 
 
