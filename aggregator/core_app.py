@@ -142,7 +142,7 @@ RESET_NOTICE_US = 24 * 3600 * 1_000_000
 def _core_health(store: Store, consumer: Consumer | None) -> Route:
     """`ok`, or `degraded` (still 200: reads work) while writes find the disk full, and for a
     day after the events topic's log lost offsets the core had stored, with the latest such
-    reset."""
+    reset; 503 `failed` once DuckDB invalidated the database (`disk.fatal`): restart it."""
 
     async def health(request: Request) -> JSON:
         failure = store.disk.failure
@@ -152,6 +152,10 @@ def _core_health(store: Store, consumer: Consumer | None) -> Route:
             "reason": None if failure is None else failure.reason,
         }
         found: HealthShape = {"status": "ok" if failure is None else "degraded", "storage": storage}
+        lost = store.disk.lost_database
+        if lost is not None:  # nothing works until a restart: say so to whatever restarts it
+            storage["full_since"], storage["reason"] = shapes.iso(lost.at_us), lost.reason
+            return JSON({**found, "status": "failed"}, status_code=503)
         if consumer is None:
             return JSON(found)
         resets = await consumer.offset_resets()

@@ -55,9 +55,9 @@ class StorageHealthShape(TypedDict):
 class HealthShape(TypedDict):
     """What `/healthz` answers (core_app's `_core_health`; an edge's is `{"status": "ok"}`):
     "degraded" while writes find the disk full, and for a day after the events topic lost
-    offsets the core had stored."""
+    offsets the core had stored; "failed" (503) once the database must be restarted."""
 
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "degraded", "failed"]
     storage: NotRequired[StorageHealthShape]  # a core's
     kafka: NotRequired[KafkaHealthShape]  # Kafka mode
 
@@ -82,7 +82,9 @@ _EDGE: dict[tuple[str, str], Operation] = {
         security="metrics",
         description="Behind `--metrics-token` when the server has one.",
     ),
-    ("GET", "/healthz"): Operation("Liveness", "system", {200: HealthShape}, security="none"),
+    ("GET", "/healthz"): Operation(
+        "Liveness", "system", {200: HealthShape, 503: HealthShape}, security="none"
+    ),
 }
 
 

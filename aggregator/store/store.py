@@ -299,6 +299,8 @@ class Store:
         except REJECTIONS:
             raise
         except Exception as exc:
+            if disk.fatal(exc):
+                self.disk.lost(exc)
             if not disk.full(exc):
                 raise
             self.disk.failed(exc)

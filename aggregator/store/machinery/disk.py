@@ -2,7 +2,9 @@
 to fix, not a bug, so a request meeting it is answered 503 `StorageFull` (nothing of it was
 stored; retry) instead of 500, and `/healthz` says `degraded` until a write succeeds again.
 DuckDB ends a transaction whose COMMIT could not write its WAL and takes writes again once
-there is space (`rows.rollback`), so recovery needs no restart."""
+there is space (`rows.rollback`), so recovery needs no restart. (A checkpoint that meets a full
+disk is different: DuckDB invalidates the database, so the flusher checkpoints only when there is
+room, and `/healthz` answers 503 `failed` if it happens anyway: the process must restart.)"""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+import duckdb
 
 from meters.times import now_us
 
@@ -31,6 +35,12 @@ def full(exc: BaseException) -> bool:
     return False
 
 
+def fatal(exc: BaseException) -> bool:
+    """Whether `exc` says DuckDB invalidated the database (after a checkpoint that could not
+    write its file, for one): every later statement fails until the process restarts."""
+    return isinstance(exc, duckdb.FatalException) or "database has been invalidated" in str(exc)
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     at_us: int
@@ -44,10 +54,16 @@ class DiskHealth:
         self._folder = folder
         self._lock = threading.Lock()
         self.failure: Failure | None = None
+        self.lost_database: Failure | None = None  # `fatal`: for good, until a restart
 
     def failed(self, exc: BaseException) -> None:
         with self._lock:
             self.failure = Failure(now_us(), str(exc).splitlines()[0][:300])
+
+    def lost(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.lost_database is None:
+                self.lost_database = Failure(now_us(), str(exc).splitlines()[0][:300])
 
     def succeeded(self) -> None:
         if self.failure is not None:

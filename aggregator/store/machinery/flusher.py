@@ -5,14 +5,17 @@ the file), once its oldest batch has waited `flush_seconds`, or at once when ask
 a read that must see every applied event, a write that must come after them); then the ingest
 log's segments it completed are deleted. Between flushes it folds the ledger's deltas
 (`compaction.compact`) every `compact_seconds`, runs `CHECKPOINT` once the WAL passes
-`checkpoint_bytes` (the ingest path writes nothing to DuckDB, so a checkpoint never holds it
-up), and runs `idle` (upkeep of the in-memory state, off the writer's thread).
+`checkpoint_bytes` and the disk has room for it (the ingest path writes nothing to DuckDB, so
+a checkpoint never holds it up), and runs `idle` (upkeep of the in-memory state, off the
+writer's thread).
 
 `exclusive` is held while it writes; a writer job that must not run beside it (any job but
 applying events) takes it, flushes what is left (`flush_all`) and keeps it until it commits.
 
 A flush that fails is retried every `retry_seconds` with the same batches (nothing is lost:
-they stay in the memtable, and in Kafka or the ingest log); barriers wait for it.
+they stay in the memtable, and in Kafka or the ingest log); barriers wait for it. While one
+has met a full disk (`disk_full`), the ingest log takes no request (`Live.prepare`): what piles
+up unstored while the disk is full must fit in the WAL once space is freed.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from aggregator.store.machinery.memtable import ROW_GROUP, Memtable
 from meters.times import NEVER
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_MARGIN = 4 * 1024 * 1024  # room a checkpoint needs beyond what its WAL holds
 
 
 class Flusher:
@@ -72,6 +77,8 @@ class Flusher:
         self._stopping = False
         self._failed_at = NEVER
         self._full_logged_at = NEVER
+        self._deferred_logged_at = NEVER
+        self.disk_full = False  # the last flush met a full disk
         self._compacted_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="duckdb-flusher", daemon=True)
         self.flushes = 0
@@ -115,12 +122,12 @@ class Flusher:
         if not entries:
             return
         started = time.perf_counter()
-        con = self._con
-        with transaction(con):
-            logged = memtable.store(con, entries)
+        with transaction(self._con):
+            logged = memtable.store(self._con, entries)
         self._table.release(len(entries))
         if logged is not None:
             self._log.stored(logged)
+        self.disk_full = False
         events = sum(e.events.num_rows for e in entries)
         self.flushes += 1
         self.flushed_events += events
@@ -159,7 +166,10 @@ class Flusher:
     def _failed(self, exc: Exception) -> None:
         """Count a failed flush; a full disk is logged once a minute, not at every retry."""
         self._failed_at = time.monotonic()
+        if self._disk is not None and disk.fatal(exc):
+            self._disk.lost(exc)
         if disk.full(exc):
+            self.disk_full = True
             if self._disk is not None:
                 self._disk.failed(exc)
             if self._failed_at - self._full_logged_at < 60:
@@ -202,12 +212,43 @@ class Flusher:
                     compact(con)
             except Exception:
                 log.exception("compaction failed; retrying later")
-        if self._wal is not None and _size(self._wal) >= self._checkpoint_bytes:
-            try:
-                self._con.execute("CHECKPOINT")
-                self.checkpoints += 1
-            except duckdb.Error:  # another transaction is open: next time
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """CHECKPOINT once the WAL holds `checkpoint_bytes` and the disk has room for it."""
+        wal = 0 if self._wal is None else _size(self._wal)
+        if wal < self._checkpoint_bytes or not self._room_to_checkpoint(wal):
+            return
+        try:
+            self._con.execute("CHECKPOINT")
+            self.checkpoints += 1
+        except duckdb.Error as exc:
+            if self._disk is not None and disk.fatal(exc):
+                self._disk.lost(exc)
+                log.critical("the database was invalidated; restart the server", exc_info=exc)
+            else:  # another transaction is open: next time
                 log.debug("checkpoint skipped", exc_info=True)
+
+    def _room_to_checkpoint(self, wal: int) -> bool:
+        """Whether the disk has room to checkpoint a WAL of `wal` bytes: what the WAL holds
+        (stored compressed, it takes less) beyond the file's free blocks, and
+        `CHECKPOINT_MARGIN`. A checkpoint that cannot write the file invalidates the whole
+        database until a restart (a commit that cannot write the WAL only fails), so it waits
+        for room, the WAL growing meanwhile, and says so once a minute."""
+        if self._disk is None:
+            return True
+        block, free_blocks = self._con.execute(
+            "SELECT block_size, free_blocks FROM pragma_database_size()"
+        ).fetchone() or (0, 0)
+        needed = max(0, wal - block * free_blocks) + CHECKPOINT_MARGIN
+        free = self._disk.free_bytes()
+        if free >= needed:
+            return True
+        now = time.monotonic()
+        if now - self._deferred_logged_at >= 60:
+            self._deferred_logged_at = now
+            log.warning("checkpoint deferred: %d bytes free of the %d it may need", free, needed)
+        return False
 
 
 def _size(path: Path) -> int:

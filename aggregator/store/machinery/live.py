@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -202,6 +203,10 @@ class Live:
         log)."""
         self._expect(Status.OPEN)
         if self._staged_log:
+            if self.flusher.disk_full:
+                # Refused as the log itself would be when full: taken on, these events would
+                # pile up unstored, more than the WAL may hold once space is freed.
+                raise OSError(errno.ENOSPC, "No space left on device to store applied events")
             self._logged_at = self.log.append(self._staged_log)
         self._status = Status.PREPARED
 
