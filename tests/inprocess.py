@@ -124,8 +124,13 @@ class ServedCore:
     Validation runs inline unless `extra_args` say `--validation-workers N`: the workers'
     processes are what a thread saves, and the rules are the same either way."""
 
-    def __init__(self, data_dir: Path, *extra_args: str, command: str = "up") -> None:
+    def __init__(
+        self, data_dir: Path, *extra_args: str, command: str = "up", dev_token: bool = True
+    ) -> None:
+        """`dev_token`: make the development token in the data dir first (`token`); else the
+        core has what its control topic gives it."""
         self.data_dir = data_dir
+        self._dev_token = dev_token
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
         self.port = int(self._socket.getsockname()[1])
@@ -146,7 +151,7 @@ class ServedCore:
         self.exit_code: int | None = None  # 0 once stopped cleanly, as the command exits
 
     def start(self, timeout: float = 60.0) -> Self:
-        if self._args.command == "up":
+        if self._args.command == "up" and self._dev_token:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             registry = TokenRegistry(self.data_dir)
             try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -178,16 +177,13 @@ async def _control_records(bootstrap: str) -> list[bytes]:
 
 
 def _second_core(pipeline: Pipeline, data_dir: Path) -> ServedCore:
-    """A core on the same topics from an empty data dir. Organizations and tokens are not
-    records yet: the first core's token file is copied."""
+    """A core on the same topics from an empty data dir but for the cluster secret: it takes
+    organizations and tokens from the control topic, the development token included."""
     data_dir.mkdir()
-    shutil.copy(pipeline.data_dir / "secret.key", data_dir / "secret.key")
-    with (
-        sqlite3.connect(pipeline.data_dir / "auth.sqlite3") as source,
-        sqlite3.connect(data_dir / "auth.sqlite3") as copy,
-    ):
-        source.backup(copy)
-    return ServedCore(data_dir, *pipeline.args(), *pipeline.core_args)
+    secret = data_dir / "cluster.secret"
+    shutil.copy(pipeline.data_dir / "secret.key", secret)
+    args = (*pipeline.args(), *pipeline.core_args, "--secret-file", str(secret))
+    return ServedCore(data_dir, *args, dev_token=False)
 
 
 def _drive(pipeline: Pipeline, workload: Workload, steps: int) -> None:
