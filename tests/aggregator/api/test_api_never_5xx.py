@@ -410,7 +410,7 @@ def test_no_request_gets_a_5xx_or_stores_anything_when_refused(tmp_path: Path) -
         body_strategies = {template: valid_bodies(template, known) for _, template in endpoints}
 
         @settings(
-            max_examples=max(20, settings().max_examples // 2),
+            max_examples=max(10, settings().max_examples // 4),
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )

@@ -86,7 +86,7 @@ def stored(server: Server) -> tuple[Polar, list[tuple[str, EventView]]]:
 
 
 @settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @pytest.mark.slow
 @given(raw=filters)

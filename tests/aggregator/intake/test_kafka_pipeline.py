@@ -59,7 +59,7 @@ def test_events_through_two_edges_equal_the_fold(tmp_path: Path) -> None:
         _assert_matches_fold(pipeline, meter_id, oracle)
 
 
-@pytest.mark.parametrize("seed", [101, 202, 303])
+@pytest.mark.parametrize("seed", [101, 202])
 def test_core_killed_at_random_points_loses_and_doubles_nothing(tmp_path: Path, seed: int) -> None:
     print(f"seed {seed}")  # the kill times follow from it
     rng = random.Random(seed)

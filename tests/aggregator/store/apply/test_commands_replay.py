@@ -175,7 +175,7 @@ SETUP: list[tuple[Any, ...]] = [
 ]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS)
 def test_a_store_on_an_empty_file_applying_the_same_records_holds_the_same_state(
     ops: list[tuple[Any, ...]],

@@ -139,7 +139,7 @@ def _load(con: duckdb.DuckDBPyConnection, batch: list[EventView]) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(batch=st.lists(events(), max_size=12), raw=filters)
 def test_filter_matches_equals_compiled_sql(
     con: duckdb.DuckDBPyConnection, batch: list[EventView], raw: dict[str, Any]
@@ -164,7 +164,7 @@ def sql_aggregate(con: duckdb.DuckDBPyConnection, meter_filter: Filter, aggregat
 
 
 @pytest.mark.slow
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(batch=st.lists(events(), max_size=12), raw=filters, raw_aggregation=aggregations)
 def test_aggregation_fold_equals_compiled_sql(
     con: duckdb.DuckDBPyConnection,
@@ -180,7 +180,7 @@ def test_aggregation_fold_equals_compiled_sql(
     assert math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-9), (actual, expected)
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(
     batch=st.lists(events(), max_size=12),
     meters=st.lists(st.tuples(filters, aggregations), min_size=1, max_size=5),

@@ -62,7 +62,7 @@ steps = st.lists(
 
 
 @pytest.mark.slow
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(steps=steps, memory_keys=st.sampled_from([dedupe.MEMORY_KEYS, 1, 4]))
 def test_new_events_are_exact_whatever_the_fingerprints(
     tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[object, ...]], memory_keys: int

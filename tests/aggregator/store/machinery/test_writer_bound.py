@@ -52,8 +52,8 @@ def test_backfills_of_many_meters_leave_room_for_other_writes(tmp_path: Path) ->
 
 async def _backfills(tmp_path: Path) -> None:
     async with Store(tmp_path / "db.duckdb") as store:
-        for start in range(0, 100_000, 50_000):
-            table = to_table(_events(50_000, start))
+        for start in range(0, 50_000, 25_000):
+            table = to_table(_events(25_000, start))
             await store.write(IngestJob(ORG_A, table, now_us()))
         store.writer.job_bound_seconds = 0.1
         store.writer.longest_seconds = 0.0

@@ -154,7 +154,7 @@ async def run(path: Path, sequence: list[Any]) -> list[list[tuple[int, float]]]:
 
 
 @pytest.mark.slow
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(steps)
 def test_alert_firings_equal_the_model(sequence: list[Any]) -> None:
     with tempfile.TemporaryDirectory() as directory:

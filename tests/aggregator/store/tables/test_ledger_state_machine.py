@@ -268,5 +268,5 @@ class LedgerMachine(RuleBasedStateMachine):
             assert cm.balance == cm.credited - cm.consumed
 
 
-LedgerMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+LedgerMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=25, deadline=None)
 test_ledger_equals_the_model = pytest.mark.slow(LedgerMachine.TestCase)
