@@ -132,6 +132,7 @@ class Store:
         self._gates = Gates()
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._interrupting: set[asyncio.Task[None]] = set()
         self._live: Live | None = None
         # Told what each commit changed, and that webhooks are due (`Listeners`).
         self.listeners = Listeners()
@@ -346,15 +347,18 @@ class Store:
         """`read` without waiting for applied events to be stored: for what ingest never
         defers (customers, meters, plans, offset resets) or may lag (forwarding)."""
         assert self._pool is not None, "store is not open"
-        running: list[duckdb.DuckDBPyConnection] = []
-        given_up = threading.Event()
+        read = _Read()
 
         def run() -> T:
-            if given_up.is_set():
-                raise QueryTimeout(self._read_timeout)
-            cursor = self._cursor()
-            running.append(cursor)
-            return fn(cursor, *args, **kwargs)
+            try:
+                if read.given_up.is_set():
+                    raise QueryTimeout(self._read_timeout)
+                cursor = self._cursor()
+                read.cursor = cursor
+                return fn(cursor, *args, **kwargs)
+            finally:
+                with read.lock:  # from here the cursor may run another read: not interrupted
+                    read.ended = True
 
         future = asyncio.get_running_loop().run_in_executor(self._pool, run)
         try:
@@ -363,11 +367,12 @@ class Store:
             async with asyncio.timeout(self._read_timeout):
                 return await asyncio.shield(future)
         except TimeoutError:
-            given_up.set()
-            if running:
-                running[0].interrupt()
+            read.given_up.set()
             # Retrieved, so that its (interrupted) outcome is not reported as never retrieved.
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            interrupting = asyncio.create_task(read.interrupt())
+            self._interrupting.add(interrupting)
+            interrupting.add_done_callback(self._interrupting.discard)
             raise QueryTimeout(self._read_timeout) from None
 
     async def prepare(self, organization_id: str, events: pa.Table) -> Prepared | None:
@@ -421,3 +426,23 @@ class Store:
             self._cursors.append(cursor)
             self._local.cursor = cursor
         return cursor
+
+
+class _Read:
+    """A read given up on (`read_now`) is interrupted until it ends: an interrupt that lands
+    before its query starts is lost (one such ran a query past the timeout for ever)."""
+
+    def __init__(self) -> None:
+        self.given_up = threading.Event()
+        self.lock = threading.Lock()
+        self.cursor: duckdb.DuckDBPyConnection | None = None
+        self.ended = False
+
+    async def interrupt(self) -> None:
+        while True:
+            with self.lock:
+                if self.ended:
+                    return
+                if self.cursor is not None:
+                    self.cursor.interrupt()
+            await asyncio.sleep(0.05)
