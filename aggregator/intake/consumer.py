@@ -355,6 +355,10 @@ class Consumer:
     def _queue_reset(self, reset: Reset, positions: Positions) -> Awaitable[Reset | None]:
         return self._store.queued(OffsetReset(reset, positions))
 
+    def _queue_batch(self, batch: ConsumedBatch, positions: Positions) -> Awaitable[int]:
+        weight = max(1, batch.events.num_rows)
+        return self._store.queued(replace(batch, positions=positions), weight)
+
     async def _prepare(
         self, fetched: dict[TopicPartition, list[ConsumerRecord]]
     ) -> tuple[ConsumedBatch, Entry]:
@@ -417,7 +421,7 @@ class Consumer:
         log's start."""
         for partition, stored, start, end, vanished in entry.resets:
             reset = Reset(entry.topic, partition, stored, start, end, vanished, entry.at_us)
-            await self._store.queued(OffsetReset(reset, positions))
+            await self._queue_reset(reset, positions)
         if not entry.ranges:
             return
         table, _ = await self._decoded(records, entry.at_us)
@@ -425,7 +429,7 @@ class Consumer:
             table = _without(table, records, entry.dead)
         offsets = {p: (first, end) for p, first, end in entry.ranges}
         batch = await self._batch(table, records, offsets, entry.at_us)
-        await self._store.queued(replace(batch, positions=positions), max(1, table.num_rows))
+        await self._queue_batch(batch, positions)
 
     async def _evaluated(self, events: pa.Table) -> dict[str, Prepared]:
         """Each organization's events evaluated for its meters before the writer takes them,
@@ -465,10 +469,7 @@ class Consumer:
     ) -> None:
         batch, entry = prepared
         started = time.perf_counter()
-        weight = max(1, batch.events.num_rows)
-        await self._journal.append(
-            entry, lambda positions: self._store.queued(replace(batch, positions=positions), weight)
-        )
+        await self._journal.append(entry, partial(self._queue_batch, batch))
         seconds = time.perf_counter() - started
         self.commit_seconds.append(seconds)
         self._fit_to_bound(sum(len(r) for r in fetched.values()), batch.events.num_rows, seconds)

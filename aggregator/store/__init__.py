@@ -24,9 +24,10 @@ from aggregator.store.machinery.dedupe import MEMORY_KEYS as DEDUPE_MEMORY_KEYS
 from aggregator.store.machinery.disk import full as disk_full
 from aggregator.store.machinery.ingest_log import LogCorrupt, with_origin, with_source
 from aggregator.store.machinery.live import Changed, Live
+from aggregator.store.machinery.memtable import Positions
 from aggregator.store.machinery.rollups import Prepared
 from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS, Outcome
-from aggregator.store.store import Positions, Store
+from aggregator.store.store import Store
 from aggregator.store.tables import (
     alert_tables,
     cost_queries,

@@ -14,6 +14,7 @@ from aggregator.store.base.rows import registered
 from aggregator.store.machinery import dedupe, rollups
 from aggregator.store.machinery.evaluation import apply_isolated
 from aggregator.store.machinery.live import Feature
+from aggregator.store.machinery.memtable import Positions
 from aggregator.store.machinery.rollups import Evaluated, Prepared
 from aggregator.store.machinery.writer import Tx
 from aggregator.store.tables import alert_tables, hold_tables, webhook_tables
@@ -51,7 +52,7 @@ def apply_batch(
     *,
     at_us: int,
     fingerprints: dedupe.U64 | None = None,
-    offsets: tuple[tuple[str, int, int], ...] = (),
+    offsets: Positions = (),
     log_id: int | None = None,
     prepared: Mapping[str, Prepared] | None = None,
 ) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aggregator.errors import NotFound
+from aggregator.store.machinery.memtable import Positions
 from aggregator.store.machinery.writer import (
     REJECTIONS,
     Batchable,
@@ -178,7 +179,7 @@ def applied_job(command: Command) -> Job[Outcome]:
 def applied_group(
     jobs: Sequence[Job[Outcome]],
     after: Sequence[Job[Any]],
-    positions: tuple[tuple[str, int, int], ...],
+    positions: Positions,
 ) -> Job[list[Outcome]]:
     """One job for a journal group of writes (`intake.journal`): `jobs` (`applied_job`'s) in
     order, each one's rejection its outcome; then `after` (the control topic's position); then

@@ -20,6 +20,7 @@ import pyarrow as pa
 from aggregator.errors import OffsetGap
 from aggregator.store.apply.batch import apply_batch
 from aggregator.store.machinery.ingest_log import with_source
+from aggregator.store.machinery.memtable import Positions
 from aggregator.store.machinery.rollups import Prepared
 from aggregator.store.machinery.writer import Tx
 
@@ -55,7 +56,7 @@ class ConsumedBatch:
     # Per organization, its events evaluated before the writer took the job (`Store.prepare`).
     prepared: Mapping[str, Prepared] = field(default_factory=dict)
     # Further (topic, partition, next offset) stored with the events: the journal's position.
-    positions: tuple[tuple[str, int, int], ...] = ()
+    positions: Positions = ()
     waits_for_pending: ClassVar[bool] = False
 
     def __call__(self, tx: Tx) -> int:
@@ -109,7 +110,7 @@ class OffsetReset:
 
     reset: Reset
     # Further (topic, partition, next offset) stored with it: the journal's position.
-    positions: tuple[tuple[str, int, int], ...] = ()
+    positions: Positions = ()
 
     def __call__(self, tx: Tx) -> Reset | None:
         con = tx.con

@@ -46,6 +46,10 @@ class Failure:
     at_us: int
     reason: str
 
+    @classmethod
+    def of(cls, exc: BaseException) -> Failure:
+        return cls(now_us(), str(exc).splitlines()[0][:300])
+
 
 class DiskHealth:
     """The latest write that found the disk full, until a write succeeds (any thread)."""
@@ -58,12 +62,12 @@ class DiskHealth:
 
     def failed(self, exc: BaseException) -> None:
         with self._lock:
-            self.failure = Failure(now_us(), str(exc).splitlines()[0][:300])
+            self.failure = Failure.of(exc)
 
     def lost(self, exc: BaseException) -> None:
         with self._lock:
             if self.lost_database is None:
-                self.lost_database = Failure(now_us(), str(exc).splitlines()[0][:300])
+                self.lost_database = Failure.of(exc)
 
     def succeeded(self) -> None:
         if self.failure is not None:

@@ -122,8 +122,9 @@ class Flusher:
         if not entries:
             return
         started = time.perf_counter()
-        with transaction(self._con):
-            logged = memtable.store(self._con, entries)
+        con = self._con
+        with transaction(con):
+            logged = memtable.store(con, entries)
         self._table.release(len(entries))
         if logged is not None:
             self._log.stored(logged)

@@ -41,7 +41,13 @@ from aggregator.store.machinery.catalog import Catalog
 from aggregator.store.machinery.dedupe import Dedupe, Spill
 from aggregator.store.machinery.flusher import Flusher
 from aggregator.store.machinery.ingest_log import IngestLog, Logged
-from aggregator.store.machinery.memtable import Applied, Memtable, keys_of, store_offsets
+from aggregator.store.machinery.memtable import (
+    Applied,
+    Memtable,
+    Positions,
+    keys_of,
+    store_offsets,
+)
 from aggregator.store.machinery.rollups import Evaluated
 
 Effect = Callable[[], object]
@@ -311,7 +317,7 @@ class Live:
         evaluated: Sequence[Evaluated],
         *,
         fingerprints: dedupe.U64 | None = None,
-        offsets: tuple[tuple[str, int, int], ...] = (),
+        offsets: Positions = (),
         log_id: int | None = None,
     ) -> None:
         """An applied batch of new `events` (`Applied.events`' columns) with its meters'
@@ -330,9 +336,7 @@ class Live:
         self._staged_entries.append(entry)
         self.stage(lambda: self._applied(entry, held, seqs))
 
-    def advance(
-        self, con: duckdb.DuckDBPyConnection, offsets: tuple[tuple[str, int, int], ...]
-    ) -> None:
+    def advance(self, con: duckdb.DuckDBPyConnection, offsets: Positions) -> None:
         """Positions that no events come with (the journal's, after a group of API writes), so
         stored that a position stored never runs ahead of what is stored: in this transaction
         when every event applied before it is stored (a memtable entry would make the next

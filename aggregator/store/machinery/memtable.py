@@ -31,6 +31,10 @@ from meters.events import COLUMNS
 ROW_GROUP = 122_880
 
 
+# (topic, partition, next offset): positions in a log, stored with what they cover.
+Positions = tuple[tuple[str, int, int], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Applied:
     """One applied batch: its new `events` (as the events table takes them: `COLUMNS`,
@@ -40,7 +44,7 @@ class Applied:
 
     events: pa.Table
     evaluated: tuple[Evaluated, ...] = ()
-    offsets: tuple[tuple[str, int, int], ...] = ()
+    offsets: Positions = ()
     log_id: int | None = None
 
 
@@ -169,9 +173,7 @@ def store(con: duckdb.DuckDBPyConnection, entries: list[Applied]) -> int | None:
     return through
 
 
-def store_offsets(
-    con: duckdb.DuckDBPyConnection, offsets: tuple[tuple[str, int, int], ...]
-) -> None:
+def store_offsets(con: duckdb.DuckDBPyConnection, offsets: Positions) -> None:
     """(topic, partition, next offset) as stored positions; of one partition's, the last."""
     last = {(t, p): o for t, p, o in offsets}
     if last:
