@@ -61,7 +61,8 @@ def apply_batch(
 
     1. Meters: each organization's events evaluated for its meters, or taken from `prepared`
        where it holds them evaluated for the meters as they are (`Prepared.columns_for`).
-    2. Holds: an event naming an active hold's external_id, customer and meter settles it.
+    2. Holds: an event naming an active hold's external_id, customer and meter, applied after
+       the hold was made, settles it.
     3. Alerts: evaluated event by event on the customer meters the usage changed.
     4. State: the customers whose meters changed are marked for customer.state_changed.
     5. Queued: the batch, its keys and its usage, held in memory at commit (`Live.queue`), with

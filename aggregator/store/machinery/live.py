@@ -115,6 +115,11 @@ class SequenceCounter:
     def __init__(self, start: int) -> None:
         self._next = start
 
+    @property
+    def last(self) -> int:
+        """The last seq drawn (0: none)."""
+        return self._next - 1
+
     def reserve(self, n: int) -> int:
         """The first of `n` consecutive seqs."""
         first, self._next = self._next, self._next + n

@@ -482,6 +482,13 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (topic, partition)
     );
     """,
+    # 22: the last seq applied when a hold was made: only events after it settle it, so that a
+    # usage event applied before the hold (holds do not wait for applied events to be stored),
+    # applied again after a crash (the ingest log, Kafka), does not settle it then either.
+    # Holds made before: 0, as they were. (Other writes wait for applied events to be stored.)
+    """
+    ALTER TABLE meter_holds ADD COLUMN after_seq BIGINT NOT NULL DEFAULT 0;
+    """,
 )
 
 

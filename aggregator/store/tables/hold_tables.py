@@ -150,7 +150,7 @@ def create_job(
         )
         con.execute(
             "INSERT INTO meter_holds VALUES (?::UUID, ?::UUID, ?::UUID, ?::UUID, ?, ?, ?,"
-            " make_timestamptz(?), make_timestamptz(?), 'active', NULL)",
+            " make_timestamptz(?), make_timestamptz(?), 'active', NULL, ?)",
             [
                 hold.id,
                 organization_id,
@@ -161,6 +161,7 @@ def create_job(
                 hold.units,
                 hold.created_at_us,
                 hold.expires_at_us,
+                tx.live.seq.last,  # settled by events applied after it only (`settle`)
             ],
         )
         idempotency.remember(
@@ -380,7 +381,8 @@ def settle(
     at_us: int,
 ) -> None:
     """End the active holds that the new `events` (registered as `source`) settle: same
-    organization, external_id and customer, and the event is in the hold's meter. Runs in the
+    organization, external_id and customer, the event is in the hold's meter, and it was
+    applied after the hold was made (its seq: applied again, an event keeps it). Runs in the
     events' transaction, so their consumption replaces the holds at once."""
     held = live.feature(HoldKeys)
     organizations = [org for org in meters if held.of(org)]
@@ -401,7 +403,7 @@ def settle(
             " ON b.organization_id = h.organization_id::VARCHAR AND b.external_id = h.external_id"
             " AND (b.customer_id = h.customer_id::VARCHAR"
             " OR b.external_customer_id = h.customer_external_id)"
-            " WHERE h.organization_id = ?::UUID AND h.status = 'active'"
+            " WHERE h.organization_id = ?::UUID AND h.status = 'active' AND b.seq > h.after_seq"
             " AND h.expires_at > make_timestamptz(?)",
             [org, at_us],
         ).fetchall()
