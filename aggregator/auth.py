@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from aggregator.errors import NotFound, UsageError
 
@@ -361,6 +362,36 @@ class TokenRegistry:
             )
         return token, found
 
+    def customer_sessions(self, now: datetime) -> list[tuple[CustomerSession, str]]:
+        """Every unexpired customer session, with its token's hash."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT token_hash, id, organization_id, customer_id, return_url, created_at,"
+                " expires_at FROM customer_sessions WHERE expires_at > ?",
+                (_iso(now),),
+            ).fetchall()
+        return [(_session(row), row[0]) for row in rows]
+
+    def keep_customer_sessions(self, sessions: list[tuple[CustomerSession, str]]) -> None:
+        """Store customer sessions (with their tokens' hashes) made elsewhere (the control
+        topic's records); one here already is left as it is."""
+        with self._lock:
+            for found, digest in sessions:
+                self._db.execute(
+                    "INSERT INTO customer_sessions (id, organization_id, customer_id, token_hash,"
+                    " return_url, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (
+                        found.id,
+                        found.organization_id,
+                        found.customer_id,
+                        digest,
+                        found.return_url,
+                        _iso(found.created_at),
+                        _iso(found.expires_at),
+                    ),
+                )
+
     def customer_session(self, token: str, now: datetime) -> CustomerSession | None:
         """The unexpired customer session of `token`, or None. Not cached: a session's end
         is exact, and portal reads are few."""
@@ -375,14 +406,13 @@ class TokenRegistry:
             ).fetchone()
         if row is None or not hmac.compare_digest(row[0], digest):
             return None
-        return CustomerSession(
-            row[1],
-            row[2],
-            row[3],
-            row[4],
-            datetime.fromisoformat(row[5]),
-            datetime.fromisoformat(row[6]),
-        )
+        return _session(row)
+
+
+def _session(row: tuple[Any, ...]) -> CustomerSession:
+    """A `customer_sessions` row read as (token_hash, id, …, expires_at)."""
+    created_at, expires_at = datetime.fromisoformat(row[5]), datetime.fromisoformat(row[6])
+    return CustomerSession(row[1], row[2], row[3], row[4], created_at, expires_at)
 
 
 def _iso(moment: datetime) -> str:

@@ -620,6 +620,7 @@ async def serve(
                 feed,
                 kafka,
                 front,
+                exporter.sync if exporter is not None else None,
             )
             url = f"http://{settings.host}:{settings.port}"
             lines = [f"console: {url}/ (log in with a token); API reference: {url}/docs"]

@@ -4,6 +4,7 @@ the core runs) plus the query and management API, and the core's errors on the e
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -255,9 +256,11 @@ def build_app(
     feed: LiveFeed | None = None,
     kafka: KafkaSettings | None = None,
     front: Front | None = None,
+    sessions_published: Callable[[], Awaitable[None]] | None = None,
 ) -> Starlette:
     """The core's API: ingest through `publisher`, and every query and management route; the
-    live stream with a `feed`, dead letters with `kafka` (Kafka mode)."""
+    live stream with a `feed`, dead letters with `kafka` (Kafka mode), and customer sessions
+    answered once `sessions_published` returns (Kafka mode: they are on the control topic)."""
     authenticate = registry.organization_id
     limits = settings.ingest.limits
     ctx = ApiContext(
@@ -293,7 +296,10 @@ def build_app(
         *cost_routes.routes(ctx),
         *organization_routes.routes(ctx, registry.with_created_at),
         *customer_portal_routes.routes(
-            ctx, registry, timedelta(seconds=settings.customer_session_seconds)
+            ctx,
+            registry,
+            timedelta(seconds=settings.customer_session_seconds),
+            sessions_published,
         ),
         *forwarding_routes.routes(ctx, *(forwarder or (None, None))),
         *dead_letter_routes.routes(ctx, kafka, consumer.organizations if consumer else None),

@@ -9,7 +9,7 @@ tokens only, and these routes customer session tokens only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -85,7 +85,14 @@ def _sorted(views: list[CustomerMeterView], sorting: list[str]) -> list[Customer
     return out
 
 
-def routes(ctx: ApiContext, registry: TokenRegistry, lifetime: timedelta) -> list[Route]:
+def routes(
+    ctx: ApiContext,
+    registry: TokenRegistry,
+    lifetime: timedelta,
+    published: Callable[[], Awaitable[None]] | None = None,
+) -> list[Route]:
+    """`published` returns once a new session is on the control topic (Kafka mode), so that
+    any core takes its token."""
     store = ctx.store
 
     async def session_of(request: Request) -> CustomerSession:
@@ -104,6 +111,8 @@ def routes(ctx: ApiContext, registry: TokenRegistry, lifetime: timedelta) -> lis
         token, found = registry.create_customer_session(
             org, customer.row.id, data.return_url, _now(), lifetime
         )
+        if published is not None:
+            await published()
         # The console's usage page (aggregator/console), which reads the token from the
         # fragment: browsers never send a fragment, so the token stays out of logs.
         portal_url = f"{str(request.base_url).rstrip('/')}/portal#token={token}"

@@ -1,14 +1,17 @@
-"""Organizations and tokens as records on the control topic: edges authenticate from the topic,
-not from the core's volume.
+"""Organizations, tokens and customer sessions as records on the control topic: edges
+authenticate from the topic, not from the core's volume, and any core takes any token.
 
 1. Records: an organization (`auth.organization`: id, name, creation time), a token
    (`auth.token`: id, organization, label, creation time, and its hash, sealed: `sealed`), a
-   revocation (`auth.revoke`). Never a token's text: a token is checked by hashing it with the
-   cluster secret (`auth.token_hash`), which every process that checks tokens holds as a file.
+   revocation (`auth.revoke`), a customer session (`auth.session`: id, customer, return URL,
+   creation and expiry times, and its token's hash, sealed). Never a token's text: a token is
+   checked by hashing it with the cluster secret (`auth.token_hash`), which every process that
+   checks tokens holds as a file.
 2. Publish: the core publishes whatever its registry (`auth.sqlite3`) holds that the topic lacks
    (`TokenExporter`): before it serves, then every `sync_seconds`, so a token made with
    `meterline token create` on the core's data dir, or revoked there, reaches the topic within
-   about that. `meterline token create --kafka` publishes straight to the topic (`publish`).
+   about that; a customer session is published before its creation is answered.
+   `meterline token create --kafka` publishes straight to the topic (`publish`).
 3. Follow: a process that checks tokens reads the topic's token records from its start and keeps
    them in memory (`TokenView`), once caught up with the end it found at start before it serves.
 4. Keep: the core stores token records into its registry (`keep_record`), so a token made on
@@ -18,17 +21,19 @@ not from the core's volume.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from aggregator.auth import Organization, TokenRegistry, TokenRow, token_hash
+from aggregator.auth import CustomerSession, Organization, TokenRegistry, TokenRow, token_hash
 from aggregator.intake.sealed import Sealer, Unsealable
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from meters.commands import Command, command, decode, encode
@@ -36,7 +41,8 @@ from meters.errors import MetersError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auth.organization", "auth.token", "auth.revoke")
+SESSIONS_KEPT = 100_000  # session ids a view holds before it forgets the expired ones
+KINDS = ("auth.organization", "auth.token", "auth.revoke", "auth.session")
 
 
 def organization_record(org: Organization, created_at: str) -> Command:
@@ -55,6 +61,34 @@ def revoke_record(token: TokenRow) -> Command:
     return command("auth.revoke", token.organization_id, f"revoke:{token.id}", 0, {}, **args)
 
 
+def session_record(session: CustomerSession, token_hash: str) -> Command:
+    args = {
+        "session_id": session.id,
+        "customer_id": session.customer_id,
+        "return_url": session.return_url,
+        "created_at": session.created_at.isoformat(),
+        "expires_at": session.expires_at.isoformat(),
+    }
+    drawn = {"token_hash": token_hash}
+    request_id = f"session:{session.id}"
+    return command("auth.session", session.organization_id, request_id, 0, drawn, **args)
+
+
+def _session_of(record: Command) -> tuple[CustomerSession, str]:
+    a = record.args
+    created_at = datetime.fromisoformat(a["created_at"])
+    expires_at = datetime.fromisoformat(a["expires_at"])
+    session = CustomerSession(
+        a["session_id"],
+        record.organization_id,
+        a["customer_id"],
+        a["return_url"],
+        created_at,
+        expires_at,
+    )
+    return session, record.drawn["token_hash"]
+
+
 class TokenView:
     """The organizations and tokens the control topic holds (step 3). An async context
     manager: entered, it has read the topic up to the end it found."""
@@ -66,6 +100,9 @@ class TokenView:
         self.organizations: dict[str, tuple[Organization, str]] = {}
         self.tokens: dict[str, TokenRow] = {}
         self._by_hash: dict[str, str] = {}
+        # Customer sessions seen, by id, with their expiry: only so that the core's exporter
+        # does not publish them again (edges do not serve the customer portal).
+        self.sessions: dict[str, datetime] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -132,6 +169,11 @@ class TokenView:
             row = self.tokens[a["token_id"]]
             if row.revoked_at is None:
                 self.tokens[row.id] = replace(row, revoked_at=a["revoked_at"])
+        elif record.kind == "auth.session":
+            if len(self.sessions) >= SESSIONS_KEPT:  # memory bounded by the live sessions
+                now = datetime.now(UTC)
+                self.sessions = {k: at for k, at in self.sessions.items() if at > now}
+            self.sessions[a["session_id"]] = datetime.fromisoformat(a["expires_at"])
 
     def organization_id(self, token: str) -> str | None:
         """The organization owning `token`, active (`ingest.http.Authenticate`)."""
@@ -147,15 +189,27 @@ class TokenView:
 
 async def publish(kafka: KafkaSettings, sealer: Sealer, records: Iterable[Command]) -> None:
     """Produce `records` to the control topic (acknowledged by the broker on return)."""
+    async with _producer(kafka) as producer:
+        await _send(producer, kafka, sealer, records)
+
+
+@contextlib.asynccontextmanager
+async def _producer(kafka: KafkaSettings) -> AsyncIterator[Any]:
     producer = kafka.producer(linger_ms=0)
-    async with asyncio.timeout(kafka.start_timeout_seconds):
-        await retrying(producer.start)
     try:
-        for record in records:
-            key = record.organization_id.encode()
-            await producer.send_and_wait(kafka.control_topic, encode(sealer.seal(record)), key=key)
+        async with asyncio.timeout(kafka.start_timeout_seconds):
+            await retrying(producer.start)
+        yield producer
     finally:
         await stop_within(producer.stop, kafka.stop_timeout_seconds, "producer")
+
+
+async def _send(
+    producer: Any, kafka: KafkaSettings, sealer: Sealer, records: Iterable[Command]
+) -> None:
+    for record in records:
+        key = record.organization_id.encode()
+        await producer.send_and_wait(kafka.control_topic, encode(sealer.seal(record)), key=key)
 
 
 class TokenExporter:
@@ -174,11 +228,21 @@ class TokenExporter:
         self._kafka = kafka
         self._sealer = sealer
         self._sync_seconds = sync_seconds
-        self._sent: dict[str, float] = {}  # request ids published and not yet seen back
+        self._sent: dict[str, float] = {}  # request ids published within the last minute
+        # One sync at a time: one that returns has seen every record it skipped acknowledged.
+        self._syncing = asyncio.Lock()
+        self._stack = contextlib.AsyncExitStack()
+        self._producer: Any = None
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
-        await self.sync()
+        # One producer while open: a customer session waits for its record's acknowledgement.
+        self._producer = await self._stack.enter_async_context(_producer(self._kafka))
+        try:
+            await self.sync()
+        except BaseException:
+            await self._stack.aclose()
+            raise
         self._task = asyncio.create_task(self._run(), name="token-exporter")
         return self
 
@@ -191,6 +255,7 @@ class TokenExporter:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._stack.aclose()
 
     async def _run(self) -> None:
         while True:
@@ -202,7 +267,11 @@ class TokenExporter:
 
     async def sync(self) -> None:
         """Publish what the registry holds and the topic lacks (a record sent is sent again
-        only if it has not come back within a minute)."""
+        only if it has not come back within a minute): on return, it is on the topic."""
+        async with self._syncing:
+            await self._sync()
+
+    async def _sync(self) -> None:
         orgs, tokens = self._registry.snapshot()
         view = self._view
         missing = [organization_record(o, at) for o, at in orgs if o.id not in view.organizations]
@@ -213,9 +282,13 @@ class TokenExporter:
             if row.revoked_at is not None and (seen is None or seen.revoked_at is None):
                 missing.append(revoke_record(row))
         now = time.monotonic()
-        due = [r for r in missing if self._sent.get(r.request_id, 0.0) < now - 60]
+        for session, digest in self._registry.customer_sessions(datetime.now(UTC)):
+            if session.id not in view.sessions:
+                missing.append(session_record(session, digest))
+        self._sent = {r: at for r, at in self._sent.items() if at >= now - 60}
+        due = [r for r in missing if r.request_id not in self._sent]
         if due:
-            await publish(self._kafka, self._sealer, due)
+            await _send(self._producer, self._kafka, self._sealer, due)
             self._sent.update((r.request_id, now) for r in due)
 
 
@@ -231,3 +304,5 @@ def keep_record(registry: TokenRegistry, record: Command) -> None:
         registry.keep([], [token], [])
     elif record.kind == "auth.revoke":
         registry.keep([], [], [(a["token_id"], a["revoked_at"])])
+    elif record.kind == "auth.session":
+        registry.keep_customer_sessions([_session_of(record)])

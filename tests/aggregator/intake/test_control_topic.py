@@ -41,6 +41,7 @@ READS = (
     "/v1/webhooks/endpoints?limit=100",
     "/v1/event-types/?limit=100",
 )
+PORTAL = "/v1/customer-portal/meters/?limit=100"
 
 
 def _ok(response: httpx.Response, *codes: int) -> dict[str, Any]:
@@ -210,11 +211,20 @@ def test_a_core_from_an_empty_data_dir_holds_the_same_state(
         _drive(pipeline, workload, 20)
         assert pipeline.core is not None
         with pipeline.core.client(pipeline.token()) as client:
+            # A customer session's token works on any core (its record is on the topic).
+            customer = _ok(client.post("/v1/customers/", json={"email": "portal@example.com"}))
+            session = _ok(
+                client.post("/v1/customer-sessions/", json={"customer_id": customer["id"]})
+            )
             first, reads = _settled(client)
+        with pipeline.core.client(session["token"]) as client:
+            portal = _ok(client.get(PORTAL))
         # Webhook secrets travel sealed.
         records = asyncio.run(_control_records(pipeline.broker.bootstrap))
         assert any(b'"webhook.create"' in r for r in records) == bool(workload.endpoints)
         assert not any(b"whsec_" in r for r in records)
+        assert any(b'"auth.session"' in r for r in records)
+        assert not any(session["token"].encode() in r for r in records)
         pipeline.core.stop()
         with (
             _second_core(pipeline, tmp_path / "second") as second,
@@ -222,6 +232,8 @@ def test_a_core_from_an_empty_data_dir_holds_the_same_state(
         ):
             wait_until(lambda: _caught_up(client, first), 60)
             again, reads_again = _settled(client)
+            with second.client(session["token"]) as portal_client:
+                assert _ok(portal_client.get(PORTAL)) == portal
     differing = {t for t, v in again["tables"].items() if first["tables"].get(t) != v}
     assert differing == set()
     assert again == first
