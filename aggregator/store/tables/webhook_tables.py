@@ -146,7 +146,9 @@ def create_endpoint_job(
     endpoint_id: str,
     secret: str,
 ) -> Job[EndpointRow]:
-    @independent
+    # Not independent: an endpoint changes what applied events write (state changes, alert
+    # deliveries), so one made after an event must be stored after it too: applied again
+    # after a crash, the event must not find the endpoint.
     def job(tx: Tx) -> EndpointRow:
         quotas.check(tx.con, limits, quotas.ENDPOINTS, _ENDPOINTS, [organization_id])
         tx.con.execute(
@@ -178,7 +180,7 @@ def update_endpoint_job(
     if changes.get("enabled") is True:  # re-enabled: meterline's reason and count start over
         changes |= {"disabled_reason": None, "failing_since": None}
 
-    @independent
+    # Not independent, as `create_endpoint_job`: what it subscribes to may change.
     def job(tx: Tx) -> EndpointRow:
         _found(tx.con, organization_id, endpoint_id)
         names = [n for n in changes if changes[n] is not None or n in _NULLABLE]

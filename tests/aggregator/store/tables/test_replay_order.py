@@ -27,9 +27,12 @@ from meters.times import now_us
 from meters.webhook_rules import EndpointCreate, new_secret
 from tests.aggregator.store.tables.test_held_in_memory import ORG, _setup, _usage
 
-# (what, number): make hold n, send its usage event (1 token), or make an alert that fires
-# once n + 1 tokens are consumed.
-OPS = st.lists(st.tuples(st.sampled_from(["hold", "use", "alert"]), st.integers(0, 2)), max_size=10)
+# (what, number): make hold n, send its usage event (1 token), make an alert that fires once
+# n + 1 tokens are consumed, or an endpoint taking customer.state_changed.
+OPS = st.lists(
+    st.tuples(st.sampled_from(["hold", "use", "alert", "endpoint"]), st.integers(0, 2)),
+    max_size=10,
+)
 
 
 def _hold(meter_id: str, n: int, now: int) -> Job[Any]:
@@ -54,8 +57,16 @@ def _alert(meter_id: str, n: int, i: int, now: int) -> Job[Any]:
     return alert_tables.create_job(ORG, alert, now, alert_id=str(uuid.uuid4()))
 
 
-async def _state(store: Store, now: int) -> tuple[dict[str, str], list[str]]:
-    """Each hold's status, and the ids of the alerts' webhook events."""
+def _endpoint(events: list[str], now: int) -> Job[Any]:
+    made = EndpointCreate(url="https://example.com/h", format="raw", events=events)
+    return webhook_tables.create_endpoint_job(
+        ORG, made, now, endpoint_id=str(uuid.uuid4()), secret=new_secret()
+    )
+
+
+async def _state(store: Store, now: int) -> tuple[dict[str, str], list[str], int]:
+    """Each hold's status, the ids of the alerts' webhook events, and the customers marked for
+    customer.state_changed."""
     holds, _ = await store.read_now(
         list_holds, ORG, customer_id=None, meter_id=None, active_at_us=None, limit=100, offset=0
     )
@@ -64,7 +75,10 @@ async def _state(store: Store, now: int) -> tuple[dict[str, str], list[str]]:
             "SELECT id::VARCHAR FROM webhook_events WHERE type = 'meter.alert' ORDER BY 1"
         ).fetchall()
     )
-    return {h.external_id: h.status(now) for h in holds}, [r[0] for r in fired]
+    marked = await store.read_now(
+        lambda con: con.execute("SELECT count(*) FROM webhook_state_changes").fetchall()
+    )
+    return {h.external_id: h.status(now) for h in holds}, [r[0] for r in fired], marked[0][0]
 
 
 @contextlib.asynccontextmanager
@@ -81,18 +95,15 @@ async def _run(path: Path, ops: list[tuple[str, int]]) -> None:
     now = now_us()
     async with Store(path) as store:
         _, meter_id = await _setup(store, now)
-        endpoint = EndpointCreate(url="https://example.com/h", format="raw", events=["meter.alert"])
-        await store.write(
-            webhook_tables.create_endpoint_job(
-                ORG, endpoint, now, endpoint_id=str(uuid.uuid4()), secret=new_secret()
-            )
-        )
+        await store.write(_endpoint(["meter.alert"], now))
     async with Store(path, flush_seconds=3600) as store, _crash(store):
         for i, (what, n) in enumerate(ops):
             if what == "hold":
                 await store.write(_hold(meter_id, n, now))
             elif what == "alert":
                 await store.write(_alert(meter_id, n, i, now))
+            elif what == "endpoint":
+                await store.write(_endpoint(["customer.state_changed"], now))
             else:
                 await store.write(_usage(f"h{n}", now))
         answered = await _state(store, now)
@@ -109,7 +120,7 @@ def test_holds_end_and_alerts_fire_as_they_did_after_events_are_applied_again(
     asyncio.run(_run(tmp_path_factory.mktemp("replay") / "m.duckdb", ops))
 
 
-@pytest.mark.parametrize("made", ["hold", "alert"])
+@pytest.mark.parametrize("made", ["hold", "alert", "endpoint"])
 def test_a_usage_event_applied_before_a_write_is_applied_again_before_it(
     tmp_path: Path, made: str
 ) -> None:
