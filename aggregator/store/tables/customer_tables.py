@@ -12,7 +12,7 @@ import orjson
 from aggregator.errors import NotFound
 from aggregator.store.base.meter_sql import member_pointer
 from aggregator.store.base.rows import first_row, is_uuid
-from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.machinery.writer import Job, Tx
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
 
@@ -146,7 +146,10 @@ def create_job(
         assert found is not None
         return found
 
-    return independent(job)
+    # Not independent: a customer changes what applied events naming its external id do
+    # (alerts, state changes), so one made after an event must be stored after it too: applied
+    # again after a crash, the event must not find the customer.
+    return job
 
 
 def update_job(
@@ -204,7 +207,7 @@ def update_job(
         assert found is not None
         return found
 
-    return independent(job)
+    return job  # not independent, as `create_job`: the external id may change
 
 
 def get_customer(

@@ -66,12 +66,12 @@ async def _setup(store: Store, now: int) -> tuple[str, str]:
     return customer.id, meter.id
 
 
-def _usage(key: str, now: int) -> IngestJob:
+def _usage(key: str, now: int, customer: str = "acme") -> IngestJob:
     event = Event(
         name="use",
         timestamp_us=now,
         customer_id=None,
-        external_customer_id="acme",
+        external_customer_id=customer,
         external_id=key,
         parent_id=None,
         external_member_id=None,

@@ -20,17 +20,24 @@ from hypothesis import strategies as st
 from aggregator.store import Store
 from aggregator.store.machinery.writer import Job
 from aggregator.store.tables import alert_tables, webhook_tables
+from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.hold_tables import create_job as create_hold
 from aggregator.store.tables.hold_tables import list_holds
+from meters.customer_rules import CustomerCreate
+from meters.errors import ValidationFailed
 from meters.ledger_rules import AlertCreate, HoldCreate
 from meters.times import now_us
 from meters.webhook_rules import EndpointCreate, new_secret
 from tests.aggregator.store.tables.test_held_in_memory import ORG, _setup, _usage
 
 # (what, number): make hold n, send its usage event (1 token), make an alert that fires once
-# n + 1 tokens are consumed, or an endpoint taking customer.state_changed.
+# n + 1 tokens are consumed, an endpoint taking customer.state_changed, a usage event of a
+# customer the API makes later, or that customer.
 OPS = st.lists(
-    st.tuples(st.sampled_from(["hold", "use", "alert", "endpoint"]), st.integers(0, 2)),
+    st.tuples(
+        st.sampled_from(["hold", "use", "alert", "endpoint", "later", "customer"]),
+        st.integers(0, 2),
+    ),
     max_size=10,
 )
 
@@ -104,6 +111,14 @@ async def _run(path: Path, ops: list[tuple[str, int]]) -> None:
                 await store.write(_alert(meter_id, n, i, now))
             elif what == "endpoint":
                 await store.write(_endpoint(["customer.state_changed"], now))
+            elif what == "later":
+                await store.write(_usage(f"later-{n}", now, customer="bob"))
+            elif what == "customer":
+                made = CustomerCreate(email=f"bob{i}@example.com", external_id="bob")
+                with contextlib.suppress(ValidationFailed):  # made already
+                    await store.write(
+                        create_customer(ORG, made, now, customer_id=str(uuid.uuid4()))
+                    )
             else:
                 await store.write(_usage(f"h{n}", now))
         answered = await _state(store, now)
@@ -120,11 +135,19 @@ def test_holds_end_and_alerts_fire_as_they_did_after_events_are_applied_again(
     asyncio.run(_run(tmp_path_factory.mktemp("replay") / "m.duckdb", ops))
 
 
-@pytest.mark.parametrize("made", ["hold", "alert", "endpoint"])
+@pytest.mark.parametrize(
+    "ops",
+    [
+        [("use", 0), ("hold", 0)],
+        [("use", 0), ("alert", 0)],
+        [("use", 0), ("endpoint", 0)],
+        [("alert", 0), ("later", 0), ("customer", 0)],
+    ],
+)
 def test_a_usage_event_applied_before_a_write_is_applied_again_before_it(
-    tmp_path: Path, made: str
+    tmp_path: Path, ops: list[tuple[str, int]]
 ) -> None:
-    asyncio.run(_run(tmp_path / "m.duckdb", [("use", 0), (made, 0)]))
+    asyncio.run(_run(tmp_path / "m.duckdb", ops))
 
 
 def test_a_hold_of_the_previous_main_is_settled_by_its_usage_event(tmp_path: Path) -> None:
