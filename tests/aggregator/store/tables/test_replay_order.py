@@ -127,7 +127,7 @@ async def _run(path: Path, ops: list[tuple[str, int]]) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(ops=OPS)
 def test_holds_end_and_alerts_fire_as_they_did_after_events_are_applied_again(
     tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int]]
