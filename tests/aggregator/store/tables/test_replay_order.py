@@ -17,28 +17,45 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator.errors import InsufficientBalance, NotFound
 from aggregator.store import Store
 from aggregator.store.machinery.writer import Job
 from aggregator.store.tables import alert_tables, webhook_tables
+from aggregator.store.tables.customer_deletion import delete_job as delete_customer
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.hold_tables import create_job as create_hold
-from aggregator.store.tables.hold_tables import list_holds
+from aggregator.store.tables.hold_tables import list_holds, release_job
+from aggregator.store.tables.ledger_tables import credit_job, reset_job
 from meters.customer_rules import CustomerCreate
 from meters.errors import ValidationFailed
-from meters.ledger_rules import AlertCreate, HoldCreate
+from meters.ledger_rules import AlertCreate, CreditCreate, HoldCreate, ResetCreate
 from meters.times import now_us
 from meters.webhook_rules import EndpointCreate, new_secret
 from tests.aggregator.store.tables.test_held_in_memory import ORG, _setup, _usage
 
 # (what, number): make hold n, send its usage event (1 token), make an alert that fires once
 # n + 1 tokens are consumed, an endpoint taking customer.state_changed, a usage event of a
-# customer the API makes later, or that customer.
+# customer the API makes later, or that customer; release hold n, credit n + 1 units, reset
+# the customer meter, delete the later customer.
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["hold", "use", "alert", "endpoint", "later", "customer"]),
+        st.sampled_from(
+            [
+                "hold",
+                "use",
+                "alert",
+                "endpoint",
+                "later",
+                "customer",
+                "release",
+                "credit",
+                "reset",
+                "delete",
+            ]
+        ),
         st.integers(0, 2),
     ),
-    max_size=10,
+    max_size=12,
 )
 
 
@@ -71,9 +88,9 @@ def _endpoint(events: list[str], now: int) -> Job[Any]:
     )
 
 
-async def _state(store: Store, now: int) -> tuple[dict[str, str], list[str], int]:
-    """Each hold's status, the ids of the alerts' webhook events, and the customers marked for
-    customer.state_changed."""
+async def _state(store: Store, now: int) -> tuple[Any, ...]:
+    """Each hold's status, the ids of the alerts' webhook events, the customers marked for
+    customer.state_changed, and the customer meters."""
     holds, _ = await store.read_now(
         list_holds, ORG, customer_id=None, meter_id=None, active_at_us=None, limit=100, offset=0
     )
@@ -85,7 +102,18 @@ async def _state(store: Store, now: int) -> tuple[dict[str, str], list[str], int
     marked = await store.read_now(
         lambda con: con.execute("SELECT count(*) FROM webhook_state_changes").fetchall()
     )
-    return {h.external_id: h.status(now) for h in holds}, [r[0] for r in fired], marked[0][0]
+    meters = await store.read(
+        lambda con: con.execute(
+            "SELECT customer_id::VARCHAR, credited, reset_seq FROM customer_meters ORDER BY 1"
+        ).fetchall()
+    )
+    usage = await store.read(
+        lambda con: con.execute(
+            "SELECT subject, sum(events), sum(total) FROM all_ledger_usage GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    )
+    holds_of = {h.external_id: h.status(now) for h in holds}
+    return holds_of, [r[0] for r in fired], marked[0][0], meters, usage
 
 
 @contextlib.asynccontextmanager
@@ -103,10 +131,29 @@ async def _run(path: Path, ops: list[tuple[str, int]]) -> None:
     async with Store(path) as store:
         _, meter_id = await _setup(store, now)
         await store.write(_endpoint(["meter.alert"], now))
+    ref = {"external_customer_id": "acme", "meter_id": uuid.UUID(meter_id)}
+    hold_ids: dict[int, str] = {}
     async with Store(path, flush_seconds=3600) as store, _crash(store):
         for i, (what, n) in enumerate(ops):
             if what == "hold":
-                await store.write(_hold(meter_id, n, now))
+                with contextlib.suppress(InsufficientBalance):
+                    hold_ids[n] = (await store.write(_hold(meter_id, n, now))).hold.id
+            elif what == "release" and n in hold_ids:
+                with contextlib.suppress(NotFound):
+                    await store.write(release_job(ORG, hold_ids[n], now))
+            elif what == "credit":
+                credit = CreditCreate(**ref, units=n + 1, external_id=f"c{i}")
+                await store.write(credit_job(ORG, credit, now))
+            elif what == "reset":
+                await store.write(reset_job(ORG, ResetCreate(**ref, external_id=f"r{i}"), now))
+            elif what == "delete":
+                bob = await store.read_now(
+                    lambda con: con.execute(
+                        "SELECT id::VARCHAR FROM customers WHERE external_id = 'bob'"
+                    ).fetchall()
+                )
+                if bob:
+                    await store.write(delete_customer(ORG, bob[0][0], False, now))
             elif what == "alert":
                 await store.write(_alert(meter_id, n, i, now))
             elif what == "endpoint":
@@ -119,7 +166,7 @@ async def _run(path: Path, ops: list[tuple[str, int]]) -> None:
                     await store.write(
                         create_customer(ORG, made, now, customer_id=str(uuid.uuid4()))
                     )
-            else:
+            elif what == "use":
                 await store.write(_usage(f"h{n}", now))
         answered = await _state(store, now)
     async with Store(path) as store:
