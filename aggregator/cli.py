@@ -236,6 +236,14 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         help="how long the consumer group waits for a silent core before moving its partitions"
         " (a killed core restarted sooner waits out the rest)",
     )
+    if core:
+        kafka.add_argument(
+            "--replica",
+            action="store_true",
+            help="apply what another core (the one without --replica) journals, and serve every"
+            " read and write; read no partition, deliver no webhook, forward nothing, run no"
+            " plan cycle (needs --kafka and its own --data-dir)",
+        )
 
 
 def _limits(group: argparse._ArgumentGroup) -> None:
@@ -405,6 +413,7 @@ def settings_of(
         stream_heartbeat_seconds=getattr(
             args, "stream_heartbeat_seconds", defaults.stream_heartbeat_seconds
         ),
+        replica=getattr(args, "replica", False),
         quotas=TenantLimits(
             **{
                 field: getattr(args, f"quota_{field}", getattr(defaults.quotas, field))
@@ -430,6 +439,8 @@ def settings_of(
             limits=_limits_of(args),
         ),
     )
+    if getattr(args, "replica", False) and not args.kafka:
+        raise UsageError("--replica follows another core's journal: it needs --kafka")
     kafka = None
     if args.kafka:
         kafka = KafkaSettings(
@@ -445,7 +456,10 @@ def settings_of(
             consumer_group=args.consumer_group,
             session_timeout_seconds=args.consumer_session_timeout_seconds,
         )
-    return settings, kafka, upstream_cli.forwarder_settings(args)
+    forward = upstream_cli.forwarder_settings(args)
+    if settings.replica and forward is not None:
+        raise UsageError("a --replica forwards nothing: forward from the core it follows")
+    return settings, kafka, forward
 
 
 def _serve_command(args: argparse.Namespace) -> int:
@@ -565,11 +579,19 @@ async def serve(
             if kafka is not None and control is not None:
                 # One order for the control topic and the events topic: the journal's, which
                 # opens for appends once both follow it (`start`, below).
-                journal = await stack.enter_async_context(Journal(store, kafka))
+                journal = await stack.enter_async_context(
+                    Journal(store, kafka, replica=settings.replica)
+                )
                 keep = partial(keep_record, registry)
                 await stack.enter_async_context(
                     ControlApplier(
-                        store, kafka, control, registry.organization_exists, keep, journal
+                        store,
+                        kafka,
+                        control,
+                        registry.organization_exists,
+                        keep,
+                        journal,
+                        replica=settings.replica,
                     )
                 )
                 # Organizations and tokens reach the edges through the control topic.
@@ -581,10 +603,11 @@ async def serve(
                 ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)
             )
             backfiller = await stack.enter_async_context(Backfiller(store))
-            await stack.enter_async_context(PlanCycler(store))
-            await stack.enter_async_context(
-                WebhookSender(store, settings.webhooks, state_payload=state_payload)
-            )
+            if not settings.replica:  # timers and side effects: the journaling core's alone
+                await stack.enter_async_context(PlanCycler(store))
+                await stack.enter_async_context(
+                    WebhookSender(store, settings.webhooks, state_payload=state_payload)
+                )
             consumer = None
             publisher: Publisher = EmbeddedPublisher(store, validation)
             if kafka is not None:
@@ -596,6 +619,7 @@ async def serve(
                         settings.ingest.rules,
                         registry.organization_exists,
                         journal,
+                        replica=settings.replica,
                     )
                 )
                 await journal.start()

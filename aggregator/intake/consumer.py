@@ -128,9 +128,14 @@ class Consumer:
         organization_exists: Callable[[str], bool],
         journal: Journal,
         settings: ConsumerSettings | None = None,
+        *,
+        replica: bool = False,
     ) -> None:
+        """A `replica` reads no partition: it applies the groups the journal names (`replay`),
+        as the core that appended them read them."""
         self._store = store
         self._journal = journal
+        self._replica = replica
         # Decoding is Arrow, zstd and DuckDB, mostly outside the GIL: a thread of its own, at
         # niceness +10 like the validation workers, so that on a shared machine the edges and
         # the writer go first (measured: un-niced, the core took the CPU an edge beside it
@@ -158,6 +163,9 @@ class Consumer:
     async def __aenter__(self) -> Self:
         kafka = self._kafka
         await ensure_topics(kafka)
+        if self._replica:
+            self._journal.follow(kafka.topic, self)
+            return self
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=kafka.bootstrap,
             group_id=kafka.consumer_group,

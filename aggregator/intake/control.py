@@ -124,10 +124,14 @@ class ControlApplier:
         organization_exists: Callable[[str], bool],
         tokens: Callable[[Command], None],
         journal: Journal,
+        *,
+        replica: bool = False,
     ) -> None:
-        """`tokens` keeps the records of organizations and tokens (`token_records`)."""
+        """`tokens` keeps the records of organizations and tokens (`token_records`). A
+        `replica` reads nothing itself: it applies the groups the journal names (`replay`)."""
         self._store = store
         self._journal = journal
+        self._replica = replica
         self._kafka = kafka
         self._control = control
         self._organization_exists = organization_exists
@@ -140,6 +144,9 @@ class ControlApplier:
 
     async def __aenter__(self) -> Self:
         kafka = self._kafka
+        if self._replica:
+            self._journal.follow(kafka.control_topic, self)
+            return self
         self._consumer = kafka.reader(
             # How long a fetch waits for records (Tansu waits it out whatever arrives): what an
             # API write waits for its record once produced. Measured on loopback: 50 ms gave a

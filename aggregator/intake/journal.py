@@ -28,6 +28,9 @@ applies groups in the journal's order. The protocol:
    ahead of what is stored (`Live.advance`; events: by the flush that stores them). A core
    killed anywhere resumes at step 1 from the last group stored; groups of writes applied after
    it are applied again, and their stored outcomes answer.
+6. A replica (`replica=True`) never appends: after step 1 it reads the journal on from its
+   position as entries come and applies each as step 1 does (`_tail`); a group that fails to
+   apply is read again from the stored position after a pause.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ VERSION = 1
 # A range's records not all read within this long: the log lost them (retention), or the broker
 # is gone; the catch-up fails and is tried again.
 READ_SECONDS = 30.0
+RETRY_SECONDS = 1.0  # a replica's pause before it reads again what failed to apply
 
 Records = list[ConsumerRecord[bytes, bytes]]
 
@@ -129,9 +133,11 @@ class Journal:
     """Appends entries and catches up on them. An async context manager; `start` once every
     follower is registered (`follow`)."""
 
-    def __init__(self, store: Store, kafka: KafkaSettings) -> None:
+    def __init__(self, store: Store, kafka: KafkaSettings, *, replica: bool = False) -> None:
         self._store = store
         self._kafka = kafka
+        self._replica = replica
+        self._tail_task: asyncio.Task[None] | None = None
         self._partition = TopicPartition(kafka.journal_topic, 0)
         self._followers: dict[str, Follower] = {}
         self._lock = asyncio.Lock()
@@ -177,6 +183,9 @@ class Journal:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._tail_task is not None:
+            self._tail_task.cancel()
+            await asyncio.gather(self._tail_task, return_exceptions=True)
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=self._kafka.stop_timeout_seconds)
         await self._stop_clients()
@@ -193,14 +202,36 @@ class Journal:
         self._followers[topic] = follower
 
     async def start(self) -> None:
-        """Steps 1 and 2, before any append."""
+        """Steps 1 and 2, before any append; a replica's step 6 from then on."""
         async with self._lock:
             await self._catch_up()
         self._started.set()
+        if self._replica:
+            self._tail_task = asyncio.create_task(self._tail(), name="journal-tail")
+
+    async def _tail(self) -> None:
+        """Step 6."""
+        assert self._reader is not None
+        reader, tp = self._reader, self._partition
+        reader.resume(tp)
+        reader.seek(tp, self.position() or 0)
+        while True:
+            fetched = await reader.getmany(tp, timeout_ms=100)
+            try:
+                for record in fetched.get(tp, []):
+                    async with self._lock:
+                        await self._replay(record)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("applying the journal failed; reading it again")
+                await asyncio.sleep(RETRY_SECONDS)
+                reader.seek(tp, self.position() or 0)
 
     async def append(self, entry: Entry, queue: Callable[[Positions], Awaitable[T]]) -> T:
         """Step 3: append `entry`, then `queue` its group's job (with the positions to store
         with it) before any other entry is appended; the job's result once committed."""
+        assert not self._replica, "a replica never appends"
         await self._started.wait()
         async with self._lock:
             if self._behind:
@@ -247,7 +278,8 @@ class Journal:
             # Idle between catch-ups: an assigned partition is fetched in the background.
             self._reader.pause(self._partition)
             self._ranges.release()
-        self._epoch += 1
+        if not self._replica:  # a replica's is the entries' it reads (step 6)
+            self._epoch += 1
         self._behind = False
         if self.replayed or self.skipped:
             log.info(

@@ -1,0 +1,98 @@
+"""A replica (`--replica`) started from an empty data dir beside a core, on the same topics,
+applies what that core journals while it runs: API writes sent to either and events sent to an
+edge, in an order whose outcomes depend on it (the control topic test's workload), give at the
+same journal offset the same digest and byte-equal answers to every list read. A write sent to
+the replica is answered once applied, as on the core. The replica reads no partition itself and
+delivers no webhook."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from aggregator import cli
+from tests.aggregator.intake.test_control_topic import (
+    READS,
+    Workload,
+    _caught_up,
+    _settled,
+)
+from tests.inprocess import ServedCore
+from tests.pipeline import Pipeline
+from tests.processes import wait_until
+
+pytestmark = pytest.mark.slow
+
+ENDPOINTS = "/v1/webhooks/endpoints?limit=100"
+
+
+def _without_delivery_state(read: bytes) -> Any:
+    """An endpoints list without what its deliveries made of it (delivering is the journaling
+    core's alone, and not a record: a replica's endpoints never fail)."""
+    found = orjson.loads(read)
+    for item in found["items"]:
+        for name in ("enabled", "disabled_reason", "failing_since", "modified_at"):
+            item.pop(name, None)
+    return found
+
+
+def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> None:
+    workload = Workload(5)
+    args = ("--allow-private-webhooks",)
+    with Pipeline(tmp_path / "core", edges=1, core_args=args) as pipeline:
+        assert pipeline.core is not None
+        secret = tmp_path / "cluster.secret"
+        shutil.copy(pipeline.data_dir / "secret.key", secret)
+        replica_args = (*pipeline.args(), *args, "--secret-file", str(secret), "--replica")
+        choose = random.Random(5)
+        with (
+            ServedCore(tmp_path / "replica", *replica_args, dev_token=False) as replica,
+            pipeline.core.client(pipeline.token()) as core,
+            replica.client(pipeline.token()) as through_replica,
+            pipeline.edges[0].client(pipeline.token()) as edge,
+        ):
+            for _ in range(40):  # API writes to either, answered once applied
+                workload.step(choose.choice([core, through_replica]), edge)
+            first, reads = _settled(core)
+            wait_until(lambda: _caught_up(through_replica, first), 60)
+            again, reads_again = _settled(through_replica)
+    assert again == first
+    for path in (*READS, "events"):
+        if path == ENDPOINTS:
+            assert _without_delivery_state(reads_again[path]) == _without_delivery_state(
+                reads[path]
+            )
+        else:
+            assert reads_again[path] == reads[path], path
+    assert workload.endpoints and workload.meters and workload.customers
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ((), "needs --kafka"),
+        (
+            (
+                "--kafka",
+                "127.0.0.1:9",
+                "--upstream-url",
+                "http://127.0.0.1:9",
+                "--upstream-token",
+                "t",
+            ),
+            "forwards nothing",
+        ),
+    ],
+)
+def test_a_replica_needs_kafka_and_forwards_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], said: str
+) -> None:
+    assert (
+        cli.main(["core" if extra else "up", "--data-dir", str(tmp_path), "--replica", *extra]) == 2
+    )
+    assert said in capsys.readouterr().err
