@@ -10,6 +10,12 @@ again.
 A step that fails is retried with exponential backoff, logged when the backfill starts failing
 and when it recovers, not at every attempt. A meter DuckDB cannot evaluate is marked failed by
 the step itself (the writer's repair), which ends its backfill until it is redefined.
+
+In Kafka mode each step is a group of the journal (`intake.journal`, an entry naming the meter,
+its version and the step's size), so that every core applies it at the same place among the
+other groups: a write applied after it (a credit answering the customer meter, a hold checked
+against the balance) then sees the same usage on every core, whatever its own background work.
+A replica runs no step of its own: it applies the journal's (`replay`).
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
-from aggregator.store import Outcome, Store, backfill_step_job, pending_backfills
+from aggregator.intake.journal import BACKFILL, Entry, Journal, Records
+from aggregator.store import Outcome, Positions, Store, backfill_step_job, pending_backfills
 from meters.commands import Command
+from meters.times import now_us
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +47,13 @@ class Backfiller:
         max_chunk_events: int = 1_000_000,
         retry_seconds: float = 1.0,
         max_retry_seconds: float = 60.0,
+        journal: Journal | None = None,
+        replica: bool = False,
     ) -> None:
+        """`journal`: steps are its groups (Kafka mode); a `replica` applies its steps only."""
         self._store = store
+        self._journal = journal
+        self._replica = replica
         self._chunk = chunk_events
         self._max_chunk = max_chunk_events
         self._retry = retry_seconds
@@ -50,6 +63,10 @@ class Backfiller:
         self._detach: Callable[[], None] = lambda: None
 
     async def __aenter__(self) -> Self:
+        if self._journal is not None:
+            self._journal.follow(BACKFILL, self)
+        if self._replica:
+            return self
         for meter_id, version in await self._store.read(pending_backfills):
             self.start(meter_id, version)
         # A meter made or redefined by a write record, however it came (this core's API, or
@@ -67,6 +84,23 @@ class Backfiller:
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def _step(self, meter_id: str, version: int, chunk: int) -> tuple[int, int] | None:
+        step = backfill_step_job(meter_id, version, chunk)
+        if self._journal is None:
+            return await self._store.write(step)
+        # A core catching up applies the journal's steps first: a backfill they finished (or
+        # ended) appends nothing more.
+        await self._journal.started()
+        if (meter_id, version) not in await self._store.read_now(pending_backfills):
+            return None
+        entry = Entry(BACKFILL, (), now_us(), backfill=(meter_id, version, chunk))
+        return await self._journal.append(entry, lambda at: self._store.queued_at(step, at))
+
+    async def replay(self, entry: Entry, records: Records, positions: Positions) -> None:
+        """A journal entry's step (`journal.Follower`)."""
+        assert entry.backfill is not None
+        await self._store.queued_at(backfill_step_job(*entry.backfill), positions)
 
     def _on_applied(self, command: Command, outcome: Outcome) -> None:
         ok, row = outcome
@@ -90,8 +124,7 @@ class Backfiller:
             try:
                 async with self._turn:
                     started = time.perf_counter()
-                    step = backfill_step_job(meter_id, version, chunk)
-                    progress = await self._store.write(step)
+                    progress = await self._step(meter_id, version, chunk)
             except Exception as exc:  # noqa: BLE001 - every failure is retried, logged once
                 delay = min(self._max_retry, delay * 2 or self._retry)
                 if delay == self._retry:  # the first failure of a run of them

@@ -602,7 +602,9 @@ async def serve(
             validation = await stack.enter_async_context(
                 ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)
             )
-            backfiller = await stack.enter_async_context(Backfiller(store))
+            backfiller = await stack.enter_async_context(
+                Backfiller(store, journal=journal, replica=settings.replica)
+            )
             if not settings.replica:  # timers and side effects: the journaling core's alone
                 await stack.enter_async_context(PlanCycler(store))
                 await stack.enter_async_context(

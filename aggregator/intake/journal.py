@@ -59,6 +59,7 @@ VERSION = 1
 # is gone; the catch-up fails and is tried again.
 READ_SECONDS = 30.0
 RETRY_SECONDS = 1.0  # a replica's pause before it reads again what failed to apply
+BACKFILL = "backfill"  # what entries of a backfill's steps name as their topic (no Kafka topic)
 
 Records = list[ConsumerRecord[bytes, bytes]]
 
@@ -79,6 +80,9 @@ class Entry:
     # offset (`OffsetReset`): (partition, stored offset, log start, log end, offsets vanished or
     # None). An entry of resets names no ranges.
     resets: tuple[tuple[int, int, int, int, int | None], ...] = ()
+    # A backfill's step instead of records (`backfill`): (meter id, its version, events at
+    # most), applied at this place in the journal's order by every core.
+    backfill: tuple[str, int, int] | None = None
 
     def next_offsets(self) -> dict[int, int]:
         """Where each partition's next group starts once this one is applied."""
@@ -95,6 +99,7 @@ def encode(entry: Entry) -> bytes:
             "epoch": entry.epoch,
             "dead": entry.dead,
             "resets": entry.resets,
+            **({"backfill": entry.backfill} if entry.backfill else {}),
         }
     )
 
@@ -115,9 +120,17 @@ def decode(value: bytes) -> Entry:
                 (int(p), int(stored), int(start), int(end), None if gone is None else int(gone))
                 for p, stored, start, end, gone in data.get("resets", ())
             ),
+            _backfill(data.get("backfill")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"bad journal entry: {exc!r}") from None
+
+
+def _backfill(value: Any) -> tuple[str, int, int] | None:
+    if value is None:
+        return None
+    meter_id, version, chunk = value
+    return str(meter_id), int(version), int(chunk)
 
 
 class Follower(Protocol):
@@ -200,6 +213,10 @@ class Journal:
     def follow(self, topic: str, follower: Follower) -> None:
         """`follower` applies the groups of `topic`."""
         self._followers[topic] = follower
+
+    async def started(self) -> None:
+        """Returns once the journal has caught up at start (step 1)."""
+        await self._started.wait()
 
     async def start(self) -> None:
         """Steps 1 and 2, before any append; a replica's step 6 from then on."""

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from aggregator.errors import QueryTimeout, StorageFull
 from aggregator.store.apply.batch import Meters
-from aggregator.store.apply.commands import applied_group, applied_job
+from aggregator.store.apply.commands import applied_group, applied_job, positioned
 from aggregator.store.apply.ingest import Replay
 from aggregator.store.base.meter_rows import meters_of
 from aggregator.store.listeners import Listeners
@@ -266,6 +266,10 @@ class Store:
         """`write`, but `job` is in the writer's queue when this returns, behind every job
         queued before it and in no tenant's share: the journal's order is the writer's."""
         return self._committed(self.writer.submit(job, weight, None))
+
+    def queued_at(self, job: Job[T], positions: Positions) -> Awaitable[T]:
+        """`queued`, with the journal `positions` of its group stored as a group's are."""
+        return self.queued(positioned(job, positions))
 
     def queued_commands(
         self, commands: Sequence[Command], after: Sequence[Job[Any]], positions: Positions

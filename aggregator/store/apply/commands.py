@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from aggregator.errors import NotFound
 from aggregator.store.machinery.memtable import Positions
@@ -47,7 +47,9 @@ from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import AlertCreate, CreditCreate, HoldCreate, PlanCreate, ResetCreate
 from meters.webhook_rules import EndpointCreate, EndpointUpdate
 
-__all__ = ["KINDS", "applied_group", "applied_job"]
+__all__ = ["KINDS", "applied_group", "applied_job", "positioned"]
+
+T = TypeVar("T")
 
 Args = Mapping[str, Any]
 # A kind's job from (organization id, the record's time, its arguments).
@@ -171,6 +173,22 @@ def applied_job(command: Command) -> Job[Outcome]:
             tx.con, org, request_id, command.kind, request, outcome, command.at_us
         )
         return outcome
+
+    job.waits_for_pending = waits_for_pending(inner)  # type: ignore[attr-defined]
+    return job
+
+
+def positioned(inner: Job[T], positions: Positions) -> Job[T]:
+    """`inner`, then the journal `positions` held and stored as `applied_group` stores them:
+    one journal group of a job that is not a write record (a backfill's step)."""
+
+    assert not isinstance(inner, Batchable)
+    call = inner
+
+    def job(tx: Tx) -> T:
+        result = call(tx)
+        tx.live.advance(tx.con, positions)
+        return result
 
     job.waits_for_pending = waits_for_pending(inner)  # type: ignore[attr-defined]
     return job

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow
 def test_an_entry_reads_back_as_written_and_nothing_else_reads_as_one() -> None:
     entry = Entry("t", ((2, 5, 9), (0, 1, 3)), 1_700_000_000_000_000, 4, ((2, 6, None), (0, 1, 3)))
     assert decode(encode(entry)) == entry
+    step = Entry("backfill", (), 1_700_000_000_000_000, 2, backfill=("m", 3, 20_000))
+    assert decode(encode(step)) == step
     for value in (b"{}", b'{"v": 2}', b'{"v": 1, "topic": "t"}', b"[]"):
         with pytest.raises(ValueError, match="journal entry"):
             decode(value)

@@ -61,6 +61,10 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
             first, reads = _settled(core)
             wait_until(lambda: _caught_up(through_replica, first), 60)
             again, reads_again = _settled(through_replica)
+    # A partition the core was assigned but has read nothing from is at its log's start there
+    # (stored at assignment); the replica, assigned none, names only those the journal applied.
+    for digest in (first, again):
+        digest["events_offsets"] = {p: o for p, o in digest["events_offsets"].items() if o}
     assert again == first
     for path in (*READS, "events"):
         if path == ENDPOINTS:
