@@ -134,7 +134,8 @@ def _backfill(value: Any) -> tuple[str, int, int] | None:
 
 
 class Follower(Protocol):
-    """What applies one topic's groups (the consumer, the control applier)."""
+    """What applies one topic's groups (the consumer, the control applier; the backfiller the
+    steps of `BACKFILL`)."""
 
     async def replay(self, entry: Entry, records: Records, positions: Positions) -> None:
         """Apply `records` (the entry's ranges, in its order) as the entry says, storing
