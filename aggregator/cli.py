@@ -605,8 +605,10 @@ async def serve(
             backfiller = await stack.enter_async_context(
                 Backfiller(store, journal=journal, replica=settings.replica)
             )
-            if not settings.replica:  # timers and side effects: the journaling core's alone
-                await stack.enter_async_context(PlanCycler(store))
+            await stack.enter_async_context(
+                PlanCycler(store, journal=journal, replica=settings.replica)
+            )
+            if not settings.replica:  # side effects: the journaling core's alone
                 await stack.enter_async_context(
                     WebhookSender(store, settings.webhooks, state_payload=state_payload)
                 )

@@ -4,6 +4,11 @@ Each run processes every boundary up to now in writer jobs of at most half the w
 bound each (other writes go in between); it runs at start, so boundaries missed while the
 process was down are processed then, exactly once (the plan's cycle count moves with the
 credits in one transaction).
+
+In Kafka mode each job is a group of the journal (`intake.journal`: an entry naming its time
+and how many boundaries at most), so that every core processes the same boundaries at the same
+place among the other groups; a replica runs none of its own and applies the journal's
+(`replay`).
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
-from aggregator.store import Store, cycle_due_job, plan_tables
+from aggregator.intake.journal import PLANS, Entry, Journal, Records
+from aggregator.store import Positions, Store, cycle_due_job, plan_tables
 from meters.times import now_us
+
+CYCLES_PER_GROUP = 100  # boundaries in one journal group at most
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +32,29 @@ class PlanCycler:
     """An async context manager running the plans' cycles every `every_seconds`."""
 
     def __init__(
-        self, store: Store, *, every_seconds: float = 1.0, clock: Callable[[], int] = now_us
+        self,
+        store: Store,
+        *,
+        every_seconds: float = 1.0,
+        clock: Callable[[], int] = now_us,
+        journal: Journal | None = None,
+        replica: bool = False,
     ) -> None:
+        """`journal`: each job is its group (Kafka mode); a `replica` applies its groups only."""
         self._store = store
+        self._journal = journal
+        self._replica = replica
         self._every = every_seconds
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
-        await self.run_due()
+        if self._journal is not None:
+            self._journal.follow(PLANS, self)
+        if self._replica:
+            return self
+        if self._journal is None:  # else once the journal has caught up (`_loop`)
+            await self.run_due()
         self._task = asyncio.create_task(self._loop(), name="credit-plans")
         return self
 
@@ -52,13 +74,27 @@ class PlanCycler:
         # A cycle job waits for applied events to be stored: only when one is due.
         processed, more = 0, await self._store.read_now(plan_tables.due, self._clock())
         while more:
-            done, more = await self._store.write(cycle_due_job(self._clock(), budget))
+            done, more = await self._cycle(budget)
             processed += done
         if processed:
             log.info("credit plans: %d cycle(s) processed", processed)
         return processed
 
+    async def _cycle(self, budget: float) -> tuple[int, bool]:
+        now = self._clock()
+        if self._journal is None:
+            return await self._store.write(cycle_due_job(now, budget))
+        entry = Entry(PLANS, (), now, cycles=CYCLES_PER_GROUP)
+        job = cycle_due_job(now, limit=CYCLES_PER_GROUP)
+        return await self._journal.append(entry, lambda at: self._store.queued_at(job, at))
+
+    async def replay(self, entry: Entry, records: Records, positions: Positions) -> None:
+        """A journal entry's boundaries (`journal.Follower`)."""
+        await self._store.queued_at(cycle_due_job(entry.at_us, limit=entry.cycles), positions)
+
     async def _loop(self) -> None:
+        if self._journal is not None:
+            await self._journal.started()
         while True:
             await asyncio.sleep(self._every)
             try:

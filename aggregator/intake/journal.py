@@ -60,6 +60,7 @@ VERSION = 1
 READ_SECONDS = 30.0
 RETRY_SECONDS = 1.0  # a replica's pause before it reads again what failed to apply
 BACKFILL = "backfill"  # what entries of a backfill's steps name as their topic (no Kafka topic)
+PLANS = "plans"  # and those of credit plans' cycles
 
 Records = list[ConsumerRecord[bytes, bytes]]
 
@@ -83,6 +84,9 @@ class Entry:
     # A backfill's step instead of records (`backfill`): (meter id, its version, events at
     # most), applied at this place in the journal's order by every core.
     backfill: tuple[str, int, int] | None = None
+    # Credit plans' boundaries due at `at_us` instead of records (`plan_cycler`): at most this
+    # many, applied at this place in the journal's order by every core.
+    cycles: int | None = None
 
     def next_offsets(self) -> dict[int, int]:
         """Where each partition's next group starts once this one is applied."""
@@ -100,6 +104,7 @@ def encode(entry: Entry) -> bytes:
             "dead": entry.dead,
             "resets": entry.resets,
             **({"backfill": entry.backfill} if entry.backfill else {}),
+            **({"cycles": entry.cycles} if entry.cycles is not None else {}),
         }
     )
 
@@ -121,6 +126,7 @@ def decode(value: bytes) -> Entry:
                 for p, stored, start, end, gone in data.get("resets", ())
             ),
             _backfill(data.get("backfill")),
+            None if data.get("cycles") is None else int(data["cycles"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"bad journal entry: {exc!r}") from None
@@ -135,7 +141,7 @@ def _backfill(value: Any) -> tuple[str, int, int] | None:
 
 class Follower(Protocol):
     """What applies one topic's groups (the consumer, the control applier; the backfiller the
-    steps of `BACKFILL`)."""
+    steps of `BACKFILL`, the plan cycler the boundaries of `PLANS`)."""
 
     async def replay(self, entry: Entry, records: Records, positions: Positions) -> None:
         """Apply `records` (the entry's ranges, in its order) as the entry says, storing

@@ -7,6 +7,7 @@ plan's cycle count moves in the same transaction, so each boundary is processed 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -155,17 +156,26 @@ def due(con: Con, now_us: int) -> bool:
     return row is not None
 
 
-def cycle_due_job(now_us: int, budget_seconds: float) -> Job[tuple[int, bool]]:
+def cycle_due_job(
+    now_us: int, budget_seconds: float | None = None, limit: int | None = None
+) -> Job[tuple[int, bool]]:
     """Process plan boundaries at or before `now` (all organizations, earliest first) for about
-    `budget_seconds` (at least one); returns (how many, whether more are due). Each
+    `budget_seconds`, or `limit` of them (at least one; a limit, not a time, where every core
+    must process the same: a journal group); returns (how many, whether more are due). Each
     boundary's reset and credit carry keys derived from (plan, cycle number), and the plan's
     cycle count moves in the same transaction: a boundary is processed exactly once, however
     late (a process that was down catches up on restart, a job at a time)."""
 
     def job(tx: Tx) -> tuple[int, bool]:
         con = tx.con
-        deadline = time.perf_counter() + budget_seconds
-        processed = _cycle_plans(con, now_us, tx.live, None, deadline)
+        deadline = time.perf_counter() + (budget_seconds or 0.0)
+
+        def enough(processed: int) -> bool:
+            if limit is not None:
+                return processed >= limit
+            return budget_seconds is not None and time.perf_counter() > deadline
+
+        processed = _cycle_plans(con, now_us, tx.live, None, enough)
         more = first_row(
             con,
             "SELECT 1 FROM credit_plans WHERE deleted_at IS NULL"
@@ -178,10 +188,10 @@ def cycle_due_job(now_us: int, budget_seconds: float) -> Job[tuple[int, bool]]:
 
 
 def _cycle_plans(
-    con: Con, now_us: int, live: Live, plan_id: str | None, deadline: float | None
+    con: Con, now_us: int, live: Live, plan_id: str | None, enough: Callable[[int], bool] | None
 ) -> int:
-    """Process the due boundaries (of one plan, or all) until `deadline` (perf_counter), if
-    any, has passed."""
+    """Process the due boundaries (of one plan, or all) until `enough(processed)`, if given,
+    says so (after one at least)."""
     where = "deleted_at IS NULL AND next_cycle_at <= make_timestamptz(?)"
     params: list[Any] = [now_us]
     if plan_id is not None:
@@ -190,13 +200,13 @@ def _cycle_plans(
     due = [
         _plan(r)
         for r in con.execute(
-            f"SELECT {_PLAN_COLUMNS} FROM credit_plans WHERE {where} ORDER BY next_cycle_at",  # noqa: S608 - fixed text, values bound
+            f"SELECT {_PLAN_COLUMNS} FROM credit_plans WHERE {where} ORDER BY next_cycle_at, id",  # noqa: S608 - fixed text, values bound
             params,
         ).fetchall()
     ]
     processed = 0
     for plan in due:
-        if deadline and processed and time.perf_counter() > deadline:
+        if enough and processed and enough(processed):
             break
         customer = get_customer(con, plan.organization_id, plan.customer_id)
         meter = get_meter(con, plan.organization_id, plan.meter_id)
@@ -205,7 +215,7 @@ def _cycle_plans(
         starts = us_to_datetime(plan.starts_at_us)
         n = plan.cycles
         at = datetime_to_us(cycle_start(starts, plan.interval, n))
-        while at <= now_us and not (deadline and processed and time.perf_counter() > deadline):
+        while at <= now_us and not (enough and processed and enough(processed)):
             processed += 1
             # Once per cycle: `cycles` moves in the same transaction.
             key = f"plan:{plan.id}:{n}"

@@ -27,6 +27,8 @@ def test_an_entry_reads_back_as_written_and_nothing_else_reads_as_one() -> None:
     assert decode(encode(entry)) == entry
     step = Entry("backfill", (), 1_700_000_000_000_000, 2, backfill=("m", 3, 20_000))
     assert decode(encode(step)) == step
+    cycles = Entry("plans", (), 1_700_000_000_000_000, 2, cycles=100)
+    assert decode(encode(cycles)) == cycles
     for value in (b"{}", b'{"v": 2}', b'{"v": 1, "topic": "t"}', b"[]"):
         with pytest.raises(ValueError, match="journal entry"):
             decode(value)

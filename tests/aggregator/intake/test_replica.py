@@ -1,25 +1,29 @@
 """A replica (`--replica`) started from an empty data dir beside a core, on the same topics,
 applies what that core journals while it runs: API writes sent to either and events sent to an
 edge, in an order whose outcomes depend on it (the control topic test's workload), give at the
-same journal offset the same digest and byte-equal answers to every list read. A write sent to
-the replica is answered once applied, as on the core. The replica reads no partition itself and
-delivers no webhook."""
+same journal offset the same digest and byte-equal answers to every list read, a credit plan's
+second cycle (run by the core's plan cycler) included. A write sent to the replica is answered
+once applied, as on the core. The replica reads no partition itself and delivers no webhook."""
 
 from __future__ import annotations
 
 import random
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
+from dateutil.relativedelta import relativedelta
 
 from aggregator import cli
 from tests.aggregator.intake.test_control_topic import (
     READS,
     Workload,
     _caught_up,
+    _ok,
     _settled,
 )
 from tests.inprocess import ServedCore
@@ -41,6 +45,27 @@ def _without_delivery_state(read: bytes) -> Any:
     return found
 
 
+def _second_cycle_soon(client: httpx.Client, meter_id: str) -> str:
+    """A monthly plan that started a month ago less a few seconds: its first cycle is granted
+    when it is made, its second a few seconds later."""
+    customer = _ok(client.post("/v1/customers/", json={"email": "plan@example.com"}))["id"]
+    starts = datetime.now(UTC) - relativedelta(months=1) + timedelta(seconds=4)
+    body = {
+        "customer_id": customer,
+        "meter_id": meter_id,
+        "units": 100,
+        "interval": "month",
+        "starts_at": starts.isoformat(),
+        "external_id": "plan",
+    }
+    return str(_ok(client.post("/v1/credit-plans/", json=body))["id"])
+
+
+def _plan(client: httpx.Client, plan_id: str) -> dict[str, Any]:
+    (found,) = [p for p in _ok(client.get("/v1/credit-plans/"))["items"] if p["id"] == plan_id]
+    return found
+
+
 def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> None:
     workload = Workload(5)
     args = ("--allow-private-webhooks",)
@@ -58,14 +83,22 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
         ):
             for _ in range(40):  # API writes to either, answered once applied
                 workload.step(choose.choice([core, through_replica]), edge)
+            # A plan whose second boundary comes a few seconds on: the core's plan cycler
+            # processes it, as a journal group the replica applies too.
+            plan = _second_cycle_soon(core, workload.meters[0])
+            wait_until(lambda: _plan(core, plan)["cycles"] == 2, 30)
             first, reads = _settled(core)
             wait_until(lambda: _caught_up(through_replica, first), 60)
             again, reads_again = _settled(through_replica)
+            plans, plans_again = (
+                c.get("/v1/credit-plans/").content for c in (core, through_replica)
+            )
     # A partition the core was assigned but has read nothing from is at its log's start there
     # (stored at assignment); the replica, assigned none, names only those the journal applied.
     for digest in (first, again):
         digest["events_offsets"] = {p: o for p, o in digest["events_offsets"].items() if o}
     assert again == first
+    assert plans_again == plans
     for path in (*READS, "events"):
         if path == ENDPOINTS:
             assert _without_delivery_state(reads_again[path]) == _without_delivery_state(
