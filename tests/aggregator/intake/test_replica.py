@@ -3,12 +3,16 @@ applies what that core journals while it runs: API writes sent to either and eve
 edge, in an order whose outcomes depend on it (the control topic test's workload), give at the
 same journal offset the same digest and byte-equal answers to every list read, a credit plan's
 second cycle (run by the core's plan cycler) included. A write sent to the replica is answered
-once applied, as on the core. The replica reads no partition itself and delivers no webhook."""
+once applied, as on the core. The replica reads no partition itself and delivers no webhook:
+a receiver gets each alert once, from the core."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from tests.aggregator.intake.test_control_topic import (
     _ok,
     _settled,
 )
+from tests.aggregator.upstream.webhook_receiver import Receiver
 from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline
 from tests.processes import wait_until
@@ -43,6 +48,15 @@ def _without_delivery_state(read: bytes) -> Any:
         for name in ("enabled", "disabled_reason", "failing_since", "modified_at"):
             item.pop(name, None)
     return found
+
+
+@contextlib.contextmanager
+def _receiving() -> Iterator[Receiver]:
+    receiver = Receiver().start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
 
 
 def _second_cycle_soon(client: httpx.Client, meter_id: str) -> str:
@@ -76,11 +90,24 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
         replica_args = (*pipeline.args(), *args, "--secret-file", str(secret), "--replica")
         choose = random.Random(5)
         with (
+            _receiving() as receiver,
             ServedCore(tmp_path / "replica", *replica_args, dev_token=False) as replica,
             pipeline.core.client(pipeline.token()) as core,
             replica.client(pipeline.token()) as through_replica,
             pipeline.edges[0].client(pipeline.token()) as edge,
         ):
+            workload.step(core, edge)  # a meter
+            # Alerts delivered to a receiver: by the core only, each under one webhook-id.
+            hook = {"url": receiver.url, "format": "raw", "events": ["meter.alert"]}
+            _ok(core.post("/v1/webhooks/endpoints", json=hook))
+            alert = {
+                "meter_id": workload.meters[0],
+                "metric": "consumed_units",
+                "operator": "gte",
+                "threshold": 1,
+                "external_id": "delivered",
+            }
+            _ok(core.post("/v1/meter-alerts/", json=alert))
             for _ in range(40):  # API writes to either, answered once applied
                 workload.step(choose.choice([core, through_replica]), edge)
             # A plan whose second boundary comes a few seconds on: the core's plan cycler
@@ -93,6 +120,10 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
             plans, plans_again = (
                 c.get("/v1/credit-plans/").content for c in (core, through_replica)
             )
+            wait_until(lambda: len(receiver.received) > 0, 30)
+            time.sleep(2)  # time enough for a second delivery of any of them
+            ids = [r.headers["webhook-id"] for r in receiver.received]
+            assert len(ids) == len(set(ids)), ids
     # A partition the core was assigned but has read nothing from is at its log's start there
     # (stored at assignment); the replica, assigned none, names only those the journal applied.
     for digest in (first, again):
