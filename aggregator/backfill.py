@@ -95,7 +95,7 @@ class Backfiller:
         if (meter_id, version) not in await self._store.read_now(pending_backfills):
             return None
         entry = Entry(BACKFILL, (), now_us(), backfill=(meter_id, version, chunk))
-        return await self._journal.append(entry, lambda at: self._store.queued_at(step, at))
+        return await self._journal.append_job(entry, step)
 
     async def replay(self, entry: Entry, records: Records, positions: Positions) -> None:
         """A journal entry's step (`journal.Follower`)."""

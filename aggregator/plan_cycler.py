@@ -86,7 +86,7 @@ class PlanCycler:
             return await self._store.write(cycle_due_job(now, budget))
         entry = Entry(PLANS, (), now, cycles=CYCLES_PER_GROUP)
         job = cycle_due_job(now, limit=CYCLES_PER_GROUP)
-        return await self._journal.append(entry, lambda at: self._store.queued_at(job, at))
+        return await self._journal.append_job(entry, job)
 
     async def replay(self, entry: Entry, records: Records, positions: Positions) -> None:
         """A journal entry's boundaries (`journal.Follower`)."""

@@ -48,7 +48,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from aggregator.errors import JournalLost, OffsetGap
-from aggregator.store import Positions, Store
+from aggregator.store import Job, Positions, Store
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 
 log = logging.getLogger(__name__)
@@ -289,6 +289,11 @@ class Journal:
         except BaseException:
             self._behind = True  # step 4
             raise
+
+    async def append_job(self, entry: Entry, job: Job[T]) -> T:
+        """`append` for a group that is one job (a backfill's step, plan boundaries), stored
+        with its positions; the job's result once committed."""
+        return await self.append(entry, lambda at: self._store.queued_at(job, at))
 
     async def _catch_up(self) -> None:
         """Steps 1 and 2 (under the lock)."""

@@ -26,7 +26,7 @@ from aggregator.store.machinery.ingest_log import LogCorrupt, with_origin, with_
 from aggregator.store.machinery.live import Changed, Live
 from aggregator.store.machinery.memtable import Positions
 from aggregator.store.machinery.rollups import Prepared
-from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS, Outcome
+from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS, Job, Outcome
 from aggregator.store.store import Store
 from aggregator.store.tables import (
     alert_tables,
@@ -110,6 +110,7 @@ __all__ = [
     "Firing",
     "HoldRow",
     "IngestJob",
+    "Job",
     "Live",
     "LogCorrupt",
     "MeterRow",

@@ -179,8 +179,8 @@ def applied_job(command: Command) -> Job[Outcome]:
 
 
 def positioned(inner: Job[T], positions: Positions) -> Job[T]:
-    """`inner`, then the journal `positions` held and stored as `applied_group` stores them:
-    one journal group of a job that is not a write record (a backfill's step)."""
+    """`inner`, then the journal `positions` of its group held in memory and stored with the
+    events applied before them (`Live.advance`), in its transaction."""
 
     assert not isinstance(inner, Batchable)
     call = inner
@@ -220,8 +220,7 @@ def applied_group(
                 outcomes.append((False, exc))
         for call in calls[len(jobs) :]:
             call(tx)
-        tx.live.advance(tx.con, positions)
         return outcomes
 
     job.waits_for_pending = any(map(waits_for_pending, (*jobs, *after)))  # type: ignore[attr-defined]
-    return job
+    return positioned(job, positions)
