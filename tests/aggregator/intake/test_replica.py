@@ -128,6 +128,8 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
     # (stored at assignment); the replica, assigned none, names only those the journal applied.
     for digest in (first, again):
         digest["events_offsets"] = {p: o for p, o in digest["events_offsets"].items() if o}
+    differing = {t for t, v in again["tables"].items() if first["tables"].get(t) != v}
+    assert differing == set()
     assert again == first
     assert plans_again == plans
     for path in (*READS, "events"):
