@@ -32,7 +32,8 @@ _STEPS = (
         "ledger_usage_deltas",
         f"SELECT meter_id, subject, {_NUMBERS}, min(created_at), max(modified_at)"  # noqa: S608 - fixed text, values bound
         " FROM ledger_usage_deltas GROUP BY ALL",
-        f"DO UPDATE SET {_MERGE}, modified_at = greatest(modified_at, excluded.modified_at)",
+        f"DO UPDATE SET {_MERGE}, created_at = least(created_at, excluded.created_at),"
+        " modified_at = greatest(modified_at, excluded.modified_at)",
     ),
     (
         "ledger_usage_values",

@@ -23,9 +23,11 @@ from aggregator.store.machinery.migrations import MIGRATIONS, migrate
 from aggregator.store.machinery.recluster import ReclusterSettings
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer_by_external_id
-from aggregator.store.tables.ledger_tables import customer_meter
+from aggregator.store.tables.ledger_tables import customer_meter, held_customer_meter
+from aggregator.store.tables.meter_tables import create_job as create_meter
 from aggregator.store.tables.quantities import Scope, compute
 from meters.customer_rules import CustomerCreate
+from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.times import datetime_to_us
 
@@ -189,6 +191,65 @@ def test_deltas_are_folded_in_the_background(tmp_path: Path) -> None:
     left, order = asyncio.run(run())
     assert left == 0
     assert len(order) == 30 and order == sorted(order)
+
+
+def test_usage_folded_into_a_later_row_keeps_the_earliest_time(tmp_path: Path) -> None:
+    """A group's time is its reader's (in Kafka mode, earlier than a group applied before it,
+    even than the meter's creation): a customer meter's created_at is the earliest usage's
+    whether its deltas were folded together or into a row folded before, as the balances in
+    memory say, and as a core that folded at other moments stores."""
+    made = BUCKET
+    definition = MeterCreate.model_validate(
+        {
+            "name": "uses",
+            "filter": {"conjunction": "and", "clauses": []},
+            "aggregation": {"func": "count"},
+        }
+    )
+
+    def use(external_id: str, at_us: int) -> IngestJob:
+        event = Event(
+            name="use",
+            timestamp_us=made,
+            customer_id=None,
+            external_customer_id="acme",
+            external_id=external_id,
+            parent_id=None,
+            external_member_id=None,
+            metadata={},
+            cost_amount=None,
+        )
+        return IngestJob(ORG, to_table([event]), at_us)
+
+    async def run() -> list[tuple[int, int]]:
+        seen = []
+
+        async def created() -> None:
+            def read(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+                meter = get_meter(con, ORG, METER)
+                customer = get_customer_by_external_id(con, ORG, "acme")
+                assert meter is not None and customer is not None
+                held = held_customer_meter(store.live.balances, customer, meter)
+                return customer_meter(con, customer, meter).created_at_us, held.created_at_us
+
+            seen.append(await store.read(read))
+
+        path = tmp_path / "m.duckdb"
+        async with Store(path, compact_seconds=3600) as store:
+            customer = CustomerCreate(email="a@example.com", external_id="acme")
+            await store.write(create_customer(ORG, customer, made, customer_id=str(uuid.uuid4())))
+            await store.write(create_meter(ORG, definition, made, meter_id=METER))
+            await store.write(use("later", made + 10**6))
+            await store.write(lambda tx: compact(tx.con))
+            await store.write(use("earlier", made - 10**6))
+            await created()
+            await store.write(lambda tx: compact(tx.con))
+            await created()
+        async with Store(path) as store:
+            await created()
+        return seen
+
+    assert asyncio.run(run()) == [(made - 10**6, made - 10**6)] * 3
 
 
 class _Paused:
