@@ -15,7 +15,8 @@ In Kafka mode each step is a group of the journal (`intake.journal`, an entry na
 its version and the step's size), so that every core applies it at the same place among the
 other groups: a write applied after it (a credit answering the customer meter, a hold checked
 against the balance) then sees the same usage on every core, whatever its own background work.
-A replica runs no step of its own: it applies the journal's (`replay`).
+A core that follows (`intake.leadership`) runs no step of its own: it applies the journal's
+(`replay`), and its backfills wait to step until it leads.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from types import TracebackType
 from typing import Self
 
 from aggregator.intake.journal import BACKFILL, Entry, Journal, Records
+from aggregator.intake.leadership import Role
 from aggregator.store import Outcome, Positions, Store, backfill_step_job, pending_backfills
 from meters.commands import Command
 from meters.times import now_us
@@ -48,12 +50,13 @@ class Backfiller:
         retry_seconds: float = 1.0,
         max_retry_seconds: float = 60.0,
         journal: Journal | None = None,
-        replica: bool = False,
+        role: Role | None = None,
     ) -> None:
-        """`journal`: steps are its groups (Kafka mode); a `replica` applies its steps only."""
+        """`journal`: steps are its groups (Kafka mode), run only while this core leads
+        (`role`; None: always)."""
         self._store = store
         self._journal = journal
-        self._replica = replica
+        self._role = role
         self._chunk = chunk_events
         self._max_chunk = max_chunk_events
         self._retry = retry_seconds
@@ -65,8 +68,6 @@ class Backfiller:
     async def __aenter__(self) -> Self:
         if self._journal is not None:
             self._journal.follow(BACKFILL, self)
-        if self._replica:
-            return self
         for meter_id, version in await self._store.read(pending_backfills):
             self.start(meter_id, version)
         # A meter made or redefined by a write record, however it came (this core's API, or
@@ -92,6 +93,8 @@ class Backfiller:
         # A core catching up applies the journal's steps first: a backfill they finished (or
         # ended) appends nothing more.
         await self._journal.started()
+        if self._role is not None:
+            await self._role.until(True)
         if (meter_id, version) not in await self._store.read_now(pending_backfills):
             return None
         entry = Entry(BACKFILL, (), now_us(), backfill=(meter_id, version, chunk))

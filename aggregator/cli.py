@@ -59,6 +59,7 @@ from aggregator.intake.consumer import Consumer
 from aggregator.intake.control import ControlApplier, ControlTopic
 from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.intake.journal import Journal
+from aggregator.intake.leadership import Lease, Role
 from aggregator.intake.sealed import Sealer
 from aggregator.intake.token_records import TokenExporter, TokenView, keep_record
 from aggregator.plan_cycler import PlanCycler
@@ -233,16 +234,17 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         "--consumer-session-timeout-seconds",
         type=float,
         default=defaults.session_timeout_seconds,
-        help="how long the consumer group waits for a silent core before moving its partitions"
-        " (a killed core restarted sooner waits out the rest)",
+        help="how long the core's group waits for a silent leader before another core takes"
+        " over (a killed core restarted sooner waits out the rest)",
     )
     if core:
         kafka.add_argument(
             "--replica",
             action="store_true",
-            help="apply what another core (the one without --replica) journals, and serve every"
-            " read and write; read no partition, deliver no webhook, forward nothing, run no"
-            " plan cycle (needs --kafka and its own --data-dir)",
+            help="never lead: apply what the leader journals, and serve every read and write;"
+            " read no partition, deliver no webhook, forward nothing, run no plan cycle (needs"
+            " --kafka and its own --data-dir). Without it, a core leads, or stands by to take"
+            " over from the one that does",
         )
 
 
@@ -576,12 +578,13 @@ async def serve(
                 )
             )
             journal = None
+            role = Role(leading=kafka is None)  # embedded, a core always leads
             if kafka is not None and control is not None:
                 # One order for the control topic and the events topic: the journal's, which
                 # opens for appends once both follow it (`start`, below).
-                journal = await stack.enter_async_context(
-                    Journal(store, kafka, replica=settings.replica)
-                )
+                journal = await stack.enter_async_context(Journal(store, kafka, role))
+                if not settings.replica:  # a candidate: it leads while it holds the lease
+                    await stack.enter_async_context(Lease(kafka, role, journal.claim))
                 keep = partial(keep_record, registry)
                 await stack.enter_async_context(
                     ControlApplier(
@@ -591,7 +594,7 @@ async def serve(
                         registry.organization_exists,
                         keep,
                         journal,
-                        replica=settings.replica,
+                        role,
                     )
                 )
                 # Organizations and tokens reach the edges through the control topic.
@@ -603,15 +606,12 @@ async def serve(
                 ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)
             )
             backfiller = await stack.enter_async_context(
-                Backfiller(store, journal=journal, replica=settings.replica)
+                Backfiller(store, journal=journal, role=role)
             )
-            await stack.enter_async_context(
-                PlanCycler(store, journal=journal, replica=settings.replica)
+            await stack.enter_async_context(PlanCycler(store, journal=journal, role=role))
+            await stack.enter_async_context(  # side effects: the leader's alone
+                WebhookSender(store, settings.webhooks, state_payload=state_payload, role=role)
             )
-            if not settings.replica:  # side effects: the journaling core's alone
-                await stack.enter_async_context(
-                    WebhookSender(store, settings.webhooks, state_payload=state_payload)
-                )
             consumer = None
             publisher: Publisher = EmbeddedPublisher(store, validation)
             if kafka is not None:
@@ -623,7 +623,7 @@ async def serve(
                         settings.ingest.rules,
                         registry.organization_exists,
                         journal,
-                        replica=settings.replica,
+                        role,
                     )
                 )
                 await journal.start()

@@ -116,7 +116,8 @@ class CoreSettings:
     stream_heartbeat_seconds: float = 15.0
     # How many of what a tenant can multiply one organization may hold.
     quotas: TenantLimits = field(default_factory=TenantLimits)
-    # Kafka mode: apply another core's journal, with no side effects of its own (cli --replica).
+    # Kafka mode: never lead (`intake.leadership`): apply the leader's journal, with no side
+    # effects of its own (cli --replica).
     replica: bool = False
 
     @property

@@ -8,6 +8,7 @@ AggregatorError
 ├── WriteTimeout      a write record appended but not applied within the answer bound (504)
 ├── InsufficientBalance  a hold asked for more than the balance left available (409)
 ├── OffsetGap         a consumed batch does not start where the stored offsets end
+├── NotLeading        a core that follows was asked to append to the journal
 ├── QueryTimeout      a read ran past the store's read timeout and was interrupted (503)
 ├── StoreClosed       the store is shutting down
 ├── Repairable        a write job's error the store repairs before running the job again
@@ -54,6 +55,10 @@ class WriteTimeout(AggregatorError):
             f" again with the header Idempotency-Key: {request_id} to get its answer."
         )
         self.request_id = request_id
+
+
+class NotLeading(AggregatorError):
+    """Another core leads: this one follows the journal (`intake.leadership`)."""
 
 
 class InsufficientBalance(AggregatorError):

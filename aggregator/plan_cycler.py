@@ -7,8 +7,8 @@ credits in one transaction).
 
 In Kafka mode each job is a group of the journal (`intake.journal`: an entry naming its time
 and how many boundaries at most), so that every core processes the same boundaries at the same
-place among the other groups; a replica runs none of its own and applies the journal's
-(`replay`).
+place among the other groups. Only the core that leads (`intake.leadership`) runs its own;
+the others apply the journal's (`replay`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Self
 
 from aggregator.intake.journal import PLANS, Entry, Journal, Records
+from aggregator.intake.leadership import Role
 from aggregator.store import Positions, Store, cycle_due_job, plan_tables
 from meters.times import now_us
 
@@ -38,12 +39,13 @@ class PlanCycler:
         every_seconds: float = 1.0,
         clock: Callable[[], int] = now_us,
         journal: Journal | None = None,
-        replica: bool = False,
+        role: Role | None = None,
     ) -> None:
-        """`journal`: each job is its group (Kafka mode); a `replica` applies its groups only."""
+        """`journal`: each job is its group (Kafka mode), run only while this core leads
+        (`role`; None: always)."""
         self._store = store
         self._journal = journal
-        self._replica = replica
+        self._role = role
         self._every = every_seconds
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
@@ -51,8 +53,6 @@ class PlanCycler:
     async def __aenter__(self) -> Self:
         if self._journal is not None:
             self._journal.follow(PLANS, self)
-        if self._replica:
-            return self
         if self._journal is None:  # else once the journal has caught up (`_loop`)
             await self.run_due()
         self._task = asyncio.create_task(self._loop(), name="credit-plans")
@@ -97,6 +97,8 @@ class PlanCycler:
             await self._journal.started()
         while True:
             await asyncio.sleep(self._every)
+            if self._role is not None:
+                await self._role.until(True)
             try:
                 await self.run_due()
             except Exception:

@@ -53,6 +53,12 @@ class KafkaSettings:
         """The order every core applies the other topics in (`aggregator.intake.journal`)."""
         return f"{self.topic}.journal"
 
+    @property
+    def lease_topic(self) -> str:
+        """Whose core leads: the group member holding its one partition (no records;
+        `aggregator.intake.leadership`)."""
+        return f"{self.topic}.lease"
+
     def reader(self, **overrides: Any) -> AIOKafkaConsumer:
         """A consumer outside any group, whose positions its owner sets (assign and seek)."""
         options: dict[str, Any] = {
@@ -77,7 +83,7 @@ class KafkaSettings:
 
 
 async def ensure_topics(settings: KafkaSettings) -> None:
-    """Create the event, dead-letter, control and journal topics if missing; verify their
+    """Create the event, dead-letter, control, journal and lease topics if missing; verify their
     partition counts. Topics made by earlier versions gain the ones they lack."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
     partitions = {
@@ -85,6 +91,7 @@ async def ensure_topics(settings: KafkaSettings) -> None:
         settings.dead_letter_topic: settings.partitions,
         settings.control_topic: 1,
         settings.journal_topic: 1,
+        settings.lease_topic: 1,
     }
     wanted = list(partitions)
     try:

@@ -53,3 +53,6 @@ class Client:
 
     def subscribe(self, *args: Any, **kwargs: Any) -> None:
         self.calls.append("subscribe")
+
+    def assign(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append("assign")

@@ -3,9 +3,10 @@
 The checkpoint protocol. The offsets stored in DuckDB are the only truth about what has been
 applied; the code below names each step where it takes it.
 
-1. Assign: for each assigned partition read its stored offset; one with none first stores its
-   log's start (`StartOffsets`), so that a batch from any other position is refused. Seek
-   there. (`seek_to_stored`)
+1. Assign: while this core leads (`leadership`), it reads every partition, outside any consumer
+   group. For each partition read its stored offset; one with none first stores its log's start
+   (`StartOffsets`), so that a batch from any other position is refused. Seek there.
+   (`_reading`, `seek_to_stored`)
 2. Check the log: at assignment, about once a second, and whenever the broker refuses a
    position, a stored offset outside the log's [start, end] (the topic recreated, a broker that
    lost its log, retention that deleted unread records) would skip every record up to it; such
@@ -25,8 +26,8 @@ applied; the code below names each step where it takes it.
    journal's position in one DuckDB transaction (`memtable.store`). This is the checkpoint:
    after a crash, step 1 resumes from it, and events applied in memory but not yet stored are
    read again.
-6. Report: Kafka's group offsets are committed after step 4, for lag tools only (never read
-   back). Those still in flight at shutdown are awaited within the stop bound.
+6. Lag: the records not yet applied per partition are on `/metrics` (`lag`); no group offset
+   is committed (the core's consumer group holds the lease).
 7. On a failure in step 3 or 4: settle the batch in flight, seek back to the stored offsets
    (step 1) and read again. Nothing after the last committed batch counts.
 """
@@ -38,8 +39,9 @@ import collections
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from types import TracebackType
@@ -48,11 +50,7 @@ from typing import Any, Self
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from aiokafka import (
-    AIOKafkaConsumer,
-    ConsumerRebalanceListener,
-    TopicPartition,
-)
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 from aiokafka.structs import ConsumerRecord
 
@@ -60,6 +58,7 @@ from aggregator.errors import OffsetGap
 from aggregator.intake.dead_letters import HEADERS, organization_of
 from aggregator.intake.decode import DeadLetter, dead_rows, decode_batch
 from aggregator.intake.journal import Entry, Journal
+from aggregator.intake.leadership import Role, task_while_open, while_leading
 from aggregator.store import (
     ConsumedBatch,
     OffsetReset,
@@ -127,15 +126,14 @@ class Consumer:
         rules: EventRules,
         organization_exists: Callable[[str], bool],
         journal: Journal,
+        role: Role,
         settings: ConsumerSettings | None = None,
-        *,
-        replica: bool = False,
     ) -> None:
-        """A `replica` reads no partition: it applies the groups the journal names (`replay`),
-        as the core that appended them read them."""
+        """While another core leads (`role`), this one reads no partition: it applies the
+        groups the journal names (`replay`), as the core that appended them read them."""
         self._store = store
         self._journal = journal
-        self._replica = replica
+        self._role = role
         # Decoding is Arrow, zstd and DuckDB, mostly outside the GIL: a thread of its own, at
         # niceness +10 like the validation workers, so that on a shared machine the edges and
         # the writer go first (measured: un-niced, the core took the CPU an edge beside it
@@ -149,7 +147,6 @@ class Consumer:
         self._consumer: AIOKafkaConsumer | None = None
         self._dead_letters: Any = None
         self._task: asyncio.Task[None] | None = None
-        self._reports: set[asyncio.Future[Any]] = set()  # step 6, in flight
         self._records = self._settings.first_records
         self._events = self._settings.min_events  # the target per poll
         self.applied = 0
@@ -161,35 +158,11 @@ class Consumer:
         self.commit_seconds: collections.deque[float] = collections.deque(maxlen=1000)
 
     async def __aenter__(self) -> Self:
-        kafka = self._kafka
-        await ensure_topics(kafka)
-        if self._replica:
-            self._journal.follow(kafka.topic, self)
-            return self
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap,
-            group_id=kafka.consumer_group,
-            enable_auto_commit=False,
-            # Positions always come from the store; one the log lacks is an error to handle
-            # (`_check_log`), never a silent jump.
-            auto_offset_reset="none",
-            fetch_max_wait_ms=self._settings.poll_timeout_ms,
-            max_partition_fetch_bytes=8 * 1024 * 1024,
-            session_timeout_ms=round(kafka.session_timeout_seconds * 1000),
-            heartbeat_interval_ms=round(kafka.session_timeout_seconds * 1000 / 3),
+        await ensure_topics(self._kafka)
+        self._journal.follow(self._kafka.topic, self)
+        self._task = asyncio.create_task(
+            while_leading(self._role, self._reading), name="kafka-consumer"
         )
-        self._consumer.subscribe([kafka.topic], listener=_SeekToStored(self))
-        self._journal.follow(kafka.topic, self)
-        self._dead_letters = kafka.producer(linger_ms=0)
-        try:
-            async with asyncio.timeout(kafka.start_timeout_seconds):
-                await retrying(self._consumer.start)
-                await retrying(self._dead_letters.start)
-        except BaseException:
-            # Started halfway (or not at all): stop what runs, then fail.
-            await self._stop_clients()
-            raise
-        self._task = asyncio.create_task(self._run(), name="kafka-consumer")
         self._task.add_done_callback(_report_stop)
         return self
 
@@ -202,17 +175,35 @@ class Consumer:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._reports:  # step 6: the group offsets still in flight
-            await asyncio.wait(self._reports, timeout=self._kafka.stop_timeout_seconds)
-        await self._stop_clients()
-
-    async def _stop_clients(self) -> None:
-        bound = self._kafka.stop_timeout_seconds
-        if self._consumer is not None:
-            await stop_within(self._consumer.stop, bound, "consumer")
-        if self._dead_letters is not None:
-            await stop_within(self._dead_letters.stop, bound, "dead-letter producer")
         self._decoder.shutdown(wait=True, cancel_futures=True)
+
+    @asynccontextmanager
+    async def _reading(self) -> AsyncIterator[None]:
+        """Steps 1 to 7 while open (this core leads)."""
+        kafka = self._kafka
+        consumer = kafka.reader(
+            # Positions always come from the store; one the log lacks is an error to handle
+            # (`_check_log`), never a silent jump.
+            auto_offset_reset="none",
+            fetch_max_wait_ms=self._settings.poll_timeout_ms,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        dead_letters = kafka.producer(linger_ms=0)
+        self._consumer, self._dead_letters = consumer, dead_letters
+        try:
+            async with asyncio.timeout(kafka.start_timeout_seconds):
+                await retrying(consumer.start)
+                await retrying(dead_letters.start)
+            partitions = [TopicPartition(kafka.topic, p) for p in range(kafka.partitions)]
+            consumer.assign(partitions)
+            await self.seek_to_stored(partitions)
+            async with task_while_open("kafka-reading", self._run):
+                yield
+        finally:
+            bound = kafka.stop_timeout_seconds
+            await stop_within(consumer.stop, bound, "consumer")
+            await stop_within(dead_letters.stop, bound, "dead-letter producer")
+            self._consumer = self._dead_letters = None
 
     async def lag(self) -> dict[int, int]:
         """Records not yet applied, per assigned partition (high watermark as of the last
@@ -488,18 +479,6 @@ class Consumer:
             per.field("values").to_pylist(), per.field("counts").to_pylist(), strict=True
         ):
             self.organizations[str(organization)].applied += int(count or 0)
-        assert self._consumer is not None
-        offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
-        # Step 6, for lag tools only (the offsets stored in DuckDB are the truth): not awaited
-        # here, but at shutdown.
-        report = asyncio.ensure_future(self._consumer.commit(offsets))
-        self._reports.add(report)
-        report.add_done_callback(self._reported)
-
-    def _reported(self, report: asyncio.Future[Any]) -> None:
-        self._reports.discard(report)
-        if not report.cancelled() and report.exception() is not None:
-            log.debug("Kafka offset commit failed: %s", report.exception())
 
     def _fit_to_bound(self, records: int, events: int, seconds: float) -> None:
         """Size the next polls so that a batch's commit fits in the writer's job bound."""
@@ -557,17 +536,6 @@ class Consumer:
 def _origin(record: ConsumerRecord) -> list[tuple[str, bytes]]:
     """A whole record's own headers (a columnar record's say its format), kept beside ours."""
     return [(name, value) for name, value in record.headers if name not in HEADERS]
-
-
-class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, owner: Consumer) -> None:
-        self._owner = owner
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        return None
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._owner.seek_to_stored(assigned)
 
 
 def _lower_priority() -> None:

@@ -7,8 +7,9 @@ The protocol (each step is named where the code takes it):
    and its request waits for the outcome (`ControlTopic.append`). Past `answer_seconds` it is
    answered 504 with its request id: the record is logged and will be applied; sent again with
    that id, it answers then.
-2. Read: the core reads the control topic from the offset stored in its database
-   (`control_offsets`; the log's start when none), without a consumer group: one core applies it.
+2. Read: the leader (`leadership`) reads the control topic from the offset stored in its
+   database (`control_offsets`; the log's start when none); every other core applies its groups
+   from the journal.
 3. Apply: a fetch's records are one group: its journal entry is appended (`journal`), then
    one writer job applies them in offset order, each once per request id with its outcome
    stored (`store.apply.commands`). A record that does not decode, or names an organization
@@ -27,7 +28,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
@@ -38,6 +40,7 @@ from aiokafka.structs import ConsumerRecord
 from aggregator.errors import OffsetGap, WriteTimeout
 from aggregator.intake import token_records
 from aggregator.intake.journal import Entry, Journal
+from aggregator.intake.leadership import Role, task_while_open, while_leading
 from aggregator.intake.sealed import Sealer, Unsealable
 from aggregator.store import Outcome, Positions, Store, advance_control_job, control_offset
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
@@ -124,14 +127,14 @@ class ControlApplier:
         organization_exists: Callable[[str], bool],
         tokens: Callable[[Command], None],
         journal: Journal,
-        *,
-        replica: bool = False,
+        role: Role,
     ) -> None:
-        """`tokens` keeps the records of organizations and tokens (`token_records`). A
-        `replica` reads nothing itself: it applies the groups the journal names (`replay`)."""
+        """`tokens` keeps the records of organizations and tokens (`token_records`). While
+        another core leads (`role`), this one reads nothing itself: it applies the groups the
+        journal names (`replay`)."""
         self._store = store
         self._journal = journal
-        self._replica = replica
+        self._role = role
         self._kafka = kafka
         self._control = control
         self._organization_exists = organization_exists
@@ -143,26 +146,10 @@ class ControlApplier:
         self.skipped = 0
 
     async def __aenter__(self) -> Self:
-        kafka = self._kafka
-        if self._replica:
-            self._journal.follow(kafka.control_topic, self)
-            return self
-        self._consumer = kafka.reader(
-            # How long a fetch waits for records (Tansu waits it out whatever arrives): what an
-            # API write waits for its record once produced. Measured on loopback: 50 ms gave a
-            # customer create 27.5 ms (p50), 10 ms 10.5 ms, for 0.024 more cores while idle.
-            fetch_max_wait_ms=10,
+        self._journal.follow(self._kafka.control_topic, self)
+        self._task = asyncio.create_task(
+            while_leading(self._role, self._reading), name="control-applier"
         )
-        try:
-            async with asyncio.timeout(kafka.start_timeout_seconds):
-                await retrying(self._consumer.start)
-            self._consumer.assign([self._partition])
-            await self._seek_to_stored()
-            self._journal.follow(kafka.control_topic, self)
-        except BaseException:
-            await stop_within(self._consumer.stop, kafka.stop_timeout_seconds, "control consumer")
-            raise
-        self._task = asyncio.create_task(self._run(), name="control-applier")
         self._task.add_done_callback(_report_stop)
         return self
 
@@ -175,10 +162,27 @@ class ControlApplier:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._consumer is not None:
-            await stop_within(
-                self._consumer.stop, self._kafka.stop_timeout_seconds, "control consumer"
-            )
+
+    @asynccontextmanager
+    async def _reading(self) -> AsyncIterator[None]:
+        """Steps 2 to 4 while open (this core leads)."""
+        kafka = self._kafka
+        self._consumer = kafka.reader(
+            # How long a fetch waits for records (Tansu waits it out whatever arrives): what an
+            # API write waits for its record once produced. Measured on loopback: 50 ms gave a
+            # customer create 27.5 ms (p50), 10 ms 10.5 ms, for 0.024 more cores while idle.
+            fetch_max_wait_ms=10,
+        )
+        try:
+            async with asyncio.timeout(kafka.start_timeout_seconds):
+                await retrying(self._consumer.start)
+            self._consumer.assign([self._partition])
+            await self._seek_to_stored()
+            async with task_while_open("control-reading", self._run):
+                yield
+        finally:
+            await stop_within(self._consumer.stop, kafka.stop_timeout_seconds, "control consumer")
+            self._consumer = None
 
     async def _seek_to_stored(self) -> None:
         """Step 2."""

@@ -11,15 +11,22 @@ applies groups in the journal's order. The protocol:
    stored with it: `ConsumedBatch.positions`, `Live.advance`; the journal's start when none) to
    its end, and apply each entry as its topic's follower does (`Follower.replay`): the same
    records in the same order, the same dead rows left out, the same time. An entry of an older
-   epoch than one read before it is skipped (its writer had been replaced); one that does not
-   start where its partitions' applied offsets end is refused by the store and skipped, on
-   every core alike. (`_catch_up`)
-2. Draw this core's epoch: one more than the last entry's. (`_catch_up`)
-3. Append (a follower's live loop: `append`): under one lock, a group's ranges must start where
-   the last ranges appended or replayed for their partitions ended (else `OffsetGap`: the caller
-   reads again from the stored offsets). The entry (ranges in apply order, dead rows, time,
-   epoch) is produced and acknowledged, then the group's job is queued in the writer before the
-   lock is released: the writer applies groups in the journal's order.
+   epoch than one applied before it is skipped (its writer had been replaced); one that does
+   not start where its partitions' applied offsets end is refused by the store and skipped, on
+   every core alike. What is skipped depends on the journal alone: the greatest epoch applied
+   is stored with the position (`_positions`). (`_catch_up`)
+2. A core that leads draws its epoch: one more than the greatest applied. (`_catch_up`)
+3. Append (the leader's followers' live loops: `append`): under one lock, a group's ranges must
+   start where the last ranges appended or replayed for their partitions ended (else
+   `OffsetGap`: the caller reads again from the stored offsets). The entry (ranges in apply
+   order, dead rows, time, epoch) is produced and acknowledged; if it landed anywhere but at the
+   journal's end as this core knows it, another core appended meanwhile (this one was paused,
+   or lost the lease): nothing is queued, the journal is behind (step 1 next, which applies the
+   entry or skips it as every core does) and the caller gets `OffsetGap`; if any of those
+   entries has a later epoch than this core's, its writer drew it after this core did, and this
+   core stops leading (the lease hands it back if it still holds it). Else the group's job is
+   queued in the writer before the lock is released: the writer applies groups in the
+   journal's order.
 4. The caller answers (API writes, dead-letter counts) once the group has committed. A group
    that fails to apply (the disk, a closing store), or whose entry may or may not have been
    appended (no acknowledgement), marks the journal behind: the next append catches up first
@@ -28,9 +35,10 @@ applies groups in the journal's order. The protocol:
    ahead of what is stored (`Live.advance`; events: by the flush that stores them). A core
    killed anywhere resumes at step 1 from the last group stored; groups of writes applied after
    it are applied again, and their stored outcomes answer.
-6. A replica (`replica=True`) never appends: after step 1 it reads the journal on from its
-   position as entries come and applies each as step 1 does (`_tail`); a group that fails to
-   apply is read again from the stored position after a pause.
+6. A core that follows (`leadership`: another core leads) never appends: it reads the journal
+   on from its position as entries come and applies each as step 1 does (`_tail`); a group
+   that fails to apply is read again from the stored position after a pause. Once it leads,
+   its first append catches up first (step 1) and draws its epoch (step 2).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
@@ -47,7 +56,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from aggregator.errors import JournalLost, OffsetGap
+from aggregator.errors import JournalLost, NotLeading, OffsetGap
+from aggregator.intake.leadership import Role
 from aggregator.store import Job, Positions, Store
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 
@@ -153,17 +163,19 @@ class Journal:
     """Appends entries and catches up on them. An async context manager; `start` once every
     follower is registered (`follow`)."""
 
-    def __init__(self, store: Store, kafka: KafkaSettings, *, replica: bool = False) -> None:
+    def __init__(self, store: Store, kafka: KafkaSettings, role: Role) -> None:
         self._store = store
         self._kafka = kafka
-        self._replica = replica
+        self._role = role
         self._tail_task: asyncio.Task[None] | None = None
         self._partition = TopicPartition(kafka.journal_topic, 0)
         self._followers: dict[str, Follower] = {}
         self._lock = asyncio.Lock()
         self._started = asyncio.Event()
         self._behind = True
-        self._epoch = 0  # the last entry's, then this core's (step 2)
+        self._epoch = 0  # this core's, drawn when it leads (step 2)
+        self._seen = 0  # the greatest epoch of an entry applied: what an older one is skipped by
+        self._end: int | None = None  # the journal's end as this core knows it (step 3)
         self._next: dict[tuple[str, int], int] = {}  # per partition, where a group must start
         self._inflight: set[asyncio.Future[Any]] = set()
         self._producer: Any = None
@@ -174,7 +186,13 @@ class Journal:
 
     @property
     def epoch(self) -> int:
-        return self._epoch
+        return max(self._epoch, self._seen)
+
+    def claim(self) -> tuple[bool, int, int]:
+        """What this core claims the lease with (`leadership`): whether it leads, its epoch
+        and its position (-1: none)."""
+        position = self.position()
+        return self._role.leading, self.epoch, -1 if position is None else position
 
     def position(self) -> int | None:
         """The journal offset after the last group applied here (None: none)."""
@@ -226,38 +244,48 @@ class Journal:
         await self._started.wait()
 
     async def start(self) -> None:
-        """Steps 1 and 2, before any append; a replica's step 6 from then on."""
+        """Steps 1 and 2, before any append; step 6 whenever this core follows."""
         async with self._lock:
             await self._catch_up()
         self._started.set()
-        if self._replica:
-            self._tail_task = asyncio.create_task(self._tail(), name="journal-tail")
+        self._tail_task = asyncio.create_task(self._follow(), name="journal-tail")
+
+    async def _follow(self) -> None:
+        while True:
+            await self._role.until(False)
+            await self._tail()
 
     async def _tail(self) -> None:
-        """Step 6."""
+        """Step 6, until this core leads."""
         assert self._reader is not None
         reader, tp = self._reader, self._partition
-        reader.resume(tp)
-        reader.seek(tp, self.position() or 0)
+        async with self._lock:
+            self._behind = True  # step 1 before this core's first append
+            reader.resume(tp)
+            reader.seek(tp, self.position() or 0)
         while True:
-            fetched = await reader.getmany(tp, timeout_ms=100)
-            try:
-                for record in fetched.get(tp, []):
-                    async with self._lock:
+            # Under the lock: a core that has come to lead catches up on the same reader.
+            async with self._lock:
+                if self._role.leading:
+                    return
+                try:
+                    fetched = await reader.getmany(tp, timeout_ms=100)
+                    for record in fetched.get(tp, []):
                         await self._replay(record)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("applying the journal failed; reading it again")
-                await asyncio.sleep(RETRY_SECONDS)
-                reader.seek(tp, self.position() or 0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("applying the journal failed; reading it again")
+                    await asyncio.sleep(RETRY_SECONDS)
+                    reader.seek(tp, self.position() or 0)
 
     async def append(self, entry: Entry, queue: Callable[[Positions], Awaitable[T]]) -> T:
         """Step 3: append `entry`, then `queue` its group's job (with the positions to store
         with it) before any other entry is appended; the job's result once committed."""
-        assert not self._replica, "a replica never appends"
         await self._started.wait()
         async with self._lock:
+            if not self._role.leading:
+                raise NotLeading("this core follows the journal: another core appends to it")
             if self._behind:
                 await self._catch_up()
             for partition, first, _ in entry.ranges:
@@ -276,11 +304,19 @@ class Journal:
             except BaseException:
                 self._behind = True  # appended or not: step 1 finds out
                 raise
-            applied = asyncio.ensure_future(
-                queue(((self._kafka.journal_topic, 0, sent.offset + 1),))
-            )
+            if self._end is not None and sent.offset != self._end:
+                self._behind = True
+                rival = max(await self._epochs_between(self._end, sent.offset), default=-1)
+                if rival > entry.epoch:  # another core drew its epoch after this one did
+                    log.warning("the journal has entries of epoch %d: this core steps down", rival)
+                    self._role.set(False)
+                raise OffsetGap(f"journal entry {sent.offset} landed after another core's")
+            self._end = sent.offset + 1
+            applied = asyncio.ensure_future(queue(self._positions(sent.offset, entry.epoch)))
             self._inflight.add(applied)
             applied.add_done_callback(self._inflight.discard)
+            # Before a catch-up waiting for it reads on: what it skips depends on this.
+            applied.add_done_callback(partial(self._applied, entry.epoch))
             self._next.update(((entry.topic, p), n) for p, n in entry.next_offsets().items())
         try:
             return await applied
@@ -307,8 +343,8 @@ class Journal:
             # Idle between catch-ups: an assigned partition is fetched in the background.
             self._reader.pause(self._partition)
             self._ranges.release()
-        if not self._replica:  # a replica's is the entries' it reads (step 6)
-            self._epoch += 1
+        if self._role.leading:  # a follower only reads epochs (step 6)
+            self._epoch = max(self._epoch, self._seen) + 1
         self._behind = False
         if self.replayed or self.skipped:
             log.info(
@@ -333,18 +369,40 @@ class Journal:
         if start < beginning:  # retention took entries this core never applied
             log.error("journal entries %d..%d vanished unapplied; reading on", start, beginning - 1)
             start = beginning
-        if start == end and end > beginning:
-            # Nothing to apply: the last entry's epoch, read all the same (step 2).
-            reader.seek(tp, end - 1)
+        seen = self._store.applied_offsets(self._epochs).get(0)
+        if seen is not None:
+            self._seen = max(self._seen, seen)
+        elif beginning < start:
+            # A data dir of a version that stored no epoch: the last entry's it read.
+            reader.seek(tp, start - 1)
             with contextlib.suppress(ValueError):  # not an entry: skipped as any other reader does
                 last = await self._read_one(tp)
-                self._epoch = max(self._epoch, decode(last.value or b"").epoch)
+                self._seen = max(self._seen, decode(last.value or b"").epoch)
         reader.seek(tp, start)
         self._next.clear()
         while await reader.position(tp) < end:
             fetched = await reader.getmany(tp, timeout_ms=100)
             for record in fetched.get(tp, []):
                 await self._replay(record)
+        self._end = end
+
+    async def _epochs_between(self, first: int, end: int) -> list[int]:
+        """The epochs of the entries at offsets [first, end) (another core's, appended while
+        this one believed it led)."""
+        assert self._reader is not None
+        reader, tp = self._reader, self._partition
+        epochs: list[int] = []
+        reader.resume(tp)
+        reader.seek(tp, first)
+        try:
+            while await reader.position(tp) < end:
+                with contextlib.suppress(ValueError):  # not an entry: no epoch
+                    record = await self._read_one(tp)
+                    if record.offset < end:
+                        epochs.append(decode(record.value or b"").epoch)
+        finally:
+            reader.pause(tp)
+        return epochs
 
     async def _read_one(self, tp: TopicPartition) -> ConsumerRecord[bytes, bytes]:
         assert self._reader is not None
@@ -356,25 +414,39 @@ class Journal:
 
     async def _replay(self, record: ConsumerRecord[bytes, bytes]) -> None:
         assert self._ranges is not None
+        self._end = record.offset + 1
         try:
             entry = decode(record.value or b"")
         except ValueError as exc:
             return self._skip(record.offset, str(exc))
-        if entry.epoch < self._epoch:
-            return self._skip(record.offset, f"epoch {entry.epoch} after {self._epoch}")
-        self._epoch = entry.epoch
+        if entry.epoch < self._seen:
+            return self._skip(record.offset, f"epoch {entry.epoch} after {self._seen}")
         follower = self._followers.get(entry.topic)
         if follower is None:
             return self._skip(record.offset, f"no follower of {entry.topic}")
         async with asyncio.timeout(READ_SECONDS):
             records = await self._ranges.read(entry.topic, entry.ranges)
-        positions = ((self._kafka.journal_topic, 0, record.offset + 1),)
         try:
-            await follower.replay(entry, records, positions)
+            await follower.replay(entry, records, self._positions(record.offset, entry.epoch))
         except OffsetGap as exc:
             return self._skip(record.offset, str(exc))
+        self._seen = entry.epoch
         self._next.update(((entry.topic, p), n) for p, n in entry.next_offsets().items())
         self.replayed += 1
+
+    def _applied(self, epoch: int, job: asyncio.Future[Any]) -> None:
+        if not job.cancelled() and job.exception() is None:
+            self._seen = max(self._seen, epoch)
+
+    @property
+    def _epochs(self) -> str:
+        """Where the greatest epoch applied is stored, as a position of its own."""
+        return f"{self._kafka.journal_topic}#epoch"
+
+    def _positions(self, offset: int, epoch: int) -> Positions:
+        """What a group's job stores: the journal's position after the entry at `offset`, and
+        the epoch it applied (never less than the last: older entries are skipped)."""
+        return ((self._kafka.journal_topic, 0, offset + 1), (self._epochs, 0, epoch))
 
     def _skip(self, offset: int, why: str) -> None:
         self.skipped += 1

@@ -9,6 +9,10 @@ logged by a small writer job that also schedules the retry or ends the row. Priv
 loopback targets are refused unless allowed (`targets`: checked where each attempt connects,
 on the addresses it connects to). Of an answer, only the excerpt kept is read; an attempt
 ends within the timeout. Delivered rows and logs older than the retention are pruned.
+
+In Kafka mode only the core that leads (`intake.leadership`) delivers. A core that comes to
+lead delivers what its own outbox holds pending: deliveries the last leader made but this core
+never heard of are made again, under the same `webhook-id` (receivers dedupe by it).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Self
 
 import httpx
 
+from aggregator.intake.leadership import Role
 from aggregator.store import (
     Attempt,
     Due,
@@ -77,8 +82,11 @@ class WebhookSender:
         *,
         state_payload: StatePayload | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        role: Role | None = None,
     ) -> None:
+        """`role`: delivers only while this core leads (None: always)."""
         self._store = store
+        self._role = role
         self._settings = settings
         self._state_payload = state_payload
         self._states_at = NEVER
@@ -137,6 +145,8 @@ class WebhookSender:
 
     async def _run(self) -> None:
         while True:
+            if self._role is not None:
+                await self._role.until(True)
             try:
                 await self._round()
             except asyncio.CancelledError:

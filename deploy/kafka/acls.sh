@@ -21,7 +21,7 @@
 #   BOOTSTRAP=kafka:9093 ADMIN_CONFIG=admin.properties \
 #     TRUSTED_PRODUCERS="User:billing-exporter User:batch-loader" sh deploy/kafka/acls.sh
 # The names below are meterline's defaults (`--topic`, `--dead-letter-topic`,
-# `--consumer-group`; the control and journal topics are named after the events topic); pass
+# `--consumer-group`; the control, journal and lease topics are named after the events topic); pass
 # the same values if the core runs with others.
 set -eu
 
@@ -32,6 +32,7 @@ TOPIC="${TOPIC:-meterline.events}"
 DEAD_LETTER_TOPIC="${DEAD_LETTER_TOPIC:-meterline.events.dead}"
 CONTROL_TOPIC="$TOPIC.control"
 JOURNAL_TOPIC="$TOPIC.journal"
+LEASE_TOPIC="$TOPIC.lease"
 CONSUMER_GROUP="${CONSUMER_GROUP:-meterline-core}"
 EDGE_PRINCIPAL="${EDGE_PRINCIPAL:-User:meterline-edge}"
 CORE_PRINCIPAL="${CORE_PRINCIPAL:-User:meterline-core}"
@@ -54,14 +55,18 @@ for principal in "$EDGE_PRINCIPAL" "$CORE_PRINCIPAL"; do
         --operation Read --topic "$CONTROL_TOPIC"
     acl --allow-principal "$principal" --operation Create --operation Describe \
         --topic "$JOURNAL_TOPIC"
+    acl --allow-principal "$principal" --operation Create --operation Describe \
+        --topic "$LEASE_TOPIC"
     # The idempotent producer (on unless --no-idempotence).
     acl --allow-principal "$principal" --operation IdempotentWrite --cluster
 done
 
-# The core: the one reader of the events topic, in its consumer group; it writes dead letters
-# and reads them back (GET /v1/dead-letters/, without a group).
+# The cores: the one that leads (the member of their consumer group holding the lease topic's
+# partition) reads the events topic; it writes dead letters and reads them back
+# (GET /v1/dead-letters/, without a group).
 acl --allow-principal "$CORE_PRINCIPAL" --operation Read --topic "$TOPIC"
 acl --allow-principal "$CORE_PRINCIPAL" --operation Read --group "$CONSUMER_GROUP"
+acl --allow-principal "$CORE_PRINCIPAL" --operation Read --topic "$LEASE_TOPIC"
 acl --allow-principal "$CORE_PRINCIPAL" --operation Write --operation Read \
     --topic "$DEAD_LETTER_TOPIC"
 # ... and the one writer of API write records (`meterline token create --kafka` runs as it) and

@@ -1,7 +1,10 @@
 """The journal (`aggregator.intake.journal`): entries appended in one order are applied in that
 order by a core that catches up from an empty store; stale epochs, entries that are not entries
 and groups that do not chain are skipped or refused; a group that failed to apply is applied
-again from the journal before the next append."""
+again from the journal before the next append. Two cores that both believe they lead (one
+paused past its lease) apply one order: an entry that lands after another core's is not
+applied until its core has caught up, and a core that follows applies the leader's entries as
+they come, then leads from there."""
 
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from aggregator.errors import JournalLost, OffsetGap
+from aggregator.errors import JournalLost, NotLeading, OffsetGap
 from aggregator.intake.journal import Entry, Journal, Records, decode, encode
+from aggregator.intake.leadership import Role
 from aggregator.store import Positions, Store
 from ingest.kafka import KafkaSettings
 from tests.processes import Broker
@@ -83,7 +87,10 @@ def test_a_core_from_an_empty_store_applies_the_journal_in_its_order(tmp_path: P
 
 
 async def _scenario(tmp_path: Path, kafka: KafkaSettings) -> None:
-    async with Store(tmp_path / "first.duckdb") as store, Journal(store, kafka) as journal:
+    async with (
+        Store(tmp_path / "first.duckdb") as store,
+        Journal(store, kafka, Role(True)) as journal,
+    ):
         first = Recorder(store)
         journal.follow(kafka.topic, first)
         await journal.start()
@@ -120,7 +127,10 @@ async def _scenario(tmp_path: Path, kafka: KafkaSettings) -> None:
     stale = encode(Entry(kafka.topic, ((0, 5, 6),), 9, epoch=1))
     await _produce(kafka.bootstrap, kafka.journal_topic, [b"not an entry", stale])
 
-    async with Store(tmp_path / "second.duckdb") as store, Journal(store, kafka) as journal:
+    async with (
+        Store(tmp_path / "second.duckdb") as store,
+        Journal(store, kafka, Role(True)) as journal,
+    ):
         second = Recorder(store)
         journal.follow(kafka.topic, second)
         await journal.start()
@@ -134,10 +144,113 @@ async def _scenario(tmp_path: Path, kafka: KafkaSettings) -> None:
         assert journal.epoch == 4
 
     # A data dir that applied more of the journal than the topic holds (recreated): refused.
-    async with Store(tmp_path / "third.duckdb") as store, Journal(store, kafka) as journal:
+    async with (
+        Store(tmp_path / "third.duckdb") as store,
+        Journal(store, kafka, Role(True)) as journal,
+    ):
         await store.queued(_advance(((kafka.journal_topic, 0, 100),)))
         with pytest.raises(JournalLost, match="recreated or truncated"):
             await journal.start()
+
+
+def test_two_cores_that_both_lead_apply_one_order(tmp_path: Path) -> None:
+    with Broker() as broker:
+        kafka = KafkaSettings(broker.bootstrap, partitions=1, idempotence=False)
+        asyncio.run(_two_leaders(tmp_path, kafka))
+
+
+async def _two_leaders(tmp_path: Path, kafka: KafkaSettings) -> None:
+    roles = (Role(True), Role(True))
+    async with (
+        Store(tmp_path / "a.duckdb") as a_store,
+        Journal(a_store, kafka, roles[0]) as a,
+        Store(tmp_path / "b.duckdb") as b_store,
+        Journal(b_store, kafka, roles[1]) as b,
+    ):
+        recorders = (Recorder(a_store), Recorder(b_store))
+        for journal, recorder in zip((a, b), recorders, strict=True):
+            journal.follow(kafka.topic, recorder)
+            await journal.start()
+        await _produce(kafka.bootstrap, kafka.topic, [b"a", b"b", b"c", b"d"])
+
+        async def append(journal: Journal, recorder: Recorder, first: int, end: int) -> None:
+            entry = Entry(kafka.topic, ((0, first, end),), 1_000 + first)
+            await journal.append(entry, lambda positions: recorder.queue(entry, [], positions))
+
+        await append(a, recorders[0], 0, 2)
+        # b read the same records and appends them too: its entry lands after a's, so b
+        # applies nothing, and catches up before its next append (a's entry, then its own,
+        # refused by the store as every core refuses it), drawing a later epoch.
+        with pytest.raises(OffsetGap, match="after another core's"):
+            await append(b, recorders[1], 0, 2)
+        assert recorders[1].seen == [] and roles[1].leading  # the same epoch as a's: it leads
+        with pytest.raises(OffsetGap):  # read before the catch-up: read again
+            await append(b, recorders[1], 0, 2)
+        await append(b, recorders[1], 2, 3)
+        assert b.epoch > a.epoch
+        # a's next entry lands after b's, of a later epoch: a steps down...
+        with pytest.raises(OffsetGap, match="after another core's"):
+            await append(a, recorders[0], 2, 3)
+        assert not roles[0].leading
+        # b's next entry lands after a's (skipped by all: an older epoch after a later one),
+        # and is applied by the catch-up before b's next append.
+        with pytest.raises(OffsetGap, match="after another core's"):
+            await append(b, recorders[1], 3, 4)
+        with pytest.raises(OffsetGap):
+            await append(b, recorders[1], 3, 4)
+        # ... and follows: it applies b's entries as they come, and never appends.
+        await _until(lambda: a.position() == b.position())
+        with pytest.raises(NotLeading):
+            await append(a, recorders[0], 4, 4)
+        # Leading again (the lease moved), a catches up first: its entries count (below).
+        roles[1].set(False)
+        roles[0].set(True)
+        await _produce(kafka.bootstrap, kafka.topic, [b"e"])
+        await append(a, recorders[0], 4, 5)
+        applied = [ranges for ranges, _, _ in recorders[0].seen]
+        await _until(lambda: b.position() == a.position())
+        assert [ranges for ranges, _, _ in recorders[1].seen] == applied
+    # One order: a third core from an empty store applies what each of them applied.
+    async with Store(tmp_path / "c.duckdb") as store, Journal(store, kafka, Role(False)) as c:
+        third = Recorder(store)
+        c.follow(kafka.topic, third)
+        await c.start()
+        assert [ranges for ranges, _, _ in third.seen] == applied
+        assert applied == [((0, 0, 2),), ((0, 2, 3),), ((0, 3, 4),), ((0, 4, 5),)]
+
+
+async def _until(predicate: Any) -> None:
+    for _ in range(200):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("not within 10 s")
+
+
+def test_a_data_dir_that_stored_no_epoch_skips_as_the_others_do(tmp_path: Path) -> None:
+    """The previous main stored the journal's position, not the greatest epoch applied: such a
+    data dir takes the epoch of the last entry it read, and skips an older one after it."""
+    with Broker() as broker:
+        kafka = KafkaSettings(broker.bootstrap, partitions=1, idempotence=False)
+        asyncio.run(_without_epoch(tmp_path, kafka))
+
+
+async def _without_epoch(tmp_path: Path, kafka: KafkaSettings) -> None:
+    await _produce(kafka.bootstrap, kafka.topic, [b"a", b"b"])
+    entries = [Entry(kafka.topic, ((0, 0, 1),), 1, epoch=1), Entry(kafka.topic, ((0, 1, 2),), 2, 3)]
+    stale = Entry(kafka.topic, ((0, 2, 2),), 3, epoch=2)
+    await _produce(kafka.bootstrap, kafka.journal_topic, [encode(e) for e in (*entries, stale)])
+    async with Store(tmp_path / "old.duckdb") as store:
+        # As the previous main left it: both entries applied, their position stored alone.
+        await store.queued(_advance(((kafka.topic, 0, 2), (kafka.journal_topic, 0, 2))))
+    async with (
+        Store(tmp_path / "old.duckdb") as store,
+        Journal(store, kafka, Role(False)) as journal,
+    ):
+        recorder = Recorder(store)
+        journal.follow(kafka.topic, recorder)
+        await journal.start()
+        assert (recorder.seen, journal.skipped, journal.epoch) == ([], 1, 3)
 
 
 def _advance(positions: Positions) -> Any:

@@ -1,0 +1,233 @@
+"""Which core leads: the one Kafka's group coordinator gives the lease topic's one partition.
+
+The leader alone reads the events and control topics and appends the journal's groups, runs
+the timers that append groups (backfill steps, plan cycles) and delivers webhooks; every other
+core follows the journal (`journal`, step 6). The protocol:
+
+1. Every core in Kafka mode but replicas joins the core's consumer group on `<topic>.lease` (one
+   partition, no records). Each member's claim goes with its join: whether it leads, its
+   journal epoch and position. The partition goes to the strongest claim (`_LeaseAssignor`):
+   a leader stays leader as cores join and leave; of two that both believe they lead (one
+   paused past its session, then resumed), the one of the later epoch; else the core furthest
+   along the journal. (`Lease`)
+2. The core assigned the partition leads; one a rebalance leaves without it follows. A
+   revocation alone changes nothing: every rebalance revokes before it assigns, and the holder
+   is assigned the partition again.
+3. A leader killed, paused or cut off past the session timeout loses the partition to another
+   member, which catches up on the journal and leads from there.
+4. Leading is a hint, never a guarantee: a paused leader resumes believing it leads until the
+   group tells it otherwise. What it appends counts only where the journal takes it: an entry
+   that does not land where this core expected the journal's end makes it catch up first, or
+   step down when another core drew a later epoch (`Journal.append`), and one of an older
+   epoch than an entry applied before it is skipped by every core.
+5. The group has the last word: a core whose role has disagreed with its assignment for a
+   session timeout takes the assignment's (one that stepped down but still holds the lease
+   leads again). (`_poll`)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.cluster import ClusterMetadata
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.protocol import (
+    ConsumerProtocolMemberAssignment,
+    ConsumerProtocolMemberMetadata,
+)
+
+from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+
+log = logging.getLogger(__name__)
+
+
+class Role:
+    """Whether this core leads now (a port: the lease sets it, the leader's work waits on it).
+    Embedded, a core always leads."""
+
+    def __init__(self, leading: bool = False) -> None:
+        self._leading = leading
+        self._changed = asyncio.Event()
+
+    @property
+    def leading(self) -> bool:
+        return self._leading
+
+    def set(self, leading: bool) -> None:
+        if leading != self._leading:
+            self._leading = leading
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def until(self, leading: bool) -> None:
+        """Returns once this core leads (`leading`) or follows."""
+        while self._leading != leading:
+            await self._changed.wait()
+
+
+async def while_leading(
+    role: Role, lead: Callable[[], AbstractAsyncContextManager[Any]], retry_seconds: float = 1.0
+) -> None:
+    """Hold `lead()` open while this core leads: closed when it stops leading, opened again
+    when it leads again, and after a pause when it fails. Runs until cancelled."""
+    while True:
+        await role.until(True)
+        try:
+            async with lead():
+                await role.until(False)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the leader's work failed to start or stop; starting it again")
+            await asyncio.sleep(retry_seconds)
+
+
+@contextlib.asynccontextmanager
+async def task_while_open(name: str, run: Callable[[], Any]) -> AsyncIterator[None]:
+    """`run()` as a task while the context is open; cancelled and awaited at its end."""
+    task = asyncio.create_task(run(), name=name)
+    task.add_done_callback(_report_failure)
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _report_failure(task: asyncio.Task[Any]) -> None:
+    """A leader's task only ends when cancelled; anything else stops its work silently."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("%s stopped", task.get_name(), exc_info=task.exception())
+
+
+class Lease:
+    """Steps 1 to 3: an async context manager holding this core's membership; `role` says
+    whether it leads."""
+
+    POLL_MS = 1000  # the member polls (an empty topic) to stay in the group
+
+    def __init__(self, kafka: KafkaSettings, role: Role, claim: Callable[[], Claim]) -> None:
+        """`claim`: this core's, as of its next join (`Journal.claim`)."""
+        self._kafka = kafka
+        self.role = role
+        self._assignor = _LeaseAssignor(claim)
+        self._member: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        kafka = self._kafka
+        await ensure_topics(kafka)
+        session_ms = round(kafka.session_timeout_seconds * 1000)
+        self._member = AIOKafkaConsumer(
+            bootstrap_servers=kafka.bootstrap,
+            group_id=kafka.consumer_group,
+            enable_auto_commit=False,
+            session_timeout_ms=session_ms,
+            heartbeat_interval_ms=session_ms // 3,
+            partition_assignment_strategy=(self._assignor,),
+        )
+        self._member.subscribe([kafka.lease_topic], listener=_Assigned(self.role))
+        try:
+            async with asyncio.timeout(kafka.start_timeout_seconds):
+                await retrying(self._member.start)
+        except BaseException:
+            await stop_within(self._member.stop, kafka.stop_timeout_seconds, "lease member")
+            raise
+        self._task = asyncio.create_task(self._poll(), name="lease")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._member is not None:  # leaving the group hands the lease on at once
+            await stop_within(self._member.stop, self._kafka.stop_timeout_seconds, "lease member")
+        self.role.set(False)
+
+    async def _poll(self) -> None:
+        assert self._member is not None
+        member, role = self._member, self.role
+        agreed = time.monotonic()
+        while True:
+            held = bool(member.assignment())
+            if held == role.leading:
+                agreed = time.monotonic()
+            elif time.monotonic() - agreed >= self._kafka.session_timeout_seconds:
+                log.warning("this core %s, as the group says", "leads" if held else "follows")
+                role.set(held)
+            try:
+                await member.getmany(timeout_ms=self.POLL_MS)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the lease member's poll failed; polling again")
+                await asyncio.sleep(1)
+
+
+Claim = tuple[bool, int, int]  # leading, the journal's epoch, its position (-1: none)
+
+
+class _LeaseAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
+    """Step 1: the lease to the strongest claim (ties: the lowest member id)."""
+
+    name = "meterline-lease"
+    version = 0
+
+    def __init__(self, claim: Callable[[], Claim]) -> None:
+        self._claim = claim
+
+    def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
+        leading, epoch, position = self._claim()
+        claim = f"{int(leading)} {epoch} {position}".encode()
+        return ConsumerProtocolMemberMetadata(self.version, list(topics), claim)
+
+    def assign(
+        self, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
+    ) -> dict[str, ConsumerProtocolMemberAssignment]:
+        def strength(member: str) -> tuple[int, ...]:
+            try:
+                return tuple(int(v) for v in members[member].user_data.split())
+            except (TypeError, ValueError):  # no claim: the weakest
+                return (-1,)
+
+        holder = max(sorted(members), key=strength)  # max keeps the first of equals
+        return {
+            member: ConsumerProtocolMemberAssignment(
+                self.version,
+                sorted((topic, [0]) for topic in members[member].subscription if member == holder),
+                b"",
+            )
+            for member in members
+        }
+
+    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
+        pass
+
+
+class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Step 2."""
+
+    def __init__(self, role: Role) -> None:
+        self._role = role
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        leading = bool(assigned)
+        if leading != self._role.leading:
+            log.warning("this core %s", "leads" if leading else "follows the leader")
+        self._role.set(leading)

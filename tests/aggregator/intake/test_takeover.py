@@ -1,0 +1,195 @@
+"""Two cores in Kafka mode (real processes, one broker): the first to start leads, the second
+stands by, applying the journal. Killed (SIGKILL), the leader is replaced: the second leads
+within 15 s of the kill, answering writes and applying events from the edge, while every
+balance read sent to it during the takeover was answered. The first, restarted on its data
+dir, follows and reaches the same digest. Then the new leader is paused (SIGSTOP) past its
+session timeout: the first takes over, and once resumed the paused one writes nothing that
+counts (the digests agree again). Alerts reach a webhook receiver under one `webhook-id` per
+crossing, whichever core delivered them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.aggregator.intake.test_control_topic import Workload, _caught_up, _ok, _settled
+from tests.aggregator.upstream.webhook_receiver import Receiver
+from tests.pipeline import Pipeline
+from tests.processes import MeterlineServer, wait_until
+
+pytestmark = pytest.mark.slow
+
+TAKEOVER_SECONDS = 15.0
+LEADS = "this core leads"
+
+
+def _leads(core: MeterlineServer, since: int = 0) -> bool:
+    return any(LEADS in line for line in core.output[since:])
+
+
+def _stopped_leading(core: MeterlineServer, since: int) -> bool:
+    """It found a later leader's entries in the journal, or the group said so."""
+    said = ("this core steps down", "this core follows")
+    return any(s in line for line in core.output[since:] for s in said)
+
+
+class _Checks:
+    """A client reading a customer meter every 50 ms from one core, in a thread."""
+
+    def __init__(self, core: MeterlineServer, token: str, path: str) -> None:
+        self.answered = self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(core, token, path), daemon=True)
+
+    def _run(self, core: MeterlineServer, token: str, path: str) -> None:
+        with core.client(token) as client:
+            while not self._stop.is_set():
+                try:
+                    ok = client.get(path, timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.answered += ok
+                self.failed += not ok
+                time.sleep(0.05)
+
+    def __enter__(self) -> _Checks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def _write_answered_within(client: httpx.Client, seconds: float) -> float:
+    """Seconds until a write (a customer create) is answered, sent again with its request
+    id after a 504 (logged, not yet applied)."""
+    started = time.monotonic()
+    key = f"takeover-{started}"
+    while time.monotonic() - started < seconds:
+        answer = client.post(
+            "/v1/customers/",
+            json={"email": f"{key}@example.com"},
+            headers={"Idempotency-Key": key},
+            timeout=seconds,
+        )
+        if answer.status_code == 201:
+            return time.monotonic() - started
+        assert answer.status_code == 504, answer.text
+    raise AssertionError(f"no write answered within {seconds} s")
+
+
+def _deliveries(receiver: Receiver) -> dict[str, set[bytes]]:
+    by_id: dict[str, set[bytes]] = {}
+    for r in receiver.received:
+        by_id.setdefault(r.headers["webhook-id"], set()).add(r.body)
+    return by_id
+
+
+def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
+    workload = Workload(7)
+    args = ("--allow-private-webhooks",)
+    with (
+        Pipeline(tmp_path / "a", edges=1, core_args=args, processes=True) as pipeline,
+        Receiver() as receiver,
+    ):
+        first = pipeline.core
+        assert isinstance(first, MeterlineServer)
+        wait_until(lambda: _leads(first), 30)
+        secret = tmp_path / "cluster.secret"
+        shutil.copy(pipeline.data_dir / "secret.key", secret)
+        standby_args = (*pipeline.args(), *args, "--secret-file", str(secret))
+        second = MeterlineServer(tmp_path / "b", *standby_args, command="core").start()
+        token = pipeline.token()
+        try:
+            with (
+                first.client(token) as a,
+                second.client(token) as b,
+                pipeline.edges[0].client(token) as edge,
+            ):
+                workload.step(a, edge)  # a meter
+                meter = workload.meters[0]
+                hook = {"url": receiver.url, "format": "raw", "events": ["meter.alert"]}
+                _ok(b.post("/v1/webhooks/endpoints", json=hook))
+                alert = {
+                    "meter_id": meter,
+                    "metric": "consumed_units",
+                    "operator": "gte",
+                    "threshold": 1,
+                    "external_id": "crossed",
+                }
+                _ok(b.post("/v1/meter-alerts/", json=alert))
+                # The customers events name, before any event: each crosses the threshold
+                # with an event (one made later would not: no event takes it across).
+                for i in range(4):
+                    body = {"email": f"user-{i}@example.com", "external_id": f"user-{i}"}
+                    _ok(a.post("/v1/customers/", json=body))
+                for _ in range(15):
+                    workload.step(a, edge)
+                assert not _leads(second)  # it stands by (says so when it leads)
+                check = f"/v1/customer-meters/?meter_id={meter}&limit=10"
+                # 1. The leader killed: the standby leads, answers writes, applies events.
+                with _Checks(second, token, check) as checks:
+                    time.sleep(1)
+                    first.kill()
+                    killed = time.monotonic()
+                    took = _write_answered_within(b, TAKEOVER_SECONDS + 5)
+                    assert _leads(second)
+                    assert took <= TAKEOVER_SECONDS, took
+                    for _ in range(10):
+                        workload.step(b, edge)
+                    time.sleep(1)
+                assert checks.failed == 0 and checks.answered > 0, vars(checks)
+                print(f"takeover: writes answered {took:.1f} s after the kill")
+                assert time.monotonic() - killed < 60
+                # 2. The first, restarted on its data dir, follows (the lease stays put).
+                first = MeterlineServer(
+                    tmp_path / "a", *pipeline.args(), *args, command="core"
+                ).start()
+                pipeline.core = first
+                with first.client(token) as a_again:
+                    reached, _ = _settled(b)
+                    wait_until(lambda: _caught_up(a_again, reached), 60)
+                    assert _ok(a_again.get("/v1/cluster/digest")) == reached
+                    assert not _leads(first)
+                    # 3. The leader paused past its session timeout: the first takes over;
+                    # resumed, the paused one writes nothing that counts.
+                    since = len(second.output)
+                    paused = second.pid
+                    os.kill(paused, signal.SIGSTOP)
+                    try:
+                        took = _write_answered_within(a_again, TAKEOVER_SECONDS + 5)
+                    finally:
+                        os.kill(paused, signal.SIGCONT)
+                    assert took <= TAKEOVER_SECONDS, took
+                    for _ in range(10):
+                        workload.step(a_again, edge)
+                    wait_until(lambda: _stopped_leading(second, since), 30)
+                    reached, _ = _settled(a_again)
+                    wait_until(lambda: _caught_up(b, reached), 60)
+                    assert _ok(b.get("/v1/cluster/digest")) == reached
+                    crossed = [
+                        item
+                        for item in _ok(b.get(check.replace("limit=10", "limit=100")))["items"]
+                        if item["meter_id"] == meter and item["consumed_units"] >= 1
+                    ]
+        finally:
+            second.__exit__(None, None, None)
+        # Every crossing delivered, each under one webhook-id (the same whichever core sent it).
+        wait_until(lambda: len(_deliveries(receiver)) >= len(crossed), 30)
+        deliveries = _deliveries(receiver)
+        assert all(len(bodies) == 1 for bodies in deliveries.values()), deliveries
+        customers = {
+            orjson.loads(next(iter(b)))["data"]["customer_meter"]["customer_id"]
+            for b in deliveries.values()
+        }
+        assert customers == {item["customer_id"] for item in crossed}
+        assert len(deliveries) == len(crossed)
