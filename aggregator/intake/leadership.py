@@ -135,12 +135,8 @@ class Lease:
             partition_assignment_strategy=(self._assignor,),
         )
         self._member.subscribe([kafka.lease_topic], listener=_Assigned(self.role))
-        try:
-            async with asyncio.timeout(kafka.start_timeout_seconds):
-                await retrying(self._member.start)
-        except BaseException:
-            await stop_within(self._member.stop, kafka.stop_timeout_seconds, "lease member")
-            raise
+        # Joined in the background: a member's start waits for its first assignment, which
+        # waits out a killed predecessor's session; the core serves reads meanwhile.
         self._task = asyncio.create_task(self._poll(), name="lease")
         return self
 
@@ -160,6 +156,7 @@ class Lease:
     async def _poll(self) -> None:
         assert self._member is not None
         member, role = self._member, self.role
+        await retrying(member.start)
         agreed = time.monotonic()
         while True:
             held = bool(member.assignment())

@@ -108,6 +108,11 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
                 "external_id": "delivered",
             }
             _ok(core.post("/v1/meter-alerts/", json=alert))
+            # The customers events name, before any event: an event of theirs crosses the
+            # threshold (one made after its usage would not fire: no event takes it across).
+            for i in range(4):
+                body = {"email": f"user-{i}@example.com", "external_id": f"user-{i}"}
+                _ok(core.post("/v1/customers/", json=body))
             for _ in range(40):  # API writes to either, answered once applied
                 workload.step(choose.choice([core, through_replica]), edge)
             # A plan whose second boundary comes a few seconds on: the core's plan cycler
