@@ -45,6 +45,7 @@ from benchmarks import (
     meter_heavy,
     meters,
     sdk,
+    takeover,
     validation,
 )
 
@@ -86,6 +87,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "isolation": Benchmark(isolation, 120, 25),
     "meter_heavy": Benchmark(meter_heavy, 540, 60),
     "api_writes": Benchmark(api_writes, 420, 60),
+    "takeover": Benchmark(takeover, 300, 100),
 }
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
 _OPS = {">=": "≥", "<=": "≤", "==": "="}
