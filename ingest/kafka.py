@@ -39,9 +39,11 @@ class KafkaSettings:
     stop_timeout_seconds: float = 10.0
     send_timeout_seconds: float = 30.0
     consumer_group: str = "meterline-core"
-    # How long the group waits for a silent member (a core killed, paused or cut off) before
-    # its partitions go to another; a killed core restarted sooner waits out the rest of it.
-    session_timeout_seconds: float = 10.0
+    # How long the cores' group waits for a silent leader (killed, paused or cut off) before
+    # another core leads; a killed core restarted sooner waits out the rest of it. 6 s is
+    # Kafka's least by default (group.min.session.timeout.ms); at 10 s a standby answered a
+    # write 16.2 s after the leader's kill (benchmarks/takeover.py).
+    session_timeout_seconds: float = 6.0
 
     @property
     def control_topic(self) -> str:
