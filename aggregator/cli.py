@@ -39,6 +39,7 @@ from starlette.applications import Starlette
 
 from aggregator.auth import TokenRegistry, cluster_secret
 from aggregator.backfill import Backfiller
+from aggregator.backup import Backups, BackupSettings, restore
 from aggregator.commands import dead_letters as dead_letter_commands
 from aggregator.commands import ingest_log as ingest_log_commands
 from aggregator.commands import meters as meter_commands
@@ -164,6 +165,27 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             default=CoreSettings().stream_heartbeat_seconds,
             help="seconds without an event before GET /v1/customer-meters/stream sends a"
             " heartbeat (keep it below the idle timeouts of proxies in front)",
+        )
+        backups = parser.add_argument_group("snapshots (restore one with `meterline restore`)")
+        backups.add_argument(
+            "--backup-to",
+            type=Path,
+            metavar="DIR",
+            help="write a snapshot of the data dir into DIR while serving, every"
+            " --backup-every-seconds (it holds the data dir's secret.key, if any: keep DIR as"
+            " private as the data dir)",
+        )
+        backups.add_argument(
+            "--backup-every-seconds",
+            type=float,
+            default=BackupSettings(Path()).every_seconds,
+            help="seconds between two snapshots",
+        )
+        backups.add_argument(
+            "--backups-kept",
+            type=int,
+            default=BackupSettings(Path()).kept,
+            help="snapshots kept (the newest)",
         )
         _quotas(parser.add_argument_group("per organization (409 LimitReached past each)"))
         upstream_cli.arguments(parser.add_argument_group("forwarding upstream"))
@@ -350,7 +372,27 @@ def _parser() -> argparse.ArgumentParser:
     upstream_cli.commands(commands)
     dead_letter_commands.commands(commands)
     ingest_log_commands.commands(commands)
+    restoring = command(
+        commands, "restore", "make a data dir from a snapshot (written by --backup-to)"
+    )
+    restoring.add_argument(
+        "--from",
+        dest="snapshot",
+        type=Path,
+        required=True,
+        help="a snapshot's folder, or the --backup-to folder (its newest snapshot)",
+    )
+    data_dir_option(restoring)
     return parser
+
+
+def _restore_command(args: argparse.Namespace) -> int:
+    manifest = restore(args.snapshot, args.data_dir)
+    print(f"restored {manifest['snapshot']} (taken {manifest['created_at']}) into {args.data_dir}")
+    for topic, positions in sorted(manifest["covers"].items()):
+        print(f"  covers {topic}: {', '.join(f'{p}:{o}' for p, o in sorted(positions.items()))}")
+    print("a core started on it applies only what the log holds after these")
+    return 0
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -375,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             return dead_letter_commands.run(args)
         if args.command == "ingest-log":
             return ingest_log_commands.run(args)
+        if args.command == "restore":
+            return _restore_command(args)
         return _serve_command(args)
     except UsageError as exc:
         print(f"meterline: {exc}", file=sys.stderr)
@@ -416,6 +460,9 @@ def settings_of(
             args, "stream_heartbeat_seconds", defaults.stream_heartbeat_seconds
         ),
         replica=getattr(args, "replica", False),
+        backups=None
+        if getattr(args, "backup_to", None) is None
+        else BackupSettings(args.backup_to, args.backup_every_seconds, args.backups_kept),
         quotas=TenantLimits(
             **{
                 field: getattr(args, f"quota_{field}", getattr(defaults.quotas, field))
@@ -602,6 +649,8 @@ async def serve(
                 exporter = await stack.enter_async_context(
                     TokenExporter(registry, view, kafka, sealer)
                 )
+            if settings.backups is not None:
+                await stack.enter_async_context(Backups(store, settings.data_dir, settings.backups))
             validation = await stack.enter_async_context(
                 ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)
             )

@@ -44,6 +44,7 @@ from aggregator.api.openapi import Operation, declared
 from aggregator.api.openapi_routes import HealthShape, StorageHealthShape
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
+from aggregator.backup import BackupSettings
 from aggregator.commands.common import version
 from aggregator.console import routes as console_routes
 from aggregator.errors import (
@@ -119,6 +120,8 @@ class CoreSettings:
     # Kafka mode: never lead (`intake.leadership`): apply the leader's journal, with no side
     # effects of its own (cli --replica).
     replica: bool = False
+    # Snapshots of the data dir written while serving (`backup`; cli --backup-to).
+    backups: BackupSettings | None = None
 
     @property
     def database(self) -> Path:

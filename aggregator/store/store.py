@@ -17,6 +17,7 @@ between was committed before, so a fresh statement sees it.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -344,6 +345,41 @@ class Store:
         except TimeoutError:
             raise QueryTimeout(self._read_timeout) from None
         return await self.read_now(fn, *args, **kwargs)
+
+    async def snapshot(self, target: Path) -> dict[str, dict[int, int]]:
+        """A consistent copy of the database in the new file `target`, taken while writes go
+        on: once every event applied so far is stored, one read transaction copies every table,
+        on a cursor and thread of its own (a copy may outlast the read timeout). What it covers:
+        the stored positions, per topic and partition."""
+        assert self._flusher is not None and self._con is not None, "store is not open"
+        await self._flusher.barrier()
+        con = self._con
+        quoted = str(target).replace("'", "''")
+
+        def copy() -> dict[str, dict[int, int]]:
+            cursor = con.cursor()
+            try:
+                name = cursor.execute("SELECT current_database()").fetchall()[0][0]
+                cursor.execute("BEGIN TRANSACTION")
+                cursor.execute(f"ATTACH '{quoted}' AS meterline_snapshot")
+                cursor.execute(f'COPY FROM DATABASE "{name}" TO meterline_snapshot')
+                covered: dict[str, dict[int, int]] = {}
+                for topic, partition, offset in cursor.execute(
+                    "SELECT topic, partition, next_offset FROM kafka_offsets"
+                ).fetchall():
+                    covered.setdefault(topic, {})[int(partition)] = int(offset)
+                cursor.execute("COMMIT")
+                return covered
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    cursor.execute("ROLLBACK")
+                raise
+            finally:
+                with contextlib.suppress(duckdb.Error):
+                    cursor.execute("DETACH DATABASE IF EXISTS meterline_snapshot")
+                cursor.close()
+
+        return await asyncio.to_thread(copy)
 
     async def read_now(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`read` without waiting for applied events to be stored: for what ingest never

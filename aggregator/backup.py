@@ -1,0 +1,169 @@
+"""Snapshots of a core's data dir, taken while it serves, and a data dir restored from one.
+
+The protocol:
+
+1. Every `every_seconds`, from start, a snapshot is written to `<to>/<UTC time>/`, through a
+   folder renamed once complete (a snapshot seen is whole):
+   - `meterline.duckdb`: a copy taken in one read transaction once every event applied so far
+     is stored (`Store.snapshot`), with the positions it covers (the journal's, the topics');
+   - the ingest log (embedded mode): its witness of how far it was acknowledged, then its
+     segments, so that what the log acknowledged after the copy is in it, applied at start
+     (a segment pruned meanwhile: the snapshot is taken again);
+   - `auth.sqlite3` (organizations, tokens, customer sessions), copied after the database:
+     what it holds beyond it is kept again, alike, when the log is applied; `secret.key` if
+     the data dir holds it;
+   - `manifest.json`: when, the positions covered, the files' sizes.
+2. Only the newest `kept` snapshots stay.
+3. `restore` copies a snapshot into an empty data dir. A core started on it applies what the
+   log holds after the positions covered (Kafka mode: the journal from its offset, a replica
+   converging on the others), so that a lost disk costs the log's replay only. Embedded, the
+   ingest log is the only log: what it acknowledged after the snapshot is lost with the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import orjson
+
+from aggregator.auth import SECRET_FILE
+from aggregator.errors import UsageError
+from aggregator.store import Store
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+DATABASE = "meterline.duckdb"
+AUTH = "auth.sqlite3"
+ATTEMPTS = 3  # of one snapshot, when the ingest log pruned a segment during the copy
+
+
+@dataclass(frozen=True, slots=True)
+class BackupSettings:
+    to: Path
+    every_seconds: float = 3600.0
+    kept: int = 24
+
+
+class Backups:
+    """Step 1 and 2 in the background while entered (an async context manager)."""
+
+    def __init__(self, store: Store, data_dir: Path, settings: BackupSettings) -> None:
+        self._store = store
+        self._data_dir = data_dir
+        self._settings = settings
+        self._task: asyncio.Task[None] | None = None
+        self.taken = 0
+
+    async def __aenter__(self) -> Self:
+        self._settings.to.mkdir(parents=True, exist_ok=True)
+        self._task = asyncio.create_task(self._run(), name="backups")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:  # a snapshot cut short leaves only its temporary folder
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            began = time.monotonic()
+            try:
+                path = await self.take()
+                log.info("snapshot %s written in %.1f s", path, time.monotonic() - began)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("a snapshot failed; the next is due as usual")
+            await asyncio.sleep(max(0.0, self._settings.every_seconds - (time.monotonic() - began)))
+
+    async def take(self) -> Path:
+        """One snapshot (step 1), then step 2; its folder."""
+        to = self._settings.to
+        name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        partial = to / f".{name}.partial"
+        for attempt in range(ATTEMPTS):
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            covered = await self._store.snapshot(partial / DATABASE)
+            try:
+                await asyncio.to_thread(self._copy_files, partial)
+                break
+            except FileNotFoundError:
+                if attempt == ATTEMPTS - 1:
+                    raise
+        manifest = {
+            "created_at": datetime.now(UTC).isoformat(),
+            "covers": {t: {str(p): o for p, o in ps.items()} for t, ps in covered.items()},
+            "files": {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file()},
+        }
+        (partial / MANIFEST).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        final = to / name
+        partial.rename(final)
+        self.taken += 1
+        for old in sorted(snapshots(to))[: -self._settings.kept]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _copy_files(self, into: Path) -> None:
+        log_dir = Path(self._store.path + ".ingest")
+        if log_dir.is_dir():
+            copy = into / log_dir.name
+            copy.mkdir()
+            files = [p for p in log_dir.iterdir() if p.is_file()]
+            for path in sorted(files, key=lambda p: p.name != "acknowledged"):  # witness first
+                shutil.copy2(path, copy / path.name)
+        source = sqlite3.connect(self._data_dir / AUTH)
+        target = sqlite3.connect(into / AUTH)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+            source.close()
+        if (self._data_dir / SECRET_FILE).exists():
+            shutil.copy2(self._data_dir / SECRET_FILE, into / SECRET_FILE)
+
+
+def snapshots(to: Path) -> list[Path]:
+    """The whole snapshots in `to`, oldest first."""
+    return sorted(p for p in to.iterdir() if p.is_dir() and (p / MANIFEST).exists())
+
+
+def restore(snapshot: Path, data_dir: Path) -> dict[str, Any]:
+    """Step 3: `snapshot` (a snapshot's folder, or a folder of them: the newest) into
+    `data_dir`, which must hold no database; the snapshot's manifest."""
+    if not (snapshot / MANIFEST).exists():
+        found = snapshots(snapshot) if snapshot.is_dir() else []
+        if not found:
+            raise UsageError(f"{snapshot} is no snapshot (no {MANIFEST}) nor a folder of them")
+        snapshot = found[-1]
+    if (data_dir / DATABASE).exists():
+        raise UsageError(
+            f"{data_dir} holds a database already: restore into an empty data dir, or move it"
+            " aside first"
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for path in snapshot.iterdir():
+        if path.name == MANIFEST:
+            continue
+        if path.is_dir():
+            shutil.copytree(path, data_dir / path.name)
+        else:
+            shutil.copy2(path, data_dir / path.name)
+    manifest: dict[str, Any] = orjson.loads((snapshot / MANIFEST).read_bytes())
+    manifest["snapshot"] = str(snapshot)
+    return manifest
