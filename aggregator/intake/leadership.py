@@ -219,12 +219,14 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def __init__(self, role: Role) -> None:
         self._role = role
+        self._told = False  # a core that stands by from its start says so once
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         pass
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         leading = bool(assigned)
-        if leading != self._role.leading:
+        if leading != self._role.leading or not self._told:
             log.warning("this core %s", "leads" if leading else "follows the leader")
+            self._told = True
         self._role.set(leading)

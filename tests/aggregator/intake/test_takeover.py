@@ -134,7 +134,10 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                     _ok(a.post("/v1/customers/", json=body))
                 for _ in range(15):
                     workload.step(a, edge)
-                assert not _leads(second)  # it stands by (says so when it leads)
+                # It stands by, and says so.
+                standing = "this core follows the leader"
+                wait_until(lambda: any(standing in line for line in second.output), 30)
+                assert not _leads(second)
                 check = f"/v1/customer-meters/?meter_id={meter}&limit=10"
                 # 1. The leader killed: the standby leads, answers writes, applies events.
                 with _Checks(second, token, check) as checks:
