@@ -61,6 +61,7 @@ from aggregator.intake.control import ControlApplier, ControlTopic
 from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.intake.journal import Journal
 from aggregator.intake.leadership import Lease, Role
+from aggregator.intake.members import Members
 from aggregator.intake.sealed import Sealer
 from aggregator.intake.token_records import TokenExporter, TokenView, keep_record
 from aggregator.plan_cycler import PlanCycler
@@ -83,6 +84,12 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
     )
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    if core:
+        parser.add_argument(
+            "--advertise-url",
+            help="this core's URL as the other cores and GET /v1/cluster/ give it (default:"
+            " http://HOST:PORT)",
+        )
     data_dir_option(parser)
     parser.add_argument(
         "--secret-file",
@@ -460,6 +467,7 @@ def settings_of(
             args, "stream_heartbeat_seconds", defaults.stream_heartbeat_seconds
         ),
         replica=getattr(args, "replica", False),
+        advertise_url=getattr(args, "advertise_url", None),
         backups=None
         if getattr(args, "backup_to", None) is None
         else BackupSettings(args.backup_to, args.backup_every_seconds, args.backups_kept),
@@ -624,7 +632,7 @@ async def serve(
                     commands=control,
                 )
             )
-            journal = None
+            journal = members = None
             role = Role(leading=kafka is None)  # embedded, a core always leads
             if kafka is not None and control is not None:
                 # One order for the control topic and the events topic: the journal's, which
@@ -632,6 +640,9 @@ async def serve(
                 journal = await stack.enter_async_context(Journal(store, kafka, role))
                 if not settings.replica:  # a candidate: it leads while it holds the lease
                     await stack.enter_async_context(Lease(kafka, role, journal.claim))
+                members = await stack.enter_async_context(
+                    Members(kafka, settings.url, partial(_described, settings, role, journal))
+                )
                 keep = partial(keep_record, registry)
                 await stack.enter_async_context(
                     ControlApplier(
@@ -698,6 +709,7 @@ async def serve(
                 kafka,
                 front,
                 exporter.sync if exporter is not None else None,
+                members.members if members is not None else None,
             )
             url = f"http://{settings.host}:{settings.port}"
             lines = [f"console: {url}/ (log in with a token); API reference: {url}/docs"]
@@ -712,6 +724,12 @@ async def serve(
             )
     finally:
         registry.close()
+
+
+def _described(settings: CoreSettings, role: Role, journal: Journal) -> tuple[str, int | None, int]:
+    """What this core's heartbeats say of it (`intake.members`)."""
+    name = "leader" if role.leading else "replica" if settings.replica else "standby"
+    return name, journal.position(), journal.epoch
 
 
 async def serve_edge(

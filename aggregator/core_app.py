@@ -59,6 +59,7 @@ from aggregator.errors import (
     WriteTimeout,
 )
 from aggregator.intake.consumer import Consumer
+from aggregator.intake.members import Member, alone
 from aggregator.services import ledger_service
 from aggregator.services.live_feed import LiveFeed
 from aggregator.store import (
@@ -98,6 +99,8 @@ class CoreSettings:
     secret_file: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    # What other cores and `GET /v1/cluster/` give as this core's URL (None: host and port).
+    advertise_url: str | None = None
     ingest: IngestSettings = field(default_factory=IngestSettings)
     token_cache_seconds: float = 2.0
     # SIGTERM to exit, at most (see cli._stop).
@@ -122,6 +125,10 @@ class CoreSettings:
     replica: bool = False
     # Snapshots of the data dir written while serving (`backup`; cli --backup-to).
     backups: BackupSettings | None = None
+
+    @property
+    def url(self) -> str:
+        return self.advertise_url or f"http://{self.host}:{self.port}"
 
     @property
     def database(self) -> Path:
@@ -263,10 +270,13 @@ def build_app(
     kafka: KafkaSettings | None = None,
     front: Front | None = None,
     sessions_published: Callable[[], Awaitable[None]] | None = None,
+    members: Callable[[], list[Member]] | None = None,
 ) -> Starlette:
     """The core's API: ingest through `publisher`, and every query and management route; the
     live stream with a `feed`, dead letters with `kafka` (Kafka mode), and customer sessions
-    answered once `sessions_published` returns (Kafka mode: they are on the control topic)."""
+    answered once `sessions_published` returns (Kafka mode: they are on the control topic);
+    `members`: the cores `GET /v1/cluster/` lists (Kafka mode: `intake.members`; else this
+    core alone)."""
     authenticate = registry.organization_id
     limits = settings.ingest.limits
     ctx = ApiContext(
@@ -309,7 +319,7 @@ def build_app(
         ),
         *forwarding_routes.routes(ctx, *(forwarder or (None, None))),
         *dead_letter_routes.routes(ctx, kafka, consumer.organizations if consumer else None),
-        *cluster_routes.routes(ctx, kafka),
+        *cluster_routes.routes(ctx, kafka, members or alone(settings.url)),
         *console_routes.routes(),
         *openapi_routes.routes(version()),
     ]

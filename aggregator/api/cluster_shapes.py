@@ -1,12 +1,48 @@
-"""The digest of an organization's state as `GET /v1/cluster/digest` answers it."""
+"""The cores serving as `GET /v1/cluster/` answers them, and the digest of an organization's
+state as `GET /v1/cluster/digest` answers it."""
 
 from __future__ import annotations
 
 from typing_extensions import TypedDict
 
+from aggregator.api.shapes import iso
+from aggregator.intake.members import Member
 from aggregator.services.cluster_service import Digest
 
-__all__ = ["DigestShape", "digest"]
+__all__ = ["ClusterShape", "DigestShape", "cluster", "digest"]
+
+
+class MemberShape(TypedDict):
+    id: str  # drawn when the core started
+    url: str
+    role: str  # leader, standby, replica; embedded
+    journal_offset: int | None  # the journal's next offset it had applied (Kafka mode)
+    epoch: int
+    heard_at: str  # its last heartbeat
+    alive: bool  # heard within three heartbeats
+    this: bool  # the core answering
+
+
+class ClusterShape(TypedDict):
+    items: list[MemberShape]
+
+
+def cluster(members: list[Member]) -> ClusterShape:
+    return {
+        "items": [
+            {
+                "id": m.id,
+                "url": m.url,
+                "role": m.role,
+                "journal_offset": m.journal_offset,
+                "epoch": m.epoch,
+                "heard_at": iso(m.heard_at_us),
+                "alive": m.alive,
+                "this": m.this,
+            }
+            for m in members
+        ]
+    }
 
 
 class TableShape(TypedDict):

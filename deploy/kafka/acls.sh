@@ -66,7 +66,8 @@ done
 # (GET /v1/dead-letters/, without a group).
 acl --allow-principal "$CORE_PRINCIPAL" --operation Read --topic "$TOPIC"
 acl --allow-principal "$CORE_PRINCIPAL" --operation Read --group "$CONSUMER_GROUP"
-acl --allow-principal "$CORE_PRINCIPAL" --operation Read --topic "$LEASE_TOPIC"
+# Every core sends heartbeats to the lease topic and reads the others' (GET /v1/cluster/).
+acl --allow-principal "$CORE_PRINCIPAL" --operation Write --operation Read --topic "$LEASE_TOPIC"
 acl --allow-principal "$CORE_PRINCIPAL" --operation Write --operation Read \
     --topic "$DEAD_LETTER_TOPIC"
 # ... and the one writer of API write records (`meterline token create --kafka` runs as it) and

@@ -67,7 +67,8 @@ def test_the_names_are_meterlines_defaults_and_writers_are_only_the_trusted(
     assert (_who(control, "Write"), _who(control, "Read")) == ({CORE}, {EDGE, CORE})
     journal = grants[("topic", defaults.journal_topic)]
     assert _who(journal, "Write") == _who(journal, "Read") == {CORE}
-    assert _who(grants[("topic", defaults.lease_topic)], "Read") == {CORE}  # the cores' group
+    lease = grants[("topic", defaults.lease_topic)]  # the cores' group, and their heartbeats
+    assert _who(lease, "Read") == _who(lease, "Write") == {CORE}
     for topic in (defaults.control_topic, defaults.journal_topic, defaults.lease_topic):
         assert _who(grants[("topic", topic)], "Create") == {EDGE, CORE}  # made by whoever starts
 

@@ -4,7 +4,7 @@ edge, in an order whose outcomes depend on it (the control topic test's workload
 same journal offset the same digest and byte-equal answers to every list read, a credit plan's
 second cycle (run by the core's plan cycler) included. A write sent to the replica is answered
 once applied, as on the core. The replica reads no partition itself and delivers no webhook:
-a receiver gets each alert once, from the core."""
+a receiver gets each alert once, from the core. Each lists both in `GET /v1/cluster/`."""
 
 from __future__ import annotations
 
@@ -75,6 +75,11 @@ def _second_cycle_soon(client: httpx.Client, meter_id: str) -> str:
     return str(_ok(client.post("/v1/credit-plans/", json=body))["id"])
 
 
+def _cores(client: httpx.Client) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = _ok(client.get("/v1/cluster/"))["items"]
+    return items
+
+
 def _plan(client: httpx.Client, plan_id: str) -> dict[str, Any]:
     (found,) = [p for p in _ok(client.get("/v1/credit-plans/"))["items"] if p["id"] == plan_id]
     return found
@@ -125,6 +130,13 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
             plans, plans_again = (
                 c.get("/v1/credit-plans/").content for c in (core, through_replica)
             )
+            # Each lists both, from their heartbeats.
+            for client, me in ((core, "leader"), (through_replica, "replica")):
+                wait_until(lambda c=client: len(_cores(c)) == 2, 30)
+                cores = _cores(client)
+                assert {m["role"] for m in cores} == {"leader", "replica"}
+                assert [m["role"] for m in cores if m["this"]] == [me]
+                assert all(m["alive"] and m["journal_offset"] for m in cores)
             wait_until(lambda: len(receiver.received) > 0, 30)
             time.sleep(2)  # time enough for a second delivery of any of them
             ids = [r.headers["webhook-id"] for r in receiver.received]

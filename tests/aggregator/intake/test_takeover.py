@@ -5,7 +5,7 @@ balance read sent to it during the takeover was answered. The first, restarted o
 dir, follows and reaches the same digest. Then the new leader is paused (SIGSTOP) past its
 session timeout: the first takes over, and once resumed the paused one writes nothing that
 counts (the digests agree again). Alerts reach a webhook receiver under one `webhook-id` per
-crossing, whichever core delivered them."""
+crossing, whichever core delivered them. `GET /v1/cluster/` lists the killed leader as silent."""
 
 from __future__ import annotations
 
@@ -87,6 +87,11 @@ def _write_answered_within(client: httpx.Client, seconds: float) -> float:
     raise AssertionError(f"no write answered within {seconds} s")
 
 
+def _roles(client: httpx.Client) -> set[tuple[str, bool]]:
+    """(role, alive) of each core `GET /v1/cluster/` lists."""
+    return {(m["role"], m["alive"]) for m in _ok(client.get("/v1/cluster/"))["items"]}
+
+
 def _deliveries(receiver: Receiver) -> dict[str, set[bytes]]:
     by_id: dict[str, set[bytes]] = {}
     for r in receiver.received:
@@ -151,6 +156,8 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                         workload.step(b, edge)
                     time.sleep(1)
                 assert checks.failed == 0 and checks.answered > 0, vars(checks)
+                # The standby lists itself as the leader, the killed core as silent.
+                wait_until(lambda: _roles(b) == {("leader", True), ("leader", False)}, 10)
                 print(f"takeover: writes answered {took:.1f} s after the kill")
                 assert time.monotonic() - killed < 60
                 # 2. The first, restarted on its data dir, follows (the lease stays put).

@@ -1,0 +1,169 @@
+"""Who serves: every core announces itself on the lease topic, and hears the others.
+
+The protocol:
+
+1. Every core in Kafka mode (replicas too) produces a heartbeat to `<topic>.lease` every
+   `HEARTBEAT_SECONDS`: its id (drawn at start), URL, role (leader, standby or replica), the
+   journal offset it has applied and its epoch. (`_announce`)
+2. Every core reads the lease topic outside any group, from `LOOKBACK` records before its end
+   on, keeping each core's latest heartbeat; what is not a heartbeat is passed over. (`_hear`)
+3. `GET /v1/cluster/` lists the cores heard within `FORGET_SECONDS`, newest first: alive when
+   heard within three heartbeats. (`members`)
+
+The lease's group member reads the same partition while it leads, and passes heartbeats over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Self
+
+import orjson
+from aiokafka import TopicPartition
+
+from ingest.kafka import KafkaSettings, retrying, stop_within
+from meters.times import now_us
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 2.0
+FORGET_SECONDS = 300.0  # a core not heard from this long is not listed
+LOOKBACK = 1000  # heartbeats read back at start: 2,000 s of 1 core, 400 s of 5
+KIND = "meterline.core"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    id: str
+    url: str
+    role: str  # leader, standby, replica (embedded: embedded)
+    journal_offset: int | None
+    epoch: int
+    heard_at_us: int
+    alive: bool = True
+    this: bool = False  # the core answering
+
+
+def alone(url: str) -> Callable[[], list[Member]]:
+    """What an embedded core lists: itself."""
+    core = str(uuid.uuid4())
+    return lambda: [Member(core, url, "embedded", None, 0, now_us(), True, True)]
+
+
+class Members:
+    """Steps 1 and 2 while entered (an async context manager); `members` is step 3.
+    `describe` says this core's role, journal offset and epoch at each heartbeat."""
+
+    def __init__(
+        self, kafka: KafkaSettings, url: str, describe: Callable[[], tuple[str, int | None, int]]
+    ) -> None:
+        self._kafka = kafka
+        self._url = url
+        self._describe = describe
+        self.id = str(uuid.uuid4())
+        self._heard: dict[str, Member] = {}
+        self._producer = kafka.producer(linger_ms=0)
+        self._reader = kafka.reader(fetch_max_wait_ms=500)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Self:
+        self._tasks = [
+            asyncio.create_task(self._announce(), name="members-announce"),
+            asyncio.create_task(self._hear(), name="members-hear"),
+        ]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        bound = self._kafka.stop_timeout_seconds
+        await stop_within(self._producer.stop, bound, "members producer")
+        await stop_within(self._reader.stop, bound, "members reader")
+
+    def members(self) -> list[Member]:
+        """Step 3."""
+        now = now_us()
+        forgotten = now - int(FORGET_SECONDS * 1_000_000)
+        self._heard = {k: m for k, m in self._heard.items() if m.heard_at_us > forgotten}
+        listed = [
+            replace(
+                member,
+                alive=now - member.heard_at_us < 3 * HEARTBEAT_SECONDS * 1_000_000,
+                this=member.id == self.id,
+            )
+            for member in self._heard.values()
+        ]
+        return sorted(listed, key=lambda m: (-m.heard_at_us, m.id))
+
+    def _heartbeat(self) -> Member:
+        role, offset, epoch = self._describe()
+        return Member(self.id, self._url, role, offset, epoch, now_us())
+
+    async def _announce(self) -> None:
+        """Step 1."""
+        await retrying(self._producer.start)
+        while True:
+            member = self._heartbeat()
+            self._heard[member.id] = member  # heard at once, whatever the broker
+            value = orjson.dumps(
+                {
+                    "kind": KIND,
+                    "id": member.id,
+                    "url": member.url,
+                    "role": member.role,
+                    "journal_offset": member.journal_offset,
+                    "epoch": member.epoch,
+                    "at_us": member.heard_at_us,
+                }
+            )
+            try:
+                await self._producer.send_and_wait(self._kafka.lease_topic, value, partition=0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again
+                log.warning("a heartbeat was not sent: %r", exc)
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _hear(self) -> None:
+        """Step 2."""
+        reader, tp = self._reader, TopicPartition(self._kafka.lease_topic, 0)
+        await retrying(reader.start)
+        reader.assign([tp])
+        beginning = (await reader.beginning_offsets([tp]))[tp]
+        end = (await reader.end_offsets([tp]))[tp]
+        reader.seek(tp, max(beginning, end - LOOKBACK))
+        while True:
+            fetched = await reader.getmany(tp, timeout_ms=1000)
+            for record in fetched.get(tp, []):
+                member = _member(record.value)
+                if member is not None and member.id != self.id:
+                    self._heard[member.id] = member
+
+
+def _member(value: bytes | None) -> Member | None:
+    try:
+        data = orjson.loads(value or b"")
+        if not isinstance(data, dict) or data.get("kind") != KIND:
+            return None
+        offset = data["journal_offset"]
+        return Member(
+            str(data["id"]),
+            str(data["url"]),
+            str(data["role"]),
+            None if offset is None else int(offset),
+            int(data["epoch"]),
+            int(data["at_us"]),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
