@@ -131,6 +131,8 @@ class Store:
         self._gates = Gates()
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
+        # Snapshots being copied (`snapshot`): interrupted and waited for by `close`.
+        self._copying: dict[duckdb.DuckDBPyConnection, threading.Event] = {}
         self._interrupting: set[asyncio.Task[None]] = set()
         self._live: Live | None = None
         # Told what each commit changed, and that webhooks are due (`Listeners`).
@@ -235,6 +237,9 @@ class Store:
             self._evaluators.shutdown(wait=True)
         for cursor in self._cursors:
             cursor.close()
+        for copying, done in list(self._copying.items()):
+            copying.interrupt()
+            done.wait(30)
         self._con.close()
         self._con = None
 
@@ -349,15 +354,16 @@ class Store:
     async def snapshot(self, target: Path) -> dict[str, dict[int, int]]:
         """A consistent copy of the database in the new file `target`, taken while writes go
         on: once every event applied so far is stored, one read transaction copies every table,
-        on a cursor and thread of its own (a copy may outlast the read timeout). What it covers:
-        the stored positions, per topic and partition."""
+        on a cursor and thread of its own (a copy may outlast the read timeout; closing the
+        store interrupts it). What it covers: the stored positions, per topic and partition."""
         assert self._flusher is not None and self._con is not None, "store is not open"
         await self._flusher.barrier()
         con = self._con
         quoted = str(target).replace("'", "''")
 
         def copy() -> dict[str, dict[int, int]]:
-            cursor = con.cursor()
+            cursor, done = con.cursor(), threading.Event()
+            self._copying[cursor] = done
             try:
                 name = cursor.execute("SELECT current_database()").fetchall()[0][0]
                 cursor.execute("BEGIN TRANSACTION")
@@ -378,6 +384,8 @@ class Store:
                 with contextlib.suppress(duckdb.Error):
                     cursor.execute("DETACH DATABASE IF EXISTS meterline_snapshot")
                 cursor.close()
+                del self._copying[cursor]
+                done.set()
 
         return await asyncio.to_thread(copy)
 
