@@ -56,7 +56,7 @@ class Backfiller:
         (`role`; None: always)."""
         self._store = store
         self._journal = journal
-        self._role = role
+        self._role = role or Role(leading=True)
         self._chunk = chunk_events
         self._max_chunk = max_chunk_events
         self._retry = retry_seconds
@@ -93,8 +93,7 @@ class Backfiller:
         # A core catching up applies the journal's steps first: a backfill they finished (or
         # ended) appends nothing more.
         await self._journal.started()
-        if self._role is not None:
-            await self._role.until(True)
+        await self._role.until(True)
         if (meter_id, version) not in await self._store.read_now(pending_backfills):
             return None
         entry = Entry(BACKFILL, (), now_us(), backfill=(meter_id, version, chunk))

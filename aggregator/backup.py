@@ -62,7 +62,6 @@ class Backups:
         self._data_dir = data_dir
         self._settings = settings
         self._task: asyncio.Task[None] | None = None
-        self.taken = 0
 
     async def __aenter__(self) -> Self:
         self._settings.to.mkdir(parents=True, exist_ok=True)
@@ -114,7 +113,6 @@ class Backups:
         (partial / MANIFEST).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
         final = to / name
         partial.rename(final)
-        self.taken += 1
         for old in sorted(snapshots(to))[: -self._settings.kept]:
             shutil.rmtree(old, ignore_errors=True)
         return final

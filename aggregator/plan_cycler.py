@@ -45,7 +45,7 @@ class PlanCycler:
         (`role`; None: always)."""
         self._store = store
         self._journal = journal
-        self._role = role
+        self._role = role or Role(leading=True)
         self._every = every_seconds
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
@@ -97,8 +97,7 @@ class PlanCycler:
             await self._journal.started()
         while True:
             await asyncio.sleep(self._every)
-            if self._role is not None:
-                await self._role.until(True)
+            await self._role.until(True)
             try:
                 await self.run_due()
             except Exception:

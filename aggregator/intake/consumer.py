@@ -163,7 +163,6 @@ class Consumer:
         self._task = asyncio.create_task(
             while_leading(self._role, self._reading), name="kafka-consumer"
         )
-        self._task.add_done_callback(_report_stop)
         return self
 
     async def __aexit__(
@@ -197,7 +196,7 @@ class Consumer:
             partitions = [TopicPartition(kafka.topic, p) for p in range(kafka.partitions)]
             consumer.assign(partitions)
             await self.seek_to_stored(partitions)
-            async with task_while_open("kafka-reading", self._run):
+            async with task_while_open("kafka-reading", self._run, _report_stop):
                 yield
         finally:
             bound = kafka.stop_timeout_seconds

@@ -150,7 +150,6 @@ class ControlApplier:
         self._task = asyncio.create_task(
             while_leading(self._role, self._reading), name="control-applier"
         )
-        self._task.add_done_callback(_report_stop)
         return self
 
     async def __aexit__(
@@ -178,7 +177,7 @@ class ControlApplier:
                 await retrying(self._consumer.start)
             self._consumer.assign([self._partition])
             await self._seek_to_stored()
-            async with task_while_open("control-reading", self._run):
+            async with task_while_open("control-reading", self._run, _report_stop):
                 yield
         finally:
             await stop_within(self._consumer.stop, kafka.stop_timeout_seconds, "control consumer")

@@ -91,21 +91,18 @@ async def while_leading(
 
 
 @contextlib.asynccontextmanager
-async def task_while_open(name: str, run: Callable[[], Any]) -> AsyncIterator[None]:
-    """`run()` as a task while the context is open; cancelled and awaited at its end."""
+async def task_while_open(
+    name: str, run: Callable[[], Any], stopped: Callable[[asyncio.Task[Any]], None]
+) -> AsyncIterator[None]:
+    """`run()` as a task while the context is open; cancelled and awaited at its end.
+    `stopped` is told when the task ends (by cancellation or not: it ends only so)."""
     task = asyncio.create_task(run(), name=name)
-    task.add_done_callback(_report_failure)
+    task.add_done_callback(stopped)
     try:
         yield
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-def _report_failure(task: asyncio.Task[Any]) -> None:
-    """A leader's task only ends when cancelled; anything else stops its work silently."""
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("%s stopped", task.get_name(), exc_info=task.exception())
 
 
 class Lease:

@@ -86,7 +86,7 @@ class WebhookSender:
     ) -> None:
         """`role`: delivers only while this core leads (None: always)."""
         self._store = store
-        self._role = role
+        self._role = role or Role(leading=True)
         self._settings = settings
         self._state_payload = state_payload
         self._states_at = NEVER
@@ -145,8 +145,7 @@ class WebhookSender:
 
     async def _run(self) -> None:
         while True:
-            if self._role is not None:
-                await self._role.until(True)
+            await self._role.until(True)
             try:
                 await self._round()
             except asyncio.CancelledError:
