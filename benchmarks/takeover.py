@@ -41,23 +41,30 @@ WATCH_SECONDS = 20.0
 TARGET_TAKEOVER_SECONDS = 15.0
 
 
-class _Checks(threading.Thread):
-    """Asks the balance check every 50 ms; keeps the times of answered ones."""
+class Checks(threading.Thread):
+    """Asks `path` (a read) of one core every 50 ms, in a thread while entered (or between
+    `start` and `stop`); keeps when each was asked and whether it was answered (200) within
+    `timeout` seconds."""
 
-    def __init__(self, url: str, token: str, customer: str, meter: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        path: str,
+        params: dict[str, Any] | None = None,
+        timeout: float = 1.0,
+    ) -> None:
         super().__init__(daemon=True)
         self.asked: list[tuple[float, bool]] = []  # (when, answered)
         self._done = threading.Event()
-        self._args = (url, token, customer, meter)
+        self._args = (url, token, path, params or {}, timeout)
 
     def run(self) -> None:
-        url, token, customer, meter = self._args
-        params = {"external_customer_id": customer, "meter_id": meter, "units": 1}
+        url, token, path, params, timeout = self._args
         headers = {"Authorization": f"Bearer {token}"}
-        with httpx.Client(base_url=url, headers=headers, timeout=1) as client:
+        with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
             while not self._done.is_set():
                 try:
-                    path = "/v1/customer-meters/check"
                     ok = client.get(path, params=params).status_code == 200
                 except httpx.HTTPError:
                     ok = False
@@ -67,6 +74,13 @@ class _Checks(threading.Thread):
     def stop(self) -> None:
         self._done.set()
         self.join(10)
+
+    def __enter__(self) -> Checks:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def longest_gap(self, since: float, until: float) -> float:
         times = [since, *(t for t, ok in self.asked if ok and since < t < until), until]
@@ -78,8 +92,10 @@ class _Checks(threading.Thread):
         return sum(window) / max(1, len(window))
 
 
-def _write_answered(url: str, token: str, give_up: float) -> float:
-    """Seconds until a customer create is answered (sent again with its request id)."""
+def write_answered(url: str, token: str, give_up: float) -> float:
+    """Seconds until a customer create is answered (inf: not within `give_up`), sent again
+    with its request id after a 504 (logged, not yet applied) or a refused connection (a
+    core restarting); any other answer is an error."""
     started = time.monotonic()
     key = f"failover-{started}"
     headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": key}
@@ -91,10 +107,13 @@ def _write_answered(url: str, token: str, give_up: float) -> float:
                 headers=headers,
                 timeout=give_up,
             )
-            if answer.status_code == 201:
-                return time.monotonic() - started
         except httpx.HTTPError:
-            time.sleep(0.05)  # the port not open yet (restart)
+            time.sleep(0.05)
+            continue
+        if answer.status_code == 201:
+            return time.monotonic() - started
+        if answer.status_code != 504:
+            raise RuntimeError(f"a write was answered {answer.status_code}: {answer.text}")
     return float("inf")
 
 
@@ -155,8 +174,9 @@ def _run(scenario: str) -> dict[str, Any]:
                         *args, "--secret-file", str(secret), command="core", data_dir=work / "b"
                     ).start()
                     target = standby
-                    wait_until(lambda: _write_answered(standby.url, token, 30) < 30, 60)
-                checks = _Checks(target.url, token, customer, meter)
+                    wait_until(lambda: write_answered(standby.url, token, 30) < 30, 60)
+                params = {"external_customer_id": customer, "meter_id": meter, "units": 1}
+                checks = Checks(target.url, token, "/v1/customer-meters/check", params)
                 checks.start()
                 time.sleep(1)
                 core.kill()
@@ -166,7 +186,7 @@ def _run(scenario: str) -> dict[str, Any]:
                     core = Server(*args, data_dir=work / "a")
                     core.port, core.url = port, f"http://127.0.0.1:{port}"
                     threading.Thread(target=core.start, daemon=True).start()
-                write = _write_answered(target.url if standby else core.url, token, 60)
+                write = write_answered(target.url if standby else core.url, token, 60)
                 time.sleep(max(0.0, killed + WATCH_SECONDS - time.monotonic()))
                 checks.stop()
                 gap = checks.longest_gap(killed, killed + WATCH_SECONDS)

@@ -59,6 +59,25 @@ class Workload:
         self.batch = 0
         self.endpoints = 0
 
+    def alerting(self, client: httpx.Client, url: str, external_id: str) -> None:
+        """A receiver at `url` for `meter.alert`, an alert `external_id` on the first meter
+        from one unit consumed, and the customers the events name, made before any event:
+        each then crosses with an event of its own (a customer made after its usage would not
+        fire: no event takes it across)."""
+        hook = {"url": url, "format": "raw", "events": ["meter.alert"]}
+        _ok(client.post("/v1/webhooks/endpoints", json=hook))
+        alert = {
+            "meter_id": self.meters[0],
+            "metric": "consumed_units",
+            "operator": "gte",
+            "threshold": 1,
+            "external_id": external_id,
+        }
+        _ok(client.post("/v1/meter-alerts/", json=alert))
+        for i in range(4):  # the user-N that `step` names
+            body = {"email": f"user-{i}@example.com", "external_id": f"user-{i}"}
+            _ok(client.post("/v1/customers/", json=body))
+
     def step(self, core: httpx.Client, edge: httpx.Client) -> None:
         rng = self.rng
         choice = rng.choice(

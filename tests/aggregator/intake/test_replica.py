@@ -103,21 +103,7 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
         ):
             workload.step(core, edge)  # a meter
             # Alerts delivered to a receiver: by the core only, each under one webhook-id.
-            hook = {"url": receiver.url, "format": "raw", "events": ["meter.alert"]}
-            _ok(core.post("/v1/webhooks/endpoints", json=hook))
-            alert = {
-                "meter_id": workload.meters[0],
-                "metric": "consumed_units",
-                "operator": "gte",
-                "threshold": 1,
-                "external_id": "delivered",
-            }
-            _ok(core.post("/v1/meter-alerts/", json=alert))
-            # The customers events name, before any event: an event of theirs crosses the
-            # threshold (one made after its usage would not fire: no event takes it across).
-            for i in range(4):
-                body = {"email": f"user-{i}@example.com", "external_id": f"user-{i}"}
-                _ok(core.post("/v1/customers/", json=body))
+            workload.alerting(core, receiver.url, "delivered")
             for _ in range(40):  # API writes to either, answered once applied
                 workload.step(choose.choice([core, through_replica]), edge)
             # A plan whose second boundary comes a few seconds on: the core's plan cycler

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import httpx
 import orjson
 import pytest
 
+from benchmarks.takeover import Checks, write_answered
 from tests.aggregator.intake.test_control_topic import Workload, _caught_up, _ok, _settled
 from tests.aggregator.upstream.webhook_receiver import Receiver
 from tests.pipeline import Pipeline
@@ -39,52 +39,6 @@ def _stopped_leading(core: MeterlineServer, since: int) -> bool:
     """It found a later leader's entries in the journal, or the group said so."""
     said = ("this core steps down", "this core follows")
     return any(s in line for line in core.output[since:] for s in said)
-
-
-class _Checks:
-    """A client reading a customer meter every 50 ms from one core, in a thread."""
-
-    def __init__(self, core: MeterlineServer, token: str, path: str) -> None:
-        self.answered = self.failed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(core, token, path), daemon=True)
-
-    def _run(self, core: MeterlineServer, token: str, path: str) -> None:
-        with core.client(token) as client:
-            while not self._stop.is_set():
-                try:
-                    ok = client.get(path, timeout=2).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                self.answered += ok
-                self.failed += not ok
-                time.sleep(0.05)
-
-    def __enter__(self) -> _Checks:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-
-def _write_answered_within(client: httpx.Client, seconds: float) -> float:
-    """Seconds until a write (a customer create) is answered, sent again with its request
-    id after a 504 (logged, not yet applied)."""
-    started = time.monotonic()
-    key = f"takeover-{started}"
-    while time.monotonic() - started < seconds:
-        answer = client.post(
-            "/v1/customers/",
-            json={"email": f"{key}@example.com"},
-            headers={"Idempotency-Key": key},
-            timeout=seconds,
-        )
-        if answer.status_code == 201:
-            return time.monotonic() - started
-        assert answer.status_code == 504, answer.text
-    raise AssertionError(f"no write answered within {seconds} s")
 
 
 def _roles(client: httpx.Client) -> set[tuple[str, bool]]:
@@ -125,21 +79,7 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
             ):
                 workload.step(a, edge)  # a meter
                 meter = workload.meters[0]
-                hook = {"url": receiver.url, "format": "raw", "events": ["meter.alert"]}
-                _ok(b.post("/v1/webhooks/endpoints", json=hook))
-                alert = {
-                    "meter_id": meter,
-                    "metric": "consumed_units",
-                    "operator": "gte",
-                    "threshold": 1,
-                    "external_id": "crossed",
-                }
-                _ok(b.post("/v1/meter-alerts/", json=alert))
-                # The customers events name, before any event: each crosses the threshold
-                # with an event (one made later would not: no event takes it across).
-                for i in range(4):
-                    body = {"email": f"user-{i}@example.com", "external_id": f"user-{i}"}
-                    _ok(a.post("/v1/customers/", json=body))
+                workload.alerting(b, receiver.url, "crossed")  # through the standby
                 for _ in range(15):
                     workload.step(a, edge)
                 # It stands by, and says so.
@@ -148,17 +88,17 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                 assert not _leads(second)
                 check = f"/v1/customer-meters/?meter_id={meter}&limit=10"
                 # 1. The leader killed: the standby leads, answers writes, applies events.
-                with _Checks(second, token, check) as checks:
+                with Checks(second.url, token, check, timeout=2) as checks:
                     time.sleep(1)
                     first.kill()
                     killed = time.monotonic()
-                    took = _write_answered_within(b, TAKEOVER_SECONDS + 5)
+                    took = write_answered(second.url, token, TAKEOVER_SECONDS + 5)
                     assert _leads(second)
                     assert took <= TAKEOVER_SECONDS, took
                     for _ in range(10):
                         workload.step(b, edge)
                     time.sleep(1)
-                assert checks.failed == 0 and checks.answered > 0, vars(checks)
+                assert checks.asked and all(ok for _, ok in checks.asked), checks.asked
                 # The standby lists itself as the leader, the killed core as silent.
                 wait_until(lambda: _roles(b) == {("leader", True), ("leader", False)}, 10)
                 print(f"takeover: writes answered {took:.1f} s after the kill")
@@ -179,7 +119,7 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                     paused = second.pid
                     os.kill(paused, signal.SIGSTOP)
                     try:
-                        took = _write_answered_within(a_again, TAKEOVER_SECONDS + 5)
+                        took = write_answered(first.url, token, TAKEOVER_SECONDS + 5)
                     finally:
                         os.kill(paused, signal.SIGCONT)
                     assert took <= TAKEOVER_SECONDS, took
