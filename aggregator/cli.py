@@ -153,6 +153,13 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             help="reads running longer are interrupted and answer 503",
         )
         store.add_argument(
+            "--flush-seconds",
+            type=float,
+            default=CoreSettings().flush_seconds,
+            help="longest applied events wait in memory before they are written to the file"
+            " (a crash loses none: they are applied again from the log)",
+        )
+        store.add_argument(
             "--dedupe-memory-keys",
             type=int,
             default=CoreSettings().dedupe_memory_keys,
@@ -460,6 +467,7 @@ def settings_of(
         job_bound_seconds=getattr(args, "writer_job_bound_seconds", defaults.job_bound_seconds),
         read_timeout_seconds=getattr(args, "query_timeout_seconds", defaults.read_timeout_seconds),
         dedupe_memory_keys=getattr(args, "dedupe_memory_keys", defaults.dedupe_memory_keys),
+        flush_seconds=getattr(args, "flush_seconds", defaults.flush_seconds),
         customer_session_seconds=getattr(
             args, "customer_session_seconds", defaults.customer_session_seconds
         ),
@@ -628,6 +636,7 @@ async def serve(
                     read_timeout_seconds=settings.read_timeout_seconds,
                     job_bound_seconds=settings.job_bound_seconds,
                     dedupe_memory_keys=settings.dedupe_memory_keys,
+                    flush_seconds=settings.flush_seconds,
                     alert_payload=alert_payload,
                     commands=control,
                 )

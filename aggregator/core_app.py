@@ -108,6 +108,10 @@ class CoreSettings:
     # The longest a write group or background chunk should hold the writer, and a read.
     job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS
     read_timeout_seconds: float = 30.0
+    # The longest applied events wait in memory before they are written to the file: a crash
+    # loses none of them (the ingest log, or the offsets stored with them, replays them), and
+    # a longer wait writes fewer, fuller row groups.
+    flush_seconds: float = 5.0
     # Stored external ids held in memory (16 bytes each) before they spill to files.
     dedupe_memory_keys: int = DEDUPE_MEMORY_KEYS
     # How long a customer session token lasts (Polar's: an hour).
