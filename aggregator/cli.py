@@ -70,7 +70,18 @@ from aggregator.store import LogCorrupt, Store, TenantLimits, quotas
 from aggregator.upstream import command_line as upstream_cli
 from aggregator.upstream.forwarder import Forwarder, ForwarderSettings
 from aggregator.upstream.webhook_sender import WebhookSender, WebhookSettings
-from ingest.http import MIB, Front, Gate, IngestSettings, Limits, Rate, edge_app, http_protocol
+from ingest.http import (
+    MIB,
+    CoreRouting,
+    Cores,
+    Front,
+    Gate,
+    IngestSettings,
+    Limits,
+    Rate,
+    edge_app,
+    http_protocol,
+)
 from ingest.kafka import KafkaSettings
 from ingest.publish import Publisher
 from ingest.publish.kafka_publisher import KafkaPublisher
@@ -228,6 +239,8 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             default=defaults_hooks.disable_after_seconds,
             help="an endpoint whose deliveries all fail for this long is disabled",
         )
+    else:
+        _core_routing(parser.add_argument_group("the rest of the API, sent to the cores"))
     kafka = parser.add_argument_group("Kafka")
     kafka.add_argument(
         "--kafka",
@@ -439,6 +452,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _core_routing(group: argparse._ArgumentGroup) -> None:
+    defaults = CoreRouting()
+    group.add_argument(
+        "--core",
+        dest="cores",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a core to send every request but ingest to (repeat for each core; none: the edge"
+        " answers them 404)",
+    )
+    group.add_argument(
+        "--core-hedge-seconds",
+        type=float,
+        default=defaults.hedge_seconds,
+        help="a read unanswered this long is sent to the next core too",
+    )
+    group.add_argument(
+        "--core-write-attempt-seconds",
+        type=float,
+        default=defaults.write_attempt_seconds,
+        help="a write unanswered this long is sent to the next core, with its Idempotency-Key",
+    )
+    group.add_argument(
+        "--core-deadline-seconds",
+        type=float,
+        default=defaults.deadline_seconds,
+        help="a request no core answered within this long gets 504 CoreUnavailable",
+    )
+
+
 def _quotas(group: argparse._ArgumentGroup) -> None:
     defaults = TenantLimits()
     for counted in quotas.ALL:
@@ -476,6 +520,14 @@ def settings_of(
         ),
         replica=getattr(args, "replica", False),
         advertise_url=getattr(args, "advertise_url", None),
+        cores=CoreRouting(
+            tuple(url.rstrip("/") for url in getattr(args, "cores", ())),
+            getattr(args, "core_hedge_seconds", defaults.cores.hedge_seconds),
+            getattr(args, "core_write_attempt_seconds", defaults.cores.write_attempt_seconds),
+            getattr(args, "core_deadline_seconds", defaults.cores.deadline_seconds),
+            max_body_bytes=defaults.ingest.max_body_bytes,
+            body_timeout_seconds=_limits_of(args).body_timeout_seconds,
+        ),
         backups=None
         if getattr(args, "backup_to", None) is None
         else BackupSettings(args.backup_to, args.backup_every_seconds, args.backups_kept),
@@ -641,7 +693,7 @@ async def serve(
                     commands=control,
                 )
             )
-            journal = members = None
+            journal = members = applied = None
             role = Role(leading=kafka is None)  # embedded, a core always leads
             if kafka is not None and control is not None:
                 # One order for the control topic and the events topic: the journal's, which
@@ -653,7 +705,7 @@ async def serve(
                     Members(kafka, settings.url, partial(_described, settings, role, journal))
                 )
                 keep = partial(keep_record, registry)
-                await stack.enter_async_context(
+                applied = await stack.enter_async_context(
                     ControlApplier(
                         store,
                         kafka,
@@ -719,6 +771,7 @@ async def serve(
                 front,
                 exporter.sync if exporter is not None else None,
                 members.members if members is not None else None,
+                applied,
             )
             url = f"http://{settings.host}:{settings.port}"
             lines = [f"console: {url}/ (log in with a token); API reference: {url}/docs"]
@@ -750,18 +803,23 @@ async def serve_edge(
 ) -> None:
     """Run a stateless ingest edge until stopped (`listening`). It reads tokens from the control
     topic (`intake.token_records`), checked with the cluster secret (the data dir's
-    `secret.key`, a copy of the core's), and holds nothing else."""
+    `secret.key`, a copy of the core's), and holds nothing else. With cores (`--core`), it
+    sends them every other request (`ingest.http.cores`)."""
     secret = cluster_secret(settings.data_dir, settings.secret_file, create=False)
-    async with (
-        TokenView(kafka, Sealer(secret), secret) as view,
-        ValidationPool(
-            settings.ingest.rules, workers=settings.ingest.validation_workers
-        ) as validation,
-        KafkaPublisher(kafka, validation) as publisher,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        view = await stack.enter_async_context(TokenView(kafka, Sealer(secret), secret))
+        validation = await stack.enter_async_context(
+            ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)
+        )
+        publisher = await stack.enter_async_context(KafkaPublisher(kafka, validation))
         front = Front.of(settings.ingest.limits)
         authenticate = view.organization_id
-        app = edge_app(publisher, authenticate, settings.ingest, settings.metrics_token, front)
+        cores = None
+        if settings.cores.cores:
+            cores = await stack.enter_async_context(Cores(settings.cores, authenticate))
+        app = edge_app(
+            publisher, authenticate, settings.ingest, settings.metrics_token, front, cores
+        )
         await _serve_http(app, settings, log_level, [], listening, gate=front.gate(authenticate))
 
 

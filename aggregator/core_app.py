@@ -42,6 +42,7 @@ from aggregator.api import (
 from aggregator.api.context import ApiContext
 from aggregator.api.openapi import Operation, declared
 from aggregator.api.openapi_routes import HealthShape, StorageHealthShape
+from aggregator.api.read_after import Applied, read_after
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.backup import BackupSettings
@@ -77,6 +78,7 @@ from ingest.http import (
     JSON,
     OPENMETER_PATH,
     CloudEvent,
+    CoreRouting,
     ErrorMap,
     Front,
     IngestSettings,
@@ -129,6 +131,8 @@ class CoreSettings:
     replica: bool = False
     # Snapshots of the data dir written while serving (`backup`; cli --backup-to).
     backups: BackupSettings | None = None
+    # An edge: the cores it sends every request but ingest to (cli --core).
+    cores: CoreRouting = field(default_factory=CoreRouting)
 
     @property
     def url(self) -> str:
@@ -275,12 +279,14 @@ def build_app(
     front: Front | None = None,
     sessions_published: Callable[[], Awaitable[None]] | None = None,
     members: Callable[[], list[Member]] | None = None,
+    applied: Applied | None = None,
 ) -> Starlette:
     """The core's API: ingest through `publisher`, and every query and management route; the
     live stream with a `feed`, dead letters with `kafka` (Kafka mode), and customer sessions
     answered once `sessions_published` returns (Kafka mode: they are on the control topic);
     `members`: the cores `GET /v1/cluster/` lists (Kafka mode: `intake.members`; else this
-    core alone)."""
+    core alone); `applied`: how far the control topic is applied here (Kafka mode), what reads
+    after writes wait for (`api.read_after`)."""
     authenticate = registry.organization_id
     limits = settings.ingest.limits
     ctx = ApiContext(
@@ -327,8 +333,7 @@ def build_app(
         *console_routes.routes(),
         *openapi_routes.routes(version()),
     ]
-    return Starlette(
-        routes=routes,
-        exception_handlers=_errors().handlers,
-        middleware=[count_responses(responses)],
-    )
+    middleware = [count_responses(responses)]
+    if applied is not None:
+        middleware.append(read_after(applied))
+    return Starlette(routes=routes, exception_handlers=_errors().handlers, middleware=middleware)

@@ -51,13 +51,15 @@ class MeterlineServer:
         command: str = "up",
         validation_workers: int = 0,
         prefix: Sequence[str] = (),
+        port: int | None = None,
     ) -> None:
+        """`port`: a killed server's, to start another in its place (default: a free one)."""
         self.command = command
         self.prefix = tuple(prefix)  # runs the command (`nsenter ...`: another mount namespace)
         self.data_dir = data_dir
         self.extra_args = ("--validation-workers", str(validation_workers), *extra_args)
         self.log_level = log_level
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token: str | None = None
         self.output: list[str] = []

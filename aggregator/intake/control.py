@@ -142,10 +142,16 @@ class ControlApplier:
         self._partition = TopicPartition(kafka.control_topic, 0)
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        # The control topic's next offset once every group before it has committed here: a
+        # write answered by any core is read here once this has passed its record (`reached`).
+        self.through = 0
+        self._advanced = asyncio.Event()
         self.applied = 0
         self.skipped = 0
 
     async def __aenter__(self) -> Self:
+        stored = await self._store.read_now(control_offset, self._kafka.control_topic, 0)
+        self.through = stored or 0
         self._journal.follow(self._kafka.control_topic, self)
         self._task = asyncio.create_task(
             while_leading(self._role, self._reading), name="control-applier"
@@ -182,6 +188,17 @@ class ControlApplier:
         finally:
             await stop_within(self._consumer.stop, kafka.stop_timeout_seconds, "control consumer")
             self._consumer = None
+
+    async def reached(self, offset: int) -> None:
+        """Returns once the groups before `offset` have committed here."""
+        while self.through < offset:
+            await self._advanced.wait()
+
+    def _advance(self, through: int) -> None:
+        if through > self.through:
+            self.through = through
+            self._advanced.set()
+            self._advanced = asyncio.Event()
 
     async def _seek_to_stored(self) -> None:
         """Step 2."""
@@ -246,7 +263,9 @@ class ControlApplier:
         applying = self._store.queued_commands(commands, [advance], positions)
 
         async def answered() -> None:
-            for command, outcome in zip(commands, await applying, strict=True):
+            outcomes = await applying
+            self._advance(records[-1].offset + 1)
+            for command, outcome in zip(commands, outcomes, strict=True):
                 self._control.settle(command, outcome)  # step 5
                 self.applied += 1
 

@@ -4,6 +4,7 @@ these names from here, never from the modules behind them."""
 
 from ingest.http.admission import MIB, Admission, Limits, Rate
 from ingest.http.cloudevents import OPENMETER_PATH, CloudEvent
+from ingest.http.cores import OFFSET_HEADER, READ_AFTER_HEADER, CoreRouting, Cores
 from ingest.http.edge import (
     Front,
     IngestBody,
@@ -30,10 +31,14 @@ from ingest.http.responses import (
 __all__ = [
     "JSON",
     "MIB",
+    "OFFSET_HEADER",
     "OPENMETER_PATH",
+    "READ_AFTER_HEADER",
     "Admission",
     "Authenticate",
     "CloudEvent",
+    "CoreRouting",
+    "Cores",
     "ErrorBody",
     "ErrorMap",
     "FieldErrorBody",

@@ -23,6 +23,7 @@ from typing_extensions import TypedDict
 from ingest.errors import Unavailable
 from ingest.http.admission import Admission, Limits
 from ingest.http.cloudevents import CLOUDEVENTS_MEDIA, OPENMETER_PATH, CloudEventsBody
+from ingest.http.cores import Cores
 from ingest.http.metrics import Responses, count_responses, metrics_route
 from ingest.http.protocol import Gate
 from ingest.http.requests import Authenticate, authenticated
@@ -33,6 +34,7 @@ from meters.events import EventRules
 from meters.times import now_us
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
+_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
 
 
 @with_config(ConfigDict(use_attribute_docstrings=True))
@@ -176,8 +178,10 @@ def edge_app(
     settings: IngestSettings,
     metrics_token: str | None,
     front: Front | None = None,
+    cores: Cores | None = None,
 ) -> Starlette:
-    """A stateless ingest edge: the ingest routes into `publisher`, and its own metrics."""
+    """A stateless ingest edge: the ingest routes into `publisher`, and its own metrics; every
+    other request sent to the `cores` (none: 404)."""
     front = front or Front.of(settings.limits)
     admission, responses = front.admission, front.responses
     routes = [
@@ -185,6 +189,8 @@ def edge_app(
         metrics_route(admission, metrics_token, responses=responses),
         *ingest_routes(publisher, authenticate, settings, admission),
     ]
+    if cores is not None:
+        routes.append(Route("/{path:path}", cores.handle, methods=list(_METHODS)))
     return Starlette(
         routes=routes,
         exception_handlers=ErrorMap().handlers,

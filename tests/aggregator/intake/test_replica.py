@@ -12,6 +12,7 @@ import contextlib
 import random
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from dateutil.relativedelta import relativedelta
 
 from aggregator import cli
+from ingest.http import OFFSET_HEADER, READ_AFTER_HEADER
 from tests.aggregator.intake.test_control_topic import (
     READS,
     Workload,
@@ -107,6 +109,15 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
             workload.alerting(core, receiver.url, "delivered")
             for _ in range(40):  # API writes to either, answered once applied
                 workload.step(choose.choice([core, through_replica]), edge)
+            # A write answered by the core is read at once from the replica, asked to have
+            # applied the control topic as far as that answer says (what edges ask).
+            for _ in range(5):
+                made = core.post("/v1/customers/", json={"email": f"{uuid.uuid4().hex}@x.org"})
+                assert made.status_code == 201, made.text
+                after = {READ_AFTER_HEADER: made.headers[OFFSET_HEADER]}
+                read = through_replica.get(f"/v1/customers/{made.json()['id']}", headers=after)
+                assert read.status_code == 200, read.text
+                assert int(read.headers[OFFSET_HEADER]) >= int(made.headers[OFFSET_HEADER])
             # A plan whose second boundary comes a few seconds on: the core's plan cycler
             # processes it, as a journal group the replica applies too.
             plan = _second_cycle_soon(core, workload.meters[0])
