@@ -61,6 +61,13 @@ class KafkaSettings:
         `aggregator.intake.leadership`)."""
         return f"{self.topic}.lease"
 
+    @property
+    def lease_group(self) -> str:
+        """The cores' consumer group over the lease topic. Not the group itself: a broker may
+        keep the protocol of a group's past members (Tansu keeps the previous main's
+        `roundrobin` for its consumers of the events topic), and refuses another in it."""
+        return f"{self.consumer_group}.lease"
+
     def reader(self, **overrides: Any) -> AIOKafkaConsumer:
         """A consumer outside any group, whose positions its owner sets (assign and seek)."""
         options: dict[str, Any] = {

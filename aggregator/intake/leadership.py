@@ -125,7 +125,7 @@ class Lease:
         session_ms = round(kafka.session_timeout_seconds * 1000)
         self._member = AIOKafkaConsumer(
             bootstrap_servers=kafka.bootstrap,
-            group_id=kafka.consumer_group,
+            group_id=kafka.lease_group,
             enable_auto_commit=False,
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=session_ms // 3,

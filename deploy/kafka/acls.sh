@@ -21,8 +21,8 @@
 #   BOOTSTRAP=kafka:9093 ADMIN_CONFIG=admin.properties \
 #     TRUSTED_PRODUCERS="User:billing-exporter User:batch-loader" sh deploy/kafka/acls.sh
 # The names below are meterline's defaults (`--topic`, `--dead-letter-topic`,
-# `--consumer-group`; the control, journal and lease topics are named after the events topic); pass
-# the same values if the core runs with others.
+# `--consumer-group`, after which the cores' lease group is named, as the control, journal and
+# lease topics are after the events topic); pass the same values if the core runs with others.
 set -eu
 
 BOOTSTRAP="${BOOTSTRAP:-kafka:9092}"
@@ -65,7 +65,7 @@ done
 # partition) reads the events topic; it writes dead letters and reads them back
 # (GET /v1/dead-letters/, without a group).
 acl --allow-principal "$CORE_PRINCIPAL" --operation Read --topic "$TOPIC"
-acl --allow-principal "$CORE_PRINCIPAL" --operation Read --group "$CONSUMER_GROUP"
+acl --allow-principal "$CORE_PRINCIPAL" --operation Read --group "$CONSUMER_GROUP.lease"
 # Every core sends heartbeats to the lease topic and reads the others' (GET /v1/cluster/).
 acl --allow-principal "$CORE_PRINCIPAL" --operation Write --operation Read --topic "$LEASE_TOPIC"
 acl --allow-principal "$CORE_PRINCIPAL" --operation Write --operation Read \

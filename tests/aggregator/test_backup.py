@@ -6,6 +6,7 @@ from its own snapshot and converges on the core's digest, applying only the jour
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,11 +27,15 @@ from tests.aggregator.intake.test_control_topic import (
 )
 from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline
-from tests.processes import wait_until
+from tests.processes import Broker, MeterlineServer, wait_until
 
 pytestmark = pytest.mark.slow
 
 EVERY = ("--backup-every-seconds", "0.5", "--backups-kept", "3")
+# The main before replicas, leaders and snapshots (the data it stores is read as it is: no
+# schema step, journal entry or record changed since).
+PREVIOUS_MAIN = "815a3546f45304b9630f4e14ea7d4f9385f4d0a3"
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def _snapshot_after(folder: Path, moment: datetime) -> Path:
@@ -140,3 +145,57 @@ def test_a_replica_restored_from_its_snapshot_converges(tmp_path: Path) -> None:
                 wait_until(lambda: _caught_up(through_replica, reached), 60)
                 again = _ok(through_replica.get("/v1/cluster/digest"))
     _assert_same(reached, again)
+
+
+def _previous_main(into: Path) -> Path:
+    """The previous main's packages, from git, in `into` (run from there: `-m aggregator.cli`
+    imports them before this checkout's)."""
+    into.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPOSITORY), "archive", PREVIOUS_MAIN, "aggregator", "ingest", "meters"],
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def test_a_cluster_of_the_previous_main_upgraded_gains_a_replica_from_a_snapshot(
+    tmp_path: Path,
+) -> None:
+    workload = Workload(13)
+    previous = _previous_main(tmp_path / "previous")
+    data_dir, snaps = tmp_path / "core", tmp_path / "snapshots"
+    with Broker() as broker:
+        args = ("--kafka", broker.bootstrap, "--no-idempotence", "--allow-private-webhooks")
+        chdir = ("env", "-C", str(previous))
+        with MeterlineServer(data_dir, *args, prefix=chdir) as old, old.client() as core:
+            token = old.token
+            for _ in range(15):
+                workload.step(core, core)
+            before, _ = _settled(core)
+        # Upgraded in place: this main on the same data dir and topics, taking snapshots.
+        upgraded = (*args, "--backup-to", str(snaps), *EVERY)
+        with (
+            MeterlineServer(data_dir, *upgraded) as new,
+            new.client(token) as core,
+        ):
+            wait_until(lambda: _caught_up(core, before), 60)
+            assert _ok(core.get("/v1/cluster/digest"))["digest"] == before["digest"]
+            for _ in range(10):
+                workload.step(core, core)
+            _snapshot_after(snaps, datetime.now(UTC))
+            replica_dir = tmp_path / "replica"
+            assert cli.main(["restore", "--from", str(snaps), "--data-dir", str(replica_dir)]) == 0
+            for _ in range(10):  # writes go on after the snapshot
+                workload.step(core, core)
+            reached, _ = _settled(core)
+            replica_args = (*args, "--secret-file", str(data_dir / "secret.key"), "--replica")
+            with (
+                ServedCore(replica_dir, *replica_args, dev_token=False) as replica,
+                replica.client(token) as through_replica,
+            ):
+                wait_until(lambda: _caught_up(through_replica, reached), 60)
+                again = _ok(through_replica.get("/v1/cluster/digest"))
+    _assert_same(reached, again)
+    assert before["journal_offset"] < reached["journal_offset"]

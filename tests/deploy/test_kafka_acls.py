@@ -54,13 +54,13 @@ def test_the_names_are_meterlines_defaults_and_writers_are_only_the_trusted(
         ("topic", defaults.control_topic),
         ("topic", defaults.journal_topic),
         ("topic", defaults.lease_topic),
-        ("group", defaults.consumer_group),
+        ("group", defaults.lease_group),
         ("cluster", ""),
     }
     events = grants[("topic", defaults.topic)]
     assert _who(events, "Write") == {EDGE, CORE, "User:billing", "User:loader"}
     assert _who(events, "Read") == {CORE}
-    assert _who(grants[("group", defaults.consumer_group)], "Read") == {CORE}
+    assert _who(grants[("group", defaults.lease_group)], "Read") == {CORE}
     dead = grants[("topic", defaults.dead_letter_topic)]
     assert _who(dead, "Write") == _who(dead, "Read") == {CORE}
     control = grants[("topic", defaults.control_topic)]
