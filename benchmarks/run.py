@@ -44,6 +44,7 @@ from benchmarks import (
     live_stream,
     meter_heavy,
     meters,
+    replicas,
     sdk,
     takeover,
     validation,
@@ -88,6 +89,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "meter_heavy": Benchmark(meter_heavy, 540, 60),
     "api_writes": Benchmark(api_writes, 420, 60),
     "takeover": Benchmark(takeover, 300, 100),
+    "replicas": Benchmark(replicas, 900, 120),
 }
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
 _OPS = {">=": "≥", "<=": "≤", "==": "="}

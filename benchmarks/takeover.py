@@ -1,22 +1,23 @@
 """Failover: what a client sees when the core dies, with a standby core and without one.
 
 Hypothesis: with a second core standing by on the same topics, `kill -9` of the leader costs
-balance reads sent to the standby nothing, and writes sent to it wait for the takeover only,
-within 15 s at the default session timeout (6 s); without a standby, a core restarted at once
-on its data dir answers neither for as long as it takes to start and lead again.
+balance reads sent through an edge nothing (the edge asks the standby), and writes wait for
+the takeover only, within 15 s at the default session timeout (6 s); without a standby, a core
+restarted at once on its data dir answers neither for as long as it takes to start and lead
+again.
 
 Command: `.venv/bin/python -m benchmarks.run takeover` (`--quick`: one run of each).
 
 Each run: a fresh broker (Tansu, memory storage), a core `meterline up --kafka` with a count
-meter and a customer with usage, and in the `standby` scenario a second core (`meterline core`,
-its own data dir, the cluster secret). A client asks the balance check
-(`/v1/customer-meters/check`) every 50 ms, of the standby (`standby`) or of the core's port
-(`restart`); one second on, the leader is killed (SIGKILL) and, in `restart`, started again on
+meter and a customer with usage, in the `standby` scenario a second core (`meterline core`, its
+own data dir, the cluster secret), and an edge (`meterline ingest --core URL` for each core)
+that clients talk to. A client asks the balance check (`/v1/customer-meters/check`) of the edge
+every 50 ms; one second on, the leader is killed (SIGKILL) and, in `restart`, started again on
 the same data dir and port. Measured from the kill: the first write answered (a customer
-create, sent at once to the standby or to the port, with its request id again after a 504 or a
-refused connection), and the longest gap between two answered checks over the 20 s after it.
-The reference is the same run's other scenario; the session timeout is the floor of a takeover
-(the group waits that long for a silent member).
+create sent to the edge, with its request id again after a 504 or a refused connection), the
+longest gap between two answered checks over the 20 s after it, and the checks' p99 and
+slowest answer over those 20 s. The reference is the same run's other scenario; the session
+timeout is the floor of a takeover (the group waits that long for a silent member).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import metric
+from benchmarks.common import metric, percentile
 from benchmarks.server import Server
 from tests.processes import Broker, wait_until
 
@@ -56,6 +57,7 @@ class Checks(threading.Thread):
     ) -> None:
         super().__init__(daemon=True)
         self.asked: list[tuple[float, bool]] = []  # (when, answered)
+        self.seconds: list[tuple[float, float]] = []  # (when, how long) of each answered
         self._done = threading.Event()
         self._args = (url, token, path, params or {}, timeout)
 
@@ -64,11 +66,14 @@ class Checks(threading.Thread):
         headers = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
             while not self._done.is_set():
+                began = time.monotonic()
                 try:
                     ok = client.get(path, params=params).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 self.asked.append((time.monotonic(), ok))
+                if ok:
+                    self.seconds.append((began, time.monotonic() - began))
                 time.sleep(0.05)
 
     def stop(self) -> None:
@@ -85,6 +90,10 @@ class Checks(threading.Thread):
     def longest_gap(self, since: float, until: float) -> float:
         times = [since, *(t for t, ok in self.asked if ok and since < t < until), until]
         return max(b - a for a, b in itertools.pairwise(times))
+
+    def latency(self, since: float, until: float, q: float) -> float:
+        """The `q` percentile of how long answered checks asked in [since, until) took."""
+        return percentile([d for t, d in self.seconds if since <= t < until], q)
 
     def answered(self, since: float, until: float) -> float:
         """The share of checks asked in [since, until) that were answered."""
@@ -161,22 +170,24 @@ def _run(scenario: str) -> dict[str, Any]:
             args = ("--kafka", broker.bootstrap, "--no-idempotence", "--validation-workers", "0")
             core = Server(*args, data_dir=work / "a").start()
             standby: Server | None = None
+            edge: Server | None = None
             try:
                 wait_until(lambda: any("this core leads" in line for line in core.output), 60)
                 customer, meter = _prepare(core)
                 token = core.token
                 assert token is not None
-                target = core
+                cores = ["--core", core.url]
                 if scenario == "standby":
                     secret = work / "cluster.secret"
                     shutil.copy(work / "a" / "secret.key", secret)
                     standby = Server(
                         *args, "--secret-file", str(secret), command="core", data_dir=work / "b"
                     ).start()
-                    target = standby
+                    cores += ["--core", standby.url]
                     wait_until(lambda: write_answered(standby.url, token, 30) < 30, 60)
+                edge = Server(*args, *cores, command="ingest", data_dir=work / "a").start()
                 params = {"external_customer_id": customer, "meter_id": meter, "units": 1}
-                checks = Checks(target.url, token, "/v1/customer-meters/check", params)
+                checks = Checks(edge.url, token, "/v1/customer-meters/check", params)
                 checks.start()
                 time.sleep(1)
                 core.kill()
@@ -186,26 +197,31 @@ def _run(scenario: str) -> dict[str, Any]:
                     core = Server(*args, data_dir=work / "a")
                     core.port, core.url = port, f"http://127.0.0.1:{port}"
                     threading.Thread(target=core.start, daemon=True).start()
-                write = write_answered(target.url if standby else core.url, token, 60)
+                write = write_answered(edge.url, token, 60)
                 time.sleep(max(0.0, killed + WATCH_SECONDS - time.monotonic()))
                 checks.stop()
-                gap = checks.longest_gap(killed, killed + WATCH_SECONDS)
-                answered = checks.answered(killed, killed + WATCH_SECONDS)
+                window = (killed, killed + WATCH_SECONDS)
+                gap = checks.longest_gap(*window)
+                answered = checks.answered(*window)
+                p99, slowest = checks.latency(*window, 99), checks.latency(*window, 100)
             finally:
-                for server in (standby, core):
+                for server in (edge, standby, core):
                     if server is not None:
                         server.kill()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
         f"   {scenario}: write answered {write:.1f} s after the kill; longest check gap"
-        f" {gap:.2f} s; checks answered {answered:.0%} of the 20 s",
+        f" {gap:.2f} s; checks answered {answered:.0%} of the 20 s, p99 {p99 * 1000:.0f} ms,"
+        f" slowest {slowest:.2f} s",
         flush=True,
     )
     return {
         "write_seconds": round(write, 3),
         "check_gap_seconds": round(gap, 3),
         "checks_answered": round(answered, 4),
+        "check_p99_seconds": round(p99, 4),
+        "check_slowest_seconds": round(slowest, 4),
     }
 
 
@@ -241,6 +257,16 @@ def run(quick: bool = False) -> dict[str, Any]:
             metric(
                 "standby: longest gap between answered checks (median)",
                 median("standby", "check_gap_seconds"),
+                "s",
+            ),
+            metric(
+                "standby: check answered within, p99 over the 20 s after the kill (median)",
+                median("standby", "check_p99_seconds") * 1000,
+                "ms",
+            ),
+            metric(
+                "standby: slowest check answered over the 20 s after the kill (worst run)",
+                max(r["check_slowest_seconds"] for r in results["standby"]),
                 "s",
             ),
             metric(

@@ -1,0 +1,263 @@
+"""Replicas: what following cores cost the leader, and what a snapshot costs.
+
+Hypothesis: a replica reads the topics itself (the journal names the ranges), so replicas cost
+the leader nothing: events applied per leader core-second with two replicas following are at
+least 0.9 of those with one (and with none). A snapshot of a serving core copies its database
+in one read transaction, at about the disk's speed.
+
+Command: `.venv/bin/python -m benchmarks.run replicas` (`--quick`: smaller, one run each).
+
+Replicas, each run: a fresh broker (Tansu, memory storage), a core (`meterline core`, the
+leader) with the 10 meters of `benchmarks.meters`, and 0, 1 or 2 replicas (`meterline core
+--replica`, own data dirs, the cluster secret), started and caught up before anything is timed;
+then N loadgen events as edges write them (columnar records, 6 partitions) are published from
+this process, and each core is timed until the API counts all N stored. Per core: wall
+seconds and CPU seconds over that time (with its validation workers). The figure is N per
+leader CPU second with two replicas, as a ratio to the same with one, and with none, in the
+same run (runs interleaved, medians). Wall throughput is given too: on this 2-core machine the
+replicas take CPU from the leader, so it falls with them whatever each costs.
+
+Snapshot: the leader of a run without replicas is given `--backup-to` once it holds the events
+(restarted on its data dir, which applies nothing again), and the first snapshot it writes while
+serving is timed (from its folder's time to its manifest's) and sized; the reference is a plain
+copy of the database file just after (the disk's speed, same machine, same file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from aggregator.backup import MANIFEST, snapshots
+from benchmarks.common import metric
+from benchmarks.kafka import (
+    columnar_requests,
+    create_token,
+    kafka_args,
+    produce_columnar,
+    raw_producer,
+)
+from benchmarks.meters import METERS
+from benchmarks.server import Server
+from tests.processes import Broker, wait_until
+
+REPLICAS = (0, 1, 2)
+BATCHES = 2_000  # of 1,000 events: 2 M events
+QUICK_BATCHES = 200
+SNAPSHOT_BATCHES = 10_000  # 10 M events
+QUICK_SNAPSHOT_BATCHES = 500
+TARGET_RATIO = 0.9
+
+
+def _cpu(server: Server) -> float:
+    total, _, workers = server.cpu_seconds()
+    return total + workers
+
+
+async def _publish(bootstrap: str, topic: str, requests: Any) -> None:
+    producer = raw_producer(bootstrap)
+    await producer.start()
+    try:
+        await produce_columnar(producer, topic, requests)
+    finally:
+        await producer.stop()
+
+
+def _cluster_run(replicas: int, batches: int, work: Path) -> dict[str, Any]:
+    """One run: the leader and `replicas` replicas, timed applying `batches` thousand events."""
+    n = batches * 1_000
+    with Broker() as broker:
+        leader_dir = work / "leader"
+        token, organization = create_token(leader_dir)
+        args = (*kafka_args(broker), "--validation-workers", "0")
+        servers: list[Server] = []
+        try:
+            leader = Server(*args, command="core", data_dir=leader_dir).start()
+            servers.append(leader)
+            leader.token = token
+            wait_until(lambda: any("this core leads" in line for line in leader.output), 60)
+            with leader.client(token) as client:
+                for definition in METERS:
+                    answer = client.post("/v1/meters/", json=definition)
+                    assert answer.status_code == 201, answer.text
+            secret = ("--secret-file", str(leader_dir / "secret.key"), "--replica")
+            for i in range(replicas):
+                replica = Server(*args, *secret, command="core", data_dir=work / f"replica{i}")
+                servers.append(replica.start())
+                replica.token = token
+            requests = columnar_requests(organization, batches, seed=replicas, tag="replicas")
+            # Every core has the meters (the replicas, from the journal) before the timing.
+            for server in servers:
+                with server.client(token) as client:
+                    wait_until(
+                        lambda c=client: len(c.get("/v1/meters/").json()["items"]) == len(METERS),
+                        60,
+                    )
+            cpu_before = [_cpu(s) for s in servers]
+            started = time.monotonic()
+            asyncio.run(_publish(broker.bootstrap, "meterline.events", requests))
+            published = time.monotonic() - started
+            done: dict[int, float] = {}
+            while len(done) < len(servers) and time.monotonic() - started < 600:
+                for i, server in enumerate(servers):
+                    if i not in done and server.total_count() >= n:
+                        done[i] = time.monotonic() - started
+                        cpu_before[i] = _cpu(server) - cpu_before[i]
+                time.sleep(0.2)
+            if len(done) < len(servers):
+                raise RuntimeError(f"not every core applied {n} events within 600 s")
+        finally:
+            for server in servers:
+                server.kill()
+    result = {
+        "events": n,
+        "publish_seconds": round(published, 3),
+        "leader_seconds": round(done[0], 3),
+        "leader_cpu_seconds": round(cpu_before[0], 3),
+        "leader_events_per_cpu_second": round(n / cpu_before[0]),
+        "leader_events_per_second": round(n / done[0]),
+        "replica_seconds": [round(done[i], 3) for i in range(1, len(servers))],
+        "replica_cpu_seconds": [round(cpu_before[i], 3) for i in range(1, len(servers))],
+    }
+    print(
+        f"   {replicas} replica(s): leader {result['leader_events_per_second']:,} events/s,"
+        f" {result['leader_events_per_cpu_second']:,} per CPU s; replicas done at"
+        f" {result['replica_seconds']} s",
+        flush=True,
+    )
+    return result
+
+
+def _snapshot_run(batches: int, work: Path) -> dict[str, Any]:
+    """A leader holding `batches` thousand events, then serving with --backup-to."""
+    n = batches * 1_000
+    leader_dir, snaps = work / "leader", work / "snapshots"
+    with Broker() as broker:
+        token, organization = create_token(leader_dir)
+        args = (*kafka_args(broker), "--validation-workers", "0")
+        with Server(*args, command="core", data_dir=leader_dir) as leader:
+            leader.token = token
+            wait_until(lambda: any("this core leads" in line for line in leader.output), 60)
+            with leader.client(token) as client:
+                for definition in METERS:
+                    assert client.post("/v1/meters/", json=definition).status_code == 201
+            chunk = 500
+            for first in range(0, batches, chunk):  # built and sent a chunk at a time
+                requests = columnar_requests(
+                    organization, min(chunk, batches - first), seed=first, tag=f"snap{first}"
+                )
+                asyncio.run(_publish(broker.bootstrap, "meterline.events", requests))
+            wait_until(lambda: leader.total_count() >= n, 1800)
+        backed = ("--backup-to", str(snaps), "--backup-every-seconds", "3600")
+        with Server(*args, *backed, command="core", data_dir=leader_dir) as leader:
+            wait_until(lambda: bool(snapshots(snaps)) if snaps.exists() else False, 1800)
+            (snapshot,) = snapshots(snaps)
+            manifest = orjson.loads((snapshot / MANIFEST).read_bytes())
+            begun = datetime.strptime(snapshot.name, "%Y%m%dT%H%M%S.%fZ")
+            ended = datetime.fromisoformat(manifest["created_at"]).replace(tzinfo=None)
+            seconds = (ended - begun).total_seconds()
+            database = leader_dir / "meterline.duckdb"
+            started = time.monotonic()
+            shutil.copyfile(database, work / "plain-copy.duckdb")
+            copy_seconds = time.monotonic() - started
+            size = sum(manifest["files"].values())
+            database_size = database.stat().st_size
+    print(
+        f"   snapshot of {n:,} events: {seconds:.1f} s, {size / 2**20:.0f} MiB"
+        f" (plain copy of the {database_size / 2**20:.0f} MiB file: {copy_seconds:.1f} s)",
+        flush=True,
+    )
+    return {
+        "events": n,
+        "snapshot_seconds": round(seconds, 3),
+        "snapshot_bytes": size,
+        "database_bytes": database_size,
+        "plain_copy_seconds": round(copy_seconds, 3),
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    runs = 1 if quick else 3
+    batches = QUICK_BATCHES if quick else BATCHES
+    results: dict[int, list[dict[str, Any]]] = {r: [] for r in REPLICAS}
+    for _ in range(runs):  # interleaved: the machine's load falls on each alike
+        for replicas in REPLICAS:
+            work = Path(tempfile.mkdtemp(prefix="meterline-replicas-"))
+            try:
+                results[replicas].append(_cluster_run(replicas, batches, work))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix="meterline-snapshot-"))
+    try:
+        snapshot = _snapshot_run(QUICK_SNAPSHOT_BATCHES if quick else SNAPSHOT_BATCHES, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def median(replicas: int, key: str) -> float:
+        return float(statistics.median(r[key] for r in results[replicas]))
+
+    per_cpu = {r: median(r, "leader_events_per_cpu_second") for r in REPLICAS}
+    return {
+        "metrics": [
+            metric(
+                "leader events per CPU second, 2 replicas / 1 replica",
+                per_cpu[2] / per_cpu[1],
+                "x",
+                ">=",
+                TARGET_RATIO,
+            ),
+            metric(
+                "leader events per CPU second, 2 replicas / none",
+                per_cpu[2] / per_cpu[0],
+                "x",
+                ">=",
+                TARGET_RATIO,
+            ),
+            *(
+                metric(f"leader events per CPU second, {r} replica(s)", per_cpu[r], "events/s")
+                for r in REPLICAS
+            ),
+            *(
+                metric(
+                    f"leader wall throughput, {r} replica(s)",
+                    median(r, "leader_events_per_second"),
+                    "events/s",
+                )
+                for r in REPLICAS
+            ),
+            metric(
+                "replica CPU seconds per leader CPU second (2 replicas, each)",
+                statistics.median(
+                    c / r["leader_cpu_seconds"]
+                    for r in results[2]
+                    for c in r["replica_cpu_seconds"]
+                ),
+                "x",
+            ),
+            metric(
+                f"snapshot of {snapshot['events']:,} events while serving",
+                snapshot["snapshot_seconds"],
+                "s",
+            ),
+            metric(
+                "snapshot time / plain copy of the database file",
+                snapshot["snapshot_seconds"] / snapshot["plain_copy_seconds"],
+                "x",
+            ),
+            metric("snapshot size", snapshot["snapshot_bytes"] / 2**20, "MiB"),
+            metric(
+                "snapshot size / database file",
+                snapshot["snapshot_bytes"] / snapshot["database_bytes"],
+                "x",
+            ),
+        ],
+        "details": {"runs": results, "snapshot": snapshot},
+    }
