@@ -69,6 +69,7 @@ from aggregator.services.live_feed import LiveFeed
 from aggregator.store import LogCorrupt, Store, TenantLimits, quotas
 from aggregator.upstream import command_line as upstream_cli
 from aggregator.upstream.forwarder import Forwarder, ForwarderSettings
+from aggregator.upstream.progress import Progress
 from aggregator.upstream.webhook_sender import WebhookSender, WebhookSettings
 from ingest.http import (
     MIB,
@@ -694,6 +695,7 @@ async def serve(
                 )
             )
             journal = members = applied = None
+            progress = Progress(store)
             role = Role(leading=kafka is None)  # embedded, a core always leads
             if kafka is not None and control is not None:
                 # One order for the control topic and the events topic: the journal's, which
@@ -716,6 +718,9 @@ async def serve(
                         role,
                     )
                 )
+                # What the leader's forwarder recorded, applied here too (a new leader
+                # forwards on from it).
+                progress = Progress(store, journal)
                 # Organizations and tokens reach the edges through the control topic.
                 view = await stack.enter_async_context(TokenView(kafka, sealer, secret))
                 exporter = await stack.enter_async_context(
@@ -752,7 +757,9 @@ async def serve(
             forwarding = None
             if forward is not None:
                 forwarded = registry.organization(forward.organization).id
-                forwarder = await stack.enter_async_context(Forwarder(store, forwarded, forward))
+                forwarder = await stack.enter_async_context(
+                    Forwarder(store, forwarded, forward, progress=progress, role=role)
+                )
                 forwarding = (forwarder, forwarded)
             feed = await stack.enter_async_context(
                 LiveFeed(store, settings.stream_heartbeat_seconds, limits=settings.quotas)

@@ -54,6 +54,7 @@ from aggregator.errors import (
     LimitReached,
     MeterFailed,
     NotFound,
+    NotLeading,
     OutcomeUnreadable,
     QueryTimeout,
     StorageFull,
@@ -230,6 +231,7 @@ def _errors() -> ErrorMap:
     errors.register(LimitReached, 409, "LimitReached")
     errors.register(QueryTimeout, 503, "QueryTimeout", headers={"Retry-After": "5"})
     errors.register(StorageFull, 503, "StorageFull", headers={"Retry-After": "30"})
+    errors.register(NotLeading, 503, "NotLeading", headers={"Retry-After": "1"})
     errors.register_handler(HTTPException, _http_error)
     errors.register_handler(Exception, _internal)
     return errors

@@ -22,9 +22,11 @@ from typing import Literal, Self
 
 import httpx
 
-from aggregator.errors import UsageError
+from aggregator.errors import NotLeading, UsageError
+from aggregator.intake.leadership import Role
 from aggregator.store import Pending, Store
 from aggregator.upstream.outboxes import Outbox, RawOutbox, RollupOutbox
+from aggregator.upstream.progress import Progress
 from meters.polar_api import PolarApi
 from meters.upstream import Accepted, Rejected, RetryLater, backoff
 
@@ -49,13 +51,14 @@ class ForwarderSettings:
     # Local external customer id (or customer id) → the upstream's external_customer_id.
     customer_map: Mapping[str, str] = field(default_factory=dict)
 
-    def outbox(self, store: Store, organization_id: str) -> Outbox:
+    def outbox(self, store: Store, organization_id: str, progress: Progress) -> Outbox:
         if self.mode == "raw":
-            return RawOutbox(store, organization_id, self.customer_map)
+            return RawOutbox(store, organization_id, self.customer_map, progress)
         return RollupOutbox(
             store,
             organization_id,
             self.customer_map,
+            progress,
             period_minutes=self.rollup_minutes,
             settle_seconds=self.settle_seconds,
             stage_every_seconds=self.stage_every_seconds,
@@ -63,7 +66,7 @@ class ForwarderSettings:
 
 
 class Forwarder:
-    """Runs in the background while open. An async context manager."""
+    """Runs in the background while open and this core leads. An async context manager."""
 
     def __init__(
         self,
@@ -71,9 +74,14 @@ class Forwarder:
         organization_id: str,
         settings: ForwarderSettings,
         *,
+        progress: Progress | None = None,
+        role: Role | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._outbox = settings.outbox(store, organization_id)
+        """`progress`: how the outbox records the upstream's answers (None: in the store
+        alone); `role`: forwards only while this core leads (None: always)."""
+        self._outbox = settings.outbox(store, organization_id, progress or Progress(store))
+        self._role = role or Role(leading=True)
         self._settings = settings
         self.mode = settings.mode
         # The client spaces its requests evenly: never more than the rate in any minute.
@@ -118,6 +126,7 @@ class Forwarder:
 
     async def _run(self) -> None:
         while True:
+            await self._role.until(True)
             try:
                 batch = await self._outbox.next(self._settings.max_events)
                 if not batch:
@@ -167,6 +176,7 @@ class Forwarder:
 
     async def resend(self, seq: int) -> str:
         """Send one quarantined event again; release it if the upstream takes it now."""
+        self._leading()
         found = [p for p, _ in await self._outbox.quarantined(seq)]
         if not found:
             return "not quarantined"
@@ -185,6 +195,7 @@ class Forwarder:
         deduplicates on their external_ids, which are the ones the outbox sends."""
         if not isinstance(self._outbox, RawOutbox):
             raise UsageError("rollup mode forwards no raw events to re-send")
+        self._leading()
         found = await self._outbox.events(event_ids)
         accepted, rest = 0, found
         while rest:
@@ -197,6 +208,10 @@ class Forwarder:
             "accepted": accepted,
             "refused": len(found) - accepted,
         }
+
+    def _leading(self) -> None:
+        if not self._role.leading:
+            raise NotLeading("this core follows: the leader forwards (ask it)")
 
 
 def _within(batch: list[Pending], max_bytes: int) -> list[Pending]:

@@ -14,6 +14,7 @@ import orjson
 from aggregator.store import Pending, Store
 from aggregator.store import forward_rollups as rollup_sql
 from aggregator.store import outbox as raw_sql
+from aggregator.upstream.progress import Progress
 from meters.times import now_us
 
 
@@ -36,10 +37,17 @@ class Outbox(Protocol):
 class RawOutbox:
     """Every user event, in seq order (so in order per customer)."""
 
-    def __init__(self, store: Store, organization_id: str, customer_map: Mapping[str, str]):
+    def __init__(
+        self,
+        store: Store,
+        organization_id: str,
+        customer_map: Mapping[str, str],
+        progress: Progress,
+    ):
         self._store = store
         self._org = organization_id
         self._map = customer_map
+        self._progress = progress
 
     async def next(self, limit: int) -> list[Pending]:
         after = await self._store.read(raw_sql.cursor, self._org)
@@ -61,18 +69,19 @@ class RawOutbox:
         return replace(pending, event=event, size=len(orjson.dumps(event)))
 
     async def done(self, batch: list[Pending], accepted: list[Pending]) -> None:
-        job = raw_sql.advance_job(self._org, batch[-1].seq, len(accepted), now_us())
-        await self._store.write(job)
+        await self._progress.record(
+            "raw.advance", self._org, batch[-1].seq, len(accepted), now_us()
+        )
 
     async def quarantine(self, refused: list[tuple[int, str]]) -> None:
-        await self._store.write(raw_sql.quarantine_job(self._org, refused, now_us()))
+        await self._progress.record("raw.quarantine", self._org, refused, now_us())
 
     async def quarantined(self, seq: int | None = None) -> list[tuple[Pending, str]]:
         rows = await self._store.read(raw_sql.quarantined, self._org, seq)
         return [(self._mapped(p), reason) for p, reason in rows]
 
     async def release(self, seq: int) -> None:
-        await self._store.write(raw_sql.release_job(self._org, seq))
+        await self._progress.record("raw.release", self._org, seq)
 
     async def backlog(self) -> int:
         return await self._store.read(raw_sql.backlog, self._org)
@@ -86,6 +95,7 @@ class RollupOutbox:
         store: Store,
         organization_id: str,
         customer_map: Mapping[str, str],
+        progress: Progress,
         *,
         period_minutes: int,
         settle_seconds: float,
@@ -94,6 +104,7 @@ class RollupOutbox:
         self._store = store
         self._org = organization_id
         self._map = customer_map
+        self._progress = progress
         self._period_us = period_minutes * 60_000_000
         self._minutes = period_minutes
         self._settle_us = int(settle_seconds * 1_000_000)
@@ -104,8 +115,9 @@ class RollupOutbox:
         """Freeze every settled period's change into the outbox; how many events that made."""
         now = now_us()
         cutoff = (now - self._settle_us) // self._period_us * self._period_us
-        job = rollup_sql.stage_job(self._org, self._minutes, cutoff, self._map, now)
-        staged: int = await self._store.write(job)
+        staged: int = await self._progress.record(
+            "rollup.stage", self._org, self._minutes, cutoff, dict(self._map), now
+        )
         self._staged_at = time.monotonic()
         return staged
 
@@ -119,16 +131,16 @@ class RollupOutbox:
     async def done(self, batch: list[Pending], accepted: list[Pending]) -> None:
         if accepted:
             seqs = [p.seq for p in accepted]
-            await self._store.write(rollup_sql.sent_job(self._org, seqs, now_us()))
+            await self._progress.record("rollup.sent", self._org, seqs, now_us())
 
     async def quarantine(self, refused: list[tuple[int, str]]) -> None:
-        await self._store.write(rollup_sql.quarantine_job(self._org, refused, now_us()))
+        await self._progress.record("rollup.quarantine", self._org, refused, now_us())
 
     async def quarantined(self, seq: int | None = None) -> list[tuple[Pending, str]]:
         return await self._store.read(rollup_sql.quarantined, self._org, seq)
 
     async def release(self, seq: int) -> None:
-        await self._store.write(rollup_sql.sent_job(self._org, [seq], now_us()))
+        await self._progress.record("rollup.sent", self._org, [seq], now_us())
 
     async def backlog(self) -> int:
         return await self._store.read(rollup_sql.backlog, self._org)
