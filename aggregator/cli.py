@@ -736,7 +736,13 @@ async def serve(
             )
             await stack.enter_async_context(PlanCycler(store, journal=journal, role=role))
             await stack.enter_async_context(  # side effects: the leader's alone
-                WebhookSender(store, settings.webhooks, state_payload=state_payload, role=role)
+                WebhookSender(
+                    store,
+                    settings.webhooks,
+                    state_payload=state_payload,
+                    role=role,
+                    progress=progress,
+                )
             )
             consumer = None
             publisher: Publisher = EmbeddedPublisher(store, validation)

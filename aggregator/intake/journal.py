@@ -71,7 +71,7 @@ READ_SECONDS = 30.0
 RETRY_SECONDS = 1.0  # a replica's pause before it reads again what failed to apply
 BACKFILL = "backfill"  # what entries of a backfill's steps name as their topic (no Kafka topic)
 PLANS = "plans"  # and those of credit plans' cycles
-FORWARDING = "forwarding"  # and those of what the forwarder's outbox recorded
+EFFECTS = "effects"  # and those of what the leader's side effects recorded
 
 Records = list[ConsumerRecord[bytes, bytes]]
 
@@ -98,10 +98,10 @@ class Entry:
     # Credit plans' boundaries due at `at_us` instead of records (`plan_cycler`): at most this
     # many, applied at this place in the journal's order by every core.
     cycles: int | None = None
-    # What the forwarder's outbox recorded instead of records (`upstream.progress`): the name
-    # of the change and its arguments (JSON), applied by every core, so that a new leader
-    # forwards on from where the last one's upstream answers left off.
-    forwarding: tuple[str, tuple[Any, ...]] | None = None
+    # What a side effect recorded instead of records (`upstream.progress`: the upstream's
+    # answers to the forwarder, webhook deliveries): the name of the change and its arguments
+    # (JSON), applied by every core, so that a new leader goes on from where the last left off.
+    effect: tuple[str, tuple[Any, ...]] | None = None
 
     def next_offsets(self) -> dict[int, int]:
         """Where each partition's next group starts once this one is applied."""
@@ -120,7 +120,7 @@ def encode(entry: Entry) -> bytes:
             "resets": entry.resets,
             **({"backfill": entry.backfill} if entry.backfill else {}),
             **({"cycles": entry.cycles} if entry.cycles is not None else {}),
-            **({"forwarding": entry.forwarding} if entry.forwarding else {}),
+            **({"effect": entry.effect} if entry.effect else {}),
         }
     )
 
@@ -143,7 +143,7 @@ def decode(value: bytes) -> Entry:
             ),
             _backfill(data.get("backfill")),
             None if data.get("cycles") is None else int(data["cycles"]),
-            _forwarding(data.get("forwarding")),
+            _effect(data.get("effect")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"bad journal entry: {exc!r}") from None
@@ -156,7 +156,7 @@ def _backfill(value: Any) -> tuple[str, int, int] | None:
     return str(meter_id), int(version), int(chunk)
 
 
-def _forwarding(value: Any) -> tuple[str, tuple[Any, ...]] | None:
+def _effect(value: Any) -> tuple[str, tuple[Any, ...]] | None:
     if value is None:
         return None
     name, args = value

@@ -1,9 +1,10 @@
-"""How the forwarder's outboxes record what the upstream answered: at once in the store
-(embedded), or, in Kafka mode, as journal groups that every core applies at the same place
-(`intake.journal`: an entry naming the change and its arguments). Only the leader forwards
-(`Forwarder`); a core that takes over holds the cursor, the quarantine and the rollups sent as
-the last leader recorded them, and sends again at most what that leader had sent but not yet
-recorded: the same events under the same external ids, which the upstream deduplicates."""
+"""How the leader's side effects record what they did: at once in the store (embedded), or, in
+Kafka mode, as journal groups that every core applies at the same place (`intake.journal`: an
+entry naming the change and its arguments). Only the leader forwards (`Forwarder`) and delivers
+webhooks (`WebhookSender`); a core that takes over holds the forwarding cursor, the quarantine,
+the rollups sent and each delivery's attempts as the last leader recorded them, and sends again
+at most what that leader had sent but not yet recorded: the same events under the same external
+ids or `webhook-id`s, which the upstream and receivers deduplicate."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from aggregator.intake.journal import FORWARDING, Entry, Journal, Records
-from aggregator.store import Job, Positions, Store, forward_rollups, outbox
+from aggregator.intake.journal import EFFECTS, Entry, Journal, Records
+from aggregator.store import Job, Positions, Store, forward_rollups, outbox, webhook_tables
 from meters.times import now_us
 
 log = logging.getLogger(__name__)
 
-# Each change an outbox records, by the name journal entries give it.
+# Each change a side effect records, by the name journal entries give it.
 CHANGES: dict[str, Callable[..., Job[Any]]] = {
     "raw.advance": outbox.advance_job,
     "raw.quarantine": outbox.quarantine_job,
@@ -25,18 +26,19 @@ CHANGES: dict[str, Callable[..., Job[Any]]] = {
     "rollup.stage": forward_rollups.stage_job,
     "rollup.sent": forward_rollups.sent_job,
     "rollup.quarantine": forward_rollups.quarantine_job,
+    "webhook.attempted": webhook_tables.recorded_attempts_job,
 }
 
 
 class Progress:
-    """Records the outboxes' changes (`record`); in Kafka mode, follows the journal's
+    """Records the side effects' changes (`record`); in Kafka mode, follows the journal's
     (`replay`) from construction on."""
 
     def __init__(self, store: Store, journal: Journal | None = None) -> None:
         self._store = store
         self._journal = journal
         if journal is not None:
-            journal.follow(FORWARDING, self)
+            journal.follow(EFFECTS, self)
 
     async def record(self, change: str, *args: Any) -> Any:
         """Apply `CHANGES[change](*args)` here (and, in Kafka mode, on every core); its
@@ -44,14 +46,14 @@ class Progress:
         job = CHANGES[change](*args)
         if self._journal is None:
             return await self._store.write(job)
-        entry = Entry(FORWARDING, (), now_us(), forwarding=(change, args))
+        entry = Entry(EFFECTS, (), now_us(), effect=(change, args))
         return await self._journal.append_job(entry, job)
 
     async def replay(self, entry: Entry, records: Records, positions: Positions) -> None:
         """A journal entry's change (`journal.Follower`)."""
-        assert entry.forwarding is not None
-        change, args = entry.forwarding
+        assert entry.effect is not None
+        change, args = entry.effect
         if change not in CHANGES:  # a later version's: the cores applying it know it
-            log.error("journal: forwarding change %r unknown here; left out", change)
+            log.error("journal: side effect change %r unknown here; left out", change)
             return
         await self._store.queued_at(CHANGES[change](*args), positions)

@@ -10,9 +10,10 @@ loopback targets are refused unless allowed (`targets`: checked where each attem
 on the addresses it connects to). Of an answer, only the excerpt kept is read; an attempt
 ends within the timeout. Delivered rows and logs older than the retention are pruned.
 
-In Kafka mode only the core that leads (`intake.leadership`) delivers. A core that comes to
-lead delivers what its own outbox holds pending: deliveries the last leader made but this core
-never heard of are made again, under the same `webhook-id` (receivers dedupe by it).
+In Kafka mode only the core that leads (`intake.leadership`) delivers, and its attempts are
+recorded as journal groups every core applies (`progress`): a core that comes to lead delivers
+what the last leader had not recorded as delivered, again under the same `webhook-id`
+(receivers dedupe by it).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from aggregator.store import (
     Due,
     StatePayload,
     Store,
-    attempted_job,
+    attempt_record,
     next_due_us,
     prune_job,
     state_changes_job,
@@ -43,6 +44,7 @@ from aggregator.store import (
     webhook_tables,
 )
 from aggregator.upstream import targets
+from aggregator.upstream.progress import Progress
 from aggregator.upstream.targets import PublicTransport, TargetRefused
 from meters.http_answers import excerpt, keep_secrets_out_of_logs
 from meters.times import NEVER, now_us
@@ -83,10 +85,13 @@ class WebhookSender:
         state_payload: StatePayload | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         role: Role | None = None,
+        progress: Progress | None = None,
     ) -> None:
-        """`role`: delivers only while this core leads (None: always)."""
+        """`role`: delivers only while this core leads (None: always); `progress`: how
+        attempts are recorded (None: in the store alone)."""
         self._store = store
         self._role = role or Role(leading=True)
+        self._progress = progress or Progress(store)
         self._settings = settings
         self._state_payload = state_payload
         self._states_at = NEVER
@@ -280,4 +285,7 @@ class WebhookSender:
     async def _record_batch(self) -> None:
         await asyncio.sleep(0.005)  # the deliveries finishing with this one join it
         batch, self._attempts, self._recording = self._attempts, [], None
-        await self._store.write(attempted_job(batch, self._settings.disable_after_seconds))
+        records = [attempt_record(a) for a in batch]
+        await self._progress.record(
+            "webhook.attempted", records, self._settings.disable_after_seconds
+        )

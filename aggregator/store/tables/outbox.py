@@ -113,9 +113,12 @@ def advance_job(organization_id: str, to: int, sent: int, now_us: int) -> Job[No
     def job(tx: Tx) -> None:
         con = tx.con
         con.execute(
+            # Moved forward once: a journal group applied again after a crash finds the
+            # cursor there already, and counts nothing twice.
             "INSERT INTO forward_cursors VALUES (?::UUID, ?, ?, make_timestamptz(?))"
-            " ON CONFLICT DO UPDATE SET cursor = greatest(cursor, excluded.cursor),"
-            " sent = sent + excluded.sent, modified_at = excluded.modified_at",
+            " ON CONFLICT DO UPDATE SET cursor = excluded.cursor,"
+            " sent = sent + excluded.sent, modified_at = excluded.modified_at"
+            " WHERE excluded.cursor > forward_cursors.cursor",
             [organization_id, to, sent, now_us],
         )
 

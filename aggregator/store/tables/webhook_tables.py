@@ -43,6 +43,7 @@ __all__ = [
     "EndpointRow",
     "EventRow",
     "StatePayload",
+    "attempt_record",
     "attempted_job",
     "create_endpoint_job",
     "delete_endpoint_job",
@@ -53,6 +54,7 @@ __all__ = [
     "list_endpoints",
     "next_due_us",
     "prune_job",
+    "recorded_attempts_job",
     "redeliver_job",
     "reset_secret_job",
     "state_changes_job",
@@ -536,14 +538,37 @@ def attempted_job(attempts: list[Attempt], disable_after_seconds: float) -> Job[
     return job
 
 
+def attempt_record(attempt: Attempt) -> list[Any]:
+    """What applying an attempt needs of it, as JSON (a journal entry carries it): not the
+    event's body, its target or its secret."""
+    d = attempt.due
+    return [
+        *(d.event_id, d.endpoint_id, d.organization_id, d.attempts, d.created_at_us),
+        *(attempt.at_us, attempt.succeeded, attempt.http_code, attempt.response),
+        attempt.latency_ms,
+    ]
+
+
+def recorded_attempts_job(records: list[list[Any]], disable_after_seconds: float) -> Job[None]:
+    """`attempted_job` of attempts as `attempt_record` gives them."""
+    attempts = [
+        Attempt(Due(event, endpoint, org, "", "", "", tried, created), at, ok, code, said, ms)
+        for event, endpoint, org, tried, created, at, ok, code, said, ms in records
+    ]
+    return attempted_job(attempts, disable_after_seconds)
+
+
 def _attempted(tx: Tx, attempt: Attempt, disable_after_seconds: float) -> None:
     con, d, now = tx.con, attempt.due, attempt.at_us
+    # A redelivery starts its attempts again: the attempt's time tells them apart.
+    delivery = derived_id("delivery", d.event_id, d.endpoint_id, str(d.attempts + 1), str(now))
+    if first_row(con, "SELECT 1 FROM webhook_deliveries WHERE id = ?::UUID", [delivery]):
+        return  # recorded before: a journal group applied again after a crash
     con.execute(
         "INSERT INTO webhook_deliveries VALUES (?::UUID, ?::UUID, ?::UUID, ?::UUID, ?,"
         " make_timestamptz(?), ?, ?, ?, ?)",
         [
-            # A redelivery starts its attempts again: the attempt's time tells them apart.
-            derived_id("delivery", d.event_id, d.endpoint_id, str(d.attempts + 1), str(now)),
+            delivery,
             d.organization_id,
             d.event_id,
             d.endpoint_id,

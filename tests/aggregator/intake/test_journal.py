@@ -33,10 +33,10 @@ def test_an_entry_reads_back_as_written_and_nothing_else_reads_as_one() -> None:
     assert decode(encode(step)) == step
     cycles = Entry("plans", (), 1_700_000_000_000_000, 2, cycles=100)
     assert decode(encode(cycles)) == cycles
-    # A forwarding change's arguments come back as JSON gives them (tuples as lists).
+    # A side effect's change comes back with its arguments as JSON gives them (no tuples).
     change = ("raw.quarantine", ("org", [[5, "refused"]], 1_700_000_000_000_000))
-    forwarded = Entry("forwarding", (), 1_700_000_000_000_000, 2, forwarding=change)
-    assert decode(encode(forwarded)) == forwarded
+    effect = Entry("effects", (), 1_700_000_000_000_000, 2, effect=change)
+    assert decode(encode(effect)) == effect
     for value in (b"{}", b'{"v": 2}', b'{"v": 1, "topic": "t"}', b"[]"):
         with pytest.raises(ValueError, match="journal entry"):
             decode(value)
