@@ -27,7 +27,7 @@ import orjson
 import pytest
 
 from benchmarks.takeover import Checks
-from tests.aggregator.intake.test_control_topic import _assert_same, _caught_up, _ok, _settled
+from tests.aggregator.intake.test_control_topic import _assert_same, _ok, _settled_together
 from tests.aggregator.upstream.test_forward_takeover import Upstream
 from tests.aggregator.upstream.webhook_receiver import Receiver
 from tests.processes import Broker, MeterlineServer, free_port, wait_until
@@ -206,9 +206,7 @@ def test_a_cluster_killed_piece_by_piece_loses_and_doubles_nothing(tmp_path: Pat
             try:
                 for client in clients:
                     wait_until(lambda c=client: _events(c) >= len(acknowledged), 120)
-                reached, _ = _settled(clients[0])
-                wait_until(lambda: _caught_up(clients[1], reached), 120)
-                again = _ok(clients[1].get("/v1/cluster/digest"))
+                (reached, _), (again, _) = _settled_together(*clients, seconds=120)
                 counts = [_events(c) for c in clients]
                 balances = [_balances(c, meter) for c in clients]
             finally:

@@ -196,6 +196,27 @@ def _caught_up(client: httpx.Client, target: dict[str, Any]) -> bool:
     return digest["journal_offset"] == target["journal_offset"]
 
 
+def _settled_together(
+    leader: httpx.Client, follower: httpx.Client, seconds: float = 60.0
+) -> tuple[tuple[dict[str, Any], dict[str, bytes]], tuple[dict[str, Any], dict[str, bytes]]]:
+    """The leader's settled state and the follower's at the same journal offset. A leader
+    journals on while webhook attempts to a failing endpoint retry (they change no digested
+    table, so the leader looks settled): the follower may pass the offset it settled at, and
+    then both are taken again."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        first = _settled(leader)
+        target = first[0]["journal_offset"]
+        wait_until(
+            lambda t=target: _ok(follower.get("/v1/cluster/digest"))["journal_offset"] >= t,
+            max(deadline - time.monotonic(), 0.1),
+        )
+        again = _state(follower)
+        if again[0]["journal_offset"] == target:
+            return first, again
+    raise AssertionError("the follower never stood at the leader's settled journal offset")
+
+
 async def _control_records(bootstrap: str) -> list[bytes]:
     consumer = AIOKafkaConsumer(
         "meterline.events.control", bootstrap_servers=bootstrap, auto_offset_reset="earliest"

@@ -29,9 +29,8 @@ from tests.aggregator.intake.test_control_topic import (
     READS,
     Workload,
     _assert_same,
-    _caught_up,
     _ok,
-    _settled,
+    _settled_together,
 )
 from tests.aggregator.upstream.webhook_receiver import Receiver
 from tests.inprocess import ServedCore
@@ -122,9 +121,7 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
             # processes it, as a journal group the replica applies too.
             plan = _second_cycle_soon(core, workload.meters[0])
             wait_until(lambda: _plan(core, plan)["cycles"] == 2, 30)
-            first, reads = _settled(core)
-            wait_until(lambda: _caught_up(through_replica, first), 60)
-            again, reads_again = _settled(through_replica)
+            (first, reads), (again, reads_again) = _settled_together(core, through_replica)
             plans, plans_again = (
                 c.get("/v1/credit-plans/").content for c in (core, through_replica)
             )

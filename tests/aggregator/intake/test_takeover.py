@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from benchmarks.takeover import Checks, write_answered
-from tests.aggregator.intake.test_control_topic import Workload, _caught_up, _ok, _settled
+from tests.aggregator.intake.test_control_topic import Workload, _ok, _settled_together
 from tests.aggregator.upstream.webhook_receiver import Receiver
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer, wait_until
@@ -122,9 +122,8 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                 ).start()
                 pipeline.core = first
                 with first.client(token) as a_again:
-                    reached, _ = _settled(b)
-                    wait_until(lambda: _caught_up(a_again, reached), 60)
-                    assert _ok(a_again.get("/v1/cluster/digest")) == reached
+                    (reached, _), (again, _) = _settled_together(b, a_again)
+                    assert again == reached
                     assert not _leads(first)
                     # 3. The leader paused past its session timeout: the first takes over;
                     # resumed, the paused one writes nothing that counts.
@@ -141,9 +140,8 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                     for _ in range(10):
                         workload.step(edge, edge)
                     wait_until(lambda: _stopped_leading(second, since), 30)
-                    reached, _ = _settled(a_again)
-                    wait_until(lambda: _caught_up(b, reached), 60)
-                    assert _ok(b.get("/v1/cluster/digest")) == reached
+                    (reached, _), (again, _) = _settled_together(a_again, b)
+                    assert again == reached
                     crossed = [
                         item
                         for item in _ok(b.get(check.replace("limit=10", "limit=100")))["items"]
