@@ -31,6 +31,7 @@ from typing import Self
 from aggregator.intake.journal import BACKFILL, Entry, Journal, Records
 from aggregator.intake.leadership import Role
 from aggregator.store import Outcome, Positions, Store, backfill_step_job, pending_backfills
+from ingest.tasks import cancel_within
 from meters.commands import Command
 from meters.times import now_us
 
@@ -82,9 +83,7 @@ class Backfiller:
         tb: TracebackType | None,
     ) -> None:
         self._detach()
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await cancel_within(*self._tasks.values(), what="backfiller")
 
     async def _step(self, meter_id: str, version: int, chunk: int) -> tuple[int, int] | None:
         step = backfill_step_job(meter_id, version, chunk)

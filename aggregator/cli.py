@@ -39,7 +39,8 @@ from starlette.applications import Starlette
 
 from aggregator.auth import TokenRegistry, cluster_secret
 from aggregator.backfill import Backfiller
-from aggregator.backup import Backups, BackupSettings, restore
+from aggregator.backup import Backups, BackupSettings, SnapshotSocket
+from aggregator.commands import backups as backup_commands
 from aggregator.commands import dead_letters as dead_letter_commands
 from aggregator.commands import ingest_log as ingest_log_commands
 from aggregator.commands import meters as meter_commands
@@ -400,27 +401,8 @@ def _parser() -> argparse.ArgumentParser:
     upstream_cli.commands(commands)
     dead_letter_commands.commands(commands)
     ingest_log_commands.commands(commands)
-    restoring = command(
-        commands, "restore", "make a data dir from a snapshot (written by --backup-to)"
-    )
-    restoring.add_argument(
-        "--from",
-        dest="snapshot",
-        type=Path,
-        required=True,
-        help="a snapshot's folder, or the --backup-to folder (its newest snapshot)",
-    )
-    data_dir_option(restoring)
+    backup_commands.commands(commands)
     return parser
-
-
-def _restore_command(args: argparse.Namespace) -> int:
-    manifest = restore(args.snapshot, args.data_dir)
-    print(f"restored {manifest['snapshot']} (taken {manifest['created_at']}) into {args.data_dir}")
-    for topic, positions in sorted(manifest["covers"].items()):
-        print(f"  covers {topic}: {', '.join(f'{p}:{o}' for p, o in sorted(positions.items()))}")
-    print("a core started on it applies only what the log holds after these")
-    return 0
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -445,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             return dead_letter_commands.run(args)
         if args.command == "ingest-log":
             return ingest_log_commands.run(args)
-        if args.command == "restore":
-            return _restore_command(args)
+        if args.command in ("backup", "restore"):
+            return backup_commands.run(args)
         return _serve_command(args)
     except UsageError as exc:
         print(f"meterline: {exc}", file=sys.stderr)
@@ -695,7 +677,7 @@ async def serve(
                 )
             )
             journal = members = applied = None
-            progress = Progress(store)
+            progress = Progress(store, state_payload=state_payload)
             role = Role(leading=kafka is None)  # embedded, a core always leads
             if kafka is not None and control is not None:
                 # One order for the control topic and the events topic: the journal's, which
@@ -720,12 +702,13 @@ async def serve(
                 )
                 # What the leader's forwarder recorded, applied here too (a new leader
                 # forwards on from it).
-                progress = Progress(store, journal)
+                progress = Progress(store, journal, state_payload=state_payload)
                 # Organizations and tokens reach the edges through the control topic.
                 view = await stack.enter_async_context(TokenView(kafka, sealer, secret))
                 exporter = await stack.enter_async_context(
                     TokenExporter(registry, view, kafka, sealer)
                 )
+            await stack.enter_async_context(SnapshotSocket(store, settings.data_dir))
             if settings.backups is not None:
                 await stack.enter_async_context(Backups(store, settings.data_dir, settings.backups))
             validation = await stack.enter_async_context(

@@ -22,6 +22,7 @@ from typing import Self
 from aggregator.intake.journal import PLANS, Entry, Journal, Records
 from aggregator.intake.leadership import Role
 from aggregator.store import Positions, Store, cycle_due_job, plan_tables
+from ingest.tasks import cancel_within
 from meters.times import now_us
 
 CYCLES_PER_GROUP = 100  # boundaries in one journal group at most
@@ -64,9 +65,7 @@ class PlanCycler:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_within(self._task, what="plan cycler")
 
     async def run_due(self) -> int:
         """Process every boundary at or before now; returns how many."""

@@ -1,9 +1,15 @@
-"""Shared pytest configuration: hypothesis profiles, chosen with HYPOTHESIS_PROFILE (default ci)."""
+"""Shared pytest configuration: hypothesis profiles, chosen with HYPOTHESIS_PROFILE (default
+ci); a local S3 server (moto's) for the tests that need one."""
 
+import logging
 import os
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import settings
+from moto.server import ThreadedMotoServer
+
+from tests.processes import free_port
 
 settings.register_profile("ci", max_examples=50, deadline=None, print_blob=True)
 settings.register_profile("dev", max_examples=100, deadline=None)
@@ -17,3 +23,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     not one long module, to finish the run (the longest-first rule)."""
     slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.module not in slow_modules)
+
+
+@pytest.fixture(scope="session")
+def s3_url() -> Iterator[str]:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

@@ -73,6 +73,7 @@ from aggregator.store import (
     with_source,
 )
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from ingest.tasks import cancel_within
 from meters.columnar import H_ORGANIZATION
 from meters.events import EventRules
 from meters.ipc import read_ipc
@@ -171,9 +172,7 @@ class Consumer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_within(self._task, what="consumer")
         self._decoder.shutdown(wait=True, cancel_futures=True)
 
     @asynccontextmanager

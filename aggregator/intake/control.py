@@ -44,6 +44,7 @@ from aggregator.intake.leadership import Role, task_while_open, while_leading
 from aggregator.intake.sealed import Sealer, Unsealable
 from aggregator.store import Outcome, Positions, Store, advance_control_job, control_offset
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from ingest.tasks import cancel_within
 from meters.commands import Command, decode, encode
 from meters.errors import MetersError
 from meters.times import now_us
@@ -164,9 +165,7 @@ class ControlApplier:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_within(self._task, what="control applier")
 
     @asynccontextmanager
     async def _reading(self) -> AsyncIterator[None]:

@@ -60,6 +60,7 @@ from aggregator.errors import JournalLost, NotLeading, OffsetGap
 from aggregator.intake.leadership import Role
 from aggregator.store import Job, Positions, Store
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +236,7 @@ class Journal:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._tail_task is not None:
-            self._tail_task.cancel()
-            await asyncio.gather(self._tail_task, return_exceptions=True)
+        await cancel_within(self._tail_task, what="journal")
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=self._kafka.stop_timeout_seconds)
         await self._stop_clients()

@@ -22,7 +22,8 @@ core follows the journal (`journal`, step 6). The protocol:
    epoch than an entry applied before it is skipped by every core.
 5. The group has the last word: a core whose role has disagreed with its assignment for a
    session timeout takes the assignment's (one that stepped down but still holds the lease
-   leads again). (`_poll`)
+   leads again). A member that cannot join, or whose polls fail `REJOIN_AFTER` times in a
+   row, is replaced by a new one (a join the broker refused stays refused). (`_poll`)
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberAssignment,
     ConsumerProtocolMemberMetadata,
 )
+from aiokafka.errors import KafkaError
 
-from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from ingest.kafka import KafkaSettings, ensure_topics, stop_within
+from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +104,7 @@ async def task_while_open(
     try:
         yield
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_within(task, what=name)
 
 
 class Lease:
@@ -110,6 +112,8 @@ class Lease:
     whether it leads."""
 
     POLL_MS = 1000  # the member polls (an empty topic) to stay in the group
+    REJOIN_AFTER = 5  # polls failed in a row, after which a new member joins
+    REJOIN_MAX_SECONDS = 5.0  # between joins refused in a row (the pause doubles up to it)
 
     def __init__(self, kafka: KafkaSettings, role: Role, claim: Callable[[], Claim]) -> None:
         """`claim`: this core's, as of its next join (`Journal.claim`)."""
@@ -120,10 +124,17 @@ class Lease:
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
+        await ensure_topics(self._kafka)
+        self._member = self._joining()
+        # Joined in the background: a member's start waits for its first assignment, which
+        # waits out a killed predecessor's session; the core serves reads meanwhile.
+        self._task = asyncio.create_task(self._poll(), name="lease")
+        return self
+
+    def _joining(self) -> AIOKafkaConsumer:
         kafka = self._kafka
-        await ensure_topics(kafka)
         session_ms = round(kafka.session_timeout_seconds * 1000)
-        self._member = AIOKafkaConsumer(
+        member = AIOKafkaConsumer(
             bootstrap_servers=kafka.bootstrap,
             group_id=kafka.lease_group,
             enable_auto_commit=False,
@@ -131,11 +142,8 @@ class Lease:
             heartbeat_interval_ms=session_ms // 3,
             partition_assignment_strategy=(self._assignor,),
         )
-        self._member.subscribe([kafka.lease_topic], listener=_Assigned(self.role))
-        # Joined in the background: a member's start waits for its first assignment, which
-        # waits out a killed predecessor's session; the core serves reads meanwhile.
-        self._task = asyncio.create_task(self._poll(), name="lease")
-        return self
+        member.subscribe([kafka.lease_topic], listener=_Assigned(self.role))
+        return member
 
     async def __aexit__(
         self,
@@ -143,19 +151,37 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_within(self._task, what="lease")
         if self._member is not None:  # leaving the group hands the lease on at once
             await stop_within(self._member.stop, self._kafka.stop_timeout_seconds, "lease member")
         self.role.set(False)
 
     async def _poll(self) -> None:
-        assert self._member is not None
-        member, role = self._member, self.role
-        await retrying(member.start)
-        agreed = time.monotonic()
+        """Step 5, by one member after another: a member whose start or polls failed for good
+        (the broker refused the group's protocol, say) stays failed, so a new one joins."""
+        refused = 0
         while True:
+            assert self._member is not None
+            member = self._member
+            try:
+                await member.start()
+            except KafkaError as exc:
+                refused += 1
+                log.warning("the lease member could not join (%s); a new one tries again", exc)
+            else:
+                refused = 0
+                await self._follow_group(member)
+            await stop_within(member.stop, self._kafka.stop_timeout_seconds, "lease member")
+            self.role.set(False)  # out of the group: the lease is another's, or ours again
+            self._member = self._joining()
+            await asyncio.sleep(min(self.REJOIN_MAX_SECONDS, 2.0**refused))
+
+    async def _follow_group(self, member: AIOKafkaConsumer) -> None:
+        """Step 5 until the member's polls fail `REJOIN_AFTER` times in a row."""
+        role = self.role
+        agreed = time.monotonic()
+        failures = 0
+        while failures < self.REJOIN_AFTER:
             held = bool(member.assignment())
             if held == role.leading:
                 agreed = time.monotonic()
@@ -164,11 +190,14 @@ class Lease:
                 role.set(held)
             try:
                 await member.getmany(timeout_ms=self.POLL_MS)
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("the lease member's poll failed; polling again")
+                failures += 1
+                log.exception("the lease member's poll failed (%d in a row)", failures)
                 await asyncio.sleep(1)
+        log.warning("a new lease member joins: the last one's polls failed %d times", failures)
 
 
 Claim = tuple[bool, int, int]  # leading, the journal's epoch, its position (-1: none)

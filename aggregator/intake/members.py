@@ -27,6 +27,7 @@ import orjson
 from aiokafka import TopicPartition
 
 from ingest.kafka import KafkaSettings, retrying, stop_within
+from ingest.tasks import cancel_within
 from meters.times import now_us
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,7 @@ class Members:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_within(*self._tasks, what="members")
         bound = self._kafka.stop_timeout_seconds
         await stop_within(self._producer.stop, bound, "members producer")
         await stop_within(self._reader.stop, bound, "members reader")

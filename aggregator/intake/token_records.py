@@ -36,6 +36,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aggregator.auth import CustomerSession, Organization, TokenRegistry, TokenRow, token_hash
 from aggregator.intake.sealed import Sealer, Unsealable
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from ingest.tasks import cancel_within
 from meters.commands import Command, command, decode, encode
 from meters.errors import MetersError
 
@@ -131,9 +132,7 @@ class TokenView:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_within(self._task, what="token records")
         if self._consumer is not None:
             await stop_within(self._consumer.stop, self._kafka.stop_timeout_seconds, "token view")
 
@@ -252,9 +251,7 @@ class TokenExporter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_within(self._task, what="token records")
         await self._stack.aclose()
 
     async def _run(self) -> None:

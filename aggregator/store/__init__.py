@@ -81,8 +81,7 @@ from aggregator.store.tables.webhook_tables import (
     failures,
     next_due_us,
     prune_job,
-    state_changes_job,
-    state_changes_pending,
+    state_changes_due,
 )
 
 # The store's public face: what the rest of the core uses (the services' reads and jobs,
@@ -165,8 +164,7 @@ __all__ = [
     "quantities",
     "quotas",
     "row_problems",
-    "state_changes_job",
-    "state_changes_pending",
+    "state_changes_due",
     "stored_offsets",
     "stored_types",
     "subjects",

@@ -27,6 +27,7 @@ from aggregator.intake.leadership import Role
 from aggregator.store import Pending, Store
 from aggregator.upstream.outboxes import Outbox, RawOutbox, RollupOutbox
 from aggregator.upstream.progress import Progress
+from ingest.tasks import cancel_within
 from meters.polar_api import PolarApi
 from meters.upstream import Accepted, Rejected, RetryLater, backoff
 
@@ -113,9 +114,7 @@ class Forwarder:
         tb: TracebackType | None,
     ) -> None:
         # In-flight requests are abandoned: the batch is re-sent on the next start.
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_within(self._task, what="forwarder")
         await self._stack.aclose()
 
     async def backlog(self) -> int:

@@ -2,7 +2,8 @@
 Kafka mode, as journal groups that every core applies at the same place (`intake.journal`: an
 entry naming the change and its arguments). Only the leader forwards (`Forwarder`) and delivers
 webhooks (`WebhookSender`); a core that takes over holds the forwarding cursor, the quarantine,
-the rollups sent and each delivery's attempts as the last leader recorded them, and sends again
+the rollups sent, each delivery's attempts and the customer.state_changed events made (their
+ids) as the last leader recorded them, and sends again
 at most what that leader had sent but not yet recorded: the same events under the same external
 ids or `webhook-id`s, which the upstream and receivers deduplicate."""
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from aggregator.intake.journal import EFFECTS, Entry, Journal, Records
@@ -32,18 +34,29 @@ CHANGES: dict[str, Callable[..., Job[Any]]] = {
 
 class Progress:
     """Records the side effects' changes (`record`); in Kafka mode, follows the journal's
-    (`replay`) from construction on."""
+    (`replay`) from construction on. `state_payload`: a customer.state_changed event's data
+    (the composition's), which the change `webhook.state_sent` makes on every core."""
 
-    def __init__(self, store: Store, journal: Journal | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        journal: Journal | None = None,
+        *,
+        state_payload: webhook_tables.StatePayload | None = None,
+    ) -> None:
         self._store = store
         self._journal = journal
+        self._changes = dict(CHANGES)
+        if state_payload is not None:
+            sent = partial(webhook_tables.state_changes_sent_job, state_payload)
+            self._changes["webhook.state_sent"] = sent
         if journal is not None:
             journal.follow(EFFECTS, self)
 
     async def record(self, change: str, *args: Any) -> Any:
         """Apply `CHANGES[change](*args)` here (and, in Kafka mode, on every core); its
         result. The arguments are JSON: what a journal entry carries."""
-        job = CHANGES[change](*args)
+        job = self._changes[change](*args)
         if self._journal is None:
             return await self._store.write(job)
         entry = Entry(EFFECTS, (), now_us(), effect=(change, args))
@@ -53,7 +66,7 @@ class Progress:
         """A journal entry's change (`journal.Follower`)."""
         assert entry.effect is not None
         change, args = entry.effect
-        if change not in CHANGES:  # a later version's: the cores applying it know it
+        if change not in self._changes:  # a later version's: the cores applying it know it
             log.error("journal: side effect change %r unknown here; left out", change)
             return
-        await self._store.queued_at(CHANGES[change](*args), positions)
+        await self._store.queued_at(self._changes[change](*args), positions)

@@ -39,13 +39,13 @@ from aggregator.store import (
     attempt_record,
     next_due_us,
     prune_job,
-    state_changes_job,
-    state_changes_pending,
+    state_changes_due,
     webhook_tables,
 )
 from aggregator.upstream import targets
 from aggregator.upstream.progress import Progress
 from aggregator.upstream.targets import PublicTransport, TargetRefused
+from ingest.tasks import cancel_within
 from meters.http_answers import excerpt, keep_secrets_out_of_logs
 from meters.times import NEVER, now_us
 from meters.webhook_rules import RESPONSE_EXCERPT_BYTES, signature
@@ -88,10 +88,11 @@ class WebhookSender:
         progress: Progress | None = None,
     ) -> None:
         """`role`: delivers only while this core leads (None: always); `progress`: how
-        attempts are recorded (None: in the store alone)."""
+        attempts and customer.state_changed events are recorded (None: in the store alone;
+        given, it must make `state_payload`'s events)."""
         self._store = store
         self._role = role or Role(leading=True)
-        self._progress = progress or Progress(store)
+        self._progress = progress or Progress(store, state_payload=state_payload)
         self._settings = settings
         self._state_payload = state_payload
         self._states_at = NEVER
@@ -139,12 +140,8 @@ class WebhookSender:
         tb: TracebackType | None,
     ) -> None:
         self._detach()
-        tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        # Bounded: a delivery cut off here was not logged, and is attempted again at start.
-        async with asyncio.timeout(10):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        # A delivery cut off here was not logged, and is attempted again at start.
+        await cancel_within(self._loop_task, *self._tasks, what="webhook sender")
         if self._client is not None:
             await self._client.aclose()
 
@@ -204,12 +201,12 @@ class WebhookSender:
         if time.monotonic() - self._states_at < every:
             return every - (time.monotonic() - self._states_at)
         self._states_at = time.monotonic()
-        if await self._store.read_now(state_changes_pending):
-            assert self._state_payload is not None
-            job = state_changes_job(
-                self._settings.state_changed_seconds, self._state_payload, now_us()
-            )
-            await self._store.write(job)
+        now = now_us()
+        due = await self._store.read_now(
+            state_changes_due(self._settings.state_changed_seconds, now)
+        )
+        if due:  # the events made on every core, under the same ids
+            await self._progress.record("webhook.state_sent", now, due)
         return every
 
     def _start(self, row: Due) -> None:

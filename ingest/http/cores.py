@@ -47,6 +47,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ingest.http.requests import read_body
 from ingest.http.responses import error
+from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,7 @@ class Cores:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._probing is not None:
-            self._probing.cancel()
-            await asyncio.gather(self._probing, return_exceptions=True)
+        await cancel_within(self._probing, what="core routing")
         if self._client is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._routing.probe_seconds):

@@ -9,7 +9,8 @@ and leaves out what says how a core got there, not what it holds:
   work moves at its own pace (where a backfill ends, `backfill_target`, and seqs are the
   journal's order, and count);
 - what the webhook sender learnt from receivers (`webhook_endpoints.enabled`, `disabled_reason`,
-  `failing_since`): one core sends, and the others will hear it as records (the next issue).
+  `failing_since`): every core applies it now (journal groups of the leader's attempts), but
+  it stays out so that a digest compares with the previous main's, which left it out.
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ __all__ = [
     "recorded_attempts_job",
     "redeliver_job",
     "reset_secret_job",
-    "state_changes_job",
-    "state_changes_pending",
+    "state_changes_due",
+    "state_changes_sent_job",
     "update_endpoint_job",
 ]
 
@@ -371,27 +371,35 @@ def mark_state_changed(
 StatePayload = Callable[[Con, "Balances", str, str], Any]
 
 
-def state_changes_pending(con: Con) -> bool:
-    return first_row(con, "SELECT 1 FROM webhook_state_changes LIMIT 1", []) is not None
+def state_changes_due(
+    interval_seconds: float, now_us: int, limit: int = 500
+) -> Callable[[Con], list[list[str]]]:
+    """A read of the marked customers not sent a customer.state_changed in the last
+    `interval_seconds`, as `[organization_id, customer_id]` (JSON: a journal entry's)."""
+
+    def read(con: Con) -> list[list[str]]:
+        rows = con.execute(
+            "SELECT c.organization_id::VARCHAR, c.customer_id::VARCHAR FROM webhook_state_changes c"
+            " LEFT JOIN webhook_state_sent s ON s.organization_id = c.organization_id"
+            " AND s.customer_id = c.customer_id"
+            " WHERE s.sent_at IS NULL OR s.sent_at <= make_timestamptz(?)"
+            " ORDER BY c.since, c.organization_id, c.customer_id LIMIT ?",
+            [now_us - int(interval_seconds * _US), limit],
+        ).fetchall()
+        return [[org, customer] for org, customer in rows]
+
+    return read
 
 
-def state_changes_job(
-    interval_seconds: float, payload: StatePayload, now_us: int, limit: int = 500
-) -> Job[int]:
-    """Send customer.state_changed for marked customers not sent one in the last
-    `interval_seconds`; how many were sent."""
+def state_changes_sent_job(payload: StatePayload, now_us: int, due: list[list[str]]) -> Job[int]:
+    """customer.state_changed for the `due` customers (`state_changes_due`), as of `now_us`:
+    each event's id derived from it, so that every core applying this makes the same ones; how
+    many were sent."""
 
     @independent
     def job(tx: Tx) -> int:
         con, live = tx.con, tx.live
-        due_rows = con.execute(
-            "SELECT c.organization_id::VARCHAR, c.customer_id::VARCHAR FROM webhook_state_changes c"
-            " LEFT JOIN webhook_state_sent s ON s.organization_id = c.organization_id"
-            " AND s.customer_id = c.customer_id"
-            " WHERE s.sent_at IS NULL OR s.sent_at <= make_timestamptz(?) ORDER BY c.since LIMIT ?",
-            [now_us - int(interval_seconds * _US), limit],
-        ).fetchall()
-        for org, customer_id in due_rows:
+        for org, customer_id in due:
             con.execute(
                 "DELETE FROM webhook_state_changes WHERE organization_id = ?::UUID"
                 " AND customer_id = ?::UUID",
@@ -410,7 +418,7 @@ def state_changes_job(
             if data is not None:  # None: the customer is gone
                 event_id = derived_id(STATE_CHANGED, org, customer_id, str(now_us))
                 enqueue_many(con, live, org, STATE_CHANGED, [(event_id, data)], now_us)
-        return len(due_rows)
+        return len(due)
 
     return job
 

@@ -2,9 +2,11 @@
 applies what that core journals while it runs: API writes sent to either and events sent to an
 edge, in an order whose outcomes depend on it (the control topic test's workload), give at the
 same journal offset the same digest and byte-equal answers to every list read, a credit plan's
-second cycle (run by the core's plan cycler) included. A write sent to the replica is answered
-once applied, as on the core. The replica reads no partition itself and delivers no webhook:
-a receiver gets each alert once, from the core. Each lists both in `GET /v1/cluster/`."""
+second cycle (run by the core's plan cycler) included, and the same webhook deliveries (the
+attempts and the customer.state_changed events the core made are journal groups). A write
+sent to the replica is answered once applied, as on the core. The replica reads no partition
+itself and delivers no webhook: a receiver gets each alert once, from the core. Each lists
+both in `GET /v1/cluster/`."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from tests.processes import wait_until
 pytestmark = pytest.mark.slow
 
 ENDPOINTS = "/v1/webhooks/endpoints?limit=100"
+DELIVERIES = "/v1/webhooks/deliveries?limit=100"
 
 
 def _without_delivery_state(read: bytes) -> Any:
@@ -106,6 +109,9 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
             workload.step(core, edge)  # a meter
             # Alerts delivered to a receiver: by the core only, each under one webhook-id.
             workload.alerting(core, receiver.url, "delivered")
+            # And customer.state_changed: the core makes them as a journal group.
+            hook = {"url": receiver.url, "format": "raw", "events": ["customer.state_changed"]}
+            _ok(core.post("/v1/webhooks/endpoints", json=hook))
             for _ in range(40):  # API writes to either, answered once applied
                 workload.step(choose.choice([core, through_replica]), edge)
             # A write answered by the core is read at once from the replica, asked to have
@@ -121,7 +127,9 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
             # processes it, as a journal group the replica applies too.
             plan = _second_cycle_soon(core, workload.meters[0])
             wait_until(lambda: _plan(core, plan)["cycles"] == 2, 30)
-            (first, reads), (again, reads_again) = _settled_together(core, through_replica)
+            (first, reads), (again, reads_again) = _settled_together(
+                core, through_replica, paths=(*READS, DELIVERIES)
+            )
             plans, plans_again = (
                 c.get("/v1/credit-plans/").content for c in (core, through_replica)
             )
@@ -138,7 +146,8 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
             assert len(ids) == len(set(ids)), ids
     _assert_same(first, again)
     assert plans_again == plans
-    for path in (*READS, "events"):
+    assert b"customer.state_changed" in reads[DELIVERIES]
+    for path in (*READS, DELIVERIES, "events"):
         if path == ENDPOINTS:
             assert _without_delivery_state(reads_again[path]) == _without_delivery_state(
                 reads[path]

@@ -1,10 +1,9 @@
 """What the SDK tests share: one real `meterline up` for the session (in a thread), the
-recorded LLM endpoint and a local S3 server, and reading back what meterline stored for a
-customer."""
+recorded LLM endpoint, a client of the local S3 server, and reading back what meterline stored
+for a customer."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -12,12 +11,11 @@ from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from ingest.sdk import DeliveryError
 from tests.ingest.sdk.llm_server import RecordedLLM
 from tests.inprocess import ServedCore
-from tests.processes import Server, free_port
+from tests.processes import Server
 
 
 @pytest.fixture(scope="session")
@@ -31,16 +29,6 @@ def llm() -> Iterator[RecordedLLM]:
     endpoint = RecordedLLM()
     yield endpoint
     endpoint.close()
-
-
-@pytest.fixture(scope="session")
-def s3_url() -> Iterator[str]:
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ import orjson
 from aggregator.auth import SECRET_FILE
 from aggregator.errors import UsageError
 from aggregator.store import Store
+from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +75,14 @@ class Backups:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:  # a snapshot cut short leaves only its temporary folder
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        # A snapshot cut short leaves only its temporary folder.
+        await cancel_within(self._task, what="snapshots")
 
     async def _run(self) -> None:
         while True:
             began = time.monotonic()
             try:
-                path = await self.take()
+                path = await self._take()
                 log.info("snapshot %s written in %.1f s", path, time.monotonic() - began)
             except asyncio.CancelledError:
                 raise
@@ -90,50 +90,54 @@ class Backups:
                 log.exception("a snapshot failed; the next is due as usual")
             await asyncio.sleep(max(0.0, self._settings.every_seconds - (time.monotonic() - began)))
 
-    async def take(self) -> Path:
-        """One snapshot (step 1), then step 2; its folder."""
-        to = self._settings.to
-        name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        partial = to / f".{name}.partial"
-        for attempt in range(ATTEMPTS):
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir()
-            covered = await self._store.snapshot(partial / DATABASE)
-            try:
-                await asyncio.to_thread(self._copy_files, partial)
-                break
-            except FileNotFoundError:
-                if attempt == ATTEMPTS - 1:
-                    raise
-        manifest = {
-            "created_at": datetime.now(UTC).isoformat(),
-            "covers": {t: {str(p): o for p, o in ps.items()} for t, ps in covered.items()},
-            "files": {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file()},
-        }
-        (partial / MANIFEST).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-        final = to / name
-        partial.rename(final)
-        for old in sorted(snapshots(to))[: -self._settings.kept]:
+    async def _take(self) -> Path:
+        taken = await take(self._store, self._data_dir, self._settings.to)
+        for old in snapshots(self._settings.to)[: -self._settings.kept]:
             shutil.rmtree(old, ignore_errors=True)
-        return final
+        return taken
 
-    def _copy_files(self, into: Path) -> None:
-        log_dir = Path(self._store.path + ".ingest")
-        if log_dir.is_dir():
-            copy = into / log_dir.name
-            copy.mkdir()
-            files = [p for p in log_dir.iterdir() if p.is_file()]
-            for path in sorted(files, key=lambda p: p.name != "acknowledged"):  # witness first
-                shutil.copy2(path, copy / path.name)
-        source = sqlite3.connect(self._data_dir / AUTH)
-        target = sqlite3.connect(into / AUTH)
+
+async def take(store: Store, data_dir: Path, to: Path) -> Path:
+    """One snapshot of the data dir `store` is open in, into a new folder of `to` (step 1)."""
+    name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    partial = to / f".{name}.partial"
+    for attempt in range(ATTEMPTS):
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        covered = await store.snapshot(partial / DATABASE)
         try:
-            source.backup(target)
-        finally:
-            target.close()
-            source.close()
-        if (self._data_dir / SECRET_FILE).exists():
-            shutil.copy2(self._data_dir / SECRET_FILE, into / SECRET_FILE)
+            await asyncio.to_thread(_copy_files, Path(store.path + ".ingest"), data_dir, partial)
+            break
+        except FileNotFoundError:
+            if attempt == ATTEMPTS - 1:
+                raise
+    manifest = {
+        "created_at": datetime.now(UTC).isoformat(),
+        "covers": {t: {str(p): o for p, o in ps.items()} for t, ps in covered.items()},
+        "files": {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file()},
+    }
+    (partial / MANIFEST).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    final = to / name
+    partial.rename(final)
+    return final
+
+
+def _copy_files(log_dir: Path, data_dir: Path, into: Path) -> None:
+    if log_dir.is_dir():
+        copy = into / log_dir.name
+        copy.mkdir()
+        files = [p for p in log_dir.iterdir() if p.is_file()]
+        for path in sorted(files, key=lambda p: p.name != "acknowledged"):  # witness first
+            shutil.copy2(path, copy / path.name)
+    source = sqlite3.connect(data_dir / AUTH)
+    target = sqlite3.connect(into / AUTH)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+    if (data_dir / SECRET_FILE).exists():
+        shutil.copy2(data_dir / SECRET_FILE, into / SECRET_FILE)
 
 
 def snapshots(to: Path) -> list[Path]:

@@ -1,0 +1,66 @@
+"""`meterline backup`: a snapshot of the data dir of a core that serves, taken by that core
+(`backup.served`), put in a folder or on S3; `meterline restore`: a data dir from one."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import orjson
+
+from aggregator.backup import MANIFEST, check, fetched, put, requested, restore
+from aggregator.commands.common import command, data_dir_option
+
+
+def commands(subparsers: Any) -> None:
+    backup = command(
+        subparsers,
+        "backup",
+        "a snapshot of the data dir of a running core (`up` or `core`), taken while it serves,"
+        " into a folder or S3",
+    )
+    backup.add_argument(
+        "--to",
+        required=True,
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="where the snapshot's folder goes (it holds the data dir's secret.key, if any: keep"
+        " it as private as the data dir); S3 needs the s3 extra",
+    )
+    data_dir_option(backup)
+    restoring = command(
+        subparsers, "restore", "make a data dir from a snapshot (`backup`, or --backup-to)"
+    )
+    restoring.add_argument(
+        "--from",
+        dest="snapshot",
+        required=True,
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="a snapshot, or a folder or prefix of snapshots (the newest)",
+    )
+    data_dir_option(restoring)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "backup":
+        check(args.to)
+        with requested(args.data_dir) as folder:
+            manifest = orjson.loads((folder / MANIFEST).read_bytes())
+            where = put(folder, args.to)
+        print(f"snapshot {where} written ({_size(manifest['files'])})")
+        _covers(manifest)
+        return 0
+    with fetched(args.snapshot) as folder:
+        manifest = restore(folder, args.data_dir)
+    print(f"restored the snapshot taken {manifest['created_at']} into {args.data_dir}")
+    _covers(manifest)
+    print("a core started on it applies only what the log holds after these")
+    return 0
+
+
+def _size(files: dict[str, int]) -> str:
+    return f"{sum(files.values()) / 1e6:,.1f} MB in {len(files)} files"
+
+
+def _covers(manifest: dict[str, Any]) -> None:
+    for topic, positions in sorted(manifest["covers"].items()):
+        print(f"  covers {topic}: {', '.join(f'{p}:{o}' for p, o in sorted(positions.items()))}")
