@@ -10,6 +10,8 @@ The protocol:
 3. The client copies the folder where it goes (`places.put`), then closes the connection; the
    core deletes the folder as the connection ends, so a client that dies mid-copy leaves
    nothing behind. Folders a killed core left are deleted at its next start.
+
+A data dir on a file system without sockets: the core serves without one, and logs so.
 """
 
 from __future__ import annotations
@@ -66,9 +68,14 @@ class SnapshotSocket:
         # The store holds the data dir's lock: a socket left here is a dead core's.
         (self._data_dir / SOCKET).unlink(missing_ok=True)
         listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with _in(self._data_dir) as path:
-            listening.bind(path)
-        os.chmod(self._data_dir / SOCKET, 0o600)
+        try:
+            with _in(self._data_dir) as path:
+                listening.bind(path)
+            os.chmod(self._data_dir / SOCKET, 0o600)
+        except OSError as exc:  # a file system without sockets: the core serves on without
+            listening.close()
+            log.warning("no %s in the data dir (%s): `meterline backup` cannot ask", SOCKET, exc)
+            return self
         self._server = await asyncio.start_unix_server(self._serve, sock=listening)
         return self
 
@@ -124,6 +131,10 @@ def requested(data_dir: Path) -> Iterator[Path]:
             raise UsageError(
                 f"no core serves the data dir {data_dir} (no {SOCKET} answers): start it, or"
                 " pass its --data-dir"
+            ) from None
+        except PermissionError:
+            raise UsageError(
+                f"{data_dir / SOCKET}: permission denied (run as the core's user)"
             ) from None
         conn.sendall(REQUEST)
         with conn.makefile("rb") as answers:

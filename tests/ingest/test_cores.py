@@ -90,6 +90,10 @@ async def _served(app: Any) -> AsyncIterator[tuple[str, Callable[[], Awaitable[N
         server.should_exit = True
         server.force_exit = True
         await serving
+        # One accepted as it shut down joins its connections after it asked them to close, and
+        # would serve on (an edge's probe, pooled, answered a read "from a stopped core").
+        for connection in list(server.server_state.connections):
+            connection.shutdown()
 
     try:
         yield f"http://127.0.0.1:{port}", stop
