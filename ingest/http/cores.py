@@ -228,7 +228,7 @@ class Cores:
         loop = asyncio.get_running_loop()
         once = prepared.target.startswith(ONCE)
         last: Response | None = None
-        while (remaining := deadline - loop.time()) > 0:
+        while deadline - loop.time() > 0:
             for core in ranked:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
