@@ -722,7 +722,6 @@ async def serve(
                 WebhookSender(
                     store,
                     settings.webhooks,
-                    state_payload=state_payload,
                     role=role,
                     progress=progress,
                 )

@@ -37,7 +37,7 @@ import orjson
 
 from aggregator.auth import SECRET_FILE
 from aggregator.errors import UsageError
-from aggregator.store import Store
+from aggregator.store import Store, ingest_log_repair
 from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ async def take(store: Store, data_dir: Path, to: Path) -> Path:
         partial.mkdir(parents=True)
         covered = await store.snapshot(partial / DATABASE)
         try:
-            await asyncio.to_thread(_copy_files, Path(store.path + ".ingest"), data_dir, partial)
+            log_dir = ingest_log_repair.log_directory(Path(store.path))
+            await asyncio.to_thread(_copy_files, log_dir, data_dir, partial)
             break
         except FileNotFoundError:
             if attempt == ATTEMPTS - 1:

@@ -40,6 +40,7 @@ from aggregator.store.machinery.evaluation import EVALUATION_ERRORS
 from aggregator.store.machinery.flusher import Flusher
 from aggregator.store.machinery.gates import Gates
 from aggregator.store.machinery.ingest_log import IngestLog
+from aggregator.store.machinery.ingest_log_repair import log_directory
 from aggregator.store.machinery.live import Live, SequenceCounter
 from aggregator.store.machinery.memtable import ROW_GROUP, Memtable, Positions
 from aggregator.store.machinery.migrations import migrate
@@ -170,7 +171,7 @@ class Store:
         # Set after connecting: the (built-in) ICU extension loads on first use.
         self._con.execute("SET GLOBAL TimeZone = 'UTC'")
         migrate(self._con)
-        log = self._log = IngestLog(None if wal is None else Path(self.path + ".ingest"))
+        log = self._log = IngestLog(None if wal is None else log_directory(Path(self.path)))
         # What the ingest log holds after the last stored request was acknowledged but not
         # stored: applied again below, before any other job. A log that cannot give it all
         # back is refused (`ingest_log.LogCorrupt`), and the store with it.

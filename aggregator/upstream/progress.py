@@ -15,10 +15,20 @@ from functools import partial
 from typing import Any
 
 from aggregator.intake.journal import EFFECTS, Entry, Journal, Records
-from aggregator.store import Job, Positions, Store, forward_rollups, outbox, webhook_tables
+from aggregator.store import (
+    Job,
+    Positions,
+    StatePayload,
+    Store,
+    forward_rollups,
+    outbox,
+    webhook_tables,
+)
 from meters.times import now_us
 
 log = logging.getLogger(__name__)
+
+STATE_SENT = "webhook.state_sent"  # made only by a `Progress` given the events' payload
 
 # Each change a side effect records, by the name journal entries give it.
 CHANGES: dict[str, Callable[..., Job[Any]]] = {
@@ -35,23 +45,26 @@ CHANGES: dict[str, Callable[..., Job[Any]]] = {
 class Progress:
     """Records the side effects' changes (`record`); in Kafka mode, follows the journal's
     (`replay`) from construction on. `state_payload`: a customer.state_changed event's data
-    (the composition's), which the change `webhook.state_sent` makes on every core."""
+    (the composition's), which the change `STATE_SENT` makes on every core."""
 
     def __init__(
         self,
         store: Store,
         journal: Journal | None = None,
         *,
-        state_payload: webhook_tables.StatePayload | None = None,
+        state_payload: StatePayload | None = None,
     ) -> None:
         self._store = store
         self._journal = journal
         self._changes = dict(CHANGES)
         if state_payload is not None:
             sent = partial(webhook_tables.state_changes_sent_job, state_payload)
-            self._changes["webhook.state_sent"] = sent
+            self._changes[STATE_SENT] = sent
         if journal is not None:
             journal.follow(EFFECTS, self)
+
+    def makes(self, change: str) -> bool:
+        return change in self._changes
 
     async def record(self, change: str, *args: Any) -> Any:
         """Apply `CHANGES[change](*args)` here (and, in Kafka mode, on every core); its
@@ -66,7 +79,7 @@ class Progress:
         """A journal entry's change (`journal.Follower`)."""
         assert entry.effect is not None
         change, args = entry.effect
-        if change not in self._changes:  # a later version's: the cores applying it know it
+        if not self.makes(change):  # a later version's: the cores applying it know it
             log.error("journal: side effect change %r unknown here; left out", change)
             return
         await self._store.queued_at(self._changes[change](*args), positions)

@@ -34,7 +34,6 @@ from aggregator.intake.leadership import Role
 from aggregator.store import (
     Attempt,
     Due,
-    StatePayload,
     Store,
     attempt_record,
     next_due_us,
@@ -43,7 +42,7 @@ from aggregator.store import (
     webhook_tables,
 )
 from aggregator.upstream import targets
-from aggregator.upstream.progress import Progress
+from aggregator.upstream.progress import STATE_SENT, Progress
 from aggregator.upstream.targets import PublicTransport, TargetRefused
 from ingest.tasks import cancel_within
 from meters.http_answers import excerpt, keep_secrets_out_of_logs
@@ -82,19 +81,17 @@ class WebhookSender:
         store: Store,
         settings: WebhookSettings,
         *,
-        state_payload: StatePayload | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         role: Role | None = None,
         progress: Progress | None = None,
     ) -> None:
         """`role`: delivers only while this core leads (None: always); `progress`: how
-        attempts and customer.state_changed events are recorded (None: in the store alone;
-        given, it must make `state_payload`'s events)."""
+        attempts and customer.state_changed events are recorded (None: in the store alone,
+        and no customer.state_changed: those need a `Progress` given their payload)."""
         self._store = store
         self._role = role or Role(leading=True)
-        self._progress = progress or Progress(store, state_payload=state_payload)
+        self._progress = progress or Progress(store)
         self._settings = settings
-        self._state_payload = state_payload
         self._states_at = NEVER
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -184,7 +181,7 @@ class WebhookSender:
             if pruned:
                 log.info("webhooks: %d delivery attempt(s) past the retention pruned", pruned)
         wait = settings.idle_poll_seconds
-        if self._state_payload is not None:
+        if self._progress.makes(STATE_SENT):
             wait = min(wait, await self._state_changes())
         if not self._inflight:
             next_us = await self._store.read_now(next_due_us)
@@ -206,7 +203,7 @@ class WebhookSender:
             state_changes_due(self._settings.state_changed_seconds, now)
         )
         if due:  # the events made on every core, under the same ids
-            await self._progress.record("webhook.state_sent", now, due)
+            await self._progress.record(STATE_SENT, now, due)
         return every
 
     def _start(self, row: Due) -> None:

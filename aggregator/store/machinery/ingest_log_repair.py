@@ -42,6 +42,7 @@ __all__ = [
     "Checked",
     "check",
     "describe",
+    "log_directory",
     "repair",
 ]
 
