@@ -84,7 +84,7 @@ from ingest.http import (
     edge_app,
     http_protocol,
 )
-from ingest.kafka import KafkaSettings
+from ingest.kafka import KafkaSettings, Shard
 from ingest.publish import Publisher
 from ingest.publish.kafka_publisher import KafkaPublisher
 from ingest.validation import ValidationPool
@@ -289,6 +289,14 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         " over (a killed core restarted sooner waits out the rest)",
     )
     if core:
+        kafka.add_argument(
+            "--shard",
+            metavar="I/N",
+            default=str(defaults.shard),
+            help="apply the events topic's partitions p with p %% N == I (with the whole control"
+            " topic), as one of N shards, each with its own leader, standbys and replicas; at"
+            " most as many shards as the topic has partitions (README: Scaling out)",
+        )
         kafka.add_argument(
             "--replica",
             action="store_true",
@@ -542,6 +550,12 @@ def settings_of(
     if getattr(args, "replica", False) and not args.kafka:
         raise UsageError("--replica follows another core's journal: it needs --kafka")
     kafka = None
+    try:
+        shard = Shard.parse(getattr(args, "shard", "0/1"))
+    except ValueError as exc:
+        raise UsageError(f"--shard: {exc}") from None
+    if shard.count > 1 and not args.kafka:
+        raise UsageError("--shard splits the events topic's partitions: it needs --kafka")
     if args.kafka:
         kafka = KafkaSettings(
             args.kafka,
@@ -555,6 +569,7 @@ def settings_of(
             linger_ms=args.linger_ms,
             consumer_group=args.consumer_group,
             session_timeout_seconds=args.consumer_session_timeout_seconds,
+            shard=shard,
         )
     forward = upstream_cli.forwarder_settings(args)
     if settings.replica and forward is not None:

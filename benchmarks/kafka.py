@@ -83,7 +83,7 @@ from meters.columnar import partition_of
 from meters.events import EventRules, parse_ingest_body, validate_body
 from meters.records import record_key, record_value
 from meters.times import now_us
-from tests.processes import Broker, token_cli
+from tests.processes import Broker, edge_token, token_cli
 
 ORG = "bench"
 PARTITIONS = KafkaSettings("").partitions  # what `meterline ingest` creates: 6
@@ -250,6 +250,14 @@ def kafka_args(broker: Broker) -> tuple[str, ...]:
     return ("--kafka", broker.bootstrap, "--no-idempotence")  # Tansu: no idempotent producer
 
 
+def _published(broker: Broker, data_dir: Path, edge: Server, token: str) -> str:
+    """`token`, once the edge accepts it: a core publishes its data dir's tokens on the control
+    topic, which edges follow. The core is stopped before anything is timed (the edge keeps
+    what it read), so that it takes no CPU from the edge."""
+    with Server(*kafka_args(broker), command="core", data_dir=data_dir):
+        return edge_token(edge, token, 60)
+
+
 def create_token(data_dir: Path) -> tuple[str, str]:
     """A token for organization ORG in the data dir's registry, and the organization's id."""
     done = token_cli(data_dir, "create", "--org", ORG, "--label", "benchmark", "--init")
@@ -295,7 +303,7 @@ def kafka_ingest_http(quick: bool = False) -> dict[str, Any]:
             Broker() as broker,
             Server(*kafka_args(broker), command="ingest", data_dir=data_dir) as edge,
         ):
-            edge.token = token
+            edge.token = _published(broker, data_dir, edge, token)
             load = LoadGenerator(edge)
             try:
                 warmup = _edge_run(load, broker, "warmup", plan["warmup_batches"], 0)

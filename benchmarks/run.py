@@ -46,6 +46,7 @@ from benchmarks import (
     meters,
     replicas,
     sdk,
+    shards,
     takeover,
     validation,
 )
@@ -90,6 +91,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "api_writes": Benchmark(api_writes, 420, 60),
     "takeover": Benchmark(takeover, 300, 100),
     "replicas": Benchmark(replicas, 900, 120),
+    "shards": Benchmark(shards, 600, 90),
 }
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
 _OPS = {">=": "≥", "<=": "≤", "==": "="}

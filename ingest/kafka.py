@@ -18,6 +18,43 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class Shard:
+    """Which of `count` cores' partition sets a core applies: the events topic's partitions
+    p with p % count == index (and the whole control topic). One shard is every partition."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index}/{self.count}: I/N needs 0 <= I < N")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`I/N`, as `--shard` takes it."""
+        index, slash, count = text.partition("/")
+        if not slash or not index.isdigit() or not count.isdigit():
+            raise ValueError(f"shard {text!r}: expected I/N, e.g. 0/2")
+        return cls(int(index), int(count))
+
+    def owns(self, partition: int) -> bool:
+        return partition % self.count == self.index
+
+    def partitions(self, count: int) -> list[int]:
+        """This shard's partitions of a topic of `count`."""
+        return [p for p in range(count) if self.owns(p)]
+
+    @property
+    def suffix(self) -> str:
+        """What names this shard's own topics and groups ("" for one shard: the names of
+        before shards, so that an upgraded core goes on where it was)."""
+        return "" if self.count == 1 else f".shard-{self.index}-of-{self.count}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True, slots=True)
 class KafkaSettings:
     bootstrap: str
     topic: str = "meterline.events"
@@ -44,6 +81,7 @@ class KafkaSettings:
     # Kafka's least by default (group.min.session.timeout.ms); at 10 s a standby answered a
     # write 16.2 s after the leader's kill (benchmarks/takeover.py).
     session_timeout_seconds: float = 6.0
+    shard: Shard = Shard()
 
     @property
     def control_topic(self) -> str:
@@ -52,13 +90,15 @@ class KafkaSettings:
 
     @property
     def journal_topic(self) -> str:
-        """The order every core applies the other topics in (`aggregator.intake.journal`)."""
-        return f"{self.topic}.journal"
+        """The order every core of this shard applies the other topics in
+        (`aggregator.intake.journal`): each shard has its own."""
+        return f"{self.topic}.journal{self.shard.suffix}"
 
     @property
     def lease_topic(self) -> str:
-        """Whose core leads: the group member holding its one partition (no records;
-        `aggregator.intake.leadership`)."""
+        """Whose core leads: the group member holding its one partition (each shard's
+        group its own leader; `aggregator.intake.leadership`). Its records are every core's
+        heartbeats (`aggregator.intake.members`), whatever its shard."""
         return f"{self.topic}.lease"
 
     @property
@@ -66,7 +106,7 @@ class KafkaSettings:
         """The cores' consumer group over the lease topic. Not the group itself: a broker may
         keep the protocol of a group's past members (Tansu keeps the previous main's
         `roundrobin` for its consumers of the events topic), and refuses another in it."""
-        return f"{self.consumer_group}.lease"
+        return f"{self.consumer_group}.lease{self.shard.suffix}"
 
     def reader(self, **overrides: Any) -> AIOKafkaConsumer:
         """A consumer outside any group, whose positions its owner sets (assign and seek)."""
@@ -91,9 +131,10 @@ class KafkaSettings:
         return AIOKafkaProducer(**(options | overrides))
 
 
-async def ensure_topics(settings: KafkaSettings) -> None:
+async def ensure_topics(settings: KafkaSettings) -> int:
     """Create the event, dead-letter, control, journal and lease topics if missing; verify their
-    partition counts. Topics made by earlier versions gain the ones they lack."""
+    partition counts. Topics made by earlier versions gain the ones they lack. Returns the
+    events topic's partition count (the topic's, whatever the settings say)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
     partitions = {
         settings.topic: settings.partitions,
@@ -114,15 +155,15 @@ async def ensure_topics(settings: KafkaSettings) -> None:
             described = await admin.describe_topics(wanted)
     finally:
         await stop_within(admin.close, settings.stop_timeout_seconds, "admin client")
-    for description in described:
-        count = len(description.get("partitions", []))
-        if description["topic"] == settings.topic and count != settings.partitions:
-            log.warning(
-                "topic %s has %d partitions, not the configured %d; using it as it is",
-                settings.topic,
-                count,
-                settings.partitions,
-            )
+    [count] = [len(d.get("partitions", [])) for d in described if d["topic"] == settings.topic]
+    if count != settings.partitions:
+        log.warning(
+            "topic %s has %d partitions, not the configured %d; using it as it is",
+            settings.topic,
+            count,
+            settings.partitions,
+        )
+    return count
 
 
 async def retrying(start: Any) -> None:

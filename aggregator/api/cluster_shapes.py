@@ -15,8 +15,9 @@ __all__ = ["ClusterShape", "DigestShape", "cluster", "digest"]
 class MemberShape(TypedDict):
     id: str  # drawn when the core started
     url: str
-    role: str  # leader, standby, replica; embedded
-    journal_offset: int | None  # the journal's next offset it had applied (Kafka mode)
+    role: str  # leader, standby, replica (each of its shard); embedded
+    shard: str  # I/N: it applies the events topic's partitions p with p % N == I
+    journal_offset: int | None  # its shard journal's next offset it had applied (Kafka mode)
     epoch: int
     heard_at: str  # its last heartbeat
     alive: bool  # heard within three heartbeats
@@ -34,6 +35,7 @@ def cluster(members: list[Member]) -> ClusterShape:
                 "id": m.id,
                 "url": m.url,
                 "role": m.role,
+                "shard": m.shard,
                 "journal_offset": m.journal_offset,
                 "epoch": m.epoch,
                 "heard_at": iso(m.heard_at_us),

@@ -3,9 +3,10 @@
 The checkpoint protocol. The offsets stored in DuckDB are the only truth about what has been
 applied; the code below names each step where it takes it.
 
-1. Assign: while this core leads (`leadership`), it reads every partition, outside any consumer
-   group. For each partition read its stored offset; one with none first stores its log's start
-   (`StartOffsets`), so that a batch from any other position is refused. Seek there.
+1. Assign: while this core leads (`leadership`), it reads its shard's partitions (every one
+   without `--shard`), outside any consumer group. For each partition read its stored offset;
+   one with none first stores its log's start (`StartOffsets`), so that a batch from any other
+   position is refused. Seek there.
    (`_reading`, `seek_to_stored`)
 2. Check the log: at assignment, about once a second, and whenever the broker refuses a
    position, a stored offset outside the log's [start, end] (the topic recreated, a broker that
@@ -54,7 +55,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 from aiokafka.structs import ConsumerRecord
 
-from aggregator.errors import OffsetGap
+from aggregator.errors import OffsetGap, UsageError
 from aggregator.intake.dead_letters import HEADERS, organization_of
 from aggregator.intake.decode import DeadLetter, dead_rows, decode_batch
 from aggregator.intake.journal import Entry, Journal
@@ -146,6 +147,7 @@ class Consumer:
         self._organization_exists = organization_exists
         self._settings = settings or ConsumerSettings()
         self._consumer: AIOKafkaConsumer | None = None
+        self._partitions: list[int] = []  # this shard's, of the topic's (step 1)
         self._dead_letters: Any = None
         self._task: asyncio.Task[None] | None = None
         self._records = self._settings.first_records
@@ -159,7 +161,13 @@ class Consumer:
         self.commit_seconds: collections.deque[float] = collections.deque(maxlen=1000)
 
     async def __aenter__(self) -> Self:
-        await ensure_topics(self._kafka)
+        shard, count = self._kafka.shard, await ensure_topics(self._kafka)
+        if shard.count > count:
+            raise UsageError(
+                f"shard {shard}: the topic {self._kafka.topic} has {count} partitions, so at"
+                f" most {count} shards; re-partition it for more (README: Scaling out)"
+            )
+        self._partitions = shard.partitions(count)
         self._journal.follow(self._kafka.topic, self)
         self._task = asyncio.create_task(
             while_leading(self._role, self._reading), name="kafka-consumer"
@@ -192,7 +200,7 @@ class Consumer:
             async with asyncio.timeout(kafka.start_timeout_seconds):
                 await retrying(consumer.start)
                 await retrying(dead_letters.start)
-            partitions = [TopicPartition(kafka.topic, p) for p in range(kafka.partitions)]
+            partitions = [TopicPartition(kafka.topic, p) for p in self._partitions]
             consumer.assign(partitions)
             await self.seek_to_stored(partitions)
             async with task_while_open("kafka-reading", self._run, _report_stop):

@@ -3,8 +3,8 @@
 The protocol:
 
 1. Every core in Kafka mode (replicas too) produces a heartbeat to `<topic>.lease` every
-   `HEARTBEAT_SECONDS`: its id (drawn at start), URL, role (leader, standby or replica), the
-   journal offset it has applied and its epoch. (`_announce`)
+   `HEARTBEAT_SECONDS`: its id (drawn at start), URL, role (leader, standby or replica), its
+   shard (`I/N`), the offset it has applied of its shard's journal and its epoch. (`_announce`)
 2. Every core reads the lease topic outside any group, from `LOOKBACK` records before its end
    on, keeping each core's latest heartbeat; what is not a heartbeat is passed over. (`_hear`)
 3. `GET /v1/cluster/` lists the cores heard within `FORGET_SECONDS`, newest first: alive when
@@ -46,6 +46,7 @@ class Member:
     journal_offset: int | None
     epoch: int
     heard_at_us: int
+    shard: str = "0/1"  # I/N (`ingest.kafka.Shard`); heartbeats from before shards: 0/1
     alive: bool = True
     this: bool = False  # the core answering
 
@@ -53,7 +54,7 @@ class Member:
 def alone(url: str) -> Callable[[], list[Member]]:
     """What an embedded core lists: itself."""
     core = str(uuid.uuid4())
-    return lambda: [Member(core, url, "embedded", None, 0, now_us(), True, True)]
+    return lambda: [Member(core, url, "embedded", None, 0, now_us(), alive=True, this=True)]
 
 
 class Members:
@@ -107,7 +108,7 @@ class Members:
 
     def _heartbeat(self) -> Member:
         role, offset, epoch = self._describe()
-        return Member(self.id, self._url, role, offset, epoch, now_us())
+        return Member(self.id, self._url, role, offset, epoch, now_us(), str(self._kafka.shard))
 
     async def _announce(self) -> None:
         """Step 1."""
@@ -124,6 +125,7 @@ class Members:
                     "journal_offset": member.journal_offset,
                     "epoch": member.epoch,
                     "at_us": member.heard_at_us,
+                    "shard": member.shard,
                 }
             )
             try:
@@ -163,6 +165,7 @@ def _member(value: bytes | None) -> Member | None:
             None if offset is None else int(offset),
             int(data["epoch"]),
             int(data["at_us"]),
+            str(data.get("shard", "0/1")),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None

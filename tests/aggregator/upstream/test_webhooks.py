@@ -327,7 +327,11 @@ def test_customer_state_changed_is_polars_and_coalesced(hooked: Server) -> None:
 
 
 def test_a_slow_receiver_does_not_slow_ingest(hooked: Server) -> None:
-    """A receiver taking 3 s per delivery: ingest answers as fast as without it meanwhile."""
+    """A receiver taking 3 s per delivery: no ingest waits for one.
+
+    An ingest that waited for a delivery would take at least the receiver's 3 s; the bound is
+    that, not a latency target, so a loaded machine does not fail it.
+    """
     with Receiver(delay_seconds=3.0) as receiver:
         org = Org(hooked, receiver.url)
         for i in range(5):  # five customers, five alerts: deliveries pile up at the receiver
@@ -345,7 +349,7 @@ def test_a_slow_receiver_does_not_slow_ingest(hooked: Server) -> None:
             sent = org.http.post("/v1/events/ingest", json={"events": [event]})
             took.append(time.perf_counter() - started)
             assert sent.status_code == 200
-        assert max(took) < 1.0, took
+        assert max(took) < 3.0, took
         wait_until(lambda: len(receiver.received) >= 5, 20)
 
 

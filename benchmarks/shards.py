@@ -1,0 +1,161 @@
+"""Shards: what a core applies per core-second when it owns half the partitions.
+
+Hypothesis: a shard (`meterline core --shard I/N`) does a one-shard core's work on its own
+partitions and nothing more (the control topic it reads whole is small), so events applied per
+core-second by each of 2 shards are at least 0.9 of one shard's. N shards on N cores then apply
+N times the events; what bounds N is the partition count, the control topic every shard reads,
+and, for reads, the fan-out.
+
+Command: `.venv/bin/python -m benchmarks.run shards` (`--quick`: smaller, one run each).
+
+Each run: a fresh broker (Tansu, memory storage), then either one core or two shard cores
+(`--shard 0/2`, `--shard 1/2`, own data dirs, the cluster secret) with the 10 meters of
+`benchmarks.meters`, each leading its shard. The cores are paused (SIGSTOP, within their group
+session) while N loadgen events as edges write them (columnar records, 6 partitions) are
+published from this process, so that the broker and the load generator do not compete with the
+timed part; then resumed, and each core is timed until the API counts its events stored. Per
+core: CPU seconds over that time. The figure: the median shard's events per CPU second over one
+shard's in the same run (runs interleaved, medians). Wall seconds to drain are given too: on
+this 2-core machine two shards share the cores with the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import metric
+from benchmarks.kafka import columnar_requests, create_token, kafka_args
+from benchmarks.meters import METERS
+from benchmarks.replicas import _cpu, _publish
+from benchmarks.server import Server
+from tests.processes import Broker, wait_until
+
+SHARDS = (1, 2)
+BATCHES = 2_000  # of 1,000 events: 2 M events
+QUICK_BATCHES = 200
+TARGET_RATIO = 0.9
+# Longer than the pause: a paused leader keeps its lease.
+SESSION = ("--consumer-session-timeout-seconds", "20")
+
+
+def _signal(servers: list[Server], sent: signal.Signals) -> None:
+    for server in servers:
+        os.kill(server.pid, sent)
+
+
+def _run(shards: int, batches: int, work: Path) -> dict[str, Any]:
+    """One run: `shards` cores of one deployment, timed draining `batches` thousand events."""
+    n = batches * 1_000
+    with Broker() as broker:
+        token, organization = create_token(work / "shard0")
+        args = (*kafka_args(broker), "--validation-workers", "0", *SESSION)
+        secret = ("--secret-file", str(work / "shard0" / "secret.key"))
+        servers: list[Server] = []
+        try:
+            for i in range(shards):
+                shard = ("--shard", f"{i}/{shards}")
+                server = Server(*args, *secret, *shard, command="core", data_dir=work / f"shard{i}")
+                servers.append(server.start())
+                server.token = token
+            for server in servers:
+                wait_until(lambda s=server: any("this core leads" in x for x in s.output), 60)
+            with servers[0].client(token) as client:
+                for definition in METERS:
+                    answer = client.post("/v1/meters/", json=definition)
+                    assert answer.status_code == 201, answer.text
+            for server in servers:  # every shard has the meters before the timing
+                with server.client(token) as client:
+                    wait_until(
+                        lambda c=client: (
+                            c.get("/v1/meters/").status_code == 200
+                            and len(c.get("/v1/meters/").json()["items"]) == len(METERS)
+                        ),
+                        60,
+                    )
+            requests = columnar_requests(organization, batches, seed=shards, tag="shards")
+            _signal(servers, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                asyncio.run(_publish(broker.bootstrap, "meterline.events", requests))
+                published = time.monotonic() - started
+            finally:
+                _signal(servers, signal.SIGCONT)
+            expected = [0] * shards  # each shard's events: those of its partitions
+            for records in requests:
+                for record in records:
+                    expected[record.partition % shards] += record.events
+            assert sum(expected) == n
+            cpu = [_cpu(s) for s in servers]
+            started = time.monotonic()
+            done: dict[int, float] = {}
+            while len(done) < shards and time.monotonic() - started < 900:
+                for i, server in enumerate(servers):
+                    if i not in done and server.total_count() >= expected[i]:
+                        done[i] = time.monotonic() - started
+                        cpu[i] = _cpu(server) - cpu[i]
+                time.sleep(0.2)
+            if len(done) < shards:
+                raise RuntimeError(f"not every shard applied its events within 900 s: {done}")
+            wall = max(done.values())
+        finally:
+            for server in servers:
+                server.kill()
+    counts = expected
+    per_cpu = [count / seconds for count, seconds in zip(counts, cpu, strict=True)]
+    print(
+        f"   {shards} shard(s): drained {n:,} events in {wall:.1f} s; per shard events"
+        f" {counts}, CPU s {[round(c, 1) for c in cpu]}, per CPU s {[round(x) for x in per_cpu]}",
+        flush=True,
+    )
+    return {
+        "events": n,
+        "publish_seconds": round(published, 3),
+        "drain_seconds": round(wall, 3),
+        "events_per_shard": counts,
+        "cpu_seconds": [round(c, 3) for c in cpu],
+        "events_per_cpu_second": [round(x) for x in per_cpu],
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    runs = 1 if quick else 3
+    batches = QUICK_BATCHES if quick else BATCHES
+    results: dict[int, list[dict[str, Any]]] = {s: [] for s in SHARDS}
+    for _ in range(runs):  # interleaved: the machine's load falls on each alike
+        for shards in SHARDS:
+            work = Path(tempfile.mkdtemp(prefix="meterline-shards-"))
+            try:
+                results[shards].append(_run(shards, batches, work))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    one = statistics.median(r["events_per_cpu_second"][0] for r in results[1])
+    each = statistics.median(statistics.median(r["events_per_cpu_second"]) for r in results[2])
+    drain = {s: statistics.median(r["drain_seconds"] for r in results[s]) for s in SHARDS}
+    return {
+        "metrics": [
+            metric(
+                "events per CPU second, each of 2 shards / 1 shard",
+                each / one,
+                "x",
+                ">=",
+                TARGET_RATIO,
+            ),
+            metric("events per CPU second, 1 shard", one, "events/s"),
+            metric("events per CPU second, each of 2 shards (median)", each, "events/s"),
+            *(
+                metric(
+                    f"drain wall throughput, {s} shard(s)", batches * 1_000 / drain[s], "events/s"
+                )
+                for s in SHARDS
+            ),
+        ],
+        "runs": {str(s): results[s] for s in SHARDS},
+    }
