@@ -32,6 +32,9 @@ H_ORGANIZATION = "meterline.organization"
 H_INGESTED_AT = "meterline.ingested_at"  # UTC microseconds since the epoch, decimal
 H_COMPRESSION = "meterline.compression"  # zstd, lz4 or none
 H_SIZE = "meterline.size"  # bytes of the IPC stream before compression
+# On a record a shard moved to the partition of its customer's routing key
+# (`aggregator.intake.routing`): the shard that moved it. Applied where it lands.
+H_MOVED = "meterline.moved"
 COMPRESSIONS = ("zstd", "lz4", "none")
 Headers = list[tuple[str, bytes]]
 
@@ -120,13 +123,30 @@ def encode(
     start = 0
     for count in ends:
         partition, rows = count["values"].as_py(), count["counts"].as_py()
-        for chunk in _chunks(events.slice(start, rows), max_record_bytes):
-            stream = write(chunk)
-            value = stream if compression == "none" else _compress(stream, compression, True)
-            found = headers(organization_id, ingested_at_us, compression, len(stream))
-            records.append(Record(partition, value, found, chunk.num_rows))
+        chunk = events.slice(start, rows)
+        records += records_for(
+            chunk, organization_id, ingested_at_us, partition, compression, max_record_bytes
+        )
         start += rows
     return Encoded(records, duplicates)
+
+
+def records_for(
+    events: pa.Table,
+    organization_id: str,
+    ingested_at_us: int,
+    partition: int,
+    compression: str,
+    max_record_bytes: int,
+) -> list[Record]:
+    """`events` (of `COLUMNS`, one organization's) as records for `partition`, in order."""
+    records = []
+    for chunk in _chunks(events, max_record_bytes):
+        stream = write(chunk)
+        value = stream if compression == "none" else _compress(stream, compression, True)
+        found = headers(organization_id, ingested_at_us, compression, len(stream))
+        records.append(Record(partition, value, found, chunk.num_rows))
+    return records
 
 
 def write(events: pa.Table) -> bytes:

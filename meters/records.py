@@ -42,7 +42,12 @@ class Undecodable:
 def key_prefixes(organization_id: str) -> tuple[str, str]:
     """What a record key is before the customer's `customer_id`, and before its
     `external_customer_id`."""
-    return f"{organization_id}/id:", f"{organization_id}/ext:"
+    return subject_key(organization_id, "id:"), subject_key(organization_id, "ext:")
+
+
+def subject_key(organization_id: str, subject: str) -> str:
+    """The record key of a customer named `id:<customer_id>` or `ext:<external id>`."""
+    return f"{organization_id}/{subject}"
 
 
 def record_key(organization_id: str, event: Event) -> bytes:

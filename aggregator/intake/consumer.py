@@ -17,7 +17,8 @@ applied; the code below names each step where it takes it.
    (undecodable, or naming an organization or customer that does not exist) are sent to the
    dead-letter topic, with the reason and their origin in headers, and acknowledged before
    anything else: a partition is never blocked, and a crash after this step repeats the dead
-   letter (at least once), never loses it. (`_prepare`, `_dead_letter`)
+   letter (at least once), never loses it. A shard of several then moves the rows whose
+   customer another shard holds to it the same way (`routing`). (`_prepare`, `_dead_letter`)
 4. Apply: the batch's entry (its ranges, dead rows and time) is appended to the journal, and
    one writer job (`ConsumedBatch`) applies the batch in memory and commits, in the journal's
    order (`journal`); the journal and the job refuse a batch that does not start where the
@@ -60,6 +61,7 @@ from aggregator.intake.dead_letters import HEADERS, organization_of
 from aggregator.intake.decode import DeadLetter, dead_rows, decode_batch
 from aggregator.intake.journal import Entry, Journal
 from aggregator.intake.leadership import Role, task_while_open, while_leading
+from aggregator.intake.routing import Router
 from aggregator.store import (
     ConsumedBatch,
     OffsetReset,
@@ -148,6 +150,8 @@ class Consumer:
         self._settings = settings or ConsumerSettings()
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: list[int] = []  # this shard's, of the topic's (step 1)
+        self._router: Router | None = None  # a shard of several moves rows (`routing`)
+        self.moved = 0
         self._dead_letters: Any = None
         self._task: asyncio.Task[None] | None = None
         self._records = self._settings.first_records
@@ -168,6 +172,17 @@ class Consumer:
                 f" most {count} shards; re-partition it for more (README: Scaling out)"
             )
         self._partitions = shard.partitions(count)
+        self._router = Router(self._store, self._kafka, count) if shard.count > 1 else None
+        # A data dir holds the state of the partitions it applied: started as another shard,
+        # it would mix two shards' events (or serve partitions it no longer owns).
+        held = set(await self._store.read(stored_offsets, self._kafka.topic))
+        if not held <= set(self._partitions):
+            raise UsageError(
+                f"this data dir holds partitions {', '.join(map(str, sorted(held)))} of"
+                f" {self._kafka.topic}, not all of shard {shard}'s"
+                f" ({', '.join(map(str, self._partitions))}): start it as the shard it was,"
+                " or start this shard on a new data dir"
+            )
         self._journal.follow(self._kafka.topic, self)
         self._task = asyncio.create_task(
             while_leading(self._role, self._reading), name="kafka-consumer"
@@ -377,6 +392,12 @@ class Consumer:
         if dead:
             await self._dead_letter([(records[d.position], d) for d in dead])
         self.dead_lettered += len(dead)
+        moved_from: list[tuple[int, int, int | None]] = []
+        if self._router is not None and table.num_rows:
+            table, moved, moved_from = await self._router.split(table, records)
+            if moved:
+                await self._router.move(self._dead_letters, moved)
+                self.moved += len(moved_from)
         offsets = {
             tp.partition: (batch[0].offset, batch[-1].offset + 1) for tp, batch in fetched.items()
         }
@@ -384,8 +405,10 @@ class Consumer:
             self._kafka.topic,
             tuple((p, first, end) for p, (first, end) in offsets.items()),
             read_at_us,
-            dead=tuple(
-                (records[d.position].partition, records[d.position].offset, d.row) for d in dead
+            # Rows left out: dead letters, and rows moved to their customer's shard.
+            dead=(
+                *((records[d.position].partition, records[d.position].offset, d.row) for d in dead),
+                *moved_from,
             ),
         )
         return await self._batch(table, records, offsets, read_at_us), entry

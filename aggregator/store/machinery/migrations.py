@@ -489,6 +489,15 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE meter_holds ADD COLUMN after_seq BIGINT NOT NULL DEFAULT 0;
     """,
+    # 23: a customer's routing key (`intake.routing`: which shard holds its events), fixed when
+    # it is made: its external id's subject if it had one, else its id's. Customers made
+    # before: as of now (one shard then, so no event was placed by it). IF NOT EXISTS: the
+    # step may run again on a database that has the column.
+    """
+    ALTER TABLE customers ADD COLUMN IF NOT EXISTS routing_key VARCHAR;
+    UPDATE customers SET routing_key = CASE WHEN external_id IS NOT NULL
+        THEN 'ext:' || external_id ELSE 'id:' || id::VARCHAR END;
+    """,
 )
 
 

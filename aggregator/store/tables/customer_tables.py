@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,12 +13,14 @@ import orjson
 from aggregator.errors import NotFound
 from aggregator.store.base.meter_sql import member_pointer
 from aggregator.store.base.rows import first_row, is_uuid
+from aggregator.store.base.subjects import of_external, of_id
 from aggregator.store.machinery.writer import Job, Tx
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
 
 __all__ = [
     "CUSTOMER_SORTS",
+    "CustomerRef",
     "CustomerRow",
     "create_job",
     "customers_after",
@@ -26,6 +29,7 @@ __all__ = [
     "get_customer_by_external_id",
     "list_customers",
     "matching_text",
+    "routing_keys",
     "update_job",
 ]
 
@@ -124,10 +128,12 @@ def create_job(
         con = tx.con
         _check_unique(con, organization_id, email=data.email, external_id=data.external_id)
         address = data.billing_address.model_dump() if data.billing_address else None
+        # Fixed now, whatever the customer becomes (`routing_keys`).
+        routing = of_external(data.external_id) if data.external_id else of_id(customer_id)
         con.execute(
             "INSERT INTO customers (id, organization_id, type, email, name, external_id,"
-            " billing_address, tax_id, locale, metadata, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, make_timestamptz(?))",
+            " billing_address, tax_id, locale, metadata, created_at, routing_key)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, make_timestamptz(?), ?)",
             [
                 customer_id,
                 organization_id,
@@ -140,6 +146,7 @@ def create_job(
                 data.locale,
                 _json(data.metadata or {}),
                 now_us,
+                routing,
             ],
         )
         found = get_customer(con, organization_id, customer_id)
@@ -351,3 +358,43 @@ def find_customer(
     if customer is None:
         return None, FieldError("customer_not_found", ("body", field), "Customer not found.", value)
     return customer, None
+
+
+CustomerRef = tuple[
+    str, str | None, str | None
+]  # organization id, customer id, external customer id
+
+
+def routing_keys(
+    con: duckdb.DuckDBPyConnection, refs: Sequence[CustomerRef]
+) -> dict[CustomerRef, str]:
+    """The routing key of the customer each event reference names: the customer's (made when
+    it was), else the subject the event names (`ext:`, a customer not made yet; an id names
+    a customer, or the event is refused)."""
+    ids = sorted({c for _, c, _ in refs if c})
+    externals = sorted({e for _, c, e in refs if not c and e})
+    by_id: dict[str, str] = {}
+    if ids:
+        found = con.execute(
+            "SELECT id::VARCHAR, routing_key FROM customers WHERE id IN (SELECT unnest(?::UUID[]))",
+            [ids],
+        ).fetchall()
+        by_id = {str(r[0]): str(r[1]) for r in found if r[1]}
+    by_external: dict[tuple[str, str], str] = {}
+    if externals:
+        found = con.execute(
+            "SELECT organization_id::VARCHAR, external_id, routing_key FROM customers"
+            " WHERE external_id IN (SELECT unnest(?::VARCHAR[]))",
+            [externals],
+        ).fetchall()
+        by_external = {(str(r[0]), str(r[1])): str(r[2]) for r in found if r[2]}
+    keys = {}
+    for ref in refs:
+        organization, customer, external = ref
+        if customer:
+            keys[ref] = by_id.get(customer) or of_id(customer)
+        else:
+            keys[ref] = by_external.get((organization, external or "")) or of_external(
+                external or ""
+            )
+    return keys

@@ -1,8 +1,10 @@
 """Shards (`--shard I/N`): beside a one-shard core, two shard cores on the same topics each apply
 their own partitions of the events topic (p % 2 == I) and the whole control topic, with their
-own journal and leader. Each customer's events are on one shard, where its quantities are the
-one-shard core's; the shards' events add up to the one-shard core's, none on two. More shards
-than partitions is refused at start."""
+own journal and leader. Each customer's events are on one shard, whichever of its ids they name
+(rows keyed by the other are moved there), where its quantities are the one-shard core's; the
+shards' events add up to the one-shard core's, none on two; a replica of a shard holds its
+leader's state. More shards than partitions, or a data dir of another shard, is refused at
+start."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import pytest
 
 from ingest.kafka import Shard
 from meters.columnar import partition_of
-from meters.records import key_prefixes
-from tests.aggregator.intake.test_control_topic import _ok
+from meters.records import subject_key
+from tests.aggregator.intake.test_control_topic import _assert_same, _ok, _settled_together
 from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline, _wide, usage_batches
 from tests.processes import wait_until
@@ -42,7 +44,32 @@ def _this(client: httpx.Client) -> tuple[str, str]:
     return this["shard"], this["role"]
 
 
+def _shard_of(org: str, subject: str) -> int:
+    """Which of 2 shards holds the partition of a customer's subject (`id:…` or `ext:…`)."""
+    return partition_of(subject_key(org, subject).encode(), PARTITIONS) % 2
+
+
+def _customers(one: httpx.Client, org: str) -> tuple[list[str], str]:
+    """Customers made with an external id (`ext:` routes them) whose id's partition is on the
+    other shard, so that events naming them by id are moved, and one whose is not; and a
+    customer made without one (`id:` routes it) given the external id "late" after."""
+    moving, staying = [], []
+    for i in range(40):
+        made = _ok(
+            one.post("/v1/customers/", json={"email": f"n{i}@x.org", "external_id": f"n{i}"})
+        )
+        crossed = _shard_of(org, f"id:{made['id']}") != _shard_of(org, f"ext:n{i}")
+        (moving if crossed else staying).append(made["id"])
+        if len(moving) >= 3 and staying:
+            break
+    late = _ok(one.post("/v1/customers/", json={"email": "late@x.org"}))["id"]
+    _ok(one.patch(f"/v1/customers/{late}", json={"external_id": "late"}))
+    return [*moving[:3], staying[0]], late
+
+
 def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
+    """Every customer's events on one shard, whichever id they name (moved there when the
+    edge keyed them by the other), with the one-shard core's quantities."""
     with Pipeline(tmp_path / "one", partitions=PARTITIONS) as pipeline:
         assert pipeline.core is not None
         secret = ("--secret-file", str(pipeline.data_dir / "secret.key"))
@@ -54,35 +81,68 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
             )
             for i in range(2)
         ]
+        # And a replica of shard 0: it leaves out the rows its leader moved, as the journal says.
+        replica = ServedCore(
+            tmp_path / "replica0",
+            *(*pipeline.args(), *secret, "--shard", "0/2", "--replica"),
+            dev_token=False,
+        )
+        shards.append(replica)
         for shard in shards:
             shard.start()
         try:
             token = pipeline.token()
             meter = pipeline.create_meter()  # a record on the control topic: every shard's
             org = pipeline.organization_id()
-            distinct: set[str] = set()
-            with pipeline.edges[0].client(token) as edge:
-                for batch in usage_batches(42, 8, 50, "s"):
-                    assert edge.post("/v1/events/ingest", json={"events": batch}).is_success
-                    distinct.update(e["external_id"] for e in batch)
             with (
                 pipeline.core.client(token) as one,
                 shards[0].client(token) as first,
                 shards[1].client(token) as second,
+                replica.client(token) as through_replica,
+                pipeline.edges[0].client(token) as edge,
             ):
+                named, late = _customers(one, org)
+                for shard in (first, second):  # every shard has applied them (and the PATCH)
+                    wait_until(
+                        lambda s=shard: (
+                            s.get(f"/v1/customers/{late}").status_code == 200
+                            and s.get(f"/v1/customers/{late}").json()["external_id"] == "late"
+                        ),
+                        30,
+                    )
+                distinct: set[str] = set()
+                batches = list(usage_batches(42, 8, 50, "s"))  # cust_0..4: no customer made
+                by_id = [
+                    {"name": "llm_call", "customer_id": c, "metadata": {"tokens": t + 1}}
+                    for t, c in enumerate([*named, late] * 5)
+                ]
+                by_external = [
+                    {"name": "llm_call", "external_customer_id": e, "metadata": {"tokens": 7}}
+                    for e in ("late", "n0", "n1")
+                ]
+                for n, event in enumerate(by_id + by_external):
+                    event["external_id"] = f"named-{n}"
+                for batch in [*batches, by_id, by_external]:
+                    assert edge.post("/v1/events/ingest", json={"events": batch}).is_success
+                    distinct.update(e["external_id"] for e in batch)
                 wait_until(lambda: _events(one) == len(distinct), 60)
-                for shard in (first, second):  # tokens reach a core on the control topic
-                    wait_until(lambda s=shard: s.get("/v1/meters/").status_code == 200, 30)
                 wait_until(lambda: _events(first) + _events(second) == _events(one), 60)
                 assert min(_events(first), _events(second)) > 0
-                _, by_external = key_prefixes(org)
-                for customer in (f"cust_{i}" for i in range(5)):
-                    owner = partition_of(f"{by_external}{customer}".encode(), PARTITIONS) % 2
-                    expected = _quantity(one, meter, external_customer_id=customer)
+                expected_owner = {
+                    **{f"cust_{i}": _shard_of(org, f"ext:cust_{i}") for i in range(5)},
+                    **{
+                        c: _shard_of(
+                            org, f"ext:{_ok(one.get(f'/v1/customers/{c}'))['external_id']}"
+                        )
+                        for c in named
+                    },
+                    late: _shard_of(org, f"id:{late}"),
+                }
+                for customer, owner in expected_owner.items():
+                    name = "customer_id" if customer in (*named, late) else "external_customer_id"
+                    expected = _quantity(one, meter, **{name: customer})
                     assert expected > 0
-                    found = [
-                        _quantity(c, meter, external_customer_id=customer) for c in (first, second)
-                    ]
+                    found = [_quantity(c, meter, **{name: customer}) for c in (first, second)]
                     assert found[owner] == expected and found[1 - owner] == 0, customer
                 for index, client in enumerate((first, second)):
                     digest = _ok(client.get("/v1/cluster/digest"))
@@ -92,28 +152,33 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                     wait_until(lambda c=client, i=index: _this(c) == (f"{i}/2", "leader"), 10)
                     # The meter is every shard's: the control topic is applied whole.
                     assert _ok(client.get(f"/v1/meters/{meter}"))["id"] == meter
+                (state, reads), (again, reads_again) = _settled_together(first, through_replica)
+                _assert_same(state, again)
+                assert reads_again == reads
         finally:
             for shard in shards:
                 shard.stop()
 
 
-def test_more_shards_than_partitions_is_refused(tmp_path: Path) -> None:
+def _core(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`meterline core` on `data_dir`, expected to exit at once."""
+    command = [sys.executable, "-m", "aggregator.cli", "core", "--data-dir", str(data_dir)]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_more_shards_than_partitions_or_another_shards_data_dir_is_refused(
+    tmp_path: Path,
+) -> None:
     with Pipeline(tmp_path / "one", partitions=PARTITIONS) as pipeline:
-        started = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "aggregator.cli",
-                "core",
-                "--data-dir",
-                str(tmp_path / "s7"),
-                *pipeline.args(),
-                "--shard",
-                "7/8",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert started.returncode == 2, started.stderr
-    assert f"has {PARTITIONS} partitions, so at most {PARTITIONS} shards" in started.stderr
+        too_many = _core(tmp_path / "s7", *pipeline.args(), "--shard", "7/8")
+        # A data dir of shard 0/2 (it stored where its partitions start) as shard 1/2.
+        with (
+            ServedCore(tmp_path / "s0", *pipeline.args(), "--shard", "0/2") as shard,
+            shard.client(shard.token) as client,
+        ):
+            wait_until(lambda: _this(client) == ("0/2", "leader"), 30)
+        other = _core(tmp_path / "s0", *pipeline.args(), "--shard", "1/2")
+    assert too_many.returncode == 2, too_many.stderr
+    assert f"has {PARTITIONS} partitions, so at most {PARTITIONS} shards" in too_many.stderr
+    assert other.returncode == 2, other.stderr
+    assert "this data dir holds partitions 0, 2, 4 of meterline.events" in other.stderr

@@ -170,6 +170,7 @@ def _as_previous_main_left_it(path: Path) -> None:
         con.execute(f"ALTER TABLE meters DROP COLUMN {column}")  # step 19
     con.execute("DROP TABLE command_outcomes")  # step 21
     con.execute("DROP TABLE control_offsets")
+    con.execute("ALTER TABLE customers DROP COLUMN routing_key")  # step 23
     con.execute("DELETE FROM schema_migrations WHERE version >= 8")
     for name, key in (
         ("meter.credited", "meterline:credit:old"),

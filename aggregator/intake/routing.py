@@ -1,0 +1,133 @@
+"""One customer, one shard: which partition a consumed row belongs on, and moving there the
+rows a shard does not own.
+
+Edges and producers key an event by the id it names (`meters.records.record_key`), so a
+customer named by its id in one event and by its external id in another would have events on
+two partitions, perhaps two shards. A shard (`--shard I/N`, N > 1) puts them back together:
+
+1. A customer's routing key is fixed when it is made (`customers.routing_key`: `ext:<external
+   id>` if it had one, else `id:<id>`). A row's key is its customer's, whichever id it names;
+   a row naming an external id no customer has yet keeps `ext:<external id>`. Its partition is
+   that key's, as an edge computes it (`meters.columnar.partition_of`). (`Router.split`)
+2. A row whose partition another shard owns is moved: re-published to that partition, in
+   records of its organization and ingest time marked `H_MOVED`, acknowledged before the batch
+   commits; and left out of the batch (its journal entry's dead rows, so that every core of the
+   shard leaves it out too). A crash between the two moves it again: the owner keeps the first
+   of each external id (an event without one may then count twice). (`Router.move`)
+3. A moved record is applied where it lands, never moved again: the shard that moved it knew
+   the customer when it did, the owner may not have applied that record of the control topic
+   yet. A shard never waits on another: moving is a produce, like a dead letter.
+
+One shard owns every partition and moves nothing; it does not route at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+from aggregator.store import Store, customer_tables
+from ingest.kafka import KafkaSettings
+from meters.columnar import H_MOVED, partition_of, records_for
+from meters.events import COLUMNS
+from meters.records import subject_key
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """Rows to re-publish: one organization's, of one ingest time, for one partition."""
+
+    organization_id: str
+    ingested_at_us: int
+    partition: int
+    events: pa.Table  # COLUMNS
+
+
+class Router:
+    """Steps 1 and 2 for a shard of a topic of `partitions` partitions."""
+
+    def __init__(self, store: Store, kafka: KafkaSettings, partitions: int) -> None:
+        self._store = store
+        self._kafka = kafka
+        self._partitions = partitions
+
+    async def split(
+        self, table: pa.Table, records: list[ConsumerRecord[bytes, bytes]]
+    ) -> tuple[pa.Table, list[Moved], list[tuple[int, int, int | None]]]:
+        """Step 1: the rows this shard applies, the rows to move, and where the moved rows were
+        read from (partition, offset, row: the journal entry's dead rows)."""
+        organizations = table.column("organization_id").to_pylist()
+        customers = table.column("customer_id").to_pylist()
+        externals = table.column("external_customer_id").to_pylist()
+        refs: list[customer_tables.CustomerRef] = [
+            (str(o), c, e) for o, c, e in zip(organizations, customers, externals, strict=True)
+        ]
+        keys = await self._store.read_now(customer_tables.routing_keys, sorted(set(refs), key=str))
+        shard = self._kafka.shard
+        owner: dict[customer_tables.CustomerRef, bool] = {}
+        target: dict[customer_tables.CustomerRef, int] = {}
+        for ref, key in keys.items():
+            target[ref] = partition_of(subject_key(ref[0], key).encode(), self._partitions)
+            owner[ref] = shard.owns(target[ref])
+        landed = {i for i, r in enumerate(records) if any(n == H_MOVED for n, _ in r.headers)}
+        positions: list[Any] = table.column("position").to_pylist()
+        moving = [
+            not owner[ref] and position not in landed
+            for ref, position in zip(refs, positions, strict=True)
+        ]
+        if not any(moving):
+            return table, [], []
+        mask = pa.array(moving, pa.bool_())
+        rows = table.filter(mask)
+        kept = table.filter(pc.invert(mask))
+        groups: defaultdict[tuple[str, int, int], list[int]] = defaultdict(list)
+        at: list[Any] = rows.column("ingested_at").cast(pa.int64()).to_pylist()
+        moved_refs = [ref for ref, move in zip(refs, moving, strict=True) if move]
+        for i, (ref, ingested) in enumerate(zip(moved_refs, at, strict=True)):
+            groups[(ref[0], ingested, target[ref])].append(i)
+        moved = [
+            Moved(org, ingested, partition, rows.take(pa.array(which)).select(COLUMNS.names))
+            for (org, ingested, partition), which in groups.items()
+        ]
+        moved_positions: list[Any] = rows.column("position").to_pylist()
+        in_record: list[int | None] = rows.column("row").to_pylist()
+        where = [
+            (records[p].partition, records[p].offset, row)
+            for p, row in zip(moved_positions, in_record, strict=True)
+        ]
+        return kept, moved, where
+
+    async def move(self, producer: AIOKafkaProducer, moved: list[Moved]) -> None:
+        """Step 2's re-publishing, acknowledged within `send_timeout_seconds` (past it the
+        batch is read again)."""
+        kafka = self._kafka
+        marked = (H_MOVED, str(kafka.shard).encode())
+        async with asyncio.timeout(kafka.send_timeout_seconds):
+            acks = []
+            for rows in moved:
+                for record in records_for(
+                    rows.events,
+                    rows.organization_id,
+                    rows.ingested_at_us,
+                    rows.partition,
+                    kafka.record_compression,
+                    kafka.max_record_bytes,
+                ):
+                    acks.append(  # noqa: PERF401 - awaited one by one: sends keep their order
+                        await producer.send(
+                            kafka.topic,
+                            record.value,
+                            key=rows.organization_id.encode(),
+                            partition=record.partition,
+                            timestamp_ms=rows.ingested_at_us // 1000,
+                            headers=[*record.headers, marked],
+                        )
+                    )
+            await asyncio.gather(*acks)
