@@ -86,6 +86,9 @@ async def _consumer(consumer: Consumer) -> list[str]:
         f"meterline_consumer_applied_events_total {consumer.applied}",
         "# TYPE meterline_consumer_dead_lettered_total counter",
         f"meterline_consumer_dead_lettered_total {consumer.dead_lettered}",
+        "# HELP meterline_consumer_moved_events_total events moved to their customer's shard",
+        "# TYPE meterline_consumer_moved_events_total counter",
+        f"meterline_consumer_moved_events_total {consumer.moved}",
     ]
     lines += _per_organization(consumer)
     lines.append("# TYPE meterline_consumer_batch_commit_seconds summary")

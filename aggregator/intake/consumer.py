@@ -164,6 +164,11 @@ class Consumer:
         )
         self.commit_seconds: collections.deque[float] = collections.deque(maxlen=1000)
 
+    @property
+    def router(self) -> Router | None:
+        """Where this shard's rows and customers belong (a shard of several, once entered)."""
+        return self._router
+
     async def __aenter__(self) -> Self:
         shard, count = self._kafka.shard, await ensure_topics(self._kafka)
         if shard.count > count:

@@ -104,6 +104,17 @@ class Router:
         ]
         return kept, moved, where
 
+    async def owner(
+        self, organization_id: str, customer_id: str | None, external_id: str | None
+    ) -> int | None:
+        """The shard holding a customer's events, or None when it is this one (step 1; what
+        `api.shard_reads` sends a customer's reads by)."""
+        ref = (organization_id, customer_id, external_id)
+        keys = await self._store.read_now(customer_tables.routing_keys, [ref])
+        partition = partition_of(subject_key(organization_id, keys[ref]).encode(), self._partitions)
+        shard = self._kafka.shard
+        return None if shard.owns(partition) else partition % shard.count
+
     async def move(self, producer: AIOKafkaProducer, moved: list[Moved]) -> None:
         """Step 2's re-publishing, acknowledged within `send_timeout_seconds` (past it the
         batch is read again)."""

@@ -10,7 +10,10 @@ and leaves out what says how a core got there, not what it holds:
   journal's order, and count);
 - what the webhook sender learnt from receivers (`webhook_endpoints.enabled`, `disabled_reason`,
   `failing_since`): every core applies it now (journal groups of the leader's attempts), but
-  it stays out so that a digest compares with the previous main's, which left it out.
+  it stays out so that a digest compares with the previous main's, which left it out;
+- a customer's routing key (`customers.routing_key`: which shard holds its events), out so that
+  a digest compares with the previous main's, which had none. (It follows from the record that
+  made the customer; a data dir that gained it by migration has it from the external id then.)
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ __all__ = ["TABLES", "logical_rows"]
 # Each table's columns left out (see above); every other column counts.
 TABLES: dict[str, tuple[str, ...]] = {
     "events": (),
-    "customers": (),
+    "customers": ("routing_key",),
     "deleted_customers": (),
     "meters": ("backfilled_to", "backfilled_events"),
     "customer_meters": (),

@@ -19,11 +19,16 @@ from meters.events import EventRules
 from tests.kafka_clients import BOUND, Client, no_topics, settings
 
 
+async def _nothing() -> dict[int, int]:
+    return {}
+
+
 def _consumer(monkeypatch: pytest.MonkeyPatch, kafka: Client, dead: Client) -> Consumer:
     monkeypatch.setattr(consumer_module, "ensure_topics", no_topics)
     monkeypatch.setattr(KafkaSettings, "reader", lambda self, **o: kafka)
     monkeypatch.setattr(KafkaSettings, "producer", lambda self, **o: dead)
-    store: Any = None  # not reached before the consumer runs
+    # Read at start: what this data dir's shard applied (nothing); not reached after.
+    store: Any = type("Store", (), {"read": lambda self, read, *args: _nothing()})()
     journal: Any = type("Journal", (), {"follow": lambda self, topic, follower: None})()
     return Consumer(store, settings(), EventRules(), lambda org: True, journal, Role(True))
 

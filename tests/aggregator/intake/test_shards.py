@@ -2,9 +2,9 @@
 their own partitions of the events topic (p % 2 == I) and the whole control topic, with their
 own journal and leader. Each customer's events are on one shard, whichever of its ids they name
 (rows keyed by the other are moved there), where its quantities are the one-shard core's; the
-shards' events add up to the one-shard core's, none on two; a replica of a shard holds its
-leader's state. More shards than partitions, or a data dir of another shard, is refused at
-start."""
+shards' events add up to the one-shard core's, none on two; a customer's reads asked of either
+shard are its shard's answers; a replica of a shard holds its leader's state. More shards than
+partitions, or a data dir of another shard, is refused at start."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from aggregator.api.shard_reads import ROUTED_HEADER
 from ingest.kafka import Shard
 from meters.columnar import partition_of
 from meters.records import subject_key
@@ -33,8 +34,16 @@ def _events(client: httpx.Client) -> int:
     return int(_ok(client.get("/v1/events/", params={"limit": 1}))["pagination"]["total_count"])
 
 
-def _quantity(client: httpx.Client, meter_id: str, **params: Any) -> float:
-    found = _ok(client.get(f"/v1/meters/{meter_id}/quantities", params={**_wide(), **params}))
+def _quantity(client: httpx.Client, meter_id: str, here: bool = False, **params: Any) -> float:
+    """A meter's total; `here`: as the asked core holds it (`Meterline-Routed`: not sent on to
+    the customer's shard)."""
+    found = _ok(
+        client.get(
+            f"/v1/meters/{meter_id}/quantities",
+            params={**_wide(), **params},
+            headers={ROUTED_HEADER: "1"} if here else {},
+        )
+    )
     return float(found["total"])
 
 
@@ -42,6 +51,21 @@ def _this(client: httpx.Client) -> tuple[str, str]:
     """The answering core's shard and role, as `GET /v1/cluster/` lists it."""
     [this] = [c for c in _ok(client.get("/v1/cluster/"))["items"] if c["this"]]
     return this["shard"], this["role"]
+
+
+def _figures(state: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """A customer state's meters: (meter, consumed, credited, balance)."""
+    return sorted(
+        (m["meter_id"], m["consumed_units"], m["credited_units"], m["balance"])
+        for m in state["active_meters"]
+    )
+
+
+def _moved(client: httpx.Client) -> int:
+    """The events this core moved to their customer's shard (`/metrics`)."""
+    metrics = client.get("/metrics").text
+    [line] = [x for x in metrics.splitlines() if x.startswith("meterline_consumer_moved_events")]
+    return int(line.split()[-1])
 
 
 def _shard_of(org: str, subject: str) -> int:
@@ -142,8 +166,20 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                     name = "customer_id" if customer in (*named, late) else "external_customer_id"
                     expected = _quantity(one, meter, **{name: customer})
                     assert expected > 0
-                    found = [_quantity(c, meter, **{name: customer}) for c in (first, second)]
-                    assert found[owner] == expected and found[1 - owner] == 0, customer
+                    held = [
+                        _quantity(c, meter, here=True, **{name: customer}) for c in (first, second)
+                    ]
+                    assert held[owner] == expected and held[1 - owner] == 0, customer
+                    # Asked of any shard, answered by the customer's.
+                    for shard in (first, second):
+                        assert _quantity(shard, meter, **{name: customer}) == expected, customer
+                for customer in (*named, late):
+                    state = [
+                        _ok(c.get(f"/v1/customers/{customer}/state")) for c in (one, first, second)
+                    ]
+                    assert state[1] == state[2]  # both the customer's shard's answer
+                    # As the one-shard core's, but for times of applying (its own).
+                    assert _figures(state[1]) == _figures(state[0]) != []
                 for index, client in enumerate((first, second)):
                     digest = _ok(client.get("/v1/cluster/digest"))
                     owned = Shard(index, 2).partitions(PARTITIONS)
@@ -152,6 +188,8 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                     wait_until(lambda c=client, i=index: _this(c) == (f"{i}/2", "leader"), 10)
                     # The meter is every shard's: the control topic is applied whole.
                     assert _ok(client.get(f"/v1/meters/{meter}"))["id"] == meter
+                moved = sum(_moved(c) for c in (first, second))
+                assert moved >= 3 * 5  # the events naming the crossing customers by id, at least
                 (state, reads), (again, reads_again) = _settled_together(first, through_replica)
                 _assert_same(state, again)
                 assert reads_again == reads
