@@ -130,6 +130,16 @@ def columnar_requests(organization_id: str, batches: int, seed: int, tag: str) -
     return requests
 
 
+async def publish_columnar(bootstrap: str, topic: str, requests: ColumnarRequests) -> None:
+    """`produce_columnar` with a producer of its own."""
+    producer = raw_producer(bootstrap)
+    await producer.start()
+    try:
+        await produce_columnar(producer, topic, requests)
+    finally:
+        await producer.stop()
+
+
 async def produce_columnar(
     producer: AIOKafkaProducer, topic: str, requests: ColumnarRequests
 ) -> None:

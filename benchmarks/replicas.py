@@ -38,13 +38,7 @@ import orjson
 
 from aggregator.backup import MANIFEST, snapshots
 from benchmarks.common import metric
-from benchmarks.kafka import (
-    columnar_requests,
-    create_token,
-    kafka_args,
-    produce_columnar,
-    raw_producer,
-)
+from benchmarks.kafka import columnar_requests, create_token, kafka_args, publish_columnar
 from benchmarks.meters import METERS
 from benchmarks.server import Server
 from tests.processes import Broker, wait_until
@@ -55,20 +49,6 @@ QUICK_BATCHES = 200
 SNAPSHOT_BATCHES = 10_000  # 10 M events
 QUICK_SNAPSHOT_BATCHES = 500
 TARGET_RATIO = 0.9
-
-
-def _cpu(server: Server) -> float:
-    total, _, workers = server.cpu_seconds()
-    return total + workers
-
-
-async def _publish(bootstrap: str, topic: str, requests: Any) -> None:
-    producer = raw_producer(bootstrap)
-    await producer.start()
-    try:
-        await produce_columnar(producer, topic, requests)
-    finally:
-        await producer.stop()
 
 
 def _cluster_run(replicas: int, batches: int, work: Path) -> dict[str, Any]:
@@ -101,16 +81,16 @@ def _cluster_run(replicas: int, batches: int, work: Path) -> dict[str, Any]:
                         lambda c=client: len(c.get("/v1/meters/").json()["items"]) == len(METERS),
                         60,
                     )
-            cpu_before = [_cpu(s) for s in servers]
+            cpu_before = [s.cpu_all() for s in servers]
             started = time.monotonic()
-            asyncio.run(_publish(broker.bootstrap, "meterline.events", requests))
+            asyncio.run(publish_columnar(broker.bootstrap, "meterline.events", requests))
             published = time.monotonic() - started
             done: dict[int, float] = {}
             while len(done) < len(servers) and time.monotonic() - started < 600:
                 for i, server in enumerate(servers):
                     if i not in done and server.total_count() >= n:
                         done[i] = time.monotonic() - started
-                        cpu_before[i] = _cpu(server) - cpu_before[i]
+                        cpu_before[i] = server.cpu_all() - cpu_before[i]
                 time.sleep(0.2)
             if len(done) < len(servers):
                 raise RuntimeError(f"not every core applied {n} events within 600 s")
@@ -154,7 +134,7 @@ def _snapshot_run(batches: int, work: Path) -> dict[str, Any]:
                 requests = columnar_requests(
                     organization, min(chunk, batches - first), seed=first, tag=f"snap{first}"
                 )
-                asyncio.run(_publish(broker.bootstrap, "meterline.events", requests))
+                asyncio.run(publish_columnar(broker.bootstrap, "meterline.events", requests))
             wait_until(lambda: leader.total_count() >= n, 1800)
         backed = ("--backup-to", str(snaps), "--backup-every-seconds", "3600")
         with Server(*args, *backed, command="core", data_dir=leader_dir) as leader:

@@ -55,6 +55,11 @@ class Server(MeterlineServer):
         children = sum(cpu_seconds(child) for child in self.children())
         return cpu_seconds(self.pid), cpu_seconds(self.pid, self.pid), children
 
+    def cpu_all(self) -> float:
+        """CPU seconds of the server process and its validation workers."""
+        total, _, workers = self.cpu_seconds()
+        return total + workers
+
     def memory_kib(self) -> dict[str, int]:
         return memory_kib(self.pid)
 

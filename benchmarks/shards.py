@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import metric
-from benchmarks.kafka import columnar_requests, create_token, kafka_args
+from benchmarks.kafka import columnar_requests, create_token, kafka_args, publish_columnar
 from benchmarks.meters import METERS
-from benchmarks.replicas import _cpu, _publish
 from benchmarks.server import Server
 from tests.processes import Broker, wait_until
 
@@ -92,7 +91,7 @@ def _run(shards: int, batches: int, work: Path, *, apart: bool = False) -> dict[
             _signal(servers, signal.SIGSTOP)
             try:
                 started = time.monotonic()
-                asyncio.run(_publish(broker.bootstrap, "meterline.events", requests))
+                asyncio.run(publish_columnar(broker.bootstrap, "meterline.events", requests))
                 published = time.monotonic() - started
                 cpu, wall = [0.0] * shards, 0.0
                 for group in [[i] for i in range(shards)] if apart else [list(range(shards))]:
@@ -126,14 +125,14 @@ def _run(shards: int, batches: int, work: Path, *, apart: bool = False) -> dict[
 def _drain(servers: list[Server], expected: list[int]) -> list[tuple[float, float]]:
     """Resume the paused `servers` and time each until it holds its `expected` events: (wall
     seconds, CPU seconds) each."""
-    cpu = [_cpu(s) for s in servers]
+    cpu = [s.cpu_all() for s in servers]
     _signal(servers, signal.SIGCONT)
     started = time.monotonic()
     done: dict[int, tuple[float, float]] = {}
     while len(done) < len(servers) and time.monotonic() - started < 900:
         for i, server in enumerate(servers):
             if i not in done and server.total_count() >= expected[i]:
-                done[i] = (time.monotonic() - started, _cpu(server) - cpu[i])
+                done[i] = (time.monotonic() - started, server.cpu_all() - cpu[i])
         time.sleep(0.5)
     if len(done) < len(servers):
         raise RuntimeError(f"not every shard applied its events within 900 s: {done}")

@@ -61,7 +61,7 @@ from aggregator.intake.dead_letters import HEADERS, organization_of
 from aggregator.intake.decode import DeadLetter, dead_rows, decode_batch
 from aggregator.intake.journal import Entry, Journal
 from aggregator.intake.leadership import Role, task_while_open, while_leading
-from aggregator.intake.routing import Router
+from aggregator.intake.routing import Router, foreign
 from aggregator.store import (
     ConsumedBatch,
     OffsetReset,
@@ -392,17 +392,25 @@ class Consumer:
         records = [r for batch in fetched.values() for r in batch]
         read_at_us = now_us()
         table, dead = await self._decoded(records, read_at_us)
+        # Rows left out of the batch: other deployments' moved records, and rows moved away.
+        skipped = foreign(records, self._kafka.shard)
+        left_out: list[tuple[int, int, int | None]] = [
+            (records[i].partition, records[i].offset, None) for i in skipped
+        ]
+        if skipped:
+            kept = pc.invert(pc.is_in(table.column("position"), value_set=pa.array(skipped)))
+            table = table.filter(kept)
         table, more = await self._known_only(table)
         dead += more
         if dead:
             await self._dead_letter([(records[d.position], d) for d in dead])
         self.dead_lettered += len(dead)
-        moved_from: list[tuple[int, int, int | None]] = []
         if self._router is not None and table.num_rows:
-            table, moved, moved_from = await self._router.split(table, records)
+            table, moved, moving = await self._router.split(table, records)
             if moved:
                 await self._router.move(self._dead_letters, moved)
-                self.moved += len(moved_from)
+                self.moved += len(moving)
+                left_out += moving
         offsets = {
             tp.partition: (batch[0].offset, batch[-1].offset + 1) for tp, batch in fetched.items()
         }
@@ -410,10 +418,9 @@ class Consumer:
             self._kafka.topic,
             tuple((p, first, end) for p, (first, end) in offsets.items()),
             read_at_us,
-            # Rows left out: dead letters, and rows moved to their customer's shard.
             dead=(
                 *((records[d.position].partition, records[d.position].offset, d.row) for d in dead),
-                *moved_from,
+                *left_out,
             ),
         )
         return await self._batch(table, records, offsets, read_at_us), entry

@@ -17,8 +17,11 @@ two partitions, perhaps two shards. A shard (`--shard I/N`, N > 1) puts them bac
 3. A moved record is applied where it lands, never moved again: the shard that moved it knew
    the customer when it did, the owner may not have applied that record of the control topic
    yet. A shard never waits on another: moving is a produce, like a dead letter.
+4. A record moved by a shard of another count (another deployment on the same topic, one shard
+   included) is a copy of rows this deployment routes itself: left out whole, as a dead row
+   of the journal entry. (`foreign`)
 
-One shard owns every partition and moves nothing; it does not route at all.
+One shard owns every partition and moves nothing; it does not route at all (step 4 only).
 """
 
 from __future__ import annotations
@@ -34,10 +37,26 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from aggregator.store import Store, customer_tables
-from ingest.kafka import KafkaSettings
+from ingest.kafka import KafkaSettings, Shard
 from meters.columnar import H_MOVED, partition_of, records_for
 from meters.events import COLUMNS
 from meters.records import subject_key
+
+
+def foreign(records: list[ConsumerRecord[bytes, bytes]], shard: Shard) -> list[int]:
+    """Step 4: the positions of the records moved by a shard of another count than `shard`'s."""
+    found = []
+    for i, record in enumerate(records):
+        marked = [v for n, v in record.headers if n == H_MOVED]
+        if not marked:
+            continue
+        try:
+            mover = Shard.parse(marked[0].decode("latin-1"))
+        except ValueError:
+            continue  # not meterline's mark: applied as it is
+        if mover.count != shard.count:
+            found.append(i)
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +93,7 @@ class Router:
         owner: dict[customer_tables.CustomerRef, bool] = {}
         target: dict[customer_tables.CustomerRef, int] = {}
         for ref, key in keys.items():
-            target[ref] = partition_of(subject_key(ref[0], key).encode(), self._partitions)
+            target[ref] = self._partition(ref[0], key)
             owner[ref] = shard.owns(target[ref])
         landed = {i for i, r in enumerate(records) if any(n == H_MOVED for n, _ in r.headers)}
         positions: list[Any] = table.column("position").to_pylist()
@@ -111,9 +130,11 @@ class Router:
         `api.shard_reads` sends a customer's reads by)."""
         ref = (organization_id, customer_id, external_id)
         keys = await self._store.read_now(customer_tables.routing_keys, [ref])
-        partition = partition_of(subject_key(organization_id, keys[ref]).encode(), self._partitions)
-        shard = self._kafka.shard
+        partition, shard = self._partition(organization_id, keys[ref]), self._kafka.shard
         return None if shard.owns(partition) else partition % shard.count
+
+    def _partition(self, organization_id: str, routing_key: str) -> int:
+        return partition_of(subject_key(organization_id, routing_key).encode(), self._partitions)
 
     async def move(self, producer: AIOKafkaProducer, moved: list[Moved]) -> None:
         """Step 2's re-publishing, acknowledged within `send_timeout_seconds` (past it the
