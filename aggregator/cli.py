@@ -38,7 +38,7 @@ import uvicorn
 import uvloop
 from starlette.applications import Starlette
 
-from aggregator.api.shard_reads import shard_reads
+from aggregator.api.shard_routing import shard_routing
 from aggregator.auth import TokenRegistry, cluster_secret
 from aggregator.backfill import Backfiller
 from aggregator.backup import Backups, BackupSettings, SnapshotSocket
@@ -770,14 +770,14 @@ async def serve(
                 LiveFeed(store, settings.stream_heartbeat_seconds, limits=settings.quotas)
             )
             front = Front.of(settings.ingest.limits)
-            reads_elsewhere = None
+            shard_routed = None
             router = consumer.router if consumer is not None else None
             if router is not None and members is not None and kafka is not None:
                 client = await stack.enter_async_context(
                     httpx.AsyncClient(timeout=settings.ingest.deadline_seconds, trust_env=False)
                 )
                 cores = partial(_shard_cores, members, kafka.shard.count)
-                reads_elsewhere = shard_reads(registry.organization_id, router.owner, cores, client)
+                shard_routed = shard_routing(registry.organization_id, router.owner, cores, client)
             app = build_app(
                 store,
                 registry,
@@ -792,7 +792,7 @@ async def serve(
                 exporter.sync if exporter is not None else None,
                 members.members if members is not None else None,
                 applied,
-                reads_elsewhere,
+                shard_routed,
             )
             url = f"http://{settings.host}:{settings.port}"
             lines = [f"console: {url}/ (log in with a token); API reference: {url}/docs"]
@@ -810,7 +810,7 @@ async def serve(
 
 
 def _shard_cores(members: Members, count: int, index: int) -> list[str]:
-    """The live cores of shard `index` of `count`, leaders first (`api.shard_reads`)."""
+    """The live cores of shard `index` of `count`, leaders first (`api.shard_routing`)."""
     found = [
         m for m in members.members() if m.alive and not m.this and m.shard == f"{index}/{count}"
     ]

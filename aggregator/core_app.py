@@ -283,15 +283,15 @@ def build_app(
     sessions_published: Callable[[], Awaitable[None]] | None = None,
     members: Callable[[], list[Member]] | None = None,
     applied: Applied | None = None,
-    reads_elsewhere: Middleware | None = None,
+    shard_routed: Middleware | None = None,
 ) -> Starlette:
     """The core's API: ingest through `publisher`, and every query and management route; the
     live stream with a `feed`, dead letters with `kafka` (Kafka mode), and customer sessions
     answered once `sessions_published` returns (Kafka mode: they are on the control topic);
     `members`: the cores `GET /v1/cluster/` lists (Kafka mode: `intake.members`; else this
     core alone); `applied`: how far the control topic is applied here (Kafka mode), what reads
-    after writes wait for (`api.read_after`); `reads_elsewhere`: a shard of several sends the
-    reads of other shards' customers there (`api.shard_reads`)."""
+    after writes wait for (`api.read_after`); `shard_routed`: a shard of several sends the
+    requests of other shards' customers there (`api.shard_routing`)."""
     authenticate = registry.organization_id
     limits = settings.ingest.limits
     ctx = ApiContext(
@@ -341,6 +341,6 @@ def build_app(
     middleware = [count_responses(responses)]
     if applied is not None:
         middleware.append(read_after(applied))
-    if reads_elsewhere is not None:
-        middleware.append(reads_elsewhere)
+    if shard_routed is not None:
+        middleware.append(shard_routed)
     return Starlette(routes=routes, exception_handlers=_errors().handlers, middleware=middleware)

@@ -127,7 +127,7 @@ class Router:
         self, organization_id: str, customer_id: str | None, external_id: str | None
     ) -> int | None:
         """The shard holding a customer's events, or None when it is this one (step 1; what
-        `api.shard_reads` sends a customer's reads by)."""
+        `api.shard_routing` sends a customer's reads by)."""
         ref = (organization_id, customer_id, external_id)
         keys = await self._store.read_now(customer_tables.routing_keys, [ref])
         partition, shard = self._partition(organization_id, keys[ref]), self._kafka.shard

@@ -2,9 +2,9 @@
 their own partitions of the events topic (p % 2 == I) and the whole control topic, with their
 own journal and leader. Each customer's events are on one shard, whichever of its ids they name
 (rows keyed by the other are moved there), where its quantities are the one-shard core's; the
-shards' events add up to the one-shard core's, none on two; a customer's reads asked of either
-shard are its shard's answers; a replica of a shard holds its leader's state. More shards than
-partitions, or a data dir of another shard, is refused at start."""
+shards' events add up to the one-shard core's, none on two; a customer's reads, credits and
+holds asked of either shard are its shard's answers; a replica of a shard holds its leader's
+state. More shards than partitions, or a data dir of another shard, is refused at start."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from aggregator.api.shard_reads import ROUTED_HEADER
+from aggregator.api.shard_routing import ROUTED_HEADER
 from ingest.kafka import Shard
 from meters.columnar import partition_of
 from meters.records import subject_key
@@ -200,6 +200,18 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                 _assert_same(state, again)
                 assert reads_again == reads
                 assert _events(one) == len(distinct)  # no copy of a moved event came in since
+                # A credit and a hold sent to the shard that does not hold a customer are
+                # decided by the one that does: it knows what the customer consumed.
+                crossing = named[0]
+                other = (first, second)[1 - expected_owner[crossing]]
+                consumed = int(_quantity(one, meter, customer_id=crossing))
+                credit = {"customer_id": crossing, "meter_id": meter, "external_id": "c"}
+                made = other.post("/v1/meter-credits/", json={**credit, "units": consumed + 10})
+                assert made.status_code == 201, made.text
+                hold = {**credit, "external_id": "h", "units": 20}
+                refused = other.post("/v1/meter-holds/", json=hold)
+                assert refused.status_code == 409, refused.text  # 10 left, where its events are
+                assert other.post("/v1/meter-holds/", json={**hold, "units": 5}).status_code == 201
         finally:
             for shard in shards:
                 shard.stop()

@@ -1,14 +1,12 @@
-"""Which reads name one customer, and so are its shard's to answer (`api.shard_reads`)."""
+"""Which requests name one customer, and so are its shard's to answer (`api.shard_routing`)."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
-from aggregator.api.shard_reads import customer_named
+from aggregator.api.shard_routing import customer_named, customer_written
 
-ID = str(uuid.uuid4())
+ID = "6a817fdf-1776-46fe-9a38-f8e6f4226181"  # fixed: test ids must agree across workers
 
 
 @pytest.mark.parametrize(
@@ -32,3 +30,21 @@ def test_reads_naming_one_customer(
     path: str, query: str, named: tuple[str | None, str | None] | None
 ) -> None:
     assert customer_named(path, query.encode()) == named
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (f'{{"customer_id": "{ID}", "meter_id": "m", "units": 5}}', (ID, None)),
+        ('{"external_customer_id": "acme", "customer_id": null}', (None, "acme")),
+        # The route says what is wrong with these: answered where they arrive.
+        (f'{{"customer_id": "{ID}", "external_customer_id": "acme"}}', None),
+        ('{"customer_id": "nope"}', None),
+        ('{"external_customer_id": 5}', None),
+        ('{"external_customer_id": ""}', None),
+        ("[1]", None),
+        ("{", None),
+    ],
+)
+def test_writes_naming_one_customer(body: str, named: tuple[str | None, str | None] | None) -> None:
+    assert customer_written(body.encode()) == named

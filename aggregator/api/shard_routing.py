@@ -1,0 +1,188 @@
+"""A customer's requests on a shard of several (`--shard I/N`, N > 1) are answered by the
+customer's shard, whichever core they reach.
+
+1. A request is one customer's when it names exactly one:
+   - a GET with `customer_id` or `external_customer_id` given once in the query, or
+     `/v1/customers/{id}/state`, `/v1/customers/external/{external_id}/state`;
+   - a credit or hold made (`POST /v1/meter-credits/`, `POST /v1/meter-holds/`), by its body's
+     `customer_id` or `external_customer_id` (the body read whole, up to `MAX_BODY_BYTES`).
+   With an organization's token, it is the shard's that owns the partition of the customer's
+   routing key (`intake.routing`). Any other request is answered here.
+2. When that is another shard, the request is sent to that shard's live cores (as
+   `GET /v1/cluster/` lists them), one after another, marked `Meterline-Routed` so that the
+   core it reaches answers it itself; a write keeps its `Idempotency-Key` (given one if it has
+   none), so that sent again to the next core it is applied once. The first answer is this
+   core's answer; none: 503 `ShardUnavailable` naming the shard.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
+
+import httpx
+import orjson
+from starlette.middleware import Middleware
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ingest.http import Authenticate, error
+
+ROUTED_HEADER = "meterline-routed"
+MAX_BODY_BYTES = 64 * 1024  # a credit's or hold's body is a few hundred bytes
+# The customer's shard's index, or None when this shard holds the customer.
+Owner = Callable[[str, str | None, str | None], Awaitable[int | None]]
+Customer = tuple[str | None, str | None]  # customer id, external customer id
+_CUSTOMER_PARAMS = ("customer_id", "external_customer_id")
+_WRITES = frozenset({"/v1/meter-credits/", "/v1/meter-holds/"})
+# Hop-by-hop and framing headers: requests and answers are sent again whole.
+_DROPPED = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length"})
+
+
+def shard_routing(
+    authenticate: Authenticate,
+    owner: Owner,
+    cores: Callable[[int], list[str]],
+    client: httpx.AsyncClient,
+) -> Middleware:
+    """`owner`: step 1's shard; `cores`: a shard's live cores' URLs; `client` sends step 2."""
+    return Middleware(
+        _ShardRouting, authenticate=authenticate, owner=owner, cores=cores, client=client
+    )
+
+
+def customer_named(path: str, query: bytes) -> Customer | None:
+    """Step 1's customer of a GET, or None (not one customer's read)."""
+    if path.startswith("/v1/customers/") and path.endswith("/state"):
+        named = path.removeprefix("/v1/customers/").removesuffix("/state")
+        if named.startswith("external/"):
+            return None, named.removeprefix("external/") or None
+        return (named, None) if _is_uuid(named) else None
+    params = parse_qs(query.decode("latin-1"))
+    given = [(name, params[name]) for name in _CUSTOMER_PARAMS if name in params]
+    if len(given) != 1 or len(given[0][1]) != 1:
+        return None
+    name, (value,) = given[0]
+    return _customer(name, value)
+
+
+def customer_written(body: bytes) -> Customer | None:
+    """Step 1's customer of a credit's or hold's body, or None (the route says what is wrong)."""
+    try:
+        found = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(found, dict):
+        return None
+    given = [(name, found[name]) for name in _CUSTOMER_PARAMS if found.get(name) is not None]
+    if len(given) != 1 or not isinstance(given[0][1], str):
+        return None
+    return _customer(*given[0])
+
+
+def _customer(name: str, value: str) -> Customer | None:
+    if name == "customer_id":
+        return (value, None) if _is_uuid(value) else None
+    return (None, value) if value else None
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+class _ShardRouting:
+    def __init__(
+        self,
+        app: ASGIApp,
+        authenticate: Authenticate,
+        owner: Owner,
+        cores: Callable[[int], list[str]],
+        client: httpx.AsyncClient,
+    ) -> None:
+        self._app = app
+        self._authenticate = authenticate
+        self._owner = owner
+        self._cores = cores
+        self._client = client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or ROUTED_HEADER.encode() in dict(scope["headers"]):
+            return await self._app(scope, receive, send)
+        body: bytes | None = None
+        if scope["method"] == "GET":
+            customer = customer_named(scope["path"], scope["query_string"])
+        elif scope["method"] == "POST" and scope["path"] in _WRITES:
+            body, receive = await _read(receive)
+            customer = None if body is None else customer_written(body)
+        else:
+            customer = None
+        shard = None if customer is None else await self._elsewhere(scope, customer)
+        if shard is None:
+            return await self._app(scope, receive, send)
+        answer = await self._sent(scope, shard, body or b"")
+        return await answer(scope, receive, send)
+
+    async def _elsewhere(self, scope: Scope, customer: Customer) -> int | None:
+        """Step 1: the other shard whose request this is, or None."""
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        organization = self._authenticate(token.strip())
+        if organization is None:
+            return None  # the route answers 401
+        return await self._owner(organization, *customer)
+
+    async def _sent(self, scope: Scope, shard: int, body: bytes) -> Response:
+        """Step 2."""
+        query = scope["query_string"].decode("latin-1")
+        target = scope["path"] + (f"?{query}" if query else "")
+        headers = [(k, v) for k, v in scope["headers"] if k not in _DROPPED and k != b"host"]
+        headers.append((ROUTED_HEADER.encode(), b"1"))
+        if scope["method"] != "GET" and not any(k == b"idempotency-key" for k, _ in headers):
+            headers.append((b"idempotency-key", f"shard-{uuid.uuid4().hex}".encode()))
+        for core in self._cores(shard):
+            try:
+                sent = await self._client.request(
+                    scope["method"], core + target, headers=headers, content=body
+                )
+            except httpx.HTTPError:
+                continue
+            if sent.status_code in (502, 503, 504):
+                continue
+            answer = Response(sent.content, sent.status_code)
+            kept = [(k, v) for k, v in sent.headers.raw if k.lower() not in _DROPPED]
+            answer.raw_headers = [*kept, (b"content-length", str(len(sent.content)).encode())]
+            return answer
+        return error(
+            503,
+            "ShardUnavailable",
+            f"No core of shard {shard} (which holds this customer) answered; retry.",
+            {"Retry-After": "1"},
+        )
+
+
+async def _read(receive: Receive) -> tuple[bytes | None, Receive]:
+    """The request's body (None past `MAX_BODY_BYTES`: the route refuses it), and a `receive`
+    that gives the app the same messages again."""
+    messages: list[Message] = []
+    size, more = 0, True
+    while more and size <= MAX_BODY_BYTES:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    whole = not more and all(m["type"] == "http.request" for m in messages)
+    body = b"".join(m.get("body", b"") for m in messages) if whole else None
+
+    async def replay() -> Message:
+        return messages.pop(0) if messages else await receive()
+
+    return body, replay
