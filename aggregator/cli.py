@@ -812,7 +812,9 @@ async def serve(
 def _shard_cores(members: Members, count: int, index: int) -> list[str]:
     """The live cores of shard `index` of `count`, leaders first (`api.shard_routing`)."""
     found = [
-        m for m in members.members() if m.alive and not m.this and m.shard == f"{index}/{count}"
+        m
+        for m in members.members()
+        if m.alive and not m.this and m.shard == str(Shard(index, count))
     ]
     return [m.url for m in sorted(found, key=lambda m: m.role != "leader")]
 

@@ -360,9 +360,8 @@ def find_customer(
     return customer, None
 
 
-CustomerRef = tuple[
-    str, str | None, str | None
-]  # organization id, customer id, external customer id
+# How an event names its customer: (organization id, customer id, external customer id).
+CustomerRef = tuple[str, str | None, str | None]
 
 
 def routing_keys(
@@ -390,11 +389,9 @@ def routing_keys(
         by_external = {(str(r[0]), str(r[1])): str(r[2]) for r in found if r[2]}
     keys = {}
     for ref in refs:
-        organization, customer, external = ref
+        organization, customer, external = ref[0], ref[1], ref[2] or ""
         if customer:
             keys[ref] = by_id.get(customer) or of_id(customer)
         else:
-            keys[ref] = by_external.get((organization, external or "")) or of_external(
-                external or ""
-            )
+            keys[ref] = by_external.get((organization, external)) or of_external(external)
     return keys
