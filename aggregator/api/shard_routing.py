@@ -24,10 +24,11 @@ from urllib.parse import parse_qs
 import httpx
 import orjson
 from starlette.middleware import Middleware
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ingest.http import Authenticate, error
+from ingest.http import Authenticate, InvalidToken, Unauthorized, error, organization_of
 
 ROUTED_HEADER = "meterline-routed"
 MAX_BODY_BYTES = 64 * 1024  # a credit's or hold's body is a few hundred bytes
@@ -129,12 +130,9 @@ class _ShardRouting:
 
     async def _elsewhere(self, scope: Scope, customer: Customer) -> int | None:
         """Step 1: the other shard whose request this is, or None."""
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return None
-        organization = self._authenticate(token.strip())
-        if organization is None:
+        try:
+            organization = organization_of(Request(scope), self._authenticate)
+        except (Unauthorized, InvalidToken):
             return None  # the route answers 401
         return await self._owner(organization, *customer)
 

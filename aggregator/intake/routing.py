@@ -47,16 +47,21 @@ def foreign(records: list[ConsumerRecord[bytes, bytes]], shard: Shard) -> list[i
     """Step 4: the positions of the records moved by a shard of another count than `shard`'s."""
     found = []
     for i, record in enumerate(records):
-        marked = [v for n, v in record.headers if n == H_MOVED]
-        if not marked:
+        mark = _moved_by(record)
+        if mark is None:
             continue
         try:
-            mover = Shard.parse(marked[0].decode("latin-1"))
+            mover = Shard.parse(mark.decode("latin-1"))
         except ValueError:
             continue  # not meterline's mark: applied as it is
         if mover.count != shard.count:
             found.append(i)
     return found
+
+
+def _moved_by(record: ConsumerRecord[bytes, bytes]) -> bytes | None:
+    """A record's `H_MOVED` header (the shard that moved it), if it has one."""
+    return next((value for name, value in record.headers if name == H_MOVED), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +100,7 @@ class Router:
         for ref, key in keys.items():
             target[ref] = self._partition(ref[0], key)
             owner[ref] = shard.owns(target[ref])
-        landed = {i for i, r in enumerate(records) if any(n == H_MOVED for n, _ in r.headers)}
+        landed = {i for i, r in enumerate(records) if _moved_by(r) is not None}
         positions: list[Any] = table.column("position").to_pylist()
         moving = [
             not owner[ref] and position not in landed

@@ -24,6 +24,7 @@ from ingest.http.responses import (
     FieldErrorBody,
     InvalidToken,
     InvalidTokenBody,
+    Unauthorized,
     ValidationErrorBody,
     error,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "Rate",
     "Responses",
     "Source",
+    "Unauthorized",
     "ValidationErrorBody",
     "bearer_subject",
     "count_responses",
