@@ -157,17 +157,21 @@ class Workload:
 def _state(
     client: httpx.Client, paths: tuple[str, ...] = READS
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
-    digest = _ok(client.get("/v1/cluster/digest"))
-    reads = {path: client.get(path).content for path in paths}
-    events, page = [], 1
+    """The digest and the reads, all taken at one journal offset: a core that applies a journal
+    entry while they are read (a follower, as its leader journals on) is read again."""
     while True:
-        answer = _ok(client.get("/v1/events/", params={"limit": 100, "page": page}))
-        events += answer["items"]
-        if page >= answer["pagination"]["max_page"]:
-            break
-        page += 1
-    reads["events"] = orjson.dumps({"items": events})
-    return digest, reads
+        digest = _ok(client.get("/v1/cluster/digest"))
+        reads = {path: client.get(path).content for path in paths}
+        events, page = [], 1
+        while True:
+            answer = _ok(client.get("/v1/events/", params={"limit": 100, "page": page}))
+            events += answer["items"]
+            if page >= answer["pagination"]["max_page"]:
+                break
+            page += 1
+        reads["events"] = orjson.dumps({"items": events})
+        if _ok(client.get("/v1/cluster/digest"))["journal_offset"] == digest["journal_offset"]:
+            return digest, reads
 
 
 def _settled(
