@@ -38,7 +38,7 @@ import uvicorn
 import uvloop
 from starlette.applications import Starlette
 
-from aggregator.api.shard_routing import shard_routing
+from aggregator.api.shard_routing import Peers, Sharding
 from aggregator.auth import TokenRegistry, cluster_secret
 from aggregator.backfill import Backfiller
 from aggregator.backup import Backups, BackupSettings, SnapshotSocket
@@ -770,14 +770,14 @@ async def serve(
                 LiveFeed(store, settings.stream_heartbeat_seconds, limits=settings.quotas)
             )
             front = Front.of(settings.ingest.limits)
-            shard_routed = None
+            sharding = None
             router = consumer.router if consumer is not None else None
             if router is not None and members is not None and kafka is not None:
                 client = await stack.enter_async_context(
                     httpx.AsyncClient(timeout=settings.ingest.deadline_seconds, trust_env=False)
                 )
                 cores = partial(_shard_cores, members, kafka.shard.count)
-                shard_routed = shard_routing(registry.organization_id, router.owner, cores, client)
+                sharding = Sharding(router.owner, Peers(kafka.shard, cores, client))
             app = build_app(
                 store,
                 registry,
@@ -792,7 +792,7 @@ async def serve(
                 exporter.sync if exporter is not None else None,
                 members.members if members is not None else None,
                 applied,
-                shard_routed,
+                sharding,
             )
             url = f"http://{settings.host}:{settings.port}"
             lines = [f"console: {url}/ (log in with a token); API reference: {url}/docs"]

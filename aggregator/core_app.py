@@ -13,7 +13,6 @@ from typing import Any
 import duckdb
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -44,6 +43,7 @@ from aggregator.api.context import ApiContext
 from aggregator.api.openapi import Operation, declared
 from aggregator.api.openapi_routes import HealthShape, StorageHealthShape
 from aggregator.api.read_after import Applied, read_after
+from aggregator.api.shard_routing import Sharding, shard_routing
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.backup import BackupSettings
@@ -58,6 +58,8 @@ from aggregator.errors import (
     NotLeading,
     OutcomeUnreadable,
     QueryTimeout,
+    ShardRefused,
+    ShardUnavailable,
     StorageFull,
     WriteTimeout,
 )
@@ -151,6 +153,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, names.get(exc.status_code, "HTTPError"), exc.detail)
 
 
+async def _shard_refused(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ShardRefused)
+    return Response(exc.body, exc.status, media_type="application/json")
+
+
 async def _internal(request: Request, exc: Exception) -> Response:
     if disk_full(exc):  # outside the store's writes: the token registry, the ingest log
         log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
@@ -233,6 +240,8 @@ def _errors() -> ErrorMap:
     errors.register(QueryTimeout, 503, "QueryTimeout", headers={"Retry-After": "5"})
     errors.register(StorageFull, 503, "StorageFull", headers={"Retry-After": "30"})
     errors.register(NotLeading, 503, "NotLeading", headers={"Retry-After": "1"})
+    errors.register(ShardUnavailable, 503, "ShardUnavailable", headers={"Retry-After": "1"})
+    errors.register_handler(ShardRefused, _shard_refused)
     errors.register_handler(HTTPException, _http_error)
     errors.register_handler(Exception, _internal)
     return errors
@@ -283,15 +292,16 @@ def build_app(
     sessions_published: Callable[[], Awaitable[None]] | None = None,
     members: Callable[[], list[Member]] | None = None,
     applied: Applied | None = None,
-    shard_routed: Middleware | None = None,
+    sharding: Sharding | None = None,
 ) -> Starlette:
     """The core's API: ingest through `publisher`, and every query and management route; the
     live stream with a `feed`, dead letters with `kafka` (Kafka mode), and customer sessions
     answered once `sessions_published` returns (Kafka mode: they are on the control topic);
     `members`: the cores `GET /v1/cluster/` lists (Kafka mode: `intake.members`; else this
     core alone); `applied`: how far the control topic is applied here (Kafka mode), what reads
-    after writes wait for (`api.read_after`); `shard_routed`: a shard of several sends the
-    requests of other shards' customers there (`api.shard_routing`)."""
+    after writes wait for (`api.read_after`); `sharding`: a shard of several sends the
+    requests of other shards' customers there, and merges organization-wide reads with theirs
+    (`api.shard_routing`)."""
     authenticate = registry.organization_id
     limits = settings.ingest.limits
     ctx = ApiContext(
@@ -301,6 +311,7 @@ def build_app(
         limits.body_timeout_seconds,
         backfiller,
         settings.quotas,
+        sharding.peers if sharding is not None else None,
     )
     front = front or Front.of(limits)
     admission, responses = front.admission, front.responses
@@ -341,6 +352,6 @@ def build_app(
     middleware = [count_responses(responses)]
     if applied is not None:
         middleware.append(read_after(applied))
-    if shard_routed is not None:
-        middleware.append(shard_routed)
+    if sharding is not None:
+        middleware.append(shard_routing(authenticate, sharding))
     return Starlette(routes=routes, exception_handlers=_errors().handlers, middleware=middleware)

@@ -112,5 +112,21 @@ class QueryTimeout(AggregatorError):
         )
 
 
+class ShardUnavailable(AggregatorError):
+    def __init__(self, shard: int) -> None:
+        super().__init__(f"No core of shard {shard} answered; retry.")
+        self.shard = shard
+
+
+class ShardRefused(AggregatorError):
+    """Another shard's answer to its part of an organization-wide read was not a 200: the
+    read's answer is that one."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"A shard answered {status}")
+        self.status = status
+        self.body = body
+
+
 class UsageError(AggregatorError):
     """A command line that cannot work (missing or contradictory options)."""

@@ -36,6 +36,7 @@ from benchmarks import (
     alerts,
     api_writes,
     core,
+    fan_out,
     forwarding,
     ingest_http,
     isolation,
@@ -92,6 +93,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "takeover": Benchmark(takeover, 300, 100),
     "replicas": Benchmark(replicas, 900, 120),
     "shards": Benchmark(shards, 600, 90),
+    "fan_out": Benchmark(fan_out, 600, 90),
 }
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
 _OPS = {">=": "≥", "<=": "≤", "==": "="}

@@ -9,6 +9,7 @@ from types import TracebackType
 
 import httpx
 
+from aggregator.api.shard_routing import ROUTED_HEADER
 from benchmarks.common import cpu_seconds, memory_kib
 from tests.processes import MeterlineServer
 
@@ -38,12 +39,14 @@ class Server(MeterlineServer):
     def database(self) -> Path:
         return self.data_dir / "meterline.duckdb"
 
-    def total_count(self) -> int:
-        """How many events the API says are stored (`GET /v1/events/?limit=1`)."""
+    def total_count(self, here: bool = False) -> int:
+        """How many events the API says are stored (`GET /v1/events/?limit=1`); `here`: those
+        this core holds (a shard's own, not merged with the other shards')."""
+        headers = {"Authorization": f"Bearer {self.token}"}
         response = httpx.get(
             f"{self.url}/v1/events/",
             params={"limit": 1},
-            headers={"Authorization": f"Bearer {self.token}"},
+            headers={**headers, ROUTED_HEADER: "1"} if here else headers,
             timeout=120,
         )
         response.raise_for_status()

@@ -52,6 +52,22 @@ def _signal(servers: list[Server], sent: signal.Signals) -> None:
         os.kill(server.pid, sent)
 
 
+def start_shards(
+    servers: list[Server], count: int, args: tuple[str, ...], work: Path, token: str
+) -> None:
+    """`count` shard cores of one deployment (`work / "shard0"` holds the cluster secret), each
+    leading its shard; added to `servers` as they start, so that the caller kills every one
+    started whatever happens."""
+    secret = ("--secret-file", str(work / "shard0" / "secret.key"))
+    for i in range(count):
+        shard = ("--shard", f"{i}/{count}")
+        server = Server(*args, *secret, *shard, command="core", data_dir=work / f"shard{i}")
+        servers.append(server.start())
+        server.token = token
+    for server in servers:
+        wait_until(lambda s=server: any("this core leads" in x for x in s.output), 60)
+
+
 def _run(shards: int, batches: int, work: Path, *, apart: bool = False) -> dict[str, Any]:
     """One run: `shards` cores of one deployment, timed draining `batches` thousand events,
     together, or `apart` (one shard resumed at a time, the others paused meanwhile)."""
@@ -59,16 +75,9 @@ def _run(shards: int, batches: int, work: Path, *, apart: bool = False) -> dict[
     with Broker() as broker:
         token, organization = create_token(work / "shard0")
         args = (*kafka_args(broker), "--validation-workers", "0", *SESSION)
-        secret = ("--secret-file", str(work / "shard0" / "secret.key"))
         servers: list[Server] = []
         try:
-            for i in range(shards):
-                shard = ("--shard", f"{i}/{shards}")
-                server = Server(*args, *secret, *shard, command="core", data_dir=work / f"shard{i}")
-                servers.append(server.start())
-                server.token = token
-            for server in servers:
-                wait_until(lambda s=server: any("this core leads" in x for x in s.output), 60)
+            start_shards(servers, shards, args, work, token)
             with servers[0].client(token) as client:
                 for definition in METERS:
                     answer = client.post("/v1/meters/", json=definition)
@@ -131,7 +140,7 @@ def _drain(servers: list[Server], expected: list[int]) -> list[tuple[float, floa
     done: dict[int, tuple[float, float]] = {}
     while len(done) < len(servers) and time.monotonic() - started < 900:
         for i, server in enumerate(servers):
-            if i not in done and server.total_count() >= expected[i]:
+            if i not in done and server.total_count(here=True) >= expected[i]:
                 done[i] = (time.monotonic() - started, server.cpu_all() - cpu[i])
         time.sleep(0.5)
     if len(done) < len(servers):

@@ -35,6 +35,8 @@ H_SIZE = "meterline.size"  # bytes of the IPC stream before compression
 # On a record a shard moved to the partition of its customer's routing key
 # (`aggregator.intake.routing`): the shard that moved it. Applied where it lands.
 H_MOVED = "meterline.moved"
+# Beside it: where each row was first read, the origin its event id is derived from.
+H_ORIGINS = "meterline.origins"
 COMPRESSIONS = ("zstd", "lz4", "none")
 Headers = list[tuple[str, bytes]]
 

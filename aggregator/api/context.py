@@ -7,6 +7,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from aggregator.api.shard_routing import Peers, routed
 from aggregator.backfill import Backfiller
 from aggregator.services import Store, TenantLimits
 from ingest.http import Authenticate, json_body, organization_of
@@ -21,6 +22,12 @@ class ApiContext:
     body_timeout_seconds: float
     backfiller: Backfiller
     limits: TenantLimits
+    peers: Peers | None = None  # the other shards of a deployment of several
+
+    def fanned_out(self, request: Request) -> Peers | None:
+        """The other shards, when an organization-wide read must be merged with theirs here:
+        in a deployment of several, unless another core asked (`shard_routing`, step 3)."""
+        return None if self.peers is None or routed(request) is not None else self.peers
 
     def organization(self, request: Request) -> str:
         return organization_of(request, self.authenticate)

@@ -9,8 +9,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from aggregator.api import customer_shapes as shapes
+from aggregator.api import fan_out, params
 from aggregator.api import openapi as oa
-from aggregator.api import params
 from aggregator.api.context import ApiContext
 from aggregator.api.customer_shapes import CustomerCreate, CustomerShape, CustomerUpdate
 from aggregator.api.openapi import ApiRoute, Operation
@@ -99,7 +99,11 @@ def routes(ctx: ApiContext) -> list[Route]:
             page=page,
             limit=limit,
         )
-        return JSON(shapes.customers(found, limit))
+        answer = shapes.customers(found, limit)
+        peers = ctx.fanned_out(request)
+        if peers is not None:  # `fan_out`, step 4
+            await fan_out.first_events(peers, request, list(answer["items"]), listed=True)
+        return JSON(answer)
 
     async def delete(request: Request) -> Response:
         org = ctx.organization(request)

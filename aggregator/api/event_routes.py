@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api import event_shapes as shapes
+from aggregator.api import fan_out, params
 from aggregator.api import openapi as oa
-from aggregator.api import params
 from aggregator.api.context import ApiContext
 from aggregator.api.event_shapes import EventShape
 from aggregator.api.openapi import ApiRoute, Operation
-from aggregator.api.shapes import ListResource
+from aggregator.api.params import MAX_LIMIT
+from aggregator.api.shapes import ListResource, pagination
+from aggregator.api.shard_routing import routed
 from aggregator.services import event_service as service
-from aggregator.services.event_service import EventQuery
+from aggregator.services.event_service import Event, EventQuery, Selection
+from aggregator.services.pages import Page
 from ingest.http import JSON
 from meters.errors import FieldError, ValidationFailed
 
@@ -79,19 +84,41 @@ def routes(ctx: ApiContext) -> list[Route]:
             sources=params.choices(request, "source", SOURCES),
             descending=order.startswith("-"),
         )
-        found = await service.list_(
-            ctx.store,
-            org,
+        selection = Selection(
             query,
             meter_id=params.one_id(request, "meter_id"),
             matching=params.meter_filter(request, "filter"),
             text=_search_text(request),
             customer_ids=customer_ids,
             external_customer_ids=external_ids,
-            page=page,
-            limit=limit,
         )
-        return JSON(shapes.events(found, org, limit))
+
+        async def events(start: int, count: int) -> Page[Event]:
+            return await service.list_(ctx.store, org, selection, start=start, limit=count)
+
+        async def keys(reach: int) -> tuple[list[tuple[int, int, str, int, str]], int]:
+            return await service.keys(ctx.store, org, selection, reach)
+
+        # Another shard's part of its organization-wide list (`fan_out`, step 1).
+        mode = routed(request)
+        if mode == fan_out.KEYS:
+            found, total = await keys(params.integer(request, "limit", 1, 1, fan_out.MAX_REACH))
+            return JSON({"keys": found, "total": total})
+        if mode == fan_out.SLICE:
+            start = params.integer(request, "start", 0, 0, fan_out.MAX_REACH)
+            part = await events(start, params.integer(request, "limit", 1, 0, MAX_LIMIT))
+            return JSON(shapes.events(part, org, MAX_LIMIT))
+        peers = ctx.fanned_out(request)
+        if peers is None:
+            return JSON(shapes.events(await events((page - 1) * limit, limit), org, limit))
+
+        async def mine(start: int, count: int) -> list[Any]:
+            return list(shapes.events(await events(start, count), org, MAX_LIMIT)["items"])
+
+        items, total = await fan_out.events(
+            peers, request, keys, mine, page, limit, query.descending
+        )
+        return JSON({"items": items, "pagination": pagination(total, limit)})
 
     async def get(request: Request) -> JSON:
         org = ctx.organization(request)

@@ -6,8 +6,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api import event_type_shapes as shapes
+from aggregator.api import fan_out, params
 from aggregator.api import openapi as oa
-from aggregator.api import params
 from aggregator.api.context import ApiContext
 from aggregator.api.event_routes import SOURCES
 from aggregator.api.event_type_shapes import (
@@ -16,7 +16,7 @@ from aggregator.api.event_type_shapes import (
     EventTypeWithStatsShape,
 )
 from aggregator.api.openapi import ApiRoute, Operation, Param
-from aggregator.api.shapes import ListResource
+from aggregator.api.shapes import ListResource, pagination
 from aggregator.services import event_type_service as service
 from aggregator.services.event_service import EventQuery
 from aggregator.services.event_type_service import NAME_SORTS, TYPE_SORTS, EventTypeQuery
@@ -68,9 +68,14 @@ UPDATE = Operation(
 
 def routes(ctx: ApiContext) -> list[Route]:
     async def listed(
-        request: Request, org: str, events: EventQuery, sorts: frozenset[str], in_label: bool
+        request: Request,
+        org: str,
+        events: EventQuery,
+        sorts: frozenset[str],
+        in_label: bool,
+        everything: bool = False,
     ) -> tuple[Page[service.EventType], int]:
-        page, limit = params.page_and_limit(request)
+        page, limit = (1, 2**31) if everything else params.page_and_limit(request)
         query = EventTypeQuery(
             events,
             text=request.query_params.get("query"),
@@ -91,8 +96,17 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def names(request: Request) -> JSON:
         org = ctx.organization(request)  # before the query is read: no token is a 401
         events = EventQuery(sources=params.choices(request, "source", SOURCES))
-        found, limit = await listed(request, org, events, NAME_SORTS, in_label=False)
-        return JSON(shapes.names(found, limit))
+        peers = ctx.fanned_out(request)
+        if peers is None:
+            found, limit = await listed(request, org, events, NAME_SORTS, in_label=False)
+            return JSON(shapes.names(found, limit))
+        # Every name of every shard, merged, then one page of them (`fan_out`, step 2).
+        page, limit = params.page_and_limit(request)
+        mine, _ = await listed(request, org, events, NAME_SORTS, False, everything=True)
+        theirs = await fan_out.every_page(peers, request)
+        sorting = params.sorting(request, _signed(NAME_SORTS), "-last_seen")
+        items, total = fan_out.names(shapes.names(mine, 1)["items"], theirs, sorting, page, limit)
+        return JSON({"items": items, "pagination": pagination(total, limit)})
 
     async def list_(request: Request) -> JSON:
         org = ctx.organization(request)

@@ -7,15 +7,16 @@ from typing import cast
 from starlette.requests import Request
 from starlette.routing import Route
 
+from aggregator.api import fan_out, params
 from aggregator.api import meter_shapes as shapes
 from aggregator.api import openapi as oa
-from aggregator.api import params
 from aggregator.api.context import ApiContext
 from aggregator.api.meter_shapes import MeterCreate, MeterShape, MeterUpdate, QuantitiesShape
 from aggregator.api.openapi import ApiRoute, Operation
 from aggregator.api.shapes import ListResource
+from aggregator.api.shard_routing import routed
 from aggregator.services import meter_service as service
-from aggregator.services.meter_service import QuantityWindow
+from aggregator.services.meter_service import Quantities, QuantityWindow
 from ingest.http import JSON
 from meters.errors import FieldError, ValidationFailed
 from meters.periods import MAX_DAYS, Interval
@@ -144,7 +145,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         window = _quantity_window(request)
         across = _choice(request, "customer_aggregation_function", AGGREGATION_FUNCTIONS, False)
-        found = await service.quantities(
+        meter, gathered = await service.partials(
             ctx.store,
             org,
             customer_ids=params.ids(request, "customer_id"),
@@ -152,9 +153,15 @@ def routes(ctx: ApiContext) -> list[Route]:
             metadata=params.metadata(request),
             meter_id=params.path_id(request),
             window=window,
-            across=across,
+            by_customer=across is not None,
         )
-        return JSON(shapes.quantities(found))
+        if routed(request) == fan_out.PARTIALS:
+            return JSON(shapes.partials(gathered))
+        peers = ctx.fanned_out(request)
+        if peers is not None:  # merged with the other shards' (`fan_out`, step 3)
+            for shard in await fan_out.answers(peers, request, range(1), fan_out.PARTIALS):
+                gathered.merge(shapes.gathered(shard[0]))
+        return JSON(shapes.quantities(Quantities(*gathered.reduced(meter, across))))
 
     return [
         ApiRoute("/v1/meters/{id}/quantities", quantities, "GET", QUANTITIES),

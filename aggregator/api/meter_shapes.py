@@ -8,11 +8,21 @@ from typing import Any, Literal
 from typing_extensions import TypedDict
 
 from aggregator.api.shapes import ListResource, iso, pagination
-from aggregator.services.meter_service import MeterRow, Quantities
+from aggregator.services.meter_service import Gathered, MeterRow, Quantities
 from aggregator.services.pages import Page
+from meters.aggregations import Partial
 from meters.definitions import MeterCreate, MeterUpdate
 
-__all__ = ["MeterCreate", "MeterShape", "MeterUpdate", "meter", "meters", "quantities"]
+__all__ = [
+    "MeterCreate",
+    "MeterShape",
+    "MeterUpdate",
+    "gathered",
+    "meter",
+    "meters",
+    "partials",
+    "quantities",
+]
 
 
 class BackfillShape(TypedDict):
@@ -92,3 +102,38 @@ def quantities(found: Quantities) -> QuantitiesShape:
         "quantities": [{"timestamp": t.isoformat(), "quantity": q} for t, q in found.periods],
         "total": found.total,
     }
+
+
+# A shard's part of a meter's quantities (`api.fan_out`, step 3): each partial as [range,
+# customer, events, total, low, high, unique values], low and high null when infinite (JSON
+# has no infinity). Not part of the public API: only shards ask for it.
+PartialRow = list[Any]
+
+
+def partials(found: Gathered) -> dict[str, list[PartialRow]]:
+    return {
+        "partials": [_row(key, p) for key, p in found.partials.items()],
+        "total": [_row(key, p) for key, p in found.total.items()],
+    }
+
+
+def _row(key: tuple[int, str], p: Partial) -> PartialRow:
+    finite = [None if abs(v) == float("inf") else v for v in (p.low, p.high)]
+    return [*key, p.events, p.total, *finite, sorted(p.values, key=repr)]
+
+
+def gathered(body: dict[str, list[PartialRow]]) -> Gathered:
+    """`partials`' answer read back (its periods are the asking shard's)."""
+    return Gathered([], dict(map(_partial, body["partials"])), dict(map(_partial, body["total"])))
+
+
+def _partial(row: PartialRow) -> tuple[tuple[int, str], Partial]:
+    index, customer, events, total, low, high, values = row
+    found = Partial(
+        events,
+        total,
+        float("inf") if low is None else low,
+        float("-inf") if high is None else high,
+        {tuple(v) if isinstance(v, list) else v for v in values},  # SQL's keys are strings
+    )
+    return (index, customer), found

@@ -2,8 +2,9 @@
 customer's shard, whichever core they reach.
 
 1. A request is one customer's when it names exactly one:
-   - a GET with `customer_id` or `external_customer_id` given once in the query, or
-     `/v1/customers/{id}/state`, `/v1/customers/external/{external_id}/state`;
+   - a GET with `customer_id` or `external_customer_id` given once in the query, or of
+     `/v1/customers/{id}` or `/v1/customers/external/{external_id}` (the customer: every shard
+     has it, but only its shard has its events, whose first time it shows) or their `/state`;
    - a credit or hold made (`POST /v1/meter-credits/`, `POST /v1/meter-holds/`), by its body's
      `customer_id` or `external_customer_id` (the body read whole, up to `MAX_BODY_BYTES`).
    With an organization's token, it is the shard's that owns the partition of the customer's
@@ -13,13 +14,18 @@ customer's shard, whichever core they reach.
    core it reaches answers it itself; a write keeps its `Idempotency-Key` (given one if it has
    none), so that sent again to the next core it is applied once. The first answer is this
    core's answer; none: 503 `ShardUnavailable` naming the shard.
+3. An organization-wide read that shards answer in part (event lists, event names, a meter's
+   quantities over all customers) is asked by its route of one live core of every other shard
+   (`Peers.fanned`, concurrently, marked as in step 2) and merged with this shard's part there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
-from urllib.parse import parse_qs
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlencode
 
 import httpx
 import orjson
@@ -28,7 +34,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from aggregator.errors import ShardUnavailable
 from ingest.http import Authenticate, InvalidToken, Unauthorized, error, organization_of
+from ingest.kafka import Shard
 
 ROUTED_HEADER = "meterline-routed"
 MAX_BODY_BYTES = 64 * 1024  # a credit's or hold's body is a few hundred bytes
@@ -41,21 +49,80 @@ _WRITES = frozenset({"/v1/meter-credits/", "/v1/meter-holds/"})
 _DROPPED = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length"})
 
 
-def shard_routing(
-    authenticate: Authenticate,
-    owner: Owner,
-    cores: Callable[[int], list[str]],
-    client: httpx.AsyncClient,
-) -> Middleware:
-    """`owner`: step 1's shard; `cores`: a shard's live cores' URLs; `client` sends step 2."""
-    return Middleware(
-        _ShardRouting, authenticate=authenticate, owner=owner, cores=cores, client=client
-    )
+@dataclass(frozen=True, slots=True)
+class Peers:
+    """The deployment's other shards, as this core reaches them: `cores` gives a shard's live
+    cores' URLs, leaders first."""
+
+    shard: Shard
+    cores: Callable[[int], list[str]]
+    client: httpx.AsyncClient
+
+    async def send(
+        self, shard: int, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> httpx.Response:
+        """Step 2: the first answer of one of the shard's live cores (502-504 are not answers)."""
+        for core in self.cores(shard):
+            url = core + target
+            try:
+                sent = await self.client.request(method, url, headers=headers, content=body)
+            except httpx.HTTPError:
+                continue
+            if sent.status_code not in (502, 503, 504):
+                return sent
+        raise ShardUnavailable(shard)
+
+    def others(self) -> list[int]:
+        """The other shards' indexes, in order."""
+        return [i for i in range(self.shard.count) if i != self.shard.index]
+
+    async def ask(
+        self,
+        shard: int,
+        request: Request,
+        query: list[tuple[str, str]],
+        mode: str,
+        path: str | None = None,
+    ) -> httpx.Response:
+        """Step 3: `request` (or a GET of `path`, with its credentials) asked of `shard` with
+        `query` in place of its own, marked `mode` (what the route answers with)."""
+        headers = [(k, v) for k, v in request.headers.raw if k not in _DROPPED and k != b"host"]
+        headers.append((ROUTED_HEADER.encode(), mode.encode()))
+        target = f"{path or request.url.path}?{urlencode(query)}"
+        return await self.send(shard, "GET", target, headers, b"")
+
+    async def fanned(
+        self, request: Request, queries: Sequence[list[tuple[str, str]]], mode: str
+    ) -> list[list[httpx.Response]]:
+        """Step 3: every other shard's answers to `request` asked with each of `queries`."""
+
+        async def shard(index: int) -> list[httpx.Response]:
+            return list(await asyncio.gather(*(self.ask(index, request, q, mode) for q in queries)))
+
+        return list(await asyncio.gather(*map(shard, self.others())))
+
+
+def routed(request: Request) -> str | None:
+    """How another core marked this request (`Peers`): None when a client sent it."""
+    return request.headers.get(ROUTED_HEADER)
+
+
+@dataclass(frozen=True, slots=True)
+class Sharding:
+    """What a shard of several routes by: `owner` decides step 1, `peers` sends 2 and 3."""
+
+    owner: Owner
+    peers: Peers
+
+
+def shard_routing(authenticate: Authenticate, sharding: Sharding) -> Middleware:
+    """Steps 1 and 2."""
+    return Middleware(_ShardRouting, authenticate=authenticate, sharding=sharding)
 
 
 def customer_named(path: str, query: bytes) -> Customer | None:
     """Step 1's customer of a GET, or None (not one customer's read)."""
-    if path.startswith("/v1/customers/") and path.endswith("/state"):
+    if path.startswith("/v1/customers/"):  # the customer or its state: its first event's time
         named = path.removeprefix("/v1/customers/").removesuffix("/state")
         if named.startswith("external/"):
             return None, named.removeprefix("external/") or None
@@ -97,19 +164,11 @@ def _is_uuid(value: str) -> bool:
 
 
 class _ShardRouting:
-    def __init__(
-        self,
-        app: ASGIApp,
-        authenticate: Authenticate,
-        owner: Owner,
-        cores: Callable[[int], list[str]],
-        client: httpx.AsyncClient,
-    ) -> None:
+    def __init__(self, app: ASGIApp, authenticate: Authenticate, sharding: Sharding) -> None:
         self._app = app
         self._authenticate = authenticate
-        self._owner = owner
-        self._cores = cores
-        self._client = client
+        self._owner = sharding.owner
+        self._peers = sharding.peers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or ROUTED_HEADER.encode() in dict(scope["headers"]):
@@ -144,25 +203,19 @@ class _ShardRouting:
         headers.append((ROUTED_HEADER.encode(), b"1"))
         if scope["method"] != "GET" and not any(k == b"idempotency-key" for k, _ in headers):
             headers.append((b"idempotency-key", f"shard-{uuid.uuid4().hex}".encode()))
-        for core in self._cores(shard):
-            try:
-                sent = await self._client.request(
-                    scope["method"], core + target, headers=headers, content=body
-                )
-            except httpx.HTTPError:
-                continue
-            if sent.status_code in (502, 503, 504):
-                continue
-            answer = Response(sent.content, sent.status_code)
-            kept = [(k, v) for k, v in sent.headers.raw if k.lower() not in _DROPPED]
-            answer.raw_headers = [*kept, (b"content-length", str(len(sent.content)).encode())]
-            return answer
-        return error(
-            503,
-            "ShardUnavailable",
-            f"No core of shard {shard} (which holds this customer) answered; retry.",
-            {"Retry-After": "1"},
-        )
+        try:
+            sent = await self._peers.send(shard, scope["method"], target, headers, body)
+        except ShardUnavailable:
+            return error(
+                503,
+                "ShardUnavailable",
+                f"No core of shard {shard} (which holds this customer) answered; retry.",
+                {"Retry-After": "1"},
+            )
+        answer = Response(sent.content, sent.status_code)
+        kept = [(k, v) for k, v in sent.headers.raw if k.lower() not in _DROPPED]
+        answer.raw_headers = [*kept, (b"content-length", str(len(sent.content)).encode())]
+        return answer
 
 
 async def _read(receive: Receive) -> tuple[bytes | None, Receive]:

@@ -61,7 +61,7 @@ from aggregator.intake.dead_letters import HEADERS, organization_of
 from aggregator.intake.decode import DeadLetter, dead_rows, decode_batch
 from aggregator.intake.journal import Entry, Journal
 from aggregator.intake.leadership import Role, task_while_open, while_leading
-from aggregator.intake.routing import Router, foreign
+from aggregator.intake.routing import Router, carried, foreign
 from aggregator.store import (
     ConsumedBatch,
     OffsetReset,
@@ -449,7 +449,7 @@ class Consumer:
         offsets: dict[int, tuple[int, int]],
         at_us: int,
     ) -> ConsumedBatch:
-        events = _with_origin(table, records)
+        events = _with_origin(table, records, self._router is not None)
         evaluated = await self._evaluated(events)
         return ConsumedBatch(self._kafka.topic, events, offsets, at_us, evaluated)
 
@@ -583,18 +583,26 @@ def _lower_priority() -> None:
     os.setpriority(os.PRIO_PROCESS, 0, 10)  # on Linux, this thread only
 
 
-def _with_origin(table: pa.Table, records: list[ConsumerRecord[Any, Any]]) -> pa.Table:
+def _with_origin(table: pa.Table, records: list[ConsumerRecord[Any, Any]], moved: bool) -> pa.Table:
     """The decoded events, with the partition, offset and row each was read from in place of
-    their position in the fetch (the origin their ids are derived from: `memtable.ORIGIN`)."""
+    their position in the fetch (the origin their ids are derived from: `memtable.ORIGIN`); for
+    a record another shard `moved` here, where it read them (`routing.carried`)."""
     positions = table.column("position").to_numpy()
-    partitions = np.fromiter((r.partition for r in records), np.int32, len(records))
-    offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
+    partitions = np.fromiter((r.partition for r in records), np.int32, len(records))[positions]
+    offsets = np.fromiter((r.offset for r in records), np.int64, len(records))[positions]
     # A JSON record is one event: row 0.
-    rows = pa.array(np.nan_to_num(table.column("row").to_numpy(zero_copy_only=False)), pa.int32())
+    rows = np.nan_to_num(table.column("row").to_numpy(zero_copy_only=False)).astype(np.int32)
+    for i, origins in enumerate(map(carried, records) if moved else ()):
+        if origins is None:
+            continue
+        at = np.flatnonzero(positions == i)
+        which = rows[at]
+        if len(at) and int(which.max()) < len(origins[0]):
+            partitions[at], offsets[at], rows[at] = (o[which] for o in origins)
     table = table.drop_columns(["position", "row"])
-    table = table.append_column("origin_partition", pa.array(partitions[positions]))
-    table = table.append_column("origin_offset", pa.array(offsets[positions]))
-    return table.append_column("origin_row", rows)
+    table = table.append_column("origin_partition", pa.array(partitions))
+    table = table.append_column("origin_offset", pa.array(offsets))
+    return table.append_column("origin_row", pa.array(rows))
 
 
 def _without(

@@ -10,10 +10,12 @@ two partitions, perhaps two shards. A shard (`--shard I/N`, N > 1) puts them bac
    a row naming an external id no customer has yet keeps `ext:<external id>`. Its partition is
    that key's, as an edge computes it (`meters.columnar.partition_of`). (`Router.split`)
 2. A row whose partition another shard owns is moved: re-published to that partition, in
-   records of its organization and ingest time marked `H_MOVED`, acknowledged before the batch
-   commits; and left out of the batch (its journal entry's dead rows, so that every core of the
-   shard leaves it out too). A crash between the two moves it again: the owner keeps the first
-   of each external id (an event without one may then count twice). (`Router.move`)
+   records of its organization and ingest time marked `H_MOVED`, with where each row was first
+   read (`H_ORIGINS`: its id is derived from that, so it is the id a one-shard deployment
+   gives it), acknowledged before the batch commits; and left out of the batch (its journal
+   entry's dead rows, so that every core of the shard leaves it out too). A crash between the
+   two moves it again: the owner keeps the first of each external id (an event without one may
+   then count twice). (`Router.move`)
 3. A moved record is applied where it lands, never moved again: the shard that moved it knew
    the customer when it did, the owner may not have applied that record of the control topic
    yet. A shard never waits on another: moving is a produce, like a dead letter.
@@ -31,6 +33,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 from aiokafka import AIOKafkaProducer
@@ -38,7 +42,7 @@ from aiokafka.structs import ConsumerRecord
 
 from aggregator.store import Store, customer_tables
 from ingest.kafka import KafkaSettings, Shard
-from meters.columnar import H_MOVED, partition_of, records_for
+from meters.columnar import H_MOVED, H_ORIGINS, partition_of, records_for
 from meters.events import COLUMNS
 from meters.records import subject_key
 
@@ -64,6 +68,33 @@ def _moved_by(record: ConsumerRecord[bytes, bytes]) -> bytes | None:
     return next((value for name, value in record.headers if name == H_MOVED), None)
 
 
+Origins = tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.int32]]
+_ORIGIN_BYTES = 4 + 8 + 4  # partition, offset, row
+
+
+def _encoded(origins: list[tuple[int, int, int]]) -> bytes:
+    partitions, offsets, rows = zip(*origins, strict=True) if origins else ((), (), ())
+    return (
+        np.array(partitions, "<i4").tobytes()
+        + np.array(offsets, "<i8").tobytes()
+        + np.array(rows, "<i4").tobytes()
+    )
+
+
+def carried(record: ConsumerRecord[bytes, bytes]) -> Origins | None:
+    """Where the rows of a record a shard moved were first read (step 2), or None: not a moved
+    record, or a header that is not one origin per row (the rows then keep the record's own)."""
+    value = next((v for name, v in record.headers if name == H_ORIGINS), None)
+    if _moved_by(record) is None or value is None or len(value) % _ORIGIN_BYTES:
+        return None
+    n = len(value) // _ORIGIN_BYTES
+    return (
+        np.frombuffer(value, "<i4", n, 0).astype(np.int32),
+        np.frombuffer(value, "<i8", n, 4 * n).astype(np.int64),
+        np.frombuffer(value, "<i4", n, 12 * n).astype(np.int32),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Moved:
     """Rows to re-publish: one organization's, of one ingest time, for one partition."""
@@ -72,6 +103,7 @@ class Moved:
     ingested_at_us: int
     partition: int
     events: pa.Table  # COLUMNS
+    origins: list[tuple[int, int, int]]  # each row's first (partition, offset, row)
 
 
 class Router:
@@ -116,15 +148,22 @@ class Router:
         moved_refs = [ref for ref, move in zip(refs, moving, strict=True) if move]
         for i, (ref, ingested) in enumerate(zip(moved_refs, at, strict=True)):
             groups[(ref[0], ingested, target[ref])].append(i)
-        moved = [
-            Moved(org, ingested, partition, rows.take(pa.array(which)).select(COLUMNS.names))
-            for (org, ingested, partition), which in groups.items()
-        ]
         moved_positions: list[Any] = rows.column("position").to_pylist()
         in_record: list[int | None] = rows.column("row").to_pylist()
         where = [
             (records[p].partition, records[p].offset, row)
             for p, row in zip(moved_positions, in_record, strict=True)
+        ]
+        first = [(p, o, row or 0) for p, o, row in where]  # never moved before (step 3)
+        moved = [
+            Moved(
+                org,
+                ingested,
+                partition,
+                rows.take(pa.array(which)).select(COLUMNS.names),
+                [first[i] for i in which],
+            )
+            for (org, ingested, partition), which in groups.items()
         ]
         return kept, moved, where
 
@@ -149,6 +188,7 @@ class Router:
         async with asyncio.timeout(kafka.send_timeout_seconds):
             acks = []
             for rows in moved:
+                start = 0
                 for record in records_for(
                     rows.events,
                     rows.organization_id,
@@ -157,14 +197,16 @@ class Router:
                     kafka.record_compression,
                     kafka.max_record_bytes,
                 ):
-                    acks.append(  # noqa: PERF401 - awaited one by one: sends keep their order
+                    origins = _encoded(rows.origins[start : start + record.events])
+                    start += record.events
+                    acks.append(
                         await producer.send(
                             kafka.topic,
                             record.value,
                             key=rows.organization_id.encode(),
                             partition=record.partition,
                             timestamp_ms=rows.ingested_at_us // 1000,
-                            headers=[*record.headers, marked],
+                            headers=[*record.headers, marked, (H_ORIGINS, origins)],
                         )
                     )
             await asyncio.gather(*acks)

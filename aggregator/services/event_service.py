@@ -10,7 +10,7 @@ import duckdb
 from aggregator.errors import NotFound
 from aggregator.services.customer_service import Customer, with_first_events
 from aggregator.services.meter_service import evaluable, found
-from aggregator.services.pages import Page, offset
+from aggregator.services.pages import Page
 from aggregator.store import (
     EventQuery,
     Store,
@@ -24,7 +24,7 @@ from aggregator.store import event_tables as sql
 from meters.event_types import label
 from meters.filters import Filter
 
-__all__ = ["Event", "EventQuery", "get", "list_", "resolve_customers"]
+__all__ = ["Event", "EventQuery", "Selection", "get", "keys", "list_", "resolve_customers"]
 
 Con = duckdb.DuckDBPyConnection
 
@@ -80,45 +80,65 @@ def _label_of(row: event_type_tables.EventTypeRow | None) -> tuple[str, str | No
     return None if row is None else (row.label, row.label_property_selector)
 
 
-async def list_(
-    store: Store,
-    organization_id: str,
-    query: EventQuery,
-    *,
-    meter_id: str | None,
-    matching: Filter | None,
-    text: str | None,
-    customer_ids: tuple[str, ...],
-    external_customer_ids: tuple[str, ...],
-    page: int,
-    limit: int,
-) -> Page[Event]:
-    """Events matching `query`, those the meter counts (if given), those `matching` matches (if
-    given), those with `text` in their name, source or metadata or of a customer it matches (if
-    given), of the customers named (if any, by either of their ids)."""
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which events a list holds: `query`, and those the meter counts (if given), those
+    `matching` matches (if given), those with `text` in their name, source or metadata or of a
+    customer it matches (if given), of the customers named (if any, by either of their ids)."""
 
-    def run(con: Con) -> Page[Event]:
-        q = query
-        if text is not None:
-            found_ids, found_external = customer_sql.matching_text(con, organization_id, text)
-            q = replace(q, search=(text, tuple(found_ids), tuple(found_external)))
-        if matching is not None:
-            q = replace(q, conditions=(*q.conditions, filter_sql(matching)))
-        if meter_id is not None:
-            meter = evaluable(found(get_meter(con, organization_id, meter_id)))
+    query: EventQuery
+    meter_id: str | None = None
+    matching: Filter | None = None
+    text: str | None = None
+    customer_ids: tuple[str, ...] = ()
+    external_customer_ids: tuple[str, ...] = ()
+
+    def narrowed(self, con: Con, organization_id: str) -> EventQuery | None:
+        """The query that selects them (None: customers named, none of them known)."""
+        q = self.query
+        if self.text is not None:
+            found_ids, found_external = customer_sql.matching_text(con, organization_id, self.text)
+            q = replace(q, search=(self.text, tuple(found_ids), tuple(found_external)))
+        if self.matching is not None:
+            q = replace(q, conditions=(*q.conditions, filter_sql(self.matching)))
+        if self.meter_id is not None:
+            meter = evaluable(found(get_meter(con, organization_id, self.meter_id)))
             counted = meter_events_sql(meter.filter, meter.aggregation)
             q = replace(q, conditions=(*q.conditions, counted))
-        if customer_ids or external_customer_ids:
+        if self.customer_ids or self.external_customer_ids:
             ids, external = resolve_customers(
-                con, organization_id, customer_ids, external_customer_ids
+                con, organization_id, self.customer_ids, self.external_customer_ids
             )
             if not ids and not external:
-                return Page([], 0)
+                return None
             q = replace(q, customer_ids=ids, external_customer_ids=external)
-        rows, total = sql.list_events(
-            con, organization_id, q, limit=limit, offset=offset(page, limit)
-        )
+        return q
+
+
+async def list_(
+    store: Store, organization_id: str, selection: Selection, *, start: int, limit: int
+) -> Page[Event]:
+    """The selected events from the `start`th (0 the first), `limit` of them."""
+
+    def run(con: Con) -> Page[Event]:
+        q = selection.narrowed(con, organization_id)
+        if q is None:
+            return Page([], 0)
+        rows, total = sql.list_events(con, organization_id, q, limit=limit, offset=start)
         return Page(_with_customers(con, organization_id, rows), total)
+
+    return await store.read(run)
+
+
+async def keys(
+    store: Store, organization_id: str, selection: Selection, limit: int
+) -> tuple[list[tuple[int, int, str, int, str]], int]:
+    """The first `limit` selected events' places in the list's order (`event_keys`), and how
+    many are selected."""
+
+    def run(con: Con) -> tuple[list[tuple[int, int, str, int, str]], int]:
+        q = selection.narrowed(con, organization_id)
+        return ([], 0) if q is None else sql.event_keys(con, organization_id, q, limit)
 
     return await store.read(run)
 

@@ -12,7 +12,16 @@ import duckdb
 from aggregator.errors import MeterFailed, NotFound
 from aggregator.services.pages import Page, offset
 from aggregator.services.writes import record
-from aggregator.store import METER_SORTS, MeterRow, Scope, Store, TenantLimits, get_meter, subjects
+from aggregator.store import (
+    METER_SORTS,
+    Gathered,
+    MeterRow,
+    Scope,
+    Store,
+    TenantLimits,
+    get_meter,
+    subjects,
+)
 from aggregator.store import customer_tables as customer_sql
 from aggregator.store import meter_tables as sql
 from aggregator.store import quantities as quantity_sql
@@ -21,6 +30,7 @@ from meters.periods import Interval
 
 __all__ = [
     "METER_SORTS",
+    "Gathered",
     "MeterRow",
     "Quantities",
     "QuantityWindow",
@@ -28,7 +38,7 @@ __all__ = [
     "evaluable",
     "get",
     "list_",
-    "quantities",
+    "partials",
     "update",
 ]
 
@@ -154,7 +164,7 @@ def _subjects(
     return tuple(sorted(names))
 
 
-async def quantities(
+async def partials(
     store: Store,
     organization_id: str,
     meter_id: str,
@@ -163,18 +173,18 @@ async def quantities(
     customer_ids: tuple[str, ...],
     external_customer_ids: tuple[str, ...],
     metadata: tuple[tuple[str, tuple[str, ...]], ...],
-    across: str | None,
-) -> Quantities:
-    """The meter's quantity per period of `window` and over all of it, for the customers
-    named (all if none), aggregated `across` them if given."""
+    by_customer: bool,
+) -> tuple[MeterRow, Gathered]:
+    """The meter and its partials over the periods of `window` and over all of it, for the
+    customers named (all if none), per customer if `by_customer`: what the route reduces to
+    quantities, and what the shards of a deployment merge before reducing."""
 
-    def run(con: Con) -> Quantities:
+    def run(con: Con) -> tuple[MeterRow, Gathered]:
         meter = evaluable(found(get_meter(con, organization_id, meter_id)))
         subjects = _subjects(con, organization_id, customer_ids, external_customer_ids)
-        scope = Scope(meter, subjects, metadata, across is not None)
-        periods, total = quantity_sql.compute(
-            con, scope, window.start_us, window.end_us, window.interval, window.tz, across
+        scope = Scope(meter, subjects, metadata, by_customer)
+        return meter, quantity_sql.gather(
+            con, scope, window.start_us, window.end_us, window.interval, window.tz
         )
-        return Quantities(periods, total)
 
     return await store.read(run)

@@ -68,7 +68,7 @@ from aggregator.store.tables.meter_tables import (
 )
 from aggregator.store.tables.outbox import Pending
 from aggregator.store.tables.plan_tables import PlanRow, cycle_due_job
-from aggregator.store.tables.quantities import Scope
+from aggregator.store.tables.quantities import Gathered, Scope
 from aggregator.store.tables.quotas import TenantLimits
 from aggregator.store.tables.record_checks import row_problems
 from aggregator.store.tables.webhook_tables import (
@@ -107,6 +107,7 @@ __all__ = [
     "EventQuery",
     "EventTypeRow",
     "Firing",
+    "Gathered",
     "HoldRow",
     "IngestJob",
     "Job",

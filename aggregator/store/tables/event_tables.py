@@ -167,10 +167,38 @@ def list_events(
     order = "DESC" if query.descending else "ASC"
     rows = con.execute(
         f"SELECT {EVENT_COLUMNS} FROM events WHERE {where_sql}"  # noqa: S608 - fixed text, values bound
-        f" ORDER BY timestamp {order}, seq {order} LIMIT ? OFFSET ?",
+        f" ORDER BY {_order(order)} LIMIT ? OFFSET ?",
         [*params, limit, offset],
     ).fetchall()
     return _with_children(con, organization_id, [_row(r) for r in rows]), total
+
+
+def event_keys(
+    con: duckdb.DuckDBPyConnection, organization_id: str, query: EventQuery, limit: int
+) -> tuple[list[tuple[int, int, str, int, str]], int]:
+    """The first `limit` events' places in `list_events`' order (its sort keys: timestamp and
+    ingest time in microseconds, source, order made, id), and how many there are in all."""
+    where_sql, params = where(organization_id, query)
+    order = "DESC" if query.descending else "ASC"
+    keys = con.execute(
+        f"SELECT epoch_us(timestamp), epoch_us(ingested_at), source, {_MADE}, id::VARCHAR"  # noqa: S608 - fixed text, values bound
+        f" FROM events WHERE {where_sql} ORDER BY {_order(order)} LIMIT ?",
+        [*params, limit],
+    ).fetchall()
+    total = con.execute(f"SELECT count(*) FROM events WHERE {where_sql}", params).fetchall()  # noqa: S608 - fixed text, values bound
+    return [(int(t), int(at), str(s), int(m), str(i)) for t, at, s, m, i in keys], int(total[0][0])
+
+
+# A list's order: timestamp, ingest time, then id, the same in every deployment (a user
+# event's id is derived from where it was first read); system events of one write (a plan's
+# reset and credit) in the order it made them, as every core applying it does.
+_MADE = "(CASE WHEN source = 'system' THEN seq ELSE 0 END)"
+
+
+def _order(direction: str) -> str:
+    return ", ".join(
+        f"{c} {direction}" for c in ("timestamp", "ingested_at", "source", _MADE, "id")
+    )
 
 
 def get_event(

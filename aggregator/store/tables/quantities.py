@@ -25,8 +25,10 @@ from meters.periods import Interval, boundaries
 from meters.times import datetime_to_us, us_to_datetime
 
 __all__ = [
+    "Gathered",
     "Scope",
     "compute",
+    "gather",
 ]
 
 # One customer however its events named it: a customer id, or the id of the customer
@@ -231,16 +233,42 @@ def reduce(partials: dict[Key, Partial], meter: MeterRow, index: int, across: st
     return max(per_customer) if across == "max" else min(per_customer)
 
 
-def compute(
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """A meter's partials over the periods of a window (range i: periods i to i + 1) and over
+    exactly the window (`total`, range 0): what `compute` reduces, and what shards merge."""
+
+    periods: list[datetime]  # the periods' bounds
+    partials: dict[Key, Partial]
+    total: dict[Key, Partial]
+
+    def merge(self, other: Gathered) -> None:
+        """Add `other`'s partials (of other events, over the same periods)."""
+        merge_into(self.partials, other.partials)
+        merge_into(self.total, other.total)
+
+    def reduced(
+        self, meter: MeterRow, across: str | None
+    ) -> tuple[list[tuple[datetime, float]], float]:
+        """Each period's quantity and the window's."""
+        return (
+            [
+                (self.periods[i], reduce(self.partials, meter, i, across))
+                for i in range(len(self.periods) - 1)
+            ],
+            reduce(self.total, meter, 0, across),
+        )
+
+
+def gather(
     con: duckdb.DuckDBPyConnection,
     scope: Scope,
     start_us: int,
     end_us: int,
     interval: Interval,
     tz: ZoneInfo,
-    across: str | None,
-) -> tuple[list[tuple[datetime, float]], float]:
-    """Quantities of the periods intersecting [start, end] and the total of exactly that range."""
+) -> Gathered:
+    """Partials of the periods intersecting [start, end] and of exactly that range."""
     periods = boundaries(us_to_datetime(start_us), us_to_datetime(end_us), interval, tz)
     bounds = [datetime_to_us(p) for p in periods]
     ranges = [(i, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
@@ -257,7 +285,17 @@ def compute(
     total = _merged_by_customer(partials, range(rest, rest + 1))
     if inside:
         merge_into(total, _merged_by_customer(partials, range(inside[0][0], inside[-1][0] + 1)))
-    return (
-        [(periods[i], reduce(partials, scope.meter, i, across)) for i in range(len(ranges))],
-        reduce(total, scope.meter, 0, across),
-    )
+    return Gathered(periods, {k: p for k, p in partials.items() if k[0] < rest}, total)
+
+
+def compute(
+    con: duckdb.DuckDBPyConnection,
+    scope: Scope,
+    start_us: int,
+    end_us: int,
+    interval: Interval,
+    tz: ZoneInfo,
+    across: str | None,
+) -> tuple[list[tuple[datetime, float]], float]:
+    """Quantities of the periods intersecting [start, end] and the total of exactly that range."""
+    return gather(con, scope, start_us, end_us, interval, tz).reduced(scope.meter, across)

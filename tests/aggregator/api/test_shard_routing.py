@@ -23,7 +23,9 @@ ID = "6a817fdf-1776-46fe-9a38-f8e6f4226181"  # fixed: test ids must agree across
         ("/v1/events/", "customer_id=nope", None),
         ("/v1/meters/", "", None),
         ("/v1/customers/nope/state", "", None),
-        (f"/v1/customers/{ID}", "", None),  # the customer itself: every shard has it
+        (f"/v1/customers/{ID}", "", (ID, None)),  # its first event's time: its shard's
+        ("/v1/customers/external/acme", "", (None, "acme")),
+        ("/v1/customers/export", "", None),
     ],
 )
 def test_reads_naming_one_customer(

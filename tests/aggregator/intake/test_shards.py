@@ -3,8 +3,10 @@ their own partitions of the events topic (p % 2 == I) and the whole control topi
 own journal and leader. Each customer's events are on one shard, whichever of its ids they name
 (rows keyed by the other are moved there), where its quantities are the one-shard core's; the
 shards' events add up to the one-shard core's, none on two; a customer's reads, credits and
-holds asked of either shard are its shard's answers; a replica of a shard holds its leader's
-state. More shards than partitions, or a data dir of another shard, is refused at start."""
+holds asked of either shard are its shard's answers; organization-wide reads (event lists,
+names, quantities over all customers) asked of either are the one-shard core's, byte for byte;
+a replica of a shard holds its leader's state. More shards than partitions, or a data dir of
+another shard, is refused at start."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from meters.columnar import partition_of
 from meters.records import subject_key
 from tests.aggregator.intake.test_control_topic import _assert_same, _ok, _settled_together
 from tests.inprocess import ServedCore
-from tests.pipeline import Pipeline, _wide, usage_batches
+from tests.pipeline import TOKENS_METER, Pipeline, _wide, usage_batches
 from tests.processes import wait_until
 
 pytestmark = pytest.mark.slow
@@ -30,8 +32,17 @@ pytestmark = pytest.mark.slow
 PARTITIONS = 6
 
 
-def _events(client: httpx.Client) -> int:
-    return int(_ok(client.get("/v1/events/", params={"limit": 1}))["pagination"]["total_count"])
+def _events(client: httpx.Client, here: bool = False) -> int:
+    """The organization's events; `here`: those the asked core holds (`Meterline-Routed`: not
+    merged with the other shards')."""
+    headers = {ROUTED_HEADER: "1"} if here else {}
+    found = _ok(client.get("/v1/events/", params={"limit": 1}, headers=headers))
+    return int(found["pagination"]["total_count"])
+
+
+def _held(*shards: httpx.Client) -> int:
+    """The events the shards hold between them."""
+    return sum(_events(shard, here=True) for shard in shards)
 
 
 def _quantity(client: httpx.Client, meter_id: str, here: bool = False, **params: Any) -> float:
@@ -91,6 +102,44 @@ def _customers(one: httpx.Client, org: str) -> tuple[list[str], str]:
     return [*moving[:3], staying[0]], late
 
 
+MORE_METERS = [
+    {**TOKENS_METER, "name": name, "aggregation": {"func": func, "property": "tokens"}}
+    for name, func in (("distinct", "unique"), ("largest", "max"), ("mean", "avg"))
+] + [{**TOKENS_METER, "name": "calls", "aggregation": {"func": "count"}}]
+
+
+def _organization_reads(one: httpx.Client, meters: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Every page of the event list, some pages of other sizes, orders and sources, the event
+    names in two orders, the customers (with their first event's time), and each meter's
+    quantities over all customers (per day, and per customer combined by max)."""
+    pages = _ok(one.get("/v1/events/", params={"limit": 100}))["pagination"]["max_page"]
+    reads: list[tuple[str, dict[str, Any]]] = [
+        ("/v1/events/", {"limit": 100, "page": page}) for page in range(1, pages + 1)
+    ]
+    reads += [
+        ("/v1/events/", {"limit": 7, "page": 3, "sorting": "timestamp"}),
+        ("/v1/events/", {"limit": 30, "page": 2, "name": "llm_call"}),
+        ("/v1/events/names", {}),
+        ("/v1/events/names", {"sorting": "occurrences", "limit": 1, "page": 1}),
+        ("/v1/events/", {"limit": 10, "source": "system"}),
+        ("/v1/customers/", {"limit": 100}),
+    ]
+    window = {**_wide(), "interval": "day"}
+    for meter in meters:
+        path = f"/v1/meters/{meter}/quantities"
+        reads += [(path, window), (path, {**window, "customer_aggregation_function": "max"})]
+    return reads
+
+
+def _answers(client: httpx.Client, reads: list[tuple[str, dict[str, Any]]]) -> list[bytes]:
+    return [_ok_bytes(client.get(path, params=params)) for path, params in reads]
+
+
+def _ok_bytes(answer: httpx.Response) -> bytes:
+    assert answer.status_code == 200, answer.text
+    return answer.content
+
+
 def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
     """Every customer's events on one shard, whichever id they name (moved there when the
     edge keyed them by the other), with the one-shard core's quantities."""
@@ -117,6 +166,7 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
         try:
             token = pipeline.token()
             meter = pipeline.create_meter()  # a record on the control topic: every shard's
+            others = [pipeline.create_meter(m) for m in MORE_METERS]
             org = pipeline.organization_id()
             with (
                 pipeline.core.client(token) as one,
@@ -156,8 +206,8 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                     assert edge.post("/v1/events/ingest", json={"events": batch}).is_success
                     distinct.update(e.get("external_id", str(id(e))) for e in batch)
                 wait_until(lambda: _events(one) == len(distinct), 60)
-                wait_until(lambda: _events(first) + _events(second) == _events(one), 60)
-                assert min(_events(first), _events(second)) > 0
+                wait_until(lambda: _held(first, second) == _events(one), 60)
+                assert min(_events(first, here=True), _events(second, here=True)) > 0
                 expected_owner = {
                     **{f"cust_{i}": _shard_of(org, f"ext:cust_{i}") for i in range(5)},
                     **{
@@ -212,6 +262,20 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                 refused = other.post("/v1/meter-holds/", json=hold)
                 assert refused.status_code == 409, refused.text  # 10 left, where its events are
                 assert other.post("/v1/meter-holds/", json={**hold, "units": 5}).status_code == 201
+                # Organization-wide reads asked of either shard merge both shards' parts into
+                # the one-shard core's answers, byte for byte: the credit's system event (every
+                # shard applies the control topic) listed once.
+                reads = _organization_reads(one, [meter, *others])
+                wait_until(lambda: _answers(one, reads) == _answers(first, reads), 30)
+                expected = _answers(one, reads)
+                for shard in (first, second):
+                    for (path, params), mine, merged in zip(
+                        reads, expected, _answers(shard, reads), strict=True
+                    ):
+                        assert merged == mine, (path, params)
+                too_deep = first.get("/v1/events/", params={"page": 101, "limit": 100})
+                assert too_deep.status_code == 422, too_deep.text
+                assert too_deep.json()["detail"][0]["loc"] == ["query", "page"]
         finally:
             for shard in shards:
                 shard.stop()

@@ -1,0 +1,234 @@
+"""Organization-wide reads in a deployment of several shards (`shard_routing`, step 3). Each
+shard holds its own customers' events; the route that is asked merges the other shards' parts
+with its own, so that the answer is what one shard holding every event gives.
+
+1. An event list's page p of l is among the first p × l events of each shard in the list's
+   order (`event_tables.event_keys`: timestamp, ingest time, then id; an event's id is
+   derived from where it was first read, so it is the same in every deployment; at most
+   `MAX_REACH` deep, past it a 422 names `page`). System events are made by control records,
+   which every shard applies: this shard gives them, the others only their users' events
+   (`_theirs`; names likewise).
+   a. each shard gives the places (sort keys) of its first p × l events, and its total (mode
+      `KEYS`; this shard's read here);
+   b. merged in order, they say how many of each shard's events come before the page, and how
+      many are on it;
+   c. each shard with events on the page gives those (mode `SLICE`: `start`, `limit`), and
+      they are merged in order. The total is the sum of the shards'. (`events`)
+   So a page costs each shard a read of p × l places and of its events on the page.
+2. Event names: every shard's names (all its pages), added up per name and source
+   (occurrences summed; first and last seen the earliest and the latest), then sorted and cut
+   as one shard sorts and cuts its own. (`names`)
+3. A meter's quantities: each shard's partial aggregates, asked in mode `PARTIALS`
+   (`meter_shapes.partials`), merged into this shard's, then reduced: partial aggregates of
+   disjoint events merge (`meters.aggregations.Partial`). (`meter_routes`)
+4. A customer is every shard's (the control topic), but its first event's time is known only
+   where its events are: in a list of customers, or a customer embedded in this shard's system
+   events, an unknown one is asked of the other shards (`first_events`). (`customer_routes`)
+
+A shard none of whose cores answers makes the read a 503 `ShardUnavailable`; a shard's refusal
+(a 4xx) is the answer, as it would be from one shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import httpx
+import orjson
+from starlette.requests import Request
+
+from aggregator.api.params import MAX_LIMIT
+from aggregator.api.shard_routing import Peers
+from aggregator.errors import ShardRefused
+from meters.errors import FieldError, ValidationFailed
+
+# How deep an organization-wide event list may be paged (page × limit): each shard reads the
+# places of that many events for every such page.
+MAX_REACH = 10_000
+# The modes of the requests shards send each other (`Meterline-Routed`), each what the route
+# answers with.
+KEYS = "keys"  # step 1a
+SLICE = "slice"  # step 1c
+PARTIALS = "partials"  # step 3
+_PAGING = frozenset({"page", "limit", "start"})
+
+Item = Any  # an answer's item, as JSON (the shapes' TypedDicts included)
+
+
+def reach(page: int, limit: int) -> int:
+    """Step 1's reach, p × l; a 422 past `MAX_REACH`."""
+    if page * limit > MAX_REACH:
+        raise ValidationFailed(
+            [
+                FieldError(
+                    "page",
+                    ("query", "page"),
+                    f"Across shards, page × limit may be at most {MAX_REACH}; narrow the list"
+                    " with start_timestamp and end_timestamp instead.",
+                    page,
+                )
+            ]
+        )
+    return page * limit
+
+
+async def answers(peers: Peers, request: Request, pages: range, mode: str = "1") -> list[list[Any]]:
+    """Every other shard's answers to `request` at `pages` (of `MAX_LIMIT`; none in mode
+    `PARTIALS`), as JSON."""
+    base = _kept(request) if mode == PARTIALS else _theirs(request)
+    if base is None:
+        return []
+    paged = [("limit", str(MAX_LIMIT))]
+    queries = [base if mode == PARTIALS else [*base, ("page", str(p)), *paged] for p in pages]
+    return [[_json(a) for a in shard] for shard in await peers.fanned(request, queries, mode)]
+
+
+def _kept(request: Request) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in request.query_params.multi_items() if k not in _PAGING]
+
+
+def _theirs(request: Request) -> list[tuple[str, str]] | None:
+    """What the other shards are asked of a list of events or names: their users' (system
+    events are made by control records, which every shard applies: this shard gives those);
+    None when only system events are asked."""
+    sources = request.query_params.getlist("source")
+    if sources and "user" not in sources:
+        return None
+    return [*((k, v) for k, v in _kept(request) if k != "source"), ("source", "user")]
+
+
+def _json(answer: httpx.Response) -> Any:
+    if answer.status_code != 200:
+        raise ShardRefused(answer.status_code, answer.content)
+    return orjson.loads(answer.content)
+
+
+# An event's place: timestamp, ingest time, source, order made (system events), id.
+Key = tuple[int, int, str, int, str]
+Keys = Callable[[int], Awaitable[tuple[list[Key], int]]]
+Slice = Callable[[int, int], Awaitable[list[Item]]]
+
+
+Place = tuple[Key, int]  # and the shard holding the event
+
+
+def page_parts(
+    places: list[Place], page: int, limit: int, desc: bool
+) -> tuple[Counter[int], Counter[int], list[str]]:
+    """Step 1b: of each shard, how many events come before page `page` of `limit` and how many
+    are on it (of every shard's first page × limit places); and the page's ids, in order."""
+    places = sorted(places, reverse=desc)  # an event is on one shard: keys are never equal
+    before = Counter(index for _, index in places[: (page - 1) * limit])
+    on = places[(page - 1) * limit : page * limit]
+    return before, Counter(index for _, index in on), [key[-1] for key, _ in on]
+
+
+async def events(
+    peers: Peers, request: Request, keys: Keys, slice_: Slice, page: int, limit: int, desc: bool
+) -> tuple[list[Item], int]:
+    """Step 1, with this shard's places (`keys`, of a depth) and events (`slice_`, from a
+    start, so many): the page and the total."""
+    depth = reach(page, limit)
+    base = _theirs(request)
+    query = [[*base, ("limit", str(depth))]] if base is not None else []
+    (mine, total), theirs = await asyncio.gather(keys(depth), peers.fanned(request, query, KEYS))
+    found = [(_json(shard[0]), i) for shard, i in zip(theirs, peers.others(), strict=True) if shard]
+    places = [(key, peers.shard.index) for key in mine]
+    places += [(tuple(key), index) for answer, index in found for key in answer["keys"]]
+    before, on, ids = page_parts(places, page, limit, desc)
+    total += sum(answer["total"] for answer, _ in found)
+
+    async def part(index: int) -> list[Item]:
+        if index == peers.shard.index:
+            return await slice_(before[index], on[index])
+        assert base is not None
+        window = [("start", str(before[index])), ("limit", str(on[index]))]
+        return list(_json(await peers.ask(index, request, [*base, *window], SLICE))["items"])
+
+    parts = await asyncio.gather(*map(part, sorted(on)))
+    by_id = {item["id"]: item for found_part in parts for item in found_part}
+    items = [by_id[i] for i in ids]
+    # This shard's system events name customers whose events may be elsewhere (step 4).
+    customers = [e["customer"] for e in items if e["source"] == "system" and e["customer"]]
+    await first_events(peers, request, customers)
+    return items, total
+
+
+async def first_events(
+    peers: Peers, request: Request, customers: list[Item], listed: bool = False
+) -> None:
+    """Step 4: set the customers' `first_user_event_at` that this shard does not know (their
+    events are on their shard) to the other shards': each customer asked of each, or, when
+    they are the items of a `listed` page, that page asked of each."""
+    unknown = sorted({c["id"] for c in customers if c["first_user_event_at"] is None})
+    if not unknown:
+        return
+
+    async def asked(index: int, customer_id: str) -> list[Item]:
+        path = f"/v1/customers/{customer_id}"
+        return [_json(await peers.ask(index, request, [], "1", path))]
+
+    async def page(index: int) -> list[Item]:
+        query = list(request.query_params.multi_items())
+        return list(_json(await peers.ask(index, request, query, "1"))["items"])
+
+    if listed:
+        parts = await asyncio.gather(*(page(i) for i in peers.others()))
+    else:
+        parts = await asyncio.gather(*(asked(i, c) for i in peers.others() for c in unknown))
+    found: dict[str, str] = {}
+    for customer in (c for part in parts for c in part):
+        at = customer["first_user_event_at"]
+        if at is not None and (customer["id"] not in found or _at(at) < _at(found[customer["id"]])):
+            found[customer["id"]] = at
+    for customer in customers:
+        customer["first_user_event_at"] = customer["first_user_event_at"] or found.get(
+            customer["id"]
+        )
+
+
+async def every_page(peers: Peers, request: Request) -> list[list[Any]]:
+    """Every other shard's whole list (step 2): its first page, then the rest of its pages."""
+    first = await answers(peers, request, range(1, 2))
+    pages = max((s[0]["pagination"]["max_page"] for s in first), default=1)
+    if pages <= 1:
+        return first
+    rest = await answers(peers, request, range(2, pages + 1))
+    return [a + b for a, b in zip(first, rest, strict=True)]
+
+
+def _at(iso: str) -> datetime:
+    return datetime.fromisoformat(iso)
+
+
+_NAME_KEYS: dict[str, Callable[[Item], Any]] = {
+    "name": lambda n: n["name"],
+    "occurrences": lambda n: n["occurrences"],
+    "first_seen": lambda n: _at(n["first_seen"]),
+    "last_seen": lambda n: _at(n["last_seen"]),
+}
+
+
+def names(
+    mine: list[Item], theirs: list[list[Any]], sorting: list[str], page: int, limit: int
+) -> tuple[list[Item], int]:
+    """Step 2: this shard's every name merged with the other shards'; one page, and the total."""
+    merged: dict[tuple[str, str], Item] = {}
+    for item in mine + [i for shard in theirs for answer in shard for i in answer["items"]]:
+        key = (item["name"], item["source"])
+        if key not in merged:
+            merged[key] = dict(item)
+            continue
+        found = merged[key]
+        found["occurrences"] += item["occurrences"]
+        found["first_seen"] = min(found["first_seen"], item["first_seen"], key=_at)
+        found["last_seen"] = max(found["last_seen"], item["last_seen"], key=_at)
+    found_all = sorted(merged.values(), key=lambda n: (n["name"], n["source"]))
+    for criterion in reversed(sorting):  # as `event_type_service.list_` sorts
+        found_all.sort(key=_NAME_KEYS[criterion.removeprefix("-")], reverse=criterion[0] == "-")
+    start = (page - 1) * limit
+    return found_all[start : start + limit], len(found_all)
