@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api import cost_shapes as shapes
+from aggregator.api import fan_out, params
 from aggregator.api import openapi as oa
-from aggregator.api import params
 from aggregator.api.context import ApiContext
 from aggregator.api.cost_shapes import CostsShape
 from aggregator.api.openapi import ApiRoute, Operation
@@ -110,6 +110,9 @@ def routes(ctx: ApiContext) -> list[Route]:
         group_by = _group_by(request)
         limit = params.integer(request, "limit", 100, 1, MAX_GROUPS)
         sort = _check_choice("sort", request.query_params.get("sort", "-cost"), SORTS)
+        peers = ctx.fanned_out(request)
+        # Of several shards, each gives enough groups that the top `limit` are among them.
+        parts = limit if peers is None or "customer" in group_by else MAX_GROUPS
         report = await service.costs(
             ctx.store,
             org,
@@ -121,9 +124,14 @@ def routes(ctx: ApiContext) -> list[Route]:
             customer_ids=params.ids(request, "customer_id"),
             external_customer_ids=params.strings(request, "external_customer_id"),
             names=params.strings(request, "name"),
-            limit=limit,
+            limit=parts,
             ascending=sort == "cost",
         )
-        return JSON(shapes.costs(report))
+        answer = shapes.costs(report)
+        if peers is None:
+            return JSON(answer)
+        query = [(k, v) for k, v in request.query_params.multi_items() if k != "limit"]
+        theirs = await fan_out.each(peers, request, [*query, ("limit", str(parts))])
+        return JSON(fan_out.costs(answer, theirs, limit, sort == "cost"))
 
     return [ApiRoute("/v1/costs/", costs, "GET", COSTS)]

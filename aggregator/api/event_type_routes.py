@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from starlette.requests import Request
 from starlette.routing import Route
 
@@ -93,31 +96,42 @@ def routes(ctx: ApiContext) -> list[Route]:
         )
         return found, limit
 
-    async def names(request: Request) -> JSON:
-        org = ctx.organization(request)  # before the query is read: no token is a 401
-        events = EventQuery(sources=params.choices(request, "source", SOURCES))
+    async def answered(
+        request: Request,
+        events: EventQuery,
+        sorts: frozenset[str],
+        in_label: bool,
+        shaped: Callable[[Page[service.EventType], str, int], ListResource[Any]],
+    ) -> JSON:
+        org = ctx.organization(request)
         peers = ctx.fanned_out(request)
         if peers is None:
-            found, limit = await listed(request, org, events, NAME_SORTS, in_label=False)
-            return JSON(shapes.names(found, limit))
-        # Every name of every shard, merged, then one page of them (`fan_out`, step 2).
+            found, limit = await listed(request, org, events, sorts, in_label)
+            return JSON(shaped(found, org, limit))
+        # Every type of every shard, merged, then one page of them (`fan_out`, step 2).
         page, limit = params.page_and_limit(request)
-        mine, _ = await listed(request, org, events, NAME_SORTS, False, everything=True)
+        mine, _ = await listed(request, org, events, sorts, in_label, everything=True)
         theirs = await fan_out.every_page(peers, request)
-        sorting = params.sorting(request, _signed(NAME_SORTS), "-last_seen")
-        items, total = fan_out.names(shapes.names(mine, 1)["items"], theirs, sorting, page, limit)
+        sorting = params.sorting(request, _signed(sorts), "-last_seen")
+        items, total = fan_out.names(shaped(mine, org, 1)["items"], theirs, sorting, page, limit)
         return JSON({"items": items, "pagination": pagination(total, limit)})
 
+    async def names(request: Request) -> JSON:
+        ctx.organization(request)  # before the query is read: no token is a 401
+        events = EventQuery(sources=params.choices(request, "source", SOURCES))
+        return await answered(
+            request, events, NAME_SORTS, False, lambda p, _, limit: shapes.names(p, limit)
+        )
+
     async def list_(request: Request) -> JSON:
-        org = ctx.organization(request)
+        ctx.organization(request)
         roots = params.boolean(request, "root_events")
         events = EventQuery(
             sources=params.choices(request, "source", SOURCES),
             parent_id=request.query_params.get("parent_id"),
             conditions=(("parent_id IS NULL", []),) if roots else (),
         )
-        found, limit = await listed(request, org, events, TYPE_SORTS, in_label=True)
-        return JSON(shapes.event_types(found, org, limit))
+        return await answered(request, events, TYPE_SORTS, True, shapes.event_types)
 
     async def update(request: Request) -> JSON:
         org = ctx.organization(request)

@@ -15,15 +15,20 @@ with its own, so that the answer is what one shard holding every event gives.
    c. each shard with events on the page gives those (mode `SLICE`: `start`, `limit`), and
       they are merged in order. The total is the sum of the shards'. (`events`)
    So a page costs each shard a read of p × l places and of its events on the page.
-2. Event names: every shard's names (all its pages), added up per name and source
-   (occurrences summed; first and last seen the earliest and the latest), then sorted and cut
-   as one shard sorts and cuts its own. (`names`)
+2. Event names and types: every shard's (all its pages), added up per name and source
+   (occurrences summed; first and last seen, and the time a type was first seen, the earliest
+   and the latest), then sorted and cut as one shard sorts and cuts its own. (`names`)
 3. A meter's quantities: each shard's partial aggregates, asked in mode `PARTIALS`
    (`meter_shapes.partials`), merged into this shard's, then reduced: partial aggregates of
    disjoint events merge (`meters.aggregations.Partial`). (`meter_routes`)
 4. A customer is every shard's (the control topic), but its first event's time is known only
    where its events are: in a list of customers, or a customer embedded in this shard's system
    events, an unknown one is asked of the other shards (`first_events`). (`customer_routes`)
+5. Costs: every shard's report of the same range and grouping, added up exactly (decimal
+   amounts, events, each period), per group, then sorted and cut as one shard does. Grouped by
+   customer, a group is on one shard, so each shard's top groups are enough; otherwise each
+   shard gives up to `cost_routes.MAX_GROUPS` groups, so the answer is exact while no shard
+   has more (names, models and vendors rarely do). (`costs`)
 
 A shard none of whose cores answers makes the read a 503 `ShardUnavailable`; a shard's refusal
 (a 4xx) is the answer, as it would be from one shard.
@@ -35,6 +40,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -44,6 +50,7 @@ from starlette.requests import Request
 from aggregator.api.params import MAX_LIMIT
 from aggregator.api.shard_routing import Peers
 from aggregator.errors import ShardRefused
+from aggregator.services.cost_service import decimal_text
 from meters.errors import FieldError, ValidationFailed
 
 # How deep an organization-wide event list may be paged (page × limit): each shard reads the
@@ -85,6 +92,11 @@ async def answers(peers: Peers, request: Request, pages: range, mode: str = "1")
     paged = [("limit", str(MAX_LIMIT))]
     queries = [base if mode == PARTIALS else [*base, ("page", str(p)), *paged] for p in pages]
     return [[_json(a) for a in shard] for shard in await peers.fanned(request, queries, mode)]
+
+
+async def each(peers: Peers, request: Request, query: list[tuple[str, str]]) -> list[Any]:
+    """Every other shard's answer to `request` with `query` in place of its own, as JSON."""
+    return [_json(shard[0]) for shard in await peers.fanned(request, [query], "1")]
 
 
 def _kept(request: Request) -> list[tuple[str, str]]:
@@ -207,6 +219,7 @@ def _at(iso: str) -> datetime:
 
 _NAME_KEYS: dict[str, Callable[[Item], Any]] = {
     "name": lambda n: n["name"],
+    "label": lambda n: n["label"],
     "occurrences": lambda n: n["occurrences"],
     "first_seen": lambda n: _at(n["first_seen"]),
     "last_seen": lambda n: _at(n["last_seen"]),
@@ -227,8 +240,41 @@ def names(
         found["occurrences"] += item["occurrences"]
         found["first_seen"] = min(found["first_seen"], item["first_seen"], key=_at)
         found["last_seen"] = max(found["last_seen"], item["last_seen"], key=_at)
+        if found.get("created_at") is not None:  # a type's, unless it is a system one's
+            found["created_at"] = min(found["created_at"], item["created_at"], key=_at)
     found_all = sorted(merged.values(), key=lambda n: (n["name"], n["source"]))
     for criterion in reversed(sorting):  # as `event_type_service.list_` sorts
         found_all.sort(key=_NAME_KEYS[criterion.removeprefix("-")], reverse=criterion[0] == "-")
     start = (page - 1) * limit
     return found_all[start : start + limit], len(found_all)
+
+
+def costs(mine: Item, theirs: list[Any], limit: int, ascending: bool) -> Item:
+    """Step 5: this shard's cost report merged with the other shards'."""
+    reports = [mine, *theirs]
+    groups: dict[tuple[tuple[str, str | None], ...], Item] = {}
+    for group in (g for report in reports for g in report["groups"]):
+        key = tuple(group["key"].items())
+        found = groups.get(key)
+        if found is None:
+            groups[key] = found = dict(group)
+            if "periods" in group:
+                found["periods"] = [dict(p) for p in group["periods"]]
+            continue
+        _add(found, group)
+        for period, more in zip(found.get("periods", ()), group.get("periods", ()), strict=True):
+            _add(period, more)
+    # As `cost_queries.compute` orders them: by amount, ties by the key's values, nulls last.
+    ordered = sorted(
+        groups.values(), key=lambda g: [(v is None, v or "") for v in g["key"].values()]
+    )
+    ordered.sort(key=lambda g: Decimal(g["amount"]), reverse=not ascending)
+    total: Item = {"amount": "0", "currency": "usd", "events": 0}
+    for report in reports:
+        _add(total, report["total"])
+    return {"total": total, "groups": ordered[:limit]}
+
+
+def _add(found: Item, more: Item) -> None:
+    found["amount"] = decimal_text(Decimal(found["amount"]) + Decimal(more["amount"]))
+    found["events"] += more["events"]

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EventQuery",
     "EventRow",
+    "event_keys",
     "get_event",
     "list_events",
     "subjects_first_timestamp",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from hypothesis import given
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from aggregator.api import fan_out
 from aggregator.api.meter_shapes import gathered, partials
+from aggregator.services.cost_service import decimal_text
 from aggregator.store import Gathered
 from meters.aggregations import Partial
 
@@ -144,3 +146,54 @@ def test_partials_read_back_merge_as_partials_do(
     merged = made(mine)
     merged.merge(gathered(partials(made(theirs))))
     assert merged == expected
+
+
+cost_rows = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c", None]),  # the group's key
+        st.decimals("-5", "5", places=4),  # an event's cost
+        st.integers(0, 1),  # its period
+        st.integers(0, 2),  # its shard
+    ),
+    max_size=20,
+)
+
+
+@given(cost_rows, st.integers(1, 4), st.booleans())
+def test_merged_costs_are_the_costs_of_all_events(
+    found: list[tuple[str | None, Decimal, int, int]], limit: int, ascending: bool
+) -> None:
+    def report(rows: list[tuple[str | None, Decimal, int, int]], top: int) -> dict[str, Any]:
+        """As one shard reports `rows`: groups by amount, ties by key (nulls last), cut."""
+        groups: dict[str | None, list[tuple[Decimal, int]]] = {}
+        for key, amount, period, _ in rows:
+            groups.setdefault(key, []).append((amount, period))
+        shaped = [
+            {
+                "key": {"name": key},
+                "amount": decimal_text(sum((a for a, _ in costs), Decimal(0))),
+                "events": len(costs),
+                "periods": [
+                    {
+                        "timestamp": _at(p),
+                        "amount": decimal_text(sum((a for a, q in costs if q == p), Decimal(0))),
+                        "events": sum(1 for _, q in costs if q == p),
+                    }
+                    for p in range(2)
+                ],
+            }
+            for key, costs in groups.items()
+        ]
+        shaped.sort(key=lambda g: (g["key"]["name"] is None, g["key"]["name"] or ""))
+        shaped.sort(key=lambda g: Decimal(g["amount"]), reverse=not ascending)
+        total = sum((amount for _, amount, _, _ in rows), Decimal(0))
+        return {
+            "total": {"amount": decimal_text(total), "currency": "usd", "events": len(rows)},
+            "groups": shaped[:top],
+        }
+
+    def part(shard: int) -> dict[str, Any]:
+        return report([r for r in found if r[3] == shard], 1000)  # every group: as peers give
+
+    merged = fan_out.costs(part(0), [part(1), part(2)], limit, ascending)
+    assert merged == report(found, limit)

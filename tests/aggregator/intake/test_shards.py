@@ -110,8 +110,9 @@ MORE_METERS = [
 
 def _organization_reads(one: httpx.Client, meters: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """Every page of the event list, some pages of other sizes, orders and sources, the event
-    names in two orders, the customers (with their first event's time), and each meter's
-    quantities over all customers (per day, and per customer combined by max)."""
+    names in two orders, the event types, the customers (with their first event's time),
+    costs by name and by customer and name per day, and each meter's quantities over all
+    customers (per day, and per customer combined by max)."""
     pages = _ok(one.get("/v1/events/", params={"limit": 100}))["pagination"]["max_page"]
     reads: list[tuple[str, dict[str, Any]]] = [
         ("/v1/events/", {"limit": 100, "page": page}) for page in range(1, pages + 1)
@@ -122,9 +123,15 @@ def _organization_reads(one: httpx.Client, meters: list[str]) -> list[tuple[str,
         ("/v1/events/names", {}),
         ("/v1/events/names", {"sorting": "occurrences", "limit": 1, "page": 1}),
         ("/v1/events/", {"limit": 10, "source": "system"}),
+        ("/v1/event-types/", {"sorting": "label"}),
         ("/v1/customers/", {"limit": 100}),
     ]
     window = {**_wide(), "interval": "day"}
+    costs = {k: v for k, v in window.items() if k != "interval"}
+    reads += [
+        ("/v1/costs/", {**costs, "group_by": "name"}),
+        ("/v1/costs/", {**window, "group_by": ["customer", "name"], "limit": 3, "sort": "cost"}),
+    ]
     for meter in meters:
         path = f"/v1/meters/{meter}/quantities"
         reads += [(path, window), (path, {**window, "customer_aggregation_function": "max"})]
@@ -187,7 +194,14 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                 distinct: set[str] = set()
                 batches = list(usage_batches(42, 8, 50, "s"))  # cust_0..4: no customer made
                 by_id = [
-                    {"name": "llm_call", "customer_id": c, "metadata": {"tokens": t + 1}}
+                    {
+                        "name": "llm_call" if t % 3 else "embed",
+                        "customer_id": c,
+                        "metadata": {
+                            "tokens": t + 1,
+                            "_cost": {"amount": f"0.{t:02}7", "currency": "usd"},
+                        },
+                    }
                     for t, c in enumerate([*named, late] * 5)
                 ]
                 by_external = [
