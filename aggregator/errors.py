@@ -112,6 +112,19 @@ class QueryTimeout(AggregatorError):
         )
 
 
+class ExternalIdNamed(AggregatorError):
+    """A customer would be given an external id that events already name (`customer_service`)."""
+
+    def __init__(self, external_id: str) -> None:
+        super().__init__(
+            f"Events already name the external customer id {external_id!r}, and their usage is"
+            " kept under it: a customer can only be given an external id no event names yet."
+            " Create a customer with this external id instead (its events are then its), or"
+            " name this customer's events by customer_id."
+        )
+        self.external_id = external_id
+
+
 class ShardUnavailable(AggregatorError):
     def __init__(self, shard: int) -> None:
         super().__init__(f"No core of shard {shard} answered; retry.")

@@ -39,7 +39,14 @@ EXPORT = Operation(
     "Export the customers as CSV", TAG, {200: oa.Text("text/csv")}, description="Polar's columns"
 )
 GET = Operation("Get a customer", TAG, {200: CustomerShape})
-UPDATE = Operation("Update a customer", TAG, {200: CustomerShape}, body=CustomerUpdate)
+UPDATE = Operation(
+    "Update a customer",
+    TAG,
+    {200: CustomerShape},
+    body=CustomerUpdate,
+    errors=(409,),
+    description="409 `ExternalIdInUse` for an `external_id` that events already name.",
+)
 DELETE = Operation(
     "Delete a customer",
     TAG,

@@ -6,7 +6,9 @@ customer's shard, whichever core they reach.
      `/v1/customers/{id}` or `/v1/customers/external/{external_id}` (the customer: every shard
      has it, but only its shard has its events, whose first time it shows) or their `/state`;
    - a credit or hold made (`POST /v1/meter-credits/`, `POST /v1/meter-holds/`), by its body's
-     `customer_id` or `external_customer_id` (the body read whole, up to `MAX_BODY_BYTES`).
+     `customer_id` or `external_customer_id` (the body read whole, up to `MAX_BODY_BYTES`);
+   - a customer's PATCH giving an `external_id`: that external id's (its events' shard checks
+     that none of them names it, `customer_service.update`).
    With an organization's token, it is the shard's that owns the partition of the customer's
    routing key (`intake.routing`). Any other request is answered here.
 2. When that is another shard, the request is sent to that shard's live cores (as
@@ -25,6 +27,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import httpx
@@ -137,16 +140,29 @@ def customer_named(path: str, query: bytes) -> Customer | None:
 
 def customer_written(body: bytes) -> Customer | None:
     """Step 1's customer of a credit's or hold's body, or None (the route says what is wrong)."""
-    try:
-        found = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(found, dict):
+    found = _object(body)
+    if found is None:
         return None
     given = [(name, found[name]) for name in _CUSTOMER_PARAMS if found.get(name) is not None]
     if len(given) != 1 or not isinstance(given[0][1], str):
         return None
     return _customer(*given[0])
+
+
+def external_id_given(body: bytes) -> Customer | None:
+    """Step 1's customer of a customer's PATCH: the external id its body gives, whose events
+    its shard holds (where `customer_service.update` checks that none names it)."""
+    found = _object(body)
+    given = None if found is None else found.get("external_id")
+    return (None, given) if isinstance(given, str) and given else None
+
+
+def _object(body: bytes) -> dict[str, Any] | None:
+    try:
+        found = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _customer(name: str, value: str) -> Customer | None:
@@ -179,6 +195,9 @@ class _ShardRouting:
         elif scope["method"] == "POST" and scope["path"] in _WRITES:
             body, receive = await _read(receive)
             customer = None if body is None else customer_written(body)
+        elif scope["method"] == "PATCH" and scope["path"].startswith("/v1/customers/"):
+            body, receive = await _read(receive)
+            customer = None if body is None else external_id_given(body)
         else:
             customer = None
         shard = None if customer is None else await self._elsewhere(scope, customer)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from aggregator.errors import NotFound
+from aggregator.errors import ExternalIdNamed, NotFound
 from aggregator.services.pages import Page, offset
 from aggregator.services.writes import record
 from aggregator.store import (
@@ -101,12 +101,32 @@ async def update(
     external_id: str | None = None,
     request_id: str | None = None,
 ) -> Customer:
-    """Update the customer named by `external_id` if given, else by `customer_id`."""
+    """Update the customer named by `external_id` if given, else by `customer_id`. Giving it an
+    external id that events already name is refused: those events are routed by that id, the
+    customer's by its own (`intake.routing`), so its usage would be split. (Checked before the
+    write, where the events are: in a deployment of shards, the shard that holds that id's
+    events answers the PATCH, `api.shard_routing`.)"""
     named: dict[str, str | None] = {"customer_id": customer_id, "external_id": external_id}
+    given = data.external_id
+    if given is not None and await store.read(_named_elsewhere, organization_id, named, given):
+        raise ExternalIdNamed(given)
     row = await store.submit(
         record("customer.update", organization_id, request_id, **named, data=data)
     )
     return await store.read(_one, organization_id, row)
+
+
+def _named_elsewhere(
+    con: Con, organization_id: str, named: dict[str, str | None], given: str
+) -> bool:
+    """Whether events name `given` and the customer `named` does not have it yet."""
+    if named["external_id"] is not None:
+        row = sql.get_customer_by_external_id(con, organization_id, named["external_id"])
+    else:
+        row = sql.get_customer(con, organization_id, str(named["customer_id"]))
+    if row is None or row.external_id == given:
+        return False  # the write says what is wrong, or it changes nothing
+    return sql.named_by_events(con, organization_id, given)
 
 
 async def list_(

@@ -29,6 +29,7 @@ __all__ = [
     "get_customer_by_external_id",
     "list_customers",
     "matching_text",
+    "named_by_events",
     "routing_keys",
     "update_job",
 ]
@@ -362,6 +363,16 @@ def find_customer(
 
 # How an event names its customer: (organization id, customer id, external customer id).
 CustomerRef = tuple[str, str | None, str | None]
+
+
+def named_by_events(con: duckdb.DuckDBPyConnection, organization_id: str, external_id: str) -> bool:
+    """Whether any event names `external_id` as its external customer id."""
+    found = con.execute(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE organization_id = ?::UUID"
+        " AND external_customer_id = ?)",
+        [organization_id, external_id],
+    ).fetchall()
+    return bool(found[0][0])
 
 
 def routing_keys(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator.api.shard_routing import customer_named, customer_written
+from aggregator.api.shard_routing import customer_named, customer_written, external_id_given
 
 ID = "6a817fdf-1776-46fe-9a38-f8e6f4226181"  # fixed: test ids must agree across workers
 
@@ -50,3 +50,21 @@ def test_reads_naming_one_customer(
 )
 def test_writes_naming_one_customer(body: str, named: tuple[str | None, str | None] | None) -> None:
     assert customer_written(body.encode()) == named
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ('{"external_id": "acme", "name": "A"}', (None, "acme")),
+        # Not giving one: answered where it arrives.
+        ('{"external_id": null}', None),
+        ('{"external_id": ""}', None),
+        ('{"name": "A"}', None),
+        ("[1]", None),
+        ("not json", None),
+    ],
+)
+def test_a_customer_patch_is_the_shard_of_the_external_id_it_gives(
+    body: str, named: tuple[str | None, str | None] | None
+) -> None:
+    assert external_id_given(body.encode()) == named

@@ -5,7 +5,8 @@ own journal and leader. Each customer's events are on one shard, whichever of it
 shards' events add up to the one-shard core's, none on two; a customer's reads, credits and
 holds asked of either shard are its shard's answers; organization-wide reads (event lists,
 names, quantities over all customers) asked of either are the one-shard core's, byte for byte;
-a replica of a shard holds its leader's state. More shards than partitions, or a data dir of
+a replica of a shard holds its leader's state. An external id events name is not given to a
+customer, whichever shard is asked. More shards than partitions, or a data dir of
 another shard, is refused at start."""
 
 from __future__ import annotations
@@ -287,6 +288,14 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                         reads, expected, _answers(shard, reads), strict=True
                     ):
                         assert merged == mine, (path, params)
+                # An external id events name is not given to a customer made without it,
+                # asked of either shard (the one holding those events decides) or of one.
+                plain = _ok(one.post("/v1/customers/", json={"email": "plain@x.org"}))["id"]
+                for client in (first, second, one):
+                    wait_until(lambda c=client: c.get(f"/v1/customers/{plain}").is_success, 30)
+                    refused = client.patch(f"/v1/customers/{plain}", json={"external_id": "cust_0"})
+                    assert refused.status_code == 409, refused.text
+                    assert refused.json()["error"] == "ExternalIdInUse"
                 too_deep = first.get("/v1/events/", params={"page": 101, "limit": 100})
                 assert too_deep.status_code == 422, too_deep.text
                 assert too_deep.json()["detail"][0]["loc"] == ["query", "page"]
