@@ -16,9 +16,10 @@ customer's shard, whichever core they reach.
    core it reaches answers it itself; a write keeps its `Idempotency-Key` (given one if it has
    none), so that sent again to the next core it is applied once. The first answer is this
    core's answer; none: 503 `ShardUnavailable` naming the shard.
-3. An organization-wide read that shards answer in part (event lists, event names, a meter's
-   quantities over all customers) is asked by its route of one live core of every other shard
-   (`Peers.fanned`, concurrently, marked as in step 2) and merged with this shard's part there.
+3. An organization-wide read that shards answer in part (event lists, names and types, a
+   meter's quantities over all customers, costs, customers) is asked by its route of one live
+   core of every other shard (`Peers`, concurrently, marked as in step 2) and merged with this
+   shard's part there (`api.fan_out`).
 """
 
 from __future__ import annotations
@@ -38,18 +39,24 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aggregator.errors import ShardUnavailable
-from ingest.http import Authenticate, InvalidToken, Unauthorized, error, organization_of
+from ingest.http import (
+    HOP_BY_HOP,
+    Authenticate,
+    InvalidToken,
+    Unauthorized,
+    error,
+    organization_of,
+    relayed,
+)
 from ingest.kafka import Shard
 
 ROUTED_HEADER = "meterline-routed"
-MAX_BODY_BYTES = 64 * 1024  # a credit's or hold's body is a few hundred bytes
+MAX_BODY_BYTES = 64 * 1024  # a credit's, hold's or customer's body is a few hundred bytes
 # The customer's shard's index, or None when this shard holds the customer.
 Owner = Callable[[str, str | None, str | None], Awaitable[int | None]]
 Customer = tuple[str | None, str | None]  # customer id, external customer id
 _CUSTOMER_PARAMS = ("customer_id", "external_customer_id")
 _WRITES = frozenset({"/v1/meter-credits/", "/v1/meter-holds/"})
-# Hop-by-hop and framing headers: requests and answers are sent again whole.
-_DROPPED = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +96,7 @@ class Peers:
     ) -> httpx.Response:
         """Step 3: `request` (or a GET of `path`, with its credentials) asked of `shard` with
         `query` in place of its own, marked `mode` (what the route answers with)."""
-        headers = [(k, v) for k, v in request.headers.raw if k not in _DROPPED and k != b"host"]
-        headers.append((ROUTED_HEADER.encode(), mode.encode()))
+        headers = [*_sent_on(request.headers.raw), (ROUTED_HEADER.encode(), mode.encode())]
         target = f"{path or request.url.path}?{urlencode(query)}"
         return await self.send(shard, "GET", target, headers, b"")
 
@@ -218,8 +224,7 @@ class _ShardRouting:
         """Step 2."""
         query = scope["query_string"].decode("latin-1")
         target = scope["path"] + (f"?{query}" if query else "")
-        headers = [(k, v) for k, v in scope["headers"] if k not in _DROPPED and k != b"host"]
-        headers.append((ROUTED_HEADER.encode(), b"1"))
+        headers = [*_sent_on(scope["headers"]), (ROUTED_HEADER.encode(), b"1")]
         if scope["method"] != "GET" and not any(k == b"idempotency-key" for k, _ in headers):
             headers.append((b"idempotency-key", f"shard-{uuid.uuid4().hex}".encode()))
         try:
@@ -231,10 +236,13 @@ class _ShardRouting:
                 f"No core of shard {shard} (which holds this customer) answered; retry.",
                 {"Retry-After": "1"},
             )
-        answer = Response(sent.content, sent.status_code)
-        kept = [(k, v) for k, v in sent.headers.raw if k.lower() not in _DROPPED]
-        answer.raw_headers = [*kept, (b"content-length", str(len(sent.content)).encode())]
-        return answer
+        return relayed(sent.status_code, sent.headers.multi_items(), sent.content)
+
+
+def _sent_on(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A request's headers as another core is sent them: its own host, length and framing."""
+    dropped = {h.encode() for h in HOP_BY_HOP} | {b"host"}
+    return [(k, v) for k, v in headers if k.lower() not in dropped]
 
 
 async def _read(receive: Receive) -> tuple[bytes | None, Receive]:

@@ -18,6 +18,7 @@ from ingest.http.metrics import Responses, Source, count_responses, metrics_rout
 from ingest.http.protocol import Gate, http_protocol
 from ingest.http.requests import Authenticate, bearer_subject, json_body, organization_of
 from ingest.http.responses import (
+    HOP_BY_HOP,
     JSON,
     ErrorBody,
     ErrorMap,
@@ -26,10 +27,13 @@ from ingest.http.responses import (
     InvalidTokenBody,
     Unauthorized,
     ValidationErrorBody,
+    end_to_end,
     error,
+    relayed,
 )
 
 __all__ = [
+    "HOP_BY_HOP",
     "JSON",
     "MIB",
     "OFFSET_HEADER",
@@ -60,10 +64,12 @@ __all__ = [
     "bearer_subject",
     "count_responses",
     "edge_app",
+    "end_to_end",
     "error",
     "http_protocol",
     "ingest_routes",
     "json_body",
     "metrics_route",
     "organization_of",
+    "relayed",
 ]

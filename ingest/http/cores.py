@@ -46,7 +46,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ingest.http.requests import read_body
-from ingest.http.responses import error
+from ingest.http.responses import HOP_BY_HOP, end_to_end, error, relayed
 from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
@@ -59,19 +59,6 @@ READS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Writes a core applies each time they arrive, whatever their `Idempotency-Key`: a customer
 # session is a new token, the forwarder's resends send again.
 ONCE = ("/v1/customer-sessions/", "/v1/forwarder/")
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-    }
-)
 _ROUND_PAUSE_SECONDS = 0.2  # between rounds of a write that no core took
 
 
@@ -166,7 +153,7 @@ class Cores:
         """Step 2."""
         routing = self._routing
         body = await read_body(request, routing.max_body_bytes, routing.body_timeout_seconds)
-        headers = [(k, v) for k, v in request.headers.items() if k not in _HOP_BY_HOP]
+        headers = [(k, v) for k, v in request.headers.items() if k not in HOP_BY_HOP]
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
         key = (self._organization(token) if token else None) or token
@@ -264,7 +251,7 @@ class Cores:
         except httpx.TransportError as exc:
             self._mark_down(core, exc)
             raise _Failed(reached=True) from None
-        headers = [(k, v) for k, v in sent.headers.multi_items() if k.lower() not in _HOP_BY_HOP]
+        headers = [(k, v) for k, v in sent.headers.multi_items() if k.lower() not in HOP_BY_HOP]
         if sent.headers.get("content-type", "").startswith("text/event-stream"):
             return _streamed(sent, headers)
         try:
@@ -274,8 +261,7 @@ class Cores:
             raise _Failed(reached=True) from None
         finally:
             await sent.aclose()
-        answer = Response(body, sent.status_code)
-        answer.raw_headers = [*_encoded(headers), (b"content-length", str(len(body)).encode())]
+        answer = relayed(sent.status_code, headers, body)
         if sent.status_code in (502, 503, 504):
             raise _Failed(reached=True, answer=answer)
         return answer
@@ -323,12 +309,8 @@ def _streamed(sent: httpx.Response, headers: list[tuple[str, str]]) -> Response:
     answer = StreamingResponse(
         sent.aiter_raw(), sent.status_code, background=BackgroundTask(sent.aclose)
     )
-    answer.raw_headers = _encoded(headers)
+    answer.raw_headers = end_to_end(headers)
     return answer
-
-
-def _encoded(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
 async def _discard(answer: Response) -> None:

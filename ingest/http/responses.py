@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -61,6 +61,39 @@ class InvalidTokenBody(TypedDict):
 
     error: Literal["invalid_token"]
     error_description: str
+
+
+# Hop-by-hop and framing headers: a request or an answer relayed is sent on whole, with its own
+# length.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
+
+
+def end_to_end(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """`headers` but the hop-by-hop ones, as ASGI carries them."""
+    return [
+        (k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in headers
+        if k.lower() not in HOP_BY_HOP
+    ]
+
+
+def relayed(status: int, headers: Iterable[tuple[str, str]], body: bytes) -> Response:
+    """Another server's answer, sent on: its status, end-to-end headers and body."""
+    answer = Response(body, status)
+    answer.raw_headers = [*end_to_end(headers), (b"content-length", str(len(body)).encode())]
+    return answer
 
 
 def error(status: int, error_name: str, detail: Any, headers: dict[str, str] | None = None) -> JSON:

@@ -394,9 +394,10 @@ def state_changes_due(
 def state_changes_sent_job(payload: StatePayload, now_us: int, due: list[list[str]]) -> Job[int]:
     """customer.state_changed for the `due` customers (`state_changes_due`), as of `now_us`:
     each event's id derived from it, so that every core applying this makes the same ones; how
-    many were sent."""
+    many were sent. Not `independent`: the payload reads balances, which applied events change,
+    so it waits for the events applied before it (as on every core: the same journal position)
+    to be stored."""
 
-    @independent
     def job(tx: Tx) -> int:
         con, live = tx.con, tx.live
         for org, customer_id in due:
