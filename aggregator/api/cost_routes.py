@@ -130,8 +130,8 @@ def routes(ctx: ApiContext) -> list[Route]:
         answer = shapes.costs(report)
         if peers is None:
             return JSON(answer)
-        query = [(k, v) for k, v in request.query_params.multi_items() if k != "limit"]
-        theirs = await fan_out.each(peers, request, [*query, ("limit", str(parts))])
+        query = [*fan_out.kept(request), ("limit", str(parts))]
+        theirs = await fan_out.each(peers, request, query)
         return JSON(fan_out.costs(answer, theirs, limit, sort == "cost"))
 
     return [ApiRoute("/v1/costs/", costs, "GET", COSTS)]

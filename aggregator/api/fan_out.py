@@ -83,23 +83,25 @@ def reach(page: int, limit: int) -> int:
     return page * limit
 
 
-async def answers(peers: Peers, request: Request, pages: range, mode: str = "1") -> list[list[Any]]:
-    """Every other shard's answers to `request` at `pages` (of `MAX_LIMIT`; none in mode
-    `PARTIALS`), as JSON."""
-    base = _kept(request) if mode == PARTIALS else _theirs(request)
+async def _pages(peers: Peers, request: Request, pages: range) -> list[list[Any]]:
+    """Every other shard's answers to a list `request` at `pages` (of `MAX_LIMIT`), as JSON."""
+    base = _theirs(request)
     if base is None:
         return []
-    paged = [("limit", str(MAX_LIMIT))]
-    queries = [base if mode == PARTIALS else [*base, ("page", str(p)), *paged] for p in pages]
-    return [[_json(a) for a in shard] for shard in await peers.fanned(request, queries, mode)]
+    queries = [[*base, ("page", str(p)), ("limit", str(MAX_LIMIT))] for p in pages]
+    return [[_json(a) for a in shard] for shard in await peers.fanned(request, queries, "1")]
 
 
-async def each(peers: Peers, request: Request, query: list[tuple[str, str]]) -> list[Any]:
-    """Every other shard's answer to `request` with `query` in place of its own, as JSON."""
-    return [_json(shard[0]) for shard in await peers.fanned(request, [query], "1")]
+async def each(
+    peers: Peers, request: Request, query: list[tuple[str, str]], mode: str = "1"
+) -> list[Any]:
+    """Every other shard's answer to `request` with `query` in place of its own, marked `mode`,
+    as JSON."""
+    return [_json(shard[0]) for shard in await peers.fanned(request, [query], mode)]
 
 
-def _kept(request: Request) -> list[tuple[str, str]]:
+def kept(request: Request) -> list[tuple[str, str]]:
+    """`request`'s query but its paging."""
     return [(k, v) for k, v in request.query_params.multi_items() if k not in _PAGING]
 
 
@@ -110,7 +112,7 @@ def _theirs(request: Request) -> list[tuple[str, str]] | None:
     sources = request.query_params.getlist("source")
     if sources and "user" not in sources:
         return None
-    return [*((k, v) for k, v in _kept(request) if k != "source"), ("source", "user")]
+    return [*((k, v) for k, v in kept(request) if k != "source"), ("source", "user")]
 
 
 def _json(answer: httpx.Response) -> Any:
@@ -205,11 +207,11 @@ async def first_events(
 
 async def every_page(peers: Peers, request: Request) -> list[list[Any]]:
     """Every other shard's whole list (step 2): its first page, then the rest of its pages."""
-    first = await answers(peers, request, range(1, 2))
+    first = await _pages(peers, request, range(1, 2))
     pages = max((s[0]["pagination"]["max_page"] for s in first), default=1)
     if pages <= 1:
         return first
-    rest = await answers(peers, request, range(2, pages + 1))
+    rest = await _pages(peers, request, range(2, pages + 1))
     return [a + b for a, b in zip(first, rest, strict=True)]
 
 

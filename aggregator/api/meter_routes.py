@@ -159,8 +159,9 @@ def routes(ctx: ApiContext) -> list[Route]:
             return JSON(shapes.partials(gathered))
         peers = ctx.fanned_out(request)
         if peers is not None:  # merged with the other shards' (`fan_out`, step 3)
-            for shard in await fan_out.answers(peers, request, range(1), fan_out.PARTIALS):
-                gathered.merge(shapes.gathered(shard[0]))
+            query = fan_out.kept(request)
+            for part in await fan_out.each(peers, request, query, fan_out.PARTIALS):
+                gathered.merge(shapes.gathered(part))
         return JSON(shapes.quantities(Quantities(*gathered.reduced(meter, across))))
 
     return [

@@ -57,6 +57,7 @@ Owner = Callable[[str, str | None, str | None], Awaitable[int | None]]
 Customer = tuple[str | None, str | None]  # customer id, external customer id
 _CUSTOMER_PARAMS = ("customer_id", "external_customer_id")
 _WRITES = frozenset({"/v1/meter-credits/", "/v1/meter-holds/"})
+_NOT_SENT_ON = frozenset({h.encode() for h in HOP_BY_HOP} | {b"host"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +242,7 @@ class _ShardRouting:
 
 def _sent_on(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """A request's headers as another core is sent them: its own host, length and framing."""
-    dropped = {h.encode() for h in HOP_BY_HOP} | {b"host"}
-    return [(k, v) for k, v in headers if k.lower() not in dropped]
+    return [(k, v) for k, v in headers if k.lower() not in _NOT_SENT_ON]
 
 
 async def _read(receive: Receive) -> tuple[bytes | None, Receive]:

@@ -251,7 +251,7 @@ class Cores:
         except httpx.TransportError as exc:
             self._mark_down(core, exc)
             raise _Failed(reached=True) from None
-        headers = [(k, v) for k, v in sent.headers.multi_items() if k.lower() not in HOP_BY_HOP]
+        headers = sent.headers.multi_items()  # `relayed` and `end_to_end` drop hop-by-hop ones
         if sent.headers.get("content-type", "").startswith("text/event-stream"):
             return _streamed(sent, headers)
         try:
