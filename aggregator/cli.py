@@ -65,6 +65,7 @@ from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.intake.journal import Journal
 from aggregator.intake.leadership import Lease, Role
 from aggregator.intake.members import Members
+from aggregator.intake.routing import Placement
 from aggregator.intake.sealed import Sealer
 from aggregator.intake.token_records import TokenExporter, TokenView, keep_record
 from aggregator.plan_cycler import PlanCycler
@@ -678,10 +679,12 @@ async def serve(
         async with contextlib.AsyncExitStack() as stack:
             # Kafka mode: every API write is a record on the control topic, which this core
             # applies (`intake.control`); embedded, the store applies it at once.
-            control = exporter = None
+            control = exporter = holds_customer = None
             sealer = Sealer(secret)
             if kafka is not None:
                 control = await stack.enter_async_context(ControlTopic(kafka, sealer))
+                if kafka.shard.count > 1:  # it keeps the ledgers of the customers it holds
+                    holds_customer = Placement(kafka.shard, control.partitions).owns
             store = await stack.enter_async_context(
                 Store(
                     settings.database,
@@ -691,6 +694,7 @@ async def serve(
                     flush_seconds=settings.flush_seconds,
                     alert_payload=alert_payload,
                     commands=control,
+                    holds_customer=holds_customer,
                 )
             )
             journal = members = applied = None

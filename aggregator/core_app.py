@@ -50,6 +50,7 @@ from aggregator.backup import BackupSettings
 from aggregator.commands.common import version
 from aggregator.console import routes as console_routes
 from aggregator.errors import (
+    CustomerElsewhere,
     ExternalIdNamed,
     InsufficientBalance,
     KeyReused,
@@ -242,6 +243,7 @@ def _errors() -> ErrorMap:
     errors.register(StorageFull, 503, "StorageFull", headers={"Retry-After": "30"})
     errors.register(NotLeading, 503, "NotLeading", headers={"Retry-After": "1"})
     errors.register(ExternalIdNamed, 409, "ExternalIdInUse")
+    errors.register(CustomerElsewhere, 421, "CustomerElsewhere")
     errors.register(ShardUnavailable, 503, "ShardUnavailable", headers={"Retry-After": "1"})
     errors.register_handler(ShardRefused, _shard_refused)
     errors.register_handler(HTTPException, _http_error)

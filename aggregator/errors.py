@@ -131,6 +131,16 @@ class ShardUnavailable(AggregatorError):
         self.shard = shard
 
 
+class CustomerElsewhere(AggregatorError):
+    """A customer's credit, reset or hold applied by a shard that does not hold the customer:
+    its shard decides it (`api.shard_routing` asks it for the same request's outcome)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This customer's events and ledger are another shard's, which decides this write."
+        )
+
+
 class ShardRefused(AggregatorError):
     """Another shard's answer to its part of an organization-wide read was not a 200: the
     read's answer is that one."""

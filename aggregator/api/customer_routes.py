@@ -109,7 +109,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         answer = shapes.customers(found, limit)
         peers = ctx.fanned_out(request)
         if peers is not None:  # `fan_out`, step 4
-            await fan_out.first_events(peers, request, list(answer["items"]), listed=True)
+            await fan_out.first_events(peers, request, list(answer["items"]))
         return JSON(answer)
 
     async def delete(request: Request) -> Response:

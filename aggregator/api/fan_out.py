@@ -5,9 +5,8 @@ with its own, so that the answer is what one shard holding every event gives.
 1. An event list's page p of l is among the first p × l events of each shard in the list's
    order (`event_tables.event_keys`: timestamp, ingest time, then id; an event's id is
    derived from where it was first read, so it is the same in every deployment; at most
-   `MAX_REACH` deep, past it a 422 names `page`). System events are made by control records,
-   which every shard applies: this shard gives them, the others only their users' events
-   (`_theirs`; names likewise).
+   `MAX_REACH` deep, past it a 422 names `page`). A system event (a credit's, a reset's) is
+   its customer's shard's, like the customer's events (`store.ledger_tables.Ledgers`).
    a. each shard gives the places (sort keys) of its first p × l events, and its total (mode
       `KEYS`; this shard's read here);
    b. merged in order, they say how many of each shard's events come before the page, and how
@@ -22,13 +21,17 @@ with its own, so that the answer is what one shard holding every event gives.
    (`meter_shapes.partials`), merged into this shard's, then reduced: partial aggregates of
    disjoint events merge (`meters.aggregations.Partial`). (`meter_routes`)
 4. A customer is every shard's (the control topic), but its first event's time is known only
-   where its events are: in a list of customers, or a customer embedded in this shard's system
-   events, an unknown one is asked of the other shards (`first_events`). (`customer_routes`)
+   where its events are: in a list of customers, an unknown one is asked of the other shards
+   (`first_events`). (`customer_routes`)
 5. Costs: every shard's report of the same range and grouping, added up exactly (decimal
    amounts, events, each period), per group, then sorted and cut as one shard does. Grouped by
    customer, a group is on one shard, so each shard's top groups are enough; otherwise each
    shard gives up to `cost_routes.MAX_GROUPS` groups, so the answer is exact while no shard
    has more (names, models and vendors rarely do). (`costs`)
+
+6. A list of customers' rows (holds, customer meters): a row is its customer's shard's, so
+   page p of l is among each shard's first p × l rows (`MAX_REACH` deep), merged in the list's
+   order (`rows`); the total is the sum of the shards'.
 
 A shard none of whose cores answers makes the read a 503 `ShardUnavailable`; a shard's refusal
 (a 4xx) is the answer, as it would be from one shard.
@@ -39,7 +42,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -48,6 +51,7 @@ import orjson
 from starlette.requests import Request
 
 from aggregator.api.params import MAX_LIMIT
+from aggregator.api.shapes import pagination
 from aggregator.api.shard_routing import Peers
 from aggregator.errors import ShardRefused
 from aggregator.services.cost_service import decimal_text
@@ -85,10 +89,7 @@ def reach(page: int, limit: int) -> int:
 
 async def _pages(peers: Peers, request: Request, pages: range) -> list[list[Any]]:
     """Every other shard's answers to a list `request` at `pages` (of `MAX_LIMIT`), as JSON."""
-    base = _theirs(request)
-    if base is None:
-        return []
-    queries = [[*base, ("page", str(p)), ("limit", str(MAX_LIMIT))] for p in pages]
+    queries = [[*kept(request), ("page", str(p)), ("limit", str(MAX_LIMIT))] for p in pages]
     return [[_json(a) for a in shard] for shard in await peers.fanned(request, queries, "1")]
 
 
@@ -103,16 +104,6 @@ async def each(
 def kept(request: Request) -> list[tuple[str, str]]:
     """`request`'s query but its paging."""
     return [(k, v) for k, v in request.query_params.multi_items() if k not in _PAGING]
-
-
-def _theirs(request: Request) -> list[tuple[str, str]] | None:
-    """What the other shards are asked of a list of events or names: their users' (system
-    events are made by control records, which every shard applies: this shard gives those);
-    None when only system events are asked."""
-    sources = request.query_params.getlist("source")
-    if sources and "user" not in sources:
-        return None
-    return [*((k, v) for k, v in kept(request) if k != "source"), ("source", "user")]
 
 
 def _json(answer: httpx.Response) -> Any:
@@ -146,11 +137,10 @@ async def events(
 ) -> tuple[list[Item], int]:
     """Step 1, with this shard's places (`keys`, of a depth) and events (`slice_`, from a
     start, so many): the page and the total."""
-    depth = reach(page, limit)
-    base = _theirs(request)
-    query = [[*base, ("limit", str(depth))]] if base is not None else []
-    (mine, total), theirs = await asyncio.gather(keys(depth), peers.fanned(request, query, KEYS))
-    found = [(_json(shard[0]), i) for shard, i in zip(theirs, peers.others(), strict=True) if shard]
+    depth, base = reach(page, limit), kept(request)
+    query = [*base, ("limit", str(depth))]
+    (mine, total), theirs = await asyncio.gather(keys(depth), peers.fanned(request, [query], KEYS))
+    found = [(_json(shard[0]), i) for shard, i in zip(theirs, peers.others(), strict=True)]
     places = [(key, peers.shard.index) for key in mine]
     places += [(tuple(key), index) for answer, index in found for key in answer["keys"]]
     before, on, ids = page_parts(places, page, limit, desc)
@@ -159,41 +149,25 @@ async def events(
     async def part(index: int) -> list[Item]:
         if index == peers.shard.index:
             return await slice_(before[index], on[index])
-        assert base is not None
         window = [("start", str(before[index])), ("limit", str(on[index]))]
         return list(_json(await peers.ask(index, request, [*base, *window], SLICE))["items"])
 
     parts = await asyncio.gather(*map(part, sorted(on)))
     by_id = {item["id"]: item for found_part in parts for item in found_part}
-    items = [by_id[i] for i in ids]
-    # This shard's system events name customers whose events may be elsewhere (step 4).
-    customers = [e["customer"] for e in items if e["source"] == "system" and e["customer"]]
-    await first_events(peers, request, customers)
-    return items, total
+    return [by_id[i] for i in ids], total
 
 
-async def first_events(
-    peers: Peers, request: Request, customers: list[Item], listed: bool = False
-) -> None:
-    """Step 4: set the customers' `first_user_event_at` that this shard does not know (their
-    events are on their shard) to the other shards': each customer asked of each, or, when
-    they are the items of a `listed` page, that page asked of each."""
-    unknown = sorted({c["id"] for c in customers if c["first_user_event_at"] is None})
-    if not unknown:
+async def first_events(peers: Peers, request: Request, customers: list[Item]) -> None:
+    """Step 4: set the `first_user_event_at` that this shard does not know of the customers of
+    a listed page (their events are on their shard) to the other shards', asked the page."""
+    if all(c["first_user_event_at"] is not None for c in customers):
         return
-
-    async def asked(index: int, customer_id: str) -> list[Item]:
-        path = f"/v1/customers/{customer_id}"
-        return [_json(await peers.ask(index, request, [], "1", path))]
 
     async def page(index: int) -> list[Item]:
         query = list(request.query_params.multi_items())
         return list(_json(await peers.ask(index, request, query, "1"))["items"])
 
-    if listed:
-        parts = await asyncio.gather(*(page(i) for i in peers.others()))
-    else:
-        parts = await asyncio.gather(*(asked(i, c) for i in peers.others() for c in unknown))
+    parts = await asyncio.gather(*(page(i) for i in peers.others()))
     found: dict[str, str] = {}
     for customer in (c for part in parts for c in part):
         at = customer["first_user_event_at"]
@@ -217,6 +191,39 @@ async def every_page(peers: Peers, request: Request) -> list[list[Any]]:
 
 def _at(iso: str) -> datetime:
     return datetime.fromisoformat(iso)
+
+
+def micros(iso: str) -> int:
+    """An answer's time, in microseconds: to sort by, either way."""
+    return (_at(iso) - _EPOCH) // timedelta(microseconds=1)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+async def rows(
+    peers: Peers | None,
+    request: Request,
+    listed: Callable[[int, int], Awaitable[Any]],
+    order: Callable[[Item], Any],
+    page: int,
+    limit: int,
+) -> Any:
+    """Step 6 for a route whose answer at a page and limit is `listed(page, limit)` (this
+    shard's), in the list's `order`: merged with the other shards' (`peers`; None: this
+    shard's answer alone)."""
+    if peers is None:
+        return await listed(page, limit)
+    depth = reach(page, limit)
+    pages = range(1, -(-depth // MAX_LIMIT) + 1)
+    first, theirs = await asyncio.gather(listed(1, depth), _pages(peers, request, pages))
+    items, total = list(first["items"]), first["pagination"]["total_count"]
+    for shard in theirs:
+        total += shard[0]["pagination"]["total_count"]
+        items += [item for answer in shard for item in answer["items"]]
+    items.sort(key=order)
+    start = (page - 1) * limit
+    return {"items": items[start : start + limit], "pagination": pagination(total, limit)}
 
 
 _NAME_KEYS: dict[str, Callable[[Item], Any]] = {

@@ -4,12 +4,14 @@ so that concurrent requests cannot together overdraw it. The usage event with th
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.routing import Route
 
+from aggregator.api import fan_out, params
 from aggregator.api import hold_shapes as shapes
 from aggregator.api import openapi as oa
-from aggregator.api import params
 from aggregator.api.context import ApiContext
 from aggregator.api.hold_shapes import HoldCreate, HoldShape, HoldWithMeterShape
 from aggregator.api.openapi import ApiRoute, Operation
@@ -58,16 +60,25 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def list_(request: Request) -> JSON:
         org = ctx.organization(request)
         page, limit = params.page_and_limit(request)
-        found = await service.list_(
-            store,
-            org,
-            customer_id=params.one_id(request, "customer_id"),
-            meter_id=params.one_id(request, "meter_id"),
-            active=params.boolean(request, "active"),
-            page=page,
-            limit=limit,
-        )
-        return JSON(shapes.holds(found, limit))
+
+        async def holds(page: int, limit: int) -> ListResource[HoldShape]:
+            found = await service.list_(
+                store,
+                org,
+                customer_id=params.one_id(request, "customer_id"),
+                meter_id=params.one_id(request, "meter_id"),
+                active=params.boolean(request, "active"),
+                page=page,
+                limit=limit,
+            )
+            return shapes.holds(found, limit)
+
+        # As `hold_tables.list_holds` orders them: newest first, then by id (`fan_out`, step 6).
+        def order(hold: Any) -> tuple[int, str]:
+            return -fan_out.micros(hold["created_at"]), hold["id"]
+
+        peers = ctx.fanned_out(request)
+        return JSON(await fan_out.rows(peers, request, holds, order, page, limit))
 
     async def get(request: Request) -> JSON:
         org = ctx.organization(request)

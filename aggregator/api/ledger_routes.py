@@ -3,13 +3,15 @@ meterline's own credits, resets, credit plans and balance check."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from aggregator.api import fan_out, params, plan_shapes
 from aggregator.api import ledger_shapes as shapes
 from aggregator.api import openapi as oa
-from aggregator.api import params, plan_shapes
 from aggregator.api.context import ApiContext
 from aggregator.api.ledger_shapes import (
     AppliedShape,
@@ -72,18 +74,36 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         page, limit = params.page_and_limit(request)
         sorting = params.sorting(request, SORTS, "-modified_at")
-        found = await service.list_customer_meters(
-            store,
-            org,
-            customer_ids=params.ids(request, "customer_id"),
-            external_customer_ids=params.strings(request, "external_customer_id"),
-            # Archived meters show only when asked for by id (Polar).
-            meter_ids=list(params.ids(request, "meter_id")) or None,
-            descending=sorting[0] == "-modified_at",
-            page=page,
-            limit=limit,
-        )
-        return JSON(shapes.customer_meters(found, limit))
+        descending = sorting[0] == "-modified_at"
+
+        async def listed(page: int, limit: int) -> ListResource[CustomerMeterShape]:
+            found = await service.list_customer_meters(
+                store,
+                org,
+                customer_ids=params.ids(request, "customer_id"),
+                external_customer_ids=params.strings(request, "external_customer_id"),
+                # Archived meters show only when asked for by id (Polar).
+                meter_ids=list(params.ids(request, "meter_id")) or None,
+                descending=descending,
+                page=page,
+                limit=limit,
+            )
+            return shapes.customer_meters(found, limit)
+
+        def order(item: Any) -> tuple[Any, ...]:
+            """As `ledger_tables.active_pairs` orders them: by last change (never changed
+            last), then customer and meter (`fan_out`, step 6)."""
+            at = item["modified_at"]
+            changed = 0 if at is None else fan_out.micros(at)
+            return (
+                at is None,
+                -changed if descending else changed,
+                item["customer_id"],
+                item["meter_id"],
+            )
+
+        peers = ctx.fanned_out(request)
+        return JSON(await fan_out.rows(peers, request, listed, order, page, limit))
 
     async def get_customer_meter(request: Request) -> JSON:
         org = ctx.organization(request)

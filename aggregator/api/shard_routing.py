@@ -1,12 +1,14 @@
 """A customer's requests on a shard of several (`--shard I/N`, N > 1) are answered by the
-customer's shard, whichever core they reach.
+customer's shard, whichever core they reach: only that shard has the customer's events and
+ledger (`store.ledger_tables.Ledgers`).
 
 1. A request is one customer's when it names exactly one:
    - a GET with `customer_id` or `external_customer_id` given once in the query, or of
      `/v1/customers/{id}` or `/v1/customers/external/{external_id}` (the customer: every shard
      has it, but only its shard has its events, whose first time it shows) or their `/state`;
-   - a credit or hold made (`POST /v1/meter-credits/`, `POST /v1/meter-holds/`), by its body's
-     `customer_id` or `external_customer_id` (the body read whole, up to `MAX_BODY_BYTES`);
+   - a credit, reset or hold made (`POST /v1/meter-credits/`, `/v1/meter-resets/`,
+     `/v1/meter-holds/`), by its body's `customer_id` or `external_customer_id` (the body read
+     whole, up to `MAX_BODY_BYTES`);
    - a customer's PATCH giving an `external_id`: that external id's (its events' shard checks
      that none of them names it, `customer_service.update`).
    With an organization's token, it is the shard's that owns the partition of the customer's
@@ -14,12 +16,20 @@ customer's shard, whichever core they reach.
 2. When that is another shard, the request is sent to that shard's live cores (as
    `GET /v1/cluster/` lists them), one after another, marked `Meterline-Routed` so that the
    core it reaches answers it itself; a write keeps its `Idempotency-Key` (given one if it has
-   none), so that sent again to the next core it is applied once. The first answer is this
-   core's answer; none: 503 `ShardUnavailable` naming the shard.
-3. An organization-wide read that shards answer in part (event lists, names and types, a
-   meter's quantities over all customers, costs, customers) is asked by its route of one live
-   core of every other shard (`Peers`, concurrently, marked as in step 2) and merged with this
-   shard's part there (`api.fan_out`).
+   none, before it is sent or applied anywhere), so that sent again it is the same request,
+   applied once. The first answer is this core's answer; none: 503 `ShardUnavailable`.
+3. What this core cannot place before applying is answered by the shard that can:
+   - a credit, reset or hold this shard applied and refused as another shard's customer
+     (421 `CustomerElsewhere`: the customer was not yet known here when step 1 looked) is
+     sent, with its key, to the customer's shard, whose outcome of the same record is the
+     answer;
+   - a hold or customer meter by id (`/v1/meter-holds/{id}`, `/v1/customer-meters/{id}`)
+     not found here is asked of the other shards in turn (a release with its key): the first
+     that has it answers; none: this core's 404 (503 if a shard did not answer).
+4. An organization-wide read that shards answer in part (event lists, names and types, a
+   meter's quantities over all customers, costs, customers, holds, customer meters) is asked
+   by its route of one live core of every other shard (`Peers`, concurrently, marked as in
+   step 2) and merged with this shard's part there (`api.fan_out`).
 """
 
 from __future__ import annotations
@@ -56,7 +66,9 @@ MAX_BODY_BYTES = 64 * 1024  # a credit's, hold's or customer's body is a few hun
 Owner = Callable[[str, str | None, str | None], Awaitable[int | None]]
 Customer = tuple[str | None, str | None]  # customer id, external customer id
 _CUSTOMER_PARAMS = ("customer_id", "external_customer_id")
-_WRITES = frozenset({"/v1/meter-credits/", "/v1/meter-holds/"})
+_WRITES = frozenset({"/v1/meter-credits/", "/v1/meter-resets/", "/v1/meter-holds/"})
+_BY_ID = ("/v1/meter-holds/", "/v1/customer-meters/")  # step 3's rows, by id
+_KEY = b"idempotency-key"
 _NOT_SENT_ON = frozenset({h.encode() for h in HOP_BY_HOP} | {b"host"})
 
 
@@ -72,7 +84,8 @@ class Peers:
     async def send(
         self, shard: int, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> httpx.Response:
-        """Step 2: the first answer of one of the shard's live cores (502-504 are not answers)."""
+        """Steps 2 and 3: the first answer of one of the shard's live cores (502-504 are not
+        answers)."""
         for core in self.cores(shard):
             url = core + target
             try:
@@ -93,18 +106,17 @@ class Peers:
         request: Request,
         query: list[tuple[str, str]],
         mode: str,
-        path: str | None = None,
     ) -> httpx.Response:
-        """Step 3: `request` (or a GET of `path`, with its credentials) asked of `shard` with
-        `query` in place of its own, marked `mode` (what the route answers with)."""
+        """Step 4: `request` asked of `shard` with `query` in place of its own, marked `mode`
+        (what the route answers with)."""
         headers = [*_sent_on(request.headers.raw), (ROUTED_HEADER.encode(), mode.encode())]
-        target = f"{path or request.url.path}?{urlencode(query)}"
+        target = f"{request.url.path}?{urlencode(query)}"
         return await self.send(shard, "GET", target, headers, b"")
 
     async def fanned(
         self, request: Request, queries: Sequence[list[tuple[str, str]]], mode: str
     ) -> list[list[httpx.Response]]:
-        """Step 3: every other shard's answers to `request` asked with each of `queries`."""
+        """Step 4: every other shard's answers to `request` asked with each of `queries`."""
 
         async def shard(index: int) -> list[httpx.Response]:
             return list(await asyncio.gather(*(self.ask(index, request, q, mode) for q in queries)))
@@ -119,14 +131,14 @@ def routed(request: Request) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Sharding:
-    """What a shard of several routes by: `owner` decides step 1, `peers` sends 2 and 3."""
+    """What a shard of several routes by: `owner` decides step 1, `peers` sends 2 to 4."""
 
     owner: Owner
     peers: Peers
 
 
 def shard_routing(authenticate: Authenticate, sharding: Sharding) -> Middleware:
-    """Steps 1 and 2."""
+    """Steps 1 to 3."""
     return Middleware(_ShardRouting, authenticate=authenticate, sharding=sharding)
 
 
@@ -196,22 +208,41 @@ class _ShardRouting:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or ROUTED_HEADER.encode() in dict(scope["headers"]):
             return await self._app(scope, receive, send)
+        method, path = scope["method"], scope["path"]
         body: bytes | None = None
-        if scope["method"] == "GET":
-            customer = customer_named(scope["path"], scope["query_string"])
-        elif scope["method"] == "POST" and scope["path"] in _WRITES:
+        if method == "GET":
+            customer = customer_named(path, scope["query_string"])
+        elif method == "POST" and path in _WRITES:
+            scope = _keyed(scope)
             body, receive = await _read(receive)
             customer = None if body is None else customer_written(body)
-        elif scope["method"] == "PATCH" and scope["path"].startswith("/v1/customers/"):
+        elif method == "PATCH" and path.startswith("/v1/customers/"):
+            scope = _keyed(scope)
             body, receive = await _read(receive)
             customer = None if body is None else external_id_given(body)
         else:
             customer = None
+        by_id = _by_id(method, path)
+        if by_id and method != "GET":
+            scope = _keyed(scope)
         shard = None if customer is None else await self._elsewhere(scope, customer)
-        if shard is None:
+        if shard is not None:
+            answer = await self._sent(scope, shard, body or b"")
+            return await answer(scope, receive, send)
+        if not by_id and (customer is None or method != "POST"):
             return await self._app(scope, receive, send)
-        answer = await self._sent(scope, shard, body or b"")
-        return await answer(scope, receive, send)
+        status, here = await _answered(self._app, scope, receive)  # step 3
+        if status == 421 and customer is not None:
+            shard = await self._elsewhere(scope, customer)
+            if shard is not None:
+                answer = await self._sent(scope, shard, body or b"")
+                return await answer(scope, receive, send)
+        elif status == 404 and by_id:
+            found = await self._found(scope)
+            if found is not None:
+                return await found(scope, receive, send)
+        for message in here:
+            await send(message)
 
     async def _elsewhere(self, scope: Scope, customer: Customer) -> int | None:
         """Step 1: the other shard whose request this is, or None."""
@@ -221,23 +252,72 @@ class _ShardRouting:
             return None  # the route answers 401
         return await self._owner(organization, *customer)
 
+    async def _found(self, scope: Scope) -> Response | None:
+        """Step 3: the answer of the other shard that has the row asked by id, or None."""
+        unavailable = None
+        for shard in self._peers.others():
+            try:
+                sent = await self._peers.send(shard, *_request(scope), b"")
+            except ShardUnavailable as exc:
+                unavailable = exc.shard
+                continue
+            if sent.status_code != 404:
+                return relayed(sent.status_code, sent.headers.multi_items(), sent.content)
+        if unavailable is None:
+            return None
+        return _unavailable(unavailable, "which may hold it")
+
     async def _sent(self, scope: Scope, shard: int, body: bytes) -> Response:
         """Step 2."""
-        query = scope["query_string"].decode("latin-1")
-        target = scope["path"] + (f"?{query}" if query else "")
-        headers = [*_sent_on(scope["headers"]), (ROUTED_HEADER.encode(), b"1")]
-        if scope["method"] != "GET" and not any(k == b"idempotency-key" for k, _ in headers):
-            headers.append((b"idempotency-key", f"shard-{uuid.uuid4().hex}".encode()))
         try:
-            sent = await self._peers.send(shard, scope["method"], target, headers, body)
+            sent = await self._peers.send(shard, *_request(scope), body)
         except ShardUnavailable:
-            return error(
-                503,
-                "ShardUnavailable",
-                f"No core of shard {shard} (which holds this customer) answered; retry.",
-                {"Retry-After": "1"},
-            )
+            return _unavailable(shard, "which holds this customer")
         return relayed(sent.status_code, sent.headers.multi_items(), sent.content)
+
+
+def _request(scope: Scope) -> tuple[str, str, list[tuple[bytes, bytes]]]:
+    """The scope's request as another core is sent it, marked (`ROUTED_HEADER`)."""
+    query = scope["query_string"].decode("latin-1")
+    target = scope["path"] + (f"?{query}" if query else "")
+    return scope["method"], target, [*_sent_on(scope["headers"]), (ROUTED_HEADER.encode(), b"1")]
+
+
+def _unavailable(shard: int, why: str) -> Response:
+    return error(
+        503,
+        "ShardUnavailable",
+        f"No core of shard {shard} ({why}) answered; retry.",
+        {"Retry-After": "1"},
+    )
+
+
+def _by_id(method: str, path: str) -> bool:
+    """Step 3: a hold or customer meter asked by id (a GET, or a hold's release)."""
+    for prefix in _BY_ID:
+        named = path.removeprefix(prefix)
+        if named != path and _is_uuid(named):
+            return method == "GET" or (method == "DELETE" and prefix == "/v1/meter-holds/")
+    return False
+
+
+def _keyed(scope: Scope) -> Scope:
+    """Step 2: the write with an `Idempotency-Key`, its own or one given now."""
+    if any(k.lower() == _KEY for k, _ in scope["headers"]):
+        return scope
+    return {**scope, "headers": [*scope["headers"], (_KEY, f"shard-{uuid.uuid4().hex}".encode())]}
+
+
+async def _answered(app: ASGIApp, scope: Scope, receive: Receive) -> tuple[int, list[Message]]:
+    """This core's answer, kept to be sent or replaced (step 3: small JSON answers)."""
+    messages: list[Message] = []
+
+    async def keep(message: Message) -> None:
+        messages.append(message)
+
+    await app(scope, receive, keep)
+    [status] = [m["status"] for m in messages if m["type"] == "http.response.start"]
+    return int(status), messages
 
 
 def _sent_on(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

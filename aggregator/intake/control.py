@@ -65,9 +65,10 @@ class ControlTopic:
         self._producer: Any = None
         self._waiting: collections.defaultdict[tuple[str, str], list[asyncio.Future[Outcome]]]
         self._waiting = collections.defaultdict(list)
+        self.partitions = 0  # the events topic's, once entered (a shard's customers: `routing`)
 
     async def __aenter__(self) -> Self:
-        await ensure_topics(self._kafka)
+        self.partitions = await ensure_topics(self._kafka)
         self._producer = self._kafka.producer(linger_ms=0)
         try:
             async with asyncio.timeout(self._kafka.start_timeout_seconds):

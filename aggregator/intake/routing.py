@@ -96,6 +96,22 @@ def carried(record: ConsumerRecord[bytes, bytes]) -> Origins | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Placement:
+    """Step 1's arithmetic: where a customer's routing key puts it, for `shard` of a topic of
+    `partitions` partitions."""
+
+    shard: Shard
+    partitions: int
+
+    def partition(self, organization_id: str, routing_key: str) -> int:
+        return partition_of(subject_key(organization_id, routing_key).encode(), self.partitions)
+
+    def owns(self, organization_id: str, routing_key: str) -> bool:
+        """Whether this shard holds the customer of `routing_key` (its events and ledger)."""
+        return self.shard.owns(self.partition(organization_id, routing_key))
+
+
+@dataclass(frozen=True, slots=True)
 class Moved:
     """Rows to re-publish: one organization's, of one ingest time, for one partition."""
 
@@ -112,7 +128,7 @@ class Router:
     def __init__(self, store: Store, kafka: KafkaSettings, partitions: int) -> None:
         self._store = store
         self._kafka = kafka
-        self._partitions = partitions
+        self._placement = Placement(kafka.shard, partitions)
 
     async def split(
         self, table: pa.Table, records: list[ConsumerRecord[bytes, bytes]]
@@ -130,7 +146,7 @@ class Router:
         owner: dict[customer_tables.CustomerRef, bool] = {}
         target: dict[customer_tables.CustomerRef, int] = {}
         for ref, key in keys.items():
-            target[ref] = self._partition(ref[0], key)
+            target[ref] = self._placement.partition(ref[0], key)
             owner[ref] = shard.owns(target[ref])
         landed = {i for i, r in enumerate(records) if _moved_by(r) is not None}
         positions: list[Any] = table.column("position").to_pylist()
@@ -174,11 +190,8 @@ class Router:
         `api.shard_routing` sends a customer's reads by)."""
         ref = (organization_id, customer_id, external_id)
         keys = await self._store.read_now(customer_tables.routing_keys, [ref])
-        partition, shard = self._partition(organization_id, keys[ref]), self._kafka.shard
+        partition, shard = self._placement.partition(organization_id, keys[ref]), self._kafka.shard
         return None if shard.owns(partition) else partition % shard.count
-
-    def _partition(self, organization_id: str, routing_key: str) -> int:
-        return partition_of(subject_key(organization_id, routing_key).encode(), self._partitions)
 
     async def move(self, producer: AIOKafkaProducer, moved: list[Moved]) -> None:
         """Step 2's re-publishing, acknowledged within `send_timeout_seconds` (past it the

@@ -28,7 +28,7 @@ from typing import Any, Protocol, Self, TypeVar
 import duckdb
 import pyarrow as pa
 
-from aggregator.errors import QueryTimeout, StorageFull
+from aggregator.errors import QueryTimeout, StorageFull, UsageError
 from aggregator.store.apply.batch import Meters
 from aggregator.store.apply.commands import applied_group, applied_job, positioned
 from aggregator.store.apply.ingest import Replay
@@ -55,6 +55,7 @@ from aggregator.store.machinery.writer import (
 )
 from aggregator.store.tables.alert_tables import Alerts, Payload, basic_payload
 from aggregator.store.tables.hold_tables import HoldKeys
+from aggregator.store.tables.ledger_tables import Ledgers, kept_elsewhere
 from aggregator.store.tables.webhook_tables import (
     StateSubscribers,
 )
@@ -99,12 +100,16 @@ class Store:
         dedupe_memory_keys: int = dedupe.MEMORY_KEYS,
         alert_payload: Payload = basic_payload,
         commands: CommandLog | None = None,
+        holds_customer: Callable[[str, str], bool] | None = None,
     ):
         self.path = str(path)
         self.disk = DiskHealth(Path(self.path).parent)
         # How a `meter.alert` webhook event's data is made (the composition gives the API's
         # shapes), needed from the start: replaying the ingest log can fire alerts.
         self._alert_payload = alert_payload
+        # (organization id, routing key): whether this core holds a customer, whose ledger it
+        # then keeps (`ledger_tables.Ledgers`; a shard of several); None: every customer.
+        self._holds_customer = holds_customer
         # The flusher checkpoints once the WAL holds this much, between its own transactions:
         # a checkpoint holds every commit while it runs, so none should fall on the ingest path.
         self._checkpoint_bytes = checkpoint_bytes
@@ -171,6 +176,7 @@ class Store:
         # Set after connecting: the (built-in) ICU extension loads on first use.
         self._con.execute("SET GLOBAL TimeZone = 'UTC'")
         migrate(self._con)
+        self._refuse_other_ledgers()
         log = self._log = IngestLog(None if wal is None else log_directory(Path(self.path)))
         # What the ingest log holds after the last stored request was acknowledged but not
         # stored: applied again below, before any other job. A log that cannot give it all
@@ -205,7 +211,13 @@ class Store:
             log,
             self._con.cursor(),
             notices=self.listeners,
-            features=(Meters(), holds, Alerts(self._alert_payload), StateSubscribers()),
+            features=(
+                Meters(),
+                holds,
+                Alerts(self._alert_payload),
+                StateSubscribers(),
+                Ledgers(self._holds_customer),
+            ),
             max_pending_events=self._max_pending,
             spill=spill,
         )
@@ -222,6 +234,24 @@ class Store:
         self._evaluators = ThreadPoolExecutor(
             self._evaluator_threads, thread_name_prefix="duckdb-evaluator"
         )
+
+    def _refuse_other_ledgers(self) -> None:
+        """A shard's data dir from before each customer's ledger was its shard's alone holds
+        other shards' customers' credits and holds too: refused, not served (its lists would
+        show them twice across shards, and its webhooks fire for them)."""
+        assert self._con is not None
+        if self._holds_customer is None:
+            return
+        others = kept_elsewhere(self._con, self._holds_customer)
+        if others:
+            self._con.close()
+            self._con = None
+            raise UsageError(
+                f"this data dir keeps the credits or holds of {others} customers another shard"
+                " holds (written by a version where every shard kept every customer's ledger):"
+                " start this shard on a new data dir, which applies the topics from their"
+                " start (README: Scaling out)"
+            )
 
     def close(self) -> None:
         if self._con is None:

@@ -29,7 +29,12 @@ from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.live import Feature, Live
 from aggregator.store.machinery.writer import Job, Tx, independent
 from aggregator.store.tables import idempotency, quotas
-from aggregator.store.tables.ledger_tables import CustomerMeter, held_customer_meter, resolve
+from aggregator.store.tables.ledger_tables import (
+    CustomerMeter,
+    held_customer_meter,
+    kept,
+    resolve,
+)
 from aggregator.store.tables.quotas import TenantLimits
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import HOLDABLE, HoldCreate
@@ -113,6 +118,7 @@ def create_job(
         con = tx.con
         used = idempotency.recall(con, organization_id, "hold", data.external_id, request)
         customer, meter = resolve(con, organization_id, data)
+        kept(tx, customer)
         if meter.aggregation.func not in HOLDABLE:
             raise ValidationFailed(
                 [

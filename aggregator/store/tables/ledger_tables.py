@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any, cast
 import duckdb
 import orjson
 
+from aggregator.errors import CustomerElsewhere
 from aggregator.store.base import subjects
 from aggregator.store.base.ids import derived_id
 from aggregator.store.base.meter_rows import MeterRow, get_meter
 from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.balances import Credits as HeldCredits
 from aggregator.store.machinery.compaction import LEDGER_TABLES
+from aggregator.store.machinery.live import Feature
 from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables import alert_tables, idempotency, webhook_tables
 from aggregator.store.tables.customer_tables import CustomerRow, find_customer
@@ -39,6 +41,7 @@ from meters.ledger_rules import CreditCreate, Credits, HoldCreate, PlanCreate, R
 __all__ = [
     "Applied",
     "CustomerMeter",
+    "Ledgers",
     "active_pairs",
     "credit_job",
     "held_customer_meter",
@@ -94,6 +97,41 @@ class Applied:
 # ---- writes ----------------------------------------------------------------------------------
 
 
+class Ledgers(Feature):
+    """Which customers' ledgers this core keeps: a shard of several keeps those of the
+    customers it holds (where their events are: a balance is their usage against their
+    credits), so that a credit, reset, hold or plan cycle changes one shard's state, fires its
+    alerts and webhooks there, and is a system event of that shard alone. `holds` tells, by
+    (organization id, routing key), whether this core holds a customer; None: every one."""
+
+    def __init__(self, holds: Callable[[str, str], bool] | None = None) -> None:
+        self._holds = holds
+
+    def keeps(self, con: Con, customer: CustomerRow) -> bool:
+        if self._holds is None:
+            return True
+        row = first_row(con, "SELECT routing_key FROM customers WHERE id = ?::UUID", [customer.id])
+        key = str(row[0]) if row is not None and row[0] else subjects.of_id(customer.id)
+        return self._holds(customer.organization_id, key)
+
+
+def kept_elsewhere(con: Con, holds: Callable[[str, str], bool]) -> int:
+    """How many customers another shard holds have ledger rows here (credits, holds, system
+    events): what a shard's data dir of a version before `Ledgers` kept."""
+    rows = con.execute(
+        "SELECT organization_id::VARCHAR, id::VARCHAR, routing_key FROM customers WHERE id IN"
+        " (SELECT customer_id FROM customer_meters UNION SELECT customer_id FROM meter_holds"
+        " UNION SELECT customer_id FROM events WHERE source = 'system')"
+    ).fetchall()
+    return sum(not holds(str(o), str(k) if k else subjects.of_id(str(i))) for o, i, k in rows)
+
+
+def kept(tx: Tx, customer: CustomerRow) -> None:
+    """Refuse a write to a customer's ledger that another shard keeps (before any write)."""
+    if not tx.live.feature(Ledgers).keeps(tx.con, customer):
+        raise CustomerElsewhere()
+
+
 def credit_job(organization_id: str, data: CreditCreate, now_us: int) -> Job[Applied]:
     def apply(tx: Tx, customer: CustomerRow, meter: MeterRow) -> None:
         key = f"credit:{data.external_id}"
@@ -126,6 +164,7 @@ def _keyed_job(
         if used is not None and used.result is not None:
             return Applied(CustomerMeter(**used.result), replayed=True)
         customer, meter = resolve(con, organization_id, data)
+        kept(tx, customer)
         if used is not None:  # a key kept before answers were: the customer meter as it is
             return Applied(customer_meter(con, customer, meter), replayed=True)
         apply(tx, customer, meter)

@@ -18,7 +18,7 @@ from aggregator.store.base.rows import first_row, is_uuid
 from aggregator.store.machinery.writer import Job, Tx, independent
 from aggregator.store.tables import idempotency
 from aggregator.store.tables.customer_tables import get_customer
-from aggregator.store.tables.ledger_tables import credit, reset, resolve
+from aggregator.store.tables.ledger_tables import Ledgers, credit, reset, resolve
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import PlanCreate, cycle_start
 from meters.times import datetime_to_us, us_to_datetime
@@ -205,6 +205,7 @@ def _cycle_plans(
         ).fetchall()
     ]
     processed = 0
+    ledgers = live.feature(Ledgers)
     for plan in due:
         if enough and processed and enough(processed):
             break
@@ -212,6 +213,8 @@ def _cycle_plans(
         meter = get_meter(con, plan.organization_id, plan.meter_id)
         if customer is None or meter is None or meter.archived_at_us is not None:
             continue
+        # Every shard keeps the plan and counts its cycles; the customer's applies them.
+        keeps = ledgers.keeps(con, customer)
         starts = us_to_datetime(plan.starts_at_us)
         n = plan.cycles
         at = datetime_to_us(cycle_start(starts, plan.interval, n))
@@ -219,8 +222,9 @@ def _cycle_plans(
             processed += 1
             # Once per cycle: `cycles` moves in the same transaction.
             key = f"plan:{plan.id}:{n}"
-            reset(con, customer, meter, at, now_us, live, key)
-            credit(con, customer, meter, plan.units, plan.rollover, at, now_us, live, key)
+            if keeps:
+                reset(con, customer, meter, at, now_us, live, key)
+                credit(con, customer, meter, plan.units, plan.rollover, at, now_us, live, key)
             n += 1
             at = datetime_to_us(cycle_start(starts, plan.interval, n))
         con.execute(

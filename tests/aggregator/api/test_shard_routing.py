@@ -1,10 +1,25 @@
-"""Which requests name one customer, and so are its shard's to answer (`api.shard_routing`)."""
+"""Which requests name one customer, and so are its shard's to answer; what another shard
+answers when this one cannot place a request (`api.shard_routing`)."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
 
-from aggregator.api.shard_routing import customer_named, customer_written, external_id_given
+from aggregator.api.shard_routing import (
+    Peers,
+    Sharding,
+    customer_named,
+    customer_written,
+    external_id_given,
+    shard_routing,
+)
+from ingest.kafka import Shard
 
 ID = "6a817fdf-1776-46fe-9a38-f8e6f4226181"  # fixed: test ids must agree across workers
 
@@ -68,3 +83,70 @@ def test_a_customer_patch_is_the_shard_of_the_external_id_it_gives(
     body: str, named: tuple[str | None, str | None] | None
 ) -> None:
     assert external_id_given(body.encode()) == named
+
+
+# Step 3, in process: this core's own answer stands in for the local app, another app for the
+# other shard's core (a real race, a customer made between routing and applying, cannot be
+# timed from outside).
+HOLD = "0b3c9f4e-5f1c-4d7e-9a37-2b8f3f0b6a11"
+
+
+def _core(answers: dict[str, int], keys: list[str | None]) -> Starlette:
+    async def answer(request: Request) -> JSONResponse:
+        keys.append(request.headers.get("idempotency-key"))
+        return JSONResponse({"from": answers["name"]}, status_code=answers[request.method])
+
+    return Starlette(
+        routes=[
+            Route("/v1/meter-credits/", answer, methods=["POST"]),
+            Route("/v1/meter-holds/{id}", answer, methods=["GET", "DELETE"]),
+        ]
+    )
+
+
+def _routing(here: Starlette, peer: Starlette | None, owners: list[int | None]) -> Starlette:
+    async def owner(_org: str, _id: str | None, _ext: str | None) -> int | None:
+        return owners.pop(0)
+
+    transport = httpx.ASGITransport(app=peer) if peer is not None else None
+    client = httpx.AsyncClient(transport=transport)
+    cores = (lambda _shard: ["http://peer"]) if peer is not None else (lambda _shard: [])
+    sharding = Sharding(owner, Peers(Shard(0, 2), cores, client))
+    return Starlette(
+        routes=[Mount("/", app=here)],
+        middleware=[shard_routing(lambda _token: "org", sharding)],
+    )
+
+
+BEARER = {"Authorization": "Bearer t"}
+
+
+def test_a_write_refused_here_as_another_shards_customer_is_that_shards_outcome() -> None:
+    """The customer was unknown here when routing looked (owner None), known when applied
+    (421): the same request, with the key it was applied with here, is the owner's to answer."""
+    seen_here: list[str | None] = []
+    seen_there: list[str | None] = []
+    here = _core({"name": "here", "POST": 421}, seen_here)
+    there = _core({"name": "there", "POST": 201}, seen_there)
+    with TestClient(_routing(here, there, [None, 1])) as client:
+        answer = client.post("/v1/meter-credits/", json={"customer_id": ID}, headers=BEARER)
+    assert (answer.status_code, answer.json()) == (201, {"from": "there"})
+    assert seen_here[0] is not None and seen_here == seen_there  # one request id: applied once
+
+
+def test_a_hold_not_found_here_is_asked_of_the_other_shards() -> None:
+    seen: list[str | None] = []
+    here = _core({"name": "here", "GET": 404, "DELETE": 404}, seen)
+    there = _core({"name": "there", "GET": 200, "DELETE": 200}, seen)
+    with TestClient(_routing(here, there, [])) as client:
+        found = client.get(f"/v1/meter-holds/{HOLD}", headers=BEARER)
+        released = client.delete(f"/v1/meter-holds/{HOLD}", headers=BEARER)
+    assert (found.status_code, found.json()) == (200, {"from": "there"})
+    assert (released.status_code, released.json()) == (200, {"from": "there"})
+    assert seen[2] is not None and seen[2] == seen[3]  # the release: one request id
+    nowhere = _core({"name": "nowhere", "GET": 404, "DELETE": 404}, [])
+    with TestClient(_routing(here, nowhere, [])) as client:
+        assert client.get(f"/v1/meter-holds/{HOLD}", headers=BEARER).json() == {"from": "here"}
+    with TestClient(_routing(here, None, [])) as client:  # the other shard has no live core
+        unknown = client.get(f"/v1/meter-holds/{HOLD}", headers=BEARER)
+    assert (unknown.status_code, unknown.json()["error"]) == (503, "ShardUnavailable")

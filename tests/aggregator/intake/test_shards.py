@@ -3,8 +3,9 @@ their own partitions of the events topic (p % 2 == I) and the whole control topi
 own journal and leader. Each customer's events are on one shard, whichever of its ids they name
 (rows keyed by the other are moved there), where its quantities are the one-shard core's; the
 shards' events add up to the one-shard core's, none on two; a customer's reads, credits and
-holds asked of either shard are its shard's answers; organization-wide reads (event lists,
-names, quantities over all customers) asked of either are the one-shard core's, byte for byte;
+holds asked of either shard are its shard's answers, and its ledger is on that shard alone;
+organization-wide reads (event lists, names, quantities over all customers, costs, holds,
+customer meters) asked of either are the one-shard core's, byte for byte;
 a replica of a shard holds its leader's state. An external id events name is not given to a
 customer, whichever shard is asked. More shards than partitions, or a data dir of
 another shard, is refused at start."""
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from aggregator.api import fan_out
 from aggregator.api.shard_routing import ROUTED_HEADER
 from ingest.kafka import Shard
 from meters.columnar import partition_of
@@ -73,6 +75,24 @@ def _figures(state: dict[str, Any]) -> list[tuple[Any, ...]]:
     )
 
 
+def _balance(meter: dict[str, Any]) -> tuple[Any, ...]:
+    """A customer meter's figures, without its times."""
+    keys = ("id", "consumed_units", "credited_units", "balance", "held_units", "available")
+    return tuple(meter[k] for k in keys)
+
+
+def _changed(meter: dict[str, Any], sign: int) -> tuple[Any, ...]:
+    """A customer meter's place in a list by last change (`sign` -1: newest first), never
+    changed last."""
+    at = meter["modified_at"]
+    return (
+        at is None,
+        sign * (fan_out.micros(at) if at else 0),
+        meter["customer_id"],
+        meter["meter_id"],
+    )
+
+
 def _moved(client: httpx.Client) -> int:
     """The events this core moved to their customer's shard (`/metrics`)."""
     metrics = client.get("/metrics").text
@@ -111,7 +131,8 @@ MORE_METERS = [
 
 def _organization_reads(one: httpx.Client, meters: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """Every page of the event list, some pages of other sizes, orders and sources, the event
-    names in two orders, the event types, the customers (with their first event's time),
+    names in two orders, the event types, the customers (with their first event's time), the
+    holds, the credit plans,
     costs by name and by customer and name per day, and each meter's quantities over all
     customers (per day, and per customer combined by max)."""
     pages = _ok(one.get("/v1/events/", params={"limit": 100}))["pagination"]["max_page"]
@@ -126,6 +147,9 @@ def _organization_reads(one: httpx.Client, meters: list[str]) -> list[tuple[str,
         ("/v1/events/", {"limit": 10, "source": "system"}),
         ("/v1/event-types/", {"sorting": "label"}),
         ("/v1/customers/", {"limit": 100}),
+        ("/v1/meter-holds/", {"limit": 100}),
+        ("/v1/credit-plans/", {}),
+        ("/v1/meter-holds/", {"limit": 1, "page": 2}),
     ]
     window = {**_wide(), "interval": "day"}
     costs = {k: v for k, v in window.items() if k != "interval"}
@@ -268,6 +292,7 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                 # A credit and a hold sent to the shard that does not hold a customer are
                 # decided by the one that does: it knows what the customer consumed.
                 crossing = named[0]
+                owner = (first, second)[expected_owner[crossing]]
                 other = (first, second)[1 - expected_owner[crossing]]
                 consumed = int(_quantity(one, meter, customer_id=crossing))
                 credit = {"customer_id": crossing, "meter_id": meter, "external_id": "c"}
@@ -276,10 +301,46 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                 hold = {**credit, "external_id": "h", "units": 20}
                 refused = other.post("/v1/meter-holds/", json=hold)
                 assert refused.status_code == 409, refused.text  # 10 left, where its events are
-                assert other.post("/v1/meter-holds/", json={**hold, "units": 5}).status_code == 201
+                held = other.post("/v1/meter-holds/", json={**hold, "units": 5})
+                assert held.status_code == 201, held.text
+                # Applied by the customer's shard alone: the other applies the same records
+                # but keeps no ledger of that customer, so it fires no alert or webhook for it.
+                # Asked itself (marked as routed), it refuses: the record is applied by the
+                # customer's shard all the same, whose outcome is the answer (routing step 3).
+                own = {"customer_id": crossing, "meter_id": meter, "external_id": "r", "units": 1}
+                elsewhere = other.post("/v1/meter-credits/", json=own, headers={ROUTED_HEADER: "1"})
+                assert elsewhere.status_code == 421, elsewhere.text
+                assert elsewhere.json()["error"] == "CustomerElsewhere"
+
+                def _system(client: httpx.Client, **params: str) -> int:
+                    query = {"source": "system", "limit": 1, **params}
+                    found = _ok(
+                        client.get("/v1/events/", params=query, headers={ROUTED_HEADER: "1"})
+                    )
+                    return int(found["pagination"]["total_count"])
+
+                wait_until(lambda: _system(owner, customer_id=crossing) == 2, 30)  # "c", "r"
+                assert _system(other, customer_id=crossing) == 0
+                assert _system(first) + _system(second) == _system(one) > 0
+                # A hold by id, asked of either shard, is its customer's shard's.
+                hold_id = held.json()["id"]
+                for shard in (first, second):
+                    assert _ok(shard.get(f"/v1/meter-holds/{hold_id}"))["status"] == "active"
+                released = _ok(other.delete(f"/v1/meter-holds/{hold_id}"))
+                assert released["status"] == "released"
+                again = _ok(
+                    other.post("/v1/meter-holds/", json={**hold, "external_id": "h2", "units": 10})
+                )
+                assert again["status"] == "active"  # 5 were available before the release
+                # A credit plan is every shard's (its cycles counted alike); a cycle's reset and
+                # credit are the customer's shard's.
+                plan = {**credit, "external_id": "p", "units": 50, "interval": "month"}
+                assert other.post("/v1/credit-plans/", json=plan).status_code == 201
+                wait_until(lambda: _system(owner, customer_id=crossing) == 4, 30)
+                assert _system(other, customer_id=crossing) == 0
                 # Organization-wide reads asked of either shard merge both shards' parts into
-                # the one-shard core's answers, byte for byte: the credit's system event (every
-                # shard applies the control topic) listed once.
+                # the one-shard core's answers, byte for byte: the credit's system event and
+                # the holds listed once.
                 reads = _organization_reads(one, [meter, *others])
                 wait_until(lambda: _answers(one, reads) == _answers(first, reads), 30)
                 expected = _answers(one, reads)
@@ -288,6 +349,23 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                         reads, expected, _answers(shard, reads), strict=True
                     ):
                         assert merged == mine, (path, params)
+                # Customer meters: the one-shard core's figures; their `modified_at` is each
+                # core's time of applying (so is their order), the same from either shard.
+                listed = [
+                    _ok(c.get("/v1/customer-meters/", params={"limit": 100}))
+                    for c in (one, first, second)
+                ]
+                assert listed[1] == listed[2]
+                assert listed[1]["pagination"] == listed[0]["pagination"]
+                assert sorted(map(_balance, listed[1]["items"])) == sorted(
+                    map(_balance, listed[0]["items"])
+                )
+                items = listed[1]["items"]
+                assert items == sorted(items, key=lambda m: _changed(m, -1))
+                oldest = {"limit": 3, "page": 2, "sorting": "modified_at"}
+                paged = [_ok(c.get("/v1/customer-meters/", params=oldest)) for c in (first, second)]
+                assert paged[0] == paged[1]
+                assert paged[0]["items"] == sorted(items, key=lambda m: _changed(m, 1))[3:6]
                 # An external id events name is not given to a customer made without it,
                 # asked of either shard (the one holding those events decides) or of one.
                 plain = _ok(one.post("/v1/customers/", json={"email": "plain@x.org"}))["id"]
