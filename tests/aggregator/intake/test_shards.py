@@ -1,17 +1,24 @@
-"""Shards (`--shard I/N`): beside a one-shard core, two shard cores on the same topics each apply
-their own partitions of the events topic (p % 2 == I) and the whole control topic, with their
-own journal and leader. Each customer's events are on one shard, whichever of its ids they name
-(rows keyed by the other are moved there), where its quantities are the one-shard core's; the
-shards' events add up to the one-shard core's, none on two; a customer's reads, credits and
-holds asked of either shard are its shard's answers, and its ledger is on that shard alone;
-organization-wide reads (event lists, names, quantities over all customers, costs, holds,
-customer meters) asked of either are the one-shard core's, byte for byte;
-a replica of a shard holds its leader's state. An external id events name is not given to a
-customer, whichever shard is asked. More shards than partitions, or a data dir of
-another shard, is refused at start."""
+"""Shards (`--shard I/N`): beside a one-shard core, three shard cores on the same topics each
+apply their own partitions of the events topic (p % 3 == I) and the whole control topic, with
+their own journal and leader. Each customer's events are on one shard, whichever of its ids
+they name (rows keyed by the other are moved there), where its quantities are the one-shard
+core's; the shards' events add up to the one-shard core's, none on two; a customer's reads,
+credits, holds and plan cycles asked of any shard are its shard's, and its ledger is on that
+shard alone. After a seeded random workload (customers named by either id, some made after
+their first events; events, some sent again; credits; new meters), with a replica of a shard
+started mid-way from its leader's snapshot (it then holds its leader's state), every
+organization-wide read (event lists, names, types, customers, quantities, costs, holds, plans)
+and each customer's asked of any shard is the one-shard core's, byte for byte; customer meters
+and customer states too, but for their times of applying. Dedupe is exact within a shard: the
+same external id in events of customers of two shards is kept twice. An external id events
+name is not given to a customer, whichever shard is asked. More shards than partitions, or a
+data dir of another shard, is refused at start."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
+from aggregator import cli
 from aggregator.api import fan_out
 from aggregator.api.shard_routing import ROUTED_HEADER
 from ingest.kafka import Shard
@@ -33,6 +41,10 @@ from tests.processes import wait_until
 pytestmark = pytest.mark.slow
 
 PARTITIONS = 6
+SHARDS = 3
+# The random workload: its seed (another, to try one: METERLINE_SHARD_SEED) and its steps.
+SEED = int(os.environ.get("METERLINE_SHARD_SEED", "20261126"))
+STEPS = 60
 
 
 def _events(client: httpx.Client, here: bool = False) -> int:
@@ -81,6 +93,17 @@ def _balance(meter: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(meter[k] for k in keys)
 
 
+def _customer_meters(client: httpx.Client) -> list[dict[str, Any]]:
+    """Every page of the customer meters, newest first."""
+    found: list[dict[str, Any]] = []
+    for page in range(1, 100):
+        answer = _ok(client.get("/v1/customer-meters/", params={"limit": 100, "page": page}))
+        found += answer["items"]
+        if page >= answer["pagination"]["max_page"]:
+            return found
+    raise AssertionError("more customer meters than expected")
+
+
 def _changed(meter: dict[str, Any], sign: int) -> tuple[Any, ...]:
     """A customer meter's place in a list by last change (`sign` -1: newest first), never
     changed last."""
@@ -101,8 +124,145 @@ def _moved(client: httpx.Client) -> int:
 
 
 def _shard_of(org: str, subject: str) -> int:
-    """Which of 2 shards holds the partition of a customer's subject (`id:…` or `ext:…`)."""
-    return partition_of(subject_key(org, subject).encode(), PARTITIONS) % 2
+    """Which shard holds the partition of a customer's subject (`id:…` or `ext:…`)."""
+    return partition_of(subject_key(org, subject).encode(), PARTITIONS) % SHARDS
+
+
+def _apart(org: str) -> list[str]:
+    """Two external customer ids of customers on different shards."""
+    found: dict[int, str] = {}
+    for i in range(100):
+        found.setdefault(_shard_of(org, f"ext:apart-{i}"), f"apart-{i}")
+        if len(found) == 2:
+            return list(found.values())
+    raise AssertionError("no two shards")
+
+
+def _system(client: httpx.Client, **params: str) -> int:
+    """The system events the asked core holds (not merged with the other shards')."""
+    query = {"source": "system", "limit": 1, **params}
+    found = _ok(client.get("/v1/events/", params=query, headers={ROUTED_HEADER: "1"}))
+    return int(found["pagination"]["total_count"])
+
+
+def _replica_of(tmp_path: Path, leader: ServedCore, args: tuple[str, ...]) -> ServedCore:
+    """A replica of `leader`'s shard, started from a snapshot the leader takes as it serves."""
+    snapshots, data_dir = tmp_path / "snapshots", tmp_path / "replica"
+    assert cli.main(["backup", "--data-dir", str(leader.data_dir), "--to", str(snapshots)]) == 0
+    assert cli.main(["restore", "--from", str(snapshots), "--data-dir", str(data_dir)]) == 0
+    replica = ServedCore(data_dir, *args, "--shard", f"0/{SHARDS}", "--replica", dev_token=False)
+    replica.start()
+    return replica
+
+
+class Workload:
+    """A seeded random mix of writes and events: customers made with an external id or
+    without (some after events named them), events naming a customer by its id or by an
+    external id (some with an `external_id`, some batches sent again whole: a retry), credits
+    and new meters. Nothing whose outcome depends on how the two topics interleave (holds,
+    resets, alerts): each deployment's journal interleaves them its own way."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.meters: list[str] = []
+        self.customers: list[str] = []  # made through the API
+        self.externals: list[str] = []  # named by events or given to a customer
+        self.given: list[str] = []  # external ids given to a customer
+        self.sent: list[list[dict[str, Any]]] = []
+        self.distinct: set[str] = set()  # the events one shard keeps (credits' included)
+
+    def step(self, one: httpx.Client, edge: httpx.Client, shards: list[httpx.Client]) -> None:
+        """One write through the one-shard core (the control topic is both deployments'), or
+        events through the edge. A customer is known to every shard before events name its
+        id: a shard refuses (dead-letters) an event naming an id it has no customer for."""
+        rng = self.rng
+        kind = rng.choice(["events", "events", "events", "customer", "credit", "meter", "retry"])
+        if kind == "customer":
+            free = [e for e in self.externals if e not in self.given]
+            body = {"email": f"w{len(self.customers)}@x.org"}
+            if free and rng.random() < 0.5:  # named by events already
+                body["external_id"] = rng.choice(free)
+            elif rng.random() < 0.5:
+                body["external_id"] = self._external()
+            made = _ok(one.post("/v1/customers/", json=body))["id"]
+            path, here = f"/v1/customers/{made}", {ROUTED_HEADER: "1"}
+            for shard in shards:
+                wait_until(lambda s=shard: s.get(path, headers=here).is_success, 30)
+            self.customers.append(made)
+            if "external_id" in body:
+                self.given.append(body["external_id"])
+        elif kind == "credit" and (self.customers or self.given):
+            ref = {"external_customer_id": rng.choice(self.given)} if self.given else {}
+            if self.customers and (not ref or rng.random() < 0.5):
+                ref = {"customer_id": rng.choice(self.customers)}
+            body = {**ref, "meter_id": rng.choice(self.meters), "units": rng.randrange(1, 100)}
+            body["external_id"] = f"wc-{rng.random()}"
+            _ok(one.post("/v1/meter-credits/", json=body))
+            self.distinct.add(body["external_id"])  # its system event
+        elif kind == "meter":
+            func = rng.choice(["sum", "count", "max", "unique", "avg"])
+            aggregation = {"func": func, **({"property": "tokens"} if func != "count" else {})}
+            body = {
+                "name": f"workload meter {len(self.meters)}",
+                "filter": {"conjunction": "and", "clauses": [], **self._filter()},
+                "aggregation": aggregation,
+            }
+            self.meters.append(_ok(one.post("/v1/meters/", json=body))["id"])
+        elif kind == "retry" and self.sent:
+            self._send(edge, rng.choice(self.sent))
+        else:
+            events = [self._event(len(self.sent), i) for i in range(rng.randrange(1, 30))]
+            self.sent.append(events)
+            self._send(edge, events)
+
+    def _external(self) -> str:
+        self.externals.append(f"w{len(self.externals)}")
+        return self.externals[-1]
+
+    def _filter(self) -> dict[str, Any]:
+        if self.rng.random() < 0.5:
+            return {}
+        name = self.rng.choice(["llm_call", "embed"])
+        return {"clauses": [{"property": "name", "operator": "eq", "value": name}]}
+
+    def _event(self, batch: int, i: int) -> dict[str, Any]:
+        rng = self.rng
+        if self.customers and rng.random() < 0.4:
+            ref = {"customer_id": rng.choice(self.customers)}
+        elif self.externals and rng.random() < 0.8:
+            ref = {"external_customer_id": rng.choice(self.externals)}
+        else:
+            ref = {"external_customer_id": self._external()}
+        tokens = rng.randrange(1, 500)
+        event: dict[str, Any] = {
+            "name": rng.choice(["llm_call", "embed", "search"]),
+            **ref,
+            "metadata": {
+                "tokens": tokens,
+                "_cost": {"amount": f"0.{tokens:03}", "currency": "usd"},
+            },
+        }
+        if rng.random() < 0.8:  # a retry of it is then one event (its customer's shard's)
+            event["external_id"] = f"w-{batch}-{i}"
+        return event
+
+    def _send(self, edge: httpx.Client, events: list[dict[str, Any]]) -> None:
+        assert edge.post("/v1/events/ingest", json={"events": events}).is_success
+        for event in events:
+            self.distinct.add(event.get("external_id") or f"unkeyed-{len(self.distinct)}")
+
+
+def _customer_reads(customer: str, meters: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """A customer's events and its quantities of two meters per day. (Its customer meters and
+    state have times of applying: compared without them.)"""
+    window = {**_wide(), "interval": "day"}
+    reads: list[tuple[str, dict[str, Any]]] = [
+        ("/v1/events/", {"customer_id": customer, "limit": 100})
+    ]
+    return reads + [
+        (f"/v1/meters/{meter}/quantities", {**window, "customer_id": customer})
+        for meter in meters[:2]
+    ]
 
 
 def _customers(one: httpx.Client, org: str) -> tuple[list[str], str]:
@@ -172,43 +332,35 @@ def _ok_bytes(answer: httpx.Response) -> bytes:
     return answer.content
 
 
-def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
-    """Every customer's events on one shard, whichever id they name (moved there when the
-    edge keyed them by the other), with the one-shard core's quantities."""
+def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
+    """Every customer's events and ledger on one shard, whichever id they name (moved there
+    when the edge keyed them by the other), with the one-shard core's quantities; after a
+    seeded random workload, with a replica of a shard restored from its snapshot mid-way,
+    every read asked of any shard is the one-shard core's."""
     with Pipeline(tmp_path / "one", partitions=PARTITIONS) as pipeline:
         assert pipeline.core is not None
         secret = ("--secret-file", str(pipeline.data_dir / "secret.key"))
-        shards = [
+        cores = [
             ServedCore(
                 tmp_path / f"shard{i}",
-                *(*pipeline.args(), *secret, "--shard", f"{i}/2"),
+                *(*pipeline.args(), *secret, "--shard", f"{i}/{SHARDS}"),
                 dev_token=False,
             )
-            for i in range(2)
+            for i in range(SHARDS)
         ]
-        # And a replica of shard 0: it leaves out the rows its leader moved, as the journal says.
-        replica = ServedCore(
-            tmp_path / "replica0",
-            *(*pipeline.args(), *secret, "--shard", "0/2", "--replica"),
-            dev_token=False,
-        )
-        shards.append(replica)
-        for shard in shards:
-            shard.start()
+        for core in cores:
+            core.start()
         try:
             token = pipeline.token()
             meter = pipeline.create_meter()  # a record on the control topic: every shard's
             others = [pipeline.create_meter(m) for m in MORE_METERS]
             org = pipeline.organization_id()
-            with (
-                pipeline.core.client(token) as one,
-                shards[0].client(token) as first,
-                shards[1].client(token) as second,
-                replica.client(token) as through_replica,
-                pipeline.edges[0].client(token) as edge,
-            ):
+            with contextlib.ExitStack() as stack:
+                one = stack.enter_context(pipeline.core.client(token))
+                shards = [stack.enter_context(c.client(token)) for c in cores]
+                edge = stack.enter_context(pipeline.edges[0].client(token))
                 named, late = _customers(one, org)
-                for shard in (first, second):  # every shard has applied them (and the PATCH)
+                for shard in shards:  # every shard has applied them (and the PATCH)
                     wait_until(
                         lambda s=shard: (
                             s.get(f"/v1/customers/{late}").status_code == 200
@@ -245,8 +397,8 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                     assert edge.post("/v1/events/ingest", json={"events": batch}).is_success
                     distinct.update(e.get("external_id", str(id(e))) for e in batch)
                 wait_until(lambda: _events(one) == len(distinct), 60)
-                wait_until(lambda: _held(first, second) == _events(one), 60)
-                assert min(_events(first, here=True), _events(second, here=True)) > 0
+                wait_until(lambda: _held(*shards) == _events(one), 60)
+                assert min(_events(shard, here=True) for shard in shards) > 0
                 expected_owner = {
                     **{f"cust_{i}": _shard_of(org, f"ext:cust_{i}") for i in range(5)},
                     **{
@@ -261,39 +413,43 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                     name = "customer_id" if customer in (*named, late) else "external_customer_id"
                     expected = _quantity(one, meter, **{name: customer})
                     assert expected > 0
-                    held = [
-                        _quantity(c, meter, here=True, **{name: customer}) for c in (first, second)
-                    ]
-                    assert held[owner] == expected and held[1 - owner] == 0, customer
+                    held = [_quantity(c, meter, here=True, **{name: customer}) for c in shards]
+                    assert held == [expected if i == owner else 0 for i in range(SHARDS)], customer
                     # Asked of any shard, answered by the customer's.
-                    for shard in (first, second):
+                    for shard in shards:
                         assert _quantity(shard, meter, **{name: customer}) == expected, customer
-                for customer in (*named, late):
-                    state = [
-                        _ok(c.get(f"/v1/customers/{customer}/state")) for c in (one, first, second)
-                    ]
-                    assert state[1] == state[2]  # both the customer's shard's answer
-                    # As the one-shard core's, but for times of applying (its own).
-                    assert _figures(state[1]) == _figures(state[0]) != []
-                for index, client in enumerate((first, second)):
+                for index, client in enumerate(shards):
                     digest = _ok(client.get("/v1/cluster/digest"))
-                    owned = Shard(index, 2).partitions(PARTITIONS)
+                    owned = Shard(index, SHARDS).partitions(PARTITIONS)
                     assert sorted(int(p) for p in digest["events_offsets"]) == owned
                     # Each shard has its leader (as of its last heartbeat: within 2 s).
-                    wait_until(lambda c=client, i=index: _this(c) == (f"{i}/2", "leader"), 10)
+                    mine = (f"{index}/{SHARDS}", "leader")
+                    wait_until(lambda c=client, m=mine: _this(c) == m, 10)
                     # The meter is every shard's: the control topic is applied whole.
                     assert _ok(client.get(f"/v1/meters/{meter}"))["id"] == meter
-                moved = sum(_moved(c) for c in (first, second))
+                moved = sum(_moved(c) for c in shards)
                 assert moved >= 3 * 5  # the events naming the crossing customers by id, at least
-                (state, reads), (again, reads_again) = _settled_together(first, through_replica)
+                # Mid-way, a replica of shard 0 from a snapshot its leader takes while serving;
+                # then a seeded random workload.
+                replica = _replica_of(tmp_path, cores[0], (*pipeline.args(), *secret))
+                cores.append(replica)
+                through_replica = stack.enter_context(replica.client(token))
+                workload = Workload(SEED)
+                workload.meters += [meter, *others]
+                for _ in range(STEPS):
+                    workload.step(one, edge, shards)
+                distinct |= workload.distinct
+                wait_until(lambda: _events(one) == len(distinct), 60)
+                wait_until(lambda: _held(*shards) == _events(one), 60)
+                (state, reads), (again, reads_again) = _settled_together(shards[0], through_replica)
                 _assert_same(state, again)
                 assert reads_again == reads
                 assert _events(one) == len(distinct)  # no copy of a moved event came in since
-                # A credit and a hold sent to the shard that does not hold a customer are
+                # A credit and a hold sent to a shard that does not hold a customer are
                 # decided by the one that does: it knows what the customer consumed.
                 crossing = named[0]
-                owner = (first, second)[expected_owner[crossing]]
-                other = (first, second)[1 - expected_owner[crossing]]
+                owner = shards[expected_owner[crossing]]
+                other = shards[(expected_owner[crossing] + 1) % SHARDS]
                 consumed = int(_quantity(one, meter, customer_id=crossing))
                 credit = {"customer_id": crossing, "meter_id": meter, "external_id": "c"}
                 made = other.post("/v1/meter-credits/", json={**credit, "units": consumed + 10})
@@ -301,85 +457,94 @@ def test_two_shards_split_what_one_shard_applies(tmp_path: Path) -> None:
                 hold = {**credit, "external_id": "h", "units": 20}
                 refused = other.post("/v1/meter-holds/", json=hold)
                 assert refused.status_code == 409, refused.text  # 10 left, where its events are
-                held = other.post("/v1/meter-holds/", json={**hold, "units": 5})
-                assert held.status_code == 201, held.text
-                # Applied by the customer's shard alone: the other applies the same records
-                # but keeps no ledger of that customer, so it fires no alert or webhook for it.
-                # Asked itself (marked as routed), it refuses: the record is applied by the
-                # customer's shard all the same, whose outcome is the answer (routing step 3).
+                held_one = other.post("/v1/meter-holds/", json={**hold, "units": 5})
+                assert held_one.status_code == 201, held_one.text
+                # Applied by the customer's shard alone: the others apply the same records
+                # but keep no ledger of that customer, so they fire no alert or webhook for it.
+                # Asked itself (marked as routed), a shard refuses: the record is applied by
+                # the customer's shard all the same, whose outcome is the answer (routing
+                # step 3).
                 own = {"customer_id": crossing, "meter_id": meter, "external_id": "r", "units": 1}
                 elsewhere = other.post("/v1/meter-credits/", json=own, headers={ROUTED_HEADER: "1"})
                 assert elsewhere.status_code == 421, elsewhere.text
                 assert elsewhere.json()["error"] == "CustomerElsewhere"
-
-                def _system(client: httpx.Client, **params: str) -> int:
-                    query = {"source": "system", "limit": 1, **params}
-                    found = _ok(
-                        client.get("/v1/events/", params=query, headers={ROUTED_HEADER: "1"})
-                    )
-                    return int(found["pagination"]["total_count"])
-
                 wait_until(lambda: _system(owner, customer_id=crossing) == 2, 30)  # "c", "r"
                 assert _system(other, customer_id=crossing) == 0
-                assert _system(first) + _system(second) == _system(one) > 0
-                # A hold by id, asked of either shard, is its customer's shard's.
-                hold_id = held.json()["id"]
-                for shard in (first, second):
+                # A hold by id, asked of any shard, is its customer's shard's.
+                hold_id = held_one.json()["id"]
+                for shard in shards:
                     assert _ok(shard.get(f"/v1/meter-holds/{hold_id}"))["status"] == "active"
                 released = _ok(other.delete(f"/v1/meter-holds/{hold_id}"))
                 assert released["status"] == "released"
-                again = _ok(
-                    other.post("/v1/meter-holds/", json={**hold, "external_id": "h2", "units": 10})
-                )
-                assert again["status"] == "active"  # 5 were available before the release
+                again_held = {**hold, "external_id": "h2", "units": 10}
+                assert _ok(other.post("/v1/meter-holds/", json=again_held))["status"] == "active"
                 # A credit plan is every shard's (its cycles counted alike); a cycle's reset and
                 # credit are the customer's shard's.
                 plan = {**credit, "external_id": "p", "units": 50, "interval": "month"}
                 assert other.post("/v1/credit-plans/", json=plan).status_code == 201
                 wait_until(lambda: _system(owner, customer_id=crossing) == 4, 30)
                 assert _system(other, customer_id=crossing) == 0
-                # Organization-wide reads asked of either shard merge both shards' parts into
-                # the one-shard core's answers, byte for byte: the credit's system event and
-                # the holds listed once.
-                reads = _organization_reads(one, [meter, *others])
-                wait_until(lambda: _answers(one, reads) == _answers(first, reads), 30)
-                expected = _answers(one, reads)
-                for shard in (first, second):
+                # (The one-shard core has applied those writes once it has their events.)
+                wait_until(lambda: _system(one) == sum(_system(s) for s in shards) > 0, 30)
+                # Organization-wide reads asked of any shard, and each customer's of one shard
+                # (each in turn), are the one-shard core's answers, byte for byte.
+                reads = _organization_reads(one, workload.meters)
+                customers = [*named, late, *workload.customers]
+                for shard in shards:
                     for (path, params), mine, merged in zip(
-                        reads, expected, _answers(shard, reads), strict=True
+                        reads, _answers(one, reads), _answers(shard, reads), strict=True
                     ):
-                        assert merged == mine, (path, params)
+                        assert merged == mine, (path, params, mine[:2000], merged[:2000])
+                for i, customer in enumerate(customers):
+                    theirs = _customer_reads(customer, workload.meters)
+                    for (path, params), mine, merged in zip(
+                        theirs,
+                        _answers(one, theirs),
+                        _answers(shards[i % SHARDS], theirs),
+                        strict=True,
+                    ):
+                        assert merged == mine, (path, params, mine[:2000], merged[:2000])
+                for customer in customers:
+                    state = [_ok(c.get(f"/v1/customers/{customer}/state")) for c in (one, *shards)]
+                    assert all(s == state[1] for s in state[2:])  # the customer's shard's
+                    # As the one-shard core's, but for times of applying (its own).
+                    assert _figures(state[1]) == _figures(state[0])
                 # Customer meters: the one-shard core's figures; their `modified_at` is each
-                # core's time of applying (so is their order), the same from either shard.
-                listed = [
-                    _ok(c.get("/v1/customer-meters/", params={"limit": 100}))
-                    for c in (one, first, second)
-                ]
-                assert listed[1] == listed[2]
-                assert listed[1]["pagination"] == listed[0]["pagination"]
-                assert sorted(map(_balance, listed[1]["items"])) == sorted(
-                    map(_balance, listed[0]["items"])
-                )
-                items = listed[1]["items"]
-                assert items == sorted(items, key=lambda m: _changed(m, -1))
+                # core's time of applying (so is their order), the same from any shard.
+                listed = [_customer_meters(c) for c in (one, *shards)]
+                assert all(answer == listed[1] for answer in listed[2:])
+                assert sorted(map(_balance, listed[1])) == sorted(map(_balance, listed[0]))
+                assert listed[1] == sorted(listed[1], key=lambda m: _changed(m, -1))
                 oldest = {"limit": 3, "page": 2, "sorting": "modified_at"}
-                paged = [_ok(c.get("/v1/customer-meters/", params=oldest)) for c in (first, second)]
-                assert paged[0] == paged[1]
-                assert paged[0]["items"] == sorted(items, key=lambda m: _changed(m, 1))[3:6]
+                paged = [_ok(c.get("/v1/customer-meters/", params=oldest)) for c in shards]
+                assert all(answer == paged[0] for answer in paged[1:])
+                assert paged[0]["items"] == sorted(listed[1], key=lambda m: _changed(m, 1))[3:6]
                 # An external id events name is not given to a customer made without it,
-                # asked of either shard (the one holding those events decides) or of one.
+                # asked of any shard (the one holding those events decides) or of one.
                 plain = _ok(one.post("/v1/customers/", json={"email": "plain@x.org"}))["id"]
-                for client in (first, second, one):
+                for client in (*shards, one):
                     wait_until(lambda c=client: c.get(f"/v1/customers/{plain}").is_success, 30)
                     refused = client.patch(f"/v1/customers/{plain}", json={"external_id": "cust_0"})
                     assert refused.status_code == 409, refused.text
                     assert refused.json()["error"] == "ExternalIdInUse"
-                too_deep = first.get("/v1/events/", params={"page": 101, "limit": 100})
+                too_deep = shards[0].get("/v1/events/", params={"page": 101, "limit": 100})
                 assert too_deep.status_code == 422, too_deep.text
                 assert too_deep.json()["detail"][0]["loc"] == ["query", "page"]
+                # Dedupe is exact within a shard: the same external id in events of customers
+                # on two shards is kept twice there, once by one shard.
+                apart = _apart(org)
+                twice = [
+                    {"name": "llm_call", "external_customer_id": c, "external_id": "twice"}
+                    for c in apart
+                ]
+                before = _events(one)
+                for event in twice:  # apart: one request keeps the first of each external id
+                    assert edge.post("/v1/events/ingest", json={"events": [event]}).is_success
+                wait_until(lambda: _held(*shards) == before + 2, 60)
+                wait_until(lambda: _events(one) == before + 1, 60)
         finally:
-            for shard in shards:
-                shard.stop()
+            for core in cores:
+                core.stop()
 
 
 def _core(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
