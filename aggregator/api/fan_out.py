@@ -33,6 +33,10 @@ with its own, so that the answer is what one shard holding every event gives.
    page p of l is among each shard's first p × l rows (`MAX_REACH` deep), merged in the list's
    order (`rows`); the total is the sum of the shards'.
 
+7. The live stream: this shard's changes and every other shard's stream (each customer's
+   changes are its shard's), event by event; opened once all are (each subscribed: nothing
+   committed after is missed), and ended when any ends (clients reconnect). (`live`)
+
 A shard none of whose cores answers makes the read a 503 `ShardUnavailable`; a shard's refusal
 (a 4xx) is the answer, as it would be from one shard.
 """
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -282,6 +286,79 @@ def costs(mine: Item, theirs: list[Any], limit: int, ascending: bool) -> Item:
     for report in reports:
         _add(total, report["total"])
     return {"total": total, "groups": ordered[:limit]}
+
+
+# Comments (`:` lines: a stream's opening and heartbeats) are each stream's own.
+_COMMENT = b":"
+_BACKLOG = 1024  # events waiting for a slow client, past which the streams wait for it
+
+
+async def live(
+    peers: Peers,
+    request: Request,
+    mine: AsyncIterator[bytes],
+    marks: tuple[bytes, bytes],
+    heartbeat_seconds: float,
+) -> AsyncIterator[bytes]:
+    """Step 7: `mine` (this shard's stream of server-sent events, its first chunk sent once
+    subscribed) merged with the other shards' streams of `request`, opened here (a shard that
+    does not open its stream makes the answer its refusal, or 503); `marks` are the comments
+    sent first and after `heartbeat_seconds` without an event."""
+    found = await asyncio.gather(
+        *(peers.opened(i, request) for i in peers.others()), return_exceptions=True
+    )
+    theirs = [answer for answer in found if isinstance(answer, httpx.Response)]
+    refused = next((e for e in found if isinstance(e, BaseException)), None)
+    if refused is not None:
+        for answer in theirs:
+            await answer.aclose()
+        raise refused
+    return _merged([mine, *(a.aiter_raw() for a in theirs)], theirs, marks, heartbeat_seconds)
+
+
+async def _merged(
+    sources: list[AsyncIterator[bytes]],
+    theirs: list[httpx.Response],
+    marks: tuple[bytes, bytes],
+    heartbeat_seconds: float,
+) -> AsyncIterator[bytes]:
+    opened, heartbeat = marks
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(_BACKLOG)
+    subscribed = [asyncio.Event() for _ in sources]
+
+    async def pump(chunks: AsyncIterator[bytes], started: asyncio.Event) -> None:
+        pending = b""
+        try:
+            async for chunk in chunks:
+                started.set()
+                *events, pending = (pending + chunk).split(b"\n\n")
+                for event in events:
+                    if event and not event.startswith(_COMMENT):
+                        await queue.put(event + b"\n\n")
+        finally:
+            started.set()
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(c, e)) for c, e in zip(sources, subscribed, strict=True)]
+    try:
+        await asyncio.gather(*(e.wait() for e in subscribed))
+        yield opened
+        while True:
+            try:
+                async with asyncio.timeout(heartbeat_seconds):
+                    event = await queue.get()
+            except TimeoutError:
+                yield heartbeat
+                continue
+            if event is None:  # a stream ended: so does this one
+                return
+            yield event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for answer in theirs:
+            await answer.aclose()
 
 
 def _add(found: Item, more: Item) -> None:

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from aggregator.api import live_shapes, params
+from aggregator.api import fan_out, live_shapes, params
 from aggregator.api import openapi as oa
 from aggregator.api.context import ApiContext
 from aggregator.api.openapi import ApiRoute, Operation, Text
@@ -59,7 +59,15 @@ def routes(ctx: ApiContext, feed: LiveFeed | None) -> list[Route]:
                     if chunk:
                         yield chunk
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=HEADERS)
+        peers = ctx.fanned_out(request)  # every shard's changes (`fan_out`, step 7)
+        merged = (
+            events()
+            if peers is None
+            else await fan_out.live(
+                peers, request, events(), (OPENED, HEARTBEAT), feed.heartbeat_seconds
+            )
+        )
+        return StreamingResponse(merged, media_type="text/event-stream", headers=HEADERS)
 
     async def _next(org: str, subscription: Subscription, heartbeat: float) -> bytes:
         update = await subscription.next(heartbeat)

@@ -23,13 +23,15 @@ ledger (`store.ledger_tables.Ledgers`).
      (421 `CustomerElsewhere`: the customer was not yet known here when step 1 looked) is
      sent, with its key, to the customer's shard, whose outcome of the same record is the
      answer;
-   - a hold or customer meter by id (`/v1/meter-holds/{id}`, `/v1/customer-meters/{id}`)
-     not found here is asked of the other shards in turn (a release with its key): the first
-     that has it answers; none: this core's 404 (503 if a shard did not answer).
+   - a hold, customer meter or webhook event by id (`/v1/meter-holds/{id}`,
+     `/v1/customer-meters/{id}`, `/v1/webhooks/events/{id}/redeliver`) not found here is asked
+     of the other shards in turn (a write with its key): the first that has it answers; none:
+     this core's 404 (503 if a shard did not answer).
 4. An organization-wide read that shards answer in part (event lists, names and types, a
-   meter's quantities over all customers, costs, customers, holds, customer meters) is asked
-   by its route of one live core of every other shard (`Peers`, concurrently, marked as in
-   step 2) and merged with this shard's part there (`api.fan_out`).
+   meter's quantities over all customers, costs, customers, holds, customer meters, webhook
+   deliveries, the live stream) is asked by its route of one live core of every other shard
+   (`Peers`, concurrently, marked as in step 2) and merged with this shard's part there
+   (`api.fan_out`). A customer's live stream is sent on as it comes (step 2).
 """
 
 from __future__ import annotations
@@ -48,15 +50,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from aggregator.errors import ShardUnavailable
+from aggregator.errors import ShardRefused, ShardUnavailable
 from ingest.http import (
     HOP_BY_HOP,
     Authenticate,
     InvalidToken,
     Unauthorized,
     error,
+    is_stream,
     organization_of,
     relayed,
+    streamed,
 )
 from ingest.kafka import Shard
 
@@ -67,8 +71,14 @@ Owner = Callable[[str, str | None, str | None], Awaitable[int | None]]
 Customer = tuple[str | None, str | None]  # customer id, external customer id
 _CUSTOMER_PARAMS = ("customer_id", "external_customer_id")
 _WRITES = frozenset({"/v1/meter-credits/", "/v1/meter-resets/", "/v1/meter-holds/"})
-_BY_ID = ("/v1/meter-holds/", "/v1/customer-meters/")  # step 3's rows, by id
+# Step 3's rows asked by id: (before the id, after it, the methods).
+_BY_ID = (
+    ("/v1/meter-holds/", "", frozenset({"GET", "DELETE"})),
+    ("/v1/customer-meters/", "", frozenset({"GET"})),
+    ("/v1/webhooks/events/", "/redeliver", frozenset({"POST"})),
+)
 _KEY = b"idempotency-key"
+_STREAMS = frozenset({"/v1/customer-meters/stream"})  # answers that never end: relayed as they come
 _NOT_SENT_ON = frozenset({h.encode() for h in HOP_BY_HOP} | {b"host"})
 
 
@@ -82,14 +92,30 @@ class Peers:
     client: httpx.AsyncClient
 
     async def send(
-        self, shard: int, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+        self,
+        shard: int,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        stream: bool = False,
     ) -> httpx.Response:
-        """Steps 2 and 3: the first answer of one of the shard's live cores (502-504 are not
-        answers)."""
+        """Steps 2 to 4: the first answer of one of the shard's live cores (502-504 are not
+        answers), read whole; or, with `stream`, a stream's answer left open, read as it comes
+        with no read timeout (its heartbeats keep it going; the caller closes it)."""
+        timeout = httpx.Timeout(self.client.timeout.connect, read=None) if stream else None
         for core in self.cores(shard):
-            url = core + target
+            request = self.client.build_request(
+                method, core + target, headers=headers, content=body, timeout=timeout
+            )
             try:
-                sent = await self.client.request(method, url, headers=headers, content=body)
+                sent = await self.client.send(request, stream=True)
+                if stream and is_stream(sent):
+                    return sent
+                try:
+                    await sent.aread()
+                finally:
+                    await sent.aclose()
             except httpx.HTTPError:
                 continue
             if sent.status_code not in (502, 503, 504):
@@ -112,6 +138,15 @@ class Peers:
         headers = [*_sent_on(request.headers.raw), (ROUTED_HEADER.encode(), mode.encode())]
         target = f"{request.url.path}?{urlencode(query)}"
         return await self.send(shard, "GET", target, headers, b"")
+
+    async def opened(self, shard: int, request: Request) -> httpx.Response:
+        """Step 4: `request`'s stream on `shard`, open (`ShardRefused`: it answered otherwise)."""
+        headers = [*_sent_on(request.headers.raw), (ROUTED_HEADER.encode(), b"1")]
+        target = f"{request.url.path}?{request.url.query}"
+        sent = await self.send(shard, "GET", target, headers, b"", stream=True)
+        if not is_stream(sent):
+            raise ShardRefused(sent.status_code, sent.content)
+        return sent
 
     async def fanned(
         self, request: Request, queries: Sequence[list[tuple[str, str]]], mode: str
@@ -268,11 +303,14 @@ class _ShardRouting:
         return _unavailable(unavailable, "which may hold it")
 
     async def _sent(self, scope: Scope, shard: int, body: bytes) -> Response:
-        """Step 2."""
+        """Step 2 (a stream sent on as it comes)."""
+        stream = scope["path"] in _STREAMS
         try:
-            sent = await self._peers.send(shard, *_request(scope), body)
+            sent = await self._peers.send(shard, *_request(scope), body, stream=stream)
         except ShardUnavailable:
             return _unavailable(shard, "which holds this customer")
+        if stream and is_stream(sent):
+            return streamed(sent)
         return relayed(sent.status_code, sent.headers.multi_items(), sent.content)
 
 
@@ -293,11 +331,11 @@ def _unavailable(shard: int, why: str) -> Response:
 
 
 def _by_id(method: str, path: str) -> bool:
-    """Step 3: a hold or customer meter asked by id (a GET, or a hold's release)."""
-    for prefix in _BY_ID:
-        named = path.removeprefix(prefix)
-        if named != path and _is_uuid(named):
-            return method == "GET" or (method == "DELETE" and prefix == "/v1/meter-holds/")
+    """Step 3: a hold, customer meter or webhook event asked by id."""
+    for before, after, methods in _BY_ID:
+        named = path.removeprefix(before)
+        if named != path and named.endswith(after):
+            return method in methods and _is_uuid(named.removesuffix(after))
     return False
 
 

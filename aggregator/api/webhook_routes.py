@@ -3,12 +3,14 @@ redelivering an event."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from aggregator.api import fan_out, params
 from aggregator.api import openapi as oa
-from aggregator.api import params
 from aggregator.api import webhook_shapes as shapes
 from aggregator.api.context import ApiContext
 from aggregator.api.openapi import ApiRoute, Operation
@@ -93,19 +95,29 @@ def routes(ctx: ApiContext, allow_private: bool) -> list[Route]:
         org = ctx.organization(request)
         page, limit = params.page_and_limit(request)
         code_class = params.choices(request, "http_code_class", CODE_CLASSES)
-        found = await service.deliveries(
-            store,
-            org,
-            endpoint_ids=list(params.ids(request, "endpoint_id")),
-            event_types=list(params.choices(request, "event_type", frozenset(EVENT_TYPES))),
-            succeeded=params.boolean(request, "succeeded"),
-            http_code_class=code_class[0] if code_class else None,
-            start_us=params.timestamp(request, "start_timestamp"),
-            end_us=params.timestamp(request, "end_timestamp"),
-            page=page,
-            limit=limit,
-        )
-        return JSON(shapes.deliveries(found, limit))
+
+        async def listed(page: int, limit: int) -> ListResource[DeliveryShape]:
+            found = await service.deliveries(
+                store,
+                org,
+                endpoint_ids=list(params.ids(request, "endpoint_id")),
+                event_types=list(params.choices(request, "event_type", frozenset(EVENT_TYPES))),
+                succeeded=params.boolean(request, "succeeded"),
+                http_code_class=code_class[0] if code_class else None,
+                start_us=params.timestamp(request, "start_timestamp"),
+                end_us=params.timestamp(request, "end_timestamp"),
+                page=page,
+                limit=limit,
+            )
+            return shapes.deliveries(found, limit)
+
+        # As `webhook_tables.list_deliveries` orders them: newest first, then by id (a webhook
+        # event is its customer's shard's: `fan_out`, step 6).
+        def order(delivery: Any) -> tuple[int, str]:
+            return -fan_out.micros(delivery["created_at"]), delivery["id"]
+
+        peers = ctx.fanned_out(request)
+        return JSON(await fan_out.rows(peers, request, listed, order, page, limit))
 
     async def redeliver(request: Request) -> Response:
         org = ctx.organization(request)

@@ -29,7 +29,9 @@ from ingest.http.responses import (
     ValidationErrorBody,
     end_to_end,
     error,
+    is_stream,
     relayed,
+    streamed,
 )
 
 __all__ = [
@@ -68,8 +70,10 @@ __all__ = [
     "error",
     "http_protocol",
     "ingest_routes",
+    "is_stream",
     "json_body",
     "metrics_route",
     "organization_of",
     "relayed",
+    "streamed",
 ]

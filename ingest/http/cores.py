@@ -41,12 +41,11 @@ from types import TracebackType
 from typing import Self
 
 import httpx
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from ingest.http.requests import read_body
-from ingest.http.responses import HOP_BY_HOP, end_to_end, error, relayed
+from ingest.http.responses import HOP_BY_HOP, error, is_stream, relayed, streamed
 from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
@@ -251,9 +250,9 @@ class Cores:
         except httpx.TransportError as exc:
             self._mark_down(core, exc)
             raise _Failed(reached=True) from None
-        headers = sent.headers.multi_items()  # `relayed` and `end_to_end` drop hop-by-hop ones
-        if sent.headers.get("content-type", "").startswith("text/event-stream"):
-            return _streamed(sent, headers)
+        if is_stream(sent):
+            return streamed(sent)
+        headers = sent.headers.multi_items()  # `relayed` drops hop-by-hop ones
         try:
             body = b"".join([chunk async for chunk in sent.aiter_raw()])
         except httpx.TransportError as exc:
@@ -303,14 +302,6 @@ class Cores:
                     log.warning("core %s failed its health probe; asking the others", core)
                     self._down.add(core)
             await asyncio.sleep(every)
-
-
-def _streamed(sent: httpx.Response, headers: list[tuple[str, str]]) -> Response:
-    answer = StreamingResponse(
-        sent.aiter_raw(), sent.status_code, background=BackgroundTask(sent.aclose)
-    )
-    answer.raw_headers = end_to_end(headers)
-    return answer
 
 
 async def _discard(answer: Response) -> None:

@@ -8,9 +8,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
 from typing import Any, Literal
 
+import httpx
 import orjson
+from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from typing_extensions import TypedDict
 
 from ingest.errors import BodyTimeout, BodyTooLarge, TooManyRequests, Unavailable
@@ -94,6 +96,21 @@ def relayed(status: int, headers: Iterable[tuple[str, str]], body: bytes) -> Res
     answer = Response(body, status)
     answer.raw_headers = [*end_to_end(headers), (b"content-length", str(len(body)).encode())]
     return answer
+
+
+def streamed(sent: httpx.Response) -> Response:
+    """Another server's streamed answer (opened with `stream=True`), sent on as it comes; the
+    connection to it is closed when the stream ends or the client leaves."""
+    answer = StreamingResponse(
+        sent.aiter_raw(), sent.status_code, background=BackgroundTask(sent.aclose)
+    )
+    answer.raw_headers = end_to_end(sent.headers.multi_items())
+    return answer
+
+
+def is_stream(sent: httpx.Response) -> bool:
+    """Whether an answer is a stream of server-sent events (`streamed` sends it on)."""
+    return str(sent.headers.get("content-type", "")).startswith("text/event-stream")
 
 
 def error(status: int, error_name: str, detail: Any, headers: dict[str, str] | None = None) -> JSON:

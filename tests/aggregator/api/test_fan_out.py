@@ -1,10 +1,13 @@
 """Merging shards' parts of organization-wide reads (`api.fan_out`) gives what one list of
 every item gives: any split of the events or names over any number of shards, any page, either
-order; and a meter's partials read back from their wire form merge as the partials do."""
+order; a meter's partials read back from their wire form merge as the partials do; live
+streams merge event by event."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -197,3 +200,39 @@ def test_merged_costs_are_the_costs_of_all_events(
 
     merged = fan_out.costs(part(0), [part(1), part(2)], limit, ascending)
     assert merged == report(found, limit)
+
+
+def test_live_streams_merge_event_by_event_and_end_with_any() -> None:
+    """Each stream's events, cut anywhere into chunks, come out whole, once, after the merged
+    stream's own opening (sent once every stream has sent its first chunk); comments are each
+    stream's own; a quiet merged stream sends its heartbeat; it ends when any stream ends."""
+
+    async def run() -> list[bytes]:
+        done = asyncio.Event()
+
+        async def mine() -> AsyncIterator[bytes]:
+            yield b": open\n\n"
+            yield b"event: a\ndata: 1\n\nevent: a\ndata: 2\n\n"
+            await asyncio.Event().wait()  # open until the merged stream ends
+
+        async def theirs() -> AsyncIterator[bytes]:
+            yield b": open\n\nevent: b\nda"
+            yield b"ta: 3\n\n: heartbeat\n\n"
+            await done.wait()
+
+        merged = fan_out._merged([mine(), theirs()], [], (b"OPEN", b"BEAT"), 0.05)
+        out = [await anext(merged)]
+        while out.count(b"BEAT") < 1 or len(out) < 5:
+            out.append(await anext(merged))
+        done.set()
+        out += [chunk async for chunk in merged]
+        return out
+
+    out = asyncio.run(run())
+    assert out[0] == b"OPEN"
+    events = [chunk for chunk in out if chunk not in (b"OPEN", b"BEAT")]
+    assert sorted(events) == [
+        b"event: a\ndata: 1\n\n",
+        b"event: a\ndata: 2\n\n",
+        b"event: b\ndata: 3\n\n",
+    ]

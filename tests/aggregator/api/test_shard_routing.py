@@ -94,12 +94,13 @@ HOLD = "0b3c9f4e-5f1c-4d7e-9a37-2b8f3f0b6a11"
 def _core(answers: dict[str, int], keys: list[str | None]) -> Starlette:
     async def answer(request: Request) -> JSONResponse:
         keys.append(request.headers.get("idempotency-key"))
-        return JSONResponse({"from": answers["name"]}, status_code=answers[request.method])
+        return JSONResponse({"from": answers["name"]}, status_code=answers.get(request.method, 404))
 
     return Starlette(
         routes=[
             Route("/v1/meter-credits/", answer, methods=["POST"]),
             Route("/v1/meter-holds/{id}", answer, methods=["GET", "DELETE"]),
+            Route("/v1/webhooks/events/{id}/redeliver", answer, methods=["POST"]),
         ]
     )
 
@@ -134,17 +135,21 @@ def test_a_write_refused_here_as_another_shards_customer_is_that_shards_outcome(
     assert seen_here[0] is not None and seen_here == seen_there  # one request id: applied once
 
 
-def test_a_hold_not_found_here_is_asked_of_the_other_shards() -> None:
+def test_a_hold_or_webhook_event_not_found_here_is_asked_of_the_other_shards() -> None:
     seen: list[str | None] = []
-    here = _core({"name": "here", "GET": 404, "DELETE": 404}, seen)
-    there = _core({"name": "there", "GET": 200, "DELETE": 200}, seen)
+    here = _core({"name": "here"}, seen)
+    there = _core({"name": "there", "GET": 200, "DELETE": 200, "POST": 202}, seen)
     with TestClient(_routing(here, there, [])) as client:
         found = client.get(f"/v1/meter-holds/{HOLD}", headers=BEARER)
         released = client.delete(f"/v1/meter-holds/{HOLD}", headers=BEARER)
+        again = client.post(f"/v1/webhooks/events/{HOLD}/redeliver", headers=BEARER)
     assert (found.status_code, found.json()) == (200, {"from": "there"})
     assert (released.status_code, released.json()) == (200, {"from": "there"})
-    assert seen[2] is not None and seen[2] == seen[3]  # the release: one request id
-    nowhere = _core({"name": "nowhere", "GET": 404, "DELETE": 404}, [])
+    assert again.status_code == 202
+    # Each write is one request id wherever it is applied.
+    assert seen[2] is not None and seen[2] == seen[3]
+    assert seen[4] is not None and seen[4] == seen[5] != seen[2]
+    nowhere = _core({"name": "nowhere"}, [])
     with TestClient(_routing(here, nowhere, [])) as client:
         assert client.get(f"/v1/meter-holds/{HOLD}", headers=BEARER).json() == {"from": "here"}
     with TestClient(_routing(here, None, [])) as client:  # the other shard has no live core

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from aggregator import cli
@@ -91,6 +94,34 @@ def _balance(meter: dict[str, Any]) -> tuple[Any, ...]:
     """A customer meter's figures, without its times."""
     keys = ("id", "consumed_units", "credited_units", "balance", "held_units", "available")
     return tuple(meter[k] for k in keys)
+
+
+def _watch(client: httpx.Client, params: dict[str, str], customer: str) -> queue.Queue[Any]:
+    """The customer's changes on `client`'s live stream opened with `params`, once open (its
+    `: open` comment: subscribed)."""
+    found: queue.Queue[Any] = queue.Queue()
+
+    def read() -> None:
+        with (
+            contextlib.suppress(httpx.HTTPError),  # the client closes when the test ends
+            client.stream("GET", "/v1/customer-meters/stream", params=params) as answer,
+        ):
+            if answer.status_code != 200:
+                found.put(answer.read())
+            event = None
+            for line in answer.iter_lines():
+                if line == ": open":
+                    found.put("open")
+                elif line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: ") and event == "customer_meter":
+                    change = orjson.loads(line.removeprefix("data: "))
+                    if change["customer_id"] == customer:
+                        found.put(change)
+
+    threading.Thread(target=read, daemon=True).start()
+    assert found.get(timeout=30) == "open"
+    return found
 
 
 def _customer_meters(client: httpx.Client) -> list[dict[str, Any]]:
@@ -530,6 +561,18 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                 too_deep = shards[0].get("/v1/events/", params={"page": 101, "limit": 100})
                 assert too_deep.status_code == 422, too_deep.text
                 assert too_deep.json()["detail"][0]["loc"] == ["query", "page"]
+                # The live stream: organization-wide, every shard's changes (merged by the
+                # shard asked); one customer's, its shard's stream sent on as it comes.
+                o = expected_owner[crossing]
+                merged = _watch(shards[(o + 1) % SHARDS], {}, crossing)
+                routed_to = _watch(shards[(o + 2) % SHARDS], {"customer_id": crossing}, crossing)
+                used = [{"name": "llm_call", "customer_id": crossing, "metadata": {"tokens": 3}}]
+                assert edge.post("/v1/events/ingest", json={"events": used}).is_success
+                for watched in (merged, routed_to):
+                    change = watched.get(timeout=30)
+                    assert (
+                        change["customer_id"] == crossing and change["meter_id"] in workload.meters
+                    )
                 # Dedupe is exact within a shard: the same external id in events of customers
                 # on two shards is kept twice there, once by one shard.
                 apart = _apart(org)
