@@ -205,6 +205,11 @@ def micros(iso: str) -> int:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def newest_first(item: Item) -> tuple[int, str]:
+    """The order of a list by `created_at`, newest first, then by `id` (holds, deliveries)."""
+    return -micros(item["created_at"]), item["id"]
+
+
 async def rows(
     peers: Peers | None,
     request: Request,

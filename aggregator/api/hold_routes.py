@@ -4,8 +4,6 @@ so that concurrent requests cannot together overdraw it. The usage event with th
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.requests import Request
 from starlette.routing import Route
 
@@ -73,12 +71,9 @@ def routes(ctx: ApiContext) -> list[Route]:
             )
             return shapes.holds(found, limit)
 
-        # As `hold_tables.list_holds` orders them: newest first, then by id (`fan_out`, step 6).
-        def order(hold: Any) -> tuple[int, str]:
-            return -fan_out.micros(hold["created_at"]), hold["id"]
-
+        # In `hold_tables.list_holds`' order (`fan_out`, step 6).
         peers = ctx.fanned_out(request)
-        return JSON(await fan_out.rows(peers, request, holds, order, page, limit))
+        return JSON(await fan_out.rows(peers, request, holds, fan_out.newest_first, page, limit))
 
     async def get(request: Request) -> JSON:
         org = ctx.organization(request)

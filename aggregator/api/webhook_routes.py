@@ -3,8 +3,6 @@ redelivering an event."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -111,13 +109,10 @@ def routes(ctx: ApiContext, allow_private: bool) -> list[Route]:
             )
             return shapes.deliveries(found, limit)
 
-        # As `webhook_tables.list_deliveries` orders them: newest first, then by id (a webhook
-        # event is its customer's shard's: `fan_out`, step 6).
-        def order(delivery: Any) -> tuple[int, str]:
-            return -fan_out.micros(delivery["created_at"]), delivery["id"]
-
+        # In `webhook_tables.list_deliveries`' order (a webhook event is its customer's shard's:
+        # `fan_out`, step 6).
         peers = ctx.fanned_out(request)
-        return JSON(await fan_out.rows(peers, request, listed, order, page, limit))
+        return JSON(await fan_out.rows(peers, request, listed, fan_out.newest_first, page, limit))
 
     async def redeliver(request: Request) -> Response:
         org = ctx.organization(request)
