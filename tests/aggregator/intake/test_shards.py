@@ -4,19 +4,24 @@ their own journal and leader. Each customer's events are on one shard, whichever
 they name (rows keyed by the other are moved there), where its quantities are the one-shard
 core's; the shards' events add up to the one-shard core's, none on two; a customer's reads,
 credits, holds and plan cycles asked of any shard are its shard's, and its ledger is on that
-shard alone. After a seeded random workload (customers named by either id, some made after
-their first events; events, some sent again; credits; new meters), with a replica of a shard
-started mid-way from its leader's snapshot (it then holds its leader's state), every
-organization-wide read (event lists, names, types, customers, quantities, costs, holds, plans)
-and each customer's asked of any shard is the one-shard core's, byte for byte; customer meters
-and customer states too, but for their times of applying. Dedupe is exact within a shard: the
-same external id in events of customers of two shards is kept twice. An external id events
-name is not given to a customer, whichever shard is asked. More shards than partitions, or a
-data dir of another shard, is refused at start."""
+shard alone.
+
+After seeded random workloads of two organizations (customers named by either id, some made
+after their first events; events, some sent again, with the same external ids in both
+organizations; credits; new meters), with a replica of a shard started mid-way from its
+leader's snapshot (it then holds its leader's state), every organization-wide read (event
+lists, names, types, customers, quantities, costs, holds, plans) of either organization and
+each customer's asked of any shard is the one-shard core's, byte for byte; customer meters and
+customer states too, but for their times of applying. The live stream, organization-wide or a
+customer's, asked of shards that do not hold the customer, carries its changes. Dedupe is
+exact within a shard: the same external id in events of customers of two shards is kept twice.
+An external id events name is not given to a customer, whichever shard is asked. More shards
+than partitions, or a data dir of another shard, is refused at start."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import queue
 import random
@@ -176,6 +181,17 @@ def _system(client: httpx.Client, **params: str) -> int:
     return int(found["pagination"]["total_count"])
 
 
+def _token(pipeline: Pipeline, organization: str) -> str:
+    """A new token of a new `organization`, published on the control topic (`meterline token
+    create --kafka`), as it prints it."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        command = ["token", "create", "--org", organization, "--data-dir", str(pipeline.data_dir)]
+        topic = ("--kafka", pipeline.broker.bootstrap, "--no-idempotence")
+        assert cli.main([*command, *topic]) == 0
+    return printed.getvalue().strip()
+
+
 def _replica_of(tmp_path: Path, leader: ServedCore, args: tuple[str, ...]) -> ServedCore:
     """A replica of `leader`'s shard, started from a snapshot the leader takes as it serves."""
     snapshots, data_dir = tmp_path / "snapshots", tmp_path / "replica"
@@ -207,7 +223,8 @@ class Workload:
         events through the edge. A customer is known to every shard before events name its
         id: a shard refuses (dead-letters) an event naming an id it has no customer for."""
         rng = self.rng
-        kind = rng.choice(["events", "events", "events", "customer", "credit", "meter", "retry"])
+        kinds = ["events", "events", "events", "customer", "credit", "meter", "retry"]
+        kind = rng.choice(kinds) if self.meters else "meter"
         if kind == "customer":
             free = [e for e in self.externals if e not in self.given]
             body = {"email": f"w{len(self.customers)}@x.org"}
@@ -465,13 +482,28 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                 replica = _replica_of(tmp_path, cores[0], (*pipeline.args(), *secret))
                 cores.append(replica)
                 through_replica = stack.enter_context(replica.client(token))
-                workload = Workload(SEED)
+                # A second organization (its token on the control topic, which carries it to
+                # every core and edge) runs a workload of its own between the first's steps,
+                # with the same external ids.
+                second = _token(pipeline, "second")
+                two = stack.enter_context(pipeline.core.client(second))
+                two_edge = stack.enter_context(pipeline.edges[0].client(second))
+                two_shards = [stack.enter_context(c.client(second)) for c in cores[:SHARDS]]
+                for client in (two, *two_shards):
+                    wait_until(lambda c=client: c.get("/v1/meters/").is_success, 30)
+                empty = {"events": []}
+                wait_until(lambda: two_edge.post("/v1/events/ingest", json=empty).is_success, 30)
+                workload, theirs = Workload(SEED), Workload(SEED + 1)
                 workload.meters += [meter, *others]
-                for _ in range(STEPS):
+                for step in range(STEPS):
                     workload.step(one, edge, shards)
+                    if step % 3 == 0:
+                        theirs.step(two, two_edge, two_shards)
                 distinct |= workload.distinct
                 wait_until(lambda: _events(one) == len(distinct), 60)
                 wait_until(lambda: _held(*shards) == _events(one), 60)
+                wait_until(lambda: _events(two) == len(theirs.distinct) > 0, 60)
+                wait_until(lambda: _held(*two_shards) == _events(two), 60)
                 (state, reads), (again, reads_again) = _settled_together(shards[0], through_replica)
                 _assert_same(state, again)
                 assert reads_again == reads
