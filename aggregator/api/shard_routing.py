@@ -12,7 +12,8 @@ ledger (`store.ledger_tables.Ledgers`).
    - a customer's PATCH giving an `external_id`: that external id's (its events' shard checks
      that none of them names it, `customer_service.update`).
    With an organization's token, it is the shard's that owns the partition of the customer's
-   routing key (`intake.routing`). Any other request is answered here.
+   routing key (`intake.routing`). Any other request is answered here; a read of one
+   customer this shard holds, here alone (marked as in step 2: nothing to fan out).
 2. When that is another shard, the request is sent to that shard's live cores (as
    `GET /v1/cluster/` lists them), one after another, marked `Meterline-Routed` so that the
    core it reaches answers it itself; a write keeps its `Idempotency-Key` (given one if it has
@@ -264,6 +265,8 @@ class _ShardRouting:
         if shard is not None:
             answer = await self._sent(scope, shard, body or b"")
             return await answer(scope, receive, send)
+        if customer is not None and method == "GET":  # all of it is here: no fan-out (step 4)
+            scope = {**scope, "headers": [*scope["headers"], (ROUTED_HEADER.encode(), b"1")]}
         if not by_id and (customer is None or method != "POST"):
             return await self._app(scope, receive, send)
         status, here = await _answered(self._app, scope, receive)  # step 3

@@ -12,6 +12,7 @@ from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from aggregator.api.shard_routing import (
+    ROUTED_HEADER,
     Peers,
     Sharding,
     customer_named,
@@ -155,3 +156,19 @@ def test_a_hold_or_webhook_event_not_found_here_is_asked_of_the_other_shards() -
     with TestClient(_routing(here, None, [])) as client:  # the other shard has no live core
         unknown = client.get(f"/v1/meter-holds/{HOLD}", headers=BEARER)
     assert (unknown.status_code, unknown.json()["error"]) == (503, "ShardUnavailable")
+
+
+def test_a_read_of_a_customer_this_shard_holds_is_answered_here_alone() -> None:
+    """Its events, quantities, holds and stream are all here: the route is told not to ask the
+    other shards (marked as routed); a read of the organization is not."""
+    marks: list[str | None] = []
+
+    async def answer(request: Request) -> JSONResponse:
+        marks.append(request.headers.get(ROUTED_HEADER))
+        return JSONResponse({})
+
+    here = Starlette(routes=[Route("/v1/events/", answer)])
+    with TestClient(_routing(here, None, [None])) as client:
+        assert client.get("/v1/events/", params={"customer_id": ID}, headers=BEARER).is_success
+        assert client.get("/v1/events/", headers=BEARER).is_success
+    assert marks == ["1", None]
