@@ -136,13 +136,13 @@ class Peers:
     ) -> httpx.Response:
         """Step 4: `request` asked of `shard` with `query` in place of its own, marked `mode`
         (what the route answers with)."""
-        headers = [*_sent_on(request.headers.raw), (ROUTED_HEADER.encode(), mode.encode())]
+        headers = _marked(request.headers.raw, mode)
         target = f"{request.url.path}?{urlencode(query)}"
         return await self.send(shard, "GET", target, headers, b"")
 
     async def opened(self, shard: int, request: Request) -> httpx.Response:
         """Step 4: `request`'s stream on `shard`, open (`ShardRefused`: it answered otherwise)."""
-        headers = [*_sent_on(request.headers.raw), (ROUTED_HEADER.encode(), b"1")]
+        headers = _marked(request.headers.raw)
         target = f"{request.url.path}?{request.url.query}"
         sent = await self.send(shard, "GET", target, headers, b"", stream=True)
         if not is_stream(sent):
@@ -321,7 +321,7 @@ def _request(scope: Scope) -> tuple[str, str, list[tuple[bytes, bytes]]]:
     """The scope's request as another core is sent it, marked (`ROUTED_HEADER`)."""
     query = scope["query_string"].decode("latin-1")
     target = scope["path"] + (f"?{query}" if query else "")
-    return scope["method"], target, [*_sent_on(scope["headers"]), (ROUTED_HEADER.encode(), b"1")]
+    return scope["method"], target, _marked(scope["headers"])
 
 
 def _unavailable(shard: int, why: str) -> Response:
@@ -361,9 +361,11 @@ async def _answered(app: ASGIApp, scope: Scope, receive: Receive) -> tuple[int, 
     return int(status), messages
 
 
-def _sent_on(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """A request's headers as another core is sent them: its own host, length and framing."""
-    return [(k, v) for k, v in headers if k.lower() not in _NOT_SENT_ON]
+def _marked(headers: list[tuple[bytes, bytes]], mode: str = "1") -> list[tuple[bytes, bytes]]:
+    """A request's headers as another core is sent them (its own host, length and framing),
+    marked `mode` (`ROUTED_HEADER`)."""
+    kept = [(k, v) for k, v in headers if k.lower() not in _NOT_SENT_ON]
+    return [*kept, (ROUTED_HEADER.encode(), mode.encode())]
 
 
 async def _read(receive: Receive) -> tuple[bytes | None, Receive]:

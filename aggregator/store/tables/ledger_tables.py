@@ -28,7 +28,12 @@ from aggregator.store.machinery.compaction import LEDGER_TABLES
 from aggregator.store.machinery.live import Feature
 from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables import alert_tables, idempotency, webhook_tables
-from aggregator.store.tables.customer_tables import CustomerRow, find_customer
+from aggregator.store.tables.customer_tables import (
+    CustomerRef,
+    CustomerRow,
+    find_customer,
+    routing_keys,
+)
 from meters.aggregations import Partial
 
 if TYPE_CHECKING:
@@ -110,20 +115,21 @@ class Ledgers(Feature):
     def keeps(self, con: Con, customer: CustomerRow) -> bool:
         if self._holds is None:
             return True
-        row = first_row(con, "SELECT routing_key FROM customers WHERE id = ?::UUID", [customer.id])
-        key = str(row[0]) if row is not None and row[0] else subjects.of_id(customer.id)
-        return self._holds(customer.organization_id, key)
+        ref = (customer.organization_id, customer.id, None)
+        return self._holds(customer.organization_id, routing_keys(con, [ref])[ref])
 
 
 def kept_elsewhere(con: Con, holds: Callable[[str, str], bool]) -> int:
     """How many customers another shard holds have ledger rows here (credits, holds, system
     events): what a shard's data dir of a version before `Ledgers` kept."""
     rows = con.execute(
-        "SELECT organization_id::VARCHAR, id::VARCHAR, routing_key FROM customers WHERE id IN"
+        "SELECT organization_id::VARCHAR, id::VARCHAR FROM customers WHERE id IN"
         " (SELECT customer_id FROM customer_meters UNION SELECT customer_id FROM meter_holds"
         " UNION SELECT customer_id FROM events WHERE source = 'system')"
     ).fetchall()
-    return sum(not holds(str(o), str(k) if k else subjects.of_id(str(i))) for o, i, k in rows)
+    refs: list[CustomerRef] = [(str(o), str(i), None) for o, i in rows]
+    keys = routing_keys(con, refs)
+    return sum(not holds(ref[0], keys[ref]) for ref in refs)
 
 
 def kept(tx: Tx, customer: CustomerRow) -> None:
