@@ -48,6 +48,7 @@ from aggregator.commands import ingest_log as ingest_log_commands
 from aggregator.commands import meters as meter_commands
 from aggregator.commands import orgs as org_commands
 from aggregator.commands import schema as schema_commands
+from aggregator.commands import shards as shard_commands
 from aggregator.commands import tokens as token_commands
 from aggregator.commands.common import (
     HelpFormatter,
@@ -67,6 +68,7 @@ from aggregator.intake.leadership import Lease, Role
 from aggregator.intake.members import Members
 from aggregator.intake.routing import Placement
 from aggregator.intake.sealed import Sealer
+from aggregator.intake.splits import Retiring, Splits
 from aggregator.intake.token_records import TokenExporter, TokenView, keep_record
 from aggregator.plan_cycler import PlanCycler
 from aggregator.services.live_feed import LiveFeed
@@ -413,6 +415,7 @@ def _parser() -> argparse.ArgumentParser:
     dead_letter_commands.commands(commands)
     ingest_log_commands.commands(commands)
     backup_commands.commands(commands)
+    shard_commands.commands(commands)
     return parser
 
 
@@ -440,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             return ingest_log_commands.run(args)
         if args.command in ("backup", "restore"):
             return backup_commands.run(args)
+        if args.command == "split":
+            return shard_commands.run(args)
         return _serve_command(args)
     except UsageError as exc:
         print(f"meterline: {exc}", file=sys.stderr)
@@ -697,7 +702,7 @@ async def serve(
                     holds_customer=holds_customer,
                 )
             )
-            journal = members = applied = None
+            journal = members = applied = retiring = None
             progress = Progress(store, state_payload=state_payload)
             role = Role(leading=kafka is None)  # embedded, a core always leads
             if kafka is not None and control is not None:
@@ -710,6 +715,8 @@ async def serve(
                     Members(kafka, settings.url, partial(_described, settings, role, journal))
                 )
                 keep = partial(keep_record, registry)
+                splits = Splits(kafka.shard)
+                await splits.load(store)
                 applied = await stack.enter_async_context(
                     ControlApplier(
                         store,
@@ -719,8 +726,10 @@ async def serve(
                         keep,
                         journal,
                         role,
+                        splits,
                     )
                 )
+                retiring = await stack.enter_async_context(Retiring(store, kafka, sealer, splits))
                 # What the leader's forwarder recorded, applied here too (a new leader
                 # forwards on from it).
                 progress = Progress(store, journal, state_payload=state_payload)
@@ -759,6 +768,7 @@ async def serve(
                         registry.organization_exists,
                         journal,
                         role,
+                        splits,
                     )
                 )
                 await journal.start()
@@ -807,7 +817,14 @@ async def serve(
             # Open streams end as shutdown begins: uvicorn would wait for them.
             gate = front.gate(registry.organization_id)
             await _serve_http(
-                app, settings, log_level, lines, listening, gate=gate, on_stop=feed.close
+                app,
+                settings,
+                log_level,
+                lines,
+                listening,
+                gate=gate,
+                on_stop=feed.close,
+                until=retiring.done if retiring is not None else None,
             )
     finally:
         registry.close()
@@ -867,9 +884,10 @@ async def _serve_http(
     *,
     gate: Gate | None = None,
     on_stop: Callable[[], None] = lambda: None,
+    until: asyncio.Event | None = None,
 ) -> None:
-    """Serve until stopped (which calls `on_stop` first); once serving, print where, then the
-    `banner` lines."""
+    """Serve until stopped, or `until` is set (which calls `on_stop` first); once serving,
+    print where, then the `banner` lines."""
     limits = settings.ingest.limits
     config = uvicorn.Config(
         app,
@@ -891,8 +909,11 @@ async def _serve_http(
     else:
         stopping = asyncio.create_task(_stop_on(listening.stop, server, on_stop))
     printing = asyncio.create_task(_banner(server, settings, banner))
+    ending = None if until is None else asyncio.create_task(_stop_on(until, server, on_stop))
     await server.serve(sockets=listening.sockets)
     printing.cancel()
+    if ending is not None:
+        ending.cancel()
     if listening.stop is not None:
         stopping.cancel()
 

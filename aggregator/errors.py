@@ -99,6 +99,11 @@ class OffsetGap(AggregatorError):
     pass
 
 
+class CutUnknown(AggregatorError):
+    """Rows of a record moved by a shard that was split into this one, read before this core
+    knows where their partition was cut (`intake.splits`, step 4): read again after a pause."""
+
+
 class JournalLost(AggregatorError):
     """The journal topic ends before the position this data dir applied (recreated or
     truncated): its order for what comes next is unknown here."""

@@ -70,6 +70,7 @@ from aggregator.auth import TokenRegistry
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.journal import Journal
 from aggregator.intake.leadership import Role
+from aggregator.intake.splits import Splits
 from aggregator.store import Store
 from aggregator.store.apply.consumed import stored_offsets
 from benchmarks import loadgen
@@ -708,8 +709,9 @@ async def _consume(
         cpu = brokers = 0.0
         role = Role(leading=True)  # the one core: it leads without a lease
         journal = Journal(store, settings, role)
+        splits = Splits(settings.shard)
         consumer = Consumer(
-            store, settings, EventRules(), registry.organization_exists, journal, role
+            store, settings, EventRules(), registry.organization_exists, journal, role, splits
         )
         async with journal, consumer:
             await journal.start()

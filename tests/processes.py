@@ -153,6 +153,12 @@ class MeterlineServer:
         self.stop_seconds = time.perf_counter() - started
         return self.exit_code
 
+    def ended(self, timeout: float) -> int:
+        """The exit status of a server that stops by itself."""
+        assert self._proc is not None
+        self.exit_code = self._proc.wait(timeout)
+        return self.exit_code
+
     def kill(self) -> None:
         """SIGKILL: no chance to flush anything not already durable."""
         if self._proc is not None and self._proc.poll() is None:

@@ -23,6 +23,7 @@ The protocol:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import shutil
 import sqlite3
@@ -146,9 +147,12 @@ def snapshots(to: Path) -> list[Path]:
     return sorted(p for p in to.iterdir() if p.is_dir() and (p / MANIFEST).exists())
 
 
-def restore(snapshot: Path, data_dir: Path) -> dict[str, Any]:
-    """Step 3: `snapshot` (a snapshot's folder, or a folder of them: the newest) into
-    `data_dir`, which must hold no database; the snapshot's manifest."""
+def restore(snapshot: Path, data_dir: Path, *, stopped: bool = False) -> dict[str, Any]:
+    """Step 3: `snapshot` (a snapshot's folder, or a folder of them: the newest; if `stopped`,
+    also the data dir of a core that has stopped) into `data_dir`, which must hold no
+    database; the snapshot's manifest."""
+    if stopped and not (snapshot / MANIFEST).exists() and (snapshot / DATABASE).exists():
+        return _copy_stopped(snapshot, data_dir)
     if not (snapshot / MANIFEST).exists():
         found = snapshots(snapshot) if snapshot.is_dir() else []
         if not found:
@@ -170,3 +174,23 @@ def restore(snapshot: Path, data_dir: Path) -> dict[str, Any]:
     manifest: dict[str, Any] = orjson.loads((snapshot / MANIFEST).read_bytes())
     manifest["snapshot"] = str(snapshot)
     return manifest
+
+
+def _copy_stopped(source: Path, data_dir: Path) -> dict[str, Any]:
+    """A stopped core's data dir into `data_dir`, as a snapshot of it would be."""
+    database = source / DATABASE
+    with database.open("rb+") as file:  # DuckDB holds a lock on the file while it is open
+        try:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(f"{source} is in use: stop its core first") from None
+        fcntl.lockf(file, fcntl.LOCK_UN)
+    if (data_dir / DATABASE).exists():
+        raise UsageError(f"{data_dir} holds a database already: restore into an empty data dir")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name in (DATABASE, f"{DATABASE}.wal"):
+        if (source / name).exists():
+            shutil.copy2(source / name, data_dir / name)
+    _copy_files(ingest_log_repair.log_directory(database), source, data_dir)
+    created = datetime.fromtimestamp(database.stat().st_mtime, UTC).isoformat()
+    return {"created_at": created, "covers": {}, "snapshot": str(source)}

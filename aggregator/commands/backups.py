@@ -10,6 +10,11 @@ import orjson
 
 from aggregator.backup import MANIFEST, check, fetched, put, requested, restore
 from aggregator.commands.common import command, data_dir_option
+from aggregator.core_app import CoreSettings
+from aggregator.errors import UsageError
+from aggregator.intake.routing import Placement
+from aggregator.store import shard_splits
+from ingest.kafka import KafkaSettings, Shard
 
 
 def commands(subparsers: Any) -> None:
@@ -35,8 +40,17 @@ def commands(subparsers: Any) -> None:
         dest="snapshot",
         required=True,
         metavar="DIR|s3://BUCKET/PREFIX",
-        help="a snapshot, or a folder or prefix of snapshots (the newest)",
+        help="a snapshot, or a folder or prefix of snapshots (the newest); with --shard, also"
+        " the data dir of a retired shard's core",
     )
+    restoring.add_argument(
+        "--shard",
+        metavar="J/M",
+        help="make shard J of the M that `meterline split` split this data dir's shard into:"
+        " --from is that shard's data dir (its core retired: exit 0) or a snapshot taken after,"
+        " and what shard J/M does not hold is left out",
+    )
+    restoring.add_argument("--topic", default=KafkaSettings("").topic, help="the events topic")
     data_dir_option(restoring)
 
 
@@ -49,9 +63,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"snapshot {where} written ({_size(manifest['files'])})")
         _covers(manifest)
         return 0
+    shard = None
+    if args.shard is not None:
+        try:
+            shard = Shard.parse(args.shard)
+        except ValueError as exc:
+            raise UsageError(f"--shard: {exc}") from None
     with fetched(args.snapshot) as folder:
-        manifest = restore(folder, args.data_dir)
+        manifest = restore(folder, args.data_dir, stopped=shard is not None)
     print(f"restored the snapshot taken {manifest['created_at']} into {args.data_dir}")
+    if shard is not None:
+        deleted = shard_splits.successor(
+            CoreSettings(data_dir=args.data_dir).database,
+            args.topic,
+            shard.index,
+            shard.count,
+            lambda partitions: Placement(shard, partitions).owns,
+        )
+        rows = sum(deleted.values())
+        print(f"made it shard {shard}: left out {rows:,} rows of the customers it does not hold")
+        print(f"start it with `meterline core --shard {shard}`: it applies the log after the split")
+        return 0
     _covers(manifest)
     print("a core started on it applies only what the log holds after these")
     return 0

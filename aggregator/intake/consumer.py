@@ -56,12 +56,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 from aiokafka.structs import ConsumerRecord
 
-from aggregator.errors import OffsetGap, UsageError
+from aggregator.errors import CutUnknown, OffsetGap, UsageError
 from aggregator.intake.dead_letters import HEADERS, organization_of
 from aggregator.intake.decode import DeadLetter, dead_rows, decode_batch
 from aggregator.intake.journal import Entry, Journal
 from aggregator.intake.leadership import Role, task_while_open, while_leading
 from aggregator.intake.routing import Router, carried, foreign
+from aggregator.intake.splits import WAIT_SECONDS, Splits
 from aggregator.store import (
     ConsumedBatch,
     OffsetReset,
@@ -72,6 +73,7 @@ from aggregator.store import (
     Store,
     missing_customers,
     offset_resets,
+    shard_splits,
     stored_offsets,
     with_source,
 )
@@ -131,6 +133,7 @@ class Consumer:
         organization_exists: Callable[[str], bool],
         journal: Journal,
         role: Role,
+        splits: Splits,
         settings: ConsumerSettings | None = None,
     ) -> None:
         """While another core leads (`role`), this one reads no partition: it applies the
@@ -138,6 +141,7 @@ class Consumer:
         self._store = store
         self._journal = journal
         self._role = role
+        self._splits = splits
         # Decoding is Arrow, zstd and DuckDB, mostly outside the GIL: a thread of its own, at
         # niceness +10 like the validation workers, so that on a shared machine the edges and
         # the writer go first (measured: un-niced, the core took the CPU an edge beside it
@@ -188,6 +192,7 @@ class Consumer:
                 f" ({', '.join(map(str, self._partitions))}): start it as the shard it was,"
                 " or start this shard on a new data dir"
             )
+        self._splits.refuse_retired(await self._store.read(stored_offsets, self._kafka.topic))
         self._journal.follow(self._kafka.topic, self)
         self._task = asyncio.create_task(
             while_leading(self._role, self._reading), name="kafka-consumer"
@@ -267,6 +272,8 @@ class Consumer:
                 # Fetched before the assignment's seek landed: seek now (step 1).
                 await self.seek_to_stored(consumer.assignment())
                 continue
+            if self._splits.retiring:  # its partitions are cut (`splits`, step 3)
+                fetched, refused, checked_at = {}, {}, time.monotonic()
             # Step 2, after the batch in flight has settled the stored offsets.
             if refused or time.monotonic() - checked_at >= self._settings.log_check_seconds:
                 if writing is not None:  # settle the stored offsets first
@@ -295,12 +302,15 @@ class Consumer:
                 if writing is not None:
                     await asyncio.wait([writing], timeout=self._kafka.stop_timeout_seconds)
                 raise
-            except OffsetGap as exc:
+            except (OffsetGap, CutUnknown) as exc:
                 # Step 7. Records fetched before a seek landed (at assignment, or after a
-                # failure): nothing was written; read on from the stored offsets.
+                # failure), or moved rows whose cut is not known yet (`splits`, step 4):
+                # nothing was written; read on from the stored offsets.
                 log.info("re-reading from the stored offsets: %s", exc)
                 await _settled(writing)
                 writing = None
+                if isinstance(exc, CutUnknown):
+                    await asyncio.sleep(WAIT_SECONDS)
                 await self.seek_to_stored(consumer.assignment())
             except Exception:
                 # Step 7: nothing after the last committed batch counts; read again from there.
@@ -378,9 +388,13 @@ class Consumer:
             consumer.seek(tp, start)
 
     def _queue_reset(self, reset: Reset, positions: Positions) -> Awaitable[Reset | None]:
+        if self._splits.retiring:  # `splits`, step 3: cut where the split found them
+            return self._store.queued_at(shard_splits.past_cut_job(), positions)
         return self._store.queued(OffsetReset(reset, positions))
 
-    def _queue_batch(self, batch: ConsumedBatch, positions: Positions) -> Awaitable[int]:
+    def _queue_batch(self, batch: ConsumedBatch, positions: Positions) -> Awaitable[int | None]:
+        if self._splits.retiring:  # `splits`, step 3: read before the split, applied after
+            return self._store.queued_at(shard_splits.past_cut_job(), positions)
         weight = max(1, batch.events.num_rows)
         return self._store.queued(replace(batch, positions=positions), weight)
 
@@ -393,13 +407,12 @@ class Consumer:
         read_at_us = now_us()
         table, dead = await self._decoded(records, read_at_us)
         # Rows left out of the batch: other deployments' moved records, and rows moved away.
-        skipped = foreign(records, self._kafka.shard)
+        skipped = foreign(records, self._kafka.shard, self._splits.moved_rows)
         left_out: list[tuple[int, int, int | None]] = [
-            (records[i].partition, records[i].offset, None) for i in skipped
+            (records[i].partition, records[i].offset, row) for i, row in skipped
         ]
         if skipped:
-            kept = pc.invert(pc.is_in(table.column("position"), value_set=pa.array(skipped)))
-            table = table.filter(kept)
+            table = _without(table, records, tuple(left_out))
         table, more = await self._known_only(table)
         dead += more
         if dead:

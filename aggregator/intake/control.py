@@ -14,7 +14,8 @@ The protocol (each step is named where the code takes it):
    one writer job applies them in offset order, each once per request id with its outcome
    stored (`store.apply.commands`). A record that does not decode, or names an organization
    that does not exist, is logged and skipped: it never blocks the topic. Records of
-   organizations and tokens are kept in the token registry (`token_records`).
+   organizations and tokens are kept in the token registry (`token_records`); those of shard
+   splits are applied in the group, as `splits` says.
 4. Store the position: the next offset, and the journal's, in the group's transaction. A core
    killed before they are stored applies the group again from the journal: the stored outcomes
    answer, nothing is applied twice. A group that failed for any reason but a rejection (the
@@ -42,6 +43,8 @@ from aggregator.intake import token_records
 from aggregator.intake.journal import Entry, Journal
 from aggregator.intake.leadership import Role, task_while_open, while_leading
 from aggregator.intake.sealed import Sealer, Unsealable
+from aggregator.intake.splits import KINDS as SPLIT_KINDS
+from aggregator.intake.splits import Splits
 from aggregator.store import Outcome, Positions, Store, advance_control_job, control_offset
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from ingest.tasks import cancel_within
@@ -130,8 +133,10 @@ class ControlApplier:
         tokens: Callable[[Command], None],
         journal: Journal,
         role: Role,
+        splits: Splits,
     ) -> None:
-        """`tokens` keeps the records of organizations and tokens (`token_records`). While
+        """`tokens` keeps the records of organizations and tokens (`token_records`); `splits`
+        notes the records of shard splits, which are applied with the group (`splits`). While
         another core leads (`role`), this one reads nothing itself: it applies the groups the
         journal names (`replay`)."""
         self._store = store
@@ -141,6 +146,7 @@ class ControlApplier:
         self._control = control
         self._organization_exists = organization_exists
         self._tokens = tokens
+        self._splits = splits
         self._partition = TopicPartition(kafka.control_topic, 0)
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -245,6 +251,7 @@ class ControlApplier:
         """Steps 3 to 5 for one group: its job is queued when this returns (the journal's
         order); the answers once it has committed."""
         commands: list[Command] = []
+        after = [advance_control_job(self._kafka.control_topic, 0, records[-1].offset + 1)]
         for record in records:
             try:
                 command = self._control.read(record.value or b"")
@@ -254,13 +261,18 @@ class ControlApplier:
             if command.kind in token_records.KINDS:  # kept, not applied
                 self._tokens(command)
                 continue
+            if command.kind in SPLIT_KINDS:  # no organization's: the deployment's
+                try:
+                    after.append(self._splits.job(command, self._kafka.topic))
+                except (KeyError, TypeError, ValueError) as exc:
+                    self._skip(record, f"not a split record: {exc!r}")
+                continue
             if not self._organization_exists(command.organization_id):
                 self._skip(record, f"unknown organization {command.organization_id}")
                 continue
             commands.append(command)
         # Steps 3 and 4: one job, in offset order.
-        advance = advance_control_job(self._kafka.control_topic, 0, records[-1].offset + 1)
-        applying = self._store.queued_commands(commands, [advance], positions)
+        applying = self._store.queued_commands(commands, after, positions)
 
         async def answered() -> None:
             outcomes = await applying

@@ -21,7 +21,8 @@ two partitions, perhaps two shards. A shard (`--shard I/N`, N > 1) puts them bac
    yet. A shard never waits on another: moving is a produce, like a dead letter.
 4. A record moved by a shard of another count (another deployment on the same topic, one shard
    included) is a copy of rows this deployment routes itself: left out whole, as a dead row
-   of the journal entry. (`foreign`)
+   of the journal entry; unless that deployment was split into this one (`splits`, step 4):
+   then only its rows read past their partition's cut are. (`foreign`)
 
 One shard owns every partition and moves nothing; it does not route at all (step 4 only).
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +49,15 @@ from meters.events import COLUMNS
 from meters.records import subject_key
 
 
-def foreign(records: list[ConsumerRecord[bytes, bytes]], shard: Shard) -> list[int]:
-    """Step 4: the positions of the records moved by a shard of another count than `shard`'s."""
-    found = []
+def foreign(
+    records: list[ConsumerRecord[bytes, bytes]],
+    shard: Shard,
+    split_rows: Callable[[Shard, Origins | None], list[int] | None],
+) -> list[tuple[int, int | None]]:
+    """Step 4: the rows (position, row; None: the whole record) of the records moved by a shard
+    of another count than `shard`'s, less those a split of that count into this one leaves
+    here (`split_rows`: `splits.Splits.moved_rows`)."""
+    found: list[tuple[int, int | None]] = []
     for i, record in enumerate(records):
         mark = _moved_by(record)
         if mark is None:
@@ -59,7 +67,8 @@ def foreign(records: list[ConsumerRecord[bytes, bytes]], shard: Shard) -> list[i
         except ValueError:
             continue  # not meterline's mark: applied as it is
         if mover.count != shard.count:
-            found.append(i)
+            rows = split_rows(mover, carried(record))
+            found += [(i, None)] if rows is None else [(i, row) for row in rows]
     return found
 
 

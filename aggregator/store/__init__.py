@@ -42,6 +42,7 @@ from aggregator.store.tables import (
     plan_tables,
     quantities,
     quotas,
+    shard_splits,
     webhook_tables,
 )
 from aggregator.store.tables.alert_tables import AlertRow, Firing
@@ -165,6 +166,7 @@ __all__ = [
     "quantities",
     "quotas",
     "row_problems",
+    "shard_splits",
     "state_changes_due",
     "stored_offsets",
     "stored_types",

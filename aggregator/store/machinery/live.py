@@ -129,7 +129,10 @@ class SequenceCounter:
     def load(cls, con: duckdb.DuckDBPyConnection, logged: list[Logged]) -> SequenceCounter:
         """After every stored event's seq and every seq the ingest log's requests took."""
         # fetchall() closes the result: an open result set blocks DuckDB's checkpoints.
-        rows = con.execute("SELECT coalesce(max(seq), 0) FROM events").fetchall()
+        rows = con.execute(
+            "SELECT greatest((SELECT coalesce(max(seq), 0) FROM events),"
+            " (SELECT coalesce(max(seq), 0) FROM seq_floor))"
+        ).fetchall()
         return cls(max([int(rows[0][0]), *(r.last_seq for r in logged)]) + 1)
 
 

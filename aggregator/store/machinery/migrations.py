@@ -498,6 +498,25 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE customers SET routing_key = CASE WHEN external_id IS NOT NULL
         THEN 'ext:' || external_id ELSE 'id:' || id::VARCHAR END;
     """,
+    # 24: splits of a deployment of shards into more (`intake.splits`): the events topic's
+    # offsets each was cut at, applied from the control topic; and the seq a data dir made
+    # one of the new shards (`store.shard_retention`) draws after (the events it no longer
+    # holds keep their seqs: forwarding cursors and holds compare seqs). Nothing stored
+    # before changes. IF NOT EXISTS: as step 23.
+    """
+    CREATE TABLE IF NOT EXISTS shard_splits (
+        from_count INTEGER NOT NULL,
+        to_count INTEGER NOT NULL,
+        partitions INTEGER NOT NULL,         -- the events topic's, when it was made
+        -- {partition: the offset the old shards applied it to}: each old shard's, as its
+        -- cores applied the split; the others' as their cut records come
+        cuts JSON NOT NULL,
+        at_us BIGINT NOT NULL,
+        origin BOOLEAN NOT NULL DEFAULT false, -- this data dir is a new shard made by it
+        PRIMARY KEY (from_count, to_count)
+    );
+    CREATE TABLE IF NOT EXISTS seq_floor (seq BIGINT NOT NULL);
+    """,
 )
 
 

@@ -14,6 +14,7 @@ from aggregator.intake import consumer as consumer_module
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.decode import DeadLetter
 from aggregator.intake.leadership import Role
+from aggregator.intake.splits import Splits
 from ingest.kafka import KafkaSettings
 from meters.events import EventRules
 from tests.kafka_clients import BOUND, Client, no_topics, settings
@@ -30,7 +31,11 @@ def _consumer(monkeypatch: pytest.MonkeyPatch, kafka: Client, dead: Client) -> C
     # Read at start: what this data dir's shard applied (nothing); not reached after.
     store: Any = type("Store", (), {"read": lambda self, read, *args: _nothing()})()
     journal: Any = type("Journal", (), {"follow": lambda self, topic, follower: None})()
-    return Consumer(store, settings(), EventRules(), lambda org: True, journal, Role(True))
+    kafka_settings = settings()
+    splits = Splits(kafka_settings.shard)
+    return Consumer(
+        store, kafka_settings, EventRules(), lambda org: True, journal, Role(True), splits
+    )
 
 
 def test_a_consumer_whose_start_fails_halfway_stops_what_it_started(
