@@ -31,8 +31,22 @@ def commands(subparsers: Any) -> None:
         " from the data dir of shard J mod N (`restore --shard J/M`)",
     )
     split.add_argument("--kafka", required=True, metavar="BOOTSTRAP", help="the cluster's broker")
-    split.add_argument("--from", dest="from_count", type=int, required=True, metavar="N")
-    split.add_argument("--to", dest="to_count", type=int, required=True, metavar="M")
+    split.add_argument(
+        "--from",
+        dest="from_count",
+        type=int,
+        required=True,
+        metavar="N",
+        help="the shard count the cores run with now (their --shard I/N)",
+    )
+    split.add_argument(
+        "--to",
+        dest="to_count",
+        type=int,
+        required=True,
+        metavar="M",
+        help="the shard count after the split: a multiple of N, at most the topic's partitions",
+    )
     split.add_argument(
         "--wait-seconds",
         type=float,

@@ -34,9 +34,10 @@ def split_job(
 ) -> Job[None]:
     """Keep a split. A core of the old shards (`held`: its partitions) cuts them where it has
     applied them: its later groups of events are no-ops (`intake.splits`, step 3). The first
-    record of a (from, to) pair stands."""
+    record of a (from, to) pair stands. It waits for the events applied before it to be
+    stored (not `independent`), so that its group's journal position is stored with it: a
+    core restarted after it never applies those events again, as no-ops."""
 
-    @independent
     def job(tx: Tx) -> None:
         applied = tx.live.applied_offsets(topic)
         cuts = {str(p): applied.get(p, 0) for p in held}
