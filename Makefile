@@ -44,11 +44,13 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 # From apt, when missing: Debian's chromium for the console's browser tests (playwright drives
-# it; no browser download), curl for the README's commands (tests/test_readme.py) and kcat for its
-# producer example (tests/ingest/test_producer_examples.py).
+# it; no browser download), curl for the README's commands (tests/test_readme.py), kcat for its
+# producer example (tests/ingest/test_producer_examples.py), nginx to run deploy/nginx.conf
+# (tests/deploy/test_nginx.py) and systemd-analyze to verify deploy/meterline.service.
 system-tools:
 	command -v chromium >/dev/null && command -v curl >/dev/null && command -v kcat >/dev/null \
-		|| (apt-get update -q && apt-get install -y -q chromium curl kcat)
+		&& command -v nginx >/dev/null && command -v systemd-analyze >/dev/null \
+		|| (apt-get update -q && apt-get install -y -q chromium curl kcat nginx systemd)
 
 TEST_TOOLS := $(VENV)/.installed-test $(NODE_PROJECT)/node_modules/.installed system-tools
 

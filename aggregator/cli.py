@@ -92,7 +92,7 @@ from ingest.http import (
 from ingest.kafka import KafkaSettings, Shard
 from ingest.publish import Publisher
 from ingest.publish.kafka_publisher import KafkaPublisher
-from ingest.validation import ValidationPool
+from ingest.validation import ValidationPool, usable_cpus
 from meters.columnar import COMPRESSIONS
 from meters.events import EventRules
 
@@ -126,9 +126,9 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
     parser.add_argument(
         "--validation-workers",
         type=int,
-        default=os.cpu_count() or 1,
+        default=usable_cpus(),
         help="processes validating large ingest bodies (0: validate in the server process;"
-        " default: one per CPU)",
+        " default: one per CPU this process may use, as its cgroup's CPU limit allows)",
     )
     parser.add_argument(
         "--deadline-seconds",

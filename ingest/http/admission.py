@@ -102,6 +102,17 @@ class Admission:
     """The limits of one ingest endpoint, and what each token and organization holds of them.
     Counters are exposed for `/metrics`."""
 
+    # Why a request is refused: each a series of `/metrics` from the start (at 0).
+    REASONS = (
+        "token_rate",
+        "organization_rate",
+        "organization_inflight",
+        "inflight",
+        "organization_bytes",
+        "buffered_bytes",
+        "body_timeout",
+    )
+
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         share = limits.organization_share

@@ -89,11 +89,11 @@ def _admission(admission: Admission) -> list[str]:
         "# TYPE meterline_ingest_buffered_bytes gauge",
         f"meterline_ingest_buffered_bytes {admission.buffered_bytes}",
         "# HELP meterline_ingest_refused_total ingest requests refused by a limit (reason:"
-        " token_rate, organization_rate, organization_inflight, inflight, organization_bytes,"
-        " buffered_bytes, body_timeout)",
+        f' {", ".join(Admission.REASONS)}; each at 0 under organization_id="" from the start)',
         "# TYPE meterline_ingest_refused_total counter",
     ]
-    for (reason, org), count in sorted(admission.refused.items()):
+    refused = {(reason, ""): 0 for reason in Admission.REASONS} | dict(admission.refused)
+    for (reason, org), count in sorted(refused.items()):
         lines.append(
             f'meterline_ingest_refused_total{{reason="{reason}",organization_id="{org}"}} {count}'
         )

@@ -17,8 +17,10 @@ A batch sent again after a broker error keeps its external_ids: the core applies
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, TypedDict, Unpack
 
 import orjson
@@ -35,6 +37,8 @@ from meters.events import EventRules, validate_body
 from meters.times import now_us
 
 __all__ = ["AsyncKafkaTransport", "KafkaOptions", "KafkaTransport", "Record", "records"]
+
+log = logging.getLogger(__name__)
 
 
 def records(
@@ -61,7 +65,9 @@ def records(
 
 class KafkaOptions(TypedDict, total=False):
     topic: str  # default "meterline.events"
-    idempotence: bool  # default True; off only for brokers without it (the test broker)
+    # Default True; a broker without idempotent producers gets a producer without, with a
+    # warning (False skips the attempt).
+    idempotence: bool
     compression: str | None  # gzip, snappy, lz4 or zstd; default none
     timeout: float  # for one batch to be acknowledged, s (default 10)
     rules: EventRules  # the core's rules (default: EventRules())
@@ -93,8 +99,8 @@ class AsyncKafkaTransport:
         organization = self._organization_id
         body = b'{"events":[' + b",".join(events) + b"]}"
         try:
+            producer = await self._started()
             async with asyncio.timeout(self._timeout):
-                producer = await self._started()
                 try:
                     found, duplicates = records(
                         body,
@@ -129,14 +135,40 @@ class AsyncKafkaTransport:
             return self._producer or await self._start()
 
     async def _start(self) -> AIOKafkaProducer:
-        producer = self._settings.producer()
+        """A started producer, each attempt within `timeout`. A broker without idempotent
+        producers (Tansu; aiokafka then retries its InitProducerId for ever) gets a producer
+        without idempotence, said once as a warning: every event the SDK sends has an
+        external_id, so a batch written twice is applied once by the core."""
         try:
-            await producer.start()
-            found = await producer.partitions_for(self._settings.topic)
+            return await self._start_with(self._settings)
+        except (KafkaError, TimeoutError) as exc:
+            if not self._settings.idempotence:
+                raise
+            plain = replace(self._settings, idempotence=False)
+            try:
+                producer = await self._start_with(plain)
+            except (KafkaError, TimeoutError):
+                raise exc from None  # not a matter of idempotence: the broker is unreachable
+            log.warning(
+                "the broker at %s started no idempotent producer (%s: %s); producing without"
+                " idempotence (a batch sent again may be written twice; the core applies each"
+                " event once by its external_id). Pass idempotence=False to skip the attempt",
+                self._bootstrap,
+                type(exc).__name__,
+                exc,
+            )
+            return producer
+
+    async def _start_with(self, settings: KafkaSettings) -> AIOKafkaProducer:
+        producer = settings.producer()
+        try:
+            async with asyncio.timeout(self._timeout):
+                await producer.start()
+                found = await producer.partitions_for(settings.topic)
             if not found:
-                raise KafkaError(f"topic {self._settings.topic} not found")
+                raise KafkaError(f"topic {settings.topic} not found")
         except BaseException:
-            await stop_within(producer.stop, self._settings.stop_timeout_seconds, "producer")
+            await stop_within(producer.stop, settings.stop_timeout_seconds, "producer")
             raise
         self._producer, self._partitions = producer, len(found)
         return producer

@@ -95,9 +95,27 @@ def test_services_and_the_ingress_reach_pods() -> None:
         assert backend["port"]["name"] in {p["name"] for p in ports}
     assert {p["path"]: p["backend"]["service"]["name"] for p in paths} == {
         "/v1/events/ingest": "meterline-ingest",
+        "/api/v1/events": "meterline-ingest",  # OpenMeter's ingest; its GET goes on (--core)
         "/": "meterline-core",
     }
+    (edge,) = BY_KIND["Deployment", "meterline-ingest"]["spec"]["template"]["spec"]["containers"]
+    core = services["meterline-core"]["spec"]["ports"][0]["port"]
+    assert edge["args"][edge["args"].index("--core") + 1] == f"http://meterline-core:{core}"
 
 
 def _keys(doc: dict[str, Any]) -> set[str]:
     return set(doc.get("data", {})) | set(doc.get("stringData", {}))
+
+
+@pytest.mark.parametrize("workload", WORKLOADS, ids=[w["metadata"]["name"] for w in WORKLOADS])
+def test_every_meterline_container_has_a_cpu_limit_its_workers_follow(
+    workload: dict[str, Any],
+) -> None:
+    """Validation workers default to the CPU limit (`ingest.validation.usable_cpus`); without
+    one a pod would start one per CPU of its node, about 124 MB each."""
+    for container in workload["spec"]["template"]["spec"]["containers"]:
+        if (
+            container.get("command") == ["meterline"]
+            and "--validation-workers" not in container["args"]
+        ):
+            assert "cpu" in container["resources"]["limits"], container["name"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -11,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.validation import ValidationPool, validate_body
+from aggregator import cli
+from ingest.validation import ValidationPool, usable_cpus, validate_body
 from meters.errors import ValidationFailed
 from meters.events import EventRules
 from meters.ipc import read_ipc, write_ipc
@@ -75,3 +78,27 @@ def test_small_bodies_are_validated_inline(runner: asyncio.Runner) -> None:
 
     table = read_ipc(runner.run(run()))
     assert table.column("name").to_pylist() == ["a"]
+
+
+def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_workers_follow_the_cgroup_cpu_limit_not_the_machine(tmp_path: Path) -> None:
+    """`--validation-workers` defaults to `usable_cpus`: in a pod, the CPU limit (one worker of
+    about 124 MB per CPU), never the node's CPU count."""
+    cpus = len(os.sched_getaffinity(0))
+    limited = {"pod/cpu.max": "50000 100000\n"}  # half a CPU, cgroup v2, this process's own
+    assert usable_cpus(_cgroup(tmp_path / "a", limited), "/pod") == 1
+    assert usable_cpus(_cgroup(tmp_path / "b", {"cpu.max": "max 100000\n"}), "/") == cpus
+    v1 = {"cpu/cpu.cfs_quota_us": "100000", "cpu/cpu.cfs_period_us": "100000"}
+    assert usable_cpus(_cgroup(tmp_path / "c", v1), "/") == 1
+    unlimited = {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}
+    assert usable_cpus(_cgroup(tmp_path / "d", unlimited), "/") == cpus
+    assert usable_cpus(tmp_path / "none", "/") == cpus
+    many = {"cpu.max": f"{(cpus + 8) * 100000} 100000"}  # never more than it may run on
+    assert usable_cpus(_cgroup(tmp_path / "e", many), "/") == cpus
+    assert cli.parse(["ingest", "--kafka", "k"]).validation_workers == usable_cpus()

@@ -507,8 +507,9 @@ def next_due_us(con: Con) -> int | None:
 
 
 def failures(con: Con) -> list[tuple[str, int, int, int]]:
-    """For `/metrics`, per organization with any: enabled endpoints failing since their last
-    success, endpoints meterline disabled, and deliveries waiting to be retried."""
+    """For `/metrics`, per organization with endpoints (or retries): enabled endpoints failing
+    since their last success, endpoints meterline disabled, and deliveries waiting to be
+    retried."""
     rows = con.execute(
         "SELECT org::VARCHAR, sum(failing)::BIGINT, sum(disabled)::BIGINT, sum(retrying)::BIGINT"
         " FROM (SELECT organization_id AS org, (enabled AND failing_since IS NOT NULL)::INT"
@@ -516,7 +517,7 @@ def failures(con: Con) -> list[tuple[str, int, int, int]]:
         " 0 AS retrying FROM webhook_endpoints WHERE deleted_at IS NULL"
         " UNION ALL SELECT e.organization_id, 0, 0, 1 FROM webhook_outbox o"
         " JOIN webhook_events e ON e.id = o.event_id WHERE o.state = 'pending' AND o.attempts > 0)"
-        " GROUP BY org HAVING sum(failing) + sum(disabled) + sum(retrying) > 0 ORDER BY org"
+        " GROUP BY org ORDER BY org"
     ).fetchall()
     return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
 

@@ -5,6 +5,7 @@ reported by the SDK instead of being dead-lettered."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -94,3 +95,31 @@ def test_records_are_applied_once(tmp_path: Path):
     assert isinstance(rejected, EventsRejected)
     assert rejected.errors is not None
     assert rejected.errors[0][0]["loc"][3:] == ["metadata", "a.b"]
+
+
+def test_a_broker_without_idempotent_producers_gets_a_plain_one_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tansu starts no idempotent producer (aiokafka retries its InitProducerId for ever): the
+    transport says so once and produces without idempotence, so flush() returns and every
+    event is applied (each has an external_id: one written twice is applied once)."""
+    customer = "plain-c1"
+    with Pipeline(tmp_path, partitions=3, edges=0) as pipeline:
+        assert pipeline.core is not None
+        org = pipeline.organization_id()
+        transport = KafkaTransport(pipeline.broker.bootstrap, org, timeout=3)  # idempotence on
+        with (
+            caplog.at_level(logging.WARNING, "ingest.sdk.kafka"),
+            Ingestion(transport=transport, flush_interval=60) as ingestion,
+        ):
+            for i in range(20):
+                ingestion.ingest(
+                    {"name": "k", "external_customer_id": customer, "metadata": {"seq": i}}
+                )
+            assert ingestion.flush(60)
+        pipeline.wait_for_events(20)
+        assert sorted(e["metadata"]["seq"] for e in stored(pipeline.core, customer)) == list(
+            range(20)
+        )
+    [warning] = [r for r in caplog.records if "no idempotent producer" in r.getMessage()]
+    assert "producing without idempotence" in warning.getMessage()
