@@ -55,6 +55,7 @@ from aggregator.commands.common import (
     command,
     data_dir_option,
     program,
+    security_of,
     topic_options,
     version,
 )
@@ -578,6 +579,7 @@ def settings_of(
             consumer_group=args.consumer_group,
             session_timeout_seconds=args.consumer_session_timeout_seconds,
             shard=shard,
+            security=security_of(args),
         )
     forward = upstream_cli.forwarder_settings(args)
     if settings.replica and forward is not None:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,58 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSecurity:
+    """How every Kafka client of a process reaches the brokers: Kafka's `security.protocol`;
+    with TLS, the CA file that signed the brokers' certificates (none: the system's) and this
+    process's certificate and key (mutual TLS); with SASL, the mechanism and credentials. The
+    password is never a command-line argument (`meterline` reads it from the environment or a
+    file) and never shown (`repr`)."""
+
+    protocol: str = "PLAINTEXT"
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    sasl_mechanism: str = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"security protocol {self.protocol!r}: one of {SECURITY_PROTOCOLS}")
+        if self.sasl_mechanism not in SASL_MECHANISMS:
+            raise ValueError(f"SASL mechanism {self.sasl_mechanism!r}: one of {SASL_MECHANISMS}")
+        if self.protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"{self.protocol} needs a SASL username and password")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
+        if self.cert_file and not self.tls:
+            raise ValueError(f"a client certificate is for SSL or SASL_SSL, not {self.protocol}")
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    def options(self) -> dict[str, Any]:
+        """The aiokafka client options saying it (every client is made with them)."""
+        found: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.tls:
+            found["ssl_context"] = create_ssl_context(
+                cafile=self.ca_file, certfile=self.cert_file, keyfile=self.key_file
+            )
+        if self.protocol.startswith("SASL"):
+            found |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": self.sasl_password,
+            }
+        return found
+
+
 @dataclass(frozen=True, slots=True)
 class KafkaSettings:
     bootstrap: str
@@ -82,6 +135,7 @@ class KafkaSettings:
     # write 16.2 s after the leader's kill (benchmarks/takeover.py).
     session_timeout_seconds: float = 6.0
     shard: Shard = Shard()
+    security: KafkaSecurity = KafkaSecurity()
 
     @property
     def control_topic(self) -> str:
@@ -116,7 +170,15 @@ class KafkaSettings:
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
         }
-        return AIOKafkaConsumer(**(options | overrides))
+        return AIOKafkaConsumer(**(options | self.security.options() | overrides))
+
+    def member(self, group_id: str, **overrides: Any) -> AIOKafkaConsumer:
+        """A consumer in `group_id` (its partitions assigned by the group)."""
+        options = {"bootstrap_servers": self.bootstrap, "group_id": group_id}
+        return AIOKafkaConsumer(**(options | self.security.options() | overrides))
+
+    def admin(self) -> AIOKafkaAdminClient:
+        return AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.security.options())
 
     def producer(self, **overrides: Any) -> AIOKafkaProducer:
         options: dict[str, Any] = {
@@ -128,14 +190,14 @@ class KafkaSettings:
             "max_batch_size": self.max_batch_bytes,
             "max_request_size": self.max_request_bytes,
         }
-        return AIOKafkaProducer(**(options | overrides))
+        return AIOKafkaProducer(**(options | self.security.options() | overrides))
 
 
 async def ensure_topics(settings: KafkaSettings) -> int:
     """Create the event, dead-letter, control, journal and lease topics if missing; verify their
     partition counts. Topics made by earlier versions gain the ones they lack. Returns the
     events topic's partition count (the topic's, whatever the settings say)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    admin = settings.admin()
     partitions = {
         settings.topic: settings.partitions,
         settings.dead_letter_topic: settings.partitions,

@@ -239,9 +239,12 @@ class Broker:
     Memory storage: a killed broker comes back empty. Pausing (SIGSTOP) keeps its log.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, advertised_port: int | None = None) -> None:
+        """`advertised_port`: where clients are told the broker is (a TLS endpoint in front
+        of it, `tests.tls`); its own port by default."""
         self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
+        self._advertised = f"tcp://127.0.0.1:{advertised_port or self.port}"
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Self:
@@ -253,7 +256,7 @@ class Broker:
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                self._advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ],

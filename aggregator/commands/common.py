@@ -11,7 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ingest.kafka import KafkaSettings
+from aggregator.errors import UsageError
+from ingest.kafka import KafkaSecurity, KafkaSettings
 
 DEFAULT_DATA_DIR = Path(".meterline")
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -94,3 +95,61 @@ def topic_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
         action="store_true",
         help="turn the idempotent producer off (for brokers without it)",
     )
+    _security_options(parser)
+
+
+# (option, environment variable, help) of how Kafka clients reach the brokers (`KafkaSecurity`).
+_SECURITY = (
+    ("security-protocol", "security.protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
+    (
+        "ca-file",
+        "with TLS, the CA certificates (PEM) that signed the brokers' (none: the system's)",
+    ),
+    ("cert-file", "with TLS, this process's certificate (PEM), for brokers that ask for one"),
+    ("key-file", "with TLS, the key (PEM) of --kafka-cert-file"),
+    ("sasl-mechanism", "with SASL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
+    ("sasl-username", "with SASL, the user"),
+    (
+        "sasl-password-file",
+        "with SASL, a file holding the password (or METERLINE_KAFKA_SASL_PASSWORD)",
+    ),
+)
+
+
+def _security_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    defaults = KafkaSecurity()
+    for name, text in _SECURITY:
+        variable = "METERLINE_KAFKA_" + name.upper().replace("-", "_")
+        default = {
+            "security-protocol": defaults.protocol,
+            "sasl-mechanism": defaults.sasl_mechanism,
+        }
+        parser.add_argument(
+            f"--kafka-{name}",
+            default=os.environ.get(variable) or default.get(name),
+            help=f"{text} (default: ${variable}, else {default.get(name, 'none')})",
+        )
+
+
+def security_of(args: argparse.Namespace) -> KafkaSecurity:
+    """How this command's Kafka clients reach the brokers (UsageError naming what is wrong). The
+    SASL password is read from --kafka-sasl-password-file, else METERLINE_KAFKA_SASL_PASSWORD:
+    never from the command line, where any user of the machine can read it."""
+    password = os.environ.get("METERLINE_KAFKA_SASL_PASSWORD")
+    if args.kafka_sasl_password_file:
+        try:
+            password = Path(args.kafka_sasl_password_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"--kafka-sasl-password-file: {exc.strerror}") from None
+    try:
+        return KafkaSecurity(
+            args.kafka_security_protocol,
+            args.kafka_ca_file,
+            args.kafka_cert_file,
+            args.kafka_key_file,
+            args.kafka_sasl_mechanism,
+            args.kafka_sasl_username,
+            password,
+        )
+    except ValueError as exc:
+        raise UsageError(f"Kafka: {exc}") from None

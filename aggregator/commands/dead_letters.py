@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from aggregator.commands.common import command, plural, topic_options
+from aggregator.commands.common import command, plural, security_of, topic_options
 from aggregator.errors import QueryTimeout, UsageError
 from aggregator.intake.dead_letters import SCAN, DeadLetter, read_at, read_recent, replay
 from ingest.kafka import KafkaSettings
@@ -94,6 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         topic=args.topic,
         dead_letter_topic=args.dead_letter_topic,
         idempotence=not args.no_idempotence,
+        security=security_of(args),
     )
     if args.dead_letters_command == "list":
         letters = asyncio.run(_matching(kafka, args))

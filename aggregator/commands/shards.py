@@ -11,7 +11,13 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from aggregator.auth import SECRET_FILE, read_secret
-from aggregator.commands.common import command, data_dir_option, program, topic_options
+from aggregator.commands.common import (
+    command,
+    data_dir_option,
+    program,
+    security_of,
+    topic_options,
+)
 from aggregator.errors import UsageError
 from aggregator.intake.sealed import Sealer
 from aggregator.intake.splits import CUT, split_record
@@ -59,7 +65,12 @@ def commands(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     secret = read_secret(args.data_dir / SECRET_FILE)
-    kafka = KafkaSettings(args.kafka, topic=args.topic, idempotence=not args.no_idempotence)
+    kafka = KafkaSettings(
+        args.kafka,
+        topic=args.topic,
+        idempotence=not args.no_idempotence,
+        security=security_of(args),
+    )
     cuts = asyncio.run(_split(kafka, Sealer(secret), args))
     for index in range(args.from_count):
         found = cuts.get(index)

@@ -28,7 +28,13 @@ from aggregator.auth import (
     read_secret,
     token_hash,
 )
-from aggregator.commands.common import command, data_dir_option, program, topic_options
+from aggregator.commands.common import (
+    command,
+    data_dir_option,
+    program,
+    security_of,
+    topic_options,
+)
 from aggregator.core_app import CoreSettings
 from aggregator.errors import NotFound, UsageError
 from aggregator.intake.sealed import Sealer
@@ -111,7 +117,12 @@ async def _create_on_topic(args: argparse.Namespace) -> str:
     published on the control topic (`intake.token_records`); its text."""
     secret = read_secret(args.data_dir / SECRET_FILE)
     sealer = Sealer(secret)
-    kafka = KafkaSettings(args.kafka, topic=args.topic, idempotence=not args.no_idempotence)
+    kafka = KafkaSettings(
+        args.kafka,
+        topic=args.topic,
+        idempotence=not args.no_idempotence,
+        security=security_of(args),
+    )
     async with TokenView(kafka, sealer, secret) as view:
         org = view.organization_named(args.org)
     now = datetime.now(UTC).isoformat()

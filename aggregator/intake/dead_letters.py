@@ -146,12 +146,7 @@ async def replay(kafka: KafkaSettings, letters: list[tuple[DeadLetter, bytes | N
 
 def _reader(kafka: KafkaSettings, timeout_seconds: float) -> AIOKafkaConsumer:
     """A consumer outside any group (it commits nothing)."""
-    return AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        request_timeout_ms=max(1000, int(timeout_seconds * 1000)),
-    )
+    return kafka.reader(request_timeout_ms=max(1000, int(timeout_seconds * 1000)))
 
 
 async def _read(consumer: AIOKafkaConsumer, topic: str, scan: int, deadline: float) -> Scan:

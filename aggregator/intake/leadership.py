@@ -134,9 +134,8 @@ class Lease:
     def _joining(self) -> AIOKafkaConsumer:
         kafka = self._kafka
         session_ms = round(kafka.session_timeout_seconds * 1000)
-        member = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap,
-            group_id=kafka.lease_group,
+        member = kafka.member(
+            kafka.lease_group,
             enable_auto_commit=False,
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=session_ms // 3,

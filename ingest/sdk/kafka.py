@@ -27,7 +27,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from ingest.kafka import KafkaSettings, stop_within
+from ingest.kafka import KafkaSecurity, KafkaSettings, stop_within
 from ingest.sdk.delivery import Answer
 from ingest.sdk.errors import TransportError
 from meters import columnar
@@ -36,7 +36,14 @@ from meters.errors import ValidationFailed
 from meters.events import EventRules, validate_body
 from meters.times import now_us
 
-__all__ = ["AsyncKafkaTransport", "KafkaOptions", "KafkaTransport", "Record", "records"]
+__all__ = [
+    "AsyncKafkaTransport",
+    "KafkaOptions",
+    "KafkaSecurity",
+    "KafkaTransport",
+    "Record",
+    "records",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,7 @@ class KafkaOptions(TypedDict, total=False):
     idempotence: bool
     compression: str | None  # gzip, snappy, lz4 or zstd; default none
     timeout: float  # for one batch to be acknowledged, s (default 10)
+    security: KafkaSecurity  # TLS, mutual TLS, SASL (default: PLAINTEXT)
     rules: EventRules  # the core's rules (default: EventRules())
 
 
@@ -87,6 +95,7 @@ class AsyncKafkaTransport:
             topic=options.get("topic", "meterline.events"),
             idempotence=options.get("idempotence", True),
             compression=options.get("compression"),
+            security=options.get("security", KafkaSecurity()),
         )
         self._timeout = options.get("timeout", 10.0)
         self._rules = options.get("rules") or EventRules()
