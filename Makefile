@@ -46,11 +46,14 @@ typecheck: $(VENV)/.installed-test
 # From apt, when missing: Debian's chromium for the console's browser tests (playwright drives
 # it; no browser download), curl for the README's commands (tests/test_readme.py), kcat for its
 # producer example (tests/ingest/test_producer_examples.py), nginx to run deploy/nginx.conf
-# (tests/deploy/test_nginx.py) and systemd-analyze to verify deploy/meterline.service.
+# (tests/deploy/test_nginx.py), systemd-analyze to verify deploy/meterline.service and promtool
+# (Debian's prometheus) to check deploy/prometheus.
 system-tools:
 	command -v chromium >/dev/null && command -v curl >/dev/null && command -v kcat >/dev/null \
 		&& command -v nginx >/dev/null && command -v systemd-analyze >/dev/null \
-		|| (apt-get update -q && apt-get install -y -q chromium curl kcat nginx systemd)
+		&& command -v promtool >/dev/null \
+		|| (apt-get update -q && apt-get install -y -q chromium curl kcat nginx systemd \
+			&& apt-get install -y -q --no-install-recommends prometheus)
 
 TEST_TOOLS := $(VENV)/.installed-test $(NODE_PROJECT)/node_modules/.installed system-tools
 

@@ -3,7 +3,9 @@ forwarder and the webhook sender are holding back or refusing."""
 
 from __future__ import annotations
 
+import shutil
 from functools import partial
+from pathlib import Path
 
 from aggregator.intake.consumer import Consumer
 from aggregator.store import Store, failed_meters, failures
@@ -24,7 +26,14 @@ def sources(store: Store, consumer: Consumer | None, forwarder: Forwarder | None
 async def _store(store: Store) -> list[str]:
     writer = store.writer
     failed = await store.read(failed_meters)
+    # The data dir's file system: a full disk refuses writes (503 StorageFull) until freed.
+    disk = shutil.disk_usage(Path(store.path).parent)
     lines = [
+        "# HELP meterline_store_disk_free_bytes free bytes of the data dir's file system",
+        "# TYPE meterline_store_disk_free_bytes gauge",
+        f"meterline_store_disk_free_bytes {disk.free}",
+        "# TYPE meterline_store_disk_size_bytes gauge",
+        f"meterline_store_disk_size_bytes {disk.total}",
         "# TYPE meterline_writer_over_bound_total counter",
         f"meterline_writer_over_bound_total {writer.over_bound}",
         "# TYPE meterline_writer_longest_job_seconds gauge",

@@ -53,11 +53,18 @@ def test_prometheus_scrapes_every_meterline_process_where_it_listens() -> None:
         for name, service in _meterline_services().items()
     }
     assert targets == listening
-    # The token file Compose writes is the one Prometheus reads.
+    # The token file Compose writes is the one Prometheus reads (its path is relative to the
+    # configuration's, which Compose mounts beside it), as are the alerting rules.
     token = next(c for c in SERVICES["prometheus"]["configs"] if c["source"] == "metrics-token")
     assert "metrics-token" in COMPOSE["configs"]
+    mounted = {
+        PurePosixPath(v.split(":")[1]).name: PurePosixPath(v.split(":")[1])
+        for v in SERVICES["prometheus"]["volumes"]
+    }
+    here = mounted["prometheus.yml"].parent
     for job in config["scrape_configs"]:
-        assert job["authorization"]["credentials_file"] == token["target"]
+        assert here / job["authorization"]["credentials_file"] == PurePosixPath(token["target"])
+    assert [here / f for f in config["rule_files"]] == [mounted["alerts.yml"]]
 
 
 def test_grafana_is_given_prometheus_and_the_dashboard() -> None:
