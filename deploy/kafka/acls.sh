@@ -9,8 +9,12 @@
 #
 # What the broker needs for these to mean anything:
 #   - clients authenticated (SASL or mTLS listeners), so that the principals below are who they
-#     say; on a PLAINTEXT listener, as in deploy/docker-compose.yml, every client is
-#     User:ANONYMOUS and no ACL can tell them apart;
+#     say: start the core with `--kafka-security-protocol SASL_SSL --kafka-sasl-username
+#     meterline-core` and the edges with `... --kafka-sasl-username meterline-edge` (the
+#     password from --kafka-sasl-password-file or METERLINE_KAFKA_SASL_PASSWORD), or give them
+#     client certificates with those names (--kafka-cert-file, --kafka-key-file; the broker's
+#     ssl.principal.mapping.rules decide the principal); on a PLAINTEXT listener, as in
+#     deploy/docker-compose.yml, every client is User:ANONYMOUS and no ACL can tell them apart;
 #   - an authorizer (KRaft: authorizer.class.name=
 #     org.apache.kafka.metadata.authorizer.StandardAuthorizer) with
 #     allow.everyone.if.no.acl.found=false (its default): what no ACL below allows is denied,

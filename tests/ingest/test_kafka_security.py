@@ -159,6 +159,13 @@ def test_sasl_options_reach_the_kafka_client_and_the_password_never_the_command_
         ]
     )
     assert security_of(args).sasl_password == "from-env"
+    # Every option is a variable too, as the Kubernetes ConfigMap sets them.
+    monkeypatch.setenv("METERLINE_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("METERLINE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
+    from_env = security_of(cli.parse(["ingest", "--kafka", "b:1", "--kafka-sasl-username", "u"]))
+    assert (from_env.protocol, from_env.sasl_mechanism) == ("SASL_SSL", "SCRAM-SHA-256")
+    monkeypatch.delenv("METERLINE_KAFKA_SECURITY_PROTOCOL")
+    monkeypatch.delenv("METERLINE_KAFKA_SASL_MECHANISM")
     # A password given where the file's name goes is refused without being shown.
     typed = cli.parse(["core", "--kafka", "b:1", "--kafka-sasl-password", "hunter2"])
     with pytest.raises(UsageError) as refused:
