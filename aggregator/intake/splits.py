@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import replace
 from types import TracebackType
 from typing import Self
@@ -125,18 +126,14 @@ class Splits:
 
     def refuse_retired(self, stored: dict[int, int]) -> None:
         """Step 3: a data dir of a split shard, applied to its cut, starts no core."""
-        shard = self._shard
-        for split in self._known.values():
-            held = {p: o for p, o in split.cuts.items() if shard.owns(p)}
-            if split.from_count == shard.count and all(
-                stored.get(p, 0) >= o for p, o in held.items()
-            ):
-                raise UsageError(
-                    f"shard {shard} was split into {split.to_count} shards (`meterline split`)"
-                    " and this data dir holds its partitions up to the split: it is retired."
-                    f" Make the new shards from it: `meterline restore --shard J/{split.to_count}"
-                    " --from <this data dir> --data-dir <new>`"
-                )
+        split = cut_reached(self._known.values(), self._shard, stored)
+        if split is not None:
+            raise UsageError(
+                f"shard {self._shard} was split into {split.to_count} shards (`meterline split`)"
+                " and this data dir holds its partitions up to the split: it is retired."
+                f" Make the new shards from it: `meterline restore --shard J/{split.to_count}"
+                " --from <this data dir> --data-dir <new>`"
+            )
 
 
 class Retiring:
@@ -194,15 +191,26 @@ class Retiring:
         self.done.set()
 
     async def _cut(self) -> shard_splits.Split | None:
-        """This shard's split, once its partitions are applied here to their cuts."""
+        """This shard's split, once its partitions are applied here to their cuts (read from
+        the store: a core cuts them as the split's job runs)."""
         if not self._splits.retiring:
             return None
-        shard, applied = self._kafka.shard, self._store.applied_offsets(self._kafka.topic)
-        for split in await self._store.read_now(shard_splits.splits):
-            held = {p: o for p, o in split.cuts.items() if shard.owns(p)}
-            if split.from_count == shard.count and held:
-                return split if all(applied.get(p, 0) >= o for p, o in held.items()) else None
-        return None
+        splits = await self._store.read_now(shard_splits.splits)
+        return cut_reached(
+            splits, self._kafka.shard, self._store.applied_offsets(self._kafka.topic)
+        )
+
+
+def cut_reached(
+    splits: Iterable[shard_splits.Split], shard: Shard, offsets: dict[int, int]
+) -> shard_splits.Split | None:
+    """The split of `shard`'s count, if `offsets` have reached its cuts of `shard`'s partitions
+    (known once a core of the shard applied it)."""
+    for split in splits:
+        held = {p: o for p, o in split.cuts.items() if shard.owns(p)}
+        if split.from_count == shard.count and held:
+            return split if all(offsets.get(p, 0) >= o for p, o in held.items()) else None
+    return None
 
 
 def _keyed(cuts: dict[int, int]) -> dict[str, int]:
