@@ -45,3 +45,7 @@ class Unavailable(PublishError):
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class TokenUnreadable(IngestError):
+    """The OAUTHBEARER token file is missing, unreadable or empty when a client authenticates."""

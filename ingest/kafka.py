@@ -8,12 +8,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.abc import AbstractTokenProvider
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
+
+from ingest.errors import TokenUnreadable
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +60,18 @@ class Shard:
 
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 
 
 @dataclass(frozen=True, slots=True)
 class KafkaSecurity:
     """How every Kafka client of a process reaches the brokers: Kafka's `security.protocol`;
     with TLS, the CA file that signed the brokers' certificates (none: the system's) and this
-    process's certificate and key (mutual TLS); with SASL, the mechanism and credentials. The
-    password is never a command-line argument (`meterline` reads it from the environment or a
-    file) and never shown (`repr`)."""
+    process's certificate and key (mutual TLS); with SASL, the mechanism and credentials: a
+    username and password, or for OAUTHBEARER a file holding the token, read again at every
+    authentication (whatever renews it, such as a Kubernetes projected token, rewrites the
+    file). The password is never a command-line argument (`meterline` reads it from the
+    environment or a file) and never shown (`repr`)."""
 
     protocol: str = "PLAINTEXT"
     ca_file: str | None = None
@@ -74,14 +80,20 @@ class KafkaSecurity:
     sasl_mechanism: str = "PLAIN"
     sasl_username: str | None = None
     sasl_password: str | None = field(default=None, repr=False)
+    sasl_token_file: str | None = None  # OAUTHBEARER
 
     def __post_init__(self) -> None:
         if self.protocol not in SECURITY_PROTOCOLS:
             raise ValueError(f"security protocol {self.protocol!r}: one of {SECURITY_PROTOCOLS}")
         if self.sasl_mechanism not in SASL_MECHANISMS:
             raise ValueError(f"SASL mechanism {self.sasl_mechanism!r}: one of {SASL_MECHANISMS}")
-        if self.protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
-            raise ValueError(f"{self.protocol} needs a SASL username and password")
+        if self.protocol.startswith("SASL"):
+            if self.sasl_mechanism == "OAUTHBEARER" and not self.sasl_token_file:
+                raise ValueError("SASL OAUTHBEARER needs a token file")
+            if self.sasl_mechanism != "OAUTHBEARER" and not (
+                self.sasl_username and self.sasl_password
+            ):
+                raise ValueError(f"{self.protocol} needs a SASL username and password")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("a client certificate needs its key, and a key its certificate")
         if self.cert_file and not self.tls:
@@ -98,13 +110,35 @@ class KafkaSecurity:
             found["ssl_context"] = create_ssl_context(
                 cafile=self.ca_file, certfile=self.cert_file, keyfile=self.key_file
             )
-        if self.protocol.startswith("SASL"):
+        if self.protocol.startswith("SASL") and self.sasl_token_file:
+            found |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_oauth_token_provider": TokenFile(self.sasl_token_file),
+            }
+        elif self.protocol.startswith("SASL"):
             found |= {
                 "sasl_mechanism": self.sasl_mechanism,
                 "sasl_plain_username": self.sasl_username,
                 "sasl_plain_password": self.sasl_password,
             }
         return found
+
+
+class TokenFile(AbstractTokenProvider):  # type: ignore[misc]
+    """An OAUTHBEARER token, read from its file at each authentication: the file's owner renews
+    it, and a token read once would expire with the connection that needs it next."""
+
+    def __init__(self, path: str) -> None:
+        self._path = Path(path)
+
+    async def token(self) -> str:
+        try:
+            token = (await asyncio.to_thread(self._path.read_text)).strip()
+        except OSError as exc:
+            raise TokenUnreadable(f"OAUTHBEARER token file {self._path}: {exc.strerror}") from None
+        if not token:
+            raise TokenUnreadable(f"OAUTHBEARER token file {self._path} is empty")
+        return token
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,11 +107,15 @@ _SECURITY = (
     ),
     ("cert-file", "with TLS, this process's certificate (PEM), for brokers that ask for one"),
     ("key-file", "with TLS, the key (PEM) of --kafka-cert-file"),
-    ("sasl-mechanism", "with SASL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
+    ("sasl-mechanism", "with SASL: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER"),
     ("sasl-username", "with SASL, the user"),
     (
         "sasl-password-file",
         "with SASL, a file holding the password (or METERLINE_KAFKA_SASL_PASSWORD)",
+    ),
+    (
+        "sasl-token-file",
+        "with SASL OAUTHBEARER, a file holding the token, read again at each authentication",
     ),
 )
 
@@ -150,6 +154,7 @@ def security_of(args: argparse.Namespace) -> KafkaSecurity:
             args.kafka_sasl_mechanism,
             args.kafka_sasl_username,
             password,
+            args.kafka_sasl_token_file,
         )
     except ValueError as exc:
         raise UsageError(f"Kafka: {exc}") from None

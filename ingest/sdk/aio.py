@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, Self, Unpack
 
 from ingest.sdk.batching import Batch
-from ingest.sdk.core import ClientBase, Options, base_url_of
+from ingest.sdk.core import FLUSH_TIMEOUT_SECONDS, ClientBase, Options, base_url_of
 from ingest.sdk.delivery import Delivery, decode
 from ingest.sdk.errors import ClientClosed, SDKError, TransportError, Undelivered
 from ingest.sdk.transports import AsyncHTTPTransport, AsyncTransport, Token
@@ -90,9 +90,10 @@ class AsyncIngestion(ClientBase):
 
     # A timeout parameter rather than asyncio.timeout(): the sync client's signature, and
     # aclose() must not be cancelled halfway (it reports what it could not deliver).
-    async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+    async def flush(self, timeout: float | None = FLUSH_TIMEOUT_SECONDS) -> bool:  # noqa: ASYNC109
         """Send what is queued without lingering and wait until every event recorded before
-        the call is delivered or reported to on_error; False if `timeout` ran out first."""
+        the call is delivered or reported to on_error; False if `timeout` (None: no bound) ran
+        out first, the events still queued and sent."""
         target = self._buffer.recorded
         self._hurry += 1
         self._wake()

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Self, Unpack
 
 from ingest.sdk.batching import Batch
-from ingest.sdk.core import ClientBase, Options, base_url_of
+from ingest.sdk.core import FLUSH_TIMEOUT_SECONDS, ClientBase, Options, base_url_of
 from ingest.sdk.delivery import Delivery, decode
 from ingest.sdk.errors import ClientClosed, TransportError, Undelivered
 from ingest.sdk.transports import HTTPTransport, Token, Transport
@@ -103,10 +103,11 @@ class Ingestion(ClientBase):
         if self._closed:
             raise ClientClosed("ingest() after close()")
 
-    def flush(self, timeout: float | None = None) -> bool:
+    def flush(self, timeout: float | None = FLUSH_TIMEOUT_SECONDS) -> bool:
         """Send what is queued now, without waiting for batches to fill, and wait until every
         event recorded before this call is settled: delivered, or reported to on_error.
-        False if `timeout` (seconds) ran out first. Do not call it from on_error."""
+        False if `timeout` (seconds; None: no bound) ran out first: the events stay queued and
+        are still sent. Do not call it from on_error."""
         with self._lock:
             target = self._buffer.recorded
             self._hurry += 1

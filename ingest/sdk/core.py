@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("ingest.sdk")
 S = TypeVar("S", bound="BaseStrategy")
 ErrorCallback = Callable[[DeliveryError], None]
+# flush()'s default bound: a broker or server down for longer never hangs its caller; what is
+# not delivered by then stays queued.
+FLUSH_TIMEOUT_SECONDS = 30.0
 
 
 class Options(TypedDict, total=False):

@@ -3,8 +3,8 @@
 client goes through it): a core started with `--kafka-security-protocol SSL` makes its topics,
 publishes what its ingest endpoint accepts, applies it, and so does the SDK's Kafka transport;
 with client certificates required, a client without one is refused and a core with one works.
-SASL cannot run here (the test broker has none): the options are shown to reach the Kafka
-client, and the password never to come from the command line."""
+SASL cannot run here (the test broker has none): the options (PLAIN, SCRAM, OAUTHBEARER) are
+shown to reach the Kafka client, and the password never to come from the command line."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from aiokafka.errors import KafkaError
 from aggregator import cli
 from aggregator.commands.common import security_of
 from aggregator.errors import UsageError
+from ingest.errors import TokenUnreadable
 from ingest.kafka import KafkaSecurity, KafkaSettings
 from ingest.sdk import AsyncIngestion
 from ingest.sdk.kafka import AsyncKafkaTransport
@@ -174,3 +175,43 @@ def test_sasl_options_reach_the_kafka_client_and_the_password_never_the_command_
     monkeypatch.delenv("METERLINE_KAFKA_SASL_PASSWORD")
     with pytest.raises(UsageError, match="SASL username and password"):
         security_of(args)
+
+
+def test_an_oauthbearer_token_is_read_from_its_file_at_each_authentication(
+    tmp_path: Path,
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    args = cli.parse(
+        [
+            *("core", "--kafka", "broker:9093", "--kafka-security-protocol", "SASL_SSL"),
+            *("--kafka-sasl-mechanism", "OAUTHBEARER", "--kafka-sasl-token-file", str(token)),
+        ]
+    )
+    security = security_of(args)
+
+    async def made() -> None:
+        producer = KafkaSettings("broker:9093", security=security).producer()
+        client = producer.client
+        assert (client._security_protocol, client._sasl_mechanism) == ("SASL_SSL", "OAUTHBEARER")
+        provider = client._sasl_oauth_token_provider
+        assert await provider.token() == "first"
+        token.write_text("renewed")  # as a projected token is rewritten
+        assert await provider.token() == "renewed"
+        token.write_text("")
+        with pytest.raises(TokenUnreadable, match="empty"):
+            await provider.token()
+        token.unlink()
+        with pytest.raises(TokenUnreadable, match="token file"):
+            await provider.token()
+        await producer.stop()
+
+    asyncio.run(made())
+    without = cli.parse(
+        [
+            *("core", "--kafka", "b:1", "--kafka-security-protocol", "SASL_PLAINTEXT"),
+            *("--kafka-sasl-mechanism", "OAUTHBEARER"),
+        ]
+    )
+    with pytest.raises(UsageError, match="OAUTHBEARER needs a token file"):
+        security_of(without)

@@ -5,6 +5,7 @@ interpreter exit."""
 
 from __future__ import annotations
 
+import inspect
 import queue
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import orjson
 import pytest
 
 from ingest.sdk import (
+    AsyncIngestion,
     ClientClosed,
     DeliveryFailed,
     EventsRejected,
@@ -249,6 +251,11 @@ def test_close_reports_what_it_could_not_deliver(customer: str):
     ingestion = Ingestion("t", base_url=dead, max_batch_size=2, on_error=reports)
     for i in range(5):
         ingestion.ingest(event(customer, i))
+    # flush() is bounded (30 s unless told): the server down, it answers False and keeps them.
+    assert inspect.signature(Ingestion.flush).parameters["timeout"].default == 30
+    assert inspect.signature(AsyncIngestion.flush).parameters["timeout"].default == 30
+    assert ingestion.flush(0.3) is False
+    assert reports.events(Undelivered) == []
     started = time.monotonic()
     ingestion.close(timeout=0.5)
     assert time.monotonic() - started < 3
