@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -589,6 +590,7 @@ def settings_of(
 
 def _serve_command(args: argparse.Namespace) -> int:
     settings, kafka, forward = settings_of(args)
+    listening = Listening(sockets=[_bound(settings.host, settings.port)])
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -600,7 +602,9 @@ def _serve_command(args: argparse.Namespace) -> int:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if args.command == "ingest":
             assert kafka is not None
-            runner.run(serve_edge(settings, kafka, log_level=args.log_level))
+            runner.run(
+                serve_edge(settings, kafka, log_level=args.log_level, listening=listening)
+            )
             return 0
         try:
             runner.run(
@@ -611,6 +615,7 @@ def _serve_command(args: argparse.Namespace) -> int:
                     log_level=args.log_level,
                     banner=args.command == "up",
                     dev_token=getattr(args, "dev_token", None),
+                    listening=listening,
                 )
             )
         except duckdb.Error as exc:
@@ -621,6 +626,24 @@ def _serve_command(args: argparse.Namespace) -> int:
         except LogCorrupt as exc:
             raise UsageError(_damaged(settings, exc)) from None
     return 0
+
+
+def _bound(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else is made: a port in use ends the
+    command (exit 2) before a data dir is created or opened."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"port {port} on {host} is in use (another meterline?): pass another with"
+                f" --port, or `make up PORT={port + 1}`"
+            ) from None
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
+    return sock
 
 
 def _unopenable(settings: CoreSettings, exc: duckdb.Error) -> str | None:
@@ -813,7 +836,9 @@ async def serve(
             url = f"http://{settings.host}:{settings.port}"
             lines = [f"console: {url}/ (log in with a token); API reference: {url}/docs"]
             if banner:
-                lines += token_commands.banner_lines(registry, settings, dev_token)
+                lines += token_commands.banner_lines(registry, settings, dev_token, kafka)
+            else:
+                lines.append(f"a token: {token_commands.create_command(settings, kafka)}")
             if exporter is not None:  # the development token too, before edges are told
                 await exporter.sync()
             # Open streams end as shutdown begins: uvicorn would wait for them.

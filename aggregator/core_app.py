@@ -13,9 +13,11 @@ from typing import Any
 import duckdb
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aggregator import core_metrics
 from aggregator.api import (
@@ -152,7 +154,33 @@ class CoreSettings:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     names = {404: "ResourceNotFound", 405: "MethodNotAllowed"}
-    return error(exc.status_code, names.get(exc.status_code, "HTTPError"), exc.detail)
+    name = names.get(exc.status_code, "HTTPError")
+    return error(exc.status_code, name, exc.detail, dict(exc.headers or {}))  # 405: Allow
+
+
+def methods_checked(routes: list[BaseRoute]) -> Middleware:
+    """405 with every allowed method in `Allow` for a method a fixed path does not take, before
+    routing: else a path parameter's route takes the path (`GET /v1/events/ingest` answered as
+    `/v1/events/{id}`, about an id), or the first route of the path names its methods alone."""
+    allowed: dict[str, set[str]] = {}
+    for route in routes:
+        if isinstance(route, Route) and route.methods and not route.param_convertors:
+            allowed.setdefault(route.path, set()).update(route.methods)
+    return Middleware(_MethodsChecked, allowed={p: frozenset(m) for p, m in allowed.items()})
+
+
+class _MethodsChecked:
+    def __init__(self, app: ASGIApp, allowed: dict[str, frozenset[str]]) -> None:
+        self.app, self._allowed = app, allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        methods = self._allowed.get(scope["path"]) if scope["type"] == "http" else None
+        if methods is not None and scope["method"] not in methods:
+            allow = {"Allow": ", ".join(sorted(methods))}
+            refused = error(405, "MethodNotAllowed", "Method Not Allowed", allow)
+            await refused(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 async def _shard_refused(request: Request, exc: Exception) -> Response:
@@ -353,7 +381,7 @@ def build_app(
         *console_routes.routes(),
         *openapi_routes.routes(version()),
     ]
-    middleware = [count_responses(responses)]
+    middleware = [count_responses(responses), methods_checked(routes)]
     if applied is not None:
         middleware.append(read_after(applied))
     if sharding is not None:

@@ -151,13 +151,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def banner_lines(
-    registry: TokenRegistry, settings: CoreSettings, dev_token: bool | None
-) -> list[str]:
-    """The development token and a request to try with it, or how to create a token."""
+def create_command(settings: CoreSettings, kafka: KafkaSettings | None) -> str:
+    """The command that makes a token this server takes (Kafka mode: on the control topic)."""
     create = (
         f"{program()} token create --data-dir {shlex.quote(str(settings.data_dir))} --org default"
     )
+    if kafka is not None:
+        create += f" --kafka {shlex.quote(kafka.bootstrap)} --topic {shlex.quote(kafka.topic)}"
+    return create
+
+
+def banner_lines(
+    registry: TokenRegistry,
+    settings: CoreSettings,
+    dev_token: bool | None,
+    kafka: KafkaSettings | None = None,
+) -> list[str]:
+    """The development token and a request to try with it, or how to create a token."""
+    create = create_command(settings, kafka)
     if dev_token is None and not is_loopback(settings.host):
         why = f"--host {settings.host} is not a loopback address"
     elif dev_token is False:

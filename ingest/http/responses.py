@@ -136,9 +136,13 @@ def _echoable(value: Any) -> Any:
     return value
 
 
+# Polar's detail is "Unauthorized" alone; a newcomer needs to be told which header to send.
+UNAUTHORIZED = "Unauthorized: send a token in the header `Authorization: Bearer <token>`"
+
+
 def unauthorized() -> JSON:
     return error(
-        401, "Unauthorized", "Unauthorized", {"WWW-Authenticate": 'Bearer realm="meterline"'}
+        401, "Unauthorized", UNAUTHORIZED, {"WWW-Authenticate": 'Bearer realm="meterline"'}
     )
 
 

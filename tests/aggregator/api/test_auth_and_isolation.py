@@ -21,7 +21,11 @@ def test_missing_and_bad_tokens_get_polars_401_shapes(server: Server) -> None:
     with httpx.Client(base_url=server.url) as anonymous:
         response = anonymous.post("/v1/events/ingest", json={"events": []})
         assert response.status_code == 401
-        assert response.json() == {"error": "Unauthorized", "detail": "Unauthorized"}
+        # Polar's error name; the detail tells a newcomer which header to send.
+        assert response.json() == {
+            "error": "Unauthorized",
+            "detail": "Unauthorized: send a token in the header `Authorization: Bearer <token>`",
+        }
         assert response.headers["www-authenticate"].startswith("Bearer")
 
         for header in ("Bearer nope", "Basic abc", "Bearer"):

@@ -88,6 +88,21 @@ def test_the_ingest_edge_serves_a_subset_of_the_operations(doc: dict[str, Any]) 
     assert endpoints(app.routes) <= operations(doc)
 
 
+def test_a_method_a_path_does_not_take_is_405_with_allow(core: InProcessCore) -> None:
+    # GET /v1/events/ingest would otherwise be taken by /v1/events/{id} and answered as a 422.
+    for method, path, allow in (
+        ("GET", "/v1/events/ingest", "POST"),
+        ("DELETE", "/v1/events/names", "GET, HEAD"),
+        ("PUT", "/v1/meters/", "GET, HEAD, POST"),
+    ):
+        answer = core.request(method, path)
+        assert answer.status_code == 405, (method, path, answer.text)
+        assert answer.headers["allow"] == allow, (method, path)
+        assert answer.json() == {"error": "MethodNotAllowed", "detail": "Method Not Allowed"}
+    assert core.request("GET", f"/v1/events/{uuid.uuid4()}").status_code == 404
+    assert core.request("GET", "/v1/events/not-an-id").status_code == 422  # as Polar answers
+
+
 def test_the_ingested_event_shape_has_the_validators_fields() -> None:
     refused = {"organization_id", "member_id"}  # accepted only to be refused with a reason
     assert set(IngestEvent.__annotations__) == EVENT_FIELDS - refused

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import io
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -30,12 +31,14 @@ from aggregator import cli
 from aggregator.auth import TokenRegistry
 from aggregator.commands.common import HelpFormatter
 from aggregator.commands.progress import Progress
-from aggregator.commands.tokens import banner_lines
+from aggregator.commands.tokens import banner_lines, create_command
 from aggregator.core_app import CoreSettings
 from aggregator.store import Store
 from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.machinery.migrations import migrate
 from aggregator.store.tables.meter_tables import backfill_step_job
+from ingest.kafka import KafkaSettings
+from tests.inprocess import ServedCore
 from tests.processes import MeterlineServer, Server, free_port, new_org_token
 
 EVERYTHING = {"conjunction": "and", "clauses": []}
@@ -147,6 +150,37 @@ def test_a_second_server_on_a_locked_data_dir_says_so_in_one_line(
     assert err.count("\n") == 1, err
     assert str(server.data_dir) in err and f"process {server.pid}" in err
     assert "Traceback" not in err
+
+
+def test_a_port_in_use_exits_2_with_the_option_to_change_and_makes_no_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for command in (["up"], ["core", "--kafka", "127.0.0.1:1"]):
+            data_dir = tmp_path / command[0]
+            assert cli.main([*command, "--data-dir", str(data_dir), "--port", str(port)]) == 2
+            err = capsys.readouterr().err
+            assert f"port {port} on 127.0.0.1 is in use" in err and "--port" in err, err
+            assert f"make up PORT={port + 1}" in err and "Traceback" not in err
+            assert not data_dir.exists()
+
+
+def test_core_says_how_to_make_a_token_for_its_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = CoreSettings(data_dir=tmp_path / "my data")
+    create = create_command(settings, None)
+    assert create == f"meterline token create --data-dir '{tmp_path}/my data' --org default"
+    kafka = create_command(settings, KafkaSettings("broker:9092", topic="usage"))
+    assert kafka.endswith("--org default --kafka broker:9092 --topic usage")
+    # The banner a core prints (`up` prints the development token instead).
+    with ServedCore(tmp_path / "core", dev_token=False) as core:
+        pass
+    said = capsys.readouterr().out
+    assert f"a token: {create_command(CoreSettings(data_dir=core.data_dir), None)}" in said
 
 
 @pytest.mark.slow
