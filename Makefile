@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA_DIR ?= .meterline
 
-.PHONY: up test test-fast lint typecheck unit screenshots bench clean system-tools
+.PHONY: up test test-fast lint typecheck unit docs screenshots bench clean system-tools
 
 # uv installs in seconds what pip takes minutes over; pip stays the fallback (a machine whose
 # index or proxy only pip is configured for).
@@ -44,7 +44,7 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 # From apt, when missing: Debian's chromium for the console's browser tests (playwright drives
-# it; no browser download), curl for the README's commands (tests/test_readme.py), kcat for its
+# it; no browser download), curl for the README's and the docs' commands (tests/test_readme.py, tests/test_docs.py), kcat for its
 # producer example (tests/ingest/test_producer_examples.py), nginx to run deploy/nginx.conf
 # (tests/deploy/test_nginx.py), systemd-analyze to verify deploy/meterline.service and promtool
 # (Debian's prometheus) to check deploy/prometheus.
@@ -71,7 +71,13 @@ unit: $(TEST_TOOLS)
 	$(BIN)/pytest -n 3 --dist loadfile -m "not serial"
 	$(BIN)/pytest -m serial
 
-# The console's screenshots that the README shows, taken anew (the tests take them into a
+# The docs site (mkdocs.yml, docs/), rebuilt on every save; on port 8001, beside `make up` on
+# 8000. `make test` builds it with --strict (tests/test_docs.py). NO_MKDOCS_2_WARNING: Material's
+# banner about MkDocs 2.0, not a warning about the site.
+docs: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
+
+# The console's screenshots that the docs show, taken anew (the tests take them into a
 # scratch folder otherwise).
 screenshots: $(TEST_TOOLS)
 	METERLINE_SCREENSHOTS=$(CURDIR)/docs/screenshots $(BIN)/pytest tests/aggregator/console

@@ -302,7 +302,7 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             default=str(defaults.shard),
             help="apply the events topic's partitions p with p %% N == I (with the whole control"
             " topic), as one of N shards, each with its own leader, standbys and replicas; at"
-            " most as many shards as the topic has partitions (README: Scaling out)",
+            " most as many shards as the topic has partitions (docs: replicas and shards)",
         )
         kafka.add_argument(
             "--replica",
@@ -602,9 +602,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if args.command == "ingest":
             assert kafka is not None
-            runner.run(
-                serve_edge(settings, kafka, log_level=args.log_level, listening=listening)
-            )
+            runner.run(serve_edge(settings, kafka, log_level=args.log_level, listening=listening))
             return 0
         try:
             runner.run(

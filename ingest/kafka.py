@@ -149,7 +149,7 @@ class KafkaSettings:
     partitions: int = 6
     replication_factor: int = 1
     compression: str | None = None  # of Kafka batches: gzip, snappy, lz4 or zstd
-    # Of the columnar records, whole (zstd, lz4 or none); see the README's measurements.
+    # Of the columnar records, whole (zstd, lz4 or none); see docs/internals/benchmarks.md.
     record_compression: str = "zstd"
     # A columnar record holds at most about this many bytes of uncompressed columns.
     max_record_bytes: int = 1024 * 1024

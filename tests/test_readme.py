@@ -38,20 +38,25 @@ class Block:
     output: str
 
 
-def sh_blocks(text: str) -> list[Block]:
-    """Every `sh` block with the `output` block right after it ("" when there is none)."""
+RUN = {"sh", "python"}
+# A `python` block runs in the same shell, so it reads what the blocks before it exported.
+PYTHON = "python3 - <<'MLPY_EOF'\n{code}MLPY_EOF\n"
+
+
+def examples(text: str) -> list[tuple[str, Block]]:
+    """Every `sh` and `python` block, with the `output` block right after it ("" if none)."""
     fences = [
         (m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1, m.start(), m.end())
         for m in FENCE.finditer(text)
     ]
-    blocks = []
+    found = []
     for i, (lang, code, line, _, end) in enumerate(fences):
-        if lang != "sh":
+        if lang not in RUN:
             continue
         after = fences[i + 1] if i + 1 < len(fences) else None
         shown = after is not None and after[0] == "output" and not text[end : after[3]].strip()
-        blocks.append(Block(line, code, after[1] if shown and after else ""))
-    return blocks
+        found.append((lang, Block(line, code, after[1] if shown and after else "")))
+    return found
 
 
 def matches(shown: str, printed: str) -> bool:
@@ -68,55 +73,68 @@ def test_the_matcher() -> None:
     assert matches("a\n...\nz", "a\nb\nc\nz")
 
 
-def test_every_shell_block_runs_as_written(tmp_path: Path) -> None:
-    blocks = sh_blocks(README.read_text())
+def test_every_example_runs_as_written(tmp_path: Path) -> None:
     # The first block is how to get here: `make up` (which this test runs) and `make test`.
-    first, *rest = blocks
+    (_, first), *rest = examples(README.read_text())
     commands = [line.split("#")[0].strip() for line in first.code.splitlines()]
     assert commands == ["make up", "make test"], first.code
-    assert rest, "no shell blocks after the first"
-
-    # Install (or bring up to date) the repository's own .venv first, as `make up` would: in
-    # the scratch checkout below make must find it current, or it would reinstall meterline
-    # from the scratch's symlinks and leave the venv pointing at a deleted folder.
-    subprocess.run(["make", "--silent", ".venv/.installed"], cwd=ROOT, check=True)
-    # A scratch checkout: the repository's files (and its installed .venv), no data dir.
-    for entry in ROOT.iterdir():
-        if not entry.name.startswith((".meterline", ".git", ".pytest_cache", ".mypy_cache")):
-            (tmp_path / entry.name).symlink_to(entry)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("METERLINE_", "MAKE"))}
-    address = f"127.0.0.1:{free_port()}"
-    env["METERLINE_URL"] = f"http://{address}"  # what commands reach without --url
-    with _make_up(tmp_path, env, address) as banner:
-        script = "".join(f"printf '\\n{MARK}\\n'\n{block.code}" for block in rest)
-        script = script.replace(README_ADDRESS, address)
-        done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", script],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,  # as a terminal shows them: progress lines go to stderr
-            text=True,
-            timeout=180,
-        )
-    outputs = done.stdout.split(f"\n{MARK}\n")[1:]
-    ran = len(outputs)
-    where = rest[ran - 1].line if ran else first.line
-    assert done.returncode == 0, (
-        f"the block at README line {where} failed ({done.returncode}), printing:\n"
-        f"{(outputs or [''])[-1][-3000:]}"
-    )
-    assert ran == len(rest)
-    for block, printed in zip(rest, outputs, strict=True):
-        assert matches(block.output, printed), (
-            f"the block at README line {block.line} printed:\n{printed}\n"
-            f"--- the README shows:\n{block.output}"
-        )
+    assert rest, "no examples after the first"
+    env, address = scratch(tmp_path)
+    with make_up(tmp_path, env, address) as banner:
+        run_as_shown(rest, tmp_path, env, address, "README.md")
     assert "development token" in banner()
 
 
+def scratch(path: Path) -> tuple[dict[str, str], str]:
+    """A scratch checkout in `path`: the repository's files (and its installed .venv), no data
+    dir; the environment to run its commands in, and a free address to serve on."""
+    # Install (or bring up to date) the repository's own .venv first, as `make up` would: in
+    # the scratch checkout make must find it current, or it would reinstall meterline from the
+    # scratch's symlinks and leave the venv pointing at a deleted folder.
+    subprocess.run(["make", "--silent", ".venv/.installed"], cwd=ROOT, check=True)
+    for entry in ROOT.iterdir():
+        if not entry.name.startswith((".meterline", ".git", ".pytest_cache", ".mypy_cache")):
+            (path / entry.name).symlink_to(entry)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("METERLINE_", "MAKE"))}
+    address = f"127.0.0.1:{free_port()}"
+    env["METERLINE_URL"] = f"http://{address}"  # what commands reach without --url
+    return env, address
+
+
+def run_as_shown(
+    blocks: list[tuple[str, Block]], cwd: Path, env: dict[str, str], address: str, page: str
+) -> None:
+    """Run `blocks` in order in one shell against the server on `address`; each must print
+    what its `output` block shows."""
+    script = "".join(
+        f"printf '\\n{MARK}\\n'\n" + (PYTHON.format(code=b.code) if lang == "python" else b.code)
+        for lang, b in blocks
+    ).replace(README_ADDRESS, address)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # as a terminal shows them: progress lines go to stderr
+        text=True,
+        timeout=180,
+    )
+    outputs = done.stdout.split(f"\n{MARK}\n")[1:]
+    ran = len(outputs)
+    assert done.returncode == 0, (
+        f"the block at {page} line {blocks[max(ran - 1, 0)][1].line} failed"
+        f" ({done.returncode}), printing:\n{(outputs or [''])[-1][-3000:]}"
+    )
+    assert ran == len(blocks)
+    for (_, block), printed in zip(blocks, outputs, strict=True):
+        assert matches(block.output, printed), (
+            f"the block at {page} line {block.line} printed:\n{printed}\n"
+            f"--- {page} shows:\n{block.output}"
+        )
+
+
 @contextlib.contextmanager
-def _make_up(cwd: Path, env: dict[str, str], address: str) -> Iterator[Callable[[], str]]:
+def make_up(cwd: Path, env: dict[str, str], address: str) -> Iterator[Callable[[], str]]:
     """`make up` in `cwd` on `address` until the block ends; yields a reader of what it has
     printed."""
     proc = subprocess.Popen(

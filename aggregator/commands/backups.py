@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"made it shard {shard}: left out {rows:,} rows of the customers it does not hold")
         print(f"start it with `meterline core --shard {shard}`: it applies the log after the split")
         return 0
+    if not manifest["covers"]:  # embedded: its ingest log is the only log
+        print("`meterline up` on it serves what was acknowledged before the snapshot was taken")
+        return 0
     _covers(manifest)
     print("a core started on it applies only what the log holds after these")
     return 0

@@ -178,7 +178,7 @@ class Consumer:
         if shard.count > count:
             raise UsageError(
                 f"shard {shard}: the topic {self._kafka.topic} has {count} partitions, so at"
-                f" most {count} shards; re-partition it for more (README: Scaling out)"
+                f" most {count} shards; re-partition it for more (docs: replicas and shards)"
             )
         self._partitions = shard.partitions(count)
         self._router = Router(self._store, self._kafka, count) if shard.count > 1 else None

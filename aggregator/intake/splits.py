@@ -26,7 +26,7 @@ The protocol (each step is named where the code takes it):
 
 Splits go from N to a multiple of N only: each new shard's customers were then one old
 shard's. Fewer shards (or another count) is a new deployment that applies the topics from
-their start (README: Scaling out).
+their start (docs: replicas and shards).
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ class Store:
                 f"this data dir keeps the credits or holds of {others} customers another shard"
                 " holds (written by a version where every shard kept every customer's ledger):"
                 " start this shard on a new data dir, which applies the topics from their"
-                " start (README: Scaling out)"
+                " start (docs: replicas and shards)"
             )
 
     def close(self) -> None:

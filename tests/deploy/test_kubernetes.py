@@ -38,7 +38,7 @@ def test_every_kind_the_deployment_needs() -> None:
     kinds = {kind for kind, _ in BY_KIND}
     assert {"StatefulSet", "Deployment", "Service", "ConfigMap", "Secret", "Ingress"} <= kinds
     core = BY_KIND["StatefulSet", "meterline-core"]["spec"]
-    assert core["replicas"] == 1  # DuckDB has one owner
+    assert core["replicas"] == 2  # a leader and a standby, each with its own claim
     assert BY_KIND["Service", core["serviceName"]]["spec"]["clusterIP"] == "None"
 
 
@@ -69,8 +69,8 @@ def test_containers_reference_what_exists(workload: dict[str, Any]) -> None:
             kind = "ConfigMap" if "configMapRef" in source else "Secret"
             names |= _keys(BY_KIND[kind, ref["name"]])
         for env in container.get("env", []):
-            key = env["valueFrom"]["secretKeyRef"]
-            assert key["key"] in _keys(BY_KIND["Secret", key["name"]])
+            key = env["valueFrom"].get("secretKeyRef")  # else the pod's own field
+            assert key is None or key["key"] in _keys(BY_KIND["Secret", key["name"]])
             names.add(env["name"])
         # Kubernetes leaves a $(NAME) it cannot resolve as it is, in the argument.
         used = {m for arg in container.get("args", []) for m in re.findall(r"\$\((\w+)\)", arg)}
@@ -98,9 +98,20 @@ def test_services_and_the_ingress_reach_pods() -> None:
         "/api/v1/events": "meterline-ingest",  # OpenMeter's ingest; its GET goes on (--core)
         "/": "meterline-core",
     }
+    # The edges name every core pod (through the headless service), as the cores advertise
+    # themselves: one dead core is then a resend to the other, not a failed request.
     (edge,) = BY_KIND["Deployment", "meterline-ingest"]["spec"]["template"]["spec"]["containers"]
-    core = services["meterline-core"]["spec"]["ports"][0]["port"]
-    assert edge["args"][edge["args"].index("--core") + 1] == f"http://meterline-core:{core}"
+    core = BY_KIND["StatefulSet", "meterline-core"]["spec"]
+    pods = core["serviceName"]
+    port = services[pods]["spec"]["ports"][0]["port"]
+    named = [edge["args"][i + 1] for i, a in enumerate(edge["args"]) if a == "--core"]
+    assert named == [f"http://meterline-core-{i}.{pods}:{port}" for i in range(core["replicas"])]
+    (container,) = core["template"]["spec"]["containers"]
+    advertised = container["args"][container["args"].index("--advertise-url") + 1]
+    assert advertised == f"http://$(POD_NAME).{pods}:{port}"
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in (
+        container["env"]
+    )
 
 
 def _keys(doc: dict[str, Any]) -> set[str]:

@@ -176,7 +176,7 @@ def test_timestamp_examples(timestamp: Any, expected: datetime) -> None:
 def test_epoch_numbers_are_read_as_polar_reads_them(epoch: int | float) -> None:
     polars = TypeAdapter(AwareDatetime).validate_python(epoch)
     if to_us(polars) > NOW_US:
-        return  # the future tolerance differs (a row of the README's differences)
+        return  # the future tolerance differs (a row of docs/reference/polar.md)
     (event,) = parse([{"name": "n", "external_customer_id": "c", "timestamp": epoch}])
     assert abs(event.timestamp_us - to_us(polars)) <= 1  # float rounding, at most 1 µs
 

@@ -4,8 +4,9 @@ Each row is a body that breaks one rule. Where Polar refuses it too (its own dec
 `tests.polar.event_schema`, validated as FastAPI validates them), meterline's first error has
 Polar's type, at the field Polar names or below it (Polar reports a NUL anywhere in metadata at
 `metadata`; meterline at the key). Where only meterline refuses it (the rows marked `STRICTER`:
-the README's "How it differs from Polar"), its type is pydantic's for that kind of rule or one
-of the few meterline types the README lists, so a client only ever meets documented types.
+the docs page "How it differs from Polar", docs/reference/polar.md), its type is pydantic's for
+that kind of rule or one of the few meterline types that page lists, so a client only ever meets
+documented types.
 Rules Polar checks in its service rather than its schema (organization, member) carry the types
 Polar's `event/service.py` writes.
 """
@@ -25,7 +26,7 @@ from meters.events import EventRules, parse_ingest_body
 from meters.times import now_us
 from tests.polar import event_schema as polar
 
-README = Path(__file__).parents[2] / "README.md"
+POLAR_PAGE = Path(__file__).parents[2] / "docs" / "reference" / "polar.md"
 EVENT = {"name": "e", "external_customer_id": "c"}
 LLM = {"vendor": "v", "model": "m", "input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
 
@@ -105,7 +106,7 @@ SAME: dict[str, Any] = {
     "_llm cached tokens not numeric": _llm(cached_input_tokens="abc"),
 }
 
-# Polar accepts these; meterline refuses them (each a row of the README's differences).
+# Polar accepts these; meterline refuses them (each a row of docs/reference/polar.md).
 STRICTER: dict[str, Any] = {
     "unknown body field": {"events": [], "x": 1},
     "unknown event field": _event(x=1),
@@ -169,8 +170,8 @@ def test_polar_refuses_it_and_meterline_answers_polars_type(case: str) -> None:
 
 
 def _documented_types() -> set[str]:
-    """The meterline-only error types the README names in its differences section."""
-    section = README.read_text().split("## How it differs from Polar", 1)[1]
+    """The meterline-only error types the docs page "How it differs from Polar" names."""
+    section = POLAR_PAGE.read_text().split("# How it differs from Polar", 1)[1]
     paragraph = section.split("Error types meterline alone uses:", 1)[1].split("\n\n", 1)[0]
     return set(re.findall(r"`([a-z_]+)`", paragraph))
 

@@ -18,7 +18,7 @@ import duckdb
 
 from aggregator.store.base.meter_rows import MeterRow, get_meter
 
-# Measured: Python objects and dictionary entries of one held customer (see the README).
+# Measured: Python objects and dictionary entries of one held customer (docs: benchmarks).
 BYTES_PER_CUSTOMER = 400
 
 

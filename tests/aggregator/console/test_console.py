@@ -3,7 +3,7 @@ one real `meterline up` in Kafka mode (so the dead-letters page has a topic to r
 forwards to a local upstream refusing every event (so the forwarder has a quarantine) and
 sends webhooks to it. One server and one browser for the module; the tests run in order, each
 on the state the ones before left, and save a screenshot of each page: to a scratch folder, or
-to docs/screenshots/ (which the README shows) when `make screenshots` runs them.
+to docs/screenshots/ (which the README and the docs show) when `make screenshots` runs them.
 
 A second organization's customer and meter are seeded beside the first's: their names must
 never appear in the first's pages, nor the first's in the second's."""

@@ -296,13 +296,13 @@ async def _produce_and_read_dead_letters(
     return sorted(found)
 
 
-def test_the_readme_columnar_producer_works_as_written(tmp_path: Path) -> None:
-    """The README's columnar producer (the SDK's helper), run as pasted but for the broker
+def test_the_docs_columnar_producer_works_as_written(tmp_path: Path) -> None:
+    """The columnar producer of docs/guides/kafka-producers.md (the SDK's helper, in a `py` block:
+    shown, not run by the docs test, which has no broker), run as pasted but for the broker
     address and the organization id. Its JSON producers are run from the files it shows, by
     tests/ingest/test_producer_examples.py."""
-    readme = (Path(__file__).parents[3] / "README.md").read_text()
-    section = readme.split("### Record formats", 1)[1].split("\n## ", 1)[0]
-    blocks = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+    page = (Path(__file__).parents[3] / "docs" / "guides" / "kafka-producers.md").read_text()
+    blocks = re.findall(r"^```py\n(.*?)^```", page, re.M | re.S)
     (example,) = [block for block in blocks if "from ingest.sdk.kafka import records" in block]
     with Pipeline(tmp_path, partitions=3) as pipeline:
         code = example.replace("127.0.0.1:9092", pipeline.broker.bootstrap)

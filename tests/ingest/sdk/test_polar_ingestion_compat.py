@@ -3,7 +3,7 @@
 and the same streams. Both send to one capture server; each scenario is a customer
 (`polar:<scenario>`, `meterline:<scenario>`).
 
-Where the README's "Differences from @polar-sh/ingestion" table has no row, the two sides'
+Where the "Where they differ" table of docs/sdk/polar-ingestion.md has no row, the two sides'
 events are equal (meterline adds only the documented extra fields); where it has one, each side
 sends exactly the events written here.
 """
@@ -33,10 +33,10 @@ from tests.ingest.sdk.llm_server import RecordedLLM
 
 pytestmark = pytest.mark.slow
 NODE_PROJECT = Path(__file__).parent / "polar_ingestion"
-README = Path(__file__).parents[3] / "README.md"
+PAGE = Path(__file__).parents[3] / "docs" / "sdk" / "polar-ingestion.md"
 ASK = [{"role": "user", "content": "What is usage-based billing?"}]
 ANTHROPIC_MODEL = "claude-haiku-4-5"  # asked for; the response names claude-haiku-4-5-20251001
-# What meterline adds to Polar's LLM payload (the README's LLMStrategy section).
+# What meterline adds to Polar's LLM payload (docs/sdk/strategies.md, LLMStrategy).
 LLM_EXTRAS = ("responseModel", "cacheCreationInputTokens", "cacheCreation1hInputTokens")
 
 
@@ -243,7 +243,7 @@ EQUAL = [
     "delta.fake_clock",
 ]
 
-# scenario -> (Polar's events, meterline's), the bucket left out: one row each in the README.
+# scenario -> (Polar's events, meterline's), the bucket left out: one row each in the page.
 CHAT_MODEL = "gpt-4o-mini-2024-07-18"
 CLAUDE = {"responseModel": "claude-haiku-4-5-20251001", "cacheCreation1hInputTokens": 0}
 DIFFERENT: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
@@ -326,12 +326,12 @@ def test_different_exactly_as_documented(
     assert _without_bucket(meterline.get(scenario, [])) == ours
 
 
-def test_every_scenario_ran_and_every_difference_is_in_the_readme(
+def test_every_scenario_ran_and_every_difference_is_in_the_page(
     polar: dict[str, list[dict[str, Any]]], meterline: dict[str, list[dict[str, Any]]]
 ) -> None:
     ran = set(polar) | set(meterline)
     assert ran == set(EQUAL) | set(DIFFERENT) | {"delta.documented_clock"}
-    section = README.read_text().split("### Differences from @polar-sh/ingestion", 1)[1]
+    section = PAGE.read_text().split("\n## Where they differ\n", 1)[1]
     table = section.split("\n#", 1)[0]
     documented = set(re.findall(r"^\| `([a-z0-9_.]+)` \|", table, re.MULTILINE))
     assert documented == set(DIFFERENT)
