@@ -97,6 +97,7 @@ from ingest.publish.kafka_publisher import KafkaPublisher
 from ingest.validation import ValidationPool, usable_cpus
 from meters.columnar import COMPRESSIONS
 from meters.events import EventRules
+from meters.events.genai import CUSTOMERS, Customers
 
 
 def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: bool = True) -> None:
@@ -131,6 +132,15 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         default=usable_cpus(),
         help="processes validating large ingest bodies (0: validate in the server process;"
         " default: one per CPU this process may use, as its cgroup's CPU limit allows)",
+    )
+    parser.add_argument(
+        "--otlp-customer-attribute",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a span attribute that names the customer's external id in OTLP trace exports"
+        " (POST /v1/traces), such as enduser.id; repeat for more, tried in order after"
+        " meterline.customer.external_id and meterline.customer.id",
     )
     parser.add_argument(
         "--deadline-seconds",
@@ -555,6 +565,9 @@ def settings_of(
             validation_workers=args.validation_workers,
             deadline_seconds=args.deadline_seconds,
             limits=_limits_of(args),
+            otlp=Customers(
+                CUSTOMERS | dict.fromkeys(args.otlp_customer_attribute, "external_customer_id")
+            ),
         ),
     )
     if getattr(args, "replica", False) and not args.kafka:

@@ -352,9 +352,9 @@ def build_app(
         *openapi_routes.declare_edge(
             [
                 _core_health(store, consumer),
-                metrics_route(admission, settings.metrics_token, sources, responses),
+                metrics_route(admission, settings.metrics_token, sources, responses, front.spans),
                 *_openmeter_declared(
-                    ingest_routes(publisher, authenticate, settings.ingest, admission)
+                    ingest_routes(publisher, authenticate, settings.ingest, front)
                 ),
             ]
         ),

@@ -45,6 +45,7 @@ from benchmarks import (
     live_stream,
     meter_heavy,
     meters,
+    otlp,
     replicas,
     sdk,
     shards,
@@ -69,6 +70,7 @@ class Benchmark(NamedTuple):
 
 BENCHMARKS: dict[str, Benchmark] = {
     "validation": Benchmark(validation, 10, 2),
+    "otlp": Benchmark(otlp, 30, 5),
     "ingest_http": Benchmark(ingest_http, 90, 7),
     "ingest_http_inline": Benchmark(ingest_http.inline, 90, 6),
     "ingest_http_meters": Benchmark(meters.ingest_http_meters, 240, 17),

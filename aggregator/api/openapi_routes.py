@@ -11,7 +11,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from importlib import resources
-from typing import Literal, NotRequired
+from typing import Any, Literal, NotRequired
 
 import orjson
 from starlette.concurrency import run_in_threadpool
@@ -62,6 +62,23 @@ class HealthShape(TypedDict):
     kafka: NotRequired[KafkaHealthShape]  # Kafka mode
 
 
+class OtlpRequest(TypedDict):
+    """OTLP/JSON's `ExportTraceServiceRequest` (the protobuf encoding has the same fields)."""
+
+    resourceSpans: list[dict[str, Any]]
+
+
+class OtlpPartialSuccess(TypedDict):
+    rejectedSpans: str
+    errorMessage: str
+
+
+class OtlpResponse(TypedDict):
+    """`ExportTraceServiceResponse`: empty when every span was taken."""
+
+    partialSuccess: NotRequired[OtlpPartialSuccess]
+
+
 _EDGE: dict[tuple[str, str], Operation] = {
     ("POST", "/v1/events/ingest"): Operation(
         "Ingest events",
@@ -74,6 +91,21 @@ _EDGE: dict[tuple[str, str], Operation] = {
         " `external_id` is stored counts as a duplicate. 503 + Retry-After when overloaded."
         " Also takes CloudEvents 1.0: `application/cloudevents+json` (one) or"
         " `application/cloudevents-batch+json` (an array), errors located at the attribute.",
+    ),
+    ("POST", "/v1/traces"): Operation(
+        "Ingest OTLP trace exports (GenAI spans as usage events)",
+        "events",
+        {200: OtlpResponse},
+        body=OtlpRequest,
+        errors=(429,),
+        description="OTLP/HTTP: `application/x-protobuf` or `application/json`"
+        " (`ExportTraceServiceRequest`), `Content-Encoding: gzip` or none; answered in the"
+        " request's encoding. Each span that reports token usage (`gen_ai.usage.*`) becomes an"
+        " event with an `_llm`, its customer from `meterline.customer.external_id` or"
+        " `meterline.customer.id` (the span's, its nearest ancestor's, or the resource's);"
+        " `external_id` `otel:<trace id>:<span id>`, so a repeated export adds nothing. Spans"
+        " refused (no customer, a rule broken) are counted in `partialSuccess`, with why;"
+        " other spans are ignored. Answered once the events are durable.",
     ),
     ("GET", "/metrics"): Operation(
         "Prometheus metrics",

@@ -10,8 +10,9 @@ its rate or its share of capacity gets 429 + Retry-After (`admission`).
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Required
+from typing import Any, Protocol, Required
 
 from pydantic import ConfigDict, with_config
 from starlette.applications import Starlette
@@ -25,12 +26,14 @@ from ingest.http.admission import Admission, Limits
 from ingest.http.cloudevents import CLOUDEVENTS_MEDIA, OPENMETER_PATH, CloudEventsBody
 from ingest.http.cores import Cores
 from ingest.http.metrics import Responses, count_responses, metrics_route
+from ingest.http.otlp import OTLP_PATH, OtlpTraces, Spans
 from ingest.http.protocol import Gate
 from ingest.http.requests import Authenticate, authenticated
 from ingest.http.responses import JSON, ErrorMap, raw_closing, refused
 from ingest.publish import Publisher
 from meters.errors import ValidationFailed
 from meters.events import EventRules
+from meters.events.genai import Customers
 from meters.times import now_us
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -77,28 +80,40 @@ class IngestSettings:
     validation_workers: int = 2
     # How long a request may wait for durability before it gets 503 (and should retry).
     deadline_seconds: float = 5.0
+    # Which span attributes name the customer of an OTLP trace export's GenAI spans.
+    otlp: Customers = field(default_factory=Customers)
+
+
+class Converter(Protocol):
+    """A body of another format: turned into an ingest body, its errors located in it."""
+
+    def convert(self, raw: bytes) -> bytes: ...
+
+    def relocate(self, exc: ValidationFailed) -> ValidationFailed: ...
 
 
 def ingest_routes(
-    publisher: Publisher, authenticate: Authenticate, settings: IngestSettings, admission: Admission
+    publisher: Publisher, authenticate: Authenticate, settings: IngestSettings, front: Front
 ) -> list[Route]:
-    """`POST /v1/events/ingest` (meterline's JSON, or CloudEvents by Content-Type) and
-    OpenMeter's `POST /api/v1/events` (CloudEvents only, 204)."""
+    """`POST /v1/events/ingest` (meterline's JSON, or CloudEvents by Content-Type), OpenMeter's
+    `POST /api/v1/events` (CloudEvents only, 204) and OTLP's `POST /v1/traces`
+    (`ingest.http.otlp`)."""
+    admission = front.admission
 
-    async def publish(request: Request, cloudevents: CloudEventsBody | None) -> IngestResult:
+    async def publish(request: Request, converter: Converter | None) -> IngestResult:
         token, org = authenticated(request, authenticate)
         admission.check_rate(token, org)
         body = await admission.read_body(request, org, settings.max_body_bytes)
         try:
-            data = body.data if cloudevents is None else cloudevents.convert(body.data)
+            data = body.data if converter is None else converter.convert(body.data)
             async with admission.slot(org):
                 try:
                     async with asyncio.timeout(settings.deadline_seconds):
                         result = await publisher.publish(org, data, now_us())
                 except ValidationFailed as exc:
-                    if cloudevents is None:
+                    if converter is None:
                         raise
-                    raise cloudevents.relocate(exc) from None
+                    raise converter.relocate(exc) from None
                 except TimeoutError:
                     raise Unavailable(
                         "Events were not confirmed durable in time; retry with the same"
@@ -121,9 +136,22 @@ def ingest_routes(
         await publish(request, CloudEventsBody(request.headers.get("content-type", "")))
         return Response(status_code=204)
 
+    async def traces(request: Request) -> Response:
+        _, org = authenticated(request, authenticate)  # a 401 before anything is read
+        otlp = OtlpTraces(
+            request.headers, settings.otlp, settings.rules, settings.max_body_bytes, now_us()
+        )
+        try:
+            await publish(request, otlp)
+        finally:
+            for outcome, count in otlp.outcomes.items():
+                front.spans[outcome, org] += count
+        return otlp.answer()
+
     return [
         Route("/v1/events/ingest", ingest, methods=["POST"]),
         Route(OPENMETER_PATH, openmeter, methods=["POST"]),
+        Route(OTLP_PATH, traces, methods=["POST"]),
     ]
 
 
@@ -136,6 +164,7 @@ class Front:
 
     admission: Admission
     responses: Responses = field(default_factory=Responses)
+    spans: Spans = field(default_factory=Counter)  # OTLP spans per outcome and organization
 
     @classmethod
     def of(cls, limits: Limits) -> Front:
@@ -148,7 +177,7 @@ class Front:
         its connection closed, before its body is read. Anything else, a missing or unknown
         token included, goes to the application, which answers as before."""
         admission, responses = self.admission, self.responses
-        paths = {b"/v1/events/ingest", OPENMETER_PATH.encode()}
+        paths = {b"/v1/events/ingest", OPENMETER_PATH.encode(), OTLP_PATH.encode()}
 
         def gate(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> bytes | None:
             if method != b"POST" or path not in paths:
@@ -186,8 +215,8 @@ def edge_app(
     admission, responses = front.admission, front.responses
     routes = [
         Route("/healthz", _health, methods=["GET"]),
-        metrics_route(admission, metrics_token, responses=responses),
-        *ingest_routes(publisher, authenticate, settings, admission),
+        metrics_route(admission, metrics_token, responses=responses, spans=front.spans),
+        *ingest_routes(publisher, authenticate, settings, front),
     ]
     if cores is not None:
         routes.append(Route("/{path:path}", cores.handle, methods=list(_METHODS)))

@@ -16,6 +16,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest.http.admission import Admission
+from ingest.http.otlp import OUTCOMES
 from ingest.http.responses import unauthorized
 
 # Lines of Prometheus text about one part of the process.
@@ -31,6 +32,7 @@ def metrics_route(
     token: str | None,
     sources: Sequence[Source] = (),
     responses: Responses | None = None,
+    spans: Counter[tuple[str, str]] | None = None,
 ) -> Route:
     async def metrics(request: Request) -> Response:
         if token is not None and not _authorized(request, token):
@@ -38,6 +40,8 @@ def metrics_route(
         lines = _admission(admission)
         if responses is not None:
             lines += _responses(responses)
+        if spans is not None:
+            lines += _spans(spans)
         for source in sources:
             lines += await source()
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
@@ -115,3 +119,18 @@ def _responses(responses: Responses) -> list[str]:
             for c, n in sorted(responses.items())
         ),
     ]
+
+
+def _spans(spans: Counter[tuple[str, str]]) -> list[str]:
+    lines = [
+        "# HELP meterline_otlp_spans_total spans of OTLP trace exports, by outcome: event (a"
+        " usage event), no_customer and invalid (refused, in the export's partial success),"
+        ' ignored (no token usage); each at 0 under organization_id="" from the start',
+        "# TYPE meterline_otlp_spans_total counter",
+    ]
+    counted = {(outcome, ""): 0 for outcome in OUTCOMES} | dict(spans)
+    for (outcome, org), count in sorted(counted.items()):
+        lines.append(
+            f'meterline_otlp_spans_total{{outcome="{outcome}",organization_id="{org}"}} {count}'
+        )
+    return lines

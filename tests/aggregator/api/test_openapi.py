@@ -375,3 +375,12 @@ def _write_and_refuse(check: Checked, ids: dict[str, str]) -> None:
     check("POST", "/v1/customers/", 201, json={"email": "b@b.co", "external_id": "c2"})
     check("DELETE", "/v1/customers/external/{external_id}", 204, {"external_id": "c2"})
     check("DELETE", "/v1/customers/{id}", 204, {"id": ids["customer"]})
+    # An OTLP/JSON export: a GenAI span of a customer, and one naming none (refused in part).
+    usage = [{"key": "gen_ai.usage.input_tokens", "value": {"intValue": "5"}}]
+    customer = [{"key": "meterline.customer.external_id", "value": {"stringValue": "c3"}}]
+    spans = [
+        {"traceId": "0" * 31 + "1", "spanId": "0" * 15 + i, "attributes": usage + named}
+        for i, named in (("1", customer), ("2", []))
+    ]
+    export = {"resourceSpans": [{"scopeSpans": [{"spans": spans}]}]}
+    check("POST", "/v1/traces", 200, json=export)
