@@ -35,6 +35,7 @@ from pathlib import Path
 
 import duckdb
 import httpx
+import orjson
 import uvicorn
 import uvloop
 from starlette.applications import Starlette
@@ -87,6 +88,7 @@ from ingest.http import (
     Gate,
     IngestSettings,
     Limits,
+    OtlpSettings,
     Rate,
     edge_app,
     http_protocol,
@@ -97,7 +99,7 @@ from ingest.publish.kafka_publisher import KafkaPublisher
 from ingest.validation import ValidationPool, usable_cpus
 from meters.columnar import COMPRESSIONS
 from meters.events import EventRules
-from meters.events.genai import CUSTOMERS, Customers
+from meters.events.genai import CUSTOMERS, Customers, Prices
 
 
 def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: bool = True) -> None:
@@ -141,6 +143,14 @@ def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
         help="a span attribute that names the customer's external id in OTLP trace exports"
         " (POST /v1/traces), such as enduser.id; repeat for more, tried in order after"
         " meterline.customer.external_id and meterline.customer.id",
+    )
+    parser.add_argument(
+        "--otlp-prices",
+        type=Path,
+        metavar="FILE",
+        help="a price table (JSON: version, currency, models with input and output prices in"
+        " cents per token, and cached_input, cache_creation) that gives the events of OTLP"
+        " trace exports a _cost (default: none, no cost)",
     )
     parser.add_argument(
         "--deadline-seconds",
@@ -565,9 +575,7 @@ def settings_of(
             validation_workers=args.validation_workers,
             deadline_seconds=args.deadline_seconds,
             limits=_limits_of(args),
-            otlp=Customers(
-                CUSTOMERS | dict.fromkeys(args.otlp_customer_attribute, "external_customer_id")
-            ),
+            otlp=_otlp_of(args),
         ),
     )
     if getattr(args, "replica", False) and not args.kafka:
@@ -637,6 +645,18 @@ def _serve_command(args: argparse.Namespace) -> int:
         except LogCorrupt as exc:
             raise UsageError(_damaged(settings, exc)) from None
     return 0
+
+
+def _otlp_of(args: argparse.Namespace) -> OtlpSettings:
+    """What OTLP trace exports need: the customer attributes in order, and the price table."""
+    customers = CUSTOMERS | dict.fromkeys(args.otlp_customer_attribute, "external_customer_id")
+    prices = None
+    if args.otlp_prices is not None:
+        try:
+            prices = Prices.parse(orjson.loads(args.otlp_prices.read_bytes()))
+        except (OSError, orjson.JSONDecodeError, ValueError) as exc:
+            raise UsageError(f"--otlp-prices {args.otlp_prices}: {exc}") from None
+    return OtlpSettings(Customers(customers), prices)
 
 
 def _bound(host: str, port: int) -> socket.socket:

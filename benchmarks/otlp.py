@@ -30,9 +30,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from starlette.datastructures import Headers
 
 from benchmarks.common import metric
-from ingest.http.otlp import OtlpTraces
+from ingest.http.otlp import OtlpSettings, OtlpTraces
 from meters.events import EventRules
-from meters.events.genai import Customers
 from meters.times import now_us
 
 SPANS = 1000
@@ -104,11 +103,11 @@ def run(quick: bool) -> dict[str, Any]:
     rng = random.Random(45)
     ordinary = [_export(rng, 0.01) for _ in range(exports)]
     genai = [_export(rng, 1.0) for _ in range(exports)]
-    rules, customers, now = EventRules(), Customers(), now_us()
+    rules, settings, now = EventRules(), OtlpSettings(), now_us()
 
     def convert(bodies: list[bytes]) -> None:
         for body in bodies:
-            OtlpTraces(_HEADERS, customers, rules, 10 * 1024 * 1024, now).convert(body)
+            OtlpTraces(_HEADERS, settings, rules, 10 * 1024 * 1024, now).convert(body)
 
     def parse(bodies: list[bytes]) -> None:
         for body in bodies:

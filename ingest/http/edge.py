@@ -26,14 +26,13 @@ from ingest.http.admission import Admission, Limits
 from ingest.http.cloudevents import CLOUDEVENTS_MEDIA, OPENMETER_PATH, CloudEventsBody
 from ingest.http.cores import Cores
 from ingest.http.metrics import Responses, count_responses, metrics_route
-from ingest.http.otlp import OTLP_PATH, OtlpTraces, Spans
+from ingest.http.otlp import OTLP_PATH, OtlpSettings, OtlpTraces, Spans
 from ingest.http.protocol import Gate
 from ingest.http.requests import Authenticate, authenticated
 from ingest.http.responses import JSON, ErrorMap, raw_closing, refused
 from ingest.publish import Publisher
 from meters.errors import ValidationFailed
 from meters.events import EventRules
-from meters.events.genai import Customers
 from meters.times import now_us
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -80,8 +79,8 @@ class IngestSettings:
     validation_workers: int = 2
     # How long a request may wait for durability before it gets 503 (and should retry).
     deadline_seconds: float = 5.0
-    # Which span attributes name the customer of an OTLP trace export's GenAI spans.
-    otlp: Customers = field(default_factory=Customers)
+    # OTLP trace exports: whose the usage spans are, and what they cost.
+    otlp: OtlpSettings = field(default_factory=OtlpSettings)
 
 
 class Converter(Protocol):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -25,7 +26,7 @@ from starlette.responses import Response
 from ingest.errors import BodyTooLarge
 from meters.errors import FieldError, ValidationFailed
 from meters.events import EventRules, decode_json, validate_body
-from meters.events.genai import Customers, usage_events
+from meters.events.genai import Customers, Prices, usage_events
 from meters.events.otlp import from_json, from_protobuf, partial_success_protobuf
 
 OTLP_PATH = "/v1/traces"
@@ -36,16 +37,26 @@ OUTCOMES = ("event", "no_customer", "invalid", "ignored")
 Spans = Counter[tuple[str, str]]  # (outcome, organization id)
 
 
+@dataclass(frozen=True, slots=True)
+class OtlpSettings:
+    """Which span attributes name a usage span's customer, and the price table that gives its
+    event a cost (none: no cost)."""
+
+    customers: Customers = field(default_factory=Customers)
+    prices: Prices | None = None
+
+
 class OtlpTraces:
     """One request's conversion (steps 1 to 3) and its answer (step 4)."""
 
     def __init__(
-        self, headers: Headers, customers: Customers, rules: EventRules, max_bytes: int, now: int
+        self, headers: Headers, settings: OtlpSettings, rules: EventRules, max_bytes: int, now: int
     ) -> None:
         self._now = now
         self._media = headers.get("content-type", "").partition(";")[0].strip().lower()
         self._gzip = headers.get("content-encoding", "").strip().lower() == "gzip"
-        self._customers, self._rules, self._max_bytes = customers, rules, max_bytes
+        self._customers, self._prices = settings.customers, settings.prices
+        self._rules, self._max_bytes = rules, max_bytes
         self.rejected = 0
         self._reasons: list[str] = []
         self.outcomes: Counter[str] = Counter()
@@ -63,7 +74,7 @@ class OtlpTraces:
             if self._media == PROTOBUF
             else from_json(decode_json(data), wanted)
         )
-        converted = usage_events(resources, self._customers)
+        converted = usage_events(resources, self._customers, self._prices)
         if converted.no_customer:
             self._refuse(
                 converted.no_customer,

@@ -9,7 +9,9 @@ the metadata `LLMStrategy` writes for the same call, so that one meter counts bo
 3. Its event (`event`): `external_id` `otel:<trace id>:<span id>`, so an exporter that sends
    a request again adds nothing; `timestamp` the span's end; `parent_id` the parent span's
    event when the parent is a usage span of the same request; `name` `gen_ai.<operation>`;
-   the metadata from `FIELDS` (the attribute each field is read from, first found wins).
+   the metadata from `FIELDS` (the attribute each field is read from, first found wins);
+   with a price table (`Prices`), `_cost` from the model and the tokens, and the table's
+   version.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from meters.events.otlp import Resource, Span, Value, Wanted
@@ -69,6 +72,76 @@ class Customers:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class ModelPrices:
+    """Cents per token. Cache reads and writes cost `input` when the table gives no price."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal | None = None
+    cache_creation: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Prices:
+    """A price table: the `_cost` of a span's event from its model and tokens, exact, with the
+    table's `version` on the event (`priceTable`). A model it does not list has no cost."""
+
+    version: str
+    models: Mapping[str, ModelPrices]
+    currency: str = "usd"
+
+    @classmethod
+    def parse(cls, value: Any) -> Prices:
+        """From the JSON document (`--otlp-prices`); ValueError naming what is wrong."""
+        if type(value) is not dict or type(value.get("version")) is not str:
+            raise ValueError('a price table is {"version": "...", "models": {...}}')
+        models = {}
+        for model, prices in (value.get("models") or {}).items():
+            if type(prices) is not dict or not {"input", "output"} <= prices.keys():
+                raise ValueError(f"models.{model}: needs input and output (cents per token)")
+            found = {}
+            for name in ("input", "output", "cached_input", "cache_creation"):
+                if prices.get(name) is not None:
+                    found[name] = _price(prices[name], f"models.{model}.{name}")
+            models[model] = ModelPrices(**found)
+        return cls(value["version"], models, str(value.get("currency") or "usd"))
+
+    def cost(self, model: str, tokens: Mapping[str, Any]) -> Decimal | None:
+        """The cost of a span's tokens (`inputTokens` including cache reads and writes, as the
+        conventions count them), or None for a model not in the table or counts that are not."""
+        prices = self.models.get(model)
+        counts = [tokens.get(k) or 0 for k in _COUNTED]
+        if prices is None or any(type(c) is not int or c < 0 for c in counts):
+            return None
+        inputs, outputs, reads, writes = counts
+        read_price = prices.input if prices.cached_input is None else prices.cached_input
+        write_price = prices.input if prices.cache_creation is None else prices.cache_creation
+        plain = max(inputs - reads - writes, 0)
+        return (
+            plain * prices.input
+            + reads * read_price
+            + writes * write_price
+            + outputs * prices.output
+        )
+
+
+_COUNTED = ("inputTokens", "outputTokens", "cachedInputTokens", "cacheCreationInputTokens")
+# `_cost.amount` is Decimal(17, 12): a price of at most 12 places times a count stays exact.
+_PLACES = 12
+
+
+def _price(value: Any, where: str) -> Decimal:
+    try:
+        price = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError(f"{where}: {value!r} is not a decimal") from None
+    exponent = price.as_tuple().exponent
+    if not price.is_finite() or price < 0 or (isinstance(exponent, int) and -exponent > _PLACES):
+        raise ValueError(f"{where}: a price is >= 0 with at most {_PLACES} decimal places")
+    return price
+
+
 @dataclass(slots=True)
 class Converted:
     events: list[dict[str, Any]]
@@ -76,7 +149,9 @@ class Converted:
     no_customer: int = 0  # usage spans without a customer (refused)
 
 
-def usage_events(resources: list[Resource], customers: Customers) -> Converted:
+def usage_events(
+    resources: list[Resource], customers: Customers, prices: Prices | None = None
+) -> Converted:
     """Step 1 to 3 for one export request."""
     where = {s.span_id: (s, r) for r in resources for s in r.spans}
     usage = {s.span_id for s, _ in where.values() if any(k in s.attributes for k in USAGE)}
@@ -88,12 +163,14 @@ def usage_events(resources: list[Resource], customers: Customers) -> Converted:
             found.no_customer += 1
             continue
         parent = span.parent_span_id if span.parent_span_id in usage else None
-        found.events.append(event(span, customer, parent))
+        found.events.append(event(span, customer, parent, prices))
     found.events.sort(key=lambda e: e["external_id"])  # one order, whatever the set's
     return found
 
 
-def event(span: Span, customer: tuple[str, str], parent: str | None) -> dict[str, Any]:
+def event(
+    span: Span, customer: tuple[str, str], parent: str | None, prices: Prices | None = None
+) -> dict[str, Any]:
     """Step 3: the event of one usage span."""
     read = {name: _first(span.attributes, names) for name, names in FIELDS.items()}
     provider, operation = str(read["provider"] or "unknown"), str(read["operation"] or "chat")
@@ -113,6 +190,10 @@ def event(span: Span, customer: tuple[str, str], parent: str | None) -> dict[str
         measured["responseModel"] = str(read["responseModel"])
     if read["cacheCreationInputTokens"] is not None:
         measured["cacheCreationInputTokens"] = _tokens(read["cacheCreationInputTokens"])
+    cost = None if prices is None else prices.cost(model, measured)
+    if prices is not None and cost is not None:
+        measured["_cost"] = {"amount": str(cost), "currency": prices.currency}
+        measured["priceTable"] = prices.version
     made: dict[str, Any] = {
         "name": f"gen_ai.{operation}",
         "external_id": external_id(span.trace_id, span.span_id),

@@ -26,6 +26,7 @@ from pydantic_ai.models.instrumented import InstrumentationSettings, Instrumente
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
+from aggregator import cli
 from ingest.sdk import Ingestion
 from ingest.sdk.strategies import LLMStrategy
 from tests.ingest.sdk.conftest import stored
@@ -200,3 +201,33 @@ def test_kafka_mode_stores_the_same(tmp_path: Path, llm: RecordedLLM) -> None:
         _calls(llm, core, "kafka-acme")
         wait_until(lambda: len(stored(core, "kafka-acme")) == 2, 30)
         assert {m["strategy"] for m in _metadata(core, "kafka-acme")} == {"OTLP"}
+
+
+def test_a_price_table_costs_the_spans_and_a_wrong_one_stops_the_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps(
+            {"version": "v7", "models": {"gpt-4o-mini": {"input": "0.01", "output": "0.03"}}}
+        )
+    )
+    tokens = [
+        {"key": "gen_ai.request.model", "value": {"stringValue": "gpt-4o-mini"}},
+        {"key": "gen_ai.usage.input_tokens", "value": {"intValue": "100"}},
+        {"key": "gen_ai.usage.output_tokens", "value": {"intValue": "10"}},
+        {"key": CUSTOMER, "value": {"stringValue": "priced"}},
+    ]
+    span = {"traceId": "0" * 31 + "7", "spanId": "0" * 15 + "7", "attributes": tokens}
+    export = {"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}
+    with ServedCore(tmp_path / "core", "--otlp-prices", str(prices)) as core, core.client() as api:
+        assert api.post("/v1/traces", json=export).json() == {}
+        (metadata,) = _metadata(core, "priced")
+        assert metadata["_cost"] == {"amount": "1.3", "currency": "usd"}  # 100 × 0.01 + 10 × 0.03
+        assert metadata["priceTable"] == "v7"
+    prices.write_text(json.dumps({"version": "v8", "models": {"m": {"input": "0.01"}}}))
+    assert (
+        cli.main(["up", "--data-dir", str(tmp_path / "other"), "--otlp-prices", str(prices)]) == 2
+    )
+    assert "--otlp-prices" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

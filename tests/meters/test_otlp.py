@@ -4,6 +4,7 @@ writes them, and GenAI spans as usage events (`meters.events.genai`)."""
 from __future__ import annotations
 
 import base64
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 
 from meters.errors import ValidationFailed
-from meters.events.genai import Customers, event, usage_events
+from meters.events.genai import Customers, Prices, event, usage_events
 from meters.events.otlp import (
     Resource,
     Span,
@@ -269,3 +270,66 @@ def test_the_customer_is_the_spans_else_the_nearest_ancestors_else_the_resources
     # Without any customer attribute: counted, not an event.
     nobody = usage_events([Resource({}, [_span("07" * 8, **USAGE)])], Customers())
     assert (nobody.events, nobody.no_customer) == ([], 1)
+
+
+PRICES = {
+    "version": "2026-11",
+    "models": {
+        "gpt-4o-mini": {"input": "0.000015", "output": "0.00006", "cached_input": "0.0000075"},
+        "claude-haiku-4-5": {
+            "input": "0.0001",
+            "output": "0.0005",
+            "cached_input": "0.00001",
+            "cache_creation": "0.000125",
+        },
+    },
+}
+
+
+def test_a_price_table_gives_the_event_an_exact_cost_and_its_version() -> None:
+    prices = Prices.parse(PRICES)
+    cached = {**USAGE, "gen_ai.usage.cache_read.input_tokens": 512}
+    metadata = event(_span("01" * 8, **cached), ("customer_id", "x"), None, prices)["metadata"]
+    # 300 plain input tokens, 512 read from the cache, 194 output, in cents.
+    expected = (
+        Decimal(300) * Decimal("0.000015") + 512 * Decimal("0.0000075") + 194 * Decimal("0.00006")
+    )
+    assert metadata["_cost"] == {"amount": str(expected), "currency": "usd"}
+    assert Decimal(metadata["_cost"]["amount"]) == Decimal("0.019980")
+    assert metadata["priceTable"] == "2026-11"
+    # Cache writes at their own price; a model the table does not list has no cost.
+    anthropic = {
+        "gen_ai.provider.name": "anthropic",
+        "gen_ai.request.model": "claude-haiku-4-5",
+        "gen_ai.usage.input_tokens": 4299,
+        "gen_ai.usage.output_tokens": 41,
+        "gen_ai.usage.cache_read.input_tokens": 3072,
+        "gen_ai.usage.cache_creation.input_tokens": 1200,
+    }
+    cost = event(_span("02" * 8, **anthropic), ("customer_id", "x"), None, prices)["metadata"]
+    assert Decimal(cost["_cost"]["amount"]) == (
+        27 * Decimal("0.0001")
+        + 3072 * Decimal("0.00001")
+        + 1200 * Decimal("0.000125")
+        + 41 * Decimal("0.0005")
+    )
+    other = {**USAGE, "gen_ai.request.model": "gpt-5"}
+    assert (
+        "_cost"
+        not in event(_span("03" * 8, **other), ("customer_id", "x"), None, prices)["metadata"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        ({"models": {}}, "version"),
+        ({"version": "1", "models": {"m": {"input": "1"}}}, "models.m: needs input and output"),
+        ({"version": "1", "models": {"m": {"input": "x", "output": "1"}}}, "models.m.input"),
+        ({"version": "1", "models": {"m": {"input": "1e-13", "output": "1"}}}, "12 decimal"),
+        ({"version": "1", "models": {"m": {"input": "-1", "output": "1"}}}, ">= 0"),
+    ],
+)
+def test_a_wrong_price_table_is_refused_naming_the_field(table: Any, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        Prices.parse(table)
