@@ -89,6 +89,7 @@ from ingest.http import (
     IngestSettings,
     Limits,
     OtlpSettings,
+    PerOrganization,
     Rate,
     edge_app,
     http_protocol,
@@ -927,8 +928,9 @@ async def serve_edge(
         cores = None
         if settings.cores.cores:
             cores = await stack.enter_async_context(Cores(settings.cores, authenticate))
+        otlp_of = PerOrganization(settings.ingest.otlp, view.otlp_settings)
         app = edge_app(
-            publisher, authenticate, settings.ingest, settings.metrics_token, front, cores
+            publisher, authenticate, settings.ingest, settings.metrics_token, front, cores, otlp_of
         )
         await _serve_http(app, settings, log_level, [], listening, gate=front.gate(authenticate))
 

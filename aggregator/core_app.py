@@ -38,6 +38,7 @@ from aggregator.api import (
     meter_routes,
     openapi_routes,
     organization_routes,
+    otlp_routes,
     shapes,
     webhook_routes,
 )
@@ -69,7 +70,7 @@ from aggregator.errors import (
 )
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.members import Member, alone
-from aggregator.services import ledger_service
+from aggregator.services import ledger_service, otlp_service
 from aggregator.services.live_feed import LiveFeed
 from aggregator.store import (
     DEDUPE_MEMORY_KEYS,
@@ -90,6 +91,7 @@ from ingest.http import (
     ErrorMap,
     Front,
     IngestSettings,
+    PerOrganization,
     count_responses,
     error,
     ingest_routes,
@@ -354,10 +356,20 @@ def build_app(
                 _core_health(store, consumer),
                 metrics_route(admission, settings.metrics_token, sources, responses, front.spans),
                 *_openmeter_declared(
-                    ingest_routes(publisher, authenticate, settings.ingest, front)
+                    ingest_routes(
+                        publisher,
+                        authenticate,
+                        settings.ingest,
+                        front,
+                        PerOrganization(
+                            settings.ingest.otlp,
+                            lambda org: otlp_service.settings_of(store, org),
+                        ),
+                    )
                 ),
             ]
         ),
+        *otlp_routes.routes(ctx),
         *event_type_routes.routes(ctx),  # before /v1/events/{id}, which would take "names"
         *event_routes.routes(ctx),
         *live_routes.routes(ctx, feed),  # before /v1/customer-meters/{id}

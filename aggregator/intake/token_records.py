@@ -13,7 +13,9 @@ authenticate from the topic, not from the core's volume, and any core takes any 
    about that; a customer session is published before its creation is answered.
    `meterline token create --kafka` publishes straight to the topic (`publish`).
 3. Follow: a process that checks tokens reads the topic's token records from its start and keeps
-   them in memory (`TokenView`), once caught up with the end it found at start before it serves.
+   them in memory (`TokenView`), once caught up with the end it found at start before it serves;
+   and each organization's OTLP settings (`otlp.settings`), which an edge's `POST /v1/traces`
+   needs.
 4. Keep: the core stores token records into its registry (`keep_record`), so a token made on
    the topic works on its API too.
 """
@@ -43,7 +45,7 @@ from meters.errors import MetersError
 log = logging.getLogger(__name__)
 
 SESSIONS_KEPT = 100_000  # session ids a view holds before it forgets the expired ones
-KINDS = ("auth.organization", "auth.token", "auth.revoke", "auth.session")
+KINDS = ("auth.organization", "auth.token", "auth.revoke", "auth.session", "otlp.settings")
 
 
 def organization_record(org: Organization, created_at: str) -> Command:
@@ -104,6 +106,9 @@ class TokenView:
         # Customer sessions seen, by id, with their expiry: only so that the core's exporter
         # does not publish them again (edges do not serve the customer portal).
         self.sessions: dict[str, datetime] = {}
+        # Each organization's OTLP settings, as its last `otlp.settings` record set them (the
+        # API checked them before the record was made): the edge's `POST /v1/traces` uses them.
+        self._otlp: dict[str, dict[str, Any]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -173,6 +178,12 @@ class TokenView:
                 now = datetime.now(UTC)
                 self.sessions = {k: at for k, at in self.sessions.items() if at > now}
             self.sessions[a["session_id"]] = datetime.fromisoformat(a["expires_at"])
+        elif record.kind == "otlp.settings":
+            self._otlp[org_id] = {**a["data"], "modified_at_us": record.at_us}
+
+    async def otlp_settings(self, organization_id: str) -> dict[str, Any] | None:
+        """What the organization set for OTLP trace exports (`meters.otlp_rules`), or None."""
+        return self._otlp.get(organization_id)
 
     def organization_id(self, token: str) -> str | None:
         """The organization owning `token`, active (`ingest.http.Authenticate`)."""

@@ -15,7 +15,7 @@ from ingest.http.edge import (
     ingest_routes,
 )
 from ingest.http.metrics import Responses, Source, count_responses, metrics_route
-from ingest.http.otlp import OtlpSettings
+from ingest.http.otlp import OtlpSettings, PerOrganization
 from ingest.http.protocol import Gate, http_protocol
 from ingest.http.requests import Authenticate, bearer_subject, json_body, organization_of
 from ingest.http.responses import (
@@ -60,6 +60,7 @@ __all__ = [
     "InvalidTokenBody",
     "Limits",
     "OtlpSettings",
+    "PerOrganization",
     "Rate",
     "Responses",
     "Source",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Required
 
@@ -92,7 +93,11 @@ class Converter(Protocol):
 
 
 def ingest_routes(
-    publisher: Publisher, authenticate: Authenticate, settings: IngestSettings, front: Front
+    publisher: Publisher,
+    authenticate: Authenticate,
+    settings: IngestSettings,
+    front: Front,
+    otlp_of: Callable[[str], Awaitable[OtlpSettings]] | None = None,
 ) -> list[Route]:
     """`POST /v1/events/ingest` (meterline's JSON, or CloudEvents by Content-Type), OpenMeter's
     `POST /api/v1/events` (CloudEvents only, 204) and OTLP's `POST /v1/traces`
@@ -137,8 +142,9 @@ def ingest_routes(
 
     async def traces(request: Request) -> Response:
         _, org = authenticated(request, authenticate)  # a 401 before anything is read
+        chosen = settings.otlp if otlp_of is None else await otlp_of(org)
         otlp = OtlpTraces(
-            request.headers, settings.otlp, settings.rules, settings.max_body_bytes, now_us()
+            request.headers, chosen, settings.rules, settings.max_body_bytes, now_us()
         )
         try:
             await publish(request, otlp)
@@ -207,6 +213,7 @@ def edge_app(
     metrics_token: str | None,
     front: Front | None = None,
     cores: Cores | None = None,
+    otlp_of: Callable[[str], Awaitable[OtlpSettings]] | None = None,
 ) -> Starlette:
     """A stateless ingest edge: the ingest routes into `publisher`, and its own metrics; every
     other request sent to the `cores` (none: 404)."""
@@ -215,7 +222,7 @@ def edge_app(
     routes = [
         Route("/healthz", _health, methods=["GET"]),
         metrics_route(admission, metrics_token, responses=responses, spans=front.spans),
-        *ingest_routes(publisher, authenticate, settings, front),
+        *ingest_routes(publisher, authenticate, settings, front, otlp_of),
     ]
     if cores is not None:
         routes.append(Route("/{path:path}", cores.handle, methods=list(_METHODS)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from meters.errors import FieldError, ValidationFailed
 from meters.events import EventRules, decode_json, validate_body
 from meters.events.genai import Customers, Prices, usage_events
 from meters.events.otlp import from_json, from_protobuf, partial_success_protobuf
+from meters.otlp_rules import effective
 
 OTLP_PATH = "/v1/traces"
 PROTOBUF = "application/x-protobuf"
@@ -44,6 +46,35 @@ class OtlpSettings:
 
     customers: Customers = field(default_factory=Customers)
     prices: Prices | None = None
+
+
+class PerOrganization:
+    """Each organization's settings: what it stored (`read`: `meters.otlp_rules`, with
+    `modified_at_us`; None if it never set any) over the deployment's, parsed once a change."""
+
+    def __init__(
+        self,
+        deployment: OtlpSettings,
+        read: Callable[[str], Awaitable[dict[str, Any] | None]],
+        organizations: int = 10_000,
+    ) -> None:
+        self._deployment, self._read, self._limit = deployment, read, organizations
+        self._parsed: dict[str, tuple[int, OtlpSettings]] = {}
+
+    async def __call__(self, organization_id: str) -> OtlpSettings:
+        stored = await self._read(organization_id)
+        if stored is None:
+            return self._deployment
+        at = int(stored["modified_at_us"])
+        cached = self._parsed.get(organization_id)
+        if cached is not None and cached[0] == at:
+            return cached[1]
+        deployment = self._deployment
+        settings = OtlpSettings(*effective(stored, deployment.customers, deployment.prices))
+        if len(self._parsed) >= self._limit:
+            self._parsed.clear()  # rare; parsing again is all it costs
+        self._parsed[organization_id] = (at, settings)
+        return settings
 
 
 class OtlpTraces:

@@ -36,6 +36,7 @@ from aggregator.store.tables import (
     hold_tables,
     ledger_tables,
     meter_tables,
+    otlp_settings,
     plan_tables,
     webhook_tables,
 )
@@ -121,6 +122,7 @@ KINDS: dict[str, Make] = {
     "event_type.label": lambda o, t, a: event_type_tables.set_label_job(
         o, a["name"], a["first_ingested_us"], a["label"], a["selector"], t
     ),
+    "otlp.settings": lambda o, t, a: otlp_settings.set_job(o, a["data"], t),
     "webhook.create": lambda o, t, a: webhook_tables.create_endpoint_job(
         o,
         EndpointCreate.model_validate(a["data"]),

@@ -517,6 +517,18 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE IF NOT EXISTS seq_floor (seq BIGINT NOT NULL);
     """,
+    # 25: an organization's OTLP settings (`store.tables.otlp_settings`): the span attributes
+    # that name its customers besides the deployment's, and the price table its GenAI spans
+    # are costed by, as set through the API (the whole document replaced at each write).
+    # Nothing stored before changes: an organization without a row has set none of its own.
+    # IF NOT EXISTS: as step 23.
+    """
+    CREATE TABLE IF NOT EXISTS otlp_settings (
+        organization_id UUID PRIMARY KEY,
+        settings JSON NOT NULL,              -- {"customer_attributes": [...], "prices": ...}
+        modified_at TIMESTAMPTZ NOT NULL
+    );
+    """,
 )
 
 

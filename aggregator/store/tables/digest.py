@@ -2,8 +2,8 @@
 
 Two cores that applied the same records hold the same logical state; the digest says whether
 they do. It covers what a client can read (events, customers, meters, the customer meters'
-ledgers, plans, holds, alerts, webhook endpoints, event types, the ledger's idempotency keys)
-and leaves out what says how a core got there, not what it holds:
+ledgers, plans, holds, alerts, webhook endpoints, event types, the ledger's idempotency keys,
+OTLP settings) and leaves out what says how a core got there, not what it holds:
 
 - backfill progress (`meters.backfilled_to`, `backfilled_events`), which a core's background
   work moves at its own pace (where a backfill ends, `backfill_target`, and seqs are the
@@ -14,6 +14,9 @@ and leaves out what says how a core got there, not what it holds:
 - a customer's routing key (`customers.routing_key`: which shard holds its events), out so that
   a digest compares with the previous main's, which had none. (It follows from the record that
   made the customer; a data dir that gained it by migration has it from the external id then.)
+
+A table added since the previous main (`otlp_settings`) counts only for an organization with rows
+in it: one without any has the digest the previous main gives it.
 """
 
 from __future__ import annotations
@@ -35,18 +38,24 @@ TABLES: dict[str, tuple[str, ...]] = {
     "webhook_endpoints": ("enabled", "disabled_reason", "failing_since"),
     "event_types": (),
     "idempotency_keys": (),
+    "otlp_settings": (),
 }
+# Tables that count only when the organization has rows in them (see above).
+_WHEN_HELD = frozenset({"otlp_settings"})
 
 
 def logical_rows(
     con: duckdb.DuckDBPyConnection, organization_id: str
 ) -> dict[str, list[tuple[object, ...]]]:
-    """Each table's rows of the organization, sorted by every column, without those left out."""
+    """Each table's rows of the organization, sorted by every column, without those left out
+    (a table of `_WHEN_HELD` only when it has some)."""
     out = {}
     for table, left_out in TABLES.items():
         exclude = f" EXCLUDE ({', '.join(left_out)})" if left_out else ""
-        out[table] = con.execute(
+        rows = con.execute(
             f"SELECT *{exclude} FROM {table} WHERE organization_id = ?::UUID ORDER BY ALL",  # noqa: S608 - names from TABLES
             [organization_id],
         ).fetchall()
+        if rows or table not in _WHEN_HELD:
+            out[table] = rows
     return out

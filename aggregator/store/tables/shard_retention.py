@@ -68,7 +68,7 @@ _KEPT = (
     *("customers", "deleted_customers", "meters", "meter_failures", "event_types"),
     *("credit_plans", "idempotency_keys", "command_outcomes", "control_offsets"),
     *("forward_cursors", "webhook_endpoints", "meter_alerts", "shard_splits"),
-    *("schema_migrations", "ingest_stored"),
+    *("schema_migrations", "ingest_stored", "otlp_settings"),
 )
 _RULED = {*_BY_SUBJECT, *(d[0] for d in _DEPENDENT), *_KAFKA, *_REBUILT, _FORWARD_OUTBOX, *_KEPT}
 # Every seq the database holds: a new one must be greater (forward cursors, holds, resets and

@@ -375,6 +375,10 @@ def _write_and_refuse(check: Checked, ids: dict[str, str]) -> None:
     check("POST", "/v1/customers/", 201, json={"email": "b@b.co", "external_id": "c2"})
     check("DELETE", "/v1/customers/external/{external_id}", 204, {"external_id": "c2"})
     check("DELETE", "/v1/customers/{id}", 204, {"id": ids["customer"]})
+    prices = {"version": "1", "models": {"gpt-4o-mini": {"input": "0.01", "output": "0.03"}}}
+    otlp = {"customer_attributes": ["enduser.id"], "prices": prices}
+    check("PUT", "/v1/otlp/settings", 200, json=otlp)
+    check("PUT", "/v1/otlp/settings", 422, json={"customer_attributes": [1]})
     # An OTLP/JSON export: a GenAI span of a customer, and one naming none (refused in part).
     usage = [{"key": "gen_ai.usage.input_tokens", "value": {"intValue": "5"}}]
     customer = [{"key": "meterline.customer.external_id", "value": {"stringValue": "c3"}}]
