@@ -28,3 +28,6 @@ class EmbeddedPublisher:
             job, weight=max(1, events.num_rows), tenant=organization_id
         )
         return PublishResult(result.inserted, result.duplicates)
+
+    async def dead_letter(self, organization_id: str, letters: list[tuple[str, bytes]]) -> None:
+        return None  # embedded has no dead-letter topic

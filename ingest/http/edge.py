@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Required
 
+import orjson
 from pydantic import ConfigDict, with_config
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -151,6 +152,10 @@ def ingest_routes(
         finally:
             for outcome, count in otlp.outcomes.items():
                 front.spans[outcome, org] += count
+        letters = [
+            (why, orjson.dumps({**event, "organization_id": org})) for why, event in otlp.letters
+        ]
+        await publisher.dead_letter(org, letters)
         return otlp.answer()
 
     return [

@@ -90,6 +90,7 @@ class OtlpTraces:
         self._rules, self._max_bytes = rules, max_bytes
         self.rejected = 0
         self._reasons: list[str] = []
+        self.letters: list[tuple[str, dict[str, Any]]] = []  # (why, event): each refused span
         self.outcomes: Counter[str] = Counter()
 
     def convert(self, raw: bytes) -> bytes:
@@ -107,12 +108,13 @@ class OtlpTraces:
         )
         converted = usage_events(resources, self._customers, self._prices)
         if converted.no_customer:
-            self._refuse(
-                converted.no_customer,
-                f"{converted.no_customer} GenAI spans named no customer (attributes"
+            why = (
+                f"GenAI spans named no customer (attributes"
                 f" {', '.join(self._customers.attributes)}, on the span, an ancestor or the"
-                " resource)",
+                " resource)"
             )
+            self._refuse(converted.no_customer, f"{converted.no_customer} {why}")
+            self.letters += ((f"otlp: {why}", e) for e in converted.unowned)
         events = self._valid(converted.events)
         self.outcomes.update(
             event=len(events),
@@ -165,6 +167,7 @@ class OtlpTraces:
         kept = [e for i, e in enumerate(events) if i not in refused]
         for i, reason in sorted(refused.items()):
             self._refuse(1, f"span {events[i]['external_id']}: {reason}")
+            self.letters.append((f"otlp: {reason}", events[i]))
         return self._valid(kept) if kept else kept
 
     def _refuse(self, spans: int, reason: str) -> None:

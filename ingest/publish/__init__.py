@@ -27,3 +27,9 @@ class Publisher(Protocol):
             Unavailable: durability cannot be reached now; safe to retry.
         """
         ...
+
+    async def dead_letter(self, organization_id: str, letters: list[tuple[str, bytes]]) -> None:
+        """Keep what an ingest route refused in part (an OTLP export's spans), each as
+        (reason, JSON record), where the organization's dead letters are read; nothing where a
+        deployment has no dead-letter topic (embedded: the answer and `/metrics` say it)."""
+        ...

@@ -102,3 +102,26 @@ class KafkaPublisher:
                     ack.exception()
         accepted = sum(record.events for record in encoded.records)
         return PublishResult(accepted, encoded.duplicates)
+
+    async def dead_letter(self, organization_id: str, letters: list[tuple[str, bytes]]) -> None:
+        """Keyed by the organization, as its columnar records are, so that its dead-letter view
+        shows them; sent within the send timeout, else logged (the refusal was answered)."""
+        producer = self._producer
+        if producer is None or not letters:
+            return
+        try:
+            async with asyncio.timeout(self._settings.send_timeout_seconds):
+                acks = [
+                    await producer.send(
+                        self._settings.dead_letter_topic,
+                        value,
+                        key=organization_id.encode(),
+                        headers=[("meterline.reason", reason.encode())],
+                    )
+                    for reason, value in letters
+                ]
+                await asyncio.gather(*acks)
+        except (KafkaError, TimeoutError) as exc:
+            log.error(
+                "%d refused spans of %s not dead-lettered: %s", len(letters), organization_id, exc
+            )

@@ -146,7 +146,12 @@ def _price(value: Any, where: str) -> Decimal:
 class Converted:
     events: list[dict[str, Any]]
     spans: int = 0  # read
-    no_customer: int = 0  # usage spans without a customer (refused)
+    # The events of usage spans without a customer (refused; kept for the dead letters).
+    unowned: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def no_customer(self) -> int:
+        return len(self.unowned)
 
 
 def usage_events(
@@ -159,19 +164,17 @@ def usage_events(
     for span_id in usage:
         span, resource = where[span_id]
         customer = _customer(span, resource, where, customers)
-        if customer is None:
-            found.no_customer += 1
-            continue
         parent = span.parent_span_id if span.parent_span_id in usage else None
-        found.events.append(event(span, customer, parent, prices))
+        made = event(span, customer, parent, prices)
+        (found.events if customer is not None else found.unowned).append(made)
     found.events.sort(key=lambda e: e["external_id"])  # one order, whatever the set's
     return found
 
 
 def event(
-    span: Span, customer: tuple[str, str], parent: str | None, prices: Prices | None = None
+    span: Span, customer: tuple[str, str] | None, parent: str | None, prices: Prices | None = None
 ) -> dict[str, Any]:
-    """Step 3: the event of one usage span."""
+    """Step 3: the event of one usage span (without a customer: as a dead letter shows it)."""
     read = {name: _first(span.attributes, names) for name, names in FIELDS.items()}
     provider, operation = str(read["provider"] or "unknown"), str(read["operation"] or "chat")
     vendor = VENDORS.get((provider, operation), f"{provider}.{operation}")
@@ -197,9 +200,10 @@ def event(
     made: dict[str, Any] = {
         "name": f"gen_ai.{operation}",
         "external_id": external_id(span.trace_id, span.span_id),
-        customer[0]: customer[1],
         "metadata": measured,
     }
+    if customer is not None:
+        made[customer[0]] = customer[1]
     if span.end_unix_nano:
         ended = datetime.fromtimestamp(span.end_unix_nano // 1000 / 1e6, UTC)
         made["timestamp"] = ended.isoformat().replace("+00:00", "Z")

@@ -201,6 +201,15 @@ def test_kafka_mode_stores_the_same(tmp_path: Path, llm: RecordedLLM) -> None:
         _calls(llm, core, "kafka-acme")
         wait_until(lambda: len(stored(core, "kafka-acme")) == 2, 30)
         assert {m["strategy"] for m in _metadata(core, "kafka-acme")} == {"OTLP"}
+        # Refused spans are the organization's dead letters, with why.
+        _calls(llm, core, None)
+        with core.client() as api:
+            letters = api.get("/v1/dead-letters/").json()["items"]
+        assert len(letters) == 2
+        assert {letter["reason"][:35] for letter in letters} == {
+            "otlp: GenAI spans named no customer"
+        }
+        assert {json.loads(letter["value"])["name"] for letter in letters} == {"gen_ai.chat"}
 
 
 def test_a_price_table_costs_the_spans_and_a_wrong_one_stops_the_start(
