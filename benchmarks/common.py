@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import operator
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # A metric is a plain dict so results stay trivially JSON-serializable.
@@ -37,6 +38,13 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = min(len(ordered), max(1, math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
+
+
+def cpu_us(job: Callable[[], Any], items: int) -> float:
+    """This process's CPU microseconds per item of one run of `job`."""
+    started = time.process_time()
+    job()
+    return (time.process_time() - started) / items * 1e6
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:

@@ -29,7 +29,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 from starlette.datastructures import Headers
 
-from benchmarks.common import metric
+from benchmarks.common import cpu_us, metric
 from ingest.http.otlp import OtlpSettings, OtlpTraces
 from meters.events import EventRules
 from meters.times import now_us
@@ -91,12 +91,6 @@ def _export(rng: random.Random, genai_share: float) -> bytes:
     return request.SerializeToString()
 
 
-def _cpu_us(job: Callable[[], Any], spans: int) -> float:
-    started = time.process_time()
-    job()
-    return (time.process_time() - started) / spans * 1e6
-
-
 def run(quick: bool) -> dict[str, Any]:
     exports = 4 if quick else 20
     rounds = 3 if quick else 7
@@ -123,7 +117,7 @@ def run(quick: bool) -> dict[str, Any]:
     seen: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(rounds):
         for name, job in jobs.items():
-            seen[name].append(_cpu_us(job, spans))
+            seen[name].append(cpu_us(job, spans))
     us = {name: statistics.median(values) for name, values in seen.items()}
     return {
         "metrics": [

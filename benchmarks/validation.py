@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from aggregator.store.tables.record_checks import row_problems
 from benchmarks import loadgen
-from benchmarks.common import metric
+from benchmarks.common import cpu_us, metric
 from meters import columnar
 from meters.events import EventRules, parse_ingest_body, to_table, validate_body
 from meters.records import record_value
@@ -44,12 +44,6 @@ BATCH = 1000
 def _each(items: list[Any], job: Callable[[Any], Any]) -> None:
     for item in items:
         job(item)
-
-
-def _cpu_us(job: Callable[[], Any], events: int) -> float:
-    started = time.process_time()
-    job()
-    return (time.process_time() - started) / events * 1e6
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -75,7 +69,7 @@ def run(quick: bool) -> dict[str, Any]:
     seen: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(rounds):
         for name, job in jobs.items():
-            seen[name].append(_cpu_us(job, events))
+            seen[name].append(cpu_us(job, events))
     us = {name: statistics.median(values) for name, values in seen.items()}
 
     parsed = [parse_ingest_body(orjson.loads(b), now=now, rules=rules) for b in bodies]
