@@ -18,8 +18,29 @@ import pytest
 from tests.test_readme import ROOT, examples, make_up, run_as_shown, scratch
 
 DOCS = ROOT / "docs"
+# The pages' examples run in three modules, each with its own server, so that test workers
+# share them out (the suite hands out whole modules): the guides (`test_docs_guides.py`), the
+# SDK and operations (`test_docs_more.py`), the rest here.
+GROUPS = (("guides",), ("sdk", "operations"))
 
-PAGES = sorted(p for p in DOCS.rglob("*.md") if examples(p.read_text()))
+
+def pages(*folders: str) -> list[Path]:
+    """The pages with examples in `folders` (none: those in no group's folder)."""
+    grouped = {f for group in GROUPS for f in group}
+    return sorted(
+        p
+        for p in DOCS.rglob("*.md")
+        if (
+            p.relative_to(DOCS).parts[0] in folders
+            if folders
+            else p.relative_to(DOCS).parts[0] not in grouped
+        )
+        and examples(p.read_text())
+    )
+
+
+def page_id(page: Path) -> str:
+    return str(page.relative_to(DOCS))
 
 
 def test_the_site_builds_strictly(tmp_path: Path) -> None:
@@ -33,16 +54,25 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     assert built.returncode == 0, built.stderr[-4000:]
 
 
+def test_every_page_with_examples_is_run() -> None:
+    every = {p for p in DOCS.rglob("*.md") if examples(p.read_text())}
+    assert set(pages()) | {p for group in GROUPS for p in pages(*group)} == every
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str], str]]:
-    """One `make up` in a scratch checkout for the pages this worker runs, as a reader's."""
+    """One `make up` in a scratch checkout for the pages of this module, as a reader's."""
     path = tmp_path_factory.mktemp("docs")
     env, address = scratch(path)
     with make_up(path, env, address):
         yield path, env, address
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
-def test_the_examples_run_as_shown(page: Path, served: tuple[Path, dict[str, str], str]) -> None:
+def run_page(page: Path, served: tuple[Path, dict[str, str], str]) -> None:
     path, env, address = served
     run_as_shown(examples(page.read_text()), path, env, address, str(page.relative_to(ROOT)))
+
+
+@pytest.mark.parametrize("page", pages(), ids=page_id)
+def test_the_examples_run_as_shown(page: Path, served: tuple[Path, dict[str, str], str]) -> None:
+    run_page(page, served)
