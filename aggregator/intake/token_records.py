@@ -179,7 +179,11 @@ class TokenView:
                 self.sessions = {k: at for k, at in self.sessions.items() if at > now}
             self.sessions[a["session_id"]] = datetime.fromisoformat(a["expires_at"])
         elif record.kind == "otlp.settings":
-            self._otlp[org_id] = {**a["data"], "modified_at_us": record.at_us}
+            data = a["data"]
+            if data["customer_attributes"] or data.get("prices") is not None:
+                self._otlp[org_id] = {**data, "modified_at_us": record.at_us}
+            else:  # nothing set: the deployment's alone, as on the core
+                self._otlp.pop(org_id, None)
 
     async def otlp_settings(self, organization_id: str) -> dict[str, Any] | None:
         """What the organization set for OTLP trace exports (`meters.otlp_rules`), or None."""

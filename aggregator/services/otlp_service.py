@@ -10,7 +10,7 @@ from meters.otlp_rules import OtlpSettingsUpdate
 
 __all__ = ["settings_of", "update"]
 
-UNSET: dict[str, Any] = {"customer_attributes": [], "prices": None, "modified_at_us": None}
+UNSET = otlp_settings.UNSET
 
 
 async def settings_of(store: Store, organization_id: str) -> dict[str, Any] | None:

@@ -17,7 +17,10 @@ import orjson
 from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.writer import Job, Tx, independent
 
-__all__ = ["set_job", "settings_of"]
+__all__ = ["UNSET", "set_job", "settings_of"]
+
+# What an organization that set nothing has (`set_job` of nothing stores no row).
+UNSET: dict[str, Any] = {"customer_attributes": [], "prices": None, "modified_at_us": None}
 
 
 def settings_of(con: duckdb.DuckDBPyConnection, organization_id: str) -> dict[str, Any] | None:
@@ -51,7 +54,14 @@ def set_job(organization_id: str, settings: Mapping[str, Any], now_us: int) -> J
         }
     ).decode()
 
+    unset = not settings["customer_attributes"] and settings.get("prices") is None
+
     def job(tx: Tx) -> dict[str, Any]:
+        if unset:  # nothing set is no settings: as if the organization never had any
+            tx.con.execute(
+                "DELETE FROM otlp_settings WHERE organization_id = ?::UUID", [organization_id]
+            )
+            return {**UNSET}
         tx.con.execute(
             "INSERT INTO otlp_settings VALUES (?::UUID, ?::JSON, make_timestamptz(?))"
             " ON CONFLICT (organization_id) DO UPDATE SET settings = excluded.settings,"

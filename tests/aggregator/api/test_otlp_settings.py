@@ -72,8 +72,11 @@ def test_an_organizations_settings_apply_to_its_spans_alone(core: InProcessCore)
     (plain,) = _stored(core, "u3", other)
     assert "_cost" not in plain
     # A PUT is the whole: what it leaves out is unset.
-    core.request("PUT", "/v1/otlp/settings", json={"customer_attributes": []})
+    core.request("PUT", "/v1/otlp/settings", json={"customer_attributes": ["x"]})
     assert core.request("GET", "/v1/otlp/settings").json()["prices"] is None
+    # Nothing set is no settings: as if the organization never had any.
+    core.request("PUT", "/v1/otlp/settings", json={})
+    assert core.request("GET", "/v1/otlp/settings").json() == unset
 
 
 @pytest.mark.parametrize(
@@ -108,3 +111,5 @@ def test_the_edge_takes_them_from_the_control_topic(tmp_path: Path) -> None:
     assert found.customers.of({"enduser.id": "u1"}) == ("external_customer_id", "u1")
     assert found.prices is not None and found.prices.version == "acme-1"
     assert asyncio.run(settings(org)) is found  # parsed once per change
+    view.add(command("otlp.settings", org, "r2", 2_000, {}, data={"customer_attributes": []}))
+    assert asyncio.run(settings(org)) is deployment

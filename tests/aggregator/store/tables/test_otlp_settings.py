@@ -59,11 +59,14 @@ def test_set_read_replace_and_another_organization(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
-def test_settings_without_prices_store_none(tmp_path: Path) -> None:
+def test_settings_without_prices_store_none_and_nothing_set_is_no_settings(tmp_path: Path) -> None:
     async def run() -> None:
         async with Store(tmp_path / "db.duckdb") as store:
-            written = await store.write(set_job(ORG, {"customer_attributes": []}, 5))
-            assert written == {"customer_attributes": [], "prices": None, "modified_at_us": 5}
+            written = await store.write(set_job(ORG, {"customer_attributes": ["a"]}, 5))
+            assert written == {"customer_attributes": ["a"], "prices": None, "modified_at_us": 5}
+            unset = await store.write(set_job(ORG, {"customer_attributes": []}, 6))
+            assert unset == {"customer_attributes": [], "prices": None, "modified_at_us": None}
+            assert await _read(store, ORG) is None  # no row: the digest leaves it out again
 
     asyncio.run(run())
 
