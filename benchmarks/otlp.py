@@ -12,7 +12,10 @@ as the OTLP exporter sends them, go through, interleaved, round after round: the
 (the reference), and `OtlpTraces.convert` (decode, map the usage spans, validate their events,
 as the route does before publishing). The same again with every span a GenAI one, beside the
 ingest validator on the events they become (what the route adds per usage event). CPU time per
-span is the median over 7 rounds. Publishing is ingest's, measured by `ingest_http`.
+span is the median over 7 rounds. Then the same through a `meterline up` (embedded), new
+exports each round sent four at a time from this process: spans accepted a second, and the
+server's CPU per span against `convert` alone (what HTTP, admission and storing the usage
+events add).
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -30,6 +35,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from starlette.datastructures import Headers
 
 from benchmarks.common import cpu_us, metric
+from benchmarks.server import Server
 from ingest.http.otlp import OtlpSettings, OtlpTraces
 from meters.events import EventRules
 from meters.times import now_us
@@ -119,6 +125,7 @@ def run(quick: bool) -> dict[str, Any]:
         for name, job in jobs.items():
             seen[name].append(cpu_us(job, spans))
     us = {name: statistics.median(values) for name, values in seen.items()}
+    http = _over_http(rng, exports, rounds)
     return {
         "metrics": [
             metric("CPU per span, 1% GenAI (convert)", us["convert"], "µs", "<=", 5.0),
@@ -129,6 +136,42 @@ def run(quick: bool) -> dict[str, Any]:
                 "CPU per span, all GenAI (convert, events validated)", us["convert_genai"], "µs"
             ),
             metric("convert / C parser, all GenAI", us["convert_genai"] / us["parse_genai"], "x"),
+            metric("over HTTP: spans accepted a second, 1% GenAI", http["spans_per_s"], "spans/s"),
+            metric("over HTTP: server CPU per span", http["server_us"], "µs"),
+            metric("over HTTP: server CPU / convert alone", http["server_us"] / us["convert"], "x"),
         ],
-        "details": {"spans": spans, "rounds": rounds, "cpu_us_rounds": seen},
+        "details": {"spans": spans, "rounds": rounds, "cpu_us_rounds": seen, "http": http},
+    }
+
+
+def _over_http(rng: random.Random, exports: int, rounds: int) -> dict[str, Any]:
+    """`POST /v1/traces` of a `meterline up`: new exports each round (their usage spans are
+    new events), sent 4 at a time; wall spans a second and the server's CPU per span, medians
+    over the rounds."""
+    per_s, server_us = [], []
+    with Server() as server, httpx.Client(timeout=60) as client:
+        headers = {
+            "Authorization": f"Bearer {server.token}",
+            "Content-Type": "application/x-protobuf",
+        }
+
+        def send(body: bytes) -> None:
+            answer = client.post(f"{server.url}/v1/traces", content=body, headers=headers)
+            assert answer.status_code == 200 and not answer.content, answer.text
+
+        for body in [_export(rng, 0.01) for _ in range(2)]:  # warm-up
+            send(body)
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(rounds):
+                bodies = [_export(rng, 0.01) for _ in range(exports)]
+                cpu, started = server.cpu_seconds()[0], time.perf_counter()
+                list(pool.map(send, bodies))
+                seconds = time.perf_counter() - started
+                per_s.append(exports * SPANS / seconds)
+                server_us.append((server.cpu_seconds()[0] - cpu) / (exports * SPANS) * 1e6)
+    return {
+        "spans_per_s": statistics.median(per_s),
+        "server_us": statistics.median(server_us),
+        "rounds_spans_per_s": per_s,
+        "rounds_server_us": server_us,
     }
