@@ -5,6 +5,7 @@ What they add to a deployment's own (`--otlp-customer-attribute`, `--otlp-prices
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -36,6 +37,12 @@ class OtlpSettingsUpdate(BaseModel):
                 raise ValueError(f"a price table has at most {MAX_PRICED_MODELS} models")
             Prices.parse(value)
         return value
+
+
+def is_unset(settings: Mapping[str, Any]) -> bool:
+    """Settings that set nothing: an organization with them has none (its stored row goes,
+    an edge forgets its copy), so that it is read as one that never set any."""
+    return not settings["customer_attributes"] and settings.get("prices") is None
 
 
 def effective(

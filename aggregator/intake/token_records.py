@@ -41,6 +41,7 @@ from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from ingest.tasks import cancel_within
 from meters.commands import Command, command, decode, encode
 from meters.errors import MetersError
+from meters.otlp_rules import is_unset
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +180,10 @@ class TokenView:
                 self.sessions = {k: at for k, at in self.sessions.items() if at > now}
             self.sessions[a["session_id"]] = datetime.fromisoformat(a["expires_at"])
         elif record.kind == "otlp.settings":
-            data = a["data"]
-            if data["customer_attributes"] or data.get("prices") is not None:
-                self._otlp[org_id] = {**data, "modified_at_us": record.at_us}
-            else:  # nothing set: the deployment's alone, as on the core
+            if is_unset(a["data"]):  # the deployment's alone, as on the core
                 self._otlp.pop(org_id, None)
+            else:
+                self._otlp[org_id] = {**a["data"], "modified_at_us": record.at_us}
 
     async def otlp_settings(self, organization_id: str) -> dict[str, Any] | None:
         """What the organization set for OTLP trace exports (`meters.otlp_rules`), or None."""

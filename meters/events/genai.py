@@ -193,8 +193,7 @@ def event(
         measured["responseModel"] = str(read["responseModel"])
     if read["cacheCreationInputTokens"] is not None:
         measured["cacheCreationInputTokens"] = _tokens(read["cacheCreationInputTokens"])
-    cost = None if prices is None else prices.cost(model, measured)
-    if prices is not None and cost is not None:
+    if prices is not None and (cost := prices.cost(model, measured)) is not None:
         measured["_cost"] = {"amount": str(cost), "currency": prices.currency}
         measured["priceTable"] = prices.version
     made: dict[str, Any] = {

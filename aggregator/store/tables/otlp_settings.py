@@ -16,6 +16,7 @@ import orjson
 
 from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.writer import Job, Tx, independent
+from meters.otlp_rules import is_unset
 
 __all__ = ["UNSET", "set_job", "settings_of"]
 
@@ -54,7 +55,7 @@ def set_job(organization_id: str, settings: Mapping[str, Any], now_us: int) -> J
         }
     ).decode()
 
-    unset = not settings["customer_attributes"] and settings.get("prices") is None
+    unset = is_unset(settings)
 
     def job(tx: Tx) -> dict[str, Any]:
         if unset:  # nothing set is no settings: as if the organization never had any
