@@ -32,7 +32,7 @@ import pyarrow as pa
 from aggregator.api import ledger_shapes
 from aggregator.auth import TokenRegistry
 from aggregator.services.ledger_service import check
-from aggregator.store import Store
+from aggregator.store import MeterRow, Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables.ledger_tables import credit_job
@@ -94,30 +94,28 @@ def balance_check(quick: bool = False) -> dict[str, Any]:
     }
 
 
+async def customers_and_meter(store: Store, org: str, customers: int) -> MeterRow:
+    """Customers `cust_0…` (inserted with SQL) and a sum meter of `tokens` for them."""
+    await store.write(
+        lambda tx: tx.con.execute(
+            "INSERT INTO customers (id, organization_id, type, email, external_id, metadata,"
+            " created_at) SELECT uuid(), ?::UUID, 'individual', 'c' || i || '@example.com',"
+            " 'cust_' || i, '{}', now() FROM range(?) t(i)",
+            [org, customers],
+        )
+    )
+    definition = {
+        "name": "tokens",
+        "filter": {"conjunction": "and", "clauses": []},
+        "aggregation": {"func": "sum", "property": "tokens"},
+    }
+    create = MeterCreate.model_validate(definition)
+    return await store.write(create_job(org, create, now_us(), meter_id=str(uuid.uuid4())))
+
+
 async def _in_process(path: Path, org: str, plan: dict[str, int]) -> dict[str, Any]:
     async with Store(path) as store:
-        await store.write(
-            lambda tx: tx.con.execute(
-                "INSERT INTO customers (id, organization_id, type, email, external_id, metadata,"
-                " created_at) SELECT uuid(), ?::UUID, 'individual', 'c' || i || '@example.com',"
-                " 'cust_' || i, '{}', now() FROM range(?) t(i)",
-                [org, plan["customers"]],
-            )
-        )
-        meter = await store.write(
-            create_job(
-                org,
-                MeterCreate.model_validate(
-                    {
-                        "name": "tokens",
-                        "filter": {"conjunction": "and", "clauses": []},
-                        "aggregation": {"func": "sum", "property": "tokens"},
-                    }
-                ),
-                now_us(),
-                meter_id=str(uuid.uuid4()),
-            )
-        )
+        meter = await customers_and_meter(store, org, plan["customers"])
         rng = random.Random(3)
         started = time.perf_counter()
         for b in range(plan["events"] // BATCH):

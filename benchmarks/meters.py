@@ -807,7 +807,9 @@ async def _time_compute(
     periods = 0
     for scope in scopes:
         started = time.perf_counter()
-        quantities, total = await store.read(compute, scope, *window, interval, UTC_ZONE, across)
+        quantities, total = await store.read(
+            compute, scope, *window, interval, UTC_ZONE, across, now_us()
+        )
         latencies.append(time.perf_counter() - started)
         totals.append(total)
         periods = len(quantities)

@@ -38,6 +38,7 @@ from benchmarks import (
     core,
     fan_out,
     forwarding,
+    grants,
     ingest_http,
     isolation,
     kafka,
@@ -50,6 +51,7 @@ from benchmarks import (
     sdk,
     shards,
     takeover,
+    timed_meters,
     validation,
 )
 
@@ -82,9 +84,11 @@ BENCHMARKS: dict[str, Benchmark] = {
     "kafka_consume": Benchmark(kafka.kafka_consume, 140, 17),
     "kafka_freshness": Benchmark(kafka.kafka_freshness, 200, 24),
     "balance_check": Benchmark(ledger.balance_check, 45, 10),
+    "balance_check_grants": Benchmark(grants.balance_check_grants, 60, 15),
     "alert_latency": Benchmark(alerts.alert_latency, 90, 25),
     "live_stream_latency": Benchmark(live_stream.live_stream_latency, 70, 30),
     "ledger_cost": Benchmark(ledger.ledger_cost, 30, 6),
+    "timed_meters": Benchmark(timed_meters, 40, 8),
     "forward_throughput": Benchmark(forwarding.forward_throughput, 90, 45),
     "reconcile_1m": Benchmark(forwarding.reconcile_1m, 660, 120),
     "sdk_record": Benchmark(sdk.sdk_record, 45, 25),

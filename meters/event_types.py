@@ -14,8 +14,12 @@ from pydantic import ConfigDict, Field, field_validator
 from meters.wire import Patch
 
 # Polar's labels (`polar.event.system.SYSTEM_EVENT_LABELS`) of the system events meterline
-# writes.
-SYSTEM_LABELS = {"meter.credited": "Meter Credited", "meter.reset": "Meter Reset"}
+# writes, and meterline's own (a grant's expiry: Polar's credits never expire).
+SYSTEM_LABELS = {
+    "meter.credited": "Meter Credited",
+    "meter.reset": "Meter Reset",
+    "meter.credit_expired": "Meter Credit Expired",
+}
 
 
 class EventTypeUpdate(Patch):

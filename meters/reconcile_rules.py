@@ -89,10 +89,15 @@ class Tally:
             period = at // self._period_us * self._period_us if self._period_us else 0
             view = EventView(event["name"], "user", at, event.get("metadata") or {})
             for meter in self._meters:
-                if meter.filter.matches(view):
+                # An integral's period depends on events before it: its events are compared
+                # (fingerprints), not its amounts.
+                if meter.func != "integral" and meter.filter.matches(view):
                     value = meter.aggregation.contribution(view)
                     if value is not None or isinstance(meter.aggregation, UniqueAggregation):
-                        self.amounts[customer, meter.id, period].add_event(value)
+                        amounts = self.amounts[customer, meter.id, period]
+                        amounts.add_event(value)
+                        if isinstance(value, float):
+                            amounts.add_point(at, value)
             if self._period_us is None:
                 fingerprint = _fingerprint(event, customer, at)
                 self.fingerprints[fingerprint] += 1

@@ -1,5 +1,5 @@
 """The credit ledger's API: customer meters and customer state (Polar's shapes), and
-meterline's own credits, resets, credit plans and balance check."""
+meterline's own credits, resets, credit plans, balance check and a customer meter's grants."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from aggregator.api.ledger_shapes import (
     CreditCreate,
     CustomerMeterShape,
     CustomerStateShape,
+    GrantsShape,
     ResetCreate,
 )
 from aggregator.api.openapi import ApiRoute, Operation
@@ -56,6 +57,17 @@ CHECK = Operation(
         oa.query("units", oa.integer(0, MAX_UNITS, 1)),
     ),
     errors=(404,),
+)
+GRANTS = Operation(
+    "List a customer meter's credit grants (meterline's own)",
+    TAG,
+    {200: GrantsShape},
+    description=(
+        "The grants of the customer meter's window, in the order granted, with what remains of"
+        " each after consumption burned them in order (priority, then earliest expiry, then"
+        " without rollover before with it, then the order granted); expired grants show what"
+        " their expiry took."
+    ),
 )
 STATE = Operation("Get a customer's state (active meters)", "customers", {200: CustomerStateShape})
 
@@ -109,6 +121,11 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         found = await service.get_customer_meter(store, org, params.path_id(request))
         return JSON(shapes.customer_meter(found))
+
+    async def grants(request: Request) -> JSON:
+        org = ctx.organization(request)
+        found = await service.grants(store, org, params.path_id(request))
+        return JSON(shapes.grants(found))
 
     async def check(request: Request) -> JSON:
         org = ctx.organization(request)
@@ -187,6 +204,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             "GET",
             Operation("Get a customer meter", TAG, {200: CustomerMeterShape}),
         ),
+        ApiRoute("/v1/customer-meters/{id}/grants", grants, "GET", GRANTS),
         ApiRoute("/v1/customers/{id}/state", state, "GET", STATE),
         # Before the customers' routes: their `external/{external_id:path}` would take it.
         ApiRoute(

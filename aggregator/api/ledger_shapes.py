@@ -1,6 +1,6 @@
 """The credit ledger: customer meters and a customer's state as polar-sdk's `CustomerMeter`
 and `CustomerState` load them, and meterline's own answers to a credit (`CreditCreate`), a
-reset (`ResetCreate`) and a balance check."""
+reset (`ResetCreate`), a balance check and a customer meter's grants."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from aggregator.services.ledger_service import (
     CustomerMeter,
     CustomerMeterView,
     CustomerState,
+    Grants,
 )
 from aggregator.services.pages import Page
 from meters.ledger_rules import CreditCreate, ResetCreate
@@ -28,11 +29,13 @@ __all__ = [
     "CreditCreate",
     "CustomerMeterShape",
     "CustomerStateShape",
+    "GrantsShape",
     "ResetCreate",
     "applied",
     "balance_check",
     "customer_meter",
     "customer_meters",
+    "grants",
     "state",
 ]
 
@@ -67,6 +70,36 @@ class CustomerStateShape(CustomerShape):
 class AppliedShape(TypedDict):
     customer_meter: CustomerMeterShape
     replayed: bool
+
+
+class GrantShape(TypedDict):
+    """One grant (meterline's own): what credits granted it, what revocations left of it, what
+    remains of it after consumption burned the grants in order, and its expiry."""
+
+    id: str
+    created_at: str
+    modified_at: str
+    priority: int
+    expires_at: str | None
+    rollover: bool
+    granted_units: int
+    units: int  # granted less revoked
+    remaining_units: float  # 0 once expired
+    expired: bool
+    expired_units: int | None  # the unused units its expiry took
+
+
+class GrantsShape(TypedDict):
+    """A customer meter's grants in its window, in the order granted. sum(remaining_units) −
+    unallocated_units = balance."""
+
+    customer_meter_id: str
+    consumed_units: float
+    credited_units: int
+    balance: float
+    # Consumption no grant covers (negative when it is below what expired grants burned).
+    unallocated_units: float
+    items: list[GrantShape]
 
 
 class BalanceCheckShape(TypedDict):
@@ -120,6 +153,33 @@ def state(found: CustomerState) -> CustomerStateShape:
 
 def applied(done: Applied) -> AppliedShape:
     return {"customer_meter": customer_meter(done.customer_meter), "replayed": done.replayed}
+
+
+def grants(found: Grants) -> GrantsShape:
+    cm = found.customer_meter
+    return {
+        "customer_meter_id": cm.id,
+        "consumed_units": cm.consumed,
+        "credited_units": cm.credited,
+        "balance": cm.balance,
+        "unallocated_units": found.beyond,
+        "items": [
+            {
+                "id": row.id,
+                "created_at": iso(row.created_at_us),
+                "modified_at": iso(row.modified_at_us),
+                "priority": row.grant.priority,
+                "expires_at": iso(row.grant.expires_at_us),
+                "rollover": row.grant.rollover,
+                "granted_units": row.granted,
+                "units": row.grant.units,
+                "remaining_units": remaining,
+                "expired": not row.grant.active,
+                "expired_units": row.grant.expired,
+            }
+            for row, remaining in found.grants
+        ],
+    }
 
 
 def balance_check(check: BalanceCheck) -> BalanceCheckShape:

@@ -10,7 +10,7 @@ from typing_extensions import TypedDict
 from aggregator.api.shapes import ListResource, iso, pagination
 from aggregator.services.meter_service import Gathered, MeterRow, Quantities
 from aggregator.services.pages import Page
-from meters.aggregations import Partial
+from meters.aggregations import NEVER_US, Partial
 from meters.definitions import MeterCreate, MeterUpdate
 
 __all__ = [
@@ -105,8 +105,9 @@ def quantities(found: Quantities) -> QuantitiesShape:
 
 
 # A shard's part of a meter's quantities (`api.fan_out`, step 3): each partial as [range,
-# customer, events, total, low, high, unique values], low and high null when infinite (JSON
-# has no infinity). Not part of the public API: only shards ask for it.
+# customer, events, total, low, high, unique values, latest point], low and high null when
+# infinite (JSON has no infinity), the point [instant, value] or null. Not part of the public
+# API: only shards ask for it (a shard of the version before sends no point).
 PartialRow = list[Any]
 
 
@@ -119,7 +120,8 @@ def partials(found: Gathered) -> dict[str, list[PartialRow]]:
 
 def _row(key: tuple[int, str], p: Partial) -> PartialRow:
     finite = [None if abs(v) == float("inf") else v for v in (p.low, p.high)]
-    return [*key, p.events, p.total, *finite, sorted(p.values, key=repr)]
+    point = None if p.last_us == NEVER_US else [p.last_us, p.last]
+    return [*key, p.events, p.total, *finite, sorted(p.values, key=repr), point]
 
 
 def gathered(body: dict[str, list[PartialRow]]) -> Gathered:
@@ -128,7 +130,7 @@ def gathered(body: dict[str, list[PartialRow]]) -> Gathered:
 
 
 def _partial(row: PartialRow) -> tuple[tuple[int, str], Partial]:
-    index, customer, events, total, low, high, values = row
+    index, customer, events, total, low, high, values, *point = row
     found = Partial(
         events,
         total,
@@ -136,4 +138,6 @@ def _partial(row: PartialRow) -> tuple[tuple[int, str], Partial]:
         float("-inf") if high is None else high,
         {tuple(v) if isinstance(v, list) else v for v in values},  # SQL's keys are strings
     )
+    if point and point[0] is not None:
+        found.add_point(*point[0])
     return (index, customer), found

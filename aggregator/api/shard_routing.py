@@ -24,10 +24,10 @@ ledger (`store.ledger_tables.Ledgers`).
      (421 `CustomerElsewhere`: the customer was not yet known here when step 1 looked) is
      sent, with its key, to the customer's shard, whose outcome of the same record is the
      answer;
-   - a hold, customer meter or webhook event by id (`/v1/meter-holds/{id}`,
-     `/v1/customer-meters/{id}`, `/v1/webhooks/events/{id}/redeliver`) not found here is asked
-     of the other shards in turn (a write with its key): the first that has it answers; none:
-     this core's 404 (503 if a shard did not answer).
+   - a hold, customer meter (or its grants) or webhook event by id (`/v1/meter-holds/{id}`,
+     `/v1/customer-meters/{id}` and `/grants`, `/v1/webhooks/events/{id}/redeliver`) not found
+     here is asked of the other shards in turn (a write with its key): the first that has it
+     answers; none: this core's 404 (503 if a shard did not answer).
 4. An organization-wide read that shards answer in part (event lists, names and types, a
    meter's quantities over all customers, costs, customers, holds, customer meters, webhook
    deliveries, the live stream) is asked by its route of one live core of every other shard
@@ -76,6 +76,7 @@ _WRITES = frozenset({"/v1/meter-credits/", "/v1/meter-resets/", "/v1/meter-holds
 _BY_ID = (
     ("/v1/meter-holds/", "", frozenset({"GET", "DELETE"})),
     ("/v1/customer-meters/", "", frozenset({"GET"})),
+    ("/v1/customer-meters/", "/grants", frozenset({"GET"})),
     ("/v1/webhooks/events/", "/redeliver", frozenset({"POST"})),
 )
 _KEY = b"idempotency-key"

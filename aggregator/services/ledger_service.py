@@ -1,5 +1,5 @@
-"""The credit ledger: customer meters (list, get, a customer's state), credits and resets, and
-the balance check."""
+"""The credit ledger: customer meters (list, get, a customer's state, its grants), credits and
+resets, and the balance check."""
 
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ from aggregator.store import (
     Balances,
     CustomerMeter,
     CustomerRow,
+    GrantRow,
     Live,
     MeterRow,
     Store,
     meters_by_ids,
 )
 from aggregator.store import customer_tables as customer_sql
+from aggregator.store import grant_tables as grant_sql
 from aggregator.store import hold_tables as hold_sql
 from aggregator.store import ledger_tables as sql
-from meters.ledger_rules import CreditCreate, ResetCreate
+from meters.ledger_rules import CreditCreate, ResetCreate, burn
 from meters.times import now_us
 
 __all__ = [
@@ -32,9 +34,11 @@ __all__ = [
     "CustomerMeter",
     "CustomerMeterView",
     "CustomerState",
+    "Grants",
     "check",
     "credit",
     "get_customer_meter",
+    "grants",
     "list_customer_meters",
     "reset",
     "state",
@@ -64,6 +68,17 @@ class CustomerState:
 
     customer: Customer
     meters: list[CustomerMeter]
+
+
+@dataclass(frozen=True, slots=True)
+class Grants:
+    """A customer meter's grants in its window (in the order granted) and what remains of each
+    (`meters.ledger_rules.burn`: 0 once expired); `beyond`: the consumption no grant covers.
+    sum(remaining) − beyond = the balance."""
+
+    customer_meter: CustomerMeter
+    grants: list[tuple[GrantRow, float]]
+    beyond: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,25 +190,48 @@ async def customer_meters_of(
     return await store.read(run)
 
 
+def _pair(con: Con, organization_id: str, customer_meter_id: str) -> tuple[str, str]:
+    """(customer id, meter id) of the customer meter; 404 unless it is one."""
+    pairs, _ = sql.active_pairs(
+        con,
+        organization_id,
+        customer_ids=None,
+        external_ids=None,
+        meter_ids=None,
+        id=customer_meter_id,
+        limit=1,
+        offset=0,
+    )
+    if not pairs:
+        raise NotFound("Customer meter not found")
+    return pairs[0]
+
+
 async def get_customer_meter(
     store: Store, organization_id: str, customer_meter_id: str
 ) -> CustomerMeterView:
     balances = store.live.balances
 
     def run(con: Con) -> CustomerMeterView:
-        pairs, _ = sql.active_pairs(
-            con,
-            organization_id,
-            customer_ids=None,
-            external_ids=None,
-            meter_ids=None,
-            id=customer_meter_id,
-            limit=1,
-            offset=0,
-        )
-        if not pairs:
-            raise NotFound("Customer meter not found")
-        return _views(con, balances, organization_id, pairs)[0]
+        pair = _pair(con, organization_id, customer_meter_id)
+        return _views(con, balances, organization_id, [pair])[0]
+
+    return await store.read(run)
+
+
+async def grants(store: Store, organization_id: str, customer_meter_id: str) -> Grants:
+    """A customer meter's grants, with consumption as the balances in memory hold it."""
+    balances = store.live.balances
+
+    def run(con: Con) -> Grants:
+        customer_id, meter_id = _pair(con, organization_id, customer_meter_id)
+        customer = customer_sql.get_customer(con, organization_id, customer_id)
+        assert customer is not None  # a pair's customer exists: the pair comes from its row
+        meter = _meters(con, organization_id, [meter_id])[meter_id]
+        cm = sql.held_customer_meter(balances, customer, meter)
+        rows = grant_sql.grants_of(con, customer_id, meter_id)
+        burned = burn([r.grant for r in rows], cm.consumed)
+        return Grants(cm, list(zip(rows, burned.remaining, strict=True)), burned.beyond)
 
     return await store.read(run)
 

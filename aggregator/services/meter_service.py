@@ -27,6 +27,7 @@ from aggregator.store import meter_tables as sql
 from aggregator.store import quantities as quantity_sql
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.periods import Interval
+from meters.times import now_us
 
 __all__ = [
     "METER_SORTS",
@@ -179,12 +180,14 @@ async def partials(
     customers named (all if none), per customer if `by_customer`: what the route reduces to
     quantities, and what the shards of a deployment merge before reducing."""
 
+    now = now_us()  # an integral meter's period not over yet counts up to now
+
     def run(con: Con) -> tuple[MeterRow, Gathered]:
         meter = evaluable(found(get_meter(con, organization_id, meter_id)))
         subjects = _subjects(con, organization_id, customer_ids, external_customer_ids)
         scope = Scope(meter, subjects, metadata, by_customer)
         return meter, quantity_sql.gather(
-            con, scope, window.start_us, window.end_us, window.interval, window.tz
+            con, scope, window.start_us, window.end_us, window.interval, window.tz, now
         )
 
     return await store.read(run)

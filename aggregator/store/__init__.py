@@ -35,6 +35,7 @@ from aggregator.store.tables import (
     event_tables,
     event_type_tables,
     forward_rollups,
+    grant_tables,
     hold_tables,
     ledger_tables,
     meter_tables,
@@ -59,6 +60,7 @@ from aggregator.store.tables.event_type_tables import (
     stored_types,
     type_id,
 )
+from aggregator.store.tables.grant_tables import GrantRow
 from aggregator.store.tables.hold_tables import HoldRow, held_by_pair
 from aggregator.store.tables.ledger_tables import CustomerMeter, held_customer_meter
 from aggregator.store.tables.meter_tables import (
@@ -110,6 +112,7 @@ __all__ = [
     "EventTypeRow",
     "Firing",
     "Gathered",
+    "GrantRow",
     "HoldRow",
     "IngestJob",
     "Job",
@@ -147,6 +150,7 @@ __all__ = [
     "filter_sql",
     "forward_rollups",
     "get_meter",
+    "grant_tables",
     "held_by_pair",
     "held_customer_meter",
     "hold_tables",

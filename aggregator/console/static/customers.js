@@ -1,5 +1,6 @@
 // Customers: search; one customer's meters (balances pushed live by the server) and recent
-// events; one customer meter's history (consumption and credits per period, resets marked).
+// events; one customer meter's history (consumption and credits per period, resets marked) and
+// its credit grants (what remains of each, expiries).
 import { follow } from "./api.js";
 import { fmt, h, link, message, section, table } from "./dom.js";
 import { periodOf, usage } from "./meters.js";
@@ -112,10 +113,20 @@ function fact(name, value) {
   return [h("dt", { text: name }), h("dd", { text: value ?? "—" })];
 }
 
+const GRANT_COLUMNS = [
+  ["Priority", (g) => fmt.number(g.priority), "num"],
+  ["Expires", (g) => (g.expires_at ? fmt.time(g.expires_at) : "never")],
+  ["Rollover", (g) => (g.rollover ? "yes" : "no")],
+  ["Units", (g) => fmt.number(g.units), "num"],
+  ["Remaining", (g) => fmt.number(g.remaining_units), "num"],
+  ["Status", (g) => (g.expired ? `expired (${fmt.number(g.expired_units)} unused)` : "active")],
+];
+
 export async function history(ctx, customerId, meterId) {
   const [customer, meter] = await Promise.all([ctx.call(`/v1/customers/${customerId}`), ctx.call(`/v1/meters/${meterId}`)]);
   const rows = new Map();
   const facts = h("div", { id: "balance" });
+  const grants = h("div", { id: "grants" });
   const render = () => {
     const cm = rows.get(meterId);
     facts.replaceChildren(cm ? table(BALANCE_COLUMNS, [cm], { key: (c) => c.meter_id }) : message("No usage or credits yet.", "info"));
@@ -125,6 +136,10 @@ export async function history(ctx, customerId, meterId) {
     rows.clear();
     for (const cm of found.items) rows.set(cm.meter_id, cm);
     render();
+    // The grants in burn order's terms (meterline's own read), refreshed with the balance.
+    const cm = found.items[0];
+    const listed = cm ? (await ctx.call(`/v1/customer-meters/${cm.id}/grants`)).items : [];
+    grants.replaceChildren(table(GRANT_COLUMNS, listed, { empty: "No credit grants in this window.", key: (g) => g.id }));
   };
   await reload();
   const badge = live(ctx, { customer_id: customerId, meter_id: meterId }, rows, render, () => reload().catch(() => {}));
@@ -139,6 +154,7 @@ export async function history(ctx, customerId, meterId) {
       const index = periodOf(periodStarts, event.timestamp);
       if (index < 0) continue;
       if (event.name === "meter.credited") credited[index] += event.metadata.units;
+      if (event.name === "meter.credit_expired") credited[index] -= event.metadata.units;
       if (event.name === "meter.reset") marks.push({ index, kind: "reset", text: `reset ${fmt.time(event.timestamp)}` });
     }
     return { series: [{ name: "credited", values: credited, class: "credited" }], marks };
@@ -146,6 +162,7 @@ export async function history(ctx, customerId, meterId) {
   return [
     h("h1", { text: `${meter.name} for ${customer.name || customer.email || customer.external_id || customer.id}` }),
     section("Balance", h("p", { class: "hint" }, badge), facts),
+    section("Grants", h("p", { class: "hint", text: "lower priority burns first, then the earliest expiry" }), grants),
     section("History", await usage(ctx, meter, { customerId, extra })),
   ];
 }

@@ -2,11 +2,20 @@
 import { barChart } from "./chart.js";
 import { LOCAL_ZONE, fmt, h, lastWins, link, message, section, table } from "./dom.js";
 
-const FUNCS = ["count", "sum", "avg", "min", "max", "unique"];
+const FUNCS = ["count", "sum", "avg", "min", "max", "unique", "latest", "integral"];
+const PER = ["hour", "day", "minute", "second"]; // an integral's unit of time
 const RANGES = { hour: 48 * 3600e3, day: 30 * 86400e3 }; // what each interval's chart spans
 
 export function aggregation(a) {
-  return a.func === "count" ? "count" : `${a.func}(${a.property})`;
+  if (a.func === "count") return "count";
+  return a.func === "integral" ? `integral(${a.property}) per ${a.per}` : `${a.func}(${a.property})`;
+}
+
+function aggregationOf(form) {
+  const func = form.get("func");
+  if (func === "count") return { func };
+  const property = form.get("property").trim();
+  return func === "integral" ? { func, property, per: form.get("per") } : { func, property };
 }
 
 function backfill(meter) {
@@ -36,6 +45,9 @@ export async function list(ctx) {
 function createForm(ctx) {
   const status = h("div");
   const func = h("select", { name: "func", "aria-label": "Aggregation" }, FUNCS.map((f) => h("option", { value: f, text: f })));
+  const per = h("select", { name: "per", "aria-label": "Integrated per" }, PER.map((p) => h("option", { value: p, text: p })));
+  const perLabel = h("label", { hidden: true }, "integrated per ", per);
+  func.addEventListener("change", () => (perLabel.hidden = func.value !== "integral"));
   const submit = async (event) => {
     event.preventDefault();
     const form = new FormData(event.target);
@@ -43,7 +55,7 @@ function createForm(ctx) {
     const body = {
       name: form.get("name").trim(),
       filter: { conjunction: "and", clauses: name ? [{ property: "name", operator: "eq", value: name }] : [] },
-      aggregation: form.get("func") === "count" ? { func: "count" } : { func: form.get("func"), property: form.get("property").trim() },
+      aggregation: aggregationOf(form),
     };
     try {
       const meter = await ctx.call("/v1/meters/", { method: "POST", body });
@@ -61,6 +73,7 @@ function createForm(ctx) {
       h("label", {}, "Events named ", h("input", { name: "event_name", placeholder: "any" })),
       h("label", {}, "Aggregation ", func),
       h("label", {}, "of property ", h("input", { name: "property", placeholder: "e.g. tokens" })),
+      perLabel,
       h("button", { type: "submit", text: "Create" }),
       status,
     ),

@@ -15,9 +15,11 @@ from aggregator.store.base.rows import first_row, is_uuid
 from meters.aggregations import (
     Aggregation,
     CountAggregation,
+    IntegralAggregation,
     PropertyAggregation,
     UniqueAggregation,
 )
+from meters.errors import FieldError
 from meters.filters import STORED, Filter
 
 _AGGREGATION: TypeAdapter[Any] = TypeAdapter(Aggregation)
@@ -118,3 +120,18 @@ def get_meter(
         [organization_id, meter_id],
     )
     return meter_row(row) if row else None
+
+
+def without_ledger(meter: MeterRow) -> FieldError | None:
+    """Why `meter` has no customer meters (credits, resets, plans, holds, alerts), if so: an
+    integral's consumption grows between events, where a balance changes only with a write
+    (so that every check and every replica sees one value); bill it per period instead."""
+    if not isinstance(meter.aggregation, IntegralAggregation):
+        return None
+    return FieldError(
+        "meter_aggregation",
+        ("body", "meter_id"),
+        "An integral meter has no balance: its usage grows between events. Read its"
+        " quantities per period instead.",
+        meter.id,
+    )

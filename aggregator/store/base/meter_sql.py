@@ -11,7 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from meters.aggregations import CountAggregation, PropertyAggregation, UniqueAggregation
+from meters.aggregations import (
+    CountAggregation,
+    IntegralAggregation,
+    PropertyAggregation,
+    UniqueAggregation,
+)
 from meters.filters import COST_AMOUNT, Filter, FilterClause, Path, clause_text
 
 _SQL_OPS = {"eq": "=", "ne": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
@@ -200,11 +205,17 @@ def contribution_sql(
 
 
 def aggregate_sql(aggregation: CountAggregation | PropertyAggregation | UniqueAggregation) -> str:
-    """The aggregate over a `contribution` column, coalesced to 0 like Polar's quantities."""
+    """The aggregate over a `contribution` column (and, for latest, the event's `at_us`),
+    coalesced to 0 like Polar's quantities. An integral is no aggregate of its period's events
+    alone (`quantities.integral_sql`)."""
     if isinstance(aggregation, CountAggregation):
         return "coalesce(count(*), 0)"
     if isinstance(aggregation, UniqueAggregation):
         return "count(DISTINCT contribution)"
+    if isinstance(aggregation, IntegralAggregation):
+        raise ValueError("an integral depends on the events before its period")
+    if aggregation.func == "latest":
+        return "coalesce(max({'at_us': at_us, 'value': contribution}).value, 0)"
     return f"coalesce({aggregation.func}(contribution), 0)"
 
 

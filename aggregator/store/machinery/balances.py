@@ -7,7 +7,8 @@ soon as it is applied, before the events are flushed. Rebuilt from DuckDB at ope
 
 Layout: per organization, each customer reference (`id:<uuid>`, `ext:<external id>`) has a dense
 index; per meter, numpy arrays over those indexes hold the events, sum, min, max and first/last
-change times (48 bytes a customer reference a meter, `BYTES_PER_SLOT`). A unique meter holds its
+change times and a latest meter's greatest point (64 bytes a customer reference a meter,
+`BYTES_PER_SLOT`). A unique meter holds its
 distinct values as a set of keys (reference index << 32 | value number; 8 bytes a key,
 `BYTES_PER_VALUE`) and a number per distinct value (a dictionary entry each). A batch's usage
 is folded in with a few vectorized operations per meter.
@@ -27,9 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.base.arrays import Column, Keys, encoded, numpy
-from meters.aggregations import Partial
+from meters.aggregations import NEVER_US, Partial
 
-BYTES_PER_SLOT = 48
+BYTES_PER_SLOT = 64
 BYTES_PER_VALUE = 8
 _NONE_US = np.iinfo(np.int64).max  # no first change yet (a minimum's identity)
 _VALUE_BITS = 32  # a unique meter's values are numbered below 2**32
@@ -48,6 +49,9 @@ class _Usage:
     high: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     first_us: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     last_us: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    # latest meters: the greatest point (instant, value); NEVER_US: none
+    point_us: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    point: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     values: Keys = field(default_factory=Keys)  # unique meters
     numbers: dict[str, int] = field(default_factory=dict)  # unique meters: value -> number
 
@@ -63,6 +67,8 @@ class _Usage:
         self.high = np.concatenate([self.high, np.full(new - old, -np.inf)])
         self.first_us = np.concatenate([self.first_us, np.full(new - old, _NONE_US)])
         self.last_us = np.concatenate([self.last_us, np.zeros(new - old, np.int64)])
+        self.point_us = np.concatenate([self.point_us, np.full(new - old, NEVER_US)])
+        self.point = np.concatenate([self.point, np.zeros(new - old)])
 
     def add(self, at: npt.NDArray[np.int64], rows: dict[str, npt.NDArray[Any]]) -> None:
         """Fold in usage rows, at most one per index (what `Balances.add` promises)."""
@@ -73,6 +79,19 @@ class _Usage:
         self.high[at] = np.maximum(self.high[at], rows["high"])
         self.first_us[at] = np.minimum(self.first_us[at], rows["first_us"])
         self.last_us[at] = np.maximum(self.last_us[at], rows["last_us"])
+
+    def add_points(
+        self,
+        at: npt.NDArray[np.int64],
+        at_us: npt.NDArray[np.int64],
+        value: npt.NDArray[np.float64],
+    ) -> None:
+        """Fold in points, at most one per index: each index keeps the greatest."""
+        self.fit(int(at.max()) + 1)
+        old_us, old = self.point_us[at], self.point[at]
+        greater = (at_us > old_us) | ((at_us == old_us) & (value > old))
+        self.point_us[at] = np.where(greater, at_us, old_us)
+        self.point[at] = np.where(greater, value, old)
 
     def add_values(self, at: npt.NDArray[np.int64], values: Column) -> None:
         distinct, codes = encoded(values)
@@ -90,6 +109,8 @@ class _Usage:
         self.high[at] = -np.inf
         self.first_us[at] = _NONE_US
         self.last_us[at] = 0
+        self.point_us[at] = NEVER_US
+        self.point[at] = 0.0
         for i in indexes:
             self.values.drop(i << _VALUE_BITS, (i + 1) << _VALUE_BITS)
 
@@ -145,14 +166,15 @@ class Balances:
             " v.meter_id::VARCHAR AS meter_id, subject, value"
             " FROM all_ledger_usage_values v JOIN meters m ON m.id = v.meter_id"
         ).to_arrow_table()
-        for org in set(numbers.column("organization_id").to_pylist()) | set(
-            values.column("organization_id").to_pylist()
-        ):
-            self.add(
-                org,
-                numbers.filter(pc.equal(numbers.column("organization_id"), org)),
-                values.filter(pc.equal(values.column("organization_id"), org)),
-            )
+        points = con.sql(
+            "SELECT organization_id, meter_id, subject, p.at_us AS at_us, p.value AS value FROM"
+            " (SELECT m.organization_id::VARCHAR AS organization_id, p.meter_id::VARCHAR AS"
+            " meter_id, subject, max({'at_us': at_us, 'value': value}) AS p"
+            " FROM all_ledger_points p JOIN meters m ON m.id = p.meter_id GROUP BY ALL)"
+        ).to_arrow_table()
+        tables = (numbers, values, points)
+        for org in set().union(*(t.column("organization_id").to_pylist() for t in tables)):
+            self.add(org, *(t.filter(pc.equal(t.column("organization_id"), org)) for t in tables))
         self.compact()
         for customer, meter, credited, created, modified in con.execute(
             "SELECT customer_id::VARCHAR, meter_id::VARCHAR, credited, epoch_us(created_at),"
@@ -160,10 +182,13 @@ class Balances:
         ).fetchall():
             self._credits[(customer, meter)] = Credits(credited, created, modified)
 
-    def add(self, organization_id: str, numbers: pa.Table, values: pa.Table) -> None:
+    def add(
+        self, organization_id: str, numbers: pa.Table, values: pa.Table, points: pa.Table
+    ) -> None:
         """Fold in usage: `numbers` (meter_id, subject, events, total, low, high, first_us,
         last_us; at most one row per meter and subject), `values` (meter_id, subject, value)
-        of unique meters."""
+        of unique meters, `points` (meter_id, subject, at_us, value; at most one row per meter
+        and subject) of latest meters."""
         with self.lock:
             index = self._subjects.setdefault(organization_id, {})
             if numbers.num_rows:
@@ -178,6 +203,12 @@ class Balances:
                 for meter_id, rows, at in _per_meter(values, index):
                     usage = self._meter(meter_id, organization_id)
                     usage.add_values(at, values.column("value").take(rows))
+            if points.num_rows:
+                at_us = numpy(points.column("at_us"), np.int64)
+                value = numpy(points.column("value"), np.float64)
+                for meter_id, rows, at in _per_meter(points, index):
+                    usage = self._meter(meter_id, organization_id)
+                    usage.add_points(at, at_us[rows], value[rows])
 
     def compact(self) -> None:
         """Merge unique meters' runs of value keys (off the writer's thread)."""
@@ -246,6 +277,7 @@ class Balances:
                 partial.values.update((keys & ((1 << _VALUE_BITS) - 1)).tolist())
                 if i >= len(usage.events) or usage.events[i] == 0:
                     continue
+                partial.add_point(int(usage.point_us[i]), float(usage.point[i]))
                 partial.add(
                     int(usage.events[i]),
                     float(usage.total[i]),

@@ -3,7 +3,8 @@
 Ingest appends each batch's partial aggregates (per meter, customer reference and bucket) to
 unindexed delta tables: an append costs a fraction of an upsert into a keyed table, whose index
 every row must probe and update. Every partial state here is mergeable (counts and sums add,
-minima and maxima take the extreme, value sets unite), so a reader merging a table with its
+minima and maxima take the extreme, value sets and point sets unite, a latest point is the
+greatest), so a reader merging a table with its
 deltas (the `all_*` views) gets the same answer before and after any merge, and a merge may run
 at any point, emptying the deltas it folds in the same transaction.
 
@@ -41,14 +42,23 @@ _STEPS = (
         "SELECT DISTINCT * FROM ledger_usage_value_deltas",
         "DO NOTHING",
     ),
+    (
+        "ledger_points",
+        "ledger_point_deltas",
+        "SELECT meter_id, subject, p.at_us, p.value FROM (SELECT meter_id, subject,"
+        " max({'at_us': at_us, 'value': value}) AS p FROM ledger_point_deltas GROUP BY ALL)",
+        "DO UPDATE SET at_us = excluded.at_us, value = excluded.value"
+        " WHERE (excluded.at_us, excluded.value) > (ledger_points.at_us, ledger_points.value)",
+    ),
 )
 # Every table a meter's or a customer's usage lives in: what a reset must clear.
-ROLLUP_TABLES = ("rollups", "rollup_deltas", "rollup_values", "rollup_value_deltas")
+ROLLUP_TABLES = (
+    *("rollups", "rollup_deltas", "rollup_values", "rollup_value_deltas"),
+    *("rollup_points", "rollup_point_deltas"),
+)
 LEDGER_TABLES = (
-    "ledger_usage",
-    "ledger_usage_deltas",
-    "ledger_usage_values",
-    "ledger_usage_value_deltas",
+    *("ledger_usage", "ledger_usage_deltas", "ledger_usage_values", "ledger_usage_value_deltas"),
+    *("ledger_points", "ledger_point_deltas"),
 )
 
 
@@ -81,6 +91,14 @@ CLUSTERED = {
         " value VARCHAR NOT NULL)",
         "SELECT DISTINCT * FROM"
         " (SELECT * FROM rollup_values UNION ALL SELECT * FROM rollup_value_deltas)",
+    ),
+    # One point per instant, the greatest value at it (`meters.aggregations.held`).
+    "rollup_points": (
+        "rollup_point_deltas",
+        "(meter_id UUID NOT NULL, subject VARCHAR NOT NULL, bucket TIMESTAMPTZ NOT NULL,"
+        " at_us BIGINT NOT NULL, value DOUBLE NOT NULL)",
+        "SELECT meter_id, subject, bucket, at_us, max(value) FROM"
+        " (SELECT * FROM rollup_points UNION ALL SELECT * FROM rollup_point_deltas) GROUP BY ALL",
     ),
 }
 

@@ -380,7 +380,9 @@ class Live:
         n = evaluated.ledger.num_rows
         at = pa.array(np.full(n, evaluated.at_us, dtype=np.int64))
         numbers = evaluated.ledger.append_column("first_us", at).append_column("last_us", at)
-        self.balances.add(evaluated.organization_id, numbers, evaluated.ledger_values)
+        self.balances.add(
+            evaluated.organization_id, numbers, evaluated.ledger_values, evaluated.ledger_points
+        )
         org = evaluated.organization_id
         if org in self._notices.watched():
             pairs = self._changed.setdefault(org, set())

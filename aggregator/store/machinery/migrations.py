@@ -529,6 +529,69 @@ MIGRATIONS: tuple[str, ...] = (
         modified_at TIMESTAMPTZ NOT NULL
     );
     """,
+    # 26: the points of the aggregations that depend on when events happened
+    # (`meters.aggregations`: latest, integral): per meter, customer reference and 15-minute
+    # bucket, (instant, value) pairs: a latest meter's greatest point of each batch's bucket,
+    # every point of an integral meter (of several at one instant, readers and rewrites keep
+    # the greatest value). The ledger keeps a latest meter's greatest point since each
+    # customer's reset. Nothing stored before changes: no meter had these aggregations. IF NOT
+    # EXISTS: as step 23.
+    """
+    CREATE TABLE IF NOT EXISTS rollup_points (
+        meter_id UUID NOT NULL,
+        subject VARCHAR NOT NULL,
+        bucket TIMESTAMPTZ NOT NULL,
+        at_us BIGINT NOT NULL,
+        value DOUBLE NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS rollup_point_deltas AS SELECT * FROM rollup_points LIMIT 0;
+    CREATE OR REPLACE VIEW all_rollup_points AS
+        SELECT * FROM rollup_points UNION ALL SELECT * FROM rollup_point_deltas;
+    CREATE TABLE IF NOT EXISTS ledger_points (
+        meter_id UUID NOT NULL,
+        subject VARCHAR NOT NULL,
+        at_us BIGINT NOT NULL,
+        value DOUBLE NOT NULL,
+        PRIMARY KEY (meter_id, subject)
+    );
+    CREATE TABLE IF NOT EXISTS ledger_point_deltas AS SELECT * FROM ledger_points LIMIT 0;
+    CREATE OR REPLACE VIEW all_ledger_points AS
+        SELECT * FROM ledger_points UNION ALL SELECT * FROM ledger_point_deltas;
+    """,
+    # 27: credit grants (`store.tables.grant_tables`, `meters.ledger_rules`): each customer
+    # meter's credits as grants with a priority and an optional expiry, burned in order; the
+    # customer meter's running sums stay, kept equal to its grants'. A customer meter stored
+    # before gets its credits as at most two grants of the default priority (100), never
+    # expiring: its rollover credits (up to what it has credited) and the rest, so that credited,
+    # balance and what a reset carries are what they were. IF NOT EXISTS: as step 23.
+    """
+    CREATE TABLE IF NOT EXISTS credit_grants (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        customer_id UUID NOT NULL,
+        meter_id UUID NOT NULL,
+        priority INTEGER NOT NULL,           -- lower burns first
+        expires_at TIMESTAMPTZ,              -- NULL: never
+        rollover BOOLEAN NOT NULL,
+        seq BIGINT NOT NULL,                 -- the order granted (its first system event's seq)
+        granted BIGINT NOT NULL,             -- units the credits merged into it granted
+        units BIGINT NOT NULL,               -- granted less revoked
+        expired_units BIGINT,                -- NULL while active; the unused units expiry took
+        created_at TIMESTAMPTZ NOT NULL,
+        modified_at TIMESTAMPTZ NOT NULL
+    );
+    INSERT INTO credit_grants SELECT * FROM (
+        SELECT md5(customer_id::VARCHAR || '/' || meter_id::VARCHAR || '/migrated-' || kind)::UUID,
+            organization_id, customer_id, meter_id, 100, NULL, kind = 'rollover', 0, units, units,
+            NULL, created_at, coalesce(modified_at, created_at)
+        FROM (
+            SELECT *, 'rollover' AS kind, least(credited_rollover, credited) AS units
+            FROM customer_meters
+            UNION ALL
+            SELECT *, 'plain', credited - least(credited_rollover, credited) FROM customer_meters
+        )
+    ) WHERE units > 0 AND NOT EXISTS (SELECT 1 FROM credit_grants);
+    """,
 )
 
 

@@ -1,10 +1,13 @@
 """Rollups: each meter's mergeable partial aggregates, kept current by ingest and backfill.
 
 Per (meter, customer reference, 15-minute UTC bucket): the number of events in the meter, the
-sum, min and max of their contributions (count: 1 each) and, for unique meters, the set of
-distinct values. Any interval in any timezone is a union of buckets, so quantities merge rows
-instead of rescanning events. Deltas are appended; readers read the `all_*` views (the keyed
-tables and their deltas, see `compaction`).
+sum, min and max of their contributions (count: 1 each); for unique meters, the set of
+distinct values; for the meters whose result depends on when events happened, points (instant,
+value): a latest meter's greatest point, every point of an integral meter (one per instant,
+the greatest value at it). Each merges across batches and arrival orders: sets unite, and the
+greatest of greatest points is the greatest point. Any interval in any timezone is a union of
+buckets, so quantities merge rows instead of rescanning events. Deltas are appended; readers
+read the `all_*` views (the keyed tables and their deltas, see `compaction`).
 
 Applying events is two steps. `evaluate` computes, in one statement per `METERS_PER_STATEMENT`
 meters, every meter's contribution of every event (each metadata document parsed once for every
@@ -31,10 +34,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.base import subjects
-from aggregator.store.base.arrays import numpy
+from aggregator.store.base.arrays import encoded, numpy
 from aggregator.store.base.meter_sql import Extracted, contribution_sql, filter_sql
 from aggregator.store.base.rows import registered
-from meters.aggregations import UniqueAggregation
+from meters.aggregations import IntegralAggregation, UniqueAggregation
 
 if TYPE_CHECKING:
     from aggregator.store.base.meter_rows import MeterRow
@@ -54,16 +57,18 @@ METERS_PER_STATEMENT = 100
 class Evaluated:
     """One batch's contributions to one organization's `meters`, evaluated at `at_us`.
 
-    `values`: (subject, bucket, seq, v0 .. vN), vI meter I's contribution of the event (NULL:
-    not in the meter). `ledger`: per number meter and customer reference, (meter_id, subject,
-    events, total, low, high) of the events the ledger counts; `ledger_values`: per unique
-    meter, (meter_id, subject, value)."""
+    `values`: (subject, bucket, seq, at_us, v0 .. vN), vI meter I's contribution of the event
+    (NULL: not in the meter). `ledger`: per number meter and customer reference, (meter_id,
+    subject, events, total, low, high) of the events the ledger counts; `ledger_values`: per
+    unique meter, (meter_id, subject, value); `ledger_points`: per latest meter, (meter_id,
+    subject, at_us, value), the greatest point."""
 
     organization_id: str
     meters: tuple[MeterRow, ...]
     values: pa.Table
     ledger: pa.Table
     ledger_values: pa.Table
+    ledger_points: pa.Table
     at_us: int
 
     @classmethod
@@ -71,12 +76,11 @@ class Evaluated:
         cls,
         meters: Sequence[MeterRow],
         values: pa.Table,
-        ledger: pa.Table,
-        ledger_values: pa.Table,
+        ledger: tuple[pa.Table, pa.Table, pa.Table],
         at_us: int,
     ) -> Evaluated:
         organization_id = meters[0].organization_id if meters else ""
-        return cls(organization_id, tuple(meters), values, ledger, ledger_values, at_us)
+        return cls(organization_id, tuple(meters), values, *ledger, at_us)
 
 
 def evaluate(
@@ -97,12 +101,14 @@ def evaluate(
     values = _evaluated(con, meters, source, where, params)
     if not backfill:
         return evaluated(meters, values, at_us=at_us, ledger=ledger)
-    numbers = _numbers(meters) if ledger else []
-    uniques = _uniques(meters) if ledger else []
+    numbers = _of(meters, _LEDGER_NUMBERS) if ledger else []
+    uniques = _of(meters, ("unique",)) if ledger else []
+    latest = _of(meters, ("latest",)) if ledger else []
     with registered(con, "_values", values):
         usage = _table(con, *_ledger_numbers(numbers)) if numbers else _EMPTY_NUMBERS
         usage_values = _table(con, *_ledger_uniques(uniques)) if uniques else _EMPTY_VALUES
-    return Evaluated.of(meters, values, usage, usage_values, at_us)
+        points = _table(con, *_ledger_points(latest)) if latest else _EMPTY_POINTS
+    return Evaluated.of(meters, values, (usage, usage_values, points), at_us)
 
 
 def evaluated(
@@ -111,10 +117,14 @@ def evaluated(
     """Live ingest's `Evaluated` of contributions `values` already computed (`evaluate`, or
     `prepare` before the writer): the ledger's usage added, in Arrow."""
     if not ledger:
-        return Evaluated.of(meters, values, _EMPTY_NUMBERS, _EMPTY_VALUES, at_us)
-    return Evaluated.of(
-        meters, values, *_live_ledger(values, _numbers(meters), _uniques(meters)), at_us
+        return Evaluated.of(meters, values, (_EMPTY_NUMBERS, _EMPTY_VALUES, _EMPTY_POINTS), at_us)
+    usage = _live_ledger(
+        values,
+        _of(meters, _LEDGER_NUMBERS),
+        _of(meters, ("unique",)),
+        _of(meters, ("latest",)),
     )
+    return Evaluated.of(meters, values, usage, at_us)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +221,7 @@ def store(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
     The contributions are turned into rows (meter, customer reference, bucket, value) first, so
     that each statement's text is the same whatever the meters: its cost grows with the values
     stored, not with how many meters an organization defines."""
-    numbers = [_long(b.values, _numbers(b.meters), _ROLLUP_KEYS) for b in batches]
+    numbers = [_long(b.values, _of(b.meters, ("number",)), _ROLLUP_KEYS) for b in batches]
     numbers = [t for t in numbers if t.num_rows]
     if numbers:
         with registered(con, "_rollup_numbers", pa.concat_tables(numbers)):
@@ -219,7 +229,7 @@ def store(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
                 "INSERT INTO rollup_deltas SELECT meter_id::UUID, subject, bucket, count(*),"
                 " sum(v), min(v), max(v) FROM _rollup_numbers GROUP BY meter_id, subject, bucket"
             )
-    uniques = [_long(b.values, _uniques(b.meters), _ROLLUP_KEYS) for b in batches]
+    uniques = [_long(b.values, _of(b.meters, ("unique",)), _ROLLUP_KEYS) for b in batches]
     uniques = [t for t in uniques if t.num_rows]
     if uniques:
         with registered(con, "_rollup_values", pa.concat_tables(uniques)):
@@ -227,6 +237,7 @@ def store(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
                 "INSERT INTO rollup_value_deltas"
                 " SELECT DISTINCT meter_id::UUID, subject, bucket, v FROM _rollup_values"
             )
+    _store_points(con, batches)
     ledgers = [_timed(b.ledger, b.at_us) for b in batches if b.ledger.num_rows]
     if ledgers:
         with registered(con, "_ledger", pa.concat_tables(ledgers)):
@@ -244,16 +255,60 @@ def store(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
             )
 
 
+def _store_points(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
+    """The points of latest meters (each bucket's greatest) and integral meters (each event's:
+    several at one instant are merged where they are read), and the ledger's latest points,
+    appended to their deltas. Points are read from each batch's columns, a statement per meter
+    and batch: a few such meters cost less so than as rows (`_long`) of every meter."""
+    for batch in batches:
+        latest, every = _of(batch.meters, ("latest",)), _of(batch.meters, ("integral",))
+        if not latest and not every:
+            continue
+        with registered(con, "_values", batch.values):
+            for i, meter in latest:
+                con.execute(
+                    "INSERT INTO rollup_point_deltas SELECT ?::UUID, subject, bucket, p.at_us,"  # noqa: S608 - fixed text, values bound
+                    " p.value FROM (SELECT subject, bucket,"
+                    f" max({{'at_us': at_us, 'value': v{i}}}) AS p FROM _values"
+                    f" WHERE v{i} IS NOT NULL GROUP BY ALL)",
+                    [meter.id],
+                )
+            for i, meter in every:
+                con.execute(
+                    "INSERT INTO rollup_point_deltas SELECT ?::UUID, subject, bucket, at_us,"  # noqa: S608 - fixed text, values bound
+                    f" v{i} FROM _values WHERE v{i} IS NOT NULL",
+                    [meter.id],
+                )
+    ledger = [b.ledger_points for b in batches if b.ledger_points.num_rows]
+    if ledger:
+        with registered(con, "_ledger_points", pa.concat_tables(ledger)):
+            # As they come: compaction and readers take each subject's greatest.
+            con.execute(
+                "INSERT INTO ledger_point_deltas"
+                " SELECT meter_id::UUID, subject, at_us, value FROM _ledger_points"
+            )
+
+
 _ROLLUP_KEYS = ("subject", "bucket")
 _LEDGER_KEYS = ("subject",)
+# The ledger's events, totals and extremes: an integral meter has no ledger (its consumption
+# would grow between events, where every other balance changes only with a write).
+_LEDGER_NUMBERS = ("number", "latest")
 
 
-def _numbers(meters: Sequence[MeterRow]) -> list[tuple[int, MeterRow]]:
-    return [(i, m) for i, m in enumerate(meters) if not _is_unique(m)]
+def kind(meter: MeterRow) -> str:
+    """How a meter's contributions are kept: 'unique' (value sets), 'latest' and 'integral'
+    (points), or 'number' (events, sum, min, max)."""
+    aggregation = meter.aggregation
+    if isinstance(aggregation, UniqueAggregation):
+        return "unique"
+    if isinstance(aggregation, IntegralAggregation):
+        return "integral"
+    return "latest" if aggregation.func == "latest" else "number"
 
 
-def _uniques(meters: Sequence[MeterRow]) -> list[tuple[int, MeterRow]]:
-    return [(i, m) for i, m in enumerate(meters) if _is_unique(m)]
+def _of(meters: Sequence[MeterRow], kinds: tuple[str, ...]) -> list[tuple[int, MeterRow]]:
+    return [(i, m) for i, m in enumerate(meters) if kind(m) in kinds]
 
 
 def _long(values: pa.Table, meters: list[tuple[int, MeterRow]], keys: Sequence[str]) -> pa.Table:
@@ -261,12 +316,12 @@ def _long(values: pa.Table, meters: list[tuple[int, MeterRow]], keys: Sequence[s
     `keys` columns, `meter_id` (a dictionary over the meters' ids) and `v`, one row per event
     and meter the event is in, in the order of the meters, then of `values`."""
     n = values.num_rows
+    unique = bool(meters) and kind(meters[0][1]) == "unique"
     if not meters or not n:
-        return _long_schema(keys, unique=bool(meters) and _is_unique(meters[0][1])).empty_table()
-    unique = _is_unique(meters[0][1])
-    kind = pa.string() if unique else pa.float64()
+        return _long_schema(keys, unique=unique).empty_table()
+    type_ = pa.string() if unique else pa.float64()
     contributions = pa.concat_arrays(
-        [values.column(f"v{i}").combine_chunks().cast(kind) for i, _ in meters]
+        [values.column(f"v{i}").combine_chunks().cast(type_) for i, _ in meters]
     )
     present = numpy(pc.is_valid(contributions), np.bool_)
     rows = np.tile(np.arange(n, dtype=np.int64), len(meters))[present]
@@ -293,10 +348,6 @@ def _long_schema(keys: Sequence[str], *, unique: bool) -> pa.Schema:
 
 def _timed(table: pa.Table, at_us: int) -> pa.Table:
     return table.append_column("at_us", pa.array(np.full(table.num_rows, at_us, np.int64)))
-
-
-def _is_unique(meter: MeterRow) -> bool:
-    return isinstance(meter.aggregation, UniqueAggregation)
 
 
 def _value_parts(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]:
@@ -329,9 +380,56 @@ def _ledger_uniques(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]
     )
 
 
+def _ledger_points(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]:
+    """(meter_id, subject, at_us, value), the greatest point, of the registered `_values` (a
+    backfill's): only the events after their customer's latest reset."""
+    parts, ids = _value_parts(meters)
+    return (
+        "SELECT meter_id::VARCHAR AS meter_id, subject, p.at_us AS at_us, p.value AS value FROM"  # noqa: S608 - fixed text, values bound
+        " (SELECT meter_id, subject, max({'at_us': at_us, 'value': v}) AS p FROM"
+        " (SELECT p.m AS meter_id, subject, seq, at_us, p.v AS v FROM"
+        f" (SELECT subject, seq, at_us, unnest([{parts}]) AS p FROM _values)) u"
+        f" WHERE v IS NOT NULL AND {_AFTER_RESET} GROUP BY ALL)",
+        ids,
+    )
+
+
+def _live_points(values: pa.Table, latest: list[tuple[int, MeterRow]]) -> pa.Table:
+    """`_ledger_points` of live ingest: each latest meter's greatest point per subject (sorted
+    by subject, instant and value, the last of each subject's run)."""
+    if not latest or not values.num_rows:
+        return _EMPTY_POINTS
+    _, codes = encoded(values.column("subject"))
+    at = numpy(values.column("at_us"), np.int64)
+    parts = []
+    for i, meter in latest:
+        column = values.column(f"v{i}")
+        rows = np.flatnonzero(numpy(pc.is_valid(column), np.bool_))
+        value = numpy(column, np.float64)[rows]  # nulls are NaN, and not in `rows`
+        order = np.lexsort((value, at[rows], codes[rows]))
+        ends = codes[rows][order]
+        last = np.append(ends[1:] != ends[:-1], True) if len(ends) else ends.astype(bool)
+        picked = rows[order][last]
+        parts.append(
+            pa.table(
+                {
+                    "meter_id": pa.array([meter.id] * len(picked), pa.string()),
+                    "subject": values.column("subject").take(pa.array(picked)),
+                    "at_us": pa.array(at[picked], pa.int64()),
+                    "value": pa.array(value[order][last], pa.float64()),
+                },
+                schema=_EMPTY_POINTS.schema,
+            )
+        )
+    return pa.concat_tables(parts)
+
+
 def _live_ledger(
-    values: pa.Table, numbers: list[tuple[int, MeterRow]], uniques: list[tuple[int, MeterRow]]
-) -> tuple[pa.Table, pa.Table]:
+    values: pa.Table,
+    numbers: list[tuple[int, MeterRow]],
+    uniques: list[tuple[int, MeterRow]],
+    latest: list[tuple[int, MeterRow]],
+) -> tuple[pa.Table, pa.Table, pa.Table]:
     """`_ledger_numbers` and `_ledger_uniques` of live ingest, whose events all come after any
     reset: one hash aggregation each, in Arrow."""
     usage = _EMPTY_NUMBERS
@@ -369,7 +467,7 @@ def _live_ledger(
             },
             schema=_EMPTY_VALUES.schema,
         )
-    return usage, distinct
+    return usage, distinct, _live_points(values, latest)
 
 
 # Up to this many number meters, the ledger's usage is aggregated over the batch's rows, four
@@ -419,6 +517,13 @@ _EMPTY_VALUES = pa.schema(
         pa.field("value", pa.string()),
     ]
 ).empty_table()
+_POINT_FIELDS: list[pa.Field[Any]] = [
+    pa.field("meter_id", pa.string()),
+    pa.field("subject", pa.string()),
+    pa.field("at_us", pa.int64()),
+    pa.field("value", pa.float64()),
+]
+_EMPTY_POINTS = pa.schema(_POINT_FIELDS).empty_table()
 
 
 # The subjects a reset has closed, with the seq of that reset.
@@ -434,15 +539,15 @@ _AFTER_RESET = (
 )
 
 
-_KEYS = ("subject", "bucket", "seq")
+_KEYS = ("subject", "bucket", "seq", "at_us")
 
 
 def _values(
     meters: Sequence[MeterRow], source: str, where: str, params: list[Any], *, first: int = 0
 ) -> tuple[str, list[Any]]:
-    """A query of (subject, bucket, seq, v0 .. vN): vI is meter I's contribution of the event, NULL
-    when the event is not in the meter (its filter, or the aggregation's implicit one). The
-    columns are numbered from `first` (a chunk of a longer list of meters)."""
+    """A query of (subject, bucket, seq, at_us, v0 .. vN): vI is meter I's contribution of the
+    event, NULL when the event is not in the meter (its filter, or the aggregation's implicit
+    one). The columns are numbered from `first` (a chunk of a longer list of meters)."""
     extracted = Extracted()
     columns: list[str] = []
     columns_params: list[Any] = []
@@ -456,9 +561,10 @@ def _values(
     # parse, and each facet, once per use.
     return (
         f"WITH r AS MATERIALIZED (SELECT {subjects.OF_EVENT} AS subject, {BUCKET} AS bucket,"  # noqa: S608 - fixed text, values bound
-        f" seq, name, source, timestamp, {projection} FROM {source} WHERE {where}),"
+        f" seq, name, source, timestamp, epoch_us(timestamp) AS at_us, {projection}"
+        f" FROM {source} WHERE {where}),"
         f" f AS MATERIALIZED (SELECT *, {extracted.facets()} FROM r),"
-        f" e AS MATERIALIZED (SELECT subject, bucket, seq, {', '.join(columns)} FROM f)"
+        f" e AS MATERIALIZED (SELECT subject, bucket, seq, at_us, {', '.join(columns)} FROM f)"
         " SELECT * FROM e",
         [*projection_params, *params, *columns_params],
     )

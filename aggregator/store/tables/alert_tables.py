@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from aggregator.errors import NotFound
 from aggregator.store.base import subjects
 from aggregator.store.base.arrays import encoded, numpy
-from aggregator.store.base.meter_rows import MeterRow, get_meter
+from aggregator.store.base.meter_rows import MeterRow, get_meter, without_ledger
 from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.catalog import CustomerKey
 from aggregator.store.machinery.live import Feature, Live
@@ -147,6 +147,8 @@ def create_job(
                 ],
                 business=True,
             )
+        if (unkept := without_ledger(meter)) is not None:
+            raise ValidationFailed([unkept], business=True)
         alert = AlertRow(
             alert_id,
             organization_id,
@@ -330,8 +332,8 @@ def on_usage(con: Con, live: Live, evaluated: Evaluated) -> None:
     crossed: list[_Crossing] = []
     for meter, rows in watched:
         unique = meter.aggregation.func == "unique"
-        for customer, contributions in _per_customer(rows, named, unique):
-            crossed += _crossings(live, watch, customer, meter, contributions)
+        for customer, contributions, times in _per_customer(rows, named, unique):
+            crossed += _crossings(live, watch, customer, meter, contributions, times)
     if crossed:
         windows = _windows(con, {(c.customer_id, c.meter.id) for c in crossed})
         fired = [
@@ -342,21 +344,21 @@ def on_usage(con: Con, live: Live, evaluated: Evaluated) -> None:
 
 
 def _watched_events(values: pa.Table, column: str, meter_id: str, watch: Watch) -> pa.Table:
-    """(subject, seq, contribution) of the events in the meter (`column` of `values`) whose
-    customer reference an alert watches."""
+    """(subject, seq, contribution, at_us) of the events in the meter (`column` of `values`)
+    whose customer reference an alert watches."""
     mask = pc.is_valid(values[column])
     if meter_id not in watch.everyone:
         refs = watch.subjects.get(meter_id, pa.array([], pa.string()))
         mask = pc.and_(mask, pc.is_in(values["subject"], value_set=refs))
-    return values.select(["subject", "seq", column]).filter(mask)
+    return values.select(["subject", "seq", column, "at_us"]).filter(mask)
 
 
 def _per_customer(
     rows: pa.Table, named: dict[str, CustomerKey], unique: bool
-) -> list[tuple[CustomerKey, Contributions]]:
+) -> list[tuple[CustomerKey, Contributions, npt.NDArray[np.int64]]]:
     """Each customer's contributions in `rows` (`_watched_events`), in seq order (a customer
     meter counts the events of all the customer's references): numbers, or a unique meter's
-    values."""
+    values; and their events' instants."""
     names, at = encoded(rows["subject"])
     customers = sorted({named[s] for s in names if s in named})
     if not customers:
@@ -372,8 +374,9 @@ def _per_customer(
         if unique
         else numpy(column, np.float64)[order]
     )
+    times = numpy(rows.column(3), np.int64)[order]
     return [
-        (customer, contributions[start:end])
+        (customer, contributions[start:end], times[start:end])
         for customer, start, end in zip(customers, [0, *ends[:-1]], ends, strict=True)
     ]
 
@@ -403,6 +406,7 @@ def _crossings(
     customer: CustomerKey,
     meter: MeterRow,
     contributions: Contributions,
+    times: npt.NDArray[np.int64],
 ) -> list[_Crossing]:
     """The alerts that a customer meter's events (their `contributions`, in order) fire, each
     at the event that enters its condition. The place of an event in the window is stable:
@@ -414,7 +418,7 @@ def _crossings(
     if isinstance(contributions, list):
         consumed, places, usage = _running_unique(live, meter, before.usage, contributions)
     else:
-        consumed, places, usage = _running_numbers(func, before.usage, contributions)
+        consumed, places, usage = _running_numbers(func, before.usage, contributions, times)
     _record(live, customer_id, meter, Value(usage, before.credited))
     start = before.usage.result(func)
     crossed: list[tuple[int, int, _Crossing]] = []
@@ -445,11 +449,23 @@ def _holding(alert: AlertRow, values: npt.NDArray[np.float64]) -> npt.NDArray[np
 
 
 def _running_numbers(
-    func: str, usage: Partial, c: npt.NDArray[np.float64]
+    func: str, usage: Partial, c: npt.NDArray[np.float64], times: npt.NDArray[np.int64]
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], Partial]:
     """The value after each event (`Partial.result`), the number of events by then, and the
     usage after them all."""
+    after = Partial(
+        usage.events,
+        usage.total,
+        usage.low,
+        usage.high,
+        set(usage.values),
+        usage.last_us,
+        usage.last,
+    )
+    after.add(len(c), float(c.sum()), float(c.min()), float(c.max()))
     events = usage.events + np.arange(1, len(c) + 1, dtype=np.int64)
+    if func == "latest":
+        return _running_latest(usage, c, times, after), events, after
     if func == "count":
         values = events.astype(np.float64)
     elif func in ("sum", "avg"):
@@ -459,9 +475,25 @@ def _running_numbers(
         values = np.minimum(usage.low, np.minimum.accumulate(c))
     else:
         values = np.maximum(usage.high, np.maximum.accumulate(c))
-    after = Partial(usage.events, usage.total, usage.low, usage.high, set(usage.values))
-    after.add(len(c), float(c.sum()), float(c.min()), float(c.max()))
     return values, events, after
+
+
+def _running_latest(
+    usage: Partial, c: npt.NDArray[np.float64], times: npt.NDArray[np.int64], after: Partial
+) -> npt.NDArray[np.float64]:
+    """A latest meter's value after each event: the greatest point (instant, value) so far,
+    the usage's before them included; `after` takes the greatest of all."""
+    order = np.lexsort((c, times))  # ascending by instant, then value
+    rank = np.empty(len(c), np.int64)
+    rank[order] = np.arange(len(c))
+    best = order[np.maximum.accumulate(rank)]  # each prefix's greatest point
+    earlier = (times[best] < usage.last_us) | (
+        (times[best] == usage.last_us) & (c[best] < usage.last)
+    )
+    values = np.where(earlier, usage.last, c[best])
+    top = int(best[-1])
+    after.add_point(int(times[top]), float(c[top]))
+    return values
 
 
 def _running_unique(

@@ -4,8 +4,9 @@ for a new customer; its ledger goes with it.
 
 What stays: its events (they happened, and were forwarded or will be), their rollups
 (quantities by meter keep counting them) and the time of its first event. What goes: its
-customer meters' usage windows and credits, and its credit plans stop. So a new customer given
-the same external id starts from nothing and is never billed for the deleted one's usage.
+customer meters' usage windows and credits (their grants too), and its credit plans stop. So a
+new customer given the same external id starts from nothing and is never billed for the deleted
+one's usage.
 An event naming the deleted customer's id is refused from then on, as for any unknown id;
 one naming its former external id counts for whichever customer takes that id next.
 """
@@ -59,6 +60,7 @@ def delete_job(
                 [names, organization_id],
             )
         con.execute("DELETE FROM customer_meters WHERE customer_id = ?::UUID", [customer.id])
+        con.execute("DELETE FROM credit_grants WHERE customer_id = ?::UUID", [customer.id])
         con.execute(
             "UPDATE credit_plans SET deleted_at = make_timestamptz(?)"
             " WHERE customer_id = ?::UUID AND deleted_at IS NULL",

@@ -2,8 +2,9 @@
 
 Two cores that applied the same records hold the same logical state; the digest says whether
 they do. It covers what a client can read (events, customers, meters, the customer meters'
-ledgers, plans, holds, alerts, webhook endpoints, event types, the ledger's idempotency keys,
-OTLP settings) and leaves out what says how a core got there, not what it holds:
+ledgers and their credit grants, plans, holds, alerts, webhook endpoints, event types, the
+ledger's idempotency keys, OTLP settings) and leaves out what says how a core got there, not
+what it holds:
 
 - backfill progress (`meters.backfilled_to`, `backfilled_events`), which a core's background
   work moves at its own pace (where a backfill ends, `backfill_target`, and seqs are the
@@ -15,13 +16,18 @@ OTLP settings) and leaves out what says how a core got there, not what it holds:
   a digest compares with the previous main's, which had none. (It follows from the record that
   made the customer; a data dir that gained it by migration has it from the external id then.)
 
-A table added since the previous main (`otlp_settings`) counts only for an organization with rows
-in it: one without any has the digest the previous main gives it.
+Tables added since the previous main (`otlp_settings`, `credit_grants`) count only for an
+organization with rows in them: one without any has the digest the previous main gives it. Of
+the credit grants, only those with an expiry or a priority of their own count: the others are
+what a credit without either makes, which the customer meter's sums hold already (its rollover
+and plain credits), and what the migration to grants makes of a data dir's credits.
 """
 
 from __future__ import annotations
 
 import duckdb
+
+from meters.ledger_rules import PRIORITY_DEFAULT
 
 __all__ = ["TABLES", "logical_rows"]
 
@@ -39,9 +45,12 @@ TABLES: dict[str, tuple[str, ...]] = {
     "event_types": (),
     "idempotency_keys": (),
     "otlp_settings": (),
+    "credit_grants": (),
 }
 # Tables that count only when the organization has rows in them (see above).
-_WHEN_HELD = frozenset({"otlp_settings"})
+_WHEN_HELD = frozenset({"otlp_settings", "credit_grants"})
+# Rows that count, where not all do (see above).
+_COUNTED = {"credit_grants": f"(expires_at IS NOT NULL OR priority <> {PRIORITY_DEFAULT})"}
 
 
 def logical_rows(
@@ -52,8 +61,10 @@ def logical_rows(
     out = {}
     for table, left_out in TABLES.items():
         exclude = f" EXCLUDE ({', '.join(left_out)})" if left_out else ""
+        counted = f" AND {_COUNTED[table]}" if table in _COUNTED else ""
         rows = con.execute(
-            f"SELECT *{exclude} FROM {table} WHERE organization_id = ?::UUID ORDER BY ALL",  # noqa: S608 - names from TABLES
+            f"SELECT *{exclude} FROM {table} WHERE organization_id = ?::UUID{counted}"  # noqa: S608 - names from TABLES
+            " ORDER BY ALL",
             [organization_id],
         ).fetchall()
         if rows or table not in _WHEN_HELD:

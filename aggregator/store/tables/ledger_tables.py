@@ -2,8 +2,9 @@
 
 Usage since each customer's latest reset is kept by ingest (`rollups.apply`, appended to
 `ledger_usage_deltas`, read through `all_ledger_usage`); credits are running sums on the
-customer meter row. Every credit and reset is
-also a system event (`meter.credited`, `meter.reset`). The caller's idempotency key is kept in
+customer meter row, kept equal to its grants' (`grant_tables`, burned and expired by
+`meters.ledger_rules`). Every credit, reset and expiry is also a system event (`meter.credited`,
+`meter.reset`, `meter.credit_expired`). The caller's idempotency key is kept in
 `idempotency`, with the customer meter it answered: replaying a call changes nothing.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import duckdb
@@ -21,17 +22,18 @@ import orjson
 from aggregator.errors import CustomerElsewhere
 from aggregator.store.base import subjects
 from aggregator.store.base.ids import derived_id
-from aggregator.store.base.meter_rows import MeterRow, get_meter
+from aggregator.store.base.meter_rows import MeterRow, get_meter, without_ledger
 from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.balances import Credits as HeldCredits
 from aggregator.store.machinery.compaction import LEDGER_TABLES
 from aggregator.store.machinery.live import Feature
 from aggregator.store.machinery.writer import Job, Tx
-from aggregator.store.tables import alert_tables, idempotency, webhook_tables
+from aggregator.store.tables import alert_tables, grant_tables, idempotency, webhook_tables
 from aggregator.store.tables.customer_tables import (
     CustomerRef,
     CustomerRow,
     find_customer,
+    get_customer,
     routing_keys,
 )
 from meters.aggregations import Partial
@@ -40,8 +42,19 @@ if TYPE_CHECKING:
     from aggregator.store.machinery.balances import Balances
     from aggregator.store.machinery.catalog import CustomerKey
     from aggregator.store.machinery.live import Live
+from meters import ledger_rules as rules
 from meters.errors import FieldError, ValidationFailed
-from meters.ledger_rules import CreditCreate, Credits, HoldCreate, PlanCreate, ResetCreate
+from meters.ledger_rules import (
+    MAX_ACTIVE_GRANTS,
+    PRIORITY_DEFAULT,
+    CreditCreate,
+    Credits,
+    Grant,
+    HoldCreate,
+    PlanCreate,
+    ResetCreate,
+)
+from meters.times import datetime_to_us, us_to_datetime
 
 __all__ = [
     "Applied",
@@ -49,6 +62,7 @@ __all__ = [
     "Ledgers",
     "active_pairs",
     "credit_job",
+    "expire_due",
     "held_customer_meter",
     "reset_job",
 ]
@@ -139,11 +153,51 @@ def kept(tx: Tx, customer: CustomerRow) -> None:
 
 
 def credit_job(organization_id: str, data: CreditCreate, now_us: int) -> Job[Applied]:
+    """A credit; 422 naming `expires_at` or `priority` when the rules refuse them (at the
+    record's time), or when the customer meter holds `MAX_ACTIVE_GRANTS` active grants and this
+    one would be another."""
+    refused = data.grant_error(us_to_datetime(now_us))
+    expires_us = None if data.expires_at is None else datetime_to_us(data.expires_at)
+    new = Grant(max(data.units, 0), _priority(data.priority), expires_us, data.rollover)
+
     def apply(tx: Tx, customer: CustomerRow, meter: MeterRow) -> None:
+        if refused is not None:
+            raise _grant_refused(*refused, data)
+        rows = grant_tables.grants_of(tx.con, customer.id, meter.id)
+        if data.units > 0 and not grant_tables.room_for(rows, new, now_us):
+            why = (
+                f"the customer meter has {MAX_ACTIVE_GRANTS} active grants, the most it may"
+                " have; credit a grant of the same priority, expiry and rollover (which adds"
+                " to it), or reset the customer meter"
+            )
+            raise _grant_refused("expires_at", why, data)
         key = f"credit:{data.external_id}"
-        credit(tx.con, customer, meter, data.units, data.rollover, now_us, now_us, tx.live, key)
+        credit(
+            tx.con,
+            customer,
+            meter,
+            data.units,
+            data.rollover,
+            now_us,
+            now_us,
+            tx.live,
+            key,
+            priority=data.priority,
+            expires_at_us=expires_us,
+            rows=rows,
+        )
 
     return _keyed_job(organization_id, "credit", data, now_us, apply)
+
+
+def _priority(given: int | None) -> int:
+    return PRIORITY_DEFAULT if given is None else given
+
+
+def _grant_refused(field: str, why: str, data: CreditCreate) -> ValidationFailed:
+    value = getattr(data, field)
+    shown = value.isoformat() if hasattr(value, "isoformat") else value
+    return ValidationFailed([FieldError("value_error", ("body", field), why, shown)])
 
 
 def reset_job(organization_id: str, data: ResetCreate, now_us: int) -> Job[Applied]:
@@ -200,6 +254,8 @@ def resolve(
                 "meter_not_found", ("body", "meter_id"), "Meter not found.", str(data.meter_id)
             )
         )
+    elif (unkept := without_ledger(meter)) is not None:
+        errors.append(unkept)
     if errors:
         raise ValidationFailed(errors, business=True)
     assert customer is not None and meter is not None
@@ -237,8 +293,8 @@ def _system_event(
     return number
 
 
-def _credits(con: Con, customer: CustomerRow, meter: MeterRow, now_us: int) -> Credits:
-    """The customer meter's credits, creating its row if needed."""
+def _ensure_row(con: Con, customer: CustomerRow, meter: MeterRow, now_us: int) -> None:
+    """The customer meter's row, made if it has none."""
     con.execute(
         "INSERT INTO customer_meters (id, organization_id, customer_id, meter_id, created_at,"
         " modified_at) VALUES (?::UUID, ?::UUID, ?::UUID, ?::UUID, make_timestamptz(?),"
@@ -252,14 +308,6 @@ def _credits(con: Con, customer: CustomerRow, meter: MeterRow, now_us: int) -> C
             now_us,
         ],
     )
-    row = first_row(
-        con,
-        "SELECT credited, credited_rollover, credited_plain FROM customer_meters"
-        " WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
-        [customer.id, meter.id],
-    )
-    assert row is not None
-    return Credits(int(row[0]), int(row[1]), int(row[2]))
 
 
 def _store_credits(
@@ -306,16 +354,131 @@ def credit(
     now_us: int,
     live: Live,
     key: str,
+    *,
+    priority: int | None = None,
+    expires_at_us: int | None = None,
+    rows: list[grant_tables.GrantRow] | None = None,
 ) -> None:
-    """`key` names the write (the credit's idempotency key, a plan's cycle)."""
-    metadata = {"meter_id": meter.id, "units": units, "rollover": rollover}
+    """`key` names the write (the credit's idempotency key, a plan's cycle). Grants expiring by
+    `at_us` expire first, so that a revocation never takes units off one that is gone. `rows`:
+    the customer meter's grants, where the caller has read them."""
+    rows = expire(con, customer, meter, at_us, now_us, live, rows)
+    metadata: dict[str, Any] = {"meter_id": meter.id, "units": units, "rollover": rollover}
+    # Only when given: a credit without them is the system event it was before grants.
+    if priority is not None:
+        metadata["priority"] = priority
+    if expires_at_us is not None:
+        metadata["expires_at"] = us_to_datetime(expires_at_us).isoformat()
     number = _system_event(con, customer, "meter.credited", metadata, at_us, now_us, live, key)
-    credits = _credits(con, customer, meter, now_us).add(units, rollover)
+    _ensure_row(con, customer, meter, now_us)
+    grants = [r.grant for r in rows]
+    new_ids = []
+    if units > 0:
+        new = Grant(units, _priority(priority), expires_at_us, rollover, number)
+        after = rules.grant(grants, new)
+        if len(after) > len(grants):  # not merged into an active grant: a grant of its own
+            new_ids.append(derived_id("credit-grant", customer.organization_id, key))
+    else:
+        after = rules.revoke(grants, -units, rollover)
+    _change_grants(con, live, customer, meter, rows, after, new_ids, now_us, number)
+
+
+def _change_grants(
+    con: Con,
+    live: Live,
+    customer: CustomerRow,
+    meter: MeterRow,
+    rows: list[grant_tables.GrantRow],
+    after: list[Grant],
+    new_ids: list[str],
+    now_us: int,
+    number: int,
+) -> None:
+    """Store the grants' new state and the customer meter's sums from it; evaluate alerts on
+    the change (named by `number`, its system event's seq) and mark the customer's state
+    changed."""
+    owner = (customer.organization_id, customer.id, meter.id)
+    grant_tables.store(con, owner, rows, after, new_ids, now_us)
+    credits = _sums(after)
     _store_credits(con, live, customer, meter, credits, now_us)
     before = alert_tables.value(live, customer, meter)
-    after = alert_tables.Value(before.usage, credits.credited)
-    alert_tables.on_ledger_change(con, live, customer, meter, before, after, now_us, number)
+    changed = alert_tables.Value(before.usage, credits.credited)
+    alert_tables.on_ledger_change(con, live, customer, meter, before, changed, now_us, number)
     webhook_tables.mark_state_changed(con, live, customer.organization_id, [customer.id], now_us)
+
+
+def _sums(grants: list[Grant]) -> Credits:
+    """The customer meter's running sums, from its grants: credited, and the active grants'
+    units with and without rollover."""
+    active = [g for g in grants if g.active]
+    return Credits(
+        rules.credited(grants),
+        sum(g.units for g in active if g.rollover),
+        sum(g.units for g in active if not g.rollover),
+    )
+
+
+def expire(
+    con: Con,
+    customer: CustomerRow,
+    meter: MeterRow,
+    until_us: int,
+    now_us: int,
+    live: Live,
+    rows: list[grant_tables.GrantRow] | None = None,
+) -> list[grant_tables.GrantRow]:
+    """Expire the customer meter's active grants whose time is at or before `until_us`, each
+    at its time and in that order (burn order among equal times), with consumption as applied
+    now (the same on every core applying the same journal); its grants after. Each is a system
+    event (`meter.credit_expired {meter_id, grant_id, units}`: the unused units it took), a
+    change alerts see, and a state change. `rows`: its grants, where the caller read them."""
+    read = grant_tables.grants_of(con, customer.id, meter.id) if rows is None else rows
+    due = sorted(
+        (
+            i
+            for i, r in enumerate(read)
+            if r.grant.active
+            and r.grant.expires_at_us is not None
+            and r.grant.expires_at_us <= until_us
+        ),
+        key=lambda i: (read[i].grant.expires_at_us, read[i].grant.burn_key),
+    )
+    for i in due:
+        rows = grant_tables.grants_of(con, customer.id, meter.id)
+        grants = [r.grant for r in rows]
+        at_us = grants[i].expires_at_us
+        assert at_us is not None
+        after, taken = rules.expire(grants, i, _consumed(con, customer, meter))
+        metadata = {"meter_id": meter.id, "grant_id": rows[i].id, "units": taken}
+        key = f"expiry:{rows[i].id}"
+        number = _system_event(
+            con, customer, "meter.credit_expired", metadata, at_us, now_us, live, key
+        )
+        _change_grants(con, live, customer, meter, rows, after, [], now_us, number)
+    return grant_tables.grants_of(con, customer.id, meter.id) if due else read
+
+
+def expire_due(con: Con, live: Live, now_us: int, enough: Callable[[int], bool] | None) -> int:
+    """Expire every grant due at or before `now` (all organizations, earliest first), a
+    customer meter at a time, until `enough(expired)` says so (after one at least); how many.
+    A shard expires only the grants of the customers it keeps (it has no others' rows). A
+    meter archived since keeps its ledger: its grants expire too."""
+    expired = 0
+    ledgers = live.feature(Ledgers)
+    for organization_id, customer_id, meter_id in grant_tables.due(con, now_us):
+        if enough and expired and enough(expired):
+            break
+        customer = get_customer(con, organization_id, customer_id)
+        meter = get_meter(con, organization_id, meter_id)
+        if customer is None or meter is None or not ledgers.keeps(con, customer):
+            # No ledger here to expire them from (a shard's data dir from before `Ledgers`):
+            # dropped, so that they are not due again at every run.
+            grant_tables.drop(con, customer_id, meter_id)
+            continue
+        rows = grant_tables.grants_of(con, customer.id, meter.id)
+        after = expire(con, customer, meter, now_us, now_us, live, rows)
+        expired += sum(r.grant.active for r in rows) - sum(r.grant.active for r in after)
+    return expired
 
 
 def reset(
@@ -327,13 +490,16 @@ def reset(
     live: Live,
     key: str,
 ) -> None:
-    """Close the window: zero usage and credits, then credit what rolls over. `key` names the
-    write (the reset's idempotency key, a plan's cycle)."""
+    """Close the window: zero usage and credits, then credit what rolls over (each active
+    rollover grant's remaining whole units, with its priority and expiry: `rules.carry`).
+    Grants expiring by `at_us` expire first. `key` names the write (the reset's idempotency
+    key, a plan's cycle)."""
+    rows = expire(con, customer, meter, at_us, now_us, live)
     number = _system_event(
         con, customer, "meter.reset", {"meter_id": meter.id}, at_us, now_us, live, key
     )
-    credits = _credits(con, customer, meter, now_us)
-    carried = credits.carried_over(_consumed(con, customer, meter))
+    _ensure_row(con, customer, meter, now_us)
+    carried = rules.carry([r.grant for r in rows], _consumed(con, customer, meter))
     names = subjects.of_customer(customer)
     for table in LEDGER_TABLES:
         # Table names from this fixed list only.
@@ -341,14 +507,23 @@ def reset(
             f"DELETE FROM {table} WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",  # noqa: S608 - fixed text, values bound
             [meter.id, names],
         )
+    grant_tables.drop(con, customer.id, meter.id)
     live.stage(lambda: live.balances.clear(meter.id, names))
     _store_credits(con, live, customer, meter, Credits(), now_us, reset_seq=number)
     # A reset re-arms the meter's alerts: the value before it counts as outside them.
     after = alert_tables.Value(Partial(), 0)
     alert_tables.on_ledger_change(con, live, customer, meter, None, after, now_us, number)
     webhook_tables.mark_state_changed(con, live, customer.organization_id, [customer.id], now_us)
-    if carried > 0:
-        credit(con, customer, meter, carried, True, at_us, now_us, live, f"{key}:rollover")
+    if carried:
+        # One credit event for what rolls over (as before grants), one grant per carried one.
+        units = sum(g.units for g in carried)
+        metadata = {"meter_id": meter.id, "units": units, "rollover": True}
+        rolled = f"{key}:rollover"
+        seq = _system_event(con, customer, "meter.credited", metadata, at_us, now_us, live, rolled)
+        grants = [replace(g, seq=seq) for g in carried]
+        org = customer.organization_id
+        ids = [derived_id("credit-grant", org, rolled, str(i)) for i in range(len(grants))]
+        _change_grants(con, live, customer, meter, [], grants, ids, now_us, seq)
 
 
 # ---- reads -----------------------------------------------------------------------------------
@@ -375,6 +550,15 @@ def _usage(con: Con, meter: MeterRow, names: list[str]) -> tuple[float, int | No
     if row is not None and row[0] is not None:
         partial.add(int(row[0]), float(row[1]), float(row[2]), float(row[3]))
         first, last = row[4], row[5]
+    if partial.events and meter.aggregation.func == "latest":
+        point = first_row(
+            con,
+            "SELECT max({'at_us': at_us, 'value': value}) FROM all_ledger_points"  # noqa: S608 - fixed text, values bound
+            f" WHERE meter_id = ?::UUID AND ({which})",
+            [meter.id, *names],
+        )
+        if point is not None and point[0] is not None:
+            partial.add_point(point[0]["at_us"], point[0]["value"])
     if partial.events == 0 and _is_unique(meter):
         values = con.execute(
             "SELECT DISTINCT value FROM all_ledger_usage_values"  # noqa: S608 - fixed text, values bound

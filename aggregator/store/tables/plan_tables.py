@@ -1,7 +1,10 @@
-"""SQL for credit plans: recurring credits, cycled at each month or year boundary.
+"""SQL for credit plans: recurring credits, cycled at each month or year boundary; and the
+ledger's other timed write, grants' expiries (`ledger_tables.expire_due`), processed by the same
+job.
 
 A cycle is a reset followed by the period's credit, both keyed by (plan, cycle number); the
 plan's cycle count moves in the same transaction, so each boundary is processed exactly once.
+An expiry marks its grant expired in its transaction: once too.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import duckdb
 from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.base.rows import first_row, is_uuid
 from aggregator.store.machinery.writer import Job, Tx, independent
-from aggregator.store.tables import idempotency
+from aggregator.store.tables import grant_tables, idempotency
 from aggregator.store.tables.customer_tables import get_customer
-from aggregator.store.tables.ledger_tables import Ledgers, credit, reset, resolve
+from aggregator.store.tables.ledger_tables import Ledgers, credit, expire_due, reset, resolve
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import PlanCreate, cycle_start
 from meters.times import datetime_to_us, us_to_datetime
@@ -146,7 +149,12 @@ def plan_delete_job(organization_id: str, plan_id: str, now_us: int) -> Job[bool
 
 
 def due(con: Con, now_us: int) -> bool:
-    """Whether any plan boundary is at or before `now` (a read: nothing ingest defers)."""
+    """Whether any plan boundary or grant expiry is at or before `now` (a read: nothing ingest
+    defers)."""
+    return _plans_due(con, now_us) or grant_tables.any_due(con, now_us)
+
+
+def _plans_due(con: Con, now_us: int) -> bool:
     row = first_row(
         con,
         "SELECT 1 FROM credit_plans WHERE deleted_at IS NULL"
@@ -159,12 +167,15 @@ def due(con: Con, now_us: int) -> bool:
 def cycle_due_job(
     now_us: int, budget_seconds: float | None = None, limit: int | None = None
 ) -> Job[tuple[int, bool]]:
-    """Process plan boundaries at or before `now` (all organizations, earliest first) for about
-    `budget_seconds`, or `limit` of them (at least one; a limit, not a time, where every core
-    must process the same: a journal group); returns (how many, whether more are due). Each
-    boundary's reset and credit carry keys derived from (plan, cycle number), and the plan's
-    cycle count moves in the same transaction: a boundary is processed exactly once, however
-    late (a process that was down catches up on restart, a job at a time)."""
+    """Process plan boundaries, then grant expiries, at or before `now` (all organizations,
+    earliest first) for about `budget_seconds`, or `limit` of them (at least one; a limit, not
+    a time, where every core must process the same: a journal group); returns (how many,
+    whether more are due). Each boundary's reset and credit carry keys derived from (plan,
+    cycle number), and the plan's cycle count moves in the same transaction: a boundary is
+    processed exactly once, however late (a process that was down catches up on restart, a
+    job at a time). A reset expires its customer meter's grants due by its boundary first, so
+    each customer meter's expiries and boundaries apply in time order; an expiry is keyed by
+    its grant and marks it in the same transaction: once too."""
 
     def job(tx: Tx) -> tuple[int, bool]:
         con = tx.con
@@ -175,14 +186,11 @@ def cycle_due_job(
                 return processed >= limit
             return budget_seconds is not None and time.perf_counter() > deadline
 
-        processed = _cycle_plans(con, now_us, tx.live, None, enough)
-        more = first_row(
-            con,
-            "SELECT 1 FROM credit_plans WHERE deleted_at IS NULL"
-            " AND next_cycle_at <= make_timestamptz(?) LIMIT 1",
-            [now_us],
-        )
-        return processed, more is not None
+        cycled = _cycle_plans(con, now_us, tx.live, None, enough)
+        if cycled and enough(cycled):
+            return cycled, due(con, now_us)
+        expired = expire_due(con, tx.live, now_us, lambda n: enough(cycled + n))
+        return cycled + expired, due(con, now_us)
 
     return job
 

@@ -3,6 +3,9 @@
 Whole 15-minute buckets come from the rollups; the parts of a range that do not fill a bucket
 (its edges), and any query filtering on event metadata, come from the stored events. Partials
 are merged per period (and per customer when asked), then reduced by the meter's aggregation.
+An integral meter's periods are read from its points instead, whole (points are exact
+instants, with no bucket edges), each customer's value carried into a period from its last
+point before it (`integral_sql`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import duckdb
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.base.meter_sql import contribution_sql, filter_sql, member_pointer
-from aggregator.store.machinery.rollups import BUCKET_US
-from meters.aggregations import Partial, UniqueAggregation
+from aggregator.store.machinery.rollups import BUCKET_US, kind
+from meters.aggregations import PER_US, IntegralAggregation, Partial
 from meters.periods import Interval, boundaries
 from meters.times import datetime_to_us, us_to_datetime
 
@@ -58,15 +61,22 @@ def _ranges_cte(ranges: Sequence[tuple[int, int, int]]) -> tuple[str, list[Any]]
     )
 
 
-def _shape(scope: Scope, sums: str, value: str) -> tuple[list[Any], bool, str, str]:
-    """What both readers select: (customer expression's params, unique?, the select list, the
-    GROUP BY). Unique meters select distinct values, the others aggregates."""
-    who, who_params = (
-        (_CUSTOMER, [scope.meter.organization_id]) if scope.by_customer else ("''", [])
-    )
-    if isinstance(scope.meter.aggregation, UniqueAggregation):
-        return who_params, True, f"DISTINCT p.idx, {who}, {value}", ""
-    return who_params, False, f"p.idx, {who}, {sums}", "GROUP BY ALL"
+def _who(scope: Scope) -> tuple[str, list[Any]]:
+    """The customer a row counts for: one per customer if asked, else one for all ('')."""
+    return (_CUSTOMER, [scope.meter.organization_id]) if scope.by_customer else ("''", [])
+
+
+def _shape(scope: Scope, sums: str, value: str, point: str) -> tuple[list[Any], str, str]:
+    """What both readers select: (customer expression's params, the select list, the GROUP
+    BY). Unique meters select distinct values, latest meters their greatest point, the others
+    aggregates."""
+    who, who_params = _who(scope)
+    found = kind(scope.meter)
+    if found == "unique":
+        return who_params, f"DISTINCT p.idx, {who}, {value}", ""
+    if found == "latest":
+        return who_params, f"p.idx, {who}, max({point})", "GROUP BY ALL"
+    return who_params, f"p.idx, {who}, {sums}", "GROUP BY ALL"
 
 
 SQL = tuple[str, list[Any]]
@@ -86,10 +96,15 @@ def from_rollups(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     if scope.subjects is not None:
         where += " AND r.subject IN (SELECT unnest(?::VARCHAR[]))"
         params.append(list(scope.subjects))
-    who_params, unique, selected, group = _shape(
-        scope, "sum(events), sum(total), min(low), max(high)", "value"
+    who_params, selected, group = _shape(
+        scope,
+        "sum(events), sum(total), min(low), max(high)",
+        "value",
+        "{'at_us': at_us, 'value': value}",
     )
-    table = "all_rollup_values" if unique else "all_rollups"
+    table = {"unique": "all_rollup_values", "latest": "all_rollup_points"}.get(
+        kind(meter), "all_rollups"
+    )
     return (
         f"SELECT {selected} FROM {table} r JOIN {cte} p ON r.bucket >= p.lo AND r.bucket < p.hi"  # noqa: S608 - fixed text, values bound
         f" WHERE {where} {group}",
@@ -100,24 +115,12 @@ def from_rollups(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
 def from_events(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     """A query of the partials straight from stored events: `ranges` are (index, lo, hi), hi
     exclusive."""
-    meter = scope.meter
     cte, cte_params = _ranges_cte(ranges)
-    # The filter alone: `v IS NOT NULL` below is the aggregation's implicit filter, so each
-    # event's value is computed once.
-    in_filter, in_filter_params = filter_sql(meter.filter)
-    value, value_params = contribution_sql(meter.aggregation)
-    where = (
-        "organization_id = ?::UUID AND timestamp >= make_timestamptz(?)"
-        f" AND timestamp < make_timestamptz(?) AND {in_filter}"
+    value, value_params = contribution_sql(scope.meter.aggregation)
+    where, params = _events_where(scope, *_span(ranges))
+    who_params, selected, group = _shape(
+        scope, "count(*), sum(v), min(v), max(v)", "v", "{'at_us': epoch_us(timestamp), 'value': v}"
     )
-    params: list[Any] = [meter.organization_id, *_span(ranges), *in_filter_params]
-    if scope.subjects is not None:
-        where += f" AND {subjects.OF_EVENT} IN (SELECT unnest(?::VARCHAR[]))"
-        params.append(list(scope.subjects))
-    for key, values in scope.metadata:
-        where += " AND json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))"
-        params.extend([member_pointer(key), list(values)])
-    who_params, _, selected, group = _shape(scope, "count(*), sum(v), min(v), max(v)", "v")
     return (
         f"SELECT {selected} FROM"  # noqa: S608 - fixed text, values bound
         f" (SELECT {subjects.OF_EVENT} AS subject, timestamp, {value} AS v"
@@ -126,6 +129,27 @@ def from_events(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
         f" WHERE v IS NOT NULL {group}",
         [*who_params, *value_params, *params, *cte_params],
     )
+
+
+def _events_where(scope: Scope, lo: int | None, hi: int) -> SQL:
+    """Which stored events are the scope's, in [lo, hi) (no lower bound when `lo` is None).
+    The meter's filter alone: the aggregation's implicit one (`v IS NOT NULL`) is the
+    caller's, so that each event's value is computed once."""
+    in_filter, in_filter_params = filter_sql(scope.meter.filter)
+    where = "organization_id = ?::UUID AND timestamp < make_timestamptz(?)"
+    params: list[Any] = [scope.meter.organization_id, hi]
+    if lo is not None:
+        where += " AND timestamp >= make_timestamptz(?)"
+        params.append(lo)
+    where += f" AND {in_filter}"
+    params += in_filter_params
+    if scope.subjects is not None:
+        where += f" AND {subjects.OF_EVENT} IN (SELECT unnest(?::VARCHAR[]))"
+        params.append(list(scope.subjects))
+    for key, values in scope.metadata:
+        where += " AND json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))"
+        params.extend([member_pointer(key), list(values)])
+    return where, params
 
 
 def _partials(
@@ -139,22 +163,79 @@ def _partials(
         " UNION ALL ".join(f"({sql})" for sql, _ in queries),
         [p for _, params in queries for p in params],
     ).fetchall()
-    return _collect(rows, isinstance(scope.meter.aggregation, UniqueAggregation))
+    return _collect(rows, kind(scope.meter))
 
 
 def _span(ranges: Sequence[tuple[int, int, int]]) -> list[int]:
     return [min(r[1] for r in ranges), max(r[2] for r in ranges)]
 
 
-def _collect(rows: list[tuple[Any, ...]], unique: bool) -> dict[Key, Partial]:
+def _collect(rows: list[tuple[Any, ...]], found: str) -> dict[Key, Partial]:
     partials: dict[Key, Partial] = {}
     for row in rows:
         partial = partials.setdefault((row[0], row[1]), Partial())
-        if unique:
+        if found == "unique":
             partial.values.add(row[2])
+        elif found == "latest":
+            partial.add_point(row[2]["at_us"], row[2]["value"])
         else:
             partial.add(row[2], row[3], row[4], row[5])
     return partials
+
+
+def integral_sql(scope: Scope, ranges: Sequence[tuple[int, int, int]], now_us: int) -> SQL:
+    """A query of (range index, customer, points in the range, integral) of an integral meter:
+    each customer's points (one per instant, the greatest value), their last one before the
+    earliest range with them, each held until the customer's next point, integrated over
+    each range (index, lo, hi), hi exclusive, up to `now_us` (`meters.aggregations.integral`
+    is its reference)."""
+    meter = scope.meter
+    assert isinstance(meter.aggregation, IntegralAggregation)
+    lo, hi = _span(ranges)
+    cte, cte_params = _ranges_cte(ranges)
+    if scope.metadata:  # every earlier event: the last before a range is its carried value
+        value, value_params = contribution_sql(meter.aggregation)
+        where, where_params = _events_where(scope, None, hi)
+        points = (
+            f"SELECT subject, at_us, v AS value FROM (SELECT {subjects.OF_EVENT} AS subject,"  # noqa: S608 - fixed text, values bound
+            f" epoch_us(timestamp) AS at_us, {value} AS v FROM events WHERE {where})"
+            " WHERE v IS NOT NULL"
+        )
+        points_params = [*value_params, *where_params]
+    else:
+        points = (
+            "SELECT subject, at_us, value FROM all_rollup_points"
+            " WHERE meter_id = ?::UUID AND at_us < ?"
+        )
+        points_params = [meter.id, hi]
+        if scope.subjects is not None:
+            points += " AND subject IN (SELECT unnest(?::VARCHAR[]))"
+            points_params.append(list(scope.subjects))
+    who = "customer" if scope.by_customer else "''"
+    return (
+        f"WITH pts AS (SELECT {_CUSTOMER} AS customer, at_us, max(value) AS v"  # noqa: S608 - fixed text, values bound
+        f" FROM ({points}) GROUP BY ALL),"
+        " carried AS (SELECT *, max(at_us) FILTER (WHERE at_us < ?)"
+        " OVER (PARTITION BY customer) AS before FROM pts),"
+        " seg AS (SELECT customer, at_us, v,"
+        " lead(at_us) OVER (PARTITION BY customer ORDER BY at_us) AS nxt"
+        " FROM carried WHERE at_us >= ? OR at_us = before),"
+        " r AS (SELECT idx, epoch_us(lo) AS lo, least(epoch_us(hi), ?) AS hi FROM"
+        f" {cte}) SELECT r.idx, {who},"
+        " count(*) FILTER (WHERE s.at_us >= r.lo),"
+        " sum(s.v * (least(coalesce(s.nxt, r.hi), r.hi) - greatest(s.at_us, r.lo))) / ?"
+        " FROM seg s JOIN r ON s.at_us < r.hi AND coalesce(s.nxt, r.hi) > r.lo AND r.lo < r.hi"
+        " GROUP BY ALL",
+        [
+            meter.organization_id,
+            *points_params,
+            lo,
+            lo,
+            now_us,
+            *cte_params,
+            PER_US[meter.aggregation.per],
+        ],
+    )
 
 
 def merge_into(target: dict[Key, Partial], source: dict[Key, Partial]) -> None:
@@ -267,11 +348,19 @@ def gather(
     end_us: int,
     interval: Interval,
     tz: ZoneInfo,
+    now_us: int,
 ) -> Gathered:
-    """Partials of the periods intersecting [start, end] and of exactly that range."""
+    """Partials of the periods intersecting [start, end] and of exactly that range (an
+    integral meter's up to `now_us`)."""
     periods = boundaries(us_to_datetime(start_us), us_to_datetime(end_us), interval, tz)
     bounds = [datetime_to_us(p) for p in periods]
     ranges = [(i, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+    if kind(scope.meter) == "integral":
+        rest = len(ranges)
+        rows = con.execute(*integral_sql(scope, [*ranges, (rest, start_us, end_us + 1)], now_us))
+        partials = {(r[0], r[1]): Partial(events=r[2], total=r[3]) for r in rows.fetchall()}
+        total = {(0, c): p for (i, c), p in partials.items() if i == rest}
+        return Gathered(periods, {k: p for k, p in partials.items() if k[0] < rest}, total)
     # The total reuses the periods that lie inside the range; the rest of it is read in the
     # same query as the periods (its whole buckets, as range `rest`) and from the edges' events.
     inside = [r for r in ranges if start_us <= r[1] and r[2] <= end_us + 1]
@@ -296,6 +385,7 @@ def compute(
     interval: Interval,
     tz: ZoneInfo,
     across: str | None,
+    now_us: int,
 ) -> tuple[list[tuple[datetime, float]], float]:
     """Quantities of the periods intersecting [start, end] and the total of exactly that range."""
-    return gather(con, scope, start_us, end_us, interval, tz).reduced(scope.meter, across)
+    return gather(con, scope, start_us, end_us, interval, tz, now_us).reduced(scope.meter, across)

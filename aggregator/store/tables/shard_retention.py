@@ -49,6 +49,7 @@ _BY_SUBJECT: dict[str, tuple[str, str]] = {
     "event_subjects": ("organization_id", "subject"),
     "forward_rollups": ("organization_id", "subject"),
     "customer_meters": ("organization_id", _CUSTOMER_ID),
+    "credit_grants": ("organization_id", _CUSTOMER_ID),
     "meter_holds": ("organization_id", _CUSTOMER_ID),
     "webhook_state_changes": ("organization_id", _CUSTOMER_ID),
     "webhook_state_sent": ("organization_id", _CUSTOMER_ID),

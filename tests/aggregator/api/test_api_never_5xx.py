@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -236,16 +237,27 @@ def valid_bodies(route: str, known: dict[str, str]) -> st.SearchStrategy[Any]:
         "/v1/customers/{id}": st.fixed_dictionaries({"name": st.just("Ada")}),
         "/v1/customers/external/{external_id:path}": st.fixed_dictionaries({"name": st.just("A")}),
         "/v1/meter-credits/": st.builds(
-            lambda r, k, units, rollover: {
+            lambda r, k, units, rollover, grant: {
                 **r,
                 "external_id": k,
                 "units": units,
                 "rollover": rollover,
+                **grant,
             },
             ref,
             key,
             st.integers(-5, 5),
             st.booleans(),
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "priority": st.integers(-1, 256),
+                    "expires_at": st.sampled_from(
+                        ["2020-01-01T00:00:00Z", "2999-01-01T00:00:00Z", "9999-12-31T23:59:59Z"]
+                    )
+                    | st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat()),
+                },
+            ),
         ),
         "/v1/meter-resets/": st.builds(lambda r, k: {**r, "external_id": k}, ref, key),
         "/v1/credit-plans/": st.builds(

@@ -125,15 +125,26 @@ partial_rows = st.dictionaries(
         st.floats(-1e6, 1e6, allow_nan=False),
         st.lists(st.floats(-1e6, 1e6, allow_nan=False), max_size=2),
         st.sets(st.sampled_from(["n:1.0", "s:x", "b:true"])),
+        # A latest meter's point (instant, value), or none.
+        st.none() | st.tuples(st.integers(-(10**15), 10**15), st.sampled_from([-1.5, 0.0, 7.0])),
     ),
     max_size=6,
 )
 
 
-def _partial(events: int, total: float, bounds: list[float], values: set[str]) -> Partial:
-    return Partial(
+def _partial(
+    events: int,
+    total: float,
+    bounds: list[float],
+    values: set[str],
+    point: tuple[int, float] | None,
+) -> Partial:
+    found = Partial(
         events, total, min(bounds, default=math.inf), max(bounds, default=-math.inf), set(values)
     )
+    if point is not None:
+        found.add_point(*point)
+    return found
 
 
 @given(partial_rows, partial_rows)

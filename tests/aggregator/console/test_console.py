@@ -214,6 +214,18 @@ def test_login_refuses_a_wrong_token_then_keeps_the_right_one_in_the_tab(
     assert stored == [world.server.token, 0]
 
 
+def test_an_integral_meter_is_made_with_its_unit_of_time(page: Page, world: World) -> None:
+    _visit(page, world, "#/meters")
+    assert page.is_hidden("#create-meter select[name=per]")  # only an integral has one
+    page.fill("#create-meter input[name=name]", "storage")
+    page.select_option("#create-meter select[name=func]", "integral")
+    page.fill("#create-meter input[name=property]", "gb")
+    page.select_option("#create-meter select[name=per]", "day")
+    page.click("#create-meter button[type=submit]")
+    page.wait_for_selector("main h1:has-text('Meter: storage')")
+    assert page.is_visible("main dd:has-text('integral(gb) per day')")
+
+
 def test_a_meter_made_in_the_console_charts_usage_ingested_through_the_api(
     page: Page, world: World
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,14 @@ OPS = st.lists(
         st.tuples(st.just("customer"), st.integers(3, 5), st.booleans()),
         st.tuples(st.just("rename"), st.integers(0, 5)),
         st.tuples(st.just("delete"), st.integers(0, 5)),
-        st.tuples(st.just("credit"), st.integers(0, 3), st.integers(0, 3), st.integers(-5, 50)),
+        st.tuples(
+            st.just("credit"),
+            st.integers(0, 3),
+            st.integers(0, 3),
+            st.integers(-5, 50),
+            st.none() | st.integers(0, 3),  # a grant's priority
+            st.booleans(),  # whether it expires (in a day)
+        ),
         st.tuples(st.just("hold"), st.integers(0, 3), st.integers(0, 3), st.integers(1, 20)),
         st.tuples(st.just("alert"), st.integers(0, 3), st.integers(1, 100)),
         st.tuples(
@@ -103,6 +111,10 @@ async def _run(store: Store, publisher: EmbeddedPublisher, op: tuple[Any, ...], 
                 "meter_id": meters[op[2] % len(meters)] if meters else ORG,
                 "external_id": f"k{len(log)}",
             }
+            if op[4] is not None:
+                body["priority"] = op[4]
+            if op[5]:
+                body["expires_at"] = (datetime.now(UTC) + timedelta(days=1)).isoformat()
             await ledger_service.credit(store, ORG, CreditCreate.model_validate(body))
         elif kind == "hold":
             meters = await _meters(store)
@@ -171,7 +183,8 @@ SETUP: list[tuple[Any, ...]] = [
     ("meter", "sum"),
     ("meter", "count"),
     *[("customer", i, True) for i in range(3)],
-    ("credit", 0, 0, 30),
+    ("credit", 0, 0, 30, None, False),
+    ("credit", 0, 0, 20, 1, True),
 ]
 
 

@@ -104,7 +104,7 @@ aggregations = st.one_of(
     st.just({"func": "count"}),
     st.fixed_dictionaries(
         {
-            "func": st.sampled_from(["sum", "max", "min", "avg", "unique"]),
+            "func": st.sampled_from(["sum", "max", "min", "avg", "unique", "latest"]),
             "property": st.sampled_from([p for p in PROPERTIES if p not in ("name", "source")]),
         }
     ),
@@ -156,8 +156,8 @@ def sql_aggregate(con: duckdb.DuckDBPyConnection, meter_filter: Filter, aggregat
     where, where_params = filter_sql(meter_filter)
     value, value_params = contribution_sql(aggregation)
     rows = con.execute(
-        f"SELECT {aggregate_sql(aggregation)} FROM (SELECT {value} AS contribution FROM events"
-        f" WHERE {where}) WHERE contribution IS NOT NULL",
+        f"SELECT {aggregate_sql(aggregation)} FROM (SELECT {value} AS contribution,"
+        f" epoch_us(timestamp) AS at_us FROM events WHERE {where}) WHERE contribution IS NOT NULL",
         [*value_params, *where_params],
     ).fetchall()
     return float(rows[0][0])
@@ -211,11 +211,11 @@ def test_meters_sharing_extracted_paths_equal_the_fold(
     values = (
         f"WITH r AS MATERIALIZED (SELECT name, source, timestamp, {projection} FROM events),"
         f" f AS MATERIALIZED (SELECT *, {extracted.facets()} FROM r)"
-        f" SELECT {', '.join(columns)} FROM f"
+        f" SELECT epoch_us(timestamp) AS at_us, {', '.join(columns)} FROM f"
     )
     for i, (meter_filter, aggregation) in enumerate(parsed):
         rows = con.execute(
-            f"SELECT {aggregate_sql(aggregation)} FROM (SELECT v{i} AS contribution"
+            f"SELECT {aggregate_sql(aggregation)} FROM (SELECT v{i} AS contribution, at_us"
             f" FROM ({values})) WHERE contribution IS NOT NULL",
             [*projection_params, *params],
         ).fetchall()
@@ -225,7 +225,10 @@ def test_meters_sharing_extracted_paths_equal_the_fold(
 
 @pytest.mark.parametrize(
     ("func", "expected"),
-    [("count", 4), ("sum", 90), ("avg", 22.5), ("min", 10), ("max", 30), ("unique", 3)],
+    [
+        *[("count", 4), ("sum", 90), ("avg", 22.5), ("min", 10), ("max", 30), ("unique", 3)],
+        ("latest", 30),  # all at one instant: the greatest
+    ],
 )
 def test_polar_docs_example(con: duckdb.DuckDBPyConnection, func: str, expected: float) -> None:
     """Polar's meters docs: values 10, 20, 30, 30."""

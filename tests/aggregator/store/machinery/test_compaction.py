@@ -74,7 +74,7 @@ def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Pat
             assert meter is not None and customer is not None
             scope = Scope(meter, ("ext:acme",))
             end = DAY + 86_400 * 10**6 - 1
-            periods, total = compute(con, scope, DAY, end, "day", ZoneInfo("UTC"), None)
+            periods, total = compute(con, scope, DAY, end, "day", ZoneInfo("UTC"), None, end)
             return periods[0][1], total, customer_meter(con, customer, meter).consumed
 
         return await store.read(read)

@@ -1,10 +1,12 @@
 """The credit ledger against a plain-Python model, through any sequence of calls.
 
-Ingest (with duplicates, ingested now or earlier), credits and revocations, resets with
-rollover, plan cycles on a moving clock, process restarts and compaction of the appended
-usage, in any order; after each step every customer meter must equal the model: balance =
-credited − consumed, credited never negative, and replaying a call with a used external_id
-changes nothing. The balances held in memory must equal DuckDB's after every step.
+Ingest (with duplicates, ingested now or earlier), credits and revocations, grants with
+priorities and expiries, resets with rollover, plan cycles and grants' expiries on a moving
+clock, process restarts and compaction of the appended usage, in any order; after each step
+every customer meter must equal the model: balance = credited − consumed, credited never
+negative, its grants those of the reference rules (`meters.ledger_rules`: the model applies
+them, never its own), and replaying a call with a used external_id changes nothing. The
+balances held in memory must equal DuckDB's after every step.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.machinery.compaction import compact
+from aggregator.store.tables import grant_tables
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.ledger_tables import (
     credit_job,
@@ -35,10 +39,18 @@ from aggregator.store.tables.ledger_tables import (
 )
 from aggregator.store.tables.meter_tables import create_job, meters_by_ids
 from aggregator.store.tables.plan_tables import cycle_due_job, plan_create_job
+from meters import ledger_rules as rules
 from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
-from meters.ledger_rules import CreditCreate, Credits, PlanCreate, ResetCreate, cycle_start
+from meters.ledger_rules import (
+    PRIORITY_DEFAULT,
+    CreditCreate,
+    Grant,
+    PlanCreate,
+    ResetCreate,
+    cycle_start,
+)
 from meters.times import EPOCH
 
 ORG = "8a3c1f0e-5b7d-4c2a-9e61-0f4b2d8c7a55"
@@ -48,6 +60,7 @@ METERS = {
     "sum": {"func": "sum", "property": "tokens"},
     "max": {"func": "max", "property": "tokens"},
     "unique": {"func": "unique", "property": "tokens"},
+    "latest": {"func": "latest", "property": "tokens"},
 }
 KEYS = st.sampled_from([f"k{i}" for i in range(6)])
 
@@ -60,17 +73,49 @@ class _Window:
     """The model of one customer meter."""
 
     def __init__(self) -> None:
-        self.values: list[int] = []
-        self.credits = Credits()
+        self.values: list[tuple[int, int]] = []  # (event time, tokens)
+        self.grants: list[Grant] = []
+        self.seq = 0  # the order granted
+
+    def expire(self, func: str, until_us: int) -> None:
+        """Grants due by `until_us` expire, in time (then burn) order, as the store does."""
+        due = sorted(
+            (
+                i
+                for i, g in enumerate(self.grants)
+                if g.active and g.expires_at_us is not None and g.expires_at_us <= until_us
+            ),
+            key=lambda i: (self.grants[i].expires_at_us, self.grants[i].burn_key),
+        )
+        for i in due:
+            self.grants, _ = rules.expire(self.grants, i, self.consumed(func))
+
+    def credit(
+        self, units: int, rollover: bool, priority: int | None, expires_at_us: int | None
+    ) -> None:
+        self.seq += 1
+        if units > 0:
+            chosen = PRIORITY_DEFAULT if priority is None else priority
+            new = Grant(units, chosen, expires_at_us, rollover, self.seq)
+            self.grants = rules.grant(self.grants, new)
+        else:
+            self.grants = rules.revoke(self.grants, -units, rollover)
+
+    @property
+    def credited(self) -> int:
+        return rules.credited(self.grants)
 
     def consumed(self, func: str) -> float:
+        tokens = [t for _, t in self.values]
         if func == "count":
-            return float(len(self.values))
+            return float(len(tokens))
         if func == "unique":
-            return float(len(set(self.values)))
-        if not self.values:
+            return float(len(set(tokens)))
+        if not tokens:
             return 0.0
-        return float(sum(self.values) if func == "sum" else max(self.values))
+        if func == "latest":  # the greatest (time, tokens)
+            return float(max(self.values)[1])
+        return float(sum(tokens) if func == "sum" else max(tokens))
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -123,14 +168,20 @@ class LedgerMachine(RuleBasedStateMachine):
         external_id=st.none() | st.sampled_from([f"e{i}" for i in range(8)]),
         by_id=st.booleans(),
         earlier=st.sampled_from([0, 0, 3 * 86_400]),
+        late=st.sampled_from([0, 0, 60, 3_600]),
     )
-    def ingest(self, tokens: int, external_id: str | None, by_id: bool, earlier: int) -> None:
+    def ingest(
+        self, tokens: int, external_id: str | None, by_id: bool, earlier: int, late: int
+    ) -> None:
         """`earlier`: ingested this many seconds before the clock, even before the meters
         were made (a group's time is its reader's: in Kafka mode it can precede that of a
-        group applied before it, a meter's creation included)."""
+        group applied before it, a meter's creation included). `late`: the event happened
+        this many seconds before the clock (a latest meter's point is then not the last
+        applied)."""
+        happened = _us(self.clock - timedelta(seconds=late))
         event = Event(
             name="use",
-            timestamp_us=_us(self.clock),
+            timestamp_us=happened,
             customer_id=self.customer_id if by_id else None,
             external_customer_id=None if by_id else "acme",
             external_id=external_id,
@@ -143,7 +194,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self._write(IngestJob(ORG, to_table([event]), ingested))
         if external_id is None or external_id not in self.event_ids:
             for window in self.model.values():
-                window.values.append(tokens)
+                window.values.append((happened, tokens))
         if external_id is not None:
             self.event_ids.add(external_id)
 
@@ -152,18 +203,37 @@ class LedgerMachine(RuleBasedStateMachine):
         units=st.integers(-30, 40).filter(bool),
         rollover=st.booleans(),
         key=KEYS,
+        priority=st.none() | st.sampled_from([0, 1, 100, 255]),
+        expires_in_days=st.none() | st.integers(1, 60),
     )
-    def credit(self, meter: str, units: int, rollover: bool, key: str) -> None:
+    def credit(
+        self,
+        meter: str,
+        units: int,
+        rollover: bool,
+        key: str,
+        priority: int | None,
+        expires_in_days: int | None,
+    ) -> None:
+        if units < 0:  # a revocation carries neither (else a 422)
+            priority = expires_in_days = None
+        expires_at = None
+        if expires_in_days is not None:
+            expires_at = self.clock + timedelta(days=expires_in_days)
         data = CreditCreate(
             external_customer_id="acme",
             meter_id=uuid.UUID(self.meters[meter].id),
             units=units,
             rollover=rollover,
             external_id=key,
+            priority=priority,
+            expires_at=expires_at,
         )
         if self._keyed("credit", key, data, credit_job(ORG, data, _us(self.clock))):
             window = self.model[meter]
-            window.credits = window.credits.add(units, rollover)
+            window.expire(meter, _us(self.clock))
+            expires_us = None if expires_at is None else _us(expires_at)
+            window.credit(units, rollover, priority, expires_us)
 
     @rule(meter=st.sampled_from(list(METERS)), key=KEYS)
     def reset(self, meter: str, key: str) -> None:
@@ -173,7 +243,7 @@ class LedgerMachine(RuleBasedStateMachine):
             external_id=key,
         )
         if self._keyed("reset", key, data, reset_job(ORG, data, _us(self.clock))):
-            self._reset_model(meter)
+            self._reset_model(meter, _us(self.clock))
 
     def _keyed(self, kind: str, key: str, data: Any, job: Any) -> bool:
         """Run a keyed job; True when it applied. A key used before answers what it answered
@@ -191,13 +261,13 @@ class LedgerMachine(RuleBasedStateMachine):
         self.keys[(kind, key)] = (data, applied.customer_meter)
         return True
 
-    def _reset_model(self, meter: str) -> None:
+    def _reset_model(self, meter: str, at_us: int) -> None:
         window = self.model[meter]
-        carried = window.credits.carried_over(window.consumed(meter))
+        window.expire(meter, at_us)
+        window.seq += 1
+        carried = rules.carry(window.grants, window.consumed(meter))
         window.values = []
-        window.credits = Credits()
-        if carried > 0:
-            window.credits = window.credits.add(carried, True)
+        window.grants = [replace(g, seq=window.seq) for g in carried]
 
     @rule(meter=st.sampled_from(list(METERS)), units=st.integers(1, 50), rollover=st.booleans())
     def create_plan(self, meter: str, units: int, rollover: bool) -> None:
@@ -214,7 +284,7 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         self._write(plan_create_job(ORG, data, _us(self.clock), plan_id=str(uuid.uuid4())))
         self.plan = (meter, units, rollover)
-        self._cycle_model()
+        self._cycle_model(expiries=False)  # creating a plan cycles it, nothing else
 
     @rule(days=st.integers(1, 70))
     def advance_clock(self, days: int) -> None:
@@ -222,17 +292,20 @@ class LedgerMachine(RuleBasedStateMachine):
         more = True
         while more:  # boundaries come a bounded job at a time
             _, more = self._write(cycle_due_job(_us(self.clock), 0.25))
-        self._cycle_model()
+        self._cycle_model(expiries=True)
 
-    def _cycle_model(self) -> None:
-        if self.plan is None:
-            return
-        meter, units, rollover = self.plan
-        while cycle_start(START, "month", self.plan_cycles) <= self.clock:
-            self._reset_model(meter)
-            window = self.model[meter]
-            window.credits = window.credits.add(units, rollover)
-            self.plan_cycles += 1
+    def _cycle_model(self, *, expiries: bool) -> None:
+        """Plan boundaries (each expiring its customer meter's grants due by it first), then
+        every grant due by the clock: the order the store's cycle job takes."""
+        if self.plan is not None:
+            meter, units, rollover = self.plan
+            while (at := cycle_start(START, "month", self.plan_cycles)) <= self.clock:
+                self._reset_model(meter, _us(at))
+                self.model[meter].credit(units, rollover, None, None)
+                self.plan_cycles += 1
+        if expiries:
+            for func, window in self.model.items():
+                window.expire(func, _us(self.clock))
 
     @rule()
     def restart(self) -> None:
@@ -260,17 +333,28 @@ class LedgerMachine(RuleBasedStateMachine):
                 out[func] = (
                     customer_meter(con, customer, row),
                     held_customer_meter(self.store.live.balances, customer, row),
+                    grant_tables.grants_of(con, customer.id, meter.id),
                 )
             return out
 
         found = self.runner.run(self.store.read(read))
         for func, window in self.model.items():
-            cm, held = found[func]
+            cm, held, stored = found[func]
             assert held == cm, func  # the balances in memory are DuckDB's, field by field
             assert cm.credited >= 0
-            assert cm.credited == window.credits.credited, func
+            assert cm.credited == window.credited, func
             assert cm.consumed == window.consumed(func), func
             assert cm.balance == cm.credited - cm.consumed
+            # The stored grants are the reference's (the order granted aside: seqs differ).
+            assert sorted(_shown(r.grant) for r in stored) == sorted(
+                _shown(g) for g in window.grants
+            ), func
+            burned = rules.burn(window.grants, cm.consumed)
+            assert abs(sum(burned.remaining) - burned.beyond - cm.balance) < 1e-6
+
+
+def _shown(g: Grant) -> tuple[Any, ...]:
+    return (g.units, g.priority, g.expires_at_us or 0, g.rollover, g.expired or -1)
 
 
 LedgerMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=25, deadline=None)

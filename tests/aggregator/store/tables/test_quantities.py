@@ -1,11 +1,15 @@
-"""Quantities from rollups equal the reference fold over raw events, whatever the batching."""
+"""Quantities from rollups equal the reference fold over raw events, whatever the batching and
+the order events arrive in (latest and integral meters too: late events change the point a
+bucket or a period holds)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import random
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -21,7 +25,7 @@ from aggregator.store.machinery.compaction import CLUSTERED, compact, recluster
 from aggregator.store.machinery.recluster import ReclusterSettings
 from aggregator.store.tables.meter_tables import backfill_step_job, create_job
 from aggregator.store.tables.quantities import Scope, compute
-from meters.aggregations import Aggregation, fold
+from meters.aggregations import Aggregation, IntegralAggregation, fold
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.filters import EventView
@@ -44,10 +48,11 @@ def _us(seconds: float) -> int:
 
 
 moments = st.integers(_us(WINDOW[0]), _us(WINDOW[1]))
+CROWDED = [_us(WINDOW[0]) + 5 * 86_400 * 10**6 + s * 10**6 for s in (0, 1, 60, 61)]
 
 
 @st.composite
-def event_lists(draw: st.DrawFn) -> list[Event]:
+def event_lists(draw: st.DrawFn, within: st.SearchStrategy[int] = moments) -> list[Event]:
     n = draw(st.integers(0, 30))
     events = []
     for i in range(n):
@@ -61,8 +66,13 @@ def event_lists(draw: st.DrawFn) -> list[Event]:
         events.append(
             Event(
                 name=draw(st.sampled_from(["a", "b"])),
-                # Some events right on 15-minute bucket edges.
-                timestamp_us=draw(moments | moments.map(lambda m: m - m % (15 * 60 * 10**6))),
+                # Some events right on 15-minute bucket edges, some at the same few instants
+                # of one bucket (ties, and several points in a bucket).
+                timestamp_us=draw(
+                    within
+                    | within.map(lambda m: m - m % (15 * 60 * 10**6))
+                    | st.sampled_from(CROWDED)
+                ),
                 customer_id=None,
                 external_customer_id=draw(st.sampled_from(["c1", "c2"])),
                 external_id=f"e{i}",
@@ -90,6 +100,10 @@ meter_definitions = st.fixed_dictionaries(
             st.just({"func": "count"}),
             st.sampled_from(["sum", "avg", "min", "max", "unique"]).map(
                 lambda f: {"func": f, "property": "v"}
+            ),
+            st.just({"func": "latest", "property": "v"}),
+            st.sampled_from(["second", "hour", "day"]).map(
+                lambda per: {"func": "integral", "property": "v", "per": per}
             ),
         ),
     }
@@ -120,6 +134,7 @@ def _view(event: Event) -> EventView:
     tag=st.sampled_from([None, "p"]),
     near=st.tuples(st.integers(-1, 29), st.integers(-1, 29)),
     offsets=st.tuples(st.integers(0, 2 * 3600 * 10**6), st.integers(0, 2 * 3600 * 10**6)),
+    now=moments,
 )
 @pytest.mark.slow
 def test_quantities_from_rollups_equal_the_fold_over_events(
@@ -138,6 +153,7 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
     tag: str | None,
     near: tuple[int, int],
     offsets: tuple[int, int],
+    now: int,
 ) -> None:
     """Also with the appended deltas compacted, and the rollups rewritten sorted, after any of
     the ingest and backfill steps (`compact_after`, by step number): a reader merges the same
@@ -154,43 +170,34 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
         end = max(start, events[near[1] % len(events)].timestamp_us + offsets[1])
     if interval == "hour":
         end = min(end, start + 7 * 86_400 * 10**6)
-    order = list(events)
-    shuffle.shuffle(order)
-    before, after = order[:split], order[split:]
     meter_create = MeterCreate.model_validate({"name": "meter", **definition})
+    periods, total = _quantities(
+        tmp_path_factory,
+        events,
+        meter_create,
+        Arrivals(split, batch_sizes, shuffle, compact_after),
+        (customer, tag),
+        (start, end, interval, zone, now),
+    )
 
-    async def run() -> tuple[list[tuple[datetime, float]], float]:
-        path = tmp_path_factory.mktemp("q") / "m.duckdb"
-        async with Store(path, compact_seconds=3600, recluster=NEVER) as store:
-            steps = iter(range(10**6))
+    _check(events, meter_create, (customer, tag), (start, end, interval, zone, now), periods, total)
 
-            async def step(job: Any) -> Any:
-                result = await store.write(job)
-                if next(steps) in compact_after:
-                    await store.write(lambda tx: compact(tx.con))
-                    for table in CLUSTERED:
-                        await store.read(recluster, table)
-                return result
 
-            await _ingest(step, store, before, batch_sizes)
-            meter = await store.write(create_job(ORG, meter_create, 0, meter_id=str(uuid.uuid4())))
-            while True:  # the backfill, a small chunk per writer job
-                progress = await step(backfill_step_job(meter.id, meter.version, 7))
-                if progress is None or progress[0] >= progress[1]:
-                    break
-            await _ingest(step, store, after, batch_sizes)
-            scope = Scope(
-                meter,
-                None if customer is None else (f"ext:{customer}",),
-                () if tag is None else (("tag", (tag,)),),
-            )
-            return await store.read(compute, scope, start, end, interval, ZoneInfo(zone), None)
-
-    periods, total = asyncio.run(run())
-
+def _check(
+    events: list[Event],
+    meter_create: MeterCreate,
+    scoped: tuple[str | None, str | None],
+    window: tuple[int, int, str, str, int],
+    periods: list[tuple[datetime, float]],
+    total: float,
+    summed: bool = False,
+) -> None:
+    """Each period's quantity and the total equal the reference over the raw events."""
+    customer, tag = scoped
+    start, end, interval, zone, now = window
     aggregation = meter_create.aggregation
     matching = [
-        _view(e)
+        (_view(e), e.external_customer_id)
         for e in events
         if meter_create.filter.matches(_view(e))
         and customer in (None, e.external_customer_id)
@@ -203,13 +210,165 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
         ZoneInfo(zone),  # type: ignore[arg-type]
     )
     assert [p for p, _ in periods] == edges[:-1]
+
+    def expect(lo: int, hi: int) -> float:
+        """The reference over [lo, hi): an integral's per customer (from all its events
+        before hi, up to now), added up."""
+        if summed and not isinstance(aggregation, IntegralAggregation):
+            return math.fsum(
+                fold(
+                    aggregation, [e for e, c in matching if c == who and lo <= e.timestamp_us < hi]
+                )
+                for who in ("c1", "c2")
+            )
+        if not isinstance(aggregation, IntegralAggregation):
+            return fold(aggregation, [e for e, _ in matching if lo <= e.timestamp_us < hi])
+        parts = [
+            fold(
+                aggregation, [e for e, c in matching if c == who], start_us=lo, end_us=min(hi, now)
+            )
+            for who in ("c1", "c2")
+        ]
+        return math.fsum(parts)
+
     for i, (_, quantity) in enumerate(periods):
-        lo = _to_us(edges[i])
-        hi = _to_us(edges[i + 1])
-        expected = fold(aggregation, [e for e in matching if lo <= e.timestamp_us < hi])
-        assert math.isclose(quantity, expected, rel_tol=1e-9, abs_tol=1e-9), (i, quantity, expected)
-    expected_total = fold(aggregation, [e for e in matching if start <= e.timestamp_us <= end])
-    assert math.isclose(total, expected_total, rel_tol=1e-9, abs_tol=1e-9)
+        expected = expect(_to_us(edges[i]), _to_us(edges[i + 1]))
+        assert math.isclose(quantity, expected, rel_tol=1e-9, abs_tol=1e-6), (i, quantity, expected)
+    assert math.isclose(total, expect(start, end + 1), rel_tol=1e-9, abs_tol=1e-6)
+
+
+CROWD_START = _us(WINDOW[0]) + 5 * 86_400 * 10**6
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    # On a 5-minute grid: three instants a bucket, several events at each.
+    events=event_lists(st.integers(0, 36).map(lambda i: CROWD_START + i * 5 * 60 * 10**6)),
+    aggregation=st.sampled_from(
+        [
+            {"func": "latest", "property": "v"},
+            {"func": "integral", "property": "v", "per": "second"},
+            {"func": "integral", "property": "v"},
+        ]
+    ),
+    split=st.integers(0, 30),
+    batch_sizes=st.lists(st.integers(1, 7), min_size=1),
+    shuffle=st.randoms(use_true_random=False),
+    offsets=st.tuples(
+        st.integers(-3600 * 10**6, 4 * 3600 * 10**6), st.integers(0, 4 * 3600 * 10**6)
+    ),
+    interval=st.sampled_from(["hour", "day"]),
+    zone=st.sampled_from(ZONES),
+    compact_after=st.sets(st.integers(0, 12)),
+    customer=st.sampled_from([None, "c1"]),
+    tag=st.sampled_from([None, "p"]),
+    now=st.integers(CROWD_START, CROWD_START + 5 * 3600 * 10**6),
+    summed=st.booleans(),
+)
+@pytest.mark.slow
+def test_latest_and_integral_over_crowded_buckets_equal_the_reference(
+    tmp_path_factory: pytest.TempPathFactory,
+    events: list[Event],
+    aggregation: dict[str, Any],
+    split: int,
+    batch_sizes: list[int],
+    shuffle: Any,
+    offsets: tuple[int, int],
+    interval: str,
+    zone: str,
+    compact_after: set[int],
+    customer: str | None,
+    tag: str | None,
+    now: int,
+    summed: bool,
+) -> None:
+    """The aggregations that depend on when events happened, over three hours of events (a
+    dozen buckets, several points in each, ties at one instant), arriving in any order and in
+    any batches, late ones included: a bucket's latest point, and the value an integral
+    carries across bucket and period edges, come out as the reference's."""
+    meter_create = MeterCreate.model_validate(
+        {
+            "name": "meter",
+            "filter": {"conjunction": "and", "clauses": []},
+            "aggregation": aggregation,
+        }
+    )
+    start = CROWD_START + offsets[0]
+    end = start + offsets[1]
+    window = (start, end, interval, zone, now)
+    arrivals = Arrivals(split, batch_sizes, shuffle, compact_after)
+    periods, total = _quantities(
+        tmp_path_factory, events, meter_create, arrivals, (customer, tag), window, summed
+    )
+    _check(events, meter_create, (customer, tag), window, periods, total, summed)
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """How events reach the store: shuffled, `split` of them before the meter exists (then
+    backfilled), in batches of `sizes`, compacted and rewritten after the steps numbered in
+    `compact_after`."""
+
+    split: int
+    sizes: list[int]
+    shuffle: Any
+    compact_after: set[int]
+
+
+def _quantities(
+    tmp_path_factory: pytest.TempPathFactory,
+    events: list[Event],
+    meter_create: MeterCreate,
+    arrivals: Arrivals,
+    scoped: tuple[str | None, str | None],
+    window: tuple[int, int, str, str, int],
+    summed: bool = False,
+) -> tuple[list[tuple[datetime, float]], float]:
+    """The quantities a store answers for `window` (start, end, interval, zone, now), scoped to
+    a customer and a tag, after the events arrived as `arrivals` says; `summed`: each
+    customer's, added up (`customer_aggregation_function=sum`)."""
+    order = list(events)
+    arrivals.shuffle.shuffle(order)
+    before, after = order[: arrivals.split], order[arrivals.split :]
+    customer, tag = scoped
+    start, end, interval, zone, now = window
+
+    async def run() -> tuple[list[tuple[datetime, float]], float]:
+        path = tmp_path_factory.mktemp("q") / "m.duckdb"
+        async with Store(path, compact_seconds=3600, recluster=NEVER) as store:
+            steps = iter(range(10**6))
+
+            async def step(job: Any) -> Any:
+                result = await store.write(job)
+                if next(steps) in arrivals.compact_after:
+                    await store.write(lambda tx: compact(tx.con))
+                    for table in CLUSTERED:
+                        await store.read(recluster, table)
+                return result
+
+            await _ingest(step, store, before, arrivals.sizes)
+            meter = await store.write(create_job(ORG, meter_create, 0, meter_id=str(uuid.uuid4())))
+            while True:  # the backfill, a small chunk per writer job
+                progress = await step(backfill_step_job(meter.id, meter.version, 7))
+                if progress is None or progress[0] >= progress[1]:
+                    break
+            await _ingest(step, store, after, arrivals.sizes)
+            scope = Scope(
+                meter,
+                None if customer is None else (f"ext:{customer}",),
+                () if tag is None else (("tag", (tag,)),),
+                by_customer=summed,
+            )
+            across = "sum" if summed else None
+            return await store.read(
+                compute, scope, start, end, interval, ZoneInfo(zone), across, now
+            )
+
+    return asyncio.run(run())
 
 
 _ONE_US = timedelta(microseconds=1)
@@ -230,3 +389,55 @@ async def _ingest(
         await write(IngestJob(ORG, to_table(chunk), 0))
         i += size
         k += 1
+
+
+def _event(i: int, seconds: int, value: float, customer: str = "c1") -> Event:
+    return Event(
+        name="a",
+        timestamp_us=CROWD_START + seconds * 10**6,
+        customer_id=None,
+        external_customer_id=customer,
+        external_id=f"e{i}",
+        parent_id=None,
+        external_member_id=None,
+        metadata={"v": value},
+        cost_amount=None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "expected"),
+    [
+        # c1's latest is 9 (at 3 s, the greater of 9 and 6), c2's 1: summed, 10.
+        ({"func": "latest", "property": "v"}, 10.0),
+        # c1 holds 5 for 1 s, 2 for 1 s, then 9 until now (3,597 s); c2 holds 1 from 4 s.
+        ({"func": "integral", "property": "v", "per": "second"}, 5 + 2 + 9 * 3597 + 3596),
+    ],
+)
+def test_a_late_batch_changes_a_bucket_it_shares(
+    tmp_path_factory: pytest.TempPathFactory, aggregation: dict[str, Any], expected: float
+) -> None:
+    """Points of one customer in one bucket, some arriving in a later batch between and at the
+    instants of earlier ones, each quantity read after every batch."""
+    events = [
+        _event(1, 1, 5),
+        _event(2, 3, 6),
+        _event(3, 2, 2),
+        _event(4, 3, 9),
+        _event(5, 4, 1, "c2"),
+    ]
+    meter_create = MeterCreate.model_validate(
+        {
+            "name": "meter",
+            "filter": {"conjunction": "and", "clauses": []},
+            "aggregation": aggregation,
+        }
+    )
+    arrivals = Arrivals(0, [2, 3], random.Random(0), set())
+    arrivals.shuffle.shuffle = lambda order: None  # the order above
+    window = (CROWD_START, CROWD_START + 3600 * 10**6 - 1, "day", "UTC", CROWD_START + 3600 * 10**6)
+    periods, total = _quantities(
+        tmp_path_factory, events, meter_create, arrivals, (None, None), window, summed=True
+    )
+    assert total == pytest.approx(expected)
+    _check(events, meter_create, (None, None), window, periods, total, summed=True)

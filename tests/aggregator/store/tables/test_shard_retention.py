@@ -249,7 +249,14 @@ async def _reads(
             assert found is not None
             names = tuple(subjects.of_customer(found))
             quantity = await store.read(
-                compute, Scope(meter, names), now - HOUR, now + HOUR, "day", ZoneInfo("UTC"), None
+                compute,
+                Scope(meter, names),
+                now - HOUR,
+                now + HOUR,
+                "day",
+                ZoneInfo("UTC"),
+                None,
+                now,
             )
             query = EventQuery(
                 customer_ids=(c.id,),
