@@ -33,8 +33,6 @@ UniqueKey = tuple[str, str | float | bool]
 # Aggregations whose results over periods add up to the result over their union: only these
 # can be pre-summed per period and forwarded as such (rollup mode), counted upstream by `sum`.
 ADDITIVE = frozenset({"count", "sum"})
-# Results that depend on when events happened, not only on which events are in the meter.
-TIMED = frozenset({"latest", "integral"})
 NEVER_US = -(2**63)  # before any event: no point held yet
 PER_US = {"second": 1_000_000, "minute": 60_000_000, "hour": 3_600_000_000, "day": 86_400_000_000}
 
@@ -117,7 +115,6 @@ Aggregation = Annotated[
     CountAggregation | IntegralAggregation | PropertyAggregation | UniqueAggregation,
     Field(discriminator="func"),
 ]
-AnyAggregation = CountAggregation | PropertyAggregation | UniqueAggregation
 
 
 def number(path: Path, event: EventView) -> float | None:
@@ -147,7 +144,7 @@ def unique_key(path: Path, event: EventView) -> UniqueKey | None:
 
 
 def fold(
-    aggregation: AnyAggregation,
+    aggregation: CountAggregation | PropertyAggregation | UniqueAggregation,
     events: Iterable[EventView],
     *,
     start_us: int | None = None,
@@ -182,22 +179,16 @@ def fold(
     return max(values) if aggregation.func == "max" else min(values)
 
 
-def held(points: Iterable[tuple[int, float]]) -> dict[int, float]:
-    """One customer's points (timestamp, value), in any order, as the value held from each
-    instant: of several at one instant, the greatest."""
+def integral(
+    points: Iterable[tuple[int, float]], start_us: int, end_us: int, per: str = "hour"
+) -> float:
+    """The integral over [start_us, end_us) of the value one customer's points (timestamp,
+    value; any order) hold, each from its instant until the next (of several at one instant,
+    the greatest), in value × `per`: nothing before the first point."""
     steps: dict[int, float] = {}
     for at, value in points:
         if at not in steps or value > steps[at]:
             steps[at] = value
-    return steps
-
-
-def integral(
-    points: Iterable[tuple[int, float]], start_us: int, end_us: int, per: str = "hour"
-) -> float:
-    """The integral over [start_us, end_us) of the value one customer's points hold (each from
-    its instant until the next point), in value × `per`: nothing before the first point."""
-    steps = held(points)
     times = sorted(steps)
     parts = []
     for i, at in enumerate(times):

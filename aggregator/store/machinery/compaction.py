@@ -92,7 +92,7 @@ CLUSTERED = {
         "SELECT DISTINCT * FROM"
         " (SELECT * FROM rollup_values UNION ALL SELECT * FROM rollup_value_deltas)",
     ),
-    # One point per instant, the greatest value at it (`meters.aggregations.held`).
+    # One point per instant, the greatest value at it (`meters.aggregations.integral`).
     "rollup_points": (
         "rollup_point_deltas",
         "(meter_id UUID NOT NULL, subject VARCHAR NOT NULL, bucket TIMESTAMPTZ NOT NULL,"

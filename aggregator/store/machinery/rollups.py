@@ -3,11 +3,11 @@
 Per (meter, customer reference, 15-minute UTC bucket): the number of events in the meter, the
 sum, min and max of their contributions (count: 1 each); for unique meters, the set of
 distinct values; for the meters whose result depends on when events happened, points (instant,
-value): a latest meter's greatest point, every point of an integral meter (one per instant,
-the greatest value at it). Each merges across batches and arrival orders: sets unite, and the
-greatest of greatest points is the greatest point. Any interval in any timezone is a union of
-buckets, so quantities merge rows instead of rescanning events. Deltas are appended; readers
-read the `all_*` views (the keyed tables and their deltas, see `compaction`).
+value): a latest meter's greatest point, every point of an integral meter (of several at one
+instant, the greatest value counts). Each merges across batches and arrival orders: sets
+unite, and the greatest of greatest points is the greatest point. Any interval in any timezone
+is a union of buckets, so quantities merge rows instead of rescanning events. Deltas are
+appended; readers read the `all_*` views (the keyed tables and their deltas, see `compaction`).
 
 Applying events is two steps. `evaluate` computes, in one statement per `METERS_PER_STATEMENT`
 meters, every meter's contribution of every event (each metadata document parsed once for every
@@ -258,8 +258,8 @@ def store(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
 def _store_points(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
     """The points of latest meters (each bucket's greatest) and integral meters (each event's:
     several at one instant are merged where they are read), and the ledger's latest points,
-    appended to their deltas. Points are read from each batch's columns, a statement per meter
-    and batch: a few such meters cost less so than as rows (`_long`) of every meter."""
+    appended to their deltas. Each batch's columns are read with a statement per meter: for a
+    few such meters, cheaper than turning the contributions into rows (`_long`)."""
     for batch in batches:
         latest, every = _of(batch.meters, ("latest",)), _of(batch.meters, ("integral",))
         if not latest and not every:

@@ -315,6 +315,9 @@ def test_a_customer_meters_history_charts_usage_and_credits(page: Page, world: W
     )
     assert credited == 1
     assert page.inner_text("#balance td.balance") == "250"
+    # Its credit is one grant (meterline's own read): default priority, no expiry, active.
+    page.wait_for_selector("#grants td:has-text('active')")
+    assert "never" in page.inner_text("#grants")
     _shot(page, world, "customer-meter")
 
 
