@@ -21,7 +21,6 @@ import asyncio
 import random
 import shutil
 import statistics
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables.ledger_tables import credit_job
 from benchmarks.common import metric
-from benchmarks.ledger import BATCH, _ms, _usage_batch, customers_and_meter
+from benchmarks.ledger import BATCH, _ms, _usage_batch, customers_and_meter, timed_check
 from benchmarks.server import Server
 from meters.ledger_rules import CreditCreate
 from meters.times import now_us
@@ -145,15 +144,7 @@ def _round(server: Server, meter_id: str, plan: dict[str, int], seed: int) -> di
         for i in range(2 * (plan["checks"] + 50)):  # the first 50 of each warm up
             kind = "one_credit" if i % 2 == 0 else "ten_grants"
             customer = rng.randrange(half) + (0 if kind == "one_credit" else half)
-            params: dict[str, str | int] = {
-                "external_customer_id": f"cust_{customer}",
-                "meter_id": meter_id,
-                "units": 10,
-            }
-            started = time.perf_counter()
-            response = client.get("/v1/customer-meters/check", params=params)
-            elapsed = time.perf_counter() - started
-            response.raise_for_status()
+            elapsed = timed_check(client, customer, meter_id)
             if i >= 100:
                 timings[kind].append(elapsed)
     return {

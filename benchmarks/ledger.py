@@ -94,6 +94,20 @@ def balance_check(quick: bool = False) -> dict[str, Any]:
     }
 
 
+def timed_check(client: httpx.Client, customer: int, meter_id: str) -> float:
+    """Seconds a balance check of 10 units of customer `cust_<customer>` took over HTTP."""
+    params: dict[str, str | int] = {
+        "external_customer_id": f"cust_{customer}",
+        "meter_id": meter_id,
+        "units": 10,
+    }
+    started = time.perf_counter()
+    response = client.get("/v1/customer-meters/check", params=params)
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    return elapsed
+
+
 async def customers_and_meter(store: Store, org: str, customers: int) -> MeterRow:
     """Customers `cust_0…` (inserted with SQL) and a sum meter of `tokens` for them."""
     await store.write(
@@ -181,15 +195,8 @@ def _over_http(server: Server, details: dict[str, Any], plan: dict[str, int]) ->
         base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}
     ) as client:
         for i in range(plan["http"] + 50):  # the first 50 warm up
-            params = {
-                "external_customer_id": f"cust_{rng.randrange(plan['customers'])}",
-                "meter_id": details["meter_id"],
-                "units": 10,
-            }
-            started = time.perf_counter()
-            response = client.get("/v1/customer-meters/check", params=params)
-            elapsed = time.perf_counter() - started
-            response.raise_for_status()
+            customer = rng.randrange(plan["customers"])
+            elapsed = timed_check(client, customer, details["meter_id"])
             if i >= 50:
                 timings.append(elapsed)
     return {"requests": len(timings), "p50_ms": _ms(timings, 50), "p99_ms": _ms(timings, 99)}

@@ -222,37 +222,47 @@ def store(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
     that each statement's text is the same whatever the meters: its cost grows with the values
     stored, not with how many meters an organization defines."""
     numbers = [_long(b.values, _of(b.meters, ("number",)), _ROLLUP_KEYS) for b in batches]
-    numbers = [t for t in numbers if t.num_rows]
-    if numbers:
-        with registered(con, "_rollup_numbers", pa.concat_tables(numbers)):
-            con.execute(
-                "INSERT INTO rollup_deltas SELECT meter_id::UUID, subject, bucket, count(*),"
-                " sum(v), min(v), max(v) FROM _rollup_numbers GROUP BY meter_id, subject, bucket"
-            )
+    _append(
+        con,
+        numbers,
+        "_rollup_numbers",
+        "INSERT INTO rollup_deltas SELECT meter_id::UUID, subject, bucket, count(*), sum(v),"
+        " min(v), max(v) FROM _rollup_numbers GROUP BY meter_id, subject, bucket",
+    )
     uniques = [_long(b.values, _of(b.meters, ("unique",)), _ROLLUP_KEYS) for b in batches]
-    uniques = [t for t in uniques if t.num_rows]
-    if uniques:
-        with registered(con, "_rollup_values", pa.concat_tables(uniques)):
-            con.execute(
-                "INSERT INTO rollup_value_deltas"
-                " SELECT DISTINCT meter_id::UUID, subject, bucket, v FROM _rollup_values"
-            )
+    _append(
+        con,
+        uniques,
+        "_rollup_values",
+        "INSERT INTO rollup_value_deltas"
+        " SELECT DISTINCT meter_id::UUID, subject, bucket, v FROM _rollup_values",
+    )
     _store_points(con, batches)
-    ledgers = [_timed(b.ledger, b.at_us) for b in batches if b.ledger.num_rows]
-    if ledgers:
-        with registered(con, "_ledger", pa.concat_tables(ledgers)):
-            con.execute(
-                "INSERT INTO ledger_usage_deltas SELECT meter_id::UUID, subject, sum(events),"
-                " sum(total), min(low), max(high), make_timestamptz(min(at_us)),"
-                " make_timestamptz(max(at_us)) FROM _ledger GROUP BY ALL"
-            )
-    values = [b.ledger_values for b in batches if b.ledger_values.num_rows]
-    if values:
-        with registered(con, "_ledger_values", pa.concat_tables(values)):
-            con.execute(
-                "INSERT INTO ledger_usage_value_deltas"
-                " SELECT DISTINCT meter_id::UUID, subject, value FROM _ledger_values"
-            )
+    _append(
+        con,
+        [_timed(b.ledger, b.at_us) for b in batches],
+        "_ledger",
+        "INSERT INTO ledger_usage_deltas SELECT meter_id::UUID, subject, sum(events), sum(total),"
+        " min(low), max(high), make_timestamptz(min(at_us)), make_timestamptz(max(at_us))"
+        " FROM _ledger GROUP BY ALL",
+    )
+    _append(
+        con,
+        [b.ledger_values for b in batches],
+        "_ledger_values",
+        "INSERT INTO ledger_usage_value_deltas"
+        " SELECT DISTINCT meter_id::UUID, subject, value FROM _ledger_values",
+    )
+
+
+def _append(
+    con: duckdb.DuckDBPyConnection, tables: list[pa.Table], name: str, statement: str
+) -> None:
+    """Run `statement` over the rows of `tables`, registered together as `name`, if any."""
+    rows = [t for t in tables if t.num_rows]
+    if rows:
+        with registered(con, name, pa.concat_tables(rows)):
+            con.execute(statement)
 
 
 def _store_points(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
@@ -279,14 +289,14 @@ def _store_points(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) 
                     f" v{i} FROM _values WHERE v{i} IS NOT NULL",
                     [meter.id],
                 )
-    ledger = [b.ledger_points for b in batches if b.ledger_points.num_rows]
-    if ledger:
-        with registered(con, "_ledger_points", pa.concat_tables(ledger)):
-            # As they come: compaction and readers take each subject's greatest.
-            con.execute(
-                "INSERT INTO ledger_point_deltas"
-                " SELECT meter_id::UUID, subject, at_us, value FROM _ledger_points"
-            )
+    # As they come: compaction and readers take each subject's greatest.
+    _append(
+        con,
+        [b.ledger_points for b in batches],
+        "_ledger_points",
+        "INSERT INTO ledger_point_deltas"
+        " SELECT meter_id::UUID, subject, at_us, value FROM _ledger_points",
+    )
 
 
 _ROLLUP_KEYS = ("subject", "bucket")
