@@ -22,7 +22,7 @@ import httpx
 import orjson
 
 from tests.inprocess import ServedCore
-from tests.processes import Server
+from tests.processes import TLS, Server
 
 
 class FaultProxy:
@@ -88,7 +88,11 @@ class FaultProxy:
             def _forward(self, body: bytes) -> httpx.Response:
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                 return httpx.request(
-                    self.command, proxy.upstream + self.path, content=body, headers=headers
+                    self.command,
+                    proxy.upstream + self.path,
+                    content=body,
+                    headers=headers,
+                    verify=TLS,
                 )
 
             def _relay(self, body: bytes) -> None:

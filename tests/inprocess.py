@@ -35,6 +35,7 @@ from aggregator.store import Store
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.tables.meter_tables import pending_backfills
 from ingest.validation import ValidationPool
+from tests.processes import TLS
 
 T = TypeVar("T")
 
@@ -169,7 +170,7 @@ class ServedCore:
 
     def _serving(self) -> bool:
         try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            return httpx.get(f"{self.url}/healthz", timeout=1, verify=TLS).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -200,7 +201,7 @@ class ServedCore:
 
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token or self.token}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, verify=TLS)
 
     def stop(self, timeout: float = 60.0) -> None:
         """A graceful shutdown, as SIGTERM gives the command: pending writes are drained."""

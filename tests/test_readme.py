@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import free_port, wait_until
+from tests.processes import TLS, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -153,7 +153,7 @@ def make_up(cwd: Path, env: dict[str, str], address: str) -> Iterator[Callable[[
     def serving() -> bool:
         assert proc.poll() is None, "make up exited:\n" + "".join(lines[-40:])
         try:
-            return httpx.get(f"http://{address}/healthz", timeout=2).status_code == 200
+            return httpx.get(f"http://{address}/healthz", timeout=2, verify=TLS).status_code == 200
         except httpx.TransportError:
             return False
 

@@ -158,12 +158,13 @@ class PublicTransport(httpx.AsyncHTTPTransport):
         resolver: Resolve = resolve,
         network: httpcore.AsyncNetworkBackend | None = None,
     ) -> None:
-        super().__init__()
+        tls = httpx.create_ssl_context()  # one for both pools: each costs ~25 ms of CPU
+        super().__init__(verify=tls)
         limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's
         # httpx's own pool, as its constructor builds it, with the guarded network backend
         # (httpx takes none of its own).
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
+            ssl_context=tls,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
