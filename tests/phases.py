@@ -3,7 +3,8 @@ summary line for the whole run (what CI prints last).
 
 1. lint: `ruff format --check` and `ruff check` (one check).
 2. typecheck: `mypy` on the packages (one check).
-3. parallel: the tests not marked `serial`, test files spread over three workers.
+3. parallel: the tests not marked `serial`, test files spread over three workers, those with
+   slow tests first.
 4. serial: the tests that measure time or starve a server on purpose, alone.
 5. checkout: `git status` shows what it showed before the run, each changed file unchanged
    since (one check): the suite writes nothing into the checkout. (CI's clone is clean.)
@@ -141,6 +142,10 @@ def main() -> int:
             prefix,
             folder / "parallel.xml",
             *("-n", "3", "--dist", "loadfile", "-m", "not serial"),
+            # In the collected order (tests/conftest.py: modules with slow tests first), not
+            # xdist's default of modules with the most tests first: that put the longest
+            # modules, which have a test or two, last, with one worker left running them.
+            "--no-loadscope-reorder",
             f"--basetemp={temporary}/parallel",
         )
         total += pytest(
