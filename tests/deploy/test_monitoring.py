@@ -76,9 +76,16 @@ def test_every_metric_the_dashboard_queries_is_served(running: Running) -> None:
     expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(dashboard["panels"]) == 6 and all(METRIC_NAME.search(e) for e in expressions)
     queried = {name for e in expressions for name in METRIC_NAME.findall(e)}
-    # Before anything happened (this test runs first): every series a panel plots is at 0.
+
+    # Before anything happened (this test runs first): every series a panel plots is at 0,
+    # once the core's consumer has its partitions (the lag has a sample per partition).
+    def plotted() -> bool:
+        return (
+            queried - (_sampled(_metrics(running.core)) | _sampled(_metrics(running.edge))) == set()
+        )
+
+    wait_until(plotted, 30)
     core, edge = _metrics(running.core), _metrics(running.edge)
-    assert queried - (_sampled(core) | _sampled(edge)) == set()
     # The alerting rules watch metrics that exist (a failed meter's has samples only then).
     watched = set(METRIC_NAME.findall((DEPLOY / "prometheus" / "alerts.yml").read_text()))
     assert watched and watched - (_names(core) | _names(edge)) == set()

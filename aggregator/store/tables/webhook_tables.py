@@ -591,17 +591,17 @@ def _attempted(tx: Tx, attempt: Attempt, disable_after_seconds: float) -> None:
         ],
     )
     if attempt.succeeded:
-        _end_row(con, d, "state = 'delivered', ended_at = make_timestamptz(?)", now)
+        _end_row(con, attempt, "state = 'delivered', ended_at = make_timestamptz(?)", now)
         con.execute(
             "UPDATE webhook_endpoints SET failing_since = NULL WHERE id = ?::UUID",
             [d.endpoint_id],
         )
         return
     if now - d.created_at_us >= RETRY_SECONDS * _US:
-        _end_row(con, d, "state = 'failed', ended_at = make_timestamptz(?)", now)
+        _end_row(con, attempt, "state = 'failed', ended_at = make_timestamptz(?)", now)
     else:
         wait_us = int(retry_after_seconds(d.attempts + 1) * _US)
-        _end_row(con, d, "next_at = make_timestamptz(?)", now + wait_us)
+        _end_row(con, attempt, "next_at = make_timestamptz(?)", now + wait_us)
     con.execute(
         "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since,"
         " make_timestamptz(?)) WHERE id = ?::UUID",
@@ -627,12 +627,22 @@ def _attempted(tx: Tx, attempt: Attempt, disable_after_seconds: float) -> None:
         tx.live.feature(StateSubscribers).forget(d.organization_id)
 
 
-def _end_row(con: Con, d: Due, assignment: str, value: int) -> None:
-    """Count the attempt on `d`'s outbox row and apply `assignment` (one parameter)."""
+def _end_row(con: Con, attempt: Attempt, assignment: str, value: int) -> None:
+    """Count `attempt` on its outbox row and apply `assignment` (one parameter). A redelivery
+    asked once the attempt had begun (`redeliver_job` moved the row's `next_at` past the
+    attempt's start) is not ended by it: the row stays due at the time asked, and is sent
+    again (the receiver may have had the attempt before the request was made)."""
+    d = attempt.due
+    started_us = attempt.at_us - int(attempt.latency_ms * 1000)
+    where = " WHERE event_id = ?::UUID AND endpoint_id = ?::UUID AND state = 'pending' AND next_at"
     con.execute(
         f"UPDATE webhook_outbox SET attempts = attempts + 1, {assignment}"  # noqa: S608 (constant)
-        " WHERE event_id = ?::UUID AND endpoint_id = ?::UUID AND state = 'pending'",
-        [value, d.event_id, d.endpoint_id],
+        f"{where} <= make_timestamptz(?)",
+        [value, d.event_id, d.endpoint_id, started_us],
+    )
+    con.execute(
+        f"UPDATE webhook_outbox SET attempts = attempts + 1{where} > make_timestamptz(?)",  # noqa: S608 (constant)
+        [d.event_id, d.endpoint_id, started_us],
     )
 
 
