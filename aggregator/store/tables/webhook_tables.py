@@ -635,14 +635,16 @@ def _end_row(con: Con, attempt: Attempt, assignment: str, value: int) -> None:
     d = attempt.due
     started_us = attempt.at_us - int(attempt.latency_ms * 1000)
     where = " WHERE event_id = ?::UUID AND endpoint_id = ?::UUID AND state = 'pending' AND next_at"
+    # The redelivery's case first: `assignment` may move next_at past the start (a retry's
+    # time), and the row must not then be counted again.
+    con.execute(
+        f"UPDATE webhook_outbox SET attempts = attempts + 1{where} > make_timestamptz(?)",  # noqa: S608 (constant)
+        [d.event_id, d.endpoint_id, started_us],
+    )
     con.execute(
         f"UPDATE webhook_outbox SET attempts = attempts + 1, {assignment}"  # noqa: S608 (constant)
         f"{where} <= make_timestamptz(?)",
         [value, d.event_id, d.endpoint_id, started_us],
-    )
-    con.execute(
-        f"UPDATE webhook_outbox SET attempts = attempts + 1{where} > make_timestamptz(?)",  # noqa: S608 (constant)
-        [d.event_id, d.endpoint_id, started_us],
     )
 
 
