@@ -207,6 +207,8 @@ def test_a_delivery_pending_at_kill_9_is_made_after_restart(tmp_path: Path) -> N
             server.start()
             wait_until(lambda: len(receiver.received) >= 1, 30)
             org.http = server.client(org.token)
+            # The receiver has the attempt before the sender records it.
+            wait_until(lambda: len(org.deliveries()) >= 2, 30)
             logged = org.deliveries()
     assert [d["succeeded"] for d in sorted(logged, key=lambda d: d["attempt"])] == [False, True]
     assert logged[0]["webhook_event"]["id"] == receiver.received[0].headers["webhook-id"]
