@@ -12,23 +12,14 @@ from pathlib import Path
 from aggregator.store import Store
 from aggregator.store.tables import webhook_tables as sql
 from meters.times import now_us
-from meters.webhook_rules import EndpointCreate, new_secret
-from tests.aggregator.store.tables.test_webhook_retention import ORG
+from tests.aggregator.store.tables.test_webhook_retention import ORG, new_endpoint
 
 S = 1_000_000
 
 
 async def _pending_event(store: Store, at_us: int) -> tuple[str, str]:
     """An event with a pending outbox row due at `at_us` for a new endpoint: (event, endpoint)."""
-    endpoint = await store.write(
-        sql.create_endpoint_job(
-            ORG,
-            EndpointCreate(url="https://example.com/h", format="raw", events=["meter.alert"]),
-            at_us,
-            endpoint_id=str(uuid.uuid4()),
-            secret=new_secret(),
-        )
-    )
+    endpoint = await new_endpoint(store, at_us)
     event_id = str(uuid.uuid4())
 
     def job(tx: sql.Tx) -> None:

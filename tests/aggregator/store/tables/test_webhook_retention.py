@@ -16,20 +16,23 @@ ORG = str(uuid.uuid4())
 DAY_US = 86_400 * 1_000_000
 
 
+async def new_endpoint(store: Store, at_us: int) -> sql.EndpointRow:
+    """A new endpoint of `ORG` taking `meter.alert`, made at `at_us`."""
+    return await store.write(
+        sql.create_endpoint_job(
+            ORG,
+            EndpointCreate(url="https://example.com/h", format="raw", events=["meter.alert"]),
+            at_us,
+            endpoint_id=str(uuid.uuid4()),
+            secret=new_secret(),
+        )
+    )
+
+
 def test_prune_keeps_pending_and_recent(tmp_path: Path) -> None:
     async def run() -> tuple[int, list[tuple[str, str]], int]:
         async with Store(tmp_path / "m.duckdb") as store:
-            endpoint = await store.write(
-                sql.create_endpoint_job(
-                    ORG,
-                    EndpointCreate(
-                        url="https://example.com/h", format="raw", events=["meter.alert"]
-                    ),
-                    now_us(),
-                    endpoint_id=str(uuid.uuid4()),
-                    secret=new_secret(),
-                )
-            )
+            endpoint = await new_endpoint(store, now_us())
             now = now_us()
             old = now - 40 * DAY_US
             # Three events 40 days old: delivered, given up, still pending; one delivered today.
