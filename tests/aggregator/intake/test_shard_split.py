@@ -25,7 +25,7 @@ import pytest
 from aggregator import cli
 from aggregator.api.shard_routing import ROUTED_HEADER
 from tests.aggregator.intake.test_control_topic import _ok
-from tests.aggregator.intake.test_shards import _moved
+from tests.aggregator.intake.test_shards import _moved, _shard_of
 from tests.inprocess import ServedCore
 from tests.pipeline import TOKENS_METER, _wide
 from tests.processes import Broker, MeterlineServer, edge_token, wait_until
@@ -125,11 +125,19 @@ def test_splitting_two_shards_into_four_under_load_loses_and_doubles_nothing(
         one = stack.enter_context(old0.client(token))
         other = stack.enter_context(old1.client(token))
         meter = _ok(one.post("/v1/meters/", json=TOKENS_METER))["id"]
-        customers = []
-        for i in range(10):
+        customers, crossing = [], False
+        for i in range(40):
+            # Ten or more, until one has its id and its external id on different shards: ids
+            # are random, and with none such (1 run in 64) nothing would be moved.
+            if i >= 10 and crossing:
+                break
             body = {"email": f"c{i}@x.org", **({"external_id": f"c{i}"} if i % 3 else {})}
             made = _ok(one.post("/v1/customers/", json=body))
             customers.append({"id": made["id"], "external_id": made["external_id"]})
+            org, keys = made["organization_id"], [f"id:{made['id']}", f"ext:c{i}"]
+            shards = {_shard_of(org, key, PARTITIONS, 2) for key in keys}
+            crossing |= bool(made["external_id"]) and len(shards) == 2
+        assert crossing
         for customer in customers:  # every shard knows them before events name them
             path = f"/v1/customers/{customer['id']}"
             wait_until(lambda p=path: other.get(p, headers={ROUTED_HEADER: "1"}).is_success, 30)
@@ -139,7 +147,7 @@ def test_splitting_two_shards_into_four_under_load_loses_and_doubles_nothing(
         sending = stack.enter_context(edge.client(edge_token(edge, token)))
         with Load(sending, customers) as load:
             load.wait_batches(40)
-            # Rows keyed by another id were moved (once the cores, behind the edge's
+            # Rows keyed by the other shard's id were moved (once the cores, behind the edge's
             # acknowledgements under load, have applied them).
             wait_until(lambda: _moved(one) + _moved(other) > 0, 60)
             printed = _split(broker, secret)

@@ -159,9 +159,9 @@ def _moved(client: httpx.Client) -> int:
     return int(line.split()[-1])
 
 
-def _shard_of(org: str, subject: str) -> int:
+def _shard_of(org: str, subject: str, partitions: int = PARTITIONS, shards: int = SHARDS) -> int:
     """Which shard holds the partition of a customer's subject (`id:…` or `ext:…`)."""
-    return partition_of(subject_key(org, subject).encode(), PARTITIONS) % SHARDS
+    return partition_of(subject_key(org, subject).encode(), partitions) % shards
 
 
 def _apart(org: str) -> list[str]:
