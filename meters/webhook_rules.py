@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import random
 import secrets
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -25,7 +24,6 @@ RETRY_SECONDS = 24 * 3600
 _FIRST_RETRY_SECONDS = 5.0
 _LONGEST_WAIT_SECONDS = 4 * 3600.0
 RESPONSE_EXCERPT_BYTES = 1024
-_JITTER = random.Random()  # noqa: S311 (jitter, not a secret)
 
 
 def _http_url(value: str) -> str:
@@ -83,9 +81,10 @@ def signature(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def retry_after_seconds(attempts: int, rng: random.Random | None = None) -> float:
+def retry_after_seconds(attempts: int, spread: float) -> float:
     """The wait before the next attempt after `attempts` failed ones: exponential from 5 s,
-    at most 4 h, with ±20 % jitter (so that receivers back up are not hit all at once)."""
+    at most 4 h, with ±20 % jitter (so that receivers backed up are not hit all at once).
+    `spread` in [0, 1) places it in that range: the caller draws it from the attempt itself,
+    so that every replica applying the attempt's record schedules the same retry."""
     wait = min(_FIRST_RETRY_SECONDS * 2 ** max(attempts - 1, 0), _LONGEST_WAIT_SECONDS)
-    jitter = (rng or _JITTER).uniform(0.8, 1.2)
-    return float(wait * jitter)
+    return float(wait * (0.8 + 0.4 * spread))

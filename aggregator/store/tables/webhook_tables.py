@@ -10,6 +10,7 @@ failing for longer than its settings allow is disabled with the reason.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -600,7 +601,8 @@ def _attempted(tx: Tx, attempt: Attempt, disable_after_seconds: float) -> None:
     if now - d.created_at_us >= RETRY_SECONDS * _US:
         _end_row(con, attempt, "state = 'failed', ended_at = make_timestamptz(?)", now)
     else:
-        wait_us = int(retry_after_seconds(d.attempts + 1) * _US)
+        spread = uuid.UUID(delivery).int % 2**32 / 2**32  # the attempt's, the same everywhere
+        wait_us = int(retry_after_seconds(d.attempts + 1, spread) * _US)
         _end_row(con, attempt, "next_at = make_timestamptz(?)", now + wait_us)
     con.execute(
         "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since,"
