@@ -2,11 +2,11 @@
 applies what that core journals while it runs: API writes sent to either and events sent to an
 edge, in an order whose outcomes depend on it (the control topic test's workload), give at the
 same journal offset the same digest and byte-equal answers to every list read, a credit plan's
-second cycle (run by the core's plan cycler) included, and the same webhook deliveries (the
-attempts and the customer.state_changed events the core made are journal groups). A write
-sent to the replica is answered once applied, as on the core. The replica reads no partition
-itself and delivers no webhook: a receiver gets each alert once, from the core. Each lists
-both in `GET /v1/cluster/`."""
+second cycle and a credit grant's expiry (timed writes the core's plan cycler runs) included,
+and the same webhook deliveries (the attempts and the customer.state_changed events the core
+made are journal groups). A write sent to the replica is answered once applied, as on the
+core. The replica reads no partition itself and delivers no webhook: a receiver gets each
+alert once, from the core. Each lists both in `GET /v1/cluster/`."""
 
 from __future__ import annotations
 
@@ -80,6 +80,20 @@ def _second_cycle_soon(client: httpx.Client, meter_id: str) -> str:
     return str(_ok(client.post("/v1/credit-plans/", json=body))["id"])
 
 
+def _expiring_soon(client: httpx.Client, meter_id: str) -> str:
+    """A grant of its own priority expiring a few seconds on, beside a plain credit: the
+    leader's plan cycler expires it (a timed write, journaled as a plan cycle is). Its
+    customer meter's id."""
+    customer = _ok(client.post("/v1/customers/", json={"email": "grant@example.com"}))["id"]
+    expires = (datetime.now(UTC) + timedelta(seconds=4)).isoformat()
+    ref = {"customer_id": customer, "meter_id": meter_id}
+    body = {**ref, "units": 50, "priority": 5, "expires_at": expires, "external_id": "expiring"}
+    _ok(client.post("/v1/meter-credits/", json=body))
+    _ok(client.post("/v1/meter-credits/", json={**ref, "units": 10, "external_id": "plain"}))
+    found = _ok(client.get("/v1/customer-meters/", params=ref))["items"]
+    return str(found[0]["id"])
+
+
 def _cores(client: httpx.Client) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = _ok(client.get("/v1/cluster/"))["items"]
     return items
@@ -126,9 +140,12 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
             # A plan whose second boundary comes a few seconds on: the core's plan cycler
             # processes it, as a journal group the replica applies too.
             plan = _second_cycle_soon(core, workload.meters[0])
+            # And a grant's expiry, the same way.
+            grants = f"/v1/customer-meters/{_expiring_soon(core, workload.meters[0])}/grants"
             wait_until(lambda: _plan(core, plan)["cycles"] == 2, 30)
+            wait_until(lambda: _ok(core.get(grants))["items"][0]["expired"], 30)
             (first, reads), (again, reads_again) = _settled_together(
-                core, through_replica, paths=(*READS, DELIVERIES)
+                core, through_replica, paths=(*READS, DELIVERIES, grants)
             )
             plans, plans_again = (
                 c.get("/v1/credit-plans/").content for c in (core, through_replica)
@@ -147,7 +164,8 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
     _assert_same(first, again)
     assert plans_again == plans
     assert b"customer.state_changed" in reads[DELIVERIES]
-    for path in (*READS, DELIVERIES, "events"):
+    assert b"meter.credit_expired" in reads["events"]
+    for path in (*READS, DELIVERIES, grants, "events"):
         if path == ENDPOINTS:
             assert _without_delivery_state(reads_again[path]) == _without_delivery_state(
                 reads[path]
