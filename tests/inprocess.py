@@ -35,7 +35,7 @@ from aggregator.store import Store
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.tables.meter_tables import pending_backfills
 from ingest.validation import ValidationPool
-from tests.processes import TLS
+from tests.processes import answers_health, api_client
 
 T = TypeVar("T")
 
@@ -161,18 +161,12 @@ class ServedCore:
                 registry.close()
         self._thread.start()
         deadline = time.monotonic() + timeout
-        while not self._serving():
+        while not answers_health(self.url):
             if self._failed is not None or not self._thread.is_alive():
                 raise RuntimeError("meterline did not start") from self._failed
             assert time.monotonic() < deadline, "meterline did not answer /healthz in time"
             time.sleep(0.02)
         return self
-
-    def _serving(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=1, verify=TLS).status_code == 200
-        except httpx.TransportError:
-            return False
 
     def _run(self) -> None:
         settings, kafka, forward = cli.settings_of(self._args)
@@ -200,8 +194,7 @@ class ServedCore:
             self._failed = exc
 
     def client(self, token: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token or self.token}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30, verify=TLS)
+        return api_client(self.url, token or self.token)
 
     def stop(self, timeout: float = 60.0) -> None:
         """A graceful shutdown, as SIGTERM gives the command: pending writes are drained."""

@@ -24,6 +24,20 @@ from aggregator.auth import TokenRegistry
 TLS = httpx.create_ssl_context()
 
 
+def answers_health(url: str, timeout: float = 1.0) -> bool:
+    """Whether the server at `url` answers `/healthz` with a 200 (not while unreachable)."""
+    try:
+        return httpx.get(f"{url}/healthz", timeout=timeout, verify=TLS).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def api_client(url: str, token: str | None) -> httpx.Client:
+    """A client of the API at `url`, with `token` (as `Server.client` gives it)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    return httpx.Client(base_url=url, headers=headers, timeout=30, verify=TLS)
+
+
 class Server(Protocol):
     """What a client's tests use of a running meterline: a process (`MeterlineServer`) or a
     thread (`tests.inprocess.ServedCore`)."""
@@ -109,11 +123,8 @@ class MeterlineServer:
     def _healthy(self, deadline: float) -> bool:
         assert self._proc is not None
         while time.monotonic() < deadline and self._proc.poll() is None:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1, verify=TLS).status_code == 200:
-                    return True
-            except httpx.TransportError:
-                pass
+            if answers_health(self.url):
+                return True
             time.sleep(0.1)
         return False
 
@@ -146,8 +157,7 @@ class MeterlineServer:
         return found
 
     def client(self, token: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token or self.token}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30, verify=TLS)
+        return api_client(self.url, token or self.token)
 
     def stop(self, timeout: float = 120.0) -> int:
         """SIGTERM and wait: a graceful shutdown drains pending writes."""

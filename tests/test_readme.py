@@ -15,10 +15,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.processes import TLS, free_port, wait_until
+from tests.processes import answers_health, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -152,10 +151,7 @@ def make_up(cwd: Path, env: dict[str, str], address: str) -> Iterator[Callable[[
 
     def serving() -> bool:
         assert proc.poll() is None, "make up exited:\n" + "".join(lines[-40:])
-        try:
-            return httpx.get(f"http://{address}/healthz", timeout=2, verify=TLS).status_code == 200
-        except httpx.TransportError:
-            return False
+        return answers_health(f"http://{address}", timeout=2)
 
     try:
         wait_until(serving, timeout=120)
