@@ -714,8 +714,8 @@ def _damaged(settings: CoreSettings, error: LogCorrupt) -> str:
     """One line for an ingest log that cannot give back what it acknowledged."""
     check = f"{program()} ingest-log check --data-dir {settings.data_dir}"
     return (
-        f"{error}; `{check}` says what is lost, and `ingest-log repair` moves the damaged tail"
-        " aside (kept, not deleted) so that the server starts without it"
+        f"{error}; `{check}` says what is lost, and `ingest-log repair` moves what does not"
+        " read back aside (kept, not deleted) so that the server starts without it"
     )
 
 
