@@ -37,8 +37,9 @@ def _leads(core: MeterlineServer, since: int = 0) -> bool:
 
 
 def _stopped_leading(core: MeterlineServer, since: int) -> bool:
-    """It found a later leader's entries in the journal, or the group said so."""
-    said = ("this core steps down", "this core follows")
+    """It found itself paused past its lease, a later leader's entries in the journal, or the
+    group said so."""
+    said = ("leads no more", "this core steps down", "this core follows")
     return any(s in line for line in core.output[since:] for s in said)
 
 
