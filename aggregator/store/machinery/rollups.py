@@ -195,18 +195,16 @@ def _evaluated(
     columns joined side by side (each ordered by seq, so their rows line up)."""
     if len(meters) <= METERS_PER_STATEMENT:
         return _table(con, *_values(meters, source, where, params))
-    values: pa.Table | None = None
+    parts = []
     for first in range(0, len(meters), METERS_PER_STATEMENT):
         chunk = meters[first : first + METERS_PER_STATEMENT]
         query, query_params = _values(chunk, source, where, params, first=first)
-        part = _table(con, query + " ORDER BY seq", query_params)
-        if values is None:
-            values = part
-            continue
-        for name in part.column_names[len(_KEYS) :]:
-            values = values.append_column(name, part.column(name))
-    assert values is not None
-    return values
+        parts.append(_table(con, query + " ORDER BY seq", query_params))
+    # Joined once: appending columns one at a time copies the table's schema each time, which
+    # took 1.5 s of a 100-event request at 5,000 meters.
+    columns = [c for p in parts for c in p.columns[len(_KEYS) :]]
+    names = [n for p in parts for n in p.column_names[len(_KEYS) :]]
+    return pa.Table.from_arrays([*parts[0].columns[: len(_KEYS)], *columns], [*_KEYS, *names])
 
 
 def _table(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None) -> pa.Table:
