@@ -9,10 +9,11 @@ unite, and the greatest of greatest points is the greatest point. Any interval i
 is a union of buckets, so quantities merge rows instead of rescanning events. Deltas are
 appended; readers read the `all_*` views (the keyed tables and their deltas, see `compaction`).
 
-Applying events is two steps. `evaluate` computes, in one statement per `METERS_PER_STATEMENT`
-meters, every meter's contribution of every event (each metadata document parsed once for every
-path the meters use), and from them the ledger's usage per customer reference (which the
-in-memory balances take at once). Ingest evaluates a request's events before the writer takes
+Applying events is two steps. `evaluate` computes every meter's contribution of every event
+(`MeterPlan`: each distinct clause and contribution once, in one statement per
+`COLUMNS_PER_STATEMENT` of them, each metadata document parsed once for every path the meters
+use; each meter then a numpy gather), and from them the ledger's usage per customer reference
+(which the in-memory balances take at once). Ingest evaluates a request's events before the writer takes
 them (`prepare`; the writer checks that the meters are still those, `Prepared.columns_for`), so
 that an organization's many meters cost the group commit that every organization waits for no
 more than its few values. `store` appends a list of evaluated batches' partial aggregates to
@@ -23,6 +24,7 @@ reference, bucket, value), so that no statement's text grows with the number of 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,7 +37,8 @@ import pyarrow.compute as pc
 
 from aggregator.store.base import subjects
 from aggregator.store.base.arrays import encoded, numpy
-from aggregator.store.base.meter_sql import Extracted, contribution_sql, filter_sql
+from aggregator.store.base.meter_plan import MeterPlan
+from aggregator.store.base.meter_sql import SQL
 from aggregator.store.base.rows import registered
 from meters.aggregations import IntegralAggregation, UniqueAggregation
 
@@ -47,10 +50,10 @@ BUCKET_MINUTES = 15
 BUCKET_US = BUCKET_MINUTES * 60 * 1_000_000
 BUCKET = f"time_bucket(INTERVAL {BUCKET_MINUTES} MINUTE, timestamp)"
 
-# Meters per evaluating statement: DuckDB dies (SIGFPE) on one statement of some thousands of
-# aggregates (5,000 meters' four each did), and a statement's planning time grows with its
-# columns.
-METERS_PER_STATEMENT = 100
+# Columns (distinct clauses and contributions: `MeterPlan`) per evaluating statement: DuckDB
+# dies (SIGFPE) on one statement of some thousands of expressions (5,000 meters' did), and a
+# statement's planning time grows with its columns.
+COLUMNS_PER_STATEMENT = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,20 +194,48 @@ def _evaluated(
     where: str,
     params: list[Any],
 ) -> pa.Table:
-    """`_values` of every meter, one statement per `METERS_PER_STATEMENT` of them, their
-    columns joined side by side (each ordered by seq, so their rows line up)."""
-    if len(meters) <= METERS_PER_STATEMENT:
-        return _table(con, *_values(meters, source, where, params))
+    """`_values` of every meter: the statement of their plan (`plan_of`), cut every
+    `COLUMNS_PER_STATEMENT` columns (each part ordered by seq, so that their rows line up),
+    then each meter's column made from its filter's and its contribution's."""
+    plan = plan_of(meters)
     parts = []
-    for first in range(0, len(meters), METERS_PER_STATEMENT):
-        chunk = meters[first : first + METERS_PER_STATEMENT]
-        query, query_params = _values(chunk, source, where, params, first=first)
-        parts.append(_table(con, query + " ORDER BY seq", query_params))
-    # Joined once: appending columns one at a time copies the table's schema each time, which
-    # took 1.5 s of a 100-event request at 5,000 meters.
+    for first in range(0, max(1, len(plan.columns)), COLUMNS_PER_STATEMENT):
+        cut = plan.columns[first : first + COLUMNS_PER_STATEMENT]
+        whole = len(cut) == len(plan.columns)
+        query, query_params = _values(plan, cut, source, where, params)
+        parts.append(_table(con, query if whole else query + " ORDER BY seq", query_params))
     columns = [c for p in parts for c in p.columns[len(_KEYS) :]]
-    names = [n for p in parts for n in p.column_names[len(_KEYS) :]]
-    return pa.Table.from_arrays([*parts[0].columns[: len(_KEYS)], *columns], [*_KEYS, *names])
+    values = plan.values(columns)
+    return pa.Table.from_arrays(
+        [*parts[0].columns[: len(_KEYS)], *values],
+        [*_KEYS, *(f"v{i}" for i in range(len(values)))],
+    )
+
+
+def plan_of(meters: Sequence[MeterRow]) -> MeterPlan:
+    """The plan of `meters` (`MeterPlan`), made once per list of meter definitions: a meter's
+    definition changes only with its version."""
+    return _plan(_Definitions(tuple((m.id, m.version) for m in meters), meters))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Definitions:
+    """Meters, equal to another list of the same meters at the same versions."""
+
+    key: tuple[tuple[str, int], ...]
+    meters: Sequence[MeterRow]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Definitions) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+# A plan per organization whose meters are evaluated (and a few more: probes, backfills).
+@functools.lru_cache(maxsize=256)
+def _plan(definitions: _Definitions) -> MeterPlan:
+    return MeterPlan.of([(m.filter, m.aggregation) for m in definitions.meters])
 
 
 def _table(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None) -> pa.Table:
@@ -551,28 +582,19 @@ _KEYS = ("subject", "bucket", "seq", "at_us")
 
 
 def _values(
-    meters: Sequence[MeterRow], source: str, where: str, params: list[Any], *, first: int = 0
+    plan: MeterPlan, columns: Sequence[SQL], source: str, where: str, params: list[Any]
 ) -> tuple[str, list[Any]]:
-    """A query of (subject, bucket, seq, at_us, v0 .. vN): vI is meter I's contribution of the
-    event, NULL when the event is not in the meter (its filter, or the aggregation's implicit
-    one). The columns are numbered from `first` (a chunk of a longer list of meters)."""
-    extracted = Extracted()
-    columns: list[str] = []
-    columns_params: list[Any] = []
-    for i, meter in enumerate(meters):
-        in_filter, in_filter_params = filter_sql(meter.filter, extracted)
-        value, value_params = contribution_sql(meter.aggregation, extracted)
-        columns.append(f"CASE WHEN {in_filter} THEN {value} END AS v{first + i}")
-        columns_params += [*in_filter_params, *value_params]
-    projection, projection_params = extracted.projection()
+    """A query of (subject, bucket, seq, at_us, `columns` of `plan`)."""
+    projection, projection_params = plan.extracted.projection()
+    listed = ", ".join(f"{text} AS _c{i}" for i, (text, _) in enumerate(columns)) or "NULL AS _c"
     # Each step MATERIALIZED: otherwise DuckDB inlines the projections and evaluates the JSON
     # parse, and each facet, once per use.
     return (
         f"WITH r AS MATERIALIZED (SELECT {subjects.OF_EVENT} AS subject, {BUCKET} AS bucket,"  # noqa: S608 - fixed text, values bound
         f" seq, name, source, timestamp, epoch_us(timestamp) AS at_us, {projection}"
         f" FROM {source} WHERE {where}),"
-        f" f AS MATERIALIZED (SELECT *, {extracted.facets()} FROM r),"
-        f" e AS MATERIALIZED (SELECT subject, bucket, seq, at_us, {', '.join(columns)} FROM f)"
+        f" f AS MATERIALIZED (SELECT *, {plan.extracted.facets()} FROM r),"
+        f" e AS MATERIALIZED (SELECT subject, bucket, seq, at_us, {listed} FROM f)"
         " SELECT * FROM e",
-        [*projection_params, *params, *columns_params],
+        [*projection_params, *params, *(p for _, ps in columns for p in ps)],
     )
