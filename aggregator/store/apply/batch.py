@@ -81,9 +81,9 @@ def apply_batch(
                 continue
             metered[organization] = meters
             ready = (prepared or {}).get(organization)
-            values = None if ready is None else ready.columns_for(meters)
-            if values is not None:
-                evaluated.append(rollups.evaluated(meters, values, at_us=at_us))
+            found = None if ready is None else ready.columns_for(meters)
+            if found is not None:
+                evaluated.append(rollups.evaluated(meters, *found, at_us=at_us))
                 continue
             evaluated.append(
                 apply_isolated(

@@ -68,9 +68,8 @@ class MeterPlan:
     def of(cls, meters: Sequence[Definition]) -> MeterPlan:
         return _Compiler().plan(meters)
 
-    def values(self, columns: Sequence[Column]) -> list[pa.Array[Any]]:
-        """Each meter's contribution of each row, null where the row is not in the meter
-        (its filter, or the aggregation's implicit one), from the statement's `columns`."""
+    def evaluated(self, columns: Sequence[Column]) -> Contributions:
+        """Every meter's contributions of the rows of the statement's `columns`."""
         n = len(columns[0]) if columns else 0
         nodes = np.ones((self.clauses + 1, n), np.bool_)
         for i in range(self.clauses):
@@ -80,53 +79,110 @@ class MeterPlan:
             groups = combine.reduceat(nodes[level.children], level.starts, axis=0)
             nodes = np.concatenate([nodes, groups])
         given = [columns[self.clauses + j] for j in range(len(self.texts))]
-        present = np.ones((len(given), n), np.bool_)
-        for j, column in enumerate(given):
-            present[j] = numpy(pc.is_valid(column), np.bool_)
-        # Row r of meter i is in the flat arrays at (its contribution) * n + r.
-        inside = nodes[self.filters] & present[self.contributions]
-        at = self.contributions[:, None] * n + np.arange(n)
+        valid = np.ones((len(given), n), np.bool_)
         numbers = np.zeros((len(given), n), np.float64)
+        texts = []
         for j, column in enumerate(given):
-            if not self.texts[j]:
+            valid[j] = numpy(pc.is_valid(column), np.bool_)
+            if self.texts[j]:
+                texts.append(_chunk(column).cast(pa.string()))
+            else:
                 numbers[j] = numpy(column, np.float64)
-        texts = pa.concat_arrays(
-            [_chunk(c) if self.texts[j] else pa.nulls(n, pa.string()) for j, c in enumerate(given)]
-            or [pa.array([], pa.string())]
+                texts.append(pa.nulls(n, pa.string()))
+        return Contributions(
+            nodes, valid, numbers, tuple(texts), self.filters, self.contributions, self.texts
         )
-        is_text = np.array(self.texts, np.bool_)[self.contributions]
-        out: list[pa.Array[Any] | None] = [None] * len(self.filters)
-        for wanted, make in ((~is_text, _numbers), (is_text, _texts)):
-            meters = np.flatnonzero(wanted)
-            if not len(meters):
-                continue
-            flat = make(numbers, texts, at[meters].ravel(), ~inside[meters].ravel())
-            for k, meter in enumerate(meters.tolist()):
-                out[meter] = flat.slice(k * n, n)
-        return [a for a in out if a is not None]
 
 
-def _numbers(
-    numbers: npt.NDArray[np.float64],
-    texts: pa.Array[Any],
-    at: npt.NDArray[np.intp],
-    absent: npt.NDArray[np.bool_],
-) -> pa.Array[Any]:
-    return pa.array(numbers.ravel()[at], pa.float64(), mask=absent)
+@dataclass(frozen=True, slots=True)
+class Contributions:
+    """Meters' contributions of some rows, kept per distinct filter and contribution: row r is
+    in meter i when `nodes[filters[i], r]` (its filter) and `valid[contributions[i], r]` (the
+    aggregation's implicit filter); its contribution is then `numbers[contributions[i], r]`,
+    or `texts[contributions[i]][r]` where `text[contributions[i]]` (a unique meter). What is
+    done per meter is a row of a numpy gather, whatever the number of meters."""
 
+    nodes: npt.NDArray[np.bool_]
+    valid: npt.NDArray[np.bool_]
+    numbers: npt.NDArray[np.float64]
+    texts: tuple[pa.Array[Any], ...]
+    filters: npt.NDArray[np.intp]
+    contributions: npt.NDArray[np.intp]
+    text: tuple[bool, ...]
 
-def _texts(
-    numbers: npt.NDArray[np.float64],
-    texts: pa.Array[Any],
-    at: npt.NDArray[np.intp],
-    absent: npt.NDArray[np.bool_],
-) -> pa.Array[Any]:
-    return texts.take(pa.array(at, pa.int64(), mask=absent))
+    @property
+    def rows(self) -> int:
+        return int(self.nodes.shape[1])
+
+    def inside(self, meters: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+        """Per meter of `meters` (positions) and row: whether the row is in the meter."""
+        return self.nodes[self.filters[meters]] & self.valid[self.contributions[meters]]
+
+    def column(self, meter: int) -> pa.Array[Any]:
+        """Meter `meter`'s contribution of each row, null where the row is not in it."""
+        j = int(self.contributions[meter])
+        absent = ~(self.nodes[self.filters[meter]] & self.valid[j])
+        if self.text[j]:
+            texts: pa.Array[Any] = pc.if_else(
+                pa.array(~absent), self.texts[j], pa.scalar(None, pa.string())
+            )
+            return texts
+        return pa.array(self.numbers[j], pa.float64(), mask=absent)
+
+    def long(
+        self, meters: npt.NDArray[np.intp]
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], pa.Array[Any]]:
+        """The contributions to `meters` (positions, all numbers or all texts) as rows: (the
+        meter's place in `meters`, the row, the contribution), meter by meter, then by row."""
+        which, rows = np.nonzero(self.inside(meters))
+        at = self.contributions[meters][which]
+        if not len(meters) or not self.text[int(self.contributions[meters[0]])]:
+            return which, rows, pa.array(self.numbers[at, rows], pa.float64())
+        flat = pa.concat_arrays(list(self.texts))
+        return which, rows, flat.take(pa.array(at * self.rows + rows, pa.int64()))
+
+    def taken(self, rows: npt.NDArray[np.intp]) -> Contributions:
+        """The contributions of `rows` (positions), in their order."""
+        index = pa.array(rows, pa.int64())
+        return Contributions(
+            self.nodes[:, rows],
+            self.valid[:, rows],
+            self.numbers[:, rows],
+            tuple(t.take(index) for t in self.texts),
+            self.filters,
+            self.contributions,
+            self.text,
+        )
+
+    def reordered(self, meters: npt.NDArray[np.intp]) -> Contributions:
+        """The same rows' contributions to the meters at `meters` (positions), in that order."""
+        return Contributions(
+            self.nodes,
+            self.valid,
+            self.numbers,
+            self.texts,
+            self.filters[meters],
+            self.contributions[meters],
+            self.text,
+        )
+
+    @staticmethod
+    def joined(parts: Sequence[Contributions]) -> Contributions:
+        """Parts of one plan's contributions (their rows one after another) as one."""
+        first = parts[0]
+        return Contributions(
+            np.concatenate([p.nodes for p in parts], axis=1),
+            np.concatenate([p.valid for p in parts], axis=1),
+            np.concatenate([p.numbers for p in parts], axis=1),
+            tuple(pa.concat_arrays([p.texts[j] for p in parts]) for j in range(len(first.texts))),
+            first.filters,
+            first.contributions,
+            first.text,
+        )
 
 
 def _chunk(column: Column) -> pa.Array[Any]:
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return array.cast(pa.string())
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
 class _Compiler:
