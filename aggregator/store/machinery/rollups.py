@@ -153,11 +153,16 @@ class Prepared:
     """One request's events evaluated for its organization's meters before the writer takes
     them (`prepare`), so that the cost of many meters is paid outside the group commit that
     every organization waits for. `keys` and `contributions` are `Evaluated`'s, with `seq`
-    the event's row in the request; `definitions` the meters they were evaluated for."""
+    the event's row in the request; `meters` the meters they were evaluated for."""
 
-    definitions: tuple[tuple[str, int], ...]
+    meters: Sequence[MeterRow]
     keys: pa.Table
     contributions: Contributions
+
+    def same_meters(self, meters: Sequence[MeterRow]) -> bool:
+        """Whether `meters` are those evaluated: the same list (the store's, while no meter
+        changes), or the same meters at the same versions in the same order."""
+        return meters is self.meters or _definitions(meters) == _definitions(self.meters)
 
     def placed(self, seqs: npt.NDArray[np.int64]) -> Prepared:
         """The values of the rows admitted, with the seqs they took: `seqs[row]`, -1 for a
@@ -170,16 +175,16 @@ class Prepared:
             contributions = contributions.taken(np.flatnonzero(kept))
         index = keys.column_names.index("seq")
         keys = keys.set_column(index, "seq", pa.array(taken[kept], pa.int64()))
-        return Prepared(self.definitions, keys, contributions)
+        return Prepared(self.meters, keys, contributions)
 
     @staticmethod
     def joined(parts: Sequence[Prepared]) -> Prepared | None:
         """Placed parts of one organization's events in seq order as one, or None unless they
         were evaluated for the same meters."""
-        if any(p.definitions != parts[0].definitions for p in parts):
+        if not all(p.same_meters(parts[0].meters) for p in parts):
             return None
         return Prepared(
-            parts[0].definitions,
+            parts[0].meters,
             pa.concat_tables([p.keys for p in parts]),
             Contributions.joined([p.contributions for p in parts]),
         )
@@ -187,9 +192,9 @@ class Prepared:
     def columns_for(self, meters: Sequence[MeterRow]) -> tuple[pa.Table, Contributions] | None:
         """`keys` and `contributions` with the meters in the order of `meters`, or None when
         the meters are not the ones they were evaluated for (one changed in between)."""
-        if _definitions(meters) == self.definitions:
+        if self.same_meters(meters):
             return self.keys, self.contributions
-        place = {definition: i for i, definition in enumerate(self.definitions)}
+        place = {definition: i for i, definition in enumerate(_definitions(self.meters))}
         wanted = [place.get((m.id, m.version)) for m in meters]
         if len(meters) != len(place) or None in wanted:
             return None
@@ -206,7 +211,7 @@ def prepare(
         keys, contributions = _evaluated(
             con, meters, "_prepared", "organization_id = ?", [meters[0].organization_id]
         )
-    return Prepared(_definitions(meters), keys, contributions)
+    return Prepared(meters, keys, contributions)
 
 
 def _evaluated(
@@ -249,6 +254,28 @@ class _Kinds:
 
 
 def _kinds(meters: Sequence[MeterRow]) -> _Kinds:
+    return _kinds_of_list(_Same(meters))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Same:
+    """A list of meters, equal only to itself: the store's list of an organization's meters is
+    replaced, never changed, when one changes (`Meters`), and a batch keeps it as it was."""
+
+    meters: Sequence[MeterRow]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.meters is self.meters
+
+    def __hash__(self) -> int:
+        return id(self.meters)
+
+
+# Per list object, so that a batch reads its meters' kinds without a step per meter; an entry
+# holds its list, so no other list can take its identity meanwhile.
+@functools.lru_cache(maxsize=256)
+def _kinds_of_list(same: _Same) -> _Kinds:
+    meters = same.meters
     # The parsed definitions themselves in the key, by identity: a meter's id and version name
     # its definition in one store, not in every store a process opens (tests reuse ids). The
     # cached entry holds them, so no other object can take their identities meanwhile.
