@@ -153,9 +153,7 @@ class Segments:
     """The files of every relation, in `folder`. The list is changed only under the store's
     `exclusive` lock (flushes, merges, jobs that delete rows), read from anywhere."""
 
-    def __init__(
-        self, folder: Path, *, fanout: int = FANOUT, grace_seconds: float = 120.0
-    ) -> None:
+    def __init__(self, folder: Path, *, fanout: int = FANOUT, grace_seconds: float = 120.0) -> None:
         self.folder = folder
         self._fanout = max(2, fanout)
         self._grace = grace_seconds
