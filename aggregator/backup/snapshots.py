@@ -40,7 +40,7 @@ import orjson
 
 from aggregator.auth import SECRET_FILE
 from aggregator.errors import UsageError
-from aggregator.store import Store, ingest_log_repair
+from aggregator.store import Store, copy_segments, ingest_log_repair, segments_folder
 from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,9 @@ def _copy_stopped(source: Path, data_dir: Path) -> dict[str, Any]:
     for name in (DATABASE, f"{DATABASE}.wal"):
         if (source / name).exists():
             shutil.copy2(source / name, data_dir / name)
+    segments = segments_folder(database)
+    if segments.is_dir():  # the files it does not list are deleted where it opens
+        copy_segments(sorted(segments.iterdir()), segments_folder(data_dir / DATABASE))
     _copy_files(ingest_log_repair.log_directory(database), source, data_dir)
     created = datetime.fromtimestamp(database.stat().st_mtime, UTC).isoformat()
     return {"created_at": created, "covers": {}, "snapshot": str(source)}

@@ -347,18 +347,23 @@ class Segments:
         return [Segment(str(r), int(n), int(lv), int(c), int(z)) for r, n, lv, c, z in rows]
 
     def copy(self, segments: Sequence[Segment], folder: Path) -> None:
-        """`segments`' files into `folder` (a snapshot's): linked where the file system allows
-        it (files are never changed), else copied; the folder made durable."""
-        folder.mkdir(parents=True, exist_ok=True)
-        for segment in segments:
-            target = folder / segment.name
-            try:
-                os.link(self.path(segment), target)
-            except OSError:
-                shutil.copyfile(self.path(segment), target)
-                with target.open("rb+") as file:
-                    os.fsync(file.fileno())
-        fsync_directory(folder)
+        """`segments`' files into `folder` (a snapshot's)."""
+        copy_files([self.path(s) for s in segments], folder)
+
+
+def copy_files(files: Sequence[Path], folder: Path) -> None:
+    """Segment files into `folder`: linked where the file system allows it (a file is never
+    changed once written), else copied; the folder made durable."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        target = folder / path.name
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+            with target.open("rb+") as file:
+                os.fsync(file.fileno())
+    fsync_directory(folder)
 
 
 def read_only(con: duckdb.DuckDBPyConnection, database: Path, relation: str) -> str:
