@@ -43,7 +43,7 @@ from starlette.applications import Starlette
 from aggregator.api.shard_routing import Peers, Sharding
 from aggregator.auth import TokenRegistry, cluster_secret
 from aggregator.backfill import Backfiller
-from aggregator.backup import Backups, BackupSettings, SnapshotSocket
+from aggregator.backup import Backups, SnapshotSocket
 from aggregator.commands import backups as backup_commands
 from aggregator.commands import dead_letters as dead_letter_commands
 from aggregator.commands import ingest_log as ingest_log_commands
@@ -61,7 +61,7 @@ from aggregator.commands.common import (
     topic_options,
     version,
 )
-from aggregator.core_app import CoreSettings, alert_payload, build_app, state_payload
+from aggregator.core_app import alert_payload, build_app, state_payload
 from aggregator.errors import UsageError
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.control import ControlApplier, ControlTopic
@@ -75,32 +75,41 @@ from aggregator.intake.splits import Retiring, Splits
 from aggregator.intake.token_records import TokenExporter, TokenView, keep_record
 from aggregator.plan_cycler import PlanCycler
 from aggregator.services.live_feed import LiveFeed
-from aggregator.store import LogCorrupt, Store, TenantLimits, quotas
+from aggregator.settings import (
+    ALL,
+    BackupSettings,
+    CoreSettings,
+    ForwarderSettings,
+    TenantLimits,
+    WebhookSettings,
+)
+from aggregator.store import LogCorrupt, Store
 from aggregator.upstream import command_line as upstream_cli
-from aggregator.upstream.forwarder import Forwarder, ForwarderSettings
+from aggregator.upstream.forwarder import Forwarder
 from aggregator.upstream.progress import Progress
-from aggregator.upstream.webhook_sender import WebhookSender, WebhookSettings
+from aggregator.upstream.webhook_sender import WebhookSender
 from ingest.http import (
-    MIB,
-    CoreRouting,
     Cores,
     Front,
     Gate,
-    IngestSettings,
-    Limits,
-    OtlpSettings,
     PerOrganization,
-    Rate,
     edge_app,
     http_protocol,
 )
 from ingest.kafka import KafkaSettings, Shard
 from ingest.publish import Publisher
 from ingest.publish.kafka_publisher import KafkaPublisher
-from ingest.validation import ValidationPool, usable_cpus
-from meters.columnar import COMPRESSIONS
-from meters.events import EventRules
-from meters.events.genai import CUSTOMERS, Customers, Prices
+from ingest.settings import (
+    MIB,
+    CoreRouting,
+    IngestSettings,
+    Limits,
+    OtlpSettings,
+    Rate,
+    usable_cpus,
+)
+from ingest.validation import ValidationPool
+from meters.settings import COMPRESSIONS, CUSTOMERS, Customers, EventRules, Prices
 
 
 def _serving(parser: argparse.ArgumentParser, *, kafka_required: bool, core: bool = True) -> None:
@@ -507,7 +516,7 @@ def _core_routing(group: argparse._ArgumentGroup) -> None:
 
 def _quotas(group: argparse._ArgumentGroup) -> None:
     defaults = TenantLimits()
-    for counted in quotas.ALL:
+    for counted in ALL:
         group.add_argument(
             counted.flag,
             type=int,
@@ -556,7 +565,7 @@ def settings_of(
         quotas=TenantLimits(
             **{
                 field: getattr(args, f"quota_{field}", getattr(defaults.quotas, field))
-                for field in (counted.field for counted in quotas.ALL)
+                for field in (counted.field for counted in ALL)
             }
         ),
         webhooks=WebhookSettings(

@@ -1,6 +1,9 @@
 """The one Kafka module: settings, the topics (created if missing), waiting for a broker, and
 stopping clients within a bound. The edge's publisher, the SDK's producer and the core's
-consumer all take them from here. (Which partition a record goes to is `meters.columnar`'s.)"""
+consumer all take them from here. (Which partition a record goes to is `meters.columnar`'s.)
+
+aiokafka is imported where a client is made: every `meterline` command reads these settings (its
+options show their defaults), and most of them never make a client."""
 
 from __future__ import annotations
 
@@ -8,16 +11,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.abc import AbstractTokenProvider
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from aiokafka.helpers import create_ssl_context
-
-from ingest.errors import TokenUnreadable
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +105,14 @@ class KafkaSecurity:
         """The aiokafka client options saying it (every client is made with them)."""
         found: dict[str, Any] = {"security_protocol": self.protocol}
         if self.tls:
+            from aiokafka.helpers import create_ssl_context
+
             found["ssl_context"] = create_ssl_context(
                 cafile=self.ca_file, certfile=self.cert_file, keyfile=self.key_file
             )
         if self.protocol.startswith("SASL") and self.sasl_token_file:
+            from ingest.kafka_oauth import TokenFile
+
             found |= {
                 "sasl_mechanism": self.sasl_mechanism,
                 "sasl_oauth_token_provider": TokenFile(self.sasl_token_file),
@@ -122,23 +124,6 @@ class KafkaSecurity:
                 "sasl_plain_password": self.sasl_password,
             }
         return found
-
-
-class TokenFile(AbstractTokenProvider):  # type: ignore[misc]
-    """An OAUTHBEARER token, read from its file at each authentication: the file's owner renews
-    it, and a token read once would expire with the connection that needs it next."""
-
-    def __init__(self, path: str) -> None:
-        self._path = Path(path)
-
-    async def token(self) -> str:
-        try:
-            token = (await asyncio.to_thread(self._path.read_text)).strip()
-        except OSError as exc:
-            raise TokenUnreadable(f"OAUTHBEARER token file {self._path}: {exc.strerror}") from None
-        if not token:
-            raise TokenUnreadable(f"OAUTHBEARER token file {self._path} is empty")
-        return token
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +183,8 @@ class KafkaSettings:
 
     def reader(self, **overrides: Any) -> AIOKafkaConsumer:
         """A consumer outside any group, whose positions its owner sets (assign and seek)."""
+        from aiokafka import AIOKafkaConsumer
+
         options: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap,
             "group_id": None,
@@ -208,13 +195,19 @@ class KafkaSettings:
 
     def member(self, group_id: str, **overrides: Any) -> AIOKafkaConsumer:
         """A consumer in `group_id` (its partitions assigned by the group)."""
+        from aiokafka import AIOKafkaConsumer
+
         options = {"bootstrap_servers": self.bootstrap, "group_id": group_id}
         return AIOKafkaConsumer(**(options | self.security.options() | overrides))
 
     def admin(self) -> AIOKafkaAdminClient:
+        from aiokafka.admin import AIOKafkaAdminClient
+
         return AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.security.options())
 
     def producer(self, **overrides: Any) -> AIOKafkaProducer:
+        from aiokafka import AIOKafkaProducer
+
         options: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap,
             "acks": "all",
@@ -231,6 +224,9 @@ async def ensure_topics(settings: KafkaSettings) -> int:
     """Create the event, dead-letter, control, journal and lease topics if missing; verify their
     partition counts. Topics made by earlier versions gain the ones they lack. Returns the
     events topic's partition count (the topic's, whatever the settings say)."""
+    from aiokafka.admin import NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
     admin = settings.admin()
     partitions = {
         settings.topic: settings.partitions,
@@ -264,6 +260,8 @@ async def ensure_topics(settings: KafkaSettings) -> int:
 
 async def retrying(start: Any) -> None:
     """Call `start` until the broker answers (the caller bounds the wait)."""
+    from aiokafka.errors import KafkaError
+
     while True:
         try:
             await start()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import multiprocessing
 import os
 import threading
@@ -22,7 +21,6 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -54,38 +52,6 @@ def validate_body(
     except ValidationFailed as exc:
         return exc.errors
     return encode(events)
-
-
-def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup"), own: str | None = None) -> int:
-    """The CPUs this process may use: those it may run on, capped by its cgroup's CPU limit
-    (v2 `cpu.max`, else v1 `cpu.cfs_quota_us` over `cpu.cfs_period_us`), rounded up. In a
-    container `os.cpu_count()` is the node's: a pod limited to 2 CPUs on a 32-CPU node would
-    start 32 validation workers of about 124 MB each. `own`: this process's cgroup v2 path
-    (default: from /proc/self/cgroup; in a container, usually `/`)."""
-    cpus = len(os.sched_getaffinity(0))
-    if own is None:
-        lines = _read(Path("/proc/self/cgroup")).splitlines()
-        own = next((line[3:] for line in lines if line.startswith("0::")), "/")
-    limits = [
-        _read(cgroup / own.lstrip("/") / "cpu.max").split(),
-        _read(cgroup / "cpu.max").split(),
-        [_read(cgroup / "cpu" / "cpu.cfs_quota_us"), _read(cgroup / "cpu" / "cpu.cfs_period_us")],
-    ]
-    for limit in limits:
-        try:
-            quota, period = int(limit[0]), int(limit[1])
-        except (IndexError, ValueError):  # none here, or "max" / -1: no limit
-            continue
-        if quota > 0 and period > 0:
-            return max(1, min(cpus, math.ceil(quota / period)))
-    return max(1, cpus)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
 
 
 class ValidationPool:

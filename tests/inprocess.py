@@ -29,8 +29,9 @@ import uvloop
 from aggregator import cli
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
-from aggregator.core_app import CoreSettings, build_app
+from aggregator.core_app import build_app
 from aggregator.intake.embedded import EmbeddedPublisher
+from aggregator.settings import CoreSettings
 from aggregator.store import Store
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.tables.meter_tables import pending_backfills

@@ -28,7 +28,6 @@ import logging
 import shutil
 import sqlite3
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +37,7 @@ import orjson
 
 from aggregator.auth import SECRET_FILE
 from aggregator.errors import UsageError
+from aggregator.settings import BackupSettings
 from aggregator.store import Store, ingest_log_repair
 from ingest.tasks import cancel_within
 
@@ -47,13 +47,6 @@ MANIFEST = "manifest.json"
 DATABASE = "meterline.duckdb"
 AUTH = "auth.sqlite3"
 ATTEMPTS = 3  # of one snapshot, when the ingest log pruned a segment during the copy
-
-
-@dataclass(frozen=True, slots=True)
-class BackupSettings:
-    to: Path
-    every_seconds: float = 3600.0
-    kept: int = 24
 
 
 class Backups:

@@ -10,9 +10,9 @@ import orjson
 
 from aggregator.backup import MANIFEST, check, fetched, put, requested, restore
 from aggregator.commands.common import command, data_dir_option
-from aggregator.core_app import CoreSettings
 from aggregator.errors import UsageError
 from aggregator.intake.routing import Placement
+from aggregator.settings import CoreSettings
 from aggregator.store import shard_splits
 from ingest.kafka import KafkaSettings, Shard
 

@@ -15,8 +15,8 @@ from typing import Any
 import duckdb
 
 from aggregator.commands.common import command, data_dir_option, plural, program
-from aggregator.core_app import CoreSettings
 from aggregator.errors import UsageError
+from aggregator.settings import CoreSettings
 from aggregator.store import ingest_log_repair
 
 

@@ -35,7 +35,6 @@ from aggregator.commands.common import (
     security_of,
     topic_options,
 )
-from aggregator.core_app import CoreSettings
 from aggregator.errors import NotFound, UsageError
 from aggregator.intake.sealed import Sealer
 from aggregator.intake.token_records import (
@@ -44,6 +43,7 @@ from aggregator.intake.token_records import (
     publish,
     token_record,
 )
+from aggregator.settings import CoreSettings
 from ingest.kafka import KafkaSettings
 
 

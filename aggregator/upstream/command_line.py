@@ -17,7 +17,7 @@ from rich.console import Console
 from aggregator.commands import server_client
 from aggregator.commands.common import command, server_options
 from aggregator.errors import UsageError
-from aggregator.upstream.forwarder import ForwarderSettings
+from aggregator.settings import ForwarderSettings
 from aggregator.upstream.reconcile import ReconcileSettings, reconcile
 from meters.errors import MetersError
 from meters.times import datetime_to_us

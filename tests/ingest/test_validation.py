@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import cli
-from ingest.validation import ValidationPool, usable_cpus, validate_body
+from ingest.settings import usable_cpus
+from ingest.validation import ValidationPool, validate_body
 from meters.errors import ValidationFailed
 from meters.events import EventRules
 from meters.ipc import read_ipc, write_ipc

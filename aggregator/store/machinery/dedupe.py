@@ -34,6 +34,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aggregator.settings import DEDUPE_MEMORY_KEYS
 from aggregator.store.base import arrays
 from aggregator.store.base.arrays import Column, numpy
 from aggregator.store.base.rows import registered
@@ -48,8 +49,8 @@ Unflushed = Callable[[I64], dict[int, tuple[str, str]]]
 FINGERPRINT = "hash(organization_id::UUID::VARCHAR, external_id)"
 # Bytes held per stored key: the fingerprint and the seq.
 BYTES_PER_KEY = 16
-# Keys held in memory before runs spill to files (1 GiB).
-MEMORY_KEYS = 64 * 2**20
+# Keys held in memory before runs spill to files (1 GiB): the command line's default.
+MEMORY_KEYS = DEDUPE_MEMORY_KEYS
 
 
 @dataclass(frozen=True)
