@@ -130,7 +130,7 @@ class CoreSettings:
     advertise_url: str | None = None
     ingest: IngestSettings = field(default_factory=IngestSettings)
     token_cache_seconds: float = 2.0
-    # SIGTERM to exit, at most (see cli._stop).
+    # SIGTERM to exit, at most (see serving.server._stop).
     drain_seconds: float = 30.0
     # The longest a write group or background chunk should hold the writer, and a read.
     job_bound_seconds: float = JOB_BOUND_SECONDS

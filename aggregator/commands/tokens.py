@@ -17,7 +17,6 @@ import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from aggregator.auth import (
     SECRET_FILE,
@@ -28,13 +27,7 @@ from aggregator.auth import (
     read_secret,
     token_hash,
 )
-from aggregator.commands.common import (
-    command,
-    data_dir_option,
-    program,
-    security_of,
-    topic_options,
-)
+from aggregator.commands.common import program, security_of
 from aggregator.errors import NotFound, UsageError
 from aggregator.intake.sealed import Sealer
 from aggregator.intake.token_records import (
@@ -45,37 +38,6 @@ from aggregator.intake.token_records import (
 )
 from aggregator.settings import CoreSettings
 from ingest.kafka import KafkaSettings
-
-
-def commands(subparsers: Any) -> None:
-    token = command(subparsers, "token", "manage organization access tokens")
-    actions = token.add_subparsers(dest="token_command", required=True)
-    create = command(actions, "create", "print a new token, alone on stdout")
-    data_dir_option(create)
-    create.add_argument("--org", required=True, help="organization name (created if needed)")
-    create.add_argument(
-        "--label",
-        default="created with meterline token create",
-        help="what the token is for (shown by `token list`)",
-    )
-    create.add_argument(
-        "--kafka",
-        metavar="BOOTSTRAP",
-        help="publish the token on the cluster's control topic instead (edges and cores read it"
-        " there); --data-dir then only gives the cluster secret, secret.key",
-    )
-    topic_options(create)
-    create.add_argument(
-        "--init",
-        action="store_true",
-        help="start a new data dir if --data-dir holds no meterline data yet (a server"
-        " started on it later accepts the token)",
-    )
-    listing = command(actions, "list", "list tokens (never their text)")
-    data_dir_option(listing)
-    revoke = command(actions, "revoke", "revoke a token by id")
-    data_dir_option(revoke)
-    revoke.add_argument("token_id", help="the token's id (first column of `token list`)")
 
 
 def run(args: argparse.Namespace) -> int:
