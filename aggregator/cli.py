@@ -25,7 +25,7 @@ import argparse
 import sys
 
 from aggregator.commands import options
-from aggregator.commands.common import HelpFormatter, version
+from aggregator.commands.common import HelpFormatter, Version
 from aggregator.errors import UsageError
 from aggregator.serving import options as serving_options
 from aggregator.upstream import options as upstream_options
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 done, 1 the work found a problem, 2 could not run.",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"meterline {version()}")
+    parser.add_argument("--version", action=Version)
     commands = parser.add_subparsers(dest="command", required=True)
     serving_options.commands(commands)  # up, core, ingest
     options.token(commands)

@@ -1,5 +1,5 @@
-"""An OAUTHBEARER token read from its file (`ingest.kafka.KafkaSecurity`). A module of its own:
-the provider's base class is aiokafka's, which `ingest.kafka` imports only where a client is
+"""An OAUTHBEARER token read from its file (`ingest.settings.KafkaSecurity`). A module of its
+own: the provider's base class is aiokafka's, which the settings import only where a client is
 made."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from aggregator.commands.common import (
     topic_options,
 )
 from aggregator.settings import DEAD_LETTER_SCAN
-from ingest.kafka import KafkaSettings
+from ingest.settings import KafkaSettings
 from meters.settings import EventRules
 
 

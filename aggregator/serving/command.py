@@ -24,10 +24,20 @@ from aggregator.settings import (
     TenantLimits,
     WebhookSettings,
 )
-from aggregator.upstream.options import forwarder_settings
-from ingest.kafka import KafkaSettings, Shard
-from ingest.settings import MIB, CoreRouting, IngestSettings, Limits, OtlpSettings, Rate
+from aggregator.upstream.customer_map import load_customer_map
+from ingest.settings import (
+    MIB,
+    CoreRouting,
+    IngestSettings,
+    KafkaSettings,
+    Limits,
+    OtlpSettings,
+    Rate,
+    Shard,
+)
 from meters.settings import CUSTOMERS, Customers, EventRules, Prices
+
+_MAX_REQUEST_BYTES = 10 * 1024 * 1024  # the upstream's (`--upstream-batch-bytes`)
 
 
 def prepared(
@@ -139,6 +149,31 @@ def settings_of(
     if settings.replica and forward is not None:
         raise UsageError("a --replica forwards nothing: forward from the core it follows")
     return settings, kafka, forward
+
+
+def forwarder_settings(args: argparse.Namespace) -> ForwarderSettings | None:
+    if not getattr(args, "upstream_url", None):
+        return None
+    if not args.upstream_token:
+        raise UsageError("--upstream-url needs --upstream-token (or METERLINE_UPSTREAM_TOKEN)")
+    if not 0 < args.upstream_batch_bytes <= _MAX_REQUEST_BYTES:
+        raise UsageError("--upstream-batch-bytes must be between 1 and 10 MiB")
+    if args.upstream_rate <= 0 or args.upstream_batch_events < 1:
+        raise UsageError("--upstream-rate and --upstream-batch-events must be positive")
+    return ForwarderSettings(
+        args.upstream_url,
+        args.upstream_token,
+        organization=args.upstream_org,
+        rate_per_minute=args.upstream_rate,
+        max_events=args.upstream_batch_events,
+        max_bytes=args.upstream_batch_bytes,
+        timeout_seconds=args.upstream_timeout,
+        mode=args.upstream_mode,
+        rollup_minutes=args.upstream_rollup_minutes,
+        settle_seconds=args.upstream_settle_seconds,
+        stage_every_seconds=args.upstream_stage_seconds,
+        customer_map=load_customer_map(args.upstream_customer_map),
+    )
 
 
 def _limits_of(args: argparse.Namespace) -> Limits:

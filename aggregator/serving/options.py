@@ -14,8 +14,14 @@ from aggregator.commands.common import command, data_dir_option, topic_options
 from aggregator.settings import ALL as QUOTAS
 from aggregator.settings import BackupSettings, CoreSettings, TenantLimits, WebhookSettings
 from aggregator.upstream import options as upstream_options
-from ingest.kafka import KafkaSettings
-from ingest.settings import MIB, CoreRouting, IngestSettings, Limits, usable_cpus
+from ingest.settings import (
+    MIB,
+    CoreRouting,
+    IngestSettings,
+    KafkaSettings,
+    Limits,
+    usable_cpus,
+)
 from meters.settings import COMPRESSIONS
 
 

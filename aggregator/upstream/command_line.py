@@ -12,7 +12,7 @@ from rich.console import Console
 
 from aggregator.commands import server_client
 from aggregator.errors import UsageError
-from aggregator.upstream.options import load_customer_map
+from aggregator.upstream.customer_map import load_customer_map
 from aggregator.upstream.reconcile import ReconcileSettings, reconcile
 from meters.errors import MetersError
 from meters.times import datetime_to_us

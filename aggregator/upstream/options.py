@@ -1,7 +1,7 @@
-"""The options of everything upstream: the forwarding options of `up` and `core` (and the
-forwarder's settings read from them), and the `meterline forwarder …` and `meterline reconcile
-…` commands (run by `upstream.command_line`). Every command builds these: this module imports
-no more than the settings do."""
+"""The options of everything upstream: the forwarding options of `up` and `core` (read by
+`serving.command`), and the `meterline forwarder …` and `meterline reconcile …` commands (run by
+`upstream.command_line`). Every command builds these: this module imports only the standard
+library and the commands' shared options."""
 
 from __future__ import annotations
 
@@ -11,15 +11,10 @@ from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from aggregator.commands.common import command, server_options
-from aggregator.errors import UsageError
-from aggregator.settings import ForwarderSettings
 
 ROLLUP_MINUTES = (15, 30, 60, 120, 180, 240, 360, 480, 720, 1440)  # whole buckets dividing a day
 MODES = {"raw": "every event as it is", "rollup": "one pre-aggregated event per period"}
-MAX_REQUEST_BYTES = 10 * 1024 * 1024
 FORWARDED = "the forwarded organization's token"  # what --token is, in --help
 MOMENT_HELP = (
     "`today` or `yesterday` (00:00 UTC), `now`, a date (2026-11-01: 00:00 UTC) or an ISO 8601"
@@ -88,45 +83,6 @@ def customer_map(group: argparse._ArgumentGroup | argparse.ArgumentParser, flag:
         metavar="JSON_FILE",
         help='{"local external customer id (or customer id)": "upstream external id", ...}'
         " (default: none, the same ids)",
-    )
-
-
-def load_customer_map(path: Path | None) -> dict[str, str]:
-    if path is None:
-        return {}
-    try:
-        mapping = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read the customer map {path}: {exc}") from None
-    if not isinstance(mapping, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and v for k, v in mapping.items()
-    ):
-        raise UsageError(f"{path}: expected a JSON object of non-empty strings")
-    return mapping
-
-
-def forwarder_settings(args: argparse.Namespace) -> ForwarderSettings | None:
-    if not getattr(args, "upstream_url", None):
-        return None
-    if not args.upstream_token:
-        raise UsageError("--upstream-url needs --upstream-token (or METERLINE_UPSTREAM_TOKEN)")
-    if not 0 < args.upstream_batch_bytes <= MAX_REQUEST_BYTES:
-        raise UsageError("--upstream-batch-bytes must be between 1 and 10 MiB")
-    if args.upstream_rate <= 0 or args.upstream_batch_events < 1:
-        raise UsageError("--upstream-rate and --upstream-batch-events must be positive")
-    return ForwarderSettings(
-        args.upstream_url,
-        args.upstream_token,
-        organization=args.upstream_org,
-        rate_per_minute=args.upstream_rate,
-        max_events=args.upstream_batch_events,
-        max_bytes=args.upstream_batch_bytes,
-        timeout_seconds=args.upstream_timeout,
-        mode=args.upstream_mode,
-        rollup_minutes=args.upstream_rollup_minutes,
-        settle_seconds=args.upstream_settle_seconds,
-        stage_every_seconds=args.upstream_stage_seconds,
-        customer_map=load_customer_map(args.upstream_customer_map),
     )
 
 

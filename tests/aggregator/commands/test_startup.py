@@ -1,13 +1,14 @@
-"""A command imports what it runs: `meterline --help` and every subcommand's `--help` load none
-of the server's heavy parts (DuckDB, Arrow, the HTTP server, Kafka's client, the API), so that
-they answer at once. Checked on what a fresh interpreter imported, not on a clock
-(`benchmarks/startup.py` measures the time)."""
+"""A command imports what it runs: `meterline --help`, every subcommand's `--help` and a token
+made in a data dir load none of the server's heavy parts (DuckDB, Arrow, the HTTP server, Kafka's
+client, the API), so that they answer at once. Checked on what a fresh interpreter imported, not
+on a clock (`benchmarks/startup.py` measures the time)."""
 
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 
@@ -84,4 +85,12 @@ def test_every_help_imports_none_of_the_servers_parts() -> None:
     assert len(commands) > 25  # up, core, ingest, token create, …
     modules, out = _imported(*([*words, "--help"] for words in commands))
     assert "usage: meterline split" in out  # the last one ran
+    assert _heavy(modules) == []
+
+
+def test_a_token_made_in_a_data_dir_imports_none_of_the_servers_parts(tmp_path: Path) -> None:
+    data_dir = str(tmp_path / "data")
+    made = ["token", "create", "--org", "acme", "--data-dir", data_dir]
+    modules, out = _imported([*made, "--init"], made, ["token", "list", "--data-dir", data_dir])
+    assert out.count("acme") == 2  # both tokens, listed
     assert _heavy(modules) == []
