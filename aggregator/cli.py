@@ -70,14 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Run the parsed command, importing its module only now (see the module's docstring)."""
     name = args.command
-    if name in ("up", "core"):
-        from aggregator.serving import core
+    if name in ("up", "core", "ingest"):
+        from aggregator.serving import command
 
-        return core.run(args)
-    if name == "ingest":
-        from aggregator.serving import edge
-
-        return edge.run(args)
+        return command.run(args)
     if name == "token":
         from aggregator.commands import tokens
 

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from types import TracebackType
@@ -69,15 +69,26 @@ class ValidationPool:
         self._workers = workers
         self._inline_below = inline_below_bytes
         self._pool: ProcessPoolExecutor | None = None
+        self._warming: list[Future[None]] = []
+
+    def start(self) -> None:
+        """Start the worker processes without waiting for them (entering waits until each one
+        runs): a process starts them first, so that they start while it makes the rest."""
+        if self._workers > 0 and self._pool is None:
+            self._pool = self._new_pool()
+            self._warming = [self._pool.submit(_warm) for _ in range(self._workers)]
+
+    def close(self) -> None:
+        """Stop the workers, if any run (leaving the context does; so does a start that failed
+        before it entered)."""
+        if self._pool is not None:
+            self._pool.shutdown(True, cancel_futures=True)
+            self._pool = None
 
     async def __aenter__(self) -> Self:
-        if self._workers > 0:
-            self._pool = self._new_pool()
-            loop = asyncio.get_running_loop()
-            # Start every worker now, not on the first request.
-            await asyncio.gather(
-                *(loop.run_in_executor(self._pool, _warm) for _ in range(self._workers))
-            )
+        self.start()
+        # Every worker runs before the pool is used, not from the first request on.
+        await asyncio.gather(*(asyncio.wrap_future(started) for started in self._warming))
         return self
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -95,9 +106,7 @@ class ValidationPool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._pool is not None:
-            await asyncio.to_thread(self._pool.shutdown, True, cancel_futures=True)
-            self._pool = None
+        await asyncio.to_thread(self.close)
 
     async def validate(self, body: bytes, received_at_us: int, encode: Encode[T]) -> T:
         """The encoded events of `body`. Raises ValidationFailed listing every error."""

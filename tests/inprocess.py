@@ -33,7 +33,7 @@ from aggregator.core_app import build_app
 from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.serving import core, edge
 from aggregator.serving.command import settings_of
-from aggregator.serving.server import Listening
+from aggregator.serving.listening import Listening
 from aggregator.settings import CoreSettings
 from aggregator.store import Store
 from aggregator.store.machinery.compaction import compact

@@ -1,7 +1,9 @@
-"""What `meterline up`, `core` and `ingest` do before their process starts: the settings read
-from their options (`settings_of`), the port bound and the data dir made, each failure a
-UsageError saying what to fix. The core's composition and the edge's import this (`core`,
-`edge`); the command line imports neither until one runs, and an edge never loads the store."""
+"""`meterline up`, `core` and `ingest` (`run`), and what they do before their process starts:
+the settings read from their options (`settings_of`), the port bound and the data dir made,
+each failure a UsageError saying what to fix; then the validation workers started, and only then
+the composition imported (`core`, or `edge`, which loads no store), so that the workers start
+while the process imports the second or so of code it serves with. The process serves once they
+run (`ingest.validation.ValidationPool`)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import orjson
 
 from aggregator.commands.common import security_of
 from aggregator.errors import UsageError
-from aggregator.serving.server import Listening
+from aggregator.serving.listening import Listening
 from aggregator.settings import (
     ALL,
     BackupSettings,
@@ -38,6 +40,27 @@ from ingest.settings import (
 from meters.settings import CUSTOMERS, Customers, EventRules, Prices
 
 _MAX_REQUEST_BYTES = 10 * 1024 * 1024  # the upstream's (`--upstream-batch-bytes`)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`meterline up`, `core` or `ingest`, until stopped (see the module's docstring)."""
+    settings, kafka, forward, listening = prepared(args)
+    # Imported here, as each step needs it: the workers start before the composition loads.
+    from ingest.validation import ValidationPool
+
+    validation = ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)
+    validation.start()
+    try:
+        if args.command == "ingest":
+            from aggregator.serving import edge
+
+            assert kafka is not None  # --kafka is required
+            return edge.run(settings, kafka, args.log_level, listening, validation)
+        from aggregator.serving import core
+
+        return core.run(args, settings, kafka, forward, listening, validation)
+    finally:
+        validation.close()  # stopped already, unless the start failed before the pool was used
 
 
 def prepared(

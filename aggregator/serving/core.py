@@ -35,8 +35,8 @@ from aggregator.intake.splits import Retiring, Splits
 from aggregator.intake.token_records import TokenExporter, TokenView, keep_record
 from aggregator.plan_cycler import PlanCycler
 from aggregator.services.live_feed import LiveFeed
-from aggregator.serving.command import prepared
-from aggregator.serving.server import PROCESS, Listening, serve_http
+from aggregator.serving.listening import PROCESS, Listening
+from aggregator.serving.server import serve_http
 from aggregator.settings import CoreSettings, ForwarderSettings
 from aggregator.store import LogCorrupt, Store
 from aggregator.upstream.forwarder import Forwarder
@@ -49,9 +49,15 @@ from ingest.publish.kafka_publisher import KafkaPublisher
 from ingest.validation import ValidationPool
 
 
-def run(args: argparse.Namespace) -> int:
-    """`meterline up` and `meterline core`, until stopped."""
-    settings, kafka, forward, listening = prepared(args)
+def run(
+    args: argparse.Namespace,
+    settings: CoreSettings,
+    kafka: KafkaSettings | None,
+    forward: ForwarderSettings | None,
+    listening: Listening,
+    validation: ValidationPool,
+) -> int:
+    """`meterline up` and `meterline core`, until stopped (`serving.command.run` prepares it)."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
             runner.run(
@@ -63,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
                     banner=args.command == "up",
                     dev_token=getattr(args, "dev_token", None),
                     listening=listening,
+                    validation=validation,
                 )
             )
         except duckdb.Error as exc:
@@ -84,10 +91,12 @@ async def serve(
     banner: bool = True,
     dev_token: bool | None = None,
     listening: Listening = PROCESS,
+    validation: ValidationPool | None = None,
 ) -> None:
     """Run a core until stopped (`listening`): the API over the store, fed by ingest directly
     (embedded) or by the Kafka consumer. Pending writes are drained on exit. The `banner`
-    says how to get a token: the development token if `dev_token` (None: on loopback only)."""
+    says how to get a token: the development token if `dev_token` (None: on loopback only).
+    `validation`: the pool of validation workers, started (else one is made)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     secret = cluster_secret(settings.data_dir, settings.secret_file, create=True)
     registry = TokenRegistry(
@@ -154,9 +163,7 @@ async def serve(
             await stack.enter_async_context(SnapshotSocket(store, settings.data_dir))
             if settings.backups is not None:
                 await stack.enter_async_context(Backups(store, settings.data_dir, settings.backups))
-            validation = await stack.enter_async_context(
-                ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)
-            )
+            validation = await stack.enter_async_context(validation or _validation(settings))
             backfiller = await stack.enter_async_context(
                 Backfiller(store, journal=journal, role=role)
             )
@@ -243,6 +250,10 @@ async def serve(
             )
     finally:
         registry.close()
+
+
+def _validation(settings: CoreSettings) -> ValidationPool:
+    return ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)
 
 
 def _shard_cores(members: Members, count: int, index: int) -> list[str]:

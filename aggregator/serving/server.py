@@ -9,29 +9,15 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import uvicorn
 from starlette.applications import Starlette
 
+from aggregator.serving.listening import Listening
 from aggregator.settings import CoreSettings
 from ingest.http import Gate, http_protocol
-
-
-@dataclass(frozen=True, slots=True)
-class Listening:
-    """Where a server listens and what stops it. A process listens on `--host`/`--port` and
-    stops on SIGINT/SIGTERM (`PROCESS`); a program that runs meterline inside itself (the
-    tests, in a thread) hands it bound sockets and an event to set, as signals are not its."""
-
-    sockets: list[socket.socket] | None = None
-    stop: asyncio.Event | None = None
-
-
-PROCESS = Listening()
 
 
 async def serve_http(
