@@ -1,5 +1,5 @@
 """The options of the processes: `meterline up`, `core` and `ingest` (each option's default is
-its setting's: `aggregator.settings`, `ingest.settings`, `ingest.kafka`). Every `meterline`
+its setting's: `aggregator.settings`, `ingest.settings`, `meters.settings`). Every `meterline`
 command builds these, so this module imports no more than the settings do; what the process
 runs with is read from them by `serving.command`."""
 
