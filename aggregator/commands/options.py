@@ -153,7 +153,9 @@ def _filters(parser: argparse.ArgumentParser) -> None:
 
 
 def ingest_log(subparsers: Any) -> None:
-    log = command(subparsers, "ingest-log", "check the ingest log, or move a damaged tail aside")
+    log = command(
+        subparsers, "ingest-log", "check the ingest log, or move what does not read back aside"
+    )
     actions = log.add_subparsers(dest="ingest_log_command", required=True)
     data_dir_option(
         command(actions, "check", "whether the log reads back whole; if not, what is lost")
@@ -162,8 +164,8 @@ def ingest_log(subparsers: Any) -> None:
         command(
             actions,
             "repair",
-            "move a damaged log's tail aside (kept, not deleted) so the server starts;"
-            " says what is lost",
+            "keep every request that reads back whole, move the rest aside (kept, not"
+            " deleted) so the server starts; says what is lost",
         )
     )
 

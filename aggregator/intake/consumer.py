@@ -64,6 +64,7 @@ from aggregator.intake.leadership import Role, task_while_open, while_leading
 from aggregator.intake.routing import Router, carried, foreign
 from aggregator.intake.splits import WAIT_SECONDS, Splits
 from aggregator.store import (
+    ORIGIN,
     ConsumedBatch,
     OffsetReset,
     Positions,
@@ -598,13 +599,14 @@ def _lower_priority() -> None:
 
 def _with_origin(table: pa.Table, records: list[ConsumerRecord[Any, Any]], moved: bool) -> pa.Table:
     """The decoded events, with the partition, offset and row each was read from in place of
-    their position in the fetch (the origin their ids are derived from: `memtable.ORIGIN`); for
+    their position in the fetch (the origin their ids are derived from: `ids.ORIGIN`); for
     a record another shard `moved` here, where it read them (`routing.carried`)."""
     positions = table.column("position").to_numpy()
     partitions = np.fromiter((r.partition for r in records), np.int32, len(records))[positions]
     offsets = np.fromiter((r.offset for r in records), np.int64, len(records))[positions]
     # A JSON record is one event: row 0.
     rows = np.nan_to_num(table.column("row").to_numpy(zero_copy_only=False)).astype(np.int32)
+    carried_here = np.zeros(len(positions), dtype=bool)
     for i, origins in enumerate(map(carried, records) if moved else ()):
         if origins is None:
             continue
@@ -612,10 +614,11 @@ def _with_origin(table: pa.Table, records: list[ConsumerRecord[Any, Any]], moved
         which = rows[at]
         if len(at) and int(which.max()) < len(origins[0]):
             partitions[at], offsets[at], rows[at] = (o[which] for o in origins)
+            carried_here[at] = True
     table = table.drop_columns(["position", "row"])
-    table = table.append_column("origin_partition", pa.array(partitions))
-    table = table.append_column("origin_offset", pa.array(offsets))
-    return table.append_column("origin_row", pa.array(rows))
+    for column, values in zip(ORIGIN, (partitions, offsets, rows, carried_here), strict=True):
+        table = table.append_column(column, pa.array(values, column.type))
+    return table
 
 
 def _without(

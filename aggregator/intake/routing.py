@@ -14,8 +14,8 @@ two partitions, perhaps two shards. A shard (`--shard I/N`, N > 1) puts them bac
    read (`H_ORIGINS`: its id is derived from that, so it is the id a one-shard deployment
    gives it), acknowledged before the batch commits; and left out of the batch (its journal
    entry's dead rows, so that every core of the shard leaves it out too). A crash between the
-   two moves it again: the owner keeps the first of each external id (an event without one may
-   then count twice). (`Router.move`)
+   two moves it again: the owner keeps the first of each external id, and of a row without
+   one, the first of its origin (`store.ORIGIN`'s `origin_moved`). (`Router.move`)
 3. A moved record is applied where it lands, never moved again: the shard that moved it knew
    the customer when it did, the owner may not have applied that record of the control topic
    yet. A shard never waits on another: moving is a produce, like a dead letter.

@@ -16,6 +16,7 @@ from aggregator.store.apply.consumed import (
 )
 from aggregator.store.apply.ingest import IngestJob, missing_customers
 from aggregator.store.base import subjects
+from aggregator.store.base.ids import ORIGIN
 from aggregator.store.base.meter_rows import MeterRow, get_meter
 from aggregator.store.base.meter_sql import filter_sql, meter_events_sql
 from aggregator.store.machinery import ingest_log_repair
@@ -94,6 +95,7 @@ __all__ = [
     "CUSTOMER_SORTS",
     "GROUP_KEYS",
     "METER_SORTS",
+    "ORIGIN",
     "AlertRow",
     "Attempt",
     "Balances",

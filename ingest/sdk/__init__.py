@@ -3,15 +3,17 @@
     from ingest.sdk import Ingestion
     from ingest.sdk.strategies import LLMStrategy
 
-    ingestion = Ingestion(token, base_url="http://127.0.0.1:8000")
+    ingestion = Ingestion(token, base_url="http://127.0.0.1:8000")  # or a list of edges' URLs
     ingestion.ingest({"name": "api_call", "external_customer_id": "cust_1"})
+    ingestion.check_balance(meter_id, 25, external_customer_id="cust_1")["allowed"]
     llm = ingestion.strategy(LLMStrategy, "llm.completion")
     client = llm.wrap(openai.OpenAI(), external_customer_id="cust_1")
 
 A drop-in for polar-sdk's `Ingestion` helper, with background batching (count, bytes, linger),
 a bounded queue, retries that honour Retry-After and never double-count (an external_id is
 assigned when the event is recorded), 422s reported per event to `on_error`, flush at exit,
-and an asyncio variant. Kafka direct: `ingest.sdk.kafka`.
+and an asyncio variant; balance checks and credits; several URLs of one meterline, each
+request going to the first that answers (`failover`). Kafka direct: `ingest.sdk.kafka`.
 """
 
 from ingest.sdk.aio import AsyncIngestion
@@ -29,6 +31,7 @@ from ingest.sdk.errors import (
     InvalidEvent,
     NotRecorded,
     QueueFull,
+    RequestFailed,
     SDKError,
     TransportError,
     Undelivered,
@@ -53,6 +56,7 @@ __all__ = [
     "NotRecorded",
     "Options",
     "QueueFull",
+    "RequestFailed",
     "SDKError",
     "Stats",
     "Transport",

@@ -9,10 +9,12 @@ import atexit
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, Unpack
 
+from ingest.sdk import api
 from ingest.sdk.batching import Batch
 from ingest.sdk.core import FLUSH_TIMEOUT_SECONDS, ClientBase, Options, base_url_of
 from ingest.sdk.delivery import Delivery, decode
@@ -36,17 +38,21 @@ class AsyncIngestion(ClientBase):
         self,
         access_token: Token = None,
         server: str | None = None,
-        server_url: str | None = None,
+        server_url: str | Sequence[str] | None = None,
         *,
-        base_url: str | None = None,
+        base_url: str | Sequence[str] | None = None,
         transport: AsyncTransport | None = None,
         timeout: float = 10.0,
+        deadline: float | None = None,
         **options: Unpack[Options],
     ) -> None:
         super().__init__(**options)
         self._options = options  # for the exit flush's blocking client
         self._transport: AsyncTransport = transport or AsyncHTTPTransport(
-            base_url_of(base_url, server_url, server), access_token, timeout=timeout
+            base_url_of(base_url, server_url, server),
+            access_token,
+            timeout=timeout,
+            deadline=deadline,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -87,6 +93,72 @@ class AsyncIngestion(ClientBase):
             except TimeoutError:
                 raise self._full() from None
         return self.ingest(event)
+
+    async def check_balance(
+        self,
+        meter_id: str,
+        units: int = 1,
+        *,
+        customer_id: str | None = None,
+        external_customer_id: str | None = None,
+    ) -> dict[str, Any]:
+        """`Ingestion.check_balance`, on the event loop."""
+        return await self._call(
+            api.balance_check(meter_id, units, customer_id, external_customer_id)
+        )
+
+    async def customer_meters(
+        self,
+        *,
+        meter_id: str | None = None,
+        customer_id: str | None = None,
+        external_customer_id: str | None = None,
+        page: int = 1,
+        limit: int = 10,
+    ) -> dict[str, Any]:
+        """`Ingestion.customer_meters`, on the event loop."""
+        return await self._call(
+            api.customer_meters(meter_id, customer_id, external_customer_id, page, limit)
+        )
+
+    async def credit(
+        self,
+        meter_id: str,
+        units: int,
+        *,
+        customer_id: str | None = None,
+        external_customer_id: str | None = None,
+        external_id: str | None = None,
+        rollover: bool = False,
+        priority: int | None = None,
+        expires_at: datetime | str | None = None,
+    ) -> dict[str, Any]:
+        """`Ingestion.credit`, on the event loop."""
+        call = api.credit(
+            meter_id,
+            units,
+            customer_id,
+            external_customer_id,
+            external_id=external_id,
+            rollover=rollover,
+            priority=priority,
+            expires_at=expires_at,
+        )
+        return await self._call(call)
+
+    async def _call(self, call: api.ApiCall) -> dict[str, Any]:
+        transport = self._transport
+        if not isinstance(transport, AsyncHTTPTransport):
+            raise SDKError(f"{call.method} {call.path} needs a client over HTTP (base_url)")
+        if self._finished:
+            raise ClientClosed(f"{call.method} {call.path} after aclose()")
+        try:
+            response = await transport.request(
+                call.method, call.path, params=call.params, body=call.body, headers=call.headers
+            )
+        except TransportError as exc:
+            raise api.unanswered(call, str(exc)) from None
+        return api.answer_of(call, response)
 
     # A timeout parameter rather than asyncio.timeout(): the sync client's signature, and
     # aclose() must not be cancelled halfway (it reports what it could not deliver).

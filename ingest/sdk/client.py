@@ -8,14 +8,16 @@ import atexit
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, Unpack
 
+from ingest.sdk import api
 from ingest.sdk.batching import Batch
 from ingest.sdk.core import FLUSH_TIMEOUT_SECONDS, ClientBase, Options, base_url_of
 from ingest.sdk.delivery import Delivery, decode
-from ingest.sdk.errors import ClientClosed, TransportError, Undelivered
+from ingest.sdk.errors import ClientClosed, SDKError, TransportError, Undelivered
 from ingest.sdk.transports import HTTPTransport, Token, Transport
 
 __all__ = ["Ingestion"]
@@ -30,23 +32,30 @@ class Ingestion(ClientBase):
         ingestion.ingest({"name": "api_call", "external_customer_id": "cust_1"})
 
     Without `transport`, events go over HTTP to `base_url` (polar-sdk's `server_url` and
-    `server` work too; the default is Polar's production API). See `Options` for the rest.
+    `server` work too; the default is Polar's production API). `base_url` may be a list of
+    URLs of one meterline (its edges): each request goes to the first that answers
+    (`ingest.sdk.failover`), each attempt within `timeout` seconds and the whole request within
+    `deadline` (default: `timeout` per URL). See `Options` for the rest.
     """
 
     def __init__(
         self,
         access_token: Token = None,
         server: str | None = None,
-        server_url: str | None = None,
+        server_url: str | Sequence[str] | None = None,
         *,
-        base_url: str | None = None,
+        base_url: str | Sequence[str] | None = None,
         transport: Transport | None = None,
         timeout: float = 10.0,
+        deadline: float | None = None,
         **options: Unpack[Options],
     ) -> None:
         super().__init__(**options)
         self._transport: Transport = transport or HTTPTransport(
-            base_url_of(base_url, server_url, server), access_token, timeout=timeout
+            base_url_of(base_url, server_url, server),
+            access_token,
+            timeout=timeout,
+            deadline=deadline,
         )
         self._ready = threading.Condition(self._lock)  # senders: a batch may be ready
         self._space = threading.Condition(self._lock)  # blocked ingest(): room in the queue
@@ -94,6 +103,85 @@ class Ingestion(ClientBase):
             for data in events:
                 self._buffer.put(data, now)
             self._ready.notify_all()
+
+    def check_balance(
+        self,
+        meter_id: str,
+        units: int = 1,
+        *,
+        customer_id: str | None = None,
+        external_customer_id: str | None = None,
+    ) -> dict[str, Any]:
+        """May the customer spend `units` of the meter? meterline's
+        `GET /v1/customer-meters/check`: {"allowed", "units", "balance", "balance_after", ...}.
+
+        Raises:
+            RequestFailed: refused (404: no such customer or meter), or no URL answered.
+            ValueError: not exactly one of customer_id, external_customer_id.
+        """
+        return self._call(api.balance_check(meter_id, units, customer_id, external_customer_id))
+
+    def customer_meters(
+        self,
+        *,
+        meter_id: str | None = None,
+        customer_id: str | None = None,
+        external_customer_id: str | None = None,
+        page: int = 1,
+        limit: int = 10,
+    ) -> dict[str, Any]:
+        """A page of customer meters (`GET /v1/customer-meters/`: {"items", "pagination"}),
+        with their balances. Raises RequestFailed."""
+        return self._call(
+            api.customer_meters(meter_id, customer_id, external_customer_id, page, limit)
+        )
+
+    def credit(
+        self,
+        meter_id: str,
+        units: int,
+        *,
+        customer_id: str | None = None,
+        external_customer_id: str | None = None,
+        external_id: str | None = None,
+        rollover: bool = False,
+        priority: int | None = None,
+        expires_at: datetime | str | None = None,
+    ) -> dict[str, Any]:
+        """Grant (or, with negative units, revoke) credits: `POST /v1/meter-credits/`,
+        {"customer_meter", "replayed"}. `external_id` is the credit's idempotency key (one is
+        drawn when not given): sent again to another URL, or later with the same key, the
+        credit is applied once.
+
+        Raises:
+            RequestFailed: refused (409: the key was used for another credit; 422), or no URL
+                answered (the credit may have been applied: call again with its external_id).
+        """
+        call = api.credit(
+            meter_id,
+            units,
+            customer_id,
+            external_customer_id,
+            external_id=external_id,
+            rollover=rollover,
+            priority=priority,
+            expires_at=expires_at,
+        )
+        return self._call(call)
+
+    def _call(self, call: api.ApiCall) -> dict[str, Any]:
+        transport = self._transport
+        if not isinstance(transport, HTTPTransport):
+            raise SDKError(f"{call.method} {call.path} needs a client over HTTP (base_url)")
+        if self._finished:
+            raise ClientClosed(f"{call.method} {call.path} after close()")
+        try:
+            response = transport.request(
+                call.method, call.path, params=call.params, body=call.body, headers=call.headers
+            )
+        except TransportError as exc:
+            raise api.unanswered(call, str(exc)) from None
+        return api.answer_of(call, response)
 
     def _wait_for_room(self) -> None:
         if self._on_full == "raise" or not self._space.wait_for(

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 
 from ingest.sdk.batching import BODY_OVERHEAD, Buffer
 from ingest.sdk.delivery import RetryPolicy, Step
 from ingest.sdk.errors import DeliveryError, EventsRejected, QueueFull
+from ingest.sdk.failover import Servers
 from ingest.sdk.recording import Recorder
 from ingest.sdk.transports import POLAR_SERVERS, Token, http_endpoint
 
@@ -55,10 +56,14 @@ class Stats:
     retries: int  # sends repeated after no answer, 408, 425, 429 or 5xx
 
 
-def base_url_of(base_url: str | None, server_url: str | None, server: str | None) -> str:
-    """polar-sdk's `server` ("production", "sandbox") and `server_url`, or our `base_url`."""
-    if base_url or server_url:
-        return str(base_url or server_url)
+def base_url_of(
+    base_url: str | Sequence[str] | None, server_url: str | Sequence[str] | None, server: str | None
+) -> str | Sequence[str]:
+    """Our `base_url` (one URL, or several of one meterline: `ingest.sdk.failover`), or
+    polar-sdk's `server_url` and `server` ("production", "sandbox")."""
+    for given in (base_url, server_url):
+        if given is not None and given != "":
+            return given
     try:
         return POLAR_SERVERS[server or "production"]
     except KeyError:
@@ -134,9 +139,9 @@ class ClientBase(ABC):
             )
 
     @property
-    def http_endpoint(self) -> tuple[str, Token] | None:
-        """The base URL and token of the server this client sends to over HTTP (None when it
-        sends another way, as to Kafka)."""
+    def http_endpoint(self) -> tuple[Servers, Token] | None:
+        """The URLs (`Servers`) and token of the meterline this client sends to over HTTP
+        (None when it sends another way, as to Kafka)."""
         return http_endpoint(getattr(self, "_transport", None))
 
     @property

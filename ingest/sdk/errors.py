@@ -7,6 +7,8 @@ IngestError
     ├── ClientClosed        ingest() after close()
     ├── InvalidCost         a cost function returned an amount `_cost` cannot carry
     ├── TransportError      a send got no answer (connection, timeout, broker); retried
+    ├── RequestFailed       an API call (check_balance, customer_meters, credit) was refused, or
+    │                       no URL answered it
     ├── HoldFailed          a hold (`LLMStrategy.reserve`) could not be made: the call is not made
     │   └── InsufficientBalance   refused: the balance less active holds is below the units
     └── DeliveryError       what `on_error` receives: events that will not be sent again
@@ -39,6 +41,7 @@ __all__ = [
     "InvalidEvent",
     "NotRecorded",
     "QueueFull",
+    "RequestFailed",
     "SDKError",
     "TransportError",
     "Undelivered",
@@ -78,6 +81,16 @@ class InsufficientBalance(HoldFailed):
 
 class InvalidCost(SDKError, ValueError):
     pass
+
+
+class RequestFailed(SDKError):
+    """An API call answered other than 2xx (`status`, and `answer`: the JSON body, or its
+    text), or answered by no URL (`status` None) within the call's deadline."""
+
+    def __init__(self, message: str, status: int | None = None, answer: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.answer = answer
 
 
 class TransportError(SDKError):

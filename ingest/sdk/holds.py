@@ -1,7 +1,8 @@
 """Holds on meterline (`POST /v1/meter-holds/`), as `LLMStrategy.reserve()` makes them: one
-request before the measured call. A refusal raises InsufficientBalance and the call is not
-made; a hold whose call fails is released; the call's usage event carries the hold's
-external_id, so meterline settles the hold with it."""
+call before the measured call, through the client's URLs (`ingest.sdk.failover`: sent again to
+the next with the same external_id and Idempotency-Key, so it holds once). A refusal raises
+InsufficientBalance and the call is not made; a hold whose call fails is released; the call's
+usage event carries the hold's external_id, so meterline settles the hold with it."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from typing import Any
 
 import httpx
 
-from ingest.sdk.errors import HoldFailed, InsufficientBalance
+from ingest.sdk.api import idempotency_key
+from ingest.sdk.errors import HoldFailed, InsufficientBalance, TransportError
+from ingest.sdk.failover import Attempts, Servers, afirst_answer, first_answer
 from ingest.sdk.transports import USER_AGENT, Token
 
 __all__ = ["Hold", "Reserve", "Units"]
 
 # Units to hold for a call, from its keyword arguments (model, messages, max_tokens, ...).
 Units = Callable[[Mapping[str, Any]], float]
+_PATH = "/v1/meter-holds/"
 # The output caps of the calls measured: chat and Anthropic's messages, newer chat, Responses.
 _CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
@@ -45,7 +49,7 @@ class Reserve:
     meter_id: str
     units: Units
     expires_in_seconds: int
-    base_url: str
+    servers: Servers
     token: Token
     timeout: float
 
@@ -78,47 +82,61 @@ class Hold:
     body: dict[str, Any]
     id: str | None = None  # once made
 
-    @property
-    def _url(self) -> str:
-        return f"{self.reserve.base_url.rstrip('/')}/v1/meter-holds/"
-
     def make(self) -> None:
+        headers = self.reserve.headers() | idempotency_key()
+
+        def attempt(url: str, seconds: float) -> httpx.Response:
+            return httpx.post(f"{url}{_PATH}", json=self.body, headers=headers, timeout=seconds)
+
         try:
-            response = httpx.post(
-                self._url,
-                json=self.body,
-                headers=self.reserve.headers(),
-                timeout=self.reserve.timeout,
-            )
-        except httpx.HTTPError as exc:
-            raise HoldFailed(f"no answer to the hold: {type(exc).__name__}: {exc}") from exc
+            response = first_answer(self._attempts(), attempt)
+        except TransportError as exc:
+            raise HoldFailed(f"no answer to the hold: {exc}") from exc
         self.id = _made(response)
 
     async def amake(self) -> None:
-        try:
-            async with httpx.AsyncClient(timeout=self.reserve.timeout) as client:
-                response = await client.post(
-                    self._url, json=self.body, headers=self.reserve.headers()
+        headers = self.reserve.headers() | idempotency_key()
+        async with httpx.AsyncClient() as client:
+
+            async def attempt(url: str, seconds: float) -> httpx.Response:
+                return await client.post(
+                    f"{url}{_PATH}", json=self.body, headers=headers, timeout=seconds
                 )
-        except httpx.HTTPError as exc:
-            raise HoldFailed(f"no answer to the hold: {type(exc).__name__}: {exc}") from exc
+
+            try:
+                response = await afirst_answer(self._attempts(), attempt)
+            except TransportError as exc:
+                raise HoldFailed(f"no answer to the hold: {exc}") from exc
         self.id = _made(response)
 
     def release(self) -> None:
         """Best effort (the call failed): a hold not released expires on its own."""
-        if self.id is not None:
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.delete(
-                    f"{self._url}{self.id}",
-                    headers=self.reserve.headers(),
-                    timeout=self.reserve.timeout,
-                )
+        if self.id is None:
+            return
+        headers = self.reserve.headers() | idempotency_key()
+
+        def attempt(url: str, seconds: float) -> httpx.Response:
+            return httpx.delete(f"{url}{_PATH}{self.id}", headers=headers, timeout=seconds)
+
+        with contextlib.suppress(TransportError):
+            first_answer(self._attempts(), attempt)
 
     async def arelease(self) -> None:
-        if self.id is not None:
-            with contextlib.suppress(httpx.HTTPError):
-                async with httpx.AsyncClient(timeout=self.reserve.timeout) as client:
-                    await client.delete(f"{self._url}{self.id}", headers=self.reserve.headers())
+        if self.id is None:
+            return
+        headers = self.reserve.headers() | idempotency_key()
+        async with httpx.AsyncClient() as client:
+
+            async def attempt(url: str, seconds: float) -> httpx.Response:
+                return await client.delete(
+                    f"{url}{_PATH}{self.id}", headers=headers, timeout=seconds
+                )
+
+            with contextlib.suppress(TransportError):
+                await afirst_answer(self._attempts(), attempt)
+
+    def _attempts(self) -> Attempts:
+        return self.reserve.servers.attempts(self.reserve.timeout, None)
 
 
 def _made(response: httpx.Response) -> str:

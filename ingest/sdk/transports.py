@@ -1,22 +1,26 @@
 """Where batches go. A transport sends one batch of encoded events and returns the server's
 answer, or raises TransportError when there is none. HTTP to any Polar-compatible
-`POST /v1/events/ingest` (meterline, or Polar itself) is here; Kafka is in `ingest.sdk.kafka`."""
+`POST /v1/events/ingest` (meterline, or Polar itself), at one URL or several
+(`ingest.sdk.failover`), is here, and the API's other calls go the same way (`request`); Kafka
+is in `ingest.sdk.kafka`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import httpx
 
 from ingest.sdk.delivery import Answer
 from ingest.sdk.errors import TransportError
+from ingest.sdk.failover import Attempts, Servers, afirst_answer, first_answer
 
 __all__ = ["AsyncHTTPTransport", "AsyncTransport", "HTTPTransport", "Transport"]
 
 POLAR_SERVERS = {"production": "https://api.polar.sh", "sandbox": "https://sandbox-api.polar.sh"}
 Token = str | Callable[[], str | None] | None
 USER_AGENT = "meterline-sdk/0.1"
+INGEST_PATH = "/v1/events/ingest"
 
 
 class Transport(Protocol):
@@ -38,10 +42,10 @@ class AsyncTransport(Protocol):
         ...
 
 
-def http_endpoint(transport: object) -> tuple[str, Token] | None:
-    """The base URL and token of an HTTP transport's server (None for any other transport)."""
+def http_endpoint(transport: object) -> tuple[Servers, Token] | None:
+    """The servers and token of an HTTP transport (None for any other transport)."""
     if isinstance(transport, _HTTP):
-        return transport.base_url, transport.access_token
+        return transport.servers, transport.access_token
     return None
 
 
@@ -50,69 +54,125 @@ def body_of(events: Sequence[bytes]) -> bytes:
 
 
 class _HTTP:
-    def __init__(self, base_url: str, access_token: Token, timeout: float) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.url = f"{self.base_url}/v1/events/ingest"
+    def __init__(
+        self,
+        base_url: str | Sequence[str] | Servers,
+        access_token: Token,
+        timeout: float,
+        deadline: float | None,
+    ) -> None:
+        self.servers = base_url if isinstance(base_url, Servers) else Servers(base_url)
+        self.base_url = self.servers.urls[0]
         self.access_token = access_token
         self.timeout = timeout
+        self.deadline = deadline
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         token = self.access_token() if callable(self.access_token) else self.access_token
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        return headers
+        return headers | dict(extra or {})
+
+    def attempts(self) -> Attempts:
+        return self.servers.attempts(self.timeout, self.deadline)
 
 
 def _answer(response: httpx.Response) -> Answer:
     return Answer(response.status_code, response.content, response.headers.get("retry-after"))
 
 
-def _no_answer(exc: httpx.HTTPError) -> TransportError:
-    # Timeouts included: the server may have stored the batch; re-sending it is safe.
-    return TransportError(f"{type(exc).__name__}: {exc}")
-
-
 class HTTPTransport(_HTTP):
-    """Blocking HTTP (one httpx.Client; its pool is shared by the sender threads)."""
+    """Blocking HTTP (one httpx.Client; its pool is shared by the sender threads) to one URL or
+    several (`ingest.sdk.failover`). `transport` replaces the network (tests:
+    `httpx.MockTransport`)."""
 
-    def __init__(self, base_url: str, access_token: Token = None, *, timeout: float = 10.0) -> None:
-        super().__init__(base_url, access_token, timeout)
-        self._client = httpx.Client(timeout=timeout)
+    def __init__(
+        self,
+        base_url: str | Sequence[str] | Servers,
+        access_token: Token = None,
+        *,
+        timeout: float = 10.0,
+        deadline: float | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, access_token, timeout, deadline)
+        self._client = httpx.Client(timeout=timeout, transport=transport)
 
     def send(self, events: Sequence[bytes]) -> Answer:
+        return _answer(self.request("POST", INGEST_PATH, body=body_of(events)))
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int | float] | None = None,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """One call: the same request to each URL in turn (`ingest.sdk.failover`);
+        TransportError when no URL answered."""
+        sent = self.headers(headers)
+
+        def attempt(url: str, seconds: float) -> httpx.Response:
+            return self._client.request(
+                method, url + path, params=params, content=body, headers=sent, timeout=seconds
+            )
+
         try:
-            response = self._client.post(self.url, content=body_of(events), headers=self.headers())
-        except httpx.HTTPError as exc:
-            raise _no_answer(exc) from exc
+            return first_answer(self.attempts(), attempt)
         except RuntimeError as exc:  # the client was closed under a sender (close timed out)
             raise TransportError(str(exc)) from exc
-        return _answer(response)
 
     def close(self) -> None:
         self._client.close()
 
 
 class AsyncHTTPTransport(_HTTP):
-    """HTTP on the running event loop (httpx.AsyncClient)."""
+    """HTTP on the running event loop (httpx.AsyncClient), to one URL or several."""
 
-    def __init__(self, base_url: str, access_token: Token = None, *, timeout: float = 10.0) -> None:
-        super().__init__(base_url, access_token, timeout)
-        self._client = httpx.AsyncClient(timeout=timeout)
+    def __init__(
+        self,
+        base_url: str | Sequence[str] | Servers,
+        access_token: Token = None,
+        *,
+        timeout: float = 10.0,
+        deadline: float | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, access_token, timeout, deadline)
+        self._client = httpx.AsyncClient(timeout=timeout, transport=transport)
 
     async def send(self, events: Sequence[bytes]) -> Answer:
-        try:
-            response = await self._client.post(
-                self.url, content=body_of(events), headers=self.headers()
+        return _answer(await self.request("POST", INGEST_PATH, body=body_of(events)))
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int | float] | None = None,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """`HTTPTransport.request` on the event loop."""
+        sent = self.headers(headers)
+
+        async def attempt(url: str, seconds: float) -> httpx.Response:
+            return await self._client.request(
+                method, url + path, params=params, content=body, headers=sent, timeout=seconds
             )
-        except httpx.HTTPError as exc:
-            raise _no_answer(exc) from exc
+
+        try:
+            return await afirst_answer(self.attempts(), attempt)
         except RuntimeError as exc:
             raise TransportError(str(exc)) from exc
-        return _answer(response)
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     def blocking(self) -> HTTPTransport:
-        return HTTPTransport(self.base_url, self.access_token, timeout=self.timeout)
+        return HTTPTransport(
+            self.servers, self.access_token, timeout=self.timeout, deadline=self.deadline
+        )

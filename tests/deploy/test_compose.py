@@ -1,9 +1,11 @@
 """deploy/docker-compose.yml as Compose reads it (anchors and merge keys resolved): the image is
-built once and every meterline service runs that image; Prometheus scrapes each of them at the
-port its command listens on; Grafana finds Prometheus and the dashboard where they are put."""
+built once and every meterline service runs that image; nginx sends to every edge, two at
+least, and each edge sends on to the core; Prometheus scrapes each of them at the port its
+command listens on; Grafana finds Prometheus and the dashboard where they are put."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -40,6 +42,21 @@ def test_one_build_and_every_meterline_service_runs_its_image() -> None:
     assert all(s.get("image") != image for n, s in SERVICES.items() if n not in meterline)
 
 
+def _port(service: dict[str, Any]) -> str:
+    return str(service["command"].split("--port")[1].split()[0])
+
+
+def test_nginx_sends_to_every_edge_and_each_edge_to_the_core() -> None:
+    """Clients talk to the edges alone, through nginx: one edge down is one of two."""
+    edges = {n: s for n, s in _meterline_services().items() if s["command"].split()[1] == "ingest"}
+    assert len(edges) >= 2
+    upstream = re.findall(r"^\s+server (\S+?)[ ;]", (DEPLOY / "nginx.conf").read_text(), re.M)
+    assert sorted(upstream) == sorted(f"{name}:{_port(edge)}" for name, edge in edges.items())
+    assert set(SERVICES["lb"]["depends_on"]) == set(edges)
+    for edge in edges.values():
+        assert f"--core http://core:{_port(SERVICES['core'])}" in edge["command"]
+
+
 def test_prometheus_scrapes_every_meterline_process_where_it_listens() -> None:
     config = _load(DEPLOY / "prometheus" / "prometheus.yml")
     targets = {
@@ -48,10 +65,7 @@ def test_prometheus_scrapes_every_meterline_process_where_it_listens() -> None:
         for group in job["static_configs"]
         for target in group["targets"]
     }
-    listening = {
-        f"{name}:{service['command'].split('--port')[1].split()[0]}"
-        for name, service in _meterline_services().items()
-    }
+    listening = {f"{name}:{_port(service)}" for name, service in _meterline_services().items()}
     assert targets == listening
     # The token file Compose writes is the one Prometheus reads (its path is relative to the
     # configuration's, which Compose mounts beside it), as are the alerting rules.

@@ -1,6 +1,10 @@
-"""Which events are new: every stored (organization, external_id), held as fingerprints.
+"""Which events are new: every stored key, held as fingerprints.
 
-First write wins, forever (docs/internals/decisions.md, decision 2). Asking DuckDB for every event
+An event's key is its (organization, external_id); an event without an external id that
+another shard moved here is keyed by where it was first read (`ids.ORIGIN`), so that a row
+moved twice (its shard crashed after moving it and before committing its batch) is applied
+once; other events have no key. First write wins, forever (docs/internals/decisions.md,
+decision 2). Asking DuckDB for every event
 would cost a unique index (maintained on every insert and rewritten by checkpoints) or a scan;
 instead each stored key is held here as a 64-bit fingerprint (DuckDB's `hash(organization_id,
 external_id)`) with the seq of its event: 16 bytes a key, in sorted numpy runs merged like an LSM
@@ -41,12 +45,24 @@ from aggregator.store.base.rows import registered
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
-# {seq: (organization_id, external_id)} of those of the given seqs that are in events not yet
+# A key: (organization as its UUID's canonical text, external_id), or a moved row's origin
+# (partition, offset, row: unique in the topic, whatever the organization).
+Key = tuple[str, str] | tuple[int, int, int]
+# {seq: key (None: the event has none)} of those of the given seqs that are in events not yet
 # in DuckDB.
-Unflushed = Callable[[I64], dict[int, tuple[str, str]]]
-# The fingerprint of a key, as SQL over columns `organization_id` (text) and `external_id`. The
-# organization is spelled as its UUID's canonical text on both sides (batches and the table).
+Unflushed = Callable[[I64], dict[int, Key | None]]
+# The fingerprint of a key, as SQL over columns `organization_id` (text) and `external_id`, and
+# of a moved row's origin. The organization is spelled as its UUID's canonical text on both
+# sides (batches and the table).
 FINGERPRINT = "hash(organization_id::UUID::VARCHAR, external_id)"
+_MOVED = "hash(origin_partition, origin_offset, origin_row)"
+_MOVED_KEY = ["origin_partition", "origin_offset", "origin_row"]
+# Stores the origins of the moved rows without an external id among `{events}` (stored events
+# with `ids.ORIGIN`), in the flush that stores them.
+INSERT_MOVED = (
+    "INSERT INTO moved_events SELECT seq, origin_partition, origin_offset, origin_row"
+    " FROM {events} WHERE origin_moved AND external_id IS NULL"
+)
 # Bytes held per stored key: the fingerprint and the seq.
 BYTES_PER_KEY = 16
 # Keys held in memory before runs spill to files (1 GiB): the command line's default.
@@ -92,6 +108,7 @@ class Dedupe:
         chunk = self._spill.keys if self._spill is not None else None
         reader = con.sql(
             f"SELECT {FINGERPRINT} AS fp, seq FROM events WHERE external_id IS NOT NULL"  # noqa: S608 - fixed text, values bound
+            f" UNION ALL SELECT {_MOVED}, seq FROM moved_events"
         ).to_arrow_reader(65_536)
         batches: list[pa.RecordBatch] = []
         rows = 0
@@ -188,22 +205,17 @@ def new_rows(
     stores: list[Dedupe],
     unflushed: Unflushed,
 ) -> tuple[pa.BooleanArray, U64]:
-    """Which rows of `batch` (organization_id, external_id, in submission order) are new: no
-    external_id, or the first of its key in the batch and not stored. Also the fingerprints of
-    the batch's rows (0 where there is no external_id), to `add` the new ones.
+    """Which rows of `batch` (organization_id, external_id and maybe `ids.ORIGIN`, in
+    submission order) are new: no key, or the first of its key in the batch and not stored.
+    Also the fingerprints of the batch's rows (0 where there is no key), to `add` the new ones.
 
     `stores` are searched for held keys (the committed set, and keys staged by the transaction
     in progress); candidates are read back from `unflushed` or, through `verify` (a cursor of
     its own, so that it sees every flush committed so far), from DuckDB. Keys are compared
     exactly only where fingerprints meet (duplicates, and collisions)."""
     n = batch.num_rows
-    with registered(con, "_dedupe_batch", batch.select(["organization_id", "external_id"])):
-        fps = _u64(
-            con.sql(f"SELECT coalesce({FINGERPRINT}, 0::UBIGINT) AS fp FROM _dedupe_batch")  # noqa: S608 - fixed text, values bound
-            .to_arrow_table()
-            .column("fp")
-        )
-    keyed = _np_bool(pc.is_valid(batch.column("external_id")))
+    fps = fingerprinted(con, batch)
+    keyed = is_keyed(batch)
     keyed_rows = np.flatnonzero(keyed)
     keys = _Keys(batch)
     first = _first_in_batch(keys, fps, keyed_rows)
@@ -217,29 +229,58 @@ def new_rows(
     return pa.array(keep, pa.bool_()), fps
 
 
-def fingerprints(con: duckdb.DuckDBPyConnection, keyed: pa.Table) -> tuple[U64, I64]:
-    """The fingerprints and seqs of `keyed` (organization_id, external_id, seq; every
-    external_id set), to `add`."""
-    if not keyed.num_rows:
-        return np.empty(0, np.uint64), np.empty(0, np.int64)
-    with registered(con, "_dedupe_keyed", keyed.select(["organization_id", "external_id"])):
-        fps = con.sql(f"SELECT {FINGERPRINT} AS fp FROM _dedupe_keyed").to_arrow_table()  # noqa: S608 - fixed text, values bound
-    return _u64(fps.column("fp")), _i64(keyed.column("seq"))
+def is_keyed(events: pa.Table) -> npt.NDArray[np.bool_]:
+    """Which rows of `events` have a key: an external id, or moved here by another shard."""
+    keyed = numpy(pc.is_valid(events.column("external_id")), np.bool_)
+    if "origin_moved" in events.column_names:
+        moved: Column = events.column("origin_moved")
+        keyed |= numpy(cast(Column, pc.fill_null(moved, pa.scalar(False))), np.bool_)
+    return keyed
+
+
+def fingerprinted(con: duckdb.DuckDBPyConnection, events: pa.Table) -> U64:
+    """The fingerprint of each row's key (0 where it has none)."""
+    columns, key = ["organization_id", "external_id"], FINGERPRINT
+    if "origin_moved" in events.column_names:
+        columns += [*_MOVED_KEY, "origin_moved"]
+        key = f"CASE WHEN external_id IS NOT NULL THEN {key} WHEN origin_moved THEN {_MOVED} END"
+    with registered(con, "_dedupe_batch", events.select(columns)):
+        return _u64(
+            con.sql(f"SELECT coalesce({key}, 0::UBIGINT) AS fp FROM _dedupe_batch")  # noqa: S608 - fixed text, values bound
+            .to_arrow_table()
+            .column("fp")
+        )
+
+
+def keys(events: pa.Table, rows: I64) -> list[Key | None]:
+    """The keys of these rows of `events` (None: no key)."""
+    return _Keys(events).of(rows)
 
 
 class _Keys:
-    """A batch's exact keys, read only for the rows that need them: (organization as its
-    UUID's canonical text, external_id)."""
+    """A batch's exact keys, read only for the rows that need them."""
 
     def __init__(self, batch: pa.Table) -> None:
         self._batch = batch
         self._canonical: dict[str, str] = {}
 
-    def of(self, rows: I64) -> list[tuple[str, str]]:
+    def of(self, rows: I64) -> list[Key | None]:
         at = pa.array(rows, pa.int64())
         orgs = cast(list[str], self._batch.column("organization_id").take(at).to_pylist())
-        ids = cast(list[str], self._batch.column("external_id").take(at).to_pylist())
-        return [(self.canonical(o), e) for o, e in zip(orgs, ids, strict=True)]
+        ids = cast(list[str | None], self._batch.column("external_id").take(at).to_pylist())
+        origins: list[tuple[int, int, int] | None] = [None] * len(ids)
+        if "origin_moved" in self._batch.column_names:
+            taken = self._batch.select([*_MOVED_KEY, "origin_moved"]).take(at).to_pylist()
+            origins = [
+                (r["origin_partition"], r["origin_offset"], r["origin_row"])
+                if r["origin_moved"]
+                else None
+                for r in taken
+            ]
+        return [
+            (self.canonical(o), e) if e is not None else origin
+            for o, e, origin in zip(orgs, ids, origins, strict=True)
+        ]
 
     def canonical(self, organization_id: str) -> str:
         found = self._canonical.get(organization_id)
@@ -249,8 +290,8 @@ class _Keys:
 
 
 def _first_in_batch(keys: _Keys, fps: U64, keyed_rows: I64) -> npt.NDArray[np.bool_]:
-    """True for each keyed row that is the first of its (organization, external_id) in the
-    batch: by fingerprint, and where rows share one, by their keys."""
+    """True for each keyed row that is the first of its key in the batch: by fingerprint, and
+    where rows share one, by their keys."""
     first = np.zeros(len(fps), dtype=bool)
     order = keyed_rows[np.argsort(fps[keyed_rows], kind="stable")]  # stable: earliest first
     ordered = fps[order]
@@ -262,7 +303,7 @@ def _first_in_batch(keys: _Keys, fps: U64, keyed_rows: I64) -> npt.NDArray[np.bo
     rows = np.sort(order[shared])
     if len(rows):
         first[rows] = False
-        seen: set[tuple[str, str]] = set()
+        seen: set[Key | None] = set()
         for row, key in zip(rows.tolist(), keys.of(rows), strict=True):
             if key not in seen:
                 seen.add(key)
@@ -284,12 +325,18 @@ def _confirmed(
     if missing:
         rows = verify.execute(
             "SELECT seq, organization_id::VARCHAR, external_id FROM events"
+            " WHERE seq IN (SELECT unnest(?::BIGINT[])) AND external_id IS NOT NULL",
+            [missing],
+        ).fetchall()
+        stored.update((seq, (keys.canonical(org), external_id)) for seq, org, external_id in rows)
+        moved = verify.execute(
+            "SELECT seq, origin_partition, origin_offset, origin_row FROM moved_events"
             " WHERE seq IN (SELECT unnest(?::BIGINT[]))",
             [missing],
         ).fetchall()
-        stored.update((seq, (org, external_id)) for seq, org, external_id in rows)
+        stored.update((seq, (p, o, r)) for seq, p, o, r in moved)
     same = [
-        (seq in stored and (keys.canonical(stored[seq][0]), stored[seq][1]) == key)
+        key is not None and stored.get(seq) == key
         for seq, key in zip(seqs.tolist(), keys.of(positions), strict=True)
     ]
     kept: I64 = positions[np.array(same, dtype=bool)]
@@ -306,7 +353,3 @@ def _u64(column: Column) -> U64:
 
 def _i64(column: Column) -> I64:
     return numpy(column, np.int64)
-
-
-def _np_bool(column: Column) -> npt.NDArray[np.bool_]:
-    return numpy(column, np.bool_)

@@ -32,7 +32,6 @@ from typing import Protocol, TypeVar
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from aggregator.store.base.arrays import numpy
 from aggregator.store.machinery import dedupe
@@ -315,7 +314,7 @@ class Live:
 
         self.stage(held)
 
-    def _unflushed(self, seqs: dedupe.I64) -> dict[int, tuple[str, str]]:
+    def _unflushed(self, seqs: dedupe.I64) -> dict[int, dedupe.Key | None]:
         return keys_of(self.memtable.take() + self._staged_entries, seqs)
 
     def queue(
@@ -334,12 +333,10 @@ class Live:
         rows (`Admitted`'s), if known."""
         self._expect(Status.OPEN)
         entry = Applied(events, tuple(evaluated), offsets, log_id)
-        keyed = pc.is_valid(events.column("external_id"))
+        keyed = dedupe.is_keyed(events)
         if fingerprints is None:
-            held, seqs = dedupe.fingerprints(con, events.filter(keyed))
-        else:
-            mask = numpy(keyed, np.bool_)
-            held, seqs = fingerprints[mask], numpy(events.column("seq"), np.int64)[mask]
+            fingerprints = dedupe.fingerprinted(con, events)
+        held, seqs = fingerprints[keyed], numpy(events.column("seq"), np.int64)[keyed]
         self._staged_keys.add(held, seqs)
         self._staged_entries.append(entry)
         self.stage(lambda: self._applied(entry, held, seqs))

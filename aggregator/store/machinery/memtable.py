@@ -22,8 +22,9 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from aggregator.store.base import subjects
+from aggregator.store.base.ids import ORIGIN
 from aggregator.store.base.rows import registered
-from aggregator.store.machinery import ingest_log, rollups
+from aggregator.store.machinery import dedupe, ingest_log, rollups
 from aggregator.store.machinery.rollups import Evaluated
 from meters.events import COLUMNS
 
@@ -92,47 +93,29 @@ class Memtable:
             self.stored += count
 
 
-def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> dict[int, tuple[str, str]]:
-    """{seq: (organization_id, external_id)} of the events with these seqs among `entries`
-    (each entry's seqs are consecutive: a binary search finds the entry, the seq the row)."""
+def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> dict[int, dedupe.Key | None]:
+    """{seq: its dedupe key} of the events with these seqs among `entries` (each entry's seqs
+    are consecutive: a binary search finds the entry, the seq the row)."""
     held = [e for e in entries if e.events.num_rows]
     if not held:
         return {}
     firsts = np.array([e.events.column("seq")[0].as_py() for e in held], np.int64)
     at = np.searchsorted(firsts, seqs, side="right") - 1
-    found: dict[int, tuple[str, str]] = {}
+    found: dict[int, dedupe.Key | None] = {}
     for i in np.unique(at[at >= 0]).tolist():
         events = held[i].events
         mine = seqs[at == i]
         rows = mine - firsts[i]
         mine, rows = mine[rows < events.num_rows], rows[rows < events.num_rows]
-        taken = events.select(["organization_id", "external_id"]).take(pa.array(rows))
-        found.update(
-            zip(
-                mine.tolist(),
-                zip(
-                    taken.column("organization_id").to_pylist(),
-                    taken.column("external_id").to_pylist(),
-                    strict=True,
-                ),
-                strict=True,
-            )
-        )
+        found.update(zip(mine.tolist(), dedupe.keys(events, rows), strict=True))
     return found
 
 
 # The event's columns (`meters.events.COLUMNS`) as the table stores them.
 _CASTS = {"customer_id": "::UUID", "cost_amount": "::DECIMAL(17, 12)"}
-# Where each event was read from: a Kafka partition, the record's offset and the row in it
-# (consumed batches carry them, `ORIGIN`); null for events of the ingest log, whose seq is theirs
-# for good (a replay gives each the seq it had).
-ORIGIN = pa.schema(
-    [("origin_partition", pa.int32()), ("origin_offset", pa.int64()), ("origin_row", pa.int32())]
-)
-# An event's id is derived from where it was read, so that every core that applies the same
-# records gives it the same id: a version 7 UUID whose time is its ingest time (ids sort by
-# it), then the partition (12 bits; 4095 for the ingest log), the offset (44 bits; the seq for
-# the ingest log) and the row (18 bits).
+# An event's id is derived from where it was read (`ids.ORIGIN`): a version 7 UUID whose time
+# is its ingest time (ids sort by it), then the partition (12 bits; 4095 for the ingest log),
+# the offset (44 bits; the seq for the ingest log) and the row (18 bits).
 _ID = (
     "printf('%08x-%04x-%04x-%04x-%012x', ms >> 16, ms & 65535, 28672 + part,"
     " 32768 + (place >> 48), place & 281474976710655)::UUID"
@@ -164,6 +147,7 @@ def store(con: duckdb.DuckDBPyConnection, entries: list[Applied]) -> int | None:
         # One contiguous table: DuckDB then appends it as whole row groups (see the module).
         with registered(con, "_stored_events", pa.concat_tables(tables).combine_chunks()):
             con.execute(_INSERT_EVENTS)
+            con.execute(dedupe.INSERT_MOVED.format(events="_stored_events"))
             _record_links(con)
     rollups.store(con, [ev for e in entries for ev in e.evaluated])
     store_offsets(con, tuple((t, p, o) for e in entries for t, p, o in e.offsets))

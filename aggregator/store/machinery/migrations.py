@@ -592,6 +592,18 @@ MIGRATIONS: tuple[str, ...] = (
         )
     ) WHERE units > 0 AND NOT EXISTS (SELECT 1 FROM credit_grants);
     """,
+    # 28: where each stored event without an external id that another shard moved here was
+    # first read (`machinery.dedupe`: its key, so that a row moved twice is applied once).
+    # Rows moved before this step are not known: a row moved again after the upgrade (its
+    # shard crashed between moving it and committing, across the upgrade) could count twice.
+    """
+    CREATE TABLE IF NOT EXISTS moved_events (
+        seq BIGINT NOT NULL,
+        origin_partition INTEGER NOT NULL,
+        origin_offset BIGINT NOT NULL,
+        origin_row INTEGER NOT NULL
+    );
+    """,
 )
 
 

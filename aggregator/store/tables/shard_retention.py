@@ -59,6 +59,7 @@ _BY_SUBJECT: dict[str, tuple[str, str]] = {
 # Rows that go with the rows deleted from another table: (table, its key, that table's key).
 _DEPENDENT = (
     ("forward_quarantine", "organization_id, seq", ("events", "organization_id, seq")),
+    ("moved_events", "seq", ("events", "seq")),
     ("webhook_outbox", "event_id", ("webhook_events", "id")),
     ("webhook_deliveries", "event_id", ("webhook_events", "id")),
 )

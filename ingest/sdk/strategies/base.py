@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from ingest.sdk.api import customer_fields
 from ingest.sdk.cost import CostValue, cost_metadata
 from ingest.sdk.errors import DeliveryError, NotRecorded
+from ingest.sdk.failover import Servers
 from ingest.sdk.transports import Token
 
 CostFunction = Callable[[dict[str, Any]], CostValue]
@@ -23,16 +25,7 @@ class Ingestion(Protocol):
     def ingest(self, event: Mapping[str, Any]) -> str: ...
     def report(self, error: DeliveryError) -> None: ...
     @property
-    def http_endpoint(self) -> tuple[str, Token] | None: ...
-
-
-def customer_fields(customer_id: str | None, external_customer_id: str | None) -> dict[str, str]:
-    """The event's customer: exactly one of the two ids (both is ambiguous, and refused)."""
-    if customer_id is not None and external_customer_id is None:
-        return {"customer_id": customer_id}
-    if external_customer_id is not None and customer_id is None:
-        return {"external_customer_id": external_customer_id}
-    raise ValueError("pass exactly one of customer_id, external_customer_id")
+    def http_endpoint(self) -> tuple[Servers, Token] | None: ...
 
 
 class BaseStrategy:

@@ -35,11 +35,12 @@ its event carries the hold's external_id, which settles it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Self, TypeVar, cast
 
+from ingest.sdk.failover import Servers
 from ingest.sdk.holds import Hold, Reserve, Units, output_cap
 from ingest.sdk.strategies.base import AsyncObserved, BaseStrategy, Observed, Use
 from ingest.sdk.transports import Token
@@ -70,7 +71,7 @@ class LLMStrategy(BaseStrategy):
         units: Units = output_cap,
         *,
         expires_in_seconds: int = 300,
-        base_url: str | None = None,
+        base_url: str | Sequence[str] | None = None,
         token: Token = None,
         timeout: float = 10.0,
     ) -> Self:
@@ -78,15 +79,17 @@ class LLMStrategy(BaseStrategy):
         call's output cap by default, or `units(call_kwargs)`): when meterline refuses,
         InsufficientBalance is raised and the model is not called. The call's usage event
         carries the hold's external_id, which settles the hold; a call that fails releases
-        it. `base_url` and `token` default to the ingestion client's (over HTTP). Returns the
-        strategy (chainable)."""
+        it. `base_url` (one URL or several) and `token` default to the ingestion client's
+        (over HTTP), whose order of URLs the holds share. `timeout` bounds each attempt.
+        Returns the strategy (chainable)."""
         endpoint = self._ingestion.http_endpoint
-        if base_url is None and endpoint is None:
+        if base_url is not None:
+            servers = Servers(base_url)
+        elif endpoint is not None:
+            servers, token = endpoint[0], token or endpoint[1]
+        else:
             raise ValueError("reserve() needs base_url (the client does not send over HTTP)")
-        if base_url is None and endpoint is not None:
-            base_url, token = endpoint[0], token or endpoint[1]
-        assert base_url is not None
-        self._reserve = Reserve(meter_id, units, expires_in_seconds, base_url, token, timeout)
+        self._reserve = Reserve(meter_id, units, expires_in_seconds, servers, token, timeout)
         return self
 
     def wrap(

@@ -5,7 +5,8 @@ balance read sent to it during the takeover was answered. The first, restarted o
 dir, follows and reaches the same digest. Then the new leader is paused (SIGSTOP) past its
 session timeout: the first takes over, and once resumed the paused one writes nothing that
 counts (the digests agree again). Alerts reach a webhook receiver under one `webhook-id` per
-crossing, whichever core delivered them. `GET /v1/cluster/` lists the killed leader as silent."""
+crossing, whichever core delivered them. `GET /v1/cluster/` lists the killed leader as a silent
+standby beside the new leader."""
 
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def _leads(core: MeterlineServer, since: int = 0) -> bool:
 
 
 def _stopped_leading(core: MeterlineServer, since: int) -> bool:
-    """It found a later leader's entries in the journal, or the group said so."""
-    said = ("this core steps down", "this core follows")
+    """It found itself paused past its lease, a later leader's entries in the journal, or the
+    group said so."""
+    said = ("leads no more", "this core steps down", "this core follows")
     return any(s in line for line in core.output[since:] for s in said)
 
 
@@ -112,8 +114,9 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                         workload.step(edge, edge)
                     time.sleep(1)
                 _answered(checks)
-                # The standby lists itself as the leader, the killed core as silent.
-                wait_until(lambda: _roles(b) == {("leader", True), ("leader", False)}, 10)
+                # The standby lists itself as the leader, the killed core as a silent standby
+                # (one leader listed: the killed one's last heartbeat said it led).
+                wait_until(lambda: _roles(b) == {("leader", True), ("standby", False)}, 10)
                 print(f"takeover: writes answered {took:.1f} s after the kill")
                 assert time.monotonic() - killed < 60
                 # 2. The first, restarted on its data dir, follows (the lease stays put).

@@ -1,16 +1,20 @@
 """Consumed batches commit with their offsets, and only in sequence: a batch that does not
-start where the stored offsets end is refused whole (a failed predecessor must be re-read)."""
+start where the stored offsets end is refused whole (a failed predecessor must be re-read).
+A row another shard moved here twice is applied once."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aggregator.errors import OffsetGap
-from aggregator.store import Store
+from aggregator.store import ORIGIN, Store
 from aggregator.store.apply.consumed import ConsumedBatch, StartOffsets, stored_offsets
 from meters.events import Event, to_table
 from meters.times import now_us
@@ -68,5 +72,79 @@ def test_a_partition_starts_where_its_log_starts(tmp_path: Path) -> None:
             at_start = ConsumedBatch("t", _events("y"), {1: (7, 8)}, now_us())
             assert await store.write(at_start) == 1
             assert await store.read(stored_offsets, "t") == {0: 1, 1: 8}
+
+    asyncio.run(scenario())
+
+
+def _moved(origins: list[tuple[int, int, int]], external_ids: list[str | None]) -> pa.Table:
+    """Rows another shard moved here: each with where it was first read (`ids.ORIGIN`)."""
+    table = _events(*[e or "" for e in external_ids])
+    table = table.set_column(
+        table.column_names.index("external_id"), "external_id", pa.array(external_ids, pa.string())
+    )
+    for column, values in zip(
+        ORIGIN, [*zip(*origins, strict=True), [True] * len(origins)], strict=True
+    ):
+        table = table.append_column(column, pa.array(values, column.type))
+    return table
+
+
+@settings(max_examples=25)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.lists(
+                st.tuples(st.integers(0, 5), st.sampled_from([None, None, "k1", "k2"])),
+                min_size=1,
+                max_size=6,
+            ),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_a_row_moved_twice_is_applied_once(tmp_path_factory: Any, steps: Any) -> None:
+    """A shard that crashed after moving rows and before committing their batch moves them
+    again: the copies carry the same origin, and only the first is applied, with or without
+    an external id, whether the first is still in memory, stored, or loaded at a restart
+    (`reopen`). Rows with an external id keep their own key (first write wins)."""
+    path = tmp_path_factory.mktemp("moved") / "c.duckdb"
+    expected_origins: set[int] = set()
+    expected_keys: set[str] = set()
+    expected = 0
+
+    async def scenario() -> None:
+        nonlocal expected
+        offset = 0
+        store = Store(path, flush_events=1, flush_seconds=0.01)
+        await store.__aenter__()
+        try:
+            for rows, reopen in steps:
+                origins = [(1, 100 + n, 0) for n, _ in rows]
+                externals = [e for _, e in rows]
+                batch = _moved(origins, externals)
+                new = 0
+                for n, external in rows:
+                    if external is not None:
+                        new += external not in expected_keys
+                        expected_keys.add(external)
+                    else:
+                        new += n not in expected_origins
+                        expected_origins.add(n)
+                job = ConsumedBatch("t", batch, {0: (offset, offset + 1)}, now_us())
+                assert await store.write(job) == new
+                expected += new
+                offset += 1
+                if reopen:
+                    await store.__aexit__(None, None, None)
+                    store = Store(path, flush_events=1, flush_seconds=0.01)
+                    await store.__aenter__()
+            count = await store.read(
+                lambda con: con.execute("SELECT count(*) FROM events").fetchall()
+            )
+            assert count == [(expected,)]
+        finally:
+            await store.__aexit__(None, None, None)
 
     asyncio.run(scenario())
