@@ -18,9 +18,9 @@ files. The steps, each named where the code takes it:
 3. Merge: once a relation has `FANOUT` files of one level (a store's setting), they are
    merged into one file of the next level (events sorted by seq; rollups merged per key:
    counts and sums add, extremes take the extreme, sets unite), written as in step 1 off
-   every lock, listed as in step 2 in place of its inputs (`merge`). Files of `MAX_LEVEL` are
-   not merged again: a byte is rewritten at most `MAX_LEVEL` times, and a backup copies each
-   file once.
+   every lock, listed as in step 2 in place of its inputs (`merge`). Files of `MAX_LEVEL`, or
+   of `FULL_ROWS`, are not merged again: a row is rewritten at most `MAX_LEVEL` times, and a
+   backup copies each file once.
 4. Retire: a file merged away or rewritten (`rewrite`: rows deleted) is deleted once no read
    that began before can still open it: after `grace_seconds` (longer than any read may run).
 5. Open: files in the folder that `segments` does not list are what a crash left between
@@ -50,8 +50,10 @@ log = logging.getLogger(__name__)
 
 # Files of one level merged together into one of the next.
 FANOUT = 8
-# Files of this level are never merged again.
+# Files of this level, or of this many rows, are never merged again: a row is rewritten a few
+# times at most, and a backup taken after another copies the new files only.
 MAX_LEVEL = 3
+FULL_ROWS = 1_000_000
 # Rows a Parquet row group holds: DuckDB prunes by each row group's statistics.
 ROW_GROUP_ROWS = 122_880
 SUFFIX = ".parquet"
@@ -278,11 +280,11 @@ class Segments:
 
     def due(self) -> list[Segment]:
         """The inputs of a merge that is due (the oldest `fanout` files of a level below
-        `MAX_LEVEL` that has them), else none."""
+        `MAX_LEVEL` that has them, none of them full), else none."""
         with self._lock:
             for segments in self._live.values():
                 for level in range(MAX_LEVEL):
-                    of_level = [s for s in segments if s.level == level]
+                    of_level = [s for s in segments if s.level == level and s.rows < FULL_ROWS]
                     if len(of_level) >= self._fanout:
                         return of_level[: self._fanout]
         return []
