@@ -118,7 +118,9 @@ def uuids(column: Column) -> pa.ExtensionArray[Any]:
     raw = distinct[indices] if len(distinct) else np.zeros((len(array), 16), np.uint8)
     bitmap = None
     if array.null_count:
-        bitmap = pa.py_buffer(np.packbits(numpy(pc.is_valid(array), np.bool_), bitorder="little"))
+        bitmap = pa.py_buffer(
+            np.packbits(numpy(pc.is_valid(array), np.bool_), bitorder="little").data
+        )
     storage = pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(16), len(array), [bitmap, pa.py_buffer(np.ascontiguousarray(raw).data)]
     )
