@@ -266,7 +266,7 @@ def _published(broker: Broker, data_dir: Path, edge: Server, token: str) -> str:
     topic, which edges follow. The core is stopped before anything is timed (the edge keeps
     what it read), so that it takes no CPU from the edge."""
     with Server(*kafka_args(broker), command="core", data_dir=data_dir):
-        return edge_token(edge, token, 60)
+        return edge_token(edge, token)
 
 
 def create_token(data_dir: Path) -> tuple[str, str]:

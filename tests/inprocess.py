@@ -35,6 +35,7 @@ from aggregator.store import Store
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.tables.meter_tables import pending_backfills
 from ingest.validation import ValidationPool
+from tests.deadline import seconds_left, wait_for
 from tests.processes import answers_health, api_client
 
 T = TypeVar("T")
@@ -89,12 +90,14 @@ class InProcessCore:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return self.run(self.client.request(method, path, **kwargs))
 
-    def settle(self, timeout: float = 30.0) -> None:
+    def settle(self) -> None:
         """Wait until no meter is backfilling (the one write that follows a request)."""
-        deadline = time.monotonic() + timeout
-        while self.run(self.store.read(pending_backfills)):
-            assert time.monotonic() < deadline, "backfills did not finish"
-            self.run(asyncio.sleep(0.01))
+
+        def settled() -> bool:
+            self.run(asyncio.sleep(0.01))  # the backfiller's loop runs only while asked to
+            return not self.run(self.store.read(pending_backfills))
+
+        wait_for("the backfills to finish", settled)
 
     def table_counts(self) -> dict[str, int]:
         """Rows in every table: what a request that is refused must leave unchanged. Appended
@@ -151,7 +154,7 @@ class ServedCore:
         self.stop_seconds: float | None = None
         self.exit_code: int | None = None  # 0 once stopped cleanly, as the command exits
 
-    def start(self, timeout: float = 60.0) -> Self:
+    def start(self) -> Self:
         if self._args.command == "up" and self._dev_token:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             registry = TokenRegistry(self.data_dir)
@@ -160,12 +163,15 @@ class ServedCore:
             finally:
                 registry.close()
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not answers_health(self.url):
+
+        def serving() -> bool:
             if self._failed is not None or not self._thread.is_alive():
                 raise RuntimeError("meterline did not start") from self._failed
-            assert time.monotonic() < deadline, "meterline did not answer /healthz in time"
-            time.sleep(0.02)
+            return answers_health(self.url)
+
+        wait_for(
+            f"meterline {self._args.command} in a thread on port {self.port} to serve", serving
+        )
         return self
 
     def _run(self) -> None:
@@ -196,12 +202,13 @@ class ServedCore:
     def client(self, token: str | None = None) -> httpx.Client:
         return api_client(self.url, token or self.token)
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """A graceful shutdown, as SIGTERM gives the command: pending writes are drained."""
+    def stop(self) -> None:
+        """A graceful shutdown, as SIGTERM gives the command: pending writes are drained (on
+        the test's deadline)."""
         started = time.perf_counter()
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout)
+        self._thread.join(seconds_left())
         self.stop_seconds = time.perf_counter() - started
         self._socket.close()
         assert not self._thread.is_alive(), "meterline did not stop in time:\n" + self._stuck()

@@ -13,15 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import (
-    Broker,
-    MeterlineServer,
-    Server,
-    edge_token,
-    free_port,
-    new_org_token,
-    wait_until,
-)
+from tests.deadline import wait_for
+from tests.processes import Broker, MeterlineServer, Server, edge_token, free_port, new_org_token
 
 pytestmark = pytest.mark.slow
 DEPLOY = Path(__file__).parents[2] / "deploy"
@@ -84,7 +77,7 @@ def test_every_metric_the_dashboard_queries_is_served(running: Running) -> None:
             queried - (_sampled(_metrics(running.core)) | _sampled(_metrics(running.edge))) == set()
         )
 
-    wait_until(plotted, 30)
+    wait_for("a sample of every metric the dashboard plots", plotted)
     core, edge = _metrics(running.core), _metrics(running.edge)
     # The alerting rules watch metrics that exist (a failed meter's has samples only then).
     watched = set(METRIC_NAME.findall((DEPLOY / "prometheus" / "alerts.yml").read_text()))
@@ -126,7 +119,11 @@ def test_a_failing_webhook_endpoint_is_counted(running: Running) -> None:
         assert client.post("/v1/events/ingest", json={"events": [event]}).status_code == 200
     failing = f'meterline_webhook_failing_endpoints{{organization_id="{org}"}}'
     retrying = f'meterline_webhook_retrying_deliveries{{organization_id="{org}"}}'
-    wait_until(lambda: _sample(_metrics(running.core), failing) == 1, 30)
+    wait_for(
+        "the failing endpoint to be counted",
+        lambda: _sample(_metrics(running.core), failing) == 1,
+    )
+
     assert _sample(_metrics(running.core), retrying) == 1
 
 

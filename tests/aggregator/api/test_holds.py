@@ -167,7 +167,8 @@ def test_holds_expire_and_the_check_counts_active_ones(org: Org) -> None:
     assert org.hold(org.tokens, 9, "short", expires_in_seconds=1).status_code == 201
     answer = org.http.get("/v1/customer-meters/check", params=check).json()
     assert (answer["allowed"], answer["held_units"], answer["balance_after"]) == (False, 9, -4)
-    time.sleep(1.2)
+    time.sleep(1.2)  # the point: the hold's second passes
+
     answer = org.http.get("/v1/customer-meters/check", params=check).json()
     assert (answer["allowed"], answer["held_units"]) == (True, 0)
     listed = org.http.get("/v1/meter-holds/", params={"customer_id": org.ada}).json()

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from tests.pipeline import Pipeline
-from tests.processes import wait_until
+from tests.deadline import seconds_left, wait_for
+from tests.pipeline import Pipeline, dead_letters
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def _cli(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
         env={**os.environ, "METERLINE_KAFKA": pipeline.broker.bootstrap},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=seconds_left(),
         check=False,
     )
 
@@ -63,7 +63,7 @@ def test_list_show_and_replay_twice_applies_once(tmp_path: Path) -> None:
             "metadata": {"tokens": 7},
         }
         asyncio.run(_produce(pipeline.broker.bootstrap, refused))
-        wait_until(lambda: _cli(pipeline, "list", "--organization", org).returncode == 0, 30)
+        asyncio.run(dead_letters(pipeline.broker.bootstrap, expected=1))
         listed = _cli(pipeline, "list", "--organization", org, "--reason", "Customer not found")
         assert listed.returncode == 0, listed.stderr
         (line,) = listed.stdout.splitlines()
@@ -89,6 +89,10 @@ def test_list_show_and_replay_twice_applies_once(tmp_path: Path) -> None:
                 "--no-idempotence",
             )
             assert done.returncode == 0, done.stderr
-            wait_until(lambda n=n: _applied(pipeline, org) == before + n, 30)
+            wait_for(
+                "the core to apply the replayed record",
+                lambda n=n: _applied(pipeline, org) == before + n,
+            )
+
         assert pipeline.quantity(meter) == 7
         assert pipeline.stored_events() == 1

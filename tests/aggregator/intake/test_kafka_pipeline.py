@@ -24,6 +24,7 @@ from meters import columnar
 from meters.events import COLUMNS, Event, EventRules, parse_ingest_body, to_table
 from meters.records import key_prefixes, record_key, record_value
 from meters.times import now_us
+from tests.deadline import seconds_left
 from tests.pipeline import (
     Headers,
     Oracle,
@@ -74,17 +75,18 @@ def test_core_killed_at_random_points_loses_and_doubles_nothing(tmp_path: Path, 
                 for batch in batches:
                     send_until_accepted(client, batch)
                     oracle.add(batch)
-                    time.sleep(0.02)
+                    time.sleep(0.02)  # pacing the load
             done.set()
 
         sender = threading.Thread(target=load)
         sender.start()
         kills = 0
         while not done.is_set() and kills < 3:
-            time.sleep(rng.uniform(0.3, 1.5))
+            time.sleep(rng.uniform(0.3, 1.5))  # the point: a random moment of the load
             pipeline.restart_core()  # SIGKILL, then a new process on the same data dir
             kills += 1
-        sender.join(120)
+        sender.join(seconds_left())
+
         assert done.is_set() and kills >= 1
         _assert_matches_fold(pipeline, meter_id, oracle)
 
@@ -308,7 +310,7 @@ def test_the_docs_columnar_producer_works_as_written(tmp_path: Path) -> None:
         code = example.replace("127.0.0.1:9092", pipeline.broker.bootstrap)
         code = re.sub(r'ORG_ID = "[0-9a-f-]+"', f'ORG_ID = "{pipeline.organization_id()}"', code)
         done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds_left()
         )
         assert done.returncode == 0, done.stderr
         pipeline.wait_for_events(1000)

@@ -13,8 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.deadline import seconds_left, wait_for
 from tests.faults import ROLLUPS_NOW, forwarded, forwarding
-from tests.processes import Server, wait_until
+from tests.processes import Server
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,7 @@ def _reconcile(
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=seconds_left(),
         check=False,
     )
     return done.returncode, orjson.loads(report.read_bytes()), done.stderr
@@ -84,7 +85,10 @@ def test_planted_gap_is_found_repaired_and_gone(tmp_path: Path) -> None:
             for i in range(30)
         ]
         assert client.post("/v1/events/ingest", json={"events": events}).status_code == 200
-        wait_until(lambda: client.get("/v1/forwarder/").json()["backlog"] == 0, 60)
+        wait_for(
+            "the forwarder's backlog to empty",
+            lambda: client.get("/v1/forwarder/").json()["backlog"] == 0,
+        )
 
         code, before, stderr = _reconcile(tmp_path, edge, central)
         assert code == 1, stderr
@@ -155,7 +159,7 @@ def test_rollup_mode_gap_is_repaired_with_difference_events(tmp_path: Path) -> N
         ]
         assert client.post("/v1/events/ingest", json={"events": events}).status_code == 200
 
-        wait_until(lambda: forwarded(client), 60)
+        wait_for("the forwarder to send every rollup upstream", lambda: forwarded(client))
         args = ("--mode", "rollup")
         code, before, stderr = _reconcile(tmp_path, edge, central, *args)
         assert code == 1, stderr

@@ -29,6 +29,7 @@ from ingest.sdk import Ingestion
 from ingest.sdk.strategies import DeltaTimeStrategy, LLMStrategy, S3Strategy, StreamStrategy
 from meters.events import EventRules, parse_ingest_body
 from meters.times import now_us
+from tests.deadline import seconds_left
 from tests.ingest.sdk.llm_server import RecordedLLM
 
 pytestmark = pytest.mark.slow
@@ -195,7 +196,7 @@ def meterline(
         _meterline_llm(ingestion, llm)
         _meterline_s3(ingestion, s3_client)
         _meterline_streams_and_time(ingestion)
-        assert ingestion.flush(10)
+        assert ingestion.flush(seconds_left())
     return capture.metadata("meterline")
 
 
