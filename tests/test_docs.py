@@ -18,6 +18,8 @@ import pytest
 from tests.deadline import seconds_left
 from tests.test_readme import ROOT, examples, make_up, run_as_shown, scratch
 
+pytestmark = pytest.mark.processes
+
 DOCS = ROOT / "docs"
 # The pages' examples run in three modules, each with its own server, so that test workers
 # share them out (the suite hands out whole modules): the guides (`test_docs_guides.py`), the

@@ -28,7 +28,7 @@ README_ADDRESS = "127.0.0.1:8000"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
 MARK = "@@readme-block@@"
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ import pytest
 from tests.deadline import wait_for
 from tests.processes import MeterlineServer
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 # Room, once the filler is gone, for what piled up unstored meanwhile (uncompressed in the WAL)
 # and a checkpoint of it: a disk much smaller than that cannot recover without a restart.

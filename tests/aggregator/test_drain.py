@@ -12,8 +12,9 @@ import pytest
 from tests.deadline import wait_for
 from tests.processes import MeterlineServer
 
+pytestmark = pytest.mark.processes
 
-@pytest.mark.slow
+
 def test_sigterm_exits_within_the_drain_time_with_a_body_still_arriving(tmp_path: Path) -> None:
     server = MeterlineServer(tmp_path, "--drain-seconds", "3").start()
     assert server.token is not None

@@ -15,7 +15,7 @@ from tests.deadline import seconds_left, wait_for
 from tests.pipeline import send_until_accepted
 from tests.processes import MeterlineServer
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 def _batch(tag: str, n: int, size: int = 200) -> dict[str, object]:

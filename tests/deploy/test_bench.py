@@ -14,6 +14,8 @@ import pytest
 
 from benchmarks.run import BENCHMARKS, duration
 
+pytestmark = pytest.mark.processes
+
 ROOT = Path(__file__).parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -51,7 +53,6 @@ def test_the_estimate_comes_first(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.slow
 def test_a_quick_run_never_touches_the_committed_results(tmp_path: Path) -> None:
     results = tmp_path / "results"
     shutil.copytree(RESULTS, results, ignore=shutil.ignore_patterns("quick"))

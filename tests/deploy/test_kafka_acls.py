@@ -9,7 +9,11 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from ingest.kafka import KafkaSettings
+
+pytestmark = pytest.mark.processes
 
 SCRIPT = Path(__file__).parents[2] / "deploy" / "kafka" / "acls.sh"
 EDGE, CORE = "User:meterline-edge", "User:meterline-core"

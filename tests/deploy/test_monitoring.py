@@ -16,7 +16,7 @@ import pytest
 from tests.deadline import wait_for
 from tests.processes import Broker, MeterlineServer, Server, edge_token, free_port, new_org_token
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 DEPLOY = Path(__file__).parents[2] / "deploy"
 METRICS_TOKEN = "metrics-secret"
 # Every meterline metric shares the prefix; a name is the longest run of name characters.

@@ -21,6 +21,8 @@ import pytest
 from tests.deadline import seconds_left, wait_for
 from tests.processes import free_port
 
+pytestmark = pytest.mark.processes
+
 CONF = Path(__file__).parents[2] / "deploy" / "nginx.conf"
 
 

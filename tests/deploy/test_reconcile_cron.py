@@ -21,7 +21,7 @@ from tests.deadline import seconds_left, wait_for
 from tests.faults import forwarded, forwarding
 from tests.processes import Server, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 DEPLOY = Path(__file__).parents[2] / "deploy"
 ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 EVENTS = 12

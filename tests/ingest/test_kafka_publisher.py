@@ -15,7 +15,7 @@ from tests.deadline import seconds_left, wait_for, waited_too_long
 from tests.pipeline import Oracle, Pipeline, send_until_accepted, usage_batches
 from tests.processes import edge_token, new_org_token, token_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 DEADLINE = 2.0
 SLACK = 1.5  # scheduling on a shared 2-core machine

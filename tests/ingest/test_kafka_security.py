@@ -29,7 +29,7 @@ from tests.inprocess import ServedCore
 from tests.processes import Broker, free_port
 from tests.tls import Certificates, TlsProxy, make_certificates
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 @contextlib.contextmanager

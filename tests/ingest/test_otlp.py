@@ -192,6 +192,7 @@ def test_a_span_without_a_customer_is_refused_counted_and_the_rest_ignored(
         assert bomb.status_code == 413
 
 
+@pytest.mark.processes
 def test_kafka_mode_stores_the_same(tmp_path: Path, llm: RecordedLLM) -> None:
     with (
         Broker() as broker,

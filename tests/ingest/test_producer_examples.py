@@ -19,7 +19,7 @@ import pytest
 from tests.deadline import seconds_left, wait_for
 from tests.pipeline import Pipeline
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "docs" / "producers"

@@ -50,6 +50,7 @@ def _inline(body: bytes) -> Any:
     return result if isinstance(result, list) else read_ipc(result).to_pylist()
 
 
+@pytest.mark.processes
 @settings(max_examples=30)
 @given(
     events=st.lists(valid_events(), max_size=5),
@@ -87,6 +88,7 @@ def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
     return tmp_path
 
 
+@pytest.mark.processes
 def test_workers_follow_the_cgroup_cpu_limit_not_the_machine(tmp_path: Path) -> None:
     """`--validation-workers` defaults to `usable_cpus`: in a pod, the CPU limit (one worker of
     about 124 MB per CPU), never the node's CPU count."""

@@ -104,7 +104,7 @@ def test_organizations_are_isolated(server: Server) -> None:
         assert a.get(f"/v1/customers/{customer_id}").json()["name"] is None
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_revoked_token_stops_working_within_seconds(server: Server) -> None:
     token = new_org_token(server.data_dir, f"org-revoke-{uuid.uuid4().hex}")
     with server.client(token) as client:
@@ -123,6 +123,7 @@ def test_revoked_token_stops_working_within_seconds(server: Server) -> None:
     assert again.returncode == 1
 
 
+@pytest.mark.processes
 def test_tokens_are_stored_only_as_hashes(server: Server) -> None:
     token = new_org_token(server.data_dir, f"org-hash-{uuid.uuid4().hex}")
     # Read by another process: closing a descriptor of the file in this one would drop the

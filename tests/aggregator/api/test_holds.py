@@ -224,7 +224,7 @@ def test_another_organization_sees_no_hold(org: Org, server: Server) -> None:
     assert other.get("/v1/meter-holds/").json()["items"] == []
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_kafka_mode_the_core_settles_the_hold(tmp_path: Path) -> None:
     """The usage event goes through an edge and the topic; the core's consumer settles."""
     with Pipeline(tmp_path) as pipeline:
@@ -244,7 +244,7 @@ def test_kafka_mode_the_core_settles_the_hold(tmp_path: Path) -> None:
         assert settled["customer_meter"]["available"] == 8
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_a_hold_survives_kill_9(tmp_path: Path) -> None:
     with MeterlineServer(tmp_path) as server:
         org = Org(server)
@@ -266,6 +266,7 @@ def test_a_hold_survives_kill_9(tmp_path: Path) -> None:
         assert org.http.get(f"/v1/meter-holds/{hold['id']}").json()["status"] == "settled"
 
 
+@pytest.mark.processes
 def test_a_data_dir_of_the_previous_main_takes_holds(tmp_path: Path) -> None:
     """Step 15 (the previous main's schema): opened, migrated, and holding."""
     con = duckdb.connect(str(tmp_path / "meterline.duckdb"))

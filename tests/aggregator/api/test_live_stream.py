@@ -205,6 +205,7 @@ def test_embedded_dead_letters_say_there_are_none(server: Server, orgs: dict[str
     assert found.json() == {"kafka": False, "items": [], "complete": True, "counts": None}
 
 
+@pytest.mark.processes
 def test_the_console_files_are_package_data(tmp_path: Path) -> None:
     """What `pip install .` (the Dockerfile) lays out holds every file of the console: the
     wheel's package files, as setuptools' build_py copies them from pyproject's settings."""

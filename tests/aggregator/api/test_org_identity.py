@@ -46,7 +46,7 @@ def test_raw_http_answers_and_refusals(server: Server) -> None:
         assert bad.json()["detail"][0]["loc"] == ["query", "sorting"]
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_org_list_and_show_name_ids_and_token_counts(server: Server) -> None:
     name = f"counted-{uuid.uuid4().hex[:8]}"
     polar = Polar(new_org_token(server.data_dir, name), base_url=server.url)
@@ -65,6 +65,7 @@ def test_org_list_and_show_name_ids_and_token_counts(server: Server) -> None:
     assert _org(server.data_dir, "show", "no-such-org").returncode == 1
 
 
+@pytest.mark.processes
 def test_org_refuses_a_dir_without_meterline_data(tmp_path: Path) -> None:
     refused = _org(tmp_path, "list")
     assert refused.returncode == 2

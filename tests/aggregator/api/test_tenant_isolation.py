@@ -20,7 +20,7 @@ from tests import tenants
 from tests.processes import MeterlineServer, Server
 
 # They starve a server on purpose and compare latencies: alone, not beside other tests.
-pytestmark = pytest.mark.serial
+pytestmark = [pytest.mark.serial, pytest.mark.processes]
 
 # A flood from one client host over a 1 Gbit/s link (a loopback flood also spends this
 # machine's cores on the attacker's own client; see benchmarks/isolation.py for it).

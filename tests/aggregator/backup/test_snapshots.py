@@ -109,6 +109,7 @@ def test_an_embedded_core_restored_from_a_snapshot_answers_the_same(
         assert _state(client) == before
 
 
+@pytest.mark.processes
 def test_a_replica_restored_from_its_snapshot_converges(
     tmp_path: Path, s3_env: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -168,6 +169,7 @@ def _previous_main(into: Path) -> Path:
     return into
 
 
+@pytest.mark.processes
 def test_a_cluster_of_the_previous_main_upgraded_gains_a_replica_from_a_snapshot(
     tmp_path: Path,
 ) -> None:

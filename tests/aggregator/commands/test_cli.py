@@ -74,6 +74,7 @@ def test_every_option_has_help_naming_its_default_and_no_token_value(
                 assert "default:" in shown, f"{parser.prog} {action.dest}: {shown}"
 
 
+@pytest.mark.processes
 def test_the_installed_command_prints_its_version() -> None:
     # What the README documents: the console script installed into the venv.
     script = Path(sys.executable).parent / "meterline"
@@ -139,6 +140,7 @@ def test_the_development_token_only_on_loopback_and_hints_are_commands(
         assert capsys.readouterr().out.startswith("mlt_oat_")
 
 
+@pytest.mark.processes
 def test_a_second_server_on_a_locked_data_dir_says_so_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -183,7 +185,7 @@ def test_core_says_how_to_make_a_token_for_its_data_dir(
     assert f"a token: {create_command(CoreSettings(data_dir=core.data_dir), None)}" in said
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_a_damaged_write_ahead_log_says_so_in_one_line(tmp_path: Path) -> None:
     """`meterline up` on a data dir whose DuckDB WAL is damaged (garbage written over the middle
     of its one large entry, which DuckDB's checksum catches) exits 2 with one line naming the

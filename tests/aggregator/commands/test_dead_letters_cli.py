@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from tests.deadline import seconds_left, wait_for
 from tests.pipeline import Pipeline, dead_letters
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 APPLIED = "meterline_consumer_organization_applied_events_total"
 

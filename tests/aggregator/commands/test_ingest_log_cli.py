@@ -76,7 +76,7 @@ def test_the_commands_refuse_a_dir_without_a_database(
     assert "holds no meterline database" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_a_server_on_a_damaged_log_exits_2_in_one_line_and_starts_once_repaired(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

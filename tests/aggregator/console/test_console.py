@@ -28,7 +28,7 @@ from playwright.sync_api import Page, Route, sync_playwright
 from tests.deadline import wait_for
 from tests.processes import Broker, MeterlineServer, Server, free_port, new_org_token
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 # Where the screenshots go: `make screenshots` names docs/screenshots/; a plain run keeps the
 # checkout clean.

@@ -34,7 +34,7 @@ from tests.aggregator.upstream.webhook_receiver import Receiver
 from tests.deadline import seconds_left, wait_for, waited_too_long
 from tests.processes import Broker, MeterlineServer, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 SEED = 41
 CUSTOMERS = 8

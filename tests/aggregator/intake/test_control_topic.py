@@ -30,7 +30,7 @@ from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline, produce_raw, send_until_accepted, topic_records
 from tests.processes import Broker
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 READS = (
     "/v1/customers/?limit=100",

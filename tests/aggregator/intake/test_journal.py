@@ -84,6 +84,7 @@ async def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
         await producer.stop()
 
 
+@pytest.mark.processes
 def test_a_core_from_an_empty_store_applies_the_journal_in_its_order(tmp_path: Path) -> None:
     with Broker() as broker:
         asyncio.run(
@@ -158,6 +159,7 @@ async def _scenario(tmp_path: Path, kafka: KafkaSettings) -> None:
             await journal.start()
 
 
+@pytest.mark.processes
 def test_two_cores_that_both_lead_apply_one_order(tmp_path: Path) -> None:
     with Broker() as broker:
         kafka = KafkaSettings(broker.bootstrap, partitions=1, idempotence=False)
@@ -224,6 +226,7 @@ async def _two_leaders(tmp_path: Path, kafka: KafkaSettings) -> None:
         assert applied == [((0, 0, 2),), ((0, 2, 3),), ((0, 3, 4),), ((0, 4, 5),)]
 
 
+@pytest.mark.processes
 def test_a_data_dir_that_stored_no_epoch_skips_as_the_others_do(tmp_path: Path) -> None:
     """The previous main stored the journal's position, not the greatest epoch applied: such a
     data dir takes the epoch of the last entry it read, and skips an older one after it."""

@@ -77,7 +77,7 @@ async def _recreate(bootstrap: str) -> None:
         await admin.close()
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_recreated_topic_under_load_loses_nothing_acknowledged_after(tmp_path: Path) -> None:
     with Pipeline(tmp_path, partitions=1) as pipeline:
         meter_id = pipeline.create_meter()

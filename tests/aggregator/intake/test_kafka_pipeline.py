@@ -35,7 +35,7 @@ from tests.pipeline import (
     usage_batches,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 def _assert_matches_fold(pipeline: Pipeline, meter_id: str, oracle: Oracle) -> None:

@@ -234,7 +234,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     deadline=None,
     suppress_health_check=list(HealthCheck),
 )
-@pytest.mark.slow
+@pytest.mark.processes
 def test_rejected_records_are_dead_lettered_and_accepted_ones_applied(
     pipeline: Pipeline, batch: list[Marked]
 ) -> None:
@@ -288,6 +288,7 @@ async def _dead_letters(pipeline: Pipeline, since: int) -> dict[int, str]:
     return {offset: reason for offset, reason in offsets if offset >= since}
 
 
+@pytest.mark.processes
 def test_the_command_prints_the_schema() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "aggregator.cli", "schema", "record", "--max-future-seconds", "60"],

@@ -104,6 +104,7 @@ def _plan(client: httpx.Client, plan_id: str) -> dict[str, Any]:
     return found
 
 
+@pytest.mark.processes
 def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> None:
     workload = Workload(5)
     args = ("--allow-private-webhooks",)

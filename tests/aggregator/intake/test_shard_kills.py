@@ -25,7 +25,7 @@ from tests.deadline import seconds_left, wait_for, waited_too_long
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 PARTITIONS = 4
 SHARDS = 2

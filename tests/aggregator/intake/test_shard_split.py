@@ -31,7 +31,7 @@ from tests.inprocess import ServedCore
 from tests.pipeline import TOKENS_METER, _wide
 from tests.processes import Broker, MeterlineServer, edge_token
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 PARTITIONS = 8
 

@@ -46,7 +46,7 @@ from tests.deadline import next_of, seconds_left, wait_for
 from tests.inprocess import ServedCore
 from tests.pipeline import TOKENS_METER, Pipeline, _wide, usage_batches
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 PARTITIONS = 6
 SHARDS = 3

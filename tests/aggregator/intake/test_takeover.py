@@ -27,7 +27,7 @@ from tests.deadline import wait_for
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 TAKEOVER_SECONDS = 15.0
 LEADS = "this core leads"

@@ -14,7 +14,7 @@ import pytest
 from tests.deadline import wait_for
 from tests.processes import Broker, MeterlineServer, data_dir_cli, new_org_token, token_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 BODY = {"events": [{"name": "call", "external_customer_id": "ada", "external_id": "e1"}]}
 

@@ -23,7 +23,7 @@ from tests.deadline import wait_for
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer, Server, edge_token, new_org_token
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 PRIVATE = "--allow-private-webhooks"
 
 CUSTOMERS = 20

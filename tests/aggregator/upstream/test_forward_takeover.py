@@ -23,7 +23,7 @@ from tests.deadline import wait_for
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 EVENTS = 400
 BATCH = 20  # events per upstream request

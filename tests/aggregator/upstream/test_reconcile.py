@@ -17,7 +17,7 @@ from tests.deadline import seconds_left, wait_for
 from tests.faults import ROLLUPS_NOW, forwarded, forwarding
 from tests.processes import Server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 ALL = {"conjunction": "and", "clauses": []}
 

@@ -197,6 +197,7 @@ def test_redeliver_sends_the_event_again(hooked: Server) -> None:
     assert missing.status_code == 404
 
 
+@pytest.mark.processes
 def test_a_delivery_pending_at_kill_9_is_made_after_restart(tmp_path: Path) -> None:
     receiver = Receiver()  # not listening yet: the first attempt fails
     with MeterlineServer(tmp_path, PRIVATE) as server:
@@ -278,6 +279,7 @@ def test_bad_alerts_are_422_naming_the_field(
     assert refused.json()["detail"][0]["loc"] == loc
 
 
+@pytest.mark.processes
 def test_kafka_mode_the_core_fires_alerts(tmp_path: Path) -> None:
     """Usage through an edge and the topic: the consumer's transaction fires the alert."""
     with Receiver() as receiver, Pipeline(tmp_path, core_args=(PRIVATE,)) as pipeline:
@@ -365,6 +367,7 @@ def _peak_rss_mib(pid: int) -> float:
     return int(found[1]) / 1024
 
 
+@pytest.mark.processes
 def test_a_gzip_bomb_answer_is_read_only_as_far_as_kept(tmp_path: Path) -> None:
     """A receiver answering 1 MiB of gzip that inflates to 1 GiB: the sender reads the first
     KiB it keeps, so the server's peak memory does not move (reading the whole answer took

@@ -303,6 +303,7 @@ asyncio.run(main())  # the loop ends with the async client's events still queued
 """
 
 
+@pytest.mark.processes
 def test_events_are_delivered_at_interpreter_exit(meterline: Server, customer: str):
     done = subprocess.run(
         [sys.executable, "-c", EXIT_SCRIPT, meterline.url, meterline.token or "", customer],

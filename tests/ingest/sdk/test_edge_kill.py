@@ -25,7 +25,7 @@ from tests.ingest.sdk.conftest import Reports
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer, edge_token
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 CUSTOMER = "edge-kill"
 GRANTED = 1_000_000  # units credited before the load: every check is allowed

@@ -27,6 +27,7 @@ def _counts(server: Server, customer: str) -> collections.Counter[int]:
     return collections.Counter(e["metadata"]["seq"] for e in stored(server, customer))
 
 
+@pytest.mark.processes
 def test_a_server_that_fails_then_recovers(tmp_path: Path):
     customer = "recovers"
     reports = Reports()

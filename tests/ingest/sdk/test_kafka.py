@@ -19,7 +19,7 @@ from tests.deadline import seconds_left
 from tests.ingest.sdk.conftest import Reports, stored
 from tests.pipeline import Pipeline
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 async def _first_record(bootstrap: str) -> tuple[bytes, columnar.Columnar | str]:

@@ -32,7 +32,7 @@ from meters.times import now_us
 from tests.deadline import seconds_left
 from tests.ingest.sdk.llm_server import RecordedLLM
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 NODE_PROJECT = Path(__file__).parent / "polar_ingestion"
 PAGE = Path(__file__).parents[3] / "docs" / "sdk" / "polar-ingestion.md"
 ASK = [{"role": "user", "content": "What is usage-based billing?"}]

@@ -164,6 +164,7 @@ METER = {
 }
 
 
+@pytest.mark.processes
 def test_acknowledged_events_not_yet_stored_are_applied_again_after_a_crash(
     tmp_path: Path,
 ) -> None:

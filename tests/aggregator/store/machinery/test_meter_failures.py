@@ -210,7 +210,7 @@ def _previous_main_data_dir(
     con.close()
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 @pytest.mark.usefixtures("refused_path")
 def test_kafka_core_applies_every_organization_past_a_poisoned_meter(tmp_path: Path) -> None:
     registry = TokenRegistry(tmp_path)
