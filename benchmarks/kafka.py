@@ -84,7 +84,8 @@ from meters.columnar import partition_of
 from meters.events import EventRules, parse_ingest_body, validate_body
 from meters.records import record_key, record_value
 from meters.times import now_us
-from tests.processes import Broker, edge_token, token_cli
+from tests.inprocess import token_cli
+from tests.processes import Broker, edge_token
 
 ORG = "bench"
 PARTITIONS = KafkaSettings("").partitions  # what `meterline ingest` creates: 6

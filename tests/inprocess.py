@@ -6,7 +6,9 @@
 - `ServedCore`: `meterline up` (or `core`) as the command composes it (`cli.serve`), served by
   uvicorn from a thread on a real loopback socket: what a client of the command sees, without
   the second or two of a new interpreter. Kills and restarts need processes
-  (`tests.processes.MeterlineServer`)."""
+  (`tests.processes.MeterlineServer`).
+- `run_cli`: a command (`meterline token list`, `reconcile`, ...) as `cli.main` runs it: its
+  exit status and what it printed. The installed command itself is `test_cli`'s."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import io
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -39,6 +42,31 @@ from tests.deadline import seconds_left, wait_for
 from tests.processes import answers_health, api_client
 
 T = TypeVar("T")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`meterline ARGS` run in this process: the status the command would exit with and what
+    it printed (argparse's refusals included)."""
+    # Text streams over bytes, as a process's are: a command may write bytes (`.buffer`).
+    out, err = io.BytesIO(), io.BytesIO()
+    text_out = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    text_err = io.TextIOWrapper(err, encoding="utf-8", write_through=True)
+    with contextlib.redirect_stdout(text_out), contextlib.redirect_stderr(text_err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    printed = [stream.getvalue().decode() for stream in (out, err)]
+    return subprocess.CompletedProcess(["meterline", *args], code, *printed)
+
+
+def data_dir_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`meterline ARGS --data-dir DATA_DIR` (a command reading the data dir: token, org)."""
+    return run_cli(*args, "--data-dir", str(data_dir))
+
+
+def token_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return data_dir_cli(data_dir, "token", *args)
 
 
 class InProcessCore:

@@ -4,6 +4,7 @@ shared data dir; plus the plain-Python oracle the tests compare quantities with.
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 from collections import defaultdict
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 from tests.deadline import seconds_left, wait_for, waited_too_long
 from tests.inprocess import ServedCore
-from tests.processes import Broker, MeterlineServer, Server
+from tests.processes import Broker, MeterlineServer, Server, edge_token, new_org_token
 
 # One sum meter the oracle folds: tokens per customer.
 TOKENS_METER = {
@@ -65,6 +66,7 @@ class Pipeline:
         self.workers = workers
         self.processes = processes
         self.core_args = core_args
+        self._token: str | None = None  # a `tenant`'s
 
     def args(self) -> tuple[str, ...]:
         return (
@@ -109,28 +111,38 @@ class Pipeline:
         self.core.kill()
         self.core = self._server("up", *self.core_args).start()
 
+    def tenant(self, name: str) -> Self:
+        """This pipeline as a new organization `name` sees it (a token of its own, which the
+        edges take): tests that share a pipeline each work in their own organization."""
+        view = copy.copy(self)
+        view._token = new_org_token(self.data_dir, name)
+        for edge in self.edges:
+            edge_token(edge, view._token)
+        return view
+
     def token(self) -> str:
+        """The organization's token: the development token's, or the `tenant`'s."""
         assert self.core is not None and self.core.token is not None
-        return self.core.token
+        return self._token or self.core.token
 
     def organization_id(self) -> str:
-        """The id of the development token's organization (a new customer shows it)."""
+        """The id of the token's organization (a new customer shows it)."""
         assert self.core is not None
-        with self.core.client() as client:
+        with self.core.client(self.token()) as client:
             response = client.post("/v1/customers/", json={"email": "probe@example.com"})
             assert response.status_code == 201, response.text
             return str(response.json()["organization_id"])
 
     def create_meter(self, definition: dict[str, Any] = TOKENS_METER) -> str:
         assert self.core is not None
-        with self.core.client() as client:
+        with self.core.client(self.token()) as client:
             response = client.post("/v1/meters/", json=definition)
             assert response.status_code == 201, response.text
             return str(response.json()["id"])
 
     def stored_events(self) -> int:
         assert self.core is not None
-        with self.core.client() as client:
+        with self.core.client(self.token()) as client:
             response = client.get("/v1/events/", params={"limit": 1})
             assert response.status_code == 200, response.text
             return int(response.json()["pagination"]["total_count"])
@@ -141,7 +153,7 @@ class Pipeline:
 
     def quantity(self, meter_id: str, **params: Any) -> float:
         assert self.core is not None
-        with self.core.client() as client:
+        with self.core.client(self.token()) as client:
             response = client.get(
                 f"/v1/meters/{meter_id}/quantities",
                 params={**_wide(), **params},

@@ -238,21 +238,6 @@ class MeterlineServer:
                 self.kill()
 
 
-def data_dir_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`meterline ARGS --data-dir DATA_DIR` (a command reading the data dir: token, org)."""
-    return subprocess.run(
-        [sys.executable, "-m", "aggregator.cli", *args, "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=seconds_left(),
-    )
-
-
-def token_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return data_dir_cli(data_dir, "token", *args)
-
-
 def new_org_token(data_dir: Path, org: str) -> str:
     """A new token of the organization `org` (created if needed), made as `meterline token
     create` makes it, without an interpreter of its own (`test_cli` runs the command)."""

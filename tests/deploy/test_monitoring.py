@@ -1,5 +1,6 @@
-"""deploy/grafana's dashboard against real processes: a Kafka-mode core (forwarding, webhooks)
-and an ingest edge. Every metric a panel queries is in their `/metrics`, read with the bearer
+"""deploy/grafana's dashboard against a Kafka-mode core (forwarding, webhooks) and an ingest
+edge on a real broker (the core and the edge served from threads: their `/metrics` are the
+commands'). Every metric a panel queries is in their `/metrics`, read with the bearer
 token as Prometheus is configured to send it; and the figures added for the dashboard count:
 events accepted, responses by status code, failing webhook endpoints."""
 
@@ -14,7 +15,8 @@ import httpx
 import pytest
 
 from tests.deadline import wait_for
-from tests.processes import Broker, MeterlineServer, Server, edge_token, free_port, new_org_token
+from tests.inprocess import ServedCore
+from tests.processes import Broker, Server, edge_token, free_port, new_org_token
 
 pytestmark = pytest.mark.processes
 DEPLOY = Path(__file__).parents[2] / "deploy"
@@ -39,8 +41,8 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         bootstrap = ("--kafka", broker.bootstrap)
         core_args = (*bootstrap, *common, *upstream, "--upstream-org", "acme")
         with (
-            MeterlineServer(data, *core_args, "--allow-private-webhooks", command="core") as core,
-            MeterlineServer(data, *bootstrap, *common, command="ingest") as edge,
+            ServedCore(data, *core_args, "--allow-private-webhooks", command="core") as core,
+            ServedCore(data, *bootstrap, *common, command="ingest") as edge,
         ):
             # The forwarded organization, made by the core at its start.
             yield Running(core, edge, edge_token(edge, new_org_token(data, "acme")))

@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from tests.deadline import seconds_left, wait_for, waited_too_long
+from tests.inprocess import token_cli
 from tests.pipeline import Oracle, Pipeline, send_until_accepted, usage_batches
-from tests.processes import edge_token, new_org_token, token_cli
+from tests.processes import edge_token, new_org_token
 
 pytestmark = pytest.mark.processes
 
@@ -95,7 +96,7 @@ def test_broker_killed_gets_503_in_time_and_the_edge_recovers(tmp_path: Path) ->
 
 
 def test_tokens_work_on_the_edge_and_revocation_reaches_it(tmp_path: Path) -> None:
-    with Pipeline(tmp_path, processes=True) as pipeline:
+    with Pipeline(tmp_path) as pipeline:
         token = edge_token(pipeline.edges[0], new_org_token(tmp_path, "edge-org"))
         body = {"events": [{"name": "a", "external_customer_id": "c", "external_id": "t-1"}]}
         with pipeline.edges[0].client(token) as client:

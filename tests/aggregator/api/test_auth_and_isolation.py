@@ -15,8 +15,8 @@ from starlette.routing import Route
 
 from aggregator.api.openapi import ApiRoute
 from tests.deadline import wait_for
-from tests.inprocess import InProcessCore
-from tests.processes import Server, new_org_token, token_cli
+from tests.inprocess import InProcessCore, token_cli
+from tests.processes import Server, new_org_token
 
 
 def test_missing_and_bad_tokens_get_polars_401_shapes(server: Server) -> None:
@@ -104,7 +104,6 @@ def test_organizations_are_isolated(server: Server) -> None:
         assert a.get(f"/v1/customers/{customer_id}").json()["name"] is None
 
 
-@pytest.mark.processes
 def test_revoked_token_stops_working_within_seconds(server: Server) -> None:
     token = new_org_token(server.data_dir, f"org-revoke-{uuid.uuid4().hex}")
     with server.client(token) as client:

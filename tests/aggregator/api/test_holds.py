@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from aggregator.store.machinery.migrations import migrate
+from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer, Server, new_org_token
 
@@ -266,13 +267,12 @@ def test_a_hold_survives_kill_9(tmp_path: Path) -> None:
         assert org.http.get(f"/v1/meter-holds/{hold['id']}").json()["status"] == "settled"
 
 
-@pytest.mark.processes
 def test_a_data_dir_of_the_previous_main_takes_holds(tmp_path: Path) -> None:
     """Step 15 (the previous main's schema): opened, migrated, and holding."""
     con = duckdb.connect(str(tmp_path / "meterline.duckdb"))
     assert migrate(con, until=15) == 15
     con.close()
-    with MeterlineServer(tmp_path) as server:
+    with ServedCore(tmp_path) as server:
         org = Org(server)
         assert org.hold(org.calls, 2, "after-migration").status_code == 201
         assert org.customer_meter(org.calls)["held_units"] == 2

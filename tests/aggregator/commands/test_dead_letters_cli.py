@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from tests.deadline import seconds_left, wait_for
+from tests.deadline import wait_for
+from tests.inprocess import run_cli
 from tests.pipeline import Pipeline, dead_letters
 
 pytestmark = pytest.mark.processes
@@ -25,14 +24,10 @@ APPLIED = "meterline_consumer_organization_applied_events_total"
 
 
 def _cli(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aggregator.cli", "dead-letters", *args],
-        env={**os.environ, "METERLINE_KAFKA": pipeline.broker.bootstrap},
-        capture_output=True,
-        text=True,
-        timeout=seconds_left(),
-        check=False,
-    )
+    """`meterline dead-letters ARGS` with METERLINE_KAFKA naming the pipeline's broker."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("METERLINE_KAFKA", pipeline.broker.bootstrap)
+        return run_cli("dead-letters", *args)
 
 
 def _applied(pipeline: Pipeline, organization_id: str) -> int:

@@ -1,9 +1,10 @@
 """The web console in a real browser: Debian's headless `chromium`, driven by playwright, against
-one real `meterline up` in Kafka mode (so the dead-letters page has a topic to read) that
-forwards to a local upstream refusing every event (so the forwarder has a quarantine) and
-sends webhooks to it. One server and one browser for the module; the tests run in order, each
-on the state the ones before left, and save a screenshot of each page: to a scratch folder, or
-to docs/screenshots/ (which the README and the docs show) when `make screenshots` runs them.
+one `meterline up` in Kafka mode (so the dead-letters page has a topic to read), served from a
+thread of the test's process, that forwards to a local upstream refusing every event (so the
+forwarder has a quarantine) and sends webhooks to it. One server and one browser for the
+module; the tests run in order, each on the state the ones before left, and save a screenshot
+of each page: to a scratch folder, or to docs/screenshots/ (which the README and the docs
+show) when `make screenshots` runs them.
 
 A second organization's customer and meter are seeded beside the first's: their names must
 never appear in the first's pages, nor the first's in the second's."""
@@ -26,7 +27,8 @@ import pytest
 from playwright.sync_api import Page, Route, sync_playwright
 
 from tests.deadline import wait_for
-from tests.processes import Broker, MeterlineServer, Server, free_port, new_org_token
+from tests.inprocess import ServedCore
+from tests.processes import Broker, Server, free_port, new_org_token
 
 pytestmark = pytest.mark.processes
 
@@ -158,7 +160,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 "--allow-private-webhooks",
                 *("--upstream-url", upstream.url, "--upstream-token", "test-upstream"),
             )
-            with MeterlineServer(data_dir, *args) as server:
+            with ServedCore(data_dir, *args) as server:
                 b_token = new_org_token(data_dir, "rival")
                 with server.client() as a, server.client(b_token) as b:
                     shots = os.environ.get(SHOTS_VARIABLE) or tmp_path_factory.mktemp("shots")

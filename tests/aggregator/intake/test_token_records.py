@@ -12,14 +12,15 @@ import httpx
 import pytest
 
 from tests.deadline import wait_for
-from tests.processes import Broker, MeterlineServer, data_dir_cli, new_org_token, token_cli
+from tests.inprocess import ServedCore, data_dir_cli, token_cli
+from tests.processes import Broker, MeterlineServer, Server, new_org_token
 
 pytestmark = pytest.mark.processes
 
 BODY = {"events": [{"name": "call", "external_customer_id": "ada", "external_id": "e1"}]}
 
 
-def _ingests(edge: MeterlineServer, token: str) -> int:
+def _ingests(edge: Server, token: str) -> int:
     with edge.client(token) as client:
         return client.post("/v1/events/ingest", json=BODY).status_code
 
@@ -36,12 +37,12 @@ def test_an_edge_without_the_cores_volume_takes_tokens_from_the_control_topic(
     core_dir = tmp_path / "core"
     with Broker() as broker:
         kafka = ("--kafka", broker.bootstrap, "--no-idempotence", "--partitions", "3")
-        with MeterlineServer(core_dir, *kafka) as core:
+        with ServedCore(core_dir, *kafka) as core:
             # The cluster secret as a file of its own (--secret-file), the edge's data dir empty.
             secret = _secret_only(core_dir, tmp_path / "secret") / "secret.key"
             edge_dir = tmp_path / "edge"
             edge_args = (*kafka, "--secret-file", str(secret))
-            with MeterlineServer(edge_dir, *edge_args, command="ingest") as edge:
+            with ServedCore(edge_dir, *edge_args, command="ingest") as edge:
                 assert not edge_dir.exists() or not list(edge_dir.iterdir())
                 # The development token: published before the core served.
                 assert core.token is not None

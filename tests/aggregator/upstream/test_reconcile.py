@@ -1,11 +1,9 @@
-"""`meterline reconcile` as a real process against two real meterlines: a batch the upstream
-acknowledged but never stored (a planted gap) is found per customer and meter, repaired through
-the edge's forwarder, and the next run reports zero drift."""
+"""`meterline reconcile` (the command, run in the test's process) against two meterlines: a
+batch the upstream acknowledged but never stored (a planted gap) is found per customer and
+meter, repaired through the edge's forwarder, and the next run reports zero drift."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,11 +11,12 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.deadline import seconds_left, wait_for
+from tests.deadline import wait_for
 from tests.faults import ROLLUPS_NOW, forwarded, forwarding
+from tests.inprocess import run_cli
 from tests.processes import Server
 
-pytestmark = pytest.mark.processes
+pytestmark = pytest.mark.slow
 
 ALL = {"conjunction": "and", "clauses": []}
 
@@ -27,32 +26,14 @@ def _reconcile(
 ) -> tuple[int, dict[str, Any], str]:
     report = tmp_path / "report.json"
     now = datetime.now(UTC)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aggregator.cli",
-            "reconcile",
-            "--from",
-            (now - timedelta(days=1)).isoformat(),
-            "--to",
-            (now + timedelta(minutes=1)).isoformat(),
-            "--url",
-            edge.url,
-            "--token",
-            edge.token or "",
-            "--upstream-url",
-            central.url,
-            "--upstream-token",
-            central.token or "",
-            "--report",
-            str(report),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds_left(),
-        check=False,
+    done = run_cli(
+        "reconcile",
+        *("--from", (now - timedelta(days=1)).isoformat()),
+        *("--to", (now + timedelta(minutes=1)).isoformat()),
+        *("--url", edge.url, "--token", edge.token or ""),
+        *("--upstream-url", central.url, "--upstream-token", central.token or ""),
+        *("--report", str(report)),
+        *extra,
     )
     return done.returncode, orjson.loads(report.read_bytes()), done.stderr
 
