@@ -1,7 +1,7 @@
 """Shared pytest configuration: hypothesis profiles, chosen with HYPOTHESIS_PROFILE (default
-ci); the fast tier (`--fast`) and the check that only tests marked `processes` start one
-(`tests.tiers`); each test's deadline and hang guard, stretched by the machine's load
-(`tests.deadline`); a local S3 server (moto's) for the tests that need one."""
+ci; `fast` in the fast tier); the fast tier (`--fast`) and the check that only tests marked
+`processes` start one (`tests.tiers`); each test's deadline and hang guard, stretched by the
+machine's load (`tests.deadline`); a local S3 server (moto's) for the tests that need one."""
 
 import logging
 import os
@@ -15,6 +15,7 @@ from tests import deadline, tiers
 from tests.processes import free_port, kill_leftovers
 
 settings.register_profile("ci", max_examples=50, deadline=None, print_blob=True)
+settings.register_profile("fast", max_examples=10, deadline=None, print_blob=True)
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.register_profile("nightly", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -25,12 +26,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--fast",
         action="store_true",
         help="the fast tier: only the tests that start no process (not marked `processes`)"
-        " and measure no time (not `serial`)",
+        " and measure no time (not `serial`); property tests with a fifth of their examples"
+        " (the hypothesis profile `fast`, unless HYPOTHESIS_PROFILE says another)",
     )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     tiers.install()
+    if config.getoption("fast") and "HYPOTHESIS_PROFILE" not in os.environ:
+        settings.load_profile("fast")  # before the test modules read it (`examples`)
 
 
 def pytest_sessionfinish() -> None:

@@ -18,7 +18,7 @@ from ingest.validation import ValidationPool, usable_cpus, validate_body
 from meters.errors import ValidationFailed
 from meters.events import EventRules
 from meters.ipc import read_ipc, write_ipc
-from tests.strategies import NOW_US, valid_events
+from tests.strategies import NOW_US, examples, valid_events
 
 RULES = EventRules()
 
@@ -51,7 +51,7 @@ def _inline(body: bytes) -> Any:
 
 
 @pytest.mark.processes
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(
     events=st.lists(valid_events(), max_size=5),
     corrupt=st.sampled_from([None, "json", "name", "cost"]),

@@ -27,6 +27,7 @@ from meters.times import now_us
 from tests.deadline import seconds_left, wait_for
 from tests.pipeline import Pipeline, produce_raw, topic_records
 from tests.processes import new_org_token
+from tests.strategies import examples
 
 SCHEMA = record_schema(EventRules())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
@@ -198,7 +199,7 @@ def _field(reason: str) -> str:
 
 @pytest.mark.slow
 @given(_marked())
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_the_schema_agrees_with_the_validator(marked: Marked) -> None:
     """The pure law, on many records: the exact validator (what dead-letters a JSON record)
     fails a record exactly when the schema does, or when it is in the future."""
@@ -229,7 +230,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
 
 @given(st.lists(_marked(), min_size=40, max_size=40))
 @settings(
-    max_examples=2,
+    max_examples=examples(2),
     phases=[Phase.generate],  # each example is a produce/consume round: no shrinking
     deadline=None,
     suppress_health_check=list(HealthCheck),

@@ -16,7 +16,7 @@ from tests.deadline import wait_for
 from tests.faults import forwarding
 from tests.processes import Server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.serial  # it measures the rate requests go upstream at
 
 RATE = 300.0  # requests per minute: one every 0.2 s
 TIMEOUT = 1.0  # the edge's upstream timeout; a stall outlasts it

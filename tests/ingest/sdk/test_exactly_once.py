@@ -19,6 +19,7 @@ from tests.deadline import seconds_left, wait_for
 from tests.faults import FaultProxy
 from tests.ingest.sdk.conftest import Reports, stored
 from tests.processes import MeterlineServer, Server
+from tests.strategies import examples
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +114,7 @@ STEPS = st.lists(
 ).filter(lambda steps: sum(1 for kind, _ in steps if kind == "fault") <= 4)
 
 
-@settings(max_examples=20)  # each runs real requests: ~0.5 s
+@settings(max_examples=examples(20))  # each runs real requests: ~0.5 s
 @given(steps=STEPS, batch=st.sampled_from([1, 7, 50]), in_flight=st.sampled_from([1, 3]))
 def test_each_recorded_event_is_stored_once(
     meterline: Server,

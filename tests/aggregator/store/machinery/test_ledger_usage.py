@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from aggregator.store.machinery import rollups
 from meters.aggregations import PropertyAggregation
+from tests.strategies import examples
 
 SUM = PropertyAggregation(func="sum", property="v")
 LATEST = PropertyAggregation(func="latest", property="v")
@@ -49,7 +50,7 @@ def _sorted(table: pa.Table) -> list[tuple[Any, ...]]:
     return sorted(tuple(row.values()) for row in table.to_pylist())
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(batches())
 def test_usage_over_rows_equals_usage_over_contributions(
     batch: tuple[pa.Table, list[tuple[int, Any]]],
@@ -62,7 +63,7 @@ def test_usage_over_rows_equals_usage_over_contributions(
     assert _sorted(wide) == _sorted(long)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(batches())
 def test_latest_points_are_each_subjects_greatest(
     batch: tuple[pa.Table, list[tuple[int, Any]]],

@@ -24,6 +24,7 @@ from meters.definitions import MeterCreate, MeterUpdate
 from meters.events import Event, to_table
 from meters.times import now_us
 from tests.aggregator.store.apply.test_store_ingest import _model
+from tests.strategies import examples
 
 ORGS = [str(uuid.uuid4()) for _ in range(2)]
 # Three fingerprints for every key there is: nearly every key is a candidate, so each answer
@@ -62,7 +63,7 @@ steps = st.lists(
 
 
 @pytest.mark.slow
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(steps=steps, memory_keys=st.sampled_from([dedupe.MEMORY_KEYS, 1, 4]))
 def test_new_events_are_exact_whatever_the_fingerprints(
     tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[object, ...]], memory_keys: int
