@@ -714,8 +714,8 @@ def _damaged(settings: CoreSettings, error: LogCorrupt) -> str:
     """One line for an ingest log that cannot give back what it acknowledged."""
     check = f"{program()} ingest-log check --data-dir {settings.data_dir}"
     return (
-        f"{error}; `{check}` says what is lost, and `ingest-log repair` moves the damaged tail"
-        " aside (kept, not deleted) so that the server starts without it"
+        f"{error}; `{check}` says what is lost, and `ingest-log repair` moves what does not"
+        " read back aside (kept, not deleted) so that the server starts without it"
     )
 
 
@@ -769,7 +769,7 @@ async def serve(
                 if not settings.replica:  # a candidate: it leads while it holds the lease
                     await stack.enter_async_context(Lease(kafka, role, journal.claim))
                 members = await stack.enter_async_context(
-                    Members(kafka, settings.url, partial(_described, settings, role, journal))
+                    Members(kafka, settings.url, partial(_described, settings, role, journal), role)
                 )
                 keep = partial(keep_record, registry)
                 splits = Splits(kafka.shard)
@@ -861,7 +861,7 @@ async def serve(
                 kafka,
                 front,
                 exporter.sync if exporter is not None else None,
-                members.members if members is not None else None,
+                members.current if members is not None else None,
                 applied,
                 sharding,
             )

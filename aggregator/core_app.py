@@ -324,7 +324,7 @@ def build_app(
     kafka: KafkaSettings | None = None,
     front: Front | None = None,
     sessions_published: Callable[[], Awaitable[None]] | None = None,
-    members: Callable[[], list[Member]] | None = None,
+    members: Callable[[], Awaitable[list[Member]]] | None = None,
     applied: Applied | None = None,
     sharding: Sharding | None = None,
 ) -> Starlette:

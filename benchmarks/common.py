@@ -16,19 +16,37 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def metric(
-    name: str, value: float, unit: str, op: str | None = None, target: float | None = None
+    name: str,
+    value: float,
+    unit: str,
+    op: str | None = None,
+    target: float | None = None,
+    *,
+    against: tuple[str, float] | None = None,
 ) -> Metric:
-    """One reported number; `met` is None when the metric has no target (informational)."""
+    """One reported number; `met` is None when the metric has no target (informational).
+
+    `against`: a bar on the ratio of this value to another commit's in the same run (`(">=",
+    2.5)`: at least 2.5 times; `python -m benchmarks.run NAME --against COMMIT`)."""
     if isinstance(value, float):
         value = round(value, 3)
-    met = None if op is None or target is None else bool(_OPS[op](value, target))
-    return {
+    found: Metric = {
         "name": name,
         "value": value,
         "unit": unit,
         "target": None if op is None else {"op": op, "value": target},
-        "met": met,
+        "met": meets(value, op, target),
     }
+    if against is not None:
+        found["ratio_bar"] = {"op": against[0], "value": against[1]}
+    return found
+
+
+def meets(value: Any, op: str | None, target: float | None) -> bool | None:
+    """Whether `value` meets the target; None without a target or without a number to judge."""
+    if op is None or target is None or not isinstance(value, int | float):
+        return None
+    return bool(_OPS[op](value, target))
 
 
 def percentile(values: Sequence[float], q: float) -> float:

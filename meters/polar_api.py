@@ -57,8 +57,12 @@ class PolarApi:
         attempts: int = 8,
         answer_bytes: int = ANSWER_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
+        before_send: Callable[[], None] | None = None,
     ) -> None:
+        """`before_send`: called as each `send` is about to go out, after its pacing; what
+        it raises is raised, and nothing is sent (the forwarder's: this core leads no more)."""
         self.url = url.rstrip("/")
+        self._before_send = before_send
         self._answer_bytes = answer_bytes
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self._timeout = timeout_seconds
@@ -101,6 +105,8 @@ class PolarApi:
         external_id (the upstream deduplicates on it)."""
         if self._pacer is not None:
             await self._pacer.wait()
+        if self._before_send is not None:
+            self._before_send()
         self.requests += 1
         body = orjson.dumps({"events": events})
         try:

@@ -4,7 +4,7 @@ the same records answer alike. meterline-only."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.routing import Route
@@ -19,11 +19,13 @@ from ingest.kafka import KafkaSettings
 
 
 def routes(
-    ctx: ApiContext, kafka: KafkaSettings | None, members: Callable[[], list[Member]]
+    ctx: ApiContext,
+    kafka: KafkaSettings | None,
+    members: Callable[[], Awaitable[list[Member]]],
 ) -> list[Route]:
     async def cluster(request: Request) -> JSON:
         ctx.organization(request)  # any organization's token
-        return JSON(shapes.cluster(members()))
+        return JSON(shapes.cluster(await members()))
 
     async def digest(request: Request) -> JSON:
         org = ctx.organization(request)

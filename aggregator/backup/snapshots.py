@@ -14,7 +14,9 @@ The protocol:
      the data dir holds it;
    - `manifest.json`: when, the positions covered, the files' sizes.
 2. Only the newest `kept` snapshots stay.
-3. `restore` copies a snapshot into an empty data dir. A core started on it applies what the
+3. `restore` copies a snapshot into an empty (or absent) data dir, and refuses any other: what
+   is there (a database, or the `secret.key` and `auth.sqlite3` of `token create --init`)
+   would be overwritten or left beside the snapshot's files. A core started on it applies what the
    log holds after the positions covered (Kafka mode: the journal from its offset, a replica
    converging on the others), so that a lost disk costs the log's replay only. Embedded, the
    ingest log is the only log: what it acknowledged after the snapshot is lost with the disk.
@@ -47,6 +49,7 @@ MANIFEST = "manifest.json"
 DATABASE = "meterline.duckdb"
 AUTH = "auth.sqlite3"
 ATTEMPTS = 3  # of one snapshot, when the ingest log pruned a segment during the copy
+NAMED = 5  # of the entries found in a data dir that a restore refuses
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +152,9 @@ def snapshots(to: Path) -> list[Path]:
 
 def restore(snapshot: Path, data_dir: Path, *, stopped: bool = False) -> dict[str, Any]:
     """Step 3: `snapshot` (a snapshot's folder, or a folder of them: the newest; if `stopped`,
-    also the data dir of a core that has stopped) into `data_dir`, which must hold no
-    database; the snapshot's manifest."""
+    also the data dir of a core that has stopped) into `data_dir`, which must be empty or
+    absent; the snapshot's manifest."""
+    _refuse_unless_empty(data_dir)
     if stopped and not (snapshot / MANIFEST).exists() and (snapshot / DATABASE).exists():
         return _copy_stopped(snapshot, data_dir)
     if not (snapshot / MANIFEST).exists():
@@ -158,11 +162,6 @@ def restore(snapshot: Path, data_dir: Path, *, stopped: bool = False) -> dict[st
         if not found:
             raise UsageError(f"{snapshot} is no snapshot (no {MANIFEST}) nor a folder of them")
         snapshot = found[-1]
-    if (data_dir / DATABASE).exists():
-        raise UsageError(
-            f"{data_dir} holds a database already: restore into an empty data dir, or move it"
-            " aside first"
-        )
     data_dir.mkdir(parents=True, exist_ok=True)
     for path in snapshot.iterdir():
         if path.name == MANIFEST:
@@ -185,8 +184,6 @@ def _copy_stopped(source: Path, data_dir: Path) -> dict[str, Any]:
         except OSError:
             raise UsageError(f"{source} is in use: stop its core first") from None
         fcntl.lockf(file, fcntl.LOCK_UN)
-    if (data_dir / DATABASE).exists():
-        raise UsageError(f"{data_dir} holds a database already: restore into an empty data dir")
     data_dir.mkdir(parents=True, exist_ok=True)
     for name in (DATABASE, f"{DATABASE}.wal"):
         if (source / name).exists():
@@ -194,3 +191,21 @@ def _copy_stopped(source: Path, data_dir: Path) -> dict[str, Any]:
     _copy_files(ingest_log_repair.log_directory(database), source, data_dir)
     created = datetime.fromtimestamp(database.stat().st_mtime, UTC).isoformat()
     return {"created_at": created, "covers": {}, "snapshot": str(source)}
+
+
+def _refuse_unless_empty(data_dir: Path) -> None:
+    """A `UsageError` naming what `data_dir` holds, if it is not an empty folder or absent."""
+    if not data_dir.exists():
+        return
+    if not data_dir.is_dir():
+        raise UsageError(f"{data_dir} is a file: restore into an empty or absent data dir")
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in data_dir.iterdir())
+    if not found:
+        return
+    named = ", ".join(found[:NAMED]) + (
+        f" and {len(found) - NAMED} more" if len(found) > NAMED else ""
+    )
+    raise UsageError(
+        f"{data_dir} is not empty (it holds {named}): restore into an empty or absent data dir,"
+        " or move these aside first"
+    )

@@ -1,10 +1,12 @@
 """`meterline ingest-log check|repair`: whether the ingest log of a stopped server reads back
-every request it acknowledged, and, when told, moving a damaged tail aside so the server starts.
+every request it acknowledged, and, when told, moving what does not read back aside so the
+server starts.
 
 A server refuses to start on a damaged log (exit status 2, naming the file and the byte) rather
 than drop what it acknowledged. `check` says what is damaged and what a repair would lose
-(exit status 1 if it is damaged); `repair` keeps what reads back before the damage and moves
-the rest aside into the log's `damaged/` folder, nothing deleted (`store.ingest_log_repair`).
+(exit status 1 if it is damaged); `repair` keeps every request that reads back whole, before
+the damage and after it, and moves the rest aside into the log's `damaged/` folder, nothing
+deleted (`store.ingest_log_repair`).
 Both need the server stopped: its DuckDB file says how far the log was stored."""
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from aggregator.store import ingest_log_repair
 
 
 def commands(subparsers: Any) -> None:
-    log = command(subparsers, "ingest-log", "check the ingest log, or move a damaged tail aside")
+    log = command(
+        subparsers, "ingest-log", "check the ingest log, or move what does not read back aside"
+    )
     actions = log.add_subparsers(dest="ingest_log_command", required=True)
     data_dir_option(
         command(actions, "check", "whether the log reads back whole; if not, what is lost")
@@ -30,8 +34,8 @@ def commands(subparsers: Any) -> None:
         command(
             actions,
             "repair",
-            "move a damaged log's tail aside (kept, not deleted) so the server starts;"
-            " says what is lost",
+            "keep every request that reads back whole, move the rest aside (kept, not"
+            " deleted) so the server starts; says what is lost",
         )
     )
 
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     assert checked.damage is not None and checked.loss is not None
     print(f"damaged: {checked.damage.path} at byte {checked.damage.offset}: {checked.damage.what}")
-    print(f"moved aside to {aside}: what followed the damage, and the files as they were")
+    print(f"moved aside to {aside}: what does not read back, and the files as they were")
     print(f"lost: {ingest_log_repair.describe(checked.loss)}")
     print(f"the server starts again, applying {_pending(checked)}")
     return 0
@@ -73,9 +77,10 @@ def _report(checked: ingest_log_repair.Checked, args: argparse.Namespace) -> int
     assert checked.loss is not None
     print(f"damaged: {checked.damage.path} at byte {checked.damage.offset}: {checked.damage.what}")
     print(f"a repair loses {ingest_log_repair.describe(checked.loss)}")
+    print(f"and keeps {_pending(checked)}, applied at the next start")
     print(
-        f"`{program()} ingest-log repair --data-dir {args.data_dir}` moves the damaged tail"
-        " aside (kept, not deleted) so that the server starts without it"
+        f"`{program()} ingest-log repair --data-dir {args.data_dir}` moves what does not read"
+        " back aside (kept, not deleted) so that the server starts without it"
     )
     return 1
 

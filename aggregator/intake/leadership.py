@@ -15,15 +15,22 @@ core follows the journal (`journal`, step 6). The protocol:
    is assigned the partition again.
 3. A leader killed, paused or cut off past the session timeout loses the partition to another
    member, which catches up on the journal and leads from there.
-4. Leading is a hint, never a guarantee: a paused leader resumes believing it leads until the
-   group tells it otherwise. What it appends counts only where the journal takes it: an entry
-   that does not land where this core expected the journal's end makes it catch up first, or
-   step down when another core drew a later epoch (`Journal.append`), and one of an older
-   epoch than an entry applied before it is skipped by every core.
+4. Leading is a hint, never a guarantee: a leader cut off from the group believes it leads
+   until the group tells it otherwise (a paused one: step 6). What it appends counts only
+   where the journal takes it: an entry that does not land where this core expected the
+   journal's end makes it catch up first, or step down when another core drew a later epoch
+   (`Journal.append`), and one of an older epoch than an entry applied before it is skipped
+   by every core.
 5. The group has the last word: a core whose role has disagreed with its assignment for a
    session timeout takes the assignment's (one that stepped down but still holds the lease
    leads again). A member that cannot join, or whose polls fail `REJOIN_AFTER` times in a
    row, is replaced by a new one (a join the broker refused stays refused). (`_poll`)
+6. A leader that has not run for half a session timeout (paused, or its event loop held)
+   may have lost the lease meanwhile: the group may have given it to a core that acts
+   already. So it leads no more from the moment it runs again, before any of its tasks can
+   send anything (`Role.leading` tells the time itself), and until the group has the last
+   word (step 5, the session timeout counted from then). Its side effects ask `leading` as
+   they are about to send. (`Role.lapse_after`, `_watch`)
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -54,17 +62,49 @@ log = logging.getLogger(__name__)
 
 class Role:
     """Whether this core leads now (a port: the lease sets it, the leader's work waits on it).
-    Embedded, a core always leads."""
+    Embedded, a core always leads. A lease's role lapses (`Lease`, step 6)."""
 
     def __init__(self, leading: bool = False) -> None:
         self._leading = leading
         self._changed = asyncio.Event()
+        self._lapse: float | None = None  # seconds not run after which leading lapses
+        self._ran_at = time.monotonic()
+        self.lapsed_at = -math.inf  # when it last lapsed (monotonic)
 
     @property
     def leading(self) -> bool:
+        """Step 6: False from the moment this core runs again after a lapse (whichever of its
+        tasks asks first), before the watch has run."""
+        self._lapsed()
         return self._leading
 
+    def lapse_after(self, seconds: float) -> None:
+        """Step 6: leading lapses once this core has not run for `seconds` (`ran` says it
+        does)."""
+        self._lapse = seconds
+        self._ran_at = time.monotonic()
+
+    def ran(self) -> None:
+        """This core runs now (the lease's watch, several times per lapse)."""
+        self._lapsed()
+        self._ran_at = time.monotonic()
+
+    def _lapsed(self) -> None:
+        if not self._leading or self._lapse is None:
+            return
+        now = time.monotonic()
+        if now - self._ran_at > self._lapse:
+            log.warning(
+                "this core did not run for %.1f s: it leads no more until the group says it"
+                " holds the lease",
+                now - self._ran_at,
+            )
+            self.lapsed_at = now
+            self.set(False)
+
     def set(self, leading: bool) -> None:
+        if leading:
+            self._ran_at = time.monotonic()  # the group said so just now
         if leading != self._leading:
             self._leading = leading
             self._changed.set()
@@ -72,8 +112,12 @@ class Role:
 
     async def until(self, leading: bool) -> None:
         """Returns once this core leads (`leading`) or follows."""
-        while self._leading != leading:
+        while self.leading != leading:
             await self._changed.wait()
+
+    async def changed(self) -> None:
+        """Returns once this core starts or stops leading."""
+        await self._changed.wait()
 
 
 async def while_leading(
@@ -108,12 +152,16 @@ async def task_while_open(
 
 
 class Lease:
-    """Steps 1 to 3: an async context manager holding this core's membership; `role` says
-    whether it leads."""
+    """Steps 1 to 3 and 6: an async context manager holding this core's membership; `role`
+    says whether it leads."""
 
     POLL_MS = 1000  # the member polls (an empty topic) to stay in the group
     REJOIN_AFTER = 5  # polls failed in a row, after which a new member joins
     REJOIN_MAX_SECONDS = 5.0  # between joins refused in a row (the pause doubles up to it)
+    # Step 6: not run for this much of a session timeout, a leader lapses. A member is let go
+    # after a session without heartbeats, sent every third of one: a pause longer than two
+    # thirds of one may lose the lease, and one longer than half is always noticed.
+    LAPSE = 0.5
 
     def __init__(self, kafka: KafkaSettings, role: Role, claim: Callable[[], Claim]) -> None:
         """`claim`: this core's, as of its next join (`Journal.claim`)."""
@@ -121,14 +169,18 @@ class Lease:
         self.role = role
         self._assignor = _LeaseAssignor(claim)
         self._member: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Self:
         await ensure_topics(self._kafka)
         self._member = self._joining()
+        self.role.lapse_after(self._kafka.session_timeout_seconds * self.LAPSE)
         # Joined in the background: a member's start waits for its first assignment, which
         # waits out a killed predecessor's session; the core serves reads meanwhile.
-        self._task = asyncio.create_task(self._poll(), name="lease")
+        self._tasks = [
+            asyncio.create_task(self._poll(), name="lease"),
+            asyncio.create_task(self._watch(), name="lease-watch"),
+        ]
         return self
 
     def _joining(self) -> AIOKafkaConsumer:
@@ -150,7 +202,7 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await cancel_within(self._task, what="lease")
+        await cancel_within(*self._tasks, what="lease")
         if self._member is not None:  # leaving the group hands the lease on at once
             await stop_within(self._member.stop, self._kafka.stop_timeout_seconds, "lease member")
         self.role.set(False)
@@ -175,16 +227,24 @@ class Lease:
             self._member = self._joining()
             await asyncio.sleep(min(self.REJOIN_MAX_SECONDS, 2.0**refused))
 
+    async def _watch(self) -> None:
+        """Step 6: says that this core runs, four times per lapse."""
+        every = self._kafka.session_timeout_seconds * self.LAPSE / 4
+        while True:
+            self.role.ran()
+            await asyncio.sleep(every)
+
     async def _follow_group(self, member: AIOKafkaConsumer) -> None:
         """Step 5 until the member's polls fail `REJOIN_AFTER` times in a row."""
-        role = self.role
+        role, session = self.role, self._kafka.session_timeout_seconds
         agreed = time.monotonic()
         failures = 0
         while failures < self.REJOIN_AFTER:
             held = bool(member.assignment())
             if held == role.leading:
                 agreed = time.monotonic()
-            elif time.monotonic() - agreed >= self._kafka.session_timeout_seconds:
+            # A lapse (step 6) disagrees from when it was found, not from before the pause.
+            elif time.monotonic() - max(agreed, role.lapsed_at) >= session:
                 log.warning("this core %s, as the group says", "leads" if held else "follows")
                 role.set(held)
             try:

@@ -92,6 +92,8 @@ class Forwarder:
             rate_per_minute=settings.rate_per_minute,
             timeout_seconds=settings.timeout_seconds,
             transport=transport,
+            # A leader paused past its lease sends nothing once resumed (`leadership`, step 6).
+            before_send=self._leading,
         )
         self._stack = contextlib.AsyncExitStack()
         self._task: asyncio.Task[None] | None = None
@@ -135,6 +137,8 @@ class Forwarder:
                 await self._outbox.done(batch, await self._deliver(batch))
             except asyncio.CancelledError:
                 raise
+            except NotLeading:  # held back, or its answer not recorded: the leader sends it
+                continue
             except Exception:
                 log.exception("forwarding failed; retrying")
                 await asyncio.sleep(self._settings.max_backoff_seconds)

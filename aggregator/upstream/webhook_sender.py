@@ -13,7 +13,8 @@ ends within the timeout. Delivered rows and logs older than the retention are pr
 In Kafka mode only the core that leads (`intake.leadership`) delivers, and its attempts are
 recorded as journal groups every core applies (`progress`): a core that comes to lead delivers
 what the last leader had not recorded as delivered, again under the same `webhook-id`
-(receivers dedupe by it).
+(receivers dedupe by it). Each attempt asks whether this core leads as it is about to send,
+so a leader paused past its lease sends nothing once resumed (`leadership`, step 6).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Self
 
 import httpx
 
+from aggregator.errors import NotLeading
 from aggregator.intake.leadership import Role
 from aggregator.store import (
     Attempt,
@@ -149,6 +151,8 @@ class WebhookSender:
                 await self._round()
             except asyncio.CancelledError:
                 raise
+            except NotLeading:  # stopped leading while recording: the new leader goes on
+                continue
             except Exception:
                 log.exception("webhook deliveries failed; retrying")
                 await asyncio.sleep(1)
@@ -229,10 +233,18 @@ class WebhookSender:
         finally:
             self._sending[row.endpoint_id] -= 1  # room for the next request at once
             self._wake.set()
-        await self._record(attempt)
+        if attempt is not None:
+            # Made while leading, and not recorded if this core leads no more: the leader's
+            # journal does not have it, so the leader makes it again (the same webhook-id).
+            with contextlib.suppress(NotLeading):
+                await self._record(attempt)
 
-    async def _send(self, row: Due) -> Attempt:
+    async def _send(self, row: Due) -> Attempt | None:
+        """The attempt; None: not made, this core leads no more (asked as the request is
+        about to go out)."""
         assert self._client is not None
+        if not self._role.leading:
+            return None
         started = time.perf_counter()
         code: int | None = None
         timestamp = int(time.time())

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from benchmarks.run import BENCHMARKS, duration
+from tests.deadline import seconds_left
 
 pytestmark = pytest.mark.processes
 
@@ -26,7 +27,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess[str]:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=seconds_left(),
     )
 
 

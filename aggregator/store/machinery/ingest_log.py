@@ -19,14 +19,16 @@ in DuckDB's commit instead would make every ingest commit write DuckDB's WAL and
 checkpoints, which is what the log avoids.) A segment left for the next one is sealed with its
 size (`<segment>.sealed`). At open:
 
-- bytes past the witnessed end that do not read back are a write cut short: cut off, and said;
-- a record before it that does not read back, a segment shorter than witnessed or sealed, or a
-  segment the witness counts that is missing, is damage: `LogCorrupt` names the file and the
-  byte, and nothing is changed (`meterline ingest-log check|repair` says what is lost and moves
-  the damaged tail aside);
+- bytes past the witnessed end that do not read back, and no whole record after them, are a
+  write cut short: cut off, and said;
+- a record before it that does not read back (or past it, followed by whole records: a write
+  cut short is the last), a segment shorter than witnessed or sealed, or a segment the witness
+  counts that is missing, is damage: `LogCorrupt` names the file and the byte, and nothing is
+  changed (`meterline ingest-log check|repair` says what is lost, keeps every whole record and
+  moves the rest aside);
 - the store records that its log has a witness (`ingest_stored.witnessed`), so a log deleted
   whole is missing, not new. A log written before the witness existed is opened by the frames
-  alone once (a bad record followed by whole ones is damage, not a cut), and witnessed from then.
+  alone once, and witnessed from then.
 """
 
 from __future__ import annotations
@@ -64,13 +66,11 @@ _SEAL_MAGIC = b"MLS1"
 @dataclass(frozen=True, slots=True)
 class Damage:
     """Acknowledged requests that do not read back: `path` at byte `offset`, and why
-    (`missing`: a file is). What can be kept is the log's first `keep[0]` segments (as
-    surveyed) and `keep[1]` bytes of the next."""
+    (`missing`: a file is)."""
 
     path: Path
     offset: int
     what: str
-    keep: tuple[int, int]
     missing: bool = False
 
 
@@ -249,11 +249,8 @@ def survey(directory: Path, stored: int, witnessed: bool) -> Survey:
         found.damage, found.cut = _against_mark(found, read[1], stored)
         return found
     found.damage, found.cut = _by_frames(found, stored)
-    # Without a witness, what reads back is all that can be kept.
-    keep = (len(segments), 0) if found.cut is None else (len(segments) - 1, found.cut)
     if witness.exists():
-        keep = found.damage.keep if found.damage else keep
-        found.damage = Damage(witness, 0, "neither copy of the acknowledged end reads back", keep)
+        found.damage = Damage(witness, 0, "neither copy of the acknowledged end reads back")
     elif witnessed and found.damage is None:
         where = witness if directory.is_dir() else directory
         found.damage = Damage(
@@ -261,7 +258,6 @@ def survey(directory: Path, stored: int, witnessed: bool) -> Survey:
             0,
             "missing: the log had a witness of how far it was acknowledged, so acknowledged"
             " requests may be lost with it",
-            keep,
             missing=True,
         )
     return found
@@ -271,19 +267,17 @@ def _against_mark(found: Survey, mark: Mark, stored: int) -> tuple[Damage | None
     segments = found.segments
     if mark.last_id > stored:  # acknowledged requests not yet stored: their segments must be here
         firsts = [s.first for s in segments]
-        before = sum(1 for f in firsts if f < mark.oldest)
         if mark.segment not in firsts:
             name = found.directory / f"{mark.segment:020d}.log"
             what = f"missing: it held acknowledged requests through {mark.last_id}"
-            keep = (sum(1 for f in firsts if f < mark.segment), 0)
-            return Damage(name, 0, what, keep, missing=True), None
+            return Damage(name, 0, what, missing=True), None
         counted = sum(1 for f in firsts if mark.oldest <= f <= mark.segment)
         if counted < mark.segments:
             what = (
                 f"{mark.segments - counted} of the {mark.segments} segments holding acknowledged"
                 f" requests (from {mark.oldest:020d}.log) are missing"
             )
-            return Damage(found.directory, 0, what, (before, 0), missing=True), None
+            return Damage(found.directory, 0, what, missing=True), None
     for i, segment in enumerate(segments):
         if segment.stored:
             continue
@@ -306,23 +300,14 @@ def _by_frames(found: Survey, stored: int) -> tuple[Damage | None, int | None]:
         if segment.stored:
             continue
         damage, cut = _check(found, i, 0)
-        if damage is not None:
-            return damage, None
-        if cut is not None:
-            later = resync(segment.path.read_bytes(), cut)
-            if later is not None:
-                what = (
-                    f"a record that does not read back, followed by whole records (from byte"
-                    f" {later}): damage, not a write cut short"
-                )
-                return Damage(segment.path, cut, what, (i, cut)), None
-            return None, cut
+        if damage is not None or cut is not None:
+            return damage, cut
     if stored > 0 and not segments:
         what = (
             f"missing: the store has stored the requests through {stored} from it, so it held"
             " the requests acknowledged since"
         )
-        return Damage(found.directory, 0, what, (0, 0), missing=True), None
+        return Damage(found.directory, 0, what, missing=True), None
     return None, None
 
 
@@ -334,7 +319,7 @@ def _check(found: Survey, i: int, acknowledged: int) -> tuple[Damage | None, int
     seal = read_seal(segment.path)
     if seal is not None and seal < 0:
         what = "its seal (the size it was left at) does not read back"
-        return Damage(seal_path(segment.path), 0, what, (i, 0)), None
+        return Damage(seal_path(segment.path), 0, what), None
     if seal is not None:
         acknowledged = max(acknowledged, seal)
     if segment.good < segment.size:
@@ -344,14 +329,22 @@ def _check(found: Survey, i: int, acknowledged: int) -> tuple[Damage | None, int
                 what = (
                     f"cut short: it ends at byte {segment.size}, {acknowledged} were acknowledged"
                 )
-            return Damage(segment.path, segment.good, what, (i, segment.good)), None
+            return Damage(segment.path, segment.good, what), None
         if not last:
             what = "a record that does not read back, with later segments after it"
-            return Damage(segment.path, segment.good, what, (i, segment.good)), None
+            return Damage(segment.path, segment.good, what), None
+        # A write cut short is the last: whole records after it were written later.
+        later = resync(segment.path.read_bytes(), segment.good)
+        if later is not None:
+            what = (
+                f"a record that does not read back, followed by whole records (from byte"
+                f" {later}): damage, not a write cut short"
+            )
+            return Damage(segment.path, segment.good, what), None
         return None, segment.good
     if segment.size < acknowledged:
         what = f"cut short: it ends at byte {segment.size}, {acknowledged} were acknowledged"
-        return Damage(segment.path, segment.size, what, (i, segment.size)), None
+        return Damage(segment.path, segment.size, what), None
     return None, None
 
 

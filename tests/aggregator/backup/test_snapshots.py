@@ -104,7 +104,7 @@ def test_an_embedded_core_restored_from_a_snapshot_answers_the_same(
     # Into a data dir that holds a database: refused.
     newest = str(snapshots(snaps)[-1])
     assert cli.main(["restore", "--from", newest, "--data-dir", str(restored)]) == 2
-    assert "holds a database already" in capsys.readouterr().err
+    assert "is not empty" in capsys.readouterr().err
     with ServedCore(restored, dev_token=False) as again, again.client(token) as client:
         assert _state(client) == before
 

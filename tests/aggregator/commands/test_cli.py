@@ -38,6 +38,7 @@ from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.machinery.migrations import migrate
 from aggregator.store.tables.meter_tables import backfill_step_job
 from ingest.kafka import KafkaSettings
+from tests.deadline import seconds_left
 from tests.inprocess import ServedCore
 from tests.processes import MeterlineServer, Server, free_port, new_org_token
 
@@ -79,7 +80,11 @@ def test_the_installed_command_prints_its_version() -> None:
     # What the README documents: the console script installed into the venv.
     script = Path(sys.executable).parent / "meterline"
     done = subprocess.run(
-        [str(script), "--version"], capture_output=True, text=True, timeout=60, check=False
+        [str(script), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=seconds_left(),
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"meterline {metadata.version('meterline')}"
@@ -211,7 +216,7 @@ def test_a_damaged_write_ahead_log_says_so_in_one_line(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=False,
-        timeout=60,
+        timeout=seconds_left(),
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr

@@ -91,7 +91,9 @@ def capture() -> Iterator[Capture]:
 @pytest.fixture(scope="module")
 def polar(capture: Capture, llm: RecordedLLM, s3_url: str) -> dict[str, list[dict[str, Any]]]:
     urls = {"ingest": capture.url, "llm": llm.url, "s3": s3_url}
-    subprocess.run(["node", "run.mjs", json.dumps(urls)], cwd=NODE_PROJECT, check=True, timeout=120)
+    subprocess.run(
+        ["node", "run.mjs", json.dumps(urls)], cwd=NODE_PROJECT, check=True, timeout=seconds_left()
+    )
     return capture.metadata("polar")
 
 

@@ -1,7 +1,8 @@
 """The ingest log's files: a write cut short past what was acknowledged is cut off (and said);
 acknowledged bytes that do not read back, or are missing, are refused with the file and the
 byte, changing nothing; an append whose transaction failed is undone; stored segments are
-deleted."""
+deleted. A repair of damage of any kind keeps every request whose frame is whole, once and in
+order, and nothing else."""
 
 from __future__ import annotations
 
@@ -11,16 +12,19 @@ import shutil
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
+import duckdb
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.store.machinery import ingest_log
+from aggregator.store.machinery import ingest_log, ingest_log_repair
 from aggregator.store.machinery.ingest_log import IngestLog, LogCorrupt, Logged
+from aggregator.store.machinery.migrations import migrate
 
 
 def _request(first: int, n: int = 3) -> Logged:
@@ -107,6 +111,23 @@ def test_a_flipped_byte_in_any_acknowledged_record_is_refused_even_the_last(
     with pytest.raises(LogCorrupt) as refused:
         _reopened(tmp_path)
     assert refused.value.damage.offset == record * size
+
+
+def test_bad_bytes_past_the_witnessed_end_with_a_whole_record_after_them_are_damage(
+    tmp_path: Path,
+) -> None:
+    """A witness that lost its newest copy says less was acknowledged than was: bytes that do
+    not read back past where it says, with a whole record after them, are not a write cut
+    short (that is the last write), so the acknowledged record after them is not cut off."""
+    segment = _written(tmp_path, 1, 4, 7)
+    witness = tmp_path / ingest_log.WITNESS
+    os.truncate(witness, 64)  # the newest copy (the third append's) is lost; the second's stays
+    two = 2 * len(_request(1).encode())
+    data = segment.read_bytes()
+    segment.write_bytes(data[:two] + b"junk" + data[two:])
+    with pytest.raises(LogCorrupt, match="followed by whole records") as refused:
+        _reopened(tmp_path)
+    assert refused.value.damage.offset == two
 
 
 @pytest.mark.parametrize("keep", ["half", "a record boundary", "nothing"])
@@ -258,11 +279,50 @@ def previous_frame(record: Logged) -> bytes:
 
 
 damages = st.tuples(
-    st.sampled_from(["flip", "cut", "delete"]),
+    st.sampled_from(["flip", "cut", "delete", "insert"]),
     st.integers(min_value=0, max_value=10**6),  # which file (modulo the files there are)
     st.integers(min_value=0, max_value=10**9),  # where in it (modulo its size)
     st.integers(min_value=0, max_value=7),  # which bit
+    st.binary(min_size=1, max_size=64),  # the junk inserted
 )
+
+
+def damage_log(directory: Path, damage: tuple[str, int, int, int, bytes]) -> None:
+    """A flipped bit, a cut, a deleted file or junk inserted, in any of the log's files."""
+    kind, which, where, bit, junk = damage
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    if not files:
+        return
+    target = files[which % len(files)]
+    data = bytearray(target.read_bytes())
+    if kind == "delete":
+        target.unlink()
+    elif kind == "cut":
+        os.truncate(target, where % max(len(data), 1))
+    elif kind == "insert":
+        at = where % (len(data) + 1)
+        target.write_bytes(bytes(data[:at] + junk + data[at:]))
+    elif data:
+        data[where % len(data)] ^= 1 << bit
+        target.write_bytes(bytes(data))
+
+
+def _logged(appends: list[int], directory: Path, stored: int = 0) -> tuple[list[Logged], int]:
+    """A log of `appends` (that many requests each), closed, of which the first `stored`
+    requests (or all there are) are stored, their segments deleted as the flusher does; its
+    requests, and the id of the last one stored (0: none)."""
+    log = IngestLog(directory)
+    log.open(0)
+    requests: list[Logged] = []
+    for n in appends:
+        batch = [_request(3 * len(requests) + 1 + 3 * k) for k in range(n)]
+        log.append(batch)
+        requests += batch
+    stored = min(stored, len(requests))
+    through = requests[stored - 1].id if stored else 0
+    log.stored(through)
+    log.close()
+    return requests, through
 
 
 @given(
@@ -271,39 +331,98 @@ damages = st.tuples(
     damage=damages,
 )
 def test_damage_anywhere_gives_back_every_acknowledged_request_or_is_refused(
-    appends: list[int], segment_bytes: int, damage: tuple[str, int, int, int]
+    appends: list[int], segment_bytes: int, damage: tuple[str, int, int, int, bytes]
 ) -> None:
-    """A flipped bit, a cut or a deleted file anywhere in the log's files: the log opens with
-    every request it acknowledged, or refuses; it never opens with fewer."""
-    kind, which, where, bit = damage
+    """A flipped bit, a cut, a deleted file or junk inserted anywhere in the log's files: the
+    log opens with every request it acknowledged, or refuses; it never opens with fewer."""
     with (
         tempfile.TemporaryDirectory() as tmp,
         mock.patch.object(ingest_log, "SEGMENT_BYTES", segment_bytes),
     ):
         directory = Path(tmp)
-        log = IngestLog(directory)
-        log.open(0)
-        acknowledged: list[int] = []
-        first = 1
-        for n in appends:
-            batch = [_request(first + 3 * k) for k in range(n)]
-            log.append(batch)
-            acknowledged += [r.id for r in batch]
-            first += 3 * n
-        log.close()
-        files = sorted(p for p in directory.iterdir() if p.is_file())
-        target = files[which % len(files)]
-        size = target.stat().st_size
-        if kind == "delete":
-            target.unlink()
-        elif kind == "cut":
-            os.truncate(target, where % max(size, 1))
-        elif size:
-            data = bytearray(target.read_bytes())
-            data[where % size] ^= 1 << bit
-            target.write_bytes(bytes(data))
+        acknowledged = [r.id for r in _logged(appends, directory)[0]]
+        damage_log(directory, damage)
         try:
             back = _reopened(directory)
         except LogCorrupt:
             return
         assert back == acknowledged
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """A database as a store leaves it (every schema step, a witnessed log), with no events and
+    the requests through a given id stored: where repair reads its stored mark. Made once per
+    id, then copied."""
+    folder = tmp_path_factory.mktemp("stores")
+    made: dict[int, Path] = {}
+
+    def store(through: int) -> Path:
+        if through not in made:
+            path = folder / f"{through}.duckdb"
+            con = duckdb.connect(str(path))
+            migrate(con)
+            ingest_log.mark_stored(con, through)
+            ingest_log.mark_witnessed(con)
+            con.close()
+            made[through] = path
+        return made[through]
+
+    return store
+
+
+@pytest.mark.slow
+@given(
+    appends=st.lists(st.integers(min_value=1, max_value=3), min_size=1, max_size=6),
+    stored=st.integers(min_value=0, max_value=18),
+    segment_bytes=st.sampled_from([1, 150, 400, ingest_log.SEGMENT_BYTES]),
+    damage=st.lists(damages, min_size=1, max_size=3),
+)
+def test_a_repair_keeps_every_request_whose_frame_is_intact_once_in_order_and_nothing_else(
+    stores: Callable[[int], Path],
+    appends: list[int],
+    stored: int,
+    segment_bytes: int,
+    damage: list[tuple[str, int, int, int, bytes]],
+) -> None:
+    """Damage of any kind, in any number of places: the repair keeps each request whose frame
+    is still whole in its segment (junk beside it or not), once and in order, and nothing else,
+    moves the rest aside (nothing deleted), and the log then opens with them. What it keeps is
+    what `check` says beforehand."""
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mock.patch.object(ingest_log, "SEGMENT_BYTES", segment_bytes),
+    ):
+        database = Path(tmp) / "m.duckdb"
+        directory = ingest_log_repair.log_directory(database)
+        requests, through = _logged(appends, directory, stored)
+        shutil.copy(stores(through), database)
+        for one in damage:
+            damage_log(directory, one)
+        damaged = {p.name: p.read_bytes() for p in directory.glob("*.log")}
+        segments = sorted(int(name.removesuffix(".log")) for name in damaged)
+        intact = []
+        for request in requests:
+            # Its segment: the last one named at or before it (named by its first request).
+            holder = max((s for s in segments if s <= request.id), default=None)
+            if holder is not None and request.encode() in damaged[f"{holder:020d}.log"]:
+                intact.append(request.id)
+        kept = [i for i in intact if i > through]
+        before = _files_under(directory)
+
+        checked, aside = ingest_log_repair.repair(database)
+        assert checked.pending == len(kept)  # as `check` says beforehand
+        assert _reopened(directory, through) == kept
+        if aside is None:
+            return
+        # Nothing deleted: every file is where it was, or aside as it was.
+        after = _files_under(directory)
+        for name, data in before.items():
+            aside_copy = after.get(f"{aside.relative_to(directory)}/{name}")
+            assert after.get(name) == data or aside_copy == data, name
+
+
+def _files_under(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }

@@ -1,6 +1,7 @@
 """A store whose ingest log cannot give back what it acknowledged does not open, names the file
 and the byte, and changes nothing; one whose log ends in a write cut short opens with every
-acknowledged event; a data dir from before the log had a witness opens."""
+acknowledged event; a data dir from before the log had a witness opens; once its damaged log is
+repaired, a store holds every event of each request whose frame is whole, with its seq."""
 
 from __future__ import annotations
 
@@ -10,18 +11,22 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import duckdb
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.machinery import ingest_log
+from aggregator.store.machinery import ingest_log, ingest_log_repair
 from aggregator.store.machinery.ingest_log import LogCorrupt, Logged, read_frames
 from aggregator.store.machinery.migrations import migrate
 from meters.events import Event, to_table
 from meters.times import now_us
-from tests.aggregator.store.machinery.test_ingest_log import previous_frame
+from tests.aggregator.store.machinery.test_ingest_log import damage_log, damages, previous_frame
+from tests.strategies import examples
 
 ORG = str(uuid.uuid4())
 
@@ -178,3 +183,59 @@ def test_a_data_dir_from_before_the_witness_opens_and_applies_its_log(tmp_path: 
         con.close()
     shutil.rmtree(directory)  # witnessed now: a deleted log is missing (even if stored)
     _refused(path)
+
+
+@pytest.mark.slow
+@settings(max_examples=examples(20), deadline=None)
+@given(
+    requests=st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=8),
+    stored=st.integers(min_value=0, max_value=8),
+    segment_bytes=st.sampled_from([1, 2_000, ingest_log.SEGMENT_BYTES]),
+    damage=st.lists(damages, min_size=1, max_size=3),
+)
+def test_a_store_on_a_repaired_log_holds_every_request_whose_frame_is_intact(
+    tmp_path_factory: pytest.TempPathFactory,
+    requests: list[int],
+    stored: int,
+    segment_bytes: int,
+    damage: list[tuple[str, int, int, int, bytes]],
+) -> None:
+    """A store that acknowledged random requests (some stored) before a crash, its log then
+    damaged anywhere, repaired: the store opens and holds the events it stored and those of
+    each request whose frame is still whole, each with the seq it was given (no seq twice,
+    nothing reordered), and no other."""
+    path = tmp_path_factory.mktemp("repaired") / "m.duckdb"
+    stored = min(stored, len(requests))
+    with (
+        mock.patch.object(ingest_log, "SEGMENT_BYTES", segment_bytes),
+        pytest.MonkeyPatch.context() as monkeypatch,
+    ):
+        crashed_store(path, requests, stored, monkeypatch)
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        through = ingest_log.stored_through(con)
+        rows = con.execute("SELECT external_id, seq FROM events").fetchall()
+    finally:
+        con.close()
+    directory = Path(f"{path}.ingest")
+    logged = [r for p in sorted(directory.glob("*.log")) for r in read_frames(p.read_bytes())[0]]
+    for one in damage:
+        damage_log(directory, one)
+    damaged = {int(p.stem): p.read_bytes() for p in directory.glob("*.log")}
+    for record in logged:
+        # In its segment (the last one named at or before it) as it was written: kept.
+        holder = max((first for first in damaged if first <= record.id), default=None)
+        whole = holder is not None and record.encode() in damaged[holder]
+        if record.id > through and whole:
+            events = record.applied()
+            rows += zip(events["external_id"].to_pylist(), events["seq"].to_pylist(), strict=True)
+
+    ingest_log_repair.repair(path)
+
+    async def held() -> list[tuple[str, int]]:
+        async with Store(path) as store:
+            return await store.read(
+                lambda con: con.execute("SELECT external_id, seq FROM events").fetchall()
+            )
+
+    assert sorted(asyncio.run(held()), key=lambda r: r[1]) == sorted(rows, key=lambda r: r[1])

@@ -24,6 +24,7 @@ from meters.definitions import MeterCreate, MeterUpdate
 from meters.events import Event, to_table
 from meters.times import now_us
 from tests.aggregator.store.apply.test_store_ingest import _model
+from tests.deadline import seconds_left
 from tests.strategies import examples
 
 ORGS = [str(uuid.uuid4()) for _ in range(2)]
@@ -178,7 +179,7 @@ def test_acknowledged_events_not_yet_stored_are_applied_again_after_a_crash(
         [sys.executable, "-c", _CRASHING, str(path), org],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=seconds_left(),
     )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     meter_id = crashed.stdout.strip()

@@ -1,5 +1,6 @@
-"""Meters are evaluated `METERS_PER_STATEMENT` to a statement (DuckDB dies on one statement of
-thousands of aggregates): what is stored must not depend on where the meters are cut."""
+"""Meters' distinct clauses and contributions are evaluated `COLUMNS_PER_STATEMENT` to a
+statement (DuckDB dies on one statement of thousands of expressions): what is stored must not
+depend on where they are cut."""
 
 from __future__ import annotations
 
@@ -94,6 +95,6 @@ def test_rollups_do_not_depend_on_how_meters_are_cut_into_statements(
     batch = [_event(view, customer) for view, customer in views]
     folder = tmp_path_factory.mktemp("rollups")
     whole = asyncio.run(_stored(folder / "whole.duckdb", meters, batch))
-    with mock.patch.object(rollups, "METERS_PER_STATEMENT", per_statement):
+    with mock.patch.object(rollups, "COLUMNS_PER_STATEMENT", per_statement):
         cut = asyncio.run(_stored(folder / "cut.duckdb", meters, batch))
     assert cut == whole
