@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 from hypothesis import settings
-from moto.server import ThreadedMotoServer
 
 from tests import deadline, tiers
 from tests.processes import free_port, kill_leftovers
@@ -87,6 +86,8 @@ def _no_unmarked_process() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def s3_url() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer  # a second of imports, for the tests using it
+
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -302,6 +302,7 @@ def test_kafka_mode_the_core_fires_alerts(tmp_path: Path) -> None:
     assert json.loads(delivery.body)["data"]["customer_meter"]["consumed_units"] in (11, 13)
 
 
+@pytest.mark.serial  # it measures the interval between two deliveries
 def test_customer_state_changed_is_polars_and_coalesced(hooked: Server) -> None:
     """Polar's payload (polar-sdk's typed check loads it), at most one per customer per 5 s."""
     with Receiver() as receiver:
