@@ -56,6 +56,7 @@ from benchmarks import (
     replicas,
     sdk,
     shards,
+    startup,
     takeover,
     timed_meters,
     validation,
@@ -107,6 +108,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "replicas": Benchmark(replicas, 900, 120),
     "shards": Benchmark(shards, 600, 90),
     "fan_out": Benchmark(fan_out, 600, 90),
+    "startup": Benchmark(startup, 150, 30),
 }
 ROUNDS, QUICK_ROUNDS = 3, 1  # of an --against run
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")

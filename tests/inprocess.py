@@ -3,9 +3,9 @@
 - `InProcessCore`: a core's HTTP app for API tests that send many requests: `build_app` over a
   real DuckDB file with the embedded publisher, served through httpx's ASGI transport (no
   socket, no server), on one event loop kept for the app's lifetime.
-- `ServedCore`: `meterline up` (or `core`) as the command composes it (`cli.serve`), served by
-  uvicorn from a thread on a real loopback socket: what a client of the command sees, without
-  the second or two of a new interpreter. Kills and restarts need processes
+- `ServedCore`: `meterline up` (or `core`) as the command composes it (`serving.core.serve`),
+  served by uvicorn from a thread on a real loopback socket: what a client of the command sees,
+  without the second or two of a new interpreter. Kills and restarts need processes
   (`tests.processes.MeterlineServer`).
 - `run_cli`: a command (`meterline token list`, `reconcile`, ...) as `cli.main` runs it: its
   exit status and what it printed. The installed command itself is `test_cli`'s."""
@@ -32,8 +32,12 @@ import uvloop
 from aggregator import cli
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
-from aggregator.core_app import CoreSettings, build_app
+from aggregator.core_app import build_app
 from aggregator.intake.embedded import EmbeddedPublisher
+from aggregator.serving import core, edge
+from aggregator.serving.command import settings_of
+from aggregator.serving.listening import Listening
+from aggregator.settings import CoreSettings
 from aggregator.store import Store
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.tables.meter_tables import pending_backfills
@@ -203,19 +207,19 @@ class ServedCore:
         return self
 
     def _run(self) -> None:
-        settings, kafka, forward = cli.settings_of(self._args)
+        settings, kafka, forward = settings_of(self._args)
         try:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 self._loop = runner.get_loop()
                 self._stop = asyncio.Event()
-                listening = cli.Listening([self._socket], self._stop)
+                listening = Listening([self._socket], self._stop)
                 if self._args.command == "ingest":
                     assert kafka is not None
-                    served = cli.serve_edge(
+                    served = edge.serve_edge(
                         settings, kafka, log_level="warning", listening=listening
                     )
                 else:
-                    served = cli.serve(
+                    served = core.serve(
                         settings,
                         kafka,
                         forward,

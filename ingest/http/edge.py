@@ -26,22 +26,21 @@ from starlette.routing import Route
 from typing_extensions import TypedDict
 
 from ingest.errors import Unavailable
-from ingest.http.admission import Admission, Limits
+from ingest.http.admission import Admission
 from ingest.http.cloudevents import CLOUDEVENTS_MEDIA, OPENMETER_PATH, CloudEventsBody
 from ingest.http.cores import Cores
 from ingest.http.metrics import Responses, count_responses, metrics_route
-from ingest.http.otlp import OTLP_PATH, OtlpSettings, OtlpTraces, Spans
+from ingest.http.otlp import OTLP_PATH, OtlpTraces, Spans
 from ingest.http.protocol import Gate
 from ingest.http.requests import Authenticate, authenticated
 from ingest.http.responses import JSON, ErrorMap, raw_closing, refused
 from ingest.publish import Progress, Publisher
+from ingest.settings import IngestSettings, Limits, OtlpSettings
 from meters.errors import ValidationFailed
-from meters.events import EventRules
 from meters.times import now_us
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 10 * 1024 * 1024
 _METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
 
 
@@ -73,20 +72,6 @@ class IngestBody(TypedDict):
 class IngestResult(TypedDict):
     inserted: int
     duplicates: int
-
-
-@dataclass(frozen=True, slots=True)
-class IngestSettings:
-    rules: EventRules = field(default_factory=EventRules)
-    max_body_bytes: int = MAX_BODY_BYTES
-    # Rates, shares and deadlines that keep tenants from stopping each other.
-    limits: Limits = field(default_factory=Limits)
-    # Processes validating large bodies (0: validate on the event loop).
-    validation_workers: int = 2
-    # How long a request may wait for durability before it gets 503 (and should retry).
-    deadline_seconds: float = 5.0
-    # OTLP trace exports: whose the usage spans are, and what they cost.
-    otlp: OtlpSettings = field(default_factory=OtlpSettings)
 
 
 class Converter(Protocol):

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from ingest.errors import TooManyRequests, Unavailable
 from ingest.http import Front
-from ingest.http.admission import Admission, Limits, Rate
+from ingest.http.admission import Admission
+from ingest.settings import Limits, Rate
 from tests.strategies import examples
 
 

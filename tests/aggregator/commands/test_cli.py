@@ -32,7 +32,7 @@ from aggregator.auth import TokenRegistry
 from aggregator.commands.common import HelpFormatter
 from aggregator.commands.progress import Progress
 from aggregator.commands.tokens import banner_lines, create_command
-from aggregator.core_app import CoreSettings
+from aggregator.settings import CoreSettings
 from aggregator.store import Store
 from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.machinery.migrations import migrate

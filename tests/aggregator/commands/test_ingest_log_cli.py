@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from aggregator import cli
-from aggregator.core_app import CoreSettings
+from aggregator.settings import CoreSettings
 from aggregator.store.machinery.ingest_log import WITNESS
 from tests.aggregator.store.machinery.test_ingest_log_store import (
     crashed_store,
