@@ -83,6 +83,7 @@ def test_small_bodies_are_validated_inline(runner: asyncio.Runner) -> None:
     assert table.column("name").to_pylist() == ["a"]
 
 
+@pytest.mark.processes
 def test_a_pool_started_before_it_is_entered(runner: asyncio.Runner) -> None:
     """`meterline up` starts the workers before it imports the rest (`serving.command`): once
     entered, the pool validates in them; a start that fails before entering stops them."""
