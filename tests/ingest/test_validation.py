@@ -20,7 +20,7 @@ from ingest.validation import ValidationPool, validate_body
 from meters.errors import ValidationFailed
 from meters.events import EventRules
 from meters.ipc import read_ipc, write_ipc
-from tests.strategies import NOW_US, valid_events
+from tests.strategies import NOW_US, examples, valid_events
 
 RULES = EventRules()
 
@@ -52,7 +52,8 @@ def _inline(body: bytes) -> Any:
     return result if isinstance(result, list) else read_ipc(result).to_pylist()
 
 
-@settings(max_examples=30)
+@pytest.mark.processes
+@settings(max_examples=examples(30))
 @given(
     events=st.lists(valid_events(), max_size=5),
     corrupt=st.sampled_from([None, "json", "name", "cost"]),
@@ -82,6 +83,7 @@ def test_small_bodies_are_validated_inline(runner: asyncio.Runner) -> None:
     assert table.column("name").to_pylist() == ["a"]
 
 
+@pytest.mark.processes
 def test_a_pool_started_before_it_is_entered(runner: asyncio.Runner) -> None:
     """`meterline up` starts the workers before it imports the rest (`serving.command`): once
     entered, the pool validates in them; a start that fails before entering stops them."""
@@ -111,6 +113,7 @@ def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
     return tmp_path
 
 
+@pytest.mark.processes
 def test_workers_follow_the_cgroup_cpu_limit_not_the_machine(tmp_path: Path) -> None:
     """`--validation-workers` defaults to `usable_cpus`: in a pod, the CPU limit (one worker of
     about 124 MB per CPU), never the node's CPU count."""

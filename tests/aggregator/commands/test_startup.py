@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from aggregator import cli
+
+pytestmark = pytest.mark.processes  # a fresh interpreter is what is measured
 
 # Third-party packages and the project's own packages that only a running server needs.
 HEAVY = (

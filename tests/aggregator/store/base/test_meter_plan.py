@@ -26,6 +26,7 @@ from tests.aggregator.store.base.test_meter_sql import (
     events,
     filters,
 )
+from tests.strategies import examples
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def _evaluated(
 
 
 @pytest.mark.slow
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(batch=st.lists(events(), min_size=1, max_size=12), meters=shared())
 def test_meters_sharing_filters_equal_the_fold(
     con: duckdb.DuckDBPyConnection,

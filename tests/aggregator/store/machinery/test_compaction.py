@@ -32,6 +32,7 @@ from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.times import datetime_to_us
+from tests.deadline import until
 
 ORG = str(uuid.uuid4())
 METER = str(uuid.uuid4())
@@ -188,13 +189,16 @@ def test_segments_are_merged_in_the_background(tmp_path: Path) -> None:
                     [METER],
                 )
             )
-            for _ in range(200):  # both run within ~50 ms
-                await asyncio.sleep(0.05)
+
+            async def merged_and_folded() -> bool:
                 deltas = await store.read(
                     lambda con: con.execute("SELECT count(*) FROM ledger_usage_deltas").fetchall()
                 )
-                if len(store.live.segments.live("rollups")) == 1 and not deltas[0][0]:
-                    break
+                return len(store.live.segments.live("rollups")) == 1 and not deltas[0][0]
+
+            await until(
+                "one merged file and the deltas folded (within about 50 ms)", merged_and_folded
+            )
             [merged] = store.live.segments.live("rollups")
             order = await store.read(
                 lambda con: con.execute(

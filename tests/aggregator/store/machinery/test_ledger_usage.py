@@ -19,6 +19,7 @@ from aggregator.store.base.meter_plan import Contributions
 from aggregator.store.machinery import rollups
 from meters.aggregations import PropertyAggregation
 from meters.filters import Filter
+from tests.strategies import examples
 
 SUM = PropertyAggregation(func="sum", property="v")
 LATEST = PropertyAggregation(func="latest", property="v")
@@ -77,7 +78,7 @@ def _sorted(table: pa.Table) -> list[tuple[Any, ...]]:
     return sorted(tuple(row.values()) for row in table.to_pylist())
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(batches())
 def test_usage_over_rows_equals_usage_over_contributions(
     batch: tuple[pa.Table, list[tuple[int, Any]]],
@@ -90,7 +91,7 @@ def test_usage_over_rows_equals_usage_over_contributions(
     assert _sorted(wide) == _sorted(long)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(batches())
 def test_latest_points_are_each_subjects_greatest(
     batch: tuple[pa.Table, list[tuple[int, Any]]],

@@ -24,6 +24,7 @@ from meters.events import Event, to_table
 from meters.filters import EventView
 from meters.times import now_us
 from tests.aggregator.store.base.test_meter_sql import aggregations, events, filters
+from tests.strategies import examples
 
 ORG = str(uuid.uuid4())
 UNLIMITED = TenantLimits(meters=10**6)
@@ -74,7 +75,7 @@ async def _stored(
 
 
 @pytest.mark.slow
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(
     definitions=st.lists(st.tuples(filters, aggregations), min_size=1, max_size=7),
     views=st.lists(st.tuples(events(), st.integers(0, 2)), min_size=1, max_size=10),

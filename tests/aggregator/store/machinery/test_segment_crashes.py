@@ -24,8 +24,10 @@ from aggregator.store.machinery.segments import SegmentDamaged, folder_of
 from meters.events import Event, to_table
 from meters.times import now_us
 from tests.aggregator.store.machinery.crashing_store import EVENTS, ORG, meter_id
+from tests.deadline import seconds_left
+from tests.strategies import examples
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes  # the store is killed mid-write: a child process
 
 
 def _run_child(path: Path, acked: Path, step: int, batches: int) -> int:
@@ -34,7 +36,7 @@ def _run_child(path: Path, acked: Path, step: int, batches: int) -> int:
         [sys.executable, "-m", child, str(path), str(acked), str(step), str(batches)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=seconds_left(),
         check=False,
     )
     assert done.returncode in (0, 137), done.stderr[-3000:]
@@ -87,7 +89,7 @@ def _listed(path: Path) -> list[tuple[str, int]]:
         con.close()
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(step=st.integers(1, 160), batches=st.integers(3, 8))
 def test_a_kill_at_any_step_loses_and_doubles_nothing(
     tmp_path_factory: pytest.TempPathFactory, step: int, batches: int

@@ -30,6 +30,7 @@ from meters.events import Event, to_table
 from meters.filters import EventView
 from meters.periods import boundaries
 from meters.times import EPOCH
+from tests.strategies import examples
 
 ORG = "5f0d3a8e-1f64-4a39-9d6e-5b7c2a0f1e11"
 # Around the 2025 US DST start (March 9) and a month boundary.
@@ -113,7 +114,7 @@ def _view(event: Event) -> EventView:
 
 
 @settings(
-    max_examples=30,
+    max_examples=examples(30),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -239,7 +240,7 @@ CROWD_START = _us(WINDOW[0]) + 5 * 86_400 * 10**6
 
 
 @settings(
-    max_examples=40,
+    max_examples=examples(40),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
