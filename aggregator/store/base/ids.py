@@ -48,7 +48,8 @@ def event_ids(
     version 7 UUID whose time is its ingest time in ms (ids sort by it), then the partition
     (12 bits; `INGEST_LOG_PARTITION` for the ingest log), the offset (44 bits; the seq for the
     ingest log) and the row (18 bits). The same whichever core derives it."""
-    ms = (ingested_at_us // 1000).astype(np.uint64)
+    # The nearest ms, half up: what DuckDB's epoch_ms gave the ids stored before segments.
+    ms = ((ingested_at_us + 500) // 1000).astype(np.uint64)
     place = (offset.astype(np.uint64) & np.uint64(2**44 - 1)) << np.uint64(18)
     place |= row.astype(np.uint64) & np.uint64(2**18 - 1)
     high = (ms << np.uint64(16)) | np.uint64(0x7000) | (partition.astype(np.uint64) & 0xFFF)
