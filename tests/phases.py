@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 UPTIME_SECONDS = 300  # what the tests' monotonic clock reads at their start
+# Where the parallel phase lists the tests marked `serial` as it collects them (tests/conftest.py).
+SERIAL_LIST = "METERLINE_SERIAL_LIST"
 
 
 @dataclass
@@ -101,11 +103,14 @@ def check(name: str, *commands: list[str]) -> Counts:
     return Counts(passed=int(ok), failed=int(not ok))
 
 
-def pytest(name: str, prefix: list[str], report: Path, *args: str) -> Counts:
+def pytest(
+    name: str, prefix: list[str], report: Path, *args: str, env: dict[str, str] | None = None
+) -> Counts:
     print(f"\n== {name} tests", flush=True)
     started = time.monotonic()
     command = [*prefix, str(BIN / "pytest"), f"--junitxml={report}", "--durations=10", *args]
-    returncode = subprocess.run(command, cwd=ROOT, check=False).returncode
+    environment = {**os.environ, **(env or {})}
+    returncode = subprocess.run(command, cwd=ROOT, env=environment, check=False).returncode
     counts = Counts()
     if report.exists():
         for suite in ET.parse(report).getroot().iter("testsuite"):
@@ -151,14 +156,20 @@ def main(argv: list[str]) -> int:
             # modules, which have a test or two, last, with one worker left running them.
             "--no-loadscope-reorder",
             f"--basetemp={temporary}/parallel",
+            env={SERIAL_LIST: str(folder / "serial.txt")},
         )
         if not fast:
+            # The serial tests the parallel phase collected, by id: only their modules are
+            # collected again (the whole suite's collection is ~10 s of a phase run alone).
+            listed = folder / "serial.txt"
+            ids = listed.read_text().splitlines() if listed.exists() else []
             total += pytest(
                 "serial",
                 prefix,
                 folder / "serial.xml",
                 "-m",
                 "serial",
+                *ids,
                 f"--basetemp={temporary}/serial",
             )
     if not fast:
