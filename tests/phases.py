@@ -3,7 +3,7 @@ summary line for the whole run (what CI prints last).
 
 1. lint: `ruff format --check` and `ruff check` (one check).
 2. typecheck: `mypy` on the packages (one check).
-3. parallel: the tests not marked `serial`, test files spread over three workers, those with
+3. parallel: the tests not marked `serial`, test files spread over four workers, those with
    process tests or slow tests first.
 4. serial: the tests that measure time or starve a server on purpose, alone.
 5. checkout: `git status` shows what it showed before the run, each changed file unchanged
@@ -150,7 +150,10 @@ def main(argv: list[str]) -> int:
             "fast" if fast else "parallel",
             prefix,
             folder / "parallel.xml",
-            *("-n", "3", "--dist", "loadfile", *(("--fast",) if fast else ("-m", "not serial"))),
+            # Four workers on two cores: the process tests, first, wait on their processes
+            # about half the time. Three for the fast tier, whose tests only compute.
+            *("-n", "3" if fast else "4", "--dist", "loadfile"),
+            *(("--fast",) if fast else ("-m", "not serial")),
             # In the collected order (tests/conftest.py: modules with long tests first), not
             # xdist's default of modules with the most tests first: that put the longest
             # modules, which have a test or two, last, with one worker left running them.
