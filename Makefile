@@ -57,7 +57,7 @@ system-tools:
 
 TEST_TOOLS := $(VENV)/.installed-test $(NODE_PROJECT)/node_modules/.installed system-tools
 
-# Lint, types, the tests on three workers, then alone those that measure time, then a look at
+# Lint, types, the tests on four workers, then alone those that measure time, then a look at
 # the checkout: every phase runs whatever the one before it said, and the last line sums them
 # (tests/phases.py).
 test: $(TEST_TOOLS)
@@ -69,7 +69,7 @@ test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m tests.phases --fast
 
 unit: $(TEST_TOOLS)
-	$(BIN)/pytest -n 3 --dist loadfile -m "not serial"
+	$(BIN)/pytest -n 4 --dist loadfile -m "not serial"
 	$(BIN)/pytest -m serial
 
 # The docs site (mkdocs.yml, docs/), rebuilt on every save; on port 8001, beside `make up` on

@@ -226,13 +226,14 @@ def _errors() -> ErrorMap:
 
 
 def alert_payload(
-    con: duckdb.DuckDBPyConnection, balances: Balances, fired: list[Firing]
+    con: duckdb.DuckDBPyConnection, balances: Balances, fired: list[Firing], at_us: int
 ) -> list[dict[str, Any]]:
     """`meter.alert` events' data (`alert_tables.Payload`): each alert, and Polar's
-    CustomerMeter as the change that fired it left it (made inside that change's transaction,
-    for all of a change's firings at once)."""
+    CustomerMeter as the change that fired it at `at_us` left it (made inside that change's
+    transaction, for all of a change's firings at once)."""
     pairs = list(dict.fromkeys((f.customer_id, f.meter.id) for f in fired))
-    views = ledger_service.views_on(con, balances, fired[0].alert.organization_id, pairs)
+    organization_id = fired[0].alert.organization_id
+    views = ledger_service.views_on(con, balances, organization_id, pairs, at_us)
     by_pair = dict(zip(pairs, views, strict=True))
     data = []
     for f in fired:

@@ -6,11 +6,13 @@ machine's load (`tests.deadline`); a local S3 server (moto's) for the tests that
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
 from tests import deadline, tiers
+from tests.phases import SERIAL_LIST
 from tests.processes import free_port, kill_leftovers
 
 settings.register_profile("ci", max_examples=50, deadline=None, print_blob=True)
@@ -51,6 +53,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [i for i in items if i not in left_out]
     long = {i.module for i in items if i.get_closest_marker(tiers.MARK) or _slow(i)}
     items.sort(key=lambda item: item.module not in long)
+    if listed := os.environ.get(SERIAL_LIST):  # `make test`'s parallel phase: for the serial one
+        ids = "".join(f"{i.nodeid}\n" for i in items if _serial(i))
+        temporary = f"{listed}.{os.getpid()}"
+        Path(temporary).write_text(ids)
+        os.replace(temporary, listed)  # each worker collects the same: the last write is whole
 
 
 def _serial(item: pytest.Item) -> bool:

@@ -3,7 +3,7 @@ summary line for the whole run (what CI prints last).
 
 1. lint: `ruff format --check` and `ruff check` (one check).
 2. typecheck: `mypy` on the packages (one check).
-3. parallel: the tests not marked `serial`, test files spread over three workers, those with
+3. parallel: the tests not marked `serial`, test files spread over four workers, those with
    process tests or slow tests first.
 4. serial: the tests that measure time or starve a server on purpose, alone.
 5. checkout: `git status` shows what it showed before the run, each changed file unchanged
@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 UPTIME_SECONDS = 300  # what the tests' monotonic clock reads at their start
+# Where the parallel phase lists the tests marked `serial` as it collects them (tests/conftest.py).
+SERIAL_LIST = "METERLINE_SERIAL_LIST"
 
 
 @dataclass
@@ -101,11 +103,14 @@ def check(name: str, *commands: list[str]) -> Counts:
     return Counts(passed=int(ok), failed=int(not ok))
 
 
-def pytest(name: str, prefix: list[str], report: Path, *args: str) -> Counts:
+def pytest(
+    name: str, prefix: list[str], report: Path, *args: str, env: dict[str, str] | None = None
+) -> Counts:
     print(f"\n== {name} tests", flush=True)
     started = time.monotonic()
     command = [*prefix, str(BIN / "pytest"), f"--junitxml={report}", "--durations=10", *args]
-    returncode = subprocess.run(command, cwd=ROOT, check=False).returncode
+    environment = {**os.environ, **(env or {})}
+    returncode = subprocess.run(command, cwd=ROOT, env=environment, check=False).returncode
     counts = Counts()
     if report.exists():
         for suite in ET.parse(report).getroot().iter("testsuite"):
@@ -145,20 +150,29 @@ def main(argv: list[str]) -> int:
             "fast" if fast else "parallel",
             prefix,
             folder / "parallel.xml",
-            *("-n", "3", "--dist", "loadfile", *(("--fast",) if fast else ("-m", "not serial"))),
+            # Four workers on two cores: the process tests, first, wait on their processes
+            # about half the time. Three for the fast tier, whose tests only compute.
+            *("-n", "3" if fast else "4", "--dist", "loadfile"),
+            *(("--fast",) if fast else ("-m", "not serial")),
             # In the collected order (tests/conftest.py: modules with long tests first), not
             # xdist's default of modules with the most tests first: that put the longest
             # modules, which have a test or two, last, with one worker left running them.
             "--no-loadscope-reorder",
             f"--basetemp={temporary}/parallel",
+            env={SERIAL_LIST: str(folder / "serial.txt")},
         )
         if not fast:
+            # The serial tests the parallel phase collected, by id: only their modules are
+            # collected again (the whole suite's collection is ~10 s of a phase run alone).
+            listed = folder / "serial.txt"
+            ids = listed.read_text().splitlines() if listed.exists() else []
             total += pytest(
                 "serial",
                 prefix,
                 folder / "serial.xml",
                 "-m",
                 "serial",
+                *ids,
                 f"--basetemp={temporary}/serial",
             )
     if not fast:

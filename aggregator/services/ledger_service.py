@@ -115,14 +115,19 @@ def _meters(con: Con, organization_id: str, meter_ids: list[str]) -> dict[str, M
 
 
 def _views(
-    con: Con, balances: Balances, organization_id: str, pairs: list[tuple[str, str]]
+    con: Con,
+    balances: Balances,
+    organization_id: str,
+    pairs: list[tuple[str, str]],
+    at_us: int | None = None,
 ) -> list[CustomerMeterView]:
     """The customer meters of (customer id, meter id) pairs: one read of their customers, one
-    of the customers' first events, one of their meters; balances from memory."""
+    of the customers' first events, one of their meters; balances from memory; holds as they
+    stand at `at_us` (now by default)."""
     rows = customer_sql.customers_by_refs(con, organization_id, [p[0] for p in pairs], [])
     customers = {c.row.id: c for c in with_first_events(con, organization_id, rows)}
     meters = _meters(con, organization_id, [meter_id for _, meter_id in pairs])
-    holds = hold_sql.held_by_pair(con, pairs, now_us())
+    holds = hold_sql.held_by_pair(con, pairs, now_us() if at_us is None else at_us)
     out = []
     for customer_id, meter_id in pairs:
         customer, meter = customers[customer_id], meters[meter_id]
@@ -300,11 +305,16 @@ async def state_by_external_id(
 
 
 def views_on(
-    con: Con, balances: Balances, organization_id: str, pairs: list[tuple[str, str]]
+    con: Con,
+    balances: Balances,
+    organization_id: str,
+    pairs: list[tuple[str, str]],
+    at_us: int | None = None,
 ) -> list[CustomerMeterView]:
     """The customer meters of (customer id, meter id) `pairs`, on a connection the caller
-    holds (the writer's, inside its transaction), in a fixed number of statements."""
-    return _views(con, balances, organization_id, pairs)
+    holds (the writer's, inside its transaction), in a fixed number of statements; holds as
+    they stand at `at_us` (a record's time, so that every core applying it agrees), else now."""
+    return _views(con, balances, organization_id, pairs, at_us)
 
 
 async def view(

@@ -95,8 +95,9 @@ class Value:
 
 
 # What a `meter.alert` event's `data` is made of: the alert, the customer meter (Polar's
-# CustomerMeter with the values after the change). Set by the composition (the API's shapes).
-Payload = Callable[[Con, "Balances", list["Firing"]], list[dict[str, Any]]]
+# CustomerMeter with the values after the change, holds as of the change's time: every core
+# applying it makes the same). Set by the composition (the API's shapes).
+Payload = Callable[[Con, "Balances", list["Firing"], int], list[dict[str, Any]]]
 
 _COLUMNS = (
     "id::VARCHAR, organization_id::VARCHAR, meter_id::VARCHAR, customer_id::VARCHAR, metric,"
@@ -586,7 +587,7 @@ def _send(con: Con, live: Live, organization_id: str, fired: list[Firing], at_us
     out (`webhook_tables.enqueue_many`)."""
     if not fired:
         return
-    data = live.feature(Alerts).payload(con, live.balances, fired)
+    data = live.feature(Alerts).payload(con, live.balances, fired, at_us)
     webhook_tables.enqueue_many(
         con,
         live,
@@ -597,7 +598,9 @@ def _send(con: Con, live: Live, organization_id: str, fired: list[Firing], at_us
     )
 
 
-def basic_payload(con: Con, balances: Balances, fired: list[Firing]) -> list[dict[str, Any]]:
+def basic_payload(
+    con: Con, balances: Balances, fired: list[Firing], at_us: int
+) -> list[dict[str, Any]]:
     """`meter.alert` events' data without the API's shapes (the store alone, as in its tests)."""
     return [
         {

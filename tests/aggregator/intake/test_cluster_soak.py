@@ -31,7 +31,7 @@ from benchmarks.takeover import Checks
 from tests.aggregator.intake.test_control_topic import _assert_same, _ok, _settled_together
 from tests.aggregator.upstream.test_forward_takeover import Upstream
 from tests.aggregator.upstream.webhook_receiver import Receiver
-from tests.deadline import seconds_left, wait_for, waited_too_long
+from tests.deadline import load_factor, seconds_left, wait_for, waited_too_long
 from tests.processes import Broker, MeterlineServer, free_port
 
 pytestmark = pytest.mark.processes
@@ -40,6 +40,7 @@ SEED = 41
 CUSTOMERS = 8
 THRESHOLDS = (50, 200, 400)  # consumed units: each alert crosses once per customer
 SESSION_SECONDS = 4
+CHECK_SECONDS = 2.0  # a balance check's wait, stretched by the load (test_takeover)
 
 
 class Load(threading.Thread):
@@ -197,7 +198,9 @@ def test_a_cluster_killed_piece_by_piece_loses_and_doubles_nothing(tmp_path: Pat
                 {"external_customer_id": "c0", "meter_id": meter, "units": 1},
             )
             credited: collections.Counter[str] = collections.Counter()
-            with Checks(edges[0].url, token, check[0], check[1], timeout=2) as checks:
+            with Checks(
+                edges[0].url, token, check[0], check[1], timeout=CHECK_SECONDS * load_factor()
+            ) as checks:
                 load.start()
                 _chaos(
                     cluster,

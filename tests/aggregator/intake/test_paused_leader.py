@@ -219,6 +219,9 @@ def test_a_resumed_leader_sends_nothing_and_one_leader_is_listed(tmp_path: Path)
                         )
 
                     wait_for("B to deliver the five again and forward on", delivered_by_b)
+                    # Left to forward as A resumes, however fast B went (no new crossing: each of
+                    # these customers crossed with its first event).
+                    send(_events("unforwarded", range(5, 10), BATCH))
                     assert len(upstream.ids()) < len(sent), "nothing left to forward"
                     # The first request to A is in its socket as it resumes.
                     queued = http.client.HTTPConnection("127.0.0.1", a.port, timeout=seconds_left())
@@ -246,9 +249,7 @@ def test_a_resumed_leader_sends_nothing_and_one_leader_is_listed(tmp_path: Path)
                 wait_for("B to hear A follow", heard_a_follow)
                 # Everything sent forwarded, every crossing delivered.
                 wait_for("everything sent forwarded", lambda: set(upstream.ids()) >= set(sent))
-                wait_for(
-                    "every crossing delivered", lambda: len(_alerts(receiver)) >= 2 * FAILED + 10
-                )
+                wait_for("every crossing delivered", lambda: _acknowledged(receiver) >= 3 * FAILED)
 
     alerts = _alerts(receiver)
     # (a) Webhooks: every delivery answered 2xx once; after the resume, only the crossings

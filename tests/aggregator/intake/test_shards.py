@@ -164,6 +164,11 @@ def _shard_of(org: str, subject: str, partitions: int = PARTITIONS, shards: int 
     return partition_of(subject_key(org, subject).encode(), partitions) % shards
 
 
+def _on_shard(org: str, shard: int) -> str:
+    """An external customer id whose customer is on `shard`."""
+    return next(f"on-{i}" for i in range(1000) if _shard_of(org, f"ext:on-{i}") == shard)
+
+
 def _apart(org: str) -> list[str]:
     """Two external customer ids of customers on different shards."""
     found: dict[int, str] = {}
@@ -444,7 +449,18 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                     {"name": "llm_call", "customer_id": c, "metadata": {"tokens": 100}}
                     for c in named
                 ]
-                for batch in [*batches, by_id, by_external, unkeyed]:
+                # An event on each shard, whichever shards the ids above fell on (a shard
+                # follows from the organization's id, new each run: at times one had none).
+                covering = [
+                    {
+                        "name": "llm_call",
+                        "external_customer_id": _on_shard(org, shard),
+                        "external_id": f"covering-{shard}",
+                        "metadata": {"tokens": 1},
+                    }
+                    for shard in range(SHARDS)
+                ]
+                for batch in [*batches, by_id, by_external, unkeyed, covering]:
                     assert edge.post("/v1/events/ingest", json={"events": batch}).is_success
                     distinct.update(e.get("external_id", str(id(e))) for e in batch)
                 wait_for(

@@ -24,7 +24,7 @@ import pytest
 from benchmarks.takeover import Checks, write_answered
 from tests.aggregator.intake.test_control_topic import Workload, _ok, _settled_together
 from tests.aggregator.upstream.webhook_receiver import Receiver
-from tests.deadline import wait_for
+from tests.deadline import load_factor, wait_for
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer
 
@@ -32,6 +32,9 @@ pytestmark = pytest.mark.processes
 
 TAKEOVER_SECONDS = 15.0
 LEADS = "this core leads"
+# A balance check's wait, stretched by the load as the test's deadline is: a check slow because
+# the machine is busy is not one the cluster failed to answer.
+CHECK_SECONDS = 2.0
 
 
 def _leads(core: MeterlineServer, since: int = 0) -> bool:
@@ -61,7 +64,8 @@ def _deliveries(receiver: Receiver) -> dict[str, set[bytes]]:
 
 
 def _answered(checks: Checks) -> None:
-    """At least 99% of the checks answered, each within the 2 s the client waits."""
+    """At least 99% of the checks answered, each within the 2 s the client waits
+    (more on a busy machine)."""
     answered = sum(ok for _, ok in checks.asked)
     assert checks.asked and answered >= 0.99 * len(checks.asked), checks.asked
     print(f"checks through the edge: {answered} of {len(checks.asked)} answered")
@@ -104,7 +108,9 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                 check = f"/v1/customer-meters/?meter_id={meter}&limit=10"
                 # 1. The leader killed: the standby leads, answers writes, applies events;
                 # through the edge, checks are answered throughout and writes wait.
-                with Checks(front.url, token, check, timeout=2) as checks:
+                with Checks(
+                    front.url, token, check, timeout=CHECK_SECONDS * load_factor()
+                ) as checks:
                     wait_for("10 checks before the kill", lambda: len(checks.asked) >= 10)
                     first.kill()
                     killed = time.monotonic()
@@ -139,7 +145,9 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                     # resumed, the paused one writes nothing that counts.
                     since = len(second.output)
                     paused = second.pid
-                    with Checks(front.url, token, check, timeout=2) as checks:
+                    with Checks(
+                        front.url, token, check, timeout=CHECK_SECONDS * load_factor()
+                    ) as checks:
                         os.kill(paused, signal.SIGSTOP)
                         try:
                             took = write_answered(front.url, token, TAKEOVER_SECONDS + 5)

@@ -13,8 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator.core_app import alert_payload
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
+from aggregator.store.tables.alert_tables import create_job as create_alert
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.hold_tables import create_job as create_hold
 from aggregator.store.tables.hold_tables import held, held_in_memory, release_job
@@ -23,7 +25,7 @@ from aggregator.store.tables.meter_tables import create_job as create_meter
 from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
-from meters.ledger_rules import CreditCreate, HoldCreate
+from meters.ledger_rules import AlertCreate, CreditCreate, HoldCreate
 from meters.times import now_us
 from tests.strategies import examples
 
@@ -137,3 +139,44 @@ def test_what_holds_reserve_in_memory_is_what_is_stored(
     path = tmp_path_factory.mktemp("held") / "m.duckdb"
     for memory, stored in asyncio.run(_run(path, ops)):
         assert memory == stored
+
+
+def test_an_alert_shows_the_holds_of_its_change_time_whenever_it_is_applied(
+    tmp_path: Path,
+) -> None:
+    """A `meter.alert`'s customer meter holds what was held when its change happened: a core
+    applying the change late (a replica behind, a restart re-applying the log's tail) makes
+    the same payload as the core that applied it at once."""
+    made: list[dict[str, Any]] = []
+
+    def payload(con: Any, balances: Any, fired: list[Any], at_us: int) -> list[dict[str, Any]]:
+        data = alert_payload(con, balances, fired, at_us)
+        made.extend(d["customer_meter"] for d in data)
+        return data
+
+    async def run() -> None:
+        then = now_us() - HOUR  # the change's time: its hold has expired by now
+        async with Store(tmp_path / "m.duckdb", alert_payload=payload) as store:
+            _, meter_id = await _setup(store, then)
+            alert = AlertCreate(
+                meter_id=uuid.UUID(meter_id),
+                external_customer_id="acme",
+                metric="consumed_units",
+                operator="gte",
+                threshold=1,
+                external_id="crossed",
+            )
+            await store.write(create_alert(ORG, alert, then, alert_id=str(uuid.uuid4())))
+            hold = HoldCreate(
+                external_customer_id="acme",
+                meter_id=uuid.UUID(meter_id),
+                units=7,
+                external_id="h",
+                expires_in_seconds=600,
+            )
+            await store.write(create_hold(ORG, hold, then, hold_id=str(uuid.uuid4())))
+            await store.write(_usage("u", then + 1))
+
+    asyncio.run(run())
+    [meter] = made
+    assert meter["consumed_units"] == 1 and meter["held_units"] == 7, meter
