@@ -14,8 +14,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip uv
 
-INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python -e $(1) \
-	|| $(BIN)/pip install --quiet -e $(1)
+# Compiled at install, the libraries (pip does by default, uv when asked) and meterline's own
+# packages: where PYTHONDONTWRITEBYTECODE is set, every start of meterline would compile them
+# from source again (~0.9 s of a 1.3 s import).
+INSTALL = ($(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e $(1) \
+	|| $(BIN)/pip install --quiet -e $(1)) && $(BIN)/python -m compileall -q ingest aggregator meters
 
 # Stamp files so the install reruns only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python

@@ -43,8 +43,12 @@ TOKEN_SECONDS = 1.0  # at most, `token create` on a data dir
 START_LIMIT_SECONDS = 120.0  # a process not serving by then fails the run
 
 
+def command_lines() -> list[list[str]]:
+    """Every command line naming a (sub)command of meterline: `[]` for `meterline` itself."""
+    return _commands(cli._parser(), [])
+
+
 def _commands(parser: argparse.ArgumentParser, words: list[str]) -> list[list[str]]:
-    """Every command line naming a (sub)command: `[]` for `meterline` itself."""
     found = [words]
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -124,7 +128,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         subprocess.run([*made, "--init"], stdout=subprocess.DEVNULL, check=True)
         helps = {
             " ".join(["meterline", *w, "--help"]): [METERLINE, *w, "--help"]
-            for w in _commands(cli._parser(), [])
+            for w in command_lines()
         }
         timed: dict[str, list[float]] = {"python -c pass": [], **{h: [] for h in helps}}
         timed["token create"] = []

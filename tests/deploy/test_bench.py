@@ -4,6 +4,7 @@ and their table byte for byte as they were."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -21,13 +22,15 @@ ROOT = Path(__file__).parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+def run_bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m benchmarks.run ARGS` from the checkout, with `env` added to the environment."""
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.run", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=seconds_left(),
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -44,7 +47,7 @@ def test_make_bench_passes_the_names_and_quick_on() -> None:
 
 def test_the_estimate_comes_first(tmp_path: Path) -> None:
     # No result records a duration here: the registry's are the estimates.
-    done = _bench("--estimate", "validation", "kafka_consume", "--results", str(tmp_path))
+    done = run_bench("--estimate", "validation", "kafka_consume", "--results", str(tmp_path))
     assert done.returncode == 0, done.stderr
     declared = [BENCHMARKS[n].full_seconds for n in ("validation", "kafka_consume")]
     assert done.stdout.splitlines() == [
@@ -58,7 +61,7 @@ def test_a_quick_run_never_touches_the_committed_results(tmp_path: Path) -> None
     results = tmp_path / "results"
     shutil.copytree(RESULTS, results, ignore=shutil.ignore_patterns("quick"))
     committed = {p.name: p.read_bytes() for p in results.iterdir()}
-    done = _bench("validation", "--quick", "--results", str(results))
+    done = run_bench("validation", "--quick", "--results", str(results))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("1 benchmark(s), quick runs: about ")
     assert "== validation (quick), about " in done.stdout  # not a terminal: plain lines
@@ -66,5 +69,5 @@ def test_a_quick_run_never_touches_the_committed_results(tmp_path: Path) -> None
     quick = orjson.loads((results / "quick" / "validation.json").read_bytes())
     assert quick["mode"] == "quick" and quick["seconds"] > 0 and quick["metrics"]
     # The next quick run is estimated from this one's own duration.
-    again = _bench("--estimate", "--quick", "validation", "--results", str(results))
+    again = run_bench("--estimate", "--quick", "validation", "--results", str(results))
     assert f"validation: about {quick['seconds']:.0f} s" in again.stdout

@@ -4,10 +4,8 @@ against HEAD, for real, leaves the checkout as it was."""
 
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from hypothesis import strategies as st
 from benchmarks import against
 from benchmarks.common import metric
 from benchmarks.run import estimate, report, table
-from tests.deadline import seconds_left
+from tests.deploy.test_bench import run_bench
 
 ROOT = Path(__file__).parents[2]
 COMMIT = "a" * 40
@@ -156,14 +154,7 @@ def test_an_against_run_is_estimated_per_side_and_round(tmp_path: Path) -> None:
 
 
 def _bench(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=seconds_left(),
-        env={**os.environ, "METERLINE_AGAINST_CACHE": str(cache)},
-    )
+    return run_bench(*args, env={"METERLINE_AGAINST_CACHE": str(cache)})
 
 
 @pytest.mark.processes

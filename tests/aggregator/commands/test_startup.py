@@ -5,7 +5,6 @@ on a clock (`benchmarks/startup.py` measures the time)."""
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from aggregator import cli
+from benchmarks.startup import command_lines
 
 pytestmark = pytest.mark.processes  # a fresh interpreter is what is measured
 
@@ -73,18 +72,8 @@ def _heavy(modules: set[str]) -> list[str]:
     return sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY))
 
 
-def _commands(parser: argparse.ArgumentParser, words: list[str]) -> list[list[str]]:
-    """Every command line that names a (sub)command, `[]` for `meterline` itself."""
-    found = [words]
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                found += _commands(sub, [*words, name])
-    return found
-
-
 def test_every_help_imports_none_of_the_servers_parts() -> None:
-    commands = _commands(cli._parser(), [])
+    commands = command_lines()
     assert len(commands) > 25  # up, core, ingest, token create, …
     modules, out = _imported(*([*words, "--help"] for words in commands))
     assert "usage: meterline split" in out  # the last one ran

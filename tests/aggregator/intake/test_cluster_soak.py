@@ -29,7 +29,8 @@ import pytest
 
 from benchmarks.takeover import Checks
 from tests.aggregator.intake.test_control_topic import _assert_same, _ok, _settled_together
-from tests.aggregator.upstream.test_forward_takeover import Upstream
+from tests.aggregator.intake.test_takeover import CHECK_SECONDS
+from tests.aggregator.upstream.polar_upstream import Upstream
 from tests.aggregator.upstream.webhook_receiver import Receiver
 from tests.deadline import load_factor, seconds_left, wait_for, waited_too_long
 from tests.processes import Broker, MeterlineServer, free_port
@@ -40,7 +41,6 @@ SEED = 41
 CUSTOMERS = 8
 THRESHOLDS = (50, 200, 400)  # consumed units: each alert crosses once per customer
 SESSION_SECONDS = 4
-CHECK_SECONDS = 2.0  # a balance check's wait, stretched by the load (test_takeover)
 
 
 class Load(threading.Thread):

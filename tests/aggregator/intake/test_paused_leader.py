@@ -18,13 +18,8 @@ import http.client
 import os
 import shutil
 import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,72 +29,17 @@ import pytest
 
 from aggregator.intake.members import HEARTBEAT_SECONDS
 from tests.aggregator.intake.test_control_topic import _ok
+from tests.aggregator.upstream.polar_upstream import Upstream
 from tests.aggregator.upstream.webhook_receiver import Receiver
 from tests.deadline import seconds_left, wait_for
 from tests.pipeline import Pipeline
-from tests.processes import MeterlineServer, free_port
+from tests.processes import MeterlineServer
 
 pytestmark = pytest.mark.processes
 
 FAILED = 5  # the first crossings, answered 500 until A is paused: due again 4 to 6 s later
 BATCH = 50  # events per upstream request
 RATE = 60  # upstream requests per minute: a request a second, A paused between two
-
-
-@dataclass(frozen=True, slots=True)
-class Forwarded:
-    core: str  # the path the core was given: "a" or "b"
-    at: float  # when the request began to arrive (time.time())
-    external_ids: tuple[str, ...]
-
-
-class Upstream:
-    """A Polar-compatible ingest endpoint answering every request as inserted, keeping who
-    sent which external ids when."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.requests: list[Forwarded] = []
-        self._lock = threading.Lock()
-
-    def received(self) -> list[Forwarded]:
-        with self._lock:
-            return list(self.requests)
-
-    def ids(self, core: str | None = None) -> collections.Counter[str]:
-        return collections.Counter(
-            i for r in self.received() if core in (None, r.core) for i in r.external_ids
-        )
-
-    @contextmanager
-    def serving(self) -> Iterator[Upstream]:
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                began = time.time()  # the request line read: sent, whatever comes after
-                events = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                ids = tuple(e["external_id"] for e in events["events"])
-                with upstream._lock:
-                    upstream.requests.append(Forwarded(self.path.split("/")[1], began, ids))
-                answer = orjson.dumps({"inserted": len(ids), "duplicates": 0})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            yield self
-        finally:
-            server.shutdown()
-            server.server_close()
 
 
 def _events(tag: str, customers: range, count: int) -> list[dict[str, Any]]:

@@ -7,70 +7,21 @@ what the dead leader had sent but not yet recorded."""
 
 from __future__ import annotations
 
-import collections
 import shutil
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
 
+from tests.aggregator.upstream.polar_upstream import Upstream
 from tests.deadline import wait_for
 from tests.pipeline import Pipeline
-from tests.processes import MeterlineServer, free_port
+from tests.processes import MeterlineServer
 
 pytestmark = pytest.mark.processes
 
 EVENTS = 400
 BATCH = 20  # events per upstream request
 RATE = 300  # upstream requests per minute: 100 events a second
-
-
-class Upstream:
-    """A Polar-compatible ingest endpoint that keeps every external id it is sent (repeats
-    too) and answers each request as inserted."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.sent: list[str] = []
-        self._lock = threading.Lock()
-
-    def ids(self) -> collections.Counter[str]:
-        with self._lock:
-            return collections.Counter(self.sent)
-
-    @contextmanager
-    def serving(self) -> Iterator[Upstream]:
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                events = body["events"]
-                with upstream._lock:
-                    upstream.sent.extend(e["external_id"] for e in events)
-                answer = orjson.dumps({"inserted": len(events), "duplicates": 0})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            yield self
-        finally:
-            server.shutdown()
-            server.server_close()
 
 
 def test_a_new_leader_forwards_on_from_the_last_answer_recorded(tmp_path: Path) -> None:
