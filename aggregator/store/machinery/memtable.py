@@ -189,17 +189,17 @@ def store(
     tell `segments` once the transaction has committed, or to abandon)."""
     change = Change()
     try:
+        files: list[tuple[str, pa.Table]] = []
         tables = [_with_origin(e.events) for e in entries if e.events.num_rows]
         if tables:
             events = pa.concat_tables(tables).combine_chunks()
-            change.added.append(segments.write("events", stored_events(events)))
+            files.append(("events", stored_events(events)))
             with registered(con, "_stored_events", events):
                 con.execute(dedupe.INSERT_MOVED.format(events="_stored_events"))
                 _record_links(con)
         evaluated = [ev for e in entries for ev in e.evaluated]
-        for relation, table in rollups.partials(con, evaluated).items():
-            if table.num_rows:
-                change.added.append(segments.write(relation, table))
+        files += [(r, t) for r, t in rollups.partials(con, evaluated).items() if t.num_rows]
+        change.added += segments.write_all(files)
         rollups.store_ledger(con, evaluated)
         segments.commit(con, change)
     except BaseException:
