@@ -67,7 +67,7 @@ test: $(TEST_TOOLS)
 	$(BIN)/python -m tests.phases
 
 # The edit-run loop: the tests that start no process (no broker, server, CLI or browser: not
-# marked `processes`) and measure no time, on three workers, as `make test` runs them.
+# marked `processes`) and measure no time, on four workers, as `make test` runs them.
 test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m tests.phases --fast
 
