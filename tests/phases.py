@@ -160,8 +160,8 @@ def main(argv: list[str]) -> int:
             prefix,
             folder / "parallel.xml",
             # Four workers on two cores: the process tests, first, wait on their processes
-            # about half the time; the fast tier's wait on retries and receivers (3 workers:
-            # 85-92 s, 4: 81-85 s).
+            # about half the time, and the fast tier's tests on retries and receivers (three
+            # workers took it 85-92 s, four 81-85 s).
             *("-n", "4", "--dist", "loadfile"),
             *(("--fast",) if fast else ("-m", "not serial")),
             # In the collected order (tests/conftest.py: modules with long tests first), not
