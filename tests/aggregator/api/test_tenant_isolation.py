@@ -125,7 +125,8 @@ def test_a_flooding_tenant_leaves_another_its_success_and_latency(tmp_path: Path
         url = server.url
         a, b = tenants.two_tenants(url, tmp_path)
         # B alone once, for the message only: the bound below is absolute.
-        solo, flooded = tenants.steady(url, b, "solo", seconds=2), []
+        solo = tenants.steady(url, b, "solo", seconds=2)
+        flooded = []
         for run in range(3):
             request = tenants.ingest_request(url, a, tenants.events_body(f"flood{run}", 1000))
             flood = tenants.in_process(tenants.flood, url, request, 80, 6.5, LINK)
