@@ -49,12 +49,14 @@ from benchmarks import (
     kafka,
     ledger,
     live_stream,
+    many_meters,
     meter_heavy,
     meters,
     otlp,
     replicas,
     sdk,
     shards,
+    startup,
     takeover,
     timed_meters,
     validation,
@@ -100,11 +102,13 @@ BENCHMARKS: dict[str, Benchmark] = {
     "sdk_deliver": Benchmark(sdk.sdk_deliver, 175, 35),
     "isolation": Benchmark(isolation, 120, 25),
     "meter_heavy": Benchmark(meter_heavy, 540, 60),
+    "many_meters": Benchmark(many_meters, 240, 40),
     "api_writes": Benchmark(api_writes, 420, 60),
     "takeover": Benchmark(takeover, 300, 100),
     "replicas": Benchmark(replicas, 900, 120),
     "shards": Benchmark(shards, 600, 90),
     "fan_out": Benchmark(fan_out, 600, 90),
+    "startup": Benchmark(startup, 150, 30),
 }
 ROUNDS, QUICK_ROUNDS = 3, 1  # of an --against run
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
