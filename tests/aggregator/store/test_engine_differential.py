@@ -180,7 +180,8 @@ def _normalized(read: Read, body: bytes) -> Any:
 def _differences(
     ours: list[tuple[Read, int, bytes]], theirs: list[tuple[Read, int, bytes]]
 ) -> list[str]:
-    """Where the follower's answers differ from the leader's: the first two of each route."""
+    """Where the follower's answers differ from the leader's: how many of each route, and the
+    first two."""
     found: dict[str, list[str]] = {}
     for (read, status, body), (again, status_again, body_again) in zip(ours, theirs, strict=False):
         if read != again:
@@ -193,14 +194,28 @@ def _differences(
         ):
             continue
         at = next((i for i, (a, b) in enumerate(zip(body, body_again, strict=False)) if a != b), 0)
+        tables = _tables(read, body, body_again)
         found.setdefault(read.route, []).append(
-            f"{read.path} {read.params}: {status} / {status_again}\n"
+            f"{read.path} {read.params}: {status} / {status_again}{tables}\n"
             f"  leader:   …{body[max(at - 150, 0) : at + 150]!r}\n"
             f"  follower: …{body_again[max(at - 150, 0) : at + 150]!r}"
         )
     if len(ours) != len(theirs):
         found.setdefault("", []).append(f"{len(ours)} answers / {len(theirs)}")
-    return [line for lines in found.values() for line in lines[:2]]
+    counts = [f"{route or 'answers'}: {len(lines)} differ" for route, lines in found.items()]
+    return counts + [line for lines in found.values() for line in lines[:2]]
+
+
+def _tables(read: Read, body: bytes, body_again: bytes) -> str:
+    """The digest's tables that differ (rows, or their hash), named."""
+    if read.route != "/v1/cluster/digest" or body[:1] != b"{" or body_again[:1] != b"{":
+        return ""
+    ours, theirs = orjson.loads(body)["tables"], orjson.loads(body_again)["tables"]
+    names = sorted(t for t in ours.keys() | theirs.keys() if ours.get(t) != theirs.get(t))
+    rows = [
+        f"{t} ({ours.get(t, {}).get('rows')} / {theirs.get(t, {}).get('rows')} rows)" for t in names
+    ]
+    return f", tables differ: {', '.join(rows)}"
 
 
 @contextlib.contextmanager
@@ -288,7 +303,7 @@ def test_this_engine_holds_what_the_previous_engine_holds(
         took(f"{asked} reads compared")
     for name, workload in zip(ORGANIZATIONS, workloads, strict=True):
         print(name, dict(workload.done), "refused:", dict(workload.refused))
-    assert not differences, f"seed {seed}:\n" + "\n".join(differences[:20])
+    assert not differences, f"seed {seed}:\n" + "\n".join(differences[:40])
     done = workloads[0].done + workloads[1].done
     assert set(KINDS) <= set(done), f"never applied: {sorted(set(KINDS) - set(done))}"
 
