@@ -104,20 +104,21 @@ def run(quick: bool = False) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"   core: {started} after start, {after_reads} after reads, {final} at the end")
-    events = f"{built['events']:,} events"
     return {
         "metrics": [
-            metric(f"core serving {events}: peak RSS", final["peak"], "MiB", "<=", TARGET_MIB),
+            metric("core serving: peak RSS", final["peak"], "MiB", "<=", TARGET_MIB),
             metric("core: RSS once started", started["rss"], "MiB"),
             metric("core: RSS after the reads", after_reads["rss"], "MiB"),
             metric(
-                f"applying {events} in process: peak RSS",
+                "applying the events in process: peak RSS",
                 built["peak_rss_mib"],
                 "MiB",
                 "<=",
                 TARGET_MIB,
             ),
             metric("same, before the first event", built["rss_mib_before"], "MiB"),
+            # Fewer when the build stopped at its memory or time cap (`stored`).
+            metric("events stored", built["events"], "events", "==", plan["events"]),
             metric("customers", plan["customers"], "customers"),
             metric("data dir", built["bytes"] / 2**20, "MiB"),
         ],
