@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
         if missing:
             parser.error(
-                f"{commit[:12]} has no benchmark {', '.join(missing)}: run those without --against"
+                f"{commit[:12]} does not have {', '.join(missing)}: run those without --against"
             )
     failed = []
     # A bar on a terminal (what the benchmarks print goes above it), plain lines otherwise.
