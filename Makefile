@@ -63,9 +63,10 @@ TEST_TOOLS := $(VENV)/.installed-test $(NODE_PROJECT)/node_modules/.installed sy
 test: $(TEST_TOOLS)
 	$(BIN)/python -m tests.phases
 
-# The edit-run loop: the tests that need no process of their own, on three workers.
-test-fast: $(TEST_TOOLS)
-	$(BIN)/pytest -n 3 --dist loadfile -m "not slow and not serial"
+# The edit-run loop: the tests that start no process (no broker, server, CLI or browser: not
+# marked `processes`) and measure no time, on three workers, as `make test` runs them.
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m tests.phases --fast
 
 unit: $(TEST_TOOLS)
 	$(BIN)/pytest -n 3 --dist loadfile -m "not serial"

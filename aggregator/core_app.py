@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -49,7 +48,6 @@ from aggregator.api.read_after import Applied, read_after
 from aggregator.api.shard_routing import Sharding, shard_routing
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
-from aggregator.backup import BackupSettings
 from aggregator.commands.common import version
 from aggregator.console import routes as console_routes
 from aggregator.errors import (
@@ -72,25 +70,20 @@ from aggregator.intake.consumer import Consumer
 from aggregator.intake.members import Member, alone
 from aggregator.services import ledger_service, otlp_service
 from aggregator.services.live_feed import LiveFeed
+from aggregator.settings import CoreSettings
 from aggregator.store import (
-    DEDUPE_MEMORY_KEYS,
-    DEFAULT_JOB_BOUND_SECONDS,
     Balances,
     Firing,
     Store,
-    TenantLimits,
     disk_full,
 )
 from aggregator.upstream.forwarder import Forwarder
-from aggregator.upstream.webhook_sender import WebhookSettings
 from ingest.http import (
     JSON,
     OPENMETER_PATH,
     CloudEvent,
-    CoreRouting,
     ErrorMap,
     Front,
-    IngestSettings,
     PerOrganization,
     count_responses,
     error,
@@ -102,55 +95,6 @@ from ingest.publish import Publisher
 from meters.times import now_us
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class CoreSettings:
-    data_dir: Path = Path(".meterline")
-    # The cluster secret, when not the data dir's secret.key (`auth.cluster_secret`).
-    secret_file: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # What other cores and `GET /v1/cluster/` give as this core's URL (None: host and port).
-    advertise_url: str | None = None
-    ingest: IngestSettings = field(default_factory=IngestSettings)
-    token_cache_seconds: float = 2.0
-    # SIGTERM to exit, at most (see cli._stop).
-    drain_seconds: float = 30.0
-    # The longest a write group or background chunk should hold the writer, and a read.
-    job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS
-    read_timeout_seconds: float = 30.0
-    # The longest applied events wait in memory before they are written to the file: a crash
-    # loses none of them (the ingest log, or the offsets stored with them, replays them), and
-    # a longer wait writes fewer, fuller row groups.
-    flush_seconds: float = 5.0
-    # Stored external ids held in memory (16 bytes each) before they spill to files.
-    dedupe_memory_keys: int = DEDUPE_MEMORY_KEYS
-    # How long a customer session token lasts (Polar's: an hour).
-    customer_session_seconds: float = 3600.0
-    # Bearer token that `/metrics` requires (None: served to anyone who can reach the port).
-    metrics_token: str | None = None
-    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
-    # Seconds without an event before GET /v1/customer-meters/stream sends a heartbeat comment
-    # (below the idle timeouts of the proxies in front).
-    stream_heartbeat_seconds: float = 15.0
-    # How many of what a tenant can multiply one organization may hold.
-    quotas: TenantLimits = field(default_factory=TenantLimits)
-    # Kafka mode: never lead (`intake.leadership`): apply the leader's journal, with no side
-    # effects of its own (cli --replica).
-    replica: bool = False
-    # Snapshots of the data dir written while serving (`backup`; cli --backup-to).
-    backups: BackupSettings | None = None
-    # An edge: the cores it sends every request but ingest to (cli --core).
-    cores: CoreRouting = field(default_factory=CoreRouting)
-
-    @property
-    def url(self) -> str:
-        return self.advertise_url or f"http://{self.host}:{self.port}"
-
-    @property
-    def database(self) -> Path:
-        return self.data_dir / "meterline.duckdb"
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

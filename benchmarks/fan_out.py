@@ -33,7 +33,9 @@ from benchmarks.kafka import columnar_requests, create_token, kafka_args, publis
 from benchmarks.meters import METERS
 from benchmarks.server import Server
 from benchmarks.shards import start_shards
-from tests.processes import Broker, wait_until
+from tests import deadline
+from tests.deadline import wait_for
+from tests.processes import Broker
 
 SHARDS = (1, 2, 4)
 BATCHES = 100  # of 1,000 events
@@ -71,10 +73,18 @@ def _run(shards: int, batches: int, requests: int, work: Path) -> dict[str, dict
             published = columnar_requests(organization, batches, seed=shards, tag="fan")
             asyncio.run(publish_columnar(broker.bootstrap, "meterline.events", published))
             n = sum(r.events for records in published for r in records)
-            wait_until(lambda: sum(s.total_count(here=True) for s in servers) >= n, 300)
+            with deadline.budget(300):
+                wait_for(
+                    f"the shards to hold {n} events",
+                    lambda: sum(s.total_count(here=True) for s in servers) >= n,
+                )
             # Every shard lists the others (heartbeats) before the timing.
             with servers[0].client(token) as client:
-                wait_until(lambda: len(client.get("/v1/cluster/").json()["items"]) == shards, 30)
+                wait_for(
+                    "every shard to list the others",
+                    lambda: len(client.get("/v1/cluster/").json()["items"]) == shards,
+                )
+
                 latencies: dict[str, list[float]] = {}
                 for name, (path, params) in _reads(meters[0].json()["id"]).items():
                     found = latencies[name] = []

@@ -31,7 +31,8 @@ import httpx
 from benchmarks.common import metric, percentile
 from benchmarks.kafka import create_token, kafka_args
 from benchmarks.server import Server
-from tests.processes import Broker, wait_until
+from tests.deadline import wait_for
+from tests.processes import Broker
 
 TARGETS_P99_MS = {"embedded": 10.0, "kafka": 30.0}  # issue 61's bars
 FULL = {"rounds": 3, "requests": 500}
@@ -58,7 +59,9 @@ def served(mode: str, *extra: str) -> Iterator[Server]:
             token, _ = create_token(work)
             with Server(*kafka_args(broker), *extra, command="core", data_dir=work) as core:
                 core.token = token
-                wait_until(lambda: any("this core leads" in line for line in core.output), 60)
+                wait_for(
+                    "the core to lead", lambda: any("this core leads" in x for x in core.output)
+                )
                 yield core
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -84,7 +84,8 @@ from meters.columnar import partition_of
 from meters.events import EventRules, parse_ingest_body, validate_body
 from meters.records import record_key, record_value
 from meters.times import now_us
-from tests.processes import Broker, edge_token, token_cli
+from tests.inprocess import token_cli
+from tests.processes import Broker, edge_token
 
 ORG = "bench"
 PARTITIONS = KafkaSettings("").partitions  # what `meterline ingest` creates: 6
@@ -266,7 +267,7 @@ def _published(broker: Broker, data_dir: Path, edge: Server, token: str) -> str:
     topic, which edges follow. The core is stopped before anything is timed (the edge keeps
     what it read), so that it takes no CPU from the edge."""
     with Server(*kafka_args(broker), command="core", data_dir=data_dir):
-        return edge_token(edge, token, 60)
+        return edge_token(edge, token)
 
 
 def create_token(data_dir: Path) -> tuple[str, str]:

@@ -41,7 +41,9 @@ from benchmarks.common import metric
 from benchmarks.kafka import columnar_requests, create_token, kafka_args, publish_columnar
 from benchmarks.meters import METERS
 from benchmarks.server import Server
-from tests.processes import Broker, wait_until
+from tests import deadline
+from tests.deadline import wait_for
+from tests.processes import Broker
 
 REPLICAS = (0, 1, 2)
 BATCHES = 2_000  # of 1,000 events: 2 M events
@@ -63,7 +65,9 @@ def _cluster_run(replicas: int, batches: int, work: Path) -> dict[str, Any]:
             leader = Server(*args, command="core", data_dir=leader_dir).start()
             servers.append(leader)
             leader.token = token
-            wait_until(lambda: any("this core leads" in line for line in leader.output), 60)
+            wait_for(
+                "the leader to lead", lambda: any("this core leads" in x for x in leader.output)
+            )
             with leader.client(token) as client:
                 for definition in METERS:
                     answer = client.post("/v1/meters/", json=definition)
@@ -77,9 +81,9 @@ def _cluster_run(replicas: int, batches: int, work: Path) -> dict[str, Any]:
             # Every core has the meters (the replicas, from the journal) before the timing.
             for server in servers:
                 with server.client(token) as client:
-                    wait_until(
+                    wait_for(
+                        "every core to have the meters",
                         lambda c=client: len(c.get("/v1/meters/").json()["items"]) == len(METERS),
-                        60,
                     )
             cpu_before = [s.cpu_all() for s in servers]
             started = time.monotonic()
@@ -125,7 +129,9 @@ def _snapshot_run(batches: int, work: Path) -> dict[str, Any]:
         args = (*kafka_args(broker), "--validation-workers", "0")
         with Server(*args, command="core", data_dir=leader_dir) as leader:
             leader.token = token
-            wait_until(lambda: any("this core leads" in line for line in leader.output), 60)
+            wait_for(
+                "the leader to lead", lambda: any("this core leads" in x for x in leader.output)
+            )
             with leader.client(token) as client:
                 for definition in METERS:
                     assert client.post("/v1/meters/", json=definition).status_code == 201
@@ -135,10 +141,13 @@ def _snapshot_run(batches: int, work: Path) -> dict[str, Any]:
                     organization, min(chunk, batches - first), seed=first, tag=f"snap{first}"
                 )
                 asyncio.run(publish_columnar(broker.bootstrap, "meterline.events", requests))
-            wait_until(lambda: leader.total_count() >= n, 1800)
+            with deadline.budget(1800):
+                wait_for(f"the leader to apply {n} events", lambda: leader.total_count() >= n)
         backed = ("--backup-to", str(snaps), "--backup-every-seconds", "3600")
         with Server(*args, *backed, command="core", data_dir=leader_dir) as leader:
-            wait_until(lambda: bool(snapshots(snaps)) if snaps.exists() else False, 1800)
+            with deadline.budget(1800):
+                wait_for("a snapshot", lambda: snaps.exists() and bool(snapshots(snaps)))
+
             (snapshot,) = snapshots(snaps)
             manifest = orjson.loads((snapshot / MANIFEST).read_bytes())
             begun = datetime.strptime(snapshot.name, "%Y%m%dT%H%M%S.%fZ")

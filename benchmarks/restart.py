@@ -43,14 +43,15 @@ from benchmarks.common import metric
 from benchmarks.kafka import columnar_requests, create_token, kafka_args, publish_columnar
 from benchmarks.meters import METERS
 from benchmarks.server import Server
-from tests.processes import Broker, api_client, wait_until
+from tests import deadline
+from tests.deadline import wait_for
+from tests.processes import Broker, api_client
 
 TARGET_SECONDS = 5.0  # issue 61's bar
 FULL = {"events": 10_000_000, "customers": 100_000, "days": 30, "rounds": 3, "tail": 20}
 QUICK = {"events": 200_000, "customers": 100_000, "days": 30, "rounds": 1, "tail": 5}
 GIVE_UP_SECONDS = 300.0
 POLL_SECONDS = 0.02
-START_SECONDS = 1800.0  # a first start on a large data dir
 
 
 class Answered(threading.Thread):
@@ -155,7 +156,7 @@ def _restarted(
     killed_at = time.monotonic()
     server.kill()
     reaped = time.monotonic() - killed_at
-    starting = threading.Thread(target=again.start, kwargs={"timeout": GIVE_UP_SECONDS})
+    starting = threading.Thread(target=_start, args=(again, GIVE_UP_SECONDS))
     starting.start()
     for thread in threads.values():
         thread.since = killed_at
@@ -171,6 +172,11 @@ def _restarted(
         "refusals": {k: t.refusals for k, t in threads.items()},
         "last_answers": probes.answers,
     }
+
+
+def _start(server: Server, seconds: float) -> None:
+    with deadline.budget(seconds):
+        server.start()
 
 
 def _count(server: Server, expected: int, within: float = 600.0) -> int:
@@ -190,7 +196,7 @@ def _embedded_round(
     copied = stored.copy(source, data_dir)
     server = Server(data_dir=data_dir)
     started = time.monotonic()
-    server.start(timeout=START_SECONDS)
+    _start(server, stored.START_SECONDS)
     first_start = time.monotonic() - started
     again = None
     try:
@@ -279,7 +285,10 @@ def _fill(broker: Broker, core: Server, organization: str, events: int) -> dict[
         )
         asyncio.run(publish_columnar(broker.bootstrap, "meterline.events", requests))
     published = time.monotonic() - started
-    wait_until(lambda: core.total_count() >= batches * 1_000, START_SECONDS)
+    with deadline.budget(stored.START_SECONDS):
+        wait_for(
+            f"the core to apply {batches:,} batches", lambda: core.total_count() >= batches * 1_000
+        )
     seconds = time.monotonic() - started
     print(f"   {events:,} events published and applied in {seconds:.0f} s", flush=True)
     return {
@@ -304,7 +313,7 @@ def restart_kafka(quick: bool = False) -> dict[str, Any]:
             args = (*kafka_args(broker), "--validation-workers", "0")
             core = Server(*args, command="core", data_dir=data_dir).start()
             core.token = token
-            wait_until(lambda: any("this core leads" in line for line in core.output), 60)
+            wait_for("the core to lead", lambda: any("this core leads" in x for x in core.output))
             with core.client() as client:
                 for definition in METERS:
                     assert client.post("/v1/meters/", json=definition).status_code == 201

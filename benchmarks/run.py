@@ -51,6 +51,7 @@ from benchmarks import (
     kafka,
     ledger,
     live_stream,
+    many_meters,
     memory,
     meter_heavy,
     meters,
@@ -59,6 +60,7 @@ from benchmarks import (
     restart,
     sdk,
     shards,
+    startup,
     takeover,
     timed_meters,
     validation,
@@ -104,6 +106,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "sdk_deliver": Benchmark(sdk.sdk_deliver, 175, 35),
     "isolation": Benchmark(isolation, 120, 25),
     "meter_heavy": Benchmark(meter_heavy, 540, 60),
+    "many_meters": Benchmark(many_meters, 240, 40),
     "api_writes": Benchmark(api_writes, 420, 60),
     "hold_latency": Benchmark(holds, 300, 50),
     "restart": Benchmark(restart.restart, 1800, 90),
@@ -114,6 +117,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "replicas": Benchmark(replicas, 900, 120),
     "shards": Benchmark(shards, 600, 90),
     "fan_out": Benchmark(fan_out, 600, 90),
+    "startup": Benchmark(startup, 150, 30),
 }
 ROUNDS, QUICK_ROUNDS = 3, 1  # of an --against run
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")

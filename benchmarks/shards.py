@@ -37,7 +37,8 @@ from benchmarks.common import metric
 from benchmarks.kafka import columnar_requests, create_token, kafka_args, publish_columnar
 from benchmarks.meters import METERS
 from benchmarks.server import Server
-from tests.processes import Broker, wait_until
+from tests.deadline import wait_for
+from tests.processes import Broker
 
 SHARDS = (1, 2)
 BATCHES = 1_000  # of 1,000 events: 1 M events
@@ -65,7 +66,9 @@ def start_shards(
         servers.append(server.start())
         server.token = token
     for server in servers:
-        wait_until(lambda s=server: any("this core leads" in x for x in s.output), 60)
+        wait_for(
+            "every shard to lead", lambda s=server: any("this core leads" in x for x in s.output)
+        )
 
 
 def _run(shards: int, batches: int, work: Path, *, apart: bool = False) -> dict[str, Any]:
@@ -84,13 +87,14 @@ def _run(shards: int, batches: int, work: Path, *, apart: bool = False) -> dict[
                     assert answer.status_code == 201, answer.text
             for server in servers:  # every shard has the meters before the timing
                 with server.client(token) as client:
-                    wait_until(
+                    wait_for(
+                        "every shard to have the meters",
                         lambda c=client: (
                             c.get("/v1/meters/").status_code == 200
                             and len(c.get("/v1/meters/").json()["items"]) == len(METERS)
                         ),
-                        60,
                     )
+
             requests = columnar_requests(organization, batches, seed=shards, tag="shards")
             expected = [0] * shards  # each shard's events: those of its partitions
             for records in requests:

@@ -46,6 +46,8 @@ from benchmarks.meters import create_meters
 from benchmarks.server import Server
 from meters.events import EventRules, parse_ingest_body, to_table
 from meters.times import now_us
+from tests import deadline
+from tests.deadline import wait_for
 
 _BUILT: dict[tuple[int, int, float], tuple[Path, dict[str, Any]]] = {}
 BATCH = 50_000
@@ -99,7 +101,8 @@ def pristine(events: int, customers: int, days: float) -> tuple[Path, dict[str, 
 def serving(data_dir: Path, *args: str, command: str = "up") -> Iterator[Server]:
     """`meterline up` (or `command`) on `data_dir`, given time for a first start on many events;
     stopped (SIGTERM) afterwards."""
-    server = Server(*args, command=command, data_dir=data_dir).start(timeout=START_SECONDS)
+    with deadline.budget(START_SECONDS):
+        server = Server(*args, command=command, data_dir=data_dir).start()
     with contextlib.ExitStack() as stack:
         stack.push(server)  # its exit (a stop), its enter (a start) done already
         yield server
@@ -120,8 +123,8 @@ def add_events(server: Server, events: int) -> dict[str, Any]:
             sent += found["events"]
     finally:
         generator.close()
-    while server.total_count() < expected:
-        time.sleep(0.5)
+    with deadline.budget(START_SECONDS):
+        wait_for(f"the API to count {expected:,} events", lambda: server.total_count() >= expected)
     seconds = time.perf_counter() - started
     print(f"   {sent:,} events added in {seconds:.0f} s", flush=True)
     return {"events": sent, "seconds": round(seconds, 1)}

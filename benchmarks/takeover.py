@@ -35,7 +35,8 @@ import httpx
 
 from benchmarks.common import metric, percentile
 from benchmarks.server import Server
-from tests.processes import Broker, wait_until
+from tests.deadline import wait_for
+from tests.processes import Broker
 
 SESSION_SECONDS = 6.0  # the default (`--consumer-session-timeout-seconds`)
 WATCH_SECONDS = 20.0
@@ -150,7 +151,8 @@ def _prepare(core: Server) -> tuple[str, str]:
         )
         events = [{"name": "call", "external_customer_id": "c"} for _ in range(100)]
         client.post("/v1/events/ingest", json={"events": events}).raise_for_status()
-        wait_until(
+        wait_for(
+            "the check to be answered",
             lambda: (
                 client.get(
                     "/v1/customer-meters/check",
@@ -158,7 +160,6 @@ def _prepare(core: Server) -> tuple[str, str]:
                 ).status_code
                 == 200
             ),
-            60,
         )
     return "c", meter
 
@@ -172,7 +173,9 @@ def _run(scenario: str) -> dict[str, Any]:
             standby: Server | None = None
             edge: Server | None = None
             try:
-                wait_until(lambda: any("this core leads" in line for line in core.output), 60)
+                wait_for(
+                    "the core to lead", lambda: any("this core leads" in x for x in core.output)
+                )
                 customer, meter = _prepare(core)
                 token = core.token
                 assert token is not None
@@ -184,7 +187,11 @@ def _run(scenario: str) -> dict[str, Any]:
                         *args, "--secret-file", str(secret), command="core", data_dir=work / "b"
                     ).start()
                     cores += ["--core", standby.url]
-                    wait_until(lambda: write_answered(standby.url, token, 30) < 30, 60)
+                    wait_for(
+                        "the standby to answer writes",
+                        lambda: write_answered(standby.url, token, 30) < 30,
+                    )
+
                 edge = Server(*args, *cores, command="ingest", data_dir=work / "a").start()
                 params = {"external_customer_id": customer, "meter_id": meter, "units": 1}
                 checks = Checks(edge.url, token, "/v1/customer-meters/check", params)

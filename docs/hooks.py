@@ -201,7 +201,8 @@ def openapi() -> dict[str, Any]:
     from aggregator.api import openapi_routes
     from aggregator.api.openapi_document import openapi_document
     from aggregator.commands.common import version
-    from aggregator.core_app import CoreSettings, build_app
+    from aggregator.core_app import build_app
+    from aggregator.settings import CoreSettings
 
     absent = mock.NonCallableMagicMock()  # the store, tokens, publisher and backfiller
     app = build_app(absent, absent, absent, absent, CoreSettings())

@@ -1,230 +1,24 @@
-"""The one Kafka module: settings, the topics (created if missing), waiting for a broker, and
-stopping clients within a bound. The edge's publisher, the SDK's producer and the core's
-consumer all take them from here. (Which partition a record goes to is `meters.columnar`'s.)"""
+"""The one Kafka module: its settings (`KafkaSettings`, which make the clients; declared with
+the other settings in `ingest.settings`, which every command reads), the topics (created if
+missing), waiting for a broker, and stopping clients within a bound. The edge's publisher, the
+SDK's producer and the core's consumer all take them from here. (Which partition a record goes
+to is `meters.columnar`'s.)"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.abc import AbstractTokenProvider
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from aiokafka.helpers import create_ssl_context
 
-from ingest.errors import TokenUnreadable
+from ingest.settings import KafkaSecurity as KafkaSecurity
+from ingest.settings import KafkaSettings as KafkaSettings
+from ingest.settings import Shard as Shard
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Shard:
-    """Which of `count` cores' partition sets a core applies: the events topic's partitions
-    p with p % count == index (and the whole control topic). One shard is every partition."""
-
-    index: int = 0
-    count: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.index < self.count:
-            raise ValueError(f"shard {self.index}/{self.count}: I/N needs 0 <= I < N")
-
-    @classmethod
-    def parse(cls, text: str) -> Shard:
-        """`I/N`, as `--shard` takes it."""
-        index, slash, count = text.partition("/")
-        if not slash or not index.isdigit() or not count.isdigit():
-            raise ValueError(f"shard {text!r}: expected I/N, e.g. 0/2")
-        return cls(int(index), int(count))
-
-    def owns(self, partition: int) -> bool:
-        return partition % self.count == self.index
-
-    def partitions(self, count: int) -> list[int]:
-        """This shard's partitions of a topic of `count`."""
-        return [p for p in range(count) if self.owns(p)]
-
-    @property
-    def suffix(self) -> str:
-        """What names this shard's own topics and groups ("" for one shard: the names of
-        before shards, so that an upgraded core goes on where it was)."""
-        return "" if self.count == 1 else f".shard-{self.index}-of-{self.count}"
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-
-SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
-
-
-@dataclass(frozen=True, slots=True)
-class KafkaSecurity:
-    """How every Kafka client of a process reaches the brokers: Kafka's `security.protocol`;
-    with TLS, the CA file that signed the brokers' certificates (none: the system's) and this
-    process's certificate and key (mutual TLS); with SASL, the mechanism and credentials: a
-    username and password, or for OAUTHBEARER a file holding the token, read again at every
-    authentication (whatever renews it, such as a Kubernetes projected token, rewrites the
-    file). The password is never a command-line argument (`meterline` reads it from the
-    environment or a file) and never shown (`repr`)."""
-
-    protocol: str = "PLAINTEXT"
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    sasl_mechanism: str = "PLAIN"
-    sasl_username: str | None = None
-    sasl_password: str | None = field(default=None, repr=False)
-    sasl_token_file: str | None = None  # OAUTHBEARER
-
-    def __post_init__(self) -> None:
-        if self.protocol not in SECURITY_PROTOCOLS:
-            raise ValueError(f"security protocol {self.protocol!r}: one of {SECURITY_PROTOCOLS}")
-        if self.sasl_mechanism not in SASL_MECHANISMS:
-            raise ValueError(f"SASL mechanism {self.sasl_mechanism!r}: one of {SASL_MECHANISMS}")
-        if self.protocol.startswith("SASL"):
-            if self.sasl_mechanism == "OAUTHBEARER" and not self.sasl_token_file:
-                raise ValueError("SASL OAUTHBEARER needs a token file")
-            if self.sasl_mechanism != "OAUTHBEARER" and not (
-                self.sasl_username and self.sasl_password
-            ):
-                raise ValueError(f"{self.protocol} needs a SASL username and password")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("a client certificate needs its key, and a key its certificate")
-        if self.cert_file and not self.tls:
-            raise ValueError(f"a client certificate is for SSL or SASL_SSL, not {self.protocol}")
-
-    @property
-    def tls(self) -> bool:
-        return self.protocol in ("SSL", "SASL_SSL")
-
-    def options(self) -> dict[str, Any]:
-        """The aiokafka client options saying it (every client is made with them)."""
-        found: dict[str, Any] = {"security_protocol": self.protocol}
-        if self.tls:
-            found["ssl_context"] = create_ssl_context(
-                cafile=self.ca_file, certfile=self.cert_file, keyfile=self.key_file
-            )
-        if self.protocol.startswith("SASL") and self.sasl_token_file:
-            found |= {
-                "sasl_mechanism": self.sasl_mechanism,
-                "sasl_oauth_token_provider": TokenFile(self.sasl_token_file),
-            }
-        elif self.protocol.startswith("SASL"):
-            found |= {
-                "sasl_mechanism": self.sasl_mechanism,
-                "sasl_plain_username": self.sasl_username,
-                "sasl_plain_password": self.sasl_password,
-            }
-        return found
-
-
-class TokenFile(AbstractTokenProvider):  # type: ignore[misc]
-    """An OAUTHBEARER token, read from its file at each authentication: the file's owner renews
-    it, and a token read once would expire with the connection that needs it next."""
-
-    def __init__(self, path: str) -> None:
-        self._path = Path(path)
-
-    async def token(self) -> str:
-        try:
-            token = (await asyncio.to_thread(self._path.read_text)).strip()
-        except OSError as exc:
-            raise TokenUnreadable(f"OAUTHBEARER token file {self._path}: {exc.strerror}") from None
-        if not token:
-            raise TokenUnreadable(f"OAUTHBEARER token file {self._path} is empty")
-        return token
-
-
-@dataclass(frozen=True, slots=True)
-class KafkaSettings:
-    bootstrap: str
-    topic: str = "meterline.events"
-    dead_letter_topic: str = "meterline.events.dead"
-    partitions: int = 6
-    replication_factor: int = 1
-    compression: str | None = None  # of Kafka batches: gzip, snappy, lz4 or zstd
-    # Of the columnar records, whole (zstd, lz4 or none); see docs/internals/benchmarks.md.
-    record_compression: str = "zstd"
-    # A columnar record holds at most about this many bytes of uncompressed columns.
-    max_record_bytes: int = 1024 * 1024
-    # Off only for brokers without it (the test broker); on, retries cannot duplicate records.
-    idempotence: bool = True
-    linger_ms: int = 5
-    max_batch_bytes: int = 1024 * 1024
-    max_request_bytes: int = 8 * 1024 * 1024
-    start_timeout_seconds: float = 30.0
-    # Stopping a client (flushing, leaving the group), and sending dead letters, at most.
-    stop_timeout_seconds: float = 10.0
-    send_timeout_seconds: float = 30.0
-    consumer_group: str = "meterline-core"
-    # How long the cores' group waits for a silent leader (killed, paused or cut off) before
-    # another core leads; a killed core restarted sooner waits out the rest of it. 6 s is
-    # Kafka's least by default (group.min.session.timeout.ms); at 10 s a standby answered a
-    # write 16.2 s after the leader's kill (benchmarks/takeover.py).
-    session_timeout_seconds: float = 6.0
-    shard: Shard = Shard()
-    security: KafkaSecurity = KafkaSecurity()
-
-    @property
-    def control_topic(self) -> str:
-        """Where every API write is a record (`meters.commands`): one partition, one order."""
-        return f"{self.topic}.control"
-
-    @property
-    def journal_topic(self) -> str:
-        """The order every core of this shard applies the other topics in
-        (`aggregator.intake.journal`): each shard has its own."""
-        return f"{self.topic}.journal{self.shard.suffix}"
-
-    @property
-    def lease_topic(self) -> str:
-        """Whose core leads: the group member holding its one partition (each shard's
-        group its own leader; `aggregator.intake.leadership`). Its records are every core's
-        heartbeats (`aggregator.intake.members`), whatever its shard."""
-        return f"{self.topic}.lease"
-
-    @property
-    def lease_group(self) -> str:
-        """The cores' consumer group over the lease topic. Not the group itself: a broker may
-        keep the protocol of a group's past members (Tansu keeps the previous main's
-        `roundrobin` for its consumers of the events topic), and refuses another in it."""
-        return f"{self.consumer_group}.lease{self.shard.suffix}"
-
-    def reader(self, **overrides: Any) -> AIOKafkaConsumer:
-        """A consumer outside any group, whose positions its owner sets (assign and seek)."""
-        options: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap,
-            "group_id": None,
-            "enable_auto_commit": False,
-            "auto_offset_reset": "earliest",
-        }
-        return AIOKafkaConsumer(**(options | self.security.options() | overrides))
-
-    def member(self, group_id: str, **overrides: Any) -> AIOKafkaConsumer:
-        """A consumer in `group_id` (its partitions assigned by the group)."""
-        options = {"bootstrap_servers": self.bootstrap, "group_id": group_id}
-        return AIOKafkaConsumer(**(options | self.security.options() | overrides))
-
-    def admin(self) -> AIOKafkaAdminClient:
-        return AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.security.options())
-
-    def producer(self, **overrides: Any) -> AIOKafkaProducer:
-        options: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap,
-            "acks": "all",
-            "enable_idempotence": self.idempotence,
-            "compression_type": self.compression,
-            "linger_ms": self.linger_ms,
-            "max_batch_size": self.max_batch_bytes,
-            "max_request_size": self.max_request_bytes,
-        }
-        return AIOKafkaProducer(**(options | self.security.options() | overrides))
 
 
 async def ensure_topics(settings: KafkaSettings) -> int:

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -56,38 +54,6 @@ def validate_body(
     return encode(events)
 
 
-def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup"), own: str | None = None) -> int:
-    """The CPUs this process may use: those it may run on, capped by its cgroup's CPU limit
-    (v2 `cpu.max`, else v1 `cpu.cfs_quota_us` over `cpu.cfs_period_us`), rounded up. In a
-    container `os.cpu_count()` is the node's: a pod limited to 2 CPUs on a 32-CPU node would
-    start 32 validation workers of about 124 MB each. `own`: this process's cgroup v2 path
-    (default: from /proc/self/cgroup; in a container, usually `/`)."""
-    cpus = len(os.sched_getaffinity(0))
-    if own is None:
-        lines = _read(Path("/proc/self/cgroup")).splitlines()
-        own = next((line[3:] for line in lines if line.startswith("0::")), "/")
-    limits = [
-        _read(cgroup / own.lstrip("/") / "cpu.max").split(),
-        _read(cgroup / "cpu.max").split(),
-        [_read(cgroup / "cpu" / "cpu.cfs_quota_us"), _read(cgroup / "cpu" / "cpu.cfs_period_us")],
-    ]
-    for limit in limits:
-        try:
-            quota, period = int(limit[0]), int(limit[1])
-        except (IndexError, ValueError):  # none here, or "max" / -1: no limit
-            continue
-        if quota > 0 and period > 0:
-            return max(1, min(cpus, math.ceil(quota / period)))
-    return max(1, cpus)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
-
-
 class ValidationPool:
     """Validates ingest bodies inline or in `workers` processes (and runs other CPU-bound
     decoding there: the consumer's records). An async context manager."""
@@ -103,15 +69,26 @@ class ValidationPool:
         self._workers = workers
         self._inline_below = inline_below_bytes
         self._pool: ProcessPoolExecutor | None = None
+        self._warming: list[Future[None]] = []
+
+    def start(self) -> None:
+        """Start the worker processes without waiting for them (entering waits until each one
+        runs): a process starts them first, so that they start while it makes the rest."""
+        if self._workers > 0 and self._pool is None:
+            self._pool = self._new_pool()
+            self._warming = [self._pool.submit(_warm) for _ in range(self._workers)]
+
+    def close(self) -> None:
+        """Stop the workers, if any run (leaving the context does; so does a start that failed
+        before it entered)."""
+        if self._pool is not None:
+            self._pool.shutdown(True, cancel_futures=True)
+            self._pool = None
 
     async def __aenter__(self) -> Self:
-        if self._workers > 0:
-            self._pool = self._new_pool()
-            loop = asyncio.get_running_loop()
-            # Start every worker now, not on the first request.
-            await asyncio.gather(
-                *(loop.run_in_executor(self._pool, _warm) for _ in range(self._workers))
-            )
+        self.start()
+        # Every worker runs before the pool is used, not from the first request on.
+        await asyncio.gather(*(asyncio.wrap_future(started) for started in self._warming))
         return self
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -129,9 +106,7 @@ class ValidationPool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._pool is not None:
-            await asyncio.to_thread(self._pool.shutdown, True, cancel_futures=True)
-            self._pool = None
+        await asyncio.to_thread(self.close)
 
     async def validate(self, body: bytes, received_at_us: int, encode: Encode[T]) -> T:
         """The encoded events of `body`. Raises ValidationFailed listing every error."""

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from meters.events import COLUMNS
 from meters.records import key_prefixes
+from meters.settings import COMPRESSIONS
 
 FORMAT = "arrow-ipc"
 SCHEMA_VERSION = "1"
@@ -37,7 +38,6 @@ H_SIZE = "meterline.size"  # bytes of the IPC stream before compression
 H_MOVED = "meterline.moved"
 # Beside it: where each row was first read, the origin its event id is derived from.
 H_ORIGINS = "meterline.origins"
-COMPRESSIONS = ("zstd", "lz4", "none")
 Headers = list[tuple[str, bytes]]
 
 

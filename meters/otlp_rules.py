@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from meters.events.genai import CUSTOMERS, Customers, Prices
+from meters.settings import CUSTOMERS, Customers, Prices
 
 # What one organization may set: attribute names tried in turn, and priced models.
 MAX_CUSTOMER_ATTRIBUTES = 10

@@ -80,7 +80,8 @@ class FaultProxy:
                     return
                 if action == "stall":
                     response = self._forward(body)
-                    time.sleep(stall_seconds)
+                    time.sleep(stall_seconds)  # the fault: a slow answer
+
                     self._answer(response)
                     return
                 self._answer(self._forward(body))

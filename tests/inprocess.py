@@ -3,10 +3,12 @@
 - `InProcessCore`: a core's HTTP app for API tests that send many requests: `build_app` over a
   real DuckDB file with the embedded publisher, served through httpx's ASGI transport (no
   socket, no server), on one event loop kept for the app's lifetime.
-- `ServedCore`: `meterline up` (or `core`) as the command composes it (`cli.serve`), served by
-  uvicorn from a thread on a real loopback socket: what a client of the command sees, without
-  the second or two of a new interpreter. Kills and restarts need processes
-  (`tests.processes.MeterlineServer`)."""
+- `ServedCore`: `meterline up` (or `core`) as the command composes it (`serving.core.serve`),
+  served by uvicorn from a thread on a real loopback socket: what a client of the command sees,
+  without the second or two of a new interpreter. Kills and restarts need processes
+  (`tests.processes.MeterlineServer`).
+- `run_cli`: a command (`meterline token list`, `reconcile`, ...) as `cli.main` runs it: its
+  exit status and what it printed. The installed command itself is `test_cli`'s."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import io
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -29,15 +32,45 @@ import uvloop
 from aggregator import cli
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
-from aggregator.core_app import CoreSettings, build_app
+from aggregator.core_app import build_app
 from aggregator.intake.embedded import EmbeddedPublisher
+from aggregator.serving import core, edge
+from aggregator.serving.command import settings_of
+from aggregator.serving.listening import Listening
+from aggregator.settings import CoreSettings
 from aggregator.store import Store
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.tables.meter_tables import pending_backfills
 from ingest.validation import ValidationPool
+from tests.deadline import seconds_left, wait_for
 from tests.processes import answers_health, api_client
 
 T = TypeVar("T")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`meterline ARGS` run in this process: the status the command would exit with and what
+    it printed (argparse's refusals included)."""
+    # Text streams over bytes, as a process's are: a command may write bytes (`.buffer`).
+    out, err = io.BytesIO(), io.BytesIO()
+    text_out = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    text_err = io.TextIOWrapper(err, encoding="utf-8", write_through=True)
+    with contextlib.redirect_stdout(text_out), contextlib.redirect_stderr(text_err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    printed = [stream.getvalue().decode() for stream in (out, err)]
+    return subprocess.CompletedProcess(["meterline", *args], code, *printed)
+
+
+def data_dir_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`meterline ARGS --data-dir DATA_DIR` (a command reading the data dir: token, org)."""
+    return run_cli(*args, "--data-dir", str(data_dir))
+
+
+def token_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return data_dir_cli(data_dir, "token", *args)
 
 
 class InProcessCore:
@@ -89,12 +122,14 @@ class InProcessCore:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return self.run(self.client.request(method, path, **kwargs))
 
-    def settle(self, timeout: float = 30.0) -> None:
+    def settle(self) -> None:
         """Wait until no meter is backfilling (the one write that follows a request)."""
-        deadline = time.monotonic() + timeout
-        while self.run(self.store.read(pending_backfills)):
-            assert time.monotonic() < deadline, "backfills did not finish"
-            self.run(asyncio.sleep(0.01))
+
+        def settled() -> bool:
+            self.run(asyncio.sleep(0.01))  # the backfiller's loop runs only while asked to
+            return not self.run(self.store.read(pending_backfills))
+
+        wait_for("the backfills to finish", settled)
 
     def table_counts(self) -> dict[str, int]:
         """Rows in every table: what a request that is refused must leave unchanged. Appended
@@ -151,7 +186,7 @@ class ServedCore:
         self.stop_seconds: float | None = None
         self.exit_code: int | None = None  # 0 once stopped cleanly, as the command exits
 
-    def start(self, timeout: float = 60.0) -> Self:
+    def start(self) -> Self:
         if self._args.command == "up" and self._dev_token:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             registry = TokenRegistry(self.data_dir)
@@ -160,28 +195,31 @@ class ServedCore:
             finally:
                 registry.close()
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not answers_health(self.url):
+
+        def serving() -> bool:
             if self._failed is not None or not self._thread.is_alive():
                 raise RuntimeError("meterline did not start") from self._failed
-            assert time.monotonic() < deadline, "meterline did not answer /healthz in time"
-            time.sleep(0.02)
+            return answers_health(self.url)
+
+        wait_for(
+            f"meterline {self._args.command} in a thread on port {self.port} to serve", serving
+        )
         return self
 
     def _run(self) -> None:
-        settings, kafka, forward = cli.settings_of(self._args)
+        settings, kafka, forward = settings_of(self._args)
         try:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 self._loop = runner.get_loop()
                 self._stop = asyncio.Event()
-                listening = cli.Listening([self._socket], self._stop)
+                listening = Listening([self._socket], self._stop)
                 if self._args.command == "ingest":
                     assert kafka is not None
-                    served = cli.serve_edge(
+                    served = edge.serve_edge(
                         settings, kafka, log_level="warning", listening=listening
                     )
                 else:
-                    served = cli.serve(
+                    served = core.serve(
                         settings,
                         kafka,
                         forward,
@@ -196,12 +234,13 @@ class ServedCore:
     def client(self, token: str | None = None) -> httpx.Client:
         return api_client(self.url, token or self.token)
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """A graceful shutdown, as SIGTERM gives the command: pending writes are drained."""
+    def stop(self) -> None:
+        """A graceful shutdown, as SIGTERM gives the command: pending writes are drained (on
+        the test's deadline)."""
         started = time.perf_counter()
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout)
+        self._thread.join(seconds_left())
         self.stop_seconds = time.perf_counter() - started
         self._socket.close()
         assert not self._thread.is_alive(), "meterline did not stop in time:\n" + self._stuck()

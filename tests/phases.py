@@ -4,10 +4,13 @@ summary line for the whole run (what CI prints last).
 1. lint: `ruff format --check` and `ruff check` (one check).
 2. typecheck: `mypy` on the packages (one check).
 3. parallel: the tests not marked `serial`, test files spread over three workers, those with
-   slow tests first.
+   process tests or slow tests first.
 4. serial: the tests that measure time or starve a server on purpose, alone.
 5. checkout: `git status` shows what it showed before the run, each changed file unchanged
    since (one check): the suite writes nothing into the checkout. (CI's clone is clean.)
+
+`make test-fast` (`--fast`): the parallel phase alone, of the tests that start no process (not
+marked `processes`, `tests/tiers.py`) and are not `serial`: the edit-run loop.
 
 The tests run as on a machine booted five minutes ago: in a time namespace (`unshare --time`,
 where the kernel and the user allow it) whose monotonic and boot clocks read about 300 s, so
@@ -121,42 +124,45 @@ def summary(counts: Counts) -> str:
     return text + (f", {counts.skipped} skipped" if counts.skipped else "")
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    fast = argv == ["--fast"]
     started = time.monotonic()
     before = checkout()
     prefix = fresh_boot()
     if not prefix:
         print("no time namespace here: the tests run on this machine's own clocks", flush=True)
     total = Counts()
-    total += check(
-        "lint", [str(BIN / "ruff"), "format", "--check", "."], [str(BIN / "ruff"), "check", "."]
-    )
-    total += check("typecheck", [str(BIN / "mypy")])
+    if not fast:
+        ruff = str(BIN / "ruff")
+        total += check("lint", [ruff, "format", "--check", "."], [ruff, "check", "."])
+        total += check("typecheck", [str(BIN / "mypy")])
     with (
         tempfile.TemporaryDirectory(prefix="meterline-phases-") as reports,
         tempfile.TemporaryDirectory(prefix="meterline-tests-", dir=scratch()) as temporary,
     ):
         folder = Path(reports)
         total += pytest(
-            "parallel",
+            "fast" if fast else "parallel",
             prefix,
             folder / "parallel.xml",
-            *("-n", "3", "--dist", "loadfile", "-m", "not serial"),
-            # In the collected order (tests/conftest.py: modules with slow tests first), not
+            *("-n", "3", "--dist", "loadfile", *(("--fast",) if fast else ("-m", "not serial"))),
+            # In the collected order (tests/conftest.py: modules with long tests first), not
             # xdist's default of modules with the most tests first: that put the longest
             # modules, which have a test or two, last, with one worker left running them.
             "--no-loadscope-reorder",
             f"--basetemp={temporary}/parallel",
         )
-        total += pytest(
-            "serial",
-            prefix,
-            folder / "serial.xml",
-            "-m",
-            "serial",
-            f"--basetemp={temporary}/serial",
-        )
-    total += check_clean(before)
+        if not fast:
+            total += pytest(
+                "serial",
+                prefix,
+                folder / "serial.xml",
+                "-m",
+                "serial",
+                f"--basetemp={temporary}/serial",
+            )
+    if not fast:
+        total += check_clean(before)
     minutes, seconds = divmod(round(time.monotonic() - started), 60)
     print(f"\n{summary(total)} in {minutes} min {seconds:02d} s", flush=True)
     return 0 if total.failed == 0 and total.skipped == 0 else 1
@@ -194,4 +200,4 @@ def check_clean(before: dict[str, str] | None) -> Counts:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

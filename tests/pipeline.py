@@ -3,8 +3,9 @@ shared data dir; plus the plain-Python oracle the tests compare quantities with.
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import random
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -14,10 +15,11 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
+from tests.deadline import seconds_left, wait_for, waited_too_long
 from tests.inprocess import ServedCore
-from tests.processes import Broker, MeterlineServer, Server, wait_until
+from tests.processes import Broker, MeterlineServer, Server, edge_token, new_org_token
 
 # One sum meter the oracle folds: tokens per customer.
 TOKENS_METER = {
@@ -64,6 +66,7 @@ class Pipeline:
         self.workers = workers
         self.processes = processes
         self.core_args = core_args
+        self._token: str | None = None  # a `tenant`'s
 
     def args(self) -> tuple[str, ...]:
         return (
@@ -108,39 +111,49 @@ class Pipeline:
         self.core.kill()
         self.core = self._server("up", *self.core_args).start()
 
+    def tenant(self, name: str) -> Self:
+        """This pipeline as a new organization `name` sees it (a token of its own, which the
+        edges take): tests that share a pipeline each work in their own organization."""
+        view = copy.copy(self)
+        view._token = new_org_token(self.data_dir, name)
+        for edge in self.edges:
+            edge_token(edge, view._token)
+        return view
+
     def token(self) -> str:
+        """The organization's token: the development token's, or the `tenant`'s."""
         assert self.core is not None and self.core.token is not None
-        return self.core.token
+        return self._token or self.core.token
 
     def organization_id(self) -> str:
-        """The id of the development token's organization (a new customer shows it)."""
+        """The id of the token's organization (a new customer shows it)."""
         assert self.core is not None
-        with self.core.client() as client:
+        with self.core.client(self.token()) as client:
             response = client.post("/v1/customers/", json={"email": "probe@example.com"})
             assert response.status_code == 201, response.text
             return str(response.json()["organization_id"])
 
     def create_meter(self, definition: dict[str, Any] = TOKENS_METER) -> str:
         assert self.core is not None
-        with self.core.client() as client:
+        with self.core.client(self.token()) as client:
             response = client.post("/v1/meters/", json=definition)
             assert response.status_code == 201, response.text
             return str(response.json()["id"])
 
     def stored_events(self) -> int:
         assert self.core is not None
-        with self.core.client() as client:
+        with self.core.client(self.token()) as client:
             response = client.get("/v1/events/", params={"limit": 1})
             assert response.status_code == 200, response.text
             return int(response.json()["pagination"]["total_count"])
 
-    def wait_for_events(self, count: int, timeout: float = 60.0) -> None:
-        wait_until(lambda: self.stored_events() >= count, timeout)
+    def wait_for_events(self, count: int) -> None:
+        wait_for(f"the core to store {count} events", lambda: self.stored_events() >= count)
         assert self.stored_events() == count
 
     def quantity(self, meter_id: str, **params: Any) -> float:
         assert self.core is not None
-        with self.core.client() as client:
+        with self.core.client(self.token()) as client:
             response = client.get(
                 f"/v1/meters/{meter_id}/quantities",
                 params={**_wide(), **params},
@@ -192,25 +205,23 @@ def usage_batches(seed: int, batches: int, size: int, tag: str) -> Iterator[list
         yield batch
 
 
-def send_until_accepted(
-    client: httpx.Client, events: list[dict[str, Any]], give_up_after: float = 120.0
-) -> int:
+def send_until_accepted(client: httpx.Client, events: list[dict[str, Any]]) -> int:
     """POST until a 2xx, as a client with retries does (same body, same external_ids); returns
-    how many attempts it took."""
-    deadline = time.monotonic() + give_up_after
+    how many attempts it took (on the test's deadline)."""
     attempts = 0
-    while True:
+
+    def accepted() -> bool:
+        nonlocal attempts
         attempts += 1
         try:
             response = client.post("/v1/events/ingest", json={"events": events})
-            if response.status_code == 200:
-                return attempts
-            assert response.status_code == 503, response.text
         except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError("events were never accepted")
-        time.sleep(0.2)
+            return False
+        assert response.status_code in (200, 503), response.text
+        return response.status_code == 200
+
+    wait_for(f"a batch of {len(events)} events to be accepted", accepted)
+    return attempts
 
 
 Headers = list[tuple[str, bytes]]
@@ -233,24 +244,32 @@ async def produce_raw(bootstrap: str, records: list[tuple[Headers, bytes | None]
         await producer.stop()
 
 
-async def dead_letters(
-    bootstrap: str, expected: int, wait_seconds: float = 60.0
-) -> list[tuple[dict[str, str], bytes]]:
-    """The dead-letter topic's records (headers, value), once `expected` are there (or after
-    `wait_seconds`: the caller's assertion then says what is missing)."""
-    consumer = AIOKafkaConsumer(
-        "meterline.events.dead",
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
+async def topic_records(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of `topic`, up to its end as of the call (on the test's deadline)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
-    found: list[tuple[dict[str, str], bytes]] = []
     try:
-        deadline = time.monotonic() + wait_seconds
-        while len(found) < expected and time.monotonic() < deadline:
+        await consumer.topics()  # the cluster's metadata, with the topic's partitions
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        found: list[ConsumerRecord[bytes, bytes]] = []
+        while [p for p in partitions if await consumer.position(p) < ends[p]]:
+            assert seconds_left() > 0, waited_too_long(f"the records of {topic}")
             for batch in (await consumer.getmany(timeout_ms=500)).values():
-                found += [({k: v.decode() for k, v in r.headers}, r.value) for r in batch]
+                found += batch
+        return found
     finally:
         await consumer.stop()
-    return found
+
+
+async def dead_letters(bootstrap: str, expected: int) -> list[tuple[dict[str, str], bytes]]:
+    """The dead-letter topic's records (headers, value), once `expected` are there (or when
+    the test's deadline is out: the caller's assertion then says what is missing)."""
+    while True:
+        records = await topic_records(bootstrap, "meterline.events.dead")
+        found = [({k: v.decode() for k, v in r.headers}, r.value or b"") for r in records]
+        if len(found) >= expected or seconds_left() <= 0:
+            return found
+        await asyncio.sleep(0.2)  # the core dead-letters as it reads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
@@ -9,7 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
@@ -17,6 +19,7 @@ from typing import Protocol, Self
 import httpx
 
 from aggregator.auth import TokenRegistry
+from tests.deadline import seconds_left, wait_for, waited_too_long, watch
 
 # One TLS context for every HTTP client of the tests: httpx loads its CA bundle anew for each
 # client it makes (about 25 ms of CPU), and the tests make thousands (a client per server and
@@ -32,10 +35,16 @@ def answers_health(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+# Idle connections are dropped before meterline closes them (`--idle-timeout-seconds`, 5 s):
+# a request sent on one the server closes at that moment fails, and a loaded machine widens
+# that moment.
+LIMITS = httpx.Limits(keepalive_expiry=2.0)
+
+
 def api_client(url: str, token: str | None) -> httpx.Client:
     """A client of the API at `url`, with `token` (as `Server.client` gives it)."""
     headers = {"Authorization": f"Bearer {token}"}
-    return httpx.Client(base_url=url, headers=headers, timeout=30, verify=TLS)
+    return httpx.Client(base_url=url, headers=headers, timeout=30, verify=TLS, limits=LIMITS)
 
 
 class Server(Protocol):
@@ -47,6 +56,24 @@ class Server(Protocol):
     token: str | None
 
     def client(self, token: str | None = None) -> httpx.Client: ...
+
+
+class _Killable(Protocol):
+    def running(self) -> bool: ...
+
+    def kill(self) -> None: ...
+
+
+_started: weakref.WeakSet[_Killable] = weakref.WeakSet()
+
+
+def kill_leftovers() -> int:
+    """SIGKILL the servers and brokers that still run (a test that failed before stopping
+    them): none outlives the session. How many there were."""
+    left = [process for process in list(_started) if process.running()]
+    for process in left:
+        process.kill()
+    return len(left)
 
 
 def free_port() -> int:
@@ -87,7 +114,7 @@ class MeterlineServer:
         self._proc: subprocess.Popen[str] | None = None
         self.echo = False
 
-    def start(self, timeout: float = 60.0) -> Self:
+    def start(self) -> Self:
         cmd = [
             *self.prefix,
             sys.executable,
@@ -109,24 +136,34 @@ class MeterlineServer:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+        _started.add(self)
+        watch(self)
         ready = threading.Event()
         # Keep draining the pipe for the whole run: a full pipe would block the server.
         threading.Thread(target=self._pump, args=(ready,), daemon=True).start()
-        deadline = time.monotonic() + timeout
-        # `up` prints its banner (with the token) once serving; the others answer /healthz.
-        started = ready.wait(timeout) if self.command == "up" else self._healthy(deadline)
-        if not started or self._proc.poll() is not None:
+
+        def serving() -> bool:
+            # `up` prints its banner (with the token) once serving; the others answer /healthz.
+            serves = ready.is_set() if self.command == "up" else answers_health(self.url)
+            if self._proc is None or self._proc.poll() is not None:
+                raise RuntimeError("meterline did not start:\n" + "\n".join(self.output[-40:]))
+            return serves
+
+        try:
+            wait_for(f"{self.describe()} to serve", serving)
+        except BaseException:
             self.kill()
-            raise RuntimeError("meterline did not start:\n" + "\n".join(self.output[-40:]))
+            raise
         return self
 
-    def _healthy(self, deadline: float) -> bool:
-        assert self._proc is not None
-        while time.monotonic() < deadline and self._proc.poll() is None:
-            if answers_health(self.url):
-                return True
-            time.sleep(0.1)
-        return False
+    def describe(self) -> str:
+        return f"meterline {self.command} on port {self.port}"
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def last_lines(self, count: int) -> list[str]:
+        return self.output[-count:]
 
     def _pump(self, ready: threading.Event) -> None:
         assert self._proc is not None and self._proc.stdout is not None
@@ -159,19 +196,24 @@ class MeterlineServer:
     def client(self, token: str | None = None) -> httpx.Client:
         return api_client(self.url, token or self.token)
 
-    def stop(self, timeout: float = 120.0) -> int:
-        """SIGTERM and wait: a graceful shutdown drains pending writes."""
+    def stop(self) -> int:
+        """SIGTERM and wait (on the test's deadline): a graceful shutdown drains pending
+        writes."""
         assert self._proc is not None
         started = time.perf_counter()
         self._proc.send_signal(signal.SIGTERM)
-        self.exit_code = self._proc.wait(timeout)
+        self.ended(f"{self.describe()} to stop on SIGTERM")
         self.stop_seconds = time.perf_counter() - started
+        assert self.exit_code is not None
         return self.exit_code
 
-    def ended(self, timeout: float) -> int:
-        """The exit status of a server that stops by itself."""
+    def ended(self, what: str | None = None) -> int:
+        """The exit status of a server that stops by itself (on the test's deadline)."""
         assert self._proc is not None
-        self.exit_code = self._proc.wait(timeout)
+        try:
+            self.exit_code = self._proc.wait(seconds_left())
+        except subprocess.TimeoutExpired:
+            raise AssertionError(waited_too_long(what or f"{self.describe()} to exit")) from None
         return self.exit_code
 
     def kill(self) -> None:
@@ -192,23 +234,8 @@ class MeterlineServer:
         if self._proc is not None and self._proc.poll() is None:
             try:
                 self.stop()
-            except subprocess.TimeoutExpired:
+            except AssertionError:  # out of time (a failed test's teardown): no drain then
                 self.kill()
-
-
-def data_dir_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`meterline ARGS --data-dir DATA_DIR` (a command reading the data dir: token, org)."""
-    return subprocess.run(
-        [sys.executable, "-m", "aggregator.cli", *args, "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-
-
-def token_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return data_dir_cli(data_dir, "token", *args)
 
 
 def new_org_token(data_dir: Path, org: str) -> str:
@@ -221,7 +248,7 @@ def new_org_token(data_dir: Path, org: str) -> str:
         registry.close()
 
 
-def edge_token(edge: Server, token: str, timeout: float = 15.0) -> str:
+def edge_token(edge: Server, token: str) -> str:
     """`token` once `edge` accepts it: an edge takes tokens from the control topic, where the
     core publishes those of its data dir within about a second."""
 
@@ -229,17 +256,8 @@ def edge_token(edge: Server, token: str, timeout: float = 15.0) -> str:
         with edge.client(token) as client:
             return client.post("/v1/events/ingest", json={"events": []}).status_code != 401
 
-    wait_until(accepted, timeout)
+    wait_for("the edge to accept a token from the control topic", accepted)
     return token
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def tansu_binary() -> Path:
@@ -260,9 +278,10 @@ class Broker:
         self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self._advertised = f"tcp://127.0.0.1:{advertised_port or self.port}"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[str] | None = None
+        self._output: collections.deque[str] = collections.deque(maxlen=200)
 
-    def start(self, timeout: float = 30.0) -> Self:
+    def start(self) -> Self:
         url = f"tcp://{self.bootstrap}"
         self._proc = subprocess.Popen(
             [
@@ -275,20 +294,43 @@ class Broker:
                 "--storage-engine",
                 "memory://tansu/",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"tansu exited with {self._proc.returncode}")
+        _started.add(self)
+        watch(self)
+        threading.Thread(target=self._pump, daemon=True).start()
+
+        def listening() -> bool:
+            if self._proc is None or self._proc.poll() is not None:
+                raise RuntimeError("tansu did not start:\n" + "\n".join(self._output))
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
             except OSError:
-                time.sleep(0.05)
-        self.kill()
-        raise RuntimeError("tansu did not start listening")
+                return False
+            return True
+
+        try:
+            wait_for(f"{self.describe()} to listen", listening)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def _pump(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._output.append(line.rstrip())
+
+    def describe(self) -> str:
+        return f"tansu broker on port {self.port}"
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def last_lines(self, count: int) -> list[str]:
+        return list(self._output)[-count:]
 
     def pause(self) -> None:
         assert self._proc is not None

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+from hypothesis import settings
 from hypothesis import strategies as st
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -32,6 +33,14 @@ MAX_METADATA_KEYS = 50
 MAX_METADATA_KEY_LENGTH = 40
 MAX_METADATA_STRING_LENGTH = 500
 RESERVED_METADATA_KEYS = frozenset({"_cost", "_llm"})
+
+
+def examples(count: int) -> int:
+    """A test's example count, `count` being its count under the `ci` profile (50 a test by
+    default, `tests/conftest.py`), in proportion under the profile loaded: a fifth under
+    `fast` (`make test-fast`), forty times as many under `nightly`."""
+    return max(1, round(count * settings.default.max_examples / 50))
+
 
 # Any text JSON can carry (no lone surrogates) minus NUL, which the validator rejects.
 TEXT = st.characters(codec="utf-8", exclude_characters="\x00")

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.deadline import seconds_left
 from tests.test_readme import ROOT, examples, make_up, run_as_shown, scratch
+
+pytestmark = pytest.mark.processes
 
 DOCS = ROOT / "docs"
 # The pages' examples run in three modules, each with its own server, so that test workers
@@ -49,7 +52,7 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=seconds_left(),
     )
     assert built.returncode == 0, built.stderr[-4000:]
 

@@ -11,7 +11,7 @@ from tests.test_docs import page_id, pages, run_page, served
 
 __all__ = ["served"]  # the module's server (a fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 @pytest.mark.parametrize("page", pages("sdk", "operations"), ids=page_id)

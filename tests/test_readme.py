@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import answers_health, free_port, wait_until
+from tests.deadline import seconds_left, wait_for
+from tests.processes import answers_health, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -27,7 +28,7 @@ README_ADDRESS = "127.0.0.1:8000"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
 MARK = "@@readme-block@@"
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,7 @@ def run_as_shown(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,  # as a terminal shows them: progress lines go to stderr
         text=True,
-        timeout=180,
+        timeout=seconds_left(),
     )
     outputs = done.stdout.split(f"\n{MARK}\n")[1:]
     ran = len(outputs)
@@ -154,12 +155,12 @@ def make_up(cwd: Path, env: dict[str, str], address: str) -> Iterator[Callable[[
         return answers_health(f"http://{address}", timeout=2)
 
     try:
-        wait_until(serving, timeout=120)
+        wait_for(f"make up to serve on {address}", serving)
         yield lambda: "".join(lines)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=max(seconds_left(), 10))  # a drained stop, else a kill
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

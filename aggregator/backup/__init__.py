@@ -4,11 +4,10 @@ on S3 (`places`); restored into an empty data dir (`restore`)."""
 
 from aggregator.backup.places import check, fetched, put
 from aggregator.backup.served import SnapshotSocket, requested
-from aggregator.backup.snapshots import MANIFEST, Backups, BackupSettings, restore, snapshots
+from aggregator.backup.snapshots import MANIFEST, Backups, restore, snapshots
 
 __all__ = [
     "MANIFEST",
-    "BackupSettings",
     "Backups",
     "SnapshotSocket",
     "check",

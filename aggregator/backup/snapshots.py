@@ -30,7 +30,6 @@ import logging
 import shutil
 import sqlite3
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +39,7 @@ import orjson
 
 from aggregator.auth import SECRET_FILE
 from aggregator.errors import UsageError
+from aggregator.settings import BackupSettings
 from aggregator.store import Store, ingest_log_repair
 from ingest.tasks import cancel_within
 
@@ -50,13 +50,6 @@ DATABASE = "meterline.duckdb"
 AUTH = "auth.sqlite3"
 ATTEMPTS = 3  # of one snapshot, when the ingest log pruned a segment during the copy
 NAMED = 5  # of the entries found in a data dir that a restore refuses
-
-
-@dataclass(frozen=True, slots=True)
-class BackupSettings:
-    to: Path
-    every_seconds: float = 3600.0
-    kept: int = 24
 
 
 class Backups:

@@ -9,49 +9,11 @@ from typing import Any
 import orjson
 
 from aggregator.backup import MANIFEST, check, fetched, put, requested, restore
-from aggregator.commands.common import command, data_dir_option
-from aggregator.core_app import CoreSettings
 from aggregator.errors import UsageError
 from aggregator.intake.routing import Placement
+from aggregator.settings import CoreSettings
 from aggregator.store import shard_splits
-from ingest.kafka import KafkaSettings, Shard
-
-
-def commands(subparsers: Any) -> None:
-    backup = command(
-        subparsers,
-        "backup",
-        "a snapshot of the data dir of a running core (`up` or `core`), taken while it serves,"
-        " into a folder or S3",
-    )
-    backup.add_argument(
-        "--to",
-        required=True,
-        metavar="DIR|s3://BUCKET/PREFIX",
-        help="where the snapshot's folder goes (it holds the data dir's secret.key, if any: keep"
-        " it as private as the data dir); S3 needs the s3 extra",
-    )
-    data_dir_option(backup)
-    restoring = command(
-        subparsers, "restore", "make a data dir from a snapshot (`backup`, or --backup-to)"
-    )
-    restoring.add_argument(
-        "--from",
-        dest="snapshot",
-        required=True,
-        metavar="DIR|s3://BUCKET/PREFIX",
-        help="a snapshot, or a folder or prefix of snapshots (the newest); with --shard, also"
-        " the data dir of a retired shard's core",
-    )
-    restoring.add_argument(
-        "--shard",
-        metavar="J/M",
-        help="make shard J of the M that `meterline split` split this data dir's shard into:"
-        " --from is that shard's data dir (its core retired: exit 0) or a snapshot taken after,"
-        " and what shard J/M does not hold is left out",
-    )
-    restoring.add_argument("--topic", default=KafkaSettings("").topic, help="the events topic")
-    data_dir_option(restoring)
+from ingest.kafka import Shard
 
 
 def run(args: argparse.Namespace) -> int:

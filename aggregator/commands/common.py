@@ -7,12 +7,11 @@ import argparse
 import os
 import shlex
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from aggregator.errors import UsageError
-from ingest.kafka import KafkaSecurity, KafkaSettings
+from ingest.settings import KafkaSecurity, KafkaSettings
 
 DEFAULT_DATA_DIR = Path(".meterline")
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -40,10 +39,26 @@ def command(subparsers: Any, name: str, summary: str, **kwargs: Any) -> argparse
 
 
 def version() -> str:
+    from importlib import metadata  # here, not above: every command would pay for its import
+
     try:
         return metadata.version("meterline")
     except metadata.PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown (not installed)"
+
+
+class Version(argparse._VersionAction):
+    """`--version`, which looks the version up only when asked (`version`)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        self.version = f"meterline {version()}"
+        super().__call__(parser, namespace, values, option_string)
 
 
 def data_dir_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -8,74 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 import orjson
 
-from aggregator.commands.common import command, plural, security_of, topic_options
+from aggregator.commands.common import plural, security_of
 from aggregator.errors import QueryTimeout, UsageError
-from aggregator.intake.dead_letters import SCAN, DeadLetter, read_at, read_recent, replay
+from aggregator.intake.dead_letters import DeadLetter, read_at, read_recent, replay
 from ingest.kafka import KafkaSettings
 
 SHOWN_BYTES = 120  # of a value in `list`
-
-
-def commands(subparsers: Any) -> None:
-    group = command(subparsers, "dead-letters", "read and replay the dead-letter topic (Kafka)")
-    actions = group.add_subparsers(dest="dead_letters_command", required=True)
-    listing = command(actions, "list", "the newest dead letters, newest first")
-    _kafka_options(listing)
-    _filters(listing)
-    show = command(actions, "show", "one dead letter: its headers, then its value on stdout")
-    _kafka_options(show)
-    show.add_argument("where", metavar="PARTITION:OFFSET", help="as `list` prints it")
-    again = command(
-        actions,
-        "replay",
-        "publish dead letters' records to the events topic again (safe twice: deduplicated"
-        " by external_id)",
-    )
-    _kafka_options(again)
-    again.add_argument(
-        "where",
-        nargs="*",
-        metavar="PARTITION:OFFSET",
-        help="the dead letters to replay (default: those the filters match)",
-    )
-    _filters(again)
-    again.add_argument(
-        "--value-file",
-        type=Path,
-        help="publish this file's bytes instead of the record's value (one dead letter only)",
-    )
-    again.add_argument(
-        "--allow-duplicates",
-        action="store_true",
-        help="replay JSON records without external_id too (applied again if they were before)",
-    )
-
-
-def _kafka_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--kafka",
-        metavar="BOOTSTRAP",
-        default=os.environ.get("METERLINE_KAFKA"),
-        help="bootstrap servers (default: $METERLINE_KAFKA)",
-    )
-    topic_options(parser)
-
-
-def _filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--organization", help="only this organization's (its id)")
-    parser.add_argument("--reason", help="only those whose reason contains this text")
-    parser.add_argument("--limit", type=int, default=50, help="at most this many")
-    parser.add_argument(
-        "--scan", type=int, default=SCAN, help="read at most this many of the newest records"
-    )
 
 
 def run(args: argparse.Namespace) -> int:

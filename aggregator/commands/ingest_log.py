@@ -12,32 +12,13 @@ Both need the server stopped: its DuckDB file says how far the log was stored.""
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import duckdb
 
-from aggregator.commands.common import command, data_dir_option, plural, program
-from aggregator.core_app import CoreSettings
+from aggregator.commands.common import plural, program
 from aggregator.errors import UsageError
+from aggregator.settings import CoreSettings
 from aggregator.store import ingest_log_repair
-
-
-def commands(subparsers: Any) -> None:
-    log = command(
-        subparsers, "ingest-log", "check the ingest log, or move what does not read back aside"
-    )
-    actions = log.add_subparsers(dest="ingest_log_command", required=True)
-    data_dir_option(
-        command(actions, "check", "whether the log reads back whole; if not, what is lost")
-    )
-    data_dir_option(
-        command(
-            actions,
-            "repair",
-            "keep every request that reads back whole, move the rest aside (kept, not"
-            " deleted) so the server starts; says what is lost",
-        )
-    )
 
 
 def run(args: argparse.Namespace) -> int:

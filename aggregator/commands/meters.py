@@ -12,31 +12,10 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from aggregator.commands.common import command, plural, server_options
+from aggregator.commands.common import plural
 from aggregator.commands.progress import Progress, Task
 from aggregator.commands.server_client import Endpoint, local
 from aggregator.errors import UsageError
-
-
-def commands(subparsers: Any) -> None:
-    meters = command(subparsers, "meters", "a running server's meters")
-    actions = meters.add_subparsers(dest="meters_command", required=True)
-    wait = command(
-        actions,
-        "wait",
-        "wait until meters' backfills are done, showing their progress in events",
-    )
-    wait.add_argument(
-        "meter_ids",
-        nargs="*",
-        metavar="METER_ID",
-        help="the meters to wait for (default: every meter of the organization not archived)",
-    )
-    server_options(wait, "a token of the meters' organization")
-    wait.add_argument(
-        "--timeout", type=float, default=0.0, help="seconds to wait at most (0: until done)"
-    )
-    wait.add_argument("--poll-seconds", type=float, default=1.0, help="how often to ask")
 
 
 def run(args: argparse.Namespace) -> int:

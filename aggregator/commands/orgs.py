@@ -9,21 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from aggregator.auth import OrganizationInfo, TokenRegistry
-from aggregator.commands.common import command, data_dir_option, plural
+from aggregator.commands.common import plural
 from aggregator.commands.tokens import holds_data
 from aggregator.errors import UsageError
-
-
-def commands(subparsers: Any) -> None:
-    org = command(subparsers, "org", "list organizations and their ids")
-    actions = org.add_subparsers(dest="org_command", required=True)
-    data_dir_option(command(actions, "list", "one line per organization: id, name, tokens"))
-    show = command(actions, "show", "one organization: id, name, created, tokens")
-    data_dir_option(show)
-    show.add_argument("name", help="the organization's name (as `token create --org` took it)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,17 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any
 
 from aiokafka import TopicPartition
 
 from aggregator.auth import SECRET_FILE, read_secret
 from aggregator.commands.common import (
-    command,
-    data_dir_option,
     program,
     security_of,
-    topic_options,
 )
 from aggregator.errors import UsageError
 from aggregator.intake.sealed import Sealer
@@ -26,41 +22,6 @@ from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from meters.commands import decode
 from meters.errors import MetersError
 from meters.times import now_us
-
-
-def commands(subparsers: Any) -> None:
-    split = command(
-        subparsers,
-        "split",
-        "split a deployment of N shards into M, a multiple of N: every core of the N shards"
-        " stops where it has applied its partitions (exit 0), and each new shard J/M is made"
-        " from the data dir of shard J mod N (`restore --shard J/M`)",
-    )
-    split.add_argument("--kafka", required=True, metavar="BOOTSTRAP", help="the cluster's broker")
-    split.add_argument(
-        "--from",
-        dest="from_count",
-        type=int,
-        required=True,
-        metavar="N",
-        help="the shard count the cores run with now (their --shard I/N)",
-    )
-    split.add_argument(
-        "--to",
-        dest="to_count",
-        type=int,
-        required=True,
-        metavar="M",
-        help="the shard count after the split: a multiple of N, at most the topic's partitions",
-    )
-    split.add_argument(
-        "--wait-seconds",
-        type=float,
-        default=60.0,
-        help="how long to wait for every old shard to say where it stopped",
-    )
-    topic_options(split)
-    data_dir_option(split)  # its secret.key: the cluster secret
 
 
 def run(args: argparse.Namespace) -> int:

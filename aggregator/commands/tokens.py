@@ -9,73 +9,16 @@ never shows a live token in its output."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
-import secrets
 import shlex
 import sys
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from aggregator.auth import (
-    SECRET_FILE,
-    TOKEN_PREFIX,
-    Organization,
-    TokenRegistry,
-    TokenRow,
-    read_secret,
-    token_hash,
-)
-from aggregator.commands.common import (
-    command,
-    data_dir_option,
-    program,
-    security_of,
-    topic_options,
-)
-from aggregator.core_app import CoreSettings
+from aggregator.auth import SECRET_FILE, TokenRegistry
+from aggregator.commands.common import program
 from aggregator.errors import NotFound, UsageError
-from aggregator.intake.sealed import Sealer
-from aggregator.intake.token_records import (
-    TokenView,
-    organization_record,
-    publish,
-    token_record,
-)
-from ingest.kafka import KafkaSettings
-
-
-def commands(subparsers: Any) -> None:
-    token = command(subparsers, "token", "manage organization access tokens")
-    actions = token.add_subparsers(dest="token_command", required=True)
-    create = command(actions, "create", "print a new token, alone on stdout")
-    data_dir_option(create)
-    create.add_argument("--org", required=True, help="organization name (created if needed)")
-    create.add_argument(
-        "--label",
-        default="created with meterline token create",
-        help="what the token is for (shown by `token list`)",
-    )
-    create.add_argument(
-        "--kafka",
-        metavar="BOOTSTRAP",
-        help="publish the token on the cluster's control topic instead (edges and cores read it"
-        " there); --data-dir then only gives the cluster secret, secret.key",
-    )
-    topic_options(create)
-    create.add_argument(
-        "--init",
-        action="store_true",
-        help="start a new data dir if --data-dir holds no meterline data yet (a server"
-        " started on it later accepts the token)",
-    )
-    listing = command(actions, "list", "list tokens (never their text)")
-    data_dir_option(listing)
-    revoke = command(actions, "revoke", "revoke a token by id")
-    data_dir_option(revoke)
-    revoke.add_argument("token_id", help="the token's id (first column of `token list`)")
+from aggregator.settings import CoreSettings
+from ingest.settings import KafkaSettings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
             f" --data-dir {where}); `token create --init` starts a new data dir here instead"
         )
     if args.token_command == "create" and args.kafka:  # noqa: S105 - not a secret
-        print(asyncio.run(_create_on_topic(args)))
+        # Imported only now: a token made in the data dir needs neither Kafka nor asyncio.
+        from aggregator.commands import token_topic
+
+        print(token_topic.create(args))
         return 0
     registry = TokenRegistry(args.data_dir)
     try:
@@ -110,31 +56,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         registry.close()
     return 0
-
-
-async def _create_on_topic(args: argparse.Namespace) -> str:
-    """A new token of organization `--org` (made if the topic has none of that name),
-    published on the control topic (`intake.token_records`); its text."""
-    secret = read_secret(args.data_dir / SECRET_FILE)
-    sealer = Sealer(secret)
-    kafka = KafkaSettings(
-        args.kafka,
-        topic=args.topic,
-        idempotence=not args.no_idempotence,
-        security=security_of(args),
-    )
-    async with TokenView(kafka, sealer, secret) as view:
-        org = view.organization_named(args.org)
-    now = datetime.now(UTC).isoformat()
-    records = []
-    if org is None:
-        org = Organization(str(uuid.uuid4()), args.org)
-        records.append(organization_record(org, now))
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    row = TokenRow(str(uuid.uuid4()), org.id, token_hash(secret, token), args.label, now, None)
-    records.append(token_record(row))
-    await publish(kafka, sealer, records)
-    return token
 
 
 def holds_data(data_dir: Path) -> bool:

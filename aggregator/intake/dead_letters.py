@@ -28,6 +28,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from aggregator.errors import QueryTimeout
+from aggregator.settings import DEAD_LETTER_SCAN
 from ingest.kafka import KafkaSettings, stop_within
 from meters.columnar import H_ORGANIZATION
 
@@ -41,7 +42,7 @@ __all__ = [
     "replay",
 ]
 
-SCAN = 5_000
+SCAN = DEAD_LETTER_SCAN
 TIMEOUT_SECONDS = 5.0
 _REASON, _TOPIC, _PARTITION, _OFFSET, _ROW = (
     f"meterline.{name}" for name in ("reason", "topic", "partition", "offset", "row")

@@ -4,7 +4,7 @@ request is durable once the store's group commit logs it (`store.ingest_log`), n
 from __future__ import annotations
 
 from aggregator.store import IngestJob, Store, with_origin
-from ingest.publish import PublishResult
+from ingest.publish import Progress, PublishResult
 from ingest.validation import ValidationPool
 from meters.ipc import Encoded
 
@@ -17,13 +17,20 @@ class EmbeddedPublisher:
         self._validation = validation
 
     async def publish(
-        self, organization_id: str, body: bytes, received_at_us: int
+        self,
+        organization_id: str,
+        body: bytes,
+        received_at_us: int,
+        progress: Progress | None = None,
     ) -> PublishResult:
+        progress = progress or Progress()
         encoded = await self._validation.validate(body, received_at_us, Encoded)
         events = encoded.events
         origin = with_origin(events, organization_id, received_at_us)
+        progress.waiting_for = "the evaluation of its organization's meters"
         prepared = await self._store.prepare(organization_id, origin)
         job = IngestJob(organization_id, events, received_at_us, encoded.data, prepared)
+        progress.waiting_for = "the writer to commit it"
         result = await self._store.write(
             job, weight=max(1, events.num_rows), tenant=organization_id
         )

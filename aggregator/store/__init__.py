@@ -21,13 +21,12 @@ from aggregator.store.base.meter_rows import MeterRow, get_meter
 from aggregator.store.base.meter_sql import filter_sql, meter_events_sql
 from aggregator.store.machinery import ingest_log_repair
 from aggregator.store.machinery.balances import Balances
-from aggregator.store.machinery.dedupe import MEMORY_KEYS as DEDUPE_MEMORY_KEYS
 from aggregator.store.machinery.disk import full as disk_full
 from aggregator.store.machinery.ingest_log import LogCorrupt, with_origin, with_source
 from aggregator.store.machinery.live import Changed, Live
 from aggregator.store.machinery.memtable import Positions
 from aggregator.store.machinery.rollups import Prepared
-from aggregator.store.machinery.writer import DEFAULT_JOB_BOUND_SECONDS, Job, Outcome
+from aggregator.store.machinery.writer import Job, Outcome
 from aggregator.store.store import Store
 from aggregator.store.tables import (
     alert_tables,
@@ -94,8 +93,6 @@ from aggregator.store.tables.webhook_tables import (
 # names in its `__all__`. Nothing outside the store imports its rooms (`aggregator/ruff.toml`).
 __all__ = [
     "CUSTOMER_SORTS",
-    "DEDUPE_MEMORY_KEYS",
-    "DEFAULT_JOB_BOUND_SECONDS",
     "GROUP_KEYS",
     "METER_SORTS",
     "ORIGIN",

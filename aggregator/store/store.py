@@ -32,7 +32,7 @@ from aggregator.errors import QueryTimeout, StorageFull, UsageError
 from aggregator.store.apply.batch import Meters
 from aggregator.store.apply.commands import applied_group, applied_job, positioned
 from aggregator.store.apply.ingest import Replay
-from aggregator.store.base.meter_rows import meters_of
+from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.listeners import Listeners
 from aggregator.store.machinery import dedupe, disk, ingest_log, rollups
 from aggregator.store.machinery.disk import DiskHealth
@@ -481,7 +481,7 @@ class Store:
 
     def _prepare(self, organization_id: str, events: pa.Table) -> Prepared | None:
         cursor = self._cursor()
-        meters = self.live.feature(Meters).known(organization_id)
+        meters: Sequence[MeterRow] | None = self.live.feature(Meters).known(organization_id)
         if meters is None:
             meters = meters_of(cursor, [organization_id])
         if len(meters) <= self._prepared_meters:

@@ -15,15 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal, Self
+from typing import Self
 
 import httpx
 
 from aggregator.errors import NotLeading, UsageError
 from aggregator.intake.leadership import Role
+from aggregator.settings import ForwarderSettings
 from aggregator.store import Pending, Store
 from aggregator.upstream.outboxes import Outbox, RawOutbox, RollupOutbox
 from aggregator.upstream.progress import Progress
@@ -32,38 +31,6 @@ from meters.polar_api import PolarApi
 from meters.upstream import Accepted, Rejected, RetryLater, backoff
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ForwarderSettings:
-    url: str
-    token: str
-    organization: str = "default"  # whose events go upstream (the token is that org's there)
-    rate_per_minute: float = 500.0
-    max_events: int = 1000
-    max_bytes: int = 9 * 1024 * 1024  # under the upstream's 10 MiB, leaving room for framing
-    timeout_seconds: float = 10.0
-    idle_seconds: float = 0.5
-    max_backoff_seconds: float = 30.0
-    mode: Literal["raw", "rollup"] = "raw"
-    rollup_minutes: int = 60  # the period of a rollup event (divides a day)
-    settle_seconds: float = 60.0  # a period is forwarded this long after it ends
-    stage_every_seconds: float = 60.0
-    # Local external customer id (or customer id) → the upstream's external_customer_id.
-    customer_map: Mapping[str, str] = field(default_factory=dict)
-
-    def outbox(self, store: Store, organization_id: str, progress: Progress) -> Outbox:
-        if self.mode == "raw":
-            return RawOutbox(store, organization_id, self.customer_map, progress)
-        return RollupOutbox(
-            store,
-            organization_id,
-            self.customer_map,
-            progress,
-            period_minutes=self.rollup_minutes,
-            settle_seconds=self.settle_seconds,
-            stage_every_seconds=self.stage_every_seconds,
-        )
 
 
 class Forwarder:
@@ -81,7 +48,7 @@ class Forwarder:
     ) -> None:
         """`progress`: how the outbox records the upstream's answers (None: in the store
         alone); `role`: forwards only while this core leads (None: always)."""
-        self._outbox = settings.outbox(store, organization_id, progress or Progress(store))
+        self._outbox = _outbox(settings, store, organization_id, progress or Progress(store))
         self._role = role or Role(leading=True)
         self._settings = settings
         self.mode = settings.mode
@@ -225,3 +192,19 @@ def _within(batch: list[Pending], max_bytes: int) -> list[Pending]:
         if total > max_bytes and i > 0:
             return batch[:i]
     return batch
+
+
+def _outbox(
+    settings: ForwarderSettings, store: Store, organization_id: str, progress: Progress
+) -> Outbox:
+    if settings.mode == "raw":
+        return RawOutbox(store, organization_id, settings.customer_map, progress)
+    return RollupOutbox(
+        store,
+        organization_id,
+        settings.customer_map,
+        progress,
+        period_minutes=settings.rollup_minutes,
+        settle_seconds=settings.settle_seconds,
+        stage_every_seconds=settings.stage_every_seconds,
+    )

@@ -25,7 +25,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -33,6 +32,7 @@ import httpx
 
 from aggregator.errors import NotLeading
 from aggregator.intake.leadership import Role
+from aggregator.settings import WebhookSettings
 from aggregator.store import (
     Attempt,
     Due,
@@ -53,20 +53,6 @@ from meters.webhook_rules import RESPONSE_EXCERPT_BYTES, signature
 
 log = logging.getLogger(__name__)
 USER_AGENT = "meterline-webhooks/0.1"
-
-
-@dataclass(frozen=True, slots=True)
-class WebhookSettings:
-    allow_private: bool = False  # tests, and receivers on the same network, on purpose
-    retention_days: float = 30.0
-    disable_after_seconds: float = 24 * 3600.0  # failing this long since the last success
-    timeout_seconds: float = 10.0  # a whole attempt: connecting, sending, the answer's excerpt
-    concurrency: int = 32
-    per_endpoint: int = 8
-    idle_poll_seconds: float = 5.0
-    prune_every_seconds: float = 3600.0
-    # At most one customer.state_changed per customer per this many seconds.
-    state_changed_seconds: float = 5.0
 
 
 async def private_refusal(url: str) -> str | None:

@@ -2,20 +2,19 @@
 error map, authenticated requests with bounded bodies, admission and metrics. The core imports
 these names from here, never from the modules behind them."""
 
-from ingest.http.admission import MIB, Admission, Limits, Rate
+from ingest.http.admission import Admission
 from ingest.http.cloudevents import OPENMETER_PATH, CloudEvent
-from ingest.http.cores import OFFSET_HEADER, READ_AFTER_HEADER, CoreRouting, Cores
+from ingest.http.cores import OFFSET_HEADER, READ_AFTER_HEADER, Cores
 from ingest.http.edge import (
     Front,
     IngestBody,
     IngestEvent,
     IngestResult,
-    IngestSettings,
     edge_app,
     ingest_routes,
 )
 from ingest.http.metrics import Responses, Source, count_responses, metrics_route
-from ingest.http.otlp import OtlpSettings, PerOrganization
+from ingest.http.otlp import PerOrganization
 from ingest.http.protocol import Gate, http_protocol
 from ingest.http.requests import Authenticate, bearer_subject, json_body, organization_of
 from ingest.http.responses import (
@@ -34,6 +33,7 @@ from ingest.http.responses import (
     relayed,
     streamed,
 )
+from ingest.settings import MIB, CoreRouting, IngestSettings, Limits, OtlpSettings, Rate
 
 __all__ = [
     "HOP_BY_HOP",

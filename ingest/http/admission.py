@@ -23,43 +23,12 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from starlette.requests import Request
 
 from ingest.errors import BodyTimeout, TooManyRequests, Unavailable
 from ingest.http.requests import read_body
-
-MIB = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Rate:
-    """A token bucket's refill per second; it holds one second's worth."""
-
-    requests: float
-    events: float
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    # A request's headers must have arrived this long after it began (the socket is closed
-    # past it); a keep-alive connection idle this long is closed.
-    header_timeout_seconds: float = 10.0
-    idle_timeout_seconds: float = 5.0
-    # A body must have arrived this long after its headers (408 past it).
-    body_timeout_seconds: float = 10.0
-    # Body bytes held by requests being read, validated or published at once (503 past it).
-    max_buffered_bytes: int = 256 * MIB
-    # Requests validated or publishing at once (503 past it).
-    max_inflight: int = 64
-    # What one organization may hold of the two above (429 past it): the rest stays for others.
-    # 16 requests: twice what the SDK and the benchmarks keep in flight.
-    organization_share: float = 0.25
-    # Far above what one client of the project's benchmarks sends (8 × 1,000-event requests
-    # in flight), below what a flood of small requests would take from everyone else.
-    token_rate: Rate = Rate(requests=2_000, events=1_000_000)
-    organization_rate: Rate = Rate(requests=4_000, events=2_000_000)
+from ingest.settings import MIB, Limits
 
 
 class _Bucket:

@@ -46,6 +46,7 @@ from starlette.responses import Response
 
 from ingest.http.requests import read_body
 from ingest.http.responses import HOP_BY_HOP, error, is_stream, relayed, streamed
+from ingest.settings import CoreRouting
 from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
@@ -59,19 +60,6 @@ READS = frozenset({"GET", "HEAD", "OPTIONS"})
 # session is a new token, the forwarder's resends send again.
 ONCE = ("/v1/customer-sessions/", "/v1/forwarder/")
 _ROUND_PAUSE_SECONDS = 0.2  # between rounds of a write that no core took
-
-
-@dataclass(frozen=True, slots=True)
-class CoreRouting:
-    cores: tuple[str, ...] = ()  # base URLs
-    hedge_seconds: float = 1.0
-    write_attempt_seconds: float = 10.0
-    deadline_seconds: float = 30.0
-    probe_seconds: float = 1.0
-    connections: int = 256  # per core, open at once
-    organizations: int = 100_000  # whose last write's offset is kept (step 5)
-    max_body_bytes: int = 10 * 1024 * 1024
-    body_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

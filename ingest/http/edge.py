@@ -10,6 +10,8 @@ its rate or its share of capacity gets 429 + Retry-After (`admission`).
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,20 +26,21 @@ from starlette.routing import Route
 from typing_extensions import TypedDict
 
 from ingest.errors import Unavailable
-from ingest.http.admission import Admission, Limits
+from ingest.http.admission import Admission
 from ingest.http.cloudevents import CLOUDEVENTS_MEDIA, OPENMETER_PATH, CloudEventsBody
 from ingest.http.cores import Cores
 from ingest.http.metrics import Responses, count_responses, metrics_route
-from ingest.http.otlp import OTLP_PATH, OtlpSettings, OtlpTraces, Spans
+from ingest.http.otlp import OTLP_PATH, OtlpTraces, Spans
 from ingest.http.protocol import Gate
 from ingest.http.requests import Authenticate, authenticated
 from ingest.http.responses import JSON, ErrorMap, raw_closing, refused
-from ingest.publish import Publisher
+from ingest.publish import Progress, Publisher
+from ingest.settings import IngestSettings, Limits, OtlpSettings
 from meters.errors import ValidationFailed
-from meters.events import EventRules
 from meters.times import now_us
 
-MAX_BODY_BYTES = 10 * 1024 * 1024
+log = logging.getLogger(__name__)
+
 _METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
 
 
@@ -71,20 +74,6 @@ class IngestResult(TypedDict):
     duplicates: int
 
 
-@dataclass(frozen=True, slots=True)
-class IngestSettings:
-    rules: EventRules = field(default_factory=EventRules)
-    max_body_bytes: int = MAX_BODY_BYTES
-    # Rates, shares and deadlines that keep tenants from stopping each other.
-    limits: Limits = field(default_factory=Limits)
-    # Processes validating large bodies (0: validate on the event loop).
-    validation_workers: int = 2
-    # How long a request may wait for durability before it gets 503 (and should retry).
-    deadline_seconds: float = 5.0
-    # OTLP trace exports: whose the usage spans are, and what they cost.
-    otlp: OtlpSettings = field(default_factory=OtlpSettings)
-
-
 class Converter(Protocol):
     """A body of another format: turned into an ingest body, its errors located in it."""
 
@@ -112,19 +101,39 @@ def ingest_routes(
         try:
             data = body.data if converter is None else converter.convert(body.data)
             async with admission.slot(org):
+                started = time.monotonic()
+                progress = Progress()
                 try:
                     async with asyncio.timeout(settings.deadline_seconds):
-                        result = await publisher.publish(org, data, now_us())
+                        result = await publisher.publish(org, data, now_us(), progress)
                 except ValidationFailed as exc:
                     if converter is None:
                         raise
                     raise converter.relocate(exc) from None
                 except TimeoutError:
+                    log.warning(
+                        "ingest request of organization %s (%d bytes) answered 503 after %.2f s:"
+                        " not durable within the deadline (--deadline-seconds %g), still"
+                        " waiting for %s",
+                        org,
+                        len(data),
+                        time.monotonic() - started,
+                        settings.deadline_seconds,
+                        progress.waiting_for,
+                    )
                     raise Unavailable(
                         "Events were not confirmed durable in time; retry with the same"
                         " external_id values (retries are deduplicated).",
                         1,
                     ) from None
+                except Unavailable as exc:
+                    log.warning(
+                        "ingest request of organization %s answered 503 after %.2f s: %s",
+                        org,
+                        time.monotonic() - started,
+                        exc,
+                    )
+                    raise
         finally:
             body.release()
         admission.charge_events(token, org, result.inserted + result.duplicates)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -25,9 +24,10 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from ingest.errors import BodyTooLarge
+from ingest.settings import OtlpSettings
 from meters.errors import FieldError, ValidationFailed
 from meters.events import EventRules, decode_json, validate_body
-from meters.events.genai import Customers, Prices, usage_events
+from meters.events.genai import usage_events, wanted_of
 from meters.events.otlp import from_json, from_protobuf, partial_success_protobuf
 from meters.otlp_rules import effective
 
@@ -37,15 +37,6 @@ JSON_MEDIA = "application/json"
 # Span outcomes counted per organization (`/metrics`), each shown from the start.
 OUTCOMES = ("event", "no_customer", "invalid", "ignored")
 Spans = Counter[tuple[str, str]]  # (outcome, organization id)
-
-
-@dataclass(frozen=True, slots=True)
-class OtlpSettings:
-    """Which span attributes name a usage span's customer, and the price table that gives its
-    event a cost (none: no cost)."""
-
-    customers: Customers = field(default_factory=Customers)
-    prices: Prices | None = None
 
 
 class PerOrganization:
@@ -100,7 +91,7 @@ class OtlpTraces:
             error = FieldError("content_type", ("header", "content-type"), msg, self._media)
             raise ValidationFailed([error])
         data = self._inflated(raw) if self._gzip else raw
-        wanted = self._customers.wanted()
+        wanted = wanted_of(self._customers)
         resources = (
             from_protobuf(data, wanted)
             if self._media == PROTOBUF

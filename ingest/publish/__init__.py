@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["PublishResult", "Publisher"]
+__all__ = ["Progress", "PublishResult", "Publisher"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,13 +14,26 @@ class PublishResult:
     duplicates: int
 
 
+@dataclass(slots=True)
+class Progress:
+    """What a request's publishing waits for now: named in the log line of a request that runs
+    out of time (a publisher says so as it goes from one step to the next)."""
+
+    waiting_for: str = "its validation"
+
+
 class Publisher(Protocol):
     async def publish(
-        self, organization_id: str, body: bytes, received_at_us: int
+        self,
+        organization_id: str,
+        body: bytes,
+        received_at_us: int,
+        progress: Progress | None = None,
     ) -> PublishResult:
         """Validate the raw `{"events": [...]}` body and make its events durable; return only
         once they are (no 2xx before durability). `received_at_us` is the server's receive time:
-        the events' `ingested_at`, and the default of their `timestamp`.
+        the events' `ingested_at`, and the default of their `timestamp`. `progress`, if
+        given, is told what the request waits for at each step.
 
         Raises:
             ValidationFailed: the body or an event broke a rule; nothing was stored.

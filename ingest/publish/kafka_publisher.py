@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError
 
 from ingest.errors import Unavailable
 from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
-from ingest.publish import PublishResult
+from ingest.publish import Progress, PublishResult
 from ingest.validation import ValidationPool
 from meters import columnar
 
@@ -62,8 +62,13 @@ class KafkaPublisher:
             await stop_within(producer.stop, self._settings.stop_timeout_seconds, "producer")
 
     async def publish(
-        self, organization_id: str, body: bytes, received_at_us: int
+        self,
+        organization_id: str,
+        body: bytes,
+        received_at_us: int,
+        progress: Progress | None = None,
     ) -> PublishResult:
+        progress = progress or Progress()
         producer = self._producer
         if producer is None:
             raise Unavailable("The publisher is not running.", 1)
@@ -76,6 +81,7 @@ class KafkaPublisher:
             max_record_bytes=self._settings.max_record_bytes,
         )
         encoded = await self._validation.validate(body, received_at_us, encode)
+        progress.waiting_for = "the event log's acknowledgement of its records"
         key = organization_id.encode()
         timestamp_ms = received_at_us // 1000
         acks: list[asyncio.Future[Any]] = []

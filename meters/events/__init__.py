@@ -17,10 +17,10 @@ from meters.events.schema import (
     MAX_ERRORS,
     NUMBER_LIMIT,
     Event,
-    EventRules,
     to_table,
 )
 from meters.events.usage import parse_cost_amount
+from meters.settings import EventRules
 
 __all__ = [
     "COLUMNS",

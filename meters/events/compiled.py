@@ -33,9 +33,9 @@ from meters.events.schema import (
     LLM_KEY,
     NUMBER_LIMIT,
     TIMESTAMP,
-    EventRules,
 )
 from meters.events.usage import LLM_STRING_LENGTH
+from meters.settings import EventRules
 from meters.times import MAX_TS_US, MIN_TS_US, ONE_US
 
 # The one spelling of each the compiled path reads; others go to the exact validator.

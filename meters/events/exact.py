@@ -28,8 +28,8 @@ from meters.events.schema import (
     MAX_ERRORS,
     NUMBER_LIMIT,
     Event,
-    EventRules,
 )
+from meters.settings import EventRules
 from meters.times import EPOCH, MAX_TS_US, MIN_TS_US, ONE_US
 
 _BODY_FIELDS = frozenset({"events"})

@@ -15,7 +15,6 @@ from meters.events.schema import (
     ID_FIELDS,
     LLM_KEY,
     NUMBER_LIMIT,
-    EventRules,
 )
 from meters.events.usage import (
     COST_FIELDS,
@@ -25,6 +24,7 @@ from meters.events.usage import (
     LLM_STRING_LENGTH,
     LLM_TOKENS,
 )
+from meters.settings import EventRules
 from meters.times import MAX_TS_US, MIN_TS_US
 
 Schema = dict[str, Any]

@@ -1,4 +1,5 @@
-"""The event, declared once: its fields, its limits and its columns.
+"""The event, declared once: its fields and its columns (the limits a deployment sets are
+`meters.settings.EventRules`).
 
 Everything else derives from this module: the exact and the compiled validators check these
 fields, `COLUMNS` is the Arrow form validated events travel in (validation to the store, and
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -22,18 +22,6 @@ NUMBER_LIMIT = 2**63
 # The keys of metadata whose values are objects with rules of their own (`usage.py`).
 COST_KEY = "_cost"
 LLM_KEY = "_llm"
-
-
-@dataclass(frozen=True, slots=True)
-class EventRules:
-    """Limits applied to every event; configurable per deployment."""
-
-    max_future: timedelta = timedelta(minutes=5)
-    max_name_length: int = 128
-    max_id_length: int = 512
-    max_metadata_keys: int = 50
-    max_metadata_key_length: int = 40
-    max_metadata_string_length: int = 500
 
 
 @dataclass(slots=True)

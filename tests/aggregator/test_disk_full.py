@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import MeterlineServer, wait_until
+from tests.deadline import wait_for
+from tests.processes import MeterlineServer
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 # Room, once the filler is gone, for what piled up unstored meanwhile (uncompressed in the WAL)
 # and a checkpoint of it: a disk much smaller than that cannot recover without a restart.
@@ -32,9 +33,12 @@ def namespace(tmp_path: Path) -> Iterator[list[str]]:
     holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "600"])
     try:
         enter = ["nsenter", "--target", str(holder.pid), "--mount"]
-        wait_until(lambda: Path(f"/proc/{holder.pid}/ns/mnt").exists())
+        wait_for("unshare to start", lambda: Path(f"/proc/{holder.pid}/ns/mnt").exists())
         # unshare execs sleep once the namespace is made: wait for that before entering it.
-        wait_until(lambda: Path(f"/proc/{holder.pid}/comm").read_text().strip() == "sleep")
+        wait_for(
+            "the mount namespace to be made",
+            lambda: Path(f"/proc/{holder.pid}/comm").read_text().strip() == "sleep",
+        )
         subprocess.run(
             [*enter, "mount", "-t", "tmpfs", "-o", f"size={TMPFS_MIB}m", "tmpfs", str(data)],
             check=True,
@@ -100,12 +104,13 @@ def test_a_full_disk_answers_503_and_recovers_once_space_is_freed(
         subprocess.run([*namespace, "rm", str(filler)], check=True)
         # The events refused were not stored; sent again, they are (once the events taken
         # before the disk filled are stored: 503 until then, as the client was told).
-        wait_until(
+        wait_for(
+            "a batch accepted once space is freed",
             lambda: client.post("/v1/events/ingest", json=_batch(10**6, 100)).status_code == 200,
-            timeout=30,
         )
         acknowledged += 100
-        wait_until(lambda: client.get("/healthz").json()["status"] == "ok", timeout=30)
+        wait_for("/healthz to say ok", lambda: client.get("/healthz").json()["status"] == "ok")
+
         stored = client.get("/v1/events/", params={"limit": 1})
         assert stored.status_code == 200, (stored.text, "\n".join(server.output[-60:]))
         assert stored.json()["pagination"]["total_count"] == acknowledged

@@ -6,12 +6,15 @@ import socket
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.deadline import wait_for
 from tests.processes import MeterlineServer
 
+pytestmark = pytest.mark.processes
 
-@pytest.mark.slow
+
 def test_sigterm_exits_within_the_drain_time_with_a_body_still_arriving(tmp_path: Path) -> None:
     server = MeterlineServer(tmp_path, "--drain-seconds", "3").start()
     assert server.token is not None
@@ -23,7 +26,18 @@ def test_sigterm_exits_within_the_drain_time_with_a_body_still_arriving(tmp_path
             b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
             b'{"events": ['
         )
-        time.sleep(0.5)
+        with server.client() as client:
+            wait_for("the server to read the body's start", lambda: _buffered(client) > 0)
+
         started = time.monotonic()
-        server.stop(timeout=60)
+        server.stop()
+
         assert time.monotonic() - started < 3 + 1.5  # the bound, and process exit
+
+
+def _buffered(client: httpx.Client) -> int:
+    """The body bytes the server holds (`/metrics`)."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("meterline_ingest_buffered_bytes "):
+            return int(line.split()[-1])
+    raise AssertionError("no meterline_ingest_buffered_bytes in /metrics")

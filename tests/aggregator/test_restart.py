@@ -5,17 +5,17 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.deadline import seconds_left, wait_for
 from tests.pipeline import send_until_accepted
-from tests.processes import MeterlineServer, wait_until
+from tests.processes import MeterlineServer
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 def _batch(tag: str, n: int, size: int = 200) -> dict[str, object]:
@@ -59,11 +59,12 @@ def test_kill_9_under_load_keeps_every_acknowledged_event(tmp_path: Path) -> Non
     threads = [threading.Thread(target=sender, args=(w,)) for w in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(2.0)
+    wait_for("batches acknowledged before the kill", lambda: len(acked) >= 8)
     server.kill()  # SIGKILL while requests are in flight
     stop.set()
     for thread in threads:
-        thread.join(30)
+        thread.join(seconds_left())
+
     assert len(acked) >= 4, f"only {len(acked)} batches acknowledged before the kill"
     print(f"{len(acked)} batches acknowledged before kill -9")
 
@@ -92,7 +93,10 @@ def test_validation_workers_exit_with_a_killed_server(tmp_path: Path) -> None:
     children = server.children()
     assert children, "expected validation worker processes"
     server.kill()
-    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), timeout=10)
+    wait_for(
+        "the validation workers to exit",
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in children),
+    )
 
 
 def test_a_killed_validation_worker_does_not_break_ingest(tmp_path: Path) -> None:

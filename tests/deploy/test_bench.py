@@ -13,6 +13,9 @@ import orjson
 import pytest
 
 from benchmarks.run import BENCHMARKS, duration
+from tests.deadline import seconds_left
+
+pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -24,7 +27,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess[str]:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=seconds_left(),
     )
 
 
@@ -51,7 +54,6 @@ def test_the_estimate_comes_first(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.slow
 def test_a_quick_run_never_touches_the_committed_results(tmp_path: Path) -> None:
     results = tmp_path / "results"
     shutil.copytree(RESULTS, results, ignore=shutil.ignore_patterns("quick"))

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from benchmarks import against
 from benchmarks.common import metric
 from benchmarks.run import estimate, report, table
+from tests.deadline import seconds_left
 
 ROOT = Path(__file__).parents[2]
 COMMIT = "a" * 40
@@ -160,11 +161,12 @@ def _bench(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=seconds_left(),
         env={**os.environ, "METERLINE_AGAINST_CACHE": str(cache)},
     )
 
 
+@pytest.mark.processes
 def test_the_other_checkout_is_never_inside_this_one(tmp_path: Path) -> None:
     done = _bench("validation", "--quick", "--against", "HEAD", cache=ROOT / "benchmarks" / "x")
     assert done.returncode == 2
@@ -176,13 +178,14 @@ def test_what_the_other_runner_lacks_is_read_from_its_registry() -> None:
     assert against.unknown_there(ROOT, ["validation", "no_such", "core_apply"]) == ["no_such"]
 
 
+@pytest.mark.processes
 def test_an_unknown_commit_is_refused(tmp_path: Path) -> None:
     done = _bench("validation", "--against", "no-such-commit", cache=tmp_path)
     assert done.returncode == 2
     assert "--against no-such-commit: no such commit" in done.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_a_quick_run_against_head_for_real(tmp_path: Path) -> None:
     cache, results = tmp_path / "cache", tmp_path / "results"
     head = subprocess.run(

@@ -9,7 +9,12 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from ingest.kafka import KafkaSettings
+from tests.deadline import seconds_left
+
+pytestmark = pytest.mark.processes
 
 SCRIPT = Path(__file__).parents[2] / "deploy" / "kafka" / "acls.sh"
 EDGE, CORE = "User:meterline-edge", "User:meterline-core"
@@ -23,7 +28,7 @@ def _grants(tmp_path: Path, trusted: str) -> dict[tuple[str, str], set[str]]:
     stub.chmod(0o755)
     env = {**os.environ, "KAFKA_ACLS": str(stub), "CALLS": str(calls)}
     env["TRUSTED_PRODUCERS"] = trusted
-    subprocess.run(["sh", str(SCRIPT)], env=env, check=True, timeout=30)
+    subprocess.run(["sh", str(SCRIPT)], env=env, check=True, timeout=seconds_left())
     grants: dict[tuple[str, str], set[str]] = defaultdict(set)
     for line in calls.read_text().splitlines():
         args = line.rstrip("\x1f").split("\x1f")

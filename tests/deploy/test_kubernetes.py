@@ -120,7 +120,7 @@ def _keys(doc: dict[str, Any]) -> set[str]:
 def test_every_meterline_container_has_a_cpu_limit_its_workers_follow(
     workload: dict[str, Any],
 ) -> None:
-    """Validation workers default to the CPU limit (`ingest.validation.usable_cpus`); without
+    """Validation workers default to the CPU limit (`ingest.settings.usable_cpus`); without
     one a pod would start one per CPU of its node, about 124 MB each."""
     for container in workload["spec"]["template"]["spec"]["containers"]:
         if (

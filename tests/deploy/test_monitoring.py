@@ -1,5 +1,6 @@
-"""deploy/grafana's dashboard against real processes: a Kafka-mode core (forwarding, webhooks)
-and an ingest edge. Every metric a panel queries is in their `/metrics`, read with the bearer
+"""deploy/grafana's dashboard against a Kafka-mode core (forwarding, webhooks) and an ingest
+edge on a real broker (the core and the edge served from threads: their `/metrics` are the
+commands'). Every metric a panel queries is in their `/metrics`, read with the bearer
 token as Prometheus is configured to send it; and the figures added for the dashboard count:
 events accepted, responses by status code, failing webhook endpoints."""
 
@@ -13,17 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import (
-    Broker,
-    MeterlineServer,
-    Server,
-    edge_token,
-    free_port,
-    new_org_token,
-    wait_until,
-)
+from tests.deadline import wait_for
+from tests.inprocess import ServedCore
+from tests.processes import Broker, Server, edge_token, free_port, new_org_token
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 DEPLOY = Path(__file__).parents[2] / "deploy"
 METRICS_TOKEN = "metrics-secret"
 # Every meterline metric shares the prefix; a name is the longest run of name characters.
@@ -46,8 +41,8 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         bootstrap = ("--kafka", broker.bootstrap)
         core_args = (*bootstrap, *common, *upstream, "--upstream-org", "acme")
         with (
-            MeterlineServer(data, *core_args, "--allow-private-webhooks", command="core") as core,
-            MeterlineServer(data, *bootstrap, *common, command="ingest") as edge,
+            ServedCore(data, *core_args, "--allow-private-webhooks", command="core") as core,
+            ServedCore(data, *bootstrap, *common, command="ingest") as edge,
         ):
             # The forwarded organization, made by the core at its start.
             yield Running(core, edge, edge_token(edge, new_org_token(data, "acme")))
@@ -84,7 +79,7 @@ def test_every_metric_the_dashboard_queries_is_served(running: Running) -> None:
             queried - (_sampled(_metrics(running.core)) | _sampled(_metrics(running.edge))) == set()
         )
 
-    wait_until(plotted, 30)
+    wait_for("a sample of every metric the dashboard plots", plotted)
     core, edge = _metrics(running.core), _metrics(running.edge)
     # The alerting rules watch metrics that exist (a failed meter's has samples only then).
     watched = set(METRIC_NAME.findall((DEPLOY / "prometheus" / "alerts.yml").read_text()))
@@ -126,7 +121,11 @@ def test_a_failing_webhook_endpoint_is_counted(running: Running) -> None:
         assert client.post("/v1/events/ingest", json={"events": [event]}).status_code == 200
     failing = f'meterline_webhook_failing_endpoints{{organization_id="{org}"}}'
     retrying = f'meterline_webhook_retrying_deliveries{{organization_id="{org}"}}'
-    wait_until(lambda: _sample(_metrics(running.core), failing) == 1, 30)
+    wait_for(
+        "the failing endpoint to be counted",
+        lambda: _sample(_metrics(running.core), failing) == 1,
+    )
+
     assert _sample(_metrics(running.core), retrying) == 1
 
 

@@ -18,7 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import free_port, wait_until
+from tests.deadline import seconds_left, wait_for
+from tests.processes import free_port
+
+pytestmark = pytest.mark.processes
 
 CONF = Path(__file__).parents[2] / "deploy" / "nginx.conf"
 
@@ -77,11 +80,11 @@ def _nginx(prefix: Path, first: int, second: int) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _reachable(url), 10)
+        wait_for(f"nginx to answer on {url}", lambda: _reachable(url))
         yield url
     finally:
         running.terminate()
-        running.wait(10)
+        running.wait(max(seconds_left(), 10))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.processes
+
 PROMETHEUS = Path(__file__).parents[2] / "deploy" / "prometheus"
 
 

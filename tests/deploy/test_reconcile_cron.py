@@ -17,10 +17,11 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.deadline import seconds_left, wait_for
 from tests.faults import forwarded, forwarding
-from tests.processes import Server, free_port, wait_until
+from tests.processes import Server, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 DEPLOY = Path(__file__).parents[2] / "deploy"
 ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 EVENTS = 12
@@ -72,7 +73,11 @@ class Install:
         env = {"PATH": "/usr/bin:/bin", "SHELL": "/bin/sh", "HOME": str(self.reports.parent)}
         env |= {"LOGNAME": user, "USER": user, **variables, **self.places}
         return subprocess.run(
-            ["/bin/sh", "-c", command], env=env, capture_output=True, text=True, timeout=120
+            ["/bin/sh", "-c", command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=seconds_left(),
         )
 
 
@@ -93,7 +98,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any
         ]
         with local.client() as client:
             assert client.post("/v1/events/ingest", json={"events": events}).status_code == 200
-            wait_until(lambda: forwarded(client), 60)
+            wait_for("the forwarder to send every event upstream", lambda: forwarded(client))
+
         yield local, upstream
 
 

@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.processes
+
 DEPLOY = Path(__file__).parents[2] / "deploy"
 UNIT = DEPLOY / "meterline.service"
 INSTALLED = "/opt/meterline/venv/bin/meterline"

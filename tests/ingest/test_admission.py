@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from ingest.errors import TooManyRequests, Unavailable
 from ingest.http import Front
-from ingest.http.admission import Admission, Limits, Rate
+from ingest.http.admission import Admission
+from ingest.settings import Limits, Rate
+from tests.strategies import examples
 
 
 def _admission(**changes: object) -> Admission:
@@ -75,7 +77,7 @@ operations = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(operations)
 def test_byte_budgets_hold_whatever_the_order(ops: list[tuple[str, int, bool]]) -> None:
     """Whatever organizations reserve and release, in any order: no organization holds more

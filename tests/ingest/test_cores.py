@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ingest.http import OFFSET_HEADER, READ_AFTER_HEADER, CoreRouting, Cores
+from tests.deadline import until
 from tests.processes import free_port
 
 TOKENS = {"token-a": "org-a", "token-b": "org-b"}
@@ -73,7 +74,7 @@ class FakeCore:
 async def _ticks() -> AsyncIterator[bytes]:
     for i in range(3):
         yield f"data: {i}\n\n".encode()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # pacing the stream's ticks
 
 
 @contextlib.asynccontextmanager
@@ -83,8 +84,7 @@ async def _served(app: Any) -> AsyncIterator[tuple[str, Callable[[], Awaitable[N
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off")
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
-    while not server.started:  # uvicorn has no event for it  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
+    await until("uvicorn to start", lambda: server.started)  # uvicorn has no event for it
 
     async def stop() -> None:
         server.should_exit = True
@@ -161,9 +161,10 @@ def test_a_read_a_paused_core_holds_is_answered_by_the_next() -> None:
         async with _cluster(cores, hedge_seconds=0.3) as (edge, _):
             home = None
             asking = asyncio.create_task(edge.get("/v1/customers/", headers=_as("token-a")))
-            while home is None:  # the first core asked stalls; the other answers
-                await asyncio.sleep(0.05)
-                home = next((c for c in cores if c.seen), None)
+            # The first core asked stalls; the other answers.
+            home = await until(
+                "a core to be asked", lambda: next((c for c in cores if c.seen), None)
+            )
             next(c for c in cores if c is not home).stall = False
             started = time.monotonic()
             found = await asking

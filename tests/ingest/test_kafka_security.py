@@ -24,11 +24,12 @@ from ingest.errors import TokenUnreadable
 from ingest.kafka import KafkaSecurity, KafkaSettings
 from ingest.sdk import AsyncIngestion
 from ingest.sdk.kafka import AsyncKafkaTransport
+from tests.deadline import wait_for
 from tests.inprocess import ServedCore
-from tests.processes import Broker, free_port, wait_until
+from tests.processes import Broker, free_port
 from tests.tls import Certificates, TlsProxy, make_certificates
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 @contextlib.contextmanager
@@ -81,7 +82,7 @@ def test_a_core_and_the_sdk_speak_tls_to_the_broker(tmp_path: Path) -> None:
                         )
 
             asyncio.run(send())
-            wait_until(lambda: _events(client) == 8, 30)
+            wait_for("the core to store the 8 events sent over TLS", lambda: _events(client) == 8)
         assert proxy.handshakes > 0
 
 
@@ -112,7 +113,7 @@ def test_with_client_certificates_required_only_a_core_with_one_gets_in(tmp_path
                 for i in range(4)
             ]
             assert client.post("/v1/events/ingest", json={"events": events}).status_code == 200
-            wait_until(lambda: _events(client) == 4, 30)
+            wait_for("the core to store the 4 events sent over mTLS", lambda: _events(client) == 4)
 
 
 def test_sasl_options_reach_the_kafka_client_and_the_password_never_the_command_line(

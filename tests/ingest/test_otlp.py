@@ -29,10 +29,11 @@ from pydantic_ai.providers.openai import OpenAIProvider
 from aggregator import cli
 from ingest.sdk import Ingestion
 from ingest.sdk.strategies import LLMStrategy
+from tests.deadline import wait_for
 from tests.ingest.sdk.conftest import stored
 from tests.ingest.sdk.llm_server import RecordedLLM
 from tests.inprocess import ServedCore
-from tests.processes import Broker, wait_until
+from tests.processes import Broker
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +114,7 @@ def _by_strategy(core: ServedCore, llm: RecordedLLM, customer: str, stream: bool
 def test_instrumented_calls_are_the_llm_strategys_events(tmp_path: Path, llm: RecordedLLM) -> None:
     with ServedCore(tmp_path / "core") as core:
         spans = _calls(llm, core, "otel-acme")
-        wait_until(lambda: len(stored(core, "otel-acme")) == 2, 10)
+        wait_for("the two spans' events to be stored", lambda: len(stored(core, "otel-acme")) == 2)
         _by_strategy(core, llm, "strategy-acme", stream=True)
         from_spans = _metadata(core, "otel-acme")
         from_strategy = _metadata(core, "strategy-acme")
@@ -191,6 +192,7 @@ def test_a_span_without_a_customer_is_refused_counted_and_the_rest_ignored(
         assert bomb.status_code == 413
 
 
+@pytest.mark.processes
 def test_kafka_mode_stores_the_same(tmp_path: Path, llm: RecordedLLM) -> None:
     with (
         Broker() as broker,
@@ -199,7 +201,8 @@ def test_kafka_mode_stores_the_same(tmp_path: Path, llm: RecordedLLM) -> None:
         ) as core,
     ):
         _calls(llm, core, "kafka-acme")
-        wait_until(lambda: len(stored(core, "kafka-acme")) == 2, 30)
+        wait_for("the two spans' events to be stored", lambda: len(stored(core, "kafka-acme")) == 2)
+
         assert {m["strategy"] for m in _metadata(core, "kafka-acme")} == {"OTLP"}
         # Refused spans are the organization's dead letters, with why.
         _calls(llm, core, None)

@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.deadline import seconds_left, wait_for
 from tests.pipeline import Pipeline
-from tests.processes import wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "docs" / "producers"
@@ -69,7 +69,7 @@ def _run(pipeline: Pipeline, name: str, organization_id: str, kcat_env: dict[str
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=seconds_left(),
         check=False,
     )
     assert done.returncode == 0, done.stderr
@@ -89,9 +89,15 @@ def test_each_example_is_applied_exactly_once(
     for i, name in enumerate(COMMANDS, start=1):
         _run(pipeline, name, organization_id, kcat_env)
         _run(pipeline, name, organization_id, kcat_env)  # again: deduplicated by external_id
-        wait_until(lambda i=i: pipeline.quantity(meter) >= i * PER_RUN, timeout=30)
+        wait_for(
+            f"the core to apply the {name} example",
+            lambda i=i: pipeline.quantity(meter) >= i * PER_RUN,
+        )
     applied = "meterline_consumer_organization_applied_events_total"
-    wait_until(lambda: _metric(pipeline, applied, organization_id) == 2 * 3 * len(COMMANDS), 30)
+    wait_for(
+        "the core to count every record applied",
+        lambda: _metric(pipeline, applied, organization_id) == 2 * 3 * len(COMMANDS),
+    )
     assert pipeline.quantity(meter) == len(COMMANDS) * PER_RUN
     assert pipeline.stored_events() == 3 * len(COMMANDS)
 
@@ -105,11 +111,15 @@ def test_a_poison_record_is_dead_lettered_for_its_organization(
         input=json.dumps(poison),
         env=kcat_env,
         text=True,
-        timeout=30,
+        timeout=seconds_left(),
         check=True,
     )
     dead = "meterline_consumer_organization_dead_lettered_total"
-    wait_until(lambda: _metric(pipeline, dead, organization_id) == 1, timeout=30)
+    wait_for(
+        "the poison record to be dead-lettered",
+        lambda: _metric(pipeline, dead, organization_id) == 1,
+    )
+
     assert pipeline.core is not None
     with pipeline.core.client() as client:
         (letter,) = client.get("/v1/dead-letters/").json()["items"]

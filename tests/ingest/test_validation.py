@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import cli
-from ingest.validation import ValidationPool, usable_cpus, validate_body
+from ingest.settings import usable_cpus
+from ingest.validation import ValidationPool, validate_body
 from meters.errors import ValidationFailed
 from meters.events import EventRules
 from meters.ipc import read_ipc, write_ipc
-from tests.strategies import NOW_US, valid_events
+from tests.strategies import NOW_US, examples, valid_events
 
 RULES = EventRules()
 
@@ -50,7 +52,8 @@ def _inline(body: bytes) -> Any:
     return result if isinstance(result, list) else read_ipc(result).to_pylist()
 
 
-@settings(max_examples=30)
+@pytest.mark.processes
+@settings(max_examples=examples(30))
 @given(
     events=st.lists(valid_events(), max_size=5),
     corrupt=st.sampled_from([None, "json", "name", "cost"]),
@@ -80,6 +83,29 @@ def test_small_bodies_are_validated_inline(runner: asyncio.Runner) -> None:
     assert table.column("name").to_pylist() == ["a"]
 
 
+@pytest.mark.processes
+def test_a_pool_started_before_it_is_entered(runner: asyncio.Runner) -> None:
+    """`meterline up` starts the workers before it imports the rest (`serving.command`): once
+    entered, the pool validates in them; a start that fails before entering stops them."""
+    body = orjson.dumps({"events": [{"name": "a", "external_customer_id": "c"}]})
+    before = set(multiprocessing.active_children())
+    used = ValidationPool(RULES, workers=1, inline_below_bytes=0)
+    used.start()
+
+    async def entered() -> Any:
+        async with used:
+            return read_ipc(await used.validate(body, NOW_US, write_ipc)).to_pylist()
+
+    assert runner.run(entered()) == _inline(body)
+    unused = ValidationPool(RULES, workers=1)
+    unused.start()
+    workers = set(multiprocessing.active_children()) - before
+    assert workers  # its worker, started
+    unused.close()
+    assert not any(worker.is_alive() for worker in workers)
+    unused.close()  # again: nothing left to stop
+
+
 def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +113,7 @@ def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
     return tmp_path
 
 
+@pytest.mark.processes
 def test_workers_follow_the_cgroup_cpu_limit_not_the_machine(tmp_path: Path) -> None:
     """`--validation-workers` defaults to `usable_cpus`: in a pod, the CPU limit (one worker of
     about 124 MB per CPU), never the node's CPU count."""

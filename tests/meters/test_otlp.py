@@ -20,7 +20,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 
 from meters.errors import ValidationFailed
-from meters.events.genai import Customers, Prices, event, usage_events
+from meters.events.genai import event, usage_events
 from meters.events.otlp import (
     Resource,
     Span,
@@ -29,6 +29,7 @@ from meters.events.otlp import (
     from_protobuf,
     partial_success_protobuf,
 )
+from meters.settings import Customers, Prices
 
 WANTED = {"gen_ai.usage.input_tokens", "gen_ai.request.model", "flag", "ratio", "who"}
 values = st.one_of(

@@ -3,7 +3,7 @@ the features (holds, alerts, webhooks)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -27,16 +27,19 @@ class Meters(Feature):
     transaction then reads no DuckDB table, and so never waits out a checkpoint."""
 
     def __init__(self) -> None:
-        self._by_organization: dict[str, list[MeterRow]] = {}
+        # Tuples, replaced when read again: evaluation keeps what it derives from a list of
+        # meters per list object (`rollups`).
+        self._by_organization: dict[str, tuple[MeterRow, ...]] = {}
 
-    def known(self, organization_id: str) -> list[MeterRow] | None:
+    def known(self, organization_id: str) -> tuple[MeterRow, ...] | None:
         """The organization's meters if read already (from any thread: `Store.prepare`)."""
         return self._by_organization.get(organization_id)
 
-    def of(self, con: duckdb.DuckDBPyConnection, organization_id: str) -> list[MeterRow]:
+    def of(self, con: duckdb.DuckDBPyConnection, organization_id: str) -> tuple[MeterRow, ...]:
         meters = self._by_organization.get(organization_id)
         if meters is None:
-            meters = self._by_organization[organization_id] = meters_of(con, [organization_id])
+            meters = tuple(meters_of(con, [organization_id]))
+            self._by_organization[organization_id] = meters
         return meters
 
     def rollback(self) -> None:
@@ -73,7 +76,7 @@ def apply_batch(
     meters_held = live.feature(Meters)
     evaluated: list[Evaluated] = []
     organizations = list(map(str, pc.unique(events.column("organization_id")).to_pylist()))
-    metered: dict[str, list[MeterRow]] = {}
+    metered: dict[str, Sequence[MeterRow]] = {}
     with registered(con, "_batch_new", events):
         for organization in organizations:
             meters = meters_held.of(con, organization)
@@ -81,9 +84,9 @@ def apply_batch(
                 continue
             metered[organization] = meters
             ready = (prepared or {}).get(organization)
-            values = None if ready is None else ready.columns_for(meters)
-            if values is not None:
-                evaluated.append(rollups.evaluated(meters, values, at_us=at_us))
+            found = None if ready is None else ready.columns_for(meters)
+            if found is not None:
+                evaluated.append(rollups.evaluated(meters, *found, at_us=at_us))
                 continue
             evaluated.append(
                 apply_isolated(

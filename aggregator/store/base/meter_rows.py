@@ -63,7 +63,9 @@ class MeterRow:
         return self.failure is None and self.backfilled_to < self.backfill_target
 
 
-@functools.lru_cache(maxsize=4096)
+# More than an organization's meters (an LRU cache smaller than the list read over and over
+# misses every time): 5,000 meters took 0.6 s to read again after each change of one.
+@functools.lru_cache(maxsize=1 << 16)
 def _definition(
     filter_json: str, aggregation_json: str
 ) -> tuple[Filter, CountAggregation | PropertyAggregation | UniqueAggregation]:

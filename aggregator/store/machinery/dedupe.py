@@ -38,6 +38,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aggregator.settings import DEDUPE_MEMORY_KEYS
 from aggregator.store.base import arrays
 from aggregator.store.base.arrays import Column, numpy
 from aggregator.store.base.rows import registered
@@ -64,8 +65,8 @@ INSERT_MOVED = (
 )
 # Bytes held per stored key: the fingerprint and the seq.
 BYTES_PER_KEY = 16
-# Keys held in memory before runs spill to files (1 GiB).
-MEMORY_KEYS = 64 * 2**20
+# Keys held in memory before runs spill to files (1 GiB): the command line's default.
+MEMORY_KEYS = DEDUPE_MEMORY_KEYS
 
 
 @dataclass(frozen=True)

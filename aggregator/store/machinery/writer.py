@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import duckdb
 
 from aggregator.errors import AggregatorError, StoreClosed
+from aggregator.settings import JOB_BOUND_SECONDS
 from aggregator.store.base.rows import rollback
 from meters.errors import MetersError
 from meters.times import NEVER, now_us
@@ -140,7 +141,7 @@ MAX_REPAIRS = 8
 # Write conflicts in a row before a job is failed, and the pause before each new attempt.
 MAX_CONFLICTS = 20
 CONFLICT_PAUSE_SECONDS = 0.05
-DEFAULT_JOB_BOUND_SECONDS = 0.25
+DEFAULT_JOB_BOUND_SECONDS = JOB_BOUND_SECONDS  # the command line's default
 # A group's cost is mostly fixed below this weight (statements, commit): only larger groups
 # say what a unit of weight costs, and groups are never cut below it (ingest's throughput).
 MIN_CUT_WEIGHT = 10_000

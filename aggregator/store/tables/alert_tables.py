@@ -318,12 +318,11 @@ def on_usage(con: Con, live: Live, evaluated: Evaluated) -> None:
     twice."""
     org = evaluated.organization_id
     watch = _watch(con, live, org)
-    values = evaluated.values
     watched = [
         (meter, rows)
         for i, meter in enumerate(evaluated.meters)
         if meter.id in watch.by_meter
-        and (rows := _watched_events(values, f"v{i}", meter.id, watch)).num_rows
+        and (rows := _watched_events(evaluated.values([i]), f"v{i}", meter.id, watch)).num_rows
     ]
     if not watched:
         return

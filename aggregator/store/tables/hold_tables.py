@@ -14,7 +14,7 @@ ingest looks for holds to settle only in batches naming one.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
@@ -383,7 +383,7 @@ def settle(
     live: Live,
     source: str,
     events: pa.Table,
-    meters: dict[str, list[MeterRow]],
+    meters: Mapping[str, Sequence[MeterRow]],
     at_us: int,
 ) -> None:
     """End the active holds that the new `events` (registered as `source`) settle: same

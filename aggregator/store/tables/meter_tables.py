@@ -234,7 +234,7 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int,
             "UPDATE meters SET backfilled_to = ?, backfilled_events = backfilled_events + ?"
             " WHERE id = ?::UUID",
             # One row per event of the chunk, in the meter or not: the events read.
-            [high, evaluated.values.num_rows, meter_id],
+            [high, evaluated.keys.num_rows, meter_id],
         )
         return (high, meter.backfill_target)
 

@@ -1,6 +1,6 @@
 """An organization's OTLP settings (`POST /v1/traces`): the span attributes that name its
 customers (each gives `external_customer_id`), besides the deployment's, and the price table
-(`meters.events.genai.Prices.parse`'s document) its GenAI spans are costed by, or None.
+(`meters.settings.Prices.parse`'s document) its GenAI spans are costed by, or None.
 
 One row per organization that set them (`otlp_settings`, schema step 25); each write replaces
 the whole document. The API validates it before it becomes a record: the store keeps it as given.

@@ -6,12 +6,19 @@ pass it). Open live streams are counted where they are held (`services.live_feed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import duckdb
 
-from aggregator.errors import LimitReached
+# The limits, their flags and their defaults are settings (the command line shows them).
+from aggregator.settings import ALERTS as ALERTS
+from aggregator.settings import ALL as ALL
+from aggregator.settings import DEFAULTS as DEFAULTS
+from aggregator.settings import ENDPOINTS as ENDPOINTS
+from aggregator.settings import HOLDS as HOLDS
+from aggregator.settings import METERS as METERS
+from aggregator.settings import STREAMS as STREAMS
+from aggregator.settings import Counted, TenantLimits
 
 __all__ = [
     "ALL",
@@ -19,54 +26,6 @@ __all__ = [
     "STREAMS",
     "TenantLimits",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class TenantLimits:
-    # Each meter is evaluated for every event of its organization (benchmarks/meter_heavy.py).
-    meters: int = 200
-    alerts: int = 1000
-    webhook_endpoints: int = 25
-    streams: int = 20
-    # Each active hold is read by every balance check and settled by events naming it.
-    holds: int = 10_000
-
-
-DEFAULTS = TenantLimits()
-
-
-@dataclass(frozen=True, slots=True)
-class Counted:
-    """What a limit counts: its words, its `TenantLimits` field, its flag, how to get under."""
-
-    what: str
-    field: str
-    flag: str
-    remedy: str
-
-    def refused(self, limits: TenantLimits) -> LimitReached:
-        return LimitReached(self.what, getattr(limits, self.field), self.flag, self.remedy)
-
-
-METERS = Counted("active meters", "meters", "--max-meters-per-organization", "archive one first")
-ALERTS = Counted("alerts", "alerts", "--max-alerts-per-organization", "delete one first")
-ENDPOINTS = Counted(
-    "webhook endpoints",
-    "webhook_endpoints",
-    "--max-webhook-endpoints-per-organization",
-    "delete one first",
-)
-STREAMS = Counted(
-    "open live streams", "streams", "--max-streams-per-organization", "close one first"
-)
-HOLDS = Counted(
-    "active holds",
-    "holds",
-    "--max-active-holds-per-organization",
-    "release one, or let one settle or expire, first",
-)
-# Every limit, in the order the command line lists them.
-ALL = (METERS, ALERTS, ENDPOINTS, STREAMS, HOLDS)
 
 
 def check(

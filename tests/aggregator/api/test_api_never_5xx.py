@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from starlette.routing import Route
 
 from tests.inprocess import InProcessCore
+from tests.strategies import examples
 
 TEXT = st.characters(codec="utf-8")
 HOSTILE_TEXT = st.one_of(
@@ -422,7 +423,7 @@ def test_no_request_gets_a_5xx_or_stores_anything_when_refused(tmp_path: Path) -
         body_strategies = {template: valid_bodies(template, known) for _, template in endpoints}
 
         @settings(
-            max_examples=max(10, settings().max_examples // 4),
+            max_examples=examples(12),
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )

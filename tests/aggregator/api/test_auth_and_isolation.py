@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import pytest
 from starlette.routing import Route
 
 from aggregator.api.openapi import ApiRoute
-from tests.inprocess import InProcessCore
-from tests.processes import Server, new_org_token, token_cli, wait_until
+from tests.deadline import wait_for
+from tests.inprocess import InProcessCore, token_cli
+from tests.processes import Server, new_org_token
 
 
 def test_missing_and_bad_tokens_get_polars_401_shapes(server: Server) -> None:
@@ -102,7 +104,6 @@ def test_organizations_are_isolated(server: Server) -> None:
         assert a.get(f"/v1/customers/{customer_id}").json()["name"] is None
 
 
-@pytest.mark.slow
 def test_revoked_token_stops_working_within_seconds(server: Server) -> None:
     token = new_org_token(server.data_dir, f"org-revoke-{uuid.uuid4().hex}")
     with server.client(token) as client:
@@ -113,11 +114,15 @@ def test_revoked_token_stops_working_within_seconds(server: Server) -> None:
             line.split()[0] for line in listed.stdout.splitlines() if "org-revoke" in line
         )
         assert token_cli(server.data_dir, "revoke", token_id).returncode == 0
-        wait_until(lambda: client.get("/v1/events/").status_code == 401, timeout=10)
+        revoked = time.monotonic()
+        wait_for("the token to be refused", lambda: client.get("/v1/events/").status_code == 401)
+        assert time.monotonic() - revoked < 10  # within seconds: what the test holds it to
+
     again = token_cli(server.data_dir, "revoke", token_id)
     assert again.returncode == 1
 
 
+@pytest.mark.processes
 def test_tokens_are_stored_only_as_hashes(server: Server) -> None:
     token = new_org_token(server.data_dir, f"org-hash-{uuid.uuid4().hex}")
     # Read by another process: closing a descriptor of the file in this one would drop the

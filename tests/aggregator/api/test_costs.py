@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.processes import Server, new_org_token
+from tests.strategies import examples
 
 RANGE = {"start_timestamp": "2025-03-01T00:00:00Z", "end_timestamp": "2025-03-31T23:59:59Z"}
 INSIDE = "2025-03-10T12:00:00Z"
@@ -330,7 +331,7 @@ amounts = st.decimals(
 
 
 @settings(
-    max_examples=20,
+    max_examples=examples(20),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -13,7 +13,7 @@ from playwright.sync_api import sync_playwright
 from tests.aggregator.console.test_console import CHROMIUM_ARGS
 from tests.inprocess import ServedCore
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 def test_markdown_is_rendered_and_no_word_is_broken(tmp_path: Path) -> None:

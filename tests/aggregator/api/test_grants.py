@@ -42,7 +42,8 @@ def _setup(core: InProcessCore, name: str) -> dict[str, str]:
 def _expire_by(core: InProcessCore, moment: datetime) -> None:
     """Wait until `moment` has passed, then run the timed writes due (what `meterline up`'s
     plan cycler does every second)."""
-    time.sleep(max(0.0, (moment - datetime.now(UTC)).total_seconds()) + 0.05)
+    time.sleep(max(0.0, (moment - datetime.now(UTC)).total_seconds()) + 0.05)  # the point
+
     assert core.run(PlanCycler(core.store).run_due()) >= 1
 
 

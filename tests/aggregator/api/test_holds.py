@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from aggregator.store.machinery.migrations import migrate
+from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer, Server, new_org_token
 
@@ -167,7 +168,8 @@ def test_holds_expire_and_the_check_counts_active_ones(org: Org) -> None:
     assert org.hold(org.tokens, 9, "short", expires_in_seconds=1).status_code == 201
     answer = org.http.get("/v1/customer-meters/check", params=check).json()
     assert (answer["allowed"], answer["held_units"], answer["balance_after"]) == (False, 9, -4)
-    time.sleep(1.2)
+    time.sleep(1.2)  # the point: the hold's second passes
+
     answer = org.http.get("/v1/customer-meters/check", params=check).json()
     assert (answer["allowed"], answer["held_units"]) == (True, 0)
     listed = org.http.get("/v1/meter-holds/", params={"customer_id": org.ada}).json()
@@ -223,7 +225,7 @@ def test_another_organization_sees_no_hold(org: Org, server: Server) -> None:
     assert other.get("/v1/meter-holds/").json()["items"] == []
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_kafka_mode_the_core_settles_the_hold(tmp_path: Path) -> None:
     """The usage event goes through an edge and the topic; the core's consumer settles."""
     with Pipeline(tmp_path) as pipeline:
@@ -243,7 +245,7 @@ def test_kafka_mode_the_core_settles_the_hold(tmp_path: Path) -> None:
         assert settled["customer_meter"]["available"] == 8
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_a_hold_survives_kill_9(tmp_path: Path) -> None:
     with MeterlineServer(tmp_path) as server:
         org = Org(server)
@@ -270,7 +272,7 @@ def test_a_data_dir_of_the_previous_main_takes_holds(tmp_path: Path) -> None:
     con = duckdb.connect(str(tmp_path / "meterline.duckdb"))
     assert migrate(con, until=15) == 15
     con.close()
-    with MeterlineServer(tmp_path) as server:
+    with ServedCore(tmp_path) as server:
         org = Org(server)
         assert org.hold(org.calls, 2, "after-migration").status_code == 201
         assert org.customer_meter(org.calls)["held_units"] == 2

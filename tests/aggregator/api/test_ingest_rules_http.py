@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tests.meters.test_events import RULE_TABLE, batches
 from tests.processes import Server, new_org_token
+from tests.strategies import examples
 
 # The future-timestamp rule is relative to the validator tests' fixed clock; over HTTP the
 # server's clock applies (covered in test_ingest_http.py).
@@ -39,7 +40,7 @@ def _finite(value: Any) -> bool:
     return True
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(150), suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_each_broken_event_gets_422_at_its_loc_and_nothing_is_stored(
     fresh_org: httpx.Client, data: st.DataObject

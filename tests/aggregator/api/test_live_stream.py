@@ -21,8 +21,9 @@ import orjson
 import pytest
 
 from aggregator.services.live_feed import Subscription, Update
+from tests.deadline import seconds_left, wait_for
 from tests.inprocess import ServedCore
-from tests.processes import Server, new_org_token, wait_until
+from tests.processes import Server, new_org_token
 
 HEARTBEAT = "0.3"
 ROOT = Path(__file__).parents[3]
@@ -69,12 +70,12 @@ class EventStream:
         return not self._thread.is_alive()
 
     def wait_open(self) -> None:
-        wait_until(lambda: "open" in self.events("comment") or self.ended)
+        wait_for("the stream to open", lambda: "open" in self.events("comment") or self.ended)
         assert self.status == 200
 
     def close(self) -> None:
         self._stop.set()  # noticed at the next heartbeat at most
-        self._thread.join(10)
+        self._thread.join(seconds_left())
 
 
 def _parsed(block: str) -> tuple[str, Any]:
@@ -139,8 +140,11 @@ def test_each_organization_streams_its_own_changes_only(
         def seen(stream: str, customer: str) -> list[Any]:
             return [e for e in streams[stream].events() if e["customer_id"] == customer]
 
-        wait_until(lambda: seen("a", a["alice"]) and seen("a", a["amy"]) and seen("b", b["bob"]))
-        wait_until(lambda: bool(seen("amy", a["amy"])))
+        wait_for(
+            "each organization's stream to carry its changes",
+            lambda: seen("a", a["alice"]) and seen("a", a["amy"]) and seen("b", b["bob"]),
+        )
+        wait_for("amy's stream to carry her change", lambda: seen("amy", a["amy"]))
         assert seen("a", a["alice"])[-1]["consumed_units"] == 5
         assert seen("a", a["amy"])[-1]["balance"] == 10
         assert seen("b", b["bob"])[-1]["consumed_units"] == 7
@@ -158,7 +162,7 @@ def test_an_idle_stream_sends_heartbeats(server: Server, orgs: dict[str, Any]) -
     stream = EventStream(server.url, orgs["b"]["token"])
     try:
         stream.wait_open()
-        wait_until(lambda: stream.events("comment").count("heartbeat") >= 3, timeout=10)
+        wait_for("three heartbeats", lambda: stream.events("comment").count("heartbeat") >= 3)
         assert stream.events() == []
     finally:
         stream.close()
@@ -201,6 +205,7 @@ def test_embedded_dead_letters_say_there_are_none(server: Server, orgs: dict[str
     assert found.json() == {"kafka": False, "items": [], "complete": True, "counts": None}
 
 
+@pytest.mark.processes
 def test_the_console_files_are_package_data(tmp_path: Path) -> None:
     """What `pip install .` (the Dockerfile) lays out holds every file of the console: the
     wheel's package files, as setuptools' build_py copies them from pyproject's settings."""
@@ -222,7 +227,7 @@ def test_the_console_files_are_package_data(tmp_path: Path) -> None:
         cwd=source,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=seconds_left(),
     )
     assert done.returncode == 0, done.stderr
     static = ROOT / "aggregator" / "console" / "static"
@@ -239,4 +244,4 @@ def test_stopping_the_server_ends_open_streams(server: Server, orgs: dict[str, A
     stream.wait_open()
     server.stop()
     assert server.stop_seconds is not None and server.stop_seconds < 10
-    wait_until(lambda: stream.ended)
+    wait_for("the stream to end", lambda: stream.ended)

@@ -25,7 +25,7 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from starlette.schemas import BaseSchemaGenerator
 
-from aggregator.upstream.webhook_sender import WebhookSettings
+from aggregator.settings import WebhookSettings
 from ingest.http import IngestEvent, IngestSettings, edge_app
 from meters.events import EVENT_FIELDS
 from tests.inprocess import InProcessCore

@@ -9,10 +9,10 @@ import uuid
 from pathlib import Path
 
 import httpx
-import pytest
 from polar.v2026_10 import Polar
 
-from tests.processes import Server, data_dir_cli, new_org_token, token_cli
+from tests.inprocess import data_dir_cli, token_cli
+from tests.processes import Server, new_org_token
 
 
 def _org(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -46,7 +46,6 @@ def test_raw_http_answers_and_refusals(server: Server) -> None:
         assert bad.json()["detail"][0]["loc"] == ["query", "sorting"]
 
 
-@pytest.mark.slow
 def test_org_list_and_show_name_ids_and_token_counts(server: Server) -> None:
     name = f"counted-{uuid.uuid4().hex[:8]}"
     polar = Polar(new_org_token(server.data_dir, name), base_url=server.url)

@@ -16,7 +16,7 @@ from aggregator.intake.token_records import TokenView
 from ingest.http import OtlpSettings, PerOrganization
 from ingest.kafka import KafkaSettings
 from meters.commands import command
-from meters.events.genai import Customers
+from meters.settings import Customers
 from tests.inprocess import InProcessCore
 
 PRICES = {"version": "acme-1", "models": {"gpt-4o-mini": {"input": "0.01", "output": "0.03"}}}

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from aggregator.api.openapi import ApiRoute
-from aggregator.upstream.webhook_sender import WebhookSettings
+from aggregator.settings import WebhookSettings
 from meters.wire import Patch
 from tests.inprocess import InProcessCore
 

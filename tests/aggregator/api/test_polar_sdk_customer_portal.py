@@ -178,7 +178,8 @@ def test_sessions_expire(tmp_path: Path) -> None:
         session = polar.customer_sessions.create(external_customer_id="ada")
         customer = server.client(session.token)
         assert customer.get("/v1/customer-portal/meters/").status_code == 200
-        time.sleep(1.6)
+        time.sleep(1.6)  # the point: the session's 1.5 s pass
+
         assert customer.get("/v1/customer-portal/meters/").status_code == 401
 
 

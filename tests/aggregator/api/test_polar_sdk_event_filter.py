@@ -19,6 +19,7 @@ from meters.filters import EventView, Filter
 from meters.times import datetime_to_us
 from tests.aggregator.store.base.test_meter_sql import KEYS, filters
 from tests.processes import Server, new_org_token
+from tests.strategies import examples
 
 EVENTS = 60
 
@@ -86,7 +87,9 @@ def stored(server: Server) -> tuple[Polar, list[tuple[str, EventView]]]:
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @pytest.mark.slow
 @given(raw=filters)

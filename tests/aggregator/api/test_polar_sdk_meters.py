@@ -12,7 +12,8 @@ from polar.v2026_10 import Polar
 from polar.v2026_10.errors import HTTPValidationError, ResourceNotFound
 from polar.v2026_10.outputs import CountAggregation, PropertyAggregation
 
-from tests.processes import Server, new_org_token, wait_until
+from tests.deadline import wait_for
+from tests.processes import Server, new_org_token
 
 
 @pytest.fixture
@@ -314,7 +315,11 @@ def test_a_new_meter_backfills_from_stored_events(polar: Polar, server: Server, 
 
 def _day_total_once_backfilled(polar: Polar, raw: httpx.Client, meter_id: str) -> float:
     """The total of 2025-06-01, read once the meter's (meterline-only) backfill field says done."""
-    wait_until(lambda: raw.get(f"/v1/meters/{meter_id}").json()["backfill"]["status"] == "done")
+    wait_for(
+        "the meter's backfill",
+        lambda: raw.get(f"/v1/meters/{meter_id}").json()["backfill"]["status"] == "done",
+    )
+
     return polar.meters.quantities(
         meter_id,
         start_timestamp="2025-06-01T00:00:00Z",

@@ -140,7 +140,7 @@ def test_streams_past_the_limit_are_refused_and_another_organization_is_not(
             assert theirs.status_code == 200
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_an_organization_of_5000_meters_crashes_neither_the_server_nor_its_restart(
     tmp_path: Path,
 ) -> None:

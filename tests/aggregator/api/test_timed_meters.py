@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from aggregator.upstream.webhook_sender import WebhookSettings
+from aggregator.settings import WebhookSettings
 from tests.inprocess import InProcessCore
 
 DAY = datetime(2026, 3, 2, tzinfo=UTC)

@@ -15,8 +15,8 @@ from aggregator.backup import requested
 from aggregator.backup.served import SERVED
 from tests.aggregator.backup.test_snapshots import _state
 from tests.aggregator.intake.test_control_topic import _ok
+from tests.deadline import wait_for
 from tests.inprocess import ServedCore
-from tests.processes import wait_until
 
 COUNT = {"conjunction": "and", "clauses": []}
 
@@ -36,7 +36,9 @@ def test_a_serving_core_backed_up_to_a_folder_and_to_s3_restores_from_either(
             assert cli.main(["backup", "--data-dir", str(data_dir), "--to", to]) == 0
             said = capsys.readouterr().out
             assert f"snapshot {to}/" in said
-        wait_until(lambda: not any((data_dir / SERVED).iterdir()), 10)
+        wait_for(
+            "the served snapshots to be removed", lambda: not any((data_dir / SERVED).iterdir())
+        )
         # Written after the snapshots: in neither.
         _ok(client.post("/v1/events/ingest", json={"events": events}))
         assert _state(client) != before
@@ -53,7 +55,7 @@ def test_the_snapshot_lives_in_the_data_dir_while_the_client_holds_it(tmp_path: 
         _ok(client.get("/v1/meters/"))
         with requested(tmp_path) as folder:
             assert (folder / "meterline.duckdb").stat().st_size > 0
-        wait_until(lambda: not folder.exists(), 10)
+        wait_for("the served snapshot to be removed", lambda: not folder.exists())
 
 
 @pytest.mark.parametrize(

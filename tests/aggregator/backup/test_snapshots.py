@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import threading
-import time
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -31,9 +30,10 @@ from tests.aggregator.intake.test_control_topic import (
     _settled,
     _settled_together,
 )
+from tests.deadline import wait_for
 from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline
-from tests.processes import Broker, MeterlineServer, wait_until
+from tests.processes import Broker, MeterlineServer
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def _snapshot_after(folder: Path, moment: datetime) -> Path:
                 return path
         return None
 
-    wait_until(lambda: found() is not None, 30)
+    wait_for("a snapshot begun after the writes", lambda: found() is not None)
     snapshot = found()
     assert snapshot is not None
     return snapshot
@@ -92,9 +92,11 @@ def test_an_embedded_core_restored_from_a_snapshot_answers_the_same(
             _ok(client.post("/v1/events/ingest", json={"events": events}))
             written = datetime.now(UTC)
             before = _state(client)
-        _snapshot_after(snaps, written)
-        time.sleep(2)  # snapshots go on: only the newest three stay
+        taken = _snapshot_after(snaps, written)
+        # Snapshots go on (every 0.5 s): only the newest three stay.
+        wait_for("three newer snapshots, the first removed", lambda: not taken.exists())
         assert 1 <= len(snapshots(snaps)) <= 3
+
     restored = tmp_path / "b"
     # The folder of snapshots: its newest (taken after the writes).
     assert cli.main(["restore", "--from", str(snaps), "--data-dir", str(restored)]) == 0
@@ -107,6 +109,7 @@ def test_an_embedded_core_restored_from_a_snapshot_answers_the_same(
         assert _state(client) == before
 
 
+@pytest.mark.processes
 def test_a_replica_restored_from_its_snapshot_converges(
     tmp_path: Path, s3_env: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -166,6 +169,7 @@ def _previous_main(into: Path) -> Path:
     return into
 
 
+@pytest.mark.processes
 def test_a_cluster_of_the_previous_main_upgraded_gains_a_replica_from_a_snapshot(
     tmp_path: Path,
 ) -> None:
@@ -187,7 +191,11 @@ def test_a_cluster_of_the_previous_main_upgraded_gains_a_replica_from_a_snapshot
             new.client(token) as core,
         ):
             # Past it, perhaps: leading, it journals its retries of failing webhook endpoints.
-            wait_until(lambda: _journal_offset(core) >= before["journal_offset"], 60)
+            wait_for(
+                "the upgraded core to reach the journal's offset",
+                lambda: _journal_offset(core) >= before["journal_offset"],
+            )
+
             assert _ok(core.get("/v1/cluster/digest"))["digest"] == before["digest"]
             for _ in range(10):
                 workload.step(core, core)

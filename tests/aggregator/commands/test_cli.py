@@ -32,12 +32,13 @@ from aggregator.auth import TokenRegistry
 from aggregator.commands.common import HelpFormatter
 from aggregator.commands.progress import Progress
 from aggregator.commands.tokens import banner_lines, create_command
-from aggregator.core_app import CoreSettings
+from aggregator.settings import CoreSettings
 from aggregator.store import Store
 from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.machinery.migrations import migrate
 from aggregator.store.tables.meter_tables import backfill_step_job
 from ingest.kafka import KafkaSettings
+from tests.deadline import seconds_left
 from tests.inprocess import ServedCore
 from tests.processes import MeterlineServer, Server, free_port, new_org_token
 
@@ -74,11 +75,16 @@ def test_every_option_has_help_naming_its_default_and_no_token_value(
                 assert "default:" in shown, f"{parser.prog} {action.dest}: {shown}"
 
 
+@pytest.mark.processes
 def test_the_installed_command_prints_its_version() -> None:
     # What the README documents: the console script installed into the venv.
     script = Path(sys.executable).parent / "meterline"
     done = subprocess.run(
-        [str(script), "--version"], capture_output=True, text=True, timeout=60, check=False
+        [str(script), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=seconds_left(),
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"meterline {metadata.version('meterline')}"
@@ -139,6 +145,7 @@ def test_the_development_token_only_on_loopback_and_hints_are_commands(
         assert capsys.readouterr().out.startswith("mlt_oat_")
 
 
+@pytest.mark.processes
 def test_a_second_server_on_a_locked_data_dir_says_so_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -183,7 +190,7 @@ def test_core_says_how_to_make_a_token_for_its_data_dir(
     assert f"a token: {create_command(CoreSettings(data_dir=core.data_dir), None)}" in said
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_a_damaged_write_ahead_log_says_so_in_one_line(tmp_path: Path) -> None:
     """`meterline up` on a data dir whose DuckDB WAL is damaged (garbage written over the middle
     of its one large entry, which DuckDB's checksum catches) exits 2 with one line naming the
@@ -209,7 +216,7 @@ def test_a_damaged_write_ahead_log_says_so_in_one_line(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=False,
-        timeout=60,
+        timeout=seconds_left(),
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr

@@ -6,33 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from tests.pipeline import Pipeline
-from tests.processes import wait_until
+from tests.deadline import wait_for
+from tests.inprocess import run_cli
+from tests.pipeline import Pipeline, dead_letters
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 APPLIED = "meterline_consumer_organization_applied_events_total"
 
 
 def _cli(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aggregator.cli", "dead-letters", *args],
-        env={**os.environ, "METERLINE_KAFKA": pipeline.broker.bootstrap},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    """`meterline dead-letters ARGS` with METERLINE_KAFKA naming the pipeline's broker."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("METERLINE_KAFKA", pipeline.broker.bootstrap)
+        return run_cli("dead-letters", *args)
 
 
 def _applied(pipeline: Pipeline, organization_id: str) -> int:
@@ -63,7 +58,7 @@ def test_list_show_and_replay_twice_applies_once(tmp_path: Path) -> None:
             "metadata": {"tokens": 7},
         }
         asyncio.run(_produce(pipeline.broker.bootstrap, refused))
-        wait_until(lambda: _cli(pipeline, "list", "--organization", org).returncode == 0, 30)
+        asyncio.run(dead_letters(pipeline.broker.bootstrap, expected=1))
         listed = _cli(pipeline, "list", "--organization", org, "--reason", "Customer not found")
         assert listed.returncode == 0, listed.stderr
         (line,) = listed.stdout.splitlines()
@@ -89,6 +84,10 @@ def test_list_show_and_replay_twice_applies_once(tmp_path: Path) -> None:
                 "--no-idempotence",
             )
             assert done.returncode == 0, done.stderr
-            wait_until(lambda n=n: _applied(pipeline, org) == before + n, 30)
+            wait_for(
+                "the core to apply the replayed record",
+                lambda n=n: _applied(pipeline, org) == before + n,
+            )
+
         assert pipeline.quantity(meter) == 7
         assert pipeline.stored_events() == 1

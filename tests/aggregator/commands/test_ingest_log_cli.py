@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from aggregator import cli
-from aggregator.core_app import CoreSettings
+from aggregator.settings import CoreSettings
 from aggregator.store.machinery.ingest_log import WITNESS
 from tests.aggregator.store.machinery.test_ingest_log_store import (
     crashed_store,
@@ -21,7 +21,9 @@ from tests.aggregator.store.machinery.test_ingest_log_store import (
     log_records,
     stored_events,
 )
-from tests.processes import MeterlineServer, free_port
+from tests.deadline import seconds_left
+from tests.inprocess import ServedCore, run_cli
+from tests.processes import free_port
 
 
 def _damaged(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, int, int]:
@@ -120,7 +122,7 @@ def test_the_commands_refuse_a_dir_without_a_database(
     assert "holds no meterline database" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_a_server_on_a_damaged_log_exits_2_in_one_line_and_starts_once_repaired(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -131,7 +133,7 @@ def test_a_server_on_a_damaged_log_exits_2_in_one_line_and_starts_once_repaired(
     port = ["--port", str(free_port()), "--validation-workers", "0", "--log-level", "warning"]
     try:
         refused = subprocess.run(
-            [*command, *port], capture_output=True, text=True, timeout=60, check=False
+            [*command, *port], capture_output=True, text=True, timeout=seconds_left(), check=False
         )
     except subprocess.TimeoutExpired:
         pytest.fail("the server started on a damaged ingest log")
@@ -141,23 +143,9 @@ def test_a_server_on_a_damaged_log_exits_2_in_one_line_and_starts_once_repaired(
     assert "ingest-log check --data-dir" in refused.stderr and "Traceback" not in refused.stderr
     assert log_files(database) == before  # nothing truncated
 
-    repaired = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aggregator.cli",
-            "ingest-log",
-            "repair",
-            "--data-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    repaired = run_cli("ingest-log", "repair", "--data-dir", str(tmp_path))
     assert repaired.returncode == 0, repaired.stderr
     assert re.search(r"lost: at most 3 acknowledged events", repaired.stdout), repaired.stdout
-    with MeterlineServer(tmp_path):
-        pass  # it serves (it printed its banner)
+    with ServedCore(tmp_path, dev_token=False):
+        pass  # it serves
     assert stored_events(database) == 5 + 4 + 2

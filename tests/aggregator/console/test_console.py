@@ -1,9 +1,10 @@
 """The web console in a real browser: Debian's headless `chromium`, driven by playwright, against
-one real `meterline up` in Kafka mode (so the dead-letters page has a topic to read) that
-forwards to a local upstream refusing every event (so the forwarder has a quarantine) and
-sends webhooks to it. One server and one browser for the module; the tests run in order, each
-on the state the ones before left, and save a screenshot of each page: to a scratch folder, or
-to docs/screenshots/ (which the README and the docs show) when `make screenshots` runs them.
+one `meterline up` in Kafka mode (so the dead-letters page has a topic to read), served from a
+thread of the test's process, that forwards to a local upstream refusing every event (so the
+forwarder has a quarantine) and sends webhooks to it. One server and one browser for the
+module; the tests run in order, each on the state the ones before left, and save a screenshot
+of each page: to a scratch folder, or to docs/screenshots/ (which the README and the docs
+show) when `make screenshots` runs them.
 
 A second organization's customer and meter are seeded beside the first's: their names must
 never appear in the first's pages, nor the first's in the second's."""
@@ -25,9 +26,11 @@ import httpx
 import pytest
 from playwright.sync_api import Page, Route, sync_playwright
 
-from tests.processes import Broker, MeterlineServer, Server, free_port, new_org_token, wait_until
+from tests.deadline import wait_for
+from tests.inprocess import ServedCore
+from tests.processes import Broker, Server, free_port, new_org_token
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 # Where the screenshots go: `make screenshots` names docs/screenshots/; a plain run keeps the
 # checkout clean.
@@ -157,7 +160,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 "--allow-private-webhooks",
                 *("--upstream-url", upstream.url, "--upstream-token", "test-upstream"),
             )
-            with MeterlineServer(data_dir, *args) as server:
+            with ServedCore(data_dir, *args) as server:
                 b_token = new_org_token(data_dir, "rival")
                 with server.client() as a, server.client(b_token) as b:
                     shots = os.environ.get(SHOTS_VARIABLE) or tmp_path_factory.mktemp("shots")
@@ -239,7 +242,9 @@ def test_a_meter_made_in_the_console_charts_usage_ingested_through_the_api(
     world.ids["tokens"] = meter_id
     more = [_event("alice", 0.2, tokens=1000), _event("amy", 0.1, tokens=1)]
     world.a.post("/v1/events/ingest", json={"events": more}).raise_for_status()
-    wait_until(lambda: _total(world, meter_id) == 4721, timeout=30)  # seeded + 1,001
+    wait_for(
+        "the meter to count the new events", lambda: _total(world, meter_id) == 4721
+    )  # + 1,001
     # Each change redraws; the hourly answer is held until the daily chart is drawn, so it
     # arrives last and must not replace the chart asked for last.
     held: list[Route] = []
@@ -331,7 +336,10 @@ def test_costs_by_customer_and_by_model(page: Page, world: World) -> None:
 
 
 def test_the_forwarder_shows_its_quarantine_and_resends(page: Page, world: World) -> None:
-    wait_until(lambda: bool(world.a.get("/v1/forwarder/quarantine").json()["items"]), timeout=30)
+    wait_for(
+        "the forwarder to quarantine the refused event",
+        lambda: world.a.get("/v1/forwarder/quarantine").json()["items"],
+    )
     text = _visit(page, world, "#/forwarder")
     assert "name: refused" in text
     assert int(page.inner_text("dd[data-fact=quarantined]")) >= 1
@@ -347,8 +355,8 @@ def test_dead_letters_show_the_organizations_own(page: Page, world: World) -> No
     for client, name in ((world.a, "own-poison"), (world.b, "rival-poison")):
         event = {"name": name, "customer_id": unknown}
         client.post("/v1/events/ingest", json={"events": [event]}).raise_for_status()
-    wait_until(lambda: bool(world.b.get("/v1/dead-letters/").json()["items"]), timeout=30)
-    wait_until(lambda: bool(world.a.get("/v1/dead-letters/").json()["items"]), timeout=30)
+    wait_for("b's dead letter", lambda: world.b.get("/v1/dead-letters/").json()["items"])
+    wait_for("a's dead letter", lambda: world.a.get("/v1/dead-letters/").json()["items"])
     text = _visit(page, world, "#/dead-letters")
     assert "customer_id: Customer not found." in text and "own-poison" in text
     assert "rival-poison" not in text
@@ -360,7 +368,8 @@ def test_dead_letters_show_the_organizations_own(page: Page, world: World) -> No
 
 
 def test_alerts_and_webhook_deliveries(page: Page, world: World) -> None:
-    wait_until(lambda: bool(world.a.get("/v1/webhooks/deliveries").json()["items"]), timeout=30)
+    wait_for("a webhook delivery", lambda: world.a.get("/v1/webhooks/deliveries").json()["items"])
+
     text = _visit(page, world, "#/alerts")
     assert "consumed_units ≥ 3" in text and "meter.alert" in text and "delivered" in text
     _shot(page, world, "alerts")

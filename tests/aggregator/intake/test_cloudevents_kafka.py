@@ -17,7 +17,7 @@ from cloudevents.core.v1.event import CloudEvent
 
 from tests.pipeline import Pipeline, dead_letters, produce_raw
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 SUBJECT = "customer-1"
 DURATION_METER = {

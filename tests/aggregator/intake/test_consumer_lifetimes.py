@@ -17,6 +17,7 @@ from aggregator.intake.leadership import Role
 from aggregator.intake.splits import Splits
 from ingest.kafka import KafkaSettings
 from meters.events import EventRules
+from tests.deadline import until
 from tests.kafka_clients import BOUND, Client, no_topics, settings
 
 
@@ -45,11 +46,8 @@ def test_a_consumer_whose_start_fails_halfway_stops_what_it_started(
     consumer = _consumer(monkeypatch, kafka, dead)
 
     async def run() -> None:
-        async with consumer:
-            for _ in range(100):  # failed, and tried again after a pause
-                if len(dead.calls) >= 4:
-                    break
-                await asyncio.sleep(0.05)
+        async with consumer:  # failed, and tried again after a pause
+            await until("a second start of the consumer", lambda: len(dead.calls) >= 4)
 
     asyncio.run(run())
     assert kafka.calls[:4] == ["start", "stop", "start", "stop"]

@@ -21,16 +21,16 @@ import duckdb
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from aggregator.auth import TokenRegistry
 from aggregator.store.machinery.migrations import migrate
+from tests.deadline import wait_for
 from tests.inprocess import ServedCore
-from tests.pipeline import Pipeline, produce_raw, send_until_accepted
-from tests.processes import Broker, wait_until
+from tests.pipeline import Pipeline, produce_raw, send_until_accepted, topic_records
+from tests.processes import Broker
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 READS = (
     "/v1/customers/?limit=100",
@@ -178,13 +178,15 @@ def _settled(
     client: httpx.Client, paths: tuple[str, ...] = READS
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The state once what the edge accepted is applied: unchanged over a second."""
-    state = _state(client, paths)
-    for _ in range(60):
-        time.sleep(1)
-        state, before = _state(client, paths), state
-        if state == before:
-            return state
-    raise AssertionError("the core never settled")
+    last = [_state(client, paths)]
+
+    def unchanged() -> tuple[dict[str, Any], dict[str, bytes]] | None:
+        time.sleep(1)  # the point: settled is unchanged over a second
+        state = _state(client, paths)
+        same, last[0] = state == last[0], state
+        return state if same else None
+
+    return wait_for("the core to settle (its state unchanged over a second)", unchanged)
 
 
 def _assert_same(first: dict[str, Any], again: dict[str, Any]) -> None:
@@ -204,38 +206,28 @@ def _journal_offset(client: httpx.Client) -> int:
 
 
 def _settled_together(
-    leader: httpx.Client,
-    follower: httpx.Client,
-    seconds: float = 60.0,
-    paths: tuple[str, ...] = READS,
+    leader: httpx.Client, follower: httpx.Client, paths: tuple[str, ...] = READS
 ) -> tuple[tuple[dict[str, Any], dict[str, bytes]], tuple[dict[str, Any], dict[str, bytes]]]:
     """The leader's settled state and the follower's at the same journal offset. A leader
     journals on while webhook attempts to a failing endpoint retry (they change no digested
     table, so the leader looks settled): the follower may pass the offset it settled at, and
     then both are taken again."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+
+    def together() -> Any:
         first = _settled(leader, paths)
         target = first[0]["journal_offset"]
-        wait_until(
-            lambda t=target: _journal_offset(follower) >= t, max(deadline - time.monotonic(), 0.1)
+        wait_for(
+            f"the follower to reach the leader's journal offset {target}",
+            lambda: _journal_offset(follower) >= target,
         )
         again = _state(follower, paths)
-        if again[0]["journal_offset"] == target:
-            return first, again
-    raise AssertionError("the follower never stood at the leader's settled journal offset")
+        return (first, again) if again[0]["journal_offset"] == target else None
+
+    return wait_for("the follower to stand at the leader's settled journal offset", together)
 
 
 async def _control_records(bootstrap: str) -> list[bytes]:
-    consumer = AIOKafkaConsumer(
-        "meterline.events.control", bootstrap_servers=bootstrap, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    try:
-        fetched = await consumer.getmany(timeout_ms=2000)
-        return [r.value or b"" for batch in fetched.values() for r in batch]
-    finally:
-        await consumer.stop()
+    return [r.value or b"" for r in await topic_records(bootstrap, "meterline.events.control")]
 
 
 def _second_core(pipeline: Pipeline, data_dir: Path) -> ServedCore:
@@ -258,7 +250,10 @@ def _credit_after_a_backfill(client: httpx.Client) -> None:
         "aggregation": {"func": "sum", "property": "tokens"},
     }
     meter = _ok(client.post("/v1/meters/", json=body))["id"]
-    wait_until(lambda: client.get(f"/v1/meters/{meter}").json()["backfill"]["status"] == "done", 30)
+    wait_for(
+        "the late meter's backfill",
+        lambda: client.get(f"/v1/meters/{meter}").json()["backfill"]["status"] == "done",
+    )
     credit = {"external_customer_id": "user-0", "meter_id": meter, "units": 5, "external_id": "l"}
     answer = _ok(client.post("/v1/meter-credits/", json=credit))
     assert answer["customer_meter"]["consumed_units"] > 0, answer
@@ -308,7 +303,10 @@ def test_a_core_from_an_empty_data_dir_holds_the_same_state(
             _second_core(pipeline, tmp_path / "second") as second,
             second.client(pipeline.token()) as client,
         ):
-            wait_until(lambda: _journal_offset(client) >= first["journal_offset"], 60)
+            wait_for(
+                "the second core to reach the first's journal offset",
+                lambda: _journal_offset(client) >= first["journal_offset"],
+            )
             again, reads_again = _settled(client)
             # Leading now, it journals its own retries of the workload's failing webhook
             # endpoints past where the first stopped; they change no digested table.
@@ -356,7 +354,10 @@ def test_topics_and_a_data_dir_of_the_previous_main_open_and_apply(tmp_path: Pat
         asyncio.run(_previous_topics(broker.bootstrap, events))
         args = ("--kafka", broker.bootstrap, "--no-idempotence", "--partitions", "3")
         with ServedCore(tmp_path, *args) as core, core.client(token) as client:
-            wait_until(lambda: _ok(client.get("/v1/events/"))["pagination"]["total_count"] == 5)
+            wait_for(
+                "the core to apply the 5 events of the previous topics",
+                lambda: _ok(client.get("/v1/events/"))["pagination"]["total_count"] == 5,
+            )
             meter = {
                 "name": "tokens",
                 "filter": {"conjunction": "and", "clauses": []},
@@ -372,9 +373,11 @@ def test_topics_and_a_data_dir_of_the_previous_main_open_and_apply(tmp_path: Pat
                 "external_id": "after-upgrade",
             }
             applied = _ok(client.post("/v1/meter-credits/", json=credit), 201)
-            wait_until(
-                lambda: _ok(client.get("/v1/customer-meters/"))["items"][0]["consumed_units"] == 50
+            wait_for(
+                "the credit's customer meter to count the 50 units used",
+                lambda: _ok(client.get("/v1/customer-meters/"))["items"][0]["consumed_units"] == 50,
             )
+
             assert applied["customer_meter"]["credited_units"] == 100
             # Three writes, after the organization and token records the core published.
             assert _ok(client.get("/v1/cluster/digest"))["control_offset"] >= 3

@@ -19,7 +19,7 @@ from meters import columnar
 from meters.events import COLUMNS, EventRules, parse_ingest_body, validate_body
 from meters.ipc import read_ipc
 from meters.records import record_value
-from tests.strategies import NOW_US, valid_events
+from tests.strategies import NOW_US, examples, valid_events
 
 RULES = EventRules()
 ORG = "3f1c2a9e-0d5b-4e7a-9c61-2b8f4d7e6a10"
@@ -54,7 +54,7 @@ def _decoded(values: list[bytes | None], headers: list[columnar.Headers]) -> pa.
     return read_ipc(ipc)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     events=st.lists(valid_events(), min_size=1, max_size=8),
     partitions=st.integers(1, 4),

@@ -21,6 +21,7 @@ from aggregator.intake.journal import Entry, Journal, Records, decode, encode
 from aggregator.intake.leadership import Role
 from aggregator.store import Positions, Store
 from ingest.kafka import KafkaSettings
+from tests.deadline import until
 from tests.processes import Broker
 
 pytestmark = pytest.mark.slow
@@ -83,6 +84,7 @@ async def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
         await producer.stop()
 
 
+@pytest.mark.processes
 def test_a_core_from_an_empty_store_applies_the_journal_in_its_order(tmp_path: Path) -> None:
     with Broker() as broker:
         asyncio.run(
@@ -157,6 +159,7 @@ async def _scenario(tmp_path: Path, kafka: KafkaSettings) -> None:
             await journal.start()
 
 
+@pytest.mark.processes
 def test_two_cores_that_both_lead_apply_one_order(tmp_path: Path) -> None:
     with Broker() as broker:
         kafka = KafkaSettings(broker.bootstrap, partitions=1, idempotence=False)
@@ -203,7 +206,7 @@ async def _two_leaders(tmp_path: Path, kafka: KafkaSettings) -> None:
         with pytest.raises(OffsetGap):
             await append(b, recorders[1], 3, 4)
         # ... and follows: it applies b's entries as they come, and never appends.
-        await _until(lambda: a.position() == b.position())
+        await until("b to reach a's position", lambda: a.position() == b.position())
         with pytest.raises(NotLeading):
             await append(a, recorders[0], 4, 4)
         # Leading again (the lease moved), a catches up first: its entries count (below).
@@ -212,7 +215,7 @@ async def _two_leaders(tmp_path: Path, kafka: KafkaSettings) -> None:
         await _produce(kafka.bootstrap, kafka.topic, [b"e"])
         await append(a, recorders[0], 4, 5)
         applied = [ranges for ranges, _, _ in recorders[0].seen]
-        await _until(lambda: b.position() == a.position())
+        await until("a to reach b's position", lambda: b.position() == a.position())
         assert [ranges for ranges, _, _ in recorders[1].seen] == applied
     # One order: a third core from an empty store applies what each of them applied.
     async with Store(tmp_path / "c.duckdb") as store, Journal(store, kafka, Role(False)) as c:
@@ -223,14 +226,7 @@ async def _two_leaders(tmp_path: Path, kafka: KafkaSettings) -> None:
         assert applied == [((0, 0, 2),), ((0, 2, 3),), ((0, 3, 4),), ((0, 4, 5),)]
 
 
-async def _until(predicate: Any) -> None:
-    for _ in range(200):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("not within 10 s")
-
-
+@pytest.mark.processes
 def test_a_data_dir_that_stored_no_epoch_skips_as_the_others_do(tmp_path: Path) -> None:
     """The previous main stored the journal's position, not the greatest epoch applied: such a
     data dir takes the epoch of the last entry it read, and skips an older one after it."""

@@ -17,8 +17,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from aggregator.store import Store
 from aggregator.store.apply.consumed import OffsetReset, Reset, offset_resets, stored_offsets
+from tests.deadline import seconds_left, wait_for
 from tests.pipeline import Pipeline, send_until_accepted
-from tests.processes import wait_until
 
 TOPIC = "meterline.events"
 
@@ -66,6 +66,8 @@ async def _recreate(bootstrap: str) -> None:
     await admin.start()
     try:
         await admin.delete_topics([TOPIC])
+        # A moment for the deletion to take: a producer's write may create the topic again
+        # first (below), a new log either way.
         await asyncio.sleep(0.3)
         try:
             await admin.create_topics([NewTopic(TOPIC, 1, 1)])
@@ -75,7 +77,7 @@ async def _recreate(bootstrap: str) -> None:
         await admin.close()
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_recreated_topic_under_load_loses_nothing_acknowledged_after(tmp_path: Path) -> None:
     with Pipeline(tmp_path, partitions=1) as pipeline:
         meter_id = pipeline.create_meter()
@@ -101,29 +103,33 @@ def test_recreated_topic_under_load_loses_nothing_acknowledged_after(tmp_path: P
                         send_until_accepted(loader, batch)
                         sent.append((batch, time.monotonic()))
                         i += 1
-                        time.sleep(0.05)
+                        time.sleep(0.05)  # pacing the load
 
             sender = threading.Thread(target=load)
             sender.start()
-            time.sleep(1.0)
+            wait_for("batches acknowledged under load", lambda: len(sent) >= 40)
             asyncio.run(_recreate(pipeline.broker.bootstrap))
             recreated_at = time.monotonic()
             recreated.set()
-            time.sleep(3.0)
+            wait_for(
+                "more than 10 batches acknowledged after the recreation",
+                lambda: sum(at > recreated_at for _, at in list(sent)) > 10,
+            )
             stop.set()
-            sender.join(60)
+            sender.join(seconds_left())
 
         after = [b for b, at in sent if at > recreated_at]
         assert len(after) > 10
         with core.client(pipeline.token()) as client:
-            wait_until(
+            wait_for(
+                "every batch acknowledged after the recreation to be applied",
                 lambda: all(
                     pipeline.quantity(meter_id, external_customer_id=b[0]["external_customer_id"])
                     == _total(b)
                     for b in after
                 ),
-                60,
             )
+
             for batch, _ in sent:
                 got = pipeline.quantity(
                     meter_id, external_customer_id=batch[0]["external_customer_id"]

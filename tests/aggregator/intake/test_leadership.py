@@ -17,7 +17,7 @@ from aggregator.intake.leadership import Lease, Role
 from ingest.kafka import KafkaSettings, ensure_topics
 from tests.processes import Broker
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 REFUSED = "the lease member could not join ([Error 23] InconsistentGroupProtocolError)"
 

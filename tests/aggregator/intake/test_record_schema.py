@@ -24,8 +24,10 @@ from meters.events import EventRules
 from meters.events.json_schema import record_schema
 from meters.records import Record, decode_records
 from meters.times import now_us
-from tests.pipeline import Pipeline, dead_letters, produce_raw
-from tests.processes import new_org_token, wait_until
+from tests.deadline import seconds_left, wait_for
+from tests.pipeline import Pipeline, produce_raw, topic_records
+from tests.processes import new_org_token
+from tests.strategies import examples
 
 SCHEMA = record_schema(EventRules())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
@@ -197,7 +199,7 @@ def _field(reason: str) -> str:
 
 @pytest.mark.slow
 @given(_marked())
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_the_schema_agrees_with_the_validator(marked: Marked) -> None:
     """The pure law, on many records: the exact validator (what dead-letters a JSON record)
     fails a record exactly when the schema does, or when it is in the future."""
@@ -228,12 +230,12 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
 
 @given(st.lists(_marked(), min_size=40, max_size=40))
 @settings(
-    max_examples=2,
+    max_examples=examples(2),
     phases=[Phase.generate],  # each example is a produce/consume round: no shrinking
     deadline=None,
     suppress_health_check=list(HealthCheck),
 )
-@pytest.mark.slow
+@pytest.mark.processes
 def test_rejected_records_are_dead_lettered_and_accepted_ones_applied(
     pipeline: Pipeline, batch: list[Marked]
 ) -> None:
@@ -267,7 +269,7 @@ def test_rejected_records_are_dead_lettered_and_accepted_ones_applied(
             dead.update(asyncio.run(_dead_letters(pipeline, min(offsets))))
             return len(dead) >= len(expected_dead) and stored() >= applied
 
-        wait_until(all_there, 90)
+        wait_for("every record applied or dead-lettered", all_there)
         assert stored() == applied
     assert set(dead) == set(expected_dead)
     for offset, (record, mark) in expected_dead.items():
@@ -281,18 +283,20 @@ def test_rejected_records_are_dead_lettered_and_accepted_ones_applied(
 
 async def _dead_letters(pipeline: Pipeline, since: int) -> dict[int, str]:
     """The dead-letter reasons by original offset, of records at `since` or later."""
-    found = await dead_letters(pipeline.broker.bootstrap, expected=1 << 30, wait_seconds=2.0)
-    offsets = [(int(h["meterline.offset"]), h["meterline.reason"]) for h, _ in found]
+    found = await topic_records(pipeline.broker.bootstrap, "meterline.events.dead")
+    headers = [{k: v.decode() for k, v in r.headers} for r in found]
+    offsets = [(int(h["meterline.offset"]), h["meterline.reason"]) for h in headers]
     return {offset: reason for offset, reason in offsets if offset >= since}
 
 
+@pytest.mark.processes
 def test_the_command_prints_the_schema() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "aggregator.cli", "schema", "record", "--max-future-seconds", "60"],
         capture_output=True,
         text=True,
         check=True,
-        timeout=60,
+        timeout=seconds_left(),
     )
     printed = json.loads(done.stdout)
     jsonschema.Draft202012Validator.check_schema(printed)

@@ -35,9 +35,9 @@ from tests.aggregator.intake.test_control_topic import (
     _settled_together,
 )
 from tests.aggregator.upstream.webhook_receiver import Receiver
+from tests.deadline import wait_for
 from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline
-from tests.processes import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -104,6 +104,7 @@ def _plan(client: httpx.Client, plan_id: str) -> dict[str, Any]:
     return found
 
 
+@pytest.mark.processes
 def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> None:
     workload = Workload(5)
     args = ("--allow-private-webhooks",)
@@ -142,8 +143,8 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
             plan = _second_cycle_soon(core, workload.meters[0])
             # And a grant's expiry, the same way.
             grants = f"/v1/customer-meters/{_expiring_soon(core, workload.meters[0])}/grants"
-            wait_until(lambda: _plan(core, plan)["cycles"] == 2, 30)
-            wait_until(lambda: _ok(core.get(grants))["items"][0]["expired"], 30)
+            wait_for("the plan's second cycle", lambda: _plan(core, plan)["cycles"] == 2)
+            wait_for("the grant to expire", lambda: _ok(core.get(grants))["items"][0]["expired"])
             (first, reads), (again, reads_again) = _settled_together(
                 core, through_replica, paths=(*READS, DELIVERIES, grants)
             )
@@ -152,13 +153,14 @@ def test_a_replica_holds_the_state_of_the_core_it_follows(tmp_path: Path) -> Non
             )
             # Each lists both, from their heartbeats.
             for client, me in ((core, "leader"), (through_replica, "replica")):
-                wait_until(lambda c=client: len(_cores(c)) == 2, 30)
+                wait_for("each core to list both", lambda c=client: len(_cores(c)) == 2)
                 cores = _cores(client)
                 assert {m["role"] for m in cores} == {"leader", "replica"}
                 assert [m["role"] for m in cores if m["this"]] == [me]
                 assert all(m["alive"] and m["journal_offset"] for m in cores)
-            wait_until(lambda: len(receiver.received) > 0, 30)
-            time.sleep(2)  # time enough for a second delivery of any of them
+            wait_for("a delivery", lambda: len(receiver.received) > 0)
+            time.sleep(2)  # the point: time enough for a second delivery of any of them
+
             ids = [r.headers["webhook-id"] for r in receiver.received]
             assert len(ids) == len(set(ids)), ids
     _assert_same(first, again)

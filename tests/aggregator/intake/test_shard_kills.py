@@ -21,10 +21,11 @@ import pytest
 from aggregator.api.shard_routing import ROUTED_HEADER
 from tests.aggregator.intake.test_control_topic import _ok
 from tests.aggregator.intake.test_shards import _events, _moved, _quantity, _shard_of
+from tests.deadline import seconds_left, wait_for, waited_too_long
 from tests.pipeline import Pipeline
-from tests.processes import MeterlineServer, free_port, wait_until
+from tests.processes import MeterlineServer, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 PARTITIONS = 4
 SHARDS = 2
@@ -58,7 +59,7 @@ class Load(threading.Thread):
                 ]
                 answer = client.post(f"{self._edge}/v1/events/ingest", json={"events": events})
                 if answer.status_code != 200:
-                    time.sleep(0.1)
+                    time.sleep(0.1)  # pacing the retries
                     continue
                 for customer, tokens in batch:
                     self.tokens[customer] += tokens
@@ -66,7 +67,8 @@ class Load(threading.Thread):
 
     def stop(self) -> None:
         self._done.set()
-        self.join(60)
+        self.join(seconds_left())
+        assert not self.is_alive(), waited_too_long("the load to stop")
 
 
 def _customers(client: httpx.Client, org: str) -> list[str]:
@@ -112,15 +114,20 @@ def test_shards_killed_while_moving_rows_lose_and_double_nothing(tmp_path: Path)
                 httpx.Client(base_url=c.url, headers=_auth(token), timeout=30) for c in cores
             ]
             for client in clients:  # every shard knows every customer before events name it
-                wait_until(lambda c=client: _known(c, customers), 60)
+                wait_for(
+                    "every shard to know every customer", lambda c=client: _known(c, customers)
+                )
             load = Load(pipeline.edges[0].url, token, customers, seed=59)
             load.start()
             rng = random.Random(59)
             for kill in range(KILLS):
                 victim = kill % SHARDS
                 # Killed once it has moved rows since it started: mid-way through moving.
-                wait_until(lambda v=victim: _moved_since_start(clients[v]) > 0, 60)
-                time.sleep(rng.uniform(0.0, 0.5))
+                wait_for(
+                    f"shard {victim} to move rows since its start",
+                    lambda v=victim: _moved_since_start(clients[v]) > 0,
+                )
+                time.sleep(rng.uniform(0.0, 0.5))  # the point: a random moment of the moving
                 cores[victim].kill()
                 clients[victim].close()
                 cores[victim] = shard(victim).start()
@@ -130,8 +137,12 @@ def test_shards_killed_while_moving_rows_lose_and_double_nothing(tmp_path: Path)
             load.stop()
             total = sum(load.events.values())
             assert total > 0
-            wait_until(lambda: sum(_events(c, here=True) for c in clients) >= total, 120)
-            time.sleep(1)  # what a doubled row would add, had it been applied a moment later
+            wait_for(
+                "the shards to hold every acknowledged event",
+                lambda: sum(_events(c, here=True) for c in clients) >= total,
+            )
+            time.sleep(1)  # the point: what a doubled row would add, had it come a moment later
+
             held = [_events(c, here=True) for c in clients]
             assert sum(held) == total, (held, total)
             for customer in customers:

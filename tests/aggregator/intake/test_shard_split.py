@@ -26,11 +26,12 @@ from aggregator import cli
 from aggregator.api.shard_routing import ROUTED_HEADER
 from tests.aggregator.intake.test_control_topic import _ok
 from tests.aggregator.intake.test_shards import _moved, _shard_of
+from tests.deadline import seconds_left, wait_for
 from tests.inprocess import ServedCore
 from tests.pipeline import TOKENS_METER, _wide
-from tests.processes import Broker, MeterlineServer, edge_token, wait_until
+from tests.processes import Broker, MeterlineServer, edge_token
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 PARTITIONS = 8
 
@@ -65,11 +66,11 @@ class Load:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(30)
+        self._thread.join(seconds_left())
 
     def wait_batches(self, more: int) -> None:
         target = self.batches + more
-        wait_until(lambda: self.batches >= target, 60)
+        wait_for(f"{more} more batches accepted", lambda: self.batches >= target)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -92,7 +93,7 @@ class Load:
             self.events.update(sent)
             self.tokens.update(tokens)
             self.batches += 1
-            self._stop.wait(0.02)
+            self._stop.wait(0.02)  # pacing the load
 
 
 def _split(broker: Broker, secret: Path) -> str:
@@ -140,7 +141,10 @@ def test_splitting_two_shards_into_four_under_load_loses_and_doubles_nothing(
         assert crossing
         for customer in customers:  # every shard knows them before events name them
             path = f"/v1/customers/{customer['id']}"
-            wait_until(lambda p=path: other.get(p, headers={ROUTED_HEADER: "1"}).is_success, 30)
+            wait_for(
+                "the other shard to know every customer",
+                lambda p=path: other.get(p, headers={ROUTED_HEADER: "1"}).is_success,
+            )
         credited = customers[1]
         credit = {"customer_id": credited["id"], "meter_id": meter, "units": 5000}
         _ok(one.post("/v1/meter-credits/", json={**credit, "external_id": "before-split"}))
@@ -149,11 +153,11 @@ def test_splitting_two_shards_into_four_under_load_loses_and_doubles_nothing(
             load.wait_batches(40)
             # Rows keyed by the other shard's id were moved (once the cores, behind the edge's
             # acknowledgements under load, have applied them).
-            wait_until(lambda: _moved(one) + _moved(other) > 0, 60)
+            wait_for("rows moved to the other shard", lambda: _moved(one) + _moved(other) > 0)
             printed = _split(broker, secret)
             assert "shard 0/2 cut at" in printed and "shard 1/2 cut at" in printed, printed
             for core in old:  # retired: each stopped by itself
-                assert core.ended(60) == 0, "\n".join(core.output[-30:])
+                assert core.ended("the old shard to retire") == 0, "\n".join(core.output[-30:])
                 assert any("retired" in line for line in core.output), core.output[-30:]
             new = []
             for j in range(4):
@@ -170,7 +174,7 @@ def test_splitting_two_shards_into_four_under_load_loses_and_doubles_nothing(
             [*command, "--data-dir", str(tmp_path / "old0")],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=seconds_left(),
             check=False,
         )
         assert again.returncode == 2, again.stdout + again.stderr
@@ -184,7 +188,11 @@ def test_splitting_two_shards_into_four_under_load_loses_and_doubles_nothing(
 
         # Every event applied once: the new shards hold as many as were sent (the credit's
         # system event is one more), and the organization's list says so from any of them.
-        wait_until(lambda: sum(map(held, clients)) >= expected + 1, 120)
+        wait_for(
+            "the new shards to hold every event sent",
+            lambda: sum(map(held, clients)) >= expected + 1,
+        )
+
         assert sum(map(held, clients)) == expected + 1
         for client in clients:
             total = _ok(client.get("/v1/events/", params={"limit": 1}))["pagination"]

@@ -42,11 +42,11 @@ from ingest.kafka import Shard
 from meters.columnar import partition_of
 from meters.records import subject_key
 from tests.aggregator.intake.test_control_topic import _assert_same, _ok, _settled_together
+from tests.deadline import next_of, seconds_left, wait_for
 from tests.inprocess import ServedCore
 from tests.pipeline import TOKENS_METER, Pipeline, _wide, usage_batches
-from tests.processes import wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 PARTITIONS = 6
 SHARDS = 3
@@ -125,7 +125,7 @@ def _watch(client: httpx.Client, params: dict[str, str], customer: str) -> queue
                         found.put(change)
 
     threading.Thread(target=read, daemon=True).start()
-    assert found.get(timeout=30) == "open"
+    assert next_of("the live stream to open", found) == "open"
     return found
 
 
@@ -235,7 +235,10 @@ class Workload:
             made = _ok(one.post("/v1/customers/", json=body))["id"]
             path, here = f"/v1/customers/{made}", {ROUTED_HEADER: "1"}
             for shard in shards:
-                wait_until(lambda s=shard: s.get(path, headers=here).is_success, 30)
+                wait_for(
+                    "every shard to apply the new customer",
+                    lambda s=shard: s.get(path, headers=here).is_success,
+                )
             self.customers.append(made)
             if "external_id" in body:
                 self.given.append(body["external_id"])
@@ -409,12 +412,12 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                 edge = stack.enter_context(pipeline.edges[0].client(token))
                 named, late = _customers(one, org)
                 for shard in shards:  # every shard has applied them (and the PATCH)
-                    wait_until(
+                    wait_for(
+                        "every shard to apply the customers and the PATCH",
                         lambda s=shard: (
                             s.get(f"/v1/customers/{late}").status_code == 200
                             and s.get(f"/v1/customers/{late}").json()["external_id"] == "late"
                         ),
-                        30,
                     )
                 distinct: set[str] = set()
                 batches = list(usage_batches(42, 8, 50, "s"))  # cust_0..4: no customer made
@@ -444,8 +447,10 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                 for batch in [*batches, by_id, by_external, unkeyed]:
                     assert edge.post("/v1/events/ingest", json={"events": batch}).is_success
                     distinct.update(e.get("external_id", str(id(e))) for e in batch)
-                wait_until(lambda: _events(one) == len(distinct), 60)
-                wait_until(lambda: _held(*shards) == _events(one), 60)
+                wait_for(
+                    "the one-shard core to hold every event", lambda: _events(one) == len(distinct)
+                )
+                wait_for("the shards to hold its events", lambda: _held(*shards) == _events(one))
                 assert min(_events(shard, here=True) for shard in shards) > 0
                 expected_owner = {
                     **{f"cust_{i}": _shard_of(org, f"ext:cust_{i}") for i in range(5)},
@@ -472,7 +477,7 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                     assert sorted(int(p) for p in digest["events_offsets"]) == owned
                     # Each shard has its leader (as of its last heartbeat: within 2 s).
                     mine = (f"{index}/{SHARDS}", "leader")
-                    wait_until(lambda c=client, m=mine: _this(c) == m, 10)
+                    wait_for(f"shard {index} to lead", lambda c=client, m=mine: _this(c) == m)
                     # The meter is every shard's: the control topic is applied whole.
                     assert _ok(client.get(f"/v1/meters/{meter}"))["id"] == meter
                 moved = sum(_moved(c) for c in shards)
@@ -490,9 +495,15 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                 two_edge = stack.enter_context(pipeline.edges[0].client(second))
                 two_shards = [stack.enter_context(c.client(second)) for c in cores[:SHARDS]]
                 for client in (two, *two_shards):
-                    wait_until(lambda c=client: c.get("/v1/meters/").is_success, 30)
+                    wait_for(
+                        "every core to take the second organization's token",
+                        lambda c=client: c.get("/v1/meters/").is_success,
+                    )
                 empty = {"events": []}
-                wait_until(lambda: two_edge.post("/v1/events/ingest", json=empty).is_success, 30)
+                wait_for(
+                    "the edge to take the second organization's token",
+                    lambda: two_edge.post("/v1/events/ingest", json=empty).is_success,
+                )
                 workload, theirs = Workload(SEED), Workload(SEED + 1)
                 workload.meters += [meter, *others]
                 for step in range(STEPS):
@@ -500,10 +511,16 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                     if step % 3 == 0:
                         theirs.step(two, two_edge, two_shards)
                 distinct |= workload.distinct
-                wait_until(lambda: _events(one) == len(distinct), 60)
-                wait_until(lambda: _held(*shards) == _events(one), 60)
-                wait_until(lambda: _events(two) == len(theirs.distinct) > 0, 60)
-                wait_until(lambda: _held(*two_shards) == _events(two), 60)
+                wait_for(
+                    "the one-shard core to hold the workload's events",
+                    lambda: _events(one) == len(distinct),
+                )
+                wait_for("the shards to hold them", lambda: _held(*shards) == _events(one))
+                wait_for(
+                    "the one-shard core to hold the second organization's events",
+                    lambda: _events(two) == len(theirs.distinct) > 0,
+                )
+                wait_for("the shards to hold them", lambda: _held(*two_shards) == _events(two))
                 (state, reads), (again, reads_again) = _settled_together(shards[0], through_replica)
                 _assert_same(state, again)
                 assert reads_again == reads
@@ -531,7 +548,10 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                 elsewhere = other.post("/v1/meter-credits/", json=own, headers={ROUTED_HEADER: "1"})
                 assert elsewhere.status_code == 421, elsewhere.text
                 assert elsewhere.json()["error"] == "CustomerElsewhere"
-                wait_until(lambda: _system(owner, customer_id=crossing) == 2, 30)  # "c", "r"
+                wait_for(  # "c", "r"
+                    "the customer's shard to apply the two credits",
+                    lambda: _system(owner, customer_id=crossing) == 2,
+                )
                 assert _system(other, customer_id=crossing) == 0
                 # A hold by id, asked of any shard, is its customer's shard's.
                 hold_id = held_one.json()["id"]
@@ -545,10 +565,16 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                 # credit are the customer's shard's.
                 plan = {**credit, "external_id": "p", "units": 50, "interval": "month"}
                 assert other.post("/v1/credit-plans/", json=plan).status_code == 201
-                wait_until(lambda: _system(owner, customer_id=crossing) == 4, 30)
+                wait_for(
+                    "the customer's shard to apply the plan's cycle",
+                    lambda: _system(owner, customer_id=crossing) == 4,
+                )
                 assert _system(other, customer_id=crossing) == 0
                 # (The one-shard core has applied those writes once it has their events.)
-                wait_until(lambda: _system(one) == sum(_system(s) for s in shards) > 0, 30)
+                wait_for(
+                    "the one-shard core to apply those writes",
+                    lambda: _system(one) == sum(_system(s) for s in shards) > 0,
+                )
                 # Organization-wide reads asked of any shard, and each customer's of one shard
                 # (each in turn), are the one-shard core's answers, byte for byte.
                 reads = _organization_reads(one, workload.meters)
@@ -586,7 +612,10 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                 # asked of any shard (the one holding those events decides) or of one.
                 plain = _ok(one.post("/v1/customers/", json={"email": "plain@x.org"}))["id"]
                 for client in (*shards, one):
-                    wait_until(lambda c=client: c.get(f"/v1/customers/{plain}").is_success, 30)
+                    wait_for(
+                        "every core to apply the plain customer",
+                        lambda c=client: c.get(f"/v1/customers/{plain}").is_success,
+                    )
                     refused = client.patch(f"/v1/customers/{plain}", json={"external_id": "cust_0"})
                     assert refused.status_code == 409, refused.text
                     assert refused.json()["error"] == "ExternalIdInUse"
@@ -601,7 +630,7 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                 used = [{"name": "llm_call", "customer_id": crossing, "metadata": {"tokens": 3}}]
                 assert edge.post("/v1/events/ingest", json={"events": used}).is_success
                 for watched in (merged, routed_to):
-                    change = watched.get(timeout=30)
+                    change = next_of("the customer's change on the live stream", watched)
                     assert (
                         change["customer_id"] == crossing and change["meter_id"] in workload.meters
                     )
@@ -615,8 +644,8 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                 before = _events(one)
                 for event in twice:  # apart: one request keeps the first of each external id
                     assert edge.post("/v1/events/ingest", json={"events": [event]}).is_success
-                wait_until(lambda: _held(*shards) == before + 2, 60)
-                wait_until(lambda: _events(one) == before + 1, 60)
+                wait_for("the shards to keep both events", lambda: _held(*shards) == before + 2)
+                wait_for("the one-shard core to keep one", lambda: _events(one) == before + 1)
         finally:
             for core in cores:
                 core.stop()
@@ -625,7 +654,7 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
 def _core(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`meterline core` on `data_dir`, expected to exit at once."""
     command = [sys.executable, "-m", "aggregator.cli", "core", "--data-dir", str(data_dir)]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=seconds_left())
 
 
 def test_more_shards_than_partitions_or_another_shards_data_dir_is_refused(
@@ -638,7 +667,8 @@ def test_more_shards_than_partitions_or_another_shards_data_dir_is_refused(
             ServedCore(tmp_path / "s0", *pipeline.args(), "--shard", "0/2") as shard,
             shard.client(shard.token) as client,
         ):
-            wait_until(lambda: _this(client) == ("0/2", "leader"), 30)
+            wait_for("shard 0/2 to lead", lambda: _this(client) == ("0/2", "leader"))
+
         other = _core(tmp_path / "s0", *pipeline.args(), "--shard", "1/2")
     assert too_many.returncode == 2, too_many.stderr
     assert f"has {PARTITIONS} partitions, so at most {PARTITIONS} shards" in too_many.stderr

@@ -24,10 +24,11 @@ import pytest
 from benchmarks.takeover import Checks, write_answered
 from tests.aggregator.intake.test_control_topic import Workload, _ok, _settled_together
 from tests.aggregator.upstream.webhook_receiver import Receiver
+from tests.deadline import wait_for
 from tests.pipeline import Pipeline
-from tests.processes import MeterlineServer, wait_until
+from tests.processes import MeterlineServer
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 TAKEOVER_SECONDS = 15.0
 LEADS = "this core leads"
@@ -75,7 +76,7 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
     ):
         first = pipeline.core
         assert isinstance(first, MeterlineServer)
-        wait_until(lambda: _leads(first), 30)
+        wait_for("the first core to lead", lambda: _leads(first))
         secret = tmp_path / "cluster.secret"
         shutil.copy(pipeline.data_dir / "secret.key", secret)
         standby_args = (*pipeline.args(), *args, "--secret-file", str(secret))
@@ -98,13 +99,13 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                     workload.step(a, edge)
                 # It stands by, and says so.
                 standing = "this core follows the leader"
-                wait_until(lambda: any(standing in line for line in second.output), 30)
+                wait_for("the standby to follow", lambda: any(standing in x for x in second.output))
                 assert not _leads(second)
                 check = f"/v1/customer-meters/?meter_id={meter}&limit=10"
                 # 1. The leader killed: the standby leads, answers writes, applies events;
                 # through the edge, checks are answered throughout and writes wait.
                 with Checks(front.url, token, check, timeout=2) as checks:
-                    time.sleep(1)
+                    wait_for("10 checks before the kill", lambda: len(checks.asked) >= 10)
                     first.kill()
                     killed = time.monotonic()
                     took = write_answered(front.url, token, TAKEOVER_SECONDS + 5)
@@ -112,11 +113,17 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                     assert took <= TAKEOVER_SECONDS, took
                     for _ in range(10):
                         workload.step(edge, edge)
-                    time.sleep(1)
+                    after = len(checks.asked)
+                    wait_for(
+                        "10 checks after the takeover", lambda: len(checks.asked) >= after + 10
+                    )
                 _answered(checks)
                 # The standby lists itself as the leader, the killed core as a silent standby
                 # (one leader listed: the killed one's last heartbeat said it led).
-                wait_until(lambda: _roles(b) == {("leader", True), ("standby", False)}, 10)
+                wait_for(
+                    "the standby to list itself leading, the killed core a silent standby",
+                    lambda: _roles(b) == {("leader", True), ("standby", False)},
+                )
                 print(f"takeover: writes answered {took:.1f} s after the kill")
                 assert time.monotonic() - killed < 60
                 # 2. The first, restarted on its data dir, follows (the lease stays put).
@@ -142,7 +149,9 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                     assert took <= TAKEOVER_SECONDS, took
                     for _ in range(10):
                         workload.step(edge, edge)
-                    wait_until(lambda: _stopped_leading(second, since), 30)
+                    wait_for(
+                        "the paused leader to stop leading", lambda: _stopped_leading(second, since)
+                    )
                     (reached, _), (again, _) = _settled_together(a_again, b)
                     assert again == reached
                     crossed = [
@@ -154,7 +163,8 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
             front.__exit__(None, None, None)
             second.__exit__(None, None, None)
         # Every crossing delivered, each under one webhook-id (the same whichever core sent it).
-        wait_until(lambda: len(_deliveries(receiver)) >= len(crossed), 30)
+        wait_for("a delivery of every crossing", lambda: len(_deliveries(receiver)) >= len(crossed))
+
         deliveries = _deliveries(receiver)
         assert all(len(bodies) == 1 for bodies in deliveries.values()), deliveries
         customers = {

@@ -13,8 +13,9 @@ import duckdb
 import orjson
 import pytest
 
+from tests.deadline import wait_for
 from tests.faults import ROLLUPS_NOW, forwarded, forwarding
-from tests.processes import Server, wait_until
+from tests.processes import Server
 
 pytestmark = pytest.mark.slow
 
@@ -65,11 +66,15 @@ def test_rollups_add_up_upstream_once_each(tmp_path: Path) -> None:
         ]
         assert client.post("/v1/events/ingest", json={"events": events}).status_code == 200
 
-        wait_until(lambda: forwarded(client), 60)
+        wait_for("the forwarder to send every rollup upstream", lambda: forwarded(client))
         first = client.get("/v1/forwarder/").json()["sent"]
         late = {**events[0], "external_id": "late", "metadata": {"tokens": 100}}
         assert client.post("/v1/events/ingest", json={"events": [late]}).status_code == 200
-        wait_until(lambda: client.get("/v1/forwarder/").json()["sent"] == first + 2, 60)
+        wait_for(
+            "the late event's two rollups to be sent",
+            lambda: client.get("/v1/forwarder/").json()["sent"] == first + 2,
+        )
+
         assert client.get("/v1/forwarder/").json()["mode"] == "rollup"
     assert central.exit_code == 0
     landed = _rollup_events(central)

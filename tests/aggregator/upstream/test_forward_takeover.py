@@ -19,10 +19,11 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.deadline import wait_for
 from tests.pipeline import Pipeline
-from tests.processes import MeterlineServer, free_port, wait_until
+from tests.processes import MeterlineServer, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 EVENTS = 400
 BATCH = 20  # events per upstream request
@@ -81,12 +82,17 @@ def test_a_new_leader_forwards_on_from_the_last_answer_recorded(tmp_path: Path) 
         with Pipeline(tmp_path / "a", edges=1, core_args=forwarding, processes=True) as pipeline:
             first = pipeline.core
             assert isinstance(first, MeterlineServer)
-            wait_until(lambda: any("this core leads" in line for line in first.output), 30)
+            wait_for(
+                "the first core to lead", lambda: any("this core leads" in x for x in first.output)
+            )
             secret = tmp_path / "cluster.secret"
             shutil.copy(pipeline.data_dir / "secret.key", secret)
             standby_args = (*pipeline.args(), *forwarding, "--secret-file", str(secret))
             with MeterlineServer(tmp_path / "b", *standby_args, command="core") as second:
-                wait_until(lambda: any("follows the leader" in line for line in second.output), 30)
+                wait_for(
+                    "the second core to follow",
+                    lambda: any("follows the leader" in line for line in second.output),
+                )
                 with pipeline.edges[0].client(pipeline.token()) as edge:
                     for b in range(EVENTS // 100):
                         events = [
@@ -96,12 +102,15 @@ def test_a_new_leader_forwards_on_from_the_last_answer_recorded(tmp_path: Path) 
                         answer = edge.post("/v1/events/ingest", json={"events": events})
                         assert answer.status_code == 200, answer.text
                 # Half forwarded, by the leader alone: nothing sent twice yet.
-                wait_until(lambda: len(upstream.ids()) >= EVENTS // 2, 60)
+                wait_for("half the events forwarded", lambda: len(upstream.ids()) >= EVENTS // 2)
                 before = upstream.ids()
                 first.kill()
                 assert max(before.values()) == 1, "both cores forwarded"
                 assert len(before) < EVENTS
-                wait_until(lambda: len(upstream.ids()) == EVENTS, 90)
+                wait_for(
+                    "the new leader to forward the rest", lambda: len(upstream.ids()) == EVENTS
+                )
+
                 assert any("this core leads" in line for line in second.output)
     sent = upstream.ids()
     assert set(sent) == {f"{b}-{i}" for b in range(EVENTS // 100) for i in range(100)}

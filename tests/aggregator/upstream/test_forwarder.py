@@ -12,10 +12,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from tests.deadline import wait_for
 from tests.faults import forwarding
-from tests.processes import Server, wait_until
+from tests.processes import Server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.serial  # it measures the rate requests go upstream at
 
 RATE = 300.0  # requests per minute: one every 0.2 s
 TIMEOUT = 1.0  # the edge's upstream timeout; a stall outlasts it
@@ -58,7 +59,11 @@ def test_every_event_lands_once_through_faults(tmp_path: Path) -> None:
         batches[3].append({"name": "call", "external_customer_id": "c9"})  # no id
         for batch in batches:
             assert client.post("/v1/events/ingest", json={"events": batch}).status_code == 200
-        wait_until(lambda: client.get("/v1/forwarder/").json()["backlog"] == 0, 90)
+        wait_for(
+            "the forwarder's backlog to empty",
+            lambda: client.get("/v1/forwarder/").json()["backlog"] == 0,
+        )
+
         status = client.get("/v1/forwarder/").json()
         (quarantined,) = client.get("/v1/forwarder/quarantine").json()["items"]
         # Still two minutes ahead for the central: re-sending it is refused again.

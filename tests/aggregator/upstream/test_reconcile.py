@@ -1,11 +1,9 @@
-"""`meterline reconcile` as a real process against two real meterlines: a batch the upstream
-acknowledged but never stored (a planted gap) is found per customer and meter, repaired through
-the edge's forwarder, and the next run reports zero drift."""
+"""`meterline reconcile` (the command, run in the test's process) against two meterlines: a
+batch the upstream acknowledged but never stored (a planted gap) is found per customer and
+meter, repaired through the edge's forwarder, and the next run reports zero drift."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,8 +11,10 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.deadline import wait_for
 from tests.faults import ROLLUPS_NOW, forwarded, forwarding
-from tests.processes import Server, wait_until
+from tests.inprocess import run_cli
+from tests.processes import Server
 
 pytestmark = pytest.mark.slow
 
@@ -26,32 +26,14 @@ def _reconcile(
 ) -> tuple[int, dict[str, Any], str]:
     report = tmp_path / "report.json"
     now = datetime.now(UTC)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aggregator.cli",
-            "reconcile",
-            "--from",
-            (now - timedelta(days=1)).isoformat(),
-            "--to",
-            (now + timedelta(minutes=1)).isoformat(),
-            "--url",
-            edge.url,
-            "--token",
-            edge.token or "",
-            "--upstream-url",
-            central.url,
-            "--upstream-token",
-            central.token or "",
-            "--report",
-            str(report),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    done = run_cli(
+        "reconcile",
+        *("--from", (now - timedelta(days=1)).isoformat()),
+        *("--to", (now + timedelta(minutes=1)).isoformat()),
+        *("--url", edge.url, "--token", edge.token or ""),
+        *("--upstream-url", central.url, "--upstream-token", central.token or ""),
+        *("--report", str(report)),
+        *extra,
     )
     return done.returncode, orjson.loads(report.read_bytes()), done.stderr
 
@@ -84,7 +66,10 @@ def test_planted_gap_is_found_repaired_and_gone(tmp_path: Path) -> None:
             for i in range(30)
         ]
         assert client.post("/v1/events/ingest", json={"events": events}).status_code == 200
-        wait_until(lambda: client.get("/v1/forwarder/").json()["backlog"] == 0, 60)
+        wait_for(
+            "the forwarder's backlog to empty",
+            lambda: client.get("/v1/forwarder/").json()["backlog"] == 0,
+        )
 
         code, before, stderr = _reconcile(tmp_path, edge, central)
         assert code == 1, stderr
@@ -155,7 +140,7 @@ def test_rollup_mode_gap_is_repaired_with_difference_events(tmp_path: Path) -> N
         ]
         assert client.post("/v1/events/ingest", json={"events": events}).status_code == 200
 
-        wait_until(lambda: forwarded(client), 60)
+        wait_for("the forwarder to send every rollup upstream", lambda: forwarded(client))
         args = ("--mode", "rollup")
         code, before, stderr = _reconcile(tmp_path, edge, central, *args)
         assert code == 1, stderr

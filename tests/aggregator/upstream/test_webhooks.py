@@ -27,10 +27,11 @@ from polar.v2026_10.webhooks import WebhookCustomerStateChangedPayload
 from polar.webhooks import validate_event
 
 from tests.aggregator.upstream.webhook_receiver import Receiver
+from tests.deadline import wait_for
 from tests.faults import gzip_bomb
 from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline
-from tests.processes import MeterlineServer, Server, edge_token, new_org_token, wait_until
+from tests.processes import MeterlineServer, Server, edge_token, new_org_token
 
 pytestmark = pytest.mark.slow
 PRIVATE = "--allow-private-webhooks"
@@ -121,8 +122,8 @@ def test_an_alert_fires_once_per_crossing_and_verifies(hooked: Server) -> None:
         org.use(5)
         org.use(6)  # 11: crosses 10
         org.use(3)  # 14: past it, no new crossing
-        wait_until(lambda: len(receiver.received) >= 1, 10)
-        time.sleep(0.5)
+        wait_for("the alert's delivery", lambda: len(receiver.received) >= 1)
+        time.sleep(0.5)  # the point: time for a second delivery to come, were there one
         [delivery] = receiver.received
     secret = org.endpoint["secret"]
     loaded = validate_event(
@@ -153,15 +154,15 @@ def test_alerts_rearm_when_crossing_back_and_on_reset(hooked: Server) -> None:
         org.use(3)  # balance -1: fires again
         reset = {"external_customer_id": "ada", "meter_id": org.meter, "external_id": "r"}
         assert org.http.post("/v1/meter-resets/", json=reset).status_code == 201  # 0: fires
-        wait_until(lambda: len(receiver.received) >= 3, 10)
-        time.sleep(0.5)
+        wait_for("three alerts' deliveries", lambda: len(receiver.received) >= 3)
+        time.sleep(0.5)  # the point: time for a fourth delivery to come, were there one
         balances = [
             json.loads(r.body)["data"]["customer_meter"]["balance"] for r in receiver.received
         ]
         assert sorted(balances) == [-2, -1, 0]
         assert org.http.delete(f"/v1/meter-alerts/{alert['id']}").status_code == 204
         org.use(50)
-        time.sleep(1)
+        time.sleep(1)  # the point: time for a delivery to come, were there one
         assert len(receiver.received) == 3  # deleted: no more
 
 
@@ -170,7 +171,8 @@ def test_a_failed_delivery_is_retried_with_the_same_webhook_id(hooked: Server) -
         org = Org(hooked, receiver.url)
         org.alert()
         org.use(10)
-        wait_until(lambda: len(receiver.received) >= 2, 20)  # the first retry: after ~5 s
+        # The first retry: after about 5 s.
+        wait_for("the delivery and its retry", lambda: len(receiver.received) >= 2)
         first, second = receiver.received[:2]
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
     assert first.body == second.body
@@ -186,29 +188,30 @@ def test_redeliver_sends_the_event_again(hooked: Server) -> None:
         org = Org(hooked, receiver.url)
         org.alert()
         org.use(10)
-        wait_until(lambda: len(receiver.received) == 1, 10)
+        wait_for("the alert's delivery", lambda: len(receiver.received) == 1)
         event_id = receiver.received[0].headers["webhook-id"]
         assert org.http.post(f"/v1/webhooks/events/{event_id}/redeliver").status_code == 202
-        wait_until(lambda: len(receiver.received) == 2, 10)
+        wait_for("the redelivery", lambda: len(receiver.received) == 2)
         assert receiver.received[1].headers["webhook-id"] == event_id
     missing = org.http.post(f"/v1/webhooks/events/{uuid.uuid4()}/redeliver")
     assert missing.status_code == 404
 
 
+@pytest.mark.processes
 def test_a_delivery_pending_at_kill_9_is_made_after_restart(tmp_path: Path) -> None:
     receiver = Receiver()  # not listening yet: the first attempt fails
     with MeterlineServer(tmp_path, PRIVATE) as server:
         org = Org(server, receiver.url)
         org.alert()
         org.use(10)
-        wait_until(lambda: len(org.deliveries()) >= 1, 10)
+        wait_for("the first (failed) attempt to be logged", lambda: len(org.deliveries()) >= 1)
         server.kill()
         with receiver:
             server.start()
-            wait_until(lambda: len(receiver.received) >= 1, 30)
+            wait_for("the delivery after the restart", lambda: len(receiver.received) >= 1)
             org.http = server.client(org.token)
             # The receiver has the attempt before the sender records it.
-            wait_until(lambda: len(org.deliveries()) >= 2, 30)
+            wait_for("the second attempt to be logged", lambda: len(org.deliveries()) >= 2)
             logged = org.deliveries()
     assert [d["succeeded"] for d in sorted(logged, key=lambda d: d["attempt"])] == [False, True]
     assert logged[0]["webhook_event"]["id"] == receiver.received[0].headers["webhook-id"]
@@ -227,7 +230,7 @@ def test_an_endpoint_failing_too_long_is_disabled(tmp_path: Path) -> None:
             found = org.http.get(f"/v1/webhooks/endpoints/{org.endpoint['id']}").json()
             return not found["enabled"]
 
-        wait_until(disabled, 30)
+        wait_for("the failing endpoint to be disabled", disabled)
         found = org.http.get(f"/v1/webhooks/endpoints/{org.endpoint['id']}").json()
         assert "HTTP 503" in found["disabled_reason"]
         enabled = org.http.patch(
@@ -276,6 +279,7 @@ def test_bad_alerts_are_422_naming_the_field(
     assert refused.json()["detail"][0]["loc"] == loc
 
 
+@pytest.mark.processes
 def test_kafka_mode_the_core_fires_alerts(tmp_path: Path) -> None:
     """Usage through an edge and the topic: the consumer's transaction fires the alert."""
     with Receiver() as receiver, Pipeline(tmp_path, core_args=(PRIVATE,)) as pipeline:
@@ -291,13 +295,14 @@ def test_kafka_mode_the_core_fires_alerts(tmp_path: Path) -> None:
                 }
                 sent = edge.post("/v1/events/ingest", json={"events": [event]})
                 assert sent.status_code == 200, sent.text
-        wait_until(lambda: len(receiver.received) >= 1, 30)
-        time.sleep(0.5)
+        wait_for("the alert's delivery", lambda: len(receiver.received) >= 1)
+        time.sleep(0.5)  # the point: time for a second delivery to come, were there one
         [delivery] = receiver.received
     # The change that crossed: the consumed batch holding the 7 (it may hold the 2 as well).
     assert json.loads(delivery.body)["data"]["customer_meter"]["consumed_units"] in (11, 13)
 
 
+@pytest.mark.serial  # it measures the interval between two deliveries
 def test_customer_state_changed_is_polars_and_coalesced(hooked: Server) -> None:
     """Polar's payload (polar-sdk's typed check loads it), at most one per customer per 5 s."""
     with Receiver() as receiver:
@@ -313,12 +318,12 @@ def test_customer_state_changed_is_polars_and_coalesced(hooked: Server) -> None:
         )
         for tokens in (1, 2, 3):
             org.use(tokens)
-        wait_until(lambda: len(receiver.received) >= 1, 10)
+        wait_for("the first state change's delivery", lambda: len(receiver.received) >= 1)
         first = receiver.received[0]
-        time.sleep(1.5)
+        time.sleep(1.5)  # the point: within the 5 s interval, nothing more is sent
         assert len(receiver.received) == 1  # the changes after it wait for the interval
         org.use(4)
-        wait_until(lambda: len(receiver.received) >= 2, 10)
+        wait_for("the second state change's delivery", lambda: len(receiver.received) >= 2)
         second = receiver.received[1]
     assert second.at - first.at >= 4.5
     payload = polar_webhooks.validate_event(second.body, second.headers, endpoint["secret"])
@@ -352,7 +357,7 @@ def test_a_slow_receiver_does_not_slow_ingest(hooked: Server) -> None:
             took.append(time.perf_counter() - started)
             assert sent.status_code == 200
         assert max(took) < 3.0, took
-        wait_until(lambda: len(receiver.received) >= 5, 20)
+        wait_for("the five slow deliveries", lambda: len(receiver.received) >= 5)
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -363,6 +368,7 @@ def _peak_rss_mib(pid: int) -> float:
     return int(found[1]) / 1024
 
 
+@pytest.mark.processes
 def test_a_gzip_bomb_answer_is_read_only_as_far_as_kept(tmp_path: Path) -> None:
     """A receiver answering 1 MiB of gzip that inflates to 1 GiB: the sender reads the first
     KiB it keeps, so the server's peak memory does not move (reading the whole answer took
@@ -376,7 +382,7 @@ def test_a_gzip_bomb_answer_is_read_only_as_far_as_kept(tmp_path: Path) -> None:
         org.alert()
         before = _peak_rss_mib(server.pid)
         org.use(10)
-        wait_until(lambda: len(org.deliveries()) >= 1, 30)
+        wait_for("the delivery to be logged", lambda: len(org.deliveries()) >= 1)
         after = _peak_rss_mib(server.pid)
         [delivery] = org.deliveries()
     assert after - before < 64, f"peak RSS {before:.0f} MiB before the delivery, {after:.0f} after"
@@ -393,8 +399,9 @@ def test_webhook_urls_reach_the_log_without_their_secrets(
         org = Org(hooked, secret_url)
         org.alert()
         org.use(10)
-        wait_until(lambda: len(receiver.received) >= 1, 10)
-        wait_until(lambda: any(r.name == "httpx" for r in caplog.records), 10)
+        wait_for("the alert's delivery", lambda: len(receiver.received) >= 1)
+        wait_for("httpx to log the request", lambda: any(r.name == "httpx" for r in caplog.records))
+
     headers = {k.lower(): v for k, v in receiver.received[0].headers.items()}
     assert headers["authorization"].startswith("Basic ")  # the user-info is still sent
     logged = "\n".join(r.getMessage() for r in caplog.records)

@@ -18,6 +18,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
+    status: int  # what the receiver answered
 
 
 class Receiver:
@@ -39,6 +40,11 @@ class Receiver:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
+    def answer_ok(self) -> None:
+        """Answer every request from now on with 200 (the statuses given are dropped)."""
+        with self._lock:
+            self.answers.clear()
+
     def start(self) -> Self:
         receiver = self
 
@@ -52,8 +58,10 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 time.sleep(receiver.delay_seconds)  # a slow receiver
                 with receiver._lock:
-                    receiver.received.append(Received(dict(self.headers), body, time.time()))
                     status = receiver.answers.pop(0) if receiver.answers else 200
+                    receiver.received.append(
+                        Received(dict(self.headers), body, time.time(), status)
+                    )
                 answer = b"thanks" if status < 300 else b"receiver failed"
                 answer = answer if receiver.body is None else receiver.body
                 self.send_response(status)

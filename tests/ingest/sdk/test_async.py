@@ -9,9 +9,10 @@ import time
 import pytest
 
 from ingest.sdk import AsyncIngestion, EventsRejected, QueueFull, SDKError, Undelivered
+from tests.deadline import seconds_left, until
 from tests.faults import FaultProxy
 from tests.ingest.sdk.conftest import Reports, stored
-from tests.processes import Server, free_port, wait_until
+from tests.processes import Server, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ def test_events_arrive_once_and_bad_ones_are_reported(meterline: Server, custome
         ) as ingestion:
             for i in range(120):
                 ingestion.ingest(event(customer, i, **({"bad": ""} if i == 60 else {})))
-            assert await ingestion.flush(20)
+            assert await ingestion.flush(seconds_left())
             assert ingestion.stats().delivered == 119
             assert ingestion.stats().retries == 2
 
@@ -71,7 +72,7 @@ def test_aingest_waits_for_room_and_ingest_does_not(meterline: Server, customer:
             for i in range(5):
                 ingestion.ingest(event(customer, i))
             # The sender took them; its request stalls.
-            await asyncio.to_thread(wait_until, lambda: bool(proxy.bodies))
+            await until("the sender to take them", lambda: proxy.bodies)
             for i in range(5, 10):
                 ingestion.ingest(event(customer, i))
             with pytest.raises(QueueFull):  # ingest() never blocks the loop

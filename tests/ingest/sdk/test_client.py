@@ -26,9 +26,10 @@ from ingest.sdk import (
     QueueFull,
     Undelivered,
 )
+from tests.deadline import seconds_left, wait_for
 from tests.faults import FaultProxy
 from tests.ingest.sdk.conftest import Reports, stored
-from tests.processes import Server, free_port, wait_until
+from tests.processes import Server, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +53,10 @@ def test_events_arrive_once_with_their_record_time(meterline: Server, customer: 
         past = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
         ingestion.ingest(event(customer, 4, timestamp=past))
         time.sleep(0.5)  # the events keep the time they were recorded at, not sent at
-        assert ingestion.flush(10)
+        assert ingestion.flush(seconds_left())
         # A retry of an event (same external_id) is the same event.
         ingestion.ingest(event(customer, 3, external_id="own-id-1"))
-        assert ingestion.flush(10)
+        assert ingestion.flush(seconds_left())
     assert own == "own-id-1"
     assert len(set(ids)) == 3 and all(i.startswith(ingestion.id_prefix) for i in ids)
     events = sorted(stored(meterline, customer), key=lambda e: e["metadata"]["seq"])
@@ -76,10 +77,10 @@ def test_batches_are_cut_by_count_bytes_and_linger(meterline: Server, customer: 
             for i in range(25):
                 ingestion.ingest(event(customer, i))
             # Two full batches go at once; the other 5 wait for the linger time.
-            wait_until(lambda: len(proxy.bodies) == 2)
-            time.sleep(0.3)
+            wait_for("the two full batches to be sent", lambda: len(proxy.bodies) == 2)
+            time.sleep(0.3)  # the point: a while in which the linger (60 s) sends nothing more
             assert len(proxy.bodies) == 2
-            assert ingestion.flush(10)
+            assert ingestion.flush(seconds_left())
             assert [len(orjson.loads(b)["events"]) for b in proxy.bodies] == [10, 10, 5]
 
         proxy.bodies.clear()
@@ -88,7 +89,7 @@ def test_batches_are_cut_by_count_bytes_and_linger(meterline: Server, customer: 
         ) as ingestion:
             for i in range(25, 45):
                 ingestion.ingest(event(customer, i, metadata={"seq": i, "pad": "x" * 100}))
-            assert ingestion.flush(10)
+            assert ingestion.flush(seconds_left())
         assert len(proxy.bodies) > 3
         assert all(len(body) <= 1000 for body in proxy.bodies)
         assert sum(len(orjson.loads(b)["events"]) for b in proxy.bodies) == 20
@@ -96,7 +97,8 @@ def test_batches_are_cut_by_count_bytes_and_linger(meterline: Server, customer: 
         proxy.bodies.clear()
         with Ingestion(meterline.token, base_url=proxy.url, flush_interval=0.2) as ingestion:
             ingestion.ingest(event(customer, 45))
-            wait_until(lambda: len(proxy.bodies) == 1, timeout=5)  # no flush: the linger
+            # No flush: the linger (0.2 s) sends it.
+            wait_for("the linger to send the one event", lambda: len(proxy.bodies) == 1)
     finally:
         proxy.close()
     assert seqs(meterline, customer) == list(range(46))
@@ -121,7 +123,7 @@ def test_a_full_queue_raises_or_blocks_and_ingest_never_waits_for_the_network(
         sent = len(proxy.bodies)
         for i in range(first, first + 5):
             ingestion.ingest(event(customer, i))
-        wait_until(lambda: len(proxy.bodies) == sent + 1)
+        wait_for("the sender to take a batch", lambda: len(proxy.bodies) == sent + 1)
         for i in range(first + 5, first + 10):
             ingestion.ingest(event(customer, i))
 
@@ -157,7 +159,7 @@ def test_retries_honour_retry_after_and_count_once(meterline: Server, customer: 
         with Ingestion(meterline.token, base_url=proxy.url, flush_interval=0) as ingestion:
             for i in range(20):
                 ingestion.ingest(event(customer, i))
-            assert ingestion.flush(30)
+            assert ingestion.flush(seconds_left())
             assert ingestion.stats().retries == 4
     finally:
         proxy.close()
@@ -180,7 +182,7 @@ def test_a_422_drops_only_the_events_it_names(meterline: Server, customer: str):
         ) as ingestion:
             for i in range(10):
                 ingestion.ingest(bad.get(i) or event(customer, i))
-            assert ingestion.flush(10)
+            assert ingestion.flush(seconds_left())
             assert ingestion.stats().rejected == 2
     finally:
         proxy.close()
@@ -210,7 +212,7 @@ def test_a_body_over_the_server_limit_is_split(meterline: Server, customer: str)
         ) as ingestion:
             for i in range(2700):
                 ingestion.ingest(event(customer, i, metadata={"seq": i, **pad}))
-            assert ingestion.flush(60)
+            assert ingestion.flush(seconds_left())
     finally:
         proxy.close()
     assert len(proxy.bodies) == 3 and len(proxy.bodies[0]) > 10 * 1024 * 1024
@@ -226,7 +228,7 @@ def test_what_no_retry_can_fix_is_reported(meterline: Server, customer: str):
     try:
         with Ingestion("not-a-token", base_url=proxy.url, on_error=reports) as ingestion:
             ingestion.ingest(event(customer, 0))
-            assert ingestion.flush(10)
+            assert ingestion.flush(seconds_left())
     finally:
         proxy.close()
     [failed] = reports.errors
@@ -239,7 +241,7 @@ def test_what_no_retry_can_fix_is_reported(meterline: Server, customer: str):
         meterline.token, base_url=dead, max_attempts=3, backoff_base=0.01, on_error=reports
     ) as ingestion:
         ingestion.ingest(event(customer, 1))
-        assert ingestion.flush(10)
+        assert ingestion.flush(seconds_left())
     [failed] = reports.errors
     assert isinstance(failed, DeliveryFailed) and "after 3 attempts" in str(failed)
     assert ingestion.stats().retries == 2
@@ -301,12 +303,13 @@ asyncio.run(main())  # the loop ends with the async client's events still queued
 """
 
 
+@pytest.mark.processes
 def test_events_are_delivered_at_interpreter_exit(meterline: Server, customer: str):
     done = subprocess.run(
         [sys.executable, "-c", EXIT_SCRIPT, meterline.url, meterline.token or "", customer],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=seconds_left(),
         cwd=Path(__file__).parents[3],
         check=False,
     )

@@ -20,11 +20,12 @@ import httpx
 import pytest
 
 from ingest.sdk import Ingestion, RequestFailed
+from tests.deadline import seconds_left, wait_for, waited_too_long
 from tests.ingest.sdk.conftest import Reports
 from tests.pipeline import Pipeline
-from tests.processes import MeterlineServer, edge_token, wait_until
+from tests.processes import MeterlineServer, edge_token
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 CUSTOMER = "edge-kill"
 GRANTED = 1_000_000  # units credited before the load: every check is allowed
@@ -99,7 +100,8 @@ class Load:
         finally:
             self._stop.set()
             for thread in self._threads:
-                thread.join(30)
+                thread.join(seconds_left())
+                assert not thread.is_alive(), waited_too_long(f"the load's {thread.name} to end")
 
 
 def _accepted(edge: MeterlineServer) -> int:
@@ -116,7 +118,7 @@ def _killed_and_restarted(
     """SIGKILL, 50 checks, then the same edge again on its port, once it answers."""
     killed = time.monotonic()
     edge.kill()
-    wait_until(lambda: load.checks_since(killed) >= 50, 30)
+    wait_for("50 checks after the kill", lambda: load.checks_since(killed) >= 50)
     again = MeterlineServer(edge.data_dir, *args, command="ingest", port=edge.port)
     again.start()
     print(f"edge {edge.url} answers {time.monotonic() - killed:.1f} s after its kill")
@@ -189,18 +191,22 @@ def test_a_client_of_two_edges_is_answered_while_either_is_killed(tmp_path: Path
         stack.callback(ingestion.close)
         load = Load(ingestion, meter)
         with load.running():
-            wait_until(lambda: load.checks_since(0) >= 50, 30)
+            wait_for("50 checks before any kill", lambda: load.checks_since(0) >= 50)
             # The first edge (the one the client prefers), then, once the client has taken
             # the first back (it accepts the client's events again), the second.
             edges[0] = _killed_and_restarted(edges[0], load, args)
-            wait_until(lambda: _accepted(edges[0]) >= 100, 60)
+            wait_for("the client to take the first edge back", lambda: _accepted(edges[0]) >= 100)
             edges[1] = _killed_and_restarted(edges[1], load, args)
             settled = time.monotonic()
-            wait_until(lambda: load.checks_since(settled) >= 50, 30)
-        assert ingestion.flush(60)
+            wait_for("50 checks after both kills", lambda: load.checks_since(settled) >= 50)
+        assert ingestion.flush(seconds_left())
         stats = ingestion.stats()
         # What the core counted, once every acknowledged event is applied.
-        wait_until(lambda: _customer_meter(http, meter)["consumed_units"] >= load.recorded, 60)
+        wait_for(
+            "the core to count every recorded event",
+            lambda: _customer_meter(http, meter)["consumed_units"] >= load.recorded,
+        )
+
         seqs = _stored(http)
         customer_meter = _customer_meter(http, meter)
     answered = sum(ok for _, ok in load.checks)

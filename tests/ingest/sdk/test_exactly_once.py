@@ -15,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.sdk import Ingestion
+from tests.deadline import seconds_left, wait_for
 from tests.faults import FaultProxy
 from tests.ingest.sdk.conftest import Reports, stored
 from tests.processes import MeterlineServer, Server
+from tests.strategies import examples
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +28,7 @@ def _counts(server: Server, customer: str) -> collections.Counter[int]:
     return collections.Counter(e["metadata"]["seq"] for e in stored(server, customer))
 
 
+@pytest.mark.processes
 def test_a_server_that_fails_then_recovers(tmp_path: Path):
     customer = "recovers"
     reports = Reports()
@@ -55,23 +58,28 @@ def test_a_server_that_fails_then_recovers(tmp_path: Path):
                     }
                 )
                 recorded += 1
-            time.sleep(0.01)
+            time.sleep(0.01)  # pacing the application's load
 
     recorder = threading.Thread(target=record)
     recorder.start()
     second: Server | None = None
     try:
-        time.sleep(1.0)
+        wait_for("the first server to store events", lambda: ingestion.stats().delivered >= 200)
         first.kill()  # mid-batch: some requests die unanswered after being stored, or not
         down_at = recorded
-        time.sleep(1.0)
+        time.sleep(1.0)  # the point: the application records on while no server answers
         second = MeterlineServer(tmp_path / "data")
         second.port, second.url = first.port, first.url  # the same server, back
         second.start()
-        time.sleep(1.0)
+        back_at = ingestion.stats().delivered
+        wait_for(
+            "the second server to store events",
+            lambda: ingestion.stats().delivered >= back_at + 200,
+        )
         stop.set()
+
         recorder.join()
-        assert ingestion.flush(60)
+        assert ingestion.flush(seconds_left())
         ingestion.close()
         assert recorded > down_at > 0
         counts = _counts(second, customer)
@@ -106,7 +114,7 @@ STEPS = st.lists(
 ).filter(lambda steps: sum(1 for kind, _ in steps if kind == "fault") <= 4)
 
 
-@settings(max_examples=20)  # each runs real requests: ~0.5 s
+@settings(max_examples=examples(20))  # each runs real requests: ~0.5 s
 @given(steps=STEPS, batch=st.sampled_from([1, 7, 50]), in_flight=st.sampled_from([1, 3]))
 def test_each_recorded_event_is_stored_once(
     meterline: Server,
@@ -143,7 +151,7 @@ def test_each_recorded_event_is_stored_once(
             elif kind == "fault":
                 proxy.script.append(str(value))  # the next request meets it
             else:
-                assert ingestion.flush(30)
+                assert ingestion.flush(seconds_left())
     assert reports.errors == []
     counts = _counts(meterline, customer)
     assert sorted(counts) == list(range(recorded))

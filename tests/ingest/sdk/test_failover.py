@@ -23,6 +23,7 @@ from ingest.sdk import AsyncIngestion, Ingestion, RequestFailed
 from ingest.sdk.failover import RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, Servers
 from ingest.sdk.strategies import LLMStrategy
 from ingest.sdk.transports import AsyncHTTPTransport, HTTPTransport
+from tests.deadline import seconds_left
 from tests.ingest.sdk.llm_server import RecordedLLM
 from tests.ingest.sdk.test_reserve import ASK, Ledger
 from tests.processes import Server, free_port
@@ -187,7 +188,7 @@ def test_writes_go_on_with_the_same_external_ids_and_key() -> None:
     network = Network({A: [httpx.ReadError, 200], B: [200]}, Clock())
     with network.sync([A, B]) as ingestion:
         ids = [ingestion.ingest({"name": "e", "external_customer_id": "c"}) for _ in range(3)]
-        assert ingestion.flush(10)
+        assert ingestion.flush(seconds_left())
         network.clock.now += RETRY_FIRST_SECONDS  # A is asked again, and answers
         ingestion.credit("m", 5, external_customer_id="c")
         network.plan[A] = [httpx.RemoteProtocolError]
@@ -257,7 +258,7 @@ def test_one_url_answers_as_before() -> None:
     network = Network({A: [503, 200]}, Clock())
     with network.sync([A]) as ingestion:
         ingestion.ingest({"name": "e", "external_customer_id": "c"})
-        assert ingestion.flush(10)
+        assert ingestion.flush(seconds_left())
         assert (ingestion.stats().delivered, ingestion.stats().retries) == (1, 1)
     assert network.urls() == [A, A]
 
@@ -269,7 +270,7 @@ def test_the_async_client_goes_on_the_same_way() -> None:
         async with network.asynchronous([A, B]) as ingestion:
             assert await ingestion.check_balance("m", customer_id="c-id") == CHECK
             ingestion.ingest({"name": "e", "external_customer_id": "c"})
-            assert await ingestion.flush(10)
+            assert await ingestion.flush(seconds_left())
             await ingestion.credit("m", 1, external_customer_id="c")
 
     asyncio.run(main())
@@ -306,7 +307,7 @@ def test_a_hold_goes_on_to_the_url_that_answers(
             openai.OpenAI(api_key="k", base_url=f"{llm.url}/v1"), external_customer_id=customer
         )
         client.chat.completions.create(model="gpt-4o-mini", messages=ASK, max_tokens=100)
-        assert ingestion.flush(10)
+        assert ingestion.flush(seconds_left())
         assert ingestion.check_balance(ledger.meter, 1, external_customer_id=customer)["allowed"]
     [hold] = ledger.holds()
     assert (hold["units"], hold["status"]) == (100, "settled")

@@ -15,10 +15,11 @@ from aiokafka import AIOKafkaConsumer
 from ingest.sdk import AsyncIngestion, EventsRejected, Ingestion
 from ingest.sdk.kafka import AsyncKafkaTransport, KafkaTransport
 from meters import columnar
+from tests.deadline import seconds_left
 from tests.ingest.sdk.conftest import Reports, stored
 from tests.pipeline import Pipeline
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 async def _first_record(bootstrap: str) -> tuple[bytes, columnar.Columnar | str]:
@@ -60,7 +61,7 @@ def test_records_are_applied_once(tmp_path: Path):
                 if i == 50:  # breaks a rule: reported here, never on the topic
                     bad = {"name": "k", "external_customer_id": customer, "metadata": {"a.b": 1}}
                     ingestion.ingest(bad)
-            assert ingestion.flush(30)
+            assert ingestion.flush(seconds_left())
             for i in range(10):  # a retry of an event already sent: the core applies it once
                 again = {"seq": i, "retry": True}
                 ingestion.ingest(
@@ -71,7 +72,7 @@ def test_records_are_applied_once(tmp_path: Path):
                         "metadata": again,
                     }
                 )
-            assert ingestion.flush(30)
+            assert ingestion.flush(seconds_left())
 
         async def more() -> None:
             transport = AsyncKafkaTransport(pipeline.broker.bootstrap, org, idempotence=False)
@@ -116,7 +117,7 @@ def test_a_broker_without_idempotent_producers_gets_a_plain_one_with_a_warning(
                 ingestion.ingest(
                     {"name": "k", "external_customer_id": customer, "metadata": {"seq": i}}
                 )
-            assert ingestion.flush(60)
+            assert ingestion.flush(seconds_left())
         pipeline.wait_for_events(20)
         assert sorted(e["metadata"]["seq"] for e in stored(pipeline.core, customer)) == list(
             range(20)

@@ -29,9 +29,10 @@ from ingest.sdk import Ingestion
 from ingest.sdk.strategies import DeltaTimeStrategy, LLMStrategy, S3Strategy, StreamStrategy
 from meters.events import EventRules, parse_ingest_body
 from meters.times import now_us
+from tests.deadline import seconds_left
 from tests.ingest.sdk.llm_server import RecordedLLM
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 NODE_PROJECT = Path(__file__).parent / "polar_ingestion"
 PAGE = Path(__file__).parents[3] / "docs" / "sdk" / "polar-ingestion.md"
 ASK = [{"role": "user", "content": "What is usage-based billing?"}]
@@ -90,7 +91,9 @@ def capture() -> Iterator[Capture]:
 @pytest.fixture(scope="module")
 def polar(capture: Capture, llm: RecordedLLM, s3_url: str) -> dict[str, list[dict[str, Any]]]:
     urls = {"ingest": capture.url, "llm": llm.url, "s3": s3_url}
-    subprocess.run(["node", "run.mjs", json.dumps(urls)], cwd=NODE_PROJECT, check=True, timeout=120)
+    subprocess.run(
+        ["node", "run.mjs", json.dumps(urls)], cwd=NODE_PROJECT, check=True, timeout=seconds_left()
+    )
     return capture.metadata("polar")
 
 
@@ -195,7 +198,7 @@ def meterline(
         _meterline_llm(ingestion, llm)
         _meterline_s3(ingestion, s3_client)
         _meterline_streams_and_time(ingestion)
-        assert ingestion.flush(10)
+        assert ingestion.flush(seconds_left())
     return capture.metadata("meterline")
 
 

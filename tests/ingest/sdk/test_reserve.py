@@ -13,6 +13,7 @@ import pytest
 
 from ingest.sdk import HoldFailed, Ingestion, InsufficientBalance
 from ingest.sdk.strategies import LLMStrategy
+from tests.deadline import seconds_left
 from tests.ingest.sdk.llm_server import RecordedLLM
 from tests.processes import Server
 
@@ -66,7 +67,7 @@ def test_a_call_holds_then_its_usage_settles_the_hold(
         client.chat.completions.create(model="gpt-4o-mini", messages=ASK, max_tokens=300)
         [hold] = ledger.holds()
         assert (hold["units"], hold["status"]) == (300, "active")  # the output cap
-        assert ingestion.flush(10)
+        assert ingestion.flush(seconds_left())
     [hold] = ledger.holds()
     assert hold["status"] == "settled"
     cm = ledger.customer_meter()
@@ -118,7 +119,7 @@ def test_async_calls_hold_and_a_failed_call_releases(
                 )
 
         asyncio.run(main())
-        assert ingestion.flush(10)
+        assert ingestion.flush(seconds_left())
     statuses = sorted((h["units"], h["status"]) for h in ledger.holds())
     assert statuses == [(50, "settled"), (70, "released")]
     assert ledger.customer_meter()["available"] == 5000 - 1006

@@ -30,6 +30,7 @@ from ingest.sdk.strategies import (
     S3Strategy,
     StreamStrategy,
 )
+from tests.deadline import seconds_left
 from tests.ingest.sdk.conftest import Reports, stored
 from tests.ingest.sdk.llm_server import RecordedLLM
 from tests.processes import Server
@@ -128,7 +129,7 @@ def test_llm_openai_sync_with_streams(
     client.responses.create(model="gpt-4.1-mini", input="Explain meters.")
     events = [e.type for e in client.responses.create(model="gpt-4.1-mini", input="?", stream=True)]
     assert events[-1] == "response.completed"
-    assert ingestion.flush(10)
+    assert ingestion.flush(seconds_left())
     found = [e["metadata"] for e in stored(meterline, customer)]
     expected = [CHAT, CHAT_STREAM, CHAT_STREAM, RESPONSES, RESPONSES_STREAM]
     canonical = partial(json.dumps, sort_keys=True)
@@ -160,7 +161,7 @@ def test_llm_openai_async(meterline: Server, llm: RecordedLLM, ingestion: Ingest
             assert [e.type async for e in events][-1] == "response.completed"
 
     asyncio.run(main())
-    assert ingestion.flush(10)
+    assert ingestion.flush(seconds_left())
     assert metadata_by_step(meterline, customer) == [CHAT, CHAT_STREAM, RESPONSES_STREAM]
 
 
@@ -189,7 +190,7 @@ def test_llm_anthropic(meterline: Server, llm: RecordedLLM, ingestion: Ingestion
         assert types[0] == "message_start"
 
     asyncio.run(main())
-    assert ingestion.flush(10)
+    assert ingestion.flush(seconds_left())
     assert metadata_by_step(meterline, customer) == [MESSAGES, MESSAGES_STREAM, MESSAGES_STREAM]
 
 
@@ -209,7 +210,7 @@ def test_llm_cost_and_what_a_failing_cost_does(meterline: Server, llm: RecordedL
         strategy.cost(lambda m: 10**9)  # over Polar's per-event limit: not recordable
         answer = strategy.wrap(openai_client, external_customer_id=customer, step=1)
         assert answer.chat.completions.create(model="gpt-4o-mini", messages=ASK).usage
-        assert ingestion.flush(10)
+        assert ingestion.flush(seconds_left())
     [found] = metadata_by_step(meterline, customer)
     assert found == {**CHAT, "_cost": {"amount": "0.02382", "currency": "usd"}}
     [failed] = reports.errors
@@ -228,7 +229,7 @@ def test_pydantic_ai_agent_run(
     result = Agent(model).run_sync("What is usage-based billing?")
     strategy = ingestion.strategy(PydanticAIStrategy, "ai.run", app="demo")
     strategy.ingest(customer, result, step=0)  # polar-sdk's call
-    assert ingestion.flush(10)
+    assert ingestion.flush(seconds_left())
     [found] = metadata_by_step(meterline, customer)
     assert found == {
         "request_tokens": 812,
@@ -286,7 +287,7 @@ def test_s3_uploads(
     with pytest.raises(botocore.exceptions.ClientError):  # failed: not an upload
         s3.put_object(Bucket="no-such-bucket", Key="x", Body=b"x")
     assert s3.head_object(Bucket="media", Key="d.bin")["ContentLength"] == 5 * 1024 * 1024 + 777
-    assert ingestion.flush(10)
+    assert ingestion.flush(seconds_left())
     assert metadata_by_step(meterline, customer) == [
         {
             "bytes": 1000,
@@ -339,7 +340,7 @@ def test_streams(meterline: Server, ingestion: Ingestion, customer: str):
         return sum([len(chunk) async for chunk in wrap(produce(), 4)])
 
     assert asyncio.run(consume()) == 300
-    assert ingestion.flush(10)
+    assert ingestion.flush(seconds_left())
     assert metadata_by_step(meterline, customer) == [
         {"bytes": n, "strategy": "Stream"} for n in (1000, 20, 14, 10, 300)
     ]
@@ -366,7 +367,7 @@ def test_delta_time(meterline: Server, ingestion: Ingestion, customer: str):
     stop()  # once
     with pytest.raises(RuntimeError), timer.measure(external_customer_id=customer, step=4):
         raise RuntimeError("the time was spent all the same")
-    assert ingestion.flush(10)
+    assert ingestion.flush(seconds_left())
     assert metadata_by_step(meterline, customer) == [
         {"deltaTime": d, "strategy": "DeltaTime"} for d in (0.5, 1.25, 3.0, 0.125, 0.75)
     ]

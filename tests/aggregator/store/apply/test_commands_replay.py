@@ -34,6 +34,7 @@ from meters.definitions import MeterCreate
 from meters.events import EventRules
 from meters.ledger_rules import AlertCreate, CreditCreate, HoldCreate
 from meters.times import now_us
+from tests.strategies import examples
 
 ORG = "7a1d2c3b-5a69-4f7e-8d0c-1b2a3c4d5e6f"
 LIMITS = TenantLimits()
@@ -188,7 +189,7 @@ SETUP: list[tuple[Any, ...]] = [
 ]
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS)
 def test_a_store_on_an_empty_file_applying_the_same_records_holds_the_same_state(
     ops: list[tuple[Any, ...]],

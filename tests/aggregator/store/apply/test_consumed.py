@@ -18,6 +18,7 @@ from aggregator.store import ORIGIN, Store
 from aggregator.store.apply.consumed import ConsumedBatch, StartOffsets, stored_offsets
 from meters.events import Event, to_table
 from meters.times import now_us
+from tests.strategies import examples
 
 ORG = "4e1d2c3b-5a69-4f7e-8d0c-1b2a3c4d5e6f"
 
@@ -89,7 +90,7 @@ def _moved(origins: list[tuple[int, int, int]], external_ids: list[str | None]) 
     return table
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(
     steps=st.lists(
         st.tuples(

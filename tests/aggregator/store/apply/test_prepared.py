@@ -29,6 +29,7 @@ from meters.events import Event, to_table
 from meters.filters import EventView
 from meters.times import now_us
 from tests.aggregator.store.base.test_meter_sql import aggregations, events, filters
+from tests.strategies import examples
 
 ORG = str(uuid.uuid4())
 UNLIMITED = TenantLimits(meters=10**6)
@@ -116,7 +117,7 @@ async def _applied(
 
 
 @pytest.mark.slow
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(
     definitions=st.lists(st.tuples(filters, aggregations), min_size=1, max_size=6),
     requests=st.lists(

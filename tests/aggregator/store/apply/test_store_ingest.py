@@ -18,6 +18,7 @@ from meters.customer_rules import CustomerCreate
 from meters.errors import ValidationFailed
 from meters.events import Event, to_table
 from meters.times import now_us
+from tests.strategies import examples
 
 ORGS = [str(uuid.uuid4()) for _ in range(2)]
 
@@ -81,7 +82,7 @@ def _model(batches: list[tuple[str, list[str | None]]]) -> list[tuple[int, int]]
 
 
 @pytest.mark.slow
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(batches=requests)
 def test_concurrent_batches_dedupe_like_sequential_processing(
     tmp_path_factory: pytest.TempPathFactory, batches: list[tuple[str, list[str | None]]]

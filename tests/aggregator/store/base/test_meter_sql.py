@@ -23,6 +23,7 @@ from aggregator.store.base.meter_sql import (
 )
 from meters.aggregations import Aggregation, fold
 from meters.filters import EventView, Filter
+from tests.strategies import examples
 
 # Few names and values, so that clauses often hit, and every type meets every other.
 KEYS = ["a", "b", "n"]
@@ -139,7 +140,7 @@ def _load(con: duckdb.DuckDBPyConnection, batch: list[EventView]) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=150)
+@settings(max_examples=examples(150))
 @given(batch=st.lists(events(), max_size=12), raw=filters)
 def test_filter_matches_equals_compiled_sql(
     con: duckdb.DuckDBPyConnection, batch: list[EventView], raw: dict[str, Any]
@@ -164,7 +165,7 @@ def sql_aggregate(con: duckdb.DuckDBPyConnection, meter_filter: Filter, aggregat
 
 
 @pytest.mark.slow
-@settings(max_examples=150)
+@settings(max_examples=examples(150))
 @given(batch=st.lists(events(), max_size=12), raw=filters, raw_aggregation=aggregations)
 def test_aggregation_fold_equals_compiled_sql(
     con: duckdb.DuckDBPyConnection,
@@ -180,7 +181,7 @@ def test_aggregation_fold_equals_compiled_sql(
     assert math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-9), (actual, expected)
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(
     batch=st.lists(events(), max_size=12),
     meters=st.lists(st.tuples(filters, aggregations), min_size=1, max_size=5),

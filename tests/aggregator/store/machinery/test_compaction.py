@@ -30,6 +30,7 @@ from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.times import datetime_to_us
+from tests.deadline import until
 
 ORG = str(uuid.uuid4())
 METER = str(uuid.uuid4())
@@ -157,7 +158,7 @@ def test_deltas_are_folded_in_the_background(tmp_path: Path) -> None:
     sorted by meter, customer and bucket."""
     eager = ReclusterSettings(min_rows=1, quiet_seconds=0, check_seconds=0.02)
 
-    async def run() -> tuple[int, list[tuple[str, int]]]:
+    async def run() -> list[tuple[str, int]]:
         async with Store(tmp_path / "m.duckdb", compact_seconds=0, recluster=eager) as store:
             await store.write(
                 lambda tx: tx.con.execute(
@@ -169,27 +170,25 @@ def test_deltas_are_folded_in_the_background(tmp_path: Path) -> None:
                     [METER],
                 )
             )
-            left = 1
-            for _ in range(100):  # both run within ~50 ms
-                await asyncio.sleep(0.05)
+
+            async def folded() -> bool:
                 rows = await store.read(
                     lambda con: con.execute(
                         "SELECT (SELECT count(*) FROM rollup_deltas)"
                         " + (SELECT count(*) FROM ledger_usage_deltas)"
                     ).fetchall()
                 )
-                left = int(rows[0][0])
-                if not left:
-                    break
+                return not rows[0][0]
+
+            await until("both deltas folded (within about 50 ms)", folded)
             order = await store.read(
                 lambda con: con.execute(
                     "SELECT subject, epoch_us(bucket) FROM rollups"
                 ).fetchall()  # in storage order
             )
-            return left, [(str(s), int(b)) for s, b in order]
+            return [(str(s), int(b)) for s, b in order]
 
-    left, order = asyncio.run(run())
-    assert left == 0
+    order = asyncio.run(run())
     assert len(order) == 30 and order == sorted(order)
 
 
@@ -297,8 +296,9 @@ def test_a_meter_redefined_during_a_rewrite_keeps_none_of_its_rollups(
                     ]
                 )
             )
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the point: the redefinition queued behind the rewrite
             paused.release.set()
+
             await asyncio.gather(rewrite, return_exceptions=True)
             await redefinition
             rows = await store.read(

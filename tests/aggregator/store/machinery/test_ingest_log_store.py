@@ -26,6 +26,7 @@ from aggregator.store.machinery.migrations import migrate
 from meters.events import Event, to_table
 from meters.times import now_us
 from tests.aggregator.store.machinery.test_ingest_log import damage_log, damages, previous_frame
+from tests.strategies import examples
 
 ORG = str(uuid.uuid4())
 
@@ -185,7 +186,7 @@ def test_a_data_dir_from_before_the_witness_opens_and_applies_its_log(tmp_path: 
 
 
 @pytest.mark.slow
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(
     requests=st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=8),
     stored=st.integers(min_value=0, max_value=8),

@@ -24,6 +24,8 @@ from meters.definitions import MeterCreate, MeterUpdate
 from meters.events import Event, to_table
 from meters.times import now_us
 from tests.aggregator.store.apply.test_store_ingest import _model
+from tests.deadline import seconds_left
+from tests.strategies import examples
 
 ORGS = [str(uuid.uuid4()) for _ in range(2)]
 # Three fingerprints for every key there is: nearly every key is a candidate, so each answer
@@ -62,7 +64,7 @@ steps = st.lists(
 
 
 @pytest.mark.slow
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(steps=steps, memory_keys=st.sampled_from([dedupe.MEMORY_KEYS, 1, 4]))
 def test_new_events_are_exact_whatever_the_fingerprints(
     tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[object, ...]], memory_keys: int
@@ -164,6 +166,7 @@ METER = {
 }
 
 
+@pytest.mark.processes
 def test_acknowledged_events_not_yet_stored_are_applied_again_after_a_crash(
     tmp_path: Path,
 ) -> None:
@@ -176,7 +179,7 @@ def test_acknowledged_events_not_yet_stored_are_applied_again_after_a_crash(
         [sys.executable, "-c", _CRASHING, str(path), org],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=seconds_left(),
     )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     meter_id = crashed.stdout.strip()

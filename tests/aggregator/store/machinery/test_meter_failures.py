@@ -25,8 +25,9 @@ from aggregator.store.tables.meter_tables import backfill_step_job, create_job, 
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.events import Event, to_table
 from meters.times import now_us
+from tests.deadline import wait_for
 from tests.pipeline import Pipeline
-from tests.processes import new_org_token, wait_until
+from tests.processes import new_org_token
 
 ORG_A, ORG_B = str(uuid.uuid4()), str(uuid.uuid4())
 TOKENS = {"func": "sum", "property": "tokens"}
@@ -209,7 +210,7 @@ def _previous_main_data_dir(
     con.close()
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 @pytest.mark.usefixtures("refused_path")
 def test_kafka_core_applies_every_organization_past_a_poisoned_meter(tmp_path: Path) -> None:
     registry = TokenRegistry(tmp_path)
@@ -238,7 +239,10 @@ def test_kafka_core_applies_every_organization_past_a_poisoned_meter(tmp_path: P
         for token, meter_id in ((token_a, good_a), (token_b, good_b)):
             with core.client(token) as client:
                 expected = 3 * sent[token]
-                wait_until(lambda c=client, m=meter_id, e=expected: _total_of(c, m) == e, 60)
+                wait_for(
+                    "the good meters to count every event",
+                    lambda c=client, m=meter_id, e=expected: _total_of(c, m) == e,
+                )
         with core.client(token_a) as client:
             failure = client.get(f"/v1/meters/{poison}").json()["failure"]
             assert failure is not None and "json path" in failure["reason"].lower()
@@ -247,7 +251,10 @@ def test_kafka_core_applies_every_organization_past_a_poisoned_meter(tmp_path: P
             # Fixed: a new version, rebuilt by backfill from every stored event.
             fixed = client.patch(f"/v1/meters/{poison}", json={"filter": EVERYTHING})
             assert fixed.status_code == 200 and fixed.json()["failure"] is None
-            wait_until(lambda: _total_of(client, poison) == 3 * sent[token_a], 60)
+            wait_for(
+                "the fixed meter's backfill",
+                lambda: _total_of(client, poison) == 3 * sent[token_a],
+            )
 
 
 def _window() -> dict[str, str]:

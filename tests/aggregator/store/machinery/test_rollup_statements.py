@@ -1,5 +1,6 @@
-"""Meters are evaluated `METERS_PER_STATEMENT` to a statement (DuckDB dies on one statement of
-thousands of aggregates): what is stored must not depend on where the meters are cut."""
+"""Meters' distinct clauses and contributions are evaluated `COLUMNS_PER_STATEMENT` to a
+statement (DuckDB dies on one statement of thousands of expressions): what is stored must not
+depend on where they are cut."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from meters.events import Event, to_table
 from meters.filters import EventView
 from meters.times import now_us
 from tests.aggregator.store.base.test_meter_sql import aggregations, events, filters
+from tests.strategies import examples
 
 ORG = str(uuid.uuid4())
 UNLIMITED = TenantLimits(meters=10**6)
@@ -74,7 +76,7 @@ async def _stored(
 
 
 @pytest.mark.slow
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(
     definitions=st.lists(st.tuples(filters, aggregations), min_size=1, max_size=7),
     views=st.lists(st.tuples(events(), st.integers(0, 2)), min_size=1, max_size=10),
@@ -93,6 +95,6 @@ def test_rollups_do_not_depend_on_how_meters_are_cut_into_statements(
     batch = [_event(view, customer) for view, customer in views]
     folder = tmp_path_factory.mktemp("rollups")
     whole = asyncio.run(_stored(folder / "whole.duckdb", meters, batch))
-    with mock.patch.object(rollups, "METERS_PER_STATEMENT", per_statement):
+    with mock.patch.object(rollups, "COLUMNS_PER_STATEMENT", per_statement):
         cut = asyncio.run(_stored(folder / "cut.duckdb", meters, batch))
     assert cut == whole

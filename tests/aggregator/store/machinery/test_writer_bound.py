@@ -45,7 +45,7 @@ def _events(n: int, start: int) -> list[Event]:
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.serial  # it measures how long writes wait
 def test_backfills_of_many_meters_leave_room_for_other_writes(tmp_path: Path) -> None:
     asyncio.run(_backfills(tmp_path))
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.store.machinery.writer import Tx, Writer
+from tests.strategies import examples
 
 Submission = tuple[str | None, int]  # (tenant, weight)
 
@@ -65,7 +66,7 @@ def test_one_tenant_alone_gets_whole_groups() -> None:
     assert commits == 3
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     st.sampled_from(["a", "b", None]),
     st.lists(st.tuples(st.sampled_from(["a", "b", "c", None]), st.integers(1, 3_000)), max_size=40),

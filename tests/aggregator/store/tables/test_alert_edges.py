@@ -29,6 +29,7 @@ from meters.events import EventRules, parse_ingest_body, to_table
 from meters.ledger_rules import AlertCreate, CreditCreate, ResetCreate, alert_fires
 from meters.times import now_us
 from meters.webhook_rules import EndpointCreate, new_secret
+from tests.strategies import examples
 
 ORG = str(uuid.uuid4())
 CREDITS = 20
@@ -154,7 +155,7 @@ async def run(path: Path, sequence: list[Any]) -> list[list[tuple[int, float]]]:
 
 
 @pytest.mark.slow
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(steps)
 def test_alert_firings_equal_the_model(sequence: list[Any]) -> None:
     with tempfile.TemporaryDirectory() as directory:

@@ -40,6 +40,7 @@ from meters.ledger_rules import (
 )
 from meters.times import now_us
 from meters.webhook_rules import EndpointCreate, new_secret
+from tests.strategies import examples
 
 ORG = str(uuid.uuid4())
 CREDITS = 20
@@ -296,7 +297,7 @@ def test_a_group_fires_what_its_requests_fire_alone(
 
 
 @pytest.mark.slow
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sequence=steps, starts=splits)
 def test_any_grouping_fires_the_same_alerts_under_the_same_ids(
     template: tuple[Path, dict[str, Any]], sequence: list[Any], starts: list[bool]

@@ -25,6 +25,7 @@ from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.ledger_rules import CreditCreate, HoldCreate
 from meters.times import now_us
+from tests.strategies import examples
 
 ORG = str(uuid.uuid4())
 HOUR = 3600 * 1_000_000
@@ -128,7 +129,7 @@ async def _run(path: Path, ops: list[tuple[str, int]]) -> list[tuple[float, floa
 
 
 @pytest.mark.slow
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(ops=OPS)
 def test_what_holds_reserve_in_memory_is_what_is_stored(
     tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int]]

@@ -52,6 +52,7 @@ from meters.ledger_rules import (
     cycle_start,
 )
 from meters.times import EPOCH
+from tests.strategies import examples
 
 ORG = "8a3c1f0e-5b7d-4c2a-9e61-0f4b2d8c7a55"
 START = datetime(2025, 1, 31, tzinfo=UTC)  # a month end: plan cycles clamp to short months
@@ -357,5 +358,7 @@ def _shown(g: Grant) -> tuple[Any, ...]:
     return (g.units, g.priority, g.expires_at_us or 0, g.rollover, g.expired or -1)
 
 
-LedgerMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=25, deadline=None)
+LedgerMachine.TestCase.settings = settings(
+    max_examples=examples(20), stateful_step_count=25, deadline=None
+)
 test_ledger_equals_the_model = pytest.mark.slow(LedgerMachine.TestCase)

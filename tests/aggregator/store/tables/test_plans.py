@@ -95,7 +95,7 @@ async def _scenario(path: Path) -> None:
     assert rows == [(name, at) for at in boundaries for name in ("meter.reset", "meter.credited")]
 
 
-@pytest.mark.slow
+@pytest.mark.serial  # it measures how long the writer is held
 def test_a_long_downtime_is_caught_up_in_jobs_of_bounded_time(tmp_path: Path) -> None:
     asyncio.run(_ten_years_later(tmp_path / "plans.duckdb"))
 

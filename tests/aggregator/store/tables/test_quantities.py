@@ -31,6 +31,7 @@ from meters.events import Event, to_table
 from meters.filters import EventView
 from meters.periods import boundaries
 from meters.times import EPOCH
+from tests.strategies import examples
 
 ORG = "5f0d3a8e-1f64-4a39-9d6e-5b7c2a0f1e11"
 NEVER = ReclusterSettings(min_rows=10**12)  # rollups rewritten only where the test says
@@ -115,7 +116,7 @@ def _view(event: Event) -> EventView:
 
 
 @settings(
-    max_examples=30,
+    max_examples=examples(30),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -241,7 +242,7 @@ CROWD_START = _us(WINDOW[0]) + 5 * 86_400 * 10**6
 
 
 @settings(
-    max_examples=40,
+    max_examples=examples(40),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

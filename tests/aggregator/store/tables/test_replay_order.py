@@ -32,6 +32,7 @@ from meters.ledger_rules import AlertCreate, CreditCreate, HoldCreate, ResetCrea
 from meters.times import now_us
 from meters.webhook_rules import EndpointCreate, new_secret
 from tests.aggregator.store.tables.test_held_in_memory import ORG, _setup, _usage
+from tests.strategies import examples
 
 # (what, number): make hold n, send its usage event (1 token), make an alert that fires once
 # n + 1 tokens are consumed, an endpoint taking customer.state_changed, a usage event of a
@@ -174,7 +175,7 @@ async def _run(path: Path, ops: list[tuple[str, int]]) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(ops=OPS)
 def test_holds_end_and_alerts_fire_as_they_did_after_events_are_applied_again(
     tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int]]

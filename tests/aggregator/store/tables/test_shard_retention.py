@@ -44,6 +44,7 @@ from meters.events import Event, to_table
 from meters.ledger_rules import AlertCreate, CreditCreate, HoldCreate
 from meters.times import now_us
 from meters.webhook_rules import EndpointCreate, new_secret
+from tests.strategies import examples
 
 ORG = "7f1e2d3c-4b5a-4968-8776-5a4b3c2d1e0f"  # fixed: test ids must agree across workers
 METER = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
@@ -64,7 +65,7 @@ def _owns(index: int) -> Callable[[str, str], bool]:
 
 
 @pytest.mark.slow
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=examples(3), deadline=None)
 @given(kinds=KINDS, events=EVENTS)
 # Shard 0/2 holds customer 0 (named by the external id it was given later, routed by its id)
 # and 4 (named by its id, routed by its external id); 1/2 the others and nobody5.

@@ -1,0 +1,57 @@
+"""`meterline token create --kafka`: a token published on the cluster's control topic, which
+edges and cores read (`intake.token_records`); the data dir only gives the cluster secret."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import uuid
+from datetime import UTC, datetime
+
+from aggregator.auth import (
+    SECRET_FILE,
+    TOKEN_PREFIX,
+    Organization,
+    TokenRow,
+    read_secret,
+    token_hash,
+)
+from aggregator.commands.common import security_of
+from aggregator.intake.sealed import Sealer
+from aggregator.intake.token_records import (
+    TokenView,
+    organization_record,
+    publish,
+    token_record,
+)
+from ingest.settings import KafkaSettings
+
+
+def create(args: argparse.Namespace) -> str:
+    """A new token of organization `--org` (made if the topic has none of that name),
+    published on the control topic (`intake.token_records`); its text."""
+    return asyncio.run(_create(args))
+
+
+async def _create(args: argparse.Namespace) -> str:
+    secret = read_secret(args.data_dir / SECRET_FILE)
+    sealer = Sealer(secret)
+    kafka = KafkaSettings(
+        args.kafka,
+        topic=args.topic,
+        idempotence=not args.no_idempotence,
+        security=security_of(args),
+    )
+    async with TokenView(kafka, sealer, secret) as view:
+        org = view.organization_named(args.org)
+    now = datetime.now(UTC).isoformat()
+    records = []
+    if org is None:
+        org = Organization(str(uuid.uuid4()), args.org)
+        records.append(organization_record(org, now))
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = TokenRow(str(uuid.uuid4()), org.id, token_hash(secret, token), args.label, now, None)
+    records.append(token_record(row))
+    await publish(kafka, sealer, records)
+    return token
