@@ -13,14 +13,27 @@ untimed. `ROUNDS` rounds per mode (`--quick`: one, fewer requests); each figure 
 over rounds of the round's percentile.
 
     .venv/bin/python -m benchmarks.run hold_latency
+
+Where a hold's time goes (`profile`: py-spy samples a server while it answers holds):
+
+    .venv/bin/python -m benchmarks.holds embedded 400 /tmp/holds.txt   # or kafka
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
 import contextlib
+import os
+import queue
+import re
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +44,7 @@ import httpx
 from benchmarks.common import metric, percentile
 from benchmarks.kafka import create_token, kafka_args
 from benchmarks.server import Server
-from tests.deadline import wait_for
+from tests.deadline import next_of, wait_for
 from tests.processes import Broker
 
 TARGETS_P99_MS = {"embedded": 10.0, "kafka": 30.0}  # issue 61's bars
@@ -155,3 +168,101 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 def _ms(seconds: list[float], q: float) -> float:
     return round(percentile(seconds, q) * 1000, 2)
+
+
+# ---- where a hold's time goes ---------------------------------------------------------------
+
+PROFILE_RATE = 200  # py-spy's samples a second, of each thread
+OWN_CODE = re.compile(r"\((?:aggregator|meters|ingest)/[^)]*\)")
+
+
+def profile(mode: str, holds: int, output: Path) -> str:
+    """Where a hold's time goes, as a table: `holds` holds one after another from one client
+    (after the warm-up) on a fresh server of `mode`, sampled by py-spy.
+
+    1. py-spy samples every thread of the server, idle ones too (wall time: a `COMMIT` waiting
+       on its `fsync` counts), without pausing it (`--nonblocking`); its collapsed stacks go to
+       `output`.
+    2. Each sample is put to the innermost frame of meterline's own code on its stack (function
+       and line: the statement the thread runs or waits in) and its caller's function; the
+       threads of a pool are one.
+    3. A frame's time per hold is its samples / `PROFILE_RATE` / `holds`. Each thread's most
+       sampled frame is where it waits for work: its row is what is left of a hold's wall time
+       once the thread's other rows are counted (the server also sat idle around the holds).
+    """
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.defpath}")
+    if spy is None:
+        print("py-spy is not installed: pip install py-spy, then run this again", file=sys.stderr)
+        raise SystemExit(2)
+    with served(mode) as server, server.client() as client:
+        ref = prepare(client)
+        for i in range(WARMUP):
+            timed_hold(client, ref, f"warm-{i}")
+        options = ("--rate", str(PROFILE_RATE), "--format", "raw", "--idle", "--threads")
+        sampler = subprocess.Popen(
+            [spy, "record", "--pid", str(server.pid), *options, "--nonblocking", "-o", str(output)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        said: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=_relay, args=(sampler, said), daemon=True).start()
+        next_of("py-spy to start sampling", said)  # "py-spy> Sampling process ..."
+        started = time.perf_counter()
+        times = [timed_hold(client, ref, f"hold-{i}") for i in range(holds)]
+        wall = time.perf_counter() - started
+        sampler.send_signal(signal.SIGINT)
+        wait_for("py-spy to write its profile", lambda: sampler.poll() is not None)
+    if sampler.returncode != 0 or not output.exists():
+        raise RuntimeError(f"py-spy failed (exit {sampler.returncode})")
+    return breakdown(output.read_text(), holds, wall, times, os.getloadavg()[0])
+
+
+def _relay(process: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.put(line)
+
+
+def breakdown(stacks: str, holds: int, wall: float, times: list[float], load: float) -> str:
+    """The table of `profile`'s docstring, from py-spy's collapsed stacks."""
+    found: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for line in stacks.splitlines():
+        stack, count = line.rsplit(" ", 1)
+        frames = stack.split(";")
+        thread = re.sub(r"^thread \(\d+\): |_\d+$", "", frames[0])
+        own = [f for f in frames[1:] if OWN_CODE.search(f)]
+        # The caller too: a shared helper (`first_row`) runs the statements of many callers.
+        where = f"{_short(own[-2])} > {own[-1]}" if len(own) > 1 else "".join(own)
+        found[thread][where or "(outside meterline)"] += int(count)
+    per_hold = wall / holds * 1000
+    rows = [
+        f"{holds} holds one after another: {per_hold:.1f} ms each (wall),"
+        f" p50 {_ms(times, 50)} ms, p99 {_ms(times, 99)} ms; load average {load:.1f}",
+        "ms per hold  thread: caller > innermost frame of meterline's code",
+    ]
+    for thread, counted in sorted(found.items(), key=lambda t: -sum(t[1].values())):
+        (waiting, _), *busy = counted.most_common()
+        busy_ms = {f: n / PROFILE_RATE / holds * 1000 for f, n in busy}
+        shown = {f: ms for f, ms in busy_ms.items() if ms >= 0.05}
+        rows.append(f"{per_hold - sum(busy_ms.values()):10.2f}  {thread}: waiting, {waiting}")
+        rows += [f"{ms:10.2f}  {thread}: {f}" for f, ms in shown.items()]
+        rows.append(f"{sum(busy_ms.values()) - sum(shown.values()):10.2f}  {thread}: the rest")
+    return "\n".join(rows)
+
+
+def _short(frame: str) -> str:
+    """`name (path/module.py:line)` as `module.name`."""
+    name, where = frame.split(" (", 1)
+    return f"{Path(where.split(':')[0]).stem}.{name}"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.holds", description="Where a hold's time goes (py-spy)."
+    )
+    parser.add_argument("mode", choices=list(TARGETS_P99_MS))
+    parser.add_argument("holds", type=int, help="how many holds are sampled (400 in the docs)")
+    parser.add_argument("profile", type=Path, help="py-spy's collapsed stacks are written here")
+    args = parser.parse_args()
+    print(profile(args.mode, args.holds, args.profile))
