@@ -5,7 +5,9 @@ The protocol:
 1. Every `every_seconds`, from start, a snapshot is written to `<to>/<UTC time>/`, through a
    folder renamed once complete (a snapshot seen is whole):
    - `meterline.duckdb`: a copy taken in one read transaction once every event applied so far
-     is stored (`Store.snapshot`), with the positions it covers (the journal's, the topics');
+     is stored (`Store.snapshot`), with the positions it covers (the journal's, the topics'),
+     and the segments it lists, linked to the data dir's files or, on another disk, to the
+     newest snapshot's in `<to>` (a segment never changes: only new ones are written);
    - the ingest log (embedded mode): its witness of how far it was acknowledged, then its
      segments, so that what the log acknowledged after the copy is in it, applied at start
      (a segment pruned meanwhile: the snapshot is taken again);
@@ -98,10 +100,12 @@ async def take(store: Store, data_dir: Path, to: Path) -> Path:
     """One snapshot of the data dir `store` is open in, into a new folder of `to` (step 1)."""
     name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     partial = to / f".{name}.partial"
+    taken = snapshots(to) if to.is_dir() else []
+    earlier = taken[-1] / DATABASE if taken else None
     for attempt in range(ATTEMPTS):
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        covered = await store.snapshot(partial / DATABASE)
+        covered = await store.snapshot(partial / DATABASE, earlier)
         try:
             log_dir = ingest_log_repair.log_directory(Path(store.path))
             await asyncio.to_thread(_copy_files, log_dir, data_dir, partial)

@@ -26,6 +26,7 @@ from aggregator.store.machinery.ingest_log import LogCorrupt, with_origin, with_
 from aggregator.store.machinery.live import Changed, Live
 from aggregator.store.machinery.memtable import Positions
 from aggregator.store.machinery.rollups import Prepared
+from aggregator.store.machinery.segments import SUFFIX as SEGMENT_SUFFIX
 from aggregator.store.machinery.segments import copy_files as copy_segments
 from aggregator.store.machinery.segments import folder_of as segments_folder
 from aggregator.store.machinery.writer import Job, Outcome
@@ -98,6 +99,7 @@ __all__ = [
     "GROUP_KEYS",
     "METER_SORTS",
     "ORIGIN",
+    "SEGMENT_SUFFIX",
     "AlertRow",
     "Attempt",
     "Balances",

@@ -413,12 +413,16 @@ class Store:
             raise QueryTimeout(self._read_timeout) from None
         return await self.read_now(fn, *args, **kwargs)
 
-    async def snapshot(self, target: Path) -> dict[str, dict[int, int]]:
+    async def snapshot(
+        self, target: Path, earlier: Path | None = None
+    ) -> dict[str, dict[int, int]]:
         """A consistent copy of the database in the new file `target` (and of its segments,
         beside it), taken while writes go on: once every event applied so far is stored, one
         read transaction copies every table and the files it lists, on a cursor and thread of
         its own (a copy may outlast the read timeout; closing the
-        store interrupts it). What it covers: the stored positions, per topic and partition."""
+        store interrupts it). `earlier`: a copy made before on the disk of `target`, whose
+        segments are linked rather than copied again. What it covers: the stored positions,
+        per topic and partition."""
         assert self._flusher is not None and self._con is not None, "store is not open"
         await self._flusher.barrier()
         con = self._con
@@ -436,7 +440,8 @@ class Store:
                 # The files the copied `segments` lists, linked (or copied) beside it in the
                 # same transaction's view of the list: a file retired since is still there
                 # for the grace every read gets.
-                segments.copy(segments.listed(cursor), segments_folder(target))
+                before = segments_folder(earlier) if earlier is not None else None
+                segments.copy(segments.listed(cursor), segments_folder(target), before)
                 covered: dict[str, dict[int, int]] = {}
                 for topic, partition, offset in cursor.execute(
                     "SELECT topic, partition, next_offset FROM kafka_offsets"

@@ -363,23 +363,34 @@ class Segments:
         rows = con.execute("SELECT relation, number, level, rows, size FROM segments").fetchall()
         return [Segment(str(r), int(n), int(lv), int(c), int(z)) for r, n, lv, c, z in rows]
 
-    def copy(self, segments: Sequence[Segment], folder: Path) -> None:
-        """`segments`' files into `folder` (a snapshot's)."""
-        copy_files([self.path(s) for s in segments], folder)
+    def copy(self, segments: Sequence[Segment], folder: Path, earlier: Path | None = None) -> None:
+        """`segments`' files into `folder` (a snapshot's; `copy_files`)."""
+        copy_files([self.path(s) for s in segments], folder, earlier)
 
 
-def copy_files(files: Sequence[Path], folder: Path) -> None:
-    """Segment files into `folder`: linked where the file system allows it (a file is never
-    changed once written), else copied; the folder made durable."""
+def copy_files(files: Sequence[Path], folder: Path, earlier: Path | None = None) -> None:
+    """Segment files into `folder`, each linked where the file system allows it (a file is
+    never changed once written): to the file itself, else to the same file in `earlier` (the
+    segments of a snapshot taken before into the same place: a backup on another disk copies
+    only the files new since), else copied; the folder made durable."""
     folder.mkdir(parents=True, exist_ok=True)
     for path in files:
         target = folder / path.name
+        before = earlier / path.name if earlier is not None else None
         try:
             os.link(path, target)
+            continue
         except OSError:
-            shutil.copyfile(path, target)
-            with target.open("rb+") as file:
-                os.fsync(file.fileno())
+            pass
+        try:
+            if before is not None and before.stat().st_size == path.stat().st_size:
+                os.link(before, target)
+                continue
+        except OSError:
+            pass
+        shutil.copyfile(path, target)
+        with target.open("rb+") as file:
+            os.fsync(file.fileno())
     fsync_directory(folder)
 
 
