@@ -100,7 +100,7 @@ async def take(store: Store, data_dir: Path, to: Path) -> Path:
     """One snapshot of the data dir `store` is open in, into a new folder of `to` (step 1)."""
     name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     partial = to / f".{name}.partial"
-    taken = snapshots(to) if to.is_dir() else []
+    taken = snapshots(to)
     earlier = taken[-1] / DATABASE if taken else None
     for attempt in range(ATTEMPTS):
         shutil.rmtree(partial, ignore_errors=True)
@@ -143,7 +143,9 @@ def _copy_files(log_dir: Path, data_dir: Path, into: Path) -> None:
 
 
 def snapshots(to: Path) -> list[Path]:
-    """The whole snapshots in `to`, oldest first."""
+    """The whole snapshots in `to`, oldest first (none where there is no `to` yet)."""
+    if not to.is_dir():
+        return []
     return sorted(p for p in to.iterdir() if p.is_dir() and (p / MANIFEST).exists())
 
 
