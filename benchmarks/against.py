@@ -104,7 +104,7 @@ def unknown_there(other: Path, names: Sequence[str]) -> list[str]:
     done = subprocess.run(
         [str(python(other)), "-m", "benchmarks.run", "--estimate", *names],
         cwd=other,
-        env=_env(other),
+        env=environment(other),
         capture_output=True,
         text=True,
         timeout=300,
@@ -134,7 +134,7 @@ def run_side(
         with subprocess.Popen(
             command,
             cwd=where,
-            env=None if other is None else _env(other),
+            env=None if other is None else environment(other),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -297,9 +297,9 @@ def _beside(executable: str, name: str) -> str | None:
     return str(found) if found.exists() else None
 
 
-def _env(other: Path) -> dict[str, str]:
+def environment(other: Path) -> dict[str, str]:
     """The environment of a process of the other checkout: its venv first, and no module path
-    that could lead to this checkout's code."""
+    that could lead to this checkout's code (run it with `cwd=other`)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["VIRTUAL_ENV"] = str(other / ".venv")
     env["PATH"] = f"{other / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"

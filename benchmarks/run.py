@@ -40,20 +40,24 @@ from benchmarks import (
     against,
     alerts,
     api_writes,
+    backups,
     core,
     fan_out,
     forwarding,
     grants,
+    holds,
     ingest_http,
     isolation,
     kafka,
     ledger,
     live_stream,
     many_meters,
+    memory,
     meter_heavy,
     meters,
     otlp,
     replicas,
+    restart,
     sdk,
     shards,
     startup,
@@ -104,6 +108,11 @@ BENCHMARKS: dict[str, Benchmark] = {
     "meter_heavy": Benchmark(meter_heavy, 540, 60),
     "many_meters": Benchmark(many_meters, 240, 40),
     "api_writes": Benchmark(api_writes, 420, 60),
+    "hold_latency": Benchmark(holds, 300, 50),
+    "restart": Benchmark(restart.restart, 1800, 90),
+    "restart_kafka": Benchmark(restart.restart_kafka, 2400, 60),
+    "backup_increment": Benchmark(backups, 1800, 120),
+    "memory_10m": Benchmark(memory, 1800, 120),
     "takeover": Benchmark(takeover, 300, 100),
     "replicas": Benchmark(replicas, 900, 120),
     "shards": Benchmark(shards, 600, 90),
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
         if missing:
             parser.error(
-                f"{commit[:12]} has no benchmark {', '.join(missing)}: run those without --against"
+                f"{commit[:12]} does not have {', '.join(missing)}: run those without --against"
             )
     failed = []
     # A bar on a terminal (what the benchmarks print goes above it), plain lines otherwise.

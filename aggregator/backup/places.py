@@ -5,7 +5,9 @@ roles; `AWS_ENDPOINT_URL` for an S3-compatible store).
 1. `check` refuses what cannot take a snapshot (no bucket, no extra, no access) before one is
    taken; `put` copies a snapshot's folder to `<to>/<its name>/`: into a folder through a
    temporary name renamed once whole; to S3 file by file under `<prefix>/<its name>/`,
-   `manifest.json` last, so that a snapshot whose manifest is there is whole.
+   `manifest.json` last, so that a snapshot whose manifest is there is whole. The segments
+   the newest whole snapshot there holds are linked to it (S3: copied by the bucket), not
+   written again.
 2. `fetched` gives `restore` a local folder: a folder as it is; from S3 the newest whole
    snapshot under the prefix (or the one the URL names), downloaded to a temporary folder.
 """
@@ -13,6 +15,7 @@ roles; `AWS_ENDPOINT_URL` for an S3-compatible store).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,8 +23,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from aggregator.backup.snapshots import MANIFEST
+from aggregator.backup.snapshots import DATABASE, MANIFEST
 from aggregator.errors import UsageError
+from aggregator.store import SEGMENT_SUFFIX, segments_folder
 
 S3 = "s3://"
 
@@ -35,11 +39,25 @@ def check(to: str) -> None:
 
 
 def put(folder: Path, to: str) -> str:
-    """Step 1: where the snapshot in `folder` now is."""
+    """Step 1: where the snapshot in `folder` now is. A segment file that the newest whole
+    snapshot already in `to` holds (same name, same size: a segment never changes once
+    written) is linked to it (in S3, copied there, server side) instead of written again, so
+    that a backup writes only the segments new since the one before."""
     if not to.startswith(S3):
         target, partial = Path(to) / folder.name, Path(to) / f".{folder.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(folder, partial)
+        taken = (p.parent for p in Path(to).glob(f"*/{MANIFEST}"))
+        before = max((p for p in taken if not p.name.startswith(".")), default=None)
+
+        def copy(source: str, destination: str) -> object:
+            kept = _kept(before, Path(source).relative_to(folder), Path(source).stat().st_size)
+            if kept is not None:
+                with contextlib.suppress(OSError):  # a file system without links: copied
+                    os.link(kept, destination)
+                    return destination
+            return shutil.copy2(source, destination)
+
+        shutil.copytree(folder, partial, copy_function=copy)
         partial.rename(target)
         return str(target)
     bucket, base = _bucket(to)
@@ -47,10 +65,52 @@ def put(folder: Path, to: str) -> str:
         (p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name == MANIFEST, p)
     )
     with _s3(to) as client:
+        keys = _keys(client, bucket, base)
+        whole = _whole(keys, base)
+        prior = f"{base}{whole[-1]}/" if whole else None
         for path in files:
-            key = f"{base}{folder.name}/{path.relative_to(folder).as_posix()}"
-            client.upload_file(str(path), bucket, key)
+            name = path.relative_to(folder).as_posix()
+            key = f"{base}{folder.name}/{name}"
+            kept = f"{prior}{name}" if prior is not None else None
+            if kept is not None and _segment(name) and keys.get(kept) == path.stat().st_size:
+                client.copy_object(
+                    Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": kept}
+                )
+            else:
+                client.upload_file(str(path), bucket, key)
     return f"{S3}{bucket}/{base}{folder.name}"
+
+
+def _segment(name: str) -> bool:
+    """Whether a snapshot's file (its path in the snapshot, `/`-separated) is a segment."""
+    folder, _, file = name.rpartition("/")
+    return folder == segments_folder(Path(DATABASE)).name and file.endswith(SEGMENT_SUFFIX)
+
+
+def _kept(before: Path | None, name: Path, size: int) -> Path | None:
+    """The same segment in the snapshot `before`, if it holds it whole."""
+    if before is None or not _segment(name.as_posix()):
+        return None
+    kept = before / name
+    try:
+        return kept if kept.stat().st_size == size else None
+    except OSError:
+        return None
+
+
+def _keys(client: Any, bucket: str, base: str) -> dict[str, int]:
+    """Every key under `base`, with its size."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base)
+    return {item["Key"]: item["Size"] for page in pages for item in page.get("Contents", ())}
+
+
+def _whole(keys: dict[str, int], base: str) -> list[str]:
+    """The names of the whole snapshots (their manifest is there) under `base`, oldest first."""
+    return sorted(
+        k[len(base) :].split("/")[0]
+        for k in keys
+        if k.endswith(f"/{MANIFEST}") and k[len(base) :].count("/") == 1
+    )
 
 
 @contextlib.contextmanager
@@ -61,15 +121,10 @@ def fetched(source: str) -> Iterator[Path]:
         return
     bucket, base = _bucket(source)
     with _s3(source) as client, tempfile.TemporaryDirectory(prefix="meterline-restore-") as into:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base)
-        keys = [item["Key"] for page in pages for item in page.get("Contents", ())]
+        keys = _keys(client, bucket, base)
         chosen = base
         if f"{base}{MANIFEST}" not in keys:  # a prefix of snapshots: the newest whole one
-            whole = sorted(
-                k[len(base) :].split("/")[0]
-                for k in keys
-                if k.endswith(f"/{MANIFEST}") and k[len(base) :].count("/") == 1
-            )
+            whole = _whole(keys, base)
             if not whole:
                 raise UsageError(f"{source} holds no whole snapshot (no {MANIFEST})")
             chosen = f"{base}{whole[-1]}/"

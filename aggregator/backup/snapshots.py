@@ -5,7 +5,9 @@ The protocol:
 1. Every `every_seconds`, from start, a snapshot is written to `<to>/<UTC time>/`, through a
    folder renamed once complete (a snapshot seen is whole):
    - `meterline.duckdb`: a copy taken in one read transaction once every event applied so far
-     is stored (`Store.snapshot`), with the positions it covers (the journal's, the topics');
+     is stored (`Store.snapshot`), with the positions it covers (the journal's, the topics'),
+     and the segments it lists, linked to the data dir's files or, on another disk, to the
+     newest snapshot's in `<to>` (a segment never changes: only new ones are written);
    - the ingest log (embedded mode): its witness of how far it was acknowledged, then its
      segments, so that what the log acknowledged after the copy is in it, applied at start
      (a segment pruned meanwhile: the snapshot is taken again);
@@ -40,7 +42,7 @@ import orjson
 from aggregator.auth import SECRET_FILE
 from aggregator.errors import UsageError
 from aggregator.settings import BackupSettings
-from aggregator.store import Store, ingest_log_repair
+from aggregator.store import Store, copy_segments, ingest_log_repair, segments_folder
 from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
@@ -98,10 +100,12 @@ async def take(store: Store, data_dir: Path, to: Path) -> Path:
     """One snapshot of the data dir `store` is open in, into a new folder of `to` (step 1)."""
     name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     partial = to / f".{name}.partial"
+    taken = snapshots(to)
+    earlier = taken[-1] / DATABASE if taken else None
     for attempt in range(ATTEMPTS):
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        covered = await store.snapshot(partial / DATABASE)
+        covered = await store.snapshot(partial / DATABASE, earlier)
         try:
             log_dir = ingest_log_repair.log_directory(Path(store.path))
             await asyncio.to_thread(_copy_files, log_dir, data_dir, partial)
@@ -139,7 +143,9 @@ def _copy_files(log_dir: Path, data_dir: Path, into: Path) -> None:
 
 
 def snapshots(to: Path) -> list[Path]:
-    """The whole snapshots in `to`, oldest first."""
+    """The whole snapshots in `to`, oldest first (none where there is no `to` yet)."""
+    if not to.is_dir():
+        return []
     return sorted(p for p in to.iterdir() if p.is_dir() and (p / MANIFEST).exists())
 
 
@@ -181,6 +187,9 @@ def _copy_stopped(source: Path, data_dir: Path) -> dict[str, Any]:
     for name in (DATABASE, f"{DATABASE}.wal"):
         if (source / name).exists():
             shutil.copy2(source / name, data_dir / name)
+    segments = segments_folder(database)
+    if segments.is_dir():  # the files it does not list are deleted where it opens
+        copy_segments(sorted(segments.iterdir()), segments_folder(data_dir / DATABASE))
     _copy_files(ingest_log_repair.log_directory(database), source, data_dir)
     created = datetime.fromtimestamp(database.stat().st_mtime, UTC).isoformat()
     return {"created_at": created, "covers": {}, "snapshot": str(source)}

@@ -26,6 +26,9 @@ from aggregator.store.machinery.ingest_log import LogCorrupt, with_origin, with_
 from aggregator.store.machinery.live import Changed, Live
 from aggregator.store.machinery.memtable import Positions
 from aggregator.store.machinery.rollups import Prepared
+from aggregator.store.machinery.segments import SUFFIX as SEGMENT_SUFFIX
+from aggregator.store.machinery.segments import copy_files as copy_segments
+from aggregator.store.machinery.segments import folder_of as segments_folder
 from aggregator.store.machinery.writer import Job, Outcome
 from aggregator.store.store import Store
 from aggregator.store.tables import (
@@ -96,6 +99,7 @@ __all__ = [
     "GROUP_KEYS",
     "METER_SORTS",
     "ORIGIN",
+    "SEGMENT_SUFFIX",
     "AlertRow",
     "Attempt",
     "Balances",
@@ -136,6 +140,7 @@ __all__ = [
     "attempt_record",
     "backfill_step_job",
     "control_offset",
+    "copy_segments",
     "cost_queries",
     "customer_tables",
     "customers_by_refs",
@@ -171,6 +176,7 @@ __all__ = [
     "quantities",
     "quotas",
     "row_problems",
+    "segments_folder",
     "shard_splits",
     "state_changes_due",
     "stored_offsets",

@@ -1,11 +1,12 @@
-"""The store: one DuckDB file, a writer thread, a flusher thread, a reclusterer thread, a few
-reader threads, the state it keeps in memory (`live`), and beside the file the ingest log and
-the stored keys that do not fit in memory (`dedupe`).
+"""The store: one DuckDB file, a writer thread, a flusher thread, a merger thread, a few reader
+threads, the state it keeps in memory (`live`), and beside the file the ingest log, the
+segments (the events and their rollups, as Parquet files: `segments`) and the stored keys that
+do not fit in memory (`dedupe`).
 
 The store is the only place with DuckDB SQL (tokens are kept apart, in SQLite: `auth`).
 Writes are jobs run by `Writer` (group commit); events are applied in memory at once and stored
 by the `Flusher` in large transactions (`memtable`); embedded requests are durable before that
-in the `ingest_log`; rollups are rewritten sorted by the `Reclusterer`.
+in the `ingest_log`; segments are merged by the `Merger`.
 Reads run on per-thread cursors off the event loop, each interrupted past `read_timeout_seconds`
 (one tenant's heavy query must not hold a reader thread that every tenant shares); `read` first
 waits until every event applied so far is stored, `read_now` does not (for tables ingest does
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,9 +45,11 @@ from aggregator.store.machinery.ingest_log import IngestLog
 from aggregator.store.machinery.ingest_log_repair import log_directory
 from aggregator.store.machinery.live import Live, SequenceCounter
 from aggregator.store.machinery.memtable import ROW_GROUP, Memtable, Positions
+from aggregator.store.machinery.merger import Merger
 from aggregator.store.machinery.migrations import migrate
-from aggregator.store.machinery.recluster import Reclusterer, ReclusterSettings
 from aggregator.store.machinery.rollups import Prepared
+from aggregator.store.machinery.segments import FANOUT, Segments
+from aggregator.store.machinery.segments import folder_of as segments_folder
 from aggregator.store.machinery.writer import (
     DEFAULT_JOB_BOUND_SECONDS,
     REJECTIONS,
@@ -96,7 +100,8 @@ class Store:
         flush_events: int = ROW_GROUP,
         flush_seconds: float = 5.0,
         max_pending_events: int = 4 * ROW_GROUP,
-        recluster: ReclusterSettings | None = None,
+        merge_check_seconds: float = 0.5,
+        merge_fanout: int = FANOUT,
         dedupe_memory_keys: int = dedupe.MEMORY_KEYS,
         alert_payload: Payload = basic_payload,
         commands: CommandLog | None = None,
@@ -116,7 +121,8 @@ class Store:
         self._flush_events = flush_events
         self._flush_seconds = flush_seconds
         self._max_pending = max_pending_events
-        self._recluster = recluster or ReclusterSettings()
+        self._merge_check_seconds = merge_check_seconds
+        self._merge_fanout = merge_fanout
         self._dedupe_memory_keys = dedupe_memory_keys
         self._readers = readers
         self._read_timeout = read_timeout_seconds
@@ -128,7 +134,8 @@ class Store:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._writer: Writer | None = None
         self._flusher: Flusher | None = None
-        self._reclusterer: Reclusterer | None = None
+        self._merger: Merger | None = None
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._log = IngestLog(None)
         self._pool: ThreadPoolExecutor | None = None
         self._evaluator_threads = evaluators
@@ -175,7 +182,21 @@ class Store:
         self._con = duckdb.connect(self.path, config=config)
         # Set after connecting: the (built-in) ICU extension loads on first use.
         self._con.execute("SET GLOBAL TimeZone = 'UTC'")
+        # Each query over the segments reads their files' footers once, not every time.
+        self._con.execute("SET GLOBAL parquet_metadata_cache = true")
         migrate(self._con)
+        if self.path == ":memory:":
+            self._scratch = tempfile.TemporaryDirectory(prefix="meterline-segments-")
+            folder = Path(self._scratch.name)
+        else:
+            folder = segments_folder(Path(self.path))
+        segments = Segments(folder, fanout=self._merge_fanout)
+        try:
+            segments.open(self._con)
+        except BaseException:
+            self._con.close()
+            self._con = None
+            raise
         self._refuse_other_ledgers()
         log = self._log = IngestLog(None if wal is None else log_directory(Path(self.path)))
         # What the ingest log holds after the last stored request was acknowledged but not
@@ -195,6 +216,7 @@ class Store:
             self._con.cursor(),
             table,
             log,
+            segments,
             wal=wal,
             flush_events=self._flush_events,
             flush_seconds=self._flush_seconds,
@@ -210,6 +232,7 @@ class Store:
             table,
             log,
             self._con.cursor(),
+            segments,
             notices=self.listeners,
             features=(
                 Meters(),
@@ -224,8 +247,13 @@ class Store:
         live.load(self._con)
         holds.load(self._con, now_us())
         self._flusher.start()
-        self._reclusterer = Reclusterer(self._con.cursor(), self._recluster)
-        self._reclusterer.start()
+        self._merger = Merger(
+            self._con.cursor(),
+            segments,
+            self._flusher.exclusive,
+            check_seconds=self._merge_check_seconds,
+        )
+        self._merger.start()
         self._writer = Writer(self._con.cursor(), job_bound_seconds=self._job_bound, hooks=live)
         for request in logged:
             self._writer.run(Replay(request))
@@ -257,9 +285,9 @@ class Store:
         if self._con is None:
             return
         assert self._writer is not None and self._pool is not None and self._flusher is not None
-        assert self._reclusterer is not None
+        assert self._merger is not None
         self._writer.close()
-        self._reclusterer.close()
+        self._merger.close()
         self._flusher.close()
         self._log.close()
         self.live.close()
@@ -273,6 +301,9 @@ class Store:
             done.wait(30)
         self._con.close()
         self._con = None
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
 
     def _compact_memory(self) -> None:
         """The flusher's idle work: merge the runs of the sets held in memory."""
@@ -290,9 +321,9 @@ class Store:
         return self._writer
 
     @property
-    def reclusterer(self) -> Reclusterer:
-        assert self._reclusterer is not None, "store is not open"
-        return self._reclusterer
+    def merger(self) -> Merger:
+        assert self._merger is not None, "store is not open"
+        return self._merger
 
     async def write(self, job: Job[T], weight: int = 1, tenant: str | None = None) -> T:
         """Run `job` in a group commit (`tenant`'s share of the writer); returns after the
@@ -382,14 +413,20 @@ class Store:
             raise QueryTimeout(self._read_timeout) from None
         return await self.read_now(fn, *args, **kwargs)
 
-    async def snapshot(self, target: Path) -> dict[str, dict[int, int]]:
-        """A consistent copy of the database in the new file `target`, taken while writes go
-        on: once every event applied so far is stored, one read transaction copies every table,
-        on a cursor and thread of its own (a copy may outlast the read timeout; closing the
-        store interrupts it). What it covers: the stored positions, per topic and partition."""
+    async def snapshot(
+        self, target: Path, earlier: Path | None = None
+    ) -> dict[str, dict[int, int]]:
+        """A consistent copy of the database in the new file `target` (and of its segments,
+        beside it), taken while writes go on: once every event applied so far is stored, one
+        read transaction copies every table and the files it lists, on a cursor and thread of
+        its own (a copy may outlast the read timeout; closing the
+        store interrupts it). `earlier`: a copy made before on the disk of `target`, whose
+        segments are linked rather than copied again. What it covers: the stored positions,
+        per topic and partition."""
         assert self._flusher is not None and self._con is not None, "store is not open"
         await self._flusher.barrier()
         con = self._con
+        segments = self.live.segments
         quoted = str(target).replace("'", "''")
 
         def copy() -> dict[str, dict[int, int]]:
@@ -400,6 +437,11 @@ class Store:
                 cursor.execute("BEGIN TRANSACTION")
                 cursor.execute(f"ATTACH '{quoted}' AS meterline_snapshot")
                 cursor.execute(f'COPY FROM DATABASE "{name}" TO meterline_snapshot')
+                # The files the copied `segments` lists, linked (or copied) beside it in the
+                # same transaction's view of the list: a file retired since is still there
+                # for the grace every read gets.
+                before = segments_folder(earlier) if earlier is not None else None
+                segments.copy(segments.listed(cursor), segments_folder(target), before)
                 covered: dict[str, dict[int, int]] = {}
                 for topic, partition, offset in cursor.execute(
                     "SELECT topic, partition, next_offset FROM kafka_offsets"

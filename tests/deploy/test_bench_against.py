@@ -165,6 +165,10 @@ def test_the_other_checkout_is_never_inside_this_one(tmp_path: Path) -> None:
     assert not (ROOT / "benchmarks" / "x").exists()
 
 
+def test_what_the_other_runner_lacks_is_read_from_its_registry() -> None:
+    assert against.unknown_there(ROOT, ["validation", "no_such", "core_apply"]) == ["no_such"]
+
+
 @pytest.mark.processes
 def test_an_unknown_commit_is_refused(tmp_path: Path) -> None:
     done = _bench("validation", "--against", "no-such-commit", cache=tmp_path)

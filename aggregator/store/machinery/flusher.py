@@ -1,13 +1,13 @@
 """The flusher: a thread of its own (with its own DuckDB cursor) that stores applied batches.
 
-It stores the memtable once it holds a row group of events (DuckDB then writes them straight to
-the file), once its oldest batch has waited `flush_seconds`, or at once when asked (`barrier`:
-a read that must see every applied event, a write that must come after them); then the ingest
-log's segments it completed are deleted. Between flushes it folds the ledger's deltas
-(`compaction.compact`) every `compact_seconds`, runs `CHECKPOINT` once the WAL passes
-`checkpoint_bytes` and the disk has room for it (the ingest path writes nothing to DuckDB, so
-a checkpoint never holds it up), and runs `idle` (upkeep of the in-memory state, off the
-writer's thread).
+It stores the memtable (its events and rollups as new files, `segments`; the rest in tables)
+once it holds a row group of events, once its oldest batch has waited `flush_seconds`, or at
+once when asked (`barrier`: a read that must see every applied event, a write that must come
+after them); then the ingest log's segments it completed are deleted. Between flushes it
+folds the ledger's deltas (`compaction.compact`) every `compact_seconds`, runs `CHECKPOINT`
+once the WAL passes `checkpoint_bytes` and the disk has room for it (the ingest path writes
+nothing to DuckDB, so a checkpoint never holds it up), and runs `idle` (upkeep of the
+in-memory state, off the writer's thread).
 
 `exclusive` is held while it writes; a writer job that must not run beside it (any job but
 applying events) takes it, flushes what is left (`flush_all`) and keeps it until it commits.
@@ -37,6 +37,7 @@ from aggregator.store.machinery.compaction import compact
 from aggregator.store.machinery.disk import DiskHealth
 from aggregator.store.machinery.ingest_log import IngestLog
 from aggregator.store.machinery.memtable import ROW_GROUP, Memtable
+from aggregator.store.machinery.segments import Change, Segments
 from meters.times import NEVER
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Flusher:
         con: duckdb.DuckDBPyConnection,
         table: Memtable,
         log: IngestLog,
+        segments: Segments,
         *,
         wal: Path | None,
         flush_events: int = ROW_GROUP,
@@ -64,6 +66,7 @@ class Flusher:
         self._disk = disk
         self._table = table
         self._log = log
+        self._segments = segments
         self._wal = wal
         self.flush_events = flush_events
         self.flush_seconds = flush_seconds
@@ -123,8 +126,16 @@ class Flusher:
             return
         started = time.perf_counter()
         con = self._con
-        with transaction(con):
-            logged = memtable.store(con, entries)
+        change = Change()
+        listed = False
+        try:
+            with transaction(con):
+                logged, change = memtable.store(con, entries, self._segments)
+            listed = True
+        finally:
+            if not listed:
+                self._segments.abandon(change)
+        self._segments.committed(change)
         self._table.release(len(entries))
         if logged is not None:
             self._log.stored(logged)

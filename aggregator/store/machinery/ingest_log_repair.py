@@ -48,6 +48,7 @@ from aggregator.store.machinery.ingest_log import (
     survey,
     write_all,
 )
+from aggregator.store.machinery.segments import read_only
 
 __all__ = [
     "Checked",
@@ -204,9 +205,10 @@ def _survey(database: Path) -> tuple[Survey, int, int]:
     con = duckdb.connect(str(database), read_only=True)
     try:
         stored, witnessed = stored_marks(con)
+        events = read_only(con, database, "events")
         floor = int(
             con.execute(
-                "SELECT coalesce(max(seq), 0) FROM events WHERE source = 'user'"
+                f"SELECT coalesce(max(seq), 0) FROM {events} WHERE source = 'user'"  # noqa: S608 - fixed text
             ).fetchall()[0][0]
         )
     finally:

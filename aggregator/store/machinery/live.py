@@ -48,6 +48,7 @@ from aggregator.store.machinery.memtable import (
     store_offsets,
 )
 from aggregator.store.machinery.rollups import Evaluated
+from aggregator.store.machinery.segments import RELATIONS, Change, Segments
 
 Effect = Callable[[], object]
 # Per organization, the customer meters a commit changed: (meter id, customer reference).
@@ -143,6 +144,7 @@ class Live:
         memtable: Memtable,
         log: IngestLog,
         verify: duckdb.DuckDBPyConnection,
+        segments: Segments,
         *,
         notices: Notices,
         features: Sequence[Feature] = (),
@@ -153,6 +155,7 @@ class Live:
         self.flusher = flusher
         self.memtable = memtable
         self.log = log
+        self.segments = segments
         self.dedupe = Dedupe(spill)
         self.balances = Balances()
         self.catalog = Catalog()
@@ -169,6 +172,7 @@ class Live:
         self._staged_keys = Dedupe()
         self._staged_entries: list[Applied] = []
         self._staged_log: list[Logged] = []
+        self._staged_segments: list[Change] = []
         self._logged_at: tuple[int, int, int] | None = None  # where the log ended before
         self._applied_through = 0  # the last seq applied: each batch's come after it
 
@@ -244,6 +248,8 @@ class Live:
         self._expect(Status.OPEN, Status.PREPARED)
         if self._logged_at is not None:  # logged, then DuckDB's COMMIT failed
             self.log.undo(self._logged_at)
+        for change in self._staged_segments:
+            self.segments.abandon(change)
         self._reset()
         self._changed = {}
         self._status = Status.IDLE
@@ -255,6 +261,7 @@ class Live:
         self._staged_keys = Dedupe()
         self._staged_entries = []
         self._staged_log = []
+        self._staged_segments = []
         self._logged_at = None
 
     @contextlib.contextmanager
@@ -272,6 +279,25 @@ class Live:
         """Run `effect` once the transaction commits."""
         self._expect(Status.OPEN)
         self._staged.append(effect)
+
+    def change_segments(self, con: duckdb.DuckDBPyConnection, change: Change) -> None:
+        """List `change` (files written by the job: `Segments.write`, `Segments.rewrite`) in
+        this transaction; the list takes it at commit, its files are deleted at rollback. Only
+        under `hold`: no flush or merge changes the list meanwhile."""
+        self._expect(Status.OPEN)
+        self._staged_segments.append(change)
+        self.segments.commit(con, change)
+        self.stage(lambda: self.segments.committed(change))
+
+    def delete_rows(
+        self, con: duckdb.DuckDBPyConnection, relation: str, where: str, params: list[object]
+    ) -> None:
+        """Delete the rows of a relation kept as segments (`segments.RELATIONS`) that `where`
+        matches: from its base table, and from its files (written again without them), in
+        this transaction (under `hold`, as `change_segments`)."""
+        base = RELATIONS[relation].base
+        con.execute(f"DELETE FROM {base} WHERE {where}", params)  # noqa: S608 - fixed text, values bound
+        self.change_segments(con, self.segments.rewrite(con, relation, where, params))
 
     def webhooks_due(self) -> None:
         """The transaction wrote webhook events: the sender is told once it commits."""

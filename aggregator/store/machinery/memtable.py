@@ -15,18 +15,21 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 import duckdb
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aggregator.store.base import subjects
-from aggregator.store.base.ids import ORIGIN
+from aggregator.store.base.arrays import Column, numpy, uuids
+from aggregator.store.base.ids import INGEST_LOG_PARTITION, ORIGIN, event_ids
 from aggregator.store.base.rows import registered
 from aggregator.store.machinery import dedupe, ingest_log, rollups
 from aggregator.store.machinery.rollups import Evaluated
-from meters.events import COLUMNS
+from aggregator.store.machinery.segments import Change, Segments
 
 # Rows DuckDB puts in a row group: an append of at least this many goes straight to the file.
 ROW_GROUP = 122_880
@@ -111,23 +114,61 @@ def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> dict[int, de
     return found
 
 
-# The event's columns (`meters.events.COLUMNS`) as the table stores them.
-_CASTS = {"customer_id": "::UUID", "cost_amount": "::DECIMAL(17, 12)"}
-# An event's id is derived from where it was read (`ids.ORIGIN`): a version 7 UUID whose time
-# is its ingest time (ids sort by it), then the partition (12 bits; 4095 for the ingest log),
-# the offset (44 bits; the seq for the ingest log) and the row (18 bits).
-_ID = (
-    "printf('%08x-%04x-%04x-%04x-%012x', ms >> 16, ms & 65535, 28672 + part,"
-    " 32768 + (place >> 48), place & 281474976710655)::UUID"
-)
-_INSERT_EVENTS = (
-    f"INSERT INTO events (id, seq, organization_id, ingested_at, {', '.join(COLUMNS.names)})"  # noqa: S608 - fixed text, values bound
-    f" SELECT {_ID}, seq, organization_id::UUID, ingested_at,"
-    f" {', '.join(name + _CASTS.get(name, '') for name in COLUMNS.names)} FROM ("
-    " SELECT *, epoch_ms(ingested_at)::UBIGINT AS ms,"
-    " coalesce(origin_partition, 4095)::UBIGINT & 4095 AS part,"
-    " ((coalesce(origin_offset, seq)::UBIGINT & 17592186044415) << 18)"
-    " | (coalesce(origin_row, 0)::UBIGINT & 262143) AS place FROM _stored_events)"
+def stored_events(events: pa.Table) -> pa.Table:
+    """Applied events (`Applied.events`, with `ORIGIN` or not) as the events relation stores
+    them (`events_base`'s columns, in its order and types), each with its id (`ids.event_ids`:
+    derived from where it was read; from its seq for events of the ingest log)."""
+    n = events.num_rows
+    seqs = numpy(events.column("seq"), np.int64)
+    origin = {
+        c.name: events.column(c.name) if c.name in events.column_names else None for c in ORIGIN
+    }
+
+    def filled(name: str, default: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        column = origin[name]
+        if column is None:
+            return default
+        values = numpy(cast(Column, pc.fill_null(cast(Any, column), -1)), np.int64)
+        return np.where(values < 0, default, values)
+
+    ingested = numpy(events.column("ingested_at").cast(pa.int64()), np.int64)
+    ids = event_ids(
+        ingested,
+        filled("origin_partition", np.full(n, INGEST_LOG_PARTITION, np.int64)),
+        filled("origin_offset", seqs),
+        filled("origin_row", np.zeros(n, np.int64)),
+    )
+    id_column = pa.ExtensionArray.from_storage(
+        pa.uuid(),
+        pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(ids.data)]),
+    )
+    utc = pa.timestamp("us", tz="UTC")
+    return pa.Table.from_arrays(
+        [
+            id_column,
+            pa.array(seqs, pa.int64()),
+            uuids(events.column("organization_id")),
+            events.column("name"),
+            events.column("source"),
+            events.column("timestamp").cast(utc),
+            events.column("ingested_at").cast(utc),
+            uuids(events.column("customer_id")),
+            events.column("external_customer_id"),
+            events.column("external_member_id"),
+            events.column("external_id"),
+            events.column("parent_id"),
+            events.column("metadata"),
+            events.column("cost_amount").cast(pa.decimal128(17, 12)),
+        ],
+        names=list(EVENT_COLUMNS),
+    )
+
+
+# The events relation's columns, in order (`events_base`).
+EVENT_COLUMNS = (
+    *("id", "seq", "organization_id", "name", "source", "timestamp", "ingested_at"),
+    *("customer_id", "external_customer_id", "external_member_id", "external_id", "parent_id"),
+    *("metadata", "cost_amount"),
 )
 
 
@@ -139,22 +180,36 @@ def _with_origin(events: pa.Table) -> pa.Table:
     return events
 
 
-def store(con: duckdb.DuckDBPyConnection, entries: list[Applied]) -> int | None:
-    """Store `entries` (inside the caller's transaction); return the last ingest log request
-    they complete, if any."""
-    tables = [_with_origin(e.events) for e in entries if e.events.num_rows]
-    if tables:
-        # One contiguous table: DuckDB then appends it as whole row groups (see the module).
-        with registered(con, "_stored_events", pa.concat_tables(tables).combine_chunks()):
-            con.execute(_INSERT_EVENTS)
-            con.execute(dedupe.INSERT_MOVED.format(events="_stored_events"))
-            _record_links(con)
-    rollups.store(con, [ev for e in entries for ev in e.evaluated])
+def store(
+    con: duckdb.DuckDBPyConnection, entries: list[Applied], segments: Segments
+) -> tuple[int | None, Change]:
+    """Store `entries` (inside the caller's transaction): their events and rollups as new
+    segments (written, and listed in the transaction), the rest in tables. Return the last
+    ingest log request they complete, if any, and the segments' change (for the caller to
+    tell `segments` once the transaction has committed, or to abandon)."""
+    change = Change()
+    try:
+        files: list[tuple[str, pa.Table]] = []
+        tables = [_with_origin(e.events) for e in entries if e.events.num_rows]
+        if tables:
+            events = pa.concat_tables(tables).combine_chunks()
+            files.append(("events", stored_events(events)))
+            with registered(con, "_stored_events", events):
+                con.execute(dedupe.INSERT_MOVED.format(events="_stored_events"))
+                _record_links(con)
+        evaluated = [ev for e in entries for ev in e.evaluated]
+        files += [(r, t) for r, t in rollups.partials(con, evaluated).items() if t.num_rows]
+        change.added += segments.write_all(files)
+        rollups.store_ledger(con, evaluated)
+        segments.commit(con, change)
+    except BaseException:
+        segments.abandon(change)
+        raise
     store_offsets(con, tuple((t, p, o) for e in entries for t, p, o in e.offsets))
     through = max((e.log_id for e in entries if e.log_id is not None), default=None)
     if through is not None:
         ingest_log.mark_stored(con, through)
-    return through
+    return through, change
 
 
 def store_offsets(con: duckdb.DuckDBPyConnection, offsets: Positions) -> None:

@@ -604,6 +604,50 @@ MIGRATIONS: tuple[str, ...] = (
         origin_row INTEGER NOT NULL
     );
     """,
+    # 29: segments (`machinery.segments`): the events and the rollups are stored as Parquet
+    # files from now on, read through views over each relation's base table and its files. The
+    # events table becomes the events' base (what was stored before, and system events, which
+    # jobs write one at a time); the rollups' deltas are folded into their tables, which become
+    # the rollups' bases, and dropped (the merger replaces them and the rewrites sorted).
+    """
+    ALTER TABLE events RENAME TO events_base;
+    CREATE TABLE segments (
+        relation VARCHAR NOT NULL,
+        number BIGINT PRIMARY KEY,          -- its file's name: <relation>-<number>.parquet
+        level INTEGER NOT NULL,             -- merged this many times
+        rows BIGINT NOT NULL,
+        size BIGINT NOT NULL                -- bytes, as written (a file of another size is damaged)
+    );
+    DROP VIEW all_rollups;
+    DROP VIEW all_rollup_values;
+    DROP VIEW all_rollup_points;
+    CREATE TABLE rollups_folded AS
+        SELECT meter_id, subject, bucket, sum(events)::BIGINT AS events, sum(total) AS total,
+            min(low) AS low, max(high) AS high
+        FROM (SELECT * FROM rollups UNION ALL SELECT * FROM rollup_deltas)
+        GROUP BY ALL ORDER BY meter_id, subject, bucket;
+    CREATE TABLE rollup_values_folded AS
+        SELECT DISTINCT * FROM
+            (SELECT * FROM rollup_values UNION ALL SELECT * FROM rollup_value_deltas)
+        ORDER BY meter_id, subject, bucket;
+    CREATE TABLE rollup_points_folded AS
+        SELECT meter_id, subject, bucket, at_us, max(value) AS value
+        FROM (SELECT * FROM rollup_points UNION ALL SELECT * FROM rollup_point_deltas)
+        GROUP BY ALL ORDER BY meter_id, subject, bucket, at_us;
+    DROP TABLE rollups;
+    DROP TABLE rollup_deltas;
+    DROP TABLE rollup_values;
+    DROP TABLE rollup_value_deltas;
+    DROP TABLE rollup_points;
+    DROP TABLE rollup_point_deltas;
+    ALTER TABLE rollups_folded RENAME TO rollups;
+    ALTER TABLE rollup_values_folded RENAME TO rollup_values;
+    ALTER TABLE rollup_points_folded RENAME TO rollup_points;
+    CREATE VIEW events AS SELECT * FROM events_base;
+    CREATE VIEW all_rollups AS SELECT * FROM rollups;
+    CREATE VIEW all_rollup_values AS SELECT * FROM rollup_values;
+    CREATE VIEW all_rollup_points AS SELECT * FROM rollup_points;
+    """,
 )
 
 

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.base import subjects
-from aggregator.store.base.arrays import encoded, numpy
+from aggregator.store.base.arrays import encoded, numpy, uuids
 from aggregator.store.base.meter_plan import Contributions, MeterPlan
 from aggregator.store.base.meter_sql import SQL
 from aggregator.store.base.rows import registered
@@ -319,30 +319,37 @@ def _table(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None)
     return table
 
 
-def store(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
-    """Append the batches' partial aggregates to the rollup and ledger deltas, merged across
-    batches: each (meter, customer reference, bucket) once, however many batches had it.
+def partials(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> dict[str, pa.Table]:
+    """The batches' partial aggregates per rollup relation (`segments.RELATIONS`), merged across
+    batches (each meter, customer reference and bucket once, however many batches had it) and
+    sorted by them, as the relation's files keep them.
 
     The contributions are turned into rows (meter, customer reference, bucket, value) first, so
     that each statement's text is the same whatever the meters: its cost grows with the values
     stored, not with how many meters an organization defines."""
-    numbers = [_long_of(b, "rollups") for b in batches]
-    _append(
-        con,
-        numbers,
-        "_rollup_numbers",
-        "INSERT INTO rollup_deltas SELECT meter_id::UUID, subject, bucket, count(*), sum(v),"
-        " min(v), max(v) FROM _rollup_numbers GROUP BY meter_id, subject, bucket",
-    )
-    uniques = [_long_of(b, "uniques") for b in batches]
-    _append(
-        con,
-        uniques,
-        "_rollup_values",
-        "INSERT INTO rollup_value_deltas"
-        " SELECT DISTINCT meter_id::UUID, subject, bucket, v FROM _rollup_values",
-    )
-    _store_points(con, batches)
+    return {
+        "rollups": _selected(
+            con,
+            [_long_of(b, "rollups") for b in batches],
+            "_rollup_numbers",
+            "SELECT meter_id::UUID AS meter_id, subject, bucket, count(*) AS events, sum(v) AS"
+            " total, min(v) AS low, max(v) AS high FROM _rollup_numbers GROUP BY ALL"
+            " ORDER BY meter_id, subject, bucket",
+        ),
+        "rollup_values": _selected(
+            con,
+            [_long_of(b, "uniques") for b in batches],
+            "_rollup_values",
+            "SELECT DISTINCT meter_id::UUID AS meter_id, subject, bucket, v AS value"
+            " FROM _rollup_values ORDER BY meter_id, subject, bucket",
+        ),
+        "rollup_points": _points(con, batches),
+    }
+
+
+def store_ledger(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
+    """Append the batches' usage to the ledger's deltas (`compaction` folds them), merged
+    across batches."""
     _append(
         con,
         [_timed(b.ledger, b.at_us) for b in batches],
@@ -357,6 +364,14 @@ def store(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
         "_ledger_values",
         "INSERT INTO ledger_usage_value_deltas"
         " SELECT DISTINCT meter_id::UUID, subject, value FROM _ledger_values",
+    )
+    # As they come: compaction and readers take each subject's greatest.
+    _append(
+        con,
+        [b.ledger_points for b in batches],
+        "_ledger_points",
+        "INSERT INTO ledger_point_deltas"
+        " SELECT meter_id::UUID, subject, at_us, value FROM _ledger_points",
     )
 
 
@@ -378,11 +393,31 @@ def _append(
             con.execute(statement)
 
 
-def _store_points(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
+def _selected(
+    con: duckdb.DuckDBPyConnection, tables: list[pa.Table], name: str, query: str
+) -> pa.Table:
+    """The rows `query` selects of `tables`, registered together as `name` (none: empty)."""
+    rows = [t for t in tables if t.num_rows]
+    if not rows:
+        return pa.table({})
+    with registered(con, name, pa.concat_tables(rows)):
+        return stored(con.sql(query).to_arrow_table())
+
+
+def stored(table: pa.Table) -> pa.Table:
+    """A rollup relation's rows as its files keep them: meter ids as UUIDs (DuckDB hands them
+    to Arrow as text)."""
+    if table.num_columns and pa.types.is_string(table.schema.field("meter_id").type):
+        table = table.set_column(0, "meter_id", uuids(table.column("meter_id")))
+    return table
+
+
+def _points(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> pa.Table:
     """The points of latest meters (each bucket's greatest) and integral meters (each event's:
-    several at one instant are merged where they are read), and the ledger's latest points,
-    appended to their deltas. Each batch's columns are read with a statement per meter: for a
-    few such meters, cheaper than turning the contributions into rows (`_long`)."""
+    several at one instant are merged where they are read), sorted. Each batch's columns are
+    read with a statement per meter: for a few such meters, cheaper than turning the
+    contributions into rows (`_long`)."""
+    parts: list[pa.Table] = []
     for batch in batches:
         latest, every = _of(batch.meters, ("latest",)), _of(batch.meters, ("integral",))
         if not latest and not every:
@@ -390,27 +425,32 @@ def _store_points(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) 
         chosen = [i for i, _ in (*latest, *every)]
         with registered(con, "_values", batch.values(chosen)):
             for i, meter in latest:
-                con.execute(
-                    "INSERT INTO rollup_point_deltas SELECT ?::UUID, subject, bucket, p.at_us,"  # noqa: S608 - fixed text, values bound
-                    " p.value FROM (SELECT subject, bucket,"
-                    f" max({{'at_us': at_us, 'value': v{i}}}) AS p FROM _values"
-                    f" WHERE v{i} IS NOT NULL GROUP BY ALL)",
-                    [meter.id],
+                parts.append(
+                    con.sql(
+                        "SELECT ?::UUID AS meter_id, subject, bucket, p.at_us, p.value FROM"  # noqa: S608 - fixed text, values bound
+                        " (SELECT subject, bucket,"
+                        f" max({{'at_us': at_us, 'value': v{i}}}) AS p FROM _values"
+                        f" WHERE v{i} IS NOT NULL GROUP BY ALL)",
+                        params=[meter.id],
+                    ).to_arrow_table()
                 )
             for i, meter in every:
-                con.execute(
-                    "INSERT INTO rollup_point_deltas SELECT ?::UUID, subject, bucket, at_us,"  # noqa: S608 - fixed text, values bound
-                    f" v{i} FROM _values WHERE v{i} IS NOT NULL",
-                    [meter.id],
+                parts.append(
+                    con.sql(
+                        f"SELECT ?::UUID AS meter_id, subject, bucket, at_us, v{i} AS value"  # noqa: S608 - fixed text, values bound
+                        f" FROM _values WHERE v{i} IS NOT NULL",
+                        params=[meter.id],
+                    ).to_arrow_table()
                 )
-    # As they come: compaction and readers take each subject's greatest.
-    _append(
-        con,
-        [b.ledger_points for b in batches],
-        "_ledger_points",
-        "INSERT INTO ledger_point_deltas"
-        " SELECT meter_id::UUID, subject, at_us, value FROM _ledger_points",
-    )
+    rows = [p for p in parts if p.num_rows]
+    if not rows:
+        return pa.table({})
+    with registered(con, "_points", pa.concat_tables(rows)):
+        return stored(
+            con.sql(
+                "SELECT * FROM _points ORDER BY meter_id, subject, bucket, at_us"
+            ).to_arrow_table()
+        )
 
 
 _ROLLUP_KEYS = ("subject", "bucket")

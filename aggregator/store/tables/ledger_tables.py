@@ -276,7 +276,7 @@ def _system_event(
     made it (the same on every core that applies that write)."""
     number = live.seq.reserve(1)
     con.execute(
-        "INSERT INTO events (id, seq, organization_id, name, source, timestamp, ingested_at,"
+        "INSERT INTO events_base (id, seq, organization_id, name, source, timestamp, ingested_at,"
         " customer_id, metadata) VALUES (?::UUID, ?, ?::UUID, ?, 'system', make_timestamptz(?),"
         " make_timestamptz(?), ?::UUID, ?)",
         [

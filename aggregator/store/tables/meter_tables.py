@@ -21,8 +21,9 @@ from aggregator.store.base.meter_rows import (
 from aggregator.store.base.meter_sql import member_pointer
 from aggregator.store.base.rows import first_row, is_uuid
 from aggregator.store.machinery import rollups
-from aggregator.store.machinery.compaction import LEDGER_TABLES, ROLLUP_TABLES
+from aggregator.store.machinery.compaction import LEDGER_TABLES
 from aggregator.store.machinery.evaluation import apply_isolated
+from aggregator.store.machinery.segments import ROLLUP_RELATIONS, Change
 from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables import quotas
 from aggregator.store.tables.quotas import TenantLimits
@@ -152,7 +153,7 @@ def update_job(
         if redefined or (archiving and not data.is_archived):
             # New semantics, or events missed while archived: rebuild the rollups from the
             # stored events (backfill); live ingest keeps them current from now on.
-            _reset_rollups(con, meter_id)
+            _reset_rollups(tx, meter_id)
             tx.live.stage(lambda: tx.live.balances.drop(meter_id))
             extra += (
                 ", version = version + 1, backfilled_to = 0, backfilled_events = 0,"  # noqa: S608 - fixed text
@@ -174,12 +175,14 @@ def update_job(
     return job
 
 
-def _reset_rollups(con: duckdb.DuckDBPyConnection, meter_id: str) -> None:
+def _reset_rollups(tx: Tx, meter_id: str) -> None:
     """Forget what the meter aggregated (the backfill rebuilds it), and why it failed; its
     customers' credits and resets stay."""
-    for table in (*ROLLUP_TABLES, *LEDGER_TABLES, "meter_failures"):
+    for relation in ROLLUP_RELATIONS:
+        tx.live.delete_rows(tx.con, relation, "meter_id = ?::UUID", [meter_id])
+    for table in (*LEDGER_TABLES, "meter_failures"):
         # Table names from this fixed list only.
-        con.execute(f"DELETE FROM {table} WHERE meter_id = ?::UUID", [meter_id])  # noqa: S608 - fixed text, values bound
+        tx.con.execute(f"DELETE FROM {table} WHERE meter_id = ?::UUID", [meter_id])  # noqa: S608 - fixed text, values bound
 
 
 def failed_meters(con: duckdb.DuckDBPyConnection) -> list[MeterRow]:
@@ -228,7 +231,13 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int,
             at_us=meter.modified_at_us or meter.created_at_us,
             backfill=True,
         )
-        rollups.store(con, [evaluated])
+        written = [
+            tx.live.segments.write(relation, rows)
+            for relation, rows in rollups.partials(con, [evaluated]).items()
+            if rows.num_rows
+        ]
+        tx.live.change_segments(con, Change(written))
+        rollups.store_ledger(con, [evaluated])
         tx.live.stage(lambda: tx.live.add_usage(evaluated))
         con.execute(
             "UPDATE meters SET backfilled_to = ?, backfilled_events = backfilled_events + ?"

@@ -20,7 +20,8 @@ import pyarrow as pa
 from aggregator.errors import AggregatorError
 from aggregator.store.base import subjects
 from aggregator.store.base.rows import registered, transaction
-from aggregator.store.machinery.compaction import LEDGER_TABLES, ROLLUP_TABLES
+from aggregator.store.machinery.compaction import LEDGER_TABLES
+from aggregator.store.machinery.segments import RELATIONS, ROLLUP_RELATIONS, Change, Segments
 from aggregator.store.tables.customer_tables import CustomerRef, routing_keys
 from aggregator.store.tables.forward_rollups import external_id
 
@@ -54,7 +55,7 @@ _BY_SUBJECT: dict[str, tuple[str, str]] = {
     "webhook_state_changes": ("organization_id", _CUSTOMER_ID),
     "webhook_state_sent": ("organization_id", _CUSTOMER_ID),
     "webhook_events": ("organization_id", _WEBHOOK_SUBJECT),
-    **{t: (_METERS, "subject") for t in ROLLUP_TABLES + LEDGER_TABLES},
+    **{t: (_METERS, "subject") for t in ROLLUP_RELATIONS + LEDGER_TABLES},
 }
 # Rows that go with the rows deleted from another table: (table, its key, that table's key).
 _DEPENDENT = (
@@ -72,7 +73,17 @@ _KEPT = (
     *("forward_cursors", "webhook_endpoints", "meter_alerts", "shard_splits"),
     *("schema_migrations", "ingest_stored", "otlp_settings"),
 )
-_RULED = {*_BY_SUBJECT, *(d[0] for d in _DEPENDENT), *_KAFKA, *_REBUILT, _FORWARD_OUTBOX, *_KEPT}
+# Per-customer tables kept as segments (their base tables, and their files: `segments`).
+_SEGMENTED = frozenset(RELATIONS) & frozenset(_BY_SUBJECT)
+_RULED = {
+    *(RELATIONS[t].base if t in _SEGMENTED else t for t in _BY_SUBJECT),
+    *(d[0] for d in _DEPENDENT),
+    *_KAFKA,
+    *_REBUILT,
+    _FORWARD_OUTBOX,
+    *_KEPT,
+    "segments",  # rewritten with its relations' files
+}
 # Every seq the database holds: a new one must be greater (forward cursors, holds, resets and
 # backfills compare seqs).
 _SEQS = (
@@ -87,21 +98,31 @@ _SEQS = (
 
 def retain(
     con: duckdb.DuckDBPyConnection,
+    segments: Segments,
     topic: str,
     partitions: Collection[int],
     owns: Callable[[str, str], bool],
 ) -> dict[str, int]:
     """Keep what the new shard holds, in one transaction on `con` (a migrated database no
-    store has open): its customers' rows, by `owns(organization id, routing key)`, and its
-    `partitions` of the events `topic`. The rows deleted per table."""
-    with transaction(con):
-        _check_tables(con)
-        _raise_floor(con)
-        dropped = _not_held(con, owns)
-        with registered(con, "_dropped", dropped):
-            deleted = _delete_customers(con)
-        deleted.update(_kafka(con, topic, partitions))
-        deleted["event_children"] = _rebuild_children(con)
+    store has open, its `segments` open): its customers' rows, by `owns(organization id,
+    routing key)`, and its `partitions` of the events `topic`. The rows deleted per table."""
+    change = Change()
+    listed = False
+    try:
+        with transaction(con):
+            _check_tables(con)
+            _raise_floor(con)
+            dropped = _not_held(con, owns)
+            with registered(con, "_dropped", dropped):
+                deleted = _delete_customers(con, segments, change)
+            segments.commit(con, change)  # the views over what is kept, for what follows
+            deleted.update(_kafka(con, topic, partitions))
+            deleted["event_children"] = _rebuild_children(con)
+        listed = True
+    finally:
+        if not listed:
+            segments.abandon(change)
+    segments.committed(change)
     return deleted
 
 
@@ -130,9 +151,11 @@ def _raise_floor(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def _from(table: str) -> str:
-    """`table`, joined to its meters when its organization is theirs."""
+    """`table` (a segmented one's view), joined to its meters when its organization is
+    theirs."""
+    read = _read(table)
     meters = _BY_SUBJECT[table][0] == _METERS
-    return f"{table} JOIN meters ON meters.id = {table}.meter_id" if meters else table
+    return f"{read} JOIN meters ON meters.id = {read}.meter_id" if meters else read
 
 
 def _is_dropped(table: str) -> str:
@@ -169,21 +192,49 @@ def _ref(organization_id: str, subject: str) -> CustomerRef:
     raise RetentionRefused(f"not a subject: {subject!r}")
 
 
-def _delete_customers(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
-    """Delete the rows of `_dropped`'s subjects, what hangs off them first."""
+def _delete_customers(
+    con: duckdb.DuckDBPyConnection, segments: Segments, change: Change
+) -> dict[str, int]:
+    """Delete the rows of `_dropped`'s subjects, what hangs off them first; files of the
+    segmented tables are written again without them (into `change`)."""
     deleted: dict[str, int] = {}
     for table, key, (parent, parent_key) in _DEPENDENT:
         deleted[table] = _count(
             con,
             f"DELETE FROM {table} WHERE ({key}) IN"  # noqa: S608 - fixed text
-            f" (SELECT {parent_key} FROM {parent} WHERE {_is_dropped(parent)})",
+            f" (SELECT {parent_key} FROM {_read(parent)} WHERE {_is_dropped(parent)})",
         )
     deleted[_FORWARD_OUTBOX] = _delete_forward_outbox(con)
     for table in _BY_SUBJECT:
+        if table in _SEGMENTED:
+            rewritten = segments.rewrite(con, table, _is_dropped_row(table), [])
+            change.added += rewritten.added
+            change.retired += rewritten.retired
+            gone = sum(s.rows for s in rewritten.retired) - sum(s.rows for s in rewritten.added)
+            base = RELATIONS[table].base
+            deleted[table] = gone + _count(
+                con,
+                f"DELETE FROM {base} WHERE {_is_dropped_row(table)}",  # noqa: S608 - fixed text
+            )
+            continue
         meters = _BY_SUBJECT[table][0] == _METERS
         using = " USING meters WHERE meters.id = meter_id AND" if meters else " WHERE"
         deleted[table] = _count(con, f"DELETE FROM {table}{using} {_is_dropped(table)}")  # noqa: S608 - fixed text
     return deleted
+
+
+def _read(table: str) -> str:
+    """Where `table`'s rows are read: a segmented one's view."""
+    return RELATIONS[table].view if table in _SEGMENTED else table
+
+
+def _is_dropped_row(table: str) -> str:
+    """`_is_dropped` on a row of `table` alone (a file's or its base table's), its meter's
+    organization looked up."""
+    org, subject = _BY_SUBJECT[table]
+    if org == _METERS:
+        org = "(SELECT meters.organization_id FROM meters WHERE meters.id = meter_id)"
+    return f"({org}, {subject}) IN (SELECT organization_id::UUID, subject FROM _dropped)"  # noqa: S608 - fixed text
 
 
 def _delete_forward_outbox(con: duckdb.DuckDBPyConnection) -> int:

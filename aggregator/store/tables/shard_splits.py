@@ -13,6 +13,8 @@ import orjson
 
 from aggregator.errors import UsageError
 from aggregator.store.machinery.migrations import migrate
+from aggregator.store.machinery.segments import Segments
+from aggregator.store.machinery.segments import folder_of as segments_folder
 from aggregator.store.machinery.writer import Job, Tx, independent
 from aggregator.store.tables.shard_retention import retain
 
@@ -145,7 +147,9 @@ def successor(
                 " (stopped by itself, exit status 0)"
             )
         held = [p for p in range(split.partitions) if p % count == index]
-        deleted = retain(con, topic, held, placement(split.partitions))
+        segments = Segments(segments_folder(database))
+        segments.open(con)
+        deleted = retain(con, segments, topic, held, placement(split.partitions))
         mark_origin(con, split.from_count, split.to_count)
         con.execute("CHECKPOINT")
         return deleted

@@ -1,11 +1,11 @@
-"""Appended rollup and ledger deltas: a data dir written before them opens and reads the same,
-and neither compaction (the ledger's) nor rewriting the rollups sorted changes an answer. (The
-property tests in test_quantities and test_ledger_state_machine do both at random points.)"""
+"""The ledger's appended deltas and the rollups' segments: a data dir written before either opens
+and reads the same, and neither compaction (the ledger's) nor merging segments changes an
+answer. (The property tests in test_quantities and test_ledger_state_machine do both at random
+points.)"""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,14 +13,16 @@ from zoneinfo import ZoneInfo
 
 import duckdb
 import orjson
-import pytest
+import pyarrow as pa
 
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import get_meter
-from aggregator.store.machinery.compaction import compact, recluster
+from aggregator.store.machinery.compaction import compact
 from aggregator.store.machinery.migrations import MIGRATIONS, migrate
-from aggregator.store.machinery.recluster import ReclusterSettings
+from aggregator.store.machinery.rollups import stored
+from aggregator.store.machinery.segments import Change
+from aggregator.store.machinery.writer import Tx
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer_by_external_id
 from aggregator.store.tables.ledger_tables import customer_meter, held_customer_meter
@@ -34,7 +36,6 @@ from tests.deadline import until
 
 ORG = str(uuid.uuid4())
 METER = str(uuid.uuid4())
-NEVER = ReclusterSettings(min_rows=10**12)
 DAY = datetime_to_us(datetime(2026, 3, 2, tzinfo=UTC))
 BUCKET = datetime_to_us(datetime(2026, 3, 2, 10, 15, tzinfo=UTC))
 
@@ -106,7 +107,6 @@ def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Pat
             await store.write(IngestJob(ORG, to_table([event]), BUCKET))
             seen.append(await readings(store))
             assert await store.write(lambda tx: compact(tx.con)) == 1  # one ledger delta
-            assert await store.read_now(recluster, "rollups") == 1  # its two rows, merged
             seen.append(await readings(store))
             assert await store.write(lambda tx: compact(tx.con)) == 0
         async with Store(path) as store:  # reopened: the migration is not run twice
@@ -116,79 +116,101 @@ def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Pat
     assert asyncio.run(run()) == [(7, 7, 7), (12, 12, 12), (12, 12, 12), (12, 12, 12)]
     con = duckdb.connect(str(path))
     keyed = con.execute("SELECT events, total, low, high FROM rollups").fetchall()
-    assert keyed == [(3, 12.0, 3.0, 5.0)]
+    assert keyed == [(2, 7.0, 3.0, 4.0)]  # as it was: the new event's rollup is a segment
     assert con.execute("SELECT max(version) FROM schema_migrations").fetchall() == [
         (len(MIGRATIONS),)
     ]
     con.close()
 
 
-def test_a_rewrite_folds_each_key_once(tmp_path: Path) -> None:
-    """Many batches' deltas for one key become one row holding their merge."""
+def _rollups(*rows: tuple[str, int, int, float, float, float]) -> pa.Table:
+    """Rollup rows of METER: (subject, bucket µs, events, total, low, high)."""
+    subjects, buckets, events, totals, lows, highs = zip(*rows, strict=True)
+    return stored(
+        pa.table(
+            {
+                "meter_id": pa.array([METER] * len(rows), pa.string()),
+                "subject": pa.array(subjects, pa.string()),
+                "bucket": pa.array(buckets, pa.timestamp("us", tz="UTC")),
+                "events": pa.array(events, pa.int64()),
+                "total": pa.array(totals, pa.float64()),
+                "low": pa.array(lows, pa.float64()),
+                "high": pa.array(highs, pa.float64()),
+            }
+        )
+    )
 
-    async def run() -> list[tuple[int, float, float, float]]:
-        async with Store(tmp_path / "m.duckdb", recluster=NEVER) as store:
-            await store.write(
-                lambda tx: tx.con.execute(
-                    "INSERT INTO rollup_deltas VALUES"
-                    " (?, 's', make_timestamptz(0), 1, 2, 2, 2),"
-                    " (?, 's', make_timestamptz(0), 2, 5, -1, 4),"
-                    " (?, 's', make_timestamptz(0), 1, 1, 1, 1)",
-                    [METER] * 3,
-                )
-            )
-            await store.read_now(recluster, "rollups")
-            await store.write(
-                lambda tx: tx.con.execute(
-                    "INSERT INTO rollup_deltas VALUES (?, 's', make_timestamptz(0), 1, 9, 9, 9)",
-                    [METER],
-                )
-            )
-            await store.read_now(recluster, "rollups")
+
+async def _add(store: Store, table: pa.Table) -> None:
+    """`table` as a new file of the rollups, listed by a writer job."""
+
+    def job(tx: Tx) -> None:
+        tx.live.change_segments(tx.con, Change([tx.live.segments.write("rollups", table)]))
+
+    await store.write(job)
+
+
+def test_a_merge_folds_each_key_once(tmp_path: Path) -> None:
+    """Many files' rows for one key become one row holding their merge, in a file of the next
+    level that replaces them."""
+
+    async def run() -> tuple[list[tuple[int, float, float, float]], list[int]]:
+        async with Store(tmp_path / "m.duckdb", merge_fanout=4, merge_check_seconds=3600) as store:
+            for row in [(1, 2, 2, 2), (2, 5, -1, 4), (1, 1, 1, 1), (1, 9, 9, 9)]:
+                await _add(store, _rollups(("s", 0, *row)))
+            assert await asyncio.to_thread(store.merger.merge_once)
+            assert not await asyncio.to_thread(store.merger.merge_once)  # one file: nothing due
             rows = await store.read(
-                lambda con: con.execute("SELECT events, total, low, high FROM rollups").fetchall()
+                lambda con: con.execute(
+                    "SELECT events, total, low, high FROM all_rollups"
+                ).fetchall()
             )
-            return [tuple(r) for r in rows]
+            return [tuple(r) for r in rows], [s.level for s in store.live.segments.live("rollups")]
 
-    assert asyncio.run(run()) == [(5, 17.0, -1.0, 9.0)]
+    assert asyncio.run(run()) == ([(5, 17.0, -1.0, 9.0)], [1])
 
 
-def test_deltas_are_folded_in_the_background(tmp_path: Path) -> None:
-    """The flusher compacts the ledger's deltas; the reclusterer rewrites rollups with theirs,
-    sorted by meter, customer and bucket."""
-    eager = ReclusterSettings(min_rows=1, quiet_seconds=0, check_seconds=0.02)
+def test_segments_are_merged_in_the_background(tmp_path: Path) -> None:
+    """The merger merges a level's files once it has `fanout` of them, sorted by meter,
+    customer and bucket; the files it merged away are deleted once their grace is over; the
+    flusher compacts the ledger's deltas."""
 
-    async def run() -> list[tuple[str, int]]:
-        async with Store(tmp_path / "m.duckdb", compact_seconds=0, recluster=eager) as store:
+    async def run() -> tuple[int, list[tuple[str, int]], int]:
+        async with Store(
+            tmp_path / "m.duckdb", compact_seconds=0, merge_fanout=3, merge_check_seconds=0.02
+        ) as store:
+            store.live.segments._grace = 0
+            for i in range(3):
+                rows = [(f"s{9 - j % 10}", j * 10**6, 1, 1.0, 1.0, 1.0) for j in range(i, 30, 3)]
+                await _add(store, _rollups(*sorted(rows)))
             await store.write(
                 lambda tx: tx.con.execute(
-                    "INSERT INTO rollup_deltas SELECT ?, 's' || (9 - i % 10), make_timestamptz(i),"
-                    " 1, 1, 1, 1 FROM range(30) t(i)",
-                    [METER],
-                ).execute(
                     "INSERT INTO ledger_usage_deltas VALUES (?, 's', 1, 1, 1, 1, now(), now())",
                     [METER],
                 )
             )
 
-            async def folded() -> bool:
-                rows = await store.read(
-                    lambda con: con.execute(
-                        "SELECT (SELECT count(*) FROM rollup_deltas)"
-                        " + (SELECT count(*) FROM ledger_usage_deltas)"
-                    ).fetchall()
+            async def merged_and_folded() -> bool:
+                deltas = await store.read(
+                    lambda con: con.execute("SELECT count(*) FROM ledger_usage_deltas").fetchall()
                 )
-                return not rows[0][0]
+                return len(store.live.segments.live("rollups")) == 1 and not deltas[0][0]
 
-            await until("both deltas folded (within about 50 ms)", folded)
+            await until(
+                "one merged file and the deltas folded (within about 50 ms)", merged_and_folded
+            )
+            [merged] = store.live.segments.live("rollups")
             order = await store.read(
                 lambda con: con.execute(
-                    "SELECT subject, epoch_us(bucket) FROM rollups"
+                    "SELECT subject, epoch_us(bucket) FROM"
+                    f" read_parquet('{store.live.segments.path(merged)}')"
                 ).fetchall()  # in storage order
             )
-            return [(str(s), int(b)) for s, b in order]
+            files = len(list(store.live.segments.folder.iterdir()))
+            return merged.level, [(str(s), int(b)) for s, b in order], files
 
-    order = asyncio.run(run())
+    level, order, files = asyncio.run(run())
+    assert level == 1 and files == 1
     assert len(order) == 30 and order == sorted(order)
 
 
@@ -251,56 +273,23 @@ def test_usage_folded_into_a_later_row_keeps_the_earliest_time(tmp_path: Path) -
     assert asyncio.run(run()) == [(made - 10**6, made - 10**6)] * 3
 
 
-class _Paused:
-    """A cursor that stops after the statement starting with `after`, until released."""
-
-    def __init__(self, con: duckdb.DuckDBPyConnection, after: str) -> None:
-        self._con, self._after = con, after
-        self.reached, self.release = threading.Event(), threading.Event()
-
-    def execute(self, sql: str, *args: object) -> duckdb.DuckDBPyConnection:
-        result = self._con.execute(sql, *args)
-        if sql.startswith(self._after):
-            self.reached.set()
-            self.release.wait(10)
-        return result
-
-
-@pytest.mark.parametrize("pause_after", ["INSERT INTO rollups_next", "DELETE FROM rollup_deltas"])
-@pytest.mark.parametrize("deltas", [True, False])
-def test_a_meter_redefined_during_a_rewrite_keeps_none_of_its_rollups(
-    tmp_path: Path, pause_after: str, deltas: bool
-) -> None:
-    """A rewrite that read the rollups before a redefinition deleted the meter's must not
-    bring them back, whichever reaches its delete first: the later one conflicts, and runs
-    again (the writer's job) or later (the rewrite)."""
+def test_a_meter_redefined_during_a_merge_keeps_none_of_its_rollups(tmp_path: Path) -> None:
+    """A merge that read the files before a redefinition deleted the meter's rows must not
+    bring them back: its file is not listed (its inputs are gone), and the next merge reads
+    what the redefinition left."""
 
     async def run() -> int:
-        async with Store(tmp_path / "m.duckdb", recluster=NEVER) as store:
-            add = (
-                "INSERT INTO rollup_deltas SELECT ?, 's' || i, make_timestamptz(i), 1, 1, 1, 1"
-                " FROM range(10) t(i)"
+        async with Store(tmp_path / "m.duckdb", merge_fanout=2, merge_check_seconds=3600) as store:
+            for i in range(2):
+                await _add(store, _rollups(*[(f"s{j}", j, 1, 1.0, 1.0, 1.0) for j in range(i, 10)]))
+            segments = store.live.segments
+            inputs = segments.due()
+            change = await asyncio.to_thread(segments.merge, store._con.cursor(), inputs)  # type: ignore[union-attr]
+            await store.write(
+                lambda tx: tx.live.delete_rows(tx.con, "rollups", "meter_id = ?::UUID", [METER])
             )
-            await store.write(lambda tx: tx.con.execute(add, [METER]))
-            await store.read_now(recluster, "rollups")
-            if deltas:
-                await store.write(lambda tx: tx.con.execute(add, [METER]))
-            paused = _Paused(store._con.cursor(), pause_after)  # type: ignore[union-attr]
-            rewrite = asyncio.get_running_loop().run_in_executor(None, recluster, paused, "rollups")
-            await asyncio.to_thread(paused.reached.wait, 10)
-            redefinition = asyncio.ensure_future(
-                store.write(
-                    lambda tx: [
-                        tx.con.execute(f"DELETE FROM {table} WHERE meter_id = ?", [METER])
-                        for table in ("rollups", "rollup_deltas")
-                    ]
-                )
-            )
-            await asyncio.sleep(0.2)  # the point: the redefinition queued behind the rewrite
-            paused.release.set()
-
-            await asyncio.gather(rewrite, return_exceptions=True)
-            await redefinition
+            assert not await asyncio.to_thread(store.merger.list_merged, inputs, change)
+            assert not segments.path(change.added[0]).exists()
             rows = await store.read(
                 lambda con: con.execute("SELECT count(*) FROM all_rollups").fetchall()
             )

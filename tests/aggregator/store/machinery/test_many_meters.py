@@ -115,11 +115,10 @@ def _quantities(con: Any) -> dict[str, tuple[float, float, float, float, int]]:
     """Per meter id, over every customer and bucket: (events, sum, min, max, distinct values)."""
     numbers = con.execute(
         "SELECT meter_id::VARCHAR, sum(events), sum(total), min(low), max(high) FROM"
-        " (SELECT * FROM rollups UNION ALL SELECT * FROM rollup_deltas) GROUP BY ALL"
+        " all_rollups GROUP BY ALL"
     ).fetchall()
     values = con.execute(
-        "SELECT meter_id::VARCHAR, count(DISTINCT value) FROM (SELECT * FROM rollup_values"
-        " UNION ALL SELECT * FROM rollup_value_deltas) GROUP BY ALL"
+        "SELECT meter_id::VARCHAR, count(DISTINCT value) FROM all_rollup_values GROUP BY ALL"
     ).fetchall()
     out = {m: (float(e), float(t), float(lo), float(hi), 0) for m, e, t, lo, hi in numbers}
     out.update({m: (0.0, 0.0, 0.0, 0.0, int(n)) for m, n in values})

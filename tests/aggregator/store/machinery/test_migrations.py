@@ -36,7 +36,7 @@ def test_a_new_database_is_made_whole_or_not_at_all(tmp_path: Path) -> None:
     assert not _has(con, "events")  # the first step's table: rolled back with the rest
     con.execute("DROP TABLE credit_grants")
     assert migrate(con) == LAST
-    assert _version(con) == LAST and _has(con, "events")
+    assert _version(con) == LAST and _has(con, "events_base")
 
 
 def test_a_database_with_data_keeps_the_steps_before_a_failure(tmp_path: Path) -> None:

@@ -30,9 +30,8 @@ ORG = str(uuid.uuid4())
 UNLIMITED = TenantLimits(meters=10**6)
 STORED = (
     "SELECT meter_id, subject, bucket, sum(events), sum(total), min(low), max(high)"
-    " FROM (SELECT * FROM rollups UNION ALL SELECT * FROM rollup_deltas) GROUP BY ALL ORDER BY ALL",
-    "SELECT DISTINCT * FROM (SELECT * FROM rollup_values UNION ALL"
-    " SELECT * FROM rollup_value_deltas) ORDER BY ALL",
+    " FROM all_rollups GROUP BY ALL ORDER BY ALL",
+    "SELECT DISTINCT * FROM all_rollup_values ORDER BY ALL",
 )
 
 

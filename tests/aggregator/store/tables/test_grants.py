@@ -30,6 +30,7 @@ from meters.events import EventRules, parse_ingest_body, to_table
 from meters.ledger_rules import MAX_ACTIVE_GRANTS, AlertCreate, CreditCreate, ResetCreate
 from meters.times import EPOCH
 from meters.webhook_rules import EndpointCreate, new_secret
+from tests.aggregator.store.schema_before import before_segments
 
 ORG = "6f0e2c1b-8a7d-4e3c-9b5a-1d2e3f4a5b6c"
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -244,6 +245,7 @@ def test_a_data_dir_from_before_grants_keeps_its_credits(tmp_path: Path) -> None
     path = tmp_path / "old.duckdb"
     asyncio.run(_old(path))
     con = duckdb.connect(str(path))
+    before_segments(con)  # first: the steps below are undone on its tables
     # The data dir as step 26 left it: no grants, only the customer meter's running sums.
     con.execute("DROP TABLE credit_grants")
     con.execute("DELETE FROM schema_migrations WHERE version >= 27")

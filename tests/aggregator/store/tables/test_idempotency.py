@@ -25,6 +25,7 @@ from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.ledger_rules import CreditCreate, PlanCreate, ResetCreate
 from meters.times import now_us
+from tests.aggregator.store.schema_before import before_segments
 
 ORG = str(uuid.uuid4())
 
@@ -147,6 +148,7 @@ def _as_previous_main_left_it(path: Path) -> None:
     external_ids (`meterline:credit:<key>`, `meterline:reset:<key>`, plan cycles'
     `meterline:plan:<id>:<n>:…`), as the previous main wrote them."""
     con = duckdb.connect(str(path))
+    before_segments(con)  # first: the steps below are undone on its tables
     con.execute("DROP TABLE idempotency_keys")
     con.execute("DROP TABLE kafka_offset_resets")  # step 9, a later one
     compact(con)  # step 10's deltas, folded into the keyed tables that main used

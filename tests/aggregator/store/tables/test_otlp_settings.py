@@ -16,6 +16,7 @@ import pytest
 from aggregator.errors import KeyReused
 from aggregator.store import Store, logical_rows
 from aggregator.store.machinery.migrations import MIGRATIONS, migrate
+from aggregator.store.machinery.segments import Segments, folder_of
 from aggregator.store.tables.otlp_settings import set_job, settings_of
 from aggregator.store.tables.shard_retention import retain
 from meters.commands import command
@@ -139,7 +140,9 @@ def test_a_new_shard_keeps_every_organizations_settings(tmp_path: Path) -> None:
     path = tmp_path / "db.duckdb"
     _set_in(path, ORG, FIRST)
     con = duckdb.connect(str(path))
-    retain(con, "events", [0], lambda organization_id, key: False)  # owns no customer
+    segments = Segments(folder_of(path))
+    segments.open(con)
+    retain(con, segments, "events", [0], lambda organization_id, key: False)  # owns no customer
     assert settings_of(con, ORG) == {**FIRST, "modified_at_us": 1}
     con.close()
 

@@ -31,6 +31,7 @@ from meters.errors import ValidationFailed
 from meters.ledger_rules import AlertCreate, CreditCreate, HoldCreate, ResetCreate
 from meters.times import now_us
 from meters.webhook_rules import EndpointCreate, new_secret
+from tests.aggregator.store.schema_before import before_segments
 from tests.aggregator.store.tables.test_held_in_memory import ORG, _setup, _usage
 from tests.strategies import examples
 
@@ -213,6 +214,7 @@ def test_a_hold_of_the_previous_main_is_settled_by_its_usage_event(tmp_path: Pat
 
     asyncio.run(make())
     con = duckdb.connect(str(path))  # back to the schema of step 21 (step 23 then runs again)
+    before_segments(con)  # first: the steps below are undone on its tables
     con.execute("ALTER TABLE meter_holds DROP COLUMN after_seq")
     con.execute("DELETE FROM schema_migrations WHERE version >= 22")
     con.close()

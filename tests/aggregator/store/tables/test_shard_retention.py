@@ -26,6 +26,7 @@ from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.machinery.migrations import migrate
+from aggregator.store.machinery.segments import Segments, folder_of
 from aggregator.store.tables import alert_tables, forward_rollups, webhook_tables
 from aggregator.store.tables.customer_tables import CustomerRow, get_customer
 from aggregator.store.tables.customer_tables import create_job as create_customer
@@ -105,7 +106,9 @@ def test_two_copies_keep_their_customers_and_together_all_events(
         shutil.copytree(original.parent, root / f"new{index}")
         path = root / f"new{index}" / "m.duckdb"
         con = duckdb.connect(str(path))
-        retain(con, TOPIC, Shard(index, 2).partitions(PARTITIONS), _owns(index))
+        retain(
+            con, _segments(con, path), TOPIC, Shard(index, 2).partitions(PARTITIONS), _owns(index)
+        )
         copies.append(_snapshot(con))
         con.close()
         held = [c for c in customers if _owns(index)(ORG, _key(c))]
@@ -330,7 +333,15 @@ def _snapshot(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
 def test_a_database_with_a_table_without_a_rule_is_refused(tmp_path: Path) -> None:
     con = duckdb.connect(str(tmp_path / "m.duckdb"))
     migrate(con)
-    retain(con, TOPIC, [0], _owns(0))  # every table has a rule
+    segments = _segments(con, tmp_path / "m.duckdb")
+    retain(con, segments, TOPIC, [0], _owns(0))  # every table has a rule
     con.execute("CREATE TABLE customer_notes (customer_id UUID, note VARCHAR)")
     with pytest.raises(RetentionRefused, match="customer_notes"):
-        retain(con, TOPIC, [0], _owns(0))
+        retain(con, segments, TOPIC, [0], _owns(0))
+
+
+def _segments(con: duckdb.DuckDBPyConnection, database: Path) -> Segments:
+    """The segments of the data dir at `database`, opened on `con`."""
+    segments = Segments(folder_of(database))
+    segments.open(con)
+    return segments
