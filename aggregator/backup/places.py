@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,11 +39,24 @@ def check(to: str) -> None:
             client.head_bucket(Bucket=bucket)
 
 
-def put(folder: Path, to: str) -> str:
-    """Step 1: where the snapshot in `folder` now is. A segment file that the newest whole
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """Where a snapshot went, what it wrote there, and how many of its files it took from the
+    snapshot before (links, or copies S3 made)."""
+
+    where: str
+    written_bytes: int
+    written_files: int
+    kept_files: int
+
+
+def put(folder: Path, to: str) -> Placed:
+    """Step 1: the snapshot in `folder` put in `to`. A segment file that the newest whole
     snapshot already in `to` holds (same name, same size: a segment never changes once
     written) is linked to it (in S3, copied there, server side) instead of written again, so
     that a backup writes only the segments new since the one before."""
+    written: list[int] = []
+    kept = 0
     if not to.startswith(S3):
         target, partial = Path(to) / folder.name, Path(to) / f".{folder.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
@@ -50,16 +64,20 @@ def put(folder: Path, to: str) -> str:
         before = max((p for p in taken if not p.name.startswith(".")), default=None)
 
         def copy(source: str, destination: str) -> object:
-            kept = _kept(before, Path(source).relative_to(folder), Path(source).stat().st_size)
-            if kept is not None:
+            nonlocal kept
+            size = Path(source).stat().st_size
+            earlier = _kept(before, Path(source).relative_to(folder), size)
+            if earlier is not None:
                 with contextlib.suppress(OSError):  # a file system without links: copied
-                    os.link(kept, destination)
+                    os.link(earlier, destination)
+                    kept += 1
                     return destination
+            written.append(size)
             return shutil.copy2(source, destination)
 
         shutil.copytree(folder, partial, copy_function=copy)
         partial.rename(target)
-        return str(target)
+        return Placed(str(target), sum(written), len(written), kept)
     bucket, base = _bucket(to)
     files = sorted(
         (p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name == MANIFEST, p)
@@ -69,16 +87,18 @@ def put(folder: Path, to: str) -> str:
         whole = _whole(keys, base)
         prior = f"{base}{whole[-1]}/" if whole else None
         for path in files:
-            name = path.relative_to(folder).as_posix()
+            name, size = path.relative_to(folder).as_posix(), path.stat().st_size
             key = f"{base}{folder.name}/{name}"
-            kept = f"{prior}{name}" if prior is not None else None
-            if kept is not None and _segment(name) and keys.get(kept) == path.stat().st_size:
+            earlier = f"{prior}{name}" if prior is not None else None
+            if earlier is not None and _segment(name) and keys.get(earlier) == size:
                 client.copy_object(
-                    Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": kept}
+                    Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": earlier}
                 )
+                kept += 1
             else:
                 client.upload_file(str(path), bucket, key)
-    return f"{S3}{bucket}/{base}{folder.name}"
+                written.append(size)
+    return Placed(f"{S3}{bucket}/{base}{folder.name}", sum(written), len(written), kept)
 
 
 def _segment(name: str) -> bool:

@@ -21,8 +21,10 @@ def run(args: argparse.Namespace) -> int:
         check(args.to)
         with requested(args.data_dir) as folder:
             manifest = orjson.loads((folder / MANIFEST).read_bytes())
-            where = put(folder, args.to)
-        print(f"snapshot {where} written ({_size(manifest['files'])})")
+            placed = put(folder, args.to)
+        size = f"{placed.written_bytes / 1e6:,.1f} MB in {placed.written_files} files"
+        kept = f"; {placed.kept_files} kept from the one before" if placed.kept_files else ""
+        print(f"snapshot {placed.where} written ({size}{kept})")
         _covers(manifest)
         return 0
     shard = None
@@ -52,10 +54,6 @@ def run(args: argparse.Namespace) -> int:
     _covers(manifest)
     print("a core started on it applies only what the log holds after these")
     return 0
-
-
-def _size(files: dict[str, int]) -> str:
-    return f"{sum(files.values()) / 1e6:,.1f} MB in {len(files)} files"
 
 
 def _covers(manifest: dict[str, Any]) -> None:

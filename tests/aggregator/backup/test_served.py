@@ -114,7 +114,10 @@ def test_a_second_backup_writes_only_the_segments_new_since_the_first(
             _ok(client.post("/v1/events/ingest", json={"events": events}))
             for to in (str(folder), s3_env):
                 assert cli.main(["backup", "--data-dir", str(data_dir), "--to", to]) == 0
-            capsys.readouterr()
+            said = capsys.readouterr().out
+            # What each wrote, and what it took from the snapshot before (none the first time).
+            assert said.count(" files)") == 2 - 2 * round_, said
+            assert said.count(" files; 2 kept from the one before)") == 2 * round_, said
             taken.append({(op, key.rpartition("/")[2]) for op, key in written if SEGMENTS in key})
             written.clear()
         after = _state(client)
