@@ -800,15 +800,15 @@ async def _backfill(store: Store, meter: MeterRow) -> dict[str, Any]:
 
 
 async def _settled(store: Store, quiet: float = 8.0, limit: float = 300.0) -> float:
-    """Wait until the rollups' background rewrites are done (none for `quiet` seconds): the
-    queries are timed on the store as it stays, not beside a rewrite of the backfill's rows.
+    """Wait until the segments' background merges are done (none for `quiet` seconds): the
+    queries are timed on the store as it stays, not beside a merge of the backfill's files.
     Returns how long that took."""
     started = time.perf_counter()
-    seen, since = store.reclusterer.rewrites, time.perf_counter()
+    seen, since = store.merger.merges, time.perf_counter()
     while time.perf_counter() - since < quiet and time.perf_counter() - started < limit:
         await asyncio.sleep(0.5)
-        if store.reclusterer.rewrites != seen:
-            seen, since = store.reclusterer.rewrites, time.perf_counter()
+        if store.merger.merges != seen:
+            seen, since = store.merger.merges, time.perf_counter()
     return round(time.perf_counter() - started, 1)
 
 
