@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from aggregator.backup.snapshots import DATABASE, MANIFEST
+from aggregator.backup.snapshots import DATABASE, MANIFEST, snapshots
 from aggregator.errors import UsageError
 from aggregator.store import SEGMENT_SUFFIX, segments_folder
 
@@ -60,8 +60,8 @@ def put(folder: Path, to: str) -> Placed:
     if not to.startswith(S3):
         target, partial = Path(to) / folder.name, Path(to) / f".{folder.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        taken = (p.parent for p in Path(to).glob(f"*/{MANIFEST}"))
-        before = max((p for p in taken if not p.name.startswith(".")), default=None)
+        taken = snapshots(Path(to))
+        before = taken[-1] if taken else None
 
         def copy(source: str, destination: str) -> object:
             nonlocal kept

@@ -143,10 +143,15 @@ def _copy_files(log_dir: Path, data_dir: Path, into: Path) -> None:
 
 
 def snapshots(to: Path) -> list[Path]:
-    """The whole snapshots in `to`, oldest first (none where there is no `to` yet)."""
+    """The whole snapshots in `to`, oldest first (none where there is no `to` yet). Not a
+    `.<name>.partial` folder a copy cut short left, even if its manifest got there."""
     if not to.is_dir():
         return []
-    return sorted(p for p in to.iterdir() if p.is_dir() and (p / MANIFEST).exists())
+    return sorted(
+        p
+        for p in to.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists()
+    )
 
 
 def restore(snapshot: Path, data_dir: Path, *, stopped: bool = False) -> dict[str, Any]:
