@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aggregator.errors import AggregatorError
+from aggregator.store.base.arrays import uuids
 from aggregator.store.machinery.ingest_log import fsync_directory
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,7 @@ class Segments:
         spec = RELATIONS[inputs[0].relation]
         files = ", ".join(f"'{self.path(s)}'" for s in inputs)
         merged = spec.merged.replace("_inputs", f"read_parquet([{files}])")
-        table = con.sql(merged).to_arrow_table()
+        table = _as_written(con, spec, con.sql(merged).to_arrow_table())
         level = max(s.level for s in inputs) + 1
         return Change([self.write(spec.name, table, level)], list(inputs))
 
@@ -342,6 +343,7 @@ class Segments:
                 f"SELECT * FROM {source} WHERE NOT ({where})",  # noqa: S608 - fixed text, values bound
                 params=params,
             ).to_arrow_table()
+            kept = _as_written(con, RELATIONS[relation], kept)
             change.retired.append(segment)
             if kept.num_rows:
                 change.added.append(self.write(relation, kept, segment.level))
@@ -366,6 +368,21 @@ class Segments:
     def copy(self, segments: Sequence[Segment], folder: Path, earlier: Path | None = None) -> None:
         """`segments`' files into `folder` (a snapshot's; `copy_files`)."""
         copy_files([self.path(s) for s in segments], folder, earlier)
+
+
+def _as_written(con: duckdb.DuckDBPyConnection, spec: Relation, table: pa.Table) -> pa.Table:
+    """`table` (rows of `spec`'s files as DuckDB hands them to Arrow: UUIDs as text) with the
+    base table's UUID columns as Arrow's uuid type, as a flush writes them. A file of text UUIDs
+    among them would make every read of the view cast that column per row, and prune no row
+    group by it (a meter's rollups, an organization's events)."""
+    for (name,) in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND data_type = 'UUID'",
+        [spec.base],
+    ).fetchall():
+        i = table.schema.get_field_index(name)
+        if table.schema.field(i).type != pa.uuid():
+            table = table.set_column(i, pa.field(name, pa.uuid()), uuids(table.column(i)))
+    return table
 
 
 def copy_files(files: Sequence[Path], folder: Path, earlier: Path | None = None) -> None:
