@@ -82,7 +82,6 @@ from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
 from ingest.tasks import cancel_within
 from meters.columnar import H_ORGANIZATION
 from meters.events import EventRules
-from meters.ipc import read_ipc
 from meters.times import now_us
 
 log = logging.getLogger(__name__)
@@ -442,7 +441,7 @@ class Consumer:
     async def _decoded(
         self, records: list[ConsumerRecord], at_us: int
     ) -> tuple[pa.Table, list[DeadLetter]]:
-        ipc, dead = await asyncio.get_running_loop().run_in_executor(
+        return await asyncio.get_running_loop().run_in_executor(
             self._decoder,
             partial(
                 decode_batch,
@@ -454,7 +453,6 @@ class Consumer:
                 self._settings.max_record_bytes,
             ),
         )
-        return read_ipc(ipc), dead
 
     async def _batch(
         self,
@@ -502,7 +500,9 @@ class Consumer:
         ]
         bad = pc.is_in(organizations, value_set=pa.array(unknown, pa.string()))
         reasons = pc.if_else(bad, "organization_id: no such organization", None)
-        customers = table.column("customer_id").to_pylist()
+        # Most events name an external customer id: no row in Python unless one names an id.
+        column = table.column("customer_id")
+        customers = column.to_pylist() if column.null_count < table.num_rows else []
         if any(customers):
             rows = list(zip(organizations.to_pylist(), customers, strict=True))
             missing = await self._store.read_now(missing_customers, rows)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,11 +23,10 @@ from meters import columnar
 from meters.events import COLUMNS, EventRules, cloudevents, to_table
 from meters.events.compiled import record_validator
 from meters.events.schema import OPTIONAL_FIELDS, TIMESTAMP
-from meters.ipc import write_ipc
 from meters.records import Record, Undecodable, decode_records
 from meters.times import us_to_iso
 
-_INT64: pa.DataType = pa.int64()
+_INT64 = pa.int64()
 # How far past the record size limit a columnar record's stream may expand when decompressed.
 _EXPANSION = 16
 
@@ -49,12 +49,12 @@ def decode_batch(
     now: int,
     rules: EventRules,
     max_bytes: int,
-) -> tuple[bytes, list[DeadLetter]]:
-    """Records to store columns (Arrow IPC: `COLUMNS`, organization_id, ingested_at, and the
-    `position` and `row` each came from, in log order), and what cannot be applied."""
+) -> tuple[pa.Table, list[DeadLetter]]:
+    """Records to store columns (`COLUMNS`, organization_id, ingested_at, and the `position`
+    and `row` each came from, in log order), and what cannot be applied."""
     dead: list[DeadLetter] = []
     tables: list[pa.Table] = []
-    readable: list[pa.Table] = []
+    readable: list[tuple[int, columnar.Columnar]] = []
     json_positions = []
     json_values: list[bytes | None] = []
     cloud_positions: set[int] = set()
@@ -76,9 +76,9 @@ def decode_batch(
         if isinstance(read, str):
             dead.append(DeadLetter(i, read))
         else:
-            readable.append(_located(i, read))
+            readable.append((i, read))
     if readable:
-        table, rejected = _checked(pa.concat_tables(readable), now, rules)
+        table, rejected = _checked(_located(readable), now, rules)
         tables.append(table)
         dead += rejected
     if json_positions:
@@ -97,30 +97,50 @@ def decode_batch(
             else d
             for d in rejected
         ]
-    events = pa.concat_tables(tables) if tables else _empty()
-    events = events.sort_by([("position", "ascending"), ("row", "ascending")])
-    return write_ipc(events), sorted(dead, key=lambda d: (d.position, d.row or 0))
+    # Each kind's rows are in log order already; only both kinds together need sorting.
+    if len(tables) > 1:
+        events = pa.concat_tables(tables).sort_by([("position", "ascending"), ("row", "ascending")])
+    else:
+        events = tables[0] if tables else _empty()
+    return events, sorted(dead, key=lambda d: (d.position, d.row or 0))
 
 
-def _located(position: int, read: columnar.Columnar) -> pa.Table:
-    """A columnar record's events with their organization, ingest time, position and row."""
-    rows = read.events.num_rows
-    table = _origin(read.events, [read.organization_id] * rows, [read.ingested_at_us] * rows)
-    return _placed(table, [position] * rows, list(range(rows)))
+def _located(readable: list[tuple[int, columnar.Columnar]]) -> pa.Table:
+    """Columnar records' events (at those positions, in order) with their organization,
+    ingest time, position and row: one column each for all of them, no value per row in
+    Python."""
+    counts = np.fromiter((r.events.num_rows for _, r in readable), np.int64, len(readable))
+    record = np.repeat(np.arange(len(readable)), counts)  # each row's record, in `readable`
+    starts = np.cumsum(counts) - counts
+    table = _origin(
+        pa.concat_tables([r.events for _, r in readable]),
+        pa.array([r.organization_id for _, r in readable], pa.string()).take(record),
+        pa.array(np.array([r.ingested_at_us for _, r in readable], np.int64)[record], TIMESTAMP),
+    )
+    positions = np.fromiter((p for p, _ in readable), np.int64, len(readable))[record]
+    return _placed(
+        table,
+        pa.array(positions, _INT64),
+        pa.array(np.arange(len(record)) - starts[record], _INT64),
+    )
 
 
-def _origin(events: pa.Table, organization_ids: list[str], ingested_at_us: list[int]) -> pa.Table:
+def _origin(
+    events: pa.Table, organization_ids: pa.Array[Any], ingested_at: pa.Array[Any]
+) -> pa.Table:
     """`events` with each one's organization and ingest time."""
-    table = events.append_column("organization_id", pa.array(organization_ids, pa.string()))
-    return table.append_column("ingested_at", pa.array(ingested_at_us, TIMESTAMP))
+    table = events.append_column("organization_id", organization_ids)
+    return table.append_column("ingested_at", ingested_at)
 
 
-def _placed(events: pa.Table, positions: list[int], rows: list[int] | None = None) -> pa.Table:
+def _placed(
+    events: pa.Table, positions: pa.Array[Any], rows: pa.Array[Any] | None = None
+) -> pa.Table:
     """`events` with the position in the fetched batch of the record each came from, and its
     row in that record (None: a JSON record, one event)."""
-    table = events.append_column("position", pa.array(positions, _INT64))
-    placed: list[int | None] = [None] * len(positions) if rows is None else list(rows)
-    return table.append_column("row", pa.array(placed, _INT64))
+    table = events.append_column("position", positions)
+    placed = pa.nulls(len(positions), _INT64) if rows is None else rows
+    return table.append_column("row", placed)
 
 
 def _checked(table: pa.Table, now: int, rules: EventRules) -> tuple[pa.Table, list[DeadLetter]]:
@@ -155,7 +175,7 @@ def _json(
     if all(v is not None and len(v) <= max_bytes for v in values):
         table = record_validator(rules)(values, timestamps_ms, now)  # type: ignore[arg-type]
         if table is not None:
-            return _placed(table, positions), []
+            return _placed(table, pa.array(positions, _INT64)), []
     results = decode_records(values, timestamps_ms, now_us=now, rules=rules, max_bytes=max_bytes)
     good = [(positions[i], r) for i, r in enumerate(results) if isinstance(r, Record)]
     dead = [
@@ -165,10 +185,10 @@ def _json(
     ]
     table = _origin(
         to_table([r.event for _, r in good]),
-        [r.organization_id for _, r in good],
-        [r.ingested_at_us for _, r in good],
+        pa.array([r.organization_id for _, r in good], pa.string()),
+        pa.array([r.ingested_at_us for _, r in good], TIMESTAMP),
     )
-    return _placed(table, [p for p, _ in good]), dead
+    return _placed(table, pa.array([p for p, _ in good], _INT64)), dead
 
 
 def _plain_times(rows: pa.Table) -> pa.Table:
@@ -200,4 +220,5 @@ def _row_record(row: dict[str, Any]) -> bytes:
 
 
 def _empty() -> pa.Table:
-    return _placed(_origin(to_table([]), [], []), [])
+    table = _origin(to_table([]), pa.array([], pa.string()), pa.array([], TIMESTAMP))
+    return _placed(table, pa.array([], _INT64))

@@ -27,7 +27,8 @@ def row_problems(events: pa.Table, now_us: int, rules: EventRules) -> pa.Array[A
     again (JSON per value costs more than all of this): the lengths and ranges of metadata
     values and the fields of `_llm`."""
     con = _connection()
-    con.register("batch", events)
+    # One chunk: a fetch's records are many small chunks, each a little dearer to scan.
+    con.register("batch", events.combine_chunks())
     try:
         reasons = con.sql(
             _ROW_CHECKS,
@@ -82,7 +83,7 @@ SELECT CASE
         THEN 'timestamp: missing, before year 1 or too far in the future'
     WHEN cost_amount IS NOT NULL AND NOT regexp_full_match(cost_amount, '{_CANONICAL_AMOUNT}')
         THEN 'cost_amount: not a canonical decimal of at most 5 whole and 12 decimal digits'
-    WHEN md IS NULL OR json_type(md) <> 'OBJECT' THEN 'metadata: not a JSON object'
+    WHEN types IS NULL OR types[1] <> 'OBJECT' THEN 'metadata: not a JSON object'
     WHEN len(keys) > $keys_max THEN 'metadata: too many keys'
     WHEN NOT list_bool_and(list_transform(keys, lambda k: length(k) BETWEEN 1 AND $key_max
             AND NOT contains(k, '.') AND NOT contains(k, chr(0))))
@@ -90,11 +91,13 @@ SELECT CASE
     WHEN cost IS DISTINCT FROM CASE WHEN cost_amount IS NOT NULL THEN
             json_object('amount', cost_amount, 'currency', 'usd') END
         THEN 'metadata._cost: not {{"amount": cost_amount, "currency": "usd"}}'
-    WHEN coalesce(json_type(llm), 'OBJECT') <> 'OBJECT' THEN 'metadata._llm: not an object'
+    WHEN coalesce(types[2], 'OBJECT') <> 'OBJECT' THEN 'metadata._llm: not an object'
     END AS reason
 FROM (
-    SELECT *, json_keys(md) AS keys, json_extract(md, '$._cost') AS cost,
-           json_extract(md, '$._llm') AS llm
-    FROM (SELECT *, CASE WHEN json_valid(metadata) THEN metadata END AS md FROM batch)
+    SELECT *, CASE WHEN types[1] = 'OBJECT' THEN json_keys(metadata) END AS keys,
+           CASE WHEN types[1] = 'OBJECT' THEN json_extract(metadata, '$._cost') END AS cost
+    -- Each JSON function parses the value anew (most of this query's cost): the root's and
+    -- _llm's types from one parse, which also says whether it is JSON (null if not: TRY).
+    FROM (SELECT *, TRY(json_type(metadata, ['$', '$._llm'])) AS types FROM batch)
 )
 """  # noqa: S608 - fixed text, values bound

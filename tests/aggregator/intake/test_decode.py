@@ -17,7 +17,6 @@ from aggregator.intake.decode import decode_batch
 from aggregator.store.tables.record_checks import row_problems
 from meters import columnar
 from meters.events import COLUMNS, EventRules, parse_ingest_body, validate_body
-from meters.ipc import read_ipc
 from meters.records import record_value
 from tests.strategies import NOW_US, examples, valid_events
 
@@ -47,11 +46,11 @@ def _records(records: list[columnar.Record]) -> pa.Table:
 
 
 def _decoded(values: list[bytes | None], headers: list[columnar.Headers]) -> pa.Table:
-    ipc, dead = decode_batch(
+    table, dead = decode_batch(
         values, [RECEIVED // 1000] * len(values), headers, NOW_US, RULES, 1024 * 1024
     )
     assert dead == []
-    return read_ipc(ipc)
+    return table
 
 
 @settings(max_examples=examples(60), deadline=None)
