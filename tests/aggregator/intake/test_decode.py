@@ -178,3 +178,34 @@ def test_row_checks_name_the_broken_rule(change: dict[str, Any], reason: str | N
         assert found is None
     else:
         assert found is not None and found.startswith(reason), found
+
+
+def test_unchecked_rows_less_the_checked_ones_dead_are_the_checked_rows() -> None:
+    # What a replica applies (a journal entry's records, their rows not checked again, less
+    # the rows its appending core dead-lettered) is what that core applied.
+    bad = [{"name": ""}, {"metadata": "[1]"}, {"cost_amount": "2.5"}, {"timestamp": None}]
+    rows = [
+        {**_GOOD_ROW, "external_id": f"e{i}", **(bad[i // 3] if i % 3 == 1 else {})}
+        for i in range(3 * len(bad))
+    ]
+    records = [
+        columnar.records_for(
+            pa.Table.from_pylist(rows[i : i + 5], schema=COLUMNS), ORG, RECEIVED, 0, "zstd", 1 << 20
+        )[0]
+        for i in range(0, len(rows), 5)
+    ]
+    values, headers = [r.value for r in records], [r.headers for r in records]
+    times = [RECEIVED // 1000] * len(records)
+    checked, dead = decode_batch(values, times, headers, NOW_US, RULES, 1 << 20)
+    unchecked, none = decode_batch(values, times, headers, NOW_US, RULES, 1 << 20, False)
+    assert len(dead) == len(bad) and none == []
+    left_out = {(d.position, d.row) for d in dead}
+    kept = [
+        (position, row) not in left_out
+        for position, row in zip(
+            unchecked.column("position").to_pylist(),
+            unchecked.column("row").to_pylist(),
+            strict=True,
+        )
+    ]
+    assert unchecked.filter(pa.array(kept)).equals(checked)
