@@ -38,7 +38,9 @@ to the edge every ~200 ms, and a poller asks the core's balance check
 (`/v1/customer-meters/check`, a count meter, `external_customer_id=probe`) for that customer's
 consumed units every 50 ms: a probe's freshness is the time from its 2xx to the first answer
 that counts it. One run (fresh broker, core and edge) per offered rate: 10,000, 50,000 and
-100,000 events/s, each reporting the rate achieved. Probes do not wait for
+100,000 events/s, each reporting the rate achieved and the rate the core applied; then one at
+0.8x the most the core applied in those (what it can apply here, sharing the machine with the
+edge and the load), whose p99 is issue 61's bar (500 ms). Probes do not wait for
 visibility, so a core falling behind shows as growing freshness, not as fewer probes. When the
 load ends, the core's `/metrics` gives the consumer lag, and the time to drain it is measured.
 """
@@ -875,8 +877,10 @@ def run_peer(bootstrap: str, topic: str, n: int, work: Path, timeout: float) -> 
 
 # ---- kafka_freshness ------------------------------------------------------------------------
 
-TARGET_FRESHNESS_P99_MS = 1_000
-TARGET_FRESHNESS_RATE = 50_000  # the offered rate the target is for
+# Issue 61's bar: p99 at 0.8x what the core applies when offered more than it takes (the
+# fixed rates' highest applied rate, in this set-up: core, edge and load on one machine).
+TARGET_FRESHNESS_P99_MS = 500
+TARGET_FRESHNESS_SHARE = 0.8
 FRESH_FULL = {"rates": (10_000, 50_000, 100_000), "seconds": 30, "give_up_after": 120.0}
 FRESH_QUICK = {"rates": (10_000,), "seconds": 8, "give_up_after": 30.0}
 PROBE_INTERVAL = 0.2
@@ -887,23 +891,25 @@ PROBE_CUSTOMER = "probe"
 
 
 def kafka_freshness(quick: bool = False) -> dict[str, Any]:
-    """An event accepted by an edge is in its customer's balance on the core within 1 s (p99)
-    at 50,000 events/s offered; also measured at 10,000 and 100,000.
+    """An event accepted by an edge is in its customer's balance on the core within 500 ms
+    (p99) at 0.8x what the core applies; measured at 10,000, 50,000 and 100,000 events/s
+    offered first, the highest rate the core applied in those the 1x.
 
     Hypothesis: with a background load through one ingest edge, a probe event that got its 2xx
     from the edge is counted in the consumed units of `GET /v1/customer-meters/check` on the
-    core within 1 s at the 99th percentile: the consumer keeps up and applies each poll promptly.
+    core within 500 ms at the 99th percentile: the consumer keeps up and applies each poll
+    promptly.
     """
-    plan = FRESH_QUICK if quick else FRESH_FULL
+    plan: dict[str, Any] = FRESH_QUICK if quick else FRESH_FULL
     metrics: list[dict[str, Any]] = []
     runs: dict[str, Any] = {}
-    for rate in plan["rates"]:
+    rates: list[int] = list(plan["rates"])
+    for i, rate in enumerate(rates):
         run = _freshness_run(rate, plan["seconds"], plan["give_up_after"])
         fresh = run["probes"]["freshness"]
-        target: tuple[str, float] | tuple[()] = (
-            ("<=", TARGET_FRESHNESS_P99_MS) if rate == TARGET_FRESHNESS_RATE else ()
-        )
-        at = f"at {rate:,} offered"
+        last = i == len(plan["rates"])  # the run at a share of what the core applied
+        target: tuple[str, float] | tuple[()] = ("<=", TARGET_FRESHNESS_P99_MS) if last else ()
+        at = f"at {rate:,} offered" + (f" ({TARGET_FRESHNESS_SHARE}x applied)" if last else "")
         seconds = run["background"]["seconds"]
         metrics += [
             metric(f"freshness p50 {at}", _ms(fresh, 50), "ms"),
@@ -918,7 +924,11 @@ def kafka_freshness(quick: bool = False) -> dict[str, Any]:
             metric(f"core CPU {at}", run["cpu"]["core"] / seconds, "cores"),
             metric(f"edge CPU (with workers) {at}", run["cpu"]["edge"] / seconds, "cores"),
         ]
-        runs[str(rate)] = run
+        runs[at] = run
+        if i == len(plan["rates"]) - 1:
+            applied = max(r["applied_rate"] for r in runs.values())
+            metrics.append(metric("core applied events/s, most of the runs", applied, "events/s"))
+            rates.append(int(round(TARGET_FRESHNESS_SHARE * applied, -3)))
     return {
         "metrics": metrics,
         "details": {

@@ -93,7 +93,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "quantities_10m": Benchmark(meters.quantities_10m, 110, 18),
     "kafka_ingest_http": Benchmark(kafka.kafka_ingest_http, 220, 16),
     "kafka_consume": Benchmark(kafka.kafka_consume, 140, 17),
-    "kafka_freshness": Benchmark(kafka.kafka_freshness, 200, 24),
+    "kafka_freshness": Benchmark(kafka.kafka_freshness, 270, 45),
     "balance_check": Benchmark(ledger.balance_check, 45, 10),
     "balance_check_grants": Benchmark(grants.balance_check_grants, 60, 15),
     "alert_latency": Benchmark(alerts.alert_latency, 90, 25),
