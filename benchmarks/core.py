@@ -52,8 +52,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     """The core applies ≥ 300,000 events/s with 10 meters and the ledger, ≥ 0.7× DuckDB alone
     inserting the same batches."""
     plan = QUICK if quick else FULL
-    templates = _templates(plan["distinct"])
-    batches = list(_batches(templates, plan["batches"]))
+    batches = batches_for(quick)
     events = sum(b.num_rows for b in batches)
     ours: list[dict[str, float]] = []
     alone: list[dict[str, float]] = []
@@ -99,6 +98,19 @@ def run(quick: bool = False) -> dict[str, Any]:
             "duckdb_alone_runs": alone,
         },
     }
+
+
+def batches_for(quick: bool = False) -> list[pa.Table]:
+    """The batches a run applies (validated once, untimed)."""
+    plan = QUICK if quick else FULL
+    return list(_batches(_templates(plan["distinct"]), plan["batches"]))
+
+
+def per_core_second(batches: list[pa.Table]) -> float:
+    """One run's events applied per CPU second (what `core_apply` reports, for other
+    benchmarks to measure in their own run)."""
+    result = asyncio.run(_meterline(batches))
+    return sum(b.num_rows for b in batches) / result["cpu"]
 
 
 def _templates(distinct: int) -> list[pa.Table]:
