@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.base import subjects
-from aggregator.store.base.arrays import Column, encoded, numpy, uuids
+from aggregator.store.base.arrays import Column, encoded, numpy
 from aggregator.store.base.meter_plan import Contributions, MeterPlan
 from aggregator.store.base.meter_sql import SQL
 from aggregator.store.base.rows import registered
@@ -403,7 +403,7 @@ def _grouped(tables: list[pa.Table], aggregates: dict[str, str]) -> pa.Table:
     meter = grouped.column("meter_id").cast(pa.string())
     bucket = numpy(grouped.column("bucket").cast(pa.int64()), np.int64)
     order = np.lexsort((bucket, _ranks(grouped.column("subject")), _ranks(meter)))
-    columns = {"meter_id": uuids(meter), "subject": grouped.column("subject")}
+    columns = {"meter_id": meter, "subject": grouped.column("subject")}
     columns["bucket"] = grouped.column("bucket")
     columns |= {name: grouped.column(f"v_{f}") for name, f in aggregates.items()}
     if not aggregates:
@@ -422,14 +422,6 @@ def _ranks(column: Column) -> npt.NDArray[np.int64]:
     rank[order] = np.arange(len(order))
     ranks: npt.NDArray[np.int64] = rank[numpy(distinct.indices, np.int64)]
     return ranks
-
-
-def stored(table: pa.Table) -> pa.Table:
-    """A rollup relation's rows as its files keep them: meter ids as UUIDs (DuckDB hands them
-    to Arrow as text)."""
-    if table.num_columns and pa.types.is_string(table.schema.field("meter_id").type):
-        table = table.set_column(0, "meter_id", uuids(table.column("meter_id")))
-    return table
 
 
 def _points(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> pa.Table:
@@ -466,11 +458,7 @@ def _points(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> pa.
     if not rows:
         return pa.table({})
     with registered(con, "_points", pa.concat_tables(rows)):
-        return stored(
-            con.sql(
-                "SELECT * FROM _points ORDER BY meter_id, subject, bucket, at_us"
-            ).to_arrow_table()
-        )
+        return _table(con, "SELECT * FROM _points ORDER BY meter_id, subject, bucket, at_us", None)
 
 
 _ROLLUP_KEYS = ("subject", "bucket")

@@ -174,6 +174,8 @@ class Segments:
         self._live: dict[str, list[Segment]] = {name: [] for name in RELATIONS}
         self._next = 1
         self._retired: list[tuple[float, Segment]] = []
+        # Per relation, its base table's UUID columns (`open`): what `_written` stores as UUIDs.
+        self._uuids: dict[str, list[str]] = {}
         self.written_bytes = 0  # by steps 1 and 3, since open
 
     # ---- step 5 ---------------------------------------------------------------------------
@@ -202,7 +204,15 @@ class Segments:
         with self._lock:
             self._live = live
             self._next = 1 + max((int(r[1]) for r in rows), default=0)
-        for name in RELATIONS:
+        for name, spec in RELATIONS.items():
+            self._uuids[name] = [
+                str(c)
+                for (c,) in con.execute(
+                    "SELECT column_name FROM duckdb_columns()"
+                    " WHERE table_name = ? AND data_type = 'UUID'",
+                    [spec.base],
+                ).fetchall()
+            ]
             self._define(con, name, live[name])
 
     def path(self, segment: Segment) -> Path:
@@ -239,6 +249,7 @@ class Segments:
             number, self._next = self._next, self._next + 1
         path = self.path(Segment(relation, number, level, table.num_rows, 0))
         temporary = path.with_suffix(".tmp")
+        table = _with_uuids(table, self._uuids[relation])
         repeated: Any = list(RELATIONS[relation].repeated)  # a bool to the stubs, columns too
         pq.write_table(
             table,
@@ -323,7 +334,7 @@ class Segments:
         spec = RELATIONS[inputs[0].relation]
         files = ", ".join(f"'{self.path(s)}'" for s in inputs)
         merged = spec.merged.replace("_inputs", f"read_parquet([{files}])")
-        table = _as_written(con, spec, con.sql(merged).to_arrow_table())
+        table = con.sql(merged).to_arrow_table()
         level = max(s.level for s in inputs) + 1
         return Change([self.write(spec.name, table, level)], list(inputs))
 
@@ -355,7 +366,6 @@ class Segments:
                 f"SELECT * FROM {source} WHERE NOT ({where})",  # noqa: S608 - fixed text, values bound
                 params=params,
             ).to_arrow_table()
-            kept = _as_written(con, RELATIONS[relation], kept)
             change.retired.append(segment)
             if kept.num_rows:
                 change.added.append(self.write(relation, kept, segment.level))
@@ -382,17 +392,15 @@ class Segments:
         copy_files([self.path(s) for s in segments], folder, earlier)
 
 
-def _as_written(con: duckdb.DuckDBPyConnection, spec: Relation, table: pa.Table) -> pa.Table:
-    """`table` (rows of `spec`'s files as DuckDB hands them to Arrow: UUIDs as text) with the
-    base table's UUID columns as Arrow's uuid type, as a flush writes them. A file of text UUIDs
-    among them would make every read of the view cast that column per row, and prune no row
-    group by it (a meter's rollups, an organization's events)."""
-    for (name,) in con.execute(
-        "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND data_type = 'UUID'",
-        [spec.base],
-    ).fetchall():
-        i = table.schema.get_field_index(name)
-        if table.schema.field(i).type != pa.uuid():
+def _with_uuids(table: pa.Table, names: Sequence[str]) -> pa.Table:
+    """`table` with its columns `names` (its base table's UUID columns) as Arrow's uuid type,
+    wherever they come as text (DuckDB hands UUIDs to Arrow as text: a merge's rows, a
+    rewrite's, partials grouped in DuckDB). A file of text UUIDs among the others would make
+    every read of the view cast that column per row, and prune no row group by it (a meter's
+    rollups, an organization's events)."""
+    for name in names:
+        if table.schema.field(name).type != pa.uuid():
+            i = table.schema.get_field_index(name)
             table = table.set_column(i, pa.field(name, pa.uuid()), uuids(table.column(i)))
     return table
 

@@ -21,7 +21,6 @@ from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.machinery.migrations import MIGRATIONS, migrate
-from aggregator.store.machinery.rollups import stored
 from aggregator.store.machinery.segments import Change
 from aggregator.store.machinery.writer import Tx
 from aggregator.store.tables.customer_tables import create_job as create_customer
@@ -125,20 +124,19 @@ def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Pat
 
 
 def _rollups(*rows: tuple[str, int, int, float, float, float]) -> pa.Table:
-    """Rollup rows of METER: (subject, bucket µs, events, total, low, high)."""
+    """Rollup rows of METER: (subject, bucket µs, events, total, low, high), the meter id as
+    text (written as a UUID, as DuckDB's rows are)."""
     subjects, buckets, events, totals, lows, highs = zip(*rows, strict=True)
-    return stored(
-        pa.table(
-            {
-                "meter_id": pa.array([METER] * len(rows), pa.string()),
-                "subject": pa.array(subjects, pa.string()),
-                "bucket": pa.array(buckets, pa.timestamp("us", tz="UTC")),
-                "events": pa.array(events, pa.int64()),
-                "total": pa.array(totals, pa.float64()),
-                "low": pa.array(lows, pa.float64()),
-                "high": pa.array(highs, pa.float64()),
-            }
-        )
+    return pa.table(
+        {
+            "meter_id": pa.array([METER] * len(rows), pa.string()),
+            "subject": pa.array(subjects, pa.string()),
+            "bucket": pa.array(buckets, pa.timestamp("us", tz="UTC")),
+            "events": pa.array(events, pa.int64()),
+            "total": pa.array(totals, pa.float64()),
+            "low": pa.array(lows, pa.float64()),
+            "high": pa.array(highs, pa.float64()),
+        }
     )
 
 
