@@ -973,7 +973,7 @@ def _freshness_run(rate: int, seconds: float, give_up_after: float) -> dict[str,
                     probe = Probe(edge, core, meter_id)
                     probe.send_while(sender)
                     load_ended = time.perf_counter()
-                    at_end = _core_metrics(core)  # first: the lag as the load stops
+                    at_end = core_metrics(core)  # first: the lag as the load stops
                     cpu = {k: v - cpu[k] for k, v in _cpus(core, edge, broker).items()}
                     sender.join()
                 finally:
@@ -1147,7 +1147,7 @@ class Probe:
                 time.sleep(POLL_INTERVAL)
 
 
-def _core_metrics(core: Server) -> dict[str, Any]:
+def core_metrics(core: Server) -> dict[str, Any]:
     """The core's consumer counters from `/metrics` (Prometheus text)."""
     text = httpx.get(f"{core.url}/metrics", timeout=30).text
     lag: dict[str, int] = {}
@@ -1168,7 +1168,7 @@ def _drain(core: Server, published: int, since: float, give_up_after: float) -> 
     of the load)."""
     applied = 0.0
     while time.perf_counter() - since < give_up_after:
-        applied = _core_metrics(core).get("meterline_consumer_applied_events_total", 0.0)
+        applied = core_metrics(core).get("meterline_consumer_applied_events_total", 0.0)
         if applied >= published:
             break
         time.sleep(0.05)

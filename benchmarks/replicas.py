@@ -30,7 +30,6 @@ copy of the database file just after (the disk's speed, same machine, same file)
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 import statistics
 import tempfile
@@ -39,13 +38,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 
 from aggregator.backup import MANIFEST, snapshots
 from benchmarks import core
 from benchmarks.common import metric
-from benchmarks.kafka import columnar_requests, create_token, kafka_args, publish_columnar
+from benchmarks.kafka import (
+    columnar_requests,
+    core_metrics,
+    create_token,
+    kafka_args,
+    publish_columnar,
+)
 from benchmarks.meters import METERS
 from benchmarks.server import Server
 from tests import deadline
@@ -142,9 +146,7 @@ def _near(server: Server, index: int, n: int, journal_end: int | None) -> bool:
     events about 0.4 s of the core's CPU each time: asked five times a second throughout, it
     was a third of the leader's CPU and halved its throughput)."""
     if index == 0:
-        text = httpx.get(f"{server.url}/metrics", timeout=30).text
-        found = re.search(r"^meterline_consumer_applied_events_total (\S+)$", text, re.M)
-        return found is not None and float(found.group(1)) >= n
+        return core_metrics(server).get("meterline_consumer_applied_events_total", 0.0) >= n
     offset = _journal_offset(server)
     return journal_end is not None and offset is not None and offset >= journal_end
 
