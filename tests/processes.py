@@ -12,7 +12,6 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
@@ -46,19 +45,6 @@ def api_client(url: str, token: str | None) -> httpx.Client:
     """A client of the API at `url`, with `token` (as `Server.client` gives it)."""
     headers = {"Authorization": f"Bearer {token}"}
     return httpx.Client(base_url=url, headers=headers, timeout=30, verify=TLS, limits=LIMITS)
-
-
-@dataclass(frozen=True, slots=True)
-class Code:
-    """Which meterline a process runs: the Python of its venv, the folder its processes run in
-    and their environment (None: this process's)."""
-
-    python: str
-    root: Path | None = None
-    env: dict[str, str] | None = None
-
-
-HERE = Code(sys.executable)  # this checkout's
 
 
 class Server(Protocol):
@@ -112,13 +98,10 @@ class MeterlineServer:
         validation_workers: int = 0,
         prefix: Sequence[str] = (),
         port: int | None = None,
-        code: Code | None = None,
     ) -> None:
-        """`port`: a killed server's, to start another in its place (default: a free one).
-        `code`: another checkout's meterline to run (default: this one's)."""
+        """`port`: a killed server's, to start another in its place (default: a free one)."""
         self.command = command
         self.prefix = tuple(prefix)  # runs the command (`nsenter ...`: another mount namespace)
-        self.code = code or HERE
         self.data_dir = data_dir
         self.extra_args = ("--validation-workers", str(validation_workers), *extra_args)
         self.log_level = log_level
@@ -134,7 +117,7 @@ class MeterlineServer:
     def start(self) -> Self:
         cmd = [
             *self.prefix,
-            self.code.python,
+            sys.executable,
             "-m",
             "aggregator.cli",
             self.command,
@@ -151,8 +134,7 @@ class MeterlineServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            cwd=self.code.root,
-            env={**(self.code.env or os.environ), "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         _started.add(self)
         watch(self)
