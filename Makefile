@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA_DIR ?= .meterline
 
-.PHONY: up test test-fast lint typecheck unit docs screenshots bench clean system-tools
+.PHONY: up cluster test test-fast lint typecheck unit docs screenshots bench clean system-tools
 
 # uv installs in seconds what pip takes minutes over; pip stays the fallback (a machine whose
 # index or proxy only pip is configured for).
@@ -25,8 +25,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(call INSTALL,.)
 	touch $@
 
+# The test extra holds the cluster's (the broker).
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(call INSTALL,'.[test]')
+	touch $(VENV)/.installed $(VENV)/.installed-cluster $@
+
+$(VENV)/.installed-cluster: pyproject.toml | $(BIN)/python
+	$(call INSTALL,'.[cluster]')
 	touch $(VENV)/.installed $@
 
 # Polar's own ingestion strategies under Node, for the SDK's compatibility test.
@@ -38,6 +43,11 @@ $(NODE_PROJECT)/node_modules/.installed: $(NODE_PROJECT)/package.json $(NODE_PRO
 
 up: $(VENV)/.installed
 	$(BIN)/meterline up --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
+
+# Kafka mode on this machine until Ctrl-C: a broker, a leader, a standby, a replica and an edge
+# (`meterline cluster --help`; CLUSTER="--port 8110 --kafka-port 9292" moves it).
+cluster: $(VENV)/.installed-cluster
+	$(BIN)/meterline cluster $(CLUSTER)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .

@@ -1,6 +1,7 @@
 """The `meterline` command: composes processes from settings given on the command line.
 
 meterline up [--host 127.0.0.1] [--port 8000] [--data-dir ./.meterline] [--kafka BOOTSTRAP]
+meterline cluster [--dir ./.meterline-cluster] [--port 8010] [--kafka-port 9192]
 meterline core --kafka BOOTSTRAP [--port 8000] [--data-dir ./.meterline]
 meterline ingest --kafka BOOTSTRAP [--port 8001] [--data-dir ./.meterline]
 meterline token create|list|revoke [--data-dir DIR] ...
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=Version)
     commands = parser.add_subparsers(dest="command", required=True)
     serving_options.commands(commands)  # up, core, ingest
+    options.cluster(commands)
     options.token(commands)
     options.meters(commands)
     options.org(commands)
@@ -106,6 +108,10 @@ def _run(args: argparse.Namespace) -> int:
         from aggregator.commands import backups
 
         return backups.run(args)
+    if name == "cluster":
+        from aggregator.commands import cluster
+
+        return cluster.run(args)
     assert name == "split", name
     from aggregator.commands import shards
 

@@ -1,24 +1,31 @@
 """The one Kafka module: its settings (`KafkaSettings`, which make the clients; declared with
 the other settings in `ingest.settings`, which every command reads), the topics (created if
-missing), waiting for a broker, and stopping clients within a bound. The edge's publisher, the
-SDK's producer and the core's consumer all take them from here. (Which partition a record goes
-to is `meters.columnar`'s.)"""
+missing), starting producers (`start_producer`: brokers without idempotent producers detected),
+waiting for a broker, and stopping clients within a bound. The edge's publisher, the SDK's
+producer and the core's consumer all take them from here. (Which partition a record goes to is
+`meters.columnar`'s.)"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiokafka.admin import NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from ingest.settings import KafkaSecurity as KafkaSecurity
 from ingest.settings import KafkaSettings as KafkaSettings
 from ingest.settings import Shard as Shard
 
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 async def ensure_topics(settings: KafkaSettings) -> int:
@@ -56,15 +63,90 @@ async def ensure_topics(settings: KafkaSettings) -> int:
     return count
 
 
-async def retrying(start: Any) -> None:
-    """Call `start` until the broker answers (the caller bounds the wait)."""
+async def retrying(start: Callable[[], Awaitable[T]]) -> T:
+    """Call `start` until the broker answers (the caller bounds the wait); what it returns."""
     while True:
         try:
-            await start()
-            return
+            return await start()
         except KafkaError as exc:
             log.warning("Kafka not reachable yet (%s); retrying", exc)
             await asyncio.sleep(0.5)
+
+
+async def start_producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
+    """A started producer of `settings` (aiokafka's options `overrides` changed), in one
+    attempt: KafkaError if the broker does not answer (`retrying` tries again).
+
+    Every producer of meterline starts here, so that a broker without idempotent producers is
+    detected in one place. Such a broker (Tansu: it fails the InitProducerId that an idempotent
+    producer's start sends, with UnknownError, and a caller trying the start again would loop
+    for ever) gets a producer without idempotence, if one starts: said once as a warning, and
+    learned by the settings (`settings.learned`, shared by their copies), so the process's next
+    producers start without trying. Without idempotence a batch sent again after an error may
+    be written twice; the cores apply each event once by its external_id, and each write
+    record once by its request id."""
+    idempotent = settings.idempotent
+    producer = settings.producer(**overrides)
+    try:
+        with _init_producer_id_said_here():
+            await producer.start()
+    except KafkaError as exc:
+        await stop_within(producer.stop, settings.stop_timeout_seconds, "producer")
+        if not idempotent or isinstance(exc, KafkaConnectionError):
+            raise
+        refused = exc
+    except BaseException:
+        await stop_within(producer.stop, settings.stop_timeout_seconds, "producer")
+        raise
+    else:
+        return producer
+    plain = settings.producer(**(overrides | {"enable_idempotence": False}))
+    try:
+        await plain.start()
+    except BaseException as exc:
+        await stop_within(plain.stop, settings.stop_timeout_seconds, "producer")
+        if isinstance(exc, KafkaError):
+            raise refused from None  # the broker does not answer: not a matter of idempotence
+        raise
+    if settings.learned.idempotent_producers is not False:  # the first to learn it says it
+        settings.learned.idempotent_producers = False
+        log.warning(
+            "the broker at %s starts no idempotent producer (%s: %s): producing without"
+            " idempotence, so a batch sent again after an error may be written twice (the"
+            " cores apply each event once by its external_id); turning idempotence off skips"
+            " this attempt (--no-idempotence, or the SDK's idempotence=False)",
+            settings.bootstrap,
+            type(refused).__name__,
+            refused,
+        )
+    return plain
+
+
+class _InitProducerIdErrors(logging.Filter):
+    """Holds back aiokafka's error line of a failed InitProducerId while `start_producer`
+    starts a producer: it says itself what the failure means (its warning, or the error it
+    raises), in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starting = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        said = str(record.msg).startswith("Unexpected error during InitProducerIdRequest")
+        return not (self.starting and said)
+
+
+_HELD_BACK = _InitProducerIdErrors()
+
+
+@contextlib.contextmanager
+def _init_producer_id_said_here() -> Iterator[None]:
+    logging.getLogger("aiokafka.producer.sender").addFilter(_HELD_BACK)  # kept once
+    _HELD_BACK.starting += 1
+    try:
+        yield
+    finally:
+        _HELD_BACK.starting -= 1
 
 
 async def stop_within(stop: Callable[[], Awaitable[Any]], seconds: float, what: str) -> None:

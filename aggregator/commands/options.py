@@ -1,5 +1,6 @@
 """The options of the commands that are not a process (their `run` is in the module of each:
-`tokens`, `meters`, `orgs`, `schema`, `dead_letters`, `ingest_log`, `backups`, `shards`).
+`tokens`, `meters`, `orgs`, `schema`, `dead_letters`, `ingest_log`, `backups`, `shards`), and
+of `cluster`, which runs processes (`cluster`).
 
 Every `meterline` command builds all of them, `--help` included, so this module imports no
 more than the settings do: a command's module is imported when it runs (`aggregator.cli`)."""
@@ -240,3 +241,41 @@ def split(subparsers: Any) -> None:
     )
     topic_options(split)
     data_dir_option(split)  # its secret.key: the cluster secret
+
+
+# `meterline cluster`'s: beside `make up` (8000) and `make docs` (8001), and off Kafka's 9092.
+CLUSTER_DIR = Path(".meterline-cluster")
+CLUSTER_PORT = 8010
+CLUSTER_KAFKA_PORT = 9192
+
+
+def cluster(subparsers: Any) -> None:
+    cluster = command(
+        subparsers,
+        "cluster",
+        "Kafka mode on this machine, until Ctrl-C: a Tansu broker, a leader core, a standby"
+        " core, a replica core and an edge in front of them, with one cluster secret (`make"
+        " cluster`)",
+    )
+    cluster.add_argument(
+        "--dir",
+        type=Path,
+        default=CLUSTER_DIR,
+        help="the folder of the processes' data dirs, their logs and the cluster secret;"
+        " emptied at each start, as the broker keeps its log in memory",
+    )
+    cluster.add_argument(
+        "--port",
+        type=int,
+        default=CLUSTER_PORT,
+        help="the edge's port; the three cores listen on the next three",
+    )
+    cluster.add_argument(
+        "--kafka-port", type=int, default=CLUSTER_KAFKA_PORT, help="the broker's port"
+    )
+    cluster.add_argument(
+        "--start-timeout-seconds",
+        type=float,
+        default=120.0,
+        help="how long every process has to answer before the start is given up",
+    )

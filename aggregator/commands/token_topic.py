@@ -35,23 +35,28 @@ def create(args: argparse.Namespace) -> str:
 
 
 async def _create(args: argparse.Namespace) -> str:
-    secret = read_secret(args.data_dir / SECRET_FILE)
-    sealer = Sealer(secret)
     kafka = KafkaSettings(
         args.kafka,
         topic=args.topic,
         idempotence=not args.no_idempotence,
         security=security_of(args),
     )
+    return await published(kafka, read_secret(args.data_dir / SECRET_FILE), args.org, args.label)
+
+
+async def published(kafka: KafkaSettings, secret: bytes, org_name: str, label: str) -> str:
+    """A new token of organization `org_name` (made if the topic has none of that name),
+    published on the control topic with the cluster `secret`; its text."""
+    sealer = Sealer(secret)
     async with TokenView(kafka, sealer, secret) as view:
-        org = view.organization_named(args.org)
+        org = view.organization_named(org_name)
     now = datetime.now(UTC).isoformat()
     records = []
     if org is None:
-        org = Organization(str(uuid.uuid4()), args.org)
+        org = Organization(str(uuid.uuid4()), org_name)
         records.append(organization_record(org, now))
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    row = TokenRow(str(uuid.uuid4()), org.id, token_hash(secret, token), args.label, now, None)
+    row = TokenRow(str(uuid.uuid4()), org.id, token_hash(secret, token), label, now, None)
     records.append(token_record(row))
     await publish(kafka, sealer, records)
     return token

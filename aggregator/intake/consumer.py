@@ -78,7 +78,7 @@ from aggregator.store import (
     stored_offsets,
     with_source,
 )
-from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from ingest.kafka import KafkaSettings, ensure_topics, retrying, start_producer, stop_within
 from ingest.tasks import cancel_within
 from meters.columnar import H_ORGANIZATION
 from meters.events import EventRules
@@ -219,12 +219,13 @@ class Consumer:
             fetch_max_wait_ms=self._settings.poll_timeout_ms,
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
-        dead_letters = kafka.producer(linger_ms=0)
-        self._consumer, self._dead_letters = consumer, dead_letters
+        dead_letters = None
+        self._consumer = consumer
         try:
             async with asyncio.timeout(kafka.start_timeout_seconds):
                 await retrying(consumer.start)
-                await retrying(dead_letters.start)
+                dead_letters = await retrying(partial(start_producer, kafka, linger_ms=0))
+            self._dead_letters = dead_letters
             partitions = [TopicPartition(kafka.topic, p) for p in self._partitions]
             consumer.assign(partitions)
             await self.seek_to_stored(partitions)
@@ -233,7 +234,8 @@ class Consumer:
         finally:
             bound = kafka.stop_timeout_seconds
             await stop_within(consumer.stop, bound, "consumer")
-            await stop_within(dead_letters.stop, bound, "dead-letter producer")
+            if dead_letters is not None:
+                await stop_within(dead_letters.stop, bound, "dead-letter producer")
             self._consumer = self._dead_letters = None
 
     async def lag(self) -> dict[int, int]:

@@ -46,7 +46,7 @@ from aggregator.intake.sealed import Sealer, Unsealable
 from aggregator.intake.splits import KINDS as SPLIT_KINDS
 from aggregator.intake.splits import Splits
 from aggregator.store import Outcome, Positions, Store, advance_control_job, control_offset
-from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from ingest.kafka import KafkaSettings, ensure_topics, retrying, start_producer, stop_within
 from ingest.tasks import cancel_within
 from meters.commands import Command, decode, encode
 from meters.errors import MetersError
@@ -72,13 +72,8 @@ class ControlTopic:
 
     async def __aenter__(self) -> Self:
         self.partitions = await ensure_topics(self._kafka)
-        self._producer = self._kafka.producer(linger_ms=0)
-        try:
-            async with asyncio.timeout(self._kafka.start_timeout_seconds):
-                await retrying(self._producer.start)
-        except BaseException:
-            await stop_within(self._producer.stop, self._kafka.stop_timeout_seconds, "producer")
-            raise
+        async with asyncio.timeout(self._kafka.start_timeout_seconds):
+            self._producer = await retrying(partial(start_producer, self._kafka, linger_ms=0))
         return self
 
     async def __aexit__(

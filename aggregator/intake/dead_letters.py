@@ -29,7 +29,7 @@ from aiokafka.structs import ConsumerRecord
 
 from aggregator.errors import QueryTimeout
 from aggregator.settings import DEAD_LETTER_SCAN
-from ingest.kafka import KafkaSettings, stop_within
+from ingest.kafka import KafkaSettings, start_producer, stop_within
 from meters.columnar import H_ORGANIZATION
 
 __all__ = [
@@ -126,10 +126,10 @@ async def replay(kafka: KafkaSettings, letters: list[tuple[DeadLetter, bytes | N
     or a corrected one) and the record's own headers, to the partition it came from (where its
     customer's other events are); acknowledged, in order. The core's dedupe by external_id
     makes a record applied twice count once."""
-    producer = kafka.producer(linger_ms=0)
+    async with asyncio.timeout(kafka.start_timeout_seconds):
+        producer = await start_producer(kafka, linger_ms=0)
     try:
         async with asyncio.timeout(kafka.start_timeout_seconds):
-            await producer.start()
             partitions = await producer.partitions_for(kafka.topic)
         for letter, value in letters:
             headers = [(n, v) for n, v in letter.headers if n not in HEADERS]

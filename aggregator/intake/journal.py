@@ -59,7 +59,7 @@ from aiokafka.structs import ConsumerRecord
 from aggregator.errors import JournalLost, NotLeading, OffsetGap
 from aggregator.intake.leadership import Role
 from aggregator.store import Job, Positions, Store
-from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from ingest.kafka import KafkaSettings, ensure_topics, retrying, start_producer, stop_within
 from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
@@ -216,13 +216,13 @@ class Journal:
     async def __aenter__(self) -> Self:
         kafka = self._kafka
         await ensure_topics(kafka)
-        self._producer = kafka.producer(linger_ms=0)
         self._reader = kafka.reader(fetch_max_wait_ms=10)
         records = kafka.reader(fetch_max_wait_ms=10, max_partition_fetch_bytes=8 * 1024 * 1024)
         self._ranges = _Ranges(records)
         try:
             async with asyncio.timeout(kafka.start_timeout_seconds):
-                for client in (self._producer, self._reader, records):
+                self._producer = await retrying(partial(start_producer, kafka, linger_ms=0))
+                for client in (self._reader, records):
                     await retrying(client.start)
             self._reader.assign([self._partition])
         except BaseException:
@@ -243,7 +243,8 @@ class Journal:
 
     async def _stop_clients(self) -> None:
         bound = self._kafka.stop_timeout_seconds
-        await stop_within(self._producer.stop, bound, "journal producer")
+        if self._producer is not None:
+            await stop_within(self._producer.stop, bound, "journal producer")
         for reader in (self._reader, self._ranges.consumer if self._ranges else None):
             if reader is not None:
                 await stop_within(reader.stop, bound, "journal reader")

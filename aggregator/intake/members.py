@@ -30,15 +30,16 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from types import TracebackType
 from typing import Self
 
 import orjson
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from aggregator.intake.leadership import Role
-from ingest.kafka import KafkaSettings, retrying, stop_within
+from ingest.kafka import KafkaSettings, retrying, start_producer, stop_within
 from ingest.tasks import cancel_within
 from meters.times import now_us
 
@@ -94,7 +95,7 @@ class Members:
         self._role = role
         self.id = str(uuid.uuid4())
         self._heard: dict[str, Member] = {}
-        self._producer = kafka.producer(linger_ms=0)
+        self._producer: AIOKafkaProducer | None = None  # started as it announces
         self._reader = kafka.reader(fetch_max_wait_ms=100)  # a list waits for its fetch
         self._tasks: list[asyncio.Task[None]] = []
         self._read_to = -1  # the lease topic's offset `_hear` has read up to
@@ -115,7 +116,8 @@ class Members:
     ) -> None:
         await cancel_within(*self._tasks, what="members")
         bound = self._kafka.stop_timeout_seconds
-        await stop_within(self._producer.stop, bound, "members producer")
+        if self._producer is not None:
+            await stop_within(self._producer.stop, bound, "members producer")
         await stop_within(self._reader.stop, bound, "members reader")
 
     async def current(self) -> list[Member]:
@@ -151,7 +153,9 @@ class Members:
 
     async def _announce(self) -> None:
         """Step 1."""
-        await retrying(self._producer.start)
+        self._producer = producer = await retrying(
+            partial(start_producer, self._kafka, linger_ms=0)
+        )
         while True:
             member = self._heartbeat()
             value = orjson.dumps(
@@ -167,7 +171,7 @@ class Members:
                 }
             )
             try:
-                await self._producer.send_and_wait(self._kafka.lease_topic, value, partition=0)
+                await producer.send_and_wait(self._kafka.lease_topic, value, partition=0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again

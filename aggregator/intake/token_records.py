@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
@@ -37,7 +38,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from aggregator.auth import CustomerSession, Organization, TokenRegistry, TokenRow, token_hash
 from aggregator.intake.sealed import Sealer, Unsealable
-from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from ingest.kafka import KafkaSettings, ensure_topics, retrying, start_producer, stop_within
 from ingest.tasks import cancel_within
 from meters.commands import Command, command, decode, encode
 from meters.errors import MetersError
@@ -209,10 +210,9 @@ async def publish(kafka: KafkaSettings, sealer: Sealer, records: Iterable[Comman
 
 @contextlib.asynccontextmanager
 async def _producer(kafka: KafkaSettings) -> AsyncIterator[Any]:
-    producer = kafka.producer(linger_ms=0)
+    async with asyncio.timeout(kafka.start_timeout_seconds):
+        producer = await retrying(partial(start_producer, kafka, linger_ms=0))
     try:
-        async with asyncio.timeout(kafka.start_timeout_seconds):
-            await retrying(producer.start)
         yield producer
     finally:
         await stop_within(producer.stop, kafka.stop_timeout_seconds, "producer")

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from ingest.errors import Unavailable
-from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from ingest.kafka import KafkaSettings, ensure_topics, retrying, start_producer, stop_within
 from ingest.publish import Progress, PublishResult
 from ingest.validation import ValidationPool
 from meters import columnar
@@ -37,13 +37,13 @@ class KafkaPublisher:
 
     async def __aenter__(self) -> Self:
         await ensure_topics(self._settings)
-        producer = self._settings.producer()
+        async with asyncio.timeout(self._settings.start_timeout_seconds):
+            producer = await retrying(partial(start_producer, self._settings))
         try:
             async with asyncio.timeout(self._settings.start_timeout_seconds):
-                await retrying(producer.start)
                 found = await producer.partitions_for(self._settings.topic)
         except BaseException:
-            # Started halfway (or not at all): stop what runs, then fail.
+            # Started halfway: stop what runs, then fail.
             await stop_within(producer.stop, self._settings.stop_timeout_seconds, "producer")
             raise
         self._partitions = len(found)

@@ -20,14 +20,13 @@ import asyncio
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any, TypedDict, Unpack
 
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from ingest.kafka import KafkaSecurity, KafkaSettings, stop_within
+from ingest.kafka import KafkaSecurity, KafkaSettings, start_producer, stop_within
 from ingest.sdk.delivery import Answer
 from ingest.sdk.errors import TransportError
 from meters import columnar
@@ -144,35 +143,15 @@ class AsyncKafkaTransport:
             return self._producer or await self._start()
 
     async def _start(self) -> AIOKafkaProducer:
-        """A started producer, each attempt within `timeout`. A broker without idempotent
-        producers (Tansu; aiokafka then retries its InitProducerId for ever) gets a producer
-        without idempotence, said once as a warning: every event the SDK sends has an
-        external_id, so a batch written twice is applied once by the core."""
-        try:
-            return await self._start_with(self._settings)
-        except (KafkaError, TimeoutError) as exc:
-            if not self._settings.idempotence:
-                raise
-            plain = replace(self._settings, idempotence=False)
-            try:
-                producer = await self._start_with(plain)
-            except (KafkaError, TimeoutError):
-                raise exc from None  # not a matter of idempotence: the broker is unreachable
-            log.warning(
-                "the broker at %s started no idempotent producer (%s: %s); producing without"
-                " idempotence (a batch sent again may be written twice; the core applies each"
-                " event once by its external_id). Pass idempotence=False to skip the attempt",
-                self._bootstrap,
-                type(exc).__name__,
-                exc,
-            )
-            return producer
-
-    async def _start_with(self, settings: KafkaSettings) -> AIOKafkaProducer:
-        producer = settings.producer()
+        """A started producer, within `timeout`. A broker without idempotent producers (Tansu)
+        gets one without idempotence, said once as a warning (`ingest.kafka.start_producer`):
+        every event the SDK sends has an external_id, so a batch written twice is applied once
+        by the core."""
+        settings = self._settings
+        async with asyncio.timeout(self._timeout):
+            producer = await start_producer(settings)
         try:
             async with asyncio.timeout(self._timeout):
-                await producer.start()
                 found = await producer.partitions_for(settings.topic)
             if not found:
                 raise KafkaError(f"topic {settings.topic} not found")
