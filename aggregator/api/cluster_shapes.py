@@ -15,12 +15,14 @@ __all__ = ["ClusterShape", "DigestShape", "cluster", "digest"]
 class MemberShape(TypedDict):
     id: str  # drawn when the core started
     url: str
-    role: str  # leader, standby, replica (each of its shard); embedded
+    # leader, standby, replica (each of its shard; one live leader per shard at most: a core
+    # not alive is never listed as leader); stopped (it said so as it stopped); embedded
+    role: str
     shard: str  # I/N: it applies the events topic's partitions p with p % N == I
     journal_offset: int | None  # its shard journal's next offset it had applied (Kafka mode)
     epoch: int
     heard_at: str  # its last heartbeat
-    alive: bool  # heard within three heartbeats
+    alive: bool  # heard within three heartbeats, and not stopped
     this: bool  # the core answering
 
 

@@ -67,6 +67,7 @@ class Role:
     def __init__(self, leading: bool = False) -> None:
         self._leading = leading
         self._changed = asyncio.Event()
+        self.changes = 0  # how many times it started or stopped leading (`changed`)
         self._lapse: float | None = None  # seconds not run after which leading lapses
         self._ran_at = time.monotonic()
         self.lapsed_at = -math.inf  # when it last lapsed (monotonic)
@@ -107,6 +108,7 @@ class Role:
             self._ran_at = time.monotonic()  # the group said so just now
         if leading != self._leading:
             self._leading = leading
+            self.changes += 1
             self._changed.set()
             self._changed = asyncio.Event()
 
@@ -115,8 +117,11 @@ class Role:
         while self.leading != leading:
             await self._changed.wait()
 
-    async def changed(self) -> None:
-        """Returns once this core starts or stops leading."""
+    async def changed(self, since: int | None = None) -> None:
+        """Returns once this core starts or stops leading; at once if it has since `changes`
+        was `since` (a change made while the caller was away is not missed)."""
+        if since is not None and since != self.changes:
+            return
         await self._changed.wait()
 
 

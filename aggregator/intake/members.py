@@ -10,13 +10,17 @@ The protocol:
    on, keeping each core's latest heartbeat and where it was read; what is not a heartbeat is
    passed over. (`_hear`)
 3. `GET /v1/cluster/` lists the cores heard within `FORGET_SECONDS`, newest first: alive when
-   heard within three heartbeats; this core as it is now. Asked, it first reads the topic to
-   its end as of the question (at most `CATCH_UP_SECONDS`), so that a core just resumed from a
-   pause lists what was said while it slept. (`current`, `members`)
-4. Of the cores of a shard whose heartbeats say they lead, one is listed as leader: the
-   strongest claim (alive, then the later epoch, then the later heartbeat on the topic). The
-   others, a leader dead or paused and replaced, whose last heartbeat said it led, are listed
-   as standbys: they follow if they come back (`leadership`, steps 3 and 6). (`_one_leader`)
+   heard within three heartbeats (and not stopped); this core as it is now. Asked, it first
+   reads the topic to its end as of the question (at most `CATCH_UP_SECONDS`), so that a core
+   just resumed from a pause lists what was said while it slept. (`current`, `members`)
+4. Of the live cores of a shard whose heartbeats say they lead, one is listed as leader: the
+   strongest claim (the later epoch, then the later heartbeat on the topic). A core not heard
+   within three heartbeats is never listed as leader: a leader killed, paused or cut off loses
+   the lease once its session times out, and one that comes back follows (`leadership`, steps
+   3 and 6). So it is listed as a standby, not alive, as is a live one whose claim is weaker
+   (a leader paused and replaced, before it has heard that it was). (`_one_leader`)
+5. A core that stops (not killed) says so in a last heartbeat (`STOPPED`): it is listed as
+   stopped, not alive, until forgotten. (`__aexit__`)
 
 The lease's group member reads the same partition while it leads, and passes heartbeats over.
 """
@@ -46,6 +50,8 @@ from meters.times import now_us
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 2.0
+STOPPED = "stopped"  # the role of a core's last heartbeat as it stops (step 5)
+STOP_SECONDS = 1.0  # how long a stopping core tries to say so
 FORGET_SECONDS = 300.0  # a core not heard from this long is not listed
 CATCH_UP_SECONDS = 1.0  # a list waits at most this long for the heartbeats said before it
 LOOKBACK = 1000  # heartbeats read back at start: 2,000 s of 1 core, 400 s of 5
@@ -56,7 +62,7 @@ KIND = "meterline.core"
 class Member:
     id: str
     url: str
-    role: str  # leader, standby, replica (embedded: embedded)
+    role: str  # leader, standby, replica, stopped (step 5); embedded: embedded
     journal_offset: int | None
     epoch: int
     heard_at_us: int
@@ -115,6 +121,11 @@ class Members:
         tb: TracebackType | None,
     ) -> None:
         await cancel_within(*self._tasks, what="members")
+        # Step 5, if the producer ever started: a stop is told apart from a death.
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(STOP_SECONDS):
+                    await self._send(replace(self._heartbeat(), role=STOPPED))
         bound = self._kafka.stop_timeout_seconds
         if self._producer is not None:
             await stop_within(self._producer.stop, bound, "members producer")
@@ -140,7 +151,8 @@ class Members:
         listed = [
             replace(
                 member,
-                alive=now - member.heard_at_us < 3 * HEARTBEAT_SECONDS * 1_000_000,
+                alive=member.role != STOPPED
+                and now - member.heard_at_us < 3 * HEARTBEAT_SECONDS * 1_000_000,
                 this=member.id == self.id,
             )
             for member in heard
@@ -153,32 +165,35 @@ class Members:
 
     async def _announce(self) -> None:
         """Step 1."""
-        self._producer = producer = await retrying(
-            partial(start_producer, self._kafka, linger_ms=0)
-        )
+        self._producer = await retrying(partial(start_producer, self._kafka, linger_ms=0))
         while True:
             member = self._heartbeat()
-            value = orjson.dumps(
-                {
-                    "kind": KIND,
-                    "id": member.id,
-                    "url": member.url,
-                    "role": member.role,
-                    "journal_offset": member.journal_offset,
-                    "epoch": member.epoch,
-                    "at_us": member.heard_at_us,
-                    "shard": member.shard,
-                }
-            )
+            said = self._role.changes  # what the heartbeat says: a change after it, at once
             try:
-                await producer.send_and_wait(self._kafka.lease_topic, value, partition=0)
+                await self._send(member)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again
                 log.warning("a heartbeat was not sent: %r", exc)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HEARTBEAT_SECONDS):
-                    await self._role.changed()
+                    await self._role.changed(since=said)
+
+    async def _send(self, member: Member) -> None:
+        value = orjson.dumps(
+            {
+                "kind": KIND,
+                "id": member.id,
+                "url": member.url,
+                "role": member.role,
+                "journal_offset": member.journal_offset,
+                "epoch": member.epoch,
+                "at_us": member.heard_at_us,
+                "shard": member.shard,
+            }
+        )
+        assert self._producer is not None
+        await self._producer.send_and_wait(self._kafka.lease_topic, value, partition=0)
 
     async def _hear(self) -> None:
         """Step 2."""
@@ -203,18 +218,18 @@ def _one_leader(members: list[Member]) -> list[Member]:
     """Step 4."""
     leaders: dict[str, Member] = {}
     for m in members:
-        if m.role == "leader":
+        if m.role == "leader" and m.alive:
             rival = leaders.get(m.shard)
             if rival is None or _claim(m) > _claim(rival):
                 leaders[m.shard] = m
     return [
-        m if m.role != "leader" or leaders[m.shard] is m else replace(m, role="standby")
+        m if m.role != "leader" or leaders.get(m.shard) is m else replace(m, role="standby")
         for m in members
     ]
 
 
-def _claim(member: Member) -> tuple[bool, int, float]:
-    return member.alive, member.epoch, member.offset
+def _claim(member: Member) -> tuple[int, float]:
+    return member.epoch, member.offset
 
 
 def _member(value: bytes | None, offset: int) -> Member | None:

@@ -31,6 +31,15 @@ def test_of_two_leaders_the_live_one_of_the_later_epoch_heard_last_is_listed() -
     assert _roles([replace(dead, alive=True, offset=math.inf), new])["a"] == "leader"
 
 
+def test_a_core_not_alive_is_never_listed_as_leader() -> None:
+    # Killed, and no other core leads yet (its session has not timed out): no leader listed,
+    # the dead one a standby (it follows if it comes back).
+    dead = _core("a", "leader", 3, 10, alive=False)
+    standby = _core("b", "standby", 3, 20)
+    assert _roles([dead, standby]) == {"a": "standby", "b": "standby"}
+    assert _roles([dead]) == {"a": "standby"}
+
+
 def test_each_shard_lists_its_own_leader() -> None:
     cores = [
         _core("a", "leader", 1, 10),

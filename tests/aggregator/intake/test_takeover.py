@@ -5,8 +5,10 @@ balance read sent to it during the takeover was answered. The first, restarted o
 dir, follows and reaches the same digest. Then the new leader is paused (SIGSTOP) past its
 session timeout: the first takes over, and once resumed the paused one writes nothing that
 counts (the digests agree again). Alerts reach a webhook receiver under one `webhook-id` per
-crossing, whichever core delivered them. `GET /v1/cluster/` lists the killed leader as a silent
-standby beside the new leader."""
+crossing, whichever core delivered them. `GET /v1/cluster/`, asked of the standby all through
+the takeover, never lists a core not alive as leader, nor two leaders, and from the moment the
+standby lists itself leading it always does; it ends with the killed leader as a silent standby
+beside the new leader. A core stopped (SIGTERM) is listed as stopped."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import collections
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -51,6 +55,44 @@ def _stopped_leading(core: MeterlineServer, since: int) -> bool:
 def _roles(client: httpx.Client) -> set[tuple[str, bool]]:
     """(role, alive) of each core `GET /v1/cluster/` lists."""
     return {(m["role"], m["alive"]) for m in _ok(client.get("/v1/cluster/"))["items"]}
+
+
+class _Listings(threading.Thread):
+    """`GET /v1/cluster/` of one core every 100 ms, in a thread until stopped: each answer's
+    (role, alive, this) per core, in order."""
+
+    def __init__(self, url: str, token: str) -> None:
+        super().__init__(daemon=True)
+        self.answers: list[list[tuple[str, bool, bool]]] = []
+        self._args = (url, token)
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        url, token = self._args
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as client:
+            while not self._done.wait(0.1):
+                try:
+                    answer = client.get("/v1/cluster/", timeout=2).json()
+                except (httpx.HTTPError, ValueError):
+                    continue
+                items: list[dict[str, Any]] = answer["items"]
+                self.answers.append([(m["role"], m["alive"], m["this"]) for m in items])
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(10)
+
+    def assert_true(self) -> None:
+        """No core not alive listed as leader, at most one leader; once the answering core
+        lists itself leading, it always does."""
+        assert self.answers
+        led = False
+        for answer in self.answers:
+            leaders = [(alive, this) for role, alive, this in answer if role == "leader"]
+            assert all(alive for alive, _ in leaders) and len(leaders) <= 1, answer
+            led = led or leaders == [(True, True)]
+            assert not led or leaders == [(True, True)], answer
+        assert led, self.answers[-1]
 
 
 def _deliveries(receiver: Receiver) -> dict[str, set[bytes]]:
@@ -108,10 +150,12 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                 check = f"/v1/customer-meters/?meter_id={meter}&limit=10"
                 # 1. The leader killed: the standby leads, answers writes, applies events;
                 # through the edge, checks are answered throughout and writes wait.
+                listings = _Listings(second.url, token)
                 with Checks(
                     front.url, token, check, timeout=CHECK_SECONDS * load_factor()
                 ) as checks:
                     wait_for("10 checks before the kill", lambda: len(checks.asked) >= 10)
+                    listings.start()
                     first.kill()
                     killed = time.monotonic()
                     took = write_answered(front.url, token, TAKEOVER_SECONDS + 5)
@@ -125,11 +169,14 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                     )
                 _answered(checks)
                 # The standby lists itself as the leader, the killed core as a silent standby
-                # (one leader listed: the killed one's last heartbeat said it led).
+                # (one leader listed: the killed one's last heartbeat said it led), and said
+                # nothing else on the way.
                 wait_for(
                     "the standby to list itself leading, the killed core a silent standby",
                     lambda: _roles(b) == {("leader", True), ("standby", False)},
                 )
+                listings.stop()
+                listings.assert_true()
                 print(f"takeover: writes answered {took:.1f} s after the kill")
                 assert time.monotonic() - killed < 60
                 # 2. The first, restarted on its data dir, follows (the lease stays put).
@@ -167,6 +214,9 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                         for item in _ok(b.get(check.replace("limit=10", "limit=100")))["items"]
                         if item["meter_id"] == meter and item["consumed_units"] >= 1
                     ]
+                    # 4. The paused one stopped (SIGTERM): it said so as it went.
+                    assert second.stop() == 0
+                    assert ("stopped", False) in _roles(a_again)
         finally:
             front.__exit__(None, None, None)
             second.__exit__(None, None, None)
