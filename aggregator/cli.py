@@ -11,6 +11,7 @@ meterline schema record
 meterline meters wait [METER_ID ...]
 meterline reconcile --from T1 --to T2 --upstream-url URL [--repair] [--mode raw|rollup]
 meterline forwarder status|quarantine|resend SEQ
+meterline status [--url URL]
 
 Exit status: 0 done, 1 the work found a problem (drift, a failed meter), 2 could not run.
 
@@ -51,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     options.dead_letters(commands)
     options.ingest_log(commands)
     options.backups(commands)  # backup, restore
-    options.split(commands)
+    options.status(commands)
+    options.split(commands)  # last: test_startup's probe checks that the last --help ran
     return parser
 
 
@@ -112,6 +114,10 @@ def _run(args: argparse.Namespace) -> int:
         from aggregator.commands import cluster
 
         return cluster.run(args)
+    if name == "status":
+        from aggregator.commands import status
+
+        return status.run(args)
     assert name == "split", name
     from aggregator.commands import shards
 

@@ -4,7 +4,7 @@ the core runs) plus the query and management API, and the core's errors on the e
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -85,6 +85,7 @@ from ingest.http import (
     ErrorMap,
     Front,
     PerOrganization,
+    Source,
     count_responses,
     error,
     ingest_routes,
@@ -272,6 +273,7 @@ def build_app(
     members: Callable[[], Awaitable[list[Member]]] | None = None,
     applied: Applied | None = None,
     sharding: Sharding | None = None,
+    figures: Sequence[Source] = (),
 ) -> Starlette:
     """The core's API: ingest through `publisher`, and every query and management route; the
     live stream with a `feed`, dead letters with `kafka` (Kafka mode), and customer sessions
@@ -280,7 +282,8 @@ def build_app(
     core alone); `applied`: how far the control topic is applied here (Kafka mode), what reads
     after writes wait for (`api.read_after`); `sharding`: a shard of several sends the
     requests of other shards' customers there, and merges organization-wide reads with theirs
-    (`api.shard_routing`)."""
+    (`api.shard_routing`); `figures`: more of `/metrics` (the journal's lag, the snapshots:
+    `core_metrics`)."""
     authenticate = registry.organization_id
     limits = settings.ingest.limits
     ctx = ApiContext(
@@ -295,6 +298,7 @@ def build_app(
     front = front or Front.of(limits)
     admission, responses = front.admission, front.responses
     sources = core_metrics.sources(store, consumer, forwarder[0] if forwarder else None)
+    sources += figures
     routes = [
         *openapi_routes.declare_edge(
             [

@@ -1,21 +1,33 @@
 """The core's part of `GET /metrics` (Prometheus text): what the store, the consumer, the
-forwarder and the webhook sender are holding back or refusing."""
+forwarder and the webhook sender are holding back or refusing; how far behind the journal the
+core is, when its last snapshot was taken, and what its data dir holds (`meterline status`
+reads them)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import shutil
+import time
 from functools import partial
 from pathlib import Path
 
+from aggregator.backup import Taken
 from aggregator.intake.consumer import Consumer
+from aggregator.intake.journal import Journal
 from aggregator.store import Store, failed_meters, failures
 from aggregator.upstream.forwarder import Forwarder
 from ingest.http import Source
 
+SIZE_SECONDS = 10.0  # a data dir's size is walked again at most this often
+LAG_SECONDS = 1.0  # the journal's end asked of the broker for at most this long
+
 
 def sources(store: Store, consumer: Consumer | None, forwarder: Forwarder | None) -> list[Source]:
     """The core's figures, after the edge's (`ingest.http.metrics_route`)."""
-    found: list[Source] = [partial(_store, store), partial(_webhooks, store)]
+    found: list[Source] = [partial(_store, store, _DataDirSize(Path(store.path).parent))]
+    found.append(partial(_webhooks, store))
     if forwarder is not None:
         found.append(partial(_forwarder, forwarder))
     if consumer is not None:
@@ -23,7 +35,72 @@ def sources(store: Store, consumer: Consumer | None, forwarder: Forwarder | None
     return found
 
 
-async def _store(store: Store) -> list[str]:
+def snapshots(taken: Taken) -> Source:
+    """When the core's last snapshot was taken, by its schedule (`--backup-to`) or asked
+    (`meterline backup`), and its failures; 0 for never (and for no schedule), so that every
+    series has a sample from the start."""
+
+    async def lines() -> list[str]:
+        found = [
+            "# HELP meterline_snapshot_failures_total snapshots that failed since the start",
+            "# TYPE meterline_snapshot_failures_total counter",
+            f"meterline_snapshot_failures_total {taken.failures}",
+        ]
+        for name, value, text in (
+            ("last_timestamp_seconds", taken.last_at, "when the last snapshot was taken"),
+            ("last_failure_timestamp_seconds", taken.failed_at, "when a snapshot last failed"),
+            ("every_seconds", taken.every_seconds, "the period of --backup-to's snapshots"),
+        ):
+            found += [
+                f"# HELP meterline_snapshot_{name} {text} (0: none)",
+                f"# TYPE meterline_snapshot_{name} gauge",
+                f"meterline_snapshot_{name} {value or 0}",
+            ]
+        return found
+
+    return lines
+
+
+def journal_lag(journal: Journal) -> Source:
+    """The journal's entries not applied here yet (Kafka mode): how far behind the others this
+    core is; a leader's is what it has yet to catch up on after it took over."""
+
+    async def lines() -> list[str]:
+        found = ["# TYPE meterline_journal_lag_entries gauge"]
+        with contextlib.suppress(Exception):  # the broker away: no figure, not a failed scrape
+            async with asyncio.timeout(LAG_SECONDS):
+                found.append(f"meterline_journal_lag_entries {await journal.lag()}")
+        return found
+
+    return lines
+
+
+class _DataDirSize:
+    """The bytes of the files under a data dir, walked in a thread at most every
+    `SIZE_SECONDS` (its segments can be many files)."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._walked_at = -SIZE_SECONDS
+        self._bytes = 0
+
+    async def bytes(self) -> int:
+        if time.monotonic() - self._walked_at >= SIZE_SECONDS:
+            self._bytes = await asyncio.to_thread(_size, self._folder)
+            self._walked_at = time.monotonic()
+        return self._bytes
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):  # deleted while walked (a merged segment)
+                total += os.stat(os.path.join(root, name), follow_symlinks=False).st_blocks * 512
+    return total
+
+
+async def _store(store: Store, size: _DataDirSize) -> list[str]:
     writer = store.writer
     failed = await store.read(failed_meters)
     # The data dir's file system: a full disk refuses writes (503 StorageFull) until freed.
@@ -34,6 +111,9 @@ async def _store(store: Store) -> list[str]:
         f"meterline_store_disk_free_bytes {disk.free}",
         "# TYPE meterline_store_disk_size_bytes gauge",
         f"meterline_store_disk_size_bytes {disk.total}",
+        "# HELP meterline_store_data_dir_bytes bytes the data dir's files take on the disk",
+        "# TYPE meterline_store_data_dir_bytes gauge",
+        f"meterline_store_data_dir_bytes {await size.bytes()}",
         "# TYPE meterline_writer_over_bound_total counter",
         f"meterline_writer_over_bound_total {writer.over_bound}",
         "# TYPE meterline_writer_longest_job_seconds gauge",

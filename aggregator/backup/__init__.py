@@ -4,12 +4,13 @@ on S3 (`places`); restored into an empty data dir (`restore`)."""
 
 from aggregator.backup.places import check, fetched, put
 from aggregator.backup.served import SnapshotSocket, requested
-from aggregator.backup.snapshots import MANIFEST, Backups, restore, snapshots
+from aggregator.backup.snapshots import MANIFEST, Backups, Taken, restore, snapshots
 
 __all__ = [
     "MANIFEST",
     "Backups",
     "SnapshotSocket",
+    "Taken",
     "check",
     "fetched",
     "put",

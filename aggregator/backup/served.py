@@ -29,7 +29,7 @@ from typing import Self
 
 import orjson
 
-from aggregator.backup.snapshots import take
+from aggregator.backup.snapshots import Taken, take
 from aggregator.errors import UsageError
 from aggregator.store import Store
 from ingest.tasks import cancel_within
@@ -56,9 +56,10 @@ def _in(data_dir: Path) -> Iterator[str]:
 class SnapshotSocket:
     """Steps 2 and 3 while entered (an async context manager)."""
 
-    def __init__(self, store: Store, data_dir: Path) -> None:
+    def __init__(self, store: Store, data_dir: Path, taken: Taken | None = None) -> None:
         self._store = store
         self._data_dir = data_dir
+        self._taken = taken or Taken()
         self._one_at_a_time = asyncio.Lock()
         self._handlers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -103,8 +104,10 @@ class SnapshotSocket:
                 try:
                     async with self._one_at_a_time:
                         taken = await take(self._store, self._data_dir, self._data_dir / SERVED)
+                    self._taken.took()
                     answer = {"snapshot": taken.name}
                 except Exception as exc:
+                    self._taken.failed()
                     log.exception("a snapshot failed")
                     answer = {"error": f"{type(exc).__name__}: {exc}"}
             writer.write(orjson.dumps(answer) + b"\n")

@@ -16,6 +16,8 @@ The protocol:
      the data dir holds it;
    - `manifest.json`: when, the positions covered, the files' sizes.
 2. Only the newest `kept` snapshots stay.
+   What the core's snapshots did, by the schedule or asked, is kept for `/metrics` (`Taken`):
+   when the last was taken (at start, the newest in `<to>`), and when one last failed.
 3. `restore` copies a snapshot into an empty (or absent) data dir, and refuses any other: what
    is there (a database, or the `secret.key` and `auth.sqlite3` of `token create --init`)
    would be overwritten or left beside the snapshot's files. A core started on it applies what the
@@ -27,6 +29,7 @@ The protocol:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import shutil
@@ -54,17 +57,45 @@ ATTEMPTS = 3  # of one snapshot, when the ingest log pruned a segment during the
 NAMED = 5  # of the entries found in a data dir that a restore refuses
 
 
+class Taken:
+    """The snapshots of a core since it started (step 2): when the last was taken and when one
+    last failed (seconds since the epoch), and the schedule's period if it has one."""
+
+    def __init__(self) -> None:
+        self.last_at: float | None = None
+        self.failed_at: float | None = None
+        self.failures = 0
+        self.every_seconds: float | None = None
+
+    def took(self, at: float | None = None) -> None:
+        self.last_at = max(self.last_at or 0.0, time.time() if at is None else at)
+
+    def failed(self) -> None:
+        self.failed_at = time.time()
+        self.failures += 1
+
+
 class Backups:
     """Step 1 and 2 in the background while entered (an async context manager)."""
 
-    def __init__(self, store: Store, data_dir: Path, settings: BackupSettings) -> None:
+    def __init__(
+        self, store: Store, data_dir: Path, settings: BackupSettings, taken: Taken | None = None
+    ) -> None:
         self._store = store
         self._data_dir = data_dir
         self._settings = settings
+        self._taken = taken or Taken()
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
-        self._settings.to.mkdir(parents=True, exist_ok=True)
+        to = self._settings.to
+        to.mkdir(parents=True, exist_ok=True)
+        self._taken.every_seconds = self._settings.every_seconds
+        before = snapshots(to)
+        if before:  # taken before this start: the schedule goes on from it
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                created = orjson.loads((before[-1] / MANIFEST).read_bytes())["created_at"]
+                self._taken.took(datetime.fromisoformat(created).timestamp())
         self._task = asyncio.create_task(self._run(), name="backups")
         return self
 
@@ -82,10 +113,12 @@ class Backups:
             began = time.monotonic()
             try:
                 path = await self._take()
+                self._taken.took()
                 log.info("snapshot %s written in %.1f s", path, time.monotonic() - began)
             except asyncio.CancelledError:
                 raise
             except Exception:
+                self._taken.failed()
                 log.exception("a snapshot failed; the next is due as usual")
             await asyncio.sleep(max(0.0, self._settings.every_seconds - (time.monotonic() - began)))
 

@@ -1,6 +1,6 @@
 """The options of the commands that are not a process (their `run` is in the module of each:
-`tokens`, `meters`, `orgs`, `schema`, `dead_letters`, `ingest_log`, `backups`, `shards`), and
-of `cluster`, which runs processes (`cluster`).
+`tokens`, `meters`, `orgs`, `schema`, `dead_letters`, `ingest_log`, `backups`, `shards`,
+`status`), and of `cluster`, which runs processes (`cluster`).
 
 Every `meterline` command builds all of them, `--help` included, so this module imports no
 more than the settings do: a command's module is imported when it runs (`aggregator.cli`)."""
@@ -278,4 +278,30 @@ def cluster(subparsers: Any) -> None:
         type=float,
         default=120.0,
         help="how long every process has to answer before the start is given up",
+    )
+
+
+def status(subparsers: Any) -> None:
+    status = command(
+        subparsers,
+        "status",
+        "what runs, in one screen: each core's role, whether it is alive, its last heartbeat"
+        " and epoch, how far behind it is, its health, its last snapshot, its data dir and the"
+        " disk under it; then what is wrong (exit 1), or all well (exit 0)",
+    )
+    server_options(status, "a token of any organization (GET /v1/cluster/ takes any)")
+    status.add_argument(
+        "--metrics-token",
+        default=os.environ.get("METERLINE_METRICS_TOKEN"),
+        help="the cores' --metrics-token, if they have one (default: $METERLINE_METRICS_TOKEN)",
+    )
+    status.add_argument(
+        "--max-lag",
+        type=int,
+        default=1000,
+        help="a core further behind is a problem: journal entries it has not applied (Kafka"
+        " mode), and for a leader also its events partitions' records it has not read",
+    )
+    status.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for each answer"
     )

@@ -213,6 +213,14 @@ class Journal:
         """The journal offset after the last group applied here (None: none)."""
         return self._store.applied_offsets(self._kafka.journal_topic).get(0)
 
+    async def lag(self) -> int:
+        """The entries of the journal not applied here yet: its end as the broker says it now,
+        less `position` (`/metrics`)."""
+        assert self._reader is not None
+        tp = self._partition
+        end: int = (await self._reader.end_offsets([tp]))[tp]
+        return max(0, end - (self.position() or 0))
+
     async def __aenter__(self) -> Self:
         kafka = self._kafka
         await ensure_topics(kafka)

@@ -15,10 +15,11 @@ import duckdb
 import httpx
 import uvloop
 
+from aggregator import core_metrics
 from aggregator.api.shard_routing import Peers, Sharding
 from aggregator.auth import TokenRegistry, cluster_secret
 from aggregator.backfill import Backfiller
-from aggregator.backup import Backups, SnapshotSocket
+from aggregator.backup import Backups, SnapshotSocket, Taken
 from aggregator.commands import tokens as token_commands
 from aggregator.commands.common import program
 from aggregator.core_app import alert_payload, build_app, state_payload
@@ -160,9 +161,12 @@ async def serve(
                 exporter = await stack.enter_async_context(
                     TokenExporter(registry, view, kafka, sealer)
                 )
-            await stack.enter_async_context(SnapshotSocket(store, settings.data_dir))
+            taken = Taken()  # the snapshots' figures (`/metrics`)
+            await stack.enter_async_context(SnapshotSocket(store, settings.data_dir, taken))
             if settings.backups is not None:
-                await stack.enter_async_context(Backups(store, settings.data_dir, settings.backups))
+                await stack.enter_async_context(
+                    Backups(store, settings.data_dir, settings.backups, taken)
+                )
             validation = await stack.enter_async_context(validation or _validation(settings))
             backfiller = await stack.enter_async_context(
                 Backfiller(store, journal=journal, role=role)
@@ -227,6 +231,10 @@ async def serve(
                 members.current if members is not None else None,
                 applied,
                 sharding,
+                [
+                    core_metrics.snapshots(taken),
+                    *([core_metrics.journal_lag(journal)] if journal is not None else []),
+                ],
             )
             url = f"http://{settings.host}:{settings.port}"
             lines = [f"console: {url}/ (log in with a token); API reference: {url}/docs"]

@@ -8,7 +8,9 @@ counts (the digests agree again). Alerts reach a webhook receiver under one `web
 crossing, whichever core delivered them. `GET /v1/cluster/`, asked of the standby all through
 the takeover, never lists a core not alive as leader, nor two leaders, and from the moment the
 standby lists itself leading it always does; it ends with the killed leader as a silent standby
-beside the new leader. A core stopped (SIGTERM) is listed as stopped."""
+beside the new leader. A core stopped (SIGTERM) is listed as stopped. `meterline status`, asked
+of the edge, says all is well before the kill, names the killed core after it, and is well
+again once that core's restart (on its URL) follows and once the other is stopped."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from benchmarks.takeover import Checks, write_answered
 from tests.aggregator.intake.test_control_topic import Workload, _ok, _settled_together
 from tests.aggregator.upstream.webhook_receiver import Receiver
 from tests.deadline import load_factor, wait_for
+from tests.inprocess import run_cli
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer
 
@@ -95,6 +98,13 @@ class _Listings(threading.Thread):
         assert led, self.answers[-1]
 
 
+def _status(url: str, token: str) -> tuple[int, list[str]]:
+    """`meterline status --url URL`: its exit status and lines."""
+    done = run_cli("status", "--url", url, "--token", token)
+    assert done.stderr == "", done.stderr
+    return done.returncode, done.stdout.splitlines()
+
+
 def _deliveries(receiver: Receiver) -> dict[str, set[bytes]]:
     """The bodies of each webhook-id the receiver got, of the test's own alert (the
     workload's alerts, on the same meter, may cross too)."""
@@ -147,6 +157,12 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                 standing = "this core follows the leader"
                 wait_for("the standby to follow", lambda: any(standing in x for x in second.output))
                 assert not _leads(second)
+                code, said = _status(front.url, token)
+                rows = {line.split()[0]: line.split() for line in said[2:-1]}
+                assert code == 0 and said[-1] == "all well", said
+                assert rows[first.url][1:3] == ["leader", "yes"], said
+                assert rows[second.url][1:3] == ["standby", "yes"], said
+                assert all(row[6].isdigit() for row in rows.values()), said  # LAG
                 check = f"/v1/customer-meters/?meter_id={meter}&limit=10"
                 # 1. The leader killed: the standby leads, answers writes, applies events;
                 # through the edge, checks are answered throughout and writes wait.
@@ -177,6 +193,12 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                 )
                 listings.stop()
                 listings.assert_true()
+                code, said = _status(front.url, token)
+                assert code == 1, said
+                assert said[-2:] == [
+                    f"problem: {first.url} (standby) not heard for {said[-2].split()[-2]} s",
+                    "1 problem",
+                ], said
                 print(f"takeover: writes answered {took:.1f} s after the kill")
                 assert time.monotonic() - killed < 60
                 # 2. The first, restarted on its data dir, follows (the lease stays put).
@@ -188,6 +210,9 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                     (reached, _), (again, _) = _settled_together(b, a_again)
                     assert again == reached
                     assert not _leads(first)
+                    code, said = _status(front.url, token)
+                    assert code == 0 and said[-1] == "all well", said
+                    assert said[-2].startswith("(1 earlier run of restarted cores"), said
                     # 3. The leader paused past its session timeout: the first takes over;
                     # resumed, the paused one writes nothing that counts.
                     since = len(second.output)
@@ -217,6 +242,8 @@ def test_a_standby_takes_over_a_killed_or_paused_leader(tmp_path: Path) -> None:
                     # 4. The paused one stopped (SIGTERM): it said so as it went.
                     assert second.stop() == 0
                     assert ("stopped", False) in _roles(a_again)
+                    code, said = _status(front.url, token)
+                    assert code == 0 and said[-1] == "all well", said
         finally:
             front.__exit__(None, None, None)
             second.__exit__(None, None, None)
