@@ -81,6 +81,8 @@ from aggregator.upstream.forwarder import Forwarder
 from ingest.http import (
     JSON,
     OPENMETER_PATH,
+    TOKENS_IN_DATA_DIR,
+    TOKENS_ON_CONTROL_TOPIC,
     CloudEvent,
     ErrorMap,
     Front,
@@ -205,8 +207,8 @@ def _openmeter_declared(routes: list[Route]) -> list[Route]:
     return [declared(r, _OPENMETER_INGEST) if r.path == OPENMETER_PATH else r for r in routes]
 
 
-def _errors() -> ErrorMap:
-    errors = ErrorMap()
+def _errors(kafka: KafkaSettings | None) -> ErrorMap:
+    errors = ErrorMap(TOKENS_IN_DATA_DIR if kafka is None else TOKENS_ON_CONTROL_TOPIC)
     errors.register(NotFound, 404, "ResourceNotFound", default_detail="Not found")
     errors.register(MeterFailed, 409, "MeterFailed")
     errors.register(KeyReused, 409, "IdempotencyKeyReused")
@@ -347,4 +349,5 @@ def build_app(
         middleware.append(read_after(applied))
     if sharding is not None:
         middleware.append(shard_routing(authenticate, sharding))
-    return Starlette(routes=routes, exception_handlers=_errors().handlers, middleware=middleware)
+    errors = _errors(kafka).handlers
+    return Starlette(routes=routes, exception_handlers=errors, middleware=middleware)

@@ -20,6 +20,8 @@ from ingest.http.requests import Authenticate, bearer_subject, json_body, organi
 from ingest.http.responses import (
     HOP_BY_HOP,
     JSON,
+    TOKENS_IN_DATA_DIR,
+    TOKENS_ON_CONTROL_TOPIC,
     ErrorBody,
     ErrorMap,
     FieldErrorBody,
@@ -42,6 +44,8 @@ __all__ = [
     "OFFSET_HEADER",
     "OPENMETER_PATH",
     "READ_AFTER_HEADER",
+    "TOKENS_IN_DATA_DIR",
+    "TOKENS_ON_CONTROL_TOPIC",
     "Admission",
     "Authenticate",
     "CloudEvent",

@@ -33,7 +33,7 @@ from ingest.http.metrics import Responses, count_responses, metrics_route
 from ingest.http.otlp import OTLP_PATH, OtlpTraces, Spans
 from ingest.http.protocol import Gate
 from ingest.http.requests import Authenticate, authenticated
-from ingest.http.responses import JSON, ErrorMap, raw_closing, refused
+from ingest.http.responses import JSON, TOKENS_ON_CONTROL_TOPIC, ErrorMap, raw_closing, refused
 from ingest.publish import Progress, Publisher
 from ingest.settings import IngestSettings, Limits, OtlpSettings
 from meters.errors import ValidationFailed
@@ -242,7 +242,7 @@ def edge_app(
         routes.append(Route("/{path:path}", cores.handle, methods=list(_METHODS)))
     return Starlette(
         routes=routes,
-        exception_handlers=ErrorMap().handlers,
+        exception_handlers=ErrorMap(TOKENS_ON_CONTROL_TOPIC).handlers,
         middleware=[count_responses(responses)],
     )
 

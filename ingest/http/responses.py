@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -138,19 +139,32 @@ def _echoable(value: Any) -> Any:
 
 # Polar's detail is "Unauthorized" alone; a newcomer needs to be told which header to send.
 UNAUTHORIZED = "Unauthorized: send a token in the header `Authorization: Bearer <token>`"
+# Polar's (RFC 6750's) description of a token it does not take, which meterline goes on from
+# to say where its tokens come from (`ErrorMap`'s `tokens`: one of the two below).
+REFUSED = "The access token provided is expired, revoked, malformed, or invalid for other reasons."
+TOKENS_IN_DATA_DIR = (
+    "This server's organization tokens are in its data dir (auth.sqlite3): `meterline token"
+    " create --org NAME` makes one there, `meterline token list` lists them."
+)
+TOKENS_ON_CONTROL_TOPIC = (
+    "This cluster's organization tokens are on its control topic: `meterline token create"
+    " --org NAME --kafka BOOTSTRAP` makes one there (a core publishes those of its data dir"
+    " there too)."
+)
 
 
-def unauthorized() -> JSON:
-    return error(
-        401, "Unauthorized", UNAUTHORIZED, {"WWW-Authenticate": 'Bearer realm="meterline"'}
-    )
+def unauthorized(tokens: str = "") -> JSON:
+    """A 401 for a request that sent no token; `tokens`: where they come from."""
+    detail = f"{UNAUTHORIZED}. {tokens}" if tokens else UNAUTHORIZED
+    return error(401, "Unauthorized", detail, {"WWW-Authenticate": 'Bearer realm="meterline"'})
 
 
-def invalid_token() -> JSON:
+def invalid_token(tokens: str = "") -> JSON:
+    """A 401 for a token it does not take, in Polar's (RFC 6750's) shape; `tokens`: where
+    they come from."""
     body: InvalidTokenBody = {
         "error": "invalid_token",
-        "error_description": "The access token provided is expired, revoked, malformed,"
-        " or invalid for other reasons.",
+        "error_description": f"{REFUSED} {tokens}".strip(),
     }
     return JSON(
         body,
@@ -168,9 +182,11 @@ Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 class ErrorMap:
     """Which exception is answered with which response (Starlette picks the handler of the
-    nearest class in the exception's MRO). Starts with the edge's errors."""
+    nearest class in the exception's MRO). Starts with the edge's errors; `tokens` says where
+    the process's tokens come from (`TOKENS_IN_DATA_DIR`, `TOKENS_ON_CONTROL_TOPIC`) in its
+    401s."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens: str = "") -> None:
         self._handlers: dict[type[Exception], Handler] = dict.fromkeys(
             (
                 ValidationFailed,
@@ -181,7 +197,7 @@ class ErrorMap:
                 TooManyRequests,
                 Unavailable,
             ),
-            _edge_error,
+            partial(_edge_error, tokens),
         )
 
     def register(
@@ -209,13 +225,13 @@ class ErrorMap:
         return dict(self._handlers)
 
 
-async def _edge_error(request: Request, exc: Exception) -> Response:
+async def _edge_error(tokens: str, request: Request, exc: Exception) -> Response:
     if isinstance(exc, ValidationFailed):
         return validation_error(exc)
     if isinstance(exc, Unauthorized):
-        return unauthorized()
+        return unauthorized(tokens)
     if isinstance(exc, InvalidToken):
-        return invalid_token()
+        return invalid_token(tokens)
     if isinstance(exc, BodyTooLarge):
         # The rest of the body is not read: the connection cannot carry another request.
         return error(413, "RequestBodyTooLarge", str(exc), {"Connection": "close"})

@@ -23,17 +23,28 @@ def test_missing_and_bad_tokens_get_polars_401_shapes(server: Server) -> None:
     with httpx.Client(base_url=server.url) as anonymous:
         response = anonymous.post("/v1/events/ingest", json={"events": []})
         assert response.status_code == 401
-        # Polar's error name; the detail tells a newcomer which header to send.
+        # Polar's error name; the detail tells a newcomer which header to send, and where
+        # tokens come from.
         assert response.json() == {
             "error": "Unauthorized",
-            "detail": "Unauthorized: send a token in the header `Authorization: Bearer <token>`",
+            "detail": "Unauthorized: send a token in the header `Authorization: Bearer <token>`."
+            " This server's organization tokens are in its data dir (auth.sqlite3): `meterline"
+            " token create --org NAME` makes one there, `meterline token list` lists them.",
         }
         assert response.headers["www-authenticate"].startswith("Bearer")
 
         for header in ("Bearer nope", "Basic abc", "Bearer"):
             response = anonymous.get("/v1/events/", headers={"Authorization": header})
             assert response.status_code == 401, header
-            assert response.json()["error"] == "invalid_token"
+            # Polar's (RFC 6750's) shape and words, then where this server's tokens are.
+            refused = response.json()
+            assert list(refused) == ["error", "error_description"], refused
+            assert refused["error"] == "invalid_token"
+            assert refused["error_description"].startswith(
+                "The access token provided is expired, revoked, malformed, or invalid for other"
+                " reasons. This server's organization tokens are in its data dir (auth.sqlite3):"
+                " `meterline token create --org NAME` makes one there"
+            )
 
 
 def test_every_v1_route_answers_401_without_a_token(tmp_path: Path) -> None:

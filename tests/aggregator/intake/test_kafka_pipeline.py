@@ -379,3 +379,16 @@ def test_a_child_on_another_partition_before_its_parent_resolves(shared: Pipelin
         assert parent["child_count"] == 1
         roots = core.get("/v1/events/", params={"depth": 0}).json()["items"]
         assert [e["name"] for e in roots] == ["parent"]
+
+
+def test_a_refused_token_says_tokens_are_on_the_control_topic(shared: Pipeline) -> None:
+    """Kafka mode's 401s, of a core and of an edge, say where its tokens are (the data dir's
+    auth.sqlite3 is the embedded pipeline's: `test_auth_and_isolation`)."""
+    assert shared.core is not None
+    for server in (shared.core, shared.edges[0]):
+        with server.client("mlt_oat_not_a_token") as client:
+            refused = client.post("/v1/events/ingest", json={"events": []})
+        assert refused.status_code == 401, refused.text
+        said = refused.json()["error_description"]
+        assert "on its control topic" in said and "meterline token create" in said, said
+        assert "--kafka BOOTSTRAP" in said
