@@ -3,9 +3,10 @@ every page's examples run as shown. A page's `sh` blocks and its `python` blocks
 in one shell, against one `make up` that every page of a test worker shares (so a page must not
 depend on what another page made: its own customers, ids and meters), and each prints exactly
 what the `output` block after it shows (`...` stands for any text; no `output` block: nothing).
-A `python` block runs as `python3 -` in that shell: it reads what the page exported
-(`os.environ["TOKEN"]`). Blocks fenced `console` or `py` are shown, not run: they need what
-cannot run here (Polar itself, Docker, an LLM vendor's key), as the page says."""
+A `python` block is saved as the file its title names and run with `python FILE` in that
+shell, as the page says to: it reads what the page exported (`os.environ["TOKEN"]`). Blocks
+fenced `console` or `py` are shown, not run: they need what cannot run here (Polar itself,
+Docker, an LLM vendor's key), as the page says."""
 
 from __future__ import annotations
 

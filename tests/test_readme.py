@@ -1,7 +1,9 @@
 """The README works as written: its `sh` blocks run in order, in one shell, against a fresh
 `make up`, and print exactly what the `output` block after each shows (`...` stands for any
-text). A block without an `output` block must print nothing. Blocks that need what cannot run
-here (Polar itself, Docker) are fenced `console` and are not run."""
+text). A block without an `output` block must print nothing. A `python` block is a program the
+page says to save as the file its title names and run with `python FILE` in that shell: so it
+is run. Blocks that need what cannot run here (Polar itself, Docker) are fenced `console` and
+are not run."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,9 @@ README = ROOT / "README.md"
 # Where `make up` serves, as the README's commands name it: the test serves on a free port
 # instead (a `make up` of the reader's own may hold this one) and runs the blocks with it.
 README_ADDRESS = "127.0.0.1:8000"
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
+# A fence: its language, its attributes (`title="send.py"`), its code.
+FENCE = re.compile(r"^```(\w*)([^\n]*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
+TITLE = re.compile(r'title="([^"]*)"')
 MARK = "@@readme-block@@"
 
 pytestmark = pytest.mark.processes
@@ -36,27 +40,46 @@ class Block:
     line: int
     code: str
     output: str
+    file: str = ""  # a `python` block's title: the file the page says to save it as
+    said: str = ""  # the page's text between the block before and this one
 
 
 RUN = {"sh", "python"}
-# A `python` block runs in the same shell, so it reads what the blocks before it exported.
-PYTHON = "python3 - <<'MLPY_EOF'\n{code}MLPY_EOF\n"
+# A `python` block is saved as its file where the shell is, and run there as the page says, so
+# it reads what the blocks before it exported (a file of the checkout is never written over).
+PYTHON = "test ! -L {file}\ncat > {file} <<'MLPY_EOF'\n{code}MLPY_EOF\npython {file}\n"
 
 
 def examples(text: str) -> list[tuple[str, Block]]:
     """Every `sh` and `python` block, with the `output` block right after it ("" if none)."""
     fences = [
-        (m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1, m.start(), m.end())
+        (m.group(1), m.group(3), text.count("\n", 0, m.start()) + 1, m.start(), m.end(), m)
         for m in FENCE.finditer(text)
     ]
     found = []
-    for i, (lang, code, line, _, end) in enumerate(fences):
+    for i, (lang, code, line, start, end, match) in enumerate(fences):
         if lang not in RUN:
             continue
         after = fences[i + 1] if i + 1 < len(fences) else None
         shown = after is not None and after[0] == "output" and not text[end : after[3]].strip()
-        found.append((lang, Block(line, code, after[1] if shown and after else "")))
+        title = TITLE.search(match.group(2))
+        said = text[fences[i - 1][4] if i else 0 : start]
+        block = Block(line, code, after[1] if shown and after else "", title[1] if title else "")
+        found.append((lang, replace(block, said=said)))
     return found
+
+
+def test_every_python_block_says_how_to_run_it() -> None:
+    """Each is a file to save and run, as the text before it says (pasted into the REPL, a
+    program with blocks is a SyntaxError)."""
+    pages = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+    blocks = [(p, b) for p in pages for lang, b in examples(p.read_text()) if lang == "python"]
+    assert blocks
+    for page, block in blocks:
+        where = f"{page.relative_to(ROOT)} line {block.line}"
+        assert re.fullmatch(r"\w+\.py", block.file), f"{where}: no title naming its file"
+        assert f"`python {block.file}`" in block.said, f"{where}: says not to run {block.file}"
+        assert not (ROOT / block.file).exists(), f"{where}: {block.file} is the checkout's"
 
 
 def matches(shown: str, printed: str) -> bool:
@@ -112,7 +135,8 @@ def run_as_shown(
     address the blocks name put as the dict says); each must print what its `output` block
     shows."""
     script = "".join(
-        f"printf '\\n{MARK}\\n'\n" + (PYTHON.format(code=b.code) if lang == "python" else b.code)
+        f"printf '\\n{MARK}\\n'\n"
+        + (PYTHON.format(code=b.code, file=b.file) if lang == "python" else b.code)
         for lang, b in blocks
     )
     addresses = address if isinstance(address, dict) else {README_ADDRESS: address}
