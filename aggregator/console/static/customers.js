@@ -1,6 +1,6 @@
 // Customers: search; one customer's meters (balances pushed live by the server) and recent
-// events; one customer meter's history (consumption and credits per period, resets marked) and
-// its credit grants (what remains of each, expiries).
+// events (read again as the same pushes come); one customer meter's history (consumption and
+// credits per period, resets marked) and its credit grants (what remains of each, expiries).
 import { follow } from "./api.js";
 import { fmt, h, link, message, section, table } from "./dom.js";
 import { periodOf, usage } from "./meters.js";
@@ -41,8 +41,9 @@ const BALANCE_COLUMNS = [
 ];
 
 // Keeps `rows` (customer meters keyed by meter id) current from the live stream, calling
-// `render` after each change; the returned badge says whether the stream is up.
-function live(ctx, params, rows, render, reload) {
+// `render` after each change and `changed` after each push (what else the change touched, to
+// read again); the returned badge says whether the stream is up.
+function live(ctx, params, rows, render, reload, changed = () => {}) {
   const badge = h("span", { class: "live", dataset: { state: "connecting" }, text: "connecting" });
   const state = (name) => {
     badge.dataset.state = name;
@@ -53,6 +54,7 @@ function live(ctx, params, rows, render, reload) {
     "/v1/customer-meters/stream",
     params,
     (event, data) => {
+      if (["open", "customer_meter", "reset"].includes(event)) changed();
       if (event === "open") {
         state("live");
         reload(); // what changed while the stream was down
@@ -87,14 +89,12 @@ export async function detail(ctx, id) {
     render();
   };
   await reload();
-  const badge = live(ctx, { customer_id: id }, rows, render, () => reload().catch(() => {}));
-  const events = await ctx.call("/v1/events/", { params: { customer_id: id, limit: 20, sorting: "-timestamp" } });
-  return [
-    h("h1", { text: `Customer: ${customer.name || customer.email || customer.external_id || customer.id}` }),
-    h("dl", { class: "facts" }, fact("Email", customer.email), fact("External id", customer.external_id), fact("Id", customer.id)),
-    section("Meters", h("p", { class: "hint" }, badge, " balances update as the server commits changes"), holder),
-    section(
-      "Recent events",
+  // The events that changed a balance come with its push: the list is read again then (at most
+  // one read at a time, and one more for the pushes that came during it).
+  const recent = h("div", { id: "recent-events" });
+  const readEvents = async () => {
+    const events = await ctx.call("/v1/events/", { params: { customer_id: id, limit: 20, sorting: "-timestamp" } });
+    recent.replaceChildren(
       table(
         [
           ["Time", (e) => fmt.time(e.timestamp)],
@@ -103,10 +103,41 @@ export async function detail(ctx, id) {
           ["Metadata", (e) => h("code", { text: JSON.stringify(e.metadata) })],
         ],
         events.items,
-        { empty: "No events yet." },
+        { empty: "No events yet.", key: (e) => e.id },
       ),
-    ),
+    );
+  };
+  await readEvents();
+  const badge = live(ctx, { customer_id: id }, rows, render, () => reload().catch(() => {}), oneAtATime(readEvents));
+  return [
+    h("h1", { text: `Customer: ${customer.name || customer.email || customer.external_id || customer.id}` }),
+    h("dl", { class: "facts" }, fact("Email", customer.email), fact("External id", customer.external_id), fact("Id", customer.id)),
+    section("Meters", h("p", { class: "hint" }, badge, " balances update as the server commits changes"), holder),
+    section("Recent events", h("p", { class: "hint", text: "read again as the balances above change" }), recent),
   ];
+}
+
+// `load()` now, or, while a load runs, once more after it (however often asked meanwhile); a
+// failed load waits for the next change.
+function oneAtATime(load) {
+  let running = null;
+  let again = false;
+  const run = () => {
+    if (running) {
+      again = true;
+      return;
+    }
+    running = load()
+      .catch(() => {})
+      .finally(() => {
+        running = null;
+        if (again) {
+          again = false;
+          run();
+        }
+      });
+  };
+  return run;
 }
 
 function fact(name, value) {

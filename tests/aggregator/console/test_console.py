@@ -304,8 +304,12 @@ def test_a_customers_balance_changes_live_without_reload(page: Page, world: Worl
     credit = {"customer_id": world.ids["alice"], "meter_id": world.ids["tokens"], "units": 5000}
     world.a.post("/v1/meter-credits/", json={**credit, "external_id": "grant-1"}).raise_for_status()
     _wait_balance(page, world.ids["tokens"], "400")
-    world.a.post("/v1/events/ingest", json={"events": [_event("alice", 0, tokens=150)]})
+    world.a.post(
+        "/v1/events/ingest", json={"events": [_event("alice", 0, tokens=150, seen="live")]}
+    )
     _wait_balance(page, world.ids["tokens"], "250")
+    # The event that changed the balance is listed too, from the same push, without a reload.
+    page.wait_for_selector('#recent-events tr:first-child code:has-text(\'"seen":"live"\')')
     assert page.evaluate("window.stayed") is True
     assert "call" in page.inner_text("main section:has(h2:has-text('Recent events'))")
     _shot(page, world, "customer")
