@@ -27,6 +27,9 @@ from aggregator.errors import NotFound, UsageError
 TOKEN_PREFIX = "mlt_oat_"  # noqa: S105 - not a secret
 CUSTOMER_TOKEN_PREFIX = "mlt_cst_"  # noqa: S105 - not a secret
 SECRET_FILE = "secret.key"  # noqa: S105 - a file name
+AUTH_FILE = "auth.sqlite3"
+# Fewer bytes than this is no secret: the one a data dir makes is 32 random bytes.
+_SECRET_MIN_BYTES = 16
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS organizations (
     id TEXT PRIMARY KEY,
@@ -91,11 +94,17 @@ def load_secret(data_dir: Path) -> bytes:
     """The data dir's HMAC key, created (mode 0600) on first use."""
     path = data_dir / SECRET_FILE
     if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot make the cluster secret {path} ({exc.strerror}): pass a writable"
+                " --data-dir (or METERLINE_DATA_DIR)"
+            ) from None
         with os.fdopen(fd, "wb") as handle:
             handle.write(secrets.token_bytes(32))
-    return path.read_bytes()
+    return read_secret(path)
 
 
 def token_hash(secret: bytes, token: str) -> str:
@@ -104,15 +113,38 @@ def token_hash(secret: bytes, token: str) -> str:
 
 
 def read_secret(path: Path) -> bytes:
-    """An existing cluster secret (`secret.key`); UsageError naming the file if there is none:
-    a process that only checks tokens must never make a new one."""
+    """An existing cluster secret (`secret.key`); UsageError naming the file if there is none
+    (a process that only checks tokens must never make a new one), or if it cannot be read or
+    holds no secret."""
+    return _checked(path, _read(path))
+
+
+def _read(path: Path) -> bytes:
+    copy = f"copy the core's {SECRET_FILE} there (the cluster secret that tokens are hashed with)"
     try:
-        return path.read_bytes()
+        secret = path.read_bytes()
     except FileNotFoundError:
+        raise UsageError(f"{path} does not exist: {copy}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder, not a cluster secret: {copy}") from None
+    except OSError as exc:
         raise UsageError(
-            f"{path} does not exist: copy the core's {SECRET_FILE} there (the cluster secret"
-            " that tokens are hashed with)"
+            f"cannot read the cluster secret {path} ({exc.strerror}): run as a user who may read"
+            f" it, or {copy}"
         ) from None
+    return secret
+
+
+def _checked(path: Path, secret: bytes) -> bytes:
+    """`secret` as read from `path`, if it can be a cluster secret (UsageError if not)."""
+    if len(secret.strip()) < _SECRET_MIN_BYTES:
+        held = "is empty" if not secret.strip() else f"holds only {len(secret)} bytes"
+        raise UsageError(
+            f"{path} {held}, not a cluster secret (a data dir's {SECRET_FILE} holds 32 random"
+            f" bytes): copy the core's {SECRET_FILE} there, or for a new cluster make one with"
+            f" `openssl rand 32 > {path}`"
+        )
+    return secret
 
 
 def cluster_secret(data_dir: Path, secret_file: Path | None, *, create: bool) -> bytes:
@@ -122,13 +154,31 @@ def cluster_secret(data_dir: Path, secret_file: Path | None, *, create: bool) ->
     kept = data_dir / SECRET_FILE
     if secret_file is None:
         return load_secret(data_dir) if create else read_secret(kept)
-    secret = read_secret(secret_file)
-    if kept.exists() and kept.read_bytes() != secret:
+    secret = _read(secret_file)
+    if kept.exists() and _read(kept) != secret:
         raise UsageError(
             f"{secret_file} is not the {kept} this data dir's tokens are hashed with: make the"
             f" secret file a copy of it, or pass no --secret-file"
         )
-    return secret
+    return _checked(secret_file, secret)
+
+
+def _opened(path: Path) -> sqlite3.Connection:
+    """The token registry's database, made if new (UsageError if it cannot be)."""
+    db = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(_SCHEMA)
+    except (OSError, sqlite3.OperationalError) as exc:  # the file or its folder: no query fails
+        if db is not None:
+            db.close()
+        raise UsageError(
+            f"cannot open the token registry {path} ({exc}): pass a --data-dir this user may"
+            " write in (or METERLINE_DATA_DIR)"
+        ) from None
+    return db
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,11 +201,7 @@ class TokenRegistry:
     ) -> None:
         """`secret`: the cluster secret, when not the data dir's (`cluster_secret`)."""
         self._secret = load_secret(data_dir) if secret is None else secret
-        self._db = sqlite3.connect(
-            data_dir / "auth.sqlite3", check_same_thread=False, isolation_level=None, timeout=10
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = _opened(data_dir / AUTH_FILE)
         self._lock = threading.Lock()
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, Organization | None]] = {}

@@ -13,7 +13,10 @@ meterline reconcile --from T1 --to T2 --upstream-url URL [--repair] [--mode raw|
 meterline forwarder status|quarantine|resend SEQ
 meterline status [--url URL]
 
-Exit status: 0 done, 1 the work found a problem (drift, a failed meter), 2 could not run.
+Exit status: 0 done, 1 the work found a problem (drift, a failed meter), 2 could not run: one
+line on stderr saying what was tried and what to do. What a command logs is held until it serves
+or ends (`commands.common.HeldLogs`): a command that could not run says only that line, one that
+runs shows its log; an error nobody foresaw (a bug) ends in its traceback, after the log.
 
 The parser is built from the commands' options alone (`commands.options`, `serving.options`,
 `upstream.options`: they import no more than the settings do), and a command's module is
@@ -27,10 +30,11 @@ import argparse
 import sys
 
 from aggregator.commands import options
-from aggregator.commands.common import HelpFormatter, Version
+from aggregator.commands.common import HeldLogs, HelpFormatter, Version
 from aggregator.errors import UsageError
 from aggregator.serving import options as serving_options
 from aggregator.upstream import options as upstream_options
+from ingest.errors import KafkaUnreachable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,20 +68,40 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
-        return _run(args)
-    except UsageError as exc:
-        print(f"meterline: {exc}", file=sys.stderr)
-        return 2
+    with HeldLogs.installed() as logs:
+        try:
+            return _run(args, logs)
+        except (UsageError, KafkaUnreachable) as exc:
+            logs.drop()
+            print(f"meterline: {_said(exc)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # before a server handles signals, or a command's own
+            logs.show()  # what it was doing, stopped
+            print("meterline: interrupted", file=sys.stderr)
+            return 130
 
 
-def _run(args: argparse.Namespace) -> int:
+def _said(exc: UsageError | KafkaUnreachable) -> str:
+    """What could not work, and what to do about it."""
+    if not isinstance(exc, KafkaUnreachable):
+        return str(exc)
+    if exc.refused is not None:
+        return (
+            f"{exc}: start the broker, or fix --kafka (--kafka-start-timeout-seconds waits longer)"
+        )
+    return (
+        f"{exc}: check that --kafka names a Kafka broker's listener, and that"
+        " --kafka-security-protocol and its options are that listener's"
+    )
+
+
+def _run(args: argparse.Namespace, logs: HeldLogs) -> int:
     """Run the parsed command, importing its module only now (see the module's docstring)."""
     name = args.command
     if name in ("up", "core", "ingest"):
         from aggregator.serving import command
 
-        return command.run(args)
+        return command.run(args, serving=logs.show)
     if name == "token":
         from aggregator.commands import tokens
 

@@ -1,21 +1,24 @@
 """The one Kafka module: its settings (`KafkaSettings`, which make the clients; declared with
 the other settings in `ingest.settings`, which every command reads), the topics (created if
 missing), starting producers (`start_producer`: brokers without idempotent producers detected),
-waiting for a broker, and stopping clients within a bound. The edge's publisher, the SDK's
-producer and the core's consumer all take them from here. (Which partition a record goes to is
-`meters.columnar`'s.)"""
+waiting for a broker (`starting`: bounded, one KafkaUnreachable past the bound), and stopping
+clients within a bound. The edge's publisher, the SDK's producer and the core's consumer all
+take them from here. (Which partition a record goes to is `meters.columnar`'s.)"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
+from ingest.errors import KafkaUnreachable
 from ingest.settings import KafkaSecurity as KafkaSecurity
 from ingest.settings import KafkaSettings as KafkaSettings
 from ingest.settings import Shard as Shard
@@ -42,8 +45,8 @@ async def ensure_topics(settings: KafkaSettings) -> int:
     }
     wanted = list(partitions)
     try:
-        async with asyncio.timeout(settings.start_timeout_seconds):
-            await retrying(admin.start)
+        async with starting(settings) as retry:
+            await retry(admin.start)
             for name, count in partitions.items():  # apart: one that exists fails no other
                 try:
                     await admin.create_topics([NewTopic(name, count, settings.replication_factor)])
@@ -63,8 +66,82 @@ async def ensure_topics(settings: KafkaSettings) -> int:
     return count
 
 
+class Retry(Protocol):
+    """Calls a client's start until a broker answers (`starting`); what it returns."""
+
+    async def __call__(self, start: Callable[[], Awaitable[T]], /) -> T: ...
+
+
+@contextlib.asynccontextmanager
+async def starting(settings: KafkaSettings) -> AsyncIterator[Retry]:
+    """A start-up's wait for the brokers, bounded by `settings.start_timeout_seconds`: yields
+    `retry`, which calls a client's start until a broker answers. Past the bound (whatever the
+    block was waiting for), KafkaUnreachable saying whether anything answers at the bootstrap
+    address and the client's last error: a failed start says why once, rather than a warning
+    every half second (each attempt is logged at debug), and a start that had to wait logs how
+    long it waited."""
+    failures: list[KafkaError] = []
+    began = time.monotonic()
+
+    async def retry(call: Callable[[], Awaitable[T]]) -> T:
+        while True:
+            try:
+                return await call()
+            except KafkaError as exc:
+                failures.append(exc)
+                del failures[:-1]  # the last one says why
+                log.debug("Kafka not reachable yet (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+
+    try:
+        async with asyncio.timeout(settings.start_timeout_seconds) as bound:
+            yield retry
+    except TimeoutError:
+        if not bound.expired():
+            raise
+        last = str(failures[-1]) if failures else None
+        refused = await _refused(settings.bootstrap)
+        raise KafkaUnreachable(
+            settings.bootstrap, settings.start_timeout_seconds, refused, last
+        ) from None
+    if failures:
+        log.info(
+            "Kafka at %s answered after %.1f s (%s)",
+            settings.bootstrap,
+            time.monotonic() - began,
+            failures[-1],
+        )
+
+
+async def _refused(bootstrap: str) -> str | None:
+    """Why no address of `bootstrap` accepts a TCP connection (the first's), or None when one
+    does: what tells a broker that is not there from a listener that is not a broker's."""
+    addresses = [a.strip() for a in bootstrap.split(",")]
+    why = None
+    for address in addresses:
+        host, colon, port = address.rpartition(":")
+        if not colon:
+            host, port = port, "9092"  # as Kafka's clients read a bare host
+        try:
+            async with asyncio.timeout(1.0):
+                _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            writer.close()
+            return None
+        except TimeoutError:
+            said = "no answer"
+        except ConnectionRefusedError:
+            said = "connection refused"
+        except socket.gaierror:
+            said = f"unknown host {host}"
+        except (OSError, ValueError) as exc:
+            said = getattr(exc, "strerror", None) or str(exc)
+        why = why or (f"{address}: {said}" if len(addresses) > 1 else said)
+    return why
+
+
 async def retrying(start: Callable[[], Awaitable[T]]) -> T:
-    """Call `start` until the broker answers (the caller bounds the wait); what it returns."""
+    """Call `start` until the broker answers (the caller bounds the wait, if any: at start-up,
+    `starting` does); what it returns."""
     while True:
         try:
             return await start()

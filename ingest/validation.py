@@ -15,6 +15,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -140,7 +141,9 @@ def _warm() -> None:
 def _init_worker(parent: int) -> None:
     """Worker initializer: exit when the server dies, even by SIGKILL (which gives the pool no
     chance to stop its workers, otherwise they would linger as orphans); run at a lower
-    priority than the server."""
+    priority than the server; leave Ctrl-C to the server, which stops the pool (a terminal sends
+    SIGINT to every process of the command, and each worker would print its traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -35,6 +35,7 @@ import logging
 import shutil
 import sqlite3
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -199,14 +200,14 @@ def restore(snapshot: Path, data_dir: Path, *, stopped: bool = False) -> dict[st
         if not found:
             raise UsageError(f"{snapshot} is no snapshot (no {MANIFEST}) nor a folder of them")
         snapshot = found[-1]
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for path in snapshot.iterdir():
-        if path.name == MANIFEST:
-            continue
-        if path.is_dir():
-            shutil.copytree(path, data_dir / path.name)
-        else:
-            shutil.copy2(path, data_dir / path.name)
+    with _filling(data_dir):
+        for path in snapshot.iterdir():
+            if path.name == MANIFEST:
+                continue
+            if path.is_dir():
+                shutil.copytree(path, data_dir / path.name)
+            else:
+                shutil.copy2(path, data_dir / path.name)
     manifest: dict[str, Any] = orjson.loads((snapshot / MANIFEST).read_bytes())
     manifest["snapshot"] = str(snapshot)
     return manifest
@@ -221,16 +222,41 @@ def _copy_stopped(source: Path, data_dir: Path) -> dict[str, Any]:
         except OSError:
             raise UsageError(f"{source} is in use: stop its core first") from None
         fcntl.lockf(file, fcntl.LOCK_UN)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for name in (DATABASE, f"{DATABASE}.wal"):
-        if (source / name).exists():
-            shutil.copy2(source / name, data_dir / name)
-    segments = segments_folder(database)
-    if segments.is_dir():  # the files it does not list are deleted where it opens
-        copy_segments(sorted(segments.iterdir()), segments_folder(data_dir / DATABASE))
-    _copy_files(ingest_log_repair.log_directory(database), source, data_dir)
+    with _filling(data_dir):
+        for name in (DATABASE, f"{DATABASE}.wal"):
+            if (source / name).exists():
+                shutil.copy2(source / name, data_dir / name)
+        segments = segments_folder(database)
+        if segments.is_dir():  # the files it does not list are deleted where it opens
+            copy_segments(sorted(segments.iterdir()), segments_folder(data_dir / DATABASE))
+        _copy_files(ingest_log_repair.log_directory(database), source, data_dir)
     created = datetime.fromtimestamp(database.stat().st_mtime, UTC).isoformat()
     return {"created_at": created, "covers": {}, "snapshot": str(source)}
+
+
+@contextlib.contextmanager
+def _filling(data_dir: Path) -> Iterator[None]:
+    """`data_dir` (empty or absent) made, for the block to fill; if it fails, left as it was
+    (a file system's refusal said as a UsageError): no half-restored data dir to start on."""
+    existed = data_dir.exists()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException as exc:
+        if existed:
+            for path in data_dir.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise UsageError(
+                f"cannot restore into {data_dir} ({exc.strerror}): pass a --data-dir this user"
+                " may write in"
+            ) from None
+        raise
 
 
 def _refuse_unless_empty(data_dir: Path) -> None:

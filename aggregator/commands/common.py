@@ -1,12 +1,17 @@
 """What every `meterline` command shares: help that names each option's default, the options
-read from the environment (METERLINE_DATA_DIR, METERLINE_URL, METERLINE_TOKEN), and wording."""
+read from the environment (METERLINE_DATA_DIR, METERLINE_URL, METERLINE_TOKEN), what it logs
+held until it serves or ends (`HeldLogs`), and wording."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import shlex
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,59 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default:" in text or nothing or action.default == argparse.SUPPRESS:
             return text
         return super()._get_help_string(action) or text
+
+
+class HeldLogs(logging.Handler):
+    """What a command logs, held until it serves (`show`) or ends: a command that could not
+    run drops it (`drop`) to say why in one line, rather than after the retries, warnings and
+    client chatter that led there; one that runs, is interrupted, or fails in a way nobody
+    foresaw, shows it. At debug level nothing is dropped."""
+
+    LIMIT = 10_000  # records held at most: past it, they are shown and so is what follows
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shown = logging.StreamHandler()  # stderr, as it is when the command starts
+        self._shown.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self._held: list[logging.LogRecord] | None = []
+        self._guard = threading.RLock()
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls) -> Iterator[HeldLogs]:
+        """Holding the root logger's records while the command runs; shown as it ends."""
+        held = cls()
+        root = logging.getLogger()
+        level = root.level
+        root.addHandler(held)
+        try:
+            yield held
+        finally:
+            held.show()
+            root.removeHandler(held)
+            root.setLevel(level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._guard:
+            if self._held is None:
+                self._shown.handle(record)
+                return
+            self._held.append(record)
+            if len(self._held) > self.LIMIT:
+                self.show()
+
+    def show(self) -> None:
+        """Show what was held, and from now on what is logged."""
+        with self._guard:
+            held, self._held = self._held or [], None
+            for record in held:
+                self._shown.handle(record)
+
+    def drop(self) -> None:
+        """Forget what is held, unless the command logs at debug level."""
+        with self._guard:
+            if self._held is not None and logging.getLogger().level != logging.DEBUG:
+                self._held.clear()
 
 
 def command(subparsers: Any, name: str, summary: str, **kwargs: Any) -> argparse.ArgumentParser:
@@ -67,6 +125,17 @@ def data_dir_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
         type=Path,
         default=Path(os.environ.get("METERLINE_DATA_DIR") or DEFAULT_DATA_DIR),
         help=f"the server's data directory (default: $METERLINE_DATA_DIR, else {DEFAULT_DATA_DIR})",
+    )
+
+
+def secret_file_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--secret-file",
+        type=Path,
+        default=os.environ.get("METERLINE_SECRET_FILE") or None,
+        help="the cluster secret that tokens are hashed and records sealed with (default:"
+        " $METERLINE_SECRET_FILE, else the data dir's secret.key); every core and edge of a"
+        " cluster needs the same",
     )
 
 
@@ -111,6 +180,12 @@ def topic_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
         help="turn the idempotent producer off (a broker without it is detected anyway, with a"
         " warning: this skips the attempt)",
     )
+    parser.add_argument(
+        "--kafka-start-timeout-seconds",
+        type=float,
+        default=defaults.start_timeout_seconds,
+        help="how long to wait for a broker to answer before giving up (exit 2)",
+    )
     _security_options(parser)
 
 
@@ -151,6 +226,19 @@ def _security_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
         )
 
 
+def kafka_of(args: argparse.Namespace, **settings: Any) -> KafkaSettings:
+    """The Kafka settings of a command's `--kafka` and `topic_options`, with `settings` (those
+    of its own options)."""
+    return KafkaSettings(
+        args.kafka,
+        topic=args.topic,
+        idempotence=not args.no_idempotence,
+        start_timeout_seconds=args.kafka_start_timeout_seconds,
+        security=security_of(args),
+        **settings,
+    )
+
+
 def security_of(args: argparse.Namespace) -> KafkaSecurity:
     """How this command's Kafka clients reach the brokers (UsageError naming what is wrong). The
     SASL password is read from --kafka-sasl-password-file, else METERLINE_KAFKA_SASL_PASSWORD:
@@ -160,9 +248,10 @@ def security_of(args: argparse.Namespace) -> KafkaSecurity:
         try:
             password = Path(args.kafka_sasl_password_file).read_text().strip()
         except OSError as exc:
+            # Not the path: a password typed where the file's name goes would be shown.
             raise UsageError(f"--kafka-sasl-password-file: {exc.strerror}") from None
     try:
-        return KafkaSecurity(
+        security = KafkaSecurity(
             args.kafka_security_protocol,
             args.kafka_ca_file,
             args.kafka_cert_file,
@@ -174,3 +263,39 @@ def security_of(args: argparse.Namespace) -> KafkaSecurity:
         )
     except ValueError as exc:
         raise UsageError(f"Kafka: {exc}") from None
+    if security.tls:
+        _tls_checked(security)
+    token = security.sasl_token_file
+    if security.protocol.startswith("SASL") and token is not None:
+        try:  # read again at each authentication; here, so that a wrong path ends at once
+            held = Path(token).read_text().strip()
+        except OSError as exc:  # the path unnamed: a token typed in its place would be shown
+            raise UsageError(f"--kafka-sasl-token-file: {exc.strerror}") from None
+        if not held:
+            raise UsageError("--kafka-sasl-token-file: the file is empty, no token to present")
+    return security
+
+
+def _tls_checked(security: KafkaSecurity) -> None:
+    """UsageError naming the option whose file is missing or not what it should be: read now,
+    rather than by every Kafka client as it is made."""
+    import ssl  # here: only a command that talks TLS pays for it
+
+    context = ssl.create_default_context()
+    given = f"--kafka-ca-file {security.ca_file}"
+    wanted = "the PEM file of the CA certificates that signed the brokers'"
+    try:
+        if security.ca_file is not None:
+            context.load_verify_locations(cafile=security.ca_file)
+        if security.cert_file is not None:
+            given = (
+                f"--kafka-cert-file {security.cert_file} with --kafka-key-file {security.key_file}"
+            )
+            wanted = "this process's certificate and its key, as PEM files"
+            context.load_cert_chain(security.cert_file, security.key_file)
+    except ssl.SSLError as exc:  # a file that is there, but not what it should be
+        said = "not a certificate and its key" if security.cert_file else "no certificate"
+        why = f" ({exc.reason})" if exc.reason else ""
+        raise UsageError(f"{given}: {said}{why}; pass {wanted}") from None
+    except OSError as exc:
+        raise UsageError(f"{given}: {exc.strerror}; pass {wanted}") from None

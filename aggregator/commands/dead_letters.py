@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from aggregator.commands.common import plural, security_of
+from aggregator.commands.common import kafka_of, plural
 from aggregator.errors import QueryTimeout, UsageError
 from aggregator.intake.dead_letters import DeadLetter, read_at, read_recent, replay
 from ingest.kafka import KafkaSettings
@@ -24,21 +24,18 @@ SHOWN_BYTES = 120  # of a value in `list`
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except QueryTimeout as exc:
-        print(f"meterline: the broker at {args.kafka} did not answer: {exc}", file=sys.stderr)
-        return 2
+    except QueryTimeout:
+        raise UsageError(
+            f"no Kafka broker at {args.kafka} answered within"
+            f" {args.kafka_start_timeout_seconds:g} s: start the broker, or fix --kafka"
+            " (--kafka-start-timeout-seconds waits longer)"
+        ) from None
 
 
 def _run(args: argparse.Namespace) -> int:
     if not args.kafka:
         raise UsageError("pass the broker with --kafka BOOTSTRAP (or METERLINE_KAFKA)")
-    kafka = KafkaSettings(
-        args.kafka,
-        topic=args.topic,
-        dead_letter_topic=args.dead_letter_topic,
-        idempotence=not args.no_idempotence,
-        security=security_of(args),
-    )
+    kafka = kafka_of(args, dead_letter_topic=args.dead_letter_topic)
     if args.dead_letters_command == "list":
         letters = asyncio.run(_matching(kafka, args))
         for letter in letters:
@@ -47,7 +44,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{plural(len(letters), 'dead letter')}", file=sys.stderr)
         return 0 if letters else 1
     if args.dead_letters_command == "show":
-        found = asyncio.run(read_at(kafka, *_where(args.where)))
+        found = asyncio.run(
+            read_at(kafka, *_where(args.where), timeout_seconds=kafka.start_timeout_seconds)
+        )
         if found is None:
             print(f"meterline: no dead letter at {args.where}", file=sys.stderr)
             return 1
@@ -60,7 +59,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _replay(kafka: KafkaSettings, args: argparse.Namespace) -> int:
     if args.where:
-        found = [asyncio.run(read_at(kafka, *_where(w))) for w in args.where]
+        found = [
+            asyncio.run(read_at(kafka, *_where(w), timeout_seconds=kafka.start_timeout_seconds))
+            for w in args.where
+        ]
         missing = [w for w, letter in zip(args.where, found, strict=True) if letter is None]
         if missing:
             print(f"meterline: no dead letter at {', '.join(missing)}", file=sys.stderr)
@@ -90,7 +92,7 @@ def _replay(kafka: KafkaSettings, args: argparse.Namespace) -> int:
 
 
 async def _matching(kafka: KafkaSettings, args: argparse.Namespace) -> list[DeadLetter]:
-    scan = await read_recent(kafka, scan=args.scan)
+    scan = await read_recent(kafka, scan=args.scan, timeout_seconds=kafka.start_timeout_seconds)
     found = [
         d
         for d in scan.letters

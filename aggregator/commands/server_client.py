@@ -51,6 +51,12 @@ class Endpoint:
             ) from None
         if streamed.status_code == 401:
             raise UsageError(f"{self.url} refused the token (HTTP 401); {self.refused_hint}")
+        kind = streamed.headers.get("content-type", "")
+        if body and "json" not in kind:  # every answer of the API is JSON: another server's
+            raise UsageError(
+                f"{self.url} answered {path} with HTTP {streamed.status_code} and no JSON"
+                f" ({kind or 'no content type'}): not the API asked for; {self.unreachable_hint}"
+            )
         # The answer as read (decoded, within the bound), for the callers' .json() and .text.
         headers = [
             (name, value)

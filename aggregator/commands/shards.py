@@ -10,15 +10,12 @@ import sys
 from aiokafka import TopicPartition
 
 from aggregator.auth import SECRET_FILE, read_secret
-from aggregator.commands.common import (
-    program,
-    security_of,
-)
+from aggregator.commands.common import kafka_of, program
 from aggregator.errors import UsageError
 from aggregator.intake.sealed import Sealer
 from aggregator.intake.splits import CUT, split_record
 from aggregator.intake.token_records import publish
-from ingest.kafka import KafkaSettings, ensure_topics, retrying, stop_within
+from ingest.kafka import KafkaSettings, ensure_topics, starting, stop_within
 from meters.commands import decode
 from meters.errors import MetersError
 from meters.times import now_us
@@ -26,12 +23,7 @@ from meters.times import now_us
 
 def run(args: argparse.Namespace) -> int:
     secret = read_secret(args.data_dir / SECRET_FILE)
-    kafka = KafkaSettings(
-        args.kafka,
-        topic=args.topic,
-        idempotence=not args.no_idempotence,
-        security=security_of(args),
-    )
+    kafka = kafka_of(args)
     cuts = asyncio.run(_split(kafka, Sealer(secret), args))
     for index in range(args.from_count):
         found = cuts.get(index)
@@ -64,8 +56,8 @@ async def _split(
     reader = kafka.reader()
     cuts: dict[int, dict[int, int]] = {}
     try:
-        async with asyncio.timeout(kafka.start_timeout_seconds):
-            await retrying(reader.start)
+        async with starting(kafka) as retry:
+            await retry(reader.start)
         reader.assign([control])
         start = (await reader.end_offsets([control]))[control]
         await publish(kafka, sealer, [record])

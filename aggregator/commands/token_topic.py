@@ -17,7 +17,7 @@ from aggregator.auth import (
     read_secret,
     token_hash,
 )
-from aggregator.commands.common import security_of
+from aggregator.commands.common import kafka_of
 from aggregator.intake.sealed import Sealer
 from aggregator.intake.token_records import (
     TokenView,
@@ -35,13 +35,8 @@ def create(args: argparse.Namespace) -> str:
 
 
 async def _create(args: argparse.Namespace) -> str:
-    kafka = KafkaSettings(
-        args.kafka,
-        topic=args.topic,
-        idempotence=not args.no_idempotence,
-        security=security_of(args),
-    )
-    return await published(kafka, read_secret(args.data_dir / SECRET_FILE), args.org, args.label)
+    secret = read_secret(args.data_dir / SECRET_FILE)
+    return await published(kafka_of(args), secret, args.org, args.label)
 
 
 async def published(kafka: KafkaSettings, secret: bytes, org_name: str, label: str) -> str:

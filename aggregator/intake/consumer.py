@@ -78,7 +78,7 @@ from aggregator.store import (
     stored_offsets,
     with_source,
 )
-from ingest.kafka import KafkaSettings, ensure_topics, retrying, start_producer, stop_within
+from ingest.kafka import KafkaSettings, ensure_topics, start_producer, starting, stop_within
 from ingest.tasks import cancel_within
 from meters.columnar import H_ORGANIZATION
 from meters.events import EventRules
@@ -222,9 +222,9 @@ class Consumer:
         dead_letters = None
         self._consumer = consumer
         try:
-            async with asyncio.timeout(kafka.start_timeout_seconds):
-                await retrying(consumer.start)
-                dead_letters = await retrying(partial(start_producer, kafka, linger_ms=0))
+            async with starting(kafka) as retry:
+                await retry(consumer.start)
+                dead_letters = await retry(partial(start_producer, kafka, linger_ms=0))
             self._dead_letters = dead_letters
             partitions = [TopicPartition(kafka.topic, p) for p in self._partitions]
             consumer.assign(partitions)

@@ -46,7 +46,7 @@ from aggregator.intake.sealed import Sealer, Unsealable
 from aggregator.intake.splits import KINDS as SPLIT_KINDS
 from aggregator.intake.splits import Splits
 from aggregator.store import Outcome, Positions, Store, advance_control_job, control_offset
-from ingest.kafka import KafkaSettings, ensure_topics, retrying, start_producer, stop_within
+from ingest.kafka import KafkaSettings, ensure_topics, start_producer, starting, stop_within
 from ingest.tasks import cancel_within
 from meters.commands import Command, decode, encode
 from meters.errors import MetersError
@@ -72,8 +72,8 @@ class ControlTopic:
 
     async def __aenter__(self) -> Self:
         self.partitions = await ensure_topics(self._kafka)
-        async with asyncio.timeout(self._kafka.start_timeout_seconds):
-            self._producer = await retrying(partial(start_producer, self._kafka, linger_ms=0))
+        async with starting(self._kafka) as retry:
+            self._producer = await retry(partial(start_producer, self._kafka, linger_ms=0))
         return self
 
     async def __aexit__(
@@ -180,8 +180,8 @@ class ControlApplier:
             fetch_max_wait_ms=10,
         )
         try:
-            async with asyncio.timeout(kafka.start_timeout_seconds):
-                await retrying(self._consumer.start)
+            async with starting(kafka) as retry:
+                await retry(self._consumer.start)
             self._consumer.assign([self._partition])
             await self._seek_to_stored()
             async with task_while_open("control-reading", self._run, _report_stop):

@@ -21,6 +21,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -29,7 +30,7 @@ from aiokafka.structs import ConsumerRecord
 
 from aggregator.errors import QueryTimeout
 from aggregator.settings import DEAD_LETTER_SCAN
-from ingest.kafka import KafkaSettings, start_producer, stop_within
+from ingest.kafka import KafkaSettings, start_producer, starting, stop_within
 from meters.columnar import H_ORGANIZATION
 
 __all__ = [
@@ -126,10 +127,10 @@ async def replay(kafka: KafkaSettings, letters: list[tuple[DeadLetter, bytes | N
     or a corrected one) and the record's own headers, to the partition it came from (where its
     customer's other events are); acknowledged, in order. The core's dedupe by external_id
     makes a record applied twice count once."""
-    async with asyncio.timeout(kafka.start_timeout_seconds):
-        producer = await start_producer(kafka, linger_ms=0)
+    async with starting(kafka) as retry:
+        producer = await retry(partial(start_producer, kafka, linger_ms=0))
     try:
-        async with asyncio.timeout(kafka.start_timeout_seconds):
+        async with starting(kafka):
             partitions = await producer.partitions_for(kafka.topic)
         for letter, value in letters:
             headers = [(n, v) for n, v in letter.headers if n not in HEADERS]

@@ -59,7 +59,7 @@ from aiokafka.structs import ConsumerRecord
 from aggregator.errors import JournalLost, NotLeading, OffsetGap
 from aggregator.intake.leadership import Role
 from aggregator.store import Job, Positions, Store
-from ingest.kafka import KafkaSettings, ensure_topics, retrying, start_producer, stop_within
+from ingest.kafka import KafkaSettings, ensure_topics, start_producer, starting, stop_within
 from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
@@ -228,10 +228,10 @@ class Journal:
         records = kafka.reader(fetch_max_wait_ms=10, max_partition_fetch_bytes=8 * 1024 * 1024)
         self._ranges = _Ranges(records)
         try:
-            async with asyncio.timeout(kafka.start_timeout_seconds):
-                self._producer = await retrying(partial(start_producer, kafka, linger_ms=0))
+            async with starting(kafka) as retry:
+                self._producer = await retry(partial(start_producer, kafka, linger_ms=0))
                 for client in (self._reader, records):
-                    await retrying(client.start)
+                    await retry(client.start)
             self._reader.assign([self._partition])
         except BaseException:
             await self._stop_clients()

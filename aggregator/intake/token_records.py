@@ -38,7 +38,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from aggregator.auth import CustomerSession, Organization, TokenRegistry, TokenRow, token_hash
 from aggregator.intake.sealed import Sealer, Unsealable
-from ingest.kafka import KafkaSettings, ensure_topics, retrying, start_producer, stop_within
+from ingest.kafka import KafkaSettings, ensure_topics, start_producer, starting, stop_within
 from ingest.tasks import cancel_within
 from meters.commands import Command, command, decode, encode
 from meters.errors import MetersError
@@ -120,8 +120,8 @@ class TokenView:
         partition = TopicPartition(kafka.control_topic, 0)
         self._consumer = kafka.reader(fetch_max_wait_ms=100)
         try:
-            async with asyncio.timeout(kafka.start_timeout_seconds):
-                await retrying(self._consumer.start)
+            async with starting(kafka) as retry:
+                await retry(self._consumer.start)
                 self._consumer.assign([partition])
                 await self._consumer.seek_to_beginning(partition)
                 end = (await self._consumer.end_offsets([partition]))[partition]
@@ -210,8 +210,8 @@ async def publish(kafka: KafkaSettings, sealer: Sealer, records: Iterable[Comman
 
 @contextlib.asynccontextmanager
 async def _producer(kafka: KafkaSettings) -> AsyncIterator[Any]:
-    async with asyncio.timeout(kafka.start_timeout_seconds):
-        producer = await retrying(partial(start_producer, kafka, linger_ms=0))
+    async with starting(kafka) as retry:
+        producer = await retry(partial(start_producer, kafka, linger_ms=0))
     try:
         yield producer
     finally:

@@ -1,9 +1,10 @@
 """`meterline up`, `core` and `ingest` (`run`), and what they do before their process starts:
-the settings read from their options (`settings_of`), the port bound and the data dir made,
-each failure a UsageError saying what to fix; then the validation workers started, and only then
-the composition imported (`core`, or `edge`, which loads no store), so that the workers start
-while the process imports the second or so of code it serves with. The process serves once they
-run (`ingest.validation.ValidationPool`)."""
+the settings read from their options (`settings_of`), the cluster secret checked, the port bound
+and a core's data dir taken (`serving.data_dir`), each failure a UsageError saying what to fix;
+then the validation workers started, and only then the composition imported (`core`, or `edge`,
+which loads no store), so that the workers start while the process imports the second or so of
+code it serves with. The process serves once they run (`ingest.validation.ValidationPool`); a
+start that fails before it serves leaves the data dir as it found it."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import argparse
 import errno
 import logging
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 
 import orjson
 
-from aggregator.commands.common import security_of
+from aggregator.auth import SECRET_FILE, cluster_secret
+from aggregator.commands.common import kafka_of
 from aggregator.errors import UsageError
+from aggregator.serving.data_dir import Taken, take
 from aggregator.serving.listening import Listening
 from aggregator.settings import (
     ALL,
@@ -42,43 +46,63 @@ from meters.settings import CUSTOMERS, Customers, EventRules, Prices
 _MAX_REQUEST_BYTES = 10 * 1024 * 1024  # the upstream's (`--upstream-batch-bytes`)
 
 
-def run(args: argparse.Namespace) -> int:
-    """`meterline up`, `core` or `ingest`, until stopped (see the module's docstring)."""
-    settings, kafka, forward, listening = prepared(args)
-    # Imported here, as each step needs it: the workers start before the composition loads.
-    from ingest.validation import ValidationPool
-
-    validation = ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)
-    validation.start()
+def run(args: argparse.Namespace, serving: Callable[[], None] = lambda: None) -> int:
+    """`meterline up`, `core` or `ingest`, until stopped (see the module's docstring); `serving`
+    is called once the process serves. A start that fails leaves the data dir as it was."""
+    settings, kafka, forward, listening, taken = prepared(args, serving)
     try:
-        if args.command == "ingest":
-            from aggregator.serving import edge
+        # Imported here, as each step needs it: the workers start before the composition loads.
+        from ingest.validation import ValidationPool
 
-            assert kafka is not None  # --kafka is required
-            return edge.run(settings, kafka, args.log_level, listening, validation)
-        from aggregator.serving import core
+        validation = ValidationPool(
+            settings.ingest.rules, workers=settings.ingest.validation_workers
+        )
+        validation.start()
+        try:
+            if args.command == "ingest":
+                from aggregator.serving import edge
 
-        return core.run(args, settings, kafka, forward, listening, validation)
-    finally:
-        validation.close()  # stopped already, unless the start failed before the pool was used
+                assert kafka is not None  # --kafka is required
+                return edge.run(settings, kafka, args.log_level, listening, validation)
+            from aggregator.serving import core
+
+            return core.run(args, settings, kafka, forward, listening, validation)
+        finally:
+            validation.close()  # stopped already, unless the start failed before it was used
+    except BaseException:
+        if taken is not None and not taken.served:
+            taken.undo()
+        for sock in listening.sockets or ():
+            sock.close()
+        raise
 
 
 def prepared(
-    args: argparse.Namespace,
-) -> tuple[CoreSettings, KafkaSettings | None, ForwarderSettings | None, Listening]:
-    """The settings of `args`, where the process listens (the port bound), and its data dir
-    made; logging set to `--log-level`."""
+    args: argparse.Namespace, serving: Callable[[], None] = lambda: None
+) -> tuple[CoreSettings, KafkaSettings | None, ForwarderSettings | None, Listening, Taken | None]:
+    """The settings of `args`, the cluster secret checked, where the process listens (the port
+    bound; `serving` called once it serves), and a core's data dir taken (`serving.data_dir`:
+    the edge keeps none); logging set to `--log-level`."""
     settings, kafka, forward = settings_of(args)
-    listening = Listening(sockets=[_bound(settings.host, settings.port)])
+    secret = settings.data_dir / SECRET_FILE
+    if args.command == "ingest" or settings.replica or settings.secret_file or secret.exists():
+        # It must exist (an edge or a replica only checks tokens, and a secret of its own
+        # would be another cluster's), or it is given: is it one? Else a core makes it.
+        cluster_secret(settings.data_dir, settings.secret_file, create=False)
+    sock = _bound(settings.host, settings.port)
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(
-            f"cannot create the data dir {settings.data_dir} ({exc.strerror}): pass a writable"
-            " --data-dir (or METERLINE_DATA_DIR)"
-        ) from None
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    return settings, kafka, forward, listening
+        taken = None if args.command == "ingest" else take(settings)
+    except BaseException:
+        sock.close()
+        raise
+
+    def served() -> None:
+        if taken is not None:
+            taken.served = True
+        serving()
+
+    logging.getLogger().setLevel(args.log_level.upper())
+    return settings, kafka, forward, Listening(sockets=[sock], started=served), taken
 
 
 def settings_of(
@@ -153,20 +177,17 @@ def settings_of(
     if shard.count > 1 and not args.kafka:
         raise UsageError("--shard splits the events topic's partitions: it needs --kafka")
     if args.kafka:
-        kafka = KafkaSettings(
-            args.kafka,
-            topic=args.topic,
+        kafka = kafka_of(
+            args,
             dead_letter_topic=args.dead_letter_topic,
             partitions=args.partitions,
             replication_factor=args.replication_factor,
             compression=args.compression,
             record_compression=args.record_compression,
-            idempotence=not args.no_idempotence,
             linger_ms=args.linger_ms,
             consumer_group=args.consumer_group,
             session_timeout_seconds=args.consumer_session_timeout_seconds,
             shard=shard,
-            security=security_of(args),
         )
     forward = forwarder_settings(args)
     if settings.replica and forward is not None:

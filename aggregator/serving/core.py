@@ -36,6 +36,7 @@ from aggregator.intake.splits import Retiring, Splits
 from aggregator.intake.token_records import TokenExporter, TokenView, keep_record
 from aggregator.plan_cycler import PlanCycler
 from aggregator.services.live_feed import LiveFeed
+from aggregator.serving.data_dir import locked
 from aggregator.serving.listening import PROCESS, Listening
 from aggregator.serving.server import serve_http
 from aggregator.settings import CoreSettings, ForwarderSettings
@@ -99,7 +100,8 @@ async def serve(
     says how to get a token: the development token if `dev_token` (None: on loopback only).
     `validation`: the pool of validation workers, started (else one is made)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    secret = cluster_secret(settings.data_dir, settings.secret_file, create=True)
+    # A replica follows a cluster: a secret of its own would be another cluster's.
+    secret = cluster_secret(settings.data_dir, settings.secret_file, create=not settings.replica)
     registry = TokenRegistry(
         settings.data_dir, cache_seconds=settings.token_cache_seconds, secret=secret
     )
@@ -305,11 +307,7 @@ def _unopenable(settings: CoreSettings, exc: duckdb.Error) -> str | None:
 def _locked(settings: CoreSettings, error: str) -> str:
     """One line for a data dir whose DuckDB file another process holds (DuckDB names it)."""
     holder = re.search(r"\(PID (\d+)\)", error)
-    who = f"process {holder.group(1)}" if holder else "another process"
-    return (
-        f"the data dir {settings.data_dir} is in use: {who} holds {settings.database}"
-        " (another meterline on it?); stop that process, or pass another --data-dir"
-    )
+    return locked(settings, f"process {holder.group(1)}" if holder else "another process")
 
 
 def _damaged(settings: CoreSettings, error: LogCorrupt) -> str:

@@ -10,7 +10,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from aggregator.commands.common import command, data_dir_option, topic_options
+from aggregator.commands.common import (
+    command,
+    data_dir_option,
+    secret_file_option,
+    topic_options,
+)
 from aggregator.settings import ALL as QUOTAS
 from aggregator.settings import BackupSettings, CoreSettings, TenantLimits, WebhookSettings
 from aggregator.upstream import options as upstream_options
@@ -57,14 +62,7 @@ def _options(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             " http://HOST:PORT)",
         )
     data_dir_option(parser)
-    parser.add_argument(
-        "--secret-file",
-        type=Path,
-        default=os.environ.get("METERLINE_SECRET_FILE") or None,
-        help="the cluster secret that tokens are hashed and records sealed with (default:"
-        " $METERLINE_SECRET_FILE, else the data dir's secret.key); every core and edge of a"
-        " cluster needs the same",
-    )
+    secret_file_option(parser)
     parser.add_argument(
         "--max-future-seconds",
         type=float,

@@ -53,7 +53,7 @@ async def serve_http(
             loop.add_signal_handler(signum, _stop, server, signum, settings.drain_seconds, on_stop)
     else:
         stopping = asyncio.create_task(_stop_on(listening.stop, server, on_stop))
-    printing = asyncio.create_task(_banner(server, settings, banner))
+    printing = asyncio.create_task(_banner(server, settings, banner, listening.started))
     ending = None if until is None else asyncio.create_task(_stop_on(until, server, on_stop))
     await server.serve(sockets=listening.sockets)
     printing.cancel()
@@ -105,9 +105,16 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _banner(server: uvicorn.Server, settings: CoreSettings, lines: list[str]) -> None:
+async def _banner(
+    server: uvicorn.Server,
+    settings: CoreSettings,
+    lines: list[str],
+    started: Callable[[], None] | None,
+) -> None:
     while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
         await asyncio.sleep(0.05)
+    if started is not None:
+        started()
     url = f"http://{settings.host}:{settings.port}"
     print(
         "\n".join([f"meterline is serving {url} (data in {settings.data_dir})", *lines]), flush=True

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from ingest.errors import Unavailable
-from ingest.kafka import KafkaSettings, ensure_topics, retrying, start_producer, stop_within
+from ingest.kafka import KafkaSettings, ensure_topics, start_producer, starting, stop_within
 from ingest.publish import Progress, PublishResult
 from ingest.validation import ValidationPool
 from meters import columnar
@@ -37,10 +37,10 @@ class KafkaPublisher:
 
     async def __aenter__(self) -> Self:
         await ensure_topics(self._settings)
-        async with asyncio.timeout(self._settings.start_timeout_seconds):
-            producer = await retrying(partial(start_producer, self._settings))
+        async with starting(self._settings) as retry:
+            producer = await retry(partial(start_producer, self._settings))
         try:
-            async with asyncio.timeout(self._settings.start_timeout_seconds):
+            async with starting(self._settings):
                 found = await producer.partitions_for(self._settings.topic)
         except BaseException:
             # Started halfway: stop what runs, then fail.
