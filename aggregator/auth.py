@@ -199,8 +199,11 @@ class TokenRegistry:
     def __init__(
         self, data_dir: Path, *, cache_seconds: float = 2.0, secret: bytes | None = None
     ) -> None:
-        """`secret`: the cluster secret, when not the data dir's (`cluster_secret`)."""
-        self._secret = load_secret(data_dir) if secret is None else secret
+        """`secret`: the cluster secret, when not the data dir's (`cluster_secret`); the data
+        dir's is read when a token is first hashed (made if missing), so that listing or
+        revoking never makes one."""
+        self._data_dir = data_dir
+        self._given_secret = secret
         self._db = _opened(data_dir / AUTH_FILE)
         self._lock = threading.Lock()
         self._cache_seconds = cache_seconds
@@ -209,6 +212,12 @@ class TokenRegistry:
 
     def close(self) -> None:
         self._db.close()
+
+    @property
+    def _secret(self) -> bytes:
+        if self._given_secret is None:
+            self._given_secret = load_secret(self._data_dir)
+        return self._given_secret
 
     def _hash(self, token: str) -> str:
         return token_hash(self._secret, token)

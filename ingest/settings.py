@@ -190,6 +190,8 @@ class KafkaSecurity:
     sasl_username: str | None = None
     sasl_password: str | None = field(default=None, repr=False)
     sasl_token_file: str | None = None  # OAUTHBEARER
+    # Where the password was read (none: the environment), for commands printed to be pasted.
+    sasl_password_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in SECURITY_PROTOCOLS:

@@ -260,6 +260,7 @@ def security_of(args: argparse.Namespace) -> KafkaSecurity:
             args.kafka_sasl_username,
             password,
             args.kafka_sasl_token_file,
+            sasl_password_file=args.kafka_sasl_password_file,
         )
     except ValueError as exc:
         raise UsageError(f"Kafka: {exc}") from None

@@ -15,6 +15,7 @@ from typing import Any
 from aggregator.commands.common import (
     command,
     data_dir_option,
+    secret_file_option,
     server_options,
     topic_options,
 )
@@ -28,6 +29,7 @@ def token(subparsers: Any) -> None:
     actions = token.add_subparsers(dest="token_command", required=True)
     create = command(actions, "create", "print a new token, alone on stdout")
     data_dir_option(create)
+    secret_file_option(create)
     create.add_argument("--org", required=True, help="organization name (created if needed)")
     create.add_argument(
         "--label",
@@ -38,7 +40,8 @@ def token(subparsers: Any) -> None:
         "--kafka",
         metavar="BOOTSTRAP",
         help="publish the token on the cluster's control topic instead (edges and cores read it"
-        " there); --data-dir then only gives the cluster secret, secret.key",
+        " there); --data-dir then only gives the cluster secret, secret.key (or --secret-file"
+        " does)",
     )
     topic_options(create)
     create.add_argument(

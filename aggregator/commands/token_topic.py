@@ -1,5 +1,6 @@
 """`meterline token create --kafka`: a token published on the cluster's control topic, which
-edges and cores read (`intake.token_records`); the data dir only gives the cluster secret."""
+edges and cores read (`intake.token_records`); the data dir only gives the cluster secret, if
+--secret-file does not."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import uuid
 from datetime import UTC, datetime
 
 from aggregator.auth import (
-    SECRET_FILE,
     TOKEN_PREFIX,
     Organization,
     TokenRow,
-    read_secret,
+    cluster_secret,
     token_hash,
 )
 from aggregator.commands.common import kafka_of
@@ -35,15 +35,16 @@ def create(args: argparse.Namespace) -> str:
 
 
 async def _create(args: argparse.Namespace) -> str:
-    secret = read_secret(args.data_dir / SECRET_FILE)
+    secret = cluster_secret(args.data_dir, args.secret_file, create=False)
     return await published(kafka_of(args), secret, args.org, args.label)
 
 
 async def published(kafka: KafkaSettings, secret: bytes, org_name: str, label: str) -> str:
     """A new token of organization `org_name` (made if the topic has none of that name),
-    published on the control topic with the cluster `secret`; its text."""
+    published on the control topic with the cluster `secret`; its text. A secret that opens
+    none of the topic's sealed records is refused (UsageError): the token would work nowhere."""
     sealer = Sealer(secret)
-    async with TokenView(kafka, sealer, secret) as view:
+    async with TokenView(kafka, sealer, secret, only_tokens=True) as view:
         org = view.organization_named(org_name)
     now = datetime.now(UTC).isoformat()
     records = []

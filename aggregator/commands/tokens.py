@@ -14,14 +14,21 @@ import shlex
 import sys
 from pathlib import Path
 
-from aggregator.auth import SECRET_FILE, TokenRegistry
+from aggregator.auth import SECRET_FILE, TokenRegistry, cluster_secret
 from aggregator.commands.common import program
 from aggregator.errors import NotFound, UsageError
 from aggregator.settings import CoreSettings
-from ingest.settings import KafkaSettings
+from ingest.settings import KafkaSecurity, KafkaSettings
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.token_command == "create" and args.kafka:  # noqa: S105 - not a secret
+        # Imported only now: a token made in the data dir needs neither Kafka nor asyncio. The
+        # data dir gives only the cluster secret here, if --secret-file does not.
+        from aggregator.commands import token_topic
+
+        print(token_topic.create(args))
+        return 0
     if not (getattr(args, "init", False) or holds_data(args.data_dir)):
         where = shlex.quote(str(args.data_dir))
         raise UsageError(
@@ -31,13 +38,8 @@ def run(args: argparse.Namespace) -> int:
             f" METERLINE_DATA_DIR), or start a server on this one first ({program()} up"
             f" --data-dir {where}); `token create --init` starts a new data dir here instead"
         )
-    if args.token_command == "create" and args.kafka:  # noqa: S105 - not a secret
-        # Imported only now: a token made in the data dir needs neither Kafka nor asyncio.
-        from aggregator.commands import token_topic
-
-        print(token_topic.create(args))
-        return 0
-    registry = TokenRegistry(args.data_dir)
+    secret = _secret(args) if args.token_command == "create" else None  # noqa: S105
+    registry = TokenRegistry(args.data_dir, secret=secret)
     try:
         if args.token_command == "create":  # noqa: S105 - not a secret
             print(registry.create_token(registry.organization(args.org), args.label))
@@ -58,6 +60,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secret(args: argparse.Namespace) -> bytes:
+    """The cluster secret a new token is hashed with: --secret-file's, else the data dir's
+    (made by `--init`). A data dir with a database and no secret.key is a server's that takes
+    its secret from a file: a secret.key made there would be another cluster's."""
+    database = CoreSettings(data_dir=args.data_dir).database
+    if (
+        args.secret_file is None
+        and not (args.data_dir / SECRET_FILE).exists()
+        and database.exists()
+    ):
+        raise UsageError(
+            f"{args.data_dir} holds no {SECRET_FILE}: its server takes the cluster secret from a"
+            " file; pass that file with --secret-file (or METERLINE_SECRET_FILE)"
+        )
+    return cluster_secret(args.data_dir, args.secret_file, create=True)
+
+
 def holds_data(data_dir: Path) -> bool:
     """Whether a server has run on `data_dir` (or `token create --init` started it)."""
     return (data_dir / SECRET_FILE).exists() or CoreSettings(data_dir=data_dir).database.exists()
@@ -73,13 +92,42 @@ def is_loopback(host: str) -> bool:
 
 
 def create_command(settings: CoreSettings, kafka: KafkaSettings | None) -> str:
-    """The command that makes a token this server takes (Kafka mode: on the control topic)."""
-    create = (
-        f"{program()} token create --data-dir {shlex.quote(str(settings.data_dir))} --org default"
-    )
+    """The command that makes a token this server takes, as it runs (its cluster secret; in
+    Kafka mode, on its control topic, reached as the server reaches it), to paste."""
+    words = ["token", "create"]
+    if kafka is None or settings.secret_file is None:  # else the data dir gives nothing
+        words += ["--data-dir", str(settings.data_dir)]
+    if settings.secret_file is not None:
+        words += ["--secret-file", str(settings.secret_file)]
+    words += ["--org", "default"]
     if kafka is not None:
-        create += f" --kafka {shlex.quote(kafka.bootstrap)} --topic {shlex.quote(kafka.topic)}"
-    return create
+        words += ["--kafka", kafka.bootstrap, "--topic", kafka.topic, *_kafka_words(kafka)]
+    return " ".join([program(), *map(shlex.quote, words)])
+
+
+def _kafka_words(kafka: KafkaSettings) -> list[str]:
+    """The options saying how the server reaches its brokers, but the password itself (its file
+    is named, or METERLINE_KAFKA_SASL_PASSWORD holds it)."""
+    security, defaults = kafka.security, KafkaSecurity()
+    words = [] if kafka.idempotence else ["--no-idempotence"]
+    for option, value, default in (
+        ("--kafka-security-protocol", security.protocol, defaults.protocol),
+        ("--kafka-ca-file", security.ca_file, None),
+        ("--kafka-cert-file", security.cert_file, None),
+        ("--kafka-key-file", security.key_file, None),
+    ):
+        if value != default:
+            words += [option, str(value)]
+    if security.protocol.startswith("SASL"):
+        for option, value in (
+            ("--kafka-sasl-mechanism", security.sasl_mechanism),
+            ("--kafka-sasl-username", security.sasl_username),
+            ("--kafka-sasl-password-file", security.sasl_password_file),
+            ("--kafka-sasl-token-file", security.sasl_token_file),
+        ):
+            if value is not None:
+                words += [option, value]
+    return words
 
 
 def banner_lines(

@@ -37,6 +37,7 @@ from typing import Any, Self
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from aggregator.auth import CustomerSession, Organization, TokenRegistry, TokenRow, token_hash
+from aggregator.errors import UsageError
 from aggregator.intake.sealed import Sealer, Unsealable
 from ingest.kafka import KafkaSettings, ensure_topics, start_producer, starting, stop_within
 from ingest.tasks import cancel_within
@@ -98,10 +99,16 @@ class TokenView:
     """The organizations and tokens the control topic holds (step 3). An async context
     manager: entered, it has read the topic up to the end it found."""
 
-    def __init__(self, kafka: KafkaSettings, sealer: Sealer, secret: bytes) -> None:
+    def __init__(
+        self, kafka: KafkaSettings, sealer: Sealer, secret: bytes, *, only_tokens: bool = False
+    ) -> None:
+        """`only_tokens`: tokens are all this process takes (an edge, `token create --kafka`):
+        if not one sealed record opens with `secret`, entering it refuses the secret
+        (UsageError), rather than refuse every token or publish one that works nowhere."""
         self._kafka = kafka
         self._sealer = sealer
         self._secret = secret
+        self._only_tokens = only_tokens
         self.organizations: dict[str, tuple[Organization, str]] = {}
         self.tokens: dict[str, TokenRow] = {}
         self._by_hash: dict[str, str] = {}
@@ -125,8 +132,16 @@ class TokenView:
                 self._consumer.assign([partition])
                 await self._consumer.seek_to_beginning(partition)
                 end = (await self._consumer.end_offsets([partition]))[partition]
+                opened = refused = 0
                 while await self._consumer.position(partition) < end:
-                    self._take(await self._consumer.getmany(partition, timeout_ms=200))
+                    took = self._take(await self._consumer.getmany(partition, timeout_ms=200))
+                    opened, refused = opened + took[0], refused + took[1]
+            if self._only_tokens and refused and not opened:  # another cluster's secret
+                raise UsageError(
+                    f"the records on {kafka.control_topic} are sealed under another cluster secret"
+                    " than this one: pass the cluster's (the first core's secret.key) with"
+                    " --secret-file, or copy it into --data-dir"
+                )
         except BaseException:
             await stop_within(self._consumer.stop, kafka.stop_timeout_seconds, "token view")
             raise
@@ -148,16 +163,26 @@ class TokenView:
         while True:
             self._take(await self._consumer.getmany(timeout_ms=1000))
 
-    def _take(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+    def _take(self, fetched: dict[TopicPartition, list[Any]]) -> tuple[int, int]:
+        """Take the records' tokens; how many records with sealed values opened, and how many
+        did not."""
+        opened = refused = 0
         for records in fetched.values():
             for record in records:
                 try:
-                    found = self._sealer.open(decode(record.value or b""))
-                except (MetersError, Unsealable) as exc:
+                    sealed = decode(record.value or b"")
+                    found = self._sealer.open(sealed)
+                except Unsealable as exc:
+                    refused += 1
                     log.error("control topic offset %d: %s", record.offset, exc)
                     continue
+                except MetersError as exc:
+                    log.error("control topic offset %d: %s", record.offset, exc)
+                    continue
+                opened += found.drawn != sealed.drawn
                 if found.kind in KINDS:
                     self.add(found)
+        return opened, refused
 
     def add(self, record: Command) -> None:
         a, org_id = record.args, record.organization_id

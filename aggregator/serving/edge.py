@@ -53,7 +53,9 @@ async def serve_edge(
     workers, started (else one is made)."""
     secret = cluster_secret(settings.data_dir, settings.secret_file, create=False)
     async with contextlib.AsyncExitStack() as stack:
-        view = await stack.enter_async_context(TokenView(kafka, Sealer(secret), secret))
+        view = await stack.enter_async_context(
+            TokenView(kafka, Sealer(secret), secret, only_tokens=True)
+        )
         validation = await stack.enter_async_context(
             validation
             or ValidationPool(settings.ingest.rules, workers=settings.ingest.validation_workers)

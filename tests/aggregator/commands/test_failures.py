@@ -107,6 +107,8 @@ def cases(s: Setting) -> list[Case]:
     fresh, empty, with_secret = s.fresh, s.empty, s.with_secret
     other = with_secret("other-secret", os.urandom(32))
     tokens = with_secret("token-kafka")
+    server_core = empty("token-secret-file-core")  # a server's, whose secret is a file
+    (server_core / "meterline.duckdb").write_bytes(b"")
     reconcile = ("reconcile", "--from", "yesterday", "--to", "today", "--url", s.held.url)
     reconcile += ("--token", s.held.token or "", "--upstream-url", s.not_meterline)
     # name, what the line names, the data dir (left as it was), the command line
@@ -149,7 +151,21 @@ def cases(s: Setting) -> list[Case]:
         ("token create --kafka: no broker", "no Kafka broker", tokens, (*made, *no)),
         ("token create --kafka: wrong broker", "accepts", tokens, (*made, *wrong)),
         ("token create --kafka: missing CA", "No such file", tokens, (*made, *no, *missing_ca)),
+        ("token create --kafka: no secret", "does not exist", fresh("token-kafka"), (*made, *no)),
+        (
+            "token create --kafka: empty secret",
+            "is empty",
+            None,
+            (*made, *no, "--secret-file", empty_key),
+        ),
         ("token create: read-only data dir", "Read-only", empty("token-ro"), (*made, "--init")),
+        ("token create: no secret", "--secret-file", server_core, made),
+        (
+            "token create: short secret",
+            "bytes",
+            empty("token-key"),
+            (*made, "--init", "--secret-file", short_key),
+        ),
         ("dead-letters list: no broker", s.no_broker, None, ("dead-letters", "list", *no)),
         ("dead-letters list: wrong broker", s.wrong_broker, None, ("dead-letters", "list", *wrong)),
         (
