@@ -188,6 +188,7 @@ def cases(s: Setting) -> list[Case]:
         ("backup: no server", "no core serves", fresh("backup"), ("backup", "--to", s.root / "to")),
         ("org list: no data", "holds no", fresh("org"), ("org", "list")),
         ("meters wait: not a meterline", s.not_meterline, None, ("meters", "wait", *asked)),
+        ("status: not a meterline", s.not_meterline, None, ("status", *asked)),
         (
             "forwarder status: not a meterline",
             s.not_meterline,
