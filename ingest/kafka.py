@@ -83,15 +83,12 @@ async def starting(settings: KafkaSettings) -> AsyncIterator[Retry]:
     failures: list[KafkaError] = []
     began = time.monotonic()
 
+    def failed(exc: KafkaError) -> None:
+        failures[:] = [exc]  # the last one says why
+        log.debug("Kafka not reachable yet (%s); retrying", exc)
+
     async def retry(call: Callable[[], Awaitable[T]]) -> T:
-        while True:
-            try:
-                return await call()
-            except KafkaError as exc:
-                failures.append(exc)
-                del failures[:-1]  # the last one says why
-                log.debug("Kafka not reachable yet (%s); retrying", exc)
-                await asyncio.sleep(0.5)
+        return await retrying(call, failed)
 
     try:
         async with asyncio.timeout(settings.start_timeout_seconds) as bound:
@@ -139,14 +136,19 @@ async def _refused(bootstrap: str) -> str | None:
     return why
 
 
-async def retrying(start: Callable[[], Awaitable[T]]) -> T:
+async def retrying(
+    start: Callable[[], Awaitable[T]], failed: Callable[[KafkaError], None] | None = None
+) -> T:
     """Call `start` until the broker answers (the caller bounds the wait, if any: at start-up,
-    `starting` does); what it returns."""
+    `starting` does); what it returns. Each failure goes to `failed` (default: a warning)."""
     while True:
         try:
             return await start()
         except KafkaError as exc:
-            log.warning("Kafka not reachable yet (%s); retrying", exc)
+            if failed is None:
+                log.warning("Kafka not reachable yet (%s); retrying", exc)
+            else:
+                failed(exc)
             await asyncio.sleep(0.5)
 
 
