@@ -180,16 +180,14 @@ class Router:
             for p, row in zip(moved_positions, in_record, strict=True)
         ]
         first = [(p, o, row or 0) for p, o, row in where]  # never moved before (step 3)
-        moved = [
-            Moved(
-                org,
-                ingested,
-                partition,
-                rows.take(pa.array(which)).select(COLUMNS.names),
-                [first[i] for i in which],
-            )
-            for (org, ingested, partition), which in groups.items()
-        ]
+        # One take puts each group's rows together (a take per group copies the whole of a
+        # batch's many chunks each time), then each group is a slice of it.
+        grouped = rows.select(COLUMNS.names).take([i for which in groups.values() for i in which])
+        moved, start = [], 0
+        for (org, ingested, partition), which in groups.items():
+            events = grouped.slice(start, len(which))
+            moved.append(Moved(org, ingested, partition, events, [first[i] for i in which]))
+            start += len(which)
         return kept, moved, where
 
     async def owner(
