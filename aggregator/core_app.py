@@ -23,6 +23,7 @@ from aggregator.api import (
     alert_routes,
     alert_shapes,
     cluster_routes,
+    correction_routes,
     cost_routes,
     customer_portal_routes,
     customer_routes,
@@ -296,6 +297,7 @@ def build_app(
         backfiller,
         settings.quotas,
         sharding.peers if sharding is not None else None,
+        settings.ingest.rules,
     )
     front = front or Front.of(limits)
     admission, responses = front.admission, front.responses
@@ -323,6 +325,7 @@ def build_app(
         *otlp_routes.routes(ctx),
         *event_type_routes.routes(ctx),  # before /v1/events/{id}, which would take "names"
         *event_routes.routes(ctx),
+        *correction_routes.routes(ctx),
         *live_routes.routes(ctx, feed),  # before /v1/customer-meters/{id}
         *ledger_routes.routes(ctx),
         *hold_routes.routes(ctx),

@@ -14,10 +14,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from meters.wire import Patch
 
-# What meterline sends: a customer meter crossing an alert's threshold, and Polar's event for a
-# customer whose state (meters, balances) changed.
-EVENT_TYPES = ("meter.alert", "customer.state_changed")
-EventType = Literal["meter.alert", "customer.state_changed"]
+# What meterline sends: a customer meter crossing an alert's threshold, Polar's event for a
+# customer whose state (meters, balances) changed, and a correction of stored events
+# (`meters.corrections`: a void or a replacement; an amendment).
+EVENT_TYPES = ("meter.alert", "customer.state_changed", "event.voided", "event.amended")
+EventType = Literal["meter.alert", "customer.state_changed", "event.voided", "event.amended"]
 API_VERSION = "2026-10"
 # Retries go on for at least this long after the event, then it is given up for that endpoint.
 RETRY_SECONDS = 24 * 3600

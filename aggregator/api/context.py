@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
@@ -10,8 +10,10 @@ from starlette.requests import Request
 from aggregator.api.shard_routing import Peers, routed
 from aggregator.backfill import Backfiller
 from aggregator.services import Store, TenantLimits
+from aggregator.services.correction_service import actor_of
 from ingest.http import Authenticate, json_body, organization_of
 from meters.commands import check_request_id
+from meters.settings import EventRules
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +25,12 @@ class ApiContext:
     backfiller: Backfiller
     limits: TenantLimits
     peers: Peers | None = None  # the other shards of a deployment of several
+    rules: EventRules = field(default_factory=EventRules)  # amended or replaced events follow them
+
+    def actor(self, request: Request) -> str:
+        """Who asks (an authenticated request's token), as corrections record it."""
+        token = request.headers.get("authorization", "").partition(" ")[2].strip()
+        return actor_of(token)
 
     def fanned_out(self, request: Request) -> Peers | None:
         """The other shards, when an organization-wide read must be merged with theirs here:

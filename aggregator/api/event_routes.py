@@ -61,6 +61,7 @@ LIST = Operation(
             {"type": "string", "minLength": MIN_QUERY},
             "text in the name, source or metadata, or of the customer",
         ),
+        oa.query("voided", oa.BOOLEAN, "voided events too (hidden by default)"),
     ),
     errors=(404, 409),
     description="404 for an unknown meter_id; 409 for a meter marked failed.",
@@ -83,6 +84,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             depth=params.optional_integer(request, "depth", 0, MAX_DEPTH),
             sources=params.choices(request, "source", SOURCES),
             descending=order.startswith("-"),
+            voided=params.boolean(request, "voided") or False,
         )
         selection = Selection(
             query,

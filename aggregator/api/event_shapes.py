@@ -30,6 +30,11 @@ class EventShape(TypedDict):
     name: str
     source: str
     metadata: dict[str, Any]
+    # meterline's own (`meters.corrections`): the version (an amendment's: 2 and up), and when
+    # and why the event was voided (listed with `voided=true`; null while current).
+    version: int
+    voided_at: str | None
+    void_reason: str | None
 
 
 def event(e: Event, organization_id: str) -> EventShape:
@@ -50,6 +55,9 @@ def event(e: Event, organization_id: str) -> EventShape:
         "name": row.name,
         "source": row.source,
         "metadata": row.metadata,
+        "version": row.version,
+        "voided_at": iso(row.voided.at_us) if row.voided else None,
+        "void_reason": row.voided.reason if row.voided else None,
     }
 
 

@@ -52,6 +52,7 @@ from aggregator.store.tables import (
 )
 from aggregator.store.tables.alert_tables import AlertRow, Firing
 from aggregator.store.tables.command_outcomes import advance_control_job, control_offset
+from aggregator.store.tables.correction_jobs import Replaced, Voided
 from aggregator.store.tables.cost_queries import GROUP_KEYS, CostQuery, decimal_text
 from aggregator.store.tables.customer_tables import CUSTOMER_SORTS, CustomerRow, customers_by_refs
 from aggregator.store.tables.digest import logical_rows
@@ -129,12 +130,14 @@ __all__ = [
     "PlanRow",
     "Positions",
     "Prepared",
+    "Replaced",
     "Reset",
     "Scope",
     "StartOffsets",
     "StatePayload",
     "Store",
     "TenantLimits",
+    "Voided",
     "advance_control_job",
     "alert_tables",
     "attempt_record",

@@ -30,6 +30,7 @@ from aggregator.store.machinery.writer import (
 from aggregator.store.tables import (
     alert_tables,
     command_outcomes,
+    correction_jobs,
     customer_deletion,
     customer_tables,
     event_type_tables,
@@ -42,9 +43,11 @@ from aggregator.store.tables import (
 )
 from aggregator.store.tables.quotas import TenantLimits
 from meters.commands import Command
+from meters.corrections import Amendment, EventReplace, VoidRequest
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.errors import FieldError, ValidationFailed
+from meters.events import Event
 from meters.ledger_rules import AlertCreate, CreditCreate, HoldCreate, PlanCreate, ResetCreate
 from meters.webhook_rules import EndpointCreate, EndpointUpdate
 
@@ -139,6 +142,20 @@ KINDS: dict[str, Make] = {
         o, a["endpoint_id"], t, secret=a["secret"]
     ),
     "webhook.redeliver": lambda o, t, a: webhook_tables.redeliver_job(o, a["event_id"], t),
+    "event.void": lambda o, t, a: correction_jobs.void_job(
+        o, VoidRequest.model_validate(a["data"]), a["actor"], t, a["correction_id"]
+    ),
+    "event.amend": lambda o, t, a: correction_jobs.amend_job(
+        o, a["event_id"], Amendment(a["fields"], a["reason"]), a["actor"], t, a["correction_id"]
+    ),
+    "event.replace": lambda o, t, a: correction_jobs.replace_job(
+        o,
+        EventReplace.model_validate({**a["data"], "events": []}),
+        [Event(**e) for e in a["events"]],
+        a["actor"],
+        t,
+        a["correction_id"],
+    ),
 }
 
 

@@ -17,7 +17,7 @@ is folded in with a few vectorized operations per meter.
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.base.arrays import Column, Keys, encoded, numpy
+from aggregator.store.base.rows import registered
 from meters.aggregations import NEVER_US, Partial
 
 BYTES_PER_SLOT = 64
@@ -154,27 +155,12 @@ class Balances:
 
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
         """Everything DuckDB holds (at open, before any write)."""
-        numbers = con.sql(
-            "SELECT m.organization_id::VARCHAR AS organization_id, u.meter_id::VARCHAR AS"
-            " meter_id, subject, sum(events) AS events, sum(total) AS total, min(low) AS low,"
-            " max(high) AS high, epoch_us(min(u.created_at)) AS first_us,"
-            " epoch_us(max(u.modified_at)) AS last_us"
-            " FROM all_ledger_usage u JOIN meters m ON m.id = u.meter_id GROUP BY ALL"
-        ).to_arrow_table()
-        values = con.sql(
-            "SELECT DISTINCT m.organization_id::VARCHAR AS organization_id,"
-            " v.meter_id::VARCHAR AS meter_id, subject, value"
-            " FROM all_ledger_usage_values v JOIN meters m ON m.id = v.meter_id"
-        ).to_arrow_table()
-        points = con.sql(
-            "SELECT organization_id, meter_id, subject, p.at_us AS at_us, p.value AS value FROM"
-            " (SELECT m.organization_id::VARCHAR AS organization_id, p.meter_id::VARCHAR AS"
-            " meter_id, subject, max({'at_us': at_us, 'value': value}) AS p"
-            " FROM all_ledger_points p JOIN meters m ON m.id = p.meter_id GROUP BY ALL)"
-        ).to_arrow_table()
-        tables = (numbers, values, points)
-        for org in set().union(*(t.column("organization_id").to_pylist() for t in tables)):
-            self.add(org, *(t.filter(pc.equal(t.column("organization_id"), org)) for t in tables))
+        tables = _stored(con, "")
+        for org in {str(o) for t in tables for o in t.column("organization_id").to_pylist()}:
+            self.add(
+                org,
+                *(t.filter(pc.equal(t.column("organization_id"), pa.scalar(org))) for t in tables),
+            )
         self.compact()
         for customer, meter, credited, created, modified in con.execute(
             "SELECT customer_id::VARCHAR, meter_id::VARCHAR, credited, epoch_us(created_at),"
@@ -220,6 +206,25 @@ class Balances:
         if usage is None:
             usage = self._usage[meter_id] = _Usage(organization_id)
         return usage
+
+    def reread(
+        self, con: duckdb.DuckDBPyConnection, organization_id: str, pairs: pa.Table
+    ) -> Callable[[], None]:
+        """The usage DuckDB holds now (in the caller's transaction) of `pairs` (meter_id,
+        subject), as what makes the balances hold it: to run once the transaction commits (a
+        correction changed it other than by adding)."""
+        with registered(con, "_reread", pairs):
+            tables = _stored(con, " AND (meter_id::VARCHAR, subject) IN (FROM _reread)")
+        by_meter: dict[str, list[str]] = {}
+        for meter, subject in zip(*pairs.select(["meter_id", "subject"]).columns, strict=True):
+            by_meter.setdefault(str(meter), []).append(str(subject))
+
+        def reread() -> None:
+            for meter, subjects in by_meter.items():
+                self.clear(meter, subjects)
+            self.add(organization_id, *(t.drop_columns(["organization_id"]) for t in tables))
+
+        return reread
 
     def clear(self, meter_id: str, subjects: list[str]) -> None:
         """A reset: the customer's usage of the meter starts again from nothing."""
@@ -313,3 +318,30 @@ def _indexes(index: dict[str, int], subjects: Column) -> npt.NDArray[np.int64]:
         (index.setdefault(s, len(index)) for s in distinct), np.int64, len(distinct)
     )
     return known[codes]
+
+
+def _stored(con: duckdb.DuckDBPyConnection, where: str) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """The ledger's usage as DuckDB holds it (numbers, values, points: what `Balances.add`
+    takes, with each row's organization_id), of the rows `where` (SQL after a condition)
+    selects."""
+    numbers = con.sql(
+        "SELECT m.organization_id::VARCHAR AS organization_id, u.meter_id::VARCHAR AS"  # noqa: S608 - fixed text
+        " meter_id, subject, sum(events) AS events, sum(total) AS total, min(low) AS low,"
+        " max(high) AS high, epoch_us(min(u.created_at)) AS first_us,"
+        " epoch_us(max(u.modified_at)) AS last_us"
+        f" FROM all_ledger_usage u JOIN meters m ON m.id = u.meter_id WHERE TRUE{where}"
+        " GROUP BY ALL"
+    ).to_arrow_table()
+    values = con.sql(
+        "SELECT DISTINCT m.organization_id::VARCHAR AS organization_id,"  # noqa: S608 - fixed text
+        " v.meter_id::VARCHAR AS meter_id, subject, value"
+        f" FROM all_ledger_usage_values v JOIN meters m ON m.id = v.meter_id WHERE TRUE{where}"
+    ).to_arrow_table()
+    points = con.sql(
+        "SELECT organization_id, meter_id, subject, p.at_us AS at_us, p.value AS value FROM"  # noqa: S608 - fixed text
+        " (SELECT m.organization_id::VARCHAR AS organization_id, p.meter_id::VARCHAR AS"
+        " meter_id, subject, max({'at_us': at_us, 'value': value}) AS p"
+        f" FROM all_ledger_points p JOIN meters m ON m.id = p.meter_id WHERE TRUE{where}"
+        " GROUP BY ALL)"
+    ).to_arrow_table()
+    return numbers, values, points

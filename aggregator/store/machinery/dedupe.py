@@ -107,7 +107,7 @@ class Dedupe:
             self._spill.directory.mkdir(parents=True, exist_ok=True)
         chunk = self._spill.keys if self._spill is not None else None
         reader = con.sql(
-            f"SELECT {FINGERPRINT} AS fp, seq FROM events WHERE external_id IS NOT NULL"  # noqa: S608 - fixed text, values bound
+            f"SELECT {FINGERPRINT} AS fp, seq FROM all_events WHERE external_id IS NOT NULL"  # noqa: S608 - fixed text, values bound
             f" UNION ALL SELECT {_MOVED}, seq FROM moved_events"
         ).to_arrow_reader(65_536)
         batches: list[pa.RecordBatch] = []
@@ -324,7 +324,7 @@ def _confirmed(
     missing = [seq for seq in wanted.tolist() if seq not in stored]
     if missing:
         rows = verify.execute(
-            "SELECT seq, organization_id::VARCHAR, external_id FROM events"
+            "SELECT seq, organization_id::VARCHAR, external_id FROM all_events"
             " WHERE seq IN (SELECT unnest(?::BIGINT[])) AND external_id IS NOT NULL",
             [missing],
         ).fetchall()

@@ -91,6 +91,7 @@ def apply_isolated(
     at_us: int,
     data: pa.Table | None = None,
     backfill: bool = False,
+    ledger: bool = True,
 ) -> rollups.Evaluated:
     """`rollups.evaluate`, raising MeterUnevaluable when DuckDB cannot evaluate the meters (the
     writer then marks the failing ones and runs the job again without them). `data` is the
@@ -98,7 +99,9 @@ def apply_isolated(
     transaction has let go of the registration)."""
 
     def evaluate(con: duckdb.DuckDBPyConnection, meters: Sequence[MeterRow]) -> rollups.Evaluated:
-        return rollups.evaluate(con, meters, source, where, params, at_us=at_us, backfill=backfill)
+        return rollups.evaluate(
+            con, meters, source, where, params, at_us=at_us, backfill=backfill, ledger=ledger
+        )
 
     try:
         return evaluate(con, meters)

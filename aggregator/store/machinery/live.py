@@ -45,6 +45,7 @@ from aggregator.store.machinery.memtable import (
     Memtable,
     Positions,
     keys_of,
+    store,
     store_offsets,
 )
 from aggregator.store.machinery.rollups import Evaluated
@@ -130,7 +131,7 @@ class SequenceCounter:
         """After every stored event's seq and every seq the ingest log's requests took."""
         # fetchall() closes the result: an open result set blocks DuckDB's checkpoints.
         rows = con.execute(
-            "SELECT greatest((SELECT coalesce(max(seq), 0) FROM events),"
+            "SELECT greatest((SELECT coalesce(max(seq), 0) FROM all_events),"
             " (SELECT coalesce(max(seq), 0) FROM seq_floor))"
         ).fetchall()
         return cls(max([int(rows[0][0]), *(r.last_seq for r in logged)]) + 1)
@@ -197,7 +198,7 @@ class Live:
         rows = con.execute("SELECT topic, partition, next_offset FROM kafka_offsets").fetchall()
         self._offsets = {(str(t), int(p)): int(o) for t, p, o in rows}
         # Stored events' seqs (the ingest log's requests not yet stored are applied again).
-        stored = con.execute("SELECT coalesce(max(seq), 0) FROM events").fetchall()
+        stored = con.execute("SELECT coalesce(max(seq), 0) FROM all_events").fetchall()
         self._applied_through = int(stored[0][0])
 
     # ---- the writer's transaction steps (writer thread) -----------------------------------
@@ -286,7 +287,11 @@ class Live:
         under `hold`: no flush or merge changes the list meanwhile."""
         self._expect(Status.OPEN)
         self._staged_segments.append(change)
-        self.segments.commit(con, change)
+        whole = Change(
+            [s for c in self._staged_segments for s in c.added],
+            [s for c in self._staged_segments for s in c.retired],
+        )
+        self.segments.commit(con, change, whole)
         self.stage(lambda: self.segments.committed(change))
 
     def delete_rows(
@@ -366,6 +371,31 @@ class Live:
         self._staged_keys.add(held, seqs)
         self._staged_entries.append(entry)
         self.stage(lambda: self._applied(entry, held, seqs))
+
+    def store_events(self, con: duckdb.DuckDBPyConnection, events: pa.Table, keyed: bool) -> None:
+        """New events a job applies (`Applied.events`' columns, with seqs it reserved), stored in
+        its transaction: a correction's, whose write record is their only log, so they never
+        wait in the memtable. Their keys are held at commit where `keyed` (an amended event's
+        new version shares its external id with the version it voids, whose key is held).
+        What they contribute to rollups and the ledger is the job's to store. Only under
+        `hold`."""
+        self._expect(Status.OPEN)
+        _, change = store(con, [Applied(events)], self.segments)
+        self._staged_segments.append(change)
+        held, seqs = np.empty(0, np.uint64), np.empty(0, np.int64)
+        if keyed:
+            mask = dedupe.is_keyed(events)
+            held = dedupe.fingerprinted(con, events)[mask]
+            seqs = numpy(events.column("seq"), np.int64)[mask]
+            self._staged_keys.add(held, seqs)
+        last = int(events.column("seq")[-1].as_py()) if events.num_rows else 0
+
+        def stored() -> None:
+            self.segments.committed(change)
+            self.dedupe.add(held, seqs)
+            self._applied_through = max(self._applied_through, last)
+
+        self.stage(stored)
 
     def advance(self, con: duckdb.DuckDBPyConnection, offsets: Positions) -> None:
         """Positions that no events come with (the journal's, after a group of API writes), so

@@ -648,6 +648,28 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE VIEW all_rollup_values AS SELECT * FROM rollup_values;
     CREATE VIEW all_rollup_points AS SELECT * FROM rollup_points;
     """,
+    # 30: corrections (`store.tables.corrections`, decision 18): the voided events, by seq, with
+    # the request that voided them and why; the `events` view leaves them out from then on and
+    # `all_events` (the relation's view: `segments`) keeps every stored event. An amended
+    # event's later versions, with the version each one is and the event it replaced.
+    """
+    CREATE TABLE voided_events (
+        seq BIGINT PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        request_id VARCHAR NOT NULL,
+        reason VARCHAR NOT NULL,
+        voided_at TIMESTAMPTZ NOT NULL
+    );
+    CREATE TABLE event_versions (
+        id UUID PRIMARY KEY,                 -- the new version's event id
+        organization_id UUID NOT NULL,
+        replaces UUID NOT NULL,              -- the version it voided
+        version INTEGER NOT NULL             -- 2 and up (an event stored before is version 1)
+    );
+    DROP VIEW events;
+    CREATE VIEW all_events AS SELECT * FROM events_base;
+    CREATE VIEW events AS SELECT * FROM all_events ANTI JOIN voided_events USING (seq);
+    """,
 )
 
 

@@ -92,9 +92,10 @@ _NUMBERS = "sum(events)::BIGINT AS events, sum(total) AS total, min(low) AS low,
 RELATIONS: dict[str, Relation] = {
     r.name: r
     for r in (
+        # Every stored event; the `events` view leaves out the voided ones (migration 30).
         Relation(
             "events",
-            "events",
+            "all_events",
             "events_base",
             "seq",
             "SELECT * FROM _inputs ORDER BY seq",
@@ -267,8 +268,12 @@ class Segments:
 
     # ---- step 2 ---------------------------------------------------------------------------
 
-    def commit(self, con: duckdb.DuckDBPyConnection, change: Change) -> None:
-        """List `change` in the caller's transaction on `con`, and define the views anew."""
+    def commit(
+        self, con: duckdb.DuckDBPyConnection, change: Change, whole: Change | None = None
+    ) -> None:
+        """List `change` in the caller's transaction on `con`, and define the views anew: over
+        the files as `whole` leaves them (every change of the transaction so far, this one
+        included; default: this one alone)."""
         if not change:
             return
         if change.added:
@@ -282,7 +287,7 @@ class Segments:
                 [[s.number for s in change.retired]],
             )
         for name in {s.relation for s in (*change.added, *change.retired)}:
-            self._define(con, name, self._after(name, change))
+            self._define(con, name, self._after(name, whole or change))
 
     def committed(self, change: Change) -> None:
         """After COMMIT: the list takes `change`; retired files wait out the grace (step 4)."""

@@ -544,7 +544,7 @@ def value(live: Live, customer: CustomerKey | CustomerRow, meter: MeterRow) -> V
 def on_ledger_change(
     con: Con,
     live: Live,
-    customer: CustomerRow,
+    customer: CustomerRow | CustomerKey,
     meter: MeterRow,
     before: Value | None,
     after: Value,

@@ -368,7 +368,7 @@ CustomerRef = tuple[str, str | None, str | None]
 def named_by_events(con: duckdb.DuckDBPyConnection, organization_id: str, external_id: str) -> bool:
     """Whether any event names `external_id` as its external customer id."""
     found = con.execute(
-        "SELECT EXISTS (SELECT 1 FROM events WHERE organization_id = ?::UUID"
+        "SELECT EXISTS (SELECT 1 FROM all_events WHERE organization_id = ?::UUID"
         " AND external_customer_id = ?)",
         [organization_id, external_id],
     ).fetchall()

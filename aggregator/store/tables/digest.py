@@ -16,7 +16,8 @@ what it holds:
   a digest compares with the previous main's, which had none. (It follows from the record that
   made the customer; a data dir that gained it by migration has it from the external id then.)
 
-Tables added since the previous main (`otlp_settings`, `credit_grants`) count only for an
+Tables added since the previous main (`otlp_settings`, `credit_grants`, and the corrections'
+`voided_events` and `event_versions`) count only for an
 organization with rows in them: one without any has the digest the previous main gives it. Of
 the credit grants, only those with an expiry or a priority of their own count: the others are
 what a credit without either makes, which the customer meter's sums hold already (its rollover
@@ -46,9 +47,11 @@ TABLES: dict[str, tuple[str, ...]] = {
     "idempotency_keys": (),
     "otlp_settings": (),
     "credit_grants": (),
+    "voided_events": (),
+    "event_versions": (),
 }
 # Tables that count only when the organization has rows in them (see above).
-_WHEN_HELD = frozenset({"otlp_settings", "credit_grants"})
+_WHEN_HELD = frozenset({"otlp_settings", "credit_grants", "voided_events", "event_versions"})
 # Rows that count, where not all do (see above).
 _COUNTED = {"credit_grants": f"(expires_at IS NOT NULL OR priority <> {PRIORITY_DEFAULT})"}
 

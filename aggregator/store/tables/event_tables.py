@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EventQuery",
     "EventRow",
+    "Voiding",
     "event_keys",
     "get_event",
     "list_events",
@@ -28,8 +29,16 @@ __all__ = [
 
 EVENT_COLUMNS = (
     "id::VARCHAR, epoch_us(timestamp), customer_id::VARCHAR, external_customer_id,"
-    " external_member_id, parent_id, name, source, metadata, external_id"
+    " external_member_id, parent_id, name, source, metadata, external_id, seq"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Voiding:
+    """Why and when an event was voided (`tables.corrections`)."""
+
+    at_us: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +56,9 @@ class EventRow:
     metadata: dict[str, Any]
     external_id: str | None
     child_count: int = 0
+    seq: int = 0
+    version: int = 1  # 2 and up: an amendment's (`correction_jobs.amend_job`)
+    voided: Voiding | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +83,7 @@ class EventQuery:
     # matches and its aggregation takes the event), a query's `filter`.
     conditions: tuple[tuple[str, list[Any]], ...] = ()
     descending: bool = True
+    voided: bool = False  # voided events too (`all_events`), not only the current ones
 
 
 def where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
@@ -162,16 +175,23 @@ def list_events(
     offset: int,
 ) -> tuple[list[EventRow], int]:
     where_sql, params = where(organization_id, query)
+    source = _source(query)
     total = int(
-        con.execute(f"SELECT count(*) FROM events WHERE {where_sql}", params).fetchall()[0][0]  # noqa: S608 - fixed text, values bound
+        con.execute(f"SELECT count(*) FROM {source} WHERE {where_sql}", params).fetchall()[0][0]  # noqa: S608 - fixed text, values bound
     )
     order = "DESC" if query.descending else "ASC"
     rows = con.execute(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE {where_sql}"  # noqa: S608 - fixed text, values bound
+        f"SELECT {EVENT_COLUMNS} FROM {source} WHERE {where_sql}"  # noqa: S608 - fixed text, values bound
         f" ORDER BY {_order(order)} LIMIT ? OFFSET ?",
         [*params, limit, offset],
     ).fetchall()
-    return _with_children(con, organization_id, [_row(r) for r in rows]), total
+    listed = _with_children(con, organization_id, [_row(r) for r in rows])
+    return _with_corrections(con, listed), total
+
+
+def _source(query: EventQuery) -> str:
+    """The current events, or every stored one (voided too)."""
+    return "all_events" if query.voided else "events"
 
 
 def event_keys(
@@ -181,12 +201,13 @@ def event_keys(
     ingest time in microseconds, source, order made, id), and how many there are in all."""
     where_sql, params = where(organization_id, query)
     order = "DESC" if query.descending else "ASC"
+    source = _source(query)
     keys = con.execute(
         f"SELECT epoch_us(timestamp), epoch_us(ingested_at), source, {_MADE}, id::VARCHAR"  # noqa: S608 - fixed text, values bound
-        f" FROM events WHERE {where_sql} ORDER BY {_order(order)} LIMIT ?",
+        f" FROM {source} WHERE {where_sql} ORDER BY {_order(order)} LIMIT ?",
         [*params, limit],
     ).fetchall()
-    total = con.execute(f"SELECT count(*) FROM events WHERE {where_sql}", params).fetchall()  # noqa: S608 - fixed text, values bound
+    total = con.execute(f"SELECT count(*) FROM {source} WHERE {where_sql}", params).fetchall()  # noqa: S608 - fixed text, values bound
     return [(int(t), int(at), str(s), int(m), str(i)) for t, at, s, m, i in keys], int(total[0][0])
 
 
@@ -207,16 +228,40 @@ def get_event(
 ) -> EventRow | None:
     row = first_row(
         con,
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE organization_id = ? AND id = ?::UUID",  # noqa: S608 - fixed text, values bound
+        f"SELECT {EVENT_COLUMNS} FROM all_events WHERE organization_id = ? AND id = ?::UUID",  # noqa: S608 - fixed text, values bound
         [organization_id, event_id],
     )
     if row is None:
         return None
-    return _with_children(con, organization_id, [_row(row)])[0]
+    return _with_corrections(con, _with_children(con, organization_id, [_row(row)]))[0]
 
 
 def _row(r: tuple[Any, ...]) -> EventRow:
-    return EventRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], orjson.loads(r[8]), r[9])
+    return EventRow(
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], orjson.loads(r[8]), r[9], seq=r[10]
+    )
+
+
+def _with_corrections(con: duckdb.DuckDBPyConnection, rows: list[EventRow]) -> list[EventRow]:
+    """The rows with their versions, and whether each was voided (and why)."""
+    if not rows:
+        return rows
+    versions = dict(
+        con.execute(
+            "SELECT id::VARCHAR, version FROM event_versions"
+            " WHERE id IN (SELECT unnest(?::UUID[]))",
+            [[r.id for r in rows]],
+        ).fetchall()
+    )
+    voided = {
+        int(seq): Voiding(int(at), str(reason))
+        for seq, at, reason in con.execute(
+            "SELECT seq, epoch_us(voided_at), reason FROM voided_events"
+            " WHERE seq IN (SELECT unnest(?::BIGINT[]))",
+            [[r.seq for r in rows]],
+        ).fetchall()
+    }
+    return [replace(r, version=versions.get(r.id, 1), voided=voided.get(r.seq)) for r in rows]
 
 
 def _with_children(

@@ -65,6 +65,7 @@ __all__ = [
     "expire_due",
     "held_customer_meter",
     "reset_job",
+    "usage_partial",
 ]
 
 Con = duckdb.DuckDBPyConnection
@@ -536,6 +537,19 @@ def _consumed(con: Con, customer: CustomerRow, meter: MeterRow) -> float:
 def _usage(con: Con, meter: MeterRow, names: list[str]) -> tuple[float, int | None, int | None]:
     """(consumed, first usage, last usage) of the subjects `names` in the meter's current
     windows."""
+    partial, first, last = _stored_usage(con, meter, names)
+    return partial.result(meter.aggregation.func), first, last
+
+
+def usage_partial(con: Con, meter: MeterRow, names: list[str]) -> Partial:
+    """The usage of the subjects `names` in the meter's current windows, as DuckDB holds it in
+    the caller's transaction."""
+    return _stored_usage(con, meter, names)[0]
+
+
+def _stored_usage(
+    con: Con, meter: MeterRow, names: list[str]
+) -> tuple[Partial, int | None, int | None]:
     partial = Partial()
     # Equalities, not `IN (SELECT unnest(?))`: DuckDB then filters during the scan (3x faster
     # at 100,000 customers).
@@ -566,7 +580,7 @@ def _usage(con: Con, meter: MeterRow, names: list[str]) -> tuple[float, int | No
             [meter.id, *names],
         ).fetchall()
         partial.values = {v[0] for v in values}
-    return partial.result(meter.aggregation.func), first, last
+    return partial, first, last
 
 
 def _is_unique(meter: MeterRow) -> bool:

@@ -61,6 +61,8 @@ _BY_SUBJECT: dict[str, tuple[str, str]] = {
 _DEPENDENT = (
     ("forward_quarantine", "organization_id, seq", ("events", "organization_id, seq")),
     ("moved_events", "seq", ("events", "seq")),
+    ("voided_events", "seq", ("events", "seq")),
+    ("event_versions", "id", ("events", "id")),
     ("webhook_outbox", "event_id", ("webhook_events", "id")),
     ("webhook_deliveries", "event_id", ("webhook_events", "id")),
 )
@@ -87,7 +89,7 @@ _RULED = {
 # Every seq the database holds: a new one must be greater (forward cursors, holds, resets and
 # backfills compare seqs).
 _SEQS = (
-    ("events", "seq"),
+    ("all_events", "seq"),
     ("seq_floor", "seq"),
     ("meter_holds", "after_seq"),
     ("customer_meters", "reset_seq"),

@@ -362,6 +362,22 @@ def _write_and_refuse(check: Checked, ids: dict[str, str]) -> None:
     check("PATCH", "/v1/customers/{id}", 200, {"id": ids["customer"]}, json={"name": "Ada"})
     check("PATCH", "/v1/customers/external/{external_id}", 200, {"external_id": "c1"}, json={})
     check("PATCH", "/v1/event-types/{id}", 200, {"id": ids["event_type"]}, json={"label": "Call"})
+    # Corrections: an event amended, its new version voided, the range replaced.
+    used = check.core.request("GET", "/v1/events/", params={"source": "user"}).json()["items"]
+    amended = check(
+        "PATCH", "/v1/events/{id}", 200, {"id": used[0]["id"]}, json={"metadata": {"tokens": 4}}
+    )
+    check("PATCH", "/v1/events/{id}", 422, {"id": used[0]["id"]}, json={})
+    check("POST", "/v1/events/void", 200, json={"ids": [amended["id"]], "reason": "sent twice"})
+    check("POST", "/v1/events/void", 422, json={"reason": "no selection"})
+    replace = {
+        "external_customer_id": "c1",
+        "start_timestamp": WINDOW["start_timestamp"],
+        "end_timestamp": WINDOW["end_timestamp"],
+        "events": [{"name": "call", "external_customer_id": "c1", "metadata": {"tokens": 2}}],
+    }
+    check("POST", "/v1/events/replace", 200, json=replace)
+    check("POST", "/v1/events/replace", 422, json={**replace, "external_customer_id": "c9"})
     endpoint = {"id": ids["endpoint"]}
     check("PATCH", "/v1/webhooks/endpoints/{id}", 200, endpoint, json={"name": "hook"})
     check("PATCH", "/v1/webhooks/endpoints/{id}/secret", 200, endpoint)

@@ -48,6 +48,7 @@ def ids(core: InProcessCore) -> dict[str, str]:
             {"url": "http://127.0.0.1:9/hook", "format": "raw", "events": ["meter.alert"]},
         ),
         "/v1/event-types/{id}": core.request("GET", "/v1/event-types/").json()["items"][0]["id"],
+        "/v1/events/{id}": core.request("GET", "/v1/events/").json()["items"][0]["id"],
     }
     core.settle()  # the meter's backfill done: what it shows stays as it is
     return found

@@ -6,6 +6,7 @@ from __future__ import annotations
 import duckdb
 
 SEGMENTS = 29  # the schema step that made the events and the rollups segments
+CORRECTIONS = 30  # the step that made voided events and event versions
 # The rollup tables and their deltas before segments.
 _ROLLUPS = {
     "rollups": "rollup_deltas",
@@ -18,6 +19,7 @@ def before_segments(con: duckdb.DuckDBPyConnection) -> None:
     """The database as schema step 28 had it: the events and the rollups as tables (what the
     segments held, copied in; the rollups' delta tables empty beside them), no segments table;
     the files themselves are left where they are, listed by nothing."""
+    before_corrections(con)
     con.execute("CREATE TABLE events_kept AS SELECT * FROM events ORDER BY seq")
     con.execute("DROP VIEW events")
     con.execute("DROP TABLE events_base")
@@ -33,3 +35,13 @@ def before_segments(con: duckdb.DuckDBPyConnection) -> None:
         )
     con.execute("DROP TABLE segments")
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {SEGMENTS}")
+
+
+def before_corrections(con: duckdb.DuckDBPyConnection) -> None:
+    """The database as schema step 29 had it (no event was voided or amended): the events
+    relation read through `events` itself, no table of corrections."""
+    con.execute("DROP VIEW events")
+    con.execute("ALTER VIEW all_events RENAME TO events")
+    con.execute("DROP TABLE voided_events")
+    con.execute("DROP TABLE event_versions")
+    con.execute(f"DELETE FROM schema_migrations WHERE version >= {CORRECTIONS}")

@@ -1,0 +1,95 @@
+"""Corrections of stored events (meterline's own; Polar has none): `POST /v1/events/void`,
+`PATCH /v1/events/{id}` (amend), `POST /v1/events/replace`. Each is one write record, applied
+whole or not at all, idempotent by its `Idempotency-Key`."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from aggregator.api import correction_shapes as shapes
+from aggregator.api import event_shapes, params
+from aggregator.api import openapi as oa
+from aggregator.api.context import ApiContext
+from aggregator.api.correction_shapes import (
+    EventAmend,
+    EventReplace,
+    ReplacedShape,
+    VoidedShape,
+    VoidRequest,
+)
+from aggregator.api.event_shapes import EventShape
+from aggregator.api.openapi import ApiRoute, Operation
+from aggregator.services import correction_service as service
+from ingest.http import JSON
+from meters.wire import parse_model
+
+TAG = "events"
+VOID = Operation(
+    "Void events",
+    TAG,
+    {200: VoidedShape},
+    body=VoidRequest,
+    description=(
+        "Voided events stop counting everywhere (quantities, customer meters, costs, lists);"
+        " each keeps its external id, so sending it again stays a duplicate."
+        f" {oa.IDEMPOTENT}"
+    ),
+)
+AMEND = Operation(
+    "Amend an event",
+    TAG,
+    {200: EventShape},
+    body=EventAmend,
+    description=(
+        "The event's new version (the fields given replace the event's); the old one is"
+        f" voided. {oa.IDEMPOTENT}"
+    ),
+)
+REPLACE = Operation(
+    "Replace the events of a range",
+    TAG,
+    {200: ReplacedShape},
+    body=EventReplace,
+    description=f"Applied whole or not at all. {oa.IDEMPOTENT}",
+)
+
+
+def routes(ctx: ApiContext) -> list[Route]:
+    store = ctx.store
+
+    async def void(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(VoidRequest, await ctx.json(request))
+        done = await service.void(
+            store, org, data, ctx.actor(request), request_id=ctx.request_id(request)
+        )
+        return JSON(shapes.voided(done))
+
+    async def amend(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(EventAmend, await ctx.json(request))
+        found = await service.amend(
+            store,
+            org,
+            params.path_id(request),
+            data,
+            ctx.actor(request),
+            ctx.rules,
+            request_id=ctx.request_id(request),
+        )
+        return JSON(event_shapes.event(found, org))
+
+    async def replace(request: Request) -> JSON:
+        org = ctx.organization(request)
+        data = parse_model(EventReplace, await ctx.json(request))
+        done = await service.replace(
+            store, org, data, ctx.actor(request), ctx.rules, request_id=ctx.request_id(request)
+        )
+        return JSON(shapes.replaced(done))
+
+    return [
+        ApiRoute("/v1/events/void", void, "POST", VOID),
+        ApiRoute("/v1/events/replace", replace, "POST", REPLACE),
+        ApiRoute("/v1/events/{id}", amend, "PATCH", AMEND),
+    ]
