@@ -10,6 +10,7 @@ import orjson
 
 from aggregator.store.base.meter_sql import member_pointer
 from aggregator.store.base.rows import first_row, is_uuid
+from meters.corrections import NAMES as CORRECTIONS
 
 if TYPE_CHECKING:
     pass
@@ -115,6 +116,11 @@ def where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
     if q.sources:
         clauses.append("source IN (SELECT unnest(?::VARCHAR[]))")
         params.append(list(q.sources))
+    if not q.voided and not set(q.names) & set(CORRECTIONS):
+        # Corrections' system events are meterline's own (polar-sdk loads no system event it
+        # does not know): listed when asked for by name, or with the voided events.
+        clauses.append("NOT (source = 'system' AND name IN (SELECT unnest(?::VARCHAR[])))")
+        params.append(list(CORRECTIONS))
     if q.search is not None:
         text, ids, external = q.search
         clauses.append(
