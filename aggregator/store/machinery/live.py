@@ -31,6 +31,7 @@ from typing import Protocol, TypeVar
 
 import duckdb
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 
 from aggregator.store.base.arrays import numpy
@@ -174,6 +175,7 @@ class Live:
         self._staged_entries: list[Applied] = []
         self._staged_log: list[Logged] = []
         self._staged_segments: list[Change] = []
+        self._voiding = False  # events voided in this transaction (`void`)
         self._logged_at: tuple[int, int, int] | None = None  # where the log ended before
         self._applied_through = 0  # the last seq applied: each batch's come after it
 
@@ -251,6 +253,8 @@ class Live:
             self.log.undo(self._logged_at)
         for change in self._staged_segments:
             self.segments.abandon(change)
+        if self._voiding:
+            self.segments.abandon_void()
         self._reset()
         self._changed = {}
         self._status = Status.IDLE
@@ -263,6 +267,7 @@ class Live:
         self._staged_entries = []
         self._staged_log = []
         self._staged_segments = []
+        self._voiding = False
         self._logged_at = None
 
     @contextlib.contextmanager
@@ -293,6 +298,15 @@ class Live:
         )
         self.segments.commit(con, change, whole)
         self.stage(lambda: self.segments.committed(change))
+
+    def void(self, con: duckdb.DuckDBPyConnection, seqs: npt.NDArray[np.int64]) -> None:
+        """Events voided in this transaction (their rows in `voided_events` already): the
+        `events` view leaves them out from now on (`Segments.void`). Only under `hold`, before
+        the transaction changes the events' files."""
+        self._expect(Status.OPEN)
+        self._voiding = True
+        self.segments.void(con, seqs)
+        self.stage(self.segments.voided)
 
     def delete_rows(
         self, con: duckdb.DuckDBPyConnection, relation: str, where: str, params: list[object]

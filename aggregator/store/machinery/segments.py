@@ -38,14 +38,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import duckdb
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aggregator.errors import AggregatorError
-from aggregator.store.base.arrays import uuids
+from aggregator.store.base.arrays import numpy, uuids
 from aggregator.store.machinery.ingest_log import fsync_directory
 
 log = logging.getLogger(__name__)
@@ -178,6 +180,12 @@ class Segments:
         # Per relation, its base table's UUID columns (`open`): what `_written` stores as UUIDs.
         self._uuids: dict[str, list[str]] = {}
         self.written_bytes = 0  # by steps 1 and 3, since open
+        # The voided events' seqs (sorted), and each events file's (first, last) seq: the
+        # `events` view leaves the voided ones out of the files that may hold them only
+        # (`_current`), so that reads of the others pay no join.
+        self._voided = np.empty(0, np.int64)
+        self._voiding: npt.NDArray[np.int64] | None = None  # this transaction's, until commit
+        self._seqs: dict[int, tuple[int, int] | None] = {}
 
     # ---- step 5 ---------------------------------------------------------------------------
 
@@ -205,6 +213,9 @@ class Segments:
         with self._lock:
             self._live = live
             self._next = 1 + max((int(r[1]) for r in rows), default=0)
+        self._seqs = {s.number: _seq_range(self.path(s)) for s in live["events"]}
+        voided = con.execute("SELECT seq FROM voided_events ORDER BY seq").fetchnumpy()["seq"]
+        self._voided = np.asarray(voided, np.int64)
         for name, spec in RELATIONS.items():
             self._uuids[name] = [
                 str(c)
@@ -264,6 +275,9 @@ class Segments:
         with temporary.open("rb+") as file:
             os.fsync(file.fileno())
         temporary.rename(path)
+        if relation == "events" and table.num_rows:
+            seqs = numpy(table.column("seq"), np.int64)
+            self._seqs[number] = (int(seqs.min()), int(seqs.max()))
         return Segment(relation, number, level, table.num_rows, path.stat().st_size)
 
     # ---- step 2 ---------------------------------------------------------------------------
@@ -298,6 +312,8 @@ class Segments:
             for name in {s.relation for s in (*change.added, *change.retired)}:
                 self._live[name] = self._after(name, change)
             self._retired += [(now, s) for s in change.retired]
+        for segment in change.retired:
+            self._seqs.pop(segment.number, None)
         self.delete_retired()
 
     def abandon(self, change: Change) -> None:
@@ -314,11 +330,49 @@ class Segments:
         self, con: duckdb.DuckDBPyConnection, relation: str, segments: Sequence[Segment]
     ) -> None:
         spec = RELATIONS[relation]
-        files = ", ".join(f"'{self.path(s)}'" for s in segments)
         # Fixed text, and the store's own file names.
-        read = f"SELECT {spec.read} FROM read_parquet([{files}])"  # noqa: S608
-        union = f" UNION ALL {read}" if segments else ""
+        union = f" UNION ALL {self._read(spec, segments)}" if segments else ""
         con.execute(f"CREATE OR REPLACE VIEW {spec.view} AS SELECT * FROM {spec.base}{union}")  # noqa: S608
+        if relation == "events":
+            self._current(con, segments)
+
+    def _read(self, spec: Relation, segments: Sequence[Segment]) -> str:
+        files = ", ".join(f"'{self.path(s)}'" for s in segments)
+        return f"SELECT {spec.read} FROM read_parquet([{files}])"  # noqa: S608 - the store's own file names
+
+    def _current(self, con: duckdb.DuckDBPyConnection, segments: Sequence[Segment]) -> None:
+        """The `events` view: every stored event but the voided ones (`tables.corrections`).
+        Only the base table and the files whose seqs may include a voided one are joined with
+        `voided_events`."""
+        voided = self._voided if self._voiding is None else self._voiding
+        spec = RELATIONS["events"]
+        without = " ANTI JOIN voided_events USING (seq)"
+        parts = [f"SELECT * FROM {spec.base}{without if len(voided) else ''}"]  # noqa: S608 - fixed text
+        dirty = [s for s in segments if _holds_any(voided, self._seqs.get(s.number))]
+        clean = [s for s in segments if s not in dirty]
+        if clean:
+            parts.append(self._read(spec, clean))
+        if dirty:
+            parts.append(f"SELECT * FROM ({self._read(spec, dirty)}){without}")  # noqa: S608 - fixed text
+        con.execute(f"CREATE OR REPLACE VIEW events AS {' UNION ALL '.join(parts)}")
+
+    def void(self, con: duckdb.DuckDBPyConnection, seqs: npt.NDArray[np.int64]) -> None:
+        """Events voided in the caller's transaction (their rows in `voided_events` already):
+        the `events` view defined anew without them; the set held at commit (`voided`), or
+        dropped (`abandon_void`). Before any other change of the events' files in the same
+        transaction."""
+        held = self._voided if self._voiding is None else self._voiding
+        self._voiding = np.union1d(held, seqs.astype(np.int64))
+        self._current(con, self.live("events"))
+
+    def voided(self) -> None:
+        """After COMMIT: the voided seqs of the transaction are held."""
+        if self._voiding is not None:
+            self._voided, self._voiding = self._voiding, None
+
+    def abandon_void(self) -> None:
+        """After a ROLLBACK."""
+        self._voiding = None
 
     # ---- step 3 ---------------------------------------------------------------------------
 
@@ -451,3 +505,27 @@ def read_only(con: duckdb.DuckDBPyConnection, database: Path, relation: str) -> 
     files = ", ".join(f"'{folder / Segment(relation, int(n), 0, 0, 0).name}'" for (n,) in rows)
     read = f" UNION ALL SELECT {spec.read} FROM read_parquet([{files}])" if rows else ""  # noqa: S608 - the store's own file names
     return f"(SELECT * FROM {spec.base}{read})"  # noqa: S608 - fixed text
+
+
+def _seq_range(path: Path) -> tuple[int, int] | None:
+    """An events file's first and last seq, from its footer's statistics (None: unknown)."""
+    meta = pq.read_metadata(path)
+    column = meta.schema.names.index("seq")
+    lows, highs = [], []
+    for i in range(meta.num_row_groups):
+        stats = meta.row_group(i).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return None
+        lows.append(int(cast(int, stats.min)))
+        highs.append(int(cast(int, stats.max)))
+    return (min(lows), max(highs)) if lows else None
+
+
+def _holds_any(voided: npt.NDArray[np.int64], seqs: tuple[int, int] | None) -> bool:
+    """Whether a file of seqs `seqs` (None: unknown) may hold one of `voided`."""
+    if not len(voided):
+        return False
+    if seqs is None:
+        return True
+    at = int(np.searchsorted(voided, seqs[0]))
+    return at < len(voided) and int(voided[at]) <= seqs[1]

@@ -34,10 +34,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.base import subjects
+from aggregator.store.base.arrays import numpy
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import registered
 from aggregator.store.base.subjects import OF_EVENT
@@ -99,6 +101,8 @@ def correct(
             "INSERT INTO voided_events SELECT seq, ?::UUID, ?, ?, make_timestamptz(?) FROM _voided",
             [org, request_id, reason, now_us],
         )
+    if voided.num_rows:
+        live.void(con, numpy(voided.column("seq"), np.int64))
     first = live.seq.last + 1
     added: list[Evaluated] = []
     keys = voided.select(["subject", "bucket"])
