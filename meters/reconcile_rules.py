@@ -10,6 +10,13 @@ local meter definitions and the reference evaluator, so both sides are judged by
   later revision); their `units` add up to the upstream's consumption. Drift is repaired by an
   event carrying the difference, whose external_id is derived from both amounts, so re-running
   a repair before the upstream has applied it cannot count it twice.
+
+Corrections (`meters.corrections`) made after forwarding: the local side is read with its voided
+events too, which count nowhere. In raw mode, a voided event the upstream still holds (matched
+by fingerprint, after the current events) was changed after forwarding: neither missing nor
+upstream-only, and an amended event's current version is paired with it (re-sending that
+version cannot help: the upstream holds the old one under the same external id). In rollup
+mode, a drifting period that holds a correction is listed as changed after forwarding.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +32,7 @@ import orjson
 from pydantic import TypeAdapter
 
 from meters.aggregations import ADDITIVE, Aggregation, Partial, UniqueAggregation
+from meters.corrections import AMENDED
 from meters.filters import EventView, Filter
 from meters.times import datetime_to_us, us_to_datetime, us_to_iso
 
@@ -77,17 +85,34 @@ class Tally:
         self.events = 0
         self.fingerprints: collections.Counter[int] = collections.Counter()
         self.ids: list[tuple[int, str]] = []  # (fingerprint, event id), local side only
+        # The local side's corrections: voided events (raw mode: fingerprint and event), the
+        # keys a voided event or an amended event's version touches (rollup mode), and each
+        # amended event's next version (`event.amended`: old id → new id).
+        self.voided: list[tuple[int, dict[str, Any]]] = []
+        self.voided_events = 0
+        self.corrected: set[Key] = set()
+        self.amended: dict[str, str] = {}
 
     def add_events(self, events: list[dict[str, Any]], *, keep_ids: bool = False) -> None:
-        """Raw events, evaluated by every meter (by count and sum meters in rollup mode)."""
+        """Raw events, evaluated by every meter (by count and sum meters in rollup mode); voided
+        ones (listed with `voided=true`, the local side's) are kept apart and count nowhere."""
         for event in events:
             if event.get("source", "user") != "user":
                 continue
-            self.events += 1
             customer = upstream_customer(event, self._map)
             at = event_time_us(event)
             period = at // self._period_us * self._period_us if self._period_us else 0
             view = EventView(event["name"], "user", at, event.get("metadata") or {})
+            if event.get("voided_at") is not None or event.get("version", 1) > 1:
+                self.corrected.update(
+                    (customer, m.id, period) for m in self._meters if m.filter.matches(view)
+                )
+            if event.get("voided_at") is not None:
+                self.voided_events += 1
+                if self._period_us is None:
+                    self.voided.append((_fingerprint(event, customer, at), event))
+                continue
+            self.events += 1
             for meter in self._meters:
                 # An integral's period depends on events before it: its events are compared
                 # (fingerprints), not its amounts.
@@ -103,6 +128,13 @@ class Tally:
                 self.fingerprints[fingerprint] += 1
                 if keep_ids:
                     self.ids.append((fingerprint, event["id"]))
+
+    def add_amendments(self, events: list[dict[str, Any]]) -> None:
+        """The local side's `event.amended` system events: which version replaced which."""
+        for event in events:
+            if event.get("name") == AMENDED and event.get("source") == "system":
+                metadata = event.get("metadata") or {}
+                self.amended[str(metadata["event_id"])] = str(metadata["new_event_id"])
 
     def add_rollups(self, events: list[dict[str, Any]]) -> None:
         """Upstream rollup events: their units per customer, meter and period."""
@@ -149,11 +181,32 @@ class Drift:
 
 
 @dataclass(frozen=True, slots=True)
+class Changed:
+    """A local event voided (or amended) after the upstream took it, which the upstream still
+    counts; `current_id`: its current version, if an amendment made one (absent upstream)."""
+
+    event: dict[str, Any]
+    current_id: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.event["id"],
+            "voided_at": self.event.get("voided_at"),
+            "void_reason": self.event.get("void_reason"),
+            "current_id": self.current_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Comparison:
     compared: int  # (customer, meter, period) keys
     drift: list[Drift]
     missing: list[str]  # local event ids absent upstream (raw mode)
     extra: int  # upstream events with no local counterpart (raw mode)
+    # Changed after forwarding: local events voided after the upstream took them (raw mode),
+    # and drifting periods that hold a correction (rollup mode).
+    changed: list[Changed] = field(default_factory=list)
+    changed_periods: list[Drift] = field(default_factory=list)
 
 
 def same(a: float, b: float) -> bool:
@@ -179,7 +232,27 @@ def compare(meters: list[Meter], local: Tally, upstream: Tally, *, rollup: bool)
             remaining[fingerprint] -= 1
         else:
             missing.append(event_id)
-    return Comparison(len(keys), drift, missing, sum(remaining.values()))
+    # The current events first: a voided event matches only what they leave upstream.
+    changed = []
+    for fingerprint, event in local.voided:
+        if remaining[fingerprint] > 0:
+            remaining[fingerprint] -= 1
+            changed.append(Changed(event, _current_version(event["id"], local.amended)))
+    paired = {c.current_id for c in changed}
+    missing = [i for i in missing if i not in paired]
+    periods = [d for d in drift if (d.customer, d.meter.id, d.period_us) in local.corrected]
+    return Comparison(
+        len(keys), drift, missing, sum(remaining.values()), changed, periods if rollup else []
+    )
+
+
+def _current_version(event_id: str, amended: dict[str, str]) -> str | None:
+    """The last of the versions amendments made of `event_id` (None: it was not amended)."""
+    current, seen = None, set()
+    while event_id in amended and event_id not in seen:
+        seen.add(event_id)
+        current = event_id = amended[event_id]
+    return current
 
 
 def repair_event(drift: Drift, period_minutes: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 from rich.console import Console
 from rich.markup import escape
@@ -16,6 +17,7 @@ from rich.table import Table
 
 from aggregator.commands.common import plural
 from aggregator.commands.progress import Progress
+from meters.corrections import AMENDED
 from meters.polar_api import PolarApi
 from meters.reconcile_rules import (
     Comparison,
@@ -49,7 +51,13 @@ class ReconcileSettings:
     timeout_seconds: float = 30.0
 
 
-async def reconcile(settings: ReconcileSettings, console: Console) -> int:
+async def reconcile(
+    settings: ReconcileSettings,
+    console: Console,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> int:
+    """`transport`: both sides' network (tests: one app serving both)."""
     rollup = settings.mode == "rollup"
     period_us = settings.rollup_minutes * 60_000_000 if rollup else None
     start, end = settings.start_us, settings.end_us
@@ -57,13 +65,17 @@ async def reconcile(settings: ReconcileSettings, console: Console) -> int:
         start, end = start // period_us * period_us, end // period_us * period_us
     async with (
         PolarApi(
-            settings.local_url, settings.local_token, timeout_seconds=settings.timeout_seconds
+            settings.local_url,
+            settings.local_token,
+            timeout_seconds=settings.timeout_seconds,
+            transport=transport,
         ) as local,
         PolarApi(
             settings.upstream_url,
             settings.upstream_token,
             rate_per_minute=settings.rate_per_minute,
             timeout_seconds=settings.timeout_seconds,
+            transport=transport,
         ) as upstream,
     ):
         listed = [m async for m in local.items("/v1/meters/", {}) if m.get("archived_at") is None]
@@ -76,7 +88,10 @@ async def reconcile(settings: ReconcileSettings, console: Console) -> int:
 
             async def scan(api: PolarApi, tally: Tally, label: str, local_side: bool) -> None:
                 task = progress.task(f"{label} events")
-                async for page in api.events(start, end, lambda n: task.update(total=n)):
+                # The local side's voided events too: those the upstream still holds were
+                # changed after forwarding (`reconcile_rules`).
+                pages = api.events(start, end, lambda n: task.update(total=n), voided=local_side)
+                async for page in pages:
                     if rollup and not local_side:
                         tally.add_rollups(page)
                     else:
@@ -86,6 +101,9 @@ async def reconcile(settings: ReconcileSettings, console: Console) -> int:
             await asyncio.gather(
                 scan(local, mine, "local", True), scan(upstream, theirs, "upstream", False)
             )
+        if not rollup:  # which version replaced which: amendments made since the window began
+            amended = {"name": AMENDED, "start_timestamp": us_to_iso(start), "sorting": "timestamp"}
+            mine.add_amendments([e async for e in local.items("/v1/events/", amended)])
         result = compare(meters, mine, theirs, rollup=rollup)
         totals, absent = await _meter_totals(local, upstream, meters, start, end)
         if absent:
@@ -94,7 +112,9 @@ async def reconcile(settings: ReconcileSettings, console: Console) -> int:
                 f" name), so not compared: {escape(', '.join(absent))}",
                 highlight=False,
             )
-        found = bool(result.drift or result.missing or any(not t["same"] for t in totals))
+        found = bool(
+            result.drift or result.missing or result.changed or any(not t["same"] for t in totals)
+        )
         repaired = None
         if settings.repair and found:
             if rollup:
@@ -104,7 +124,7 @@ async def reconcile(settings: ReconcileSettings, console: Console) -> int:
     report = {
         "window": {"from": us_to_iso(start), "to": us_to_iso(end)},
         "mode": settings.mode,
-        "local": {"url": settings.local_url, "events": mine.events},
+        "local": {"url": settings.local_url, "events": mine.events, "voided": mine.voided_events},
         "upstream": {
             "url": settings.upstream_url,
             "events": theirs.events,
@@ -115,6 +135,11 @@ async def reconcile(settings: ReconcileSettings, console: Console) -> int:
         "drift": [d.as_dict() for d in result.drift],
         "missing_upstream": {"count": len(result.missing), "event_ids": result.missing[:1000]},
         "extra_upstream": result.extra,
+        "changed_after_forwarding": {
+            "count": len(result.changed) + len(result.changed_periods),
+            "events": [c.as_dict() for c in result.changed[:1000]],
+            "periods": [d.as_dict() for d in result.changed_periods[:1000]],
+        },
         "meter_totals": totals,
         "meters_missing_upstream": absent,
         "repair": repaired,
@@ -203,6 +228,7 @@ def _print(console: Console, report: dict[str, Any], result: Comparison, path: P
                 f"{d.difference:+g}",
             )  # fmt: skip
         console.print(drift)
+    _print_changed(console, result)
     console.print(
         f"missing upstream: {plural(len(result.missing), 'event')}; upstream only:"
         f" {plural(result.extra, 'event')};"
@@ -213,3 +239,29 @@ def _print(console: Console, report: dict[str, Any], result: Comparison, path: P
         console.print(f"repair: {report['repair']}")
     verdict = "[red]DRIFT[/red]" if report["drift_found"] else "[green]no drift[/green]"
     console.print(f"{verdict} — report written to {escape(str(path.resolve()))}", highlight=False)
+
+
+def _print_changed(console: Console, result: Comparison) -> None:
+    """The events voided here after the upstream took them (raw mode), or the corrected
+    periods that drift (rollup mode)."""
+    if result.changed:
+        # The ids whole (an 80-column terminal holds two): when and why are in the report.
+        changed = Table(
+            title=f"changed after forwarding ({len(result.changed)}): voided here, still"
+            " counted upstream"
+        )
+        for column in ("event", "current version"):
+            changed.add_column(column, no_wrap=True)
+        for c in result.changed[:DRIFT_ROWS_SHOWN]:
+            changed.add_row(c.event["id"], c.current_id or "")
+        console.print(changed)
+    if result.changed_periods:
+        periods = ", ".join(
+            f"{d.customer} {d.meter.name} {us_to_iso(d.period_us)}"
+            for d in result.changed_periods[:DRIFT_ROWS_SHOWN]
+        )
+        console.print(
+            f"changed after forwarding: {plural(len(result.changed_periods), 'period')}"
+            f" corrected here and not (yet) upstream: {escape(periods)}",
+            highlight=False,
+        )

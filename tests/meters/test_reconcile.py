@@ -99,3 +99,52 @@ def test_upstream_only_events_are_counted_as_extra(
     )
     assert not result.missing and result.extra == len(extra)
     assert bool(result.drift) == bool(extra)
+
+
+@given(events, st.data())
+def test_changed_after_forwarding_are_exactly_the_voided_events_the_upstream_holds(
+    raw: list[dict[str, Any]], data: st.DataObject
+) -> None:
+    """Some events forwarded, some voided (before or after forwarding), some of those amended:
+    a new version reaches the upstream unless it holds the old one (under the same external
+    id, so the new one is its duplicate)."""
+    local = [{**e, "metadata": {**e["metadata"], "n": i}} for i, e in enumerate(_shaped(raw))]
+    some = st.sets(st.sampled_from(range(len(local)))) if local else st.just(set[int]())
+    forwarded, voided = data.draw(some), data.draw(some)
+    amended = data.draw(st.sets(st.sampled_from(sorted(voided))) if voided else st.just(set()))
+    versions = {
+        i: {**local[i], "id": f"v2-{i}", "version": 2, "metadata": {"tokens": 9, "n": -i}}
+        for i in amended
+    }
+    listed = [
+        {**e, "voided_at": "2026-11-02T00:00:00Z", "void_reason": "wrong"} if i in voided else e
+        for i, e in enumerate(local)
+    ] + list(versions.values())
+    upstream = [local[i] for i in forwarded] + [
+        v for i, v in versions.items() if i not in forwarded
+    ]
+    mine = _tally(listed, local=True)
+    mine.add_amendments(
+        [
+            {
+                "name": "event.amended",
+                "source": "system",
+                "metadata": {"event_id": local[i]["id"], "new_event_id": v["id"]},
+            }
+            for i, v in versions.items()
+        ]
+    )
+    result = compare(METERS, mine, _tally(upstream, local=False), rollup=False)
+    changed = {c.event["id"]: c.current_id for c in result.changed}
+    assert changed == {
+        local[i]["id"]: versions[i]["id"] if i in amended else None for i in voided & forwarded
+    }
+    assert sorted(result.missing) == sorted(
+        local[i]["id"] for i in range(len(local)) if i not in voided | forwarded
+    )
+    assert result.extra == 0
+    assert mine.voided_events == len(voided) and mine.events == len(local) - len(voided) + len(
+        amended
+    )
+    if not voided & forwarded and not result.missing and not amended & forwarded:
+        assert not result.drift
