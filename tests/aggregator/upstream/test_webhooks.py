@@ -1,9 +1,9 @@
 """Webhooks and threshold alerts through real processes and a real local receiver: polar-sdk
 manages endpoints; a crossing fires one `meter.alert`, written with the batch that crossed and
-verified by polar-sdk's and the standardwebhooks library's signature checks; retries keep the
-webhook-id; a delivery pending at kill -9 is made after restart; an endpoint failing too long
-is disabled; the SSRF guard; an answer read only as far as it is kept; URLs' secrets kept
-out of the log."""
+verified by polar-sdk's and the standardwebhooks library's signature checks; one delivery per
+correction of events; retries keep the webhook-id; a delivery pending at kill -9 is made after
+restart; an endpoint failing too long is disabled; the SSRF guard; an answer read only as far
+as it is kept; URLs' secrets kept out of the log."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from polar.v2026_10 import Polar
 from polar.v2026_10 import webhooks as polar_webhooks
 from polar.v2026_10.outputs import CustomerMeter
 from polar.v2026_10.webhooks import WebhookCustomerStateChangedPayload
-from polar.webhooks import validate_event
+from polar.webhooks import PolarWebhookUnknownTypeError, validate_event
 
 from tests.aggregator.upstream.webhook_receiver import Receiver
 from tests.deadline import wait_for
@@ -138,6 +138,79 @@ def test_an_alert_fires_once_per_crossing_and_verifies(hooked: Server) -> None:
     [logged] = org.deliveries()
     assert logged["succeeded"] and logged["http_code"] == 200 and logged["attempt"] == 1
     assert logged["webhook_event"]["id"] == delivery.headers["webhook-id"]
+
+
+def test_each_correction_is_one_signed_delivery(hooked: Server) -> None:
+    """`event.voided` for a void (of any number of events) and a replacement, `event.amended`
+    for an amendment: one delivery per request (also when the request is sent again with its
+    Idempotency-Key), signed as the others. polar-sdk's check verifies the signature and loads
+    the payload when given the types; its typed check knows only Polar's types and says so."""
+    with Receiver() as receiver:
+        org = Org(hooked, receiver.url)
+        corrections = ["event.voided", "event.amended"]
+        endpoint = org.http.post(
+            "/v1/webhooks/endpoints",
+            json={"url": receiver.url, "format": "raw", "events": corrections},
+        ).json()
+        for tokens in (1, 2, 3, 4):
+            org.use(tokens)
+        ids = {
+            e["metadata"]["tokens"]: e["id"]
+            for e in org.http.get("/v1/events/", params={"name": "use"}).json()["items"]
+        }
+        key = {"Idempotency-Key": f"void-{uuid.uuid4()}"}
+        void = {"ids": [ids[1], ids[2]], "reason": "sent twice"}
+        for _ in range(2):  # the same request again: applied once, delivered once
+            voided = org.http.post("/v1/events/void", json=void, headers=key)
+            assert voided.status_code == 200 and voided.json()["voided"] == 2, voided.text
+        amended = org.http.patch(f"/v1/events/{ids[3]}", json={"metadata": {"tokens": 30}})
+        assert amended.status_code == 200, amended.text
+        replaced = org.http.post(
+            "/v1/events/replace",
+            json={
+                "external_customer_id": "ada",
+                "start_timestamp": "2000-01-01T00:00:00Z",
+                "end_timestamp": "2100-01-01T00:00:00Z",
+                "events": [],
+                "reason": "re-sent from the source",
+            },
+        )
+        assert replaced.json()["voided"] == 2, replaced.text  # 4 and 3's new version
+        wait_for("three deliveries", lambda: len(receiver.received) >= 3)
+        time.sleep(0.5)  # the point: time for a fourth delivery to come, were there one
+        received = list(receiver.received)
+    assert len(received) == 3
+    signed = standardwebhooks.Webhook(base64.b64encode(endpoint["secret"].encode()).decode())
+    loaded = []
+    for delivery in received:
+        payload = validate_event(
+            delivery.body, delivery.headers, endpoint["secret"], frozenset(corrections), dict
+        )
+        assert signed.verify(delivery.body, delivery.headers) == payload
+        with pytest.raises(PolarWebhookUnknownTypeError):  # verified, then its type unknown
+            polar_webhooks.validate_event(delivery.body, delivery.headers, endpoint["secret"])
+        loaded.append(payload)
+    by_reason = {p["data"]["reason"]: p for p in loaded}
+    void_event, amend_event, replace_event = (
+        by_reason[r] for r in ("sent twice", "amended", "re-sent from the source")
+    )
+    assert void_event["type"] == "event.voided" and void_event["data"]["type"] == "event.voided"
+    assert sorted(void_event["data"]["event_ids"]) == sorted([ids[1], ids[2]])
+    assert (void_event["data"]["voided"], void_event["data"]["inserted"]) == (2, 0)
+    assert amend_event["type"] == "event.amended"
+    assert (amend_event["data"]["event_id"], amend_event["data"]["version"]) == (ids[3], 2)
+    assert amend_event["data"]["new_event_id"] == amended.json()["id"]
+    # A replacement voids: its endpoints take it as event.voided, naming what it was.
+    assert replace_event["type"] == "event.voided"
+    assert replace_event["data"]["type"] == "event.replaced"
+    assert (replace_event["data"]["voided"], replace_event["data"]["inserted"]) == (2, 0)
+    logged = org.deliveries()
+    assert sorted(d["webhook_event"]["type"] for d in logged) == [
+        "event.amended",
+        "event.voided",
+        "event.voided",
+    ]
+    assert all(d["succeeded"] for d in logged)
 
 
 def test_alerts_rearm_when_crossing_back_and_on_reset(hooked: Server) -> None:
