@@ -30,6 +30,12 @@ MIN_QUERY = 3
 MAX_DEPTH = 5
 
 
+def _polar_version(request: Request) -> bool:
+    """Whether the client names a Polar API version (polar-sdk does): no version has the
+    corrections' system events, so such a client never gets one (it could not load it)."""
+    return "polar-version" in request.headers
+
+
 def _search_text(request: Request) -> str | None:
     text = request.query_params.get("query")
     if text is not None and len(text) < MIN_QUERY:
@@ -85,6 +91,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             sources=params.choices(request, "source", SOURCES),
             descending=order.startswith("-"),
             voided=params.boolean(request, "voided") or False,
+            polar_version=_polar_version(request),
         )
         selection = Selection(
             query,
@@ -124,7 +131,9 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def get(request: Request) -> JSON:
         org = ctx.organization(request)
-        found = await service.get(ctx.store, org, params.path_id(request))
+        found = await service.get(
+            ctx.store, org, params.path_id(request), polar_version=_polar_version(request)
+        )
         return JSON(shapes.event(found, org))
 
     return [

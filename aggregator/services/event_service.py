@@ -21,6 +21,7 @@ from aggregator.store import (
 )
 from aggregator.store import customer_tables as customer_sql
 from aggregator.store import event_tables as sql
+from meters.corrections import NAMES as CORRECTIONS
 from meters.event_types import label
 from meters.filters import Filter
 
@@ -143,10 +144,15 @@ async def keys(
     return await store.read(run)
 
 
-async def get(store: Store, organization_id: str, event_id: str) -> Event:
+async def get(
+    store: Store, organization_id: str, event_id: str, *, polar_version: bool = False
+) -> Event:
+    """`polar_version`: the client names a Polar API version, which has none of the
+    corrections' system events (`EventQuery.polar_version`): they are not found."""
+
     def run(con: Con) -> Event:
         row = sql.get_event(con, organization_id, event_id)
-        if row is None:
+        if row is None or (polar_version and row.source == "system" and row.name in CORRECTIONS):
             raise NotFound("Event not found")
         return _with_customers(con, organization_id, [row])[0]
 

@@ -85,6 +85,9 @@ class EventQuery:
     conditions: tuple[tuple[str, list[Any]], ...] = ()
     descending: bool = True
     voided: bool = False  # voided events too (`all_events`), not only the current ones
+    # The client names a Polar API version (polar-sdk does): no version has the corrections'
+    # system events, which are then never listed.
+    polar_version: bool = False
 
 
 def where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
@@ -116,9 +119,10 @@ def where(organization_id: str, q: EventQuery) -> tuple[str, list[Any]]:
     if q.sources:
         clauses.append("source IN (SELECT unnest(?::VARCHAR[]))")
         params.append(list(q.sources))
-    if not q.voided and not set(q.names) & set(CORRECTIONS):
+    if q.polar_version or (not q.voided and not set(q.names) & set(CORRECTIONS)):
         # Corrections' system events are meterline's own (polar-sdk loads no system event it
-        # does not know): listed when asked for by name, or with the voided events.
+        # does not know): listed when asked for by name, or with the voided events, by a
+        # client that names no Polar API version.
         clauses.append("NOT (source = 'system' AND name IN (SELECT unnest(?::VARCHAR[])))")
         params.append(list(CORRECTIONS))
     if q.search is not None:
