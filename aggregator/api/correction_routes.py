@@ -51,7 +51,13 @@ REPLACE = Operation(
     TAG,
     {200: ReplacedShape},
     body=EventReplace,
-    description=f"Applied whole or not at all. {oa.IDEMPOTENT}",
+    description=(
+        "Applied whole or not at all. The answer says what it changed: every meter's quantity"
+        " over the range (of the customer named, if any) and the consumed units of every"
+        " customer meter whose meter counts an event it voids or stores, before and after."
+        " With `dry_run`, nothing is changed (no record, no write): the answer says what the"
+        f" replacement would do. {oa.IDEMPOTENT}"
+    ),
 )
 
 

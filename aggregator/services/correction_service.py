@@ -1,6 +1,7 @@
 """Corrections of stored events (`meters.corrections`): void, amend, replace, each a write
 record (`event.void`, `event.amend`, `event.replace`) applied by the store
-(`store.correction_jobs`); a replacement's dry run is a read (`store.correction_reads`)."""
+(`store.correction_jobs`); a replacement's dry run is a read (`store.correction_reads`) that
+answers what it would change."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import uuid
 from aggregator.services import event_service
 from aggregator.services.event_service import Event
 from aggregator.services.writes import record
-from aggregator.store import Replaced, Store, Voided
+from aggregator.store import Replaced, Store, Voided, correction_reads
 from meters.corrections import EventAmend, EventReplace, VoidRequest, amendment, replacements
 from meters.events import EventRules
 from meters.times import now_us
@@ -72,7 +73,13 @@ async def replace(
     *,
     request_id: str | None,
 ) -> Replaced:
-    events = replacements(data, now=now_us(), rules=rules)
+    now = now_us()
+    events = replacements(data, now=now, rules=rules)
+    if data.dry_run:  # a read: no record, nothing written
+        preview: Replaced = await store.read(
+            correction_reads.preview, organization_id, data, events, now
+        )
+        return preview
     write = record(
         "event.replace",
         organization_id,

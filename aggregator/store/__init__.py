@@ -33,6 +33,7 @@ from aggregator.store.machinery.writer import Job, Outcome
 from aggregator.store.store import Store
 from aggregator.store.tables import (
     alert_tables,
+    correction_reads,
     cost_queries,
     customer_tables,
     event_tables,
@@ -52,7 +53,8 @@ from aggregator.store.tables import (
 )
 from aggregator.store.tables.alert_tables import AlertRow, Firing
 from aggregator.store.tables.command_outcomes import advance_control_job, control_offset
-from aggregator.store.tables.correction_jobs import Replaced, Voided
+from aggregator.store.tables.correction_jobs import Voided
+from aggregator.store.tables.correction_reads import Replaced
 from aggregator.store.tables.cost_queries import GROUP_KEYS, CostQuery, decimal_text
 from aggregator.store.tables.customer_tables import CUSTOMER_SORTS, CustomerRow, customers_by_refs
 from aggregator.store.tables.digest import logical_rows
@@ -144,6 +146,7 @@ __all__ = [
     "backfill_step_job",
     "control_offset",
     "copy_segments",
+    "correction_reads",
     "cost_queries",
     "customer_tables",
     "customers_by_refs",

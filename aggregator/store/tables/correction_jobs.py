@@ -15,19 +15,22 @@ from typing import Any
 
 import duckdb
 import orjson
-import pyarrow as pa
 
 from aggregator.errors import NotFound
 from aggregator.store.base.ids import derived_id
 from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables import webhook_tables
+from aggregator.store.tables.correction_reads import Before, Replaced, applied_table
+from aggregator.store.tables.correction_scope import (
+    customer_clause,
+    customers_known,
+    replacement,
+    time_range,
+)
 from aggregator.store.tables.corrections import Corrected, correct
-from aggregator.store.tables.customer_tables import get_customer, get_customer_by_external_id
 from meters.corrections import AMENDED, REPLACED, VOIDED, Amendment, EventReplace, VoidRequest
-from meters.errors import FieldError, ValidationFailed
-from meters.events import Event, to_table
-from meters.times import datetime_to_us
+from meters.events import Event
 
 __all__ = ["Replaced", "Voided", "amend_job", "replace_job", "void_job"]
 
@@ -40,16 +43,6 @@ class Voided:
     voided: int
     ids: list[str]
     not_found: list[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Replaced:
-    """What a replacement did (or would do: `dry_run`)."""
-
-    voided: int
-    inserted: int
-    duplicates: int
-    dry_run: bool
 
 
 def void_job(
@@ -97,56 +90,17 @@ def _selected(
         return "external_id IN (SELECT unnest(?::VARCHAR[]))", [request.external_ids]
     chosen = request.filter
     assert chosen is not None
-    clauses, params = _customer_clause(
+    clauses, params, _ = customer_clause(
         con, organization_id, chosen.customer_id, chosen.external_customer_id
     )
     if chosen.name is not None:
         clauses.append("name = ?")
         params.append(chosen.name)
-    clauses += _range(chosen.start_timestamp, chosen.end_timestamp, params)
+    clauses += time_range(chosen.start_timestamp, chosen.end_timestamp, params)
     if through_seq is not None:
         clauses.append("seq <= ?")
         params.append(through_seq)
     return " AND ".join(clauses), params
-
-
-def _customer_clause(
-    con: duckdb.DuckDBPyConnection,
-    organization_id: str,
-    customer_id: Any,
-    external_id: str | None,
-) -> tuple[list[str], list[Any]]:
-    """Events of the customer named either way (by its id or its external id); of an external
-    id no customer has, those naming it."""
-    customer = (
-        get_customer(con, organization_id, str(customer_id))
-        if customer_id is not None
-        else get_customer_by_external_id(con, organization_id, external_id or "")
-    )
-    if customer is None and customer_id is not None:
-        raise NotFound("Customer not found")
-    ids = [customer.id] if customer is not None else []
-    externals = [customer.external_id] if customer is not None and customer.external_id else []
-    if customer is None and external_id is not None:
-        externals = [external_id]
-    return (
-        [
-            "(customer_id IN (SELECT unnest(?::UUID[]))"
-            " OR external_customer_id IN (SELECT unnest(?::VARCHAR[])))"
-        ],
-        [ids, externals],
-    )
-
-
-def _range(start: Any, end: Any, params: list[Any]) -> list[str]:
-    clauses = []
-    if start is not None:
-        clauses.append("timestamp >= make_timestamptz(?)")
-        params.append(datetime_to_us(start))
-    if end is not None:
-        clauses.append("timestamp < make_timestamptz(?)")
-        params.append(datetime_to_us(end))
-    return clauses
 
 
 def amend_job(
@@ -163,14 +117,14 @@ def amend_job(
         con = tx.con
         current = _current(con, organization_id, event_id)
         event = amendment.applied(current)
-        _customers_known(con, organization_id, [event], ("body",))
+        customers_known(con, organization_id, [event], ("body",))
         version = _version(con, event_id) + 1
         done = correct(
             tx,
             organization_id,
             "id = ?::UUID",
             [event_id],
-            _table(organization_id, [event], now_us),
+            applied_table(organization_id, [event], now_us),
             request_id=request_id,
             reason=amendment.reason,
             now_us=now_us,
@@ -232,61 +186,39 @@ def replace_job(
 ) -> Job[Replaced]:
     """The current user events of the range (of the customer it names, if any) voided and
     `events` (`meters.corrections.replacements`) stored, of which those whose external id
-    another event holds (not one this range voids) are duplicates, left out."""
+    another event holds (not one this range voids) are duplicates, left out
+    (`correction_scope.replacement`). What it changed is read before and after it, in its
+    transaction (`correction_reads`)."""
 
     def job(tx: Tx) -> Replaced:
         con = tx.con
-        clauses: list[str] = []
-        params: list[Any] = []
-        if request.customer_id is not None or request.external_customer_id is not None:
-            clauses, params = _customer_clause(
-                con, organization_id, request.customer_id, request.external_customer_id
-            )
-        clauses += _range(request.start_timestamp, request.end_timestamp, params)
-        where = " AND ".join(clauses)
-        _customers_known(con, organization_id, events, ("body", "events"))
-        voided_keys = {
-            str(r[0])
-            for r in con.execute(
-                "SELECT external_id FROM events WHERE organization_id = ?::UUID"  # noqa: S608 - fixed text, values bound
-                f" AND source = 'user' AND external_id IS NOT NULL AND {where}",
-                [organization_id, *params],
-            ).fetchall()
-        }
-        kept, duplicates = _not_duplicates(con, organization_id, events, voided_keys)
+        chosen = replacement(con, organization_id, request, events)
+        was = Before.read(con, organization_id, chosen, now_us)
         reason = request.reason or "replaced"
         done = correct(
             tx,
             organization_id,
-            where,
-            params,
-            _table(organization_id, kept, now_us),
+            chosen.where,
+            chosen.params,
+            applied_table(organization_id, chosen.kept, now_us),
             request_id=request_id,
             reason=reason,
             now_us=now_us,
         )
         extra = {
-            "start_timestamp": datetime_to_us(request.start_timestamp),
-            "end_timestamp": datetime_to_us(request.end_timestamp),
+            "start_timestamp": chosen.start_us,
+            "end_timestamp": chosen.end_us,
         }
         _record(tx, organization_id, REPLACED, request_id, now_us, actor, reason, done, extra)
-        return Replaced(len(done.voided_ids), done.inserted, duplicates, False)
+        meters, consumed = was.applied(con, chosen, now_us)
+        return Replaced(
+            len(done.voided_ids), done.inserted, chosen.duplicates, False, meters, consumed
+        )
 
     return job
 
 
 # ---- helpers -------------------------------------------------------------------------------
-
-
-def _table(organization_id: str, events: Sequence[Event], now_us: int) -> pa.Table:
-    """`events` as applying takes them (`Applied.events`' columns but seq), ingested now."""
-    table = to_table(events)
-    n = table.num_rows
-    return (
-        table.append_column("organization_id", pa.array([organization_id] * n, pa.string()))
-        .append_column("source", pa.array(["user"] * n, pa.string()))
-        .append_column("ingested_at", pa.array([now_us] * n, pa.timestamp("us", tz="UTC")))
-    )
 
 
 def _new_ids(con: duckdb.DuckDBPyConnection, done: Corrected) -> list[str]:
@@ -300,67 +232,6 @@ def _new_ids(con: duckdb.DuckDBPyConnection, done: Corrected) -> list[str]:
 def _version(con: duckdb.DuckDBPyConnection, event_id: str) -> int:
     row = first_row(con, "SELECT version FROM event_versions WHERE id = ?::UUID", [event_id])
     return 1 if row is None else int(row[0])
-
-
-def _customers_known(
-    con: duckdb.DuckDBPyConnection,
-    organization_id: str,
-    events: Sequence[Event],
-    at: tuple[str, ...],
-) -> None:
-    """Refuse events naming a customer id the organization does not have (as ingest does);
-    `at`: where the events are in the request (a list's, or a PATCH body's one)."""
-    named = sorted({e.customer_id for e in events if e.customer_id})
-    known = {
-        str(r[0])
-        for r in con.execute(
-            "SELECT id::VARCHAR FROM customers WHERE organization_id = ?::UUID"
-            " AND id IN (SELECT unnest(?::UUID[]))",
-            [organization_id, named],
-        ).fetchall()
-    }
-    errors = [
-        FieldError(
-            "customer_id",
-            (*at, i, "customer_id") if at[-1] == "events" else (*at, "customer_id"),
-            "Customer not found.",
-            e.customer_id,
-        )
-        for i, e in enumerate(events)
-        if e.customer_id and e.customer_id not in known
-    ]
-    if errors:
-        raise ValidationFailed(errors, business=True)
-
-
-def _not_duplicates(
-    con: duckdb.DuckDBPyConnection, organization_id: str, events: Sequence[Event], voided: set[str]
-) -> tuple[list[Event], int]:
-    """The events to store: those whose external id is one the range voids (a new version of
-    it), or new (no stored event has it, nor an earlier one of `events`)."""
-    named = sorted({e.external_id for e in events if e.external_id and e.external_id not in voided})
-    taken = (
-        {
-            r[0]
-            for r in con.execute(
-                "SELECT external_id FROM all_events WHERE organization_id = ?::UUID"
-                " AND external_id IN (SELECT unnest(?::VARCHAR[]))",
-                [organization_id, named],
-            ).fetchall()
-        }
-        if named
-        else set()
-    )
-    kept: list[Event] = []
-    seen: set[str] = set()
-    for event in events:
-        key = event.external_id
-        if key is not None and (key in taken or key in seen):
-            continue
-        if key is not None:
-            seen.add(key)
-        kept.append(event)
-    return kept, len(events) - len(kept)
 
 
 def _record(

@@ -51,10 +51,10 @@ from aggregator.store.machinery.segments import ROLLUP_RELATIONS, Change
 from aggregator.store.machinery.writer import Tx
 from aggregator.store.tables import alert_tables, ledger_tables, webhook_tables
 
-__all__ = ["Corrected", "correct"]
+__all__ = ["SUBTRACTING", "Corrected", "correct", "evaluated_events", "negated"]
 
 # Meters whose ledger usage subtracts exactly (step 2); the others' is evaluated again.
-_SUBTRACTING = frozenset({"count", "sum", "avg"})
+SUBTRACTING = frozenset({"count", "sum", "avg"})
 _VOIDED_COLUMNS = f"seq, id::VARCHAR AS id, external_id, {OF_EVENT} AS subject, {BUCKET} AS bucket"
 
 
@@ -88,15 +88,16 @@ def correct(
     con, live = tx.con, tx.live
     org = organization_id
     meters = meters_of(con, [org])
-    subtracting = [m for m in meters if str(m.aggregation.func) in _SUBTRACTING]
-    others = [m for m in meters if str(m.aggregation.func) not in _SUBTRACTING]
+    subtracting = [m for m in meters if str(m.aggregation.func) in SUBTRACTING]
+    others = [m for m in meters if str(m.aggregation.func) not in SUBTRACTING]
     scope = f"organization_id = ?::UUID AND source = 'user' AND ({where})"
     voided = con.sql(
         f"SELECT {_VOIDED_COLUMNS} FROM events WHERE {scope} ORDER BY seq",  # noqa: S608 - fixed text, values bound
         params=[org, *params],
     ).to_arrow_table()  # step 1
     with registered(con, "_voided", voided):
-        gone = _evaluated(con, subtracting, org, "seq IN (SELECT seq FROM _voided)", [], now_us)
+        voided_seqs = "seq IN (SELECT seq FROM _voided)"
+        gone = evaluated_events(con, subtracting, org, voided_seqs, [], now_us)
         con.execute(  # step 3
             "INSERT INTO voided_events SELECT seq, ?::UUID, ?, ?, make_timestamptz(?) FROM _voided",
             [org, request_id, reason, now_us],
@@ -112,7 +113,7 @@ def correct(
         live.store_events(con, new.append_column("seq", seqs), keyed)
         stored = "seq >= ? AND seq < ?"
         bounds = [first, first + new.num_rows]
-        added = _evaluated(con, subtracting, org, stored, bounds, now_us)
+        added = evaluated_events(con, subtracting, org, stored, bounds, now_us)
         new_keys = con.sql(
             f"SELECT {OF_EVENT} AS subject, {BUCKET} AS bucket FROM events"  # noqa: S608 - fixed text, values bound
             f" WHERE organization_id = ?::UUID AND {stored}",
@@ -122,7 +123,7 @@ def correct(
     if keys.num_rows:  # step 5
         keys = keys.group_by(["subject", "bucket"]).aggregate([])
         _rollups_again(tx, org, meters, keys, now_us)
-        rollups.store_ledger(con, [*map(_negated, gone), *added])
+        rollups.store_ledger(con, [*map(negated, gone), *added])
         subjects = pc.unique(keys.column("subject")).to_pylist()
         _changed(tx, org, meters, others, [str(s) for s in subjects], now_us)
     return Corrected(
@@ -158,7 +159,7 @@ def _changed(
                     [ids],
                 )
             where = f"{OF_EVENT} IN (SELECT subject FROM _subjects)"  # noqa: S608 - fixed text
-            rollups.store_ledger(con, _evaluated(con, others, org, where, [], now_us))
+            rollups.store_ledger(con, evaluated_events(con, others, org, where, [], now_us))
     pairs = pa.table(
         {
             "meter_id": pa.array([m.id for m in meters for _ in references], pa.string()),
@@ -196,16 +197,16 @@ def _rollups_again(
                 [[m.id for m in meters]],
             )
         where = f"({OF_EVENT}, {BUCKET}) IN (SELECT subject, bucket FROM _keys)"  # noqa: S608 - fixed text
-        evaluated = _evaluated(con, meters, org, where, [], now_us, ledger=False)
+        found = evaluated_events(con, meters, org, where, [], now_us, ledger=False)
         written = [
             live.segments.write(relation, rows)
-            for relation, rows in rollups.partials(con, evaluated).items()
+            for relation, rows in rollups.partials(con, found).items()
             if rows.num_rows
         ]
     live.change_segments(con, Change(written))
 
 
-def _evaluated(
+def evaluated_events(
     con: duckdb.DuckDBPyConnection,
     meters: Sequence[MeterRow],
     org: str,
@@ -214,10 +215,12 @@ def _evaluated(
     at_us: int,
     *,
     ledger: bool = True,
+    source: str = "events",
 ) -> list[Evaluated]:
     """The current user events of `org` that `where` selects, evaluated for `meters` as a
     backfill evaluates stored events (the ledger's usage after each reset only), each meter on
-    the events it counts (`_applied`)."""
+    the events it counts (`_applied`). `source`: the relation read for the current events (a
+    dry run's, standing for them after a change it does not make)."""
     groups = [[m for m in meters if not m.backfilling], *([m] for m in meters if m.backfilling)]
     found = []
     for group in groups:
@@ -228,7 +231,7 @@ def _evaluated(
             apply_isolated(
                 con,
                 group,
-                "events",
+                source,
                 f"organization_id = ?::UUID AND source = 'user' AND ({where}){applied}",
                 [org, *params, *bounds],
                 at_us=at_us,
@@ -247,11 +250,11 @@ def _applied(meter: MeterRow) -> tuple[str, list[int]]:
     return " AND (seq <= ? OR seq > ?)", [meter.backfilled_to, meter.backfill_target]
 
 
-def _negated(evaluated: Evaluated) -> Evaluated:
+def negated(evaluated: Evaluated) -> Evaluated:
     """A subtracting meter's ledger usage as what takes it away (step 5)."""
     usage = evaluated.ledger
     n = usage.num_rows
-    negated = pa.table(
+    taken = pa.table(
         {
             "meter_id": usage.column("meter_id"),
             "subject": usage.column("subject"),
@@ -263,6 +266,4 @@ def _negated(evaluated: Evaluated) -> Evaluated:
     )
     empty_values = evaluated.ledger_values.slice(0, 0)
     empty_points = evaluated.ledger_points.slice(0, 0)
-    return replace(
-        evaluated, ledger=negated, ledger_values=empty_values, ledger_points=empty_points
-    )
+    return replace(evaluated, ledger=taken, ledger_values=empty_values, ledger_points=empty_points)

@@ -32,6 +32,7 @@ __all__ = [
     "Scope",
     "compute",
     "gather",
+    "range_total",
 ]
 
 # One customer however its events named it: a customer id, or the id of the customer
@@ -51,6 +52,15 @@ class Scope:
     subjects: tuple[str, ...] | None  # None: every customer
     metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
     by_customer: bool = False
+    # Where the events are read: `events`, or a relation standing for them after a change not
+    # made (a replacement's dry run: `correction_reads`), which no rollups hold.
+    events: str = "events"
+
+    @property
+    def from_events_only(self) -> bool:
+        """Whether every part is read from the events: rollups hold neither metadata nor
+        another relation's events."""
+        return bool(self.metadata) or self.events != "events"
 
 
 def _ranges_cte(ranges: Sequence[tuple[int, int, int]]) -> tuple[str, list[Any]]:
@@ -124,7 +134,7 @@ def from_events(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     return (
         f"SELECT {selected} FROM"  # noqa: S608 - fixed text, values bound
         f" (SELECT {subjects.OF_EVENT} AS subject, timestamp, {value} AS v"
-        f" FROM events WHERE {where}) e"
+        f" FROM {scope.events} WHERE {where}) e"
         f" JOIN {cte} p ON e.timestamp >= p.lo AND e.timestamp < p.hi"
         f" WHERE v IS NOT NULL {group}",
         [*who_params, *value_params, *params, *cte_params],
@@ -193,12 +203,12 @@ def integral_sql(scope: Scope, ranges: Sequence[tuple[int, int, int]], now_us: i
     assert isinstance(meter.aggregation, IntegralAggregation)
     lo, hi = _span(ranges)
     cte, cte_params = _ranges_cte(ranges)
-    if scope.metadata:  # every earlier event: the last before a range is its carried value
+    if scope.from_events_only:  # every earlier event: the last before a range is carried
         value, value_params = contribution_sql(meter.aggregation)
         where, where_params = _events_where(scope, None, hi)
         points = (
             f"SELECT subject, at_us, v AS value FROM (SELECT {subjects.OF_EVENT} AS subject,"  # noqa: S608 - fixed text, values bound
-            f" epoch_us(timestamp) AS at_us, {value} AS v FROM events WHERE {where})"
+            f" epoch_us(timestamp) AS at_us, {value} AS v FROM {scope.events} WHERE {where})"
             " WHERE v IS NOT NULL"
         )
         points_params = [*value_params, *where_params]
@@ -260,13 +270,26 @@ def exact_range(
     return _partials(con, scope, _queries(scope, whole, edges))
 
 
+def range_total(
+    con: duckdb.DuckDBPyConnection, scope: Scope, start_us: int, end_us: int, now_us: int
+) -> float:
+    """The quantity of exactly the events in [start, end), end exclusive (an integral's up to
+    `now_us`)."""
+    if kind(scope.meter) == "integral":
+        rows = con.execute(*integral_sql(scope, [(0, start_us, end_us)], now_us)).fetchall()
+        partials = {(r[0], r[1]): Partial(events=r[2], total=r[3] or 0.0) for r in rows}
+    else:
+        partials = exact_range(con, scope, start_us, end_us - 1)
+    return reduce(partials, scope.meter, 0, None)
+
+
 def _queries(
     scope: Scope, whole: list[tuple[int, int, int]], edges: list[tuple[int, int, int]]
 ) -> list[SQL]:
     """Whole buckets from the rollups (or the events, for a scope filtering on metadata, which
     rollups do not hold); each edge from the events, a query of its own so that each reads only
     its span of events."""
-    source = from_events if scope.metadata else from_rollups
+    source = from_events if scope.from_events_only else from_rollups
     return ([source(scope, whole)] if whole else []) + [from_events(scope, [e]) for e in edges]
 
 
@@ -282,7 +305,7 @@ def _split(
         stop = end_us + 1  # inclusive end
         first = -(-start_us // BUCKET_US) * BUCKET_US  # first whole bucket
         last = (stop // BUCKET_US) * BUCKET_US  # end of the last whole bucket
-        if scope.metadata or first >= last:
+        if scope.from_events_only or first >= last:
             edges.append((index, start_us, stop))
             continue
         whole.append((index, first, last))

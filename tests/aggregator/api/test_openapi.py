@@ -376,6 +376,7 @@ def _write_and_refuse(check: Checked, ids: dict[str, str]) -> None:
         "end_timestamp": WINDOW["end_timestamp"],
         "events": [{"name": "call", "external_customer_id": "c1", "metadata": {"tokens": 2}}],
     }
+    check("POST", "/v1/events/replace", 200, json={**replace, "dry_run": True})
     check("POST", "/v1/events/replace", 200, json=replace)
     check("POST", "/v1/events/replace", 422, json={**replace, "external_customer_id": "c9"})
     endpoint = {"id": ids["endpoint"]}
