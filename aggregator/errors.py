@@ -137,8 +137,9 @@ class ShardUnavailable(AggregatorError):
 
 
 class CustomerElsewhere(AggregatorError):
-    """A customer's credit, reset or hold applied by a shard that does not hold the customer:
-    its shard decides it (`api.shard_routing` asks it for the same request's outcome)."""
+    """A customer's credit, reset, hold or correction applied by a shard that does not hold the
+    customer: its shard decides it (`api.shard_routing` asks it for the same request's
+    outcome)."""
 
     def __init__(self) -> None:
         super().__init__(

@@ -9,6 +9,9 @@ ledger (`store.ledger_tables.Ledgers`).
    - a credit, reset or hold made (`POST /v1/meter-credits/`, `/v1/meter-resets/`,
      `/v1/meter-holds/`), by its body's `customer_id` or `external_customer_id` (the body read
      whole, up to `MAX_BODY_BYTES`);
+   - a correction of one customer's events (`POST /v1/events/void` by a filter, by the
+     filter's customer; `POST /v1/events/replace` naming one, dry runs too), whose events only
+     its shard has (the body read whole, up to the API's default body limit);
    - a customer's PATCH giving an `external_id`: that external id's (its events' shard checks
      that none of them names it, `customer_service.update`).
    With an organization's token, it is the shard's that owns the partition of the customer's
@@ -24,10 +27,11 @@ ledger (`store.ledger_tables.Ledgers`).
      (421 `CustomerElsewhere`: the customer was not yet known here when step 1 looked) is
      sent, with its key, to the customer's shard, whose outcome of the same record is the
      answer;
-   - a hold, customer meter (or its grants) or webhook event by id (`/v1/meter-holds/{id}`,
-     `/v1/customer-meters/{id}` and `/grants`, `/v1/webhooks/events/{id}/redeliver`) not found
-     here is asked of the other shards in turn (a write with its key): the first that has it
-     answers; none: this core's 404 (503 if a shard did not answer).
+   - a hold, customer meter (or its grants), webhook event or event to amend by id
+     (`/v1/meter-holds/{id}`, `/v1/customer-meters/{id}` and `/grants`,
+     `/v1/webhooks/events/{id}/redeliver`, `PATCH /v1/events/{id}`) not found here is asked of
+     the other shards in turn (a write with its key and body): the first that has it answers;
+     none: this core's 404 (503 if a shard did not answer).
 4. An organization-wide read that shards answer in part (event lists, names and types, a
    meter's quantities over all customers, costs, customers, holds, customer meters, webhook
    deliveries, the live stream) is asked by its route of one live core of every other shard
@@ -64,20 +68,26 @@ from ingest.http import (
     streamed,
 )
 from ingest.kafka import Shard
+from ingest.settings import MAX_BODY_BYTES as DEFAULT_BODY_BYTES
 
 ROUTED_HEADER = "meterline-routed"
 MAX_BODY_BYTES = 64 * 1024  # a credit's, hold's or customer's body is a few hundred bytes
+# A replacement brings up to 10,000 events: read up to the API's default body limit.
+MAX_CORRECTION_BYTES = DEFAULT_BODY_BYTES
 # The customer's shard's index, or None when this shard holds the customer.
 Owner = Callable[[str, str | None, str | None], Awaitable[int | None]]
 Customer = tuple[str | None, str | None]  # customer id, external customer id
 _CUSTOMER_PARAMS = ("customer_id", "external_customer_id")
 _WRITES = frozenset({"/v1/meter-credits/", "/v1/meter-resets/", "/v1/meter-holds/"})
+# Corrections of one customer's events: a void's filter names it, a replacement its body.
+_CORRECTIONS = {"/v1/events/void": "filter", "/v1/events/replace": None}
 # Step 3's rows asked by id: (before the id, after it, the methods).
 _BY_ID = (
     ("/v1/meter-holds/", "", frozenset({"GET", "DELETE"})),
     ("/v1/customer-meters/", "", frozenset({"GET"})),
     ("/v1/customer-meters/", "/grants", frozenset({"GET"})),
     ("/v1/webhooks/events/", "/redeliver", frozenset({"POST"})),
+    ("/v1/events/", "", frozenset({"PATCH"})),
 )
 _KEY = b"idempotency-key"
 _STREAMS = frozenset({"/v1/customer-meters/stream"})  # answers that never end: relayed as they come
@@ -194,9 +204,13 @@ def customer_named(path: str, query: bytes) -> Customer | None:
     return _customer(name, value)
 
 
-def customer_written(body: bytes) -> Customer | None:
-    """Step 1's customer of a credit's or hold's body, or None (the route says what is wrong)."""
+def customer_written(body: bytes, within: str | None = None) -> Customer | None:
+    """Step 1's customer of a credit's or hold's body (of its member `within`, a void's
+    filter), or None (the route says what is wrong)."""
     found = _object(body)
+    if found is not None and within is not None:
+        inner = found.get(within)
+        found = inner if isinstance(inner, dict) else None
     if found is None:
         return None
     given = [(name, found[name]) for name in _CUSTOMER_PARAMS if found.get(name) is not None]
@@ -253,6 +267,10 @@ class _ShardRouting:
             scope = _keyed(scope)
             body, receive = await _read(receive)
             customer = None if body is None else customer_written(body)
+        elif method == "POST" and path in _CORRECTIONS:
+            scope = _keyed(scope)
+            body, receive = await _read(receive, MAX_CORRECTION_BYTES)
+            customer = None if body is None else customer_written(body, _CORRECTIONS[path])
         elif method == "PATCH" and path.startswith("/v1/customers/"):
             scope = _keyed(scope)
             body, receive = await _read(receive)
@@ -262,6 +280,8 @@ class _ShardRouting:
         by_id = _by_id(method, path)
         if by_id and method != "GET":
             scope = _keyed(scope)
+        if by_id and method == "PATCH":  # sent on with its body (step 3)
+            body, receive = await _read(receive, MAX_CORRECTION_BYTES)
         shard = None if customer is None else await self._elsewhere(scope, customer)
         if shard is not None:
             answer = await self._sent(scope, shard, body or b"")
@@ -276,8 +296,8 @@ class _ShardRouting:
             if shard is not None:
                 answer = await self._sent(scope, shard, body or b"")
                 return await answer(scope, receive, send)
-        elif status == 404 and by_id:
-            found = await self._found(scope)
+        elif status == 404 and by_id and (body is not None or method != "PATCH"):
+            found = await self._found(scope, body or b"")
             if found is not None:
                 return await found(scope, receive, send)
         for message in here:
@@ -291,12 +311,12 @@ class _ShardRouting:
             return None  # the route answers 401
         return await self._owner(organization, *customer)
 
-    async def _found(self, scope: Scope) -> Response | None:
+    async def _found(self, scope: Scope, body: bytes) -> Response | None:
         """Step 3: the answer of the other shard that has the row asked by id, or None."""
         unavailable = None
         for shard in self._peers.others():
             try:
-                sent = await self._peers.send(shard, *_request(scope), b"")
+                sent = await self._peers.send(shard, *_request(scope), body)
             except ShardUnavailable as exc:
                 unavailable = exc.shard
                 continue
@@ -369,12 +389,12 @@ def _marked(headers: list[tuple[bytes, bytes]], mode: str = "1") -> list[tuple[b
     return [*kept, (ROUTED_HEADER.encode(), mode.encode())]
 
 
-async def _read(receive: Receive) -> tuple[bytes | None, Receive]:
-    """The request's body (None past `MAX_BODY_BYTES`: the route refuses it), and a `receive`
-    that gives the app the same messages again."""
+async def _read(receive: Receive, limit: int = MAX_BODY_BYTES) -> tuple[bytes | None, Receive]:
+    """The request's body (None past `limit`: the route refuses it, or answers it here), and a
+    `receive` that gives the app the same messages again."""
     messages: list[Message] = []
     size, more = 0, True
-    while more and size <= MAX_BODY_BYTES:
+    while more and size <= limit:
         message = await receive()
         messages.append(message)
         if message["type"] != "http.request":

@@ -29,6 +29,7 @@ from aggregator.store.tables.correction_scope import (
     time_range,
 )
 from aggregator.store.tables.corrections import Corrected, correct
+from aggregator.store.tables.ledger_tables import Ledgers
 from meters.corrections import AMENDED, REPLACED, VOIDED, Amendment, EventReplace, VoidRequest
 from meters.events import Event
 
@@ -58,7 +59,8 @@ def void_job(
     it was asked, so that a void never reaches events sent after it)."""
 
     def job(tx: Tx) -> Voided:
-        where, params = _selected(tx.con, organization_id, request, through_seq)
+        ledgers = tx.live.feature(Ledgers)
+        where, params = _selected(tx.con, organization_id, request, through_seq, ledgers)
         done = correct(
             tx,
             organization_id,
@@ -82,8 +84,10 @@ def _selected(
     organization_id: str,
     request: VoidRequest,
     through_seq: int | None,
+    ledgers: Ledgers,
 ) -> tuple[str, list[Any]]:
-    """The condition on `events` of what `request` names."""
+    """The condition on `events` of what `request` names (a filter's customer refused where
+    another shard holds it)."""
     if request.ids is not None:
         return "id IN (SELECT unnest(?::UUID[]))", [[str(i) for i in request.ids]]
     if request.external_ids is not None:
@@ -91,7 +95,7 @@ def _selected(
     chosen = request.filter
     assert chosen is not None
     clauses, params, _ = customer_clause(
-        con, organization_id, chosen.customer_id, chosen.external_customer_id
+        con, organization_id, chosen.customer_id, chosen.external_customer_id, ledgers
     )
     if chosen.name is not None:
         clauses.append("name = ?")
@@ -192,7 +196,7 @@ def replace_job(
 
     def job(tx: Tx) -> Replaced:
         con = tx.con
-        chosen = replacement(con, organization_id, request, events)
+        chosen = replacement(con, organization_id, request, events, tx.live.feature(Ledgers))
         was = Before.read(con, organization_id, chosen, now_us)
         reason = request.reason or "replaced"
         done = correct(
@@ -245,8 +249,12 @@ def _record(
     done: Corrected,
     extra: Mapping[str, Any],
 ) -> None:
-    """The request's system event and webhook event (`name`)."""
+    """The request's system event and webhook event (`name`). A shard of several records
+    those of an organization-wide correction (every shard applies it to its own customers)
+    only where it changed something: one changing nothing there says nothing there."""
     con, live = tx.con, tx.live
+    if live.feature(Ledgers).sharded and not (done.voided_ids or done.inserted):
+        return
     metadata = {
         "reason": reason,
         "actor": actor,

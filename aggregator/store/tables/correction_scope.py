@@ -10,9 +10,10 @@ from typing import Any
 
 import duckdb
 
-from aggregator.errors import NotFound
+from aggregator.errors import CustomerElsewhere, NotFound
 from aggregator.store.base import subjects
 from aggregator.store.tables.customer_tables import get_customer, get_customer_by_external_id
+from aggregator.store.tables.ledger_tables import Ledgers
 from meters.corrections import EventReplace
 from meters.errors import FieldError, ValidationFailed
 from meters.events import Event
@@ -41,20 +42,30 @@ def replacement(
     organization_id: str,
     request: EventReplace,
     events: Sequence[Event],
+    ledgers: Ledgers | None = None,
 ) -> Replacement:
     """The current user events of the range (of the customer it names, if any), and `events`
     (`meters.corrections.replacements`) less those whose external id another event holds (not
-    one this range voids). 422 for an event naming a customer id the organization lacks."""
+    one this range voids). 422 for an event naming a customer id the organization lacks.
+
+    On a shard of several (`ledgers`), whose events are those of the customers it holds: a
+    customer named that another shard holds is refused (`CustomerElsewhere`, before any
+    write: that shard applies it); of every customer's replacement, the events of the customers
+    it holds only."""
     clauses: list[str] = []
     params: list[Any] = []
     named: tuple[str, ...] | None = None
     if request.customer_id is not None or request.external_customer_id is not None:
         clauses, params, named = customer_clause(
-            con, organization_id, request.customer_id, request.external_customer_id
+            con, organization_id, request.customer_id, request.external_customer_id, ledgers
         )
     clauses += time_range(request.start_timestamp, request.end_timestamp, params)
     where = " AND ".join(clauses)
     customers_known(con, organization_id, events, ("body", "events"))
+    if named is None and ledgers is not None and ledgers.sharded:
+        refs = [(organization_id, e.customer_id, e.external_customer_id) for e in events]
+        held = ledgers.holding(con, refs)
+        events = [e for e, ref in zip(events, refs, strict=True) if held[ref]]
     voided_keys = {
         str(r[0])
         for r in con.execute(
@@ -80,9 +91,11 @@ def customer_clause(
     organization_id: str,
     customer_id: Any,
     external_id: str | None,
+    ledgers: Ledgers | None = None,
 ) -> tuple[list[str], list[Any], tuple[str, ...]]:
     """Events of the customer named either way (by its id or its external id); of an external
-    id no customer has, those naming it. With the subjects those events have."""
+    id no customer has, those naming it. With the subjects those events have. A customer
+    another shard holds is refused (`CustomerElsewhere`) where `ledgers` say so."""
     customer = (
         get_customer(con, organization_id, str(customer_id))
         if customer_id is not None
@@ -90,6 +103,10 @@ def customer_clause(
     )
     if customer is None and customer_id is not None:
         raise NotFound("Customer not found")
+    if ledgers is not None and ledgers.sharded:
+        ref = (organization_id, customer.id if customer else None, external_id)
+        if not ledgers.holding(con, [ref])[ref]:
+            raise CustomerElsewhere()
     ids = [customer.id] if customer is not None else []
     externals = [customer.external_id] if customer is not None and customer.external_id else []
     if customer is None and external_id is not None:

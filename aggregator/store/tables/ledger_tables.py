@@ -133,6 +133,19 @@ class Ledgers(Feature):
         ref = (customer.organization_id, customer.id, None)
         return self._holds(customer.organization_id, routing_keys(con, [ref])[ref])
 
+    @property
+    def sharded(self) -> bool:
+        """Whether this core holds some customers only (a shard of several)."""
+        return self._holds is not None
+
+    def holding(self, con: Con, refs: list[CustomerRef]) -> dict[CustomerRef, bool]:
+        """Whether this core holds the customer each event reference (organization id,
+        customer id, external customer id) names, made or not."""
+        if self._holds is None:
+            return dict.fromkeys(refs, True)
+        holds = self._holds
+        return {ref: holds(ref[0], key) for ref, key in routing_keys(con, refs).items()}
+
 
 def kept_elsewhere(con: Con, holds: Callable[[str, str], bool]) -> int:
     """How many customers another shard holds have ledger rows here (credits, holds, system

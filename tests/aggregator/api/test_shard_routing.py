@@ -71,6 +71,26 @@ def test_writes_naming_one_customer(body: str, named: tuple[str | None, str | No
 @pytest.mark.parametrize(
     ("body", "named"),
     [
+        (
+            '{"filter": {"external_customer_id": "acme", "name": "x"}, "reason": "r"}',
+            (None, "acme"),
+        ),
+        (f'{{"filter": {{"customer_id": "{ID}"}}}}', (ID, None)),
+        # By ids, or no filter: every shard voids its own.
+        (f'{{"ids": ["{ID}"], "reason": "r"}}', None),
+        ('{"filter": 5}', None),
+        ('{"external_customer_id": "acme"}', None),  # not a filter's
+    ],
+)
+def test_a_void_by_filter_names_its_filters_customer(
+    body: str, named: tuple[str | None, str | None] | None
+) -> None:
+    assert customer_written(body.encode(), "filter") == named
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
         ('{"external_id": "acme", "name": "A"}', (None, "acme")),
         # Not giving one: answered where it arrives.
         ('{"external_id": null}', None),
@@ -95,13 +115,18 @@ HOLD = "0b3c9f4e-5f1c-4d7e-9a37-2b8f3f0b6a11"
 def _core(answers: dict[str, int], keys: list[str | None]) -> Starlette:
     async def answer(request: Request) -> JSONResponse:
         keys.append(request.headers.get("idempotency-key"))
-        return JSONResponse({"from": answers["name"]}, status_code=answers.get(request.method, 404))
+        body = (await request.body()).decode() if request.method == "PATCH" else ""
+        return JSONResponse(
+            {"from": answers["name"], **({"body": body} if body else {})},
+            status_code=answers.get(request.method, 404),
+        )
 
     return Starlette(
         routes=[
             Route("/v1/meter-credits/", answer, methods=["POST"]),
             Route("/v1/meter-holds/{id}", answer, methods=["GET", "DELETE"]),
             Route("/v1/webhooks/events/{id}/redeliver", answer, methods=["POST"]),
+            Route("/v1/events/{id}", answer, methods=["PATCH"]),
         ]
     )
 
@@ -156,6 +181,16 @@ def test_a_hold_or_webhook_event_not_found_here_is_asked_of_the_other_shards() -
     with TestClient(_routing(here, None, [])) as client:  # the other shard has no live core
         unknown = client.get(f"/v1/meter-holds/{HOLD}", headers=BEARER)
     assert (unknown.status_code, unknown.json()["error"]) == (503, "ShardUnavailable")
+
+
+def test_an_event_to_amend_not_found_here_is_the_other_shards_with_its_body() -> None:
+    seen: list[str | None] = []
+    here = _core({"name": "here"}, seen)
+    there = _core({"name": "there", "PATCH": 200}, seen)
+    with TestClient(_routing(here, there, [])) as client:
+        amended = client.patch(f"/v1/events/{HOLD}", json={"metadata": {}}, headers=BEARER)
+    assert amended.json() == {"from": "there", "body": '{"metadata":{}}'}
+    assert seen[0] is not None and seen[0] == seen[1]  # one request id: applied once
 
 
 def test_a_read_of_a_customer_this_shard_holds_is_answered_here_alone() -> None:
