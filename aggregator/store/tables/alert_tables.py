@@ -11,7 +11,9 @@ re-arms: the value before it counts as outside the condition.
 What fires, and the event's id (`firing_id`, the webhook-id receivers dedupe by), depend on the
 changes only, never on how they were grouped into transactions: an event is named by its place
 in its customer meter's window (the reset that opened it, and how many events the window
-counts up to it), a credit or reset by the seq of its system event. Applying the same events
+counts up to it, and how many of its events corrections voided by then: a void re-arms, and
+the place is taken again), a credit, reset or correction by a seq it took (its system
+event's, or its first new event's). Applying the same events
 again (the ingest log's replay at start, a partition read again after a crash) fires the same
 alerts under the same ids, which the webhook outbox holds once.
 
@@ -336,11 +338,35 @@ def on_usage(con: Con, live: Live, evaluated: Evaluated) -> None:
             crossed += _crossings(live, watch, customer, meter, contributions, times)
     if crossed:
         windows = _windows(con, {(c.customer_id, c.meter.id) for c in crossed})
-        fired = [
-            c.firing(f"usage/{windows.get((c.customer_id, c.meter.id), 0)}/{c.place}")
-            for c in crossed
-        ]
+        fired = [c.firing(_cause(con, org, c, windows)) for c in crossed]
         _send(con, live, org, fired, evaluated.at_us)
+
+
+def _cause(
+    con: Con, organization_id: str, crossing: _Crossing, windows: dict[tuple[str, str], int]
+) -> str:
+    """What names an event's firing: its window and its place there, and, once corrections
+    voided some of the window's events, how many: a place is taken again after a void (the
+    window counts fewer events), and the alert it fires again, re-armed, is another firing."""
+    window = windows.get((crossing.customer_id, crossing.meter.id), 0)
+    voided = _voided_in_window(con, organization_id, crossing.customer_id, window)
+    cause = f"usage/{window}/{crossing.place}"
+    return f"{cause}/{voided}" if voided else cause
+
+
+def _voided_in_window(con: Con, organization_id: str, customer_id: str, reset_seq: int) -> int:
+    """The customer's user events applied after the reset `reset_seq` and voided since."""
+    voided = "FROM voided_events WHERE organization_id = ?::UUID AND seq > ?"
+    if first_row(con, f"SELECT 1 {voided} LIMIT 1", [organization_id, reset_seq]) is None:
+        return 0  # no correction since: no events to read
+    row = first_row(
+        con,
+        f"SELECT count(*) FROM all_events e, customers c WHERE e.seq IN (SELECT seq {voided})"  # noqa: S608 - fixed text, values bound
+        " AND e.source = 'user' AND c.id = ?::UUID"
+        " AND (e.customer_id = c.id OR e.external_customer_id = c.external_id)",
+        [organization_id, reset_seq, customer_id],
+    )
+    return int(row[0]) if row else 0
 
 
 def _watched_events(values: pa.Table, column: str, meter_id: str, watch: Watch) -> pa.Table:

@@ -125,7 +125,7 @@ def correct(
         _rollups_again(tx, org, meters, keys, now_us)
         rollups.store_ledger(con, [*map(negated, gone), *added])
         subjects = pc.unique(keys.column("subject")).to_pylist()
-        _changed(tx, org, meters, others, [str(s) for s in subjects], now_us)
+        _changed(tx, org, meters, others, [str(s) for s in subjects], now_us, first)
     return Corrected(
         [str(i) for i in voided.column("id").to_pylist()],
         voided.column("external_id").to_pylist(),
@@ -141,9 +141,12 @@ def _changed(
     others: Sequence[MeterRow],
     references: list[str],
     now_us: int,
+    number: int,
 ) -> None:
     """Step 5's ledger usage of the other meters, evaluated again; then the balances and step
-    6 for every meter of the customer references `references`."""
+    6 for every meter of the customer references `references`. `number`: a seq this
+    correction takes (its first new event's, else its system event's), which names the alerts
+    it fires, as a credit's system event names those of the credit."""
     con, live = tx.con, tx.live
     customers = live.catalog.customers_of_subjects(con, org, references)
     before = {
@@ -174,7 +177,9 @@ def _changed(
             usage = ledger_tables.usage_partial(con, meter, names)
             if usage != was.usage:
                 after = alert_tables.Value(usage, was.credited)
-                alert_tables.on_ledger_change(con, live, customer, meter, was, after, now_us, 0)
+                alert_tables.on_ledger_change(
+                    con, live, customer, meter, was, after, now_us, number
+                )
     changed = sorted({c.id for c in customers.values()})
     webhook_tables.mark_state_changed(con, live, org, changed, now_us)
 
