@@ -4,11 +4,13 @@ whole or not at all, idempotent by its `Idempotency-Key`."""
 
 from __future__ import annotations
 
+import orjson
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.routing import Route
 
 from aggregator.api import correction_shapes as shapes
-from aggregator.api import event_shapes, params
+from aggregator.api import event_shapes, fan_out, params
 from aggregator.api import openapi as oa
 from aggregator.api.context import ApiContext
 from aggregator.api.correction_shapes import (
@@ -70,7 +72,12 @@ def routes(ctx: ApiContext) -> list[Route]:
         done = await service.void(
             store, org, data, ctx.actor(request), request_id=ctx.request_id(request)
         )
-        return JSON(shapes.voided(done))
+        answer = shapes.voided(done)
+        peers = ctx.fanned_out(request)
+        if peers is not None and data.filter is None:  # each shard voided its own (`fan_out`)
+            theirs = await fan_out.written(peers, request, _body(data))
+            answer = shapes.merged_voids(answer, theirs)
+        return JSON(answer)
 
     async def amend(request: Request) -> JSON:
         org = ctx.organization(request)
@@ -92,10 +99,22 @@ def routes(ctx: ApiContext) -> list[Route]:
         done = await service.replace(
             store, org, data, ctx.actor(request), ctx.rules, request_id=ctx.request_id(request)
         )
-        return JSON(shapes.replaced(done))
+        answer = shapes.replaced(done)
+        peers = ctx.fanned_out(request)
+        if peers is not None and data.customer_id is None and data.external_customer_id is None:
+            theirs = await fan_out.written(peers, request, _body(data))  # each its customers'
+            meters = [m["meter_id"] for m in answer["meters"]]
+            additive = await service.additive(store, org, meters)
+            answer = shapes.merged_replacements(answer, theirs, additive)
+        return JSON(answer)
 
     return [
         ApiRoute("/v1/events/void", void, "POST", VOID),
         ApiRoute("/v1/events/replace", replace, "POST", REPLACE),
         ApiRoute("/v1/events/{id}", amend, "PATCH", AMEND),
     ]
+
+
+def _body(data: BaseModel) -> bytes:
+    """A request's body as parsed: the same request (the same record) for another shard."""
+    return orjson.dumps(data.model_dump(mode="json", exclude_unset=True))

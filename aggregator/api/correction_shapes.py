@@ -15,6 +15,8 @@ __all__ = [
     "ReplacedShape",
     "VoidRequest",
     "VoidedShape",
+    "merged_replacements",
+    "merged_voids",
     "replaced",
     "voided",
 ]
@@ -74,4 +76,40 @@ def replaced(r: Replaced) -> ReplacedShape:
             }
             for c in r.customer_meters
         ],
+    }
+
+
+def merged_voids(mine: VoidedShape, theirs: list[VoidedShape]) -> VoidedShape:
+    """A void by ids on every shard (each voids the events it holds) as one: what they voided,
+    and what none found."""
+    ids = [*mine["ids"], *(i for other in theirs for i in other["ids"])]
+    return {
+        "voided": mine["voided"] + sum(other["voided"] for other in theirs),
+        "ids": ids[:1000],
+        "not_found": [n for n in mine["not_found"] if all(n in o["not_found"] for o in theirs)],
+    }
+
+
+def merged_replacements(
+    mine: ReplacedShape, theirs: list[ReplacedShape], additive: set[str]
+) -> ReplacedShape:
+    """A replacement of every customer on every shard (each replaces its customers' events) as
+    one: counts added, customer meters joined (each is one shard's), and the quantities of the
+    meters whose quantities add up (`additive`: count, sum) added. Another meter's quantity is
+    no function of the shards' figures: it is left out."""
+    every = [mine, *theirs]
+    meters: list[MeterChangeShape] = []
+    for change in mine["meters"]:
+        if change["meter_id"] in additive:
+            parts = [m for a in every for m in a["meters"] if m["meter_id"] == change["meter_id"]]
+            before, after = sum(p["before"] for p in parts), sum(p["after"] for p in parts)
+            meters.append({"meter_id": change["meter_id"], "before": before, "after": after})
+    joined = [c for answer in every for c in answer["customer_meters"]]
+    return {
+        "voided": sum(a["voided"] for a in every),
+        "inserted": sum(a["inserted"] for a in every),
+        "duplicates": sum(a["duplicates"] for a in every),
+        "dry_run": mine["dry_run"],
+        "meters": meters,
+        "customer_meters": sorted(joined, key=lambda c: (c["customer_id"], c["meter_id"])),
     }

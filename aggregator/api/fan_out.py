@@ -37,6 +37,11 @@ with its own, so that the answer is what one shard holding every event gives.
    changes are its shard's), event by event; opened once all are (each subscribed: nothing
    committed after is missed), and ended when any ends (clients reconnect). (`live`)
 
+8. An organization-wide correction (a void by ids or external ids, a replacement of every
+   customer) is applied by every shard to the events it holds: the other shards' outcomes of
+   the same record (asked with its key, `written`) are merged into this one's
+   (`correction_shapes`: counts added, lists joined).
+
 A shard none of whose cores answers makes the read a 503 `ShardUnavailable`; a shard's refusal
 (a 4xx) is the answer, as it would be from one shard.
 """
@@ -103,6 +108,12 @@ async def each(
     """Every other shard's answer to `request` with `query` in place of its own, marked `mode`,
     as JSON."""
     return [_json(shard[0]) for shard in await peers.fanned(request, [query], mode)]
+
+
+async def written(peers: Peers, request: Request, body: bytes) -> list[Any]:
+    """Every other shard's outcome of the write `request` applied here (sent again with its key
+    and `body`), as JSON."""
+    return [_json(answer) for answer in await peers.written(request, body)]
 
 
 def kept(request: Request) -> list[tuple[str, str]]:

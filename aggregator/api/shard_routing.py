@@ -36,7 +36,9 @@ ledger (`store.ledger_tables.Ledgers`).
    meter's quantities over all customers, costs, customers, holds, customer meters, webhook
    deliveries, the live stream) is asked by its route of one live core of every other shard
    (`Peers`, concurrently, marked as in step 2) and merged with this shard's part there
-   (`api.fan_out`). A customer's live stream is sent on as it comes (step 2).
+   (`api.fan_out`). A customer's live stream is sent on as it comes (step 2). So is an
+   organization-wide correction (a void by ids, a replacement of every customer), which every
+   shard applies to its own events: each answers its outcome of the same record (its key).
 """
 
 from __future__ import annotations
@@ -150,6 +152,14 @@ class Peers:
         headers = _marked(request.headers.raw, mode)
         target = f"{request.url.path}?{urlencode(query)}"
         return await self.send(shard, "GET", target, headers, b"")
+
+    async def written(self, request: Request, body: bytes) -> list[httpx.Response]:
+        """Step 4 of a write: `request` (its key, `body`) asked of every other shard at once,
+        marked, as it was applied here: each answers its outcome of the same record."""
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = _marked(request.headers.raw)
+        asked = (self.send(i, request.method, target, headers, body) for i in self.others())
+        return list(await asyncio.gather(*asked))
 
     async def opened(self, shard: int, request: Request) -> httpx.Response:
         """Step 4: `request`'s stream on `shard`, open (`ShardRefused`: it answered otherwise)."""

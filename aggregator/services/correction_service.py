@@ -12,12 +12,12 @@ import uuid
 from aggregator.services import event_service
 from aggregator.services.event_service import Event
 from aggregator.services.writes import record
-from aggregator.store import Replaced, Store, Voided, correction_reads
+from aggregator.store import Replaced, Store, Voided, correction_reads, meters_by_ids
 from meters.corrections import EventAmend, EventReplace, VoidRequest, amendment, replacements
 from meters.events import EventRules
 from meters.times import now_us
 
-__all__ = ["Replaced", "Voided", "actor_of", "amend", "replace", "void"]
+__all__ = ["Replaced", "Voided", "actor_of", "additive", "amend", "replace", "void"]
 
 
 def actor_of(token: str) -> str:
@@ -91,3 +91,14 @@ async def replace(
     )
     replaced: Replaced = await store.submit(write)
     return replaced
+
+
+# Meters whose quantities over disjoint events add up (a replacement's figures on several
+# shards: `api.fan_out`, step 8).
+_ADDITIVE = frozenset({"count", "sum"})
+
+
+async def additive(store: Store, organization_id: str, meter_ids: list[str]) -> set[str]:
+    """Those of `meter_ids` whose quantities of disjoint events add up (count, sum)."""
+    found = await store.read_now(meters_by_ids, organization_id, meter_ids)
+    return {m.id for m in found.values() if str(m.aggregation.func) in _ADDITIVE}

@@ -8,12 +8,14 @@ shard cores (`--shard I/2`), each applying its partitions and the whole control 
 - Voids (by ids, by external ids, by filter), amendments and replacements (of one customer and
   of every one, dry runs among them) sent through the core between batches of events: the
   replica, and a core started afterwards on an empty data dir, which rebuilds its state from
-  the log, answer the core's digest and reads at the same journal offset.
+  the log, answer the core's digest and reads at the same journal offset. A replacement sent
+  again with its `Idempotency-Key` (to the replica) is answered as first, and applied once.
 - On the shards, a void or a replacement of one customer, an amendment of one of its events
   and a dry run, each sent to the shard that does not hold the customer, are answered by the
   one that does, rightly, and change only that shard: the other stores no system event, and
   its events are as they were. A replacement of every customer changes each shard's own
-  customers' events, and the shards then hold what the one-shard core holds.
+  customers' events, and a void by ids the events each holds, each answered by every shard's
+  outcome merged; the shards then hold what the one-shard core holds.
 """
 
 from __future__ import annotations
@@ -163,10 +165,10 @@ class Corrections:
                 )
                 _ok(self.core.patch(f"/v1/events/{event['id']}", json=change))
         else:
-            _ok(self.core.post("/v1/events/replace", json=self._replacement(kind)))
+            _ok(self.core.post("/v1/events/replace", json=self.replacement(kind)))
         self.done[kind] = self.done.get(kind, 0) + 1
 
-    def _replacement(self, kind: str) -> dict[str, Any]:
+    def replacement(self, kind: str) -> dict[str, Any]:
         rng = self.rng
         start = rng.randrange(540)
         named = {} if kind == "all" else {"external_customer_id": f"user-{rng.randrange(4)}"}
@@ -217,6 +219,13 @@ def test_a_replica_and_a_core_rebuilt_from_the_log_hold_the_corrected_state(
         for _ in range(STEPS):
             workload.step()
         assert {"void", "filter", "amend", "replace", "all", "dry"} <= set(workload.done)
+        # Sent again with its Idempotency-Key, a correction is answered as first, once applied.
+        keyed = {"Idempotency-Key": "replace-once"}
+        body = workload.replacement("replace")
+        first_answer = _ok(core.post("/v1/events/replace", json=body, headers=keyed))
+        events = _total(core, voided="true")
+        assert _ok(replica.post("/v1/events/replace", json=body, headers=keyed)) == first_answer
+        assert _total(core, voided="true") == events
         assert _total(core, voided="true") > _total(core) > 0  # some voided, some not
         (first, reads), (again, reads_again) = _settled_together(core, replica)
     _assert_same(first, again)
@@ -280,7 +289,9 @@ def test_a_customers_correction_is_its_shards(cluster: Cluster) -> None:
         for i in range(100):
             found.setdefault(_shard_of(org, f"ext:c{i}"), f"c{i}")
         made, named = found[0], found[1]
-        _ok(one.post("/v1/customers/", json={"email": "m@x.org", "external_id": made}))
+        made_id = _ok(one.post("/v1/customers/", json={"email": "m@x.org", "external_id": made}))[
+            "id"
+        ]
         for shard in shards:
             wait_for(
                 "every shard to apply the customer",
@@ -377,11 +388,31 @@ def test_a_customers_correction_is_its_shards(cluster: Cluster) -> None:
                 for c in (made, named)
             ],
         }
-        _ok(shards[0].post("/v1/events/replace", json=every))
-        wait_for("shard 1 to apply it", lambda: _held(shards[1]) == 11)
+        # Answered by every shard's outcome of it, merged: counts added, the sum meter's
+        # quantities added, each customer meter its shard's.
+        merged = _ok(shards[0].post("/v1/events/replace", json=every))
+        assert {k: merged[k] for k in expected} == {"voided": 20, "inserted": 2, "duplicates": 0}
+        assert merged["meters"] == [
+            {"meter_id": meter, "before": 2 * sum(range(21, 31)), "after": 2000}
+        ]
+        assert [c["customer_id"] for c in merged["customer_meters"]] == [made_id]
         assert [_held(s) for s in shards] == [11, 11]
+        # A void by ids of events on both shards, sent to one: each voids its own. (Events
+        # that came through the edge: a correction's new events have the ids of their seqs,
+        # which the one-shard core, a deployment of its own, draws otherwise.)
+        ids = [_at_minute(shards[0], 110), _at_minute(shards[1], 160)]
+        unknown = "6a817fdf-1776-46fe-9a38-f8e6f4226181"
+        voided = _ok(
+            shards[1].post("/v1/events/void", json={"ids": [*ids, unknown], "reason": "x"})
+        )
+        assert (voided["voided"], sorted(voided["ids"]), voided["not_found"]) == (
+            2,
+            sorted(ids),
+            [unknown],
+        )
+        assert [_held(s) for s in shards] == [10, 10]
         # The one-shard core, applying the same records, holds what the shards hold.
-        wait_for("the one-shard core to apply them", lambda: _held(one) == 22)
+        wait_for("the one-shard core to apply them", lambda: _held(one) == 20)
         for customer in (made, named):
             ref = {"external_customer_id": customer}
             expected_total = _quantity(one, meter, **ref)
@@ -389,6 +420,18 @@ def test_a_customers_correction_is_its_shards(cluster: Cluster) -> None:
                 expected_total if _shard_of(org, f"ext:{customer}") == i else 0
                 for i in range(SHARDS)
             ]
+
+
+def _at_minute(client: httpx.Client, minute: int) -> str:
+    """The id of the user event at `minute` of DAY the asked core holds."""
+    params = {"source": "user", "limit": 100}
+    found = _ok(client.get("/v1/events/", params=params, headers={ROUTED_HEADER: "1"}))["items"]
+    [event] = [
+        e
+        for e in found
+        if datetime.fromisoformat(e["timestamp"]) == DAY + timedelta(minutes=minute)
+    ]
+    return str(event["id"])
 
 
 def _system(client: httpx.Client, name: str) -> int:
