@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -37,7 +38,7 @@ from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.serving import core, edge
 from aggregator.serving.command import settings_of
 from aggregator.serving.listening import Listening
-from aggregator.settings import CoreSettings
+from aggregator.settings import CoreSettings, WebhookSettings
 from aggregator.store import Store
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.tables.meter_tables import pending_backfills
@@ -76,8 +77,12 @@ def token_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 class InProcessCore:
     """A context manager; `request()` answers like a client of `meterline up` would see."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, private_webhooks: bool = False) -> None:
+        """`private_webhooks`: webhook endpoints on loopback taken without resolving a name
+        (no sender runs here)."""
         self.settings = CoreSettings(data_dir=data_dir)
+        if private_webhooks:
+            self.settings = replace(self.settings, webhooks=WebhookSettings(allow_private=True))
         self._runner = asyncio.Runner()
         self._stack = contextlib.AsyncExitStack()
         self.registry = TokenRegistry(data_dir)

@@ -14,7 +14,6 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from starlette.schemas import BaseSchemaGenerator
 
-from aggregator.settings import WebhookSettings
 from ingest.http import IngestEvent, IngestSettings, edge_app
 from meters.events import EVENT_FIELDS
 from tests.inprocess import InProcessCore
@@ -40,10 +38,7 @@ WINDOW = {
 
 @pytest.fixture(scope="module")
 def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessCore]:
-    running = InProcessCore(tmp_path_factory.mktemp("openapi"))
-    # A webhook endpoint on loopback, without resolving a name (no sender runs here).
-    running.settings = replace(running.settings, webhooks=WebhookSettings(allow_private=True))
-    with running:
+    with InProcessCore(tmp_path_factory.mktemp("openapi"), private_webhooks=True) as running:
         yield running
 
 

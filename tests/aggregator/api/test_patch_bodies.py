@@ -5,23 +5,18 @@ nothing, and one null empties is emptied (or refused for the resource's own reas
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from aggregator.api.openapi import ApiRoute
-from aggregator.settings import WebhookSettings
 from meters.wire import Patch
 from tests.inprocess import InProcessCore
 
 
 @pytest.fixture(scope="module")
 def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessCore]:
-    running = InProcessCore(tmp_path_factory.mktemp("patches"))
-    # A webhook endpoint on loopback, without resolving a name (no sender runs here).
-    running.settings = replace(running.settings, webhooks=WebhookSettings(allow_private=True))
-    with running:
+    with InProcessCore(tmp_path_factory.mktemp("patches"), private_webhooks=True) as running:
         yield running
 
 

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from aggregator.settings import WebhookSettings
 from tests.inprocess import InProcessCore
 
 SUM = {
@@ -28,11 +26,19 @@ _orgs = itertools.count()
 
 @pytest.fixture(scope="module")
 def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessCore]:
-    running = InProcessCore(tmp_path_factory.mktemp("core"))
-    # A webhook endpoint on loopback, without resolving a name (no sender runs here).
-    running.settings = replace(running.settings, webhooks=WebhookSettings(allow_private=True))
-    with running:
+    with InProcessCore(tmp_path_factory.mktemp("core"), private_webhooks=True) as running:
         yield running
+
+
+def _event(key: str, minute: int, tokens: int) -> dict[str, Any]:
+    """A usage event of "c"."""
+    return {
+        "name": "llm",
+        "external_customer_id": "c",
+        "external_id": key,
+        "timestamp": (DAY + timedelta(minutes=minute)).isoformat(),
+        "metadata": {"tokens": tokens},
+    }
 
 
 class Org:
@@ -58,17 +64,7 @@ class Org:
 
     def send(self, *events: tuple[str, int, int]) -> None:
         """Usage events of "c": (external id, minute of DAY, tokens)."""
-        body = [
-            {
-                "name": "llm",
-                "external_customer_id": "c",
-                "external_id": key,
-                "timestamp": (DAY + timedelta(minutes=minute)).isoformat(),
-                "metadata": {"tokens": tokens},
-            }
-            for key, minute, tokens in events
-        ]
-        self.ok("POST", "/v1/events/ingest", json={"events": body})
+        self.ok("POST", "/v1/events/ingest", json={"events": [_event(*e) for e in events]})
 
     def void(self, *keys: str) -> None:
         self.ok("POST", "/v1/events/void", json={"external_ids": list(keys), "reason": "x"})
@@ -78,16 +74,7 @@ class Org:
             "external_customer_id": "c",
             "start_timestamp": (DAY + timedelta(minutes=start)).isoformat(),
             "end_timestamp": (DAY + timedelta(minutes=end)).isoformat(),
-            "events": [
-                {
-                    "name": "llm",
-                    "external_customer_id": "c",
-                    "external_id": key,
-                    "timestamp": (DAY + timedelta(minutes=minute)).isoformat(),
-                    "metadata": {"tokens": tokens},
-                }
-                for key, minute, tokens in events
-            ],
+            "events": [_event(*e) for e in events],
         }
         answer: dict[str, Any] = self.ok("POST", "/v1/events/replace", json=body)
         return answer
