@@ -73,7 +73,10 @@ def void_job(
         )
         named = [str(i) for i in request.ids or []] or list(request.external_ids or [])
         found = set(done.voided_ids) | {e for e in done.voided_external_ids if e is not None}
-        _record(tx, organization_id, VOIDED, request_id, now_us, actor, request.reason, done, {})
+        reason, everywhere = request.reason, request.filter is None
+        _record(
+            tx, organization_id, VOIDED, request_id, now_us, actor, reason, done, {}, everywhere
+        )
         return Voided(len(done.voided_ids), done.voided_ids, [n for n in named if n not in found])
 
     return job
@@ -213,7 +216,19 @@ def replace_job(
             "start_timestamp": chosen.start_us,
             "end_timestamp": chosen.end_us,
         }
-        _record(tx, organization_id, REPLACED, request_id, now_us, actor, reason, done, extra)
+        everywhere = chosen.subjects is None
+        _record(
+            tx,
+            organization_id,
+            REPLACED,
+            request_id,
+            now_us,
+            actor,
+            reason,
+            done,
+            extra,
+            everywhere,
+        )
         meters, consumed = was.applied(con, chosen, now_us)
         return Replaced(
             len(done.voided_ids), done.inserted, chosen.duplicates, False, meters, consumed
@@ -248,12 +263,14 @@ def _record(
     reason: str,
     done: Corrected,
     extra: Mapping[str, Any],
+    everywhere: bool = False,
 ) -> None:
     """The request's system event and webhook event (`name`). A shard of several records
-    those of an organization-wide correction (every shard applies it to its own customers)
-    only where it changed something: one changing nothing there says nothing there."""
+    those of an organization-wide correction (`everywhere`: every shard applies it to its own
+    customers) only where it changed something: one changing nothing there says nothing
+    there."""
     con, live = tx.con, tx.live
-    if live.feature(Ledgers).sharded and not (done.voided_ids or done.inserted):
+    if everywhere and live.feature(Ledgers).sharded and not (done.voided_ids or done.inserted):
         return
     metadata = {
         "reason": reason,

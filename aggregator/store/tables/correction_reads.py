@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow, meters_of, without_ledger
-from aggregator.store.base.rows import first_row, registered
+from aggregator.store.base.rows import first_row, registered, transaction
 from aggregator.store.machinery.rollups import Evaluated
 from aggregator.store.tables import ledger_tables
 from aggregator.store.tables.correction_scope import Replacement, replacement
@@ -150,7 +150,19 @@ def preview(
     events: Sequence[Event],
     now_us: int,
 ) -> Replaced:
-    """A dry run: what the replacement would do (`replace_job`, applied now), read."""
+    """A dry run: what the replacement would do (`replace_job`, applied now), read in one
+    transaction (one snapshot, whatever commits meanwhile)."""
+    with transaction(con):
+        return _preview(con, organization_id, request, events, now_us)
+
+
+def _preview(
+    con: duckdb.DuckDBPyConnection,
+    organization_id: str,
+    request: EventReplace,
+    events: Sequence[Event],
+    now_us: int,
+) -> Replaced:
     chosen = replacement(con, organization_id, request, events)
     was = Before.read(con, organization_id, chosen, now_us)
     count = first_row(
