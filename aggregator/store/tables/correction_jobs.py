@@ -30,7 +30,16 @@ from aggregator.store.tables.correction_scope import (
 )
 from aggregator.store.tables.corrections import Corrected, correct
 from aggregator.store.tables.ledger_tables import Ledgers
-from meters.corrections import AMENDED, REPLACED, VOIDED, Amendment, EventReplace, VoidRequest
+from meters.corrections import (
+    AMENDED,
+    MAX_FILTERED,
+    REPLACED,
+    VOIDED,
+    Amendment,
+    EventReplace,
+    VoidRequest,
+)
+from meters.errors import FieldError, ValidationFailed
 from meters.events import Event
 
 __all__ = ["Replaced", "Voided", "amend_job", "replace_job", "void_job"]
@@ -61,6 +70,8 @@ def void_job(
     def job(tx: Tx) -> Voided:
         ledgers = tx.live.feature(Ledgers)
         where, params = _selected(tx.con, organization_id, request, through_seq, ledgers)
+        if request.filter is not None:
+            _at_most(tx.con, organization_id, where, params, MAX_FILTERED)
         done = correct(
             tx,
             organization_id,
@@ -80,6 +91,29 @@ def void_job(
         return Voided(len(done.voided_ids), done.voided_ids, [n for n in named if n not in found])
 
     return job
+
+
+def _at_most(
+    con: duckdb.DuckDBPyConnection, organization_id: str, where: str, params: list[Any], most: int
+) -> None:
+    """Refuse a filter matching more than `most` current events (before any write)."""
+    found = con.execute(
+        "SELECT count(*) FROM events WHERE organization_id = ?::UUID AND source = 'user'"  # noqa: S608 - fixed text, values bound
+        f" AND ({where})",
+        [organization_id, *params],
+    ).fetchall()[0][0]
+    if found > most:
+        raise ValidationFailed(
+            [
+                FieldError(
+                    "value_error",
+                    ("body", "filter"),
+                    f"the filter matches {found} events; a void may match at most {most}:"
+                    " narrow it (a time range, a name)",
+                    None,
+                )
+            ]
+        )
 
 
 def _selected(

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pytest
 
+from aggregator.store.tables.correction_jobs import _at_most
+from meters.errors import ValidationFailed
 from tests.aggregator.store.schema_before import before_corrections
 from tests.inprocess import InProcessCore
 
@@ -101,3 +104,19 @@ def test_only_files_that_may_hold_a_voided_event_are_joined(tmp_path: Path) -> N
     with InProcessCore(tmp_path) as core:  # the same after a restart (seqs from the footers)
         assert _view(core) == view
         assert _total(core, meter) == 4
+
+
+def test_a_filter_matching_more_than_the_limit_is_refused_naming_it(tmp_path: Path) -> None:
+    """The bound itself (`MAX_FILTERED`, a million) is too many events to store here: the check
+    is held to a bound of two on three events."""
+    with InProcessCore(tmp_path) as core:
+        _ingest(core, "a", "b", "c")
+        org = core.request("GET", "/v1/events/").json()["items"][0]["organization_id"]
+
+        def check(most: int) -> None:
+            core.run(core.store.read(_at_most, org, "external_id IS NOT NULL", [], most))
+
+        check(3)
+        with pytest.raises(ValidationFailed) as refused:
+            check(2)
+        assert [e.loc for e in refused.value.errors] == [("body", "filter")]
