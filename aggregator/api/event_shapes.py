@@ -30,8 +30,9 @@ class EventShape(TypedDict):
     name: str
     source: str
     metadata: dict[str, Any]
-    # meterline's own (`meters.corrections`): the version (an amendment's: 2 and up), and when
-    # and why the event was voided (listed with `voided=true`; null while current).
+    # meterline's own (`meters.corrections`): the version (2 and up: an amendment's, or a
+    # replacement's of an external id its range voided), and when and why the event was
+    # voided (listed with `voided=true`; null while current).
     version: int
     voided_at: str | None
     void_reason: str | None

@@ -228,8 +228,9 @@ def replace_job(
     """The current user events of the range (of the customer it names, if any) voided and
     `events` (`meters.corrections.replacements`) stored, of which those whose external id
     another event holds (not one this range voids) are duplicates, left out
-    (`correction_scope.replacement`). What it changed is read before and after it, in its
-    transaction (`correction_reads`)."""
+    (`correction_scope.replacement`); one whose external id the range voids is that event's
+    next version. What it changed is read before and after it, in its transaction
+    (`correction_reads`)."""
 
     def job(tx: Tx) -> Replaced:
         con = tx.con
@@ -246,6 +247,7 @@ def replace_job(
             reason=reason,
             now_us=now_us,
         )
+        _next_versions(con, organization_id, chosen.kept, _new_ids(con, done), chosen.replaced)
         extra = {
             "start_timestamp": chosen.start_us,
             "end_timestamp": chosen.end_us,
@@ -280,6 +282,30 @@ def _new_ids(con: duckdb.DuckDBPyConnection, done: Corrected) -> list[str]:
         [done.first_seq, done.first_seq + done.inserted],
     ).fetchall()
     return [str(r[0]) for r in rows]
+
+
+def _next_versions(
+    con: duckdb.DuckDBPyConnection,
+    organization_id: str,
+    events: Sequence[Event],
+    new_ids: Sequence[str],
+    replaced: Mapping[str, str],
+) -> None:
+    """Each of `events` (stored as `new_ids`) whose external id is a key of `replaced` is the
+    next version of the event `replaced` names by it."""
+    pairs = [
+        (new_id, replaced[e.external_id])
+        for e, new_id in zip(events, new_ids, strict=True)
+        if e.external_id is not None and e.external_id in replaced
+    ]
+    if pairs:
+        con.execute(
+            "INSERT INTO event_versions"
+            " SELECT n.id, ?::UUID, n.replaces, coalesce(v.version, 1) + 1"
+            " FROM (SELECT unnest(?::UUID[]) AS id, unnest(?::UUID[]) AS replaces) n"
+            " LEFT JOIN event_versions v ON v.id = n.replaces",
+            [organization_id, [p[0] for p in pairs], [p[1] for p in pairs]],
+        )
 
 
 def _version(con: duckdb.DuckDBPyConnection, event_id: str) -> int:

@@ -26,7 +26,9 @@ __all__ = ["Replacement", "customer_clause", "customers_known", "replacement", "
 class Replacement:
     """A replacement as selected: `where` (SQL on `events`, with `params`) the current events
     it voids, in [start_us, end_us) and of the customer's `subjects` (None: every customer's);
-    `kept` the events it stores, `duplicates` how many of those given it leaves out."""
+    `kept` the events it stores, `duplicates` how many of those given it leaves out;
+    `replaced` the id of the event it voids of each external id (a kept event with one is
+    that event's next version)."""
 
     where: str
     params: list[Any]
@@ -35,6 +37,7 @@ class Replacement:
     end_us: int
     kept: list[Event]
     duplicates: int
+    replaced: dict[str, str]
 
 
 def replacement(
@@ -66,15 +69,15 @@ def replacement(
         refs = [(organization_id, e.customer_id, e.external_customer_id) for e in events]
         held = ledgers.holding(con, refs)
         events = [e for e, ref in zip(events, refs, strict=True) if held[ref]]
-    voided_keys = {
-        str(r[0])
+    replaced = {
+        str(r[0]): str(r[1])
         for r in con.execute(
-            "SELECT external_id FROM events WHERE organization_id = ?::UUID"  # noqa: S608 - fixed text, values bound
+            "SELECT external_id, id::VARCHAR FROM events WHERE organization_id = ?::UUID"  # noqa: S608 - fixed text, values bound
             f" AND source = 'user' AND external_id IS NOT NULL AND {where}",
             [organization_id, *params],
         ).fetchall()
     }
-    kept, duplicates = _not_duplicates(con, organization_id, events, voided_keys)
+    kept, duplicates = _not_duplicates(con, organization_id, events, set(replaced))
     return Replacement(
         where,
         params,
@@ -83,6 +86,7 @@ def replacement(
         datetime_to_us(request.end_timestamp),
         kept,
         duplicates,
+        replaced,
     )
 
 

@@ -58,7 +58,7 @@ class EventRow:
     external_id: str | None
     child_count: int = 0
     seq: int = 0
-    version: int = 1  # 2 and up: an amendment's (`correction_jobs.amend_job`)
+    version: int = 1  # 2 and up: of a key amended or replaced (`correction_jobs`)
     voided: Voiding | None = None
 
 
