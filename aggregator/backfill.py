@@ -31,7 +31,7 @@ from typing import Self
 from aggregator.intake.journal import BACKFILL, Entry, Journal, Records
 from aggregator.intake.leadership import Role
 from aggregator.store import Outcome, Positions, Store, backfill_step_job, pending_backfills
-from ingest.tasks import cancel_within
+from ingest.tasks import Backoff, cancel_within
 from meters.commands import Command
 from meters.times import now_us
 
@@ -120,26 +120,16 @@ class Backfiller:
         chunk = self._chunk
         # Half the writer's bound: the step's time includes waiting for the group before it.
         target_seconds = self._store.writer.job_bound_seconds / 2
-        delay = 0.0
+        backoff = Backoff(self._retry, self._max_retry, f"backfill of meter {meter_id}")
         while True:
             try:
                 async with self._turn:
                     started = time.perf_counter()
                     progress = await self._step(meter_id, version, chunk)
             except Exception as exc:  # noqa: BLE001 - every failure is retried, logged once
-                delay = min(self._max_retry, delay * 2 or self._retry)
-                if delay == self._retry:  # the first failure of a run of them
-                    log.warning(
-                        "backfill of meter %s failing; retrying with backoff up to %.0f s: %r",
-                        meter_id,
-                        self._max_retry,
-                        exc,
-                    )
-                await asyncio.sleep(delay)
+                await backoff.failed(exc)
                 continue
-            if delay:
-                log.info("backfill of meter %s recovered", meter_id)
-                delay = 0.0
+            backoff.succeeded()
             elapsed = time.perf_counter() - started
             if progress is None:
                 # Redefined, archived or deleted since (a newer backfill owns it), or failed.

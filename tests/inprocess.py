@@ -42,6 +42,7 @@ from aggregator.settings import CoreSettings, WebhookSettings
 from aggregator.store import Store
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.tables.meter_tables import pending_backfills
+from aggregator.voids import Voider
 from ingest.validation import ValidationPool
 from tests.deadline import seconds_left, wait_for
 from tests.processes import answers_health, api_client
@@ -97,6 +98,7 @@ class InProcessCore:
         self.store = await enter(Store(self.settings.database))
         validation = await enter(ValidationPool(self.settings.ingest.rules, workers=0))
         backfiller = await enter(Backfiller(self.store))
+        self.voider = await enter(Voider(self.store))
         publisher = EmbeddedPublisher(self.store, validation)
         self.app = build_app(self.store, self.registry, publisher, backfiller, self.settings)
         # A 500 comes back as the response a client would get, not as a raised exception.
@@ -135,6 +137,10 @@ class InProcessCore:
             return not self.run(self.store.read(pending_backfills))
 
         wait_for("the backfills to finish", settled)
+
+    def voids_done(self) -> None:
+        """Wait until every void job running is done."""
+        self.run(self.voider.idle())
 
     def table_counts(self) -> dict[str, int]:
         """Rows in every table: what a request that is refused must leave unchanged. Appended

@@ -18,6 +18,7 @@ from aggregator.api.correction_shapes import (
     EventReplace,
     ReplacedShape,
     VoidedShape,
+    VoidJobShape,
     VoidRequest,
 )
 from aggregator.api.event_shapes import EventShape
@@ -30,12 +31,24 @@ TAG = "events"
 VOID = Operation(
     "Void events",
     TAG,
-    {200: VoidedShape},
+    {200: VoidedShape, 202: VoidJobShape},
     body=VoidRequest,
     description=(
         "Voided events stop counting everywhere (quantities, customer meters, costs, lists);"
-        " each keeps its external id, so sending it again stays a duplicate."
-        f" {oa.IDEMPOTENT}"
+        " each keeps its external id, so sending it again stays a duplicate. Events named by"
+        " `ids` or `external_ids` are voided at once (200). A `filter` (at most 1,000,000"
+        " events, those stored when it was asked) is answered with a job (202), which voids"
+        " them in steps: each step's events stop counting together, and its progress is read"
+        f" at `GET /v1/events/void/{{id}}`. {oa.IDEMPOTENT}"
+    ),
+)
+VOID_JOB = Operation(
+    "Get a void job",
+    TAG,
+    {200: VoidJobShape},
+    description=(
+        "A void by filter, as far as it has gone: `voided` of the `matched` events so far,"
+        " `done` once every one of them is voided."
     ),
 )
 AMEND = Operation(
@@ -72,12 +85,19 @@ def routes(ctx: ApiContext) -> list[Route]:
         done = await service.void(
             store, org, data, ctx.actor(request), request_id=ctx.request_id(request)
         )
+        if isinstance(done, service.VoidJob):
+            return JSON(shapes.void_job(done), status_code=202)
         answer = shapes.voided(done)
         peers = ctx.fanned_out(request)
         if peers is not None and data.filter is None:  # each shard voided its own (`fan_out`)
             theirs = await fan_out.written(peers, request, _body(data))
             answer = shapes.merged_voids(answer, theirs)
         return JSON(answer)
+
+    async def void_job(request: Request) -> JSON:
+        org = ctx.organization(request)
+        found = await service.void_job(store, org, params.path_id(request))
+        return JSON(shapes.void_job(found))
 
     async def amend(request: Request) -> JSON:
         org = ctx.organization(request)
@@ -110,6 +130,7 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     return [
         ApiRoute("/v1/events/void", void, "POST", VOID),
+        ApiRoute("/v1/events/void/{id}", void_job, "GET", VOID_JOB),
         ApiRoute("/v1/events/replace", replace, "POST", REPLACE),
         ApiRoute("/v1/events/{id}", amend, "PATCH", AMEND),
     ]

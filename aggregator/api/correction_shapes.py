@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from typing_extensions import TypedDict
 
-from aggregator.services.correction_service import Replaced, Voided
+from aggregator.api.shapes import iso
+from aggregator.services.correction_service import Replaced, Voided, VoidJob
 from meters.corrections import EventAmend, EventReplace, VoidRequest
 
 __all__ = [
@@ -13,11 +16,13 @@ __all__ = [
     "EventReplace",
     "MeterChangeShape",
     "ReplacedShape",
+    "VoidJobShape",
     "VoidRequest",
     "VoidedShape",
     "merged_replacements",
     "merged_voids",
     "replaced",
+    "void_job",
     "voided",
 ]
 
@@ -51,6 +56,50 @@ class ReplacedShape(TypedDict):
     customer_meters: list[
         CustomerMeterChangeShape
     ]  # those whose meter counts a voided or new event
+
+
+class VoidFilterShape(TypedDict):
+    customer_id: str | None
+    external_customer_id: str | None
+    name: str | None
+    start_timestamp: str | None
+    end_timestamp: str | None
+
+
+class VoidJobShape(TypedDict):
+    """A void by filter, as far as it has gone (`GET /v1/events/void/{id}`)."""
+
+    id: str
+    status: Literal["running", "done"]
+    done: bool
+    matched: int  # current events the filter matched when it was asked
+    voided: int  # so far
+    reason: str
+    filter: VoidFilterShape
+    created_at: str
+    finished_at: str | None
+
+
+def void_job(job: VoidJob) -> VoidJobShape:
+    asked: dict[str, Any] = job.filter
+    status: Literal["running", "done"] = "done" if job.done else "running"
+    return {
+        "id": job.id,
+        "status": status,
+        "done": job.done,
+        "matched": job.matched,
+        "voided": job.voided,
+        "reason": job.reason,
+        "filter": {
+            "customer_id": asked.get("customer_id"),
+            "external_customer_id": asked.get("external_customer_id"),
+            "name": asked.get("name"),
+            "start_timestamp": asked.get("start_timestamp"),
+            "end_timestamp": asked.get("end_timestamp"),
+        },
+        "created_at": iso(job.created_at_us),
+        "finished_at": iso(job.finished_at_us),
+    }
 
 
 def voided(v: Voided) -> VoidedShape:

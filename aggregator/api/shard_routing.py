@@ -27,11 +27,11 @@ ledger (`store.ledger_tables.Ledgers`).
      (421 `CustomerElsewhere`: the customer was not yet known here when step 1 looked) is
      sent, with its key, to the customer's shard, whose outcome of the same record is the
      answer;
-   - a hold, customer meter (or its grants), webhook event or event to amend by id
+   - a hold, customer meter (or its grants), webhook event, event to amend or void job by id
      (`/v1/meter-holds/{id}`, `/v1/customer-meters/{id}` and `/grants`,
-     `/v1/webhooks/events/{id}/redeliver`, `PATCH /v1/events/{id}`) not found here is asked of
-     the other shards in turn (a write with its key and body): the first that has it answers;
-     none: this core's 404 (503 if a shard did not answer).
+     `/v1/webhooks/events/{id}/redeliver`, `PATCH /v1/events/{id}`, `/v1/events/void/{id}`)
+     not found here is asked of the other shards in turn (a write with its key and body): the
+     first that has it answers; none: this core's 404 (503 if a shard did not answer).
 4. An organization-wide read that shards answer in part (event lists, names and types, a
    meter's quantities over all customers, costs, customers, holds, customer meters, webhook
    deliveries, the live stream) is asked by its route of one live core of every other shard
@@ -89,6 +89,7 @@ _BY_ID = (
     ("/v1/customer-meters/", "", frozenset({"GET"})),
     ("/v1/customer-meters/", "/grants", frozenset({"GET"})),
     ("/v1/webhooks/events/", "/redeliver", frozenset({"POST"})),
+    ("/v1/events/void/", "", frozenset({"GET"})),  # before the events': the first prefix rules
     ("/v1/events/", "", frozenset({"PATCH"})),
 )
 _KEY = b"idempotency-key"
@@ -365,7 +366,7 @@ def _unavailable(shard: int, why: str) -> Response:
 
 
 def _by_id(method: str, path: str) -> bool:
-    """Step 3: a hold, customer meter or webhook event asked by id."""
+    """Step 3: a hold, customer meter, webhook event, event to amend or void job asked by id."""
     for before, after, methods in _BY_ID:
         named = path.removeprefix(before)
         if named != path and named.endswith(after):

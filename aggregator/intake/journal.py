@@ -73,6 +73,7 @@ RETRY_SECONDS = 1.0  # a replica's pause before it reads again what failed to ap
 BACKFILL = "backfill"  # what entries of a backfill's steps name as their topic (no Kafka topic)
 PLANS = "plans"  # and those of credit plans' cycles
 EFFECTS = "effects"  # and those of what the leader's side effects recorded
+VOIDS = "voids"  # and those of void jobs' steps
 
 Records = list[ConsumerRecord[bytes, bytes]]
 
@@ -103,6 +104,9 @@ class Entry:
     # answers to the forwarder, webhook deliveries): the name of the change and its arguments
     # (JSON), applied by every core, so that a new leader goes on from where the last left off.
     effect: tuple[str, tuple[Any, ...]] | None = None
+    # A void job's step instead of records (`voids`): (job id, the seq it voids up to),
+    # applied at this place in the journal's order by every core.
+    void: tuple[str, int] | None = None
 
     def next_offsets(self) -> dict[int, int]:
         """Where each partition's next group starts once this one is applied."""
@@ -122,6 +126,7 @@ def encode(entry: Entry) -> bytes:
             **({"backfill": entry.backfill} if entry.backfill else {}),
             **({"cycles": entry.cycles} if entry.cycles is not None else {}),
             **({"effect": entry.effect} if entry.effect else {}),
+            **({"void": entry.void} if entry.void else {}),
         }
     )
 
@@ -145,6 +150,7 @@ def decode(value: bytes) -> Entry:
             _backfill(data.get("backfill")),
             None if data.get("cycles") is None else int(data["cycles"]),
             _effect(data.get("effect")),
+            _void(data.get("void")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"bad journal entry: {exc!r}") from None
@@ -157,6 +163,13 @@ def _backfill(value: Any) -> tuple[str, int, int] | None:
     return str(meter_id), int(version), int(chunk)
 
 
+def _void(value: Any) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    job_id, up_to = value
+    return str(job_id), int(up_to)
+
+
 def _effect(value: Any) -> tuple[str, tuple[Any, ...]] | None:
     if value is None:
         return None
@@ -166,7 +179,8 @@ def _effect(value: Any) -> tuple[str, tuple[Any, ...]] | None:
 
 class Follower(Protocol):
     """What applies one topic's groups (the consumer, the control applier; the backfiller the
-    steps of `BACKFILL`, the plan cycler the boundaries of `PLANS`)."""
+    steps of `BACKFILL`, the plan cycler the boundaries of `PLANS`, the voider the steps of
+    `VOIDS`)."""
 
     async def replay(self, entry: Entry, records: Records, positions: Positions) -> None:
         """Apply `records` (the entry's ranges, in its order) as the entry says, storing
@@ -349,7 +363,8 @@ class Journal:
             raise
 
     async def append_job(self, entry: Entry, job: Job[T]) -> T:
-        """`append` for a group that is one job (a backfill's step, plan boundaries), stored
+        """`append` for a group that is one job (a backfill's or a void's step, plan
+        boundaries), stored
         with its positions; the job's result once committed."""
         return await self.append(entry, lambda at: self._store.queued_at(job, at))
 

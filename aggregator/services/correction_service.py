@@ -8,16 +8,36 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import uuid
+from typing import Any
 
+from aggregator.errors import NotFound
 from aggregator.services import event_service
 from aggregator.services.event_service import Event
 from aggregator.services.writes import record
-from aggregator.store import Replaced, Store, Voided, correction_reads, meters_by_ids
+from aggregator.store import (
+    Replaced,
+    Store,
+    Voided,
+    VoidJob,
+    correction_reads,
+    meters_by_ids,
+    void_jobs,
+)
 from meters.corrections import EventAmend, EventReplace, VoidRequest, amendment, replacements
 from meters.events import EventRules
 from meters.times import now_us
 
-__all__ = ["Replaced", "Voided", "actor_of", "additive", "amend", "replace", "void"]
+__all__ = [
+    "Replaced",
+    "VoidJob",
+    "Voided",
+    "actor_of",
+    "additive",
+    "amend",
+    "replace",
+    "void",
+    "void_job",
+]
 
 
 def actor_of(token: str) -> str:
@@ -25,17 +45,38 @@ def actor_of(token: str) -> str:
     return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
-def _drawn() -> dict[str, str]:
+def _drawn() -> dict[str, Any]:
     # Names what the correction makes (its system and webhook events): the same on every core.
     return {"correction_id": str(uuid.uuid4())}
 
 
 async def void(
     store: Store, organization_id: str, data: VoidRequest, actor: str, *, request_id: str | None
-) -> Voided:
-    write = record("event.void", organization_id, request_id, _drawn(), data=data, actor=actor)
-    voided: Voided = await store.submit(write)
-    return voided
+) -> Voided | VoidJob:
+    """What a void of named events did; of a filter, its job as it is now (a request sent
+    again with its id finds it on its way)."""
+    drawn = _drawn()
+    if data.filter is not None:
+        # Counted before, off the writer, at the lowest priority: the job's record then
+        # counts only what was stored since (`void_jobs.counted`).
+        await store.stored()
+        counted = await store.read_behind(void_jobs.counted, organization_id, data)
+        if counted is not None:
+            drawn["counted"] = counted
+    write = record("event.void", organization_id, request_id, drawn, data=data, actor=actor)
+    done: Voided | VoidJob = await store.submit(write)
+    if isinstance(done, VoidJob):
+        return await void_job(store, organization_id, done.id)
+    return done
+
+
+async def void_job(store: Store, organization_id: str, job_id: str) -> VoidJob:
+    """A void job of the organization, as far as it has gone (404 if it has none of that
+    id)."""
+    found = await store.read_now(void_jobs.get_job, organization_id, job_id)
+    if found is None:
+        raise NotFound("Void job not found")
+    return found
 
 
 async def amend(

@@ -1,7 +1,8 @@
 """A core as `meterline up` and `meterline core` run it: the store, fed by ingest directly
 (embedded) or by the Kafka consumer, with the API over it, the background work (backfills, plan
-cycles, webhooks, forwarding, snapshots) and, in Kafka mode, the journal, the lease and the
-other cores' heartbeats. A data dir that cannot be opened ends the command with what to do."""
+cycles, void jobs, webhooks, forwarding, snapshots) and, in Kafka mode, the journal, the lease
+and the other cores' heartbeats. A data dir that cannot be opened ends the command with what to
+do."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from aggregator.store import LogCorrupt, Store
 from aggregator.upstream.forwarder import Forwarder
 from aggregator.upstream.progress import Progress
 from aggregator.upstream.webhook_sender import WebhookSender
+from aggregator.voids import Voider
 from ingest.http import Front
 from ingest.kafka import KafkaSettings, Shard
 from ingest.publish import Publisher
@@ -174,6 +176,7 @@ async def serve(
                 Backfiller(store, journal=journal, role=role)
             )
             await stack.enter_async_context(PlanCycler(store, journal=journal, role=role))
+            await stack.enter_async_context(Voider(store, journal=journal, role=role))
             await stack.enter_async_context(  # side effects: the leader's alone
                 WebhookSender(
                     store,

@@ -49,6 +49,7 @@ from aggregator.store.tables import (
     quantities,
     quotas,
     shard_splits,
+    void_jobs,
     webhook_tables,
 )
 from aggregator.store.tables.alert_tables import AlertRow, Firing
@@ -81,6 +82,7 @@ from aggregator.store.tables.plan_tables import PlanRow, cycle_due_job
 from aggregator.store.tables.quantities import Gathered, Scope
 from aggregator.store.tables.quotas import TenantLimits
 from aggregator.store.tables.record_checks import row_problems
+from aggregator.store.tables.void_jobs import VoidJob
 from aggregator.store.tables.webhook_tables import (
     Attempt,
     DeliveryRow,
@@ -139,6 +141,7 @@ __all__ = [
     "StatePayload",
     "Store",
     "TenantLimits",
+    "VoidJob",
     "Voided",
     "advance_control_job",
     "alert_tables",
@@ -190,6 +193,7 @@ __all__ = [
     "subjects",
     "subjects_first_timestamp",
     "type_id",
+    "void_jobs",
     "webhook_tables",
     "with_origin",
     "with_source",

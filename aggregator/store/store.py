@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +36,7 @@ from aggregator.store.apply.batch import Meters
 from aggregator.store.apply.commands import applied_group, applied_job, positioned
 from aggregator.store.apply.ingest import Replay
 from aggregator.store.base.meter_rows import MeterRow, meters_of
+from aggregator.store.base.rows import registered, transaction
 from aggregator.store.listeners import Listeners
 from aggregator.store.machinery import dedupe, disk, ingest_log, rollups
 from aggregator.store.machinery.disk import DiskHealth
@@ -48,7 +50,7 @@ from aggregator.store.machinery.memtable import ROW_GROUP, Memtable, Positions
 from aggregator.store.machinery.merger import Merger
 from aggregator.store.machinery.migrations import migrate
 from aggregator.store.machinery.rollups import Prepared
-from aggregator.store.machinery.segments import FANOUT, Segments
+from aggregator.store.machinery.segments import FANOUT, RELATIONS, Segment, Segments
 from aggregator.store.machinery.segments import folder_of as segments_folder
 from aggregator.store.machinery.writer import (
     DEFAULT_JOB_BOUND_SECONDS,
@@ -73,6 +75,9 @@ T = TypeVar("T")
 # once for all of an organization's requests in the group; evaluating each request of a
 # 10-meter organization apart cost embedded ingest about a fifth of its throughput.
 PREPARED_METERS = 20
+# Tries of `lift` per relation before it leaves the rows where they are (a merge took its
+# files each time).
+_LIFT_ATTEMPTS = 5
 
 
 class CommandLog(Protocol):
@@ -138,6 +143,7 @@ class Store:
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._log = IngestLog(None)
         self._pool: ThreadPoolExecutor | None = None
+        self._behind: ThreadPoolExecutor | None = None
         self._evaluator_threads = evaluators
         self._prepared_meters = max(0, prepared_meters)
         self._evaluators: ThreadPoolExecutor | None = None
@@ -259,6 +265,9 @@ class Store:
             self._writer.run(Replay(request))
         self._writer.start()
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="duckdb-reader")
+        self._behind = ThreadPoolExecutor(
+            1, thread_name_prefix="duckdb-behind", initializer=_lowest_priority
+        )
         self._evaluators = ThreadPoolExecutor(
             self._evaluator_threads, thread_name_prefix="duckdb-evaluator"
         )
@@ -292,6 +301,8 @@ class Store:
         self._log.close()
         self.live.close()
         self._pool.shutdown(wait=True)
+        if self._behind is not None:
+            self._behind.shutdown(wait=True)
         if self._evaluators is not None:
             self._evaluators.shutdown(wait=True)
         for cursor in self._cursors:
@@ -401,6 +412,12 @@ class Store:
         self.listeners.applied(command, outcome)
         return outcome
 
+    async def stored(self) -> None:
+        """Returns once every event applied so far is stored, by the flusher: a job that holds
+        it off (`Live.hold`) then stores little itself, on the writer's time."""
+        assert self._flusher is not None, "store is not open"
+        await self._flusher.barrier()
+
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(cursor, *args, **kwargs)` on a reader thread once every event applied so
         far is stored; QueryTimeout past the read timeout (the query is interrupted, and one
@@ -461,6 +478,75 @@ class Store:
                 done.set()
 
         return await asyncio.to_thread(copy)
+
+    async def lift(self, relations: Sequence[str], where: str, params: list[object]) -> bool:
+        """Move the rows of `relations` (kept as segments) that `where` matches out of their
+        files into their base tables, where a job can delete them one by one without writing
+        a file again (`void_jobs`: a customer's rollups). The files are written again without
+        them off every lock, on a cursor of their own and the background thread (`read_behind`),
+        and listed in place of theirs
+        with the rows inserted, in one transaction under the store's exclusive lock (a merge's
+        way), if they are all still listed; else tried again. What a reader sees is the same
+        before and after. Whether every row is where it was asked to be (a merge took the
+        files each time: not)."""
+        assert self._flusher is not None and self._con is not None, "store is not open"
+        segments, exclusive, con = self.live.segments, self._flusher.exclusive, self._con
+
+        def move(relation: str) -> int | None:
+            cursor = con.cursor()
+            try:
+                change, rows = segments.extract(cursor, relation, where, params)
+                if not change or rows is None:
+                    return 0
+                listed = False
+                try:
+                    with exclusive:
+                        if not segments.still_live(change.retired):
+                            return None  # merged or rewritten meanwhile
+                        with transaction(cursor), registered(cursor, "_lifted", rows):
+                            segments.commit(cursor, change)
+                            base = RELATIONS[relation].base
+                            cursor.execute(f"INSERT INTO {base} SELECT * FROM _lifted")  # noqa: S608 - the store's own names
+                        listed = True
+                        segments.committed(change)
+                finally:
+                    if not listed:
+                        segments.abandon(change)
+                return int(rows.num_rows)
+            finally:
+                cursor.close()
+
+        for relation in relations:
+            for _ in range(_LIFT_ATTEMPTS):
+                if await self._run_behind(move, relation) is not None:
+                    break
+            else:
+                return False
+        return True
+
+    async def read_behind(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(cursor, *args, **kwargs)` for background work that may read much (a void job's
+        steps), on a thread of its own at the lowest CPU priority (Linux's `nice` 19 for that
+        thread): what it costs the machine comes out of what every other thread leaves, not out
+        of ingest's. Not waiting for applied events to be stored, nor bounded by the read
+        timeout: such work is bounded by its own sizes."""
+
+        def run() -> T:
+            return fn(self._cursor(), *args, **kwargs)
+
+        return await self._run_behind(run)
+
+    async def write_segment(self, relation: str, table: pa.Table) -> Segment:
+        """`table` written as a file of `relation` (`Segments.write`: durable, listed by
+        nothing), in the background (`read_behind`'s thread), for a job to list
+        (`Live.change_segments`) or to delete (`Segments.abandon`); one neither listed nor
+        deleted is deleted when the store opens next."""
+        segments = self.live.segments
+        return await self._run_behind(segments.write, relation, table)
+
+    async def _run_behind(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._behind is not None, "store is not open"
+        return await asyncio.get_running_loop().run_in_executor(self._behind, fn, *args)
 
     async def read_now(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`read` without waiting for applied events to be stored: for what ingest never
@@ -545,6 +631,12 @@ class Store:
             self._cursors.append(cursor)
             self._local.cursor = cursor
         return cursor
+
+
+def _lowest_priority() -> None:
+    """This thread at the lowest CPU priority (where the OS lets a thread have its own)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 class _Read:

@@ -39,6 +39,7 @@ from aggregator.store.tables import (
     meter_tables,
     otlp_settings,
     plan_tables,
+    void_jobs,
     webhook_tables,
 )
 from aggregator.store.tables.quotas import TenantLimits
@@ -84,6 +85,14 @@ def _named_customer(o: str, a: Args, make: Callable[[str], Job[Any]]) -> Job[Any
 
     job.waits_for_pending = waits_for_pending(probe)  # type: ignore[attr-defined]
     return job
+
+
+def _void(o: str, t: int, a: Args, request: VoidRequest) -> Job[Any]:
+    """A void of named events, at once; by filter, a job that voids them in steps."""
+    if request.filter is not None:
+        counted = a.get("counted")
+        return void_jobs.create_job(o, request, a["actor"], t, a["correction_id"], counted)
+    return correction_jobs.void_job(o, request, a["actor"], t, a["correction_id"])
 
 
 KINDS: dict[str, Make] = {
@@ -142,9 +151,7 @@ KINDS: dict[str, Make] = {
         o, a["endpoint_id"], t, secret=a["secret"]
     ),
     "webhook.redeliver": lambda o, t, a: webhook_tables.redeliver_job(o, a["event_id"], t),
-    "event.void": lambda o, t, a: correction_jobs.void_job(
-        o, VoidRequest.model_validate(a["data"]), a["actor"], t, a["correction_id"]
-    ),
+    "event.void": lambda o, t, a: _void(o, t, a, VoidRequest.model_validate(a["data"])),
     "event.amend": lambda o, t, a: correction_jobs.amend_job(
         o, a["event_id"], Amendment(a["fields"], a["reason"]), a["actor"], t, a["correction_id"]
     ),

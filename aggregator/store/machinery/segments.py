@@ -1,5 +1,6 @@
-"""Immutable columnar segments: what the store keeps of applied events and their rollups, as
-Parquet files beside the DuckDB file, listed in its `segments` table and read through views.
+"""Immutable columnar segments: what the store keeps of applied events, their rollups and the
+voided events' markers, as Parquet files beside the DuckDB file, listed in its `segments` table
+and read through views.
 
 DuckDB stores a row at a cost per row (its WAL, its indexes, compressing again at each
 checkpoint); a Parquet file written by Arrow costs a fraction of that, once. So the events and
@@ -106,6 +107,15 @@ RELATIONS: dict[str, Relation] = {
                 *("external_customer_id", "external_member_id", "parent_id"),
             ),
             "* REPLACE (metadata::JSON AS metadata)",
+        ),
+        # Every voided event's marker (migration 31): the `events` view leaves them out.
+        Relation(
+            "voided_events",
+            "voided_events",
+            "voided_events_base",
+            "seq",
+            "SELECT * FROM _inputs ORDER BY seq",
+            ("organization_id", "request_id", "reason", "voided_at"),
         ),
         Relation(
             "rollups",
@@ -412,7 +422,20 @@ class Segments:
         """The files of `relation` holding rows that `where` matches, written again without
         them (step 1), as a change for the caller to commit in the transaction that deletes
         the base table's rows."""
+        return self.extract(con, relation, where, params, keep=False)[0]
+
+    def extract(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        relation: str,
+        where: str,
+        params: list[object],
+        *,
+        keep: bool = True,
+    ) -> tuple[Change, pa.Table | None]:
+        """`rewrite`, and the rows taken out of the files (`keep`), in the files' order."""
         change = Change()
+        taken: list[pa.Table] = []
         for segment in self.live(relation):
             source = f"read_parquet('{self.path(segment)}')"
             matched = con.execute(
@@ -425,10 +448,17 @@ class Segments:
                 f"SELECT * FROM {source} WHERE NOT ({where})",  # noqa: S608 - fixed text, values bound
                 params=params,
             ).to_arrow_table()
+            if keep:
+                taken.append(
+                    con.sql(
+                        f"SELECT * FROM {source} WHERE {where}",  # noqa: S608 - fixed text, values bound
+                        params=params,
+                    ).to_arrow_table()
+                )
             change.retired.append(segment)
             if kept.num_rows:
                 change.added.append(self.write(relation, kept, segment.level))
-        return change
+        return change, (pa.concat_tables(taken) if taken else None) if keep else None
 
     # ---- step 4 ---------------------------------------------------------------------------
 

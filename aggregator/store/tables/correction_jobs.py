@@ -42,7 +42,7 @@ from meters.corrections import (
 from meters.errors import FieldError, ValidationFailed
 from meters.events import Event
 
-__all__ = ["Replaced", "Voided", "amend_job", "replace_job", "void_job"]
+__all__ = ["Replaced", "Voided", "amend_job", "record", "replace_job", "void_job"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +85,7 @@ def void_job(
         named = [str(i) for i in request.ids or []] or list(request.external_ids or [])
         found = set(done.voided_ids) | {e for e in done.voided_external_ids if e is not None}
         reason, everywhere = request.reason, request.filter is None
-        _record(
-            tx, organization_id, VOIDED, request_id, now_us, actor, reason, done, {}, everywhere
-        )
+        record(tx, organization_id, VOIDED, request_id, now_us, actor, reason, done, {}, everywhere)
         return Voided(len(done.voided_ids), done.voided_ids, [n for n in named if n not in found])
 
     return job
@@ -178,7 +176,7 @@ def amend_job(
         )
         extra = {"event_id": event_id, "new_event_id": new_id, "version": version}
         reason = amendment.reason
-        _record(tx, organization_id, AMENDED, request_id, now_us, actor, reason, done, extra)
+        record(tx, organization_id, AMENDED, request_id, now_us, actor, reason, done, extra)
         return new_id
 
     return job
@@ -253,7 +251,7 @@ def replace_job(
             "end_timestamp": chosen.end_us,
         }
         everywhere = chosen.subjects is None
-        _record(
+        record(
             tx,
             organization_id,
             REPLACED,
@@ -313,7 +311,7 @@ def _version(con: duckdb.DuckDBPyConnection, event_id: str) -> int:
     return 1 if row is None else int(row[0])
 
 
-def _record(
+def record(
     tx: Tx,
     organization_id: str,
     name: str,
@@ -324,11 +322,13 @@ def _record(
     done: Corrected,
     extra: Mapping[str, Any],
     everywhere: bool = False,
+    *,
+    voided: int | None = None,
 ) -> None:
     """The request's system event and webhook event (`name`). A shard of several records
     those of an organization-wide correction (`everywhere`: every shard applies it to its own
     customers) only where it changed something: one changing nothing there says nothing
-    there."""
+    there. `voided`: how many it voided, where `done` names only the first (a void job's)."""
     con, live = tx.con, tx.live
     if everywhere and live.feature(Ledgers).sharded and not (done.voided_ids or done.inserted):
         return
@@ -336,7 +336,7 @@ def _record(
         "reason": reason,
         "actor": actor,
         "request_id": request_id,
-        "voided": len(done.voided_ids),
+        "voided": len(done.voided_ids) if voided is None else voided,
         "inserted": done.inserted,
         # The first ids only: a void may name up to a million.
         "event_ids": done.voided_ids[:100],

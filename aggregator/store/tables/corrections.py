@@ -8,7 +8,8 @@ defined on the current events: stored and not voided. A correction (`_correct`):
    of each.
 2. Evaluates what they gave the ledger of the meters whose usage subtracts (count, sum,
    average): per meter and customer reference, those applied after its latest reset.
-3. Voids them: their seqs go into `voided_events`, so that the `events` view leaves them out
+3. Voids them: their seqs go into `voided_events` (its base table), so that the `events` view
+   leaves them out
    from then on. `all_events` keeps them: a resend of a voided event's external id stays a
    duplicate, and `?voided=true` lists them.
 4. Stores its new events (an amended event's new version, a range's replacements) with seqs of
@@ -47,11 +48,11 @@ from aggregator.store.machinery import rollups
 from aggregator.store.machinery.compaction import LEDGER_TABLES
 from aggregator.store.machinery.evaluation import apply_isolated
 from aggregator.store.machinery.rollups import BUCKET, Evaluated
-from aggregator.store.machinery.segments import ROLLUP_RELATIONS, Change
+from aggregator.store.machinery.segments import RELATIONS, ROLLUP_RELATIONS
 from aggregator.store.machinery.writer import Tx
 from aggregator.store.tables import alert_tables, ledger_tables, webhook_tables
 
-__all__ = ["SUBTRACTING", "Corrected", "correct", "evaluated_events", "negated"]
+__all__ = ["SUBTRACTING", "Corrected", "correct", "evaluated_events", "negated", "settle"]
 
 # Meters whose ledger usage subtracts exactly (step 2); the others' is evaluated again.
 SUBTRACTING = frozenset({"count", "sum", "avg"})
@@ -99,7 +100,8 @@ def correct(
         voided_seqs = "seq IN (SELECT seq FROM _voided)"
         gone = evaluated_events(con, subtracting, org, voided_seqs, [], now_us)
         con.execute(  # step 3
-            "INSERT INTO voided_events SELECT seq, ?::UUID, ?, ?, make_timestamptz(?) FROM _voided",
+            "INSERT INTO voided_events_base"
+            " SELECT seq, ?::UUID, ?, ?, make_timestamptz(?) FROM _voided",
             [org, request_id, reason, now_us],
         )
     if voided.num_rows:
@@ -144,14 +146,8 @@ def _changed(
     number: int,
 ) -> None:
     """Step 5's ledger usage of the other meters, evaluated again; then the balances and step
-    6 for every meter of the customer references `references`. `number`: a seq this
-    correction takes (its first new event's, else its system event's), which names the alerts
-    it fires, as a credit's system event names those of the credit."""
-    con, live = tx.con, tx.live
-    customers = live.catalog.customers_of_subjects(con, org, references)
-    before = {
-        (c.id, m.id): alert_tables.value(live, c, m) for c in customers.values() for m in meters
-    }
+    6 for every meter of the customer references `references` (`settle`)."""
+    con = tx.con
     with registered(con, "_subjects", pa.table({"subject": pa.array(references, pa.string())})):
         if others:
             ids = [m.id for m in others]
@@ -163,6 +159,28 @@ def _changed(
                 )
             where = f"{OF_EVENT} IN (SELECT subject FROM _subjects)"  # noqa: S608 - fixed text
             rollups.store_ledger(con, evaluated_events(con, others, org, where, [], now_us))
+    settle(tx, org, meters, references, now_us, number)
+
+
+def settle(
+    tx: Tx,
+    org: str,
+    meters: Sequence[MeterRow],
+    references: list[str],
+    now_us: int,
+    number: int,
+) -> None:
+    """Step 6 once the ledger's usage of the customer references `references` is what it
+    should be: their balances take it at commit, and their customer meters' alerts and state
+    are compared with what they were before the transaction. `number`: a seq this correction
+    takes (its first new event's, else its system event's), which names the alerts it fires,
+    as a credit's system event names those of the credit."""
+    con, live = tx.con, tx.live
+    customers = live.catalog.customers_of_subjects(con, org, references)
+    # From memory: the balances take the transaction's changes only at commit.
+    before = {
+        (c.id, m.id): alert_tables.value(live, c, m) for c in customers.values() for m in meters
+    }
     pairs = pa.table(
         {
             "meter_id": pa.array([m.id for m in meters for _ in references], pa.string()),
@@ -171,10 +189,10 @@ def _changed(
     )
     live.stage(live.balances.reread(con, org, pairs))
     for customer in {c.id: c for c in customers.values()}.values():
-        names = subjects.of_customer(customer)
+        usages = ledger_tables.usage_partials(con, meters, subjects.of_customer(customer))
         for meter in meters:
             was = before[(customer.id, meter.id)]
-            usage = ledger_tables.usage_partial(con, meter, names)
+            usage = usages[meter.id]
             if usage != was.usage:
                 after = alert_tables.Value(usage, was.credited)
                 alert_tables.on_ledger_change(
@@ -188,7 +206,8 @@ def _rollups_again(
     tx: Tx, org: str, meters: Sequence[MeterRow], keys: pa.Table, now_us: int
 ) -> None:
     """Step 5's rollups: the meters' rows of `keys` (subject, bucket) deleted, and evaluated
-    again from the current events."""
+    again from the current events into the rollups' base tables (a few rows: no file to write,
+    and where a void job lifted a customer's rows, `void_jobs`, its steps find them)."""
     con, live = tx.con, tx.live
     if not meters:
         return
@@ -203,12 +222,11 @@ def _rollups_again(
             )
         where = f"({OF_EVENT}, {BUCKET}) IN (SELECT subject, bucket FROM _keys)"  # noqa: S608 - fixed text
         found = evaluated_events(con, meters, org, where, [], now_us, ledger=False)
-        written = [
-            live.segments.write(relation, rows)
-            for relation, rows in rollups.partials(con, found).items()
-            if rows.num_rows
-        ]
-    live.change_segments(con, Change(written))
+        for relation, rows in rollups.partials(con, found).items():
+            if rows.num_rows:
+                with registered(con, "_again", rows):
+                    base = RELATIONS[relation].base
+                    con.execute(f"INSERT INTO {base} SELECT * FROM _again")  # noqa: S608 - fixed text
 
 
 def evaluated_events(
@@ -221,11 +239,14 @@ def evaluated_events(
     *,
     ledger: bool = True,
     source: str = "events",
+    after_resets: bool = False,
 ) -> list[Evaluated]:
     """The current user events of `org` that `where` selects, evaluated for `meters` as a
     backfill evaluates stored events (the ledger's usage after each reset only), each meter on
     the events it counts (`_applied`). `source`: the relation read for the current events (a
-    dry run's, standing for them after a change it does not make)."""
+    dry run's, standing for them after a change it does not make). `after_resets`: the caller
+    knows them all to come after any reset of their customers, so the ledger's usage is every
+    one's, as live ingest takes it (in Arrow, at a fraction of the cost)."""
     groups = [[m for m in meters if not m.backfilling], *([m] for m in meters if m.backfilling)]
     found = []
     for group in groups:
@@ -240,7 +261,7 @@ def evaluated_events(
                 f"organization_id = ?::UUID AND source = 'user' AND ({where}){applied}",
                 [org, *params, *bounds],
                 at_us=at_us,
-                backfill=True,
+                backfill=not after_resets,
                 ledger=ledger,
             )
         )

@@ -12,12 +12,15 @@ what it holds:
 - what the webhook sender learnt from receivers (`webhook_endpoints.enabled`, `disabled_reason`,
   `failing_since`): every core applies it now (journal groups of the leader's attempts), but
   it stays out so that a digest compares with the previous main's, which left it out;
+- how far a void job has gone (`void_jobs.voided`, `done_to`, `status`, `finished_at`): its
+  steps are journal groups, but where each ends is the leader's choice and the events it
+  voided are in `voided_events` (the same whichever steps voided them);
 - a customer's routing key (`customers.routing_key`: which shard holds its events), out so that
   a digest compares with the previous main's, which had none. (It follows from the record that
   made the customer; a data dir that gained it by migration has it from the external id then.)
 
 Tables added since the previous main (`otlp_settings`, `credit_grants`, and the corrections'
-`voided_events` and `event_versions`) count only for an
+`voided_events`, `event_versions` and `void_jobs`) count only for an
 organization with rows in them: one without any has the digest the previous main gives it. Of
 the credit grants, only those with an expiry or a priority of their own count: the others are
 what a credit without either makes, which the customer meter's sums hold already (its rollover
@@ -49,9 +52,12 @@ TABLES: dict[str, tuple[str, ...]] = {
     "credit_grants": (),
     "voided_events": (),
     "event_versions": (),
+    "void_jobs": ("voided", "done_to", "status", "finished_at"),
 }
 # Tables that count only when the organization has rows in them (see above).
-_WHEN_HELD = frozenset({"otlp_settings", "credit_grants", "voided_events", "event_versions"})
+_WHEN_HELD = frozenset(
+    {"otlp_settings", "credit_grants", "voided_events", "event_versions", "void_jobs"}
+)
 # Rows that count, where not all do (see above).
 _COUNTED = {"credit_grants": f"(expires_at IS NOT NULL OR priority <> {PRIORITY_DEFAULT})"}
 

@@ -55,6 +55,7 @@ _BY_SUBJECT: dict[str, tuple[str, str]] = {
     "webhook_state_changes": ("organization_id", _CUSTOMER_ID),
     "webhook_state_sent": ("organization_id", _CUSTOMER_ID),
     "webhook_events": ("organization_id", _WEBHOOK_SUBJECT),
+    "void_jobs": ("organization_id", "subject"),
     **{t: (_METERS, "subject") for t in ROLLUP_RELATIONS + LEDGER_TABLES},
 }
 # Rows that go with the rows deleted from another table: (table, its key, that table's key).
@@ -79,7 +80,7 @@ _KEPT = (
 _SEGMENTED = frozenset(RELATIONS) & frozenset(_BY_SUBJECT)
 _RULED = {
     *(RELATIONS[t].base if t in _SEGMENTED else t for t in _BY_SUBJECT),
-    *(d[0] for d in _DEPENDENT),
+    *(RELATIONS[d[0]].base if d[0] in RELATIONS else d[0] for d in _DEPENDENT),
     *_KAFKA,
     *_REBUILT,
     _FORWARD_OUTBOX,
@@ -201,28 +202,33 @@ def _delete_customers(
     segmented tables are written again without them (into `change`)."""
     deleted: dict[str, int] = {}
     for table, key, (parent, parent_key) in _DEPENDENT:
-        deleted[table] = _count(
-            con,
-            f"DELETE FROM {table} WHERE ({key}) IN"  # noqa: S608 - fixed text
-            f" (SELECT {parent_key} FROM {_read(parent)} WHERE {_is_dropped(parent)})",
-        )
+        going = f"({key}) IN (SELECT {parent_key} FROM {_read(parent)} WHERE {_is_dropped(parent)})"  # noqa: S608 - fixed text
+        if table in RELATIONS:  # kept as segments (the voided events): its files too
+            deleted[table] = _rewritten(con, segments, change, table, going)
+            continue
+        deleted[table] = _count(con, f"DELETE FROM {table} WHERE {going}")  # noqa: S608 - fixed text
     deleted[_FORWARD_OUTBOX] = _delete_forward_outbox(con)
     for table in _BY_SUBJECT:
         if table in _SEGMENTED:
-            rewritten = segments.rewrite(con, table, _is_dropped_row(table), [])
-            change.added += rewritten.added
-            change.retired += rewritten.retired
-            gone = sum(s.rows for s in rewritten.retired) - sum(s.rows for s in rewritten.added)
-            base = RELATIONS[table].base
-            deleted[table] = gone + _count(
-                con,
-                f"DELETE FROM {base} WHERE {_is_dropped_row(table)}",  # noqa: S608 - fixed text
-            )
+            deleted[table] = _rewritten(con, segments, change, table, _is_dropped_row(table))
             continue
         meters = _BY_SUBJECT[table][0] == _METERS
         using = " USING meters WHERE meters.id = meter_id AND" if meters else " WHERE"
         deleted[table] = _count(con, f"DELETE FROM {table}{using} {_is_dropped(table)}")  # noqa: S608 - fixed text
     return deleted
+
+
+def _rewritten(
+    con: duckdb.DuckDBPyConnection, segments: Segments, change: Change, table: str, where: str
+) -> int:
+    """Delete the rows `where` matches of a relation kept as segments: its files written again
+    without them (into `change`), and its base table's; how many."""
+    rewritten = segments.rewrite(con, table, where, [])
+    change.added += rewritten.added
+    change.retired += rewritten.retired
+    gone = sum(s.rows for s in rewritten.retired) - sum(s.rows for s in rewritten.added)
+    base = RELATIONS[table].base
+    return gone + _count(con, f"DELETE FROM {base} WHERE {where}")  # noqa: S608 - fixed text
 
 
 def _read(table: str) -> str:

@@ -281,6 +281,9 @@ def _seed(check: Checked) -> dict[str, str]:
     alert = {**ref, "external_id": "a1", "metric": "balance", "operator": "lte", "threshold": 0}
     endpoint = {"url": "http://127.0.0.1:9/hook", "format": "raw", "events": ["meter.alert"]}
     session = {"customer_id": customer["id"]}
+    # A void by filter is a job (202), done at once when it matches nothing.
+    nothing = {"filter": {"external_customer_id": "c1", "name": "never sent"}, "reason": "test"}
+    void_job = check("POST", "/v1/events/void", 202, json=nothing)
     core = check.core
     core.settle()
     types = core.request("GET", "/v1/event-types/").json()["items"]
@@ -296,6 +299,7 @@ def _seed(check: Checked) -> dict[str, str]:
         "alert": check("POST", "/v1/meter-alerts/", 201, json=alert)["id"],
         "endpoint": check("POST", "/v1/webhooks/endpoints", 201, json=endpoint)["id"],
         "session": check("POST", "/v1/customer-sessions/", 201, json=session)["token"],
+        "void_job": void_job["id"],
         "unknown": str(uuid.uuid4()),
     }
 
@@ -306,6 +310,7 @@ NAMED = [
     ("/v1/customer-meters/", "customer_meter"),
     ("/v1/customers/", "customer"),
     ("/v1/meters/", "meter"),
+    ("/v1/events/void/", "void_job"),
     ("/v1/events/", "event"),
     ("/v1/event-types/", "event_type"),
     ("/v1/credit-plans/", "plan"),

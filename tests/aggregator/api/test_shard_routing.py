@@ -127,6 +127,7 @@ def _core(answers: dict[str, int], keys: list[str | None]) -> Starlette:
             Route("/v1/meter-holds/{id}", answer, methods=["GET", "DELETE"]),
             Route("/v1/webhooks/events/{id}/redeliver", answer, methods=["POST"]),
             Route("/v1/events/{id}", answer, methods=["PATCH"]),
+            Route("/v1/events/void/{id}", answer, methods=["GET"]),
         ]
     )
 
@@ -161,7 +162,7 @@ def test_a_write_refused_here_as_another_shards_customer_is_that_shards_outcome(
     assert seen_here[0] is not None and seen_here == seen_there  # one request id: applied once
 
 
-def test_a_hold_or_webhook_event_not_found_here_is_asked_of_the_other_shards() -> None:
+def test_a_hold_webhook_event_or_void_job_not_found_here_is_asked_of_the_other_shards() -> None:
     seen: list[str | None] = []
     here = _core({"name": "here"}, seen)
     there = _core({"name": "there", "GET": 200, "DELETE": 200, "POST": 202}, seen)
@@ -172,6 +173,9 @@ def test_a_hold_or_webhook_event_not_found_here_is_asked_of_the_other_shards() -
     assert (found.status_code, found.json()) == (200, {"from": "there"})
     assert (released.status_code, released.json()) == (200, {"from": "there"})
     assert again.status_code == 202
+    with TestClient(_routing(here, there, [])) as client:  # a void job: on its customer's shard
+        job = client.get(f"/v1/events/void/{HOLD}", headers=BEARER)
+    assert (job.status_code, job.json()) == (200, {"from": "there"})
     # Each write is one request id wherever it is applied.
     assert seen[2] is not None and seen[2] == seen[3]
     assert seen[4] is not None and seen[4] == seen[5] != seen[2]

@@ -7,6 +7,7 @@ import duckdb
 
 SEGMENTS = 29  # the schema step that made the events and the rollups segments
 CORRECTIONS = 30  # the step that made voided events and event versions
+VOID_JOBS = 31  # the step that made void jobs
 # The rollup tables and their deltas before segments.
 _ROLLUPS = {
     "rollups": "rollup_deltas",
@@ -37,9 +38,28 @@ def before_segments(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {SEGMENTS}")
 
 
+def before_void_jobs(con: duckdb.DuckDBPyConnection) -> None:
+    """The database as schema step 30 had it: no void jobs, the voided events a table keyed
+    by seq (what its segments held, copied in; the files left where they are, listed by
+    nothing)."""
+    con.execute("DROP TABLE void_jobs")
+    con.execute("CREATE TABLE voided_events_plain AS SELECT * FROM voided_events")
+    con.execute("DROP VIEW voided_events")
+    con.execute("DROP TABLE voided_events_base")
+    con.execute(
+        "CREATE TABLE voided_events (seq BIGINT PRIMARY KEY, organization_id UUID NOT NULL,"
+        " request_id VARCHAR NOT NULL, reason VARCHAR NOT NULL, voided_at TIMESTAMPTZ NOT NULL)"
+    )
+    con.execute("INSERT INTO voided_events SELECT * FROM voided_events_plain")
+    con.execute("DROP TABLE voided_events_plain")
+    con.execute("DELETE FROM segments WHERE relation = 'voided_events'")
+    con.execute(f"DELETE FROM schema_migrations WHERE version >= {VOID_JOBS}")
+
+
 def before_corrections(con: duckdb.DuckDBPyConnection) -> None:
     """The database as schema step 29 had it (no event was voided or amended): the events
     relation read through `events` itself, no table of corrections."""
+    before_void_jobs(con)
     con.execute("DROP VIEW events")
     con.execute("ALTER VIEW all_events RENAME TO events")
     con.execute("DROP TABLE voided_events")

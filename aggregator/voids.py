@@ -1,0 +1,207 @@
+"""Void jobs: voids by filter (`store.void_jobs`) stepped through in the background.
+
+A job's events are voided by steps, each one writer job over the matched events of the next
+window of seqs (`void_jobs.step_job`), so that other tenants' writes go on between them rather
+than waiting for a million events. A window is cut to hold about `chunk` of the events the job
+matched (read once, `matched_seqs`), and `chunk` follows what a step costs the writer, as the
+backfill's does: a step holds it about half its job bound. A step's reads (its events and
+their contributions, the rollups it makes again: `void_jobs.plan`) are made first, at the
+lowest CPU priority (`Store.read_behind`), so that the writer only checks they still hold and
+writes, and ingest's threads get the CPU first. One step runs at
+a time whatever the number of jobs (they take turns). Unfinished jobs resume when the process
+starts again, from where their last step ended.
+
+A step that fails is retried with exponential backoff, logged when the job starts failing and
+when it recovers.
+
+In Kafka mode each step is a group of the journal (`intake.journal`, an entry naming the job
+and the seq its step voids up to), so that every core applies it at the same place among the
+other groups. A core that follows (`intake.leadership`) runs no step of its own: it applies the
+journal's (`replay`), and its jobs wait to step until it leads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+
+import numpy as np
+
+from aggregator.intake.journal import VOIDS, Entry, Journal, Records
+from aggregator.intake.leadership import Role
+from aggregator.store import Job, Outcome, Positions, Store, VoidJob, void_jobs
+from ingest.tasks import Backoff, cancel_within
+from meters.commands import Command
+from meters.times import now_us
+
+log = logging.getLogger(__name__)
+
+# A step voids up to here at most: the job's `through_seq` then bounds it.
+_THROUGH = 2**62
+_NONE: frozenset[str] = frozenset()
+# Plans of one step made again off the writer before the writer makes it (embedded).
+_STALE_PLANS = 3
+
+
+class Voider:
+    """Runs one task per void job. An async context manager: exit cancels the tasks (their
+    progress is committed step by step, so they resume on the next start)."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        chunk_events: int = 250_000,
+        min_chunk_events: int = 10_000,
+        max_chunk_events: int = 500_000,
+        retry_seconds: float = 1.0,
+        max_retry_seconds: float = 60.0,
+        journal: Journal | None = None,
+        role: Role | None = None,
+    ) -> None:
+        """`journal`: steps are its groups (Kafka mode), run only while this core leads
+        (`role`; None: always)."""
+        self._store = store
+        self._journal = journal
+        self._role = role or Role(leading=True)
+        self._chunk = chunk_events
+        self._min_chunk = min_chunk_events
+        self._max_chunk = max_chunk_events
+        self._retry = retry_seconds
+        self._max_retry = max_retry_seconds
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._lifted: dict[str, frozenset[str]] = {}  # per job, its meters lifted here
+        self._turn = asyncio.Lock()  # FIFO: jobs take turns
+        self._detach: Callable[[], None] = lambda: None
+
+    async def __aenter__(self) -> Self:
+        if self._journal is not None:
+            self._journal.follow(VOIDS, self)
+        for job_id in await self._store.read_now(void_jobs.running_jobs):
+            self.start(job_id)
+        # A job made by a write record, however it came (this core's API, or the control
+        # topic written by another).
+        self._detach = self._store.listeners.attach_applied(self._on_applied)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._detach()
+        await cancel_within(*self._tasks.values(), what="voider")
+
+    def _on_applied(self, command: Command, outcome: Outcome) -> None:
+        ok, value = outcome
+        if ok and command.kind == "event.void" and isinstance(value, VoidJob) and not value.done:
+            self.start(value.id)
+
+    def start(self, job_id: str) -> None:
+        """Step through the job `job_id` (once: a job already running is left to its task)."""
+        if job_id not in self._tasks:
+            self._tasks[job_id] = asyncio.create_task(self._run(job_id), name=f"void {job_id}")
+            self._tasks[job_id].add_done_callback(lambda _: self._tasks.pop(job_id, None))
+
+    async def idle(self) -> None:
+        """Returns once every job running now is done (tests, benchmarks)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+
+    async def _step(self, job_id: str, up_to: int) -> void_jobs.Step | None:
+        if self._journal is None:
+            # A plan gone stale (events voided or meters changed meanwhile) is made again
+            # here, off the writer, a few times before the writer makes it.
+            for _ in range(_STALE_PLANS):
+                step = await self._planned(job_id, up_to, now_us(), again_if_stale=True)
+                done = await self._store.write(step)
+                if not done.stale:
+                    return done
+            return await self._store.write(await self._planned(job_id, up_to, now_us()))
+        # A core catching up applies the journal's steps first: a job they finished appends
+        # nothing more.
+        await self._journal.started()
+        await self._role.until(True)
+        if job_id not in await self._store.read_now(void_jobs.running_jobs):
+            return None
+        entry = Entry(VOIDS, (), now_us(), void=(job_id, up_to))
+        step = await self._planned(job_id, up_to, entry.at_us)
+        return await self._journal.append_job(entry, step)
+
+    async def replay(self, entry: Entry, records: Records, positions: Positions) -> None:
+        """A journal entry's step (`journal.Follower`)."""
+        assert entry.void is not None
+        job_id, up_to = entry.void
+        step = await self._planned(job_id, up_to, entry.at_us)
+        await self._store.queued_at(step, positions)
+
+    async def _planned(
+        self, job_id: str, up_to: int, at_us: int, *, again_if_stale: bool = False
+    ) -> Job[void_jobs.Step]:
+        """The step's job, its reads made first in the background (`void_jobs.plan`), so that
+        the writer only checks they still hold and writes: other tenants' writes wait for that
+        much alone."""
+        lifted = self._lifted.get(job_id, _NONE)
+        await self._store.stored()
+        planned = await self._store.read_behind(void_jobs.plan, job_id, up_to, at_us, lifted)
+        if planned is not None and planned.markers.num_rows:
+            # The markers too, as a file the step lists.
+            file = await self._store.write_segment("voided_events", planned.markers)
+            planned = planned.with_file(file)
+        # Stored by the flusher, what was applied meanwhile is not the step's to store.
+        await self._store.stored()
+        return void_jobs.step_job(
+            job_id, up_to, at_us, lifted, planned, again_if_stale=again_if_stale
+        )
+
+    async def _lift(self, job_id: str) -> None:
+        """The job's customer's rollups that its steps delete, into the base tables first
+        (`Store.lift`), so that no step writes their files again; which meters' are (the
+        steps take every other's the slow way)."""
+        lift = await self._store.read_now(void_jobs.to_lift, job_id)
+        if lift is not None and await self._store.lift(lift.relations, lift.where, lift.params):
+            self._lifted[job_id] = lift.meters
+
+    async def _run(self, job_id: str) -> None:
+        chunk = self._chunk
+        # The writer's bound, of the step's own time on it (what it reads first, off the
+        # writer, does not count): each step stops another tenant's writes once, so fewer,
+        # larger ones stop them less often.
+        target_seconds = self._store.writer.job_bound_seconds
+        seqs: np.ndarray | None = None
+        backoff = Backoff(self._retry, self._max_retry, f"void job {job_id}")
+        while True:
+            try:
+                async with self._turn:
+                    if job_id not in self._lifted:
+                        self._lifted[job_id] = _NONE
+                        await self._lift(job_id)
+                    if seqs is None:
+                        found = await self._store.read_behind(void_jobs.matched_seqs, job_id)
+                        seqs = found.to_numpy()
+                    up_to = int(seqs[chunk - 1]) if chunk < len(seqs) else _THROUGH
+                    started = time.perf_counter()
+                    step = await self._step(job_id, up_to)
+            except Exception as exc:  # noqa: BLE001 - every failure is retried, logged once
+                await backoff.failed(exc)
+                continue
+            backoff.succeeded()
+            if step is None or step.done:
+                log.info("void job %s done", job_id)
+                self._lifted.pop(job_id, None)
+                return
+            seqs = seqs[np.searchsorted(seqs, step.done_to, side="right") :]
+            log.debug(
+                "void job %s: %d events voided in %.3f s, %.3f s of it on the writer",
+                job_id,
+                step.voided,
+                time.perf_counter() - started,
+                step.seconds,
+            )
+            scaled = int(chunk * target_seconds / max(step.seconds, 1e-3))
+            chunk = max(self._min_chunk, min(self._max_chunk, scaled, chunk * 2))
