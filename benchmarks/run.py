@@ -64,6 +64,7 @@ from benchmarks import (
     takeover,
     timed_meters,
     validation,
+    voids,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -118,6 +119,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "shards": Benchmark(shards, 600, 90),
     "fan_out": Benchmark(fan_out, 600, 90),
     "startup": Benchmark(startup, 150, 30),
+    "void_1m": Benchmark(voids, 600, 60),
 }
 ROUNDS, QUICK_ROUNDS = 3, 1  # of an --against run
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
