@@ -372,7 +372,7 @@ class Segments:
         dropped (`abandon_void`). Before any other change of the events' files in the same
         transaction."""
         held = self._voided if self._voiding is None else self._voiding
-        self._voiding = np.union1d(held, seqs.astype(np.int64))
+        self._voiding = _merged(held, seqs)
         self._current(con, self.live("events"))
 
     def voided(self) -> None:
@@ -549,6 +549,19 @@ def _seq_range(path: Path) -> tuple[int, int] | None:
         lows.append(int(cast(int, stats.min)))
         highs.append(int(cast(int, stats.max)))
     return (min(lows), max(highs)) if lows else None
+
+
+def _merged(held: npt.NDArray[np.int64], seqs: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The sorted distinct seqs of `held` (sorted, distinct) and `seqs`: only the new ones are
+    sorted, then put in place (a void job's step of 250,000 into 750,000 held took `union1d`,
+    which sorts them all again, 400 ms of the writer's time)."""
+    new = seqs.astype(np.int64)
+    if len(new) > 1 and not bool(np.all(new[1:] > new[:-1])):  # not sorted and distinct
+        new = np.unique(new)
+    at = np.searchsorted(held, new)
+    known = (at < len(held)) & (held[np.minimum(at, len(held) - 1)] == new) if len(held) else at < 0
+    merged: npt.NDArray[np.int64] = np.insert(held, at[~known], new[~known])
+    return merged
 
 
 def _holds_any(voided: npt.NDArray[np.int64], seqs: tuple[int, int] | None) -> bool:
