@@ -1,5 +1,5 @@
-"""Meters as polar-sdk's `Meter` loads them (plus meterline's `backfill` and `failure`), and
-their quantities; created from `MeterCreate`, updated from `MeterUpdate`."""
+"""Meters as polar-sdk's `Meter` loads them (plus meterline's `dimensions`, `backfill` and
+`failure`), and their quantities; created from `MeterCreate`, updated from `MeterUpdate`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ class MeterShape(TypedDict):
     custom_multiplier: int | None
     filter: dict[str, Any]
     aggregation: dict[str, Any]
+    # meterline's own: the metadata properties that split the meter's usage ([] when none).
+    dimensions: list[str]
     organization_id: str
     archived_at: str | None
     # meterline's own: how far rollups are built from events stored before the meter's
@@ -80,6 +82,7 @@ def meter(row: MeterRow) -> MeterShape:
         "custom_multiplier": row.custom_multiplier,
         "filter": row.filter.model_dump(mode="json"),
         "aggregation": row.aggregation.model_dump(mode="json"),
+        "dimensions": list(row.dimensions),
         "organization_id": row.organization_id,
         "archived_at": iso(row.archived_at_us),
         "backfill": {

@@ -31,7 +31,8 @@ COLUMNS = (
     "id::VARCHAR, organization_id::VARCHAR, name, unit, custom_label, custom_multiplier,"
     " filter, aggregation, metadata, epoch_us(created_at), epoch_us(modified_at),"
     " epoch_us(archived_at), version, backfill_target, backfilled_to, backfill_events,"
-    " backfilled_events, " + FAILURE.format("reason") + ", " + FAILURE.format("epoch_us(failed_at)")
+    f" backfilled_events, {FAILURE.format('reason')}, {FAILURE.format('epoch_us(failed_at)')},"
+    " dimensions"
 )
 
 
@@ -54,6 +55,10 @@ class MeterRow:
     backfilled_to: int
     backfill_events: int  # the same progress in the organization's events (what users see)
     backfilled_events: int
+    # The metadata properties that split its usage (`meters.definitions`), in their order. A
+    # default, so that a write's outcome stored by the previous main (`command_outcomes`, kept
+    # a day: a resend answers it) still reads back.
+    dimensions: tuple[str, ...] = ()
     # Why the meter cannot be evaluated (skipped by ingest until redefined), and since when.
     failure: str | None = None
     failed_at_us: int | None = None
@@ -96,6 +101,7 @@ def meter_row(r: tuple[Any, ...]) -> MeterRow:
         r[14],
         r[15],
         r[16],
+        tuple(r[19]),
         r[17],
         r[18],
     )

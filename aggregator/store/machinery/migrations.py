@@ -707,6 +707,11 @@ MIGRATIONS: tuple[str, ...] = (
         finished_at TIMESTAMPTZ
     );
     """,
+    # 32: a meter's dimensions (`meters.definitions`): the metadata properties whose values
+    # split its usage, in the order they were given; none for every meter stored before.
+    """
+    ALTER TABLE meters ADD COLUMN dimensions VARCHAR[] NOT NULL DEFAULT [];
+    """,
 )
 
 

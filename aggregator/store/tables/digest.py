@@ -19,6 +19,11 @@ what it holds:
   a digest compares with the previous main's, which had none. (It follows from the record that
   made the customer; a data dir that gained it by migration has it from the external id then.)
 
+A meter's dimensions (column `meters.dimensions`, schema step 32) count apart, as the rows
+(meter id, dimensions) of `meter_dimensions`, only for meters that have some, and that table only
+for an organization with such meters: two cores that disagree on them differ, and one without
+any has the digest the previous main gives it.
+
 Tables added since the previous main (`otlp_settings`, `credit_grants`, and the corrections'
 `voided_events`, `event_versions` and `void_jobs`) count only for an
 organization with rows in them: one without any has the digest the previous main gives it. Of
@@ -40,7 +45,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "events": (),
     "customers": ("routing_key",),
     "deleted_customers": (),
-    "meters": ("backfilled_to", "backfilled_events"),
+    "meters": ("backfilled_to", "backfilled_events", "dimensions"),
     "customer_meters": (),
     "credit_plans": (),
     "meter_holds": (),
@@ -66,7 +71,7 @@ def logical_rows(
     con: duckdb.DuckDBPyConnection, organization_id: str
 ) -> dict[str, list[tuple[object, ...]]]:
     """Each table's rows of the organization, sorted by every column, without those left out
-    (a table of `_WHEN_HELD` only when it has some)."""
+    (a table of `_WHEN_HELD` only when it has some), and its meters' dimensions where set."""
     out = {}
     for table, left_out in TABLES.items():
         exclude = f" EXCLUDE ({', '.join(left_out)})" if left_out else ""
@@ -78,4 +83,11 @@ def logical_rows(
         ).fetchall()
         if rows or table not in _WHEN_HELD:
             out[table] = rows
+    dimensions = con.execute(
+        "SELECT id, dimensions FROM meters WHERE organization_id = ?::UUID"
+        " AND len(dimensions) > 0 ORDER BY ALL",
+        [organization_id],
+    ).fetchall()
+    if dimensions:
+        out["meter_dimensions"] = dimensions
     return out

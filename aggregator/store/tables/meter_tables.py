@@ -30,7 +30,7 @@ from aggregator.store.tables.quotas import TenantLimits
 from meters.aggregations import (
     Aggregation,
 )
-from meters.definitions import MeterCreate, MeterUpdate, unit_errors
+from meters.definitions import MeterCreate, MeterUpdate, dimensions_error, unit_errors
 from meters.errors import FieldError, ValidationFailed
 
 if TYPE_CHECKING:
@@ -73,8 +73,9 @@ def create_job(
         quotas.check(con, limits, quotas.METERS, _ACTIVE_METERS, [organization_id])
         con.execute(
             "INSERT INTO meters (id, organization_id, name, unit, custom_label,"  # noqa: S608 - fixed text, values bound
-            " custom_multiplier, filter, aggregation, metadata, created_at, backfill_target,"
-            " backfill_events) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, make_timestamptz(?),"
+            " custom_multiplier, filter, aggregation, dimensions, metadata, created_at,"
+            " backfill_target, backfill_events) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " make_timestamptz(?),"
             " (SELECT coalesce(max(seq), 0) FROM events), "
             + _EVENTS_TO_BACKFILL.format("?::UUID")
             + ")",
@@ -87,6 +88,7 @@ def create_job(
                 data.custom_multiplier,
                 data.filter.model_dump_json(),
                 _AGGREGATION.dump_json(data.aggregation).decode(),
+                data.dimensions,
                 orjson.dumps(data.metadata).decode(),
                 now_us,
                 organization_id,
@@ -116,6 +118,22 @@ def _unit_changes(changes: dict[str, Any], current: MeterRow) -> dict[str, Any]:
     return changes
 
 
+def _dimension_changes(data: MeterUpdate, current: MeterRow) -> list[str] | None:
+    """The dimensions `data` sets, if it changes them (their order too: it is theirs); 422
+    naming `dimensions` unless the meter the patch makes may have its dimensions. A patch that
+    leaves both alone is not checked."""
+    if data.dimensions is None and data.aggregation is None:
+        return None
+    dimensions = current.dimensions if data.dimensions is None else tuple(data.dimensions)
+    func = (data.aggregation or current.aggregation).func
+    error = dimensions_error(func, dimensions)
+    if error is not None:
+        raise ValidationFailed(
+            [FieldError("value_error", ("body", "dimensions"), error, list(dimensions))]
+        )
+    return None if dimensions == current.dimensions else list(dimensions)
+
+
 def update_job(
     organization_id: str,
     meter_id: str,
@@ -135,6 +153,9 @@ def update_job(
             columns["filter"] = data.filter.model_dump_json()
         if data.aggregation is not None:
             columns["aggregation"] = _AGGREGATION.dump_json(data.aggregation).decode()
+        dimensions = _dimension_changes(data, current)
+        if dimensions is not None:
+            columns["dimensions"] = dimensions
         if data.metadata is not None:
             columns["metadata"] = orjson.dumps(data.metadata).decode()
         extra = ""
@@ -147,8 +168,10 @@ def update_job(
                 quotas.check(con, limits, quotas.METERS, _ACTIVE_METERS, [organization_id])
             extra = ", archived_at = " + ("make_timestamptz(?)" if data.is_archived else "NULL")
             extra_params = [now_us] if data.is_archived else []
-        redefined = (data.filter is not None and data.filter != current.filter) or (
-            data.aggregation is not None and data.aggregation != current.aggregation
+        redefined = (
+            (data.filter is not None and data.filter != current.filter)
+            or (data.aggregation is not None and data.aggregation != current.aggregation)
+            or dimensions is not None
         )
         if redefined or (archiving and not data.is_archived):
             # New semantics, or events missed while archived: rebuild the rollups from the

@@ -261,6 +261,7 @@ def _seed(check: Checked) -> dict[str, str]:
             "name": "calls",
             "filter": {"conjunction": "and", "clauses": []},
             "aggregation": {"func": "sum", "property": "tokens"},
+            "dimensions": ["model"],
         },
     )
     customer = check("POST", "/v1/customers/", 201, json={"email": "a@b.co", "external_id": "c1"})
@@ -359,6 +360,7 @@ def _write_and_refuse(check: Checked, ids: dict[str, str]) -> None:
     check("GET", "/v1/meters/", 401, headers={"Authorization": ""})
     check("GET", "/v1/customer-portal/meters/", 401)  # an organization's token
     check("PATCH", "/v1/meters/{id}", 200, {"id": ids["meter"]}, json={"name": "calls 2"})
+    check("PATCH", "/v1/meters/{id}", 422, {"id": ids["meter"]}, json={"dimensions": ["name"]})
     check("PATCH", "/v1/customers/{id}", 200, {"id": ids["customer"]}, json={"name": "Ada"})
     check("PATCH", "/v1/customers/external/{external_id}", 200, {"external_id": "c1"}, json={})
     check("PATCH", "/v1/event-types/{id}", 200, {"id": ids["event_type"]}, json={"label": "Call"})

@@ -8,6 +8,7 @@ import duckdb
 SEGMENTS = 29  # the schema step that made the events and the rollups segments
 CORRECTIONS = 30  # the step that made voided events and event versions
 VOID_JOBS = 31  # the step that made void jobs
+DIMENSIONS = 32  # the step that gave meters their dimensions
 # The rollup tables and their deltas before segments.
 _ROLLUPS = {
     "rollups": "rollup_deltas",
@@ -38,10 +39,17 @@ def before_segments(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {SEGMENTS}")
 
 
+def before_dimensions(con: duckdb.DuckDBPyConnection) -> None:
+    """The database as schema step 31 had it: meters without dimensions."""
+    con.execute("ALTER TABLE meters DROP COLUMN dimensions")
+    con.execute(f"DELETE FROM schema_migrations WHERE version >= {DIMENSIONS}")
+
+
 def before_void_jobs(con: duckdb.DuckDBPyConnection) -> None:
     """The database as schema step 30 had it: no void jobs, the voided events a table keyed
     by seq (what its segments held, copied in; the files left where they are, listed by
     nothing)."""
+    before_dimensions(con)
     con.execute("DROP TABLE void_jobs")
     con.execute("CREATE TABLE voided_events_plain AS SELECT * FROM voided_events")
     con.execute("DROP VIEW voided_events")

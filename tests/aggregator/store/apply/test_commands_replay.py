@@ -91,6 +91,7 @@ async def _run(store: Store, publisher: EmbeddedPublisher, op: tuple[Any, ...], 
                     "name": f"m-{len(log)}",
                     "filter": {"conjunction": "and", "clauses": []},
                     "aggregation": aggregation,
+                    "dimensions": ["region"] if op[1] == "sum" else [],
                 }
             )
             await meter_service.create(store, ORG, data, LIMITS)
