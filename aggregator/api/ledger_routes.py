@@ -16,6 +16,7 @@ from aggregator.api.context import ApiContext
 from aggregator.api.ledger_shapes import (
     AppliedShape,
     BalanceCheckShape,
+    BreakdownShape,
     CreditCreate,
     CustomerMeterShape,
     CustomerStateShape,
@@ -67,6 +68,24 @@ GRANTS = Operation(
         " each after consumption burned them in order (priority, then earliest expiry, then"
         " without rollover before with it, then the order granted); expired grants show what"
         " their expiry took."
+    ),
+)
+BREAKDOWN = Operation(
+    "A customer meter's consumed units by dimension (meterline's own)",
+    TAG,
+    {200: BreakdownShape},
+    query=(
+        oa.repeated(
+            "group_by",
+            oa.STRING,
+            "a dimension of the meter to split by (repeat for several)",
+            required=True,
+        ),
+    ),
+    description=(
+        "The customer meter's consumed units (its window: the events applied since its last"
+        " reset) split by the events' values of the meter's dimensions asked; the groups"
+        " together make its consumed_units."
     ),
 )
 STATE = Operation("Get a customer's state (active meters)", "customers", {200: CustomerStateShape})
@@ -121,6 +140,12 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         found = await service.get_customer_meter(store, org, params.path_id(request))
         return JSON(shapes.customer_meter(found))
+
+    async def breakdown(request: Request) -> JSON:
+        org = ctx.organization(request)
+        group_by = tuple(dict.fromkeys(params.strings(request, "group_by")))
+        found = await service.breakdown(store, org, params.path_id(request), group_by)
+        return JSON(shapes.breakdown(found))
 
     async def grants(request: Request) -> JSON:
         org = ctx.organization(request)
@@ -205,6 +230,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             Operation("Get a customer meter", TAG, {200: CustomerMeterShape}),
         ),
         ApiRoute("/v1/customer-meters/{id}/grants", grants, "GET", GRANTS),
+        ApiRoute("/v1/customer-meters/{id}/breakdown", breakdown, "GET", BREAKDOWN),
         ApiRoute("/v1/customers/{id}/state", state, "GET", STATE),
         # Before the customers' routes: their `external/{external_id:path}` would take it.
         ApiRoute(

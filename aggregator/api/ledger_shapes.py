@@ -14,6 +14,7 @@ from aggregator.api.shapes import ListResource, iso, pagination
 from aggregator.services.ledger_service import (
     Applied,
     BalanceCheck,
+    Breakdown,
     CustomerMeter,
     CustomerMeterView,
     CustomerState,
@@ -58,6 +59,21 @@ class CustomerMeterShape(BalanceShape):
     customer_id: str
     customer: CustomerShape
     meter: MeterShape
+
+
+class BreakdownGroupShape(TypedDict):
+    dimensions: dict[str, str | None]  # the group's value of each dimension asked (null: none)
+    consumed_units: float
+
+
+class BreakdownShape(TypedDict):
+    """A customer meter's consumed units split by its meter's dimensions (meterline's own)."""
+
+    id: str
+    customer_id: str
+    meter_id: str
+    consumed_units: float
+    groups: list[BreakdownGroupShape]
 
 
 class CustomerStateShape(CustomerShape):
@@ -132,6 +148,19 @@ def customer_meter(view: CustomerMeterView) -> CustomerMeterShape:
         "customer_id": view.balance.customer_id,
         "customer": customer(view.customer),
         "meter": meter(view.meter),
+    }
+
+
+def breakdown(found: Breakdown) -> BreakdownShape:
+    cm = found.view.balance
+    return {
+        "id": cm.id,
+        "customer_id": cm.customer_id,
+        "meter_id": cm.meter_id,
+        "consumed_units": cm.consumed,
+        "groups": [
+            {"dimensions": values, "consumed_units": units} for values, units in found.groups
+        ],
     }
 
 

@@ -16,7 +16,7 @@ from aggregator.api.openapi import ApiRoute, Operation
 from aggregator.api.shapes import ListResource
 from aggregator.api.shard_routing import routed
 from aggregator.services import meter_service as service
-from aggregator.services.meter_service import Quantities, QuantityWindow
+from aggregator.services.meter_service import QuantityWindow
 from ingest.http import JSON
 from meters.errors import FieldError, ValidationFailed
 from meters.periods import MAX_DAYS, Interval
@@ -93,6 +93,17 @@ QUANTITIES = Operation(
         *oa.customers(),
         oa.metadata(),
         oa.query("customer_aggregation_function", oa.choice(AGGREGATION_FUNCTIONS)),
+        oa.repeated(
+            "group_by",
+            oa.STRING,
+            "a dimension of the meter to split by (repeat for several): `groups` answers each"
+            " group's quantities and total",
+        ),
+        oa.metadata(
+            "dimension",
+            "dimension[name]=value: only the events with that value of the meter's dimension;"
+            " repeat for any of values",
+        ),
     ),
     errors=(409,),
     description="409 for a meter marked failed (it cannot be evaluated) until it is redefined.",
@@ -145,6 +156,18 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         window = _quantity_window(request)
         across = _choice(request, "customer_aggregation_function", AGGREGATION_FUNCTIONS, False)
+        group_by = tuple(dict.fromkeys(params.strings(request, "group_by")))
+        if group_by and across is not None:
+            raise ValidationFailed(
+                [
+                    FieldError(
+                        "value_error",
+                        ("query", "group_by"),
+                        "Value error, group_by cannot be asked with customer_aggregation_function",
+                        list(group_by),
+                    )
+                ]
+            )
         meter, gathered = await service.partials(
             ctx.store,
             org,
@@ -154,6 +177,8 @@ def routes(ctx: ApiContext) -> list[Route]:
             meter_id=params.path_id(request),
             window=window,
             by_customer=across is not None,
+            group_by=group_by,
+            dimensions=params.metadata(request, "dimension"),
         )
         if routed(request) == fan_out.PARTIALS:
             return JSON(shapes.partials(gathered))
@@ -162,7 +187,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             query = fan_out.kept(request)
             for part in await fan_out.each(peers, request, query, fan_out.PARTIALS):
                 gathered.merge(shapes.gathered(part))
-        return JSON(shapes.quantities(Quantities(*gathered.reduced(meter, across))))
+        return JSON(shapes.quantities(service.quantities(meter, gathered, across, group_by)))
 
     return [
         ApiRoute("/v1/meters/{id}/quantities", quantities, "GET", QUANTITIES),

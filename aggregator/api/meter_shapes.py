@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any, Literal, NotRequired
 
 from typing_extensions import TypedDict
 
@@ -65,9 +66,19 @@ class QuantityShape(TypedDict):
     quantity: float
 
 
+class GroupShape(TypedDict):
+    dimensions: dict[str, str | None]  # the group's value of each dimension asked (null: none)
+    quantities: list[QuantityShape]
+    total: float
+
+
 class QuantitiesShape(TypedDict):
     quantities: list[QuantityShape]
     total: float
+    # meterline's own, only when `group_by` is asked (without it the answer is Polar's): the
+    # groups, and how many past the most an answer holds were folded into one, "__other__"
+    groups: NotRequired[list[GroupShape]]
+    other_groups: NotRequired[int]
 
 
 def meter(row: MeterRow) -> MeterShape:
@@ -101,10 +112,18 @@ def meters(page: Page[MeterRow], limit: int) -> ListResource[MeterShape]:
 
 
 def quantities(found: Quantities) -> QuantitiesShape:
-    return {
-        "quantities": [{"timestamp": t.isoformat(), "quantity": q} for t, q in found.periods],
-        "total": found.total,
-    }
+    answer: QuantitiesShape = {"quantities": _series(found.periods), "total": found.total}
+    if found.groups is not None:
+        answer["groups"] = [
+            {"dimensions": values, "quantities": _series(periods), "total": total}
+            for values, periods, total in found.groups
+        ]
+        answer["other_groups"] = found.other_groups
+    return answer
+
+
+def _series(periods: list[tuple[datetime, float]]) -> list[QuantityShape]:
+    return [{"timestamp": t.isoformat(), "quantity": q} for t, q in periods]
 
 
 # A shard's part of a meter's quantities (`api.fan_out`, step 3): each partial as [range,

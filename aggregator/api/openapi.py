@@ -130,9 +130,11 @@ def query(name: str, schema: Schema, description: str = "", *, required: bool = 
     return Param(name, schema, description, required)
 
 
-def repeated(name: str, item: Schema, description: str = "") -> Param:
+def repeated(
+    name: str, item: Schema, description: str = "", *, required: bool = False
+) -> Param:
     """A parameter that may be given more than once (`params.strings`, `params.ids`, …)."""
-    return Param(name, {"type": "array", "items": item}, description)
+    return Param(name, {"type": "array", "items": item}, description, required)
 
 
 def choice(values: Iterable[str], default: str | None = None) -> Schema:
@@ -163,11 +165,13 @@ def sorting(values: Iterable[str], default: str) -> Param:
     return Param("sorting", {"type": "array", "items": choice(values), "default": [default]})
 
 
-def metadata() -> Param:
-    """`params.metadata`: `metadata[key]=value`, the values of one key OR-ed."""
+def metadata(
+    name: str = "metadata", text: str = "metadata[key]=value; repeat a key for any of values"
+) -> Param:
+    """`params.metadata`: `metadata[key]=value` (or of another `name`), the values of one key
+    OR-ed."""
     schema = {"type": "object", "additionalProperties": {"type": "array", "items": STRING}}
-    text = "metadata[key]=value; repeat a key for any of values"
-    return Param("metadata", schema, text, deep_object=True)
+    return Param(name, schema, text, deep_object=True)
 
 
 def customers() -> tuple[Param, Param]:

@@ -156,14 +156,20 @@ def path_id(request: Request, name: str = "id") -> str:
     return canonical
 
 
-def metadata(request: Request) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """`metadata[key]=value` pairs (deepObject style), values of one key OR-ed."""
+def metadata(request: Request, prefix: str = "metadata") -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`metadata[key]=value` pairs (deepObject style; or of another `prefix`, as a meter's
+    `dimension[key]=value`), values of one key OR-ed."""
     found: dict[str, list[str]] = {}
     for name, value in request.query_params.multi_items():
-        if name.startswith("metadata[") and name.endswith("]"):
-            key = name[len("metadata[") : -1]
+        if name.startswith(f"{prefix}[") and name.endswith("]"):
+            key = name[len(prefix) + 1 : -1]
             if not 1 <= len(key) <= 40 or "\x00" in key:
-                raise _fail(name, "metadata_key", "Metadata keys have 1 to 40 characters", key)
+                raise _fail(
+                    name,
+                    f"{prefix}_key",
+                    f"{prefix.capitalize()} keys have 1 to 40 characters",
+                    key,
+                )
             found.setdefault(key, []).append(value)
     return tuple((k, tuple(v)) for k, v in found.items())
 

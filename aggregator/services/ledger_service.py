@@ -19,7 +19,10 @@ from aggregator.store import (
     Live,
     MeterRow,
     Store,
+    breakdowns,
     meters_by_ids,
+    quantities,
+    subjects,
 )
 from aggregator.store import customer_tables as customer_sql
 from aggregator.store import grant_tables as grant_sql
@@ -220,6 +223,41 @@ async def get_customer_meter(
     def run(con: Con) -> CustomerMeterView:
         pair = _pair(con, organization_id, customer_meter_id)
         return _views(con, balances, organization_id, [pair])[0]
+
+    return await store.read(run)
+
+
+@dataclass(frozen=True, slots=True)
+class Breakdown:
+    """A customer meter, and per group of the dimensions asked (their values) the units of its
+    window's events (the groups together make its consumed units)."""
+
+    view: CustomerMeterView
+    groups: list[tuple[dict[str, str | None], float]]
+
+
+async def breakdown(
+    store: Store, organization_id: str, customer_meter_id: str, group_by: tuple[str, ...]
+) -> Breakdown:
+    """The customer meter's consumed units split by its meter's dimensions `group_by` (a 422
+    naming `group_by` for one it does not declare, or none asked)."""
+    balances = store.live.balances
+
+    def run(con: Con) -> Breakdown:
+        pair = _pair(con, organization_id, customer_meter_id)
+        view = _views(con, balances, organization_id, [pair])[0]
+        meter = view.meter
+        quantities.declared(meter, group_by, (), required=True)
+        references = subjects.of_customer(view.customer.row)
+        found = breakdowns.breakdown(con, meter, references, group_by)
+        groups = [
+            (
+                dict(zip(group_by, quantities.group_of(key, len(group_by)), strict=True)),
+                p.result(meter.aggregation.func),
+            )
+            for key, p in sorted(found.items())
+        ]
+        return Breakdown(view, groups)
 
     return await store.read(run)
 

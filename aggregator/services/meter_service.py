@@ -60,6 +60,10 @@ class QuantityWindow:
 class Quantities:
     periods: list[tuple[datetime, float]]  # (period start, quantity)
     total: float
+    # Per group of the dimensions asked (`group_by`): their values, its periods and total;
+    # and how many groups past the most an answer holds were folded into one (`OTHER`).
+    groups: list[tuple[dict[str, str | None], list[tuple[datetime, float]], float]] | None = None
+    other_groups: int = 0
 
 
 def evaluable(row: MeterRow) -> MeterRow:
@@ -165,6 +169,21 @@ def _subjects(
     return tuple(sorted(names))
 
 
+def quantities(
+    meter: MeterRow, gathered: Gathered, across: str | None, group_by: tuple[str, ...]
+) -> Quantities:
+    """What `partials` gathered (and the other shards', merged) as quantities: each period's
+    and the window's, and each group's if `group_by` was asked."""
+    if not group_by:
+        return Quantities(*gathered.reduced(meter, across))
+    found, folded = gathered.groups(meter)
+    groups = [
+        (dict(zip(group_by, quantity_sql.group_of(key, len(group_by)), strict=True)), series, total)
+        for key, series, total in found
+    ]
+    return Quantities(*gathered.reduced(meter, across), groups, folded)
+
+
 async def partials(
     store: Store,
     organization_id: str,
@@ -175,17 +194,22 @@ async def partials(
     external_customer_ids: tuple[str, ...],
     metadata: tuple[tuple[str, tuple[str, ...]], ...],
     by_customer: bool,
+    group_by: tuple[str, ...] = (),
+    dimensions: tuple[tuple[str, tuple[str, ...]], ...] = (),
 ) -> tuple[MeterRow, Gathered]:
     """The meter and its partials over the periods of `window` and over all of it, for the
-    customers named (all if none), per customer if `by_customer`: what the route reduces to
-    quantities, and what the shards of a deployment merge before reducing."""
+    customers named (all if none), per customer if `by_customer`, or per group of the
+    meter's dimensions `group_by`, of the events with the `dimensions` values asked (if any):
+    what the route reduces to quantities, and what the shards of a deployment merge before
+    reducing."""
 
     now = now_us()  # an integral meter's period not over yet counts up to now
 
     def run(con: Con) -> tuple[MeterRow, Gathered]:
         meter = evaluable(found(get_meter(con, organization_id, meter_id)))
+        quantity_sql.declared(meter, group_by, dimensions)
         subjects = _subjects(con, organization_id, customer_ids, external_customer_ids)
-        scope = Scope(meter, subjects, metadata, by_customer)
+        scope = Scope(meter, subjects, metadata, by_customer, group_by, dimensions)
         return meter, quantity_sql.gather(
             con, scope, window.start_us, window.end_us, window.interval, window.tz, now
         )

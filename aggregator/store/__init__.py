@@ -33,6 +33,7 @@ from aggregator.store.machinery.writer import Job, Outcome
 from aggregator.store.store import Store
 from aggregator.store.tables import (
     alert_tables,
+    breakdowns,
     correction_reads,
     cost_queries,
     customer_tables,
@@ -147,6 +148,7 @@ __all__ = [
     "alert_tables",
     "attempt_record",
     "backfill_step_job",
+    "breakdowns",
     "control_offset",
     "copy_segments",
     "correction_reads",

@@ -52,7 +52,15 @@ from aggregator.store.machinery.segments import RELATIONS, ROLLUP_RELATIONS
 from aggregator.store.machinery.writer import Tx
 from aggregator.store.tables import alert_tables, ledger_tables, webhook_tables
 
-__all__ = ["SUBTRACTING", "Corrected", "correct", "evaluated_events", "negated", "settle"]
+__all__ = [
+    "SUBTRACTING",
+    "Corrected",
+    "correct",
+    "counted_sql",
+    "evaluated_events",
+    "negated",
+    "settle",
+]
 
 # Meters whose ledger usage subtracts exactly (step 2); the others' is evaluated again.
 SUBTRACTING = frozenset({"count", "sum", "avg"})
@@ -252,7 +260,7 @@ def evaluated_events(
     for group in groups:
         if not group:
             continue
-        applied, bounds = _applied(group[0])
+        applied, bounds = counted_sql(group[0])
         found.append(
             apply_isolated(
                 con,
@@ -268,9 +276,10 @@ def evaluated_events(
     return found
 
 
-def _applied(meter: MeterRow) -> tuple[str, list[int]]:
-    """The events a meter counts: of a backfilling one, those its backfill has reached and
-    those applied since it began; of any other, all."""
+def counted_sql(meter: MeterRow) -> tuple[str, list[int]]:
+    """The events a meter counts (SQL to add to a condition on `events`, and its values): of
+    a backfilling one, those its backfill has reached and those applied since it began; of
+    any other, all."""
     if not meter.backfilling:
         return "", []
     return " AND (seq <= ? OR seq > ?)", [meter.backfilled_to, meter.backfill_target]

@@ -10,6 +10,7 @@ point before it (`integral_sql`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,17 +22,29 @@ import duckdb
 
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow
-from aggregator.store.base.meter_sql import contribution_sql, filter_sql, member_pointer
+from aggregator.store.base.meter_sql import (
+    contribution_sql,
+    filter_sql,
+    json_path,
+    member_pointer,
+)
 from aggregator.store.machinery.rollups import BUCKET_US, kind
 from meters.aggregations import PER_US, IntegralAggregation, Partial
+from meters.errors import FieldError, ValidationFailed
+from meters.filters import parse_path
 from meters.periods import Interval, boundaries
 from meters.times import datetime_to_us, us_to_datetime
 
 __all__ = [
+    "MAX_GROUPS",
+    "OTHER",
     "Gathered",
     "Scope",
     "compute",
+    "declared",
     "gather",
+    "group_of",
+    "group_sql",
     "range_total",
 ]
 
@@ -41,7 +54,11 @@ _CUSTOMER = (
     f"coalesce((SELECT {subjects.id_sql('c')} FROM customers c WHERE c.organization_id = ?::UUID"  # noqa: S608 - fixed text, values bound
     f" AND subject = {subjects.external_sql('c')}), subject)"
 )
-Key = tuple[int, str]  # (range index, customer or "")
+Key = tuple[int, str]  # (range index, customer or "", or a group: `group_sql`)
+# Groups one answer splits a meter's quantities into at most (`Gathered.groups`); the rest are
+# folded into one, whose every dimension's value is `OTHER`.
+MAX_GROUPS = 1_000
+OTHER = "__other__"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,15 +69,21 @@ class Scope:
     subjects: tuple[str, ...] | None  # None: every customer
     metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
     by_customer: bool = False
+    # The meter's dimensions to split by: partials are then kept per group (`group_of`) where
+    # they are kept per customer otherwise (the two are not asked together).
+    group_by: tuple[str, ...] = ()
+    # The events with one of these values of each of these dimensions only (`dimension[x]=v`).
+    dimensions: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Where the events are read: `events`, or a relation standing for them after a change not
     # made (a replacement's dry run: `correction_reads`), which no rollups hold.
     events: str = "events"
 
     @property
     def from_events_only(self) -> bool:
-        """Whether every part is read from the events: rollups hold neither metadata nor
-        another relation's events."""
-        return bool(self.metadata) or self.events != "events"
+        """Whether every part is read from the events: rollups hold neither metadata (nor
+        dimension values, yet) nor another relation's events."""
+        asked = self.metadata or self.group_by or self.dimensions
+        return bool(asked) or self.events != "events"
 
 
 def _ranges_cte(ranges: Sequence[tuple[int, int, int]]) -> tuple[str, list[Any]]:
@@ -72,8 +95,63 @@ def _ranges_cte(ranges: Sequence[tuple[int, int, int]]) -> tuple[str, list[Any]]
 
 
 def _who(scope: Scope) -> tuple[str, list[Any]]:
-    """The customer a row counts for: one per customer if asked, else one for all ('')."""
+    """The customer a row counts for: one per customer if asked, else one for all (''); or
+    the group it counts in (`group_sql`)."""
+    if scope.group_by:
+        return "grp", []
     return (_CUSTOMER, [scope.meter.organization_id]) if scope.by_customer else ("''", [])
+
+
+def dimension_sql(name: str) -> SQL:
+    """An event's value of the dimension `name` (a property path, read as the meter's filter
+    reads it: `_llm.model` is a path), as text; null where it has none."""
+    return "json_extract_string(metadata, ?)", [json_path(parse_path(name, stored=True).keys)]
+
+
+def group_sql(group_by: Sequence[str]) -> SQL:
+    """An event's group: its values of the dimensions `group_by` (`dimension_sql`), as a JSON
+    array (`group_of` reads it back)."""
+    values = [dimension_sql(name) for name in group_by]
+    listed = ", ".join(sql for sql, _ in values)
+    return f"to_json([{listed}]::VARCHAR[])::VARCHAR", [p for _, ps in values for p in ps]
+
+
+def declared(
+    meter: MeterRow,
+    group_by: Sequence[str],
+    dimensions: Sequence[tuple[str, Sequence[str]]],
+    *,
+    required: bool = False,
+) -> None:
+    """A 422 naming each query parameter that asks for a dimension the meter does not declare
+    (`group_by`, `dimension[name]`), or `group_by` if `required` and none is asked."""
+    known = ", ".join(meter.dimensions) or "none"
+    asked = [("group_by", name) for name in group_by]
+    asked += [(f"dimension[{name}]", name) for name, _ in dimensions]
+    errors = [
+        FieldError(
+            "value_error",
+            ("query", parameter),
+            f"Value error, {name!r} is not a dimension of this meter (its dimensions: {known})",
+            name,
+        )
+        for parameter, name in asked
+        if name not in meter.dimensions
+    ]
+    if required and not group_by:
+        errors.append(
+            FieldError("missing", ("query", "group_by"), "Field required (a dimension)", None)
+        )
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def group_of(key: str, dimensions: int) -> list[str | None]:
+    """A group's values (`group_sql`) of its `dimensions`; `OTHER`'s are all `OTHER`."""
+    if key == OTHER:
+        return [OTHER] * dimensions
+    values: list[str | None] = json.loads(key)
+    return values
 
 
 def _shape(scope: Scope, sums: str, value: str, point: str) -> tuple[list[Any], str, str]:
@@ -127,6 +205,7 @@ def from_events(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     exclusive."""
     cte, cte_params = _ranges_cte(ranges)
     value, value_params = contribution_sql(scope.meter.aggregation)
+    grp, grp_params = group_sql(scope.group_by) if scope.group_by else ("", [])
     where, params = _events_where(scope, *_span(ranges))
     who_params, selected, group = _shape(
         scope, "count(*), sum(v), min(v), max(v)", "v", "{'at_us': epoch_us(timestamp), 'value': v}"
@@ -134,10 +213,11 @@ def from_events(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     return (
         f"SELECT {selected} FROM"  # noqa: S608 - fixed text, values bound
         f" (SELECT {subjects.OF_EVENT} AS subject, timestamp, {value} AS v"
+        f"{f', {grp} AS grp' if grp else ''}"
         f" FROM {scope.events} WHERE {where}) e"
         f" JOIN {cte} p ON e.timestamp >= p.lo AND e.timestamp < p.hi"
         f" WHERE v IS NOT NULL {group}",
-        [*who_params, *value_params, *params, *cte_params],
+        [*who_params, *value_params, *grp_params, *params, *cte_params],
     )
 
 
@@ -159,6 +239,10 @@ def _events_where(scope: Scope, lo: int | None, hi: int) -> SQL:
     for key, values in scope.metadata:
         where += " AND json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))"
         params.extend([member_pointer(key), list(values)])
+    for name, values in scope.dimensions:
+        value, value_params = dimension_sql(name)
+        where += f" AND {value} IN (SELECT unnest(?::VARCHAR[]))"
+        params.extend([*value_params, list(values)])
     return where, params
 
 
@@ -355,13 +439,53 @@ class Gathered:
         self, meter: MeterRow, across: str | None
     ) -> tuple[list[tuple[datetime, float]], float]:
         """Each period's quantity and the window's."""
-        return (
-            [
-                (self.periods[i], reduce(self.partials, meter, i, across))
-                for i in range(len(self.periods) - 1)
-            ],
-            reduce(self.total, meter, 0, across),
-        )
+        return _reduced(self.periods, self.partials, self.total, meter, across)
+
+    def groups(
+        self, meter: MeterRow, limit: int = MAX_GROUPS
+    ) -> tuple[list[tuple[str, list[tuple[datetime, float]], float]], int]:
+        """Of partials kept per group (`Scope.group_by`): each group's (key, each period's
+        quantity, the window's), by key; past `limit` groups, those of the least window
+        totals (in absolute value) folded into one, `OTHER`, after the others. And how many
+        were folded."""
+        partials: dict[str, dict[Key, Partial]] = {}
+        totals: dict[str, dict[Key, Partial]] = {}
+        for key, partial in self.partials.items():
+            partials.setdefault(key[1], {})[key] = partial
+        for key, partial in self.total.items():
+            totals.setdefault(key[1], {})[key] = partial
+        keys = sorted(partials.keys() | totals.keys())
+        folded: list[str] = []
+        if len(keys) > limit:
+            size = {k: abs(reduce(totals.get(k, {}), meter, 0, None)) for k in keys}
+            kept = set(sorted(keys, key=lambda k: (-size[k], k))[:limit])
+            folded = [k for k in keys if k not in kept]
+            keys = [k for k in keys if k in kept]
+            for source in (partials, totals):
+                other: dict[Key, Partial] = {}
+                for k in folded:
+                    for (index, _), partial in source.pop(k, {}).items():
+                        other.setdefault((index, OTHER), Partial()).merge(partial)
+                source[OTHER] = other
+            keys.append(OTHER)
+        found = [
+            (k, *_reduced(self.periods, partials.get(k, {}), totals.get(k, {}), meter, None))
+            for k in keys
+        ]
+        return found, len(folded)
+
+
+def _reduced(
+    periods: list[datetime],
+    partials: dict[Key, Partial],
+    total: dict[Key, Partial],
+    meter: MeterRow,
+    across: str | None,
+) -> tuple[list[tuple[datetime, float]], float]:
+    return (
+        [(periods[i], reduce(partials, meter, i, across)) for i in range(len(periods) - 1)],
+        reduce(total, meter, 0, across),
+    )
 
 
 def gather(

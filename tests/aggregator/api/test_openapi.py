@@ -330,7 +330,7 @@ def _path(template: str, ids: dict[str, str]) -> dict[str, str]:
 
 def _read_everything(check: Checked, doc: dict[str, Any], ids: dict[str, str]) -> None:
     """Every GET operation, with its required parameters and the seeded ids."""
-    values = {**WINDOW, "meter_id": ids["meter"]}
+    values = {**WINDOW, "meter_id": ids["meter"], "group_by": "model"}
     for template, item in doc["paths"].items():
         if "get" not in item:
             continue
@@ -361,6 +361,9 @@ def _write_and_refuse(check: Checked, ids: dict[str, str]) -> None:
     check("GET", "/v1/customer-portal/meters/", 401)  # an organization's token
     check("PATCH", "/v1/meters/{id}", 200, {"id": ids["meter"]}, json={"name": "calls 2"})
     check("PATCH", "/v1/meters/{id}", 422, {"id": ids["meter"]}, json={"dimensions": ["name"]})
+    quantities, meter = "/v1/meters/{id}/quantities", {"id": ids["meter"]}
+    check("GET", quantities, 200, meter, params={**WINDOW, "group_by": "model"})
+    check("GET", quantities, 422, meter, params={**WINDOW, "group_by": "route"})
     check("PATCH", "/v1/customers/{id}", 200, {"id": ids["customer"]}, json={"name": "Ada"})
     check("PATCH", "/v1/customers/external/{external_id}", 200, {"external_id": "c1"}, json={})
     check("PATCH", "/v1/event-types/{id}", 200, {"id": ids["event_type"]}, json={"label": "Call"})

@@ -1,0 +1,209 @@
+"""Quantities split by a meter's dimensions (`Scope.group_by`) equal the reference fold over each
+group's raw events, in any timezone and interval, and the groups together make the ungrouped
+quantity: their sum for count and sum meters, their least for min, their greatest for max."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import uuid
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aggregator.store import MeterRow, Store
+from aggregator.store.apply.ingest import IngestJob
+from aggregator.store.tables.meter_tables import create_job
+from aggregator.store.tables.quantities import OTHER, Gathered, Scope, gather, group_of
+from meters.aggregations import Partial, fold
+from meters.definitions import MeterCreate
+from meters.events import Event, to_table
+from meters.periods import boundaries
+from meters.times import EPOCH
+from tests.aggregator.store.tables.test_quantities import (
+    _ONE_US,
+    ORG,
+    ZONES,
+    _to_us,
+    _view,
+    event_lists,
+    moments,
+)
+from tests.strategies import examples
+
+NUMBER_METERS = [
+    {"func": "count"},
+    *({"func": f, "property": "v"} for f in ("sum", "avg", "min", "max")),
+]
+
+
+def _text(value: Any) -> str | None:
+    """A metadata value as a dimension reads it (JSON's text of it; a string itself)."""
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+@settings(
+    max_examples=examples(30),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    events=event_lists(),
+    aggregation=st.sampled_from(NUMBER_METERS),
+    group_by=st.sampled_from([("tag",), ("v",), ("tag", "v"), ("v", "tag")]),
+    start=moments,
+    length=st.integers(0, 6 * 86_400 * 10**6),
+    interval=st.sampled_from(["hour", "day", "week", "month"]),
+    zone=st.sampled_from(ZONES),
+    customer=st.sampled_from([None, "c1"]),
+    tag=st.sampled_from([None, "p"]),
+)
+def test_each_group_equals_the_fold_over_its_events(
+    tmp_path_factory: pytest.TempPathFactory,
+    events: list[Event],
+    aggregation: dict[str, Any],
+    group_by: tuple[str, ...],
+    start: int,
+    length: int,
+    interval: str,
+    zone: str,
+    customer: str | None,
+    tag: str | None,
+) -> None:
+    """Scoped to a customer, and to a value of a dimension (`dimension[tag]=p`), or not."""
+    end = start + min(length, 7 * 86_400 * 10**6 if interval == "hour" else length)
+    meter_create = MeterCreate.model_validate(
+        {
+            "name": "meter",
+            "filter": {"conjunction": "and", "clauses": []},
+            "aggregation": aggregation,
+        }
+    )
+
+    async def run() -> tuple[MeterRow, Gathered]:
+        path = tmp_path_factory.mktemp("g") / "m.duckdb"
+        async with Store(path) as store:
+            meter = await store.write(create_job(ORG, meter_create, 0, meter_id=str(uuid.uuid4())))
+            for first in range(0, len(events), 7):
+                chunk = events[first : first + 7]
+                await store.write(IngestJob(ORG, to_table(chunk), 0))
+            scope = Scope(
+                meter,
+                None if customer is None else (f"ext:{customer}",),
+                () if tag is None else (("tag", (tag,)),),
+                group_by=group_by,
+            )
+            found = await store.read(gather, scope, start, end, interval, ZoneInfo(zone), 0)
+            return meter, found
+
+    meter, gathered = asyncio.run(run())
+    func = str(aggregation["func"])
+    matching = [
+        e
+        for e in events
+        if customer in (None, e.external_customer_id) and tag in (None, e.metadata.get("tag"))
+    ]
+    edges = boundaries(EPOCH + start * _ONE_US, EPOCH + end * _ONE_US, interval, ZoneInfo(zone))
+    spans = [(_to_us(edges[i]), _to_us(edges[i + 1])) for i in range(len(edges) - 1)]
+
+    def expect(chosen: list[Event], lo: int, hi: int) -> float:
+        return fold(
+            meter_create.aggregation, [_view(e) for e in chosen if lo <= e.timestamp_us < hi]
+        )
+
+    def values(e: Event) -> list[str | None]:
+        return [_text(e.metadata.get(k)) for k in group_by]
+
+    periods, total = gathered.reduced(meter, None)
+    groups, folded = gathered.groups(meter)
+    assert folded == 0
+    # A group for each values of an event the meter counts in the periods, once.
+    lo, hi = _to_us(edges[0]), _to_us(edges[-1])
+    counted = [
+        e
+        for e in matching
+        if lo <= e.timestamp_us < hi
+        and (func == "count" or meter_create.aggregation.contribution(_view(e)) is not None)
+    ]
+    found = [tuple(group_of(key, len(group_by))) for key, _, _ in groups]
+    assert sorted(found, key=json.dumps) == sorted(
+        {tuple(values(e)) for e in counted}, key=json.dumps
+    )
+    for key, group_periods, group_total in groups:
+        mine = [e for e in matching if values(e) == group_of(key, len(group_by))]
+        assert [p for p, _ in group_periods] == edges[:-1]
+        for (lo, hi), (_, quantity) in zip(spans, group_periods, strict=True):
+            _close(quantity, expect(mine, lo, hi), (key, lo))
+        _close(group_total, expect(mine, start, end + 1), (key, "total"))
+    # The ungrouped figures, from the same partials, are the reference's over all events ...
+    for (lo, hi), (_, quantity) in zip(spans, periods, strict=True):
+        _close(quantity, expect(matching, lo, hi), ("all", lo))
+    _close(total, expect(matching, start, end + 1), ("all", "total"))
+    # ... and the groups' combined.
+    combine = {"count": math.fsum, "sum": math.fsum, "min": min, "max": max}.get(func)
+    if combine is not None and groups:
+        _close(total, combine(t for _, _, t in groups), ("combined", func))
+
+
+def _close(got: float, expected: float, where: object) -> None:
+    assert math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-6), (where, got, expected)
+
+
+@given(
+    totals=st.lists(st.integers(-50, 50), min_size=1, max_size=12),
+    limit=st.integers(1, 12),
+    func=st.sampled_from(["count", "sum", "max"]),
+)
+def test_past_the_limit_the_least_groups_fold_into_other(
+    totals: list[int], limit: int, func: str
+) -> None:
+    """The `limit` groups of the greatest window totals (in absolute value) are kept, the rest
+    folded into `OTHER`, after them: for a count or a sum, the groups' totals still add up to
+    the ungrouped total, and each period's quantities too."""
+    day = datetime(2026, 3, 1, tzinfo=UTC)
+    periods = [day, day + timedelta(days=1), day + timedelta(days=2)]
+    partials = {}
+    for g, value in enumerate(totals):
+        key = json.dumps([f"g{g:02d}"])
+        partials[(0, key)] = Partial(1, float(value), float(value), float(value))
+        partials[(1, key)] = Partial(1, 1.0, 1.0, 1.0)
+    whole = {(0, k): Partial() for _, k in partials}
+    for (_, k), p in partials.items():
+        whole[(0, k)].merge(p)
+    meter: Any = SimpleNamespace(aggregation=_aggregation(func))  # what reducing reads
+    gathered = Gathered(periods, partials, whole)
+    groups, folded = gathered.groups(meter, limit)
+    assert folded == max(0, len(totals) - limit)
+    kept = [k for k, _, _ in groups if k != OTHER]
+    assert len(kept) == min(limit, len(totals)) and kept == sorted(kept)
+    size = {
+        json.dumps([f"g{g:02d}"]): abs(v + 1.0 if func == "sum" else 0)
+        for g, v in enumerate(totals)
+    }
+    if func == "sum" and folded:
+        assert min(size[k] for k in kept) >= max(size[k] for k in size if k not in kept)
+    assert (groups[-1][0] == OTHER) == bool(folded)
+    if func in ("count", "sum"):
+        (periods_all, total_all) = gathered.reduced(meter, None)
+        _close(math.fsum(t for _, _, t in groups), total_all, "total")
+        for i, (_, quantity) in enumerate(periods_all):
+            _close(math.fsum(g[1][i][1] for g in groups), quantity, i)
+
+
+def _aggregation(func: str) -> Any:
+    definition = {"func": func} if func == "count" else {"func": func, "property": "v"}
+    return MeterCreate.model_validate(
+        {
+            "name": "meter",
+            "filter": {"conjunction": "and", "clauses": []},
+            "aggregation": definition,
+        }
+    ).aggregation
