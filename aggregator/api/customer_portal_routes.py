@@ -72,6 +72,14 @@ GET_METER = Operation(
     "Get one of the session's customer's meters",
     TAG,
     {200: PortalCustomerMeterShape},
+    query=(
+        oa.repeated(
+            "group_by",
+            oa.STRING,
+            "meterline's own: a dimension of the meter to split the consumed units by (repeat"
+            " for several); the answer's `groups` (as a customer meter's breakdown)",
+        ),
+    ),
     security="customer",
 )
 
@@ -138,9 +146,15 @@ def routes(
         views = await ledger_service.customer_meters_of(
             store, session.organization_id, session.customer_id, None
         )
+        group_by = tuple(dict.fromkeys(params.strings(request, "group_by")))
         for view in views:
             if view.balance.id == wanted:
-                return JSON(shapes.portal_customer_meter(view))
+                if not group_by:
+                    return JSON(shapes.portal_customer_meter(view))
+                split = await ledger_service.breakdown(
+                    store, session.organization_id, wanted, group_by
+                )
+                return JSON(shapes.portal_customer_meter(split.view, split.groups))
         raise NotFound("Customer meter not found")
 
     return [

@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, NotRequired, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import TypedDict
 
 from aggregator.api.customer_shapes import CustomerShape
-from aggregator.api.ledger_shapes import BalanceShape, balance
+from aggregator.api.ledger_shapes import (
+    BalanceShape,
+    BreakdownGroupShape,
+    balance,
+    breakdown_groups,
+)
 from aggregator.api.shapes import ListResource, iso, pagination
 from aggregator.auth import CustomerSession
 from aggregator.services.ledger_service import CustomerMeterView
@@ -62,6 +67,8 @@ class PortalMeterShape(TypedDict):
 class PortalCustomerMeterShape(BalanceShape):
     customer_id: str
     meter: PortalMeterShape
+    # meterline's own, only when `group_by` is asked: the consumed units by dimension
+    groups: NotRequired[list[BreakdownGroupShape]]
 
 
 def customer_session(
@@ -80,18 +87,27 @@ def customer_session(
     }
 
 
-def portal_customer_meter(view: CustomerMeterView) -> PortalCustomerMeterShape:
+def portal_customer_meter(
+    view: CustomerMeterView, groups: list[tuple[dict[str, str | None], float]] | None = None
+) -> PortalCustomerMeterShape:
     meter = view.meter
-    return {
-        **balance(view.balance),
-        "customer_id": view.balance.customer_id,
-        "meter": {
-            "id": meter.id,
-            "created_at": iso(meter.created_at_us),
-            "modified_at": iso(meter.modified_at_us),
-            "name": meter.name,
+    # A cast: mypy takes no spread into a TypedDict with an optional key.
+    answer = cast(
+        PortalCustomerMeterShape,
+        {
+            **balance(view.balance),
+            "customer_id": view.balance.customer_id,
+            "meter": {
+                "id": meter.id,
+                "created_at": iso(meter.created_at_us),
+                "modified_at": iso(meter.modified_at_us),
+                "name": meter.name,
+            },
         },
-    }
+    )
+    if groups is not None:
+        answer["groups"] = breakdown_groups(groups)
+    return answer
 
 
 def portal_customer_meters(

@@ -158,10 +158,14 @@ def breakdown(found: Breakdown) -> BreakdownShape:
         "customer_id": cm.customer_id,
         "meter_id": cm.meter_id,
         "consumed_units": cm.consumed,
-        "groups": [
-            {"dimensions": values, "consumed_units": units} for values, units in found.groups
-        ],
+        "groups": breakdown_groups(found.groups),
     }
+
+
+def breakdown_groups(
+    groups: list[tuple[dict[str, str | None], float]],
+) -> list[BreakdownGroupShape]:
+    return [{"dimensions": values, "consumed_units": units} for values, units in groups]
 
 
 def customer_meters(page: Page[CustomerMeterView], limit: int) -> ListResource[CustomerMeterShape]:

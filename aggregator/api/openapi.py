@@ -130,9 +130,7 @@ def query(name: str, schema: Schema, description: str = "", *, required: bool = 
     return Param(name, schema, description, required)
 
 
-def repeated(
-    name: str, item: Schema, description: str = "", *, required: bool = False
-) -> Param:
+def repeated(name: str, item: Schema, description: str = "", *, required: bool = False) -> Param:
     """A parameter that may be given more than once (`params.strings`, `params.ids`, …)."""
     return Param(name, {"type": "array", "items": item}, description, required)
 

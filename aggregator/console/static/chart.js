@@ -1,6 +1,7 @@
 // Bar charts drawn as SVG by hand: a few dozen lines instead of a charting library (no
-// dependency, nothing to fetch). Each series is a bar per label, side by side; `marks` are
-// vertical lines at labels (credits, resets) with their text as a tooltip.
+// dependency, nothing to fetch). Each series is a bar per label, side by side, or `stacked`
+// one on another (positive values up, negative down); `marks` are vertical lines at labels
+// (credits, resets) with their text as a tooltip.
 import { fmt, h } from "./dom.js";
 
 const W = 960;
@@ -13,8 +14,24 @@ function niceStep(span) {
   return [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw);
 }
 
-export function barChart({ labels, series, marks = [], caption }) {
-  const values = series.flatMap((s) => s.values);
+// Where each series' bar of each label starts and ends: from 0 side by side, or stacked.
+function spans(series, labels, stacked) {
+  const up = labels.map(() => 0);
+  const down = labels.map(() => 0);
+  return series.map((s) =>
+    s.values.map((v, j) => {
+      if (!stacked) return [0, v];
+      const sums = v >= 0 ? up : down;
+      const base = sums[j];
+      sums[j] += v;
+      return [base, sums[j]];
+    }),
+  );
+}
+
+export function barChart({ labels, series, marks = [], caption, stacked = false }) {
+  const ranges = spans(series, labels, stacked);
+  const values = ranges.flat(2);
   const step = niceStep(Math.max(0, ...values) - Math.min(0, ...values));
   const high = Math.ceil(Math.max(0, ...values) / step) * step || step;
   const low = Math.floor(Math.min(0, ...values) / step) * step;
@@ -22,8 +39,9 @@ export function barChart({ labels, series, marks = [], caption }) {
   const innerH = H - PAD.top - PAD.bottom;
   const y = (v) => PAD.top + ((high - v) / (high - low)) * innerH;
   const band = innerW / Math.max(1, labels.length);
-  const barW = Math.max(1, Math.min(48, (band * 0.8) / series.length));
-  const inset = (band - barW * series.length) / 2; // the group centred in its band
+  const columns = stacked ? 1 : series.length;
+  const barW = Math.max(1, Math.min(48, (band * 0.8) / columns));
+  const inset = (band - barW * columns) / 2; // the group centred in its band
   const every = Math.ceil(labels.length / 12);
   const grid = [];
   for (let v = low; v <= high + step / 2; v += step) {
@@ -38,10 +56,10 @@ export function barChart({ labels, series, marks = [], caption }) {
         "rect",
         {
           class: `bar ${s.class || ""}`,
-          x: PAD.left + j * band + inset + i * barW,
-          y: Math.min(y(v), y(0)),
+          x: PAD.left + j * band + inset + (stacked ? 0 : i) * barW,
+          y: Math.min(y(ranges[i][j][0]), y(ranges[i][j][1])),
           width: barW,
-          height: Math.abs(y(v) - y(0)),
+          height: Math.abs(y(ranges[i][j][1]) - y(ranges[i][j][0])),
         },
         h("title", { text: `${labels[j]} · ${s.name}: ${fmt.number(v)}` }),
       ),

@@ -3,7 +3,7 @@
 // credits per period, resets marked) and its credit grants (what remains of each, expiries).
 import { follow } from "./api.js";
 import { fmt, h, link, message, section, table } from "./dom.js";
-import { periodOf, usage } from "./meters.js";
+import { byDimension, periodOf, usage } from "./meters.js";
 
 export async function list(ctx) {
   const results = h("div");
@@ -190,10 +190,12 @@ export async function history(ctx, customerId, meterId) {
     }
     return { series: [{ name: "credited", values: credited, class: "credited" }], marks };
   };
+  const customerMeterId = rows.get(meterId)?.id;
   return [
     h("h1", { text: `${meter.name} for ${customer.name || customer.email || customer.external_id || customer.id}` }),
     section("Balance", h("p", { class: "hint" }, badge), facts),
     section("Grants", h("p", { class: "hint", text: "lower priority burns first, then the earliest expiry" }), grants),
     section("History", await usage(ctx, meter, { customerId, extra })),
+    meter.dimensions?.length ? section("By dimension", await byDimension(ctx, meter, { customerId, customerMeterId })) : null,
   ];
 }

@@ -159,6 +159,60 @@ export async function usage(ctx, meter, { customerId, extra } = {}) {
   return chart;
 }
 
+// One customer's usage of a meter by one of its dimensions (meterline's own): a stacked chart
+// of the quantities by day, a group per value, and its customer meter's consumed units by
+// value (`/breakdown`). Null values show as "none".
+export async function byDimension(ctx, meter, { customerId, customerMeterId }) {
+  const dimension = h("select", { name: "dimension", "aria-label": "Dimension" }, meter.dimensions.map((d) => h("option", { value: d, text: `by ${d}` })));
+  const area = h("div", { class: "chart-area" });
+  const split = h("div", { id: "breakdown" });
+  const named = (value) => value ?? "none";
+  const draw = lastWins(async (current) => {
+    const end = new Date();
+    const params = {
+      start_timestamp: new Date(end - RANGES.day).toISOString(),
+      end_timestamp: end.toISOString(),
+      interval: "day",
+      timezone: LOCAL_ZONE,
+      customer_id: customerId,
+      group_by: dimension.value,
+    };
+    try {
+      const [found, breakdown] = await Promise.all([
+        ctx.call(`/v1/meters/${meter.id}/quantities`, { params }),
+        customerMeterId ? ctx.call(`/v1/customer-meters/${customerMeterId}/breakdown`, { params: { group_by: dimension.value } }) : null,
+      ]);
+      if (!current()) return;
+      const series = found.groups.map((g, i) => ({
+        name: named(g.dimensions[dimension.value]),
+        values: g.quantities.map((q) => q.quantity),
+        class: `g${i % 8}`,
+      }));
+      const folded = found.other_groups ? ` (${fmt.number(found.other_groups)} values in __other__)` : "";
+      area.replaceChildren(
+        barChart({
+          labels: found.quantities.map((q) => label(q.timestamp, "day", LOCAL_ZONE)),
+          series,
+          stacked: true,
+          caption: `${meter.name} by ${dimension.value}, by day in ${LOCAL_ZONE}; total ${fmt.number(found.total)}${folded}`,
+        }),
+      );
+      const rows = breakdown ? breakdown.groups : [];
+      split.replaceChildren(
+        table([[dimension.value, (g) => named(g.dimensions[dimension.value])], ["Consumed", (g) => fmt.number(g.consumed_units), "num"]], rows, {
+          empty: "No usage in this window.",
+          key: (g) => named(g.dimensions[dimension.value]),
+        }),
+      );
+    } catch (error) {
+      if (!ctx.signal.aborted && current()) area.replaceChildren(message(error.message));
+    }
+  });
+  dimension.addEventListener("change", draw);
+  await draw();
+  return h("div", { id: "by-dimension" }, h("div", { class: "controls" }, dimension), area, h("h3", { text: "This window's consumed units" }), split);
+}
+
 function label(iso, interval, timeZone) {
   const options = interval === "hour" ? { hour: "2-digit", minute: "2-digit", day: "numeric" } : { day: "numeric", month: "short" };
   return new Date(iso).toLocaleString("en-GB", { timeZone, ...options });

@@ -184,3 +184,15 @@ def test_the_breakdown_follows_a_void_and_a_reset(core: InProcessCore) -> None:
     reset = core.request("POST", "/v1/meter-resets/", json=body)
     assert reset.status_code in (200, 201), reset.text
     assert _breakdown(core, "bob", "model")["groups"] == []
+
+
+def test_the_customer_portal_answers_the_same_split(core: InProcessCore) -> None:
+    cm = _customer_meter(core, "ada")
+    made = core.request("POST", "/v1/customer-sessions/", json={"customer_id": cm["customer_id"]})
+    headers = {"Authorization": f"Bearer {made.json()['token']}"}
+    path = f"/v1/customer-portal/meters/{cm['id']}"
+    plain = core.request("GET", path, headers=headers).json()
+    assert "groups" not in plain  # Polar's answer, unchanged
+    split = core.request("GET", path, headers=headers, params={"group_by": "model"}).json()
+    assert split["groups"] == _breakdown(core, "ada", "model")["groups"]
+    assert split["consumed_units"] == plain["consumed_units"]

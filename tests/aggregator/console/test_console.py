@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -416,3 +417,35 @@ def test_the_customer_portal_shows_that_customers_meters_only(page: Page, world:
     assert "#" not in page.url  # the token left the address bar
     page.wait_for_selector("svg rect.bar", state="attached")
     _shot(page, world, "portal")
+
+
+def test_a_customer_meter_by_dimension_is_a_stacked_chart(page: Page, world: World) -> None:
+    """A meter with a dimension (`_llm.model`): Amy's usage by model, a bar a day stacked by
+    model, and her customer meter's consumed units by model (its breakdown)."""
+    by_model = {
+        "name": "tokens by model",
+        "filter": {"conjunction": "and", "clauses": []},
+        "aggregation": {"func": "sum", "property": "tokens"},
+        "dimensions": ["_llm.model"],
+    }
+    meter = world.a.post("/v1/meters/", json=by_model).json()["id"]
+    # Amy's three gpt-4o-mini calls, and two of gpt-4o sent now (the last test: no other one
+    # counts them).
+    events = [_llm("amy", d, "gpt-4o", 60, "0.5") for d in (0.01, 1)]
+    world.a.post("/v1/events/ingest", json={"events": events}).raise_for_status()
+    route = f"#/customers/{world.ids['amy']}/meters/{meter}"
+    # The tests before left the other organization's token in the tab.
+    page.evaluate("t => sessionStorage.setItem('meterline.token', t)", world.server.token)
+    _visit(page, world, route)
+    deadline = time.monotonic() + 30  # the meter's backfill over the stored events
+    while page.query_selector("#by-dimension svg rect.bar.g1") is None:
+        assert time.monotonic() < deadline, page.inner_text("main")
+        time.sleep(0.5)
+        page.reload()
+        page.wait_for_selector(f"main[data-shown='{route}']")
+    legend = page.inner_text("#by-dimension .legend")
+    assert "gpt-4o" in legend and "gpt-4o-mini" in legend
+    rows = page.inner_text("#breakdown tbody")
+    assert "gpt-4o\t120" in rows and "gpt-4o-mini\t120" in rows, rows
+    page.locator("#by-dimension").scroll_into_view_if_needed()
+    _shot(page, world, "customer-meter-dimensions")
