@@ -1008,6 +1008,6 @@ def _by_id(shape: dict[str, Any]) -> str:
 
 
 Corrections.TestCase.settings = settings(
-    max_examples=examples(8), stateful_step_count=10, deadline=None
+    max_examples=examples(5), stateful_step_count=10, deadline=None
 )
 test_corrections_equal_the_model = pytest.mark.slow(Corrections.TestCase)

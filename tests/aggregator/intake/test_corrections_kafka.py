@@ -49,7 +49,7 @@ pytestmark = pytest.mark.processes
 
 PARTITIONS = 4
 # Each correction costs every core here (four, in this process) about 0.2 s to apply.
-STEPS = 25
+STEPS = 15
 SHARDS = 2
 DAY = datetime(2026, 2, 1, tzinfo=UTC)
 WINDOW = {

@@ -141,7 +141,7 @@ def _consumed(org: Org) -> dict[tuple[str, str], float]:
 
 @pytest.mark.slow
 @settings(
-    max_examples=examples(10),
+    max_examples=examples(6),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -359,6 +359,6 @@ def _shown(g: Grant) -> tuple[Any, ...]:
 
 
 LedgerMachine.TestCase.settings = settings(
-    max_examples=examples(20), stateful_step_count=25, deadline=None
+    max_examples=examples(12), stateful_step_count=25, deadline=None
 )
 test_ledger_equals_the_model = pytest.mark.slow(LedgerMachine.TestCase)

@@ -51,7 +51,7 @@ def _text(value: Any) -> str | None:
 
 
 @settings(
-    max_examples=examples(30),
+    max_examples=examples(15),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
