@@ -19,9 +19,8 @@ from aggregator.store import (
     Live,
     MeterRow,
     Store,
-    breakdowns,
+    dimensions,
     meters_by_ids,
-    quantities,
     subjects,
 )
 from aggregator.store import customer_tables as customer_sql
@@ -247,12 +246,12 @@ async def breakdown(
         pair = _pair(con, organization_id, customer_meter_id)
         view = _views(con, balances, organization_id, [pair])[0]
         meter = view.meter
-        quantities.declared(meter, group_by, (), required=True)
+        dimensions.declared(meter, group_by, (), required=True)
         references = subjects.of_customer(view.customer.row)
-        found = breakdowns.breakdown(con, meter, references, group_by)
+        found = dimensions.breakdown(con, meter, references, group_by)
         groups = [
             (
-                dict(zip(group_by, quantities.group_of(key, len(group_by)), strict=True)),
+                dict(zip(group_by, dimensions.group_of(key, len(group_by)), strict=True)),
                 p.result(meter.aggregation.func),
             )
             for key, p in sorted(found.items())

@@ -23,6 +23,7 @@ from aggregator.store import (
     subjects,
 )
 from aggregator.store import customer_tables as customer_sql
+from aggregator.store import dimensions as dimension_sql
 from aggregator.store import meter_tables as sql
 from aggregator.store import quantities as quantity_sql
 from meters.definitions import MeterCreate, MeterUpdate
@@ -178,7 +179,11 @@ def quantities(
         return Quantities(*gathered.reduced(meter, across))
     found, folded = gathered.groups(meter)
     groups = [
-        (dict(zip(group_by, quantity_sql.group_of(key, len(group_by)), strict=True)), series, total)
+        (
+            dict(zip(group_by, dimension_sql.group_of(key, len(group_by)), strict=True)),
+            series,
+            total,
+        )
         for key, series, total in found
     ]
     return Quantities(*gathered.reduced(meter, across), groups, folded)
@@ -207,7 +212,7 @@ async def partials(
 
     def run(con: Con) -> tuple[MeterRow, Gathered]:
         meter = evaluable(found(get_meter(con, organization_id, meter_id)))
-        quantity_sql.declared(meter, group_by, dimensions)
+        dimension_sql.declared(meter, group_by, dimensions)
         subjects = _subjects(con, organization_id, customer_ids, external_customer_ids)
         scope = Scope(meter, subjects, metadata, by_customer, group_by, dimensions)
         return meter, quantity_sql.gather(

@@ -33,10 +33,10 @@ from aggregator.store.machinery.writer import Job, Outcome
 from aggregator.store.store import Store
 from aggregator.store.tables import (
     alert_tables,
-    breakdowns,
     correction_reads,
     cost_queries,
     customer_tables,
+    dimensions,
     event_tables,
     event_type_tables,
     forward_rollups,
@@ -148,7 +148,6 @@ __all__ = [
     "alert_tables",
     "attempt_record",
     "backfill_step_job",
-    "breakdowns",
     "control_offset",
     "copy_segments",
     "correction_reads",
@@ -157,6 +156,7 @@ __all__ = [
     "customers_by_refs",
     "cycle_due_job",
     "decimal_text",
+    "dimensions",
     "disk_full",
     "event_tables",
     "event_type_tables",

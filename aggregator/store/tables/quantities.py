@@ -10,7 +10,6 @@ point before it (`integral_sql`).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,29 +21,18 @@ import duckdb
 
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow
-from aggregator.store.base.meter_sql import (
-    contribution_sql,
-    filter_sql,
-    json_path,
-    member_pointer,
-)
+from aggregator.store.base.meter_sql import contribution_sql, filter_sql, member_pointer
 from aggregator.store.machinery.rollups import BUCKET_US, kind
+from aggregator.store.tables.dimensions import MAX_GROUPS, OTHER, dimension_sql, group_sql
 from meters.aggregations import PER_US, IntegralAggregation, Partial
-from meters.errors import FieldError, ValidationFailed
-from meters.filters import parse_path
 from meters.periods import Interval, boundaries
 from meters.times import datetime_to_us, us_to_datetime
 
 __all__ = [
-    "MAX_GROUPS",
-    "OTHER",
     "Gathered",
     "Scope",
     "compute",
-    "declared",
     "gather",
-    "group_of",
-    "group_sql",
     "range_total",
 ]
 
@@ -54,11 +42,7 @@ _CUSTOMER = (
     f"coalesce((SELECT {subjects.id_sql('c')} FROM customers c WHERE c.organization_id = ?::UUID"  # noqa: S608 - fixed text, values bound
     f" AND subject = {subjects.external_sql('c')}), subject)"
 )
-Key = tuple[int, str]  # (range index, customer or "", or a group: `group_sql`)
-# Groups one answer splits a meter's quantities into at most (`Gathered.groups`); the rest are
-# folded into one, whose every dimension's value is `OTHER`.
-MAX_GROUPS = 1_000
-OTHER = "__other__"
+Key = tuple[int, str]  # (range index, customer or "", or a group: `dimensions.group_sql`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +53,8 @@ class Scope:
     subjects: tuple[str, ...] | None  # None: every customer
     metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
     by_customer: bool = False
-    # The meter's dimensions to split by: partials are then kept per group (`group_of`) where
-    # they are kept per customer otherwise (the two are not asked together).
+    # The meter's dimensions to split by: partials are then kept per group (`dimensions`)
+    # where they are kept per customer otherwise (the two are not asked together).
     group_by: tuple[str, ...] = ()
     # The events with one of these values of each of these dimensions only (`dimension[x]=v`).
     dimensions: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -96,62 +80,10 @@ def _ranges_cte(ranges: Sequence[tuple[int, int, int]]) -> tuple[str, list[Any]]
 
 def _who(scope: Scope) -> tuple[str, list[Any]]:
     """The customer a row counts for: one per customer if asked, else one for all (''); or
-    the group it counts in (`group_sql`)."""
+    the group it counts in (`dimensions.group_sql`)."""
     if scope.group_by:
         return "grp", []
     return (_CUSTOMER, [scope.meter.organization_id]) if scope.by_customer else ("''", [])
-
-
-def dimension_sql(name: str) -> SQL:
-    """An event's value of the dimension `name` (a property path, read as the meter's filter
-    reads it: `_llm.model` is a path), as text; null where it has none."""
-    return "json_extract_string(metadata, ?)", [json_path(parse_path(name, stored=True).keys)]
-
-
-def group_sql(group_by: Sequence[str]) -> SQL:
-    """An event's group: its values of the dimensions `group_by` (`dimension_sql`), as a JSON
-    array (`group_of` reads it back)."""
-    values = [dimension_sql(name) for name in group_by]
-    listed = ", ".join(sql for sql, _ in values)
-    return f"to_json([{listed}]::VARCHAR[])::VARCHAR", [p for _, ps in values for p in ps]
-
-
-def declared(
-    meter: MeterRow,
-    group_by: Sequence[str],
-    dimensions: Sequence[tuple[str, Sequence[str]]],
-    *,
-    required: bool = False,
-) -> None:
-    """A 422 naming each query parameter that asks for a dimension the meter does not declare
-    (`group_by`, `dimension[name]`), or `group_by` if `required` and none is asked."""
-    known = ", ".join(meter.dimensions) or "none"
-    asked = [("group_by", name) for name in group_by]
-    asked += [(f"dimension[{name}]", name) for name, _ in dimensions]
-    errors = [
-        FieldError(
-            "value_error",
-            ("query", parameter),
-            f"Value error, {name!r} is not a dimension of this meter (its dimensions: {known})",
-            name,
-        )
-        for parameter, name in asked
-        if name not in meter.dimensions
-    ]
-    if required and not group_by:
-        errors.append(
-            FieldError("missing", ("query", "group_by"), "Field required (a dimension)", None)
-        )
-    if errors:
-        raise ValidationFailed(errors)
-
-
-def group_of(key: str, dimensions: int) -> list[str | None]:
-    """A group's values (`group_sql`) of its `dimensions`; `OTHER`'s are all `OTHER`."""
-    if key == OTHER:
-        return [OTHER] * dimensions
-    values: list[str | None] = json.loads(key)
-    return values
 
 
 def _shape(scope: Scope, sums: str, value: str, point: str) -> tuple[list[Any], str, str]:

@@ -423,7 +423,7 @@ def test_no_request_gets_a_5xx_or_stores_anything_when_refused(tmp_path: Path) -
         body_strategies = {template: valid_bodies(template, known) for _, template in endpoints}
 
         @settings(
-            max_examples=examples(12),
+            max_examples=examples(8),
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )

@@ -106,6 +106,9 @@ def test_two_dimensions_and_a_value_restricting_every_figure(core: InProcessCore
     ]
     only = _quantities(core, **{"dimension[region]": ["us", "nowhere"]})
     assert (only["total"], "groups" in only) == (60.0, False)
+    # A metadata path in either spelling, as a filter takes it.
+    spelled = _quantities(core, **{"dimension[metadata.region]": "us"})
+    assert spelled["total"] == 60.0
 
 
 def test_a_dimension_inside_llm(core: InProcessCore) -> None:

@@ -437,15 +437,16 @@ def test_a_customer_meter_by_dimension_is_a_stacked_chart(page: Page, world: Wor
     # The tests before left the other organization's token in the tab.
     page.evaluate("t => sessionStorage.setItem('meterline.token', t)", world.server.token)
     _visit(page, world, route)
-    deadline = time.monotonic() + 30  # the meter's backfill over the stored events
-    while page.query_selector("#by-dimension svg rect.bar.g1") is None:
+    # The meter's backfill over the stored events, and the new ones consumed from Kafka.
+    deadline = time.monotonic() + 30
+    while "gpt-4o\t120" not in page.inner_text("#breakdown"):
         assert time.monotonic() < deadline, page.inner_text("main")
         time.sleep(0.5)
         page.reload()
         page.wait_for_selector(f"main[data-shown='{route}']")
+    assert "gpt-4o-mini\t120" in page.inner_text("#breakdown tbody")
+    page.wait_for_selector("#by-dimension svg rect.bar.g1", state="attached")
     legend = page.inner_text("#by-dimension .legend")
     assert "gpt-4o" in legend and "gpt-4o-mini" in legend
-    rows = page.inner_text("#breakdown tbody")
-    assert "gpt-4o\t120" in rows and "gpt-4o-mini\t120" in rows, rows
     page.locator("#by-dimension").scroll_into_view_if_needed()
     _shot(page, world, "customer-meter-dimensions")

@@ -52,7 +52,7 @@ PARTITIONS = 6
 SHARDS = 3
 # The random workload: its seed (another, to try one: METERLINE_SHARD_SEED) and its steps.
 SEED = int(os.environ.get("METERLINE_SHARD_SEED", "20261126"))
-STEPS = 40
+STEPS = 28
 
 
 def _events(client: httpx.Client, here: bool = False) -> int:

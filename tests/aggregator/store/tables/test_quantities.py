@@ -114,7 +114,7 @@ def _view(event: Event) -> EventView:
 
 
 @settings(
-    max_examples=examples(30),
+    max_examples=examples(20),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -240,7 +240,7 @@ CROWD_START = _us(WINDOW[0]) + 5 * 86_400 * 10**6
 
 
 @settings(
-    max_examples=examples(40),
+    max_examples=examples(25),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

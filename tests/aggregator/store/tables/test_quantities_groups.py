@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from aggregator.store import MeterRow, Store
 from aggregator.store.apply.ingest import IngestJob
+from aggregator.store.tables.dimensions import OTHER, group_of
 from aggregator.store.tables.meter_tables import create_job
-from aggregator.store.tables.quantities import OTHER, Gathered, Scope, gather, group_of
+from aggregator.store.tables.quantities import Gathered, Scope, gather
 from meters.aggregations import Partial, fold
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
