@@ -31,7 +31,7 @@ from typing import Self
 from aggregator.intake.journal import BACKFILL, Entry, Journal, Records
 from aggregator.intake.leadership import Role
 from aggregator.store import Outcome, Positions, Store, backfill_step_job, pending_backfills
-from ingest.tasks import Backoff, cancel_within
+from ingest.tasks import Backoff, KeyedTasks, next_chunk
 from meters.commands import Command
 from meters.times import now_us
 
@@ -62,7 +62,7 @@ class Backfiller:
         self._max_chunk = max_chunk_events
         self._retry = retry_seconds
         self._max_retry = max_retry_seconds
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks = KeyedTasks("backfiller")
         self._turn = asyncio.Lock()  # FIFO: backfilling meters take turns
         self._detach: Callable[[], None] = lambda: None
 
@@ -83,7 +83,7 @@ class Backfiller:
         tb: TracebackType | None,
     ) -> None:
         self._detach()
-        await cancel_within(*self._tasks.values(), what="backfiller")
+        await self._tasks.cancel()
 
     async def _step(self, meter_id: str, version: int, chunk: int) -> tuple[int, int] | None:
         step = backfill_step_job(meter_id, version, chunk)
@@ -112,9 +112,7 @@ class Backfiller:
     def start(self, meter_id: str, version: int) -> None:
         """Backfill `meter_id` at definition `version`; a running older one stops by itself."""
         key = f"{meter_id}:{version}"
-        if key not in self._tasks:
-            self._tasks[key] = asyncio.create_task(self._run(meter_id, version), name=key)
-            self._tasks[key].add_done_callback(lambda _: self._tasks.pop(key, None))
+        self._tasks.start(key, lambda: self._run(meter_id, version), key)
 
     async def _run(self, meter_id: str, version: int) -> None:
         chunk = self._chunk
@@ -139,5 +137,4 @@ class Backfiller:
             if done >= target:
                 log.info("backfill of meter %s done", meter_id)
                 return
-            scaled = int(chunk * target_seconds / max(elapsed, 1e-3))
-            chunk = max(1_000, min(self._max_chunk, scaled, chunk * 2))
+            chunk = next_chunk(chunk, elapsed, target_seconds, 1_000, self._max_chunk)

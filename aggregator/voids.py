@@ -34,7 +34,7 @@ import numpy as np
 from aggregator.intake.journal import VOIDS, Entry, Journal, Records
 from aggregator.intake.leadership import Role
 from aggregator.store import Job, Outcome, Positions, Store, VoidJob, void_jobs
-from ingest.tasks import Backoff, cancel_within
+from ingest.tasks import Backoff, KeyedTasks, next_chunk
 from meters.commands import Command
 from meters.times import now_us
 
@@ -73,7 +73,7 @@ class Voider:
         self._max_chunk = max_chunk_events
         self._retry = retry_seconds
         self._max_retry = max_retry_seconds
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks = KeyedTasks("voider")
         self._lifted: dict[str, frozenset[str]] = {}  # per job, its meters lifted here
         self._turn = asyncio.Lock()  # FIFO: jobs take turns
         self._detach: Callable[[], None] = lambda: None
@@ -95,7 +95,7 @@ class Voider:
         tb: TracebackType | None,
     ) -> None:
         self._detach()
-        await cancel_within(*self._tasks.values(), what="voider")
+        await self._tasks.cancel()
 
     def _on_applied(self, command: Command, outcome: Outcome) -> None:
         ok, value = outcome
@@ -104,14 +104,11 @@ class Voider:
 
     def start(self, job_id: str) -> None:
         """Step through the job `job_id` (once: a job already running is left to its task)."""
-        if job_id not in self._tasks:
-            self._tasks[job_id] = asyncio.create_task(self._run(job_id), name=f"void {job_id}")
-            self._tasks[job_id].add_done_callback(lambda _: self._tasks.pop(job_id, None))
+        self._tasks.start(job_id, lambda: self._run(job_id), f"void {job_id}")
 
     async def idle(self) -> None:
         """Returns once every job running now is done (tests, benchmarks)."""
-        while self._tasks:
-            await asyncio.wait(list(self._tasks.values()))
+        await self._tasks.idle()
 
     async def _step(self, job_id: str, up_to: int) -> void_jobs.Step | None:
         if self._journal is None:
@@ -203,5 +200,6 @@ class Voider:
                 time.perf_counter() - started,
                 step.seconds,
             )
-            scaled = int(chunk * target_seconds / max(step.seconds, 1e-3))
-            chunk = max(self._min_chunk, min(self._max_chunk, scaled, chunk * 2))
+            chunk = next_chunk(
+                chunk, step.seconds, target_seconds, self._min_chunk, self._max_chunk
+            )
