@@ -16,10 +16,10 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
-    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -51,17 +51,6 @@ def _dimension(prop: str) -> str:
     return canonical_property(prop)
 
 
-Dimension = Annotated[str, AfterValidator(_dimension)]
-Dimensions = Annotated[
-    list[Dimension],
-    Field(
-        max_length=MAX_DIMENSIONS,
-        description="meterline's own: metadata properties (as a filter clause names them) whose"
-        " values split the meter's usage; count, sum, avg, min and max meters only.",
-    ),
-]
-
-
 def dimensions_error(func: str, dimensions: list[str] | tuple[str, ...]) -> str | None:
     """Why a meter of aggregation `func` cannot have `dimensions`, if it cannot."""
     if not dimensions or func in DIMENSIONED:
@@ -80,9 +69,7 @@ def _at_most(value: Any) -> Any:
     return value
 
 
-def _checked_dimensions(dimensions: list[str] | None, info: ValidationInfo) -> list[str] | None:
-    if dimensions is None:
-        return None
+def _checked_dimensions(dimensions: list[str], info: ValidationInfo) -> list[str]:
     if len(set(dimensions)) < len(dimensions):
         raise ValueError("each dimension is named once ('metadata.x' and 'x' are the same)")
     # Validated after `aggregation` (declared before): absent there when it was refused.
@@ -92,6 +79,21 @@ def _checked_dimensions(dimensions: list[str] | None, info: ValidationInfo) -> l
         if error is not None:
             raise ValueError(error)
     return dimensions
+
+
+Dimension = Annotated[str, AfterValidator(_dimension)]
+# The list checked whole before its items (`_at_most`) and after them (`_checked_dimensions`),
+# on a meter created or patched alike.
+Dimensions = Annotated[
+    list[Dimension],
+    BeforeValidator(_at_most),
+    AfterValidator(_checked_dimensions),
+    Field(
+        max_length=MAX_DIMENSIONS,
+        description="meterline's own: metadata properties (as a filter clause names them) whose"
+        " values split the meter's usage; count, sum, avg, min and max meters only.",
+    ),
+]
 
 
 class MeterCreate(BaseModel):
@@ -108,16 +110,6 @@ class MeterCreate(BaseModel):
     organization_id: None = Field(
         default=None, description="Must be absent: the organization comes from the access token."
     )
-
-    @field_validator("dimensions", mode="before")
-    @classmethod
-    def _few_dimensions(cls, value: Any) -> Any:
-        return _at_most(value)
-
-    @field_validator("dimensions")
-    @classmethod
-    def _dimensions(cls, dimensions: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        return _checked_dimensions(dimensions, info)
 
     @model_validator(mode="after")
     def _custom_unit(self) -> MeterCreate:
@@ -149,16 +141,6 @@ class MeterUpdate(Patch):
     custom_multiplier: Multiplier | None = None
     metadata: Metadata | None = None
     is_archived: bool | None = None
-
-    @field_validator("dimensions", mode="before")
-    @classmethod
-    def _few_dimensions(cls, value: Any) -> Any:
-        return _at_most(value)
-
-    @field_validator("dimensions")
-    @classmethod
-    def _dimensions(cls, dimensions: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        return _checked_dimensions(dimensions, info)
 
 
 def unit_errors(
