@@ -27,14 +27,13 @@ from typing import Any
 
 import httpx
 
-from aggregator.auth import TokenRegistry
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables.ledger_tables import credit_job
 from benchmarks.common import metric
 from benchmarks.ledger import BATCH, _ms, _usage_batch, customers_and_meter, timed_check
-from benchmarks.server import Server
+from benchmarks.server import Server, served_organization
 from meters.ledger_rules import CreditCreate
 from meters.times import now_us
 
@@ -54,9 +53,7 @@ def balance_check_grants(quick: bool = False) -> dict[str, Any]:
     plan = QUICK if quick else FULL
     server = Server()
     try:
-        registry = TokenRegistry(server.data_dir)
-        org = registry.organization("default").id
-        registry.close()
+        org = served_organization(server.data_dir)
         meter_id = asyncio.run(_prepare(server.database, org, plan))
     except BaseException:
         shutil.rmtree(server.data_dir, ignore_errors=True)

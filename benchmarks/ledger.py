@@ -30,7 +30,6 @@ import httpx
 import pyarrow as pa
 
 from aggregator.api import ledger_shapes
-from aggregator.auth import TokenRegistry
 from aggregator.services.ledger_service import check
 from aggregator.store import MeterRow, Store
 from aggregator.store.apply.ingest import IngestJob
@@ -45,7 +44,7 @@ from benchmarks.meters import (
     create_meters,
     realistic_events,
 )
-from benchmarks.server import Server
+from benchmarks.server import Server, served_organization
 from meters.definitions import MeterCreate
 from meters.ledger_rules import CreditCreate
 from meters.times import now_us
@@ -71,9 +70,7 @@ def balance_check(quick: bool = False) -> dict[str, Any]:
     plan = QUICK if quick else FULL
     server = Server()  # owns the temp data dir; started after the in-process part
     try:
-        registry = TokenRegistry(server.data_dir)
-        org = registry.organization("default").id  # the organization `meterline up` serves
-        registry.close()
+        org = served_organization(server.data_dir)
         details = asyncio.run(_in_process(server.database, org, plan))
     except BaseException:
         shutil.rmtree(server.data_dir, ignore_errors=True)

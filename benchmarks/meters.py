@@ -54,7 +54,6 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from aggregator.auth import TokenRegistry
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow, meters_of
@@ -67,7 +66,7 @@ from aggregator.store.tables.meter_tables import backfill_step_job, create_job
 from aggregator.store.tables.quantities import Scope, compute, exact_range, reduce
 from benchmarks import ingest_http, loadgen
 from benchmarks.common import memory_kib, metric, percentile
-from benchmarks.server import Server
+from benchmarks.server import Server, served_organization
 from meters.definitions import MeterCreate
 from meters.events import EventRules, parse_ingest_body, to_table
 from meters.periods import Interval
@@ -577,9 +576,7 @@ def quantities_1m(quick: bool = False) -> dict[str, Any]:
 def _quantities(plan: dict[str, int]) -> dict[str, Any]:
     server = Server()  # owns the temp data dir; started only after the in-process part
     try:
-        registry = TokenRegistry(server.data_dir)
-        org = registry.organization("default").id  # the organization `meterline up` serves
-        registry.close()
+        org = served_organization(server.data_dir)
         details = asyncio.run(_quantities_in_process(server.database, org, plan))
     except BaseException:
         shutil.rmtree(server.data_dir, ignore_errors=True)

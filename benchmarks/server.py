@@ -10,6 +10,7 @@ from types import TracebackType
 import httpx
 
 from aggregator.api.shard_routing import ROUTED_HEADER
+from aggregator.auth import TokenRegistry
 from benchmarks.common import cpu_seconds, memory_kib
 from tests.processes import MeterlineServer
 
@@ -77,3 +78,12 @@ class Server(MeterlineServer):
         finally:
             if self._owns_data_dir:
                 shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def served_organization(data_dir: Path) -> str:
+    """The id of the organization `meterline up` serves from `data_dir`."""
+    registry = TokenRegistry(data_dir)
+    try:
+        return registry.organization("default").id
+    finally:
+        registry.close()

@@ -36,14 +36,13 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from aggregator.auth import TokenRegistry
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from benchmarks.common import memory_kib
 from benchmarks.ingest_http import LoadGenerator
 from benchmarks.loadgen import make_event
 from benchmarks.meters import create_meters
-from benchmarks.server import Server
+from benchmarks.server import Server, served_organization
 from meters.events import EventRules, parse_ingest_body, to_table
 from meters.times import now_us
 from tests import deadline
@@ -65,15 +64,21 @@ DATABASE = "meterline.duckdb"
 def build(data_dir: Path, events: int, customers: int, days: float) -> dict[str, Any]:
     """`data_dir` (new or empty) holding `events` events of `customers` customers: the build's
     figures (seconds, events/s, peak RSS of the building process, the organization's id)."""
+    return built_apart("benchmarks.stored", data_dir, events, customers, days)
+
+
+def built_apart(module: str, data_dir: Path, *args: object) -> dict[str, Any]:
+    """The figures `python -m module data_dir args...` prints last (a JSON line), building a
+    data dir in a process of its own: its memory and its DuckDB are not the benchmark's."""
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.stored", *map(str, (data_dir, events, customers, days))],
+        [sys.executable, "-m", module, *map(str, (data_dir, *args))],
         cwd=Path(__file__).resolve().parent.parent,
         stdout=subprocess.PIPE,  # its progress goes to stderr, as this process's
         text=True,
         check=False,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"building {events:,} events failed (exit {done.returncode})")
+        raise RuntimeError(f"building {data_dir} with {module} failed (exit {done.returncode})")
     figures: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
     return figures
 
@@ -212,11 +217,7 @@ def _stop(started: float) -> str | None:
 
 
 async def _apply(data_dir: Path, events: int, customers: int, days: float) -> dict[str, Any]:
-    registry = TokenRegistry(data_dir)  # the organization `meterline up` serves
-    try:
-        org = registry.organization("default").id
-    finally:
-        registry.close()
+    org = served_organization(data_dir)
     batches = _batches(events, customers, days)
     first = next(batches)  # the templates built
     before = memory_kib(os.getpid())["VmRSS"]

@@ -27,7 +27,6 @@ import asyncio
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,13 +38,12 @@ import httpx
 import numpy as np
 import pyarrow as pa
 
-from aggregator.auth import TokenRegistry
 from aggregator.store import IngestJob, Store
 from benchmarks import stored
 from benchmarks.backups import written_bytes
 from benchmarks.common import metric, percentile
 from benchmarks.meters import check_rollups, create_meters
-from benchmarks.server import Server
+from benchmarks.server import Server, served_organization
 from meters.times import now_us
 from tests import deadline, tenants
 from tests.processes import new_org_token
@@ -263,25 +261,11 @@ def _checked(data_dir: Path, big: int) -> dict[str, Any]:
 def build(data_dir: Path, big: int, others: int, days: float) -> dict[str, Any]:
     """`data_dir` holding `big` events of customer `big` among `others` of 1,000 others: the
     build's figures (in a process of its own, `stored.build`'s way)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.voids", *map(str, (data_dir, big, others, days))],
-        cwd=Path(__file__).resolve().parent.parent,
-        stdout=subprocess.PIPE,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"building the data dir failed (exit {done.returncode})")
-    figures: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
-    return figures
+    return stored.built_apart("benchmarks.voids", data_dir, big, others, days)
 
 
 async def _apply(data_dir: Path, big: int, others: int, days: float) -> dict[str, Any]:
-    registry = TokenRegistry(data_dir)  # the organization `meterline up` serves
-    try:
-        org = registry.organization("default").id
-    finally:
-        registry.close()
+    org = served_organization(data_dir)
     templates = stored._templates(CUSTOMERS, 2)
     schema = templates[0][0].schema
     columns = {n: schema.get_field_index(n) for n in ("external_id", "external_customer_id")}
