@@ -146,7 +146,7 @@ def routes(
         views = await ledger_service.customer_meters_of(
             store, session.organization_id, session.customer_id, None
         )
-        group_by = tuple(dict.fromkeys(params.strings(request, "group_by")))
+        group_by = params.group_by(request)
         for view in views:
             if view.balance.id == wanted:
                 if not group_by:

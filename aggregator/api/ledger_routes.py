@@ -143,7 +143,7 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     async def breakdown(request: Request) -> JSON:
         org = ctx.organization(request)
-        group_by = tuple(dict.fromkeys(params.strings(request, "group_by")))
+        group_by = params.group_by(request)
         found = await service.breakdown(store, org, params.path_id(request), group_by)
         return JSON(shapes.breakdown(found))
 

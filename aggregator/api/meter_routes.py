@@ -156,7 +156,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         org = ctx.organization(request)
         window = _quantity_window(request)
         across = _choice(request, "customer_aggregation_function", AGGREGATION_FUNCTIONS, False)
-        group_by = tuple(dict.fromkeys(params.strings(request, "group_by")))
+        group_by = params.group_by(request)
         if group_by and across is not None:
             raise ValidationFailed(
                 [

@@ -131,6 +131,11 @@ def strings(request: Request, name: str) -> tuple[str, ...]:
     return values
 
 
+def group_by(request: Request) -> tuple[str, ...]:
+    """`group_by`'s dimensions (`strings`), each once, in the order first asked."""
+    return tuple(dict.fromkeys(strings(request, "group_by")))
+
+
 def ids(request: Request, name: str) -> tuple[str, ...]:
     """Every value of a repeatable id parameter, canonical; a malformed one is a 422."""
     found = []
