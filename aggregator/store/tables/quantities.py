@@ -137,15 +137,16 @@ def from_events(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     exclusive."""
     cte, cte_params = _ranges_cte(ranges)
     value, value_params = contribution_sql(scope.meter.aggregation)
-    grp, grp_params = group_sql(scope.group_by) if scope.group_by else ("", [])
+    # The group an event counts in, a column of its own where the scope splits by one.
+    column, grp_params = group_sql(scope.group_by) if scope.group_by else ("", [])
+    grp = f", {column} AS grp" if scope.group_by else ""
     where, params = _events_where(scope, *_span(ranges))
     who_params, selected, group = _shape(
         scope, "count(*), sum(v), min(v), max(v)", "v", "{'at_us': epoch_us(timestamp), 'value': v}"
     )
     return (
         f"SELECT {selected} FROM"  # noqa: S608 - fixed text, values bound
-        f" (SELECT {subjects.OF_EVENT} AS subject, timestamp, {value} AS v"
-        f"{f', {grp} AS grp' if grp else ''}"
+        f" (SELECT {subjects.OF_EVENT} AS subject, timestamp, {value} AS v{grp}"
         f" FROM {scope.events} WHERE {where}) e"
         f" JOIN {cte} p ON e.timestamp >= p.lo AND e.timestamp < p.hi"
         f" WHERE v IS NOT NULL {group}",
