@@ -731,7 +731,11 @@ def _sql_job(sql: str, params: dict[str, Any] | None = None) -> Job[None]:
     return job
 
 
-async def _load(store: Store, org: str, plan: dict[str, int]) -> dict[str, Any]:
+async def _load(
+    store: Store, org: str, plan: dict[str, int], sql: str = LOAD_SQL
+) -> dict[str, Any]:
+    """`plan["events"]` events written by `sql` (`LOAD_SQL`'s parameters), in writer jobs of
+    `plan["chunk"]`, then their customer references (`SUBJECTS_SQL`) and a checkpoint."""
     count, chunk = plan["events"], plan["chunk"]
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     start_us = (today - timedelta(days=DAYS) - EPOCH) // timedelta(microseconds=1)
@@ -742,7 +746,7 @@ async def _load(store: Store, org: str, plan: dict[str, int]) -> dict[str, Any]:
         hi = min(count + 1, lo + chunk)
         params = {"lo": lo, "hi": hi, "start_us": start_us, "step_us": step_us, "org": org}
         chunk_started = time.perf_counter()
-        await store.write(_sql_job(LOAD_SQL, params))
+        await store.write(_sql_job(sql, params))
         chunks.append(round(time.perf_counter() - chunk_started, 2))
         loaded = hi - 1
         elapsed = time.perf_counter() - started

@@ -42,6 +42,7 @@ from benchmarks import (
     api_writes,
     backups,
     core,
+    dimensions,
     fan_out,
     forwarding,
     grants,
@@ -120,6 +121,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "fan_out": Benchmark(fan_out, 600, 90),
     "startup": Benchmark(startup, 150, 30),
     "void_1m": Benchmark(voids, 600, 60),
+    "dimensions_10m": Benchmark(dimensions.dimensions_10m, 900, 40),
+    "dimensions_ingest": Benchmark(dimensions.dimensions_ingest, 240, 15),
 }
 ROUNDS, QUICK_ROUNDS = 3, 1  # of an --against run
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")
