@@ -23,6 +23,9 @@ JOB_BOUND_SECONDS = 0.25
 # Stored external ids held in memory, 16 bytes each (1 GiB), before sorted runs of them spill to
 # files (`store.machinery.dedupe`).
 DEDUPE_MEMORY_KEYS = 64 * 2**20
+# Values of one dimension a meter's groups keep per customer and 15-minute bucket; past them,
+# values count under `__other__` (`store.machinery.rollups`, decision 19).
+DIMENSION_VALUES = 1_000
 # Of the newest records of the dead-letter topic, how many a read looks through at most
 # (`intake.dead_letters`).
 DEAD_LETTER_SCAN = 5_000
@@ -141,6 +144,8 @@ class CoreSettings:
     flush_seconds: float = 5.0
     # Stored external ids held in memory (16 bytes each) before they spill to files.
     dedupe_memory_keys: int = DEDUPE_MEMORY_KEYS
+    # What is stored depends on it: every core of a cluster runs with the same.
+    dimension_values: int = DIMENSION_VALUES
     # How long a customer session token lasts (Polar's: an hour).
     customer_session_seconds: float = 3600.0
     # Bearer token that `/metrics` requires (None: served to anyone who can reach the port).

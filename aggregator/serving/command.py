@@ -122,6 +122,7 @@ def settings_of(
         read_timeout_seconds=getattr(args, "query_timeout_seconds", defaults.read_timeout_seconds),
         dedupe_memory_keys=getattr(args, "dedupe_memory_keys", defaults.dedupe_memory_keys),
         flush_seconds=getattr(args, "flush_seconds", defaults.flush_seconds),
+        dimension_values=getattr(args, "dimension_values", defaults.dimension_values),
         customer_session_seconds=getattr(
             args, "customer_session_seconds", defaults.customer_session_seconds
         ),

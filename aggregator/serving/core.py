@@ -124,6 +124,7 @@ async def serve(
                     job_bound_seconds=settings.job_bound_seconds,
                     dedupe_memory_keys=settings.dedupe_memory_keys,
                     flush_seconds=settings.flush_seconds,
+                    dimension_values=settings.dimension_values,
                     alert_payload=alert_payload,
                     commands=control,
                     holds_customer=holds_customer,

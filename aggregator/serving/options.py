@@ -141,6 +141,13 @@ def _options(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             " (a crash loses none: they are applied again from the log)",
         )
         store.add_argument(
+            "--dimension-values",
+            type=_at_least_one,
+            default=CoreSettings().dimension_values,
+            help="values of one dimension a meter keeps per customer and 15-minute bucket;"
+            " the rest count under __other__ (every core of a cluster runs with the same)",
+        )
+        store.add_argument(
             "--dedupe-memory-keys",
             type=int,
             default=CoreSettings().dedupe_memory_keys,
@@ -357,3 +364,11 @@ def _quotas(group: argparse._ArgumentGroup) -> None:
             default=getattr(defaults, counted.field),
             help=f"{counted.what} one organization may hold",
         )
+
+
+def _at_least_one(text: str) -> int:
+    """An option's whole number of at least 1 (argparse says which option otherwise)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value

@@ -59,6 +59,7 @@ from aggregator.store.machinery.writer import (
     Outcome,
     Writer,
 )
+from aggregator.store.tables import dimensions
 from aggregator.store.tables.alert_tables import Alerts, Payload, basic_payload
 from aggregator.store.tables.hold_tables import HoldKeys
 from aggregator.store.tables.ledger_tables import Ledgers, kept_elsewhere
@@ -111,8 +112,13 @@ class Store:
         alert_payload: Payload = basic_payload,
         commands: CommandLog | None = None,
         holds_customer: Callable[[str, str], bool] | None = None,
+        dimension_values: int = rollups.DIMENSION_VALUES,
     ):
         self.path = str(path)
+        # Values of one dimension a meter's groups keep per customer reference and bucket; the
+        # rest count under `__other__` (decision 19). What is stored: every core of a cluster
+        # runs with the same.
+        self.dimension_values = dimension_values
         self.disk = DiskHealth(Path(self.path).parent)
         # How a `meter.alert` webhook event's data is made (the composition gives the API's
         # shapes), needed from the start: replaying the ingest log can fire alerts.
@@ -204,6 +210,7 @@ class Store:
             self._con = None
             raise
         self._refuse_other_ledgers()
+        dimensions.derive_pending(self._con, self.dimension_values)
         log = self._log = IngestLog(None if wal is None else log_directory(Path(self.path)))
         # What the ingest log holds after the last stored request was acknowledged but not
         # stored: applied again below, before any other job. A log that cannot give it all
@@ -230,6 +237,7 @@ class Store:
             checkpoint_bytes=self._checkpoint_bytes,
             idle=self._compact_memory,
             disk=self.disk,
+            dimension_values=self.dimension_values,
         )
         holds = HoldKeys()
         live = self._live = Live(
@@ -249,6 +257,7 @@ class Store:
             ),
             max_pending_events=self._max_pending,
             spill=spill,
+            dimension_values=self.dimension_values,
         )
         live.load(self._con)
         holds.load(self._con, now_us())

@@ -26,7 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.base.arrays import Column, numpy
-from aggregator.store.base.meter_sql import SQL, Extracted, clause_sql, contribution_sql
+from aggregator.store.base.meter_sql import (
+    SQL,
+    Extracted,
+    clause_sql,
+    contribution_sql,
+    dimension_sql,
+)
 from meters.aggregations import (
     CountAggregation,
     PropertyAggregation,
@@ -54,7 +60,8 @@ class MeterPlan:
     """How a list of meters is evaluated. The statement's columns are `columns`: the clauses
     (booleans, `clauses` of them), then the contributions (`texts[j]`: text, else a number).
     Nodes are numbered: the clauses, then one always true, then the groups, `levels` in order.
-    Meter i is node `filters[i]` over contribution `contributions[i]`."""
+    Meter i is node `filters[i]` over contribution `contributions[i]`. `dimensions`: each
+    dimension's value as text (`dimension_sql`, over the same parse), of the dimensions asked."""
 
     extracted: Extracted
     columns: tuple[SQL, ...]
@@ -63,10 +70,11 @@ class MeterPlan:
     levels: tuple[_Level, ...]
     filters: npt.NDArray[np.intp]
     contributions: npt.NDArray[np.intp]
+    dimensions: tuple[SQL, ...] = ()
 
     @classmethod
-    def of(cls, meters: Sequence[Definition]) -> MeterPlan:
-        return _Compiler().plan(meters)
+    def of(cls, meters: Sequence[Definition], dimensions: Sequence[str] = ()) -> MeterPlan:
+        return _Compiler().plan(meters, dimensions)
 
     def evaluated(self, columns: Sequence[Column]) -> Contributions:
         """Every meter's contributions of the rows of the statement's `columns`."""
@@ -198,9 +206,10 @@ class _Compiler:
         # A group's key: its conjunction and its children's keys; its depth in the tree.
         self.groups: dict[_Key, int] = {}
 
-    def plan(self, meters: Sequence[Definition]) -> MeterPlan:
+    def plan(self, meters: Sequence[Definition], dimensions: Sequence[str]) -> MeterPlan:
         filter_keys = [self._filter(f) for f, _ in meters]
         contributions = [self._contribution(a) for _, a in meters]
+        dimension_columns = tuple(dimension_sql(name, self.extracted) for name in dimensions)
         # Groups numbered after the clauses and the node always true, a level per depth and
         # conjunction, so that a level reads only nodes already computed.
         order = sorted(self.groups, key=lambda key: (self.groups[key], key[0]))
@@ -228,6 +237,7 @@ class _Compiler:
             tuple(levels),
             np.array([number[k] for k in filter_keys], np.intp),
             np.array(contributions, np.intp),
+            dimension_columns,
         )
 
     def _filter(self, meter_filter: Filter) -> _Key:

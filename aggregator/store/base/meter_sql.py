@@ -17,7 +17,7 @@ from meters.aggregations import (
     PropertyAggregation,
     UniqueAggregation,
 )
-from meters.filters import COST_AMOUNT, Filter, FilterClause, Path, clause_text
+from meters.filters import COST_AMOUNT, Filter, FilterClause, Path, clause_text, parse_path
 
 _SQL_OPS = {"eq": "=", "ne": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 # Casts are TRY_CASTs: DuckDB may evaluate them on rows the kind check rules out.
@@ -154,6 +154,13 @@ def clause_sql(clause: FilterClause, source: Source = INLINE) -> SQL:
     if value_kind == "num":
         return _when(typed, "num", (f"{typed.number[0]} {op} ?", typed.number[1]), value)
     return _when(typed, "bool", (f"{typed.boolean[0]} {op} ?", typed.boolean[1]), value)
+
+
+def dimension_sql(name: str, source: Source = INLINE) -> SQL:
+    """An event's value of the dimension `name` (a property path, read as a filter reads it:
+    `_llm.model` is a path), as text; null where it has none (decision 19)."""
+    value, params = source.value(parse_path(name, stored=True))
+    return source.facet((f"json_extract_string({value}, '$')", params))
 
 
 def filter_sql(meter_filter: Filter, source: Source = INLINE) -> SQL:

@@ -37,6 +37,7 @@ from aggregator.store.machinery.compaction import compact
 from aggregator.store.machinery.disk import DiskHealth
 from aggregator.store.machinery.ingest_log import IngestLog
 from aggregator.store.machinery.memtable import ROW_GROUP, Memtable
+from aggregator.store.machinery.rollups import DIMENSION_VALUES
 from aggregator.store.machinery.segments import Change, Segments
 from meters.times import NEVER
 
@@ -61,8 +62,10 @@ class Flusher:
         retry_seconds: float = 1.0,
         idle: Callable[[], object] = lambda: None,
         disk: DiskHealth | None = None,
+        dimension_values: int = DIMENSION_VALUES,
     ) -> None:
         self._con = con
+        self._dimension_values = dimension_values
         self._disk = disk
         self._table = table
         self._log = log
@@ -130,7 +133,9 @@ class Flusher:
         listed = False
         try:
             with transaction(con):
-                logged, change = memtable.store(con, entries, self._segments)
+                logged, change = memtable.store(
+                    con, entries, self._segments, self._dimension_values
+                )
             listed = True
         finally:
             if not listed:

@@ -49,7 +49,7 @@ from aggregator.store.machinery.memtable import (
     store,
     store_offsets,
 )
-from aggregator.store.machinery.rollups import Evaluated
+from aggregator.store.machinery.rollups import DIMENSION_VALUES, Evaluated
 from aggregator.store.machinery.segments import RELATIONS, Change, Segments
 
 Effect = Callable[[], object]
@@ -152,8 +152,12 @@ class Live:
         features: Sequence[Feature] = (),
         max_pending_events: int,
         spill: Spill | None = None,
+        dimension_values: int = DIMENSION_VALUES,
     ) -> None:
         self.seq = seq
+        # The bound on a dimension's values per meter, customer reference and bucket that jobs
+        # writing rollups apply (`rollups.partials`).
+        self.dimension_values = dimension_values
         self.flusher = flusher
         self.memtable = memtable
         self.log = log

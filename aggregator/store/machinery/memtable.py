@@ -181,7 +181,10 @@ def _with_origin(events: pa.Table) -> pa.Table:
 
 
 def store(
-    con: duckdb.DuckDBPyConnection, entries: list[Applied], segments: Segments
+    con: duckdb.DuckDBPyConnection,
+    entries: list[Applied],
+    segments: Segments,
+    dimension_values: int = rollups.DIMENSION_VALUES,
 ) -> tuple[int | None, Change]:
     """Store `entries` (inside the caller's transaction): their events and rollups as new
     segments (written, and listed in the transaction), the rest in tables. Return the last
@@ -198,7 +201,8 @@ def store(
                 con.execute(dedupe.INSERT_MOVED.format(events="_stored_events"))
                 _record_links(con)
         evaluated = [ev for e in entries for ev in e.evaluated]
-        files += [(r, t) for r, t in rollups.partials(con, evaluated).items() if t.num_rows]
+        found = rollups.partials(con, evaluated, dimension_values)
+        files += [(r, t) for r, t in found.items() if t.num_rows]
         change.added += segments.write_all(files)
         rollups.store_ledger(con, evaluated)
         segments.commit(con, change)

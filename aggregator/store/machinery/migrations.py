@@ -712,6 +712,29 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE meters ADD COLUMN dimensions VARCHAR[] NOT NULL DEFAULT [];
     """,
+    # 33: rollups per group of a meter's dimensions' values (`machinery.rollups`, decision 19):
+    # per (meter, customer reference, bucket) and the values of the meter's dimensions in its
+    # order (d0..d2, null where the event has none or the meter fewer). Kept as segments, as
+    # the rollups are. The meters given dimensions before are listed in `rollup_groups_pending`:
+    # the store derives their rows from the stored events when it opens
+    # (`dimensions.derive_pending`), which a SQL step cannot (it evaluates the meters).
+    """
+    CREATE TABLE rollup_groups (
+        meter_id UUID NOT NULL,
+        subject VARCHAR NOT NULL,
+        bucket TIMESTAMPTZ NOT NULL,
+        d0 VARCHAR,
+        d1 VARCHAR,
+        d2 VARCHAR,
+        events BIGINT NOT NULL,
+        total DOUBLE NOT NULL,
+        low DOUBLE NOT NULL,
+        high DOUBLE NOT NULL
+    );
+    CREATE VIEW all_rollup_groups AS SELECT * FROM rollup_groups;
+    CREATE TABLE rollup_groups_pending AS
+        SELECT id AS meter_id FROM meters WHERE len(dimensions) > 0;
+    """,
 )
 
 

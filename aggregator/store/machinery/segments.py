@@ -142,11 +142,21 @@ RELATIONS: dict[str, Relation] = {
             "SELECT meter_id, subject, bucket, at_us, max(value) AS value FROM _inputs"
             " GROUP BY ALL ORDER BY meter_id, subject, bucket, at_us",
         ),
+        # A dimensioned meter's rollups per group of its dimensions' values (migration 33).
+        Relation(
+            "rollup_groups",
+            "all_rollup_groups",
+            "rollup_groups",
+            "meter_id, subject, bucket, d0, d1, d2",
+            f"SELECT meter_id, subject, bucket, d0, d1, d2, {_NUMBERS} FROM _inputs"  # noqa: S608 - fixed text
+            " GROUP BY ALL ORDER BY meter_id, subject, bucket, d0, d1, d2",
+            ("meter_id", "subject", "bucket", "d0", "d1", "d2"),
+        ),
     )
 }
 
 # The relations of meters' partial aggregates (`rollups.partials`).
-ROLLUP_RELATIONS = ("rollups", "rollup_values", "rollup_points")
+ROLLUP_RELATIONS = ("rollups", "rollup_values", "rollup_points", "rollup_groups")
 
 
 @dataclass(frozen=True, slots=True)

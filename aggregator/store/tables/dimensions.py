@@ -4,8 +4,12 @@ split by (`quantities.Scope.group_by`); the parameters naming dimensions checked
 meter's (`declared`); and a customer meter's consumed units split by them (`breakdown`): the
 ledger's window (the current user events of the customer's references that the meter counts,
 applied after the customer meter's last reset) grouped, each group a partial that the meter's
-aggregation reduces. Read from the events: the rollups do not key their rows by dimension
-values yet.
+aggregation reduces.
+
+The rollups keep a dimensioned meter's groups (`all_rollup_groups`: d0..d2, its dimensions'
+values in its order), at most some values of each dimension per customer reference and
+bucket, the rest under `OTHER` (`machinery.rollups`). What is read from the events counts
+each value as its bucket's groups do (`value_sql`): the same group, wherever it is read from.
 """
 
 from __future__ import annotations
@@ -16,42 +20,73 @@ from collections.abc import Sequence
 import duckdb
 
 from aggregator.store.base import subjects
-from aggregator.store.base.meter_rows import MeterRow
-from aggregator.store.base.meter_sql import SQL, contribution_sql, filter_sql, json_path
-from aggregator.store.machinery.rollups import RESETS
-from aggregator.store.tables.corrections import counted_sql
+from aggregator.store.base.meter_rows import MeterRow, meters_of
+from aggregator.store.base.meter_sql import SQL, contribution_sql, dimension_sql, filter_sql
+from aggregator.store.base.rows import registered, transaction
+from aggregator.store.machinery import rollups
+from aggregator.store.machinery.rollups import BUCKET, OTHER, RESETS
+from aggregator.store.tables.corrections import counted_sql, evaluated_events
 from meters.aggregations import Partial
 from meters.errors import FieldError, ValidationFailed
-from meters.filters import canonical_property, parse_path
+from meters.filters import canonical_property
 
 __all__ = [
     "MAX_GROUPS",
     "OTHER",
     "breakdown",
+    "column",
     "declared",
-    "dimension_sql",
+    "derive_pending",
     "group_of",
     "group_sql",
+    "stored_group_sql",
+    "value_sql",
 ]
 
 # Groups one answer splits a meter's quantities into at most (`quantities.Gathered.groups`);
 # the rest are folded into one, whose every dimension's value is `OTHER`.
 MAX_GROUPS = 1_000
-OTHER = "__other__"
 
 
-def dimension_sql(name: str) -> SQL:
-    """An event's value of the dimension `name` (a property path, read as the meter's filter
-    reads it: `_llm.model` is a path), as text; null where it has none."""
-    return "json_extract_string(metadata, ?)", [json_path(parse_path(name, stored=True).keys)]
+def column(meter: MeterRow, name: str) -> str:
+    """The column of `all_rollup_groups` holding the meter's dimension `name` (declared)."""
+    return f"d{meter.dimensions.index(canonical_property(name))}"
 
 
-def group_sql(group_by: Sequence[str]) -> SQL:
-    """An event's group: its values of the dimensions `group_by` (`dimension_sql`), as a JSON
-    array (`group_of` reads it back)."""
-    values = [dimension_sql(name) for name in group_by]
-    listed = ", ".join(sql for sql, _ in values)
-    return f"to_json([{listed}]::VARCHAR[])::VARCHAR", [p for _, ps in values for p in ps]
+def value_sql(meter: MeterRow, name: str) -> SQL:
+    """A stored event's value of the meter's dimension `name` as the meter's groups count it:
+    `OTHER` where its customer reference's bucket keeps other values under that name (the
+    rollups' bound), else its own."""
+    value, params = dimension_sql(name)
+    d = column(meter, name)
+    key = f"({subjects.OF_EVENT}, {BUCKET})"
+    # The keys with values folded: few, found by the meter's rows of `OTHER`.
+    folded = f"SELECT subject, bucket FROM all_rollup_groups WHERE meter_id = ?::UUID AND {d} = ?"  # noqa: S608 - fixed text, values bound
+    kept = (
+        f"SELECT subject, bucket, {d} FROM all_rollup_groups WHERE meter_id = ?::UUID"  # noqa: S608 - fixed text, values bound
+        f" AND {d} IS NOT NULL AND (subject, bucket) IN ({folded})"
+    )
+    return (
+        f"(CASE WHEN {value} IS NOT NULL AND {key} IN ({folded})"
+        f" AND ({subjects.OF_EVENT}, {BUCKET}, {value}) NOT IN ({kept}) THEN ? ELSE {value} END)",
+        [*params, meter.id, OTHER, *params, meter.id, meter.id, OTHER, OTHER, *params],
+    )
+
+
+def group_sql(meter: MeterRow, group_by: Sequence[str]) -> SQL:
+    """A stored event's group: its values of the meter's dimensions `group_by` (`value_sql`),
+    as a JSON array (`group_of` reads it back)."""
+    values = [value_sql(meter, name) for name in group_by]
+    return _listed([sql for sql, _ in values]), [p for _, ps in values for p in ps]
+
+
+def stored_group_sql(meter: MeterRow, group_by: Sequence[str]) -> str:
+    """`group_sql` of a row of `all_rollup_groups`."""
+    return _listed([column(meter, name) for name in group_by])
+
+
+def _listed(values: Sequence[str]) -> str:
+    return f"to_json([{', '.join(values)}]::VARCHAR[])::VARCHAR"
 
 
 def declared(
@@ -103,7 +138,7 @@ def breakdown(
     window of the customer references `references` (a customer's: `subjects.of_customer`)."""
     value, value_params = contribution_sql(meter.aggregation)
     in_filter, filter_params = filter_sql(meter.filter)
-    group, group_params = group_sql(group_by)
+    group, group_params = group_sql(meter, group_by)
     counted, counted_params = counted_sql(meter)
     rows = con.execute(
         "SELECT grp, count(*), sum(v), min(v), max(v) FROM"  # noqa: S608 - fixed text, values bound
@@ -126,3 +161,43 @@ def breakdown(
     for key, events, total, low, high in rows:
         found[str(key)] = Partial(int(events), float(total), float(low), float(high))
     return found
+
+
+# Events evaluated at a time when a meter's groups are derived from the stored events.
+_DERIVE_SEQS = 500_000
+
+
+def derive_pending(con: duckdb.DuckDBPyConnection, dimension_values: int) -> int:
+    """Migration 33's second half, when the store opens: the groups of each meter given
+    dimensions before the rollups kept them (`rollup_groups_pending`), derived from its stored
+    events as a backfill would (by seq, each part's groups bounded by the rows before it), into
+    the base table, in one transaction. How many meters."""
+    pending = [
+        str(r[0]) for r in con.execute("SELECT meter_id FROM rollup_groups_pending").fetchall()
+    ]
+    if not pending:
+        return 0
+    with transaction(con):
+        rows = con.execute(
+            "SELECT DISTINCT organization_id::VARCHAR FROM meters"
+            " WHERE id IN (SELECT meter_id FROM rollup_groups_pending)"
+        ).fetchall()
+        last = int(con.execute("SELECT coalesce(max(seq), 0) FROM all_events").fetchall()[0][0])
+        for (org,) in rows:
+            meters = [m for m in meters_of(con, [org]) if m.id in pending and m.dimensions]
+            for low in range(0, last, _DERIVE_SEQS):
+                found = evaluated_events(
+                    con,
+                    meters,
+                    org,
+                    "seq > ? AND seq <= ?",
+                    [low, low + _DERIVE_SEQS],
+                    0,
+                    ledger=False,
+                )
+                groups = rollups.partials(con, found, dimension_values)["rollup_groups"]
+                if groups.num_rows:
+                    with registered(con, "_groups", groups):
+                        con.execute("INSERT INTO rollup_groups SELECT * FROM _groups")
+        con.execute("DELETE FROM rollup_groups_pending")
+    return len(pending)

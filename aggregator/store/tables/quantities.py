@@ -23,7 +23,8 @@ from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.base.meter_sql import contribution_sql, filter_sql, member_pointer
 from aggregator.store.machinery.rollups import BUCKET_US, kind
-from aggregator.store.tables.dimensions import MAX_GROUPS, OTHER, dimension_sql, group_sql
+from aggregator.store.tables import dimensions
+from aggregator.store.tables.dimensions import MAX_GROUPS, OTHER
 from meters.aggregations import PER_US, IntegralAggregation, Partial
 from meters.periods import Interval, boundaries
 from meters.times import datetime_to_us, us_to_datetime
@@ -64,10 +65,14 @@ class Scope:
 
     @property
     def from_events_only(self) -> bool:
-        """Whether every part is read from the events: rollups hold neither metadata (nor
-        dimension values, yet) nor another relation's events."""
-        asked = self.metadata or self.group_by or self.dimensions
-        return bool(asked) or self.events != "events"
+        """Whether every part is read from the events: rollups hold neither metadata (but
+        the dimensions': `grouped`) nor another relation's events."""
+        return bool(self.metadata) or self.events != "events"
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the scope reads the meter's groups (`all_rollup_groups`)."""
+        return bool(self.group_by or self.dimensions)
 
 
 def _ranges_cte(ranges: Sequence[tuple[int, int, int]]) -> tuple[str, list[Any]]:
@@ -78,19 +83,21 @@ def _ranges_cte(ranges: Sequence[tuple[int, int, int]]) -> tuple[str, list[Any]]
     )
 
 
-def _who(scope: Scope) -> tuple[str, list[Any]]:
+def _who(scope: Scope, group: str = "grp") -> tuple[str, list[Any]]:
     """The customer a row counts for: one per customer if asked, else one for all (''); or
-    the group it counts in (`dimensions.group_sql`)."""
+    the group it counts in (`group`: `dimensions.group_sql`)."""
     if scope.group_by:
-        return "grp", []
+        return group, []
     return (_CUSTOMER, [scope.meter.organization_id]) if scope.by_customer else ("''", [])
 
 
-def _shape(scope: Scope, sums: str, value: str, point: str) -> tuple[list[Any], str, str]:
+def _shape(
+    scope: Scope, sums: str, value: str, point: str, group: str = "grp"
+) -> tuple[list[Any], str, str]:
     """What both readers select: (customer expression's params, the select list, the GROUP
     BY). Unique meters select distinct values, latest meters their greatest point, the others
     aggregates."""
-    who, who_params = _who(scope)
+    who, who_params = _who(scope, group)
     found = kind(scope.meter)
     if found == "unique":
         return who_params, f"DISTINCT p.idx, {who}, {value}", ""
@@ -116,15 +123,21 @@ def from_rollups(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     if scope.subjects is not None:
         where += " AND r.subject IN (SELECT unnest(?::VARCHAR[]))"
         params.append(list(scope.subjects))
+    for name, values in scope.dimensions:
+        where += f" AND r.{dimensions.column(meter, name)} IN (SELECT unnest(?::VARCHAR[]))"
+        params.append(list(values))
     who_params, selected, group = _shape(
         scope,
         "sum(events), sum(total), min(low), max(high)",
         "value",
         "{'at_us': at_us, 'value': value}",
+        dimensions.stored_group_sql(meter, scope.group_by),
     )
     table = {"unique": "all_rollup_values", "latest": "all_rollup_points"}.get(
-        kind(meter), "all_rollups"
+        kind(meter), "all_rollup_groups" if scope.grouped else "all_rollups"
     )
+    if scope.grouped:  # a group whose events were all voided since: none
+        group += " HAVING sum(events) <> 0"
     return (
         f"SELECT {selected} FROM {table} r JOIN {cte} p ON r.bucket >= p.lo AND r.bucket < p.hi"  # noqa: S608 - fixed text, values bound
         f" WHERE {where} {group}",
@@ -138,7 +151,9 @@ def from_events(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     cte, cte_params = _ranges_cte(ranges)
     value, value_params = contribution_sql(scope.meter.aggregation)
     # The group an event counts in, a column of its own where the scope splits by one.
-    column, grp_params = group_sql(scope.group_by) if scope.group_by else ("", [])
+    column, grp_params = (
+        dimensions.group_sql(scope.meter, scope.group_by) if scope.group_by else ("", [])
+    )
     grp = f", {column} AS grp" if scope.group_by else ""
     where, params = _events_where(scope, *_span(ranges))
     who_params, selected, group = _shape(
@@ -173,7 +188,7 @@ def _events_where(scope: Scope, lo: int | None, hi: int) -> SQL:
         where += " AND json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))"
         params.extend([member_pointer(key), list(values)])
     for name, values in scope.dimensions:
-        value, value_params = dimension_sql(name)
+        value, value_params = dimensions.value_sql(scope.meter, name)
         where += f" AND {value} IN (SELECT unnest(?::VARCHAR[]))"
         params.extend([*value_params, list(values)])
     return where, params

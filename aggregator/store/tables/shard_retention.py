@@ -74,7 +74,7 @@ _KEPT = (
     *("customers", "deleted_customers", "meters", "meter_failures", "event_types"),
     *("credit_plans", "idempotency_keys", "command_outcomes", "control_offsets"),
     *("forward_cursors", "webhook_endpoints", "meter_alerts", "shard_splits"),
-    *("schema_migrations", "ingest_stored", "otlp_settings"),
+    *("schema_migrations", "ingest_stored", "otlp_settings", "rollup_groups_pending"),
 )
 # Per-customer tables kept as segments (their base tables, and their files: `segments`).
 _SEGMENTED = frozenset(RELATIONS) & frozenset(_BY_SUBJECT)

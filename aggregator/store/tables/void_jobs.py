@@ -190,12 +190,14 @@ _CUSTOMER = (
 )
 # The ledger's tables of number meters' usage.
 _NUMBERS = ("ledger_usage", "ledger_usage_deltas")
-# Where each kind of meter (`rollups.kind`) keeps its rollups.
-_RELATION_OF = {
-    "number": "rollups",
-    "unique": "rollup_values",
-    "latest": "rollup_points",
-    "integral": "rollup_points",
+# The relations a voided event's contributions are taken from (count, sum, average meters).
+_TAKEN = ("rollups", "rollup_groups")
+# Where each kind of meter (`rollups.kind`) keeps its rollups (a number meter's groups too).
+_RELATIONS_OF = {
+    "number": ("rollups", "rollup_groups"),
+    "unique": ("rollup_values",),
+    "latest": ("rollup_points",),
+    "integral": ("rollup_points",),
 }
 
 
@@ -438,7 +440,7 @@ def step_job(
                 tx.live.segments.abandon(Change([plan.file]))  # never listed
             if again_if_stale:
                 return Step(0, found.done_to, found.through_seq, False, stale=True)
-            plan = _plan(con, found, high, lifted, at_us)
+            plan = _plan(con, found, high, lifted, at_us, tx.live.dimension_values)
         voided = _apply(tx, found, plan)
         done = high >= found.through_seq
         con.execute(
@@ -471,12 +473,12 @@ def _high(found: _Row, up_to_seq: int) -> int:
 class Plan:
     """What a step reads before it writes (`plan`), made off the writer: the events its
     window voids (`chunk`: seq, subject, bucket) and their contributions (`gone`), the rows
-    taking them from the count, sum and average meters' rollups (`taken`), and the lifted
-    meters' rollups of the (customer reference, bucket) keys they touch evaluated again without
-    them (`again`, per relation). It holds while nothing it read has changed (`signature`):
-    events were voided or replaced since, meters changed, a reset came, a customer went. Events
-    applied since are no matter: their rollups are rows of their own, their seqs after the
-    job's."""
+    taking them from the count, sum and average meters' rollups (`taken`, per relation), and
+    the lifted meters' rollups of the (customer reference, bucket) keys they touch evaluated
+    again without them (`again`, per relation). It holds while nothing it read has changed
+    (`signature`): events were voided or replaced since, meters changed, a reset came, a
+    customer went. Events applied since are no matter: their rollups are rows of their own,
+    their seqs after the job's."""
 
     low: int
     high: int
@@ -486,7 +488,7 @@ class Plan:
     meters: list[MeterRow]
     chunk: pa.Table
     gone: list[Evaluated]
-    taken: pa.Table
+    taken: dict[str, pa.Table]
     again: dict[str, pa.Table]
     markers: pa.Table  # the voided events' markers, as `voided_events` keeps them, by seq
     file: Segment | None = None  # `markers` written as a file of `voided_events`, unlisted
@@ -518,13 +520,15 @@ def plan(
     up_to_seq: int,
     at_us: int,
     lifted: frozenset[str] = frozenset(),
+    dimension_values: int = rollups.DIMENSION_VALUES,
 ) -> Plan | None:
     """The `Plan` of the job's next step (as `step_job` takes it), read on `con` (a reader's:
-    off the writer); None if the job is done."""
+    off the writer); None if the job is done. `dimension_values`: the store's bound on a
+    dimension's values (`rollups.partials`)."""
     found = _load(con, job_id)
     if found is None or found.job.done:
         return None
-    return _plan(con, found, _high(found, up_to_seq), lifted, at_us)
+    return _plan(con, found, _high(found, up_to_seq), lifted, at_us, dimension_values)
 
 
 def _signature(con: duckdb.DuckDBPyConnection, found: _Row) -> tuple[Any, ...]:
@@ -571,7 +575,12 @@ def _references(selection: dict[str, Any]) -> list[str]:
 
 
 def _plan(
-    con: duckdb.DuckDBPyConnection, found: _Row, high: int, lifted: frozenset[str], at_us: int
+    con: duckdb.DuckDBPyConnection,
+    found: _Row,
+    high: int,
+    lifted: frozenset[str],
+    at_us: int,
+    dimension_values: int,
 ) -> Plan:
     """Steps 1, 2 and 5's reads of the window (done_to, `high`]."""
     org = found.job.organization_id
@@ -598,9 +607,14 @@ def _plan(
             params=[org, *window_params],
         ).to_arrow_table()
     subtracting = [m.id for m in meters if str(m.aggregation.func) in SUBTRACTING]
-    taken = rollups.partials(con, gone)["rollups"] if subtracting and chunk.num_rows else None
-    if taken is not None and taken.num_rows:
-        taken = taken.filter(pc.is_in(taken.column("meter_id"), pa.array(subtracting, pa.string())))
+    taken: dict[str, pa.Table] = {}
+    if subtracting and chunk.num_rows:
+        all_partials = rollups.partials(con, gone, dimension_values)
+        for relation in _TAKEN:
+            rows = all_partials[relation]
+            if rows.num_rows:
+                mine = pc.is_in(rows.column("meter_id"), pa.array(subtracting, pa.string()))
+                taken[relation] = rows.filter(mine)
     fast = [
         m
         for m in meters
@@ -610,7 +624,7 @@ def _plan(
     ]
     again: dict[str, pa.Table] = {}
     if fast and chunk.num_rows:
-        again = _evaluated_again(con, org, fast, found.selection, chunk, at_us)
+        again = _evaluated_again(con, org, fast, found.selection, chunk, at_us, dimension_values)
     n = chunk.num_rows
     # Repeated in C: a list of n Python objects holds the GIL, and with it the event loop
     # (160 ms a column for 500,000 markers).
@@ -634,7 +648,7 @@ def _plan(
         meters,
         chunk,
         gone,
-        taken if taken is not None else pa.table({}),
+        taken,
         again,
         markers,
     )
@@ -647,6 +661,7 @@ def _evaluated_again(
     selection: dict[str, Any],
     chunk: pa.Table,
     at_us: int,
+    dimension_values: int,
 ) -> dict[str, pa.Table]:
     """The rollups of `meters` of each (customer reference, bucket) of `chunk`, evaluated
     from the current events but those of `chunk`: read by time, the events' files being
@@ -663,7 +678,8 @@ def _evaluated_again(
         )
         params = [low, high, selection["customer_ids"], selection["external_ids"]]
         again = evaluated_events(con, meters, org, where, params, at_us, ledger=False)
-        return {r: rows for r, rows in rollups.partials(con, again).items() if rows.num_rows}
+        found = rollups.partials(con, again, dimension_values)
+        return {r: rows for r, rows in found.items() if rows.num_rows}
 
 
 def _finish(
@@ -756,10 +772,11 @@ class Window:
 
     def rollups(self) -> None:
         con = self.con
-        if self.plan.taken.num_rows:
-            with registered(con, "_gone", self.plan.taken):
+        for relation, rows in self.plan.taken.items():
+            keys = ", ".join(RELATIONS[relation].order.split(", ")[1:])
+            with registered(con, "_gone", rows):
                 con.execute(
-                    "INSERT INTO rollups SELECT meter_id::UUID, subject, bucket, -events, -total,"
+                    f"INSERT INTO {relation} SELECT meter_id::UUID, {keys}, -events, -total,"  # noqa: S608 - fixed text
                     " 'Infinity'::DOUBLE, '-Infinity'::DOUBLE FROM _gone"
                 )
         if self.others:
@@ -771,7 +788,15 @@ class Window:
         slow = [m for m in self.others if not self._is_lifted(m)]
         again = dict(plan.again)
         if slow:  # read here: their rows of the keys in files are deleted below, every one
-            found = _evaluated_again(con, self.org, slow, self.selection, plan.chunk, self.at_us)
+            found = _evaluated_again(
+                con,
+                self.org,
+                slow,
+                self.selection,
+                plan.chunk,
+                self.at_us,
+                self.tx.live.dimension_values,
+            )
             for relation, rows in found.items():
                 again[relation] = (
                     pa.concat_tables([again[relation], rows]) if relation in again else rows
@@ -782,7 +807,7 @@ class Window:
             mine = "(subject, bucket) IN (SELECT subject, bucket FROM _keys)"
             for relation in ROLLUP_RELATIONS:
                 base = RELATIONS[relation].base
-                kept_here = [m for m in fast if _RELATION_OF[kind(m)] == relation]
+                kept_here = [m for m in fast if relation in _RELATIONS_OF[kind(m)]]
                 if kept_here:
                     meter_in, meter_params = _in("meter_id", "UUID", [m.id for m in kept_here])
                     con.execute(

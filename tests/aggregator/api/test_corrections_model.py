@@ -11,7 +11,9 @@ whether it is voided, of which it aggregates the current ones only:
 
 - each meter's quantities per hour and in total: the hours are whole (read from the rollups),
   the window's total cuts 15-minute buckets (its edges are read from the events); of one
-  customer, per hour of a +05:45 zone, filtered on metadata (read from the events);
+  customer, per hour of a +05:45 zone, filtered on metadata (read from the events); split by
+  the model, a dimension of the count, sum, min and max meters, and restricted to one model
+  (read from the rollups of their groups, whose bound a test's few models never reach);
 - each customer meter's consumed units and balance, as listed and in the customer's state: the
   current events of the customer applied after the latest reset (a correction's new events are
   applied when the correction is);
@@ -829,6 +831,14 @@ class Corrections(RuleBasedStateMachine):
             if model is not None:
                 params["metadata[model]"] = model
             asked[quantities] = (f"/v1/meters/{self.meters[meter]}/quantities", params)
+        for grouped in _GROUPS_ASKED:
+            meter, customer, model = grouped
+            params = {**window, "interval": "hour", "group_by": "model"}
+            if customer is not None:
+                params["external_customer_id"] = customer
+            if model is not None:
+                params["dimension[model]"] = model
+            asked[grouped] = (f"/v1/meters/{self.meters[meter]}/quantities", params)
         client = self.core.client
         answers = self.core.run(
             _all(
@@ -845,6 +855,8 @@ class Corrections(RuleBasedStateMachine):
         self._customer_meters(found["customer meters"]["items"], found["c1's state"])
         for quantities in self._quantities_asked():
             self._quantities(quantities, found[quantities])
+        for grouped in _GROUPS_ASKED:
+            self._groups(grouped, found[grouped])
         self._costs(found["costs"])
 
     def _events_listed(self, found: dict[Any, Any]) -> None:
@@ -926,6 +938,38 @@ class Corrections(RuleBasedStateMachine):
         total = aggregate(meter, [e for e in of if start <= e.second <= end])
         assert close(found["total"], total), (asked, found["total"], total)
 
+    def _groups(self, asked: tuple[str, str | None, str | None], found: dict[str, Any]) -> None:
+        """Each model's hours and total, as `_quantities` has them of its events; a group for
+        each model of an event the meter counts in those hours."""
+        meter, customer, model = asked
+        start, end = WINDOW
+        hours = _hours(start, end, "UTC")
+        of = [
+            e
+            for e in self.model.current()
+            if (customer is None or self.model.of(customer, e.ref))
+            and (model is None or e.metadata["model"] == model)
+        ]
+        func = METERS[meter][0]["func"]
+        models = {
+            e.metadata["model"]
+            for e in of
+            if hours[0][1] <= e.second < hours[-1][2]
+            and _matches(meter, e)
+            and (func == "count" or type(e.metadata.get("tokens")) in (int, float))
+        }
+        groups = {g["dimensions"]["model"]: g for g in found["groups"]}
+        assert set(groups) == models, (asked, sorted(groups), sorted(models))
+        for name, group in groups.items():
+            mine = [e for e in of if e.metadata["model"] == name]
+            expected = [
+                aggregate(meter, [e for e in mine if lo <= e.second < hi]) for _, lo, hi in hours
+            ]
+            shown = [q["quantity"] for q in group["quantities"]]
+            assert all(close(a, b) for a, b in zip(shown, expected, strict=True)), (asked, name)
+            total = aggregate(meter, [e for e in mine if start <= e.second <= end])
+            assert close(group["total"], total), (asked, name, group["total"], total)
+
     def _costs(self, found: dict[str, Any]) -> None:
         start, end = WINDOW
         costs = [
@@ -970,6 +1014,15 @@ async def _all(*requests: Awaitable[httpx.Response]) -> list[httpx.Response]:
     return await asyncio.gather(*requests)
 
 
+# (meter, customer, model): quantities split by the model, of a customer, of one model.
+_GROUPS_ASKED = [
+    ("sum", None, None),
+    ("count", "c1", None),
+    ("min", None, None),
+    ("max", None, "a"),
+]
+
+
 def _hours(start: int, end: int, zone: str) -> list[tuple[datetime, int, int]]:
     """The hours of `zone` that [start, end] meets: (their start, as seconds of DAY from and
     to)."""
@@ -989,7 +1042,12 @@ def _meter(name: str) -> dict[str, Any]:
         "name": name,
         "filter": {"conjunction": "and", "clauses": clauses},
         "aggregation": aggregation,
+        "dimensions": ["model"] if name in DIMENSIONED else [],
     }
+
+
+# Meters split by the model (`_groups`).
+DIMENSIONED = ("count", "sum", "min", "max")
 
 
 def _same(what: str, listed: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:

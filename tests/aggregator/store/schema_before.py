@@ -9,6 +9,7 @@ SEGMENTS = 29  # the schema step that made the events and the rollups segments
 CORRECTIONS = 30  # the step that made voided events and event versions
 VOID_JOBS = 31  # the step that made void jobs
 DIMENSIONS = 32  # the step that gave meters their dimensions
+GROUPS = 33  # the step that made the rollups of a meter's groups
 # The rollup tables and their deltas before segments.
 _ROLLUPS = {
     "rollups": "rollup_deltas",
@@ -39,8 +40,19 @@ def before_segments(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {SEGMENTS}")
 
 
+def before_groups(con: duckdb.DuckDBPyConnection) -> None:
+    """The database as schema step 32 had it: no rollups of a meter's groups (their files
+    left where they are, listed by nothing)."""
+    con.execute("DROP VIEW all_rollup_groups")
+    con.execute("DROP TABLE rollup_groups")
+    con.execute("DROP TABLE rollup_groups_pending")
+    con.execute("DELETE FROM segments WHERE relation = 'rollup_groups'")
+    con.execute(f"DELETE FROM schema_migrations WHERE version >= {GROUPS}")
+
+
 def before_dimensions(con: duckdb.DuckDBPyConnection) -> None:
     """The database as schema step 31 had it: meters without dimensions."""
+    before_groups(con)
     con.execute("ALTER TABLE meters DROP COLUMN dimensions")
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {DIMENSIONS}")
 

@@ -32,6 +32,7 @@ class _Meter:
     aggregation: Any = SUM
     version: int = 1
     filter: Filter = EVERY_EVENT
+    dimensions: tuple[str, ...] = ()
 
 
 def _contributions(values: pa.Table, meters: int) -> Contributions:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import uuid
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import duckdb
 import orjson
@@ -22,13 +24,14 @@ from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow, get_meter
 from aggregator.store.tables.digest import logical_rows
 from aggregator.store.tables.meter_tables import backfill_step_job, create_job, update_job
+from aggregator.store.tables.quantities import Scope, gather
 from meters import commands
 from meters.commands import Command
 from meters.definitions import MeterCreate, MeterUpdate
 from meters.errors import ValidationFailed
 from meters.events import EventRules, parse_ingest_body, to_table
 from meters.times import now_us
-from tests.aggregator.store.schema_before import before_dimensions
+from tests.aggregator.store.schema_before import before_dimensions, before_groups
 
 ORG = str(uuid.uuid4())
 ALL: dict[str, Any] = {"conjunction": "and", "clauses": []}
@@ -41,13 +44,13 @@ def _create(name: str, aggregation: dict[str, Any], **more: Any) -> MeterCreate:
     )
 
 
-async def _ingest(store: Store, count: int) -> None:
+async def _ingest(store: Store, count: int, models: int = 1) -> None:
     events = [
         {
             "name": "call",
             "external_customer_id": "c",
             "external_id": f"e{i}",
-            "metadata": {"tokens": i, "model": "m"},
+            "metadata": {"tokens": i, "model": "m" if models == 1 else f"m{i % models}"},
         }
         for i in range(count)
     ]
@@ -259,3 +262,48 @@ def test_a_data_dir_of_the_previous_main_opens_and_its_records_still_apply(
     assert "dimensions" not in [r[0] for r in con.execute("DESCRIBE meters").fetchall()]
     con.close()
     asyncio.run(reopen())
+
+
+def test_a_data_dir_of_schema_32_opens_with_its_meters_groups_derived(tmp_path: Path) -> None:
+    """A meter given dimensions before the rollups kept its groups: the store derives them
+    from its stored events when it opens (migration 33), and its grouped quantities, read from
+    them, are what they were read from the events."""
+    path = tmp_path / "m.duckdb"
+    meter_id = str(uuid.uuid4())
+    window = (0, now_us() + 3_600_000_000)
+
+    async def grouped(store: Store) -> dict[str, float]:
+        meter = await _meter(store, meter_id)
+        scope = Scope(meter, None, group_by=("model",))
+        found = await store.read(gather, scope, *window, "month", ZoneInfo("UTC"), 0)
+        groups, _ = found.groups(meter)
+        return {key: total for key, _, total in groups}
+
+    async def make() -> dict[str, float]:
+        async with Store(path) as store:
+            await _ingest(store, 40, models=4)
+            data = _create("tokens", {"func": "sum", "property": "tokens"}, dimensions=["model"])
+            await store.write(create_job(ORG, data, now_us(), meter_id=meter_id))
+            assert await store.write(backfill_step_job(meter_id, 1, 25)) is not None
+            assert await store.write(backfill_step_job(meter_id, 1, 25)) is not None
+            return await grouped(store)
+
+    async def reopen() -> tuple[dict[str, float], int]:
+        async with Store(path) as store:
+            rows = await store.read(
+                lambda con: con.execute(
+                    "SELECT (SELECT count(*) FROM rollup_groups),"
+                    " (SELECT count(*) FROM rollup_groups_pending)"
+                ).fetchall()[0]
+            )
+            assert rows[1] == 0
+            return await grouped(store), int(rows[0])
+
+    before = asyncio.run(make())
+    assert len(before) == 4 and math.isclose(sum(before.values()), sum(range(40)))
+    con = duckdb.connect(str(path))
+    before_groups(con)
+    con.close()
+    after, stored = asyncio.run(reopen())
+    assert stored > 0  # read from the groups' rows, derived
+    assert after == before

@@ -1,6 +1,8 @@
 """Quantities split by a meter's dimensions (`Scope.group_by`) equal the reference fold over each
 group's raw events, in any timezone and interval, and the groups together make the ungrouped
-quantity: their sum for count and sum meters, their least for min, their greatest for max."""
+quantity: their sum for count and sum meters, their least for min, their greatest for max. With
+a bound on a dimension's values per customer and bucket, the values past the first ones to come
+count under `OTHER`, whether read from the rollups or from the events."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import json
 import math
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +22,7 @@ from hypothesis import strategies as st
 
 from aggregator.store import MeterRow, Store
 from aggregator.store.apply.ingest import IngestJob
+from aggregator.store.machinery.rollups import BUCKET_US, DIMENSION_VALUES
 from aggregator.store.tables.dimensions import OTHER, group_of
 from aggregator.store.tables.meter_tables import create_job
 from aggregator.store.tables.quantities import Gathered, Scope, gather
@@ -66,6 +70,8 @@ def _text(value: Any) -> str | None:
     zone=st.sampled_from(ZONES),
     customer=st.sampled_from([None, "c1"]),
     tag=st.sampled_from([None, "p"]),
+    restrict=st.sampled_from(["metadata", "dimension"]),
+    bound=st.sampled_from([None, 1, 2]),
 )
 def test_each_group_equals_the_fold_over_its_events(
     tmp_path_factory: pytest.TempPathFactory,
@@ -78,39 +84,55 @@ def test_each_group_equals_the_fold_over_its_events(
     zone: str,
     customer: str | None,
     tag: str | None,
+    restrict: str,
+    bound: int | None,
 ) -> None:
-    """Scoped to a customer, and to a value of a dimension (`dimension[tag]=p`), or not."""
+    """Scoped to a customer, and to a value of the metadata (read from the events) or of a
+    dimension (`dimension[tag]=p`, from the rollups), or not."""
     end = start + min(length, 7 * 86_400 * 10**6 if interval == "hour" else length)
     meter_create = MeterCreate.model_validate(
         {
             "name": "meter",
             "filter": {"conjunction": "and", "clauses": []},
             "aggregation": aggregation,
+            "dimensions": list(DIMENSIONS),
         }
     )
 
     async def run() -> tuple[MeterRow, Gathered]:
         path = tmp_path_factory.mktemp("g") / "m.duckdb"
-        async with Store(path) as store:
+        async with Store(path, dimension_values=bound or DIMENSION_VALUES) as store:
             meter = await store.write(create_job(ORG, meter_create, 0, meter_id=str(uuid.uuid4())))
             for first in range(0, len(events), 7):
                 chunk = events[first : first + 7]
                 await store.write(IngestJob(ORG, to_table(chunk), 0))
+            asked = () if tag is None else (("tag", (tag,)),)
             scope = Scope(
                 meter,
                 None if customer is None else (f"ext:{customer}",),
-                () if tag is None else (("tag", (tag,)),),
+                asked if restrict == "metadata" else (),
                 group_by=group_by,
+                dimensions=asked if restrict == "dimension" else (),
             )
             found = await store.read(gather, scope, start, end, interval, ZoneInfo(zone), 0)
             return meter, found
 
     meter, gathered = asyncio.run(run())
     func = str(aggregation["func"])
+
+    def counts(e: Event) -> bool:
+        return func == "count" or meter_create.aggregation.contribution(_view(e)) is not None
+
+    grouped = _bounded(events, counts, bound)
     matching = [
         e
-        for e in events
-        if customer in (None, e.external_customer_id) and tag in (None, e.metadata.get("tag"))
+        for i, e in enumerate(events)
+        if customer in (None, e.external_customer_id)
+        and tag
+        in (
+            None,
+            e.metadata.get("tag") if restrict == "metadata" else grouped[i][0],
+        )
     ]
     edges = boundaries(EPOCH + start * _ONE_US, EPOCH + end * _ONE_US, interval, ZoneInfo(zone))
     spans = [(_to_us(edges[i]), _to_us(edges[i + 1])) for i in range(len(edges) - 1)]
@@ -120,20 +142,17 @@ def test_each_group_equals_the_fold_over_its_events(
             meter_create.aggregation, [_view(e) for e in chosen if lo <= e.timestamp_us < hi]
         )
 
+    index = {id(e): i for i, e in enumerate(events)}
+
     def values(e: Event) -> list[str | None]:
-        return [_text(e.metadata.get(k)) for k in group_by]
+        return [grouped[index[id(e)]][DIMENSIONS.index(k)] for k in group_by]
 
     periods, total = gathered.reduced(meter, None)
     groups, folded = gathered.groups(meter)
     assert folded == 0
     # A group for each values of an event the meter counts in the periods, once.
     lo, hi = _to_us(edges[0]), _to_us(edges[-1])
-    counted = [
-        e
-        for e in matching
-        if lo <= e.timestamp_us < hi
-        and (func == "count" or meter_create.aggregation.contribution(_view(e)) is not None)
-    ]
+    counted = [e for e in matching if lo <= e.timestamp_us < hi and counts(e)]
     found = [tuple(group_of(key, len(group_by))) for key, _, _ in groups]
     assert sorted(found, key=json.dumps) == sorted(
         {tuple(values(e)) for e in counted}, key=json.dumps
@@ -148,10 +167,47 @@ def test_each_group_equals_the_fold_over_its_events(
     for (lo, hi), (_, quantity) in zip(spans, periods, strict=True):
         _close(quantity, expect(matching, lo, hi), ("all", lo))
     _close(total, expect(matching, start, end + 1), ("all", "total"))
-    # ... and the groups' combined.
+    # ... and the groups' combined: those with events in the window (a group of events in the
+    # periods alone has a window total of nothing, 0, which no minimum takes).
     combine = {"count": math.fsum, "sum": math.fsum, "min": min, "max": max}.get(func)
-    if combine is not None and groups:
-        _close(total, combine(t for _, _, t in groups), ("combined", func))
+    inside = [
+        t
+        for key, _, t in groups
+        if any(
+            values(e) == group_of(key, len(group_by)) and start <= e.timestamp_us <= end
+            for e in counted
+        )
+    ]
+    if combine is not None and inside:
+        _close(total, combine(inside), ("combined", func))
+
+
+DIMENSIONS = ("tag", "v")
+
+
+def _bounded(
+    events: list[Event], counts: Callable[[Event], bool], bound: int | None
+) -> list[list[str | None]]:
+    """Each event's values of `DIMENSIONS` as the meter's groups count them: per customer
+    reference, 15-minute bucket and dimension, the first `bound` values to come (in seq order,
+    among the events the meter counts) keep theirs, the others count under `OTHER`."""
+    kept: dict[tuple[Any, ...], list[str]] = {}
+    found = []
+    for e in events:
+        values = [_text(e.metadata.get(k)) for k in DIMENSIONS]
+        if bound is not None and counts(e):
+            subject = e.customer_id or f"ext:{e.external_customer_id}"
+            for k, value in enumerate(values):
+                if value is None:
+                    continue
+                mine = kept.setdefault((subject, e.timestamp_us // BUCKET_US, k), [])
+                if value not in mine:
+                    if len(mine) < bound:
+                        mine.append(value)
+                    else:
+                        values[k] = OTHER
+        found.append(values)
+    return found
 
 
 def _close(got: float, expected: float, where: object) -> None:

@@ -1,8 +1,8 @@
 """Void jobs in the store (`store.tables.void_jobs`): after every step, each meter's rollups (per
-customer reference and bucket) and each customer meter's usage (in DuckDB and in memory) are
-what the current events give, computed straight from them; events sent after the job was asked
-are never voided; the last step records the job's system event; more than the limit is refused;
-a data dir of the previous main (schema step 30) opens and runs a job."""
+customer reference and bucket, and by its dimensions) and each customer meter's usage (in DuckDB
+and in memory) are what the current events give, computed straight from them; events sent after
+the job was asked are never voided; the last step records the job's system event; more than the
+limit is refused; a data dir of the previous main (schema step 30) opens and runs a job."""
 
 from __future__ import annotations
 
@@ -77,10 +77,16 @@ async def _ingest(store: Store, events: list[Any]) -> None:
     await store.write(IngestJob(ORG, table, now_us()), weight=table.num_rows)
 
 
+# Meters split by the model too: their groups' rollups are taken from (count, sum) or
+# evaluated again (min) as their rollups are.
+DIMENSIONED = ("calls", "tokens", "least")
+
+
 async def _setup(store: Store, rng: random.Random) -> list[MeterRow]:
     for name, filter_, aggregation in METERS:
+        dimensions = ["model"] if name in DIMENSIONED else []
         data = MeterCreate.model_validate(
-            {"name": name, "filter": filter_, "aggregation": aggregation}
+            {"name": name, "filter": filter_, "aggregation": aggregation, "dimensions": dimensions}
         )
         await store.write(create_meter(ORG, data, now_us(), meter_id=str(uuid.uuid4())))
     for external_id in ("a", "b"):
@@ -267,6 +273,8 @@ def _system_events(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 def _agree(con: duckdb.DuckDBPyConnection, meters: list[MeterRow]) -> None:
     for meter in meters:
         assert _from_rollups(con, meter) == _from_events(con, meter), meter.name
+        if meter.dimensions:
+            assert _groups_from_rollups(con, meter) == _groups_from_events(con, meter), meter.name
         if kind(meter) != "integral":
             for subject in ("ext:a", "ext:b"):
                 expected = _usage_from_events(con, meter, subject)
@@ -340,6 +348,33 @@ def _from_rollups(con: duckdb.DuckDBPyConnection, meter: MeterRow) -> dict[Any, 
         partial.add(int(n), total or 0.0, low, high)
         found[(s, b)] = round(partial.result(str(meter.aggregation.func)), 6)
     return found
+
+
+def _groups_from_rollups(con: duckdb.DuckDBPyConnection, meter: MeterRow) -> dict[Any, float]:
+    rows = con.execute(
+        "SELECT subject, epoch_us(bucket), d0, sum(events), sum(total), min(low), max(high)"
+        " FROM all_rollup_groups WHERE meter_id = ?::UUID GROUP BY ALL HAVING sum(events) <> 0",
+        [meter.id],
+    ).fetchall()
+    found = {}
+    for s, b, model, n, total, low, high in rows:
+        partial = Partial()
+        partial.add(int(n), total or 0.0, low, high)
+        found[(s, b, model)] = round(partial.result(str(meter.aggregation.func)), 6)
+    return found
+
+
+def _groups_from_events(con: duckdb.DuckDBPyConnection, meter: MeterRow) -> dict[Any, float]:
+    """Each (subject, bucket, model)'s figure straight from the current events."""
+    models = dict(
+        con.execute(
+            "SELECT seq, metadata->>'model' FROM events WHERE organization_id = ?::UUID", [ORG]
+        ).fetchall()
+    )
+    found: dict[Any, list[tuple[int, Any]]] = {}
+    for subject, bucket, at_us, seq, value in _rows(con, meter):
+        found.setdefault((subject, bucket, models[seq]), []).append((at_us, value))
+    return {key: _folded(meter, points) for key, points in found.items()}
 
 
 def _usage_from_events(con: duckdb.DuckDBPyConnection, meter: MeterRow, subject: str) -> float:
