@@ -38,7 +38,7 @@ from aggregator.store.apply.ingest import Replay
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import registered, transaction
 from aggregator.store.listeners import Listeners
-from aggregator.store.machinery import dedupe, disk, ingest_log, rollups
+from aggregator.store.machinery import dedupe, disk, groups, ingest_log, rollups
 from aggregator.store.machinery.disk import DiskHealth
 from aggregator.store.machinery.evaluation import EVALUATION_ERRORS
 from aggregator.store.machinery.flusher import Flusher
@@ -112,13 +112,13 @@ class Store:
         alert_payload: Payload = basic_payload,
         commands: CommandLog | None = None,
         holds_customer: Callable[[str, str], bool] | None = None,
-        dimension_values: int = rollups.DIMENSION_VALUES,
+        dimension_values: int = groups.DIMENSION_VALUES,
     ):
         self.path = str(path)
         # Values of one dimension a meter's groups keep per customer reference and bucket; the
         # rest count under `__other__` (decision 19). What is stored: every core of a cluster
         # runs with the same.
-        self.dimension_values = dimension_values
+        self.bound = groups.Bound(dimension_values)
         self.disk = DiskHealth(Path(self.path).parent)
         # How a `meter.alert` webhook event's data is made (the composition gives the API's
         # shapes), needed from the start: replaying the ingest log can fire alerts.
@@ -210,7 +210,7 @@ class Store:
             self._con = None
             raise
         self._refuse_other_ledgers()
-        dimensions.derive_pending(self._con, self.dimension_values)
+        dimensions.derive_pending(self._con, self.bound)
         log = self._log = IngestLog(None if wal is None else log_directory(Path(self.path)))
         # What the ingest log holds after the last stored request was acknowledged but not
         # stored: applied again below, before any other job. A log that cannot give it all
@@ -237,7 +237,7 @@ class Store:
             checkpoint_bytes=self._checkpoint_bytes,
             idle=self._compact_memory,
             disk=self.disk,
-            dimension_values=self.dimension_values,
+            bound=self.bound,
         )
         holds = HoldKeys()
         live = self._live = Live(
@@ -257,7 +257,7 @@ class Store:
             ),
             max_pending_events=self._max_pending,
             spill=spill,
-            dimension_values=self.dimension_values,
+            bound=self.bound,
         )
         live.load(self._con)
         holds.load(self._con, now_us())

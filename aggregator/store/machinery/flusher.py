@@ -35,9 +35,9 @@ from aggregator.store.base.rows import transaction
 from aggregator.store.machinery import disk, memtable
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.machinery.disk import DiskHealth
+from aggregator.store.machinery.groups import Bound
 from aggregator.store.machinery.ingest_log import IngestLog
 from aggregator.store.machinery.memtable import ROW_GROUP, Memtable
-from aggregator.store.machinery.rollups import DIMENSION_VALUES
 from aggregator.store.machinery.segments import Change, Segments
 from meters.times import NEVER
 
@@ -62,10 +62,10 @@ class Flusher:
         retry_seconds: float = 1.0,
         idle: Callable[[], object] = lambda: None,
         disk: DiskHealth | None = None,
-        dimension_values: int = DIMENSION_VALUES,
+        bound: Bound | None = None,
     ) -> None:
         self._con = con
-        self._dimension_values = dimension_values
+        self._bound = bound or Bound()
         self._disk = disk
         self._table = table
         self._log = log
@@ -133,9 +133,7 @@ class Flusher:
         listed = False
         try:
             with transaction(con):
-                logged, change = memtable.store(
-                    con, entries, self._segments, self._dimension_values
-                )
+                logged, change = memtable.store(con, entries, self._segments, self._bound)
             listed = True
         finally:
             if not listed:

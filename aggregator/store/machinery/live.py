@@ -40,6 +40,7 @@ from aggregator.store.machinery.balances import Balances
 from aggregator.store.machinery.catalog import Catalog
 from aggregator.store.machinery.dedupe import Dedupe, Spill
 from aggregator.store.machinery.flusher import Flusher
+from aggregator.store.machinery.groups import Bound
 from aggregator.store.machinery.ingest_log import IngestLog, Logged
 from aggregator.store.machinery.memtable import (
     Applied,
@@ -49,7 +50,7 @@ from aggregator.store.machinery.memtable import (
     store,
     store_offsets,
 )
-from aggregator.store.machinery.rollups import DIMENSION_VALUES, Evaluated
+from aggregator.store.machinery.rollups import Evaluated
 from aggregator.store.machinery.segments import RELATIONS, Change, Segments
 
 Effect = Callable[[], object]
@@ -152,12 +153,12 @@ class Live:
         features: Sequence[Feature] = (),
         max_pending_events: int,
         spill: Spill | None = None,
-        dimension_values: int = DIMENSION_VALUES,
+        bound: Bound | None = None,
     ) -> None:
         self.seq = seq
         # The bound on a dimension's values per meter, customer reference and bucket that jobs
         # writing rollups apply (`rollups.partials`).
-        self.dimension_values = dimension_values
+        self.bound = bound or Bound()
         self.flusher = flusher
         self.memtable = memtable
         self.log = log
@@ -398,7 +399,7 @@ class Live:
         What they contribute to rollups and the ledger is the job's to store. Only under
         `hold`."""
         self._expect(Status.OPEN)
-        _, change = store(con, [Applied(events)], self.segments)
+        _, change = store(con, [Applied(events)], self.segments, self.bound)
         self._staged_segments.append(change)
         held, seqs = np.empty(0, np.uint64), np.empty(0, np.int64)
         if keyed:

@@ -27,7 +27,7 @@ from aggregator.store.base import subjects
 from aggregator.store.base.arrays import Column, numpy, uuids
 from aggregator.store.base.ids import INGEST_LOG_PARTITION, ORIGIN, event_ids
 from aggregator.store.base.rows import registered
-from aggregator.store.machinery import dedupe, ingest_log, rollups
+from aggregator.store.machinery import dedupe, groups, ingest_log, rollups
 from aggregator.store.machinery.rollups import Evaluated
 from aggregator.store.machinery.segments import Change, Segments
 
@@ -184,7 +184,7 @@ def store(
     con: duckdb.DuckDBPyConnection,
     entries: list[Applied],
     segments: Segments,
-    dimension_values: int = rollups.DIMENSION_VALUES,
+    bound: groups.Bound,
 ) -> tuple[int | None, Change]:
     """Store `entries` (inside the caller's transaction): their events and rollups as new
     segments (written, and listed in the transaction), the rest in tables. Return the last
@@ -201,7 +201,7 @@ def store(
                 con.execute(dedupe.INSERT_MOVED.format(events="_stored_events"))
                 _record_links(con)
         evaluated = [ev for e in entries for ev in e.evaluated]
-        found = rollups.partials(con, evaluated, dimension_values)
+        found = rollups.partials(con, evaluated, bound)
         files += [(r, t) for r, t in found.items() if t.num_rows]
         change.added += segments.write_all(files)
         rollups.store_ledger(con, evaluated)

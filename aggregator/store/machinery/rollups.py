@@ -41,6 +41,7 @@ from aggregator.store.base.arrays import Column, encoded, numpy
 from aggregator.store.base.meter_plan import Contributions, MeterPlan
 from aggregator.store.base.meter_sql import SQL
 from aggregator.store.base.rows import registered
+from aggregator.store.machinery import groups
 from meters.aggregations import IntegralAggregation, UniqueAggregation
 
 if TYPE_CHECKING:
@@ -55,12 +56,6 @@ BUCKET = f"time_bucket(INTERVAL {BUCKET_MINUTES} MINUTE, timestamp)"
 # dies (SIGFPE) on one statement of some thousands of expressions (5,000 meters' did), and a
 # statement's planning time grows with its columns.
 COLUMNS_PER_STATEMENT = 500
-
-
-# Values of one dimension a meter's groups keep per customer reference and bucket, by default
-# (a store's setting): those past it are counted under `OTHER`.
-DIMENSION_VALUES = 1_000
-OTHER = "__other__"
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,12 +344,12 @@ def _table(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None)
 def partials(
     con: duckdb.DuckDBPyConnection,
     batches: Sequence[Evaluated],
-    dimension_values: int = DIMENSION_VALUES,
+    bound: groups.Bound,
 ) -> dict[str, pa.Table]:
     """The batches' partial aggregates per rollup relation (`segments.RELATIONS`), merged across
     batches (each meter, customer reference and bucket once, however many batches had it) and
     sorted by them, as the relation's files keep them. A dimensioned meter's groups keep at
-    most `dimension_values` values of each dimension per customer reference and bucket
+    `bound.limit` values of each dimension per customer reference and bucket
     (`_bounded`: the stored rows count).
 
     The contributions are turned into rows (meter, customer reference, bucket, value) first, so
@@ -367,165 +362,45 @@ def partials(
         ),
         "rollup_values": _grouped([_long_of(b, "uniques") for b in batches], {}),
         "rollup_points": _points(con, batches),
-        "rollup_groups": _groups(con, [_long_groups(b) for b in batches], dimension_values),
+        "rollup_groups": groups.partials(con, [_long_groups(b) for b in batches], bound),
     }
 
 
-_GROUP_KEYS = ["meter_id", "subject", "bucket", "d0", "d1", "d2"]
-_GROUP_AGGREGATES: list[Any] = [
-    ("events", "sum"),
-    ("total", "sum"),
-    ("low", "min"),
-    ("high", "max"),
-    ("first", "min"),
-]
-
-
-def _long_groups(batch: Evaluated) -> pa.Table:
-    """A batch's contributions to its dimensioned number meters as rows (subject, bucket, seq,
-    meter_id, d0, d1, d2, v): the values of the meter's dimensions in its order, null past
-    them."""
+def _long_groups(batch: Evaluated) -> groups.Coded:
+    """A batch's contributions to its dimensioned number meters as coded rows of groups: the
+    values of each meter's dimensions in its order, null past them."""
     kinds = _kinds(batch.meters)
     keys, n = batch.keys, batch.keys.num_rows
     if not len(kinds.grouped) or not n:
-        return _GROUP_ROWS.empty_table()
-    which, rows, values = batch.contributions.long(kinds.grouped)
+        return groups.NONE
+    which, rows, contributed = batch.contributions.long(kinds.grouped)
+    values = numpy(contributed, np.float64)
+    subjects, subject = groups.texts_encoded(keys.column("subject"))
     # Every dimension's values one after another, then nulls: a meter's k-th dimension is the
     # slice of its column (`dimension_columns`), taken at each of its rows.
-    flat = pa.concat_arrays(
-        [
-            keys.column(f"_d{i}").combine_chunks().cast(pa.string())
-            for i in range(len(kinds.dimensions))
-        ]
-        + [pa.nulls(n, pa.string())]
+    chunks = [
+        chunk
+        for i in range(len(kinds.dimensions))
+        for chunk in keys.column(f"_d{i}").cast(pa.string()).chunks
+    ]
+    dictionary, codes = groups.texts_encoded(
+        pa.chunked_array([*chunks, pa.nulls(n, pa.string())], pa.string())
     )
-    taken = keys.select(["subject", "bucket", "seq"]).take(pa.array(rows, pa.int64()))
-    meter = kinds.ids.take(pa.array(kinds.grouped[which], pa.int64()))
-    columns = {
-        "subject": taken.column("subject"),
-        "bucket": taken.column("bucket"),
-        "seq": taken.column("seq"),
-        "meter_id": meter,
-    }
-    for k in range(3):
-        at = kinds.dimension_columns[which, k].astype(np.int64) * n + rows
-        columns[f"d{k}"] = flat.take(pa.array(at, pa.int64()))
-    columns["v"] = values
-    return pa.table(columns, schema=_GROUP_ROWS)
-
-
-_GROUP_FIELDS: list[pa.Field[Any]] = [
-    pa.field("subject", pa.string()),
-    pa.field("bucket", pa.timestamp("us", tz="UTC")),
-    pa.field("seq", pa.int64()),
-    pa.field("meter_id", pa.string()),
-    *(pa.field(f"d{k}", pa.string()) for k in range(3)),
-    pa.field("v", pa.float64()),
-]
-_GROUP_ROWS = pa.schema(_GROUP_FIELDS)
-
-
-def _groups(con: duckdb.DuckDBPyConnection, tables: list[pa.Table], limit: int) -> pa.Table:
-    """`_long_groups`' rows merged per meter, customer reference, bucket and group (events,
-    total, low, high), bounded (`_bounded`), sorted as the files keep them. In Arrow, with
-    sums in row order, as `_grouped`."""
-    rows = [t for t in tables if t.num_rows]
-    if not rows:
-        return pa.table({})
-    long = pa.concat_tables(rows)
-    grouped = _regrouped(
-        long.group_by(_GROUP_KEYS, use_threads=False).aggregate(
-            [("v", "count"), ("v", "sum"), ("v", "min"), ("v", "max"), ("seq", "min")]
-        ),
-        {
-            "v_count": "events",
-            "v_sum": "total",
-            "v_min": "low",
-            "v_max": "high",
-            "seq_min": "first",
-        },
+    at = kinds.dimension_columns[which].T.astype(np.int64) * n + rows
+    return groups.Coded(
+        kinds.ids,
+        subjects,
+        dictionary,
+        kinds.grouped[which].astype(np.int64),
+        subject[rows],
+        numpy(keys.column("bucket").cast(pa.int64()), np.int64)[rows],
+        codes[at],
+        np.ones(len(rows), np.int64),
+        values,
+        values,
+        values,
+        numpy(keys.column("seq"), np.int64)[rows],
     )
-    grouped = _bounded(con, grouped, limit)
-    order = pc.sort_indices(grouped, sort_keys=[(k, "ascending") for k in _GROUP_KEYS])
-    return grouped.take(order).drop_columns(["first"])
-
-
-def _regrouped(table: pa.Table, names: dict[str, str]) -> pa.Table:
-    """`table` (keys and aggregates) with its aggregates renamed by `names`, keys first."""
-    return pa.table(
-        {
-            **{k: table.column(k) for k in _GROUP_KEYS},
-            **{name: table.column(column) for column, name in names.items()},
-        }
-    )
-
-
-def _bounded(con: duckdb.DuckDBPyConnection, grouped: pa.Table, limit: int) -> pa.Table:
-    """`grouped` with each value past the first `limit` values of its dimension, per meter,
-    customer reference and bucket, counted under `OTHER`: the values the stored rows have
-    count first, then this table's new ones in the order they first came (by seq, then
-    value). Each step reads the stored rows of its keys only, bounded by the table's buckets
-    (the files are pruned by them)."""
-    buckets = grouped.column("bucket")
-    with registered(con, "_group_rows", grouped):
-        folded = _table(
-            con, _FOLDED, [pc.min(buckets).as_py(), pc.max(buckets).as_py(), OTHER, limit]
-        )
-    if not folded.num_rows:
-        return grouped
-    for k in range(3):
-        mine = folded.filter(pc.equal(folded.column("k"), pa.scalar(k))).drop_columns(["k"])
-        if not mine.num_rows:
-            continue
-        mine = mine.rename_columns(["meter_id", "subject", "bucket", f"d{k}"]).append_column(
-            "fold", pa.repeat(pa.scalar(True), mine.num_rows)
-        )
-        joined = grouped.join(mine, ["meter_id", "subject", "bucket", f"d{k}"], use_threads=False)
-        fold = pc.fill_null(joined.column("fold"), pa.scalar(False))
-        column = pc.if_else(fold, pa.scalar(OTHER), joined.column(f"d{k}"))
-        grouped = joined.drop_columns(["fold"]).set_column(
-            joined.column_names.index(f"d{k}"), f"d{k}", column
-        )
-    return _regrouped(
-        grouped.group_by(_GROUP_KEYS, use_threads=False).aggregate(_GROUP_AGGREGATES),
-        {f"{c}_{f}": c for c, f in _GROUP_AGGREGATES},
-    )
-
-
-# (meter, subject, bucket, k, value) of each new value of dimension k past the limit: the
-# stored values of the table's keys (bounded by its buckets, $1 and $2) count first, then its
-# new ones in the order they first came.
-_FOLDED = """
-WITH mine AS (SELECT DISTINCT meter_id, subject, bucket FROM _group_rows),
-b AS (
-    SELECT meter_id, subject, bucket, k, value, min(first) AS first FROM (
-        SELECT meter_id, subject, bucket, 0 AS k, d0 AS value, first FROM _group_rows
-        UNION ALL SELECT meter_id, subject, bucket, 1, d1, first FROM _group_rows
-        UNION ALL SELECT meter_id, subject, bucket, 2, d2, first FROM _group_rows
-    ) WHERE value IS NOT NULL AND value <> $3 GROUP BY ALL
-),
-r AS (
-    SELECT meter_id::VARCHAR AS meter_id, subject, bucket, d0, d1, d2 FROM all_rollup_groups
-    WHERE bucket >= $1 AND bucket <= $2
-        AND (meter_id::VARCHAR, subject, bucket) IN (SELECT * FROM mine)
-),
-s AS (
-    SELECT DISTINCT * FROM (
-        SELECT meter_id, subject, bucket, 0 AS k, d0 AS value FROM r
-        UNION ALL SELECT meter_id, subject, bucket, 1, d1 FROM r
-        UNION ALL SELECT meter_id, subject, bucket, 2, d2 FROM r
-    ) WHERE value IS NOT NULL AND value <> $3
-),
-n AS (SELECT meter_id, subject, bucket, k, count(*) AS stored FROM s GROUP BY ALL),
-ranked AS (
-    SELECT *, row_number() OVER (PARTITION BY meter_id, subject, bucket, k ORDER BY first, value)
-        AS rank
-    FROM b ANTI JOIN s USING (meter_id, subject, bucket, k, value)
-)
-SELECT meter_id, subject, bucket, k, value
-FROM ranked LEFT JOIN n USING (meter_id, subject, bucket, k)
-WHERE rank + coalesce(stored, 0) > $4
-"""
 
 
 def store_ledger(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:

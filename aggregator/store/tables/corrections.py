@@ -230,7 +230,7 @@ def _rollups_again(
             )
         where = f"({OF_EVENT}, {BUCKET}) IN (SELECT subject, bucket FROM _keys)"  # noqa: S608 - fixed text
         found = evaluated_events(con, meters, org, where, [], now_us, ledger=False)
-        for relation, rows in rollups.partials(con, found, live.dimension_values).items():
+        for relation, rows in rollups.partials(con, found, live.bound).items():
             if rows.num_rows:
                 with registered(con, "_again", rows):
                     base = RELATIONS[relation].base

@@ -24,7 +24,8 @@ from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.meter_sql import SQL, contribution_sql, dimension_sql, filter_sql
 from aggregator.store.base.rows import registered, transaction
 from aggregator.store.machinery import rollups
-from aggregator.store.machinery.rollups import BUCKET, OTHER, RESETS
+from aggregator.store.machinery.groups import OTHER, Bound
+from aggregator.store.machinery.rollups import BUCKET, RESETS
 from aggregator.store.tables.corrections import counted_sql, evaluated_events
 from meters.aggregations import Partial
 from meters.errors import FieldError, ValidationFailed
@@ -167,7 +168,7 @@ def breakdown(
 _DERIVE_SEQS = 500_000
 
 
-def derive_pending(con: duckdb.DuckDBPyConnection, dimension_values: int) -> int:
+def derive_pending(con: duckdb.DuckDBPyConnection, bound: Bound) -> int:
     """Migration 33's second half, when the store opens: the groups of each meter given
     dimensions before the rollups kept them (`rollup_groups_pending`), derived from its stored
     events as a backfill would (by seq, each part's groups bounded by the rows before it), into
@@ -195,7 +196,7 @@ def derive_pending(con: duckdb.DuckDBPyConnection, dimension_values: int) -> int
                     0,
                     ledger=False,
                 )
-                groups = rollups.partials(con, found, dimension_values)["rollup_groups"]
+                groups = rollups.partials(con, found, bound)["rollup_groups"]
                 if groups.num_rows:
                     with registered(con, "_groups", groups):
                         con.execute("INSERT INTO rollup_groups SELECT * FROM _groups")

@@ -256,9 +256,7 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int,
         )
         written = [
             tx.live.segments.write(relation, rows)
-            for relation, rows in rollups.partials(
-                con, [evaluated], tx.live.dimension_values
-            ).items()
+            for relation, rows in rollups.partials(con, [evaluated], tx.live.bound).items()
             if rows.num_rows
         ]
         tx.live.change_segments(con, Change(written))

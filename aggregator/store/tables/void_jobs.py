@@ -49,7 +49,7 @@ from aggregator.store.base.arrays import numpy
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import first_row, registered
 from aggregator.store.base.subjects import OF_EVENT
-from aggregator.store.machinery import rollups
+from aggregator.store.machinery import groups, rollups
 from aggregator.store.machinery.compaction import LEDGER_TABLES
 from aggregator.store.machinery.rollups import BUCKET, Evaluated, kind
 from aggregator.store.machinery.segments import RELATIONS, ROLLUP_RELATIONS, Change, Segment
@@ -440,7 +440,7 @@ def step_job(
                 tx.live.segments.abandon(Change([plan.file]))  # never listed
             if again_if_stale:
                 return Step(0, found.done_to, found.through_seq, False, stale=True)
-            plan = _plan(con, found, high, lifted, at_us, tx.live.dimension_values)
+            plan = _plan(con, found, high, lifted, at_us, tx.live.bound)
         voided = _apply(tx, found, plan)
         done = high >= found.through_seq
         con.execute(
@@ -520,15 +520,15 @@ def plan(
     up_to_seq: int,
     at_us: int,
     lifted: frozenset[str] = frozenset(),
-    dimension_values: int = rollups.DIMENSION_VALUES,
+    bound: groups.Bound | None = None,
 ) -> Plan | None:
     """The `Plan` of the job's next step (as `step_job` takes it), read on `con` (a reader's:
-    off the writer); None if the job is done. `dimension_values`: the store's bound on a
+    off the writer); None if the job is done. `bound`: the store's bound on a
     dimension's values (`rollups.partials`)."""
     found = _load(con, job_id)
     if found is None or found.job.done:
         return None
-    return _plan(con, found, _high(found, up_to_seq), lifted, at_us, dimension_values)
+    return _plan(con, found, _high(found, up_to_seq), lifted, at_us, bound or groups.Bound())
 
 
 def _signature(con: duckdb.DuckDBPyConnection, found: _Row) -> tuple[Any, ...]:
@@ -580,7 +580,7 @@ def _plan(
     high: int,
     lifted: frozenset[str],
     at_us: int,
-    dimension_values: int,
+    bound: groups.Bound,
 ) -> Plan:
     """Steps 1, 2 and 5's reads of the window (done_to, `high`]."""
     org = found.job.organization_id
@@ -609,7 +609,7 @@ def _plan(
     subtracting = [m.id for m in meters if str(m.aggregation.func) in SUBTRACTING]
     taken: dict[str, pa.Table] = {}
     if subtracting and chunk.num_rows:
-        all_partials = rollups.partials(con, gone, dimension_values)
+        all_partials = rollups.partials(con, gone, bound)
         for relation in _TAKEN:
             rows = all_partials[relation]
             if rows.num_rows:
@@ -624,7 +624,7 @@ def _plan(
     ]
     again: dict[str, pa.Table] = {}
     if fast and chunk.num_rows:
-        again = _evaluated_again(con, org, fast, found.selection, chunk, at_us, dimension_values)
+        again = _evaluated_again(con, org, fast, found.selection, chunk, at_us, bound)
     n = chunk.num_rows
     # Repeated in C: a list of n Python objects holds the GIL, and with it the event loop
     # (160 ms a column for 500,000 markers).
@@ -661,7 +661,7 @@ def _evaluated_again(
     selection: dict[str, Any],
     chunk: pa.Table,
     at_us: int,
-    dimension_values: int,
+    bound: groups.Bound,
 ) -> dict[str, pa.Table]:
     """The rollups of `meters` of each (customer reference, bucket) of `chunk`, evaluated
     from the current events but those of `chunk`: read by time, the events' files being
@@ -678,7 +678,7 @@ def _evaluated_again(
         )
         params = [low, high, selection["customer_ids"], selection["external_ids"]]
         again = evaluated_events(con, meters, org, where, params, at_us, ledger=False)
-        found = rollups.partials(con, again, dimension_values)
+        found = rollups.partials(con, again, bound)
         return {r: rows for r, rows in found.items() if rows.num_rows}
 
 
@@ -795,7 +795,7 @@ class Window:
                 self.selection,
                 plan.chunk,
                 self.at_us,
-                self.tx.live.dimension_values,
+                self.tx.live.bound,
             )
             for relation, rows in found.items():
                 again[relation] = (
