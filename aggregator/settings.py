@@ -116,6 +116,8 @@ class ForwarderSettings:
     max_backoff_seconds: float = 30.0
     mode: Literal["raw", "rollup"] = "raw"
     rollup_minutes: int = 60  # the period of a rollup event (divides a day)
+    # Rollup mode: a dimensioned meter's events per value of its dimensions.
+    rollup_by_dimension: bool = False
     settle_seconds: float = 60.0  # a period is forwarded this long after it ends
     stage_every_seconds: float = 60.0
     # Local external customer id (or customer id) → the upstream's external_customer_id.

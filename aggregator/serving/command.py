@@ -215,6 +215,7 @@ def forwarder_settings(args: argparse.Namespace) -> ForwarderSettings | None:
         timeout_seconds=args.upstream_timeout,
         mode=args.upstream_mode,
         rollup_minutes=args.upstream_rollup_minutes,
+        rollup_by_dimension=args.upstream_rollup_by_dimension,
         settle_seconds=args.upstream_settle_seconds,
         stage_every_seconds=args.upstream_stage_seconds,
         customer_map=load_customer_map(args.upstream_customer_map),

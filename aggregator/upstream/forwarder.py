@@ -205,6 +205,7 @@ def _outbox(
         settings.customer_map,
         progress,
         period_minutes=settings.rollup_minutes,
+        by_dimension=settings.rollup_by_dimension,
         settle_seconds=settings.settle_seconds,
         stage_every_seconds=settings.stage_every_seconds,
     )

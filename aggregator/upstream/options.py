@@ -54,6 +54,12 @@ def arguments(group: argparse._ArgumentGroup) -> None:
         help="rollup mode: the period of one pre-aggregated event",
     )
     group.add_argument(
+        "--upstream-rollup-by-dimension",
+        action="store_true",
+        help="rollup mode: one event per value of a meter's dimensions (each named in its"
+        " metadata), for meters that have dimensions",
+    )
+    group.add_argument(
         "--upstream-settle-seconds",
         type=float,
         default=60.0,

@@ -100,6 +100,7 @@ class RollupOutbox:
         period_minutes: int,
         settle_seconds: float,
         stage_every_seconds: float,
+        by_dimension: bool = False,
     ) -> None:
         self._store = store
         self._org = organization_id
@@ -107,6 +108,7 @@ class RollupOutbox:
         self._progress = progress
         self._period_us = period_minutes * 60_000_000
         self._minutes = period_minutes
+        self._by_dimension = by_dimension
         self._settle_us = int(settle_seconds * 1_000_000)
         self._every = stage_every_seconds
         self._staged_at = float("-inf")
@@ -116,7 +118,13 @@ class RollupOutbox:
         now = now_us()
         cutoff = (now - self._settle_us) // self._period_us * self._period_us
         staged: int = await self._progress.record(
-            "rollup.stage", self._org, self._minutes, cutoff, dict(self._map), now
+            "rollup.stage",
+            self._org,
+            self._minutes,
+            cutoff,
+            dict(self._map),
+            now,
+            *((True,) if self._by_dimension else ()),
         )
         self._staged_at = time.monotonic()
         return staged

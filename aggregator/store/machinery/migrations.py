@@ -735,6 +735,26 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE rollup_groups_pending AS
         SELECT id AS meter_id FROM meters WHERE len(dimensions) > 0;
     """,
+    # 34: rollup-mode forwarding per group of a meter's dimensions (`forward_rollups`): what
+    # was forwarded of each group ('' for a meter's whole, as every row stored before).
+    """
+    CREATE TABLE forward_rollups_grouped (
+        organization_id UUID NOT NULL,
+        meter_id UUID NOT NULL,
+        subject VARCHAR NOT NULL,
+        period TIMESTAMPTZ NOT NULL,
+        grp VARCHAR NOT NULL,                -- the dimensions' values, a JSON array; '' none
+        units DOUBLE NOT NULL,
+        events BIGINT NOT NULL,
+        revision INTEGER NOT NULL,
+        PRIMARY KEY (organization_id, meter_id, subject, period, grp)
+    );
+    INSERT INTO forward_rollups_grouped
+        SELECT organization_id, meter_id, subject, period, '', units, events, revision
+        FROM forward_rollups;
+    DROP TABLE forward_rollups;
+    ALTER TABLE forward_rollups_grouped RENAME TO forward_rollups;
+    """,
 )
 
 

@@ -1,4 +1,6 @@
-"""SQL for rollup-mode forwarding: one event per meter, customer and period instead of raw events.
+"""SQL for rollup-mode forwarding: one event per meter, customer and period instead of raw events
+(and, if asked, per group of a dimensioned meter's dimensions' values, which the event's
+metadata then names: decision 19).
 
 Staging compares each settled period's rollup total with what the outbox already holds
 (`forward_rollups`) and freezes the difference as a new revision: an outbox row holding the
@@ -37,28 +39,37 @@ Con = duckdb.DuckDBPyConnection
 # Only additive meters are pre-summed (`meters.aggregations.ADDITIVE`).
 _DIFF = f"""
 WITH live AS (
-    SELECT id, name, aggregation->>'func' AS func FROM meters
+    SELECT id, name, aggregation->>'func' AS func, $grouped AND len(dimensions) > 0 AS grouped
+    FROM meters
     WHERE organization_id = $org AND archived_at IS NULL AND backfilled_to >= backfill_target
       AND aggregation->>'func' IN ({", ".join(repr(f) for f in sorted(ADDITIVE))})
 ), now_ AS (
     SELECT r.meter_id, r.subject, time_bucket(to_minutes($minutes), r.bucket) AS period,
-           sum(r.events) AS events,
+           '' AS grp, sum(r.events) AS events,
            sum(CASE WHEN live.func = 'count' THEN r.events ELSE r.total END) AS units
     FROM all_rollups r JOIN live ON live.id = r.meter_id
-    WHERE r.bucket < make_timestamptz($cutoff)
+    WHERE r.bucket < make_timestamptz($cutoff) AND NOT live.grouped
+    GROUP BY ALL
+    UNION ALL
+    SELECT g.meter_id, g.subject, time_bucket(to_minutes($minutes), g.bucket) AS period,
+           to_json([g.d0, g.d1, g.d2])::VARCHAR AS grp, sum(g.events) AS events,
+           sum(CASE WHEN live.func = 'count' THEN g.events ELSE g.total END) AS units
+    FROM all_rollup_groups g JOIN live ON live.id = g.meter_id
+    WHERE g.bucket < make_timestamptz($cutoff) AND live.grouped
     GROUP BY ALL
 ), held AS (
     SELECT f.* FROM forward_rollups f JOIN live ON live.id = f.meter_id
     WHERE f.organization_id = $org
 )
-SELECT meter_id, subject, epoch_us(period), coalesce(now_.units, 0.0), coalesce(now_.events, 0),
+SELECT meter_id, subject, epoch_us(period), grp, coalesce(now_.units, 0.0),
+       coalesce(now_.events, 0),
        coalesce(now_.units, 0.0) - coalesce(held.units, 0.0),
        coalesce(now_.events, 0) - coalesce(held.events, 0),
        coalesce(held.revision, 0) + 1
-FROM now_ FULL JOIN held USING (meter_id, subject, period)
+FROM now_ FULL JOIN held USING (meter_id, subject, period, grp)
 WHERE coalesce(now_.units, 0.0) <> coalesce(held.units, 0.0)
    OR coalesce(now_.events, 0) <> coalesce(held.events, 0)
-ORDER BY period, meter_id, subject
+ORDER BY period, meter_id, subject, grp
 """  # noqa: S608 - fixed text, values bound
 
 _CUSTOMERS = f"""
@@ -73,11 +84,15 @@ LEFT JOIN (SELECT id, external_id FROM customers
 """  # noqa: S608 - fixed text, values bound
 
 
-def external_id(meter_id: str, subject: str, period_us: int, revision: int) -> str:
-    """Deterministic: the same revision always carries the same id (and the same amount)."""
+def external_id(meter_id: str, subject: str, period_us: int, revision: int, group: str = "") -> str:
+    """Deterministic: the same revision always carries the same id (and the same amount); a
+    group's (`group`: its values, as `forward_rollups` keeps them) names it too."""
     period = us_to_datetime(period_us).strftime("%Y%m%dT%H%M")
     customer = hashlib.md5(subject.encode(), usedforsecurity=False).hexdigest()[:12]
-    return f"meterline:rollup:{meter_id}:{period}:{revision}:{customer}"
+    named = f"meterline:rollup:{meter_id}:{period}:{revision}:{customer}"
+    if not group:
+        return named
+    return f"{named}:{hashlib.md5(group.encode(), usedforsecurity=False).hexdigest()[:12]}"
 
 
 def stage_job(
@@ -86,23 +101,32 @@ def stage_job(
     cutoff_us: int,
     customer_map: Mapping[str, str],
     now_us: int,
+    by_dimension: bool = False,
 ) -> Job[int]:
-    """Freeze each settled period's change since the last revision into the outbox."""
+    """Freeze each settled period's change since the last revision into the outbox; of a
+    meter with dimensions, each group's if `by_dimension` (a record without it: not)."""
 
     def job(tx: Tx) -> int:
         con = tx.con
         rows = con.execute(
-            _DIFF, {"org": organization_id, "minutes": period_minutes, "cutoff": cutoff_us}
+            _DIFF,
+            {
+                "org": organization_id,
+                "minutes": period_minutes,
+                "cutoff": cutoff_us,
+                "grouped": by_dimension,
+            },
         ).fetchall()
         if not rows:
             return 0
         customers = dict(con.execute(_CUSTOMERS, [sorted({r[1] for r in rows})]).fetchall())
-        names = dict(
-            con.execute(
-                "SELECT id::VARCHAR, name FROM meters WHERE id IN (SELECT unnest(?::UUID[]))",
-                [sorted({str(r[0]) for r in rows})],
-            ).fetchall()
-        )
+        found = con.execute(
+            "SELECT id::VARCHAR, name, dimensions FROM meters"
+            " WHERE id IN (SELECT unnest(?::UUID[]))",
+            [sorted({str(r[0]) for r in rows})],
+        ).fetchall()
+        names = {str(m): str(name) for m, name, _ in found}
+        dimensions = {str(m): list(d) for m, _, d in found}
         first = first_row(
             con,
             "SELECT coalesce(max(seq), 0) FROM forward_rollup_outbox WHERE organization_id = ?",
@@ -111,14 +135,14 @@ def stage_job(
         seq = int(first[0]) if first else 0
         period_us = period_minutes * 60_000_000
         outbox, held = [], []
-        for meter_id, subject, start_us, units, events, d_units, d_events, revision in rows:
+        for meter_id, subject, start_us, grp, units, events, d_units, d_events, revision in rows:
             meter = str(meter_id)
             customer = customers[subject]
             event = {
                 "name": names[meter],
                 "timestamp": us_to_iso(start_us),
                 "external_customer_id": customer_map.get(customer, customer),
-                "external_id": external_id(meter, subject, start_us, revision),
+                "external_id": external_id(meter, subject, start_us, revision, grp),
                 "metadata": {
                     "meter_id": meter,
                     "units": _number(d_units),
@@ -126,11 +150,12 @@ def stage_job(
                     "period_start": us_to_iso(start_us),
                     "period_end": us_to_iso(start_us + period_us),
                     "revision": revision,
+                    **_named(dimensions[meter], grp),
                 },
             }
             seq += 1
             outbox.append([organization_id, seq, orjson.dumps(event).decode(), now_us])
-            held.append([organization_id, meter, subject, start_us, units, events, revision])
+            held.append([organization_id, meter, subject, start_us, grp, units, events, revision])
         con.executemany(
             "INSERT INTO forward_rollup_outbox (organization_id, seq, event, created_at)"
             " VALUES (?::UUID, ?, ?, make_timestamptz(?))",
@@ -138,12 +163,23 @@ def stage_job(
         )
         con.executemany(
             "INSERT OR REPLACE INTO forward_rollups"
-            " VALUES (?::UUID, ?::UUID, ?, make_timestamptz(?), ?, ?, ?)",
+            " VALUES (?::UUID, ?::UUID, ?, make_timestamptz(?), ?, ?, ?, ?)",
             held,
         )
         return len(outbox)
 
     return job
+
+
+def _named(dimensions: list[str], group: str) -> dict[str, str]:
+    """A group's values (`group`: as `forward_rollups` keeps them) by dimension, those it has:
+    metadata values are never null upstream."""
+    if not group:
+        return {}
+    values: list[str | None] = orjson.loads(group)[: len(dimensions)]  # d0..d2, nulls past
+    return {
+        name: value for name, value in zip(dimensions, values, strict=True) if value is not None
+    }
 
 
 def _number(value: float) -> float | int:

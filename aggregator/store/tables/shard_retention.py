@@ -249,10 +249,12 @@ def _delete_forward_outbox(con: duckdb.DuckDBPyConnection) -> int:
     """Rollup-mode outbox rows of dropped subjects: every revision `forward_rollups` made of
     them, found by external id (the event names its customer as mapped upstream)."""
     rows = con.execute(
-        "SELECT organization_id::VARCHAR, meter_id::VARCHAR, subject, epoch_us(period), revision"  # noqa: S608 - fixed text
-        f" FROM forward_rollups WHERE {_is_dropped('forward_rollups')}"
+        "SELECT organization_id::VARCHAR, meter_id::VARCHAR, subject, epoch_us(period), grp,"  # noqa: S608 - fixed text
+        f" revision FROM forward_rollups WHERE {_is_dropped('forward_rollups')}"
     ).fetchall()
-    ids = [(o, external_id(m, s, p, r)) for o, m, s, p, rev in rows for r in range(1, rev + 1)]
+    ids = [
+        (o, external_id(m, s, p, r, g)) for o, m, s, p, g, rev in rows for r in range(1, rev + 1)
+    ]
     outbox = pa.table(
         {
             "organization_id": pa.array([o for o, _ in ids], pa.string()),

@@ -10,6 +10,7 @@ CORRECTIONS = 30  # the step that made voided events and event versions
 VOID_JOBS = 31  # the step that made void jobs
 DIMENSIONS = 32  # the step that gave meters their dimensions
 GROUPS = 33  # the step that made the rollups of a meter's groups
+FORWARDED_GROUPS = 34  # the step that keyed rollup-mode forwarding by group too
 # The rollup tables and their deltas before segments.
 _ROLLUPS = {
     "rollups": "rollup_deltas",
@@ -40,9 +41,29 @@ def before_segments(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {SEGMENTS}")
 
 
+def before_forwarded_groups(con: duckdb.DuckDBPyConnection) -> None:
+    """The database as schema step 33 had it: what rollup mode forwarded, per meter, customer
+    and period (no group)."""
+    con.execute(
+        "CREATE TABLE forward_rollups_plain AS SELECT organization_id, meter_id, subject,"
+        " period, units, events, revision FROM forward_rollups"
+    )
+    con.execute("DROP TABLE forward_rollups")
+    con.execute(
+        "CREATE TABLE forward_rollups (organization_id UUID NOT NULL, meter_id UUID NOT NULL,"
+        " subject VARCHAR NOT NULL, period TIMESTAMPTZ NOT NULL, units DOUBLE NOT NULL,"
+        " events BIGINT NOT NULL, revision INTEGER NOT NULL,"
+        " PRIMARY KEY (organization_id, meter_id, subject, period))"
+    )
+    con.execute("INSERT INTO forward_rollups SELECT * FROM forward_rollups_plain")
+    con.execute("DROP TABLE forward_rollups_plain")
+    con.execute(f"DELETE FROM schema_migrations WHERE version >= {FORWARDED_GROUPS}")
+
+
 def before_groups(con: duckdb.DuckDBPyConnection) -> None:
     """The database as schema step 32 had it: no rollups of a meter's groups (their files
     left where they are, listed by nothing)."""
+    before_forwarded_groups(con)
     con.execute("DROP VIEW all_rollup_groups")
     con.execute("DROP TABLE rollup_groups")
     con.execute("DROP TABLE rollup_groups_pending")
