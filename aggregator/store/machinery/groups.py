@@ -10,9 +10,11 @@ do: the same floats however a flush was scheduled.
 
 The bound: at most `limit` values of one dimension per meter, customer reference and bucket
 (`bounded`). The values its stored rows have count first, then a flush's new ones in the
-order they first came (by seq, then value); the rest count under `OTHER`. Most flushes pass
-with one read: how many values the stored rows of their keys have (their buckets bound it, and
-the files are pruned by them); only keys that may pass the limit have their values compared.
+order they first came (by seq, then value); the rest count under `OTHER`. Most flushes read
+nothing: the process knows a superset of the values stored per (meter, bucket) (`Bound`), and
+where a flush's values and those stay within the limit, no customer's can pass it. Otherwise
+the stored values of the keys that might are read (their buckets bound the read, and the files
+are pruned by them) and compared.
 """
 
 from __future__ import annotations
@@ -118,15 +120,15 @@ class Bound:
     those of every group written since it started, or read back (a superset: a void takes
     values away, never adds one). Where a flush's values and those known of their (meter,
     bucket) are within the limit, no customer's can pass it, and nothing is read; a (meter,
-    bucket) with more values than `TRACKED` is read each time."""
+    bucket) with more than four times the limit's values is not tracked, but read each time."""
 
-    TRACKED = 4 * DIMENSION_VALUES
     PAIRS = 200_000  # (meter, bucket)s known at most; past them, the oldest known are forgotten
 
     def __init__(self, limit: int = DIMENSION_VALUES) -> None:
         self.limit = limit
+        self._tracked = 4 * limit
         self._lock = threading.Lock()
-        # None: too many values to track (`TRACKED`).
+        # None: too many values to track.
         self._known: dict[tuple[str, int], list[set[str]] | None] = {}
 
     def unknown(self, pairs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -154,7 +156,7 @@ class Bound:
                     continue
                 for mine, more in zip(known, sets, strict=True):
                     mine |= more
-                wide = any(len(values) > self.TRACKED for values in known)
+                wide = any(len(values) > self._tracked for values in known)
                 self._known.pop(pair, None)  # newest last
                 self._known[pair] = None if wide else known
             while len(self._known) > self.PAIRS:

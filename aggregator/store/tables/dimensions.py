@@ -1,14 +1,15 @@
 """A meter's dimensions as reads take them (decision 19): an event's value of a dimension and
-its group of several (`dimension_sql`, `group_sql`, read back by `group_of`), which quantities
-split by (`quantities.Scope.group_by`); the parameters naming dimensions checked against the
-meter's (`declared`); and a customer meter's consumed units split by them (`breakdown`): the
-ledger's window (the current user events of the customer's references that the meter counts,
-applied after the customer meter's last reset) grouped, each group a partial that the meter's
-aggregation reduces.
+its group of several (`value_sql`, `group_sql`, read back by `group_of`; a row of the rollups':
+`stored_group_sql`), which quantities split by (`quantities.Scope.group_by`); the parameters
+naming dimensions checked against the meter's (`declared`); and a customer meter's consumed
+units split by them (`breakdown`): the ledger's window (the current user events of the
+customer's references that the meter counts, applied after the customer meter's last reset)
+grouped, each group a partial that the meter's aggregation reduces. And the groups of meters
+given dimensions before the rollups kept them, derived when the store opens (`derive_pending`).
 
 The rollups keep a dimensioned meter's groups (`all_rollup_groups`: d0..d2, its dimensions'
 values in its order), at most some values of each dimension per customer reference and
-bucket, the rest under `OTHER` (`machinery.rollups`). What is read from the events counts
+bucket, the rest under `OTHER` (`machinery.groups`). What is read from the events counts
 each value as its bucket's groups do (`value_sql`): the same group, wherever it is read from.
 """
 
