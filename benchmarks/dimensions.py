@@ -495,18 +495,7 @@ async def _time_in_process(
         if time.perf_counter() - started > budget:
             break
         query_started = time.perf_counter()
-        found, gathered = await meter_service.partials(
-            store,
-            org,
-            meter.id,
-            window,
-            customer_ids=(),
-            external_customer_ids=(customer,),
-            metadata=(),
-            by_customer=False,
-            group_by=(name,),
-        )
-        answer = meter_service.quantities(found, gathered, None, (name,))
+        answer = await _grouped(store, org, meter.id, window, customer, name)
         latencies.append(time.perf_counter() - query_started)
         want = expected.get((customer, name))
         if want is not None:
@@ -523,6 +512,29 @@ async def _time_in_process(
     }
     print(f"   in process, grouped by one dimension: {result}", flush=True)
     return result
+
+
+async def _grouped(
+    store: Store,
+    org: str,
+    meter_id: str,
+    window: meter_service.QuantityWindow,
+    customer: str,
+    name: str,
+) -> meter_service.Quantities:
+    """One customer's quantities grouped by the dimension `name`, as the route reads them."""
+    found, gathered = await meter_service.partials(
+        store,
+        org,
+        meter_id,
+        window,
+        customer_ids=(),
+        external_customer_ids=(customer,),
+        metadata=(),
+        by_customer=False,
+        group_by=(name,),
+    )
+    return meter_service.quantities(found, gathered, None, (name,))
 
 
 def _same_groups(got: dict[str | None, float], want: dict[str | None, float]) -> bool:
@@ -997,18 +1009,7 @@ async def _check_groups(store: Store, dimensioned: list[MeterRow]) -> dict[str, 
         window = meter_service.QuantityWindow(lo, hi, "day", UTC_ZONE)
         for meter in dimensioned:
             for name in DIMENSIONS:
-                found, gathered = await meter_service.partials(
-                    store,
-                    ORG,
-                    meter.id,
-                    window,
-                    customer_ids=(),
-                    external_customer_ids=(customer,),
-                    metadata=(),
-                    by_customer=False,
-                    group_by=(name,),
-                )
-                answer = meter_service.quantities(found, gathered, None, (name,))
+                answer = await _grouped(store, ORG, meter.id, window, customer, name)
                 assert answer.groups is not None
                 got = {values[name]: total for values, _, total in answer.groups}
                 want = await store.read(_aggregate_groups, meter, customer, name, (lo, hi))
