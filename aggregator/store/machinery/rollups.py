@@ -349,8 +349,8 @@ def partials(
     """The batches' partial aggregates per rollup relation (`segments.RELATIONS`), merged across
     batches (each meter, customer reference and bucket once, however many batches had it) and
     sorted by them, as the relation's files keep them. A dimensioned meter's groups keep at
-    `bound.limit` values of each dimension per customer reference and bucket
-    (`_bounded`: the stored rows count).
+    most `bound.limit` values of each dimension per customer reference and bucket
+    (`groups.bounded`: the stored values count first).
 
     The contributions are turned into rows (meter, customer reference, bucket, value) first, so
     that the work is the same whatever the meters: its cost grows with the values stored, not

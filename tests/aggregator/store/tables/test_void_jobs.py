@@ -337,30 +337,27 @@ def _from_rollups(con: duckdb.DuckDBPyConnection, meter: MeterRow) -> dict[Any, 
         if which == "latest":
             return {key: max(found) for key, found in points.items()}
         return {key: sorted(found) for key, found in points.items()}
-    rows = con.execute(
-        "SELECT subject, epoch_us(bucket), sum(events), sum(total), min(low), max(high)"
-        " FROM all_rollups WHERE meter_id = ?::UUID GROUP BY ALL HAVING sum(events) <> 0",
-        [meter.id],
-    ).fetchall()
-    found = {}
-    for s, b, n, total, low, high in rows:
-        partial = Partial()
-        partial.add(int(n), total or 0.0, low, high)
-        found[(s, b)] = round(partial.result(str(meter.aggregation.func)), 6)
-    return found
+    return _numbers(con, meter, "all_rollups", "subject, epoch_us(bucket)")
 
 
 def _groups_from_rollups(con: duckdb.DuckDBPyConnection, meter: MeterRow) -> dict[Any, float]:
+    return _numbers(con, meter, "all_rollup_groups", "subject, epoch_us(bucket), d0")
+
+
+def _numbers(
+    con: duckdb.DuckDBPyConnection, meter: MeterRow, relation: str, keys: str
+) -> dict[Any, float]:
+    """Each key's (`keys` of `relation`) figure of a number meter, from its partials."""
     rows = con.execute(
-        "SELECT subject, epoch_us(bucket), d0, sum(events), sum(total), min(low), max(high)"
-        " FROM all_rollup_groups WHERE meter_id = ?::UUID GROUP BY ALL HAVING sum(events) <> 0",
+        f"SELECT {keys}, sum(events), sum(total), min(low), max(high) FROM {relation}"
+        " WHERE meter_id = ?::UUID GROUP BY ALL HAVING sum(events) <> 0",
         [meter.id],
     ).fetchall()
     found = {}
-    for s, b, model, n, total, low, high in rows:
+    for *key, n, total, low, high in rows:
         partial = Partial()
         partial.add(int(n), total or 0.0, low, high)
-        found[(s, b, model)] = round(partial.result(str(meter.aggregation.func)), 6)
+        found[tuple(key)] = round(partial.result(str(meter.aggregation.func)), 6)
     return found
 
 
