@@ -26,7 +26,7 @@ from aggregator.store.base.meter_sql import SQL, contribution_sql, dimension_sql
 from aggregator.store.base.rows import registered, transaction
 from aggregator.store.machinery import rollups
 from aggregator.store.machinery.groups import OTHER, Bound
-from aggregator.store.machinery.rollups import BUCKET, RESETS
+from aggregator.store.machinery.rollups import BUCKET, BUCKET_US, RESETS
 from aggregator.store.tables.corrections import counted_sql, evaluated_events
 from meters.aggregations import Partial
 from meters.errors import FieldError, ValidationFailed
@@ -55,30 +55,40 @@ def column(meter: MeterRow, name: str) -> str:
     return f"d{meter.dimensions.index(canonical_property(name))}"
 
 
-def value_sql(meter: MeterRow, name: str) -> SQL:
+def value_sql(meter: MeterRow, name: str, span: Sequence[int] | None = None) -> SQL:
     """A stored event's value of the meter's dimension `name` as the meter's groups count it:
     `OTHER` where its customer reference's bucket keeps other values under that name (the
-    rollups' bound), else its own."""
+    rollups' bound), else its own. `span`: [lo, hi), the events' instants, so that only the
+    groups of their buckets are read."""
     value, params = dimension_sql(name)
     d = column(meter, name)
     key = f"({subjects.OF_EVENT}, {BUCKET})"
+    within, within_params = "", []
+    if span is not None:
+        within = " AND bucket >= make_timestamptz(?) AND bucket < make_timestamptz(?)"
+        within_params = [span[0] - span[0] % BUCKET_US, span[1]]
     # The keys with values folded: few, found by the meter's rows of `OTHER`.
-    folded = f"SELECT subject, bucket FROM all_rollup_groups WHERE meter_id = ?::UUID AND {d} = ?"  # noqa: S608 - fixed text, values bound
+    folded = (
+        f"SELECT subject, bucket FROM all_rollup_groups WHERE meter_id = ?::UUID AND {d} = ?"  # noqa: S608 - fixed text, values bound
+        f"{within}"
+    )
+    folded_params = [meter.id, OTHER, *within_params]
     kept = (
         f"SELECT subject, bucket, {d} FROM all_rollup_groups WHERE meter_id = ?::UUID"  # noqa: S608 - fixed text, values bound
-        f" AND {d} IS NOT NULL AND (subject, bucket) IN ({folded})"
+        f" AND {d} IS NOT NULL{within} AND (subject, bucket) IN ({folded})"
     )
+    kept_params = [meter.id, *within_params, *folded_params]
     return (
         f"(CASE WHEN {value} IS NOT NULL AND {key} IN ({folded})"
         f" AND ({subjects.OF_EVENT}, {BUCKET}, {value}) NOT IN ({kept}) THEN ? ELSE {value} END)",
-        [*params, meter.id, OTHER, *params, meter.id, meter.id, OTHER, OTHER, *params],
+        [*params, *folded_params, *params, *kept_params, OTHER, *params],
     )
 
 
-def group_sql(meter: MeterRow, group_by: Sequence[str]) -> SQL:
-    """A stored event's group: its values of the meter's dimensions `group_by` (`value_sql`),
-    as a JSON array (`group_of` reads it back)."""
-    values = [value_sql(meter, name) for name in group_by]
+def group_sql(meter: MeterRow, group_by: Sequence[str], span: Sequence[int] | None = None) -> SQL:
+    """A stored event's group: its values of the meter's dimensions `group_by` (`value_sql`,
+    of events in `span` if given), as a JSON array (`group_of` reads it back)."""
+    values = [value_sql(meter, name, span) for name in group_by]
     return _listed([sql for sql, _ in values]), [p for _, ps in values for p in ps]
 
 

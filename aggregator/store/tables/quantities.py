@@ -152,7 +152,9 @@ def from_events(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     value, value_params = contribution_sql(scope.meter.aggregation)
     # The group an event counts in, a column of its own where the scope splits by one.
     column, grp_params = (
-        dimensions.group_sql(scope.meter, scope.group_by) if scope.group_by else ("", [])
+        dimensions.group_sql(scope.meter, scope.group_by, _span(ranges))
+        if scope.group_by
+        else ("", [])
     )
     grp = f", {column} AS grp" if scope.group_by else ""
     where, params = _events_where(scope, *_span(ranges))
@@ -188,7 +190,9 @@ def _events_where(scope: Scope, lo: int | None, hi: int) -> SQL:
         where += " AND json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))"
         params.extend([member_pointer(key), list(values)])
     for name, values in scope.dimensions:
-        value, value_params = dimensions.value_sql(scope.meter, name)
+        value, value_params = dimensions.value_sql(
+            scope.meter, name, None if lo is None else (lo, hi)
+        )
         where += f" AND {value} IN (SELECT unnest(?::VARCHAR[]))"
         params.extend([*value_params, list(values)])
     return where, params
