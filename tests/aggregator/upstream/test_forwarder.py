@@ -20,6 +20,7 @@ pytestmark = pytest.mark.serial  # it measures the rate requests go upstream at
 
 RATE = 300.0  # requests per minute: one every 0.2 s
 TIMEOUT = 1.0  # the edge's upstream timeout; a stall outlasts it
+JITTER = 0.1  # seconds a request may take from the edge to the proxy on a loaded machine
 
 
 def _all_external_ids(central: Server) -> collections.Counter[str]:
@@ -80,8 +81,16 @@ def test_every_event_lands_once_through_faults(tmp_path: Path) -> None:
     assert set(landed) - expected == {next(k for k in landed if k.startswith("meterline:"))}
     assert expected <= set(landed)
     assert max(landed.values()) == 1, [k for k, n in landed.items() if n > 1]
+    # Never faster than the rate: the n-th request after any one arrives no sooner than n
+    # spacings later. The proxy sees arrivals, so one request delayed on its way (a new
+    # connection after the stall) may arrive closer to the next: JITTER allows for that, and
+    # a burst of two requests still fails.
     times = [t for t, _ in proxy.ingests]
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert min(gaps) >= 60 / RATE * 0.9, gaps  # never faster than the rate
+    early = [
+        (i, j, times[j] - times[i])
+        for i, j in itertools.combinations(range(len(times)), 2)
+        if times[j] - times[i] < (j - i) * 60 / RATE - JITTER
+    ]
+    assert not early, (early, times)
     after_429 = [b - a for (a, act), (b, _) in itertools.pairwise(proxy.ingests) if act == "429"]
     assert after_429 and min(after_429) >= 1.0  # Retry-After honoured
