@@ -24,7 +24,7 @@ JOB_BOUND_SECONDS = 0.25
 # files (`store.machinery.dedupe`).
 DEDUPE_MEMORY_KEYS = 64 * 2**20
 # Values of one dimension a meter's groups keep per customer and 15-minute bucket; past them,
-# values count under `__other__` (`store.machinery.rollups`, decision 19).
+# values count under `__other__` (`store.machinery.groups`, decision 19).
 DIMENSION_VALUES = 1_000
 # Of the newest records of the dead-letter topic, how many a read looks through at most
 # (`intake.dead_letters`).

@@ -32,6 +32,7 @@ import duckdb
 import pyarrow as pa
 
 from aggregator.errors import QueryTimeout, StorageFull, UsageError
+from aggregator.settings import DIMENSION_VALUES
 from aggregator.store.apply.batch import Meters
 from aggregator.store.apply.commands import applied_group, applied_job, positioned
 from aggregator.store.apply.ingest import Replay
@@ -112,7 +113,7 @@ class Store:
         alert_payload: Payload = basic_payload,
         commands: CommandLog | None = None,
         holds_customer: Callable[[str, str], bool] | None = None,
-        dimension_values: int = groups.DIMENSION_VALUES,
+        dimension_values: int = DIMENSION_VALUES,
     ):
         self.path = str(path)
         # Values of one dimension a meter's groups keep per customer reference and bucket; the

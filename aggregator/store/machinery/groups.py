@@ -31,12 +31,10 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aggregator.settings import DIMENSION_VALUES
 from aggregator.store.base.arrays import numpy
 from aggregator.store.base.rows import registered
 
-# Values of one dimension a meter's groups keep per customer reference and bucket, by default
-# (a store's setting): those past it are counted under `OTHER`.
-DIMENSION_VALUES = 1_000
 OTHER = "__other__"
 KEYS = ("meter_id", "subject", "bucket", "d0", "d1", "d2")
 I64 = npt.NDArray[np.int64]
@@ -193,9 +191,7 @@ class Keys:
         found: dict[tuple[str, int], list[set[str]]] = {}
         size = self.null + 1
         for k in range(3):
-            ranks = self.dimensions[k]
-            counted = (ranks != self.null) & (ranks != self.other)
-            for code in np.unique(self.pair[counted] * size + ranks[counted]).tolist():
+            for code in self._counted(self.pair, k).tolist():
                 sets = found.setdefault(self.pairs[code // size], [set(), set(), set()])
                 sets[k].add(self.values[code % size])
         return found
@@ -210,11 +206,17 @@ class Keys:
             c: table.column(c).take(index) for c in ("meter_id", "subject", "bucket")
         }
         for k in range(3):
-            ranks = self.dimensions[k]
-            counted = (ranks != self.null) & (ranks != self.other)
-            pairs = np.unique(self.key[counted] * (self.null + 1) + ranks[counted])
-            columns[f"n{k}"] = np.bincount(pairs // (self.null + 1), minlength=n)
+            columns[f"n{k}"] = np.bincount(
+                self._counted(self.key, k) // (self.null + 1), minlength=n
+            )
         return pa.table(columns)
+
+    def _counted(self, by: I64, k: int) -> I64:
+        """Each distinct (row's `by`, value of dimension `k`) of the rows, not null, not
+        `OTHER`, as one number: `by * (null + 1) + rank`."""
+        ranks = self.dimensions[k]
+        counted = (ranks != self.null) & (ranks != self.other)
+        return np.unique(by[counted] * (self.null + 1) + ranks[counted])
 
 
 def merged(parts: Sequence[Coded]) -> tuple[pa.Table, Keys]:

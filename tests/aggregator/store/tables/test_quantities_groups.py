@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aggregator.settings import DIMENSION_VALUES
 from aggregator.store import MeterRow, Store
 from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.machinery.groups import DIMENSION_VALUES
 from aggregator.store.machinery.rollups import BUCKET_US
 from aggregator.store.tables.dimensions import OTHER, group_of
 from aggregator.store.tables.meter_tables import create_job
