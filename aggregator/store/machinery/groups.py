@@ -14,7 +14,9 @@ order they first came (by seq, then value); the rest count under `OTHER`. Most f
 nothing: the process knows a superset of the values stored per (meter, bucket) (`Bound`), and
 where a flush's values and those stay within the limit, no customer's can pass it. Otherwise
 the stored values of the keys that might are read (their buckets bound the read, and the files
-are pruned by them) and compared.
+are pruned by them) and compared. A meter whose rows ever held `OTHER` is listed in
+`folded_meters`, in the transaction that stores them (`partials`, `folds`): reads of the events
+of any other meter take each value as its own, without looking up its bucket's groups.
 """
 
 from __future__ import annotations
@@ -168,7 +170,26 @@ def partials(con: duckdb.DuckDBPyConnection, parts: Sequence[Coded], bound: Boun
     if not parts:
         return pa.table({})
     table, keys = merged(parts)
-    return bounded(con, table, keys, bound).drop_columns(["first"])
+    found = bounded(con, table, keys, bound).drop_columns(["first"])
+    other = pa.scalar(OTHER)
+    folded = pc.equal(found.column("d0"), other)
+    for k in (1, 2):
+        folded = pc.or_kleene(folded, pc.equal(found.column(f"d{k}"), other))
+    meters = pc.unique(found.column("meter_id").filter(folded)).to_pylist()
+    if meters:  # in the caller's transaction: listed exactly when its rows are stored
+        con.execute(
+            "INSERT INTO folded_meters SELECT unnest(?::UUID[]) ON CONFLICT DO NOTHING", [meters]
+        )
+    return found
+
+
+def folds(con: duckdb.DuckDBPyConnection, meter_id: str) -> bool:
+    """Whether the meter's groups have held `OTHER` (`partials`): if not, no event's value
+    was ever counted under it."""
+    found = con.execute(
+        "SELECT count(*) FROM folded_meters WHERE meter_id = ?::UUID", [meter_id]
+    ).fetchall()
+    return bool(found[0][0])
 
 
 @dataclass(frozen=True, slots=True)

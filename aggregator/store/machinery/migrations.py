@@ -755,6 +755,13 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE forward_rollups;
     ALTER TABLE forward_rollups_grouped RENAME TO forward_rollups;
     """,
+    # 35: the meters whose groups ever held `OTHER` (`groups.partials`): only theirs map an
+    # event's value read from the events through its bucket's groups (`dimensions.value_sql`).
+    # A data dir of before lists every meter with dimensions: any may have.
+    """
+    CREATE TABLE folded_meters (meter_id UUID PRIMARY KEY);
+    INSERT INTO folded_meters SELECT id FROM meters WHERE len(dimensions) > 0;
+    """,
 )
 
 

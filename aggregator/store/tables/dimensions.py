@@ -55,12 +55,17 @@ def column(meter: MeterRow, name: str) -> str:
     return f"d{meter.dimensions.index(canonical_property(name))}"
 
 
-def value_sql(meter: MeterRow, name: str, span: Sequence[int] | None = None) -> SQL:
+def value_sql(
+    meter: MeterRow, name: str, span: Sequence[int] | None = None, folded: bool = True
+) -> SQL:
     """A stored event's value of the meter's dimension `name` as the meter's groups count it:
     `OTHER` where its customer reference's bucket keeps other values under that name (the
     rollups' bound), else its own. `span`: [lo, hi), the events' instants, so that only the
-    groups of their buckets are read."""
+    groups of their buckets are read. `folded` False: the meter's groups never held `OTHER`
+    (`groups.folds`), so every value is its own and no group is read."""
     value, params = dimension_sql(name)
+    if not folded:
+        return value, params
     d = column(meter, name)
     key = f"({subjects.OF_EVENT}, {BUCKET})"
     within, within_params = "", []
@@ -68,27 +73,32 @@ def value_sql(meter: MeterRow, name: str, span: Sequence[int] | None = None) -> 
         within = " AND bucket >= make_timestamptz(?) AND bucket < make_timestamptz(?)"
         within_params = [span[0] - span[0] % BUCKET_US, span[1]]
     # The keys with values folded: few, found by the meter's rows of `OTHER`.
-    folded = (
+    crowded = (
         f"SELECT subject, bucket FROM all_rollup_groups WHERE meter_id = ?::UUID AND {d} = ?"  # noqa: S608 - fixed text, values bound
         f"{within}"
     )
-    folded_params = [meter.id, OTHER, *within_params]
+    crowded_params = [meter.id, OTHER, *within_params]
     kept = (
         f"SELECT subject, bucket, {d} FROM all_rollup_groups WHERE meter_id = ?::UUID"  # noqa: S608 - fixed text, values bound
-        f" AND {d} IS NOT NULL{within} AND (subject, bucket) IN ({folded})"
+        f" AND {d} IS NOT NULL{within} AND (subject, bucket) IN ({crowded})"
     )
-    kept_params = [meter.id, *within_params, *folded_params]
+    kept_params = [meter.id, *within_params, *crowded_params]
     return (
-        f"(CASE WHEN {value} IS NOT NULL AND {key} IN ({folded})"
+        f"(CASE WHEN {value} IS NOT NULL AND {key} IN ({crowded})"
         f" AND ({subjects.OF_EVENT}, {BUCKET}, {value}) NOT IN ({kept}) THEN ? ELSE {value} END)",
-        [*params, *folded_params, *params, *kept_params, OTHER, *params],
+        [*params, *crowded_params, *params, *kept_params, OTHER, *params],
     )
 
 
-def group_sql(meter: MeterRow, group_by: Sequence[str], span: Sequence[int] | None = None) -> SQL:
+def group_sql(
+    meter: MeterRow,
+    group_by: Sequence[str],
+    span: Sequence[int] | None = None,
+    folded: bool = True,
+) -> SQL:
     """A stored event's group: its values of the meter's dimensions `group_by` (`value_sql`,
     of events in `span` if given), as a JSON array (`group_of` reads it back)."""
-    values = [value_sql(meter, name, span) for name in group_by]
+    values = [value_sql(meter, name, span, folded) for name in group_by]
     return _listed([sql for sql, _ in values]), [p for _, ps in values for p in ps]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -22,6 +22,7 @@ import duckdb
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.base.meter_sql import contribution_sql, filter_sql, member_pointer
+from aggregator.store.machinery import groups
 from aggregator.store.machinery.rollups import BUCKET_US, kind
 from aggregator.store.tables import dimensions
 from aggregator.store.tables.dimensions import MAX_GROUPS, OTHER
@@ -62,6 +63,9 @@ class Scope:
     # Where the events are read: `events`, or a relation standing for them after a change not
     # made (a replacement's dry run: `correction_reads`), which no rollups hold.
     events: str = "events"
+    # Whether the meter's groups ever held `OTHER` (`groups.folds`): if not, an event's value
+    # read from the events is its own, looked up in no group (`dimensions.value_sql`).
+    folded: bool = True
 
     @property
     def from_events_only(self) -> bool:
@@ -152,7 +156,7 @@ def from_events(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     value, value_params = contribution_sql(scope.meter.aggregation)
     # The group an event counts in, a column of its own where the scope splits by one.
     column, grp_params = (
-        dimensions.group_sql(scope.meter, scope.group_by, _span(ranges))
+        dimensions.group_sql(scope.meter, scope.group_by, _span(ranges), scope.folded)
         if scope.group_by
         else ("", [])
     )
@@ -191,7 +195,7 @@ def _events_where(scope: Scope, lo: int | None, hi: int) -> SQL:
         params.extend([member_pointer(key), list(values)])
     for name, values in scope.dimensions:
         value, value_params = dimensions.value_sql(
-            scope.meter, name, None if lo is None else (lo, hi)
+            scope.meter, name, None if lo is None else (lo, hi), scope.folded
         )
         where += f" AND {value} IN (SELECT unnest(?::VARCHAR[]))"
         params.extend([*value_params, list(values)])
@@ -210,6 +214,14 @@ def _partials(
         [p for _, params in queries for p in params],
     ).fetchall()
     return _collect(rows, kind(scope.meter))
+
+
+def _known_folds(con: duckdb.DuckDBPyConnection, scope: Scope) -> Scope:
+    """`scope`, told whether its meter's groups ever held `OTHER` where it reads them: looking
+    each value up in its bucket's groups costs a grouped answer ~8 ms (10M events, 2 cores)."""
+    if scope.grouped and scope.folded:
+        return replace(scope, folded=groups.folds(con, scope.meter.id))
+    return scope
 
 
 def _span(ranges: Sequence[tuple[int, int, int]]) -> list[int]:
@@ -302,6 +314,7 @@ def exact_range(
     con: duckdb.DuckDBPyConnection, scope: Scope, start_us: int, end_us: int
 ) -> dict[Key, Partial]:
     """Partials of exactly the events in [start, end] (index 0)."""
+    scope = _known_folds(con, scope)
     whole, edges = _split(scope, 0, [(start_us, end_us)])
     return _partials(con, scope, _queries(scope, whole, edges))
 
@@ -459,6 +472,7 @@ def gather(
 ) -> Gathered:
     """Partials of the periods intersecting [start, end] and of exactly that range (an
     integral meter's up to `now_us`)."""
+    scope = _known_folds(con, scope)
     periods = boundaries(us_to_datetime(start_us), us_to_datetime(end_us), interval, tz)
     bounds = [datetime_to_us(p) for p in periods]
     ranges = [(i, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]

@@ -11,6 +11,7 @@ VOID_JOBS = 31  # the step that made void jobs
 DIMENSIONS = 32  # the step that gave meters their dimensions
 GROUPS = 33  # the step that made the rollups of a meter's groups
 FORWARDED_GROUPS = 34  # the step that keyed rollup-mode forwarding by group too
+FOLDED = 35  # the step that listed the meters whose groups held `OTHER`
 # The rollup tables and their deltas before segments.
 _ROLLUPS = {
     "rollups": "rollup_deltas",
@@ -41,9 +42,17 @@ def before_segments(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {SEGMENTS}")
 
 
+def before_folded(con: duckdb.DuckDBPyConnection) -> None:
+    """The database as schema step 34 had it: no list of the meters whose groups held
+    `OTHER`."""
+    con.execute("DROP TABLE folded_meters")
+    con.execute(f"DELETE FROM schema_migrations WHERE version >= {FOLDED}")
+
+
 def before_forwarded_groups(con: duckdb.DuckDBPyConnection) -> None:
     """The database as schema step 33 had it: what rollup mode forwarded, per meter, customer
     and period (no group)."""
+    before_folded(con)
     con.execute(
         "CREATE TABLE forward_rollups_plain AS SELECT organization_id, meter_id, subject,"
         " period, units, events, revision FROM forward_rollups"

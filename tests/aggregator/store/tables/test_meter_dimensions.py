@@ -22,6 +22,7 @@ from aggregator.services import cluster_service
 from aggregator.store import Store, TenantLimits
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow, get_meter
+from aggregator.store.machinery.groups import folds
 from aggregator.store.tables.digest import logical_rows
 from aggregator.store.tables.meter_tables import backfill_step_job, create_job, update_job
 from aggregator.store.tables.quantities import Scope, gather
@@ -31,7 +32,7 @@ from meters.definitions import MeterCreate, MeterUpdate
 from meters.errors import ValidationFailed
 from meters.events import EventRules, parse_ingest_body, to_table
 from meters.times import now_us
-from tests.aggregator.store.schema_before import before_dimensions, before_groups
+from tests.aggregator.store.schema_before import before_dimensions, before_folded, before_groups
 
 ORG = str(uuid.uuid4())
 ALL: dict[str, Any] = {"conjunction": "and", "clauses": []}
@@ -307,3 +308,40 @@ def test_a_data_dir_of_schema_32_opens_with_its_meters_groups_derived(tmp_path: 
     after, stored = asyncio.run(reopen())
     assert stored > 0  # read from the groups' rows, derived
     assert after == before
+
+
+def test_a_data_dir_of_schema_34_lists_its_dimensioned_meters_as_folded(tmp_path: Path) -> None:
+    """Before migration 35 no meter was listed as having folded values: every meter with
+    dimensions is listed (any may have), and its grouped quantities are what they were. A meter
+    made after lists itself only once a value folds."""
+    path = tmp_path / "m.duckdb"
+    meter_id = str(uuid.uuid4())
+    window = (0, now_us() + 3_600_000_000)
+
+    async def grouped(store: Store) -> dict[str, float]:
+        meter = await _meter(store, meter_id)
+        scope = Scope(meter, None, group_by=("model",))
+        found = await store.read(gather, scope, *window, "month", ZoneInfo("UTC"), 0)
+        groups, _ = found.groups(meter)
+        return {key: total for key, _, total in groups}
+
+    async def make() -> tuple[dict[str, float], bool]:
+        async with Store(path) as store:
+            await _ingest(store, 40, models=4)
+            data = _create("tokens", {"func": "sum", "property": "tokens"}, dimensions=["model"])
+            await store.write(create_job(ORG, data, now_us(), meter_id=meter_id))
+            assert await store.write(backfill_step_job(meter_id, 1, 25)) is not None
+            assert await store.write(backfill_step_job(meter_id, 1, 25)) is not None
+            return await grouped(store), await store.read(folds, meter_id)
+
+    async def reopen() -> tuple[dict[str, float], bool]:
+        async with Store(path) as store:
+            return await grouped(store), await store.read(folds, meter_id)
+
+    before, listed = asyncio.run(make())
+    assert len(before) == 4 and not listed  # 4 models: far below the bound
+    con = duckdb.connect(str(path))
+    before_folded(con)
+    con.close()
+    after, listed = asyncio.run(reopen())
+    assert listed and after == before

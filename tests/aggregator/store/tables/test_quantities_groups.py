@@ -2,7 +2,8 @@
 group's raw events, in any timezone and interval, and the groups together make the ungrouped
 quantity: their sum for count and sum meters, their least for min, their greatest for max. With
 a bound on a dimension's values per customer and bucket, the values past the first ones to come
-count under `OTHER`, whether read from the rollups or from the events."""
+count under `OTHER`, whether read from the rollups or from the events; and the meter is listed
+as folded exactly when one did."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from aggregator.settings import DIMENSION_VALUES
 from aggregator.store import MeterRow, Store
 from aggregator.store.apply.ingest import IngestJob
+from aggregator.store.machinery.groups import folds
 from aggregator.store.machinery.rollups import BUCKET_US
 from aggregator.store.tables.dimensions import OTHER, group_of
 from aggregator.store.tables.meter_tables import create_job
@@ -100,7 +102,7 @@ def test_each_group_equals_the_fold_over_its_events(
         }
     )
 
-    async def run() -> tuple[MeterRow, Gathered]:
+    async def run() -> tuple[MeterRow, Gathered, bool]:
         path = tmp_path_factory.mktemp("g") / "m.duckdb"
         async with Store(path, dimension_values=bound or DIMENSION_VALUES) as store:
             meter = await store.write(create_job(ORG, meter_create, 0, meter_id=str(uuid.uuid4())))
@@ -116,15 +118,18 @@ def test_each_group_equals_the_fold_over_its_events(
                 dimensions=asked if restrict == "dimension" else (),
             )
             found = await store.read(gather, scope, start, end, interval, ZoneInfo(zone), 0)
-            return meter, found
+            return meter, found, await store.read(folds, meter.id)
 
-    meter, gathered = asyncio.run(run())
+    meter, gathered, folded_meter = asyncio.run(run())
     func = str(aggregation["func"])
 
     def counts(e: Event) -> bool:
         return func == "count" or meter_create.aggregation.contribution(_view(e)) is not None
 
     grouped = _bounded(events, counts, bound)
+    # Listed as folded exactly when a value counted under `OTHER`: only then are values read
+    # from the events looked up in their bucket's groups.
+    assert folded_meter == any(OTHER in values for values in grouped)
     matching = [
         e
         for i, e in enumerate(events)
