@@ -265,6 +265,24 @@ def test_a_data_dir_of_the_previous_main_opens_and_its_records_still_apply(
     asyncio.run(reopen())
 
 
+async def _grouped(store: Store, meter_id: str, window: tuple[int, int]) -> dict[str, float]:
+    """The meter's totals over `window` per model (the groups' keys)."""
+    meter = await _meter(store, meter_id)
+    scope = Scope(meter, None, group_by=("model",))
+    found = await store.read(gather, scope, *window, "month", ZoneInfo("UTC"), 0)
+    groups, _ = found.groups(meter)
+    return {key: total for key, _, total in groups}
+
+
+async def _by_model(store: Store, meter_id: str) -> None:
+    """40 events of 4 models, then a sum meter of their tokens by model, backfilled."""
+    await _ingest(store, 40, models=4)
+    data = _create("tokens", {"func": "sum", "property": "tokens"}, dimensions=["model"])
+    await store.write(create_job(ORG, data, now_us(), meter_id=meter_id))
+    assert await store.write(backfill_step_job(meter_id, 1, 25)) is not None
+    assert await store.write(backfill_step_job(meter_id, 1, 25)) is not None
+
+
 def test_a_data_dir_of_schema_32_opens_with_its_meters_groups_derived(tmp_path: Path) -> None:
     """A meter given dimensions before the rollups kept its groups: the store derives them
     from its stored events when it opens (migration 33), and its grouped quantities, read from
@@ -273,21 +291,10 @@ def test_a_data_dir_of_schema_32_opens_with_its_meters_groups_derived(tmp_path: 
     meter_id = str(uuid.uuid4())
     window = (0, now_us() + 3_600_000_000)
 
-    async def grouped(store: Store) -> dict[str, float]:
-        meter = await _meter(store, meter_id)
-        scope = Scope(meter, None, group_by=("model",))
-        found = await store.read(gather, scope, *window, "month", ZoneInfo("UTC"), 0)
-        groups, _ = found.groups(meter)
-        return {key: total for key, _, total in groups}
-
     async def make() -> dict[str, float]:
         async with Store(path) as store:
-            await _ingest(store, 40, models=4)
-            data = _create("tokens", {"func": "sum", "property": "tokens"}, dimensions=["model"])
-            await store.write(create_job(ORG, data, now_us(), meter_id=meter_id))
-            assert await store.write(backfill_step_job(meter_id, 1, 25)) is not None
-            assert await store.write(backfill_step_job(meter_id, 1, 25)) is not None
-            return await grouped(store)
+            await _by_model(store, meter_id)
+            return await _grouped(store, meter_id, window)
 
     async def reopen() -> tuple[dict[str, float], int]:
         async with Store(path) as store:
@@ -298,7 +305,7 @@ def test_a_data_dir_of_schema_32_opens_with_its_meters_groups_derived(tmp_path: 
                 ).fetchall()[0]
             )
             assert rows[1] == 0
-            return await grouped(store), int(rows[0])
+            return await _grouped(store, meter_id, window), int(rows[0])
 
     before = asyncio.run(make())
     assert len(before) == 4 and math.isclose(sum(before.values()), sum(range(40)))
@@ -312,36 +319,22 @@ def test_a_data_dir_of_schema_32_opens_with_its_meters_groups_derived(tmp_path: 
 
 def test_a_data_dir_of_schema_34_lists_its_dimensioned_meters_as_folded(tmp_path: Path) -> None:
     """Before migration 35 no meter was listed as having folded values: every meter with
-    dimensions is listed (any may have), and its grouped quantities are what they were. A meter
-    made after lists itself only once a value folds."""
+    dimensions is listed then (any may have), and its grouped quantities are what they were.
+    Made by this version, a meter whose values never folded is not listed."""
     path = tmp_path / "m.duckdb"
     meter_id = str(uuid.uuid4())
     window = (0, now_us() + 3_600_000_000)
 
-    async def grouped(store: Store) -> dict[str, float]:
-        meter = await _meter(store, meter_id)
-        scope = Scope(meter, None, group_by=("model",))
-        found = await store.read(gather, scope, *window, "month", ZoneInfo("UTC"), 0)
-        groups, _ = found.groups(meter)
-        return {key: total for key, _, total in groups}
-
-    async def make() -> tuple[dict[str, float], bool]:
+    async def opened(make: bool) -> tuple[dict[str, float], bool]:
         async with Store(path) as store:
-            await _ingest(store, 40, models=4)
-            data = _create("tokens", {"func": "sum", "property": "tokens"}, dimensions=["model"])
-            await store.write(create_job(ORG, data, now_us(), meter_id=meter_id))
-            assert await store.write(backfill_step_job(meter_id, 1, 25)) is not None
-            assert await store.write(backfill_step_job(meter_id, 1, 25)) is not None
-            return await grouped(store), await store.read(folds, meter_id)
+            if make:
+                await _by_model(store, meter_id)
+            return await _grouped(store, meter_id, window), await store.read(folds, meter_id)
 
-    async def reopen() -> tuple[dict[str, float], bool]:
-        async with Store(path) as store:
-            return await grouped(store), await store.read(folds, meter_id)
-
-    before, listed = asyncio.run(make())
+    before, listed = asyncio.run(opened(make=True))
     assert len(before) == 4 and not listed  # 4 models: far below the bound
     con = duckdb.connect(str(path))
     before_folded(con)
     con.close()
-    after, listed = asyncio.run(reopen())
+    after, listed = asyncio.run(opened(make=False))
     assert listed and after == before
