@@ -25,7 +25,7 @@ from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.meter_sql import SQL, contribution_sql, dimension_sql, filter_sql
 from aggregator.store.base.rows import registered, transaction
 from aggregator.store.machinery import rollups
-from aggregator.store.machinery.groups import OTHER, Bound
+from aggregator.store.machinery.groups import OTHER, Bound, folds
 from aggregator.store.machinery.rollups import BUCKET, BUCKET_US, RESETS
 from aggregator.store.tables.corrections import counted_sql, evaluated_events
 from meters.aggregations import Partial
@@ -160,7 +160,7 @@ def breakdown(
     window of the customer references `references` (a customer's: `subjects.of_customer`)."""
     value, value_params = contribution_sql(meter.aggregation)
     in_filter, filter_params = filter_sql(meter.filter)
-    group, group_params = group_sql(meter, group_by)
+    group, group_params = group_sql(meter, group_by, folded=folds(con, meter.id))
     counted, counted_params = counted_sql(meter)
     rows = con.execute(
         "SELECT grp, count(*), sum(v), min(v), max(v) FROM"  # noqa: S608 - fixed text, values bound

@@ -13,6 +13,7 @@ import math
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -26,7 +27,7 @@ from aggregator.store import MeterRow, Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.machinery.groups import folds
 from aggregator.store.machinery.rollups import BUCKET_US
-from aggregator.store.tables.dimensions import OTHER, group_of
+from aggregator.store.tables.dimensions import OTHER, breakdown, group_of
 from aggregator.store.tables.meter_tables import create_job
 from aggregator.store.tables.quantities import Gathered, Scope, gather
 from meters.aggregations import Partial, fold
@@ -102,7 +103,7 @@ def test_each_group_equals_the_fold_over_its_events(
         }
     )
 
-    async def run() -> tuple[MeterRow, Gathered, bool]:
+    async def run() -> tuple[MeterRow, Gathered, bool, dict[str, Partial]]:
         path = tmp_path_factory.mktemp("g") / "m.duckdb"
         async with Store(path, dimension_values=bound or DIMENSION_VALUES) as store:
             meter = await store.write(create_job(ORG, meter_create, 0, meter_id=str(uuid.uuid4())))
@@ -118,9 +119,11 @@ def test_each_group_equals_the_fold_over_its_events(
                 dimensions=asked if restrict == "dimension" else (),
             )
             found = await store.read(gather, scope, start, end, interval, ZoneInfo(zone), 0)
-            return meter, found, await store.read(folds, meter.id)
+            # A customer meter's breakdown: the same groups, of all the customer's events.
+            split = await store.read(breakdown, meter, ("ext:c1",), group_by)
+            return meter, found, await store.read(folds, meter.id), split
 
-    meter, gathered, folded_meter = asyncio.run(run())
+    meter, gathered, folded_meter, split = asyncio.run(run())
     func = str(aggregation["func"])
 
     def counts(e: Event) -> bool:
@@ -175,6 +178,13 @@ def test_each_group_equals_the_fold_over_its_events(
     _close(total, expect(matching, start, end + 1), ("all", "total"))
     # ... and the groups' combined: those with events in the window (a group of events in the
     # periods alone has a window total of nothing, 0, which no minimum takes).
+    theirs = [e for e in events if e.external_customer_id == "c1" and counts(e)]
+    assert sorted(json.dumps(group_of(k, len(group_by))) for k in split) == sorted(
+        {json.dumps(values(e)) for e in theirs}
+    )
+    for key, partial in split.items():
+        mine = [e for e in theirs if values(e) == group_of(key, len(group_by))]
+        _close(partial.result(func), expect(mine, -(2**62), 2**62), (key, "breakdown"))
     combine = {"count": math.fsum, "sum": math.fsum, "min": min, "max": max}.get(func)
     inside = [
         t
@@ -270,3 +280,55 @@ def _aggregation(func: str) -> Any:
             "aggregation": definition,
         }
     ).aggregation
+
+
+def test_values_past_the_bound_count_under_other_in_a_breakdown_and_at_the_edges(
+    tmp_path: Path,
+) -> None:
+    """With one value kept per customer and bucket: of c1's tags a, b, c in one bucket, b and c
+    count under `OTHER`; its b of the next bucket keeps its name. A customer meter's breakdown
+    (its events) and the quantities of a window cutting both buckets (whole buckets from the
+    groups, its edges from the events) say the same."""
+    first = 40 * BUCKET_US
+    tags = [(first, "a"), (first + 1, "b"), (first + 2, "c"), (first + BUCKET_US + 1, "b")]
+    events = [
+        Event(
+            name="a",
+            timestamp_us=at,
+            customer_id=None,
+            external_customer_id="c1",
+            external_id=f"e{i}",
+            parent_id=None,
+            external_member_id=None,
+            metadata={"tag": tag},
+            cost_amount=None,
+        )
+        for i, (at, tag) in enumerate(tags)
+    ]
+    meter_create = MeterCreate.model_validate(
+        {
+            "name": "meter",
+            "filter": {"conjunction": "and", "clauses": []},
+            "aggregation": {"func": "count"},
+            "dimensions": ["tag"],
+        }
+    )
+
+    async def run() -> tuple[dict[str, Partial], list[tuple[str, list[Any], float]], bool]:
+        async with Store(tmp_path / "m.duckdb", dimension_values=1) as store:
+            meter = await store.write(create_job(ORG, meter_create, 0, meter_id=str(uuid.uuid4())))
+            await store.write(IngestJob(ORG, to_table(events), 0))
+            split = await store.read(breakdown, meter, ("ext:c1",), ("tag",))
+            scope = Scope(meter, ("ext:c1",), group_by=("tag",))
+            window = (first + 1, first + 2 * BUCKET_US - 1)  # cuts both buckets
+            found = await store.read(gather, scope, *window, "day", ZoneInfo("UTC"), 0)
+            groups, _ = found.groups(meter)
+            return split, groups, await store.read(folds, meter.id)
+
+    split, groups, listed = asyncio.run(run())
+    assert listed
+    want = {"a": 1.0, OTHER: 2.0, "b": 1.0}
+    assert {group_of(k, 1)[0]: p.result("count") for k, p in split.items()} == want
+    # The window leaves out the first event (a: in its day's period only), and holds b and c
+    # under OTHER, at its first edge, and b in the next bucket, at its last.
+    assert {group_of(k, 1)[0]: total for k, _, total in groups} == {"a": 0.0, OTHER: 2.0, "b": 1.0}
