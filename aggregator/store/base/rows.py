@@ -1,11 +1,11 @@
 """Reading single rows without leaving a result open (an open result blocks checkpoints), Arrow
 tables registered for the statements that read them, ids checked before they reach a UUID
-cast, and transactions that end cleanly whatever failed."""
+cast, lists of values a scan filters by, and transactions that end cleanly whatever failed."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import duckdb
@@ -25,6 +25,14 @@ def is_uuid(value: str) -> bool:
     """Whether `value` is an id in the one spelling the API passes down (`meters.wire`):
     any other text is no stored row's id, and would fail a UUID cast."""
     return is_canonical_id(value)
+
+
+def among(column: str, values: Sequence[str], cast: str = "VARCHAR") -> tuple[str, list[Any]]:
+    """`column IN (...)` of constants, bound: a list DuckDB filters a scan by and prunes files'
+    row groups with, where a subquery (a semi join) it applies only after reading the rows."""
+    if not values:
+        return "FALSE", []
+    return f"{column} IN ({', '.join(f'?::{cast}' for _ in values)})", list(values)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import duckdb
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.base.meter_sql import contribution_sql, filter_sql, member_pointer
+from aggregator.store.base.rows import among
 from aggregator.store.machinery import groups
 from aggregator.store.machinery.rollups import BUCKET_US, kind
 from aggregator.store.tables import dimensions
@@ -125,8 +126,9 @@ def from_rollups(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
     )
     params: list[Any] = [meter.id, *_span(ranges)]
     if scope.subjects is not None:
-        where += f" AND {_among('r.subject', scope.subjects)}"
-        params += scope.subjects
+        subject_in, subject_params = among("r.subject", scope.subjects)
+        where += f" AND {subject_in}"
+        params += subject_params
     for name, values in scope.dimensions:
         where += f" AND r.{dimensions.column(meter, name)} IN (SELECT unnest(?::VARCHAR[]))"
         params.append(list(values))
@@ -188,8 +190,9 @@ def _events_where(scope: Scope, lo: int | None, hi: int) -> SQL:
     where += f" AND {in_filter}"
     params += in_filter_params
     if scope.subjects is not None:
-        where += f" AND {_among(subjects.OF_EVENT, scope.subjects)}"
-        params += scope.subjects
+        subject_in, subject_params = among(subjects.OF_EVENT, scope.subjects)
+        where += f" AND {subject_in}"
+        params += subject_params
     for key, values in scope.metadata:
         where += " AND json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))"
         params.extend([member_pointer(key), list(values)])
@@ -222,13 +225,6 @@ def _known_folds(con: duckdb.DuckDBPyConnection, scope: Scope) -> Scope:
     if scope.grouped and scope.folded:
         return replace(scope, folded=groups.folds(con, scope.meter.id))
     return scope
-
-
-def _among(column: str, values: Sequence[str]) -> str:
-    """`column` is one of `values` (bound in order): a list the scan filters its rows by, where
-    a semi join with an unnested array is applied after reading them (9.4 -> 7 ms of a light
-    customer's answer at 10M events)."""
-    return f"{column} IN ({', '.join('?' * len(values))})" if values else "false"
 
 
 def _span(ranges: Sequence[tuple[int, int, int]]) -> list[int]:

@@ -47,7 +47,7 @@ from aggregator.errors import NotFound
 from aggregator.store.base import subjects
 from aggregator.store.base.arrays import numpy
 from aggregator.store.base.meter_rows import MeterRow, meters_of
-from aggregator.store.base.rows import first_row, registered
+from aggregator.store.base.rows import among, first_row, registered
 from aggregator.store.base.subjects import OF_EVENT
 from aggregator.store.machinery import groups, rollups
 from aggregator.store.machinery.compaction import LEDGER_TABLES
@@ -249,8 +249,8 @@ def to_lift(con: duckdb.DuckDBPyConnection, job_id: str) -> Lift | None:
     selection = found.selection
     references = [subjects.of_id(i) for i in selection["customer_ids"]]
     references += [subjects.of_external(e) for e in selection["external_ids"]]
-    meter_in, meter_params = _in("meter_id", "UUID", [m.id for m in meters])
-    subject_in, subject_params = _in("subject", "VARCHAR", references)
+    meter_in, meter_params = among("meter_id", [m.id for m in meters], "UUID")
+    subject_in, subject_params = among("subject", references)
     return Lift(
         ROLLUP_RELATIONS,
         f"{meter_in} AND {subject_in}",
@@ -809,14 +809,14 @@ class Window:
                 base = RELATIONS[relation].base
                 kept_here = [m for m in fast if relation in _RELATIONS_OF[kind(m)]]
                 if kept_here:
-                    meter_in, meter_params = _in("meter_id", "UUID", [m.id for m in kept_here])
+                    meter_in, meter_params = among("meter_id", [m.id for m in kept_here], "UUID")
                     con.execute(
                         f"DELETE FROM {base} WHERE {meter_in} AND {mine}",  # noqa: S608 - fixed text, values bound
                         meter_params,
                     )
                 if slow:
-                    meter_in, meter_params = _in("meter_id", "UUID", [m.id for m in slow])
-                    subject_in, subject_params = _in("subject", "VARCHAR", self.references)
+                    meter_in, meter_params = among("meter_id", [m.id for m in slow], "UUID")
+                    subject_in, subject_params = among("subject", self.references)
                     live.delete_rows(
                         con,
                         relation,
@@ -902,8 +902,8 @@ class Window:
         the subject: no reset came); where one changed, its rows become one row of all they
         had, with the new extremes."""
         con = self.con
-        meter_in, meter_params = _in("meter_id", "UUID", sorted({m for m, _ in held}))
-        subject_in, subject_params = _in("subject", "VARCHAR", sorted({s for _, s in held}))
+        meter_in, meter_params = among("meter_id", sorted({m for m, _ in held}), "UUID")
+        subject_in, subject_params = among("subject", sorted({s for _, s in held}))
         rows = con.execute(
             "SELECT meter_id::VARCHAR, subject, min(low), max(high) FROM all_rollups"  # noqa: S608 - fixed text, values bound
             f" WHERE {meter_in} AND {subject_in} GROUP BY ALL",
@@ -932,8 +932,8 @@ class Window:
         asked = {
             (str(m), str(s), str(v)) for m, s, v in zip(*values.to_pydict().values(), strict=True)
         }
-        meter_in, meter_params = _in("meter_id", "UUID", sorted({m for m, _, _ in asked}))
-        subject_in, subject_params = _in("subject", "VARCHAR", sorted({s for _, s, _ in asked}))
+        meter_in, meter_params = among("meter_id", sorted({m for m, _, _ in asked}), "UUID")
+        subject_in, subject_params = among("subject", sorted({s for _, s, _ in asked}))
         with registered(con, "_values", values):
             held = con.execute(
                 "SELECT DISTINCT meter_id::VARCHAR, subject, value FROM all_rollup_values"  # noqa: S608 - fixed text, values bound
@@ -957,11 +957,3 @@ class Window:
         where = f"{OF_EVENT} = ?"
         found = evaluated_events(self.con, [meter], self.org, where, [subject], self.at_us)
         rollups.store_ledger(self.con, found)
-
-
-def _in(column: str, cast: str, values: Sequence[str]) -> tuple[str, list[Any]]:
-    """`column IN (...)` of constants (which DuckDB prunes files' row groups by, where a
-    subquery it cannot), its values bound."""
-    if not values:
-        return "FALSE", []
-    return f"{column} IN ({', '.join(f'?::{cast}' for _ in values)})", list(values)
