@@ -15,8 +15,8 @@ nothing: the process knows a superset of the values stored per (meter, bucket) (
 where a flush's values and those stay within the limit, no customer's can pass it. Otherwise
 the stored values of the keys that might are read (their buckets bound the read, and the files
 are pruned by them) and compared. A meter whose rows ever held `OTHER` is listed in
-`folded_meters`, in the transaction that stores them (`partials`, `folds`): reads of the events
-of any other meter take each value as its own, without looking up its bucket's groups.
+`folded_meters`, in the transaction that stores them (`list_folded`, `folds`): reads of the
+events of any other meter take each value as its own, without looking up its bucket's groups.
 """
 
 from __future__ import annotations
@@ -170,17 +170,23 @@ def partials(con: duckdb.DuckDBPyConnection, parts: Sequence[Coded], bound: Boun
     if not parts:
         return pa.table({})
     table, keys = merged(parts)
-    found = bounded(con, table, keys, bound).drop_columns(["first"])
+    return bounded(con, table, keys, bound).drop_columns(["first"])
+
+
+def list_folded(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
+    """The meters of `rows` (of `rollup_groups`) that hold `OTHER`, listed in `folded_meters`:
+    by whoever stores them, in the transaction that stores them."""
+    if not rows.num_rows:
+        return
     other = pa.scalar(OTHER)
-    folded = pc.equal(found.column("d0"), other)
+    folded = pc.equal(rows.column("d0"), other)
     for k in (1, 2):
-        folded = pc.or_kleene(folded, pc.equal(found.column(f"d{k}"), other))
-    meters = pc.unique(found.column("meter_id").filter(folded)).to_pylist()
-    if meters:  # in the caller's transaction: listed exactly when its rows are stored
+        folded = pc.or_kleene(folded, pc.equal(rows.column(f"d{k}"), other))
+    meters = pc.unique(rows.column("meter_id").filter(folded)).to_pylist()
+    if meters:
         con.execute(
             "INSERT INTO folded_meters SELECT unnest(?::UUID[]) ON CONFLICT DO NOTHING", [meters]
         )
-    return found
 
 
 def folds(con: duckdb.DuckDBPyConnection, meter_id: str) -> bool:

@@ -202,6 +202,7 @@ def store(
                 _record_links(con)
         evaluated = [ev for e in entries for ev in e.evaluated]
         found = rollups.partials(con, evaluated, bound)
+        groups.list_folded(con, found["rollup_groups"])
         files += [(r, t) for r, t in found.items() if t.num_rows]
         change.added += segments.write_all(files)
         rollups.store_ledger(con, evaluated)

@@ -755,7 +755,7 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE forward_rollups;
     ALTER TABLE forward_rollups_grouped RENAME TO forward_rollups;
     """,
-    # 35: the meters whose groups ever held `OTHER` (`groups.partials`): only theirs map an
+    # 35: the meters whose groups ever held `OTHER` (`groups.list_folded`): only theirs map an
     # event's value read from the events through its bucket's groups (`dimensions.value_sql`).
     # A data dir of before lists every meter with dimensions: any may have.
     """

@@ -44,7 +44,7 @@ from aggregator.store.base.arrays import numpy
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import registered
 from aggregator.store.base.subjects import OF_EVENT
-from aggregator.store.machinery import rollups
+from aggregator.store.machinery import groups, rollups
 from aggregator.store.machinery.compaction import LEDGER_TABLES
 from aggregator.store.machinery.evaluation import apply_isolated
 from aggregator.store.machinery.rollups import BUCKET, Evaluated
@@ -230,7 +230,9 @@ def _rollups_again(
             )
         where = f"({OF_EVENT}, {BUCKET}) IN (SELECT subject, bucket FROM _keys)"  # noqa: S608 - fixed text
         found = evaluated_events(con, meters, org, where, [], now_us, ledger=False)
-        for relation, rows in rollups.partials(con, found, live.bound).items():
+        again = rollups.partials(con, found, live.bound)
+        groups.list_folded(con, again["rollup_groups"])
+        for relation, rows in again.items():
             if rows.num_rows:
                 with registered(con, "_again", rows):
                     base = RELATIONS[relation].base

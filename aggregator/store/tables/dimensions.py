@@ -25,7 +25,7 @@ from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.meter_sql import SQL, contribution_sql, dimension_sql, filter_sql
 from aggregator.store.base.rows import registered, transaction
 from aggregator.store.machinery import rollups
-from aggregator.store.machinery.groups import OTHER, Bound, folds
+from aggregator.store.machinery.groups import OTHER, Bound, folds, list_folded
 from aggregator.store.machinery.rollups import BUCKET, BUCKET_US, RESETS
 from aggregator.store.tables.corrections import counted_sql, evaluated_events
 from meters.aggregations import Partial
@@ -217,9 +217,10 @@ def derive_pending(con: duckdb.DuckDBPyConnection, bound: Bound) -> int:
                     0,
                     ledger=False,
                 )
-                groups = rollups.partials(con, found, bound)["rollup_groups"]
-                if groups.num_rows:
-                    with registered(con, "_groups", groups):
+                derived = rollups.partials(con, found, bound)["rollup_groups"]
+                if derived.num_rows:
+                    with registered(con, "_groups", derived):
                         con.execute("INSERT INTO rollup_groups SELECT * FROM _groups")
+                    list_folded(con, derived)
         con.execute("DELETE FROM rollup_groups_pending")
     return len(pending)

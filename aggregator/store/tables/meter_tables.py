@@ -20,7 +20,7 @@ from aggregator.store.base.meter_rows import (
 )
 from aggregator.store.base.meter_sql import member_pointer
 from aggregator.store.base.rows import first_row, is_uuid
-from aggregator.store.machinery import rollups
+from aggregator.store.machinery import groups, rollups
 from aggregator.store.machinery.compaction import LEDGER_TABLES
 from aggregator.store.machinery.evaluation import apply_isolated
 from aggregator.store.machinery.segments import ROLLUP_RELATIONS, Change
@@ -254,9 +254,11 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int,
             at_us=meter.modified_at_us or meter.created_at_us,
             backfill=True,
         )
+        found = rollups.partials(con, [evaluated], tx.live.bound)
+        groups.list_folded(con, found["rollup_groups"])
         written = [
             tx.live.segments.write(relation, rows)
-            for relation, rows in rollups.partials(con, [evaluated], tx.live.bound).items()
+            for relation, rows in found.items()
             if rows.num_rows
         ]
         tx.live.change_segments(con, Change(written))

@@ -779,6 +779,8 @@ class Window:
                     f"INSERT INTO {relation} SELECT meter_id::UUID, {keys}, -events, -total,"  # noqa: S608 - fixed text
                     " 'Infinity'::DOUBLE, '-Infinity'::DOUBLE FROM _gone"
                 )
+            if relation == "rollup_groups":
+                groups.list_folded(con, rows)
         if self.others:
             self._others_again()
 
@@ -827,6 +829,8 @@ class Window:
             with registered(con, "_again", rows):
                 base = RELATIONS[relation].base
                 con.execute(f"INSERT INTO {base} SELECT * FROM _again")  # noqa: S608 - fixed text
+            if relation == "rollup_groups":
+                groups.list_folded(con, rows)
 
     def _is_lifted(self, meter: MeterRow) -> bool:
         return not meter.backfilling and f"{meter.id}:{meter.version}" in self.plan.lifted

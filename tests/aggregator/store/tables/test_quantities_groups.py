@@ -27,10 +27,12 @@ from aggregator.store import MeterRow, Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.machinery.groups import folds
 from aggregator.store.machinery.rollups import BUCKET_US
+from aggregator.store.tables.correction_jobs import amend_job
 from aggregator.store.tables.dimensions import OTHER, breakdown, group_of
 from aggregator.store.tables.meter_tables import create_job
 from aggregator.store.tables.quantities import Gathered, Scope, gather
 from meters.aggregations import Partial, fold
+from meters.corrections import Amendment
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.periods import boundaries
@@ -332,3 +334,57 @@ def test_values_past_the_bound_count_under_other_in_a_breakdown_and_at_the_edges
     # The window leaves out the first event (a: in its day's period only), and holds b and c
     # under OTHER, at its first edge, and b in the next bucket, at its last.
     assert {group_of(k, 1)[0]: total for k, _, total in groups} == {"a": 0.0, OTHER: 2.0, "b": 1.0}
+
+
+def test_an_amendment_past_the_bound_counts_under_other_wherever_read(tmp_path: Path) -> None:
+    """With one value kept per customer and bucket, c1's two events tagged a are both kept; an
+    amendment tagging the second b folds it under `OTHER` (its bucket's groups evaluated again):
+    the meter is listed, and a window read from the groups and one cutting the bucket (read
+    from the events) say the same."""
+    bucket = 40 * BUCKET_US
+    events = [
+        Event(
+            name="a",
+            timestamp_us=bucket + i,
+            customer_id=None,
+            external_customer_id="c1",
+            external_id=f"e{i}",
+            parent_id=None,
+            external_member_id=None,
+            metadata={"tag": "a"},
+            cost_amount=None,
+        )
+        for i in range(2)
+    ]
+    meter_create = MeterCreate.model_validate(
+        {
+            "name": "meter",
+            "filter": {"conjunction": "and", "clauses": []},
+            "aggregation": {"func": "count"},
+            "dimensions": ["tag"],
+        }
+    )
+
+    async def run() -> tuple[bool, list[dict[str | None, float]], bool]:
+        async with Store(tmp_path / "m.duckdb", dimension_values=1) as store:
+            meter = await store.write(create_job(ORG, meter_create, 0, meter_id=str(uuid.uuid4())))
+            await store.write(IngestJob(ORG, to_table(events), 0))
+            before = await store.read(folds, meter.id)
+            [(second,)] = await store.read(
+                lambda con: con.execute(
+                    "SELECT id::VARCHAR FROM events WHERE external_id = 'e1'"
+                ).fetchall()
+            )
+            amendment = Amendment({"metadata": {"tag": "b"}}, "retagged")
+            await store.write(amend_job(ORG, second, amendment, None, 1, "amend-1"))
+            scope = Scope(meter, ("ext:c1",), group_by=("tag",))
+            answers = []
+            for window in ((bucket, bucket + BUCKET_US - 1), (bucket, bucket + 10)):
+                found = await store.read(gather, scope, *window, "day", ZoneInfo("UTC"), 0)
+                groups, _ = found.groups(meter)
+                answers.append({group_of(k, 1)[0]: total for k, _, total in groups})
+            return before, answers, await store.read(folds, meter.id)
+
+    before, answers, after = asyncio.run(run())
+    assert not before and after
+    assert answers == [{"a": 1.0, OTHER: 1.0}] * 2
