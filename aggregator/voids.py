@@ -146,7 +146,7 @@ class Voider:
         lifted = self._lifted.get(job_id, _NONE)
         await self._store.stored()
         planned = await self._store.read_behind(
-            void_jobs.plan, job_id, up_to, at_us, lifted, self._store.bound
+            void_jobs.plan, job_id, up_to, at_us, self._store.bound, lifted
         )
         if planned is not None and planned.markers.num_rows:
             # The markers too, as a file the step lists.

@@ -62,10 +62,10 @@ class Flusher:
         retry_seconds: float = 1.0,
         idle: Callable[[], object] = lambda: None,
         disk: DiskHealth | None = None,
-        bound: Bound | None = None,
+        bound: Bound,
     ) -> None:
         self._con = con
-        self._bound = bound or Bound()
+        self._bound = bound
         self._disk = disk
         self._table = table
         self._log = log

@@ -153,12 +153,12 @@ class Live:
         features: Sequence[Feature] = (),
         max_pending_events: int,
         spill: Spill | None = None,
-        bound: Bound | None = None,
+        bound: Bound,
     ) -> None:
         self.seq = seq
         # The bound on a dimension's values per meter, customer reference and bucket that jobs
         # writing rollups apply (`rollups.partials`).
-        self.bound = bound or Bound()
+        self.bound = bound
         self.flusher = flusher
         self.memtable = memtable
         self.log = log

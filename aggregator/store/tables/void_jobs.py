@@ -519,8 +519,8 @@ def plan(
     job_id: str,
     up_to_seq: int,
     at_us: int,
+    bound: groups.Bound,
     lifted: frozenset[str] = frozenset(),
-    bound: groups.Bound | None = None,
 ) -> Plan | None:
     """The `Plan` of the job's next step (as `step_job` takes it), read on `con` (a reader's:
     off the writer); None if the job is done. `bound`: the store's bound on a
@@ -528,7 +528,7 @@ def plan(
     found = _load(con, job_id)
     if found is None or found.job.done:
         return None
-    return _plan(con, found, _high(found, up_to_seq), lifted, at_us, bound or groups.Bound())
+    return _plan(con, found, _high(found, up_to_seq), lifted, at_us, bound)
 
 
 def _signature(con: duckdb.DuckDBPyConnection, found: _Row) -> tuple[Any, ...]:

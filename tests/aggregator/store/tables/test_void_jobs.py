@@ -151,7 +151,11 @@ async def _steps(path: Path, name: str | None, lift: bool) -> None:
             at = now_us()
             # Lifted, each step's reads are made before (off the writer), as the voider makes
             # them; else in the step.
-            planned = await store.read(void_jobs.plan, job_id, up_to, at, lifted) if lift else None
+            planned = (
+                await store.read(void_jobs.plan, job_id, up_to, at, store.bound, lifted)
+                if lift
+                else None
+            )
             if planned is not None:  # its markers written as a file beforehand, too
                 file = await store.write_segment("voided_events", planned.markers)
                 planned = planned.with_file(file)
@@ -507,14 +511,14 @@ def test_a_stale_plan_is_not_taken_where_its_caller_plans_again(tmp_path: Path) 
                 void_jobs.create_job(ORG, asked, None, now_us(), str(uuid.uuid4()))
             )
             at = now_us()
-            planned = await store.read(void_jobs.plan, job.id, 2**62, at)
+            planned = await store.read(void_jobs.plan, job.id, 2**62, at, store.bound)
             one = await store.read(_id_of_first, "b")
             asked_one = VoidRequest.model_validate({"ids": [one], "reason": "one"})
             await store.write(correction_jobs.void_job(ORG, asked_one, None, at, "r1"))
             stale = void_jobs.step_job(job.id, 2**62, at, planned=planned, again_if_stale=True)
             step = await store.write(stale)
             assert (step.stale, step.voided, step.done_to) == (True, 0, 0)
-            planned = await store.read(void_jobs.plan, job.id, 2**62, at)
+            planned = await store.read(void_jobs.plan, job.id, 2**62, at, store.bound)
             fresh = void_jobs.step_job(job.id, 2**62, at, planned=planned, again_if_stale=True)
             step = await store.write(fresh)
             assert (step.stale, step.voided, step.done) == (False, job.matched - 1, True)
