@@ -23,7 +23,7 @@ import duckdb
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.meter_sql import SQL, contribution_sql, dimension_sql, filter_sql
-from aggregator.store.base.rows import registered, transaction
+from aggregator.store.base.rows import among, registered, transaction
 from aggregator.store.machinery import rollups
 from aggregator.store.machinery.groups import OTHER, Bound, folds, list_folded
 from aggregator.store.machinery.rollups import BUCKET, BUCKET_US, RESETS
@@ -162,18 +162,19 @@ def breakdown(
     in_filter, filter_params = filter_sql(meter.filter)
     group, group_params = group_sql(meter, group_by, folded=folds(con, meter.id))
     counted, counted_params = counted_sql(meter)
+    referenced, referenced_params = among(subjects.OF_EVENT, references)
     rows = con.execute(
         "SELECT grp, count(*), sum(v), min(v), max(v) FROM"  # noqa: S608 - fixed text, values bound
         f" (SELECT {subjects.OF_EVENT} AS subject, seq, {value} AS v, {group} AS grp"
         " FROM events WHERE organization_id = ?::UUID AND source = 'user'"
-        f" AND {subjects.OF_EVENT} IN (SELECT unnest(?::VARCHAR[])) AND {in_filter}{counted}) e"
+        f" AND {referenced} AND {in_filter}{counted}) e"
         f" WHERE v IS NOT NULL AND seq > coalesce((SELECT max(r.reset_seq) FROM ({RESETS}) r"
         " WHERE r.meter_id = ?::UUID AND r.subject = e.subject), 0) GROUP BY grp",
         [
             *value_params,
             *group_params,
             meter.organization_id,
-            list(references),
+            *referenced_params,
             *filter_params,
             *counted_params,
             meter.id,

@@ -130,8 +130,9 @@ def from_rollups(scope: Scope, ranges: Sequence[tuple[int, int, int]]) -> SQL:
         where += f" AND {subject_in}"
         params += subject_params
     for name, values in scope.dimensions:
-        where += f" AND r.{dimensions.column(meter, name)} IN (SELECT unnest(?::VARCHAR[]))"
-        params.append(list(values))
+        value_in, value_params = among(f"r.{dimensions.column(meter, name)}", values)
+        where += f" AND {value_in}"
+        params += value_params
     who_params, selected, group = _shape(
         scope,
         "sum(events), sum(total), min(low), max(high)",
@@ -194,14 +195,16 @@ def _events_where(scope: Scope, lo: int | None, hi: int) -> SQL:
         where += f" AND {subject_in}"
         params += subject_params
     for key, values in scope.metadata:
-        where += " AND json_extract_string(metadata, ?) IN (SELECT unnest(?::VARCHAR[]))"
-        params.extend([member_pointer(key), list(values)])
+        value_in, value_params = among("json_extract_string(metadata, ?)", values)
+        where += f" AND {value_in}"
+        params += [member_pointer(key), *value_params]
     for name, values in scope.dimensions:
         value, value_params = dimensions.value_sql(
             scope.meter, name, None if lo is None else (lo, hi), scope.folded
         )
-        where += f" AND {value} IN (SELECT unnest(?::VARCHAR[]))"
-        params.extend([*value_params, list(values)])
+        value_in, in_params = among(value, values)
+        where += f" AND {value_in}"
+        params += [*value_params, *in_params]
     return where, params
 
 
@@ -270,8 +273,9 @@ def integral_sql(scope: Scope, ranges: Sequence[tuple[int, int, int]], now_us: i
         )
         points_params = [meter.id, hi]
         if scope.subjects is not None:
-            points += " AND subject IN (SELECT unnest(?::VARCHAR[]))"
-            points_params.append(list(scope.subjects))
+            subject_in, subject_params = among("subject", scope.subjects)
+            points += f" AND {subject_in}"
+            points_params += subject_params
     who = "customer" if scope.by_customer else "''"
     return (
         f"WITH pts AS (SELECT {_CUSTOMER} AS customer, at_us, max(value) AS v"  # noqa: S608 - fixed text, values bound
