@@ -227,8 +227,7 @@ class Keys:
         """Per (meter, subject, bucket), its distinct values of each dimension (n0..n2: not
         null, not `OTHER`)."""
         n = int(self.key[-1]) + 1
-        starts = np.flatnonzero(np.concatenate([[True], self.key[1:] != self.key[:-1]]))
-        index = pa.array(starts, pa.int64())
+        index = pa.array(self.starts(), pa.int64())
         columns: dict[str, Any] = {
             c: table.column(c).take(index) for c in ("meter_id", "subject", "bucket")
         }
@@ -237,6 +236,10 @@ class Keys:
                 self._counted(self.key, k) // (self.null + 1), minlength=n
             )
         return pa.table(columns)
+
+    def starts(self) -> I64:
+        """The first row of each (meter, subject, bucket)."""
+        return np.flatnonzero(np.concatenate([[True], self.key[1:] != self.key[:-1]]))
 
     def _counted(self, by: I64, k: int) -> I64:
         """Each distinct (row's `by`, value of dimension `k`) of the rows, not null, not
@@ -413,8 +416,7 @@ def bounded(con: duckdb.DuckDBPyConnection, table: pa.Table, keys: Keys, bound: 
 
 def _first_of_keys(keys: Keys, rows: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     """Of `Keys.distinct`'s rows (one per key), those of a key of `rows`."""
-    starts = np.flatnonzero(np.concatenate([[True], keys.key[1:] != keys.key[:-1]]))
-    found: npt.NDArray[np.bool_] = rows[starts]
+    found: npt.NDArray[np.bool_] = rows[keys.starts()]
     return found
 
 
