@@ -284,15 +284,20 @@ def _aggregation(func: str) -> Any:
     ).aggregation
 
 
-def test_values_past_the_bound_count_under_other_in_a_breakdown_and_at_the_edges(
-    tmp_path: Path,
-) -> None:
-    """With one value kept per customer and bucket: of c1's tags a, b, c in one bucket, b and c
-    count under `OTHER`; its b of the next bucket keeps its name. A customer meter's breakdown
-    (its events) and the quantities of a window cutting both buckets (whole buckets from the
-    groups, its edges from the events) say the same."""
-    first = 40 * BUCKET_US
-    tags = [(first, "a"), (first + 1, "b"), (first + 2, "c"), (first + BUCKET_US + 1, "b")]
+_COUNT_BY_TAG = MeterCreate.model_validate(
+    {
+        "name": "meter",
+        "filter": {"conjunction": "and", "clauses": []},
+        "aggregation": {"func": "count"},
+        "dimensions": ["tag"],
+    }
+)
+
+
+async def _one_value_kept(store: Store, tags: list[tuple[int, str]]) -> MeterRow:
+    """A count meter by `tag` in `store` (which keeps one value per customer and bucket), then
+    c1's events `e0`, `e1`, … at each (instant, tag) of `tags`."""
+    meter = await store.write(create_job(ORG, _COUNT_BY_TAG, 0, meter_id=str(uuid.uuid4())))
     events = [
         Event(
             name="a",
@@ -307,19 +312,23 @@ def test_values_past_the_bound_count_under_other_in_a_breakdown_and_at_the_edges
         )
         for i, (at, tag) in enumerate(tags)
     ]
-    meter_create = MeterCreate.model_validate(
-        {
-            "name": "meter",
-            "filter": {"conjunction": "and", "clauses": []},
-            "aggregation": {"func": "count"},
-            "dimensions": ["tag"],
-        }
-    )
+    await store.write(IngestJob(ORG, to_table(events), 0))
+    return meter
+
+
+def test_values_past_the_bound_count_under_other_in_a_breakdown_and_at_the_edges(
+    tmp_path: Path,
+) -> None:
+    """With one value kept per customer and bucket: of c1's tags a, b, c in one bucket, b and c
+    count under `OTHER`; its b of the next bucket keeps its name. A customer meter's breakdown
+    (its events) and the quantities of a window cutting both buckets (whole buckets from the
+    groups, its edges from the events) say the same."""
+    first = 40 * BUCKET_US
+    tags = [(first, "a"), (first + 1, "b"), (first + 2, "c"), (first + BUCKET_US + 1, "b")]
 
     async def run() -> tuple[dict[str, Partial], list[tuple[str, list[Any], float]], bool]:
         async with Store(tmp_path / "m.duckdb", dimension_values=1) as store:
-            meter = await store.write(create_job(ORG, meter_create, 0, meter_id=str(uuid.uuid4())))
-            await store.write(IngestJob(ORG, to_table(events), 0))
+            meter = await _one_value_kept(store, tags)
             split = await store.read(breakdown, meter, ("ext:c1",), ("tag",))
             scope = Scope(meter, ("ext:c1",), group_by=("tag",))
             window = (first + 1, first + 2 * BUCKET_US - 1)  # cuts both buckets
@@ -342,33 +351,10 @@ def test_an_amendment_past_the_bound_counts_under_other_wherever_read(tmp_path: 
     the meter is listed, and a window read from the groups and one cutting the bucket (read
     from the events) say the same."""
     bucket = 40 * BUCKET_US
-    events = [
-        Event(
-            name="a",
-            timestamp_us=bucket + i,
-            customer_id=None,
-            external_customer_id="c1",
-            external_id=f"e{i}",
-            parent_id=None,
-            external_member_id=None,
-            metadata={"tag": "a"},
-            cost_amount=None,
-        )
-        for i in range(2)
-    ]
-    meter_create = MeterCreate.model_validate(
-        {
-            "name": "meter",
-            "filter": {"conjunction": "and", "clauses": []},
-            "aggregation": {"func": "count"},
-            "dimensions": ["tag"],
-        }
-    )
 
     async def run() -> tuple[bool, list[dict[str | None, float]], bool]:
         async with Store(tmp_path / "m.duckdb", dimension_values=1) as store:
-            meter = await store.write(create_job(ORG, meter_create, 0, meter_id=str(uuid.uuid4())))
-            await store.write(IngestJob(ORG, to_table(events), 0))
+            meter = await _one_value_kept(store, [(bucket, "a"), (bucket + 1, "a")])
             before = await store.read(folds, meter.id)
             [(second,)] = await store.read(
                 lambda con: con.execute(
