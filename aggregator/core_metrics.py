@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from aggregator.backup import Taken
+from aggregator.export.exporter import Exporter
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.journal import Journal
 from aggregator.store import Store, failed_meters, failures
@@ -55,6 +56,38 @@ def snapshots(taken: Taken) -> Source:
                 f"# HELP meterline_snapshot_{name} {text} (0: none)",
                 f"# TYPE meterline_snapshot_{name} gauge",
                 f"meterline_snapshot_{name} {value or 0}",
+            ]
+        return found
+
+    return lines
+
+
+def export(exporter: Exporter) -> Source:
+    """The lakehouse export (`--export-to`): how far behind the store it is, in events and in
+    seconds (the oldest event not exported yet), when it last committed, what it did since
+    the start, and whether its last attempt failed. Only the leader exports: a core that
+    follows shows its lag growing, not the table's."""
+
+    async def lines() -> list[str]:
+        events, seconds = await exporter.lag()
+        found: list[str] = []
+        for name, kind, value, text in (
+            ("lag_events", "gauge", events, "current events not in the exported table yet"),
+            ("lag_seconds", "gauge", seconds, "how long the oldest of them has waited"),
+            (
+                "last_commit_timestamp_seconds",
+                "gauge",
+                (exporter.last_commit_us or 0) / 1e6,
+                "when the exporter last committed to the table (0: not since the start)",
+            ),
+            ("events_total", "counter", exporter.exported, "events exported since the start"),
+            ("deleted_total", "counter", exporter.deleted, "voided events deleted since the start"),
+            ("failing", "gauge", int(exporter.last_error is not None), "1: its last try failed"),
+        ):
+            found += [
+                f"# HELP meterline_export_{name} {text}",
+                f"# TYPE meterline_export_{name} {kind}",
+                f"meterline_export_{name} {value}",
             ]
         return found
 

@@ -104,6 +104,18 @@ class BackupSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ExportSettings:
+    """The lakehouse export (`aggregator.export`): to a folder or `s3://bucket/prefix`."""
+
+    to: str
+    # Which exporter's position the table records: the shard's (its cores share it).
+    app_id: str = "meterline/0/1"
+    max_events: int = 50_000  # per commit: fewer, larger files
+    idle_seconds: float = 1.0
+    retry_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class ForwarderSettings:
     url: str
     token: str
@@ -163,6 +175,7 @@ class CoreSettings:
     replica: bool = False
     # Snapshots of the data dir written while serving (`backup`; cli --backup-to).
     backups: BackupSettings | None = None
+    export: ExportSettings | None = None
     # An edge: the cores it sends every request but ingest to (cli --core).
     cores: CoreRouting = field(default_factory=CoreRouting)
 

@@ -9,7 +9,9 @@ start that fails before it serves leaves the data dir as it found it."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
+import importlib.util
 import logging
 import socket
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from aggregator.settings import (
     ALL,
     BackupSettings,
     CoreSettings,
+    ExportSettings,
     ForwarderSettings,
     TenantLimits,
     WebhookSettings,
@@ -190,6 +193,14 @@ def settings_of(
             session_timeout_seconds=args.consumer_session_timeout_seconds,
             shard=shard,
         )
+    if getattr(args, "export_to", None):
+        if importlib.util.find_spec("deltalake") is None:
+            raise UsageError(
+                "--export-to writes a Delta Lake table: install the export extra"
+                " (pip install 'meterline[export]')"
+            )
+        export = ExportSettings(args.export_to, f"meterline/{shard}", args.export_max_events)
+        settings = dataclasses.replace(settings, export=export)
     forward = forwarder_settings(args)
     if settings.replica and forward is not None:
         raise UsageError("a --replica forwards nothing: forward from the core it follows")

@@ -25,6 +25,7 @@ from aggregator.commands import tokens as token_commands
 from aggregator.commands.common import program
 from aggregator.core_app import alert_payload, build_app, state_payload
 from aggregator.errors import UsageError
+from aggregator.export.exporter import Exporter
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.control import ControlApplier, ControlTopic
 from aggregator.intake.embedded import EmbeddedPublisher
@@ -203,6 +204,11 @@ async def serve(
                 )
                 await journal.start()
                 publisher = await stack.enter_async_context(KafkaPublisher(kafka, validation))
+            export = None
+            if settings.export is not None:  # the leader's alone, as forwarding
+                export = await stack.enter_async_context(
+                    Exporter(store, settings.export, role=role)
+                )
             forwarding = None
             if forward is not None:
                 forwarded = registry.organization(forward.organization).id
@@ -239,6 +245,7 @@ async def serve(
                 sharding,
                 [
                     core_metrics.snapshots(taken),
+                    *([core_metrics.export(export)] if export is not None else []),
                     *([core_metrics.journal_lag(journal)] if journal is not None else []),
                 ],
             )

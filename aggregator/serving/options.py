@@ -17,7 +17,13 @@ from aggregator.commands.common import (
     topic_options,
 )
 from aggregator.settings import ALL as QUOTAS
-from aggregator.settings import BackupSettings, CoreSettings, TenantLimits, WebhookSettings
+from aggregator.settings import (
+    BackupSettings,
+    CoreSettings,
+    ExportSettings,
+    TenantLimits,
+    WebhookSettings,
+)
 from aggregator.upstream import options as upstream_options
 from ingest.settings import (
     MIB,
@@ -188,6 +194,20 @@ def _options(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             type=int,
             default=BackupSettings(Path()).kept,
             help="snapshots kept (the newest)",
+        )
+        export = parser.add_argument_group("lakehouse export (needs the `export` extra)")
+        export.add_argument(
+            "--export-to",
+            metavar="DIR|s3://bucket/prefix",
+            help="export every current event, exactly once, to a Delta Lake table there"
+            " (<target>/events, partitioned by organization and day), while this core leads;"
+            " voided events are deleted from it",
+        )
+        export.add_argument(
+            "--export-max-events",
+            type=int,
+            default=ExportSettings("").max_events,
+            help="events per commit to the exported table at most",
         )
         _quotas(parser.add_argument_group("per organization (409 LimitReached past each)"))
         upstream_options.arguments(parser.add_argument_group("forwarding upstream"))

@@ -1,0 +1,129 @@
+"""The continuous export: every current event of the store, exactly once, in the events table of
+the target (`table`), while this core leads.
+
+The protocol, each step named where the code takes it:
+
+1. Position: read the last seq this exporter committed from a fresh snapshot of the table
+   (its application transaction; 0 for a new table). Nothing is kept in the store: the table's
+   log is the one record of what it holds.
+2. Read: the next current events after the position, in seq order, at most `max_events`.
+3. Append: commit them with their last seq as the new position, based on the snapshot of step
+   1. A crash before the commit leaves neither (the next start reads them again); after it,
+   both. If another writer committed for the same exporter id since (a leader that lost its
+   lease without knowing), Delta refuses the commit: go back to step 1.
+4. Corrections: when the store's count of voided events changed (and once at start), the
+   voided events the table may hold (seq up to the position) are looked up in it and deleted.
+   An amendment voids its earlier version and stores the new one with a new seq, which step
+   3 appends: together, a replacement. A delete is idempotent: a crash before it is repeated.
+5. Idle for `idle_seconds` when nothing is left, then step 2.
+
+The exporter's id is the shard's (`meterline/<index>/<count>`): the cores of one shard share
+it, so a new leader goes on from the old one's commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from types import TracebackType
+from typing import Self
+
+import pyarrow as pa
+
+from aggregator.export.table import EventsTable, Stale
+from aggregator.intake.leadership import Role
+from aggregator.settings import ExportSettings
+from aggregator.store import Store, export_reads
+from ingest.tasks import cancel_within
+from meters.times import now_us
+
+log = logging.getLogger(__name__)
+
+
+class Exporter:
+    """Runs in the background while open and this core leads. An async context manager."""
+
+    def __init__(self, store: Store, settings: ExportSettings, *, role: Role | None = None) -> None:
+        self._store = store
+        self._settings = settings
+        self._role = role or Role(leading=True)
+        self._table = EventsTable(settings.to, settings.app_id)
+        self._task: asyncio.Task[None] | None = None
+        self.position: int | None = None  # the last seq in the table (None: not read yet)
+        self.exported = 0  # events appended since start
+        self.deleted = 0  # voided events removed since start
+        self.commits = 0
+        self.last_commit_us: int | None = None
+        self.last_error: str | None = None
+        self._voids_seen = -1  # the voided count last reconciled (-1: not yet)
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run(), name="exporter")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # A batch being written is abandoned: it is not committed, or it is and the position
+        # says so (step 3).
+        await cancel_within(self._task, what="exporter")
+
+    async def lag(self) -> tuple[int, float]:
+        """(current events not exported yet, seconds since the oldest of them was ingested)."""
+        events, oldest_us = await self._store.read(export_reads.lag, self.position or 0)
+        return events, 0.0 if oldest_us is None else max(0.0, (now_us() - oldest_us) / 1e6)
+
+    async def _run(self) -> None:
+        while True:
+            await self._role.until(True)
+            try:
+                if not await self.step():
+                    await asyncio.sleep(self._settings.idle_seconds)
+            except asyncio.CancelledError:
+                raise
+            except Stale as exc:  # step 3: another writer moved the position
+                log.warning("export: %s; reading the position again", exc)
+                self.position = None
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.position = None
+                log.exception("export failed; retrying")
+                await asyncio.sleep(self._settings.retry_seconds)
+
+    async def step(self) -> bool:
+        """One round of steps 1 to 4: whether anything was appended or deleted."""
+        if self.position is None:  # step 1
+            self.position = await asyncio.to_thread(self._table.position)
+        rows: pa.Table = await self._store.read(  # step 2
+            export_reads.events_after, self.position, self._settings.max_events
+        )
+        moved = False
+        if rows.num_rows:
+            through = int(rows.column("seq")[-1].as_py())
+            await asyncio.to_thread(self._table.append, rows, through)  # step 3
+            self.position = through
+            self.exported += rows.num_rows
+            self.commits += 1
+            self.last_commit_us = now_us()
+            self.last_error = None
+            moved = True
+        return await self._corrections() or moved  # step 4
+
+    async def _corrections(self) -> bool:
+        count = await self._store.read(export_reads.voided_count)
+        if count == self._voids_seen:
+            return False
+        assert self.position is not None
+        voided = await self._store.read(export_reads.voided, self.position)
+        held = await asyncio.to_thread(self._table.holding, voided) if voided else []
+        if held:
+            started = time.perf_counter()
+            self.deleted += await asyncio.to_thread(self._table.delete, held)
+            took = time.perf_counter() - started
+            log.info("export: %d voided events deleted in %.2f s", len(held), took)
+        self._voids_seen = count
+        return bool(held)

@@ -1,0 +1,140 @@
+"""The exported events as a Delta Lake table (the `deltalake` package: the `export` extra), at
+`<target>/events`, partitioned by organization and day.
+
+Exactly once rests on the table's own log: each append commits, with its rows, an application
+transaction (`txn`: this exporter's id and the last seq it holds). The position an exporter
+goes on from is that version, read from the snapshot its next append is based on; if another
+writer committed for the same id since (a core that still thought it led), Delta refuses the
+append as a conflict (`Stale`), and the exporter reads the position again. So a batch is in the
+table once whatever crashes: before its commit it is not there, after it the position has
+moved past it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from aggregator.errors import AggregatorError
+
+EVENTS = "events"
+PARTITIONS = ["organization_id", "day"]
+# Ids in one delete's predicate at most (each is a literal Delta parses).
+DELETE_CHUNK = 2_000
+
+
+class Stale(AggregatorError):
+    """Another writer committed for this exporter's id since its snapshot: read it again."""
+
+
+def table_uri(target: str, name: str = EVENTS) -> str:
+    """Where table `name` of the export to `target` (a folder or `s3://bucket/prefix`) is."""
+    if "://" in target:
+        return f"{target.rstrip('/')}/{name}"
+    return str(Path(target).absolute() / name)
+
+
+def storage_options(uri: str) -> dict[str, str] | None:
+    """S3 settings from the usual environment (AWS_*), which `deltalake` reads too; a local
+    S3 (`AWS_ENDPOINT_URL` over http) is allowed. Credentials are never logged."""
+    if not uri.startswith("s3://"):
+        return None
+    options = {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}  # one writer per exporter id: see above
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    if endpoint.startswith("http://"):
+        options["AWS_ALLOW_HTTP"] = "true"
+    return options
+
+
+class EventsTable:
+    """One exporter's view of the events table: its position, appends and deletes."""
+
+    def __init__(self, target: str, app_id: str) -> None:
+        self.uri = table_uri(target)
+        self.app_id = app_id
+        self._options = storage_options(self.uri)
+        self._table: Any = None  # the snapshot the next commit is based on
+
+    def position(self) -> int:
+        """The last seq this exporter committed (0: none), as of a fresh snapshot."""
+        from deltalake import DeltaTable
+
+        if not DeltaTable.is_deltatable(self.uri, self._options):
+            self._table = None
+            return 0
+        self._table = DeltaTable(self.uri, storage_options=self._options)
+        return int(self._table.transaction_version(self.app_id) or 0)
+
+    def append(self, rows: pa.Table, through: int) -> None:
+        """Commit `rows` and the position `through` together, based on the snapshot
+        `position` read; `Stale` if another writer committed for this id since."""
+        from deltalake import CommitProperties, Transaction, write_deltalake
+        from deltalake.exceptions import CommitFailedError
+
+        properties = CommitProperties(
+            app_transactions=[Transaction(self.app_id, through)], max_commit_retries=20
+        )
+        target = self._table if self._table is not None else self.uri
+        try:
+            write_deltalake(
+                target,
+                rows,
+                mode="append",
+                partition_by=PARTITIONS,
+                storage_options=None if self._table is not None else self._options,
+                commit_properties=properties,
+            )
+        except CommitFailedError as exc:
+            self._table = None
+            raise Stale(f"{self.uri}: {exc}") from exc
+        if self._table is None:
+            self.position()
+        else:
+            self._table.update_incremental()
+
+    def _current(self) -> Any:
+        """The snapshot (None: no table yet)."""
+        if self._table is None:
+            self.position()
+        return self._table
+
+    def delete(self, ids: list[str]) -> int:
+        """Remove the rows of these event ids (none is an error: a delete is idempotent); how
+        many were removed."""
+        table = self._current()
+        if table is None:
+            return 0
+        removed = 0
+        for chunk in _chunks(ids):
+            metrics = table.delete(f"id IN ({chunk})")  # UUID literals only: `_chunks`
+            removed += int(metrics.get("num_deleted_rows", 0))
+        return removed
+
+    def holding(self, ids: list[str]) -> list[str]:
+        """Which of these event ids the table holds (its own engine reads it, pruning files
+        by their statistics)."""
+        table = self._current()
+        if table is None:
+            return []
+        from deltalake import QueryBuilder
+
+        found: set[str] = set()
+        for chunk in _chunks(ids):
+            query = QueryBuilder().register("events", table)
+            sql = f"SELECT DISTINCT id FROM events WHERE id IN ({chunk})"  # noqa: S608 - UUIDs
+            rows = pa.table(query.execute(sql))
+            found.update(str(v) for v in rows.column("id").to_pylist())
+        return [i for i in ids if i in found]
+
+
+def _chunks(ids: list[str]) -> list[str]:
+    """The ids as lists of literals, `DELETE_CHUNK` at most each. Ids come from the store as
+    UUID text: anything else would not be a literal, and is left out."""
+    valid = [i for i in ids if len(i) == 36 and all(c in "0123456789abcdef-" for c in i)]
+    return [
+        ", ".join(f"'{i}'" for i in valid[start : start + DELETE_CHUNK])
+        for start in range(0, len(valid), DELETE_CHUNK)
+    ]

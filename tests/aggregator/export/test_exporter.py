@@ -1,0 +1,220 @@
+"""The lakehouse export (issue 65), in process: a core (a real DuckDB file) exporting to a real
+Delta Lake table in a folder, read back by engines meterline did not write: `deltalake`'s own
+reader, DuckDB over the Arrow it reads, and ClickHouse's engine (`chdb`). Each answers the same
+per-customer totals as meterline's API; a voided event leaves the table, an amended one is
+replaced by its new version; an exporter started again goes on from the table's own record,
+and a second writer for the same id is refused."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import chdb
+import duckdb
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+from aggregator.export.exporter import Exporter
+from aggregator.export.table import EventsTable, Stale, table_uri
+from aggregator.settings import ExportSettings
+from aggregator.store import export_reads
+from tests.inprocess import InProcessCore
+
+DAYS = ("2026-03-01", "2026-03-02")
+CUSTOMERS = ("c0", "c1", "c2")
+WINDOW = {
+    "start_timestamp": "2026-03-01T00:00:00Z",
+    "end_timestamp": "2026-03-31T23:59:59Z",
+    "interval": "month",
+}
+
+
+def _event(n: int) -> dict[str, Any]:
+    tokens = 10 + n
+    return {
+        "name": "llm.call",
+        "external_customer_id": CUSTOMERS[n % len(CUSTOMERS)],
+        "external_id": f"call-{n}",
+        "timestamp": f"{DAYS[n % 2]}T{n % 24:02d}:00:00Z",
+        "metadata": {
+            "route": "/chat",
+            "_llm": {
+                "vendor": "openai",
+                "model": "gpt-4o" if n % 3 else "gpt-4o-mini",
+                "input_tokens": tokens - 4,
+                "output_tokens": 4,
+                "total_tokens": tokens,
+            },
+            "_cost": {"amount": f"0.{n:02d}", "currency": "usd"},
+        },
+    }
+
+
+def _call(core: InProcessCore, method: str, path: str, **kwargs: Any) -> Any:
+    answer = core.request(method, path, **kwargs)
+    assert answer.status_code < 300, answer.text
+    return answer.json() if answer.content else None
+
+
+def _api_totals(core: InProcessCore, meter_id: str) -> dict[str, float]:
+    found = {}
+    for customer in CUSTOMERS:
+        params = {**WINDOW, "external_customer_id": customer}
+        found[customer] = _call(core, "GET", f"/v1/meters/{meter_id}/quantities", params=params)[
+            "total"
+        ]
+    return found
+
+
+def _table_totals(target: Path) -> dict[str, dict[str, float]]:
+    """Per customer, the sum of `llm_total_tokens`, as each engine reads the table."""
+    table = DeltaTable(table_uri(str(target))).to_pyarrow_table()
+    table = table.filter(pa.compute.equal(table.column("source"), "user"))
+    by_reader: dict[str, float] = {}
+    for customer, tokens in zip(
+        table.column("external_customer_id").to_pylist(),
+        table.column("llm_total_tokens").to_pylist(),
+        strict=True,
+    ):
+        by_reader[customer] = by_reader.get(customer, 0.0) + tokens
+    sql = "SELECT external_customer_id, sum(llm_total_tokens) FROM events GROUP BY ALL"
+    with duckdb.connect() as con:
+        con.register("events", table)
+        by_duckdb = {c: float(t) for c, t in con.execute(sql).fetchall()}
+    events = table  # chdb reads the Python variable it names
+    found = chdb.query(
+        "SELECT external_customer_id, toFloat64(sum(llm_total_tokens)) AS t"
+        " FROM Python(events) GROUP BY external_customer_id",
+        "ArrowTable",
+    )
+    del events
+    by_chdb = dict(zip(found.column(0).to_pylist(), found.column(1).to_pylist(), strict=True))
+    return {"deltalake": by_reader, "duckdb": by_duckdb, "chdb": by_chdb}
+
+
+def _exported(core: InProcessCore, exporter: Exporter) -> None:
+    """Run the exporter's steps until one does nothing."""
+
+    async def until_done() -> None:
+        while await exporter.step():
+            pass
+
+    core.run(until_done())
+
+
+def _settings(target: Path) -> ExportSettings:
+    return ExportSettings(str(target), max_events=7)  # several commits for a few events
+
+
+def test_the_table_holds_each_current_event_once_as_every_engine_reads_it(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "lake"
+    with InProcessCore(tmp_path / "data") as core:
+        meter = _call(
+            core,
+            "POST",
+            "/v1/meters/",
+            json={
+                "name": "tokens",
+                "filter": {"conjunction": "and", "clauses": []},
+                "aggregation": {"func": "sum", "property": "_llm.total_tokens"},
+            },
+        )
+        _call(core, "POST", "/v1/events/ingest", json={"events": [_event(n) for n in range(30)]})
+        core.settle()
+        exporter = Exporter(core.store, _settings(target))
+        _exported(core, exporter)
+        assert exporter.commits == 5  # 30 events, 7 per commit
+        table = DeltaTable(table_uri(str(target)))
+        assert table.metadata().partition_columns == ["organization_id", "day"]
+        rows = table.to_pyarrow_table()
+        assert rows.num_rows == 30
+        assert sorted(rows.column("external_id").to_pylist()) == sorted(
+            f"call-{n}" for n in range(30)
+        )
+        first = rows.filter(pa.compute.equal(rows.column("external_id"), "call-4")).to_pylist()[0]
+        assert (first["llm_model"], first["llm_input_tokens"], first["llm_total_tokens"]) == (
+            "gpt-4o",
+            10,
+            14,
+        )
+        assert str(first["cost_amount"]).rstrip("0") == "0.04"
+        assert first["day"].isoformat() == DAYS[0]
+        totals = _table_totals(target)
+        api = _api_totals(core, meter["id"])
+        assert all(found == api for found in totals.values()), (totals, api)
+
+        # A void and an amendment: the table follows.
+        listed = _call(core, "GET", "/v1/events/", params={"limit": 100})["items"]
+        ids = {e["metadata"]["_llm"]["total_tokens"]: e["id"] for e in listed}
+        _call(core, "POST", "/v1/events/void", json={"ids": [ids[10]], "reason": "dup"})
+        amended = _event(1)["metadata"]
+        amended["_llm"]["total_tokens"] = 1000
+        _call(core, "PATCH", f"/v1/events/{ids[11]}", json={"metadata": amended})
+        core.voids_done()
+        core.settle()
+        _exported(core, exporter)
+        rows = DeltaTable(table_uri(str(target))).to_pyarrow_table().to_pylist()
+        # The void and the amendment are events too (system ones), exported as such.
+        assert sorted(r["name"] for r in rows if r["source"] == "system") == [
+            "event.amended",
+            "event.voided",
+        ]
+        kept = {r["id"]: r for r in rows if r["source"] == "user"}
+        assert len(kept) == 29
+        assert ids[10] not in kept and ids[11] not in kept
+        new = [r for r in kept.values() if r["external_id"] == "call-1"]
+        assert [(r["version"], r["llm_total_tokens"]) for r in new] == [(2, 1000)]
+        totals = _table_totals(target)
+        api = _api_totals(core, meter["id"])
+        assert all(found == api for found in totals.values()), (totals, api)
+
+        # Started again, an exporter goes on from the table's record: nothing twice.
+        again = Exporter(core.store, _settings(target))
+        _exported(core, again)
+        assert again.exported == 0 and again.position == exporter.position
+        more = [_event(n) for n in range(30, 33)]
+        _call(core, "POST", "/v1/events/ingest", json={"events": more})
+        core.settle()
+        _exported(core, again)
+        assert again.exported == 3
+        assert DeltaTable(table_uri(str(target))).to_pyarrow_table().num_rows == 34
+        assert core.run(again.lag())[0] == 0
+
+
+def test_a_second_writer_for_the_same_id_is_refused(tmp_path: Path) -> None:
+    rows = pa.Table.from_pylist(
+        [
+            {
+                "id": "00000000-0000-4000-8000-000000000001",
+                "organization_id": "o",
+                "day": date.today(),
+            }
+        ],
+        schema=export_reads.SCHEMA,
+    )
+    first, second = (EventsTable(str(tmp_path), "meterline/0/1") for _ in range(2))
+    first.append(rows, 1)
+    assert first.position() == second.position() == 1
+    first.append(rows, 2)
+    with pytest.raises(Stale):  # it read position 1: its batch may be the first's
+        second.append(rows, 2)
+    assert second.position() == 2
+    assert DeltaTable(table_uri(str(tmp_path))).to_pyarrow_table().num_rows == 2
+    # Another shard's exporter appends beside them.
+    other = EventsTable(str(tmp_path), "meterline/1/2")
+    assert other.position() == 0
+    other.append(rows, 5)
+    assert (first.position(), other.position()) == (2, 5)
+
+
+def test_no_table_yet_is_position_zero(tmp_path: Path) -> None:
+    table = EventsTable(str(tmp_path / "nothing"), "meterline/0/1")
+    assert table.position() == 0
+    assert table.holding(["00000000-0000-4000-8000-000000000001"]) == []
+    assert asyncio.run(asyncio.to_thread(table.delete, [])) == 0
