@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     options.dead_letters(commands)
     options.ingest_log(commands)
     options.backups(commands)  # backup, restore
+    options.export(commands)
     options.status(commands)
     options.split(commands)  # last: test_startup's probe checks that the last --help ran
     return parser
@@ -134,6 +135,10 @@ def _run(args: argparse.Namespace, logs: HeldLogs) -> int:
         from aggregator.commands import backups
 
         return backups.run(args)
+    if name == "export":
+        from aggregator.commands import export
+
+        return export.run(args)
     if name == "cluster":
         from aggregator.commands import cluster
 

@@ -12,6 +12,7 @@ import shlex
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +301,25 @@ def _tls_checked(security: KafkaSecurity) -> None:
         raise UsageError(f"{given}: {said}{why}; pass {wanted}") from None
     except OSError as exc:
         raise UsageError(f"{given}: {exc.strerror}; pass {wanted}") from None
+
+
+MOMENT_HELP = (
+    "`today` or `yesterday` (00:00 UTC), `now`, a date (2026-11-01: 00:00 UTC) or an ISO 8601"
+    " time (2026-11-01T12:00:00+05:30; UTC when it names no offset)"
+)
+
+
+def moment(text: str) -> datetime:
+    """A day's start (`today`, `yesterday`, a date), `now` or an ISO 8601 time; UTC unless
+    it names an offset."""
+    now = datetime.now(UTC)
+    days = {"today": 0, "yesterday": 1}
+    if text in days:
+        return datetime.combine(now.date() - timedelta(days=days[text]), time(), UTC)
+    if text == "now":
+        return now
+    try:
+        found = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of: {MOMENT_HELP}") from None
+    return found if found.tzinfo else found.replace(tzinfo=UTC)

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.commands.common import (
+    MOMENT_HELP,
     command,
     data_dir_option,
+    moment,
     secret_file_option,
     server_options,
     topic_options,
@@ -172,6 +174,38 @@ def ingest_log(subparsers: Any) -> None:
             " deleted) so the server starts; says what is lost",
         )
     )
+
+
+def export(subparsers: Any) -> None:
+    once = command(
+        subparsers,
+        "export",
+        "the current events of a range, once, as a Delta Lake table (from a stopped data dir"
+        " or a restored snapshot; a core exports continuously with --export-to)",
+    )
+    once.add_argument(
+        "--to",
+        required=True,
+        metavar="DIR|s3://bucket/prefix",
+        help="where the table is (<target>/events); the range's rows replace its rows there",
+    )
+    once.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        type=moment,
+        metavar="T1",
+        help=f"the range's start, included: {MOMENT_HELP}",
+    )
+    once.add_argument(
+        "--until",
+        dest="end",
+        required=True,
+        type=moment,
+        metavar="T2",
+        help="the range's end, excluded, as T1",
+    )
+    data_dir_option(once)
 
 
 def backups(subparsers: Any) -> None:

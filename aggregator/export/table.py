@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from aggregator.errors import AggregatorError
+from meters.times import us_to_datetime
 
 EVENTS = "events"
 PARTITIONS = ["organization_id", "day"]
@@ -26,8 +27,29 @@ PARTITIONS = ["organization_id", "day"]
 DELETE_CHUNK = 2_000
 
 
+# What made the table, in its description: one table is written one way only, since a range
+# replaced by a one-off export could take away what the continuous export appended since.
+MADE_BY = {
+    "continuous": "meterline: the continuous export (--export-to)",
+    "once": "meterline: one-off exports of ranges (meterline export)",
+}
+
+
 class Stale(AggregatorError):
     """Another writer committed for this exporter's id since its snapshot: read it again."""
+
+
+class OtherKind(AggregatorError):
+    """The table was made by the other kind of export (`MADE_BY`)."""
+
+
+def _made_by(table: Any, kind: str) -> None:
+    found = table.metadata().description
+    if found != MADE_BY[kind]:
+        raise OtherKind(
+            f"{table.table_uri} was not made by {MADE_BY[kind].removeprefix('meterline: ')}"
+            f" ({found or 'no description'}): export to another target"
+        )
 
 
 def table_uri(target: str, name: str = EVENTS) -> str:
@@ -66,6 +88,7 @@ class EventsTable:
             self._table = None
             return 0
         self._table = DeltaTable(self.uri, storage_options=self._options)
+        _made_by(self._table, "continuous")
         return int(self._table.transaction_version(self.app_id) or 0)
 
     def append(self, rows: pa.Table, through: int) -> None:
@@ -86,6 +109,8 @@ class EventsTable:
                 partition_by=PARTITIONS,
                 storage_options=None if self._table is not None else self._options,
                 commit_properties=properties,
+                name=EVENTS,
+                description=MADE_BY["continuous"],
             )
         except CommitFailedError as exc:
             self._table = None
@@ -128,6 +153,43 @@ class EventsTable:
             rows = pa.table(query.execute(sql))
             found.update(str(v) for v in rows.column("id").to_pylist())
         return [i for i in ids if i in found]
+
+
+def replace_range(target: str, rows: pa.Table, start_us: int, end_us: int) -> int:
+    """Make the events of [start, end) in the table of `target` exactly `rows`, in one commit
+    (a one-off export: running it again replaces the range again); the table's version."""
+    from deltalake import DeltaTable, write_deltalake
+
+    uri = table_uri(target)
+    options = storage_options(uri)
+    if DeltaTable.is_deltatable(uri, options):
+        table = DeltaTable(uri, storage_options=options)
+        _made_by(table, "once")
+        start, end = (_literal(us) for us in (start_us, end_us))
+        write_deltalake(
+            table,
+            rows,
+            mode="overwrite",
+            partition_by=PARTITIONS,
+            predicate=f"timestamp >= '{start}' AND timestamp < '{end}'",
+        )
+        table.update_incremental()
+        return int(table.version())
+    write_deltalake(
+        uri,
+        rows,
+        mode="append",
+        partition_by=PARTITIONS,
+        storage_options=options,
+        name=EVENTS,
+        description=MADE_BY["once"],
+    )
+    return 0
+
+
+def _literal(us: int) -> str:
+    """A timestamp literal of Delta's predicates (UTC, to the microsecond)."""
+    return us_to_datetime(us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _chunks(ids: list[str]) -> list[str]:

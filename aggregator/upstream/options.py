@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-from aggregator.commands.common import command, server_options
+from aggregator.commands.common import MOMENT_HELP, command, moment, server_options
 
 ROLLUP_MINUTES = (15, 30, 60, 120, 180, 240, 360, 480, 720, 1440)  # whole buckets dividing a day
 MODES = {"raw": "every event as it is", "rollup": "one pre-aggregated event per period"}
 FORWARDED = "the forwarded organization's token"  # what --token is, in --help
-MOMENT_HELP = (
-    "`today` or `yesterday` (00:00 UTC), `now`, a date (2026-11-01: 00:00 UTC) or an ISO 8601"
-    " time (2026-11-01T12:00:00+05:30; UTC when it names no offset)"
-)
 
 
 def arguments(group: argparse._ArgumentGroup) -> None:
@@ -106,7 +101,7 @@ def commands(subparsers: Any) -> None:
         "--from",
         dest="start",
         required=True,
-        type=_moment,
+        type=moment,
         metavar="T1",
         help=f"the window's start, included: {MOMENT_HELP}",
     )
@@ -114,7 +109,7 @@ def commands(subparsers: Any) -> None:
         "--to",
         dest="end",
         required=True,
-        type=_moment,
+        type=moment,
         metavar="T2",
         help="the window's end, excluded, as T1 (`--from yesterday --to today`: yesterday)",
     )
@@ -162,19 +157,3 @@ def commands(subparsers: Any) -> None:
     resend = command(actions, "resend", "send a quarantined event again")
     server_options(resend, FORWARDED)
     resend.add_argument("seq", type=int, help="the event's seq (from `forwarder quarantine`)")
-
-
-def _moment(text: str) -> datetime:
-    """A day's start (`today`, `yesterday`, a date), `now` or an ISO 8601 time; UTC unless
-    it names an offset."""
-    now = datetime.now(UTC)
-    days = {"today": 0, "yesterday": 1}
-    if text in days:
-        return datetime.combine(now.date() - timedelta(days=days[text]), time(), UTC)
-    if text == "now":
-        return now
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of: {MOMENT_HELP}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -8,12 +8,14 @@ day (UTC), by which the table is partitioned with the organization.
 
 from __future__ import annotations
 
+from typing import Any
+
 import duckdb
 import pyarrow as pa
 
 from aggregator.store.base.rows import first_row
 
-__all__ = ["SCHEMA", "events_after", "lag", "voided", "voided_count"]
+__all__ = ["SCHEMA", "events_after", "events_between", "lag", "voided", "voided_count"]
 
 Con = duckdb.DuckDBPyConnection
 
@@ -60,8 +62,19 @@ def events_after(con: Con, after: int, limit: int) -> pa.Table:
     """The current (not voided) events of every organization after seq `after`, in seq order,
     at most `limit`, as `SCHEMA`'s rows. Their seqs become visible in order: events are stored
     in seq order, and other jobs run with every applied batch stored (`machinery.live`)."""
-    query = f"{_SELECT} WHERE e.seq > ? ORDER BY e.seq LIMIT ?"
-    table = con.sql(query, params=[after, limit]).to_arrow_table()
+    return _rows(con, "e.seq > ?", [after], limit)
+
+
+def events_between(con: Con, start_us: int, end_us: int, after: int, limit: int) -> pa.Table:
+    """As `events_after`, of the events whose timestamp is in [start, end) only (a one-off
+    export of a range, page by page)."""
+    where = "e.seq > ? AND e.timestamp >= make_timestamptz(?) AND e.timestamp < make_timestamptz(?)"
+    return _rows(con, where, [after, start_us, end_us], limit)
+
+
+def _rows(con: Con, where: str, params: list[Any], limit: int) -> pa.Table:
+    query = f"{_SELECT} WHERE {where} ORDER BY e.seq LIMIT ?"
+    table = con.sql(query, params=[*params, limit]).to_arrow_table()
     return pa.Table.from_arrays(table.columns, schema=SCHEMA)
 
 

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deltalake import DeltaTable
 
-from aggregator.export.table import table_uri
+from tests.aggregator.export.lake import read
 from tests.deadline import wait_for
 from tests.pipeline import send_until_accepted
 from tests.processes import MeterlineServer
@@ -99,7 +98,7 @@ def test_five_kills_while_exporting_leave_each_event_once(tmp_path: Path) -> Non
                 },
             ).json()
         wait_for("the export to catch up", lambda: _lag(server) == 0)
-        rows = DeltaTable(table_uri(str(lake))).to_pyarrow_table().to_pylist()
+        rows = read(lake).to_pylist()
         user = [r for r in rows if r["source"] == "user"]
         counted = collections.Counter(r["external_id"] for r in user)
         assert not [k for k, n in counted.items() if n > 1], "exported twice"

@@ -22,6 +22,7 @@ from aggregator.export.exporter import Exporter
 from aggregator.export.table import EventsTable, Stale, table_uri
 from aggregator.settings import ExportSettings
 from aggregator.store import export_reads
+from tests.aggregator.export.lake import read
 from tests.inprocess import InProcessCore
 
 DAYS = ("2026-03-01", "2026-03-02")
@@ -71,29 +72,22 @@ def _api_totals(core: InProcessCore, meter_id: str) -> dict[str, float]:
 
 
 def _table_totals(target: Path) -> dict[str, dict[str, float]]:
-    """Per customer, the sum of `llm_total_tokens`, as each engine reads the table."""
-    table = DeltaTable(table_uri(str(target))).to_pyarrow_table()
-    table = table.filter(pa.compute.equal(table.column("source"), "user"))
-    by_reader: dict[str, float] = {}
-    for customer, tokens in zip(
-        table.column("external_customer_id").to_pylist(),
-        table.column("llm_total_tokens").to_pylist(),
-        strict=True,
-    ):
-        by_reader[customer] = by_reader.get(customer, 0.0) + tokens
-    sql = "SELECT external_customer_id, sum(llm_total_tokens) FROM events GROUP BY ALL"
-    with duckdb.connect() as con:
-        con.register("events", table)
-        by_duckdb = {c: float(t) for c, t in con.execute(sql).fetchall()}
-    events = table  # chdb reads the Python variable it names
-    found = chdb.query(
-        "SELECT external_customer_id, toFloat64(sum(llm_total_tokens)) AS t"
-        " FROM Python(events) GROUP BY external_customer_id",
-        "ArrowTable",
+    """Per customer, the sum of `llm_total_tokens` of the user events, as each engine reads
+    the table: its own (`deltalake`'s), and DuckDB and chdb over the Arrow it reads."""
+    sql = (
+        "SELECT external_customer_id, CAST(sum(llm_total_tokens) AS DOUBLE) FROM events"
+        " WHERE source = 'user' GROUP BY external_customer_id"
     )
-    del events
-    by_chdb = dict(zip(found.column(0).to_pylist(), found.column(1).to_pylist(), strict=True))
-    return {"deltalake": by_reader, "duckdb": by_duckdb, "chdb": by_chdb}
+    found = {"deltalake": read(target, sql)}
+    events = read(target)  # chdb reads the Python variable it names
+    with duckdb.connect() as con:
+        con.register("events", events)
+        found["duckdb"] = con.sql(sql).to_arrow_table()
+    found["chdb"] = chdb.query(sql.replace("FROM events", "FROM Python(events)"), "ArrowTable")
+    return {
+        engine: dict(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True))
+        for engine, t in found.items()
+    }
 
 
 def _exported(core: InProcessCore, exporter: Exporter) -> None:
@@ -132,7 +126,7 @@ def test_the_table_holds_each_current_event_once_as_every_engine_reads_it(
         assert exporter.commits == 5  # 30 events, 7 per commit
         table = DeltaTable(table_uri(str(target)))
         assert table.metadata().partition_columns == ["organization_id", "day"]
-        rows = table.to_pyarrow_table()
+        rows = read(target)
         assert rows.num_rows == 30
         assert sorted(rows.column("external_id").to_pylist()) == sorted(
             f"call-{n}" for n in range(30)
@@ -159,7 +153,7 @@ def test_the_table_holds_each_current_event_once_as_every_engine_reads_it(
         core.voids_done()
         core.settle()
         _exported(core, exporter)
-        rows = DeltaTable(table_uri(str(target))).to_pyarrow_table().to_pylist()
+        rows = read(target).to_pylist()
         # The void and the amendment are events too (system ones), exported as such.
         assert sorted(r["name"] for r in rows if r["source"] == "system") == [
             "event.amended",
@@ -183,7 +177,7 @@ def test_the_table_holds_each_current_event_once_as_every_engine_reads_it(
         core.settle()
         _exported(core, again)
         assert again.exported == 3
-        assert DeltaTable(table_uri(str(target))).to_pyarrow_table().num_rows == 34
+        assert read(target).num_rows == 34
         assert core.run(again.lag())[0] == 0
 
 
@@ -205,7 +199,7 @@ def test_a_second_writer_for_the_same_id_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Stale):  # it read position 1: its batch may be the first's
         second.append(rows, 2)
     assert second.position() == 2
-    assert DeltaTable(table_uri(str(tmp_path))).to_pyarrow_table().num_rows == 2
+    assert read(tmp_path).num_rows == 2
     # Another shard's exporter appends beside them.
     other = EventsTable(str(tmp_path), "meterline/1/2")
     assert other.position() == 0

@@ -1,0 +1,69 @@
+"""`meterline export --to TARGET --from T1 --until T2`: the current events of a range, once, as
+a Delta Lake table (`aggregator.export.table`), from a stopped data dir or a snapshot restored
+from a backup (`meterline restore`): a running core holds its data dir, and exports
+continuously with `--export-to` instead.
+
+The range's rows replace those of the same range in the table, in one commit: running it again
+(after a correction, say) leaves each event once."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from aggregator.commands.common import plural, program
+from aggregator.errors import UsageError
+from aggregator.export.table import OtherKind, replace_range, table_uri
+from aggregator.settings import CoreSettings
+from aggregator.store import Store, export_reads
+from meters.times import datetime_to_us, us_to_iso
+
+PAGE = 100_000  # events read at a time
+
+
+def run(args: argparse.Namespace) -> int:
+    database = CoreSettings(data_dir=args.data_dir).database
+    if not database.exists():
+        raise UsageError(
+            f"{args.data_dir} holds no meterline database: pass a data dir (or a restored"
+            " snapshot) with --data-dir (or METERLINE_DATA_DIR)"
+        )
+    start_us, end_us = datetime_to_us(args.start), datetime_to_us(args.end)
+    if end_us <= start_us:
+        raise UsageError("--until must come after --from")
+    try:
+        rows = asyncio.run(_read(database, start_us, end_us))
+    except duckdb.IOException as exc:
+        if "lock" not in str(exc):
+            raise
+        raise UsageError(
+            f"the data dir {args.data_dir} is in use (a server on it?): export a snapshot"
+            f" (`{program()} backup`, then `{program()} restore` it elsewhere), or let the"
+            " server export with --export-to"
+        ) from None
+    try:
+        version = replace_range(args.to, rows, start_us, end_us)
+    except OtherKind as exc:
+        raise UsageError(str(exc)) from None
+    print(
+        f"exported {plural(rows.num_rows, 'event')} of [{us_to_iso(start_us)},"
+        f" {us_to_iso(end_us)}) to {table_uri(args.to)} (Delta Lake, version {version})"
+    )
+    return 0
+
+
+async def _read(database: Path, start_us: int, end_us: int) -> pa.Table:
+    pages: list[pa.Table] = []
+    after = 0
+    async with Store(database) as store:
+        while True:
+            page = await store.read(export_reads.events_between, start_us, end_us, after, PAGE)
+            if not page.num_rows:
+                break
+            pages.append(page)
+            after = int(page.column("seq")[-1].as_py())
+    return pa.concat_tables(pages) if pages else export_reads.SCHEMA.empty_table()
