@@ -60,15 +60,14 @@ def table_uri(target: str, name: str = EVENTS) -> str:
 
 
 def storage_options(uri: str) -> dict[str, str] | None:
-    """S3 settings from the usual environment (AWS_*), which `deltalake` reads too; a local
-    S3 (`AWS_ENDPOINT_URL` over http) is allowed. Credentials are never logged."""
+    """S3's settings beyond the usual environment (AWS_*: credentials, region, endpoint), which
+    `deltalake` reads itself: a local S3 (`AWS_ENDPOINT_URL` over http) is allowed. Commits
+    on S3 are conditional writes (If-None-Match), so that two writers cannot both take one
+    version of the log. Credentials stay in the environment: never passed, never logged."""
     if not uri.startswith("s3://"):
         return None
-    options = {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}  # one writer per exporter id: see above
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
-    if endpoint.startswith("http://"):
-        options["AWS_ALLOW_HTTP"] = "true"
-    return options
+    return {"AWS_ALLOW_HTTP": "true"} if endpoint.startswith("http://") else {}
 
 
 class EventsTable:
@@ -82,12 +81,9 @@ class EventsTable:
 
     def position(self) -> int:
         """The last seq this exporter committed (0: none), as of a fresh snapshot."""
-        from deltalake import DeltaTable
-
-        if not DeltaTable.is_deltatable(self.uri, self._options):
-            self._table = None
+        self._table = _opened(self.uri, self._options)
+        if self._table is None:
             return 0
-        self._table = DeltaTable(self.uri, storage_options=self._options)
         _made_by(self._table, "continuous")
         return int(self._table.transaction_version(self.app_id) or 0)
 
@@ -158,12 +154,12 @@ class EventsTable:
 def replace_range(target: str, rows: pa.Table, start_us: int, end_us: int) -> int:
     """Make the events of [start, end) in the table of `target` exactly `rows`, in one commit
     (a one-off export: running it again replaces the range again); the table's version."""
-    from deltalake import DeltaTable, write_deltalake
+    from deltalake import write_deltalake
 
     uri = table_uri(target)
     options = storage_options(uri)
-    if DeltaTable.is_deltatable(uri, options):
-        table = DeltaTable(uri, storage_options=options)
+    table = _opened(uri, options)
+    if table is not None:
         _made_by(table, "once")
         start, end = (_literal(us) for us in (start_us, end_us))
         write_deltalake(
@@ -185,6 +181,18 @@ def replace_range(target: str, rows: pa.Table, start_us: int, end_us: int) -> in
         description=MADE_BY["once"],
     )
     return 0
+
+
+def _opened(uri: str, options: dict[str, str] | None) -> Any:
+    """The table at `uri` as of now; None if there is none yet. (Not `is_deltatable`: it holds
+    Python's lock while it waits on S3.)"""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return DeltaTable(uri, storage_options=options)
+    except TableNotFoundError:
+        return None
 
 
 def _literal(us: int) -> str:
