@@ -43,6 +43,7 @@ from benchmarks import (
     backups,
     core,
     dimensions,
+    export,
     fan_out,
     forwarding,
     grants,
@@ -123,6 +124,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "void_1m": Benchmark(voids, 600, 60),
     "dimensions_10m": Benchmark(dimensions.dimensions_10m, 900, 40),
     "dimensions_ingest": Benchmark(dimensions.dimensions_ingest, 240, 15),
+    "export_rate": Benchmark(export.export_rate, 240, 60),
+    "export_kills_1m": Benchmark(export.export_kills_1m, 600, 90),
+    "export_formats": Benchmark(export.export_formats, 240, 60),
 }
 ROUNDS, QUICK_ROUNDS = 3, 1  # of an --against run
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")

@@ -26,15 +26,23 @@ class Server(MeterlineServer):
         data_dir: Path | None = None,
         log_level: str = "warning",
         checkout: Path | None = None,
+        port: int | None = None,
     ) -> None:
         """`checkout`: run that checkout's code (another commit's worktree) with this
-        interpreter, instead of this one's."""
+        interpreter, instead of this one's; `port`: a killed server's, to take its place."""
         self._owns_data_dir = data_dir is None
         if data_dir is None:
             data_dir = Path(tempfile.mkdtemp(prefix="meterline-bench-"))
         # `python -m` puts the working directory first on the module path.
         prefix = () if checkout is None else ("bash", "-c", 'cd "$0" && exec "$@"', str(checkout))
-        super().__init__(data_dir, *extra_args, log_level=log_level, command=command, prefix=prefix)
+        super().__init__(
+            data_dir,
+            *extra_args,
+            log_level=log_level,
+            command=command,
+            prefix=prefix,
+            port=port,
+        )
 
     @property
     def database(self) -> Path:

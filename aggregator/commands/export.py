@@ -22,8 +22,6 @@ from aggregator.settings import CoreSettings
 from aggregator.store import Store, export_reads
 from meters.times import datetime_to_us, us_to_iso
 
-PAGE = 100_000  # events read at a time
-
 
 def run(args: argparse.Namespace) -> int:
     database = CoreSettings(data_dir=args.data_dir).database
@@ -57,13 +55,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _read(database: Path, start_us: int, end_us: int) -> pa.Table:
-    pages: list[pa.Table] = []
-    after = 0
     async with Store(database) as store:
-        while True:
-            page = await store.read(export_reads.events_between, start_us, end_us, after, PAGE)
-            if not page.num_rows:
-                break
-            pages.append(page)
-            after = int(page.column("seq")[-1].as_py())
-    return pa.concat_tables(pages) if pages else export_reads.SCHEMA.empty_table()
+        found: pa.Table = await store.read(export_reads.events_between, start_us, end_us)
+    return found

@@ -6,9 +6,10 @@ The protocol, each step named where the code takes it:
 1. Position: read the last seq this exporter committed from a fresh snapshot of the table
    (its application transaction; 0 for a new table). Nothing is kept in the store: the table's
    log is the one record of what it holds.
-2. Read: the next current events after the position, in seq order, at most `max_events`.
-3. Append: commit them with their last seq as the new position, based on the snapshot of step
-   1. A crash before the commit leaves neither (the next start reads them again); after it,
+2. Read: the current events of the next `max_events` seqs after the position (or after the
+   seqs read since that held none), in seq order, and the last seq that read covers.
+3. Append: commit them with that seq as the new position, based on the snapshot of step 1.
+   A crash before the commit leaves neither (the next start reads them again); after it,
    both. If another writer committed for the same exporter id since (a leader that lost its
    lease without knowing), Delta refuses the commit: go back to step 1.
 4. Corrections: when the store's count of voided events changed (and once at start), the
@@ -28,8 +29,6 @@ import logging
 import time
 from types import TracebackType
 from typing import Self
-
-import pyarrow as pa
 
 from aggregator.export.table import EventsTable, Stale
 from aggregator.intake.leadership import Role
@@ -51,6 +50,7 @@ class Exporter:
         self._table = EventsTable(settings.to, settings.app_id)
         self._task: asyncio.Task[None] | None = None
         self.position: int | None = None  # the last seq in the table (None: not read yet)
+        self._read = 0  # the last seq read: the position, or past it over seqs with no event
         self.exported = 0  # events appended since start
         self.deleted = 0  # voided events removed since start
         self.commits = 0
@@ -74,7 +74,7 @@ class Exporter:
 
     async def lag(self) -> tuple[int, float]:
         """(current events not exported yet, seconds since the oldest of them was ingested)."""
-        events, oldest_us = await self._store.read(export_reads.lag, self.position or 0)
+        events, oldest_us = await self._store.read(export_reads.lag, self._read)
         return events, 0.0 if oldest_us is None else max(0.0, (now_us() - oldest_us) / 1e6)
 
     async def _run(self) -> None:
@@ -95,22 +95,21 @@ class Exporter:
                 await asyncio.sleep(self._settings.retry_seconds)
 
     async def step(self) -> bool:
-        """One round of steps 1 to 4: whether anything was appended or deleted."""
+        """One round of steps 1 to 4: whether anything was read, appended or deleted."""
         if self.position is None:  # step 1
-            self.position = await asyncio.to_thread(self._table.position)
-        rows: pa.Table = await self._store.read(  # step 2
-            export_reads.events_after, self.position, self._settings.max_events
+            self.position = self._read = await asyncio.to_thread(self._table.position)
+        rows, through = await self._store.read(  # step 2
+            export_reads.events_after, self._read, self._settings.max_events
         )
-        moved = False
+        moved = through > self._read
         if rows.num_rows:
-            through = int(rows.column("seq")[-1].as_py())
             await asyncio.to_thread(self._table.append, rows, through)  # step 3
             self.position = through
             self.exported += rows.num_rows
             self.commits += 1
             self.last_commit_us = now_us()
             self.last_error = None
-            moved = True
+        self._read = through
         return await self._corrections() or moved  # step 4
 
     async def _corrections(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import duckdb
+import orjson
 import pyarrow as pa
 
 from aggregator.store.base.rows import first_row
@@ -46,35 +47,53 @@ _COLUMNS: list[tuple[str, pa.DataType]] = [
 ]
 SCHEMA = pa.schema(_COLUMNS)
 
+# `_cost` and `_llm` as one structure per event: its metadata parsed once (seven JSON paths
+# cost 3.3 µs an event, this 1.4 µs).
+_TYPED = orjson.dumps(
+    {
+        "_cost": {"currency": "VARCHAR"},
+        "_llm": {
+            **{k: "VARCHAR" for k in _LLM_TEXTS},
+            **{k: "BIGINT" for k in _LLM_TOKENS},
+        },
+    }
+).decode()
 _SELECT = (
-    "SELECT e.id::VARCHAR, e.seq, e.organization_id::VARCHAR, e.timestamp::DATE,"  # noqa: S608 - fixed text
-    " e.name, e.source, e.timestamp, e.ingested_at, e.customer_id::VARCHAR,"
-    " e.external_customer_id, e.external_member_id, e.external_id, e.parent_id,"
-    " coalesce(v.version, 1)::INTEGER, e.cost_amount,"
-    " json_extract_string(e.metadata, '$._cost.currency'),"
-    + "".join(f" json_extract_string(e.metadata, '$._llm.{k}')," for k in _LLM_TEXTS)
-    + "".join(f" json_extract(e.metadata, '$._llm.{k}')::BIGINT," for k in _LLM_TOKENS)
-    + " e.metadata::VARCHAR FROM events e LEFT JOIN event_versions v ON v.id = e.id"
+    "SELECT e.id::VARCHAR, e.seq, e.organization_id::VARCHAR, e.timestamp::DATE, e.name,"  # noqa: S608 - fixed text
+    " e.source, e.timestamp, e.ingested_at, e.customer_id::VARCHAR, e.external_customer_id,"
+    " e.external_member_id, e.external_id, e.parent_id, coalesce(v.version, 1)::INTEGER,"
+    " e.cost_amount, e.t._cost.currency,"
+    + "".join(f" e.t._llm.{k}," for k in (*_LLM_TEXTS, *_LLM_TOKENS))
+    + f" e.metadata::VARCHAR FROM (SELECT *, json_transform(metadata, '{_TYPED}') AS t"  # noqa: S608 - fixed text
+    " FROM events WHERE {where}) e LEFT JOIN event_versions v ON v.id = e.id ORDER BY e.seq"
 )
 
 
-def events_after(con: Con, after: int, limit: int) -> pa.Table:
-    """The current (not voided) events of every organization after seq `after`, in seq order,
-    at most `limit`, as `SCHEMA`'s rows. Their seqs become visible in order: events are stored
-    in seq order, and other jobs run with every applied batch stored (`machinery.live`)."""
-    return _rows(con, "e.seq > ?", [after], limit)
+def events_after(con: Con, after: int, limit: int) -> tuple[pa.Table, int]:
+    """The current (not voided) events of every organization with seqs after `after`, at most
+    `limit` seqs further, in seq order, as `SCHEMA`'s rows; and the last seq that read covers
+    (where the next one starts), at most the last stored.
+
+    A window of seqs, not the first `limit` rows after `after`: that would read and sort
+    every event after it (16.6 µs an event 500,000 behind; a window, 3.9). Seqs become visible
+    in order (events are stored in seq order, and other jobs run with every applied batch
+    stored: `machinery.live`), and the last stored is read first: every seq up to it is
+    visible to the read that follows."""
+    row = first_row(con, "SELECT coalesce(max(seq), 0) FROM all_events")
+    through = min(after + limit, int(row[0]) if row else 0)
+    return _rows(con, "seq > ? AND seq <= ?", [after, through]), max(through, after)
 
 
-def events_between(con: Con, start_us: int, end_us: int, after: int, limit: int) -> pa.Table:
-    """As `events_after`, of the events whose timestamp is in [start, end) only (a one-off
-    export of a range, page by page)."""
-    where = "e.seq > ? AND e.timestamp >= make_timestamptz(?) AND e.timestamp < make_timestamptz(?)"
-    return _rows(con, where, [after, start_us, end_us], limit)
+def events_between(con: Con, start_us: int, end_us: int) -> pa.Table:
+    """The current events whose timestamp is in [start, end), in seq order (a one-off export
+    of a range)."""
+    where = "timestamp >= make_timestamptz(?) AND timestamp < make_timestamptz(?)"
+    return _rows(con, where, [start_us, end_us])
 
 
-def _rows(con: Con, where: str, params: list[Any], limit: int) -> pa.Table:
-    query = f"{_SELECT} WHERE {where} ORDER BY e.seq LIMIT ?"
-    table = con.sql(query, params=[*params, limit]).to_arrow_table()
+def _rows(con: Con, where: str, params: list[Any]) -> pa.Table:
+    query = _SELECT.replace("{where}", where)
+    table = con.sql(query, params=params).to_arrow_table()
     return pa.Table.from_arrays(table.columns, schema=SCHEMA)
 
 
@@ -96,9 +115,13 @@ def voided(con: Con, through: int) -> list[str]:
 
 
 def lag(con: Con, after: int) -> tuple[int, int | None]:
-    """(current events after seq `after`, the oldest one's ingestion time in microseconds, or
-    None if none is)."""
+    """(the stored events' seqs after `after`, and when the first of them was ingested, in
+    microseconds; None if there is none): how far behind a reader that has read up to
+    `after` is. Cheap at any lag: no count of the events themselves."""
     row = first_row(
-        con, "SELECT count(*), epoch_us(min(ingested_at)) FROM events WHERE seq > ?", [after]
+        con,
+        "SELECT coalesce(max(seq), 0), (SELECT epoch_us(min(ingested_at)) FROM all_events"
+        " WHERE seq > ? AND seq <= ? + 100) FROM all_events",
+        [after, after],
     )
-    return (int(row[0]), row[1]) if row else (0, None)
+    return (max(0, int(row[0]) - after), row[1]) if row else (0, None)
