@@ -30,6 +30,7 @@ from aggregator.api import (
     dead_letter_routes,
     event_routes,
     event_type_routes,
+    export_routes,
     forwarding_routes,
     hold_routes,
     ledger_routes,
@@ -67,6 +68,7 @@ from aggregator.errors import (
     StorageFull,
     WriteTimeout,
 )
+from aggregator.export.exporter import Exporter
 from aggregator.intake.consumer import Consumer
 from aggregator.intake.members import Member, alone
 from aggregator.services import ledger_service, otlp_service
@@ -277,6 +279,7 @@ def build_app(
     applied: Applied | None = None,
     sharding: Sharding | None = None,
     figures: Sequence[Source] = (),
+    exporter: Exporter | None = None,
 ) -> Starlette:
     """The core's API: ingest through `publisher`, and every query and management route; the
     live stream with a `feed`, dead letters with `kafka` (Kafka mode), and customer sessions
@@ -286,7 +289,8 @@ def build_app(
     after writes wait for (`api.read_after`); `sharding`: a shard of several sends the
     requests of other shards' customers there, and merges organization-wide reads with theirs
     (`api.shard_routing`); `figures`: more of `/metrics` (the journal's lag, the snapshots:
-    `core_metrics`)."""
+    `core_metrics`); `exporter`: the lakehouse export (`--export-to`), its status route and
+    figures."""
     authenticate = registry.organization_id
     limits = settings.ingest.limits
     ctx = ApiContext(
@@ -303,6 +307,8 @@ def build_app(
     admission, responses = front.admission, front.responses
     sources = core_metrics.sources(store, consumer, forwarder[0] if forwarder else None)
     sources += figures
+    if exporter is not None:
+        sources.append(core_metrics.export(exporter))
     routes = [
         *openapi_routes.declare_edge(
             [
@@ -342,6 +348,7 @@ def build_app(
             sessions_published,
         ),
         *forwarding_routes.routes(ctx, *(forwarder or (None, None))),
+        *export_routes.routes(ctx, exporter),
         *dead_letter_routes.routes(ctx, kafka, consumer.organizations if consumer else None),
         *cluster_routes.routes(ctx, kafka, members or alone(settings.url)),
         *console_routes.routes(),

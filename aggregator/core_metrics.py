@@ -63,13 +63,13 @@ def snapshots(taken: Taken) -> Source:
 
 
 def export(exporter: Exporter) -> Source:
-    """The lakehouse export (`--export-to`): how far behind the store it is, in events and in
-    seconds (the oldest event not exported yet), when it last committed, what it did since
-    the start, and whether its last attempt failed. Only the leader exports: a core that
-    follows shows its lag growing, not the table's."""
+    """The lakehouse export (`--export-to`): how far behind the store it is, in events (seqs
+    stored, not read yet) and in seconds (since the next of them was ingested), when it last
+    committed, what it did since the start, and whether its last attempt failed. Only the
+    leader exports: a core that follows says 0 behind (the leader's figures are the table's)."""
 
     async def lines() -> list[str]:
-        events, seconds = await exporter.lag()
+        events, seconds = await exporter.lag() if exporter.exporting else (0, 0.0)
         found: list[str] = []
         for name, kind, value, text in (
             ("lag_events", "gauge", events, "current events not in the exported table yet"),

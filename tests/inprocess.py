@@ -34,11 +34,12 @@ from aggregator import cli
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
 from aggregator.core_app import build_app
+from aggregator.export.exporter import Exporter
 from aggregator.intake.embedded import EmbeddedPublisher
 from aggregator.serving import core, edge
 from aggregator.serving.command import settings_of
 from aggregator.serving.listening import Listening
-from aggregator.settings import CoreSettings, WebhookSettings
+from aggregator.settings import CoreSettings, ExportSettings, WebhookSettings
 from aggregator.store import Store
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.tables.meter_tables import pending_backfills
@@ -78,14 +79,19 @@ def token_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 class InProcessCore:
     """A context manager; `request()` answers like a client of `meterline up` would see."""
 
-    def __init__(self, data_dir: Path, *, private_webhooks: bool = False) -> None:
+    def __init__(
+        self, data_dir: Path, *, private_webhooks: bool = False, export_to: Path | None = None
+    ) -> None:
         """`private_webhooks`: webhook endpoints on loopback taken without resolving a name
-        (no sender runs here)."""
+        (no sender runs here); `export_to`: an exporter to that folder, whose steps the test
+        takes (`exporter.step()`: none runs in the background), and its status route."""
         self.settings = CoreSettings(data_dir=data_dir)
         if private_webhooks:
             self.settings = replace(self.settings, webhooks=WebhookSettings(allow_private=True))
         self._runner = asyncio.Runner()
         self._stack = contextlib.AsyncExitStack()
+        self._export_to = export_to
+        self.exporter: Exporter | None = None
         self.registry = TokenRegistry(data_dir)
         self.token = self.registry.create_token(self.registry.organization("default"), "tests")
 
@@ -100,7 +106,11 @@ class InProcessCore:
         backfiller = await enter(Backfiller(self.store))
         self.voider = await enter(Voider(self.store))
         publisher = EmbeddedPublisher(self.store, validation)
-        self.app = build_app(self.store, self.registry, publisher, backfiller, self.settings)
+        if self._export_to is not None:
+            self.exporter = Exporter(self.store, ExportSettings(str(self._export_to)))
+        self.app = build_app(
+            self.store, self.registry, publisher, backfiller, self.settings, exporter=self.exporter
+        )
         # A 500 comes back as the response a client would get, not as a raised exception.
         transport = httpx.ASGITransport(app=self.app, raise_app_exceptions=False)
         self.client = await enter(

@@ -72,6 +72,15 @@ class Exporter:
         # says so (step 3).
         await cancel_within(self._task, what="exporter")
 
+    @property
+    def table_uri(self) -> str:
+        return self._table.uri
+
+    @property
+    def exporting(self) -> bool:
+        """Whether this core exports now (it leads)."""
+        return self._role.leading
+
     async def lag(self) -> tuple[int, float]:
         """(current events not exported yet, seconds since the oldest of them was ingested)."""
         events, oldest_us = await self._store.read(export_reads.lag, self._read)

@@ -245,9 +245,9 @@ async def serve(
                 sharding,
                 [
                     core_metrics.snapshots(taken),
-                    *([core_metrics.export(export)] if export is not None else []),
                     *([core_metrics.journal_lag(journal)] if journal is not None else []),
                 ],
+                export,
             )
             url = f"http://{settings.host}:{settings.port}"
             lines = [f"console: {url}/ (log in with a token); API reference: {url}/docs"]

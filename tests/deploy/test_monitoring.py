@@ -40,6 +40,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     with Broker() as broker:
         bootstrap = ("--kafka", broker.bootstrap)
         core_args = (*bootstrap, *common, *upstream, "--upstream-org", "acme")
+        core_args += ("--export-to", str(data.parent / f"{data.name}-lake"))
         with (
             ServedCore(data, *core_args, "--allow-private-webhooks", command="core") as core,
             ServedCore(data, *bootstrap, *common, command="ingest") as edge,

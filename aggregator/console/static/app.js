@@ -20,6 +20,7 @@ const ROUTES = [
   [/^#\/customers$/, customers.list],
   [/^#\/costs$/, operations.costs],
   [/^#\/forwarder$/, operations.forwarder],
+  [/^#\/export$/, operations.exported],
   [/^#\/dead-letters$/, operations.deadLetters],
   [/^#\/alerts$/, operations.alerts],
   [/^/, meters.list],

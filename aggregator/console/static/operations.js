@@ -1,5 +1,5 @@
-// Operations: costs, the forwarder (backlog, last error, quarantine with resend), dead letters
-// (Kafka mode), alerts and webhook deliveries.
+// Operations: costs, the forwarder (backlog, last error, quarantine with resend), the lakehouse
+// export, dead letters (Kafka mode), alerts and webhook deliveries.
 import { ApiError } from "./api.js";
 import { barChart } from "./chart.js";
 import { fill, fmt, h, lastWins, link, message, section, table } from "./dom.js";
@@ -82,6 +82,34 @@ export async function forwarder(ctx) {
         quarantine.items,
         { empty: "Nothing is quarantined." },
       ),
+    ),
+  ];
+}
+
+export async function exported(ctx) {
+  let status;
+  try {
+    status = await ctx.call("/v1/export/");
+  } catch (error) {
+    if (!(error instanceof ApiError) || error.status !== 404) throw error;
+    return [h("h1", { text: "Export" }), message("This deployment exports no events to a lakehouse table (see meterline up --export-to).", "info")];
+  }
+  const facts = [
+    ["table", `${status.table} (Delta Lake)`],
+    ["partition", status.partition],
+    ["exporting", status.exporting ? "yes (this core leads)" : "no: the leader exports"],
+    ["lag", status.lag_seconds ? `${fmt.number(status.lag_seconds)} s` : "none"],
+    ["last commit", status.last_commit_at ? fmt.time(status.last_commit_at) : "none since this core started"],
+  ];
+  return [
+    h("h1", { text: "Export" }),
+    status.failing ? message(`The export is failing and retrying: ${status.last_error}`) : null,
+    h(
+      "dl",
+      { class: "facts" },
+      facts.map(([k, v]) => [h("dt", { text: k }), h("dd", { dataset: { fact: k.replace(" ", "_") }, text: v })]),
+      h("dt", { text: "last error" }),
+      h("dd", { class: "error-text", text: status.last_error || "none" }),
     ),
   ];
 }

@@ -344,10 +344,11 @@ def _read_everything(check: Checked, doc: dict[str, Any], ids: dict[str, str]) -
             query["customer_id"] = ids["customer"]
         portal = operation["security"] == [{"customer_session": []}]
         headers = {"Authorization": f"Bearer {ids['session']}"} if portal else {}
-        # This organization's events are not forwarded; an app built without a live feed
-        # serves no stream (one would never end).
+        # This organization's events are not forwarded, nor exported; an app built without a
+        # live feed serves no stream (one would never end).
         streams = "text/event-stream" in operation["responses"]["200"].get("content", {})
-        expect = 404 if template.startswith("/v1/forwarder/") or streams else 200
+        unserved = template.startswith(("/v1/forwarder/", "/v1/export/"))
+        expect = 404 if unserved or streams else 200
         check("GET", template, expect, _path(template, ids), params=query, headers=headers)
 
 

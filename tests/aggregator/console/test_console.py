@@ -160,6 +160,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 *("--kafka", broker.bootstrap, "--no-idempotence", "--partitions", "1"),
                 "--allow-private-webhooks",
                 *("--upstream-url", upstream.url, "--upstream-token", "test-upstream"),
+                *("--export-to", str(data_dir.parent / f"{data_dir.name}-lake")),
             )
             with ServedCore(data_dir, *args) as server:
                 b_token = new_org_token(data_dir, "rival")
@@ -353,6 +354,20 @@ def test_the_forwarder_shows_its_quarantine_and_resends(page: Page, world: World
     page.wait_for_selector("main .result")
     assert "rejected" in page.inner_text("main .result")
     _shot(page, world, "forwarder")
+
+
+def test_the_export_shows_the_organizations_partition(page: Page, world: World) -> None:
+    wait_for(
+        "the export to commit",
+        lambda: world.a.get("/v1/export/").json()["last_commit_at"] is not None,
+    )
+    text = _visit(page, world, "#/export")
+    organization = world.a.get("/v1/organizations/").json()["items"][0]["id"]
+    assert page.inner_text("dd[data-fact=partition]") == f"organization_id={organization}"
+    assert page.inner_text("dd[data-fact=exporting]").startswith("yes")
+    assert "(Delta Lake)" in text and "events" in page.inner_text("dd[data-fact=table]")
+    assert page.inner_text("dd[data-fact=last_commit]") != "none since this core started"
+    _shot(page, world, "export")
 
 
 def test_dead_letters_show_the_organizations_own(page: Page, world: World) -> None:

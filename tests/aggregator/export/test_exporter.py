@@ -108,7 +108,7 @@ def test_the_table_holds_each_current_event_once_as_every_engine_reads_it(
     tmp_path: Path,
 ) -> None:
     target = tmp_path / "lake"
-    with InProcessCore(tmp_path / "data") as core:
+    with InProcessCore(tmp_path / "data", export_to=target) as core:
         meter = _call(
             core,
             "POST",
@@ -124,6 +124,19 @@ def test_the_table_holds_each_current_event_once_as_every_engine_reads_it(
         exporter = Exporter(core.store, _settings(target))
         _exported(core, exporter)
         assert exporter.commits == 5  # 30 events, 7 per commit
+        status = _call(core, "GET", "/v1/export/")  # the route's own exporter has not run
+        organization = _call(core, "GET", "/v1/organizations/")["items"][0]["id"]
+        assert status == {
+            "format": "delta",
+            "table": table_uri(str(target)),
+            "partition": f"organization_id={organization}",
+            "exporting": True,
+            "lag_seconds": status["lag_seconds"],
+            "last_commit_at": None,
+            "failing": False,
+            "last_error": None,
+        }
+        assert status["lag_seconds"] > 0
         table = DeltaTable(table_uri(str(target)))
         assert table.metadata().partition_columns == ["organization_id", "day"]
         rows = read(target)
