@@ -19,7 +19,9 @@ The protocol, each step named where the code takes it:
 5. Idle for `idle_seconds` when nothing is left, then step 2.
 
 The exporter's id is the shard's (`meterline/<index>/<count>`): the cores of one shard share
-it, so a new leader goes on from the old one's commits.
+it, so a new leader goes on from the old one's commits. A shard that a split made goes on from
+its old shard's position until it has committed one of its own (`ancestors`): its data dir is
+the old shard's, whose exporter stopped when it retired, and its seqs go on from there.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
 from aggregator.export.table import EventsTable, Stale
 from aggregator.intake.leadership import Role
 from aggregator.settings import ExportSettings
-from aggregator.store import Store, export_reads
+from aggregator.store import Store, export_reads, shard_splits
 from ingest.tasks import cancel_within
 from meters.times import now_us
 
@@ -106,7 +109,9 @@ class Exporter:
     async def step(self) -> bool:
         """One round of steps 1 to 4: whether anything was read, appended or deleted."""
         if self.position is None:  # step 1
-            self.position = self._read = await asyncio.to_thread(self._table.position)
+            splits = await self._store.read(shard_splits.splits)
+            older = ancestors(self._settings.app_id, splits)
+            self.position = self._read = await asyncio.to_thread(self._table.position, older)
         rows, through = await self._store.read(  # step 2
             export_reads.events_after, self._read, self._settings.max_events
         )
@@ -135,3 +140,19 @@ class Exporter:
             log.info("export: %d voided events deleted in %.2f s", len(held), took)
         self._voids_seen = count
         return bool(held)
+
+
+def ancestors(app_id: str, splits: Sequence[shard_splits.Split]) -> list[str]:
+    """The exporter ids of the shards this one's data dir comes from, nearest first: for each
+    split that made its shard (this data dir among the new ones), the old shard it went on
+    from (`intake.splits`, step 4). An id not of the form `<prefix>/<index>/<count>` has none."""
+    prefix, _, shard = app_id.rpartition("/")
+    prefix, _, index_text = prefix.rpartition("/")
+    if not (index_text.isdigit() and shard.isdigit()):
+        return []
+    index, count, found = int(index_text), int(shard), []
+    for split in reversed(splits):
+        if split.origin and split.to_count == count:
+            index, count = index % split.from_count, split.from_count
+            found.append(f"{prefix}/{index}/{count}")
+    return found

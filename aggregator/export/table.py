@@ -13,6 +13,7 @@ moved past it.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +80,19 @@ class EventsTable:
         self._options = storage_options(self.uri)
         self._table: Any = None  # the snapshot the next commit is based on
 
-    def position(self) -> int:
-        """The last seq this exporter committed (0: none), as of a fresh snapshot."""
+    def position(self, ancestors: Sequence[str] = ()) -> int:
+        """The last seq this exporter committed (0: none), as of a fresh snapshot; if it has
+        committed none, that of the nearest of `ancestors` that has (the exporter ids whose
+        seqs its data dir went on from: a shard's before a split)."""
         self._table = _opened(self.uri, self._options)
         if self._table is None:
             return 0
         _made_by(self._table, "continuous")
-        return int(self._table.transaction_version(self.app_id) or 0)
+        for app_id in (self.app_id, *ancestors):
+            found = self._table.transaction_version(app_id)
+            if found is not None:
+                return int(found)
+        return 0
 
     def append(self, rows: pa.Table, through: int) -> None:
         """Commit `rows` and the position `through` together, based on the snapshot

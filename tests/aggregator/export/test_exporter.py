@@ -18,10 +18,11 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from aggregator.export.exporter import Exporter
+from aggregator.export.exporter import Exporter, ancestors
 from aggregator.export.table import EventsTable, Stale, table_uri
 from aggregator.settings import ExportSettings
 from aggregator.store import export_reads
+from aggregator.store.tables.shard_splits import Split
 from tests.aggregator.export.lake import read
 from tests.inprocess import InProcessCore
 
@@ -225,3 +226,30 @@ def test_no_table_yet_is_position_zero(tmp_path: Path) -> None:
     assert table.position() == 0
     assert table.holding(["00000000-0000-4000-8000-000000000001"]) == []
     assert asyncio.run(asyncio.to_thread(table.delete, [])) == 0
+
+
+def test_a_shard_a_split_made_goes_on_from_its_old_shards_position(tmp_path: Path) -> None:
+    def split(from_count: int, to_count: int, origin: bool = True) -> Split:
+        return Split(from_count, to_count, 4, {}, origin)
+
+    # 1 shard split into 2, then into 4: shard 3/4's data dir came from 1/2's, from 0/1's.
+    made = [split(1, 2), split(2, 4)]
+    assert ancestors("meterline/3/4", made) == ["meterline/1/2", "meterline/0/1"]
+    assert ancestors("meterline/0/1", [split(1, 2, origin=False)]) == []  # the old shard's own
+    assert ancestors("custom-id", made) == []
+    rows = pa.Table.from_pylist(
+        [
+            {
+                "id": "00000000-0000-4000-8000-000000000002",
+                "organization_id": "o",
+                "day": date.today(),
+            }
+        ],
+        schema=export_reads.SCHEMA,
+    )
+    EventsTable(str(tmp_path), "meterline/0/1").append(rows, 10)
+    new = EventsTable(str(tmp_path), "meterline/3/4")
+    assert new.position(ancestors("meterline/3/4", made)) == 10
+    new.append(rows, 15)
+    assert new.position(ancestors("meterline/3/4", made)) == 15  # its own, once it has one
+    assert EventsTable(str(tmp_path), "meterline/2/4").position(["meterline/0/2"]) == 0
