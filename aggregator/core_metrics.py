@@ -80,6 +80,12 @@ def export(exporter: Exporter) -> Source:
                 (exporter.last_commit_us or 0) / 1e6,
                 "when the exporter last committed to the table (0: not since the start)",
             ),
+            (
+                "usage_last_refresh_timestamp_seconds",
+                "gauge",
+                (exporter.usage.last_refresh_us or 0) / 1e6,
+                "the changes each customer meter's usage per day covers, up to (0: none yet)",
+            ),
             ("events_total", "counter", exporter.exported, "events exported since the start"),
             ("deleted_total", "counter", exporter.deleted, "voided events deleted since the start"),
             ("failing", "gauge", int(exporter.last_error is not None), "1: its last try failed"),

@@ -113,6 +113,8 @@ class ExportSettings:
     max_events: int = 50_000  # per commit: fewer, larger files
     idle_seconds: float = 1.0
     retry_seconds: float = 5.0
+    # How often each customer meter's usage per day is refreshed (its own table).
+    usage_every_seconds: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

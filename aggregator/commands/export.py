@@ -1,5 +1,6 @@
 """`meterline export --to TARGET --from T1 --until T2`: the current events of a range, once, as
-a Delta Lake table (`aggregator.export.table`), from a stopped data dir or a snapshot restored
+a Delta Lake table, and each customer meter's usage on each day the range touches (its usage
+table) (`aggregator.export.table`), from a stopped data dir or a snapshot restored
 from a backup (`meterline restore`): a running core holds its data dir, and exports
 continuously with `--export-to` instead.
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 
 import duckdb
@@ -19,8 +21,8 @@ from aggregator.commands.common import plural, program
 from aggregator.errors import UsageError
 from aggregator.export.table import OtherKind, replace_range, table_uri
 from aggregator.settings import CoreSettings
-from aggregator.store import Store, export_reads
-from meters.times import datetime_to_us, us_to_iso
+from aggregator.store import Store, export_reads, export_usage
+from meters.times import datetime_to_us, now_us, us_to_datetime, us_to_iso
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if end_us <= start_us:
         raise UsageError("--until must come after --from")
     try:
-        rows = asyncio.run(_read(database, start_us, end_us))
+        rows, usage = asyncio.run(_read(database, start_us, end_us))
     except duckdb.IOException as exc:
         if "lock" not in str(exc):
             raise
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             " server export with --export-to"
         ) from None
     try:
-        version = replace_range(args.to, rows, start_us, end_us)
+        version = replace_range(args.to, rows, start_us, end_us, usage)
     except OtherKind as exc:
         raise UsageError(str(exc)) from None
     print(
@@ -54,7 +56,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _read(database: Path, start_us: int, end_us: int) -> pa.Table:
+async def _read(database: Path, start_us: int, end_us: int) -> tuple[pa.Table, pa.Table]:
+    """The range's current events, and each customer meter's usage on each day it touches."""
+    first, last = (us_to_datetime(us).date() for us in (start_us, end_us - 1))
     async with Store(database) as store:
         found: pa.Table = await store.read(export_reads.events_between, start_us, end_us)
-    return found
+        organizations = await store.read(export_usage.organizations_between, first, last)
+        days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
+        usage = [
+            await store.read(export_usage.usage, organization, days, now_us())
+            for organization in organizations
+        ]
+    return found, pa.concat_tables([export_usage.SCHEMA.empty_table(), *usage])

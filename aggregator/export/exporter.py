@@ -18,6 +18,9 @@ The protocol, each step named where the code takes it:
    3 appends: together, a replacement. A delete is idempotent: a crash before it is repeated.
 5. Idle for `idle_seconds` when nothing is left, then step 2.
 
+Beside it, every `usage_every_seconds`, each customer meter's usage per day is refreshed in a
+table of its own (`usage`).
+
 The exporter's id is the shard's (`meterline/<index>/<count>`): the cores of one shard share
 it, so a new leader goes on from the old one's commits. A shard that a split made goes on from
 its old shard's position until it has committed one of its own (`ancestors`): its data dir is
@@ -34,6 +37,7 @@ from types import TracebackType
 from typing import Self
 
 from aggregator.export.table import EventsTable, Stale
+from aggregator.export.usage import UsageRefresher
 from aggregator.intake.leadership import Role
 from aggregator.settings import ExportSettings
 from aggregator.store import Store, export_reads, shard_splits
@@ -51,7 +55,8 @@ class Exporter:
         self._settings = settings
         self._role = role or Role(leading=True)
         self._table = EventsTable(settings.to, settings.app_id)
-        self._task: asyncio.Task[None] | None = None
+        self.usage = UsageRefresher(store, settings)
+        self._tasks: list[asyncio.Task[None]] = []
         self.position: int | None = None  # the last seq in the table (None: not read yet)
         self._read = 0  # the last seq read: the position, or past it over seqs with no event
         self.exported = 0  # events appended since start
@@ -62,7 +67,10 @@ class Exporter:
         self._voids_seen = -1  # the voided count last reconciled (-1: not yet)
 
     async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._run(), name="exporter")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="exporter"),
+            asyncio.create_task(self._refreshing(), name="exporter-usage"),
+        ]
         return self
 
     async def __aexit__(
@@ -73,7 +81,7 @@ class Exporter:
     ) -> None:
         # A batch being written is abandoned: it is not committed, or it is and the position
         # says so (step 3).
-        await cancel_within(self._task, what="exporter")
+        await cancel_within(*self._tasks, what="exporter")
 
     @property
     def table_uri(self) -> str:
@@ -105,6 +113,18 @@ class Exporter:
                 self.position = None
                 log.exception("export failed; retrying")
                 await asyncio.sleep(self._settings.retry_seconds)
+
+    async def _refreshing(self) -> None:
+        while True:
+            await self._role.until(True)
+            try:
+                await self.usage.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"usage: {type(exc).__name__}: {exc}"
+                log.exception("refreshing the usage table failed; retrying")
+            await asyncio.sleep(self._settings.usage_every_seconds)
 
     async def step(self) -> bool:
         """One round of steps 1 to 4: whether anything was read, appended or deleted."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from aggregator.errors import AggregatorError
 from meters.times import us_to_datetime
 
 EVENTS = "events"
+USAGE = "customer_meter_usage"
 PARTITIONS = ["organization_id", "day"]
 # Ids in one delete's predicate at most (each is a literal Delta parses).
 DELETE_CHUNK = 2_000
@@ -34,6 +36,8 @@ MADE_BY = {
     "continuous": "meterline: the continuous export (--export-to)",
     "once": "meterline: one-off exports of ranges (meterline export)",
 }
+# (organization, day) partitions one commit of the usage table replaces at most.
+PARTITION_CHUNK = 200
 
 
 class Stale(AggregatorError):
@@ -158,36 +162,101 @@ class EventsTable:
         return [i for i in ids if i in found]
 
 
-def replace_range(target: str, rows: pa.Table, start_us: int, end_us: int) -> int:
-    """Make the events of [start, end) in the table of `target` exactly `rows`, in one commit
-    (a one-off export: running it again replaces the range again); the table's version."""
+def replace_range(target: str, rows: pa.Table, start_us: int, end_us: int, usage: pa.Table) -> int:
+    """Make the events of [start, end) in the events table of `target` exactly `rows`, and the
+    days they touch in its usage table `usage`, one commit each (a one-off export: running it
+    again replaces the range again); the events table's version."""
+    uri = table_uri(target)
+    start, end = (_literal(us) for us in (start_us, end_us))
+    predicate = f"timestamp >= '{start}' AND timestamp < '{end}'"
+    version = _overwrite(uri, storage_options(uri), rows, predicate, "once")
+    first, last = (us_to_datetime(us).date().isoformat() for us in (start_us, end_us - 1))
+    usage_uri = table_uri(target, USAGE)
+    days = f"day >= '{first}' AND day <= '{last}'"
+    _overwrite(usage_uri, storage_options(usage_uri), usage, days, "once")
+    return version
+
+
+class UsageTable:
+    """The table of each customer meter's usage per day (`<target>/customer_meter_usage`,
+    partitioned as the events are), whose partitions are replaced whole, and the moment its
+    last refresh covers (an application transaction of `<exporter id>/usage`)."""
+
+    def __init__(self, target: str, app_id: str) -> None:
+        self.uri = table_uri(target, USAGE)
+        self.app_id = f"{app_id}/usage"
+        self._options = storage_options(self.uri)
+
+    def refreshed(self) -> int | None:
+        """Up to when (microseconds) the last refresh covered changes; None: never."""
+        table = _opened(self.uri, self._options)
+        found = None if table is None else table.transaction_version(self.app_id)
+        return None if found is None else int(found)
+
+    def replace(self, rows: pa.Table, partitions: Sequence[tuple[str, date]], at_us: int) -> None:
+        """Make `partitions` (organization, day) hold exactly their `rows`, and record `at_us`
+        with the last commit (a crash before it leaves the refresh to do again)."""
+        from deltalake import CommitProperties, Transaction
+
+        keys = list(
+            zip(
+                rows.column("organization_id").to_pylist(),
+                rows.column("day").to_pylist(),
+                strict=True,
+            )
+        )
+        chunks = [
+            partitions[i : i + PARTITION_CHUNK] for i in range(0, len(partitions), PARTITION_CHUNK)
+        ]
+        for n, chunk in enumerate(chunks):
+            wanted = set(chunk)
+            mine = rows.filter(pa.array([k in wanted for k in keys], pa.bool_()))
+            predicate = " OR ".join(
+                f"(organization_id = '{o}' AND day = '{d.isoformat()}')"
+                for o, d in chunk
+                if _is_uuid(o)
+            )
+            txn = [Transaction(self.app_id, at_us)] if n == len(chunks) - 1 else []
+            properties = CommitProperties(app_transactions=txn)
+            _overwrite(self.uri, self._options, mine, predicate, "continuous", properties)
+
+
+def _overwrite(
+    uri: str,
+    options: dict[str, str] | None,
+    rows: pa.Table,
+    predicate: str,
+    made_by: str,
+    properties: Any = None,
+) -> int:
+    """Replace the rows matching `predicate` by `rows` in one commit (the table made if there
+    is none, by `made_by`); the table's version."""
     from deltalake import write_deltalake
 
-    uri = table_uri(target)
-    options = storage_options(uri)
     table = _opened(uri, options)
-    if table is not None:
-        _made_by(table, "once")
-        start, end = (_literal(us) for us in (start_us, end_us))
+    if table is None:
         write_deltalake(
-            table,
+            uri,
             rows,
-            mode="overwrite",
+            mode="append",
             partition_by=PARTITIONS,
-            predicate=f"timestamp >= '{start}' AND timestamp < '{end}'",
+            storage_options=options,
+            name=uri.rstrip("/").rpartition("/")[2],
+            description=MADE_BY[made_by],
+            commit_properties=properties,
         )
-        table.update_incremental()
-        return int(table.version())
+        return 0
+    _made_by(table, made_by)
     write_deltalake(
-        uri,
+        table,
         rows,
-        mode="append",
+        mode="overwrite",
         partition_by=PARTITIONS,
-        storage_options=options,
-        name=EVENTS,
-        description=MADE_BY["once"],
+        predicate=predicate,
+        commit_properties=properties,
     )
-    return 0
+    table.update_incremental()
+    return int(table.version())
 
 
 def _opened(uri: str, options: dict[str, str] | None) -> Any:
@@ -207,10 +276,14 @@ def _literal(us: int) -> str:
     return us_to_datetime(us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _is_uuid(text: str) -> bool:
+    """Ids come from the store as UUID text: anything else would not be a literal."""
+    return len(text) == 36 and all(c in "0123456789abcdef-" for c in text)
+
+
 def _chunks(ids: list[str]) -> list[str]:
-    """The ids as lists of literals, `DELETE_CHUNK` at most each. Ids come from the store as
-    UUID text: anything else would not be a literal, and is left out."""
-    valid = [i for i in ids if len(i) == 36 and all(c in "0123456789abcdef-" for c in i)]
+    """The ids as lists of literals, `DELETE_CHUNK` at most each (others left out)."""
+    valid = [i for i in ids if _is_uuid(i)]
     return [
         ", ".join(f"'{i}'" for i in valid[start : start + DELETE_CHUNK])
         for start in range(0, len(valid), DELETE_CHUNK)

@@ -199,7 +199,12 @@ def settings_of(
                 "--export-to writes a Delta Lake table: install the export extra"
                 " (pip install 'meterline[export]')"
             )
-        export = ExportSettings(args.export_to, f"meterline/{shard}", args.export_max_events)
+        export = ExportSettings(
+            args.export_to,
+            f"meterline/{shard}",
+            args.export_max_events,
+            usage_every_seconds=args.export_usage_every_seconds,
+        )
         settings = dataclasses.replace(settings, export=export)
     forward = forwarder_settings(args)
     if settings.replica and forward is not None:

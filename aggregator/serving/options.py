@@ -209,6 +209,13 @@ def _options(parser: argparse.ArgumentParser, *, kafka_required: bool, core: boo
             default=ExportSettings("").max_events,
             help="events per commit to the exported table at most",
         )
+        export.add_argument(
+            "--export-usage-every-seconds",
+            type=float,
+            default=ExportSettings("").usage_every_seconds,
+            help="how often each customer meter's usage per day is refreshed in its table"
+            " (<target>/customer_meter_usage)",
+        )
         _quotas(parser.add_argument_group("per organization (409 LimitReached past each)"))
         upstream_options.arguments(parser.add_argument_group("forwarding upstream"))
         hooks = parser.add_argument_group("webhooks")

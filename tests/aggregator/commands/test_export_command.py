@@ -46,9 +46,22 @@ def _user_ids(lake: Path) -> list[str]:
     return sorted(rows.column("external_id").to_pylist())
 
 
+def _usage(lake: Path) -> dict[tuple[str, str], float]:
+    """(customer, day) -> tokens in the usage table."""
+    sql = "SELECT external_customer_id, day, quantity FROM events"
+    rows = read(lake, sql, "customer_meter_usage").to_pylist()
+    return {(r["external_customer_id"], r["day"].isoformat()): r["quantity"] for r in rows}
+
+
 def test_a_range_is_exported_once_and_replaced_when_run_again(tmp_path: Path) -> None:
     data, lake = tmp_path / "data", tmp_path / "lake"
     with InProcessCore(data) as core:
+        meter = {
+            "name": "tokens",
+            "filter": {"conjunction": "and", "clauses": []},
+            "aggregation": {"func": "sum", "property": "tokens"},
+        }
+        assert core.request("POST", "/v1/meters/", json=meter).is_success
         assert core.request("POST", "/v1/events/ingest", json={"events": _events()}).is_success
         core.settle()
     days = ("--from", "2026-03-01", "--until", "2026-03-03")  # the 1st and the 2nd
@@ -56,19 +69,28 @@ def test_a_range_is_exported_once_and_replaced_when_run_again(tmp_path: Path) ->
     assert (code, err) == (0, ""), err
     assert out.startswith("exported 8 events of [2026-03-01T00:00:00Z, 2026-03-03T00:00:00Z)")
     assert _user_ids(lake) == sorted(f"e{n}" for n in range(12) if n % 3 != 2)
+    # Tokens n on day 1 + n % 3, of customer c(n % 2): each whole day of the range.
+    assert _usage(lake) == {
+        ("c0", "2026-03-01"): 0 + 6,
+        ("c1", "2026-03-01"): 3 + 9,
+        ("c1", "2026-03-02"): 1 + 7,
+        ("c0", "2026-03-02"): 4 + 10,
+    }
 
     with InProcessCore(data) as core:  # a correction, then the same range again
         listed = core.request("GET", "/v1/events/", params={"limit": 100}).json()["items"]
-        voided = next(e["id"] for e in listed if e["metadata"]["tokens"] == 0)
+        voided = next(e["id"] for e in listed if e["metadata"]["tokens"] == 6)
         body = {"ids": [voided], "reason": "dup"}
         assert core.request("POST", "/v1/events/void", json=body).is_success
         core.voids_done()
     code, out, _ = _export(data, lake, *days)
     assert code == 0 and out.startswith("exported 7 events"), out
-    assert _user_ids(lake) == sorted(f"e{n}" for n in range(1, 12) if n % 3 != 2)
+    assert _user_ids(lake) == sorted(f"e{n}" for n in range(12) if n % 3 != 2 and n != 6)
+    assert _usage(lake)[("c0", "2026-03-01")] == 0  # e0's 0 tokens, e6 voided
     code, out, _ = _export(data, lake, "--from", "2026-03-03", "--until", "2026-03-04")
     assert code == 0 and out.startswith("exported 4 events"), out
     assert len(_user_ids(lake)) == 11
+    assert len(_usage(lake)) == 6 and _usage(lake)[("c1", "2026-03-03")] == 5 + 11
 
 
 def test_what_it_refuses(tmp_path: Path) -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pyarrow as pa
 from deltalake import DeltaTable, QueryBuilder
 
-from aggregator.export.table import table_uri
+from aggregator.export.table import EVENTS, table_uri
 
 
-def read(target: Path, sql: str = "SELECT * FROM events") -> pa.Table:
-    """`sql` over the events table of the export to `target`."""
-    table = DeltaTable(table_uri(str(target)))
+def read(target: Path, sql: str = "SELECT * FROM events", name: str = EVENTS) -> pa.Table:
+    """`sql` over table `name` of the export to `target` (registered as `events`)."""
+    table = DeltaTable(table_uri(str(target), name))
     found = pa.table(QueryBuilder().register("events", table).execute(sql))
     # Its texts come as string views, which few of pyarrow's functions take yet.
     schema = pa.schema(

@@ -56,6 +56,39 @@ def _event(n: int) -> dict[str, Any]:
     }
 
 
+_METER = {
+    "name": "tokens",
+    "filter": {"conjunction": "and", "clauses": []},
+    "aggregation": {"func": "sum", "property": "_llm.total_tokens"},
+}
+
+
+def _usage(target: Path, meter_id: str | None = None) -> dict[tuple[str, str], float]:
+    """(customer, day) -> quantity in the usage table, of the meter named tokens (or `meter_id`)."""
+    where = f"meter_id = '{meter_id}'" if meter_id else "meter_name = 'tokens'"
+    rows = read(
+        target,
+        f"SELECT external_customer_id, day, quantity FROM events WHERE {where}",
+        "customer_meter_usage",
+    )
+    return {
+        (r["external_customer_id"], r["day"].isoformat()): r["quantity"] for r in rows.to_pylist()
+    }
+
+
+def _api_daily(core: InProcessCore, meter_id: str) -> dict[tuple[str, str], float]:
+    """(customer, day) -> the meter's quantity that day, as the API answers it (days with
+    usage only)."""
+    found = {}
+    for customer in CUSTOMERS:
+        params = {**WINDOW, "interval": "day", "external_customer_id": customer}
+        answer = _call(core, "GET", f"/v1/meters/{meter_id}/quantities", params=params)
+        for q in answer["quantities"]:
+            if q["quantity"]:
+                found[(customer, q["timestamp"][:10])] = q["quantity"]
+    return found
+
+
 def _call(core: InProcessCore, method: str, path: str, **kwargs: Any) -> Any:
     answer = core.request(method, path, **kwargs)
     assert answer.status_code < 300, answer.text
@@ -110,16 +143,7 @@ def test_the_table_holds_each_current_event_once_as_every_engine_reads_it(
 ) -> None:
     target = tmp_path / "lake"
     with InProcessCore(tmp_path / "data", export_to=target) as core:
-        meter = _call(
-            core,
-            "POST",
-            "/v1/meters/",
-            json={
-                "name": "tokens",
-                "filter": {"conjunction": "and", "clauses": []},
-                "aggregation": {"func": "sum", "property": "_llm.total_tokens"},
-            },
-        )
+        meter = _call(core, "POST", "/v1/meters/", json=_METER)
         _call(core, "POST", "/v1/events/ingest", json={"events": [_event(n) for n in range(30)]})
         core.settle()
         exporter = Exporter(core.store, _settings(target))
@@ -156,6 +180,8 @@ def test_the_table_holds_each_current_event_once_as_every_engine_reads_it(
         totals = _table_totals(target)
         api = _api_totals(core, meter["id"])
         assert all(found == api for found in totals.values()), (totals, api)
+        assert core.run(exporter.usage.refresh()) == 2  # the organization's two days
+        assert _usage(target) == _api_daily(core, meter["id"])
 
         # A void and an amendment: the table follows.
         listed = _call(core, "GET", "/v1/events/", params={"limit": 100})["items"]
@@ -181,6 +207,15 @@ def test_the_table_holds_each_current_event_once_as_every_engine_reads_it(
         totals = _table_totals(target)
         api = _api_totals(core, meter["id"])
         assert all(found == api for found in totals.values()), (totals, api)
+        # The usage of the days the void and the amendment changed (and today's: their own
+        # system events), and of every day once a meter is made.
+        assert core.run(exporter.usage.refresh()) == 3
+        assert _usage(target) == _api_daily(core, meter["id"])
+        count = _call(core, "POST", "/v1/meters/", json={**_METER, "name": "calls"})
+        core.settle()
+        assert core.run(exporter.usage.refresh()) == 3
+        assert _usage(target, count["id"]) == _api_daily(core, count["id"])
+        assert _usage(target) == _api_daily(core, meter["id"])
 
         # Started again, an exporter goes on from the table's record: nothing twice.
         again = Exporter(core.store, _settings(target))
