@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.errors import UsageError
+from aggregator.settings import CoreSettings
 from ingest.settings import KafkaSecurity, KafkaSettings
 
 DEFAULT_DATA_DIR = Path(".meterline")
@@ -127,6 +128,18 @@ def data_dir_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
         default=Path(os.environ.get("METERLINE_DATA_DIR") or DEFAULT_DATA_DIR),
         help=f"the server's data directory (default: $METERLINE_DATA_DIR, else {DEFAULT_DATA_DIR})",
     )
+
+
+def stored_database(data_dir: Path, what: str = "your server's data dir") -> Path:
+    """The meterline database of `data_dir`, for a command reading a stopped server's; a
+    UsageError if there is none."""
+    database = CoreSettings(data_dir=data_dir).database
+    if not database.exists():
+        raise UsageError(
+            f"{data_dir} holds no meterline database: pass {what} with --data-dir (or"
+            " METERLINE_DATA_DIR)"
+        )
+    return database
 
 
 def secret_file_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

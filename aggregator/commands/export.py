@@ -17,21 +17,15 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from aggregator.commands.common import plural, program
+from aggregator.commands.common import plural, program, stored_database
 from aggregator.errors import UsageError
 from aggregator.export.table import OtherKind, replace_range, table_uri
-from aggregator.settings import CoreSettings
 from aggregator.store import Store, export_reads, export_usage
 from meters.times import datetime_to_us, now_us, us_to_datetime, us_to_iso
 
 
 def run(args: argparse.Namespace) -> int:
-    database = CoreSettings(data_dir=args.data_dir).database
-    if not database.exists():
-        raise UsageError(
-            f"{args.data_dir} holds no meterline database: pass a data dir (or a restored"
-            " snapshot) with --data-dir (or METERLINE_DATA_DIR)"
-        )
+    database = stored_database(args.data_dir, "a data dir (or a restored snapshot)")
     start_us, end_us = datetime_to_us(args.start), datetime_to_us(args.end)
     if end_us <= start_us:
         raise UsageError("--until must come after --from")

@@ -15,19 +15,13 @@ import argparse
 
 import duckdb
 
-from aggregator.commands.common import plural, program
+from aggregator.commands.common import plural, program, stored_database
 from aggregator.errors import UsageError
-from aggregator.settings import CoreSettings
 from aggregator.store import ingest_log_repair
 
 
 def run(args: argparse.Namespace) -> int:
-    database = CoreSettings(data_dir=args.data_dir).database
-    if not database.exists():
-        raise UsageError(
-            f"{args.data_dir} holds no meterline database: pass your server's data dir with"
-            " --data-dir (or METERLINE_DATA_DIR)"
-        )
+    database = stored_database(args.data_dir)
     try:
         if args.ingest_log_command == "check":
             checked = ingest_log_repair.check(database)
