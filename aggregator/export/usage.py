@@ -3,9 +3,9 @@ refreshed every `usage_every_seconds` while this core leads (the `Exporter` runs
 
 The protocol, each step named where the code takes it:
 
-1. Since: the moment the table's last refresh covered (its application transaction), less
-   `MARGIN` (an event applied before that moment may have been stored after it); a table
-   never refreshed: since the start, every partition.
+1. Since: the moment the table's last refresh covered (its application transaction), for
+   events and voids less `MARGIN_US` (one applied before that moment may have been stored
+   after it); a table never refreshed: since the start, every partition.
 2. Changed: the (organization, day) partitions whose usage may have changed since then, as of
    now (taken first: what changes during the refresh is the next one's). None while a meter
    backfills: its rollups are partial; try again at the next refresh.
@@ -40,9 +40,9 @@ class UsageRefresher:
     async def refresh(self) -> int | None:
         """Steps 1 to 4: the partitions replaced (None: a backfill is pending)."""
         covered = await asyncio.to_thread(self._table.refreshed)  # step 1
-        since = 0 if covered is None else covered - MARGIN_US
+        since = 0 if covered is None else covered
         moment = now_us()  # step 2
-        changed = await self._store.read(export_usage.changed, since)
+        changed = await self._store.read(export_usage.changed, since, MARGIN_US)
         if changed is None:
             return None
         tables: list[pa.Table] = []

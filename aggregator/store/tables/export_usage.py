@@ -40,9 +40,11 @@ _COLUMNS: list[tuple[str, pa.DataType]] = [
 SCHEMA = pa.schema(_COLUMNS)
 
 
-def changed(con: Con, since_us: int) -> list[tuple[str, date]] | None:
+def changed(con: Con, since_us: int, margin_us: int) -> list[tuple[str, date]] | None:
     """The (organization, day) partitions whose usage may have changed since `since_us`; None
-    while a meter's backfill is pending (its rollups are partial: ask again later)."""
+    while a meter's backfill is pending (its rollups are partial: ask again later). Events
+    and voids are looked at `margin_us` further back (one applied before `since_us` may have
+    been stored after it); meters are written at once, and looked at from `since_us`."""
     pending = first_row(
         con,
         "SELECT count(*) FROM meters WHERE archived_at IS NULL AND backfilled_to < backfill_target",
@@ -60,7 +62,7 @@ def changed(con: Con, since_us: int) -> list[tuple[str, date]] | None:
         " WHERE created_at >= make_timestamptz(?) OR modified_at >= make_timestamptz(?)"
         " OR archived_at >= make_timestamptz(?))"
         " ORDER BY ALL",
-        [since_us] * 5,
+        [since_us - margin_us] * 2 + [since_us] * 3,
     ).fetchall()
     return [(str(o), d) for o, d in rows]
 
