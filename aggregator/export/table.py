@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from aggregator.errors import AggregatorError
+from aggregator.store import export_reads
 from meters.times import us_to_datetime
 
 EVENTS = "events"
@@ -87,10 +88,23 @@ class EventsTable:
     def position(self, ancestors: Sequence[str] = ()) -> int:
         """The last seq this exporter committed (0: none), as of a fresh snapshot; if it has
         committed none, that of the nearest of `ancestors` that has (the exporter ids whose
-        seqs its data dir went on from: a shard's before a split)."""
+        seqs its data dir went on from: a shard's before a split). A table not there yet is
+        made, empty: every append is then based on a snapshot, the first too, so that two
+        writers for one id cannot both append from position 0."""
+        from deltalake import DeltaTable
+
         self._table = _opened(self.uri, self._options)
         if self._table is None:
-            return 0
+            DeltaTable.create(
+                self.uri,
+                export_reads.SCHEMA,
+                mode="ignore",
+                partition_by=PARTITIONS,
+                name=EVENTS,
+                description=MADE_BY["continuous"],
+                storage_options=self._options,
+            )
+            self._table = _opened(self.uri, self._options)
         _made_by(self._table, "continuous")
         for app_id in (self.app_id, *ancestors):
             found = self._table.transaction_version(app_id)
@@ -107,28 +121,23 @@ class EventsTable:
         properties = CommitProperties(
             app_transactions=[Transaction(self.app_id, through)], max_commit_retries=20
         )
-        target = self._table if self._table is not None else self.uri
+        if self._table is None:
+            raise Stale(f"{self.uri}: no snapshot to append to (read the position first)")
         try:
             write_deltalake(
-                target,
+                self._table,
                 rows,
                 mode="append",
                 partition_by=PARTITIONS,
-                storage_options=None if self._table is not None else self._options,
                 commit_properties=properties,
-                name=EVENTS,
-                description=MADE_BY["continuous"],
             )
         except CommitFailedError as exc:
             self._table = None
             raise Stale(f"{self.uri}: {exc}") from exc
-        if self._table is None:
-            self.position()
-        else:
-            self._table.update_incremental()
+        self._table.update_incremental()
 
     def _current(self) -> Any:
-        """The snapshot (None: no table yet)."""
+        """The snapshot (a fresh one if none was read)."""
         if self._table is None:
             self.position()
         return self._table
@@ -137,8 +146,6 @@ class EventsTable:
         """Remove the rows of these event ids (none is an error: a delete is idempotent); how
         many were removed."""
         table = self._current()
-        if table is None:
-            return 0
         removed = 0
         for chunk in _chunks(ids):
             metrics = table.delete(f"id IN ({chunk})")  # UUID literals only: `_chunks`
@@ -149,8 +156,6 @@ class EventsTable:
         """Which of these event ids the table holds (its own engine reads it, pruning files
         by their statistics)."""
         table = self._current()
-        if table is None:
-            return []
         from deltalake import QueryBuilder
 
         found: set[str] = set()

@@ -242,7 +242,11 @@ def test_a_second_writer_for_the_same_id_is_refused(tmp_path: Path) -> None:
         schema=export_reads.SCHEMA,
     )
     first, second = (EventsTable(str(tmp_path), "meterline/0/1") for _ in range(2))
+    # Both start from no table: the first to read makes it, empty; both read position 0.
+    assert first.position() == second.position() == 0
     first.append(rows, 1)
+    with pytest.raises(Stale):  # both from 0: the second's batch would be the first's
+        second.append(rows, 1)
     assert first.position() == second.position() == 1
     first.append(rows, 2)
     with pytest.raises(Stale):  # it read position 1: its batch may be the first's
@@ -256,9 +260,11 @@ def test_a_second_writer_for_the_same_id_is_refused(tmp_path: Path) -> None:
     assert (first.position(), other.position()) == (2, 5)
 
 
-def test_no_table_yet_is_position_zero(tmp_path: Path) -> None:
+def test_no_table_yet_is_position_zero_and_an_empty_table(tmp_path: Path) -> None:
     table = EventsTable(str(tmp_path / "nothing"), "meterline/0/1")
     assert table.position() == 0
+    # Made, so that the first append too is based on a snapshot.
+    assert DeltaTable(table_uri(str(tmp_path / "nothing"))).schema().to_arrow() is not None
     assert table.holding(["00000000-0000-4000-8000-000000000001"]) == []
     assert asyncio.run(asyncio.to_thread(table.delete, [])) == 0
 
@@ -282,7 +288,9 @@ def test_a_shard_a_split_made_goes_on_from_its_old_shards_position(tmp_path: Pat
         ],
         schema=export_reads.SCHEMA,
     )
-    EventsTable(str(tmp_path), "meterline/0/1").append(rows, 10)
+    old = EventsTable(str(tmp_path), "meterline/0/1")
+    old.position()
+    old.append(rows, 10)
     new = EventsTable(str(tmp_path), "meterline/3/4")
     assert new.position(ancestors("meterline/3/4", made)) == 10
     new.append(rows, 15)
