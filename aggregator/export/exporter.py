@@ -13,7 +13,8 @@ The protocol, each step named where the code takes it:
    both. If another writer committed for the same exporter id since (a leader that lost its
    lease without knowing), Delta refuses the commit: go back to step 1.
 4. Corrections: when the store's count of voided events changed (and once at start), the
-   voided events the table may hold (seq up to the position) are looked up in it and deleted.
+   voided events the table may hold (seq up to the position, not known absent since) are
+   looked up in it and deleted.
    An amendment voids its earlier version and stores the new one with a new seq, which step
    3 appends: together, a replacement. A delete is idempotent: a crash before it is repeated.
 5. Idle for `idle_seconds` when nothing is left, then step 2.
@@ -35,6 +36,8 @@ import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
+
+import numpy as np
 
 from aggregator.export.table import EventsTable, Stale
 from aggregator.export.usage import UsageRefresher
@@ -65,6 +68,8 @@ class Exporter:
         self.last_commit_us: int | None = None
         self.last_error: str | None = None
         self._voids_seen = -1  # the voided count last reconciled (-1: not yet)
+        # The seqs of voided events known not to be in the table (sorted): looked up once.
+        self._absent = np.empty(0, np.int64)
 
     async def __aenter__(self) -> Self:
         self._tasks = [
@@ -151,13 +156,16 @@ class Exporter:
         if count == self._voids_seen:
             return False
         assert self.position is not None
-        voided = await self._store.read(export_reads.voided, self.position)
-        held = await asyncio.to_thread(self._table.holding, voided) if voided else []
+        seqs, ids = await self._store.read(export_reads.voided, self.position)
+        new = ~np.isin(seqs, self._absent, assume_unique=True)
+        looked = [i for i, n in zip(ids, new, strict=True) if n]
+        held = await asyncio.to_thread(self._table.holding, looked) if looked else []
         if held:
             started = time.perf_counter()
             self.deleted += await asyncio.to_thread(self._table.delete, held)
             took = time.perf_counter() - started
             log.info("export: %d voided events deleted in %.2f s", len(held), took)
+        self._absent = np.union1d(self._absent, seqs[new])
         self._voids_seen = count
         return bool(held)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import duckdb
+import numpy as np
+import numpy.typing as npt
 import orjson
 import pyarrow as pa
 
@@ -103,15 +105,15 @@ def voided_count(con: Con) -> int:
     return int(row[0]) if row else 0
 
 
-def voided(con: Con, through: int) -> list[str]:
-    """The ids of the voided events of seq `through` or less (an amended event's earlier
-    versions among them)."""
+def voided(con: Con, through: int) -> tuple[npt.NDArray[np.int64], list[str]]:
+    """The seqs and ids of the voided events of seq `through` or less (an amended event's
+    earlier versions among them), in seq order."""
     rows = con.execute(
-        "SELECT e.id::VARCHAR FROM all_events e SEMI JOIN voided_events v USING (seq)"
+        "SELECT e.seq, e.id::VARCHAR FROM all_events e SEMI JOIN voided_events v USING (seq)"
         " WHERE e.seq <= ? ORDER BY e.seq",
         [through],
     ).fetchall()
-    return [r[0] for r in rows]
+    return np.array([r[0] for r in rows], np.int64), [r[1] for r in rows]
 
 
 def lag(con: Con, after: int) -> tuple[int, int | None]:
