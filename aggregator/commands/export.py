@@ -1,11 +1,10 @@
-"""`meterline export --to TARGET --from T1 --until T2`: the current events of a range, once, as
-a Delta Lake table, and each customer meter's usage on each day the range touches (its usage
-table) (`aggregator.export.table`), from a stopped data dir or a snapshot restored
-from a backup (`meterline restore`): a running core holds its data dir, and exports
-continuously with `--export-to` instead.
+"""`meterline export --to TARGET --from T1 --until T2`: the current events of a range, once, in
+a Delta Lake table, and each customer meter's usage on each day the range touches in another
+(`aggregator.export.table`). It reads a stopped data dir or a snapshot restored from a backup
+(`meterline restore`): a running core holds its data dir, and exports with `--export-to`.
 
-The range's rows replace those of the same range in the table, in one commit: running it again
-(after a correction, say) leaves each event once."""
+The range's rows replace those of the same range in each table, in one commit each: running it
+again (after a correction, say) leaves each event once."""
 
 from __future__ import annotations
 
