@@ -8,6 +8,7 @@ and a second writer for the same id is refused."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,12 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
+from aggregator import cli
+from aggregator.core_metrics import export as export_metrics
+from aggregator.errors import UsageError
 from aggregator.export.exporter import Exporter, ancestors
 from aggregator.export.table import EventsTable, Stale, table_uri
+from aggregator.serving.command import settings_of
 from aggregator.settings import ExportSettings
 from aggregator.store import export_reads
 from aggregator.store.tables.shard_splits import Split
@@ -296,3 +301,41 @@ def test_a_shard_a_split_made_goes_on_from_its_old_shards_position(tmp_path: Pat
     new.append(rows, 15)
     assert new.position(ancestors("meterline/3/4", made)) == 15  # its own, once it has one
     assert EventsTable(str(tmp_path), "meterline/2/4").position(["meterline/0/2"]) == 0
+
+
+def test_a_target_that_cannot_be_written_fails_visibly_and_is_retried(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    settings = ExportSettings(str(blocked / "lake"), idle_seconds=0.01, retry_seconds=0.05)
+    with InProcessCore(tmp_path / "data") as core:
+        _call(core, "POST", "/v1/events/ingest", json={"events": [_event(0)]})
+        core.settle()
+
+        async def failing() -> tuple[str | None, int]:
+            async with Exporter(core.store, settings) as exporter:
+                for _ in range(200):
+                    if exporter.last_error is not None:
+                        break
+                    await asyncio.sleep(0.01)
+                lines = await export_metrics(exporter)()
+                return exporter.last_error, lines.count("meterline_export_failing 1")
+
+        error, failing_lines = core.run(failing())
+    assert error is not None and failing_lines == 1
+    blocked.unlink()  # the target writable again: the same settings export
+    blocked.mkdir()
+    with InProcessCore(tmp_path / "data") as core:
+        exporter = Exporter(core.store, settings)
+        _exported(core, exporter)
+        assert exporter.exported == 1
+
+
+def test_export_to_without_the_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deltalake" else found(name)
+    )
+    with pytest.raises(UsageError, match=r"pip install 'meterline\[export\]'"):
+        settings_of(cli.parse(["up", "--export-to", "lake"]))
