@@ -69,7 +69,7 @@ def export(exporter: Exporter) -> Source:
     leader exports: a core that follows says 0 behind (the leader's figures are the table's)."""
 
     async def lines() -> list[str]:
-        events, seconds = await exporter.lag() if exporter.exporting else (0, 0.0)
+        events, seconds = await exporter.lag()
         found: list[str] = []
         for name, kind, value, text in (
             ("lag_events", "gauge", events, "current events not in the exported table yet"),

@@ -25,7 +25,7 @@ class ExportShape(TypedDict):
 
 
 async def status(exporter: Exporter, organization_id: str) -> ExportShape:
-    _, seconds = await exporter.lag() if exporter.exporting else (0, 0.0)
+    _, seconds = await exporter.lag()
     return {
         "format": "delta",
         "table": exporter.table_uri,

@@ -98,7 +98,10 @@ class Exporter:
         return self._role.leading
 
     async def lag(self) -> tuple[int, float]:
-        """(current events not exported yet, seconds since the oldest of them was ingested)."""
+        """(current events not exported yet, seconds since the oldest of them was ingested);
+        none on a core that follows: the leader exports, and its figures are the table's."""
+        if not self.exporting:
+            return 0, 0.0
         events, oldest_us = await self._store.read(export_reads.lag, self._read)
         return events, 0.0 if oldest_us is None else max(0.0, (now_us() - oldest_us) / 1e6)
 

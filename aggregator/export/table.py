@@ -23,6 +23,7 @@ import pyarrow as pa
 from aggregator.errors import AggregatorError
 from aggregator.store import export_reads
 from meters.times import us_to_datetime
+from meters.wire import is_canonical_id
 
 EVENTS = "events"
 USAGE = "customer_meter_usage"
@@ -219,7 +220,7 @@ class UsageTable:
             predicate = " OR ".join(
                 f"(organization_id = '{o}' AND day = '{d.isoformat()}')"
                 for o, d in chunk
-                if _is_uuid(o)
+                if is_canonical_id(o)
             )
             txn = [Transaction(self.app_id, at_us)] if n == len(chunks) - 1 else []
             properties = CommitProperties(app_transactions=txn)
@@ -281,14 +282,10 @@ def _literal(us: int) -> str:
     return us_to_datetime(us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _is_uuid(text: str) -> bool:
-    """Ids come from the store as UUID text: anything else would not be a literal."""
-    return len(text) == 36 and all(c in "0123456789abcdef-" for c in text)
-
-
 def _chunks(ids: list[str]) -> list[str]:
-    """The ids as lists of literals, `DELETE_CHUNK` at most each (others left out)."""
-    valid = [i for i in ids if _is_uuid(i)]
+    """The ids as lists of literals, `DELETE_CHUNK` at most each. Ids come from the store as
+    canonical UUID text; anything else would not be a literal, and is left out."""
+    valid = [i for i in ids if is_canonical_id(i)]
     return [
         ", ".join(f"'{i}'" for i in valid[start : start + DELETE_CHUNK])
         for start in range(0, len(valid), DELETE_CHUNK)

@@ -35,14 +35,12 @@ class UsageRefresher:
         self._store = store
         self._table = UsageTable(settings.to, settings.app_id)
         self.last_refresh_us: int | None = None  # when the last refresh started (since start)
-        self.partitions = 0  # replaced since the start
 
     async def refresh(self) -> int | None:
         """Steps 1 to 4: the partitions replaced (None: a backfill is pending)."""
         covered = await asyncio.to_thread(self._table.refreshed)  # step 1
-        since = 0 if covered is None else covered
         moment = now_us()  # step 2
-        changed = await self._store.read(export_usage.changed, since, MARGIN_US)
+        changed = await self._store.read(export_usage.changed, covered or 0, MARGIN_US)
         if changed is None:
             return None
         tables: list[pa.Table] = []
@@ -55,5 +53,4 @@ class UsageRefresher:
         if changed:  # step 4
             await asyncio.to_thread(self._table.replace, rows, changed, moment)
         self.last_refresh_us = moment
-        self.partitions += len(changed)
         return len(changed)

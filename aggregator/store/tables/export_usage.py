@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 import duckdb
 import pyarrow as pa
 
+from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import meters_of
 from aggregator.store.base.rows import first_row
 from aggregator.store.machinery.rollups import kind
@@ -114,7 +115,7 @@ def _events(partial: Partial, found: str) -> int:
 def _with_customers(con: Con, organization_id: str, found: list[dict[str, Any]]) -> pa.Table:
     """`found`'s customer references as the customer's id and external id."""
     known = {
-        f"id:{i}": (str(i), e)
+        subjects.of_id(str(i)): (str(i), e)
         for i, e in con.execute(
             "SELECT id, external_id FROM customers WHERE organization_id = ?::UUID",
             [organization_id],
@@ -124,10 +125,12 @@ def _with_customers(con: Con, organization_id: str, found: list[dict[str, Any]])
         customer = row.pop("customer")
         if customer in known:
             row["customer_id"], row["external_customer_id"] = known[customer]
-        elif customer.startswith("id:"):  # a customer deleted since
-            row["customer_id"], row["external_customer_id"] = customer[3:], None
+        elif customer.startswith(subjects.ID):  # a customer deleted since
+            row["customer_id"] = customer.removeprefix(subjects.ID)
+            row["external_customer_id"] = None
         else:
-            row["customer_id"], row["external_customer_id"] = None, customer[4:]
+            row["customer_id"] = None
+            row["external_customer_id"] = customer.removeprefix(subjects.EXTERNAL)
     return pa.Table.from_pylist(found, schema=SCHEMA)
 
 
