@@ -160,8 +160,8 @@ class EventsTable:
         from deltalake import QueryBuilder
 
         found: set[str] = set()
+        query = QueryBuilder().register("events", table)
         for chunk in _chunks(ids):
-            query = QueryBuilder().register("events", table)
             sql = f"SELECT DISTINCT id FROM events WHERE id IN ({chunk})"  # noqa: S608 - UUIDs
             rows = pa.table(query.execute(sql))
             found.update(str(v) for v in rows.column("id").to_pylist())
