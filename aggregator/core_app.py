@@ -40,6 +40,7 @@ from aggregator.api import (
     openapi_routes,
     organization_routes,
     otlp_routes,
+    pricing_routes,
     shapes,
     webhook_routes,
 )
@@ -307,6 +308,7 @@ def build_app(
     admission, responses = front.admission, front.responses
     sources = core_metrics.sources(store, consumer, forwarder[0] if forwarder else None)
     sources += figures
+    sources.append(front.unpriced.metrics)
     if exporter is not None:
         sources.append(core_metrics.export(exporter))
     routes = [
@@ -324,11 +326,13 @@ def build_app(
                             settings.ingest.otlp,
                             lambda org: otlp_service.settings_of(store, org),
                         ),
+                        store.pricing_of,
                     )
                 ),
             ]
         ),
         *otlp_routes.routes(ctx),
+        *pricing_routes.routes(ctx, front.unpriced),
         *event_type_routes.routes(ctx),  # before /v1/events/{id}, which would take "names"
         *event_routes.routes(ctx),
         *correction_routes.routes(ctx),

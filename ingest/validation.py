@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -30,6 +31,7 @@ import pyarrow as pa
 from meters.errors import FieldError, ValidationFailed
 from meters.events import EventRules
 from meters.events import validate_body as validate_events
+from meters.pricing import Pricing
 
 T = TypeVar("T")
 # Events as `meters.events.COLUMNS` -> what the destination takes; it must pickle (a class or
@@ -42,17 +44,25 @@ INLINE_BELOW_BYTES = 16 * 1024
 
 
 def validate_body(
-    body: bytes, received_at_us: int, rules: EventRules, encode: Encode[T]
-) -> T | list[FieldError]:
-    """Decode and validate an ingest body; the encoded events, or every error found.
+    body: bytes,
+    received_at_us: int,
+    rules: EventRules,
+    encode: Encode[T],
+    pricing: Pricing | None = None,
+) -> tuple[T, Counter[str]] | list[FieldError]:
+    """Decode and validate an ingest body (priced with `pricing`); the encoded events and what
+    could not be priced, or every error found.
 
     Errors are returned, not raised, so that they cross the process boundary as plain data.
     """
+    unpriced: Counter[str] = Counter()
     try:
-        events = validate_events(body, now=received_at_us, rules=rules)
+        events = validate_events(
+            body, now=received_at_us, rules=rules, pricing=pricing, unpriced=unpriced
+        )
     except ValidationFailed as exc:
         return exc.errors
-    return encode(events)
+    return encode(events), unpriced
 
 
 class ValidationPool:
@@ -109,13 +119,24 @@ class ValidationPool:
     ) -> None:
         await asyncio.to_thread(self.close)
 
-    async def validate(self, body: bytes, received_at_us: int, encode: Encode[T]) -> T:
-        """The encoded events of `body`. Raises ValidationFailed listing every error."""
-        job = partial(validate_body, body, received_at_us, self._rules, encode)
+    async def validate(
+        self,
+        body: bytes,
+        received_at_us: int,
+        encode: Encode[T],
+        pricing: Pricing | None = None,
+        unpriced: Counter[str] | None = None,
+    ) -> T:
+        """The encoded events of `body`, priced with `pricing` (what it could not price is
+        counted into `unpriced`). Raises ValidationFailed listing every error."""
+        job = partial(validate_body, body, received_at_us, self._rules, encode, pricing)
         result = job() if len(body) < self._inline_below else await self.run(job)
         if isinstance(result, list):
             raise ValidationFailed(result)
-        return result
+        encoded, found = result
+        if unpriced is not None:
+            unpriced.update(found)
+        return encoded
 
     async def run(self, job: Callable[[], T]) -> T:
         """`job()` in a worker process (it must pickle), or here when there are no workers."""

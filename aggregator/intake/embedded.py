@@ -3,10 +3,13 @@ request is durable once the store's group commit logs it (`store.ingest_log`), n
 
 from __future__ import annotations
 
+from collections import Counter
+
 from aggregator.store import IngestJob, Store, with_origin
 from ingest.publish import Progress, PublishResult
 from ingest.validation import ValidationPool
 from meters.ipc import Encoded
+from meters.pricing import Pricing
 
 
 class EmbeddedPublisher:
@@ -22,9 +25,11 @@ class EmbeddedPublisher:
         body: bytes,
         received_at_us: int,
         progress: Progress | None = None,
+        pricing: Pricing | None = None,
     ) -> PublishResult:
         progress = progress or Progress()
-        encoded = await self._validation.validate(body, received_at_us, Encoded)
+        unpriced: Counter[str] = Counter()
+        encoded = await self._validation.validate(body, received_at_us, Encoded, pricing, unpriced)
         events = encoded.events
         origin = with_origin(events, organization_id, received_at_us)
         progress.waiting_for = "the evaluation of its organization's meters"
@@ -34,7 +39,7 @@ class EmbeddedPublisher:
         result = await self._store.write(
             job, weight=max(1, events.num_rows), tenant=organization_id
         )
-        return PublishResult(result.inserted, result.duplicates)
+        return PublishResult(result.inserted, result.duplicates, unpriced)
 
     async def dead_letter(self, organization_id: str, letters: list[tuple[str, bytes]]) -> None:
         return None  # embedded has no dead-letter topic

@@ -15,7 +15,8 @@ authenticate from the topic, not from the core's volume, and any core takes any 
 3. Follow: a process that checks tokens reads the topic's token records from its start and keeps
    them in memory (`TokenView`), once caught up with the end it found at start before it serves;
    and each organization's OTLP settings (`otlp.settings`), which an edge's `POST /v1/traces`
-   needs.
+   needs, and its pricing settings (`pricing.settings`, which cores apply too), which an edge's
+   ingest prices with.
 4. Keep: the core stores token records into its registry (`keep_record`), so a token made on
    the topic works on its API too.
 """
@@ -44,11 +45,14 @@ from ingest.tasks import cancel_within
 from meters.commands import Command, command, decode, encode
 from meters.errors import MetersError
 from meters.otlp_rules import is_unset
+from meters.pricing import Pricing
 
 log = logging.getLogger(__name__)
 
 SESSIONS_KEPT = 100_000  # session ids a view holds before it forgets the expired ones
 KINDS = ("auth.organization", "auth.token", "auth.revoke", "auth.session", "otlp.settings")
+# What a view keeps: the kinds above, which cores keep apart, and what cores apply as records.
+VIEWED = (*KINDS, "pricing.settings")
 
 
 def organization_record(org: Organization, created_at: str) -> Command:
@@ -118,6 +122,7 @@ class TokenView:
         # Each organization's OTLP settings, as its last `otlp.settings` record set them (the
         # API checked them before the record was made): the edge's `POST /v1/traces` uses them.
         self._otlp: dict[str, dict[str, Any]] = {}
+        self._pricing: dict[str, Pricing] = {}  # as the last `pricing.settings` record set them
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -180,7 +185,7 @@ class TokenView:
                     log.error("control topic offset %d: %s", record.offset, exc)
                     continue
                 opened += found.drawn != sealed.drawn
-                if found.kind in KINDS:
+                if found.kind in VIEWED:
                     self.add(found)
         return opened, refused
 
@@ -210,6 +215,16 @@ class TokenView:
                 self._otlp.pop(org_id, None)
             else:
                 self._otlp[org_id] = {**a["data"], "modified_at_us": record.at_us}
+        elif record.kind == "pricing.settings":
+            pricing = Pricing.of(a["data"])
+            if pricing is None:
+                self._pricing.pop(org_id, None)
+            else:
+                self._pricing[org_id] = pricing
+
+    def pricing_of(self, organization_id: str) -> Pricing | None:
+        """The organization's pricing settings (`meters.pricing`), or None: prices nothing."""
+        return self._pricing.get(organization_id)
 
     async def otlp_settings(self, organization_id: str) -> dict[str, Any] | None:
         """What the organization set for OTLP trace exports (`meters.otlp_rules`), or None."""

@@ -68,6 +68,13 @@ async def serve_edge(
             cores = await stack.enter_async_context(Cores(settings.cores, authenticate))
         otlp_of = PerOrganization(settings.ingest.otlp, view.otlp_settings)
         app = edge_app(
-            publisher, authenticate, settings.ingest, settings.metrics_token, front, cores, otlp_of
+            publisher,
+            authenticate,
+            settings.ingest,
+            settings.metrics_token,
+            front,
+            cores,
+            otlp_of,
+            view.pricing_of,
         )
         await serve_http(app, settings, log_level, [], listening, gate=front.gate(authenticate))

@@ -64,10 +64,12 @@ from aggregator.store.tables import dimensions
 from aggregator.store.tables.alert_tables import Alerts, Payload, basic_payload
 from aggregator.store.tables.hold_tables import HoldKeys
 from aggregator.store.tables.ledger_tables import Ledgers, kept_elsewhere
+from aggregator.store.tables.pricing_settings import PricingBook
 from aggregator.store.tables.webhook_tables import (
     StateSubscribers,
 )
 from meters.commands import Command
+from meters.pricing import Pricing
 from meters.times import now_us
 
 T = TypeVar("T")
@@ -240,7 +242,7 @@ class Store:
             disk=self.disk,
             bound=self.bound,
         )
-        holds = HoldKeys()
+        holds, pricing = HoldKeys(), PricingBook()
         live = self._live = Live(
             SequenceCounter.load(self._con, logged),
             self._flusher,
@@ -255,6 +257,7 @@ class Store:
                 Alerts(self._alert_payload),
                 StateSubscribers(),
                 Ledgers(self._holds_customer),
+                pricing,
             ),
             max_pending_events=self._max_pending,
             spill=spill,
@@ -262,6 +265,7 @@ class Store:
         )
         live.load(self._con)
         holds.load(self._con, now_us())
+        pricing.load(self._con)
         self._flusher.start()
         self._merger = Merger(
             self._con.cursor(),
@@ -330,6 +334,10 @@ class Store:
         """The flusher's idle work: merge the runs of the sets held in memory."""
         if self._live is not None:
             self._live.compact()
+
+    def pricing_of(self, organization_id: str) -> Pricing | None:
+        """The organization's pricing settings as ingest applies them (held in memory)."""
+        return self.live.feature(PricingBook).of(organization_id)
 
     @property
     def live(self) -> Live:

@@ -31,12 +31,14 @@ from ingest.http.cloudevents import CLOUDEVENTS_MEDIA, OPENMETER_PATH, CloudEven
 from ingest.http.cores import Cores
 from ingest.http.metrics import Responses, count_responses, metrics_route
 from ingest.http.otlp import OTLP_PATH, OtlpTraces, Spans
+from ingest.http.pricing import Unpriced
 from ingest.http.protocol import Gate
 from ingest.http.requests import Authenticate, authenticated
 from ingest.http.responses import JSON, TOKENS_ON_CONTROL_TOPIC, ErrorMap, raw_closing, refused
 from ingest.publish import Progress, Publisher
 from ingest.settings import IngestSettings, Limits, OtlpSettings
 from meters.errors import ValidationFailed
+from meters.pricing import Pricing
 from meters.times import now_us
 
 log = logging.getLogger(__name__)
@@ -88,10 +90,12 @@ def ingest_routes(
     settings: IngestSettings,
     front: Front,
     otlp_of: Callable[[str], Awaitable[OtlpSettings]] | None = None,
+    pricing_of: Callable[[str], Pricing | None] | None = None,
 ) -> list[Route]:
     """`POST /v1/events/ingest` (meterline's JSON, or CloudEvents by Content-Type), OpenMeter's
     `POST /api/v1/events` (CloudEvents only, 204) and OTLP's `POST /v1/traces`
-    (`ingest.http.otlp`)."""
+    (`ingest.http.otlp`). `pricing_of` gives an organization's pricing settings (in memory:
+    it is asked once a request), which price its `_llm` events without `_cost`."""
     admission = front.admission
 
     async def publish(request: Request, converter: Converter | None) -> IngestResult:
@@ -105,7 +109,8 @@ def ingest_routes(
                 progress = Progress()
                 try:
                     async with asyncio.timeout(settings.deadline_seconds):
-                        result = await publisher.publish(org, data, now_us(), progress)
+                        pricing = None if pricing_of is None else pricing_of(org)
+                        result = await publisher.publish(org, data, now_us(), progress, pricing)
                 except ValidationFailed as exc:
                     if converter is None:
                         raise
@@ -137,6 +142,7 @@ def ingest_routes(
         finally:
             body.release()
         admission.charge_events(token, org, result.inserted + result.duplicates)
+        front.unpriced.add(org, result.unpriced)
         return IngestResult(inserted=result.inserted, duplicates=result.duplicates)
 
     async def ingest(request: Request) -> JSON:
@@ -184,6 +190,7 @@ class Front:
     admission: Admission
     responses: Responses = field(default_factory=Responses)
     spans: Spans = field(default_factory=Counter)  # OTLP spans per outcome and organization
+    unpriced: Unpriced = field(default_factory=Unpriced)  # `_llm` events pricing could not price
 
     @classmethod
     def of(cls, limits: Limits) -> Front:
@@ -228,6 +235,7 @@ def edge_app(
     front: Front | None = None,
     cores: Cores | None = None,
     otlp_of: Callable[[str], Awaitable[OtlpSettings]] | None = None,
+    pricing_of: Callable[[str], Pricing | None] | None = None,
 ) -> Starlette:
     """A stateless ingest edge: the ingest routes into `publisher`, and its own metrics; every
     other request sent to the `cores` (none: 404)."""
@@ -235,8 +243,8 @@ def edge_app(
     admission, responses = front.admission, front.responses
     routes = [
         Route("/healthz", _health, methods=["GET"]),
-        metrics_route(admission, metrics_token, responses=responses, spans=front.spans),
-        *ingest_routes(publisher, authenticate, settings, front, otlp_of),
+        metrics_route(admission, metrics_token, [front.unpriced.metrics], responses, front.spans),
+        *ingest_routes(publisher, authenticate, settings, front, otlp_of, pricing_of),
     ]
     if cores is not None:
         routes.append(Route("/{path:path}", cores.handle, methods=list(_METHODS)))

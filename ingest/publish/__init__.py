@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from meters.pricing import Pricing
 
 __all__ = ["Progress", "PublishResult", "Publisher"]
 
@@ -12,6 +15,8 @@ __all__ = ["Progress", "PublishResult", "Publisher"]
 class PublishResult:
     inserted: int
     duplicates: int
+    # The `_llm` events without `_cost` that pricing could not price, per `<vendor>/<model>`.
+    unpriced: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -29,11 +34,13 @@ class Publisher(Protocol):
         body: bytes,
         received_at_us: int,
         progress: Progress | None = None,
+        pricing: Pricing | None = None,
     ) -> PublishResult:
         """Validate the raw `{"events": [...]}` body and make its events durable; return only
         once they are (no 2xx before durability). `received_at_us` is the server's receive time:
         the events' `ingested_at`, and the default of their `timestamp`. `progress`, if
-        given, is told what the request waits for at each step.
+        given, is told what the request waits for at each step. `pricing`, if given, prices
+        the `_llm` events without `_cost` as they are validated (`meters.pricing`).
 
         Raises:
             ValidationFailed: the body or an event broke a rule; nothing was stored.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
@@ -22,6 +23,7 @@ from ingest.kafka import KafkaSettings, ensure_topics, start_producer, starting,
 from ingest.publish import Progress, PublishResult
 from ingest.validation import ValidationPool
 from meters import columnar
+from meters.pricing import Pricing
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class KafkaPublisher:
         body: bytes,
         received_at_us: int,
         progress: Progress | None = None,
+        pricing: Pricing | None = None,
     ) -> PublishResult:
         progress = progress or Progress()
         producer = self._producer
@@ -80,7 +83,8 @@ class KafkaPublisher:
             compression=self._settings.record_compression,
             max_record_bytes=self._settings.max_record_bytes,
         )
-        encoded = await self._validation.validate(body, received_at_us, encode)
+        unpriced: Counter[str] = Counter()
+        encoded = await self._validation.validate(body, received_at_us, encode, pricing, unpriced)
         progress.waiting_for = "the event log's acknowledgement of its records"
         key = organization_id.encode()
         timestamp_ms = received_at_us // 1000
@@ -107,7 +111,7 @@ class KafkaPublisher:
                 if ack.done() and not ack.cancelled():
                     ack.exception()
         accepted = sum(record.events for record in encoded.records)
-        return PublishResult(accepted, encoded.duplicates)
+        return PublishResult(accepted, encoded.duplicates, unpriced)
 
     async def dead_letter(self, organization_id: str, letters: list[tuple[str, bytes]]) -> None:
         """Keyed by the organization, as its columnar records are, so that its dead-letter view

@@ -3,12 +3,14 @@ reference, which locates every error) and by the compiled one (`compiled`, the f
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import orjson
 import pyarrow as pa
 
 from meters.errors import FieldError, ValidationFailed
+from meters.events import priced
 from meters.events.compiled import validator
 from meters.events.exact import parse_ingest_body
 from meters.events.schema import (
@@ -20,6 +22,7 @@ from meters.events.schema import (
     to_table,
 )
 from meters.events.usage import parse_cost_amount
+from meters.pricing import Pricing
 from meters.settings import EventRules
 
 __all__ = [
@@ -37,13 +40,31 @@ __all__ = [
 ]
 
 
-def validate_body(body: bytes, *, now: int, rules: EventRules) -> pa.Table:
+def validate_body(
+    body: bytes,
+    *,
+    now: int,
+    rules: EventRules,
+    pricing: Pricing | None = None,
+    unpriced: Counter[str] | None = None,
+) -> pa.Table:
     """The events of a `{"events": [...]}` JSON body as `COLUMNS`; raises ValidationFailed
-    listing every error (`json_invalid` for a body that is not JSON)."""
-    columns = validator(rules)(body, now)
+    listing every error (`json_invalid` for a body that is not JSON). With `pricing`, its
+    `_llm` events without `_cost` are priced (`priced`); those it could not price are counted
+    into `unpriced`."""
+    columns = validator(rules)(body, now, pricing, unpriced)
     if columns is not None:
         return columns
-    return to_table(parse_ingest_body(decode_json(body), now=now, rules=rules))
+    events = parse_ingest_body(decode_json(body), now=now, rules=rules)
+    if pricing is not None:
+        costs = [e.cost_amount for e in events]
+        moments = [e.timestamp_us for e in events]
+        found = priced.price([e.metadata for e in events], costs, moments, pricing)
+        for event, cost in zip(events, costs, strict=True):
+            event.cost_amount = cost
+        if unpriced is not None:
+            unpriced.update(found)
+    return to_table(events)
 
 
 def decode_json(body: bytes) -> Any:

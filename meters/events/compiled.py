@@ -13,17 +13,20 @@ amounts) are "not sure" here. A property test holds the two to it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from functools import cache
 from itertools import chain
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from msgspec import Meta, Struct
 from msgspec.structs import astuple
 
+from meters.events import priced
 from meters.events.schema import (
     CANONICAL_UUID4,
     COLUMNS,
@@ -35,6 +38,7 @@ from meters.events.schema import (
     TIMESTAMP,
 )
 from meters.events.usage import LLM_STRING_LENGTH
+from meters.pricing import Pricing
 from meters.settings import EventRules
 from meters.times import MAX_TS_US, MIN_TS_US, ONE_US
 
@@ -99,7 +103,19 @@ _ENCODE_LINES = msgspec.json.Encoder().encode_lines
 _PLAIN_AMOUNT = r"^-?[0-9]{1,5}(\.[0-9]{0,12})?$"
 
 
-Validate = Callable[[bytes, int], pa.Table | None]
+class Validate(Protocol):
+    """Body bytes and now (UTC µs) -> columns or None; with `pricing`, the `_llm` events
+    without `_cost` priced (`priced.price`), what was not counted into `unpriced`."""
+
+    def __call__(
+        self,
+        data: bytes,
+        now: int,
+        pricing: Pricing | None = None,
+        unpriced: Counter[str] | None = None,
+    ) -> pa.Table | None: ...
+
+
 # Record values, their Kafka timestamps (ms) and now -> columns plus organization_id and
 # ingested_at, or None.
 ValidateRecords = Callable[[list[bytes], list[int], int], pa.Table | None]
@@ -150,7 +166,12 @@ def validator(rules: EventRules) -> Validate:
     decode: Callable[[bytes], Any] = msgspec.json.Decoder(body).decode
     future_us = rules.max_future // ONE_US
 
-    def validate(data: bytes, now: int) -> pa.Table | None:
+    def validate(
+        data: bytes,
+        now: int,
+        pricing: Pricing | None = None,
+        unpriced: Counter[str] | None = None,
+    ) -> pa.Table | None:
         # Every NUL in JSON text is escaped: one look at the body replaces a check per string.
         if b"\\u0000" in data:
             return None
@@ -158,7 +179,8 @@ def validator(rules: EventRules) -> Validate:
             events: list[Any] = decode(data).events
         except (msgspec.ValidationError, msgspec.DecodeError):
             return None
-        return _columns(events, pa.scalar(now, TIMESTAMP), min(now + future_us, MAX_TS_US))
+        latest = min(now + future_us, MAX_TS_US)
+        return _columns(events, pa.scalar(now, TIMESTAMP), latest, pricing, unpriced)
 
     return validate
 
@@ -196,7 +218,11 @@ def record_validator(rules: EventRules) -> ValidateRecords:
 
 
 def _columns(
-    events: list[Any], default_time: pa.Scalar[Any] | pa.Array[Any], latest: int
+    events: list[Any],
+    default_time: pa.Scalar[Any] | pa.Array[Any],
+    latest: int,
+    pricing: Pricing | None = None,
+    unpriced: Counter[str] | None = None,
 ) -> pa.Table | None:
     """The events' columns, timestamps defaulting to `default_time`; None if not sure."""
     string = pa.string()
@@ -260,6 +286,10 @@ def _columns(
         objects -= len(with_cost)
     if objects:
         return None
+    if pricing is not None:
+        found = priced.price(metadatas, costs, timestamp.to_numpy().view(np.int64), pricing)
+        if unpriced is not None:
+            unpriced.update(found)
     # One encoder call for every event; JSON text holds no raw newline, so the lines are the
     # events' metadata.
     texts = _ENCODE_LINES(metadatas).split(b"\n")[:-1]

@@ -49,7 +49,7 @@ def _outcome(pool: ValidationPool, runner: asyncio.Runner, body: bytes) -> Any:
 
 def _inline(body: bytes) -> Any:
     result = validate_body(body, NOW_US, RULES, write_ipc)
-    return result if isinstance(result, list) else read_ipc(result).to_pylist()
+    return result if isinstance(result, list) else read_ipc(result[0]).to_pylist()
 
 
 @pytest.mark.processes

@@ -39,6 +39,7 @@ from aggregator.store.tables import (
     meter_tables,
     otlp_settings,
     plan_tables,
+    pricing_settings,
     void_jobs,
     webhook_tables,
 )
@@ -135,6 +136,7 @@ KINDS: dict[str, Make] = {
         o, a["name"], a["first_ingested_us"], a["label"], a["selector"], t
     ),
     "otlp.settings": lambda o, t, a: otlp_settings.set_job(o, a["data"], t),
+    "pricing.settings": lambda o, t, a: pricing_settings.set_job(o, a["data"], t),
     "webhook.create": lambda o, t, a: webhook_tables.create_endpoint_job(
         o,
         EndpointCreate.model_validate(a["data"]),

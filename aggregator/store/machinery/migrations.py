@@ -762,6 +762,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE folded_meters (meter_id UUID PRIMARY KEY);
     INSERT INTO folded_meters SELECT id FROM meters WHERE len(dimensions) > 0;
     """,
+    # 36: an organization's pricing settings (`store.tables.pricing_settings`): whether its
+    # `_llm` events without `_cost` are priced from the catalogue, the markup and its own
+    # per-model prices (the whole document replaced at each write). Nothing stored before
+    # changes: an organization without a row prices nothing.
+    """
+    CREATE TABLE pricing_settings (
+        organization_id UUID PRIMARY KEY,
+        settings JSON NOT NULL,              -- {"catalog", "markup_percent", "overrides"}
+        modified_at TIMESTAMPTZ NOT NULL
+    );
+    """,
 )
 
 

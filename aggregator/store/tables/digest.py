@@ -3,8 +3,8 @@
 Two cores that applied the same records hold the same logical state; the digest says whether
 they do. It covers what a client can read (events, customers, meters, the customer meters'
 ledgers and their credit grants, plans, holds, alerts, webhook endpoints, event types, the
-ledger's idempotency keys, OTLP settings) and leaves out what says how a core got there, not
-what it holds:
+ledger's idempotency keys, OTLP and pricing settings) and leaves out what says how a core got
+there, not what it holds:
 
 - backfill progress (`meters.backfilled_to`, `backfilled_events`), which a core's background
   work moves at its own pace (where a backfill ends, `backfill_target`, and seqs are the
@@ -24,8 +24,8 @@ A meter's dimensions (column `meters.dimensions`, schema step 32) count apart, a
 for an organization with such meters: two cores that disagree on them differ, and one without
 any has the digest the previous main gives it.
 
-Tables added since the previous main (`otlp_settings`, `credit_grants`, and the corrections'
-`voided_events`, `event_versions` and `void_jobs`) count only for an
+Tables added since the previous main (`otlp_settings`, `pricing_settings`, `credit_grants`,
+and the corrections' `voided_events`, `event_versions` and `void_jobs`) count only for an
 organization with rows in them: one without any has the digest the previous main gives it. Of
 the credit grants, only those with an expiry or a priority of their own count: the others are
 what a credit without either makes, which the customer meter's sums hold already (its rollover
@@ -54,6 +54,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "event_types": (),
     "idempotency_keys": (),
     "otlp_settings": (),
+    "pricing_settings": (),
     "credit_grants": (),
     "voided_events": (),
     "event_versions": (),
@@ -61,7 +62,10 @@ TABLES: dict[str, tuple[str, ...]] = {
 }
 # Tables that count only when the organization has rows in them (see above).
 _WHEN_HELD = frozenset(
-    {"otlp_settings", "credit_grants", "voided_events", "event_versions", "void_jobs"}
+    {
+        *("otlp_settings", "pricing_settings", "credit_grants", "voided_events"),
+        *("event_versions", "void_jobs"),
+    }
 )
 # Rows that count, where not all do (see above).
 _COUNTED = {"credit_grants": f"(expires_at IS NOT NULL OR priority <> {PRIORITY_DEFAULT})"}

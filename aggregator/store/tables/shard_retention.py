@@ -75,6 +75,7 @@ _KEPT = (
     *("credit_plans", "idempotency_keys", "command_outcomes", "control_offsets"),
     *("forward_cursors", "webhook_endpoints", "meter_alerts", "shard_splits"),
     *("schema_migrations", "ingest_stored", "otlp_settings", "rollup_groups_pending"),
+    "pricing_settings",
     "folded_meters",  # of every customer's groups: kept whole, as a superset is safe
 )
 # Per-customer tables kept as segments (their base tables, and their files: `segments`).

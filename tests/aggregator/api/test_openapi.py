@@ -221,6 +221,8 @@ _VOLATILE = [
     (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?"), "<time>"),
     (re.compile(r"mlt_[a-z]+_[A-Za-z0-9_-]+"), "<token>"),
     (re.compile(r"whsec_[A-Za-z0-9+/=_-]+"), "<secret>"),
+    # The installed price catalogue's version (`GET /v1/pricing/settings`): a package upgrade.
+    (re.compile(r"genai-prices [0-9][^\"]*"), "genai-prices <version>"),
     # The state digest's hashes cover the ids and times above.
     (re.compile(r'"(digest|sha256)":"[0-9a-f]{64}"'), r'"\1":"<sha256>"'),
 ]
@@ -402,6 +404,10 @@ def _write_and_refuse(check: Checked, ids: dict[str, str]) -> None:
     otlp = {"customer_attributes": ["enduser.id"], "prices": prices}
     check("PUT", "/v1/otlp/settings", 200, json=otlp)
     check("PUT", "/v1/otlp/settings", 422, json={"customer_attributes": [1]})
+    overrides = {"acme/house": {"input": "0.0001", "output": "0.0003"}}
+    pricing = {"catalog": True, "markup_percent": 10, "overrides": overrides}
+    check("PUT", "/v1/pricing/settings", 200, json=pricing)
+    check("PUT", "/v1/pricing/settings", 422, json={"markup_percent": -1})
     # An OTLP/JSON export: a GenAI span of a customer, and one naming none (refused in part).
     usage = [{"key": "gen_ai.usage.input_tokens", "value": {"intValue": "5"}}]
     customer = [{"key": "meterline.customer.external_id", "value": {"stringValue": "c3"}}]

@@ -12,6 +12,7 @@ DIMENSIONS = 32  # the step that gave meters their dimensions
 GROUPS = 33  # the step that made the rollups of a meter's groups
 FORWARDED_GROUPS = 34  # the step that keyed rollup-mode forwarding by group too
 FOLDED = 35  # the step that listed the meters whose groups held `OTHER`
+PRICING = 36  # the step that made the organizations' pricing settings
 # The rollup tables and their deltas before segments.
 _ROLLUPS = {
     "rollups": "rollup_deltas",
@@ -42,9 +43,16 @@ def before_segments(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {SEGMENTS}")
 
 
+def before_pricing(con: duckdb.DuckDBPyConnection) -> None:
+    """The database as schema step 35 had it (the previous main's): no pricing settings."""
+    con.execute("DROP TABLE pricing_settings")
+    con.execute(f"DELETE FROM schema_migrations WHERE version >= {PRICING}")
+
+
 def before_folded(con: duckdb.DuckDBPyConnection) -> None:
     """The database as schema step 34 had it: no list of the meters whose groups held
     `OTHER`."""
+    before_pricing(con)
     con.execute("DROP TABLE folded_meters")
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {FOLDED}")
 
