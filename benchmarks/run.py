@@ -58,6 +58,7 @@ from benchmarks import (
     meter_heavy,
     meters,
     otlp,
+    pricing,
     replicas,
     restart,
     sdk,
@@ -127,6 +128,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "export_rate": Benchmark(export.export_rate, 240, 60),
     "export_kills_1m": Benchmark(export.export_kills_1m, 600, 90),
     "export_formats": Benchmark(export.export_formats, 240, 60),
+    "pricing_100k": Benchmark(pricing.pricing_100k, 60, 10),
 }
 ROUNDS, QUICK_ROUNDS = 3, 1  # of an --against run
 PACKAGES = ("meterline", "uvicorn", "starlette", "orjson", "pyarrow", "httpx", "aiokafka")

@@ -26,25 +26,33 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["UNITS_PER_CENT", "Catalog", "Linear", "ModelPricer", "catalog", "installed_version"]
+__all__ = [
+    "DAY_US",
+    "UNITS_PER_CENT",
+    "Catalog",
+    "Linear",
+    "Linears",
+    "ModelPricer",
+    "catalog",
+    "cents",
+    "installed_version",
+]
 
 UNITS_PER_CENT = 10**12
-_DAY_US = 86_400_000_000
+DAY_US = 86_400_000_000
+_NEVER = 2**63 - 1  # a tier start no count passes
 _EPOCH = date(1970, 1, 1)
 # A call with a term of its cost above this is refused rather than overflowed (int64 holds
 # 9.2e18: four such terms and the constant still fit); `_cost`'s limit is 1e17 units anyway.
 _TERM_LIMIT = 2e18
 _MODELS_KEPT = 10_000
 I64 = npt.NDArray[np.int64]
-# Per call of a group: its units (-1: not priced; the Decimal ones aside), and the cents of
-# those only Decimals hold, by position in the group.
-Units = tuple[I64, dict[int, Decimal]]
 
 
 @dataclass(frozen=True, slots=True)
 class Linear:
     """Cost in units (10^-12 cents) = constant + slopes . (i, c, o), the slopes of the tier
-    whose start the input passes (`starts[k - 1] < i <= starts[k]` is tier k)."""
+    whose start the input passes (tier k when `starts[k - 1] < i <= starts[k]`)."""
 
     constant: int
     starts: tuple[int, ...]
@@ -64,28 +72,50 @@ class Linear:
         )
         return cls(0, (), (slope,))
 
-    def units(self, inputs: I64, outputs: I64, cached: I64) -> Units:
-        tier = np.searchsorted(np.array(self.starts, np.int64), inputs, side="left")
-        slopes = np.array(self.slopes, np.int64)[tier]
-        # Floats first: no term, and so no sum of the four, may overflow the integers; the
-        # calls with a larger one are computed with Python's integers.
-        terms = slopes.astype(np.float64) * np.stack([inputs, cached, outputs], axis=1)
-        small = np.all(np.abs(terms) < _TERM_LIMIT, axis=1)
-        allowed = cached <= inputs if self.strict else np.ones(len(inputs), np.bool_)
-        fits = small & allowed
-        safe = np.where(fits, 1, 0)
-        found = (
-            self.constant
-            + slopes[:, 0] * (inputs * safe)
-            + slopes[:, 1] * (cached * safe)
-            + slopes[:, 2] * (outputs * safe)
+    def exact(self, inputs: int, cached: int, outputs: int) -> int | None:
+        """One call's units with Python's integers (any size); None where refused."""
+        if self.strict and cached > inputs:
+            return None
+        tier = sum(1 for start in self.starts if inputs > start)
+        a, b, d = self.slopes[tier]
+        return self.constant + a * inputs + b * cached + d * outputs
+
+
+class Linears:
+    """Many calls, each with its `Linear` (by index into `linears`), priced at once."""
+
+    def __init__(self, linears: list[Linear]) -> None:
+        tiers = max(len(x.starts) for x in linears)
+        # Padded: a start no count passes, and its last tier's slopes repeated.
+        self._starts = np.array(
+            [[*x.starts, *[_NEVER] * (tiers - len(x.starts))] for x in linears], np.int64
+        ).reshape(len(linears), tiers)
+        self._slopes = np.array(
+            [[*x.slopes, *[x.slopes[-1]] * (tiers - len(x.starts))] for x in linears], np.int64
         )
-        exact: dict[int, Decimal] = {}
-        for j in np.flatnonzero(allowed & ~small).tolist():
-            a, b, d = (int(v) for v in slopes[j])
-            units = self.constant + a * int(inputs[j]) + b * int(cached[j]) + d * int(outputs[j])
-            exact[j] = Decimal(units) / UNITS_PER_CENT
-        return np.where(fits, found, -1), exact
+        self._constants = np.array([x.constant for x in linears], np.int64)
+        self._strict = np.array([x.strict for x in linears], np.bool_)
+
+    def units(self, which: I64, inputs: I64, outputs: I64, cached: I64) -> tuple[I64, I64]:
+        """Each call's units (-1: refused), and the calls too large for int64 (to be priced
+        with `Linear.exact`)."""
+        if self._starts.shape[1]:
+            tier = (inputs[:, None] > self._starts[which]).sum(axis=1)
+            slopes = self._slopes[which, tier]
+        else:
+            slopes = self._slopes[which, 0]
+        counts = np.stack([inputs, cached, outputs], axis=1)
+        allowed = ~self._strict[which] | (cached <= inputs)
+        # No term, and so no sum of the four, may overflow the integers: checked on the
+        # largest first, each call only when that could.
+        largest = float(np.abs(self._slopes).max()) * float(counts.max(initial=0))
+        if largest < _TERM_LIMIT:
+            small = np.ones(len(which), np.bool_)
+        else:
+            small = np.all(np.abs(slopes.astype(np.float64) * counts) < _TERM_LIMIT, axis=1)
+        fits = small & allowed
+        found = self._constants[which] + (slopes * np.where(fits[:, None], counts, 0)).sum(axis=1)
+        return np.where(fits, found, -1), np.flatnonzero(allowed & ~small)
 
 
 class ModelPricer:
@@ -96,50 +126,35 @@ class ModelPricer:
 
         self._model = model
         self._linear: dict[int, tuple[Any, Linear | None]] = {}
+        self._days_seen: dict[int, Any] = {}
         prices = model.prices
-        self._days: npt.NDArray[np.int64] | None = None
-        if isinstance(prices, types.ModelPrice):
-            self._days = np.zeros(0, np.int64)
-        elif all(
-            c.constraint is None or isinstance(c.constraint, types.StartDateConstraint)
-            for c in prices
-        ):
-            starts = {
-                (c.constraint.start_date - _EPOCH).days for c in prices if c.constraint is not None
-            }
-            self._days = np.array(sorted(starts), np.int64)
+        # The UTC days its prices change on; None when they change by time of day too.
+        self.days: list[int] | None = []
+        if not isinstance(prices, types.ModelPrice):
+            if all(
+                c.constraint is None or isinstance(c.constraint, types.StartDateConstraint)
+                for c in prices
+            ):
+                self.days = sorted(
+                    {(c.constraint.start_date - _EPOCH).days for c in prices if c.constraint}
+                )
+            else:
+                self.days = None
 
-    def units(self, timestamps_us: I64, inputs: I64, outputs: I64, cached: I64) -> Units:
-        n = len(inputs)
-        if self._days is not None:  # prices change by date at most: split at the dates
-            periods = np.searchsorted(self._days, timestamps_us // _DAY_US, side="right")
-            keys = periods.tolist()
-        else:  # by time of day too: ask per call
-            keys = [id(self._prices_at(int(t))) for t in timestamps_us.tolist()]
-        members: dict[int, list[int]] = {}
-        for j, key in enumerate(keys):
-            members.setdefault(key, []).append(j)
-        found = np.full(n, -1, np.int64)
-        exact: dict[int, Decimal] = {}
-        for indexes in members.values():
-            at = np.array(indexes, np.int64)
-            price = self._prices_at(int(timestamps_us[indexes[0]]))
-            linear = self._linear_of(price)
-            if linear is not None:
-                units, large = linear.units(inputs[at], outputs[at], cached[at])
-                found[at] = units
-                exact.update((indexes[j], cents) for j, cents in large.items())
-                continue
-            for j in indexes:
-                cents = _cents(price, int(inputs[j]), int(cached[j]), int(outputs[j]))
-                if cents is not None:
-                    exact[j] = cents
-        return found, exact
+    def linear_on(self, day: int) -> Linear | None:
+        """The `linear` of the prices in force on a UTC day (prices that change by date only:
+        `days` is not None)."""
+        found = self._days_seen.get(day, self)
+        if found is self:
+            found = self._days_seen[day] = self.linear(self.price_at(day * DAY_US))
+        return found  # type: ignore[no-any-return]
 
-    def _prices_at(self, timestamp_us: int) -> Any:
+    def price_at(self, timestamp_us: int) -> Any:
+        """The prices in force at that moment (step 1)."""
         return self._model.get_prices(datetime.fromtimestamp(timestamp_us / 1e6, UTC))
 
-    def _linear_of(self, price: Any) -> Linear | None:
+    def linear(self, price: Any) -> Linear | None:
+        """The price's coefficients, or None: priced per call (`cents`)."""
         kept = self._linear.get(id(price))
         if kept is None or kept[0] is not price:
             kept = (price, _linear(price))
@@ -185,7 +200,7 @@ def catalog() -> Catalog:
     return Catalog()
 
 
-def _cents(price: Any, inputs: int, cached: int, outputs: int) -> Decimal | None:
+def cents(price: Any, inputs: int, cached: int, outputs: int) -> Decimal | None:
     """The catalogue's own calculation of one call, in cents; None where it refuses it."""
     from genai_prices import Usage
 
@@ -209,26 +224,24 @@ def _linear(price: Any) -> Linear | None:
             for tier in value.tiers
         }
     )
-    constant = _units(_cents(price, 0, 0, 0))
+    constant = _units(cents(price, 0, 0, 0))
     if constant is None:
         return None
     slopes = []
     for low in (0, *(start + 1 for start in starts)):
         i = max(low, 1)
-        base = _units(_cents(price, i, 0, 0))
-        read = _units(_cents(price, i, 1, 0))
-        out = _units(_cents(price, i, 0, 1))
+        base = _units(cents(price, i, 0, 0))
+        read = _units(cents(price, i, 1, 0))
+        out = _units(cents(price, i, 0, 1))
         if base is None or read is None or out is None or (base - constant) % i:
             return None
         slopes.append(((base - constant) // i, read - base, out - base))
-    strict = _cents(price, 0, 1, 0) is None
+    strict = cents(price, 0, 1, 0) is None
     linear = Linear(constant, tuple(starts), tuple(slopes), strict)
     # The check: another call of every tier, against the catalogue.
     for low in (0, *(start + 1 for start in starts)):
         i, c, o = low + 7, 3, 11
-        if linear.units(*(np.array([v], np.int64) for v in (i, o, c)))[0][0] != _units(
-            _cents(price, i, c, o)
-        ):
+        if linear.exact(i, c, o) != _units(cents(price, i, c, o)):
             return None
     return linear
 

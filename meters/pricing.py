@@ -31,9 +31,19 @@ from typing import Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from meters.catalog import UNITS_PER_CENT, Linear, catalog, installed_version
+from meters.catalog import (
+    DAY_US,
+    UNITS_PER_CENT,
+    Linear,
+    Linears,
+    catalog,
+    cents,
+    installed_version,
+)
 
 __all__ = [
     "MAX_MARKUP_PERCENT",
@@ -53,6 +63,9 @@ OVERRIDES_TABLE = "overrides"
 _MAX_UNITS = 100_000 * UNITS_PER_CENT - 1
 _MAX_CENTS = Decimal(100_000)
 _PLACES = Decimal("1e-12")
+_DAYS = 2**22  # more UTC days than lie between year 1 and 9999
+_compute: Any = pc  # the stubs' overloads do not cover these string kernels
+_UNPRICED, _PER_CALL = -1, -2
 
 
 def _decimal_of(value: Any) -> Any:
@@ -132,11 +145,12 @@ class LlmCalls:
 
 @dataclass(slots=True)
 class Priced:
-    """Per call, its `_cost.amount` (canonical decimal string) and `priceTable`, or None for
-    one not priced; and what was not priced, per `<vendor>/<model>`."""
+    """Per call, its `_cost.amount` (canonical decimal string; None: not priced) and
+    `priceTable` (`tables[overridden[i]]`); and what was not priced, per `<vendor>/<model>`."""
 
     amounts: list[str | None]
-    tables: list[str | None]
+    overridden: list[int]  # 1: from the organization's overrides, 0: from the catalogue
+    tables: tuple[str, str]
     unpriced: Counter[str] = field(default_factory=Counter)
 
 
@@ -163,76 +177,118 @@ class Pricing:
         return cls(settings.catalog, settings.markup_percent, overrides)
 
     def price(self, calls: LlmCalls) -> Priced:
-        """Steps 1 and 2 for a batch of calls."""
+        """Steps 1 and 2 for a batch of calls, on whole columns: each distinct (model, UTC
+        day) is looked up once, and the calls priced together by their coefficients."""
         n = len(calls.models)
-        units = np.full(n, -1, np.int64)  # -1: not priced
-        tables: list[str | None] = [None] * n
-        exact: dict[int, Decimal] = {}  # the calls whose cents only Decimals hold
-        unpriced: Counter[str] = Counter()
-        groups: dict[tuple[str, str], list[int]] = {}
-        for i, key in enumerate(zip(calls.vendors, calls.models, strict=True)):
-            groups.setdefault(key, []).append(i)
+        # Each (vendor, model) numbered, in C: NUL is in no validated string.
+        encoded = _compute.binary_join_element_wise(
+            pa.array(calls.vendors, pa.string()), pa.array(calls.models, pa.string()), "\0"
+        ).dictionary_encode()
+        keys = encoded.indices.to_numpy().astype(np.int64)
+        names = [tuple(k.split("\0", 1)) for k in encoded.dictionary.to_pylist()]
+        days = calls.timestamps_us // DAY_US
+        low = int(days.min()) if n else 0
+        combos, inverse = np.unique(keys * _DAYS + (days - low), return_inverse=True)
+        linears: list[Linear] = []
+        slots: dict[int, int] = {}
+        which = np.full(len(combos), _UNPRICED, np.int64)  # per combo: a `linears` index
+        from_overrides = np.zeros(len(combos), np.bool_)
         known = catalog() if self.catalog else None
-        for (vendor, model), indexes in groups.items():
-            at = np.array(indexes, np.int64)
-            name = f"{vendor}/{model}"
-            override = self.overrides.get(name)
-            if override is not None:
-                found = override.units(calls.inputs[at], calls.outputs[at], calls.cached[at])
-                table = OVERRIDES_TABLE
-            elif known is not None and (pricer := known.pricer(vendor, model)) is not None:
-                found = pricer.units(
-                    calls.timestamps_us[at], calls.inputs[at], calls.outputs[at], calls.cached[at]
-                )
-                table = known.version
+        for c, combo in enumerate(combos.tolist()):
+            vendor, model = names[combo // _DAYS]
+            linear = self.overrides.get(f"{vendor}/{model}")
+            from_overrides[c] = linear is not None
+            if linear is None and known is not None:
+                pricer = known.pricer(vendor, model)
+                if pricer is None:
+                    continue
+                if pricer.days is None:  # prices by time of day: per call
+                    which[c] = _PER_CALL
+                    continue
+                linear = pricer.linear_on(combo % _DAYS + low)
+                if linear is None:
+                    which[c] = _PER_CALL
+                    continue
+            if linear is not None:
+                if id(linear) not in slots:
+                    slots[id(linear)] = len(linears)
+                    linears.append(linear)
+                which[c] = slots[id(linear)]
+        per_call = which[inverse]
+        units = np.full(n, -1, np.int64)
+        exact: dict[int, Decimal] = {}
+        rows = np.flatnonzero(per_call >= 0)
+        if rows.size:
+            found, large = Linears(linears).units(
+                per_call[rows], calls.inputs[rows], calls.outputs[rows], calls.cached[rows]
+            )
+            units[rows] = found
+            for row in rows[large].tolist():
+                exact_units = linears[per_call[row]].exact(*_counts(calls, row))
+                if exact_units is not None:
+                    exact[row] = Decimal(exact_units) / UNITS_PER_CENT
+        for row in np.flatnonzero(per_call == _PER_CALL).tolist():
+            assert known is not None
+            pricer = known.pricer(*names[keys[row]])
+            assert pricer is not None
+            price = pricer.price_at(int(calls.timestamps_us[row]))
+            linear = pricer.linear(price)
+            if linear is None:
+                found_cents = cents(price, *_counts(calls, row))
             else:
-                unpriced[name] += len(indexes)
-                continue
-            fast, slow = found
-            units[at] = fast
-            exact.update((indexes[j], cents) for j, cents in slow.items())
-            for j in range(len(indexes)):
-                tables[indexes[j]] = table
-        amounts = self._amounts(units, exact)
-        for i in range(n):
-            if tables[i] is not None and amounts[i] is None:
-                unpriced[f"{calls.vendors[i]}/{calls.models[i]}"] += 1
-                tables[i] = None
-        return Priced(amounts, tables, unpriced)
+                found_units = linear.exact(*_counts(calls, row))
+                found_cents = None if found_units is None else Decimal(found_units) / UNITS_PER_CENT
+            if found_cents is not None:
+                exact[row] = found_cents
+        spelled = self._amounts(units, exact)
+        unpriced: Counter[str] = Counter()
+        missing = np.asarray(spelled.is_null())
+        if missing.any():
+            counted = np.bincount(keys[missing], minlength=len(names))
+            unpriced.update(
+                {f"{names[k][0]}/{names[k][1]}": int(v) for k, v in enumerate(counted) if v}
+            )
+        overridden = from_overrides[inverse].view(np.int8).tolist()
+        tables = (known.version if known else "", OVERRIDES_TABLE)
+        return Priced(spelled.to_pylist(), overridden, tables, unpriced)
 
-    def _amounts(self, units: I64, exact: Mapping[int, Decimal]) -> list[str | None]:
-        """Step 2's markup and rounding, and the canonical spelling; None where not priced
-        or above `_cost`'s limit."""
+    def _amounts(self, units: I64, exact: Mapping[int, Decimal]) -> pa.StringArray:
+        """Step 2's markup and rounding, and the canonical spelling; null where not priced or
+        above `_cost`'s limit."""
         factor = int(self.markup_percent * 100) + 10_000  # (100 + markup) / 100, in 1/10,000
-        priced = units >= 0
+        priced = (units >= 0) & (units <= _MAX_UNITS)
+        units = np.where(priced, units, 0)
         if factor != 10_000:
             # units * factor / 10,000, rounded half-even, without overflowing int64.
             whole, rest = np.divmod(units, 10_000)
-            scaled = rest * factor
-            carry, remainder = np.divmod(scaled, 10_000)
+            carry, remainder = np.divmod(rest * factor, 10_000)
             quotient = whole * factor + carry
             odd = (quotient & 1) == 1
             units = quotient + ((remainder > 5_000) | ((remainder == 5_000) & odd))
-        units = np.where(priced & (units <= _MAX_UNITS), units, -1)
-        amounts: list[str | None] = [None if u < 0 else _spelled(u) for u in units.tolist()]
-        markup = (self.markup_percent + 100) / 100
-        for i, cents in exact.items():
-            marked = cents * markup
-            if marked >= _MAX_CENTS:  # above `_cost`'s limit (and quantizing would overflow)
-                continue
-            amount = marked.quantize(_PLACES, ROUND_HALF_EVEN)
-            amounts[i] = None if amount * UNITS_PER_CENT > _MAX_UNITS else _decimal(amount)
-        return amounts
+        priced &= units <= _MAX_UNITS
+        for row, found in exact.items():
+            marked = found * (self.markup_percent + 100) / 100
+            if marked < _MAX_CENTS:  # above `_cost`'s limit, and too large to quantize
+                amount = marked.quantize(_PLACES, ROUND_HALF_EVEN)
+                units[row] = int(amount * UNITS_PER_CENT)
+                priced[row] = units[row] <= _MAX_UNITS
+        return _spelled(units, priced)
 
 
-def _spelled(units: int) -> str:
-    """Units of 10^-12 cents as `_cost.amount`'s canonical spelling (no needless zeros)."""
-    whole, fraction = divmod(units, UNITS_PER_CENT)
-    if not fraction:
-        return str(whole)
-    return f"{whole}.{fraction:012d}".rstrip("0")
+def _counts(calls: LlmCalls, row: int) -> tuple[int, int, int]:
+    """(input, cached, output) of one call."""
+    return int(calls.inputs[row]), int(calls.cached[row]), int(calls.outputs[row])
 
 
-def _decimal(amount: Decimal) -> str:
-    text = format(amount.normalize(), "f")
-    return "0" if text in ("-0", "0") else text
+def _spelled(units: I64, valid: npt.NDArray[np.bool_]) -> pa.StringArray:
+    """Units of 10^-12 cents as `_cost.amount`'s canonical spelling (no needless zeros), on
+    the whole column; null where not `valid`."""
+    # The digits, at least 13 (a whole part), the point put in before the last 12.
+    digits = _compute.utf8_lpad(pa.array(units, mask=~valid).cast(pa.string()), 13, "0")
+    text = _compute.binary_join_element_wise(
+        _compute.utf8_slice_codeunits(digits, 0, -12),
+        _compute.utf8_slice_codeunits(digits, -12),
+        ".",
+    )
+    spelled: pa.StringArray = _compute.utf8_rtrim(_compute.utf8_rtrim(text, "0"), ".")
+    return spelled

@@ -16,6 +16,7 @@ from meters.events.exact import parse_ingest_body
 from meters.events.schema import (
     COLUMNS,
     EVENT_FIELDS,
+    LLM_KEY,
     MAX_ERRORS,
     NUMBER_LIMIT,
     Event,
@@ -56,14 +57,21 @@ def validate_body(
     if columns is not None:
         return columns
     events = parse_ingest_body(decode_json(body), now=now, rules=rules)
-    if pricing is not None:
-        costs = [e.cost_amount for e in events]
-        moments = [e.timestamp_us for e in events]
-        found = priced.price([e.metadata for e in events], costs, moments, pricing)
-        for event, cost in zip(events, costs, strict=True):
-            event.cost_amount = cost
-        if unpriced is not None:
-            unpriced.update(found)
+    if pricing is None:
+        return to_table(events)
+    candidates = priced.Candidates()
+    for i, event in enumerate(events):
+        llm = event.metadata.get(LLM_KEY)
+        if llm is not None and event.cost_amount is None:
+            candidates.add(i, llm)
+    costs = [e.cost_amount for e in events]
+    metadatas = [e.metadata for e in events]
+    moments = [e.timestamp_us for e in events]
+    found = priced.price(candidates, metadatas, costs, moments, pricing)
+    for event, cost in zip(events, costs, strict=True):
+        event.cost_amount = cost
+    if unpriced is not None:
+        unpriced.update(found)
     return to_table(events)
 
 

@@ -248,13 +248,14 @@ def _columns(
     objects = list(map(type, chain.from_iterable(map(dict.values, present)))).count(_Usage)
     with_cost: list[int] = []
     amounts: list[str] = []
+    candidates = None if pricing is None else priced.Candidates()
     for i, metadata in enumerate(metadatas):
         if not metadata:
             continue
-        if (value := metadata.get(COST_KEY)) is not None:
-            if type(value) is not _Usage:
+        if (cost := metadata.get(COST_KEY)) is not None:
+            if type(cost) is not _Usage:
                 return None
-            fields = astuple(value)
+            fields = astuple(cost)
             if fields[1] != "usd" or fields[2:] != _COST_ONLY:
                 return None
             amount = fields[0]
@@ -275,6 +276,9 @@ def _columns(
                 return None
             metadata[LLM_KEY] = _Llm(*fields[2:])
             objects -= 1
+            if candidates is not None and cost is None:
+                candidates.rows.append(i)
+                candidates.calls.append(fields)
     costs: list[str | None] = [None] * len(events)
     if with_cost:
         canonical = _canonical_amounts(amounts)
@@ -286,8 +290,9 @@ def _columns(
         objects -= len(with_cost)
     if objects:
         return None
-    if pricing is not None:
-        found = priced.price(metadatas, costs, timestamp.to_numpy().view(np.int64), pricing)
+    if candidates is not None and pricing is not None:
+        moments = timestamp.to_numpy().view(np.int64)
+        found = priced.price(candidates, metadatas, costs, moments, pricing)
         if unpriced is not None:
             unpriced.update(found)
     # One encoder call for every event; JSON text holds no raw newline, so the lines are the

@@ -79,8 +79,13 @@ def test_every_amount_is_the_catalogues_own(batch: Any, markup: Decimal) -> None
     vendors, models = [k[0] for k in keys], [k[1] for k in keys]
     priced = Pricing(True, markup, {}).price(_calls(vendors, models, rows))
     missing: Counter[str] = Counter()
+    amounts = priced.amounts
+    tables = [
+        None if a is None else priced.tables[o]
+        for a, o in zip(amounts, priced.overridden, strict=True)
+    ]
     for vendor, model, call, amount, table in zip(
-        vendors, models, rows, priced.amounts, priced.tables, strict=True
+        vendors, models, rows, amounts, tables, strict=True
     ):
         expected = _expected(vendor, model, call, markup)
         if expected is None:
