@@ -306,9 +306,9 @@ def build_app(
     )
     front = front or Front.of(limits)
     admission, responses = front.admission, front.responses
-    sources = core_metrics.sources(store, consumer, forwarder[0] if forwarder else None)
+    sources: list[Source] = [front.unpriced.metrics]  # ingest's, as an edge shows them
+    sources += core_metrics.sources(store, consumer, forwarder[0] if forwarder else None)
     sources += figures
-    sources.append(front.unpriced.metrics)
     if exporter is not None:
         sources.append(core_metrics.export(exporter))
     routes = [

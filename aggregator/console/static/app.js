@@ -6,6 +6,7 @@ import * as customers from "./customers.js";
 import { fill, h, message } from "./dom.js";
 import * as meters from "./meters.js";
 import * as operations from "./operations.js";
+import * as pricing from "./pricing.js";
 
 const session = new Session("meterline.token");
 const main = document.getElementById("page");
@@ -19,6 +20,7 @@ const ROUTES = [
   [/^#\/customers\/([\w-]+)$/, customers.detail],
   [/^#\/customers$/, customers.list],
   [/^#\/costs$/, operations.costs],
+  [/^#\/pricing$/, pricing.pricing],
   [/^#\/forwarder$/, operations.forwarder],
   [/^#\/export$/, operations.exported],
   [/^#\/dead-letters$/, operations.deadLetters],

@@ -370,6 +370,29 @@ def test_the_export_shows_the_organizations_partition(page: Page, world: World) 
     _shot(page, world, "export")
 
 
+def test_pricing_shows_and_sets_the_organizations_settings(page: Page, world: World) -> None:
+    text = _visit(page, world, "#/pricing")
+    assert page.inner_text("dd[data-fact=catalogue]") == "off"
+    assert page.inner_text("dd[data-fact=catalogue_version]").startswith("genai-prices ")
+    assert "never: nothing is priced" in text
+    page.check("#pricing-settings input[name=catalog]")
+    page.fill("#pricing-settings input[name=markup_percent]", "12.5")
+    page.click("#pricing-settings button[type=submit]")
+    page.wait_for_selector("dd[data-fact=catalogue]:text-is('on')")
+    assert page.inner_text("dd[data-fact=markup]") == "12.5%"
+    settings = world.a.get("/v1/pricing/settings").json()
+    assert settings["catalog"] is True and settings["markup_percent"] == 12.5
+    assert world.b.get("/v1/pricing/settings").json()["catalog"] is False  # a's alone
+    # A model found nowhere is listed (a's ingest prices; b's does not).
+    llm = {"vendor": "nobody", "model": "mystery-1", "input_tokens": 1, "output_tokens": 1}
+    event = _event("pricing-c1", 0.1, _llm={**llm, "total_tokens": 2})
+    world.a.post("/v1/events/ingest", json={"events": [event]}).raise_for_status()
+    page.reload()  # the same route: shown again once reloaded
+    page.wait_for_selector("main[data-shown='#/pricing'] td:text-is('nobody/mystery-1')")
+    _shot(page, world, "pricing")
+    world.a.put("/v1/pricing/settings", json={}).raise_for_status()  # as the other tests expect
+
+
 def test_dead_letters_show_the_organizations_own(page: Page, world: World) -> None:
     unknown = "5b0c3d34-2f0c-4d54-8d33-9a0c0b6f0d12"  # no such customer: dead-lettered
     for client, name in ((world.a, "own-poison"), (world.b, "rival-poison")):
