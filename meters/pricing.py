@@ -66,6 +66,7 @@ _PLACES = Decimal("1e-12")
 _DAYS = 2**22  # more UTC days than lie between year 1 and 9999
 _compute: Any = pc  # the stubs' overloads do not cover these string kernels
 _UNPRICED, _PER_CALL = -1, -2
+_KEPT = 100_000  # (model, day) lookups a Pricing keeps
 
 
 def _decimal_of(value: Any) -> Any:
@@ -154,6 +155,30 @@ class Priced:
     unpriced: Counter[str] = field(default_factory=Counter)
 
 
+class _Kept:
+    """What a `Pricing` looked up: each (model, UTC day)'s coefficients by index, and their
+    table (made again when one is added)."""
+
+    def __init__(self) -> None:
+        self.found: dict[tuple[str, int], tuple[int, bool]] = {}
+        self.linears: list[Linear] = []
+        self._index: dict[int, int] = {}
+        self._table: Linears | None = None
+
+    def index(self, linear: Linear) -> int:
+        at = self._index.get(id(linear))
+        if at is None or self.linears[at] is not linear:
+            at = self._index[id(linear)] = len(self.linears)
+            self.linears.append(linear)
+            self._table = None
+        return at
+
+    def table(self) -> Linears:
+        if self._table is None:
+            self._table = Linears(self.linears)
+        return self._table
+
+
 @dataclass(frozen=True, slots=True)
 class Pricing:
     """An organization's settings as validation applies them (it pickles: validation workers
@@ -162,6 +187,11 @@ class Pricing:
     catalog: bool
     markup_percent: Decimal
     overrides: Mapping[str, Linear]
+    _kept: _Kept = field(default_factory=lambda: _Kept(), compare=False, repr=False)
+
+    def __reduce__(self) -> tuple[type[Pricing], tuple[bool, Decimal, Mapping[str, Linear]]]:
+        # To a validation worker without what it looked up (that may be large).
+        return (Pricing, (self.catalog, self.markup_percent, self.overrides))
 
     @classmethod
     def of(cls, document: Mapping[str, Any]) -> Pricing | None:
@@ -178,58 +208,75 @@ class Pricing:
 
     def price(self, calls: LlmCalls) -> Priced:
         """Steps 1 and 2 for a batch of calls, on whole columns: each distinct (model, UTC
-        day) is looked up once, and the calls priced together by their coefficients."""
+        day) is looked up once (and kept), and the calls priced together by their
+        coefficients."""
         n = len(calls.models)
         # Each (vendor, model) numbered, in C: NUL is in no validated string.
         encoded = _compute.binary_join_element_wise(
             pa.array(calls.vendors, pa.string()), pa.array(calls.models, pa.string()), "\0"
         ).dictionary_encode()
         keys = encoded.indices.to_numpy().astype(np.int64)
-        names = [tuple(k.split("\0", 1)) for k in encoded.dictionary.to_pylist()]
+        names: list[str] = encoded.dictionary.to_pylist()
         days = calls.timestamps_us // DAY_US
         low = int(days.min()) if n else 0
         combos, inverse = np.unique(keys * _DAYS + (days - low), return_inverse=True)
-        linears: list[Linear] = []
-        slots: dict[int, int] = {}
-        which = np.full(len(combos), _UNPRICED, np.int64)  # per combo: a `linears` index
-        from_overrides = np.zeros(len(combos), np.bool_)
+        found = [self._found(names[c // _DAYS], c % _DAYS + low) for c in combos.tolist()]
+        which = np.array([f[0] for f in found], np.int64)[inverse]
+        overridden = np.array([f[1] for f in found], np.int8)[inverse]
+        units, exact = self._units(calls, which, names, keys)
+        spelled = self._amounts(units, exact)
+        unpriced: Counter[str] = Counter()
+        missing = np.asarray(spelled.is_null())
+        if missing.any():
+            counted = np.bincount(keys[missing], minlength=len(names))
+            unpriced.update(
+                {names[k].replace("\0", "/"): int(v) for k, v in enumerate(counted) if v}
+            )
         known = catalog() if self.catalog else None
-        for c, combo in enumerate(combos.tolist()):
-            vendor, model = names[combo // _DAYS]
-            linear = self.overrides.get(f"{vendor}/{model}")
-            from_overrides[c] = linear is not None
-            if linear is None and known is not None:
-                pricer = known.pricer(vendor, model)
-                if pricer is None:
-                    continue
-                if pricer.days is None:  # prices by time of day: per call
-                    which[c] = _PER_CALL
-                    continue
-                linear = pricer.linear_on(combo % _DAYS + low)
-                if linear is None:
-                    which[c] = _PER_CALL
-                    continue
-            if linear is not None:
-                if id(linear) not in slots:
-                    slots[id(linear)] = len(linears)
-                    linears.append(linear)
-                which[c] = slots[id(linear)]
-        per_call = which[inverse]
-        units = np.full(n, -1, np.int64)
+        tables = (known.version if known else "", OVERRIDES_TABLE)
+        return Priced(spelled.to_pylist(), overridden.tolist(), tables, unpriced)
+
+    def _found(self, name: str, day: int) -> tuple[int, bool]:
+        """Step 1 for a `vendor\0model` on a UTC day, kept: an index of `_kept.linears`
+        (or `_UNPRICED`, `_PER_CALL`), and whether it is an override."""
+        kept = self._kept
+        key = (name, day)
+        found = kept.found.get(key)
+        if found is not None:
+            return found
+        vendor, model = name.split("\0", 1)
+        linear = self.overrides.get(f"{vendor}/{model}")
+        found = (_UNPRICED, linear is not None)
+        if linear is None and self.catalog and (pricer := catalog().pricer(vendor, model)):
+            # Prices by time of day, or not linear: per call.
+            linear = None if pricer.days is None else pricer.linear_on(day)
+            found = (_PER_CALL, False)
+        if linear is not None:
+            found = (kept.index(linear), found[1])
+        if len(kept.found) >= _KEPT:
+            kept.found.clear()  # unbounded names must not grow memory; finding is cheap
+        kept.found[key] = found
+        return found
+
+    def _units(
+        self, calls: LlmCalls, which: I64, names: list[str], keys: I64
+    ) -> tuple[I64, dict[int, Decimal]]:
+        """Each call's units (-1: not priced), and the cents of those only Decimals hold."""
+        units = np.full(len(which), -1, np.int64)
         exact: dict[int, Decimal] = {}
-        rows = np.flatnonzero(per_call >= 0)
+        rows = np.flatnonzero(which >= 0)
+        linears = self._kept.linears
         if rows.size:
-            found, large = Linears(linears).units(
-                per_call[rows], calls.inputs[rows], calls.outputs[rows], calls.cached[rows]
+            found, large = self._kept.table().units(
+                which[rows], calls.inputs[rows], calls.outputs[rows], calls.cached[rows]
             )
             units[rows] = found
             for row in rows[large].tolist():
-                exact_units = linears[per_call[row]].exact(*_counts(calls, row))
+                exact_units = linears[which[row]].exact(*_counts(calls, row))
                 if exact_units is not None:
                     exact[row] = Decimal(exact_units) / UNITS_PER_CENT
-        for row in np.flatnonzero(per_call == _PER_CALL).tolist():
-            assert known is not None
-            pricer = known.pricer(*names[keys[row]])
+        for row in np.flatnonzero(which == _PER_CALL).tolist():
+            pricer = catalog().pricer(*names[keys[row]].split("\0", 1))
             assert pricer is not None
             price = pricer.price_at(int(calls.timestamps_us[row]))
             linear = pricer.linear(price)
@@ -240,17 +287,7 @@ class Pricing:
                 found_cents = None if found_units is None else Decimal(found_units) / UNITS_PER_CENT
             if found_cents is not None:
                 exact[row] = found_cents
-        spelled = self._amounts(units, exact)
-        unpriced: Counter[str] = Counter()
-        missing = np.asarray(spelled.is_null())
-        if missing.any():
-            counted = np.bincount(keys[missing], minlength=len(names))
-            unpriced.update(
-                {f"{names[k][0]}/{names[k][1]}": int(v) for k, v in enumerate(counted) if v}
-            )
-        overridden = from_overrides[inverse].view(np.int8).tolist()
-        tables = (known.version if known else "", OVERRIDES_TABLE)
-        return Priced(spelled.to_pylist(), overridden, tables, unpriced)
+        return units, exact
 
     def _amounts(self, units: I64, exact: Mapping[int, Decimal]) -> pa.StringArray:
         """Step 2's markup and rounding, and the canonical spelling; null where not priced or
