@@ -48,6 +48,7 @@ def test_an_edge_without_the_cores_volume_takes_tokens_from_the_control_topic(
                 assert core.token is not None
                 assert _ingests(edge, core.token) == 200
                 assert _ingests(edge, "mlt_oat_unknown") == 401
+                _edge_prices_as_the_core_set(core, edge, core.token)
                 # A token published on the topic by the command line: the edge and the core
                 # take it.
                 cli_dir = _secret_only(core_dir, tmp_path / "cli")
@@ -83,6 +84,28 @@ def test_an_edge_without_the_cores_volume_takes_tokens_from_the_control_topic(
         refused = MeterlineServer(core_dir, *kafka, "--secret-file", str(secret))
         with pytest.raises(RuntimeError, match=r"is not the .*secret\.key this data dir"):
             refused.start()
+
+
+def _edge_prices_as_the_core_set(core: Server, edge: Server, token: str) -> None:
+    """Pricing settings set on the core reach the edge with the control topic's records: the
+    edge prices the organization's `_llm` events from then on."""
+    overrides = {"acme/house": {"input": "0.0001", "output": "0.0003"}}
+    with core.client(token) as client:
+        client.put("/v1/pricing/settings", json={"overrides": overrides}).raise_for_status()
+        llm = {"vendor": "acme", "model": "house", "input_tokens": 1000, "output_tokens": 10}
+        llm["total_tokens"] = 1010
+        event = {"name": "call", "external_customer_id": "priced", "metadata": {"_llm": llm}}
+
+        def priced() -> bool:
+            event["external_id"] = f"p{time.monotonic_ns()}"  # each try a new event
+            with edge.client(token) as sender:
+                sender.post("/v1/events/ingest", json={"events": [event]}).raise_for_status()
+            stored = client.get("/v1/events/", params={"external_customer_id": "priced"})
+            costs = [e["metadata"].get("_cost") for e in stored.json()["items"]]
+            return {"amount": "0.103", "currency": "usd"} in costs
+
+        wait_for("the edge to price with the core's settings", priced)
+        client.put("/v1/pricing/settings", json={}).raise_for_status()
 
 
 def test_an_edge_without_the_cluster_secret_says_what_it_needs(tmp_path: Path) -> None:
