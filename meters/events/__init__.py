@@ -38,6 +38,7 @@ __all__ = [
     "parse_ingest_body",
     "to_table",
     "validate_body",
+    "validate_exact",
 ]
 
 
@@ -56,7 +57,22 @@ def validate_body(
     columns = validator(rules)(body, now, pricing, unpriced)
     if columns is not None:
         return columns
-    events = parse_ingest_body(decode_json(body), now=now, rules=rules)
+    return validate_exact(
+        decode_json(body), now=now, rules=rules, pricing=pricing, unpriced=unpriced
+    )
+
+
+def validate_exact(
+    body: Any,
+    *,
+    now: int,
+    rules: EventRules,
+    pricing: Pricing | None = None,
+    unpriced: Counter[str] | None = None,
+) -> pa.Table:
+    """`validate_body` by the exact validator alone, of a decoded body (what it falls back to
+    when the compiled one is not sure)."""
+    events = parse_ingest_body(body, now=now, rules=rules)
     if pricing is None:
         return to_table(events)
     candidates = priced.Candidates()

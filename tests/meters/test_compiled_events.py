@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 from decimal import Decimal
 from typing import Any
 
@@ -15,8 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meters.errors import ValidationFailed
-from meters.events import EventRules, parse_ingest_body, to_table, validate_body
+from meters.events import (
+    EventRules,
+    parse_ingest_body,
+    to_table,
+    validate_body,
+    validate_exact,
+)
 from meters.events.compiled import validator
+from meters.pricing import Pricing
 from tests.meters.test_events import RULE_TABLE, Rule
 from tests.strategies import NOW_US, cost_amounts, valid_events
 
@@ -150,3 +158,46 @@ def test_compiled_reads_the_benchmark_event() -> None:
     exact = _exact(_body([event]))
     assert exact is not None
     _same(compiled, exact)
+
+
+@st.composite
+def _llm_events(draw: st.DrawFn) -> dict[str, Any]:
+    """Valid events, some with an `_llm` of a catalogue model, an override's or an unknown
+    one, and some of those with a `_cost` (which pricing keeps)."""
+    event = draw(_events_any_spelling())
+    if draw(st.booleans()):
+        metadata = event["metadata"] = dict(event.get("metadata") or {})
+        while len(metadata) >= RULES.max_metadata_keys - 1:
+            metadata.pop(next(iter(metadata)))
+        vendor, model = draw(
+            st.sampled_from([("openai", "gpt-4o"), ("acme", "house"), ("nobody", "x")])
+        )
+        inputs, outputs = draw(st.integers(0, 10**7)), draw(st.integers(0, 10**6))
+        llm = {"vendor": vendor, "model": model, "input_tokens": inputs, "output_tokens": outputs}
+        llm["total_tokens"] = inputs + outputs
+        if draw(st.booleans()):
+            llm["cached_input_tokens"] = draw(st.integers(0, inputs))
+        metadata["_llm"] = llm
+        if draw(st.booleans()):
+            metadata["priceTable"] = "the client's"
+    return event
+
+
+@given(st.lists(_llm_events(), min_size=1, max_size=5))
+def test_both_paths_price_alike(events: list[dict[str, Any]]) -> None:
+    """With pricing, the compiled path (when it decides) stores what the exact one does, and
+    counts the same unpriced models."""
+    house = {"input": "0.001", "output": "0.002"}
+    pricing = Pricing.of(
+        {"catalog": True, "markup_percent": "7.5", "overrides": {"acme/house": house}}
+    )
+    body = _body(events)
+    compiled_unpriced: Counter[str] = Counter()
+    compiled = validator(RULES)(body, NOW_US, pricing, compiled_unpriced)
+    exact_unpriced: Counter[str] = Counter()
+    exact = validate_exact(
+        orjson.loads(body), now=NOW_US, rules=RULES, pricing=pricing, unpriced=exact_unpriced
+    )
+    if compiled is not None:
+        _same(compiled, exact)
+        assert compiled_unpriced == exact_unpriced
