@@ -292,7 +292,7 @@ def _columns(
         return None
     if candidates is not None and pricing is not None:
         moments = timestamp.to_numpy().view(np.int64)
-        found = priced.price(candidates, metadatas, costs, moments, pricing)
+        found = priced.price(candidates, metadatas, costs, moments, pricing, _Cost)
         if unpriced is not None:
             unpriced.update(found)
     # One encoder call for every event; JSON text holds no raw newline, so the lines are the

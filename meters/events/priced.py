@@ -11,7 +11,7 @@ their metadata is encoded.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +56,14 @@ def price(
     costs: list[str | None],
     timestamps_us: Sequence[int] | np.ndarray[Any, Any],
     pricing: Pricing,
+    cost: Callable[[str, str], Any] = lambda amount, currency: {
+        "amount": amount,
+        "currency": currency,
+    },
 ) -> Counter[str]:
-    """Step 2, in place: what could not be priced, per `<vendor>/<model>`."""
+    """Step 2, in place: what could not be priced, per `<vendor>/<model>`. `cost` makes a
+    `_cost` value as the validator's encoder takes it (the compiled one's struct is cheaper
+    than a dict)."""
     rows = candidates.rows
     if not rows:
         return Counter()
@@ -76,7 +82,7 @@ def price(
     for row, amount, overridden in zip(rows, priced.amounts, priced.overridden, strict=True):
         if amount is not None:
             metadata = metadatas[row]
-            metadata[COST_KEY] = {"amount": amount, "currency": "usd"}
+            metadata[COST_KEY] = cost(amount, "usd")
             metadata[PRICE_TABLE] = tables[overridden]
             costs[row] = amount
     return priced.unpriced
