@@ -6,6 +6,7 @@ import * as customers from "./customers.js";
 import { fill, h, message } from "./dom.js";
 import * as meters from "./meters.js";
 import * as operations from "./operations.js";
+import * as topups from "./topups.js";
 
 const session = new Session("meterline.token");
 const main = document.getElementById("page");
@@ -23,6 +24,7 @@ const ROUTES = [
   [/^#\/export$/, operations.exported],
   [/^#\/dead-letters$/, operations.deadLetters],
   [/^#\/alerts$/, operations.alerts],
+  [/^#\/top-ups$/, topups.page],
   [/^/, meters.list],
 ];
 
