@@ -29,11 +29,12 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.errors import NotFound
-from aggregator.store.base.arrays import numpy
+from aggregator.store.base.arrays import encoded, numpy
 from aggregator.store.base.ids import derived_id
 from aggregator.store.base.meter_rows import MeterRow, get_meter, without_ledger
 from aggregator.store.base.rows import first_row
@@ -397,12 +398,15 @@ class Decided:
 def decide(con: Con, live: Live, ev: Evaluated, events: pa.Table) -> Decided | None:
     """The top-ups a batch's events make (before its alerts record the customer meters'
     values after it: these are read from before the batch). None: the organization has no
-    rules on the batch's meters."""
+    rules on the batch's meters.
+
+    Per customer meter, its running available balance is computed at once (arrays); only one
+    that would fall below a rule's threshold is walked event by event (`Walk`)."""
     rules = _rules(con, live, ev.organization_id)
     if not rules:
         return None
     decided = Decided()
-    times: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
+    times: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
     for i, meter in enumerate(ev.meters):
         meter_rules = rules.get(meter.id)
         if not meter_rules or meter.aggregation.func not in TOPPABLE:
@@ -416,76 +420,120 @@ def decide(con: Con, live: Live, ev: Evaluated, events: pa.Table) -> Decided | N
             order = np.argsort(seqs)
             ingested = numpy(pc.cast(events.column("ingested_at"), pa.int64()), np.int64)
             times = (seqs[order], ingested[order])
-        names = sorted(map(str, pc.unique(rows.column("subject")).to_pylist()))
+        names, at = encoded(rows.column("subject"))
         named = live.catalog.customers_of_subjects(con, ev.organization_id, names)
-        subject = rows.column("subject").to_pylist()
+        customers = sorted({named[n] for n in names if n in named})
+        watched = [c for c in customers if any(r.customer_id in (None, c.id) for r in meter_rules)]
+        if not watched:
+            continue
+        index = {c.id: k for k, c in enumerate(watched)}
+        owner_of = [index.get(named[n].id, -1) if n in named else -1 for n in names]
+        owner = np.array(owner_of, np.int64)[at]
         seq = numpy(rows.column("seq"), np.int64)
-        amount = numpy(rows.column(4), np.float64)
-        at = times[1][np.searchsorted(times[0], seq)]
-        per_customer: dict[CustomerKey, list[int]] = {}
-        for row in np.argsort(seq, kind="stable").tolist():
-            key = named.get(subject[row])
-            if key is not None and any(r.customer_id in (None, key.id) for r in meter_rules):
-                per_customer.setdefault(key, []).append(row)
-        for key in sorted(per_customer):
-            applicable = [r for r in meter_rules if r.customer_id in (None, key.id)]
-            walk = [(float(amount[r]), int(seq[r]), int(at[r])) for r in per_customer[key]]
-            _walk(con, live, decided, key, meter, applicable, walk)
+        order = np.lexsort((seq, owner))
+        order = order[owner[order] >= 0]
+        ends = np.cumsum(np.bincount(owner[order], minlength=len(watched))).tolist()
+        used = (
+            np.ones(len(seq), np.float64)
+            if meter.aggregation.func == "count"
+            else numpy(rows.column(4), np.float64)
+        )
+        instants = times[1][np.searchsorted(times[0], seq)]
+        held = hold_tables.held_by_pair(
+            con, [(c.id, meter.id) for c in watched], int(instants.min())
+        )
+        highest = max(r.threshold for r in meter_rules)
+        stored: dict[str, list[TopUpRow]] | None = None
+        for key, begin, end in zip(watched, [0, *ends[:-1]], ends, strict=True):
+            mine = order[begin:end]
+            before = alert_tables.value(live, key, meter)
+            start = before.credited - before.usage.result(meter.aggregation.func)
+            available = start - np.cumsum(used[mine]) - held.get((key.id, meter.id), 0.0)
+            if stored is None:
+                stored = _stored(con, meter.id, [c.id for c in watched])
+            mine_stored = stored.get(key.id, [])
+            window = _window(con, key.id, meter.id) if mine_stored else None
+            # Stored past the window's count: committed by a life of this core that applied
+            # these events before a crash (see the module's docstring); met again below.
+            ahead = [
+                t for t in mine_stored if t.window_seq == window and t.place > before.usage.events
+            ]
+            rising = used[mine] > 0
+            # No top-up can be due unless, with every top-up ahead taken back out, a consuming
+            # event leaves the balance below some rule's threshold.
+            low = available - sum(t.units for t in ahead)
+            if not (rising & (low < highest)).any():
+                continue
+            walk = Walk(
+                key,
+                meter,
+                [r for r in meter_rules if r.customer_id in (None, key.id)],
+                before,
+                held.get((key.id, meter.id), 0.0),
+                _window(con, key.id, meter.id) if window is None else window,
+            )
+            walk.run(
+                decided,
+                mine_stored,
+                ahead,
+                [(float(used[r]), int(seq[r]), int(instants[r])) for r in mine],
+            )
     return decided
 
 
-def _walk(
-    con: Con,
-    live: Live,
-    decided: Decided,
-    key: CustomerKey,
-    meter: MeterRow,
-    rules: list[RuleRow],
-    events: list[tuple[float, int, int]],
-) -> None:
-    """The customer meter's events (quantity, seq, ingested at) in order, as the rules say."""
-    customer_id = key.id
-    before = alert_tables.value(live, key, meter)
-    count = meter.aggregation.func == "count"
-    consumed = before.usage.result(meter.aggregation.func)
-    place = before.usage.events
-    window = _window(con, customer_id, meter.id)
-    stored = _stored(con, customer_id, meter.id)
-    # Stored past the window's count: committed by a life of this core that applied these
-    # events before a crash (see the module's docstring); met again below.
-    ahead = [t for t in stored if t.window_seq == window and t.place > place]
-    credited = before.credited - sum(t.units for t in ahead)
-    skipped = {t.id for t in ahead}
-    counts = Counter((t.rule_id, t.period) for t in stored if t.id not in skipped)
-    known = {t.id for t in stored}
-    held = hold_tables.held(con, customer_id, meter.id, events[0][2])
-    for quantity, seq, at_us in events:
-        used = 1.0 if count else quantity
-        consumed += used
-        place += 1
-        if used <= 0:
-            continue  # lowers no balance
-        for rule in rules:
-            available = credited - consumed - held
-            if available >= rule.threshold:
-                continue
-            period = period_key(rule.period, at_us)
-            n = counts[(rule.id, period)]
-            if n >= rule.max_per_period:
-                continue
-            why = outrun_error(rule.units, used)
-            if why is not None:
-                decided.refused.append((rule, why, at_us))
-                continue
-            counts[(rule.id, period)] = n + 1
-            credited += rule.units
-            top_up_id = derived_id("top-up", rule.id, customer_id, meter.id, period, str(n + 1))
-            decided.due.append(
-                _Due(
-                    top_up_id, rule, customer_id, meter, period, n + 1, window, place, seq,
-                    at_us, available, consumed, credited, top_up_id in known,
-                )
-            )  # fmt: skip
+@dataclass(slots=True)
+class Walk:
+    """A customer meter's events walked in order, as the rules say (`meters.topup_rules`)."""
+
+    key: CustomerKey
+    meter: MeterRow
+    rules: list[RuleRow]
+    before: alert_tables.Value
+    held: float
+    window: int  # the customer meter's reset seq (0: none)
+
+    def run(
+        self,
+        decided: Decided,
+        stored: list[TopUpRow],
+        ahead: list[TopUpRow],
+        events: list[tuple[float, int, int]],
+    ) -> None:
+        """`events`: (consumed, seq, ingested at) in order."""
+        customer_id, meter = self.key.id, self.meter
+        consumed = self.before.usage.result(meter.aggregation.func)
+        place = self.before.usage.events
+        window = self.window
+        credited = self.before.credited - sum(t.units for t in ahead)
+        skipped = {t.id for t in ahead}
+        counts = Counter((t.rule_id, t.period) for t in stored if t.id not in skipped)
+        known = {t.id for t in stored}
+        for used, seq, at_us in events:
+            consumed += used
+            place += 1
+            if used <= 0:
+                continue  # lowers no balance
+            for rule in self.rules:
+                available = credited - consumed - self.held
+                if available >= rule.threshold:
+                    continue
+                period = period_key(rule.period, at_us)
+                n = counts[(rule.id, period)]
+                if n >= rule.max_per_period:
+                    continue
+                why = outrun_error(rule.units, used)
+                if why is not None:
+                    decided.refused.append((rule, why, at_us))
+                    continue
+                counts[(rule.id, period)] = n + 1
+                credited += rule.units
+                top_up_id = derived_id("top-up", rule.id, customer_id, meter.id, period, str(n + 1))
+                decided.due.append(
+                    _Due(
+                        top_up_id, rule, customer_id, meter, period, n + 1, window, place,
+                        seq, at_us, available, consumed, credited, top_up_id in known,
+                    )
+                )  # fmt: skip
 
 
 def _window(con: Con, customer_id: str, meter_id: str) -> int:
@@ -497,13 +545,18 @@ def _window(con: Con, customer_id: str, meter_id: str) -> int:
     return 0 if row is None or row[0] is None else int(row[0])
 
 
-def _stored(con: Con, customer_id: str, meter_id: str) -> list[TopUpRow]:
+def _stored(con: Con, meter_id: str, customer_ids: list[str]) -> dict[str, list[TopUpRow]]:
+    """The top-ups of the meter's customer meters of `customer_ids`, per customer."""
     rows = con.execute(
         f"SELECT {_TOP_UP} FROM top_ups"  # noqa: S608 - fixed text, values bound
-        " WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
-        [customer_id, meter_id],
+        " WHERE meter_id = ?::UUID AND customer_id IN (SELECT unnest(?::UUID[]))",
+        [meter_id, customer_ids],
     ).fetchall()
-    return [_top_up(r) for r in rows]
+    found: dict[str, list[TopUpRow]] = {}
+    for r in rows:
+        row = _top_up(r)
+        found.setdefault(row.customer_id, []).append(row)
+    return found
 
 
 def apply(con: Con, live: Live, decided: Decided | None) -> None:
