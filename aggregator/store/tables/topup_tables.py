@@ -412,7 +412,7 @@ def decide(con: Con, live: Live, ev: Evaluated, events: pa.Table) -> Decided | N
         if not meter_rules or meter.aggregation.func not in TOPPABLE:
             continue
         values = ev.values([i])
-        rows = values.filter(pc.is_valid(values.column(4)))
+        rows = values.filter(pc.is_valid(values.column(f"v{i}")))
         if not rows.num_rows:
             continue
         if times is None:
@@ -436,7 +436,7 @@ def decide(con: Con, live: Live, ev: Evaluated, events: pa.Table) -> Decided | N
         used = (
             np.ones(len(seq), np.float64)
             if meter.aggregation.func == "count"
-            else numpy(rows.column(4), np.float64)
+            else numpy(rows.column(f"v{i}"), np.float64)
         )
         instants = times[1][np.searchsorted(times[0], seq)]
         held = hold_tables.held_by_pair(

@@ -43,10 +43,14 @@ def seeded(core: InProcessCore) -> dict[str, str]:
         "filter": EVERYTHING,
         "aggregation": {"func": "max", "property": "n"},
     }
+    # A meter split by a dimension: its organization's evaluated events carry the dimension's
+    # values beside each meter's contributions.
+    by_model = {**tokens, "name": "tokens by model", "dimensions": ["model"]}
     ids = {
         "calls": _made(core, "/v1/meters/", calls)["id"],
         "tokens": _made(core, "/v1/meters/", tokens)["id"],
         "level": _made(core, "/v1/meters/", latest)["id"],
+        "by_model": _made(core, "/v1/meters/", by_model)["id"],
         "ada": _made(core, "/v1/customers/", {"email": "ada@example.com", "external_id": "ada"})[
             "id"
         ],

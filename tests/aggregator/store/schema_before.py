@@ -12,6 +12,7 @@ DIMENSIONS = 32  # the step that gave meters their dimensions
 GROUPS = 33  # the step that made the rollups of a meter's groups
 FORWARDED_GROUPS = 34  # the step that keyed rollup-mode forwarding by group too
 FOLDED = 35  # the step that listed the meters whose groups held `OTHER`
+TOP_UPS = 36  # the step that made top-up rules and top-ups
 # The rollup tables and their deltas before segments.
 _ROLLUPS = {
     "rollups": "rollup_deltas",
@@ -42,9 +43,17 @@ def before_segments(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {SEGMENTS}")
 
 
+def before_top_ups(con: duckdb.DuckDBPyConnection) -> None:
+    """The database as schema step 35 had it (the previous main's): no top-up rules."""
+    con.execute("DROP TABLE top_up_rules")
+    con.execute("DROP TABLE top_ups")
+    con.execute(f"DELETE FROM schema_migrations WHERE version >= {TOP_UPS}")
+
+
 def before_folded(con: duckdb.DuckDBPyConnection) -> None:
     """The database as schema step 34 had it: no list of the meters whose groups held
     `OTHER`."""
+    before_top_ups(con)
     con.execute("DROP TABLE folded_meters")
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {FOLDED}")
 

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,6 +36,7 @@ from meters.ledger_rules import CreditCreate
 from meters.times import now_us
 from meters.topup_rules import TopUpRuleCreate, period_key
 from meters.webhook_rules import EndpointCreate, new_secret
+from tests.aggregator.store.schema_before import before_top_ups
 from tests.strategies import examples
 
 ORG = str(uuid.uuid4())
@@ -107,6 +109,10 @@ class Run:
         ref = {"customer_id": self.customer_id, "meter_id": self.meter_id}
         credit = CreditCreate(**ref, units=CREDITS, external_id="c")  # type: ignore[arg-type]
         await store.write(credit_job(ORG, credit, now))
+        await self.setup_rules(store)
+
+    async def setup_rules(self, store: Store) -> None:
+        now = now_us()
         for i, (alone, threshold, units, cap, period) in enumerate(RULES):
             rule = TopUpRuleCreate.model_validate(
                 {
@@ -255,3 +261,29 @@ def test_a_rule_that_would_loop_is_refused_naming_units() -> None:
             str(("body", "units")),
             str(("body", "units")),
         ]
+
+
+def test_a_data_dir_of_the_previous_main_opens_and_tops_up(tmp_path: Path) -> None:
+    """A data dir as schema step 35 left it (no top-up tables) takes its migration, then a
+    rule, and tops up as a new one does."""
+    path = tmp_path / "m.duckdb"
+    run = Run(path)
+
+    async def made() -> None:
+        async with Store(path) as store:
+            await run.setup(store)
+
+    asyncio.run(made())
+    con = duckdb.connect(str(path))
+    before_top_ups(con)
+    con.close()
+
+    async def reopened() -> Any:
+        async with Store(path) as store:
+            assert await store.read(lambda con: con.execute("FROM top_up_rules").fetchall()) == []
+            run.rule_ids = []
+            await run.setup_rules(store)
+            await run.feed(store, [(0, [9, 9, 9])])
+            return await run.outcome(store)
+
+    check(asyncio.run(reopened()), [(0, [9, 9, 9])])
