@@ -74,6 +74,7 @@ __all__ = [
 Con = duckdb.DuckDBPyConnection
 TOPPED_UP = "customer_meter.topped_up"
 _DAY_US = 86_400 * 1_000_000
+_PERIOD_US = 32 * _DAY_US  # longer than any period (a month)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,43 +440,57 @@ def decide(con: Con, live: Live, ev: Evaluated, events: pa.Table) -> Decided | N
             else numpy(rows.column(f"v{i}"), np.float64)
         )
         instants = times[1][np.searchsorted(times[0], seq)]
-        held = hold_tables.held_by_pair(
-            con, [(c.id, meter.id) for c in watched], int(instants.min())
+        # Holds read only where the organization may have one active (a superset is known).
+        held = (
+            hold_tables.held_by_pair(con, [(c.id, meter.id) for c in watched], int(instants.min()))
+            if live.feature(hold_tables.HoldKeys).of(ev.organization_id)
+            else {}
         )
+        func = meter.aggregation.func
+        befores = [alert_tables.value(live, key, meter) for key in watched]
+        start = np.array([b.credited - b.usage.result(func) for b in befores], np.float64)
+        holding = np.array([held.get((c.id, meter.id), 0.0) for c in watched], np.float64)
+        # A top-up counts in its period, a month at most: older ones never matter.
+        since = int(instants.min()) - _PERIOD_US
+        topped = live.feature(TopUps).topped_of(con, meter.id)
+        stored = _stored(con, meter.id, [c.id for c in watched if c.id in topped], since)
+        windows: dict[int, int] = {}
+        ahead: dict[int, list[TopUpRow]] = {}
+        taken_back = np.zeros(len(watched), np.float64)
+        for k, key in enumerate(watched):
+            if key.id in stored:
+                windows[k] = window = _window(con, key.id, meter.id)
+                # Stored past the window's count: committed by a life of this core that
+                # applied these events before a crash (see the module's docstring).
+                events_before = befores[k].usage.events
+                ahead[k] = [
+                    t for t in stored[key.id] if t.window_seq == window and t.place > events_before
+                ]
+                taken_back[k] = sum(t.units for t in ahead[k])
+        # Each customer meter's available balance after each of its events, at once; no
+        # top-up can be due unless a consuming event leaves it below some rule's threshold.
+        owners, consumed = owner[order], used[order]
+        firsts = np.array([0, *ends[:-1]], np.int64)
+        running = np.cumsum(consumed)
+        before_first = np.where(firsts > 0, running[np.maximum(firsts - 1, 0)], 0.0)
+        running -= before_first[owners]
+        low = start[owners] - running - holding[owners] - taken_back[owners]
         highest = max(r.threshold for r in meter_rules)
-        stored: dict[str, list[TopUpRow]] | None = None
-        for key, begin, end in zip(watched, [0, *ends[:-1]], ends, strict=True):
-            mine = order[begin:end]
-            before = alert_tables.value(live, key, meter)
-            start = before.credited - before.usage.result(meter.aggregation.func)
-            available = start - np.cumsum(used[mine]) - held.get((key.id, meter.id), 0.0)
-            if stored is None:
-                stored = _stored(con, meter.id, [c.id for c in watched])
-            mine_stored = stored.get(key.id, [])
-            window = _window(con, key.id, meter.id) if mine_stored else None
-            # Stored past the window's count: committed by a life of this core that applied
-            # these events before a crash (see the module's docstring); met again below.
-            ahead = [
-                t for t in mine_stored if t.window_seq == window and t.place > before.usage.events
-            ]
-            rising = used[mine] > 0
-            # No top-up can be due unless, with every top-up ahead taken back out, a consuming
-            # event leaves the balance below some rule's threshold.
-            low = available - sum(t.units for t in ahead)
-            if not (rising & (low < highest)).any():
-                continue
+        for k in np.unique(owners[(consumed > 0) & (low < highest)]).tolist():
+            key = watched[k]
             walk = Walk(
                 key,
                 meter,
                 [r for r in meter_rules if r.customer_id in (None, key.id)],
-                before,
-                held.get((key.id, meter.id), 0.0),
-                _window(con, key.id, meter.id) if window is None else window,
+                befores[k],
+                float(holding[k]),
+                windows[k] if k in windows else _window(con, key.id, meter.id),
             )
+            mine = order[firsts[k] : ends[k]]
             walk.run(
                 decided,
-                mine_stored,
-                ahead,
+                stored.get(key.id, []),
+                ahead.get(k, []),
                 [(float(used[r]), int(seq[r]), int(instants[r])) for r in mine],
             )
     return decided
@@ -545,12 +560,18 @@ def _window(con: Con, customer_id: str, meter_id: str) -> int:
     return 0 if row is None or row[0] is None else int(row[0])
 
 
-def _stored(con: Con, meter_id: str, customer_ids: list[str]) -> dict[str, list[TopUpRow]]:
-    """The top-ups of the meter's customer meters of `customer_ids`, per customer."""
+def _stored(
+    con: Con, meter_id: str, customer_ids: list[str], since_us: int
+) -> dict[str, list[TopUpRow]]:
+    """The top-ups since `since_us` of the meter's customer meters of `customer_ids`, per
+    customer."""
+    if not customer_ids:
+        return {}
     rows = con.execute(
         f"SELECT {_TOP_UP} FROM top_ups"  # noqa: S608 - fixed text, values bound
-        " WHERE meter_id = ?::UUID AND customer_id IN (SELECT unnest(?::UUID[]))",
-        [meter_id, customer_ids],
+        " WHERE meter_id = ?::UUID AND customer_id IN (SELECT unnest(?::UUID[]))"
+        " AND created_at >= make_timestamptz(?)",
+        [meter_id, customer_ids, since_us],
     ).fetchall()
     found: dict[str, list[TopUpRow]] = {}
     for r in rows:
@@ -599,6 +620,7 @@ def _top_up_now(con: Con, live: Live, due: _Due) -> str | None:
         rule.units, grant_id if merged is None else merged[0], due.window_seq, due.place,
         due.seq, due.balance, due.at_us,
     )  # fmt: skip
+    live.feature(TopUps).topped_of(con, meter.id).add(customer.id)
     con.execute(
         "INSERT INTO top_ups VALUES (?::UUID, ?::UUID, ?::UUID, ?::UUID, ?::UUID, ?, ?, ?,"
         " ?::UUID, ?, ?, ?, ?, make_timestamptz(?)) ON CONFLICT DO NOTHING",
@@ -656,11 +678,26 @@ def payload(row: TopUpRow, consumed: float, credited: int) -> dict[str, Any]:
 
 
 class TopUps(Feature):
-    """Each organization's rules per meter, as `decide` looks them up: read when first
-    needed, dropped by a change to them and by a rollback."""
+    """Each organization's rules per meter, as `decide` looks them up (read when first
+    needed, dropped by a change to them and by a rollback), and per meter the customers it
+    topped up (`topped_of`, dropped by a rollback)."""
 
     def __init__(self) -> None:
         self.rules: dict[str, dict[str, list[RuleRow]]] = {}
+        # Per meter, the customers it ever topped up (read once, grown by each top-up): only
+        # their stored top-ups are read while applying.
+        self.topped: dict[str, set[str]] = {}
+
+    def topped_of(self, con: Con, meter_id: str) -> set[str]:
+        found = self.topped.get(meter_id)
+        if found is None:
+            rows = con.execute(
+                "SELECT DISTINCT customer_id::VARCHAR FROM top_ups WHERE meter_id = ?::UUID",
+                [meter_id],
+            ).fetchall()
+            found = self.topped[meter_id] = {str(r[0]) for r in rows}
+        return found
 
     def rollback(self) -> None:
         self.rules.clear()
+        self.topped.clear()
