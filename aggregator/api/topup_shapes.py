@@ -3,11 +3,13 @@ and the top-ups the rules made."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from typing_extensions import TypedDict
 
 from aggregator.api.shapes import ListResource, iso, pagination
 from aggregator.services.pages import Page
-from aggregator.services.topup_service import TopUpRow, TopUpRuleRow
+from aggregator.services.topup_service import TopUpRow, TopUpRuleRow, top_up_data
 from meters.topup_rules import Period, TopUpRuleCreate, TopUpRuleUpdate
 
 __all__ = [
@@ -76,18 +78,8 @@ def rules(page: Page[TopUpRuleRow], limit: int) -> ListResource[TopUpRuleShape]:
 
 
 def top_up(row: TopUpRow) -> TopUpShape:
-    return {
-        "id": row.id,
-        "rule_id": row.rule_id,
-        "customer_id": row.customer_id,
-        "meter_id": row.meter_id,
-        "units": row.units,
-        "period": row.period,
-        "number": row.number,
-        "grant_id": row.grant_id,
-        "balance_before": row.balance_before,
-        "created_at": iso(row.created_at_us),
-    }
+    """As the `customer_meter.topped_up` webhook's `data.top_up` spells it (the store's)."""
+    return cast(TopUpShape, top_up_data(row))
 
 
 def top_ups(page: Page[TopUpRow], limit: int) -> ListResource[TopUpShape]:

@@ -11,7 +11,21 @@ from aggregator.store import Store, TenantLimits, TopUpRow, TopUpRuleRow, custom
 from aggregator.store import topup_tables as sql
 from meters.topup_rules import TopUpRuleCreate, TopUpRuleUpdate
 
-__all__ = ["TopUpRow", "TopUpRuleRow", "create", "delete", "get", "list_", "top_ups", "update"]
+__all__ = [
+    "TopUpRow",
+    "TopUpRuleRow",
+    "create",
+    "delete",
+    "get",
+    "list_",
+    "top_up_data",
+    "top_ups",
+    "update",
+]
+
+# A top-up as the API and its webhook show it: spelled once, by the store that writes the
+# webhook event in the transaction that made the top-up.
+top_up_data = sql.top_up_shape
 
 
 async def create(

@@ -68,6 +68,7 @@ __all__ = [
     "get_rule",
     "list_rules",
     "list_top_ups",
+    "top_up_shape",
     "update_job",
 ]
 
@@ -647,7 +648,7 @@ def webhook_id(top_up_id: str) -> str:
 
 
 def top_up_shape(row: TopUpRow) -> dict[str, Any]:
-    """A top-up as the API and the webhook show it."""
+    """A top-up as the API and the webhook show it (the API's `TopUpShape` declares it)."""
     return {
         "id": row.id,
         "rule_id": row.rule_id,
