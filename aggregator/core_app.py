@@ -42,6 +42,7 @@ from aggregator.api import (
     otlp_routes,
     pricing_routes,
     shapes,
+    topup_routes,
     webhook_routes,
 )
 from aggregator.api.context import ApiContext
@@ -340,6 +341,7 @@ def build_app(
         *ledger_routes.routes(ctx),
         *hold_routes.routes(ctx),
         *alert_routes.routes(ctx),
+        *topup_routes.routes(ctx),
         *webhook_routes.routes(ctx, settings.webhooks.allow_private),
         *customer_routes.routes(ctx),
         *meter_routes.routes(ctx),

@@ -43,6 +43,8 @@ class TenantLimits:
     streams: int = 20
     # Each active hold is read by every balance check and settled by events naming it.
     holds: int = 10_000
+    # Each rule is looked at for every event of its meter that raises a customer's consumption.
+    top_up_rules: int = 100
 
 
 DEFAULTS = TenantLimits()
@@ -78,8 +80,11 @@ HOLDS = Counted(
     "--max-active-holds-per-organization",
     "release one, or let one settle or expire, first",
 )
+TOP_UP_RULES = Counted(
+    "top-up rules", "top_up_rules", "--max-top-up-rules-per-organization", "delete one first"
+)
 # Every limit, in the order the command line lists them.
-ALL = (METERS, ALERTS, ENDPOINTS, STREAMS, HOLDS)
+ALL = (METERS, ALERTS, ENDPOINTS, STREAMS, HOLDS, TOP_UP_RULES)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,22 @@ from meters.wire import Patch
 
 # What meterline sends: a customer meter crossing an alert's threshold, Polar's event for a
 # customer whose state (meters, balances) changed, and a correction of stored events
-# (`meters.corrections`: a void or a replacement; an amendment).
-EVENT_TYPES = ("meter.alert", "customer.state_changed", "event.voided", "event.amended")
-EventType = Literal["meter.alert", "customer.state_changed", "event.voided", "event.amended"]
+# (`meters.corrections`: a void or a replacement; an amendment), and a top-up credited
+# (`meters.topup_rules`), for a billing system to charge.
+EVENT_TYPES = (
+    "meter.alert",
+    "customer.state_changed",
+    "event.voided",
+    "event.amended",
+    "customer_meter.topped_up",
+)
+EventType = Literal[
+    "meter.alert",
+    "customer.state_changed",
+    "event.voided",
+    "event.amended",
+    "customer_meter.topped_up",
+]
 API_VERSION = "2026-10"
 # Retries go on for at least this long after the event, then it is given up for that endpoint.
 RETRY_SECONDS = 24 * 3600

@@ -53,6 +53,7 @@ from aggregator.store.tables import (
     quantities,
     quotas,
     shard_splits,
+    topup_tables,
     void_jobs,
     webhook_tables,
 )
@@ -86,6 +87,8 @@ from aggregator.store.tables.plan_tables import PlanRow, cycle_due_job
 from aggregator.store.tables.quantities import Gathered, Scope
 from aggregator.store.tables.quotas import TenantLimits
 from aggregator.store.tables.record_checks import row_problems
+from aggregator.store.tables.topup_tables import RuleRow as TopUpRuleRow
+from aggregator.store.tables.topup_tables import TopUpRow
 from aggregator.store.tables.void_jobs import VoidJob
 from aggregator.store.tables.webhook_tables import (
     Attempt,
@@ -145,6 +148,8 @@ __all__ = [
     "StatePayload",
     "Store",
     "TenantLimits",
+    "TopUpRow",
+    "TopUpRuleRow",
     "VoidJob",
     "Voided",
     "advance_control_job",
@@ -200,6 +205,7 @@ __all__ = [
     "stored_types",
     "subjects",
     "subjects_first_timestamp",
+    "topup_tables",
     "type_id",
     "void_jobs",
     "webhook_tables",

@@ -65,6 +65,7 @@ from aggregator.store.tables.alert_tables import Alerts, Payload, basic_payload
 from aggregator.store.tables.hold_tables import HoldKeys
 from aggregator.store.tables.ledger_tables import Ledgers, kept_elsewhere
 from aggregator.store.tables.pricing_settings import PricingBook
+from aggregator.store.tables.topup_tables import TopUps
 from aggregator.store.tables.webhook_tables import (
     StateSubscribers,
 )
@@ -255,6 +256,7 @@ class Store:
                 Meters(),
                 holds,
                 Alerts(self._alert_payload),
+                TopUps(),
                 StateSubscribers(),
                 Ledgers(self._holds_customer),
                 pricing,

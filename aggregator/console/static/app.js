@@ -7,6 +7,7 @@ import { fill, h, message } from "./dom.js";
 import * as meters from "./meters.js";
 import * as operations from "./operations.js";
 import * as pricing from "./pricing.js";
+import * as topups from "./topups.js";
 
 const session = new Session("meterline.token");
 const main = document.getElementById("page");
@@ -25,6 +26,7 @@ const ROUTES = [
   [/^#\/export$/, operations.exported],
   [/^#\/dead-letters$/, operations.deadLetters],
   [/^#\/alerts$/, operations.alerts],
+  [/^#\/top-ups$/, topups.page],
   [/^/, meters.list],
 ];
 

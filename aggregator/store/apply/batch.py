@@ -17,7 +17,7 @@ from aggregator.store.machinery.live import Feature
 from aggregator.store.machinery.memtable import Positions
 from aggregator.store.machinery.rollups import Evaluated, Prepared
 from aggregator.store.machinery.writer import Tx
-from aggregator.store.tables import alert_tables, hold_tables, webhook_tables
+from aggregator.store.tables import alert_tables, hold_tables, topup_tables, webhook_tables
 
 
 class Meters(Feature):
@@ -67,8 +67,11 @@ def apply_batch(
     2. Holds: an event naming an active hold's external_id, customer and meter, applied after
        the hold was made, settles it.
     3. Alerts: evaluated event by event on the customer meters the usage changed.
-    4. State: the customers whose meters changed are marked for customer.state_changed.
-    5. Queued: the batch, its keys and its usage, held in memory at commit (`Live.queue`), with
+    4. Top-ups: decided event by event from the customer meters' values before the batch (so
+       before the alerts record them after it), and credited after the alerts, each with its
+       webhook event (`topup_tables`).
+    5. State: the customers whose meters changed are marked for customer.state_changed.
+    6. Queued: the batch, its keys and its usage, held in memory at commit (`Live.queue`), with
        the offsets or the ingest log's request it settles once stored.
 
     `fingerprints` of the rows (`Admitted`'s), if known."""
@@ -101,7 +104,9 @@ def apply_batch(
             )
         hold_tables.settle(con, live, "_batch_new", events, metered, at_us)
     for ev in evaluated:
+        top_ups = topup_tables.decide(con, live, ev, events)
         alert_tables.on_usage(con, live, ev)
+        topup_tables.apply(con, live, top_ups)
         _state_changed(con, tx, ev, at_us)
     live.queue(con, events, evaluated, fingerprints=fingerprints, offsets=offsets, log_id=log_id)
 

@@ -40,6 +40,7 @@ from aggregator.store.tables import (
     otlp_settings,
     plan_tables,
     pricing_settings,
+    topup_tables,
     void_jobs,
     webhook_tables,
 )
@@ -51,6 +52,7 @@ from meters.definitions import MeterCreate, MeterUpdate
 from meters.errors import FieldError, ValidationFailed
 from meters.events import Event
 from meters.ledger_rules import AlertCreate, CreditCreate, HoldCreate, PlanCreate, ResetCreate
+from meters.topup_rules import TopUpRuleCreate, TopUpRuleUpdate
 from meters.webhook_rules import EndpointCreate, EndpointUpdate
 
 __all__ = ["KINDS", "applied_group", "applied_job", "positioned"]
@@ -132,6 +134,13 @@ KINDS: dict[str, Make] = {
         o, AlertCreate.model_validate(a["data"]), t, _limits(a), alert_id=a["alert_id"]
     ),
     "alert.delete": lambda o, t, a: alert_tables.delete_job(o, a["alert_id"], t),
+    "top_up_rule.create": lambda o, t, a: topup_tables.create_job(
+        o, TopUpRuleCreate.model_validate(a["data"]), t, _limits(a), rule_id=a["rule_id"]
+    ),
+    "top_up_rule.update": lambda o, t, a: topup_tables.update_job(
+        o, a["rule_id"], TopUpRuleUpdate.model_validate(a["data"]), t
+    ),
+    "top_up_rule.delete": lambda o, t, a: topup_tables.delete_job(o, a["rule_id"], t),
     "event_type.label": lambda o, t, a: event_type_tables.set_label_job(
         o, a["name"], a["first_ingested_us"], a["label"], a["selector"], t
     ),

@@ -773,6 +773,47 @@ MIGRATIONS: tuple[str, ...] = (
         modified_at TIMESTAMPTZ NOT NULL
     );
     """,
+    # 37: top-up rules (`store.tables.topup_tables`, `meters.topup_rules`): a customer meter's
+    # available balance falling below a rule's threshold credits its units as a grant, at most
+    # `max_per_period` times per period; each top-up is a row named by what it is (rule,
+    # customer, meter, period, n-th), written with its grant in the transaction of the event
+    # that caused it, and where in the customer meter's window that event was (`window_seq`, the
+    # reset's seq, and `place`, the events counted by then: a replay after a crash finds it).
+    """
+    CREATE TABLE top_up_rules (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        meter_id UUID NOT NULL,
+        customer_id UUID,                    -- NULL: every customer of the meter
+        threshold DOUBLE NOT NULL,
+        units BIGINT NOT NULL,
+        max_per_period INTEGER NOT NULL,
+        period VARCHAR NOT NULL,             -- day, week, month (UTC)
+        priority INTEGER NOT NULL,
+        expires_in_days INTEGER,             -- NULL: the grants never expire
+        refused_reason VARCHAR,              -- why the last top-up due was refused, if one was
+        refused_at TIMESTAMPTZ,
+        created_at TIMESTAMPTZ NOT NULL,
+        modified_at TIMESTAMPTZ NOT NULL,
+        deleted_at TIMESTAMPTZ
+    );
+    CREATE TABLE top_ups (
+        id UUID PRIMARY KEY,
+        organization_id UUID NOT NULL,
+        rule_id UUID NOT NULL,
+        customer_id UUID NOT NULL,
+        meter_id UUID NOT NULL,
+        period VARCHAR NOT NULL,             -- the period's key: 2026-11-28, 2026-W48, 2026-11
+        number INTEGER NOT NULL,             -- n-th of the rule's for the customer meter in it
+        units BIGINT NOT NULL,
+        grant_id UUID NOT NULL,
+        window_seq BIGINT NOT NULL,          -- the customer meter's reset seq (0: none)
+        place BIGINT NOT NULL,               -- events the window counted by the cause
+        event_seq BIGINT NOT NULL,           -- the event that caused it
+        balance_before DOUBLE NOT NULL,      -- available, after that event
+        created_at TIMESTAMPTZ NOT NULL
+    );
+    """,
 )
 
 

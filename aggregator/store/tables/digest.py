@@ -25,11 +25,12 @@ for an organization with such meters: two cores that disagree on them differ, an
 any has the digest the previous main gives it.
 
 Tables added since the previous main (`otlp_settings`, `pricing_settings`, `credit_grants`,
-and the corrections' `voided_events`, `event_versions` and `void_jobs`) count only for an
-organization with rows in them: one without any has the digest the previous main gives it. Of
-the credit grants, only those with an expiry or a priority of their own count: the others are
-what a credit without either makes, which the customer meter's sums hold already (its rollover
-and plain credits), and what the migration to grants makes of a data dir's credits.
+the corrections' `voided_events`, `event_versions` and `void_jobs`, and `top_up_rules` and
+`top_ups`) count only for an organization with rows in them: one without any has the digest
+the previous main gives it. Of the credit grants, only those with an expiry or a priority of
+their own count: the others are what a credit without either makes, which the customer meter's
+sums hold already (its rollover and plain credits), and what the migration to grants makes of
+a data dir's credits.
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ TABLES: dict[str, tuple[str, ...]] = {
     "voided_events": (),
     "event_versions": (),
     "void_jobs": ("voided", "done_to", "status", "finished_at"),
+    "top_up_rules": (),
+    "top_ups": (),
 }
 # Tables that count only when the organization has rows in them (see above).
 _WHEN_HELD = frozenset(
     {
         *("otlp_settings", "pricing_settings", "credit_grants", "voided_events"),
-        *("event_versions", "void_jobs"),
+        *("event_versions", "void_jobs", "top_up_rules", "top_ups"),
     }
 )
 # Rows that count, where not all do (see above).

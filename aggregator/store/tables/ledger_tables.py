@@ -398,6 +398,31 @@ def credit(
     _change_grants(con, live, customer, meter, rows, after, new_ids, now_us, number)
 
 
+def top_up(
+    con: Con,
+    live: Live,
+    customer: CustomerRow,
+    meter: MeterRow,
+    new: Grant,
+    grant_id: str,
+    now_us: int,
+) -> bool:
+    """Grant `new` for a top-up rule (`topup_tables`), in the transaction of the event that
+    caused it; False when the customer meter has no room for another active grant. No system
+    event: its seq would be drawn among events not stored yet, which a crash applies again
+    under their own seqs. The grant's seq is its event's (the order granted), which also names
+    the change to alerts."""
+    _ensure_row(con, customer, meter, now_us)
+    rows = grant_tables.grants_of(con, customer.id, meter.id)
+    if not grant_tables.room_for(rows, new, now_us):
+        return False
+    grants = [r.grant for r in rows]
+    after = rules.grant(grants, new)
+    new_ids = [grant_id] if len(after) > len(grants) else []
+    _change_grants(con, live, customer, meter, rows, after, new_ids, now_us, new.seq)
+    return True
+
+
 def _change_grants(
     con: Con,
     live: Live,

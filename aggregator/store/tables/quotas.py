@@ -18,6 +18,7 @@ from aggregator.settings import ENDPOINTS as ENDPOINTS
 from aggregator.settings import HOLDS as HOLDS
 from aggregator.settings import METERS as METERS
 from aggregator.settings import STREAMS as STREAMS
+from aggregator.settings import TOP_UP_RULES as TOP_UP_RULES
 from aggregator.settings import Counted, TenantLimits
 
 __all__ = [

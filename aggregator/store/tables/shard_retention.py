@@ -37,6 +37,7 @@ _CUSTOMER_ID = f"'{subjects.ID}' || customer_id::VARCHAR"
 _WEBHOOK_CUSTOMER = {
     "meter.alert": "$.data.customer_meter.customer_id",
     "customer.state_changed": "$.data.id",
+    "customer_meter.topped_up": "$.data.customer_meter.customer_id",
 }
 _WEBHOOK_SUBJECT = f"'{subjects.ID}' || CASE type " + (
     " ".join(f"WHEN '{t}' THEN payload->>'{p}'" for t, p in _WEBHOOK_CUSTOMER.items()) + " END"
@@ -51,6 +52,7 @@ _BY_SUBJECT: dict[str, tuple[str, str]] = {
     "forward_rollups": ("organization_id", "subject"),
     "customer_meters": ("organization_id", _CUSTOMER_ID),
     "credit_grants": ("organization_id", _CUSTOMER_ID),
+    "top_ups": ("organization_id", _CUSTOMER_ID),
     "meter_holds": ("organization_id", _CUSTOMER_ID),
     "webhook_state_changes": ("organization_id", _CUSTOMER_ID),
     "webhook_state_sent": ("organization_id", _CUSTOMER_ID),
@@ -76,6 +78,7 @@ _KEPT = (
     *("forward_cursors", "webhook_endpoints", "meter_alerts", "shard_splits"),
     *("schema_migrations", "ingest_stored", "otlp_settings", "rollup_groups_pending"),
     "pricing_settings",
+    "top_up_rules",
     "folded_meters",  # of every customer's groups: kept whole, as a superset is safe
 )
 # Per-customer tables kept as segments (their base tables, and their files: `segments`).

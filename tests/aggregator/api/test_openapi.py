@@ -282,6 +282,7 @@ def _seed(check: Checked) -> dict[str, str]:
     hold = {**ref, "external_id": "h1", "units": 1}
     check("POST", "/v1/meter-holds/", 409, json={**hold, "external_id": "h2", "units": 10**6})
     alert = {**ref, "external_id": "a1", "metric": "balance", "operator": "lte", "threshold": 0}
+    top_up = {**ref, "threshold": 10, "units": 1000, "max_per_period": 2, "period": "day"}
     endpoint = {"url": "http://127.0.0.1:9/hook", "format": "raw", "events": ["meter.alert"]}
     session = {"customer_id": customer["id"]}
     # A void by filter is a job (202), done at once when it matches nothing.
@@ -300,6 +301,7 @@ def _seed(check: Checked) -> dict[str, str]:
         "plan": check("POST", "/v1/credit-plans/", 201, json=plan)["id"],
         "hold": check("POST", "/v1/meter-holds/", 201, json=hold)["id"],
         "alert": check("POST", "/v1/meter-alerts/", 201, json=alert)["id"],
+        "top_up_rule": check("POST", "/v1/top-up-rules/", 201, json=top_up)["id"],
         "endpoint": check("POST", "/v1/webhooks/endpoints", 201, json=endpoint)["id"],
         "session": check("POST", "/v1/customer-sessions/", 201, json=session)["token"],
         "void_job": void_job["id"],
@@ -319,6 +321,7 @@ NAMED = [
     ("/v1/credit-plans/", "plan"),
     ("/v1/meter-holds/", "hold"),
     ("/v1/meter-alerts/", "alert"),
+    ("/v1/top-up-rules/", "top_up_rule"),
     ("/v1/webhooks/endpoints/", "endpoint"),
     ("/v1/webhooks/events/", "unknown"),
     ("/v1/organizations/", "organization"),
@@ -395,6 +398,10 @@ def _write_and_refuse(check: Checked, ids: dict[str, str]) -> None:
     check("POST", "/v1/forwarder/quarantine/{seq}/resend", 404, {"seq": "1"})
     check("DELETE", "/v1/meter-holds/{id}", 200, {"id": ids["hold"]})
     check("DELETE", "/v1/meter-alerts/{id}", 204, {"id": ids["alert"]})
+    rule = {"id": ids["top_up_rule"]}
+    check("PATCH", "/v1/top-up-rules/{id}", 200, rule, json={"threshold": 5, "period": "week"})
+    check("PATCH", "/v1/top-up-rules/{id}", 422, rule, json={"units": 0})
+    check("DELETE", "/v1/top-up-rules/{id}", 204, rule)
     check("DELETE", "/v1/credit-plans/{id}", 204, {"id": ids["plan"]})
     check("DELETE", "/v1/webhooks/endpoints/{id}", 204, endpoint)
     check("POST", "/v1/customers/", 201, json={"email": "b@b.co", "external_id": "c2"})

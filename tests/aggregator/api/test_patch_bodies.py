@@ -32,10 +32,13 @@ def ids(core: InProcessCore) -> dict[str, str]:
     everything = {"conjunction": "and", "clauses": []}
     event = {"name": "call", "external_customer_id": "c1"}
     assert core.request("POST", "/v1/events/ingest", json={"events": [event]}).status_code == 200
+    meter = made(
+        "/v1/meters/", {"name": "calls", "filter": everything, "aggregation": {"func": "count"}}
+    )
+    rule = {"meter_id": meter, "threshold": 1, "units": 5, "max_per_period": 1, "period": "day"}
     found = {
-        "/v1/meters/{id}": made(
-            "/v1/meters/", {"name": "calls", "filter": everything, "aggregation": {"func": "count"}}
-        ),
+        "/v1/meters/{id}": meter,
+        "/v1/top-up-rules/{id}": made("/v1/top-up-rules/", rule),
         "/v1/customers/{id}": made("/v1/customers/", {"email": "a@b.co", "external_id": "c1"}),
         "/v1/customers/external/{external_id:path}": "c1",
         "/v1/webhooks/endpoints/{id}": made(

@@ -31,7 +31,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedCore]:
     args = (
         *("--max-meters-per-organization", "2", "--max-alerts-per-organization", "1"),
         *("--max-webhook-endpoints-per-organization", "1", "--max-streams-per-organization", "2"),
-        *("--max-active-holds-per-organization", "2"),
+        *("--max-active-holds-per-organization", "2", "--max-top-up-rules-per-organization", "1"),
         "--allow-private-webhooks",
     )
     with ServedCore(tmp_path_factory.mktemp("limited"), *args) as core:
@@ -87,6 +87,22 @@ def test_alerts_and_webhook_endpoints_past_the_limit_are_refused(limited: Served
         deleted = client.delete(f"/v1/webhooks/endpoints/{made.json()['id']}")
         assert deleted.status_code == 204
         assert client.post("/v1/webhooks/endpoints", json=endpoint).status_code == 201
+
+
+def test_top_up_rules_past_the_limit_are_refused_and_a_delete_makes_room(
+    limited: ServedCore,
+) -> None:
+    with limited.client() as client:
+        meter = client.get("/v1/meters/", params={"is_archived": False}).json()["items"][0]
+        rule = {"meter_id": meter["id"], "threshold": 1, "units": 10, "max_per_period": 1}
+        made = client.post("/v1/top-up-rules/", json={**rule, "period": "day"})
+        assert made.status_code == 201, made.text
+        _refused(
+            client.post("/v1/top-up-rules/", json={**rule, "period": "week"}),
+            "--max-top-up-rules-per-organization",
+        )
+        assert client.delete(f"/v1/top-up-rules/{made.json()['id']}").status_code == 204
+        assert client.post("/v1/top-up-rules/", json={**rule, "period": "week"}).status_code == 201
 
 
 def test_active_holds_past_the_limit_are_refused_and_a_release_makes_room(

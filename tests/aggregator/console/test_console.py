@@ -418,8 +418,30 @@ def test_alerts_and_webhook_deliveries(page: Page, world: World) -> None:
     _shot(page, world, "alerts")
 
 
+def test_a_top_up_rule_is_made_tops_up_and_is_deleted(page: Page, world: World) -> None:
+    _visit(page, world, "#/top-ups")
+    assert page.is_visible("main p.empty:has-text('No top-up rule.')")
+    page.select_option("#create-top-up-rule select[name=meter_id]", world.ids["calls"])
+    page.fill("#create-top-up-rule input[name=external_customer_id]", "alice")
+    page.fill("#create-top-up-rule input[name=threshold]", "1000")
+    page.fill("#create-top-up-rule input[name=units]", "5")
+    page.select_option("#create-top-up-rule select[name=period]", "month")
+    page.click("#create-top-up-rule button[type=submit]")
+    page.wait_for_selector("main td:has-text('+5 when below 1,000')")
+    # Alice's balance is below 1,000: her next call is topped up.
+    world.a.post("/v1/events/ingest", json={"events": [_event("alice", 0)]}).raise_for_status()
+    wait_for("the top-up", lambda: world.a.get("/v1/top-ups/").json()["items"])
+    _visit(page, world, "#/alerts")
+    text = _visit(page, world, "#/top-ups")
+    assert "1 a month" in text and "(#1)" in text
+    _shot(page, world, "top-ups")
+    page.click("main table button:has-text('Delete')")
+    page.wait_for_selector("main p.empty:has-text('No top-up rule.')")
+    assert world.a.get("/v1/top-up-rules/").json()["items"] == []
+
+
 def test_no_page_shows_another_organizations_data(page: Page, world: World) -> None:
-    for route in ("#/meters", "#/customers", "#/costs", "#/alerts", "#/dead-letters"):
+    for route in ("#/meters", "#/customers", "#/costs", "#/alerts", "#/top-ups", "#/dead-letters"):
         text = _visit(page, world, route)
         assert RIVAL_CUSTOMER not in text and RIVAL_METER not in text, route
         assert "bertha" not in text, route

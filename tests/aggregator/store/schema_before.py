@@ -13,6 +13,7 @@ GROUPS = 33  # the step that made the rollups of a meter's groups
 FORWARDED_GROUPS = 34  # the step that keyed rollup-mode forwarding by group too
 FOLDED = 35  # the step that listed the meters whose groups held `OTHER`
 PRICING = 36  # the step that made the organizations' pricing settings
+TOP_UPS = 37  # the step that made top-up rules and top-ups
 # The rollup tables and their deltas before segments.
 _ROLLUPS = {
     "rollups": "rollup_deltas",
@@ -43,8 +44,17 @@ def before_segments(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {SEGMENTS}")
 
 
+def before_top_ups(con: duckdb.DuckDBPyConnection) -> None:
+    """The database as schema step 36 had it: no top-up rules."""
+    con.execute("DROP TABLE top_up_rules")
+    con.execute("DROP TABLE top_ups")
+    con.execute(f"DELETE FROM schema_migrations WHERE version >= {TOP_UPS}")
+
+
 def before_pricing(con: duckdb.DuckDBPyConnection) -> None:
-    """The database as schema step 35 had it (the previous main's): no pricing settings."""
+    """The database as schema step 35 had it (the previous main's): no pricing settings, no
+    top-up rules."""
+    before_top_ups(con)
     con.execute("DROP TABLE pricing_settings")
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {PRICING}")
 
