@@ -13,8 +13,10 @@ records around them, or before the witnessed last seq (other writes take seqs to
 
 1. A segment that drops nothing stays as it is; one that keeps nothing is moved into
    `damaged/<UTC time>/` in the log's directory; any other is linked there whole and replaced
-   by its kept records, in order. A seal that no longer says the size (or does not read) goes
-   there too, and so does the old witness, with a note of what was found. Nothing is deleted.
+   by its kept records, in order. A segment whose requests are all stored is moved there if
+   it does not read back (its requests are in the store). A seal that no longer says the size
+   (or does not read) goes there too, and so does the old witness, with a note of what was
+   found. Nothing is deleted.
 2. A new witness says where the kept log ends, so the store opens: it applies the kept requests
    after its stored mark with the seqs they took (no seq is drawn twice: the next is past every
    logged one), in order, after what it stored.
@@ -111,7 +113,19 @@ def repair(database: Path) -> tuple[Checked, Path | None]:
         return checked, None
     directory = found.directory
     aside = _aside(directory)
-    kept: list[Path] = [s.path for s in found.segments if s.stored]
+    kept: list[Path] = []
+    for segment in found.segments:
+        if not segment.stored:
+            continue
+        # Its requests are stored: kept if it reads back, else moved aside whole (with it
+        # kept, a later segment moved aside would leave it last, read as not stored).
+        if any(record is None for record, _, _ in _pieces(segment.path.read_bytes())):
+            os.rename(segment.path, aside / segment.path.name)
+            seal = seal_path(segment.path)
+            if seal.exists():
+                os.rename(seal, aside / seal.name)
+        else:
+            kept.append(segment.path)
     last = (0, 0)
     for part in _sorted_out(found):  # step 1
         path, seal = part.segment.path, seal_path(part.segment.path)

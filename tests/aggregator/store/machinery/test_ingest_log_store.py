@@ -15,7 +15,7 @@ from unittest import mock
 
 import duckdb
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aggregator.store import Store
@@ -192,6 +192,14 @@ def test_a_data_dir_from_before_the_witness_opens_and_applies_its_log(tmp_path: 
     stored=st.integers(min_value=0, max_value=8),
     segment_bytes=st.sampled_from([1, 2_000, ingest_log.SEGMENT_BYTES]),
     damage=st.lists(damages, min_size=1, max_size=3),
+)
+# Both segments damaged, the stored one and the last: with the last moved aside, the stored
+# one was left last and read as not stored (the repair failed).
+@example(
+    requests=[1, 1],
+    stored=1,
+    segment_bytes=1,
+    damage=[("flip", 0, 0, 0, b"\0"), ("flip", 2, 0, 0, b"\0")],
 )
 def test_a_store_on_a_repaired_log_holds_every_request_whose_frame_is_intact(
     tmp_path_factory: pytest.TempPathFactory,
