@@ -3,8 +3,8 @@ caused them (`meters.topup_rules` says when).
 
 A top-up is decided event by event, where balances are exact: `decide` walks each customer
 meter's new events in seq order, from its values before the batch, and `apply` writes what it
-decided after the batch's alerts, in the same transaction: the credit (a grant, with its
-`meter.credited` system event: `ledger_tables.credit`), the `top_ups` row, and the
+decided after the batch's alerts, in the same transaction: the credit (a grant with its
+event's seq and no system event: `ledger_tables.top_up`), the `top_ups` row, and the
 `customer_meter.topped_up` webhook event (`webhook_tables.enqueue_many`).
 
 Exactly once, without a record per top-up: a top-up follows from the records applied, as an
