@@ -44,7 +44,7 @@ from aggregator.store.machinery.live import Feature, Live
 from aggregator.store.machinery.rollups import Evaluated
 from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables import idempotency, quotas, webhook_tables
-from aggregator.store.tables.customer_tables import CustomerRow, find_customer
+from aggregator.store.tables.customer_tables import CustomerRow, rule_customer
 from aggregator.store.tables.quotas import TenantLimits
 from meters.aggregations import Partial
 from meters.errors import FieldError, ValidationFailed
@@ -136,7 +136,9 @@ def create_job(
             assert found is not None
             return found, False
         quotas.check(con, limits, quotas.ALERTS, _ALERTS, [organization_id])
-        customer_id = _customer(con, organization_id, data)
+        customer_id = rule_customer(
+            con, organization_id, data.customer_id, data.external_customer_id
+        )
         meter = get_meter(con, organization_id, str(data.meter_id))
         if meter is None or meter.archived_at_us is not None:
             raise ValidationFailed(
@@ -185,18 +187,6 @@ def create_job(
         return alert, True
 
     return job
-
-
-def _customer(con: Con, organization_id: str, data: AlertCreate) -> str | None:
-    if data.customer_id is None and data.external_customer_id is None:
-        return None  # every customer of the meter
-    customer, missing = find_customer(
-        con, organization_id, data.customer_id, data.external_customer_id
-    )
-    if missing is not None:
-        raise ValidationFailed([missing], business=True)
-    assert customer is not None
-    return customer.id
 
 
 def delete_job(organization_id: str, alert_id: str, now_us: int) -> Job[None]:

@@ -361,6 +361,23 @@ def find_customer(
     return customer, None
 
 
+def rule_customer(
+    con: duckdb.DuckDBPyConnection,
+    organization_id: str,
+    customer_id: uuid.UUID | None,
+    external_customer_id: str | None,
+) -> str | None:
+    """The id of the customer a rule (an alert's, a top-up's) names, or None when it names
+    none (every customer of its meter); a 422 naming the field for one not found."""
+    if customer_id is None and external_customer_id is None:
+        return None
+    customer, missing = find_customer(con, organization_id, customer_id, external_customer_id)
+    if missing is not None:
+        raise ValidationFailed([missing], business=True)
+    assert customer is not None
+    return customer.id
+
+
 # How an event names its customer: (organization id, customer id, external customer id).
 CustomerRef = tuple[str, str | None, str | None]
 

@@ -43,7 +43,7 @@ from aggregator.store.machinery.live import Feature, Live
 from aggregator.store.machinery.rollups import Evaluated
 from aggregator.store.machinery.writer import Job, Tx
 from aggregator.store.tables import alert_tables, hold_tables, ledger_tables, quotas, webhook_tables
-from aggregator.store.tables.customer_tables import find_customer, get_customer
+from aggregator.store.tables.customer_tables import get_customer, rule_customer
 from aggregator.store.tables.quotas import TenantLimits
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import MAX_ACTIVE_GRANTS, Grant
@@ -160,7 +160,9 @@ def create_job(
     def job(tx: Tx) -> RuleRow:
         con = tx.con
         quotas.check(con, limits, quotas.TOP_UP_RULES, _COUNT, [organization_id])
-        customer_id = _customer(con, organization_id, data)
+        customer_id = rule_customer(
+            con, organization_id, data.customer_id, data.external_customer_id
+        )
         meter = _toppable(con, organization_id, str(data.meter_id))
         _refuse_loop(con, meter, data.units)
         con.execute(
@@ -230,18 +232,6 @@ def delete_job(organization_id: str, rule_id: str, now_us: int) -> Job[None]:
         _forget(tx.live, organization_id)
 
     return job
-
-
-def _customer(con: Con, organization_id: str, data: TopUpRuleCreate) -> str | None:
-    if data.customer_id is None and data.external_customer_id is None:
-        return None  # every customer of the meter
-    customer, missing = find_customer(
-        con, organization_id, data.customer_id, data.external_customer_id
-    )
-    if missing is not None:
-        raise ValidationFailed([missing], business=True)
-    assert customer is not None
-    return customer.id
 
 
 def _toppable(con: Con, organization_id: str, meter_id: str) -> MeterRow:
