@@ -16,6 +16,7 @@ were cached reads, and o output tokens:
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -126,7 +127,7 @@ class ModelPricer:
 
         self._model = model
         self._linear: dict[int, tuple[Any, Linear | None]] = {}
-        self._days_seen: dict[int, Any] = {}
+        self._periods: dict[int, Linear | None] = {}  # by index of the period in `days`
         prices = model.prices
         # The UTC days its prices change on; None when they change by time of day too.
         self.days: list[int] | None = []
@@ -143,11 +144,12 @@ class ModelPricer:
 
     def linear_on(self, day: int) -> Linear | None:
         """The `linear` of the prices in force on a UTC day (prices that change by date only:
-        `days` is not None)."""
-        found = self._days_seen.get(day, self)
-        if found is self:
-            found = self._days_seen[day] = self.linear(self.price_at(day * DAY_US))
-        return found  # type: ignore[no-any-return]
+        `days` is not None), kept per period between the days they change on."""
+        assert self.days is not None
+        period = bisect_right(self.days, day)
+        if period not in self._periods:
+            self._periods[period] = self.linear(self.price_at(day * DAY_US))
+        return self._periods[period]
 
     def price_at(self, timestamp_us: int) -> Any:
         """The prices in force at that moment (step 1)."""

@@ -42,7 +42,6 @@ from meters.catalog import (
     Linears,
     catalog,
     cents,
-    installed_version,
 )
 
 __all__ = [
@@ -53,7 +52,6 @@ __all__ = [
     "Priced",
     "Pricing",
     "PricingSettingsUpdate",
-    "catalog_version",
 ]
 
 MAX_OVERRIDES = 1000
@@ -125,11 +123,6 @@ class PricingSettingsUpdate(BaseModel):
                 for k, v in self.overrides.items()
             },
         }
-
-
-def catalog_version() -> str:
-    """The catalogue in force: `genai-prices <installed version>`."""
-    return installed_version()
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,9 +265,9 @@ class Pricing:
             )
             units[rows] = found
             for row in rows[large].tolist():
-                exact_units = linears[which[row]].exact(*_counts(calls, row))
-                if exact_units is not None:
-                    exact[row] = Decimal(exact_units) / UNITS_PER_CENT
+                found_cents = _cents_of(linears[which[row]], calls, row)
+                if found_cents is not None:
+                    exact[row] = found_cents
         for row in np.flatnonzero(which == _PER_CALL).tolist():
             pricer = catalog().pricer(*names[keys[row]].split("\0", 1))
             assert pricer is not None
@@ -283,8 +276,7 @@ class Pricing:
             if linear is None:
                 found_cents = cents(price, *_counts(calls, row))
             else:
-                found_units = linear.exact(*_counts(calls, row))
-                found_cents = None if found_units is None else Decimal(found_units) / UNITS_PER_CENT
+                found_cents = _cents_of(linear, calls, row)
             if found_cents is not None:
                 exact[row] = found_cents
         return units, exact
@@ -315,6 +307,12 @@ class Pricing:
 def _counts(calls: LlmCalls, row: int) -> tuple[int, int, int]:
     """(input, cached, output) of one call."""
     return int(calls.inputs[row]), int(calls.cached[row]), int(calls.outputs[row])
+
+
+def _cents_of(linear: Linear, calls: LlmCalls, row: int) -> Decimal | None:
+    """One call's cents by its coefficients, with Python's integers (any size)."""
+    units = linear.exact(*_counts(calls, row))
+    return None if units is None else Decimal(units) / UNITS_PER_CENT
 
 
 def _spelled(units: I64, valid: npt.NDArray[np.bool_]) -> pa.StringArray:

@@ -16,11 +16,11 @@ from aggregator.api.openapi import ApiRoute, Operation
 from aggregator.services import pricing_service as service
 from ingest.http import JSON
 from ingest.http.pricing import MODELS_LISTED, Unpriced
+from meters.catalog import installed_version
 from meters.pricing import (
     MAX_MARKUP_PERCENT,
     MAX_OVERRIDES,
     PricingSettingsUpdate,
-    catalog_version,
 )
 from meters.wire import parse_model
 
@@ -74,7 +74,7 @@ def _shaped(unpriced: Unpriced, org: str, stored: dict[str, Any] | None) -> Pric
         markup_percent=_number(Decimal(found.get("markup_percent", "0"))),
         overrides=found.get("overrides", {}),
         modified_at=None if at is None else shapes.iso(at),
-        catalog_version=catalog_version(),
+        catalog_version=installed_version(),
         unpriced_models=[
             UnpricedModel(model=name, events=events) for name, events in unpriced.of(org)
         ],

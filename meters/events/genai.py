@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from meters.events.otlp import Resource, Span, Value, Wanted
+from meters.events.schema import PRICE_TABLE
 from meters.settings import Customers, Prices
 
 # An LLMStrategy metadata field (and `_llm`'s), and the span attributes it is read from: the
@@ -108,7 +109,7 @@ def event(
         measured["cacheCreationInputTokens"] = _tokens(read["cacheCreationInputTokens"])
     if prices is not None and (cost := prices.cost(model, measured)) is not None:
         measured["_cost"] = {"amount": str(cost), "currency": prices.currency}
-        measured["priceTable"] = prices.version
+        measured[PRICE_TABLE] = prices.version
     made: dict[str, Any] = {
         "name": f"gen_ai.{operation}",
         "external_id": external_id(span.trace_id, span.span_id),

@@ -18,18 +18,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from meters.events.schema import COST_KEY
+from meters.events.schema import COST_KEY, PRICE_TABLE
 from meters.pricing import LlmCalls, Pricing
 
-__all__ = ["FIELDS", "PRICE_TABLE", "Candidates", "price"]
-
-PRICE_TABLE = "priceTable"  # the key OTLP's price tables record their version under too
-
+__all__ = ["Candidates", "price"]
 
 # The positions in a candidate's fields (the compiled validator's `_llm` struct as a tuple,
 # which it holds already) of vendor, model, input, output and cached input tokens.
 _VENDOR, _MODEL, _INPUT, _OUTPUT, _CACHED = 2, 3, 6, 7, 9
-FIELDS = 10
+_FIELDS = 10
 
 
 @dataclass(slots=True)
@@ -42,7 +39,7 @@ class Candidates:
 
     def add(self, row: int, llm: dict[str, Any]) -> None:
         """From an `_llm` as the exact validator holds it."""
-        fields: list[Any] = [None] * FIELDS
+        fields: list[Any] = [None] * _FIELDS
         fields[_VENDOR], fields[_MODEL] = llm["vendor"], llm["model"]
         fields[_INPUT], fields[_OUTPUT] = llm["input_tokens"], llm["output_tokens"]
         fields[_CACHED] = llm.get("cached_input_tokens")

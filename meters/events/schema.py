@@ -22,6 +22,9 @@ NUMBER_LIMIT = 2**63
 # The keys of metadata whose values are objects with rules of their own (`usage.py`).
 COST_KEY = "_cost"
 LLM_KEY = "_llm"
+# Where a priced event records the prices it was priced from (an OTLP price table's version,
+# the catalogue's, or `overrides`): meterline's key, set when it prices.
+PRICE_TABLE = "priceTable"
 
 
 @dataclass(slots=True)
