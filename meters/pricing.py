@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from itertools import repeat
 from typing import Annotated, Any
 
 import numpy as np
@@ -61,10 +62,12 @@ OVERRIDES_TABLE = "overrides"
 _MAX_UNITS = 100_000 * UNITS_PER_CENT - 1
 _MAX_CENTS = Decimal(100_000)
 _PLACES = Decimal("1e-12")
-_DAYS = 2**22  # more UTC days than lie between year 1 and 9999
+_DECIMAL = pa.decimal128(38, 12)
+_PLAIN_UNITS = 10**6  # Arrow spells a decimal of scale 12 plainly from here on
 _compute: Any = pc  # the stubs' overloads do not cover these string kernels
 _UNPRICED, _PER_CALL = -1, -2
-_KEPT = 100_000  # (model, day) lookups a Pricing keeps
+_KEPT = 100_000  # names, and (name, day) lookups, a Pricing keeps
+_FLAGS = 1 << 16  # (name, day) pairs a batch's lookup table may span
 
 
 def _decimal_of(value: Any) -> Any:
@@ -129,8 +132,7 @@ class PricingSettingsUpdate(BaseModel):
 class LlmCalls:
     """The `_llm` of the events to price, as columns (cached: 0 when not given)."""
 
-    vendors: Sequence[str]
-    models: Sequence[str]
+    names: Sequence[tuple[str, str]]  # (vendor, model)
     timestamps_us: I64
     inputs: I64
     outputs: I64
@@ -139,24 +141,43 @@ class LlmCalls:
 
 @dataclass(slots=True)
 class Priced:
-    """Per call, its `_cost.amount` (canonical decimal string; None: not priced) and
+    """Per call, its `_cost.amount` (canonical decimal string; null: not priced) and
     `priceTable` (`tables[overridden[i]]`); and what was not priced, per `<vendor>/<model>`."""
 
-    amounts: list[str | None]
-    overridden: list[int]  # 1: from the organization's overrides, 0: from the catalogue
+    amounts: pa.StringArray
+    overridden: npt.NDArray[np.int8]  # 1: from the organization's overrides, 0: the catalogue
     tables: tuple[str, str]
     unpriced: Counter[str] = field(default_factory=Counter)
 
 
 class _Kept:
-    """What a `Pricing` looked up: each (model, UTC day)'s coefficients by index, and their
-    table (made again when one is added)."""
+    """What a `Pricing` looked up: each (vendor, model) numbered, each (number, UTC day)'s
+    coefficients by index, and their table (made again when one is added)."""
 
     def __init__(self) -> None:
-        self.found: dict[tuple[str, int], tuple[int, bool]] = {}
+        self.numbers: dict[tuple[str, str], int] = {}
+        self.names: list[tuple[str, str]] = []
+        self.found: dict[tuple[int, int], tuple[int, bool]] = {}  # by (number, day)
         self.linears: list[Linear] = []
         self._index: dict[int, int] = {}
         self._table: Linears | None = None
+
+    def numbered(self, names: Sequence[tuple[str, str]]) -> I64:
+        """Each name's number (a name not seen before is numbered now)."""
+        if len(self.names) >= _KEPT or len(self.found) >= _KEPT:
+            # Unbounded names must not grow memory; finding again is cheap.
+            self.numbers.clear()
+            self.names.clear()
+            self.found.clear()
+        numbers = self.numbers
+        keys = np.fromiter(map(numbers.get, names, repeat(-1)), np.int64, len(names))
+        for at in np.flatnonzero(keys < 0).tolist():
+            name = names[at]
+            if (number := numbers.get(name)) is None:
+                number = numbers[name] = len(self.names)
+                self.names.append(name)
+            keys[at] = number
+        return keys
 
     def index(self, linear: Linear) -> int:
         at = self._index.get(id(linear))
@@ -203,41 +224,35 @@ class Pricing:
         """Steps 1 and 2 for a batch of calls, on whole columns: each distinct (model, UTC
         day) is looked up once (and kept), and the calls priced together by their
         coefficients."""
-        n = len(calls.models)
-        # Each (vendor, model) numbered, in C: NUL is in no validated string.
-        encoded = _compute.binary_join_element_wise(
-            pa.array(calls.vendors, pa.string()), pa.array(calls.models, pa.string()), "\0"
-        ).dictionary_encode()
-        keys = encoded.indices.to_numpy().astype(np.int64)
-        names: list[str] = encoded.dictionary.to_pylist()
-        days = calls.timestamps_us // DAY_US
-        low = int(days.min()) if n else 0
-        combos, inverse = np.unique(keys * _DAYS + (days - low), return_inverse=True)
-        found = [self._found(names[c // _DAYS], c % _DAYS + low) for c in combos.tolist()]
+        kept = self._kept
+        known = catalog() if self.catalog else None
+        tables = (known.version if known else "", OVERRIDES_TABLE)
+        if not calls.names:
+            return Priced(pa.array([], pa.string()), np.zeros(0, np.int8), tables)
+        keys = kept.numbered(calls.names)
+        pairs, inverse = _distinct(keys, calls.timestamps_us // DAY_US)
+        found = [self._found(key, day) for key, day in pairs]
         which = np.array([f[0] for f in found], np.int64)[inverse]
         overridden = np.array([f[1] for f in found], np.int8)[inverse]
-        units, exact = self._units(calls, which, names, keys)
+        units, exact = self._units(calls, which, keys)
         spelled = self._amounts(units, exact)
         unpriced: Counter[str] = Counter()
         missing = np.asarray(spelled.is_null())
         if missing.any():
-            counted = np.bincount(keys[missing], minlength=len(names))
-            unpriced.update(
-                {names[k].replace("\0", "/"): int(v) for k, v in enumerate(counted) if v}
-            )
-        known = catalog() if self.catalog else None
-        tables = (known.version if known else "", OVERRIDES_TABLE)
-        return Priced(spelled.to_pylist(), overridden.tolist(), tables, unpriced)
+            names = kept.names
+            counted = np.bincount(keys[missing])
+            unpriced.update({"/".join(names[k]): int(v) for k, v in enumerate(counted) if v})
+        return Priced(spelled, overridden, tables, unpriced)
 
-    def _found(self, name: str, day: int) -> tuple[int, bool]:
-        """Step 1 for a `vendor\0model` on a UTC day, kept: an index of `_kept.linears`
-        (or `_UNPRICED`, `_PER_CALL`), and whether it is an override."""
+    def _found(self, number: int, day: int) -> tuple[int, bool]:
+        """Step 1 for a numbered (vendor, model) on a UTC day, kept: an index of
+        `_kept.linears` (or `_UNPRICED`, `_PER_CALL`), and whether it is an override."""
         kept = self._kept
-        key = (name, day)
+        key = (number, day)
         found = kept.found.get(key)
         if found is not None:
             return found
-        vendor, model = name.split("\0", 1)
+        vendor, model = kept.names[number]
         linear = self.overrides.get(f"{vendor}/{model}")
         found = (_UNPRICED, linear is not None)
         if linear is None and self.catalog and (pricer := catalog().pricer(vendor, model)):
@@ -246,14 +261,10 @@ class Pricing:
             found = (_PER_CALL, False)
         if linear is not None:
             found = (kept.index(linear), found[1])
-        if len(kept.found) >= _KEPT:
-            kept.found.clear()  # unbounded names must not grow memory; finding is cheap
         kept.found[key] = found
         return found
 
-    def _units(
-        self, calls: LlmCalls, which: I64, names: list[str], keys: I64
-    ) -> tuple[I64, dict[int, Decimal]]:
+    def _units(self, calls: LlmCalls, which: I64, keys: I64) -> tuple[I64, dict[int, Decimal]]:
         """Each call's units (-1: not priced), and the cents of those only Decimals hold."""
         units = np.full(len(which), -1, np.int64)
         exact: dict[int, Decimal] = {}
@@ -269,7 +280,7 @@ class Pricing:
                 if found_cents is not None:
                     exact[row] = found_cents
         for row in np.flatnonzero(which == _PER_CALL).tolist():
-            pricer = catalog().pricer(*names[keys[row]].split("\0", 1))
+            pricer = catalog().pricer(*self._kept.names[keys[row]])
             assert pricer is not None
             price = pricer.price_at(int(calls.timestamps_us[row]))
             linear = pricer.linear(price)
@@ -304,6 +315,23 @@ class Pricing:
         return _spelled(units, priced)
 
 
+def _distinct(keys: I64, days: I64) -> tuple[list[tuple[int, int]], I64]:
+    """The distinct (key, day) pairs of the calls, and each call's index among them: by a
+    table of flags when the pairs span few values (a third of sorting's cost), else sorted."""
+    low = int(days.min())
+    span = int(days.max()) - low + 1
+    combined = keys * span + (days - low)
+    size = (int(keys.max()) + 1) * span
+    if size <= _FLAGS:
+        present = np.zeros(size, np.bool_)
+        present[combined] = True
+        combos = np.flatnonzero(present)
+        inverse = (np.cumsum(present) - 1)[combined]
+    else:
+        combos, inverse = np.unique(combined, return_inverse=True)
+    return [(c // span, c % span + low) for c in combos.tolist()], inverse
+
+
 def _counts(calls: LlmCalls, row: int) -> tuple[int, int, int]:
     """(input, cached, output) of one call."""
     return int(calls.inputs[row]), int(calls.cached[row]), int(calls.outputs[row])
@@ -316,14 +344,22 @@ def _cents_of(linear: Linear, calls: LlmCalls, row: int) -> Decimal | None:
 
 
 def _spelled(units: I64, valid: npt.NDArray[np.bool_]) -> pa.StringArray:
-    """Units of 10^-12 cents as `_cost.amount`'s canonical spelling (no needless zeros), on
-    the whole column; null where not `valid`."""
-    # The digits, at least 13 (a whole part), the point put in before the last 12.
-    digits = _compute.utf8_lpad(pa.array(units, mask=~valid).cast(pa.string()), 13, "0")
-    text = _compute.binary_join_element_wise(
-        _compute.utf8_slice_codeunits(digits, 0, -12),
-        _compute.utf8_slice_codeunits(digits, -12),
-        ".",
+    """Units of 10^-12 cents (not negative) as `_cost.amount`'s canonical spelling (no
+    needless zeros), on the whole column; null where not `valid`."""
+    # The units are a decimal of scale 12 as they are: Arrow spells that with 12 places, but
+    # below 10^6 units in scientific notation: those are spelled otherwise.
+    words = np.zeros((len(units), 2), np.int64)  # 128-bit little-endian, high word 0
+    words[:, 0] = units
+    validity = pa.array(valid).buffers()[1]
+    decimals = pa.Array.from_buffers(_DECIMAL, len(units), [validity, pa.py_buffer(words.data)])
+    spelled: pa.StringArray = _compute.utf8_rtrim(
+        _compute.utf8_rtrim(decimals.cast(pa.string()), "0"), "."
     )
-    spelled: pa.StringArray = _compute.utf8_rtrim(_compute.utf8_rtrim(text, "0"), ".")
+    small = valid & (units < _PLAIN_UNITS)
+    if small.any():  # less than a millionth of a cent: "0." and the 12 places, padded
+        digits = _compute.utf8_lpad(pa.array(units[small]).cast(pa.string()), 12, "0")
+        plain = _compute.utf8_rtrim(
+            _compute.utf8_rtrim(_compute.binary_join_element_wise("0.", digits, ""), "0"), "."
+        )
+        spelled = _compute.replace_with_mask(spelled, small, plain)
     return spelled

@@ -19,6 +19,7 @@ from meters.events.schema import (
     LLM_KEY,
     MAX_ERRORS,
     NUMBER_LIMIT,
+    PRICE_TABLE,
     Event,
     to_table,
 )
@@ -80,15 +81,19 @@ def validate_exact(
         llm = event.metadata.get(LLM_KEY)
         if llm is not None and event.cost_amount is None:
             candidates.add(i, llm)
-    costs = [e.cost_amount for e in events]
-    metadatas = [e.metadata for e in events]
-    moments = [e.timestamp_us for e in events]
-    found = priced.price(candidates, metadatas, costs, moments, pricing)
-    for event, cost in zip(events, costs, strict=True):
-        event.cost_amount = cost
+    found = candidates.price([e.timestamp_us for e in events], pricing)
+    for row in found.rows:
+        events[row].metadata.pop(PRICE_TABLE, None)
     if unpriced is not None:
-        unpriced.update(found)
-    return to_table(events)
+        unpriced.update(found.unpriced)
+    table = to_table(events)
+    at = table.schema.get_field_index
+    metadata, costs = found.into(
+        table.column("metadata").combine_chunks(), table.column("cost_amount").combine_chunks()
+    )
+    return table.set_column(at("metadata"), "metadata", metadata).set_column(
+        at("cost_amount"), "cost_amount", costs
+    )
 
 
 def decode_json(body: bytes) -> Any:

@@ -35,6 +35,7 @@ from meters.events.schema import (
     ID_FIELDS,
     LLM_KEY,
     NUMBER_LIMIT,
+    PRICE_TABLE,
     TIMESTAMP,
 )
 from meters.events.usage import LLM_STRING_LENGTH
@@ -242,7 +243,8 @@ def _columns(
     metadatas = [e.metadata or _EMPTY for e in events]
     present = [m for m in metadatas if m]
     # Keys with a '.' (meter paths split on it): one scan of all keys, not one per key.
-    if "." in "".join(chain.from_iterable(present)):
+    keys = "".join(chain.from_iterable(present))
+    if "." in keys:
         return None
     # Objects (decoded as _Usage) are allowed under _cost and _llm only: count them all at once.
     objects = list(map(type, chain.from_iterable(map(dict.values, present)))).count(_Usage)
@@ -290,14 +292,21 @@ def _columns(
         objects -= len(with_cost)
     if objects:
         return None
+    found = None
     if candidates is not None and pricing is not None:
-        moments = timestamp.to_numpy().view(np.int64)
-        found = priced.price(candidates, metadatas, costs, moments, pricing, _Cost)
+        found = candidates.price(timestamp.to_numpy().view(np.int64), pricing)
+        if PRICE_TABLE in keys:  # perhaps a given one, which pricing replaces
+            for row in found.rows:
+                metadatas[row].pop(PRICE_TABLE, None)
         if unpriced is not None:
-            unpriced.update(found)
+            unpriced.update(found.unpriced)
     # One encoder call for every event; JSON text holds no raw newline, so the lines are the
     # events' metadata.
     texts = _ENCODE_LINES(metadatas).split(b"\n")[:-1]
+    metadata = pa.array(texts, string)  # bytes: msgspec writes UTF-8
+    cost = pa.array(costs, string)
+    if found is not None:
+        metadata, cost = found.into(metadata, cost)
     return pa.Table.from_arrays(
         [
             pa.array([e.name for e in events], string),
@@ -307,8 +316,8 @@ def _columns(
             pa.array([e.external_id for e in events], string),
             pa.array([e.parent_id for e in events], string),
             pa.array([e.external_member_id for e in events], string),
-            pa.array(texts, string),  # bytes: msgspec writes UTF-8
-            pa.array(costs, string),
+            metadata,
+            cost,
         ],
         schema=COLUMNS,
     )

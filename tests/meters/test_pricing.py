@@ -48,7 +48,8 @@ def _expected(vendor: str, model: str, call: tuple[int, int, int, int], markup: 
 
 def _calls(vendors: list[str], models: list[str], rows: list[tuple[int, int, int, int]]) -> Any:
     columns = np.array(rows, np.int64).reshape(-1, 4)
-    return LlmCalls(vendors, models, columns[:, 0], columns[:, 1], columns[:, 2], columns[:, 3])
+    names = list(zip(vendors, models, strict=True))
+    return LlmCalls(names, columns[:, 0], columns[:, 1], columns[:, 2], columns[:, 3])
 
 
 @st.composite
@@ -79,7 +80,7 @@ def test_every_amount_is_the_catalogues_own(batch: Any, markup: Decimal) -> None
     vendors, models = [k[0] for k in keys], [k[1] for k in keys]
     priced = Pricing(True, markup, {}).price(_calls(vendors, models, rows))
     missing: Counter[str] = Counter()
-    amounts = priced.amounts
+    amounts = priced.amounts.to_pylist()
     tables = [
         None if a is None else priced.tables[o]
         for a, o in zip(amounts, priced.overridden, strict=True)
@@ -113,7 +114,7 @@ def test_prices_the_integers_cannot_hold_take_the_decimal_path() -> None:
     rows = [(1_780_000_000_000_000, 123_457, 9_876, 1_111)] * len(odd)
     vendors, models = [v for v, _ in odd], [m for _, m in odd]
     priced = Pricing(True, Decimal("7.5"), {}).price(_calls(vendors, models, rows))
-    for (vendor, model), amount in zip(odd, priced.amounts, strict=True):
+    for (vendor, model), amount in zip(odd, priced.amounts.to_pylist(), strict=True):
         expected = _expected(vendor, model, rows[0], Decimal("7.5"))
         assert (amount is None and expected is None) or Decimal(str(amount)) == expected
 
@@ -138,7 +139,7 @@ def test_overrides_price_as_their_prices_say(
     rows = [(0, i, o, min(c, i)) for i, o, c in tokens]
     priced = pricing.price(_calls(["acme"] * len(rows), ["m"] * len(rows), rows))
     read = input if cached is None else cached
-    for (_, i, o, c), amount in zip(rows, priced.amounts, strict=True):
+    for (_, i, o, c), amount in zip(rows, priced.amounts.to_pylist(), strict=True):
         cents = ((i - c) * input + c * read + o * output) * Decimal("1.03")
         expected = cents.quantize(Decimal("1e-12"), ROUND_HALF_EVEN)
         if expected >= 100_000:
@@ -190,5 +191,5 @@ def test_counts_too_large_for_the_integers_are_priced_exactly_or_refused() -> No
     huge = 2**62
     rows = [(0, huge, 0, huge - 5), (0, huge, 0, 0), (0, 5, huge, 0)]
     priced = pricing.price(_calls(["a"] * 3, ["m"] * 3, rows))
-    assert priced.amounts == ["5", None, None]
+    assert priced.amounts.to_pylist() == ["5", None, None]
     assert priced.unpriced == Counter({"a/m": 2})
