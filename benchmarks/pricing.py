@@ -16,6 +16,8 @@ interleaved, 7 rounds; pricing's cost is the difference of the medians of CPU µ
 Beside them, for comparison only: the same events as a client that priced them would send
 them (with the `_cost` and `priceTable` the core gives them; what is stored is then the same).
 Then every priced event's `_cost.amount` is compared with the catalogue's own calculation.
+Beside the bar, for what small bodies pay: the first 2,000 events sent as bodies of 1 and
+of 10 events, without pricing and with it (medians of the rounds).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import statistics
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
+from functools import partial
 from typing import Any
 
 import orjson
@@ -39,6 +42,7 @@ BATCH = 1000
 MODELS = 50
 MARKUP = Decimal(10)
 PER_EVENT_BAR_US = 0.5
+SMALL_BODIES = (1, 10)
 # Providers whose models the 50 are drawn from (the ones LLM traffic mostly names).
 PROVIDERS = ("openai", "anthropic", "google", "mistral", "deepseek", "x-ai", "groq", "aws")
 
@@ -85,9 +89,11 @@ def _expected(llm: dict[str, Any], at: datetime) -> Decimal:
     return (dollars * 100 * (100 + MARKUP) / 100).quantize(Decimal("1e-12"), ROUND_HALF_EVEN)
 
 
-def _each(items: list[bytes], job: Any) -> None:
-    for item in items:  # results dropped as they go, as a server does
-        job(item)
+def _validate_each(
+    bodies: list[bytes], now: int, rules: EventRules, pricing: Pricing | None
+) -> None:
+    for body in bodies:  # results dropped as they go, as a server does
+        validate_body(body, now=now, rules=rules, pricing=pricing)
 
 
 def _as_given(table: Any) -> bytes:
@@ -114,17 +120,22 @@ def pricing_100k(quick: bool = False) -> dict[str, Any]:
     # Each model found and made coefficients once, as a running core has (not timed); and
     # the same events as a client that priced them itself would send them.
     given = [_as_given(validate_body(b, now=now, rules=rules, pricing=pricing)) for b in bodies]
-    seen: dict[str, list[float]] = {"plain": [], "priced": [], "given": []}
-    jobs = {
-        "plain": lambda: _each(bodies, lambda b: validate_body(b, now=now, rules=rules)),
-        "priced": lambda: _each(
-            bodies, lambda b: validate_body(b, now=now, rules=rules, pricing=pricing)
-        ),
-        "given": lambda: _each(given, lambda b: validate_body(b, now=now, rules=rules)),
+    # name -> (bodies, pricing, events in them)
+    jobs: dict[str, tuple[list[bytes], Pricing | None, int]] = {
+        "plain": (bodies, None, events),
+        "priced": (bodies, pricing, events),
+        "given": (given, None, events),
     }
+    small = [e for body in bodies[:2] for e in orjson.loads(body)["events"]]
+    for size in SMALL_BODIES:
+        few = [orjson.dumps({"events": small[i : i + size]}) for i in range(0, len(small), size)]
+        jobs[f"plain_{size}"] = (few, None, len(small))
+        jobs[f"priced_{size}"] = (few, pricing, len(small))
+    seen: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(rounds):
-        for name, job in jobs.items():
-            seen[name].append(cpu_us(job, events))
+        for name, (sent, priced_with, count) in jobs.items():
+            job = partial(_validate_each, sent, now, rules, priced_with)
+            seen[name].append(cpu_us(job, count))
     us = {name: statistics.median(values) for name, values in seen.items()}
 
     unpriced: Counter[str] = Counter()
@@ -156,6 +167,14 @@ def pricing_100k(quick: bool = False) -> dict[str, Any]:
                 "validation of the same events sent with that _cost, CPU per event",
                 us["given"],
                 "µs",
+            ),
+            *(
+                metric(
+                    f"CPU per event that pricing adds, bodies of {size} event(s)",
+                    us[f"priced_{size}"] - us[f"plain_{size}"],
+                    "µs",
+                )
+                for size in SMALL_BODIES
             ),
         ],
         "details": {

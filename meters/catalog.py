@@ -96,6 +96,7 @@ class Linears:
         )
         self._constants = np.array([x.constant for x in linears], np.int64)
         self._strict = np.array([x.strict for x in linears], np.bool_)
+        self._largest = float(np.abs(self._slopes).max())
 
     def units(self, which: I64, inputs: I64, outputs: I64, cached: I64) -> tuple[I64, I64]:
         """Each call's units (-1: refused), and the calls too large for int64 (to be priced
@@ -109,14 +110,17 @@ class Linears:
         allowed = ~self._strict[which] | (cached <= inputs)
         # No term, and so no sum of the four, may overflow the integers: checked on the
         # largest first, each call only when that could.
-        largest = float(np.abs(self._slopes).max()) * float(counts.max(initial=0))
-        if largest < _TERM_LIMIT:
-            small = np.ones(len(which), np.bool_)
+        if self._largest * float(counts.max(initial=0)) < _TERM_LIMIT:
+            large = np.zeros(0, np.int64)
+            fits = allowed
         else:
             small = np.all(np.abs(slopes.astype(np.float64) * counts) < _TERM_LIMIT, axis=1)
-        fits = small & allowed
-        found = self._constants[which] + (slopes * np.where(fits[:, None], counts, 0)).sum(axis=1)
-        return np.where(fits, found, -1), np.flatnonzero(allowed & ~small)
+            large = np.flatnonzero(allowed & ~small)
+            fits = small & allowed
+        if not fits.all():
+            counts = np.where(fits[:, None], counts, 0)
+        found = self._constants[which] + np.einsum("ij,ij->i", slopes, counts)
+        return np.where(fits, found, -1), large
 
 
 class ModelPricer:

@@ -74,11 +74,20 @@ def _batches(draw: st.DrawFn) -> tuple[list[tuple[str, str]], list[tuple[int, in
     return keys, rows
 
 
-@given(_batches(), st.sampled_from([Decimal(0), Decimal("10"), Decimal("12.35"), Decimal(1000)]))
-def test_every_amount_is_the_catalogues_own(batch: Any, markup: Decimal) -> None:
+# Priced one by one, and on columns.
+EACH_BELOW = st.sampled_from([0, 1000])
+
+
+@given(
+    _batches(),
+    st.sampled_from([Decimal(0), Decimal("10"), Decimal("12.35"), Decimal(1000)]),
+    EACH_BELOW,
+)
+def test_every_amount_is_the_catalogues_own(batch: Any, markup: Decimal, each_below: int) -> None:
     keys, rows = batch
     vendors, models = [k[0] for k in keys], [k[1] for k in keys]
-    priced = Pricing(True, markup, {}).price(_calls(vendors, models, rows))
+    calls = _calls(vendors, models, rows)
+    priced = Pricing(True, markup, {}).price(calls, each_below=each_below)
     missing: Counter[str] = Counter()
     amounts = priced.amounts.to_pylist()
     tables = [
@@ -113,10 +122,12 @@ def test_prices_the_integers_cannot_hold_take_the_decimal_path() -> None:
     assert odd, "the catalogue has no such price any more: pick another check"
     rows = [(1_780_000_000_000_000, 123_457, 9_876, 1_111)] * len(odd)
     vendors, models = [v for v, _ in odd], [m for _, m in odd]
-    priced = Pricing(True, Decimal("7.5"), {}).price(_calls(vendors, models, rows))
-    for (vendor, model), amount in zip(odd, priced.amounts.to_pylist(), strict=True):
-        expected = _expected(vendor, model, rows[0], Decimal("7.5"))
-        assert (amount is None and expected is None) or Decimal(str(amount)) == expected
+    for each_below in (0, 1000):
+        calls = _calls(vendors, models, rows)
+        priced = Pricing(True, Decimal("7.5"), {}).price(calls, each_below=each_below)
+        for (vendor, model), amount in zip(odd, priced.amounts.to_pylist(), strict=True):
+            expected = _expected(vendor, model, rows[0], Decimal("7.5"))
+            assert (amount is None and expected is None) or Decimal(str(amount)) == expected
 
 
 @given(
@@ -124,9 +135,10 @@ def test_prices_the_integers_cannot_hold_take_the_decimal_path() -> None:
     st.decimals(0, 1, places=12),
     st.one_of(st.none(), st.decimals(0, 1, places=12)),
     st.lists(st.tuples(TOKENS, TOKENS, TOKENS), min_size=1, max_size=20),
+    EACH_BELOW,
 )
 def test_overrides_price_as_their_prices_say(
-    input: Decimal, output: Decimal, cached: Decimal | None, tokens: list[Any]
+    input: Decimal, output: Decimal, cached: Decimal | None, tokens: list[Any], each_below: int
 ) -> None:
     document = {
         "overrides": {"acme/m": {"input": str(input), "output": str(output)}},
@@ -137,7 +149,8 @@ def test_overrides_price_as_their_prices_say(
     pricing = Pricing.of(document)
     assert pricing is not None
     rows = [(0, i, o, min(c, i)) for i, o, c in tokens]
-    priced = pricing.price(_calls(["acme"] * len(rows), ["m"] * len(rows), rows))
+    calls = _calls(["acme"] * len(rows), ["m"] * len(rows), rows)
+    priced = pricing.price(calls, each_below=each_below)
     read = input if cached is None else cached
     for (_, i, o, c), amount in zip(rows, priced.amounts.to_pylist(), strict=True):
         cents = ((i - c) * input + c * read + o * output) * Decimal("1.03")
@@ -190,6 +203,24 @@ def test_counts_too_large_for_the_integers_are_priced_exactly_or_refused() -> No
     assert pricing is not None
     huge = 2**62
     rows = [(0, huge, 0, huge - 5), (0, huge, 0, 0), (0, 5, huge, 0)]
-    priced = pricing.price(_calls(["a"] * 3, ["m"] * 3, rows))
-    assert priced.amounts.to_pylist() == ["5", None, None]
-    assert priced.unpriced == Counter({"a/m": 2})
+    for each_below in (0, 1000):
+        priced = pricing.price(_calls(["a"] * 3, ["m"] * 3, rows), each_below=each_below)
+        assert priced.amounts.to_pylist() == ["5", None, None]
+        assert priced.unpriced == Counter({"a/m": 2})
+
+
+@pytest.mark.parametrize("each_below", [0, 1000])
+def test_amounts_below_a_millionth_of_a_cent_are_spelled_plainly(each_below: int) -> None:
+    """Arrow spells such decimals in scientific notation (`1E-12`): never stored so."""
+    prices = {"input": "0.000000000001", "output": "0.0000001", "cached_input": "0"}
+    pricing = Pricing.of({"overrides": {"a/m": prices}})
+    assert pricing is not None
+    rows = [(0, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 10, 0), (0, 10**6, 0, 0)]
+    priced = pricing.price(_calls(["a"] * 5, ["m"] * 5, rows), each_below=each_below)
+    assert priced.amounts.to_pylist() == [
+        "0",
+        "0.000000000001",
+        "0.0000001",
+        "0.000001",
+        "0.000001",
+    ]
