@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from meters.events.schema import COST_KEY, PRICE_TABLE
 from meters.pricing import LlmCalls, Pricing
 
 __all__ = ["Candidates", "Found"]
@@ -33,10 +34,10 @@ __all__ = ["Candidates", "Found"]
 _VENDOR, _MODEL, _INPUT, _OUTPUT, _CACHED = 2, 3, 6, 7, 9
 _FIELDS = 10
 _compute: Any = pc  # the stubs' overloads do not cover these string kernels
-# What step 4 writes around an amount and a table (neither needs escaping in JSON); the keys
-# are `schema.COST_KEY` and `schema.PRICE_TABLE`.
-_AMOUNT_BEFORE = ',"_cost":{"amount":"'
-_TABLE_BEFORE = '","currency":"usd"},"priceTable":"'
+# What step 4 writes around an amount and a table (no key, amount or table needs escaping in
+# JSON): `_cost` as the validators encode it.
+_AMOUNT_BEFORE = f',"{COST_KEY}":{{"amount":"'
+_TABLE_BEFORE = f'","currency":"usd"}},"{PRICE_TABLE}":"'
 _TABLE_AFTER = '"}'
 
 
