@@ -1,9 +1,9 @@
-"""A core killed with kill -9 after its alerts went out applies the same events again when it
-restarts, grouped otherwise: the embedded core replays its ingest log a request per
-transaction where the killed one had applied many requests in one; a Kafka core reads its
-partitions again from the stored offsets, in batches of other sizes. Every crossing still
-reaches the receiver under exactly one webhook-id (what receivers dedupe by, as Standard
-Webhooks tells them to)."""
+"""A core killed with kill -9 after its alerts and top-ups went out applies the same events
+again when it restarts, grouped otherwise: the embedded core replays its ingest log a request
+per transaction where the killed one had applied many requests in one; a Kafka core reads its
+partitions again from the stored offsets, in batches of other sizes. Every crossing and every
+top-up still reaches the receiver under exactly one webhook-id (what receivers dedupe by, as
+Standard Webhooks tells them to), and the top-ups are the ones the events call for."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ PRIVATE = "--allow-private-webhooks"
 CUSTOMERS = 20
 TOKENS = 3  # per event
 THRESHOLDS = (10, 25)  # crossed at each customer's 4th event, then at its 9th
+# A top-up rule for every customer: from a balance of 0, 20 units at its 1st event (balance -3)
+# and at its 6th (2 left); so two top-ups a customer, one on either side of the kill.
+TOP_UP = {"threshold": 5, "units": 20, "max_per_period": 10, "period": "day"}
 # The core stores applied events once the oldest has waited this long (`--flush-seconds`): the
 # first round must be applied and killed before, or nothing is left to apply again. Longer
 # than the default, so a loaded machine still delivers some alerts within it.
@@ -90,8 +93,8 @@ async def _use(url: str, token: str, events: int, concurrency: int = 16) -> None
 
 
 def _set_up(core: Server, token: str, url: str) -> None:
-    """A sum meter, the customers, an endpoint at `url` and an alert per threshold, each for
-    every customer."""
+    """A sum meter, the customers, an endpoint at `url`, an alert per threshold and a top-up
+    rule, each for every customer."""
     with core.client(token) as http:
         meter = http.post(
             "/v1/meters/",
@@ -105,8 +108,11 @@ def _set_up(core: Server, token: str, url: str) -> None:
         for c in range(CUSTOMERS):
             customer = {"email": f"c{c}@example.com", "external_id": f"c{c}"}
             assert http.post("/v1/customers/", json=customer).status_code == 201
-        endpoint = {"url": url, "format": "raw", "events": ["meter.alert"]}
+        kinds = ["meter.alert", "customer_meter.topped_up"]
+        endpoint = {"url": url, "format": "raw", "events": kinds}
         assert http.post("/v1/webhooks/endpoints", json=endpoint).status_code == 201
+        rule = http.post("/v1/top-up-rules/", json={"meter_id": meter.json()["id"], **TOP_UP})
+        assert rule.status_code == 201, rule.text
         for threshold in THRESHOLDS:
             alert = {
                 "meter_id": meter.json()["id"],
@@ -119,11 +125,15 @@ def _set_up(core: Server, token: str, url: str) -> None:
 
 
 def _ids_per_crossing(receiver: Receiver) -> dict[tuple[str, str], set[str]]:
-    """The webhook-ids received per crossing (alert, customer)."""
+    """The webhook-ids received per crossing (alert, customer) and per top-up ("top-up", its
+    id)."""
     found: dict[tuple[str, str], set[str]] = {}
     for r in list(receiver.received):
         data = json.loads(r.body)["data"]
-        crossing = (data["alert"]["id"], data["customer_meter"]["customer_id"])
+        if "top_up" in data:
+            crossing = ("top-up", data["top_up"]["id"])
+        else:
+            crossing = (data["alert"]["id"], data["customer_meter"]["customer_id"])
         found.setdefault(crossing, set()).add(r.headers["webhook-id"])
     return found
 
@@ -148,13 +158,19 @@ def test_each_alert_reaches_the_receiver_under_one_webhook_id_across_kill_9(
         running.restart()
         asyncio.run(_use(running.ingest().url, token, events=5))  # crosses the second
         wait_for(
-            "a delivery of every crossing",
-            lambda: len(_ids_per_crossing(receiver)) >= 2 * CUSTOMERS,
+            "a delivery of every crossing and top-up",
+            lambda: len(_ids_per_crossing(receiver)) >= 4 * CUSTOMERS,
         )
         time.sleep(2)  # the point: time for whatever else would come (a second id)
 
         ids = _ids_per_crossing(receiver)
+        with running.core().client(token) as http:
+            made = http.get("/v1/top-ups/", params={"limit": 100}).json()
     assert delivered > 0 and applied_for < FLUSH_SECONDS, "killed after the events were stored"
-    assert len(ids) == 2 * CUSTOMERS
+    assert len(ids) == 4 * CUSTOMERS
     twice = {crossing: found for crossing, found in ids.items() if len(found) > 1}
-    assert not twice, f"{len(twice)} of {len(ids)} alerts delivered under more than one id"
+    assert not twice, f"{len(twice)} of {len(ids)} webhooks delivered under more than one id"
+    # Two a customer, numbered 1 and 2 of the day, each the one its webhook named.
+    numbers = sorted((item["customer_id"], item["number"]) for item in made["items"])
+    assert len(numbers) == 2 * CUSTOMERS and len(set(numbers)) == len(numbers), numbers
+    assert {("top-up", item["id"]) for item in made["items"]} <= ids.keys()
