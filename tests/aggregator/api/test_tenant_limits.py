@@ -38,6 +38,16 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedCore]:
         yield core
 
 
+def _a_meter(client: httpx.Client) -> dict[str, Any]:
+    """An active meter: one the meters test left, or one made now (a test run alone)."""
+    listed = client.get("/v1/meters/", params={"is_archived": False}).json()["items"]
+    if listed:
+        return dict(listed[0])
+    made = client.post("/v1/meters/", json=_meter("a meter"))
+    assert made.status_code == 201, made.text
+    return dict(made.json())
+
+
 def _refused(response: httpx.Response, flag: str) -> None:
     assert response.status_code == 409, response.text
     body = response.json()
@@ -64,7 +74,7 @@ def test_meters_past_the_limit_are_refused_and_archiving_makes_room(limited: Ser
 
 def test_alerts_and_webhook_endpoints_past_the_limit_are_refused(limited: ServedCore) -> None:
     with limited.client() as client:
-        meter = client.get("/v1/meters/", params={"is_archived": False}).json()["items"][0]
+        meter = _a_meter(client)
         alert = {
             "meter_id": meter["id"],
             "metric": "consumed_units",
@@ -93,7 +103,7 @@ def test_top_up_rules_past_the_limit_are_refused_and_a_delete_makes_room(
     limited: ServedCore,
 ) -> None:
     with limited.client() as client:
-        meter = client.get("/v1/meters/", params={"is_archived": False}).json()["items"][0]
+        meter = _a_meter(client)
         rule = {"meter_id": meter["id"], "threshold": 1, "units": 10, "max_per_period": 1}
         made = client.post("/v1/top-up-rules/", json={**rule, "period": "day"})
         assert made.status_code == 201, made.text
