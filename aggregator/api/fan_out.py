@@ -29,9 +29,9 @@ with its own, so that the answer is what one shard holding every event gives.
    shard gives up to `cost_routes.MAX_GROUPS` groups, so the answer is exact while no shard
    has more (names, models and vendors rarely do). (`costs`)
 
-6. A list of customers' rows (holds, customer meters): a row is its customer's shard's, so
-   page p of l is among each shard's first p × l rows (`MAX_REACH` deep), merged in the list's
-   order (`rows`); the total is the sum of the shards'.
+6. A list of customers' rows (holds, customer meters, top-ups): a row is its customer's
+   shard's, so page p of l is among each shard's first p × l rows (`MAX_REACH` deep), merged
+   in the list's order (`rows`); the total is the sum of the shards'.
 
 7. The live stream: this shard's changes and every other shard's stream (each customer's
    changes are its shard's), event by event; opened once all are (each subscribed: nothing

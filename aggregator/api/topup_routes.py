@@ -8,8 +8,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from aggregator.api import fan_out, params
 from aggregator.api import openapi as oa
-from aggregator.api import params
 from aggregator.api import topup_shapes as shapes
 from aggregator.api.context import ApiContext
 from aggregator.api.openapi import ApiRoute, Operation
@@ -115,16 +115,16 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def top_ups(request: Request) -> JSON:
         org = ctx.organization(request)
         page, limit = params.page_and_limit(request)
-        found = await service.top_ups(
-            store,
-            org,
-            params.one_id(request, "rule_id"),
-            params.one_id(request, "meter_id"),
-            await customer(request, org),
-            page,
-            limit,
-        )
-        return JSON(shapes.top_ups(found, limit))
+        rule_id, meter_id = params.one_id(request, "rule_id"), params.one_id(request, "meter_id")
+        customer_id = await customer(request, org)
+
+        async def made(page: int, limit: int) -> ListResource[TopUpShape]:
+            found = await service.top_ups(store, org, rule_id, meter_id, customer_id, page, limit)
+            return shapes.top_ups(found, limit)
+
+        # A top-up is its customer's shard's (`fan_out`, step 6), newest first.
+        peers = ctx.fanned_out(request)
+        return JSON(await fan_out.rows(peers, request, made, fan_out.newest_first, page, limit))
 
     rule = "/v1/top-up-rules/{id}"
     return [

@@ -337,7 +337,9 @@ def list_top_ups(
     ).fetchall()[0][0]
     rows = con.execute(
         f"SELECT {_TOP_UP} FROM top_ups WHERE {where}"  # noqa: S608 (constants)
-        " ORDER BY event_seq DESC, rule_id, number DESC LIMIT ? OFFSET ?",
+        # As `api.fan_out.newest_first` merges shards' pages: created_at is the event's
+        # ingested_at, the same wherever the event is applied.
+        " ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
         [*params, limit, offset],
     ).fetchall()
     return [_top_up(r) for r in rows], int(total)

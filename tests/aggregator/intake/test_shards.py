@@ -53,6 +53,9 @@ SHARDS = 3
 # The random workload: its seed (another, to try one: METERLINE_SHARD_SEED) and its steps.
 SEED = int(os.environ.get("METERLINE_SHARD_SEED", "20261126"))
 STEPS = 28
+# A rule on the count meter (`MORE_METERS[-1]`): from a balance of 0, 5 calls at each of a
+# customer's first three that fall below 1.
+TOP_UP = {"threshold": 1, "units": 5, "max_per_period": 3, "period": "day"}
 
 
 def _events(client: httpx.Client, here: bool = False) -> int:
@@ -379,6 +382,19 @@ def _organization_reads(one: httpx.Client, meters: list[str]) -> list[tuple[str,
     return reads
 
 
+def _top_ups(client: httpx.Client) -> list[dict[str, Any]]:
+    """Every top-up, newest first (two pages: shards merge them)."""
+    first = _ok(client.get("/v1/top-ups/", params={"limit": 10}))
+    rest = _ok(client.get("/v1/top-ups/", params={"limit": 10, "page": 2}))
+    assert first["pagination"]["total_count"] <= 20, "more top-ups than two pages"
+    return [*first["items"], *rest["items"]]
+
+
+def _without_cause(top_ups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cause = ("created_at", "balance_before")
+    return sorted(({k: v for k, v in t.items() if k not in cause} for t in top_ups), key=str)
+
+
 def _answers(client: httpx.Client, reads: list[tuple[str, dict[str, Any]]]) -> list[bytes]:
     return [_ok_bytes(client.get(path, params=params)) for path, params in reads]
 
@@ -411,6 +427,10 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
             meter = pipeline.create_meter()  # a record on the control topic: every shard's
             others = [pipeline.create_meter(m) for m in MORE_METERS]
             org = pipeline.organization_id()
+            # Every customer's calls topped up where they are counted: on its shard alone.
+            top_up = {"meter_id": others[-1], **TOP_UP}
+            with pipeline.core.client(pipeline.token()) as http:
+                assert http.post("/v1/top-up-rules/", json=top_up).status_code == 201
             with contextlib.ExitStack() as stack:
                 one = stack.enter_context(pipeline.core.client(token))
                 shards = [stack.enter_context(c.client(token)) for c in cores]
@@ -614,6 +634,12 @@ def test_three_shards_answer_what_one_shard_answers(tmp_path: Path) -> None:
                     assert all(s == state[1] for s in state[2:])  # the customer's shard's
                     # As the one-shard core's, but for times of applying (its own).
                     assert _figures(state[1]) == _figures(state[0])
+                # Top-ups: the one-shard core's, each under its id, from any shard. Which of a
+                # customer's events causes one (its created_at, balance_before) follows the
+                # order its shard applies them in, and an event moved there comes later.
+                made = [_top_ups(c) for c in (one, *shards)]
+                assert all(answer == made[1] for answer in made[2:])
+                assert _without_cause(made[1]) == _without_cause(made[0]) != []
                 # Customer meters: the one-shard core's figures; their `modified_at` is each
                 # core's time of applying (so is their order), the same from any shard.
                 listed = [_customer_meters(c) for c in (one, *shards)]
