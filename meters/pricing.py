@@ -23,6 +23,7 @@ prices the integers cannot hold exactly are computed with the catalogue's Decima
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -153,9 +154,11 @@ class Priced:
 
 class _Kept:
     """What a `Pricing` looked up: each (vendor, model) numbered, each (number, UTC day)'s
-    coefficients by index, and their table (made again when one is added)."""
+    coefficients by index, and their table (made again when one is added). A batch holds
+    `lock` while it prices: its numbers must mean the same names throughout."""
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self.numbers: dict[tuple[str, str], int] = {}
         self.names: list[tuple[str, str]] = []
         self.found: dict[tuple[int, int], tuple[int, bool]] = {}  # by (number, day)
@@ -226,11 +229,15 @@ class Pricing:
         once (and kept). Fewer than `each_below` calls are priced one by one, more on whole
         columns: column operations cost 90-200 µs a batch however small, one by one about
         3 µs a call (measured: they break even near 64)."""
-        kept = self._kept
         known = catalog() if self.catalog else None
         tables = (known.version if known else "", OVERRIDES_TABLE)
         if not calls.names:
             return Priced(pa.array([], pa.string()), np.zeros(0, np.int8), tables)
+        with self._kept.lock:
+            return self._price(calls, tables, each_below)
+
+    def _price(self, calls: LlmCalls, tables: tuple[str, str], each_below: int) -> Priced:
+        kept = self._kept
         keys = kept.numbered(calls.names)
         days = calls.timestamps_us // DAY_US
         if len(keys) < each_below:

@@ -5,10 +5,12 @@ one; overrides as their prices say; nothing guessed; validation prices both of i
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -224,3 +226,32 @@ def test_amounts_below_a_millionth_of_a_cent_are_spelled_plainly(each_below: int
         "0.000001",
         "0.000001",
     ]
+
+
+def _priced_by(priced: Any, shared: Pricing, batches: list[Any], k: int) -> list[Any]:
+    return list(priced(shared, batches[k], 1000 * (k % 2)))  # odd batches one by one
+
+
+def test_threads_pricing_at_once_price_as_one_does() -> None:
+    """A Pricing shared by threads numbers each (vendor, model) for one batch at a time: names
+    new to two batches at once, numbered by both, would price one model's calls as another's.
+    Each round, eight threads price batches of models the shared Pricing has not seen."""
+    models = _models()[:120]
+    batches = [[models[(k * 13 + j) % len(models)] for j in range(30)] for k in range(8)]
+    rows = [(1_780_000_000_000_000, 1_000 + j, 100, 0) for j in range(30)]
+
+    def priced(pricing: Pricing, names: list[tuple[str, str]], each_below: int) -> list[Any]:
+        calls = _calls([v for v, _ in names], [m for _, m in names], rows)
+        return list(pricing.price(calls, each_below=each_below).amounts.to_pylist())
+
+    expected = [priced(Pricing(True, Decimal(0), {}), names, 0) for names in batches]
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can
+    try:
+        with ThreadPoolExecutor(len(batches)) as pool:
+            for _ in range(20):
+                shared = Pricing(True, Decimal(0), {})
+                got = pool.map(partial(_priced_by, priced, shared, batches), range(8))
+                assert list(got) == expected
+    finally:
+        sys.setswitchinterval(switching)
