@@ -10,7 +10,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
-from functools import cache, partial
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -228,10 +228,6 @@ def test_amounts_below_a_millionth_of_a_cent_are_spelled_plainly(each_below: int
     ]
 
 
-def _priced_by(priced: Any, shared: Pricing, batches: list[Any], k: int) -> list[Any]:
-    return list(priced(shared, batches[k], 1000 * (k % 2)))  # odd batches one by one
-
-
 def test_threads_pricing_at_once_price_as_one_does() -> None:
     """A Pricing shared by threads numbers each (vendor, model) for one batch at a time: names
     new to two batches at once, numbered by both, would price one model's calls as another's.
@@ -251,7 +247,10 @@ def test_threads_pricing_at_once_price_as_one_does() -> None:
         with ThreadPoolExecutor(len(batches)) as pool:
             for _ in range(20):
                 shared = Pricing(True, Decimal(0), {})
-                got = pool.map(partial(_priced_by, priced, shared, batches), range(8))
+                # Odd batches priced one by one, even ones on columns.
+                got = pool.map(
+                    lambda k, pricing=shared: priced(pricing, batches[k], 1000 * (k % 2)), range(8)
+                )
                 assert list(got) == expected
     finally:
         sys.setswitchinterval(switching)
