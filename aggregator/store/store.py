@@ -51,7 +51,13 @@ from aggregator.store.machinery.memtable import ROW_GROUP, Memtable, Positions
 from aggregator.store.machinery.merger import Merger
 from aggregator.store.machinery.migrations import migrate
 from aggregator.store.machinery.rollups import Prepared
-from aggregator.store.machinery.segments import FANOUT, RELATIONS, Segment, Segments
+from aggregator.store.machinery.segments import (
+    FANOUT,
+    RELATIONS,
+    Segment,
+    Segments,
+    SegmentsChanged,
+)
 from aggregator.store.machinery.segments import folder_of as segments_folder
 from aggregator.store.machinery.writer import (
     DEFAULT_JOB_BOUND_SECONDS,
@@ -523,10 +529,13 @@ class Store:
                     with exclusive:
                         if not segments.still_live(change.retired):
                             return None  # merged or rewritten meanwhile
-                        with transaction(cursor), registered(cursor, "_lifted", rows):
-                            segments.commit(cursor, change)
-                            base = RELATIONS[relation].base
-                            cursor.execute(f"INSERT INTO {base} SELECT * FROM _lifted")  # noqa: S608 - the store's own names
+                        try:
+                            with transaction(cursor), registered(cursor, "_lifted", rows):
+                                segments.commit(cursor, change)
+                                base = RELATIONS[relation].base
+                                cursor.execute(f"INSERT INTO {base} SELECT * FROM _lifted")  # noqa: S608 - the store's own names
+                        except SegmentsChanged:
+                            return None  # the list in memory was behind the database's
                         listed = True
                         segments.committed(change)
                 finally:

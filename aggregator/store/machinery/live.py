@@ -10,7 +10,10 @@ Every writer transaction goes through one status (`Status`), each step checking 
 3. `prepare` (OPEN -> PREPARED): the transaction's ingest requests are appended to the log and
    made durable, just before DuckDB's COMMIT.
 4. `commit` (PREPARED -> IDLE), after DuckDB's COMMIT: the staged effects run, in order (the
-   balances, the stored keys, the memtable), and the notices are sent.
+   balances, the stored keys, the memtable, the list of files), and the notices are sent; in a
+   job's `hold`, before it ends, so that no flush, merge or lift reads the list of files
+   between DuckDB's COMMIT and the list taking the change (it would list a file the job
+   rewrote). Then, outside it, `room`: applying waits for the flusher to catch up.
    Or `rollback` (OPEN or PREPARED -> IDLE): what was staged is dropped, the log's append is
    undone, and the features forget what they read, so memory never holds what DuckDB (or the
    memtable, on its way there) will not.
@@ -246,7 +249,10 @@ class Live:
                 effect()
         self.flusher.poke()
         self._announce()
-        # Backpressure: applying may not run further ahead of storing than this.
+
+    def room(self) -> None:
+        """After `commit`, outside `hold`: applying may not run further ahead of storing than
+        `max_pending_events` (backpressure)."""
         while self.memtable.events > self._max_pending:
             self.flusher.poke()
             time.sleep(0.002)
@@ -297,20 +303,23 @@ class Live:
         under `hold`: no flush or merge changes the list meanwhile."""
         self._expect(Status.OPEN)
         self._staged_segments.append(change)
-        whole = Change(
-            [s for c in self._staged_segments for s in c.added],
-            [s for c in self._staged_segments for s in c.retired],
-        )
-        self.segments.commit(con, change, whole)
+        self.segments.commit(con, change, self._within())
         self.stage(lambda: self.segments.committed(change))
+
+    def _within(self) -> Change:
+        """Every change of the files this transaction made so far: what its later changes,
+        and the views it defines, start from (the list takes them only at commit)."""
+        whole = Change()
+        for change in self._staged_segments:
+            whole = whole.then(change)
+        return whole
 
     def void(self, con: duckdb.DuckDBPyConnection, seqs: npt.NDArray[np.int64]) -> None:
         """Events voided in this transaction (their rows in `voided_events` already): the
-        `events` view leaves them out from now on (`Segments.void`). Only under `hold`, before
-        the transaction changes the events' files."""
+        `events` view leaves them out from now on (`Segments.void`). Only under `hold`."""
         self._expect(Status.OPEN)
         self._voiding = True
-        self.segments.void(con, seqs)
+        self.segments.void(con, seqs, self._within())
         self.stage(self.segments.voided)
 
     def delete_rows(
@@ -321,7 +330,8 @@ class Live:
         this transaction (under `hold`, as `change_segments`)."""
         base = RELATIONS[relation].base
         con.execute(f"DELETE FROM {base} WHERE {where}", params)  # noqa: S608 - fixed text, values bound
-        self.change_segments(con, self.segments.rewrite(con, relation, where, params))
+        rewritten = self.segments.rewrite(con, relation, where, params, self._within())
+        self.change_segments(con, rewritten)
 
     def webhooks_due(self) -> None:
         """The transaction wrote webhook events: the sender is told once it commits."""
@@ -399,7 +409,7 @@ class Live:
         What they contribute to rollups and the ledger is the job's to store. Only under
         `hold`."""
         self._expect(Status.OPEN)
-        _, change = store(con, [Applied(events)], self.segments, self.bound)
+        _, change = store(con, [Applied(events)], self.segments, self.bound, self._within())
         self._staged_segments.append(change)
         held, seqs = np.empty(0, np.uint64), np.empty(0, np.int64)
         if keyed:

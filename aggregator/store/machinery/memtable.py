@@ -185,11 +185,13 @@ def store(
     entries: list[Applied],
     segments: Segments,
     bound: groups.Bound,
+    within: Change | None = None,
 ) -> tuple[int | None, Change]:
-    """Store `entries` (inside the caller's transaction): their events and rollups as new
-    segments (written, and listed in the transaction), the rest in tables. Return the last
-    ingest log request they complete, if any, and the segments' change (for the caller to
-    tell `segments` once the transaction has committed, or to abandon)."""
+    """Store `entries` (inside the caller's transaction, whose changes of the files so far are
+    `within`): their events and rollups as new segments (written, and listed in the
+    transaction), the rest in tables. Return the last ingest log request they complete, if
+    any, and the segments' change (for the caller to tell `segments` once the transaction has
+    committed, or to abandon)."""
     change = Change()
     try:
         files: list[tuple[str, pa.Table]] = []
@@ -206,7 +208,7 @@ def store(
         files += [(r, t) for r, t in found.items() if t.num_rows]
         change.added += segments.write_all(files)
         rollups.store_ledger(con, evaluated)
-        segments.commit(con, change)
+        segments.commit(con, change, None if within is None else within.then(change))
     except BaseException:
         segments.abandon(change)
         raise

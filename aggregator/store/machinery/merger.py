@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 import duckdb
 
 from aggregator.store.base.rows import transaction
-from aggregator.store.machinery.segments import Change, Segment, Segments
+from aggregator.store.machinery.segments import Change, Segment, Segments, SegmentsChanged
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,11 @@ class Merger:
             with self._exclusive:
                 if not self._segments.still_live(inputs):
                     return False
-                with transaction(self._con):
-                    self._segments.commit(self._con, change)
+                try:
+                    with transaction(self._con):
+                        self._segments.commit(self._con, change)
+                except SegmentsChanged:
+                    return False  # the list in memory was behind the database's
                 listed = True
                 self._segments.committed(change)
         finally:

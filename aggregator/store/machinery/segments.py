@@ -184,6 +184,15 @@ class Change:
     def __bool__(self) -> bool:
         return bool(self.added or self.retired)
 
+    def then(self, other: Change) -> Change:
+        """This change, then `other` (of the same transaction)."""
+        return Change([*self.added, *other.added], [*self.retired, *other.retired])
+
+
+class SegmentsChanged(AggregatorError):
+    """A change retires a file that its transaction does not see listed (another transaction
+    retired it first): committed, it would list the file's rows twice."""
+
 
 class Segments:
     """The files of every relation, in `folder`. The list is changed only under the store's
@@ -254,6 +263,12 @@ class Segments:
         with self._lock:
             return list(self._live[relation])
 
+    def files(self, relation: str, within: Change | None = None) -> list[Segment]:
+        """The files of `relation` as a transaction sees them that made the change `within`
+        so far (none: the committed list)."""
+        with self._lock:
+            return self._after(relation, within or Change())
+
     # ---- step 1 ---------------------------------------------------------------------------
 
     def write(self, relation: str, table: pa.Table, level: int = 0) -> Segment:
@@ -316,10 +331,14 @@ class Segments:
                 [[s.relation, s.number, s.level, s.rows, s.size] for s in change.added],
             )
         if change.retired:
-            con.execute(
-                "DELETE FROM segments WHERE number IN (SELECT unnest(?::BIGINT[]))",
-                [[s.number for s in change.retired]],
-            )
+            numbers = [s.number for s in change.retired]
+            gone = con.execute(
+                "DELETE FROM segments WHERE number IN (SELECT unnest(?::BIGINT[]))"
+                " RETURNING number",
+                [numbers],
+            ).fetchall()
+            if len(gone) != len(set(numbers)):
+                raise SegmentsChanged(f"retiring {sorted(numbers)}, {len(gone)} still listed")
         for name in {s.relation for s in (*change.added, *change.retired)}:
             self._define(con, name, self._after(name, whole or change))
 
@@ -342,9 +361,10 @@ class Segments:
             self.path(segment).unlink(missing_ok=True)
 
     def _after(self, relation: str, change: Change) -> list[Segment]:
+        # A file a transaction added and then rewrote itself is retired too.
         gone = {s.number for s in change.retired}
         kept = [s for s in self._live[relation] if s.number not in gone]
-        return kept + [s for s in change.added if s.relation == relation]
+        return kept + [s for s in change.added if s.relation == relation and s.number not in gone]
 
     def _define(
         self, con: duckdb.DuckDBPyConnection, relation: str, segments: Sequence[Segment]
@@ -376,14 +396,19 @@ class Segments:
             parts.append(f"SELECT * FROM ({self._read(spec, dirty)}){without}")  # noqa: S608 - fixed text
         con.execute(f"CREATE OR REPLACE VIEW events AS {' UNION ALL '.join(parts)}")
 
-    def void(self, con: duckdb.DuckDBPyConnection, seqs: npt.NDArray[np.int64]) -> None:
+    def void(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        seqs: npt.NDArray[np.int64],
+        within: Change | None = None,
+    ) -> None:
         """Events voided in the caller's transaction (their rows in `voided_events` already):
-        the `events` view defined anew without them; the set held at commit (`voided`), or
-        dropped (`abandon_void`). Before any other change of the events' files in the same
-        transaction."""
+        the `events` view defined anew without them, over the files as the transaction's
+        changes so far (`within`) leave them; the set held at commit (`voided`), or dropped
+        (`abandon_void`)."""
         held = self._voided if self._voiding is None else self._voiding
         self._voiding = _merged(held, seqs)
-        self._current(con, self.live("events"))
+        self._current(con, self.files("events", within))
 
     def voided(self) -> None:
         """After COMMIT: the voided seqs of the transaction are held."""
@@ -427,12 +452,18 @@ class Segments:
     # ---- rows deleted ---------------------------------------------------------------------
 
     def rewrite(
-        self, con: duckdb.DuckDBPyConnection, relation: str, where: str, params: list[object]
+        self,
+        con: duckdb.DuckDBPyConnection,
+        relation: str,
+        where: str,
+        params: list[object],
+        within: Change | None = None,
     ) -> Change:
         """The files of `relation` holding rows that `where` matches, written again without
         them (step 1), as a change for the caller to commit in the transaction that deletes
-        the base table's rows."""
-        return self.extract(con, relation, where, params, keep=False)[0]
+        the base table's rows; of the files as that transaction's changes so far (`within`)
+        leave them."""
+        return self.extract(con, relation, where, params, keep=False, within=within)[0]
 
     def extract(
         self,
@@ -442,11 +473,12 @@ class Segments:
         params: list[object],
         *,
         keep: bool = True,
+        within: Change | None = None,
     ) -> tuple[Change, pa.Table | None]:
         """`rewrite`, and the rows taken out of the files (`keep`), in the files' order."""
         change = Change()
         taken: list[pa.Table] = []
-        for segment in self.live(relation):
+        for segment in self.files(relation, within):
             source = f"read_parquet('{self.path(segment)}')"
             matched = con.execute(
                 f"SELECT count(*) FROM {source} WHERE {where}",  # noqa: S608 - fixed text, values bound

@@ -115,6 +115,10 @@ class Hooks(Protocol):
         ...
 
     def commit(self) -> None: ...
+    def room(self) -> None:
+        """After `commit`, outside `hold` (it may wait for the flusher)."""
+        ...
+
     def rollback(self) -> None: ...
     def hold(self) -> AbstractContextManager[object]:
         """Every applied event stored, and kept so, while a transaction of `waits_for_pending`
@@ -342,12 +346,17 @@ class Writer:
         held = hooks.hold() if hooks and self._barrier(group[0].job) else nullcontext()
         with held:
             results = self._transaction(group)
+            if hooks:
+                # Inside `hold`: the list of files takes the group's change before a flush,
+                # merge or lift can read it.
+                try:
+                    hooks.commit()
+                except Exception:  # committed in DuckDB: the callers have their results
+                    log.critical(
+                        "applying a committed group's effects in memory failed", exc_info=True
+                    )
         if hooks:
-            # Outside `hold`: the effects may wait for the flusher (backpressure).
-            try:
-                hooks.commit()
-            except Exception:  # committed in DuckDB: the callers have their results
-                log.critical("applying a committed group's effects in memory failed", exc_info=True)
+            hooks.room()  # outside `hold`: it waits for the flusher
         return results
 
     def _transaction(self, group: list[_Pending[Any]]) -> list[Outcome]:
