@@ -17,8 +17,10 @@ authenticate from the topic, not from the core's volume, and any core takes any 
    and each organization's OTLP settings (`otlp.settings`), which an edge's `POST /v1/traces`
    needs, and its pricing settings (`pricing.settings`, which cores apply too), which an edge's
    ingest prices with.
-4. Keep: the core stores token records into its registry (`keep_record`), so a token made on
-   the topic works on its API too.
+4. Keep: the core stores token records into its registry (`keep_record`) as its view reads
+   them, so a token made on the topic works on its API too: at start, before it serves (a
+   core that waited for its journal to apply them answered a valid token 401 for seconds
+   after it said it was ready), and at once after.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
@@ -104,11 +106,19 @@ class TokenView:
     manager: entered, it has read the topic up to the end it found."""
 
     def __init__(
-        self, kafka: KafkaSettings, sealer: Sealer, secret: bytes, *, only_tokens: bool = False
+        self,
+        kafka: KafkaSettings,
+        sealer: Sealer,
+        secret: bytes,
+        *,
+        only_tokens: bool = False,
+        keep: Callable[[Command], None] | None = None,
     ) -> None:
         """`only_tokens`: tokens are all this process takes (an edge, `token create --kafka`):
         if not one sealed record opens with `secret`, entering it refuses the secret
-        (UsageError), rather than refuse every token or publish one that works nowhere."""
+        (UsageError), rather than refuse every token or publish one that works nowhere.
+        `keep`: told each record of `KINDS` read (a core's registry: step 4)."""
+        self._keep = keep
         self._kafka = kafka
         self._sealer = sealer
         self._secret = secret
@@ -187,6 +197,8 @@ class TokenView:
                 opened += found.drawn != sealed.drawn
                 if found.kind in VIEWED:
                     self.add(found)
+                if self._keep is not None and found.kind in KINDS:
+                    self._keep(found)
         return opened, refused
 
     def add(self, record: Command) -> None:

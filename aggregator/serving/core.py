@@ -163,7 +163,7 @@ async def serve(
                 # forwards on from it).
                 progress = Progress(store, journal, state_payload=state_payload)
                 # Organizations and tokens reach the edges through the control topic.
-                view = await stack.enter_async_context(TokenView(kafka, sealer, secret))
+                view = await stack.enter_async_context(TokenView(kafka, sealer, secret, keep=keep))
                 exporter = await stack.enter_async_context(
                     TokenExporter(registry, view, kafka, sealer)
                 )

@@ -114,3 +114,33 @@ def test_an_edge_without_the_cluster_secret_says_what_it_needs(tmp_path: Path) -
         edge = MeterlineServer(tmp_path, *kafka, command="ingest")
         with pytest.raises(RuntimeError, match=r"secret\.key does not exist"):
             edge.start()
+
+
+def test_a_process_ready_takes_every_token_the_topic_held_when_it_started(
+    tmp_path: Path,
+) -> None:
+    """A token published with `token create --kafka` before a core and an edge start is taken
+    by each from its first answer of `/healthz` on: a core that waited for its journal to
+    apply the token's record answered it 401 for seconds after it said it was ready."""
+    with Broker() as broker:
+        kafka = ("--kafka", broker.bootstrap, "--no-idempotence", "--partitions", "3")
+        with ServedCore(tmp_path / "leader", *kafka) as leader:
+            secret = _secret_only(tmp_path / "leader", tmp_path / "secret") / "secret.key"
+            shared = (*kafka, "--secret-file", str(secret))
+            for start in range(3):
+                cli = _secret_only(tmp_path / "leader", tmp_path / f"cli{start}")
+                made = data_dir_cli(cli, "token", "create", *kafka[:3], "--org", f"o{start}")
+                assert made.returncode == 0, made.stderr
+                token = made.stdout.strip()
+                auth = {"Authorization": f"Bearer {token}"}
+                standby_dir = tmp_path / f"standby{start}"
+                with ServedCore(standby_dir, *shared, dev_token=False) as standby:
+                    with httpx.Client(base_url=standby.url) as client:
+                        assert client.get("/v1/customers/", headers=auth).status_code == 200
+                    edge_args = (*shared, "--core", standby.url, "--core", leader.url)
+                    with ServedCore(
+                        tmp_path / f"edge{start}", *edge_args, command="ingest"
+                    ) as edge:
+                        assert _ingests(edge, token) == 200
+                        with edge.client(token) as client:
+                            assert client.get("/v1/customers/").status_code == 200
