@@ -48,7 +48,7 @@ from aggregator.api import (
 from aggregator.api.context import ApiContext
 from aggregator.api.openapi import Operation, declared
 from aggregator.api.openapi_routes import HealthShape, StorageHealthShape
-from aggregator.api.read_after import Applied, read_after
+from aggregator.api.read_after import Applied, EventsApplied, read_after
 from aggregator.api.shard_routing import Sharding, shard_routing
 from aggregator.auth import TokenRegistry
 from aggregator.backfill import Backfiller
@@ -361,8 +361,12 @@ def build_app(
         *openapi_routes.routes(version()),
     ]
     middleware = [count_responses(responses), methods_checked(routes)]
-    if applied is not None:
-        middleware.append(read_after(applied))
+    if applied is not None and kafka is not None:
+        topic, shard = kafka.topic, kafka.shard
+        events = EventsApplied(
+            lambda: store.committed_offsets(topic), shard.owns, front.acknowledged, authenticate
+        )
+        middleware.append(read_after(applied, events))
     if sharding is not None:
         middleware.append(shard_routing(authenticate, sharding))
     errors = _errors(kafka).handlers

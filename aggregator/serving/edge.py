@@ -65,7 +65,9 @@ async def serve_edge(
         authenticate = view.organization_id
         cores = None
         if settings.cores.cores:
-            cores = await stack.enter_async_context(Cores(settings.cores, authenticate))
+            cores = await stack.enter_async_context(
+                Cores(settings.cores, authenticate, front.acknowledged)
+            )
         otlp_of = PerOrganization(settings.ingest.otlp, view.otlp_settings)
         app = edge_app(
             publisher,

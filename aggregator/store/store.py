@@ -652,6 +652,11 @@ class Store:
         """The next offset of each partition of `topic` as applied so far (stored or not)."""
         return self.live.applied_offsets(topic)
 
+    def committed_offsets(self, topic: str) -> dict[int, int]:
+        """The next offset of each partition of `topic` whose events are applied and committed
+        (stored or not): what a request waiting for events (`api.read_after`) reads."""
+        return self.live.committed_offsets(topic)
+
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         cursor: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
         if cursor is None:

@@ -15,6 +15,14 @@ from ingest.http.edge import (
 )
 from ingest.http.metrics import Responses, Source, count_responses, metrics_route
 from ingest.http.otlp import PerOrganization
+from ingest.http.positions import (
+    EVENTS_AFTER_HEADER,
+    Acknowledged,
+    format_positions,
+    is_correction,
+    merged,
+    parse_positions,
+)
 from ingest.http.protocol import Gate, http_protocol
 from ingest.http.requests import Authenticate, bearer_subject, json_body, organization_of
 from ingest.http.responses import (
@@ -38,6 +46,7 @@ from ingest.http.responses import (
 from ingest.settings import MIB, CoreRouting, IngestSettings, Limits, OtlpSettings, Rate
 
 __all__ = [
+    "EVENTS_AFTER_HEADER",
     "HOP_BY_HOP",
     "JSON",
     "MIB",
@@ -46,6 +55,7 @@ __all__ = [
     "READ_AFTER_HEADER",
     "TOKENS_IN_DATA_DIR",
     "TOKENS_ON_CONTROL_TOPIC",
+    "Acknowledged",
     "Admission",
     "Authenticate",
     "CloudEvent",
@@ -75,12 +85,16 @@ __all__ = [
     "edge_app",
     "end_to_end",
     "error",
+    "format_positions",
     "http_protocol",
     "ingest_routes",
+    "is_correction",
     "is_stream",
     "json_body",
+    "merged",
     "metrics_route",
     "organization_of",
+    "parse_positions",
     "relayed",
     "streamed",
 ]

@@ -13,7 +13,9 @@ The protocol (each step is named where the code takes it):
    `Idempotency-Key` is given a fresh one, so that sending it again applies it once. A read of
    an organization whose write this edge answered carries `Meterline-Read-After`: the control
    offset that answer carried; the core answers once it has applied the control topic that far
-   (else 503, and the next core is asked).
+   (else 503, and the next core is asked). A correction of stored events carries
+   `Meterline-Events-After`: where the events this edge acknowledged to the organization are
+   (`positions`), so that the core applies it after them.
 3. Send: a read to the first core and, unanswered after `hedge_seconds`, to the next as well
    (the first answer wins, the other is cancelled); a write to one core at a time, each for at
    most `write_attempt_seconds`.
@@ -44,6 +46,14 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ingest.http.positions import (
+    EVENTS_AFTER_HEADER,
+    Acknowledged,
+    format_positions,
+    is_correction,
+    merged,
+    parse_positions,
+)
 from ingest.http.requests import read_body
 from ingest.http.responses import HOP_BY_HOP, error, is_stream, relayed, streamed
 from ingest.settings import CoreRouting
@@ -84,10 +94,17 @@ class Cores:
     """Sends requests to the cores (the edge's catch-all route, `handle`). An async context
     manager: it probes the cores' health while open."""
 
-    def __init__(self, routing: CoreRouting, organization: Callable[[str], str | None]) -> None:
-        """`organization` names a bearer token's organization (None: unknown to the edge)."""
+    def __init__(
+        self,
+        routing: CoreRouting,
+        organization: Callable[[str], str | None],
+        acknowledged: Acknowledged | None = None,
+    ) -> None:
+        """`organization` names a bearer token's organization (None: unknown to the edge);
+        `acknowledged`: where the events this edge acknowledged are (step 2)."""
         self._routing = routing
         self._organization = organization
+        self._acknowledged = acknowledged or Acknowledged()
         self._down: set[str] = set()
         self._written: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._client: httpx.AsyncClient | None = None
@@ -151,6 +168,12 @@ class Cores:
         if method in READS and written is not None:
             headers.append((READ_AFTER_HEADER, str(written)))
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if key and is_correction(method, request.url.path):
+            given = parse_positions(request.headers.get(EVENTS_AFTER_HEADER, "")) or {}
+            after = merged(given, self._acknowledged.of(key))
+            if after:
+                headers = [(k, v) for k, v in headers if k != EVENTS_AFTER_HEADER]
+                headers.append((EVENTS_AFTER_HEADER, format_positions(after)))
         return _Prepared(method, target, headers, body, key)
 
     async def _read(self, ranked: list[str], prepared: _Prepared, deadline: float) -> Response:

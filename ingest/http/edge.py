@@ -31,6 +31,7 @@ from ingest.http.cloudevents import CLOUDEVENTS_MEDIA, OPENMETER_PATH, CloudEven
 from ingest.http.cores import Cores
 from ingest.http.metrics import Responses, count_responses, metrics_route
 from ingest.http.otlp import OTLP_PATH, OtlpTraces, Spans
+from ingest.http.positions import EVENTS_AFTER_HEADER, Acknowledged, format_positions
 from ingest.http.pricing import Unpriced
 from ingest.http.protocol import Gate
 from ingest.http.requests import Authenticate, authenticated
@@ -76,6 +77,10 @@ class IngestResult(TypedDict):
     duplicates: int
 
 
+# An ingest's answer, and the headers it goes with.
+Published = tuple[IngestResult, dict[str, str]]
+
+
 class Converter(Protocol):
     """A body of another format: turned into an ingest body, its errors located in it."""
 
@@ -98,7 +103,7 @@ def ingest_routes(
     it is asked once a request), which price its `_llm` events without `_cost`."""
     admission = front.admission
 
-    async def publish(request: Request, converter: Converter | None) -> IngestResult:
+    async def publish(request: Request, converter: Converter | None) -> Published:
         token, org = authenticated(request, authenticate)
         admission.check_rate(token, org)
         body = await admission.read_body(request, org, settings.max_body_bytes)
@@ -143,18 +148,23 @@ def ingest_routes(
             body.release()
         admission.charge_events(token, org, result.inserted + result.duplicates)
         front.unpriced.add(org, result.unpriced)
-        return IngestResult(inserted=result.inserted, duplicates=result.duplicates)
+        headers = {}
+        if result.positions:  # Kafka: where the events are (`positions`, steps 1 and 2)
+            front.acknowledged.add(org, result.positions)
+            headers[EVENTS_AFTER_HEADER] = format_positions(dict(result.positions))
+        return IngestResult(inserted=result.inserted, duplicates=result.duplicates), headers
 
     async def ingest(request: Request) -> JSON:
         # Content-Type first: the JSON path takes no other step than before.
         media = request.headers.get("content-type", "")
-        if media.startswith(CLOUDEVENTS_MEDIA):
-            return JSON(await publish(request, CloudEventsBody(media)))
-        return JSON(await publish(request, None))
+        converter = CloudEventsBody(media) if media.startswith(CLOUDEVENTS_MEDIA) else None
+        result, headers = await publish(request, converter)
+        return JSON(result, headers=headers)
 
     async def openmeter(request: Request) -> Response:
-        await publish(request, CloudEventsBody(request.headers.get("content-type", "")))
-        return Response(status_code=204)
+        media = request.headers.get("content-type", "")
+        _, headers = await publish(request, CloudEventsBody(media))
+        return Response(status_code=204, headers=headers)
 
     async def traces(request: Request) -> Response:
         _, org = authenticated(request, authenticate)  # a 401 before anything is read
@@ -189,6 +199,8 @@ class Front:
 
     admission: Admission
     responses: Responses = field(default_factory=Responses)
+    # Where the events acknowledged to each organization are (Kafka: `positions`).
+    acknowledged: Acknowledged = field(default_factory=Acknowledged)
     spans: Spans = field(default_factory=Counter)  # OTLP spans per outcome and organization
     unpriced: Unpriced = field(default_factory=Unpriced)  # `_llm` events pricing could not price
 

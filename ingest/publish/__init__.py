@@ -17,6 +17,9 @@ class PublishResult:
     duplicates: int
     # The `_llm` events without `_cost` that pricing could not price, per `<vendor>/<model>`.
     unpriced: Counter[str] = field(default_factory=Counter)
+    # Kafka: (partition, the offset after the request's last record there), per partition its
+    # records went to (`ingest.http.positions`); embedded, none (applied before the answer).
+    positions: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(slots=True)

@@ -101,7 +101,7 @@ class KafkaPublisher:
                         headers=record.headers,
                     )
                 )
-            await asyncio.gather(*acks)
+            written = await asyncio.gather(*acks)
         except KafkaError as exc:
             raise Unavailable(
                 f"The event log did not accept the events ({exc}); retry.", 1
@@ -111,7 +111,10 @@ class KafkaPublisher:
                 if ack.done() and not ack.cancelled():
                     ack.exception()
         accepted = sum(record.events for record in encoded.records)
-        return PublishResult(accepted, encoded.duplicates, unpriced)
+        after: dict[int, int] = {}
+        for metadata in written:
+            after[metadata.partition] = max(metadata.offset + 1, after.get(metadata.partition, 0))
+        return PublishResult(accepted, encoded.duplicates, unpriced, tuple(sorted(after.items())))
 
     async def dead_letter(self, organization_id: str, letters: list[tuple[str, bytes]]) -> None:
         """Keyed by the organization, as its columnar records are, so that its dead-letter view

@@ -365,6 +365,11 @@ class Live:
             offsets.update((p, o) for t, p, o in entry.offsets if t == topic)
         return offsets
 
+    def committed_offsets(self, topic: str) -> dict[int, int]:
+        """The next offset of each partition of `topic` as committed so far (what any thread
+        may read: a batch in a transaction not yet committed is not there)."""
+        return {p: o for (t, p), o in list(self._offsets.items()) if t == topic}
+
     def set_offsets(self, topic: str, offsets: dict[int, int]) -> None:
         """A job changed the stored offsets themselves (a reset, a partition's start): held
         from its commit on."""
@@ -452,10 +457,12 @@ class Live:
             # ... and a partition's offsets only move forward.
             assert offset >= self._offsets.get((topic, partition), 0), (topic, partition)
         self.dedupe.add(fingerprints, seqs)
-        self._offsets.update(((t, p), o) for t, p, o in entry.offsets)
         for ev in entry.evaluated:
             self.add_usage(ev)
         self.memtable.add(entry)
+        # Last: a reader that sees the offsets (`committed_offsets`) finds the events in the
+        # memtable, so a read's wait for them to be stored (the flusher's barrier) covers them.
+        self._offsets.update(((t, p), o) for t, p, o in entry.offsets)
 
     def add_usage(self, evaluated: Evaluated) -> None:
         """Fold a batch's ledger usage into the balances (at commit)."""
