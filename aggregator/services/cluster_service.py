@@ -11,7 +11,13 @@ import duckdb
 import orjson
 
 from aggregator.services import ledger_service
-from aggregator.store import Store, control_offset, ledger_tables, logical_rows
+from aggregator.store import (
+    Store,
+    control_offset,
+    derived_figures,
+    ledger_tables,
+    logical_rows,
+)
 from ingest.kafka import KafkaSettings
 
 __all__ = ["Digest", "digest"]
@@ -52,8 +58,9 @@ async def digest(store: Store, organization_id: str, kafka: KafkaSettings | None
         ]
         tables = {
             table: (len(rows), hashlib.sha256(orjson.dumps(rows, default=str)).hexdigest())
-            for table, rows in sorted(state.items())
+            for table, rows in state.items()
         }
+        tables = dict(sorted({**tables, **derived_figures(con, organization_id)}.items()))
         whole = hashlib.sha256(orjson.dumps(tables)).hexdigest()
         control = None if kafka is None else control_offset(con, kafka.control_topic, 0)
         events = {} if kafka is None else store.applied_offsets(kafka.topic)

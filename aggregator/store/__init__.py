@@ -63,7 +63,7 @@ from aggregator.store.tables.correction_jobs import Voided
 from aggregator.store.tables.correction_reads import Replaced
 from aggregator.store.tables.cost_queries import GROUP_KEYS, CostQuery, decimal_text
 from aggregator.store.tables.customer_tables import CUSTOMER_SORTS, CustomerRow, customers_by_refs
-from aggregator.store.tables.digest import logical_rows
+from aggregator.store.tables.digest import derived_figures, logical_rows
 from aggregator.store.tables.event_tables import EventQuery, subjects_first_timestamp
 from aggregator.store.tables.event_type_tables import (
     EventTypeRow,
@@ -164,6 +164,7 @@ __all__ = [
     "customers_by_refs",
     "cycle_due_job",
     "decimal_text",
+    "derived_figures",
     "dimensions",
     "disk_full",
     "event_tables",

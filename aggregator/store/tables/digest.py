@@ -24,6 +24,16 @@ A meter's dimensions (column `meters.dimensions`, schema step 32) count apart, a
 for an organization with such meters: two cores that disagree on them differ, and one without
 any has the digest the previous main gives it.
 
+Derived figures count too (`derived_figures`), so that two cores that would answer any read
+differently never report equal digests: the rollups of every meter per customer reference and
+15-minute bucket (of a dimensioned meter, per group of its dimensions' values too), the
+distinct values of unique meters and the points of latest and integral meters, and (the
+service adds them) each customer meter's consumed and credited units. They are merged per key
+first, whatever files, deltas or rows of the base tables hold them, and a key whose events
+were all voided away counts as absent; a float is written with 12 significant digits, so that
+sums folded in another order (a core's merges are its own) count as equal. They are named
+apart from the tables (`rollups:...`), which a previous main's digest has alone.
+
 Tables added since the previous main (`otlp_settings`, `pricing_settings`, `credit_grants`,
 the corrections' `voided_events`, `event_versions` and `void_jobs`, and `top_up_rules` and
 `top_ups`) count only for an organization with rows in them: one without any has the digest
@@ -39,7 +49,7 @@ import duckdb
 
 from meters.ledger_rules import PRIORITY_DEFAULT
 
-__all__ = ["TABLES", "logical_rows"]
+__all__ = ["DERIVED", "TABLES", "derived_figures", "logical_rows"]
 
 # Each table's columns left out (see above); every other column counts.
 TABLES: dict[str, tuple[str, ...]] = {
@@ -98,3 +108,64 @@ def logical_rows(
     if dimensions:
         out["meter_dimensions"] = dimensions
     return out
+
+
+# Each derived relation's rows of an organization, merged per key, as (meter_id, subject,
+# line): `line` is the key and its figures as text (`derived_figures`). `$org` is bound.
+_NUMBER = "printf('%.12g', {})"
+_MERGED_NUMBERS = (
+    "sum(r.events)::BIGINT AS events, sum(r.total) AS total,"
+    " CASE WHEN m.aggregation->>'func' IN ('min', 'max') THEN min(r.low) END AS low,"
+    " CASE WHEN m.aggregation->>'func' IN ('min', 'max') THEN max(r.high) END AS high"
+)
+_NUMBER_LINE = (
+    f"concat_ws('|', bucket, events, {_NUMBER.format('total')},"
+    f" coalesce({_NUMBER.format('low')}, ''), coalesce({_NUMBER.format('high')}, ''))"
+)
+_OF_ORG = "JOIN meters m ON m.id = r.meter_id WHERE m.organization_id = $org::UUID"
+DERIVED: dict[str, str] = {
+    "rollups": (
+        f"SELECT meter_id, subject, {_NUMBER_LINE} AS line FROM ("  # noqa: S608 - fixed text
+        f" SELECT r.meter_id, r.subject, r.bucket, {_MERGED_NUMBERS} FROM all_rollups r {_OF_ORG}"
+        " GROUP BY r.meter_id, r.subject, r.bucket, m.aggregation) WHERE events <> 0"
+    ),
+    "rollup_groups": (
+        f"SELECT meter_id, subject, concat_ws('|', d0, d1, d2, {_NUMBER_LINE}) AS line FROM ("  # noqa: S608 - fixed text
+        f" SELECT r.meter_id, r.subject, r.bucket, r.d0, r.d1, r.d2, {_MERGED_NUMBERS}"
+        f" FROM all_rollup_groups r {_OF_ORG}"
+        " GROUP BY r.meter_id, r.subject, r.bucket, r.d0, r.d1, r.d2, m.aggregation)"
+        " WHERE events <> 0"
+    ),
+    "rollup_values": (
+        "SELECT DISTINCT r.meter_id, r.subject, concat_ws('|', r.bucket, r.value) AS line"  # noqa: S608 - fixed text
+        f" FROM all_rollup_values r {_OF_ORG}"
+    ),
+    "rollup_points": (
+        "SELECT r.meter_id, r.subject,"  # noqa: S608 - fixed text
+        f" concat_ws('|', r.bucket, r.at_us, {_NUMBER.format('max(r.value)')}) AS line"
+        f" FROM all_rollup_points r {_OF_ORG} GROUP BY r.meter_id, r.subject, r.bucket, r.at_us"
+    ),
+}
+
+
+def derived_figures(
+    con: duckdb.DuckDBPyConnection, organization_id: str
+) -> dict[str, tuple[int, str]]:
+    """Each derived relation's rows of the organization (`DERIVED`), as (rows, SHA-256 of
+    their lines in order), named `rollups:<relation>`; a relation without rows is left out
+    (an organization without meters has the digest the previous main gives it). Hashed in
+    DuckDB per customer meter first, so that no one string holds every row."""
+    found = {}
+    for name, rows in DERIVED.items():
+        n, digest = con.execute(
+            f"WITH found AS ({rows}),"  # noqa: S608 - fixed text
+            " pairs AS (SELECT meter_id, subject, count(*) AS n,"
+            " sha256(string_agg(line, chr(10) ORDER BY line)) AS h FROM found GROUP BY ALL)"
+            " SELECT coalesce(sum(n), 0)::BIGINT,"
+            " sha256(coalesce(string_agg(concat_ws(' ', meter_id, subject, h), chr(10)"
+            " ORDER BY meter_id, subject), '')) FROM pairs",
+            {"org": organization_id},
+        ).fetchall()[0]
+        if n:
+            found[f"rollups:{name}"] = (int(n), str(digest))
+    return found
