@@ -55,7 +55,9 @@ class Voider:
         self,
         store: Store,
         *,
-        chunk_events: int = 250_000,
+        # The first step's events: few, so that a job's progress shows within a second and
+        # its first step holds the writer no longer than its later ones (they follow its cost).
+        chunk_events: int = 10_000,
         min_chunk_events: int = 10_000,
         max_chunk_events: int = 500_000,
         retry_seconds: float = 1.0,

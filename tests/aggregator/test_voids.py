@@ -139,3 +139,33 @@ async def _replicas(tmp_path: Path, kafka: KafkaSettings) -> None:
         assert await follower.read(logical_rows, ORG) == await leader.read(logical_rows, ORG)
         done = await follower.read(void_jobs.get_job, ORG, job_id)
         assert done is not None and done.status == "done"
+
+
+def test_a_large_jobs_progress_moves_while_it_runs(tmp_path: Path) -> None:
+    """A job's first step is small (its later ones follow what a step costs), so its progress
+    shows within a second: a 200,000-event job once read `voided: 0` for seconds, its first
+    step being all of it."""
+    at, job_id = now_us(), str(uuid.uuid4())
+    events = [
+        {"name": "call", "external_customer_id": "cee", "external_id": f"x{i}"}
+        for i in range(40_000)
+    ]
+    table = to_table(parse_ingest_body({"events": events}, now=at, rules=EventRules()))
+
+    async def run() -> list[int]:
+        async with Store(tmp_path / "m.duckdb") as store:
+            await _setup(store, at)
+            await store.write(IngestJob(ORG, table, at), weight=table.num_rows)
+            async with Voider(store) as voider:
+                job = await store.write(_created(job_id, at))
+                voider.start(job_id)
+                seen = []
+                while not job.done:
+                    job = await store.read_now(void_jobs.get_job, ORG, job_id)
+                    seen.append(job.voided)
+                    await asyncio.sleep(0.005)
+                return seen
+
+    seen = asyncio.run(run())
+    assert seen[-1] == 40_000 + 200  # and the setup's events of the customer
+    assert any(0 < n < seen[-1] for n in seen), sorted(set(seen))
