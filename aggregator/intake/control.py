@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0
 MAX_RECORDS = 500  # per fetch: the writes of one fetch are in the writer at once
+# The kinds of write records that correct stored events (decision 18): each applied alone.
+CORRECTIONS = frozenset({"event.void", "event.amend", "event.replace"})
 
 
 class ControlTopic:
@@ -214,25 +216,45 @@ class ControlApplier:
         assert self._consumer is not None
         while True:
             fetched = await self._consumer.getmany(timeout_ms=100, max_records=MAX_RECORDS)
-            records = fetched.get(self._partition, [])
-            if not records:
-                continue
-            entry = Entry(
-                self._kafka.control_topic,
-                ((0, records[0].offset, records[-1].offset + 1),),
-                now_us(),
-            )
+            for group in self._groups(fetched.get(self._partition, [])):
+                entry = Entry(
+                    self._kafka.control_topic,
+                    ((0, group[0].offset, group[-1].offset + 1),),
+                    now_us(),
+                )
+                try:
+                    await self._journal.append(entry, partial(self._apply, group))
+                except asyncio.CancelledError:
+                    raise
+                except OffsetGap as exc:  # read before a catch-up applied them
+                    log.info("re-reading write records from the stored position: %s", exc)
+                    await self._seek_to_stored()
+                    break
+                except Exception:
+                    log.exception("applying write records failed; reading them again")
+                    await asyncio.sleep(RETRY_SECONDS)
+                    await self._seek_to_stored()
+                    break
+
+    def _groups(
+        self, records: list[ConsumerRecord[bytes, bytes]]
+    ) -> list[list[ConsumerRecord[bytes, bytes]]]:
+        """Step 3's groups of a fetch: its records in order, a correction in a group of its
+        own. A correction costs the writer as much as thousands of other writes (it reads and
+        writes files of events and rollups), so a group of many would hold every tenant's
+        writes for its whole sum; alone, each is one writer job, as embedded mode applies it."""
+        groups: list[list[ConsumerRecord[bytes, bytes]]] = []
+        alone = False
+        for record in records:
             try:
-                await self._journal.append(entry, partial(self._apply, records))
-            except asyncio.CancelledError:
-                raise
-            except OffsetGap as exc:  # read before a catch-up applied them
-                log.info("re-reading write records from the stored position: %s", exc)
-                await self._seek_to_stored()
-            except Exception:
-                log.exception("applying write records failed; reading them again")
-                await asyncio.sleep(RETRY_SECONDS)
-                await self._seek_to_stored()
+                correction = self._control.read(record.value or b"").kind in CORRECTIONS
+            except (MetersError, Unsealable):
+                correction = False  # skipped when applied
+            if not groups or correction or alone:
+                groups.append([])
+            groups[-1].append(record)
+            alone = correction
+        return groups
 
     async def replay(
         self, entry: Entry, records: list[ConsumerRecord[bytes, bytes]], positions: Positions
