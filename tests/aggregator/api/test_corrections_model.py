@@ -387,23 +387,29 @@ class Corrections(RuleBasedStateMachine):
             page += 1
 
     def _stored(self, drafts: list[Draft], replaced: dict[str, Stored] | None = None) -> None:
-        """The model's new events for `drafts`, just stored: their ids are the new ones listed,
-        each request's (`Draft.batch`) in the order of its drafts (ids sort by ingest time,
-        then seq). A draft whose external id is one of `replaced`'s is that event's next
+        """The model's new events for `drafts`, just stored: their ids are those of the new ones
+        listed, each found by what it holds (drafts alike are alike: any of them will do; the
+        order of ids is the order of seqs, which in Kafka mode follows partitions, not the
+        request). A draft whose external id is one of `replaced`'s is that event's next
         version."""
         known = {e.id for e in self.model.events}
-        listed = [i for i in self._listed(voided="true") if i["id"] not in known]
+        listed = [_shown(i) for i in self._listed(voided="true") if i["id"] not in known]
         assert len(listed) == len(drafts), (listed, drafts)
-        ids: dict[str | None, list[str]] = {}
-        for item in sorted(listed, key=_by_id):
-            ids.setdefault(item["metadata"].get("batch"), []).append(item["id"])
         for d in drafts:
-            event_id = ids[d.batch].pop(0)
+            kind, value = self.refs[d.ref]
+            alike = [
+                i
+                for i in listed
+                if (i["name"], i["timestamp"], i["metadata"], i[kind])
+                == (d.name, _us(d.second), d.metadata, value)
+            ]
+            assert alike, ("stored", d, listed)
+            listed.remove(alike[0])
             self.model.applied += 1
             older = (replaced or {}).get(d.external_id or "")
             self.model.events.append(
                 Stored(
-                    event_id,
+                    alike[0]["id"],
                     d.name,
                     self.refs[d.ref],
                     d.external_id,
@@ -658,6 +664,49 @@ class Corrections(RuleBasedStateMachine):
         self._stored(stored)
 
     @rule(data=st.data())
+    def corrected_at_once(self, data: st.DataObject) -> None:
+        """Corrections of distinct events sent at once (a void by id, a void by external id or
+        an amendment each): they commute, so whatever order they are applied in, the model's
+        (the order drawn) gives the same. In Kafka mode the leader reads them in one fetch: in
+        one writer transaction they once rewrote the same files from the list as it was before
+        the transaction, and counted rollups twice."""
+        current = self.model.current()
+        if len(current) < 2:
+            return
+        chosen = data.draw(st.lists(st.sampled_from(current), min_size=2, max_size=6, unique_by=id))
+        client = self.core.client
+        sent: list[tuple[str, Stored, Any]] = []
+        for old in chosen:
+            kinds = ["id", "amend", *(["external"] if old.external_id is not None else [])]
+            kind = data.draw(st.sampled_from(kinds))
+            if kind == "amend":
+                amendment = self._amendment(data)
+                sent.append((kind, old, amendment))
+                continue
+            reason = data.draw(REASONS)
+            sent.append((kind, old, reason))
+        requests = []
+        for kind, old, extra in sent:
+            if kind == "amend":
+                requests.append(client.patch(f"/v1/events/{old.id}", json=extra.body))
+            elif kind == "id":
+                requests.append(
+                    client.post("/v1/events/void", json={"ids": [old.id], "reason": extra})
+                )
+            else:
+                body = {"external_ids": [old.external_id], "reason": extra}
+                requests.append(client.post("/v1/events/void", json=body))
+        answers = self.core.run(_all(*requests))
+        for (kind, old, extra), answer in zip(sent, answers, strict=True):
+            assert answer.status_code == 200, answer.text
+            if kind == "amend":
+                self._amended(old, extra, answer)
+            elif kind == "id":
+                self._voided_by_ids([old.id], answer.json(), extra)
+            else:
+                self._void([old], extra, answer.json())
+
+    @rule(data=st.data())
     def replace(self, data: st.DataObject) -> None:
         start = data.draw(st.integers(0, 5 * 60)) * 60
         end = start + data.draw(st.integers(1, 3 * 60)) * 60
@@ -818,7 +867,10 @@ class Corrections(RuleBasedStateMachine):
             "current": ("/v1/events/", user),
             "every": ("/v1/events/", {**user, "voided": "true"}),
             "of sum": ("/v1/events/", {**user, "meter_id": self.meters["sum"]}),
-            "corrections": ("/v1/events/", {"source": "system", "name": corrections}),
+            "corrections": (
+                "/v1/events/",
+                {"source": "system", "name": corrections, "limit": MAX_LISTED},
+            ),
             "customer meters": ("/v1/customer-meters/", {"limit": 100}),
             "c1's state": ("/v1/customers/external/c1/state", {}),
             "costs": ("/v1/costs/", window),
@@ -862,7 +914,7 @@ class Corrections(RuleBasedStateMachine):
     def _events_listed(self, found: dict[Any, Any]) -> None:
         """The current events, every one with `voided=true`, those a meter takes, and the
         corrections' system events when asked for by name."""
-        for listed in ("current", "every", "of sum"):
+        for listed in ("current", "every", "of sum", "corrections"):
             pages = found[listed]["pagination"]["max_page"]
             assert pages <= 1, f"more events than one page holds ({MAX_LISTED}): {pages} pages"
         current = self.model.current()
@@ -1054,10 +1106,6 @@ def _same(what: str, listed: list[dict[str, Any]], expected: list[dict[str, Any]
     differ = {i: (got.get(i), wanted.get(i)) for i in got.keys() | wanted.keys()}
     differ = {i: d for i, d in differ.items() if d[0] != d[1]}
     assert not differ, (what, "(found, model):", differ)
-
-
-def _by_id(shape: dict[str, Any]) -> str:
-    return str(shape["id"])
 
 
 Corrections.TestCase.settings = settings(
