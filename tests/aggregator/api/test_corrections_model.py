@@ -299,7 +299,7 @@ class Corrections(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = tempfile.TemporaryDirectory(prefix="meterline-corrections-")
-        self.core = InProcessCore(Path(self.tmp.name)).__enter__()
+        self.core = self._started()
         customers = {
             ext: self._ok(
                 "POST", "/v1/customers/", json={"email": f"{ext}@x.co", "external_id": ext}
@@ -322,12 +322,21 @@ class Corrections(RuleBasedStateMachine):
         self.corrections: Counter[str] = Counter()  # the system events they record, by name
         self._other_organization()
 
+    def _started(self) -> Any:
+        """What the machine calls its core (`request`, `run`, `client`, `settle`)."""
+        return InProcessCore(Path(self.tmp.name)).__enter__()
+
+    def _other_token(self) -> str:
+        registry = self.core.registry
+        return str(registry.create_token(registry.organization("other"), "tests"))
+
+    def _other_digest(self) -> str:
+        return str(self._ok("GET", "/v1/cluster/digest", headers=self.other)["digest"])
+
     def _other_organization(self) -> None:
         """Another organization with the same customer, meters and external ids: no
         correction of this one's changes its state (its digest)."""
-        registry = self.core.registry
-        token = registry.create_token(registry.organization("other"), "tests")
-        self.other = {"Authorization": f"Bearer {token}"}
+        self.other = {"Authorization": f"Bearer {self._other_token()}"}
         self._ok(
             "POST",
             "/v1/customers/",
@@ -348,7 +357,7 @@ class Corrections(RuleBasedStateMachine):
         ]
         self._ok("POST", "/v1/events/ingest", headers=self.other, json={"events": events})
         self.core.settle()
-        self.other_digest = self._ok("GET", "/v1/cluster/digest", headers=self.other)["digest"]
+        self.other_digest = self._other_digest()
 
     def teardown(self) -> None:
         self.core.__exit__(None, None, None)

@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import tempfile
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -44,12 +42,8 @@ from ingest.http import (
 )
 from tests.aggregator.api import test_corrections_model as embedded
 from tests.aggregator.api.test_corrections_model import (
-    CUSTOMERS,
-    FIRST_METERS,
-    KEYS,
     Corrections,
     Draft,
-    Model,
     Stored,
 )
 from tests.aggregator.intake.test_control_topic import _assert_same, _settled_together
@@ -188,7 +182,7 @@ class Through:
 
         self.on_each_core(settled)
 
-    def close(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.run(self.client.aclose())
         self._runner.close()
 
@@ -196,38 +190,14 @@ class Through:
 class KafkaCorrections(Corrections):
     cluster: ClassVar[Cluster]
 
-    def __init__(self) -> None:  # the embedded machine's, on the cluster
-        super(Corrections, self).__init__()
-        self.tmp = tempfile.TemporaryDirectory(prefix="meterline-corrections-kafka-")
-        name = f"model-{len(self.cluster.organizations)}"
-        token = self._token(name)
-        self.cluster.organizations.append(token)
-        self.core = Through(self.cluster, token)  # type: ignore[assignment]
-        customers = {
-            ext: self._ok(
-                "POST", "/v1/customers/", json={"email": f"{ext}@x.co", "external_id": ext}
-            )["id"]
-            for ext in CUSTOMERS
-        }
-        self.meters = {
-            name: self._ok("POST", "/v1/meters/", json=embedded._meter(name))["id"]
-            for name in FIRST_METERS
-        }
-        self.core.settle()
-        self.model = Model(customers)
-        self.refs = [
-            ("external_customer_id", "c1"),
-            ("customer_id", customers["c1"]),
-            ("external_customer_id", "c2"),
-            ("customer_id", customers["c2"]),
-            ("external_customer_id", "c3"),
-        ]
-        self.requests = 0
-        self.corrections = Counter()
-        self._other_organization()
+    def _started(self) -> Any:
+        token = self._token(f"model-{len(self.cluster.organizations)}")
+        return Through(self.cluster, token)
 
     def _token(self, name: str) -> str:
+        """A new organization's token, once the edge and both cores take it."""
         token = new_org_token(self.cluster.pipeline.data_dir, name)
+        self.cluster.organizations.append(token)
         edge_token(self.cluster.edge, token)
         for core in self.cluster.cores:
             with core.client(token) as client:
@@ -237,42 +207,15 @@ class KafkaCorrections(Corrections):
                 )
         return token
 
-    def _other_organization(self) -> None:
-        token = self._token(f"other-{len(self.cluster.organizations)}")
-        self.cluster.organizations.append(token)
-        self.other = {"Authorization": f"Bearer {token}"}
-        self._ok(
-            "POST",
-            "/v1/customers/",
-            headers=self.other,
-            json={"email": "c1@x.co", "external_id": "c1"},
-        )
-        for name in ("count", "sum", "latest"):
-            self._ok("POST", "/v1/meters/", headers=self.other, json=embedded._meter(name))
-        events = [
-            {
-                "name": "call",
-                "external_customer_id": "c1",
-                "external_id": key,
-                "timestamp": embedded._iso(embedded.FIRST + 600 * i),
-                "metadata": {"tokens": i, "model": "a"},
-            }
-            for i, key in enumerate(KEYS)
-        ]
-        self._ok("POST", "/v1/events/ingest", headers=self.other, json={"events": events})
-        self.core.settle()
+    def _other_token(self) -> str:
+        return self._token(f"other-{len(self.cluster.organizations)}")
+
+    def _other_digest(self) -> str:
+        """The same on each core."""
         digests = set()
-
-        def read() -> None:
-            digests.add(self._ok("GET", "/v1/cluster/digest", headers=self.other)["digest"])
-
-        self.core.on_each_core(read)
+        self.core.on_each_core(lambda: digests.add(super(KafkaCorrections, self)._other_digest()))
         assert len(digests) == 1, digests
-        (self.other_digest,) = digests
-
-    def teardown(self) -> None:
-        self.core.close()
-        self.tmp.cleanup()
+        return digests.pop()
 
     def _inserted(self, sent: list[Draft], answer: dict[str, Any], keys: set[str]) -> list[Draft]:
         """An edge answers what it published: the request's events less its own repeats (one

@@ -45,6 +45,26 @@ def _totals(core: InProcessCore, meter: str) -> dict[str, Any]:
     return found
 
 
+def _stored(core: InProcessCore, each: int) -> str:
+    """`each` events of every customer in one request, stored (one file of events, one of each
+    relation's rollups, holding every customer's); the organization's id."""
+    events = [
+        {
+            "name": "use",
+            "external_customer_id": customer,
+            "external_id": f"{customer}-{n}",
+            "timestamp": f"2026-01-{10 + n:02d}T00:00:00Z",
+            "metadata": {"n": n},
+        }
+        for customer in CUSTOMERS
+        for n in range(each)
+    ]
+    answer = core.request("POST", "/v1/events/ingest", json={"events": events})
+    assert answer.status_code == 200, answer.text
+    core.settle()
+    return str(core.request("GET", "/v1/events/").json()["items"][0]["organization_id"])
+
+
 def _void(org: str, *external_ids: str) -> Any:
     data = VoidRequest.model_validate({"external_ids": list(external_ids), "reason": "x"})
     drawn = {"correction_id": f"00000000-0000-4000-8000-00000000000{len(external_ids)}"}
@@ -54,21 +74,7 @@ def _void(org: str, *external_ids: str) -> Any:
 def test_two_voids_in_one_group_change_the_rollups_as_one_by_one(tmp_path: Path) -> None:
     with InProcessCore(tmp_path) as core:
         count, largest = _meter(core, "count"), _meter(core, "max")
-        events = [
-            {
-                "name": "use",
-                "external_customer_id": customer,
-                "external_id": f"{customer}-{n}",
-                "timestamp": f"2026-01-{10 + n:02d}T00:00:00Z",
-                "metadata": {"n": n},
-            }
-            for customer in CUSTOMERS
-            for n in range(4)
-        ]
-        answer = core.request("POST", "/v1/events/ingest", json={"events": events})
-        assert answer.status_code == 200, answer.text
-        core.settle()  # one file of events, one of rollups, holding every customer's
-        org = core.request("GET", "/v1/events/").json()["items"][0]["organization_id"]
+        org = _stored(core, 4)
         group = [_void(org, "ada-3"), _void(org, "bob-3", "bob-2")]
         outcomes = core.run(core.store.queued_commands(group, [], ()))
         assert [ok for ok, _ in outcomes] == [True, True]
@@ -82,21 +88,7 @@ def test_a_correction_in_a_group_sees_the_events_an_earlier_one_stored(tmp_path:
     without that file, and the view it left behind too)."""
     with InProcessCore(tmp_path) as core:
         count = _meter(core, "count")
-        events = [
-            {
-                "name": "use",
-                "external_customer_id": customer,
-                "external_id": f"{customer}-{n}",
-                "timestamp": f"2026-01-{10 + n:02d}T00:00:00Z",
-                "metadata": {"n": n},
-            }
-            for customer in CUSTOMERS
-            for n in range(2)
-        ]
-        answer = core.request("POST", "/v1/events/ingest", json={"events": events})
-        assert answer.status_code == 200, answer.text
-        core.settle()
-        org = core.request("GET", "/v1/events/").json()["items"][0]["organization_id"]
+        org = _stored(core, 2)
         new = [
             {
                 "name": "use",
