@@ -36,9 +36,10 @@ import pyarrow.compute as pc
 
 from aggregator.errors import NotFound
 from aggregator.store.base import subjects
-from aggregator.store.base.arrays import encoded, numpy
+from aggregator.store.base.arrays import numpy
 from aggregator.store.base.meter_rows import MeterRow, get_meter, without_ledger
 from aggregator.store.base.rows import first_row
+from aggregator.store.machinery import running
 from aggregator.store.machinery.catalog import CustomerKey
 from aggregator.store.machinery.live import Feature, Live
 from aggregator.store.machinery.rollups import Evaluated
@@ -372,28 +373,22 @@ def _watched_events(values: pa.Table, column: str, meter_id: str, watch: Watch) 
 def _per_customer(
     rows: pa.Table, named: dict[str, CustomerKey], unique: bool
 ) -> list[tuple[CustomerKey, Contributions, npt.NDArray[np.int64]]]:
-    """Each customer's contributions in `rows` (`_watched_events`), in seq order (a customer
-    meter counts the events of all the customer's references): numbers, or a unique meter's
-    values; and their events' instants."""
-    names, at = encoded(rows["subject"])
-    customers = sorted({named[s] for s in names if s in named})
-    if not customers:
-        return []
-    index = {c.id: i for i, c in enumerate(customers)}
-    owner = np.array([index[named[s].id] if s in named else -1 for s in names], np.int64)[at]
-    order = np.lexsort((numpy(rows["seq"], np.int64), owner))
-    order = order[owner[order] >= 0]  # an external id no customer has: no customer meter
-    ends = np.cumsum(np.bincount(owner[order], minlength=len(customers))).tolist()
+    """Each customer's contributions in `rows` (`_watched_events`), in seq order
+    (`running.by_customer`): numbers, or a unique meter's values; and their events' instants."""
+    grouped = running.by_customer(rows["subject"], numpy(rows["seq"], np.int64), named)
     column = rows.column(2)
     contributions: Contributions = (
-        list(map(str, column.take(order).to_pylist()))
+        list(map(str, column.take(grouped.order).to_pylist()))
         if unique
-        else numpy(column, np.float64)[order]
+        else numpy(column, np.float64)[grouped.order]
     )
-    times = numpy(rows.column(3), np.int64)[order]
+    times = numpy(rows.column(3), np.int64)[grouped.order]
+    starts = grouped.starts.tolist()
     return [
         (customer, contributions[start:end], times[start:end])
-        for customer, start, end in zip(customers, [0, *ends[:-1]], ends, strict=True)
+        for customer, start, end in zip(
+            grouped.customers, starts, grouped.ends.tolist(), strict=True
+        )
     ]
 
 
@@ -432,9 +427,10 @@ def _crossings(
     before = value(live, customer, meter)
     func = meter.aggregation.func
     if isinstance(contributions, list):
-        consumed, places, usage = _running_unique(live, meter, before.usage, contributions)
+        keys = live.balances.value_keys(meter.id, contributions)
+        consumed, places, usage = running.running_unique(before.usage, keys)
     else:
-        consumed, places, usage = _running_numbers(func, before.usage, contributions, times)
+        consumed, places, usage = running.running(func, before.usage, contributions, times)
     _record(live, customer_id, meter, Value(usage, before.credited))
     start = before.usage.result(func)
     crossed: list[tuple[int, int, _Crossing]] = []
@@ -462,69 +458,6 @@ def _holding(alert: AlertRow, values: npt.NDArray[np.float64]) -> npt.NDArray[np
     """`alert_holds` of each of `values`, at once (its comparison works on arrays)."""
     held: Any = alert_holds(alert.operator, alert.threshold, values)  # type: ignore[arg-type]
     return np.asarray(held, np.bool_)
-
-
-def _running_numbers(
-    func: str, usage: Partial, c: npt.NDArray[np.float64], times: npt.NDArray[np.int64]
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], Partial]:
-    """The value after each event (`Partial.result`), the number of events by then, and the
-    usage after them all."""
-    after = Partial(
-        usage.events,
-        usage.total,
-        usage.low,
-        usage.high,
-        set(usage.values),
-        usage.last_us,
-        usage.last,
-    )
-    after.add(len(c), float(c.sum()), float(c.min()), float(c.max()))
-    events = usage.events + np.arange(1, len(c) + 1, dtype=np.int64)
-    if func == "latest":
-        return _running_latest(usage, c, times, after), events, after
-    if func == "count":
-        values = events.astype(np.float64)
-    elif func in ("sum", "avg"):
-        totals = usage.total + np.cumsum(c)
-        values = totals if func == "sum" else totals / events
-    elif func == "min":
-        values = np.minimum(usage.low, np.minimum.accumulate(c))
-    else:
-        values = np.maximum(usage.high, np.maximum.accumulate(c))
-    return values, events, after
-
-
-def _running_latest(
-    usage: Partial, c: npt.NDArray[np.float64], times: npt.NDArray[np.int64], after: Partial
-) -> npt.NDArray[np.float64]:
-    """A latest meter's value after each event: the greatest point (instant, value) so far,
-    the usage's before them included; `after` takes the greatest of all."""
-    order = np.lexsort((c, times))  # ascending by instant, then value
-    rank = np.empty(len(c), np.int64)
-    rank[order] = np.arange(len(c))
-    best = order[np.maximum.accumulate(rank)]  # each prefix's greatest point
-    earlier = (times[best] < usage.last_us) | (
-        (times[best] == usage.last_us) & (c[best] < usage.last)
-    )
-    values = np.where(earlier, usage.last, c[best])
-    top = int(best[-1])
-    after.add_point(int(times[top]), float(c[top]))
-    return values
-
-
-def _running_unique(
-    live: Live, meter: MeterRow, usage: Partial, contributions: list[str]
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], Partial]:
-    """`_running_numbers` of a unique meter: the number of distinct values after each event
-    is its value and its place."""
-    seen = set(usage.values)
-    counts = []
-    for key in live.balances.value_keys(meter.id, contributions):
-        seen.add(key)
-        counts.append(len(seen))
-    after = Partial(usage.events, usage.total, usage.low, usage.high, seen)
-    places = np.array(counts, np.int64)
-    return places.astype(np.float64), places, after
 
 
 def _windows(con: Con, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:

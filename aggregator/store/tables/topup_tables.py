@@ -38,6 +38,7 @@ from aggregator.store.base.arrays import encoded, numpy
 from aggregator.store.base.ids import derived_id
 from aggregator.store.base.meter_rows import MeterRow, get_meter, without_ledger
 from aggregator.store.base.rows import first_row
+from aggregator.store.machinery import running
 from aggregator.store.machinery.catalog import CustomerKey
 from aggregator.store.machinery.live import Feature, Live
 from aggregator.store.machinery.rollups import Evaluated
@@ -414,19 +415,21 @@ def decide(con: Con, live: Live, ev: Evaluated, events: pa.Table) -> Decided | N
             order = np.argsort(seqs)
             ingested = numpy(pc.cast(events.column("ingested_at"), pa.int64()), np.int64)
             times = (seqs[order], ingested[order])
-        names, at = encoded(rows.column("subject"))
+        names, _ = encoded(rows.column("subject"))
         named = live.catalog.customers_of_subjects(con, ev.organization_id, names)
-        customers = sorted({named[n] for n in names if n in named})
-        watched = [c for c in customers if any(r.customer_id in (None, c.id) for r in meter_rules)]
+        seq = numpy(rows.column("seq"), np.int64)
+        grouped = running.by_customer(
+            rows.column("subject"),
+            seq,
+            named,
+            # A rule for every customer watches them all; others, theirs.
+            None
+            if any(r.customer_id is None for r in meter_rules)
+            else {r.customer_id for r in meter_rules},
+        )
+        watched = grouped.customers
         if not watched:
             continue
-        index = {c.id: k for k, c in enumerate(watched)}
-        owner_of = [index.get(named[n].id, -1) if n in named else -1 for n in names]
-        owner = np.array(owner_of, np.int64)[at]
-        seq = numpy(rows.column("seq"), np.int64)
-        order = np.lexsort((seq, owner))
-        order = order[owner[order] >= 0]
-        ends = np.cumsum(np.bincount(owner[order], minlength=len(watched))).tolist()
         used = (
             np.ones(len(seq), np.float64)
             if meter.aggregation.func == "count"
@@ -462,12 +465,8 @@ def decide(con: Con, live: Live, ev: Evaluated, events: pa.Table) -> Decided | N
                 taken_back[k] = sum(t.units for t in ahead[k])
         # Each customer meter's available balance after each of its events, at once; no
         # top-up can be due unless a consuming event leaves it below some rule's threshold.
-        owners, consumed = owner[order], used[order]
-        firsts = np.array([0, *ends[:-1]], np.int64)
-        running = np.cumsum(consumed)
-        before_first = np.where(firsts > 0, running[np.maximum(firsts - 1, 0)], 0.0)
-        running -= before_first[owners]
-        low = start[owners] - running - holding[owners] - taken_back[owners]
+        owners, consumed = grouped.owners, used[grouped.order]
+        low = start[owners] - grouped.cumsum(consumed) - holding[owners] - taken_back[owners]
         highest = max(r.threshold for r in meter_rules)
         for k in np.unique(owners[(consumed > 0) & (low < highest)]).tolist():
             key = watched[k]
@@ -479,7 +478,7 @@ def decide(con: Con, live: Live, ev: Evaluated, events: pa.Table) -> Decided | N
                 float(holding[k]),
                 windows[k] if k in windows else _window(con, key.id, meter.id),
             )
-            mine = order[firsts[k] : ends[k]]
+            mine = grouped.rows(k)
             walk.run(
                 decided,
                 stored.get(key.id, []),
