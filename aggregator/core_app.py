@@ -51,7 +51,7 @@ from aggregator.api.openapi_routes import HealthShape, StorageHealthShape
 from aggregator.api.read_after import Applied, EventsApplied, read_after
 from aggregator.api.shard_routing import Sharding, shard_routing
 from aggregator.auth import TokenRegistry
-from aggregator.backfill import Backfiller
+from aggregator.background import Backfiller
 from aggregator.commands.common import version
 from aggregator.console import routes as console_routes
 from aggregator.errors import (

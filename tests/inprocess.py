@@ -32,7 +32,7 @@ import uvloop
 
 from aggregator import cli
 from aggregator.auth import TokenRegistry
-from aggregator.backfill import Backfiller
+from aggregator.background import Backfiller, Voider
 from aggregator.core_app import build_app
 from aggregator.export.exporter import Exporter
 from aggregator.intake.embedded import EmbeddedPublisher
@@ -43,7 +43,6 @@ from aggregator.settings import CoreSettings, ExportSettings, WebhookSettings
 from aggregator.store import Store
 from aggregator.store.machinery.compaction import compact
 from aggregator.store.tables.meter_tables import pending_backfills
-from aggregator.voids import Voider
 from ingest.validation import ValidationPool
 from tests.deadline import seconds_left, wait_for
 from tests.processes import answers_health, api_client

@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 
 from aggregator.api.shard_routing import Peers, routed
-from aggregator.backfill import Backfiller
+from aggregator.background import Backfiller
 from aggregator.services import Store, TenantLimits
 from aggregator.services.correction_service import actor_of
 from ingest.http import Authenticate, json_body, organization_of

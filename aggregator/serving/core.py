@@ -19,7 +19,7 @@ import uvloop
 from aggregator import core_metrics
 from aggregator.api.shard_routing import Peers, Sharding
 from aggregator.auth import TokenRegistry, cluster_secret
-from aggregator.backfill import Backfiller
+from aggregator.background import Backfiller, PlanCycler, Voider
 from aggregator.backup import Backups, SnapshotSocket, Taken
 from aggregator.commands import tokens as token_commands
 from aggregator.commands.common import program
@@ -36,7 +36,6 @@ from aggregator.intake.routing import Placement
 from aggregator.intake.sealed import Sealer
 from aggregator.intake.splits import Retiring, Splits
 from aggregator.intake.token_records import TokenExporter, TokenView, keep_record
-from aggregator.plan_cycler import PlanCycler
 from aggregator.services.live_feed import LiveFeed
 from aggregator.serving.data_dir import locked
 from aggregator.serving.listening import PROCESS, Listening
@@ -46,7 +45,6 @@ from aggregator.store import LogCorrupt, Store
 from aggregator.upstream.forwarder import Forwarder
 from aggregator.upstream.progress import Progress
 from aggregator.upstream.webhook_sender import WebhookSender
-from aggregator.voids import Voider
 from ingest.http import Front
 from ingest.kafka import KafkaSettings, Shard
 from ingest.publish import Publisher

@@ -45,7 +45,9 @@ class ByCustomer:
 
     @property
     def starts(self) -> Ints:
-        return np.concatenate([[0], self.ends[:-1]]).astype(np.int64)
+        starts = np.zeros(len(self.ends), np.int64)
+        starts[1:] = self.ends[:-1]
+        return starts
 
     def rows(self, k: int) -> Ints:
         """Customer `k`'s rows, in seq order."""

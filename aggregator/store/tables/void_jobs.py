@@ -26,8 +26,8 @@ Before a job's first step its customer's rollups of the meters a step cannot tak
 (minimum, maximum, unique, points) are lifted out of the rollups' files into their base tables
 (`to_lift`, `Store.lift`), where each step deletes and writes again those of its window's
 buckets; a meter not lifted has its files written again by each step. Steps are the caller's
-to take (`aggregator.voids`: in Kafka mode each is a journal group, so that every core applies
-it at the same place).
+to take (`aggregator.background.voids`: in Kafka mode each is a journal group, so that every
+core applies it at the same place).
 """
 
 from __future__ import annotations

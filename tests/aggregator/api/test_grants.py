@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from aggregator.plan_cycler import PlanCycler
+from aggregator.background import PlanCycler
 from tests.inprocess import InProcessCore
 
 

@@ -84,6 +84,7 @@ def test_rows_grouped_by_customer_in_seq_order(
         if (only is None or key.id in only) and any(NAMED.get(r[0]) == key for r in rows)
     }
     assert [c.id for c in grouped.customers] == list(expected)
+    assert len(grouped.starts) == len(grouped.ends) == len(grouped.customers)
     by_row = np.array(seqs, np.int64)
     for k, customer in enumerate(grouped.customers):
         assert by_row[grouped.rows(k)].tolist() == expected[customer.id]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.backfill import Backfiller
+from aggregator.background import Backfiller
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.tables.meter_tables import create_job, pending_backfills

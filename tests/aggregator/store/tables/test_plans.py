@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.plan_cycler import PlanCycler
+from aggregator.background import PlanCycler
 from aggregator.store import Store
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.meter_tables import create_job

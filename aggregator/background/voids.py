@@ -11,30 +11,22 @@ writes, and ingest's threads get the CPU first. One step runs at
 a time whatever the number of jobs (they take turns). Unfinished jobs resume when the process
 starts again, from where their last step ended.
 
-A step that fails is retried with exponential backoff, logged when the job starts failing and
-when it recovers.
-
-In Kafka mode each step is a group of the journal (`intake.journal`, an entry naming the job
-and the seq its step voids up to), so that every core applies it at the same place among the
-other groups. A core that follows (`intake.leadership`) runs no step of its own: it applies the
-journal's (`replay`), and its jobs wait to step until it leads.
+Jobs take turns and failed steps are retried as `loop.Steps` says. In Kafka mode each step is
+a group of the journal (an entry naming the job and the seq its step voids up to: `loop`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable
-from types import TracebackType
-from typing import Self
 
 import numpy as np
 
+from aggregator.background.loop import Steps
 from aggregator.intake.journal import VOIDS, Entry, Journal, Records
 from aggregator.intake.leadership import Role
 from aggregator.store import Job, Outcome, Positions, Store, VoidJob, void_jobs
-from ingest.tasks import Backoff, KeyedTasks, next_chunk
+from ingest.tasks import next_chunk
 from meters.commands import Command
 from meters.times import now_us
 
@@ -47,9 +39,12 @@ _NONE: frozenset[str] = frozenset()
 _STALE_PLANS = 3
 
 
-class Voider:
+class Voider(Steps):
     """Runs one task per void job. An async context manager: exit cancels the tasks (their
     progress is committed step by step, so they resume on the next start)."""
+
+    kind = VOIDS
+    what = "voider"
 
     def __init__(
         self,
@@ -65,41 +60,23 @@ class Voider:
         journal: Journal | None = None,
         role: Role | None = None,
     ) -> None:
-        """`journal`: steps are its groups (Kafka mode), run only while this core leads
-        (`role`; None: always)."""
-        self._store = store
-        self._journal = journal
-        self._role = role or Role(leading=True)
+        super().__init__(
+            store,
+            journal,
+            role,
+            retry_seconds=retry_seconds,
+            max_retry_seconds=max_retry_seconds,
+        )
         self._chunk = chunk_events
         self._min_chunk = min_chunk_events
         self._max_chunk = max_chunk_events
-        self._retry = retry_seconds
-        self._max_retry = max_retry_seconds
-        self._tasks = KeyedTasks("voider")
         self._lifted: dict[str, frozenset[str]] = {}  # per job, its meters lifted here
-        self._turn = asyncio.Lock()  # FIFO: jobs take turns
-        self._detach: Callable[[], None] = lambda: None
 
-    async def __aenter__(self) -> Self:
-        if self._journal is not None:
-            self._journal.follow(VOIDS, self)
+    async def _resume(self) -> None:
         for job_id in await self._store.read_now(void_jobs.running_jobs):
             self.start(job_id)
-        # A job made by a write record, however it came (this core's API, or the control
-        # topic written by another).
-        self._detach = self._store.listeners.attach_applied(self._on_applied)
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._detach()
-        await self._tasks.cancel()
-
-    def _on_applied(self, command: Command, outcome: Outcome) -> None:
+    def on_applied(self, command: Command, outcome: Outcome) -> None:
         ok, value = outcome
         if ok and command.kind == "event.void" and isinstance(value, VoidJob) and not value.done:
             self.start(value.id)
@@ -107,10 +84,6 @@ class Voider:
     def start(self, job_id: str) -> None:
         """Step through the job `job_id` (once: a job already running is left to its task)."""
         self._tasks.start(job_id, lambda: self._run(job_id), f"void {job_id}")
-
-    async def idle(self) -> None:
-        """Returns once every job running now is done (tests, benchmarks)."""
-        await self._tasks.idle()
 
     async def _step(self, job_id: str, up_to: int) -> void_jobs.Step | None:
         if self._journal is None:
@@ -122,18 +95,17 @@ class Voider:
                 if not done.stale:
                     return done
             return await self._store.write(await self._planned(job_id, up_to, now_us()))
-        # A core catching up applies the journal's steps first: a job they finished appends
-        # nothing more.
-        await self._journal.started()
-        await self._role.until(True)
-        if job_id not in await self._store.read_now(void_jobs.running_jobs):
+
+        async def due() -> bool:  # a job the journal's steps finished: not
+            return job_id in await self._store.read_now(void_jobs.running_jobs)
+
+        if not await self.leading(due):
             return None
         entry = Entry(VOIDS, (), now_us(), void=(job_id, up_to))
         step = await self._planned(job_id, up_to, entry.at_us)
         return await self._journal.append_job(entry, step)
 
     async def replay(self, entry: Entry, records: Records, positions: Positions) -> None:
-        """A journal entry's step (`journal.Follower`)."""
         assert entry.void is not None
         job_id, up_to = entry.void
         step = await self._planned(job_id, up_to, entry.at_us)
@@ -175,35 +147,33 @@ class Voider:
         # larger ones stop them less often.
         target_seconds = self._store.writer.job_bound_seconds
         seqs: np.ndarray | None = None
-        backoff = Backoff(self._retry, self._max_retry, f"void job {job_id}")
-        while True:
-            try:
-                async with self._turn:
-                    if job_id not in self._lifted:
-                        self._lifted[job_id] = _NONE
-                        await self._lift(job_id)
-                    if seqs is None:
-                        found = await self._store.read_behind(void_jobs.matched_seqs, job_id)
-                        seqs = found.to_numpy()
-                    up_to = int(seqs[chunk - 1]) if chunk < len(seqs) else _THROUGH
-                    started = time.perf_counter()
-                    step = await self._step(job_id, up_to)
-            except Exception as exc:  # noqa: BLE001 - every failure is retried, logged once
-                await backoff.failed(exc)
-                continue
-            backoff.succeeded()
-            if step is None or step.done:
+
+        async def step() -> bool:
+            nonlocal chunk, seqs
+            if job_id not in self._lifted:
+                self._lifted[job_id] = _NONE
+                await self._lift(job_id)
+            if seqs is None:
+                found = await self._store.read_behind(void_jobs.matched_seqs, job_id)
+                seqs = found.to_numpy()
+            up_to = int(seqs[chunk - 1]) if chunk < len(seqs) else _THROUGH
+            started = time.perf_counter()
+            done = await self._step(job_id, up_to)
+            if done is None or done.done:
                 log.info("void job %s done", job_id)
                 self._lifted.pop(job_id, None)
-                return
-            seqs = seqs[np.searchsorted(seqs, step.done_to, side="right") :]
+                return True
+            seqs = seqs[np.searchsorted(seqs, done.done_to, side="right") :]
             log.debug(
                 "void job %s: %d events voided in %.3f s, %.3f s of it on the writer",
                 job_id,
-                step.voided,
+                done.voided,
                 time.perf_counter() - started,
-                step.seconds,
+                done.seconds,
             )
             chunk = next_chunk(
-                chunk, step.seconds, target_seconds, self._min_chunk, self._max_chunk
+                chunk, done.seconds, target_seconds, self._min_chunk, self._max_chunk
             )
+            return False
+
+        await self._until_done(f"void job {job_id}", step)

@@ -5,10 +5,9 @@ bound each (other writes go in between); it runs at start, so boundaries missed 
 process was down are processed then, exactly once (the plan's cycle count moves with the
 credits in one transaction).
 
-In Kafka mode each job is a group of the journal (`intake.journal`: an entry naming its time
-and how many boundaries at most), so that every core processes the same boundaries at the same
-place among the other groups. Only the core that leads (`intake.leadership`) runs its own;
-the others apply the journal's (`replay`).
+In Kafka mode each job is a group of the journal (an entry naming its time and how many
+boundaries at most: `loop`), so that every core processes the same boundaries at the same place
+among the other groups.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from types import TracebackType
-from typing import Self
 
+from aggregator.background.loop import Background
 from aggregator.intake.journal import PLANS, Entry, Journal, Records
 from aggregator.intake.leadership import Role
 from aggregator.store import Positions, Store, cycle_due_job, plan_tables
@@ -30,8 +28,10 @@ CYCLES_PER_GROUP = 100  # boundaries in one journal group at most
 log = logging.getLogger(__name__)
 
 
-class PlanCycler:
+class PlanCycler(Background):
     """An async context manager running the plans' cycles every `every_seconds`."""
+
+    kind = PLANS
 
     def __init__(
         self,
@@ -42,29 +42,17 @@ class PlanCycler:
         journal: Journal | None = None,
         role: Role | None = None,
     ) -> None:
-        """`journal`: each job is its group (Kafka mode), run only while this core leads
-        (`role`; None: always)."""
-        self._store = store
-        self._journal = journal
-        self._role = role or Role(leading=True)
+        super().__init__(store, journal, role)
         self._every = every_seconds
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Self:
-        if self._journal is not None:
-            self._journal.follow(PLANS, self)
+    async def _started(self) -> None:
         if self._journal is None:  # else once the journal has caught up (`_loop`)
             await self.run_due()
         self._task = asyncio.create_task(self._loop(), name="credit-plans")
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _stopped(self) -> None:
         await cancel_within(self._task, what="plan cycler")
 
     async def run_due(self) -> int:
@@ -88,7 +76,6 @@ class PlanCycler:
         return await self._journal.append_job(entry, job)
 
     async def replay(self, entry: Entry, records: Records, positions: Positions) -> None:
-        """A journal entry's boundaries (`journal.Follower`)."""
         await self._store.queued_at(cycle_due_job(entry.at_us, limit=entry.cycles), positions)
 
     async def _loop(self) -> None:

@@ -1,7 +1,7 @@
-"""The voider (`aggregator.voids`): a void job resumes after a restart from where its last step
-ended, and ends with the events all voided once; in Kafka mode each step is a journal group
-the leader appends, which a core that follows applies at the same place, holding the same state
-(digest tables equal)."""
+"""The voider (`aggregator.background.voids`): a void job resumes after a restart from where
+its last step ended, and ends with the events all voided once; in Kafka mode each step is a
+journal group the leader appends, which a core that follows applies at the same place, holding
+the same state (digest tables equal)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from aggregator.background import Voider
 from aggregator.intake.journal import Journal
 from aggregator.intake.leadership import Role
 from aggregator.store import IngestJob, Store, logical_rows, void_jobs
 from aggregator.store.tables.meter_tables import create_job as create_meter
-from aggregator.voids import Voider
 from ingest.kafka import KafkaSettings
 from meters.corrections import VoidRequest
 from meters.definitions import MeterCreate
