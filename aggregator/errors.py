@@ -18,6 +18,11 @@ AggregatorError
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import duckdb
+
 
 class AggregatorError(Exception):
     """Root of every error raised by the `aggregator` package."""
@@ -93,6 +98,15 @@ class StorageFull(AggregatorError):
 
 class StoreClosed(AggregatorError):
     pass
+
+
+class Repairable(AggregatorError):
+    """A write job's error whose cause the store can repair (`store.engine.writer`), after
+    which the job can run again."""
+
+    def repair(self, con: duckdb.DuckDBPyConnection, now_us: int) -> bool:
+        """Repair the cause, on `con` outside any transaction; False when it cannot."""
+        raise NotImplementedError
 
 
 class OffsetGap(AggregatorError):

@@ -18,13 +18,13 @@ from aggregator.errors import LimitReached
 from ingest.settings import CoreRouting, IngestSettings
 
 # The longest a write group or background chunk should hold the store's one writer
-# (`store.machinery.writer`).
+# (`store.engine.writer`).
 JOB_BOUND_SECONDS = 0.25
 # Stored external ids held in memory, 16 bytes each (1 GiB), before sorted runs of them spill to
-# files (`store.machinery.dedupe`).
+# files (`store.engine.dedupe`).
 DEDUPE_MEMORY_KEYS = 64 * 2**20
 # Values of one dimension a meter's groups keep per customer and 15-minute bucket; past them,
-# values count under `__other__` (`store.machinery.groups`, decision 19).
+# values count under `__other__` (`store.metering.groups`, decision 19).
 DIMENSION_VALUES = 1_000
 # Of the newest records of the dead-letter topic, how many a read looks through at most
 # (`intake.dead_letters`).

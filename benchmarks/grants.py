@@ -29,7 +29,7 @@ import httpx
 
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables.ledger_tables import credit_job
 from benchmarks.common import metric
 from benchmarks.ledger import BATCH, _ms, _usage_batch, customers_and_meter, timed_check

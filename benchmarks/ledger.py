@@ -33,7 +33,7 @@ from aggregator.api import ledger_shapes
 from aggregator.services.ledger_service import check
 from aggregator.store import MeterRow, Store
 from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables.ledger_tables import credit_job
 from aggregator.store.tables.meter_tables import create_job
 from benchmarks.common import metric, percentile

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import orjson
 
-from aggregator.store.base.meter_plan import MeterPlan
+from aggregator.store.metering.meter_plan import MeterPlan
 from benchmarks.common import metric
 from benchmarks.server import Server
 from meters.definitions import MeterCreate

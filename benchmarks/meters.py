@@ -57,11 +57,11 @@ import pyarrow as pa
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow, meters_of
-from aggregator.store.base.meter_sql import aggregate_sql, contribution_sql, meter_events_sql
-from aggregator.store.machinery import rollups
-from aggregator.store.machinery.balances import BYTES_PER_SLOT
-from aggregator.store.machinery.catalog import BYTES_PER_CUSTOMER
-from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.engine.balances import BYTES_PER_SLOT
+from aggregator.store.engine.catalog import BYTES_PER_CUSTOMER
+from aggregator.store.engine.writer import Job, Tx
+from aggregator.store.metering import rollups
+from aggregator.store.metering.meter_sql import aggregate_sql, contribution_sql, meter_events_sql
 from aggregator.store.tables.meter_tables import backfill_step_job, create_job
 from aggregator.store.tables.quantities import Scope, compute, exact_range, reduce
 from benchmarks import ingest_http, loadgen

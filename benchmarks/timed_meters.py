@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from aggregator.store import Store
-from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables.meter_tables import create_job
 from benchmarks.common import metric
 from benchmarks.meters import METERS, ROLLUP_BATCH, _batch_new, apply_meters, realistic_events

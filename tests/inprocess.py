@@ -41,7 +41,7 @@ from aggregator.serving.command import settings_of
 from aggregator.serving.listening import Listening
 from aggregator.settings import CoreSettings, ExportSettings, WebhookSettings
 from aggregator.store import Store
-from aggregator.store.machinery.compaction import compact
+from aggregator.store.engine.compaction import compact
 from aggregator.store.tables.meter_tables import pending_backfills
 from ingest.validation import ValidationPool
 from tests.deadline import seconds_left, wait_for

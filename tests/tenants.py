@@ -24,7 +24,7 @@ import orjson
 
 from aggregator.auth import TokenRegistry
 from aggregator.store import Store
-from aggregator.store.machinery.writer import Tx
+from aggregator.store.engine.writer import Tx
 from aggregator.store.tables.meter_tables import create_job
 from meters.definitions import MeterCreate
 from meters.times import now_us

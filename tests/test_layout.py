@@ -1,7 +1,8 @@
 """The rules of ARCHITECTURE.md that a reading of the imports can check: no import circle in the
 packages (imports made only for type checking count too), the store's rooms stacked
-(base < machinery < tables < apply < its public face), and the rest of the core using the store
-through its public face only, and of each table module only the names in its `__all__`."""
+(base < metering < engine < tables < apply < its public face), and the rest of the core using
+the store through its public face only, and of each table module only the names in its
+`__all__`."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ STORE = "aggregator.store"
 # Each room of the store, and the rooms it may import (besides itself).
 ROOMS = {
     "base": set(),
-    "machinery": {"base"},
-    "tables": {"base", "machinery"},
-    "apply": {"base", "machinery", "tables"},
+    "metering": {"base"},
+    "engine": {"base", "metering"},
+    "tables": {"base", "metering", "engine"},
+    "apply": {"base", "metering", "engine", "tables"},
 }
 
 

@@ -1,7 +1,8 @@
 """The store: one DuckDB file, owned by one process (`Store`, in `store.py`). Its rooms, bottom
-to top: `base` (what everything shares), `machinery` (how writes reach the file), `tables` (one
-module per kind of table), `apply` (applying a batch of events). This module is its public face:
-the rest of the core imports these names only (`aggregator/ruff.toml`, `tests/test_layout.py`).
+to top: `base` (what everything shares), `metering` (what meters compute), `engine` (how writes
+reach the file), `tables` (one module per kind of table), `apply` (applying a batch of events).
+This module is its public face: the rest of the core imports these names only
+(`aggregator/ruff.toml`, `tests/test_layout.py`).
 """
 
 from __future__ import annotations
@@ -18,18 +19,18 @@ from aggregator.store.apply.ingest import IngestJob, missing_customers
 from aggregator.store.base import subjects
 from aggregator.store.base.ids import ORIGIN
 from aggregator.store.base.meter_rows import MeterRow, get_meter
-from aggregator.store.base.meter_sql import filter_sql, meter_events_sql
-from aggregator.store.machinery import ingest_log_repair
-from aggregator.store.machinery.balances import Balances
-from aggregator.store.machinery.disk import full as disk_full
-from aggregator.store.machinery.ingest_log import LogCorrupt, with_origin, with_source
-from aggregator.store.machinery.live import Changed, Live
-from aggregator.store.machinery.memtable import Positions
-from aggregator.store.machinery.rollups import Prepared
-from aggregator.store.machinery.segments import SUFFIX as SEGMENT_SUFFIX
-from aggregator.store.machinery.segments import copy_files as copy_segments
-from aggregator.store.machinery.segments import folder_of as segments_folder
-from aggregator.store.machinery.writer import Job, Outcome
+from aggregator.store.engine import ingest_log_repair
+from aggregator.store.engine.balances import Balances
+from aggregator.store.engine.disk import full as disk_full
+from aggregator.store.engine.ingest_log import LogCorrupt, with_origin, with_source
+from aggregator.store.engine.live import Changed, Live
+from aggregator.store.engine.memtable import Positions
+from aggregator.store.engine.segments import SUFFIX as SEGMENT_SUFFIX
+from aggregator.store.engine.segments import copy_files as copy_segments
+from aggregator.store.engine.segments import folder_of as segments_folder
+from aggregator.store.engine.writer import Job, Outcome
+from aggregator.store.metering.meter_sql import filter_sql, meter_events_sql
+from aggregator.store.metering.rollups import Prepared
 from aggregator.store.store import Store
 from aggregator.store.tables import (
     alert_tables,

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import Protocol
 
-from aggregator.store.machinery.live import Changed
-from aggregator.store.machinery.writer import Outcome
+from aggregator.store.engine.live import Changed
+from aggregator.store.engine.writer import Outcome
 from meters.commands import Command
 
 # Told each write record applied, on the event loop, after its commit (every record, however

@@ -38,34 +38,35 @@ from aggregator.store.apply.commands import applied_group, applied_job, position
 from aggregator.store.apply.ingest import Replay
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import registered, transaction
-from aggregator.store.listeners import Listeners
-from aggregator.store.machinery import dedupe, disk, groups, ingest_log, rollups
-from aggregator.store.machinery.disk import DiskHealth
-from aggregator.store.machinery.evaluation import EVALUATION_ERRORS
-from aggregator.store.machinery.flusher import Flusher
-from aggregator.store.machinery.gates import Gates
-from aggregator.store.machinery.ingest_log import IngestLog
-from aggregator.store.machinery.ingest_log_repair import log_directory
-from aggregator.store.machinery.live import Live, SequenceCounter
-from aggregator.store.machinery.memtable import ROW_GROUP, Memtable, Positions
-from aggregator.store.machinery.merger import Merger
-from aggregator.store.machinery.migrations import migrate
-from aggregator.store.machinery.rollups import Prepared
-from aggregator.store.machinery.segments import (
+from aggregator.store.engine import dedupe, disk, ingest_log
+from aggregator.store.engine.disk import DiskHealth
+from aggregator.store.engine.flusher import Flusher
+from aggregator.store.engine.gates import Gates
+from aggregator.store.engine.ingest_log import IngestLog
+from aggregator.store.engine.ingest_log_repair import log_directory
+from aggregator.store.engine.live import Live, SequenceCounter
+from aggregator.store.engine.memtable import ROW_GROUP, Memtable, Positions
+from aggregator.store.engine.merger import Merger
+from aggregator.store.engine.migrations import migrate
+from aggregator.store.engine.segments import (
     FANOUT,
     RELATIONS,
     Segment,
     Segments,
     SegmentsChanged,
 )
-from aggregator.store.machinery.segments import folder_of as segments_folder
-from aggregator.store.machinery.writer import (
+from aggregator.store.engine.segments import folder_of as segments_folder
+from aggregator.store.engine.writer import (
     DEFAULT_JOB_BOUND_SECONDS,
     REJECTIONS,
     Job,
     Outcome,
     Writer,
 )
+from aggregator.store.listeners import Listeners
+from aggregator.store.metering import groups, rollups
+from aggregator.store.metering.evaluation import EVALUATION_ERRORS
+from aggregator.store.metering.rollups import Prepared
 from aggregator.store.tables import dimensions
 from aggregator.store.tables.alert_tables import Alerts, Payload, basic_payload
 from aggregator.store.tables.hold_tables import HoldKeys

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import duckdb
 
-from aggregator.store.machinery import disk
+from aggregator.store.engine import disk
 from tests.inprocess import InProcessCore
 
 INVALIDATED = (

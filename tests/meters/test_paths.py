@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.store.base.meter_sql import Extracted, filter_sql
+from aggregator.store.metering.meter_sql import Extracted, filter_sql
 from meters.aggregations import PropertyAggregation
 from meters.filters import (
     MAX_DEPTH,

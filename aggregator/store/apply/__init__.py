@@ -1,2 +1,2 @@
-"""The door between the machinery and the tables: applying a batch of events (meters, then
+"""The door between the engine and the tables: applying a batch of events (meters, then
 holds, then alerts, then state changes), for ingest requests and consumed Kafka batches."""

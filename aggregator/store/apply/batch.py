@@ -1,5 +1,5 @@
-"""Applying a batch of new events: the one place where the machinery (evaluation, memory) meets
-the features (holds, alerts, webhooks)."""
+"""Applying a batch of new events: the one place where the engine and metering (evaluation,
+memory) meet the features (holds, alerts, webhooks)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import pyarrow.compute as pc
 
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import registered
-from aggregator.store.machinery import dedupe, rollups
-from aggregator.store.machinery.evaluation import apply_isolated
-from aggregator.store.machinery.live import Feature
-from aggregator.store.machinery.memtable import Positions
-from aggregator.store.machinery.rollups import Evaluated, Prepared
-from aggregator.store.machinery.writer import Tx
+from aggregator.store.engine import dedupe
+from aggregator.store.engine.live import Feature
+from aggregator.store.engine.memtable import Positions
+from aggregator.store.engine.writer import Tx
+from aggregator.store.metering import rollups
+from aggregator.store.metering.evaluation import apply_isolated
+from aggregator.store.metering.rollups import Evaluated, Prepared
 from aggregator.store.tables import alert_tables, hold_tables, topup_tables, webhook_tables
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from aggregator.errors import NotFound
-from aggregator.store.machinery.memtable import Positions
-from aggregator.store.machinery.writer import (
+from aggregator.errors import NotFound, Repairable
+from aggregator.store.engine.memtable import Positions
+from aggregator.store.engine.writer import (
     REJECTIONS,
     Batchable,
     Job,
     Outcome,
-    Repairable,
     Tx,
     waits_for_pending,
 )

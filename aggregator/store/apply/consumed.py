@@ -19,10 +19,10 @@ import pyarrow as pa
 
 from aggregator.errors import OffsetGap
 from aggregator.store.apply.batch import apply_batch
-from aggregator.store.machinery.ingest_log import with_source
-from aggregator.store.machinery.memtable import Positions
-from aggregator.store.machinery.rollups import Prepared
-from aggregator.store.machinery.writer import Tx
+from aggregator.store.engine.ingest_log import with_source
+from aggregator.store.engine.memtable import Positions
+from aggregator.store.engine.writer import Tx
+from aggregator.store.metering.rollups import Prepared
 
 if TYPE_CHECKING:
     pass

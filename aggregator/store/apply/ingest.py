@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.apply.batch import apply_batch
-from aggregator.store.machinery import ingest_log
-from aggregator.store.machinery.ingest_log import with_origin
-from aggregator.store.machinery.rollups import Prepared
-from aggregator.store.machinery.writer import Batchable, Outcome, Tx
+from aggregator.store.engine import ingest_log
+from aggregator.store.engine.ingest_log import with_origin
+from aggregator.store.engine.writer import Batchable, Outcome, Tx
+from aggregator.store.metering.rollups import Prepared
 from meters.errors import FieldError, ValidationFailed
 
 

@@ -1,4 +1,4 @@
-"""The meters table's rows, as the machinery and the tables both read them: a meter's
+"""The meters table's rows, as metering, the engine and the tables read them: a meter's
 definition parsed once (`MeterRow`), and the reads that applying events needs."""
 
 from __future__ import annotations

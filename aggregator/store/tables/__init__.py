@@ -1,2 +1,2 @@
 """One module per kind of table: its reads, and its writes as writer jobs. Tables use the
-machinery; the machinery never uses them."""
+engine; the engine never uses them."""

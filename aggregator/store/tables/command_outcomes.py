@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from aggregator.errors import KeyReused, OutcomeUnreadable
 from aggregator.store.base.rows import first_row
-from aggregator.store.machinery.writer import Job, Outcome, Tx, independent
+from aggregator.store.engine.writer import Job, Outcome, Tx, independent
 
 __all__ = [
     "KEPT_US",

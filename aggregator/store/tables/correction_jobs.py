@@ -19,7 +19,7 @@ import orjson
 from aggregator.errors import NotFound
 from aggregator.store.base.ids import derived_id
 from aggregator.store.base.rows import first_row
-from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables import webhook_tables
 from aggregator.store.tables.correction_reads import Before, Replaced, applied_table
 from aggregator.store.tables.correction_scope import (

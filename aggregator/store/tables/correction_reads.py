@@ -25,7 +25,7 @@ import pyarrow as pa
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow, meters_of, without_ledger
 from aggregator.store.base.rows import first_row, registered, transaction
-from aggregator.store.machinery.rollups import Evaluated
+from aggregator.store.metering.rollups import Evaluated
 from aggregator.store.tables import ledger_tables
 from aggregator.store.tables.correction_scope import Replacement, replacement
 from aggregator.store.tables.corrections import SUBTRACTING, evaluated_events

@@ -44,12 +44,12 @@ from aggregator.store.base.arrays import numpy
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import registered
 from aggregator.store.base.subjects import OF_EVENT
-from aggregator.store.machinery import groups, rollups
-from aggregator.store.machinery.compaction import LEDGER_TABLES
-from aggregator.store.machinery.evaluation import apply_isolated
-from aggregator.store.machinery.rollups import BUCKET, Evaluated
-from aggregator.store.machinery.segments import RELATIONS, ROLLUP_RELATIONS
-from aggregator.store.machinery.writer import Tx
+from aggregator.store.engine.compaction import LEDGER_TABLES
+from aggregator.store.engine.segments import RELATIONS, ROLLUP_RELATIONS
+from aggregator.store.engine.writer import Tx
+from aggregator.store.metering import groups, rollups
+from aggregator.store.metering.evaluation import apply_isolated
+from aggregator.store.metering.rollups import BUCKET, Evaluated
 from aggregator.store.tables import alert_tables, ledger_tables, webhook_tables
 
 __all__ = [

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from aggregator.errors import NotFound
 from aggregator.store.base import subjects
-from aggregator.store.machinery.compaction import LEDGER_TABLES
-from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.engine.compaction import LEDGER_TABLES
+from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables.customer_tables import CustomerRow, get_customer
 
 __all__ = [

@@ -11,10 +11,10 @@ import duckdb
 import orjson
 
 from aggregator.errors import NotFound
-from aggregator.store.base.meter_sql import member_pointer
 from aggregator.store.base.rows import first_row, is_uuid
 from aggregator.store.base.subjects import of_external, of_id
-from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.engine.writer import Job, Tx
+from aggregator.store.metering.meter_sql import member_pointer
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
 

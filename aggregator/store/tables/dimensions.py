@@ -9,7 +9,7 @@ given dimensions before the rollups kept them, derived when the store opens (`de
 
 The rollups keep a dimensioned meter's groups (`all_rollup_groups`: d0..d2, its dimensions'
 values in its order), at most some values of each dimension per customer reference and
-bucket, the rest under `OTHER` (`machinery.groups`). What is read from the events counts
+bucket, the rest under `OTHER` (`metering.groups`). What is read from the events counts
 each value as its bucket's groups do (`value_sql`): the same group, wherever it is read from.
 """
 
@@ -22,11 +22,11 @@ import duckdb
 
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow, meters_of
-from aggregator.store.base.meter_sql import SQL, contribution_sql, dimension_sql, filter_sql
 from aggregator.store.base.rows import among, registered, transaction
-from aggregator.store.machinery import rollups
-from aggregator.store.machinery.groups import OTHER, Bound, folds, list_folded
-from aggregator.store.machinery.rollups import BUCKET, BUCKET_US, RESETS
+from aggregator.store.metering import rollups
+from aggregator.store.metering.groups import OTHER, Bound, folds, list_folded
+from aggregator.store.metering.meter_sql import SQL, contribution_sql, dimension_sql, filter_sql
+from aggregator.store.metering.rollups import BUCKET, BUCKET_US, RESETS
 from aggregator.store.tables.corrections import counted_sql, evaluated_events
 from meters.aggregations import Partial
 from meters.errors import FieldError, ValidationFailed

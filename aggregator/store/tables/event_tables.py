@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import orjson
 
-from aggregator.store.base.meter_sql import member_pointer
 from aggregator.store.base.rows import first_row, is_uuid
+from aggregator.store.metering.meter_sql import member_pointer
 from meters.corrections import NAMES as CORRECTIONS
 
 if TYPE_CHECKING:

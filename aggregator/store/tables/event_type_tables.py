@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.engine.writer import Job, Tx, independent
 from aggregator.store.tables.event_tables import EventQuery, where
 
 __all__ = [

@@ -79,7 +79,7 @@ def events_after(con: Con, after: int, limit: int) -> tuple[pa.Table, int]:
     A window of seqs, not the first `limit` rows after `after`: that would read and sort
     every event after it (16.6 µs an event 500,000 behind; a window, 3.9). Seqs become visible
     in order (events are stored in seq order, and other jobs run with every applied batch
-    stored: `machinery.live`), and the last stored is read first: every seq up to it is
+    stored: `engine.live`), and the last stored is read first: every seq up to it is
     visible to the read that follows."""
     row = first_row(con, "SELECT coalesce(max(seq), 0) FROM all_events")
     through = min(after + limit, int(row[0]) if row else 0)

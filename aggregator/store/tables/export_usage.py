@@ -18,7 +18,7 @@ import pyarrow as pa
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import meters_of
 from aggregator.store.base.rows import first_row
-from aggregator.store.machinery.rollups import kind
+from aggregator.store.metering.rollups import kind
 from aggregator.store.tables.quantities import Scope, gather, reduce
 from meters.aggregations import Partial
 

@@ -20,7 +20,7 @@ import orjson
 
 from aggregator.store.base import subjects
 from aggregator.store.base.rows import first_row
-from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.engine.writer import Job, Tx, independent
 from aggregator.store.tables.outbox import Pending
 from meters.aggregations import ADDITIVE
 from meters.times import us_to_datetime, us_to_iso

@@ -24,10 +24,10 @@ import pyarrow.compute as pc
 
 from aggregator.errors import InsufficientBalance, NotFound
 from aggregator.store.base.meter_rows import MeterRow
-from aggregator.store.base.meter_sql import meter_events_sql
 from aggregator.store.base.rows import first_row
-from aggregator.store.machinery.live import Feature, Live
-from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.engine.live import Feature, Live
+from aggregator.store.engine.writer import Job, Tx, independent
+from aggregator.store.metering.meter_sql import meter_events_sql
 from aggregator.store.tables import idempotency, quotas
 from aggregator.store.tables.ledger_tables import (
     CustomerMeter,

@@ -24,10 +24,10 @@ from aggregator.store.base import subjects
 from aggregator.store.base.ids import derived_id
 from aggregator.store.base.meter_rows import MeterRow, get_meter, without_ledger
 from aggregator.store.base.rows import first_row
-from aggregator.store.machinery.balances import Credits as HeldCredits
-from aggregator.store.machinery.compaction import LEDGER_TABLES
-from aggregator.store.machinery.live import Feature
-from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.engine.balances import Credits as HeldCredits
+from aggregator.store.engine.compaction import LEDGER_TABLES
+from aggregator.store.engine.live import Feature
+from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables import alert_tables, grant_tables, idempotency, webhook_tables
 from aggregator.store.tables.customer_tables import (
     CustomerRef,
@@ -39,9 +39,9 @@ from aggregator.store.tables.customer_tables import (
 from meters.aggregations import Partial
 
 if TYPE_CHECKING:
-    from aggregator.store.machinery.balances import Balances
-    from aggregator.store.machinery.catalog import CustomerKey
-    from aggregator.store.machinery.live import Live
+    from aggregator.store.engine.balances import Balances
+    from aggregator.store.engine.catalog import CustomerKey
+    from aggregator.store.engine.live import Live
 from meters import ledger_rules as rules
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import (

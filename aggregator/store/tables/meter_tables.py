@@ -18,13 +18,13 @@ from aggregator.store.base.meter_rows import (
     get_meter,
     meter_row,
 )
-from aggregator.store.base.meter_sql import member_pointer
 from aggregator.store.base.rows import first_row, is_uuid
-from aggregator.store.machinery import groups, rollups
-from aggregator.store.machinery.compaction import LEDGER_TABLES
-from aggregator.store.machinery.evaluation import apply_isolated
-from aggregator.store.machinery.segments import ROLLUP_RELATIONS, Change
-from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.engine.compaction import LEDGER_TABLES
+from aggregator.store.engine.segments import ROLLUP_RELATIONS, Change
+from aggregator.store.engine.writer import Job, Tx
+from aggregator.store.metering import groups, rollups
+from aggregator.store.metering.evaluation import apply_isolated
+from aggregator.store.metering.meter_sql import member_pointer
 from aggregator.store.tables import quotas
 from aggregator.store.tables.quotas import TenantLimits
 from meters.aggregations import (

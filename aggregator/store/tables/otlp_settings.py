@@ -15,7 +15,7 @@ import duckdb
 import orjson
 
 from aggregator.store.base.rows import first_row
-from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.engine.writer import Job, Tx, independent
 from meters.otlp_rules import is_unset
 
 __all__ = ["UNSET", "set_job", "settings_of"]

@@ -14,7 +14,7 @@ import duckdb
 import orjson
 
 from aggregator.store.base.rows import first_row
-from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.engine.writer import Job, Tx, independent
 from meters.times import us_to_iso
 
 __all__ = [

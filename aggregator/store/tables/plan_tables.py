@@ -18,7 +18,7 @@ import duckdb
 
 from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.base.rows import first_row, is_uuid
-from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.engine.writer import Job, Tx, independent
 from aggregator.store.tables import grant_tables, idempotency
 from aggregator.store.tables.customer_tables import get_customer
 from aggregator.store.tables.ledger_tables import Ledgers, credit, expire_due, reset, resolve
@@ -27,7 +27,7 @@ from meters.ledger_rules import PlanCreate, cycle_start
 from meters.times import datetime_to_us, us_to_datetime
 
 if TYPE_CHECKING:
-    from aggregator.store.machinery.live import Live
+    from aggregator.store.engine.live import Live
 
 __all__ = [
     "PlanRow",

@@ -14,8 +14,8 @@ import duckdb
 import orjson
 
 from aggregator.store.base.rows import first_row
-from aggregator.store.machinery.live import Feature
-from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.engine.live import Feature
+from aggregator.store.engine.writer import Job, Tx, independent
 from meters.pricing import Pricing
 
 __all__ = ["PricingBook", "set_job", "settings_of"]

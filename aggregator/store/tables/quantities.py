@@ -21,10 +21,10 @@ import duckdb
 
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow
-from aggregator.store.base.meter_sql import contribution_sql, filter_sql, member_pointer
 from aggregator.store.base.rows import among
-from aggregator.store.machinery import groups
-from aggregator.store.machinery.rollups import BUCKET_US, kind
+from aggregator.store.metering import groups
+from aggregator.store.metering.meter_sql import contribution_sql, filter_sql, member_pointer
+from aggregator.store.metering.rollups import BUCKET_US, kind
 from aggregator.store.tables import dimensions
 from aggregator.store.tables.dimensions import MAX_GROUPS, OTHER
 from meters.aggregations import PER_US, IntegralAggregation, Partial

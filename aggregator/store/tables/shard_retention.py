@@ -20,8 +20,8 @@ import pyarrow as pa
 from aggregator.errors import AggregatorError
 from aggregator.store.base import subjects
 from aggregator.store.base.rows import registered, transaction
-from aggregator.store.machinery.compaction import LEDGER_TABLES
-from aggregator.store.machinery.segments import RELATIONS, ROLLUP_RELATIONS, Change, Segments
+from aggregator.store.engine.compaction import LEDGER_TABLES
+from aggregator.store.engine.segments import RELATIONS, ROLLUP_RELATIONS, Change, Segments
 from aggregator.store.tables.customer_tables import CustomerRef, routing_keys
 from aggregator.store.tables.forward_rollups import external_id
 

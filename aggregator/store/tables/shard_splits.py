@@ -12,10 +12,10 @@ import duckdb
 import orjson
 
 from aggregator.errors import UsageError
-from aggregator.store.machinery.migrations import migrate
-from aggregator.store.machinery.segments import Segments
-from aggregator.store.machinery.segments import folder_of as segments_folder
-from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.engine.migrations import migrate
+from aggregator.store.engine.segments import Segments
+from aggregator.store.engine.segments import folder_of as segments_folder
+from aggregator.store.engine.writer import Job, Tx, independent
 from aggregator.store.tables.shard_retention import retain
 
 __all__ = ["Split", "cut_job", "mark_origin", "past_cut_job", "split_job", "splits", "successor"]

@@ -38,11 +38,11 @@ from aggregator.store.base.arrays import encoded, numpy
 from aggregator.store.base.ids import derived_id
 from aggregator.store.base.meter_rows import MeterRow, get_meter, without_ledger
 from aggregator.store.base.rows import first_row
-from aggregator.store.machinery import running
-from aggregator.store.machinery.catalog import CustomerKey
-from aggregator.store.machinery.live import Feature, Live
-from aggregator.store.machinery.rollups import Evaluated
-from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.engine.catalog import CustomerKey
+from aggregator.store.engine.live import Feature, Live
+from aggregator.store.engine.writer import Job, Tx
+from aggregator.store.metering import running
+from aggregator.store.metering.rollups import Evaluated
 from aggregator.store.tables import alert_tables, hold_tables, ledger_tables, quotas, webhook_tables
 from aggregator.store.tables.customer_tables import get_customer, rule_customer
 from aggregator.store.tables.quotas import TenantLimits

@@ -49,11 +49,11 @@ from aggregator.store.base.arrays import numpy
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import among, first_row, registered
 from aggregator.store.base.subjects import OF_EVENT
-from aggregator.store.machinery import groups, rollups
-from aggregator.store.machinery.compaction import LEDGER_TABLES
-from aggregator.store.machinery.rollups import BUCKET, Evaluated, kind
-from aggregator.store.machinery.segments import RELATIONS, ROLLUP_RELATIONS, Change, Segment
-from aggregator.store.machinery.writer import Job, Tx
+from aggregator.store.engine.compaction import LEDGER_TABLES
+from aggregator.store.engine.segments import RELATIONS, ROLLUP_RELATIONS, Change, Segment
+from aggregator.store.engine.writer import Job, Tx
+from aggregator.store.metering import groups, rollups
+from aggregator.store.metering.rollups import BUCKET, Evaluated, kind
 from aggregator.store.tables.correction_jobs import record
 from aggregator.store.tables.correction_scope import customer_clause
 from aggregator.store.tables.corrections import (

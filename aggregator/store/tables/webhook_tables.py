@@ -21,8 +21,8 @@ import orjson
 from aggregator.errors import NotFound
 from aggregator.store.base.ids import derived_id
 from aggregator.store.base.rows import first_row
-from aggregator.store.machinery.live import Feature, Live
-from aggregator.store.machinery.writer import Job, Tx, independent
+from aggregator.store.engine.live import Feature, Live
+from aggregator.store.engine.writer import Job, Tx, independent
 from aggregator.store.tables import quotas
 from aggregator.store.tables.quotas import TenantLimits
 from meters.times import us_to_iso
@@ -35,7 +35,7 @@ from meters.webhook_rules import (
 )
 
 if TYPE_CHECKING:
-    from aggregator.store.machinery.balances import Balances
+    from aggregator.store.engine.balances import Balances
 
 __all__ = [
     "Attempt",

@@ -57,7 +57,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from aggregator.store.machinery.compaction import compact
+from aggregator.store.engine.compaction import compact
 from tests.inprocess import InProcessCore
 from tests.strategies import examples
 

@@ -15,7 +15,7 @@ import duckdb
 import httpx
 import pytest
 
-from aggregator.store.machinery.migrations import migrate
+from aggregator.store.engine.migrations import migrate
 from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline, send_until_accepted
 from tests.processes import MeterlineServer, Server, new_org_token

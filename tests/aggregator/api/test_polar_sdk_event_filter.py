@@ -17,7 +17,7 @@ from polar.v2026_10.errors import HTTPValidationError
 
 from meters.filters import EventView, Filter
 from meters.times import datetime_to_us
-from tests.aggregator.store.base.test_meter_sql import KEYS, filters
+from tests.aggregator.store.metering.test_meter_sql import KEYS, filters
 from tests.processes import Server, new_org_token
 from tests.strategies import examples
 

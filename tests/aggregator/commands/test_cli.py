@@ -35,7 +35,7 @@ from aggregator.commands.tokens import banner_lines, create_command
 from aggregator.settings import CoreSettings
 from aggregator.store import Store
 from aggregator.store.base.meter_rows import get_meter
-from aggregator.store.machinery.migrations import migrate
+from aggregator.store.engine.migrations import migrate
 from aggregator.store.tables.meter_tables import backfill_step_job
 from ingest.kafka import KafkaSettings
 from tests.deadline import seconds_left

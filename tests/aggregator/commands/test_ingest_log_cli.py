@@ -14,8 +14,8 @@ import pytest
 
 from aggregator import cli
 from aggregator.settings import CoreSettings
-from aggregator.store.machinery.ingest_log import WITNESS
-from tests.aggregator.store.machinery.test_ingest_log_store import (
+from aggregator.store.engine.ingest_log import WITNESS
+from tests.aggregator.store.engine.test_ingest_log_store import (
     crashed_store,
     log_files,
     log_records,

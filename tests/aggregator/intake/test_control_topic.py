@@ -24,7 +24,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from aggregator.auth import TokenRegistry
-from aggregator.store.machinery.migrations import migrate
+from aggregator.store.engine.migrations import migrate
 from tests.deadline import wait_for
 from tests.inprocess import ServedCore
 from tests.pipeline import Pipeline, produce_raw, send_until_accepted, topic_records

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.store.machinery.writer import Tx
+from aggregator.store.engine.writer import Tx
 from tests.inprocess import InProcessCore
 
 DEADLINE = 0.5

@@ -20,15 +20,15 @@ from hypothesis import strategies as st
 
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.machinery import rollups
-from aggregator.store.machinery.ingest_log import with_origin
+from aggregator.store.engine.ingest_log import with_origin
+from aggregator.store.metering import rollups
 from aggregator.store.tables.meter_tables import create_job
 from aggregator.store.tables.quotas import TenantLimits
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.filters import EventView
 from meters.times import now_us
-from tests.aggregator.store.base.test_meter_sql import aggregations, events, filters
+from tests.aggregator.store.metering.test_meter_sql import aggregations, events, filters
 from tests.strategies import examples
 
 ORG = str(uuid.uuid4())

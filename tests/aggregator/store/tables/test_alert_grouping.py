@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.machinery.writer import Tx, independent
+from aggregator.store.engine.writer import Tx, independent
 from aggregator.store.tables import alert_tables, webhook_tables
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.ledger_tables import credit_job, reset_job

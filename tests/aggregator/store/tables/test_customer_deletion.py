@@ -13,7 +13,7 @@ import orjson
 
 from aggregator.store import Store
 from aggregator.store.base.meter_rows import get_meter
-from aggregator.store.machinery.migrations import MIGRATIONS, migrate
+from aggregator.store.engine.migrations import MIGRATIONS, migrate
 from aggregator.store.tables.customer_deletion import delete_job
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import customers_after, get_customer_by_external_id

@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 
 from aggregator.store import Store
-from aggregator.store.machinery.migrations import migrate
+from aggregator.store.engine.migrations import migrate
 from aggregator.store.tables.event_tables import EventQuery, list_events
 
 ORG = str(uuid.uuid4())

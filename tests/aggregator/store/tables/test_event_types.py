@@ -13,7 +13,7 @@ import duckdb
 from aggregator.services import event_type_service
 from aggregator.services.event_type_service import EventTypeQuery
 from aggregator.store import Store
-from aggregator.store.machinery.migrations import migrate
+from aggregator.store.engine.migrations import migrate
 from aggregator.store.tables.event_tables import EventQuery
 from aggregator.store.tables.event_type_tables import type_id
 from meters.event_types import EventTypeUpdate, label

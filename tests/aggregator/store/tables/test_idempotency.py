@@ -15,7 +15,7 @@ import pytest
 from aggregator.errors import KeyReused
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.machinery.compaction import compact
+from aggregator.store.engine.compaction import compact
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.ledger_tables import credit_job, reset_job
 from aggregator.store.tables.meter_tables import create_job as create_meter

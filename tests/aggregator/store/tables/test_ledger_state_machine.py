@@ -28,7 +28,7 @@ from aggregator.errors import KeyReused
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow
-from aggregator.store.machinery.compaction import compact
+from aggregator.store.engine.compaction import compact
 from aggregator.store.tables import grant_tables
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.ledger_tables import (

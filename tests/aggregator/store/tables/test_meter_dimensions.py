@@ -22,7 +22,7 @@ from aggregator.services import cluster_service
 from aggregator.store import Store, TenantLimits
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow, get_meter
-from aggregator.store.machinery.groups import folds
+from aggregator.store.metering.groups import folds
 from aggregator.store.tables.digest import logical_rows
 from aggregator.store.tables.meter_tables import backfill_step_job, create_job, update_job
 from aggregator.store.tables.quantities import Scope, gather

@@ -15,8 +15,8 @@ import pytest
 
 from aggregator.errors import KeyReused
 from aggregator.store import Store, logical_rows
-from aggregator.store.machinery.migrations import MIGRATIONS, migrate
-from aggregator.store.machinery.segments import Segments, folder_of
+from aggregator.store.engine.migrations import MIGRATIONS, migrate
+from aggregator.store.engine.segments import Segments, folder_of
 from aggregator.store.tables.otlp_settings import set_job, settings_of
 from aggregator.store.tables.shard_retention import retain
 from meters.commands import command

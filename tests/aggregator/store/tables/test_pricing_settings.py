@@ -14,8 +14,8 @@ import pytest
 
 from aggregator.errors import KeyReused
 from aggregator.store import Store, logical_rows
-from aggregator.store.machinery.migrations import migrate
-from aggregator.store.machinery.segments import Segments, folder_of
+from aggregator.store.engine.migrations import migrate
+from aggregator.store.engine.segments import Segments, folder_of
 from aggregator.store.tables.pricing_settings import settings_of
 from aggregator.store.tables.shard_retention import retain
 from meters.commands import command

@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.machinery.compaction import compact
+from aggregator.store.engine.compaction import compact
 from aggregator.store.tables.meter_tables import backfill_step_job, create_job
 from aggregator.store.tables.quantities import Scope, compute
 from meters.aggregations import Aggregation, IntegralAggregation, fold

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from aggregator.settings import DIMENSION_VALUES
 from aggregator.store import MeterRow, Store
 from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.machinery.groups import folds
-from aggregator.store.machinery.rollups import BUCKET_US
+from aggregator.store.metering.groups import folds
+from aggregator.store.metering.rollups import BUCKET_US
 from aggregator.store.tables.correction_jobs import amend_job
 from aggregator.store.tables.dimensions import OTHER, breakdown, group_of
 from aggregator.store.tables.meter_tables import create_job

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from aggregator.errors import InsufficientBalance, NotFound
 from aggregator.store import Store
-from aggregator.store.machinery.writer import Job
+from aggregator.store.engine.writer import Job
 from aggregator.store.tables import alert_tables, webhook_tables
 from aggregator.store.tables.customer_deletion import delete_job as delete_customer
 from aggregator.store.tables.customer_tables import create_job as create_customer

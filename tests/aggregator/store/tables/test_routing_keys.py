@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 
 from aggregator.store import Store
-from aggregator.store.machinery.migrations import MIGRATIONS, migrate
+from aggregator.store.engine.migrations import MIGRATIONS, migrate
 from aggregator.store.tables.customer_tables import create_job, routing_keys, update_job
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 

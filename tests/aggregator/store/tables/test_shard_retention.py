@@ -25,8 +25,8 @@ from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import get_meter
-from aggregator.store.machinery.migrations import migrate
-from aggregator.store.machinery.segments import Segments, folder_of
+from aggregator.store.engine.migrations import migrate
+from aggregator.store.engine.segments import Segments, folder_of
 from aggregator.store.tables import alert_tables, forward_rollups, webhook_tables
 from aggregator.store.tables.customer_tables import CustomerRow, get_customer
 from aggregator.store.tables.customer_tables import create_job as create_customer

@@ -21,9 +21,9 @@ import pytest
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow, meters_of
-from aggregator.store.base.meter_sql import contribution_sql, meter_events_sql
 from aggregator.store.base.subjects import OF_EVENT
-from aggregator.store.machinery.rollups import BUCKET, kind
+from aggregator.store.metering.meter_sql import contribution_sql, meter_events_sql
+from aggregator.store.metering.rollups import BUCKET, kind
 from aggregator.store.tables import correction_jobs, void_jobs
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer_by_external_id
