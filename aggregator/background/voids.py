@@ -1,11 +1,11 @@
 """Void jobs: voids by filter (`store.void_jobs`) stepped through in the background.
 
 A job's events are voided by steps, each one writer job over the matched events of the next
-window of seqs (`void_jobs.step_job`), so that other tenants' writes go on between them rather
+window of seqs (`void_steps.step_job`), so that other tenants' writes go on between them rather
 than waiting for a million events. A window is cut to hold about `chunk` of the events the job
 matched (read once, `matched_seqs`), and `chunk` follows what a step costs the writer, as the
 backfill's does: a step holds it about half its job bound. A step's reads (its events and
-their contributions, the rollups it makes again: `void_jobs.plan`) are made first, at the
+their contributions, the rollups it makes again: `void_plans.plan`) are made first, at the
 lowest CPU priority (`Store.read_behind`), so that the writer only checks they still hold and
 writes, and ingest's threads get the CPU first. One step runs at
 a time whatever the number of jobs (they take turns). Unfinished jobs resume when the process
@@ -25,7 +25,16 @@ import numpy as np
 from aggregator.background.loop import Steps
 from aggregator.intake.journal import VOIDS, Entry, Journal, Records
 from aggregator.intake.leadership import Role
-from aggregator.store import Job, Outcome, Positions, Store, VoidJob, void_jobs
+from aggregator.store import (
+    Job,
+    Outcome,
+    Positions,
+    Store,
+    VoidJob,
+    void_jobs,
+    void_plans,
+    void_steps,
+)
 from ingest.tasks import next_chunk
 from meters.commands import Command
 from meters.times import now_us
@@ -85,7 +94,7 @@ class Voider(Steps):
         """Step through the job `job_id` (once: a job already running is left to its task)."""
         self._tasks.start(job_id, lambda: self._run(job_id), f"void {job_id}")
 
-    async def _step(self, job_id: str, up_to: int) -> void_jobs.Step | None:
+    async def _step(self, job_id: str, up_to: int) -> void_steps.Step | None:
         if self._journal is None:
             # A plan gone stale (events voided or meters changed meanwhile) is made again
             # here, off the writer, a few times before the writer makes it.
@@ -113,14 +122,14 @@ class Voider(Steps):
 
     async def _planned(
         self, job_id: str, up_to: int, at_us: int, *, again_if_stale: bool = False
-    ) -> Job[void_jobs.Step]:
-        """The step's job, its reads made first in the background (`void_jobs.plan`), so that
+    ) -> Job[void_steps.Step]:
+        """The step's job, its reads made first in the background (`void_plans.plan`), so that
         the writer only checks they still hold and writes: other tenants' writes wait for that
         much alone."""
         lifted = self._lifted.get(job_id, _NONE)
         await self._store.stored()
         planned = await self._store.read_behind(
-            void_jobs.plan, job_id, up_to, at_us, self._store.bound, lifted
+            void_plans.plan, job_id, up_to, at_us, self._store.bound, lifted
         )
         if planned is not None and planned.markers.num_rows:
             # The markers too, as a file the step lists.
@@ -128,7 +137,7 @@ class Voider(Steps):
             planned = planned.with_file(file)
         # Stored by the flusher, what was applied meanwhile is not the step's to store.
         await self._store.stored()
-        return void_jobs.step_job(
+        return void_steps.step_job(
             job_id, up_to, at_us, lifted, planned, again_if_stale=again_if_stale
         )
 

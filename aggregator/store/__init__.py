@@ -56,6 +56,8 @@ from aggregator.store.tables import (
     shard_splits,
     topup_tables,
     void_jobs,
+    void_plans,
+    void_steps,
     webhook_tables,
 )
 from aggregator.store.tables.alert_tables import AlertRow, Firing
@@ -210,6 +212,8 @@ __all__ = [
     "topup_tables",
     "type_id",
     "void_jobs",
+    "void_plans",
+    "void_steps",
     "webhook_tables",
     "with_origin",
     "with_source",

@@ -15,7 +15,7 @@ import pytest
 from aggregator.background import Voider
 from aggregator.intake.journal import Journal
 from aggregator.intake.leadership import Role
-from aggregator.store import IngestJob, Store, logical_rows, void_jobs
+from aggregator.store import IngestJob, Store, logical_rows, void_jobs, void_steps
 from aggregator.store.tables.meter_tables import create_job as create_meter
 from ingest.kafka import KafkaSettings
 from meters.corrections import VoidRequest
@@ -78,7 +78,7 @@ def test_a_job_resumes_after_a_restart_from_where_its_last_step_ended(tmp_path: 
             await _setup(store, at)
             job = await store.write(_created(job_id, at))
             seqs = (await store.read(void_jobs.matched_seqs, job_id)).to_pylist()
-            step = await store.write(void_jobs.step_job(job_id, seqs[49], now_us()))
+            step = await store.write(void_steps.step_job(job_id, seqs[49], now_us()))
             assert (step.voided, step.done) == (50, False)
             return int(job.matched)
 

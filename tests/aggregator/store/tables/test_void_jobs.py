@@ -24,7 +24,7 @@ from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.subjects import OF_EVENT
 from aggregator.store.metering.meter_sql import contribution_sql, meter_events_sql
 from aggregator.store.metering.rollups import BUCKET, kind
-from aggregator.store.tables import correction_jobs, void_jobs
+from aggregator.store.tables import correction_jobs, void_jobs, void_plans, void_steps
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer_by_external_id
 from aggregator.store.tables.ledger_tables import reset_job, usage_partial
@@ -152,7 +152,7 @@ async def _steps(path: Path, name: str | None, lift: bool) -> None:
             # Lifted, each step's reads are made before (off the writer), as the voider makes
             # them; else in the step.
             planned = (
-                await store.read(void_jobs.plan, job_id, up_to, at, store.bound, lifted)
+                await store.read(void_plans.plan, job_id, up_to, at, store.bound, lifted)
                 if lift
                 else None
             )
@@ -167,7 +167,7 @@ async def _steps(path: Path, name: str | None, lift: bool) -> None:
                 one = await store.read(_id_of, seqs[len(seqs) // 2 - 3])  # in its window
                 asked_one = VoidRequest.model_validate({"ids": [one], "reason": "one"})
                 await store.write(correction_jobs.void_job(ORG, asked_one, None, at, "r"))
-            step = await store.write(void_jobs.step_job(job_id, up_to, at, lifted, planned))
+            step = await store.write(void_steps.step_job(job_id, up_to, at, lifted, planned))
             voided += step.voided
             assert step.done == (up_to == cuts[-1])
             await store.read(_agree, meters)
@@ -202,7 +202,7 @@ async def _steps(path: Path, name: str | None, lift: bool) -> None:
         assert second.matched > 0
         # Its own lift: what a job's lift moves holds the events stored when it was asked.
         lifted = await _lifted(store, second.id) if lift else frozenset()
-        await store.write(void_jobs.step_job(second.id, 2**62, now_us(), lifted))
+        await store.write(void_steps.step_job(second.id, 2**62, now_us(), lifted))
         await store.read(_agree, meters)
         again = _events(rng, "again", 20, ("a",))
         for event in again:
@@ -210,7 +210,7 @@ async def _steps(path: Path, name: str | None, lift: bool) -> None:
         await _ingest(store, again)
         await store.read(_agree, meters)
         # A step of a job that is done changes nothing.
-        again = await store.write(void_jobs.step_job(job_id, 2**62, now_us()))
+        again = await store.write(void_steps.step_job(job_id, 2**62, now_us()))
         assert (again.voided, again.done) == (0, True)
 
 
@@ -440,7 +440,7 @@ def test_a_data_dir_of_the_previous_main_opens_and_runs_a_job(tmp_path: Path) ->
             job = await store.write(
                 void_jobs.create_job(ORG, asked, None, now_us(), str(uuid.uuid4()))
             )
-            step = await store.write(void_jobs.step_job(job.id, 2**62, now_us()))
+            step = await store.write(void_steps.step_job(job.id, 2**62, now_us()))
             return job.matched, step.voided
 
     asyncio.run(make())
@@ -511,15 +511,15 @@ def test_a_stale_plan_is_not_taken_where_its_caller_plans_again(tmp_path: Path) 
                 void_jobs.create_job(ORG, asked, None, now_us(), str(uuid.uuid4()))
             )
             at = now_us()
-            planned = await store.read(void_jobs.plan, job.id, 2**62, at, store.bound)
+            planned = await store.read(void_plans.plan, job.id, 2**62, at, store.bound)
             one = await store.read(_id_of_first, "b")
             asked_one = VoidRequest.model_validate({"ids": [one], "reason": "one"})
             await store.write(correction_jobs.void_job(ORG, asked_one, None, at, "r1"))
-            stale = void_jobs.step_job(job.id, 2**62, at, planned=planned, again_if_stale=True)
+            stale = void_steps.step_job(job.id, 2**62, at, planned=planned, again_if_stale=True)
             step = await store.write(stale)
             assert (step.stale, step.voided, step.done_to) == (True, 0, 0)
-            planned = await store.read(void_jobs.plan, job.id, 2**62, at, store.bound)
-            fresh = void_jobs.step_job(job.id, 2**62, at, planned=planned, again_if_stale=True)
+            planned = await store.read(void_plans.plan, job.id, 2**62, at, store.bound)
+            fresh = void_steps.step_job(job.id, 2**62, at, planned=planned, again_if_stale=True)
             step = await store.write(fresh)
             assert (step.stale, step.voided, step.done) == (False, job.matched - 1, True)
 
