@@ -118,3 +118,51 @@ def apply_isolated(
                 probe_con.unregister(source)
 
         raise MeterUnevaluable(meters, str(exc), probe) from exc
+
+
+def evaluated_events(
+    con: duckdb.DuckDBPyConnection,
+    meters: Sequence[MeterRow],
+    org: str,
+    where: str,
+    params: list[Any],
+    at_us: int,
+    *,
+    ledger: bool = True,
+    source: str = "events",
+    after_resets: bool = False,
+) -> list[rollups.Evaluated]:
+    """The current user events of `org` that `where` selects, evaluated for `meters` as a
+    backfill evaluates stored events (the ledger's usage after each reset only), each meter on
+    the events it counts (`_applied`). `source`: the relation read for the current events (a
+    dry run's, standing for them after a change it does not make). `after_resets`: the caller
+    knows them all to come after any reset of their customers, so the ledger's usage is every
+    one's, as live ingest takes it (in Arrow, at a fraction of the cost)."""
+    kinds = [[m for m in meters if not m.backfilling], *([m] for m in meters if m.backfilling)]
+    found = []
+    for group in kinds:
+        if not group:
+            continue
+        applied, bounds = counted_sql(group[0])
+        found.append(
+            apply_isolated(
+                con,
+                group,
+                source,
+                f"organization_id = ?::UUID AND source = 'user' AND ({where}){applied}",
+                [org, *params, *bounds],
+                at_us=at_us,
+                backfill=not after_resets,
+                ledger=ledger,
+            )
+        )
+    return found
+
+
+def counted_sql(meter: MeterRow) -> tuple[str, list[int]]:
+    """The events a meter counts (SQL to add to a condition on `events`, and its values): of
+    a backfilling one, those its backfill has reached and those applied since it began; of
+    any other, all."""
+    if not meter.backfilling:
+        return "", []
+    return " AND (seq <= ? OR seq > ?)", [meter.backfilled_to, meter.backfill_target]

@@ -25,12 +25,13 @@ import pyarrow as pa
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow, meters_of, without_ledger
 from aggregator.store.base.rows import first_row, registered, transaction
+from aggregator.store.metering.evaluation import evaluated_events
 from aggregator.store.metering.rollups import Evaluated
 from aggregator.store.tables import ledger_tables
 from aggregator.store.tables.correction_scope import Replacement, replacement
-from aggregator.store.tables.corrections import SUBTRACTING, evaluated_events
 from aggregator.store.tables.customer_tables import CustomerRow, customers_by_refs
 from aggregator.store.tables.quantities import Scope, range_total
+from aggregator.store.tables.retraction import SUBTRACTING
 from meters.aggregations import Partial
 from meters.corrections import EventReplace
 from meters.events import Event, to_table

@@ -24,10 +24,10 @@ from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import among, registered, transaction
 from aggregator.store.metering import rollups
+from aggregator.store.metering.evaluation import counted_sql, evaluated_events
 from aggregator.store.metering.groups import OTHER, Bound, folds, list_folded
 from aggregator.store.metering.meter_sql import SQL, contribution_sql, dimension_sql, filter_sql
 from aggregator.store.metering.rollups import BUCKET, BUCKET_US, RESETS
-from aggregator.store.tables.corrections import counted_sql, evaluated_events
 from meters.aggregations import Partial
 from meters.errors import FieldError, ValidationFailed
 from meters.filters import canonical_property

@@ -50,8 +50,9 @@ from aggregator.store.engine.segments import ROLLUP_RELATIONS
 from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables.correction_jobs import record
 from aggregator.store.tables.correction_scope import customer_clause
-from aggregator.store.tables.corrections import SUBTRACTING, Corrected
+from aggregator.store.tables.corrections import Corrected
 from aggregator.store.tables.ledger_tables import Ledgers
+from aggregator.store.tables.retraction import SUBTRACTING
 from meters.corrections import MAX_FILTERED, VOIDED, VoidFilter, VoidRequest
 from meters.errors import FieldError, ValidationFailed
 from meters.times import datetime_to_us, us_to_datetime

@@ -5,7 +5,6 @@ there (`read_plan`: the same step either way)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -14,31 +13,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.base import subjects
-from aggregator.store.base.meter_rows import MeterRow, meters_of
-from aggregator.store.base.rows import registered
+from aggregator.store.base.meter_rows import meters_of
 from aggregator.store.base.subjects import OF_EVENT
 from aggregator.store.engine.segments import Segment
 from aggregator.store.metering import groups, rollups
-from aggregator.store.metering.rollups import BUCKET, Evaluated
-from aggregator.store.tables.corrections import (
-    SUBTRACTING,
-    evaluated_events,
-)
-from aggregator.store.tables.void_jobs import CUSTOMER, SCOPE, JobRow, load, selected
+from aggregator.store.metering.evaluation import evaluated_events
+from aggregator.store.metering.rollups import BUCKET
+from aggregator.store.tables.retraction import Retraction, retraction
+from aggregator.store.tables.void_jobs import SCOPE, JobRow, load, selected
 
-__all__ = ["Plan", "evaluated_again", "plan", "read_plan", "resets", "step_end"]
-
-# The relations a voided event's contributions are taken from (count, sum, average meters).
-_TAKEN = ("rollups", "rollup_groups")
+__all__ = ["Plan", "plan", "read_plan", "step_end"]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Plan:
-    """What a step reads before it writes (`plan`), made off the writer: the events its
-    window voids (`chunk`: seq, subject, bucket) and their contributions (`gone`), the rows
-    taking them from the count, sum and average meters' rollups (`taken`, per relation), and
-    the lifted meters' rollups of the (customer reference, bucket) keys they touch evaluated
-    again without them (`again`, per relation). It holds while nothing it read has changed
+    """What a step reads before it writes (`plan`), made off the writer: what taking its
+    window's events out of every figure needs (`retraction`), and their markers. It holds
+    while nothing it read has changed
     (`signature`): events were voided or replaced since, meters changed, a reset came, a
     customer went. Events applied since are no matter: their rollups are rows of their own,
     their seqs after the job's."""
@@ -48,11 +39,7 @@ class Plan:
     at_us: int
     lifted: frozenset[str]
     signature: tuple[Any, ...]
-    meters: list[MeterRow]
-    chunk: pa.Table
-    gone: list[Evaluated]
-    taken: dict[str, pa.Table]
-    again: dict[str, pa.Table]
+    retraction: Retraction
     markers: pa.Table  # the voided events' markers, as `voided_events` keeps them, by seq
     file: Segment | None = None  # `markers` written as a file of `voided_events`, unlisted
 
@@ -131,7 +118,7 @@ def _signature(con: duckdb.DuckDBPyConnection, found: JobRow) -> tuple[Any, ...]
     return (voided - found.job.voided, meters, failed, tuple(resets or ()), customers)
 
 
-def resets(signature: tuple[Any, ...]) -> tuple[tuple[str, str, int], ...]:
+def _resets(signature: tuple[Any, ...]) -> tuple[tuple[str, str, int], ...]:
     """(meter, subject, reset seq) of the resets a `_signature` holds."""
     resets: tuple[tuple[str, str, int], ...] = signature[3]
     return resets
@@ -161,7 +148,7 @@ def read_plan(
     window_params = [low, high, *params]
     # The window's events after every reset of the job's customer (its resets are in the
     # signature): the ledger's usage as live ingest takes it.
-    after = all(int(reset_seq) < low for _, _, reset_seq in resets(signature))
+    after = all(int(reset_seq) < low for _, _, reset_seq in _resets(signature))
     gone = (
         evaluated_events(con, meters, org, window, window_params, at_us, after_resets=after)
         if high > low
@@ -175,25 +162,18 @@ def read_plan(
             f" WHERE {SCOPE} AND {window}",
             params=[org, *window_params],
         ).to_arrow_table()
-    subtracting = [m.id for m in meters if str(m.aggregation.func) in SUBTRACTING]
-    taken: dict[str, pa.Table] = {}
-    if subtracting and chunk.num_rows:
-        all_partials = rollups.partials(con, gone, bound)
-        for relation in _TAKEN:
-            rows = all_partials[relation]
-            if rows.num_rows:
-                mine = pc.is_in(rows.column("meter_id"), pa.array(subtracting, pa.string()))
-                taken[relation] = rows.filter(mine)
-    fast = [
-        m
-        for m in meters
-        if str(m.aggregation.func) not in SUBTRACTING
-        and not m.backfilling
-        and f"{m.id}:{m.version}" in lifted
-    ]
-    again: dict[str, pa.Table] = {}
-    if fast and chunk.num_rows:
-        again = evaluated_again(con, org, fast, found.selection, chunk, at_us, bound)
+    taken_out = retraction(
+        con,
+        org,
+        meters,
+        chunk,
+        gone,
+        at_us=at_us,
+        bound=bound,
+        resets=_resets(signature),
+        customers={k: found.selection[k] for k in ("customer_ids", "external_ids")},
+        lifted=lifted,
+    )
     n = chunk.num_rows
     # Repeated in C: a list of n Python objects holds the GIL, and with it the event loop
     # (160 ms a column for 500,000 markers).
@@ -208,44 +188,4 @@ def read_plan(
             ),
         }
     )
-    return Plan(
-        low,
-        high,
-        at_us,
-        lifted,
-        signature,
-        meters,
-        chunk,
-        gone,
-        taken,
-        again,
-        markers,
-    )
-
-
-def evaluated_again(
-    con: duckdb.DuckDBPyConnection,
-    org: str,
-    meters: Sequence[MeterRow],
-    selection: dict[str, Any],
-    chunk: pa.Table,
-    at_us: int,
-    bound: groups.Bound,
-) -> dict[str, pa.Table]:
-    """The rollups of `meters` of each (customer reference, bucket) of `chunk`, evaluated
-    from the current events but those of `chunk`: read by time, the events' files being
-    sorted by it, and by the job's customer, whose references the keys are."""
-    keys = chunk.select(["subject", "bucket"]).group_by(["subject", "bucket"]).aggregate([])
-    low = pc.min(keys.column("bucket")).as_py()
-    high = pc.max(keys.column("bucket")).as_py()
-    with registered(con, "_keys", keys), registered(con, "_chunk", chunk.select(["seq"])):
-        where = (
-            f"timestamp >= ? AND timestamp < ? + INTERVAL {rollups.BUCKET_MINUTES} MINUTE"  # noqa: S608 - fixed text
-            f" AND {CUSTOMER}"
-            f" AND ({OF_EVENT}, {BUCKET}) IN (SELECT subject, bucket FROM _keys)"
-            " AND seq NOT IN (SELECT seq FROM _chunk)"
-        )
-        params = [low, high, selection["customer_ids"], selection["external_ids"]]
-        again = evaluated_events(con, meters, org, where, params, at_us, ledger=False)
-        found = rollups.partials(con, again, bound)
-        return {r: rows for r, rows in found.items() if rows.num_rows}
+    return Plan(low, high, at_us, lifted, signature, taken_out, markers)
