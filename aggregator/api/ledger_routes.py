@@ -122,7 +122,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             return shapes.customer_meters(found, limit)
 
         def order(item: Any) -> tuple[Any, ...]:
-            """As `ledger_tables.active_pairs` orders them: by last change (never changed
+            """As `ledger_reads.active_pairs` orders them: by last change (never changed
             last), then customer and meter (`fan_out`, step 6)."""
             at = item["modified_at"]
             changed = 0 if at is None else fan_out.micros(at)

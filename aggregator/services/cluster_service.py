@@ -15,7 +15,7 @@ from aggregator.store import (
     Store,
     control_offset,
     derived_figures,
-    ledger_tables,
+    ledger_reads,
     logical_rows,
 )
 from ingest.kafka import KafkaSettings
@@ -43,7 +43,7 @@ async def digest(store: Store, organization_id: str, kafka: KafkaSettings | None
 
     def run(con: duckdb.DuckDBPyConnection) -> Digest:
         state: dict[str, list[Any]] = dict(logical_rows(con, organization_id))
-        pairs, _ = ledger_tables.active_pairs(
+        pairs, _ = ledger_reads.active_pairs(
             con,
             organization_id,
             customer_ids=None,

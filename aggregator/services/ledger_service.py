@@ -26,6 +26,7 @@ from aggregator.store import (
 from aggregator.store import customer_tables as customer_sql
 from aggregator.store import grant_tables as grant_sql
 from aggregator.store import hold_tables as hold_sql
+from aggregator.store import ledger_reads as reads
 from aggregator.store import ledger_tables as sql
 from meters.ledger_rules import CreditCreate, ResetCreate, burn
 from meters.times import now_us
@@ -133,7 +134,7 @@ def _views(
     out = []
     for customer_id, meter_id in pairs:
         customer, meter = customers[customer_id], meters[meter_id]
-        balance = sql.held_customer_meter(balances, customer.row, meter)
+        balance = reads.held_customer_meter(balances, customer.row, meter)
         held = holds.get((customer_id, meter_id), 0.0)
         out.append(CustomerMeterView(replace(balance, held=held), customer, meter))
     return out
@@ -156,7 +157,7 @@ async def list_customer_meters(
     balances = store.live.balances
 
     def run(con: Con) -> Page[CustomerMeterView]:
-        pairs, total = sql.active_pairs(
+        pairs, total = reads.active_pairs(
             con,
             organization_id,
             customer_ids=list(customer_ids) if named else None,
@@ -183,7 +184,7 @@ async def customer_meters_of(
     balances = store.live.balances
 
     def run(con: Con) -> list[CustomerMeterView]:
-        pairs, _ = sql.active_pairs(
+        pairs, _ = reads.active_pairs(
             con,
             organization_id,
             customer_ids=[customer_id],
@@ -199,7 +200,7 @@ async def customer_meters_of(
 
 def _pair(con: Con, organization_id: str, customer_meter_id: str) -> tuple[str, str]:
     """(customer id, meter id) of the customer meter; 404 unless it is one."""
-    pairs, _ = sql.active_pairs(
+    pairs, _ = reads.active_pairs(
         con,
         organization_id,
         customer_ids=None,
@@ -270,7 +271,7 @@ async def grants(store: Store, organization_id: str, customer_meter_id: str) -> 
         customer = customer_sql.get_customer(con, organization_id, customer_id)
         assert customer is not None  # a pair's customer exists: the pair comes from its row
         meter = _meters(con, organization_id, [meter_id])[meter_id]
-        cm = sql.held_customer_meter(balances, customer, meter)
+        cm = reads.held_customer_meter(balances, customer, meter)
         rows = grant_sql.grants_of(con, customer_id, meter_id)
         burned = burn([r.grant for r in rows], cm.consumed)
         return Grants(cm, list(zip(rows, burned.remaining, strict=True)), burned.beyond)
@@ -283,7 +284,7 @@ def _state(
 ) -> CustomerState:
     if customer is None:
         raise NotFound("Customer not found")
-    pairs, _ = sql.active_pairs(
+    pairs, _ = reads.active_pairs(
         con,
         organization_id,
         customer_ids=[customer.id],
@@ -298,7 +299,7 @@ def _state(
         with_first_events(con, organization_id, [customer])[0],
         [
             replace(
-                sql.held_customer_meter(balances, customer, meters[meter_id]),
+                reads.held_customer_meter(balances, customer, meters[meter_id]),
                 held=holds.get((customer.id, meter_id), 0.0),
             )
             for _, meter_id in pairs
@@ -402,7 +403,7 @@ def _check(
     meter = catalog.meter(con, organization_id, meter_id)
     if customer is None or meter is None:
         raise NotFound("Customer or meter not found")
-    balance = sql.held_customer_meter(live.balances, customer, meter)
+    balance = reads.held_customer_meter(live.balances, customer, meter)
     held = hold_sql.held_in_memory(live, customer.id, meter.id, now_us())
     return BalanceCheck(units, replace(balance, held=held))
 

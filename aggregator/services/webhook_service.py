@@ -9,6 +9,7 @@ from aggregator.errors import NotFound
 from aggregator.services.pages import Page, offset
 from aggregator.services.writes import record
 from aggregator.store import DeliveryRow, EndpointRow, Store, TenantLimits
+from aggregator.store import webhook_endpoints as endpoints
 from aggregator.store import webhook_tables as sql
 from aggregator.upstream.webhook_sender import private_refusal
 from meters.errors import FieldError, ValidationFailed
@@ -79,7 +80,7 @@ async def update(
 
 
 async def get(store: Store, organization_id: str, endpoint_id: str) -> EndpointRow:
-    found = await store.read_now(sql.get_endpoint, organization_id, endpoint_id)
+    found = await store.read_now(endpoints.get_endpoint, organization_id, endpoint_id)
     if found is None:
         raise NotFound("Webhook endpoint not found")
     return found
@@ -87,7 +88,7 @@ async def get(store: Store, organization_id: str, endpoint_id: str) -> EndpointR
 
 async def list_(store: Store, organization_id: str, page: int, limit: int) -> Page[EndpointRow]:
     rows, total = await store.read_now(
-        sql.list_endpoints, organization_id, limit, offset(page, limit)
+        endpoints.list_endpoints, organization_id, limit, offset(page, limit)
     )
     return Page(rows, total)
 

@@ -45,6 +45,7 @@ from aggregator.store.tables import (
     forward_rollups,
     grant_tables,
     hold_tables,
+    ledger_reads,
     ledger_tables,
     meter_tables,
     otlp_settings,
@@ -58,6 +59,7 @@ from aggregator.store.tables import (
     void_jobs,
     void_plans,
     void_steps,
+    webhook_endpoints,
     webhook_tables,
 )
 from aggregator.store.tables.alert_tables import AlertRow, Firing
@@ -77,7 +79,7 @@ from aggregator.store.tables.event_type_tables import (
 )
 from aggregator.store.tables.grant_tables import GrantRow
 from aggregator.store.tables.hold_tables import HoldRow, held_by_pair
-from aggregator.store.tables.ledger_tables import CustomerMeter, held_customer_meter
+from aggregator.store.tables.ledger_reads import CustomerMeter, held_customer_meter
 from aggregator.store.tables.meter_tables import (
     METER_SORTS,
     backfill_step_job,
@@ -93,11 +95,11 @@ from aggregator.store.tables.record_checks import row_problems
 from aggregator.store.tables.topup_tables import RuleRow as TopUpRuleRow
 from aggregator.store.tables.topup_tables import TopUpRow
 from aggregator.store.tables.void_jobs import VoidJob
+from aggregator.store.tables.webhook_endpoints import EndpointRow
 from aggregator.store.tables.webhook_tables import (
     Attempt,
     DeliveryRow,
     Due,
-    EndpointRow,
     StatePayload,
     attempt_record,
     failures,
@@ -184,6 +186,7 @@ __all__ = [
     "held_customer_meter",
     "hold_tables",
     "ingest_log_repair",
+    "ledger_reads",
     "ledger_tables",
     "logical_rows",
     "meter_events_sql",
@@ -214,6 +217,7 @@ __all__ = [
     "void_jobs",
     "void_plans",
     "void_steps",
+    "webhook_endpoints",
     "webhook_tables",
     "with_origin",
     "with_source",

@@ -73,9 +73,7 @@ from aggregator.store.tables.hold_tables import HoldKeys
 from aggregator.store.tables.ledger_tables import Ledgers, kept_elsewhere
 from aggregator.store.tables.pricing_settings import PricingBook
 from aggregator.store.tables.topup_tables import TopUps
-from aggregator.store.tables.webhook_tables import (
-    StateSubscribers,
-)
+from aggregator.store.tables.webhook_tables import StateSubscribers
 from meters.commands import Command
 from meters.pricing import Pricing
 from meters.times import now_us

@@ -41,6 +41,7 @@ from aggregator.store.tables import (
     pricing_settings,
     topup_tables,
     void_jobs,
+    webhook_endpoints,
     webhook_tables,
 )
 from aggregator.store.tables.quotas import TenantLimits
@@ -145,7 +146,7 @@ KINDS: dict[str, Make] = {
     ),
     "otlp.settings": lambda o, t, a: otlp_settings.set_job(o, a["data"], t),
     "pricing.settings": lambda o, t, a: pricing_settings.set_job(o, a["data"], t),
-    "webhook.create": lambda o, t, a: webhook_tables.create_endpoint_job(
+    "webhook.create": lambda o, t, a: webhook_endpoints.create_endpoint_job(
         o,
         EndpointCreate.model_validate(a["data"]),
         t,
@@ -153,11 +154,11 @@ KINDS: dict[str, Make] = {
         endpoint_id=a["endpoint_id"],
         secret=a["secret"],
     ),
-    "webhook.update": lambda o, t, a: webhook_tables.update_endpoint_job(
+    "webhook.update": lambda o, t, a: webhook_endpoints.update_endpoint_job(
         o, a["endpoint_id"], EndpointUpdate.model_validate(a["data"]), t
     ),
-    "webhook.delete": lambda o, t, a: webhook_tables.delete_endpoint_job(o, a["endpoint_id"], t),
-    "webhook.reset_secret": lambda o, t, a: webhook_tables.reset_secret_job(
+    "webhook.delete": lambda o, t, a: webhook_endpoints.delete_endpoint_job(o, a["endpoint_id"], t),
+    "webhook.reset_secret": lambda o, t, a: webhook_endpoints.reset_secret_job(
         o, a["endpoint_id"], t, secret=a["secret"]
     ),
     "webhook.redeliver": lambda o, t, a: webhook_tables.redeliver_job(o, a["event_id"], t),

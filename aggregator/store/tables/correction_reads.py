@@ -27,7 +27,7 @@ from aggregator.store.base.meter_rows import MeterRow, meters_of, without_ledger
 from aggregator.store.base.rows import first_row, registered, transaction
 from aggregator.store.metering.evaluation import evaluated_events
 from aggregator.store.metering.rollups import Evaluated
-from aggregator.store.tables import ledger_tables
+from aggregator.store.tables import ledger_reads
 from aggregator.store.tables.correction_scope import Replacement, replacement
 from aggregator.store.tables.customer_tables import CustomerRow, customers_by_refs
 from aggregator.store.tables.quantities import Scope, range_total
@@ -106,7 +106,7 @@ class Before:
             for m in meters
         }
         touched = _touched(con, organization_id, kept, {*voided, *new})
-        usage = [ledger_tables.usage_partial(con, m, subjects.of_customer(c)) for c, m in touched]
+        usage = [ledger_reads.usage_partial(con, m, subjects.of_customer(c)) for c, m in touched]
         return cls(meters, quantities, touched, usage, voided, new)
 
     def applied(
@@ -120,7 +120,7 @@ class Before:
             for m in self.meters
         }
         usage = [
-            ledger_tables.usage_partial(con, m, subjects.of_customer(c)) for c, m in self.touched
+            ledger_reads.usage_partial(con, m, subjects.of_customer(c)) for c, m in self.touched
         ]
         return self._changes(after, usage)
 
@@ -133,7 +133,7 @@ class Before:
         ]
         consumed = [
             ConsumedChange(
-                ledger_tables.customer_meter_id(c.id, m.id),
+                ledger_reads.customer_meter_id(c.id, m.id),
                 c.id,
                 m.id,
                 was.result(m.aggregation.func),

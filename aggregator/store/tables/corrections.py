@@ -46,7 +46,12 @@ from aggregator.store.engine.writer import Tx
 from aggregator.store.metering import groups, rollups
 from aggregator.store.metering.evaluation import evaluated_events
 from aggregator.store.metering.rollups import BUCKET, Evaluated
-from aggregator.store.tables import alert_tables, ledger_tables, retraction, webhook_tables
+from aggregator.store.tables import (
+    alert_tables,
+    ledger_reads,
+    retraction,
+    webhook_tables,
+)
 
 __all__ = ["Corrected", "correct", "settle"]
 
@@ -192,7 +197,7 @@ def settle(
     )
     live.stage(live.balances.reread(con, org, pairs))
     for customer in {c.id: c for c in customers.values()}.values():
-        usages = ledger_tables.usage_partials(con, meters, subjects.of_customer(customer))
+        usages = ledger_reads.usage_partials(con, meters, subjects.of_customer(customer))
         for meter in meters:
             was = before[(customer.id, meter.id)]
             usage = usages[meter.id]

@@ -29,12 +29,8 @@ from aggregator.store.engine.live import Feature, Live
 from aggregator.store.engine.writer import Job, Tx, independent
 from aggregator.store.metering.meter_sql import meter_events_sql
 from aggregator.store.tables import idempotency, quotas
-from aggregator.store.tables.ledger_tables import (
-    CustomerMeter,
-    held_customer_meter,
-    kept,
-    resolve,
-)
+from aggregator.store.tables.ledger_reads import CustomerMeter, held_customer_meter
+from aggregator.store.tables.ledger_tables import kept, resolve
 from aggregator.store.tables.quotas import TenantLimits
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import HOLDABLE, HoldCreate

@@ -5,16 +5,15 @@ Usage since each customer's latest reset is kept by ingest (`rollups.apply`, app
 customer meter row, kept equal to its grants' (`grant_tables`, burned and expired by
 `meters.ledger_rules`). Every credit, reset and expiry is also a system event (`meter.credited`,
 `meter.reset`, `meter.credit_expired`). The caller's idempotency key is kept in
-`idempotency`, with the customer meter it answered: replaying a call changes nothing.
+`idempotency`, with the customer meter it answered: replaying a call changes nothing. The
+customer meters' reads (usage, credits, balances) are `ledger_reads`'.
 """
 
 from __future__ import annotations
 
-import hashlib
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import orjson
@@ -39,9 +38,13 @@ from aggregator.store.tables.customer_tables import (
 from meters.aggregations import Partial
 
 if TYPE_CHECKING:
-    from aggregator.store.engine.balances import Balances
-    from aggregator.store.engine.catalog import CustomerKey
     from aggregator.store.engine.live import Live
+from aggregator.store.tables.ledger_reads import (
+    CustomerMeter,
+    consumed,
+    customer_meter,
+    customer_meter_id,
+)
 from meters import ledger_rules as rules
 from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import (
@@ -58,52 +61,13 @@ from meters.times import datetime_to_us, us_to_datetime
 
 __all__ = [
     "Applied",
-    "CustomerMeter",
     "Ledgers",
-    "active_pairs",
     "credit_job",
     "expire_due",
-    "held_customer_meter",
     "reset_job",
-    "usage_partial",
-    "usage_partials",
 ]
 
 Con = duckdb.DuckDBPyConnection
-
-
-def customer_meter_id(customer_id: str, meter_id: str) -> str:
-    """Stable id of a customer meter, whether or not it has a row yet (the SQL twin is
-    `_ID_SQL`)."""
-    return str(
-        uuid.UUID(
-            hashlib.md5(f"{customer_id}/{meter_id}".encode(), usedforsecurity=False).hexdigest()
-        )
-    )
-
-
-_ID_SQL = "md5(p.customer_id::VARCHAR || '/' || p.meter_id::VARCHAR)::UUID"
-
-
-@dataclass(frozen=True, slots=True)
-class CustomerMeter:
-    id: str
-    customer_id: str
-    meter_id: str
-    created_at_us: int
-    modified_at_us: int | None
-    consumed: float
-    credited: int
-    held: float = 0.0  # reserved by active holds (`hold_tables`), where the reader asked
-
-    @property
-    def balance(self) -> float:
-        return self.credited - self.consumed
-
-    @property
-    def available(self) -> float:
-        """What a new hold may still reserve."""
-        return self.balance - self.held
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,7 +452,7 @@ def expire(
         grants = [r.grant for r in rows]
         at_us = grants[i].expires_at_us
         assert at_us is not None
-        after, taken = rules.expire(grants, i, _consumed(con, customer, meter))
+        after, taken = rules.expire(grants, i, consumed(con, customer, meter))
         metadata = {"meter_id": meter.id, "grant_id": rows[i].id, "units": taken}
         key = f"expiry:{rows[i].id}"
         number = _system_event(
@@ -539,7 +503,7 @@ def reset(
         con, customer, "meter.reset", {"meter_id": meter.id}, at_us, now_us, live, key
     )
     _ensure_row(con, customer, meter, now_us)
-    carried = rules.carry([r.grant for r in rows], _consumed(con, customer, meter))
+    carried = rules.carry([r.grant for r in rows], consumed(con, customer, meter))
     names = subjects.of_customer(customer)
     for table in LEDGER_TABLES:
         # Table names from this fixed list only.
@@ -567,209 +531,3 @@ def reset(
 
 
 # ---- reads -----------------------------------------------------------------------------------
-
-
-def _consumed(con: Con, customer: CustomerRow, meter: MeterRow) -> float:
-    return _usage(con, meter, subjects.of_customer(customer))[0]
-
-
-def _usage(con: Con, meter: MeterRow, names: list[str]) -> tuple[float, int | None, int | None]:
-    """(consumed, first usage, last usage) of the subjects `names` in the meter's current
-    windows."""
-    partial, first, last = _stored_usage(con, meter, names)
-    return partial.result(meter.aggregation.func), first, last
-
-
-def usage_partial(con: Con, meter: MeterRow, names: list[str]) -> Partial:
-    """The usage of the subjects `names` in the meter's current windows, as DuckDB holds it in
-    the caller's transaction."""
-    return _stored_usage(con, meter, names)[0]
-
-
-def _stored_usage(
-    con: Con, meter: MeterRow, names: list[str]
-) -> tuple[Partial, int | None, int | None]:
-    partial = Partial()
-    # Equalities, not `IN (SELECT unnest(?))`: DuckDB then filters during the scan (3x faster
-    # at 100,000 customers).
-    which = " OR ".join("subject = ?" for _ in names) or "FALSE"
-    row = first_row(
-        con,
-        "SELECT sum(events), sum(total), min(low), max(high), epoch_us(min(created_at)),"  # noqa: S608 - fixed text, values bound
-        f" epoch_us(max(modified_at)) FROM all_ledger_usage WHERE meter_id = ?::UUID AND ({which})",
-        [meter.id, *names],
-    )
-    first = last = None
-    if row is not None and row[0] is not None:
-        partial.add(int(row[0]), float(row[1]), float(row[2]), float(row[3]))
-        first, last = row[4], row[5]
-    if partial.events and meter.aggregation.func == "latest":
-        point = first_row(
-            con,
-            "SELECT max({'at_us': at_us, 'value': value}) FROM all_ledger_points"  # noqa: S608 - fixed text, values bound
-            f" WHERE meter_id = ?::UUID AND ({which})",
-            [meter.id, *names],
-        )
-        if point is not None and point[0] is not None:
-            partial.add_point(point[0]["at_us"], point[0]["value"])
-    if partial.events == 0 and _is_unique(meter):
-        values = con.execute(
-            "SELECT DISTINCT value FROM all_ledger_usage_values"  # noqa: S608 - fixed text, values bound
-            f" WHERE meter_id = ?::UUID AND ({which})",
-            [meter.id, *names],
-        ).fetchall()
-        partial.values = {v[0] for v in values}
-    return partial, first, last
-
-
-def usage_partials(con: Con, meters: Sequence[MeterRow], names: list[str]) -> dict[str, Partial]:
-    """`usage_partial` of each of `meters` (by id), in a statement per kind of usage rather
-    than per meter."""
-    found = {m.id: Partial() for m in meters}
-    which = " OR ".join("subject = ?" for _ in names) or "FALSE"
-    ids = [m.id for m in meters]
-    meter_in = ", ".join("?::UUID" for _ in ids) or "NULL"
-    rows = con.execute(
-        "SELECT meter_id::VARCHAR, sum(events), sum(total), min(low), max(high)"  # noqa: S608 - fixed text, values bound
-        f" FROM all_ledger_usage WHERE meter_id IN ({meter_in}) AND ({which}) GROUP BY ALL",
-        [*ids, *names],
-    ).fetchall()
-    for meter_id, events, total, low, high in rows:
-        if events is not None:
-            found[str(meter_id)].add(int(events), float(total), float(low), float(high))
-    latest = [m.id for m in meters if m.aggregation.func == "latest" and found[m.id].events]
-    point = "max({'at_us': at_us, 'value': value})"
-    for meter_id, best in _per_meter(con, point, "all_ledger_points", latest, which, names):
-        if best is not None:
-            found[meter_id].add_point(best["at_us"], best["value"])
-    unique = [m.id for m in meters if _is_unique(m) and not found[m.id].events]
-    distinct = "list(DISTINCT value)"
-    for meter_id, values in _per_meter(
-        con, distinct, "all_ledger_usage_values", unique, which, names
-    ):
-        found[meter_id].values = set(values)
-    return found
-
-
-def _per_meter(
-    con: Con, aggregate: str, table: str, ids: list[str], which: str, names: list[str]
-) -> list[tuple[str, Any]]:
-    """(meter id, `aggregate`) over the rows of `table` of the meters `ids` and the subjects
-    `which` selects (`names`)."""
-    if not ids:
-        return []
-    meter_in = ", ".join("?::UUID" for _ in ids)
-    rows = con.execute(
-        f"SELECT meter_id::VARCHAR, {aggregate} FROM {table}"  # noqa: S608 - fixed text, values bound
-        f" WHERE meter_id IN ({meter_in}) AND ({which}) GROUP BY ALL",
-        [*ids, *names],
-    ).fetchall()
-    return [(str(r[0]), r[1]) for r in rows]
-
-
-def _is_unique(meter: MeterRow) -> bool:
-    return cast(str, meter.aggregation.func) == "unique"
-
-
-def customer_meter(con: Con, customer: CustomerRow, meter: MeterRow) -> CustomerMeter:
-    consumed, first, last = _usage(con, meter, subjects.of_customer(customer))
-    row = first_row(
-        con,
-        "SELECT credited, epoch_us(created_at), epoch_us(modified_at) FROM customer_meters"
-        " WHERE customer_id = ?::UUID AND meter_id = ?::UUID",
-        [customer.id, meter.id],
-    )
-    credits = HeldCredits(int(row[0]), int(row[1]), int(row[2])) if row else None
-    return _assembled(customer.id, meter, consumed, first, last, credits)
-
-
-def held_customer_meter(
-    balances: Balances, customer: CustomerRow | CustomerKey, meter: MeterRow
-) -> CustomerMeter:
-    """`customer_meter`, from the balances in memory (no statement)."""
-    usage = balances.usage(meter.id, subjects.of_customer(customer))
-    consumed = usage.partial.result(meter.aggregation.func)
-    credits = balances.credits(customer.id, meter.id)
-    return _assembled(customer.id, meter, consumed, usage.first_us, usage.last_us, credits)
-
-
-def _assembled(
-    customer_id: str,
-    meter: MeterRow,
-    consumed: float,
-    first_us: int | None,
-    last_us: int | None,
-    credits: HeldCredits | None,
-) -> CustomerMeter:
-    """A customer meter from its usage (first and last change) and its credits row: created at
-    the earliest of the meter, the usage and the credits; modified at the latest change."""
-    created = min(
-        t for t in (first_us, credits.created_us if credits else None, meter.created_at_us) if t
-    )
-    modified = max(
-        (t for t in (last_us, credits.modified_us if credits else None) if t), default=None
-    )
-    return CustomerMeter(
-        customer_meter_id(customer_id, meter.id),
-        customer_id,
-        meter.id,
-        created,
-        modified,
-        consumed,
-        credits.credited if credits else 0,
-    )
-
-
-def active_pairs(
-    con: Con,
-    organization_id: str,
-    *,
-    customer_ids: list[str] | None,
-    external_ids: list[str] | None,
-    meter_ids: list[str] | None,
-    id: str | None = None,
-    limit: int,
-    offset: int,
-    descending: bool = True,
-) -> tuple[list[tuple[str, str]], int]:
-    """(customer id, meter id) of the organization's customer meters — those with usage in
-    their window or a ledger row — newest first; and their count. Archived meters are left
-    out unless asked for by id."""
-    customer_where = ""
-    params: list[Any] = [organization_id]
-    if customer_ids is not None or external_ids is not None:
-        customer_where = (
-            " AND (c.id IN (SELECT unnest(?::UUID[]))"
-            " OR c.external_id IN (SELECT unnest(?::VARCHAR[])))"
-        )
-        params += [customer_ids or [], external_ids or []]
-    meter_where = (
-        " AND archived_at IS NULL"
-        if meter_ids is None
-        else (" AND id IN (SELECT unnest(?::UUID[]))")
-    )
-    meter_params: list[Any] = [organization_id] + ([meter_ids] if meter_ids is not None else [])
-    pair_where = "" if id is None else f" WHERE {_ID_SQL} = ?::UUID"
-    pairs = (
-        "WITH subj AS (SELECT c.id AS customer_id, s.subject FROM customers c,"  # noqa: S608 - fixed text, values bound
-        f" unnest({subjects.of_customer_sql('c')}) s(subject)"
-        f" WHERE c.organization_id = ?::UUID AND s.subject IS NOT NULL{customer_where}),"
-        f" m AS (SELECT id FROM meters WHERE organization_id = ?::UUID{meter_where}),"
-        " used AS (SELECT u.meter_id, subj.customer_id, u.modified_at FROM all_ledger_usage u"
-        " JOIN subj USING (subject) WHERE u.meter_id IN (SELECT id FROM m)"
-        " UNION ALL SELECT v.meter_id, subj.customer_id, NULL FROM all_ledger_usage_values v"
-        " JOIN subj USING (subject) WHERE v.meter_id IN (SELECT id FROM m)"
-        " UNION ALL SELECT meter_id, customer_id, modified_at FROM customer_meters"
-        " WHERE meter_id IN (SELECT id FROM m) AND customer_id IN (SELECT customer_id FROM subj))"
-        " SELECT customer_id, meter_id, max(modified_at) AS modified FROM used p"
-        f"{pair_where} GROUP BY ALL"
-    )
-    pairs_params = [*params, *meter_params, *([id] if id is not None else [])]
-    count = first_row(con, f"SELECT count(*) FROM ({pairs})", pairs_params)  # noqa: S608 - fixed text, values bound
-    rows = con.execute(
-        f"SELECT customer_id::VARCHAR, meter_id::VARCHAR FROM ({pairs})"  # noqa: S608 - fixed text, values bound
-        f" ORDER BY modified {'DESC' if descending else 'ASC'} NULLS LAST, customer_id, meter_id"
-        " LIMIT ? OFFSET ?",
-        [*pairs_params, limit, offset],
-    ).fetchall()
-    return [(r[0], r[1]) for r in rows], int(count[0]) if count else 0

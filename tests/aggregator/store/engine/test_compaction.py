@@ -25,7 +25,7 @@ from aggregator.store.engine.segments import Change
 from aggregator.store.engine.writer import Tx
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer_by_external_id
-from aggregator.store.tables.ledger_tables import customer_meter, held_customer_meter
+from aggregator.store.tables.ledger_reads import customer_meter, held_customer_meter
 from aggregator.store.tables.meter_tables import create_job as create_meter
 from aggregator.store.tables.quantities import Scope, compute
 from meters.customer_rules import CustomerCreate

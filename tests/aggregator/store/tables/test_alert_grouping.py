@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.engine.writer import Tx, independent
-from aggregator.store.tables import alert_tables, webhook_tables
+from aggregator.store.tables import alert_tables, webhook_endpoints
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.ledger_tables import credit_job, reset_job
 from aggregator.store.tables.meter_tables import create_job as create_meter
@@ -147,7 +147,7 @@ async def _template(path: Path) -> dict[str, Any]:
             for n in CUSTOMERS
         ]
         await store.write(
-            webhook_tables.create_endpoint_job(
+            webhook_endpoints.create_endpoint_job(
                 ORG,
                 EndpointCreate(url="https://example.com/h", format="raw", events=["meter.alert"]),
                 now,

@@ -17,7 +17,7 @@ from aggregator.store.engine.migrations import MIGRATIONS, migrate
 from aggregator.store.tables.customer_deletion import delete_job
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import customers_after, get_customer_by_external_id
-from aggregator.store.tables.ledger_tables import customer_meter
+from aggregator.store.tables.ledger_reads import customer_meter
 from aggregator.store.tables.outbox import pending
 from meters.customer_rules import CustomerCreate
 

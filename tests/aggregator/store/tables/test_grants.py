@@ -17,7 +17,7 @@ import pytest
 
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.tables import alert_tables, grant_tables, webhook_tables
+from aggregator.store.tables import alert_tables, grant_tables, webhook_endpoints
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.ledger_tables import credit_job, reset_job
 from aggregator.store.tables.meter_tables import create_job as create_meter
@@ -98,7 +98,7 @@ async def _expiry(path: Path) -> None:
         ledger = Ledger(store)
         await ledger.setup()
         await store.write(
-            webhook_tables.create_endpoint_job(
+            webhook_endpoints.create_endpoint_job(
                 ORG,
                 EndpointCreate(
                     url="https://example.com/h",

@@ -31,12 +31,8 @@ from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.engine.compaction import compact
 from aggregator.store.tables import grant_tables
 from aggregator.store.tables.customer_tables import create_job as create_customer
-from aggregator.store.tables.ledger_tables import (
-    credit_job,
-    customer_meter,
-    held_customer_meter,
-    reset_job,
-)
+from aggregator.store.tables.ledger_reads import customer_meter, held_customer_meter
+from aggregator.store.tables.ledger_tables import credit_job, reset_job
 from aggregator.store.tables.meter_tables import create_job, meters_by_ids
 from aggregator.store.tables.plan_tables import cycle_due_job, plan_create_job
 from meters import ledger_rules as rules

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from aggregator.errors import InsufficientBalance, NotFound
 from aggregator.store import Store
 from aggregator.store.engine.writer import Job
-from aggregator.store.tables import alert_tables, webhook_tables
+from aggregator.store.tables import alert_tables, webhook_endpoints
 from aggregator.store.tables.customer_deletion import delete_job as delete_customer
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.hold_tables import create_job as create_hold
@@ -85,7 +85,7 @@ def _alert(meter_id: str, n: int, i: int, now: int) -> Job[Any]:
 
 def _endpoint(events: list[str], now: int) -> Job[Any]:
     made = EndpointCreate(url="https://example.com/h", format="raw", events=events)
-    return webhook_tables.create_endpoint_job(
+    return webhook_endpoints.create_endpoint_job(
         ORG, made, now, endpoint_id=str(uuid.uuid4()), secret=new_secret()
     )
 

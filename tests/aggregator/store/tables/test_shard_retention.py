@@ -27,14 +27,15 @@ from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import get_meter
 from aggregator.store.engine.migrations import migrate
 from aggregator.store.engine.segments import Segments, folder_of
-from aggregator.store.tables import alert_tables, forward_rollups, webhook_tables
+from aggregator.store.tables import alert_tables, forward_rollups, webhook_endpoints, webhook_tables
 from aggregator.store.tables.customer_tables import CustomerRow, get_customer
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import update_job as update_customer
 from aggregator.store.tables.event_tables import EventQuery, list_events, subjects_first_timestamp
 from aggregator.store.tables.hold_tables import create_job as create_hold
 from aggregator.store.tables.hold_tables import list_holds
-from aggregator.store.tables.ledger_tables import credit_job, customer_meter, held_customer_meter
+from aggregator.store.tables.ledger_reads import customer_meter, held_customer_meter
+from aggregator.store.tables.ledger_tables import credit_job
 from aggregator.store.tables.meter_tables import create_job as create_meter
 from aggregator.store.tables.quantities import Scope, compute
 from aggregator.store.tables.shard_retention import RetentionRefused, retain
@@ -161,7 +162,7 @@ async def _made(
             events=["meter.alert", "customer.state_changed"],
         )
         await store.write(
-            webhook_tables.create_endpoint_job(
+            webhook_endpoints.create_endpoint_job(
                 ORG, endpoint, now, endpoint_id=str(uuid.uuid4()), secret=new_secret()
             )
         )

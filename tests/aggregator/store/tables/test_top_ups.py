@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import get_meter
-from aggregator.store.tables import ledger_tables, topup_tables, webhook_tables
+from aggregator.store.tables import ledger_reads, topup_tables, webhook_endpoints
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer
 from aggregator.store.tables.ledger_tables import credit_job
@@ -102,7 +102,7 @@ class Run:
             url="https://example.com/h", format="raw", events=[topup_tables.TOPPED_UP]
         )
         await store.write(
-            webhook_tables.create_endpoint_job(
+            webhook_endpoints.create_endpoint_job(
                 ORG, endpoint, now, endpoint_id=str(uuid.uuid4()), secret=new_secret()
             )
         )
@@ -160,7 +160,7 @@ class Run:
             customer = get_customer(con, ORG, self.customer_id)
             meter = get_meter(con, ORG, self.meter_id)
             assert customer is not None and meter is not None
-            return ledger_tables.customer_meter(con, customer, meter)
+            return ledger_reads.customer_meter(con, customer, meter)
 
         balance = (await store.read(customer_meter)).balance
         made = [(self.rule_ids.index(r), p, n) for _, r, p, n in top_ups]

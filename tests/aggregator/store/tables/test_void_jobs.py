@@ -27,7 +27,8 @@ from aggregator.store.metering.rollups import BUCKET, kind
 from aggregator.store.tables import correction_jobs, void_jobs, void_plans, void_steps
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer_by_external_id
-from aggregator.store.tables.ledger_tables import reset_job, usage_partial
+from aggregator.store.tables.ledger_reads import usage_partial
+from aggregator.store.tables.ledger_tables import reset_job
 from aggregator.store.tables.meter_tables import create_job as create_meter
 from meters.aggregations import Partial
 from meters.corrections import VoidRequest

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 from aggregator.store import Store
+from aggregator.store.tables import webhook_endpoints as endpoints
 from aggregator.store.tables import webhook_tables as sql
 from meters.times import now_us
 from meters.webhook_rules import EndpointCreate, new_secret
@@ -16,10 +17,10 @@ ORG = str(uuid.uuid4())
 DAY_US = 86_400 * 1_000_000
 
 
-async def new_endpoint(store: Store, at_us: int) -> sql.EndpointRow:
+async def new_endpoint(store: Store, at_us: int) -> endpoints.EndpointRow:
     """A new endpoint of `ORG` taking `meter.alert`, made at `at_us`."""
     return await store.write(
-        sql.create_endpoint_job(
+        endpoints.create_endpoint_job(
             ORG,
             EndpointCreate(url="https://example.com/h", format="raw", events=["meter.alert"]),
             at_us,
