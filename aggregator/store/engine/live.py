@@ -160,7 +160,7 @@ class Live:
     ) -> None:
         self.seq = seq
         # The bound on a dimension's values per meter, customer reference and bucket that jobs
-        # writing rollups apply (`rollups.partials`).
+        # writing rollups apply (`partials.partials`).
         self.bound = bound
         self.flusher = flusher
         self.memtable = memtable

@@ -29,7 +29,7 @@ from aggregator.store.base.ids import INGEST_LOG_PARTITION, ORIGIN, event_ids
 from aggregator.store.base.rows import registered
 from aggregator.store.engine import dedupe, ingest_log
 from aggregator.store.engine.segments import Change, Segments
-from aggregator.store.metering import groups, rollups
+from aggregator.store.metering import groups, partials, rollups
 from aggregator.store.metering.rollups import Evaluated
 
 # Rows DuckDB puts in a row group: an append of at least this many goes straight to the file.
@@ -204,7 +204,7 @@ def store(
                 con.execute(dedupe.INSERT_MOVED.format(events="_stored_events"))
                 _record_links(con)
         evaluated = [ev for e in entries for ev in e.evaluated]
-        found = rollups.partials(con, evaluated, bound)
+        found = partials.partials(con, evaluated, bound)
         groups.list_folded(con, found["rollup_groups"])
         files += [(r, t) for r, t in found.items() if t.num_rows]
         change.added += segments.write_all(files)

@@ -155,7 +155,7 @@ RELATIONS: dict[str, Relation] = {
     )
 }
 
-# The relations of meters' partial aggregates (`rollups.partials`).
+# The relations of meters' partial aggregates (`partials.partials`).
 ROLLUP_RELATIONS = ("rollups", "rollup_values", "rollup_points", "rollup_groups")
 
 

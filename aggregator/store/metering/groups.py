@@ -5,7 +5,7 @@ meter's dimensions in its order; events, total, low, high), and their bound.
 Contributions arrive coded (`Coded`: each batch's meters, customer references and values as
 numbers into small dictionaries of its own), so that merging a flush's rows costs a sort of
 numbers, not hashing texts per row (an Arrow aggregation over six text keys took ten times as
-long). Each merged group's sums add its values in the order they came, as `rollups._grouped`'s
+long). Each merged group's sums add its values in the order they came, as `partials._grouped`'s
 do: the same floats however a flush was scheduled.
 
 The bound: at most `limit` values of one dimension per meter, customer reference and bucket

@@ -16,10 +16,10 @@ use), kept per distinct filter and contribution (`Contributions`), and from them
 usage per customer reference (which the in-memory balances take at once). Ingest evaluates a
 request's events before the writer takes them (`prepare`; the writer checks that the meters are
 still those, `Prepared.columns_for`), so that an organization's many meters cost the group
-commit that every organization waits for no more than its few values. `store` appends a list of
-evaluated batches' partial aggregates to the delta tables, grouped across the batches: ingest
-stores them when the events are flushed, backfill at once. Past the evaluation, contributions
-travel as rows (`_long`: meter, customer reference, bucket, value, one numpy gather for all
+commit that every organization waits for no more than its few values. The partial aggregates of
+a list of evaluated batches, grouped across them, are `partials`'; `store_ledger` appends their
+ledger usage to the delta tables. Past the evaluation, contributions
+travel as rows (`long_rows`: meter, customer reference, bucket, value, one numpy gather for all
 meters), so that neither a statement's text nor Python's work grows with the number of meters.
 """
 
@@ -37,9 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.base import subjects
-from aggregator.store.base.arrays import Column, encoded, numpy
+from aggregator.store.base.arrays import encoded, numpy
 from aggregator.store.base.rows import registered
-from aggregator.store.metering import groups
 from aggregator.store.metering.meter_plan import Contributions, MeterPlan
 from aggregator.store.metering.meter_sql import SQL
 from meters.aggregations import IntegralAggregation, UniqueAggregation
@@ -122,13 +121,13 @@ def evaluate(
     keys, contributions = _evaluated(con, meters, source, where, params)
     if not backfill:
         return evaluated(meters, keys, contributions, at_us=at_us, ledger=ledger)
-    numbers = _of(meters, _LEDGER_NUMBERS) if ledger else []
-    uniques = _of(meters, ("unique",)) if ledger else []
-    latest = _of(meters, ("latest",)) if ledger else []
+    numbers = of_kind(meters, _LEDGER_NUMBERS) if ledger else []
+    uniques = of_kind(meters, ("unique",)) if ledger else []
+    latest = of_kind(meters, ("latest",)) if ledger else []
     with registered(con, "_values", _columns(keys, contributions, None)):
-        usage = _table(con, *_ledger_numbers(numbers)) if numbers else _EMPTY_NUMBERS
-        usage_values = _table(con, *_ledger_uniques(uniques)) if uniques else _EMPTY_VALUES
-        points = _table(con, *_ledger_points(latest)) if latest else _EMPTY_POINTS
+        usage = arrow_table(con, *_ledger_numbers(numbers)) if numbers else _EMPTY_NUMBERS
+        usage_values = arrow_table(con, *_ledger_uniques(uniques)) if uniques else _EMPTY_VALUES
+        points = arrow_table(con, *_ledger_points(latest)) if latest else _EMPTY_POINTS
     return Evaluated.of(meters, (keys, contributions), (usage, usage_values, points), at_us)
 
 
@@ -225,14 +224,16 @@ def _evaluated(
     """(subject, bucket, seq, at_us) of the events and every meter's contributions of them:
     the statement of their plan (`MeterPlan`), cut every `COLUMNS_PER_STATEMENT` columns
     (each part ordered by seq, so that their rows line up)."""
-    plan = _kinds(meters).plan
+    plan = meter_kinds(meters).plan
     dimensions = [f"_d{i}" for i in range(len(plan.dimensions))]
     parts = []
     for first in range(0, max(1, len(plan.columns)), COLUMNS_PER_STATEMENT):
         cut = plan.columns[first : first + COLUMNS_PER_STATEMENT]
         whole = len(cut) == len(plan.columns)
-        query, query_params = _values(plan, cut, source, where, params, with_dimensions=not first)
-        parts.append(_table(con, query if whole else query + " ORDER BY seq", query_params))
+        query, query_params = values_query(
+            plan, cut, source, where, params, with_dimensions=not first
+        )
+        parts.append(arrow_table(con, query if whole else query + " ORDER BY seq", query_params))
     columns = [
         c
         for i, p in enumerate(parts)
@@ -264,7 +265,7 @@ class _Kinds:
     dimensions: tuple[str, ...]  # `_d<i>`'s dimension, each distinct one once
 
 
-def _kinds(meters: Sequence[MeterRow]) -> _Kinds:
+def meter_kinds(meters: Sequence[MeterRow]) -> _Kinds:
     return _kinds_of_list(_Same(meters))
 
 
@@ -336,71 +337,9 @@ def _kinds_of(definitions: _Definitions) -> _Kinds:
     )
 
 
-def _table(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None) -> pa.Table:
+def arrow_table(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None) -> pa.Table:
     table: pa.Table = con.sql(query, params=params).to_arrow_table()
     return table
-
-
-def partials(
-    con: duckdb.DuckDBPyConnection,
-    batches: Sequence[Evaluated],
-    bound: groups.Bound,
-) -> dict[str, pa.Table]:
-    """The batches' partial aggregates per rollup relation (`segments.RELATIONS`), merged across
-    batches (each meter, customer reference and bucket once, however many batches had it) and
-    sorted by them, as the relation's files keep them. A dimensioned meter's groups keep at
-    most `bound.limit` values of each dimension per customer reference and bucket
-    (`groups.bounded`: the stored values count first).
-
-    The contributions are turned into rows (meter, customer reference, bucket, value) first, so
-    that the work is the same whatever the meters: its cost grows with the values stored, not
-    with how many meters an organization defines."""
-    return {
-        "rollups": _grouped(
-            [_long_of(b, "rollups") for b in batches],
-            {"events": "count", "total": "sum", "low": "min", "high": "max"},
-        ),
-        "rollup_values": _grouped([_long_of(b, "uniques") for b in batches], {}),
-        "rollup_points": _points(con, batches),
-        "rollup_groups": groups.partials(con, [_long_groups(b) for b in batches], bound),
-    }
-
-
-def _long_groups(batch: Evaluated) -> groups.Coded:
-    """A batch's contributions to its dimensioned number meters as coded rows of groups: the
-    values of each meter's dimensions in its order, null past them."""
-    kinds = _kinds(batch.meters)
-    keys, n = batch.keys, batch.keys.num_rows
-    if not len(kinds.grouped) or not n:
-        return groups.NONE
-    which, rows, contributed = batch.contributions.long(kinds.grouped)
-    values = numpy(contributed, np.float64)
-    subjects, subject = groups.texts_encoded(keys.column("subject"))
-    # Every dimension's values one after another, then nulls: a meter's k-th dimension is the
-    # slice of its column (`dimension_columns`), taken at each of its rows.
-    chunks = [
-        chunk
-        for i in range(len(kinds.dimensions))
-        for chunk in keys.column(f"_d{i}").cast(pa.string()).chunks
-    ]
-    dictionary, codes = groups.texts_encoded(
-        pa.chunked_array([*chunks, pa.nulls(n, pa.string())], pa.string())
-    )
-    at = kinds.dimension_columns[which].T.astype(np.int64) * n + rows
-    return groups.Coded(
-        kinds.ids,
-        subjects,
-        dictionary,
-        kinds.grouped[which].astype(np.int64),
-        subject[rows],
-        numpy(keys.column("bucket").cast(pa.int64()), np.int64)[rows],
-        codes[at],
-        np.ones(len(rows), np.int64),
-        values,
-        values,
-        values,
-        numpy(keys.column("seq"), np.int64)[rows],
-    )
 
 
 def store_ledger(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
@@ -431,14 +370,6 @@ def store_ledger(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -
     )
 
 
-def _long_of(batch: Evaluated, which: str) -> pa.Table:
-    """A batch's contributions to its number meters ('rollups') or unique ones ('uniques') as
-    rows with their rollup's keys (`_long`)."""
-    kinds = _kinds(batch.meters)
-    meters = kinds.rollups if which == "rollups" else kinds.uniques
-    return _long(batch.keys, batch.contributions, meters, kinds.ids, _ROLLUP_KEYS)
-
-
 def _append(
     con: duckdb.DuckDBPyConnection, tables: list[pa.Table], name: str, statement: str
 ) -> None:
@@ -449,85 +380,6 @@ def _append(
             con.execute(statement)
 
 
-def _grouped(tables: list[pa.Table], aggregates: dict[str, str]) -> pa.Table:
-    """The rows of `tables` (`_long`'s) merged per meter, customer reference and bucket, with
-    `aggregates` of their values ({column: Arrow's aggregate of `v`}; none: each distinct value
-    a row, `value`), sorted by those keys as the files keep them. In Arrow, not DuckDB: half
-    the CPU, and each sum adds its values in row order (DuckDB's threads add in any order),
-    so a rollup's floats do not depend on how a flush was scheduled."""
-    rows = [t for t in tables if t.num_rows]
-    if not rows:
-        return pa.table({})
-    keys = ["meter_id", "subject", "bucket", *([] if aggregates else ["v"])]
-    specs: list[Any] = [("v", f) for f in aggregates.values()]
-    grouped = (
-        pa.concat_tables(rows)
-        .unify_dictionaries()
-        .group_by(keys, use_threads=False)
-        .aggregate(specs)
-    )
-    meter = grouped.column("meter_id").cast(pa.string())
-    bucket = numpy(grouped.column("bucket").cast(pa.int64()), np.int64)
-    order = np.lexsort((bucket, _ranks(grouped.column("subject")), _ranks(meter)))
-    columns = {"meter_id": meter, "subject": grouped.column("subject")}
-    columns["bucket"] = grouped.column("bucket")
-    columns |= {name: grouped.column(f"v_{f}") for name, f in aggregates.items()}
-    if not aggregates:
-        columns["value"] = grouped.column("v")
-    return pa.table(columns).take(order)
-
-
-def _ranks(column: Column) -> npt.NDArray[np.int64]:
-    """Each row's rank among the distinct texts of `column` (a sort of the distinct values,
-    not of every row)."""
-    distinct: Any = pc.dictionary_encode(
-        column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    )
-    order = numpy(pc.sort_indices(distinct.dictionary), np.int64)
-    rank = np.empty(len(order), np.int64)
-    rank[order] = np.arange(len(order))
-    ranks: npt.NDArray[np.int64] = rank[numpy(distinct.indices, np.int64)]
-    return ranks
-
-
-def _points(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> pa.Table:
-    """The points of latest meters (each bucket's greatest) and integral meters (each event's:
-    several at one instant are merged where they are read), sorted. Each batch's columns are
-    read with a statement per meter: for a few such meters, cheaper than turning the
-    contributions into rows (`_long`)."""
-    parts: list[pa.Table] = []
-    for batch in batches:
-        latest, every = _of(batch.meters, ("latest",)), _of(batch.meters, ("integral",))
-        if not latest and not every:
-            continue
-        chosen = [i for i, _ in (*latest, *every)]
-        with registered(con, "_values", batch.values(chosen)):
-            for i, meter in latest:
-                parts.append(
-                    con.sql(
-                        "SELECT ?::UUID AS meter_id, subject, bucket, p.at_us, p.value FROM"  # noqa: S608 - fixed text, values bound
-                        " (SELECT subject, bucket,"
-                        f" max({{'at_us': at_us, 'value': v{i}}}) AS p FROM _values"
-                        f" WHERE v{i} IS NOT NULL GROUP BY ALL)",
-                        params=[meter.id],
-                    ).to_arrow_table()
-                )
-            for i, meter in every:
-                parts.append(
-                    con.sql(
-                        f"SELECT ?::UUID AS meter_id, subject, bucket, at_us, v{i} AS value"  # noqa: S608 - fixed text, values bound
-                        f" FROM _values WHERE v{i} IS NOT NULL",
-                        params=[meter.id],
-                    ).to_arrow_table()
-                )
-    rows = [p for p in parts if p.num_rows]
-    if not rows:
-        return pa.table({})
-    with registered(con, "_points", pa.concat_tables(rows)):
-        return _table(con, "SELECT * FROM _points ORDER BY meter_id, subject, bucket, at_us", None)
-
-
-_ROLLUP_KEYS = ("subject", "bucket")
 _LEDGER_KEYS = ("subject",)
 # The ledger's events, totals and extremes: an integral meter has no ledger (its consumption
 # would grow between events, where every other balance changes only with a write).
@@ -545,12 +397,12 @@ def kind(meter: MeterRow) -> str:
     return "latest" if aggregation.func == "latest" else "number"
 
 
-def _of(meters: Sequence[MeterRow], kinds: tuple[str, ...]) -> list[tuple[int, MeterRow]]:
-    positions = np.flatnonzero(np.isin(_kinds(meters).kinds, kinds))
+def of_kind(meters: Sequence[MeterRow], kinds: tuple[str, ...]) -> list[tuple[int, MeterRow]]:
+    positions = np.flatnonzero(np.isin(meter_kinds(meters).kinds, kinds))
     return [(i, meters[i]) for i in positions.tolist()]
 
 
-def _long(
+def long_rows(
     keys: pa.Table,
     contributions: Contributions,
     meters: npt.NDArray[np.intp],
@@ -669,14 +521,14 @@ def _live_ledger(
 ) -> tuple[pa.Table, pa.Table, pa.Table]:
     """`_ledger_numbers` and `_ledger_uniques` of live ingest, whose events all come after any
     reset: one hash aggregation each, in Arrow."""
-    kinds = _kinds(meters)
+    kinds = meter_kinds(meters)
     numbers, uniques = kinds.numbers, kinds.uniques
     usage = _EMPTY_NUMBERS
     if 0 < len(numbers) <= WIDE_METERS:
         usage = _wide_usage(keys, contributions, numbers, kinds.ids)
     elif len(numbers):
         grouped = (
-            _long(keys, contributions, numbers, kinds.ids, _LEDGER_KEYS)
+            long_rows(keys, contributions, numbers, kinds.ids, _LEDGER_KEYS)
             .group_by(["meter_id", "subject"], use_threads=False)
             .aggregate([("v", "count"), ("v", "sum"), ("v", "min"), ("v", "max")])
         )
@@ -694,7 +546,7 @@ def _live_ledger(
     distinct = _EMPTY_VALUES
     if len(uniques):
         pairs = (
-            _long(keys, contributions, uniques, kinds.ids, _LEDGER_KEYS)
+            long_rows(keys, contributions, uniques, kinds.ids, _LEDGER_KEYS)
             .group_by(["meter_id", "subject", "v"], use_threads=False)
             .aggregate([])
         )
@@ -706,7 +558,7 @@ def _live_ledger(
             },
             schema=_EMPTY_VALUES.schema,
         )
-    return usage, distinct, _live_points(keys, contributions, _of(meters, ("latest",)))
+    return usage, distinct, _live_points(keys, contributions, of_kind(meters, ("latest",)))
 
 
 # Up to this many number meters, the ledger's usage is aggregated over the batch's rows, four
@@ -796,7 +648,7 @@ _AFTER_RESET = (
 _KEYS = ("subject", "bucket", "seq", "at_us")
 
 
-def _values(
+def values_query(
     plan: MeterPlan,
     columns: Sequence[SQL],
     source: str,

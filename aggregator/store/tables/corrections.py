@@ -43,7 +43,7 @@ from aggregator.store.base.rows import registered
 from aggregator.store.base.subjects import OF_EVENT
 from aggregator.store.engine.segments import RELATIONS
 from aggregator.store.engine.writer import Tx
-from aggregator.store.metering import groups, rollups
+from aggregator.store.metering import groups, partials, rollups
 from aggregator.store.metering.evaluation import evaluated_events
 from aggregator.store.metering.rollups import BUCKET, Evaluated
 from aggregator.store.tables import (
@@ -160,9 +160,9 @@ def _added(tx: Tx, added: list[Evaluated]) -> None:
     """Step 4's figures: the new events' partials and ledger usage appended, as a flush stores
     those of applied events (they merge with what is there)."""
     con = tx.con
-    partials = rollups.partials(con, added, tx.live.bound)
-    groups.list_folded(con, partials["rollup_groups"])
-    for relation, rows in partials.items():
+    found = partials.partials(con, added, tx.live.bound)
+    groups.list_folded(con, found["rollup_groups"])
+    for relation, rows in found.items():
         if rows.num_rows:
             with registered(con, "_added", rows):
                 base = RELATIONS[relation].base

@@ -23,7 +23,7 @@ import duckdb
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import among, registered, transaction
-from aggregator.store.metering import rollups
+from aggregator.store.metering import partials
 from aggregator.store.metering.evaluation import counted_sql, evaluated_events
 from aggregator.store.metering.groups import OTHER, Bound, folds, list_folded
 from aggregator.store.metering.meter_sql import SQL, contribution_sql, dimension_sql, filter_sql
@@ -218,7 +218,7 @@ def derive_pending(con: duckdb.DuckDBPyConnection, bound: Bound) -> int:
                     0,
                     ledger=False,
                 )
-                derived = rollups.partials(con, found, bound)["rollup_groups"]
+                derived = partials.partials(con, found, bound)["rollup_groups"]
                 if derived.num_rows:
                     with registered(con, "_groups", derived):
                         con.execute("INSERT INTO rollup_groups SELECT * FROM _groups")

@@ -33,7 +33,7 @@ from aggregator.store.base.subjects import EXTERNAL, ID, OF_EVENT
 from aggregator.store.engine.compaction import LEDGER_TABLES
 from aggregator.store.engine.segments import RELATIONS, ROLLUP_RELATIONS
 from aggregator.store.engine.writer import Tx
-from aggregator.store.metering import groups, rollups
+from aggregator.store.metering import groups, partials, rollups
 from aggregator.store.metering.evaluation import evaluated_events
 from aggregator.store.metering.rollups import BUCKET, Evaluated, kind
 
@@ -109,7 +109,7 @@ def retraction(
     subtracting = [m.id for m in meters if str(m.aggregation.func) in SUBTRACTING]
     taken: dict[str, pa.Table] = {}
     if subtracting and chunk.num_rows:
-        all_partials = rollups.partials(con, gone, bound)
+        all_partials = partials.partials(con, gone, bound)
         for relation in _TAKEN:
             rows = all_partials[relation]
             if rows.num_rows:
@@ -152,7 +152,7 @@ def evaluated_again(
         )
         params = [low, high, customers["customer_ids"], customers["external_ids"]]
         again = evaluated_events(con, meters, org, where, params, at_us, ledger=False)
-        found = rollups.partials(con, again, bound)
+        found = partials.partials(con, again, bound)
         return {r: rows for r, rows in found.items() if rows.num_rows}
 
 

@@ -80,7 +80,7 @@ def plan(
 ) -> Plan | None:
     """The `Plan` of the job's next step (as `step_job` takes it), read on `con` (a reader's:
     off the writer); None if the job is done. `bound`: the store's bound on a
-    dimension's values (`rollups.partials`)."""
+    dimension's values (`partials.partials`)."""
     found = load(con, job_id)
     if found is None or found.job.done:
         return None
