@@ -1,7 +1,8 @@
 """Corrections applied as one journal group (Kafka mode: `apply.commands.applied_group`, every
 write record the leader read together in one transaction): each one sees and changes the
 files the ones before it in the group changed, so the rollups and the events after the group
-are what the same corrections give one by one."""
+are what the same corrections give one by one; and corrections of the same keys one after
+another leave one rollup row per key."""
 
 from __future__ import annotations
 
@@ -126,3 +127,30 @@ def replacements_of(body: dict[str, Any], events: list[dict[str, Any]]) -> list[
     """The replacement events as the API validates them (`correction_service.replace`)."""
     data = EventReplace.model_validate({**body, "events": events})
     return replacements(data, now=now_us(), rules=EventRules())
+
+
+def test_an_event_amended_again_and_again_keeps_one_row_per_key(tmp_path: Path) -> None:
+    """A correction appends what it takes away and what it adds to the rollups' base rows;
+    each key's rows are merged into one, so an amendment's chain grows nothing, and the
+    quantities are the current version's."""
+    with InProcessCore(tmp_path) as core:
+        total, count = _meter(core, "sum"), _meter(core, "count")
+        _stored(core, 2)
+        listed = core.request("GET", "/v1/events/", params={"external_customer_id": "ada"})
+        event_id = next(e["id"] for e in listed.json()["items"] if e["metadata"]["n"] == 1)
+        for version in range(2, 32):
+            answer = core.request(
+                "PATCH", f"/v1/events/{event_id}", json={"metadata": {"n": version * 10}}
+            )
+            assert answer.status_code == 200, answer.text
+            event_id = answer.json()["id"]
+        assert _totals(core, total) == {"ada": 0 + 310, "bob": 1, "cy": 1}
+        assert _totals(core, count) == {"ada": 2, "bob": 2, "cy": 2}
+
+        def rows(con: Any) -> list[tuple[Any, ...]]:
+            return con.execute(
+                "SELECT meter_id, subject, bucket, count(*) FROM rollups GROUP BY ALL"
+                " HAVING count(*) > 1"
+            ).fetchall()
+
+        assert core.run(core.store.read(rows)) == []
