@@ -116,6 +116,7 @@ def correct(
             customers=retraction.customers_of(references),
         )
         changed = retraction.retract(tx, org, taken_out)  # step 3
+    keys = voided.select(["subject", "bucket"])  # the (reference, bucket) keys touched
     first = live.seq.last + 1
     if new is not None and new.num_rows:  # step 4
         first = live.seq.reserve(new.num_rows)
@@ -126,14 +127,15 @@ def correct(
         # After every reset (their seqs are the newest): added as live ingest adds them.
         added = evaluated_events(con, meters, org, stored, bounds, now_us, after_resets=True)
         _added(tx, added)
-        new_subjects = con.sql(
-            f"SELECT DISTINCT {OF_EVENT} AS subject FROM events"  # noqa: S608 - fixed text, values bound
+        new_keys = con.sql(
+            f"SELECT {OF_EVENT} AS subject, {BUCKET} AS bucket FROM events"  # noqa: S608 - fixed text, values bound
             f" WHERE organization_id = ?::UUID AND {stored}",
             params=[org, *bounds],
-        ).fetchall()
-        changed += [str(r[0]) for r in new_subjects]
+        ).to_arrow_table()
+        keys = pa.concat_tables([keys, new_keys])
+        changed += [str(s) for s in pc.unique(new_keys.column("subject")).to_pylist()]
     if changed:
-        _folded(con, meters, voided, first, live.seq.last)
+        _folded(con, meters, keys)
         settle(tx, org, meters, sorted(set(changed)), now_us, first)
     return Corrected(
         [str(i) for i in voided.column("id").to_pylist()],
@@ -160,26 +162,15 @@ def _resets(
 def _folded(
     con: duckdb.DuckDBPyConnection,
     meters: Sequence[MeterRow],
-    voided: pa.Table,
-    first: int,
-    last: int,
+    keys: pa.Table,
 ) -> None:
     """The count, sum and average meters' rows of the base tables that steps 3 and 4 appended
-    to, each key's merged into one: a key corrected again and again (an amendment's chain)
-    keeps one row, not two more per correction."""
+    to (`keys`: the (reference, bucket) keys they touched), each key's merged into one: a key
+    corrected again and again (an amendment's chain) keeps one row, not two more per
+    correction."""
     ids = [m.id for m in meters if str(m.aggregation.func) in retraction.SUBTRACTING]
     if not ids:
         return
-    keys = pa.concat_tables(
-        [
-            voided.select(["subject", "bucket"]),
-            con.sql(
-                f"SELECT {OF_EVENT} AS subject, {BUCKET} AS bucket FROM events"  # noqa: S608 - fixed text, values bound
-                " WHERE seq >= ? AND seq <= ?",
-                params=[first, last],
-            ).to_arrow_table(),
-        ]
-    )
     if not keys.num_rows:
         return
     keys = keys.group_by(["subject", "bucket"]).aggregate([])
