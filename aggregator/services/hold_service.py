@@ -4,10 +4,11 @@ release them. A usage event with the hold's external_id settles it (`store.hold_
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aggregator.errors import NotFound
 from aggregator.services import ledger_service
+from aggregator.services.customer_service import Customer
 from aggregator.services.ledger_service import CustomerMeterView
 from aggregator.services.pages import Page, offset
 from aggregator.services.writes import record
@@ -36,6 +37,19 @@ async def _hold(store: Store, organization_id: str, row: HoldRow, now: int) -> H
     return Hold(row, row.status(now), view)
 
 
+async def _answered(
+    store: Store, organization_id: str, done: sql.Created | HoldRow, now: int
+) -> Hold:
+    """A hold write's answer, as its job left it (no read after it); an outcome stored
+    before answers were whole (a resend within the day of an upgrade) reads what it lacks."""
+    if isinstance(done, HoldRow) or done.customer is None or done.meter is None:
+        row = done if isinstance(done, HoldRow) else done.hold
+        return await _hold(store, organization_id, row, now)
+    customer = Customer(done.customer, done.first_event_us)
+    balance = replace(done.customer_meter, held=done.held)
+    return Hold(done.hold, done.hold.status(now), CustomerMeterView(balance, customer, done.meter))
+
+
 async def create(
     store: Store,
     organization_id: str,
@@ -55,8 +69,8 @@ async def create(
         {"limits": limits, "hold_id": hold_id},
         data=data,
     )
-    created = await store.submit(write)
-    return await _hold(store, organization_id, created.hold, write.at_us), not created.replayed
+    created: sql.Created = await store.submit(write)
+    return await _answered(store, organization_id, created, write.at_us), not created.replayed
 
 
 async def list_(
@@ -94,5 +108,4 @@ async def release(
 ) -> Hold:
     """End an active hold; one that has ended already is answered as it is."""
     write = record("hold.release", organization_id, request_id, hold_id=hold_id)
-    row = await store.submit(write)
-    return await _hold(store, organization_id, row, write.at_us)
+    return await _answered(store, organization_id, await store.submit(write), write.at_us)

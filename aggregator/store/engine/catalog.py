@@ -5,8 +5,11 @@ Customers are held as keys (id, organization, external id), loaded at open up to
 `max_customers` (the rest are cached as they are looked up, within the same bound). A held key
 stays right: a customer's id never changes and its external id is set at most once, so a
 customer without one is not held (it may get one). Meters are cached as they are looked up; a
-job that redefines a meter forgets it at commit (`forget_meter`), one that deletes a customer
-forgets the customer (`forget_customer`). A miss reads DuckDB.
+job that redefines a meter (or steps its backfill) forgets it at once and again at commit
+(`forget_meter`: its own transaction reads it anew), a rollback or a repair forgets every meter,
+one that deletes a customer forgets the customer (`forget_customer`). A miss reads DuckDB; what
+it read is kept only if nothing was forgotten meanwhile (a read that began before a commit
+would otherwise keep what the commit changed).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Catalog:
         self._by_id: dict[str, CustomerKey] = {}
         self._by_external_id: dict[tuple[str, str], CustomerKey] = {}
         self._meters: dict[str, MeterRow] = {}
+        self._forgotten = 0  # meters forgotten so far: a read that saw it change keeps nothing
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -112,10 +116,12 @@ class Catalog:
         held = self._meters.get(meter_id)
         if held is not None:
             return held if held.organization_id == organization_id else None
+        forgotten = self._forgotten
         found = get_meter(con, organization_id, meter_id)
         if found is not None:
             with self._lock:
-                self._meters[meter_id] = found
+                if self._forgotten == forgotten:
+                    self._meters[meter_id] = found
         return found
 
     def forget_customer(self, customer_id: str) -> None:
@@ -126,7 +132,13 @@ class Catalog:
 
     def forget_meter(self, meter_id: str) -> None:
         with self._lock:
+            self._forgotten += 1
             self._meters.pop(meter_id, None)
+
+    def forget_meters(self) -> None:
+        with self._lock:
+            self._forgotten += 1
+            self._meters.clear()
 
     def _read(
         self, con: duckdb.DuckDBPyConnection, where: str, params: list[object]

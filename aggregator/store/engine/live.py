@@ -269,8 +269,13 @@ class Live:
         self._reset()
         self._changed = {}
         self._status = Status.IDLE
+        self.catalog.forget_meters()  # a meter this transaction changed, read within it
         for feature in self._features.values():
             feature.rollback()
+
+    def repaired(self) -> None:
+        """A meter marked failed (`MeterUnevaluable.repair`): read anew."""
+        self.catalog.forget_meters()
 
     def _reset(self) -> None:
         self._staged = []

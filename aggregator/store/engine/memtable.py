@@ -115,6 +115,29 @@ def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> dict[int, de
     return found
 
 
+def first_time(
+    entries: list[Applied], organization_id: str, customer_id: str, external_id: str | None
+) -> int | None:
+    """The earliest timestamp (µs) of the events among `entries` whose subject is one of the
+    customer's (`subjects`: the customer id, or no customer id and the external id)."""
+    found: list[int] = []
+    for entry in entries:
+        events = entry.events
+        if not events.num_rows:
+            continue
+        customer = events.column("customer_id")
+        named = pc.equal(customer, pa.scalar(customer_id))
+        if external_id is not None:
+            external = pc.equal(events.column("external_customer_id"), pa.scalar(external_id))
+            named = pc.or_kleene(named, pc.and_kleene(pc.is_null(customer), external))
+        org = pc.equal(events.column("organization_id"), pa.scalar(organization_id))
+        mine = pc.and_kleene(org, named)
+        first = pc.min(pc.filter(events.column("timestamp"), mine)).cast(pa.int64()).as_py()
+        if first is not None:
+            found.append(first)
+    return min(found, default=None)
+
+
 def stored_events(events: pa.Table) -> pa.Table:
     """Applied events (`Applied.events`, with `ORIGIN` or not) as the events relation stores
     them (`events_base`'s columns, in its order and types), each with its id (`ids.event_ids`:

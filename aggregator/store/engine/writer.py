@@ -112,6 +112,10 @@ class Hooks(Protocol):
         ...
 
     def rollback(self) -> None: ...
+    def repaired(self) -> None:
+        """A repair committed outside any job (`Repairable`): what it changed is read anew."""
+        ...
+
     def hold(self) -> AbstractContextManager[object]:
         """Every applied event stored, and kept so, while a transaction of `waits_for_pending`
         jobs runs."""
@@ -297,6 +301,8 @@ class Writer:
             results = self._run_in_transaction(group)
         except Repairable as exc:
             if repairs < MAX_REPAIRS and exc.repair(self._con, now_us()):
+                if self._hooks:
+                    self._hooks.repaired()
                 self._commit_group(group, repairs + 1, conflicts)
             else:
                 self._failed(group, exc)

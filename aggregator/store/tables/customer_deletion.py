@@ -4,7 +4,8 @@ for a new customer; its ledger goes with it.
 
 What stays: its events (they happened, and were forwarded or will be), their rollups
 (quantities by meter keep counting them) and the time of its first event. What goes: its
-customer meters' usage windows and credits (their grants too), and its credit plans stop. So a
+customer meters' usage windows and credits (their grants too), its credit plans stop and its
+active holds are released. So a
 new customer given the same external id starts from nothing and is never billed for the deleted
 one's usage.
 An event naming the deleted customer's id is refused from then on, as for any unknown id;
@@ -18,6 +19,7 @@ from aggregator.store.base import subjects
 from aggregator.store.engine.compaction import LEDGER_TABLES
 from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables.customer_tables import CustomerRow, get_customer
+from aggregator.store.tables.hold_tables import HoldKeys
 
 __all__ = [
     "delete_job",
@@ -66,10 +68,22 @@ def delete_job(
             " WHERE customer_id = ?::UUID AND deleted_at IS NULL",
             [now_us, customer.id],
         )
+        released = [
+            str(r[0])
+            for r in con.execute(
+                "UPDATE meter_holds SET status = 'released', ended_at = make_timestamptz(?)"
+                " WHERE customer_id = ?::UUID AND status = 'active' RETURNING external_id",
+                [now_us, customer.id],
+            ).fetchall()
+        ]
+
+        holds = tx.live.feature(HoldKeys)
+        holds.ending(organization_id, released)
 
         def forget() -> None:
             tx.live.balances.forget_customer(organization_id, customer.id, names)
             tx.live.catalog.forget_customer(customer.id)
+            holds.forget(organization_id, released)
 
         tx.live.stage(forget)
         return customer

@@ -5,18 +5,24 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import orjson
 
 from aggregator.errors import NotFound
+from aggregator.store.base import subjects
 from aggregator.store.base.rows import first_row, is_uuid
 from aggregator.store.base.subjects import of_external, of_id
+from aggregator.store.engine import memtable
 from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.metering.meter_sql import member_pointer
+from aggregator.store.tables.event_tables import subjects_first_timestamp
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
+
+if TYPE_CHECKING:
+    from aggregator.store.engine.live import Live
 
 __all__ = [
     "CUSTOMER_SORTS",
@@ -25,6 +31,7 @@ __all__ = [
     "create_job",
     "customers_after",
     "customers_by_refs",
+    "first_event_us",
     "get_customer",
     "get_customer_by_external_id",
     "list_customers",
@@ -423,3 +430,13 @@ def routing_keys(
         else:
             keys[ref] = by_external.get((organization, external)) or of_external(external)
     return keys
+
+
+def first_event_us(con: duckdb.DuckDBPyConnection, live: Live, customer: CustomerRow) -> int | None:
+    """The time of the customer's first event (by either of its ids) as the writer sees it: the
+    stored first times, and those of the applied events not stored yet (a writer job)."""
+    stored = subjects_first_timestamp(con, customer.organization_id, subjects.of_customer(customer))
+    pending = memtable.first_time(
+        live.memtable.take(), customer.organization_id, customer.id, customer.external_id
+    )
+    return min([*stored.values(), *([] if pending is None else [pending])], default=None)

@@ -1,18 +1,23 @@
 """SQL for holds: units of a customer meter's balance reserved before they are spent.
 
-A hold is decided in the writer (`create_job`): its transaction reads the balance and the
-active holds, so holds committed together can never reserve more than the balance. It ends
+A hold is decided in the writer (`create_job`) from memory: the balance (`Balances`) and the
+active holds, those of its own transaction included (`HoldKeys`), so holds committed together
+can never reserve more than the balance; it answers what it decided, read from nothing after
+(`Created`). It ends
 when the usage event with the same `external_id`, customer and meter is applied (`settle`, in
 that event's transaction: its consumption replaces the hold), when it is released, or when it
 expires (`expires_at` passed: nothing is written, every read takes the time into account).
 
 `HoldKeys` holds, per organization, the external ids of holds that may be active: a
 superset (a key is added when a hold's job runs, removed when its end commits), so that
-ingest looks for holds to settle only in batches naming one.
+ingest looks for holds to settle only in batches naming one. `meter_holds` stays the record
+a restart loads them from, and the list the API pages through.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -29,6 +34,7 @@ from aggregator.store.engine.live import Feature, Live
 from aggregator.store.engine.writer import Job, Tx, independent
 from aggregator.store.metering.meter_sql import meter_events_sql
 from aggregator.store.tables import idempotency, quotas
+from aggregator.store.tables.customer_tables import CustomerRow, first_event_us, get_customer
 from aggregator.store.tables.ledger_reads import CustomerMeter, held_customer_meter
 from aggregator.store.tables.ledger_tables import kept, resolve
 from aggregator.store.tables.quotas import TenantLimits
@@ -36,6 +42,7 @@ from meters.errors import FieldError, ValidationFailed
 from meters.ledger_rules import HOLDABLE, HoldCreate
 
 __all__ = [
+    "Created",
     "HoldRow",
     "Status",
     "create_job",
@@ -51,6 +58,8 @@ Con = duckdb.DuckDBPyConnection
 Stored = Literal["active", "settled", "released"]
 Status = Literal["active", "settled", "released", "expired"]
 _US = 1_000_000
+# How long an expired hold stays in memory (`HoldKeys`): longer than any two records' clocks differ.
+KEPT_EXPIRED_US = 3600 * _US
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +83,19 @@ class HoldRow:
 
 @dataclass(frozen=True, slots=True)
 class Created:
-    """A hold and its customer meter as the hold left it; `replayed` when its external_id had
-    made this hold before (nothing changed)."""
+    """A hold as its job left it, with what its answer shows, from the job's hands: its
+    customer meter and the units its active holds reserve (`held`), its customer (and the time
+    of the customer's first event) and its meter. `replayed` when its external_id had made
+    this hold before (nothing changed). A release answers one too. Without `customer`: an
+    outcome stored before answers were whole (its reader reads them)."""
 
     hold: HoldRow
     customer_meter: CustomerMeter
     held: float
     replayed: bool
+    customer: CustomerRow | None = None
+    first_event_us: int | None = None
+    meter: MeterRow | None = None
 
 
 _COLUMNS = (
@@ -89,7 +104,6 @@ _COLUMNS = (
 )
 # Active: neither ended nor past its expiry.
 _ACTIVE = "status = 'active' AND expires_at > make_timestamptz(?)"
-_HOLDS = f"SELECT count(*) FROM meter_holds WHERE organization_id = ?::UUID AND {_ACTIVE}"  # noqa: S608 - fixed text, values bound
 
 
 def _row(r: tuple[Any, ...]) -> HoldRow:
@@ -107,13 +121,15 @@ def create_job(
 ) -> Job[Created]:
     request = idempotency.digest(data)
 
-    # Independent: the balance is read from memory (every applied event in it), and no stored
-    # event is read, so the job need not wait for applied events to be stored.
+    # Independent: the balance and the holds are read from memory (every applied event in
+    # them), and no stored event is read, so the job need not wait for applied events to be
+    # stored. Decided from memory (`HoldKeys`, the catalog's meter); DuckDB is asked for the
+    # idempotency key, the customer and its first event time only.
     @independent
     def job(tx: Tx) -> Created:
         con = tx.con
         used = idempotency.recall(con, organization_id, "hold", data.external_id, request)
-        customer, meter = resolve(con, organization_id, data)
+        customer, meter = resolve(tx, organization_id, data)
         kept(tx, customer)
         if meter.aggregation.func not in HOLDABLE:
             raise ValidationFailed(
@@ -128,14 +144,16 @@ def create_job(
                 ],
                 business=True,
             )
-        balance = held_customer_meter(tx.live.balances, customer, meter)
+        holds = tx.live.feature(HoldKeys)
         if used is not None:
-            hold = _by_external_id(con, organization_id, data.external_id)
-            assert hold is not None
-            return Created(hold, balance, held(con, customer.id, meter.id, now_us), True)
-        quotas.check(con, limits, quotas.HOLDS, _HOLDS, [organization_id, now_us])
-        holding = held(con, customer.id, meter.id, now_us)
-        available = balance.balance - holding
+            found = _by_external_id(con, organization_id, data.external_id)
+            assert found is not None
+            return _answer(tx, found, customer, meter, now_us, replayed=True)
+        if holds.active(organization_id, now_us) >= limits.holds:
+            raise quotas.HOLDS.refused(limits)
+        available = held_customer_meter(tx.live.balances, customer, meter).balance - holds.reserved(
+            organization_id, customer.id, meter.id, now_us
+        )
         if available < data.units:
             raise InsufficientBalance(data.units, available)
         hold = HoldRow(
@@ -169,32 +187,52 @@ def create_job(
         idempotency.remember(
             con, organization_id, "hold", data.external_id, request, hold.id, now_us
         )
-        # Now, not at commit: an event in this same transaction may settle it (a superset).
-        holds = tx.live.feature(HoldKeys)
-        holds.add(organization_id, hold.external_id)
+        # Now, not at commit: an event in this same transaction may settle it, a hold after
+        # it in this transaction must see it.
+        holds.opened(hold)
         tx.live.stage(lambda: holds.made(hold))
-        return Created(hold, balance, holding + hold.units, False)
+        return _answer(tx, hold, customer, meter, now_us)
 
     return job
 
 
-def release_job(organization_id: str, hold_id: str, now_us: int) -> Job[HoldRow]:
+def _answer(
+    tx: Tx,
+    hold: HoldRow,
+    customer: CustomerRow,
+    meter: MeterRow,
+    now_us: int,
+    *,
+    replayed: bool = False,
+) -> Created:
+    """What a hold's job answers: the hold and its customer meter as the job leaves them."""
+    balance = held_customer_meter(tx.live.balances, customer, meter)
+    held = tx.live.feature(HoldKeys).reserved(hold.organization_id, customer.id, meter.id, now_us)
+    first = first_event_us(tx.con, tx.live, customer)
+    return Created(hold, balance, held, replayed, customer, first, meter)
+
+
+def release_job(organization_id: str, hold_id: str, now_us: int) -> Job[Created]:
     """End an active hold (its units are available again); an ended one is answered as it is."""
 
     @independent
-    def job(tx: Tx) -> HoldRow:
+    def job(tx: Tx) -> Created:
         hold = get_hold(tx.con, organization_id, hold_id)
         if hold is None:
             raise NotFound("Hold not found")
-        if hold.status(now_us) != "active":
-            return hold
-        tx.con.execute(
-            "UPDATE meter_holds SET status = 'released', ended_at = make_timestamptz(?)"
-            " WHERE id = ?::UUID",
-            [now_us, hold_id],
-        )
-        _forget(tx.live, organization_id, [hold.external_id])
-        return replace(hold, stored_status="released", ended_at_us=now_us)
+        customer = get_customer(tx.con, organization_id, hold.customer_id)
+        meter = tx.live.catalog.meter(tx.con, organization_id, hold.meter_id)
+        if customer is None or meter is None:  # its customer deleted (which ended it)
+            raise NotFound("Hold not found: its customer was deleted")
+        if hold.status(now_us) == "active":
+            tx.con.execute(
+                "UPDATE meter_holds SET status = 'released', ended_at = make_timestamptz(?)"
+                " WHERE id = ?::UUID",
+                [now_us, hold_id],
+            )
+            _forget(tx.live, organization_id, [hold.external_id])
+            hold = replace(hold, stored_status="released", ended_at_us=now_us)
+        return _answer(tx, hold, customer, meter, now_us)
 
     return job
 
@@ -202,6 +240,7 @@ def release_job(organization_id: str, hold_id: str, now_us: int) -> Job[HoldRow]
 def _forget(live: Live, organization_id: str, external_ids: Iterable[str]) -> None:
     ended = list(external_ids)
     keys = live.feature(HoldKeys)
+    keys.ending(organization_id, ended)
     live.stage(lambda: keys.forget(organization_id, ended))
 
 
@@ -292,16 +331,22 @@ def held_by_pair(
 
 
 class HoldKeys(Feature):
-    """The holds that may be active, in memory:
+    """The holds that may be active, in memory, the truth a hold is decided from:
 
     - per organization, their external ids, so that applying events looks for holds to settle
       only where an event names one: grown by each hold as it is made (in its transaction: an
       event of the same transaction may settle it), shrunk as holds end (at commit); a superset
       is harmless;
     - per customer meter, each committed hold's units and expiry, so that a balance check reads
-      what holds reserve without a statement (`held`): added and removed at commit.
+      what holds reserve without a statement (`held`): added and removed at commit; per
+      organization, their expiries in order, so that the active ones are counted (`active`)
+      against `TenantLimits.holds`, and those expired `KEPT_EXPIRED_US` before are dropped
+      (a record's time may lag another's: a write from an edge whose clock is behind);
+    - the holds the open transaction made and ended, so that a hold decided after another in
+      the same group commit sees it (`reserved`, `active`): dropped at every begin and
+      rollback.
 
-    Read at open (`load`); at most `TenantLimits.holds` active holds per organization."""
+    Read at open (`load`)."""
 
     def __init__(self) -> None:
         self._keys: dict[str, set[str]] = {}
@@ -309,6 +354,10 @@ class HoldKeys(Feature):
         # (customer id, meter id) -> external id -> (units, expires at); and where each is.
         self._units: dict[tuple[str, str], dict[str, tuple[float, int]]] = {}
         self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
+        # Per organization: (expires at, external id) of its committed holds, sorted.
+        self._expiries: dict[str, list[tuple[int, str]]] = {}
+        self._opened: list[HoldRow] = []  # by the open transaction
+        self._ended: set[tuple[str, str]] = set()  # (organization, external id), likewise
 
     def load(self, con: Con, now_us: int) -> None:
         rows = con.execute(
@@ -323,11 +372,26 @@ class HoldKeys(Feature):
                 str(org), str(external_id), str(customer_id), str(meter_id), units, expires_us
             )
 
+    def begin(self) -> None:
+        self._opened, self._ended = [], set()
+
+    def rollback(self) -> None:
+        self.begin()
+
     def of(self, organization_id: str) -> set[str]:
         return self._keys.get(organization_id, set())
 
     def add(self, organization_id: str, external_id: str) -> None:
         self._keys.setdefault(organization_id, set()).add(external_id)
+
+    def opened(self, hold: HoldRow) -> None:
+        """A hold made in the open transaction (its job, before it returns)."""
+        self.add(hold.organization_id, hold.external_id)
+        self._opened.append(hold)
+
+    def ending(self, organization_id: str, external_ids: Iterable[str]) -> None:
+        """Holds ended in the open transaction (released or settled)."""
+        self._ended.update((organization_id, e) for e in external_ids)
 
     def made(self, hold: HoldRow) -> None:
         """A hold committed (an effect staged by its job)."""
@@ -351,20 +415,35 @@ class HoldKeys(Feature):
     ) -> None:
         pair = (customer_id, meter_id)
         with self._lock:
+            if (organization_id, external_id) in self._pairs:
+                return
             self._units.setdefault(pair, {})[external_id] = (float(units), int(expires_us))
             self._pairs[(organization_id, external_id)] = pair
+            bisect.insort(self._expiries.setdefault(organization_id, []), (expires_us, external_id))
 
     def forget(self, organization_id: str, external_ids: list[str]) -> None:
         """Holds ended (released or settled; at commit)."""
         self._keys.get(organization_id, set()).difference_update(external_ids)
         with self._lock:
             for external_id in external_ids:
-                pair = self._pairs.pop((organization_id, external_id), None)
-                held = self._units.get(pair) if pair is not None else None
-                if held is not None:
-                    held.pop(external_id, None)
-                    if not held:
-                        del self._units[pair]  # type: ignore[arg-type]
+                self._drop(organization_id, external_id)
+
+    def _drop(self, organization_id: str, external_id: str) -> None:
+        """(Under the lock.)"""
+        pair = self._pairs.pop((organization_id, external_id), None)
+        if pair is None:
+            return
+        held = self._units[pair]
+        _, expires = held.pop(external_id)
+        if not held:
+            del self._units[pair]
+        expiries = self._expiries[organization_id]
+        del expiries[bisect.bisect_left(expiries, (expires, external_id))]
+
+    def _expires(self, organization_id: str, external_id: str) -> int:
+        """When a committed hold expires (0: none is held). Under the lock."""
+        pair = self._pairs.get((organization_id, external_id))
+        return 0 if pair is None else self._units[pair][external_id][1]
 
     def held(self, customer_id: str, meter_id: str, now_us: int) -> float:
         """The units the customer meter's committed holds reserve at `now_us` (an expired one
@@ -372,6 +451,51 @@ class HoldKeys(Feature):
         with self._lock:
             held = self._units.get((customer_id, meter_id))
             return sum(u for u, expires in held.values() if expires > now_us) if held else 0.0
+
+    def reserved(self, organization_id: str, customer_id: str, meter_id: str, now_us: int) -> float:
+        """`held`, as the open transaction left it (writer thread)."""
+        with self._lock:
+            held = self._units.get((customer_id, meter_id), {})
+            units = math.fsum(
+                u
+                for e, (u, expires) in held.items()
+                if expires > now_us and (organization_id, e) not in self._ended
+            )
+        return units + math.fsum(
+            h.units
+            for h in self._opened
+            if (h.customer_id, h.meter_id) == (customer_id, meter_id)
+            and h.expires_at_us > now_us
+            and (organization_id, h.external_id) not in self._ended
+        )
+
+    def active(self, organization_id: str, now_us: int) -> int:
+        """How many holds of the organization are active at `now_us`, as the open transaction
+        left it (writer thread); those expired by then are dropped."""
+        with self._lock:
+            expiries = self._expiries.get(organization_id, [])
+            gone = bisect.bisect_right(expiries, now_us - KEPT_EXPIRED_US, key=_expiry)
+            for _, external_id in expiries[:gone]:
+                self._drop(organization_id, external_id)
+                self._keys.get(organization_id, set()).discard(external_id)
+            count = len(expiries) - bisect.bisect_right(expiries, now_us, key=_expiry)
+            ended = sum(
+                1
+                for org, e in self._ended
+                if org == organization_id and self._expires(org, e) > now_us
+            )
+        opened = sum(
+            1
+            for h in self._opened
+            if h.organization_id == organization_id
+            and h.expires_at_us > now_us
+            and (organization_id, h.external_id) not in self._ended
+        )
+        return count - ended + opened
+
+
+def _expiry(entry: tuple[int, str]) -> int:
+    return entry[0]
 
 
 def settle(

@@ -202,7 +202,7 @@ def _keyed_job(
         used = idempotency.recall(con, organization_id, operation, data.external_id, request)
         if used is not None and used.result is not None:
             return Applied(CustomerMeter(**used.result), replayed=True)
-        customer, meter = resolve(con, organization_id, data)
+        customer, meter = resolve(tx, organization_id, data)
         kept(tx, customer)
         if used is not None:  # a key kept before answers were: the customer meter as it is
             return Applied(customer_meter(con, customer, meter), replayed=True)
@@ -217,16 +217,17 @@ def _keyed_job(
 
 
 def resolve(
-    con: Con, organization_id: str, data: CreditCreate | ResetCreate | PlanCreate | HoldCreate
+    tx: Tx, organization_id: str, data: CreditCreate | ResetCreate | PlanCreate | HoldCreate
 ) -> tuple[CustomerRow, MeterRow]:
-    """The request's customer and (non-archived) meter; 422 naming the field otherwise."""
+    """The request's customer and (non-archived) meter, the meter from the catalog in memory;
+    422 naming the field otherwise."""
     errors = []
     customer, missing = find_customer(
-        con, organization_id, data.customer_id, data.external_customer_id
+        tx.con, organization_id, data.customer_id, data.external_customer_id
     )
     if missing is not None:
         errors.append(missing)
-    meter = get_meter(con, organization_id, str(data.meter_id))
+    meter = tx.live.catalog.meter(tx.con, organization_id, str(data.meter_id))
     if meter is None or meter.archived_at_us is not None:
         errors.append(
             FieldError(

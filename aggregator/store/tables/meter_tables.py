@@ -192,7 +192,7 @@ def update_job(
             " WHERE organization_id = ? AND id = ?::UUID",
             [*columns.values(), now_us, *extra_params, organization_id, meter_id],
         )
-        tx.live.stage(lambda: tx.live.catalog.forget_meter(meter_id))
+        _forget(tx, meter_id)
         return _found(con, organization_id, meter_id)
 
     return job
@@ -270,9 +270,17 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int,
             # One row per event of the chunk, in the meter or not: the events read.
             [high, evaluated.keys.num_rows, meter_id],
         )
+        _forget(tx, meter_id)
         return (high, meter.backfill_target)
 
     return job
+
+
+def _forget(tx: Tx, meter_id: str) -> None:
+    """The catalog's copy of a meter this job changes: forgotten now (this transaction reads
+    it anew) and at commit (what a reader read before it)."""
+    tx.live.catalog.forget_meter(meter_id)
+    tx.live.stage(lambda: tx.live.catalog.forget_meter(meter_id))
 
 
 def _found(con: duckdb.DuckDBPyConnection, organization_id: str, meter_id: str) -> MeterRow:

@@ -98,7 +98,7 @@ def plan_create_job(
                     )
                 ]
             )
-        customer, meter = resolve(con, organization_id, data)
+        customer, meter = resolve(tx, organization_id, data)
         starts = datetime_to_us(data.starts_at) if data.starts_at else now_us
         con.execute(
             "INSERT INTO credit_plans (id, organization_id, external_id, customer_id, meter_id,"

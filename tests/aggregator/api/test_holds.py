@@ -161,6 +161,31 @@ def test_release_and_replays(org: Org) -> None:
     assert org.http.get(f"/v1/meter-holds/{uuid.uuid4()}").status_code == 404
 
 
+def test_a_holds_answer_is_what_reading_it_says(org: Org) -> None:
+    """Made and released from what the writer had in hand (no read after the write), a hold's
+    answer is the one a read of it gives right after: the customer (its first event among the
+    events applied and not yet stored), the meter, the customer meter with what holds reserve."""
+    org.ingest({"name": "use", "external_customer_id": "ada", "metadata": {"tokens": 2}})
+    assert org.hold(org.tokens, 1, "before").status_code == 201
+    made = org.hold(org.tokens, 3, "answer")
+    assert made.status_code == 201, made.text
+    answer = made.json()
+    assert answer["customer_meter"]["customer"]["first_user_event_at"] is not None
+    assert answer["customer_meter"]["held_units"] == 4
+    assert org.http.get(f"/v1/meter-holds/{answer['id']}").json() == answer
+    released = org.http.delete(f"/v1/meter-holds/{answer['id']}").json()
+    assert released["customer_meter"]["held_units"] == 1
+    assert org.http.get(f"/v1/meter-holds/{answer['id']}").json() == released
+
+
+def test_deleting_a_customer_releases_its_holds(org: Org) -> None:
+    hold = org.hold(org.tokens, 2, "gone").json()
+    assert org.http.delete(f"/v1/customers/{org.ada}").status_code == 204
+    listed = org.http.get("/v1/meter-holds/", params={"active": "true"}).json()
+    assert listed["pagination"]["total_count"] == 0
+    assert org.http.delete(f"/v1/meter-holds/{hold['id']}").status_code == 404
+
+
 def test_holds_expire_and_the_check_counts_active_ones(org: Org) -> None:
     check = {"meter_id": org.tokens, "external_customer_id": "ada", "units": 5}
     assert org.http.get("/v1/customer-meters/check", params=check).json()["allowed"] is True

@@ -15,6 +15,8 @@ from aggregator.errors import NotFound
 from aggregator.services.ledger_service import check
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
+from aggregator.store.base.meter_rows import MeterRow, get_meter
+from aggregator.store.engine.writer import Tx
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import update_job as update_customer
 from aggregator.store.tables.meter_tables import backfill_step_job, create_job, update_job
@@ -123,5 +125,65 @@ def test_the_check_follows_redefinitions_and_late_external_ids(tmp_path: Path) -
                 await check(store, OTHER_ORG, meter.id, held.id, None, 0.0)
             with pytest.raises(NotFound):
                 await check(store, OTHER_ORG, meter.id, None, "acme", 0.0)
+
+    asyncio.run(scenario())
+
+
+def test_the_catalogs_meter_is_the_stored_row_whatever_changed(tmp_path: Path) -> None:
+    """Holds and credits take their meter from the catalog and answer it whole (backfill
+    progress, archival): after a redefinition and each backfill step, within the transaction
+    that changed it and after a rollback, the catalog's row is DuckDB's."""
+
+    async def scenario() -> None:
+        async with Store(tmp_path / "m.duckdb") as store:
+            meter = await store.write(
+                create_job(
+                    ORG,
+                    MeterCreate.model_validate(
+                        {
+                            "name": "tokens",
+                            "filter": {"conjunction": "and", "clauses": []},
+                            "aggregation": {"func": "sum", "property": "tokens"},
+                        }
+                    ),
+                    now_us(),
+                    meter_id=str(uuid.uuid4()),
+                )
+            )
+            events = [_use(n, external="acme") for n in range(5)]
+            await store.write(IngestJob(ORG, to_table(events), now_us()))
+
+            def same(con: Any) -> None:
+                assert store.live.catalog.meter(con, ORG, meter.id) == get_meter(con, ORG, meter.id)
+
+            await store.read(same)
+            redefine = MeterUpdate.model_validate({"aggregation": {"func": "count"}})
+            redefining = update_job(ORG, meter.id, redefine, now_us())
+
+            def within(tx: Tx) -> MeterRow | None:  # the same transaction reads the new row
+                redefining(tx)
+                return tx.live.catalog.meter(tx.con, ORG, meter.id)
+
+            seen = await store.write(within)
+            assert seen is not None and seen.aggregation.func == "count"
+            await store.read(same)
+            step = backfill_step_job(meter.id, seen.version, 2)
+            while (progress := await store.write(step)) and progress[0] < progress[1]:
+                await store.read(same)
+            await store.read(same)
+
+            archive = MeterUpdate.model_validate({"is_archived": True})
+            archiving = update_job(ORG, meter.id, archive, now_us())
+
+            def failing(tx: Tx) -> None:
+                archiving(tx)
+                assert tx.live.catalog.meter(tx.con, ORG, meter.id) is not None
+                raise RuntimeError("rolled back")
+
+            with pytest.raises(RuntimeError):
+                await store.write(failing)
+            await store.read(same)
+            found = await store.read(lambda con: store.live.catalog.meter(con, ORG, meter.id))
+            assert found is not None and found.archived_at_us is None
 
     asyncio.run(scenario())

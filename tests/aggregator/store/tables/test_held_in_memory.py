@@ -1,6 +1,7 @@
-"""A balance check reads what active holds reserve from memory (`HoldKeys`): after any mix of
-holds made, released, settled by their usage event and expired, grouped into commits or not,
-and after the store is reopened, memory says what the stored holds say."""
+"""Holds are decided, and a balance check reads what they reserve, from memory (`HoldKeys`):
+after any mix of holds made, released, settled by their usage event and expired, grouped into
+commits or not, and after the store is reopened, memory says what the stored holds say (what
+they reserve, how many are active), and together they never reserve more than the balance."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from hypothesis import strategies as st
 from aggregator.core_app import alert_payload
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
+from aggregator.store.engine.writer import Tx
 from aggregator.store.tables.alert_tables import create_job as create_alert
 from aggregator.store.tables.customer_tables import create_job as create_customer
+from aggregator.store.tables.hold_tables import HoldKeys, held, held_in_memory, release_job
 from aggregator.store.tables.hold_tables import create_job as create_hold
-from aggregator.store.tables.hold_tables import held, held_in_memory, release_job
 from aggregator.store.tables.ledger_tables import credit_job
 from aggregator.store.tables.meter_tables import create_job as create_meter
 from meters.customer_rules import CustomerCreate
@@ -31,6 +33,7 @@ from tests.strategies import examples
 
 ORG = str(uuid.uuid4())
 HOUR = 3600 * 1_000_000
+CREDITED = 8  # fewer than the holds may ask together: some are refused
 # (what, hold number): make (with units), release, settle (its usage event), or read late
 # (an hour on: every hold has expired by then).
 OPS = st.lists(
@@ -39,7 +42,7 @@ OPS = st.lists(
 )
 
 
-async def _setup(store: Store, now: int) -> tuple[str, str]:
+async def _setup(store: Store, now: int, units: int = 1000) -> tuple[str, str]:
     customer = await store.write(
         create_customer(
             ORG,
@@ -63,7 +66,7 @@ async def _setup(store: Store, now: int) -> tuple[str, str]:
         )
     )
     credit = CreditCreate(
-        external_customer_id="acme", meter_id=uuid.UUID(meter.id), units=1000, external_id="c"
+        external_customer_id="acme", meter_id=uuid.UUID(meter.id), units=units, external_id="c"
     )
     await store.write(credit_job(ORG, credit, now))
     return customer.id, meter.id
@@ -84,14 +87,33 @@ def _usage(key: str, now: int, customer: str = "acme") -> IngestJob:
     return IngestJob(ORG, to_table([event]), now)
 
 
+Seen = tuple[float, int, float, int]  # (reserved, active) in memory, then as stored
+
+
+def _seen(tx: Tx, customer_id: str, meter_id: str, at: int) -> Seen:
+    keys = tx.live.feature(HoldKeys)
+    active = tx.con.execute(
+        "SELECT count(*) FROM meter_holds WHERE organization_id = ?::UUID"
+        " AND status = 'active' AND expires_at > make_timestamptz(?)",
+        [ORG, at],
+    ).fetchall()[0][0]
+    return (
+        keys.reserved(ORG, customer_id, meter_id, at),
+        keys.active(ORG, at),
+        held(tx.con, customer_id, meter_id, at),
+        int(active),
+    )
+
+
 async def _run(path: Path, ops: list[tuple[str, int]]) -> list[tuple[float, float]]:
-    """(memory, stored) after the operations, an hour later, and after reopening."""
+    """(memory, stored) after the operations, an hour later, and after reopening; and, in the
+    writer, what holds reserve and how many are active."""
     # The time of this example, not of the module's import: a store that reads the clock
     # (expiry) would see holds made at import time expired on a suite longer than they last.
     now = now_us()
     seen = []
     async with Store(path) as store:
-        customer_id, meter_id = await _setup(store, now)
+        customer_id, meter_id = await _setup(store, now, CREDITED)
         made: dict[int, str] = {}
         jobs: list[Any] = []
         for what, n in ops:
@@ -118,6 +140,12 @@ async def _run(path: Path, ops: list[tuple[str, int]]) -> list[tuple[float, floa
                 jobs = []
         for job in jobs:
             await store.write(job)
+        for at in (now, now + HOUR):
+            reserved, active, stored, stored_active = await store.write(
+                lambda tx, at=at: _seen(tx, customer_id, meter_id, at)
+            )
+            assert (reserved, active) == (stored, stored_active)
+            assert reserved <= CREDITED
 
         def both(con: Any, at: int) -> tuple[float, float]:
             memory = held_in_memory(store.live, customer_id, meter_id, at)
