@@ -365,10 +365,18 @@ async def view(
 
 
 async def _applied(store: Store, organization_id: str, applied: sql.Applied) -> Applied:
+    """The balance as the call left it (a replay answers what the first call did), with its
+    customer and meter as the job had them and what holds reserve now, from memory; read only
+    where the job did not resolve them."""
     cm = applied.customer_meter
-    found = await view(store, organization_id, cm.customer_id, cm.meter_id)
-    # The balance as the call left it (a replay answers what the first call did).
-    return Applied(replace(found, balance=replace(cm, held=found.balance.held)), applied.replayed)
+    held = hold_sql.held_in_memory(store.live, cm.customer_id, cm.meter_id, now_us())
+    if applied.customer is None or applied.meter is None:
+        found = await view(store, organization_id, cm.customer_id, cm.meter_id)
+        customer, meter = found.customer, found.meter
+    else:
+        customer = Customer(applied.customer, applied.first_event_us)
+        meter = applied.meter
+    return Applied(CustomerMeterView(replace(cm, held=held), customer, meter), applied.replayed)
 
 
 async def credit(

@@ -32,6 +32,7 @@ from aggregator.store.tables.customer_tables import (
     CustomerRef,
     CustomerRow,
     find_customer,
+    first_event_us,
     get_customer,
     routing_keys,
 )
@@ -73,10 +74,15 @@ Con = duckdb.DuckDBPyConnection
 @dataclass(frozen=True, slots=True)
 class Applied:
     """The outcome of a credit or reset: the customer meter after it; `replayed` when the
-    idempotency key had been used (nothing changed)."""
+    idempotency key had been used (nothing changed). What its answer shows beside, from the
+    job's hands: the customer (and the time of its first event) and the meter; None where the
+    job did not resolve them (a replay answered from its key, an outcome stored before)."""
 
     customer_meter: CustomerMeter
     replayed: bool
+    customer: CustomerRow | None = None
+    first_event_us: int | None = None
+    meter: MeterRow | None = None
 
 
 # ---- writes ----------------------------------------------------------------------------------
@@ -205,13 +211,15 @@ def _keyed_job(
         customer, meter = resolve(tx, organization_id, data)
         kept(tx, customer)
         if used is not None:  # a key kept before answers were: the customer meter as it is
-            return Applied(customer_meter(con, customer, meter), replayed=True)
+            first = first_event_us(con, tx.live, customer)
+            return Applied(customer_meter(con, customer, meter), True, customer, first, meter)
         apply(tx, customer, meter)
         after = customer_meter(con, customer, meter)
+        first = first_event_us(con, tx.live, customer)  # its system event included
         idempotency.remember(
             con, organization_id, operation, data.external_id, request, asdict(after), now_us
         )
-        return Applied(after, replayed=False)
+        return Applied(after, False, customer, first, meter)
 
     return job
 

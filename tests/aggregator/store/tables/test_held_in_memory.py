@@ -6,6 +6,7 @@ they reserve, how many are active), and together they never reserve more than th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.core_app import alert_payload
+from aggregator.errors import InsufficientBalance
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.engine.writer import Tx
@@ -139,7 +141,8 @@ async def _run(path: Path, ops: list[tuple[str, int]]) -> list[tuple[float, floa
                 )
                 jobs = []
         for job in jobs:
-            await store.write(job)
+            with contextlib.suppress(InsufficientBalance):  # a refusal is a decision too
+                await store.write(job)
         for at in (now, now + HOUR):
             reserved, active, stored, stored_active = await store.write(
                 lambda tx, at=at: _seen(tx, customer_id, meter_id, at)
