@@ -25,7 +25,6 @@ import duckdb
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from aggregator.store.base.arrays import Column, Keys, encoded, numpy
 from aggregator.store.base.rows import registered
@@ -155,12 +154,8 @@ class Balances:
 
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
         """Everything DuckDB holds (at open, before any write)."""
-        tables = _stored(con, "")
-        for org in {str(o) for t in tables for o in t.column("organization_id").to_pylist()}:
-            self.add(
-                org,
-                *(t.filter(pc.equal(t.column("organization_id"), pa.scalar(org))) for t in tables),
-            )
+        for org, (numbers, values, points) in _per_organization(_stored(con, "")).items():
+            self.add(org, numbers, values, points)
         self.compact()
         for customer, meter, credited, created, modified in con.execute(
             "SELECT customer_id::VARCHAR, meter_id::VARCHAR, credited, epoch_us(created_at),"
@@ -310,6 +305,22 @@ def _per_meter(
     return out
 
 
+def _per_organization(tables: tuple[pa.Table, ...]) -> dict[str, list[pa.Table]]:
+    """`tables`' rows per organization (its `organization_id` column), in one sort each."""
+    out: dict[str, list[pa.Table]] = {}
+    for i, table in enumerate(tables):
+        if not table.num_rows:
+            continue
+        organizations, codes = encoded(table.column("organization_id"))
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(organizations) + 1))
+        for code, org in enumerate(organizations):
+            parts = out.setdefault(str(org), [t.slice(0, 0) for t in tables])
+            rows = order[bounds[code] : bounds[code + 1]]
+            parts[i] = table if len(organizations) == 1 else table.take(rows)
+    return out
+
+
 def _indexes(index: dict[str, int], subjects: Column) -> npt.NDArray[np.int64]:
     """Each subject's dense index, new ones numbered as they come (one dictionary lookup per
     distinct subject, not per row)."""
@@ -326,7 +337,7 @@ def _stored(con: duckdb.DuckDBPyConnection, where: str) -> tuple[pa.Table, pa.Ta
     selects."""
     numbers = con.sql(
         "SELECT m.organization_id::VARCHAR AS organization_id, u.meter_id::VARCHAR AS"  # noqa: S608 - fixed text
-        " meter_id, subject, sum(events) AS events, sum(total) AS total, min(low) AS low,"
+        " meter_id, subject, sum(events)::BIGINT AS events, sum(total) AS total, min(low) AS low,"
         " max(high) AS high, epoch_us(min(u.created_at)) AS first_us,"
         " epoch_us(max(u.modified_at)) AS last_us"
         f" FROM all_ledger_usage u JOIN meters m ON m.id = u.meter_id WHERE TRUE{where}"

@@ -50,8 +50,11 @@ class Catalog:
             [self._max],
         ).fetchall()
         organizations: dict[str, str] = {}  # one string per organization, not one per row
-        for customer_id, org, external_id in rows:
-            self._hold(CustomerKey(customer_id, organizations.setdefault(org, org), external_id))
+        with self._lock:  # once, not per customer (a restart waits for this)
+            for customer_id, org, external_id in rows:
+                key = CustomerKey(customer_id, organizations.setdefault(org, org), external_id)
+                self._by_id[customer_id] = key
+                self._by_external_id[(key.organization_id, external_id)] = key
 
     def customer(
         self, con: duckdb.DuckDBPyConnection, organization_id: str, customer_id: str
