@@ -46,7 +46,14 @@ import orjson
 from aggregator.auth import SECRET_FILE
 from aggregator.errors import UsageError
 from aggregator.settings import BackupSettings
-from aggregator.store import Store, copy_segments, ingest_log_repair, segments_folder
+from aggregator.store import (
+    Store,
+    checkpoints_folder,
+    copy_checkpoint,
+    copy_segments,
+    ingest_log_repair,
+    segments_folder,
+)
 from ingest.tasks import cancel_within
 
 log = logging.getLogger(__name__)
@@ -229,6 +236,7 @@ def _copy_stopped(source: Path, data_dir: Path) -> dict[str, Any]:
         segments = segments_folder(database)
         if segments.is_dir():  # the files it does not list are deleted where it opens
             copy_segments(sorted(segments.iterdir()), segments_folder(data_dir / DATABASE))
+        copy_checkpoint(checkpoints_folder(database), checkpoints_folder(data_dir / DATABASE))
         _copy_files(ingest_log_repair.log_directory(database), source, data_dir)
     created = datetime.fromtimestamp(database.stat().st_mtime, UTC).isoformat()
     return {"created_at": created, "covers": {}, "snapshot": str(source)}

@@ -21,6 +21,8 @@ from aggregator.store.base.ids import ORIGIN
 from aggregator.store.base.meter_rows import MeterRow, get_meter
 from aggregator.store.engine import ingest_log_repair
 from aggregator.store.engine.balances import Balances
+from aggregator.store.engine.checkpoints import copy_newest as copy_checkpoint
+from aggregator.store.engine.checkpoints import folder as checkpoints_folder
 from aggregator.store.engine.disk import full as disk_full
 from aggregator.store.engine.ingest_log import LogCorrupt, with_origin, with_source
 from aggregator.store.engine.live import Changed, Live
@@ -161,7 +163,9 @@ __all__ = [
     "alert_tables",
     "attempt_record",
     "backfill_step_job",
+    "checkpoints_folder",
     "control_offset",
+    "copy_checkpoint",
     "copy_segments",
     "correction_reads",
     "cost_queries",

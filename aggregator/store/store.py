@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import tempfile
 import threading
@@ -38,7 +39,7 @@ from aggregator.store.apply.commands import applied_group, applied_job, position
 from aggregator.store.apply.ingest import Replay
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import registered, transaction
-from aggregator.store.engine import dedupe, disk, ingest_log
+from aggregator.store.engine import checkpoints, dedupe, disk, ingest_log
 from aggregator.store.engine.disk import DiskHealth
 from aggregator.store.engine.flusher import Flusher
 from aggregator.store.engine.gates import Gates
@@ -89,6 +90,8 @@ PREPARED_METERS = 20
 # files each time).
 _LIFT_ATTEMPTS = 5
 
+log = logging.getLogger(__name__)
+
 
 class CommandLog(Protocol):
     """Where write records go when they are not applied in this process at once (Kafka mode:
@@ -122,6 +125,7 @@ class Store:
         commands: CommandLog | None = None,
         holds_customer: Callable[[str, str], bool] | None = None,
         dimension_values: int = DIMENSION_VALUES,
+        checkpoint_seconds: float = 10.0,
     ):
         self.path = str(path)
         # Values of one dimension a meter's groups keep per customer reference and bucket; the
@@ -142,6 +146,8 @@ class Store:
         self._flush_seconds = flush_seconds
         self._max_pending = max_pending_events
         self._merge_check_seconds = merge_check_seconds
+        # How often the hot state is written for a start to read back (`checkpoints`).
+        self._checkpoint_seconds = checkpoint_seconds
         self._merge_fanout = merge_fanout
         self._dedupe_memory_keys = dedupe_memory_keys
         self._readers = readers
@@ -155,6 +161,7 @@ class Store:
         self._writer: Writer | None = None
         self._flusher: Flusher | None = None
         self._merger: Merger | None = None
+        self._checkpoints: checkpoints.Checkpoints | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._log = IngestLog(None)
         self._pool: ThreadPoolExecutor | None = None
@@ -270,10 +277,24 @@ class Store:
             spill=spill,
             bound=self.bound,
         )
-        live.load(self._con)
+        found = None
+        if self.path != ":memory:":
+            folder = checkpoints.folder(Path(self.path))
+            found = checkpoints.newest(folder, self._con, spill.keys if spill else None)
+            self._checkpoints = checkpoints.Checkpoints(
+                folder,
+                self._con.cursor(),
+                live.dedupe,
+                self._flusher.exclusive,
+                every_seconds=self._checkpoint_seconds,
+                found=found,
+            )
+        live.load(self._con, found)
         holds.load(self._con, now_us())
         pricing.load(self._con)
         self._flusher.start()
+        if self._checkpoints is not None:
+            self._checkpoints.start()
         self._merger = Merger(
             self._con.cursor(),
             segments,
@@ -319,6 +340,12 @@ class Store:
         self._writer.close()
         self._merger.close()
         self._flusher.close()
+        if self._checkpoints is not None:
+            try:
+                self._checkpoints.close()  # a start reads it back: every key, stored
+            except Exception:  # the next start rebuilds the keys from the events instead
+                log.exception("the checkpoint at stop failed")
+            self._checkpoints = None
         self._log.close()
         self.live.close()
         self._pool.shutdown(wait=True)
@@ -484,6 +511,13 @@ class Store:
                 # for the grace every read gets.
                 before = segments_folder(earlier) if earlier is not None else None
                 segments.copy(segments.listed(cursor), segments_folder(target), before)
+                # One taken after the copy began may cover seqs it lacks: a start on the copy
+                # passes it over (`checkpoints.newest`) and reads the keys from the events.
+                checkpoints.copy_newest(
+                    checkpoints.folder(Path(self.path)),
+                    checkpoints.folder(target),
+                    None if earlier is None else checkpoints.folder(earlier),
+                )
                 covered: dict[str, dict[int, int]] = {}
                 for topic, partition, offset in cursor.execute(
                     "SELECT topic, partition, next_offset FROM kafka_offsets"

@@ -18,7 +18,8 @@ event. Only true duplicates and collisions pay for that read.
 
 Memory is bounded by `Spill`: a run that reaches its size is written to a file and searched
 memory-mapped (the page cache holds what lookups touch), and never merged again. The files are
-derived from the events table: emptied and rebuilt at every open.
+derived from the events table: emptied at every open, where the runs are read back from the
+newest checkpoint (`checkpoints`) and only the keys stored after it from the events.
 """
 
 from __future__ import annotations
@@ -100,15 +101,24 @@ class Dedupe:
     def spilled_bytes(self) -> int:
         return sum(fps.nbytes + seqs.nbytes for fps, seqs in self._runs if _spilled(fps))
 
-    def load(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Every key stored in the events table (at open), read in runs of the spill size."""
+    def load(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        runs: list[tuple[U64, I64]] | None = None,
+        through: int = 0,
+    ) -> None:
+        """At open: `runs` (a checkpoint's, `checkpoints.newest`) and every key stored in the
+        events table with a seq past `through`, read in runs of the spill size."""
         self.close()
         if self._spill is not None:
             self._spill.directory.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._runs = list(runs or [])
         chunk = self._spill.keys if self._spill is not None else None
         reader = con.sql(
-            f"SELECT {FINGERPRINT} AS fp, seq FROM all_events WHERE external_id IS NOT NULL"  # noqa: S608 - fixed text, values bound
-            f" UNION ALL SELECT {_MOVED}, seq FROM moved_events"
+            f"SELECT {FINGERPRINT} AS fp, seq FROM all_events"  # noqa: S608 - fixed text, values bound
+            f" WHERE external_id IS NOT NULL AND seq > {int(through)}"
+            f" UNION ALL SELECT {_MOVED}, seq FROM moved_events WHERE seq > {int(through)}"
         ).to_arrow_reader(65_536)
         batches: list[pa.RecordBatch] = []
         rows = 0
@@ -119,6 +129,12 @@ class Dedupe:
                 self._load_run(batches)
                 batches, rows = [], 0
         self._load_run(batches)
+
+    def runs(self) -> list[tuple[U64, I64]]:
+        """The runs held now (each sorted by fingerprint; runs never change: a merge makes a
+        new one)."""
+        with self._lock:
+            return list(self._runs)
 
     def _load_run(self, batches: list[pa.RecordBatch]) -> None:
         if batches:

@@ -89,7 +89,7 @@ class Flusher:
         self._thread = threading.Thread(target=self._run, name="duckdb-flusher", daemon=True)
         self.flushes = 0
         self.flushed_events = 0
-        self.checkpoints = 0
+        self.wal_folds = 0  # DuckDB CHECKPOINTs run (`_fold_wal`)
         self.longest_seconds = 0.0  # the longest time it held `exclusive`
 
     def start(self) -> None:
@@ -218,7 +218,7 @@ class Flusher:
                 log.exception("in-memory upkeep failed")
 
     def _upkeep(self) -> None:
-        """Compaction and checkpoints, between flushes (the caller holds `exclusive`)."""
+        """Compaction and folding the WAL, between flushes (the caller holds `exclusive`)."""
         if time.monotonic() - self._compacted_at >= self._compact_seconds:
             self._compacted_at = time.monotonic()
             con = self._con
@@ -227,16 +227,17 @@ class Flusher:
                     compact(con)
             except Exception:
                 log.exception("compaction failed; retrying later")
-        self._checkpoint()
+        self._fold_wal()
 
-    def _checkpoint(self) -> None:
-        """CHECKPOINT once the WAL holds `checkpoint_bytes` and the disk has room for it."""
+    def _fold_wal(self) -> None:
+        """DuckDB's CHECKPOINT (the WAL folded into the file; not the hot state's checkpoints,
+        `checkpoints`) once the WAL holds `checkpoint_bytes` and the disk has room for it."""
         wal = 0 if self._wal is None else _size(self._wal)
         if wal < self._checkpoint_bytes or not self._room_to_checkpoint(wal):
             return
         try:
             self._con.execute("CHECKPOINT")
-            self.checkpoints += 1
+            self.wal_folds += 1
         except duckdb.Error as exc:
             if self._disk is not None and disk.fatal(exc):
                 self._disk.lost(exc)

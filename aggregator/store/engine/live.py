@@ -41,6 +41,7 @@ from aggregator.store.base.arrays import numpy
 from aggregator.store.engine import dedupe
 from aggregator.store.engine.balances import Balances
 from aggregator.store.engine.catalog import Catalog
+from aggregator.store.engine.checkpoints import Found
 from aggregator.store.engine.dedupe import Dedupe, Spill
 from aggregator.store.engine.flusher import Flusher
 from aggregator.store.engine.ingest_log import IngestLog, Logged
@@ -201,8 +202,13 @@ class Live:
     def close(self) -> None:
         self.dedupe.close()
 
-    def load(self, con: duckdb.DuckDBPyConnection) -> None:
-        self.dedupe.load(con)
+    def load(self, con: duckdb.DuckDBPyConnection, keys: Found | None = None) -> None:
+        """What memory holds, read at open; the dedupe keys from the checkpoint `keys` and the
+        events stored after it."""
+        if keys is None:
+            self.dedupe.load(con)
+        else:
+            self.dedupe.load(con, keys.runs, keys.through)
         self.balances.load(con)
         self.catalog.load(con)
         rows = con.execute("SELECT topic, partition, next_offset FROM kafka_offsets").fetchall()

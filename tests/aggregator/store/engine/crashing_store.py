@@ -1,7 +1,9 @@
-"""A process for `test_segment_crashes`: applies requests to a store that flushes and merges
-often, recording each acknowledged request, and dies (`os._exit`, as SIGKILL: no cleanup
-runs) at the `step`-th call of the store's crash points: a file written, an fsync, a rename,
-a listing, its commit or its abandonment, a merge, a deletion.
+"""A process for `test_segment_crashes`: applies requests to a store that flushes, merges and
+checkpoints often, recording each acknowledged request, and dies (`os._exit`, as SIGKILL: no
+cleanup runs) at the `step`-th call of the store's crash points: a file written, an fsync, a
+rename, a listing, its commit or its abandonment, a merge, a deletion, a checkpoint's file or
+manifest. Started again, it first sends the last requests acknowledged once more: each of
+their events is a duplicate the store (its keys read back from a checkpoint) must refuse.
 
     python -m tests.aggregator.store.engine.crashing_store DATABASE ACKNOWLEDGED STEP BATCHES
 """
@@ -16,11 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.engine import segments
+from aggregator.store.engine import checkpoints, segments
 from aggregator.store.tables.meter_tables import create_job
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
@@ -28,6 +32,7 @@ from meters.times import now_us
 
 ORG = "5a0c0f8e-2f4d-4b8a-9c1e-7d6b5a4c3b2a"
 EVENTS = 30  # a request's
+AGAIN = 3  # requests sent again at a start
 METERS = ({"func": "count"}, {"func": "sum", "property": "n"})  # ids 1 and 2
 
 
@@ -48,6 +53,8 @@ def _crash_points(step: int) -> None:
         return wrapper
 
     segments.pq.write_table = crashing(pq.write_table)  # type: ignore[attr-defined]
+    checkpoints.np.save = crashing(np.save)  # type: ignore[attr-defined]
+    checkpoints.os.replace = crashing(os.replace)  # type: ignore[attr-defined]
     segments.os.fsync = crashing(os.fsync)  # type: ignore[attr-defined]
     segments.fsync_directory = crashing(segments.fsync_directory)  # type: ignore[attr-defined]
     Path.rename = crashing(Path.rename)  # type: ignore[method-assign]
@@ -57,7 +64,12 @@ def _crash_points(step: int) -> None:
 
 async def _run(path: Path, acknowledged: Path, step: int, batches: int) -> None:
     async with Store(
-        path, flush_events=40, flush_seconds=0.05, merge_fanout=2, merge_check_seconds=0.01
+        path,
+        flush_events=40,
+        flush_seconds=0.05,
+        merge_fanout=2,
+        merge_check_seconds=0.01,
+        checkpoint_seconds=0.02,
     ) as store:
         store.live.segments._grace = 0  # retired files deleted at once: more steps to die at
         first = _acknowledged(acknowledged)
@@ -74,14 +86,20 @@ async def _run(path: Path, acknowledged: Path, step: int, batches: int) -> None:
             _record(acknowledged, None)
             first = 0
         _crash_points(step)
+        for b in range(max(0, first - AGAIN), first):  # duplicates: nothing is stored
+            await store.write(IngestJob(ORG, _request(b), now_us()))
         for b in range(first, first + batches):
-            events = [
-                Event("use", now_us(), None, f"c{n % 3}", f"b{b}-{n}", None, None, {"n": n}, None)
-                for n in range(EVENTS)
-            ]
-            await store.write(IngestJob(ORG, to_table(events), now_us()))
+            await store.write(IngestJob(ORG, _request(b), now_us()))
             _record(acknowledged, b)
             await asyncio.sleep(0.01)
+
+
+def _request(b: int) -> pa.Table:
+    events = [
+        Event("use", now_us(), None, f"c{n % 3}", f"b{b}-{n}", None, None, {"n": n}, None)
+        for n in range(EVENTS)
+    ]
+    return to_table(events)
 
 
 def _acknowledged(acknowledged: Path) -> int | None:

@@ -1,9 +1,10 @@
-"""Segments under kill -9 (`segments`): a process that applies events, flushes them into files
-and merges them is killed at a step drawn at random (the k-th file written, fsync, rename,
-COMMIT, listing, merge or deletion), as a SIGKILL would end it: no cleanup runs. Reopened, the
-store holds every event acknowledged before the kill exactly once, its rollups agree with its
-events, and the folder holds only the files the store lists. A listed file cut short is
-detected at open and named."""
+"""Segments and checkpoints under kill -9 (`segments`, `checkpoints`): a process that applies
+events, flushes them into files, merges them and checkpoints its keys is killed at a step drawn
+at random (the k-th file written, fsync, rename, COMMIT, listing, merge, deletion, checkpoint
+file or manifest), as a SIGKILL would end it: no cleanup runs. Reopened (and sent its last
+acknowledged requests again), the store holds every event acknowledged before the kill exactly
+once, its rollups agree with its events, and the folder holds only the files the store lists.
+A listed file cut short is detected at open and named."""
 
 from __future__ import annotations
 
