@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,11 +93,12 @@ class Checkpoints:
         self._dedupe = dedupe
         self._exclusive = exclusive
         self._every_seconds = every_seconds
-        # id of a run's fingerprints -> (the run's fingerprints, its file)
-        self._written: dict[int, tuple[U64, str]] = {}
+        # The file of each run written, by its fingerprints' id (a weak reference tells a run
+        # from a later one given the same id, and keeps no run a merge replaced alive).
+        self._written: dict[int, tuple[weakref.ref[U64], str]] = {}
         if found is not None:
             for (fps, _), name in zip(found.runs, found.files, strict=True):
-                self._written[id(fps)] = (fps, name)
+                self._written[id(fps)] = (weakref.ref(fps), name)
         self._taken_keys = -1  # keys held at the last checkpoint
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="checkpoints", daemon=True)
@@ -130,14 +132,16 @@ class Checkpoints:
                 self._con.execute("SELECT coalesce(max(seq), 0) FROM all_events").fetchall()[0][0]
             )
             runs = self._dedupe.runs()
-        written = {id(fps): (fps, name) for fps, name in self._written.values()}
+        written: dict[int, tuple[weakref.ref[U64], str]] = {}
         files = []
         for fps, seqs in runs:  # step 3
-            known = written.get(id(fps))
-            name = known[1] if known is not None and known[0] is fps else self._write_run(fps, seqs)
-            written[id(fps)] = (fps, name)
+            known = self._written.get(id(fps))
+            name = (
+                known[1] if known is not None and known[0]() is fps else self._write_run(fps, seqs)
+            )
+            written[id(fps)] = (weakref.ref(fps), name)
             files.append({"file": name, "bytes": (self._directory / name).stat().st_size})
-        self._written = {id(fps): written[id(fps)] for fps, _ in runs}
+        self._written = written
         manifest = self._directory / _MANIFEST.format(self._next_number())  # step 4
         keys = sum(len(f) for f, _ in runs)
         body = {"through": through, "keys": keys, "runs": files}
@@ -149,11 +153,17 @@ class Checkpoints:
         return manifest
 
     def _write_run(self, fps: U64, seqs: I64) -> str:
+        """A run as one `.npy` array of two rows (fingerprints, seqs as unsigned), written from
+        the run's own memory (no copy of it made)."""
         name = _RUN.format(self._next_number())
-        both = np.empty((2, len(fps)), np.uint64)
-        both[0] = fps
-        both[1] = seqs.view(np.uint64)
-        _durably(self._directory / name, lambda file: np.save(file, both))
+
+        def write(file: BinaryIO) -> None:
+            header = {"descr": "<u8", "fortran_order": False, "shape": (2, len(fps))}
+            np.lib.format.write_array_header_2_0(file, header)
+            file.write(np.ascontiguousarray(fps, "<u8").data)
+            file.write(np.ascontiguousarray(seqs, "<i8").data)
+
+        _durably(self._directory / name, write)
         return name
 
     def _next_number(self) -> int:

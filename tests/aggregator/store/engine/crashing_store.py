@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -53,7 +52,6 @@ def _crash_points(step: int) -> None:
         return wrapper
 
     segments.pq.write_table = crashing(pq.write_table)  # type: ignore[attr-defined]
-    checkpoints.np.save = crashing(np.save)  # type: ignore[attr-defined]
     checkpoints.os.replace = crashing(os.replace)  # type: ignore[attr-defined]
     segments.os.fsync = crashing(os.fsync)  # type: ignore[attr-defined]
     segments.fsync_directory = crashing(segments.fsync_directory)  # type: ignore[attr-defined]
