@@ -58,24 +58,26 @@ async def _check(store: Store, meter_id: str, **customer: str) -> dict[str, Any]
     )
 
 
+async def _tokens(store: Store) -> MeterRow:
+    """A sum meter of the `tokens` property."""
+    definition = MeterCreate.model_validate(
+        {
+            "name": "tokens",
+            "filter": {"conjunction": "and", "clauses": []},
+            "aggregation": {"func": "sum", "property": "tokens"},
+        }
+    )
+    meter: MeterRow = await store.write(
+        create_job(ORG, definition, now_us(), meter_id=str(uuid.uuid4()))
+    )
+    return meter
+
+
 def test_the_check_follows_redefinitions_and_late_external_ids(tmp_path: Path) -> None:
     async def scenario() -> None:
         path = tmp_path / "m.duckdb"
         async with Store(path) as store:
-            meter = await store.write(
-                create_job(
-                    ORG,
-                    MeterCreate.model_validate(
-                        {
-                            "name": "tokens",
-                            "filter": {"conjunction": "and", "clauses": []},
-                            "aggregation": {"func": "sum", "property": "tokens"},
-                        }
-                    ),
-                    now_us(),
-                    meter_id=str(uuid.uuid4()),
-                )
-            )
+            meter = await _tokens(store)
             held = await store.write(
                 create_customer(
                     ORG,
@@ -136,20 +138,7 @@ def test_the_catalogs_meter_is_the_stored_row_whatever_changed(tmp_path: Path) -
 
     async def scenario() -> None:
         async with Store(tmp_path / "m.duckdb") as store:
-            meter = await store.write(
-                create_job(
-                    ORG,
-                    MeterCreate.model_validate(
-                        {
-                            "name": "tokens",
-                            "filter": {"conjunction": "and", "clauses": []},
-                            "aggregation": {"func": "sum", "property": "tokens"},
-                        }
-                    ),
-                    now_us(),
-                    meter_id=str(uuid.uuid4()),
-                )
-            )
+            meter = await _tokens(store)
             events = [_use(n, external="acme") for n in range(5)]
             await store.write(IngestJob(ORG, to_table(events), now_us()))
 
