@@ -133,7 +133,9 @@ def _views(
     holds = hold_sql.held_by_pair(con, pairs, now_us() if at_us is None else at_us)
     out = []
     for customer_id, meter_id in pairs:
-        customer, meter = customers[customer_id], meters[meter_id]
+        customer, meter = customers.get(customer_id), meters.get(meter_id)
+        if customer is None or meter is None:  # a hold's customer deleted since
+            raise NotFound("Customer or meter not found")
         balance = reads.held_customer_meter(balances, customer.row, meter)
         held = holds.get((customer_id, meter_id), 0.0)
         out.append(CustomerMeterView(replace(balance, held=held), customer, meter))

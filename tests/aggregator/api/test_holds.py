@@ -184,6 +184,7 @@ def test_deleting_a_customer_releases_its_holds(org: Org) -> None:
     listed = org.http.get("/v1/meter-holds/", params={"active": "true"}).json()
     assert listed["pagination"]["total_count"] == 0
     assert org.http.delete(f"/v1/meter-holds/{hold['id']}").status_code == 404
+    assert org.http.get(f"/v1/meter-holds/{hold['id']}").status_code == 404
 
 
 def test_holds_expire_and_the_check_counts_active_ones(org: Org) -> None:

@@ -2,8 +2,9 @@
 checkpoints often, recording each acknowledged request, and dies (`os._exit`, as SIGKILL: no
 cleanup runs) at the `step`-th call of the store's crash points: a file written, an fsync, a
 rename, a listing, its commit or its abandonment, a merge, a deletion, a checkpoint's file or
-manifest. Started again, it first sends the last requests acknowledged once more: each of
-their events is a duplicate the store (its keys read back from a checkpoint) must refuse.
+manifest. Started again, it first sends the last requests acknowledged once more (before the
+crash points and the files' grace are set): each of their events is a duplicate the store
+(its keys read back from a checkpoint) must refuse.
 
     python -m tests.aggregator.store.engine.crashing_store DATABASE ACKNOWLEDGED STEP BATCHES
 """
@@ -69,7 +70,6 @@ async def _run(path: Path, acknowledged: Path, step: int, batches: int) -> None:
         merge_check_seconds=0.01,
         checkpoint_seconds=0.02,
     ) as store:
-        store.live.segments._grace = 0  # retired files deleted at once: more steps to die at
         first = _acknowledged(acknowledged)
         if first is None:  # the first run makes the meters, and is not killed doing so
             for i, aggregation in enumerate(METERS):
@@ -83,9 +83,12 @@ async def _run(path: Path, acknowledged: Path, step: int, batches: int) -> None:
                 await store.write(create_job(ORG, definition, now_us(), meter_id=meter_id(i)))
             _record(acknowledged, None)
             first = 0
-        _crash_points(step)
-        for b in range(max(0, first - AGAIN), first):  # duplicates: nothing is stored
+        # Duplicates: nothing is stored. Each is checked against the stored event with its
+        # key's seq, a read that gets the grace a retired file is kept for.
+        for b in range(max(0, first - AGAIN), first):
             await store.write(IngestJob(ORG, _request(b), now_us()))
+        store.live.segments._grace = 0  # retired files deleted at once: more steps to die at
+        _crash_points(step)
         for b in range(first, first + batches):
             await store.write(IngestJob(ORG, _request(b), now_us()))
             _record(acknowledged, b)
