@@ -241,9 +241,8 @@ async def _ledger_cost(batches: int) -> dict[str, Any]:
 
 def _apply_job(store: Store, batch: pa.Table, org: str, ledger: bool) -> Job[float]:
     def job(tx: Tx) -> float:
-        con = tx.con
         started = time.perf_counter()
-        apply_meters(con, store, batch, org, ledger=ledger)
+        apply_meters(tx, batch, org, ledger=ledger)
         return time.perf_counter() - started
 
     return job

@@ -17,7 +17,8 @@ ingest adds) are built once, untimed, and applied over and over (the rollups' ke
 the common case, ingest's timestamps being the last hour). What is timed, per batch of
 `ROLLUP_BATCH` events: exactly the work ingest adds for meters inside its transaction, i.e.
 `apply_meters`: every meter's contribution and the ledger's usage (`rollups.evaluate`), the
-balances in memory, and the deltas the flusher appends (`rollups.store`), run as a writer job.
+balances in memory, and what a flush stores (the rollups' files, the ledger's deltas), run as a
+writer job.
 events/s = events / sum of those times. Not timed: the commit (the commit time of these
 rollup-only transactions is reported beside). Cross-check: the same events ingested with
 `IngestJob` (one job = one transaction per batch, commit included) into a store with the 10
@@ -59,8 +60,9 @@ from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.engine.balances import BYTES_PER_SLOT
 from aggregator.store.engine.catalog import BYTES_PER_CUSTOMER
+from aggregator.store.engine.segments import Change
 from aggregator.store.engine.writer import Job, Tx
-from aggregator.store.metering import rollups
+from aggregator.store.metering import groups, partials, rollups
 from aggregator.store.metering.meter_sql import aggregate_sql, contribution_sql, meter_events_sql
 from aggregator.store.tables.meter_tables import backfill_step_job, create_job
 from aggregator.store.tables.quantities import Scope, compute, exact_range, reduce
@@ -340,11 +342,12 @@ def _batch_new(table: pa.Table, organization_id: str, first_seq: int) -> pa.Tabl
     return table.append_column("seq", pa.array(range(first_seq, first_seq + n), pa.int64()))
 
 
-def apply_meters(
-    con: Con, store: Store, batch: pa.Table, organization_id: str, *, ledger: bool = True
-) -> None:
-    """Everything ingest does for meters, wherever it runs: every meter's contribution and the
-    ledger's usage (the writer), the balances in memory (at commit), the deltas (the flusher)."""
+def apply_meters(tx: Tx, batch: pa.Table, organization_id: str, *, ledger: bool = True) -> None:
+    """Everything ingest does for meters, in one writer job: every meter's contribution and the
+    ledger's usage (the writer), the balances in memory (at commit), and what a flush stores
+    (`memtable.store`): the rollups' partials as segment files listed in the job's transaction,
+    and the ledger's deltas."""
+    con = tx.con
     meters = meters_of(con, [organization_id])
     con.register("_batch_new", batch)
     try:
@@ -360,8 +363,12 @@ def apply_meters(
     finally:
         con.unregister("_batch_new")
     if ledger:
-        store.live.add_usage(evaluated)
-    rollups.store(con, [evaluated])
+        tx.live.add_usage(evaluated)
+    found = partials.partials(con, [evaluated], tx.live.bound)
+    groups.list_folded(con, found["rollup_groups"])
+    written = [tx.live.segments.write(r, rows) for r, rows in found.items() if rows.num_rows]
+    tx.live.change_segments(con, Change(written))
+    rollups.store_ledger(con, [evaluated])
 
 
 def _apply_job(
@@ -371,9 +378,8 @@ def _apply_job(
 
     def job(tx: Tx) -> None:
 
-        con = tx.con
         started = time.perf_counter()
-        apply_meters(con, store, batch, organization_id)
+        apply_meters(tx, batch, organization_id)
         timing.append(time.perf_counter() - started)
 
     return job

@@ -90,7 +90,7 @@ def _apply_job(store: Store, batch: pa.Table, organization_id: str) -> Job[float
 
     def job(tx: Tx) -> float:
         started = time.process_time()
-        apply_meters(tx.con, store, batch, organization_id)
+        apply_meters(tx, batch, organization_id)
         return time.process_time() - started
 
     return job

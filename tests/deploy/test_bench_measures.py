@@ -1,14 +1,20 @@
-"""What the benchmarks of issue 61's bars measure with, where a wrong count would move a bar:
-the bytes a backup wrote count each file once, however many names it has; a hold's profile puts
-each sample to the statement its thread was in."""
+"""What the benchmarks of issue 61's and 81's bars measure with, where a wrong count would move a
+bar: the bytes a backup wrote count each file once, however many names it has; a hold's profile
+puts each sample to the statement its thread was in; the meters' work that `ledger_cost`,
+`rollup_update` and `timed_meters` time stores what a flush stores."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import uuid
 from pathlib import Path
 
+from aggregator.store import Store
+from aggregator.store.engine.writer import Tx
 from benchmarks.backups import folder_bytes
 from benchmarks.holds import breakdown
+from benchmarks.meters import _batch_new, apply_meters, create_meters, realistic_events
 
 
 def test_a_file_linked_from_a_second_backup_is_not_written_again(tmp_path: Path) -> None:
@@ -48,3 +54,28 @@ def test_a_holds_time_is_put_to_the_statement_each_thread_was_in() -> None:
     # The two readers are one pool: its wait is what its work leaves of the hold's wall time.
     assert rows["duckdb-reader: waiting, (outside meterline)"] == 70.0
     assert rows["duckdb-reader: view (aggregator/v.py:2)"] == 30.0
+
+
+def test_the_meters_work_the_benchmarks_time_stores_rollups_and_the_ledger(tmp_path: Path) -> None:
+    org = str(uuid.uuid4())
+    [table] = realistic_events(1, 200, seed=1, tag="measure")
+
+    async def run() -> tuple[int, int]:
+        async with Store(tmp_path / "m.duckdb") as store:
+            await create_meters(store, org)
+            batch = _batch_new(table, org, 1)
+
+            def job(tx: Tx) -> None:
+                apply_meters(tx, batch, org)
+
+            await store.write(job)
+            rows = await store.read(
+                lambda con: con.execute(
+                    "SELECT (SELECT count(*) FROM all_rollups),"
+                    " (SELECT count(*) FROM all_ledger_usage)"
+                ).fetchall()
+            )
+            return int(rows[0][0]), int(rows[0][1])
+
+    rollups, ledger = asyncio.run(run())
+    assert rollups > 0 and ledger > 0
