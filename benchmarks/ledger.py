@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import statistics
 import tempfile
 import time
 import uuid
@@ -200,12 +201,28 @@ def _over_http(server: Server, details: dict[str, Any], plan: dict[str, int]) ->
 
 
 def ledger_cost(quick: bool = False) -> dict[str, Any]:
-    """Keeping balances costs the rollups of 10 meters at most 20% of their throughput.
+    """Keeping balances costs the rollups of 10 meters at most 15% of their throughput.
 
     Hypothesis: applying batches of 10,000 events to 10 meters with the ledger on (usage since
-    each customer's reset) takes at most 1.15× the time with it off (issue 81's bar).
+    each customer's reset) takes at most 1.15× the time with it off (issue 81's bar). Each of
+    three rounds (one with `--quick`; a store of its own each) alternates the two per batch;
+    the figures are the rounds' medians.
     """
-    return asyncio.run(_ledger_cost(4 if quick else 30))
+    rounds = [asyncio.run(_ledger_cost(4 if quick else 30)) for _ in range(1 if quick else 3)]
+    events = rounds[0]["events"]
+    with_s = statistics.median(r["seconds_with_ledger"] for r in rounds)
+    without_s = statistics.median(r["seconds_without_ledger"] for r in rounds)
+    cost = statistics.median(
+        r["seconds_with_ledger"] / r["seconds_without_ledger"] - 1 for r in rounds
+    )
+    return {
+        "metrics": [
+            metric("rollups + ledger, 10 meters", events / with_s, "events/s"),
+            metric("rollups only, 10 meters", events / without_s, "events/s"),
+            metric("ledger cost", cost * 100, "%", "<=", MAX_LEDGER_COST * 100),
+        ],
+        "details": {"batch": ROLLUP_BATCH, "rounds": rounds},
+    }
 
 
 async def _ledger_cost(batches: int) -> dict[str, Any]:
@@ -221,21 +238,10 @@ async def _ledger_cost(batches: int) -> dict[str, Any]:
                     elapsed = await store.write(_apply_job(store, batch, org, ledger))
                     if i >= 0:
                         seconds[ledger] += elapsed
-    events = batches * ROLLUP_BATCH
-    with_rate, without_rate = events / seconds[True], events / seconds[False]
-    cost = seconds[True] / seconds[False] - 1
     return {
-        "metrics": [
-            metric("rollups + ledger, 10 meters", with_rate, "events/s"),
-            metric("rollups only, 10 meters", without_rate, "events/s"),
-            metric("ledger cost", cost * 100, "%", "<=", MAX_LEDGER_COST * 100),
-        ],
-        "details": {
-            "events": events,
-            "batch": ROLLUP_BATCH,
-            "seconds_with_ledger": round(seconds[True], 3),
-            "seconds_without_ledger": round(seconds[False], 3),
-        },
+        "events": batches * ROLLUP_BATCH,
+        "seconds_with_ledger": round(seconds[True], 3),
+        "seconds_without_ledger": round(seconds[False], 3),
     }
 
 
