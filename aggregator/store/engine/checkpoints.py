@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,13 +118,16 @@ class Checkpoints:
         self.take()
 
     def _run(self) -> None:
+        said_at = -math.inf
         while not self._stop.wait(self._every_seconds):
             if len(self._dedupe) == self._taken_keys:
                 continue
             try:
                 self.take()
             except Exception:  # the next one is due as usual; a start rebuilds what is missing
-                log.exception("a checkpoint failed")
+                if time.monotonic() - said_at >= 60:  # a full disk fails every one: once a minute
+                    said_at = time.monotonic()
+                    log.exception("a checkpoint failed; the next is due as usual")
 
     def take(self) -> Path:
         """One checkpoint (steps 2–4); its manifest."""
@@ -276,11 +281,15 @@ def _durably(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """The file `path` as `write` writes it, whole or not at all: written beside it, fsynced,
     renamed, and the folder fsynced."""
     partial = path.with_name("." + path.name + ".partial")
-    with open(partial, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a full disk is not made fuller
+        raise
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)

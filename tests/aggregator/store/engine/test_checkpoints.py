@@ -5,6 +5,7 @@ a torn, incomplete or foreign checkpoint is passed over for the one before, or f
 from __future__ import annotations
 
 import asyncio
+import errno
 import uuid
 from pathlib import Path
 
@@ -152,3 +153,35 @@ def test_a_snapshot_carries_the_newest_checkpoint(tmp_path: Path) -> None:
     assert (checkpoints.folder(copy) / run).stat().st_ino == original.stat().st_ino
 
     assert _held(copy, found) == _held(copy, None)
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_one_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: the checkpoint fails, leaves no partial file behind (the disk is not made
+    fuller) and the one before is what a start reads."""
+    path = tmp_path / "m.duckdb"
+
+    async def run() -> None:
+        async with Store(path, checkpoint_seconds=3600) as store:
+            await store.write(_request([1, 2]))
+            await store.stored()
+            assert store._checkpoints is not None
+            store._checkpoints.take()
+            await store.write(_request([3]))
+            await store.stored()
+
+            def full(*args: object) -> None:  # a run's file, begun
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            with monkeypatch.context() as patched:
+                patched.setattr(np.lib.format, "write_array_header_2_0", full)
+                with pytest.raises(OSError, match="No space left"):
+                    store._checkpoints.take()
+            assert not list(checkpoints.folder(path).glob(".*.partial"))
+            manifests = sorted(checkpoints.folder(path).glob("checkpoint-*.json"))
+            assert len(manifests) == 1  # the one before, still whole
+
+    asyncio.run(run())
+    found = _newest(path)  # the stop's own checkpoint, written once the disk had room
+    assert found is not None and found.through == 3
