@@ -31,6 +31,7 @@ files. The steps, each named where the code takes it:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -291,29 +292,51 @@ class Segments:
         self.written_bytes += sum(s.size for s in written)
         return written
 
-    def _written(self, relation: str, table: pa.Table, level: int) -> Segment:
+    def _written(self, relation: str, rows: pa.Table | pa.RecordBatchReader, level: int) -> Segment:
+        """`rows` as a new file: a table, or batches written as they come (a merge's)."""
         with self._lock:
             number, self._next = self._next, self._next + 1
-        path = self.path(Segment(relation, number, level, table.num_rows, 0))
+        path = self.path(Segment(relation, number, level, 0, 0))
         temporary = path.with_suffix(".tmp")
-        table = _with_uuids(table, self._uuids[relation])
+        parts = [rows] if isinstance(rows, pa.Table) else (pa.table(b) for b in rows)
         repeated: Any = list(RELATIONS[relation].repeated)  # a bool to the stubs, columns too
-        pq.write_table(
-            table,
-            temporary,
-            compression="zstd",
-            compression_level=1,
-            use_dictionary=repeated,
-            row_group_size=ROW_GROUP_ROWS,
-            write_page_index=True,
-        )
-        with temporary.open("rb+") as file:
-            os.fsync(file.fileno())
+        count, low, high = 0, None, None
+        writer: pq.ParquetWriter | None = None
+        try:
+            for part in parts:
+                table = _with_uuids(part, self._uuids[relation])
+                if writer is None:
+                    writer = pq.ParquetWriter(
+                        temporary,
+                        table.schema,
+                        compression="zstd",
+                        compression_level=1,
+                        use_dictionary=repeated,
+                        write_page_index=True,
+                    )
+                writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+                count += table.num_rows
+                if relation == "events" and table.num_rows:
+                    seqs = numpy(table.column("seq"), np.int64)
+                    low = min(int(seqs.min()), low if low is not None else int(seqs.min()))
+                    high = max(int(seqs.max()), high if high is not None else int(seqs.max()))
+            if writer is None:  # no rows: a file of the relation's columns all the same
+                empty = rows.schema.empty_table() if not isinstance(rows, pa.Table) else rows
+                pq.write_table(_with_uuids(empty, self._uuids[relation]), temporary)
+            else:
+                writer.close()
+            with temporary.open("rb+") as file:
+                os.fsync(file.fileno())
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            temporary.unlink(missing_ok=True)
+            raise
+        path = self.path(Segment(relation, number, level, count, 0))
         temporary.rename(path)
-        if relation == "events" and table.num_rows:
-            seqs = numpy(table.column("seq"), np.int64)
-            self._seqs[number] = (int(seqs.min()), int(seqs.max()))
-        return Segment(relation, number, level, table.num_rows, path.stat().st_size)
+        if low is not None and high is not None:
+            self._seqs[number] = (low, high)
+        return Segment(relation, number, level, count, path.stat().st_size)
 
     # ---- step 2 ---------------------------------------------------------------------------
 
@@ -436,11 +459,26 @@ class Segments:
         """Step 3's file (written on `con`, a cursor of its own, outside any transaction),
         and the change that lists it in place of `inputs`, for the caller to commit."""
         spec = RELATIONS[inputs[0].relation]
-        files = ", ".join(f"'{self.path(s)}'" for s in inputs)
-        merged = spec.merged.replace("_inputs", f"read_parquet([{files}])")
-        table = con.sql(merged).to_arrow_table()
+        ranges = [self._seqs.get(s.number) for s in inputs]
+        if spec.name == "events" and _disjoint(ranges):
+            # Each file sorted by seq, their ranges apart: read in order, they are merged, and
+            # nothing needs sorting or holding whole (a merge of millions of events).
+            ordered = [s for _, s in sorted(zip(ranges, inputs, strict=True))]
+            files = ", ".join(f"'{self.path(s)}'" for s in ordered)
+            merged = f"SELECT * FROM read_parquet([{files}])"  # noqa: S608 - the store's files
+        else:
+            files = ", ".join(f"'{self.path(s)}'" for s in inputs)
+            merged = spec.merged.replace("_inputs", f"read_parquet([{files}])")
         level = max(s.level for s in inputs) + 1
-        return Change([self.write(spec.name, table, level)], list(inputs))
+        # Written as DuckDB hands the rows over, a row group at a time.
+        segment = self._written(spec.name, con.sql(merged).to_arrow_reader(ROW_GROUP_ROWS), level)
+        try:
+            fsync_directory(self.folder)
+        except BaseException:
+            self.abandon(Change([segment]))
+            raise
+        self.written_bytes += segment.size
+        return Change([segment], list(inputs))
 
     def still_live(self, segments: Sequence[Segment]) -> bool:
         """Whether every one of `segments` is still listed (a merge's inputs, at its commit:
@@ -521,6 +559,14 @@ class Segments:
     def copy(self, segments: Sequence[Segment], folder: Path, earlier: Path | None = None) -> None:
         """`segments`' files into `folder` (a snapshot's; `copy_files`)."""
         copy_files([self.path(s) for s in segments], folder, earlier)
+
+
+def _disjoint(ranges: Sequence[tuple[int, int] | None]) -> bool:
+    """Whether every seq range is known and none overlaps another."""
+    if any(r is None for r in ranges):
+        return False
+    ordered = sorted(r for r in ranges if r is not None)
+    return all(a[1] < b[0] for a, b in itertools.pairwise(ordered))
 
 
 def _with_uuids(table: pa.Table, names: Sequence[str]) -> pa.Table:

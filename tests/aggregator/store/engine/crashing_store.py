@@ -1,10 +1,10 @@
 """A process for `test_segment_crashes`: applies requests to a store that flushes, merges and
 checkpoints often, recording each acknowledged request, and dies (`os._exit`, as SIGKILL: no
-cleanup runs) at the `step`-th call of the store's crash points: a file written, an fsync, a
-rename, a listing, its commit or its abandonment, a merge, a deletion, a checkpoint's file or
-manifest. Started again, it first sends the last requests acknowledged once more (before the
-crash points and the files' grace are set): each of their events is a duplicate the store
-(its keys read back from a checkpoint) must refuse.
+cleanup runs) at the `step`-th call of the store's crash points: a file written (or a part of
+one), an fsync, a rename, a listing, its commit or its abandonment, a merge, a deletion, a
+checkpoint's file or manifest. Started again, it first sends the last requests acknowledged
+once more (before the crash points and the files' grace are set): each of their events is a
+duplicate the store (its keys read back from a checkpoint) must refuse.
 
     python -m tests.aggregator.store.engine.crashing_store DATABASE ACKNOWLEDGED STEP BATCHES
 """
@@ -53,6 +53,7 @@ def _crash_points(step: int) -> None:
         return wrapper
 
     segments.pq.write_table = crashing(pq.write_table)  # type: ignore[attr-defined]
+    segments._with_uuids = crashing(segments._with_uuids)  # type: ignore[attr-defined]  # a file's part
     checkpoints.os.replace = crashing(os.replace)  # type: ignore[attr-defined]
     segments.os.fsync = crashing(os.fsync)  # type: ignore[attr-defined]
     segments.fsync_directory = crashing(segments.fsync_directory)  # type: ignore[attr-defined]
