@@ -49,6 +49,7 @@ import numpy.typing as npt
 import orjson
 
 from aggregator.store.engine.dedupe import Dedupe
+from aggregator.store.engine.ingest_log import fsync_directory
 from aggregator.store.engine.segments import copy_files
 
 log = logging.getLogger(__name__)
@@ -290,8 +291,4 @@ def _durably(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)  # a full disk is not made fuller
         raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(path.parent)

@@ -296,11 +296,11 @@ class Segments:
         """`rows` as a new file: a table, or batches written as they come (a merge's)."""
         with self._lock:
             number, self._next = self._next, self._next + 1
-        path = self.path(Segment(relation, number, level, 0, 0))
+        path = self.path(Segment(relation, number, level, 0, 0))  # named by its number alone
         temporary = path.with_suffix(".tmp")
         parts = [rows] if isinstance(rows, pa.Table) else (pa.table(b) for b in rows)
         repeated: Any = list(RELATIONS[relation].repeated)  # a bool to the stubs, columns too
-        count, low, high = 0, None, None
+        count, seqs = 0, []  # the rows written; events': each part's lowest and highest seq
         writer: pq.ParquetWriter | None = None
         try:
             for part in parts:
@@ -317,9 +317,8 @@ class Segments:
                 writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
                 count += table.num_rows
                 if relation == "events" and table.num_rows:
-                    seqs = numpy(table.column("seq"), np.int64)
-                    low = min(int(seqs.min()), low if low is not None else int(seqs.min()))
-                    high = max(int(seqs.max()), high if high is not None else int(seqs.max()))
+                    column = numpy(table.column("seq"), np.int64)
+                    seqs += [int(column.min()), int(column.max())]
             if writer is None:  # no rows: a file of the relation's columns all the same
                 empty = rows.schema.empty_table() if not isinstance(rows, pa.Table) else rows
                 pq.write_table(_with_uuids(empty, self._uuids[relation]), temporary)
@@ -332,10 +331,9 @@ class Segments:
                 writer.close()
             temporary.unlink(missing_ok=True)
             raise
-        path = self.path(Segment(relation, number, level, count, 0))
         temporary.rename(path)
-        if low is not None and high is not None:
-            self._seqs[number] = (low, high)
+        if seqs:
+            self._seqs[number] = (min(seqs), max(seqs))
         return Segment(relation, number, level, count, path.stat().st_size)
 
     # ---- step 2 ---------------------------------------------------------------------------
@@ -460,15 +458,14 @@ class Segments:
         and the change that lists it in place of `inputs`, for the caller to commit."""
         spec = RELATIONS[inputs[0].relation]
         ranges = [self._seqs.get(s.number) for s in inputs]
+        query, read = spec.merged, list(inputs)
         if spec.name == "events" and _disjoint(ranges):
             # Each file sorted by seq, their ranges apart: read in order, they are merged, and
             # nothing needs sorting or holding whole (a merge of millions of events).
-            ordered = [s for _, s in sorted(zip(ranges, inputs, strict=True))]
-            files = ", ".join(f"'{self.path(s)}'" for s in ordered)
-            merged = f"SELECT * FROM read_parquet([{files}])"  # noqa: S608 - the store's files
-        else:
-            files = ", ".join(f"'{self.path(s)}'" for s in inputs)
-            merged = spec.merged.replace("_inputs", f"read_parquet([{files}])")
+            query = "SELECT * FROM _inputs"
+            read = [s for _, s in sorted(zip(ranges, inputs, strict=True))]
+        files = ", ".join(f"'{self.path(s)}'" for s in read)
+        merged = query.replace("_inputs", f"read_parquet([{files}])")
         level = max(s.level for s in inputs) + 1
         # Written as DuckDB hands the rows over, a row group at a time.
         segment = self._written(spec.name, con.sql(merged).to_arrow_reader(ROW_GROUP_ROWS), level)
