@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
@@ -463,10 +463,8 @@ class HoldKeys(Feature):
             )
         return units + math.fsum(
             h.units
-            for h in self._opened
+            for h in self._opened_active(organization_id, now_us)
             if (h.customer_id, h.meter_id) == (customer_id, meter_id)
-            and h.expires_at_us > now_us
-            and (organization_id, h.external_id) not in self._ended
         )
 
     def active(self, organization_id: str, now_us: int) -> int:
@@ -484,14 +482,18 @@ class HoldKeys(Feature):
                 for org, e in self._ended
                 if org == organization_id and self._expires(org, e) > now_us
             )
-        opened = sum(
-            1
-            for h in self._opened
-            if h.organization_id == organization_id
-            and h.expires_at_us > now_us
-            and (organization_id, h.external_id) not in self._ended
-        )
-        return count - ended + opened
+        return count - ended + sum(1 for _ in self._opened_active(organization_id, now_us))
+
+    def _opened_active(self, organization_id: str, now_us: int) -> Iterator[HoldRow]:
+        """The organization's holds the open transaction made that are active at `now_us`
+        (not expired, not ended since in the same transaction)."""
+        for h in self._opened:
+            if (
+                h.organization_id == organization_id
+                and h.expires_at_us > now_us
+                and (organization_id, h.external_id) not in self._ended
+            ):
+                yield h
 
 
 def _expiry(entry: tuple[int, str]) -> int:
