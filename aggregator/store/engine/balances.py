@@ -349,29 +349,30 @@ def _stored(
     (grouping their million rows took a start three times as long as reading them)."""
     numbers_from, values_from, points_from = tables
     grouped = tables != _KEYED
+
+    def each(aggregate: str, column: str) -> str:
+        """`column` merged over a key's rows, where they are grouped."""
+        return f"{aggregate}({column})" if grouped else column
+
+    group_by = " GROUP BY ALL" if grouped else ""
     numbers = con.sql(
         "SELECT m.organization_id::VARCHAR AS organization_id, u.meter_id::VARCHAR AS"  # noqa: S608 - fixed text
-        f" meter_id, subject, {'sum(events)::BIGINT' if grouped else 'events'} AS events,"
-        f" {'sum(total)' if grouped else 'total'} AS total,"
-        f" {'min(low)' if grouped else 'low'} AS low, {'max(high)' if grouped else 'high'} AS high,"
-        f" epoch_us({'min(u.created_at)' if grouped else 'u.created_at'}) AS first_us,"
-        f" epoch_us({'max(u.modified_at)' if grouped else 'u.modified_at'}) AS last_us"
-        f" FROM {numbers_from} u JOIN meters m ON m.id = u.meter_id WHERE TRUE{where}"
-        f"{' GROUP BY ALL' if grouped else ''}"
+        f" meter_id, subject, {each('sum', 'events')}::BIGINT AS events,"
+        f" {each('sum', 'total')} AS total, {each('min', 'low')} AS low,"
+        f" {each('max', 'high')} AS high, epoch_us({each('min', 'u.created_at')}) AS first_us,"
+        f" epoch_us({each('max', 'u.modified_at')}) AS last_us"
+        f" FROM {numbers_from} u JOIN meters m ON m.id = u.meter_id WHERE TRUE{where}{group_by}"
     ).to_arrow_table()
     values = con.sql(
         f"SELECT {'DISTINCT' if grouped else ''} m.organization_id::VARCHAR AS organization_id,"  # noqa: S608 - fixed text
         " v.meter_id::VARCHAR AS meter_id, subject, value"
         f" FROM {values_from} v JOIN meters m ON m.id = v.meter_id WHERE TRUE{where}"
     ).to_arrow_table()
-    greatest = (
-        "max({'at_us': at_us, 'value': value})" if grouped else "{'at_us': at_us, 'value': value}"
-    )
+    point = each("max", "{'at_us': at_us, 'value': value}")  # the greatest (instant, value)
     points = con.sql(
         "SELECT organization_id, meter_id, subject, p.at_us AS at_us, p.value AS value FROM"  # noqa: S608 - fixed text
         " (SELECT m.organization_id::VARCHAR AS organization_id, p.meter_id::VARCHAR AS"
-        f" meter_id, subject, {greatest} AS p"
-        f" FROM {points_from} p JOIN meters m ON m.id = p.meter_id WHERE TRUE{where}"
-        f"{' GROUP BY ALL' if grouped else ''})"
+        f" meter_id, subject, {point} AS p"
+        f" FROM {points_from} p JOIN meters m ON m.id = p.meter_id WHERE TRUE{where}{group_by})"
     ).to_arrow_table()
     return numbers, values, points
