@@ -60,9 +60,8 @@ from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.engine.balances import BYTES_PER_SLOT
 from aggregator.store.engine.catalog import BYTES_PER_CUSTOMER
-from aggregator.store.engine.segments import Change
 from aggregator.store.engine.writer import Job, Tx
-from aggregator.store.metering import groups, partials, rollups
+from aggregator.store.metering import rollups
 from aggregator.store.metering.meter_sql import aggregate_sql, contribution_sql, meter_events_sql
 from aggregator.store.tables.meter_tables import backfill_step_job, create_job
 from aggregator.store.tables.quantities import Scope, compute, exact_range, reduce
@@ -364,11 +363,7 @@ def apply_meters(tx: Tx, batch: pa.Table, organization_id: str, *, ledger: bool 
         con.unregister("_batch_new")
     if ledger:
         tx.live.add_usage(evaluated)
-    found = partials.partials(con, [evaluated], tx.live.bound)
-    groups.list_folded(con, found["rollup_groups"])
-    written = [tx.live.segments.write(r, rows) for r, rows in found.items() if rows.num_rows]
-    tx.live.change_segments(con, Change(written))
-    rollups.store_ledger(con, [evaluated])
+    tx.live.store_contributions(con, [evaluated])
 
 
 def _apply_job(

@@ -54,6 +54,7 @@ from aggregator.store.engine.memtable import (
     store_offsets,
 )
 from aggregator.store.engine.segments import RELATIONS, Change, Segments
+from aggregator.store.metering import groups, partials, rollups
 from aggregator.store.metering.groups import Bound
 from aggregator.store.metering.rollups import Evaluated
 
@@ -316,6 +317,18 @@ class Live:
         self._staged_segments.append(change)
         self.segments.commit(con, change, self._within())
         self.stage(lambda: self.segments.committed(change))
+
+    def store_contributions(
+        self, con: duckdb.DuckDBPyConnection, evaluated: Sequence[Evaluated]
+    ) -> None:
+        """Contributions a job evaluated itself (a backfill's chunk), stored in its transaction
+        as a flush stores applied events' (`memtable.store`): the rollups' partials as files
+        listed here (`change_segments`: only under `hold`), the ledger's usage deltas."""
+        found = partials.partials(con, evaluated, self.bound)
+        groups.list_folded(con, found["rollup_groups"])
+        written = [self.segments.write(r, rows) for r, rows in found.items() if rows.num_rows]
+        self.change_segments(con, Change(written))
+        rollups.store_ledger(con, evaluated)
 
     def _within(self) -> Change:
         """Every change of the files this transaction made so far: what its later changes,

@@ -20,9 +20,8 @@ from aggregator.store.base.meter_rows import (
 )
 from aggregator.store.base.rows import first_row, is_uuid
 from aggregator.store.engine.compaction import LEDGER_TABLES
-from aggregator.store.engine.segments import ROLLUP_RELATIONS, Change
+from aggregator.store.engine.segments import ROLLUP_RELATIONS
 from aggregator.store.engine.writer import Job, Tx
-from aggregator.store.metering import groups, partials, rollups
 from aggregator.store.metering.evaluation import apply_isolated
 from aggregator.store.metering.meter_sql import member_pointer
 from aggregator.store.tables import quotas
@@ -254,15 +253,7 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int,
             at_us=meter.modified_at_us or meter.created_at_us,
             backfill=True,
         )
-        found = partials.partials(con, [evaluated], tx.live.bound)
-        groups.list_folded(con, found["rollup_groups"])
-        written = [
-            tx.live.segments.write(relation, rows)
-            for relation, rows in found.items()
-            if rows.num_rows
-        ]
-        tx.live.change_segments(con, Change(written))
-        rollups.store_ledger(con, [evaluated])
+        tx.live.store_contributions(con, [evaluated])
         tx.live.stage(lambda: tx.live.add_usage(evaluated))
         con.execute(
             "UPDATE meters SET backfilled_to = ?, backfilled_events = backfilled_events + ?"
