@@ -45,6 +45,7 @@ async def digest(store: Store, organization_id: str, kafka: KafkaSettings | None
         state: dict[str, list[Any]] = dict(logical_rows(con, organization_id))
         pairs, _ = ledger_reads.active_pairs(
             con,
+            balances,
             organization_id,
             customer_ids=None,
             external_ids=None,

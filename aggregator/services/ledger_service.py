@@ -161,6 +161,7 @@ async def list_customer_meters(
     def run(con: Con) -> Page[CustomerMeterView]:
         pairs, total = reads.active_pairs(
             con,
+            balances,
             organization_id,
             customer_ids=list(customer_ids) if named else None,
             external_ids=list(external_customer_ids) if named else None,
@@ -188,6 +189,7 @@ async def customer_meters_of(
     def run(con: Con) -> list[CustomerMeterView]:
         pairs, _ = reads.active_pairs(
             con,
+            balances,
             organization_id,
             customer_ids=[customer_id],
             external_ids=[],
@@ -200,10 +202,13 @@ async def customer_meters_of(
     return await store.read(run)
 
 
-def _pair(con: Con, organization_id: str, customer_meter_id: str) -> tuple[str, str]:
+def _pair(
+    con: Con, balances: Balances, organization_id: str, customer_meter_id: str
+) -> tuple[str, str]:
     """(customer id, meter id) of the customer meter; 404 unless it is one."""
     pairs, _ = reads.active_pairs(
         con,
+        balances,
         organization_id,
         customer_ids=None,
         external_ids=None,
@@ -223,7 +228,7 @@ async def get_customer_meter(
     balances = store.live.balances
 
     def run(con: Con) -> CustomerMeterView:
-        pair = _pair(con, organization_id, customer_meter_id)
+        pair = _pair(con, balances, organization_id, customer_meter_id)
         return _views(con, balances, organization_id, [pair])[0]
 
     return await store.read(run)
@@ -246,7 +251,7 @@ async def breakdown(
     balances = store.live.balances
 
     def run(con: Con) -> Breakdown:
-        pair = _pair(con, organization_id, customer_meter_id)
+        pair = _pair(con, balances, organization_id, customer_meter_id)
         view = _views(con, balances, organization_id, [pair])[0]
         meter = view.meter
         dimensions.declared(meter, group_by, (), required=True)
@@ -269,7 +274,7 @@ async def grants(store: Store, organization_id: str, customer_meter_id: str) -> 
     balances = store.live.balances
 
     def run(con: Con) -> Grants:
-        customer_id, meter_id = _pair(con, organization_id, customer_meter_id)
+        customer_id, meter_id = _pair(con, balances, organization_id, customer_meter_id)
         customer = customer_sql.get_customer(con, organization_id, customer_id)
         assert customer is not None  # a pair's customer exists: the pair comes from its row
         meter = _meters(con, organization_id, [meter_id])[meter_id]
@@ -288,6 +293,7 @@ def _state(
         raise NotFound("Customer not found")
     pairs, _ = reads.active_pairs(
         con,
+        balances,
         organization_id,
         customer_ids=[customer.id],
         external_ids=None,

@@ -144,6 +144,7 @@ class Balances:
         # reader never sees half of them (a reset's cleared usage with its old credits).
         self.lock = threading.RLock()
         self._subjects: dict[str, dict[str, int]] = {}  # organization -> reference -> index
+        self._names: dict[str, list[str]] = {}  # organization -> its references, by index
         self._usage: dict[str, _Usage] = {}  # meter id -> its usage
         self._credits: dict[tuple[str, str], Credits] = {}  # (customer id, meter id)
 
@@ -179,7 +180,10 @@ class Balances:
         of unique meters, `points` (meter_id, subject, at_us, value; at most one row per meter
         and subject) of latest meters."""
         with self.lock:
-            index = self._subjects.setdefault(organization_id, {})
+            index = _Index(
+                self._subjects.setdefault(organization_id, {}),
+                self._names.setdefault(organization_id, []),
+            )
             if numbers.num_rows:
                 columns = {
                     name: numpy(numbers.column(name), np.int64 if name in _INTS else np.float64)
@@ -258,6 +262,40 @@ class Balances:
             for key in [k for k in self._credits if k[0] == customer_id]:
                 del self._credits[key]
 
+    def used(
+        self, organization_id: str, subjects: list[str] | None = None
+    ) -> tuple[list[str], list[str], list[int | None]]:
+        """The organization's customer references with usage of a meter (all of them, or of
+        `subjects`): (meter ids, references, last change: None for a unique meter's values),
+        a row each (meter, reference) — what has a row in the ledger."""
+        meters: list[str] = []
+        names: list[str] = []
+        last: list[int | None] = []
+        with self.lock:
+            index = self._subjects.get(organization_id, {})
+            all_names = self._names.get(organization_id, [])
+            asked = (
+                None
+                if subjects is None
+                else np.array(sorted({index[s] for s in subjects if s in index}), np.int64)
+            )
+            for meter_id, usage in self._usage.items():
+                if usage.organization_id != organization_id:
+                    continue
+                at = np.flatnonzero(usage.first_us != _NONE_US)
+                if asked is not None:
+                    at = np.intersect1d(at, asked)
+                times = usage.last_us[at].tolist()
+                valued = np.unique(usage.values.between(0, 1 << 62) >> _VALUE_BITS)
+                valued = np.setdiff1d(valued, at)  # a unique meter's: no numbers
+                if asked is not None:
+                    valued = np.intersect1d(valued, asked)
+                refs = [*at.tolist(), *valued.tolist()]
+                meters += [meter_id] * len(refs)
+                names += [all_names[i] for i in refs]
+                last += [*times, *([None] * len(valued))]
+        return meters, names, last
+
     def credits(self, customer_id: str, meter_id: str) -> Credits | None:
         with self.lock:
             return self._credits.get((customer_id, meter_id))
@@ -299,7 +337,7 @@ class Balances:
 
 
 def _per_meter(
-    table: pa.Table, index: dict[str, int]
+    table: pa.Table, index: _Index
 ) -> list[tuple[str, npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
     """`table`'s rows per meter: (meter id, the rows, each row's subject index)."""
     refs = _indexes(index, table.column("subject"))
@@ -329,13 +367,25 @@ def _per_organization(tables: tuple[pa.Table, ...]) -> dict[str, list[pa.Table]]
     return out
 
 
-def _indexes(index: dict[str, int], subjects: Column) -> npt.NDArray[np.int64]:
+@dataclass(frozen=True, slots=True)
+class _Index:
+    """An organization's customer references: each one's dense index, and by index."""
+
+    numbers: dict[str, int]
+    names: list[str]
+
+
+def _indexes(index: _Index, subjects: Column) -> npt.NDArray[np.int64]:
     """Each subject's dense index, new ones numbered as they come (one dictionary lookup per
     distinct subject, not per row)."""
     distinct, codes = encoded(subjects)
+    numbers, names = index.numbers, index.names
+    before = len(numbers)
     known = np.fromiter(
-        (index.setdefault(s, len(index)) for s in distinct), np.int64, len(distinct)
+        (numbers.setdefault(s, len(numbers)) for s in distinct), np.int64, len(distinct)
     )
+    # New ones were numbered in the order they came in `distinct`.
+    names.extend(str(distinct[i]) for i in np.flatnonzero(known >= before).tolist())
     return known[codes]
 
 

@@ -1,6 +1,8 @@
-"""Reads of the customer meters: each one's usage since its latest reset (`all_ledger_usage`
-and its values and points, per customer reference, merged), its credits, and the balance they
-leave (`customer_meter`, `held_customer_meter` from the balances in memory). The writes of the
+"""Reads of the customer meters: each one's usage since its latest reset, its credits, and the
+balance they leave. Outside the writer they answer from the balances in memory
+(`held_customer_meter`; which customer meters are active: `active_pairs`); a writer's job, which
+must see its own transaction's changes, reads DuckDB (`all_ledger_usage` and its values and
+points, per customer reference, merged: `customer_meter`, `usage_partial`). The writes of the
 ledger (credits, resets, plan cycles, expiries) are `ledger_tables`'."""
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import duckdb
+import pyarrow as pa
 
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow
-from aggregator.store.base.rows import first_row
+from aggregator.store.base.rows import first_row, registered
 from aggregator.store.engine.balances import Credits as HeldCredits
 from aggregator.store.tables.customer_tables import (
     CustomerRow,
@@ -228,6 +231,7 @@ def _assembled(
 
 def active_pairs(
     con: Con,
+    balances: Balances,
     organization_id: str,
     *,
     customer_ids: list[str] | None,
@@ -239,8 +243,8 @@ def active_pairs(
     descending: bool = True,
 ) -> tuple[list[tuple[str, str]], int]:
     """(customer id, meter id) of the organization's customer meters — those with usage in
-    their window or a ledger row — newest first; and their count. Archived meters are left
-    out unless asked for by id."""
+    their window (the balances in memory) or a ledger row — newest first; and their count.
+    Archived meters are left out unless asked for by id."""
     customer_where = ""
     params: list[Any] = [organization_id]
     if customer_ids is not None or external_ids is not None:
@@ -256,26 +260,45 @@ def active_pairs(
     )
     meter_params: list[Any] = [organization_id] + ([meter_ids] if meter_ids is not None else [])
     pair_where = "" if id is None else f" WHERE {_ID_SQL} = ?::UUID"
+    named: list[str] | None = None
+    if customer_where:  # the references of the customers named: their usage alone
+        named = [
+            str(r[0])
+            for r in con.execute(
+                f"SELECT s.subject FROM customers c, unnest({subjects.of_customer_sql('c')})"  # noqa: S608 - fixed text, values bound
+                f" s(subject) WHERE c.organization_id = ?::UUID AND s.subject IS NOT NULL"
+                f"{customer_where}",
+                params,
+            ).fetchall()
+        ]
+    meters, names, last = balances.used(organization_id, named)
+    used = pa.table(
+        {
+            "meter_id": pa.array(meters, pa.string()),
+            "subject": pa.array(names, pa.string()),
+            "modified_at": pa.array(last, pa.int64()),
+        }
+    )
     pairs = (
         "WITH subj AS (SELECT c.id AS customer_id, s.subject FROM customers c,"  # noqa: S608 - fixed text, values bound
         f" unnest({subjects.of_customer_sql('c')}) s(subject)"
         f" WHERE c.organization_id = ?::UUID AND s.subject IS NOT NULL{customer_where}),"
         f" m AS (SELECT id FROM meters WHERE organization_id = ?::UUID{meter_where}),"
-        " used AS (SELECT u.meter_id, subj.customer_id, u.modified_at FROM all_ledger_usage u"
-        " JOIN subj USING (subject) WHERE u.meter_id IN (SELECT id FROM m)"
-        " UNION ALL SELECT v.meter_id, subj.customer_id, NULL FROM all_ledger_usage_values v"
-        " JOIN subj USING (subject) WHERE v.meter_id IN (SELECT id FROM m)"
+        " used AS (SELECT u.meter_id::UUID AS meter_id, subj.customer_id,"
+        " make_timestamptz(u.modified_at) AS modified_at FROM _used u JOIN subj USING (subject)"
+        " WHERE u.meter_id::UUID IN (SELECT id FROM m)"
         " UNION ALL SELECT meter_id, customer_id, modified_at FROM customer_meters"
         " WHERE meter_id IN (SELECT id FROM m) AND customer_id IN (SELECT customer_id FROM subj))"
         " SELECT customer_id, meter_id, max(modified_at) AS modified FROM used p"
         f"{pair_where} GROUP BY ALL"
     )
     pairs_params = [*params, *meter_params, *([id] if id is not None else [])]
-    count = first_row(con, f"SELECT count(*) FROM ({pairs})", pairs_params)  # noqa: S608 - fixed text, values bound
-    rows = con.execute(
-        f"SELECT customer_id::VARCHAR, meter_id::VARCHAR FROM ({pairs})"  # noqa: S608 - fixed text, values bound
-        f" ORDER BY modified {'DESC' if descending else 'ASC'} NULLS LAST, customer_id, meter_id"
-        " LIMIT ? OFFSET ?",
-        [*pairs_params, limit, offset],
-    ).fetchall()
+    with registered(con, "_used", used):
+        count = first_row(con, f"SELECT count(*) FROM ({pairs})", pairs_params)  # noqa: S608 - fixed text, values bound
+        rows = con.execute(
+            f"SELECT customer_id::VARCHAR, meter_id::VARCHAR FROM ({pairs})"  # noqa: S608 - fixed text, values bound
+            f" ORDER BY modified {'DESC' if descending else 'ASC'} NULLS LAST, customer_id,"
+            " meter_id LIMIT ? OFFSET ?",
+            [*pairs_params, limit, offset],
+        ).fetchall()
     return [(r[0], r[1]) for r in rows], int(count[0]) if count else 0

@@ -31,7 +31,11 @@ from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.engine.compaction import compact
 from aggregator.store.tables import grant_tables
 from aggregator.store.tables.customer_tables import create_job as create_customer
-from aggregator.store.tables.ledger_reads import customer_meter, held_customer_meter
+from aggregator.store.tables.ledger_reads import (
+    active_pairs,
+    customer_meter,
+    held_customer_meter,
+)
 from aggregator.store.tables.ledger_tables import credit_job, reset_job
 from aggregator.store.tables.meter_tables import create_job, meters_by_ids
 from aggregator.store.tables.plan_tables import cycle_due_job, plan_create_job
@@ -348,6 +352,46 @@ class LedgerMachine(RuleBasedStateMachine):
             ), func
             burned = rules.burn(window.grants, cm.consumed)
             assert abs(sum(burned.remaining) - burned.beyond - cm.balance) < 1e-6
+
+    @invariant()
+    def active_customer_meters_are_the_ledger_tables(self) -> None:
+        """The customer meters listed from the balances in memory (`active_pairs`) are those
+        the ledger's tables list, newest first (while both are kept: a differential check)."""
+
+        def read(con: Any) -> tuple[Any, Any]:
+            listed = active_pairs(
+                con,
+                self.store.live.balances,
+                ORG,
+                customer_ids=None,
+                external_ids=None,
+                meter_ids=None,
+                limit=100,
+                offset=0,
+            )
+            return listed, con.execute(_FROM_TABLES, [ORG, ORG]).fetchall()
+
+        (pairs, total), stored = self.runner.run(self.store.read(read))
+        assert pairs == [(str(c), str(m)) for c, m in stored]
+        assert total == len(stored)
+
+
+# What `active_pairs` listed when it read the ledger's tables.
+_FROM_TABLES = (
+    "WITH subj AS (SELECT c.id AS customer_id, s.subject FROM customers c,"
+    " unnest([CASE WHEN c.id IS NOT NULL THEN 'id:' || c.id::VARCHAR END,"
+    " CASE WHEN c.external_id IS NOT NULL THEN 'ext:' || c.external_id END]) s(subject)"
+    " WHERE c.organization_id = ?::UUID AND s.subject IS NOT NULL),"
+    " m AS (SELECT id FROM meters WHERE organization_id = ?::UUID AND archived_at IS NULL),"
+    " used AS (SELECT u.meter_id, subj.customer_id, u.modified_at FROM all_ledger_usage u"
+    " JOIN subj USING (subject) WHERE u.meter_id IN (SELECT id FROM m)"
+    " UNION ALL SELECT v.meter_id, subj.customer_id, NULL FROM all_ledger_usage_values v"
+    " JOIN subj USING (subject) WHERE v.meter_id IN (SELECT id FROM m)"
+    " UNION ALL SELECT meter_id, customer_id, modified_at FROM customer_meters"
+    " WHERE meter_id IN (SELECT id FROM m) AND customer_id IN (SELECT customer_id FROM subj))"
+    " SELECT customer_id, meter_id FROM used GROUP BY ALL"
+    " ORDER BY max(modified_at) DESC NULLS LAST, customer_id, meter_id"
+)
 
 
 def _shown(g: Grant) -> tuple[Any, ...]:
