@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from aggregator.store.base.arrays import Column, Keys, encoded, numpy
+from aggregator.store.base.arrays import Column, Keys, distinct, encoded, numpy
 from aggregator.store.base.rows import registered
 from meters.aggregations import NEVER_US, Partial
 
@@ -286,7 +286,7 @@ class Balances:
                 if asked is not None:
                     at = np.intersect1d(at, asked)
                 times = usage.last_us[at].tolist()
-                valued = np.unique(usage.values.between(0, 1 << 62) >> _VALUE_BITS)
+                valued = distinct(usage.values.between(0, 1 << 62) >> _VALUE_BITS)
                 valued = np.setdiff1d(valued, at)  # a unique meter's: no numbers
                 if asked is not None:
                     valued = np.intersect1d(valued, asked)

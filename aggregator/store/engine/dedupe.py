@@ -335,7 +335,7 @@ def _confirmed(
     unflushed: Unflushed,
 ) -> I64:
     """The positions whose key is the key of the event stored with the paired seq."""
-    wanted = np.unique(seqs)
+    wanted = arrays.distinct(seqs)
     stored = unflushed(wanted)
     missing = [seq for seq in wanted.tolist() if seq not in stored]
     if missing:

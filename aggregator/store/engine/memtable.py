@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.base import subjects
-from aggregator.store.base.arrays import Column, numpy, uuids
+from aggregator.store.base.arrays import Column, distinct, numpy, uuids
 from aggregator.store.base.ids import INGEST_LOG_PARTITION, ORIGIN, event_ids
 from aggregator.store.base.rows import registered
 from aggregator.store.engine import dedupe, ingest_log
@@ -106,7 +106,7 @@ def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> dict[int, de
     firsts = np.array([e.events.column("seq")[0].as_py() for e in held], np.int64)
     at = np.searchsorted(firsts, seqs, side="right") - 1
     found: dict[int, dedupe.Key | None] = {}
-    for i in np.unique(at[at >= 0]).tolist():
+    for i in distinct(at[at >= 0]).tolist():
         events = held[i].events
         mine = seqs[at == i]
         rows = mine - firsts[i]

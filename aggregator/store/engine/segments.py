@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aggregator.errors import AggregatorError
-from aggregator.store.base.arrays import numpy, uuids
+from aggregator.store.base.arrays import distinct, numpy, uuids
 from aggregator.store.engine.ingest_log import fsync_directory
 
 log = logging.getLogger(__name__)
@@ -642,7 +642,7 @@ def _merged(held: npt.NDArray[np.int64], seqs: npt.NDArray[np.int64]) -> npt.NDA
     which sorts them all again, 400 ms of the writer's time)."""
     new = seqs.astype(np.int64)
     if len(new) > 1 and not bool(np.all(new[1:] > new[:-1])):  # not sorted and distinct
-        new = np.unique(new)
+        new = distinct(new)
     at = np.searchsorted(held, new)
     known = (at < len(held)) & (held[np.minimum(at, len(held) - 1)] == new) if len(held) else at < 0
     merged: npt.NDArray[np.int64] = np.insert(held, at[~known], new[~known])

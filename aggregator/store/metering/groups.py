@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.settings import DIMENSION_VALUES
-from aggregator.store.base.arrays import numpy
+from aggregator.store.base.arrays import distinct, numpy
 from aggregator.store.base.rows import registered
 
 OTHER = "__other__"
@@ -246,7 +246,7 @@ class Keys:
         `OTHER`, as one number: `by * (null + 1) + rank`."""
         ranks = self.dimensions[k]
         counted = (ranks != self.null) & (ranks != self.other)
-        return np.unique(by[counted] * (self.null + 1) + ranks[counted])
+        return distinct(by[counted] * (self.null + 1) + ranks[counted])
 
 
 def merged(parts: Sequence[Coded]) -> tuple[pa.Table, Keys]:

@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.store.base.arrays import Keys, merged
+from aggregator.store.base.arrays import Keys, distinct, merged
 
 keys = st.lists(st.integers(0, 60), max_size=12)
 steps = st.lists(
@@ -50,3 +50,11 @@ def test_merged_runs_are_sorted_and_keep_their_payload(a: list[int], b: list[int
     keys_out, payload = merged(run_a, run_b)
     assert keys_out.tolist() == sorted(a + b)
     assert (payload == keys_out * 10).all()
+
+
+@given(st.lists(st.integers(-(2**62), 2**62), max_size=50))
+def test_distinct_is_numpys_unique(values: list[int]) -> None:
+    keys = np.array(values, np.int64)
+    found = distinct(keys)
+    assert found.dtype == np.int64
+    assert found.tolist() == np.unique(keys).tolist()
