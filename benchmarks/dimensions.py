@@ -24,7 +24,8 @@ cost, routes, streamed), and customers follow quantities_10m's Zipf-like law (ex
 over 10,000.
 
 dimensions_10m, latency: quantities_10m's way (`meters._load`): 10,000,000 events (`LOAD_SQL`,
-the same distributions in SQL) written straight into `events_base` in writer jobs, 60 days;
+the same distributions in SQL) written straight into `events_base` in writer jobs (moved into
+a file when the store next opens), 60 days;
 then one sum meter of `_llm.total_tokens` with the three dimensions is created and backfilled
 step by step (`backfill_step_job`), and the store's background merges are left to settle. In
 process (`meter_service.partials` and `quantities`, as the route calls them), a small sample

@@ -487,8 +487,9 @@ METER = _meter("Total tokens", "sum", "_llm.total_tokens")
 # Events $lo <= seq < $hi, ingested evenly over the period from $start_us ($step_us apart), each
 # timestamped up to an hour before its ingestion; values drawn like loadgen.make_event's, from
 # hashes of seq (deterministic). Customers follow a Zipf-like law close to loadgen's weights.
-# Rows of the events' base table (as a data dir from before segments holds them): SQL cannot
-# write segments, and the quantities read the rollups the backfill makes of them.
+# Rows of the events' base table (as a data dir of an earlier version holds them; the store
+# moves them into a file when it next opens): SQL cannot write segments, and the quantities
+# read the rollups the backfill makes of them.
 LOAD_SQL = """
 INSERT INTO events_base (seq, organization_id, name, timestamp, ingested_at, customer_id,
     external_customer_id, external_member_id, external_id, parent_id, metadata, cost_amount)

@@ -38,7 +38,7 @@ from aggregator.store.apply.batch import Meters
 from aggregator.store.apply.commands import applied_group, applied_job, positioned
 from aggregator.store.apply.ingest import Replay
 from aggregator.store.base.meter_rows import MeterRow, meters_of
-from aggregator.store.base.rows import registered, transaction
+from aggregator.store.base.rows import transaction
 from aggregator.store.engine import checkpoints, dedupe, disk, ingest_log
 from aggregator.store.engine.disk import DiskHealth
 from aggregator.store.engine.flusher import Flusher
@@ -51,7 +51,7 @@ from aggregator.store.engine.merger import Merger
 from aggregator.store.engine.migrations import migrate
 from aggregator.store.engine.segments import (
     FANOUT,
-    RELATIONS,
+    LIFTED,
     Segment,
     Segments,
     SegmentsChanged,
@@ -221,12 +221,13 @@ class Store:
         segments = Segments(folder, fanout=self._merge_fanout)
         try:
             segments.open(self._con)
+            segments.move_base_rows(self._con)  # once, for a data dir of an earlier version
         except BaseException:
             self._con.close()
             self._con = None
             raise
         self._refuse_other_ledgers()
-        dimensions.derive_pending(self._con, self.bound)
+        dimensions.derive_pending(self._con, segments, self.bound)
         log = self._log = IngestLog(None if wal is None else log_directory(Path(self.path)))
         # What the ingest log holds after the last stored request was acknowledged but not
         # stored: applied again below, before any other job. A log that cannot give it all
@@ -540,14 +541,14 @@ class Store:
 
     async def lift(self, relations: Sequence[str], where: str, params: list[object]) -> bool:
         """Move the rows of `relations` (kept as segments) that `where` matches out of their
-        files into their base tables, where a job can delete them one by one without writing
-        a file again (`void_jobs`: a customer's rollups). The files are written again without
-        them off every lock, on a cursor of their own and the background thread (`read_behind`),
-        and listed in place of theirs
-        with the rows inserted, in one transaction under the store's exclusive lock (a merge's
-        way), if they are all still listed; else tried again. What a reader sees is the same
-        before and after. Whether every row is where it was asked to be (a merge took the
-        files each time: not)."""
+        files into files of their own (of level `LIFTED`, merged with no other kind), which a
+        job's steps rewrite without writing the large ones again (`void_jobs`: a customer's
+        rollups). The files are written again without them, and theirs, off every lock, on a
+        cursor of their own and the background thread (`read_behind`), and listed in place of
+        the files they come from in one transaction under the store's exclusive lock (a
+        merge's way), if those are all still listed; else tried again. What a reader sees is
+        the same before and after. Whether every row is where it was asked to be (a merge took
+        the files each time: not)."""
         assert self._flusher is not None and self._con is not None, "store is not open"
         segments, exclusive, con = self.live.segments, self._flusher.exclusive, self._con
 
@@ -559,14 +560,13 @@ class Store:
                     return 0
                 listed = False
                 try:
+                    change.added.append(segments.write(relation, rows, LIFTED))
                     with exclusive:
                         if not segments.still_live(change.retired):
                             return None  # merged or rewritten meanwhile
                         try:
-                            with transaction(cursor), registered(cursor, "_lifted", rows):
+                            with transaction(cursor):
                                 segments.commit(cursor, change)
-                                base = RELATIONS[relation].base
-                                cursor.execute(f"INSERT INTO {base} SELECT * FROM _lifted")  # noqa: S608 - the store's own names
                         except SegmentsChanged:
                             return None  # the list in memory was behind the database's
                         listed = True

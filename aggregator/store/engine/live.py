@@ -53,7 +53,7 @@ from aggregator.store.engine.memtable import (
     store,
     store_offsets,
 )
-from aggregator.store.engine.segments import RELATIONS, Change, Segments
+from aggregator.store.engine.segments import Change, Segments
 from aggregator.store.metering import groups, partials, rollups
 from aggregator.store.metering.groups import Bound
 from aggregator.store.metering.rollups import Evaluated
@@ -185,6 +185,9 @@ class Live:
         self._staged_entries: list[Applied] = []
         self._staged_log: list[Logged] = []
         self._staged_segments: list[Change] = []
+        # System events the transaction made, stored together before it commits (`prepare`).
+        self._staged_system: list[pa.Table] = []
+        self._system_con: duckdb.DuckDBPyConnection | None = None
         self._voiding = False  # events voided in this transaction (`void`)
         self._logged_at: tuple[int, int, int] | None = None  # where the log ended before
         self._applied_through = 0  # the last seq applied: each batch's come after it
@@ -234,9 +237,14 @@ class Live:
             feature.begin()
 
     def prepare(self) -> None:
-        """Step 3: just before COMMIT, the transaction's ingest requests made durable (the
-        log)."""
+        """Step 3: just before COMMIT, the transaction's system events stored (one file for
+        all of them: a plan catching up makes hundreds in a job) and its ingest requests made
+        durable (the log)."""
         self._expect(Status.OPEN)
+        if self._staged_system:
+            assert self._system_con is not None
+            events = pa.concat_tables(self._staged_system)
+            self.store_events(self._system_con, events, keyed=False)
         if self._staged_log:
             if self.flusher.disk_full:
                 # Refused as the log itself would be when full: taken on, these events would
@@ -290,6 +298,8 @@ class Live:
         self._staged_entries = []
         self._staged_log = []
         self._staged_segments = []
+        self._staged_system = []
+        self._system_con = None
         self._voiding = False
         self._logged_at = None
 
@@ -346,15 +356,38 @@ class Live:
         self.segments.void(con, seqs, self._within())
         self.stage(self.segments.voided)
 
-    def delete_rows(
-        self, con: duckdb.DuckDBPyConnection, relation: str, where: str, params: list[object]
+    def store_rows(
+        self, con: duckdb.DuckDBPyConnection, relation: str, rows: pa.Table, *, level: int = 0
     ) -> None:
-        """Delete the rows of a relation kept as segments (`segments.RELATIONS`) that `where`
-        matches: from its base table, and from its files (written again without them), in
-        this transaction (under `hold`, as `change_segments`)."""
-        base = RELATIONS[relation].base
-        con.execute(f"DELETE FROM {base} WHERE {where}", params)  # noqa: S608 - fixed text, values bound
-        rewritten = self.segments.rewrite(con, relation, where, params, self._within())
+        """Rows a job adds to a relation kept as segments (`segments.RELATIONS`: its columns,
+        in its order), stored as a file of their own (of `level`) in this transaction, as a
+        flush stores applied events' (under `hold`, as `change_segments`). New events go
+        through `store_events`."""
+        if rows.num_rows:
+            self.change_segments(con, Change([self.segments.write(relation, rows, level)]))
+
+    def store_system_event(self, con: duckdb.DuckDBPyConnection, event: pa.Table) -> None:
+        """A system event the job made (`store_events`' columns, with its `id`), stored with
+        the transaction's others just before it commits: no read in a job asks for one. Only
+        under `hold`."""
+        self._expect(Status.OPEN)
+        self._staged_system.append(event)
+        self._system_con = con
+
+    def delete_rows(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        relation: str,
+        where: str,
+        params: list[object],
+        *,
+        lifted: bool = False,
+    ) -> None:
+        """Delete the rows of a relation kept as segments that `where` matches (of its
+        `LIFTED` files alone where `lifted`): those files written again without them, in this
+        transaction (under `hold`, as `change_segments`)."""
+        within = self._within()
+        rewritten = self.segments.rewrite(con, relation, where, params, within, lifted=lifted)
         self.change_segments(con, rewritten)
 
     def webhooks_due(self) -> None:

@@ -140,8 +140,9 @@ def first_time(
 
 def stored_events(events: pa.Table) -> pa.Table:
     """Applied events (`Applied.events`, with `ORIGIN` or not) as the events relation stores
-    them (`events_base`'s columns, in its order and types), each with its id (`ids.event_ids`:
-    derived from where it was read; from its seq for events of the ingest log)."""
+    them (`events_base`'s columns, in its order and types), each with its id: its `id` column
+    where it has one, else `ids.event_ids` (derived from where it was read; from its seq for
+    events of the ingest log)."""
     n = events.num_rows
     seqs = numpy(events.column("seq"), np.int64)
     origin = {
@@ -155,17 +156,20 @@ def stored_events(events: pa.Table) -> pa.Table:
         values = numpy(cast(Column, pc.fill_null(cast(Any, column), -1)), np.int64)
         return np.where(values < 0, default, values)
 
-    ingested = numpy(events.column("ingested_at").cast(pa.int64()), np.int64)
-    ids = event_ids(
-        ingested,
-        filled("origin_partition", np.full(n, INGEST_LOG_PARTITION, np.int64)),
-        filled("origin_offset", seqs),
-        filled("origin_row", np.zeros(n, np.int64)),
-    )
-    id_column = pa.ExtensionArray.from_storage(
-        pa.uuid(),
-        pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(ids.data)]),
-    )
+    if "id" in events.column_names:  # ids of their own (a system event's: `derived_id`)
+        id_column: Any = uuids(events.column("id"))
+    else:
+        ingested = numpy(events.column("ingested_at").cast(pa.int64()), np.int64)
+        ids = event_ids(
+            ingested,
+            filled("origin_partition", np.full(n, INGEST_LOG_PARTITION, np.int64)),
+            filled("origin_offset", seqs),
+            filled("origin_row", np.zeros(n, np.int64)),
+        )
+        id_column = pa.ExtensionArray.from_storage(
+            pa.uuid(),
+            pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(ids.data)]),
+        )
     utc = pa.timestamp("us", tz="UTC")
     return pa.Table.from_arrays(
         [
@@ -255,7 +259,8 @@ def store_offsets(con: duckdb.DuckDBPyConnection, offsets: Positions) -> None:
 
 
 def _record_links(con: duckdb.DuckDBPyConnection) -> None:
-    """Parent child counts and customers' first event times, from `_stored_events`."""
+    """Parent child counts and customers' first event times (of their own events: not the
+    system events a credit or a reset makes), from `_stored_events`."""
     con.execute(
         "INSERT INTO event_children SELECT organization_id::UUID, parent_id, count(*)"
         " FROM _stored_events WHERE parent_id IS NOT NULL GROUP BY ALL"
@@ -264,6 +269,6 @@ def _record_links(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         "INSERT INTO event_subjects"  # noqa: S608 - fixed text, values bound
         f" SELECT organization_id::UUID, {subjects.OF_EVENT}, min(timestamp)"
-        " FROM _stored_events GROUP BY ALL ON CONFLICT DO UPDATE"
+        " FROM _stored_events WHERE source <> 'system' GROUP BY ALL ON CONFLICT DO UPDATE"
         " SET first_timestamp = least(first_timestamp, excluded.first_timestamp)"
     )

@@ -5,9 +5,12 @@ and read through views.
 DuckDB stores a row at a cost per row (its WAL, its indexes, compressing again at each
 checkpoint); a Parquet file written by Arrow costs a fraction of that, once. So the events and
 the rollups, which grow with every event, are written as files, and DuckDB, the query engine,
-reads them through a view per relation (`Relation.view`): the relation's base table (the rows
-of a data dir from before segments, and rows written one by one, like system events) and its
-files. The steps, each named where the code takes it:
+reads them through a view per relation (`Relation.view`) over its files. Every row is in a
+file: a flush's, a job's (`Live.store_rows`: system events, a correction's rewrites), a
+merge's. The relation's base table holds its schema and no row: the rows a data dir of an
+earlier version kept there (from before segments; system events and correction rewrites, which
+were written one by one) are moved into files once, when it opens (`move_base_rows`). The
+steps, each named where the code takes it:
 
 1. Write: rows are written to a new file under a temporary name, fsynced, renamed, and the
    folder fsynced, before any transaction lists it (`write`). A crash before the listing
@@ -21,7 +24,8 @@ files. The steps, each named where the code takes it:
    counts and sums add, extremes take the extreme, sets unite), written as in step 1 off
    every lock, listed as in step 2 in place of its inputs (`merge`). Files of `MAX_LEVEL`, or
    of `FULL_ROWS`, are not merged again: a row is rewritten at most `MAX_LEVEL` times, and a
-   backup copies each file once.
+   backup copies each file once. Files of `LIFTED` (a void job's customer's rollups, which its
+   steps rewrite: `Store.lift`) are merged among themselves only, into a file of `LIFTED`.
 4. Retire: a file merged away or rewritten (`rewrite`: rows deleted) is deleted once no read
    that began before can still open it: after `grace_seconds` (longer than any read may run).
 5. Open: files in the folder that `segments` does not list are what a crash left between
@@ -50,12 +54,16 @@ import pyarrow.parquet as pq
 
 from aggregator.errors import AggregatorError
 from aggregator.store.base.arrays import distinct, numpy, uuids
+from aggregator.store.base.rows import transaction
 from aggregator.store.engine.ingest_log import fsync_directory
 
 log = logging.getLogger(__name__)
 
 # Files of one level merged together into one of the next.
 FANOUT = 8
+# The level of files of rows lifted out of the others for a void job's steps to rewrite
+# (`Store.lift`): merged with each other only, so that they stay small.
+LIFTED = -1
 # Files of this level, or of this many rows, are never merged again: a row is rewritten a few
 # times at most, and a backup taken after another copies the new files only.
 MAX_LEVEL = 3
@@ -257,6 +265,34 @@ class Segments:
             ]
             self._define(con, name, live[name])
 
+    def move_base_rows(self, con: duckdb.DuckDBPyConnection) -> int:
+        """The rows a data dir of an earlier version kept in the base tables, moved into files
+        once (after `open`): per relation, a file written (step 1), then listed and the base
+        table emptied in one transaction (a crash between leaves the file to step 5 and the
+        rows where they were). How many rows."""
+        moved = 0
+        for name, spec in RELATIONS.items():
+            count = int(con.execute(f"SELECT count(*) FROM {spec.base}").fetchall()[0][0])  # noqa: S608 - fixed text
+            if not count:
+                continue
+            # As the files keep them (the events' metadata as text), in the files' order.
+            columns = "* REPLACE (metadata::VARCHAR AS metadata)" if name == "events" else "*"
+            rows = con.sql(f"SELECT {columns} FROM {spec.base} ORDER BY {spec.order}")  # noqa: S608 - fixed text
+            segment = self._written(name, rows.to_arrow_reader(ROW_GROUP_ROWS), 0)
+            change = Change([segment])
+            try:
+                fsync_directory(self.folder)
+                with transaction(con):
+                    self.commit(con, change)
+                    con.execute(f"DELETE FROM {spec.base}")  # noqa: S608 - fixed text
+            except BaseException:
+                self.abandon(change)
+                raise
+            self.committed(change)
+            log.info("moved %d rows of %s from its base table into %s", count, name, segment.name)
+            moved += count
+        return moved
+
     def path(self, segment: Segment) -> Path:
         return self.folder / segment.name
 
@@ -392,6 +428,7 @@ class Segments:
     ) -> None:
         spec = RELATIONS[relation]
         # Fixed text, and the store's own file names.
+        # The base table, empty, gives the view its columns when there is no file.
         union = f" UNION ALL {self._read(spec, segments)}" if segments else ""
         con.execute(f"CREATE OR REPLACE VIEW {spec.view} AS SELECT * FROM {spec.base}{union}")  # noqa: S608
         if relation == "events":
@@ -403,12 +440,11 @@ class Segments:
 
     def _current(self, con: duckdb.DuckDBPyConnection, segments: Sequence[Segment]) -> None:
         """The `events` view: every stored event but the voided ones (`tables.corrections`).
-        Only the base table and the files whose seqs may include a voided one are joined with
-        `voided_events`."""
+        Only the files whose seqs may include a voided one are joined with `voided_events`."""
         voided = self._voided if self._voiding is None else self._voiding
         spec = RELATIONS["events"]
         without = " ANTI JOIN voided_events USING (seq)"
-        parts = [f"SELECT * FROM {spec.base}{without if len(voided) else ''}"]  # noqa: S608 - fixed text
+        parts = [f"SELECT * FROM {spec.base}"]  # noqa: S608 - fixed text (empty: the columns)
         dirty = [s for s in segments if _holds_any(voided, self._seqs.get(s.number))]
         clean = [s for s in segments if s not in dirty]
         if clean:
@@ -447,7 +483,7 @@ class Segments:
         `MAX_LEVEL` that has them, none of them full), else none."""
         with self._lock:
             for segments in self._live.values():
-                for level in range(MAX_LEVEL):
+                for level in (LIFTED, *range(MAX_LEVEL)):
                     of_level = [s for s in segments if s.level == level and s.rows < FULL_ROWS]
                     if len(of_level) >= self._fanout:
                         return of_level[: self._fanout]
@@ -466,7 +502,7 @@ class Segments:
             read = [s for _, s in sorted(zip(ranges, inputs, strict=True))]
         files = ", ".join(f"'{self.path(s)}'" for s in read)
         merged = query.replace("_inputs", f"read_parquet([{files}])")
-        level = max(s.level for s in inputs) + 1
+        level = LIFTED if inputs[0].level == LIFTED else max(s.level for s in inputs) + 1
         # Written as DuckDB hands the rows over, a row group at a time.
         segment = self._written(spec.name, con.sql(merged).to_arrow_reader(ROW_GROUP_ROWS), level)
         try:
@@ -493,12 +529,16 @@ class Segments:
         where: str,
         params: list[object],
         within: Change | None = None,
+        *,
+        lifted: bool = False,
     ) -> Change:
-        """The files of `relation` holding rows that `where` matches, written again without
-        them (step 1), as a change for the caller to commit in the transaction that deletes
-        the base table's rows; of the files as that transaction's changes so far (`within`)
-        leave them."""
-        return self.extract(con, relation, where, params, keep=False, within=within)[0]
+        """The files of `relation` holding rows that `where` matches (of `LIFTED` files alone
+        where `lifted`), written again without them (step 1) at their level, as a change for
+        the caller to commit in its transaction; of the files as that transaction's changes so
+        far (`within`) leave them."""
+        return self.extract(con, relation, where, params, keep=False, within=within, lifted=lifted)[
+            0
+        ]
 
     def extract(
         self,
@@ -509,11 +549,14 @@ class Segments:
         *,
         keep: bool = True,
         within: Change | None = None,
+        lifted: bool = False,
     ) -> tuple[Change, pa.Table | None]:
         """`rewrite`, and the rows taken out of the files (`keep`), in the files' order."""
         change = Change()
         taken: list[pa.Table] = []
         for segment in self.files(relation, within):
+            if lifted and segment.level != LIFTED:
+                continue
             source = f"read_parquet('{self.path(segment)}')"
             matched = con.execute(
                 f"SELECT count(*) FROM {source} WHERE {where}",  # noqa: S608 - fixed text, values bound

@@ -29,6 +29,7 @@ from aggregator.store.tables.correction_scope import (
     time_range,
 )
 from aggregator.store.tables.corrections import Corrected, correct
+from aggregator.store.tables.event_tables import store_system_event
 from aggregator.store.tables.ledger_tables import Ledgers
 from meters.corrections import (
     AMENDED,
@@ -342,21 +343,7 @@ def record(
         "event_ids": done.voided_ids[:100],
         **extra,
     }
-    number = live.seq.reserve(1)
-    con.execute(
-        "INSERT INTO events_base (id, seq, organization_id, name, source, timestamp, ingested_at,"
-        " metadata) VALUES (?::UUID, ?, ?::UUID, ?, 'system', make_timestamptz(?),"
-        " make_timestamptz(?), ?)",
-        [
-            derived_id("system-event", organization_id, request_id, name),
-            number,
-            organization_id,
-            name,
-            now_us,
-            now_us,
-            orjson.dumps(metadata).decode(),
-        ],
-    )
+    store_system_event(con, live, organization_id, None, name, metadata, now_us, now_us, request_id)
     # A replacement voids too: its endpoints take it as `event.voided`, with what it inserted.
     kind = AMENDED if name == AMENDED else VOIDED
     data = {"organization_id": organization_id, "type": name, **metadata}

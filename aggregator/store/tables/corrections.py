@@ -6,15 +6,15 @@ defined on the current events: stored and not voided. A correction (`correct`):
 
 1. Selects the current user events it voids (`where`), with the customer reference and bucket
    of each, and evaluates what they gave every meter.
-2. Voids them: their seqs go into `voided_events` (its base table), so that the `events` view
+2. Voids them: their seqs go into `voided_events` (a file of it), so that the `events` view
    leaves them out from then on. `all_events` keeps them: a resend of a voided event's
    external id stays a duplicate, and `?voided=true` lists them.
 3. Takes them out of every figure derived from them, as a void job's step does
    (`retraction`: the one retraction path, at a cost that follows the events voided).
 4. Stores its new events (an amended event's new version, a range's replacements) with seqs of
    their own, in this transaction (`Live.store_events`): the record is their log. Their
-   partials and ledger usage are appended as a flush appends those of applied events (their
-   seqs are the newest: after every reset).
+   partials and ledger usage are stored as a flush stores those of applied events
+   (`Live.store_contributions`; their seqs are the newest: after every reset).
 5. Compares each customer meter it changed before and after (`settle`): the balances take what
    DuckDB then holds at commit; alerts fire or re-arm as for a credit, the customer's state is
    marked changed. A hold already settled stays settled, and a credit plan's cycle is not run
@@ -41,11 +41,10 @@ from aggregator.store.base.arrays import numpy
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import registered
 from aggregator.store.base.subjects import OF_EVENT
-from aggregator.store.engine.segments import RELATIONS
 from aggregator.store.engine.writer import Tx
-from aggregator.store.metering import groups, partials, rollups
+from aggregator.store.metering import rollups
 from aggregator.store.metering.evaluation import evaluated_events
-from aggregator.store.metering.rollups import BUCKET, Evaluated
+from aggregator.store.metering.rollups import BUCKET
 from aggregator.store.tables import (
     alert_tables,
     ledger_reads,
@@ -96,11 +95,12 @@ def correct(
     references = sorted({str(s) for s in pc.unique(voided.column("subject")).to_pylist()})
     with registered(con, "_voided", voided):
         gone = evaluated_events(con, meters, org, "seq IN (SELECT seq FROM _voided)", [], now_us)
-        con.execute(  # step 2
-            "INSERT INTO voided_events_base"
-            " SELECT seq, ?::UUID, ?, ?, make_timestamptz(?) FROM _voided",
-            [org, request_id, reason, now_us],
-        )
+        markers = con.sql(
+            "SELECT seq, ?::UUID AS organization_id, ? AS request_id, ? AS reason,"
+            " make_timestamptz(?) AS voided_at FROM _voided",
+            params=[org, request_id, reason, now_us],
+        ).to_arrow_table()
+    live.store_rows(con, "voided_events", markers)  # step 2
     changed = []
     if voided.num_rows:
         live.void(con, numpy(voided.column("seq"), np.int64))
@@ -116,7 +116,6 @@ def correct(
             customers=retraction.customers_of(references),
         )
         changed = retraction.retract(tx, org, taken_out)  # step 3
-    keys = voided.select(["subject", "bucket"])  # the (reference, bucket) keys touched
     first = live.seq.last + 1
     if new is not None and new.num_rows:  # step 4
         first = live.seq.reserve(new.num_rows)
@@ -126,16 +125,14 @@ def correct(
         bounds = [first, first + new.num_rows]
         # After every reset (their seqs are the newest): added as live ingest adds them.
         added = evaluated_events(con, meters, org, stored, bounds, now_us, after_resets=True)
-        _added(tx, added)
-        new_keys = con.sql(
-            f"SELECT {OF_EVENT} AS subject, {BUCKET} AS bucket FROM events"  # noqa: S608 - fixed text, values bound
+        live.store_contributions(con, added)
+        new_subjects = con.execute(
+            f"SELECT DISTINCT {OF_EVENT} FROM events"  # noqa: S608 - fixed text, values bound
             f" WHERE organization_id = ?::UUID AND {stored}",
-            params=[org, *bounds],
-        ).to_arrow_table()
-        keys = pa.concat_tables([keys, new_keys])
-        changed += [str(s) for s in pc.unique(new_keys.column("subject")).to_pylist()]
+            [org, *bounds],
+        ).fetchall()
+        changed += [str(s) for (s,) in new_subjects]
     if changed:
-        _folded(con, meters, keys)
         settle(tx, org, meters, sorted(set(changed)), now_us, first)
     return Corrected(
         [str(i) for i in voided.column("id").to_pylist()],
@@ -157,51 +154,6 @@ def _resets(
         [[m.id for m in meters], references],
     ).fetchall()
     return tuple((str(m), str(s), int(r)) for m, s, r in rows)
-
-
-def _folded(
-    con: duckdb.DuckDBPyConnection,
-    meters: Sequence[MeterRow],
-    keys: pa.Table,
-) -> None:
-    """The count, sum and average meters' rows of the base tables that steps 3 and 4 appended
-    to (`keys`: the (reference, bucket) keys they touched), each key's merged into one: a key
-    corrected again and again (an amendment's chain) keeps one row, not two more per
-    correction."""
-    ids = [m.id for m in meters if str(m.aggregation.func) in retraction.SUBTRACTING]
-    if not ids:
-        return
-    if not keys.num_rows:
-        return
-    keys = keys.group_by(["subject", "bucket"]).aggregate([])
-    with registered(con, "_keys", keys):
-        mine = (
-            "meter_id IN (SELECT unnest(?::UUID[]))"
-            " AND (subject, bucket) IN (SELECT subject, bucket FROM _keys)"
-        )
-        for relation in ("rollups", "rollup_groups"):
-            found = RELATIONS[relation]
-            kept = f"(SELECT * FROM {found.base} WHERE {mine})"  # noqa: S608 - fixed text
-            rows = con.sql(found.merged.replace("_inputs", kept), params=[ids]).to_arrow_table()
-            if rows.num_rows:
-                # Deltas against the files' rows: a merged row of no events still counts.
-                con.execute(f"DELETE FROM {found.base} WHERE {mine}", [ids])  # noqa: S608 - fixed text, values bound
-                with registered(con, "_folded", rows):
-                    con.execute(f"INSERT INTO {found.base} SELECT * FROM _folded")  # noqa: S608 - fixed text
-
-
-def _added(tx: Tx, added: list[Evaluated]) -> None:
-    """Step 4's figures: the new events' partials and ledger usage appended, as a flush stores
-    those of applied events (they merge with what is there)."""
-    con = tx.con
-    found = partials.partials(con, added, tx.live.bound)
-    groups.list_folded(con, found["rollup_groups"])
-    for relation, rows in found.items():
-        if rows.num_rows:
-            with registered(con, "_added", rows):
-                base = RELATIONS[relation].base
-                con.execute(f"INSERT INTO {base} SELECT * FROM _added")  # noqa: S608 - fixed text
-    rollups.store_ledger(con, added)
 
 
 def settle(

@@ -22,7 +22,8 @@ import duckdb
 
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow, meters_of
-from aggregator.store.base.rows import among, registered, transaction
+from aggregator.store.base.rows import among, transaction
+from aggregator.store.engine.segments import Change, Segments
 from aggregator.store.metering import partials
 from aggregator.store.metering.evaluation import counted_sql, evaluated_events
 from aggregator.store.metering.groups import OTHER, Bound, folds, list_folded
@@ -190,38 +191,45 @@ def breakdown(
 _DERIVE_SEQS = 500_000
 
 
-def derive_pending(con: duckdb.DuckDBPyConnection, bound: Bound) -> int:
+def derive_pending(con: duckdb.DuckDBPyConnection, segments: Segments, bound: Bound) -> int:
     """Migration 33's second half, when the store opens: the groups of each meter given
     dimensions before the rollups kept them (`rollup_groups_pending`), derived from its stored
-    events as a backfill would (by seq, each part's groups bounded by the rows before it), into
-    the base table, in one transaction. How many meters."""
+    events as a backfill would (by seq, each part's groups bounded by the rows before it), as
+    files of `rollup_groups` listed in one transaction. How many meters."""
     pending = [
         str(r[0]) for r in con.execute("SELECT meter_id FROM rollup_groups_pending").fetchall()
     ]
     if not pending:
         return 0
-    with transaction(con):
-        rows = con.execute(
-            "SELECT DISTINCT organization_id::VARCHAR FROM meters"
-            " WHERE id IN (SELECT meter_id FROM rollup_groups_pending)"
-        ).fetchall()
-        last = int(con.execute("SELECT coalesce(max(seq), 0) FROM all_events").fetchall()[0][0])
-        for (org,) in rows:
-            meters = [m for m in meters_of(con, [org]) if m.id in pending and m.dimensions]
-            for low in range(0, last, _DERIVE_SEQS):
-                found = evaluated_events(
-                    con,
-                    meters,
-                    org,
-                    "seq > ? AND seq <= ?",
-                    [low, low + _DERIVE_SEQS],
-                    0,
-                    ledger=False,
-                )
-                derived = partials.partials(con, found, bound)["rollup_groups"]
-                if derived.num_rows:
-                    with registered(con, "_groups", derived):
-                        con.execute("INSERT INTO rollup_groups SELECT * FROM _groups")
-                    list_folded(con, derived)
-        con.execute("DELETE FROM rollup_groups_pending")
+    change = Change()
+    try:
+        with transaction(con):
+            rows = con.execute(
+                "SELECT DISTINCT organization_id::VARCHAR FROM meters"
+                " WHERE id IN (SELECT meter_id FROM rollup_groups_pending)"
+            ).fetchall()
+            last = int(con.execute("SELECT coalesce(max(seq), 0) FROM all_events").fetchall()[0][0])
+            for (org,) in rows:
+                meters = [m for m in meters_of(con, [org]) if m.id in pending and m.dimensions]
+                for low in range(0, last, _DERIVE_SEQS):
+                    found = evaluated_events(
+                        con,
+                        meters,
+                        org,
+                        "seq > ? AND seq <= ?",
+                        [low, low + _DERIVE_SEQS],
+                        0,
+                        ledger=False,
+                    )
+                    derived = partials.partials(con, found, bound)["rollup_groups"]
+                    if derived.num_rows:
+                        written = Change([segments.write("rollup_groups", derived)])
+                        change = change.then(written)
+                        segments.commit(con, written, change)
+                        list_folded(con, derived)
+            con.execute("DELETE FROM rollup_groups_pending")
+    except BaseException:
+        segments.abandon(change)
+        raise
+    segments.committed(change)
     return len(pending)

@@ -1,4 +1,5 @@
-"""Events: the reads behind `/v1/events` (applying them is `store.apply`)."""
+"""Events: the reads behind `/v1/events`, and the system events that writes store (applying
+ingested events is `store.apply`)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 import orjson
+import pyarrow as pa
 
+from aggregator.store.base.ids import derived_id
 from aggregator.store.base.rows import first_row, is_uuid
 from aggregator.store.metering.meter_sql import member_pointer
 from meters.corrections import NAMES as CORRECTIONS
 
 if TYPE_CHECKING:
-    pass
+    from aggregator.store.engine.live import Live
 
 __all__ = [
     "EventQuery",
@@ -22,8 +25,47 @@ __all__ = [
     "event_keys",
     "get_event",
     "list_events",
+    "store_system_event",
     "subjects_first_timestamp",
 ]
+
+
+def store_system_event(
+    con: duckdb.DuckDBPyConnection,
+    live: Live,
+    organization_id: str,
+    customer_id: str | None,
+    name: str,
+    metadata: dict[str, Any],
+    at_us: int,
+    now_us: int,
+    key: str,
+) -> int:
+    """Store a system event (a credit's, a reset's, a correction's) in the job's transaction
+    (`Live.store_system_event`); its seq. Its id is derived from `key`, which names the write
+    that made it (the same on every core that applies that write). Only in a job that waits
+    for pending events."""
+    seq = live.seq.reserve(1)
+    utc = pa.timestamp("us", tz="UTC")
+    text = pa.string()
+    row = {
+        "id": pa.array([derived_id("system-event", organization_id, key, name)], text),
+        "name": pa.array([name], text),
+        "timestamp": pa.array([at_us], pa.int64()).cast(utc),
+        "customer_id": pa.array([customer_id], text),
+        **{c: pa.nulls(1, text) for c in _NO_KEYS},
+        "metadata": pa.array([orjson.dumps(metadata).decode()], text),
+        "cost_amount": pa.nulls(1, text),
+        "organization_id": pa.array([organization_id], text),
+        "source": pa.array(["system"], text),
+        "ingested_at": pa.array([now_us], pa.int64()).cast(utc),
+        "seq": pa.array([seq], pa.int64()),
+    }
+    live.store_system_event(con, pa.table(row))
+    return seq
+
+
+_NO_KEYS = ("external_customer_id", "external_id", "parent_id", "external_member_id")
 
 
 # ---- reads ---------------------------------------------------------------------------------

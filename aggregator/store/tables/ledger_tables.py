@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import duckdb
-import orjson
 
 from aggregator.errors import CustomerElsewhere
 from aggregator.store.base import subjects
@@ -36,6 +35,7 @@ from aggregator.store.tables.customer_tables import (
     get_customer,
     routing_keys,
 )
+from aggregator.store.tables.event_tables import store_system_event
 from meters.aggregations import Partial
 
 if TYPE_CHECKING:
@@ -260,25 +260,9 @@ def _system_event(
     live: Live,
     key: str,
 ) -> int:
-    """Store a system event; its seq. Its id is derived from `key`, which names the write that
-    made it (the same on every core that applies that write)."""
-    number = live.seq.reserve(1)
-    con.execute(
-        "INSERT INTO events_base (id, seq, organization_id, name, source, timestamp, ingested_at,"
-        " customer_id, metadata) VALUES (?::UUID, ?, ?::UUID, ?, 'system', make_timestamptz(?),"
-        " make_timestamptz(?), ?::UUID, ?)",
-        [
-            derived_id("system-event", customer.organization_id, key, name),
-            number,
-            customer.organization_id,
-            name,
-            at_us,
-            now_us,
-            customer.id,
-            orjson.dumps(metadata).decode(),
-        ],
-    )
-    return number
+    """Store the customer's system event `name`; its seq (`store_system_event`)."""
+    org = customer.organization_id
+    return store_system_event(con, live, org, customer.id, name, metadata, at_us, now_us, key)
 
 
 def _ensure_row(con: Con, customer: CustomerRow, meter: MeterRow, now_us: int) -> None:

@@ -4,7 +4,7 @@ by a correction (`corrections.correct`) and by each step of a void job (`void_st
 1. Read (`retraction`): the voided events (`chunk`: seq, customer reference, bucket) and their
    contributions (`gone`, evaluated before they are voided); the rows taking them from the
    count, sum and average meters' rollups (`taken`); and the rollups of the other meters
-   whose rows of the events' customer a void job lifted into the base tables (`lifted`),
+   whose rows of the events' customer a void job lifted into files of their own (`lifted`),
    evaluated again without them (`again`). A void job reads this off the writer, a correction
    in its transaction.
 2. Rollups (`retract`, once the caller has voided the events): `taken` appended; the other
@@ -31,7 +31,7 @@ from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.base.rows import among, registered
 from aggregator.store.base.subjects import EXTERNAL, ID, OF_EVENT
 from aggregator.store.engine.compaction import LEDGER_TABLES
-from aggregator.store.engine.segments import RELATIONS, ROLLUP_RELATIONS
+from aggregator.store.engine.segments import LIFTED, RELATIONS, ROLLUP_RELATIONS
 from aggregator.store.engine.writer import Tx
 from aggregator.store.metering import groups, partials, rollups
 from aggregator.store.metering.evaluation import evaluated_events
@@ -172,13 +172,14 @@ class _Window:
     events:
 
     - Rollups of count, sum and average meters: rows taking the voided events' contributions
-      away, in the rollups' base table (no file is written again).
+      away, in a file of their own (no file is written again).
     - Rollups of the others (minimum, maximum, unique, latest, integral), which nothing can
       take away from: the rows of each (customer reference, bucket) the window touched are
       deleted and evaluated again from the current events of their buckets (read by time, as
       the events' files are sorted by it). Where the job's customer's rows of a meter were
-      lifted into the base tables before its steps (`Store.lift`: `lifted`, "meter id:version"),
-      they are deleted there; else the files holding them are written again.
+      lifted into files of their own before its steps (`Store.lift`: `lifted`, "meter
+      id:version"), only those small files are written again (and the rows evaluated again go
+      there too, for the next step); else the files holding them are.
     - The ledger: every number meter's events and totals (and an average's) less the voided
       events'. A minimum's or maximum's extreme is read again only when a voided event held it,
       and a unique meter's values only those a voided event had, from the rollups just made
@@ -207,10 +208,12 @@ class _Window:
         for relation, rows in self.plan.taken.items():
             keys = ", ".join(RELATIONS[relation].order.split(", ")[1:])
             with registered(con, "_gone", rows):
-                con.execute(
-                    f"INSERT INTO {relation} SELECT meter_id::UUID, {keys}, -events, -total,"  # noqa: S608 - fixed text
-                    " 'Infinity'::DOUBLE, '-Infinity'::DOUBLE FROM _gone"
-                )
+                taken = con.sql(
+                    f"SELECT meter_id::UUID AS meter_id, {keys}, -events AS events,"  # noqa: S608 - fixed text
+                    " -total AS total, 'Infinity'::DOUBLE AS low, '-Infinity'::DOUBLE AS high"
+                    " FROM _gone"
+                ).to_arrow_table()
+            self.tx.live.store_rows(con, relation, taken)
             if relation == "rollup_groups":
                 groups.list_folded(con, rows)
         if self.others:
@@ -240,13 +243,11 @@ class _Window:
         with registered(con, "_keys", self.keys):
             mine = "(subject, bucket) IN (SELECT subject, bucket FROM _keys)"
             for relation in ROLLUP_RELATIONS:
-                base = RELATIONS[relation].base
                 kept_here = [m for m in fast if relation in _RELATIONS_OF[kind(m)]]
-                if kept_here:
+                if kept_here:  # their rows of the keys are in the lifted files alone
                     meter_in, meter_params = among("meter_id", [m.id for m in kept_here], "UUID")
-                    con.execute(
-                        f"DELETE FROM {base} WHERE {meter_in} AND {mine}",  # noqa: S608 - fixed text, values bound
-                        meter_params,
+                    live.delete_rows(
+                        con, relation, f"{meter_in} AND {mine}", meter_params, lifted=True
                     )
                 if slow:
                     meter_in, meter_params = among("meter_id", [m.id for m in slow], "UUID")
@@ -258,9 +259,8 @@ class _Window:
                         [*meter_params, *subject_params, low, high],
                     )
         for relation, rows in again.items():
-            with registered(con, "_again", rows):
-                base = RELATIONS[relation].base
-                con.execute(f"INSERT INTO {base} SELECT * FROM _again")  # noqa: S608 - fixed text
+            # Lifted: the next step deletes a lifted meter's rows of its keys there alone.
+            live.store_rows(con, relation, rows, level=LIFTED)
             if relation == "rollup_groups":
                 groups.list_folded(con, rows)
 

@@ -227,13 +227,11 @@ def _rewritten(
     con: duckdb.DuckDBPyConnection, segments: Segments, change: Change, table: str, where: str
 ) -> int:
     """Delete the rows `where` matches of a relation kept as segments: its files written again
-    without them (into `change`), and its base table's; how many."""
+    without them (into `change`); how many."""
     rewritten = segments.rewrite(con, table, where, [])
     change.added += rewritten.added
     change.retired += rewritten.retired
-    gone = sum(s.rows for s in rewritten.retired) - sum(s.rows for s in rewritten.added)
-    base = RELATIONS[table].base
-    return gone + _count(con, f"DELETE FROM {base} WHERE {where}")  # noqa: S608 - fixed text
+    return sum(s.rows for s in rewritten.retired) - sum(s.rows for s in rewritten.added)
 
 
 def _read(table: str) -> str:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from aggregator.store.base.arrays import numpy
-from aggregator.store.base.rows import registered
 from aggregator.store.engine.segments import Change
 from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables.corrections import settle
@@ -104,8 +103,7 @@ def _apply(tx: Tx, found: JobRow, plan: Plan) -> int:
     if plan.file is not None and segments.path(plan.file).exists():
         tx.live.change_segments(con, Change([plan.file]))
     else:
-        with registered(con, "_voided", plan.markers):
-            con.execute("INSERT INTO voided_events_base SELECT * FROM _voided")
+        tx.live.store_rows(con, "voided_events", plan.markers)
     tx.live.void(con, numpy(plan.markers.column("seq"), np.int64))
     references = retract(tx, org, plan.retraction)  # step 5
     # Step 6; the alerts it fires named by where the step ends (a voided event's seq: no other

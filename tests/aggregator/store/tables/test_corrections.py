@@ -98,8 +98,9 @@ def test_only_files_that_may_hold_a_voided_event_are_joined(tmp_path: Path) -> N
         view = _view(core)
         joined = view[view.index("FROM ((SELECT") :]
         files = sorted(f for f in view.split("'") if f.endswith(".parquet"))
-        assert len(files) == 3  # a's, b's, c's, in the order written
-        assert [f in joined for f in files] == [True, False, False]
+        # a's, b's, the void's system event's, c's, in the order written
+        assert len(files) == 4
+        assert [f in joined for f in files] == [True, False, False, False]
         assert _total(core, meter) == 4
     with InProcessCore(tmp_path) as core:  # the same after a restart (seqs from the footers)
         assert _view(core) == view

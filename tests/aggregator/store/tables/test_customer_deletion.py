@@ -111,7 +111,10 @@ def test_a_previous_data_dir_deletes_a_customer_and_its_ledger_only(tmp_path: Pa
     # Not yet forwarded: it still goes upstream under the external id its customer had.
     (waiting,) = pending(con, ORG, 0, 10)
     assert waiting.event["external_customer_id"] == "acme"
-    assert con.execute("SELECT sum(total) FROM rollups").fetchall() == [(12.0,)]
+    assert con.execute("SELECT sum(total) FROM all_rollups").fetchall() == [(12.0,)]
+    # The rows the data dir kept in its base tables were moved into files when it opened.
+    assert con.execute("SELECT count(*) FROM rollups").fetchall() == [(0,)]
+    assert con.execute("SELECT count(*) FROM events_base").fetchall() == [(0,)]
     assert con.execute("SELECT count(*) FROM credit_plans WHERE deleted_at IS NULL").fetchall() == [
         (0,)
     ]

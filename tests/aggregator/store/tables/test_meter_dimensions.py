@@ -300,7 +300,7 @@ def test_a_data_dir_of_schema_32_opens_with_its_meters_groups_derived(tmp_path: 
         async with Store(path) as store:
             rows = await store.read(
                 lambda con: con.execute(
-                    "SELECT (SELECT count(*) FROM rollup_groups),"
+                    "SELECT (SELECT count(*) FROM all_rollup_groups),"
                     " (SELECT count(*) FROM rollup_groups_pending)"
                 ).fetchall()[0]
             )

@@ -22,6 +22,7 @@ from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.subjects import OF_EVENT
+from aggregator.store.engine.segments import LIFTED, RELATIONS
 from aggregator.store.metering.meter_sql import contribution_sql, meter_events_sql
 from aggregator.store.metering.rollups import BUCKET, kind
 from aggregator.store.tables import correction_jobs, void_jobs, void_plans, void_steps
@@ -177,7 +178,8 @@ async def _steps(path: Path, name: str | None, lift: bool) -> None:
         # Every markers' file listed but the stale plan's, deleted.
         listed = await store.read(_listed_files)
         assert {p.name for p in store.live.segments.folder.glob("voided_events-*")} == listed
-        assert len(listed) == (4 if lift else 0)  # one of 5 plans stale
+        # A file per step (a plan's; the stale plan's step, its own) and the other request's.
+        assert len(listed) == 6
         done = await store.read(void_jobs.get_job, ORG, job_id)
         assert done is not None and (done.status, done.voided) == ("done", voided)
         named = "" if name is None else f" AND name = '{name}'"
@@ -213,6 +215,14 @@ async def _steps(path: Path, name: str | None, lift: bool) -> None:
         # A step of a job that is done changes nothing.
         again = await store.write(void_steps.step_job(job_id, 2**62, now_us()))
         assert (again.voided, again.done) == (0, True)
+        assert await store.read(_base_rows) == 0  # lifted or not, every row is in a file
+
+
+def _base_rows(con: duckdb.DuckDBPyConnection) -> int:
+    return sum(
+        int(con.execute(f"SELECT count(*) FROM {spec.base}").fetchall()[0][0])
+        for spec in RELATIONS.values()
+    )
 
 
 def _id_of(con: duckdb.DuckDBPyConnection, seq: int) -> str:
@@ -225,18 +235,25 @@ def _listed_files(con: duckdb.DuckDBPyConnection) -> set[str]:
 
 
 async def _lifted(store: Store, job_id: str) -> frozenset[str]:
-    """The job's customer's rollups lifted into the base tables (as the voider does before a
-    job's first step): the meters lifted."""
+    """The job's customer's rollups lifted into files of their own (as the voider does before
+    a job's first step): the meters lifted."""
     plan = await store.read(void_jobs.to_lift, job_id)
     assert plan is not None
     assert await store.lift(plan.relations, plan.where, plan.params)
-    assert await store.read(_lifted_rows, plan) > 0
+    segments = store.live.segments
+    lifted = [segments.path(s) for s in segments.live("rollups") if s.level == LIFTED]
+    others = [segments.path(s) for s in segments.live("rollups") if s.level != LIFTED]
+    assert await store.read(_rows_in, lifted, plan) > 0
+    assert await store.read(_rows_in, others, plan) == 0  # every row of them moved
     return plan.meters
 
 
-def _lifted_rows(con: duckdb.DuckDBPyConnection, plan: void_jobs.Lift) -> int:
+def _rows_in(con: duckdb.DuckDBPyConnection, files: list[Path], plan: void_jobs.Lift) -> int:
+    if not files:
+        return 0
+    listed = ", ".join(f"'{f}'" for f in files)
     rows = con.execute(
-        f"SELECT count(*) FROM rollups WHERE {plan.where}",
+        f"SELECT count(*) FROM read_parquet([{listed}]) WHERE {plan.where}",
         plan.params,
     ).fetchall()
     return int(rows[0][0])
