@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -46,7 +47,7 @@ from tests.aggregator.api.test_corrections_model import (
     Draft,
     Stored,
 )
-from tests.aggregator.intake.test_control_topic import _assert_same, _settled_together
+from tests.aggregator.intake.test_control_topic import _assert_same, _journal_offset, _state
 from tests.deadline import wait_for
 from tests.pipeline import Pipeline
 from tests.processes import MeterlineServer, edge_token, new_org_token
@@ -285,19 +286,48 @@ def _same_digests_everywhere(cluster: Cluster) -> None:
     """Both cores, and a core that has read the topics alone, answer each organization's
     digest alike at the same journal offset."""
     leader, standby = cluster.cores
-    with MeterlineServer(
-        cluster.pipeline.data_dir.parent / "from-the-topics", *cluster.args, "--replica"
-    ) as fresh:
-        for token in cluster.organizations:
-            with (
-                leader.client(token) as one,
-                standby.client(token) as two,
-                fresh.client(token) as three,
-            ):
-                wait_for(
-                    "the core from the topics to take the token",
-                    lambda c=three: c.get("/v1/meters/").status_code == 200,
-                )
-                for other in (two, three):
-                    (first, _), (again, _) = _settled_together(one, other, ())
-                    _assert_same(first, again)
+    with (
+        MeterlineServer(
+            cluster.pipeline.data_dir.parent / "from-the-topics", *cluster.args, "--replica"
+        ) as fresh,
+        contextlib.ExitStack() as stack,
+    ):
+        clients = [
+            [stack.enter_context(core.client(token)) for core in (leader, standby, fresh)]
+            for token in cluster.organizations
+        ]
+        for _, _, three in clients:
+            wait_for(
+                "the core from the topics to take the token",
+                lambda c=three: c.get("/v1/meters/").status_code == 200,
+            )
+        wait_for(
+            "the followers to stand at the leader's settled journal offset",
+            lambda: _followers_at_the_settled_leader(clients),
+        )
+
+
+def _followers_at_the_settled_leader(clients: list[list[httpx.Client]]) -> bool:
+    """`_settled_together` for every organization and both followers at once: each
+    organization's state on the leader unchanged over one second they share (one second for
+    them all, not two for each), then each follower's digest taken at the leader's journal
+    offset and equal to it. False when the leader changed in that second or a follower
+    passed the offset (the leader journaled on): taken again."""
+    leaders = [row[0] for row in clients]
+    before = [_state(one, ()) for one in leaders]
+    time.sleep(1)  # the point: settled is unchanged over a second
+    settled = [_state(one, ()) for one in leaders]
+    if settled != before:
+        return False
+    for row, (first, _) in zip(clients, settled, strict=True):
+        target = first["journal_offset"]
+        for other in row[1:]:
+            wait_for(
+                f"the follower to reach the leader's journal offset {target}",
+                lambda c=other, t=target: _journal_offset(c) >= t,
+            )
+            again, _ = _state(other, ())
+            if again["journal_offset"] != target:
+                return False
+            _assert_same(first, again)
+    return True
