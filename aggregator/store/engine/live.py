@@ -52,6 +52,7 @@ from aggregator.store.engine.memtable import (
     keys_of,
     store,
     store_offsets,
+    stored_events,
 )
 from aggregator.store.engine.segments import Change, Segments
 from aggregator.store.metering import groups, partials, rollups
@@ -243,8 +244,12 @@ class Live:
         self._expect(Status.OPEN)
         if self._staged_system:
             assert self._system_con is not None
-            events = pa.concat_tables(self._staged_system)
-            self.store_events(self._system_con, events, keyed=False)
+            # A file and its listing only: no parent, origin, subject's first time, meter or
+            # key of a system event is kept (the flush path's `store` does those for events).
+            events = stored_events(pa.concat_tables(self._staged_system))
+            self.change_segments(
+                self._system_con, Change(self.segments.write_all([("events", events)]))
+            )
         if self._staged_log:
             if self.flusher.disk_full:
                 # Refused as the log itself would be when full: taken on, these events would
