@@ -6,11 +6,11 @@ DuckDB stores a row at a cost per row (its WAL, its indexes, compressing again a
 checkpoint); a Parquet file written by Arrow costs a fraction of that, once. So the events and
 the rollups, which grow with every event, are written as files, and DuckDB, the query engine,
 reads them through a view per relation (`Relation.view`) over its files. Every row is in a
-file: a flush's, a job's (`Live.store_rows`: system events, a correction's rewrites), a
-merge's. The relation's base table holds its schema and no row: the rows a data dir of an
-earlier version kept there (from before segments; system events and correction rewrites, which
-were written one by one) are moved into files once, when it opens (`move_base_rows`). The
-steps, each named where the code takes it:
+file: a flush's, a job's (`Live.store_events` and `Live.store_rows`: system events, a
+correction's markers and rewrites), a merge's. The relation's base table holds its schema and
+no row: the rows a data dir of an earlier version kept there (from before segments; system
+events and correction rewrites, which were written one by one) are moved into files once, when
+it opens (`move_base_rows`). The steps, each named where the code takes it:
 
 1. Write: rows are written to a new file under a temporary name, fsynced, renamed, and the
    folder fsynced, before any transaction lists it (`write`). A crash before the listing
@@ -536,9 +536,10 @@ class Segments:
         where `lifted`), written again without them (step 1) at their level, as a change for
         the caller to commit in its transaction; of the files as that transaction's changes so
         far (`within`) leave them."""
-        return self.extract(con, relation, where, params, keep=False, within=within, lifted=lifted)[
-            0
-        ]
+        change, _ = self.extract(
+            con, relation, where, params, keep=False, within=within, lifted=lifted
+        )
+        return change
 
     def extract(
         self,
