@@ -286,10 +286,8 @@ class Balances:
                 if asked is not None:
                     at = np.intersect1d(at, asked)
                 times = usage.last_us[at].tolist()
-                valued = distinct(usage.values.between(0, 1 << 62) >> _VALUE_BITS)
+                valued = distinct(_value_keys(usage.values, asked) >> _VALUE_BITS)
                 valued = np.setdiff1d(valued, at)  # a unique meter's: no numbers
-                if asked is not None:
-                    valued = np.intersect1d(valued, asked)
                 refs = [*at.tolist(), *valued.tolist()]
                 meters += [meter_id] * len(refs)
                 names += [all_names[i] for i in refs]
@@ -365,6 +363,15 @@ def _per_organization(tables: tuple[pa.Table, ...]) -> dict[str, list[pa.Table]]
             rows = order[bounds[code] : bounds[code + 1]]
             parts[i] = table if len(organizations) == 1 else table.take(rows)
     return out
+
+
+def _value_keys(values: Keys, asked: npt.NDArray[np.int64] | None) -> npt.NDArray[np.int64]:
+    """A unique meter's value keys, of every reference or of those `asked` (a range each, not
+    all of them read and then filtered: a customer's read of a meter of many values)."""
+    if asked is None:
+        return values.between(0, 1 << 62)
+    ranges = [values.between(i << _VALUE_BITS, (i + 1) << _VALUE_BITS) for i in asked.tolist()]
+    return np.concatenate([np.empty(0, np.int64), *ranges])
 
 
 @dataclass(frozen=True, slots=True)

@@ -369,11 +369,22 @@ class LedgerMachine(RuleBasedStateMachine):
                 limit=100,
                 offset=0,
             )
-            return listed, con.execute(_FROM_TABLES, [ORG, ORG]).fetchall()
+            named = active_pairs(
+                con,
+                self.store.live.balances,
+                ORG,
+                customer_ids=[self.customer_id],
+                external_ids=[],
+                meter_ids=None,
+                limit=100,
+                offset=0,
+            )
+            return listed, named, con.execute(_FROM_TABLES, [ORG, ORG]).fetchall()
 
-        (pairs, total), stored = self.runner.run(self.store.read(read))
+        (pairs, total), named, stored = self.runner.run(self.store.read(read))
         assert pairs == [(str(c), str(m)) for c, m in stored]
         assert total == len(stored)
+        assert named == (pairs, total)  # its only customer's, read by its references
 
 
 # What `active_pairs` listed when it read the ledger's tables.
