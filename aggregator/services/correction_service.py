@@ -118,7 +118,7 @@ async def replace(
     events = replacements(data, now=now, rules=rules)
     if data.dry_run:  # a read: no record, nothing written
         preview: Replaced = await store.read(
-            correction_reads.preview, organization_id, data, events, now
+            correction_reads.preview, store.live.balances, organization_id, data, events, now
         )
         return preview
     write = record(

@@ -1,9 +1,12 @@
 """Balances in memory: every customer meter's usage since its latest reset, and its credits.
 
-DuckDB holds the truth (`all_ledger_usage`, `customer_meters`); this holds the same, folded from
-every change the writer commits (ingest's usage as it is applied, backfill's, resets clearing
-it, credits), so that a balance is read without a statement: ingest's usage is visible here as
-soon as it is applied, before the events are flushed. Rebuilt from DuckDB at open.
+Every read of the ledger answers from here, without a statement. A writer's transaction records
+its changes (`LedgerChange`: usage added, references cleared by a reset or a correction, a
+unique meter's values dropped, a meter redefined, a customer forgotten) in a `Pending`, which
+reads them back within the transaction over the committed balances, and they are applied here
+at its commit, in order (`apply`): ingest's usage is visible as soon as it is applied, before
+the events are flushed. DuckDB's ledger tables (`all_ledger_usage`, `customer_meters`) are
+still written as the durable image, and the balances are rebuilt from them at open (`load`).
 
 Layout: per organization, each customer reference (`id:<uuid>`, `ext:<external id>`) has a dense
 index; per meter, numpy arrays over those indexes hold the events, sum, min, max and first/last
@@ -17,7 +20,7 @@ is folded in with a few vectorized operations per meter.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +28,9 @@ import duckdb
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aggregator.store.base.arrays import Column, Keys, distinct, encoded, numpy
-from aggregator.store.base.rows import registered
 from meters.aggregations import NEVER_US, Partial
 
 BYTES_PER_SLOT = 64
@@ -36,6 +39,25 @@ _NONE_US = np.iinfo(np.int64).max  # no first change yet (a minimum's identity)
 _VALUE_BITS = 32  # a unique meter's values are numbered below 2**32
 _NUMBERS = ("events", "total", "low", "high", "first_us", "last_us")
 _INTS = ("events", "first_us", "last_us")
+_NUMBER_FIELDS: list[pa.Field[Any]] = [
+    pa.field("meter_id", pa.string()),
+    pa.field("subject", pa.string()),
+    *(pa.field(n, pa.int64() if n in _INTS else pa.float64()) for n in _NUMBERS),
+]
+_EMPTY_NUMBERS = pa.schema(_NUMBER_FIELDS).empty_table()
+_VALUE_FIELDS: list[pa.Field[Any]] = [
+    pa.field("meter_id", pa.string()),
+    pa.field("subject", pa.string()),
+    pa.field("value", pa.string()),
+]
+_POINT_FIELDS: list[pa.Field[Any]] = [
+    pa.field("meter_id", pa.string()),
+    pa.field("subject", pa.string()),
+    pa.field("at_us", pa.int64()),
+    pa.field("value", pa.float64()),
+]
+_EMPTY_VALUES = pa.schema(_VALUE_FIELDS).empty_table()
+_EMPTY_POINTS = pa.schema(_POINT_FIELDS).empty_table()
 # Where the ledger's usage is stored (numbers, values, points): `compaction`'s keyed tables,
 # their deltas, and the views merging both.
 _KEYED = ("ledger_usage", "ledger_usage_values", "ledger_points")
@@ -59,6 +81,7 @@ class _Usage:
     point: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     values: Keys = field(default_factory=Keys)  # unique meters
     numbers: dict[str, int] = field(default_factory=dict)  # unique meters: value -> number
+    named: list[str] = field(default_factory=list)  # unique meters: number -> value
 
     def fit(self, size: int) -> None:
         """Room for indexes below `size` (doubling, so growth is amortized)."""
@@ -100,10 +123,12 @@ class _Usage:
 
     def add_values(self, at: npt.NDArray[np.int64], values: Column) -> None:
         distinct, codes = encoded(values)
-        numbers = self.numbers
+        numbers, named = self.numbers, self.named
+        before = len(numbers)
         known = np.fromiter(
             (numbers.setdefault(v, len(numbers)) for v in distinct), np.int64, len(distinct)
         )
+        named.extend(str(distinct[i]) for i in np.flatnonzero(known >= before).tolist())
         self.values.add((at << _VALUE_BITS) | known[codes])
 
     def clear(self, indexes: list[int]) -> None:
@@ -134,6 +159,56 @@ class Credits:
     credited: int
     created_us: int
     modified_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Added:
+    """Usage folded in (`Balances.add`'s tables; `numbers` with first_us and last_us)."""
+
+    organization_id: str
+    numbers: pa.Table
+    values: pa.Table
+    points: pa.Table
+
+    @classmethod
+    def numbers_only(cls, organization_id: str, numbers: pa.Table) -> Added:
+        return cls(organization_id, numbers, _EMPTY_VALUES, _EMPTY_POINTS)
+
+
+@dataclass(frozen=True, slots=True)
+class Cleared:
+    """Customer references' usage of a meter starting again from nothing (a reset; usage
+    evaluated again)."""
+
+    meter_id: str
+    subjects: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ValuesDropped:
+    """A unique meter's values that a customer reference no longer has."""
+
+    meter_id: str
+    subject: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MeterDropped:
+    """A redefined meter: its usage is rebuilt by backfill."""
+
+    meter_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """A deleted customer's references: their usage of every meter of the organization."""
+
+    organization_id: str
+    subjects: tuple[str, ...]
+
+
+LedgerChange = Added | Cleared | ValuesDropped | MeterDropped | Forgotten
 
 
 class Balances:
@@ -214,53 +289,95 @@ class Balances:
             usage = self._usage[meter_id] = _Usage(organization_id)
         return usage
 
-    def reread(
-        self, con: duckdb.DuckDBPyConnection, organization_id: str, pairs: pa.Table
-    ) -> Callable[[], None]:
-        """The usage DuckDB holds now (in the caller's transaction) of `pairs` (meter_id,
-        subject), as what makes the balances hold it: to run once the transaction commits (a
-        correction changed it other than by adding)."""
-        with registered(con, "_reread", pairs):
-            tables = _stored(con, " AND (meter_id::VARCHAR, subject) IN (FROM _reread)")
-        by_meter: dict[str, list[str]] = {}
-        for meter, subject in zip(*pairs.select(["meter_id", "subject"]).columns, strict=True):
-            by_meter.setdefault(str(meter), []).append(str(subject))
+    def apply(self, change: LedgerChange) -> None:
+        """Fold in one change (at commit, in the transaction's order)."""
+        with self.lock:
+            match change:
+                case Added(org, numbers, values, points):
+                    self.add(org, numbers, values, points)
+                case Cleared(meter_id, subjects):
+                    usage = self._usage.get(meter_id)
+                    if usage is not None:
+                        index = self._subjects.get(usage.organization_id, {})
+                        usage.clear([index[s] for s in subjects if s in index])
+                case ValuesDropped(meter_id, subject, values):
+                    usage = self._usage.get(meter_id)
+                    i = (
+                        self._subjects.get(usage.organization_id, {}).get(subject)
+                        if usage
+                        else None
+                    )
+                    if usage is None or i is None:
+                        return
+                    for value in values:
+                        number = usage.numbers.get(value)
+                        if number is not None:
+                            key = (i << _VALUE_BITS) | number
+                            usage.values.drop(key, key + 1)
+                case MeterDropped(meter_id):
+                    self._usage.pop(meter_id, None)
+                case Forgotten(org, subjects):
+                    index = self._subjects.get(org, {})
+                    at = [index[s] for s in subjects if s in index]
+                    for usage in self._usage.values():
+                        if usage.organization_id == org:
+                            usage.clear(at)
 
-        def reread() -> None:
-            for meter, subjects in by_meter.items():
-                self.clear(meter, subjects)
-            self.add(organization_id, *(t.drop_columns(["organization_id"]) for t in tables))
+    def forget_credits(self, customer_id: str) -> None:
+        """A deleted customer's credits (its usage: `Forgotten`)."""
+        with self.lock:
+            for key in [k for k in self._credits if k[0] == customer_id]:
+                del self._credits[key]
 
-        return reread
-
-    def clear(self, meter_id: str, subjects: list[str]) -> None:
-        """A reset: the customer's usage of the meter starts again from nothing."""
+    def rows(self, meter_id: str, subjects: list[str]) -> tuple[str, pa.Table, pa.Table, pa.Table]:
+        """What the references `subjects` hold of the meter, as `add` takes it: (organization,
+        numbers, values, points); what makes a new `Balances` hold the same of them."""
         with self.lock:
             usage = self._usage.get(meter_id)
             if usage is None:
-                return
+                return "", _EMPTY_NUMBERS, _EMPTY_VALUES, _EMPTY_POINTS
             index = self._subjects.get(usage.organization_id, {})
-            usage.clear([index[s] for s in subjects if s in index])
-
-    def drop(self, meter_id: str) -> None:
-        """A redefined meter: its usage is rebuilt by backfill."""
-        with self.lock:
-            self._usage.pop(meter_id, None)
+            held = [(s, index[s]) for s in subjects if s in index]
+            at = np.array([i for _, i in held if i < len(usage.events)], np.int64)
+            names = [s for s, i in held if i < len(usage.events)]
+            used = usage.first_us[at] != _NONE_US
+            numbers = pa.table(
+                {
+                    "meter_id": [meter_id] * int(used.sum()),
+                    "subject": [n for n, u in zip(names, used.tolist(), strict=True) if u],
+                    **{name: getattr(usage, name)[at[used]] for name in _NUMBERS},
+                },
+                schema=_EMPTY_NUMBERS.schema,
+            )
+            pointed = usage.point_us[at] != NEVER_US
+            points = pa.table(
+                {
+                    "meter_id": [meter_id] * int(pointed.sum()),
+                    "subject": [n for n, p in zip(names, pointed.tolist(), strict=True) if p],
+                    "at_us": usage.point_us[at[pointed]],
+                    "value": usage.point[at[pointed]],
+                },
+                schema=_EMPTY_POINTS.schema,
+            )
+            subject_of, value_of = [], []
+            for name, i in held:
+                keys = usage.values.between(i << _VALUE_BITS, (i + 1) << _VALUE_BITS)
+                for number in (keys & ((1 << _VALUE_BITS) - 1)).tolist():
+                    subject_of.append(name)
+                    value_of.append(usage.named[number])
+            values = pa.table(
+                {
+                    "meter_id": [meter_id] * len(value_of),
+                    "subject": subject_of,
+                    "value": value_of,
+                },
+                schema=_EMPTY_VALUES.schema,
+            )
+            return usage.organization_id, numbers, values, points
 
     def set_credits(self, customer_id: str, meter_id: str, credits: Credits) -> None:
         with self.lock:
             self._credits[(customer_id, meter_id)] = credits
-
-    def forget_customer(self, organization_id: str, customer_id: str, subjects: list[str]) -> None:
-        """A deleted customer: its usage of every meter and its credits go."""
-        with self.lock:
-            index = self._subjects.get(organization_id, {})
-            at = [index[s] for s in subjects if s in index]
-            for usage in self._usage.values():
-                if usage.organization_id == organization_id:
-                    usage.clear(at)
-            for key in [k for k in self._credits if k[0] == customer_id]:
-                del self._credits[key]
 
     def used(
         self, organization_id: str, subjects: list[str] | None = None
@@ -306,7 +423,9 @@ class Balances:
             numbers = usage.numbers if usage is not None else {}
             return [numbers.get(v, v) for v in values]
 
-    def usage(self, meter_id: str, subjects: list[str]) -> Usage:
+    def usage(self, meter_id: str, subjects: list[str], *, named: bool = False) -> Usage:
+        """The references' usage merged; a unique meter's values by number (`value_keys`), or
+        by themselves where `named`."""
         partial = Partial()
         first: int | None = None
         last: int | None = None
@@ -318,7 +437,8 @@ class Balances:
                 if usage is None or i is None:
                     continue
                 keys = usage.values.between(i << _VALUE_BITS, (i + 1) << _VALUE_BITS)
-                partial.values.update((keys & ((1 << _VALUE_BITS) - 1)).tolist())
+                numbers = (keys & ((1 << _VALUE_BITS) - 1)).tolist()
+                partial.values.update([usage.named[n] for n in numbers] if named else numbers)
                 if i >= len(usage.events) or usage.events[i] == 0:
                     continue
                 partial.add_point(int(usage.point_us[i]), float(usage.point[i]))
@@ -332,6 +452,63 @@ class Balances:
                 first = at_first if first is None else min(first, at_first)
                 last = at_last if last is None else max(last, at_last)
         return Usage(partial, first, last)
+
+
+class Pending:
+    """A writer transaction's changes to the balances, in order, each applied at its commit
+    (`Live.change_ledger`); what a job reads of the ledger within it (`usage`): the balances as
+    committed, with these changes."""
+
+    def __init__(self, balances: Balances) -> None:
+        self._balances = balances
+        self.changes: list[LedgerChange] = []
+
+    def usage(self, meter: Any, subjects: list[str]) -> Usage:
+        """The usage of `meter` (a `MeterRow`) by the references `subjects`: the committed
+        usage of those alone, in a `Balances` of its own, with this transaction's changes."""
+        balances = self._balances
+        if not self.changes:
+            return balances.usage(meter.id, subjects)
+        _, numbers, values, points = balances.rows(meter.id, subjects)
+        scratch = Balances()
+        scratch.add(_SCRATCH, numbers, values, points)
+        for change in self.changes:
+            mine = _restricted(change, meter, subjects)
+            if mine is not None:
+                scratch.apply(mine)
+        usage = scratch.usage(meter.id, subjects, named=True)
+        # Numbered as the balances number them, so that it compares with what they hold.
+        usage.partial.values = set(
+            balances.value_keys(meter.id, sorted(map(str, usage.partial.values)))
+        )
+        return usage
+
+
+_SCRATCH = ""  # the organization of `Pending.usage`'s balances of one meter
+
+
+def _restricted(change: LedgerChange, meter: Any, subjects: list[str]) -> LedgerChange | None:
+    """What of `change` touches `meter`'s usage by `subjects` (None: nothing), as a change of
+    `Pending.usage`'s balances."""
+    match change:
+        case Added(org, numbers, values, points) if org == meter.organization_id:
+            asked = pa.array(subjects, pa.string())
+
+            def mine(table: pa.Table) -> pa.Table:
+                if not table.num_rows:
+                    return table
+                keep = pc.and_(
+                    pc.equal(table.column("meter_id").cast(pa.string()), meter.id),
+                    pc.is_in(table.column("subject"), asked),
+                )
+                return table.filter(keep)
+
+            return Added(_SCRATCH, mine(numbers), mine(values), mine(points))
+        case Cleared(meter_id, _) | ValuesDropped(meter_id, _, _) | MeterDropped(meter_id):
+            return change if meter_id == meter.id else None
+        case Forgotten(org, gone) if org == meter.organization_id:
+            return Cleared(meter.id, gone)
+    return None
 
 
 def _per_meter(

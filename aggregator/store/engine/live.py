@@ -38,8 +38,9 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from aggregator.store.base.arrays import numpy
+from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.engine import dedupe
-from aggregator.store.engine.balances import Balances
+from aggregator.store.engine.balances import Added, Balances, LedgerChange, Pending, Usage
 from aggregator.store.engine.catalog import Catalog
 from aggregator.store.engine.checkpoints import Found
 from aggregator.store.engine.dedupe import Dedupe, Spill
@@ -182,6 +183,7 @@ class Live:
         self._offsets: dict[tuple[str, int], int] = {}
         self._status = Status.IDLE
         self._staged: list[Effect] = []
+        self._ledger = Pending(self.balances)
         self._staged_keys = Dedupe()
         self._staged_entries: list[Applied] = []
         self._staged_log: list[Logged] = []
@@ -299,6 +301,7 @@ class Live:
 
     def _reset(self) -> None:
         self._staged = []
+        self._ledger = Pending(self.balances)
         self._staged_keys = Dedupe()
         self._staged_entries = []
         self._staged_log = []
@@ -324,6 +327,19 @@ class Live:
         self._expect(Status.OPEN)
         self._staged.append(effect)
 
+    def change_ledger(self, change: LedgerChange) -> None:
+        """A change of the balances this transaction makes: read back within it
+        (`ledger_usage`), applied at its commit in order with its other effects."""
+        self._expect(Status.OPEN)
+        self._ledger.changes.append(change)
+        self.stage(lambda: self.balances.apply(change))
+
+    def ledger_usage(self, meter: MeterRow, subjects: list[str]) -> Usage:
+        """The usage of `meter` by the customer references `subjects` as this transaction has
+        it so far (its batches of ingest aside: no job reads those back): the balances with the
+        changes it made (`change_ledger`)."""
+        return self._ledger.usage(meter, subjects)
+
     def change_segments(self, con: duckdb.DuckDBPyConnection, change: Change) -> None:
         """List `change` (files written by the job: `Segments.write`, `Segments.rewrite`) in
         this transaction; the list takes it at commit, its files are deleted at rollback. Only
@@ -344,6 +360,8 @@ class Live:
         written = [self.segments.write(r, rows) for r, rows in found.items() if rows.num_rows]
         self.change_segments(con, Change(written))
         rollups.store_ledger(con, evaluated)
+        for ev in evaluated:
+            self.change_ledger(added(ev))
 
     def _within(self) -> Change:
         """Every change of the files this transaction made so far: what its later changes,
@@ -528,12 +546,7 @@ class Live:
 
     def add_usage(self, evaluated: Evaluated) -> None:
         """Fold a batch's ledger usage into the balances (at commit)."""
-        n = evaluated.ledger.num_rows
-        at = pa.array(np.full(n, evaluated.at_us, dtype=np.int64))
-        numbers = evaluated.ledger.append_column("first_us", at).append_column("last_us", at)
-        self.balances.add(
-            evaluated.organization_id, numbers, evaluated.ledger_values, evaluated.ledger_points
-        )
+        self.balances.apply(added(evaluated))
         org = evaluated.organization_id
         if org in self._notices.watched():
             pairs = self._changed.setdefault(org, set())
@@ -556,3 +569,13 @@ class Live:
         if self._changed:
             changed, self._changed = self._changed, {}
             self._notices.changed(changed)
+
+
+def added(evaluated: Evaluated) -> Added:
+    """A batch's ledger usage as a change of the balances: at the time it was applied."""
+    n = evaluated.ledger.num_rows
+    at = pa.array(np.full(n, evaluated.at_us, dtype=np.int64))
+    numbers = evaluated.ledger.append_column("first_us", at).append_column("last_us", at)
+    return Added(
+        evaluated.organization_id, numbers, evaluated.ledger_values, evaluated.ledger_points
+    )

@@ -21,7 +21,7 @@ from aggregator.store.base.ids import derived_id
 from aggregator.store.base.rows import first_row
 from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables import webhook_tables
-from aggregator.store.tables.correction_reads import Before, Replaced, applied_table
+from aggregator.store.tables.correction_reads import Before, Replaced, applied_table, usage_in
 from aggregator.store.tables.correction_scope import (
     customer_clause,
     customers_known,
@@ -234,7 +234,7 @@ def replace_job(
     def job(tx: Tx) -> Replaced:
         con = tx.con
         chosen = replacement(con, organization_id, request, events, tx.live.feature(Ledgers))
-        was = Before.read(con, organization_id, chosen, now_us)
+        was = Before.read(con, usage_in(tx.live), organization_id, chosen, now_us)
         reason = request.reason or "replaced"
         done = correct(
             tx,
@@ -264,7 +264,7 @@ def replace_job(
             extra,
             everywhere,
         )
-        meters, consumed = was.applied(con, chosen, now_us)
+        meters, consumed = was.applied(con, tx.live, chosen, now_us)
         return Replaced(
             len(done.voided_ids), done.inserted, chosen.duplicates, False, meters, consumed
         )

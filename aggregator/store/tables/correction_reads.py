@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
@@ -36,7 +37,22 @@ from meters.aggregations import Partial
 from meters.corrections import EventReplace
 from meters.events import Event, to_table
 
-__all__ = ["Before", "ConsumedChange", "MeterChange", "Replaced", "applied_table", "preview"]
+if TYPE_CHECKING:
+    from aggregator.store.engine.balances import Balances
+    from aggregator.store.engine.live import Live
+
+# A customer meter's usage (meter, customer): as a writer's transaction has it, or committed.
+Usage = Callable[[MeterRow, CustomerRow], Partial]
+
+__all__ = [
+    "Before",
+    "ConsumedChange",
+    "MeterChange",
+    "Replaced",
+    "applied_table",
+    "preview",
+    "usage_in",
+]
 
 Pair = tuple[str, str]  # (meter id, subject) or (customer id, meter id)
 
@@ -88,7 +104,12 @@ class Before:
 
     @classmethod
     def read(
-        cls, con: duckdb.DuckDBPyConnection, organization_id: str, chosen: Replacement, now_us: int
+        cls,
+        con: duckdb.DuckDBPyConnection,
+        usage_of: Usage,
+        organization_id: str,
+        chosen: Replacement,
+        now_us: int,
     ) -> Before:
         meters = meters_of(con, [organization_id])
         kept = [m for m in meters if without_ledger(m) is None]
@@ -106,11 +127,11 @@ class Before:
             for m in meters
         }
         touched = _touched(con, organization_id, kept, {*voided, *new})
-        usage = [ledger_reads.usage_partial(con, m, subjects.of_customer(c)) for c, m in touched]
+        usage = [usage_of(m, c) for c, m in touched]
         return cls(meters, quantities, touched, usage, voided, new)
 
     def applied(
-        self, con: duckdb.DuckDBPyConnection, chosen: Replacement, now_us: int
+        self, con: duckdb.DuckDBPyConnection, live: Live, chosen: Replacement, now_us: int
     ) -> tuple[list[MeterChange], list[ConsumedChange]]:
         """The figures after the replacement, read in its transaction once applied."""
         after = {
@@ -119,9 +140,7 @@ class Before:
             )
             for m in self.meters
         }
-        usage = [
-            ledger_reads.usage_partial(con, m, subjects.of_customer(c)) for c, m in self.touched
-        ]
+        usage = [usage_in(live)(m, c) for c, m in self.touched]
         return self._changes(after, usage)
 
     def _changes(
@@ -144,8 +163,19 @@ class Before:
         return meters, consumed
 
 
+def usage_in(live: Live) -> Usage:
+    """Customer meters' usage as the writer's transaction has it so far."""
+    return lambda meter, customer: live.ledger_usage(meter, subjects.of_customer(customer)).partial
+
+
+def _usage_of(balances: Balances) -> Usage:
+    """Customer meters' usage as committed (a dry run's, outside the writer)."""
+    return lambda meter, customer: balances.usage(meter.id, subjects.of_customer(customer)).partial
+
+
 def preview(
     con: duckdb.DuckDBPyConnection,
+    balances: Balances,
     organization_id: str,
     request: EventReplace,
     events: Sequence[Event],
@@ -154,18 +184,19 @@ def preview(
     """A dry run: what the replacement would do (`replace_job`, applied now), read in one
     transaction (one snapshot, whatever commits meanwhile)."""
     with transaction(con):
-        return _preview(con, organization_id, request, events, now_us)
+        return _preview(con, _usage_of(balances), organization_id, request, events, now_us)
 
 
 def _preview(
     con: duckdb.DuckDBPyConnection,
+    usage_of: Usage,
     organization_id: str,
     request: EventReplace,
     events: Sequence[Event],
     now_us: int,
 ) -> Replaced:
     chosen = replacement(con, organization_id, request, events)
-    was = Before.read(con, organization_id, chosen, now_us)
+    was = Before.read(con, usage_of, organization_id, chosen, now_us)
     count = first_row(
         con,
         "SELECT count(*) FROM events WHERE organization_id = ?::UUID AND source = 'user'"  # noqa: S608 - fixed text, values bound

@@ -175,15 +175,8 @@ def settle(
     before = {
         (c.id, m.id): alert_tables.value(live, c, m) for c in customers.values() for m in meters
     }
-    pairs = pa.table(
-        {
-            "meter_id": pa.array([m.id for m in meters for _ in references], pa.string()),
-            "subject": pa.array([s for _ in meters for s in references], pa.string()),
-        }
-    )
-    live.stage(live.balances.reread(con, org, pairs))
     for customer in {c.id: c for c in customers.values()}.values():
-        usages = ledger_reads.usage_partials(con, meters, subjects.of_customer(customer))
+        usages = ledger_reads.usage_partials(live, meters, subjects.of_customer(customer))
         for meter in meters:
             was = before[(customer.id, meter.id)]
             usage = usages[meter.id]

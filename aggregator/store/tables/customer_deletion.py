@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from aggregator.errors import NotFound
 from aggregator.store.base import subjects
+from aggregator.store.engine.balances import Forgotten
 from aggregator.store.engine.compaction import LEDGER_TABLES
 from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables.customer_tables import CustomerRow, get_customer
@@ -80,8 +81,10 @@ def delete_job(
         holds = tx.live.feature(HoldKeys)
         holds.ending(organization_id, released)
 
+        tx.live.change_ledger(Forgotten(organization_id, tuple(names)))
+
         def forget() -> None:
-            tx.live.balances.forget_customer(organization_id, customer.id, names)
+            tx.live.balances.forget_credits(customer.id)
             tx.live.catalog.forget_customer(customer.id)
             holds.forget(organization_id, released)
 

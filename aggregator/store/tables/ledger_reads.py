@@ -1,9 +1,9 @@
 """Reads of the customer meters: each one's usage since its latest reset, its credits, and the
-balance they leave. Outside the writer they answer from the balances in memory
-(`held_customer_meter`; which customer meters are active: `active_pairs`); a writer's job, which
-must see its own transaction's changes, reads DuckDB (`all_ledger_usage` and its values and
-points, per customer reference, merged: `customer_meter`, `usage_partial`). The writes of the
-ledger (credits, resets, plan cycles, expiries) are `ledger_tables`'."""
+balance they leave, all from the balances in memory: outside the writer as committed
+(`held_customer_meter`; which customer meters are active: `active_pairs`), in a writer's job
+with its own transaction's changes (`Live.ledger_usage`: `customer_meter`, `consumed`,
+`usage_partials`). The writes of the ledger (credits, resets, plan cycles, expiries) are
+`ledger_tables`'."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
@@ -28,6 +28,7 @@ from meters.aggregations import Partial
 if TYPE_CHECKING:
     from aggregator.store.engine.balances import Balances
     from aggregator.store.engine.catalog import CustomerKey
+    from aggregator.store.engine.live import Live
 
 
 def customer_meter_id(customer_id: str, meter_id: str) -> str:
@@ -73,115 +74,26 @@ __all__ = [
     "customer_meter",
     "customer_meter_id",
     "held_customer_meter",
-    "usage_partial",
     "usage_partials",
 ]
 
 
-def consumed(con: Con, customer: CustomerRow, meter: MeterRow) -> float:
-    return _usage(con, meter, subjects.of_customer(customer))[0]
+def consumed(live: Live, customer: CustomerRow, meter: MeterRow) -> float:
+    """The customer meter's consumed units as the writer's transaction has them so far."""
+    usage = live.ledger_usage(meter, subjects.of_customer(customer))
+    return usage.partial.result(meter.aggregation.func)
 
 
-def _usage(con: Con, meter: MeterRow, names: list[str]) -> tuple[float, int | None, int | None]:
-    """(consumed, first usage, last usage) of the subjects `names` in the meter's current
-    windows."""
-    partial, first, last = _stored_usage(con, meter, names)
-    return partial.result(meter.aggregation.func), first, last
+def usage_partials(live: Live, meters: Sequence[MeterRow], names: list[str]) -> dict[str, Partial]:
+    """The usage of the subjects `names` of each of `meters` (by id) in their current windows,
+    as the writer's transaction has it so far."""
+    return {m.id: live.ledger_usage(m, names).partial for m in meters}
 
 
-def usage_partial(con: Con, meter: MeterRow, names: list[str]) -> Partial:
-    """The usage of the subjects `names` in the meter's current windows, as DuckDB holds it in
-    the caller's transaction."""
-    return _stored_usage(con, meter, names)[0]
-
-
-def _stored_usage(
-    con: Con, meter: MeterRow, names: list[str]
-) -> tuple[Partial, int | None, int | None]:
-    partial = Partial()
-    # Equalities, not `IN (SELECT unnest(?))`: DuckDB then filters during the scan (3x faster
-    # at 100,000 customers).
-    which = " OR ".join("subject = ?" for _ in names) or "FALSE"
-    row = first_row(
-        con,
-        "SELECT sum(events), sum(total), min(low), max(high), epoch_us(min(created_at)),"  # noqa: S608 - fixed text, values bound
-        f" epoch_us(max(modified_at)) FROM all_ledger_usage WHERE meter_id = ?::UUID AND ({which})",
-        [meter.id, *names],
-    )
-    first = last = None
-    if row is not None and row[0] is not None:
-        partial.add(int(row[0]), float(row[1]), float(row[2]), float(row[3]))
-        first, last = row[4], row[5]
-    if partial.events and meter.aggregation.func == "latest":
-        point = first_row(
-            con,
-            "SELECT max({'at_us': at_us, 'value': value}) FROM all_ledger_points"  # noqa: S608 - fixed text, values bound
-            f" WHERE meter_id = ?::UUID AND ({which})",
-            [meter.id, *names],
-        )
-        if point is not None and point[0] is not None:
-            partial.add_point(point[0]["at_us"], point[0]["value"])
-    if partial.events == 0 and _is_unique(meter):
-        values = con.execute(
-            "SELECT DISTINCT value FROM all_ledger_usage_values"  # noqa: S608 - fixed text, values bound
-            f" WHERE meter_id = ?::UUID AND ({which})",
-            [meter.id, *names],
-        ).fetchall()
-        partial.values = {v[0] for v in values}
-    return partial, first, last
-
-
-def usage_partials(con: Con, meters: Sequence[MeterRow], names: list[str]) -> dict[str, Partial]:
-    """`usage_partial` of each of `meters` (by id), in a statement per kind of usage rather
-    than per meter."""
-    found = {m.id: Partial() for m in meters}
-    which = " OR ".join("subject = ?" for _ in names) or "FALSE"
-    ids = [m.id for m in meters]
-    meter_in = ", ".join("?::UUID" for _ in ids) or "NULL"
-    rows = con.execute(
-        "SELECT meter_id::VARCHAR, sum(events), sum(total), min(low), max(high)"  # noqa: S608 - fixed text, values bound
-        f" FROM all_ledger_usage WHERE meter_id IN ({meter_in}) AND ({which}) GROUP BY ALL",
-        [*ids, *names],
-    ).fetchall()
-    for meter_id, events, total, low, high in rows:
-        if events is not None:
-            found[str(meter_id)].add(int(events), float(total), float(low), float(high))
-    latest = [m.id for m in meters if m.aggregation.func == "latest" and found[m.id].events]
-    point = "max({'at_us': at_us, 'value': value})"
-    for meter_id, best in _per_meter(con, point, "all_ledger_points", latest, which, names):
-        if best is not None:
-            found[meter_id].add_point(best["at_us"], best["value"])
-    unique = [m.id for m in meters if _is_unique(m) and not found[m.id].events]
-    distinct = "list(DISTINCT value)"
-    for meter_id, values in _per_meter(
-        con, distinct, "all_ledger_usage_values", unique, which, names
-    ):
-        found[meter_id].values = set(values)
-    return found
-
-
-def _per_meter(
-    con: Con, aggregate: str, table: str, ids: list[str], which: str, names: list[str]
-) -> list[tuple[str, Any]]:
-    """(meter id, `aggregate`) over the rows of `table` of the meters `ids` and the subjects
-    `which` selects (`names`)."""
-    if not ids:
-        return []
-    meter_in = ", ".join("?::UUID" for _ in ids)
-    rows = con.execute(
-        f"SELECT meter_id::VARCHAR, {aggregate} FROM {table}"  # noqa: S608 - fixed text, values bound
-        f" WHERE meter_id IN ({meter_in}) AND ({which}) GROUP BY ALL",
-        [*ids, *names],
-    ).fetchall()
-    return [(str(r[0]), r[1]) for r in rows]
-
-
-def _is_unique(meter: MeterRow) -> bool:
-    return cast(str, meter.aggregation.func) == "unique"
-
-
-def customer_meter(con: Con, customer: CustomerRow, meter: MeterRow) -> CustomerMeter:
-    consumed, first, last = _usage(con, meter, subjects.of_customer(customer))
+def customer_meter(con: Con, live: Live, customer: CustomerRow, meter: MeterRow) -> CustomerMeter:
+    """The customer meter as the writer's transaction has it so far: its usage from the
+    balances with the transaction's changes, its credits from its row."""
+    usage = live.ledger_usage(meter, subjects.of_customer(customer))
     row = first_row(
         con,
         "SELECT credited, epoch_us(created_at), epoch_us(modified_at) FROM customer_meters"
@@ -189,7 +101,8 @@ def customer_meter(con: Con, customer: CustomerRow, meter: MeterRow) -> Customer
         [customer.id, meter.id],
     )
     credits = HeldCredits(int(row[0]), int(row[1]), int(row[2])) if row else None
-    return _assembled(customer.id, meter, consumed, first, last, credits)
+    consumed = usage.partial.result(meter.aggregation.func)
+    return _assembled(customer.id, meter, consumed, usage.first_us, usage.last_us, credits)
 
 
 def held_customer_meter(

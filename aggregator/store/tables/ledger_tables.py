@@ -22,6 +22,7 @@ from aggregator.store.base import subjects
 from aggregator.store.base.ids import derived_id
 from aggregator.store.base.meter_rows import MeterRow, get_meter, without_ledger
 from aggregator.store.base.rows import first_row
+from aggregator.store.engine.balances import Cleared
 from aggregator.store.engine.balances import Credits as HeldCredits
 from aggregator.store.engine.compaction import LEDGER_TABLES
 from aggregator.store.engine.live import Feature
@@ -212,9 +213,10 @@ def _keyed_job(
         kept(tx, customer)
         if used is not None:  # a key kept before answers were: the customer meter as it is
             first = first_event_us(con, tx.live, customer)
-            return Applied(customer_meter(con, customer, meter), True, customer, first, meter)
+            after = customer_meter(con, tx.live, customer, meter)
+            return Applied(after, True, customer, first, meter)
         apply(tx, customer, meter)
-        after = customer_meter(con, customer, meter)
+        after = customer_meter(con, tx.live, customer, meter)
         first = first_event_us(con, tx.live, customer)  # its system event included
         idempotency.remember(
             con, organization_id, operation, data.external_id, request, asdict(after), now_us
@@ -445,7 +447,7 @@ def expire(
         grants = [r.grant for r in rows]
         at_us = grants[i].expires_at_us
         assert at_us is not None
-        after, taken = rules.expire(grants, i, consumed(con, customer, meter))
+        after, taken = rules.expire(grants, i, consumed(live, customer, meter))
         metadata = {"meter_id": meter.id, "grant_id": rows[i].id, "units": taken}
         key = f"expiry:{rows[i].id}"
         number = _system_event(
@@ -496,7 +498,7 @@ def reset(
         con, customer, "meter.reset", {"meter_id": meter.id}, at_us, now_us, live, key
     )
     _ensure_row(con, customer, meter, now_us)
-    carried = rules.carry([r.grant for r in rows], consumed(con, customer, meter))
+    carried = rules.carry([r.grant for r in rows], consumed(live, customer, meter))
     names = subjects.of_customer(customer)
     for table in LEDGER_TABLES:
         # Table names from this fixed list only.
@@ -505,7 +507,7 @@ def reset(
             [meter.id, names],
         )
     grant_tables.drop(con, customer.id, meter.id)
-    live.stage(lambda: live.balances.clear(meter.id, names))
+    live.change_ledger(Cleared(meter.id, tuple(names)))
     _store_credits(con, live, customer, meter, Credits(), now_us, reset_seq=number)
     # A reset re-arms the meter's alerts: the value before it counts as outside them.
     after = alert_tables.Value(Partial(), 0)

@@ -19,6 +19,7 @@ from aggregator.store.base.meter_rows import (
     meter_row,
 )
 from aggregator.store.base.rows import first_row, is_uuid
+from aggregator.store.engine.balances import MeterDropped
 from aggregator.store.engine.compaction import LEDGER_TABLES
 from aggregator.store.engine.segments import ROLLUP_RELATIONS
 from aggregator.store.engine.writer import Job, Tx
@@ -176,7 +177,7 @@ def update_job(
             # New semantics, or events missed while archived: rebuild the rollups from the
             # stored events (backfill); live ingest keeps them current from now on.
             _reset_rollups(tx, meter_id)
-            tx.live.stage(lambda: tx.live.balances.drop(meter_id))
+            tx.live.change_ledger(MeterDropped(meter_id))
             extra += (
                 ", version = version + 1, backfilled_to = 0, backfilled_events = 0,"  # noqa: S608 - fixed text
                 " backfill_target = (SELECT coalesce(max(seq), 0) FROM events),"
@@ -254,7 +255,6 @@ def backfill_step_job(meter_id: str, version: int, chunk: int) -> Job[tuple[int,
             backfill=True,
         )
         tx.live.store_contributions(con, [evaluated])
-        tx.live.stage(lambda: tx.live.add_usage(evaluated))
         con.execute(
             "UPDATE meters SET backfilled_to = ?, backfilled_events = backfilled_events + ?"
             " WHERE id = ?::UUID",

@@ -30,7 +30,9 @@ import pyarrow.compute as pc
 from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.base.rows import among, registered
 from aggregator.store.base.subjects import EXTERNAL, ID, OF_EVENT
+from aggregator.store.engine.balances import Added, Cleared, Usage, ValuesDropped
 from aggregator.store.engine.compaction import LEDGER_TABLES
+from aggregator.store.engine.live import added
 from aggregator.store.engine.segments import LIFTED, RELATIONS, ROLLUP_RELATIONS
 from aggregator.store.engine.writer import Tx
 from aggregator.store.metering import groups, partials, rollups
@@ -285,6 +287,8 @@ class _Window:
         if usage is not None and usage.num_rows:
             before = self._usage(usage) if extremes else {}
             rollups.store_ledger(con, [negated(e) for e in gone])
+            for e in gone:
+                self.tx.live.change_ledger(added(negated(e)))
             held_by_voided: dict[tuple[str, str], tuple[str, float]] = {}
             for meter_id, subject, events, _, low, high in zip(
                 *usage.to_pydict().values(), strict=True
@@ -315,14 +319,19 @@ class _Window:
 
     def _usage(self, usage: pa.Table) -> dict[tuple[str, str], tuple[int, float, float]]:
         """The ledger's (events, low, high) of each (meter, subject) of `usage`, before."""
-        pairs = usage.select(["meter_id", "subject"])
-        with registered(self.con, "_pairs", pairs):
-            rows = self.con.execute(
-                "SELECT meter_id::VARCHAR, subject, sum(events), min(low), max(high)"
-                " FROM all_ledger_usage WHERE (meter_id::VARCHAR, subject) IN"
-                " (SELECT meter_id, subject FROM _pairs) GROUP BY ALL"
-            ).fetchall()
-        return {(str(m), str(s)): (int(n), float(lo), float(hi)) for m, s, n, lo, hi in rows}
+        found = {}
+        for meter_id, subject in set(
+            zip(*usage.select(["meter_id", "subject"]).to_pydict().values(), strict=True)
+        ):
+            partial = self._held(str(meter_id), str(subject)).partial
+            if partial.events:
+                found[(str(meter_id), str(subject))] = (partial.events, partial.low, partial.high)
+        return found
+
+    def _held(self, meter_id: str, subject: str) -> Usage:
+        """The subject's usage of the meter as this transaction has it so far."""
+        meter = next(m for m in self.meters if m.id == meter_id)
+        return self.tx.live.ledger_usage(meter, [subject])
 
     def _clear(self, meter_id: str, subject: str, tables: Sequence[str] = LEDGER_TABLES) -> None:
         for table in tables:  # Table names from fixed lists only.
@@ -330,6 +339,7 @@ class _Window:
                 f"DELETE FROM {table} WHERE meter_id = ?::UUID AND subject = ?",  # noqa: S608 - fixed text, values bound
                 [meter_id, subject],
             )
+        self.tx.live.change_ledger(Cleared(meter_id, (subject,)))
 
     def _extremes_again(self, held: dict[tuple[str, str], tuple[str, float]]) -> None:
         """The ledger's extremes (meter, subject) of `held` that a voided event held (its
@@ -349,16 +359,27 @@ class _Window:
             low, high = now.get((meter_id, subject), (None, None))
             if (low if func == "min" else high) == was:
                 continue  # another current event holds it too
-            row = con.execute(
-                "SELECT sum(events), sum(total), min(created_at), max(modified_at)"
-                " FROM all_ledger_usage WHERE meter_id = ?::UUID AND subject = ?",
-                [meter_id, subject],
-            ).fetchall()[0]
+            now_held = self._held(meter_id, subject)
+            events, total = now_held.partial.events, now_held.partial.total
             self._clear(meter_id, subject, _NUMBERS)
             con.execute(
-                "INSERT INTO ledger_usage_deltas VALUES (?::UUID, ?, ?, ?, ?, ?, ?, ?)",
-                [meter_id, subject, row[0], row[1], low, high, row[2], row[3]],
+                "INSERT INTO ledger_usage_deltas VALUES (?::UUID, ?, ?, ?, ?, ?,"
+                " make_timestamptz(?), make_timestamptz(?))",
+                [meter_id, subject, events, total, low, high, now_held.first_us, now_held.last_us],
             )
+            numbers = pa.table(
+                {
+                    "meter_id": [meter_id],
+                    "subject": [subject],
+                    "events": pa.array([events], pa.int64()),
+                    "total": [float(total)],
+                    "low": [float(low)],
+                    "high": [float(high)],
+                    "first_us": pa.array([now_held.first_us], pa.int64()),
+                    "last_us": pa.array([now_held.last_us], pa.int64()),
+                }
+            )
+            self.tx.live.change_ledger(Added.numbers_only(self.org, numbers))
 
     def _values_again(self, values: pa.Table, again: set[tuple[str, str]]) -> None:
         """A unique meter's values the voided events had that no current event of the subject
@@ -386,12 +407,15 @@ class _Window:
                     " AND value = ?",
                     [meter_id, subject, value],
                 )
+            self.tx.live.change_ledger(ValuesDropped(meter_id, subject, (value,)))
 
     def _evaluated_again(self, meter_id: str, subject: str) -> None:
         meter = next(m for m in self.meters if m.id == meter_id)
         where = f"{OF_EVENT} = ?"
         found = evaluated_events(self.con, [meter], self.org, where, [subject], self.at_us)
         rollups.store_ledger(self.con, found)
+        for evaluated in found:
+            self.tx.live.change_ledger(added(evaluated))
 
 
 def negated(evaluated: Evaluated) -> Evaluated:

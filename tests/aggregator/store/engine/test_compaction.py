@@ -25,13 +25,14 @@ from aggregator.store.engine.segments import Change
 from aggregator.store.engine.writer import Tx
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer_by_external_id
-from aggregator.store.tables.ledger_reads import customer_meter, held_customer_meter
+from aggregator.store.tables.ledger_reads import held_customer_meter
 from aggregator.store.tables.meter_tables import create_job as create_meter
 from aggregator.store.tables.quantities import Scope, compute
 from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.times import datetime_to_us
+from tests.aggregator.store.stored_ledger import stored_consumed, stored_first_us
 from tests.deadline import until
 
 ORG = str(uuid.uuid4())
@@ -77,7 +78,7 @@ def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Pat
             scope = Scope(meter, ("ext:acme",))
             end = DAY + 86_400 * 10**6 - 1
             periods, total = compute(con, scope, DAY, end, "day", ZoneInfo("UTC"), None, end)
-            return periods[0][1], total, customer_meter(con, customer, meter).consumed
+            return periods[0][1], total, stored_consumed(con, customer, meter)
 
         return await store.read(read)
 
@@ -255,7 +256,7 @@ def test_usage_folded_into_a_later_row_keeps_the_earliest_time(tmp_path: Path) -
                 customer = get_customer_by_external_id(con, ORG, "acme")
                 assert meter is not None and customer is not None
                 held = held_customer_meter(store.live.balances, customer, meter)
-                return customer_meter(con, customer, meter).created_at_us, held.created_at_us
+                return stored_first_us(con, customer, meter), held.created_at_us
 
             seen.append(await store.read(read))
 

@@ -21,13 +21,14 @@ from aggregator.store.engine.compaction import compact
 from aggregator.store.engine.migrations import MIGRATIONS, migrate
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer_by_external_id
-from aggregator.store.tables.ledger_reads import customer_meter, held_customer_meter
+from aggregator.store.tables.ledger_reads import held_customer_meter
 from aggregator.store.tables.meter_tables import create_job as create_meter
 from aggregator.store.tables.quantities import Scope, compute
 from meters.customer_rules import CustomerCreate
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.times import datetime_to_us
+from tests.aggregator.store.stored_ledger import stored_consumed
 
 ORG = str(uuid.uuid4())
 SUM_METER = str(uuid.uuid4())
@@ -134,7 +135,7 @@ def test_a_latest_ledger_point_is_the_greatest_through_compaction_and_reopening(
             customer = get_customer_by_external_id(con, ORG, "acme")
             assert customer is not None
             held = held_customer_meter(store.live.balances, customer, meter).consumed
-            return customer_meter(con, customer, meter).consumed, held
+            return stored_consumed(con, customer, meter), held
 
         return await store.read(read)
 

@@ -17,9 +17,10 @@ from aggregator.store.engine.migrations import MIGRATIONS, migrate
 from aggregator.store.tables.customer_deletion import delete_job
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import customers_after, get_customer_by_external_id
-from aggregator.store.tables.ledger_reads import customer_meter
+from aggregator.store.tables.ledger_reads import held_customer_meter
 from aggregator.store.tables.outbox import pending
 from meters.customer_rules import CustomerCreate
+from tests.aggregator.store.stored_ledger import stored_consumed
 
 ORG = str(uuid.uuid4())
 METER = str(uuid.uuid4())
@@ -77,28 +78,31 @@ def test_a_previous_data_dir_deletes_a_customer_and_its_ledger_only(tmp_path: Pa
     path = tmp_path / "meterline.duckdb"
     _previous_main_data_dir(path)
 
-    def balance(con: duckdb.DuckDBPyConnection) -> tuple[float, int] | None:
-        customer = get_customer_by_external_id(con, ORG, "acme")
-        meter = get_meter(con, ORG, METER)
-        if customer is None or meter is None:
-            return None
-        cm = customer_meter(con, customer, meter)
-        return cm.consumed, cm.credited
+    async def balance(store: Store) -> tuple[float, int, float] | None:
+        def read(con: duckdb.DuckDBPyConnection) -> tuple[float, int, float] | None:
+            customer = get_customer_by_external_id(con, ORG, "acme")
+            meter = get_meter(con, ORG, METER)
+            if customer is None or meter is None:
+                return None
+            cm = held_customer_meter(store.live.balances, customer, meter)
+            return cm.consumed, cm.credited, stored_consumed(con, customer, meter)
 
-    async def run() -> list[tuple[float, int] | None]:
+        return await store.read(read)
+
+    async def run() -> list[tuple[float, int, float] | None]:
         seen = []
         async with Store(path) as store:
-            seen.append(await store.read(balance))
+            seen.append(await balance(store))
             await store.write(delete_job(ORG, CUSTOMER, True, 10**15))
-            seen.append(await store.read(balance))
+            seen.append(await balance(store))
             created = CustomerCreate(email="a@example.com", external_id="acme")
             await store.write(create_customer(ORG, created, 10**15, customer_id=str(uuid.uuid4())))
-            seen.append(await store.read(balance))
+            seen.append(await balance(store))
         async with Store(path) as store:  # what was held in memory agrees with the tables
-            seen.append(await store.read(balance))
+            seen.append(await balance(store))
         return seen
 
-    assert asyncio.run(run()) == [(12.0, 100), None, (0.0, 0), (0.0, 0)]
+    assert asyncio.run(run()) == [(12.0, 100, 12.0), None, (0.0, 0, 0.0), (0.0, 0, 0.0)]
     con = duckdb.connect(str(path))
     assert con.execute("SELECT max(version) FROM schema_migrations").fetchall() == [
         (len(MIGRATIONS),)

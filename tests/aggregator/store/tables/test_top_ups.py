@@ -160,7 +160,7 @@ class Run:
             customer = get_customer(con, ORG, self.customer_id)
             meter = get_meter(con, ORG, self.meter_id)
             assert customer is not None and meter is not None
-            return ledger_reads.customer_meter(con, customer, meter)
+            return ledger_reads.held_customer_meter(store.live.balances, customer, meter)
 
         balance = (await store.read(customer_meter)).balance
         made = [(self.rule_ids.index(r), p, n) for _, r, p, n in top_ups]

@@ -28,7 +28,6 @@ from aggregator.store.metering.rollups import BUCKET, kind
 from aggregator.store.tables import correction_jobs, void_jobs, void_plans, void_steps
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer_by_external_id
-from aggregator.store.tables.ledger_reads import usage_partial
 from aggregator.store.tables.ledger_tables import reset_job
 from aggregator.store.tables.meter_tables import create_job as create_meter
 from meters.aggregations import Partial
@@ -40,6 +39,7 @@ from meters.events import EventRules, parse_ingest_body, to_table
 from meters.ledger_rules import ResetCreate
 from meters.times import now_us
 from tests.aggregator.store.schema_before import before_void_jobs
+from tests.aggregator.store.stored_ledger import stored_usage
 
 ORG = str(uuid.uuid4())
 ALL: dict[str, Any] = {"conjunction": "and", "clauses": []}
@@ -263,7 +263,7 @@ def _stored_usage(
     con: duckdb.DuckDBPyConnection, meters: list[MeterRow]
 ) -> dict[tuple[str, str], float]:
     return {
-        (m.id, s): usage_partial(con, m, [s]).result(str(m.aggregation.func))
+        (m.id, s): stored_usage(con, m, [s]).result(str(m.aggregation.func))
         for m in meters
         if kind(m) != "integral"
         for s in ("ext:a", "ext:b")
@@ -288,7 +288,9 @@ def _count(con: duckdb.DuckDBPyConnection, where: str) -> int:
 
 
 def _system_events(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    rows = con.execute("SELECT metadata FROM events WHERE name = 'event.voided'").fetchall()
+    rows = con.execute(
+        "SELECT metadata FROM events WHERE name = 'event.voided' ORDER BY seq"
+    ).fetchall()
     return [orjson.loads(r[0]) for r in rows]
 
 
@@ -300,7 +302,7 @@ def _agree(con: duckdb.DuckDBPyConnection, meters: list[MeterRow]) -> None:
         if kind(meter) != "integral":
             for subject in ("ext:a", "ext:b"):
                 expected = _usage_from_events(con, meter, subject)
-                stored = usage_partial(con, meter, [subject]).result(str(meter.aggregation.func))
+                stored = stored_usage(con, meter, [subject]).result(str(meter.aggregation.func))
                 assert math.isclose(stored, expected, abs_tol=1e-9), (meter.name, subject)
 
 
