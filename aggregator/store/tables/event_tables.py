@@ -11,7 +11,7 @@ import orjson
 import pyarrow as pa
 
 from aggregator.store.base.ids import derived_id
-from aggregator.store.base.rows import first_row, is_uuid
+from aggregator.store.base.rows import among, first_row, is_uuid
 from aggregator.store.metering.meter_sql import member_pointer
 from meters.corrections import NAMES as CORRECTIONS
 
@@ -372,10 +372,11 @@ def subjects_first_timestamp(
 ) -> dict[str, int]:
     if not subjects:
         return {}
+    which, params = among("subject", subjects)  # a fourth of a semi join's time
     return dict(
         con.execute(
-            "SELECT subject, epoch_us(first_timestamp) FROM event_subjects"
-            " WHERE organization_id = ? AND subject IN (SELECT unnest(?::VARCHAR[]))",
-            [organization_id, subjects],
+            "SELECT subject, epoch_us(first_timestamp) FROM event_subjects"  # noqa: S608 - fixed text, values bound
+            f" WHERE organization_id = ? AND {which}",
+            [organization_id, *params],
         ).fetchall()
     )

@@ -21,7 +21,7 @@ from aggregator.errors import CustomerElsewhere
 from aggregator.store.base import subjects
 from aggregator.store.base.ids import derived_id
 from aggregator.store.base.meter_rows import MeterRow, get_meter, without_ledger
-from aggregator.store.base.rows import first_row
+from aggregator.store.base.rows import among, first_row
 from aggregator.store.engine.balances import Cleared
 from aggregator.store.engine.balances import Credits as HeldCredits
 from aggregator.store.engine.compaction import LEDGER_TABLES
@@ -267,8 +267,12 @@ def _system_event(
     return store_system_event(con, live, org, customer.id, name, metadata, at_us, now_us, key)
 
 
-def _ensure_row(con: Con, customer: CustomerRow, meter: MeterRow, now_us: int) -> None:
-    """The customer meter's row, made if it has none."""
+def _ensure_row(con: Con, live: Live, customer: CustomerRow, meter: MeterRow, now_us: int) -> None:
+    """The customer meter's row, made if it has none. Credits in memory mean a committed row
+    (they are loaded from the rows and set with them): no statement then (an insert that
+    conflicts cost a reset a third of its time)."""
+    if live.balances.credits(customer.id, meter.id) is not None:
+        return
     con.execute(
         "INSERT INTO customer_meters (id, organization_id, customer_id, meter_id, created_at,"
         " modified_at) VALUES (?::UUID, ?::UUID, ?::UUID, ?::UUID, make_timestamptz(?),"
@@ -344,7 +348,7 @@ def credit(
     if expires_at_us is not None:
         metadata["expires_at"] = us_to_datetime(expires_at_us).isoformat()
     number = _system_event(con, customer, "meter.credited", metadata, at_us, now_us, live, key)
-    _ensure_row(con, customer, meter, now_us)
+    _ensure_row(con, live, customer, meter, now_us)
     grants = [r.grant for r in rows]
     new_ids = []
     if units > 0:
@@ -371,7 +375,7 @@ def top_up(
     event: its seq would be drawn among events not stored yet, which a crash applies again
     under their own seqs. The grant's seq is its event's (the order granted), which also names
     the change to alerts."""
-    _ensure_row(con, customer, meter, now_us)
+    _ensure_row(con, live, customer, meter, now_us)
     rows = grant_tables.grants_of(con, customer.id, meter.id)
     if not grant_tables.room_for(rows, new, now_us):
         return False
@@ -497,14 +501,15 @@ def reset(
     number = _system_event(
         con, customer, "meter.reset", {"meter_id": meter.id}, at_us, now_us, live, key
     )
-    _ensure_row(con, customer, meter, now_us)
+    _ensure_row(con, live, customer, meter, now_us)
     carried = rules.carry([r.grant for r in rows], consumed(live, customer, meter))
     names = subjects.of_customer(customer)
+    which, params = among("subject", names)
     for table in LEDGER_TABLES:
         # Table names from this fixed list only.
         con.execute(
-            f"DELETE FROM {table} WHERE meter_id = ?::UUID AND subject IN (SELECT unnest(?))",  # noqa: S608 - fixed text, values bound
-            [meter.id, names],
+            f"DELETE FROM {table} WHERE meter_id = ?::UUID AND {which}",  # noqa: S608 - fixed text, values bound
+            [meter.id, *params],
         )
     grant_tables.drop(con, customer.id, meter.id)
     live.change_ledger(Cleared(meter.id, tuple(names)))
