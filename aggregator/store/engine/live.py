@@ -218,6 +218,7 @@ class Live:
             self.dedupe.load(con, keys.runs, keys.through)
         self.balances.load(con)
         self.catalog.load(con)
+        self.memtable.load_first_times(con)
         rows = con.execute("SELECT topic, partition, next_offset FROM kafka_offsets").fetchall()
         self._offsets = {(str(t), int(p)): int(o) for t, p, o in rows}
         # Stored events' seqs (the ingest log's requests not yet stored are applied again).

@@ -55,11 +55,14 @@ class Applied:
 
 class Memtable:
     """The applied batches in order. The writer thread adds (at commit); the flusher takes a
-    prefix, stores it and releases it."""
+    prefix, stores it and releases it. Beside them, each customer reference's first event time
+    over the stored events (`event_subjects`, read at open), folded in as entries are released:
+    with the entries', every applied event's, without a statement (`first_event_us`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: list[Applied] = []
+        self._first: dict[tuple[str, str], int] = {}  # (organization, subject) -> µs
         self._added_at: list[float] = []  # monotonic time each entry came
         self._events = 0
         self.added = 0  # entries ever added (a mark for barriers)
@@ -90,11 +93,41 @@ class Memtable:
 
     def release(self, count: int) -> None:
         """The first `count` entries are stored."""
+        # Only the flusher releases, and the writer only appends: the prefix stays as it is.
+        firsts = _first_times(self._entries[:count])
         with self._lock:
             gone, self._entries = self._entries[:count], self._entries[count:]
             self._added_at = self._added_at[count:]
             self._events -= sum(e.events.num_rows for e in gone)
             self.stored += count
+            held = self._first
+            for key, at in firsts:  # with the removal: a reader sees them pending or here
+                if at < held.get(key, at + 1):
+                    held[key] = at
+
+    def load_first_times(self, con: duckdb.DuckDBPyConnection) -> None:
+        """The stored events' first times (at open)."""
+        rows = con.execute(
+            "SELECT organization_id::VARCHAR, subject, epoch_us(first_timestamp)"
+            " FROM event_subjects"
+        ).fetchall()
+        organizations: dict[str, str] = {}  # one string per organization, not one per row
+        with self._lock:
+            self._first = {(organizations.setdefault(o, o), s): t for o, s, t in rows}
+
+    def first_event_us(
+        self, organization_id: str, customer_id: str, external_id: str | None
+    ) -> int | None:
+        """The earliest timestamp of the customer's own events (by either of its ids), stored
+        or applied."""
+        names = [subjects.of_id(customer_id)]
+        if external_id is not None:
+            names.append(subjects.of_external(external_id))
+        with self._lock:  # an event is in one or the other: read both at once, scan after
+            stored = [self._first.get((organization_id, n)) for n in names]
+            entries = list(self._entries)
+        pending = first_time(entries, organization_id, customer_id, external_id)
+        return min((t for t in (*stored, pending) if t is not None), default=None)
 
 
 def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> dict[int, dedupe.Key | None]:
@@ -112,6 +145,37 @@ def keys_of(entries: list[Applied], seqs: npt.NDArray[np.int64]) -> dict[int, de
         rows = mine - firsts[i]
         mine, rows = mine[rows < events.num_rows], rows[rows < events.num_rows]
         found.update(zip(mine.tolist(), dedupe.keys(events, rows), strict=True))
+    return found
+
+
+def _first_times(entries: list[Applied]) -> list[tuple[tuple[str, str], int]]:
+    """((organization, subject), earliest timestamp) of the events of `entries` but system ones,
+    as the flush stores them in `event_subjects` (`_record_links`)."""
+    found = []
+    for entry in entries:
+        events = entry.events
+        if not events.num_rows:
+            continue
+        if "source" in events.column_names:
+            events = events.filter(pc.not_equal(events.column("source"), pa.scalar("system")))
+        named = pa.table(
+            {
+                "org": events.column("organization_id").cast(pa.string()),
+                "customer": events.column("customer_id").cast(pa.string()),
+                "external": events.column("external_customer_id"),
+                "at": events.column("timestamp").cast(pa.int64()),
+            }
+        )
+        # Grouped first (a batch names far fewer customers than it has rows), named after.
+        grouped = named.group_by(["org", "customer", "external"]).aggregate([("at", "min")])
+        for org, customer, external, at in zip(
+            *(grouped.column(c).to_pylist() for c in ("org", "customer", "external", "at_min")),
+            strict=True,
+        ):
+            if customer is not None:
+                found.append(((org, subjects.of_id(customer)), at))
+            elif external is not None:
+                found.append(((org, subjects.of_external(external)), at))
     return found
 
 

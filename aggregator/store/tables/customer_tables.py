@@ -11,13 +11,10 @@ import duckdb
 import orjson
 
 from aggregator.errors import NotFound
-from aggregator.store.base import subjects
 from aggregator.store.base.rows import first_row, is_uuid
 from aggregator.store.base.subjects import of_external, of_id
-from aggregator.store.engine import memtable
 from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.metering.meter_sql import member_pointer
-from aggregator.store.tables.event_tables import subjects_first_timestamp
 from meters.customer_rules import CustomerCreate, CustomerUpdate
 from meters.errors import FieldError, ValidationFailed
 
@@ -432,11 +429,7 @@ def routing_keys(
     return keys
 
 
-def first_event_us(con: duckdb.DuckDBPyConnection, live: Live, customer: CustomerRow) -> int | None:
-    """The time of the customer's first event (by either of its ids) as the writer sees it: the
-    stored first times, and those of the applied events not stored yet (a writer job)."""
-    stored = subjects_first_timestamp(con, customer.organization_id, subjects.of_customer(customer))
-    pending = memtable.first_time(
-        live.memtable.take(), customer.organization_id, customer.id, customer.external_id
-    )
-    return min([*stored.values(), *([] if pending is None else [pending])], default=None)
+def first_event_us(live: Live, customer: CustomerRow) -> int | None:
+    """The time of the customer's first event (by either of its ids) as the writer sees it:
+    the stored first times and those of the applied events not stored yet, from memory."""
+    return live.memtable.first_event_us(customer.organization_id, customer.id, customer.external_id)

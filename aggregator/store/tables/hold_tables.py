@@ -208,7 +208,7 @@ def _answer(
     """What a hold's job answers: the hold and its customer meter as the job leaves them."""
     balance = held_customer_meter(tx.live.balances, customer, meter)
     held = tx.live.feature(HoldKeys).reserved(hold.organization_id, customer.id, meter.id, now_us)
-    first = first_event_us(tx.con, tx.live, customer)
+    first = first_event_us(tx.live, customer)
     return Created(hold, balance, held, replayed, customer, first, meter)
 
 

@@ -212,12 +212,12 @@ def _keyed_job(
         customer, meter = resolve(tx, organization_id, data)
         kept(tx, customer)
         if used is not None:  # a key kept before answers were: the customer meter as it is
-            first = first_event_us(con, tx.live, customer)
+            first = first_event_us(tx.live, customer)
             after = customer_meter(con, tx.live, customer, meter)
             return Applied(after, True, customer, first, meter)
         apply(tx, customer, meter)
         after = customer_meter(con, tx.live, customer, meter)
-        first = first_event_us(con, tx.live, customer)  # its system event included
+        first = first_event_us(tx.live, customer)  # its system event included
         idempotency.remember(
             con, organization_id, operation, data.external_id, request, asdict(after), now_us
         )
