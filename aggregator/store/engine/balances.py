@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.base.arrays import Column, Keys, distinct, encoded, numpy
+from aggregator.store.metering.rollups import EMPTY_LEDGER_POINTS, EMPTY_LEDGER_VALUES
 from meters.aggregations import NEVER_US, Partial
 
 BYTES_PER_SLOT = 64
@@ -45,19 +46,6 @@ _NUMBER_FIELDS: list[pa.Field[Any]] = [
     *(pa.field(n, pa.int64() if n in _INTS else pa.float64()) for n in _NUMBERS),
 ]
 _EMPTY_NUMBERS = pa.schema(_NUMBER_FIELDS).empty_table()
-_VALUE_FIELDS: list[pa.Field[Any]] = [
-    pa.field("meter_id", pa.string()),
-    pa.field("subject", pa.string()),
-    pa.field("value", pa.string()),
-]
-_POINT_FIELDS: list[pa.Field[Any]] = [
-    pa.field("meter_id", pa.string()),
-    pa.field("subject", pa.string()),
-    pa.field("at_us", pa.int64()),
-    pa.field("value", pa.float64()),
-]
-_EMPTY_VALUES = pa.schema(_VALUE_FIELDS).empty_table()
-_EMPTY_POINTS = pa.schema(_POINT_FIELDS).empty_table()
 # Where the ledger's usage is stored (numbers, values, points): `compaction`'s keyed tables,
 # their deltas, and the views merging both.
 _KEYED = ("ledger_usage", "ledger_usage_values", "ledger_points")
@@ -172,7 +160,7 @@ class Added:
 
     @classmethod
     def numbers_only(cls, organization_id: str, numbers: pa.Table) -> Added:
-        return cls(organization_id, numbers, _EMPTY_VALUES, _EMPTY_POINTS)
+        return cls(organization_id, numbers, EMPTY_LEDGER_VALUES, EMPTY_LEDGER_POINTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +323,7 @@ class Balances:
         with self.lock:
             usage = self._usage.get(meter_id)
             if usage is None:
-                return "", _EMPTY_NUMBERS, _EMPTY_VALUES, _EMPTY_POINTS
+                return "", _EMPTY_NUMBERS, EMPTY_LEDGER_VALUES, EMPTY_LEDGER_POINTS
             index = self._subjects.get(usage.organization_id, {})
             held = [(s, index[s]) for s in subjects if s in index]
             at = np.array([i for _, i in held if i < len(usage.events)], np.int64)
@@ -357,7 +345,7 @@ class Balances:
                     "at_us": usage.point_us[at[pointed]],
                     "value": usage.point[at[pointed]],
                 },
-                schema=_EMPTY_POINTS.schema,
+                schema=EMPTY_LEDGER_POINTS.schema,
             )
             subject_of, value_of = [], []
             for name, i in held:
@@ -371,7 +359,7 @@ class Balances:
                     "subject": subject_of,
                     "value": value_of,
                 },
-                schema=_EMPTY_VALUES.schema,
+                schema=EMPTY_LEDGER_VALUES.schema,
             )
             return usage.organization_id, numbers, values, points
 

@@ -126,8 +126,10 @@ def evaluate(
     latest = of_kind(meters, ("latest",)) if ledger else []
     with registered(con, "_values", _columns(keys, contributions, None)):
         usage = arrow_table(con, *_ledger_numbers(numbers)) if numbers else _EMPTY_NUMBERS
-        usage_values = arrow_table(con, *_ledger_uniques(uniques)) if uniques else _EMPTY_VALUES
-        points = arrow_table(con, *_ledger_points(latest)) if latest else _EMPTY_POINTS
+        usage_values = (
+            arrow_table(con, *_ledger_uniques(uniques)) if uniques else EMPTY_LEDGER_VALUES
+        )
+        points = arrow_table(con, *_ledger_points(latest)) if latest else EMPTY_LEDGER_POINTS
     return Evaluated.of(meters, (keys, contributions), (usage, usage_values, points), at_us)
 
 
@@ -143,7 +145,9 @@ def evaluated(
     before the writer): the ledger's usage added, in Arrow."""
     both = (keys, contributions)
     if not ledger:
-        return Evaluated.of(meters, both, (_EMPTY_NUMBERS, _EMPTY_VALUES, _EMPTY_POINTS), at_us)
+        return Evaluated.of(
+            meters, both, (_EMPTY_NUMBERS, EMPTY_LEDGER_VALUES, EMPTY_LEDGER_POINTS), at_us
+        )
     usage = _live_ledger(keys, contributions, meters)
     return Evaluated.of(meters, both, usage, at_us)
 
@@ -490,7 +494,7 @@ def _live_points(
     """`_ledger_points` of live ingest: each latest meter's greatest point per subject (sorted
     by subject, instant and value, the last of each subject's run)."""
     if not latest or not keys.num_rows:
-        return _EMPTY_POINTS
+        return EMPTY_LEDGER_POINTS
     _, codes = encoded(keys.column("subject"))
     at = numpy(keys.column("at_us"), np.int64)
     parts = []
@@ -510,7 +514,7 @@ def _live_points(
                     "at_us": pa.array(at[picked], pa.int64()),
                     "value": pa.array(value[order][last], pa.float64()),
                 },
-                schema=_EMPTY_POINTS.schema,
+                schema=EMPTY_LEDGER_POINTS.schema,
             )
         )
     return pa.concat_tables(parts)
@@ -543,7 +547,7 @@ def _live_ledger(
             },
             schema=_EMPTY_NUMBERS.schema,
         )
-    distinct = _EMPTY_VALUES
+    distinct = EMPTY_LEDGER_VALUES
     if len(uniques):
         pairs = (
             long_rows(keys, contributions, uniques, kinds.ids, _LEDGER_KEYS)
@@ -556,7 +560,7 @@ def _live_ledger(
                 "subject": pairs.column("subject"),
                 "value": pairs.column("v"),
             },
-            schema=_EMPTY_VALUES.schema,
+            schema=EMPTY_LEDGER_VALUES.schema,
         )
     return usage, distinct, _live_points(keys, contributions, of_kind(meters, ("latest",)))
 
@@ -616,7 +620,8 @@ _NUMBER_FIELDS: list[pa.Field[Any]] = [
     pa.field("high", pa.float64()),
 ]
 _EMPTY_NUMBERS = pa.schema(_NUMBER_FIELDS).empty_table()
-_EMPTY_VALUES = pa.schema(
+# The ledger's values and points as the balances take them too (`Balances.add`).
+EMPTY_LEDGER_VALUES = pa.schema(
     [
         pa.field("meter_id", pa.string()),
         pa.field("subject", pa.string()),
@@ -629,7 +634,7 @@ _POINT_FIELDS: list[pa.Field[Any]] = [
     pa.field("at_us", pa.int64()),
     pa.field("value", pa.float64()),
 ]
-_EMPTY_POINTS = pa.schema(_POINT_FIELDS).empty_table()
+EMPTY_LEDGER_POINTS = pa.schema(_POINT_FIELDS).empty_table()
 
 
 # The subjects a reset has closed, with the seq of that reset.
