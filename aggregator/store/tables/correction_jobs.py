@@ -234,7 +234,8 @@ def replace_job(
     def job(tx: Tx) -> Replaced:
         con = tx.con
         chosen = replacement(con, organization_id, request, events, tx.live.feature(Ledgers))
-        was = Before.read(con, usage_in(tx.live), organization_id, chosen, now_us)
+        usage_of = usage_in(tx.live)
+        was = Before.read(con, usage_of, organization_id, chosen, now_us)
         reason = request.reason or "replaced"
         done = correct(
             tx,
@@ -264,7 +265,7 @@ def replace_job(
             extra,
             everywhere,
         )
-        meters, consumed = was.applied(con, tx.live, chosen, now_us)
+        meters, consumed = was.applied(con, usage_of, chosen, now_us)
         return Replaced(
             len(done.voided_ids), done.inserted, chosen.duplicates, False, meters, consumed
         )

@@ -131,7 +131,7 @@ class Before:
         return cls(meters, quantities, touched, usage, voided, new)
 
     def applied(
-        self, con: duckdb.DuckDBPyConnection, live: Live, chosen: Replacement, now_us: int
+        self, con: duckdb.DuckDBPyConnection, usage_of: Usage, chosen: Replacement, now_us: int
     ) -> tuple[list[MeterChange], list[ConsumedChange]]:
         """The figures after the replacement, read in its transaction once applied."""
         after = {
@@ -140,7 +140,7 @@ class Before:
             )
             for m in self.meters
         }
-        usage = [usage_in(live)(m, c) for c, m in self.touched]
+        usage = [usage_of(m, c) for c, m in self.touched]
         return self._changes(after, usage)
 
     def _changes(
