@@ -217,7 +217,7 @@ def _keyed_job(
             return Applied(after, True, customer, first, meter)
         apply(tx, customer, meter)
         after = customer_meter(con, tx.live, customer, meter)
-        first = first_event_us(tx.live, customer)  # its system event included
+        first = first_event_us(tx.live, customer)
         idempotency.remember(
             con, organization_id, operation, data.external_id, request, asdict(after), now_us
         )
