@@ -126,6 +126,7 @@ class Store:
         holds_customer: Callable[[str, str], bool] | None = None,
         dimension_values: int = DIMENSION_VALUES,
         checkpoint_seconds: float = 10.0,
+        checkpoint_keys: int = 300_000,
     ):
         self.path = str(path)
         # Values of one dimension a meter's groups keep per customer reference and bucket; the
@@ -148,6 +149,7 @@ class Store:
         self._merge_check_seconds = merge_check_seconds
         # How often the hot state is written for a start to read back (`checkpoints`).
         self._checkpoint_seconds = checkpoint_seconds
+        self._checkpoint_keys = checkpoint_keys  # or once this many dedupe keys were added
         self._merge_fanout = merge_fanout
         self._dedupe_memory_keys = dedupe_memory_keys
         self._readers = readers
@@ -288,6 +290,7 @@ class Store:
                 live.dedupe,
                 self._flusher.exclusive,
                 every_seconds=self._checkpoint_seconds,
+                every_keys=self._checkpoint_keys,
                 found=found,
             )
         live.load(self._con, found)

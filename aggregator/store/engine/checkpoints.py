@@ -9,8 +9,10 @@ candidate, checked against the event stored with its seq).
 
 The protocol:
 
-1. A thread of its own takes one every `every_seconds` once keys were added, and one at a
-   clean stop (`close`, after the flusher stored everything).
+1. A thread of its own takes one every `every_seconds` once keys were added, or as soon as
+   `every_keys` keys were added since the last (a start then reads the keys of at most that
+   many events from DuckDB, however fast they come), and one at a clean stop (`close`, after
+   the flusher stored everything).
 2. Under the flusher's `exclusive` (no flush, and no writer job between its COMMIT and its
    effects on memory): `through` is read from DuckDB and the runs held are listed. Every key
    of an event stored with a seq up to `through` is among them: a key is held from its
@@ -58,6 +60,7 @@ U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 Run = tuple[U64, I64]
 KEPT = 2  # manifests kept: the newest, and the one before in case it is unusable
+_POLL_SECONDS = 0.5  # how often the thread counts the keys added
 _MANIFEST = "checkpoint-{:012d}.json"
 _RUN = "keys-{:012d}.npy"
 
@@ -88,6 +91,7 @@ class Checkpoints:
         exclusive: threading.RLock,
         *,
         every_seconds: float = 10.0,
+        every_keys: int = 300_000,
         found: Found | None = None,
     ) -> None:
         """`found`: the checkpoint the keys were loaded from (its runs are not written again)."""
@@ -96,19 +100,23 @@ class Checkpoints:
         self._dedupe = dedupe
         self._exclusive = exclusive
         self._every_seconds = every_seconds
+        self._every_keys = every_keys
         # The file of each run written, by its fingerprints' id (a weak reference tells a run
         # from a later one given the same id, and keeps no run a merge replaced alive).
         self._written: dict[int, tuple[weakref.ref[U64], str]] = {}
         if found is not None:
             for (fps, _), name in zip(found.runs, found.files, strict=True):
                 self._written[id(fps)] = (weakref.ref(fps), name)
-        self._taken_keys = -1  # keys held at the last checkpoint
+        self._taken_keys = -1  # keys held at the last checkpoint (-1: none taken yet)
+        self._counted_from = 0  # keys held at the last checkpoint or at the start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="checkpoints", daemon=True)
         self.taken = 0
 
     def start(self) -> None:
+        """Once the keys are loaded."""
         self._directory.mkdir(parents=True, exist_ok=True)
+        self._counted_from = len(self._dedupe)
         self._thread.start()
 
     def close(self) -> None:
@@ -120,12 +128,18 @@ class Checkpoints:
 
     def _run(self) -> None:
         said_at = -math.inf
-        while not self._stop.wait(self._every_seconds):
-            if len(self._dedupe) == self._taken_keys:
+        due_at = time.monotonic() + self._every_seconds
+        while not self._stop.wait(min(_POLL_SECONDS, self._every_seconds)):
+            keys = len(self._dedupe)
+            if keys - self._counted_from < self._every_keys and (
+                time.monotonic() < due_at or keys == self._taken_keys
+            ):
                 continue
+            due_at = time.monotonic() + self._every_seconds
             try:
                 self.take()
             except Exception:  # the next one is due as usual; a start rebuilds what is missing
+                self._counted_from = keys  # not tried again at every count
                 if time.monotonic() - said_at >= 60:  # a full disk fails every one: once a minute
                     said_at = time.monotonic()
                     log.exception("a checkpoint failed; the next is due as usual")
@@ -154,7 +168,7 @@ class Checkpoints:
         text = orjson.dumps(body, option=orjson.OPT_INDENT_2)
         _durably(manifest, lambda file: file.write(text))
         self._prune()
-        self._taken_keys = keys
+        self._taken_keys = self._counted_from = keys
         self.taken += 1
         return manifest
 

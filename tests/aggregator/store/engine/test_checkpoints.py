@@ -21,6 +21,7 @@ from aggregator.store.engine import checkpoints
 from aggregator.store.engine.dedupe import Dedupe
 from meters.events import Event, to_table
 from meters.times import now_us
+from tests.deadline import until
 from tests.strategies import examples
 
 ORG = str(uuid.uuid4())
@@ -185,3 +186,29 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_one_before(
     asyncio.run(run())
     found = _newest(path)  # the stop's own checkpoint, written once the disk had room
     assert found is not None and found.through == 3
+
+
+def test_a_checkpoint_is_taken_once_enough_keys_were_added_whatever_the_time(
+    tmp_path: Path,
+) -> None:
+    """Besides every `checkpoint_seconds`, one is taken once `checkpoint_keys` keys were added
+    since the last (or since the start): a start then reads the keys of few events from DuckDB
+    however fast they came. Fewer keys take none before the time."""
+    path = tmp_path / "m.duckdb"
+
+    def manifests() -> list[Path]:
+        return sorted(checkpoints.folder(path).glob("checkpoint-*.json"))
+
+    async def run() -> None:
+        async with Store(path, checkpoint_seconds=3600, checkpoint_keys=50) as store:
+            await store.write(_request(list(range(40))))
+            await store.stored()
+            await asyncio.sleep(1.5)  # three counts of the thread
+            assert manifests() == []
+            await store.write(_request(list(range(40, 60))))
+            await store.stored()
+            await until("a checkpoint of 60 keys", lambda: len(manifests()) == 1)
+        found = _newest(path)  # the stop's, after it
+        assert found is not None and found.through == 60
+
+    asyncio.run(run())
