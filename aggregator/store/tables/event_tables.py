@@ -14,6 +14,7 @@ from aggregator.store.base.ids import derived_id
 from aggregator.store.base.rows import among, first_row, is_uuid
 from aggregator.store.metering.meter_sql import member_pointer
 from meters.corrections import NAMES as CORRECTIONS
+from meters.events.schema import ID_FIELDS
 
 if TYPE_CHECKING:
     from aggregator.store.engine.live import Live
@@ -53,7 +54,7 @@ def store_system_event(
         "name": pa.array([name], text),
         "timestamp": pa.array([at_us], pa.int64()).cast(utc),
         "customer_id": pa.array([customer_id], text),
-        **{c: pa.nulls(1, text) for c in _NO_KEYS},
+        **{c: pa.nulls(1, text) for c in ID_FIELDS},
         "metadata": pa.array([orjson.dumps(metadata).decode()], text),
         "cost_amount": pa.nulls(1, text),
         "organization_id": pa.array([organization_id], text),
@@ -63,9 +64,6 @@ def store_system_event(
     }
     live.store_system_event(con, pa.table(row))
     return seq
-
-
-_NO_KEYS = ("external_customer_id", "external_id", "parent_id", "external_member_id")
 
 
 # ---- reads ---------------------------------------------------------------------------------
