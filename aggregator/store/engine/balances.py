@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 import numpy as np
@@ -442,6 +442,15 @@ class Balances:
         return Usage(partial, first, last)
 
 
+class Meter(Protocol):
+    """What `Pending` reads of a meter (a `MeterRow`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def organization_id(self) -> str: ...
+
+
 class Pending:
     """A writer transaction's changes to the balances, in order, each applied at its commit
     (`Live.change_ledger`); what a job reads of the ledger within it (`usage`): the balances as
@@ -449,18 +458,21 @@ class Pending:
 
     def __init__(self, balances: Balances) -> None:
         self._balances = balances
-        self.changes: list[LedgerChange] = []
+        self._changes: list[LedgerChange] = []
 
-    def usage(self, meter: Any, subjects: list[str]) -> Usage:
-        """The usage of `meter` (a `MeterRow`) by the references `subjects`: the committed
-        usage of those alone, in a `Balances` of its own, with this transaction's changes."""
+    def record(self, change: LedgerChange) -> None:
+        self._changes.append(change)
+
+    def usage(self, meter: Meter, subjects: list[str]) -> Usage:
+        """The usage of `meter` by the references `subjects`: the committed usage of those
+        alone, in a `Balances` of its own, with this transaction's changes."""
         balances = self._balances
-        if not self.changes:
+        if not self._changes:
             return balances.usage(meter.id, subjects)
         _, numbers, values, points = balances.rows(meter.id, subjects)
         scratch = Balances()
         scratch.add(_SCRATCH, numbers, values, points)
-        for change in self.changes:
+        for change in self._changes:
             mine = _restricted(change, meter, subjects)
             if mine is not None:
                 scratch.apply(mine)
@@ -475,7 +487,7 @@ class Pending:
 _SCRATCH = ""  # the organization of `Pending.usage`'s balances of one meter
 
 
-def _restricted(change: LedgerChange, meter: Any, subjects: list[str]) -> LedgerChange | None:
+def _restricted(change: LedgerChange, meter: Meter, subjects: list[str]) -> LedgerChange | None:
     """What of `change` touches `meter`'s usage by `subjects` (None: nothing), as a change of
     `Pending.usage`'s balances."""
     match change:
@@ -486,7 +498,7 @@ def _restricted(change: LedgerChange, meter: Any, subjects: list[str]) -> Ledger
                 if not table.num_rows:
                     return table
                 keep = pc.and_(
-                    pc.equal(table.column("meter_id").cast(pa.string()), meter.id),
+                    pc.equal(table.column("meter_id").cast(pa.string()), pa.scalar(meter.id)),
                     pc.is_in(table.column("subject"), asked),
                 )
                 return table.filter(keep)

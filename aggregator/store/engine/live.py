@@ -332,7 +332,7 @@ class Live:
         """A change of the balances this transaction makes: read back within it
         (`ledger_usage`), applied at its commit in order with its other effects."""
         self._expect(Status.OPEN)
-        self._ledger.changes.append(change)
+        self._ledger.record(change)
         self.stage(lambda: self.balances.apply(change))
 
     def ledger_usage(self, meter: MeterRow, subjects: list[str]) -> Usage:

@@ -151,7 +151,8 @@ def test_pending_reads_what_the_balances_hold_once_its_changes_are_applied(
     for change in committed:
         balances.apply(change)
     pending = Pending(balances)
-    pending.changes.extend(changes)
+    for change in changes:
+        pending.record(change)
     read = {m.id: _shown(pending.usage(m, asked)) for m in METERS}
     for change in changes:
         balances.apply(change)
