@@ -48,6 +48,16 @@ from tests.deadline import seconds_left, wait_for
 from tests.processes import answers_health, api_client
 
 T = TypeVar("T")
+# A meter of each kind whose rows have a relation of their own: a count by a dimension
+# (`rollup_groups`), a sum and a max (`rollups`), unique (`rollup_values`), latest
+# (`rollup_points`): what makes a row of every derived relation (`create_meters`).
+EVERY_RELATION_METERS: list[tuple[dict[str, Any], list[str]]] = [
+    ({"func": "count"}, ["model"]),
+    ({"func": "sum", "property": "n"}, []),
+    ({"func": "max", "property": "n"}, []),
+    ({"func": "unique", "property": "n"}, []),
+    ({"func": "latest", "property": "n"}, []),
+]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -137,6 +147,22 @@ class InProcessCore:
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return self.run(self.client.request(method, path, **kwargs))
+
+    def create_meters(self, meters: list[tuple[dict[str, Any], list[str]]]) -> list[str]:
+        """Meters of no filter, each (aggregation, dimensions), named after their function;
+        their ids."""
+        ids = []
+        for aggregation, dimensions in meters:
+            body = {
+                "name": aggregation["func"],
+                "filter": {"conjunction": "and", "clauses": []},
+                "aggregation": aggregation,
+                "dimensions": dimensions,
+            }
+            answer = self.request("POST", "/v1/meters/", json=body)
+            assert answer.status_code == 201, answer.text
+            ids.append(answer.json()["id"])
+        return ids
 
     def settle(self) -> None:
         """Wait until no meter is backfilling (the one write that follows a request)."""

@@ -9,15 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.inprocess import InProcessCore
+from tests.inprocess import EVERY_RELATION_METERS, InProcessCore
 
-METERS = [
-    ({"func": "count"}, ["model"]),
-    ({"func": "sum", "property": "n"}, []),
-    ({"func": "max", "property": "n"}, []),
-    ({"func": "unique", "property": "n"}, []),
-    ({"func": "latest", "property": "n"}, []),
-]
 EVENTS = [
     {
         "name": "use",
@@ -47,14 +40,7 @@ def _core(path: Path, requests: int, *, merging: bool = True) -> InProcessCore:
     core = InProcessCore(path).__enter__()
     if not merging:
         core.store.merger.close()
-    for aggregation, dimensions in METERS:
-        body = {
-            "name": aggregation["func"],
-            "filter": {"conjunction": "and", "clauses": []},
-            "aggregation": aggregation,
-            "dimensions": dimensions,
-        }
-        assert core.request("POST", "/v1/meters/", json=body).status_code == 201
+    core.create_meters(EVERY_RELATION_METERS)
     size = len(EVENTS) // requests
     for start in range(0, len(EVENTS), size):
         body = {"events": EVENTS[start : start + size]}

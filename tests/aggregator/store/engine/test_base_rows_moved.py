@@ -13,15 +13,7 @@ import pytest
 
 from aggregator.store.base.rows import registered, transaction
 from aggregator.store.engine.segments import RELATIONS, Segments, folder_of
-from tests.inprocess import InProcessCore
-
-METERS = [
-    ({"func": "count"}, ["model"]),
-    ({"func": "sum", "property": "n"}, []),
-    ({"func": "max", "property": "n"}, []),
-    ({"func": "unique", "property": "n"}, []),
-    ({"func": "latest", "property": "n"}, []),
-]
+from tests.inprocess import EVERY_RELATION_METERS, InProcessCore
 
 
 def _events(first: int, n: int) -> list[dict[str, Any]]:
@@ -41,17 +33,7 @@ def _written(path: Path) -> dict[str, Any]:
     """A data dir with every kind of row: events, a credit's system event, a void's markers
     and rewrites, an amendment's new version; its digest."""
     with InProcessCore(path) as core:
-        meter_ids = []
-        for aggregation, dimensions in METERS:
-            body = {
-                "name": aggregation["func"],
-                "filter": {"conjunction": "and", "clauses": []},
-                "aggregation": aggregation,
-                "dimensions": dimensions,
-            }
-            answer = core.request("POST", "/v1/meters/", json=body)
-            assert answer.status_code == 201, answer.text
-            meter_ids.append(answer.json()["id"])
+        meter_ids = core.create_meters(EVERY_RELATION_METERS)
         for first in (0, 20):
             ingested = core.request(
                 "POST", "/v1/events/ingest", json={"events": _events(first, 20)}
