@@ -41,7 +41,6 @@ from aggregator.serving.command import settings_of
 from aggregator.serving.listening import Listening
 from aggregator.settings import CoreSettings, ExportSettings, WebhookSettings
 from aggregator.store import Store
-from aggregator.store.engine.compaction import compact
 from aggregator.store.tables.meter_tables import pending_backfills
 from ingest.validation import ValidationPool
 from tests.deadline import seconds_left, wait_for
@@ -178,14 +177,15 @@ class InProcessCore:
         self.run(self.voider.idle())
 
     def table_counts(self) -> dict[str, int]:
-        """Rows in every table: what a request that is refused must leave unchanged. Appended
-        deltas are compacted first, so that the writer's own compaction between groups does
+        """Rows in every table: what a request that is refused must leave unchanged. The
+        ledger's checkpoint is taken first, so that the flusher's own between requests does
         not count as a change. Write outcomes are not counted: a write refused in the writer
         keeps its refusal by request id, so that a resend is refused alike
         (`tests/aggregator/api/test_request_ids.py`). Nor are the merger's merges: counted
-        once none is due, the segments stay as counted until something is stored."""
-        self.run(self.store.write(lambda tx: compact(tx.con)))
-        self.run(self.store.stored())
+        once none is due, the segments stay as counted until something is stored. Counted once
+        no meter is backfilling (`settle`)."""
+        self.settle()
+        self.run(self.store.checkpoint_ledger())
         wait_for("the due merges", lambda: not self.store.live.segments.due())
 
         def count(con: Any) -> dict[str, int]:

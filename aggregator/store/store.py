@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -39,7 +40,8 @@ from aggregator.store.apply.commands import applied_group, applied_job, position
 from aggregator.store.apply.ingest import Replay
 from aggregator.store.base.meter_rows import MeterRow, meters_of
 from aggregator.store.base.rows import transaction
-from aggregator.store.engine import checkpoints, dedupe, disk, ingest_log
+from aggregator.store.engine import checkpoints, dedupe, disk, ingest_log, ledger_log
+from aggregator.store.engine.balances import Balances
 from aggregator.store.engine.disk import DiskHealth
 from aggregator.store.engine.flusher import Flusher
 from aggregator.store.engine.gates import Gates
@@ -114,7 +116,6 @@ class Store:
         checkpoint_bytes: int = 16 * 1024 * 1024,
         read_timeout_seconds: float = 30.0,
         job_bound_seconds: float = DEFAULT_JOB_BOUND_SECONDS,
-        compact_seconds: float = 1.0,
         flush_events: int = ROW_GROUP,
         flush_seconds: float = 5.0,
         max_pending_events: int = 4 * ROW_GROUP,
@@ -155,9 +156,6 @@ class Store:
         self._readers = readers
         self._read_timeout = read_timeout_seconds
         self._job_bound = job_bound_seconds
-        # How often appended deltas are folded into the keyed tables (`compaction`) while
-        # writes keep coming: fewer, larger folds cost less per event; reads merge the rest.
-        self._compact_seconds = compact_seconds
         self._memory_limit = memory_limit
         self._con: duckdb.DuckDBPyConnection | None = None
         self._writer: Writer | None = None
@@ -243,7 +241,7 @@ class Store:
             raise
         if log.witnessed and not witnessed:
             ingest_log.mark_witnessed(self._con)
-        table = Memtable()
+        table, balances = Memtable(), Balances()
         self._flusher = Flusher(
             self._con.cursor(),
             table,
@@ -252,7 +250,9 @@ class Store:
             wal=wal,
             flush_events=self._flush_events,
             flush_seconds=self._flush_seconds,
-            compact_seconds=self._compact_seconds,
+            ledger=ledger_log.Checkpoint(
+                balances, segments, every_seconds=self._checkpoint_seconds
+            ),
             checkpoint_bytes=self._checkpoint_bytes,
             idle=self._compact_memory,
             disk=self.disk,
@@ -266,6 +266,7 @@ class Store:
             log,
             self._con.cursor(),
             segments,
+            balances,
             notices=self.listeners,
             features=(
                 Meters(),
@@ -362,6 +363,8 @@ class Store:
         for copying, done in list(self._copying.items()):
             copying.interrupt()
             done.wait(30)
+        # No read is left that could open a retired file (a start would delete them anyway).
+        self.live.segments.delete_retired(now=math.inf)
         self._con.close()
         self._con = None
         if self._scratch is not None:
@@ -473,6 +476,12 @@ class Store:
         it off (`Live.hold`) then stores little itself, on the writer's time."""
         assert self._flusher is not None, "store is not open"
         await self._flusher.barrier()
+
+    async def checkpoint_ledger(self) -> None:
+        """Take the ledger's checkpoint now (`ledger_log`), if anything was written since the
+        last: what the flusher does every `checkpoint_seconds`."""
+        assert self._flusher is not None, "store is not open"
+        await asyncio.to_thread(self._flusher.checkpoint_ledger)
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(cursor, *args, **kwargs)` on a reader thread once every event applied so

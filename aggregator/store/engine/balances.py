@@ -5,8 +5,8 @@ its changes (`LedgerChange`: usage added, references cleared by a reset or a cor
 unique meter's values dropped, a meter redefined, a customer forgotten) in a `Pending`, which
 reads them back within the transaction over the committed balances, and they are applied here
 at its commit, in order (`apply`): ingest's usage is visible as soon as it is applied, before
-the events are flushed. DuckDB's ledger tables (`all_ledger_usage`, `customer_meters`) are
-still written as the durable image, and the balances are rebuilt from them at open (`load`).
+the events are flushed. What a start reads back is written by `ledger_log` (checkpoints of
+these balances, and what changed since); the credits are DuckDB's `customer_meters`.
 
 Layout: per organization, each customer reference (`id:<uuid>`, `ext:<external id>`) has a dense
 index; per meter, numpy arrays over those indexes hold the events, sum, min, max and first/last
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.store.base.arrays import Column, Keys, distinct, encoded, numpy
-from aggregator.store.metering.rollups import EMPTY_LEDGER_POINTS, EMPTY_LEDGER_VALUES
+from aggregator.store.metering.rollups import EMPTY_LEDGER_POINTS, EMPTY_LEDGER_VALUES, Evaluated
 from meters.aggregations import NEVER_US, Partial
 
 BYTES_PER_SLOT = 64
@@ -46,11 +46,6 @@ _NUMBER_FIELDS: list[pa.Field[Any]] = [
     *(pa.field(n, pa.int64() if n in _INTS else pa.float64()) for n in _NUMBERS),
 ]
 _EMPTY_NUMBERS = pa.schema(_NUMBER_FIELDS).empty_table()
-# Where the ledger's usage is stored (numbers, values, points): `compaction`'s keyed tables,
-# their deltas, and the views merging both.
-_KEYED = ("ledger_usage", "ledger_usage_values", "ledger_points")
-_DELTAS = ("ledger_usage_deltas", "ledger_usage_value_deltas", "ledger_point_deltas")
-_VIEWS = ("all_ledger_usage", "all_ledger_usage_values", "all_ledger_points")
 
 
 @dataclass(slots=True)
@@ -162,6 +157,15 @@ class Added:
     def numbers_only(cls, organization_id: str, numbers: pa.Table) -> Added:
         return cls(organization_id, numbers, EMPTY_LEDGER_VALUES, EMPTY_LEDGER_POINTS)
 
+    @classmethod
+    def of(cls, evaluated: Evaluated) -> Added:
+        """A batch's ledger usage: at the time it was applied."""
+        at = pa.array(np.full(evaluated.ledger.num_rows, evaluated.at_us, dtype=np.int64))
+        numbers = evaluated.ledger.append_column("first_us", at).append_column("last_us", at)
+        return cls(
+            evaluated.organization_id, numbers, evaluated.ledger_values, evaluated.ledger_points
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Cleared:
@@ -221,14 +225,8 @@ class Balances:
         """Bytes of unique meters' value keys."""
         return sum(u.values.nbytes for u in self._usage.values())
 
-    def load(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Everything DuckDB holds (at open, before any write)."""
-        for tables in (_KEYED, _DELTAS):  # folded like any usage: adding merges
-            for org, (numbers, values, points) in _per_organization(
-                _stored(con, "", tables)
-            ).items():
-                self.add(org, numbers, values, points)
-        self.compact()
+    def load_credits(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Every customer meter's credits (at open; its usage: `ledger_log.load`)."""
         for customer, meter, credited, created, modified in con.execute(
             "SELECT customer_id::VARCHAR, meter_id::VARCHAR, credited, epoch_us(created_at),"
             " epoch_us(modified_at) FROM customer_meters"
@@ -362,6 +360,54 @@ class Balances:
                 schema=EMPTY_LEDGER_VALUES.schema,
             )
             return usage.organization_id, numbers, values, points
+
+    def export(self) -> tuple[pa.Table, pa.Table, pa.Table]:
+        """Everything held, as `rows` gives it, of every meter."""
+        numbers: list[pa.Table] = [_EMPTY_NUMBERS]
+        values: list[pa.Table] = [EMPTY_LEDGER_VALUES]
+        points: list[pa.Table] = [EMPTY_LEDGER_POINTS]
+        with self.lock:
+            for meter_id, usage in self._usage.items():
+                names = np.array(self._names.get(usage.organization_id, []), dtype=object)
+                used = np.flatnonzero(usage.first_us != _NONE_US)
+                numbers.append(
+                    pa.table(
+                        {
+                            "meter_id": pa.array([meter_id] * len(used), pa.string()),
+                            "subject": pa.array(names[used], pa.string()),
+                            **{n: getattr(usage, n)[used] for n in _NUMBERS},
+                        },
+                        schema=_EMPTY_NUMBERS.schema,
+                    )
+                )
+                pointed = np.flatnonzero(usage.point_us != NEVER_US)
+                points.append(
+                    pa.table(
+                        {
+                            "meter_id": pa.array([meter_id] * len(pointed), pa.string()),
+                            "subject": pa.array(names[pointed], pa.string()),
+                            "at_us": usage.point_us[pointed],
+                            "value": usage.point[pointed],
+                        },
+                        schema=EMPTY_LEDGER_POINTS.schema,
+                    )
+                )
+                keys = usage.values.between(0, 1 << 62)
+                if len(keys):
+                    named = np.array(usage.named, dtype=object)
+                    values.append(
+                        pa.table(
+                            {
+                                "meter_id": pa.array([meter_id] * len(keys), pa.string()),
+                                "subject": pa.array(names[keys >> _VALUE_BITS], pa.string()),
+                                "value": pa.array(
+                                    named[keys & ((1 << _VALUE_BITS) - 1)], pa.string()
+                                ),
+                            },
+                            schema=EMPTY_LEDGER_VALUES.schema,
+                        )
+                    )
+        return pa.concat_tables(numbers), pa.concat_tables(values), pa.concat_tables(points)
 
     def set_credits(self, customer_id: str, meter_id: str, credits: Credits) -> None:
         with self.lock:
@@ -526,22 +572,6 @@ def _per_meter(
     return out
 
 
-def _per_organization(tables: tuple[pa.Table, ...]) -> dict[str, list[pa.Table]]:
-    """`tables`' rows per organization (its `organization_id` column), in one sort each."""
-    out: dict[str, list[pa.Table]] = {}
-    for i, table in enumerate(tables):
-        if not table.num_rows:
-            continue
-        organizations, codes = encoded(table.column("organization_id"))
-        order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(organizations) + 1))
-        for code, org in enumerate(organizations):
-            parts = out.setdefault(str(org), [t.slice(0, 0) for t in tables])
-            rows = order[bounds[code] : bounds[code + 1]]
-            parts[i] = table if len(organizations) == 1 else table.take(rows)
-    return out
-
-
 def _value_keys(values: Keys, asked: npt.NDArray[np.int64] | None) -> npt.NDArray[np.int64]:
     """A unique meter's value keys, of every reference or of those `asked` (a range each, not
     all of them read and then filtered: a customer's read of a meter of many values)."""
@@ -571,42 +601,3 @@ def _indexes(index: _Index, subjects: Column) -> npt.NDArray[np.int64]:
     # New ones were numbered in the order they came in `distinct`.
     names.extend(str(distinct[i]) for i in np.flatnonzero(known >= before).tolist())
     return known[codes]
-
-
-def _stored(
-    con: duckdb.DuckDBPyConnection, where: str, tables: tuple[str, str, str] = _VIEWS
-) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """The ledger's usage as DuckDB holds it (numbers, values, points: what `Balances.add`
-    takes, with each row's organization_id), of the rows `where` (SQL after a condition)
-    selects, from `tables` (numbers', values' and points'): the views merging each keyed table
-    with its deltas, per key; `_KEYED`, the keyed tables alone, one row per key already
-    (grouping their million rows took a start three times as long as reading them)."""
-    numbers_from, values_from, points_from = tables
-    grouped = tables != _KEYED
-
-    def each(aggregate: str, column: str) -> str:
-        """`column` merged over a key's rows, where they are grouped."""
-        return f"{aggregate}({column})" if grouped else column
-
-    group_by = " GROUP BY ALL" if grouped else ""
-    numbers = con.sql(
-        "SELECT m.organization_id::VARCHAR AS organization_id, u.meter_id::VARCHAR AS"  # noqa: S608 - fixed text
-        f" meter_id, subject, {each('sum', 'events')}::BIGINT AS events,"
-        f" {each('sum', 'total')} AS total, {each('min', 'low')} AS low,"
-        f" {each('max', 'high')} AS high, epoch_us({each('min', 'u.created_at')}) AS first_us,"
-        f" epoch_us({each('max', 'u.modified_at')}) AS last_us"
-        f" FROM {numbers_from} u JOIN meters m ON m.id = u.meter_id WHERE TRUE{where}{group_by}"
-    ).to_arrow_table()
-    values = con.sql(
-        f"SELECT {'DISTINCT' if grouped else ''} m.organization_id::VARCHAR AS organization_id,"  # noqa: S608 - fixed text
-        " v.meter_id::VARCHAR AS meter_id, subject, value"
-        f" FROM {values_from} v JOIN meters m ON m.id = v.meter_id WHERE TRUE{where}"
-    ).to_arrow_table()
-    point = each("max", "{'at_us': at_us, 'value': value}")  # the greatest (instant, value)
-    points = con.sql(
-        "SELECT organization_id, meter_id, subject, p.at_us AS at_us, p.value AS value FROM"  # noqa: S608 - fixed text
-        " (SELECT m.organization_id::VARCHAR AS organization_id, p.meter_id::VARCHAR AS"
-        f" meter_id, subject, {point} AS p"
-        f" FROM {points_from} p JOIN meters m ON m.id = p.meter_id WHERE TRUE{where}{group_by})"
-    ).to_arrow_table()
-    return numbers, values, points

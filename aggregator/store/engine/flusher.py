@@ -4,7 +4,7 @@ It stores the memtable (its events and rollups as new files, `segments`; the res
 once it holds a row group of events, once its oldest batch has waited `flush_seconds`, or at
 once when asked (`barrier`: a read that must see every applied event, a write that must come
 after them); then the ingest log's segments it completed are deleted. Between flushes it
-folds the ledger's deltas (`compaction.compact`) every `compact_seconds`, runs `CHECKPOINT`
+takes the ledger's checkpoint when due (`ledger_log.Checkpoint`), runs DuckDB's `CHECKPOINT`
 once the WAL passes `checkpoint_bytes` and the disk has room for it (the ingest path writes
 nothing to DuckDB, so a checkpoint never holds it up), and runs `idle` (upkeep of the
 in-memory state, off the writer's thread).
@@ -33,9 +33,9 @@ import duckdb
 
 from aggregator.store.base.rows import transaction
 from aggregator.store.engine import disk, memtable
-from aggregator.store.engine.compaction import compact
 from aggregator.store.engine.disk import DiskHealth
 from aggregator.store.engine.ingest_log import IngestLog
+from aggregator.store.engine.ledger_log import Checkpoint
 from aggregator.store.engine.memtable import ROW_GROUP, Memtable
 from aggregator.store.engine.segments import Change, Segments
 from aggregator.store.metering.groups import Bound
@@ -57,7 +57,7 @@ class Flusher:
         wal: Path | None,
         flush_events: int = ROW_GROUP,
         flush_seconds: float = 1.0,
-        compact_seconds: float = 1.0,
+        ledger: Checkpoint | None = None,
         checkpoint_bytes: int = 16 * 1024 * 1024,
         retry_seconds: float = 1.0,
         idle: Callable[[], object] = lambda: None,
@@ -73,7 +73,7 @@ class Flusher:
         self._wal = wal
         self.flush_events = flush_events
         self.flush_seconds = flush_seconds
-        self._compact_seconds = compact_seconds
+        self._ledger = ledger
         self._checkpoint_bytes = checkpoint_bytes
         self._retry_seconds = retry_seconds
         self._idle = idle
@@ -85,7 +85,6 @@ class Flusher:
         self._full_logged_at = NEVER
         self._deferred_logged_at = NEVER
         self.disk_full = False  # the last flush met a full disk
-        self._compacted_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="duckdb-flusher", daemon=True)
         self.flushes = 0
         self.flushed_events = 0
@@ -96,13 +95,24 @@ class Flusher:
         self._thread.start()
 
     def close(self) -> None:
-        """Store everything applied, then stop."""
+        """Store everything applied, take the ledger's checkpoint, then stop."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         self._thread.join()
         with self.exclusive:
             self.flush_all()
+            if self._ledger is not None:
+                try:
+                    self.checkpoint_ledger()  # a start then reads one file
+                except Exception:  # the next start reads the changes since the last one
+                    log.exception("the ledger's checkpoint at stop failed")
+
+    def checkpoint_ledger(self) -> None:
+        """Take the ledger's checkpoint now, if anything was written since the last."""
+        assert self._ledger is not None, "no ledger checkpoints"
+        with self.exclusive:
+            self._ledger.take(self._con, self._store_all)
 
     def poke(self) -> None:
         """Batches were added: check the thresholds."""
@@ -153,6 +163,11 @@ class Flusher:
             time.perf_counter() - started,
         )
         self._settle_barriers()
+
+    def _store_all(self) -> bool:
+        """`flush_all`; whether every applied batch is stored (the ledger's checkpoint)."""
+        self.flush_all()
+        return self._table.stored >= self._table.added
 
     def _settle_barriers(self) -> None:
         with self._wake:
@@ -218,15 +233,14 @@ class Flusher:
                 log.exception("in-memory upkeep failed")
 
     def _upkeep(self) -> None:
-        """Compaction and folding the WAL, between flushes (the caller holds `exclusive`)."""
-        if time.monotonic() - self._compacted_at >= self._compact_seconds:
-            self._compacted_at = time.monotonic()
-            con = self._con
+        """The ledger's checkpoint and folding the WAL, between flushes (the caller holds
+        `exclusive`)."""
+        if self._ledger is not None:
             try:
-                with transaction(con):
-                    compact(con)
+                if self._ledger.due():
+                    self._ledger.take(self._con, self._store_all)
             except Exception:
-                log.exception("compaction failed; retrying later")
+                log.exception("the ledger's checkpoint failed; retrying later")
         self._fold_wal()
 
     def _fold_wal(self) -> None:

@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from aggregator.store.base.arrays import numpy
 from aggregator.store.base.meter_rows import MeterRow
-from aggregator.store.engine import dedupe
+from aggregator.store.engine import dedupe, ledger_log
 from aggregator.store.engine.balances import Added, Balances, LedgerChange, Pending, Usage
 from aggregator.store.engine.catalog import Catalog
 from aggregator.store.engine.checkpoints import Found
@@ -56,7 +56,7 @@ from aggregator.store.engine.memtable import (
     stored_events,
 )
 from aggregator.store.engine.segments import Change, Segments
-from aggregator.store.metering import groups, partials, rollups
+from aggregator.store.metering import groups, partials
 from aggregator.store.metering.groups import Bound
 from aggregator.store.metering.rollups import Evaluated
 
@@ -155,6 +155,7 @@ class Live:
         log: IngestLog,
         verify: duckdb.DuckDBPyConnection,
         segments: Segments,
+        balances: Balances,
         *,
         notices: Notices,
         features: Sequence[Feature] = (),
@@ -171,7 +172,7 @@ class Live:
         self.log = log
         self.segments = segments
         self.dedupe = Dedupe(spill)
-        self.balances = Balances()
+        self.balances = balances
         self.catalog = Catalog()
         self._notices = notices
         self._features: dict[type[Feature], Feature] = {type(f): f for f in features}
@@ -216,7 +217,8 @@ class Live:
             self.dedupe.load(con)
         else:
             self.dedupe.load(con, keys.runs, keys.through)
-        self.balances.load(con)
+        ledger_log.load(con, self.balances)
+        self.balances.load_credits(con)
         self.catalog.load(con)
         self.memtable.load_first_times(con)
         rows = con.execute("SELECT topic, partition, next_offset FROM kafka_offsets").fetchall()
@@ -328,10 +330,12 @@ class Live:
         self._expect(Status.OPEN)
         self._staged.append(effect)
 
-    def change_ledger(self, change: LedgerChange) -> None:
-        """A change of the balances this transaction makes: read back within it
-        (`ledger_usage`), applied at its commit in order with its other effects."""
+    def change_ledger(self, con: duckdb.DuckDBPyConnection, change: LedgerChange) -> None:
+        """A change of the balances this transaction makes: written in it on `con`
+        (`ledger_log.record`), read back within it (`ledger_usage`), applied at its commit in
+        order with its other effects."""
         self._expect(Status.OPEN)
+        ledger_log.record(con, change)
         self._ledger.record(change)
         self.stage(lambda: self.balances.apply(change))
 
@@ -355,14 +359,13 @@ class Live:
     ) -> None:
         """Contributions a job evaluated itself (a backfill's chunk), stored in its transaction
         as a flush stores applied events' (`memtable.store`): the rollups' partials as files
-        listed here (`change_segments`: only under `hold`), the ledger's usage deltas."""
+        listed here (`change_segments`: only under `hold`), the ledger's usage."""
         found = partials.partials(con, evaluated, self.bound)
         groups.list_folded(con, found["rollup_groups"])
         written = [self.segments.write(r, rows) for r, rows in found.items() if rows.num_rows]
         self.change_segments(con, Change(written))
-        rollups.store_ledger(con, evaluated)
         for ev in evaluated:
-            self.change_ledger(added(ev))
+            self.change_ledger(con, Added.of(ev))
 
     def _within(self) -> Change:
         """Every change of the files this transaction made so far: what its later changes,
@@ -547,7 +550,7 @@ class Live:
 
     def add_usage(self, evaluated: Evaluated) -> None:
         """Fold a batch's ledger usage into the balances (at commit)."""
-        self.balances.apply(added(evaluated))
+        self.balances.apply(Added.of(evaluated))
         org = evaluated.organization_id
         if org in self._notices.watched():
             pairs = self._changed.setdefault(org, set())
@@ -570,13 +573,3 @@ class Live:
         if self._changed:
             changed, self._changed = self._changed, {}
             self._notices.changed(changed)
-
-
-def added(evaluated: Evaluated) -> Added:
-    """A batch's ledger usage as a change of the balances: at the time it was applied."""
-    n = evaluated.ledger.num_rows
-    at = pa.array(np.full(n, evaluated.at_us, dtype=np.int64))
-    numbers = evaluated.ledger.append_column("first_us", at).append_column("last_us", at)
-    return Added(
-        evaluated.organization_id, numbers, evaluated.ledger_values, evaluated.ledger_points
-    )

@@ -27,9 +27,10 @@ from aggregator.store.base import subjects
 from aggregator.store.base.arrays import Column, distinct, numpy, uuids
 from aggregator.store.base.ids import INGEST_LOG_PARTITION, ORIGIN, event_ids
 from aggregator.store.base.rows import registered
-from aggregator.store.engine import dedupe, ingest_log
+from aggregator.store.engine import dedupe, ingest_log, ledger_log
+from aggregator.store.engine.balances import Added
 from aggregator.store.engine.segments import Change, Segments
-from aggregator.store.metering import groups, partials, rollups
+from aggregator.store.metering import groups, partials
 from aggregator.store.metering.rollups import Evaluated
 
 # Rows DuckDB puts in a row group: an append of at least this many goes straight to the file.
@@ -299,7 +300,7 @@ def store(
         groups.list_folded(con, found["rollup_groups"])
         files += [(r, t) for r, t in found.items() if t.num_rows]
         change.added += segments.write_all(files)
-        rollups.store_ledger(con, evaluated)
+        ledger_log.append(con, [Added.of(ev) for ev in evaluated])
         segments.commit(con, change, None if within is None else within.then(change))
     except BaseException:
         segments.abandon(change)

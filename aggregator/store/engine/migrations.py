@@ -814,6 +814,23 @@ MIGRATIONS: tuple[str, ...] = (
         created_at TIMESTAMPTZ NOT NULL
     );
     """,
+    # 38: the ledger's truth is the balances in memory (decision 17), written by checkpoints
+    # (`engine.ledger_log`): the keyed tables are the base tables of its checkpoint's
+    # relations (their rows move into a file once, at open: `Segments.move_base_rows`); the
+    # deltas hold the usage added since it, `ledger_changes` the other changes, in order.
+    """
+    DROP VIEW all_ledger_usage;
+    DROP VIEW all_ledger_usage_values;
+    DROP VIEW all_ledger_points;
+    CREATE TABLE ledger_changes (
+        id BIGINT PRIMARY KEY,                -- their order
+        kind VARCHAR NOT NULL,                -- cleared, values_dropped, meter_dropped, forgotten
+        organization_id VARCHAR,              -- forgotten
+        meter_id VARCHAR,                     -- the others
+        subjects VARCHAR[] NOT NULL,
+        dropped VARCHAR[] NOT NULL            -- values_dropped: the values
+    );
+    """,
 )
 
 

@@ -151,6 +151,37 @@ RELATIONS: dict[str, Relation] = {
             "SELECT meter_id, subject, bucket, at_us, max(value) AS value FROM _inputs"
             " GROUP BY ALL ORDER BY meter_id, subject, bucket, at_us",
         ),
+        # The ledger's checkpoint (`ledger_log`, migration 38): the balances as of it, a row
+        # per customer reference and meter (of its values; of its greatest point), written
+        # whole at `MAX_LEVEL` each time (never merged). A data dir of an earlier version's
+        # keyed tables, their base tables, move into files once (`move_base_rows`).
+        Relation(
+            "ledger_usage",
+            "checkpointed_ledger_usage",
+            "ledger_usage",
+            "meter_id, subject",
+            f"SELECT meter_id, subject, {_NUMBERS}, min(created_at) AS created_at,"  # noqa: S608 - fixed text
+            " max(modified_at) AS modified_at FROM _inputs GROUP BY ALL ORDER BY ALL",
+            ("meter_id", "subject"),
+        ),
+        Relation(
+            "ledger_usage_values",
+            "checkpointed_ledger_usage_values",
+            "ledger_usage_values",
+            "meter_id, subject",
+            "SELECT DISTINCT * FROM _inputs ORDER BY ALL",
+            ("meter_id", "subject", "value"),
+        ),
+        Relation(
+            "ledger_points",
+            "checkpointed_ledger_points",
+            "ledger_points",
+            "meter_id, subject",
+            "SELECT meter_id, subject, p.at_us AS at_us, p.value AS value FROM (SELECT meter_id,"
+            " subject, max({'at_us': at_us, 'value': value}) AS p FROM _inputs GROUP BY ALL)"
+            " ORDER BY ALL",
+            ("meter_id", "subject"),
+        ),
         # A dimensioned meter's rollups per group of its dimensions' values (migration 33).
         Relation(
             "rollup_groups",
@@ -166,6 +197,8 @@ RELATIONS: dict[str, Relation] = {
 
 # The relations of meters' partial aggregates (`partials.partials`).
 ROLLUP_RELATIONS = ("rollups", "rollup_values", "rollup_points", "rollup_groups")
+# The relations of the ledger's checkpoint (`ledger_log`): numbers, unique values, points.
+LEDGER_RELATIONS = ("ledger_usage", "ledger_usage_values", "ledger_points")
 
 
 @dataclass(frozen=True, slots=True)

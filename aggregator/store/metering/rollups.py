@@ -346,44 +346,6 @@ def arrow_table(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | 
     return table
 
 
-def store_ledger(con: duckdb.DuckDBPyConnection, batches: Sequence[Evaluated]) -> None:
-    """Append the batches' usage to the ledger's deltas (`compaction` folds them), merged
-    across batches."""
-    _append(
-        con,
-        [_timed(b.ledger, b.at_us) for b in batches],
-        "_ledger",
-        "INSERT INTO ledger_usage_deltas SELECT meter_id::UUID, subject, sum(events), sum(total),"
-        " min(low), max(high), make_timestamptz(min(at_us)), make_timestamptz(max(at_us))"
-        " FROM _ledger GROUP BY ALL",
-    )
-    _append(
-        con,
-        [b.ledger_values for b in batches],
-        "_ledger_values",
-        "INSERT INTO ledger_usage_value_deltas"
-        " SELECT DISTINCT meter_id::UUID, subject, value FROM _ledger_values",
-    )
-    # As they come: compaction and readers take each subject's greatest.
-    _append(
-        con,
-        [b.ledger_points for b in batches],
-        "_ledger_points",
-        "INSERT INTO ledger_point_deltas"
-        " SELECT meter_id::UUID, subject, at_us, value FROM _ledger_points",
-    )
-
-
-def _append(
-    con: duckdb.DuckDBPyConnection, tables: list[pa.Table], name: str, statement: str
-) -> None:
-    """Run `statement` over the rows of `tables`, registered together as `name`, if any."""
-    rows = [t for t in tables if t.num_rows]
-    if rows:
-        with registered(con, name, pa.concat_tables(rows)):
-            con.execute(statement)
-
-
 _LEDGER_KEYS = ("subject",)
 # The ledger's events, totals and extremes: an integral meter has no ledger (its consumption
 # would grow between events, where every other balance changes only with a write).
@@ -438,10 +400,6 @@ def _long_schema(keys: Sequence[str], *, unique: bool) -> pa.Schema:
             pa.field("v", pa.string() if unique else pa.float64()),
         ]
     )
-
-
-def _timed(table: pa.Table, at_us: int) -> pa.Table:
-    return table.append_column("at_us", pa.array(np.full(table.num_rows, at_us, np.int64)))
 
 
 def _value_parts(meters: list[tuple[int, MeterRow]]) -> tuple[str, list[Any]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from aggregator.errors import NotFound
 from aggregator.store.base import subjects
 from aggregator.store.engine.balances import Forgotten
-from aggregator.store.engine.compaction import LEDGER_TABLES
 from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables.customer_tables import CustomerRow, get_customer
 from aggregator.store.tables.hold_tables import HoldKeys
@@ -55,13 +54,6 @@ def delete_job(
         )
         con.execute("DELETE FROM customers WHERE id = ?::UUID", [customer.id])
         names = subjects.of_customer(customer)
-        for table in LEDGER_TABLES:
-            # Table names from this fixed list only.
-            con.execute(
-                f"DELETE FROM {table} WHERE subject IN (SELECT unnest(?))"  # noqa: S608 - fixed text, values bound
-                " AND meter_id IN (SELECT id FROM meters WHERE organization_id = ?::UUID)",
-                [names, organization_id],
-            )
         con.execute("DELETE FROM customer_meters WHERE customer_id = ?::UUID", [customer.id])
         con.execute("DELETE FROM credit_grants WHERE customer_id = ?::UUID", [customer.id])
         con.execute(
@@ -81,7 +73,7 @@ def delete_job(
         holds = tx.live.feature(HoldKeys)
         holds.ending(organization_id, released)
 
-        tx.live.change_ledger(Forgotten(organization_id, tuple(names)))
+        tx.live.change_ledger(con, Forgotten(organization_id, tuple(names)))
 
         def forget() -> None:
             tx.live.balances.forget_credits(customer.id)

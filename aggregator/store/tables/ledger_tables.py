@@ -21,10 +21,9 @@ from aggregator.errors import CustomerElsewhere
 from aggregator.store.base import subjects
 from aggregator.store.base.ids import derived_id
 from aggregator.store.base.meter_rows import MeterRow, get_meter, without_ledger
-from aggregator.store.base.rows import among, first_row
+from aggregator.store.base.rows import first_row
 from aggregator.store.engine.balances import Cleared
 from aggregator.store.engine.balances import Credits as HeldCredits
-from aggregator.store.engine.compaction import LEDGER_TABLES
 from aggregator.store.engine.live import Feature
 from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.tables import alert_tables, grant_tables, idempotency, webhook_tables
@@ -503,16 +502,8 @@ def reset(
     )
     _ensure_row(con, live, customer, meter, now_us)
     carried = rules.carry([r.grant for r in rows], consumed(live, customer, meter))
-    names = subjects.of_customer(customer)
-    which, params = among("subject", names)
-    for table in LEDGER_TABLES:
-        # Table names from this fixed list only.
-        con.execute(
-            f"DELETE FROM {table} WHERE meter_id = ?::UUID AND {which}",  # noqa: S608 - fixed text, values bound
-            [meter.id, *params],
-        )
     grant_tables.drop(con, customer.id, meter.id)
-    live.change_ledger(Cleared(meter.id, tuple(names)))
+    live.change_ledger(con, Cleared(meter.id, tuple(subjects.of_customer(customer))))
     _store_credits(con, live, customer, meter, Credits(), now_us, reset_seq=number)
     # A reset re-arms the meter's alerts: the value before it counts as outside them.
     after = alert_tables.Value(Partial(), 0)

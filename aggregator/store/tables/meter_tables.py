@@ -20,7 +20,6 @@ from aggregator.store.base.meter_rows import (
 )
 from aggregator.store.base.rows import first_row, is_uuid
 from aggregator.store.engine.balances import MeterDropped
-from aggregator.store.engine.compaction import LEDGER_TABLES
 from aggregator.store.engine.segments import ROLLUP_RELATIONS
 from aggregator.store.engine.writer import Job, Tx
 from aggregator.store.metering.evaluation import apply_isolated
@@ -177,7 +176,7 @@ def update_job(
             # New semantics, or events missed while archived: rebuild the rollups from the
             # stored events (backfill); live ingest keeps them current from now on.
             _reset_rollups(tx, meter_id)
-            tx.live.change_ledger(MeterDropped(meter_id))
+            tx.live.change_ledger(tx.con, MeterDropped(meter_id))
             extra += (
                 ", version = version + 1, backfilled_to = 0, backfilled_events = 0,"  # noqa: S608 - fixed text
                 " backfill_target = (SELECT coalesce(max(seq), 0) FROM events),"
@@ -203,9 +202,7 @@ def _reset_rollups(tx: Tx, meter_id: str) -> None:
     customers' credits and resets stay."""
     for relation in ROLLUP_RELATIONS:
         tx.live.delete_rows(tx.con, relation, "meter_id = ?::UUID", [meter_id])
-    for table in (*LEDGER_TABLES, "meter_failures"):
-        # Table names from this fixed list only.
-        tx.con.execute(f"DELETE FROM {table} WHERE meter_id = ?::UUID", [meter_id])  # noqa: S608 - fixed text, values bound
+    tx.con.execute("DELETE FROM meter_failures WHERE meter_id = ?::UUID", [meter_id])
 
 
 def failed_meters(con: duckdb.DuckDBPyConnection) -> list[MeterRow]:

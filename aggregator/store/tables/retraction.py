@@ -31,8 +31,6 @@ from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.base.rows import among, registered
 from aggregator.store.base.subjects import EXTERNAL, ID, OF_EVENT
 from aggregator.store.engine.balances import Added, Cleared, Usage, ValuesDropped
-from aggregator.store.engine.compaction import LEDGER_TABLES
-from aggregator.store.engine.live import added
 from aggregator.store.engine.segments import LIFTED, RELATIONS, ROLLUP_RELATIONS
 from aggregator.store.engine.writer import Tx
 from aggregator.store.metering import groups, partials, rollups
@@ -54,8 +52,6 @@ __all__ = [
 SUBTRACTING = frozenset({"count", "sum", "avg"})
 # The relations a voided event's contributions are taken from (count, sum, average meters).
 _TAKEN = ("rollups", "rollup_groups")
-# The ledger's tables of number meters' usage.
-_NUMBERS = ("ledger_usage", "ledger_usage_deltas")
 # Where each kind of meter (`rollups.kind`) keeps its rollups (a number meter's groups too).
 _RELATIONS_OF = {
     "number": ("rollups", "rollup_groups"),
@@ -286,9 +282,8 @@ class _Window:
         usage = pa.concat_tables([e.ledger for e in gone]) if gone else None
         if usage is not None and usage.num_rows:
             before = self._usage(usage) if extremes else {}
-            rollups.store_ledger(con, [negated(e) for e in gone])
             for e in gone:
-                self.tx.live.change_ledger(added(negated(e)))
+                self.tx.live.change_ledger(con, Added.of(negated(e)))
             held_by_voided: dict[tuple[str, str], tuple[str, float]] = {}
             for meter_id, subject, events, _, low, high in zip(
                 *usage.to_pydict().values(), strict=True
@@ -299,7 +294,7 @@ class _Window:
                 # None before (a deleted customer's): nothing to keep.
                 held, held_low, held_high = before.get((meter_id, subject), (0, 0.0, 0.0))
                 if events >= held:
-                    self._clear(meter_id, subject, _NUMBERS)  # nothing left: no extreme either
+                    self._clear(meter_id, subject)  # nothing left: no extreme either
                 elif func == "min" and low <= held_low:
                     held_by_voided[(meter_id, subject)] = (func, held_low)
                 elif func == "max" and high >= held_high:
@@ -333,13 +328,8 @@ class _Window:
         meter = next(m for m in self.meters if m.id == meter_id)
         return self.tx.live.ledger_usage(meter, [subject])
 
-    def _clear(self, meter_id: str, subject: str, tables: Sequence[str] = LEDGER_TABLES) -> None:
-        for table in tables:  # Table names from fixed lists only.
-            self.con.execute(
-                f"DELETE FROM {table} WHERE meter_id = ?::UUID AND subject = ?",  # noqa: S608 - fixed text, values bound
-                [meter_id, subject],
-            )
-        self.tx.live.change_ledger(Cleared(meter_id, (subject,)))
+    def _clear(self, meter_id: str, subject: str) -> None:
+        self.tx.live.change_ledger(self.con, Cleared(meter_id, (subject,)))
 
     def _extremes_again(self, held: dict[tuple[str, str], tuple[str, float]]) -> None:
         """The ledger's extremes (meter, subject) of `held` that a voided event held (its
@@ -361,12 +351,7 @@ class _Window:
                 continue  # another current event holds it too
             now_held = self._held(meter_id, subject)
             events, total = now_held.partial.events, now_held.partial.total
-            self._clear(meter_id, subject, _NUMBERS)
-            con.execute(
-                "INSERT INTO ledger_usage_deltas VALUES (?::UUID, ?, ?, ?, ?, ?,"
-                " make_timestamptz(?), make_timestamptz(?))",
-                [meter_id, subject, events, total, low, high, now_held.first_us, now_held.last_us],
-            )
+            self._clear(meter_id, subject)
             numbers = pa.table(
                 {
                     "meter_id": [meter_id],
@@ -379,7 +364,7 @@ class _Window:
                     "last_us": pa.array([now_held.last_us], pa.int64()),
                 }
             )
-            self.tx.live.change_ledger(Added.numbers_only(self.org, numbers))
+            self.tx.live.change_ledger(con, Added.numbers_only(self.org, numbers))
 
     def _values_again(self, values: pa.Table, again: set[tuple[str, str]]) -> None:
         """A unique meter's values the voided events had that no current event of the subject
@@ -401,21 +386,14 @@ class _Window:
         for meter_id, subject, value in sorted(asked - kept):
             if (str(meter_id), str(subject)) in again:
                 continue
-            for table in ("ledger_usage_values", "ledger_usage_value_deltas"):
-                con.execute(
-                    f"DELETE FROM {table} WHERE meter_id = ?::UUID AND subject = ?"  # noqa: S608 - fixed text, values bound
-                    " AND value = ?",
-                    [meter_id, subject, value],
-                )
-            self.tx.live.change_ledger(ValuesDropped(meter_id, subject, (value,)))
+            self.tx.live.change_ledger(con, ValuesDropped(meter_id, subject, (value,)))
 
     def _evaluated_again(self, meter_id: str, subject: str) -> None:
         meter = next(m for m in self.meters if m.id == meter_id)
         where = f"{OF_EVENT} = ?"
         found = evaluated_events(self.con, [meter], self.org, where, [subject], self.at_us)
-        rollups.store_ledger(self.con, found)
         for evaluated in found:
-            self.tx.live.change_ledger(added(evaluated))
+            self.tx.live.change_ledger(self.con, Added.of(evaluated))
 
 
 def negated(evaluated: Evaluated) -> Evaluated:

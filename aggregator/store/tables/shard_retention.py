@@ -20,8 +20,14 @@ import pyarrow as pa
 from aggregator.errors import AggregatorError
 from aggregator.store.base import subjects
 from aggregator.store.base.rows import registered, transaction
-from aggregator.store.engine.compaction import LEDGER_TABLES
-from aggregator.store.engine.segments import RELATIONS, ROLLUP_RELATIONS, Change, Segments
+from aggregator.store.engine.ledger_log import DELTAS as LEDGER_DELTAS
+from aggregator.store.engine.segments import (
+    LEDGER_RELATIONS,
+    RELATIONS,
+    ROLLUP_RELATIONS,
+    Change,
+    Segments,
+)
 from aggregator.store.tables.customer_tables import CustomerRef, routing_keys
 from aggregator.store.tables.forward_rollups import external_id
 
@@ -58,7 +64,7 @@ _BY_SUBJECT: dict[str, tuple[str, str]] = {
     "webhook_state_sent": ("organization_id", _CUSTOMER_ID),
     "webhook_events": ("organization_id", _WEBHOOK_SUBJECT),
     "void_jobs": ("organization_id", "subject"),
-    **{t: (_METERS, "subject") for t in ROLLUP_RELATIONS + LEDGER_TABLES},
+    **{t: (_METERS, "subject") for t in (*ROLLUP_RELATIONS, *LEDGER_RELATIONS, *LEDGER_DELTAS)},
 }
 # Rows that go with the rows deleted from another table: (table, its key, that table's key).
 _DEPENDENT = (
@@ -80,6 +86,7 @@ _KEPT = (
     "pricing_settings",
     "top_up_rules",
     "folded_meters",  # of every customer's groups: kept whole, as a superset is safe
+    "ledger_changes",  # kept whole too: a reference's change where it has no usage is none
 )
 # Per-customer tables kept as segments (their base tables, and their files: `segments`).
 _SEGMENTED = frozenset(RELATIONS) & frozenset(_BY_SUBJECT)

@@ -5,7 +5,7 @@ by a filter), amendments (of the metadata, the timestamp, the customer), replace
 (one customer's or every customer's, mostly sending again the external ids the range holds),
 resets of customer meters, a customer made for events that named no customer, a meter made while
 a void is applied (backfilling then), a correction sent at once with ingests (one writer group),
-compactions of the ledger and restarts of the core. After each step every read equals what the
+checkpoints of the ledger and restarts of the core. After each step every read equals what the
 model gives: a plain list of the stored events, each with its version, when it was applied and
 whether it is voided, of which it aggregates the current ones only:
 
@@ -57,7 +57,6 @@ from hypothesis.stateful import (
     rule,
 )
 
-from aggregator.store.engine.compaction import compact
 from tests.inprocess import InProcessCore
 from tests.strategies import examples
 
@@ -570,10 +569,10 @@ class Corrections(RuleBasedStateMachine):
         self.refs.append(("customer_id", made["id"]))
 
     @rule()
-    def compact(self) -> None:
-        """The ledger's deltas folded into its keyed tables (the writer does it between groups
-        too, at its own times; the segments' merges run in the background as well)."""
-        self.core.run(self.core.store.write(lambda tx: compact(tx.con)))
+    def checkpoint(self) -> None:
+        """The ledger's checkpoint taken (the flusher takes one at its own times too; the
+        segments' merges run in the background as well)."""
+        self.core.run(self.core.store.checkpoint_ledger())
 
     @rule(data=st.data())
     def amend(self, data: st.DataObject) -> None:

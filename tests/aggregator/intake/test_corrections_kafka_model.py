@@ -246,7 +246,7 @@ class KafkaCorrections(Corrections):
 
     @precondition(lambda self: False)
     @rule()
-    def compact(self) -> None:
+    def checkpoint(self) -> None:
         """The cores' own (no store here to reach into)."""
 
     @rule(which=st.integers(0, 1))

@@ -14,6 +14,7 @@ FORWARDED_GROUPS = 34  # the step that keyed rollup-mode forwarding by group too
 FOLDED = 35  # the step that listed the meters whose groups held `OTHER`
 PRICING = 36  # the step that made the organizations' pricing settings
 TOP_UPS = 37  # the step that made top-up rules and top-ups
+LEDGER_CHECKPOINTS = 38  # the step that made the ledger's keyed tables its checkpoint's
 # The rollup tables and their deltas before segments.
 _ROLLUPS = {
     "rollups": "rollup_deltas",
@@ -44,8 +45,34 @@ def before_segments(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {SEGMENTS}")
 
 
+def before_ledger_checkpoints(con: duckdb.DuckDBPyConnection) -> None:
+    """The database as schema step 37 had it (the previous main's): the ledger's usage in its
+    keyed tables (what the checkpoint's files hold, copied in; the deltas as they are) and
+    the views merging them with their deltas; no list of changes (a store closed cleanly
+    leaves none); the files are left where they are, listed by nothing."""
+    [(changes,)] = con.execute("SELECT count(*) FROM ledger_changes").fetchall()
+    assert changes == 0, "a data dir closed cleanly"
+    for table in ("ledger_usage", "ledger_usage_values", "ledger_points"):
+        con.execute(f"CREATE TEMP TABLE kept AS SELECT * FROM checkpointed_{table}")
+        con.execute(f"INSERT INTO {table} SELECT * FROM kept")
+        con.execute("DROP TABLE kept")
+        con.execute(f"DROP VIEW checkpointed_{table}")
+        con.execute("DELETE FROM segments WHERE relation = ?", [table])
+    for table, deltas in (
+        ("ledger_usage", "ledger_usage_deltas"),
+        ("ledger_usage_values", "ledger_usage_value_deltas"),
+        ("ledger_points", "ledger_point_deltas"),
+    ):
+        con.execute(
+            f"CREATE VIEW all_{table} AS SELECT * FROM {table} UNION ALL SELECT * FROM {deltas}"
+        )
+    con.execute("DROP TABLE ledger_changes")
+    con.execute(f"DELETE FROM schema_migrations WHERE version >= {LEDGER_CHECKPOINTS}")
+
+
 def before_top_ups(con: duckdb.DuckDBPyConnection) -> None:
     """The database as schema step 36 had it: no top-up rules."""
+    before_ledger_checkpoints(con)
     con.execute("DROP TABLE top_up_rules")
     con.execute("DROP TABLE top_ups")
     con.execute(f"DELETE FROM schema_migrations WHERE version >= {TOP_UPS}")

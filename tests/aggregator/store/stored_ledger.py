@@ -1,56 +1,62 @@
-"""The ledger's usage as DuckDB's tables hold it (`all_ledger_usage` and its values and points),
-read by SQL: the differential check of the balances in memory while the tables still exist."""
+"""The ledger as a start reads it back (`ledger_log.load`: its checkpoint, the changes since and
+the usage added since), into balances of its own: the differential check of the balances in
+memory against what is stored."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import duckdb
 
+from aggregator.store import Store
 from aggregator.store.base import subjects
 from aggregator.store.base.meter_rows import MeterRow
-from aggregator.store.base.rows import among
+from aggregator.store.engine import ledger_log
+from aggregator.store.engine.balances import Balances, Usage
+from aggregator.store.engine.ingest_log_repair import log_directory
 from aggregator.store.tables.customer_tables import CustomerRow
 from meters.aggregations import Partial
 
 
-def _rows(
-    con: duckdb.DuckDBPyConnection, select: str, table: str, meter: MeterRow, names: list[str]
-) -> list[tuple[object, ...]]:
-    """`select` over the rows of `table` of the meter and the subjects `names`."""
-    which, params = among("subject", names)
-    return con.execute(
-        f"SELECT {select} FROM {table} WHERE meter_id = ?::UUID AND {which}",
-        [meter.id, *params],
-    ).fetchall()
+def _stored(con: duckdb.DuckDBPyConnection, meter: MeterRow, names: list[str]) -> Usage:
+    balances = Balances()
+    ledger_log.load(con, balances)
+    return balances.usage(meter.id, names, named=True)
 
 
 def stored_usage(con: duckdb.DuckDBPyConnection, meter: MeterRow, names: list[str]) -> Partial:
-    """The usage of the subjects `names` in the meter's current windows, as the tables hold it."""
-    partial = Partial()
-    numbers = "sum(events), sum(total), min(low), max(high)"
-    [row] = _rows(con, numbers, "all_ledger_usage", meter, names)
-    if row[0] is not None:
-        partial.add(int(row[0]), float(row[1]), float(row[2]), float(row[3]))
-    if partial.events and meter.aggregation.func == "latest":
-        point = "max({'at_us': at_us, 'value': value})"
-        [(best,)] = _rows(con, point, "all_ledger_points", meter, names)
-        if best is not None:
-            partial.add_point(best["at_us"], best["value"])
-    if not partial.events and str(meter.aggregation.func) == "unique":
-        values = _rows(con, "DISTINCT value", "all_ledger_usage_values", meter, names)
-        partial.values = {v[0] for v in values}
-    return partial
+    """The usage of the subjects `names` in the meter's current windows, as stored."""
+    return _stored(con, meter, names).partial
 
 
 def stored_consumed(
     con: duckdb.DuckDBPyConnection, customer: CustomerRow, meter: MeterRow
 ) -> float:
-    """The customer meter's consumed units as the tables hold them."""
+    """The customer meter's consumed units as stored."""
     usage = stored_usage(con, meter, subjects.of_customer(customer))
     return usage.result(str(meter.aggregation.func))
 
 
 def stored_first_us(con: duckdb.DuckDBPyConnection, customer: CustomerRow, meter: MeterRow) -> int:
-    """When the customer meter's usage in its current windows began, as the tables hold it."""
-    names = subjects.of_customer(customer)
-    [(first,)] = _rows(con, "epoch_us(min(created_at))", "all_ledger_usage", meter, names)
-    return int(first)
+    """When the customer meter's usage in its current windows began, as stored."""
+    first = _stored(con, meter, subjects.of_customer(customer)).first_us
+    assert first is not None
+    return first
+
+
+def stored_numbers(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, int, float]]:
+    """Every (meter id, subject, events, total) with usage, as stored."""
+    balances = Balances()
+    ledger_log.load(con, balances)
+    numbers = balances.export()[0].select(["meter_id", "subject", "events", "total"])
+    return sorted(zip(*numbers.to_pydict().values(), strict=True))
+
+
+async def crash_image(store: Store, target: Path) -> None:
+    """At `target`, what a kill -9 of `store` would leave once everything applied is stored,
+    without the ledger's checkpoint a clean stop takes: its snapshot, and its ingest log."""
+    await store.snapshot(target)
+    source = log_directory(Path(store.path))
+    if source.is_dir():
+        shutil.copytree(source, log_directory(target))

@@ -1,6 +1,7 @@
-"""A start reads the balances back from what the ledger stores, its keyed tables and the deltas
-not folded into them yet (`Balances.load`): whatever was folded before the stop, every customer
-meter's usage is what the balances held in memory."""
+"""A start reads the balances back from what the ledger stores (`ledger_log.load`): its
+checkpoint and the usage added since. Wherever the last checkpoint was taken, every customer
+meter's usage is what the balances held in memory, on the image a crash leaves (a snapshot:
+no checkpoint at the stop) and after a clean stop."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from aggregator.store.tables.meter_tables import create_job
 from meters.definitions import MeterCreate
 from meters.events import Event, to_table
 from meters.times import now_us
+from tests.aggregator.store.stored_ledger import crash_image
 from tests.strategies import examples
 
 ORGS = [str(uuid.uuid4()), str(uuid.uuid4())]
@@ -49,8 +51,8 @@ def _seen(store: Store, meters: list[tuple[str, str]]) -> dict[tuple[str, str], 
 
 async def _run(path: Path, requests: list[list[tuple[int, int, int]]], fold_after: int) -> None:
     meters: list[tuple[str, str]] = []
-    # Deltas are folded by hand only (`compact_seconds`): after `fold_after` requests.
-    async with Store(path, compact_seconds=3600) as store:
+    # A checkpoint is taken by hand only (`checkpoint_seconds`): after `fold_after` requests.
+    async with Store(path, checkpoint_seconds=3600) as store:
         for org in ORGS:
             for aggregation in AGGREGATIONS:
                 definition = MeterCreate.model_validate(
@@ -74,18 +76,14 @@ async def _run(path: Path, requests: list[list[tuple[int, int, int]]], fold_afte
                 if events:
                     await store.write(IngestJob(org, to_table(events), now_us()))
             if i + 1 == fold_after:
-                await store.stored()
-                await store.write(_fold)
+                await store.checkpoint_ledger()
         await store.stored()
         before = _seen(store, meters)
-    async with Store(path, compact_seconds=3600) as store:
-        assert _seen(store, meters) == before
-
-
-def _fold(tx: Any) -> None:
-    from aggregator.store.engine.compaction import compact
-
-    compact(tx.con)
+        crashed = path.with_name("crashed.duckdb")
+        await crash_image(store, crashed)
+    for reopened in (crashed, path):
+        async with Store(reopened, checkpoint_seconds=3600) as store:
+            assert _seen(store, meters) == before
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
-"""The ledger's appended deltas and the rollups' segments: a data dir written before either opens
-and reads the same, and neither compaction (the ledger's) nor merging segments changes an
-answer. (The property tests in test_quantities and test_ledger_state_machine do both at random
-points.)"""
+"""The ledger's appended deltas and checkpoints, and the rollups' segments: a data dir written
+before either opens and reads the same, and neither the ledger's checkpoints nor merging
+segments changes an answer. (The property tests in test_quantities and
+test_ledger_state_machine do both at random points.)"""
 
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ import pyarrow.parquet as pq
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import get_meter
-from aggregator.store.engine.compaction import compact
 from aggregator.store.engine.migrations import MIGRATIONS, migrate
-from aggregator.store.engine.segments import Change
+from aggregator.store.engine.segments import MAX_LEVEL, Change
 from aggregator.store.engine.writer import Tx
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer_by_external_id
@@ -66,7 +65,7 @@ def _previous_main_data_dir(path: Path) -> None:
     con.close()
 
 
-def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Path) -> None:
+def test_a_data_dir_from_before_deltas_reads_the_same_and_checkpoints(tmp_path: Path) -> None:
     path = tmp_path / "meterline.duckdb"
     _previous_main_data_dir(path)
 
@@ -84,7 +83,10 @@ def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Pat
 
     async def run() -> list[tuple[float, float, float]]:
         seen = []
-        async with Store(path, compact_seconds=3600) as store:
+        async with Store(path, checkpoint_seconds=3600) as store:
+            # The keyed table's row, moved into a file as it was at open.
+            [moved] = store.live.segments.live("ledger_usage")
+            assert (moved.level, moved.rows) == (0, 1)
             await store.write(
                 create_customer(
                     ORG,
@@ -107,9 +109,12 @@ def test_a_data_dir_from_before_deltas_reads_the_same_and_compacts(tmp_path: Pat
             )
             await store.write(IngestJob(ORG, to_table([event]), BUCKET))
             seen.append(await readings(store))
-            assert await store.write(lambda tx: compact(tx.con)) == 1  # one ledger delta
+            await store.checkpoint_ledger()  # the moved row and one delta: one row
+            [checkpoint] = store.live.segments.live("ledger_usage")
+            assert (checkpoint.level, checkpoint.rows) == (MAX_LEVEL, 1)
             seen.append(await readings(store))
-            assert await store.write(lambda tx: compact(tx.con)) == 0
+            await store.checkpoint_ledger()  # nothing written since: none taken
+            assert store.live.segments.live("ledger_usage") == [checkpoint]
         async with Store(path) as store:  # reopened: the migration is not run twice
             seen.append(await readings(store))
         return seen
@@ -177,33 +182,19 @@ def test_a_merge_folds_each_key_once(tmp_path: Path) -> None:
 
 def test_segments_are_merged_in_the_background(tmp_path: Path) -> None:
     """The merger merges a level's files once it has `fanout` of them, sorted by meter,
-    customer and bucket; the files it merged away are deleted once their grace is over; the
-    flusher compacts the ledger's deltas."""
+    customer and bucket; the files it merged away are deleted once their grace is over."""
 
     async def run() -> tuple[int, list[tuple[str, int]], int]:
-        async with Store(
-            tmp_path / "m.duckdb", compact_seconds=0, merge_fanout=3, merge_check_seconds=0.02
-        ) as store:
+        async with Store(tmp_path / "m.duckdb", merge_fanout=3, merge_check_seconds=0.02) as store:
             store.live.segments._grace = 0
             for i in range(3):
                 rows = [(f"s{9 - j % 10}", j * 10**6, 1, 1.0, 1.0, 1.0) for j in range(i, 30, 3)]
                 await _add(store, _rollups(*sorted(rows)))
-            await store.write(
-                lambda tx: tx.con.execute(
-                    "INSERT INTO ledger_usage_deltas VALUES (?, 's', 1, 1, 1, 1, now(), now())",
-                    [METER],
-                )
-            )
 
-            async def merged_and_folded() -> bool:
-                deltas = await store.read(
-                    lambda con: con.execute("SELECT count(*) FROM ledger_usage_deltas").fetchall()
-                )
-                return len(store.live.segments.live("rollups")) == 1 and not deltas[0][0]
+            async def merged() -> bool:
+                return len(store.live.segments.live("rollups")) == 1
 
-            await until(
-                "one merged file and the deltas folded (within about 50 ms)", merged_and_folded
-            )
+            await until("one merged file (within about 50 ms)", merged)
             [merged] = store.live.segments.live("rollups")
             order = await store.read(
                 lambda con: con.execute(
@@ -261,15 +252,15 @@ def test_usage_folded_into_a_later_row_keeps_the_earliest_time(tmp_path: Path) -
             seen.append(await store.read(read))
 
         path = tmp_path / "m.duckdb"
-        async with Store(path, compact_seconds=3600) as store:
+        async with Store(path, checkpoint_seconds=3600) as store:
             customer = CustomerCreate(email="a@example.com", external_id="acme")
             await store.write(create_customer(ORG, customer, made, customer_id=str(uuid.uuid4())))
             await store.write(create_meter(ORG, definition, made, meter_id=METER))
             await store.write(use("later", made + 10**6))
-            await store.write(lambda tx: compact(tx.con))
+            await store.checkpoint_ledger()
             await store.write(use("earlier", made - 10**6))
             await created()
-            await store.write(lambda tx: compact(tx.con))
+            await store.checkpoint_ledger()
             await created()
         async with Store(path) as store:
             await created()

@@ -1,6 +1,6 @@
 """Points (schema step 26): a data dir of the main before them opens, keeps its meters' answers
 and takes latest and integral meters; a latest meter's ledger point is the greatest however
-its deltas are compacted, and the balances rebuilt at open hold the same as DuckDB."""
+the ledger's checkpoints are taken, and the balances rebuilt at open hold the same."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import orjson
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow, get_meter
-from aggregator.store.engine.compaction import compact
 from aggregator.store.engine.migrations import MIGRATIONS, migrate
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.customer_tables import get_customer_by_external_id
@@ -116,12 +115,12 @@ def test_a_data_dir_from_before_points_gains_latest_and_integral_meters(tmp_path
     con.close()
 
 
-def test_a_latest_ledger_point_is_the_greatest_through_compaction_and_reopening(
+def test_a_latest_ledger_point_is_the_greatest_through_checkpoints_and_reopening(
     tmp_path: Path,
 ) -> None:
     """Points of one customer in several batches (later instants first, a tie at one instant),
-    compacted between some of them; the consumed units read from DuckDB and from memory, and
-    again from the balances rebuilt when the store opens anew."""
+    a checkpoint of the ledger taken between some of them; the consumed units as stored and
+    from memory, and again from the balances rebuilt when the store opens anew."""
     path = tmp_path / "meterline.duckdb"
     batches = [
         [_event("a", 5, gb=4)],
@@ -141,7 +140,7 @@ def test_a_latest_ledger_point_is_the_greatest_through_compaction_and_reopening(
 
     async def run() -> list[tuple[float, float]]:
         seen = []
-        async with Store(path, compact_seconds=3600) as store:
+        async with Store(path, checkpoint_seconds=3600) as store:
             await store.write(
                 create_customer(
                     ORG,
@@ -161,7 +160,7 @@ def test_a_latest_ledger_point_is_the_greatest_through_compaction_and_reopening(
             for n, batch in enumerate(batches):
                 await store.write(IngestJob(ORG, to_table(batch), NOW))
                 if n % 2:
-                    await store.write(lambda tx: compact(tx.con))
+                    await store.checkpoint_ledger()
                 seen.append(await consumed(store, meter))
         async with Store(path) as store:
             seen.append(await consumed(store, meter))

@@ -1,10 +1,11 @@
-"""Segments and checkpoints under kill -9 (`segments`, `checkpoints`): a process that applies
-events, flushes them into files, merges them and checkpoints its keys is killed at a step drawn
-at random (the k-th file written, fsync, rename, COMMIT, listing, merge, deletion, checkpoint
-file or manifest), as a SIGKILL would end it: no cleanup runs. Reopened (and sent its last
-acknowledged requests again), the store holds every event acknowledged before the kill exactly
-once, its rollups agree with its events, and the folder holds only the files the store lists.
-A listed file cut short is detected at open and named."""
+"""Segments and checkpoints under kill -9 (`segments`, `checkpoints`, `ledger_log`): a process
+that applies events, flushes them into files, merges them and checkpoints its keys and its
+ledger is killed at a step drawn at random (the k-th file written, fsync, rename, COMMIT,
+listing, merge, deletion, checkpoint file or manifest), as a SIGKILL would end it: no cleanup
+runs. Reopened (and sent its last acknowledged requests again), the store holds every event
+acknowledged before the kill exactly once, its rollups and the balances it reads back agree
+with its events, and the folder holds only the files the store lists. A listed file cut short
+is detected at open and named."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -47,8 +49,14 @@ def _run_child(path: Path, acked: Path, step: int, batches: int) -> int:
 def _check(path: Path, acked: Path) -> None:
     requests = [int(line) for line in acked.read_text().split()]
 
-    async def read() -> tuple[list[tuple[str, int]], list[tuple[str, int, float]]]:
+    async def read() -> tuple[list[tuple[str, int]], list[tuple[str, int, float]], list[Any]]:
         async with Store(path) as store:
+            balances = [
+                (m, s, usage.partial.events, usage.partial.total)
+                for m in (meter_id(0), meter_id(1))
+                for s in ("ext:c0", "ext:c1", "ext:c2")
+                if (usage := store.live.balances.usage(m, [s])).partial.events
+            ]
             events = await store.read(
                 lambda con: con.execute(
                     "SELECT external_id, count(*) FROM events WHERE organization_id = ?::UUID"
@@ -62,9 +70,9 @@ def _check(path: Path, acked: Path) -> None:
                     " GROUP BY ALL ORDER BY ALL"
                 ).fetchall()
             )
-            return events, rollups
+            return events, rollups, balances
 
-    events, rollups = asyncio.run(read())
+    events, rollups, balances = asyncio.run(read())
     counts = dict(events)
     assert all(n == 1 for n in counts.values()), "an event stored twice"
     for b in requests:
@@ -77,6 +85,15 @@ def _check(path: Path, acked: Path) -> None:
     count, total = meter_id(0), meter_id(1)
     expected = [(count, stored, float(stored)), (total, stored, float(sums))] if stored else []
     assert rollups == expected
+    per_customer: dict[str, list[int]] = {}
+    for e in counts:
+        n = int(e.split("-")[1])
+        per_customer.setdefault(f"ext:c{n % 3}", []).append(n)
+    assert sorted(balances) == sorted(
+        (m, s, len(ns), float(len(ns) if m == count else sum(ns)))
+        for s, ns in per_customer.items()
+        for m in (count, total)
+    )
     listed = {f"{r}-{n:012d}.parquet" for r, n in _listed(path)}
     assert {p.name for p in folder_of(path).iterdir()} == listed
 

@@ -2,11 +2,12 @@
 
 Ingest (with duplicates, ingested now or earlier), credits and revocations, grants with
 priorities and expiries, resets with rollover, plan cycles and grants' expiries on a moving
-clock, process restarts and compaction of the appended usage, in any order; after each step
+clock, process restarts (clean, or a crash once all was stored) and the ledger's checkpoints, in
+any order; after each step
 every customer meter must equal the model: balance = credited − consumed, credited never
 negative, its grants those of the reference rules (`meters.ledger_rules`: the model applies
 them, never its own), and replaying a call with a used external_id changes nothing. The
-balances held in memory must equal DuckDB's after every step.
+balances held in memory must equal what a start reads back after every step.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from aggregator.errors import KeyReused
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow
-from aggregator.store.engine.compaction import compact
+from aggregator.store.engine import ledger_log
+from aggregator.store.engine.balances import Balances
 from aggregator.store.tables import grant_tables
 from aggregator.store.tables.customer_tables import create_job as create_customer
 from aggregator.store.tables.ledger_reads import (
@@ -51,7 +53,7 @@ from meters.ledger_rules import (
     cycle_start,
 )
 from meters.times import EPOCH
-from tests.aggregator.store.stored_ledger import stored_consumed
+from tests.aggregator.store.stored_ledger import crash_image, stored_consumed
 from tests.strategies import examples
 
 ORG = "8a3c1f0e-5b7d-4c2a-9e61-0f4b2d8c7a55"
@@ -124,8 +126,9 @@ class LedgerMachine(RuleBasedStateMachine):
         super().__init__()
         self.runner = asyncio.Runner()
         self.tmp = tempfile.TemporaryDirectory(prefix="meterline-ledger-")
-        # Compaction only where the `compact` rule puts it.
-        self.store = Store(Path(self.tmp.name) / "ledger.duckdb", compact_seconds=3600)
+        # Checkpoints only where the `checkpoint` rule puts them.
+        self.store = Store(Path(self.tmp.name) / "ledger.duckdb", checkpoint_seconds=3600)
+        self.restarts = 0
         self.store.open()
         self.clock = START - timedelta(days=1)
         customer = self._write(
@@ -308,17 +311,23 @@ class LedgerMachine(RuleBasedStateMachine):
             for func, window in self.model.items():
                 window.expire(func, _us(self.clock))
 
-    @rule()
-    def restart(self) -> None:
+    @rule(crash=st.booleans())
+    def restart(self, crash: bool) -> None:
+        """A clean stop (it takes the ledger's checkpoint), or a crash once everything was
+        stored: a start on a snapshot, which no stop checkpointed."""
+        path = Path(self.store.path)
+        if crash:
+            self.restarts += 1
+            path = path.with_name(f"crashed-{self.restarts}.duckdb")
+            self.runner.run(crash_image(self.store, path))
         self.store.close()
-        self.store = Store(self.store.path, compact_seconds=3600)
+        self.store = Store(path, checkpoint_seconds=3600)
         self.store.open()
 
     @rule()
-    def compact_usage(self) -> None:
-        """Fold the appended usage deltas into the keyed tables (at any point: restarts
-        happen between appends and compaction too)."""
-        self._write(lambda tx: compact(tx.con))
+    def checkpoint(self) -> None:
+        """The ledger's checkpoint (at any point: restarts happen between checkpoints)."""
+        self.runner.run(self.store.checkpoint_ledger())
 
     @invariant()
     def customer_meters_equal_the_model(self) -> None:
@@ -341,7 +350,7 @@ class LedgerMachine(RuleBasedStateMachine):
         found = self.runner.run(self.store.read(read))
         for func, window in self.model.items():
             in_tables, cm, stored = found[func]
-            assert in_tables == cm.consumed, func  # the balances in memory are DuckDB's
+            assert in_tables == cm.consumed, func  # the balances in memory are as stored
             assert cm.credited >= 0
             assert cm.credited == window.credited, func
             assert cm.consumed == window.consumed(func), func
@@ -354,55 +363,33 @@ class LedgerMachine(RuleBasedStateMachine):
             assert abs(sum(burned.remaining) - burned.beyond - cm.balance) < 1e-6
 
     @invariant()
-    def active_customer_meters_are_the_ledger_tables(self) -> None:
+    def active_customer_meters_are_those_a_start_lists(self) -> None:
         """The customer meters listed from the balances in memory (`active_pairs`) are those
-        the ledger's tables list, newest first (while both are kept: a differential check)."""
+        listed from the balances a start reads back (`ledger_log.load`), newest first."""
 
-        def read(con: Any) -> tuple[Any, Any]:
-            listed = active_pairs(
-                con,
-                self.store.live.balances,
-                ORG,
-                customer_ids=None,
-                external_ids=None,
-                meter_ids=None,
-                limit=100,
-                offset=0,
-            )
-            named = active_pairs(
-                con,
-                self.store.live.balances,
-                ORG,
-                customer_ids=[self.customer_id],
-                external_ids=[],
-                meter_ids=None,
-                limit=100,
-                offset=0,
-            )
-            return listed, named, con.execute(_FROM_TABLES, [ORG, ORG]).fetchall()
+        def read(con: Any) -> tuple[Any, Any, Any]:
+            reloaded = Balances()
+            ledger_log.load(con, reloaded)
+            reloaded.load_credits(con)
 
-        (pairs, total), named, stored = self.runner.run(self.store.read(read))
-        assert pairs == [(str(c), str(m)) for c, m in stored]
-        assert total == len(stored)
-        assert named == (pairs, total)  # its only customer's, read by its references
+            def listed(balances: Balances, customer_ids: list[str] | None) -> Any:
+                return active_pairs(
+                    con,
+                    balances,
+                    ORG,
+                    customer_ids=customer_ids,
+                    external_ids=None if customer_ids is None else [],
+                    meter_ids=None,
+                    limit=100,
+                    offset=0,
+                )
 
+            live = self.store.live.balances
+            return listed(live, None), listed(live, [self.customer_id]), listed(reloaded, None)
 
-# What `active_pairs` listed when it read the ledger's tables.
-_FROM_TABLES = (
-    "WITH subj AS (SELECT c.id AS customer_id, s.subject FROM customers c,"
-    " unnest([CASE WHEN c.id IS NOT NULL THEN 'id:' || c.id::VARCHAR END,"
-    " CASE WHEN c.external_id IS NOT NULL THEN 'ext:' || c.external_id END]) s(subject)"
-    " WHERE c.organization_id = ?::UUID AND s.subject IS NOT NULL),"
-    " m AS (SELECT id FROM meters WHERE organization_id = ?::UUID AND archived_at IS NULL),"
-    " used AS (SELECT u.meter_id, subj.customer_id, u.modified_at FROM all_ledger_usage u"
-    " JOIN subj USING (subject) WHERE u.meter_id IN (SELECT id FROM m)"
-    " UNION ALL SELECT v.meter_id, subj.customer_id, NULL FROM all_ledger_usage_values v"
-    " JOIN subj USING (subject) WHERE v.meter_id IN (SELECT id FROM m)"
-    " UNION ALL SELECT meter_id, customer_id, modified_at FROM customer_meters"
-    " WHERE meter_id IN (SELECT id FROM m) AND customer_id IN (SELECT customer_id FROM subj))"
-    " SELECT customer_id, meter_id FROM used GROUP BY ALL"
-    " ORDER BY max(modified_at) DESC NULLS LAST, customer_id, meter_id"
-)
+        listed, named, stored = self.runner.run(self.store.read(read))
+        assert listed == stored
+        assert named == listed  # its only customer's, read by its references
 
 
 def _shown(g: Grant) -> tuple[Any, ...]:

@@ -21,7 +21,6 @@ from pydantic import TypeAdapter
 
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
-from aggregator.store.engine.compaction import compact
 from aggregator.store.tables.meter_tables import backfill_step_job, create_job
 from aggregator.store.tables.quantities import Scope, compute
 from meters.aggregations import Aggregation, IntegralAggregation, fold
@@ -154,7 +153,7 @@ def test_quantities_from_rollups_equal_the_fold_over_events(
     offsets: tuple[int, int],
     now: int,
 ) -> None:
-    """Also with the appended deltas compacted, and the rollups rewritten sorted, after any of
+    """Also with the ledger's checkpoint taken, and the rollups rewritten sorted, after any of
     the ingest and backfill steps (`compact_after`, by step number): a reader merges the same
     partials either way. Scoped
     to one customer, to a metadata value (read from the events, not the rollups), or both."""
@@ -309,7 +308,7 @@ def test_latest_and_integral_over_crowded_buckets_equal_the_reference(
 @dataclass(frozen=True)
 class Arrivals:
     """How events reach the store: shuffled, `split` of them before the meter exists (then
-    backfilled), in batches of `sizes`, compacted and rewritten after the steps numbered in
+    backfilled), in batches of `sizes`, checkpointed and rewritten after the steps numbered in
     `compact_after`."""
 
     split: int
@@ -340,14 +339,14 @@ def _quantities(
         path = tmp_path_factory.mktemp("q") / "m.duckdb"
         # Segments merged only where the test says: two files of a level are due.
         async with Store(
-            path, compact_seconds=3600, merge_fanout=2, merge_check_seconds=3600
+            path, checkpoint_seconds=3600, merge_fanout=2, merge_check_seconds=3600
         ) as store:
             steps = iter(range(10**6))
 
             async def step(job: Any) -> Any:
                 result = await store.write(job)
                 if next(steps) in arrivals.compact_after:
-                    await store.write(lambda tx: compact(tx.con))
+                    await store.checkpoint_ledger()
                     await store.read(lambda _: None)  # every applied event in a file
                     while await asyncio.to_thread(store.merger.merge_once):
                         pass

@@ -32,6 +32,7 @@ from meters.ledger_rules import AlertCreate, CreditCreate, HoldCreate, ResetCrea
 from meters.times import now_us
 from meters.webhook_rules import EndpointCreate, new_secret
 from tests.aggregator.store.schema_before import before_segments
+from tests.aggregator.store.stored_ledger import stored_numbers
 from tests.aggregator.store.tables.test_held_in_memory import ORG, _setup, _usage
 from tests.strategies import examples
 
@@ -109,11 +110,12 @@ async def _state(store: Store, now: int) -> tuple[Any, ...]:
             "SELECT customer_id::VARCHAR, credited, reset_seq FROM customer_meters ORDER BY 1"
         ).fetchall()
     )
-    usage = await store.read(
-        lambda con: con.execute(
-            "SELECT subject, sum(events), sum(total) FROM all_ledger_usage GROUP BY 1 ORDER BY 1"
-        ).fetchall()
-    )
+    numbers = await store.read(stored_numbers)
+    per_subject: dict[str, tuple[int, float]] = {}
+    for _, subject, events, total in numbers:
+        had = per_subject.get(subject, (0, 0.0))
+        per_subject[subject] = (had[0] + events, had[1] + total)
+    usage = sorted((s, *n) for s, n in per_subject.items())
     holds_of = {h.external_id: h.status(now) for h in holds}
     return holds_of, [r[0] for r in fired], marked[0][0], meters, usage
 
