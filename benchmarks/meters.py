@@ -343,9 +343,10 @@ def _batch_new(table: pa.Table, organization_id: str, first_seq: int) -> pa.Tabl
 
 def apply_meters(tx: Tx, batch: pa.Table, organization_id: str, *, ledger: bool = True) -> None:
     """Everything ingest does for meters, in one writer job: every meter's contribution and the
-    ledger's usage (the writer), the balances in memory (at commit), and what a flush stores
-    (`memtable.store`): the rollups' partials as segment files listed in the job's transaction,
-    and the ledger's deltas."""
+    ledger's usage (the writer), and what a flush stores as a job stores it
+    (`Live.store_contributions`): the rollups' partials as segment files listed in the job's
+    transaction, and the ledger's usage as deltas, folded into the balances at commit (once:
+    ingest's own fold, `Live.add_usage`, is that one)."""
     con = tx.con
     meters = meters_of(con, [organization_id])
     con.register("_batch_new", batch)
@@ -361,8 +362,6 @@ def apply_meters(tx: Tx, batch: pa.Table, organization_id: str, *, ledger: bool 
         )
     finally:
         con.unregister("_batch_new")
-    if ledger:
-        tx.live.add_usage(evaluated)
     tx.live.store_contributions(con, [evaluated])
 
 

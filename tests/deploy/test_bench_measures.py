@@ -72,7 +72,7 @@ def test_the_meters_work_the_benchmarks_time_stores_rollups_and_the_ledger(tmp_p
             rows = await store.read(
                 lambda con: con.execute(
                     "SELECT (SELECT count(*) FROM all_rollups),"
-                    " (SELECT count(*) FROM ledger_usage_deltas)"
+                    " (SELECT count(*) FROM checkpointed_ledger_usage)"
                 ).fetchall()
             )
             return int(rows[0][0]), int(rows[0][1])

@@ -217,7 +217,7 @@ class Live:
             self.dedupe.load(con)
         else:
             self.dedupe.load(con, keys.runs, keys.through)
-        ledger_log.load(con, self.balances)
+        ledger_log.load(con, self.balances, self.segments)
         self.balances.load_credits(con)
         self.catalog.load(con)
         self.memtable.load_first_times(con)
@@ -331,11 +331,17 @@ class Live:
         self._staged.append(effect)
 
     def change_ledger(self, con: duckdb.DuckDBPyConnection, change: LedgerChange) -> None:
-        """A change of the balances this transaction makes: written in it on `con`
-        (`ledger_log.record`), read back within it (`ledger_usage`), applied at its commit in
+        """A change of the balances this transaction makes: written in it on `con` (usage
+        added as files, `ledger_log.files_of`; any other change listed, `ledger_log.record`;
+        only under `hold`), read back within it (`ledger_usage`), applied at its commit in
         order with its other effects."""
         self._expect(Status.OPEN)
-        ledger_log.record(con, change)
+        if isinstance(change, Added):
+            files = ledger_log.files_of(con, [change])
+            if files:
+                self.change_segments(con, Change(self.segments.write_all(files)))
+        else:
+            ledger_log.record(con, change, self.segments.last_number)
         self._ledger.record(change)
         self.stage(lambda: self.balances.apply(change))
 

@@ -299,8 +299,8 @@ def store(
         found = partials.partials(con, evaluated, bound)
         groups.list_folded(con, found["rollup_groups"])
         files += [(r, t) for r, t in found.items() if t.num_rows]
+        files += ledger_log.files_of(con, [Added.of(ev) for ev in evaluated])
         change.added += segments.write_all(files)
-        ledger_log.append(con, [Added.of(ev) for ev in evaluated])
         segments.commit(con, change, None if within is None else within.then(change))
     except BaseException:
         segments.abandon(change)

@@ -814,16 +814,35 @@ MIGRATIONS: tuple[str, ...] = (
         created_at TIMESTAMPTZ NOT NULL
     );
     """,
-    # 38: the ledger's truth is the balances in memory (decision 17), written by checkpoints
-    # (`engine.ledger_log`): the keyed tables are the base tables of its checkpoint's
-    # relations (their rows move into a file once, at open: `Segments.move_base_rows`); the
-    # deltas hold the usage added since it, `ledger_changes` the other changes, in order.
+    # 38: the ledger's truth is the balances in memory (decision 17), written as files by
+    # checkpoints, each flush and each job adding usage (`engine.ledger_log`): the deltas are
+    # folded into the keyed tables a last time, and those become the base tables of the
+    # ledger's relations (their rows move into a file once, at open: `move_base_rows`); the
+    # changes other than usage added are listed in `ledger_changes`, each after the files
+    # numbered up to its `after`.
     """
+    INSERT INTO ledger_usage SELECT meter_id, subject, sum(events), sum(total), min(low),
+        max(high), min(created_at), max(modified_at) FROM ledger_usage_deltas GROUP BY ALL
+        ON CONFLICT DO UPDATE SET events = events + excluded.events,
+        total = total + excluded.total, low = least(low, excluded.low),
+        high = greatest(high, excluded.high),
+        created_at = least(created_at, excluded.created_at),
+        modified_at = greatest(modified_at, excluded.modified_at);
+    INSERT INTO ledger_usage_values SELECT DISTINCT * FROM ledger_usage_value_deltas
+        ON CONFLICT DO NOTHING;
+    INSERT INTO ledger_points SELECT meter_id, subject, p.at_us, p.value FROM (SELECT meter_id,
+        subject, max({'at_us': at_us, 'value': value}) AS p FROM ledger_point_deltas
+        GROUP BY ALL) ON CONFLICT DO UPDATE SET at_us = excluded.at_us, value = excluded.value
+        WHERE (excluded.at_us, excluded.value) > (ledger_points.at_us, ledger_points.value);
     DROP VIEW all_ledger_usage;
     DROP VIEW all_ledger_usage_values;
     DROP VIEW all_ledger_points;
+    DROP TABLE ledger_usage_deltas;
+    DROP TABLE ledger_usage_value_deltas;
+    DROP TABLE ledger_point_deltas;
     CREATE TABLE ledger_changes (
         id BIGINT PRIMARY KEY,                -- their order
+        after BIGINT NOT NULL,                -- the ledger's files numbered up to it come first
         kind VARCHAR NOT NULL,                -- cleared, values_dropped, meter_dropped, forgotten
         organization_id VARCHAR,              -- forgotten
         meter_id VARCHAR,                     -- the others

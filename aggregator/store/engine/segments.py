@@ -86,7 +86,8 @@ class SegmentDamaged(AggregatorError):
 class Relation:
     """A relation kept as segments: read through `view`, the rows of `base` and of its files
     (their columns as `read` selects them). A file's rows are sorted by `order`; `merged`
-    selects the merged rows of `_inputs` (one relation's files), in that order. A file keeps
+    selects the merged rows of `_inputs` (one relation's files), in that order (None: its
+    files are never merged). A file keeps
     the columns of `repeated`, whose values repeat, dictionary-encoded: the others' would
     outgrow a page's dictionary and fall back to plain values after encoding it (a fifth of
     the events' writing time, and larger files)."""
@@ -95,7 +96,7 @@ class Relation:
     view: str
     base: str
     order: str
-    merged: str
+    merged: str | None
     repeated: tuple[str, ...] = ("meter_id", "subject", "bucket")
     read: str = "*"  # the files' columns as the base table has them
 
@@ -151,17 +152,18 @@ RELATIONS: dict[str, Relation] = {
             "SELECT meter_id, subject, bucket, at_us, max(value) AS value FROM _inputs"
             " GROUP BY ALL ORDER BY meter_id, subject, bucket, at_us",
         ),
-        # The ledger's checkpoint (`ledger_log`, migration 38): the balances as of it, a row
-        # per customer reference and meter (of its values; of its greatest point), written
-        # whole at `MAX_LEVEL` each time (never merged). A data dir of an earlier version's
-        # keyed tables, their base tables, move into files once (`move_base_rows`).
+        # The ledger's files (`ledger_log`, migration 38): its checkpoint (the balances as of
+        # it, a row per customer reference and meter; of its values; of its greatest point)
+        # and the usage added since, a file each flush or job. Never merged: the order of
+        # their numbers places them among the changes listed beside them (`ledger_changes`).
+        # A data dir of an earlier version's keyed tables, their base tables, move into files
+        # once (`move_base_rows`).
         Relation(
             "ledger_usage",
             "checkpointed_ledger_usage",
             "ledger_usage",
             "meter_id, subject",
-            f"SELECT meter_id, subject, {_NUMBERS}, min(created_at) AS created_at,"  # noqa: S608 - fixed text
-            " max(modified_at) AS modified_at FROM _inputs GROUP BY ALL ORDER BY ALL",
+            None,
             ("meter_id", "subject"),
         ),
         Relation(
@@ -169,7 +171,7 @@ RELATIONS: dict[str, Relation] = {
             "checkpointed_ledger_usage_values",
             "ledger_usage_values",
             "meter_id, subject",
-            "SELECT DISTINCT * FROM _inputs ORDER BY ALL",
+            None,
             ("meter_id", "subject", "value"),
         ),
         Relation(
@@ -177,9 +179,7 @@ RELATIONS: dict[str, Relation] = {
             "checkpointed_ledger_points",
             "ledger_points",
             "meter_id, subject",
-            "SELECT meter_id, subject, p.at_us AS at_us, p.value AS value FROM (SELECT meter_id,"
-            " subject, max({'at_us': at_us, 'value': value}) AS p FROM _inputs GROUP BY ALL)"
-            " ORDER BY ALL",
+            None,
             ("meter_id", "subject"),
         ),
         # A dimensioned meter's rollups per group of its dimensions' values (migration 33).
@@ -328,6 +328,12 @@ class Segments:
 
     def path(self, segment: Segment) -> Path:
         return self.folder / segment.name
+
+    @property
+    def last_number(self) -> int:
+        """The number the newest file written took (a file written later takes a greater)."""
+        with self._lock:
+            return self._next - 1
 
     def live(self, relation: str) -> list[Segment]:
         with self._lock:
@@ -515,7 +521,9 @@ class Segments:
         """The inputs of a merge that is due (the oldest `fanout` files of a level below
         `MAX_LEVEL` that has them, none of them full), else none."""
         with self._lock:
-            for segments in self._live.values():
+            for name, segments in self._live.items():
+                if RELATIONS[name].merged is None:
+                    continue
                 for level in (LIFTED, *range(MAX_LEVEL)):
                     of_level = [s for s in segments if s.level == level and s.rows < FULL_ROWS]
                     if len(of_level) >= self._fanout:
@@ -526,6 +534,7 @@ class Segments:
         """Step 3's file (written on `con`, a cursor of its own, outside any transaction),
         and the change that lists it in place of `inputs`, for the caller to commit."""
         spec = RELATIONS[inputs[0].relation]
+        assert spec.merged is not None, f"{spec.name}'s files are not merged"
         ranges = [self._seqs.get(s.number) for s in inputs]
         query, read = spec.merged, list(inputs)
         if spec.name == "events" and _disjoint(ranges):

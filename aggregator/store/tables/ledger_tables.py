@@ -1,7 +1,7 @@
 """SQL for the credit ledger: credits, resets and plan cycles (writer jobs), customer meters.
 
-Usage since each customer's latest reset is kept by ingest (`rollups.apply`, appended to
-`ledger_usage_deltas`, read through `all_ledger_usage`); credits are running sums on the
+Usage since each customer's latest reset is kept by ingest in memory (`engine.balances`,
+written by `engine.ledger_log`); credits are running sums on the
 customer meter row, kept equal to its grants' (`grant_tables`, burned and expired by
 `meters.ledger_rules`). Every credit, reset and expiry is also a system event (`meter.credited`,
 `meter.reset`, `meter.credit_expired`). The caller's idempotency key is kept in

@@ -20,7 +20,8 @@ import pyarrow as pa
 from aggregator.errors import AggregatorError
 from aggregator.store.base import subjects
 from aggregator.store.base.rows import registered, transaction
-from aggregator.store.engine.ledger_log import DELTAS as LEDGER_DELTAS
+from aggregator.store.engine import ledger_log
+from aggregator.store.engine.balances import Balances
 from aggregator.store.engine.segments import (
     LEDGER_RELATIONS,
     RELATIONS,
@@ -64,7 +65,7 @@ _BY_SUBJECT: dict[str, tuple[str, str]] = {
     "webhook_state_sent": ("organization_id", _CUSTOMER_ID),
     "webhook_events": ("organization_id", _WEBHOOK_SUBJECT),
     "void_jobs": ("organization_id", "subject"),
-    **{t: (_METERS, "subject") for t in (*ROLLUP_RELATIONS, *LEDGER_RELATIONS, *LEDGER_DELTAS)},
+    **{t: (_METERS, "subject") for t in (*ROLLUP_RELATIONS, *LEDGER_RELATIONS)},
 }
 # Rows that go with the rows deleted from another table: (table, its key, that table's key).
 _DEPENDENT = (
@@ -86,7 +87,7 @@ _KEPT = (
     "pricing_settings",
     "top_up_rules",
     "folded_meters",  # of every customer's groups: kept whole, as a superset is safe
-    "ledger_changes",  # kept whole too: a reference's change where it has no usage is none
+    "ledger_changes",  # emptied: the ledger is folded into one checkpoint first
 )
 # Per-customer tables kept as segments (their base tables, and their files: `segments`).
 _SEGMENTED = frozenset(RELATIONS) & frozenset(_BY_SUBJECT)
@@ -128,6 +129,7 @@ def retain(
             _check_tables(con)
             _raise_floor(con)
             dropped = _not_held(con, owns)
+            change = _fold_ledger(con, segments)
             with registered(con, "_dropped", dropped):
                 deleted = _delete_customers(con, segments, change)
             segments.commit(con, change)  # the views over what is kept, for what follows
@@ -139,6 +141,16 @@ def retain(
             segments.abandon(change)
     segments.committed(change)
     return deleted
+
+
+def _fold_ledger(con: duckdb.DuckDBPyConnection, segments: Segments) -> Change:
+    """The ledger as one checkpoint (`ledger_log`): its files then rewritten by subject like
+    any relation's, where a rewritten file taking a new number would move it past the changes
+    listed after it."""
+    balances = Balances()
+    ledger_log.load(con, balances, segments)
+    con.execute("DELETE FROM ledger_changes")
+    return ledger_log.checkpoint_files(segments, balances.export())
 
 
 def _check_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -235,7 +247,7 @@ def _rewritten(
 ) -> int:
     """Delete the rows `where` matches of a relation kept as segments: its files written again
     without them (into `change`); how many."""
-    rewritten = segments.rewrite(con, table, where, [])
+    rewritten = segments.rewrite(con, table, where, [], within=change)
     change.added += rewritten.added
     change.retired += rewritten.retired
     return sum(s.rows for s in rewritten.retired) - sum(s.rows for s in rewritten.added)

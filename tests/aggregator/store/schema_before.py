@@ -47,22 +47,30 @@ def before_segments(con: duckdb.DuckDBPyConnection) -> None:
 
 def before_ledger_checkpoints(con: duckdb.DuckDBPyConnection) -> None:
     """The database as schema step 37 had it (the previous main's): the ledger's usage in its
-    keyed tables (what the checkpoint's files hold, copied in; the deltas as they are) and
-    the views merging them with their deltas; no list of changes (a store closed cleanly
-    leaves none); the files are left where they are, listed by nothing."""
+    keyed tables (what its files hold, merged per key, copied in), empty delta tables and the
+    views merging both; no list of changes (a store closed cleanly leaves none); the files
+    are left where they are, listed by nothing."""
     [(changes,)] = con.execute("SELECT count(*) FROM ledger_changes").fetchall()
     assert changes == 0, "a data dir closed cleanly"
-    for table in ("ledger_usage", "ledger_usage_values", "ledger_points"):
-        con.execute(f"CREATE TEMP TABLE kept AS SELECT * FROM checkpointed_{table}")
-        con.execute(f"INSERT INTO {table} SELECT * FROM kept")
-        con.execute("DROP TABLE kept")
-        con.execute(f"DROP VIEW checkpointed_{table}")
-        con.execute("DELETE FROM segments WHERE relation = ?", [table])
+    merged = {
+        "ledger_usage": "SELECT meter_id, subject, sum(events), sum(total), min(low), max(high),"
+        " min(created_at), max(modified_at) FROM checkpointed_ledger_usage GROUP BY ALL",
+        "ledger_usage_values": "SELECT DISTINCT * FROM checkpointed_ledger_usage_values",
+        "ledger_points": "SELECT meter_id, subject, p.at_us, p.value FROM (SELECT meter_id,"
+        " subject, max({'at_us': at_us, 'value': value}) AS p FROM checkpointed_ledger_points"
+        " GROUP BY ALL)",
+    }
     for table, deltas in (
         ("ledger_usage", "ledger_usage_deltas"),
         ("ledger_usage_values", "ledger_usage_value_deltas"),
         ("ledger_points", "ledger_point_deltas"),
     ):
+        con.execute(f"CREATE TEMP TABLE kept AS {merged[table]}")
+        con.execute(f"INSERT INTO {table} SELECT * FROM kept")
+        con.execute("DROP TABLE kept")
+        con.execute(f"DROP VIEW checkpointed_{table}")
+        con.execute("DELETE FROM segments WHERE relation = ?", [table])
+        con.execute(f"CREATE TABLE {deltas} AS SELECT * FROM {table} LIMIT 0")
         con.execute(
             f"CREATE VIEW all_{table} AS SELECT * FROM {table} UNION ALL SELECT * FROM {deltas}"
         )

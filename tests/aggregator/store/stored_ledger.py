@@ -15,14 +15,23 @@ from aggregator.store.base.meter_rows import MeterRow
 from aggregator.store.engine import ledger_log
 from aggregator.store.engine.balances import Balances, Usage
 from aggregator.store.engine.ingest_log_repair import log_directory
+from aggregator.store.engine.segments import Segments, folder_of
 from aggregator.store.tables.customer_tables import CustomerRow
 from meters.aggregations import Partial
 
 
-def _stored(con: duckdb.DuckDBPyConnection, meter: MeterRow, names: list[str]) -> Usage:
+def reloaded(con: duckdb.DuckDBPyConnection) -> Balances:
+    """The balances a start on `con`'s database reads back."""
+    [(path,)] = con.execute(
+        "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchall()
     balances = Balances()
-    ledger_log.load(con, balances)
-    return balances.usage(meter.id, names, named=True)
+    ledger_log.load(con, balances, Segments(folder_of(Path(path))))
+    return balances
+
+
+def _stored(con: duckdb.DuckDBPyConnection, meter: MeterRow, names: list[str]) -> Usage:
+    return reloaded(con).usage(meter.id, names, named=True)
 
 
 def stored_usage(con: duckdb.DuckDBPyConnection, meter: MeterRow, names: list[str]) -> Partial:
@@ -47,9 +56,7 @@ def stored_first_us(con: duckdb.DuckDBPyConnection, customer: CustomerRow, meter
 
 def stored_numbers(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, int, float]]:
     """Every (meter id, subject, events, total) with usage, as stored."""
-    balances = Balances()
-    ledger_log.load(con, balances)
-    numbers = balances.export()[0].select(["meter_id", "subject", "events", "total"])
+    numbers = reloaded(con).export()[0].select(["meter_id", "subject", "events", "total"])
     return sorted(zip(*numbers.to_pydict().values(), strict=True))
 
 

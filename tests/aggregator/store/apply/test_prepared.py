@@ -38,11 +38,10 @@ STORED = {
     "rollups": "SELECT meter_id, subject, bucket, sum(events), sum(total), min(low), max(high)"
     " FROM all_rollups GROUP BY ALL",
     "rollup_values": "SELECT DISTINCT * FROM all_rollup_values",
-    # The ledger's checkpoint and the usage added since (no other change is made here).
-    "ledger": "SELECT meter_id, subject, sum(events), sum(total), min(low), max(high) FROM"
-    " (FROM checkpointed_ledger_usage UNION ALL FROM ledger_usage_deltas) GROUP BY ALL",
-    "ledger_values": "SELECT DISTINCT * FROM"
-    " (FROM checkpointed_ledger_usage_values UNION ALL FROM ledger_usage_value_deltas)",
+    # The ledger's files: its checkpoint and the usage added since (no other change here).
+    "ledger": "SELECT meter_id, subject, sum(events), sum(total), min(low), max(high)"
+    " FROM checkpointed_ledger_usage GROUP BY ALL",
+    "ledger_values": "SELECT DISTINCT * FROM checkpointed_ledger_usage_values",
     "events": "SELECT seq, external_id, external_customer_id FROM events",
 }
 Request = list[Event]

@@ -29,7 +29,6 @@ from aggregator.errors import KeyReused
 from aggregator.store import Store
 from aggregator.store.apply.ingest import IngestJob
 from aggregator.store.base.meter_rows import MeterRow
-from aggregator.store.engine import ledger_log
 from aggregator.store.engine.balances import Balances
 from aggregator.store.tables import grant_tables
 from aggregator.store.tables.customer_tables import create_job as create_customer
@@ -53,7 +52,7 @@ from meters.ledger_rules import (
     cycle_start,
 )
 from meters.times import EPOCH
-from tests.aggregator.store.stored_ledger import crash_image, stored_consumed
+from tests.aggregator.store.stored_ledger import crash_image, reloaded, stored_consumed
 from tests.strategies import examples
 
 ORG = "8a3c1f0e-5b7d-4c2a-9e61-0f4b2d8c7a55"
@@ -368,9 +367,8 @@ class LedgerMachine(RuleBasedStateMachine):
         listed from the balances a start reads back (`ledger_log.load`), newest first."""
 
         def read(con: Any) -> tuple[Any, Any, Any]:
-            reloaded = Balances()
-            ledger_log.load(con, reloaded)
-            reloaded.load_credits(con)
+            stored = reloaded(con)
+            stored.load_credits(con)
 
             def listed(balances: Balances, customer_ids: list[str] | None) -> Any:
                 return active_pairs(
@@ -385,7 +383,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 )
 
             live = self.store.live.balances
-            return listed(live, None), listed(live, [self.customer_id]), listed(reloaded, None)
+            return listed(live, None), listed(live, [self.customer_id]), listed(stored, None)
 
         listed, named, stored = self.runner.run(self.store.read(read))
         assert listed == stored
