@@ -499,8 +499,8 @@ class Meter(Protocol):
 
 class Pending:
     """A writer transaction's changes to the balances, in order, each applied at its commit
-    (`Live.change_ledger`); what a job reads of the ledger within it (`usage`): the balances as
-    committed, with these changes."""
+    (`Live.change_ledger`, `Live.add_ledger_usage`); what a job reads of the ledger within it
+    (`usage`): the balances as committed, with these changes."""
 
     def __init__(self, balances: Balances) -> None:
         self._balances = balances

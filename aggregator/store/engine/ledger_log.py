@@ -5,7 +5,7 @@ each flush or job added), and the other changes jobs made (`ledger_changes`), ea
 among the files by `after`, the number of the last file written before it.
 
 1. A flush writes its batches' usage as files (`files_of`) with its others, listed in its
-   transaction; a job writes the usage it adds alike (`Live.change_ledger`).
+   transaction; a job writes the usage it adds alike (`Live.add_ledger_usage`).
 2. A job's other change (a reset's, a correction's, a customer's deletion, a redefinition) is
    listed in `ledger_changes` in its transaction (`record`), with `after`.
 3. A checkpoint (`Checkpoint.take`; the flusher's, every `every_seconds` once anything was

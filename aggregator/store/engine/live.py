@@ -331,17 +331,24 @@ class Live:
         self._staged.append(effect)
 
     def change_ledger(self, con: duckdb.DuckDBPyConnection, change: LedgerChange) -> None:
-        """A change of the balances this transaction makes: written in it on `con` (usage
-        added as files, `ledger_log.files_of`; any other change listed, `ledger_log.record`;
-        only under `hold`), read back within it (`ledger_usage`), applied at its commit in
-        order with its other effects."""
+        """A change of the balances other than usage added (`add_ledger_usage`) this
+        transaction makes: listed in it on `con` (`ledger_log.record`), read back within it
+        (`ledger_usage`), applied at its commit in order with its other effects."""
         self._expect(Status.OPEN)
-        if isinstance(change, Added):
-            files = ledger_log.files_of(con, [change])
-            if files:
-                self.change_segments(con, Change(self.segments.write_all(files)))
-        else:
-            ledger_log.record(con, change, self.segments.last_number)
+        ledger_log.record(con, change, self.segments.last_number)
+        self._recorded(change)
+
+    def add_ledger_usage(self, con: duckdb.DuckDBPyConnection, added: Sequence[Added]) -> None:
+        """Usage this transaction adds (one source's), as `change_ledger` takes the other
+        changes: written as one set of files (`ledger_log.files_of`; only under `hold`)."""
+        self._expect(Status.OPEN)
+        files = ledger_log.files_of(con, added)
+        if files:
+            self.change_segments(con, Change(self.segments.write_all(files)))
+        for change in added:
+            self._recorded(change)
+
+    def _recorded(self, change: LedgerChange) -> None:
         self._ledger.record(change)
         self.stage(lambda: self.balances.apply(change))
 
@@ -370,8 +377,7 @@ class Live:
         groups.list_folded(con, found["rollup_groups"])
         written = [self.segments.write(r, rows) for r, rows in found.items() if rows.num_rows]
         self.change_segments(con, Change(written))
-        for ev in evaluated:
-            self.change_ledger(con, Added.of(ev))
+        self.add_ledger_usage(con, [Added.of(ev) for ev in evaluated])
 
     def _within(self) -> Change:
         """Every change of the files this transaction made so far: what its later changes,

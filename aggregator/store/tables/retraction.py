@@ -282,8 +282,7 @@ class _Window:
         usage = pa.concat_tables([e.ledger for e in gone]) if gone else None
         if usage is not None and usage.num_rows:
             before = self._usage(usage) if extremes else {}
-            for e in gone:
-                self.tx.live.change_ledger(con, Added.of(negated(e)))
+            self.tx.live.add_ledger_usage(con, [Added.of(negated(e)) for e in gone])
             held_by_voided: dict[tuple[str, str], tuple[str, float]] = {}
             for meter_id, subject, events, _, low, high in zip(
                 *usage.to_pydict().values(), strict=True
@@ -364,7 +363,7 @@ class _Window:
                     "last_us": pa.array([now_held.last_us], pa.int64()),
                 }
             )
-            self.tx.live.change_ledger(con, Added.numbers_only(self.org, numbers))
+            self.tx.live.add_ledger_usage(con, [Added.numbers_only(self.org, numbers)])
 
     def _values_again(self, values: pa.Table, again: set[tuple[str, str]]) -> None:
         """A unique meter's values the voided events had that no current event of the subject
@@ -392,8 +391,7 @@ class _Window:
         meter = next(m for m in self.meters if m.id == meter_id)
         where = f"{OF_EVENT} = ?"
         found = evaluated_events(self.con, [meter], self.org, where, [subject], self.at_us)
-        for evaluated in found:
-            self.tx.live.change_ledger(self.con, Added.of(evaluated))
+        self.tx.live.add_ledger_usage(self.con, [Added.of(evaluated) for evaluated in found])
 
 
 def negated(evaluated: Evaluated) -> Evaluated:
